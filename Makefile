@@ -1,0 +1,39 @@
+# Every target builds its own virtual environment when it is missing, so a fresh clone needs only python3.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Real users get whatever torch pip picks for their machine; CI pins the local CPU build (make TORCH=torch==2.13.0).
+TORCH ?= torch
+STAMP := $(VENV)/.installed
+
+.PHONY: install test lint format demo bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check gen_cli tests
+	$(BIN)/ruff format --check gen_cli tests
+
+format: $(STAMP)
+	$(BIN)/ruff format gen_cli tests
+	$(BIN)/ruff check --fix gen_cli tests
+
+test: lint
+	$(BIN)/python -m pytest
+
+demo: $(STAMP)
+	$(BIN)/gen demo
+
+bench: $(STAMP)
+	$(BIN)/python -m pip install -q -e ".[dev,bench]"
+	$(BIN)/gen bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,3 @@
+from gen_cli.cli import main
+
+main()

@@ -1,0 +1,51 @@
+"""Atomic file writes: write to a temporary name beside the target, then rename into place."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from gen_cli.errors import GenError
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path in the target's folder; on success fsync it and rename it over `target`.
+
+    A crash or exception at any point leaves the previous `target` (if any) untouched.
+    """
+    target = Path(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as e:
+        raise GenError(f"cannot write {target}: {e.strerror or e}") from e
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_path, target)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def write_text_atomic(target: str | os.PathLike[str], text: str) -> None:
+    """Write `text` (UTF-8) to `target` atomically."""
+    with atomic_path(target) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def check_writable_output(path: Path, force: bool) -> None:
+    """Refuse an existing output unless `force`; refuse a folder we cannot create or write into."""
+    if path.exists() and not force:
+        raise GenError(f"{path} already exists; pass --force to overwrite it")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        raise GenError(f"cannot write {path}: {parent} is not writable")

@@ -1,0 +1,81 @@
+"""The `gen` command line: parse, call one library function, render.
+
+No torch import at module level: `gen --help` must stay fast. Each command group lives in
+`gen_cli/commands/` and registers itself here.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+import typer
+from typer.core import TyperGroup
+
+from gen_cli import __version__
+from gen_cli.errors import GenError
+
+
+def debug_enabled() -> bool:
+    return os.environ.get("GEN_DEBUG", "") not in ("", "0")
+
+
+class _Group(TyperGroup):
+    """Turns GenError into a one-line message and exit code; tracebacks only with --debug."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except GenError as e:
+            if debug_enabled():
+                raise
+            click.echo(f"error: {e}", err=True)
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            if debug_enabled():
+                raise
+            click.echo("interrupted", err=True)
+            raise typer.Exit(130) from None
+
+
+app = typer.Typer(
+    cls=_Group,
+    help="gen: train a byte-level BPE tokenizer and a small transformer, then generate and measure "
+    "what KV caching, MHA/MQA/GQA and RoPE/sinusoidal positions cost and save.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"gen {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks (or set GEN_DEBUG=1)."),
+) -> None:
+    if debug:
+        os.environ["GEN_DEBUG"] = "1"
+
+
+def _register_commands() -> None:
+    from gen_cli.commands import text
+
+    text.register(app)
+
+
+_register_commands()
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)

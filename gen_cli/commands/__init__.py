@@ -1,0 +1,1 @@
+"""CLI command groups, one module each; none imports torch at module level."""

@@ -1,0 +1,196 @@
+"""Where text comes from: the built-in `python-docs` corpus, files, folders, globs and stdin.
+
+Every source is a sequence of documents. The train/validation split is the same everywhere: each
+document's first ~90% of bytes (cut at a line boundary) is training text, the rest is validation.
+Cutting every document, rather than assigning whole documents, keeps the split meaningful for a
+single input file and keeps both splits drawn from the same mix of documents.
+"""
+
+from __future__ import annotations
+
+import ast
+import glob
+import json
+import os
+import sys
+import sysconfig
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from gen_cli.atomic import write_text_atomic
+from gen_cli.errors import GenError, UsageError
+from gen_cli.resources import cache_dir
+
+BUILTIN = "python-docs"
+VAL_FRACTION = 0.1
+SPLITS = ("train", "val", "all")
+_SNIFF_BYTES = 8192
+# Stdlib folders whose docstrings are tests, tools or vendored code rather than library prose.
+_SKIP_STDLIB_DIRS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages",
+                     "__pycache__", "ensurepip", "turtledemo"}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Document:
+    """A named text whose lines can be streamed; `size` is its length in UTF-8 bytes."""
+
+    name: str
+    size: int
+    open_lines: Callable[[], Iterable[str]]
+
+    def lines(self, split: str = "all") -> Iterator[str]:
+        """Yield the document's lines (with their newlines) that belong to `split`."""
+        cut = self.size - int(self.size * VAL_FRACTION)
+        seen = 0
+        for line in self.open_lines():
+            in_train = seen < cut
+            seen += len(line.encode("utf-8"))
+            if split == "all" or (split == "train") == in_train:
+                yield line
+
+
+def _text_document(name: str, text: str) -> Document:
+    return Document(name, len(text.encode("utf-8")), lambda: text.splitlines(keepends=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# The built-in corpus
+
+
+def _stdlib_docstrings() -> list[tuple[str, str]]:
+    """(module name, its docstrings joined) for every stdlib module, parsed without importing it."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    docs = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if set(rel.parts[:-1]) & _SKIP_STDLIB_DIRS:
+            continue
+        try:
+            tree = ast.parse(path.read_bytes())
+        except (SyntaxError, ValueError, OSError):
+            continue
+        nodes = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+        strings = [d for n in ast.walk(tree) if isinstance(n, nodes) and (d := ast.get_docstring(n))]
+        if strings:
+            docs.append((".".join(rel.with_suffix("").parts), "\n\n".join(strings) + "\n"))
+    return docs
+
+
+def _python_docs_documents() -> list[Document]:
+    """The language reference topics, then stdlib docstrings; cached because parsing takes seconds."""
+    version = ".".join(map(str, sys.version_info[:3]))
+    cache = cache_dir() / f"python-docs-{version}.json"
+    try:
+        pairs = json.loads(cache.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        from pydoc_data.topics import topics
+
+        pairs = [(f"topics/{k}", topics[k].strip() + "\n") for k in sorted(topics)]
+        pairs += [(f"docstrings/{m}", text) for m, text in _stdlib_docstrings()]
+        try:
+            write_text_atomic(cache, json.dumps(pairs))
+        except (OSError, GenError):
+            pass  # a read-only working folder only costs the parse next time
+    return [_text_document(name, text) for name, text in pairs]
+
+
+BUILTIN_CORPORA = {
+    BUILTIN: "Python's language reference (pydoc_data.topics) and the standard library's docstrings; "
+    "ships with every Python, no download.",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Files, folders, globs, stdin
+
+
+def _is_binary(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return b"\0" in f.read(_SNIFF_BYTES)
+
+
+def _file_lines(path: Path) -> Iterator[str]:
+    """Stream a UTF-8 file's lines; non-UTF-8 input is an error that names the file and line."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                yield raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise GenError(
+                    f"{path}: line {number} is not valid UTF-8 (byte {e.start}); convert the file to UTF-8"
+                ) from None
+
+
+def _file_document(path: Path) -> Document:
+    return Document(str(path), path.stat().st_size, lambda: _file_lines(path))
+
+
+def _folder_files(folder: Path) -> list[Path]:
+    """Text files under `folder`, recursively, in sorted order; hidden entries and binaries skipped."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            if not name.startswith(".") and path.is_file() and not _is_binary(path):
+                found.append(path)
+    return found
+
+
+def _documents_for(spec: str) -> list[Document]:
+    if spec in BUILTIN_CORPORA:
+        return _python_docs_documents()
+    if spec == "-":
+        return [_text_document("<stdin>", sys.stdin.read())]
+    path = Path(spec)
+    if path.is_dir():
+        files = _folder_files(path)
+        if not files:
+            raise UsageError(f"{spec}: folder holds no text files")
+        return [_file_document(p) for p in files]
+    if path.is_file():
+        if _is_binary(path):
+            raise UsageError(f"{spec}: looks like a binary file (it contains NUL bytes); give text files")
+        return [_file_document(path)]
+    if glob.has_magic(spec):
+        matches = sorted(Path(p) for p in glob.glob(spec, recursive=True))
+        files = [p for p in matches if p.is_file() and not _is_binary(p)]
+        if not files:
+            raise UsageError(f"{spec}: pattern matches no text files")
+        return [_file_document(p) for p in files]
+    raise UsageError(f"{spec}: no such file, folder or built-in corpus (built-in: {', '.join(BUILTIN_CORPORA)})")
+
+
+class Corpus:
+    """The documents of one or more inputs, in a deterministic order."""
+
+    def __init__(self, inputs: Iterable[str] = ()) -> None:
+        self.inputs = list(inputs) or [BUILTIN]
+        if self.inputs.count("-") > 1:
+            raise UsageError("stdin ('-') can be given only once")
+        self.documents = [doc for spec in self.inputs for doc in _documents_for(spec)]
+
+    @property
+    def size(self) -> int:
+        """Total UTF-8 bytes over all documents (both splits)."""
+        return sum(d.size for d in self.documents)
+
+    def texts(self, split: str = "train") -> Iterator[str]:
+        """Yield each document's text for `split`, one string per document (skipping empty ones)."""
+        if split not in SPLITS:
+            raise UsageError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+        for doc in self.documents:
+            text = "".join(doc.lines(split))
+            if text:
+                yield text
+
+    def lines(self, split: str = "train") -> Iterator[str]:
+        """Stream the lines of `split` over all documents, never holding a whole file."""
+        for doc in self.documents:
+            yield from doc.lines(split)
+
+    def require_text(self) -> None:
+        """Raise a clear error when the inputs hold no text at all."""
+        if self.size == 0:
+            raise UsageError(f"the corpus is empty: {', '.join(self.inputs)} holds no text")
