@@ -8,7 +8,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from gen_cli.errors import GenError
+from gen_cli.errors import GenError, UsageError
 
 
 @contextlib.contextmanager
@@ -43,7 +43,7 @@ def write_text_atomic(target: str | os.PathLike[str], text: str) -> None:
 def check_writable_output(path: Path, force: bool) -> None:
     """Refuse an existing output unless `force`; refuse a folder we cannot create or write into."""
     if path.exists() and not force:
-        raise GenError(f"{path} already exists; pass --force to overwrite it")
+        raise UsageError(f"{path} already exists; pass --force to overwrite it")
     parent = path.parent
     while not parent.exists():
         parent = parent.parent

@@ -45,6 +45,7 @@ app = typer.Typer(
     "what KV caching, MHA/MQA/GQA and RoPE/sinusoidal positions cost and save.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 

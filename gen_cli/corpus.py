@@ -9,6 +9,7 @@ single input file and keeps both splits drawn from the same mix of documents.
 from __future__ import annotations
 
 import ast
+import contextlib
 import glob
 import json
 import os
@@ -26,6 +27,7 @@ BUILTIN = "python-docs"
 VAL_FRACTION = 0.1
 SPLITS = ("train", "val", "all")
 _SNIFF_BYTES = 8192
+_BLOCK_BYTES = 1 << 20
 # Stdlib folders whose docstrings are tests, tools or vendored code rather than library prose.
 _SKIP_STDLIB_DIRS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages",
                      "__pycache__", "ensurepip", "turtledemo"}  # fmt: skip
@@ -33,25 +35,44 @@ _SKIP_STDLIB_DIRS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "di
 
 @dataclass(frozen=True)
 class Document:
-    """A named text whose lines can be streamed; `size` is its length in UTF-8 bytes."""
+    """A named text streamed in blocks of whole lines; `size` is its length in UTF-8 bytes."""
 
     name: str
     size: int
-    open_lines: Callable[[], Iterable[str]]
+    open_blocks: Callable[[], Iterable[tuple[str, int]]]  # (whole lines, their UTF-8 byte length)
 
-    def lines(self, split: str = "all") -> Iterator[str]:
-        """Yield the document's lines (with their newlines) that belong to `split`."""
+    def line_batches(self, split: str = "all", on_bytes: Callable[[int], None] | None = None) -> Iterator[list[str]]:
+        """Yield lists of the document's lines (with newlines) that belong to `split`.
+
+        Lines come in batches so that callers feeding Rust code (tokenizers) pay little Python per
+        line. `on_bytes` is told the byte length of what each batch covers.
+        """
         cut = self.size - int(self.size * VAL_FRACTION)
         seen = 0
-        for line in self.open_lines():
-            in_train = seen < cut
-            seen += len(line.encode("utf-8"))
-            if split == "all" or (split == "train") == in_train:
-                yield line
+        for block, n_bytes in self.open_blocks():
+            start, seen = seen, seen + n_bytes
+            if start < cut < seen:  # the block straddles the cut: decide line by line
+                lines, position = [], start
+                for line in block.splitlines(keepends=True):
+                    if split == "all" or (split == "train") == (position < cut):
+                        lines.append(line)
+                    position += len(line.encode("utf-8"))
+            elif split == "all" or (split == "train") == (start < cut):
+                lines = block.splitlines(keepends=True)
+            else:
+                continue
+            if on_bytes:
+                on_bytes(sum(len(line.encode("utf-8")) for line in lines) if start < cut < seen else n_bytes)
+            yield lines
+
+    def lines(self, split: str = "all") -> Iterator[str]:
+        """Yield the document's lines that belong to `split`."""
+        for batch in self.line_batches(split):
+            yield from batch
 
 
 def _text_document(name: str, text: str) -> Document:
-    return Document(name, len(text.encode("utf-8")), lambda: text.splitlines(keepends=True))
+    return Document(name, len(text.encode("utf-8")), lambda: [(text, len(text.encode("utf-8")))])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,10 +109,9 @@ def _python_docs_documents() -> list[Document]:
 
         pairs = [(f"topics/{k}", topics[k].strip() + "\n") for k in sorted(topics)]
         pairs += [(f"docstrings/{m}", text) for m, text in _stdlib_docstrings()]
-        try:
+        # A read-only working folder only costs the parse next time.
+        with contextlib.suppress(OSError, GenError):
             write_text_atomic(cache, json.dumps(pairs))
-        except (OSError, GenError):
-            pass  # a read-only working folder only costs the parse next time
     return [_text_document(name, text) for name, text in pairs]
 
 
@@ -110,20 +130,31 @@ def _is_binary(path: Path) -> bool:
         return b"\0" in f.read(_SNIFF_BYTES)
 
 
-def _file_lines(path: Path) -> Iterator[str]:
-    """Stream a UTF-8 file's lines; non-UTF-8 input is an error that names the file and line."""
+def _file_blocks(path: Path) -> Iterator[tuple[str, int]]:
+    """Stream a UTF-8 file in blocks of whole lines; non-UTF-8 input is an error naming file and line."""
+    lines_before = 0
+    rest = b""
     with open(path, "rb") as f:
-        for number, raw in enumerate(f, 1):
-            try:
-                yield raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise GenError(
-                    f"{path}: line {number} is not valid UTF-8 (byte {e.start}); convert the file to UTF-8"
-                ) from None
+        while chunk := f.read(_BLOCK_BYTES):
+            raw = rest + chunk
+            end = raw.rfind(b"\n") + 1 or len(raw)
+            raw, rest = raw[:end], raw[end:]
+            yield _decode(path, raw, lines_before), len(raw)
+            lines_before += raw.count(b"\n")
+    if rest:
+        yield _decode(path, rest, lines_before), len(rest)
+
+
+def _decode(path: Path, raw: bytes, lines_before: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = lines_before + raw.count(b"\n", 0, e.start) + 1
+        raise GenError(f"{path}: line {line} is not valid UTF-8; convert the file to UTF-8") from None
 
 
 def _file_document(path: Path) -> Document:
-    return Document(str(path), path.stat().st_size, lambda: _file_lines(path))
+    return Document(str(path), path.stat().st_size, lambda: _file_blocks(path))
 
 
 def _folder_files(folder: Path) -> list[Path]:
@@ -162,6 +193,11 @@ def _documents_for(spec: str) -> list[Document]:
     raise UsageError(f"{spec}: no such file, folder or built-in corpus (built-in: {', '.join(BUILTIN_CORPORA)})")
 
 
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise UsageError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+
+
 class Corpus:
     """The documents of one or more inputs, in a deterministic order."""
 
@@ -178,17 +214,22 @@ class Corpus:
 
     def texts(self, split: str = "train") -> Iterator[str]:
         """Yield each document's text for `split`, one string per document (skipping empty ones)."""
-        if split not in SPLITS:
-            raise UsageError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+        _check_split(split)
         for doc in self.documents:
             text = "".join(doc.lines(split))
             if text:
                 yield text
 
-    def lines(self, split: str = "train") -> Iterator[str]:
-        """Stream the lines of `split` over all documents, never holding a whole file."""
+    def line_batches(self, split: str = "train", on_bytes: Callable[[int], None] | None = None) -> Iterator[list[str]]:
+        """Stream batches of lines of `split` over all documents, never holding a whole file."""
+        _check_split(split)
         for doc in self.documents:
-            yield from doc.lines(split)
+            yield from doc.line_batches(split, on_bytes)
+
+    def lines(self, split: str = "train") -> Iterator[str]:
+        """Stream the lines of `split` over all documents."""
+        for batch in self.line_batches(split):
+            yield from batch
 
     def require_text(self) -> None:
         """Raise a clear error when the inputs hold no text at all."""

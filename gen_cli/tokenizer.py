@@ -7,8 +7,9 @@ special id. Special ids enter a sequence only where gen puts them (between train
 
 from __future__ import annotations
 
+import itertools
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from functools import cache
 from pathlib import Path
@@ -54,12 +55,6 @@ def _new_tokenizer() -> Tokenizer:
     return tok
 
 
-def _counting(texts: Iterable[str], on_bytes: Callable[[int], None]) -> Iterator[str]:
-    for text in texts:
-        on_bytes(len(text.encode("utf-8")))
-        yield text
-
-
 def train_tokenizer(
     corpus: Corpus,
     vocab_size: int = DEFAULT_VOCAB_SIZE,
@@ -95,12 +90,12 @@ def train_tokenizer(
         on_bytes(n)
 
     start = time.perf_counter()
-    tok.train_from_iterator(_counting(corpus.lines("train"), count), trainer=trainer)
+    tok.train_from_iterator(corpus.line_batches("train", on_bytes=count), trainer=trainer)
     seconds = time.perf_counter() - start
     if fed == 0:
         raise UsageError(f"the corpus has no training text: {', '.join(corpus.inputs)}")
     configure(tok)
-    val_bytes, val_tokens = measure_compression(tok, corpus.texts("val"))
+    val_bytes, val_tokens = measure_compression(tok, corpus.lines("val"))
     summary = TrainSummary(
         documents=len(corpus.documents),
         input_bytes=fed,
@@ -120,17 +115,13 @@ def configure(tok: Tokenizer) -> Tokenizer:
     return tok
 
 
-def measure_compression(tok: Tokenizer, texts: Iterable[str]) -> tuple[int, int]:
-    """(UTF-8 bytes, tokens) over `texts`, encoded in batches."""
+def measure_compression(tok: Tokenizer, texts: Iterable[str], batch_size: int = 4096) -> tuple[int, int]:
+    """(UTF-8 bytes, tokens) over `texts`, encoded in parallel batches."""
     n_bytes = n_tokens = 0
-    batch: list[str] = []
-    for text in [*texts, None]:
-        if text is not None:
-            batch.append(text)
-            n_bytes += len(text.encode("utf-8"))
-        if batch and (text is None or len(batch) == 64):
-            n_tokens += sum(len(e.ids) for e in tok.encode_batch(batch, add_special_tokens=False))
-            batch = []
+    texts = iter(texts)
+    while batch := list(itertools.islice(texts, batch_size)):
+        n_bytes += sum(len(t.encode("utf-8")) for t in batch)
+        n_tokens += sum(len(e.ids) for e in tok.encode_batch(batch, add_special_tokens=False))
     return n_bytes, n_tokens
 
 
@@ -173,7 +164,11 @@ def special_id(tok: Tokenizer, token: str = EOT) -> int | None:
 @cache
 def _byte_decoder() -> dict[str, int]:
     """Inverse of the byte-level alphabet: each byte is shown as a printable character."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     chars = list(printable)
     extra = 0
     for b in range(256):

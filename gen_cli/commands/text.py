@@ -1,0 +1,174 @@
+"""Text commands: the built-in corpora, training a tokenizer, and looking at how text splits."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+from rich.markup import escape
+from rich.text import Text
+
+from gen_cli.atomic import check_writable_output
+from gen_cli.commands.common import err, out_console, print_json, progress_enabled
+from gen_cli.errors import UsageError
+from gen_cli.resources import default_model_dir, work_dir
+
+corpus_app = typer.Typer(help="List and print the built-in corpora.", no_args_is_help=True)
+
+INPUTS_HELP = (
+    "Text inputs: files, folders (recursive), globs, '-' for stdin, or a built-in corpus name. Default: python-docs."
+)
+
+
+@corpus_app.command("list")
+def corpus_list(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """List the built-in corpora (they ship with Python; nothing is downloaded)."""
+    from gen_cli.corpus import BUILTIN_CORPORA, Corpus
+
+    rows = []
+    for name, about in BUILTIN_CORPORA.items():
+        corpus = Corpus([name])
+        rows.append({"name": name, "documents": len(corpus.documents), "bytes": corpus.size, "about": about})
+    if as_json:
+        print_json(rows)
+        return
+    for row in rows:
+        out_console().print(
+            f"[bold]{row['name']}[/]  {row['documents']} documents, {row['bytes']:,} bytes: {row['about']}"
+        )
+
+
+@corpus_app.command("show")
+def corpus_show(
+    name: str = typer.Argument("python-docs", help="Corpus name (see `gen corpus list`), or any input spec."),
+    split: str = typer.Option("all", "--split", help="train, val or all."),
+) -> None:
+    """Print a corpus's text to stdout, to inspect it or reuse it elsewhere."""
+    from gen_cli.corpus import Corpus
+
+    for line in Corpus([name]).lines(split):
+        sys.stdout.write(line)
+
+
+def _default_tokenizer_out() -> Path:
+    return work_dir() / "tokenizer.json"
+
+
+def train_tokenizer_command(
+    inputs: list[str] = typer.Argument(None, help=INPUTS_HELP, show_default=False),
+    vocab_size: int = typer.Option(4096, "--vocab-size", help="Vocabulary size, including the 256 byte tokens."),
+    min_frequency: int = typer.Option(2, "--min-frequency", help="Ignore merges seen fewer times than this."),
+    special_tokens: list[str] = typer.Option(
+        ["<|endoftext|>"], "--special-token", help="Special token (repeatable). Default: <|endoftext|>."
+    ),
+    out: Path = typer.Option(
+        None, "--out", help="Output tokenizer.json (default .gen/tokenizer.json).", show_default=False
+    ),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing output file."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
+) -> None:
+    """Train a byte-level BPE tokenizer on text (the built-in python-docs corpus by default).
+
+    The result is a standard tokenizer.json: `tokenizers.Tokenizer.from_file` and
+    `transformers.PreTrainedTokenizerFast(tokenizer_file=...)` load it unchanged. Text that happens
+    to spell a special token is encoded as ordinary text by gen.
+    """
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeElapsedColumn, TransferSpeedColumn
+
+    from gen_cli.corpus import VAL_FRACTION, Corpus
+    from gen_cli.tokenizer import save_tokenizer, train_tokenizer
+
+    out = out or _default_tokenizer_out()
+    if out.is_dir():
+        out = out / "tokenizer.json"
+    check_writable_output(out, force)
+    corpus = Corpus(inputs or [])
+    columns = (
+        "{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=err, transient=True, disable=not progress_enabled()) as progress:
+        task = progress.add_task("reading text", total=int(corpus.size * (1 - VAL_FRACTION)))
+        tok, summary = train_tokenizer(
+            corpus,
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            special_tokens=tuple(special_tokens),
+            on_bytes=lambda n: progress.advance(task, n),
+        )
+    save_tokenizer(tok, out)
+    result = {**summary.to_dict(), "path": str(out)}
+    if as_json:
+        print_json(result)
+        return
+    bpt = f"{summary.bytes_per_token:.3f}" if summary.bytes_per_token else "n/a (no validation text)"
+    err.print(
+        f"trained [bold]{summary.vocab_size}[/]-token BPE on {summary.documents} documents, "
+        f"{summary.input_bytes:,} bytes in {summary.train_seconds:.2f} s ({summary.throughput_mb_per_s:.2f} MB/s)\n"
+        f"validation: {summary.val_bytes:,} bytes → {summary.val_tokens:,} tokens, {bpt} bytes/token\n"
+        f"saved {escape(str(out))}"
+    )
+
+
+def resolve_tokenizer_path(path: Path | None) -> Path:
+    """--tokenizer if given, else the default model's, else the one `gen train-tokenizer` wrote."""
+    if path is not None:
+        return path
+    for candidate in (default_model_dir() / "tokenizer.json", _default_tokenizer_out()):
+        if candidate.is_file():
+            return candidate
+    raise UsageError("no tokenizer found; pass --tokenizer PATH or train one with `gen train-tokenizer`")
+
+
+def _read_text_arg(text: str) -> str:
+    return sys.stdin.read() if text == "-" else text
+
+
+def tokenize_command(
+    text: str = typer.Argument(..., help="Text to split, or '-' to read stdin."),
+    tokenizer: Path = typer.Option(None, "--tokenizer", help="tokenizer.json or a model folder.", show_default=False),
+    ids: bool = typer.Option(False, "--ids", help="Print token ids instead of pieces."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Show how text splits into tokens: alternating colours in a terminal, '|' separators otherwise."""
+    from gen_cli.tokenizer import encode, load_tokenizer, token_bytes
+
+    tok = load_tokenizer(resolve_tokenizer_path(tokenizer))
+    text = _read_text_arg(text)
+    token_ids = encode(tok, text)
+    # A token may hold part of a multi-byte character; show such bytes escaped rather than as U+FFFD.
+    pieces = [token_bytes(tok, i).decode("utf-8", errors="backslashreplace") for i in token_ids]
+    n_bytes = len(text.encode("utf-8"))
+    bpt = n_bytes / len(token_ids) if token_ids else None
+    if as_json:
+        print_json(
+            {
+                "ids": token_ids,
+                "tokens": pieces,
+                "count": len(token_ids),
+                "bytes": n_bytes,
+                "bytes_per_token": bpt,
+            }
+        )
+        return
+    console = out_console()
+    if ids:
+        console.print(" ".join(map(str, token_ids)))
+    elif console.no_color:
+        console.print("|".join(pieces), markup=False)
+    else:
+        shown = Text()
+        for n, piece in enumerate(pieces):
+            shown.append(piece, style="black on cyan" if n % 2 else "black on yellow")
+        console.print(shown)
+    err.print(f"{len(token_ids)} tokens, {n_bytes} bytes" + (f", {bpt:.2f} bytes/token" if bpt else ""))
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(corpus_app, name="corpus")
+    app.command("train-tokenizer")(train_tokenizer_command)
+    app.command("tokenize")(tokenize_command)
