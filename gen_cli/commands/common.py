@@ -15,8 +15,11 @@ err = Console(stderr=True, highlight=False)
 
 def out_console() -> Console:
     """A console on stdout; plain (no colour) when stdout is not a terminal or NO_COLOR is set."""
-    plain = not sys.stdout.isatty() or "NO_COLOR" in os.environ
-    return Console(no_color=plain, highlight=False, soft_wrap=True)
+    tty = sys.stdout.isatty()
+    # Piped tables keep their full width instead of Rich's 80-column default for non-terminals.
+    return Console(
+        no_color=not tty or "NO_COLOR" in os.environ, highlight=False, soft_wrap=True, width=None if tty else 200
+    )
 
 
 def print_json(data: Any) -> None:
