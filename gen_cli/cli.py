@@ -66,9 +66,19 @@ def _root(
 
 
 def _register_commands() -> None:
-    from gen_cli.commands import text
+    from gen_cli.commands import bench, text
 
     text.register(app)
+    bench.register(app)
+    from gen_cli.commands import generate
+
+    generate.register(app)
+    from gen_cli.commands import train
+
+    train.register(app)
+    from gen_cli.commands import compare
+
+    compare.register(app)
 
 
 _register_commands()

@@ -1,0 +1,117 @@
+"""A model is a directory: config.json, model.safetensors, tokenizer.json; written atomically.
+
+Weights are safetensors only (never pickle). A tied lm_head is stored once, as the embedding, and
+re-tied on load.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from gen_cli.atomic import atomic_path, write_text_atomic
+from gen_cli.config import ModelConfig
+from gen_cli.errors import GenError, UsageError
+from gen_cli.model import Transformer
+from gen_cli.tokenizer import load_tokenizer, save_tokenizer
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_FILE = "tokenizer.json"
+_TIED = "lm_head.weight"
+
+
+def save_model(
+    directory: str | Path, model: Transformer, tokenizer: Tokenizer, dtype: torch.dtype | None = None
+) -> None:
+    """Write config.json, model.safetensors (in `dtype`, default the model's) and tokenizer.json."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    if tokenizer.get_vocab_size() != model.config.vocab_size:
+        raise GenError(
+            f"tokenizer has {tokenizer.get_vocab_size()} tokens but the model's vocab_size is "
+            f"{model.config.vocab_size}; they must match"
+        )
+    tensors = {}
+    for name, tensor in model.state_dict().items():
+        if name == _TIED and model.config.tie_embeddings:
+            continue  # the same storage as tok_emb.weight; safetensors refuses shared tensors anyway
+        t = tensor.detach().to("cpu")
+        tensors[name] = (t.to(dtype) if dtype is not None else t).contiguous()
+    directory.mkdir(parents=True, exist_ok=True)
+    with atomic_path(directory / WEIGHTS_FILE) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    write_text_atomic(directory / CONFIG_FILE, json.dumps(model.config.to_dict(), indent=2) + "\n")
+    save_tokenizer(tokenizer, directory / TOKENIZER_FILE)
+
+
+def load_config(directory: str | Path) -> ModelConfig:
+    """The ModelConfig in DIR/config.json, with clear errors for a missing or broken file."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise GenError(f"{path}: missing; a model directory holds {CONFIG_FILE}, {WEIGHTS_FILE}, {TOKENIZER_FILE}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise GenError(f"{path}: not readable JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise GenError(f"{path}: expected a JSON object of model settings")
+    try:
+        return ModelConfig.from_dict(data, source=str(path))
+    except UsageError as e:
+        # A bad value in a file is not a command-line mistake: report it as a plain GenError.
+        raise GenError(f"{path}: {e}") from None
+    except TypeError as e:
+        raise GenError(f"{path}: invalid model config ({e})") from None
+
+
+def load_model(
+    directory: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> tuple[Transformer, Tokenizer]:
+    """Load a model directory; the model is in eval mode on `device`, cast to `dtype`."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise GenError(f"{directory}: no such model directory; train one with `gen train` or pass --preset")
+    for name in (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE):
+        if not (directory / name).is_file():
+            raise GenError(f"{directory}: {name} is missing; a model directory needs all of "
+                           f"{CONFIG_FILE}, {WEIGHTS_FILE}, {TOKENIZER_FILE}")  # fmt: skip
+    config = load_config(directory)
+    tokenizer = load_tokenizer(directory / TOKENIZER_FILE)
+    if tokenizer.get_vocab_size() != config.vocab_size:
+        raise GenError(
+            f"{directory}: tokenizer has {tokenizer.get_vocab_size()} tokens but config.json says "
+            f"vocab_size {config.vocab_size}; they must match"
+        )
+    try:
+        tensors = load_file(str(directory / WEIGHTS_FILE))
+    except (SafetensorError, OSError) as e:
+        raise GenError(f"{directory / WEIGHTS_FILE}: not a valid safetensors file ({e})") from None
+
+    model = Transformer(config)
+    expected = {k: v.shape for k, v in model.state_dict().items() if not (k == _TIED and config.tie_embeddings)}
+    problems = []
+    if missing := sorted(expected.keys() - tensors.keys()):
+        problems.append(f"missing {', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}")
+    if unexpected := sorted(tensors.keys() - expected.keys()):
+        problems.append(f"unexpected {', '.join(unexpected[:5])}{' …' if len(unexpected) > 5 else ''}")
+    for name in sorted(expected.keys() & tensors.keys()):
+        if tuple(tensors[name].shape) != tuple(expected[name]):
+            problems.append(f"{name} has shape {tuple(tensors[name].shape)}, config needs {tuple(expected[name])}")
+    if problems:
+        raise GenError(f"{directory}: weights do not match config.json: {'; '.join(problems[:6])}")
+    # strict=False only because a tied lm_head is absent from the file; the check above is exact.
+    model.load_state_dict(tensors, strict=False)  # copy_ casts each tensor to fp32
+    model.to(device=device, dtype=dtype)
+    model.eval()
+    return model, tokenizer

@@ -1,0 +1,369 @@
+"""`gen generate` (continue a prompt, optionally streaming and measuring) and `gen info` (a model's shape)."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from gen_cli.commands.common import err, out_console, print_json
+from gen_cli.config import POS_ENCODINGS, ModelConfig, kv_heads_for, load_preset, preset_names
+from gen_cli.errors import UsageError
+from gen_cli.resources import default_model_dir
+from gen_cli.tokenizer import EOT, decode, encode, load_tokenizer, special_id
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+
+    from gen_cli.model import Transformer
+
+REPLACEMENT = "\ufffd"
+# Random weights are always drawn from this seed, so --seed changes only the sampling.
+WEIGHT_SEED = 0
+
+
+@dataclass
+class TextStream:
+    """One generated row as text: cut at end-of-text or a stop string; hands out only safe new text.
+
+    The whole id sequence is decoded each time and only the new suffix is handed out, so a multi-byte
+    character split across tokens is never printed half-way: a trailing U+FFFD (an incomplete UTF-8
+    sequence) is held back, as is a tail that could still grow into a stop string.
+    """
+
+    tokenizer: Any
+    stops: tuple[str, ...] = ()
+    eot_id: int | None = None
+    ids: list[int] = field(default_factory=list)
+    text: str = ""
+    done: bool = False
+    printed: int = 0
+
+    def push(self, token_id: int) -> None:
+        """Add one generated id (ignored once the row is done)."""
+        if self.done:
+            return
+        if token_id == self.eot_id:
+            self.done = True
+            return
+        self.ids.append(token_id)
+        self.text = decode(self.tokenizer, self.ids)
+        hits = [i for i in (self.text.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.text, self.done = self.text[: min(hits)], True
+
+    def take(self, final: bool = False) -> str:
+        """The text not handed out yet that can no longer change; everything when `final` or done."""
+        safe = self.text if final or self.done else self._stable_prefix()
+        new = safe[self.printed :]
+        self.printed = max(self.printed, len(safe))
+        return new
+
+    def _stable_prefix(self) -> str:
+        end = len(self.text)
+        while end > 0 and self.text[end - 1] == REPLACEMENT:
+            end -= 1
+        # Hold back the longest tail that is a proper prefix of a stop string: it may complete it.
+        hold = 0
+        for stop in self.stops:
+            for n in range(min(len(stop) - 1, end), hold, -1):
+                if self.text[end - n : end] == stop[:n]:
+                    hold = n
+                    break
+        return self.text[: end - hold]
+
+
+def _read_prompt(prompt: str) -> str:
+    return sys.stdin.read() if prompt == "-" else prompt
+
+
+def _tokenizer_path(path: Path | None) -> Path:
+    from gen_cli.commands.text import resolve_tokenizer_path
+
+    return resolve_tokenizer_path(path)
+
+
+def _check_options(
+    model_dir: Path | None,
+    preset: str | None,
+    tokenizer: Path | None,
+    attention: str | None,
+    kv_heads: int | None,
+    pos: str | None,
+    max_new_tokens: int,
+    num_samples: int,
+) -> None:
+    if model_dir is not None and preset is not None:
+        raise UsageError("pass either --model DIR or --preset NAME, not both")
+    if preset is None:
+        shape = [name for name, v in (("--attention", attention), ("--kv-heads", kv_heads), ("--pos", pos)) if v]
+        if shape:
+            raise UsageError(
+                f"{', '.join(shape)} describe(s) how a model was trained and only apply with --preset "
+                "(random weights); a trained model's config.json fixes them"
+            )
+        if tokenizer is not None:
+            raise UsageError("--tokenizer only applies with --preset; a model directory has its own tokenizer.json")
+    if pos is not None and pos not in POS_ENCODINGS:
+        raise UsageError(f"--pos must be one of {', '.join(POS_ENCODINGS)}, got {pos!r}")
+    if kv_heads is not None and kv_heads < 1:
+        raise UsageError(f"--kv-heads must be at least 1, got {kv_heads}")
+    if max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    if num_samples < 1:
+        raise UsageError(f"--num-samples must be at least 1, got {num_samples}")
+
+
+def _preset_model(
+    preset: str, tokenizer_path: Path | None, attention: str | None, kv_heads: int | None, pos: str | None
+) -> tuple[Transformer, Tokenizer, str]:
+    import torch
+
+    from gen_cli.model import Transformer
+
+    config = load_preset(preset)
+    changes: dict[str, Any] = {"n_kv_head": kv_heads_for(config.n_head, attention, kv_heads)}
+    if pos is not None:
+        changes["pos_encoding"] = pos
+    path = _tokenizer_path(tokenizer_path)
+    tok = load_tokenizer(path)
+    if tok.get_vocab_size() != config.vocab_size:
+        err.print(
+            f"preset {preset}: vocab_size {config.vocab_size} → {tok.get_vocab_size()} to match {escape(str(path))}"
+        )
+        changes["vocab_size"] = tok.get_vocab_size()
+    config = config.replace(**changes)
+    torch.manual_seed(WEIGHT_SEED)
+    model = Transformer(config)
+    err.print(
+        f"[yellow]random weights[/]: preset {preset} ({config.attention_kind}, {config.n_kv_head} KV heads, "
+        f"{config.pos_encoding}); the text will be gibberish"
+    )
+    return model, tok, f"preset {preset} (random weights)"
+
+
+def _load(model_dir: Path | None, preset: str | None, tokenizer: Path | None, attention, kv_heads, pos, device, dtype):
+    if preset is not None:
+        model, tok, source = _preset_model(preset, tokenizer, attention, kv_heads, pos)
+        return model.to(device=device, dtype=dtype).eval(), tok, source
+    from gen_cli.checkpoint import load_model
+
+    directory = model_dir if model_dir is not None else default_model_dir()
+    if model_dir is None and not directory.is_dir():
+        raise UsageError(
+            f"no default model at {directory}; pass --model DIR, train one with `gen train`, "
+            "or try random weights with --preset tiny --tokenizer PATH"
+        )
+    if not directory.is_dir():
+        raise UsageError(f"--model {directory}: no such directory; a model directory is made by `gen train`")
+    model, tok = load_model(directory, device=device, dtype=dtype)
+    return model, tok, str(directory)
+
+
+def _print_stats(stats: dict[str, Any], source: str) -> None:
+    def rate(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:,.1f} tok/s"
+
+    ms = "n/a" if stats["ms_per_token"] is None else f"{stats['ms_per_token']:.2f} ms"
+    match = "agree" if stats["kv_cache_bytes"] == stats["kv_cache_bytes_analytic"] else "DIFFER"
+    lines = [
+        f"model            {escape(source)}",
+        f"prompt tokens    {stats['prompt_tokens']}   new tokens {stats['new_tokens']}   batch {stats['batch']}",
+        f"time to first    {stats['ttft_s'] * 1000:.1f} ms   (prefill {rate(stats['prefill_tokens_per_s'])})",
+        f"decode           {rate(stats['decode_tokens_per_s'])}   {ms} per step",
+        f"KV cache         {stats['kv_cache_bytes_analytic']:,} B analytic, {stats['kv_cache_bytes']:,} B actual"
+        + (f" ({match})" if stats["kv_cache_bytes"] else " (cache off)"),
+        f"peak memory      {stats['peak_memory_bytes']:,} B ({stats['memory_method']})",
+        f"device           {stats['device']}   dtype {stats['dtype']}   threads {stats['threads']}",
+    ]
+    err.print("\n".join(lines))
+
+
+def generate_command(
+    prompt: str = typer.Argument(..., help="Text to continue, or '-' to read it from stdin."),
+    model_dir: Path = typer.Option(
+        None, "--model", help="Model directory (default: the shipped model).", show_default=False
+    ),
+    preset: str = typer.Option(
+        None, "--preset", help="Random weights of a preset shape (tiny, small, base).", show_default=False
+    ),
+    tokenizer: Path = typer.Option(
+        None,
+        "--tokenizer",
+        help="tokenizer.json for --preset (default: the default model's, or .gen/tokenizer.json).",
+        show_default=False,
+    ),
+    attention: str = typer.Option(None, "--attention", help="With --preset: mha, gqa or mqa.", show_default=False),
+    kv_heads: int = typer.Option(None, "--kv-heads", help="With --preset: number of KV heads.", show_default=False),
+    pos: str = typer.Option(None, "--pos", help="With --preset: rope, sinusoidal or learned.", show_default=False),
+    kv_cache: bool = typer.Option(True, "--kv-cache/--no-kv-cache", help="Reuse keys/values (off = recompute)."),
+    max_new_tokens: int = typer.Option(200, "--max-new-tokens", help="Tokens to generate at most."),
+    temperature: float = typer.Option(0.8, "--temperature", help="Sampling temperature; 0 = greedy."),
+    top_k: int = typer.Option(None, "--top-k", help="Sample among the k most likely tokens.", show_default=False),
+    top_p: float = typer.Option(
+        None, "--top-p", help="Nucleus: smallest set reaching this probability.", show_default=False
+    ),
+    min_p: float = typer.Option(
+        None, "--min-p", help="Drop tokens below min-p × the top probability.", show_default=False
+    ),
+    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="CTRL penalty; 1 = off."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed: same seed, same output."),
+    stop: list[str] = typer.Option(
+        None, "--stop", help="Stop when the text contains this (repeatable).", show_default=False
+    ),
+    ignore_eot: bool = typer.Option(False, "--ignore-eot", help=f"Go on past {EOT}."),
+    num_samples: int = typer.Option(1, "--num-samples", help="Continuations of the prompt, one shared prefill."),
+    device_name: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
+    dtype_opt: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
+    threads: int = typer.Option(None, "--threads", help="CPU threads (default: torch's).", show_default=False),
+    stream: bool = typer.Option(True, "--stream/--no-stream", help="Print text as it is generated."),
+    show_stats: bool = typer.Option(False, "--stats", help="Timing, KV-cache and memory figures on stderr."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object on stdout: text and stats."),
+) -> None:
+    """Continue PROMPT with a trained model (--model) or random weights of a preset shape (--preset).
+
+    Prints only the continuation. The seed defaults to 0, so a run is reproducible; random preset
+    weights always come from seed 0, so --seed changes only the sampling.
+    """
+    from gen_cli.sampling import SamplingConfig
+
+    _check_options(model_dir, preset, tokenizer, attention, kv_heads, pos, max_new_tokens, num_samples)
+    sampling = SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty)
+    stops = tuple(s for s in (stop or []) if s)
+    text = _read_prompt(prompt)
+
+    import torch
+
+    from gen_cli.generate import check_lengths, run_generation
+    from gen_cli.runtime import resolve_device, resolve_dtype, set_threads
+
+    device = resolve_device(device_name)
+    dtype = resolve_dtype(dtype_opt, device)
+    set_threads(threads)
+    model, tok, source = _load(model_dir, preset, tokenizer, attention, kv_heads, pos, device, dtype)
+
+    eot = special_id(tok)
+    ids = encode(tok, text)
+    if not ids:
+        if eot is None:
+            raise UsageError(f"the prompt is empty and the tokenizer has no {EOT} token to start from")
+        ids = [eot]
+    check_lengths(model.config, len(ids), max_new_tokens)
+    stop_id = None if ignore_eot else eot
+    rows = [TextStream(tok, stops, stop_id) for _ in range(num_samples)]
+    live = stream and not as_json and num_samples == 1
+
+    def on_token(token: torch.Tensor) -> bool:
+        for row, t in zip(rows, token.tolist(), strict=True):
+            row.push(t)
+        if live and (new := rows[0].take()):
+            sys.stdout.write(new)
+            sys.stdout.flush()
+        return all(r.done for r in rows)
+
+    generator = torch.Generator(device=device).manual_seed(seed)
+    prompt_ids = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
+    result = run_generation(
+        model, prompt_ids, max_new_tokens, sampling, kv_cache, generator, stop_id, num_samples, on_token
+    )
+    texts = [r.text for r in rows]
+    stats = result.stats.to_dict()
+    if as_json:
+        data: dict[str, Any] = {"text": texts[0]}
+        if num_samples > 1:
+            data["texts"] = texts
+        data |= {"stats": stats, "model": source, "interrupted": result.interrupted}
+        print_json(data)
+    elif live:
+        sys.stdout.write(rows[0].take(final=True) + "\n")
+        sys.stdout.flush()
+    else:
+        for i, t in enumerate(texts):
+            if num_samples > 1:
+                sys.stdout.flush()
+                err.print(f"── sample {i + 1} of {num_samples} ──")
+            sys.stdout.write(t + "\n")
+            sys.stdout.flush()
+    if show_stats:
+        _print_stats(stats, source)
+    if result.interrupted:
+        err.print("interrupted")
+        raise typer.Exit(130)
+
+
+# ----------------------------------------------------------------------------------------------
+# gen info
+
+
+def _config_for(target: str) -> tuple[ModelConfig, str]:
+    from gen_cli.checkpoint import load_config
+
+    path = Path(target)
+    if path.is_dir():
+        return load_config(path), f"model {path}"
+    if target in preset_names():
+        return load_preset(target), f"preset {target}"
+    raise UsageError(f"{target!r} is neither a model directory nor a preset; presets: {', '.join(preset_names())}")
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def model_info(config: ModelConfig) -> dict[str, Any]:
+    """Parameter count, attention kind, KV-cache and weight memory figures for a config."""
+    import torch
+
+    from gen_cli.model import Transformer
+
+    with torch.device("meta"):  # shapes only: no memory, no init cost
+        params = Transformer(config).num_parameters()
+    sizes = {"float32": 4, "bfloat16": 2}
+    return {
+        "config": config.to_dict(),
+        "attention_kind": config.attention_kind,
+        "head_dim": config.head_dim,
+        "parameters": params,
+        "kv_bytes_per_token": {k: config.kv_bytes_per_token(b) for k, b in sizes.items()},
+        "kv_bytes_full_context": {k: config.kv_bytes_per_token(b) * config.context_length for k, b in sizes.items()},
+        "weight_bytes": {k: params * b for k, b in sizes.items()},
+    }
+
+
+def info_command(
+    target: str = typer.Argument(..., help="A model directory or a preset name."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Show a model's configuration, parameter count and what its KV cache and weights cost."""
+    config, source = _config_for(target)
+    info = {"source": source, **model_info(config)}
+    if as_json:
+        print_json(info)
+        return
+    table = Table(title=escape(source), show_header=False, box=None)
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in config.to_dict().items():
+        table.add_row(key, str(value))
+    kinds = {"mha": "multi-head", "gqa": "grouped-query", "mqa": "multi-query"}
+    table.add_row("attention", f"{kinds[config.attention_kind]} ({config.n_head} query / {config.n_kv_head} KV heads)")
+    table.add_row("parameters", f"{info['parameters']:,}")
+    for label, key in (("KV bytes / token", "kv_bytes_per_token"), ("KV at full context", "kv_bytes_full_context"),
+                       ("weights", "weight_bytes")):  # fmt: skip
+        v = info[key]
+        table.add_row(label, f"{_human(v['float32'])} fp32, {_human(v['bfloat16'])} bf16")
+    out_console().print(table)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("generate")(generate_command)
+    app.command("info")(info_command)

@@ -1,0 +1,199 @@
+"""A Llama-style decoder-only transformer: pre-norm blocks, fused-qkv attention (MHA/GQA/MQA), SwiGLU.
+
+Positions come from `config.pos_encoding`: `rope` (rotary, rotate-half convention), `sinusoidal`
+(the original Transformer table added to the embeddings) or `learned` (an embedding per position).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gen_cli.config import ModelConfig
+from gen_cli.errors import UsageError
+from gen_cli.kv_cache import KVCache
+
+
+def sinusoidal_table(length: int, dim: int) -> torch.Tensor:
+    """(length, dim) table: PE[pos, 2i] = sin(pos / 10000^(2i/dim)), PE[pos, 2i+1] = cos(same)."""
+    pos = torch.arange(length, dtype=torch.float64)[:, None]  # (length, 1)
+    inv = 10000.0 ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)  # (dim/2,)
+    angles = pos * inv  # (length, dim/2)
+    table = torch.empty(length, dim, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(angles)
+    table[:, 1::2] = torch.cos(angles)
+    return table.float()
+
+
+def rope_tables(length: int, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin, each (length, head_dim), for the rotate-half convention.
+
+    Pair i is (x[i], x[i + head_dim/2]) rotated by pos × base^(-2i/head_dim); the frequencies are
+    repeated over both halves so one elementwise multiply covers the whole head.
+    """
+    inv = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # (head_dim/2,)
+    angles = torch.arange(length, dtype=torch.float64)[:, None] * inv  # (length, head_dim/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (length, head_dim)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, H, T, head_dim) by the angles in cos/sin (T, head_dim), rotate-half pairing."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    rotated = torch.cat([-x2, x1], dim=-1)  # (B, H, T, head_dim)
+    return x * cos + rotated * sin
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.d_model, eps=config.norm_eps)
+    return nn.LayerNorm(config.d_model, eps=config.norm_eps)
+
+
+class Attention(nn.Module):
+    """Causal self-attention; n_kv_head selects MHA (= n_head), GQA or MQA (= 1) with one code path."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.use_rope = config.pos_encoding == "rope"
+        # One fused projection: a single matmul reads x once for q, k and v.
+        self.wqkv = nn.Linear(config.d_model, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_head * self.head_dim, config.d_model, bias=False)
+        self.split = (self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: torch.Tensor | None,
+        is_causal: bool,
+        cache: KVCache | None,
+        layer: int,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.wqkv(x).split(self.split, dim=-1)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, head_dim)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, head_dim)
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, n_kv_head, pos+T, head_dim)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.n_kv_head != self.n_head
+        )  # (B, n_head, T, head_dim)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, d_model)
+        return self.wo(y)
+
+
+class MLP(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(config.d_model, config.d_ff, bias=False)  # gate
+        self.w3 = nn.Linear(config.d_model, config.d_ff, bias=False)  # up
+        self.w2 = nn.Linear(config.d_ff, config.d_model, bias=False)  # down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.attn_norm = make_norm(config)
+        self.attn = Attention(config)
+        self.mlp_norm = make_norm(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x, rope, mask, is_causal, cache, layer) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, mask, is_causal, cache, layer)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    """Decoder-only LM: `forward(idx (B, T), cache=None) -> logits (B, T, vocab)`."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+        if config.pos_encoding == "learned":
+            self.pos_emb = nn.Embedding(config.context_length, config.d_model)
+        elif config.pos_encoding == "sinusoidal":
+            # Non-persistent: derived from the config, so never stored in a checkpoint.
+            self.register_buffer("sin_table", sinusoidal_table(config.context_length, config.d_model), False)
+        else:
+            cos, sin = rope_tables(config.context_length, config.head_dim, config.rope_base)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = make_norm(config)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # GPT-2 init: N(0, 0.02); projections that add into the residual stream are scaled by
+        # 1/sqrt(2 n_layer) so the stream's variance does not grow with depth.
+        for module in self.modules():
+            if isinstance(module, nn.Linear | nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        for layer in self.layers:
+            nn.init.normal_(layer.attn.wo.weight, mean=0.0, std=residual_std)
+            nn.init.normal_(layer.mlp.w2.weight, mean=0.0, std=residual_std)
+        if self.config.tie_embeddings:
+            # The shared matrix was visited twice above; both draws are N(0, 0.02), so it stays so.
+            assert self.lm_head.weight is self.tok_emb.weight
+
+    def num_parameters(self) -> int:
+        """Distinct parameters (a tied embedding counts once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
+        """Logits (B, T, vocab); with a cache, positions start at cache.pos and the cache advances by T.
+
+        `last_only` computes logits for the last position only, (B, 1, vocab): prefill needs no more.
+        """
+        T = idx.shape[1]
+        pos = cache.pos if cache is not None else 0
+        limit = self.config.context_length
+        if pos + T > limit:
+            raise UsageError(f"sequence of {pos + T} tokens exceeds the model's context length of {limit} tokens")
+        x = self.tok_emb(idx)  # (B, T, d_model)
+        rope = None
+        kind = self.config.pos_encoding
+        if kind == "sinusoidal":
+            x = x + self.sin_table[pos : pos + T]  # (T, d_model) broadcast over B
+        elif kind == "learned":
+            x = x + self.pos_emb.weight[pos : pos + T]  # (T, d_model) broadcast over B
+        else:
+            rope = (self.rope_cos[pos : pos + T], self.rope_sin[pos : pos + T])  # each (T, head_dim)
+
+        # Masking: a fresh sequence (pos 0) uses SDPA's built-in causal mask; a single new token may
+        # see every cached key, so needs none; a chunk after a cached prefix needs the causal mask
+        # shifted by pos (SDPA's is_causal aligns top-left, which would be wrong there).
+        mask, is_causal = None, T > 1 and pos == 0
+        if T > 1 and pos > 0:
+            q_pos = torch.arange(pos, pos + T, device=idx.device)[:, None]  # (T, 1)
+            k_pos = torch.arange(pos + T, device=idx.device)[None, :]  # (1, pos+T)
+            mask = k_pos <= q_pos  # (T, pos+T) True = may attend
+
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rope, mask, is_causal, cache, i)
+        if cache is not None:
+            cache.advance(T)  # once per forward, after every layer wrote at the same position
+        if last_only:
+            x = x[:, -1:, :]  # (B, 1, d_model)
+        return self.lm_head(self.norm(x))  # (B, T or 1, vocab)

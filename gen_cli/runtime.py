@@ -1,0 +1,155 @@
+"""Run-time environment choices (device, dtype, threads) and honest peak-memory measurement."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from types import TracebackType
+
+import torch
+
+from gen_cli.errors import UsageError
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def _mps_available() -> bool:
+    return hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' = cuda if available, else mps, else cpu; an unavailable explicit choice is a UsageError."""
+    name = name.lower()
+    if name not in DEVICES:
+        raise UsageError(f"unknown device {name!r}; choose {', '.join(DEVICES)}")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if _mps_available() else "cpu"
+    elif name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available (or torch is a CPU build); use --device cpu")
+    elif name == "mps" and not _mps_available():
+        raise UsageError("--device mps: Apple MPS is not available on this machine; use --device cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """float32/fp32, bfloat16/bf16 or float16/fp16; fp16 is refused on CPU."""
+    dtype = _DTYPES.get(name.lower())
+    if dtype is None:
+        raise UsageError(f"unknown dtype {name!r}; choose float32, bfloat16 or float16")
+    if dtype == torch.float16 and device.type == "cpu":
+        raise UsageError("float16 is not supported on CPU (slow and partly unimplemented); use bfloat16 or float32")
+    return dtype
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def set_threads(n: int | None) -> int:
+    """Set torch's intra-op thread count (None keeps the default); return the count in use."""
+    if n is not None:
+        if n < 1:
+            raise UsageError(f"--threads must be at least 1, got {n}")
+        torch.set_num_threads(n)
+    return torch.get_num_threads()
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for queued device work, so a clock read after it measures finished work."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        torch.cuda.synchronize()
+    elif kind == "mps":
+        torch.mps.synchronize()
+
+
+def _proc_status_kb(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    # Writing 5 to clear_refs resets the kernel's VmHWM (peak RSS) to the current RSS (Linux ≥ 4.0).
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def _ru_maxrss_bytes() -> int:
+    import resource  # POSIX only; imported here so the module still loads elsewhere
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+
+
+class PeakMemory:
+    """Context manager: peak memory above the level at entry; `.bytes` and `.method` after exit.
+
+    CUDA: max_memory_allocated after reset_peak_memory_stats, minus the allocation at entry.
+    CPU (Linux): VmHWM after resetting it through /proc/self/clear_refs, minus VmRSS at entry.
+    Elsewhere a weaker measure is used and named in `.method`.
+    """
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        self.bytes = 0
+        self.method = ""
+        self._baseline = 0
+        self._mode = ""
+
+    def __enter__(self) -> PeakMemory:
+        synchronize(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._baseline = torch.cuda.memory_allocated(self.device)
+            self._mode, self.method = "cuda", "cuda max_memory_allocated above baseline"
+        elif self.device.type == "mps":
+            self._baseline = torch.mps.current_allocated_memory()
+            self._mode, self.method = "mps", "mps allocated at end above baseline (no peak counter)"
+        else:
+            rss = _proc_status_kb("VmRSS")
+            if rss is not None and _reset_peak_rss() and _proc_status_kb("VmHWM") is not None:
+                self._baseline = rss * 1024
+                self._mode, self.method = "vmhwm", "peak RSS above baseline (VmHWM)"
+            else:
+                # No resettable peak: ru_maxrss is the process's lifetime peak, so this can over-report.
+                self._baseline = _ru_maxrss_bytes()
+                self._mode, self.method = "ru_maxrss", "growth of lifetime peak RSS (ru_maxrss, not resettable)"
+        return self
+
+    def measure(self) -> int:
+        """Peak bytes above the entry level so far."""
+        synchronize(self.device)
+        if self._mode == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device)
+        elif self._mode == "mps":
+            peak = torch.mps.current_allocated_memory()
+        elif self._mode == "vmhwm":
+            peak = (_proc_status_kb("VmHWM") or 0) * 1024
+        else:
+            peak = _ru_maxrss_bytes()
+        self.bytes = max(0, peak - self._baseline)
+        return self.bytes
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.measure()

@@ -1,0 +1,109 @@
+"""Pure functions on logits (B, V): temperature, top-k, top-p, min-p, repetition penalty, sampling.
+
+Filters return new logits with excluded tokens set to -inf; randomness comes only from an explicit
+torch.Generator, so the same seed gives the same tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gen_cli.errors import UsageError
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How to pick the next token; validated on construction (temperature 0 = greedy argmax)."""
+
+    temperature: float = 0.8
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0:  # also rejects NaN
+            raise UsageError(f"--temperature must be ≥ 0 (0 = greedy), got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise UsageError(f"--top-k must be at least 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise UsageError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.min_p is not None and not 0 <= self.min_p <= 1:
+            raise UsageError(f"--min-p must be in [0, 1], got {self.min_p}")
+        if not self.repetition_penalty > 0:
+            raise UsageError(f"--repetition-penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Divide by a positive temperature (below 1 sharpens, above 1 flattens)."""
+    assert temperature > 0, "temperature 0 is argmax; handle it before scaling"
+    return logits / temperature
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep exactly the k largest logits per row, even when others tie with the k-th."""
+    if k >= logits.shape[-1]:
+        return logits
+    # A threshold (logits >= kth value) would keep every tie; scattering topk's indices keeps k.
+    values, indices = torch.topk(logits, k, dim=-1)  # (B, k)
+    out = torch.full_like(logits, float("-inf"))
+    return out.scatter(-1, indices, values)
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probability reaches p (nucleus sampling)."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
+    probs = torch.softmax(sorted_logits.float(), dim=-1)
+    before = torch.cumsum(probs, dim=-1) - probs  # probability of the tokens ranked above each one
+    # A token is needed while the tokens above it have not reached p yet; the top one always is.
+    drop_sorted = before >= p
+    drop_sorted[..., 0] = False
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)  # back to vocabulary order
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Keep tokens whose probability is at least min_p × the most likely token's probability."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    threshold = min_p * probs.max(dim=-1, keepdim=True).values  # (B, 1)
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+def apply_repetition_penalty(logits: torch.Tensor, history_ids: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL penalty on tokens already in the sequence: positive logits / penalty, negative × penalty."""
+    if penalty == 1.0 or history_ids.numel() == 0:
+        return logits
+    seen = logits.gather(-1, history_ids)  # (B, T); repeated ids gather the same value, so no double penalty
+    seen = torch.where(seen > 0, seen / penalty, seen * penalty)
+    return logits.scatter(-1, history_ids, seen)
+
+
+def sample_next(
+    logits: torch.Tensor,
+    history_ids: torch.Tensor | None,
+    cfg: SamplingConfig,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """Next token ids (B,) from logits (B, V) and the ids so far (B, T), reproducible for a seeded generator."""
+    logits = logits.float()  # filters and softmax in fp32 whatever the model dtype
+    if history_ids is not None:
+        logits = apply_repetition_penalty(logits, history_ids, cfg.repetition_penalty)
+    if cfg.greedy:
+        return logits.argmax(dim=-1)
+    logits = apply_temperature(logits, cfg.temperature)
+    if cfg.top_k is not None:
+        logits = top_k_filter(logits, cfg.top_k)
+    if cfg.top_p is not None:
+        logits = top_p_filter(logits, cfg.top_p)
+    if cfg.min_p is not None:
+        logits = min_p_filter(logits, cfg.min_p)
+    probs = torch.softmax(logits, dim=-1)  # (B, V)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)

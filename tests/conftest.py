@@ -1,0 +1,67 @@
+"""Shared fixtures: a tiny tokenizer, tiny model configs and a tiny model directory (CPU, fp32)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from gen_cli.config import ModelConfig
+
+# Tiny models gain nothing from threads, and on a shared 2-core machine spinning OpenMP workers make
+# each small op up to 100× slower; one thread keeps the suite fast and its timings stable.
+torch.set_num_threads(1)
+
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. A transformer reads tokens and predicts the next one.\n"
+    "Keys and values are cached so that each new token costs one step, not a whole pass.\n"
+    "Rotary embeddings rotate queries and keys; sinusoidal tables add positions to embeddings.\n"
+) * 30
+
+
+def tiny_config(**changes) -> ModelConfig:
+    """2 layers, d=32, 4 heads, context 16: every test model is this small."""
+    base = dict(vocab_size=300, n_layer=2, n_head=4, n_kv_head=4, d_model=32, d_ff=64, context_length=16)
+    base.update(changes)
+    return ModelConfig(**base)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_path(tmp_path_factory) -> Path:
+    from gen_cli.corpus import Corpus
+    from gen_cli.tokenizer import save_tokenizer, train_tokenizer
+
+    folder = tmp_path_factory.mktemp("tok")
+    corpus_file = folder / "corpus.txt"
+    corpus_file.write_text(TEXT, encoding="utf-8")
+    tok, _ = train_tokenizer(Corpus([str(corpus_file)]), vocab_size=300)
+    path = folder / "tokenizer.json"
+    save_tokenizer(tok, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_path):
+    from gen_cli.tokenizer import load_tokenizer
+
+    return load_tokenizer(tokenizer_path)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory, tokenizer) -> Path:
+    """A saved tiny model (context 64 so CLI runs have room) whose vocab matches the tokenizer."""
+    from gen_cli.checkpoint import save_model
+    from gen_cli.model import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(vocab_size=tokenizer.get_vocab_size(), context_length=64))
+    folder = tmp_path_factory.mktemp("model") / "tiny"
+    save_model(folder, model, tokenizer)
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def _no_debug_env(monkeypatch):
+    """`gen --debug` sets GEN_DEBUG in os.environ; keep one test's --debug from leaking into the next."""
+    monkeypatch.delenv("GEN_DEBUG", raising=False)

@@ -1,0 +1,207 @@
+"""`gen generate` and `gen info` through the CLI: outputs, JSON keys, seeds, stops and clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from gen_cli.cli import app
+from gen_cli.commands import generate as gen_cmd
+from gen_cli.commands.generate import TextStream
+from gen_cli.tokenizer import encode
+
+runner = CliRunner()
+STATS_KEYS = {
+    "prompt_tokens", "new_tokens", "ttft_s", "prefill_tokens_per_s", "decode_tokens_per_s",
+    "kv_cache_bytes", "kv_cache_bytes_analytic", "peak_memory_bytes", "device", "dtype", "threads",
+}  # fmt: skip
+
+
+def gen(*args, input=None):
+    return runner.invoke(app, ["generate", *args], input=input)
+
+
+def gen_json(model_dir, *args, prompt="The quick"):
+    result = gen(prompt, "--model", str(model_dir), "--json", "--device", "cpu", *args)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_json_has_text_and_stable_stats_keys(model_dir, tokenizer):
+    data = gen_json(model_dir, "--max-new-tokens", "12", "--ignore-eot")
+    assert isinstance(data["text"], str) and "texts" not in data
+    assert data["stats"].keys() >= STATS_KEYS
+    s = data["stats"]
+    assert (
+        s["new_tokens"] == 12
+        and s["prompt_tokens"] == len(encode(tokenizer, "The quick"))
+        and s["device"] == "cpu"
+        and s["dtype"] == "float32"
+    )
+    assert s["kv_cache_bytes"] == s["kv_cache_bytes_analytic"] > 0
+
+
+def test_same_seed_same_output_and_cache_matches(model_dir):
+    args = ("--max-new-tokens", "20", "--ignore-eot", "--temperature", "1.0")
+    a = gen_json(model_dir, *args, "--seed", "3")["text"]
+    assert a == gen_json(model_dir, *args, "--seed", "3")["text"]
+    assert a == gen_json(model_dir, *args, "--seed", "3", "--no-kv-cache")["text"]
+    assert a != gen_json(model_dir, *args, "--seed", "4")["text"]
+
+
+def test_num_samples_gives_texts(model_dir):
+    data = gen_json(model_dir, "--max-new-tokens", "8", "--num-samples", "3", "--temperature", "1.5")
+    assert len(data["texts"]) == 3 and data["text"] == data["texts"][0]
+    assert data["stats"]["batch"] == 3
+
+
+def test_plain_and_streamed_output_agree_and_stats_go_to_stderr(model_dir):
+    base = ["The quick", "--model", str(model_dir), "--max-new-tokens", "15", "--temperature", "0"]
+    streamed = gen(*base, "--stats")
+    plain = gen(*base, "--no-stream")
+    assert streamed.exit_code == plain.exit_code == 0
+    assert streamed.stdout == plain.stdout
+    assert "time to first" in streamed.stderr and "KV cache" in streamed.stderr and "threads" in streamed.stderr
+    assert "time to first" not in streamed.stdout
+
+
+def test_stop_string_cuts_the_text(model_dir):
+    text = gen_json(model_dir, "--max-new-tokens", "30", "--temperature", "0", "--ignore-eot")["text"]
+    stop = text[8:11]
+    cut = gen_json(model_dir, "--max-new-tokens", "30", "--temperature", "0", "--ignore-eot", "--stop", stop)
+    assert cut["text"] == text[: text.index(stop)]
+    assert cut["stats"]["new_tokens"] < 30
+
+
+def test_empty_prompt_starts_from_end_of_text_and_stdin_works(model_dir, tokenizer):
+    assert gen_json(model_dir, "--max-new-tokens", "3", prompt="")["stats"]["prompt_tokens"] == 1
+    result = gen("-", "--model", str(model_dir), "--max-new-tokens", "3", "--json", input="The quick brown")
+    assert json.loads(result.stdout)["stats"]["prompt_tokens"] == len(encode(tokenizer, "The quick brown"))
+
+
+def test_preset_random_weights_are_labelled(tokenizer_path):
+    result = gen("hello", "--preset", "tiny", "--tokenizer", str(tokenizer_path), "--attention", "mqa",
+                 "--pos", "sinusoidal", "--max-new-tokens", "5", "--stats")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "random weights" in result.stderr and "mqa" in result.stderr
+    assert "vocab_size 4096 →" in result.stderr
+
+
+def test_missing_default_model_suggests_preset(monkeypatch, tmp_path):
+    monkeypatch.setattr(gen_cmd, "default_model_dir", lambda: tmp_path / "absent")
+    result = gen("hi")
+    assert result.exit_code == 2
+    assert "--preset" in result.stderr and "gen train" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--temperature", "-1"], "--temperature"),
+        (["--top-k", "0"], "--top-k"),
+        (["--top-p", "0"], "--top-p"),
+        (["--top-p", "1.5"], "--top-p"),
+        (["--min-p", "2"], "--min-p"),
+        (["--repetition-penalty", "0"], "--repetition-penalty"),
+        (["--max-new-tokens", "0"], "--max-new-tokens"),
+        (["--max-new-tokens", "63"], "exceeds the context length of 64 tokens; use --max-new-tokens"),
+        (["--num-samples", "0"], "--num-samples"),
+        (["--attention", "mqa"], "only apply with --preset"),
+        (["--kv-heads", "2"], "only apply with --preset"),
+        (["--pos", "learned"], "only apply with --preset"),
+        (["--tokenizer", "x.json"], "--tokenizer only applies with --preset"),
+        (["--preset", "tiny"], "not both"),
+        (["--device", "tpu"], "unknown device"),
+        (["--device", "cuda"], "--device cuda"),
+        (["--dtype", "int3"], "unknown dtype"),
+        (["--dtype", "float16", "--device", "cpu"], "float16 is not supported on CPU"),
+        (["--threads", "0"], "--threads"),
+    ],
+)
+def test_invalid_options_exit_2_with_a_clear_message(model_dir, args, message):
+    import torch
+
+    if args == ["--device", "cuda"] and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    result = gen("hi there", "--model", str(model_dir), *args)
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr
+    assert "Traceback" not in result.output and result.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--preset", "huge"], "unknown preset"),
+        (["--preset", "tiny", "--pos", "alibi"], "--pos must be one of"),
+        (["--preset", "tiny", "--attention", "sparse"], "unknown attention kind"),
+        (["--preset", "tiny", "--kv-heads", "3"], "not divisible by 3 KV heads"),
+        (["--preset", "tiny", "--attention", "mqa", "--kv-heads", "2"], "means 1 KV heads"),
+        (["--model", "/nonexistent/model"], "no such directory"),
+    ],
+)
+def test_invalid_model_choices_exit_2(tokenizer_path, args, message):
+    extra = ["--tokenizer", str(tokenizer_path)] if "--preset" in args else []
+    result = gen("hi", *args, *extra)
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and "Traceback" not in result.output
+
+
+def test_prompt_longer_than_context(model_dir):
+    result = gen("word " * 80, "--model", str(model_dir))
+    assert result.exit_code == 2
+    assert "context length is 64 tokens" in result.stderr
+
+
+def test_stream_never_splits_a_multibyte_character(tokenizer):
+    text = "a 😀 é 中 b"
+    ids = encode(tokenizer, text)
+    assert len(ids) > len(text)  # the tiny tokenizer really splits these characters into byte tokens
+    row = TextStream(tokenizer)
+    pieces = []
+    for i in ids:
+        row.push(i)
+        pieces.append(row.take())
+    pieces.append(row.take(final=True))
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+    assert pieces.count("") > 0  # some steps had to hold back a partial character
+
+
+def test_stream_holds_back_a_possible_stop_string(tokenizer):
+    row = TextStream(tokenizer, stops=("END",))
+    out = []
+    for i in encode(tokenizer, "abc EN"):
+        row.push(i)
+        out.append(row.take())
+    assert "".join(out) == "abc "  # "EN" may become "END"
+    for i in encode(tokenizer, "D more"):
+        row.push(i)
+        out.append(row.take())
+    assert row.done and "".join(out) == "abc " and row.text == "abc "
+
+
+def test_stream_stops_at_end_of_text(tokenizer):
+    from gen_cli.tokenizer import special_id
+
+    eot = special_id(tokenizer)
+    row = TextStream(tokenizer, eot_id=eot)
+    for i in [*encode(tokenizer, "hi"), eot, *encode(tokenizer, "ignored")]:
+        row.push(i)
+    assert row.done and row.take() == "hi"
+
+
+def test_info_preset_and_directory(model_dir):
+    data = json.loads(runner.invoke(app, ["info", "tiny", "--json"]).stdout)
+    assert data["attention_kind"] == "mha" and data["parameters"] > 0
+    c = data["config"]
+    per_token = 2 * c["n_layer"] * c["n_kv_head"] * (c["d_model"] // c["n_head"]) * 4
+    assert data["kv_bytes_per_token"]["float32"] == per_token
+    assert data["kv_bytes_full_context"]["bfloat16"] == per_token // 2 * c["context_length"]
+    assert data["weight_bytes"]["float32"] == 4 * data["parameters"]
+    result = runner.invoke(app, ["info", str(model_dir)])
+    assert result.exit_code == 0 and "parameters" in result.stdout and "multi-head" in result.stdout
+    bad = runner.invoke(app, ["info", "nothing-here"])
+    assert bad.exit_code == 2 and "neither a model directory nor a preset" in bad.stderr
