@@ -66,19 +66,10 @@ def _root(
 
 
 def _register_commands() -> None:
-    from gen_cli.commands import bench, text
+    from gen_cli.commands import bench, compare, demo, generate, text, train
 
-    text.register(app)
-    bench.register(app)
-    from gen_cli.commands import generate
-
-    generate.register(app)
-    from gen_cli.commands import train
-
-    train.register(app)
-    from gen_cli.commands import compare
-
-    compare.register(app)
+    for module in (text, generate, train, compare, demo, bench):
+        module.register(app)
 
 
 _register_commands()

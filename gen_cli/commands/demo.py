@@ -1,0 +1,109 @@
+"""`gen demo`: the shipped model at a glance: a sample, then the same prompt with and without KV cache."""
+
+from __future__ import annotations
+
+import statistics
+import sys
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from gen_cli.commands.common import err, out_console, print_json
+from gen_cli.resources import default_model_dir
+
+
+def demo_command(
+    prompt: str = typer.Option("The for statement", "--prompt", help="Prompt for every run."),
+    model_dir: Path = typer.Option(
+        None, "--model", help="Model directory (default: the shipped model).", show_default=False
+    ),
+    sample_tokens: int = typer.Option(120, "--sample-tokens", min=1, help="Length of the sampled continuation."),
+    tokens: int = typer.Option(256, "--tokens", min=2, help="Greedy tokens for the cache on/off comparison."),
+    repeats: int = typer.Option(3, "--repeats", min=1, help="Timed runs per setting; the median is shown."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable results on stdout."),
+) -> None:
+    """Sample from the shipped model, then time the same greedy generation with and without KV cache.
+
+    Both runs must produce identical tokens (the cache is an optimisation, not an approximation);
+    the table shows decode speed, time to first token and the speed-up the cache buys.
+    """
+    import torch
+
+    from gen_cli.checkpoint import load_model
+    from gen_cli.generate import run_generation
+    from gen_cli.sampling import SamplingConfig
+    from gen_cli.tokenizer import decode, encode, special_id
+
+    directory = model_dir or default_model_dir()
+    model, tok = load_model(directory)
+    prompt_ids = torch.tensor([encode(tok, prompt)], dtype=torch.long)  # (1, T)
+    params = model.num_parameters()
+    err.print(
+        f"[bold]{directory}[/]: {params / 1e6:.1f}M parameters, {model.config.attention_kind}, "
+        f"{model.config.pos_encoding}; cpu, float32, {torch.get_num_threads()} threads"
+    )
+
+    sample = run_generation(
+        model,
+        prompt_ids,
+        sample_tokens,
+        SamplingConfig(temperature=0.8, top_k=50),
+        generator=torch.Generator().manual_seed(0),
+        stop_token_id=special_id(tok),
+    )
+    sample_text = decode(tok, sample.tokens[0].tolist())
+    if not as_json:
+        out_console().print(f"[bold]{prompt}[/]{sample_text}", markup=True, highlight=False)
+
+    greedy = SamplingConfig(temperature=0.0)
+    runs: dict[bool, list] = {True: [], False: []}
+    run_generation(model, prompt_ids, 8, greedy, use_cache=True)  # warm-up: first calls pay one-off costs
+    for _ in range(repeats):
+        for use_cache in (True, False):  # interleaved, so machine noise hits both alike
+            runs[use_cache].append(run_generation(model, prompt_ids, tokens, greedy, use_cache=use_cache))
+    identical = all(torch.equal(a.tokens, b.tokens) for a in runs[True] for b in runs[False])
+    rows = {}
+    for use_cache, results in runs.items():
+        rates = [r.stats.decode_tokens_per_s for r in results]
+        rows["on" if use_cache else "off"] = {
+            "decode_tokens_per_s": statistics.median(rates),
+            "decode_tokens_per_s_samples": rates,
+            "ttft_s": statistics.median(r.stats.ttft_s for r in results),
+            "kv_cache_bytes": results[0].stats.kv_cache_bytes,
+            "kv_cache_bytes_analytic": results[0].stats.kv_cache_bytes_analytic,
+        }
+    speedup = rows["on"]["decode_tokens_per_s"] / rows["off"]["decode_tokens_per_s"]
+    if as_json:
+        print_json(
+            {
+                "sample": sample_text,
+                "prompt": prompt,
+                "tokens": tokens,
+                "kv_cache": rows,
+                "speedup": speedup,
+                "greedy_identical": identical,
+            }
+        )
+        return
+    table = Table(title=f"greedy, {prompt_ids.shape[1]}-token prompt + {tokens} new tokens, median of {repeats}")
+    for column in ("KV cache", "decode tok/s", "spread", "ms/token", "first token ms", "KV cache bytes"):
+        table.add_column(column, justify="right")
+    for name, row in rows.items():
+        samples = row["decode_tokens_per_s_samples"]
+        table.add_row(
+            name,
+            f"{row['decode_tokens_per_s']:,.0f}",
+            f"{min(samples):,.0f}–{max(samples):,.0f}",
+            f"{1000 / row['decode_tokens_per_s']:.2f}",
+            f"{row['ttft_s'] * 1000:.1f}",
+            f"{row['kv_cache_bytes']:,}",
+        )
+    sys.stdout.write("\n")
+    out_console().print(table)
+    verdict = "identical" if identical else "DIFFERENT (a bug: please report it)"
+    out_console().print(f"KV cache speed-up: [bold]{speedup:.1f}×[/]; greedy tokens with and without cache: {verdict}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("demo")(demo_command)

@@ -1,0 +1,34 @@
+"""`gen demo`: sample, then cache on/off with identical greedy tokens."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from gen_cli.cli import app
+
+runner = CliRunner()
+
+
+def test_demo_json_reports_both_settings_and_identical_tokens(model_dir):
+    args = ["demo", "--model", str(model_dir), "--tokens", "20", "--sample-tokens", "8", "--repeats", "2", "--json"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["greedy_identical"] is True
+    on, off = data["kv_cache"]["on"], data["kv_cache"]["off"]
+    assert on["kv_cache_bytes"] == on["kv_cache_bytes_analytic"] > 0
+    assert off["kv_cache_bytes"] == 0
+    assert len(on["decode_tokens_per_s_samples"]) == 2
+    assert data["speedup"] == on["decode_tokens_per_s"] / off["decode_tokens_per_s"]
+
+
+def test_demo_table_and_missing_model(model_dir, tmp_path):
+    result = runner.invoke(
+        app, ["demo", "--model", str(model_dir), "--tokens", "10", "--sample-tokens", "4", "--repeats", "1"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "KV cache speed-up" in result.stdout and "identical" in result.stdout
+    missing = runner.invoke(app, ["demo", "--model", str(tmp_path / "nope")])
+    assert missing.exit_code != 0 and "Traceback" not in missing.output
