@@ -1,0 +1,291 @@
+"""`gen compare`: KV cache on/off, MHA/MQA/GQA, RoPE/sinusoidal side by side: speed, memory, correctness, quality.
+
+No torch import at module level (`gen --help` stays fast): the work happens in gen_cli.bench, the
+rendering in gen_cli.report.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from gen_cli.commands.common import err, out_console, progress_enabled
+from gen_cli.errors import GenError, UsageError
+
+DEFAULT_PROMPT_LEN = 16
+DEFAULT_GEN_LEN = 240  # capped by the shape's context
+
+
+def _resolve_shape(preset: str | None, model_dir: Path | None) -> tuple[Any, str, str | None, str | None]:
+    """(ModelConfig, where it came from, preset name, tokenizer path) for --preset, --model or the default."""
+    from gen_cli.config import load_preset
+    from gen_cli.resources import default_model_dir
+
+    if preset is not None and model_dir is not None:
+        raise UsageError("pass either --model DIR or --preset NAME, not both")
+    if preset is not None:
+        return load_preset(preset), f"preset {preset}", preset, None
+    directory = model_dir if model_dir is not None else default_model_dir()
+    if (directory / "config.json").is_file():
+        from gen_cli.checkpoint import load_config
+
+        tok = directory / "tokenizer.json"
+        return load_config(directory), f"model {directory}", None, str(tok) if tok.is_file() else None
+    if model_dir is not None:
+        raise UsageError(f"--model {model_dir}: no config.json there; a model directory is made by `gen train`")
+    return load_preset("tiny"), "preset tiny (no default model at models/default)", "tiny", None
+
+
+def _output_format(fmt: str | None, output: Path | None) -> str:
+    from gen_cli.report import FORMATS, SUFFIX_FORMATS
+
+    if fmt is None:
+        fmt = SUFFIX_FORMATS.get(output.suffix.lower(), "table") if output is not None else "table"
+    fmt = fmt.lower()
+    if fmt not in FORMATS:
+        raise UsageError(f"--format: unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+    return fmt
+
+
+def _check_writable(path: Path, option: str) -> None:
+    """Refuse an output we could not write, before spending minutes on the grid."""
+    from gen_cli.atomic import check_writable_output
+
+    if path.is_dir():
+        raise UsageError(f"{option} {path} is a directory; give a file name")
+    ancestor = path.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UsageError(f"{option} {path}: {ancestor} is a file, not a folder")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise UsageError(f"{option} {path} is not writable")
+    try:
+        check_writable_output(path, force=True)
+    except GenError as e:
+        raise UsageError(f"{option} {e}") from None
+
+
+def compare_command(
+    kv_cache: list[str] = typer.Option(
+        None, "--kv-cache", help="on, off or both (comma list). \\[default: off,on]", show_default=False
+    ),
+    attention: list[str] = typer.Option(
+        None,
+        "--attention",
+        help="mha, mqa, gqa (comma list); MHA, the baseline, is added when not listed. \\[default: mha,gqa,mqa]",
+        show_default=False,
+    ),
+    kv_heads: list[str] = typer.Option(
+        None,
+        "--kv-heads",
+        help="KV heads for gqa (comma list; each must divide the heads). \\[default: the middle divisor]",
+        show_default=False,
+    ),
+    pos: list[str] = typer.Option(
+        None, "--pos", help="rope, sinusoidal, learned (comma list). \\[default: rope,sinusoidal]", show_default=False
+    ),
+    prompt_len: list[str] = typer.Option(
+        None, "--prompt-len", help=f"Prompt tokens (comma list). \\[default: {DEFAULT_PROMPT_LEN}]", show_default=False
+    ),
+    gen_len: list[str] = typer.Option(
+        None,
+        "--gen-len",
+        help=f"Generated tokens (comma list). \\[default: {DEFAULT_GEN_LEN}, capped by the context]",
+        show_default=False,
+    ),
+    batch: list[str] = typer.Option(
+        None, "--batch", help="Sequences per batch (comma list). \\[default: 1]", show_default=False
+    ),
+    dtype: list[str] = typer.Option(
+        None,
+        "--dtype",
+        help="float32, bfloat16 (float16 on GPU) (comma list). \\[default: float32]",
+        show_default=False,
+    ),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
+    threads: int = typer.Option(
+        None, "--threads", help="CPU threads per run \\[default: torch's default].", show_default=False
+    ),
+    repeats: int = typer.Option(3, "--repeats", help="Timed runs per configuration; the median is reported."),
+    warmup: int = typer.Option(1, "--warmup", help="Untimed runs before the timed ones."),
+    preset: str = typer.Option(
+        None, "--preset", help="Use this preset's shape (tiny, small, base).", show_default=False
+    ),
+    model_dir: Path = typer.Option(None, "--model", help="Use this model directory's shape.", show_default=False),
+    fmt: str = typer.Option(
+        None,
+        "--format",
+        help="table, md, csv, json or jsonl. \\[default: table, or from --output's suffix]",
+        show_default=False,
+    ),
+    output: Path = typer.Option(
+        None, "--output", "-o", help="Write the result to FILE (atomically) instead of stdout.", show_default=False
+    ),
+    plot: Path = typer.Option(
+        None, "--plot", help="Save both charts as an image (needs gen-lab\\[plot]).", show_default=False
+    ),
+    chart: bool = typer.Option(
+        None,
+        "--chart/--no-chart",
+        help="Terminal charts \\[default: when stdout is a terminal and the format is table].",
+        show_default=False,
+    ),
+    quality_steps: int = typer.Option(
+        0,
+        "--quality-steps",
+        help="Also train each attention/pos variant this many steps and report held-out loss and bits per byte.",
+    ),
+    quality_data: list[str] = typer.Option(
+        None,
+        "--quality-data",
+        help="Text for --quality-steps: files, folders or a built-in corpus. \\[default: python-docs]",
+        show_default=False,
+    ),
+    in_process: bool = typer.Option(False, "--in-process", hidden=True, help="Measure in this process (tests)."),
+) -> None:
+    """Measure KV caching, MHA/MQA/GQA and RoPE/sinusoidal/learned positions side by side on this machine.
+
+    Every axis takes one or more values (comma lists or repeated options) and the grid of all
+    combinations runs, each configuration in a fresh process so memory figures are its own. Variants
+    get seeded random weights of the model's shape (the default model's, else the tiny preset; or
+    --preset / --model): speed and memory do not depend on the weights. Prompts are random token ids.
+
+    Speed-up is decode tokens/s over the baseline, the first row of each workload (MHA with the first
+    listed pos, dtype and cache setting); cache-on rows also show the gain over the same variant with
+    the cache off. Every cache-on and non-fp32 row is checked against the fp32 no-cache path of the
+    same weights: do greedy tokens agree over all generated tokens, and the largest logit difference
+    while they do.
+
+    jsonl output: the first line is {"env": …}, each further line one row.
+    """
+    from gen_cli import bench, report
+
+    # Everything that can be refused is refused before the grid runs.
+    out_fmt = _output_format(fmt, output)
+    if output is not None:
+        _check_writable(output, "--output")
+    if plot is not None:
+        if not report.plot_available():
+            raise UsageError(report.PLOT_HINT)
+        _check_writable(plot, "--plot")
+    if quality_steps < 0:
+        raise UsageError(f"--quality-steps must not be negative, got {quality_steps}")
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads must be at least 1, got {threads}")
+    shape, source, preset_name, tokenizer = _resolve_shape(preset, model_dir)
+    prompts = bench.int_values("--prompt-len", prompt_len, [DEFAULT_PROMPT_LEN])
+    gens = bench.int_values("--gen-len", gen_len, [max(2, min(DEFAULT_GEN_LEN, shape.context_length - max(prompts)))])
+    dtypes = bench.split_values(dtype, ["float32"])
+
+    from gen_cli.runtime import resolve_device, resolve_dtype
+
+    dev = resolve_device(device)
+    for d in dtypes:
+        if d in bench.DTYPES:
+            resolve_dtype(d, dev)  # refuses float16 on CPU with a clear message
+    specs = bench.expand_grid(
+        shape,
+        attention=bench.split_values(attention, ["mha", "gqa", "mqa"]),
+        kv_heads=bench.int_values("--kv-heads", kv_heads, []),
+        pos=bench.split_values(pos, ["rope", "sinusoidal"]),
+        kv_cache=bench.split_values(kv_cache, ["off", "on"]),
+        prompt_len=prompts,
+        gen_len=gens,
+        batch=bench.int_values("--batch", batch, [1]),
+        dtype=dtypes,
+        device=str(dev),
+        threads=threads,
+        repeats=repeats,
+        warmup=warmup,
+    )
+    rows = _run(specs, in_process)
+    if quality_steps:
+        variants = list(dict.fromkeys(s.variant() for s in specs))
+        bench.attach_quality(rows, _quality(bench, shape, variants, quality_steps, preset_name, tokenizer,
+                                            quality_data, str(dev)))  # fmt: skip
+    result = {"env": bench.environment(rows, shape, source), "rows": rows}
+    _show(result, out_fmt, output, plot, chart)
+
+
+def _run(specs: list[Any], in_process: bool) -> list[dict[str, Any]]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from gen_cli import bench
+
+    def label(s: Any) -> str:
+        cache = "on" if s.kv_cache else "off"
+        return (f"{s.attention} {s.shape['n_kv_head']}kv {s.shape['pos_encoding']} cache {cache} {s.dtype} "
+                f"p{s.prompt_len} g{s.gen_len} b{s.batch}")  # fmt: skip
+
+    with Progress(TextColumn("[bold]compare[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.description}"), console=err, transient=True,
+                  disable=not progress_enabled()) as progress:  # fmt: skip
+        task = progress.add_task(label(specs[0]), total=len(specs))
+        done = [0]
+
+        def on_done(row: dict[str, Any]) -> None:
+            done[0] += 1
+            nxt = label(specs[done[0]]) if done[0] < len(specs) else "done"
+            progress.update(task, advance=1, description=nxt)
+
+        return bench.run_grid(specs, in_process=in_process, on_done=on_done)
+
+
+def _quality(bench: Any, shape: Any, variants: list[Any], steps: int, preset: str | None, tokenizer: str | None,
+             inputs: list[str] | None, device: str) -> dict:  # fmt: skip
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from gen_cli.train import StepEvent
+
+    with Progress(TextColumn("[bold]quality[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+                  console=err, transient=True, disable=not progress_enabled()) as progress:  # fmt: skip
+        task = progress.add_task("training", total=steps * len(variants))
+
+        def on_event(event: Any) -> None:
+            if isinstance(event, StepEvent):
+                progress.update(task, advance=1, description=f"loss {event.loss:.3f}")
+            elif isinstance(event, str):
+                progress.console.print(event, markup=False, style="dim")
+
+        err.print(f"quality: training {len(variants)} variant(s) × {steps} steps, same data and seed")
+        return bench.measure_quality(shape, variants, steps, preset=preset, tokenizer=tokenizer, inputs=inputs,
+                                     device=device, report=on_event)  # fmt: skip
+
+
+def _show(result: dict[str, Any], fmt: str, output: Path | None, plot: Path | None, chart: bool | None) -> None:
+    from gen_cli import report
+    from gen_cli.atomic import write_text_atomic
+
+    console = out_console()
+    if output is not None:
+        write_text_atomic(output, report.render(result, fmt))
+        err.print(f"wrote {output}")
+    elif fmt == "table":
+        console.print(report.rich_table(result))
+    else:
+        sys.stdout.write(report.render(result, fmt))
+    show_chart = chart if chart is not None else (sys.stdout.isatty() and fmt == "table" and output is None)
+    if show_chart:
+        # Charts never mix into machine-readable stdout.
+        (console if output is None and fmt == "table" else err).print(report.charts(result))
+    if plot is not None:
+        report.save_plot(result, plot)
+        err.print(f"wrote {plot}")
+    bad = [r for r in result["rows"] if r.get("greedy_match") is False]
+    if any(r["kv_cache"] and r["dtype"] == "float32" for r in bad):
+        err.print("[red]warning: a float32 cache-on row disagrees with the no-cache oracle[/]")
+
+
+def _reflowed(doc: str) -> str:
+    # Rich keeps single newlines, so a docstring's hard-wrapped paragraphs would wrap twice in --help.
+    return "\n\n".join(" ".join(p.split()) for p in inspect.cleandoc(doc).split("\n\n"))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("compare", help=_reflowed(compare_command.__doc__ or ""))(compare_command)
