@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,19 @@ TEXT = (
     "Keys and values are cached so that each new token costs one step, not a whole pass.\n"
     "Rotary embeddings rotate queries and keys; sinusoidal tables add positions to embeddings.\n"
 ) * 30
+
+
+# Pseudo-random sentences over a small vocabulary, some of it non-ASCII so bytes differ from characters.
+WORDS = [
+    *("the", "a", "cat", "dog", "runs", "sleeps", "under", "over", "tree", "house"),
+    *("small", "big", "red", "blue", "quickly", "slowly", "é", "ü", "日本"),
+]
+
+
+def random_text(lines: int, seed: int = 0) -> str:
+    """Deterministic lines of 3–12 random WORDS, each ending with a full stop."""
+    rng = random.Random(seed)
+    return "".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) + ".\n" for _ in range(lines))
 
 
 def tiny_config(**changes) -> ModelConfig:

@@ -4,48 +4,24 @@ from __future__ import annotations
 
 import itertools
 import math
-import random
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import random_text
 
 from gen_cli.corpus import Corpus
 from gen_cli.data import byte_lengths, evaluate, token_dtype, tokenize_split, windows
 from gen_cli.tokenizer import EOT, decode, special_id, train_tokenizer
 
-WORDS = [
-    "the",
-    "a",
-    "cat",
-    "dog",
-    "runs",
-    "sleeps",
-    "under",
-    "over",
-    "tree",
-    "house",
-    "small",
-    "big",
-    "red",
-    "blue",
-    "quickly",
-    "slowly",
-    "é",
-    "ü",
-    "日本",
-]
-
 
 def write_corpus(folder: Path, docs: int = 3, lines: int = 120, seed: int = 0) -> list[Path]:
     """A few deterministic pseudo-random text files (some non-ASCII, so bytes ≠ characters)."""
-    rng = random.Random(seed)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for d in range(docs):
-        text = "".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) + ".\n" for _ in range(lines))
         path = folder / f"doc{d}.txt"
-        path.write_text(text, encoding="utf-8")
+        path.write_text(random_text(lines, seed * 1000 + d), encoding="utf-8")
         paths.append(path)
     return paths
 

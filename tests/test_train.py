@@ -5,44 +5,22 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import random_text
 
 from gen_cli.corpus import Corpus
 from gen_cli.train import TrainArgs, lr_at, train
 
 REPO = Path(__file__).resolve().parent.parent
-WORDS = [
-    "the",
-    "a",
-    "cat",
-    "dog",
-    "runs",
-    "sleeps",
-    "under",
-    "over",
-    "tree",
-    "house",
-    "small",
-    "big",
-    "red",
-    "blue",
-    "quickly",
-    "slowly",
-    "é",
-    "ü",
-]
 
 
 def write_corpus(path: Path, lines: int = 400, seed: int = 0) -> Path:
-    rng = random.Random(seed)
-    text = "".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) + ".\n" for _ in range(lines))
-    path.write_text(text, encoding="utf-8")
+    path.write_text(random_text(lines, seed), encoding="utf-8")
     return path
 
 
