@@ -33,7 +33,7 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q -e ".[dev,bench]"
-	$(BIN)/gen bench
+	$(BIN)/gen bench decode
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

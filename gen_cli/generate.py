@@ -249,3 +249,14 @@ def run_generation(
     )
     out = torch.stack(steps, dim=1) if steps else torch.empty(batch, 0, dtype=torch.long, device=device)
     return GenerationResult(out, stats, interrupted)
+
+
+def compile_model(model: Transformer) -> Transformer:
+    """Compile the model's forward with torch.compile (inductor); on CPU with weight freezing."""
+    import torch._inductor.config as inductor_config
+
+    if next(model.parameters()).device.type == "cpu":
+        # Freezing folds the (constant) weights into the graph so inductor can prepack them for its GEMMs.
+        inductor_config.freezing = True
+    model.forward = torch.compile(model.forward, dynamic=None)
+    return model

@@ -48,6 +48,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """apply_rope with the sign folded into the table: x*cos + [x2, x1]*[-sin, sin], no slicing or cat.
+
+    x is (..., head_dim); cos/sin_signed broadcast against it. Equal to apply_rope element by element.
+    """
+    half = x.shape[-1] // 2
+    swapped = x.unflatten(-1, (2, half)).flip(-2).flatten(-2)  # (..., head_dim): [x2, x1]
+    return torch.addcmul(x * cos, swapped, sin_signed)
+
+
 def make_norm(config: ModelConfig) -> nn.Module:
     if config.norm == "rmsnorm":
         return nn.RMSNorm(config.d_model, eps=config.norm_eps)
@@ -76,24 +86,27 @@ class Attention(nn.Module):
         layer: int,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self.wqkv(x).split(self.split, dim=-1)
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
-        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, head_dim)
-        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, head_dim)
+        H, Hkv, hd = self.n_head, self.n_kv_head, self.head_dim
+        qkv = self.wqkv(x).view(B, T, H + 2 * Hkv, hd)  # (B, T, heads of q, k and v, head_dim)
+        qk, v = qkv[:, :, : H + Hkv], qkv[:, :, H + Hkv :]
         if rope is not None:
-            cos, sin = rope
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            # One rotation covers q and k together: fewer ops per decode step than one call each.
+            cos, sin_signed = rope
+            qk = _rotate(qk, cos[:, None], sin_signed[:, None])  # (B, T, H+Hkv, hd); tables (T, 1, hd)
+        q = qk[:, :, :H].transpose(1, 2)  # (B, n_head, T, head_dim)
+        k = qk[:, :, H:].transpose(1, 2)  # (B, n_kv_head, T, head_dim)
+        v = v.transpose(1, 2)  # (B, n_kv_head, T, head_dim)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, n_kv_head, pos+T, head_dim)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.n_kv_head != self.n_head
+            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=Hkv != H
         )  # (B, n_head, T, head_dim)
-        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, d_model)
+        y = y.transpose(1, 2).reshape(B, T, H * hd)  # (B, T, d_model)
         return self.wo(y)
 
 
 class MLP(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+    """SwiGLU: w2(silu(w1 x) * w3 x). After `fuse()`, w1 and w3 are one matrix `w13` (inference only)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -101,7 +114,19 @@ class MLP(nn.Module):
         self.w3 = nn.Linear(config.d_model, config.d_ff, bias=False)  # up
         self.w2 = nn.Linear(config.d_ff, config.d_model, bias=False)  # down
 
+    def fuse(self) -> None:
+        """Replace w1 and w3 by one (2 d_ff, d_model) linear `w13`: one matmul reads x once for both."""
+        w13 = nn.Linear(self.w1.in_features, 2 * self.w1.out_features, bias=False)
+        w13.to(self.w1.weight.device, self.w1.weight.dtype)
+        with torch.no_grad():
+            w13.weight.copy_(torch.cat([self.w1.weight, self.w3.weight]))  # (2 d_ff, d_model): gate rows, then up
+        self.w13 = w13
+        del self.w1, self.w3
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if "w13" in self._modules:
+            gate, up = self.w13(x).chunk(2, dim=-1)  # each (B, T, d_ff)
+            return self.w2(F.silu(gate) * up)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
@@ -136,6 +161,9 @@ class Transformer(nn.Module):
             cos, sin = rope_tables(config.context_length, config.head_dim, config.rope_base)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
+            # sin with rotate-half's sign folded in, (context, head_dim): what the forward pass indexes.
+            half = config.head_dim // 2
+            self.register_buffer("rope_sin_signed", torch.cat([-sin[:, :half], sin[:, half:]], -1), persistent=False)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = make_norm(config)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
@@ -179,7 +207,7 @@ class Transformer(nn.Module):
         elif kind == "learned":
             x = x + self.pos_emb.weight[pos : pos + T]  # (T, d_model) broadcast over B
         else:
-            rope = (self.rope_cos[pos : pos + T], self.rope_sin[pos : pos + T])  # each (T, head_dim)
+            rope = (self.rope_cos[pos : pos + T], self.rope_sin_signed[pos : pos + T])  # each (T, head_dim)
 
         # Masking: a fresh sequence (pos 0) uses SDPA's built-in causal mask; a single new token may
         # see every cached key, so needs none; a chunk after a cached prefix needs the causal mask

@@ -219,7 +219,16 @@ def generate_command(
     ignore_eot: bool = typer.Option(False, "--ignore-eot", help=f"Go on past {EOT}."),
     num_samples: int = typer.Option(1, "--num-samples", help="Continuations of the prompt, one shared prefill."),
     device_name: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
-    dtype_opt: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
+    dtype_opt: str = typer.Option(
+        None,
+        "--dtype",
+        help="float32, bfloat16 or float16 (default float32; bfloat16 with --quantize int8).",
+        show_default=False,
+    ),
+    quantize: str = typer.Option("none", "--quantize", help="none, or int8: weight-only, per-output-channel scales."),
+    compile_: bool = typer.Option(
+        False, "--compile", help="torch.compile the model (slow start: tens of seconds; see gen bench decode)."
+    ),
     threads: int = typer.Option(None, "--threads", help="CPU threads (default: torch's).", show_default=False),
     stream: bool = typer.Option(True, "--stream/--no-stream", help="Print text as it is generated."),
     show_stats: bool = typer.Option(False, "--stats", help="Timing, KV-cache and memory figures on stderr."),
@@ -240,12 +249,27 @@ def generate_command(
     import torch
 
     from gen_cli.generate import check_lengths, run_generation
+    from gen_cli.quantize import QUANTIZE_MODES, optimize_for_decode
     from gen_cli.runtime import resolve_device, resolve_dtype, set_threads
 
     device = resolve_device(device_name)
+    if quantize not in QUANTIZE_MODES:
+        raise UsageError(f"unknown --quantize {quantize!r}; choose {', '.join(QUANTIZE_MODES)}")
+    if dtype_opt is None:
+        # int8 weights on CPU need bf16 activations: the fp32-activation kernel is ~20x slower.
+        dtype_opt = "bfloat16" if quantize == "int8" and device.type == "cpu" else "float32"
     dtype = resolve_dtype(dtype_opt, device)
+    if quantize == "int8" and device.type == "cpu" and dtype == torch.float32:
+        raise UsageError("--quantize int8 computes in bfloat16 on CPU (fp32 activations are ~20x slower); drop --dtype")
+    if compile_ and not kv_cache:
+        raise UsageError("--compile speeds up the cached decode step; drop --no-kv-cache or --compile")
     set_threads(threads)
     model, tok, source = _load(model_dir, preset, tokenizer, attention, kv_heads, pos, device, dtype)
+    # Inference-only fast paths (fused MLP, prepacked weights; int8 and compile when asked): fp32
+    # results equal the plain model's within float rounding.
+    model = optimize_for_decode(model, quantize=quantize, compile=compile_)
+    if quantize != "none":
+        source += f", {quantize} weights"
 
     eot = special_id(tok)
     ids = encode(tok, text)

@@ -1,0 +1,334 @@
+"""`gen bench decode`: gen's decode modes against HF transformers on the same shapes, side by side in one run.
+
+Every model of a shape is built from the same seeded fp32 weights (HF's LlamaForCausalLM gets a copy of
+them, so its logits are checked too); repeats are interleaved across modes so noise hits all alike.
+transformers is optional: without it the gen rows still run.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from gen_cli.config import ModelConfig, load_preset
+from gen_cli.errors import UsageError
+from gen_cli.generate import run_generation
+from gen_cli.model import Transformer
+from gen_cli.quantize import Int8Linear, PackedLinear, optimize_for_decode
+from gen_cli.runtime import synchronize
+from gen_cli.sampling import SamplingConfig
+
+# A llama2.c-style C loop on the 2-core dev machine (fp32, 2 threads, 256 tokens): DESIGN.md.
+C_REFERENCE_TOK_S = {"small": 850.0, "base": 105.0}
+# mode -> (dtype, quantize, compile)
+MODES: dict[str, tuple[torch.dtype, str, bool]] = {
+    "fp32": (torch.float32, "none", False),
+    "bf16": (torch.bfloat16, "none", False),
+    "int8": (torch.bfloat16, "int8", False),
+    "fp32+compile": (torch.float32, "none", True),
+    "int8+compile": (torch.bfloat16, "int8", True),
+}
+DEFAULT_MODES = ("fp32", "bf16", "int8")
+HF_INSTALL = 'transformers is not installed; for the HF rows run: pip install -e ".[bench]"'
+DECODE_PROMPT = 8
+PREFILL_PROMPT = 512
+
+
+@dataclass
+class Row:
+    """One measured configuration; rates in tokens/s, deviation measured against gen's unoptimised fp32."""
+
+    shape: str
+    mode: str
+    decode_tok_s: float
+    decode_runs: list[float]
+    prefill_tok_s: float
+    prefill_prompt: int
+    max_logit_diff: float
+    greedy_agree: int
+    new_tokens: int
+    bytes_per_token: int
+    ceiling_tok_s: float
+    vs_hf: float | None = None
+    vs_c: float | None = None
+    compile_s: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def hf_available() -> bool:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def measure_bandwidth(device: torch.device, mib: int = 256) -> float:
+    """Memory bandwidth in bytes/s: the best of a timed large sum (read) and copy (read + write)."""
+    n = mib * 2**20 // 4
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    best = 0.0
+    for op, moved in ((lambda: src.sum(), 4 * n), (lambda: dst.copy_(src), 8 * n)):
+        op()
+        times = []
+        for _ in range(5):
+            synchronize(device)
+            start = time.perf_counter()
+            op()
+            synchronize(device)
+            times.append(time.perf_counter() - start)
+        best = max(best, moved / statistics.median(times))
+    return best
+
+
+def weight_bytes_per_token(model: torch.nn.Module) -> int:
+    """Bytes of every matrix a decode step reads once: linears in their stored dtype (the head included)."""
+    total = 0
+    for m in model.modules():
+        if isinstance(m, Int8Linear):
+            total += m.qweight.numel() + m.scale.numel() * m.scale.element_size()
+        elif isinstance(m, PackedLinear):
+            total += m.in_features * m.out_features * m.packed.element_size()
+        elif isinstance(m, torch.nn.Linear):
+            total += m.weight.numel() * m.weight.element_size()
+    emb = model.get_input_embeddings().weight if hasattr(model, "get_input_embeddings") else model.tok_emb.weight
+    return total + emb.shape[1] * emb.element_size()  # one embedding row
+
+
+def kv_bytes_read(config: ModelConfig, dtype: torch.dtype, prompt: int, new_tokens: int) -> int:
+    """KV-cache bytes one decode step reads, averaged over the run (the cache grows by one token a step)."""
+    avg_len = prompt + new_tokens / 2
+    return int(config.kv_bytes_per_token(torch.empty((), dtype=dtype).element_size()) * avg_len)
+
+
+def build_gen(config: ModelConfig, mode: str, device: torch.device) -> Transformer:
+    """The seeded model in `mode`, as `gen generate` builds it (compiling happens on the first run)."""
+    dtype, quantize, compile = MODES[mode]
+    torch.manual_seed(0)
+    model = Transformer(config).to(device=device, dtype=dtype).eval()
+    return optimize_for_decode(model, quantize=quantize, compile=compile)
+
+
+def build_hf(reference: Transformer, device: torch.device) -> Any:
+    """LlamaForCausalLM of the same shape holding a copy of gen's fp32 weights (random, no download)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    c = reference.config
+    hf_config = LlamaConfig(
+        vocab_size=c.vocab_size,
+        hidden_size=c.d_model,
+        intermediate_size=c.d_ff,
+        num_hidden_layers=c.n_layer,
+        num_attention_heads=c.n_head,
+        num_key_value_heads=c.n_kv_head,
+        max_position_embeddings=c.context_length,
+        rope_theta=c.rope_base,
+        rms_norm_eps=c.norm_eps,
+        tie_word_embeddings=True,
+        attention_bias=False,
+        mlp_bias=False,
+    )
+    hf = LlamaForCausalLM(hf_config).eval()
+    H, Hkv, hd = c.n_head, c.n_kv_head, c.head_dim
+    with torch.no_grad():
+        hf.model.embed_tokens.weight.copy_(reference.tok_emb.weight)
+        hf.model.norm.weight.copy_(reference.norm.weight)
+        for ours, theirs in zip(reference.layers, hf.model.layers, strict=True):
+            q, k, v = ours.attn.wqkv.weight.split([H * hd, Hkv * hd, Hkv * hd])  # rows of the fused matrix
+            attn, mlp = theirs.self_attn, theirs.mlp
+            for dst, src in ((attn.q_proj, q), (attn.k_proj, k), (attn.v_proj, v), (attn.o_proj, ours.attn.wo.weight),
+                             (mlp.gate_proj, ours.mlp.w1.weight), (mlp.up_proj, ours.mlp.w3.weight),
+                             (mlp.down_proj, ours.mlp.w2.weight)):  # fmt: skip
+                dst.weight.copy_(src)
+            theirs.input_layernorm.weight.copy_(ours.attn_norm.weight)
+            theirs.post_attention_layernorm.weight.copy_(ours.mlp_norm.weight)
+    return hf.to(device)
+
+
+class _Clock:
+    """A transformers streamer that timestamps each put(): the prompt first, then one per new token."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.times = device, []
+
+    def put(self, value: torch.Tensor) -> None:
+        synchronize(self.device)
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def time_hf(hf: Any, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float, torch.Tensor]:
+    """HF generate, greedy, exactly new_tokens: (decode tok/s, prefill tok/s, new ids (new_tokens,))."""
+    clock = _Clock(prompt.device)
+    synchronize(prompt.device)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = hf.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            streamer=clock,
+            pad_token_id=0,
+        )
+    first, last = clock.times[1], clock.times[-1]  # times[0] is the prompt, put before prefill
+    decode = (new_tokens - 1) / (last - first) if new_tokens > 1 else float("nan")
+    return decode, prompt.shape[1] / (first - start), out[0, prompt.shape[1] :]
+
+
+def time_gen(model: Transformer, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float, torch.Tensor]:
+    """gen's generation path (`run_generation`, as `gen generate` runs it), greedy: same triple as time_hf."""
+    result = run_generation(model, prompt, new_tokens, SamplingConfig(temperature=0.0))
+    s = result.stats
+    return s.decode_tokens_per_s or float("nan"), s.prefill_tokens_per_s, result.tokens[0]
+
+
+@torch.inference_mode()
+def _teacher_forced_logits(model: Any, seq: torch.Tensor, hf: bool) -> torch.Tensor:
+    """fp32 logits (T, V) of the whole sequence, without cache and without compile."""
+    logits = model(seq).logits if hf else Transformer.forward(model, seq)  # class call bypasses torch.compile
+    return logits[0].float()
+
+
+def _agree(tokens: torch.Tensor, reference: torch.Tensor) -> int:
+    """Tokens identical to the reference before the first divergence."""
+    differ = (tokens.cpu() != reference.cpu()).nonzero()
+    return int(differ[0, 0]) if len(differ) else len(reference)
+
+
+def bench_shape(
+    shape: str,
+    modes: tuple[str, ...],
+    repeats: int,
+    new_tokens: int,
+    device: torch.device,
+    with_hf: bool,
+    bandwidth: float,
+    on_step: Callable[[str], None] | None = None,
+) -> list[Row]:
+    """Measure every mode (and HF) on one preset shape; decode repeats interleaved across modes."""
+    config = load_preset(shape)
+    step = on_step or (lambda _msg: None)
+    gen_ = torch.Generator().manual_seed(1)
+    decode_prompt = torch.randint(0, config.vocab_size, (1, DECODE_PROMPT), generator=gen_).to(device)
+    prefill_len = min(PREFILL_PROMPT, config.context_length - 1)  # the tiny preset's context is 256
+    prefill_prompt = torch.randint(0, config.vocab_size, (1, prefill_len), generator=gen_).to(device)
+
+    torch.manual_seed(0)
+    reference = Transformer(config).to(device).eval()  # unoptimised fp32: the oracle for every deviation
+    ref_tokens = time_gen(reference, decode_prompt, new_tokens)[2]
+    seq = torch.cat([decode_prompt[0], ref_tokens[:-1]])[None]  # (1, prompt + new - 1): greedy fp32 path
+    ref_logits = _teacher_forced_logits(reference, seq, hf=False)[DECODE_PROMPT - 1 :]
+
+    runners: dict[str, tuple[Any, Callable, bool]] = {}
+    compile_s: dict[str, float] = {}
+    for mode in modes:
+        step(f"{shape}: building {mode}")
+        model = build_gen(config, mode, device)
+        if MODES[mode][2]:
+            start = time.perf_counter()
+            time_gen(model, decode_prompt, new_tokens)  # compiles prefill and decode graphs
+            time_gen(model, prefill_prompt, 1)
+            compile_s[mode] = time.perf_counter() - start
+        runners[mode] = (model, time_gen, False)
+    if with_hf:
+        step(f"{shape}: building transformers")
+        runners["transformers"] = (build_hf(reference, device), time_hf, True)
+    del reference
+
+    decode: dict[str, list[float]] = {name: [] for name in runners}
+    prefill: dict[str, list[float]] = {name: [] for name in runners}
+    tokens: dict[str, torch.Tensor] = {}
+    for model, timer, _ in runners.values():  # warm-up: allocator, thread pools, lazy init
+        timer(model, decode_prompt, min(new_tokens, 16))
+    for rep in range(repeats):
+        for name, (model, timer, _) in runners.items():
+            step(f"{shape}: {name} run {rep + 1}/{repeats}")
+            rate, _, toks = timer(model, decode_prompt, new_tokens)
+            decode[name].append(rate)
+            tokens[name] = toks
+            prefill[name].append(timer(model, prefill_prompt, 1)[1])
+
+    rows = []
+    kv_prompt = DECODE_PROMPT
+    for name, (model, _, hf) in runners.items():
+        step(f"{shape}: deviation of {name}")
+        logits = _teacher_forced_logits(model, seq, hf)[DECODE_PROMPT - 1 :]
+        dtype = torch.float32 if hf else MODES[name][0]
+        nbytes = weight_bytes_per_token(model) + kv_bytes_read(config, dtype, kv_prompt, new_tokens)
+        rows.append(
+            Row(
+                shape=shape,
+                mode=name,
+                decode_tok_s=statistics.median(decode[name]),
+                decode_runs=decode[name],
+                prefill_tok_s=statistics.median(prefill[name]),
+                prefill_prompt=prefill_len,
+                max_logit_diff=float((logits - ref_logits).abs().max()),
+                greedy_agree=_agree(tokens[name], ref_tokens),
+                new_tokens=new_tokens,
+                bytes_per_token=nbytes,
+                ceiling_tok_s=bandwidth / nbytes,
+                compile_s=compile_s.get(name),
+            )
+        )
+    hf_rate = next((r.decode_tok_s for r in rows if r.mode == "transformers"), None)
+    for r in rows:
+        r.vs_hf = r.decode_tok_s / hf_rate if hf_rate else None
+        r.vs_c = (
+            r.decode_tok_s / C_REFERENCE_TOK_S[shape] if shape in C_REFERENCE_TOK_S and device.type == "cpu" else None
+        )
+    return rows
+
+
+def bench_decode(
+    shapes: tuple[str, ...],
+    modes: tuple[str, ...] = DEFAULT_MODES,
+    repeats: int = 3,
+    new_tokens: int = 256,
+    device: torch.device | str = "cpu",
+    on_step: Callable[[str], None] | None = None,
+) -> tuple[list[Row], dict[str, Any]]:
+    """Rows for every shape × mode (+ transformers when installed) and the run's context (threads, bandwidth…)."""
+    if unknown := [m for m in modes if m not in MODES]:
+        raise UsageError(f"unknown mode(s) {', '.join(unknown)}; choose from {', '.join(MODES)}")
+    if new_tokens < 2:
+        raise UsageError("--new-tokens must be at least 2 (decode speed needs two steps)")
+    device = torch.device(device)
+    bandwidth = measure_bandwidth(device)
+    with_hf = hf_available()
+    rows: list[Row] = []
+    for shape in shapes:
+        rows += bench_shape(shape, modes, repeats, new_tokens, device, with_hf, bandwidth, on_step)
+    context = {
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "bandwidth_gb_s": bandwidth / 1e9,
+        "transformers": _hf_version() if with_hf else None,
+        "torch": torch.__version__,
+        "repeats": repeats,
+        "new_tokens": new_tokens,
+        "decode_prompt": DECODE_PROMPT,
+        "prefill_prompt": PREFILL_PROMPT,
+    }
+    if device.type == "cuda":
+        context["cuda_max_memory_allocated"] = torch.cuda.max_memory_allocated(device)
+    return rows, context
+
+
+def _hf_version() -> str:
+    import transformers
+
+    return transformers.__version__

@@ -1,0 +1,42 @@
+"""The decode benchmark library on the tiny preset: rows, byte accounting, HF parity (when installed)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from gen_cli.decode_bench import bench_shape, build_gen, hf_available, kv_bytes_read, weight_bytes_per_token
+from gen_cli.errors import UsageError
+from gen_cli.model import Transformer
+
+
+def test_bytes_per_token_follow_the_stored_dtype():
+    config = tiny_config()
+    fp32 = weight_bytes_per_token(build_gen(config, "fp32", torch.device("cpu")))
+    int8 = weight_bytes_per_token(build_gen(config, "int8", torch.device("cpu")))
+    linear = sum(p.numel() for n, p in Transformer(config).named_parameters() if "norm" not in n and "emb" not in n)
+    linear += config.vocab_size * config.d_model  # the tied head is read once per token
+    assert fp32 == linear * 4 + config.d_model * 4
+    assert int8 < fp32 / 3
+    assert kv_bytes_read(config, torch.float32, 8, 4) == config.kv_bytes_per_token(4) * 10
+
+
+def test_bench_shape_rows_and_deviation():
+    rows = bench_shape("tiny", ("fp32", "int8"), 1, 4, torch.device("cpu"), hf_available(), 1e10)
+    by_mode = {r.mode: r for r in rows}
+    assert {"fp32", "int8"} <= by_mode.keys()
+    fp32 = by_mode["fp32"]
+    assert fp32.max_logit_diff < 1e-4 and fp32.greedy_agree == 4 and fp32.decode_tok_s > 0
+    assert fp32.prefill_tok_s > 0 and fp32.ceiling_tok_s == pytest.approx(1e10 / fp32.bytes_per_token)
+    if hf_available():
+        hf = by_mode["transformers"]
+        assert hf.max_logit_diff < 1e-4 and hf.greedy_agree == 4  # same weights, same math
+        assert fp32.vs_hf == pytest.approx(fp32.decode_tok_s / hf.decode_tok_s)
+
+
+def test_unknown_mode_is_refused():
+    from gen_cli.decode_bench import bench_decode
+
+    with pytest.raises(UsageError, match="unknown mode"):
+        bench_decode(("tiny",), ("fp64",))

@@ -1,0 +1,154 @@
+"""Every fast path against the plain fp32 model: fused/prepacked fp32 equal, bf16/int8 within stated bounds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from gen_cli import quantize as q
+from gen_cli.generate import generate
+from gen_cli.model import Transformer
+from gen_cli.quantize import Int8Linear, PackedLinear, optimize_for_decode
+from gen_cli.sampling import SamplingConfig
+
+GREEDY = SamplingConfig(temperature=0.0)
+# int8 / bf16 bounds, relative to the largest |logit| of the fp32 model (tiny random models: ~0.1-0.3).
+INT8_REL_TOL = 0.05
+BF16_REL_TOL = 0.05
+
+
+def _pair(**changes) -> tuple[Transformer, Transformer]:
+    """(reference fp32, an identical copy to optimise)."""
+    torch.manual_seed(0)
+    ref = Transformer(tiny_config(**changes)).eval()
+    torch.manual_seed(0)
+    return ref, Transformer(tiny_config(**changes)).eval()
+
+
+def _greedy(model: Transformer, prompt: torch.Tensor, n: int, use_cache: bool = True) -> torch.Tensor:
+    return torch.stack(list(generate(model, prompt, n, GREEDY, use_cache=use_cache)), dim=1)  # (B, n)
+
+
+@pytest.fixture(params=[False, True], ids=["plain-layout", "prepacked"])
+def packing(request, monkeypatch):
+    """Run with and without oneDNN prepacking (tiny matrices are below the packing threshold)."""
+    if request.param:
+        if not q._mkldnn_ok():
+            pytest.skip("oneDNN is not available in this torch build")
+        monkeypatch.setattr(q, "PACK_MIN_IN_FEATURES", 1)
+    return request.param
+
+
+@pytest.mark.parametrize("pos", ["rope", "sinusoidal", "learned"])
+@pytest.mark.parametrize("kv", [4, 2, 1])
+def test_fp32_fast_path_equals_reference(pos, kv, packing):
+    ref, fast = _pair(pos_encoding=pos, n_kv_head=kv)
+    optimize_for_decode(fast)
+    assert any(isinstance(m, PackedLinear) for m in fast.modules()) == packing
+    idx = torch.randint(0, 300, (2, 12))
+    with torch.inference_mode():
+        assert torch.allclose(fast(idx), ref(idx), atol=1e-4, rtol=0)
+    prompt = idx[:, :4]
+    assert torch.equal(_greedy(fast, prompt, 12), _greedy(ref, prompt, 12))
+
+
+def test_fused_mlp_matches_separate_projections():
+    ref, fast = _pair()
+    for layer in fast.layers:
+        layer.mlp.fuse()
+    assert "w13" in fast.layers[0].mlp._modules and not hasattr(fast.layers[0].mlp, "w1")
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        assert torch.allclose(fast.layers[0].mlp(x), ref.layers[0].mlp(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_cached_equals_uncached_on_fast_paths(quantize, packing):
+    _, fast = _pair(n_kv_head=2)
+    if quantize == "int8":
+        fast = fast.to(torch.bfloat16)
+    optimize_for_decode(fast, quantize=quantize)
+    prompt = torch.randint(0, 300, (2, 3))
+    assert torch.equal(_greedy(fast, prompt, 12), _greedy(fast, prompt, 12, use_cache=False))
+
+
+def test_int8_linear_is_its_dequantized_weight():
+    torch.manual_seed(0)
+    w = torch.randn(48, 64)
+    lin = Int8Linear(w, torch.float32)
+    assert lin.qweight.dtype == torch.int8 and lin.scale.shape == (48,)
+    # Symmetric rounding per output channel: error at most half a step of that row's scale.
+    assert ((lin.dequantized() - w).abs() <= lin.scale[:, None] / 2 + 1e-7).all()
+    for rows in (1, 3, 20):  # the int8pack kernel (≤ 8 rows) and the dequantised GEMM (prefill)
+        x = torch.randn(rows, 64)
+        assert torch.allclose(lin(x), x @ lin.dequantized().t(), atol=1e-4)
+
+
+@pytest.mark.parametrize(("dtype", "quantize", "tol"), [(torch.bfloat16, "none", BF16_REL_TOL),
+                                                        (torch.bfloat16, "int8", INT8_REL_TOL)])  # fmt: skip
+def test_low_precision_within_tolerance_and_greedy_agreement_measured(dtype, quantize, tol):
+    ref, fast = _pair()
+    optimize_for_decode(fast.to(dtype), quantize=quantize)
+    idx = torch.randint(0, 300, (1, 16))
+    with torch.inference_mode():
+        want, got = ref(idx), fast(idx).float()
+    assert (got - want).abs().max() <= tol * want.abs().max()
+    prompt = idx[:, :4]
+    agree = (_greedy(fast, prompt, 12) == _greedy(ref, prompt, 12)).float().mean().item()
+    assert agree >= 0.5, f"greedy agreement {agree:.0%}"  # random tiny logits are near ties; measured, not exact
+
+
+def test_unknown_quantize_mode_is_refused():
+    from gen_cli.errors import UsageError
+
+    _, fast = _pair()
+    with pytest.raises(UsageError, match="--quantize"):
+        optimize_for_decode(fast, quantize="int4")
+
+
+@pytest.mark.slow
+def test_compiled_model_matches_eager():
+    ref, fast = _pair()
+    optimize_for_decode(fast, compile=True)
+    prompt = torch.randint(0, 300, (1, 4))
+    assert torch.equal(_greedy(fast, prompt, 8), _greedy(ref, prompt, 8))
+
+
+def test_cli_quantize_and_refusals(model_dir):
+    from typer.testing import CliRunner
+
+    from gen_cli.cli import app
+
+    def run(*args):
+        return CliRunner().invoke(app, ["generate", "hi", "--model", str(model_dir), "--device", "cpu", *args])
+
+    ok = run("--quantize", "int8", "--max-new-tokens", "5", "--stats")
+    assert ok.exit_code == 0, ok.output
+    assert "int8 weights" in ok.stderr and "bfloat16" in ok.stderr
+    for args, message in ((["--quantize", "int8", "--dtype", "float32"], "computes in bfloat16"),
+                          (["--quantize", "int4"], "unknown --quantize"),
+                          (["--compile", "--no-kv-cache"], "--compile speeds up the cached")):  # fmt: skip
+        bad = run(*args)
+        assert bad.exit_code == 2 and message in bad.stderr and "Traceback" not in bad.output
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize(("quantize", "compile"), [("none", False), ("int8", False), ("none", True)])
+def test_cuda_bf16_fast_paths(quantize, compile):
+    ref, fast = _pair()
+    device = torch.device("cuda")
+    fast = optimize_for_decode(fast.to(device, torch.bfloat16), quantize=quantize, compile=compile)
+    idx = torch.randint(0, 300, (1, 16))
+    torch.cuda.reset_peak_memory_stats(device)
+    with torch.inference_mode():
+        want, got = ref(idx), fast(idx.to(device)).float().cpu()
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated(device) > 0
+    assert (got - want).abs().max() <= INT8_REL_TOL * want.abs().max()
+    prompt = idx[:, :4].to(device)
+    assert torch.equal(_greedy(fast, prompt, 8), _greedy(fast, prompt, 8, use_cache=False))
