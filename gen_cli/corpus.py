@@ -41,34 +41,36 @@ class Document:
     size: int
     open_blocks: Callable[[], Iterable[tuple[str, int]]]  # (whole lines, their UTF-8 byte length)
 
-    def line_batches(self, split: str = "all", on_bytes: Callable[[int], None] | None = None) -> Iterator[list[str]]:
-        """Yield lists of the document's lines (with newlines) that belong to `split`.
+    def chunks(self, split: str = "all", on_bytes: Callable[[int], None] | None = None) -> Iterator[str]:
+        """Yield the text of `split` in large chunks of whole lines: cheap to stream and to copy.
 
-        Lines come in batches so that callers feeding Rust code (tokenizers) pay little Python per
-        line. `on_bytes` is told the byte length of what each batch covers.
+        `on_bytes` is told the UTF-8 byte length of each chunk (progress and byte counts).
         """
         cut = self.size - int(self.size * VAL_FRACTION)
         seen = 0
         for block, n_bytes in self.open_blocks():
             start, seen = seen, seen + n_bytes
             if start < cut < seen:  # the block straddles the cut: decide line by line
-                lines, position = [], start
+                kept, position = [], start
                 for line in block.splitlines(keepends=True):
                     if split == "all" or (split == "train") == (position < cut):
-                        lines.append(line)
+                        kept.append(line)
                     position += len(line.encode("utf-8"))
+                text = "".join(kept)
+                n_bytes = len(text.encode("utf-8"))
             elif split == "all" or (split == "train") == (start < cut):
-                lines = block.splitlines(keepends=True)
+                text = block
             else:
                 continue
             if on_bytes:
-                on_bytes(sum(len(line.encode("utf-8")) for line in lines) if start < cut < seen else n_bytes)
-            yield lines
+                on_bytes(n_bytes)
+            if text:
+                yield text
 
     def lines(self, split: str = "all") -> Iterator[str]:
-        """Yield the document's lines that belong to `split`."""
-        for batch in self.line_batches(split):
-            yield from batch
+        """Yield the document's lines (with their newlines) that belong to `split`."""
+        for chunk in self.chunks(split):
+            yield from chunk.splitlines(keepends=True)
 
 
 def _text_document(name: str, text: str) -> Document:
@@ -216,20 +218,21 @@ class Corpus:
         """Yield each document's text for `split`, one string per document (skipping empty ones)."""
         _check_split(split)
         for doc in self.documents:
-            text = "".join(doc.lines(split))
+            text = "".join(doc.chunks(split))
             if text:
                 yield text
 
-    def line_batches(self, split: str = "train", on_bytes: Callable[[int], None] | None = None) -> Iterator[list[str]]:
-        """Stream batches of lines of `split` over all documents, never holding a whole file."""
+    def chunks(self, split: str = "train", on_bytes: Callable[[int], None] | None = None) -> Iterator[str]:
+        """Stream `split` over all documents in chunks of whole lines, never holding a whole file."""
         _check_split(split)
         for doc in self.documents:
-            yield from doc.line_batches(split, on_bytes)
+            yield from doc.chunks(split, on_bytes)
 
     def lines(self, split: str = "train") -> Iterator[str]:
         """Stream the lines of `split` over all documents."""
-        for batch in self.line_batches(split):
-            yield from batch
+        _check_split(split)
+        for doc in self.documents:
+            yield from doc.lines(split)
 
     def require_text(self) -> None:
         """Raise a clear error when the inputs hold no text at all."""

@@ -88,7 +88,7 @@ def _in_subprocess(variant: str, inputs: list[str], train_file: Path, vocab_size
 
 def _scenarios(workdir: Path, scale_mb: float, many_files: int) -> list[tuple[str, list[str]]]:
     """The built-in corpus; the same text repeated to about `scale_mb` MB in one file; and in many files."""
-    text = "".join(Corpus([BUILTIN]).lines("all"))
+    text = "".join(Corpus([BUILTIN]).chunks("all"))
     repeats = max(1, round(scale_mb * 1e6 / len(text.encode())))
     big = workdir / "repeated.txt"
     big.write_text(text * repeats, encoding="utf-8")
@@ -113,7 +113,7 @@ def bench_tokenizer(
             corpus = Corpus(inputs)
             train_file = workdir / "train-split.txt"
             with open(train_file, "w", encoding="utf-8") as f:
-                f.writelines(corpus.lines("train"))
+                f.writelines(corpus.chunks("train"))
             runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
             for _ in range(repeats):
                 for variant in VARIANTS:

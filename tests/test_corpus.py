@@ -61,9 +61,9 @@ def test_large_file_streams_in_blocks_with_exact_split(tmp_path):
     lines = [f"line {i} " + "é" * (i % 7) + "\n" for i in range(200_000)]
     path.write_text("".join(lines))
     corpus = Corpus([str(path)])
-    batches = list(corpus.documents[0].line_batches("all"))
-    assert len(batches) > 1  # streamed, not read whole
-    assert [x for b in batches for x in b] == lines
+    chunks = list(corpus.documents[0].chunks("all"))
+    assert len(chunks) > 1  # streamed, not read whole
+    assert "".join(chunks) == "".join(lines)
     assert list(corpus.lines("train")) + list(corpus.lines("val")) == lines
 
 
