@@ -25,8 +25,9 @@ from typing import Any
 from gen_cli.config import ATTENTION_KINDS, POS_ENCODINGS, ModelConfig, kv_heads_for
 from gen_cli.errors import GenError, UsageError
 
-# Canonical dtype names and their element sizes (report.py needs no torch to read them).
-DTYPES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
+# Canonical dtype names and their activation / KV-cache element sizes (report.py needs no torch to read
+# them). "int8" means int8 weights (per-channel scales) with bfloat16 activations, as `--quantize int8`.
+DTYPES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "int8": 2}
 CANONICAL_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 WEIGHT_SEED = 0
 PROMPT_SEED = 1234
@@ -214,20 +215,24 @@ def measure(spec: Spec) -> dict[str, Any]:
 
     from gen_cli.generate import run_generation
     from gen_cli.model import Transformer
+    from gen_cli.quantize import optimize_for_decode
     from gen_cli.runtime import resolve_device, resolve_dtype, set_threads
     from gen_cli.sampling import SamplingConfig
 
     threads = set_threads(spec.threads)
     device = resolve_device(spec.device)
-    dtype = resolve_dtype(spec.dtype, device)
+    quantize = "int8" if spec.dtype == "int8" else "none"
+    dtype = resolve_dtype("bfloat16" if quantize == "int8" else spec.dtype, device)
     config = spec.config
     # Seeded by shape only: cache on/off and every dtype of one variant start from identical fp32 weights.
     torch.manual_seed(WEIGHT_SEED)
     model = Transformer(config).to(device).eval()
+    params = model.num_parameters()  # before optimising: packed or int8 weights are buffers, not parameters
     prompt = torch.randint(
         0, config.vocab_size, (spec.batch, spec.prompt_len), generator=torch.Generator().manual_seed(PROMPT_SEED)
     ).to(device)
-    model = model.to(dtype)
+    # The same inference path `gen generate` runs: fused and prepacked (or int8) weights.
+    model = optimize_for_decode(model.to(dtype), quantize=quantize)
     greedy = SamplingConfig(temperature=0.0)
     runs, every = [], []
     for i in range(spec.warmup + spec.repeats):
@@ -239,12 +244,10 @@ def measure(spec: Spec) -> dict[str, Any]:
     # memory and show less, so the peak is the largest any run saw (in practice the first's).
     peak = max(every, key=lambda s: s.peak_memory_bytes)
     # Correctness after timing, so the oracle's freed buffers cannot hide the timed runs' peak memory.
-    greedy_match, max_diff, has_oracle = None, None, spec.kv_cache or dtype != torch.float32
+    greedy_match, max_diff, has_oracle = None, None, spec.kv_cache or spec.dtype != "float32"
     if has_oracle:
-        oracle = model
-        if dtype != torch.float32:
-            torch.manual_seed(WEIGHT_SEED)  # the same fp32 weights the variant was cast from
-            oracle = Transformer(config).to(device).eval()
+        torch.manual_seed(WEIGHT_SEED)  # the same fp32 weights the variant was built from, unoptimised
+        oracle = Transformer(config).to(device).eval()
         greedy_match, max_diff = check_against_oracle(model, oracle, prompt, spec.gen_len, spec.kv_cache)
     rates = [s.decode_tokens_per_s for s in runs if s.decode_tokens_per_s is not None]
     last = runs[-1]
@@ -261,7 +264,7 @@ def measure(spec: Spec) -> dict[str, Any]:
         "dtype": spec.dtype,
         "device": str(device),
         "threads": threads,
-        "params": model.num_parameters(),
+        "params": params,
         "decode_tokens_per_s": _median(rates),
         "decode_tokens_per_s_min": min(rates) if rates else None,
         "decode_tokens_per_s_max": max(rates) if rates else None,

@@ -192,7 +192,7 @@ def test_cli_quality_adds_loss_columns(tmp_path, monkeypatch):
         (["--pos", "alibi"], "unknown value 'alibi'"),
         (["--kv-cache", "yes"], "unknown value 'yes'"),
         (["--attention", "gqa", "--kv-heads", "3"], "not divisible by 3 KV heads"),
-        (["--prompt-len", "1000", "--gen-len", "100"], "context length of 1024"),
+        (["--prompt-len", "1000", "--gen-len", "100"], "exceeds the model's context length"),
         (["--repeats", "0"], "--repeats must be at least 1"),
         (["--repeats", "-2"], "--repeats must be at least 1"),
         (["--format", "xml"], "unknown format 'xml'"),

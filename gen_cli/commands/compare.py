@@ -105,7 +105,8 @@ def compare_command(
     dtype: list[str] = typer.Option(
         None,
         "--dtype",
-        help="float32, bfloat16 (float16 on GPU) (comma list). \\[default: float32]",
+        help="float32, bfloat16 (float16 on GPU), int8 (int8 weights, bf16 activations) (comma list). "
+        "\\[default: float32]",
         show_default=False,
     ),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
@@ -187,7 +188,7 @@ def compare_command(
 
     dev = resolve_device(device)
     for d in dtypes:
-        if d in bench.DTYPES:
+        if d in bench.DTYPES and d != "int8":
             resolve_dtype(d, dev)  # refuses float16 on CPU with a clear message
     specs = bench.expand_grid(
         shape,
