@@ -32,13 +32,15 @@ def demo_command(
 
     from gen_cli.checkpoint import load_model
     from gen_cli.generate import run_generation
+    from gen_cli.quantize import optimize_for_decode
     from gen_cli.sampling import SamplingConfig
     from gen_cli.tokenizer import decode, encode, special_id
 
     directory = model_dir or default_model_dir()
     model, tok = load_model(directory)
-    prompt_ids = torch.tensor([encode(tok, prompt)], dtype=torch.long)  # (1, T)
     params = model.num_parameters()
+    model = optimize_for_decode(model)  # the inference path `gen generate` runs
+    prompt_ids = torch.tensor([encode(tok, prompt)], dtype=torch.long)  # (1, T)
     err.print(
         f"[bold]{directory}[/]: {params / 1e6:.1f}M parameters, {model.config.attention_kind}, "
         f"{model.config.pos_encoding}; cpu, float32, {torch.get_num_threads()} threads"
