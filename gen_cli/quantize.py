@@ -18,6 +18,10 @@ QUANTIZE_MODES = ("none", "int8")
 # Narrower matrices (d_model 32-96, the tiny preset) run slower packed: oneDNN's ~15 µs call overhead
 # outweighs what it saves; every matrix of the small (288) and base (768) presets runs faster packed.
 PACK_MIN_IN_FEATURES = 256
+# oneDNN's packed linear keeps about half a megabyte per distinct input row count it has seen (measured:
+# 200 row counts through one 288x1536 layer grew RSS by 126 MB), so only decode-sized inputs take it;
+# prompts and the no-cache path, whose row count changes every call, use the plain weight.
+PACKED_MAX_ROWS = 16
 
 
 def _mkldnn_ok() -> bool:
@@ -28,17 +32,22 @@ class PackedLinear(nn.Module):
     """A CPU linear whose fp32/bf16 weight is prepacked once into oneDNN's blocked layout.
 
     The same prepacking inductor's freezing does; one token then streams the weight 1.4-2.5x faster
-    than F.linear on a plain (out, in) matrix (measured by `gen bench decode`), and prefill GEMMs
-    run about 2x faster in fp32.
+    than F.linear on a plain (out, in) matrix (measured by `gen bench decode`). Larger inputs use the
+    plain weight, kept beside it (see PACKED_MAX_ROWS).
     """
 
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)  # opaque oneDNN tensor
+        self.register_buffer("weight", weight.detach())
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, None)  # opaque oneDNN tensor
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, self.in_features), self.packed, None, "none", [], "")
+        x2 = x.reshape(-1, self.in_features)  # (B*T, in)
+        if x2.shape[0] <= PACKED_MAX_ROWS:
+            y = torch.ops.mkldnn._linear_pointwise(x2, self.packed, None, "none", [], "")
+        else:
+            y = F.linear(x2, self.weight)
         return y.view(*x.shape[:-1], self.out_features)  # (..., out)
 
 
