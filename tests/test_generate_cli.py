@@ -205,3 +205,10 @@ def test_info_preset_and_directory(model_dir):
     assert result.exit_code == 0 and "parameters" in result.stdout and "multi-head" in result.stdout
     bad = runner.invoke(app, ["info", "nothing-here"])
     assert bad.exit_code == 2 and "neither a model directory nor a preset" in bad.stderr
+
+
+def test_info_defaults_to_the_shipped_model():
+    from gen_cli.resources import default_model_dir
+
+    data = json.loads(runner.invoke(app, ["info", "--json"]).stdout)
+    assert data["source"] == f"model {default_model_dir()}"

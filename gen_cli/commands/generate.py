@@ -364,11 +364,11 @@ def model_info(config: ModelConfig) -> dict[str, Any]:
 
 
 def info_command(
-    target: str = typer.Argument(..., help="A model directory or a preset name."),
+    target: str = typer.Argument(None, help="A model directory or a preset name [default: the shipped model]."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Show a model's configuration, parameter count and what its KV cache and weights cost."""
-    config, source = _config_for(target)
+    config, source = _config_for(target or str(default_model_dir()))
     info = {"source": source, **model_info(config)}
     if as_json:
         print_json(info)
