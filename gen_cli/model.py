@@ -29,29 +29,23 @@ def sinusoidal_table(length: int, dim: int) -> torch.Tensor:
 
 
 def rope_tables(length: int, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin, each (length, head_dim), for the rotate-half convention.
+    """cos and signed sin, each (length, head_dim), for the rotate-half convention.
 
     Pair i is (x[i], x[i + head_dim/2]) rotated by pos × base^(-2i/head_dim); the frequencies are
-    repeated over both halves so one elementwise multiply covers the whole head.
+    repeated over both halves, and rotate-half's minus sign is folded into the first half of sin, so
+    `apply_rope` needs no slicing or concatenation.
     """
     inv = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # (head_dim/2,)
     angles = torch.arange(length, dtype=torch.float64)[:, None] * inv  # (length, head_dim/2)
-    angles = torch.cat([angles, angles], dim=-1)  # (length, head_dim)
-    return angles.cos().float(), angles.sin().float()
+    sin = angles.sin()
+    cos = torch.cat([angles.cos()] * 2, dim=-1)  # (length, head_dim)
+    return cos.float(), torch.cat([-sin, sin], dim=-1).float()  # (length, head_dim) each
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, H, T, head_dim) by the angles in cos/sin (T, head_dim), rotate-half pairing."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    rotated = torch.cat([-x2, x1], dim=-1)  # (B, H, T, head_dim)
-    return x * cos + rotated * sin
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """Rotate x (..., head_dim) by tables from `rope_tables` that broadcast against it.
 
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
-    """apply_rope with the sign folded into the table: x*cos + [x2, x1]*[-sin, sin], no slicing or cat.
-
-    x is (..., head_dim); cos/sin_signed broadcast against it. Equal to apply_rope element by element.
+    x*cos + [x2, x1]*[-sin, sin]: the same as x*cos + rotate_half(x)*sin, without a cat.
     """
     half = x.shape[-1] // 2
     swapped = x.unflatten(-1, (2, half)).flip(-2).flatten(-2)  # (..., head_dim): [x2, x1]
@@ -70,7 +64,6 @@ class Attention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
-        self.use_rope = config.pos_encoding == "rope"
         # One fused projection: a single matmul reads x once for q, k and v.
         self.wqkv = nn.Linear(config.d_model, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=False)
         self.wo = nn.Linear(self.n_head * self.head_dim, config.d_model, bias=False)
@@ -92,7 +85,7 @@ class Attention(nn.Module):
         if rope is not None:
             # One rotation covers q and k together: fewer ops per decode step than one call each.
             cos, sin_signed = rope
-            qk = _rotate(qk, cos[:, None], sin_signed[:, None])  # (B, T, H+Hkv, hd); tables (T, 1, hd)
+            qk = apply_rope(qk, cos[:, None], sin_signed[:, None])  # (B, T, H+Hkv, hd); tables (T, 1, hd)
         q = qk[:, :, :H].transpose(1, 2)  # (B, n_head, T, head_dim)
         k = qk[:, :, H:].transpose(1, 2)  # (B, n_kv_head, T, head_dim)
         v = v.transpose(1, 2)  # (B, n_kv_head, T, head_dim)
@@ -158,12 +151,9 @@ class Transformer(nn.Module):
             # Non-persistent: derived from the config, so never stored in a checkpoint.
             self.register_buffer("sin_table", sinusoidal_table(config.context_length, config.d_model), False)
         else:
-            cos, sin = rope_tables(config.context_length, config.head_dim, config.rope_base)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
-            # sin with rotate-half's sign folded in, (context, head_dim): what the forward pass indexes.
-            half = config.head_dim // 2
-            self.register_buffer("rope_sin_signed", torch.cat([-sin[:, :half], sin[:, half:]], -1), persistent=False)
+            cos, sin_signed = rope_tables(config.context_length, config.head_dim, config.rope_base)
+            self.register_buffer("rope_cos", cos, persistent=False)  # (context, head_dim)
+            self.register_buffer("rope_sin_signed", sin_signed, persistent=False)  # (context, head_dim)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = make_norm(config)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
