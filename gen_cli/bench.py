@@ -25,9 +25,9 @@ from typing import Any
 from gen_cli.config import ATTENTION_KINDS, POS_ENCODINGS, ModelConfig, kv_heads_for
 from gen_cli.errors import GenError, UsageError
 
-# Canonical dtype names and their activation / KV-cache element sizes (report.py needs no torch to read
-# them). "int8" means int8 weights (per-channel scales) with bfloat16 activations, as `--quantize int8`.
-DTYPES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "int8": 2}
+# The --dtype names compare accepts. "int8" means int8 weights (per-channel scales), as `--quantize int8`:
+# fp32 activations through the native CPU step, else bfloat16.
+DTYPES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16", "int8")
 CANONICAL_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 WEIGHT_SEED = 0
 PROMPT_SEED = 1234
@@ -215,14 +215,14 @@ def measure(spec: Spec) -> dict[str, Any]:
 
     from gen_cli.generate import run_generation
     from gen_cli.model import Transformer
-    from gen_cli.quantize import optimize_for_decode
+    from gen_cli.quantize import int8_activation_dtype, optimize_for_decode
     from gen_cli.runtime import resolve_device, resolve_dtype, set_threads
     from gen_cli.sampling import SamplingConfig
 
     threads = set_threads(spec.threads)
     device = resolve_device(spec.device)
     quantize = "int8" if spec.dtype == "int8" else "none"
-    dtype = resolve_dtype("bfloat16" if quantize == "int8" else spec.dtype, device)
+    dtype = resolve_dtype(int8_activation_dtype(device) if quantize == "int8" else spec.dtype, device)
     config = spec.config
     # Seeded by shape only: cache on/off and every dtype of one variant start from identical fp32 weights.
     torch.manual_seed(WEIGHT_SEED)
@@ -264,6 +264,7 @@ def measure(spec: Spec) -> dict[str, Any]:
         "dtype": spec.dtype,
         "device": str(device),
         "threads": threads,
+        "decode_path": last.decode_path,
         "params": params,
         "decode_tokens_per_s": _median(rates),
         "decode_tokens_per_s_min": min(rates) if rates else None,

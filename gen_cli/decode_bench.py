@@ -17,23 +17,27 @@ import torch
 
 from gen_cli.config import ModelConfig, load_preset
 from gen_cli.errors import UsageError
-from gen_cli.generate import run_generation
+from gen_cli.generate import decode_step, model_dtype, prefill, run_generation
+from gen_cli.kv_cache import KVCache
 from gen_cli.model import Transformer
-from gen_cli.quantize import Int8Linear, PackedLinear, optimize_for_decode
+from gen_cli.quantize import Int8Linear, PackedLinear, int8_activation_dtype, optimize_for_decode
 from gen_cli.runtime import synchronize
 from gen_cli.sampling import SamplingConfig
 
 # A llama2.c-style C loop on the 2-core dev machine (fp32, 2 threads, 256 tokens): DESIGN.md.
 C_REFERENCE_TOK_S = {"small": 850.0, "base": 105.0}
-# mode -> (dtype, quantize, compile)
-MODES: dict[str, tuple[torch.dtype, str, bool]] = {
-    "fp32": (torch.float32, "none", False),
-    "bf16": (torch.bfloat16, "none", False),
-    "int8": (torch.bfloat16, "int8", False),
-    "fp32+compile": (torch.float32, "none", True),
-    "int8+compile": (torch.bfloat16, "int8", True),
+# mode -> (activation dtype, quantize, compile, native); `gen generate` runs the first three modes by
+# default with the matching --dtype/--quantize, "-torch" modes with --no-native.
+MODES: dict[str, tuple[torch.dtype, str, bool, bool]] = {
+    "fp32": (torch.float32, "none", False, True),
+    "int8": (torch.float32, "int8", False, True),
+    "bf16": (torch.bfloat16, "none", False, False),
+    "fp32-torch": (torch.float32, "none", False, False),
+    "int8-torch": (torch.bfloat16, "int8", False, False),
+    "fp32+compile": (torch.float32, "none", True, False),
+    "int8+compile": (torch.bfloat16, "int8", True, False),
 }
-DEFAULT_MODES = ("fp32", "bf16", "int8")
+DEFAULT_MODES = ("fp32", "int8", "fp32-torch", "bf16")
 HF_INSTALL = 'transformers is not installed; for the HF rows run: pip install -e ".[bench]"'
 DECODE_PROMPT = 8
 PREFILL_PROMPT = 512
@@ -45,6 +49,7 @@ class Row:
 
     shape: str
     mode: str
+    path: str  # who ran the decode steps: "native" (gen's C step), "torch" or "transformers"
     decode_tok_s: float
     decode_runs: list[float]
     prefill_tok_s: float
@@ -112,10 +117,12 @@ def kv_bytes_read(config: ModelConfig, dtype: torch.dtype, prompt: int, new_toke
 
 def build_gen(config: ModelConfig, mode: str, device: torch.device) -> Transformer:
     """The seeded model in `mode`, as `gen generate` builds it (compiling happens on the first run)."""
-    dtype, quantize, compile = MODES[mode]
+    dtype, quantize, compile, native = MODES[mode]
+    if quantize == "int8":
+        dtype = getattr(torch, int8_activation_dtype(device)) if native else dtype
     torch.manual_seed(0)
     model = Transformer(config).to(device=device, dtype=dtype).eval()
-    return optimize_for_decode(model, quantize=quantize, compile=compile)
+    return optimize_for_decode(model, quantize=quantize, compile=compile, native=native)
 
 
 def build_hf(reference: Transformer, device: torch.device) -> Any:
@@ -202,6 +209,17 @@ def _teacher_forced_logits(model: Any, seq: torch.Tensor, hf: bool) -> torch.Ten
     return logits[0].float()
 
 
+@torch.inference_mode()
+def _decoded_logits(model: Transformer, seq: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    """fp32 logits (T - prompt_len + 1, V) from position prompt_len-1 on, computed the way generation
+    computes them (a prefill, then one decode step per token): the path whose deviation is reported."""
+    cache = KVCache(model.config, 1, seq.shape[1], model_dtype(model), seq.device)
+    logits = [prefill(model, seq[:, :prompt_len], cache)]
+    for t in range(prompt_len, seq.shape[1]):
+        logits.append(decode_step(model, seq[:, t : t + 1], cache))
+    return torch.cat(logits).float()
+
+
 def _agree(tokens: torch.Tensor, reference: torch.Tensor) -> int:
     """Tokens identical to the reference before the first divergence."""
     differ = (tokens.cpu() != reference.cpu()).nonzero()
@@ -265,13 +283,17 @@ def bench_shape(
     kv_prompt = DECODE_PROMPT
     for name, (model, _, hf) in runners.items():
         step(f"{shape}: deviation of {name}")
-        logits = _teacher_forced_logits(model, seq, hf)[DECODE_PROMPT - 1 :]
-        dtype = torch.float32 if hf else MODES[name][0]
+        if hf:
+            logits = _teacher_forced_logits(model, seq, hf)[DECODE_PROMPT - 1 :]
+        else:
+            logits = _decoded_logits(model, seq, DECODE_PROMPT)
+        dtype = next(model.parameters()).dtype
         nbytes = weight_bytes_per_token(model) + kv_bytes_read(config, dtype, kv_prompt, new_tokens)
         rows.append(
             Row(
                 shape=shape,
                 mode=name,
+                path="transformers" if hf else "native" if getattr(model, "native_decoder", None) else "torch",
                 decode_tok_s=statistics.median(decode[name]),
                 decode_runs=decode[name],
                 prefill_tok_s=statistics.median(prefill[name]),

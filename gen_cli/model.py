@@ -52,6 +52,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> 
     return torch.addcmul(x * cos, swapped, sin_signed)
 
 
+def check_context(config: ModelConfig, pos: int, new_tokens: int) -> None:
+    """Refuse positions past the context: the position tables end there."""
+    limit = config.context_length
+    if pos + new_tokens > limit:
+        raise UsageError(f"sequence of {pos + new_tokens} tokens exceeds the model's context length of {limit} tokens")
+
+
 def make_norm(config: ModelConfig) -> nn.Module:
     if config.norm == "rmsnorm":
         return nn.RMSNorm(config.d_model, eps=config.norm_eps)
@@ -186,9 +193,7 @@ class Transformer(nn.Module):
         """
         T = idx.shape[1]
         pos = cache.pos if cache is not None else 0
-        limit = self.config.context_length
-        if pos + T > limit:
-            raise UsageError(f"sequence of {pos + T} tokens exceeds the model's context length of {limit} tokens")
+        check_context(self.config, pos, T)
         x = self.tok_emb(idx)  # (B, T, d_model)
         rope = None
         kind = self.config.pos_encoding

@@ -115,11 +115,28 @@ def quantize_int8(model: Transformer) -> Transformer:
     return model
 
 
-def optimize_for_decode(model: Transformer, quantize: str = "none", compile: bool = False) -> Transformer:
-    """Make `model` inference-only and fast: fuse w1/w3, int8 weights or the GEMV layout, optional compile.
+def int8_activation_dtype(device: torch.device) -> str:
+    """The dtype int8-weight models compute in: fp32 through the native CPU step, else bfloat16.
 
-    fp32 results equal the unoptimised model's within float rounding; int8 changes them (measured by
-    `gen bench decode`). int8 on CPU wants bfloat16 activations: fp32 activations hit a slow kernel.
+    PyTorch's own CPU int8 kernel is ~20x slower with fp32 activations than with bf16 ones.
+    """
+    if device.type == "cpu":
+        from gen_cli.native import native_status
+
+        if native_status() == "ready":
+            return "float32"
+    return "bfloat16"
+
+
+def optimize_for_decode(
+    model: Transformer, quantize: str = "none", compile: bool = False, native: bool = True
+) -> Transformer:
+    """Make `model` inference-only and fast: fuse w1/w3, int8 weights, then the fastest decode path.
+
+    On the CPU with fp32 activations that is the native C step (`gen_cli/native.py`) when this machine
+    can compile it; otherwise oneDNN-prepacked weights, or torch.compile when asked. fp32 results equal
+    the unoptimised model's within float rounding; int8 changes them (measured by `gen bench decode`).
+    Call it after `.to(device, dtype)`: the native step points at the weights as they are then.
     """
     if quantize not in QUANTIZE_MODES:
         raise UsageError(f"unknown --quantize {quantize!r}; choose {', '.join(QUANTIZE_MODES)}")
@@ -130,15 +147,21 @@ def optimize_for_decode(model: Transformer, quantize: str = "none", compile: boo
     weight = model.lm_head.weight if isinstance(model.lm_head, nn.Linear) else None
     if quantize == "int8":
         quantize_int8(model)
-    elif (
-        weight is not None
+    if compile:
+        from gen_cli.generate import compile_model
+
+        return compile_model(model)
+    if native:
+        from gen_cli.native import NativeDecoder
+
+        if NativeDecoder.attach(model) is None:
+            return model  # single-token steps run natively; prompts keep PyTorch's GEMMs on plain weights
+    if (
+        quantize == "none"
+        and weight is not None
         and weight.device.type == "cpu"
         and weight.dtype in (torch.float32, torch.bfloat16)
         and _mkldnn_ok()
     ):
         _pack(model)
-    if compile:
-        from gen_cli.generate import compile_model
-
-        compile_model(model)
     return model

@@ -44,7 +44,7 @@ def packing(request, monkeypatch):
 @pytest.mark.parametrize("kv", [4, 2, 1])
 def test_fp32_fast_path_equals_reference(pos, kv, packing):
     ref, fast = _pair(pos_encoding=pos, n_kv_head=kv)
-    optimize_for_decode(fast)
+    optimize_for_decode(fast, native=False)  # PyTorch's own fast path (test_native.py covers the C step)
     assert any(isinstance(m, PackedLinear) for m in fast.modules()) == packing
     idx = torch.randint(0, 300, (2, 12))
     with torch.inference_mode():
@@ -68,7 +68,7 @@ def test_cached_equals_uncached_on_fast_paths(quantize, packing):
     _, fast = _pair(n_kv_head=2)
     if quantize == "int8":
         fast = fast.to(torch.bfloat16)
-    optimize_for_decode(fast, quantize=quantize)
+    optimize_for_decode(fast, quantize=quantize, native=False)
     prompt = torch.randint(0, 300, (2, 3))
     assert torch.equal(_greedy(fast, prompt, 12), _greedy(fast, prompt, 12, use_cache=False))
 
@@ -123,11 +123,11 @@ def test_cli_quantize_and_refusals(model_dir):
     def run(*args):
         return CliRunner().invoke(app, ["generate", "hi", "--model", str(model_dir), "--device", "cpu", *args])
 
-    ok = run("--quantize", "int8", "--max-new-tokens", "5", "--stats")
-    assert ok.exit_code == 0, ok.output
-    assert "int8 weights" in ok.stderr and "bfloat16" in ok.stderr
-    for args, message in ((["--quantize", "int8", "--dtype", "float32"], "computes in bfloat16"),
-                          (["--quantize", "int4"], "unknown --quantize"),
+    for args in (["--quantize", "int8"], ["--quantize", "int8", "--dtype", "bfloat16", "--no-native"]):
+        ok = run(*args, "--max-new-tokens", "5", "--stats")
+        assert ok.exit_code == 0, ok.output
+        assert "int8 weights" in ok.stderr
+    for args, message in ((["--quantize", "int4"], "unknown --quantize"),
                           (["--compile", "--no-kv-cache"], "--compile speeds up the cached")):  # fmt: skip
         bad = run(*args)
         assert bad.exit_code == 2 and message in bad.stderr and "Traceback" not in bad.output

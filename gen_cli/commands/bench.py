@@ -55,7 +55,10 @@ def bench_tokenizer_command(
 def bench_decode_command(
     shapes: str = typer.Option("small,base", "--shapes", help="Comma-separated presets to measure."),
     modes: str = typer.Option(
-        "fp32,bf16,int8", "--modes", help="gen modes: fp32, bf16, int8, fp32+compile, int8+compile."
+        "fp32,int8,fp32-torch,bf16",
+        "--modes",
+        help="gen modes: fp32, int8 (native C step where it can run), bf16, fp32-torch, int8-torch "
+        "(PyTorch ops, as --no-native), fp32+compile, int8+compile.",
     ),
     repeats: int = typer.Option(3, "--repeats", min=1, help="Timed runs per mode, interleaved; median reported."),
     new_tokens: int = typer.Option(256, "--new-tokens", min=2, help="Tokens generated per run."),
@@ -95,14 +98,15 @@ def bench_decode_command(
         f"median of {repeats}; bandwidth {context['bandwidth_gb_s']:.1f} GB/s measured"
     )
     table = Table(title=title)
-    columns = ("shape", "mode", "decode tok/s", "spread", "× HF", "× C ref", "prefill tok/s", "max |Δlogit|",
+    columns = ("shape", "mode", "path", "decode tok/s", "spread", "× HF", "× C ref", "prefill tok/s", "max |Δlogit|",
                "greedy =", "MB/token", "ceiling tok/s", "% ceiling", "compile s")  # fmt: skip
     for c in columns:
-        table.add_column(c, justify="left" if c in ("shape", "mode") else "right")
+        table.add_column(c, justify="left" if c in ("shape", "mode", "path") else "right")
     for r in rows:
         table.add_row(
             r.shape,
             r.mode,
+            r.path,
             f"{r.decode_tok_s:,.1f}",
             f"{min(r.decode_runs):,.0f}–{max(r.decode_runs):,.0f}",
             f"{r.vs_hf:.2f}×" if r.vs_hf else "",

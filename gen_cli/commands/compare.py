@@ -105,8 +105,8 @@ def compare_command(
     dtype: list[str] = typer.Option(
         None,
         "--dtype",
-        help="float32, bfloat16 (float16 on GPU), int8 (int8 weights, bf16 activations) (comma list). "
-        "\\[default: float32]",
+        help="float32, bfloat16 (float16 on GPU), int8 (int8 weights; fp32 activations via the native CPU step, "
+        "else bf16) (comma list). \\[default: float32]",
         show_default=False,
     ),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),

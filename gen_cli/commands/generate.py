@@ -179,7 +179,8 @@ def _print_stats(stats: dict[str, Any], source: str) -> None:
         f"KV cache         {stats['kv_cache_bytes_analytic']:,} B analytic, {stats['kv_cache_bytes']:,} B actual"
         + (f" ({match})" if stats["kv_cache_bytes"] else " (cache off)"),
         f"peak memory      {stats['peak_memory_bytes']:,} B ({stats['memory_method']})",
-        f"device           {stats['device']}   dtype {stats['dtype']}   threads {stats['threads']}",
+        f"device           {stats['device']}   dtype {stats['dtype']}   threads {stats['threads']}   "
+        f"decode path {stats['decode_path']}",
     ]
     err.print("\n".join(lines))
 
@@ -222,12 +223,18 @@ def generate_command(
     dtype_opt: str = typer.Option(
         None,
         "--dtype",
-        help="float32, bfloat16 or float16 (default float32; bfloat16 with --quantize int8).",
+        help="float32, bfloat16 or float16 (default float32; bfloat16 for --quantize int8 without the native step).",
         show_default=False,
     ),
     quantize: str = typer.Option("none", "--quantize", help="none, or int8: weight-only, per-output-channel scales."),
     compile_: bool = typer.Option(
         False, "--compile", help="torch.compile the model (slow start: tens of seconds; see gen bench decode)."
+    ),
+    native: bool = typer.Option(
+        True,
+        "--native/--no-native",
+        help="Run CPU decode steps (fp32 or int8 weights, batch ≤ 16) in gen's C kernel, compiled for this machine "
+        "on first use; without a C compiler, or with --no-native, PyTorch runs them.",
     ),
     threads: int = typer.Option(None, "--threads", help="CPU threads (default: torch's).", show_default=False),
     stream: bool = typer.Option(True, "--stream/--no-stream", help="Print text as it is generated."),
@@ -249,25 +256,22 @@ def generate_command(
     import torch
 
     from gen_cli.generate import check_lengths, run_generation
-    from gen_cli.quantize import QUANTIZE_MODES, optimize_for_decode
+    from gen_cli.quantize import QUANTIZE_MODES, int8_activation_dtype, optimize_for_decode
     from gen_cli.runtime import resolve_device, resolve_dtype, set_threads
 
     device = resolve_device(device_name)
     if quantize not in QUANTIZE_MODES:
         raise UsageError(f"unknown --quantize {quantize!r}; choose {', '.join(QUANTIZE_MODES)}")
     if dtype_opt is None:
-        # int8 weights on CPU need bf16 activations: the fp32-activation kernel is ~20x slower.
-        dtype_opt = "bfloat16" if quantize == "int8" and device.type == "cpu" else "float32"
+        dtype_opt = int8_activation_dtype(device) if quantize == "int8" else "float32"
     dtype = resolve_dtype(dtype_opt, device)
-    if quantize == "int8" and device.type == "cpu" and dtype == torch.float32:
-        raise UsageError("--quantize int8 computes in bfloat16 on CPU (fp32 activations are ~20x slower); drop --dtype")
     if compile_ and not kv_cache:
         raise UsageError("--compile speeds up the cached decode step; drop --no-kv-cache or --compile")
     set_threads(threads)
     model, tok, source = _load(model_dir, preset, tokenizer, attention, kv_heads, pos, device, dtype)
     # Inference-only fast paths (fused MLP, prepacked weights; int8 and compile when asked): fp32
     # results equal the plain model's within float rounding.
-    model = optimize_for_decode(model, quantize=quantize, compile=compile_)
+    model = optimize_for_decode(model, quantize=quantize, compile=compile_, native=native)
     if quantize != "none":
         source += f", {quantize} weights"
 

@@ -1,0 +1,235 @@
+"""The native decode step: `kernels/decode.c`, compiled for this machine and called through ctypes.
+
+`NativeDecoder.attach(model)` (done by `optimize_for_decode`) points the C structs at the model's own
+weight tensors, so nothing is copied; `decode_step` then routes single-token CPU steps of an fp32
+(or int8-weight) model here. Prompts, the no-cache oracle and every other device stay in PyTorch.
+
+The library is built once per source, compiler and CPU into gen's cache (`-march=native`: the
+binary is for this machine only). Without a working C compiler gen runs the PyTorch path, and
+`native_status()` says why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shlex
+import subprocess
+import tempfile
+from functools import cache
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from gen_cli.kv_cache import KVCache
+from gen_cli.model import Transformer, check_context
+from gen_cli.resources import cache_dir
+
+SOURCE = Path(__file__).with_name("kernels") / "decode.c"
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c11", "-shared", "-fPIC")
+# Batch rows one step takes: each weight row block is reused from L1 by every row, so a handful of
+# samples costs little more than one; larger batches are GEMMs, PyTorch's strength.
+MAX_BATCH = 16
+
+
+class _Matrix(ctypes.Structure):
+    _fields_ = [
+        ("data", ctypes.c_void_p),
+        ("scale", ctypes.c_void_p),
+        ("rows", ctypes.c_int64),
+        ("cols", ctypes.c_int64),
+    ]
+
+
+class _Norm(ctypes.Structure):
+    _fields_ = [("weight", ctypes.c_void_p), ("bias", ctypes.c_void_p)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [
+        ("attn_norm", _Norm),
+        ("mlp_norm", _Norm),
+        ("wqkv", _Matrix),
+        ("wo", _Matrix),
+        ("w13", _Matrix),
+        ("w2", _Matrix),
+        ("k_cache", ctypes.c_void_p),
+        ("v_cache", ctypes.c_void_p),
+    ]
+
+
+_SIZES = ("n_layer", "n_head", "n_kv_head", "head_dim", "d_model", "d_ff", "vocab", "max_tokens", "batch", "n_threads")
+_SCRATCH = ("x", "h", "qkv", "att", "ff", "scores", "xq", "xscale")
+
+
+class _Model(ctypes.Structure):
+    _fields_ = [
+        *((name, ctypes.c_int64) for name in _SIZES),
+        ("norm_eps", ctypes.c_float),
+        ("tok_emb", ctypes.c_void_p),
+        ("pos_table", ctypes.c_void_p),
+        ("rope_cos", ctypes.c_void_p),
+        ("rope_sin", ctypes.c_void_p),
+        ("layers", ctypes.POINTER(_Layer)),
+        ("final_norm", _Norm),
+        ("lm_head", _Matrix),
+        *((name, ctypes.c_void_p) for name in _SCRATCH),
+    ]
+
+
+def _compiler() -> list[str]:
+    return shlex.split(os.environ.get("CC", "cc"))
+
+
+def _build_key(cc: list[str]) -> str:
+    """Source, flags, compiler version and CPU: a change in any of them means a new binary."""
+    version = subprocess.run([*cc, "--version"], capture_output=True, text=True, check=True).stdout
+    cpu = ""
+    if Path("/proc/cpuinfo").is_file():
+        cpu = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    parts = (SOURCE.read_bytes(), " ".join(FLAGS).encode(), version.encode(), cpu.encode())
+    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+
+
+@cache
+def _library() -> ctypes.CDLL | str:
+    """The compiled kernel, or a one-line reason it is unavailable."""
+    cc = _compiler()
+    try:
+        out_dir = cache_dir() / "kernels"
+        target = out_dir / f"decode-{_build_key(cc)}.so"
+        if not target.is_file():
+            out_dir.mkdir(parents=True, exist_ok=True)
+            # Compile beside the target, then rename: a concurrent run never loads a half-written file.
+            fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".so.tmp")
+            os.close(fd)
+            try:
+                done = subprocess.run([*cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
+                if done.returncode != 0:
+                    return f"{cc[0]} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}"
+                os.replace(tmp, target)
+            finally:
+                Path(tmp).unlink(missing_ok=True)
+        lib = ctypes.CDLL(str(target))
+    except (OSError, subprocess.CalledProcessError) as exc:
+        return f"no native kernel ({exc.__class__.__name__}: {exc})"
+    lib.gen_decode_step.argtypes = [ctypes.POINTER(_Model), ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+    lib.gen_decode_step.restype = None
+    return lib
+
+
+def native_status() -> str:
+    """'ready', or why the native kernel cannot be used on this machine."""
+    lib = _library()
+    return lib if isinstance(lib, str) else "ready"
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _matrix(linear: nn.Module) -> _Matrix:
+    from gen_cli.quantize import Int8Linear
+
+    if isinstance(linear, Int8Linear):
+        return _Matrix(_ptr(linear.qweight), _ptr(linear.scale), *linear.qweight.shape)
+    return _Matrix(_ptr(linear.weight), None, *linear.weight.shape)
+
+
+def _norm(module: nn.Module) -> _Norm:
+    return _Norm(_ptr(module.weight), _ptr(getattr(module, "bias", None)))
+
+
+def supports(model: Transformer) -> str | None:
+    """None if the native step can run this model, else why not."""
+    from gen_cli.quantize import Int8Linear
+
+    params = list(model.parameters()) + list(model.buffers())
+    if any(p.device.type != "cpu" for p in params):
+        return "the model is not on the CPU"
+    if any(p.dtype not in (torch.float32, torch.int8) for p in params):
+        return "the native kernel runs fp32 activations (weights fp32 or int8)"
+    if any("w13" not in layer.mlp._modules for layer in model.layers):
+        return "the MLP is not fused (run optimize_for_decode)"
+    for module in model.modules():
+        if isinstance(module, nn.Linear | Int8Linear) and getattr(module, "bias", None) is not None:
+            return "linear layers with bias"
+    return None
+
+
+class NativeDecoder:
+    """Runs `decode_step` for one model through the C kernel; holds the structs that point into it."""
+
+    def __init__(self, model: Transformer, lib: ctypes.CDLL) -> None:
+        c = model.config
+        self.lib, self.config = lib, c
+        self.n_layer = c.n_layer
+        self._layers = (_Layer * c.n_layer)()
+        for i, block in enumerate(model.layers):
+            attn, mlp = block.attn, block.mlp
+            self._layers[i] = _Layer(
+                _norm(block.attn_norm), _norm(block.mlp_norm),
+                _matrix(attn.wqkv), _matrix(attn.wo), _matrix(mlp.w13), _matrix(mlp.w2),
+            )  # fmt: skip
+        pos_table = getattr(model, "sin_table", None)
+        if c.pos_encoding == "learned":
+            pos_table = model.pos_emb.weight
+        self._struct = _Model(
+            n_layer=c.n_layer, n_head=c.n_head, n_kv_head=c.n_kv_head, head_dim=c.head_dim,
+            d_model=c.d_model, d_ff=c.d_ff, vocab=c.vocab_size, norm_eps=c.norm_eps,
+            tok_emb=_ptr(model.tok_emb.weight), pos_table=_ptr(pos_table),
+            rope_cos=_ptr(getattr(model, "rope_cos", None)), rope_sin=_ptr(getattr(model, "rope_sin_signed", None)),
+            layers=self._layers, final_norm=_norm(model.norm), lm_head=_matrix(model.lm_head),
+        )  # fmt: skip
+        # The structs hold raw pointers: keep every tensor they point into alive with this decoder.
+        self._tensors = [*model.parameters(), *model.buffers()]
+        self._bound: tuple[int, ...] = ()
+        self._scratch: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def attach(cls, model: Transformer) -> str | None:
+        """Set `model.native_decoder` when the kernel can run this model; else return why not."""
+        lib = _library()
+        reason = lib if isinstance(lib, str) else supports(model)
+        model.native_decoder = None if reason else cls(model, lib)
+        return reason
+
+    def accepts(self, batch: int, cache: KVCache) -> bool:
+        """Whether a step of `batch` rows into `cache` runs here (else PyTorch runs it)."""
+        return batch <= MAX_BATCH and cache.dtype == torch.float32 and cache.device.type == "cpu"
+
+    def _bind(self, cache: KVCache, batch: int) -> None:
+        """Point the structs at this cache and size the scratch for `batch` rows (only when they change)."""
+        key = (*(t.data_ptr() for t in (*cache.k, *cache.v)), cache.max_tokens, batch, torch.get_num_threads())
+        if key == self._bound:
+            return
+        c, s = self.config, self._struct
+        width = max(c.d_model, c.d_ff)
+        shapes = {
+            "x": (batch, c.d_model), "h": (batch, width), "qkv": (batch, (c.n_head + 2 * c.n_kv_head) * c.head_dim),
+            "att": (batch, c.d_model), "ff": (batch, 2 * c.d_ff), "scores": (batch, c.n_head, cache.max_tokens),
+            "xq": (batch, width), "xscale": (batch,),
+        }  # fmt: skip
+        for name, shape in shapes.items():
+            dtype = torch.int16 if name == "xq" else torch.float32
+            self._scratch[name] = torch.empty(shape, dtype=dtype)
+            setattr(s, name, self._scratch[name].data_ptr())
+        for i in range(self.n_layer):
+            self._layers[i].k_cache, self._layers[i].v_cache = cache.k[i].data_ptr(), cache.v[i].data_ptr()
+        s.max_tokens, s.batch, s.n_threads = cache.max_tokens, batch, torch.get_num_threads()
+        self._bound = key
+
+    def __call__(self, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """token (B, 1) at cache.pos -> logits (B, vocab); writes this position's k/v and advances the cache."""
+        batch = token.shape[0]
+        check_context(self.config, cache.pos, 1)
+        if cache.pos + 1 > cache.max_tokens:
+            cache.advance(1)  # raises the cache's own "overflow" error
+        self._bind(cache, batch)
+        ids = token.reshape(batch).to(torch.int64).contiguous()  # (B,)
+        logits = torch.empty(batch, self.config.vocab_size)  # (B, vocab)
+        self.lib.gen_decode_step(ctypes.byref(self._struct), ids.data_ptr(), cache.pos, logits.data_ptr())
+        cache.advance(1)
+        return logits

@@ -1,0 +1,140 @@
+"""The native C decode step against the PyTorch model: same logits, same greedy tokens, same refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from gen_cli import native
+from gen_cli.errors import UsageError
+from gen_cli.generate import decode_step, generate, prefill, run_generation
+from gen_cli.kv_cache import KVCache
+from gen_cli.model import Transformer
+from gen_cli.quantize import optimize_for_decode
+from gen_cli.sampling import SamplingConfig
+
+pytestmark = pytest.mark.skipif(
+    shutil.which(shlex.split(os.environ.get("CC", "cc"))[0]) is None, reason="no C compiler on this machine"
+)
+GREEDY = SamplingConfig(temperature=0.0)
+
+
+def _models(quantize: str = "none", **changes) -> tuple[Transformer, Transformer]:
+    """(the same seeded model through PyTorch's fast path, and through the native step)."""
+    models = []
+    for use_native in (False, True):
+        torch.manual_seed(0)
+        models.append(optimize_for_decode(Transformer(tiny_config(**changes)).eval(), quantize, native=use_native))
+    torch_model, native_model = models
+    assert getattr(torch_model, "native_decoder", None) is None
+    assert native_model.native_decoder is not None, native.native_status()
+    return torch_model, native_model
+
+
+def _step_logits(model: Transformer, ids: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    """Logits (B, steps, V) of a prefill, then one decode step per remaining token of ids (B, T)."""
+    cache = KVCache(model.config, ids.shape[0], ids.shape[1])
+    with torch.inference_mode():
+        prefill(model, ids[:, :prompt_len], cache)
+        return torch.stack([decode_step(model, ids[:, t : t + 1], cache) for t in range(prompt_len, ids.shape[1])], 1)
+
+
+@pytest.mark.parametrize("pos", ["rope", "sinusoidal", "learned"])
+@pytest.mark.parametrize("norm", ["rmsnorm", "layernorm"])
+@pytest.mark.parametrize("kv", [4, 2, 1])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_native_step_equals_pytorch(pos, norm, kv, batch):
+    torch_model, native_model = _models(pos_encoding=pos, norm=norm, n_kv_head=kv)
+    ids = torch.randint(0, 300, (batch, 16))  # to the end of the 16-token context
+    want, got = _step_logits(torch_model, ids, 3), _step_logits(native_model, ids, 3)
+    assert torch.allclose(got, want, atol=1e-5, rtol=0), (got - want).abs().max()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("prompt_len", [1, 7, 15])
+def test_native_greedy_equals_the_no_cache_oracle(threads, prompt_len, monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)  # rows and heads split across threads
+    torch_model, native_model = _models(n_kv_head=2)
+    prompt = torch.randint(0, 300, (2, prompt_len))
+    n = 16 - prompt_len
+    oracle = torch.stack(list(generate(torch_model, prompt, n, GREEDY, use_cache=False)), 1)
+    assert torch.equal(torch.stack(list(generate(native_model, prompt, n, GREEDY)), 1), oracle)
+
+
+def test_native_int8_matches_pytorch_int8():
+    torch_model, native_model = _models("int8", n_kv_head=2)
+    ids = torch.randint(0, 300, (2, 16))
+    want, got = _step_logits(torch_model, ids, 4), _step_logits(native_model, ids, 4)
+    # The same int8 weights; the native step also rounds each input to int16 (relative error ≤ 2^-16).
+    assert (got - want).abs().max() <= 1e-3 * want.abs().max()
+
+
+def test_decode_path_is_reported_and_batch_limits_hold():
+    _, native_model = _models()
+    prompt = torch.randint(0, 300, (1, 4))
+    assert run_generation(native_model, prompt, 4, GREEDY).stats.decode_path == "native"
+    assert run_generation(native_model, prompt, 4, GREEDY, use_cache=False).stats.decode_path == "torch"
+    big = KVCache(native_model.config, native.MAX_BATCH + 1, 8)
+    assert not native_model.native_decoder.accepts(native.MAX_BATCH + 1, big)
+
+
+def test_native_step_refuses_past_the_context():
+    _, native_model = _models()
+    cache = KVCache(native_model.config, 1, 32)  # a cache larger than the 16-token context
+    cache.pos = 16
+    with pytest.raises(UsageError, match="context length of 16"):
+        decode_step(native_model, torch.tensor([[1]]), cache)
+
+
+def test_unsupported_models_keep_pytorch():
+    torch.manual_seed(0)
+    bf16 = optimize_for_decode(Transformer(tiny_config()).to(torch.bfloat16).eval())
+    assert bf16.native_decoder is None
+    assert "fp32 activations" in native.supports(bf16)
+
+
+@pytest.fixture
+def fresh_library():
+    native._library.cache_clear()
+    yield
+    native._library.cache_clear()
+
+
+def test_without_a_compiler_generation_falls_back(fresh_library, monkeypatch):
+    monkeypatch.setenv("CC", "no-such-compiler-gen")
+    assert "FileNotFoundError" in native.native_status()
+    torch.manual_seed(0)
+    model = optimize_for_decode(Transformer(tiny_config()).eval())
+    assert model.native_decoder is None
+    stats = run_generation(model, torch.randint(0, 300, (1, 4)), 4, GREEDY).stats
+    assert stats.decode_path == "torch" and stats.new_tokens == 4
+
+
+def test_a_failing_compile_names_the_compiler(fresh_library, monkeypatch, tmp_path):
+    monkeypatch.setenv("GEN_HOME", str(tmp_path))
+    monkeypatch.setenv("CC", "cc -DGEN_NO_SUCH_HEADER -include no_such_header_gen.h")
+    assert native.native_status().startswith("cc failed")
+    assert not list((tmp_path / "cache" / "kernels").glob("*.so*")), "a failed build leaves nothing behind"
+
+
+def test_cli_native_and_no_native(model_dir):
+    from typer.testing import CliRunner
+
+    from gen_cli.cli import app
+
+    def path(*args: str) -> str:
+        result = CliRunner().invoke(
+            app, ["generate", "hi", "--model", str(model_dir), "--max-new-tokens", "4", "--json", *args]
+        )
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)["stats"]["decode_path"]
+
+    assert path() == "native"
+    assert path("--no-native") == "torch"
+    assert path("--quantize", "int8") == "native"  # int8 weights, fp32 activations
