@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import mmap
 import os
 import shlex
 import subprocess
@@ -32,6 +33,7 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c11", "-shared", "-fPIC")
 # Batch rows one step takes: each weight row block is reused from L1 by every row, so a handful of
 # samples costs little more than one; larger batches are GEMMs, PyTorch's strength.
 MAX_BATCH = 16
+HUGE_PAGE = 2 << 20
 
 
 class _Matrix(ctypes.Structure):
@@ -126,16 +128,48 @@ def native_status() -> str:
     return lib if isinstance(lib, str) else "ready"
 
 
+def _huge_page_arena(nbytes: int) -> torch.Tensor:
+    """nbytes (uint8) of anonymous memory starting on a 2 MB boundary, advised to use huge pages."""
+    region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # shared memory gets no THP
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        region.madvise(mmap.MADV_HUGEPAGE)  # before first touch, so the pages are born huge
+    raw = torch.frombuffer(region, dtype=torch.uint8)  # the tensor keeps the mapping alive
+    skip = -raw.data_ptr() % HUGE_PAGE
+    return raw[skip : skip + nbytes]
+
+
+def _move_to_huge_pages(tensors: list[torch.Tensor]) -> None:
+    """Re-home the streamed weights in one huge-page arena, in place (module attributes keep working).
+
+    A decode step streams every matrix once; in 4 KB pages the hardware prefetcher stops at each page
+    boundary and every page costs a TLB miss (measured: a 98 MB matrix-vector product streamed
+    57 -> 65 GB/s in fp32 and 44-58 -> 63-66 GB/s in int8 with 2 MB pages).
+    """
+    unique = list({t.data_ptr(): t for t in tensors}.values())  # a tied head is the embedding
+    offsets, total = [], 0
+    for t in unique:
+        offsets.append(total)
+        total += -(-t.nbytes // 64) * 64  # each tensor on a cache line
+    arena = _huge_page_arena(total)
+    for t, start in zip(unique, offsets, strict=True):
+        view = arena[start : start + t.nbytes].view(t.dtype).view(t.shape)
+        view.copy_(t)
+        t.data = view
+
+
+def _streamed(linear: nn.Module) -> list[torch.Tensor]:
+    from gen_cli.quantize import Int8Linear
+
+    return [linear.qweight, linear.scale] if isinstance(linear, Int8Linear) else [linear.weight]
+
+
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
 def _matrix(linear: nn.Module) -> _Matrix:
-    from gen_cli.quantize import Int8Linear
-
-    if isinstance(linear, Int8Linear):
-        return _Matrix(_ptr(linear.qweight), _ptr(linear.scale), *linear.qweight.shape)
-    return _Matrix(_ptr(linear.weight), None, *linear.weight.shape)
+    weight, *scale = _streamed(linear)
+    return _Matrix(_ptr(weight), _ptr(scale[0]) if scale else None, *weight.shape)
 
 
 def _norm(module: nn.Module) -> _Norm:
@@ -165,6 +199,8 @@ class NativeDecoder:
     def __init__(self, model: Transformer, lib: ctypes.CDLL) -> None:
         c = model.config
         self.lib, self.config = lib, c
+        linears = [m for b in model.layers for m in (b.attn.wqkv, b.attn.wo, b.mlp.w13, b.mlp.w2)] + [model.lm_head]
+        _move_to_huge_pages([t for linear in linears for t in _streamed(linear)])
         self.n_layer = c.n_layer
         self._layers = (_Layer * c.n_layer)()
         for i, block in enumerate(model.layers):

@@ -138,3 +138,16 @@ def test_cli_native_and_no_native(model_dir):
     assert path() == "native"
     assert path("--no-native") == "torch"
     assert path("--quantize", "int8") == "native"  # int8 weights, fp32 activations
+
+
+def test_streamed_weights_move_to_huge_pages_unchanged():
+    torch.manual_seed(0)
+    model = Transformer(tiny_config()).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimize_for_decode(model)
+    head = model.lm_head.weight
+    assert head is model.tok_emb.weight and head.data_ptr() % 64 == 0  # tied: moved once, both see it
+    assert model.layers[0].attn.wqkv.weight.data_ptr() % native.HUGE_PAGE == 0  # the arena's first tensor
+    fused = torch.cat([before["layers.0.mlp.w1.weight"], before["layers.0.mlp.w3.weight"]])
+    assert torch.equal(model.layers[0].mlp.w13.weight, fused)
+    assert torch.equal(head, before["tok_emb.weight"])

@@ -106,14 +106,6 @@ static void quantize_rows(const Model *m, const float *x, int64_t n) {
     }
 }
 
-/* Ask for fp32 rows [r0, r1) ahead of use. Without it, fp32 weights that sit in L3 stream at the
- * hardware prefetcher's pace (measured: the small preset's fp32 step ~1.5x faster with it). int8 rows
- * are a quarter the bytes and gained nothing, so they are left to the hardware. */
-static void prefetch_rows(const float *w, int64_t r0, int64_t r1, int64_t cols) {
-    const char *p = (const char *)(w + r0 * cols), *end = (const char *)(w + r1 * cols);
-    for (; p < end; p += 64) __builtin_prefetch(p, 0, 0); /* read once per token: non-temporal */
-}
-
 static void matmul(const Model *m, const Matrix *w, const float *x, float *y, int accumulate) {
     const int64_t rows = w->rows, cols = w->cols, batch = m->batch;
     const int int8 = w->scale != NULL;
@@ -122,8 +114,6 @@ static void matmul(const Model *m, const Matrix *w, const float *x, float *y, in
 #pragma omp parallel for schedule(static) num_threads(m->n_threads)
     for (int64_t r0 = 0; r0 < rows; r0 += ROW_BLOCK) {
         int64_t r1 = r0 + ROW_BLOCK < rows ? r0 + ROW_BLOCK : rows;
-        int64_t ahead = r0 + 2 * ROW_BLOCK; /* the block after next */
-        if (!int8 && ahead < rows) prefetch_rows(w->data, ahead, ahead + ROW_BLOCK < rows ? ahead + ROW_BLOCK : rows, cols);
         for (int64_t b = 0; b < batch; b++) {
             for (int64_t r = r0; r < r1; r++) {
                 float v = int8 ? dot_i8((const int8_t *)w->data + r * cols, m->xq + b * cols, cols) *
