@@ -7,6 +7,7 @@ import json
 from typer.testing import CliRunner
 
 from gen_cli.cli import app
+from gen_cli.native import native_status
 
 runner = CliRunner()
 
@@ -20,6 +21,7 @@ def test_demo_json_reports_both_settings_and_identical_tokens(model_dir):
     on, off = data["kv_cache"]["on"], data["kv_cache"]["off"]
     assert on["kv_cache_bytes"] == on["kv_cache_bytes_analytic"] > 0
     assert off["kv_cache_bytes"] == 0
+    assert (on["decode_path"], off["decode_path"]) == ("native" if native_status() == "ready" else "torch", "torch")
     assert len(on["decode_tokens_per_s_samples"]) == 2
     assert data["speedup"] == on["decode_tokens_per_s"] / off["decode_tokens_per_s"]
 

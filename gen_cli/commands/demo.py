@@ -74,6 +74,7 @@ def demo_command(
             "ttft_s": statistics.median(r.stats.ttft_s for r in results),
             "kv_cache_bytes": results[0].stats.kv_cache_bytes,
             "kv_cache_bytes_analytic": results[0].stats.kv_cache_bytes_analytic,
+            "decode_path": results[0].stats.decode_path,
         }
     speedup = rows["on"]["decode_tokens_per_s"] / rows["off"]["decode_tokens_per_s"]
     if as_json:
@@ -89,7 +90,7 @@ def demo_command(
         )
         return
     table = Table(title=f"greedy, {prompt_ids.shape[1]}-token prompt + {tokens} new tokens, median of {repeats}")
-    for column in ("KV cache", "decode tok/s", "spread", "ms/token", "first token ms", "KV cache bytes"):
+    for column in ("KV cache", "decode tok/s", "spread", "ms/token", "first token ms", "KV cache bytes", "path"):
         table.add_column(column, justify="right")
     for name, row in rows.items():
         samples = row["decode_tokens_per_s_samples"]
@@ -100,6 +101,7 @@ def demo_command(
             f"{1000 / row['decode_tokens_per_s']:.2f}",
             f"{row['ttft_s'] * 1000:.1f}",
             f"{row['kv_cache_bytes']:,}",
+            row["decode_path"],
         )
     sys.stdout.write("\n")
     out_console().print(table)
