@@ -58,6 +58,7 @@ class Row:
     greedy_agree: int
     new_tokens: int
     bytes_per_token: int
+    bandwidth_gb_s: float  # measured in the same run, beside this shape's repeats
     ceiling_tok_s: float
     vs_hf: float | None = None
     vs_c: float | None = None
@@ -77,9 +78,19 @@ def hf_available() -> bool:
 
 
 def measure_bandwidth(device: torch.device, mib: int = 256) -> float:
-    """Memory bandwidth in bytes/s: the best of a timed large sum (read) and copy (read + write)."""
+    """Memory bandwidth in bytes/s: the best of a timed large sum (read) and copy (read + write).
+
+    On the CPU the buffer sits in 2 MB pages, as the native step's weights do, so the ceiling is
+    not set by a slower page size than gen's own kernel streams from.
+    """
     n = mib * 2**20 // 4
-    src = torch.randn(n, device=device)
+    if device.type == "cpu":
+        from gen_cli.native import huge_page_arena
+
+        src = huge_page_arena(4 * n).view(torch.float32)
+        src.normal_()
+    else:
+        src = torch.randn(n, device=device)
     dst = torch.empty_like(src)
     best = 0.0
     for op, moved in ((lambda: src.sum(), 4 * n), (lambda: dst.copy_(src), 8 * n)):
@@ -233,10 +244,14 @@ def bench_shape(
     new_tokens: int,
     device: torch.device,
     with_hf: bool,
-    bandwidth: float,
+    bandwidth: float | None = None,
     on_step: Callable[[str], None] | None = None,
 ) -> list[Row]:
-    """Measure every mode (and HF) on one preset shape; decode repeats interleaved across modes."""
+    """Measure every mode (and HF) on one preset shape; decode repeats interleaved across modes.
+
+    The bandwidth for the ceiling is measured once per round of repeats (this machine's bandwidth
+    drifts by tens of percent over minutes) and its median used, unless `bandwidth` is given.
+    """
     config = load_preset(shape)
     step = on_step or (lambda _msg: None)
     gen_ = torch.Generator().manual_seed(1)
@@ -271,7 +286,10 @@ def bench_shape(
     tokens: dict[str, torch.Tensor] = {}
     for model, timer, _ in runners.values():  # warm-up: allocator, thread pools, lazy init
         timer(model, decode_prompt, min(new_tokens, 16))
+    bandwidths = []
     for rep in range(repeats):
+        if bandwidth is None:
+            bandwidths.append(measure_bandwidth(device))
         for name, (model, timer, _) in runners.items():
             step(f"{shape}: {name} run {rep + 1}/{repeats}")
             rate, _, toks = timer(model, decode_prompt, new_tokens)
@@ -279,6 +297,7 @@ def bench_shape(
             tokens[name] = toks
             prefill[name].append(timer(model, prefill_prompt, 1)[1])
 
+    bandwidth = bandwidth or statistics.median(bandwidths)
     rows = []
     kv_prompt = DECODE_PROMPT
     for name, (model, _, hf) in runners.items():
@@ -302,6 +321,7 @@ def bench_shape(
                 greedy_agree=_agree(tokens[name], ref_tokens),
                 new_tokens=new_tokens,
                 bytes_per_token=nbytes,
+                bandwidth_gb_s=bandwidth / 1e9,
                 ceiling_tok_s=bandwidth / nbytes,
                 compile_s=compile_s.get(name),
             )
@@ -329,15 +349,14 @@ def bench_decode(
     if new_tokens < 2:
         raise UsageError("--new-tokens must be at least 2 (decode speed needs two steps)")
     device = torch.device(device)
-    bandwidth = measure_bandwidth(device)
     with_hf = hf_available()
     rows: list[Row] = []
     for shape in shapes:
-        rows += bench_shape(shape, modes, repeats, new_tokens, device, with_hf, bandwidth, on_step)
+        rows += bench_shape(shape, modes, repeats, new_tokens, device, with_hf, on_step=on_step)
     context = {
         "device": str(device),
         "threads": torch.get_num_threads(),
-        "bandwidth_gb_s": bandwidth / 1e9,
+        "bandwidth_gb_s": {shape: next(r.bandwidth_gb_s for r in rows if r.shape == shape) for shape in shapes},
         "transformers": _hf_version() if with_hf else None,
         "torch": torch.__version__,
         "repeats": repeats,

@@ -128,7 +128,7 @@ def native_status() -> str:
     return lib if isinstance(lib, str) else "ready"
 
 
-def _huge_page_arena(nbytes: int) -> torch.Tensor:
+def huge_page_arena(nbytes: int) -> torch.Tensor:
     """nbytes (uint8) of anonymous memory starting on a 2 MB boundary, advised to use huge pages."""
     region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # shared memory gets no THP
     if hasattr(mmap, "MADV_HUGEPAGE"):
@@ -150,7 +150,7 @@ def _move_to_huge_pages(tensors: list[torch.Tensor]) -> None:
     for t in unique:
         offsets.append(total)
         total += -(-t.nbytes // 64) * 64  # each tensor on a cache line
-    arena = _huge_page_arena(total)
+    arena = huge_page_arena(total)
     for t, start in zip(unique, offsets, strict=True):
         view = arena[start : start + t.nbytes].view(t.dtype).view(t.shape)
         view.copy_(t)
@@ -219,8 +219,10 @@ class NativeDecoder:
             rope_cos=_ptr(getattr(model, "rope_cos", None)), rope_sin=_ptr(getattr(model, "rope_sin_signed", None)),
             layers=self._layers, final_norm=_norm(model.norm), lm_head=_matrix(model.lm_head),
         )  # fmt: skip
-        # The structs hold raw pointers: keep every tensor they point into alive with this decoder.
-        self._tensors = [*model.parameters(), *model.buffers()]
+        # The structs hold raw pointers: keep the memory they point into alive with this decoder, even
+        # if the model is later moved (`.to()` swaps a parameter's data; a moved model's cache has
+        # another dtype or device, so `accepts` sends its steps to PyTorch).
+        self._memory = [t.detach() for t in (*model.parameters(), *model.buffers())]
         self._bound: tuple[int, ...] = ()
         self._scratch: dict[str, torch.Tensor] = {}
 

@@ -151,3 +151,11 @@ def test_streamed_weights_move_to_huge_pages_unchanged():
     fused = torch.cat([before["layers.0.mlp.w1.weight"], before["layers.0.mlp.w3.weight"]])
     assert torch.equal(model.layers[0].mlp.w13.weight, fused)
     assert torch.equal(head, before["tok_emb.weight"])
+
+
+def test_a_model_moved_after_attaching_runs_in_pytorch():
+    _, native_model = _models()
+    native_model.to(torch.bfloat16)  # the C structs still point at the fp32 weights, kept alive
+    tokens = torch.stack(list(generate(native_model, torch.randint(0, 300, (1, 3)), 6, GREEDY)), 1)
+    assert tokens.shape == (1, 6)
+    assert not native_model.native_decoder.accepts(1, KVCache(native_model.config, 1, 8, torch.bfloat16))

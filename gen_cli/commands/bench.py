@@ -95,7 +95,8 @@ def bench_decode_command(
         return
     title = (
         f"decode, batch 1, {new_tokens} new tokens, {context['device']}, {context['threads']} threads, "
-        f"median of {repeats}; bandwidth {context['bandwidth_gb_s']:.1f} GB/s measured"
+        f"median of {repeats}; bandwidth measured beside each shape: "
+        + ", ".join(f"{shape} {gb_s:.1f} GB/s" for shape, gb_s in context["bandwidth_gb_s"].items())
     )
     table = Table(title=title)
     columns = ("shape", "mode", "path", "decode tok/s", "spread", "× HF", "× C ref", "prefill tok/s", "max |Δlogit|",
