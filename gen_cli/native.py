@@ -18,8 +18,10 @@ import os
 import shlex
 import subprocess
 import tempfile
+import weakref
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -117,7 +119,13 @@ def _library() -> ctypes.CDLL | str:
         lib = ctypes.CDLL(str(target))
     except (OSError, subprocess.CalledProcessError) as exc:
         return f"no native kernel ({exc.__class__.__name__}: {exc})"
-    lib.gen_decode_step.argtypes = [ctypes.POINTER(_Model), ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+    lib.gen_decode_step.argtypes = [
+        ctypes.POINTER(_Model),
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_void_p,
+    ]
     lib.gen_decode_step.restype = None
     return lib
 
@@ -223,7 +231,8 @@ class NativeDecoder:
         # if the model is later moved (`.to()` swaps a parameter's data; a moved model's cache has
         # another dtype or device, so `accepts` sends its steps to PyTorch).
         self._memory = [t.detach() for t in (*model.parameters(), *model.buffers())]
-        self._bound: tuple[int, ...] = ()
+        self._struct_ref = ctypes.byref(self._struct)
+        self._bound: tuple[Any, ...] = ()
         self._scratch: dict[str, torch.Tensor] = {}
 
     @classmethod
@@ -240,8 +249,10 @@ class NativeDecoder:
 
     def _bind(self, cache: KVCache, batch: int) -> None:
         """Point the structs at this cache and size the scratch for `batch` rows (only when they change)."""
-        key = (*(t.data_ptr() for t in (*cache.k, *cache.v)), cache.max_tokens, batch, torch.get_num_threads())
-        if key == self._bound:
+        # A weak reference: a finished generation's cache is freed, and a new one is bound afresh.
+        bound = self._bound and self._bound[0]()
+        key = (weakref.ref(cache), batch, torch.get_num_threads())
+        if bound is cache and key[1:] == self._bound[1:]:
             return
         c, s = self.config, self._struct
         width = max(c.d_model, c.d_ff)
@@ -266,8 +277,11 @@ class NativeDecoder:
         if cache.pos + 1 > cache.max_tokens:
             cache.advance(1)  # raises the cache's own "overflow" error
         self._bind(cache, batch)
-        ids = token.reshape(batch).to(torch.int64).contiguous()  # (B,)
+        if token.dtype != torch.int64:
+            token = token.long()
         logits = torch.empty(batch, self.config.vocab_size)  # (B, vocab)
-        self.lib.gen_decode_step(ctypes.byref(self._struct), ids.data_ptr(), cache.pos, logits.data_ptr())
+        # Row b's id is at data_ptr + b * stride(0): a column of generate's id buffer needs no copy.
+        # (Each PyTorch op here costs tens of µs: the step has just streamed the caches cold.)
+        self.lib.gen_decode_step(self._struct_ref, token.data_ptr(), token.stride(0), cache.pos, logits.data_ptr())
         cache.advance(1)
         return logits

@@ -16,8 +16,11 @@
 #include <stdint.h>
 #include <string.h>
 
-#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#ifdef __AVX512F__
 #include <immintrin.h>
+#define GEN_AVX512 1
+#endif
+#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define GEN_VNNI 1
 #endif
 
@@ -64,10 +67,24 @@ typedef struct {
 enum { ROW_BLOCK = 4 };
 
 static float dot_f32(const float *restrict w, const float *restrict x, int64_t n) {
+#ifdef GEN_AVX512
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i), _mm512_loadu_ps(x + i), a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 16), _mm512_loadu_ps(x + i + 16), a1);
+    }
+    for (; i < n; i += 16) {
+        __mmask16 k = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+        a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, w + i), _mm512_maskz_loadu_ps(k, x + i), a0);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+#else
     float s = 0.f;
 #pragma omp simd reduction(+ : s)
     for (int64_t i = 0; i < n; i++) s += w[i] * x[i];
     return s;
+#endif
 }
 
 /* int8 weights against an int16-quantised input: exact integer dot products. Products are at most
@@ -203,11 +220,12 @@ static void swiglu(const Model *m) {
 
 /* ---- the step --------------------------------------------------------------------------------------- */
 
-/* tokens: (batch,) ids at position pos (the cache holds 0..pos-1); logits: (batch, vocab). */
-void gen_decode_step(const Model *m, const int64_t *tokens, int64_t pos, float *logits) {
+/* Row b's token id is tokens[b * token_stride], at position pos (the cache holds 0..pos-1);
+ * logits: (batch, vocab). */
+void gen_decode_step(const Model *m, const int64_t *tokens, int64_t token_stride, int64_t pos, float *logits) {
     const int64_t d = m->d_model;
     for (int64_t b = 0; b < m->batch; b++) {
-        memcpy(m->x + b * d, m->tok_emb + tokens[b] * d, d * sizeof(float));
+        memcpy(m->x + b * d, m->tok_emb + tokens[b * token_stride] * d, d * sizeof(float));
         if (m->pos_table)
             for (int64_t i = 0; i < d; i++) m->x[b * d + i] += m->pos_table[pos * d + i];
     }
