@@ -20,7 +20,7 @@ from gen_cli.errors import UsageError
 from gen_cli.generate import decode_step, model_dtype, prefill, run_generation
 from gen_cli.kv_cache import KVCache
 from gen_cli.model import Transformer
-from gen_cli.quantize import Int8Linear, PackedLinear, int8_activation_dtype, optimize_for_decode
+from gen_cli.quantize import Int8Linear, OneDNNLinear, int8_activation_dtype, optimize_for_decode
 from gen_cli.runtime import synchronize
 from gen_cli.sampling import SamplingConfig
 
@@ -112,9 +112,7 @@ def weight_bytes_per_token(model: torch.nn.Module) -> int:
     for m in model.modules():
         if isinstance(m, Int8Linear):
             total += m.qweight.numel() + m.scale.numel() * m.scale.element_size()
-        elif isinstance(m, PackedLinear):
-            total += m.in_features * m.out_features * m.packed.element_size()
-        elif isinstance(m, torch.nn.Linear):
+        elif isinstance(m, torch.nn.Linear | OneDNNLinear):
             total += m.weight.numel() * m.weight.element_size()
     emb = model.get_input_embeddings().weight if hasattr(model, "get_input_embeddings") else model.tok_emb.weight
     return total + emb.shape[1] * emb.element_size()  # one embedding row

@@ -9,7 +9,7 @@ from conftest import tiny_config
 from gen_cli import quantize as q
 from gen_cli.generate import generate
 from gen_cli.model import Transformer
-from gen_cli.quantize import Int8Linear, PackedLinear, optimize_for_decode
+from gen_cli.quantize import Int8Linear, OneDNNLinear, optimize_for_decode
 from gen_cli.sampling import SamplingConfig
 
 GREEDY = SamplingConfig(temperature=0.0)
@@ -45,12 +45,21 @@ def packing(request, monkeypatch):
 def test_fp32_fast_path_equals_reference(pos, kv, packing):
     ref, fast = _pair(pos_encoding=pos, n_kv_head=kv)
     optimize_for_decode(fast, native=False)  # PyTorch's own fast path (test_native.py covers the C step)
-    assert any(isinstance(m, PackedLinear) for m in fast.modules()) == packing
+    assert any(isinstance(m, OneDNNLinear) for m in fast.modules()) == packing
     idx = torch.randint(0, 300, (2, 12))
     with torch.inference_mode():
         assert torch.allclose(fast(idx), ref(idx), atol=1e-4, rtol=0)
     prompt = idx[:, :4]
     assert torch.equal(_greedy(fast, prompt, 12), _greedy(ref, prompt, 12))
+
+
+@pytest.mark.parametrize("rows", [17, 32, 33, 100])
+def test_prompt_gemm_pads_rows_to_a_power_of_two_and_matches_linear(rows):
+    if not q._mkldnn_ok():
+        pytest.skip("oneDNN is not available in this torch build")
+    torch.manual_seed(0)
+    w, x = torch.randn(48, 256), torch.randn(rows, 256)
+    assert torch.allclose(q.prompt_gemm(x, w), x @ w.t(), atol=1e-4)
 
 
 def test_fused_mlp_matches_separate_projections():
