@@ -24,7 +24,8 @@ from gen_cli.quantize import Int8Linear, OneDNNLinear, int8_activation_dtype, op
 from gen_cli.runtime import synchronize
 from gen_cli.sampling import SamplingConfig
 
-# A llama2.c-style C loop on the 2-core dev machine (fp32, 2 threads, 256 tokens): DESIGN.md.
+# Reference figures for a llama2.c-style C loop on the 2-core CPU machine of the README's table (fp32,
+# 2 threads, 256 tokens); fixed numbers, not measured in the run, so shown only for those shapes on CPU.
 C_REFERENCE_TOK_S = {"small": 850.0, "base": 105.0}
 # mode -> (activation dtype, quantize, compile, native); `gen generate` runs the first three modes by
 # default with the matching --dtype/--quantize, "-torch" modes with --no-native.
@@ -127,8 +128,8 @@ def kv_bytes_read(config: ModelConfig, dtype: torch.dtype, prompt: int, new_toke
 def build_gen(config: ModelConfig, mode: str, device: torch.device) -> Transformer:
     """The seeded model in `mode`, as `gen generate` builds it (compiling happens on the first run)."""
     dtype, quantize, compile, native = MODES[mode]
-    if quantize == "int8":
-        dtype = getattr(torch, int8_activation_dtype(device)) if native else dtype
+    if mode == "int8":  # fp32 activations need the native step; PyTorch's int8 kernel wants bf16
+        dtype = getattr(torch, int8_activation_dtype(device))
     torch.manual_seed(0)
     model = Transformer(config).to(device=device, dtype=dtype).eval()
     return optimize_for_decode(model, quantize=quantize, compile=compile, native=native)

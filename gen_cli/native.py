@@ -1,8 +1,9 @@
 """The native decode step: `kernels/decode.c`, compiled for this machine and called through ctypes.
 
-`NativeDecoder.attach(model)` (done by `optimize_for_decode`) points the C structs at the model's own
-weight tensors, so nothing is copied; `decode_step` then routes single-token CPU steps of an fp32
-(or int8-weight) model here. Prompts, the no-cache oracle and every other device stay in PyTorch.
+`NativeDecoder.attach(model)` (done by `optimize_for_decode`) moves the streamed weights into 2 MB
+pages, in place, and points the C structs at the model's own tensors; `decode_step` then routes
+single-token CPU steps of an fp32 (or int8-weight) model here. Prompts, the no-cache oracle and
+every other device stay in PyTorch.
 
 The library is built once per source, compiler and CPU into gen's cache (`-march=native`: the
 binary is for this machine only). Without a working C compiler gen runs the PyTorch path, and
@@ -138,7 +139,10 @@ def native_status() -> str:
 
 def huge_page_arena(nbytes: int) -> torch.Tensor:
     """nbytes (uint8) of anonymous memory starting on a 2 MB boundary, advised to use huge pages."""
-    region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # shared memory gets no THP
+    if not hasattr(mmap, "MAP_PRIVATE"):  # Windows: plain memory
+        return torch.empty(nbytes, dtype=torch.uint8)
+    # Private, not mmap's default shared mapping: shared memory gets no transparent huge pages.
+    region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if hasattr(mmap, "MADV_HUGEPAGE"):
         region.madvise(mmap.MADV_HUGEPAGE)  # before first touch, so the pages are born huge
     raw = torch.frombuffer(region, dtype=torch.uint8)  # the tensor keeps the mapping alive
@@ -150,8 +154,9 @@ def _move_to_huge_pages(tensors: list[torch.Tensor]) -> None:
     """Re-home the streamed weights in one huge-page arena, in place (module attributes keep working).
 
     A decode step streams every matrix once; in 4 KB pages the hardware prefetcher stops at each page
-    boundary and every page costs a TLB miss (measured: a 98 MB matrix-vector product streamed
-    57 -> 65 GB/s in fp32 and 44-58 -> 63-66 GB/s in int8 with 2 MB pages).
+    boundary and every page costs a TLB miss. Measured: a 98 MB matrix-vector product streamed 57 -> 65
+    GB/s in fp32 with 2 MB pages; whole decode steps gained 8% on the base shape, 4% on small (20
+    alternating runs each).
     """
     sharing: dict[int, list[torch.Tensor]] = {}  # a tied head and the embedding share their memory
     for t in tensors:

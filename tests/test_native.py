@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import shlex
 import shutil
 
@@ -121,6 +122,20 @@ def test_a_failing_compile_names_the_compiler(fresh_library, monkeypatch, tmp_pa
     monkeypatch.setenv("CC", "cc -DGEN_NO_SUCH_HEADER -include no_such_header_gen.h")
     assert native.native_status().startswith("cc failed")
     assert not list((tmp_path / "cache" / "kernels").glob("*.so*")), "a failed build leaves nothing behind"
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="builds for a plain x86-64 target")
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_the_portable_loops_equal_the_vector_paths(quantize, fresh_library, monkeypatch, tmp_path):
+    torch_model, _ = _models(quantize, n_kv_head=2)  # the fp32 or int8 model through PyTorch
+    monkeypatch.setenv("GEN_HOME", str(tmp_path))
+    monkeypatch.setattr(native, "FLAGS", tuple("-march=x86-64-v2" if f == "-march=native" else f for f in native.FLAGS))
+    native._library.cache_clear()
+    _, portable = _models(quantize, n_kv_head=2)  # no AVX-512: the plain C loops
+    assert len(list((tmp_path / "cache" / "kernels").glob("decode-*.so"))) == 1  # built here, for x86-64-v2
+    ids = torch.randint(0, 300, (2, 16))
+    want, got = _step_logits(torch_model, ids, 4), _step_logits(portable, ids, 4)
+    assert (got - want).abs().max() <= (1e-5 if quantize == "none" else 1e-3 * want.abs().max())
 
 
 def test_cli_native_and_no_native(model_dir):

@@ -123,7 +123,8 @@ def bench_decode_command(
     out_console().print(table)
     err.print(
         "deviation: vs gen's unoptimised fp32 on the fp32 greedy path (transformers holds the same weights); "
-        "'greedy =' counts tokens equal before the first divergence; C ref = llama2.c-style figures in DESIGN.md; "
+        "'greedy =' counts tokens equal before the first divergence; "
+        "C ref = fixed llama2.c-style figures (see README); "
         "ceiling = measured bandwidth / (weights in stored dtype + KV read) per token"
     )
 

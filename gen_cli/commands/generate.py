@@ -269,8 +269,8 @@ def generate_command(
         raise UsageError("--compile speeds up the cached decode step; drop --no-kv-cache or --compile")
     set_threads(threads)
     model, tok, source = _load(model_dir, preset, tokenizer, attention, kv_heads, pos, device, dtype)
-    # Inference-only fast paths (fused MLP, prepacked weights; int8 and compile when asked): fp32
-    # results equal the plain model's within float rounding.
+    # Inference-only fast paths (fused MLP, the native C decode step or prepacked weights; int8 and
+    # compile when asked): fp32 results equal the plain model's within float rounding.
     model = optimize_for_decode(model, quantize=quantize, compile=compile_, native=native)
     if quantize != "none":
         source += f", {quantize} weights"

@@ -10,7 +10,7 @@
  * gen_cli/native.py compiles this file with the machine's C compiler (-O3 -march=native -fopenmp),
  * fills the structs below with pointers into the model's torch tensors, and checks the logits against
  * the PyTorch path in the tests. Compiled for the machine it runs on, so no vector ISA is assumed:
- * the int8 kernel has an AVX-512 VNNI path and a portable loop.
+ * the dot products have AVX-512 (VNNI for int8) paths and portable loops, both tested.
  */
 #include <math.h>
 #include <stdint.h>
