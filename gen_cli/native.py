@@ -209,6 +209,12 @@ def supports(model: Transformer) -> str | None:
     return None
 
 
+def unavailable_reason(model: Transformer) -> str | None:
+    """Why the native step cannot run `model` here (no compiler, dtype, device…), or None if it can."""
+    status = native_status()
+    return status if status != "ready" else supports(model)
+
+
 class NativeDecoder:
     """Runs `decode_step` for one model through the C kernel; holds the structs that point into it."""
 
@@ -246,9 +252,8 @@ class NativeDecoder:
     @classmethod
     def attach(cls, model: Transformer) -> str | None:
         """Set `model.native_decoder` when the kernel can run this model; else return why not."""
-        lib = _library()
-        reason = lib if isinstance(lib, str) else supports(model)
-        model.native_decoder = None if reason else cls(model, lib)
+        reason = unavailable_reason(model)
+        model.native_decoder = None if reason else cls(model, _library())
         return reason
 
     def accepts(self, batch: int, cache: KVCache) -> bool:

@@ -117,6 +117,13 @@ def test_without_a_compiler_generation_falls_back(fresh_library, monkeypatch):
     assert stats.decode_path == "torch" and stats.new_tokens == 4
 
 
+def test_an_unwritable_cache_falls_back(fresh_library, monkeypatch, tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("GEN_HOME", str(blocker))  # the kernel cannot be built under a file
+    assert native.native_status().startswith("no native kernel")
+
+
 def test_a_failing_compile_names_the_compiler(fresh_library, monkeypatch, tmp_path):
     monkeypatch.setenv("GEN_HOME", str(tmp_path))
     monkeypatch.setenv("CC", "cc -DGEN_NO_SUCH_HEADER -include no_such_header_gen.h")
@@ -153,6 +160,11 @@ def test_cli_native_and_no_native(model_dir):
     assert path() == "native"
     assert path("--no-native") == "torch"
     assert path("--quantize", "int8") == "native"  # int8 weights, fp32 activations
+    stats = CliRunner().invoke(
+        app, ["generate", "hi", "--model", str(model_dir), "--max-new-tokens", "2", "--dtype", "bfloat16", "--stats"]
+    )
+    assert stats.exit_code == 0
+    assert "native step unavailable: the native kernel runs fp32" in " ".join(stats.stderr.split())  # unwrapped
 
 
 def test_streamed_weights_move_to_huge_pages_unchanged():

@@ -165,7 +165,17 @@ def _load(model_dir: Path | None, preset: str | None, tokenizer: Path | None, at
     return model, tok, str(directory)
 
 
-def _print_stats(stats: dict[str, Any], source: str) -> None:
+def _native_note(model: Any, native: bool, compiled: bool) -> str:
+    """Why the PyTorch path decodes although the native step was not turned off, for --stats."""
+    from gen_cli.native import unavailable_reason
+
+    if not native or compiled or getattr(model, "native_decoder", None) is not None:
+        return ""
+    reason = unavailable_reason(model)
+    return f" (native step unavailable: {escape(reason)})" if reason else ""
+
+
+def _print_stats(stats: dict[str, Any], source: str, path_note: str = "") -> None:
     def rate(v: float | None) -> str:
         return "n/a" if v is None else f"{v:,.1f} tok/s"
 
@@ -180,7 +190,7 @@ def _print_stats(stats: dict[str, Any], source: str) -> None:
         + (f" ({match})" if stats["kv_cache_bytes"] else " (cache off)"),
         f"peak memory      {stats['peak_memory_bytes']:,} B ({stats['memory_method']})",
         f"device           {stats['device']}   dtype {stats['dtype']}   threads {stats['threads']}   "
-        f"decode path {stats['decode_path']}",
+        f"decode path {stats['decode_path']}{path_note}",
     ]
     err.print("\n".join(lines))
 
@@ -318,7 +328,7 @@ def generate_command(
             sys.stdout.write(t + "\n")
             sys.stdout.flush()
     if show_stats:
-        _print_stats(stats, source)
+        _print_stats(stats, source, _native_note(model, native, compile_))
     if result.interrupted:
         err.print("interrupted")
         raise typer.Exit(130)
