@@ -93,7 +93,8 @@ def sample_next(
     generator: torch.Generator | None,
 ) -> torch.Tensor:
     """Next token ids (B,) from logits (B, V) and the ids so far (B, T), reproducible for a seeded generator."""
-    logits = logits.float()  # filters and softmax in fp32 whatever the model dtype
+    if logits.dtype != torch.float32:
+        logits = logits.float()  # filters and softmax in fp32 whatever the model dtype
     if history_ids is not None:
         logits = apply_repetition_penalty(logits, history_ids, cfg.repetition_penalty)
     if cfg.greedy:
