@@ -17,7 +17,7 @@ from gen_cli.errors import UsageError
 from gen_cli.generate import decode_step, generate, prefill, run_generation
 from gen_cli.kv_cache import KVCache
 from gen_cli.model import Transformer
-from gen_cli.quantize import optimize_for_decode
+from gen_cli.quantize import OneDNNLinear, _mkldnn_ok, optimize_for_decode
 from gen_cli.sampling import SamplingConfig
 
 pytestmark = pytest.mark.skipif(
@@ -186,3 +186,19 @@ def test_a_model_moved_after_attaching_runs_in_pytorch():
     tokens = torch.stack(list(generate(native_model, torch.randint(0, 300, (1, 3)), 6, GREEDY)), 1)
     assert tokens.shape == (1, 6)
     assert not native_model.native_decoder.accepts(1, KVCache(native_model.config, 1, 8, torch.bfloat16))
+
+
+def test_native_steps_after_onednn_prompts_on_a_wide_model():
+    """d_model 256 crosses the oneDNN threshold: prompts use prompt_gemm, steps the C kernel, same weights."""
+    wide = {"d_model": 256, "d_ff": 512, "n_head": 4, "n_kv_head": 2}
+    torch.manual_seed(0)
+    plain = Transformer(tiny_config(**wide)).eval()
+    torch.manual_seed(0)
+    fast = optimize_for_decode(Transformer(tiny_config(**wide)).eval())
+    assert fast.native_decoder is not None
+    assert any(isinstance(m, OneDNNLinear) for m in fast.modules()) == _mkldnn_ok()
+    ids = torch.randint(0, 300, (1, 16))
+    with torch.inference_mode():
+        want = plain(ids)[0, 12:]  # (4, V): positions 12..15 of a full forward
+    got = _step_logits(fast, ids, 12)[0]  # a 12-token prompt (its k/v from the GEMM), then 4 native steps
+    assert torch.allclose(got, want, atol=1e-4, rtol=0), (got - want).abs().max()
