@@ -1,8 +1,9 @@
-"""Inference-only fast paths: fused MLP, prepacked CPU weights, weight-only int8, torch.compile.
+"""Inference-only fast paths: fused MLP, the native C decode step, oneDNN for CPU products, weight-only
+int8, torch.compile.
 
-`optimize_for_decode(model, quantize=..., compile=...)` turns a trained or random `Transformer` into an
-inference-only one (its state_dict changes: w1/w3 become w13, int8 layers hold `qweight`/`scale`).
-Call it after `.to(device, dtype)`; generation code is unchanged.
+`optimize_for_decode(model, quantize=..., compile=..., native=...)` turns a trained or random
+`Transformer` into an inference-only one (its state_dict changes: w1/w3 become w13, int8 layers hold
+`qweight`/`scale`). Call it after `.to(device, dtype)`; generation code is unchanged.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from gen_cli.errors import UsageError
 from gen_cli.model import Transformer
 
 QUANTIZE_MODES = ("none", "int8")
-# Narrower matrices (d_model 32-96, the tiny preset) run slower packed: oneDNN's ~15 µs call overhead
-# outweighs what it saves; every matrix of the small (288) and base (768) presets runs faster packed.
+# Narrower matrices (d_model 32-96, the tiny preset) run slower through oneDNN: its ~15 µs call overhead
+# outweighs what it saves; every matrix of the small (288) and base (768) presets runs faster there.
 PACK_MIN_IN_FEATURES = 256
 # Inputs of at most this many rows (decode steps) take the prepacked weight; more rows (prompts, the
 # no-cache path) take oneDNN's GEMM on the plain weight (`prompt_gemm`).
