@@ -22,14 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gen_cli.config import ATTENTION_KINDS, POS_ENCODINGS, ModelConfig, kv_heads_for
+from gen_cli.config import ATTENTION_KINDS, POS_ENCODINGS, WEIGHT_SEED, ModelConfig, kv_heads_for
 from gen_cli.errors import GenError, UsageError
 
 # The --dtype names compare accepts. "int8" means int8 weights (per-channel scales), as `--quantize int8`:
 # fp32 activations through the native CPU step, else bfloat16.
 DTYPES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16", "int8")
 CANONICAL_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-WEIGHT_SEED = 0
 PROMPT_SEED = 1234
 
 
@@ -214,7 +213,7 @@ def measure(spec: Spec) -> dict[str, Any]:
     import torch
 
     from gen_cli.generate import run_generation
-    from gen_cli.model import Transformer
+    from gen_cli.model import random_model
     from gen_cli.quantize import int8_activation_dtype, optimize_for_decode
     from gen_cli.runtime import resolve_device, resolve_dtype, set_threads
     from gen_cli.sampling import SamplingConfig
@@ -225,8 +224,7 @@ def measure(spec: Spec) -> dict[str, Any]:
     dtype = resolve_dtype(int8_activation_dtype(device) if quantize == "int8" else spec.dtype, device)
     config = spec.config
     # Seeded by shape only: cache on/off and every dtype of one variant start from identical fp32 weights.
-    torch.manual_seed(WEIGHT_SEED)
-    model = Transformer(config).to(device).eval()
+    model = random_model(config).to(device)
     params = model.num_parameters()  # before optimising: packed or int8 weights are buffers, not parameters
     prompt = torch.randint(
         0, config.vocab_size, (spec.batch, spec.prompt_len), generator=torch.Generator().manual_seed(PROMPT_SEED)
@@ -246,8 +244,7 @@ def measure(spec: Spec) -> dict[str, Any]:
     # Correctness after timing, so the oracle's freed buffers cannot hide the timed runs' peak memory.
     greedy_match, max_diff, has_oracle = None, None, spec.kv_cache or spec.dtype != "float32"
     if has_oracle:
-        torch.manual_seed(WEIGHT_SEED)  # the same fp32 weights the variant was built from, unoptimised
-        oracle = Transformer(config).to(device).eval()
+        oracle = random_model(config).to(device)  # the same fp32 weights the variant was built from, unoptimised
         greedy_match, max_diff = check_against_oracle(model, oracle, prompt, spec.gen_len, spec.kv_cache)
     rates = [s.decode_tokens_per_s for s in runs if s.decode_tokens_per_s is not None]
     last = runs[-1]

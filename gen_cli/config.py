@@ -12,6 +12,9 @@ from gen_cli.errors import GenError, UsageError
 from gen_cli.resources import models_dir
 
 POS_ENCODINGS = ("rope", "sinusoidal", "learned")
+# Every tool that runs a shape without a trained model draws its weights from this seed, so their
+# figures refer to the same model (and --seed changes only the sampling).
+WEIGHT_SEED = 0
 NORMS = ("rmsnorm", "layernorm")
 ATTENTION_KINDS = ("mha", "gqa", "mqa")
 

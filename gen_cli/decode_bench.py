@@ -19,7 +19,7 @@ from gen_cli.config import ModelConfig, load_preset
 from gen_cli.errors import UsageError
 from gen_cli.generate import decode_step, model_dtype, prefill, run_generation
 from gen_cli.kv_cache import KVCache
-from gen_cli.model import Transformer
+from gen_cli.model import Transformer, random_model
 from gen_cli.quantize import Int8Linear, OneDNNLinear, int8_activation_dtype, optimize_for_decode
 from gen_cli.runtime import synchronize
 from gen_cli.sampling import SamplingConfig
@@ -128,10 +128,9 @@ def kv_bytes_read(config: ModelConfig, dtype: torch.dtype, prompt: int, new_toke
 def build_gen(config: ModelConfig, mode: str, device: torch.device) -> Transformer:
     """The seeded model in `mode`, as `gen generate` builds it (compiling happens on the first run)."""
     dtype, quantize, compile, native = MODES[mode]
-    if mode == "int8":  # fp32 activations need the native step; PyTorch's int8 kernel wants bf16
-        dtype = getattr(torch, int8_activation_dtype(device))
-    torch.manual_seed(0)
-    model = Transformer(config).to(device=device, dtype=dtype).eval()
+    if quantize == "int8":  # as `gen generate --quantize int8 [--no-native]` picks it
+        dtype = getattr(torch, int8_activation_dtype(device, native))
+    model = random_model(config).to(device=device, dtype=dtype)
     return optimize_for_decode(model, quantize=quantize, compile=compile, native=native)
 
 
@@ -255,11 +254,10 @@ def bench_shape(
     step = on_step or (lambda _msg: None)
     gen_ = torch.Generator().manual_seed(1)
     decode_prompt = torch.randint(0, config.vocab_size, (1, DECODE_PROMPT), generator=gen_).to(device)
-    prefill_len = min(PREFILL_PROMPT, config.context_length - 1)  # the tiny preset's context is 256
+    prefill_len = min(PREFILL_PROMPT, config.context_length - 1)  # for shapes with a shorter context
     prefill_prompt = torch.randint(0, config.vocab_size, (1, prefill_len), generator=gen_).to(device)
 
-    torch.manual_seed(0)
-    reference = Transformer(config).to(device).eval()  # unoptimised fp32: the oracle for every deviation
+    reference = random_model(config).to(device)  # unoptimised fp32: the oracle for every deviation
     ref_tokens = time_gen(reference, decode_prompt, new_tokens)[2]
     seq = torch.cat([decode_prompt[0], ref_tokens[:-1]])[None]  # (1, prompt + new - 1): greedy fp32 path
     ref_logits = _teacher_forced_logits(reference, seq, hf=False)[DECODE_PROMPT - 1 :]
@@ -305,7 +303,7 @@ def bench_shape(
             logits = _teacher_forced_logits(model, seq, hf)[DECODE_PROMPT - 1 :]
         else:
             logits = _decoded_logits(model, seq, DECODE_PROMPT)
-        dtype = next(model.parameters()).dtype
+        dtype = model_dtype(model)
         nbytes = weight_bytes_per_token(model) + kv_bytes_read(config, dtype, kv_prompt, new_tokens)
         rows.append(
             Row(

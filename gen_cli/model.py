@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gen_cli.config import ModelConfig
+from gen_cli.config import WEIGHT_SEED, ModelConfig
 from gen_cli.errors import UsageError
 from gen_cli.kv_cache import KVCache
 
@@ -220,3 +220,9 @@ class Transformer(nn.Module):
         if last_only:
             x = x[:, -1:, :]  # (B, 1, d_model)
         return self.lm_head(self.norm(x))  # (B, T or 1, vocab)
+
+
+def random_model(config: ModelConfig) -> Transformer:
+    """A model of this shape with gen's fixed random weights (seed WEIGHT_SEED), in eval mode."""
+    torch.manual_seed(WEIGHT_SEED)
+    return Transformer(config).eval()

@@ -194,8 +194,6 @@ def _norm(module: nn.Module) -> _Norm:
 
 def supports(model: Transformer) -> str | None:
     """None if the native step can run this model, else why not."""
-    from gen_cli.quantize import Int8Linear
-
     params = list(model.parameters()) + list(model.buffers())
     if any(p.device.type != "cpu" for p in params):
         return "the model is not on the CPU"
@@ -203,9 +201,6 @@ def supports(model: Transformer) -> str | None:
         return "the native kernel runs fp32 activations (weights fp32 or int8)"
     if any("w13" not in layer.mlp._modules for layer in model.layers):
         return "the MLP is not fused (run optimize_for_decode)"
-    for module in model.modules():
-        if isinstance(module, nn.Linear | Int8Linear) and getattr(module, "bias", None) is not None:
-            return "linear layers with bias"
     return None
 
 
@@ -223,7 +218,6 @@ class NativeDecoder:
         self.lib, self.config = lib, c
         linears = [m for b in model.layers for m in (b.attn.wqkv, b.attn.wo, b.mlp.w13, b.mlp.w2)] + [model.lm_head]
         _move_to_huge_pages([t for linear in linears for t in _streamed(linear)] + [model.tok_emb.weight])
-        self.n_layer = c.n_layer
         self._layers = (_Layer * c.n_layer)()
         for i, block in enumerate(model.layers):
             attn, mlp = block.attn, block.mlp
@@ -278,7 +272,7 @@ class NativeDecoder:
             dtype = torch.int16 if name == "xq" else torch.float32
             self._scratch[name] = torch.empty(shape, dtype=dtype)
             setattr(s, name, self._scratch[name].data_ptr())
-        for i in range(self.n_layer):
+        for i in range(c.n_layer):
             self._layers[i].k_cache, self._layers[i].v_cache = cache.k[i].data_ptr(), cache.v[i].data_ptr()
         s.max_tokens, s.batch, s.n_threads = cache.max_tokens, batch, torch.get_num_threads()
         self._bound = key

@@ -136,19 +136,19 @@ def _to_onednn(model: Transformer, pack_decode: bool) -> None:
 
 def quantize_int8(model: Transformer) -> Transformer:
     """Replace every linear (the lm head included) by an Int8Linear in the model's dtype; in place."""
-    dtype = next(model.parameters()).dtype
     _untie(model)
     for parent, name, lin in _linears(model):
-        setattr(parent, name, Int8Linear(lin.weight, dtype).to(lin.weight.device))
+        setattr(parent, name, Int8Linear(lin.weight, lin.weight.dtype))  # built on the weight's device
     return model
 
 
-def int8_activation_dtype(device: torch.device) -> str:
+def int8_activation_dtype(device: torch.device, native: bool = True) -> str:
     """The dtype int8-weight models compute in: fp32 through the native CPU step, else bfloat16.
 
-    PyTorch's own CPU int8 kernel is ~20x slower with fp32 activations than with bf16 ones.
+    PyTorch's own CPU int8 kernel is ~20x slower with fp32 activations than with bf16 ones, so
+    without the native step (`native=False`, or none on this machine) int8 computes in bfloat16.
     """
-    if device.type == "cpu":
+    if native and device.type == "cpu":
         from gen_cli.native import native_status
 
         if native_status() == "ready":

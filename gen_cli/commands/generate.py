@@ -23,8 +23,6 @@ if TYPE_CHECKING:
     from gen_cli.model import Transformer
 
 REPLACEMENT = "\ufffd"
-# Random weights are always drawn from this seed, so --seed changes only the sampling.
-WEIGHT_SEED = 0
 
 
 @dataclass
@@ -82,12 +80,6 @@ def _read_prompt(prompt: str) -> str:
     return sys.stdin.read() if prompt == "-" else prompt
 
 
-def _tokenizer_path(path: Path | None) -> Path:
-    from gen_cli.commands.text import resolve_tokenizer_path
-
-    return resolve_tokenizer_path(path)
-
-
 def _check_options(
     model_dir: Path | None,
     preset: str | None,
@@ -122,15 +114,14 @@ def _check_options(
 def _preset_model(
     preset: str, tokenizer_path: Path | None, attention: str | None, kv_heads: int | None, pos: str | None
 ) -> tuple[Transformer, Tokenizer, str]:
-    import torch
-
-    from gen_cli.model import Transformer
+    from gen_cli.commands.text import resolve_tokenizer_path
+    from gen_cli.model import random_model
 
     config = load_preset(preset)
     changes: dict[str, Any] = {"n_kv_head": kv_heads_for(config.n_head, attention, kv_heads)}
     if pos is not None:
         changes["pos_encoding"] = pos
-    path = _tokenizer_path(tokenizer_path)
+    path = resolve_tokenizer_path(tokenizer_path)
     tok = load_tokenizer(path)
     if tok.get_vocab_size() != config.vocab_size:
         err.print(
@@ -138,8 +129,7 @@ def _preset_model(
         )
         changes["vocab_size"] = tok.get_vocab_size()
     config = config.replace(**changes)
-    torch.manual_seed(WEIGHT_SEED)
-    model = Transformer(config)
+    model = random_model(config)
     err.print(
         f"[yellow]random weights[/]: preset {preset} ({config.attention_kind}, {config.n_kv_head} KV heads, "
         f"{config.pos_encoding}); the text will be gibberish"
@@ -273,7 +263,7 @@ def generate_command(
     if quantize not in QUANTIZE_MODES:
         raise UsageError(f"unknown --quantize {quantize!r}; choose {', '.join(QUANTIZE_MODES)}")
     if dtype_opt is None:
-        dtype_opt = int8_activation_dtype(device) if quantize == "int8" else "float32"
+        dtype_opt = int8_activation_dtype(device, native) if quantize == "int8" else "float32"
     dtype = resolve_dtype(dtype_opt, device)
     if compile_ and not kv_cache:
         raise UsageError("--compile speeds up the cached decode step; drop --no-kv-cache or --compile")
