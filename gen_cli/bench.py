@@ -52,9 +52,6 @@ class Spec:
     def config(self) -> ModelConfig:
         return ModelConfig.from_dict(self.shape)
 
-    def workload(self) -> tuple[int, int, int]:
-        return (self.prompt_len, self.gen_len, self.batch)
-
     def variant(self) -> tuple[str, int, str]:
         """What training would distinguish: attention kind, KV heads, positions."""
         return (self.attention, self.shape["n_kv_head"], self.shape["pos_encoding"])
@@ -170,20 +167,21 @@ def _greedy_steps(model: Any, prompt: Any, gen_len: int, use_cache: bool) -> Ite
     """Yield (fp32 logits (B, V), greedy token (B,)) per generated token, with or without the cache."""
     import torch
 
-    from gen_cli.generate import decode_step, new_cache, prefill
+    from gen_cli.generate import _full_forward, decode_step, new_cache, prefill
 
     # No `with inference_mode()` around a yield: two generators in lockstep would unwind it out of order.
     cache = new_cache(model, prompt, gen_len, 1) if use_cache else None
     ids, token = prompt, None
     for step in range(gen_len):
         with torch.inference_mode():
-            if step == 0:
-                logits = prefill(model, prompt, cache) if cache is not None else model(ids, last_only=True)[:, -1]
-            elif cache is not None:
-                logits = decode_step(model, token[:, None], cache)
-            else:
+            if step > 0:
                 ids = torch.cat([ids, token[:, None]], dim=1)  # (B, T+step)
-                logits = model(ids, last_only=True)[:, -1]
+            if cache is None:
+                logits = _full_forward(model, ids)
+            elif step == 0:
+                logits = prefill(model, prompt, cache)
+            else:
+                logits = decode_step(model, token[:, None], cache)
             token = logits.argmax(dim=-1)  # (B,)
             logits = logits.float()
         yield logits, token
@@ -368,13 +366,14 @@ def environment(rows: list[dict[str, Any]], shape: ModelConfig, shape_source: st
 
     devices = sorted({r["device"] for r in rows})
     gpu = torch.cuda.get_device_name(0) if any(d.startswith("cuda") for d in devices) else None
+    cpu = cpu_name()  # reads /proc/cpuinfo
     return {
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
         "device": ", ".join(devices),
-        "device_name": gpu or cpu_name(),
-        "cpu": cpu_name(),
+        "device_name": gpu or cpu,
+        "cpu": cpu,
         "gpu": gpu,
         "dtypes": sorted({r["dtype"] for r in rows}),
         "threads": sorted({r["threads"] for r in rows}),

@@ -32,11 +32,13 @@ _MPL_COLORS = ("tab:cyan", "tab:purple", "tab:olive", "tab:green", "tab:red", "t
 def human_bytes(n: float | None) -> str:
     if n is None:
         return "—"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+    if abs(n) < 1024:
+        return f"{n:.0f} B"
+    for unit in ("KiB", "MiB"):
         n /= 1024
-    return f"{n:.1f} GiB"
+        if abs(n) < 1024:
+            return f"{n:.1f} {unit}"
+    return f"{n / 1024:.1f} GiB"
 
 
 def _num(v: float | None, fmt: str) -> str:
@@ -123,10 +125,10 @@ def env_lines(env: dict[str, Any]) -> list[str]:
 
 def rich_table(result: dict[str, Any]) -> Table:
     rows = result["rows"]
-    first = rows[0] if rows else {}
-    title = (
-        f"gen compare: prompt {first.get('prompt_len')}, generate {first.get('gen_len')}, batch {first.get('batch')}"
-    )
+    # Workload settings shared by every row go in the title; the ones that vary get columns instead.
+    shared = [f"{label} {rows[0][key]}" for key, label in (("prompt_len", "prompt"), ("gen_len", "generate"),
+              ("batch", "batch")) if rows and not _varying(rows, key)]  # fmt: skip
+    title = "gen compare" + (f": {', '.join(shared)}" if shared else "")
     table = Table(title=title, caption="\n".join(env_lines(result["env"])), caption_justify="left")
     cols = columns(rows)
     for head, _ in cols:

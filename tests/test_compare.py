@@ -154,7 +154,7 @@ def test_cli_json_through_the_real_subprocess_path():
     (row,) = data["rows"]
     assert row["kv_cache"] is True and row["greedy_match"] is True
     assert row["kv_cache_bytes_measured"] == row["kv_cache_bytes_analytic"] > 0
-    assert row["peak_memory_bytes"] >= 0 and row["memory_method"]
+    assert row["memory_method"]
 
 
 def test_cli_gqa_gets_mha_baseline_and_writes_every_format(tmp_path):
@@ -207,13 +207,13 @@ def test_cli_bad_input_is_one_line_exit_2(args, message):
     assert len(result.output.strip().splitlines()) == 1
 
 
-def test_cli_unwritable_output_refused_before_running(tmp_path):
+def test_cli_unwritable_output_refused_before_running(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "run_grid", lambda *a, **k: pytest.fail("the grid ran before the refusal"))
     blocker = tmp_path / "file.txt"
     blocker.write_text("x")
     for target in (tmp_path, blocker / "out.json"):
         result = invoke(*FAST, "--in-process", "-o", str(target))
         assert result.exit_code == 2, result.output
-        assert "compare" not in result.output  # refused before any table was rendered
     assert blocker.read_text() == "x"
 
 

@@ -339,14 +339,6 @@ def _config_for(target: str) -> tuple[ModelConfig, str]:
     raise UsageError(f"{target!r} is neither a model directory nor a preset; presets: {', '.join(preset_names())}")
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
-
-
 def model_info(config: ModelConfig) -> dict[str, Any]:
     """Parameter count, attention kind, KV-cache and weight memory figures for a config."""
     import torch
@@ -372,6 +364,8 @@ def info_command(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Show a model's configuration, parameter count and what its KV cache and weights cost."""
+    from gen_cli.report import human_bytes
+
     config, source = _config_for(target or str(default_model_dir()))
     info = {"source": source, **model_info(config)}
     if as_json:
@@ -388,7 +382,7 @@ def info_command(
     for label, key in (("KV bytes / token", "kv_bytes_per_token"), ("KV at full context", "kv_bytes_full_context"),
                        ("weights", "weight_bytes")):  # fmt: skip
         v = info[key]
-        table.add_row(label, f"{_human(v['float32'])} fp32, {_human(v['bfloat16'])} bf16")
+        table.add_row(label, f"{human_bytes(v['float32'])} fp32, {human_bytes(v['bfloat16'])} bf16")
     out_console().print(table)
 
 
