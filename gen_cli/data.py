@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import math
 import sys
@@ -95,14 +96,10 @@ def token_file_key(tok: Tokenizer, corpus: Corpus, split: str) -> str:
 
 def _document_ids(tok: Tokenizer, corpus: Corpus, split: str, eot: int) -> Iterator[list[int]]:
     """Per document: [EOT, ids…]; documents encoded in batches so the Rust side runs in parallel."""
-    batch: list[str] = []
-    for text in [*corpus.texts(split), None]:
-        if text is not None:
-            batch.append(text)
-        if batch and (text is None or len(batch) == _ENCODE_BATCH):
-            for enc in tok.encode_batch(batch, add_special_tokens=False):
-                yield [eot, *enc.ids]
-            batch = []
+    texts = iter(corpus.texts(split))  # streamed: only one batch of documents is in memory
+    while batch := list(itertools.islice(texts, _ENCODE_BATCH)):
+        for enc in tok.encode_batch(batch, add_special_tokens=False):
+            yield [eot, *enc.ids]
 
 
 def tokenize_split(tok: Tokenizer, corpus: Corpus, split: str, folder: Path | None = None) -> TokenFile:
@@ -295,8 +292,10 @@ def save_train_state(
     args: dict,
     config: ModelConfig,
     tokenizer: Tokenizer,
+    tokens_seen: int | None,
 ) -> None:
-    """Write weights, AdamW moments, RNG states and the step as one self-consistent file, atomically."""
+    """Write weights, AdamW moments, RNG states, the step and the tokens trained on so far as one
+    self-consistent file, atomically."""
     import safetensors.torch
     import torch
 
@@ -315,6 +314,8 @@ def save_train_state(
         "config": json.dumps(config.to_dict()),
         "tokenizer": tokenizer.to_str(),
     }
+    if tokens_seen is not None:  # unknown when resumed from a state that predates the count
+        metadata["tokens_seen"] = str(tokens_seen)
     with atomic_path(path) as tmp:
         safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
 
@@ -328,6 +329,7 @@ class TrainState:
     config: ModelConfig
     tokenizer_json: str
     tensors: dict[str, torch.Tensor]
+    tokens_seen: int | None  # None for a state written before it was recorded
 
     def apply(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator) -> None:
         """Restore weights, optimizer moments and RNG states exactly."""
@@ -364,7 +366,8 @@ def load_train_state(folder: Path) -> TrainState:
         if meta.get("format") != STATE_FORMAT:
             raise ValueError(f"format {meta.get('format')!r}")
         config = ModelConfig.from_dict(json.loads(meta["config"]), source=str(path))
-        return TrainState(int(meta["step"]), json.loads(meta["args"]), config, meta["tokenizer"], tensors)
+        seen = int(meta["tokens_seen"]) if "tokens_seen" in meta else None
+        return TrainState(int(meta["step"]), json.loads(meta["args"]), config, meta["tokenizer"], tensors, seen)
     except GenError:
         raise
     except Exception as e:
@@ -383,7 +386,9 @@ def check_out_dir(out: Path, force: bool) -> None:
 
 
 def clear_run(out: Path) -> None:
-    for name in (STATE_FILE, METRICS_FILE, "config.json", "model.safetensors", "tokenizer.json"):
+    from gen_cli.checkpoint import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE
+
+    for name in (STATE_FILE, METRICS_FILE, CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE):
         (out / name).unlink(missing_ok=True)
 
 

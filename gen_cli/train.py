@@ -105,7 +105,7 @@ class TrainSummary:
     val_perplexity: float | None
     val_bits_per_byte: float | None
     parameters: int
-    tokens_seen: int
+    tokens_seen: int | None  # None when resumed from a state that predates the count
     seconds: float
     tokens_per_s: float
     device: str
@@ -139,7 +139,7 @@ def lr_at(step: int, steps: int, lr: float, warmup: int, min_lr: float) -> float
 
 def build_config(args: TrainArgs, vocab_size: int, base: ModelConfig | None = None) -> ModelConfig:
     """The model shape: preset (or `base`), then size and architecture overrides; vocab from the tokenizer."""
-    base = base or load_preset(args.preset or DEFAULTS["preset"])
+    base = base or load_preset(args.preset)
     heads = args.heads or base.n_head
     changes: dict[str, Any] = {"vocab_size": vocab_size, "n_head": heads}
     if args.attention is not None or args.kv_heads is not None:
@@ -179,7 +179,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
     embedding = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     decay, plain = [], []
-    for _, p in model.named_parameters():
+    for p in model.parameters():
         (decay if p.dim() >= 2 and id(p) not in embedding else plain).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
 
@@ -213,8 +213,10 @@ def init_distributed(device_name: str) -> Dist:
     import torch
     import torch.distributed as dist
 
+    from gen_cli.runtime import resolve_device
+
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = device_name in ("auto", "cuda") and torch.cuda.is_available()
+    use_cuda = resolve_device(device_name).type == "cuda"
     if use_cuda:
         torch.cuda.set_device(local)
     if not dist.is_initialized():
@@ -351,6 +353,8 @@ def _train(args: TrainArgs, report: Reporter, dist: Dist) -> TrainSummary:
 
     state = load_train_state(Path(args.resume)) if args.resume else None
     a = resolve_args(args, state.args if state else None)
+    if state is not None and state.step >= a.steps:  # before any tokenizing or model building
+        raise UsageError(f"the run already finished its {a.steps} steps; pass a larger --steps to continue")
     if args.resume and not args.out:
         out = Path(args.resume)
     else:
@@ -412,12 +416,10 @@ def _train(args: TrainArgs, report: Reporter, dist: Dist) -> TrainSummary:
     model = Transformer(config).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, a.weight_decay), lr=a.lr, betas=(0.9, 0.95), eps=1e-8)
     generator = torch.Generator().manual_seed(a.seed)
-    start = 0
+    start, tokens_before = 0, 0
     if state is not None:
         state.apply(model, optimizer, generator)
-        start = state.step
-        if start >= a.steps:
-            raise UsageError(f"the run already finished its {a.steps} steps; pass a larger --steps to continue")
+        start, tokens_before = state.step, state.tokens_seen
         state = None  # free the CPU copies
     fwd: Any = torch.compile(model) if a.compile else model
     if dist.world > 1:
@@ -437,7 +439,8 @@ def _train(args: TrainArgs, report: Reporter, dist: Dist) -> TrainSummary:
     def save(step: int) -> None:
         saved_step[0] = step
         if dist.main:
-            save_train_state(out / STATE_FILE, model, optimizer, generator, step, dataclasses.asdict(a), config, tok)
+            save_train_state(out / STATE_FILE, model, optimizer, generator, step, dataclasses.asdict(a), config, tok,
+                             tokens_seen(step))  # fmt: skip
             save_model(out, model, tok)
 
     def log(record: dict) -> None:
@@ -448,14 +451,19 @@ def _train(args: TrainArgs, report: Reporter, dist: Dist) -> TrainSummary:
     def run_eval(step: int) -> EvalResult:
         res = evaluate(model, val_data, byte_table, context, a.batch_size, device, amp,
                        max_tokens=a.eval_batches * a.batch_size * context)  # fmt: skip
-        log({"step": step, "val_loss": res.loss, "val_perplexity": res.perplexity,
-             "val_bits_per_byte": res.bits_per_byte, "val_tokens": res.tokens, "val_bytes": res.bytes})  # fmt: skip
+        log({"step": step, **{f"val_{k}": v for k, v in dataclasses.asdict(res).items()}})
         report(EvalEvent(step, res))
         return res
 
     B, T = a.batch_size, context
     n_starts = len(train_data) - T  # a window of T+1 tokens fits at starts 0 … N-T-1
     step_tokens = dist.world * B * a.grad_accum * T
+    max_norm = a.grad_clip if a.grad_clip > 0 else math.inf
+
+    def tokens_seen(step: int) -> int | None:
+        """Tokens trained on up to `step`: earlier runs' count plus this run's (its batch and world size)."""
+        return None if tokens_before is None else tokens_before + (step - start) * step_tokens
+
     end = a.steps if a.stop_after is None else min(a.steps, start + a.stop_after)
     step, loss_value, last_eval, interrupted = start, None, None, False
     timed_steps, timed_seconds, run_start = 0, 0.0, time.perf_counter()
@@ -485,11 +493,11 @@ def _train(args: TrainArgs, report: Reporter, dist: Dist) -> TrainSummary:
                         loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
                         (loss / a.grad_accum).backward()
                     loss_sum += loss.detach()
-                flags = torch.stack([loss_sum / a.grad_accum, torch.tensor(float(stop[0]), device=device)])
-                if dist.world > 1:
+                loss_value = float(loss_sum) / a.grad_accum
+                if dist.world > 1:  # ranks share the mean loss and the stop flag
+                    flags = torch.stack([loss_sum / a.grad_accum, torch.tensor(float(stop[0]), device=device)])
                     torch.distributed.all_reduce(flags)
-                loss_value = float(flags[0]) / dist.world
-                max_norm = a.grad_clip if a.grad_clip > 0 else math.inf
+                    loss_value = float(flags[0]) / dist.world
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
                 if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
                     where = f"step {saved_step[0]} in {out}" if saved_step[0] is not None else "none saved yet"
@@ -527,7 +535,7 @@ def _train(args: TrainArgs, report: Reporter, dist: Dist) -> TrainSummary:
         val_loss=last_eval.loss if last_eval else None,
         val_perplexity=last_eval.perplexity if last_eval else None,
         val_bits_per_byte=last_eval.bits_per_byte if last_eval else None,
-        parameters=model.num_parameters(), tokens_seen=step * step_tokens, seconds=time.perf_counter() - run_start,
+        parameters=model.num_parameters(), tokens_seen=tokens_seen(step), seconds=time.perf_counter() - run_start,
         tokens_per_s=step_tokens * timed_steps / timed_seconds if timed_seconds else 0.0,
         device=str(device), dtype=dtype_name(dtype), world_size=dist.world, train_tokens=train_tf.tokens,
         val_tokens=val_tf.tokens, token_files_cached=train_tf.cached and val_tf.cached,

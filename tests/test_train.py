@@ -79,11 +79,12 @@ def test_loss_goes_down_and_metrics_and_checkpoint_are_written(home):
 def test_resume_continues_exactly(home):
     import torch
 
-    train(tiny_args(home, out=str(home / "straight")))
+    straight_run = train(tiny_args(home, out=str(home / "straight")))
     half = train(tiny_args(home, out=str(home / "split"), stop_after=10))
     assert half.step == 10
     resumed = train(TrainArgs(resume=str(home / "split")))
     assert resumed.step == 20 and resumed.resumed_from == 10
+    assert resumed.tokens_seen == 2 * half.tokens_seen == straight_run.tokens_seen > 0
     a, b = _weights(home / "straight"), _weights(home / "split")
     assert a.keys() == b.keys()
     for k in a:
@@ -94,7 +95,8 @@ def test_resume_continues_exactly(home):
     assert [r["loss"] for r in split] == pytest.approx([r["loss"] for r in straight], rel=1e-5)
 
 
-def test_interrupted_checkpoint_write_keeps_the_previous_one(home, monkeypatch):
+@pytest.mark.parametrize("crashing", ["train_state", "model.safetensors"])
+def test_interrupted_checkpoint_write_keeps_the_previous_one(home, monkeypatch, crashing):
     import safetensors.torch
 
     from gen_cli.checkpoint import load_model
@@ -105,6 +107,8 @@ def test_interrupted_checkpoint_write_keeps_the_previous_one(home, monkeypatch):
     real = safetensors.torch.save_file
 
     def broken(tensors, filename, metadata=None):
+        if crashing not in Path(filename).name:  # the train state is written first, then the model
+            return real(tensors, filename, metadata=metadata)
         Path(filename).write_bytes(b"partial" * 100)  # half a file, then the "crash"
         raise OSError("disk full")
 
@@ -112,7 +116,8 @@ def test_interrupted_checkpoint_write_keeps_the_previous_one(home, monkeypatch):
     with pytest.raises(OSError):
         train(TrainArgs(resume=str(home / "run"), stop_after=3))
     monkeypatch.setattr(safetensors.torch, "save_file", real)
-    assert load_train_state(home / "run").step == 5
+    # A crash in the model write leaves the new (self-consistent) state beside the old model.
+    assert load_train_state(home / "run").step == (5 if crashing == "train_state" else 8)
     load_model(home / "run")  # the model directory is whole too
     after = _weights(home / "run")
     assert all((before[k] == after[k]).all() for k in before)
@@ -278,3 +283,10 @@ def test_cli_eval_uniform_model_gives_ln_v(trained, monkeypatch):
     assert got["bits_per_byte"] == pytest.approx(got["tokens"] * math.log(300) / math.log(2) / val_bytes, rel=1e-6)
     monkeypatch.setattr("gen_cli.resources.default_model_dir", lambda: trained / "missing")
     _one_line_error(_cli("eval"), "no default model")
+
+
+def test_tokens_seen_counts_each_run_at_its_own_batch_size(home):
+    first = train(tiny_args(home, steps=6, stop_after=3))  # batch 4 × context 32
+    assert first.tokens_seen == 3 * 4 * 32
+    resumed = train(TrainArgs(resume=str(home / "run"), batch_size=8))
+    assert resumed.tokens_seen == 3 * 4 * 32 + 3 * 8 * 32  # not 6 steps at the new batch size

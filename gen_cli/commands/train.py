@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -26,11 +27,15 @@ def _fmt_eta(seconds: float) -> str:
     )
 
 
-def _eval_line(step: int, res: Any) -> str:
+def _eval_figures(res: Any) -> str:
     return (
-        f"eval @ step {step}: val loss {res.loss:.4f}, perplexity {res.perplexity:.2f}, "
-        f"{res.bits_per_byte:.4f} bits/byte ({res.tokens:,} tokens, {res.bytes:,} bytes)"
+        f"val loss {res.loss:.4f}, perplexity {res.perplexity:.2f}, {res.bits_per_byte:.4f} bits/byte "
+        f"({res.tokens:,} tokens, {res.bytes:,} bytes)"
     )
+
+
+def _eval_line(step: int, res: Any) -> str:
+    return f"eval @ step {step}: {_eval_figures(res)}"
 
 
 class _Renderer:
@@ -190,13 +195,9 @@ def eval_command(
             raise UsageError(f"no default model at {model_dir}; pass a model folder (e.g. one `gen train` wrote)")
     res = evaluate_model(model_dir, list(inputs or []), device, dtype, batch_size, context, max_tokens)
     if as_json:
-        print_json({"loss": res.loss, "perplexity": res.perplexity, "bits_per_byte": res.bits_per_byte,
-                    "tokens": res.tokens, "bytes": res.bytes})  # fmt: skip
+        print_json(dataclasses.asdict(res))
         return
-    out_console().print(
-        f"val loss {res.loss:.4f}  perplexity {res.perplexity:.2f}  {res.bits_per_byte:.4f} bits/byte  "
-        f"({res.tokens:,} tokens, {res.bytes:,} bytes)"
-    )
+    out_console().print(_eval_figures(res))
 
 
 def register(app: typer.Typer) -> None:
