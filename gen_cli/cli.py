@@ -16,9 +16,11 @@ from typer.core import TyperGroup
 from gen_cli import __version__
 from gen_cli.errors import GenError
 
+_debug_flag = [False]  # this invocation's --debug; set by the root callback on every run
+
 
 def debug_enabled() -> bool:
-    return os.environ.get("GEN_DEBUG", "") not in ("", "0")
+    return _debug_flag[0] or os.environ.get("GEN_DEBUG", "") not in ("", "0")
 
 
 class _Group(TyperGroup):
@@ -62,8 +64,7 @@ def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks (or set GEN_DEBUG=1)."),
 ) -> None:
-    if debug:
-        os.environ["GEN_DEBUG"] = "1"
+    _debug_flag[0] = debug  # not os.environ: one invocation's flag must not outlive it
 
 
 def _register_commands() -> None:

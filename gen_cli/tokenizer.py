@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from functools import cache
 from pathlib import Path
@@ -21,6 +21,7 @@ from gen_cli.errors import GenError, UsageError
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
+    from tokenizers.trainers import BpeTrainer
 
     from gen_cli.corpus import Corpus
 
@@ -46,6 +47,19 @@ class TrainSummary:
         return asdict(self)
 
 
+def new_trainer(vocab_size: int, min_frequency: int = 2, specials: Sequence[str] = (EOT,)) -> BpeTrainer:
+    """gen's BPE trainer settings (byte alphabet, specials): `gen bench tokenizer` gives both sides these."""
+    from tokenizers import pre_tokenizers, trainers
+
+    return trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(specials),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+
+
 def _new_tokenizer() -> Tokenizer:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
@@ -64,8 +78,6 @@ def train_tokenizer(
     on_bytes: Callable[[int], None] = lambda n: None,
 ) -> tuple[Tokenizer, TrainSummary]:
     """Train on the corpus's training split, streamed; `on_bytes` reports bytes read (progress)."""
-    from tokenizers import pre_tokenizers, trainers
-
     specials = tuple(dict.fromkeys(special_tokens))
     if vocab_size < BYTE_ALPHABET + len(specials):
         raise UsageError(
@@ -76,13 +88,7 @@ def train_tokenizer(
         raise UsageError(f"--min-frequency must be at least 1, got {min_frequency}")
     corpus.require_text()
     tok = _new_tokenizer()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=min_frequency,
-        special_tokens=list(specials),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
+    trainer = new_trainer(vocab_size, min_frequency, specials)
     fed = 0
 
     def count(n: int) -> None:

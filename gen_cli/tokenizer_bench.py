@@ -49,9 +49,7 @@ def _peak_rss_bytes() -> int:
 
 def run_variant(variant: str, inputs: list[str], train_file: str, vocab_size: int) -> dict:
     """Train once in this process and return {seconds, bytes, peak_rss_bytes}."""
-    from tokenizers import pre_tokenizers, trainers
-
-    from gen_cli.tokenizer import _new_tokenizer, train_tokenizer
+    from gen_cli.tokenizer import _new_tokenizer, new_trainer, train_tokenizer
 
     baseline = _peak_rss_bytes()
     if variant == "gen":
@@ -61,13 +59,7 @@ def run_variant(variant: str, inputs: list[str], train_file: str, vocab_size: in
         _, summary = train_tokenizer(corpus, vocab_size=vocab_size)
         seconds, n_bytes = setup + summary.train_seconds, summary.input_bytes
     else:
-        trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size,
-            min_frequency=2,
-            special_tokens=["<|endoftext|>"],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
-        )
+        trainer = new_trainer(vocab_size)  # the settings train_tokenizer uses by default
         tok = _new_tokenizer()
         start = time.perf_counter()
         if variant == "tokenizers.train(files)":
@@ -90,11 +82,12 @@ def _scenarios(workdir: Path, scale_mb: float, many_files: int) -> list[tuple[st
     """The built-in corpus; the same text repeated to about `scale_mb` MB in one file; and in many files."""
     text = "".join(Corpus([BUILTIN]).chunks("all"))
     repeats = max(1, round(scale_mb * 1e6 / len(text.encode())))
+    repeated = text * repeats
     big = workdir / "repeated.txt"
-    big.write_text(text * repeats, encoding="utf-8")
+    big.write_text(repeated, encoding="utf-8")
     folder = workdir / "many"
     folder.mkdir()
-    lines = (text * repeats).splitlines(keepends=True)
+    lines = repeated.splitlines(keepends=True)
     per_file = -(-len(lines) // many_files)
     for i in range(many_files):
         (folder / f"{i:05d}.txt").write_text("".join(lines[i * per_file : (i + 1) * per_file]), encoding="utf-8")

@@ -73,9 +73,3 @@ def model_dir(tmp_path_factory, tokenizer) -> Path:
     folder = tmp_path_factory.mktemp("model") / "tiny"
     save_model(folder, model, tokenizer)
     return folder
-
-
-@pytest.fixture(autouse=True)
-def _no_debug_env(monkeypatch):
-    """`gen --debug` sets GEN_DEBUG in os.environ; keep one test's --debug from leaking into the next."""
-    monkeypatch.delenv("GEN_DEBUG", raising=False)

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from gen_cli.cli import app
+from gen_cli.errors import GenError
 
 runner = CliRunner()
 CORPUS = "Some ordinary English text about the for statement and the while loop.\n" * 60
@@ -20,7 +21,6 @@ CORPUS = "Some ordinary English text about the for statement and the while loop.
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path, monkeypatch):
     monkeypatch.setenv("GEN_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("GEN_DEBUG", raising=False)
 
 
 @pytest.fixture
@@ -128,9 +128,11 @@ def test_corpus_list_and_show_split():
     assert 0.07 < len(val.encode()) / listing[0]["bytes"] < 0.12
 
 
-def test_debug_shows_traceback():
+def test_debug_shows_traceback_for_that_invocation_only():
     result = runner.invoke(app, ["--debug", "train-tokenizer", "/definitely/missing"])
     assert result.exception is not None and "no such file" in str(result.exception)
+    after = runner.invoke(app, ["train-tokenizer", "/definitely/missing"])  # the same process, no --debug
+    assert after.exit_code != 0 and "error:" in after.stderr and not isinstance(after.exception, GenError)
 
 
 @settings(max_examples=25, deadline=None)

@@ -28,6 +28,11 @@ def print_json(data: Any) -> None:
     sys.stdout.flush()
 
 
+def read_text_arg(text: str) -> str:
+    """A text argument, or all of stdin when it is '-'."""
+    return sys.stdin.read() if text == "-" else text
+
+
 def progress_enabled() -> bool:
     """Live progress only when a person is watching stderr."""
     return sys.stderr.isatty()

@@ -11,7 +11,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from gen_cli.commands.common import err, out_console, print_json
+from gen_cli.commands.common import err, out_console, print_json, read_text_arg
 from gen_cli.config import POS_ENCODINGS, ModelConfig, kv_heads_for, load_preset, preset_names
 from gen_cli.errors import UsageError
 from gen_cli.resources import default_model_dir
@@ -74,10 +74,6 @@ class TextStream:
                     hold = n
                     break
         return self.text[: end - hold]
-
-
-def _read_prompt(prompt: str) -> str:
-    return sys.stdin.read() if prompt == "-" else prompt
 
 
 def _check_options(
@@ -251,7 +247,7 @@ def generate_command(
     _check_options(model_dir, preset, tokenizer, attention, kv_heads, pos, max_new_tokens, num_samples)
     sampling = SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty)
     stops = tuple(s for s in (stop or []) if s)
-    text = _read_prompt(prompt)
+    text = read_text_arg(prompt)
 
     import torch
 

@@ -10,9 +10,10 @@ from rich.markup import escape
 from rich.text import Text
 
 from gen_cli.atomic import check_writable_output
-from gen_cli.commands.common import err, out_console, print_json, progress_enabled
+from gen_cli.commands.common import err, out_console, print_json, progress_enabled, read_text_arg
 from gen_cli.errors import UsageError
 from gen_cli.resources import default_model_dir, work_dir
+from gen_cli.tokenizer import DEFAULT_VOCAB_SIZE, EOT
 
 corpus_app = typer.Typer(help="List and print the built-in corpora.", no_args_is_help=True)
 
@@ -57,10 +58,12 @@ def _default_tokenizer_out() -> Path:
 
 def train_tokenizer_command(
     inputs: list[str] = typer.Argument(None, help=INPUTS_HELP, show_default=False),
-    vocab_size: int = typer.Option(4096, "--vocab-size", help="Vocabulary size, including the 256 byte tokens."),
+    vocab_size: int = typer.Option(
+        DEFAULT_VOCAB_SIZE, "--vocab-size", help="Vocabulary size, including the 256 byte tokens."
+    ),
     min_frequency: int = typer.Option(2, "--min-frequency", help="Ignore merges seen fewer times than this."),
     special_tokens: list[str] = typer.Option(
-        ["<|endoftext|>"], "--special-token", help="Special token (repeatable). Default: <|endoftext|>."
+        [EOT], "--special-token", help=f"Special token (repeatable). Default: {EOT}."
     ),
     out: Path = typer.Option(
         None, "--out", help="Output tokenizer.json (default .gen/tokenizer.json).", show_default=False
@@ -124,10 +127,6 @@ def resolve_tokenizer_path(path: Path | None) -> Path:
     raise UsageError("no tokenizer found; pass --tokenizer PATH or train one with `gen train-tokenizer`")
 
 
-def _read_text_arg(text: str) -> str:
-    return sys.stdin.read() if text == "-" else text
-
-
 def tokenize_command(
     text: str = typer.Argument(..., help="Text to split, or '-' to read stdin."),
     tokenizer: Path = typer.Option(None, "--tokenizer", help="tokenizer.json or a model folder.", show_default=False),
@@ -138,7 +137,7 @@ def tokenize_command(
     from gen_cli.tokenizer import encode, load_tokenizer, token_bytes
 
     tok = load_tokenizer(resolve_tokenizer_path(tokenizer))
-    text = _read_text_arg(text)
+    text = read_text_arg(text)
     token_ids = encode(tok, text)
     # A token may hold part of a multi-byte character; show such bytes escaped rather than as U+FFFD.
     pieces = [token_bytes(tok, i).decode("utf-8", errors="backslashreplace") for i in token_ids]
