@@ -128,6 +128,8 @@ def _library() -> ctypes.CDLL | str:
         ctypes.c_void_p,
     ]
     lib.gen_decode_step.restype = None
+    lib.gen_argmax.argtypes = [ctypes.c_void_p, *[ctypes.c_int64] * 3, ctypes.c_void_p, ctypes.c_int64]
+    lib.gen_argmax.restype = None
     return lib
 
 
@@ -292,3 +294,13 @@ class NativeDecoder:
         self.lib.gen_decode_step(self._struct_ref, token.data_ptr(), token.stride(0), cache.pos, logits.data_ptr())
         cache.advance(1)
         return logits
+
+    def argmax_into(self, logits: torch.Tensor, out: torch.Tensor) -> bool:
+        """out[b] = logits[b].argmax() for fp32 CPU logits (B, V), as torch picks (first of ties, NaN
+        wins); out is a (B,) int64 view, e.g. a column of generate's id buffer. False if not done."""
+        fits = logits.dtype == torch.float32 and logits.device.type == "cpu" and logits.stride(-1) == 1
+        if not fits or out.dtype != torch.int64 or out.device.type != "cpu" or out.shape != logits.shape[:1]:
+            return False
+        batch, vocab = logits.shape
+        self.lib.gen_argmax(logits.data_ptr(), batch, logits.stride(0), vocab, out.data_ptr(), out.stride(0))
+        return True

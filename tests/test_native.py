@@ -11,6 +11,8 @@ import shutil
 import pytest
 import torch
 from conftest import tiny_config
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gen_cli import native
 from gen_cli.errors import UsageError
@@ -66,6 +68,54 @@ def test_native_greedy_equals_the_no_cache_oracle(threads, prompt_len, monkeypat
     n = 16 - prompt_len
     oracle = torch.stack(list(generate(torch_model, prompt, n, GREEDY, use_cache=False)), 1)
     assert torch.equal(torch.stack(list(generate(native_model, prompt, n, GREEDY)), 1), oracle)
+
+
+# Few distinct values, so rows are full of ties; infinities and NaN, which torch.argmax ranks highest.
+LOGIT = st.sampled_from([-1.5, 0.0, 0.25, 2.0, float("inf"), float("-inf"), float("nan")])
+
+
+@settings(max_examples=200, deadline=None)
+@given(rows=st.integers(1, 3), vocab=st.integers(1, 200), data=st.data(), shared=st.booleans())
+def test_native_argmax_picks_as_torch_does(rows, vocab, data, shared):
+    values = data.draw(st.lists(LOGIT, min_size=rows * vocab, max_size=rows * vocab))
+    logits = torch.tensor(values, dtype=torch.float32).view(rows, vocab)
+    if shared:  # one prompt's logits expanded to every sample: rows 0 floats apart
+        logits = logits[:1].expand(rows, vocab)
+    ids = torch.full((rows, 5), -1)
+    _, native_model = _models()
+    assert native_model.native_decoder.argmax_into(logits, ids[:, 3])  # a column of an id buffer
+    assert torch.equal(ids[:, 3], logits.argmax(-1))
+    assert (ids[:, [0, 1, 2, 4]] == -1).all()  # nothing written beside the column
+
+
+def test_native_argmax_leaves_what_it_cannot_take_to_torch():
+    _, native_model = _models()
+    pick = native_model.native_decoder.argmax_into
+    out = torch.empty(2, dtype=torch.long)
+    assert not pick(torch.randn(2, 8, dtype=torch.float64), out)
+    assert not pick(torch.randn(8, 2).t(), out)  # vocabulary not contiguous
+    assert not pick(torch.randn(2, 8), torch.empty(2, dtype=torch.int32))
+
+
+@pytest.mark.parametrize(
+    ("sampling", "in_c"),
+    [(GREEDY, True), (SamplingConfig(temperature=0.0, repetition_penalty=1.3), False), (SamplingConfig(), False)],
+)
+def test_only_plain_greedy_picks_in_c(sampling, in_c, monkeypatch):
+    torch_model, native_model = _models()
+    calls = []
+    real = native_model.native_decoder.argmax_into
+    monkeypatch.setattr(native_model.native_decoder, "argmax_into", lambda *a: calls.append(1) or real(*a))
+    prompt = torch.randint(0, 300, (2, 3))
+    stop = int(next(generate(torch_model, prompt, 1, sampling, generator=_seeded()))[0])  # row 0's first token
+    want = torch.stack(list(generate(torch_model, prompt, 8, sampling, stop_token_id=stop, generator=_seeded())), 1)
+    got = torch.stack(list(generate(native_model, prompt, 8, sampling, stop_token_id=stop, generator=_seeded())), 1)
+    assert torch.equal(got, want) and (got[0] == stop).all()
+    assert len(calls) == (8 if in_c else 0)
+
+
+def _seeded() -> torch.Generator:
+    return torch.Generator().manual_seed(0)
 
 
 def test_native_int8_matches_pytorch_int8():
