@@ -32,13 +32,14 @@ C_REFERENCE_TOK_S = {"small": 850.0, "base": 105.0}
 MODES: dict[str, tuple[torch.dtype, str, bool, bool]] = {
     "fp32": (torch.float32, "none", False, True),
     "int8": (torch.float32, "int8", False, True),
-    "bf16": (torch.bfloat16, "none", False, False),
+    "bf16": (torch.bfloat16, "none", False, True),
     "fp32-torch": (torch.float32, "none", False, False),
+    "bf16-torch": (torch.bfloat16, "none", False, False),
     "int8-torch": (torch.bfloat16, "int8", False, False),
     "fp32+compile": (torch.float32, "none", True, False),
     "int8+compile": (torch.bfloat16, "int8", True, False),
 }
-DEFAULT_MODES = ("fp32", "int8", "fp32-torch", "bf16")
+DEFAULT_MODES = ("fp32", "bf16", "int8", "fp32-torch")
 HF_INSTALL = 'transformers is not installed; for the HF rows run: pip install -e ".[bench]"'
 DECODE_PROMPT = 8
 PREFILL_PROMPT = 512

@@ -2,7 +2,7 @@
 
 `NativeDecoder.attach(model)` (done by `optimize_for_decode`) moves the streamed weights into 2 MB
 pages, in place, and points the C structs at the model's own tensors; `decode_step` then routes
-single-token CPU steps of an fp32 (or int8-weight) model here. Prompts, the no-cache oracle and
+single-token CPU steps of an fp32 (or int8-weight) or bf16 model here. Prompts, the no-cache oracle and
 every other device stay in PyTorch.
 
 The library is built once per source, compiler and CPU into gen's cache (`-march=native`: the
@@ -65,13 +65,16 @@ class _Layer(ctypes.Structure):
     ]
 
 
-_SIZES = ("n_layer", "n_head", "n_kv_head", "head_dim", "d_model", "d_ff", "vocab", "max_tokens", "batch", "n_threads")
+_INTS = (
+    *("n_layer", "n_head", "n_kv_head", "head_dim", "d_model", "d_ff", "vocab", "max_tokens", "batch", "n_threads"),
+    "bf16",
+)
 _SCRATCH = ("x", "h", "qkv", "att", "ff", "scores", "xq", "xscale")
 
 
 class _Model(ctypes.Structure):
     _fields_ = [
-        *((name, ctypes.c_int64) for name in _SIZES),
+        *((name, ctypes.c_int64) for name in _INTS),
         ("norm_eps", ctypes.c_float),
         ("tok_emb", ctypes.c_void_p),
         ("pos_table", ctypes.c_void_p),
@@ -190,17 +193,14 @@ def _matrix(linear: nn.Module) -> _Matrix:
     return _Matrix(_ptr(weight), _ptr(scale[0]) if scale else None, *weight.shape)
 
 
-def _norm(module: nn.Module) -> _Norm:
-    return _Norm(_ptr(module.weight), _ptr(getattr(module, "bias", None)))
-
-
 def supports(model: Transformer) -> str | None:
     """None if the native step can run this model, else why not."""
     params = list(model.parameters()) + list(model.buffers())
     if any(p.device.type != "cpu" for p in params):
         return "the model is not on the CPU"
-    if any(p.dtype not in (torch.float32, torch.int8) for p in params):
-        return "the native kernel runs fp32 activations (weights fp32 or int8)"
+    dtypes = {p.dtype for p in params}
+    if not (dtypes <= {torch.float32, torch.int8} or dtypes == {torch.bfloat16}):
+        return "the native kernel runs fp32 models (matrices fp32 or int8) or all-bf16 ones"
     if any("w13" not in layer.mlp._modules for layer in model.layers):
         return "the MLP is not fused (run optimize_for_decode)"
     return None
@@ -218,13 +218,30 @@ class NativeDecoder:
     def __init__(self, model: Transformer, lib: ctypes.CDLL) -> None:
         c = model.config
         self.lib, self.config = lib, c
+        # An all-bf16 model (KV cache too), else fp32 with fp32 or int8 matrices (see `supports`).
+        self.dtype = model.tok_emb.weight.dtype
         linears = [m for b in model.layers for m in (b.attn.wqkv, b.attn.wo, b.mlp.w13, b.mlp.w2)] + [model.lm_head]
         _move_to_huge_pages([t for linear in linears for t in _streamed(linear)] + [model.tok_emb.weight])
+        # The structs hold raw pointers: keep the memory they point into alive with this decoder, even
+        # if the model is later moved (`.to()` swaps a parameter's data; a moved model's cache has
+        # another dtype or device, so `accepts` sends its steps to PyTorch).
+        self._memory = [t.detach() for t in (*model.parameters(), *model.buffers())]
+
+        def fp32(t: torch.Tensor | None) -> int | None:
+            """Norm weights and position tables go to the kernel in fp32 (a bf16 copy widens exactly)."""
+            if t is not None and t.dtype != torch.float32:
+                t = t.float()
+                self._memory.append(t)
+            return _ptr(t)
+
+        def norm(module: nn.Module) -> _Norm:
+            return _Norm(fp32(module.weight), fp32(getattr(module, "bias", None)))
+
         self._layers = (_Layer * c.n_layer)()
         for i, block in enumerate(model.layers):
             attn, mlp = block.attn, block.mlp
             self._layers[i] = _Layer(
-                _norm(block.attn_norm), _norm(block.mlp_norm),
+                norm(block.attn_norm), norm(block.mlp_norm),
                 _matrix(attn.wqkv), _matrix(attn.wo), _matrix(mlp.w13), _matrix(mlp.w2),
             )  # fmt: skip
         pos_table = getattr(model, "sin_table", None)
@@ -232,15 +249,11 @@ class NativeDecoder:
             pos_table = model.pos_emb.weight
         self._struct = _Model(
             n_layer=c.n_layer, n_head=c.n_head, n_kv_head=c.n_kv_head, head_dim=c.head_dim,
-            d_model=c.d_model, d_ff=c.d_ff, vocab=c.vocab_size, norm_eps=c.norm_eps,
-            tok_emb=_ptr(model.tok_emb.weight), pos_table=_ptr(pos_table),
-            rope_cos=_ptr(getattr(model, "rope_cos", None)), rope_sin=_ptr(getattr(model, "rope_sin_signed", None)),
-            layers=self._layers, final_norm=_norm(model.norm), lm_head=_matrix(model.lm_head),
+            d_model=c.d_model, d_ff=c.d_ff, vocab=c.vocab_size, bf16=self.dtype == torch.bfloat16, norm_eps=c.norm_eps,
+            tok_emb=_ptr(model.tok_emb.weight), pos_table=fp32(pos_table),
+            rope_cos=fp32(getattr(model, "rope_cos", None)), rope_sin=fp32(getattr(model, "rope_sin_signed", None)),
+            layers=self._layers, final_norm=norm(model.norm), lm_head=_matrix(model.lm_head),
         )  # fmt: skip
-        # The structs hold raw pointers: keep the memory they point into alive with this decoder, even
-        # if the model is later moved (`.to()` swaps a parameter's data; a moved model's cache has
-        # another dtype or device, so `accepts` sends its steps to PyTorch).
-        self._memory = [t.detach() for t in (*model.parameters(), *model.buffers())]
         self._struct_ref = ctypes.byref(self._struct)
         self._bound: tuple[Any, ...] = ()
         self._scratch: dict[str, torch.Tensor] = {}
@@ -254,7 +267,7 @@ class NativeDecoder:
 
     def accepts(self, batch: int, cache: KVCache) -> bool:
         """Whether a step of `batch` rows into `cache` runs here (else PyTorch runs it)."""
-        return batch <= MAX_BATCH and cache.dtype == torch.float32 and cache.device.type == "cpu"
+        return batch <= MAX_BATCH and cache.dtype == self.dtype and cache.device.type == "cpu"
 
     def _bind(self, cache: KVCache, batch: int) -> None:
         """Point the structs at this cache and size the scratch for `batch` rows (only when they change)."""
@@ -280,7 +293,7 @@ class NativeDecoder:
         self._bound = key
 
     def __call__(self, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """token (B, 1) at cache.pos -> logits (B, vocab); writes this position's k/v and advances the cache."""
+        """token (B, 1) at cache.pos -> fp32 logits (B, vocab); writes this position's k/v, advances the cache."""
         batch = token.shape[0]
         check_context(self.config, cache.pos, 1)
         if cache.pos + 1 > cache.max_tokens:

@@ -161,10 +161,11 @@ def optimize_for_decode(
 ) -> Transformer:
     """Make `model` inference-only and fast: fuse w1/w3, int8 weights, then the fastest decode path.
 
-    On the CPU with fp32 activations that is the native C step (`gen_cli/native.py`) when this machine
-    can compile it; otherwise oneDNN-prepacked weights, or torch.compile when asked. fp32 results equal
-    the unoptimised model's within float rounding; int8 changes them (measured by `gen bench decode`).
-    Call it after `.to(device, dtype)`: the native step points at the weights as they are then.
+    On the CPU, for fp32 (or int8-weight) and bf16 models, that is the native C step (`gen_cli/native.py`)
+    when this machine can compile it; otherwise oneDNN-prepacked weights, or torch.compile when asked.
+    fp32 results equal the unoptimised model's within float rounding; bf16 and int8 change them
+    (measured by `gen bench decode`). Call it after `.to(device, dtype)`: the native step points at the
+    weights as they are then.
     """
     if quantize not in QUANTIZE_MODES:
         raise UsageError(f"unknown --quantize {quantize!r}; choose {', '.join(QUANTIZE_MODES)}")

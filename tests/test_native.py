@@ -28,12 +28,13 @@ pytestmark = pytest.mark.skipif(
 GREEDY = SamplingConfig(temperature=0.0)
 
 
-def _models(quantize: str = "none", **changes) -> tuple[Transformer, Transformer]:
+def _models(quantize: str = "none", dtype: torch.dtype = torch.float32, **changes) -> tuple[Transformer, Transformer]:
     """(the same seeded model through PyTorch's fast path, and through the native step)."""
     models = []
     for use_native in (False, True):
         torch.manual_seed(0)
-        models.append(optimize_for_decode(Transformer(tiny_config(**changes)).eval(), quantize, native=use_native))
+        model = Transformer(tiny_config(**changes)).eval().to(dtype)
+        models.append(optimize_for_decode(model, quantize, native=use_native))
     torch_model, native_model = models
     assert getattr(torch_model, "native_decoder", None) is None
     assert native_model.native_decoder is not None, native.native_status()
@@ -41,11 +42,12 @@ def _models(quantize: str = "none", **changes) -> tuple[Transformer, Transformer
 
 
 def _step_logits(model: Transformer, ids: torch.Tensor, prompt_len: int) -> torch.Tensor:
-    """Logits (B, steps, V) of a prefill, then one decode step per remaining token of ids (B, T)."""
-    cache = KVCache(model.config, ids.shape[0], ids.shape[1])
+    """fp32 logits (B, steps, V) of a prefill, then one decode step per remaining token of ids (B, T)."""
+    cache = KVCache(model.config, ids.shape[0], ids.shape[1], model.tok_emb.weight.dtype)
     with torch.inference_mode():
         prefill(model, ids[:, :prompt_len], cache)
-        return torch.stack([decode_step(model, ids[:, t : t + 1], cache) for t in range(prompt_len, ids.shape[1])], 1)
+        steps = [decode_step(model, ids[:, t : t + 1], cache).float() for t in range(prompt_len, ids.shape[1])]
+        return torch.stack(steps, 1)
 
 
 @pytest.mark.parametrize("pos", ["rope", "sinusoidal", "learned"])
@@ -143,11 +145,45 @@ def test_native_step_refuses_past_the_context():
         decode_step(native_model, torch.tensor([[1]]), cache)
 
 
+@pytest.mark.parametrize(("pos", "kv"), [("rope", 4), ("sinusoidal", 2), ("learned", 1)])
+def test_native_bf16_reads_bf16_and_computes_in_fp32(pos, kv):
+    """A bf16 model's step: bf16 weights and KV cache, fp32 activations and sums in between."""
+    torch_bf16, native_bf16 = _models(dtype=torch.bfloat16, pos_encoding=pos, n_kv_head=kv)
+    assert native_bf16.native_decoder.dtype == torch.bfloat16
+    torch.manual_seed(0)  # the same weights rounded to bf16, computed in fp32 throughout
+    rounded = optimize_for_decode(Transformer(tiny_config(pos_encoding=pos, n_kv_head=kv)).eval().bfloat16().float())
+    ids = torch.randint(0, 300, (2, 16))
+    want = _step_logits(rounded, ids, 3)
+    got, torch_got = _step_logits(native_bf16, ids, 3), _step_logits(torch_bf16, ids, 3)
+    # Only the KV cache (and PyTorch's bf16 prompt pass) is rounded, so the step stays within 1e-3 of the
+    # fp32 product of the same weights, closer than PyTorch's bf16 path, which rounds every activation.
+    assert (got - want).abs().max() <= 1e-3 * want.abs().max()
+    assert (got - want).abs().max() < (torch_got - want).abs().max()
+
+
+def test_native_bf16_rounds_the_kv_cache_as_torch_does():
+    _, native_bf16 = _models(dtype=torch.bfloat16)
+    torch.manual_seed(0)
+    rounded = Transformer(tiny_config()).eval().bfloat16().float()  # the same weights, computed in fp32
+    ids = torch.randint(0, 300, (2, 4))
+    caches = []
+    for model, dtype in ((rounded, torch.float32), (native_bf16, torch.bfloat16)):
+        cache = KVCache(model.config, 2, 4, dtype)
+        with torch.inference_mode():
+            prefill(model, ids[:, :3], cache)
+            decode_step(model, ids[:, 3:], cache)
+        caches.append(cache)
+    # Layer 0's k and v at the new position depend only on its token: equal in fp32 up to summation
+    # order, so rounding to nearest even agrees but for rare near-ties (truncating would miss half).
+    for want, got in ((caches[0].k[0], caches[1].k[0]), (caches[0].v[0], caches[1].v[0])):
+        assert (got[:, :, 3] != want[:, :, 3].bfloat16()).float().mean() < 0.05
+
+
 def test_unsupported_models_keep_pytorch():
     torch.manual_seed(0)
-    bf16 = optimize_for_decode(Transformer(tiny_config()).to(torch.bfloat16).eval())
-    assert bf16.native_decoder is None
-    assert "fp32 activations" in native.supports(bf16)
+    mixed = optimize_for_decode(Transformer(tiny_config()).to(torch.bfloat16).eval(), quantize="int8")
+    assert mixed.native_decoder is None  # int8 matrices in a bf16 model
+    assert "fp32 models (matrices fp32 or int8) or all-bf16" in native.supports(mixed)
 
 
 @pytest.fixture
@@ -182,17 +218,19 @@ def test_a_failing_compile_names_the_compiler(fresh_library, monkeypatch, tmp_pa
 
 
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="builds for a plain x86-64 target")
-@pytest.mark.parametrize("quantize", ["none", "int8"])
-def test_the_portable_loops_equal_the_vector_paths(quantize, fresh_library, monkeypatch, tmp_path):
-    torch_model, _ = _models(quantize, n_kv_head=2)  # the fp32 or int8 model through PyTorch
+@pytest.mark.parametrize(
+    ("quantize", "dtype"), [("none", torch.float32), ("int8", torch.float32), ("none", torch.bfloat16)]
+)
+def test_the_portable_loops_equal_the_vector_paths(quantize, dtype, fresh_library, monkeypatch, tmp_path):
+    _, vector = _models(quantize, dtype, n_kv_head=2)  # the native step built for this CPU
     monkeypatch.setenv("GEN_HOME", str(tmp_path))
     monkeypatch.setattr(native, "FLAGS", tuple("-march=x86-64-v2" if f == "-march=native" else f for f in native.FLAGS))
     native._library.cache_clear()
-    _, portable = _models(quantize, n_kv_head=2)  # no AVX-512: the plain C loops
+    _, portable = _models(quantize, dtype, n_kv_head=2)  # no AVX-512: the plain C loops
     assert len(list((tmp_path / "cache" / "kernels").glob("decode-*.so"))) == 1  # built here, for x86-64-v2
     ids = torch.randint(0, 300, (2, 16))
-    want, got = _step_logits(torch_model, ids, 4), _step_logits(portable, ids, 4)
-    assert (got - want).abs().max() <= (1e-5 if quantize == "none" else 1e-3 * want.abs().max())
+    want, got = _step_logits(vector, ids, 4), _step_logits(portable, ids, 4)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()  # the same sums, in another order
 
 
 def test_cli_native_and_no_native(model_dir):
@@ -210,11 +248,11 @@ def test_cli_native_and_no_native(model_dir):
     assert path() == "native"
     assert path("--no-native") == "torch"
     assert path("--quantize", "int8") == "native"  # int8 weights, fp32 activations
-    stats = CliRunner().invoke(
-        app, ["generate", "hi", "--model", str(model_dir), "--max-new-tokens", "2", "--dtype", "bfloat16", "--stats"]
-    )
+    assert path("--dtype", "bfloat16") == "native"
+    mixed = ["--quantize", "int8", "--dtype", "bfloat16", "--stats"]
+    stats = CliRunner().invoke(app, ["generate", "hi", "--model", str(model_dir), "--max-new-tokens", "2", *mixed])
     assert stats.exit_code == 0
-    assert "native step unavailable: the native kernel runs fp32" in " ".join(stats.stderr.split())  # unwrapped
+    assert "native step unavailable: the native kernel runs fp32 models" in " ".join(stats.stderr.split())
 
 
 def test_streamed_weights_move_to_huge_pages_unchanged():

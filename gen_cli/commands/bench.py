@@ -55,10 +55,10 @@ def bench_tokenizer_command(
 def bench_decode_command(
     shapes: str = typer.Option("small,base", "--shapes", help="Comma-separated presets to measure."),
     modes: str = typer.Option(
-        "fp32,int8,fp32-torch,bf16",
+        "fp32,bf16,int8,fp32-torch",
         "--modes",
-        help="gen modes: fp32, int8 (native C step where it can run), bf16, fp32-torch, int8-torch "
-        "(PyTorch ops, as --no-native), fp32+compile, int8+compile.",
+        help="gen modes: fp32, bf16, int8 (the native C step where it can run), fp32-torch, bf16-torch, "
+        "int8-torch (PyTorch ops, as --no-native), fp32+compile, int8+compile.",
     ),
     repeats: int = typer.Option(3, "--repeats", min=1, help="Timed runs per mode, interleaved; median reported."),
     new_tokens: int = typer.Option(256, "--new-tokens", min=2, help="Tokens generated per run."),

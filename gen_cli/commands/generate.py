@@ -229,8 +229,8 @@ def generate_command(
     native: bool = typer.Option(
         True,
         "--native/--no-native",
-        help="Run CPU decode steps (fp32 or int8 weights, batch ≤ 16) in gen's C kernel, compiled for this machine "
-        "on first use; without a C compiler, or with --no-native, PyTorch runs them.",
+        help="Run CPU decode steps (fp32, bf16 or int8 weights, batch ≤ 16) in gen's C kernel, compiled for this "
+        "machine on first use; without a C compiler, or with --no-native, PyTorch runs them.",
     ),
     threads: int = typer.Option(None, "--threads", help="CPU threads (default: torch's).", show_default=False),
     stream: bool = typer.Option(True, "--stream/--no-stream", help="Print text as it is generated."),

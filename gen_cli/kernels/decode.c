@@ -6,6 +6,8 @@
  * between the matrices (norms, RoPE, attention over the KV cache, SwiGLU) runs in place on small
  * scratch buffers. The model is the one in gen_cli/model.py: pre-norm blocks, fused qkv, MHA/GQA/MQA,
  * RoPE (rotate-half) or an additive position table, RMSNorm or LayerNorm, SwiGLU with fused w1|w3.
+ * Its streamed tensors (embedding, matrices, KV cache) are fp32 (matrices fp32 or int8), or all bf16 (a
+ * `--dtype bfloat16` model); either way every sum and the scratch are fp32: bf16 is widened on load.
  *
  * gen_cli/native.py compiles this file with the machine's C compiler (-O3 -march=native -fopenmp),
  * fills the structs below with pointers into the model's torch tensors, and checks the logits against
@@ -24,10 +26,11 @@
 #define GEN_VNNI 1
 #endif
 
-/* A weight matrix, row-major (rows, cols): fp32, or int8 with one fp32 scale per row (W = q * scale). */
+/* A weight matrix, row-major (rows, cols): the model's float dtype, or int8 with one fp32 scale per row
+ * (W = q * scale). */
 typedef struct {
     const void *data;
-    const float *scale; /* NULL for fp32 */
+    const float *scale; /* NULL for fp32 and bf16 */
     int64_t rows, cols;
 } Matrix;
 
@@ -39,13 +42,14 @@ typedef struct {
 typedef struct {
     Norm attn_norm, mlp_norm;
     Matrix wqkv, wo, w13, w2;
-    float *k_cache, *v_cache; /* (batch, n_kv_head, max_tokens, head_dim), written at pos */
+    void *k_cache, *v_cache; /* (batch, n_kv_head, max_tokens, head_dim), written at pos */
 } Layer;
 
 typedef struct {
     int64_t n_layer, n_head, n_kv_head, head_dim, d_model, d_ff, vocab, max_tokens, batch, n_threads;
+    int64_t bf16; /* 1: embedding, matrices and KV cache are bfloat16; else fp32 (matrices fp32 or int8) */
     float norm_eps;
-    const float *tok_emb;   /* (vocab, d_model) */
+    const void *tok_emb;    /* (vocab, d_model) */
     const float *pos_table; /* (context, d_model) added to the embedding (sinusoidal, learned), or NULL */
     const float *rope_cos, *rope_sin; /* (context, head_dim) with rotate-half's sign folded in, or NULL */
     const Layer *layers;
@@ -61,6 +65,23 @@ typedef struct {
     int16_t *xq;   /* (batch, max(d_model, d_ff)) int16 copy of a matrix input (int8 weights) */
     float *xscale; /* (batch,) */
 } Model;
+
+/* ---- bfloat16: the top half of an fp32 --------------------------------------------------------------- */
+
+static inline float from_bf16(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* Round to nearest even, as torch's .to(torch.bfloat16) does; a NaN stays a NaN. */
+static inline uint16_t to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
 
 /* ---- matrix times a few vectors: y[b] = W x[b] (+ y[b] when accumulate) -------------------------- */
 
@@ -85,6 +106,25 @@ static float dot_f32(const float *restrict w, const float *restrict x, int64_t n
     for (int64_t i = 0; i < n; i++) s += w[i] * x[i];
     return s;
 #endif
+}
+
+/* bf16 weights (widened to fp32: a 16-bit shift) against an fp32 input. */
+static float dot_bf16(const uint16_t *restrict w, const float *restrict x, int64_t n) {
+    int64_t i = 0;
+    float s = 0.f;
+#ifdef GEN_AVX512
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    for (; i + 32 <= n; i += 32) {
+        __m512i w0 = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(w + i)));
+        __m512i w1 = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(w + i + 16)));
+        a0 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(w0, 16)), _mm512_loadu_ps(x + i), a0);
+        a1 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(w1, 16)), _mm512_loadu_ps(x + i + 16), a1);
+    }
+    s = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+#endif
+#pragma omp simd reduction(+ : s)
+    for (int64_t j = i; j < n; j++) s += from_bf16(w[j]) * x[j];
+    return s;
 }
 
 /* int8 weights against an int16-quantised input: exact integer dot products. Products are at most
@@ -123,7 +163,27 @@ static void quantize_rows(const Model *m, const float *x, int64_t n) {
     }
 }
 
+/* matmul for a bf16 model. Its own loop: a third case in matmul's cost the fp32 path up to 10% on the
+ * small shape (short rows, so a step does little per call), measured in alternating runs. */
+static void matmul_bf16(const Model *m, const Matrix *w, const float *x, float *y, int accumulate) {
+    const int64_t rows = w->rows, cols = w->cols, batch = m->batch;
+#pragma omp parallel for schedule(static) num_threads(m->n_threads)
+    for (int64_t r0 = 0; r0 < rows; r0 += ROW_BLOCK) {
+        int64_t r1 = r0 + ROW_BLOCK < rows ? r0 + ROW_BLOCK : rows;
+        for (int64_t b = 0; b < batch; b++) {
+            for (int64_t r = r0; r < r1; r++) {
+                float v = dot_bf16((const uint16_t *)w->data + r * cols, x + b * cols, cols);
+                y[b * rows + r] = accumulate ? y[b * rows + r] + v : v;
+            }
+        }
+    }
+}
+
 static void matmul(const Model *m, const Matrix *w, const float *x, float *y, int accumulate) {
+    if (m->bf16) {
+        matmul_bf16(m, w, x, y, accumulate);
+        return;
+    }
     const int64_t rows = w->rows, cols = w->cols, batch = m->batch;
     const int int8 = w->scale != NULL;
     if (int8) quantize_rows(m, x, cols);
@@ -184,27 +244,42 @@ static void attention(const Model *m, const Layer *l, int64_t pos) {
     const float scale = 1.f / sqrtf((float)hd);
     for (int64_t b = 0; b < m->batch; b++) {
         for (int64_t g = 0; g < Hkv; g++) {
-            int64_t at = ((b * Hkv + g) * T + pos) * hd;
-            memcpy(l->k_cache + at, m->qkv + b * row + (H + g) * hd, hd * sizeof(float));
-            memcpy(l->v_cache + at, m->qkv + b * row + (H + Hkv + g) * hd, hd * sizeof(float));
+            int64_t slot = ((b * Hkv + g) * T + pos) * hd;
+            const float *k = m->qkv + b * row + (H + g) * hd, *v = k + Hkv * hd;
+            if (m->bf16) {
+                for (int64_t i = 0; i < hd; i++) {
+                    ((uint16_t *)l->k_cache)[slot + i] = to_bf16(k[i]);
+                    ((uint16_t *)l->v_cache)[slot + i] = to_bf16(v[i]);
+                }
+            } else {
+                memcpy((float *)l->k_cache + slot, k, hd * sizeof(float));
+                memcpy((float *)l->v_cache + slot, v, hd * sizeof(float));
+            }
         }
     }
 #pragma omp parallel for schedule(static) num_threads(m->n_threads)
     for (int64_t bh = 0; bh < m->batch * H; bh++) {
-        int64_t b = bh / H, h = bh % H, g = h / group;
+        int64_t b = bh / H, h = bh % H, g = h / group, head = (b * Hkv + g) * T * hd; /* this head's k, v */
         const float *q = m->qkv + b * row + h * hd;
-        const float *k = l->k_cache + (b * Hkv + g) * T * hd, *v = l->v_cache + (b * Hkv + g) * T * hd;
         float *s = m->scores + bh * T, *out = m->att + b * H * hd + h * hd;
         float top = -INFINITY, sum = 0.f;
         for (int64_t t = 0; t <= pos; t++) {
-            s[t] = dot_f32(q, k + t * hd, hd) * scale;
+            int64_t kt = head + t * hd;
+            s[t] = (m->bf16 ? dot_bf16((const uint16_t *)l->k_cache + kt, q, hd)
+                            : dot_f32((const float *)l->k_cache + kt, q, hd)) * scale;
             top = fmaxf(top, s[t]);
         }
         for (int64_t t = 0; t <= pos; t++) sum += s[t] = expf(s[t] - top);
         memset(out, 0, hd * sizeof(float));
         for (int64_t t = 0; t <= pos; t++) {
             float p = s[t] / sum;
-            for (int64_t i = 0; i < hd; i++) out[i] += p * v[t * hd + i];
+            if (m->bf16) {
+                const uint16_t *vt = (const uint16_t *)l->v_cache + head + t * hd;
+                for (int64_t i = 0; i < hd; i++) out[i] += p * from_bf16(vt[i]);
+            } else {
+                const float *vt = (const float *)l->v_cache + head + t * hd;
+                for (int64_t i = 0; i < hd; i++) out[i] += p * vt[i];
+            }
         }
     }
 }
@@ -225,9 +300,12 @@ static void swiglu(const Model *m) {
 void gen_decode_step(const Model *m, const int64_t *tokens, int64_t token_stride, int64_t pos, float *logits) {
     const int64_t d = m->d_model;
     for (int64_t b = 0; b < m->batch; b++) {
-        memcpy(m->x + b * d, m->tok_emb + tokens[b * token_stride] * d, d * sizeof(float));
+        const int64_t row = tokens[b * token_stride] * d;
+        float *x = m->x + b * d;
+        for (int64_t i = 0; i < d; i++)
+            x[i] = m->bf16 ? from_bf16(((const uint16_t *)m->tok_emb)[row + i]) : ((const float *)m->tok_emb)[row + i];
         if (m->pos_table)
-            for (int64_t i = 0; i < d; i++) m->x[b * d + i] += m->pos_table[pos * d + i];
+            for (int64_t i = 0; i < d; i++) x[i] += m->pos_table[pos * d + i];
     }
     for (int64_t li = 0; li < m->n_layer; li++) {
         const Layer *l = &m->layers[li];
