@@ -37,9 +37,12 @@ MODES: dict[str, tuple[torch.dtype, str, bool, bool]] = {
     "bf16-torch": (torch.bfloat16, "none", False, False),
     "int8-torch": (torch.bfloat16, "int8", False, False),
     "fp32+compile": (torch.float32, "none", True, False),
+    "bf16+compile": (torch.bfloat16, "none", True, False),
     "int8+compile": (torch.bfloat16, "int8", True, False),
 }
 DEFAULT_MODES = ("fp32", "bf16", "int8", "fp32-torch")
+# A GPU has no native step (fp32 and bf16 run PyTorch's ops there) and int8 no GPU kernel in gen.
+DEFAULT_GPU_MODES = ("fp32", "bf16", "fp32+compile", "bf16+compile")
 HF_INSTALL = 'transformers is not installed; for the HF rows run: pip install -e ".[bench]"'
 DECODE_PROMPT = 8
 PREFILL_PROMPT = 512
@@ -335,18 +338,22 @@ def bench_shape(
 
 def bench_decode(
     shapes: tuple[str, ...],
-    modes: tuple[str, ...] = DEFAULT_MODES,
+    modes: tuple[str, ...] | None = None,
     repeats: int = 3,
     new_tokens: int = 256,
     device: torch.device | str = "cpu",
     on_step: Callable[[str], None] | None = None,
 ) -> tuple[list[Row], dict[str, Any]]:
-    """Rows for every shape × mode (+ transformers when installed) and the run's context (threads, bandwidth…)."""
+    """Rows for every shape × mode (+ transformers when installed) and the run's context (threads, bandwidth…).
+
+    `modes` defaults to DEFAULT_MODES on the CPU, DEFAULT_GPU_MODES elsewhere.
+    """
+    device = torch.device(device)
+    modes = modes or (DEFAULT_MODES if device.type == "cpu" else DEFAULT_GPU_MODES)
     if unknown := [m for m in modes if m not in MODES]:
         raise UsageError(f"unknown mode(s) {', '.join(unknown)}; choose from {', '.join(MODES)}")
     if new_tokens < 2:
         raise UsageError("--new-tokens must be at least 2 (decode speed needs two steps)")
-    device = torch.device(device)
     with_hf = hf_available()
     rows: list[Row] = []
     for shape in shapes:

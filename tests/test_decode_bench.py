@@ -6,9 +6,19 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from gen_cli.decode_bench import bench_shape, build_gen, hf_available, kv_bytes_read, weight_bytes_per_token
+from gen_cli.decode_bench import (
+    DEFAULT_GPU_MODES,
+    DEFAULT_MODES,
+    MODES,
+    bench_shape,
+    build_gen,
+    hf_available,
+    kv_bytes_read,
+    weight_bytes_per_token,
+)
 from gen_cli.errors import UsageError
 from gen_cli.model import Transformer
+from gen_cli.native import native_status
 
 
 def test_bytes_per_token_follow_the_stored_dtype():
@@ -33,6 +43,20 @@ def test_bench_shape_rows_and_deviation():
         hf = by_mode["transformers"]
         assert hf.max_logit_diff < 1e-4 and hf.greedy_agree == 4  # same weights, same math
         assert fp32.vs_hf == pytest.approx(fp32.decode_tok_s / hf.decode_tok_s)
+
+
+@pytest.mark.skipif(native_status() != "ready", reason="needs the native step (a C compiler)")
+def test_bf16_decodes_natively_and_closer_to_fp32_than_through_pytorch():
+    rows = {r.mode: r for r in bench_shape("tiny", ("bf16", "bf16-torch"), 1, 8, torch.device("cpu"), False, 1e10)}
+    native, pytorch = rows["bf16"], rows["bf16-torch"]
+    assert (native.path, pytorch.path) == ("native", "torch")
+    assert native.bytes_per_token == pytorch.bytes_per_token  # both stream bf16 weights
+    # The native step sums in fp32 between the bf16 reads; PyTorch rounds every activation to bf16.
+    assert 0 < native.max_logit_diff < pytorch.max_logit_diff < 0.05
+
+
+def test_default_modes_exist():
+    assert set(DEFAULT_MODES) | set(DEFAULT_GPU_MODES) <= MODES.keys()
 
 
 def test_unknown_mode_is_refused():

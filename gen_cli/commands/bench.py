@@ -55,10 +55,12 @@ def bench_tokenizer_command(
 def bench_decode_command(
     shapes: str = typer.Option("small,base", "--shapes", help="Comma-separated presets to measure."),
     modes: str = typer.Option(
-        "fp32,bf16,int8,fp32-torch",
+        None,
         "--modes",
         help="gen modes: fp32, bf16, int8 (the native C step where it can run), fp32-torch, bf16-torch, "
-        "int8-torch (PyTorch ops, as --no-native), fp32+compile, int8+compile.",
+        "int8-torch (PyTorch ops, as --no-native), fp32+compile, bf16+compile, int8+compile. "
+        "Default: fp32,bf16,int8,fp32-torch on the CPU; fp32,bf16,fp32+compile,bf16+compile on CUDA.",
+        show_default=False,
     ),
     repeats: int = typer.Option(3, "--repeats", min=1, help="Timed runs per mode, interleaved; median reported."),
     new_tokens: int = typer.Option(256, "--new-tokens", min=2, help="Tokens generated per run."),
@@ -82,7 +84,7 @@ def bench_decode_command(
     if not hf_available():
         err.print(f"[yellow]{HF_INSTALL}[/] (the gen rows still run)")
     shape_list = tuple(s.strip() for s in shapes.split(",") if s.strip())
-    mode_list = tuple(m.strip() for m in modes.split(",") if m.strip())
+    mode_list = tuple(m.strip() for m in modes.split(",") if m.strip()) if modes else None
     with err.status("benchmarking", spinner="dots") if progress_enabled() else _nullcontext() as status:
 
         def on_step(msg: str) -> None:

@@ -22,6 +22,9 @@
 #include <immintrin.h>
 #define GEN_AVX512 1
 #endif
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+#define GEN_AVX512_BW 1 /* masked 16-bit loads */
+#endif
 #if defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define GEN_VNNI 1
 #endif
@@ -120,6 +123,13 @@ static float dot_bf16(const uint16_t *restrict w, const float *restrict x, int64
         a0 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(w0, 16)), _mm512_loadu_ps(x + i), a0);
         a1 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(w1, 16)), _mm512_loadu_ps(x + i + 16), a1);
     }
+#ifdef GEN_AVX512_BW
+    for (; i < n; i += 16) { /* short rows (attention heads) end here, not in the scalar loop */
+        __mmask16 k = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+        __m512i wi = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, w + i));
+        a0 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(wi, 16)), _mm512_maskz_loadu_ps(k, x + i), a0);
+    }
+#endif
     s = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
 #endif
 #pragma omp simd reduction(+ : s)
