@@ -66,7 +66,16 @@ class _Layer(ctypes.Structure):
 
 
 _INTS = (
-    *("n_layer", "n_head", "n_kv_head", "head_dim", "d_model", "d_ff", "vocab", "max_tokens", "batch", "n_threads"),
+    "n_layer",
+    "n_head",
+    "n_kv_head",
+    "head_dim",
+    "d_model",
+    "d_ff",
+    "vocab",
+    "max_tokens",
+    "batch",
+    "n_threads",
     "bf16",
 )
 _SCRATCH = ("x", "h", "qkv", "att", "ff", "scores", "xq", "xscale")
