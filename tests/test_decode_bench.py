@@ -55,8 +55,15 @@ def test_bf16_decodes_natively_and_closer_to_fp32_than_through_pytorch():
     assert 0 < native.max_logit_diff < pytorch.max_logit_diff < 0.05
 
 
-def test_default_modes_exist():
+def test_default_modes_exist_and_the_cli_help_names_them():
+    from typer.testing import CliRunner
+
+    from gen_cli.cli import app
+
     assert set(DEFAULT_MODES) | set(DEFAULT_GPU_MODES) <= MODES.keys()
+    # The command spells its defaults out (importing decode_bench would import torch at CLI start).
+    help_text = "".join(CliRunner().invoke(app, ["bench", "decode", "--help"], env={"COLUMNS": "400"}).output.split())
+    assert ",".join(DEFAULT_MODES) in help_text and ",".join(DEFAULT_GPU_MODES) in help_text
 
 
 def test_unknown_mode_is_refused():
