@@ -124,6 +124,23 @@ def test_compiled_model_matches_eager():
     assert torch.equal(_greedy(fast, prompt, 8), _greedy(ref, prompt, 8))
 
 
+@pytest.mark.slow
+def test_the_compile_warm_up_leaves_nothing_to_compile_in_the_measured_run():
+    from torch._dynamo.utils import counters
+
+    from gen_cli.commands.generate import _compile_graphs
+    from gen_cli.generate import run_generation
+
+    _, fast = _pair()
+    optimize_for_decode(fast, compile=True)
+    prompt = torch.randint(0, 300, (1, 4))
+    assert _compile_graphs(fast, prompt, 10, GREEDY, 1) > 0
+    compiled = counters["stats"]["unique_graphs"]
+    # `gen generate --compile` then times this run: its prefill and every decode step reuse the graphs.
+    assert run_generation(fast, prompt, 10, GREEDY).tokens.shape == (1, 10)
+    assert counters["stats"]["unique_graphs"] == compiled
+
+
 def test_cli_quantize_and_refusals(model_dir):
     from typer.testing import CliRunner
 

@@ -11,7 +11,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from gen_cli.commands.common import err, out_console, print_json, read_text_arg
+from gen_cli.commands.common import err, out_console, print_json, progress_enabled, read_text_arg
 from gen_cli.config import POS_ENCODINGS, ModelConfig, kv_heads_for, load_preset, preset_names
 from gen_cli.errors import UsageError
 from gen_cli.resources import default_model_dir
@@ -178,7 +178,32 @@ def _print_stats(stats: dict[str, Any], source: str, path_note: str = "") -> Non
         f"device           {stats['device']}   dtype {stats['dtype']}   threads {stats['threads']}   "
         f"decode path {stats['decode_path']}{path_note}",
     ]
+    if stats.get("compile_s") is not None:
+        lines.append(f"compile          {stats['compile_s']:.1f} s before generating (torch.compile; not in the rates)")
     err.print("\n".join(lines))
+
+
+def _compile_graphs(model: Any, prompt_ids: Any, new_tokens: int, sampling: Any, num_samples: int) -> float:
+    """Run a compiled model once, untimed, so its prefill and decode graphs exist before the measured
+    generation (otherwise the first steps' compile time, seconds, lands in the decode rate); seconds."""
+    import itertools
+    import time
+    from contextlib import nullcontext
+
+    import torch
+
+    from gen_cli.generate import run_generation
+
+    start = time.perf_counter()
+    with err.status("compiling (torch.compile)", spinner="dots") if progress_enabled() else nullcontext():
+        # The same shapes as the measured run (its id buffer and cache are sized by new_tokens, and the
+        # graphs are specialised to their strides), stopped after two decode steps.
+        generator = torch.Generator(device=prompt_ids.device).manual_seed(0)
+        steps = itertools.count(1)
+        run_generation(
+            model, prompt_ids, new_tokens, sampling, True, generator, None, num_samples, lambda _: next(steps) >= 3
+        )
+    return time.perf_counter() - start
 
 
 def generate_command(
@@ -290,13 +315,14 @@ def generate_command(
             sys.stdout.flush()
         return all(r.done for r in rows)
 
-    generator = torch.Generator(device=device).manual_seed(seed)
     prompt_ids = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
+    compile_s = _compile_graphs(model, prompt_ids, max_new_tokens, sampling, num_samples) if compile_ else None
+    generator = torch.Generator(device=device).manual_seed(seed)
     result = run_generation(
         model, prompt_ids, max_new_tokens, sampling, kv_cache, generator, stop_id, num_samples, on_token
     )
     texts = [r.text for r in rows]
-    stats = result.stats.to_dict()
+    stats = result.stats.to_dict() | ({"compile_s": compile_s} if compile_ else {})
     if as_json:
         data: dict[str, Any] = {"text": texts[0]}
         if num_samples > 1:
