@@ -11,7 +11,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -27,18 +27,28 @@ from gen_cli.sampling import SamplingConfig
 # Reference figures for a llama2.c-style C loop on the 2-core CPU machine of the README's table (fp32,
 # 2 threads, 256 tokens); fixed numbers, not measured in the run, so shown only for those shapes on CPU.
 C_REFERENCE_TOK_S = {"small": 850.0, "base": 105.0}
-# mode -> (activation dtype, quantize, compile, native); `gen generate` runs the first three modes by
-# default with the matching --dtype/--quantize, "-torch" modes with --no-native.
-MODES: dict[str, tuple[torch.dtype, str, bool, bool]] = {
-    "fp32": (torch.float32, "none", False, True),
-    "int8": (torch.float32, "int8", False, True),
-    "bf16": (torch.bfloat16, "none", False, True),
-    "fp32-torch": (torch.float32, "none", False, False),
-    "bf16-torch": (torch.bfloat16, "none", False, False),
-    "int8-torch": (torch.bfloat16, "int8", False, False),
-    "fp32+compile": (torch.float32, "none", True, False),
-    "bf16+compile": (torch.bfloat16, "none", True, False),
-    "int8+compile": (torch.bfloat16, "int8", True, False),
+
+
+class Mode(NamedTuple):
+    """How `gen generate` runs: the first three modes are its defaults with the matching --dtype or
+    --quantize, "-torch" modes add --no-native, "+compile" ones --compile."""
+
+    dtype: torch.dtype  # activations; int8 modes take theirs as `gen generate` picks it (see build_gen)
+    quantize: str
+    compile: bool
+    native: bool
+
+
+MODES: dict[str, Mode] = {
+    "fp32": Mode(torch.float32, "none", False, True),
+    "int8": Mode(torch.float32, "int8", False, True),
+    "bf16": Mode(torch.bfloat16, "none", False, True),
+    "fp32-torch": Mode(torch.float32, "none", False, False),
+    "bf16-torch": Mode(torch.bfloat16, "none", False, False),
+    "int8-torch": Mode(torch.bfloat16, "int8", False, False),
+    "fp32+compile": Mode(torch.float32, "none", True, False),
+    "bf16+compile": Mode(torch.bfloat16, "none", True, False),
+    "int8+compile": Mode(torch.bfloat16, "int8", True, False),
 }
 DEFAULT_MODES = ("fp32", "bf16", "int8", "fp32-torch")
 # A GPU has no native step (fp32 and bf16 run PyTorch's ops there) and int8 no GPU kernel in gen.
@@ -271,7 +281,7 @@ def bench_shape(
     for mode in modes:
         step(f"{shape}: building {mode}")
         model = build_gen(config, mode, device)
-        if MODES[mode][2]:
+        if MODES[mode].compile:
             start = time.perf_counter()
             time_gen(model, decode_prompt, new_tokens)  # compiles prefill and decode graphs
             time_gen(model, prefill_prompt, 1)

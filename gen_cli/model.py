@@ -74,7 +74,6 @@ class Attention(nn.Module):
         # One fused projection: a single matmul reads x once for q, k and v.
         self.wqkv = nn.Linear(config.d_model, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=False)
         self.wo = nn.Linear(self.n_head * self.head_dim, config.d_model, bias=False)
-        self.split = (self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim)
 
     def forward(
         self,

@@ -156,6 +156,17 @@ def int8_activation_dtype(device: torch.device, native: bool = True) -> str:
     return "bfloat16"
 
 
+def compile_model(model: Transformer) -> Transformer:
+    """Compile the model's forward with torch.compile (inductor); on CPU with weight freezing."""
+    import torch._inductor.config as inductor_config
+
+    if next(model.parameters()).device.type == "cpu":
+        # Freezing folds the (constant) weights into the graph so inductor can prepack them for its GEMMs.
+        inductor_config.freezing = True
+    model.forward = torch.compile(model.forward, dynamic=None)
+    return model
+
+
 def optimize_for_decode(
     model: Transformer, quantize: str = "none", compile: bool = False, native: bool = True
 ) -> Transformer:
@@ -176,8 +187,6 @@ def optimize_for_decode(
     if quantize == "int8":
         quantize_int8(model)
     if compile:
-        from gen_cli.generate import compile_model
-
         return compile_model(model)
     native_step = False
     if native:
