@@ -223,10 +223,19 @@ class Corpus:
                 yield text
 
     def chunks(self, split: str = "train", on_bytes: Callable[[int], None] | None = None) -> Iterator[str]:
-        """Stream `split` over all documents in chunks of whole lines, never holding a whole file."""
+        """Stream `split` over all documents in chunks of whole lines, never holding a whole file.
+
+        A document whose split does not end in a newline gets one (not counted by `on_bytes`), so a
+        consumer of the stream, such as tokenizer training on a spooled file, never joins the last
+        word of one document to the first of the next.
+        """
         _check_split(split)
         for doc in self.documents:
-            yield from doc.chunks(split, on_bytes)
+            last = ""
+            for last in doc.chunks(split, on_bytes):
+                yield last
+            if last and not last.endswith("\n"):
+                yield "\n"
 
     def lines(self, split: str = "train") -> Iterator[str]:
         """Stream the lines of `split` over all documents."""

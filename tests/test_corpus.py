@@ -67,6 +67,15 @@ def test_large_file_streams_in_blocks_with_exact_split(tmp_path):
     assert list(corpus.lines("train")) + list(corpus.lines("val")) == lines
 
 
+def test_documents_without_a_final_newline_stay_apart_in_the_stream(tmp_path):
+    for name, text in (("a.txt", "alpha beta"), ("b.txt", "gamma delta")):
+        (tmp_path / name).write_text(text)
+    counted = []
+    corpus = Corpus([str(tmp_path)])
+    assert "".join(corpus.chunks("all", on_bytes=counted.append)) == "alpha beta\ngamma delta\n"
+    assert sum(counted) == corpus.size  # the added newlines are not corpus bytes
+
+
 @pytest.mark.parametrize(
     ("make", "message"),
     [

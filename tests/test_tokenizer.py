@@ -92,6 +92,15 @@ def test_saved_file_loads_with_plain_tokenizers(trained, tmp_path):
     assert json.loads(path.read_text())["model"]["type"] == "BPE"
 
 
+def test_training_never_merges_across_documents(tmp_path):
+    # Each file lacks a final newline, and its training split ends mid-file: the tail of one and the
+    # head of the next must not be seen as one word.
+    for i in range(200):
+        (tmp_path / f"{i:03}.txt").write_text("begin xyz words\n" * 3 + "some end")
+    tok, _ = train_tokenizer(Corpus([str(tmp_path)]), vocab_size=300)
+    assert not [t for t in tok.get_vocab() if "endbegin" in t]
+
+
 def test_too_small_vocab_is_refused(tmp_path):
     path = tmp_path / "c.txt"
     path.write_text(SAMPLE)
