@@ -41,6 +41,12 @@ def tiny_config(**changes) -> ModelConfig:
     return ModelConfig(**base)
 
 
+@pytest.fixture(autouse=True)
+def _no_debug_env(monkeypatch):
+    """A GEN_DEBUG=1 in the caller's shell would turn the one-line errors the tests expect into tracebacks."""
+    monkeypatch.delenv("GEN_DEBUG", raising=False)
+
+
 @pytest.fixture(scope="session")
 def tokenizer_path(tmp_path_factory) -> Path:
     from gen_cli.corpus import Corpus

@@ -84,6 +84,11 @@ def test_train_tokenizer_refuses_existing_output_without_force(tmp_path, corpus_
             ["{p}/c.txt", "--out", "/proc/nope/tok.json"],
             "cannot write",
         ),
+        (
+            lambda p: (p / "c.txt").write_text(CORPUS),
+            ["{p}/c.txt", "--out", "{p}/c.txt/tok.json"],
+            "is a file, not a folder",
+        ),
     ],
 )
 def test_bad_input_gives_one_clear_line_and_writes_nothing(tmp_path, setup, args, message):

@@ -211,9 +211,9 @@ def test_cli_unwritable_output_refused_before_running(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "run_grid", lambda *a, **k: pytest.fail("the grid ran before the refusal"))
     blocker = tmp_path / "file.txt"
     blocker.write_text("x")
-    for target in (tmp_path, blocker / "out.json"):
+    for target, message in ((tmp_path, "is a directory"), (blocker / "out.json", "is a file, not a folder")):
         result = invoke(*FAST, "--in-process", "-o", str(target))
-        assert result.exit_code == 2, result.output
+        assert result.exit_code == 2 and message in result.output, result.output
     assert blocker.read_text() == "x"
 
 

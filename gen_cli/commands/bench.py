@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import typer
 
 from gen_cli.commands.common import err, out_console, print_json, progress_enabled
@@ -85,7 +87,7 @@ def bench_decode_command(
         err.print(f"[yellow]{HF_INSTALL}[/] (the gen rows still run)")
     shape_list = tuple(s.strip() for s in shapes.split(",") if s.strip())
     mode_list = tuple(m.strip() for m in modes.split(",") if m.strip()) if modes else None
-    with err.status("benchmarking", spinner="dots") if progress_enabled() else _nullcontext() as status:
+    with err.status("benchmarking", spinner="dots") if progress_enabled() else nullcontext() as status:
 
         def on_step(msg: str) -> None:
             if status is not None:
@@ -129,14 +131,6 @@ def bench_decode_command(
         "C ref = fixed llama2.c-style figures (see README); "
         "ceiling = measured bandwidth / (weights in stored dtype + KV read) per token"
     )
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def register(app: typer.Typer) -> None:

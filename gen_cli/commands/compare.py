@@ -6,8 +6,6 @@ rendering in gen_cli.report.
 
 from __future__ import annotations
 
-import inspect
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -56,15 +54,6 @@ def _check_writable(path: Path, option: str) -> None:
     """Refuse an output we could not write, before spending minutes on the grid."""
     from gen_cli.atomic import check_writable_output
 
-    if path.is_dir():
-        raise UsageError(f"{option} {path} is a directory; give a file name")
-    ancestor = path.parent
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise UsageError(f"{option} {path}: {ancestor} is a file, not a folder")
-    if path.exists() and not os.access(path, os.W_OK):
-        raise UsageError(f"{option} {path} is not writable")
     try:
         check_writable_output(path, force=True)
     except GenError as e:
@@ -283,10 +272,5 @@ def _show(result: dict[str, Any], fmt: str, output: Path | None, plot: Path | No
         err.print("[red]warning: a float32 cache-on row disagrees with the no-cache oracle[/]")
 
 
-def _reflowed(doc: str) -> str:
-    # Rich keeps single newlines, so a docstring's hard-wrapped paragraphs would wrap twice in --help.
-    return "\n\n".join(" ".join(p.split()) for p in inspect.cleandoc(doc).split("\n\n"))
-
-
 def register(app: typer.Typer) -> None:
-    app.command("compare", help=_reflowed(compare_command.__doc__ or ""))(compare_command)
+    app.command("compare")(compare_command)
