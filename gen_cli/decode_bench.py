@@ -25,8 +25,10 @@ from gen_cli.runtime import synchronize
 from gen_cli.sampling import SamplingConfig
 
 # Reference figures for a llama2.c-style C loop on the 2-core CPU machine of the README's table (fp32,
-# 2 threads, 256 tokens); fixed numbers, not measured in the run, so shown only for those shapes on CPU.
+# 2 threads, 256 tokens); fixed numbers, not measured in the run, so compared only with runs of those
+# shapes and settings on the CPU.
 C_REFERENCE_TOK_S = {"small": 850.0, "base": 105.0}
+C_REFERENCE_THREADS, C_REFERENCE_NEW_TOKENS = 2, 256
 
 
 class Mode(NamedTuple):
@@ -340,10 +342,16 @@ def bench_shape(
     hf_rate = next((r.decode_tok_s for r in rows if r.mode == "transformers"), None)
     for r in rows:
         r.vs_hf = r.decode_tok_s / hf_rate if hf_rate else None
-        r.vs_c = (
-            r.decode_tok_s / C_REFERENCE_TOK_S[shape] if shape in C_REFERENCE_TOK_S and device.type == "cpu" else None
-        )
+        r.vs_c = vs_c_reference(shape, r.decode_tok_s, device, new_tokens)
     return rows
+
+
+def vs_c_reference(shape: str, tok_s: float, device: torch.device, new_tokens: int) -> float | None:
+    """tok_s over the fixed C figure, or None where that figure's shape and settings do not apply."""
+    same_settings = (torch.get_num_threads(), new_tokens) == (C_REFERENCE_THREADS, C_REFERENCE_NEW_TOKENS)
+    if shape not in C_REFERENCE_TOK_S or device.type != "cpu" or not same_settings:
+        return None
+    return tok_s / C_REFERENCE_TOK_S[shape]
 
 
 def bench_decode(

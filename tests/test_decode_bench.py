@@ -66,6 +66,20 @@ def test_default_modes_exist_and_the_cli_help_names_them():
     assert ",".join(DEFAULT_MODES) in help_text and ",".join(DEFAULT_GPU_MODES) in help_text
 
 
+def test_the_c_reference_applies_only_to_its_shapes_and_settings(monkeypatch):
+    from gen_cli.decode_bench import vs_c_reference
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert vs_c_reference("small", 425.0, cpu, 256) == pytest.approx(0.5)
+    assert vs_c_reference("base", 210.0, cpu, 256) == pytest.approx(2.0)
+    assert vs_c_reference("tiny", 1e4, cpu, 256) is None
+    assert vs_c_reference("small", 425.0, cpu, 128) is None
+    assert vs_c_reference("small", 425.0, torch.device("cuda"), 256) is None
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 16)
+    assert vs_c_reference("small", 425.0, cpu, 256) is None
+
+
 def test_unknown_mode_is_refused():
     from gen_cli.decode_bench import bench_decode
 

@@ -128,7 +128,7 @@ def bench_decode_command(
     err.print(
         "deviation: vs gen's unoptimised fp32 on the fp32 greedy path (transformers holds the same weights); "
         "'greedy =' counts tokens equal before the first divergence; "
-        "C ref = fixed llama2.c-style figures (see README); "
+        "C ref = fixed llama2.c-style figures for small and base at 2 threads and 256 tokens (see README); "
         "ceiling = measured bandwidth / (weights in stored dtype + KV read) per token"
     )
 
