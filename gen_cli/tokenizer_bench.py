@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from gen_cli.corpus import BUILTIN, Corpus
+from gen_cli.tokenizer import DEFAULT_VOCAB_SIZE
 
 VARIANTS = ("gen", "tokenizers.train(files)", "tokenizers.train_from_iterator")
 
@@ -96,7 +97,11 @@ def _scenarios(workdir: Path, scale_mb: float, many_files: int) -> list[tuple[st
 
 
 def bench_tokenizer(
-    repeats: int = 3, scale_mb: float = 50.0, many_files: int = 1000, vocab_size: int = 4096, on_step=lambda: None
+    repeats: int = 3,
+    scale_mb: float = 50.0,
+    many_files: int = 1000,
+    vocab_size: int = DEFAULT_VOCAB_SIZE,
+    on_step=lambda: None,
 ) -> list[TokenizerBenchRow]:
     """Measure every variant on every scenario, `repeats` times each, interleaved to share the noise."""
     rows = []

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from gen_cli.config import ModelConfig, kv_heads_for, load_preset
 from gen_cli.errors import GenError, UsageError
+from gen_cli.tokenizer import DEFAULT_VOCAB_SIZE
 
 if TYPE_CHECKING:
     import torch
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
 MODEL_OPTIONS = ("preset", "attention", "kv_heads", "pos", "norm", "layers", "heads", "d_model", "d_ff")
 # Defaults for options left as None; on --resume, None means "what the run used".
 DEFAULTS: dict[str, Any] = {
-    "vocab_size": 4096, "preset": "tiny", "steps": 1000, "batch_size": 16, "grad_accum": 1, "lr": 3e-3,
+    "vocab_size": DEFAULT_VOCAB_SIZE, "preset": "tiny", "steps": 1000, "batch_size": 16, "grad_accum": 1, "lr": 3e-3,
     "weight_decay": 0.1, "grad_clip": 1.0, "eval_every": 100, "eval_batches": 20, "save_every": 500,
     "seed": 0,
 }  # fmt: skip

@@ -7,6 +7,7 @@ from contextlib import nullcontext
 import typer
 
 from gen_cli.commands.common import err, out_console, print_json, progress_enabled
+from gen_cli.tokenizer import DEFAULT_VOCAB_SIZE
 
 bench_app = typer.Typer(help="Benchmarks: gen against the libraries it builds on, measured in one run.")
 
@@ -16,7 +17,7 @@ def bench_tokenizer_command(
     repeats: int = typer.Option(3, "--repeats", min=1, help="Runs per variant; the median is reported."),
     scale_mb: float = typer.Option(50.0, "--scale-mb", min=1.0, help="Size of the repeated-corpus scenario."),
     many_files: int = typer.Option(1000, "--many-files", min=2, help="Files in the many-files scenario."),
-    vocab_size: int = typer.Option(4096, "--vocab-size", help="Vocabulary size for every run."),
+    vocab_size: int = typer.Option(DEFAULT_VOCAB_SIZE, "--vocab-size", help="Vocabulary size for every run."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable rows on stdout."),
 ) -> None:
     """Tokenizer training throughput and peak memory: `gen train-tokenizer` vs `tokenizers` called directly.

@@ -12,6 +12,7 @@ import typer
 from rich.markup import escape
 
 from gen_cli.commands.common import err, out_console, print_json, progress_enabled
+from gen_cli.tokenizer import DEFAULT_VOCAB_SIZE
 
 INPUTS_HELP = (
     "Text inputs: files, folders (recursive), globs, '-' for stdin, or a built-in corpus name. Default: python-docs."
@@ -91,7 +92,9 @@ def train_command(
     tokenizer: Path = typer.Option(
         None, "--tokenizer", help="tokenizer.json (or model folder) to use; default: train one.", show_default=False
     ),
-    vocab_size: int = typer.Option(None, "--vocab-size", help="Vocabulary of the tokenizer trained on the fly [4096]."),
+    vocab_size: int = typer.Option(
+        None, "--vocab-size", help=f"Vocabulary of the tokenizer trained on the fly [{DEFAULT_VOCAB_SIZE}]."
+    ),
     preset: str = typer.Option(None, "--preset", help="Model shape from models/presets (tiny, small, base) [tiny]."),
     attention: str = typer.Option(None, "--attention", help="mha, mqa or gqa [the preset's]."),
     kv_heads: int = typer.Option(None, "--kv-heads", help="KV head count (GQA groups)."),
