@@ -230,12 +230,11 @@ def measure(spec: Spec) -> dict[str, Any]:
     # The same inference path `gen generate` runs: fused and prepacked (or int8) weights.
     model = optimize_for_decode(model.to(dtype), quantize=quantize)
     greedy = SamplingConfig(temperature=0.0)
-    runs, every = [], []
-    for i in range(spec.warmup + spec.repeats):
-        result = run_generation(model, prompt, spec.gen_len, greedy, use_cache=spec.kv_cache)
-        every.append(result.stats)
-        if i >= spec.warmup:
-            runs.append(result.stats)
+    every = [
+        run_generation(model, prompt, spec.gen_len, greedy, use_cache=spec.kv_cache).stats
+        for _ in range(spec.warmup + spec.repeats)
+    ]
+    runs = every[spec.warmup :]  # the timed ones
     # The first run in this fresh process allocates from the OS; later runs reuse the allocator's freed
     # memory and show less, so the peak is the largest any run saw (in practice the first's).
     peak = max(every, key=lambda s: s.peak_memory_bytes)

@@ -197,7 +197,7 @@ def compare_command(
     rows = _run(specs, in_process)
     if quality_steps:
         variants = list(dict.fromkeys(s.variant() for s in specs))
-        bench.attach_quality(rows, _quality(bench, shape, variants, quality_steps, preset_name, tokenizer,
+        bench.attach_quality(rows, _quality(shape, variants, quality_steps, preset_name, tokenizer,
                                             quality_data, str(dev)))  # fmt: skip
     result = {"env": bench.environment(rows, shape, source), "rows": rows}
     _show(result, out_fmt, output, plot, chart)
@@ -227,10 +227,11 @@ def _run(specs: list[Any], in_process: bool) -> list[dict[str, Any]]:
         return bench.run_grid(specs, in_process=in_process, on_done=on_done)
 
 
-def _quality(bench: Any, shape: Any, variants: list[Any], steps: int, preset: str | None, tokenizer: str | None,
+def _quality(shape: Any, variants: list[Any], steps: int, preset: str | None, tokenizer: str | None,
              inputs: list[str] | None, device: str) -> dict:  # fmt: skip
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
+    from gen_cli import bench
     from gen_cli.train import StepEvent
 
     with Progress(TextColumn("[bold]quality[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
