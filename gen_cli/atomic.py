@@ -8,7 +8,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from gen_cli.errors import GenError, UsageError
+from gen_cli.errors import GenError
 
 
 @contextlib.contextmanager
@@ -42,21 +42,3 @@ def write_text_atomic(target: str | os.PathLike[str], text: str) -> None:
     """Write `text` (UTF-8) to `target` atomically."""
     with atomic_path(target) as tmp:
         tmp.write_text(text, encoding="utf-8")
-
-
-def check_writable_output(path: Path, force: bool) -> None:
-    """Refuse, before any work, an output file that could not be written: a folder, an existing file
-    (unless `force`) or one we may not write, a path under a file, a folder we cannot create or write into."""
-    if path.is_dir():
-        raise UsageError(f"{path} is a directory; give a file name")
-    if path.exists() and not force:
-        raise UsageError(f"{path} already exists; pass --force to overwrite it")
-    if path.exists() and not os.access(path, os.W_OK):
-        raise UsageError(f"{path} is not writable")
-    parent = path.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise UsageError(f"{path}: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK):
-        raise GenError(f"cannot write {path}: {parent} is not writable")

@@ -7,6 +7,7 @@ No torch import at module level: `gen --help` must stay fast. Each command group
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 import click
@@ -23,6 +24,24 @@ def debug_enabled() -> bool:
     return _debug_flag[0] or os.environ.get("GEN_DEBUG", "") not in ("", "0")
 
 
+def _flags(command: click.Command) -> set[str]:
+    """Every long option of a command and its subcommands."""
+    found = {o for p in command.params for o in p.opts if o.startswith("--")}
+    for sub in getattr(command, "commands", {}).values():
+        found |= _flags(sub)
+    return found
+
+
+def user_message(error: GenError, command: click.Command) -> str:
+    """The error's message with each value it names (`max_new_tokens`) shown as its flag (`--max-new-tokens`)."""
+    message, flags = str(error), _flags(command)
+    for name in error.params:
+        flag = "--" + name.replace("_", "-")
+        if flag in flags:
+            message = re.sub(rf"(?<![\w-]){re.escape(name)}(?![\w-])", flag, message)
+    return message
+
+
 class _Group(TyperGroup):
     """Turns GenError into a one-line message and exit code; tracebacks only with --debug."""
 
@@ -32,7 +51,7 @@ class _Group(TyperGroup):
         except GenError as e:
             if debug_enabled():
                 raise
-            click.echo(f"error: {e}", err=True)
+            click.echo(f"error: {user_message(e, self)}", err=True)
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             if debug_enabled():

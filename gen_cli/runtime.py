@@ -33,9 +33,11 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if _mps_available() else "cpu"
     elif name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available (or torch is a CPU build); use --device cpu")
+        raise UsageError(
+            "device cuda: no CUDA device is available (or torch is a CPU build); use device cpu", params=("device",)
+        )
     elif name == "mps" and not _mps_available():
-        raise UsageError("--device mps: Apple MPS is not available on this machine; use --device cpu")
+        raise UsageError("device mps: Apple MPS is not available on this machine; use device cpu", params=("device",))
     return torch.device(name)
 
 
@@ -49,6 +51,14 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return dtype
 
 
+def run_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto` = bfloat16 on a CUDA device that supports it, else float32; other names as `resolve_dtype`."""
+    if name == "auto":
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else torch.float32
+    return resolve_dtype(name, device)
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -57,7 +67,7 @@ def set_threads(n: int | None) -> int:
     """Set torch's intra-op thread count (None keeps the default); return the count in use."""
     if n is not None:
         if n < 1:
-            raise UsageError(f"--threads must be at least 1, got {n}")
+            raise UsageError(f"threads must be at least 1, got {n}", params=("threads",))
         torch.set_num_threads(n)
     return torch.get_num_threads()
 

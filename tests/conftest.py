@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gen_cli.config import ModelConfig
+from gen_cli.model.config import ModelConfig
 
 # Tiny models gain nothing from threads, and on a shared 2-core machine spinning OpenMP workers make
 # each small op up to 100× slower; one thread keeps the suite fast and its timings stable.
@@ -49,8 +49,8 @@ def _no_debug_env(monkeypatch):
 
 @pytest.fixture(scope="session")
 def tokenizer_path(tmp_path_factory) -> Path:
-    from gen_cli.corpus import Corpus
-    from gen_cli.tokenizer import save_tokenizer, train_tokenizer
+    from gen_cli.text.corpus import Corpus
+    from gen_cli.text.tokenizer import save_tokenizer, train_tokenizer
 
     folder = tmp_path_factory.mktemp("tok")
     corpus_file = folder / "corpus.txt"
@@ -63,7 +63,7 @@ def tokenizer_path(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tokenizer(tokenizer_path):
-    from gen_cli.tokenizer import load_tokenizer
+    from gen_cli.text.tokenizer import load_tokenizer
 
     return load_tokenizer(tokenizer_path)
 
@@ -71,8 +71,8 @@ def tokenizer(tokenizer_path):
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory, tokenizer) -> Path:
     """A saved tiny model (context 64 so CLI runs have room) whose vocab matches the tokenizer."""
-    from gen_cli.checkpoint import save_model
-    from gen_cli.model import Transformer
+    from gen_cli.model.checkpoint import save_model
+    from gen_cli.model.transformer import Transformer
 
     torch.manual_seed(0)
     model = Transformer(tiny_config(vocab_size=tokenizer.get_vocab_size(), context_length=64))

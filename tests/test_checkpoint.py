@@ -9,9 +9,9 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from gen_cli.checkpoint import load_model, save_model
 from gen_cli.errors import GenError
-from gen_cli.model import Transformer
+from gen_cli.model.checkpoint import load_model, save_model
+from gen_cli.model.transformer import Transformer
 
 
 @pytest.fixture

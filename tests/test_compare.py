@@ -7,9 +7,9 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from gen_cli import bench
 from gen_cli.cli import app
 from gen_cli.errors import UsageError
+from gen_cli.lab import compare as bench
 from tests.conftest import TEXT, tiny_config
 
 ROW_KEYS = {
@@ -65,10 +65,10 @@ def test_grid_adds_mha_baseline_first_and_crosses_axes():
         ({"kv_cache": ["maybe"]}, "unknown value 'maybe'"),
         ({"dtype": ["int4"]}, "unknown value 'int4'"),
         ({"attention": ["gqa"], "kv_heads": [3]}, "not divisible by 3 KV heads"),
-        ({"kv_heads": [2]}, "add --attention gqa"),
+        ({"kv_heads": [2]}, "add attention gqa"),
         ({"prompt_len": [10], "gen_len": [7]}, "context length of 16"),
         ({"gen_len": [1]}, "at least 2"),
-        ({"repeats": 0}, "--repeats must be at least 1"),
+        ({"repeats": 0}, "^repeats must be at least 1"),
     ],
 )
 def test_grid_refuses_bad_axes(axes, message):
@@ -218,7 +218,7 @@ def test_cli_unwritable_output_refused_before_running(tmp_path, monkeypatch):
 
 
 def test_cli_plot_without_matplotlib_names_the_extra(tmp_path):
-    from gen_cli import report
+    from gen_cli.lab import report
 
     if report.plot_available():
         pytest.skip("matplotlib is installed")

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gen_cli.corpus import VAL_FRACTION, Corpus, _text_document
 from gen_cli.errors import GenError, UsageError
+from gen_cli.text.corpus import VAL_FRACTION, Corpus, _text_document
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,9 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from gen_cli.decode_bench import (
+from gen_cli.errors import UsageError
+from gen_cli.infer.native.build import native_status
+from gen_cli.lab.decode_bench import (
     DEFAULT_GPU_MODES,
     DEFAULT_MODES,
     MODES,
@@ -16,9 +18,7 @@ from gen_cli.decode_bench import (
     kv_bytes_read,
     weight_bytes_per_token,
 )
-from gen_cli.errors import UsageError
-from gen_cli.model import Transformer
-from gen_cli.native import native_status
+from gen_cli.model.transformer import Transformer
 
 
 def test_bytes_per_token_follow_the_stored_dtype():
@@ -67,7 +67,7 @@ def test_default_modes_exist_and_the_cli_help_names_them():
 
 
 def test_the_c_reference_applies_only_to_its_shapes_and_settings(monkeypatch):
-    from gen_cli.decode_bench import vs_c_reference
+    from gen_cli.lab.decode_bench import vs_c_reference
 
     cpu = torch.device("cpu")
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
@@ -81,7 +81,7 @@ def test_the_c_reference_applies_only_to_its_shapes_and_settings(monkeypatch):
 
 
 def test_unknown_mode_is_refused():
-    from gen_cli.decode_bench import bench_decode
+    from gen_cli.lab.decode_bench import bench_decode
 
     with pytest.raises(UsageError, match="unknown mode"):
         bench_decode(("tiny",), ("fp64",))

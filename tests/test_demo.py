@@ -7,7 +7,7 @@ import json
 from typer.testing import CliRunner
 
 from gen_cli.cli import app
-from gen_cli.native import native_status
+from gen_cli.infer.native.build import native_status
 
 runner = CliRunner()
 

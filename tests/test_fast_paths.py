@@ -6,11 +6,12 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from gen_cli import quantize as q
-from gen_cli.generate import generate
-from gen_cli.model import Transformer
-from gen_cli.quantize import Int8Linear, OneDNNLinear, optimize_for_decode
-from gen_cli.sampling import SamplingConfig
+from gen_cli.infer import linear as q
+from gen_cli.infer.generate import generate
+from gen_cli.infer.linear import Int8Linear, OneDNNLinear
+from gen_cli.infer.optimize import optimize_for_decode
+from gen_cli.infer.sampling import SamplingConfig
+from gen_cli.model.transformer import Transformer
 
 GREEDY = SamplingConfig(temperature=0.0)
 # int8 / bf16 bounds, relative to the largest |logit| of the fp32 model (tiny random models: ~0.1-0.3).
@@ -34,7 +35,7 @@ def _greedy(model: Transformer, prompt: torch.Tensor, n: int, use_cache: bool = 
 def packing(request, monkeypatch):
     """Run with and without oneDNN prepacking (tiny matrices are below the packing threshold)."""
     if request.param:
-        if not q._mkldnn_ok():
+        if not q.mkldnn_ok():
             pytest.skip("oneDNN is not available in this torch build")
         monkeypatch.setattr(q, "PACK_MIN_IN_FEATURES", 1)
     return request.param
@@ -55,7 +56,7 @@ def test_fp32_fast_path_equals_reference(pos, kv, packing):
 
 @pytest.mark.parametrize("rows", [17, 32, 33, 100])
 def test_prompt_gemm_pads_rows_to_a_power_of_two_and_matches_linear(rows):
-    if not q._mkldnn_ok():
+    if not q.mkldnn_ok():
         pytest.skip("oneDNN is not available in this torch build")
     torch.manual_seed(0)
     w, x = torch.randn(48, 256), torch.randn(rows, 256)
@@ -112,7 +113,7 @@ def test_unknown_quantize_mode_is_refused():
     from gen_cli.errors import UsageError
 
     _, fast = _pair()
-    with pytest.raises(UsageError, match="--quantize"):
+    with pytest.raises(UsageError, match="unknown quantize mode 'int4'"):
         optimize_for_decode(fast, quantize="int4")
 
 
@@ -129,7 +130,7 @@ def test_the_compile_warm_up_leaves_nothing_to_compile_in_the_measured_run():
     from torch._dynamo.utils import counters
 
     from gen_cli.commands.generate import _compile_graphs
-    from gen_cli.generate import run_generation
+    from gen_cli.infer.generate import run_generation
 
     _, fast = _pair()
     optimize_for_decode(fast, compile=True)
@@ -149,7 +150,7 @@ def test_cli_quantize_and_refusals(model_dir):
     def run(*args):
         return CliRunner().invoke(app, ["generate", "hi", "--model", str(model_dir), "--device", "cpu", *args])
 
-    from gen_cli.native import native_status
+    from gen_cli.infer.native.build import native_status
 
     native_dtype = "float32" if native_status() == "ready" else "bfloat16"
     # Without the native step int8 computes in bf16: PyTorch's int8 kernel is ~20x slower on fp32.

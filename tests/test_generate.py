@@ -7,10 +7,10 @@ import torch
 from conftest import tiny_config
 
 from gen_cli.errors import UsageError
-from gen_cli.generate import decode_step, generate, prefill, run_generation
-from gen_cli.kv_cache import KVCache
-from gen_cli.model import Transformer
-from gen_cli.sampling import SamplingConfig
+from gen_cli.infer.generate import decode_step, generate, prefill, run_generation
+from gen_cli.infer.sampling import SamplingConfig
+from gen_cli.model.kv_cache import KVCache
+from gen_cli.model.transformer import Transformer
 
 CTX = 16
 GREEDY = SamplingConfig(temperature=0.0)
@@ -87,7 +87,7 @@ def test_same_seed_same_tokens():
 
 def test_context_overflow_refused_up_front():
     model = _model(4, "rope")
-    with pytest.raises(UsageError, match=r"context length of 16 tokens; use --max-new-tokens 11 or less"):
+    with pytest.raises(UsageError, match=r"context length of 16 tokens; use max_new_tokens 11 or less"):
         generate(model, torch.zeros(1, 5, dtype=torch.long), 12, GREEDY)
     with pytest.raises(UsageError, match="context length is 16"):
         generate(model, torch.zeros(1, 16, dtype=torch.long), 1, GREEDY)

@@ -9,8 +9,8 @@ from typer.testing import CliRunner
 
 from gen_cli.cli import app
 from gen_cli.commands import generate as gen_cmd
-from gen_cli.commands.generate import TextStream
-from gen_cli.tokenizer import encode
+from gen_cli.text.stream import TextStream
+from gen_cli.text.tokenizer import encode
 
 runner = CliRunner()
 STATS_KEYS = {
@@ -184,7 +184,7 @@ def test_stream_holds_back_a_possible_stop_string(tokenizer):
 
 
 def test_stream_stops_at_end_of_text(tokenizer):
-    from gen_cli.tokenizer import special_id
+    from gen_cli.text.tokenizer import special_id
 
     eot = special_id(tokenizer)
     row = TextStream(tokenizer, eot_id=eot)

@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from gen_cli.errors import GenError
-from gen_cli.kv_cache import KVCache
+from gen_cli.errors import InternalError
+from gen_cli.model.kv_cache import KVCache
 
 
 @pytest.mark.parametrize("kv", [4, 2, 1])
@@ -53,9 +53,9 @@ def test_overflow_and_reset():
     cache = KVCache(tiny_config(), 1, 4)
     cache.update(0, torch.zeros(1, 4, 4, 8), torch.zeros(1, 4, 4, 8))
     cache.advance(4)
-    with pytest.raises(GenError, match="4-token capacity"):
+    with pytest.raises(InternalError, match="4-token capacity"):
         cache.update(0, torch.zeros(1, 4, 1, 8), torch.zeros(1, 4, 1, 8))
-    with pytest.raises(GenError):
+    with pytest.raises(InternalError, match="overflow"):
         cache.advance(1)
     cache.reset()
     assert cache.pos == 0

@@ -9,8 +9,8 @@ import torch
 from conftest import tiny_config
 
 from gen_cli.errors import GenError
-from gen_cli.kv_cache import KVCache
-from gen_cli.model import Transformer, apply_rope, rope_tables, sinusoidal_table
+from gen_cli.model.kv_cache import KVCache
+from gen_cli.model.transformer import Transformer, apply_rope, rope_tables, sinusoidal_table
 
 
 def _model(**changes) -> Transformer:

@@ -14,13 +14,15 @@ from conftest import tiny_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gen_cli import native
 from gen_cli.errors import UsageError
-from gen_cli.generate import decode_step, generate, prefill, run_generation
-from gen_cli.kv_cache import KVCache
-from gen_cli.model import Transformer
-from gen_cli.quantize import OneDNNLinear, _mkldnn_ok, optimize_for_decode
-from gen_cli.sampling import SamplingConfig
+from gen_cli.infer.generate import decode_step, generate, prefill, run_generation
+from gen_cli.infer.linear import OneDNNLinear, mkldnn_ok
+from gen_cli.infer.native import build
+from gen_cli.infer.native import decoder as native
+from gen_cli.infer.optimize import optimize_for_decode
+from gen_cli.infer.sampling import SamplingConfig
+from gen_cli.model.kv_cache import KVCache
+from gen_cli.model.transformer import Transformer
 
 pytestmark = pytest.mark.skipif(
     shutil.which(shlex.split(os.environ.get("CC", "cc"))[0]) is None, reason="no C compiler on this machine"
@@ -37,7 +39,7 @@ def _models(quantize: str = "none", dtype: torch.dtype = torch.float32, **change
         models.append(optimize_for_decode(model, quantize, native=use_native))
     torch_model, native_model = models
     assert getattr(torch_model, "native_decoder", None) is None
-    assert native_model.native_decoder is not None, native.native_status()
+    assert native_model.native_decoder is not None, build.native_status()
     return torch_model, native_model
 
 
@@ -188,14 +190,14 @@ def test_unsupported_models_keep_pytorch():
 
 @pytest.fixture
 def fresh_library():
-    native._library.cache_clear()
+    build.library.cache_clear()
     yield
-    native._library.cache_clear()
+    build.library.cache_clear()
 
 
 def test_without_a_compiler_generation_falls_back(fresh_library, monkeypatch):
     monkeypatch.setenv("CC", "no-such-compiler-gen")
-    assert "FileNotFoundError" in native.native_status()
+    assert "FileNotFoundError" in build.native_status()
     torch.manual_seed(0)
     model = optimize_for_decode(Transformer(tiny_config()).eval())
     assert model.native_decoder is None
@@ -207,13 +209,13 @@ def test_an_unwritable_cache_falls_back(fresh_library, monkeypatch, tmp_path):
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("")
     monkeypatch.setenv("GEN_HOME", str(blocker))  # the kernel cannot be built under a file
-    assert native.native_status().startswith("no native kernel")
+    assert build.native_status().startswith("no native kernel")
 
 
 def test_a_failing_compile_names_the_compiler(fresh_library, monkeypatch, tmp_path):
     monkeypatch.setenv("GEN_HOME", str(tmp_path))
     monkeypatch.setenv("CC", "cc -DGEN_NO_SUCH_HEADER -include no_such_header_gen.h")
-    assert native.native_status().startswith("cc failed")
+    assert build.native_status().startswith("cc failed")
     assert not list((tmp_path / "cache" / "kernels").glob("*.so*")), "a failed build leaves nothing behind"
 
 
@@ -224,8 +226,8 @@ def test_a_failing_compile_names_the_compiler(fresh_library, monkeypatch, tmp_pa
 def test_the_portable_loops_equal_the_vector_paths(quantize, dtype, fresh_library, monkeypatch, tmp_path):
     _, vector = _models(quantize, dtype, n_kv_head=2)  # the native step built for this CPU
     monkeypatch.setenv("GEN_HOME", str(tmp_path))
-    monkeypatch.setattr(native, "FLAGS", tuple("-march=x86-64-v2" if f == "-march=native" else f for f in native.FLAGS))
-    native._library.cache_clear()
+    monkeypatch.setattr(build, "FLAGS", tuple("-march=x86-64-v2" if f == "-march=native" else f for f in build.FLAGS))
+    build.library.cache_clear()
     _, portable = _models(quantize, dtype, n_kv_head=2)  # no AVX-512: the plain C loops
     assert len(list((tmp_path / "cache" / "kernels").glob("decode-*.so"))) == 1  # built here, for x86-64-v2
     ids = torch.randint(0, 300, (2, 16))
@@ -284,7 +286,7 @@ def test_native_steps_after_onednn_prompts_on_a_wide_model():
     torch.manual_seed(0)
     fast = optimize_for_decode(Transformer(tiny_config(**wide)).eval())
     assert fast.native_decoder is not None
-    assert any(isinstance(m, OneDNNLinear) for m in fast.modules()) == _mkldnn_ok()
+    assert any(isinstance(m, OneDNNLinear) for m in fast.modules()) == mkldnn_ok()
     ids = torch.randint(0, 300, (1, 16))
     with torch.inference_mode():
         want = plain(ids)[0, 12:]  # (4, V): positions 12..15 of a full forward

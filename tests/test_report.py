@@ -1,4 +1,4 @@
-"""gen_cli.report: every output format and the terminal charts, on hand-made records (no torch needed)."""
+"""gen_cli.lab.report: every output format and the terminal charts, on hand-made records (no torch needed)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from gen_cli import report
+from gen_cli.lab import report
 
 
 def row(attention="mha", kv_heads=4, kv_cache=True, rate=100.0, lat=None, **extra):

@@ -9,9 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer
 
-from gen_cli.corpus import Corpus
 from gen_cli.errors import GenError, UsageError
-from gen_cli.tokenizer import (
+from gen_cli.text.corpus import Corpus
+from gen_cli.text.tokenizer import (
     EOT,
     decode,
     encode,

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 from conftest import random_text
 
-from gen_cli.corpus import Corpus
-from gen_cli.train import TrainArgs, lr_at, train
+from gen_cli.text.corpus import Corpus
+from gen_cli.train.args import TrainArgs
+from gen_cli.train.loop import lr_at, train
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -61,7 +62,7 @@ def test_lr_schedule_warms_up_then_decays_to_min():
 
 
 def test_loss_goes_down_and_metrics_and_checkpoint_are_written(home):
-    from gen_cli.checkpoint import load_model
+    from gen_cli.model.checkpoint import load_model
 
     events = []
     summary = train(tiny_args(home, steps=40, eval_every=20), events.append)
@@ -99,8 +100,8 @@ def test_resume_continues_exactly(home):
 def test_interrupted_checkpoint_write_keeps_the_previous_one(home, monkeypatch, crashing):
     import safetensors.torch
 
-    from gen_cli.checkpoint import load_model
-    from gen_cli.data import load_train_state
+    from gen_cli.model.checkpoint import load_model
+    from gen_cli.train.run_folder import load_train_state
 
     train(tiny_args(home, stop_after=5))
     before = _weights(home / "run")
@@ -126,8 +127,8 @@ def test_interrupted_checkpoint_write_keeps_the_previous_one(home, monkeypatch, 
 
 
 def test_ctrl_c_saves_and_stops_at_a_step_boundary(home):
-    from gen_cli.data import load_train_state
-    from gen_cli.train import StepEvent
+    from gen_cli.train.loop import StepEvent
+    from gen_cli.train.run_folder import load_train_state
 
     def interrupt(event):
         if isinstance(event, StepEvent) and event.step == 3:
@@ -237,14 +238,14 @@ def test_cli_out_folder_with_another_run_needs_force(trained):
 
 
 def test_cli_resume_refuses_changed_architecture_context_and_tokenizer(trained):
-    from gen_cli.tokenizer import save_tokenizer, train_tokenizer
+    from gen_cli.text.tokenizer import save_tokenizer, train_tokenizer
 
     run = str(trained / "run")
     _one_line_error(
         _cli("train", "--resume", run, "--steps", "8", "--layers", "3"), "different architecture", "n_layer"
     )
     _one_line_error(_cli("train", "--resume", run, "--steps", "8", "--attention", "mqa"), "n_kv_head")
-    _one_line_error(_cli("train", "--resume", run, "--steps", "8", "--context", "64"), "--context 64", "32")
+    _one_line_error(_cli("train", "--resume", run, "--steps", "8", "--context", "64"), "context of 64 tokens", "32")
     tok, _ = train_tokenizer(Corpus([str(trained / "corpus.txt")]), vocab_size=280)
     save_tokenizer(tok, trained / "other.json")
     _one_line_error(_cli("train", "--resume", run, "--steps", "8", "--tokenizer", str(trained / "other.json")),
@@ -253,8 +254,8 @@ def test_cli_resume_refuses_changed_architecture_context_and_tokenizer(trained):
 
 
 def test_cli_nan_loss_stops_and_keeps_last_good_checkpoint(trained, monkeypatch):
-    from gen_cli.data import load_train_state
-    from gen_cli.model import Transformer
+    from gen_cli.model.transformer import Transformer
+    from gen_cli.train.run_folder import load_train_state
 
     real = Transformer.forward
     monkeypatch.setattr(Transformer, "forward", lambda self, idx, **kw: real(self, idx, **kw) * math.nan)
@@ -266,7 +267,7 @@ def test_cli_nan_loss_stops_and_keeps_last_good_checkpoint(trained, monkeypatch)
 def test_cli_eval_uniform_model_gives_ln_v(trained, monkeypatch):
     import torch
 
-    from gen_cli.checkpoint import load_model, save_model
+    from gen_cli.model.checkpoint import load_model, save_model
 
     model, tok = load_model(trained / "run")
     with torch.no_grad():

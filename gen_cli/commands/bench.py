@@ -7,7 +7,7 @@ from contextlib import nullcontext
 import typer
 
 from gen_cli.commands.common import err, out_console, print_json, progress_enabled
-from gen_cli.tokenizer import DEFAULT_VOCAB_SIZE
+from gen_cli.text.tokenizer import DEFAULT_VOCAB_SIZE
 
 bench_app = typer.Typer(help="Benchmarks: gen against the libraries it builds on, measured in one run.")
 
@@ -28,7 +28,7 @@ def bench_tokenizer_command(
     from rich.progress import Progress
     from rich.table import Table
 
-    from gen_cli.tokenizer_bench import VARIANTS, bench_tokenizer
+    from gen_cli.lab.tokenizer_bench import VARIANTS, bench_tokenizer
 
     with Progress(console=err, transient=True, disable=not progress_enabled()) as progress:
         task = progress.add_task("benchmarking", total=3 * repeats * len(VARIANTS))
@@ -79,7 +79,7 @@ def bench_decode_command(
     """
     from rich.table import Table
 
-    from gen_cli.decode_bench import HF_INSTALL, bench_decode, hf_available
+    from gen_cli.lab.decode_bench import HF_INSTALL, bench_decode, hf_available
     from gen_cli.runtime import resolve_device, set_threads
 
     device = resolve_device(device_name)

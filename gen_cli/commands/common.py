@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+
+from gen_cli.errors import GenError, UsageError
 
 # Messages, progress and stats go to stderr; generated text and machine-readable data to stdout.
 err = Console(stderr=True, highlight=False)
@@ -36,3 +39,21 @@ def read_text_arg(text: str) -> str:
 def progress_enabled() -> bool:
     """Live progress only when a person is watching stderr."""
     return sys.stderr.isatty()
+
+
+def check_writable_output(path: Path, force: bool) -> None:
+    """Refuse, before any work, an output file that could not be written: a folder, an existing file
+    (unless `force`) or one we may not write, a path under a file, a folder we cannot create or write into."""
+    if path.is_dir():
+        raise UsageError(f"{path} is a directory; give a file name")
+    if path.exists() and not force:
+        raise UsageError(f"{path} already exists; pass --force to overwrite it")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise UsageError(f"{path} is not writable")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"{path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK):
+        raise GenError(f"cannot write {path}: {parent} is not writable")

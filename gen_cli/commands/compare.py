@@ -1,6 +1,6 @@
 """`gen compare`: KV cache on/off, MHA/MQA/GQA, RoPE/sinusoidal side by side: speed, memory, correctness, quality.
 
-No torch import at module level (`gen --help` stays fast): the work happens in gen_cli.bench, the
+No torch import at module level (`gen --help` stays fast): the work happens in gen_cli.lab.compare, the
 rendering in gen_cli.report.
 """
 
@@ -16,12 +16,13 @@ from gen_cli.commands.common import err, out_console, progress_enabled
 from gen_cli.errors import GenError, UsageError
 
 DEFAULT_PROMPT_LEN = 16
+PLOT_HINT = "--plot needs matplotlib: pip install 'gen-lab[plot]'"
 DEFAULT_GEN_LEN = 240  # capped by the shape's context
 
 
 def _resolve_shape(preset: str | None, model_dir: Path | None) -> tuple[Any, str, str | None, str | None]:
     """(ModelConfig, where it came from, preset name, tokenizer path) for --preset, --model or the default."""
-    from gen_cli.config import load_preset
+    from gen_cli.model.config import load_preset
     from gen_cli.resources import default_model_dir
 
     if preset is not None and model_dir is not None:
@@ -30,7 +31,7 @@ def _resolve_shape(preset: str | None, model_dir: Path | None) -> tuple[Any, str
         return load_preset(preset), f"preset {preset}", preset, None
     directory = model_dir if model_dir is not None else default_model_dir()
     if (directory / "config.json").is_file():
-        from gen_cli.checkpoint import load_config
+        from gen_cli.model.checkpoint import load_config
 
         tok = directory / "tokenizer.json"
         return load_config(directory), f"model {directory}", None, str(tok) if tok.is_file() else None
@@ -40,7 +41,7 @@ def _resolve_shape(preset: str | None, model_dir: Path | None) -> tuple[Any, str
 
 
 def _output_format(fmt: str | None, output: Path | None) -> str:
-    from gen_cli.report import FORMATS, SUFFIX_FORMATS
+    from gen_cli.lab.report import FORMATS, SUFFIX_FORMATS
 
     if fmt is None:
         fmt = SUFFIX_FORMATS.get(output.suffix.lower(), "table") if output is not None else "table"
@@ -52,7 +53,7 @@ def _output_format(fmt: str | None, output: Path | None) -> str:
 
 def _check_writable(path: Path, option: str) -> None:
     """Refuse an output we could not write, before spending minutes on the grid."""
-    from gen_cli.atomic import check_writable_output
+    from gen_cli.commands.common import check_writable_output
 
     try:
         check_writable_output(path, force=True)
@@ -154,7 +155,7 @@ def compare_command(
 
     jsonl output: the first line is {"env": …}, each further line one row.
     """
-    from gen_cli import bench, report
+    from gen_cli.lab import compare, report
 
     # Everything that can be refused is refused before the grid runs.
     out_fmt = _output_format(fmt, output)
@@ -162,32 +163,32 @@ def compare_command(
         _check_writable(output, "--output")
     if plot is not None:
         if not report.plot_available():
-            raise UsageError(report.PLOT_HINT)
+            raise UsageError(PLOT_HINT)
         _check_writable(plot, "--plot")
     if quality_steps < 0:
         raise UsageError(f"--quality-steps must not be negative, got {quality_steps}")
     if threads is not None and threads < 1:
         raise UsageError(f"--threads must be at least 1, got {threads}")
     shape, source, preset_name, tokenizer = _resolve_shape(preset, model_dir)
-    prompts = bench.int_values("--prompt-len", prompt_len, [DEFAULT_PROMPT_LEN])
-    gens = bench.int_values("--gen-len", gen_len, [max(2, min(DEFAULT_GEN_LEN, shape.context_length - max(prompts)))])
-    dtypes = bench.split_values(dtype, ["float32"])
+    prompts = compare.int_values("--prompt-len", prompt_len, [DEFAULT_PROMPT_LEN])
+    gens = compare.int_values("--gen-len", gen_len, [max(2, min(DEFAULT_GEN_LEN, shape.context_length - max(prompts)))])
+    dtypes = compare.split_values(dtype, ["float32"])
 
     from gen_cli.runtime import resolve_device, resolve_dtype
 
     dev = resolve_device(device)
     for d in dtypes:
-        if d in bench.DTYPES and d != "int8":
+        if d in compare.DTYPES and d != "int8":
             resolve_dtype(d, dev)  # refuses float16 on CPU with a clear message
-    specs = bench.expand_grid(
+    specs = compare.expand_grid(
         shape,
-        attention=bench.split_values(attention, ["mha", "gqa", "mqa"]),
-        kv_heads=bench.int_values("--kv-heads", kv_heads, []),
-        pos=bench.split_values(pos, ["rope", "sinusoidal"]),
-        kv_cache=bench.split_values(kv_cache, ["off", "on"]),
+        attention=compare.split_values(attention, ["mha", "gqa", "mqa"]),
+        kv_heads=compare.int_values("--kv-heads", kv_heads, []),
+        pos=compare.split_values(pos, ["rope", "sinusoidal"]),
+        kv_cache=compare.split_values(kv_cache, ["off", "on"]),
         prompt_len=prompts,
         gen_len=gens,
-        batch=bench.int_values("--batch", batch, [1]),
+        batch=compare.int_values("--batch", batch, [1]),
         dtype=dtypes,
         device=str(dev),
         threads=threads,
@@ -197,16 +198,18 @@ def compare_command(
     rows = _run(specs, in_process)
     if quality_steps:
         variants = list(dict.fromkeys(s.variant() for s in specs))
-        bench.attach_quality(rows, _quality(shape, variants, quality_steps, preset_name, tokenizer,
+        from gen_cli.lab.quality import attach_quality
+
+        attach_quality(rows, _quality(shape, variants, quality_steps, preset_name, tokenizer,
                                             quality_data, str(dev)))  # fmt: skip
-    result = {"env": bench.environment(rows, shape, source), "rows": rows}
+    result = {"env": compare.environment(rows, shape, source), "rows": rows}
     _show(result, out_fmt, output, plot, chart)
 
 
 def _run(specs: list[Any], in_process: bool) -> list[dict[str, Any]]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from gen_cli import bench
+    from gen_cli.lab import compare
 
     def label(s: Any) -> str:
         cache = "on" if s.kv_cache else "off"
@@ -224,15 +227,15 @@ def _run(specs: list[Any], in_process: bool) -> list[dict[str, Any]]:
             nxt = label(specs[done[0]]) if done[0] < len(specs) else "done"
             progress.update(task, advance=1, description=nxt)
 
-        return bench.run_grid(specs, in_process=in_process, on_done=on_done)
+        return compare.run_grid(specs, in_process=in_process, on_done=on_done)
 
 
 def _quality(shape: Any, variants: list[Any], steps: int, preset: str | None, tokenizer: str | None,
              inputs: list[str] | None, device: str) -> dict:  # fmt: skip
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from gen_cli import bench
-    from gen_cli.train import StepEvent
+    from gen_cli.lab.quality import measure_quality
+    from gen_cli.train.loop import StepEvent
 
     with Progress(TextColumn("[bold]quality[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
                   console=err, transient=True, disable=not progress_enabled()) as progress:  # fmt: skip
@@ -245,13 +248,13 @@ def _quality(shape: Any, variants: list[Any], steps: int, preset: str | None, to
                 progress.console.print(event, markup=False, style="dim")
 
         err.print(f"quality: training {len(variants)} variant(s) × {steps} steps, same data and seed")
-        return bench.measure_quality(shape, variants, steps, preset=preset, tokenizer=tokenizer, inputs=inputs,
+        return measure_quality(shape, variants, steps, preset=preset, tokenizer=tokenizer, inputs=inputs,
                                      device=device, report=on_event)  # fmt: skip
 
 
 def _show(result: dict[str, Any], fmt: str, output: Path | None, plot: Path | None, chart: bool | None) -> None:
-    from gen_cli import report
     from gen_cli.atomic import write_text_atomic
+    from gen_cli.lab import report
 
     console = out_console()
     if output is not None:

@@ -30,11 +30,11 @@ def demo_command(
     """
     import torch
 
-    from gen_cli.checkpoint import load_model
-    from gen_cli.generate import run_generation
-    from gen_cli.quantize import optimize_for_decode
-    from gen_cli.sampling import SamplingConfig
-    from gen_cli.tokenizer import decode, encode, special_id
+    from gen_cli.infer.generate import run_generation
+    from gen_cli.infer.optimize import optimize_for_decode
+    from gen_cli.infer.sampling import SamplingConfig
+    from gen_cli.model.checkpoint import load_model
+    from gen_cli.text.tokenizer import decode, encode, special_id
 
     directory = model_dir or default_model_dir()
     model, tok = load_model(directory)

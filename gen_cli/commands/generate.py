@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -12,68 +11,14 @@ from rich.markup import escape
 from rich.table import Table
 
 from gen_cli.commands.common import err, out_console, print_json, progress_enabled, read_text_arg
-from gen_cli.config import POS_ENCODINGS, ModelConfig, kv_heads_for, load_preset, preset_names
 from gen_cli.errors import UsageError
+from gen_cli.model.config import POS_ENCODINGS
 from gen_cli.resources import default_model_dir
-from gen_cli.tokenizer import EOT, decode, encode, load_tokenizer, special_id
+from gen_cli.text.stream import TextStream
+from gen_cli.text.tokenizer import EOT, encode, special_id
 
 if TYPE_CHECKING:
-    from tokenizers import Tokenizer
-
-    from gen_cli.model import Transformer
-
-REPLACEMENT = "\ufffd"
-
-
-@dataclass
-class TextStream:
-    """One generated row as text: cut at end-of-text or a stop string; hands out only safe new text.
-
-    The whole id sequence is decoded each time and only the new suffix is handed out, so a multi-byte
-    character split across tokens is never printed half-way: a trailing U+FFFD (an incomplete UTF-8
-    sequence) is held back, as is a tail that could still grow into a stop string.
-    """
-
-    tokenizer: Any
-    stops: tuple[str, ...] = ()
-    eot_id: int | None = None
-    ids: list[int] = field(default_factory=list)
-    text: str = ""
-    done: bool = False
-    printed: int = 0
-
-    def push(self, token_id: int) -> None:
-        """Add one generated id (ignored once the row is done)."""
-        if self.done:
-            return
-        if token_id == self.eot_id:
-            self.done = True
-            return
-        self.ids.append(token_id)
-        self.text = decode(self.tokenizer, self.ids)
-        hits = [i for i in (self.text.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            self.text, self.done = self.text[: min(hits)], True
-
-    def take(self, final: bool = False) -> str:
-        """The text not handed out yet that can no longer change; everything when `final` or done."""
-        safe = self.text if final or self.done else self._stable_prefix()
-        new = safe[self.printed :]
-        self.printed = max(self.printed, len(safe))
-        return new
-
-    def _stable_prefix(self) -> str:
-        end = len(self.text)
-        while end > 0 and self.text[end - 1] == REPLACEMENT:
-            end -= 1
-        # Hold back the longest tail that is a proper prefix of a stop string: it may complete it.
-        hold = 0
-        for stop in self.stops:
-            for n in range(min(len(stop) - 1, end), hold, -1):
-                if self.text[end - n : end] == stop[:n]:
-                    hold = n
-                    break
-        return self.text[: end - hold]
+    pass
 
 
 def _check_options(
@@ -107,53 +52,9 @@ def _check_options(
         raise UsageError(f"--num-samples must be at least 1, got {num_samples}")
 
 
-def _preset_model(
-    preset: str, tokenizer_path: Path | None, attention: str | None, kv_heads: int | None, pos: str | None
-) -> tuple[Transformer, Tokenizer, str]:
-    from gen_cli.commands.text import resolve_tokenizer_path
-    from gen_cli.model import random_model
-
-    config = load_preset(preset)
-    changes: dict[str, Any] = {"n_kv_head": kv_heads_for(config.n_head, attention, kv_heads)}
-    if pos is not None:
-        changes["pos_encoding"] = pos
-    path = resolve_tokenizer_path(tokenizer_path)
-    tok = load_tokenizer(path)
-    if tok.get_vocab_size() != config.vocab_size:
-        err.print(
-            f"preset {preset}: vocab_size {config.vocab_size} → {tok.get_vocab_size()} to match {escape(str(path))}"
-        )
-        changes["vocab_size"] = tok.get_vocab_size()
-    config = config.replace(**changes)
-    model = random_model(config)
-    err.print(
-        f"[yellow]random weights[/]: preset {preset} ({config.attention_kind}, {config.n_kv_head} KV heads, "
-        f"{config.pos_encoding}); the text will be gibberish"
-    )
-    return model, tok, f"preset {preset} (random weights)"
-
-
-def _load(model_dir: Path | None, preset: str | None, tokenizer: Path | None, attention, kv_heads, pos, device, dtype):
-    if preset is not None:
-        model, tok, source = _preset_model(preset, tokenizer, attention, kv_heads, pos)
-        return model.to(device=device, dtype=dtype).eval(), tok, source
-    from gen_cli.checkpoint import load_model
-
-    directory = model_dir if model_dir is not None else default_model_dir()
-    if model_dir is None and not directory.is_dir():
-        raise UsageError(
-            f"no default model at {directory}; pass --model DIR, train one with `gen train`, "
-            "or try random weights with --preset tiny --tokenizer PATH"
-        )
-    if not directory.is_dir():
-        raise UsageError(f"--model {directory}: no such directory; a model directory is made by `gen train`")
-    model, tok = load_model(directory, device=device, dtype=dtype)
-    return model, tok, str(directory)
-
-
 def _native_note(model: Any, native: bool, compiled: bool) -> str:
     """Why the PyTorch path decodes although the native step was not turned off, for --stats."""
-    from gen_cli.native import unavailable_reason
+    from gen_cli.infer.native.decoder import unavailable_reason
 
     if not native or compiled or getattr(model, "native_decoder", None) is not None:
         return ""
@@ -192,7 +93,7 @@ def _compile_graphs(model: Any, prompt_ids: Any, new_tokens: int, sampling: Any,
 
     import torch
 
-    from gen_cli.generate import run_generation
+    from gen_cli.infer.generate import run_generation
 
     start = time.perf_counter()
     with err.status("compiling (torch.compile)", spinner="dots") if progress_enabled() else nullcontext():
@@ -267,7 +168,8 @@ def generate_command(
     Prints only the continuation. The seed defaults to 0, so a run is reproducible; random preset
     weights always come from seed 0, so --seed changes only the sampling.
     """
-    from gen_cli.sampling import SamplingConfig
+    from gen_cli.infer.sampling import SamplingConfig
+    from gen_cli.model.loading import load
 
     _check_options(model_dir, preset, tokenizer, attention, kv_heads, pos, max_new_tokens, num_samples)
     sampling = SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty)
@@ -276,8 +178,8 @@ def generate_command(
 
     import torch
 
-    from gen_cli.generate import check_lengths, run_generation
-    from gen_cli.quantize import QUANTIZE_MODES, int8_activation_dtype, optimize_for_decode
+    from gen_cli.infer.generate import check_lengths, run_generation
+    from gen_cli.infer.optimize import QUANTIZE_MODES, int8_activation_dtype, optimize_for_decode
     from gen_cli.runtime import resolve_device, resolve_dtype, set_threads
 
     device = resolve_device(device_name)
@@ -289,7 +191,15 @@ def generate_command(
     if compile_ and not kv_cache:
         raise UsageError("--compile speeds up the cached decode step; drop --no-kv-cache or --compile")
     set_threads(threads)
-    model, tok, source = _load(model_dir, preset, tokenizer, attention, kv_heads, pos, device, dtype)
+    if model_dir is None and preset is None and not default_model_dir().is_dir():
+        raise UsageError(
+            f"no default model at {default_model_dir()}; pass --model DIR, train one with `gen train`, "
+            "or try random weights with --preset tiny --tokenizer PATH"
+        )
+    loaded = load(model_dir, preset, tokenizer, attention, kv_heads, pos, device, dtype)
+    for note in loaded.notes:
+        err.print(f"[yellow]{escape(note)}[/]" if loaded.random_weights else escape(note))
+    model, tok, source = loaded.model, loaded.tokenizer, loaded.source
     # Inference-only fast paths (fused MLP, the native C decode step or prepacked weights; int8 and
     # compile when asked): fp32 results equal the plain model's within float rounding.
     model = optimize_for_decode(model, quantize=quantize, compile=compile_, native=native)
@@ -350,45 +260,16 @@ def generate_command(
 # gen info
 
 
-def _config_for(target: str) -> tuple[ModelConfig, str]:
-    from gen_cli.checkpoint import load_config
-
-    path = Path(target)
-    if path.is_dir():
-        return load_config(path), f"model {path}"
-    if target in preset_names():
-        return load_preset(target), f"preset {target}"
-    raise UsageError(f"{target!r} is neither a model directory nor a preset; presets: {', '.join(preset_names())}")
-
-
-def model_info(config: ModelConfig) -> dict[str, Any]:
-    """Parameter count, attention kind, KV-cache and weight memory figures for a config."""
-    import torch
-
-    from gen_cli.model import Transformer
-
-    with torch.device("meta"):  # shapes only: no memory, no init cost
-        params = Transformer(config).num_parameters()
-    sizes = {"float32": 4, "bfloat16": 2}
-    return {
-        "config": config.to_dict(),
-        "attention_kind": config.attention_kind,
-        "head_dim": config.head_dim,
-        "parameters": params,
-        "kv_bytes_per_token": {k: config.kv_bytes_per_token(b) for k, b in sizes.items()},
-        "kv_bytes_full_context": {k: config.kv_bytes_per_token(b) * config.context_length for k, b in sizes.items()},
-        "weight_bytes": {k: params * b for k, b in sizes.items()},
-    }
-
-
 def info_command(
     target: str = typer.Argument(None, help="A model directory or a preset name [default: the shipped model]."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Show a model's configuration, parameter count and what its KV cache and weights cost."""
-    from gen_cli.report import human_bytes
+    from gen_cli.lab.report import human_bytes
+    from gen_cli.model.info import model_info
+    from gen_cli.model.loading import config_for
 
-    config, source = _config_for(target or str(default_model_dir()))
+    config, source = config_for(target or str(default_model_dir()))
     info = {"source": source, **model_info(config)}
     if as_json:
         print_json(info)

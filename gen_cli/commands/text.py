@@ -9,11 +9,9 @@ import typer
 from rich.markup import escape
 from rich.text import Text
 
-from gen_cli.atomic import check_writable_output
-from gen_cli.commands.common import err, out_console, print_json, progress_enabled, read_text_arg
-from gen_cli.errors import UsageError
-from gen_cli.resources import default_model_dir, work_dir
-from gen_cli.tokenizer import DEFAULT_VOCAB_SIZE, EOT
+from gen_cli.commands.common import check_writable_output, err, out_console, print_json, progress_enabled, read_text_arg
+from gen_cli.model.loading import default_tokenizer_path, resolve_tokenizer_path
+from gen_cli.text.tokenizer import DEFAULT_VOCAB_SIZE, EOT
 
 corpus_app = typer.Typer(help="List and print the built-in corpora.", no_args_is_help=True)
 
@@ -25,7 +23,7 @@ INPUTS_HELP = (
 @corpus_app.command("list")
 def corpus_list(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """List the built-in corpora (they ship with Python; nothing is downloaded)."""
-    from gen_cli.corpus import BUILTIN_CORPORA, Corpus
+    from gen_cli.text.corpus import BUILTIN_CORPORA, Corpus
 
     rows = []
     for name, about in BUILTIN_CORPORA.items():
@@ -46,14 +44,10 @@ def corpus_show(
     split: str = typer.Option("all", "--split", help="train, val or all."),
 ) -> None:
     """Print a corpus's text to stdout, to inspect it or reuse it elsewhere."""
-    from gen_cli.corpus import Corpus
+    from gen_cli.text.corpus import Corpus
 
     for line in Corpus([name]).lines(split):
         sys.stdout.write(line)
-
-
-def _default_tokenizer_out() -> Path:
-    return work_dir() / "tokenizer.json"
 
 
 def train_tokenizer_command(
@@ -79,10 +73,10 @@ def train_tokenizer_command(
     """
     from rich.progress import BarColumn, DownloadColumn, Progress, TimeElapsedColumn, TransferSpeedColumn
 
-    from gen_cli.corpus import VAL_FRACTION, Corpus
-    from gen_cli.tokenizer import save_tokenizer, train_tokenizer
+    from gen_cli.text.corpus import VAL_FRACTION, Corpus
+    from gen_cli.text.tokenizer import save_tokenizer, train_tokenizer
 
-    out = out or _default_tokenizer_out()
+    out = out or default_tokenizer_path()
     if out.is_dir():
         out = out / "tokenizer.json"
     check_writable_output(out, force)
@@ -117,16 +111,6 @@ def train_tokenizer_command(
     )
 
 
-def resolve_tokenizer_path(path: Path | None) -> Path:
-    """--tokenizer if given, else the default model's, else the one `gen train-tokenizer` wrote."""
-    if path is not None:
-        return path
-    for candidate in (default_model_dir() / "tokenizer.json", _default_tokenizer_out()):
-        if candidate.is_file():
-            return candidate
-    raise UsageError("no tokenizer found; pass --tokenizer PATH or train one with `gen train-tokenizer`")
-
-
 def tokenize_command(
     text: str = typer.Argument(..., help="Text to split, or '-' to read stdin."),
     tokenizer: Path = typer.Option(None, "--tokenizer", help="tokenizer.json or a model folder.", show_default=False),
@@ -134,7 +118,7 @@ def tokenize_command(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Show how text splits into tokens: alternating colours in a terminal, '|' separators otherwise."""
-    from gen_cli.tokenizer import encode, load_tokenizer, token_bytes
+    from gen_cli.text.tokenizer import encode, load_tokenizer, token_bytes
 
     tok = load_tokenizer(resolve_tokenizer_path(tokenizer))
     text = read_text_arg(text)

@@ -12,7 +12,7 @@ import typer
 from rich.markup import escape
 
 from gen_cli.commands.common import err, out_console, print_json, progress_enabled
-from gen_cli.tokenizer import DEFAULT_VOCAB_SIZE
+from gen_cli.text.tokenizer import DEFAULT_VOCAB_SIZE
 
 INPUTS_HELP = (
     "Text inputs: files, folders (recursive), globs, '-' for stdin, or a built-in corpus name. Default: python-docs."
@@ -64,7 +64,7 @@ class _Renderer:
             self.progress.__exit__(*exc)
 
     def __call__(self, event: Any) -> None:
-        from gen_cli.train import EvalEvent, StepEvent
+        from gen_cli.train.loop import EvalEvent, StepEvent
 
         if isinstance(event, StepEvent):
             text = (
@@ -136,7 +136,8 @@ def train_command(
     metrics.jsonl. Ctrl-C saves and exits. Under `torchrun --nproc_per_node=N -m gen_cli train …` the
     run uses DistributedDataParallel; --batch-size is per process.
     """
-    from gen_cli.train import TrainArgs, train
+    from gen_cli.train.args import TrainArgs
+    from gen_cli.train.loop import train
 
     args = TrainArgs(
         inputs=list(inputs or []), tokenizer=str(tokenizer) if tokenizer else None, vocab_size=vocab_size,
@@ -188,9 +189,9 @@ def eval_command(
     predicted once. Bits per byte (total nats / ln 2 / UTF-8 bytes of the scored text) does not
     depend on the tokenizer, so models with different vocabularies compare fairly.
     """
-    from gen_cli.data import evaluate_model
     from gen_cli.errors import UsageError
     from gen_cli.resources import default_model_dir
+    from gen_cli.train.evaluate import evaluate_model
 
     if model_dir is None:
         model_dir = default_model_dir()

@@ -1,6 +1,6 @@
 """Render `gen compare` records: Rich table, md / csv / json / jsonl, terminal charts and an optional PNG.
 
-Knows nothing about torch: it reads the plain dicts that gen_cli.bench returns, `{"env": …, "rows": […]}`.
+Knows nothing about torch: it reads the plain dicts that gen_cli.lab.compare returns, `{"env": …, "rows": […]}`.
 jsonl is one object per line: first `{"env": {...}}`, then one row per line.
 """
 
@@ -20,7 +20,6 @@ from rich.text import Text
 
 FORMATS = ("table", "md", "csv", "json", "jsonl")
 SUFFIX_FORMATS = {".md": "md", ".csv": "csv", ".json": "json", ".jsonl": "jsonl", ".txt": "table"}
-PLOT_HINT = "--plot needs matplotlib: pip install 'gen-lab[plot]'"
 COLORS = ("cyan", "magenta", "yellow", "green", "red", "blue")
 _MPL_COLORS = ("tab:cyan", "tab:purple", "tab:olive", "tab:green", "tab:red", "tab:blue")
 

@@ -15,14 +15,14 @@ from typing import Any, NamedTuple
 
 import torch
 
-from gen_cli.config import ModelConfig, load_preset
 from gen_cli.errors import UsageError
-from gen_cli.generate import decode_step, model_dtype, prefill, run_generation
-from gen_cli.kv_cache import KVCache
-from gen_cli.model import Transformer, random_model
-from gen_cli.quantize import Int8Linear, OneDNNLinear, int8_activation_dtype, optimize_for_decode
+from gen_cli.infer.generate import decode_step, model_dtype, prefill, run_generation
+from gen_cli.infer.optimize import Int8Linear, OneDNNLinear, int8_activation_dtype, optimize_for_decode
+from gen_cli.infer.sampling import SamplingConfig
+from gen_cli.model.config import ModelConfig, load_preset
+from gen_cli.model.kv_cache import KVCache
+from gen_cli.model.transformer import Transformer, random_model
 from gen_cli.runtime import synchronize
-from gen_cli.sampling import SamplingConfig
 
 # Reference figures for a llama2.c-style C loop on the 2-core CPU machine of the README's table (fp32,
 # 2 threads, 256 tokens); fixed numbers, not measured in the run, so compared only with runs of those
@@ -102,7 +102,7 @@ def measure_bandwidth(device: torch.device, mib: int = 256) -> float:
     """
     n = mib * 2**20 // 4
     if device.type == "cpu":
-        from gen_cli.native import huge_page_arena
+        from gen_cli.infer.native.decoder import huge_page_arena
 
         src = huge_page_arena(4 * n).view(torch.float32)
         src.normal_()
@@ -371,7 +371,7 @@ def bench_decode(
     if unknown := [m for m in modes if m not in MODES]:
         raise UsageError(f"unknown mode(s) {', '.join(unknown)}; choose from {', '.join(MODES)}")
     if new_tokens < 2:
-        raise UsageError("--new-tokens must be at least 2 (decode speed needs two steps)")
+        raise UsageError("new_tokens must be at least 2 (decode speed needs two steps)", params=("new_tokens",))
     with_hf = hf_available()
     rows: list[Row] = []
     for shape in shapes:

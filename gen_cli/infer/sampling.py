@@ -25,15 +25,18 @@ class SamplingConfig:
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0:  # also rejects NaN
-            raise UsageError(f"--temperature must be ≥ 0 (0 = greedy), got {self.temperature}")
+            raise UsageError(f"temperature must be ≥ 0 (0 = greedy), got {self.temperature}", params=("temperature",))
         if self.top_k is not None and self.top_k < 1:
-            raise UsageError(f"--top-k must be at least 1, got {self.top_k}")
+            raise UsageError(f"top_k must be at least 1, got {self.top_k}", params=("top_k",))
         if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise UsageError(f"--top-p must be in (0, 1], got {self.top_p}")
+            raise UsageError(f"top_p must be in (0, 1], got {self.top_p}", params=("top_p",))
         if self.min_p is not None and not 0 <= self.min_p <= 1:
-            raise UsageError(f"--min-p must be in [0, 1], got {self.min_p}")
+            raise UsageError(f"min_p must be in [0, 1], got {self.min_p}", params=("min_p",))
         if not self.repetition_penalty > 0:
-            raise UsageError(f"--repetition-penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+            raise UsageError(
+                f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}",
+                params=("repetition_penalty",),
+            )
 
     @property
     def greedy(self) -> bool:

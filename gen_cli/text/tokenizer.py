@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from tokenizers import Tokenizer
     from tokenizers.trainers import BpeTrainer
 
-    from gen_cli.corpus import Corpus
+    from gen_cli.text.corpus import Corpus
 
 EOT = "<|endoftext|>"
 DEFAULT_VOCAB_SIZE = 4096
@@ -31,7 +31,7 @@ BYTE_ALPHABET = 256
 
 
 @dataclass(frozen=True)
-class TrainSummary:
+class TokenizerSummary:
     """What a tokenizer training run did; every figure measured."""
 
     documents: int
@@ -76,16 +76,17 @@ def train_tokenizer(
     min_frequency: int = 2,
     special_tokens: tuple[str, ...] = (EOT,),
     on_bytes: Callable[[int], None] = lambda n: None,
-) -> tuple[Tokenizer, TrainSummary]:
+) -> tuple[Tokenizer, TokenizerSummary]:
     """Train on the corpus's training split, streamed; `on_bytes` reports bytes read (progress)."""
     specials = tuple(dict.fromkeys(special_tokens))
     if vocab_size < BYTE_ALPHABET + len(specials):
         raise UsageError(
-            f"--vocab-size {vocab_size} is too small: the byte alphabet needs {BYTE_ALPHABET} ids "
-            f"plus {len(specials)} special token(s); use at least {BYTE_ALPHABET + len(specials)}"
+            f"vocab_size {vocab_size} is too small: the byte alphabet needs {BYTE_ALPHABET} ids "
+            f"plus {len(specials)} special token(s); use at least {BYTE_ALPHABET + len(specials)}",
+            params=("vocab_size",),
         )
     if min_frequency < 1:
-        raise UsageError(f"--min-frequency must be at least 1, got {min_frequency}")
+        raise UsageError(f"min_frequency must be at least 1, got {min_frequency}", params=("min_frequency",))
     corpus.require_text()
     tok = _new_tokenizer()
     trainer = new_trainer(vocab_size, min_frequency, specials)
@@ -110,7 +111,7 @@ def train_tokenizer(
         raise UsageError(f"the corpus has no training text: {', '.join(corpus.inputs)}")
     configure(tok)
     val_bytes, val_tokens = measure_compression(tok, corpus.lines("val"))
-    summary = TrainSummary(
+    summary = TokenizerSummary(
         documents=len(corpus.documents),
         input_bytes=fed,
         vocab_size=tok.get_vocab_size(),

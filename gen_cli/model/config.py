@@ -123,7 +123,10 @@ def kv_heads_for(n_head: int, attention: str | None, kv_heads: int | None) -> in
         else:
             raise UsageError(f"GQA needs a KV head count strictly between 1 and {n_head}, and none divides it")
     if kv_heads is not None and kv_heads != chosen:
-        raise UsageError(f"--attention {attention} means {chosen} KV heads, but --kv-heads {kv_heads} was given")
+        raise UsageError(
+            f"attention {attention} means {chosen} KV heads, but kv_heads {kv_heads} was given",
+            params=("attention", "kv_heads"),
+        )
     return chosen  # divisibility is ModelConfig's check, when the caller builds the config
 
 

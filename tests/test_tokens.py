@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from conftest import random_text
 
-from gen_cli.corpus import Corpus
-from gen_cli.data import byte_lengths, evaluate, token_dtype, tokenize_split, windows
-from gen_cli.tokenizer import EOT, decode, special_id, train_tokenizer
+from gen_cli.text.corpus import Corpus
+from gen_cli.text.tokenizer import EOT, decode, special_id, train_tokenizer
+from gen_cli.train.evaluate import evaluate
+from gen_cli.train.tokens import byte_lengths, token_dtype, tokenize_split, windows
 
 
 def write_corpus(folder: Path, docs: int = 3, lines: int = 120, seed: int = 0) -> list[Path]:

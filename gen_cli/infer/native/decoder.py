@@ -1,154 +1,34 @@
-"""The native decode step: `kernels/decode.c`, compiled for this machine and called through ctypes.
+"""The native decode step: `decode.c`, compiled for this machine and called through ctypes.
 
 `NativeDecoder.attach(model)` (done by `optimize_for_decode`) moves the streamed weights into 2 MB
 pages, in place, and points the C structs at the model's own tensors; `decode_step` then routes
 single-token CPU steps of an fp32 (or int8-weight) or bf16 model here. Prompts, the no-cache oracle and
 every other device stay in PyTorch.
 
-The library is built once per source, compiler and CPU into gen's cache (`-march=native`: the
-binary is for this machine only). Without a working C compiler gen runs the PyTorch path, and
-`native_status()` says why.
+The library comes from `build` (compiled for this machine, or a reason it is unavailable); the
+structs it reads are mirrored and checked in `abi`.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import mmap
-import os
-import shlex
-import subprocess
-import tempfile
 import weakref
-from functools import cache
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from gen_cli.kv_cache import KVCache
-from gen_cli.model import Transformer, check_context
-from gen_cli.resources import cache_dir
+from gen_cli.infer.linear import Int8Linear
+from gen_cli.infer.native.abi import Layer, Matrix, Model, Norm
+from gen_cli.infer.native.build import library, native_status
+from gen_cli.model.kv_cache import KVCache
+from gen_cli.model.transformer import Transformer, check_context
 
-SOURCE = Path(__file__).with_name("kernels") / "decode.c"
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c11", "-shared", "-fPIC")
 # Batch rows one step takes: each weight row block is reused from L1 by every row, so a handful of
 # samples costs little more than one; larger batches are GEMMs, PyTorch's strength.
 MAX_BATCH = 16
 HUGE_PAGE = 2 << 20
-
-
-class _Matrix(ctypes.Structure):
-    _fields_ = [
-        ("data", ctypes.c_void_p),
-        ("scale", ctypes.c_void_p),
-        ("rows", ctypes.c_int64),
-        ("cols", ctypes.c_int64),
-    ]
-
-
-class _Norm(ctypes.Structure):
-    _fields_ = [("weight", ctypes.c_void_p), ("bias", ctypes.c_void_p)]
-
-
-class _Layer(ctypes.Structure):
-    _fields_ = [
-        ("attn_norm", _Norm),
-        ("mlp_norm", _Norm),
-        ("wqkv", _Matrix),
-        ("wo", _Matrix),
-        ("w13", _Matrix),
-        ("w2", _Matrix),
-        ("k_cache", ctypes.c_void_p),
-        ("v_cache", ctypes.c_void_p),
-    ]
-
-
-_INTS = (
-    "n_layer",
-    "n_head",
-    "n_kv_head",
-    "head_dim",
-    "d_model",
-    "d_ff",
-    "vocab",
-    "max_tokens",
-    "batch",
-    "n_threads",
-    "bf16",
-)
-_SCRATCH = ("x", "h", "qkv", "att", "ff", "scores", "xq", "xscale")
-
-
-class _Model(ctypes.Structure):
-    _fields_ = [
-        *((name, ctypes.c_int64) for name in _INTS),
-        ("norm_eps", ctypes.c_float),
-        ("tok_emb", ctypes.c_void_p),
-        ("pos_table", ctypes.c_void_p),
-        ("rope_cos", ctypes.c_void_p),
-        ("rope_sin", ctypes.c_void_p),
-        ("layers", ctypes.POINTER(_Layer)),
-        ("final_norm", _Norm),
-        ("lm_head", _Matrix),
-        *((name, ctypes.c_void_p) for name in _SCRATCH),
-    ]
-
-
-def _compiler() -> list[str]:
-    return shlex.split(os.environ.get("CC", "cc"))
-
-
-def _build_key(cc: list[str]) -> str:
-    """Source, flags, compiler version and CPU: a change in any of them means a new binary."""
-    version = subprocess.run([*cc, "--version"], capture_output=True, text=True, check=True).stdout
-    cpu = ""
-    if Path("/proc/cpuinfo").is_file():
-        cpu = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-    parts = (SOURCE.read_bytes(), " ".join(FLAGS).encode(), version.encode(), cpu.encode())
-    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
-
-
-@cache
-def _library() -> ctypes.CDLL | str:
-    """The compiled kernel, or a one-line reason it is unavailable."""
-    cc = _compiler()
-    try:
-        out_dir = cache_dir() / "kernels"
-        target = out_dir / f"decode-{_build_key(cc)}.so"
-        if not target.is_file():
-            out_dir.mkdir(parents=True, exist_ok=True)
-            # Compile beside the target, then rename: a concurrent run never loads a half-written file.
-            fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".so.tmp")
-            os.close(fd)
-            try:
-                done = subprocess.run([*cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
-                if done.returncode != 0:
-                    return f"{cc[0]} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}"
-                os.replace(tmp, target)
-            finally:
-                Path(tmp).unlink(missing_ok=True)
-        lib = ctypes.CDLL(str(target))
-    except (OSError, subprocess.CalledProcessError) as exc:
-        return f"no native kernel ({exc.__class__.__name__}: {exc})"
-    lib.gen_decode_step.argtypes = [
-        ctypes.POINTER(_Model),
-        ctypes.c_void_p,
-        ctypes.c_int64,
-        ctypes.c_int64,
-        ctypes.c_void_p,
-    ]
-    lib.gen_decode_step.restype = None
-    lib.gen_argmax.argtypes = [ctypes.c_void_p, *[ctypes.c_int64] * 3, ctypes.c_void_p, ctypes.c_int64]
-    lib.gen_argmax.restype = None
-    return lib
-
-
-def native_status() -> str:
-    """'ready', or why the native kernel cannot be used on this machine."""
-    lib = _library()
-    return lib if isinstance(lib, str) else "ready"
 
 
 def huge_page_arena(nbytes: int) -> torch.Tensor:
@@ -188,8 +68,6 @@ def _move_to_huge_pages(tensors: list[torch.Tensor]) -> None:
 
 
 def _streamed(linear: nn.Module) -> list[torch.Tensor]:
-    from gen_cli.quantize import Int8Linear
-
     return [linear.qweight, linear.scale] if isinstance(linear, Int8Linear) else [linear.weight]
 
 
@@ -197,9 +75,9 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def _matrix(linear: nn.Module) -> _Matrix:
+def _matrix(linear: nn.Module) -> Matrix:
     weight, *scale = _streamed(linear)
-    return _Matrix(_ptr(weight), _ptr(scale[0]) if scale else None, *weight.shape)
+    return Matrix(_ptr(weight), _ptr(scale[0]) if scale else None, *weight.shape)
 
 
 def supports(model: Transformer) -> str | None:
@@ -243,20 +121,20 @@ class NativeDecoder:
                 self._memory.append(t)
             return _ptr(t)
 
-        def norm(module: nn.Module) -> _Norm:
-            return _Norm(fp32(module.weight), fp32(getattr(module, "bias", None)))
+        def norm(module: nn.Module) -> Norm:
+            return Norm(fp32(module.weight), fp32(getattr(module, "bias", None)))
 
-        self._layers = (_Layer * c.n_layer)()
+        self._layers = (Layer * c.n_layer)()
         for i, block in enumerate(model.layers):
             attn, mlp = block.attn, block.mlp
-            self._layers[i] = _Layer(
+            self._layers[i] = Layer(
                 norm(block.attn_norm), norm(block.mlp_norm),
                 _matrix(attn.wqkv), _matrix(attn.wo), _matrix(mlp.w13), _matrix(mlp.w2),
             )  # fmt: skip
         pos_table = getattr(model, "sin_table", None)
         if c.pos_encoding == "learned":
             pos_table = model.pos_emb.weight
-        self._struct = _Model(
+        self._struct = Model(
             n_layer=c.n_layer, n_head=c.n_head, n_kv_head=c.n_kv_head, head_dim=c.head_dim,
             d_model=c.d_model, d_ff=c.d_ff, vocab=c.vocab_size, bf16=self.dtype == torch.bfloat16, norm_eps=c.norm_eps,
             tok_emb=_ptr(model.tok_emb.weight), pos_table=fp32(pos_table),
@@ -271,7 +149,7 @@ class NativeDecoder:
     def attach(cls, model: Transformer) -> str | None:
         """Set `model.native_decoder` when the kernel can run this model; else return why not."""
         reason = unavailable_reason(model)
-        model.native_decoder = None if reason else cls(model, _library())
+        model.native_decoder = None if reason else cls(model, library())
         return reason
 
     def accepts(self, batch: int, cache: KVCache) -> bool:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from gen_cli.config import ModelConfig
-from gen_cli.errors import UsageError
+from gen_cli.errors import InternalError, UsageError
+from gen_cli.model.config import ModelConfig
 
 
 class KVCache:
@@ -48,7 +48,8 @@ class KVCache:
         t = k_new.shape[2]
         end = self.pos + t
         if end > self.max_tokens:
-            raise UsageError(
+            # Callers size the cache for the whole generation and check lengths first: reaching here is a bug.
+            raise InternalError(
                 f"KV cache is full: writing {t} token(s) at position {self.pos} would pass its "
                 f"{self.max_tokens}-token capacity"
             )
@@ -60,7 +61,7 @@ class KVCache:
     def advance(self, t: int) -> None:
         """Move the write position past `t` tokens (once per forward pass, after all layers)."""
         if self.pos + t > self.max_tokens:
-            raise UsageError(f"KV cache overflow: position {self.pos} + {t} > capacity {self.max_tokens}")
+            raise InternalError(f"KV cache overflow: position {self.pos} + {t} > capacity {self.max_tokens}")
         self.pos += t
 
     def reset(self) -> None:

@@ -4,17 +4,18 @@
  * each cost microseconds of dispatch and its fp32 matrix-vector path streams well below the memory's
  * bandwidth. Here every matrix is read once, in row blocks split across OpenMP threads, and everything
  * between the matrices (norms, RoPE, attention over the KV cache, SwiGLU) runs in place on small
- * scratch buffers. The model is the one in gen_cli/model.py: pre-norm blocks, fused qkv, MHA/GQA/MQA,
+ * scratch buffers. The model is the one in gen_cli/model/transformer.py: pre-norm blocks, fused qkv, MHA/GQA/MQA,
  * RoPE (rotate-half) or an additive position table, RMSNorm or LayerNorm, SwiGLU with fused w1|w3.
  * Its streamed tensors (embedding, matrices, KV cache) are fp32 (matrices fp32 or int8), or all bf16 (a
  * `--dtype bfloat16` model); either way every sum and the scratch are fp32: bf16 is widened on load.
  *
- * gen_cli/native.py compiles this file with the machine's C compiler (-O3 -march=native -fopenmp),
+ * gen_cli/infer/native/build.py compiles this file with the machine's C compiler (-O3 -march=native -fopenmp),
  * fills the structs below with pointers into the model's torch tensors, and checks the logits against
  * the PyTorch path in the tests. Compiled for the machine it runs on, so no vector ISA is assumed:
  * the dot products have AVX-512 (VNNI for int8) paths and portable loops, both tested.
  */
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -362,4 +363,23 @@ void gen_argmax(const float *logits, int64_t batch, int64_t row_stride, int64_t 
         }
         out[b * out_stride] = c;
     }
+}
+
+/* ---- ABI: what the Python side checks before it fills the structs ------------------------------------ */
+
+/* Bump on any change to a struct or an exported signature above. */
+#define GEN_ABI_VERSION 1
+
+/* out[0] = version, then sizeof and one offset near the end of each struct: a field added, removed,
+ * reordered or resized on one side only shows up as a mismatch here, before any pointer is read. */
+void gen_abi(int64_t *out) {
+    out[0] = GEN_ABI_VERSION;
+    out[1] = (int64_t)sizeof(Matrix);
+    out[2] = (int64_t)sizeof(Norm);
+    out[3] = (int64_t)sizeof(Layer);
+    out[4] = (int64_t)offsetof(Layer, v_cache);
+    out[5] = (int64_t)sizeof(Model);
+    out[6] = (int64_t)offsetof(Model, norm_eps);
+    out[7] = (int64_t)offsetof(Model, lm_head);
+    out[8] = (int64_t)offsetof(Model, xscale);
 }

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gen_cli.config import WEIGHT_SEED, ModelConfig
 from gen_cli.errors import UsageError
-from gen_cli.kv_cache import KVCache
+from gen_cli.model.config import WEIGHT_SEED, ModelConfig
+from gen_cli.model.kv_cache import KVCache
 
 
 def sinusoidal_table(length: int, dim: int) -> torch.Tensor:

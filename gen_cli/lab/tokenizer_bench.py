@@ -16,8 +16,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from gen_cli.corpus import BUILTIN, Corpus
-from gen_cli.tokenizer import DEFAULT_VOCAB_SIZE
+from gen_cli.text.corpus import BUILTIN, Corpus
+from gen_cli.text.tokenizer import DEFAULT_VOCAB_SIZE
 
 VARIANTS = ("gen", "tokenizers.train(files)", "tokenizers.train_from_iterator")
 
@@ -50,7 +50,7 @@ def _peak_rss_bytes() -> int:
 
 def run_variant(variant: str, inputs: list[str], train_file: str, vocab_size: int) -> dict:
     """Train once in this process and return {seconds, bytes, peak_rss_bytes}."""
-    from gen_cli.tokenizer import _new_tokenizer, new_trainer, train_tokenizer
+    from gen_cli.text.tokenizer import _new_tokenizer, new_trainer, train_tokenizer
 
     baseline = _peak_rss_bytes()
     if variant == "gen":
@@ -74,7 +74,10 @@ def run_variant(variant: str, inputs: list[str], train_file: str, vocab_size: in
 
 def _in_subprocess(variant: str, inputs: list[str], train_file: Path, vocab_size: int) -> dict:
     args = json.dumps([variant, inputs, str(train_file), vocab_size])
-    code = f"import json, sys; from gen_cli.tokenizer_bench import run_variant; print(json.dumps(run_variant(*{args})))"
+    code = (
+        "import json, sys; from gen_cli.lab.tokenizer_bench import run_variant; "
+        f"print(json.dumps(run_variant(*{args})))"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 

@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from gen_cli.atomic import atomic_path, write_text_atomic
-from gen_cli.config import ModelConfig
 from gen_cli.errors import GenError, UsageError
-from gen_cli.model import Transformer
-from gen_cli.tokenizer import load_tokenizer, save_tokenizer
+from gen_cli.model.config import ModelConfig
+from gen_cli.model.transformer import Transformer
+from gen_cli.text.tokenizer import load_tokenizer, save_tokenizer
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -81,7 +81,9 @@ def load_model(
 
     directory = Path(directory)
     if not directory.is_dir():
-        raise GenError(f"{directory}: no such model directory; train one with `gen train` or pass --preset")
+        raise GenError(
+            f"{directory}: no such model directory; train one with `gen train` or use random weights of a preset shape"
+        )
     for name in (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE):
         if not (directory / name).is_file():
             raise GenError(f"{directory}: {name} is missing; a model directory needs all of "

@@ -13,12 +13,12 @@ from typing import Any
 
 import torch
 
-from gen_cli.config import ModelConfig
 from gen_cli.errors import UsageError
-from gen_cli.kv_cache import KVCache
-from gen_cli.model import Transformer
+from gen_cli.infer.sampling import SamplingConfig, sample_next
+from gen_cli.model.config import ModelConfig
+from gen_cli.model.kv_cache import KVCache
+from gen_cli.model.transformer import Transformer
 from gen_cli.runtime import PeakMemory, dtype_name, synchronize
-from gen_cli.sampling import SamplingConfig, sample_next
 
 
 @torch.inference_mode()
@@ -52,7 +52,7 @@ def check_lengths(config: ModelConfig, prompt_len: int, max_new_tokens: int) -> 
     if prompt_len < 1:
         raise UsageError("the prompt is empty; generation needs at least one token to start from")
     if max_new_tokens < 0:
-        raise UsageError(f"--max-new-tokens must be ≥ 0, got {max_new_tokens}")
+        raise UsageError(f"max_new_tokens must be ≥ 0, got {max_new_tokens}", params=("max_new_tokens",))
     if prompt_len >= limit:
         raise UsageError(
             f"the prompt is {prompt_len} tokens but the model's context length is {limit} tokens; "
@@ -60,8 +60,9 @@ def check_lengths(config: ModelConfig, prompt_len: int, max_new_tokens: int) -> 
         )
     if prompt_len + max_new_tokens > limit:
         raise UsageError(
-            f"prompt ({prompt_len} tokens) + --max-new-tokens {max_new_tokens} exceeds the context length "
-            f"of {limit} tokens; use --max-new-tokens {limit - prompt_len} or less"
+            f"prompt ({prompt_len} tokens) + max_new_tokens {max_new_tokens} exceeds the context length "
+            f"of {limit} tokens; use max_new_tokens {limit - prompt_len} or less",
+            params=("max_new_tokens",),
         )
 
 
@@ -91,7 +92,7 @@ def generate(
     if prompt_ids.dim() != 2:
         raise UsageError(f"prompt_ids must be (B, T), got shape {tuple(prompt_ids.shape)}")
     if num_samples < 1:
-        raise UsageError(f"--num-samples must be at least 1, got {num_samples}")
+        raise UsageError(f"num_samples must be at least 1, got {num_samples}", params=("num_samples",))
     check_lengths(model.config, prompt_ids.shape[1], max_new_tokens)
     if use_cache and cache is None:
         cache = new_cache(model, prompt_ids, max_new_tokens, num_samples)

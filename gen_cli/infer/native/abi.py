@@ -1,0 +1,109 @@
+"""The C kernel's structs as ctypes mirrors, and the check that both sides agree on their layout.
+
+`decode.c` exports `gen_abi`: its version, and the size of each struct with an offset near its end.
+`bind(lib)` compares them with these mirrors before any struct is filled, so a field changed on one
+side only is refused (and the PyTorch path runs) instead of reading memory wrongly.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+ABI_VERSION = 1  # GEN_ABI_VERSION in decode.c
+
+
+class Matrix(ctypes.Structure):
+    _fields_ = [
+        ("data", ctypes.c_void_p),
+        ("scale", ctypes.c_void_p),
+        ("rows", ctypes.c_int64),
+        ("cols", ctypes.c_int64),
+    ]
+
+
+class Norm(ctypes.Structure):
+    _fields_ = [("weight", ctypes.c_void_p), ("bias", ctypes.c_void_p)]
+
+
+class Layer(ctypes.Structure):
+    _fields_ = [
+        ("attn_norm", Norm),
+        ("mlp_norm", Norm),
+        ("wqkv", Matrix),
+        ("wo", Matrix),
+        ("w13", Matrix),
+        ("w2", Matrix),
+        ("k_cache", ctypes.c_void_p),
+        ("v_cache", ctypes.c_void_p),
+    ]
+
+
+_INTS = (
+    "n_layer",
+    "n_head",
+    "n_kv_head",
+    "head_dim",
+    "d_model",
+    "d_ff",
+    "vocab",
+    "max_tokens",
+    "batch",
+    "n_threads",
+    "bf16",
+)
+_SCRATCH = ("x", "h", "qkv", "att", "ff", "scores", "xq", "xscale")
+
+
+class Model(ctypes.Structure):
+    _fields_ = [
+        *((name, ctypes.c_int64) for name in _INTS),
+        ("norm_eps", ctypes.c_float),
+        ("tok_emb", ctypes.c_void_p),
+        ("pos_table", ctypes.c_void_p),
+        ("rope_cos", ctypes.c_void_p),
+        ("rope_sin", ctypes.c_void_p),
+        ("layers", ctypes.POINTER(Layer)),
+        ("final_norm", Norm),
+        ("lm_head", Matrix),
+        *((name, ctypes.c_void_p) for name in _SCRATCH),
+    ]
+
+
+def _expected() -> list[int]:
+    return [
+        ABI_VERSION,
+        ctypes.sizeof(Matrix),
+        ctypes.sizeof(Norm),
+        ctypes.sizeof(Layer),
+        Layer.v_cache.offset,
+        ctypes.sizeof(Model),
+        Model.norm_eps.offset,
+        Model.lm_head.offset,
+        Model.xscale.offset,
+    ]
+
+
+def bind(lib: ctypes.CDLL) -> str | None:
+    """Check the library's struct layout against these mirrors and declare its functions' signatures;
+    None when it can be called, else a one-line reason."""
+    try:
+        fn = lib.gen_abi
+    except AttributeError:
+        return "the native library exports no ABI description (gen_abi); it is not gen's kernel or is too old"
+    expected = _expected()
+    found = (ctypes.c_int64 * len(expected))()
+    fn.argtypes, fn.restype = [ctypes.c_void_p], None
+    fn(found)
+    if list(found) != expected:
+        return f"the native library's struct layout {list(found)} differs from Python's {expected}"
+    lib.gen_decode_step.argtypes = [
+        ctypes.POINTER(Model),
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_void_p,
+    ]
+    lib.gen_decode_step.restype = None
+    lib.gen_argmax.argtypes = [ctypes.c_void_p, *[ctypes.c_int64] * 3, ctypes.c_void_p, ctypes.c_int64]
+    lib.gen_argmax.restype = None
+    return None

@@ -1,0 +1,107 @@
+"""Inference-only fast paths: fused MLP, the native C decode step, oneDNN for CPU products, weight-only
+int8, torch.compile.
+
+`optimize_for_decode(model, quantize=..., compile=..., native=...)` turns a trained or random
+`Transformer` into an inference-only one (its state_dict changes: w1/w3 become w13, int8 layers hold
+`qweight`/`scale`). Call it after `.to(device, dtype)`; generation code is unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from gen_cli.errors import UsageError
+from gen_cli.infer.linear import Int8Linear, OneDNNLinear, onednn_applies
+from gen_cli.model.transformer import Transformer
+
+QUANTIZE_MODES = ("none", "int8")
+
+
+def _linears(model: Transformer) -> list[tuple[nn.Module, str, nn.Linear]]:
+    """(parent, attribute, module) for every nn.Linear, so it can be swapped in place."""
+    found = []
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, nn.Linear):
+                found.append((parent, name, child))
+    return found
+
+
+def _untie(model: Transformer) -> None:
+    if model.config.tie_embeddings:
+        # The embedding keeps its float table (a lookup reads one row); the head gets its own copy.
+        model.tok_emb.weight = nn.Parameter(model.tok_emb.weight.detach().clone(), requires_grad=False)
+
+
+def _to_onednn(model: Transformer, pack_decode: bool) -> None:
+    """Replace every wide enough CPU linear by a OneDNNLinear sharing its weight (a tied head stays tied)."""
+    for parent, name, lin in _linears(model):
+        if onednn_applies(lin.weight):
+            setattr(parent, name, OneDNNLinear(lin.weight, pack_decode))
+
+
+def quantize_int8(model: Transformer) -> Transformer:
+    """Replace every linear (the lm head included) by an Int8Linear in the model's dtype; in place."""
+    _untie(model)
+    for parent, name, lin in _linears(model):
+        setattr(parent, name, Int8Linear(lin.weight, lin.weight.dtype))  # built on the weight's device
+    return model
+
+
+def int8_activation_dtype(device: torch.device, native: bool = True) -> str:
+    """The dtype int8-weight models compute in: fp32 through the native CPU step, else bfloat16.
+
+    PyTorch's own CPU int8 kernel is ~20x slower with fp32 activations than with bf16 ones, so
+    without the native step (`native=False`, or none on this machine) int8 computes in bfloat16.
+    """
+    if native and device.type == "cpu":
+        from gen_cli.infer.native.build import native_status
+
+        if native_status() == "ready":
+            return "float32"
+    return "bfloat16"
+
+
+def compile_model(model: Transformer) -> Transformer:
+    """Compile the model's forward with torch.compile (inductor); on CPU with weight freezing."""
+    import torch._inductor.config as inductor_config
+
+    if next(model.parameters()).device.type == "cpu":
+        # Freezing folds the (constant) weights into the graph so inductor can prepack them for its GEMMs.
+        inductor_config.freezing = True
+    model.forward = torch.compile(model.forward, dynamic=None)
+    return model
+
+
+def optimize_for_decode(
+    model: Transformer, quantize: str = "none", compile: bool = False, native: bool = True
+) -> Transformer:
+    """Make `model` inference-only and fast: fuse w1/w3, int8 weights, then the fastest decode path.
+
+    On the CPU, for fp32 (or int8-weight) and bf16 models, that is the native C step (`gen_cli/native.py`)
+    when this machine can compile it; otherwise oneDNN-prepacked weights, or torch.compile when asked.
+    fp32 results equal the unoptimised model's within float rounding; bf16 and int8 change them
+    (measured by `gen bench decode`). Call it after `.to(device, dtype)`: the native step points at the
+    weights as they are then.
+    """
+    if quantize not in QUANTIZE_MODES:
+        raise UsageError(
+            f"unknown quantize mode {quantize!r}; choose {', '.join(QUANTIZE_MODES)}", params=("quantize",)
+        )
+    model.eval().requires_grad_(False)
+    for layer in model.layers:
+        if "w13" not in layer.mlp._modules:
+            layer.mlp.fuse()
+    if quantize == "int8":
+        quantize_int8(model)
+    if compile:
+        return compile_model(model)
+    native_step = False
+    if native:
+        from gen_cli.infer.native.decoder import NativeDecoder
+
+        native_step = NativeDecoder.attach(model) is None
+    if quantize == "none" and onednn_applies(model.lm_head.weight):
+        _to_onednn(model, pack_decode=not native_step)  # the native step reads the plain weights itself
+    return model

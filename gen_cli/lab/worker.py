@@ -1,0 +1,190 @@
+"""One `gen compare` configuration measured in its own process: `python -m gen_cli.lab.worker`.
+
+A JSON Spec arrives on stdin and one JSON record line leaves on stdout. A fresh process per
+configuration keeps each peak-memory figure its own: freed memory stays in the allocator and would
+pollute the next run's peak. Correctness is checked against the fp32 no-cache path of the same
+weights (the oracle).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from gen_cli.errors import GenError
+from gen_cli.model.config import ModelConfig
+
+PROMPT_SEED = 1234
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One configuration of the grid: a model variant and a workload."""
+
+    shape: dict[str, Any]  # the ModelConfig (with this variant's n_kv_head and pos_encoding) as a dict
+    attention: str
+    kv_cache: bool
+    prompt_len: int
+    gen_len: int
+    batch: int
+    dtype: str
+    device: str = "cpu"
+    threads: int | None = None
+    repeats: int = 3
+    warmup: int = 1
+
+    @property
+    def config(self) -> ModelConfig:
+        return ModelConfig.from_dict(self.shape)
+
+    def variant(self) -> tuple[str, int, str]:
+        """What training would distinguish: attention kind, KV heads, positions."""
+        return (self.attention, self.shape["n_kv_head"], self.shape["pos_encoding"])
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def _greedy_steps(model: Any, prompt: Any, gen_len: int, use_cache: bool) -> Iterator[tuple[Any, Any]]:
+    """Yield (fp32 logits (B, V), greedy token (B,)) per generated token, with or without the cache."""
+    import torch
+
+    from gen_cli.infer.generate import _full_forward, decode_step, new_cache, prefill
+
+    # No `with inference_mode()` around a yield: two generators in lockstep would unwind it out of order.
+    cache = new_cache(model, prompt, gen_len, 1) if use_cache else None
+    ids, token = prompt, None
+    for step in range(gen_len):
+        with torch.inference_mode():
+            if step > 0:
+                ids = torch.cat([ids, token[:, None]], dim=1)  # (B, T+step)
+            if cache is None:
+                logits = _full_forward(model, ids)
+            elif step == 0:
+                logits = prefill(model, prompt, cache)
+            else:
+                logits = decode_step(model, token[:, None], cache)
+            token = logits.argmax(dim=-1)  # (B,)
+            logits = logits.float()
+        yield logits, token
+
+
+def check_against_oracle(model: Any, oracle: Any, prompt: Any, gen_len: int, use_cache: bool) -> tuple[bool, float]:
+    """Greedy agreement with the no-cache `oracle` over every step, and the max |logit diff| while rows agree.
+
+    Both run free, in lockstep, so only one step's logits are held (a long run's logits would not fit).
+    A row's logits are compared while all its earlier tokens agree: after that the inputs differ.
+    """
+    import torch
+
+    agreed = torch.ones(prompt.shape[0], dtype=torch.bool, device=prompt.device)  # (B,)
+    max_diff = 0.0
+    cand, ref = _greedy_steps(model, prompt, gen_len, use_cache), _greedy_steps(oracle, prompt, gen_len, False)
+    steps = zip(cand, ref, strict=True)
+    for (logits, token), (ref_logits, ref_token) in steps:
+        if agreed.any():
+            max_diff = max(max_diff, float((logits - ref_logits).abs().amax(dim=-1)[agreed].max()))
+        agreed &= token == ref_token
+    return bool(agreed.all()), max_diff
+
+
+def measure(spec: Spec) -> dict[str, Any]:
+    """Build the variant, warm up, time `repeats` greedy generations, check against the fp32 oracle."""
+    import torch
+
+    from gen_cli.infer.generate import run_generation
+    from gen_cli.infer.optimize import int8_activation_dtype, optimize_for_decode
+    from gen_cli.infer.sampling import SamplingConfig
+    from gen_cli.model.transformer import random_model
+    from gen_cli.runtime import resolve_device, resolve_dtype, set_threads
+
+    threads = set_threads(spec.threads)
+    device = resolve_device(spec.device)
+    quantize = "int8" if spec.dtype == "int8" else "none"
+    dtype = resolve_dtype(int8_activation_dtype(device) if quantize == "int8" else spec.dtype, device)
+    config = spec.config
+    # Seeded by shape only: cache on/off and every dtype of one variant start from identical fp32 weights.
+    model = random_model(config).to(device)
+    params = model.num_parameters()  # before optimising: packed or int8 weights are buffers, not parameters
+    prompt = torch.randint(
+        0, config.vocab_size, (spec.batch, spec.prompt_len), generator=torch.Generator().manual_seed(PROMPT_SEED)
+    ).to(device)
+    # The same inference path `gen generate` runs: fused and prepacked (or int8) weights.
+    model = optimize_for_decode(model.to(dtype), quantize=quantize)
+    greedy = SamplingConfig(temperature=0.0)
+    every = [
+        run_generation(model, prompt, spec.gen_len, greedy, use_cache=spec.kv_cache).stats
+        for _ in range(spec.warmup + spec.repeats)
+    ]
+    runs = every[spec.warmup :]  # the timed ones
+    # The first run in this fresh process allocates from the OS; later runs reuse the allocator's freed
+    # memory and show less, so the peak is the largest any run saw (in practice the first's).
+    peak = max(every, key=lambda s: s.peak_memory_bytes)
+    # Correctness after timing, so the oracle's freed buffers cannot hide the timed runs' peak memory.
+    greedy_match, max_diff, has_oracle = None, None, spec.kv_cache or spec.dtype != "float32"
+    if has_oracle:
+        oracle = random_model(config).to(device)  # the same fp32 weights the variant was built from, unoptimised
+        greedy_match, max_diff = check_against_oracle(model, oracle, prompt, spec.gen_len, spec.kv_cache)
+    rates = [s.decode_tokens_per_s for s in runs if s.decode_tokens_per_s is not None]
+    last = runs[-1]
+    bpe = torch.empty((), dtype=dtype).element_size()
+    return {
+        "attention": spec.attention,
+        "kv_heads": config.n_kv_head,
+        "n_heads": config.n_head,
+        "pos": config.pos_encoding,
+        "kv_cache": spec.kv_cache,
+        "prompt_len": spec.prompt_len,
+        "gen_len": spec.gen_len,
+        "batch": spec.batch,
+        "dtype": spec.dtype,
+        "device": str(device),
+        "threads": threads,
+        "decode_path": last.decode_path,
+        "params": params,
+        "decode_tokens_per_s": _median(rates),
+        "decode_tokens_per_s_min": min(rates) if rates else None,
+        "decode_tokens_per_s_max": max(rates) if rates else None,
+        "ttft_s": _median([s.ttft_s for s in runs]),
+        "prefill_tokens_per_s": _median([s.prefill_tokens_per_s for s in runs]),
+        "ms_per_token": _median([s.ms_per_token for s in runs if s.ms_per_token is not None]),
+        "kv_bytes_per_token": config.kv_bytes_per_token(bpe),
+        "kv_cache_bytes_analytic": last.kv_cache_bytes_analytic,
+        "kv_cache_bytes_measured": last.kv_cache_bytes,
+        "peak_memory_bytes": peak.peak_memory_bytes,
+        "memory_method": f"{peak.memory_method}, largest over all runs, above the built model",
+        "speedup": None,
+        "speedup_vs_no_cache": None,
+        "baseline": False,
+        "greedy_match": greedy_match,
+        "max_logit_diff": max_diff,
+        "oracle": "float32 no-cache, same weights" if has_oracle else "is the oracle",
+        "val_loss": None,
+        "bits_per_byte": None,
+        "samples": {
+            "decode_tokens_per_s": rates,
+            "ttft_s": [s.ttft_s for s in runs],
+            "per_token_latencies_s": list(last.per_token_latencies),
+        },
+    }
+
+
+def _worker() -> int:
+    """`python -m gen_cli.lab.worker`: a JSON Spec on stdin → one JSON record line on stdout."""
+    try:
+        spec = Spec(**json.loads(sys.stdin.read()))
+        record = measure(spec)
+    except GenError as e:
+        print(json.dumps({"error": str(e)}))
+        return 1
+    print(json.dumps(record))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_worker())

@@ -1,0 +1,1 @@
+"""The model: its shape (ModelConfig), the transformer, the KV cache, and loading/saving model directories."""

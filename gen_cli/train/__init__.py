@@ -1,0 +1,1 @@
+"""Training: token files, evaluation, run folders, arguments, distributed setup and the loop."""

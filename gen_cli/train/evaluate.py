@@ -1,0 +1,131 @@
+"""Scoring a token stream: held-out loss, perplexity and bits per byte, and the precision it runs in."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from gen_cli.errors import UsageError
+from gen_cli.train.tokens import byte_lengths, tokenize_split, windows
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Held-out figures; bits_per_byte = nats / ln 2 / UTF-8 bytes of the predicted tokens' text."""
+
+    loss: float
+    perplexity: float
+    bits_per_byte: float
+    tokens: int
+    bytes: int
+
+
+def evaluate(
+    model: torch.nn.Module,
+    data: np.ndarray,
+    byte_table: np.ndarray,
+    context: int,
+    batch_size: int,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None,
+    max_tokens: int | None = None,
+) -> EvalResult:
+    """Score the token stream in contiguous, non-overlapping windows: every target exactly once.
+
+    Window i feeds data[iT : iT+T] and predicts data[iT+1 : iT+T+1]; the last window may be
+    shorter. Bytes are the exact UTF-8 length of the predicted tokens (EOT separators count 0).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    n = len(data) if max_tokens is None else min(len(data), max_tokens + 1)
+    targets_total = max(0, n - 1)
+    if targets_total == 0:
+        raise UsageError("nothing to evaluate: the validation text has fewer than 2 tokens")
+    starts = list(range(0, targets_total, context))
+    nats = 0.0
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), autocast(device, autocast_dtype):
+        full = [s for s in starts if s + context <= targets_total]
+        groups = [full[i : i + batch_size] for i in range(0, len(full), batch_size)]
+        if len(full) < len(starts):
+            groups.append([starts[-1]])
+        for group in groups:
+            length = min(context, targets_total - group[0])
+            win = torch.from_numpy(windows(data, group, length + 1)).to(device)  # (b, length+1)
+            logits = model(win[:, :-1])  # (b, length, V)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), win[:, 1:].flatten(), reduction="sum")
+            nats += float(loss)
+    model.train(was_training)
+    n_bytes = int(byte_table[np.asarray(data[1:n], dtype=np.int64)].sum())
+    loss = nats / targets_total
+    return EvalResult(
+        loss=loss,
+        perplexity=math.exp(min(loss, 700.0)),
+        bits_per_byte=nats / math.log(2) / n_bytes if n_bytes else float("nan"),
+        tokens=targets_total,
+        bytes=n_bytes,
+    )
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    import torch
+
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def training_precision(dtype: torch.dtype) -> torch.dtype | None:
+    """The autocast dtype for a requested dtype: weights and optimizer always stay fp32."""
+    import torch
+
+    if dtype == torch.float32:
+        return None
+    if dtype == torch.bfloat16:
+        return dtype
+    raise UsageError(
+        "dtype must be float32 or bfloat16 here (weights stay fp32; float16 would need loss scaling)", params=("dtype",)
+    )
+
+
+def evaluate_model(
+    model_dir: str | Path,
+    inputs: list[str] | None = None,
+    device: str = "auto",
+    dtype: str = "float32",
+    batch_size: int = 8,
+    context: int | None = None,
+    max_tokens: int | None = None,
+) -> EvalResult:
+    """Held-out loss, perplexity and bits per byte of a model directory on the inputs' val split."""
+    from gen_cli.model.checkpoint import load_model
+    from gen_cli.runtime import resolve_device, run_dtype
+    from gen_cli.text.corpus import Corpus
+
+    if batch_size < 1 or (max_tokens is not None and max_tokens < 1):
+        raise UsageError("batch_size and max_tokens must be at least 1", params=("batch_size", "max_tokens"))
+    dev = resolve_device(device)
+    amp = training_precision(run_dtype(dtype, dev))
+    model, tok = load_model(model_dir, dev)  # fp32 weights; bfloat16 runs under autocast
+    limit = model.config.context_length
+    context = context or limit
+    if not 1 <= context <= limit:
+        raise UsageError(
+            f"context {context} is outside what the model allows (1 to {limit} tokens)", params=("context",)
+        )
+    corpus = Corpus(inputs or [])
+    corpus.require_text()
+    data = tokenize_split(tok, corpus, "val").load()
+    if len(data) < 2:
+        raise UsageError(f"the validation split of {', '.join(corpus.inputs)} is empty; give more text")
+    return evaluate(model, data, byte_lengths(tok), context, batch_size, dev, amp, max_tokens)

@@ -1,0 +1,145 @@
+"""Token files: a corpus split tokenized once into a compact array that training and evaluation reuse.
+
+Layout: every document is preceded by the `<|endoftext|>` id, so the stream reads
+`EOT doc1 EOT doc2 …`. The leading EOT acts as a beginning-of-text marker: every text token then
+has something before it and can be predicted, so evaluating the whole stream scores every byte of
+the text. The file is raw little-endian uint16 (vocabulary ≤ 65535) or uint32, named by a hash of
+everything that determines its contents, and written atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from gen_cli.atomic import atomic_path
+from gen_cli.errors import UsageError
+from gen_cli.resources import cache_dir
+from gen_cli.text.tokenizer import EOT, special_id, token_bytes
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+
+    from gen_cli.text.corpus import Corpus
+
+_ENCODE_BATCH = 64
+
+
+@dataclass(frozen=True)
+class TokenFile:
+    """A tokenized split on disk; `cached` says whether an earlier run had already written it."""
+
+    path: Path
+    dtype: str
+    tokens: int
+    cached: bool
+
+    def load(self) -> np.ndarray:
+        """The token ids as a read-only memory map (the file is never read whole)."""
+        if self.tokens == 0:
+            return np.zeros(0, dtype=self.dtype)
+        return np.memmap(self.path, dtype=self.dtype, mode="r")
+
+
+def token_dtype(vocab_size: int) -> str:
+    """The smallest unsigned dtype that holds every id: uint16 up to 65535, else uint32."""
+    return "<u2" if vocab_size <= 65535 else "<u4"
+
+
+def tokenizer_digest(tok: Tokenizer) -> str:
+    """A hash of the tokenizer's full JSON (vocabulary, merges, normalisation, special tokens)."""
+    return hashlib.sha256(tok.to_str().encode("utf-8")).hexdigest()
+
+
+def corpus_identity(corpus: Corpus) -> list:
+    """What determines a corpus's text, cheaply: file path + size + mtime, or a hash of other text.
+
+    Built-in and stdin documents are not files; their text is hashed (a few ms for the built-in
+    corpus), which also covers the Python version the built-in text came from.
+    """
+    ident: list = [sys.version_info[:3]]
+    for doc in corpus.documents:
+        path = Path(doc.name)
+        if path.is_file():
+            st = path.stat()
+            ident.append([str(path.resolve()), st.st_size, st.st_mtime_ns])
+        else:
+            h = hashlib.sha256()
+            for line in doc.lines("all"):
+                h.update(line.encode("utf-8"))
+            ident.append([doc.name, h.hexdigest()])
+    return ident
+
+
+def token_file_key(tok: Tokenizer, corpus: Corpus, split: str) -> str:
+    """The cache key: tokenizer content, inputs' identity, split and layout version."""
+    payload = json.dumps([1, tokenizer_digest(tok), corpus_identity(corpus), split])
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:32]
+
+
+def _document_ids(tok: Tokenizer, corpus: Corpus, split: str, eot: int) -> Iterator[list[int]]:
+    """Per document: [EOT, ids…]; documents encoded in batches so the Rust side runs in parallel."""
+    texts = iter(corpus.texts(split))  # streamed: only one batch of documents is in memory
+    while batch := list(itertools.islice(texts, _ENCODE_BATCH)):
+        for enc in tok.encode_batch(batch, add_special_tokens=False):
+            yield [eot, *enc.ids]
+
+
+def tokenize_split(tok: Tokenizer, corpus: Corpus, split: str, folder: Path | None = None) -> TokenFile:
+    """Tokenize one split into a token file, or reuse the one an earlier run wrote."""
+    eot = special_id(tok, EOT)
+    if eot is None:
+        raise UsageError(f"the tokenizer has no {EOT} token; train one with `gen train-tokenizer`")
+    dtype = token_dtype(tok.get_vocab_size())
+    folder = folder or cache_dir() / "tokens"
+    path = folder / f"{token_file_key(tok, corpus, split)}.bin"
+    itemsize = np.dtype(dtype).itemsize
+    if path.is_file():
+        return TokenFile(path, dtype, path.stat().st_size // itemsize, cached=True)
+    total = 0
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        for ids in _document_ids(tok, corpus, split, eot):
+            f.write(np.asarray(ids, dtype=dtype).tobytes())
+            total += len(ids)
+    return TokenFile(path, dtype, total, cached=False)
+
+
+def byte_lengths(tok: Tokenizer) -> np.ndarray:
+    """UTF-8 bytes each token id stands for; special tokens (the EOT separator) count 0 bytes.
+
+    Byte-level BPE tokens concatenate to exactly the encoded text's bytes, so summing this table
+    over predicted tokens gives the exact byte count of the text they cover.
+    """
+    vocab = tok.get_vocab_size()
+    table = np.zeros(vocab, dtype=np.int64)
+    specials = {t.content for t in tok.get_added_tokens_decoder().values() if t.special}
+    for i in range(vocab):
+        piece = tok.id_to_token(i)
+        if piece is None or piece in specials:
+            continue
+        table[i] = len(token_bytes(tok, i))
+    return table
+
+
+def windows(data: np.ndarray, starts: np.ndarray | list[int], length: int) -> np.ndarray:
+    """Rows data[s : s + length] for each start, as int64: (len(starts), length)."""
+    idx = np.asarray(starts, dtype=np.int64)[:, None] + np.arange(length)[None, :]  # (b, length)
+    return np.asarray(data[idx], dtype=np.int64)
+
+
+def require_tokens(tokens: int, window: int, what: str) -> None:
+    """Refuse a split too small to cut even one training window from."""
+    if tokens < window + 1:
+        raise UsageError(
+            f"the {what} has only {tokens} tokens, fewer than one window of {window + 1} "
+            f"(context {window} + 1); give more text or a smaller context",
+            params=("context",),
+        )
