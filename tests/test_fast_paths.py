@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_config
 
 from gen_cli.infer import linear as q
-from gen_cli.infer.generate import generate
+from gen_cli.infer.generate import generate, new_cache
 from gen_cli.infer.linear import Int8Linear, OneDNNLinear
 from gen_cli.infer.optimize import optimize_for_decode
 from gen_cli.infer.sampling import SamplingConfig
@@ -28,7 +28,8 @@ def _pair(**changes) -> tuple[Transformer, Transformer]:
 
 
 def _greedy(model: Transformer, prompt: torch.Tensor, n: int, use_cache: bool = True) -> torch.Tensor:
-    return torch.stack(list(generate(model, prompt, n, GREEDY, use_cache=use_cache)), dim=1)  # (B, n)
+    cache = new_cache(model, prompt, n) if use_cache else None
+    return torch.stack(list(generate(model, prompt, n, GREEDY, cache)), dim=1)  # (B, n)
 
 
 @pytest.fixture(params=[False, True], ids=["plain-layout", "prepacked"])
@@ -129,14 +130,16 @@ def test_compiled_model_matches_eager():
 def test_the_compile_warm_up_leaves_nothing_to_compile_in_the_measured_run():
     from torch._dynamo.utils import counters
 
-    from gen_cli.commands.generate import _compile_graphs
     from gen_cli.infer.generate import run_generation
+    from gen_cli.infer.optimize import compile_warm_up
 
     _, fast = _pair()
     optimize_for_decode(fast, compile=True)
     prompt = torch.randint(0, 300, (1, 4))
-    assert _compile_graphs(fast, prompt, 10, GREEDY, 1) > 0
+    before = counters["stats"]["unique_graphs"]
+    compile_warm_up(fast, prompt, 10, GREEDY)
     compiled = counters["stats"]["unique_graphs"]
+    assert compiled > before  # the warm-up compiled the prefill and decode graphs
     # `gen generate --compile` then times this run: its prefill and every decode step reuse the graphs.
     assert run_generation(fast, prompt, 10, GREEDY).tokens.shape == (1, 10)
     assert counters["stats"]["unique_graphs"] == compiled

@@ -7,7 +7,8 @@ import torch
 from conftest import tiny_config
 
 from gen_cli.errors import UsageError
-from gen_cli.infer.generate import decode_step, generate, prefill, run_generation
+from gen_cli.infer import generate as generate_module
+from gen_cli.infer.generate import decode_step, generate, new_cache, prefill, run_generation
 from gen_cli.infer.sampling import SamplingConfig
 from gen_cli.model.kv_cache import KVCache
 from gen_cli.model.transformer import Transformer
@@ -32,7 +33,8 @@ def _model(kv: int, pos: str) -> Transformer:
 
 def _run(model, prompt, new, use_cache, sampling=GREEDY, seed=0, **kw) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    steps = list(generate(model, prompt, new, sampling, use_cache=use_cache, generator=g, **kw))
+    cache = new_cache(model, prompt, new, kw.get("num_samples", 1)) if use_cache else None
+    steps = list(generate(model, prompt, new, sampling, cache, generator=g, **kw))
     return torch.stack(steps, dim=1)
 
 
@@ -88,10 +90,10 @@ def test_same_seed_same_tokens():
 def test_context_overflow_refused_up_front():
     model = _model(4, "rope")
     with pytest.raises(UsageError, match=r"context length of 16 tokens; use max_new_tokens 11 or less"):
-        generate(model, torch.zeros(1, 5, dtype=torch.long), 12, GREEDY)
+        generate(model, torch.zeros(1, 5, dtype=torch.long), 12, GREEDY, None)
     with pytest.raises(UsageError, match="context length is 16"):
-        generate(model, torch.zeros(1, 16, dtype=torch.long), 1, GREEDY)
-    assert len(list(generate(model, torch.zeros(1, 5, dtype=torch.long), 11, GREEDY))) == 11
+        generate(model, torch.zeros(1, 16, dtype=torch.long), 1, GREEDY, None)
+    assert len(list(generate(model, torch.zeros(1, 5, dtype=torch.long), 11, GREEDY, None))) == 11
 
 
 def test_stop_token_ends_rows_and_pads_them():
@@ -117,8 +119,7 @@ def test_run_generation_stats_are_consistent():
     assert result.tokens.shape == (2, 8)
     assert (s.prompt_tokens, s.new_tokens, s.batch) == (4, 8, 2)
     assert s.kv_cache_bytes == s.kv_cache_bytes_analytic == 2 * 2 * 2 * 8 * 12 * 2 * 4
-    assert s.ttft_s > 0 and s.decode_tokens_per_s > 0 and len(s.per_token_latencies) == 7
-    assert s.ms_per_token == pytest.approx(1000 * sum(s.per_token_latencies) / 7)
+    assert len(s.per_token_latencies) == 7
     assert s.dtype == "float32" and s.device == "cpu" and s.memory_method
     assert torch.equal(result.tokens, _run(model, prompt, 8, True, num_samples=2))
 
@@ -142,3 +143,16 @@ def test_keyboard_interrupt_keeps_what_was_generated():
 
     result = run_generation(model, torch.tensor([[1, 2]]), 10, GREEDY, on_token=on_token)
     assert result.interrupted and result.tokens.shape == (1, 1)
+
+
+def test_run_generation_times_each_step_from_resume_to_yield(monkeypatch):
+    """With a clock that ticks 1 s per reading, every figure is known exactly: time spent between
+    yields (printing, on_token) is not counted, the first step is the time to first token."""
+    ticks = iter(range(1000))
+    monkeypatch.setattr(generate_module, "perf_counter", lambda: float(next(ticks)))
+    prompt = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+    s = run_generation(_model(2, "rope"), prompt, 6, GREEDY, use_cache=True).stats
+    # Readings: start, then per token one at the yield and one on resuming: each step takes 1 s.
+    assert s.ttft_s == 1.0 and s.per_token_latencies == [1.0] * 5
+    assert s.prefill_tokens_per_s == 4 * 2 / 1.0  # prompt tokens × rows over the time to first token
+    assert s.decode_tokens_per_s == 2.0 and s.ms_per_token == 1000.0  # 2 rows per 1 s step

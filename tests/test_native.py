@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gen_cli.errors import UsageError
-from gen_cli.infer.generate import decode_step, generate, prefill, run_generation
+from gen_cli.infer.generate import decode_step, generate, new_cache, prefill, run_generation
 from gen_cli.infer.linear import OneDNNLinear, mkldnn_ok
 from gen_cli.infer.native import build
 from gen_cli.infer.native import decoder as native
@@ -38,7 +38,7 @@ def _models(quantize: str = "none", dtype: torch.dtype = torch.float32, **change
         model = Transformer(tiny_config(**changes)).eval().to(dtype)
         models.append(optimize_for_decode(model, quantize, native=use_native))
     torch_model, native_model = models
-    assert getattr(torch_model, "native_decoder", None) is None
+    assert torch_model.native_decoder is None
     assert native_model.native_decoder is not None, build.native_status()
     return torch_model, native_model
 
@@ -70,8 +70,9 @@ def test_native_greedy_equals_the_no_cache_oracle(threads, prompt_len, monkeypat
     torch_model, native_model = _models(n_kv_head=2)
     prompt = torch.randint(0, 300, (2, prompt_len))
     n = 16 - prompt_len
-    oracle = torch.stack(list(generate(torch_model, prompt, n, GREEDY, use_cache=False)), 1)
-    assert torch.equal(torch.stack(list(generate(native_model, prompt, n, GREEDY)), 1), oracle)
+    oracle = torch.stack(list(generate(torch_model, prompt, n, GREEDY, None)), 1)
+    cache = new_cache(native_model, prompt, n)
+    assert torch.equal(torch.stack(list(generate(native_model, prompt, n, GREEDY, cache)), 1), oracle)
 
 
 # Few distinct values, so rows are full of ties; infinities and NaN, which torch.argmax ranks highest.
@@ -111,9 +112,13 @@ def test_only_plain_greedy_picks_in_c(sampling, in_c, monkeypatch):
     real = native_model.native_decoder.argmax_into
     monkeypatch.setattr(native_model.native_decoder, "argmax_into", lambda *a: calls.append(1) or real(*a))
     prompt = torch.randint(0, 300, (2, 3))
-    stop = int(next(generate(torch_model, prompt, 1, sampling, generator=_seeded()))[0])  # row 0's first token
-    want = torch.stack(list(generate(torch_model, prompt, 8, sampling, stop_token_id=stop, generator=_seeded())), 1)
-    got = torch.stack(list(generate(native_model, prompt, 8, sampling, stop_token_id=stop, generator=_seeded())), 1)
+
+    def run(model, n, stop=None):
+        return generate(model, prompt, n, sampling, new_cache(model, prompt, n), _seeded(), stop_token_id=stop)
+
+    stop = int(next(run(torch_model, 1))[0])  # row 0's first token
+    want = torch.stack(list(run(torch_model, 8, stop)), 1)
+    got = torch.stack(list(run(native_model, 8, stop)), 1)
     assert torch.equal(got, want) and (got[0] == stop).all()
     assert len(calls) == (8 if in_c else 0)
 
@@ -273,7 +278,8 @@ def test_streamed_weights_move_to_huge_pages_unchanged():
 def test_a_model_moved_after_attaching_runs_in_pytorch():
     _, native_model = _models()
     native_model.to(torch.bfloat16)  # the C structs still point at the fp32 weights, kept alive
-    tokens = torch.stack(list(generate(native_model, torch.randint(0, 300, (1, 3)), 6, GREEDY)), 1)
+    prompt = torch.randint(0, 300, (1, 3))
+    tokens = torch.stack(list(generate(native_model, prompt, 6, GREEDY, new_cache(native_model, prompt, 6))), 1)
     assert tokens.shape == (1, 6)
     assert not native_model.native_decoder.accepts(1, KVCache(native_model.config, 1, 8, torch.bfloat16))
 

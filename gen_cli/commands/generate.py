@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -56,7 +57,7 @@ def _native_note(model: Any, native: bool, compiled: bool) -> str:
     """Why the PyTorch path decodes although the native step was not turned off, for --stats."""
     from gen_cli.infer.native.decoder import unavailable_reason
 
-    if not native or compiled or getattr(model, "native_decoder", None) is not None:
+    if not native or compiled or model.native_decoder is not None:
         return ""
     reason = unavailable_reason(model)
     return f" (native step unavailable: {escape(reason)})" if reason else ""
@@ -82,29 +83,6 @@ def _print_stats(stats: dict[str, Any], source: str, path_note: str = "") -> Non
     if stats.get("compile_s") is not None:
         lines.append(f"compile          {stats['compile_s']:.1f} s before generating (torch.compile; not in the rates)")
     err.print("\n".join(lines))
-
-
-def _compile_graphs(model: Any, prompt_ids: Any, new_tokens: int, sampling: Any, num_samples: int) -> float:
-    """Run a compiled model once, untimed, so its prefill and decode graphs exist before the measured
-    generation (otherwise the first steps' compile time, seconds, lands in the decode rate); seconds."""
-    import itertools
-    import time
-    from contextlib import nullcontext
-
-    import torch
-
-    from gen_cli.infer.generate import run_generation
-
-    start = time.perf_counter()
-    with err.status("compiling (torch.compile)", spinner="dots") if progress_enabled() else nullcontext():
-        # The same shapes as the measured run (its id buffer and cache are sized by new_tokens, and the
-        # graphs are specialised to their strides), stopped after two decode steps.
-        generator = torch.Generator(device=prompt_ids.device).manual_seed(0)
-        steps = itertools.count(1)
-        run_generation(
-            model, prompt_ids, new_tokens, sampling, True, generator, None, num_samples, lambda _: next(steps) >= 3
-        )
-    return time.perf_counter() - start
 
 
 def generate_command(
@@ -178,16 +156,14 @@ def generate_command(
 
     import torch
 
-    from gen_cli.infer.generate import check_lengths, run_generation
-    from gen_cli.infer.optimize import QUANTIZE_MODES, int8_activation_dtype, optimize_for_decode
+    from gen_cli.infer.generate import run_generation
+    from gen_cli.infer.optimize import QUANTIZE_MODES, compile_warm_up, compute_dtype, optimize_for_decode
     from gen_cli.runtime import resolve_device, resolve_dtype, set_threads
 
     device = resolve_device(device_name)
     if quantize not in QUANTIZE_MODES:
         raise UsageError(f"unknown --quantize {quantize!r}; choose {', '.join(QUANTIZE_MODES)}")
-    if dtype_opt is None:
-        dtype_opt = int8_activation_dtype(device, native) if quantize == "int8" else "float32"
-    dtype = resolve_dtype(dtype_opt, device)
+    dtype = compute_dtype(quantize, device, native, resolve_dtype(dtype_opt, device) if dtype_opt else None)
     if compile_ and not kv_cache:
         raise UsageError("--compile speeds up the cached decode step; drop --no-kv-cache or --compile")
     set_threads(threads)
@@ -212,7 +188,6 @@ def generate_command(
         if eot is None:
             raise UsageError(f"the prompt is empty and the tokenizer has no {EOT} token to start from")
         ids = [eot]
-    check_lengths(model.config, len(ids), max_new_tokens)
     stop_id = None if ignore_eot else eot
     rows = [TextStream(tok, stops, stop_id) for _ in range(num_samples)]
     live = stream and not as_json and num_samples == 1
@@ -226,7 +201,10 @@ def generate_command(
         return all(r.done for r in rows)
 
     prompt_ids = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
-    compile_s = _compile_graphs(model, prompt_ids, max_new_tokens, sampling, num_samples) if compile_ else None
+    compile_s = None
+    if compile_:
+        with err.status("compiling (torch.compile)", spinner="dots") if progress_enabled() else nullcontext():
+            compile_s = compile_warm_up(model, prompt_ids, max_new_tokens, sampling, num_samples)
     generator = torch.Generator(device=device).manual_seed(seed)
     result = run_generation(
         model, prompt_ids, max_new_tokens, sampling, kv_cache, generator, stop_id, num_samples, on_token

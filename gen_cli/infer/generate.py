@@ -6,14 +6,15 @@ is the oracle the cached path is tested against.
 
 from __future__ import annotations
 
-import time
+import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from time import perf_counter
 from typing import Any
 
 import torch
 
-from gen_cli.errors import UsageError
+from gen_cli.errors import InternalError, UsageError
 from gen_cli.infer.sampling import SamplingConfig, sample_next
 from gen_cli.model.config import ModelConfig
 from gen_cli.model.kv_cache import KVCache
@@ -35,15 +36,16 @@ def decode_step(model: Transformer, token: torch.Tensor, cache: KVCache) -> torc
     instead of ~20 PyTorch ops per layer, with the same fp32 logits (tested; a bf16 model's come out
     in fp32 and closer to fp32 than PyTorch's bf16 path).
     """
-    native = getattr(model, "native_decoder", None)
+    native = model.native_decoder
     if native is not None and native.accepts(token.shape[0], cache):
         return native(token, cache)
     return model(token, cache=cache)[:, -1]
 
 
 @torch.inference_mode()
-def _full_forward(model: Transformer, ids: torch.Tensor) -> torch.Tensor:
-    return model(ids, last_only=True)[:, -1]  # no cache: recompute every position
+def full_forward(model: Transformer, ids: torch.Tensor) -> torch.Tensor:
+    """The whole sequence (B, T) without a cache; logits (B, V) for the last position: the oracle's step."""
+    return model(ids, last_only=True)[:, -1]
 
 
 def check_lengths(config: ModelConfig, prompt_len: int, max_new_tokens: int) -> None:
@@ -70,54 +72,91 @@ def model_dtype(model: Transformer) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
-def generate(
-    model: Transformer,
-    prompt_ids: torch.Tensor,
-    max_new_tokens: int,
-    sampling: SamplingConfig,
-    use_cache: bool = True,
-    generator: torch.Generator | None = None,
-    stop_token_id: int | None = None,
-    num_samples: int = 1,
-    cache: KVCache | None = None,
-) -> Iterator[torch.Tensor]:
-    """Yield the next token ids, (B × num_samples,), once per step; validates lengths before starting.
+def new_cache(model: Transformer, prompt_ids: torch.Tensor, max_new_tokens: int, num_samples: int = 1) -> KVCache:
+    """A cache exactly large enough for this generation: prompt + new tokens, B × num_samples rows.
 
-    Each yielded tensor is one column of the buffer holding every id so far: a view, not to be modified.
-
-    With `num_samples` > 1 each prompt row is continued num_samples times, sharing one prefill.
-    Rows that emitted `stop_token_id` keep yielding it; generation ends when every row has.
-    Pass `cache` to own it (sized for B × num_samples rows); otherwise one is made when use_cache.
+    Checks the lengths first, so nothing is allocated for a generation that cannot run.
     """
-    if prompt_ids.dim() != 2:
-        raise UsageError(f"prompt_ids must be (B, T), got shape {tuple(prompt_ids.shape)}")
-    if num_samples < 1:
-        raise UsageError(f"num_samples must be at least 1, got {num_samples}", params=("num_samples",))
     check_lengths(model.config, prompt_ids.shape[1], max_new_tokens)
-    if use_cache and cache is None:
-        cache = new_cache(model, prompt_ids, max_new_tokens, num_samples)
-    if cache is not None and cache.pos != 0:
-        raise UsageError("generate() needs an empty KV cache; call cache.reset() first")
-    return _generate(model, prompt_ids, max_new_tokens, sampling, cache, generator, stop_token_id, num_samples)
-
-
-def new_cache(model: Transformer, prompt_ids: torch.Tensor, max_new_tokens: int, num_samples: int) -> KVCache:
-    """A cache exactly large enough for this generation: prompt + new tokens, B × num_samples rows."""
     batch = prompt_ids.shape[0] * num_samples
     tokens = prompt_ids.shape[1] + max_new_tokens
     return KVCache(model.config, batch, tokens, model_dtype(model), prompt_ids.device)
 
 
-def _generate(
+def generate(
     model: Transformer,
     prompt_ids: torch.Tensor,
     max_new_tokens: int,
     sampling: SamplingConfig,
     cache: KVCache | None,
-    generator: torch.Generator | None,
-    stop_token_id: int | None,
-    num_samples: int,
+    generator: torch.Generator | None = None,
+    stop_token_id: int | None = None,
+    num_samples: int = 1,
 ) -> Iterator[torch.Tensor]:
+    """Yield the next token ids, (B × num_samples,), once per step; validates lengths before starting.
+
+    `cache`: an empty cache for this generation (`new_cache`), or None for the no-cache oracle, which
+    recomputes the whole sequence every step. Each yielded tensor is one column of the buffer holding
+    every id so far: a view, not to be modified. With `num_samples` > 1 each prompt row is continued
+    num_samples times, sharing one prefill. Rows that emitted `stop_token_id` keep yielding it;
+    generation ends when every row has.
+    """
+    _check(model, prompt_ids, max_new_tokens, num_samples, cache)
+    steps = _steps(model, prompt_ids, max_new_tokens, sampling, cache, generator, stop_token_id, num_samples)
+    return _tokens(steps)
+
+
+def greedy_steps(
+    model: Transformer,
+    prompt_ids: torch.Tensor,
+    max_new_tokens: int,
+    cache: KVCache | None,
+    forced: torch.Tensor | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (logits (B, V), token (B,)) per step of greedy generation: `generate`'s own loop, for the
+    benches and the oracle checks that compare logits. With `forced` (B, max_new_tokens), the given
+    tokens are fed instead of the greedy ones (teacher forcing); the logits are still the model's."""
+    _check(model, prompt_ids, max_new_tokens, 1, cache)
+    if forced is not None and tuple(forced.shape) != (prompt_ids.shape[0], max_new_tokens):
+        raise ValueError(f"forced must be (B, max_new_tokens), got {tuple(forced.shape)}")
+    return _steps(model, prompt_ids, max_new_tokens, SamplingConfig(temperature=0.0), cache, forced=forced)
+
+
+def _check(
+    model: Transformer, prompt_ids: torch.Tensor, max_new_tokens: int, num_samples: int, cache: KVCache | None
+) -> None:
+    if prompt_ids.dim() != 2:
+        raise UsageError(f"prompt_ids must be (B, T), got shape {tuple(prompt_ids.shape)}")
+    if num_samples < 1:
+        raise UsageError(f"num_samples must be at least 1, got {num_samples}", params=("num_samples",))
+    check_lengths(model.config, prompt_ids.shape[1], max_new_tokens)
+    if cache is not None:
+        rows, tokens = prompt_ids.shape[0] * num_samples, prompt_ids.shape[1] + max_new_tokens
+        if cache.pos != 0 or cache.batch_size != rows or cache.max_tokens < tokens:
+            raise InternalError(
+                f"generate needs an empty cache of {rows} rows and at least {tokens} tokens; got {cache.batch_size} "
+                f"rows, {cache.max_tokens} tokens, at position {cache.pos} (make one with new_cache)"
+            )
+
+
+def _tokens(steps: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[torch.Tensor]:
+    with contextlib.closing(steps):  # closing this generator closes the loop's
+        for _, token in steps:
+            yield token
+
+
+def _steps(
+    model: Transformer,
+    prompt_ids: torch.Tensor,
+    max_new_tokens: int,
+    sampling: SamplingConfig,
+    cache: KVCache | None,
+    generator: torch.Generator | None = None,
+    stop_token_id: int | None = None,
+    num_samples: int = 1,
+    forced: torch.Tensor | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The one generation loop: prefill (or the oracle's full forward), then pick, yield, decode a step."""
     B0, T = prompt_ids.shape
     B = B0 * num_samples
     # One preallocated id buffer: the no-cache input and the repetition-penalty history are views of it.
@@ -126,7 +165,7 @@ def _generate(
     if max_new_tokens == 0:
         return
     if cache is None:
-        logits = _full_forward(model, ids[:, :T])
+        logits = full_forward(model, ids[:, :T])
     elif num_samples > 1 and B0 == 1:
         # Share one prefill: run the prompt once into row 0 of the cache, copy its k/v to the other rows.
         first = cache.first_row()
@@ -137,25 +176,27 @@ def _generate(
     finished = torch.zeros(B, dtype=torch.bool, device=ids.device) if stop_token_id is not None else None
     # Plain greedy beside a native step picks in C, straight into the id buffer: torch's argmax is a
     # scalar loop, and the column write one more op (measured: +10% tok/s on tiny, +2% on small).
-    native = getattr(model, "native_decoder", None)
+    native = model.native_decoder
     argmax_into = (
         native.argmax_into if native is not None and sampling.greedy and sampling.repetition_penalty == 1 else None
     )
     cur = T
     for step in range(max_new_tokens):
         token = ids[:, cur]  # (B,) a view: the column this step fills
-        if argmax_into is None or not argmax_into(logits, token):
+        if forced is not None:
+            token.copy_(forced[:, step])
+        elif argmax_into is None or not argmax_into(logits, token):
             token.copy_(sample_next(logits, ids[:, :cur], sampling, generator))
         if finished is not None:
             token.masked_fill_(finished, stop_token_id)
             finished |= token == stop_token_id
         cur += 1
-        yield token
+        yield logits, token
         if step == max_new_tokens - 1 or (finished is not None and bool(finished.all())):
             return
         # The oracle recomputes the whole sequence; the cached path feeds only the newest token.
         logits = (
-            _full_forward(model, ids[:, :cur]) if cache is None else decode_step(model, ids[:, cur - 1 : cur], cache)
+            full_forward(model, ids[:, :cur]) if cache is None else decode_step(model, ids[:, cur - 1 : cur], cache)
         )
 
 
@@ -222,31 +263,28 @@ def run_generation(
     cache: KVCache | None = None
     synchronize(device)
     with PeakMemory(device) as mem:
-        start = time.perf_counter()
+        start = perf_counter()
         if use_cache:
-            check_lengths(model.config, T, max_new_tokens)
             cache = new_cache(model, prompt_ids, max_new_tokens, num_samples)
-        tokens = generate(
-            model, prompt_ids, max_new_tokens, sampling, use_cache, generator, stop_token_id, num_samples, cache
-        )
+        tokens = generate(model, prompt_ids, max_new_tokens, sampling, cache, generator, stop_token_id, num_samples)
         resumed = start
         try:
             for token in tokens:
                 synchronize(device)
-                latencies.append(time.perf_counter() - resumed)
+                latencies.append(perf_counter() - resumed)
                 steps.append(token)
                 if on_token is not None and on_token(token):
                     break
-                resumed = time.perf_counter()
+                resumed = perf_counter()
         except KeyboardInterrupt:
             interrupted = True
         finally:
             tokens.close()
-    ttft = latencies[0] if latencies else time.perf_counter() - start
+    ttft = latencies[0] if latencies else perf_counter() - start
     decode_time = sum(latencies[1:])
     n_decode = len(latencies) - 1
     bpe = torch.empty((), dtype=dtype).element_size()
-    native = getattr(model, "native_decoder", None)
+    native = model.native_decoder
     stats = GenerationStats(
         prompt_tokens=T,
         new_tokens=len(steps),

@@ -13,6 +13,7 @@ from torch import nn
 
 from gen_cli.errors import UsageError
 from gen_cli.infer.linear import Int8Linear, OneDNNLinear, onednn_applies
+from gen_cli.infer.sampling import SamplingConfig
 from gen_cli.model.transformer import Transformer
 
 QUANTIZE_MODES = ("none", "int8")
@@ -49,18 +50,25 @@ def quantize_int8(model: Transformer) -> Transformer:
     return model
 
 
-def int8_activation_dtype(device: torch.device, native: bool = True) -> str:
-    """The dtype int8-weight models compute in: fp32 through the native CPU step, else bfloat16.
+def compute_dtype(
+    quantize: str, device: torch.device, native: bool = True, requested: torch.dtype | None = None
+) -> torch.dtype:
+    """The dtype a model runs in: `requested` when given, else float32, except for int8 weights, which
+    compute in fp32 through the native CPU step and otherwise in bfloat16.
 
     PyTorch's own CPU int8 kernel is ~20x slower with fp32 activations than with bf16 ones, so
     without the native step (`native=False`, or none on this machine) int8 computes in bfloat16.
     """
+    if requested is not None:
+        return requested
+    if quantize != "int8":
+        return torch.float32
     if native and device.type == "cpu":
         from gen_cli.infer.native.build import native_status
 
         if native_status() == "ready":
-            return "float32"
-    return "bfloat16"
+            return torch.float32
+    return torch.bfloat16
 
 
 def compile_model(model: Transformer) -> Transformer:
@@ -72,6 +80,27 @@ def compile_model(model: Transformer) -> Transformer:
         inductor_config.freezing = True
     model.forward = torch.compile(model.forward, dynamic=None)
     return model
+
+
+def compile_warm_up(
+    model: Transformer, prompt_ids: torch.Tensor, new_tokens: int, sampling: SamplingConfig, num_samples: int = 1
+) -> float:
+    """Run a compiled model once, untimed, so its prefill and decode graphs exist before a measured
+    generation (otherwise the first steps' compile time, seconds, lands in the decode rate); seconds."""
+    import itertools
+    import time
+
+    from gen_cli.infer.generate import run_generation
+
+    start = time.perf_counter()
+    # The same shapes as the measured run (its id buffer and cache are sized by new_tokens, and the
+    # graphs are specialised to their strides), stopped after two decode steps.
+    generator = torch.Generator(device=prompt_ids.device).manual_seed(0)
+    steps = itertools.count(1)
+    run_generation(
+        model, prompt_ids, new_tokens, sampling, True, generator, None, num_samples, lambda _: next(steps) >= 3
+    )
+    return time.perf_counter() - start
 
 
 def optimize_for_decode(

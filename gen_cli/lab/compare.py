@@ -183,6 +183,7 @@ def add_speedups(rows: list[dict[str, Any]]) -> None:
         work = (row["prompt_len"], row["gen_len"], row["batch"])
         base = baselines.setdefault(work, row)
         row["baseline"] = base is row
+        row["speedup"] = row["speedup_vs_no_cache"] = None
         if base["decode_tokens_per_s"] and row["decode_tokens_per_s"]:
             row["speedup"] = row["decode_tokens_per_s"] / base["decode_tokens_per_s"]
         twin = off.get(_variant_key(row))

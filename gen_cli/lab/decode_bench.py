@@ -16,11 +16,11 @@ from typing import Any, NamedTuple
 import torch
 
 from gen_cli.errors import UsageError
-from gen_cli.infer.generate import decode_step, model_dtype, prefill, run_generation
-from gen_cli.infer.optimize import Int8Linear, OneDNNLinear, int8_activation_dtype, optimize_for_decode
+from gen_cli.infer.generate import greedy_steps, model_dtype, new_cache, run_generation
+from gen_cli.infer.linear import Int8Linear, OneDNNLinear
+from gen_cli.infer.optimize import compute_dtype, optimize_for_decode
 from gen_cli.infer.sampling import SamplingConfig
 from gen_cli.model.config import ModelConfig, load_preset
-from gen_cli.model.kv_cache import KVCache
 from gen_cli.model.transformer import Transformer, random_model
 from gen_cli.runtime import synchronize
 
@@ -35,7 +35,7 @@ class Mode(NamedTuple):
     """How `gen generate` runs: the first three modes are its defaults with the matching --dtype or
     --quantize, "-torch" modes add --no-native, "+compile" ones --compile."""
 
-    dtype: torch.dtype  # activations; int8 modes take theirs as `gen generate` picks it (see build_gen)
+    dtype: torch.dtype | None  # activations; None: as `gen generate` picks them (int8 weights)
     quantize: str
     compile: bool
     native: bool
@@ -43,14 +43,14 @@ class Mode(NamedTuple):
 
 MODES: dict[str, Mode] = {
     "fp32": Mode(torch.float32, "none", False, True),
-    "int8": Mode(torch.float32, "int8", False, True),
+    "int8": Mode(None, "int8", False, True),
     "bf16": Mode(torch.bfloat16, "none", False, True),
     "fp32-torch": Mode(torch.float32, "none", False, False),
     "bf16-torch": Mode(torch.bfloat16, "none", False, False),
-    "int8-torch": Mode(torch.bfloat16, "int8", False, False),
+    "int8-torch": Mode(None, "int8", False, False),
     "fp32+compile": Mode(torch.float32, "none", True, False),
     "bf16+compile": Mode(torch.bfloat16, "none", True, False),
-    "int8+compile": Mode(torch.bfloat16, "int8", True, False),
+    "int8+compile": Mode(None, "int8", True, False),
 }
 DEFAULT_MODES = ("fp32", "bf16", "int8", "fp32-torch")
 # A GPU has no native step (fp32 and bf16 run PyTorch's ops there) and int8 no GPU kernel in gen.
@@ -144,8 +144,7 @@ def kv_bytes_read(config: ModelConfig, dtype: torch.dtype, prompt: int, new_toke
 def build_gen(config: ModelConfig, mode: str, device: torch.device) -> Transformer:
     """The seeded model in `mode`, as `gen generate` builds it (compiling happens on the first run)."""
     dtype, quantize, compile, native = MODES[mode]
-    if quantize == "int8":  # as `gen generate --quantize int8 [--no-native]` picks it
-        dtype = getattr(torch, int8_activation_dtype(device, native))
+    dtype = compute_dtype(quantize, device, native, dtype)  # as `gen generate` picks it
     model = random_model(config).to(device=device, dtype=dtype)
     return optimize_for_decode(model, quantize=quantize, compile=compile, native=native)
 
@@ -234,15 +233,13 @@ def _teacher_forced_logits(model: Any, seq: torch.Tensor, hf: bool) -> torch.Ten
     return logits[0].float()
 
 
-@torch.inference_mode()
 def _decoded_logits(model: Transformer, seq: torch.Tensor, prompt_len: int) -> torch.Tensor:
     """fp32 logits (T - prompt_len + 1, V) from position prompt_len-1 on, computed the way generation
     computes them (a prefill, then one decode step per token): the path whose deviation is reported."""
-    cache = KVCache(model.config, 1, seq.shape[1], model_dtype(model), seq.device)
-    logits = [prefill(model, seq[:, :prompt_len], cache)]
-    for t in range(prompt_len, seq.shape[1]):
-        logits.append(decode_step(model, seq[:, t : t + 1], cache))
-    return torch.cat(logits).float()
+    new = seq.shape[1] - prompt_len + 1
+    forced = torch.cat([seq[:, prompt_len:], seq[:, -1:]], dim=1)  # (1, new): the last one is never fed
+    cache = new_cache(model, seq[:, :prompt_len], new)
+    return torch.cat([logits for logits, _ in greedy_steps(model, seq[:, :prompt_len], new, cache, forced)]).float()
 
 
 def _agree(tokens: torch.Tensor, reference: torch.Tensor) -> int:
@@ -325,7 +322,7 @@ def bench_shape(
             Row(
                 shape=shape,
                 mode=name,
-                path="transformers" if hf else "native" if getattr(model, "native_decoder", None) else "torch",
+                path="transformers" if hf else "native" if model.native_decoder else "torch",
                 decode_tok_s=statistics.median(decode[name]),
                 decode_runs=decode[name],
                 prefill_tok_s=statistics.median(prefill[name]),

@@ -50,7 +50,7 @@ def _peak_rss_bytes() -> int:
 
 def run_variant(variant: str, inputs: list[str], train_file: str, vocab_size: int) -> dict:
     """Train once in this process and return {seconds, bytes, peak_rss_bytes}."""
-    from gen_cli.text.tokenizer import _new_tokenizer, new_trainer, train_tokenizer
+    from gen_cli.text.tokenizer import new_tokenizer, new_trainer, train_tokenizer
 
     baseline = _peak_rss_bytes()
     if variant == "gen":
@@ -61,7 +61,7 @@ def run_variant(variant: str, inputs: list[str], train_file: str, vocab_size: in
         seconds, n_bytes = setup + summary.train_seconds, summary.input_bytes
     else:
         trainer = new_trainer(vocab_size)  # the settings train_tokenizer uses by default
-        tok = _new_tokenizer()
+        tok = new_tokenizer()
         start = time.perf_counter()
         if variant == "tokenizers.train(files)":
             tok.train([train_file], trainer=trainer)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import statistics
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,30 +49,6 @@ def _median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
-def _greedy_steps(model: Any, prompt: Any, gen_len: int, use_cache: bool) -> Iterator[tuple[Any, Any]]:
-    """Yield (fp32 logits (B, V), greedy token (B,)) per generated token, with or without the cache."""
-    import torch
-
-    from gen_cli.infer.generate import _full_forward, decode_step, new_cache, prefill
-
-    # No `with inference_mode()` around a yield: two generators in lockstep would unwind it out of order.
-    cache = new_cache(model, prompt, gen_len, 1) if use_cache else None
-    ids, token = prompt, None
-    for step in range(gen_len):
-        with torch.inference_mode():
-            if step > 0:
-                ids = torch.cat([ids, token[:, None]], dim=1)  # (B, T+step)
-            if cache is None:
-                logits = _full_forward(model, ids)
-            elif step == 0:
-                logits = prefill(model, prompt, cache)
-            else:
-                logits = decode_step(model, token[:, None], cache)
-            token = logits.argmax(dim=-1)  # (B,)
-            logits = logits.float()
-        yield logits, token
-
-
 def check_against_oracle(model: Any, oracle: Any, prompt: Any, gen_len: int, use_cache: bool) -> tuple[bool, float]:
     """Greedy agreement with the no-cache `oracle` over every step, and the max |logit diff| while rows agree.
 
@@ -82,13 +57,16 @@ def check_against_oracle(model: Any, oracle: Any, prompt: Any, gen_len: int, use
     """
     import torch
 
+    from gen_cli.infer.generate import greedy_steps, new_cache
+
     agreed = torch.ones(prompt.shape[0], dtype=torch.bool, device=prompt.device)  # (B,)
     max_diff = 0.0
-    cand, ref = _greedy_steps(model, prompt, gen_len, use_cache), _greedy_steps(oracle, prompt, gen_len, False)
-    steps = zip(cand, ref, strict=True)
-    for (logits, token), (ref_logits, ref_token) in steps:
+    cand = greedy_steps(model, prompt, gen_len, new_cache(model, prompt, gen_len) if use_cache else None)
+    ref = greedy_steps(oracle, prompt, gen_len, None)
+    for (logits, token), (ref_logits, ref_token) in zip(cand, ref, strict=True):
         if agreed.any():
-            max_diff = max(max_diff, float((logits - ref_logits).abs().amax(dim=-1)[agreed].max()))
+            diff = (logits.float() - ref_logits.float()).abs().amax(dim=-1)  # (B,)
+            max_diff = max(max_diff, float(diff[agreed].max()))
         agreed &= token == ref_token
     return bool(agreed.all()), max_diff
 
@@ -98,7 +76,7 @@ def measure(spec: Spec) -> dict[str, Any]:
     import torch
 
     from gen_cli.infer.generate import run_generation
-    from gen_cli.infer.optimize import int8_activation_dtype, optimize_for_decode
+    from gen_cli.infer.optimize import compute_dtype, optimize_for_decode
     from gen_cli.infer.sampling import SamplingConfig
     from gen_cli.model.transformer import random_model
     from gen_cli.runtime import resolve_device, resolve_dtype, set_threads
@@ -106,7 +84,7 @@ def measure(spec: Spec) -> dict[str, Any]:
     threads = set_threads(spec.threads)
     device = resolve_device(spec.device)
     quantize = "int8" if spec.dtype == "int8" else "none"
-    dtype = resolve_dtype(int8_activation_dtype(device) if quantize == "int8" else spec.dtype, device)
+    dtype = compute_dtype(quantize, device, requested=None if quantize == "int8" else resolve_dtype(spec.dtype, device))
     config = spec.config
     # Seeded by shape only: cache on/off and every dtype of one variant start from identical fp32 weights.
     model = random_model(config).to(device)

@@ -7,6 +7,7 @@ Positions come from `config.pos_encoding`: `rope` (rotary, rotate-half conventio
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +58,16 @@ def check_context(config: ModelConfig, pos: int, new_tokens: int) -> None:
     limit = config.context_length
     if pos + new_tokens > limit:
         raise UsageError(f"sequence of {pos + new_tokens} tokens exceeds the model's context length of {limit} tokens")
+
+
+class DecodeStep(Protocol):
+    """A replacement for single-token forwards: `decode_step` calls it when it `accepts` the step."""
+
+    def accepts(self, batch: int, cache: KVCache) -> bool: ...
+
+    def __call__(self, token: torch.Tensor, cache: KVCache) -> torch.Tensor: ...
+
+    def argmax_into(self, logits: torch.Tensor, out: torch.Tensor) -> bool: ...
 
 
 def make_norm(config: ModelConfig) -> nn.Module:
@@ -165,6 +176,9 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
+        # A faster single-token step for inference (gen's native C step), hung here by
+        # `infer.optimize.optimize_for_decode`; None means every step runs this module's forward.
+        self.native_decoder: DecodeStep | None = None
         self._init_weights()
 
     def _init_weights(self) -> None:

@@ -60,7 +60,8 @@ def new_trainer(vocab_size: int, min_frequency: int = 2, specials: Sequence[str]
     )
 
 
-def _new_tokenizer() -> Tokenizer:
+def new_tokenizer() -> Tokenizer:
+    """An empty byte-level BPE tokenizer with gen's pre-tokenizer and decoder, ready for a trainer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     tok = Tokenizer(models.BPE())
@@ -88,7 +89,7 @@ def train_tokenizer(
     if min_frequency < 1:
         raise UsageError(f"min_frequency must be at least 1, got {min_frequency}", params=("min_frequency",))
     corpus.require_text()
-    tok = _new_tokenizer()
+    tok = new_tokenizer()
     trainer = new_trainer(vocab_size, min_frequency, specials)
     fed = 0
 
