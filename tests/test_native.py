@@ -210,6 +210,28 @@ def test_without_a_compiler_generation_falls_back(fresh_library, monkeypatch):
     assert stats.decode_path == "torch" and stats.new_tokens == 4
 
 
+@pytest.mark.skipif(native.native_status() != "ready", reason="needs the compiled kernel")
+def test_a_struct_layout_mismatch_is_refused_before_any_struct_is_filled(fresh_library, monkeypatch):
+    from gen_cli.infer.native import abi
+
+    assert abi.bind(build.library()) is None  # this build and the mirrors agree
+    build.library.cache_clear()
+    real = abi._expected
+    monkeypatch.setattr(abi, "_expected", lambda: [*real()[:5], real()[5] + 8, *real()[6:]])  # a field added
+    assert build.native_status().startswith("the native library's struct layout")
+    model = optimize_for_decode(Transformer(tiny_config()).eval())
+    assert model.native_decoder is None  # PyTorch decodes instead
+
+
+def test_a_library_without_an_abi_description_is_refused():
+    from gen_cli.infer.native import abi
+
+    class Foreign:  # a shared object that is not gen's kernel: no gen_abi symbol
+        pass
+
+    assert "exports no ABI description" in abi.bind(Foreign())
+
+
 def test_an_unwritable_cache_falls_back(fresh_library, monkeypatch, tmp_path):
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("")
