@@ -51,7 +51,8 @@ class _Group(TyperGroup):
         except GenError as e:
             if debug_enabled():
                 raise
-            click.echo(f"error: {user_message(e, self)}", err=True)
+            invoked = self.commands.get(ctx.invoked_subcommand or "", self)
+            click.echo(f"error: {user_message(e, invoked)}", err=True)
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             if debug_enabled():
@@ -87,9 +88,9 @@ def _root(
 
 
 def _register_commands() -> None:
-    from gen_cli.commands import bench, compare, demo, generate, text, train
+    from gen_cli.commands import bench, compare, convert, demo, generate, text, train
 
-    for module in (text, generate, train, compare, demo, bench):
+    for module in (text, generate, train, compare, convert, demo, bench):
         module.register(app)
 
 

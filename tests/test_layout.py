@@ -81,3 +81,15 @@ def test_no_module_is_a_maze():
     for path in PACKAGE.rglob("*.py"):
         lines = len(path.read_text(encoding="utf-8").splitlines())
         assert lines <= 450, f"{path.relative_to(PACKAGE)} has {lines} lines; split it by concern"
+
+
+def test_the_cli_shows_a_named_value_as_the_flag_of_the_command_that_ran():
+    import typer.main
+
+    from gen_cli.cli import app, user_message
+    from gen_cli.errors import UsageError
+
+    commands = typer.main.get_command(app).commands
+    error = UsageError("max_new_tokens must be ≥ 0, got -1", params=("max_new_tokens",))
+    assert user_message(error, commands["generate"]) == "--max-new-tokens must be ≥ 0, got -1"
+    assert user_message(error, commands["convert"]) == "max_new_tokens must be ≥ 0, got -1"  # no such flag there

@@ -127,6 +127,9 @@ def train_command(
     out: Path = typer.Option(None, "--out", help="Run folder [.gen/runs/PRESET-TIME].", show_default=False),
     force: bool = typer.Option(False, "--force", help="Overwrite a run folder that already holds files."),
     resume: Path = typer.Option(None, "--resume", help="Continue the run in this folder.", show_default=False),
+    init: Path = typer.Option(
+        None, "--init", help="Start from this model directory (its shape, tokenizer and weights).", show_default=False
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the final summary as JSON on stdout."),
 ) -> None:
     """Train a small transformer (or resume a run); the run folder is a model directory.
@@ -146,7 +149,7 @@ def train_command(
         context=context, lr=lr, warmup=warmup, min_lr=min_lr, weight_decay=weight_decay, grad_clip=grad_clip,
         eval_every=eval_every, eval_batches=eval_batches, save_every=save_every, seed=seed, device=device,
         dtype=dtype, compile=compile_, out=str(out) if out else None, force=force,
-        resume=str(resume) if resume else None,
+        resume=str(resume) if resume else None, init=str(init) if init else None,
     )  # fmt: skip
     started = time.perf_counter()
     with _Renderer() as render:

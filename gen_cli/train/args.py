@@ -28,6 +28,7 @@ class TrainArgs:
     """Everything `gen train` accepts; None means default (or, on resume, the run's own value)."""
 
     inputs: list[str] = dataclasses.field(default_factory=list)
+    init: str | None = None  # a model directory to start from: its shape, tokenizer and weights
     tokenizer: str | None = None
     vocab_size: int | None = None
     preset: str | None = None
@@ -105,6 +106,12 @@ def resolve_args(args: TrainArgs, saved: dict | None = None) -> TrainArgs:
     for name, value in DEFAULTS.items():
         if getattr(r, name) is None:
             setattr(r, name, value)
+    if r.init is not None and not saved:
+        given = [k for k in (*MODEL_OPTIONS, "tokenizer", "vocab_size") if getattr(args, k) is not None]
+        if given:
+            raise UsageError(
+                f"{', '.join(given)} cannot be combined with init: the model to start from fixes them", params=("init",)
+            )
     if r.warmup is None:
         r.warmup = min(100, r.steps // 10)
     if not 0 < r.lr < math.inf:

@@ -135,6 +135,7 @@ def setup_run(args: TrainArgs, report: Reporter, dist: Dist) -> Run:
     """Resolve the arguments, the tokenizer, the shape and the token files; build (or restore) model and optimizer."""
     import torch
 
+    from gen_cli.model.checkpoint import load_model
     from gen_cli.model.transformer import Transformer
     from gen_cli.runtime import resolve_device, run_dtype
     from gen_cli.text.corpus import Corpus
@@ -154,12 +155,13 @@ def setup_run(args: TrainArgs, report: Reporter, dist: Dist) -> Run:
 
     corpus = Corpus(a.inputs)
     corpus.require_text()
-    tok = _run_tokenizer(args, a, state, corpus, report, dist)
+    init = load_model(a.init) if state is None and a.init else None  # (model, tokenizer) to start from
+    tok = init[1] if init else _run_tokenizer(args, a, state, corpus, report, dist)
     if state is not None:
         check_same_architecture(args, state.config)
         config = state.config
     else:
-        config = build_config(a, tok.get_vocab_size())
+        config = init[0].config if init else build_config(a, tok.get_vocab_size())
     context = a.context or config.context_length
     if context > config.context_length:
         raise UsageError(
@@ -178,7 +180,11 @@ def setup_run(args: TrainArgs, report: Reporter, dist: Dist) -> Run:
     require_tokens(len(train_data), context, "training text")
 
     torch.manual_seed(a.seed)
-    model = Transformer(config).to(device)
+    model = Transformer(config)
+    if init is not None:
+        model.load_state_dict(init[0].state_dict())
+        report(f"starting from the weights of {a.init}")
+    model = model.to(device)
     optimizer = torch.optim.AdamW(param_groups(model, a.weight_decay), lr=a.lr, betas=(0.9, 0.95), eps=1e-8)
     generator = torch.Generator().manual_seed(a.seed)
     start, tokens_before = 0, 0

@@ -1,0 +1,107 @@
+"""`gen convert`'s measurements: pool a model's KV heads, optionally uptrain, and measure what it cost.
+
+For each KV head count: the converted model's KV bytes per token, its greedy decode speed, and its
+held-out bits per byte right after pooling and after uptraining, against the original model on the
+same validation tokens.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gen_cli.infer.generate import run_generation
+from gen_cli.infer.optimize import optimize_for_decode
+from gen_cli.infer.sampling import SamplingConfig
+from gen_cli.model.checkpoint import load_model, save_model
+from gen_cli.model.convert import pool_kv_heads
+from gen_cli.model.transformer import Transformer
+from gen_cli.text.corpus import Corpus
+from gen_cli.train.evaluate import evaluate
+from gen_cli.train.tokens import byte_lengths, tokenize_split
+
+DECODE_TOKENS = 64
+
+
+@dataclass
+class ConvertRow:
+    """One model of the comparison: the original (kv_heads = its own) or a conversion."""
+
+    kv_heads: int
+    attention_kind: str
+    kv_bytes_per_token: int
+    decode_tok_s: float
+    bits_per_byte: float
+    uptrained_bits_per_byte: float | None
+    path: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _decode_rate(model: Transformer, repeats: int = 3) -> float:
+    """Median greedy decode tok/s after a 4-token prompt (up to DECODE_TOKENS tokens), as `gen generate` runs."""
+    fast = optimize_for_decode(_copy(model))
+    prompt = torch.zeros(1, 4, dtype=torch.long)
+    greedy, tokens = SamplingConfig(temperature=0.0), min(DECODE_TOKENS, model.config.context_length - 4)
+    run_generation(fast, prompt, 8, greedy)  # warm-up
+    rates = [run_generation(fast, prompt, tokens, greedy).stats.decode_tokens_per_s for _ in range(repeats)]
+    return statistics.median(r for r in rates if r is not None)
+
+
+def _copy(model: Transformer) -> Transformer:
+    twin = Transformer(model.config).eval()
+    twin.load_state_dict(model.state_dict())
+    return twin
+
+
+def convert_and_measure(
+    model_dir: Path,
+    kv_heads: list[int],
+    out: Path,
+    pooling: str = "mean",
+    inputs: list[str] | None = None,
+    eval_tokens: int = 20_000,
+    uptrain: Callable[[Path, Path], None] | None = None,
+    report: Callable[[str], None] = lambda _msg: None,
+) -> list[ConvertRow]:
+    """The original's row, then one per KV head count: converted, measured, and written to out (out/kv{K}
+    for several), by `uptrain(pooled_dir, out_dir)` when given (a training run starting from the pooled model)."""
+    model, tok = load_model(model_dir)
+    corpus = Corpus(inputs or [])
+    corpus.require_text()
+    val = tokenize_split(tok, corpus, "val").load()
+    table, context = byte_lengths(tok), model.config.context_length
+
+    def bits(m: Transformer) -> float:
+        return evaluate(m, val, table, context, 8, torch.device("cpu"), None, eval_tokens).bits_per_byte
+
+    def row(m: Transformer, path: Path | None, uptrained: float | None) -> ConvertRow:
+        c = m.config
+        return ConvertRow(c.n_kv_head, c.attention_kind, c.kv_bytes_per_token(4), _decode_rate(m), bits(m), uptrained,
+                          str(path) if path else None)  # fmt: skip
+
+    report(f"measuring the original ({model.config.n_kv_head} KV heads)")
+    rows = [row(model, None, None)]
+    for k in kv_heads:
+        target = out if len(kv_heads) == 1 else out / f"kv{k}"
+        report(f"pooling to {k} KV heads ({pooling})")
+        converted = pool_kv_heads(model, k, pooling)
+        if uptrain is None:
+            save_model(target, converted, tok)
+            rows.append(row(converted, target, None))
+            continue
+        with tempfile.TemporaryDirectory(prefix="gen-convert-") as pooled:
+            save_model(pooled, converted, tok)
+            measured = row(converted, target, None)
+            report(f"uptraining the {k}-KV-head model")
+            uptrain(Path(pooled), target)  # a run folder: the uptrained model plus its train state
+        measured.uptrained_bits_per_byte = bits(load_model(target)[0])
+        rows.append(measured)
+    return rows
