@@ -11,6 +11,8 @@ from rich.table import Table
 from gen_cli.commands.common import err, out_console, print_json
 from gen_cli.errors import UsageError
 
+UPTRAIN_CONTEXT = 128
+
 
 def convert_command(
     model_dir: Path = typer.Argument(..., help="The model directory to convert (e.g. a `gen train` run)."),
@@ -59,7 +61,10 @@ def convert_command(
         from gen_cli.train.args import TrainArgs
         from gen_cli.train.loop import train
 
-        train(TrainArgs(inputs=list(inputs or []), init=str(pooled), steps=uptrain_steps, lr=lr,
+        # Short windows: uptraining adjusts the pooled heads, the positions were learned already, and a
+        # step on 128 tokens costs a quarter of one on 512.
+        context = min(UPTRAIN_CONTEXT, load_config(pooled).context_length)
+        train(TrainArgs(inputs=list(inputs or []), init=str(pooled), steps=uptrain_steps, lr=lr, context=context,
                         warmup=min(20, uptrain_steps // 10), eval_every=0, save_every=0, out=str(target),
                         force=True))  # fmt: skip
 
