@@ -266,3 +266,33 @@ def random_model(config: ModelConfig) -> Transformer:
     """A model of this shape with gen's fixed random weights (seed WEIGHT_SEED), in eval mode."""
     torch.manual_seed(WEIGHT_SEED)
     return Transformer(config).eval()
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a model of this shape holds, by state_dict name (a tied lm_head is left out)."""
+    with torch.device("meta"):  # shapes only: nothing allocated, nothing initialised
+        state = Transformer(config).state_dict()
+    tied = config.tie_embeddings
+    return {name: tuple(t.shape) for name, t in state.items() if not (tied and name == "lm_head.weight")}
+
+
+def model_from_tensors(config: ModelConfig, tensors: dict[str, torch.Tensor]) -> Transformer:
+    """A model in eval mode holding exactly `tensors` (names and shapes as `expected_shapes`), without
+    ever allocating random weights: loaders fill it from a file holding one copy of the weights."""
+    shapes = expected_shapes(config)
+    if sorted(shapes) != sorted(tensors) or any(tuple(tensors[k].shape) != s for k, s in shapes.items()):
+        raise AssertionError("model_from_tensors: names or shapes differ from expected_shapes (a loader bug)")
+    with torch.device("meta"):
+        model = Transformer(config)
+    # strict=False only for a tied lm_head, absent from `tensors` and re-tied below; checked exactly above.
+    model.load_state_dict(tensors, strict=False, assign=True)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.tok_emb.weight
+    # The derived tables are not in any file: compute them, in the weights' dtype as `.to(dtype)` would.
+    dtype = model.tok_emb.weight.dtype
+    if config.pos_encoding == "sinusoidal":
+        model.sin_table = sinusoidal_table(config.context_length, config.d_model).to(dtype)
+    elif config.pos_encoding == "rope":
+        cos, sin_signed = rope_tables(config.context_length, config.head_dim, config.rope_base, config.rope_scaling)
+        model.rope_cos, model.rope_sin_signed = cos.to(dtype), sin_signed.to(dtype)
+    return model.eval()
