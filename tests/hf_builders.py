@@ -59,7 +59,8 @@ def hf_config(arch: str, **changes):
     elif arch == "qwen3":
         cfg = transformers.Qwen3Config(**common, head_dim=32)  # head_dim × heads ≠ hidden, as in real Qwen3
     elif arch == "gpt2":
-        cfg = transformers.GPT2Config(vocab_size=VOCAB, n_layer=2, n_embd=64, n_head=4, n_positions=64,
+        # n_positions 1024: transformers' GGUF reader ignores gpt2.context_length and assumes GPT-2's own.
+        cfg = transformers.GPT2Config(vocab_size=VOCAB, n_layer=2, n_embd=64, n_head=4, n_positions=1024,
                                       bos_token_id=eos, eos_token_id=eos)  # fmt: skip
     else:
         raise ValueError(arch)
@@ -86,3 +87,113 @@ def build_hf_model(arch: str, directory: Path, tokenizer=None, seed: int = 0):
     model.save_pretrained(directory)
     (tokenizer or byte_level_tokenizer()).save(str(directory / "tokenizer.json"))
     return model
+
+
+GGUF_ARCH = {"llama": "llama", "llama3": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
+             "gpt2": "gpt2"}  # fmt: skip
+
+
+def _permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """convert_hf_to_gguf's permute: llama.cpp's interleaved RoPE pairs rows (j, j + half) as (2j, 2j+1)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_tensors(model, arch: str) -> dict[str, torch.Tensor]:
+    """GGUF name → tensor, as llama.cpp's convert_hf_to_gguf.py writes these architectures."""
+    cfg = model.config
+    sd = {k: v.detach().float() for k, v in model.state_dict().items()}
+    out: dict[str, torch.Tensor] = {}
+    if arch == "gpt2":
+        sd = {k.removeprefix("transformer."): v for k, v in sd.items()}
+        out |= {"token_embd.weight": sd["wte.weight"], "position_embd.weight": sd["wpe.weight"],
+                "output_norm.weight": sd["ln_f.weight"], "output_norm.bias": sd["ln_f.bias"]}  # fmt: skip
+        names = {"ln_1": "attn_norm", "ln_2": "ffn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output",
+                 "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}  # fmt: skip
+        for i in range(cfg.n_layer):
+            for hf, gg in names.items():
+                for kind in ("weight", "bias"):
+                    t = sd[f"h.{i}.{hf}.{kind}"]
+                    out[f"blk.{i}.{gg}.{kind}"] = t.T if kind == "weight" and not hf.startswith("ln") else t
+        return out
+    out |= {"token_embd.weight": sd["model.embed_tokens.weight"], "output_norm.weight": sd["model.norm.weight"]}
+    if not cfg.tie_word_embeddings:
+        out["output.weight"] = sd["lm_head.weight"]
+    names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+             "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate",
+             "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}  # fmt: skip
+    for i in range(cfg.num_hidden_layers):
+        for hf, gg in names.items():
+            for kind in ("weight", "bias"):
+                t = sd.get(f"model.layers.{i}.{hf}.{kind}")
+                if t is None:
+                    continue
+                if GGUF_ARCH[arch] == "llama" and gg in ("attn_q", "attn_k"):
+                    t = _permute(t, cfg.num_attention_heads if gg == "attn_q" else cfg.num_key_value_heads)
+                out[f"blk.{i}.{gg}.{kind}"] = t
+    return out
+
+
+def write_gguf(model, tokenizer, arch: str, path: Path, qtype: str = "F32", pre: str = "gpt2") -> None:
+    """Write `model` and a byte-level BPE `tokenizer` as llama.cpp's converter would; 2-D tensors in `qtype`."""
+    import json
+
+    import gguf
+    import numpy as np
+
+    g = GGUF_ARCH[arch]
+    cfg = model.config
+    w = gguf.GGUFWriter(str(path), g)
+    w.add_name(f"tiny-{arch}")
+    if g == "gpt2":
+        w.add_block_count(cfg.n_layer)
+        w.add_context_length(cfg.n_positions)
+        w.add_embedding_length(cfg.n_embd)
+        w.add_feed_forward_length(4 * cfg.n_embd)
+        w.add_head_count(cfg.n_head)
+        w.add_layer_norm_eps(cfg.layer_norm_epsilon)
+    else:
+        w.add_block_count(cfg.num_hidden_layers)
+        w.add_context_length(cfg.max_position_embeddings)
+        w.add_embedding_length(cfg.hidden_size)
+        w.add_feed_forward_length(cfg.intermediate_size)
+        w.add_head_count(cfg.num_attention_heads)
+        w.add_head_count_kv(cfg.num_key_value_heads)
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+        w.add_rope_dimension_count(head_dim)
+        w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+        w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    data = json.loads(tokenizer.to_str())
+    vocab = data["model"]["vocab"]
+    tokens = [None] * tokenizer.get_vocab_size()
+    for t, i in vocab.items():
+        tokens[i] = t
+    types = [gguf.TokenType.NORMAL] * len(tokens)
+    for added in data["added_tokens"]:
+        tokens[added["id"]] = added["content"]
+        types[added["id"]] = gguf.TokenType.CONTROL if added["special"] else gguf.TokenType.USER_DEFINED
+    # Like convert_hf_to_gguf.py: the list is padded to the embedding's rows with unused [PADn] tokens.
+    tokens += [f"[PAD{i}]" for i in range(len(tokens), VOCAB)]
+    types += [gguf.TokenType.UNUSED] * (VOCAB - len(types))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(0)
+    w.add_add_bos_token(False)
+    for name, t in gguf_tensors(model, arch).items():
+        a = t.numpy().astype(np.float32)
+        kind = getattr(gguf.GGMLQuantizationType, qtype)
+        if a.ndim == 2 and kind != gguf.GGMLQuantizationType.F32:
+            w.add_tensor(name, gguf.quants.quantize(a, kind), raw_dtype=kind)
+        else:
+            w.add_tensor(name, a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()

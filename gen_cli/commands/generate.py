@@ -41,7 +41,7 @@ def _check_options(
                 "(random weights); a trained model's config.json fixes them"
             )
         if tokenizer is not None:
-            raise UsageError("--tokenizer only applies with --preset; a model directory has its own tokenizer.json")
+            raise UsageError("--tokenizer only applies with --preset; a model has its own tokenizer")
     if pos is not None and pos not in POS_ENCODINGS:
         raise UsageError(f"--pos must be one of {', '.join(POS_ENCODINGS)}, got {pos!r}")
     if kv_heads is not None and kv_heads < 1:
@@ -110,7 +110,11 @@ def _compile_graphs(model: Any, prompt_ids: Any, new_tokens: int, sampling: Any,
 def generate_command(
     prompt: str = typer.Argument(..., help="Text to continue, or '-' to read it from stdin."),
     model_dir: Path = typer.Option(
-        None, "--model", help="Model directory (default: the shipped model).", show_default=False
+        None,
+        "--model",
+        help="A gen model directory, a Hugging Face folder (config.json, *.safetensors, tokenizer.json) or a .gguf "
+        "file (default: the shipped model).",
+        show_default=False,
     ),
     preset: str = typer.Option(
         None, "--preset", help="Random weights of a preset shape (tiny, small, base).", show_default=False
@@ -139,13 +143,16 @@ def generate_command(
     stop: list[str] = typer.Option(
         None, "--stop", help="Stop when the text contains this (repeatable).", show_default=False
     ),
-    ignore_eot: bool = typer.Option(False, "--ignore-eot", help=f"Go on past {EOT}."),
+    ignore_eot: bool = typer.Option(
+        False, "--ignore-eot", help=f"Go on past {EOT} (an imported model: past its end-of-turn ids)."
+    ),
     num_samples: int = typer.Option(1, "--num-samples", help="Continuations of the prompt, one shared prefill."),
     device_name: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
     dtype_opt: str = typer.Option(
         None,
         "--dtype",
-        help="float32, bfloat16 or float16 (default float32; bfloat16 for --quantize int8 without the native step).",
+        help="float32, bfloat16 or float16 (default float32, an imported model's stored dtype; bfloat16 for "
+        "--quantize int8 without the native step).",
         show_default=False,
     ),
     quantize: str = typer.Option("none", "--quantize", help="none, or int8: weight-only, per-output-channel scales."),
@@ -185,9 +192,9 @@ def generate_command(
     device = resolve_device(device_name)
     if quantize not in QUANTIZE_MODES:
         raise UsageError(f"unknown --quantize {quantize!r}; choose {', '.join(QUANTIZE_MODES)}")
-    if dtype_opt is None:
-        dtype_opt = int8_activation_dtype(device, native) if quantize == "int8" else "float32"
-    dtype = resolve_dtype(dtype_opt, device)
+    if dtype_opt is None and quantize == "int8":
+        dtype_opt = int8_activation_dtype(device, native)
+    dtype = resolve_dtype(dtype_opt, device) if dtype_opt is not None else None  # None: float32 or as stored
     if compile_ and not kv_cache:
         raise UsageError("--compile speeds up the cached decode step; drop --no-kv-cache or --compile")
     set_threads(threads)
@@ -206,15 +213,16 @@ def generate_command(
     if quantize != "none":
         source += f", {quantize} weights"
 
-    eot = special_id(tok)
-    ids = encode(tok, text)
+    # gen's models end a text with <|endoftext|>; an imported model declares its own end-of-turn ids.
+    eot = special_id(tok) if not loaded.stop_ids else loaded.stop_ids[0]
+    ids = tok.encode(text, add_special_tokens=True).ids if loaded.add_special_tokens else encode(tok, text)
     if not ids:
         if eot is None:
             raise UsageError(f"the prompt is empty and the tokenizer has no {EOT} token to start from")
         ids = [eot]
     check_lengths(model.config, len(ids), max_new_tokens)
-    stop_id = None if ignore_eot else eot
-    rows = [TextStream(tok, stops, stop_id) for _ in range(num_samples)]
+    stop_ids = () if ignore_eot else (loaded.stop_ids or ((eot,) if eot is not None else ()))
+    rows = [TextStream(tok, stops, stop_ids=stop_ids) for _ in range(num_samples)]
     live = stream and not as_json and num_samples == 1
 
     def on_token(token: torch.Tensor) -> bool:
@@ -229,7 +237,7 @@ def generate_command(
     compile_s = _compile_graphs(model, prompt_ids, max_new_tokens, sampling, num_samples) if compile_ else None
     generator = torch.Generator(device=device).manual_seed(seed)
     result = run_generation(
-        model, prompt_ids, max_new_tokens, sampling, kv_cache, generator, stop_id, num_samples, on_token
+        model, prompt_ids, max_new_tokens, sampling, kv_cache, generator, stop_ids, num_samples, on_token
     )
     texts = [r.text for r in rows]
     stats = result.stats.to_dict() | ({"compile_s": compile_s} if compile_ else {})
@@ -261,32 +269,60 @@ def generate_command(
 
 
 def info_command(
-    target: str = typer.Argument(None, help="A model directory or a preset name [default: the shipped model]."),
+    target: str = typer.Argument(
+        None,
+        help="A gen model directory, Hugging Face folder, .gguf file or preset name [default: the shipped model].",
+    ),
+    model: Path = typer.Option(None, "--model", help="The model, as TARGET (either may be given).", show_default=False),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
-    """Show a model's configuration, parameter count and what its KV cache and weights cost."""
+    """Show a model's configuration, parameter count and what its KV cache and weights cost.
+
+    Reads only headers and metadata, never the weights, so it is quick on large models.
+    """
     from gen_cli.lab.report import human_bytes
     from gen_cli.model.info import model_info
     from gen_cli.model.loading import config_for
 
-    config, source = config_for(target or str(default_model_dir()))
-    info = {"source": source, **model_info(config)}
+    if target is not None and model is not None:
+        raise UsageError("give the model either as TARGET or with --model, not both")
+    config, source, details = config_for(str(model) if model is not None else target or str(default_model_dir()))
+    info = {"source": source, **details, **model_info(config)}
     if as_json:
         print_json(info)
         return
     table = Table(title=escape(source), show_header=False, box=None)
     table.add_column(style="bold")
     table.add_column()
+    for key in ("format", "architecture", "dtype", "tensor_types", "tokenizer"):
+        if key in details:
+            value = details[key]
+            shown = ", ".join(f"{k} ×{n}" for k, n in value.items()) if isinstance(value, dict) else str(value)
+            table.add_row(key, escape(shown))
     for key, value in config.to_dict().items():
-        table.add_row(key, str(value))
+        if key != "rope_scaling":
+            table.add_row(key, str(value))
     kinds = {"mha": "multi-head", "gqa": "grouped-query", "mqa": "multi-query"}
     table.add_row("attention", f"{kinds[config.attention_kind]} ({config.n_head} query / {config.n_kv_head} KV heads)")
+    table.add_row("head size", str(config.head_dim))
+    if config.pos_encoding == "rope":
+        table.add_row("RoPE", f"base {config.rope_base:g}, scaling {_rope_scaling_text(config.rope_scaling)}")
+    for note in details.get("notes", []):
+        table.add_row("note", escape(note))
     table.add_row("parameters", f"{info['parameters']:,}")
     for label, key in (("KV bytes / token", "kv_bytes_per_token"), ("KV at full context", "kv_bytes_full_context"),
                        ("weights", "weight_bytes")):  # fmt: skip
         v = info[key]
         table.add_row(label, f"{human_bytes(v['float32'])} fp32, {human_bytes(v['bfloat16'])} bf16")
     out_console().print(table)
+
+
+def _rope_scaling_text(scaling: dict[str, Any] | None) -> str:
+    if scaling is None:
+        return "none"
+    if scaling["type"] == "freq_factors":
+        return f"per-frequency factors ({len(scaling['factors'])}, from the file)"
+    return "llama3 (" + ", ".join(f"{k} {v:g}" for k, v in scaling.items() if k != "type") + ")"
 
 
 def register(app: typer.Typer) -> None:

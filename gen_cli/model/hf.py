@@ -136,7 +136,8 @@ def config_from_hf(data: dict[str, Any], source: str) -> tuple[ModelConfig, str,
         if arch == "GPT2LMHeadModel":
             act = data.get("activation_function", "gelu_new")
             if act not in GELU_NAMES:
-                raise GenError(f"{source}: GPT-2 activation {act!r} is not supported; supported: {', '.join(GELU_NAMES)}")
+                supported = ", ".join(GELU_NAMES)
+                raise GenError(f"{source}: GPT-2 activation {act!r} is not supported; supported: {supported}")
             if data.get("scale_attn_by_inverse_layer_idx") or data.get("scale_attn_weights") is False:
                 raise GenError(f"{source}: GPT-2 attention scaling variants are not supported")
             d = data["n_embd"]
@@ -155,7 +156,7 @@ def config_from_hf(data: dict[str, Any], source: str) -> tuple[ModelConfig, str,
             context = data.get("max_position_embeddings", 2048)
             window = data.get("sliding_window")
             if window and (arch == "MistralForCausalLM" or data.get("use_sliding_window")) and window < context:
-                notes.append(f"sliding-window attention ({window} tokens): context capped at {window}, where it is exact")
+                notes.append(f"sliding-window attention ({window} tokens): context capped there (exact)")
                 context = window
             attention_bias = bool(data.get("attention_bias", False))
             fields = dict(
@@ -175,9 +176,21 @@ def config_from_hf(data: dict[str, Any], source: str) -> tuple[ModelConfig, str,
         raise GenError(f"{source}: {e}") from None
 
 
-def read_config(directory: Path) -> tuple[ModelConfig, str, list[str]]:
-    """The config of an HF folder (no weights read): ModelConfig, architecture, notes."""
-    return config_from_hf(_read_json(directory / "config.json"), str(directory / "config.json"))
+def read_config(directory: Path) -> tuple[ModelConfig, dict[str, Any]]:
+    """The config of an HF folder and what to tell about it (architecture, dtype, tokenizer); no weights read."""
+    data = _read_json(directory / "config.json")
+    config, arch, notes = config_from_hf(data, str(directory / "config.json"))
+    details: dict[str, Any] = {"format": "Hugging Face safetensors", "architecture": arch}
+    details["dtype"] = data.get("torch_dtype") or data.get("dtype") or "unknown"
+    if (directory / "tokenizer.json").is_file():
+        from gen_cli.text.tokenizer import load_tokenizer
+
+        details["tokenizer"] = (
+            f"tokenizer.json, {load_tokenizer(directory / 'tokenizer.json').get_vocab_size():,} tokens"
+        )
+    if stops := stop_ids(directory, data):
+        details["stop_ids"] = list(stops)
+    return config, details | ({"notes": notes} if notes else {})
 
 
 def _weight_files(directory: Path) -> dict[str, Path]:

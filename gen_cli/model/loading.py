@@ -154,8 +154,8 @@ def config_for(target: str) -> tuple[ModelConfig, str, dict[str, Any]]:
     if kind == "hf":
         from gen_cli.model.hf import read_config
 
-        config, arch, notes = read_config(path)
-        return config, f"model {path}", {"format": "Hugging Face safetensors", "architecture": arch, "notes": notes}
+        config, details = read_config(path)
+        return config, f"model {path}", details
     if kind == "gguf":
         from gen_cli.model.gguf_file import read_gguf_config
 
@@ -169,3 +169,19 @@ def config_for(target: str) -> tuple[ModelConfig, str, dict[str, Any]]:
         f"{target!r} is neither a model (gen directory, Hugging Face folder, .gguf file) nor a preset; "
         f"presets: {', '.join(preset_names())}"
     )
+
+
+def model_tokenizer(path: Path) -> Tokenizer:
+    """The tokenizer of a model (gen directory, HF folder, or a GGUF file's rebuilt one); no weights read."""
+    kind = model_kind(path)
+    if kind == "gguf":
+        from gen_cli.model.gguf_file import GGUFFile
+        from gen_cli.model.gguf_tokenizer import tokenizer_from_gguf
+
+        return tokenizer_from_gguf(GGUFFile(path).get, str(path))[0]
+    if kind is None:
+        raise UsageError(
+            f"{path}: no such model; give a gen model directory, a Hugging Face folder or a .gguf file",
+            params=("model",),
+        )
+    return load_tokenizer(path / "tokenizer.json")

@@ -22,6 +22,7 @@ class TextStream:
     tokenizer: Any
     stops: tuple[str, ...] = ()
     eot_id: int | None = None
+    stop_ids: tuple[int, ...] = ()  # more end-of-turn ids (an imported model may declare several)
     ids: list[int] = field(default_factory=list)
     text: str = ""
     done: bool = False
@@ -31,7 +32,7 @@ class TextStream:
         """Add one generated id (ignored once the row is done)."""
         if self.done:
             return
-        if token_id == self.eot_id:
+        if token_id == self.eot_id or token_id in self.stop_ids:
             self.done = True
             return
         self.ids.append(token_id)
