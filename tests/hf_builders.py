@@ -17,24 +17,43 @@ EOS = "<|endoftext|>"
 PROMPT = "The quick brown fox 2024, 日本 🙂"
 
 
+# The pre-tokenizers of the original tokenizer.json files that llama.cpp's `tokenizer.ggml.pre` names stand
+# for (Llama 3, Qwen2, SmolLM, GPT-2), written out here independently of gen's rebuild.
+_LLAMA3 = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
+_QWEN2 = _LLAMA3.replace(r"\p{N}{1,3}", r"\p{N}")
+
+
+def original_pre_tokenizer(pre: str):
+    from tokenizers import Regex, pre_tokenizers
+
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    if pre == "llama-bpe":
+        return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_LLAMA3), behavior="isolated"), byte_level])
+    if pre == "qwen2":
+        return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_QWEN2), behavior="isolated"), byte_level])
+    if pre == "smollm":
+        digits = pre_tokenizers.Digits(individual_digits=True)
+        return pre_tokenizers.Sequence([digits, pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    return pre_tokenizers.ByteLevel(add_prefix_space=False)
+
+
 def byte_level_tokenizer(pre: str = "gpt2", vocab_size: int = 300):
     """A byte-level BPE trained on SENTENCES; `pre` picks the pre-tokenizer split rule (as GGUF names it)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    from gen_cli.model.gguf_tokenizer import PRE_TOKENIZER_REGEXES
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
-    if pre == "gpt2":
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    else:
-        split = pre_tokenizers.Split(Regex(PRE_TOKENIZER_REGEXES[pre]), behavior="isolated")
-        tok.pre_tokenizer = pre_tokenizers.Sequence([split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.pre_tokenizer = original_pre_tokenizer(pre)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )  # fmt: skip
     tok.train_from_iterator(SENTENCES, trainer)
+    if pre == "llama-bpe":
+        tok.model.ignore_merges = True  # as Llama 3's tokenizer.json
     return tok
 
 
@@ -136,8 +155,6 @@ def gguf_tensors(model, arch: str) -> dict[str, torch.Tensor]:
 
 def write_gguf(model, tokenizer, arch: str, path: Path, qtype: str = "F32", pre: str = "gpt2") -> None:
     """Write `model` and a byte-level BPE `tokenizer` as llama.cpp's converter would; 2-D tensors in `qtype`."""
-    import json
-
     import gguf
     import numpy as np
 
@@ -165,6 +182,50 @@ def write_gguf(model, tokenizer, arch: str, path: Path, qtype: str = "F32", pre:
         w.add_rope_dimension_count(head_dim)
         w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
         w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    add_tokenizer(w, tokenizer, pre)
+    for name, t in gguf_tensors(model, arch).items():
+        a = t.numpy().astype(np.float32)
+        kind = getattr(gguf.GGMLQuantizationType, qtype)
+        if a.ndim == 2 and kind != gguf.GGMLQuantizationType.F32:
+            w.add_tensor(name, gguf.quants.quantize(a, kind), raw_dtype=kind)
+        else:
+            w.add_tensor(name, a)
+    if arch == "llama3":  # convert_hf_to_gguf.py stores Llama 3's scaling as per-frequency divisors
+        w.add_tensor("rope_freqs.weight", llama3_freq_factors(cfg).numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def llama3_freq_factors(cfg) -> torch.Tensor:
+    """The divisors of the plain RoPE frequencies that give transformers' llama3 ones, (head_dim/2,) float32."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    plain = 1.0 / (cfg.rope_parameters["rope_theta"] ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    return (plain / scaled).float()
+
+
+def write_tokenizer_gguf(tokenizer, path: Path, pre: str) -> None:
+    """A GGUF file holding only tokenizer metadata (enough for `gen tokenize --model`)."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    add_tokenizer(w, tokenizer, pre)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def add_tokenizer(w, tokenizer, pre: str) -> None:
+    """tokenizer.ggml.* as convert_hf_to_gguf.py writes a byte-level BPE (padded to VOCAB with [PADn])."""
+    import json
+
+    import gguf
+
     data = json.loads(tokenizer.to_str())
     vocab = data["model"]["vocab"]
     tokens = [None] * tokenizer.get_vocab_size()
@@ -186,14 +247,3 @@ def write_gguf(model, tokenizer, arch: str, path: Path, qtype: str = "F32", pre:
     w.add_bos_token_id(0)
     w.add_eos_token_id(0)
     w.add_add_bos_token(False)
-    for name, t in gguf_tensors(model, arch).items():
-        a = t.numpy().astype(np.float32)
-        kind = getattr(gguf.GGMLQuantizationType, qtype)
-        if a.ndim == 2 and kind != gguf.GGMLQuantizationType.F32:
-            w.add_tensor(name, gguf.quants.quantize(a, kind), raw_dtype=kind)
-        else:
-            w.add_tensor(name, a)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()

@@ -50,7 +50,8 @@ class GGUFFile:
         try:
             self.reader = gguf.GGUFReader(str(path))  # memory-maps; offsets past the file end fail here
         except Exception as e:
-            raise GenError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+            reason = f"{type(e).__name__}: {e}"
+            raise GenError(f"{path}: not a readable GGUF file, truncated or corrupt ({reason})") from None
         self.tensors = {t.name: t for t in self.reader.tensors}
         size = path.stat().st_size
         for t in self.reader.tensors:

@@ -166,8 +166,8 @@ def config_for(target: str) -> tuple[ModelConfig, str, dict[str, Any]]:
     if target in preset_names():
         return load_preset(target), f"preset {target}", {}
     raise UsageError(
-        f"{target!r} is neither a model (gen directory, Hugging Face folder, .gguf file) nor a preset; "
-        f"presets: {', '.join(preset_names())}"
+        f"{target!r} is neither a model directory nor a preset (nor a .gguf file); model directories are gen's "
+        f"or Hugging Face folders; presets: {', '.join(preset_names())}"
     )
 
 
