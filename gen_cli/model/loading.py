@@ -107,8 +107,8 @@ def load(
 
     if not directory.is_dir():
         raise UsageError(
-            f"{directory}: no such model; give a gen model directory, a Hugging Face folder or a .gguf file",
-            params=("model",),
+            f"{directory}: no such directory or .gguf file; a model is a gen model directory, a Hugging Face "
+            "folder or a .gguf file"
         )
     model, tok = load_model(directory, device=device, dtype=dtype)
     return Loaded(model, tok, str(directory))
@@ -181,7 +181,7 @@ def model_tokenizer(path: Path) -> Tokenizer:
         return tokenizer_from_gguf(GGUFFile(path).get, str(path))[0]
     if kind is None:
         raise UsageError(
-            f"{path}: no such model; give a gen model directory, a Hugging Face folder or a .gguf file",
-            params=("model",),
+            f"{path}: no such directory or .gguf file; a model is a gen model directory, a Hugging Face folder "
+            "or a .gguf file"
         )
     return load_tokenizer(path / "tokenizer.json")
