@@ -70,6 +70,7 @@ def _print_stats(stats: dict[str, Any], source: str, path_note: str = "") -> Non
     match = "agree" if stats["kv_cache_bytes"] == stats["kv_cache_bytes_analytic"] else "DIFFER"
     lines = [
         f"model            {escape(source)}",
+        f"load             {stats['load_s']:.2f} s, peak memory {stats['load_peak_memory_bytes']:,} B",
         f"prompt tokens    {stats['prompt_tokens']}   new tokens {stats['new_tokens']}   batch {stats['batch']}",
         f"time to first    {stats['ttft_s'] * 1000:.1f} ms   (prefill {rate(stats['prefill_tokens_per_s'])})",
         f"decode           {rate(stats['decode_tokens_per_s'])}   {ms} per step",
@@ -203,7 +204,14 @@ def generate_command(
             f"no default model at {default_model_dir()}; pass --model DIR, train one with `gen train`, "
             "or try random weights with --preset tiny --tokenizer PATH"
         )
-    loaded = load(model_dir, preset, tokenizer, attention, kv_heads, pos, device, dtype)
+    import time
+
+    from gen_cli.runtime import PeakMemory
+
+    load_start = time.perf_counter()
+    with PeakMemory(device) as load_mem:  # part of the time to first token a user feels
+        loaded = load(model_dir, preset, tokenizer, attention, kv_heads, pos, device, dtype)
+    load_s = time.perf_counter() - load_start
     for note in loaded.notes:
         err.print(f"[yellow]{escape(note)}[/]" if loaded.random_weights else escape(note))
     model, tok, source = loaded.model, loaded.tokenizer, loaded.source
@@ -240,7 +248,8 @@ def generate_command(
         model, prompt_ids, max_new_tokens, sampling, kv_cache, generator, stop_ids, num_samples, on_token
     )
     texts = [r.text for r in rows]
-    stats = result.stats.to_dict() | ({"compile_s": compile_s} if compile_ else {})
+    stats = result.stats.to_dict() | {"load_s": load_s, "load_peak_memory_bytes": load_mem.bytes}
+    stats |= {"compile_s": compile_s} if compile_ else {}
     if as_json:
         data: dict[str, Any] = {"text": texts[0]}
         if num_samples > 1:

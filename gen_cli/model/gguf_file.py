@@ -95,6 +95,11 @@ class GGUFFile:
         return data.reshape(self.shape(name))
 
 
+def _f32(value: Any) -> float:
+    """A float32 metadata value as the decimal it was written from (1e-05, not 9.999999747378752e-06)."""
+    return float(f"{float(value):.7g}")
+
+
 def _arch(f: GGUFFile) -> str:
     arch = f.need("general.architecture")
     if arch not in ARCHITECTURES:
@@ -118,7 +123,7 @@ def _config(f: GGUFFile) -> tuple[ModelConfig, str]:
         attn_out_bias="blk.0.attn_output.bias" in f.tensors, mlp_bias="blk.0.ffn_down.bias" in f.tensors,
     )  # fmt: skip
     if arch == "gpt2":
-        eps = float(f.need(a + "attention.layer_norm_epsilon"))
+        eps = _f32(f.need(a + "attention.layer_norm_epsilon"))
         fields |= dict(pos_encoding="learned", norm="layernorm", norm_eps=eps,
                        qkv_bias="blk.0.attn_qkv.bias" in f.tensors, mlp="gelu_tanh")  # fmt: skip
     else:
@@ -130,8 +135,8 @@ def _config(f: GGUFFile) -> tuple[ModelConfig, str]:
         rope_scaling = None
         if "rope_freqs.weight" in f.tensors:  # Llama 3.x: per-frequency divisors, stored as a tensor
             rope_scaling = {"type": "freq_factors", "factors": [float(x) for x in f.array("rope_freqs.weight").ravel()]}
-        fields |= dict(rope_base=float(f.get(a + "rope.freq_base", 10000.0)), head_dim=head_dim,
-                       norm_eps=float(f.need(a + "attention.layer_norm_rms_epsilon")),
+        fields |= dict(rope_base=_f32(f.get(a + "rope.freq_base", 10000.0)), head_dim=head_dim,
+                       norm_eps=_f32(f.need(a + "attention.layer_norm_rms_epsilon")),
                        qkv_bias="blk.0.attn_q.bias" in f.tensors, qk_norm="blk.0.attn_q_norm.weight" in f.tensors,
                        rope_scaling=rope_scaling)  # fmt: skip
     try:
