@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -222,8 +223,6 @@ def write_tokenizer_gguf(tokenizer, path: Path, pre: str) -> None:
 
 def add_tokenizer(w, tokenizer, pre: str) -> None:
     """tokenizer.ggml.* as convert_hf_to_gguf.py writes a byte-level BPE (padded to VOCAB with [PADn])."""
-    import json
-
     import gguf
 
     data = json.loads(tokenizer.to_str())
@@ -247,3 +246,55 @@ def add_tokenizer(w, tokenizer, pre: str) -> None:
     w.add_bos_token_id(0)
     w.add_eos_token_id(0)
     w.add_add_bos_token(False)
+
+
+SPM_SPECIALS = ["<unk>", "<s>", "</s>"]
+
+
+def sentencepiece_style_tokenizer(vocab_size: int = 420):
+    """A Llama 2 style tokenizer.json: ▁ for spaces (one prepended), BPE with <0xNN> byte fallback,
+    ids 0–2 <unk> <s> </s>, 3–258 the bytes, then the learned pieces in merge order."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    space = "\u2581"
+    trainer_tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    trainer_tok.normalizer = normalizers.Sequence([normalizers.Prepend(space), normalizers.Replace(" ", space)])
+    # Pieces never span words, as in SentencePiece: train on words split before each ▁.
+    trainer_tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=space, prepend_scheme="never", split=True)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPM_SPECIALS, show_progress=False)
+    trainer_tok.train_from_iterator(SENTENCES, trainer)
+    model = json.loads(trainer_tok.to_str())["model"]
+    learned = [t for t, _ in sorted(model["vocab"].items(), key=lambda kv: kv[1]) if t not in SPM_SPECIALS]
+    tokens = SPM_SPECIALS + [f"<0x{b:02X}>" for b in range(256)] + learned
+    merges = [tuple(m) if not isinstance(m, str) else tuple(m.split(" ")) for m in model["merges"]]
+    tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, unk_token="<unk>", fuse_unk=True,
+                               byte_fallback=True))  # fmt: skip
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend(space), normalizers.Replace(" ", space)])
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace(space, " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in SPM_SPECIALS])
+    return tok
+
+
+def write_sentencepiece_gguf(tokenizer, path: Path) -> None:
+    """Tokenizer metadata as llama.cpp writes a SentencePiece vocabulary: tokens, scores, types, no merges."""
+    import gguf
+
+    vocab = tokenizer.get_vocab()
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
+    types += [gguf.TokenType.BYTE] * 256 + [gguf.TokenType.NORMAL] * (len(tokens) - 259)
+    scores = [0.0] * 259 + [-float(i) for i in range(len(tokens) - 259)]  # merge order, best first
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_unk_token_id(0)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()

@@ -21,7 +21,9 @@ from hf_builders import (  # noqa: E402
     PROMPT,
     build_hf_model,
     byte_level_tokenizer,
+    sentencepiece_style_tokenizer,
     write_gguf,
+    write_sentencepiece_gguf,
     write_tokenizer_gguf,
 )
 
@@ -138,17 +140,27 @@ def tokenizer_pairs(tmp_path_factory):
         original = byte_level_tokenizer(pre)
         write_tokenizer_gguf(original, root / f"{pre}.gguf", pre)
         pairs[pre] = (configure(original), model_tokenizer(root / f"{pre}.gguf"))
+    spm = sentencepiece_style_tokenizer()
+    write_sentencepiece_gguf(spm, root / "spm.gguf")  # tokens, scores and types only, as llama.cpp writes them
+    pairs["sentencepiece"] = (configure(spm), model_tokenizer(root / "spm.gguf"))
     return pairs
 
 
-@pytest.mark.parametrize("pre", PRE_TOKENIZERS)
+@pytest.mark.parametrize("pre", [*PRE_TOKENIZERS, "sentencepiece"])
 def test_rebuilt_tokenizer_encodes_hard_strings_as_the_original(tokenizer_pairs, pre):
     original, rebuilt = tokenizer_pairs[pre]
     for text in HARD:
         assert encode(rebuilt, text) == encode(original, text), (pre, text)
         assert rebuilt.decode(encode(rebuilt, text)) == text
-    special = rebuilt.encode("a<|endoftext|>", add_special_tokens=False)
-    assert special.ids == original.encode("a<|endoftext|>", add_special_tokens=False).ids
+    for spelled in ("a<|endoftext|>", "<s> x </s>"):
+        plain = [t.encode(spelled, add_special_tokens=False).ids for t in (rebuilt, original)]
+        assert plain[0] == plain[1]
+
+
+def test_sentencepiece_rebuild_adds_bos_and_knows_its_specials(tokenizer_pairs):
+    _original, rebuilt = tokenizer_pairs["sentencepiece"]
+    assert rebuilt.encode("hi", add_special_tokens=True).ids[0] == 1  # llama.cpp's default for SentencePiece
+    assert rebuilt.token_to_id("</s>") == 2 and rebuilt.token_to_id("<0x41>") == 3 + 0x41
 
 
 @settings(max_examples=60, deadline=None)
@@ -204,11 +216,13 @@ def test_unsupported_gguf_architecture_and_tokenizer_are_one_line(tmp_path, tok)
     w.write_tensors_to_file()
     w.close()
     _one_line_error(["generate", "hi", "--model", str(tmp_path / "falcon.gguf")], "falcon", "supported")
-    w = gguf.GGUFWriter(str(tmp_path / "spm.gguf"), "llama")
-    w.add_tokenizer_model("llama")
-    w.add_token_list(["<unk>", "<s>", "</s>"])
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    _one_line_error(["tokenize", "hi", "--model", str(tmp_path / "spm.gguf")], "'llama'", "gpt2")
+    for name, kind in (("bert", "bert"), ("noscores", "llama")):
+        w = gguf.GGUFWriter(str(tmp_path / f"{name}.gguf"), "llama")
+        w.add_tokenizer_model(kind)
+        w.add_token_list(["<unk>", "<s>", "</s>"])
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    _one_line_error(["tokenize", "hi", "--model", str(tmp_path / "bert.gguf")], "'bert'", "gpt2", "llama")
+    _one_line_error(["tokenize", "hi", "--model", str(tmp_path / "noscores.gguf")], "scores")

@@ -19,10 +19,15 @@ _LLAMA3 = (
 _QWEN2 = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-PRE_TOKENIZER_REGEXES = {"llama-bpe": _LLAMA3, "qwen2": _QWEN2}
-PRE_TOKENIZERS = ("gpt2", "default", "llama-bpe", "qwen2", "smollm")
+# Names llama.cpp gives the same split rule (llama-vocab.cpp); the Llama 3 family also uses a word whole
+# when the vocabulary has it (`ignore_merges`, as Llama 3's tokenizer.json).
+LLAMA3_NAMES = ("llama-bpe", "llama3", "llama-v3", "smaug-bpe", "dbrx", "falcon3")
+PRE_TOKENIZER_REGEXES = dict.fromkeys(LLAMA3_NAMES, _LLAMA3) | dict.fromkeys(("qwen2", "deepseek-r1-qwen"), _QWEN2)
+PRE_TOKENIZERS = ("gpt2", "default", "smollm", *PRE_TOKENIZER_REGEXES)
+TOKENIZER_MODELS = ("gpt2 (byte-level BPE)", "llama (SentencePiece BPE with byte fallback)")
 # token_type values in tokenizer.ggml.token_type (llama.cpp's llama_token_type).
-CONTROL, USER_DEFINED = 3, 4
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+SPACE = "\u2581"  # SentencePiece's visible space
 
 
 def _pre_tokenizer(pre: str, source: str) -> Any:
@@ -39,39 +44,86 @@ def _pre_tokenizer(pre: str, source: str) -> Any:
     raise GenError(f"{source}: tokenizer.ggml.pre {pre!r} is not supported; supported: {', '.join(PRE_TOKENIZERS)}")
 
 
-def tokenizer_from_gguf(get: Callable[..., Any], source: str) -> tuple[Tokenizer, tuple[int, ...], bool]:
-    """A `tokenizers.Tokenizer` from GGUF metadata (`get(key, default)`), its end-of-turn ids, and whether
-    prompts start with BOS. Byte-level BPE ("gpt2") only; SentencePiece ("llama") is refused."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, processors
+def merges_from_scores(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
+    """BPE merges a SentencePiece vocabulary implies: every split of a token into two tokens, best score
+    first (transformers' `generate_merges`, which its GGUF and sentencepiece converters use)."""
+    ids = {t: i for i, t in enumerate(tokens)}
+    found = []
+    for token, score in zip(tokens, scores, strict=True):
+        local = [(token[:k], token[k:], score) for k in range(1, len(token)) if token[:k] in ids and token[k:] in ids]
+        found += sorted(local, key=lambda m: (ids[m[0]], ids[m[1]]))
+    found.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return [(left, right) for left, right, _ in found]
 
-    kind = get("tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise GenError(
-            f"{source}: GGUF tokenizer model {kind!r} is not supported yet; supported: gpt2 (byte-level BPE)"
-        )
-    tokens = get("tokenizer.ggml.tokens")
-    merges = get("tokenizer.ggml.merges")
-    if not isinstance(tokens, list) or not isinstance(merges, list):
-        raise GenError(f"{source}: tokenizer.ggml.tokens or tokenizer.ggml.merges is missing")
-    types = get("tokenizer.ggml.token_type") or [1] * len(tokens)
-    if len(types) != len(tokens):
-        raise GenError(f"{source}: {len(tokens)} tokens but {len(types)} token types")
-    pre = get("tokenizer.ggml.pre", "default")
-    try:
-        pairs = [tuple(m.split(" ", 1)) for m in merges]
-        vocab = {t: i for i, t in enumerate(tokens)}
-        # llama.cpp's llama-bpe uses a word whole when the vocabulary has it, as Llama 3's tokenizer.json does.
-        tok = Tokenizer(models.BPE(vocab, pairs, ignore_merges=pre == "llama-bpe"))
-    except Exception as e:
-        raise GenError(f"{source}: the GGUF vocabulary does not make a BPE tokenizer ({e})") from None
+
+def _byte_level(tokens: list[str], merges: list[str], pre: str, source: str) -> Tokenizer:
+    from tokenizers import Tokenizer, decoders, models
+
+    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    tok = Tokenizer(models.BPE(vocab, pairs, ignore_merges=pre in LLAMA3_NAMES))
     tok.pre_tokenizer = _pre_tokenizer(pre, source)
     tok.decoder = decoders.ByteLevel()
-    specials = [AddedToken(t, special=kind_ == CONTROL, normalized=False)
-                for t, kind_ in zip(tokens, types, strict=True) if kind_ in (CONTROL, USER_DEFINED)]  # fmt: skip
+    return tok
+
+
+def _sentencepiece(
+    tokens: list[str], scores: list[float] | None, merges: list[str] | None, unk: int | None
+) -> Tokenizer:
+    """Llama 2 / TinyLlama / Mistral v0.1 style: spaces as ▁ with one prepended, BPE, unknown bytes as <0xNN>."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+
+    if merges:
+        pairs = [tuple(m.split(" ", 1)) for m in merges]
+    elif scores is not None and len(scores) == len(tokens):
+        pairs = merges_from_scores(tokens, scores)
+    else:
+        raise GenError("a SentencePiece vocabulary needs tokenizer.ggml.scores or tokenizer.ggml.merges")
+    vocab = {t: i for i, t in enumerate(tokens)}
+    unk_token = tokens[unk] if unk is not None and 0 <= unk < len(tokens) else None
+    tok = Tokenizer(models.BPE(vocab, pairs, unk_token=unk_token, fuse_unk=True, byte_fallback=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend(SPACE), normalizers.Replace(" ", SPACE)])
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    return tok
+
+
+def tokenizer_from_gguf(get: Callable[..., Any], source: str) -> tuple[Tokenizer, tuple[int, ...], bool]:
+    """A `tokenizers.Tokenizer` from GGUF metadata (`get(key, default)`), its end-of-turn ids, and whether
+    prompts start with BOS."""
+    from tokenizers import AddedToken, processors
+
+    kind = get("tokenizer.ggml.model")
+    tokens = get("tokenizer.ggml.tokens")
+    if kind not in ("gpt2", "llama"):
+        raise GenError(f"{source}: GGUF tokenizer model {kind!r} is not supported; supported: "
+                       f"{', '.join(TOKENIZER_MODELS)}")  # fmt: skip
+    if not isinstance(tokens, list) or not tokens:
+        raise GenError(f"{source}: tokenizer.ggml.tokens is missing")
+    types = get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
+    if len(types) != len(tokens):
+        raise GenError(f"{source}: {len(tokens)} tokens but {len(types)} token types")
+    merges = get("tokenizer.ggml.merges")
+    try:
+        if kind == "gpt2":
+            if not isinstance(merges, list):
+                raise GenError(f"{source}: tokenizer.ggml.merges is missing")
+            tok = _byte_level(tokens, merges, get("tokenizer.ggml.pre", "default"), source)
+        else:
+            tok = _sentencepiece(tokens, get("tokenizer.ggml.scores"), merges, get("tokenizer.ggml.unknown_token_id"))
+    except GenError as e:
+        raise GenError(f"{source}: {e}" if not str(e).startswith(source) else str(e)) from None
+    except Exception as e:
+        raise GenError(f"{source}: the GGUF vocabulary does not make a tokenizer ({e})") from None
+    # Control tokens (and SentencePiece's <unk>) are special; user-defined ones are added tokens matched whole.
+    specials = [AddedToken(t, special=k != USER_DEFINED, normalized=False)
+                for t, k in zip(tokens, types, strict=True) if k in (CONTROL, USER_DEFINED, UNKNOWN)]  # fmt: skip
     tok.add_tokens(specials)
     tok.encode_special_tokens = True  # as gen's own tokenizers: text spelling a special token is text
     bos = get("tokenizer.ggml.bos_token_id")
-    add_bos = bool(get("tokenizer.ggml.add_bos_token", False)) and isinstance(bos, int)
+    # llama.cpp adds BOS to a SentencePiece vocabulary that does not say otherwise.
+    add_bos = bool(get("tokenizer.ggml.add_bos_token", kind == "llama")) and isinstance(bos, int)
     if add_bos:
         bos_token = tokens[bos]
         tok.post_processor = processors.TemplateProcessing(
