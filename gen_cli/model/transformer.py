@@ -204,7 +204,8 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        self._init_weights()
+        if self.tok_emb.weight.device.type != "meta":  # a shape-only model (loaders, counting) needs no draws
+            self._init_weights()
 
     def _init_weights(self) -> None:
         # GPT-2 init: N(0, 0.02); projections that add into the residual stream are scaled by
