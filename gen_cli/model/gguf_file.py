@@ -82,16 +82,17 @@ class GGUFFile:
         return self.tensors[name].tensor_type.name
 
     def array(self, name: str) -> np.ndarray:
-        """The tensor as float32 (F16/BF16 kept as they are), dequantized if quantized; (rows, columns)."""
+        """The tensor in memory (not a view of the file), (rows, columns): F32 and F16 as stored, every other
+        type dequantized to float32."""
         import gguf
         import numpy as np
 
         t = self.tensors[name]
         kind = t.tensor_type
         if kind in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
-            data = np.asarray(t.data)
+            data = np.array(t.data)  # a copy: the memory map is read-only and must not back the weights
         else:
-            data = gguf.quants.dequantize(np.asarray(t.data), kind)
+            data = gguf.quants.dequantize(np.asarray(t.data), kind)  # a new float32 array
         return data.reshape(self.shape(name))
 
 
@@ -202,7 +203,7 @@ def load_gguf_weights(f: GGUFFile, config: ModelConfig, arch: str, dtype: torch.
             a = f.array(n)
             if arch in PERMUTED_QK and re.search(r"\.attn_[qk]\.", n):
                 a = _unpermute(a, config.n_head if ".attn_q." in n else config.n_kv_head)
-            parts.append(torch.from_numpy(np.array(a, dtype=np.float32 if a.dtype != np.float16 else np.float16)))
+            parts.append(torch.from_numpy(np.ascontiguousarray(a)))  # shares a's memory: no second copy
         t = parts[0] if len(parts) == 1 else torch.cat(parts)  # (q rows + k rows + v rows, d_model) for wqkv
         tensors[gen_name] = t.to(dtype).contiguous()
         del parts  # one dequantized tensor alive at a time besides the model's own
