@@ -206,3 +206,36 @@ def test_wrong_shape_is_one_line(folders, tmp_path):
     cfg = json.loads((d / "config.json").read_text())
     (d / "config.json").write_text(json.dumps(cfg | {"intermediate_size": 128}))
     _one_line_error(["generate", "hi", "--model", str(d)], "shape", "(128, 64)")
+
+
+def test_tokenizer_larger_than_the_embedding_is_one_line(folders, tmp_path):
+    d = _copy(folders, "llama", tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps(cfg | {"vocab_size": 280}))
+    _one_line_error(["generate", "hi", "--model", str(d)], "300 tokens", "vocab_size is 280")
+
+
+def test_absurd_context_length_is_refused_before_allocating(folders, tmp_path):
+    d = _copy(folders, "mistral", tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps(cfg | {"max_position_embeddings": 2**40}))
+    _one_line_error(["generate", "hi", "--model", str(d)], "RoPE tables")
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"rope_scaling": {"type": "yarn"}}, "unknown rope_scaling"),
+        ({"rope_scaling": {"type": "llama3", "factor": 8.0}}, "needs low_freq_factor"),
+        ({"mlp": "relu"}, "unknown MLP kind"),
+        ({"head_dim": 0}, "head_dim must be a positive integer"),
+    ],
+)
+def test_model_config_checks_the_new_properties(changes, message):
+    from gen_cli.errors import UsageError
+
+    base = dict(vocab_size=300, n_layer=2, n_head=4, n_kv_head=2, d_model=64, d_ff=96, context_length=16)
+    with pytest.raises(UsageError, match=message):
+        ModelConfig(**base, **changes)
+    explicit = ModelConfig(**base, head_dim=32)  # head_dim × heads need not equal d_model (Qwen3)
+    assert explicit.to_dict()["head_dim"] == 32 and "head_dim" not in ModelConfig(**base).to_dict()

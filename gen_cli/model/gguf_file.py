@@ -232,11 +232,12 @@ def _details(f: GGUFFile, arch: str) -> dict[str, Any]:
 def load_gguf(path: Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> Loaded:
     """Load a .gguf file and rebuild its tokenizer from the metadata."""
     from gen_cli.model.gguf_tokenizer import tokenizer_from_gguf
-    from gen_cli.model.loading import Loaded
+    from gen_cli.model.loading import Loaded, check_tables_fit
     from gen_cli.model.transformer import model_from_tensors
 
     f = GGUFFile(path)
     config, arch = _config(f)
+    check_tables_fit(config, str(path))
     tok, stop_ids, add_bos = tokenizer_from_gguf(f.get, str(path))
     if tok.get_vocab_size() > config.vocab_size:
         raise GenError(

@@ -312,12 +312,13 @@ def stop_ids(directory: Path, data: dict[str, Any]) -> tuple[int, ...]:
 
 def load_hf(directory: Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> Loaded:
     """Load an HF model folder (architectures in ARCHITECTURES) with its tokenizer.json."""
-    from gen_cli.model.loading import Loaded
+    from gen_cli.model.loading import Loaded, check_tables_fit
     from gen_cli.model.transformer import model_from_tensors
     from gen_cli.text.tokenizer import load_tokenizer
 
     data = _read_json(directory / "config.json")
     config, arch, notes = config_from_hf(data, str(directory / "config.json"))
+    check_tables_fit(config, str(directory / "config.json"))
     if not (directory / "tokenizer.json").is_file():
         raise GenError(f"{directory}: no tokenizer.json (gen reads tokenizers in the `tokenizers` format)")
     tok = load_tokenizer(directory / "tokenizer.json")

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gen_cli.errors import UsageError
+from gen_cli.errors import GenError, UsageError
 from gen_cli.model.config import ModelConfig, kv_heads_for, load_preset, preset_names
 from gen_cli.resources import default_model_dir, work_dir
 from gen_cli.text.tokenizer import load_tokenizer
@@ -185,3 +185,19 @@ def model_tokenizer(path: Path) -> Tokenizer:
             "or a .gguf file"
         )
     return load_tokenizer(path / "tokenizer.json")
+
+
+def check_tables_fit(config: ModelConfig, source: str) -> None:
+    """Refuse, before loading, a config whose position tables (sized by its context length, not by any
+    file) would not fit in this machine's free memory: an untrusted config.json may claim any length."""
+    import psutil
+
+    if config.pos_encoding != "rope":
+        return  # learned tables are weights, checked against the file; sinusoidal ones only in gen's models
+    need = 2 * config.context_length * config.head_dim * 4  # cos and sin, fp32
+    free = psutil.virtual_memory().available
+    if need > free // 2:
+        raise GenError(
+            f"{source}: context length {config.context_length:,} needs {need / 2**30:.1f} GiB of RoPE tables, "
+            f"more than half the {free / 2**30:.1f} GiB free here"
+        )
