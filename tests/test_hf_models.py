@@ -239,3 +239,16 @@ def test_model_config_checks_the_new_properties(changes, message):
         ModelConfig(**base, **changes)
     explicit = ModelConfig(**base, head_dim=32)  # head_dim × heads need not equal d_model (Qwen3)
     assert explicit.to_dict()["head_dim"] == 32 and "head_dim" not in ModelConfig(**base).to_dict()
+
+
+def test_mixed_dtype_file_loads_in_the_embeddings_dtype(tmp_path, tok):
+    from safetensors.torch import load_file, save_file
+
+    build_hf_model("qwen3", tmp_path, tok).to(torch.bfloat16).save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors = {k: v.float() if "norm" in k else v for k, v in tensors.items()}  # norms fp32, matrices bf16
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    model = load(tmp_path).model
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    with torch.inference_mode():
+        assert model(_ids(1)).dtype == torch.bfloat16

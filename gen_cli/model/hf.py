@@ -275,7 +275,7 @@ def _plan(by_name: dict[str, Any], config: ModelConfig, arch: str, source: str) 
 
 
 def load_hf_weights(directory: Path, config: ModelConfig, arch: str, dtype: torch.dtype | None) -> dict[str, Any]:
-    """gen's state dict from the folder's safetensors, tensor by tensor (kept in the stored dtype unless `dtype`)."""
+    """gen's state dict from the folder's safetensors, tensor by tensor, in `dtype` or else the embedding's."""
     import torch
 
     by_name, _handles = _open_all(directory)
@@ -293,7 +293,9 @@ def load_hf_weights(directory: Path, config: ModelConfig, arch: str, dtype: torc
             parts.append(t.T if GPT2_TRANSPOSED.search(n) else t)
         t = parts[0] if len(parts) == 1 else torch.cat(parts)  # (q rows + k rows + v rows, d_model) for wqkv
         tensors[gen_name] = (t.to(dtype) if dtype is not None else t).contiguous()
-    return tensors
+    # One dtype for the whole model: the embedding's as stored (a file may keep its norms in fp32).
+    stored = tensors["tok_emb.weight"].dtype
+    return {k: t.to(stored) for k, t in tensors.items()}  # a no-op for tensors already in it
 
 
 def stop_ids(directory: Path, data: dict[str, Any]) -> tuple[int, ...]:
