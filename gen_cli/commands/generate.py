@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -89,7 +90,6 @@ def _compile_graphs(model: Any, prompt_ids: Any, new_tokens: int, sampling: Any,
     """Run a compiled model once, untimed, so its prefill and decode graphs exist before the measured
     generation (otherwise the first steps' compile time, seconds, lands in the decode rate); seconds."""
     import itertools
-    import time
     from contextlib import nullcontext
 
     import torch
@@ -204,8 +204,6 @@ def generate_command(
             f"no default model at {default_model_dir()}; pass --model DIR, train one with `gen train`, "
             "or try random weights with --preset tiny --tokenizer PATH"
         )
-    import time
-
     from gen_cli.runtime import PeakMemory
 
     load_start = time.perf_counter()
