@@ -200,7 +200,9 @@ def _weight_files(directory: Path) -> dict[str, Path]:
         weight_map = _read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise GenError(f"{index}: no weight_map")
-        files = {name: directory / str(file) for name, file in weight_map.items()}
+        if outside := [f for f in set(weight_map.values()) if not isinstance(f, str) or Path(f).name != f]:
+            raise GenError(f"{index}: shard {outside[0]!r} is not a file name in this folder")
+        files = {name: directory / file for name, file in weight_map.items()}
         if missing := sorted({p.name for p in files.values() if not p.is_file()}):
             raise GenError(f"{directory}: missing shard(s) {', '.join(missing[:3])} named by {index.name}")
         return files
@@ -230,9 +232,10 @@ def _open_all(directory: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         by_name = dict.fromkeys(handle.keys(), handle)
     else:
         for path, handle in handles.items():
-            if stray := sorted(set(handle.keys()) - by_name.keys()):
+            held = set(handle.keys())
+            if stray := sorted(held - by_name.keys()):
                 raise GenError(f"{path}: holds {stray[0]}, which the shard index does not list")
-            if absent := [n for n, h in by_name.items() if h is handle and n not in set(handle.keys())]:
+            if absent := [n for n, h in by_name.items() if h is handle and n not in held]:
                 raise GenError(f"{path}: the shard index lists {absent[0]} in it, but the file lacks it")
     return by_name, handles
 
