@@ -23,7 +23,8 @@ _QWEN2 = (
 # when the vocabulary has it (`ignore_merges`, as Llama 3's tokenizer.json).
 LLAMA3_NAMES = ("llama-bpe", "llama3", "llama-v3", "smaug-bpe", "dbrx", "falcon3")
 PRE_TOKENIZER_REGEXES = dict.fromkeys(LLAMA3_NAMES, _LLAMA3) | dict.fromkeys(("qwen2", "deepseek-r1-qwen"), _QWEN2)
-PRE_TOKENIZERS = ("gpt2", "default", "smollm", *PRE_TOKENIZER_REGEXES)
+GPT2_NAMES = ("gpt2", "gpt-2", "default")  # "default": files older than tokenizer.ggml.pre, read as transformers does
+PRE_TOKENIZERS = (*GPT2_NAMES, "smollm", *PRE_TOKENIZER_REGEXES)
 TOKENIZER_MODELS = ("gpt2 (byte-level BPE)", "llama (SentencePiece BPE with byte fallback)")
 # token_type values in tokenizer.ggml.token_type (llama.cpp's llama_token_type).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -39,7 +40,7 @@ def _pre_tokenizer(pre: str, source: str) -> Any:
     if pre == "smollm":  # each digit alone, then GPT-2's split
         digits = pre_tokenizers.Digits(individual_digits=True)
         return pre_tokenizers.Sequence([digits, pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    if pre in ("gpt2", "default"):
+    if pre in GPT2_NAMES:
         return pre_tokenizers.ByteLevel(add_prefix_space=False)
     raise GenError(f"{source}: tokenizer.ggml.pre {pre!r} is not supported; supported: {', '.join(PRE_TOKENIZERS)}")
 
@@ -68,7 +69,7 @@ def _byte_level(tokens: list[str], merges: list[str], pre: str, source: str) -> 
 
 
 def _sentencepiece(
-    tokens: list[str], scores: list[float] | None, merges: list[str] | None, unk: int | None
+    tokens: list[str], scores: list[float] | None, merges: list[str] | None, unk: int | None, space_prefix: bool
 ) -> Tokenizer:
     """Llama 2 / TinyLlama / Mistral v0.1 style: spaces as ▁ with one prepended, BPE, unknown bytes as <0xNN>."""
     from tokenizers import Tokenizer, decoders, models, normalizers
@@ -82,10 +83,10 @@ def _sentencepiece(
     vocab = {t: i for i, t in enumerate(tokens)}
     unk_token = tokens[unk] if unk is not None and 0 <= unk < len(tokens) else None
     tok = Tokenizer(models.BPE(vocab, pairs, unk_token=unk_token, fuse_unk=True, byte_fallback=True))
-    tok.normalizer = normalizers.Sequence([normalizers.Prepend(SPACE), normalizers.Replace(" ", SPACE)])
-    tok.decoder = decoders.Sequence(
-        [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
-    )
+    prefix = [normalizers.Prepend(SPACE)] if space_prefix else []
+    tok.normalizer = normalizers.Sequence([*prefix, normalizers.Replace(" ", SPACE)])
+    strip = [decoders.Strip(" ", 1, 0)] if space_prefix else []  # the prepended space is not the text's
+    tok.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse(), *strip])
     return tok
 
 
@@ -111,7 +112,8 @@ def tokenizer_from_gguf(get: Callable[..., Any], source: str) -> tuple[Tokenizer
                 raise GenError(f"{source}: tokenizer.ggml.merges is missing")
             tok = _byte_level(tokens, merges, get("tokenizer.ggml.pre", "default"), source)
         else:
-            tok = _sentencepiece(tokens, get("tokenizer.ggml.scores"), merges, get("tokenizer.ggml.unknown_token_id"))
+            unk, space_prefix = get("tokenizer.ggml.unknown_token_id"), get("tokenizer.ggml.add_space_prefix", True)
+            tok = _sentencepiece(tokens, get("tokenizer.ggml.scores"), merges, unk, bool(space_prefix))
     except GenError as e:
         raise GenError(f"{source}: {e}" if not str(e).startswith(source) else str(e)) from None
     except Exception as e:
