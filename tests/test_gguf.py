@@ -168,6 +168,17 @@ def test_sentencepiece_rebuild_adds_bos_and_knows_its_specials(tokenizer_pairs):
     assert rebuilt.token_to_id("</s>") == 2 and rebuilt.token_to_id("<0x41>") == 3 + 0x41
 
 
+def test_stream_keeps_the_space_a_sentencepiece_decoder_strips(tokenizer_pairs):
+    from gen_cli.text.stream import TextStream
+
+    _original, rebuilt = tokenizer_pairs["sentencepiece"]
+    ids = encode(rebuilt, "The quick brown fox")
+    stream = TextStream(rebuilt, context=(ids[1],))
+    for i in ids[2:]:
+        stream.push(i)
+    assert stream.text == " brown fox" and rebuilt.decode(ids[2:]) == "brown fox"
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     text=st.lists(st.sampled_from([*"ab xyz019 \n\t'.,!éü日本語🙂-_", "  ", "123", "'s", "\r\n"]), max_size=30).map(

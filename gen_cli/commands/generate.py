@@ -228,7 +228,8 @@ def generate_command(
         ids = [eot]
     check_lengths(model.config, len(ids), max_new_tokens)
     stop_ids = () if ignore_eot else (loaded.stop_ids or ((eot,) if eot is not None else ()))
-    rows = [TextStream(tok, stops, stop_ids=stop_ids) for _ in range(num_samples)]
+    # The prompt's last id as context: a SentencePiece decoder would strip the reply's first space.
+    rows = [TextStream(tok, stops, stop_ids=stop_ids, context=tuple(ids[-1:])) for _ in range(num_samples)]
     live = stream and not as_json and num_samples == 1
 
     def on_token(token: torch.Tensor) -> bool:
