@@ -294,8 +294,12 @@ def info_command(
 
     if target is not None and model is not None:
         raise UsageError("give the model either as TARGET or with --model, not both")
+    from gen_cli.infer.native.decoder import unsupported_properties
+
     config, source, details = config_for(str(model) if model is not None else target or str(default_model_dir()))
-    info = {"source": source, **details, **model_info(config)}
+    lacking = unsupported_properties(config)
+    native = "yes (CPU, fp32/bf16/int8)" if not lacking else f"no: it does not implement {', '.join(lacking)}"
+    info = {"source": source, **details, **model_info(config), "native_decode": native}
     if as_json:
         print_json(info)
         return
@@ -315,6 +319,7 @@ def info_command(
     table.add_row("head size", str(config.head_dim))
     if config.pos_encoding == "rope":
         table.add_row("RoPE", f"base {config.rope_base:g}, scaling {_rope_scaling_text(config.rope_scaling)}")
+    table.add_row("native step", escape(native))
     for note in details.get("notes", []):
         table.add_row("note", escape(note))
     table.add_row("parameters", f"{info['parameters']:,}")
