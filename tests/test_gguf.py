@@ -242,3 +242,24 @@ def test_unsupported_gguf_architecture_and_tokenizer_are_one_line(tmp_path, tok)
         w.close()
     _one_line_error(["tokenize", "hi", "--model", str(tmp_path / "bert.gguf")], "'bert'", "gpt2", "llama")
     _one_line_error(["tokenize", "hi", "--model", str(tmp_path / "noscores.gguf")], "scores")
+
+
+def test_unexpected_gguf_tensor_is_one_line(models, tmp_path, tok):
+    from hf_builders import gguf_tensors
+
+    hf = models["qwen2"][1]
+    w = gguf.GGUFWriter(str(tmp_path / "extra.gguf"), "qwen2")
+    reader = gguf.GGUFReader(str(models["qwen2"][0] / "m-F32.gguf"))
+    for field in reader.fields.values():  # the same metadata, one tensor more
+        if not field.name.startswith(("GGUF.", "general.architecture")):
+            w.add_key_value(
+                field.name, field.contents(), field.types[0], field.types[-1] if len(field.types) > 1 else None
+            )
+    for name, t in gguf_tensors(hf, "qwen2").items():
+        w.add_tensor(name, t.numpy())
+    w.add_tensor("blk.0.attn_sinks.weight", torch.zeros(4).numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    _one_line_error(["generate", "hi", "--model", str(tmp_path / "extra.gguf")], "attn_sinks")

@@ -38,6 +38,7 @@ LLAMA_NAMES = {"attn.wqkv": ("blk.{i}.attn_q", "blk.{i}.attn_k", "blk.{i}.attn_v
                "mlp.w1": ("blk.{i}.ffn_gate",), "mlp.w3": ("blk.{i}.ffn_up",), **_LAYER}  # fmt: skip
 GPT2_NAMES = {"attn.wqkv": ("blk.{i}.attn_qkv",), "mlp.w1": ("blk.{i}.ffn_up",), **_LAYER}
 GLOBAL_NAMES = {"tok_emb": "token_embd", "pos_emb": "position_embd", "norm": "output_norm", "lm_head": "output"}
+DERIVED = ("rope_freqs.weight",)  # read into the config (RoPE scaling), not a weight
 
 
 class GGUFFile:
@@ -195,6 +196,8 @@ def load_gguf_weights(f: GGUFFile, config: ModelConfig, arch: str, dtype: torch.
             ):
                 raise GenError(f"{f.path}: tensor {n} has type {kind.name}, which the gguf package cannot dequantize")
     all_names = [n for _, names in plan.values() for n in names]
+    if extra := sorted(set(f.tensors) - set(all_names) - set(DERIVED)):
+        raise GenError(f"{f.path}: unexpected tensor {extra[0]} ({len(extra)} in all): not a plain {arch} model?")
     dtype = dtype or _dtype_of(f, all_names)
     tensors: dict[str, torch.Tensor] = {}
     for gen_name, (_shape, names) in plan.items():
