@@ -154,7 +154,9 @@ def gguf_tensors(model, arch: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def write_gguf(model, tokenizer, arch: str, path: Path, qtype: str = "F32", pre: str = "gpt2") -> None:
+def write_gguf(
+    model, tokenizer, arch: str, path: Path, qtype: str = "F32", pre: str = "gpt2", chat_template: str | None = None
+) -> None:
     """Write `model` and a byte-level BPE `tokenizer` as llama.cpp's converter would; 2-D tensors in `qtype`."""
     import gguf
     import numpy as np
@@ -184,6 +186,8 @@ def write_gguf(model, tokenizer, arch: str, path: Path, qtype: str = "F32", pre:
         w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
         w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     add_tokenizer(w, tokenizer, pre)
+    if chat_template is not None:
+        w.add_chat_template(chat_template)
     for name, t in gguf_tensors(model, arch).items():
         a = t.numpy().astype(np.float32)
         kind = getattr(gguf.GGMLQuantizationType, qtype)

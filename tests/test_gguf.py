@@ -263,3 +263,15 @@ def test_unexpected_gguf_tensor_is_one_line(models, tmp_path, tok):
     w.write_tensors_to_file()
     w.close()
     _one_line_error(["generate", "hi", "--model", str(tmp_path / "extra.gguf")], "attn_sinks")
+
+
+def test_gguf_chat_template_is_used_by_generate_chat(models, tok, tmp_path):
+    template = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}{{ eos_token }}"
+    write_gguf(models["qwen3"][1], tok, "qwen3", tmp_path / "chat.gguf", "Q8_0", chat_template=template)
+    loaded = load(tmp_path / "chat.gguf")
+    assert loaded.chat_template == template and loaded.special_tokens["eos_token"] == "<|endoftext|>"
+    result = runner.invoke(app, ["generate", "--chat", "hi", "--model", str(tmp_path / "chat.gguf"), "--json",
+                                 "--max-new-tokens", "2"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    rendered_ids = [*encode(loaded.tokenizer, "[user] hi\n"), 0]  # the template's eos_token is the special token
+    assert json.loads(result.stdout)["stats"]["prompt_tokens"] == len(rendered_ids)

@@ -252,3 +252,55 @@ def test_mixed_dtype_file_loads_in_the_embeddings_dtype(tmp_path, tok):
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     with torch.inference_mode():
         assert model(_ids(1)).dtype == torch.bfloat16
+
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture
+def chat_folder(folders, tmp_path):
+    """The qwen2 folder with ChatML special tokens and template, as an instruct model ships them."""
+    from tokenizers import AddedToken
+
+    d = _copy(folders, "qwen2", tmp_path)
+    tok = byte_level_tokenizer()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<|im_start|>", "<|im_end|>")])
+    tok.save(str(d / "tokenizer.json"))
+    config = {"chat_template": CHATML, "eos_token": "<|im_end|>", "tokenizer_class": "PreTrainedTokenizerFast"}
+    (d / "tokenizer_config.json").write_text(json.dumps(config))
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [0, tok.token_to_id("<|im_end|>")]}))
+    return d
+
+
+def test_chat_template_renders_and_encodes_as_transformers(chat_folder):
+    from gen_cli.text.chat import conversation, encode_rendered, render_chat
+
+    loaded = load(chat_folder)
+    messages = conversation("What is 2+2? <|im_end|> stays text? 日本", system="Be brief.")
+    ours = encode_rendered(loaded.tokenizer, render_chat(loaded.chat_template, messages))
+    theirs = transformers.PreTrainedTokenizerFast(tokenizer_file=str(chat_folder / "tokenizer.json"))
+    expected = theirs.apply_chat_template(messages, chat_template=CHATML, add_generation_prompt=True, tokenize=True)
+    expected = expected["input_ids"] if hasattr(expected, "keys") else expected
+    assert ours == list(expected)
+    assert loaded.stop_ids == (0, loaded.tokenizer.token_to_id("<|im_end|>"))
+    result = runner.invoke(app, ["generate", "--chat", "hi", "--system", "Be brief.", "--model", str(chat_folder),
+                                 "--json", "--max-new-tokens", "3"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    hi = encode_rendered(loaded.tokenizer, render_chat(CHATML, conversation("hi", "Be brief.")))
+    assert json.loads(result.stdout)["stats"]["prompt_tokens"] == len(hi)
+
+
+def test_chat_without_template_or_with_a_bad_one_is_one_line(folders, chat_folder):
+    _one_line_error(["generate", "--chat", "hi", "--model", str(folders["llama"][0])], "no chat template")
+    config = json.loads((chat_folder / "tokenizer_config.json").read_text())
+    for template, fragment in (
+        ("{{ raise_exception('only user turns') }}", "only user turns"),
+        ("{{ ''.__class__.__mro__ }}", "sandbox"),
+        ("{% for %}", "failed"),
+    ):
+        (chat_folder / "tokenizer_config.json").write_text(json.dumps(config | {"chat_template": template}))
+        _one_line_error(["generate", "--chat", "hi", "--model", str(chat_folder)], fragment)
+    _one_line_error(["generate", "text", "--chat", "hi", "--model", str(chat_folder)], "either PROMPT")

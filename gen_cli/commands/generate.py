@@ -109,7 +109,9 @@ def _compile_graphs(model: Any, prompt_ids: Any, new_tokens: int, sampling: Any,
 
 
 def generate_command(
-    prompt: str = typer.Argument(..., help="Text to continue, or '-' to read it from stdin."),
+    prompt: str = typer.Argument(
+        None, help="Text to continue, or '-' to read it from stdin (or give --chat instead).", show_default=False
+    ),
     model_dir: Path = typer.Option(
         None,
         "--model",
@@ -144,6 +146,13 @@ def generate_command(
     stop: list[str] = typer.Option(
         None, "--stop", help="Stop when the text contains this (repeatable).", show_default=False
     ),
+    chat: str = typer.Option(
+        None,
+        "--chat",
+        help="A user message (or '-' for stdin): the model's chat template wraps it and the model replies.",
+        show_default=False,
+    ),
+    system: str = typer.Option(None, "--system", help="With --chat: a system message.", show_default=False),
     ignore_eot: bool = typer.Option(
         False, "--ignore-eot", help=f"Go on past {EOT} (an imported model: past its end-of-turn ids)."
     ),
@@ -171,7 +180,8 @@ def generate_command(
     show_stats: bool = typer.Option(False, "--stats", help="Timing, KV-cache and memory figures on stderr."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object on stdout: text and stats."),
 ) -> None:
-    """Continue PROMPT with a trained model (--model) or random weights of a preset shape (--preset).
+    """Continue PROMPT with a trained model (--model) or random weights of a preset shape (--preset), or
+    reply to --chat MESSAGE through the model's own chat template (instruct models).
 
     Prints only the continuation. The seed defaults to 0, so a run is reproducible; random preset
     weights always come from seed 0, so --seed changes only the sampling.
@@ -182,7 +192,11 @@ def generate_command(
     _check_options(model_dir, preset, tokenizer, attention, kv_heads, pos, max_new_tokens, num_samples)
     sampling = SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty)
     stops = tuple(s for s in (stop or []) if s)
-    text = read_text_arg(prompt)
+    if (prompt is None) == (chat is None):
+        raise UsageError("give either PROMPT (text to continue) or --chat MESSAGE (a message to reply to)")
+    if system is not None and chat is None:
+        raise UsageError("--system goes with --chat")
+    text = read_text_arg(prompt if chat is None else chat)
 
     import torch
 
@@ -221,7 +235,18 @@ def generate_command(
 
     # gen's models end a text with <|endoftext|>; an imported model declares its own end-of-turn ids.
     eot = special_id(tok) if not loaded.stop_ids else loaded.stop_ids[0]
-    ids = tok.encode(text, add_special_tokens=True).ids if loaded.add_special_tokens else encode(tok, text)
+    if chat is not None:
+        from gen_cli.text.chat import conversation, encode_rendered, render_chat
+
+        if loaded.chat_template is None:
+            raise UsageError(f"{source} has no chat template; give the text as PROMPT to continue it instead")
+        rendered = render_chat(loaded.chat_template, conversation(text, system), special_tokens=loaded.special_tokens,
+                               source=f"{source}: chat template")  # fmt: skip
+        ids = encode_rendered(tok, rendered)
+    elif loaded.add_special_tokens:
+        ids = tok.encode(text, add_special_tokens=True).ids
+    else:
+        ids = encode(tok, text)
     if not ids:
         if eot is None:
             raise UsageError(f"the prompt is empty and the tokenizer has no {EOT} token to start from")

@@ -247,4 +247,11 @@ def load_gguf(path: Path, device: torch.device | str = "cpu", dtype: torch.dtype
             f"{path}: the tokenizer has {tok.get_vocab_size()} tokens but the embedding has {config.vocab_size} rows"
         )
     model = model_from_tensors(config, load_gguf_weights(f, config, arch, dtype)).to(device)
-    return Loaded(model, tok, str(path), stop_ids=stop_ids, add_special_tokens=add_bos, details=_details(f, arch))
+    specials = {}
+    for key in ("bos", "eos", "unknown", "padding"):
+        i = f.get(f"tokenizer.ggml.{key}_token_id")
+        if isinstance(i, int) and tok.id_to_token(i) is not None:
+            specials[{"unknown": "unk", "padding": "pad"}.get(key, key) + "_token"] = tok.id_to_token(i)
+    template = f.get("tokenizer.chat_template")
+    return Loaded(model, tok, str(path), stop_ids=stop_ids, add_special_tokens=add_bos, details=_details(f, arch),
+                  chat_template=template if isinstance(template, str) else None, special_tokens=specials)  # fmt: skip

@@ -315,6 +315,25 @@ def stop_ids(directory: Path, data: dict[str, Any]) -> tuple[int, ...]:
     return tuple(found)
 
 
+def chat_template(directory: Path) -> tuple[str | None, dict[str, str]]:
+    """The folder's chat template (chat_template.jinja or tokenizer_config.json) and the special-token
+    spellings a template may use (bos_token, eos_token …)."""
+    config_path = directory / "tokenizer_config.json"
+    config = _read_json(config_path) if config_path.is_file() else {}
+    specials = {}
+    for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        value = config.get(key)
+        value = value.get("content") if isinstance(value, dict) else value
+        if isinstance(value, str):
+            specials[key] = value
+    template = config.get("chat_template")
+    if isinstance(template, list):  # named templates: the default one
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    if (directory / "chat_template.jinja").is_file():
+        template = (directory / "chat_template.jinja").read_text(encoding="utf-8")
+    return (template if isinstance(template, str) else None), specials
+
+
 def load_hf(directory: Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> Loaded:
     """Load an HF model folder (architectures in ARCHITECTURES) with its tokenizer.json."""
     from gen_cli.model.loading import Loaded, check_tables_fit
@@ -337,5 +356,7 @@ def load_hf(directory: Path, device: torch.device | str = "cpu", dtype: torch.dt
     # A prompt is encoded as the model's own tokenizer would (e.g. with BOS) when its post-processor adds one.
     add_special = tok.encode("a", add_special_tokens=True).ids != tok.encode("a", add_special_tokens=False).ids
     details = {"format": "Hugging Face safetensors", "architecture": arch, "tokenizer": "tokenizer.json"}
+    template, specials = chat_template(directory)
     return Loaded(model, tok, str(directory), notes, stop_ids=stop_ids(directory, data),
-                  add_special_tokens=add_special, details=details)  # fmt: skip
+                  add_special_tokens=add_special, details=details, chat_template=template,
+                  special_tokens=specials)  # fmt: skip

@@ -34,6 +34,8 @@ class Loaded:
     stop_ids: tuple[int, ...] = ()  # end-of-turn ids the model declares (imported models); gen's use <|endoftext|>
     add_special_tokens: bool = False  # encode prompts with the tokenizer's BOS etc. (imported models)
     details: dict[str, Any] = field(default_factory=dict)  # format, architecture, tokenizer kind …
+    chat_template: str | None = None  # the model's Jinja chat template, when it ships one
+    special_tokens: dict[str, str] = field(default_factory=dict)  # bos_token, eos_token … for the template
 
 
 def default_tokenizer_path() -> Path:
