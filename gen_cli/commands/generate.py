@@ -331,7 +331,7 @@ def info_command(
     table = Table(title=escape(source), show_header=False, box=None)
     table.add_column(style="bold")
     table.add_column()
-    for key in ("format", "architecture", "dtype", "tensor_types", "tokenizer"):
+    for key in ("format", "architecture", "dtype", "tensor_types", "tokenizer", "chat_template"):
         if key in details:
             value = details[key]
             shown = ", ".join(f"{k} ×{n}" for k, n in value.items()) if isinstance(value, dict) else str(value)

@@ -229,6 +229,7 @@ def _details(f: GGUFFile, arch: str) -> dict[str, Any]:
         "tensor_types": dict(types.most_common()),
         "tokenizer": f"GGUF {f.get('tokenizer.ggml.model')} ({f.get('tokenizer.ggml.pre', 'default')}), "
         f"{len(f.get('tokenizer.ggml.tokens') or []):,} tokens",
+        "chat_template": "yes" if f.get("tokenizer.chat_template") else "no",
     }
 
 

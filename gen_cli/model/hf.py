@@ -190,6 +190,7 @@ def read_config(directory: Path) -> tuple[ModelConfig, dict[str, Any]]:
         )
     if stops := stop_ids(directory, data):
         details["stop_ids"] = list(stops)
+    details["chat_template"] = "yes" if chat_template(directory)[0] else "no"
     return config, details | ({"notes": notes} if notes else {})
 
 
