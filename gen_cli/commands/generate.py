@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,7 +43,7 @@ def _check_options(
                 "(random weights); a trained model's config.json fixes them"
             )
         if tokenizer is not None:
-            raise UsageError("--tokenizer only applies with --preset; a model directory has its own tokenizer.json")
+            raise UsageError("--tokenizer only applies with --preset; a model has its own tokenizer")
     if pos is not None and pos not in POS_ENCODINGS:
         raise UsageError(f"--pos must be one of {', '.join(POS_ENCODINGS)}, got {pos!r}")
     if kv_heads is not None and kv_heads < 1:
@@ -71,6 +72,7 @@ def _print_stats(stats: dict[str, Any], source: str, path_note: str = "") -> Non
     match = "agree" if stats["kv_cache_bytes"] == stats["kv_cache_bytes_analytic"] else "DIFFER"
     lines = [
         f"model            {escape(source)}",
+        f"load             {stats['load_s']:.2f} s, peak memory {stats['load_peak_memory_bytes']:,} B",
         f"prompt tokens    {stats['prompt_tokens']}   new tokens {stats['new_tokens']}   batch {stats['batch']}",
         f"time to first    {stats['ttft_s'] * 1000:.1f} ms   (prefill {rate(stats['prefill_tokens_per_s'])})",
         f"decode           {rate(stats['decode_tokens_per_s'])}   {ms} per step",
@@ -86,9 +88,15 @@ def _print_stats(stats: dict[str, Any], source: str, path_note: str = "") -> Non
 
 
 def generate_command(
-    prompt: str = typer.Argument(..., help="Text to continue, or '-' to read it from stdin."),
+    prompt: str = typer.Argument(
+        None, help="Text to continue, or '-' to read it from stdin (or give --chat instead).", show_default=False
+    ),
     model_dir: Path = typer.Option(
-        None, "--model", help="Model directory (default: the shipped model).", show_default=False
+        None,
+        "--model",
+        help="A gen model directory, a Hugging Face folder (config.json, *.safetensors, tokenizer.json) or a .gguf "
+        "file (default: the shipped model).",
+        show_default=False,
     ),
     preset: str = typer.Option(
         None, "--preset", help="Random weights of a preset shape (tiny, small, base).", show_default=False
@@ -117,13 +125,23 @@ def generate_command(
     stop: list[str] = typer.Option(
         None, "--stop", help="Stop when the text contains this (repeatable).", show_default=False
     ),
-    ignore_eot: bool = typer.Option(False, "--ignore-eot", help=f"Go on past {EOT}."),
+    chat: str = typer.Option(
+        None,
+        "--chat",
+        help="A user message (or '-' for stdin): the model's chat template wraps it and the model replies.",
+        show_default=False,
+    ),
+    system: str = typer.Option(None, "--system", help="With --chat: a system message.", show_default=False),
+    ignore_eot: bool = typer.Option(
+        False, "--ignore-eot", help=f"Go on past {EOT} (an imported model: past its end-of-turn ids)."
+    ),
     num_samples: int = typer.Option(1, "--num-samples", help="Continuations of the prompt, one shared prefill."),
     device_name: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
     dtype_opt: str = typer.Option(
         None,
         "--dtype",
-        help="float32, bfloat16 or float16 (default float32; bfloat16 for --quantize int8 without the native step).",
+        help="float32, bfloat16 or float16 (default float32, an imported model's stored dtype; bfloat16 for "
+        "--quantize int8 without the native step).",
         show_default=False,
     ),
     quantize: str = typer.Option("none", "--quantize", help="none, or int8: weight-only, per-output-channel scales."),
@@ -141,7 +159,8 @@ def generate_command(
     show_stats: bool = typer.Option(False, "--stats", help="Timing, KV-cache and memory figures on stderr."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object on stdout: text and stats."),
 ) -> None:
-    """Continue PROMPT with a trained model (--model) or random weights of a preset shape (--preset).
+    """Continue PROMPT with a trained model (--model) or random weights of a preset shape (--preset), or
+    reply to --chat MESSAGE through the model's own chat template (instruct models).
 
     Prints only the continuation. The seed defaults to 0, so a run is reproducible; random preset
     weights always come from seed 0, so --seed changes only the sampling.
@@ -152,7 +171,11 @@ def generate_command(
     _check_options(model_dir, preset, tokenizer, attention, kv_heads, pos, max_new_tokens, num_samples)
     sampling = SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty)
     stops = tuple(s for s in (stop or []) if s)
-    text = read_text_arg(prompt)
+    if (prompt is None) == (chat is None):
+        raise UsageError("give either PROMPT (text to continue) or --chat MESSAGE (a message to reply to)")
+    if system is not None and chat is None:
+        raise UsageError("--system goes with --chat")
+    text = read_text_arg(prompt if chat is None else chat)
 
     import torch
 
@@ -172,7 +195,12 @@ def generate_command(
             f"no default model at {default_model_dir()}; pass --model DIR, train one with `gen train`, "
             "or try random weights with --preset tiny --tokenizer PATH"
         )
-    loaded = load(model_dir, preset, tokenizer, attention, kv_heads, pos, device, dtype)
+    from gen_cli.runtime import PeakMemory
+
+    load_start = time.perf_counter()
+    with PeakMemory(device) as load_mem:  # part of the time to first token a user feels
+        loaded = load(model_dir, preset, tokenizer, attention, kv_heads, pos, device, dtype)
+    load_s = time.perf_counter() - load_start
     for note in loaded.notes:
         err.print(f"[yellow]{escape(note)}[/]" if loaded.random_weights else escape(note))
     model, tok, source = loaded.model, loaded.tokenizer, loaded.source
@@ -182,14 +210,27 @@ def generate_command(
     if quantize != "none":
         source += f", {quantize} weights"
 
-    eot = special_id(tok)
-    ids = encode(tok, text)
+    # gen's models end a text with <|endoftext|>; an imported model declares its own end-of-turn ids.
+    eot = special_id(tok) if not loaded.stop_ids else loaded.stop_ids[0]
+    if chat is not None:
+        from gen_cli.text.chat import conversation, encode_rendered, render_chat
+
+        if loaded.chat_template is None:
+            raise UsageError(f"{source} has no chat template; give the text as PROMPT to continue it instead")
+        rendered = render_chat(loaded.chat_template, conversation(text, system), special_tokens=loaded.special_tokens,
+                               source=f"{source}: chat template")  # fmt: skip
+        ids = encode_rendered(tok, rendered)
+    elif loaded.add_special_tokens:
+        ids = tok.encode(text, add_special_tokens=True).ids
+    else:
+        ids = encode(tok, text)
     if not ids:
         if eot is None:
             raise UsageError(f"the prompt is empty and the tokenizer has no {EOT} token to start from")
         ids = [eot]
-    stop_id = None if ignore_eot else eot
-    rows = [TextStream(tok, stops, stop_id) for _ in range(num_samples)]
+    stop_ids = () if ignore_eot else (loaded.stop_ids or ((eot,) if eot is not None else ()))
+    # The prompt's last id as context: a SentencePiece decoder would strip the reply's first space.
+    rows = [TextStream(tok, stops, stop_ids=stop_ids, context=tuple(ids[-1:])) for _ in range(num_samples)]
     live = stream and not as_json and num_samples == 1
 
     def on_token(token: torch.Tensor) -> bool:
@@ -207,10 +248,11 @@ def generate_command(
             compile_s = compile_warm_up(model, prompt_ids, max_new_tokens, sampling, num_samples)
     generator = torch.Generator(device=device).manual_seed(seed)
     result = run_generation(
-        model, prompt_ids, max_new_tokens, sampling, kv_cache, generator, stop_id, num_samples, on_token
+        model, prompt_ids, max_new_tokens, sampling, kv_cache, generator, stop_ids, num_samples, on_token
     )
     texts = [r.text for r in rows]
-    stats = result.stats.to_dict() | ({"compile_s": compile_s} if compile_ else {})
+    stats = result.stats.to_dict() | {"load_s": load_s, "load_peak_memory_bytes": load_mem.bytes}
+    stats |= {"compile_s": compile_s} if compile_ else {}
     if as_json:
         data: dict[str, Any] = {"text": texts[0]}
         if num_samples > 1:
@@ -239,32 +281,65 @@ def generate_command(
 
 
 def info_command(
-    target: str = typer.Argument(None, help="A model directory or a preset name [default: the shipped model]."),
+    target: str = typer.Argument(
+        None,
+        help="A gen model directory, Hugging Face folder, .gguf file or preset name [default: the shipped model].",
+    ),
+    model: Path = typer.Option(None, "--model", help="The model, as TARGET (either may be given).", show_default=False),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
-    """Show a model's configuration, parameter count and what its KV cache and weights cost."""
+    """Show a model's configuration, parameter count and what its KV cache and weights cost.
+
+    Reads only headers and metadata, never the weights, so it is quick on large models.
+    """
     from gen_cli.lab.report import human_bytes
     from gen_cli.model.info import model_info
     from gen_cli.model.loading import config_for
 
-    config, source = config_for(target or str(default_model_dir()))
-    info = {"source": source, **model_info(config)}
+    if target is not None and model is not None:
+        raise UsageError("give the model either as TARGET or with --model, not both")
+    from gen_cli.infer.native.decoder import unsupported_properties
+
+    config, source, details = config_for(str(model) if model is not None else target or str(default_model_dir()))
+    lacking = unsupported_properties(config)
+    native = "yes (CPU, fp32/bf16/int8)" if not lacking else f"no: it does not implement {', '.join(lacking)}"
+    info = {"source": source, **details, **model_info(config), "native_decode": native}
     if as_json:
         print_json(info)
         return
     table = Table(title=escape(source), show_header=False, box=None)
     table.add_column(style="bold")
     table.add_column()
+    for key in ("format", "architecture", "dtype", "tensor_types", "tokenizer", "chat_template"):
+        if key in details:
+            value = details[key]
+            shown = ", ".join(f"{k} ×{n}" for k, n in value.items()) if isinstance(value, dict) else str(value)
+            table.add_row(key, escape(shown))
     for key, value in config.to_dict().items():
-        table.add_row(key, str(value))
+        if key != "rope_scaling":
+            table.add_row(key, str(value))
     kinds = {"mha": "multi-head", "gqa": "grouped-query", "mqa": "multi-query"}
     table.add_row("attention", f"{kinds[config.attention_kind]} ({config.n_head} query / {config.n_kv_head} KV heads)")
+    table.add_row("head size", str(config.head_dim))
+    if config.pos_encoding == "rope":
+        table.add_row("RoPE", f"base {config.rope_base:g}, scaling {_rope_scaling_text(config.rope_scaling)}")
+    table.add_row("native step", escape(native))
+    for note in details.get("notes", []):
+        table.add_row("note", escape(note))
     table.add_row("parameters", f"{info['parameters']:,}")
     for label, key in (("KV bytes / token", "kv_bytes_per_token"), ("KV at full context", "kv_bytes_full_context"),
                        ("weights", "weight_bytes")):  # fmt: skip
         v = info[key]
         table.add_row(label, f"{human_bytes(v['float32'])} fp32, {human_bytes(v['bfloat16'])} bf16")
     out_console().print(table)
+
+
+def _rope_scaling_text(scaling: dict[str, Any] | None) -> str:
+    if scaling is None:
+        return "none"
+    if scaling["type"] == "freq_factors":
+        return f"per-frequency factors ({len(scaling['factors'])}, from the file)"
+    return "llama3 (" + ", ".join(f"{k} {v:g}" for k, v in scaling.items() if k != "type") + ")"
 
 
 def register(app: typer.Typer) -> None:

@@ -10,6 +10,7 @@ from rich.markup import escape
 from rich.text import Text
 
 from gen_cli.commands.common import check_writable_output, err, out_console, print_json, progress_enabled, read_text_arg
+from gen_cli.errors import UsageError
 from gen_cli.model.loading import default_tokenizer_path, resolve_tokenizer_path
 from gen_cli.text.tokenizer import DEFAULT_VOCAB_SIZE, EOT
 
@@ -114,13 +115,22 @@ def train_tokenizer_command(
 def tokenize_command(
     text: str = typer.Argument(..., help="Text to split, or '-' to read stdin."),
     tokenizer: Path = typer.Option(None, "--tokenizer", help="tokenizer.json or a model folder.", show_default=False),
+    model: Path = typer.Option(
+        None,
+        "--model",
+        help="Use this model's own tokenizer: a gen model directory, a Hugging Face folder or a .gguf file.",
+        show_default=False,
+    ),
     ids: bool = typer.Option(False, "--ids", help="Print token ids instead of pieces."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Show how text splits into tokens: alternating colours in a terminal, '|' separators otherwise."""
+    from gen_cli.model.loading import model_tokenizer
     from gen_cli.text.tokenizer import encode, load_tokenizer, token_bytes
 
-    tok = load_tokenizer(resolve_tokenizer_path(tokenizer))
+    if tokenizer is not None and model is not None:
+        raise UsageError("pass either --tokenizer or --model, not both")
+    tok = model_tokenizer(model) if model is not None else load_tokenizer(resolve_tokenizer_path(tokenizer))
     text = read_text_arg(text)
     token_ids = encode(tok, text)
     # A token may hold part of a multi-byte character; show such bytes escaped rather than as U+FFFD.

@@ -52,17 +52,15 @@ def quantize_int8(model: Transformer) -> Transformer:
 
 def compute_dtype(
     quantize: str, device: torch.device, native: bool = True, requested: torch.dtype | None = None
-) -> torch.dtype:
-    """The dtype a model runs in: `requested` when given, else float32, except for int8 weights, which
-    compute in fp32 through the native CPU step and otherwise in bfloat16.
+) -> torch.dtype | None:
+    """The dtype a model runs in: `requested` when given; for int8 weights, fp32 through the native CPU
+    step and otherwise bfloat16; else None: the model's own (fp32 for gen's models, as stored for imports).
 
     PyTorch's own CPU int8 kernel is ~20x slower with fp32 activations than with bf16 ones, so
     without the native step (`native=False`, or none on this machine) int8 computes in bfloat16.
     """
-    if requested is not None:
+    if requested is not None or quantize != "int8":
         return requested
-    if quantize != "int8":
-        return torch.float32
     if native and device.type == "cpu":
         from gen_cli.infer.native.build import native_status
 

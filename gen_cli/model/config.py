@@ -17,6 +17,16 @@ POS_ENCODINGS = ("rope", "sinusoidal", "learned")
 WEIGHT_SEED = 0
 NORMS = ("rmsnorm", "layernorm")
 ATTENTION_KINDS = ("mha", "gqa", "mqa")
+# swiglu: w2(silu(w1 x) * w3 x) (Llama family); gelu / gelu_tanh: w2(gelu(w1 x)) (GPT-2 uses the tanh form).
+MLP_KINDS = ("swiglu", "gelu", "gelu_tanh")
+# RoPE frequency scalings: Llama 3's wavelength bands, or per-frequency divisors as GGUF files store them.
+ROPE_SCALINGS = {
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_context_length"),
+    "freq_factors": ("factors",),
+}
+# Properties added for imported models: omitted from to_dict at their defaults, so a standard gen model's
+# config.json reads exactly as before (and older gen versions still read it).
+_OPTIONAL = ("head_dim", "qkv_bias", "attn_out_bias", "mlp_bias", "qk_norm", "mlp", "rope_scaling")
 
 
 def _divisors(n: int) -> list[int]:
@@ -39,17 +49,30 @@ class ModelConfig:
     norm: str = "rmsnorm"
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
+    head_dim: int = None  # type: ignore[assignment]  # None: d_model / n_head (resolved on construction)
+    qkv_bias: bool = False
+    attn_out_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False  # RMSNorm over each query and key head before RoPE (Qwen3)
+    mlp: str = "swiglu"
+    rope_scaling: dict[str, Any] | None = None  # {"type": one of ROPE_SCALINGS, its parameters}
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "context_length"):
+        explicit_head_dim = self.head_dim is not None
+        for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "context_length", "head_dim"):
+            if name == "head_dim" and not explicit_head_dim:
+                # Frozen: set through object.__setattr__; the derived size is checked below with d_model.
+                object.__setattr__(self, "head_dim", max(1, self.d_model // self.n_head))
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise UsageError(f"{name} must be a positive integer, got {value!r}")
+        if self.mlp not in MLP_KINDS:
+            raise UsageError(f"unknown MLP kind {self.mlp!r}; choose {', '.join(MLP_KINDS)}")
         if self.pos_encoding not in POS_ENCODINGS:
             raise UsageError(f"unknown positional encoding {self.pos_encoding!r}; choose {', '.join(POS_ENCODINGS)}")
         if self.norm not in NORMS:
             raise UsageError(f"unknown norm {self.norm!r}; choose {', '.join(NORMS)}")
-        if self.d_model % self.n_head:
+        if self.d_model % self.n_head and not explicit_head_dim:
             ok = ", ".join(map(str, _divisors(self.d_model)[:12]))
             raise UsageError(
                 f"d_model {self.d_model} is not divisible by {self.n_head} heads; head counts that divide it: {ok}"
@@ -69,10 +92,22 @@ class ModelConfig:
             raise UsageError(f"sinusoidal positions need an even d_model, got {self.d_model}")
         if self.rope_base <= 0 or self.norm_eps <= 0:
             raise UsageError("rope_base and norm_eps must be positive")
+        self._check_rope_scaling()
 
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_head
+    def _check_rope_scaling(self) -> None:
+        scaling = self.rope_scaling
+        if scaling is None:
+            return
+        kind = scaling.get("type") if isinstance(scaling, dict) else None
+        if kind not in ROPE_SCALINGS:
+            raise UsageError(f"unknown rope_scaling {scaling!r}; supported types: {', '.join(ROPE_SCALINGS)}")
+        if self.pos_encoding != "rope":
+            raise UsageError("rope_scaling needs pos_encoding rope")
+        needed = ROPE_SCALINGS[kind]
+        if missing := [k for k in needed if k not in scaling]:
+            raise UsageError(f"rope_scaling {kind} needs {', '.join(missing)}")
+        if kind == "freq_factors" and len(scaling["factors"]) != self.head_dim // 2:
+            raise UsageError(f"rope_scaling freq_factors needs head_dim/2 = {self.head_dim // 2} factors")
 
     @property
     def attention_kind(self) -> str:
@@ -89,7 +124,13 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The fields as config.json stores them; imported-model properties only when not at their default."""
+        data = dataclasses.asdict(self)
+        defaults = {f.name: f.default for f in dataclasses.fields(self)} | {"head_dim": self.d_model // self.n_head}
+        for name in _OPTIONAL:
+            if data[name] == defaults[name]:
+                del data[name]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> ModelConfig:

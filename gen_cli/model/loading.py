@@ -1,4 +1,5 @@
-"""A model to run: a gen model directory or random weights of a preset shape, with its tokenizer.
+"""A model to run: a gen model directory, a Hugging Face folder, a GGUF file, or random weights of a
+preset shape, with its tokenizer.
 
 Returns what it built and notes for the caller to show; prints nothing.
 """
@@ -9,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gen_cli.errors import UsageError
+from gen_cli.errors import GenError, UsageError
 from gen_cli.model.config import ModelConfig, kv_heads_for, load_preset, preset_names
 from gen_cli.resources import default_model_dir, work_dir
 from gen_cli.text.tokenizer import load_tokenizer
@@ -30,6 +31,11 @@ class Loaded:
     source: str
     notes: list[str] = field(default_factory=list)
     random_weights: bool = False
+    stop_ids: tuple[int, ...] = ()  # end-of-turn ids the model declares (imported models); gen's use <|endoftext|>
+    add_special_tokens: bool = False  # encode prompts with the tokenizer's BOS etc. (imported models)
+    details: dict[str, Any] = field(default_factory=dict)  # format, architecture, tokenizer kind …
+    chat_template: str | None = None  # the model's Jinja chat template, when it ships one
+    special_tokens: dict[str, str] = field(default_factory=dict)  # bos_token, eos_token … for the template
 
 
 def default_tokenizer_path() -> Path:
@@ -86,9 +92,14 @@ def load(
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
 ) -> Loaded:
-    """A preset's random weights, or a model directory (default: the shipped model), on `device` in `dtype`."""
+    """A preset's random weights, a gen model directory (default: the shipped model), a Hugging Face folder
+    or a GGUF file, on `device` in `dtype` (default: float32 for gen's models, the stored dtype for imported)."""
     import torch
 
+    directory = model_dir if model_dir is not None else default_model_dir()
+    kind = None if preset is not None else model_kind(directory)
+    if kind in ("hf", "gguf"):
+        return _load_imported(directory, kind, torch.device(device), dtype)
     dtype = dtype or torch.float32
     if preset is not None:
         loaded = preset_model(preset, tokenizer, attention, kv_heads, pos)
@@ -96,20 +107,99 @@ def load(
         return loaded
     from gen_cli.model.checkpoint import load_model
 
-    directory = model_dir if model_dir is not None else default_model_dir()
     if not directory.is_dir():
-        raise UsageError(f"{directory}: no such directory; a model directory is made by `gen train`")
+        raise UsageError(
+            f"{directory}: no such directory or .gguf file; a model is a gen model directory, a Hugging Face "
+            "folder or a .gguf file"
+        )
     model, tok = load_model(directory, device=device, dtype=dtype)
     return Loaded(model, tok, str(directory))
 
 
-def config_for(target: str) -> tuple[ModelConfig, str]:
-    """The shape of a model directory or a preset name, and a label saying which it was."""
+def model_kind(path: Path) -> str | None:
+    """'gguf' for a .gguf file, 'hf' for a Hugging Face folder, 'gen' for another folder, None if neither."""
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return "gguf"
+    if path.is_dir():
+        from gen_cli.model.hf import is_hf_dir
+
+        return "hf" if is_hf_dir(path) else "gen"
+    return None
+
+
+def _load_imported(path: Path, kind: str, device: torch.device, dtype: torch.dtype | None) -> Loaded:
+    """An HF folder or GGUF file; fp16 weights run in float32 on the CPU (PyTorch's CPU fp16 is slow)."""
+    import torch
+
+    if kind == "hf":
+        from gen_cli.model.hf import load_hf
+
+        loaded = load_hf(path, device, dtype)
+    else:
+        from gen_cli.model.gguf_file import load_gguf
+
+        loaded = load_gguf(path, device, dtype)
+    stored = loaded.model.tok_emb.weight.dtype
+    if dtype is None and stored == torch.float16 and device.type == "cpu":
+        loaded.model.float()
+        loaded.notes.append("float16 weights run in float32 on the CPU")
+    return loaded
+
+
+def config_for(target: str) -> tuple[ModelConfig, str, dict[str, Any]]:
+    """The shape of a model (gen directory, HF folder, GGUF file) or a preset, a label saying which it
+    was, and details of imported models (format, architecture, tokenizer); reads no weights."""
     from gen_cli.model.checkpoint import load_config
 
     path = Path(target)
-    if path.is_dir():
-        return load_config(path), f"model {path}"
+    kind = model_kind(path)
+    if kind == "hf":
+        from gen_cli.model.hf import read_config
+
+        config, details = read_config(path)
+        return config, f"model {path}", details
+    if kind == "gguf":
+        from gen_cli.model.gguf_file import read_gguf_config
+
+        config, details = read_gguf_config(path)
+        return config, f"model {path}", details
+    if kind == "gen":
+        return load_config(path), f"model {path}", {}
     if target in preset_names():
-        return load_preset(target), f"preset {target}"
-    raise UsageError(f"{target!r} is neither a model directory nor a preset; presets: {', '.join(preset_names())}")
+        return load_preset(target), f"preset {target}", {}
+    raise UsageError(
+        f"{target!r} is neither a model directory nor a preset (nor a .gguf file); model directories are gen's "
+        f"or Hugging Face folders; presets: {', '.join(preset_names())}"
+    )
+
+
+def model_tokenizer(path: Path) -> Tokenizer:
+    """The tokenizer of a model (gen directory, HF folder, or a GGUF file's rebuilt one); no weights read."""
+    kind = model_kind(path)
+    if kind == "gguf":
+        from gen_cli.model.gguf_file import GGUFFile
+        from gen_cli.model.gguf_tokenizer import tokenizer_from_gguf
+
+        return tokenizer_from_gguf(GGUFFile(path).get, str(path))[0]
+    if kind is None:
+        raise UsageError(
+            f"{path}: no such directory or .gguf file; a model is a gen model directory, a Hugging Face folder "
+            "or a .gguf file"
+        )
+    return load_tokenizer(path / "tokenizer.json")
+
+
+def check_tables_fit(config: ModelConfig, source: str) -> None:
+    """Refuse, before loading, a config whose position tables (sized by its context length, not by any
+    file) would not fit in this machine's free memory: an untrusted config.json may claim any length."""
+    import psutil
+
+    if config.pos_encoding != "rope":
+        return  # learned tables are weights, checked against the file; sinusoidal ones only in gen's models
+    need = 2 * config.context_length * config.head_dim * 4  # cos and sin, fp32
+    free = psutil.virtual_memory().available
+    if need > free // 2:
+        raise GenError(
+            f"{source}: context length {config.context_length:,} needs {need / 2**30:.1f} GiB of RoPE tables, "
+            f"more than half the {free / 2**30:.1f} GiB free here"
+        )

@@ -7,7 +7,7 @@ Positions come from `config.pos_encoding`: `rope` (rotary, rotate-half conventio
 from __future__ import annotations
 
 import math
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,25 @@ def sinusoidal_table(length: int, dim: int) -> torch.Tensor:
     return table.float()
 
 
-def rope_tables(length: int, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+def scaled_frequencies(inv: torch.Tensor, scaling: dict[str, Any] | None) -> torch.Tensor:
+    """RoPE inverse frequencies (head_dim/2,) after a `ModelConfig.rope_scaling` (as transformers and llama.cpp do)."""
+    if scaling is None:
+        return inv
+    if scaling["type"] == "freq_factors":
+        return inv / torch.tensor(scaling["factors"], dtype=inv.dtype)
+    # llama3: long wavelengths slowed by `factor`, short ones kept, the band between interpolated.
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old = scaling["original_context_length"]
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > old / low, inv / factor, inv)
+    smooth = (old / wavelen - low) / (high - low)
+    medium = (wavelen >= old / high) & (wavelen <= old / low)
+    return torch.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+
+
+def rope_tables(
+    length: int, head_dim: int, base: float, scaling: dict[str, Any] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and signed sin, each (length, head_dim), for the rotate-half convention.
 
     Pair i is (x[i], x[i + head_dim/2]) rotated by pos × base^(-2i/head_dim); the frequencies are
@@ -37,6 +55,7 @@ def rope_tables(length: int, head_dim: int, base: float) -> tuple[torch.Tensor, 
     `apply_rope` needs no slicing or concatenation.
     """
     inv = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # (head_dim/2,)
+    inv = scaled_frequencies(inv, scaling)
     angles = torch.arange(length, dtype=torch.float64)[:, None] * inv  # (length, head_dim/2)
     sin = angles.sin()
     cos = torch.cat([angles.cos()] * 2, dim=-1)  # (length, head_dim)
@@ -70,10 +89,10 @@ class DecodeStep(Protocol):
     def argmax_into(self, logits: torch.Tensor, out: torch.Tensor) -> bool: ...
 
 
-def make_norm(config: ModelConfig) -> nn.Module:
+def make_norm(config: ModelConfig, dim: int | None = None) -> nn.Module:
     if config.norm == "rmsnorm":
-        return nn.RMSNorm(config.d_model, eps=config.norm_eps)
-    return nn.LayerNorm(config.d_model, eps=config.norm_eps)
+        return nn.RMSNorm(dim or config.d_model, eps=config.norm_eps)
+    return nn.LayerNorm(dim or config.d_model, eps=config.norm_eps)
 
 
 class Attention(nn.Module):
@@ -83,8 +102,12 @@ class Attention(nn.Module):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         # One fused projection: a single matmul reads x once for q, k and v.
-        self.wqkv = nn.Linear(config.d_model, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=False)
-        self.wo = nn.Linear(self.n_head * self.head_dim, config.d_model, bias=False)
+        qkv_dim = (self.n_head + 2 * self.n_kv_head) * self.head_dim
+        self.wqkv = nn.Linear(config.d_model, qkv_dim, bias=config.qkv_bias)
+        self.wo = nn.Linear(self.n_head * self.head_dim, config.d_model, bias=config.attn_out_bias)
+        if config.qk_norm:
+            self.q_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps)
+            self.k_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps)
 
     def forward(
         self,
@@ -99,6 +122,8 @@ class Attention(nn.Module):
         H, Hkv, hd = self.n_head, self.n_kv_head, self.head_dim
         qkv = self.wqkv(x).view(B, T, H + 2 * Hkv, hd)  # (B, T, heads of q, k and v, head_dim)
         qk, v = qkv[:, :, : H + Hkv], qkv[:, :, H + Hkv :]
+        if "q_norm" in self._modules:  # each head normalised over head_dim, before the rotation
+            qk = torch.cat([self.q_norm(qk[:, :, :H]), self.k_norm(qk[:, :, H:])], dim=2)  # (B, T, H+Hkv, hd)
         if rope is not None:
             # One rotation covers q and k together: fewer ops per decode step than one call each.
             cos, sin_signed = rope
@@ -111,29 +136,42 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=Hkv != H
         )  # (B, n_head, T, head_dim)
-        y = y.transpose(1, 2).reshape(B, T, H * hd)  # (B, T, d_model)
+        y = y.transpose(1, 2).reshape(B, T, H * hd)  # (B, T, n_head × head_dim)
         return self.wo(y)
 
 
 class MLP(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x). After `fuse()`, w1 and w3 are one matrix `w13` (inference only)."""
+    """SwiGLU: w2(silu(w1 x) * w3 x), or GELU: w2(gelu(w1 x)) (`config.mlp`).
+
+    After `fuse()`, a SwiGLU's w1 and w3 are one matrix `w13` (inference only).
+    """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.w1 = nn.Linear(config.d_model, config.d_ff, bias=False)  # gate
-        self.w3 = nn.Linear(config.d_model, config.d_ff, bias=False)  # up
-        self.w2 = nn.Linear(config.d_ff, config.d_model, bias=False)  # down
+        self.kind = config.mlp
+        bias = config.mlp_bias
+        self.w1 = nn.Linear(config.d_model, config.d_ff, bias=bias)  # gate (SwiGLU) or up (GELU)
+        if self.kind == "swiglu":
+            self.w3 = nn.Linear(config.d_model, config.d_ff, bias=bias)  # up
+        self.w2 = nn.Linear(config.d_ff, config.d_model, bias=bias)  # down
 
     def fuse(self) -> None:
         """Replace w1 and w3 by one (2 d_ff, d_model) linear `w13`: one matmul reads x once for both."""
-        w13 = nn.Linear(self.w1.in_features, 2 * self.w1.out_features, bias=False)
+        if self.kind != "swiglu":
+            return  # one input matrix already
+        bias = self.w1.bias is not None
+        w13 = nn.Linear(self.w1.in_features, 2 * self.w1.out_features, bias=bias)
         w13.to(self.w1.weight.device, self.w1.weight.dtype)
         with torch.no_grad():
             w13.weight.copy_(torch.cat([self.w1.weight, self.w3.weight]))  # (2 d_ff, d_model): gate rows, then up
+            if bias:
+                w13.bias.copy_(torch.cat([self.w1.bias, self.w3.bias]))  # (2 d_ff,)
         self.w13 = w13
         del self.w1, self.w3
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind != "swiglu":
+            return self.w2(F.gelu(self.w1(x), approximate="tanh" if self.kind == "gelu_tanh" else "none"))
         if "w13" in self._modules:
             gate, up = self.w13(x).chunk(2, dim=-1)  # each (B, T, d_ff)
             return self.w2(F.silu(gate) * up)
@@ -168,7 +206,7 @@ class Transformer(nn.Module):
             # Non-persistent: derived from the config, so never stored in a checkpoint.
             self.register_buffer("sin_table", sinusoidal_table(config.context_length, config.d_model), False)
         else:
-            cos, sin_signed = rope_tables(config.context_length, config.head_dim, config.rope_base)
+            cos, sin_signed = rope_tables(config.context_length, config.head_dim, config.rope_base, config.rope_scaling)
             self.register_buffer("rope_cos", cos, persistent=False)  # (context, head_dim)
             self.register_buffer("rope_sin_signed", sin_signed, persistent=False)  # (context, head_dim)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
@@ -179,7 +217,8 @@ class Transformer(nn.Module):
         # A faster single-token step for inference (gen's native C step), hung here by
         # `infer.optimize.optimize_for_decode`; None means every step runs this module's forward.
         self.native_decoder: DecodeStep | None = None
-        self._init_weights()
+        if self.tok_emb.weight.device.type != "meta":  # a shape-only model (loaders, counting) needs no draws
+            self._init_weights()
 
     def _init_weights(self) -> None:
         # GPT-2 init: N(0, 0.02); projections that add into the residual stream are scaled by
@@ -187,6 +226,8 @@ class Transformer(nn.Module):
         for module in self.modules():
             if isinstance(module, nn.Linear | nn.Embedding):
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
         residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
         for layer in self.layers:
             nn.init.normal_(layer.attn.wo.weight, mean=0.0, std=residual_std)
@@ -239,3 +280,33 @@ def random_model(config: ModelConfig) -> Transformer:
     """A model of this shape with gen's fixed random weights (seed WEIGHT_SEED), in eval mode."""
     torch.manual_seed(WEIGHT_SEED)
     return Transformer(config).eval()
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a model of this shape holds, by state_dict name (a tied lm_head is left out)."""
+    with torch.device("meta"):  # shapes only: nothing allocated, nothing initialised
+        state = Transformer(config).state_dict()
+    tied = config.tie_embeddings
+    return {name: tuple(t.shape) for name, t in state.items() if not (tied and name == "lm_head.weight")}
+
+
+def model_from_tensors(config: ModelConfig, tensors: dict[str, torch.Tensor]) -> Transformer:
+    """A model in eval mode holding exactly `tensors` (names and shapes as `expected_shapes`), without
+    ever allocating random weights: loaders fill it from a file holding one copy of the weights."""
+    shapes = expected_shapes(config)
+    if sorted(shapes) != sorted(tensors) or any(tuple(tensors[k].shape) != s for k, s in shapes.items()):
+        raise AssertionError("model_from_tensors: names or shapes differ from expected_shapes (a loader bug)")
+    with torch.device("meta"):
+        model = Transformer(config)
+    # strict=False only for a tied lm_head, absent from `tensors` and re-tied below; checked exactly above.
+    model.load_state_dict(tensors, strict=False, assign=True)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.tok_emb.weight
+    # The derived tables are not in any file: compute them, in the weights' dtype as `.to(dtype)` would.
+    dtype = model.tok_emb.weight.dtype
+    if config.pos_encoding == "sinusoidal":
+        model.sin_table = sinusoidal_table(config.context_length, config.d_model).to(dtype)
+    elif config.pos_encoding == "rope":
+        cos, sin_signed = rope_tables(config.context_length, config.head_dim, config.rope_base, config.rope_scaling)
+        model.rope_cos, model.rope_sin_signed = cos.to(dtype), sin_signed.to(dtype)
+    return model.eval()

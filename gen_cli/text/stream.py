@@ -22,20 +22,33 @@ class TextStream:
     tokenizer: Any
     stops: tuple[str, ...] = ()
     eot_id: int | None = None
+    stop_ids: tuple[int, ...] = ()  # more end-of-turn ids (an imported model may declare several)
+    # Ids just before the generated ones (the prompt's last), decoded with them and cut off again: a
+    # SentencePiece decoder strips the leading space of a sequence, which would glue reply to prompt.
+    context: tuple[int, ...] = ()
     ids: list[int] = field(default_factory=list)
     text: str = ""
     done: bool = False
     printed: int = 0
+    _context_text: str = field(default="", init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._context_text = decode(self.tokenizer, self.context) if self.context else ""
+        if REPLACEMENT in self._context_text:
+            self.context, self._context_text = (), ""  # a character cut in half: decode the reply alone
 
     def push(self, token_id: int) -> None:
         """Add one generated id (ignored once the row is done)."""
         if self.done:
             return
-        if token_id == self.eot_id:
+        if token_id == self.eot_id or token_id in self.stop_ids:
             self.done = True
             return
         self.ids.append(token_id)
-        self.text = decode(self.tokenizer, self.ids)
+        full = decode(self.tokenizer, [*self.context, *self.ids])
+        self.text = (
+            full[len(self._context_text) :] if full.startswith(self._context_text) else decode(self.tokenizer, self.ids)
+        )
         hits = [i for i in (self.text.find(s) for s in self.stops) if i >= 0]
         if hits:
             self.text, self.done = self.text[: min(hits)], True

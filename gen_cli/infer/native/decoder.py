@@ -22,6 +22,7 @@ from torch import nn
 from gen_cli.infer.linear import Int8Linear
 from gen_cli.infer.native.abi import Layer, Matrix, Model, Norm
 from gen_cli.infer.native.build import library, native_status
+from gen_cli.model.config import ModelConfig
 from gen_cli.model.kv_cache import KVCache
 from gen_cli.model.transformer import Transformer, check_context
 
@@ -80,8 +81,23 @@ def _matrix(linear: nn.Module) -> Matrix:
     return Matrix(_ptr(weight), _ptr(scale[0]) if scale else None, *weight.shape)
 
 
+def unsupported_properties(config: ModelConfig) -> list[str]:
+    """The model properties `decode.c` does not implement (imported architectures), as phrases."""
+    found = []
+    if config.head_dim * config.n_head != config.d_model:
+        found.append(f"head size {config.head_dim} × {config.n_head} heads ≠ d_model {config.d_model}")
+    found += [name for name in ("qkv_bias", "attn_out_bias", "mlp_bias", "qk_norm") if getattr(config, name)]
+    if config.mlp != "swiglu":
+        found.append(f"a {config.mlp} MLP")
+    if config.rope_scaling is not None:
+        found.append(f"RoPE scaling {config.rope_scaling['type']}")
+    return found
+
+
 def supports(model: Transformer) -> str | None:
     """None if the native step can run this model, else why not."""
+    if found := unsupported_properties(model.config):
+        return f"the native kernel does not implement {', '.join(found)}"
     params = list(model.parameters()) + list(model.buffers())
     if any(p.device.type != "cpu" for p in params):
         return "the model is not on the CPU"

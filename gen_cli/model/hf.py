@@ -1,0 +1,363 @@
+"""Hugging Face model folders: config.json + safetensors (one file or shards) + tokenizer.json → a gen model.
+
+The HF ↔ gen mapping is data (ARCHITECTURES, the name tables) plus two transforms: q/k/v and gate/up
+are concatenated into gen's fused wqkv / (w1, w3) layout, and GPT-2's Conv1D weights are transposed.
+Every tensor's shape is checked against the config from the file headers before any is read.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gen_cli.errors import GenError, UsageError
+from gen_cli.model.config import ModelConfig
+
+if TYPE_CHECKING:
+    import torch
+
+    from gen_cli.model.loading import Loaded
+
+# architectures[0] in config.json → the family whose config and name table apply.
+ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "GPT2LMHeadModel": "gpt2",
+}
+MODEL_TYPES = {family: arch for arch, family in ARCHITECTURES.items()}  # when "architectures" is absent
+ROPE_TYPES = ("default", "llama3")
+GELU_NAMES = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
+
+# gen name → HF names concatenated (in order) along the output dimension; {i} is the layer index.
+LLAMA_NAMES: dict[str, tuple[str, ...]] = {
+    "tok_emb.weight": ("model.embed_tokens.weight",),
+    "norm.weight": ("model.norm.weight",),
+    "lm_head.weight": ("lm_head.weight",),
+    "layers.{i}.attn_norm.weight": ("model.layers.{i}.input_layernorm.weight",),
+    "layers.{i}.mlp_norm.weight": ("model.layers.{i}.post_attention_layernorm.weight",),
+    "layers.{i}.attn.q_norm.weight": ("model.layers.{i}.self_attn.q_norm.weight",),
+    "layers.{i}.attn.k_norm.weight": ("model.layers.{i}.self_attn.k_norm.weight",),
+    "layers.{i}.mlp.w1.weight": ("model.layers.{i}.mlp.gate_proj.weight",),
+    "layers.{i}.mlp.w3.weight": ("model.layers.{i}.mlp.up_proj.weight",),
+    "layers.{i}.mlp.w2.weight": ("model.layers.{i}.mlp.down_proj.weight",),
+    "layers.{i}.attn.wo.weight": ("model.layers.{i}.self_attn.o_proj.weight",),
+    **{
+        f"layers.{{i}}.{gen}.{kind}": tuple(f"model.layers.{{i}}.{hf}.{kind}" for hf in hfs)
+        for kind in ("weight", "bias")
+        for gen, hfs in (
+            ("attn.wqkv", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+            ("attn.wo", ("self_attn.o_proj",)),
+            ("mlp.w1", ("mlp.gate_proj",)),
+            ("mlp.w3", ("mlp.up_proj",)),
+            ("mlp.w2", ("mlp.down_proj",)),
+        )
+    },
+}
+GPT2_NAMES: dict[str, tuple[str, ...]] = {
+    "tok_emb.weight": ("wte.weight",),
+    "pos_emb.weight": ("wpe.weight",),
+    "norm.weight": ("ln_f.weight",),
+    "norm.bias": ("ln_f.bias",),
+    "lm_head.weight": ("lm_head.weight",),
+    **{
+        f"layers.{{i}}.{gen}.{kind}": (f"h.{{i}}.{hf}.{kind}",)
+        for kind in ("weight", "bias")
+        for gen, hf in (
+            ("attn_norm", "ln_1"),
+            ("mlp_norm", "ln_2"),
+            ("attn.wqkv", "attn.c_attn"),
+            ("attn.wo", "attn.c_proj"),
+            ("mlp.w1", "mlp.c_fc"),
+            ("mlp.w2", "mlp.c_proj"),
+        )
+    },
+}
+# GPT-2's Conv1D stores (in, out): these are transposed into nn.Linear's (out, in).
+GPT2_TRANSPOSED = re.compile(r"h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
+# Tensors some checkpoints carry that hold nothing gen needs (derived buffers).
+IGNORED = re.compile(r"(rotary_emb\.inv_freq|attn\.bias|attn\.masked_bias)$")
+
+
+def is_hf_dir(path: Path) -> bool:
+    """A folder whose config.json names an architecture or model type (a gen config.json has neither)."""
+    try:
+        data = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and ("architectures" in data or "model_type" in data)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise GenError(f"{path}: not readable JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise GenError(f"{path}: expected a JSON object")
+    return data
+
+
+def architecture(data: dict[str, Any], source: str) -> str:
+    """The supported architecture config.json names, or a one-line refusal naming what it found."""
+    archs = data.get("architectures") or [MODEL_TYPES.get(data.get("model_type"), data.get("model_type"))]
+    found = archs[0] if isinstance(archs, list) and archs else archs
+    if found not in ARCHITECTURES:
+        raise GenError(f"{source}: architecture {found!r} is not supported; supported: {', '.join(ARCHITECTURES)}")
+    return found
+
+
+def _rope(data: dict[str, Any], source: str) -> tuple[float, dict[str, Any] | None]:
+    """RoPE base and gen's rope_scaling from `rope_scaling` (transformers 4) or `rope_parameters` (5)."""
+    params = data.get("rope_parameters") or {}
+    scaling = data.get("rope_scaling") or params
+    base = float(data.get("rope_theta") or params.get("rope_theta") or 10000.0)
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind not in ROPE_TYPES:
+        raise GenError(f"{source}: rope_scaling type {kind!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
+    if kind == "default":
+        return base, None
+    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    if missing := [k for k in keys if k not in scaling]:
+        raise GenError(f"{source}: rope_scaling llama3 lacks {', '.join(missing)}")
+    values = [float(scaling[k]) for k in keys]
+    return base, dict(zip(("factor", "low_freq_factor", "high_freq_factor", "original_context_length"), values,
+                          strict=True), type="llama3")  # fmt: skip
+
+
+def config_from_hf(data: dict[str, Any], source: str) -> tuple[ModelConfig, str, list[str]]:
+    """gen's ModelConfig for an HF config.json, its architecture, and notes (e.g. a capped context)."""
+    arch = architecture(data, source)
+    notes: list[str] = []
+    try:
+        if arch == "GPT2LMHeadModel":
+            act = data.get("activation_function", "gelu_new")
+            if act not in GELU_NAMES:
+                supported = ", ".join(GELU_NAMES)
+                raise GenError(f"{source}: GPT-2 activation {act!r} is not supported; supported: {supported}")
+            if data.get("scale_attn_by_inverse_layer_idx") or data.get("scale_attn_weights") is False:
+                raise GenError(f"{source}: GPT-2 attention scaling variants are not supported")
+            d = data["n_embd"]
+            fields: dict[str, Any] = dict(
+                vocab_size=data["vocab_size"], n_layer=data["n_layer"], n_head=data["n_head"], n_kv_head=data["n_head"],
+                d_model=d, d_ff=data.get("n_inner") or 4 * d, context_length=data["n_positions"],
+                pos_encoding="learned", norm="layernorm", norm_eps=data.get("layer_norm_epsilon", 1e-5),
+                tie_embeddings=data.get("tie_word_embeddings", True), qkv_bias=True, attn_out_bias=True,
+                mlp_bias=True, mlp=GELU_NAMES[act],
+            )  # fmt: skip
+        else:
+            if (act := data.get("hidden_act", "silu")) != "silu":
+                raise GenError(f"{source}: hidden_act {act!r} is not supported for {arch}; supported: silu")
+            base, scaling = _rope(data, source)
+            n_head = data["num_attention_heads"]
+            context = data.get("max_position_embeddings", 2048)
+            window = data.get("sliding_window")
+            if window and (arch == "MistralForCausalLM" or data.get("use_sliding_window")) and window < context:
+                notes.append(f"sliding-window attention ({window} tokens): context capped there (exact)")
+                context = window
+            attention_bias = bool(data.get("attention_bias", False))
+            fields = dict(
+                vocab_size=data["vocab_size"], n_layer=data["num_hidden_layers"], n_head=n_head,
+                n_kv_head=data.get("num_key_value_heads") or n_head, d_model=data["hidden_size"],
+                d_ff=data["intermediate_size"], context_length=context, rope_base=base,
+                norm_eps=data.get("rms_norm_eps", 1e-6), tie_embeddings=data.get("tie_word_embeddings", False),
+                head_dim=data.get("head_dim") or data["hidden_size"] // n_head,
+                qkv_bias=attention_bias or arch == "Qwen2ForCausalLM", attn_out_bias=attention_bias,
+                mlp_bias=bool(data.get("mlp_bias", False)), qk_norm=arch == "Qwen3ForCausalLM", rope_scaling=scaling,
+            )  # fmt: skip
+    except KeyError as e:
+        raise GenError(f"{source}: config.json lacks {e.args[0]!r}, needed for {arch}") from None
+    try:
+        return ModelConfig(**fields), arch, notes
+    except UsageError as e:
+        raise GenError(f"{source}: {e}") from None
+
+
+def read_config(directory: Path) -> tuple[ModelConfig, dict[str, Any]]:
+    """The config of an HF folder and what to tell about it (architecture, dtype, tokenizer); no weights read."""
+    data = _read_json(directory / "config.json")
+    config, arch, notes = config_from_hf(data, str(directory / "config.json"))
+    details: dict[str, Any] = {"format": "Hugging Face safetensors", "architecture": arch}
+    details["dtype"] = data.get("torch_dtype") or data.get("dtype") or "unknown"
+    if (directory / "tokenizer.json").is_file():
+        from gen_cli.text.tokenizer import load_tokenizer
+
+        details["tokenizer"] = (
+            f"tokenizer.json, {load_tokenizer(directory / 'tokenizer.json').get_vocab_size():,} tokens"
+        )
+    if stops := stop_ids(directory, data):
+        details["stop_ids"] = list(stops)
+    details["chat_template"] = "yes" if chat_template(directory)[0] else "no"
+    return config, details | ({"notes": notes} if notes else {})
+
+
+def _weight_files(directory: Path) -> dict[str, Path]:
+    """HF tensor name → the safetensors file holding it (from the shard index, or the single file)."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise GenError(f"{index}: no weight_map")
+        if outside := [f for f in set(weight_map.values()) if not isinstance(f, str) or Path(f).name != f]:
+            raise GenError(f"{index}: shard {outside[0]!r} is not a file name in this folder")
+        files = {name: directory / file for name, file in weight_map.items()}
+        if missing := sorted({p.name for p in files.values() if not p.is_file()}):
+            raise GenError(f"{directory}: missing shard(s) {', '.join(missing[:3])} named by {index.name}")
+        return files
+    single = directory / "model.safetensors"
+    if not single.is_file():
+        raise GenError(f"{directory}: no model.safetensors or model.safetensors.index.json (only safetensors are read)")
+    return {"": single}  # names come from the file itself
+
+
+def _open_all(directory: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Memory-map every weight file; HF name → open file, and the open files (to close)."""
+    from safetensors import SafetensorError, safe_open
+
+    by_name: dict[str, Any] = {}
+    handles: dict[Path, Any] = {}
+    files = _weight_files(directory)
+    for name, path in files.items():
+        if path not in handles:
+            try:
+                handles[path] = safe_open(str(path), framework="pt")  # headers checked against the file size
+            except (SafetensorError, OSError) as e:
+                raise GenError(f"{path}: not a valid safetensors file ({e})") from None
+        if name:
+            by_name[name] = handles[path]
+    if "" in files:
+        handle = handles[files[""]]
+        by_name = dict.fromkeys(handle.keys(), handle)
+    else:
+        for path, handle in handles.items():
+            held = set(handle.keys())
+            if stray := sorted(held - by_name.keys()):
+                raise GenError(f"{path}: holds {stray[0]}, which the shard index does not list")
+            if absent := [n for n, h in by_name.items() if h is handle and n not in held]:
+                raise GenError(f"{path}: the shard index lists {absent[0]} in it, but the file lacks it")
+    return by_name, handles
+
+
+def _sources(gen_name: str, arch: str) -> tuple[str, ...]:
+    """The HF tensor names one gen tensor is built from."""
+    table = GPT2_NAMES if arch == "GPT2LMHeadModel" else LLAMA_NAMES
+    layer = re.match(r"layers\.(\d+)\.", gen_name)
+    key = gen_name if layer is None else gen_name.replace(layer.group(0), "layers.{i}.", 1)
+    assert key in table, f"no HF name for {gen_name}"  # the tables cover every tensor Transformer makes
+    return tuple(n.replace("{i}", layer.group(1)) if layer else n for n in table[key])
+
+
+def _plan(by_name: dict[str, Any], config: ModelConfig, arch: str, source: str) -> dict[str, tuple[str, ...]]:
+    """gen name → HF names, every shape checked against the config from the headers alone."""
+    from gen_cli.model.transformer import expected_shapes
+
+    prefix = "transformer." if arch == "GPT2LMHeadModel" and any(n.startswith("transformer.") for n in by_name) else ""
+    plan: dict[str, tuple[str, ...]] = {}
+    used: set[str] = set()
+    for gen_name, shape in expected_shapes(config).items():
+        names = tuple(n if n == "lm_head.weight" else prefix + n for n in _sources(gen_name, arch))
+        if missing := [n for n in names if n not in by_name]:
+            raise GenError(f"{source}: tensor {missing[0]} is missing (needed for {arch} as config.json describes it)")
+        shapes = []
+        for n in names:
+            s = tuple(by_name[n].get_slice(n).get_shape())
+            shapes.append(s[::-1] if GPT2_TRANSPOSED.search(n) else s)
+        rows = sum(s[0] for s in shapes)
+        if any(s[1:] != shape[1:] for s in shapes) or rows != shape[0]:
+            got = " + ".join(str(s) for s in shapes)
+            raise GenError(f"{source}: {' + '.join(names)} has shape {got}; config.json needs {shape}")
+        plan[gen_name] = names
+        used.update(names)
+    if config.tie_embeddings:
+        used.add("lm_head.weight")  # some checkpoints store the tied head too: the embedding is used
+    if extra := sorted(n for n in set(by_name) - used if not IGNORED.search(n)):
+        raise GenError(f"{source}: unexpected tensor {extra[0]} ({len(extra)} in all): not a plain {arch}?")
+    return plan
+
+
+def load_hf_weights(directory: Path, config: ModelConfig, arch: str, dtype: torch.dtype | None) -> dict[str, Any]:
+    """gen's state dict from the folder's safetensors, tensor by tensor, in `dtype` or else the embedding's."""
+    import torch
+
+    by_name, _handles = _open_all(directory)
+    plan = _plan(by_name, config, arch, str(directory))
+    tensors: dict[str, torch.Tensor] = {}
+    for gen_name, names in plan.items():
+        parts = []
+        for n in names:
+            try:
+                t = by_name[n].get_tensor(n)
+            except Exception as e:  # a file cut short after its header was read
+                raise GenError(f"{directory}: cannot read tensor {n} ({e})") from None
+            if not t.is_floating_point():
+                raise GenError(f"{directory}: tensor {n} has dtype {t.dtype}; floating-point weights are needed")
+            parts.append(t.T if GPT2_TRANSPOSED.search(n) else t)
+        t = parts[0] if len(parts) == 1 else torch.cat(parts)  # (q rows + k rows + v rows, d_model) for wqkv
+        tensors[gen_name] = (t.to(dtype) if dtype is not None else t).contiguous()
+    # One dtype for the whole model: the embedding's as stored (a file may keep its norms in fp32).
+    stored = tensors["tok_emb.weight"].dtype
+    return {k: t.to(stored) for k, t in tensors.items()}  # a no-op for tensors already in it
+
+
+def stop_ids(directory: Path, data: dict[str, Any]) -> tuple[int, ...]:
+    """Every end-of-sequence id config.json and generation_config.json declare."""
+    found: list[int] = []
+    sources = [data]
+    if (gen_config := directory / "generation_config.json").is_file():
+        sources.append(_read_json(gen_config))
+    for d in sources:
+        eos = d.get("eos_token_id")
+        for i in eos if isinstance(eos, list) else [eos]:
+            if isinstance(i, int) and i not in found:
+                found.append(i)
+    return tuple(found)
+
+
+def chat_template(directory: Path) -> tuple[str | None, dict[str, str]]:
+    """The folder's chat template (chat_template.jinja or tokenizer_config.json) and the special-token
+    spellings a template may use (bos_token, eos_token …)."""
+    config_path = directory / "tokenizer_config.json"
+    config = _read_json(config_path) if config_path.is_file() else {}
+    specials = {}
+    for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        value = config.get(key)
+        value = value.get("content") if isinstance(value, dict) else value
+        if isinstance(value, str):
+            specials[key] = value
+    template = config.get("chat_template")
+    if isinstance(template, list):  # named templates: the default one
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    if (directory / "chat_template.jinja").is_file():
+        template = (directory / "chat_template.jinja").read_text(encoding="utf-8")
+    return (template if isinstance(template, str) else None), specials
+
+
+def load_hf(directory: Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> Loaded:
+    """Load an HF model folder (architectures in ARCHITECTURES) with its tokenizer.json."""
+    from gen_cli.model.loading import Loaded, check_tables_fit
+    from gen_cli.model.transformer import model_from_tensors
+    from gen_cli.text.tokenizer import load_tokenizer
+
+    data = _read_json(directory / "config.json")
+    config, arch, notes = config_from_hf(data, str(directory / "config.json"))
+    check_tables_fit(config, str(directory / "config.json"))
+    if not (directory / "tokenizer.json").is_file():
+        raise GenError(f"{directory}: no tokenizer.json (gen reads tokenizers in the `tokenizers` format)")
+    tok = load_tokenizer(directory / "tokenizer.json")
+    if tok.get_vocab_size() > config.vocab_size:
+        raise GenError(
+            f"{directory}: tokenizer.json has {tok.get_vocab_size()} tokens but the model's vocab_size is "
+            f"{config.vocab_size}; they do not belong together"
+        )
+    tensors = load_hf_weights(directory, config, arch, dtype)
+    model = model_from_tensors(config, tensors).to(device)
+    # A prompt is encoded as the model's own tokenizer would (e.g. with BOS) when its post-processor adds one.
+    add_special = tok.encode("a", add_special_tokens=True).ids != tok.encode("a", add_special_tokens=False).ids
+    details = {"format": "Hugging Face safetensors", "architecture": arch, "tokenizer": "tokenizer.json"}
+    template, specials = chat_template(directory)
+    return Loaded(model, tok, str(directory), notes, stop_ids=stop_ids(directory, data),
+                  add_special_tokens=add_special, details=details, chat_template=template,
+                  special_tokens=specials)  # fmt: skip
