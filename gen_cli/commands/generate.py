@@ -203,6 +203,10 @@ def generate_command(
     # Inference-only fast paths (fused MLP, the native C decode step or prepacked weights; int8 and
     # compile when asked): fp32 results equal the plain model's within float rounding.
     model = optimize_for_decode(model, quantize=quantize, compile=compile_, native=native)
+    from gen_cli.infer.native.build import take_notes
+
+    for note in take_notes():
+        err.print(escape(note))
     if quantize != "none":
         source += f", {quantize} weights"
 
