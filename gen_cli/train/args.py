@@ -19,7 +19,7 @@ MODEL_OPTIONS = ("preset", "attention", "kv_heads", "pos", "norm", "layers", "he
 DEFAULTS: dict[str, Any] = {
     "vocab_size": DEFAULT_VOCAB_SIZE, "preset": "tiny", "steps": 1000, "batch_size": 16, "grad_accum": 1, "lr": 3e-3,
     "weight_decay": 0.1, "grad_clip": 1.0, "eval_every": 100, "eval_batches": 20, "save_every": 500,
-    "seed": 0,
+    "save_minutes": 5.0, "seed": 0,
 }  # fmt: skip
 
 
@@ -51,6 +51,7 @@ class TrainArgs:
     eval_every: int | None = None
     eval_batches: int | None = None
     save_every: int | None = None
+    save_minutes: float | None = None
     seed: int | None = None
     device: str = "auto"
     dtype: str = "auto"
@@ -114,9 +115,9 @@ def resolve_args(args: TrainArgs, saved: dict | None = None) -> TrainArgs:
     for name in ("steps", "batch_size", "grad_accum", "eval_batches"):
         if getattr(r, name) < 1:
             raise UsageError(f"{name} must be at least 1, got {getattr(r, name)}", params=(name,))
-    for name in ("warmup", "eval_every", "save_every", "weight_decay", "grad_clip", "min_lr"):
-        if getattr(r, name) < 0:
-            raise UsageError(f"{name} must not be negative, got {getattr(r, name)}", params=(name,))
+    for name in ("warmup", "eval_every", "save_every", "save_minutes", "weight_decay", "grad_clip", "min_lr"):
+        if not 0 <= getattr(r, name) < math.inf:
+            raise UsageError(f"{name} must be a finite number ≥ 0, got {getattr(r, name)}", params=(name,))
     if r.context is not None and r.context < 1:
         raise UsageError(f"context must be at least 1, got {r.context}", params=("context",))
     if r.min_lr > r.lr:

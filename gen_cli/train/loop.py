@@ -170,11 +170,19 @@ def _step(run: Run, step: int, stop: list[bool]) -> tuple[float, float, float, b
 
 
 def _train(args: TrainArgs, report: Reporter, dist: Dist) -> TrainSummary:
+    run = setup_run(args, report, dist)
+    try:
+        return _run_loop(args, report, dist, run)
+    finally:
+        if run.lock is not None:
+            run.lock.close()
+
+
+def _run_loop(args: TrainArgs, report: Reporter, dist: Dist, run: Run) -> TrainSummary:
     from gen_cli.model.checkpoint import save_model
     from gen_cli.runtime import dtype_name
     from gen_cli.train.evaluate import evaluate
 
-    run = setup_run(args, report, dist)
     a, out, model, config, start = run.a, run.out, run.model, run.config, run.start
     can_eval = len(run.val_data) >= 2
     if not can_eval:
@@ -186,9 +194,10 @@ def _train(args: TrainArgs, report: Reporter, dist: Dist) -> TrainSummary:
         else:
             clear_run(out)
     saved_step = [start if run.in_place else None]  # the checkpoint in `out` a failure falls back to
+    last_save = [time.monotonic()]
 
     def save(step: int) -> None:
-        saved_step[0] = step
+        saved_step[0], last_save[0] = step, time.monotonic()
         if dist.main:
             save_train_state(out / STATE_FILE, model, run.optimizer, run.generator, step, dataclasses.asdict(a),
                              config, run.tok, run.tokens_seen(step))  # fmt: skip
@@ -243,7 +252,9 @@ def _train(args: TrainArgs, report: Reporter, dist: Dist) -> TrainSummary:
                     interrupted = True
                     save(step)
                     break
-                if step == end or (a.save_every and step % a.save_every == 0):
+                # Every N steps, and every few minutes: on a slow machine N steps can take hours.
+                due = a.save_minutes and time.monotonic() - last_save[0] >= a.save_minutes * 60
+                if step == end or (a.save_every and step % a.save_every == 0) or due:
                     save(step)
     finally:
         if metrics is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from gen_cli.errors import UsageError
 from gen_cli.train.args import TrainArgs, build_config, check_same_architecture, resolve_args
 from gen_cli.train.distributed import Dist, main_first
-from gen_cli.train.run_folder import TrainState, check_out_dir, load_train_state
+from gen_cli.train.run_folder import TrainState, check_out_dir, load_train_state, run_folder_lock
 
 if TYPE_CHECKING:
     import torch
@@ -83,6 +84,7 @@ class Run:
     generator: torch.Generator
     start: int
     tokens_before: int | None  # None when resumed from a state that predates the count
+    lock: contextlib.ExitStack | None = None  # holds the run folder's lock until the run ends; close() frees it
 
     @property
     def step_tokens(self) -> int:
@@ -132,7 +134,17 @@ def _run_tokenizer(args: TrainArgs, a: TrainArgs, state: TrainState | None, corp
 
 
 def setup_run(args: TrainArgs, report: Reporter, dist: Dist) -> Run:
-    """Resolve the arguments, the tokenizer, the shape and the token files; build (or restore) model and optimizer."""
+    """Resolve the arguments, the tokenizer, the shape and the token files; build (or restore) model and optimizer.
+
+    The main process locks the run folder first; the returned run holds the lock (`run.lock.close()`).
+    """
+    with contextlib.ExitStack() as lock:
+        run = _setup_run(args, report, dist, lock)
+        run.lock = lock.pop_all()
+    return run
+
+
+def _setup_run(args: TrainArgs, report: Reporter, dist: Dist, lock: contextlib.ExitStack) -> Run:
     import torch
 
     from gen_cli.model.transformer import Transformer
@@ -141,11 +153,18 @@ def setup_run(args: TrainArgs, report: Reporter, dist: Dist) -> Run:
     from gen_cli.train.evaluate import training_precision
     from gen_cli.train.tokens import byte_lengths, require_tokens, tokenize_split
 
+    same_folder = args.resume and (not args.out or Path(args.out).resolve() == Path(args.resume).resolve())
+    # Locked before reading, so a run still writing the folder is refused.
+    if same_folder and dist.main and Path(args.resume).is_dir():
+        lock.enter_context(run_folder_lock(Path(args.resume)))
     state = load_train_state(Path(args.resume)) if args.resume else None
     a = resolve_args(args, state.args if state else None)
     if state is not None and state.step >= a.steps:  # before any tokenizing or model building
         raise UsageError(f"the run already finished its {a.steps} steps; give a larger step count to continue")
     out, in_place = _out_folder(args, a, state is not None)
+    if not in_place and dist.main:
+        lock.enter_context(run_folder_lock(out))
+        check_out_dir(out, a.force)  # again, now that no other run can be starting in it
     a.out, a.resume = str(out), None
     device = resolve_device(a.device)
     if device.type == "cuda" and dist.world > 1:
