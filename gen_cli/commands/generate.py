@@ -52,6 +52,11 @@ def _check_options(
         raise UsageError(f"--num-samples must be at least 1, got {num_samples}")
 
 
+def _longest_token(tok: Any) -> int:
+    """Bytes the longest token stands for (byte-level pieces are one character per byte), at least 4."""
+    return max(4, *(len(piece.encode("utf-8")) for piece in tok.get_vocab()))
+
+
 def _native_note(model: Any, native: bool, compiled: bool) -> str:
     """Why the PyTorch path decodes although the native step was not turned off, for --stats."""
     from gen_cli.infer.native.decoder import unavailable_reason
@@ -174,7 +179,8 @@ def generate_command(
     _check_options(model_dir, preset, tokenizer, attention, kv_heads, pos, max_new_tokens, num_samples)
     sampling = SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty)
     stops = tuple(s for s in (stop or []) if s)
-    text = read_text_arg(prompt)
+    if not -(2**63) <= seed < 2**64:  # what torch.Generator.manual_seed accepts
+        raise UsageError(f"--seed must fit in 64 bits (-2**63 to 2**64 - 1), got {seed}")
 
     import torch
 
@@ -210,6 +216,8 @@ def generate_command(
     if quantize != "none":
         source += f", {quantize} weights"
 
+    # Read only what the context could hold: a 50 MB prompt on stdin is refused, not tokenized whole.
+    text = read_text_arg(prompt, model.config.context_length * _longest_token(tok))
     eot = special_id(tok)
     ids = encode(tok, text)
     if not ids:

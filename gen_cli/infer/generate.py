@@ -103,8 +103,18 @@ def generate(
 
 def new_cache(model: Transformer, prompt_ids: torch.Tensor, max_new_tokens: int, num_samples: int) -> KVCache:
     """A cache exactly large enough for this generation: prompt + new tokens, B × num_samples rows."""
+    from gen_cli.model.memory import check_fits, generation_bytes
+
     batch = prompt_ids.shape[0] * num_samples
     tokens = prompt_ids.shape[1] + max_new_tokens
+    bpe = torch.empty((), dtype=model_dtype(model)).element_size()
+    check_fits(
+        generation_bytes(model.config, batch, tokens, bpe),
+        f"a KV cache for {batch:,} sequence(s) of {tokens:,} tokens",
+        "use fewer num_samples (or a smaller batch) or fewer max_new_tokens",
+        prompt_ids.device,
+        params=("num_samples", "max_new_tokens"),
+    )
     return KVCache(model.config, batch, tokens, model_dtype(model), prompt_ids.device)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,22 @@ POS_ENCODINGS = ("rope", "sinusoidal", "learned")
 WEIGHT_SEED = 0
 NORMS = ("rmsnorm", "layernorm")
 ATTENTION_KINDS = ("mha", "gqa", "mqa")
+# Upper bounds far above any model gen can run, so that a typo or a hostile config.json is refused
+# before anything is sized by it (a million layers took minutes to build, 10^12 positions crashed).
+SIZE_LIMITS = {
+    "vocab_size": 1 << 22, "n_layer": 1024, "n_head": 1024, "n_kv_head": 1024, "d_model": 1 << 16,
+    "d_ff": 1 << 18, "context_length": 1 << 20,
+}  # fmt: skip
+NO_LIMITS_ENV = "GEN_NO_SIZE_LIMITS"
+
+
+def check_size_limit(name: str, value: int) -> None:
+    """Refuse a size above gen's sanity bound for `name` (lifted by GEN_NO_SIZE_LIMITS=1)."""
+    limit = SIZE_LIMITS[name]
+    if value > limit and os.environ.get(NO_LIMITS_ENV, "") in ("", "0"):
+        raise UsageError(
+            f"{name} {value} is above gen's limit of {limit:,}; set {NO_LIMITS_ENV}=1 to lift it", params=(name,)
+        )
 
 
 def _divisors(n: int) -> list[int]:
@@ -45,6 +63,16 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise UsageError(f"{name} must be a positive integer, got {value!r}")
+            check_size_limit(name, value)
+        for name in ("pos_encoding", "norm"):
+            if not isinstance(getattr(self, name), str):
+                raise UsageError(f"{name} must be a string, got {getattr(self, name)!r}")
+        if not isinstance(self.tie_embeddings, bool):
+            raise UsageError(f"tie_embeddings must be true or false, got {self.tie_embeddings!r}")
+        for name in ("rope_base", "norm_eps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+                raise UsageError(f"{name} must be a positive finite number, got {value!r}")
         if self.pos_encoding not in POS_ENCODINGS:
             raise UsageError(f"unknown positional encoding {self.pos_encoding!r}; choose {', '.join(POS_ENCODINGS)}")
         if self.norm not in NORMS:
@@ -67,8 +95,6 @@ class ModelConfig:
             )
         if self.pos_encoding == "sinusoidal" and self.d_model % 2:
             raise UsageError(f"sinusoidal positions need an even d_model, got {self.d_model}")
-        if self.rope_base <= 0 or self.norm_eps <= 0:
-            raise UsageError("rope_base and norm_eps must be positive")
 
     @property
     def head_dim(self) -> int:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from gen_cli.errors import UsageError
-from gen_cli.model.config import ModelConfig, kv_heads_for, load_preset
+from gen_cli.model.config import ModelConfig, check_size_limit, kv_heads_for, load_preset
 from gen_cli.text.tokenizer import DEFAULT_VOCAB_SIZE
 
 MODEL_OPTIONS = ("preset", "attention", "kv_heads", "pos", "norm", "layers", "heads", "d_model", "d_ff")
@@ -93,6 +93,14 @@ def check_same_architecture(args: TrainArgs, saved: ModelConfig) -> None:
         raise UsageError(f"cannot resume with a different architecture: {', '.join(diffs)}; drop those options")
 
 
+def _limit(option: str, field: str, value: int) -> None:
+    """check_size_limit for the model field an option sets, speaking of the option."""
+    try:
+        check_size_limit(field, value)
+    except UsageError as e:
+        raise UsageError(str(e).replace(field, option, 1), params=(option,)) from None
+
+
 def resolve_args(args: TrainArgs, saved: dict | None = None) -> TrainArgs:
     """Fill options left as None: from the resumed run's arguments, then from DEFAULTS; validate."""
     r = dataclasses.replace(args, inputs=list(args.inputs))
@@ -120,6 +128,12 @@ def resolve_args(args: TrainArgs, saved: dict | None = None) -> TrainArgs:
             raise UsageError(f"{name} must be a finite number ≥ 0, got {getattr(r, name)}", params=(name,))
     if r.context is not None and r.context < 1:
         raise UsageError(f"context must be at least 1, got {r.context}", params=("context",))
+    # Sizes checked here, before a tokenizer is trained or a corpus tokenized for them.
+    check_size_limit("vocab_size", r.vocab_size)
+    for opt, name in (("context", "context_length"), ("layers", "n_layer"), ("heads", "n_head"),
+                      ("kv_heads", "n_kv_head"), ("d_model", "d_model"), ("d_ff", "d_ff")):  # fmt: skip
+        if getattr(r, opt) is not None and getattr(r, opt) > 0:
+            _limit(opt, name, getattr(r, opt))
     if r.min_lr > r.lr:
         raise UsageError(f"min_lr {r.min_lr} is above lr {r.lr}; the decay ends at min_lr", params=("min_lr", "lr"))
     return r

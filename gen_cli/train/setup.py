@@ -187,6 +187,16 @@ def _setup_run(args: TrainArgs, report: Reporter, dist: Dist, lock: contextlib.E
         )
     if tok.get_vocab_size() != config.vocab_size:
         raise UsageError(f"tokenizer has {tok.get_vocab_size()} tokens but the model expects {config.vocab_size}")
+    from gen_cli.model.memory import check_fits, parameter_count, training_bytes
+
+    params = parameter_count(config)
+    check_fits(
+        training_bytes(config, a.batch_size, context, params),
+        f"training {params:,} parameters on batches of {a.batch_size} × {context} tokens",
+        "use a smaller batch_size, context or model",
+        device,
+        params=("batch_size", "context"),
+    )
 
     train_tf, val_tf = main_first(
         dist, lambda: (tokenize_split(tok, corpus, "train"), tokenize_split(tok, corpus, "val"))

@@ -23,7 +23,7 @@ import numpy as np
 from gen_cli.atomic import atomic_path
 from gen_cli.errors import UsageError
 from gen_cli.resources import cache_dir
-from gen_cli.text.tokenizer import EOT, special_id, token_bytes
+from gen_cli.text.tokenizer import EOT, special_id, token_bytes, tokenizer_digest
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -52,11 +52,6 @@ class TokenFile:
 def token_dtype(vocab_size: int) -> str:
     """The smallest unsigned dtype that holds every id: uint16 up to 65535, else uint32."""
     return "<u2" if vocab_size <= 65535 else "<u4"
-
-
-def tokenizer_digest(tok: Tokenizer) -> str:
-    """A hash of the tokenizer's full JSON (vocabulary, merges, normalisation, special tokens)."""
-    return hashlib.sha256(tok.to_str().encode("utf-8")).hexdigest()
 
 
 def corpus_identity(corpus: Corpus) -> list:
