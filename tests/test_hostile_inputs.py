@@ -3,15 +3,20 @@ traceback, a crash, a lost file or a huge allocation (size attacks run under an 
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import re
 import shlex
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from gen_cli.cli import app
@@ -176,3 +181,183 @@ def test_checkpoints_are_also_saved_on_a_clock(home, monkeypatch):
     assert saved == [2, 4, 6]
     with pytest.raises(UsageError, match="save_minutes"):
         train(tiny_args(home, save_minutes=-1.0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Model directories from outside: checked against the weights header before anything is built
+
+
+def _copy_model(model_dir, tmp_path, name="m"):
+    folder = tmp_path / name
+    shutil.copytree(model_dir, folder)
+    return folder
+
+
+def _edit_config(folder, **changes):
+    path = folder / "config.json"
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))  # json.dumps writes float("inf") as Infinity, as a hostile file would
+
+
+def _rewrite_weights(folder, change, metadata=None):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(folder / "model.safetensors"))
+    change(tensors)
+    save_file(tensors, str(folder / "model.safetensors"), metadata=metadata or {"format": "pt"})
+
+
+def _refused(argv, pattern, code=1, stdin=None):
+    result = _cli(argv, stdin)
+    line = _one_line(result)
+    assert result.exit_code == code, (result.exit_code, line)
+    assert re.search(pattern, line), line
+    return line
+
+
+CONFIG_ATTACKS = {
+    "n_layer": ({"n_layer": 1_000_000}, r"n_layer 1000000 is above gen's limit of 1,024; set GEN_NO_SIZE_LIMITS=1"),
+    "d_model": ({"d_model": 10**9}, r"d_model 1000000000 is above gen's limit"),
+    "context": ({"context_length": 10**12}, r"context_length 1000000000000 is above gen's limit"),
+    "layers-in-bounds": ({"n_layer": 1000}, r"weights do not match config.json: missing layers\.\d+\."),
+    "tie-yes": ({"tie_embeddings": "yes"}, r"tie_embeddings must be true or false, got 'yes'"),
+    "rope-inf": ({"rope_base": float("inf")}, r"rope_base must be a positive finite number, got inf"),
+    "norm-list": ({"norm": ["rmsnorm"]}, r"norm must be a string"),
+}
+
+
+@pytest.mark.parametrize("attack", CONFIG_ATTACKS)
+def test_hostile_config_json_is_refused_in_one_line(model_dir, tmp_path, attack):
+    changes, pattern = CONFIG_ATTACKS[attack]
+    folder = _copy_model(model_dir, tmp_path)
+    _edit_config(folder, **changes)
+    generate = ["generate", "hi", "--model", str(folder), "--device", "cpu", "--max-new-tokens", "2"]
+    _refused(generate, pattern)
+    if attack != "layers-in-bounds":  # info reads only config.json, which is fine there
+        started = time.perf_counter()
+        _refused(["info", str(folder)], pattern)
+        assert time.perf_counter() - started < 5
+
+
+WEIGHT_ATTACKS = {
+    "int32": (lambda t: t.update({"norm.weight": t["norm.weight"].to(torch.int32)}), r"floating point.*norm\.weight"),
+    "bool": (lambda t: t.update({"norm.weight": t["norm.weight"] > 0}), r"floating point.*norm\.weight \(BOOL\)"),
+    "nan": (lambda t: t["layers.0.attn.wo.weight"].view(-1)[3].fill_(math.nan),
+            r"tensor layers\.0\.attn\.wo\.weight holds NaN"),
+    "inf": (lambda t: t["tok_emb.weight"].view(-1)[0].fill_(math.inf), r"tensor tok_emb\.weight holds NaN or infinite"),
+    "shape": (lambda t: t.update({"norm.weight": t["norm.weight"][:-1]}),
+              r"norm\.weight has shape \(31,\), config needs \(32,\)"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("attack", WEIGHT_ATTACKS)
+def test_bad_weights_are_refused_naming_the_tensor(model_dir, tmp_path, attack):
+    change, pattern = WEIGHT_ATTACKS[attack]
+    folder = _copy_model(model_dir, tmp_path)
+    _rewrite_weights(folder, change)
+    _refused(["generate", "hi", "--model", str(folder), "--device", "cpu", "--max-new-tokens", "2"], pattern)
+
+
+def test_a_swapped_tokenizer_is_refused_and_old_dirs_without_a_digest_still_load(model_dir, tmp_path):
+    from gen_cli.model.checkpoint import TOKENIZER_DIGEST_KEY, load_model
+
+    folder = _copy_model(model_dir, tmp_path)
+    tok = json.loads((folder / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[280:282]  # two ordinary tokens: same size, other meaning
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (folder / "tokenizer.json").write_text(json.dumps(tok))
+    _refused(["generate", "hi", "--model", str(folder), "--device", "cpu"], r"tokenizer\.json is not the tokenizer")
+    _refused(["eval", str(folder), str(folder / "tokenizer.json")], r"tokenizer\.json is not the tokenizer")
+    old = _copy_model(model_dir, tmp_path, "old")
+    _rewrite_weights(old, lambda t: None, metadata={"format": "pt"})  # as gen wrote them before the digest
+    load_model(old)
+    from safetensors import safe_open
+
+    with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
+        assert TOKENIZER_DIGEST_KEY in f.metadata()
+
+
+# ---------------------------------------------------------------------------------------------
+# Ordinary input that used to give tracebacks
+
+
+def test_invalid_utf8_prompts_are_refused(model_dir, tokenizer_path):
+    base = ["--model", str(model_dir), "--device", "cpu", "--max-new-tokens", "2"]
+    _refused(["generate", "-", *base], r"text on stdin is not valid UTF-8 \(byte 0xff at offset 3\)", 2, b"abc\xff")
+    _refused(["tokenize", "-", "--tokenizer", str(tokenizer_path)], r"not valid UTF-8", 2, b"\xc3(")
+    argv = os.fsdecode(b"caf\xe9")  # an undecodable argv byte arrives as a lone surrogate
+    _refused(["generate", argv, *base], r"text argument is not valid UTF-8 \(byte 0xe9 at offset 3\)", 2)
+    _refused(["tokenize", argv, "--tokenizer", str(tokenizer_path)], r"text argument is not valid UTF-8", 2)
+
+
+def test_a_huge_stdin_prompt_is_refused_before_tokenizing(model_dir, monkeypatch):
+    from tokenizers import Tokenizer
+
+    encoded = []
+    real = Tokenizer.encode
+    monkeypatch.setattr(
+        Tokenizer, "encode", lambda self, text, **kw: encoded.append(len(text)) or real(self, text, **kw)
+    )
+    big = b"word " * 2_000_000  # 10 MB for a 64-token context
+    _refused(
+        ["generate", "-", "--model", str(model_dir), "--device", "cpu"], r"text on stdin is over [\d,]+ bytes", 2, big
+    )
+    assert encoded == []
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "pattern"),
+    [
+        ("--seed", str(2**64), r"--seed must fit in 64 bits"),
+        ("--seed", str(-(2**63) - 1), r"--seed must fit in 64 bits"),
+        ("--temperature", "inf", r"--temperature must be a finite number"),
+        ("--repetition-penalty", "inf", r"--repetition-penalty must be a finite number"),
+        ("--max-new-tokens", str(-(2**70)), r"--max-new-tokens must be at least 1"),
+    ],
+)
+def test_out_of_range_generation_options(model_dir, option, value, pattern):
+    _refused(["generate", "hi", "--model", str(model_dir), "--device", "cpu", option, value], pattern, 2)
+
+
+@pytest.mark.parametrize("option", ["--temperature", "--repetition-penalty"])
+def test_subnormal_temperature_and_penalty_give_text_not_nan(model_dir, option):
+    args = ["generate", "The quick", "--model", str(model_dir), "--device", "cpu", "--json", "--seed", "1"]
+    args += ["--max-new-tokens", "8", "--ignore-eot", option, "1e-45"]
+    result = _cli(args)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["stats"]["new_tokens"] == 8
+
+
+def test_num_samples_beyond_memory_is_refused_with_the_estimate(model_dir, monkeypatch):
+    from gen_cli.model import memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": 50 * 2**20)
+    argv = ["generate", "hi", "--model", str(model_dir), "--device", "cpu", "--num-samples", "100000"]
+    argv += ["--max-new-tokens", "8"]
+    _refused(argv, r"KV cache for 100,000 sequence\(s\) of \d+ tokens needs about [\d.]+ [GM]iB but only 50 MiB "
+             r"of memory is available; use fewer --num-samples")  # fmt: skip
+
+
+def test_vocab_size_and_special_tokens_are_checked_up_front(tmp_path, monkeypatch):
+    from gen_cli.model import memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": 8 * 2**30)  # as on a laptop
+    monkeypatch.setenv("GEN_HOME", str(tmp_path / "home"))
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("hello world\n" * 50)
+    out = tmp_path / "tok.json"
+    _refused(["train-tokenizer", str(corpus), "--vocab-size", "1000000000", "--out", str(out)],
+             r"(vocab_size|--vocab-size) 1000000000 is above gen's limit", 2)  # fmt: skip
+    _refused(["train", str(corpus), "--vocab-size", "1000000000", "--out", str(tmp_path / "run")],
+             r"--vocab-size 1000000000 is above gen's limit", 2)  # fmt: skip
+    _refused(["train-tokenizer", str(corpus), "--special-token", "", "--out", str(out)],
+             r"special token cannot be the empty string", 2)  # fmt: skip
+    _refused(["train", str(corpus), "--context", "100000", "--out", str(tmp_path / "run2")],
+             r"training [\d,]+ parameters on batches of 16 × 100000 tokens needs about [\d.]+ GiB")  # fmt: skip
+    assert not out.exists() and not (tmp_path / "run").exists() and not (tmp_path / "run2").exists()
+
+
+def test_eval_context_0_is_refused(model_dir, tokenizer_path):
+    _refused(["eval", str(model_dir), str(tokenizer_path), "--context", "0"], r"context 0 is outside", 2)

@@ -133,6 +133,19 @@ def _run_tokenizer(args: TrainArgs, a: TrainArgs, state: TrainState | None, corp
     return tok
 
 
+def _check_memory(config: ModelConfig, a: TrainArgs, context: int, device: torch.device) -> None:
+    from gen_cli.model.memory import check_fits, parameter_count, training_bytes
+
+    params = parameter_count(config)
+    check_fits(
+        training_bytes(config, a.batch_size, context, params),
+        f"training {params:,} parameters on batches of {a.batch_size} × {context} tokens",
+        "use a smaller batch_size, context or model",
+        device,
+        params=("batch_size", "context"),
+    )
+
+
 def setup_run(args: TrainArgs, report: Reporter, dist: Dist) -> Run:
     """Resolve the arguments, the tokenizer, the shape and the token files; build (or restore) model and optimizer.
 
@@ -171,6 +184,9 @@ def _setup_run(args: TrainArgs, report: Reporter, dist: Dist, lock: contextlib.E
         device = torch.device("cuda", dist.local_rank)
     dtype = run_dtype(a.dtype, device)
 
+    if state is None and not a.tokenizer:  # before minutes of tokenizer training for a run that cannot fit
+        early = build_config(a, a.vocab_size)
+        _check_memory(early, a, a.context or early.context_length, device)
     corpus = Corpus(a.inputs)
     corpus.require_text()
     tok = _run_tokenizer(args, a, state, corpus, report, dist)
@@ -187,16 +203,7 @@ def _setup_run(args: TrainArgs, report: Reporter, dist: Dist, lock: contextlib.E
         )
     if tok.get_vocab_size() != config.vocab_size:
         raise UsageError(f"tokenizer has {tok.get_vocab_size()} tokens but the model expects {config.vocab_size}")
-    from gen_cli.model.memory import check_fits, parameter_count, training_bytes
-
-    params = parameter_count(config)
-    check_fits(
-        training_bytes(config, a.batch_size, context, params),
-        f"training {params:,} parameters on batches of {a.batch_size} × {context} tokens",
-        "use a smaller batch_size, context or model",
-        device,
-        params=("batch_size", "context"),
-    )
+    _check_memory(config, a, context, device)
 
     train_tf, val_tf = main_first(
         dist, lambda: (tokenize_split(tok, corpus, "train"), tokenize_split(tok, corpus, "val"))
