@@ -361,3 +361,59 @@ def test_vocab_size_and_special_tokens_are_checked_up_front(tmp_path, monkeypatc
 
 def test_eval_context_0_is_refused(model_dir, tokenizer_path):
     _refused(["eval", str(model_dir), str(tokenizer_path), "--context", "0"], r"context 0 is outside", 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Damaged cache entries and train states
+
+
+def test_damaged_cache_entries_are_rebuilt(home):
+    from test_train import tiny_args
+
+    train(tiny_args(home, steps=2))
+    cache = home / "home" / "cache"
+    token_files = sorted((cache / "tokens").glob("*.bin"))
+    (tok_file,) = (cache / "tokenizers").glob("*.json")
+    good = [p.read_bytes() for p in token_files]
+    token_files[0].write_bytes(good[0] + b"\x01")  # odd length
+    token_files[1].write_bytes(b"\xff\xff" * (len(good[1]) // 2))  # ids 65535 ≥ vocab 300
+    tok_file.write_text("{ not a tokenizer")
+    events = []
+    summary = train(tiny_args(home, steps=2, out=str(home / "run2")), events.append)
+    assert not summary.token_files_cached and summary.step == 2
+    assert [p.read_bytes() for p in token_files] == good  # rebuilt with the same contents
+    assert any("cached tokenizer" in str(e) and "damaged" in str(e) for e in events)
+
+
+def test_damaged_builtin_corpus_cache_is_rebuilt(tmp_path, monkeypatch):
+    from gen_cli.text import corpus
+
+    monkeypatch.setenv("GEN_HOME", str(tmp_path))
+    real = corpus._python_docs_documents()
+    (cached,) = (tmp_path / "cache").glob("python-docs-*.json")
+    for damage in ("{}", "[]", '[["a"]]', "not json"):
+        cached.write_text(damage)
+        assert len(corpus._python_docs_documents()) == len(real)
+
+
+@pytest.mark.parametrize("damage", ["no-rng", "wrong-shape", "bad-tokenizer", "bad-args"])
+def test_damaged_train_state_gives_one_line_on_resume(home, damage):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from test_train import tiny_args
+
+    train(tiny_args(home, stop_after=2))
+    path = home / "run" / "train_state.safetensors"
+    with safe_open(str(path), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    if damage == "no-rng":
+        del tensors["rng.torch"]
+    elif damage == "wrong-shape":
+        tensors["model.norm.weight"] = tensors["model.norm.weight"][:-1].clone()
+    elif damage == "bad-tokenizer":
+        meta["tokenizer"] = "{broken"
+    else:
+        meta["args"] = json.dumps({**json.loads(meta["args"]), "steps": "many"})
+    save_file(tensors, str(path), metadata=meta)
+    pattern = r"train_state\.safetensors: (not a readable train state|damaged saved arguments)|tokenizer is damaged"
+    _refused(["train", "--resume", str(home / "run")], pattern)

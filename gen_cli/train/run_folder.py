@@ -76,9 +76,17 @@ class TrainState:
     tokenizer_json: str
     tensors: dict[str, torch.Tensor]
     tokens_seen: int | None  # None for a state written before it was recorded
+    path: Path = Path(STATE_FILE)
 
     def apply(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator) -> None:
-        """Restore weights, optimizer moments and RNG states exactly."""
+        """Restore weights, optimizer moments and RNG states exactly; GenError when an entry is damaged."""
+        try:
+            self._apply(model, optimizer, generator)
+        except (KeyError, ValueError, RuntimeError, TypeError, IndexError) as e:
+            # A missing RNG state, a weight of the wrong shape…: one line naming the file, not a traceback.
+            raise GenError(f"{self.path}: damaged train state ({e.__class__.__name__}: {e})") from None
+
+    def _apply(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator) -> None:
         import torch
 
         with torch.no_grad():
@@ -98,6 +106,24 @@ class TrainState:
             torch.cuda.set_rng_state(self.tensors["rng.cuda"])
 
 
+def _check_state_tensors(config: ModelConfig, tensors: dict[str, torch.Tensor]) -> None:
+    """Every weight at its shape and both RNG states present: checked before a resume tokenizes anything."""
+    import torch
+
+    from gen_cli.model.transformer import Transformer
+
+    with torch.device("meta"):
+        shapes = {f"model.{n}": tuple(p.shape) for n, p in Transformer(config).named_parameters()}
+    for name in ("rng.torch", "rng.data"):
+        if name not in tensors or tensors[name].dtype != torch.uint8:
+            raise ValueError(f"{name} is missing or not a byte tensor")
+    for name, shape in shapes.items():
+        if name not in tensors:
+            raise ValueError(f"{name} is missing")
+        if tuple(tensors[name].shape) != shape:
+            raise ValueError(f"{name} has shape {tuple(tensors[name].shape)}, the config needs {shape}")
+
+
 def load_train_state(folder: Path) -> TrainState:
     """Read a run folder's train state with a clear error when it is missing or damaged."""
     from safetensors import safe_open
@@ -113,7 +139,11 @@ def load_train_state(folder: Path) -> TrainState:
             raise ValueError(f"format {meta.get('format')!r}")
         config = ModelConfig.from_dict(json.loads(meta["config"]), source=str(path))
         seen = int(meta["tokens_seen"]) if "tokens_seen" in meta else None
-        return TrainState(int(meta["step"]), json.loads(meta["args"]), config, meta["tokenizer"], tensors, seen)
+        _check_state_tensors(config, tensors)
+        step, args = int(meta["step"]), json.loads(meta["args"])
+        if step < 0 or not isinstance(args, dict) or not isinstance(meta["tokenizer"], str):
+            raise ValueError("bad step, arguments or tokenizer entry")
+        return TrainState(step, args, config, meta["tokenizer"], tensors, seen, path)
     except GenError:
         raise
     except Exception as e:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gen_cli.errors import UsageError
+from gen_cli.errors import GenError, UsageError
 from gen_cli.train.args import TrainArgs, build_config, check_same_architecture, resolve_args
 from gen_cli.train.distributed import Dist, main_first
 from gen_cli.train.run_folder import TrainState, check_out_dir, load_train_state, run_folder_lock
@@ -45,14 +45,20 @@ def _trained_tokenizer(corpus: Any, vocab_size: int, report: Reporter) -> Tokeni
     import hashlib
 
     from gen_cli.resources import cache_dir
-    from gen_cli.text.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+    from gen_cli.text.tokenizer import load_tokenizer, save_tokenizer, special_id, train_tokenizer
     from gen_cli.train.tokens import corpus_identity
 
     key = hashlib.sha256(json.dumps([1, corpus_identity(corpus), vocab_size]).encode()).hexdigest()[:32]
     path = cache_dir() / "tokenizers" / f"{key}.json"
     if path.is_file():
-        report(f"reusing tokenizer {path}")
-        return load_tokenizer(path)
+        try:
+            tok = load_tokenizer(path)
+        except GenError:
+            tok = None  # a damaged cache entry: train again and overwrite it
+        if tok is not None and special_id(tok) is not None:
+            report(f"reusing tokenizer {path}")
+            return tok
+        report(f"the cached tokenizer {path} is damaged; training it again")
     report(f"training a tokenizer (vocab {vocab_size}) on {corpus.size / 1e6:.1f} MB")
     tok, _ = train_tokenizer(corpus, vocab_size)
     save_tokenizer(tok, path)
@@ -171,7 +177,10 @@ def _setup_run(args: TrainArgs, report: Reporter, dist: Dist, lock: contextlib.E
     if same_folder and dist.main and Path(args.resume).is_dir():
         lock.enter_context(run_folder_lock(Path(args.resume)))
     state = load_train_state(Path(args.resume)) if args.resume else None
-    a = resolve_args(args, state.args if state else None)
+    try:
+        a = resolve_args(args, state.args if state else None)
+    except TypeError as e:  # a saved argument of the wrong type (a damaged state), compared with a number
+        raise GenError(f"{state.path if state else 'arguments'}: damaged saved arguments ({e})") from None
     if state is not None and state.step >= a.steps:  # before any tokenizing or model building
         raise UsageError(f"the run already finished its {a.steps} steps; give a larger step count to continue")
     out, in_place = _out_folder(args, a, state is not None)
@@ -234,4 +243,7 @@ def _setup_run(args: TrainArgs, report: Reporter, dist: Dist, lock: contextlib.E
 def _tokenizer_from_str(text: str) -> Tokenizer:
     from tokenizers import Tokenizer
 
-    return Tokenizer.from_str(text)
+    try:
+        return Tokenizer.from_str(text)
+    except Exception as e:  # tokenizers raises its own exception type for bad JSON
+        raise GenError(f"the train state's tokenizer is damaged ({e})") from None
