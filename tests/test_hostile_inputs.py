@@ -417,3 +417,19 @@ def test_damaged_train_state_gives_one_line_on_resume(home, damage):
     save_file(tensors, str(path), metadata=meta)
     pattern = r"train_state\.safetensors: (not a readable train state|damaged saved arguments)|tokenizer is damaged"
     _refused(["train", "--resume", str(home / "run")], pattern)
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("hello world, the disk is full\n" * 50)
+    out = tmp_path / "out" / "tok.json"
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    _refused(["train-tokenizer", str(corpus), "--vocab-size", "300", "--out", str(out)],
+             rf"cannot write {re.escape(str(out))}: No space left on device")  # fmt: skip
+    assert not out.exists() and not list(out.parent.glob(".*.tmp"))
