@@ -433,3 +433,90 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
     _refused(["train-tokenizer", str(corpus), "--vocab-size", "300", "--out", str(out)],
              rf"cannot write {re.escape(str(out))}: No space left on device")  # fmt: skip
     assert not out.exists() and not list(out.parent.glob(".*.tmp"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Size attacks: each in its own process under a 4 GB address-space limit, so a regression that
+# allocates first fails this test instead of eating the machine; peak RSS must stay small.
+
+AS_LIMIT = 4 << 30
+_UNDER_LIMIT = (
+    "import atexit, resource, sys\n"
+    "resource.setrlimit(resource.RLIMIT_AS, (int(sys.argv[1]), int(sys.argv[1])))\n"
+    "out = sys.argv[2]\n"
+    "atexit.register(lambda: open(out, 'w').write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)))\n"
+    "sys.argv = ['gen', *sys.argv[3:]]\n"
+    "from gen_cli.cli import main\n"
+    "main()\n"
+)
+
+
+def _under_limit(tmp_path, argv, stdin=b""):
+    """(exit code, stderr, peak RSS in MiB) of `gen argv` in a process limited to AS_LIMIT bytes."""
+    rss_file = tmp_path / "rss.txt"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "GEN_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
+    env.pop("GEN_DEBUG", None)
+    cmd = [sys.executable, "-c", _UNDER_LIMIT, str(AS_LIMIT), str(rss_file), *argv]
+    done = subprocess.run(cmd, input=stdin, capture_output=True, env=env, timeout=120)
+    rss = int(rss_file.read_text()) / 1024 if rss_file.exists() else math.inf
+    return done.returncode, done.stderr.decode(errors="replace").strip(), rss
+
+
+def _size_attacks(model_dir, tmp_path):
+    absurd = _copy_model(model_dir, tmp_path, "absurd")
+    _edit_config(absurd, n_layer=1_000_000)
+    in_bounds = _copy_model(model_dir, tmp_path, "in-bounds")
+    _edit_config(in_bounds, n_layer=1000, d_model=4096, n_head=32, n_kv_head=32, d_ff=16384)
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("hello world\n" * 50)
+    run = ["--device", "cpu", "--max-new-tokens", "8"]
+    return {
+        "info n_layer 1e6": (["info", str(absurd)], b"", r"n_layer 1000000 is above gen's limit"),
+        "generate n_layer 1e6": (["generate", "hi", "--model", str(absurd), *run], b"", r"above gen's limit"),
+        "generate 1000 wide layers, small weights": (
+            ["generate", "hi", "--model", str(in_bounds), *run],
+            b"",
+            r"weights do not match config\.json",
+        ),
+        "50 MB stdin prompt": (
+            ["generate", "-", "--model", str(model_dir), *run],
+            b"word " * 10_000_000,
+            r"text on stdin is over",
+        ),
+        "num-samples 1e7": (
+            ["generate", "hi", "--model", str(model_dir), "--num-samples", "10000000", *run],
+            b"",
+            r"KV cache for 10,000,000 sequence\(s\).*needs about",
+        ),
+        "train-tokenizer vocab 1e9": (
+            ["train-tokenizer", str(corpus), "--vocab-size", "1000000000", "--out", str(tmp_path / "t.json")],
+            b"",
+            r"vocab-size 1000000000 is above gen's limit",
+        ),
+        "train context 1e5": (
+            ["train", str(corpus), "--context", "100000", "--batch-size", "1024", "--out", str(tmp_path / "r")],
+            b"",
+            r"training [\d,]+ parameters on batches of 1024 × 100000 tokens needs about",
+        ),
+    }
+
+
+PEAK_RSS: dict[str, float] = {}
+
+
+@pytest.mark.parametrize(
+    "attack",
+    ["info n_layer 1e6", "generate n_layer 1e6", "generate 1000 wide layers, small weights", "50 MB stdin prompt",
+     "num-samples 1e7", "train-tokenizer vocab 1e9", "train context 1e5"],
+)  # fmt: skip
+def test_size_attacks_are_refused_before_allocating(model_dir, tmp_path, attack):
+    argv, stdin, pattern = _size_attacks(model_dir, tmp_path)[attack]
+    started = time.perf_counter()
+    code, stderr, rss = _under_limit(tmp_path, argv, stdin)
+    lines = stderr.splitlines()
+    assert code in (1, 2) and "Traceback" not in stderr and re.search(pattern, lines[-1]), (code, stderr)
+    assert len(lines) == 1, stderr
+    assert time.perf_counter() - started < 60
+    PEAK_RSS[attack] = rss
+    print(f"peak RSS {attack}: {rss:.0f} MiB")
+    assert rss < 1024, f"{attack}: peak RSS {rss:.0f} MiB"

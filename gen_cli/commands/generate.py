@@ -184,7 +184,7 @@ def generate_command(
 
     import torch
 
-    from gen_cli.infer.generate import check_lengths, run_generation
+    from gen_cli.infer.generate import check_lengths, check_memory, run_generation
     from gen_cli.infer.optimize import QUANTIZE_MODES, int8_activation_dtype, optimize_for_decode
     from gen_cli.runtime import resolve_device, resolve_dtype, set_threads
 
@@ -225,6 +225,7 @@ def generate_command(
             raise UsageError(f"the prompt is empty and the tokenizer has no {EOT} token to start from")
         ids = [eot]
     check_lengths(model.config, len(ids), max_new_tokens)
+    check_memory(model, num_samples, len(ids) + max_new_tokens, device)  # before a text stream per sample
     stop_id = None if ignore_eot else eot
     rows = [TextStream(tok, stops, stop_id) for _ in range(num_samples)]
     live = stream and not as_json and num_samples == 1

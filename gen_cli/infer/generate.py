@@ -101,20 +101,25 @@ def generate(
     return _generate(model, prompt_ids, max_new_tokens, sampling, cache, generator, stop_token_id, num_samples)
 
 
-def new_cache(model: Transformer, prompt_ids: torch.Tensor, max_new_tokens: int, num_samples: int) -> KVCache:
-    """A cache exactly large enough for this generation: prompt + new tokens, B × num_samples rows."""
+def check_memory(model: Transformer, batch: int, tokens: int, device: torch.device) -> None:
+    """Refuse a generation whose KV cache (batch × tokens) and buffers cannot fit in available memory."""
     from gen_cli.model.memory import check_fits, generation_bytes
 
-    batch = prompt_ids.shape[0] * num_samples
-    tokens = prompt_ids.shape[1] + max_new_tokens
     bpe = torch.empty((), dtype=model_dtype(model)).element_size()
     check_fits(
         generation_bytes(model.config, batch, tokens, bpe),
         f"a KV cache for {batch:,} sequence(s) of {tokens:,} tokens",
         "use fewer num_samples (or a smaller batch) or fewer max_new_tokens",
-        prompt_ids.device,
+        device,
         params=("num_samples", "max_new_tokens"),
     )
+
+
+def new_cache(model: Transformer, prompt_ids: torch.Tensor, max_new_tokens: int, num_samples: int) -> KVCache:
+    """A cache exactly large enough for this generation: prompt + new tokens, B × num_samples rows."""
+    batch = prompt_ids.shape[0] * num_samples
+    tokens = prompt_ids.shape[1] + max_new_tokens
+    check_memory(model, batch, tokens, prompt_ids.device)
     return KVCache(model.config, batch, tokens, model_dtype(model), prompt_ids.device)
 
 
