@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from gen_cli.cli import app
@@ -520,3 +522,54 @@ def test_size_attacks_are_refused_before_allocating(model_dir, tmp_path, attack)
     PEAK_RSS[attack] = rss
     print(f"peak RSS {attack}: {rss:.0f} MiB")
     assert rss < 1024, f"{attack}: peak RSS {rss:.0f} MiB"
+
+
+# ---------------------------------------------------------------------------------------------
+# Any generation options: a valid result or one clear error, never a traceback
+
+FLOATS = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.floats(min_value=0, max_value=1e-300),  # subnormals and other tiny values
+    st.sampled_from([0.0, -0.0, 5e-324, 1e-45, 1.0, 1e308]),
+)
+BIG_INTS = st.one_of(st.integers(-5, 6), st.integers(-(2**80), 2**80))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    temperature=FLOATS,
+    repetition_penalty=FLOATS,
+    top_p=st.none() | FLOATS,
+    min_p=st.none() | FLOATS,
+    top_k=st.none() | BIG_INTS,
+    seed=BIG_INTS,
+    max_new_tokens=BIG_INTS,
+    num_samples=st.one_of(st.integers(-3, 3), st.integers(10**9, 2**80)),
+)
+def test_any_generation_options_give_a_result_or_one_clear_error(
+    model_dir, temperature, repetition_penalty, top_p, min_p, top_k, seed, max_new_tokens, num_samples
+):
+    argv = ["generate", "The quick", "--model", str(model_dir), "--device", "cpu", "--json"]
+    options = {"--temperature": temperature, "--repetition-penalty": repetition_penalty, "--top-p": top_p,
+               "--min-p": min_p, "--top-k": top_k, "--seed": seed, "--max-new-tokens": max_new_tokens,
+               "--num-samples": num_samples}  # fmt: skip
+    for flag, value in options.items():
+        if value is not None:
+            argv += [f"{flag}={value!r}"]
+    result = _cli(argv)
+    if result.exit_code == 0:
+        data = json.loads(result.stdout)
+        assert 0 <= data["stats"]["new_tokens"] <= max_new_tokens
+        return
+    line = _one_line(result)
+    assert result.exit_code in (1, 2) and line.startswith("error: "), (result.exit_code, line)
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 5e-324, 1e-45, 1e-38])
+def test_a_vanishing_temperature_samples_the_argmax(temperature):
+    from gen_cli.infer.sampling import SamplingConfig, sample_next
+
+    logits = torch.tensor([[0.5, 3.0, -1.0, 2.9999]])
+    cfg = SamplingConfig(temperature=temperature, repetition_penalty=1e-45)
+    for seed in range(5):
+        assert sample_next(logits, torch.tensor([[2]]), cfg, torch.Generator().manual_seed(seed)).item() == 1

@@ -241,6 +241,8 @@ def run_generation(
         if use_cache:
             check_lengths(model.config, T, max_new_tokens)
             cache = new_cache(model, prompt_ids, max_new_tokens, num_samples)
+        else:  # no cache, but activations of the same order for every row
+            check_memory(model, batch, T + max_new_tokens, device)
         tokens = generate(
             model, prompt_ids, max_new_tokens, sampling, use_cache, generator, stop_token_id, num_samples, cache
         )

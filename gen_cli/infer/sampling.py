@@ -53,7 +53,11 @@ def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     The row maximum is subtracted first, so a tiny temperature (1e-45) gives 0 for the top logit and
     -inf below it, never inf - inf = NaN: the limit, argmax, instead of a crash in sampling."""
     assert temperature > 0, "temperature 0 is argmax; handle it before scaling"
-    return (logits - logits.max(dim=-1, keepdim=True).values) / temperature
+    shifted = logits - logits.max(dim=-1, keepdim=True).values
+    if temperature < torch.finfo(shifted.dtype).tiny:
+        # The scalar would round to 0 in this dtype (0/0 = NaN); its limit keeps only the top logit(s).
+        return shifted.masked_fill(shifted < 0, float("-inf"))
+    return shifted / temperature
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
