@@ -76,10 +76,10 @@ def load_config(directory: str | Path) -> ModelConfig:
 
 
 def _expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every stored tensor's shape for this config, from a model on the meta device (nothing allocated)."""
-    with torch.device("meta"):
-        model = Transformer(config)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items() if not (k == _TIED and config.tie_embeddings)}
+    """Every stored tensor's shape for this config (nothing allocated); a tied head is not stored."""
+    from gen_cli.model.info import state_shapes
+
+    return {k: v for k, v in state_shapes(config).items() if not (k == _TIED and config.tie_embeddings)}
 
 
 def check_weights_header(directory: Path, config: ModelConfig, tokenizer: Tokenizer) -> None:

@@ -10,6 +10,9 @@ import os
 from typing import TYPE_CHECKING
 
 from gen_cli.errors import GenError
+from gen_cli.model.info import parameter_count
+
+__all__ = ["available_bytes", "check_fits", "generation_bytes", "parameter_count", "training_bytes"]
 
 if TYPE_CHECKING:
     import torch
@@ -49,16 +52,6 @@ def check_fits(need: int, what: str, advice: str, device: torch.device | str = "
         raise GenError(
             f"{what} needs about {gib(need)} but only {gib(free)} of memory is available; {advice}", params=params
         )
-
-
-def parameter_count(config: ModelConfig) -> int:
-    """Parameters of a model of this shape, counted on the meta device (nothing allocated)."""
-    import torch
-
-    from gen_cli.model.transformer import Transformer
-
-    with torch.device("meta"):
-        return Transformer(config).num_parameters()
 
 
 def generation_bytes(config: ModelConfig, batch: int, tokens: int, bytes_per_element: int) -> int:

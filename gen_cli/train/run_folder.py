@@ -110,10 +110,9 @@ def _check_state_tensors(config: ModelConfig, tensors: dict[str, torch.Tensor]) 
     """Every weight at its shape and both RNG states present: checked before a resume tokenizes anything."""
     import torch
 
-    from gen_cli.model.transformer import Transformer
+    from gen_cli.model.info import parameter_shapes
 
-    with torch.device("meta"):
-        shapes = {f"model.{n}": tuple(p.shape) for n, p in Transformer(config).named_parameters()}
+    shapes = {f"model.{n}": shape for n, shape in parameter_shapes(config).items()}
     for name in ("rng.torch", "rng.data"):
         if name not in tensors or tensors[name].dtype != torch.uint8:
             raise ValueError(f"{name} is missing or not a byte tensor")
