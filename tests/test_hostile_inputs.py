@@ -573,3 +573,29 @@ def test_a_vanishing_temperature_samples_the_argmax(temperature):
     cfg = SamplingConfig(temperature=temperature, repetition_penalty=1e-45)
     for seed in range(5):
         assert sample_next(logits, torch.tensor([[2]]), cfg, torch.Generator().manual_seed(seed)).item() == 1
+
+
+def test_compare_prints_its_results_when_the_output_cannot_be_written(tmp_path, monkeypatch):
+    import errno
+
+    from test_compare import FAST
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    out = tmp_path / "r.json"
+    result = _cli(["compare", *FAST, "--attention", "mha", "--pos", "rope", "--kv-cache", "on", "--in-process",
+                   "-o", str(out)])  # fmt: skip
+    line = _one_line(result)
+    assert result.exit_code == 1 and "No space left on device; the results were printed to stdout instead" in line
+    assert json.loads(result.stdout)["rows"] and not out.exists()
+
+
+def test_train_seed_beyond_64_bits_is_refused(tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("hello world\n" * 50)
+    _refused(
+        ["train", str(corpus), "--seed", str(2**64), "--out", str(tmp_path / "r")], r"--seed must fit in 64 bits", 2
+    )
+    assert not (tmp_path / "r").exists()

@@ -258,7 +258,14 @@ def _show(result: dict[str, Any], fmt: str, output: Path | None, plot: Path | No
 
     console = out_console()
     if output is not None:
-        write_text_atomic(output, report.render(result, fmt))
+        text = report.render(result, fmt)
+        try:
+            write_text_atomic(output, text)
+        except GenError as e:
+            # Minutes of measurements must not be lost to a full disk: they go to stdout instead.
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            raise GenError(f"{e}; the results were printed to stdout instead") from None
         err.print(f"wrote {output}")
     elif fmt == "table":
         console.print(report.rich_table(result))

@@ -134,6 +134,8 @@ def resolve_args(args: TrainArgs, saved: dict | None = None) -> TrainArgs:
                       ("kv_heads", "n_kv_head"), ("d_model", "d_model"), ("d_ff", "d_ff")):  # fmt: skip
         if getattr(r, opt) is not None and getattr(r, opt) > 0:
             _limit(opt, name, getattr(r, opt))
+    if not -(2**63) <= r.seed < 2**64:  # what torch.manual_seed accepts
+        raise UsageError(f"seed must fit in 64 bits (-2**63 to 2**64 - 1), got {r.seed}", params=("seed",))
     if r.min_lr > r.lr:
         raise UsageError(f"min_lr {r.min_lr} is above lr {r.lr}; the decay ends at min_lr", params=("min_lr", "lr"))
     return r
