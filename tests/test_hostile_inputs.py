@@ -599,3 +599,38 @@ def test_train_seed_beyond_64_bits_is_refused(tmp_path):
         ["train", str(corpus), "--seed", str(2**64), "--out", str(tmp_path / "r")], r"--seed must fit in 64 bits", 2
     )
     assert not (tmp_path / "r").exists()
+
+
+def test_sigterm_ends_a_step_stuck_in_one_c_call_within_seconds(home):
+    """A step inside one long C call runs no Python signal handler; the watcher ends the process."""
+    code = (
+        "import ctypes, signal, sys\n"
+        "from gen_cli.train import loop\n"
+        "from test_train import tiny_args\n"
+        "from pathlib import Path\n"
+        "loop.STOP_GRACE_S = 0.5\n"
+        "def stuck(run, step, stop):\n"
+        # Like a huge torch op: the GIL released, this thread not returning to Python for a minute.
+        "    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})\n"
+        "    print('stepping', flush=True)\n"
+        "    ctypes.CDLL(None).sleep(60)\n"
+        "loop._step = stuck\n"
+        f"loop.train(tiny_args(Path({str(home)!r}), steps=5))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]),
+           "GEN_HOME": str(home / "home")}  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        assert proc.stdout.readline() == b"stepping\n"
+        time.sleep(0.2)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert time.monotonic() - sent < 10
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert stderr.decode().strip() == (
+        "error: the training step did not end within 0.5 s of the signal; stopped without saving "
+        "(the last checkpoint is kept)"
+    )
