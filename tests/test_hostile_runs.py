@@ -189,6 +189,7 @@ def test_damaged_builtin_corpus_cache_is_rebuilt(tmp_path, monkeypatch):
     from gen_cli.text import corpus
 
     monkeypatch.setenv("GEN_HOME", str(tmp_path))
+    monkeypatch.setattr(corpus, "_stdlib_docstrings", lambda: [("json", "JSON docs.\n")])  # seconds → ms
     real = corpus._python_docs_documents()
     (cached,) = (tmp_path / "cache").glob("python-docs-*.json")
     for damage in ("{}", "[]", '[["a"]]', "not json"):
