@@ -22,7 +22,8 @@ def _one_layer(config: ModelConfig) -> Any:
         return Transformer(config.replace(n_layer=1))
 
 
-def _repeat_layer(one: Any, entries: dict[str, Any], n_layer: int) -> dict[str, tuple[int, ...]]:
+def _repeat_layer(entries: dict[str, Any], n_layer: int) -> dict[str, tuple[int, ...]]:
+    """Shapes by name, each `layers.0.` entry repeated for layers 0 … n_layer-1."""
     shapes: dict[str, tuple[int, ...]] = {}
     for name, t in entries.items():
         if name.startswith(_LAYER0):
@@ -35,14 +36,12 @@ def _repeat_layer(one: Any, entries: dict[str, Any], n_layer: int) -> dict[str, 
 
 def state_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every state_dict entry's shape for this config, nothing allocated."""
-    one = _one_layer(config)
-    return _repeat_layer(one, one.state_dict(), config.n_layer)
+    return _repeat_layer(_one_layer(config).state_dict(), config.n_layer)
 
 
 def parameter_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every distinct parameter's shape (a tied head counts once), named as `named_parameters` does."""
-    one = _one_layer(config)
-    return _repeat_layer(one, dict(one.named_parameters()), config.n_layer)
+    return _repeat_layer(dict(_one_layer(config).named_parameters()), config.n_layer)
 
 
 def parameter_count(config: ModelConfig) -> int:
