@@ -177,7 +177,9 @@ _UNDER_LIMIT = (
     "import atexit, resource, sys\n"
     "resource.setrlimit(resource.RLIMIT_AS, (int(sys.argv[1]), int(sys.argv[1])))\n"
     "out = sys.argv[2]\n"
-    "atexit.register(lambda: open(out, 'w').write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)))\n"
+    # VmHWM, not ru_maxrss: the latter inherits the parent's peak across fork + exec.
+    "hwm = lambda: next(ln.split()[1] for ln in open('/proc/self/status') if ln.startswith('VmHWM'))\n"
+    "atexit.register(lambda: open(out, 'w').write(hwm()))\n"
     "sys.argv = ['gen', *sys.argv[3:]]\n"
     "from gen_cli.cli import main\n"
     "main()\n"
@@ -216,10 +218,10 @@ def _size_attacks(model_dir, tmp_path):
             b"word " * 10_000_000,
             r"text on stdin is over",
         ),
-        "num-samples 1e7": (
-            ["generate", "hi", "--model", str(model_dir), "--num-samples", "10000000", *run],
+        "num-samples 1e9": (
+            ["generate", "hi", "--model", str(model_dir), "--num-samples", "1000000000", *run],
             b"",
-            r"KV cache for 10,000,000 sequence\(s\).*needs about",
+            r"KV cache for 1,000,000,000 sequence\(s\).*needs about",
         ),
         "train-tokenizer vocab 1e9": (
             ["train-tokenizer", str(corpus), "--vocab-size", "1000000000", "--out", str(tmp_path / "t.json")],
@@ -234,10 +236,11 @@ def _size_attacks(model_dir, tmp_path):
     }
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="peak RSS is read from /proc (Linux)")
 @pytest.mark.parametrize(
     "attack",
     ["info n_layer 1e6", "generate n_layer 1e6", "generate 1000 wide layers, small weights", "50 MB stdin prompt",
-     "num-samples 1e7", "train-tokenizer vocab 1e9", "train context 1e5"],
+     "num-samples 1e9", "train-tokenizer vocab 1e9", "train context 1e5"],
 )  # fmt: skip
 def test_size_attacks_are_refused_before_allocating(model_dir, tmp_path, attack):
     argv, stdin, pattern = _size_attacks(model_dir, tmp_path)[attack]
@@ -309,3 +312,14 @@ def test_train_seed_beyond_64_bits_is_refused(tmp_path):
         ["train", str(corpus), "--seed", str(2**64), "--out", str(tmp_path / "r")], r"--seed must fit in 64 bits", 2
     )
     assert not (tmp_path / "r").exists()
+
+
+def test_compare_batch_beyond_memory_is_refused_before_the_grid_runs(monkeypatch):
+    from test_compare import FAST
+
+    from gen_cli.commands import compare as compare_cmd
+
+    monkeypatch.setattr(compare_cmd, "_run", lambda *a: pytest.fail("the grid ran"))
+    argv = ["compare", *FAST, "--attention", "mha", "--pos", "rope", "--in-process", "--batch", "1,10000000"]
+    refused(argv, r"the largest configuration \(10,000,000 sequences of 9 tokens\) needs about [\d.]+ GiB but only "
+            r".* available; use a smaller --batch or shorter --prompt-len / --gen-len")  # fmt: skip

@@ -195,6 +195,7 @@ def compare_command(
         repeats=repeats,
         warmup=warmup,
     )
+    _check_grid_memory(specs, dev)
     rows = _run(specs, in_process)
     if quality_steps:
         variants = list(dict.fromkeys(s.variant() for s in specs))
@@ -204,6 +205,24 @@ def compare_command(
                                             quality_data, str(dev)))  # fmt: skip
     result = {"env": compare.environment(rows, shape, source), "rows": rows}
     _show(result, out_fmt, output, plot, chart)
+
+
+def _check_grid_memory(specs: list[Any], device: Any) -> None:
+    """Refuse, before the grid starts, a configuration whose KV cache and weights cannot fit in memory."""
+    from gen_cli.model.memory import check_fits, generation_bytes, parameter_count
+
+    def need(s: Any) -> int:
+        # fp32 bytes bound every dtype; the model and its fp32 oracle are both resident.
+        return generation_bytes(s.config, s.batch, s.prompt_len + s.gen_len, 4) + 8 * parameter_count(s.config)
+
+    worst = max(specs, key=need)
+    check_fits(
+        need(worst),
+        f"the largest configuration ({worst.batch:,} sequences of {worst.prompt_len + worst.gen_len} tokens)",
+        "use a smaller batch or shorter prompt_len / gen_len",
+        device,
+        params=("batch", "prompt_len", "gen_len"),
+    )
 
 
 def _run(specs: list[Any], in_process: bool) -> list[dict[str, Any]]:

@@ -1,7 +1,7 @@
 """Memory estimates checked before allocating: a request that cannot fit is refused with its estimate.
 
-Estimates are deliberately simple (the big tensors only): they exist to stop a 16 GB KV cache or a
-60 GB logits tensor up front, not to predict peak RSS to the byte.
+Estimates are deliberately simple (the big tensors only, erring low): they exist to stop a 16 GB KV
+cache or a 60 GB logits tensor up front, not to predict peak RSS to the byte.
 """
 
 from __future__ import annotations
@@ -60,7 +60,9 @@ def generation_bytes(config: ModelConfig, batch: int, tokens: int, bytes_per_ele
 
 
 def training_bytes(config: ModelConfig, batch: int, context: int, params: int) -> int:
-    """fp32 weights, gradients and two AdamW moments, plus one step's activations and logits (with grads)."""
+    """fp32 weights, gradients and two AdamW moments, plus one step's saved activations and logits.
+
+    A lower bound (the saved tensors only, no allocator slack): only what surely cannot fit is refused."""
     # Attention runs in a fused kernel (scaled_dot_product_attention): no (T, T) scores are kept.
-    activations = batch * context * (config.n_layer * (12 * config.d_model + 4 * config.d_ff) + 3 * config.vocab_size)
+    activations = batch * context * (config.n_layer * (8 * config.d_model + 2 * config.d_ff) + 2 * config.vocab_size)
     return 16 * params + 4 * activations
