@@ -286,3 +286,26 @@ def test_sigterm_ends_a_step_stuck_in_one_c_call_within_seconds(home):
         "error: the training step did not end within 0.5 s of the signal; stopped without saving "
         "(the last checkpoint is kept)"
     )
+
+
+def test_a_large_compare_grid_is_announced_and_confirmed_in_a_terminal(monkeypatch):
+    import types
+
+    from gen_cli.commands import compare as compare_cmd
+
+    monkeypatch.setattr(compare_cmd, "_run", lambda *a: pytest.fail("the grid ran"))
+    argv = ["compare", "--preset", "tiny", "--repeats", "1", "--warmup", "0", "--attention", "mha,gqa,mqa",
+            "--pos", "rope,sinusoidal,learned", "--prompt-len", "2,3,4,5", "--gen-len", "2,3,4",
+            "--in-process"]  # fmt: skip
+    terminal = types.SimpleNamespace(isatty=lambda: True)
+    monkeypatch.setattr(compare_cmd, "sys", types.SimpleNamespace(stdin=terminal, stderr=terminal))
+    asked = []
+    monkeypatch.setattr(compare_cmd.typer, "confirm", lambda text, err=False: asked.append(text) or False)
+    result = cli(argv)
+    assert result.exit_code == 1 and asked == ["run them all?"]
+    assert result.stderr.splitlines() == [
+        "216 configurations, 216 timed and warm-up generations in all, each in its own process",
+        "error: not started; narrow the grid, or pass --yes to skip this question",
+    ]
+    monkeypatch.setattr(compare_cmd, "_run", lambda *a: (_ for _ in ()).throw(GenError("ran")))
+    assert "error: ran" in cli([*argv, "--yes"]).stderr and len(asked) == 1  # --yes: no question

@@ -138,6 +138,7 @@ def compare_command(
         help="Text for --quality-steps: files, folders or a built-in corpus. \\[default: python-docs]",
         show_default=False,
     ),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Run a large grid without asking (asked only in a terminal)."),
     in_process: bool = typer.Option(False, "--in-process", hidden=True, help="Measure in this process (tests)."),
 ) -> None:
     """Measure KV caching, MHA/MQA/GQA and RoPE/sinusoidal/learned positions side by side on this machine.
@@ -196,6 +197,7 @@ def compare_command(
         warmup=warmup,
     )
     _check_grid_memory(specs, dev)
+    _confirm_large_grid(specs, yes)
     rows = _run(specs, in_process)
     if quality_steps:
         variants = list(dict.fromkeys(s.variant() for s in specs))
@@ -205,6 +207,22 @@ def compare_command(
                                             quality_data, str(dev)))  # fmt: skip
     result = {"env": compare.environment(rows, shape, source), "rows": rows}
     _show(result, out_fmt, output, plot, chart)
+
+
+LARGE_GRID = 100  # configurations from which the size is announced (and, in a terminal, confirmed)
+
+
+def _confirm_large_grid(specs: list[Any], yes: bool) -> None:
+    """Say how big a large grid is before minutes of measuring; in a terminal, ask unless --yes."""
+    if len(specs) < LARGE_GRID:
+        return
+    runs = sum(s.warmup + s.repeats for s in specs)
+    err.print(
+        f"{len(specs):,} configurations, {runs:,} timed and warm-up generations in all, each in its own process",
+        soft_wrap=True,
+    )
+    if not yes and sys.stdin.isatty() and sys.stderr.isatty() and not typer.confirm("run them all?", err=True):
+        raise GenError("not started; narrow the grid, or pass --yes to skip this question")
 
 
 def _check_grid_memory(specs: list[Any], device: Any) -> None:
