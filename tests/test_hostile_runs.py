@@ -309,3 +309,22 @@ def test_a_large_compare_grid_is_announced_and_confirmed_in_a_terminal(monkeypat
     ]
     monkeypatch.setattr(compare_cmd, "_run", lambda *a: (_ for _ in ()).throw(GenError("ran")))
     assert "error: ran" in cli([*argv, "--yes"]).stderr and len(asked) == 1  # --yes: no question
+
+
+def test_a_full_disk_while_logging_metrics_is_one_line(home, monkeypatch):
+    import errno
+
+    from test_train import tiny_args
+
+    from gen_cli.train import loop
+
+    class Full:
+        def write(self, text):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(loop, "open", lambda *a, **k: Full(), raising=False)
+    with pytest.raises(GenError, match=r"cannot write .*metrics\.jsonl: No space left on device"):
+        train(tiny_args(home, steps=2))

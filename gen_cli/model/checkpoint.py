@@ -28,6 +28,7 @@ _TIED = "lm_head.weight"
 TOKENIZER_DIGEST_KEY = "gen.tokenizer_sha256"  # in the weights' metadata: which tokenizer they were trained with
 # Weights are stored in a float type; an integer or bool tensor would be cast silently into nonsense.
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+MAX_CONFIG_BYTES = 1 << 20
 
 
 def save_model(
@@ -60,6 +61,8 @@ def load_config(directory: str | Path) -> ModelConfig:
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise GenError(f"{path}: missing; a model directory holds {CONFIG_FILE}, {WEIGHTS_FILE}, {TOKENIZER_FILE}")
+    if path.stat().st_size > MAX_CONFIG_BYTES:  # a model config is a few hundred bytes; never read a huge one
+        raise GenError(f"{path}: {path.stat().st_size:,} bytes is not a model config (at most {MAX_CONFIG_BYTES:,})")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:

@@ -251,8 +251,11 @@ def _run_loop(args: TrainArgs, report: Reporter, dist: Dist, run: Run) -> TrainS
 
     def log(record: dict) -> None:
         if metrics is not None:
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
+            try:
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+            except OSError as e:  # a full disk: one line, and the last checkpoint stays
+                raise GenError(f"cannot write {out / METRICS_FILE}: {e.strerror or e}") from None
 
     def run_eval(step: int) -> EvalResult:
         res = evaluate(model, run.val_data, run.byte_table, run.context, a.batch_size, run.device, run.amp,
