@@ -121,6 +121,8 @@ def test_a_huge_stdin_prompt_is_refused_before_tokenizing(model_dir, monkeypatch
         ("--temperature", "inf", r"--temperature must be a finite number"),
         ("--repetition-penalty", "inf", r"--repetition-penalty must be a finite number"),
         ("--max-new-tokens", str(-(2**70)), r"--max-new-tokens must be at least 1"),
+        ("--threads", "1000000000", r"--threads must be between 1 and 1024"),
+        ("--threads", str(2**70), r"--threads must be between 1 and 1024"),
     ],
 )
 def test_out_of_range_generation_options(model_dir, option, value, pattern):
