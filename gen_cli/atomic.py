@@ -34,6 +34,12 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, target)
+    except Exception as e:
+        # A full disk surfaces as OSError or as the writer's own error (safetensors' SafetensorError):
+        # one line naming the file; the previous target is untouched either way.
+        if isinstance(e, OSError) or type(e).__module__.split(".")[0] == "safetensors":
+            raise GenError(f"cannot write {target}: {getattr(e, 'strerror', None) or e}") from e
+        raise
     finally:
         tmp_path.unlink(missing_ok=True)
 

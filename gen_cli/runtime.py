@@ -63,11 +63,15 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+MAX_THREADS = 1024
+
+
 def set_threads(n: int | None) -> int:
     """Set torch's intra-op thread count (None keeps the default); return the count in use."""
     if n is not None:
-        if n < 1:
-            raise UsageError(f"threads must be at least 1, got {n}", params=("threads",))
+        # OpenMP allocates per-thread state up front: a billion threads aborts the process in libgomp.
+        if not 1 <= n <= MAX_THREADS:
+            raise UsageError(f"threads must be between 1 and {MAX_THREADS}, got {n}", params=("threads",))
         torch.set_num_threads(n)
     return torch.get_num_threads()
 

@@ -14,7 +14,7 @@ import gen_cli
 PACKAGE = Path(gen_cli.__file__).parent
 # Lower layers first: a module may import from its own package and from packages listed after it.
 LAYERS = ["cli", "commands", "lab", "train", "infer", "model", "text", "base"]
-BASE = {"errors", "resources", "atomic", "runtime", "__init__", "__main__"}
+BASE = {"errors", "limits", "resources", "atomic", "runtime", "__init__", "__main__"}
 
 
 def _modules() -> list[str]:

@@ -31,9 +31,25 @@ def print_json(data: Any) -> None:
     sys.stdout.flush()
 
 
-def read_text_arg(text: str) -> str:
-    """A text argument, or all of stdin when it is '-'."""
-    return sys.stdin.read() if text == "-" else text
+def read_text_arg(text: str, max_bytes: int | None = None) -> str:
+    """A text argument, or stdin when it is '-': valid UTF-8 and, when `max_bytes` is given, at most that
+    long (stdin is read no further, so a huge input is refused without being held in memory)."""
+    if text == "-":
+        stream = getattr(sys.stdin, "buffer", None)
+        data = stream.read(-1 if max_bytes is None else max_bytes + 1) if stream else sys.stdin.read().encode()
+        where = "the text on stdin"
+    else:
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError:  # undecodable argv bytes arrive as lone surrogates
+            data = text.encode("utf-8", "surrogateescape")
+        where = "the text argument"
+    if max_bytes is not None and len(data) > max_bytes:
+        raise UsageError(f"{where} is over {max_bytes:,} bytes, more than the model's context could hold; shorten it")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{where} is not valid UTF-8 (byte {data[e.start]:#04x} at offset {e.start})") from None
 
 
 def progress_enabled() -> bool:

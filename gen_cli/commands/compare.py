@@ -138,6 +138,7 @@ def compare_command(
         help="Text for --quality-steps: files, folders or a built-in corpus. \\[default: python-docs]",
         show_default=False,
     ),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Run a large grid without asking (asked only in a terminal)."),
     in_process: bool = typer.Option(False, "--in-process", hidden=True, help="Measure in this process (tests)."),
 ) -> None:
     """Measure KV caching, MHA/MQA/GQA and RoPE/sinusoidal/learned positions side by side on this machine.
@@ -195,6 +196,8 @@ def compare_command(
         repeats=repeats,
         warmup=warmup,
     )
+    _check_grid_memory(specs, dev)
+    _confirm_large_grid(specs, yes)
     rows = _run(specs, in_process)
     if quality_steps:
         variants = list(dict.fromkeys(s.variant() for s in specs))
@@ -204,6 +207,40 @@ def compare_command(
                                             quality_data, str(dev)))  # fmt: skip
     result = {"env": compare.environment(rows, shape, source), "rows": rows}
     _show(result, out_fmt, output, plot, chart)
+
+
+LARGE_GRID = 100  # configurations from which the size is announced (and, in a terminal, confirmed)
+
+
+def _confirm_large_grid(specs: list[Any], yes: bool) -> None:
+    """Say how big a large grid is before minutes of measuring; in a terminal, ask unless --yes."""
+    if len(specs) < LARGE_GRID:
+        return
+    runs = sum(s.warmup + s.repeats for s in specs)
+    err.print(
+        f"{len(specs):,} configurations, {runs:,} timed and warm-up generations in all, each in its own process",
+        soft_wrap=True,
+    )
+    if not yes and sys.stdin.isatty() and sys.stderr.isatty() and not typer.confirm("run them all?", err=True):
+        raise GenError("not started; narrow the grid, or pass --yes to skip this question")
+
+
+def _check_grid_memory(specs: list[Any], device: Any) -> None:
+    """Refuse, before the grid starts, a configuration whose KV cache and weights cannot fit in memory."""
+    from gen_cli.model.memory import check_fits, generation_bytes, parameter_count
+
+    def need(s: Any) -> int:
+        # fp32 bytes bound every dtype; the model and its fp32 oracle are both resident.
+        return generation_bytes(s.config, s.batch, s.prompt_len + s.gen_len, 4) + 8 * parameter_count(s.config)
+
+    worst = max(specs, key=need)
+    check_fits(
+        need(worst),
+        f"the largest configuration ({worst.batch:,} sequences of {worst.prompt_len + worst.gen_len} tokens)",
+        "use a smaller batch or shorter prompt_len / gen_len",
+        device,
+        params=("batch", "prompt_len", "gen_len"),
+    )
 
 
 def _run(specs: list[Any], in_process: bool) -> list[dict[str, Any]]:
@@ -258,7 +295,14 @@ def _show(result: dict[str, Any], fmt: str, output: Path | None, plot: Path | No
 
     console = out_console()
     if output is not None:
-        write_text_atomic(output, report.render(result, fmt))
+        text = report.render(result, fmt)
+        try:
+            write_text_atomic(output, text)
+        except GenError as e:
+            # Minutes of measurements must not be lost to a full disk: they go to stdout instead.
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            raise GenError(f"{e}; the results were printed to stdout instead") from None
         err.print(f"wrote {output}")
     elif fmt == "table":
         console.print(report.rich_table(result))

@@ -54,6 +54,11 @@ def _check_options(
         raise UsageError(f"--num-samples must be at least 1, got {num_samples}")
 
 
+def _longest_token(tok: Any) -> int:
+    """Bytes the longest token stands for (byte-level pieces are one character per byte), at least 4."""
+    return max(4, *(len(piece.encode("utf-8")) for piece in tok.get_vocab()))
+
+
 def _native_note(model: Any, native: bool, compiled: bool) -> str:
     """Why the PyTorch path decodes although the native step was not turned off, for --stats."""
     from gen_cli.infer.native.decoder import unavailable_reason
@@ -175,11 +180,12 @@ def generate_command(
         raise UsageError("give either PROMPT (text to continue) or --chat MESSAGE (a message to reply to)")
     if system is not None and chat is None:
         raise UsageError("--system goes with --chat")
-    text = read_text_arg(prompt if chat is None else chat)
+    if not -(2**63) <= seed < 2**64:  # what torch.Generator.manual_seed accepts
+        raise UsageError(f"--seed must fit in 64 bits (-2**63 to 2**64 - 1), got {seed}")
 
     import torch
 
-    from gen_cli.infer.generate import run_generation
+    from gen_cli.infer.generate import check_memory, run_generation
     from gen_cli.infer.optimize import QUANTIZE_MODES, compile_warm_up, compute_dtype, optimize_for_decode
     from gen_cli.runtime import resolve_device, resolve_dtype, set_threads
 
@@ -207,11 +213,17 @@ def generate_command(
     # Inference-only fast paths (fused MLP, the native C decode step or prepacked weights; int8 and
     # compile when asked): fp32 results equal the plain model's within float rounding.
     model = optimize_for_decode(model, quantize=quantize, compile=compile_, native=native)
+    from gen_cli.infer.native.build import take_notes
+
+    for note in take_notes():
+        err.print(escape(note))
     if quantize != "none":
         source += f", {quantize} weights"
 
     # gen's models end a text with <|endoftext|>; an imported model declares its own end-of-turn ids.
     eot = special_id(tok) if not loaded.stop_ids else loaded.stop_ids[0]
+    # Read only what the context could hold: a 50 MB prompt on stdin is refused, not tokenized whole.
+    text = read_text_arg(prompt if chat is None else chat, model.config.context_length * _longest_token(tok))
     if chat is not None:
         from gen_cli.text.chat import conversation, encode_rendered, render_chat
 
@@ -228,6 +240,7 @@ def generate_command(
         if eot is None:
             raise UsageError(f"the prompt is empty and the tokenizer has no {EOT} token to start from")
         ids = [eot]
+    check_memory(model, num_samples, len(ids) + max_new_tokens, device)  # before a text stream per sample
     stop_ids = () if ignore_eot else (loaded.stop_ids or ((eot,) if eot is not None else ()))
     # The prompt's last id as context: a SentencePiece decoder would strip the reply's first space.
     rows = [TextStream(tok, stops, stop_ids=stop_ids, context=tuple(ids[-1:])) for _ in range(num_samples)]

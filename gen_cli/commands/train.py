@@ -118,6 +118,9 @@ def train_command(
     eval_every: int = typer.Option(None, "--eval-every", help="Evaluate every N steps (and at the end); 0 = end only."),
     eval_batches: int = typer.Option(None, "--eval-batches", help="Validation batches per evaluation [20]."),
     save_every: int = typer.Option(None, "--save-every", help="Checkpoint every N steps (and at the end) [500]."),
+    save_minutes: float = typer.Option(
+        None, "--save-minutes", help="Also checkpoint when this many minutes passed since the last save; 0 = off [5]."
+    ),
     seed: int = typer.Option(None, "--seed", help="Seed for weights and batch sampling [0]."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
     dtype: str = typer.Option(
@@ -147,8 +150,8 @@ def train_command(
         preset=preset, attention=attention, kv_heads=kv_heads, pos=pos, norm=norm, layers=layers,
         heads=heads, d_model=d_model, d_ff=d_ff, steps=steps, batch_size=batch_size, grad_accum=grad_accum,
         context=context, lr=lr, warmup=warmup, min_lr=min_lr, weight_decay=weight_decay, grad_clip=grad_clip,
-        eval_every=eval_every, eval_batches=eval_batches, save_every=save_every, seed=seed, device=device,
-        dtype=dtype, compile=compile_, out=str(out) if out else None, force=force,
+        eval_every=eval_every, eval_batches=eval_batches, save_every=save_every, save_minutes=save_minutes,
+        seed=seed, device=device, dtype=dtype, compile=compile_, out=str(out) if out else None, force=force,
         resume=str(resume) if resume else None, init=str(init) if init else None,
     )  # fmt: skip
     started = time.perf_counter()

@@ -85,11 +85,12 @@ def model_dtype(model: Transformer) -> torch.dtype:
 def new_cache(model: Transformer, prompt_ids: torch.Tensor, max_new_tokens: int, num_samples: int = 1) -> KVCache:
     """A cache exactly large enough for this generation: prompt + new tokens, B × num_samples rows.
 
-    Checks the lengths first, so nothing is allocated for a generation that cannot run.
+    Checks the lengths and the memory first, so nothing is allocated for a generation that cannot run.
     """
     check_lengths(model.config, prompt_ids.shape[1], max_new_tokens)
     batch = prompt_ids.shape[0] * num_samples
     tokens = prompt_ids.shape[1] + max_new_tokens
+    check_memory(model, batch, tokens, prompt_ids.device)
     return KVCache(model.config, batch, tokens, model_dtype(model), prompt_ids.device)
 
 
@@ -148,6 +149,20 @@ def _check(
                 f"generate needs an empty cache of {rows} rows and at least {tokens} tokens; got {cache.batch_size} "
                 f"rows, {cache.max_tokens} tokens, at position {cache.pos} (make one with new_cache)"
             )
+
+
+def check_memory(model: Transformer, batch: int, tokens: int, device: torch.device) -> None:
+    """Refuse a generation whose KV cache (batch × tokens) and buffers cannot fit in available memory."""
+    from gen_cli.model.memory import check_fits, generation_bytes
+
+    bpe = torch.empty((), dtype=model_dtype(model)).element_size()
+    check_fits(
+        generation_bytes(model.config, batch, tokens, bpe),
+        f"a KV cache for {batch:,} sequence(s) of {tokens:,} tokens",
+        "use fewer num_samples (or a smaller batch) or fewer max_new_tokens",
+        device,
+        params=("num_samples", "max_new_tokens"),
+    )
 
 
 def _tokens(steps: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[torch.Tensor]:
@@ -279,6 +294,8 @@ def run_generation(
         start = perf_counter()
         if use_cache:
             cache = new_cache(model, prompt_ids, max_new_tokens, num_samples)
+        else:  # no cache, but activations of the same order for every row
+            check_memory(model, batch, T + max_new_tokens, device)
         tokens = generate(model, prompt_ids, max_new_tokens, sampling, cache, generator, stop_token_id, num_samples)
         resumed = start
         try:

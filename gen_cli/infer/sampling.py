@@ -6,6 +6,7 @@ torch.Generator, so the same seed gives the same tokens.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -24,17 +25,20 @@ class SamplingConfig:
     repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
-        if not self.temperature >= 0:  # also rejects NaN
-            raise UsageError(f"temperature must be ≥ 0 (0 = greedy), got {self.temperature}", params=("temperature",))
+        if not 0 <= self.temperature < math.inf:  # also rejects NaN
+            raise UsageError(
+                f"temperature must be a finite number ≥ 0 (0 = greedy), got {self.temperature}",
+                params=("temperature",),
+            )
         if self.top_k is not None and self.top_k < 1:
             raise UsageError(f"top_k must be at least 1, got {self.top_k}", params=("top_k",))
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise UsageError(f"top_p must be in (0, 1], got {self.top_p}", params=("top_p",))
         if self.min_p is not None and not 0 <= self.min_p <= 1:
             raise UsageError(f"min_p must be in [0, 1], got {self.min_p}", params=("min_p",))
-        if not self.repetition_penalty > 0:
+        if not 0 < self.repetition_penalty < math.inf:
             raise UsageError(
-                f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}",
+                f"repetition_penalty must be a finite number > 0 (1 = off), got {self.repetition_penalty}",
                 params=("repetition_penalty",),
             )
 
@@ -44,9 +48,16 @@ class SamplingConfig:
 
 
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Divide by a positive temperature (below 1 sharpens, above 1 flattens)."""
+    """Divide by a positive temperature (below 1 sharpens, above 1 flattens).
+
+    The row maximum is subtracted first, so a tiny temperature (1e-45) gives 0 for the top logit and
+    -inf below it, never inf - inf = NaN: the limit, argmax, instead of a crash in sampling."""
     assert temperature > 0, "temperature 0 is argmax; handle it before scaling"
-    return logits / temperature
+    shifted = logits - logits.max(dim=-1, keepdim=True).values
+    if temperature < torch.finfo(shifted.dtype).tiny:
+        # The scalar would round to 0 in this dtype (0/0 = NaN); its limit keeps only the top logit(s).
+        return shifted.masked_fill(shifted < 0, float("-inf"))
+    return shifted / temperature
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -86,6 +97,8 @@ def apply_repetition_penalty(logits: torch.Tensor, history_ids: torch.Tensor, pe
         return logits
     seen = logits.gather(-1, history_ids)  # (B, T); repeated ids gather the same value, so no double penalty
     seen = torch.where(seen > 0, seen / penalty, seen * penalty)
+    # A tiny penalty overflows a positive logit to inf; keep it the largest finite value instead.
+    seen = seen.clamp(max=torch.finfo(seen.dtype).max)
     return logits.scatter(-1, history_ids, seen)
 
 

@@ -16,7 +16,7 @@ from gen_cli.atomic import atomic_path, write_text_atomic
 from gen_cli.errors import GenError, UsageError
 from gen_cli.model.config import ModelConfig
 from gen_cli.model.transformer import Transformer
-from gen_cli.text.tokenizer import load_tokenizer, save_tokenizer
+from gen_cli.text.tokenizer import load_tokenizer, save_tokenizer, tokenizer_digest
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -25,6 +25,10 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
 _TIED = "lm_head.weight"
+TOKENIZER_DIGEST_KEY = "gen.tokenizer_sha256"  # in the weights' metadata: which tokenizer they were trained with
+# Weights are stored in a float type; an integer or bool tensor would be cast silently into nonsense.
+_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+MAX_CONFIG_BYTES = 1 << 20
 
 
 def save_model(
@@ -47,7 +51,7 @@ def save_model(
         tensors[name] = (t.to(dtype) if dtype is not None else t).contiguous()
     directory.mkdir(parents=True, exist_ok=True)
     with atomic_path(directory / WEIGHTS_FILE) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        save_file(tensors, str(tmp), metadata={"format": "pt", TOKENIZER_DIGEST_KEY: tokenizer_digest(tokenizer)})
     write_text_atomic(directory / CONFIG_FILE, json.dumps(model.config.to_dict(), indent=2) + "\n")
     save_tokenizer(tokenizer, directory / TOKENIZER_FILE)
 
@@ -57,6 +61,8 @@ def load_config(directory: str | Path) -> ModelConfig:
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise GenError(f"{path}: missing; a model directory holds {CONFIG_FILE}, {WEIGHTS_FILE}, {TOKENIZER_FILE}")
+    if path.stat().st_size > MAX_CONFIG_BYTES:  # a model config is a few hundred bytes; never read a huge one
+        raise GenError(f"{path}: {path.stat().st_size:,} bytes is not a model config (at most {MAX_CONFIG_BYTES:,})")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -72,12 +78,53 @@ def load_config(directory: str | Path) -> ModelConfig:
         raise GenError(f"{path}: invalid model config ({e})") from None
 
 
+def _expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every stored tensor's shape for this config (nothing allocated); a tied head is not stored."""
+    from gen_cli.model.info import state_shapes
+
+    return {k: v for k, v in state_shapes(config).items() if not (k == _TIED and config.tie_embeddings)}
+
+
+def check_weights_header(directory: Path, config: ModelConfig, tokenizer: Tokenizer) -> None:
+    """Compare the safetensors header (names, shapes, dtypes, tokenizer digest) with config.json and
+    the tokenizer before any weight is read or any model is built."""
+    from safetensors import SafetensorError, safe_open
+
+    path = directory / WEIGHTS_FILE
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            header = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as e:
+        raise GenError(f"{path}: not a valid safetensors file ({e})") from None
+    expected = _expected_shapes(config)
+    problems = []
+    if missing := sorted(expected.keys() - header.keys()):
+        problems.append(f"missing {', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}")
+    if unexpected := sorted(header.keys() - expected.keys()):
+        problems.append(f"unexpected {', '.join(unexpected[:5])}{' …' if len(unexpected) > 5 else ''}")
+    for name in sorted(expected.keys() & header.keys()):
+        if header[name][0] != expected[name]:
+            problems.append(f"{name} has shape {header[name][0]}, config needs {expected[name]}")
+    if problems:
+        raise GenError(f"{directory}: weights do not match config.json: {'; '.join(problems[:6])}")
+    if bad := [f"{k} ({dt})" for k, (_, dt) in sorted(header.items()) if dt not in _FLOAT_DTYPES]:
+        raise GenError(f"{path}: weights must be floating point, but {', '.join(bad[:3])} is not")
+    digest = meta.get(TOKENIZER_DIGEST_KEY)
+    if digest is not None and digest != tokenizer_digest(tokenizer):
+        raise GenError(
+            f"{directory}: {TOKENIZER_FILE} is not the tokenizer these weights were trained with; restore the original"
+        )
+
+
 def load_model(
     directory: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
 ) -> tuple[Transformer, Tokenizer]:
     """Load a model directory; the model is in eval mode on `device`, cast to `dtype`."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
+
+    from gen_cli.model.memory import check_fits, parameter_count
 
     directory = Path(directory)
     if not directory.is_dir():
@@ -95,24 +142,19 @@ def load_model(
             f"{directory}: tokenizer has {tokenizer.get_vocab_size()} tokens but config.json says "
             f"vocab_size {config.vocab_size}; they must match"
         )
+    check_weights_header(directory, config, tokenizer)
+    # The file's tensors plus the fp32 model they are copied into.
+    need = (directory / WEIGHTS_FILE).stat().st_size + 4 * parameter_count(config)
+    check_fits(need, f"loading {directory}", "free some memory or use a smaller model")
     try:
         tensors = load_file(str(directory / WEIGHTS_FILE))
     except (SafetensorError, OSError) as e:
         raise GenError(f"{directory / WEIGHTS_FILE}: not a valid safetensors file ({e})") from None
-
+    for name, t in tensors.items():
+        if not bool(torch.isfinite(t).all()):
+            raise GenError(f"{directory / WEIGHTS_FILE}: tensor {name} holds NaN or infinite values")
     model = Transformer(config)
-    expected = {k: v.shape for k, v in model.state_dict().items() if not (k == _TIED and config.tie_embeddings)}
-    problems = []
-    if missing := sorted(expected.keys() - tensors.keys()):
-        problems.append(f"missing {', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}")
-    if unexpected := sorted(tensors.keys() - expected.keys()):
-        problems.append(f"unexpected {', '.join(unexpected[:5])}{' …' if len(unexpected) > 5 else ''}")
-    for name in sorted(expected.keys() & tensors.keys()):
-        if tuple(tensors[name].shape) != tuple(expected[name]):
-            problems.append(f"{name} has shape {tuple(tensors[name].shape)}, config needs {tuple(expected[name])}")
-    if problems:
-        raise GenError(f"{directory}: weights do not match config.json: {'; '.join(problems[:6])}")
-    # strict=False only because a tied lm_head is absent from the file; the check above is exact.
+    # strict=False only because a tied lm_head is absent from the file; the header check was exact.
     model.load_state_dict(tensors, strict=False)  # copy_ casts each tensor to fp32
     model.to(device=device, dtype=dtype)
     model.eval()

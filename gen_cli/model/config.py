@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gen_cli.errors import GenError, UsageError
+from gen_cli.limits import check_size_limit
 from gen_cli.resources import models_dir
 
 POS_ENCODINGS = ("rope", "sinusoidal", "learned")
@@ -66,6 +68,16 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise UsageError(f"{name} must be a positive integer, got {value!r}")
+            check_size_limit(name, value)
+        for name in ("pos_encoding", "norm"):
+            if not isinstance(getattr(self, name), str):
+                raise UsageError(f"{name} must be a string, got {getattr(self, name)!r}")
+        if not isinstance(self.tie_embeddings, bool):
+            raise UsageError(f"tie_embeddings must be true or false, got {self.tie_embeddings!r}")
+        for name in ("rope_base", "norm_eps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+                raise UsageError(f"{name} must be a positive finite number, got {value!r}")
         if self.mlp not in MLP_KINDS:
             raise UsageError(f"unknown MLP kind {self.mlp!r}; choose {', '.join(MLP_KINDS)}")
         if self.pos_encoding not in POS_ENCODINGS:
@@ -90,8 +102,6 @@ class ModelConfig:
             )
         if self.pos_encoding == "sinusoidal" and self.d_model % 2:
             raise UsageError(f"sinusoidal positions need an even d_model, got {self.d_model}")
-        if self.rope_base <= 0 or self.norm_eps <= 0:
-            raise UsageError("rope_base and norm_eps must be positive")
         self._check_rope_scaling()
 
     def _check_rope_scaling(self) -> None:

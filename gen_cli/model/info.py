@@ -1,4 +1,8 @@
-"""What a model shape costs: parameters, attention kind, KV-cache and weight bytes."""
+"""What a model shape costs: parameters, attention kind, KV-cache and weight bytes.
+
+Shapes come from a ONE-layer model on the meta device, its layer repeated: every block has the same
+shape, and building a thousand blocks (even on meta, where weight init still runs) takes seconds.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +10,50 @@ from typing import Any
 
 from gen_cli.model.config import ModelConfig
 
+_LAYER0 = "layers.0."
 
-def model_info(config: ModelConfig) -> dict[str, Any]:
-    """Parameter count, attention kind, KV-cache and weight memory figures for a config."""
+
+def _one_layer(config: ModelConfig) -> Any:
     import torch
 
     from gen_cli.model.transformer import Transformer
 
-    with torch.device("meta"):  # shapes only: no memory, no init cost
-        params = Transformer(config).num_parameters()
+    with torch.device("meta"):  # shapes only: no memory
+        return Transformer(config.replace(n_layer=1))
+
+
+def _repeat_layer(entries: dict[str, Any], n_layer: int) -> dict[str, tuple[int, ...]]:
+    """Shapes by name, each `layers.0.` entry repeated for layers 0 … n_layer-1."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, t in entries.items():
+        if name.startswith(_LAYER0):
+            for i in range(n_layer):
+                shapes[f"layers.{i}.{name[len(_LAYER0) :]}"] = tuple(t.shape)
+        else:
+            shapes[name] = tuple(t.shape)
+    return shapes
+
+
+def state_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every state_dict entry's shape for this config, nothing allocated."""
+    return _repeat_layer(_one_layer(config).state_dict(), config.n_layer)
+
+
+def parameter_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every distinct parameter's shape (a tied head counts once), named as `named_parameters` does."""
+    return _repeat_layer(dict(_one_layer(config).named_parameters()), config.n_layer)
+
+
+def parameter_count(config: ModelConfig) -> int:
+    """Parameters of a model of this shape (a tied embedding counts once)."""
+    one = _one_layer(config)
+    per_layer = sum(p.numel() for p in one.layers[0].parameters())
+    return one.num_parameters() + (config.n_layer - 1) * per_layer
+
+
+def model_info(config: ModelConfig) -> dict[str, Any]:
+    """Parameter count, attention kind, KV-cache and weight memory figures for a config."""
+    params = parameter_count(config)
     sizes = {"float32": 4, "bfloat16": 2}
     return {
         "config": config.to_dict(),

@@ -100,12 +100,19 @@ def _stdlib_docstrings() -> list[tuple[str, str]]:
     return docs
 
 
+def _is_pair(item: object) -> bool:
+    return isinstance(item, list) and len(item) == 2 and all(isinstance(x, str) for x in item)
+
+
 def _python_docs_documents() -> list[Document]:
     """The language reference topics, then stdlib docstrings; cached because parsing takes seconds."""
     version = ".".join(map(str, sys.version_info[:3]))
     cache = cache_dir() / f"python-docs-{version}.json"
     try:
         pairs = json.loads(cache.read_text(encoding="utf-8"))
+        # A damaged entry (`{}`, `[]`, wrong shapes) would be a silently empty or broken corpus: rebuild it.
+        if not (isinstance(pairs, list) and pairs and all(_is_pair(p) for p in pairs)):
+            raise ValueError("not a list of (name, text) pairs")
     except (OSError, ValueError):
         from pydoc_data.topics import topics
 

@@ -80,12 +80,17 @@ def train_tokenizer(
 ) -> tuple[Tokenizer, TokenizerSummary]:
     """Train on the corpus's training split, streamed; `on_bytes` reports bytes read (progress)."""
     specials = tuple(dict.fromkeys(special_tokens))
+    if any(not t for t in specials):
+        raise UsageError("a special token cannot be the empty string", params=("special_token",))
     if vocab_size < BYTE_ALPHABET + len(specials):
         raise UsageError(
             f"vocab_size {vocab_size} is too small: the byte alphabet needs {BYTE_ALPHABET} ids "
             f"plus {len(specials)} special token(s); use at least {BYTE_ALPHABET + len(specials)}",
             params=("vocab_size",),
         )
+    from gen_cli.limits import check_size_limit
+
+    check_size_limit("vocab_size", vocab_size)  # tokenizers aborts the process on a huge allocation
     if min_frequency < 1:
         raise UsageError(f"min_frequency must be at least 1, got {min_frequency}", params=("min_frequency",))
     corpus.require_text()
@@ -160,6 +165,13 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         return configure(Tokenizer.from_file(str(path)))
     except Exception as e:
         raise GenError(f"{path}: not a valid tokenizer.json ({e})") from None
+
+
+def tokenizer_digest(tok: Tokenizer) -> str:
+    """A hash of the tokenizer's full JSON (vocabulary, merges, normalisation, special tokens)."""
+    import hashlib
+
+    return hashlib.sha256(tok.to_str().encode("utf-8")).hexdigest()
 
 
 def encode(tok: Tokenizer, text: str) -> list[int]:

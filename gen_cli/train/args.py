@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from gen_cli.errors import UsageError
+from gen_cli.limits import check_size_limit
 from gen_cli.model.config import ModelConfig, kv_heads_for, load_preset
 from gen_cli.text.tokenizer import DEFAULT_VOCAB_SIZE
 
@@ -19,7 +20,7 @@ MODEL_OPTIONS = ("preset", "attention", "kv_heads", "pos", "norm", "layers", "he
 DEFAULTS: dict[str, Any] = {
     "vocab_size": DEFAULT_VOCAB_SIZE, "preset": "tiny", "steps": 1000, "batch_size": 16, "grad_accum": 1, "lr": 3e-3,
     "weight_decay": 0.1, "grad_clip": 1.0, "eval_every": 100, "eval_batches": 20, "save_every": 500,
-    "seed": 0,
+    "save_minutes": 5.0, "seed": 0,
 }  # fmt: skip
 
 
@@ -52,6 +53,7 @@ class TrainArgs:
     eval_every: int | None = None
     eval_batches: int | None = None
     save_every: int | None = None
+    save_minutes: float | None = None
     seed: int | None = None
     device: str = "auto"
     dtype: str = "auto"
@@ -93,6 +95,14 @@ def check_same_architecture(args: TrainArgs, saved: ModelConfig) -> None:
         raise UsageError(f"cannot resume with a different architecture: {', '.join(diffs)}; drop those options")
 
 
+def _limit(option: str, field: str, value: int) -> None:
+    """check_size_limit for the model field an option sets, speaking of the option."""
+    try:
+        check_size_limit(field, value)
+    except UsageError as e:
+        raise UsageError(str(e).replace(field, option, 1), params=(option,)) from None
+
+
 def resolve_args(args: TrainArgs, saved: dict | None = None) -> TrainArgs:
     """Fill options left as None: from the resumed run's arguments, then from DEFAULTS; validate."""
     r = dataclasses.replace(args, inputs=list(args.inputs))
@@ -121,11 +131,19 @@ def resolve_args(args: TrainArgs, saved: dict | None = None) -> TrainArgs:
     for name in ("steps", "batch_size", "grad_accum", "eval_batches"):
         if getattr(r, name) < 1:
             raise UsageError(f"{name} must be at least 1, got {getattr(r, name)}", params=(name,))
-    for name in ("warmup", "eval_every", "save_every", "weight_decay", "grad_clip", "min_lr"):
-        if getattr(r, name) < 0:
-            raise UsageError(f"{name} must not be negative, got {getattr(r, name)}", params=(name,))
+    for name in ("warmup", "eval_every", "save_every", "save_minutes", "weight_decay", "grad_clip", "min_lr"):
+        if not 0 <= getattr(r, name) < math.inf:
+            raise UsageError(f"{name} must be a finite number ≥ 0, got {getattr(r, name)}", params=(name,))
     if r.context is not None and r.context < 1:
         raise UsageError(f"context must be at least 1, got {r.context}", params=("context",))
+    # Sizes checked here, before a tokenizer is trained or a corpus tokenized for them.
+    check_size_limit("vocab_size", r.vocab_size)
+    for opt, name in (("context", "context_length"), ("layers", "n_layer"), ("heads", "n_head"),
+                      ("kv_heads", "n_kv_head"), ("d_model", "d_model"), ("d_ff", "d_ff")):  # fmt: skip
+        if getattr(r, opt) is not None and getattr(r, opt) > 0:
+            _limit(opt, name, getattr(r, opt))
+    if not -(2**63) <= r.seed < 2**64:  # what torch.manual_seed accepts
+        raise UsageError(f"seed must fit in 64 bits (-2**63 to 2**64 - 1), got {r.seed}", params=("seed",))
     if r.min_lr > r.lr:
         raise UsageError(f"min_lr {r.min_lr} is above lr {r.lr}; the decay ends at min_lr", params=("min_lr", "lr"))
     return r

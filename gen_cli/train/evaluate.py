@@ -118,7 +118,7 @@ def evaluate_model(
     amp = training_precision(run_dtype(dtype, dev))
     model, tok = load_model(model_dir, dev)  # fp32 weights; bfloat16 runs under autocast
     limit = model.config.context_length
-    context = context or limit
+    context = limit if context is None else context  # 0 is refused below, not read as "the full context"
     if not 1 <= context <= limit:
         raise UsageError(
             f"context {context} is outside what the model allows (1 to {limit} tokens)", params=("context",)

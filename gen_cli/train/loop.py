@@ -12,8 +12,9 @@ import json
 import math
 import os
 import signal
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -93,12 +94,19 @@ def lr_at(step: int, steps: int, lr: float, warmup: int, min_lr: float) -> float
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
+# How long a signal may wait for the loop to notice it: a single step stuck in one long C call (a huge
+# context) runs no Python code, so the handler cannot run; after this the process ends without saving.
+STOP_GRACE_S = 10.0
+
+
 @contextlib.contextmanager
 def _stop_flag() -> Iterator[list[bool]]:
-    """Ctrl-C / SIGTERM ask the loop to stop at the next step boundary (a second Ctrl-C aborts)."""
-    flag = [False]
+    """Ctrl-C / SIGTERM ask the loop to stop at the next step boundary (a second Ctrl-C aborts); if the
+    loop has not noticed within STOP_GRACE_S (stuck inside one C call), the process exits anyway."""
+    flag, noticed, done = [False], threading.Event(), threading.Event()
 
     def handler(signum: int, frame: Any) -> None:
+        noticed.set()
         if flag[0] and signum == signal.SIGINT:
             raise KeyboardInterrupt
         flag[0] = True
@@ -107,11 +115,49 @@ def _stop_flag() -> Iterator[list[bool]]:
         old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     except ValueError:  # not the main thread: signals cannot be caught here
         old = {}
+    watcher = _watch_signals(noticed, done) if old else None
     try:
         yield flag
     finally:
+        done.set()
+        if watcher is not None:
+            watcher()
         for s, h in old.items():
             signal.signal(s, h)
+
+
+def _either(a: threading.Event, b: threading.Event, timeout: float) -> bool:
+    """Wait until either event is set (True) or `timeout` seconds pass (False)."""
+    end = time.monotonic() + timeout
+    while not (a.is_set() or b.is_set()) and time.monotonic() < end:
+        a.wait(0.05)
+    return a.is_set() or b.is_set()
+
+
+def _watch_signals(noticed: threading.Event, done: threading.Event) -> Callable[[], None]:
+    """A thread that learns of each signal at once (the C-level wakeup fd, written even while the main
+    thread is inside a C call) and ends the process if the handler has not run within STOP_GRACE_S."""
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    previous = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+
+    def watch() -> None:
+        while (data := os.read(read_fd, 1)) and not done.is_set():
+            if data[0] in (signal.SIGINT, signal.SIGTERM) and not _either(noticed, done, STOP_GRACE_S):
+                os.write(2, f"error: the training step did not end within {STOP_GRACE_S:g} s of the signal; "
+                            "stopped without saving (the last checkpoint is kept)\n".encode())  # fmt: skip
+                os._exit(128 + data[0])
+
+    thread = threading.Thread(target=watch, name="gen-signal-watch", daemon=True)
+    thread.start()
+
+    def stop() -> None:
+        signal.set_wakeup_fd(previous)
+        os.close(write_fd)  # the watcher reads EOF and returns
+        thread.join()
+        os.close(read_fd)
+
+    return stop
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,11 +216,19 @@ def _step(run: Run, step: int, stop: list[bool]) -> tuple[float, float, float, b
 
 
 def _train(args: TrainArgs, report: Reporter, dist: Dist) -> TrainSummary:
+    run = setup_run(args, report, dist)
+    try:
+        return _run_loop(args, report, dist, run)
+    finally:
+        if run.lock is not None:
+            run.lock.close()
+
+
+def _run_loop(args: TrainArgs, report: Reporter, dist: Dist, run: Run) -> TrainSummary:
     from gen_cli.model.checkpoint import save_model
     from gen_cli.runtime import dtype_name
     from gen_cli.train.evaluate import evaluate
 
-    run = setup_run(args, report, dist)
     a, out, model, config, start = run.a, run.out, run.model, run.config, run.start
     can_eval = len(run.val_data) >= 2
     if not can_eval:
@@ -186,9 +240,10 @@ def _train(args: TrainArgs, report: Reporter, dist: Dist) -> TrainSummary:
         else:
             clear_run(out)
     saved_step = [start if run.in_place else None]  # the checkpoint in `out` a failure falls back to
+    last_save = [time.monotonic()]
 
     def save(step: int) -> None:
-        saved_step[0] = step
+        saved_step[0], last_save[0] = step, time.monotonic()
         if dist.main:
             save_train_state(out / STATE_FILE, model, run.optimizer, run.generator, step, dataclasses.asdict(a),
                              config, run.tok, run.tokens_seen(step))  # fmt: skip
@@ -196,8 +251,11 @@ def _train(args: TrainArgs, report: Reporter, dist: Dist) -> TrainSummary:
 
     def log(record: dict) -> None:
         if metrics is not None:
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
+            try:
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+            except OSError as e:  # a full disk: one line, and the last checkpoint stays
+                raise GenError(f"cannot write {out / METRICS_FILE}: {e.strerror or e}") from None
 
     def run_eval(step: int) -> EvalResult:
         res = evaluate(model, run.val_data, run.byte_table, run.context, a.batch_size, run.device, run.amp,
@@ -243,7 +301,9 @@ def _train(args: TrainArgs, report: Reporter, dist: Dist) -> TrainSummary:
                     interrupted = True
                     save(step)
                     break
-                if step == end or (a.save_every and step % a.save_every == 0):
+                # Every N steps, and every few minutes: on a slow machine N steps can take hours.
+                due = a.save_minutes and time.monotonic() - last_save[0] >= a.save_minutes * 60
+                if step == end or (a.save_every and step % a.save_every == 0) or due:
                     save(step)
     finally:
         if metrics is not None:

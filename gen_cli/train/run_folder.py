@@ -7,7 +7,10 @@ so `kill -9` at any moment leaves either the previous state or the new one, neve
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,6 +26,7 @@ if TYPE_CHECKING:
 STATE_FILE = "train_state.safetensors"
 METRICS_FILE = "metrics.jsonl"
 STATE_FORMAT = "gen-train-state/1"
+LOCK_FILE = ".gen-train.lock"  # held (flock) by the one process training into the folder
 
 
 def save_train_state(
@@ -72,9 +76,17 @@ class TrainState:
     tokenizer_json: str
     tensors: dict[str, torch.Tensor]
     tokens_seen: int | None  # None for a state written before it was recorded
+    path: Path = Path(STATE_FILE)
 
     def apply(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator) -> None:
-        """Restore weights, optimizer moments and RNG states exactly."""
+        """Restore weights, optimizer moments and RNG states exactly; GenError when an entry is damaged."""
+        try:
+            self._apply(model, optimizer, generator)
+        except (KeyError, ValueError, RuntimeError, TypeError, IndexError) as e:
+            # A missing RNG state, a weight of the wrong shape…: one line naming the file, not a traceback.
+            raise GenError(f"{self.path}: damaged train state ({e.__class__.__name__}: {e})") from None
+
+    def _apply(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator) -> None:
         import torch
 
         with torch.no_grad():
@@ -94,6 +106,23 @@ class TrainState:
             torch.cuda.set_rng_state(self.tensors["rng.cuda"])
 
 
+def _check_state_tensors(config: ModelConfig, tensors: dict[str, torch.Tensor]) -> None:
+    """Every weight at its shape and both RNG states present: checked before a resume tokenizes anything."""
+    import torch
+
+    from gen_cli.model.info import parameter_shapes
+
+    shapes = {f"model.{n}": shape for n, shape in parameter_shapes(config).items()}
+    for name in ("rng.torch", "rng.data"):
+        if name not in tensors or tensors[name].dtype != torch.uint8:
+            raise ValueError(f"{name} is missing or not a byte tensor")
+    for name, shape in shapes.items():
+        if name not in tensors:
+            raise ValueError(f"{name} is missing")
+        if tuple(tensors[name].shape) != shape:
+            raise ValueError(f"{name} has shape {tuple(tensors[name].shape)}, the config needs {shape}")
+
+
 def load_train_state(folder: Path) -> TrainState:
     """Read a run folder's train state with a clear error when it is missing or damaged."""
     from safetensors import safe_open
@@ -109,11 +138,83 @@ def load_train_state(folder: Path) -> TrainState:
             raise ValueError(f"format {meta.get('format')!r}")
         config = ModelConfig.from_dict(json.loads(meta["config"]), source=str(path))
         seen = int(meta["tokens_seen"]) if "tokens_seen" in meta else None
-        return TrainState(int(meta["step"]), json.loads(meta["args"]), config, meta["tokenizer"], tensors, seen)
+        _check_state_tensors(config, tensors)
+        step, args = int(meta["step"]), json.loads(meta["args"])
+        if step < 0 or not isinstance(args, dict) or not isinstance(meta["tokenizer"], str):
+            raise ValueError("bad step, arguments or tokenizer entry")
+        return TrainState(step, args, config, meta["tokenizer"], tensors, seen, path)
     except GenError:
         raise
     except Exception as e:
         raise GenError(f"{path}: not a readable train state ({e})") from None
+
+
+def _run_files() -> tuple[str, ...]:
+    from gen_cli.model.checkpoint import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE
+
+    return STATE_FILE, METRICS_FILE, CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE
+
+
+def _is_orphan(name: str) -> bool:
+    """A temporary file `atomic_path` makes for one of a run's files (`.NAME.xxxx.tmp`)."""
+    return name.endswith(".tmp") and any(name.startswith(f".{f}.") for f in _run_files())
+
+
+def sweep_orphans(folder: Path) -> list[Path]:
+    """Delete gen's own half-written temporary files (left by kill -9 during a save); the removed paths."""
+    removed = []
+    for p in folder.iterdir() if folder.is_dir() else ():
+        if _is_orphan(p.name) and p.is_file():
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+@contextlib.contextmanager
+def run_folder_lock(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on a run folder (creating it) for the whole run; refuse a second user.
+
+    The lock file records the holder's pid for the message; gen's orphan temp files are swept once
+    the lock is held (nobody else can be writing them then). A folder this call created and nothing
+    else wrote into is removed again on exit, so a refused or failed start leaves nothing behind.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks here; run unguarded
+        yield
+        return
+    created = not folder.exists()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise GenError(f"cannot create run folder {folder}: {e.strerror or e}") from None
+    path = folder / LOCK_FILE
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise GenError(
+                f"{folder} is in use by another gen train (pid {holder}); wait for it to end or use another folder"
+            ) from None
+        # The previous holder may have unlinked the file between our open and flock: lock the live one.
+        if os.path.exists(path) and os.stat(path).st_ino == os.fstat(fd).st_ino:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        sweep_orphans(folder)
+        yield
+    finally:
+        # Unlink while still holding it, so a waiter never locks a file that is about to vanish.
+        path.unlink(missing_ok=True)
+        os.close(fd)
+        if created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only succeeds when empty: a failed start left nothing
 
 
 def check_out_dir(out: Path, force: bool) -> None:
@@ -122,7 +223,7 @@ def check_out_dir(out: Path, force: bool) -> None:
         return
     if not out.is_dir():
         raise UsageError(f"{out} is a file, not a folder")
-    if any(out.iterdir()) and not force:
+    if any(p.name != LOCK_FILE and not _is_orphan(p.name) for p in out.iterdir()) and not force:
         what = "a different training run" if (out / STATE_FILE).exists() else "files"
         raise UsageError(
             f"{out} already holds {what}; pass force to overwrite, or resume {out} to continue",
@@ -131,10 +232,9 @@ def check_out_dir(out: Path, force: bool) -> None:
 
 
 def clear_run(out: Path) -> None:
-    from gen_cli.model.checkpoint import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE
-
-    for name in (STATE_FILE, METRICS_FILE, CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE):
+    for name in _run_files():
         (out / name).unlink(missing_ok=True)
+    sweep_orphans(out)
 
 
 def trim_metrics(path: Path, step: int) -> None:

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gen_cli.errors import UsageError
+from gen_cli.errors import GenError, UsageError
 from gen_cli.train.args import TrainArgs, build_config, check_same_architecture, resolve_args
 from gen_cli.train.distributed import Dist, main_first
-from gen_cli.train.run_folder import TrainState, check_out_dir, load_train_state
+from gen_cli.train.run_folder import TrainState, check_out_dir, load_train_state, run_folder_lock
 
 if TYPE_CHECKING:
     import torch
@@ -44,14 +45,20 @@ def _trained_tokenizer(corpus: Any, vocab_size: int, report: Reporter) -> Tokeni
     import hashlib
 
     from gen_cli.resources import cache_dir
-    from gen_cli.text.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+    from gen_cli.text.tokenizer import load_tokenizer, save_tokenizer, special_id, train_tokenizer
     from gen_cli.train.tokens import corpus_identity
 
     key = hashlib.sha256(json.dumps([1, corpus_identity(corpus), vocab_size]).encode()).hexdigest()[:32]
     path = cache_dir() / "tokenizers" / f"{key}.json"
     if path.is_file():
-        report(f"reusing tokenizer {path}")
-        return load_tokenizer(path)
+        try:
+            tok = load_tokenizer(path)
+        except GenError:
+            tok = None  # a damaged cache entry: train again and overwrite it
+        if tok is not None and special_id(tok) is not None:
+            report(f"reusing tokenizer {path}")
+            return tok
+        report(f"the cached tokenizer {path} is damaged; training it again")
     report(f"training a tokenizer (vocab {vocab_size}) on {corpus.size / 1e6:.1f} MB")
     tok, _ = train_tokenizer(corpus, vocab_size)
     save_tokenizer(tok, path)
@@ -83,6 +90,7 @@ class Run:
     generator: torch.Generator
     start: int
     tokens_before: int | None  # None when resumed from a state that predates the count
+    lock: contextlib.ExitStack | None = None  # holds the run folder's lock until the run ends; close() frees it
 
     @property
     def step_tokens(self) -> int:
@@ -131,8 +139,31 @@ def _run_tokenizer(args: TrainArgs, a: TrainArgs, state: TrainState | None, corp
     return tok
 
 
+def _check_memory(config: ModelConfig, a: TrainArgs, context: int, device: torch.device) -> None:
+    from gen_cli.model.memory import check_fits, parameter_count, training_bytes
+
+    params = parameter_count(config)
+    check_fits(
+        training_bytes(config, a.batch_size, context, params),
+        f"training {params:,} parameters on batches of {a.batch_size} × {context} tokens",
+        "use a smaller batch_size, context or model",
+        device,
+        params=("batch_size", "context"),
+    )
+
+
 def setup_run(args: TrainArgs, report: Reporter, dist: Dist) -> Run:
-    """Resolve the arguments, the tokenizer, the shape and the token files; build (or restore) model and optimizer."""
+    """Resolve the arguments, the tokenizer, the shape and the token files; build (or restore) model and optimizer.
+
+    The main process locks the run folder first; the returned run holds the lock (`run.lock.close()`).
+    """
+    with contextlib.ExitStack() as lock:
+        run = _setup_run(args, report, dist, lock)
+        run.lock = lock.pop_all()
+    return run
+
+
+def _setup_run(args: TrainArgs, report: Reporter, dist: Dist, lock: contextlib.ExitStack) -> Run:
     import torch
 
     from gen_cli.model.checkpoint import load_model
@@ -142,17 +173,30 @@ def setup_run(args: TrainArgs, report: Reporter, dist: Dist) -> Run:
     from gen_cli.train.evaluate import training_precision
     from gen_cli.train.tokens import byte_lengths, require_tokens, tokenize_split
 
+    same_folder = args.resume and (not args.out or Path(args.out).resolve() == Path(args.resume).resolve())
+    # Locked before reading, so a run still writing the folder is refused.
+    if same_folder and dist.main and Path(args.resume).is_dir():
+        lock.enter_context(run_folder_lock(Path(args.resume)))
     state = load_train_state(Path(args.resume)) if args.resume else None
-    a = resolve_args(args, state.args if state else None)
+    try:
+        a = resolve_args(args, state.args if state else None)
+    except TypeError as e:  # a saved argument of the wrong type (a damaged state), compared with a number
+        raise GenError(f"{state.path if state else 'arguments'}: damaged saved arguments ({e})") from None
     if state is not None and state.step >= a.steps:  # before any tokenizing or model building
         raise UsageError(f"the run already finished its {a.steps} steps; give a larger step count to continue")
     out, in_place = _out_folder(args, a, state is not None)
+    if not in_place and dist.main:
+        lock.enter_context(run_folder_lock(out))
+        check_out_dir(out, a.force)  # again, now that no other run can be starting in it
     a.out, a.resume = str(out), None
     device = resolve_device(a.device)
     if device.type == "cuda" and dist.world > 1:
         device = torch.device("cuda", dist.local_rank)
     dtype = run_dtype(a.dtype, device)
 
+    if state is None and not a.tokenizer:  # before minutes of tokenizer training for a run that cannot fit
+        early = build_config(a, a.vocab_size)
+        _check_memory(early, a, a.context or early.context_length, device)
     corpus = Corpus(a.inputs)
     corpus.require_text()
     init = load_model(a.init) if state is None and a.init else None  # (model, tokenizer) to start from
@@ -170,6 +214,7 @@ def setup_run(args: TrainArgs, report: Reporter, dist: Dist) -> Run:
         )
     if tok.get_vocab_size() != config.vocab_size:
         raise UsageError(f"tokenizer has {tok.get_vocab_size()} tokens but the model expects {config.vocab_size}")
+    _check_memory(config, a, context, device)
 
     train_tf, val_tf = main_first(
         dist, lambda: (tokenize_split(tok, corpus, "train"), tokenize_split(tok, corpus, "val"))
@@ -204,4 +249,7 @@ def setup_run(args: TrainArgs, report: Reporter, dist: Dist) -> Run:
 def _tokenizer_from_str(text: str) -> Tokenizer:
     from tokenizers import Tokenizer
 
-    return Tokenizer.from_str(text)
+    try:
+        return Tokenizer.from_str(text)
+    except Exception as e:  # tokenizers raises its own exception type for bad JSON
+        raise GenError(f"the train state's tokenizer is damaged ({e})") from None

@@ -23,7 +23,7 @@ import numpy as np
 from gen_cli.atomic import atomic_path
 from gen_cli.errors import UsageError
 from gen_cli.resources import cache_dir
-from gen_cli.text.tokenizer import EOT, special_id, token_bytes
+from gen_cli.text.tokenizer import EOT, special_id, token_bytes, tokenizer_digest
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -52,11 +52,6 @@ class TokenFile:
 def token_dtype(vocab_size: int) -> str:
     """The smallest unsigned dtype that holds every id: uint16 up to 65535, else uint32."""
     return "<u2" if vocab_size <= 65535 else "<u4"
-
-
-def tokenizer_digest(tok: Tokenizer) -> str:
-    """A hash of the tokenizer's full JSON (vocabulary, merges, normalisation, special tokens)."""
-    return hashlib.sha256(tok.to_str().encode("utf-8")).hexdigest()
 
 
 def corpus_identity(corpus: Corpus) -> list:
@@ -103,13 +98,29 @@ def tokenize_split(tok: Tokenizer, corpus: Corpus, split: str, folder: Path | No
     path = folder / f"{token_file_key(tok, corpus, split)}.bin"
     itemsize = np.dtype(dtype).itemsize
     if path.is_file():
-        return TokenFile(path, dtype, path.stat().st_size // itemsize, cached=True)
+        if _valid_token_file(path, dtype, tok.get_vocab_size(), eot):
+            return TokenFile(path, dtype, path.stat().st_size // itemsize, cached=True)
+        path.unlink(missing_ok=True)  # damaged: rebuilt below, as if never cached
     total = 0
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         for ids in _document_ids(tok, corpus, split, eot):
             f.write(np.asarray(ids, dtype=dtype).tobytes())
             total += len(ids)
     return TokenFile(path, dtype, total, cached=False)
+
+
+def _valid_token_file(path: Path, dtype: str, vocab_size: int, eot: int) -> bool:
+    """Whole ids only, every id inside the vocabulary, and the EOT a stream starts with (see the layout)."""
+    try:
+        size = path.stat().st_size
+        if size % np.dtype(dtype).itemsize:
+            return False
+        if size == 0:
+            return True  # an empty split is a valid file
+        data = np.memmap(path, dtype=dtype, mode="r")
+        return int(data[0]) == eot and int(data.max()) < vocab_size
+    except (OSError, ValueError):
+        return False
 
 
 def byte_lengths(tok: Tokenizer) -> np.ndarray:

@@ -1,13 +1,15 @@
 """Building the native kernel: `decode.c` compiled once per source, compiler and CPU into gen's cache.
 
 `-march=native`: the binary is for this machine only. Without a working C compiler gen runs the
-PyTorch path, and `native_status()` says why.
+PyTorch path, and `native_status()` says why. A cached library is loaded only when its size and
+SHA-256 match the sidecar written with it: a truncated file would otherwise be mapped and die of SIGBUS.
 """
 
 from __future__ import annotations
 
 import ctypes
 import hashlib
+import json
 import os
 import shlex
 import subprocess
@@ -15,15 +17,19 @@ import tempfile
 from functools import cache
 from pathlib import Path
 
+from gen_cli.atomic import write_text_atomic
+from gen_cli.errors import GenError
 from gen_cli.infer.native import abi
 from gen_cli.resources import cache_dir
 
 SOURCE = Path(__file__).with_name("decode.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c11", "-shared", "-fPIC")
+_notes: list[str] = []  # what happened to the cache on this run (a damaged kernel rebuilt), said once
 
 
 def _compiler() -> list[str]:
-    return shlex.split(os.environ.get("CC", "cc"))
+    """$CC split as a shell would; ValueError for unbalanced quotes."""
+    return shlex.split(os.environ.get("CC", "cc")) or ["cc"]
 
 
 def _build_key(cc: list[str]) -> str:
@@ -36,27 +42,69 @@ def _build_key(cc: list[str]) -> str:
     return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
 
 
+def _digest(path: Path) -> dict[str, int | str]:
+    data = path.read_bytes()
+    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def sidecar(target: Path) -> Path:
+    """Where the size and hash of a cached library are kept."""
+    return target.with_name(target.name + ".json")
+
+
+def cached_problem(target: Path) -> str | None:
+    """None when `target` is the library its sidecar describes, else what is wrong with it."""
+    if not sidecar(target).is_file():
+        return "no record of its size and hash"
+    try:
+        recorded = json.loads(sidecar(target).read_text(encoding="utf-8"))
+        found = _digest(target)
+    except (OSError, ValueError) as e:
+        return f"unverifiable ({e.__class__.__name__})"
+    if not isinstance(recorded, dict) or recorded.get("size") != found["size"]:
+        return f"{found['size']} bytes, not the {recorded.get('size') if isinstance(recorded, dict) else '?'} built"
+    if recorded.get("sha256") != found["sha256"]:
+        return "its content changed since it was built"
+    return None
+
+
+def _compile(cc: list[str], out_dir: Path, target: Path) -> str | None:
+    """Compile into `target` with its sidecar; None on success, else a one-line reason."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Compile beside the target, then rename: a concurrent run never loads a half-written file.
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".decode-", suffix=".so.tmp")
+    os.close(fd)
+    try:
+        done = subprocess.run([*cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
+        if done.returncode != 0:
+            return f"{cc[0]} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}"
+        if os.path.getsize(tmp) == 0:  # e.g. CC=/bin/true "succeeds" without writing anything
+            return f"{cc[0]} reported success but wrote no library"
+        # The sidecar first: a crash between the two leaves a mismatch, which the next run rebuilds.
+        write_text_atomic(sidecar(target), json.dumps(_digest(Path(tmp))) + "\n")
+        os.replace(tmp, target)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return None
+
+
 @cache
 def library() -> ctypes.CDLL | str:
     """The compiled kernel, or a one-line reason it is unavailable."""
-    cc = _compiler()
+    try:
+        cc = _compiler()
+    except ValueError as e:
+        return f"CC={os.environ.get('CC', '')!r} cannot be split into a command ({e})"
     try:
         out_dir = cache_dir() / "kernels"
         target = out_dir / f"decode-{_build_key(cc)}.so"
-        if not target.is_file():
-            out_dir.mkdir(parents=True, exist_ok=True)
-            # Compile beside the target, then rename: a concurrent run never loads a half-written file.
-            fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".so.tmp")
-            os.close(fd)
-            try:
-                done = subprocess.run([*cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
-                if done.returncode != 0:
-                    return f"{cc[0]} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}"
-                os.replace(tmp, target)
-            finally:
-                Path(tmp).unlink(missing_ok=True)
+        if target.is_file() and (problem := cached_problem(target)):
+            _notes.append(f"the cached native kernel {target} failed its check ({problem}); rebuilt it")
+            target.unlink(missing_ok=True)
+        if not target.is_file() and (reason := _compile(cc, out_dir, target)):
+            return reason
         lib = ctypes.CDLL(str(target))
-    except (OSError, subprocess.CalledProcessError) as exc:
+    except (OSError, subprocess.CalledProcessError, GenError) as exc:
         return f"no native kernel ({exc.__class__.__name__}: {exc})"
     if reason := abi.bind(lib):
         return reason
@@ -67,3 +115,10 @@ def native_status() -> str:
     """'ready', or why the native kernel cannot be used on this machine."""
     lib = library()
     return lib if isinstance(lib, str) else "ready"
+
+
+def take_notes() -> list[str]:
+    """Notes about the kernel cache (a damaged library rebuilt) not shown yet; each is returned once."""
+    notes = list(_notes)
+    _notes.clear()
+    return notes

@@ -1,0 +1,68 @@
+"""Memory estimates checked before allocating: a request that cannot fit is refused with its estimate.
+
+Estimates are deliberately simple (the big tensors only, erring low): they exist to stop a 16 GB KV
+cache or a 60 GB logits tensor up front, not to predict peak RSS to the byte.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from gen_cli.errors import GenError
+from gen_cli.model.info import parameter_count
+
+__all__ = ["available_bytes", "check_fits", "generation_bytes", "parameter_count", "training_bytes"]
+
+if TYPE_CHECKING:
+    import torch
+
+    from gen_cli.model.config import ModelConfig
+
+NO_CHECK_ENV = "GEN_NO_MEMORY_CHECK"
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def available_bytes(device: torch.device | str = "cpu") -> int | None:
+    """Memory free for new tensors on `device` (None when unknown: no check is made)."""
+    kind = getattr(device, "type", str(device).split(":")[0])
+    try:
+        if kind == "cpu":
+            import psutil
+
+            return int(psutil.virtual_memory().available)
+        if kind == "cuda":
+            import torch
+
+            return int(torch.cuda.mem_get_info(device)[0])
+    except Exception:  # an estimate we cannot make must never stop a run
+        return None
+    return None
+
+
+def check_fits(need: int, what: str, advice: str, device: torch.device | str = "cpu", params: tuple = ()) -> None:
+    """Refuse `need` bytes for `what` when the device has less available (GEN_NO_MEMORY_CHECK=1 skips)."""
+    if os.environ.get(NO_CHECK_ENV, "") not in ("", "0"):
+        return
+    free = available_bytes(device)
+    if free is not None and need > free:
+        raise GenError(
+            f"{what} needs about {gib(need)} but only {gib(free)} of memory is available; {advice}", params=params
+        )
+
+
+def generation_bytes(config: ModelConfig, batch: int, tokens: int, bytes_per_element: int) -> int:
+    """KV cache (batch × tokens), the id buffer and a few fp32 logits rows per sequence."""
+    return config.kv_bytes_per_token(bytes_per_element) * tokens * batch + batch * (8 * tokens + 16 * config.vocab_size)
+
+
+def training_bytes(config: ModelConfig, batch: int, context: int, params: int) -> int:
+    """fp32 weights, gradients and two AdamW moments, plus one step's saved activations and logits.
+
+    A lower bound (the saved tensors only, no allocator slack): only what surely cannot fit is refused."""
+    # Attention runs in a fused kernel (scaled_dot_product_attention): no (T, T) scores are kept.
+    activations = batch * context * (config.n_layer * (8 * config.d_model + 2 * config.d_ff) + 2 * config.vocab_size)
+    return 16 * params + 4 * activations
