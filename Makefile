@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint format demo bench clean
+.PHONY: install test lint format demo bench bench-contention clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,3 +37,7 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+
+# Decode tok/s idle and beside a competing busy process it starts itself, libgomp's spin waits vs gen's passive ones.
+bench-contention: $(STAMP)
+	$(BIN)/gen bench contention

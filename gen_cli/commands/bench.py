@@ -7,6 +7,7 @@ from contextlib import nullcontext
 import typer
 
 from gen_cli.commands.common import err, out_console, print_json, progress_enabled
+from gen_cli.errors import UsageError
 from gen_cli.text.tokenizer import DEFAULT_VOCAB_SIZE
 
 bench_app = typer.Typer(help="Benchmarks: gen against the libraries it builds on, measured in one run.")
@@ -131,6 +132,58 @@ def bench_decode_command(
         "'greedy =' counts tokens equal before the first divergence; "
         "C ref = fixed llama2.c-style figures for small and base at 2 threads and 256 tokens (see README); "
         "ceiling = measured bandwidth / (weights in stored dtype + KV read) per token"
+    )
+
+
+@bench_app.command("contention")
+def bench_contention_command(
+    shape: str = typer.Option("small", "--shape", help="Preset shape to decode with (random weights)."),
+    threads: str = typer.Option("1,2", "--threads", help="Comma-separated thread counts."),
+    waits: str = typer.Option(
+        "spin,passive", "--waits", help="OpenMP wait modes: spin (libgomp's default), passive (gen's)."
+    ),
+    paths: str = typer.Option("native,torch", "--paths", help="Decode paths: native (gen's C step), torch."),
+    rounds: int = typer.Option(3, "--rounds", min=1, help="Idle/busy rounds; medians reported."),
+    new_tokens: int = typer.Option(128, "--new-tokens", min=2, help="Tokens generated per run."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable rows on stdout."),
+) -> None:
+    """Decode tok/s idle and beside one competing CPU-bound process that this command starts itself.
+
+    Each wait mode runs in its own worker process (the OpenMP runtime reads it once, at start-up);
+    idle and busy runs alternate, so each pair is measured in the same minute. Fair share with one
+    competitor on two cores is about 2x slower at most.
+    """
+    from gen_cli.lab.contention import WAITS, bench_contention, format_rows
+
+    wait_list = tuple(w.strip() for w in waits.split(",") if w.strip())
+    if bad := [w for w in wait_list if w not in WAITS]:
+        raise UsageError(f"unknown wait mode(s) {', '.join(bad)}; choose from {', '.join(WAITS)}", params=("waits",))
+    path_list = tuple(p.strip() for p in paths.split(",") if p.strip())
+    if bad := [p for p in path_list if p not in ("native", "torch")]:
+        raise UsageError(f"unknown path(s) {', '.join(bad)}; choose native or torch", params=("paths",))
+    try:
+        thread_list = tuple(int(t) for t in threads.split(",") if t.strip())
+    except ValueError:
+        raise UsageError(f"threads must be comma-separated integers, got {threads!r}", params=("threads",)) from None
+    total = rounds * 2 * len(wait_list) * len(thread_list) * len(path_list)
+    err.print(
+        f"{total} timed runs of {new_tokens} tokens ({shape}, {rounds} rounds idle and busy); about a minute on small"
+    )
+    with err.status("benchmarking", spinner="dots") if progress_enabled() else nullcontext() as status:
+
+        def on_step(msg: str) -> None:
+            if status is not None:
+                status.update(msg)
+
+        rows = bench_contention(shape, thread_list, wait_list, path_list, rounds, new_tokens, on_step)
+    if as_json:
+        print_json([r.to_dict() for r in rows])
+        return
+    out_console().print("\n".join(format_rows(rows)), markup=False)
+    err.print(
+        "slowdown = idle / busy tok/s; one competitor on two cores leaves a fair share of about 2x; "
+        "idle load = cores other processes (not the competitor) used during the idle runs: above 0.5 the idle "
+        "figures were not idle"
     )
 
 
