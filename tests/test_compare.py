@@ -16,7 +16,7 @@ ROW_KEYS = {
     "attention", "kv_heads", "n_heads", "pos", "kv_cache", "prompt_len", "gen_len", "batch", "dtype",
     "decode_tokens_per_s", "ttft_s", "prefill_tokens_per_s", "ms_per_token", "kv_cache_bytes_analytic",
     "kv_cache_bytes_measured", "peak_memory_bytes", "memory_method", "speedup", "greedy_match", "max_logit_diff",
-    "params", "samples", "val_loss", "bits_per_byte",
+    "params", "samples", "val_loss", "bits_per_byte", "machine_load", "measure_s",
 }  # fmt: skip
 # Tiny everything: the CLI runs below take a fraction of a second per configuration.
 FAST = ["--preset", "tiny", "--prompt-len", "4", "--gen-len", "5", "--repeats", "1", "--warmup", "0", "--threads", "1"]
@@ -83,7 +83,9 @@ def test_grid_refuses_bad_axes(axes, message):
 @pytest.fixture(scope="module")
 def rows():
     specs = grid(attention=["mha", "gqa", "mqa"], pos=["rope", "sinusoidal"], batch=[2])
-    return bench.run_grid(specs, in_process=True)
+    rows, interrupted = bench.run_grid(specs, in_process=True)
+    assert not interrupted
+    return rows
 
 
 def test_record_has_the_stable_keys(rows):
@@ -132,8 +134,28 @@ def test_speedups_relative_to_first_row(rows):
         assert on["speedup_vs_no_cache"] == pytest.approx(on["decode_tokens_per_s"] / off["decode_tokens_per_s"])
 
 
+def test_speedups_from_one_run_each_are_not_claimed(rows):
+    for r in rows[1:]:
+        assert r["speedup_note"] in ("one run each: no spread", "not significant: machine busy")
+
+
+def test_ctrl_c_keeps_the_configurations_measured(monkeypatch):
+    specs = grid(attention=["mha", "mqa"])
+    real, calls = bench.measure, []
+
+    def measure(spec):
+        calls.append(spec)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(spec)
+
+    monkeypatch.setattr(bench, "measure", measure)
+    rows, interrupted = bench.run_grid(specs, in_process=True)
+    assert interrupted and len(rows) == 2 and rows[0]["baseline"]
+
+
 def test_bfloat16_row_is_compared_with_fp32():
-    (row,) = bench.run_grid(grid(kv_cache=["off"], dtype=["bfloat16"]), in_process=True)
+    (row,), _ = bench.run_grid(grid(kv_cache=["off"], dtype=["bfloat16"]), in_process=True)
     assert row["dtype"] == "bfloat16" and isinstance(row["greedy_match"], bool)
     assert row["max_logit_diff"] > 0  # bf16 rounding shows up against the fp32 oracle
 
