@@ -78,9 +78,10 @@ def bench_decode_command(
     prefill tokens/s on a 512-token prompt, deviation from unoptimised fp32 (max logit difference,
     greedy tokens agreeing before the first divergence), and the memory-bandwidth ceiling.
     """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     from rich.table import Table
 
-    from gen_cli.lab.decode_bench import HF_INSTALL, bench_decode, hf_available
+    from gen_cli.lab.decode_bench import DEFAULT_GPU_MODES, DEFAULT_MODES, HF_INSTALL, bench_decode, hf_available
     from gen_cli.runtime import resolve_device, set_threads
 
     device = resolve_device(device_name)
@@ -89,13 +90,20 @@ def bench_decode_command(
         err.print(f"[yellow]{HF_INSTALL}[/] (the gen rows still run)")
     shape_list = tuple(s.strip() for s in shapes.split(",") if s.strip())
     mode_list = tuple(m.strip() for m in modes.split(",") if m.strip()) if modes else None
-    with err.status("benchmarking", spinner="dots") if progress_enabled() else nullcontext() as status:
-
-        def on_step(msg: str) -> None:
-            if status is not None:
-                status.update(msg)
-
-        rows, context = bench_decode(shape_list, mode_list, repeats, new_tokens, device, on_step)
+    n_modes = len(mode_list or (DEFAULT_MODES if device.type == "cpu" else DEFAULT_GPU_MODES)) + hf_available()
+    err.print(
+        f"bench decode: {len(shape_list)} shape(s) × {n_modes} modes × {repeats} repeats of {new_tokens} tokens, "
+        "plus building, warm-up and a deviation check per mode; progress and ETA below"
+    )
+    with Progress(TextColumn("[bold]bench[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("ETA"),
+                  TimeRemainingColumn(), TextColumn("{task.description}"), console=err, transient=True,
+                  disable=not progress_enabled()) as progress:  # fmt: skip
+        task = progress.add_task("building", total=len(shape_list) * n_modes * repeats)
+        rows, context = bench_decode(
+            shape_list, mode_list, repeats, new_tokens, device,
+            on_step=lambda msg: progress.update(task, description=msg),
+            on_run=lambda: progress.advance(task),
+        )  # fmt: skip
     if as_json:
         print_json({"context": context, "rows": [r.to_dict() for r in rows]})
         return
@@ -116,7 +124,7 @@ def bench_decode_command(
             r.path,
             f"{r.decode_tok_s:,.1f}",
             f"{min(r.decode_runs):,.0f}–{max(r.decode_runs):,.0f}",
-            f"{r.vs_hf:.2f}×" if r.vs_hf else "",
+            (f"{r.vs_hf:.2f}×" + (" ns" if r.vs_hf_note else "")) if r.vs_hf else "",
             f"{r.vs_c:.2f}×" if r.vs_c else "",
             f"{r.prefill_tok_s:,.0f}",
             f"{r.max_logit_diff:.2g}",
@@ -133,6 +141,14 @@ def bench_decode_command(
         "C ref = fixed llama2.c-style figures for small and base at 2 threads and 256 tokens (see README); "
         "ceiling = measured bandwidth / (weights in stored dtype + KV read) per token"
     )
+    notes = sorted({r.vs_hf_note for r in rows if r.vs_hf_note})
+    if notes:
+        err.print(f"ns: the ratio to transformers is not a measured speed-up ({'; '.join(notes)})")
+    for shape in shape_list:
+        load = next(r.machine_load for r in rows if r.shape == shape)
+        busy = " (busy: figures may be off)" if load.get("busy") else ""
+        if load.get("others_cores") is not None:
+            err.print(f"{shape}: other processes used {load['others_cores']:.1f} cores during the timed runs{busy}")
 
 
 @bench_app.command("contention")
