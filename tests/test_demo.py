@@ -45,5 +45,7 @@ def test_demo_table_and_missing_model(model_dir, tmp_path):
     assert "KV cache speed-up" in result.stdout and "identical" in result.stdout
     assert "no spread" in result.stdout or "machine busy" in result.stdout  # one repeat: no claim as fact
     assert "during the timed runs" in result.stderr
+    table = [line for line in result.stdout.splitlines() if "│" in line or "KV cache" in line]
+    assert table and max(len(line) for line in table) <= 80  # the table and verdicts fit 80 columns
     missing = runner.invoke(app, ["demo", "--model", str(tmp_path / "nope")])
     assert missing.exit_code != 0 and "Traceback" not in missing.output
