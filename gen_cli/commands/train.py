@@ -206,6 +206,9 @@ def eval_command(
 ) -> None:
     """Held-out loss, perplexity and bits per byte on the validation split of the inputs.
 
+    Without inputs, a `gen train` run folder is scored on the text it was trained on (recorded in its
+    train state), any other model on the default corpus; the output names the corpus and split.
+
     The validation token stream is scored in contiguous, non-overlapping windows, so each token is
     predicted once. Bits per byte (total nats / ln 2 / UTF-8 bytes of the scored text) does not
     depend on the tokenizer, so models with different vocabularies compare fairly.
@@ -223,6 +226,18 @@ def eval_command(
         print_json(dataclasses.asdict(res))
         return
     out_console().print(_eval_figures(res))
+    split = {"val": "validation"}.get(res.split, res.split)
+    err.print(
+        f"scored the {split} split of {escape(res.corpus)}"
+        + ("" if inputs else " (the run's own training text)" if _trained(model_dir) else " (the default corpus)"),
+        soft_wrap=True,
+    )
+
+
+def _trained(model_dir: Path) -> bool:
+    from gen_cli.train.evaluate import trained_inputs
+
+    return trained_inputs(model_dir) is not None
 
 
 def register(app: typer.Typer) -> None:
