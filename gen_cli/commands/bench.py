@@ -57,7 +57,9 @@ def bench_tokenizer_command(
 
 @bench_app.command("decode")
 def bench_decode_command(
-    shapes: str = typer.Option("small,base", "--shapes", help="Comma-separated presets to measure."),
+    shapes: str = typer.Option(
+        "small", "--shapes", help="Comma-separated presets to measure (tiny, small, base; base takes ~10 min)."
+    ),
     modes: str = typer.Option(
         None,
         "--modes",

@@ -17,7 +17,7 @@ from gen_cli.errors import GenError, UsageError
 
 DEFAULT_PROMPT_LEN = 16
 PLOT_HINT = "--plot needs matplotlib: pip install 'gen-lab[plot]'"
-DEFAULT_GEN_LEN = 240  # capped by the shape's context
+DEFAULT_GEN_LEN = 128  # capped by the shape's context; the cache-off rows cost grows with its square
 
 
 def _resolve_shape(preset: str | None, model_dir: Path | None) -> tuple[Any, str, str | None, str | None]:
@@ -259,13 +259,14 @@ def _run(specs: list[Any], in_process: bool) -> tuple[list[dict[str, Any]], bool
 
 def _quality(shape: Any, variants: list[Any], steps: int, preset: str | None, tokenizer: str | None,
              inputs: list[str] | None, device: str) -> dict:  # fmt: skip
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from gen_cli.lab.quality import measure_quality
     from gen_cli.train.loop import StepEvent
 
-    with Progress(TextColumn("[bold]quality[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
-                  console=err, transient=True, disable=not progress_enabled()) as progress:  # fmt: skip
+    with Progress(TextColumn("[bold]quality[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("ETA"),
+                  TimeRemainingColumn(), TextColumn("{task.description}"), console=err, transient=True,
+                  disable=not progress_enabled()) as progress:  # fmt: skip
         task = progress.add_task("training", total=steps * len(variants))
 
         def on_event(event: Any) -> None:
