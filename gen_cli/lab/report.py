@@ -183,8 +183,7 @@ def footnotes(result: dict[str, Any]) -> list[str]:
                 reasons[r[key]] = reasons.get(r[key], 0) + 1
     notes = []
     if reasons:
-        detail = "; ".join(f"{why} ({n})" for why, n in reasons.items())
-        notes.append(f"ns: the ratio is not a measured speed-up: {detail}")
+        notes.append("ns = " + "; ".join(f"{why} ({n} ratio{'s' * (n > 1)})" for why, n in reasons.items()))
     loads = [
         r["machine_load"]["others_cores"] for r in rows if (r.get("machine_load") or {}).get("others_cores") is not None
     ]
