@@ -26,3 +26,19 @@ def test_bench_contention_measures_idle_and_busy_per_mode():
         assert r.idle_tok_s > 0 and r.busy_tok_s > 0 and len(r.idle_runs) == len(r.busy_runs) == 1
         assert r.to_dict()["slowdown"] == r.slowdown
     assert len(format_rows(rows)) == 3
+
+
+def test_cli_bench_contention_json():
+    import json
+
+    from typer.testing import CliRunner
+
+    from gen_cli.cli import app
+
+    args = ["bench", "contention", "--shape", "tiny", "--threads", "1", "--paths", "native", "--rounds", "1"]
+    result = CliRunner().invoke(app, [*args, "--new-tokens", "4", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert [r["wait"] for r in rows] == ["spin", "passive"] and all("slowdown" in r for r in rows)
+    bad = CliRunner().invoke(app, ["bench", "contention", "--waits", "yield"])
+    assert bad.exit_code == 2 and "--waits" in bad.output

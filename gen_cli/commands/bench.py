@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import typer
 
 from gen_cli.commands.common import err, out_console, print_json, progress_enabled
@@ -185,13 +183,21 @@ def bench_contention_command(
         raise UsageError(f"threads must be comma-separated integers, got {threads!r}", params=("threads",)) from None
     total = rounds * 2 * len(wait_list) * len(thread_list) * len(path_list)
     err.print(
-        f"{total} timed runs of {new_tokens} tokens ({shape}, {rounds} rounds idle and busy); about a minute on small"
+        f"{total} timed runs of {new_tokens} tokens each ({shape}; {rounds} rounds, idle then beside a busy "
+        "process); a spinning mode on a busy machine can take minutes a run"
     )
-    with err.status("benchmarking", spinner="dots") if progress_enabled() else nullcontext() as status:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("[bold]contention[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("ETA"),
+                  TimeRemainingColumn(), TextColumn("{task.description}"), console=err, transient=True,
+                  disable=not progress_enabled()) as progress:  # fmt: skip
+        task = progress.add_task("starting workers", total=total)
+        started = [False]
 
         def on_step(msg: str) -> None:
-            if status is not None:
-                status.update(msg)
+            if msg.startswith("round"):  # one message before each timed run: the previous one is done
+                progress.update(task, advance=1 if started[0] else 0, description=msg)
+                started[0] = True
 
         rows = bench_contention(shape, thread_list, wait_list, path_list, rounds, new_tokens, on_step)
     if as_json:
