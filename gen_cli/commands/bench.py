@@ -173,10 +173,10 @@ def bench_contention_command(
 
     wait_list = tuple(w.strip() for w in waits.split(",") if w.strip())
     if bad := [w for w in wait_list if w not in WAITS]:
-        raise UsageError(f"unknown wait mode(s) {', '.join(bad)}; choose from {', '.join(WAITS)}", params=("waits",))
+        raise UsageError(f"waits: unknown mode(s) {', '.join(bad)}; choose from {', '.join(WAITS)}", params=("waits",))
     path_list = tuple(p.strip() for p in paths.split(",") if p.strip())
     if bad := [p for p in path_list if p not in ("native", "torch")]:
-        raise UsageError(f"unknown path(s) {', '.join(bad)}; choose native or torch", params=("paths",))
+        raise UsageError(f"paths: unknown path(s) {', '.join(bad)}; choose native or torch", params=("paths",))
     try:
         thread_list = tuple(int(t) for t in threads.split(",") if t.strip())
     except ValueError:
