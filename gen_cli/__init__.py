@@ -10,8 +10,8 @@ def _passive_openmp_waits() -> None:
 
     torch's libgomp serves both PyTorch and the native step and reads this once, when torch loads, so
     it is set here, before any torch import. With another CPU-bound process on the cores, a spinning
-    thread holds a core while its partner waits to be scheduled: decode fell 10-100x. Passive waits
-    lose a few percent on an idle machine instead (`gen bench contention` measures both;
+    thread holds a core while its partner waits to be scheduled: decode fell 10-100x. A sleeping
+    thread costs a wake-up instead (`gen bench contention` measures both modes idle and busy;
     GEN_OMP_WAIT=spin restores libgomp's default, and OMP_WAIT_POLICY/GOMP_SPINCOUNT win if set).
     """
     if os.environ.get("GEN_OMP_WAIT", "passive") == "spin":
