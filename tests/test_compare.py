@@ -248,3 +248,19 @@ def test_cli_plot_without_matplotlib_names_the_extra(tmp_path):
     assert result.exit_code == 2
     assert "pip install 'gen-lab[plot]'" in result.output
     assert not (tmp_path / "c.png").exists()
+
+
+def test_cli_ctrl_c_prints_the_rows_measured(monkeypatch):
+    real, calls = bench.measure, []
+
+    def measure(spec):
+        calls.append(spec)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(spec)
+
+    monkeypatch.setattr(bench, "measure", measure)
+    result = invoke(*FAST, "--attention", "mha", "--pos", "rope", "--in-process", "--format", "json")
+    assert result.exit_code == 130
+    assert "interrupted: showing the 1 of 2" in result.stderr
+    assert len(json.loads(result.stdout)["rows"]) == 1
