@@ -4,14 +4,19 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # Real users get whatever torch pip picks for their machine; CI pins the local CPU build (make TORCH=torch==2.13.0).
 TORCH ?= torch
+# An index for torch alone, e.g. https://download.pytorch.org/whl/cpu for the CPU-only build.
+TORCH_INDEX ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint format demo bench clean
+.PHONY: install test lint format demo bench bench-contention clean
 
 $(STAMP): pyproject.toml
+	@echo "Installing into $(VENV): $(TORCH)$(if $(TORCH_INDEX), from $(TORCH_INDEX)), tokenizers, safetensors, typer, rich, test tools."
+	$(if $(TORCH_INDEX),,@echo "pip picks the torch build: on Linux the CUDA one (~16 NVIDIA packages, a 5.6 GB venv). For the")
+	$(if $(TORCH_INDEX),,@echo "CPU-only build (1.1 GB) instead: Ctrl-C, then make $(or $(MAKECMDGOALS),install) TORCH_INDEX=https://download.pytorch.org/whl/cpu")
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
@@ -37,3 +42,7 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+
+# Decode tok/s idle and beside a competing busy process it starts itself, libgomp's spin waits vs gen's passive ones.
+bench-contention: $(STAMP)
+	$(BIN)/gen bench contention

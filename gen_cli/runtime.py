@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -167,3 +170,84 @@ class PeakMemory:
         tb: TracebackType | None,
     ) -> None:
         self.measure()
+
+
+# Another process using more than this many cores during a timed run makes its figures suspect.
+BUSY_CORES = 0.5
+
+
+def _cpu_busy_seconds() -> float | None:
+    """CPU seconds all processes have spent busy since boot (Linux /proc/stat), or None elsewhere."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+        ticks = [int(f) for f in fields]
+    except (OSError, ValueError):
+        return None
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_seconds() -> float:
+    t = os.times()  # this process and its finished children
+    return t.user + t.system + t.children_user + t.children_system
+
+
+@dataclass
+class MachineLoad:
+    """The machine's load during a timed run: what other processes took while this one measured."""
+
+    cores: int
+    others_cores: float | None  # CPU time other processes used, in cores (None: no /proc/stat)
+    load_avg_1m: float | None  # at the end of the run
+
+    @property
+    def busy(self) -> bool:
+        return self.others_cores is not None and self.others_cores > BUSY_CORES
+
+    def describe(self) -> str:
+        """One short phrase for a report footer."""
+        parts = (
+            [f"other processes used {self.others_cores:.1f} of {self.cores} cores"]
+            if self.others_cores is not None
+            else []
+        )
+        if self.load_avg_1m is not None:
+            parts.append(f"load average {self.load_avg_1m:.1f}")
+        text = ", ".join(parts) or "machine load unknown"
+        return f"{text} (busy: figures may be off)" if self.busy else text
+
+    def to_dict(self) -> dict[str, float | int | bool | None]:
+        return asdict(self) | {"busy": self.busy}
+
+
+class LoadProbe:
+    """Context manager: `.load` (a MachineLoad) after exit, from /proc/stat minus this process's own CPU."""
+
+    def __enter__(self) -> LoadProbe:
+        self._wall, self._busy, self._own = time.perf_counter(), _cpu_busy_seconds(), _own_cpu_seconds()
+        return self
+
+    def measure(self) -> MachineLoad:
+        wall = max(time.perf_counter() - self._wall, 1e-9)
+        busy = _cpu_busy_seconds()
+        others = None
+        if busy is not None and self._busy is not None:
+            # Clock ticks are coarse (10 ms): clamp the small negatives rounding gives on short runs.
+            others = max(0.0, (busy - self._busy - (_own_cpu_seconds() - self._own)) / wall)
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+        self.load = MachineLoad(os.cpu_count() or 1, others, load)
+        return self.load
+
+    def __exit__(self, *exc: object) -> None:
+        self.measure()
+
+
+def spread_verdict(a: list[float], b: list[float], busy: bool) -> str | None:
+    """None when the two sets of repeats support a ratio between them, else why not (for the report)."""
+    if busy:
+        return "not significant: machine busy"
+    if len(a) < 2 or len(b) < 2:
+        return "one run each: no spread"
+    if min(a) <= max(b) and min(b) <= max(a):
+        return "not significant: spreads overlap"
+    return None

@@ -59,6 +59,24 @@ def test_train_tokenizer_json_summary_and_file(tmp_path, corpus_file):
     assert out.is_file() and not list(tmp_path.glob(".tok.json.*"))
 
 
+def test_train_tokenizer_names_skipped_files_and_a_short_vocabulary(tmp_path):
+    import gzip
+
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "a.txt").write_text(CORPUS)
+    (folder / "b.txt.gz").write_bytes(gzip.compress(CORPUS.encode()))
+    args = ["train-tokenizer", str(folder), "--vocab-size", "8000", "--out", str(tmp_path / "t.json")]
+    result = runner.invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["skipped_files"] == [str(folder / "b.txt.gz")]
+    assert summary["vocab_size"] < summary["vocab_size_requested"] == 8000
+    stderr = " ".join(result.stderr.split())
+    assert "skipped 1 binary file" in stderr and "b.txt.gz" in stderr
+    assert "not the 8,000 asked" in stderr
+
+
 def test_train_tokenizer_refuses_existing_output_without_force(tmp_path, corpus_file):
     out = tmp_path / "tok.json"
     out.write_text("precious")

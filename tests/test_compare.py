@@ -19,7 +19,7 @@ ROW_KEYS = {
     "attention", "kv_heads", "n_heads", "pos", "kv_cache", "prompt_len", "gen_len", "batch", "dtype",
     "decode_tokens_per_s", "ttft_s", "prefill_tokens_per_s", "ms_per_token", "kv_cache_bytes_analytic",
     "kv_cache_bytes_measured", "peak_memory_bytes", "memory_method", "speedup", "greedy_match", "max_logit_diff",
-    "params", "samples", "val_loss", "bits_per_byte",
+    "params", "samples", "val_loss", "bits_per_byte", "machine_load", "measure_s",
 }  # fmt: skip
 # Tiny everything: the CLI runs below take a fraction of a second per configuration.
 FAST = ["--preset", "tiny", "--prompt-len", "4", "--gen-len", "5", "--repeats", "1", "--warmup", "0", "--threads", "1"]
@@ -86,7 +86,9 @@ def test_grid_refuses_bad_axes(axes, message):
 @pytest.fixture(scope="module")
 def rows():
     specs = grid(attention=["mha", "gqa", "mqa"], pos=["rope", "sinusoidal"], batch=[2])
-    return bench.run_grid(specs, in_process=True)
+    rows, interrupted = bench.run_grid(specs, in_process=True)
+    assert not interrupted
+    return rows
 
 
 def test_record_has_the_stable_keys(rows):
@@ -160,8 +162,28 @@ def test_measured_speedups_follow_the_same_rules(rows):
     assert all(r["speedup_vs_no_cache"] is not None for r in rows if r["kv_cache"])
 
 
+def test_speedups_from_one_run_each_are_not_claimed(rows):
+    for r in rows[1:]:
+        assert r["speedup_note"] in ("one run each: no spread", "not significant: machine busy")
+
+
+def test_ctrl_c_keeps_the_configurations_measured(monkeypatch):
+    specs = grid(attention=["mha", "mqa"])
+    real, calls = bench.measure, []
+
+    def measure(spec):
+        calls.append(spec)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(spec)
+
+    monkeypatch.setattr(bench, "measure", measure)
+    rows, interrupted = bench.run_grid(specs, in_process=True)
+    assert interrupted and len(rows) == 2 and rows[0]["baseline"]
+
+
 def test_bfloat16_row_is_compared_with_fp32():
-    (row,) = bench.run_grid(grid(kv_cache=["off"], dtype=["bfloat16"]), in_process=True)
+    (row,), _ = bench.run_grid(grid(kv_cache=["off"], dtype=["bfloat16"]), in_process=True)
     assert row["dtype"] == "bfloat16" and isinstance(row["greedy_match"], bool)
     assert row["max_logit_diff"] > 0  # bf16 rounding shows up against the fp32 oracle
 
@@ -199,7 +221,7 @@ def test_cli_gqa_gets_mha_baseline_and_writes_every_format(tmp_path):
         result = invoke(*FAST, "--attention", "mha", "--pos", "rope", "--in-process", "--format", fmt, "--chart")
         assert result.exit_code == 0, result.output
         outputs[fmt] = result.stdout
-    assert "tok/s" in outputs["table"] and "MHA" in outputs["table"]
+    assert "tok/s" in outputs["table"] and "attention mha" in outputs["table"]
     md_rows = [ln for ln in outputs["md"].splitlines() if ln.startswith("|")]
     assert len(md_rows) == 2 + 2 and "tok/s" in md_rows[0]  # header, rule, cache off and on
     records = list(csv.DictReader(io.StringIO(outputs["csv"])))
@@ -262,3 +284,19 @@ def test_cli_plot_without_matplotlib_names_the_extra(tmp_path):
     assert result.exit_code == 2
     assert "pip install 'gen-lab[plot]'" in result.output
     assert not (tmp_path / "c.png").exists()
+
+
+def test_cli_ctrl_c_prints_the_rows_measured(monkeypatch):
+    real, calls = bench.measure, []
+
+    def measure(spec):
+        calls.append(spec)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(spec)
+
+    monkeypatch.setattr(bench, "measure", measure)
+    result = invoke(*FAST, "--attention", "mha", "--pos", "rope", "--in-process", "--format", "json")
+    assert result.exit_code == 130
+    assert "interrupted: showing the 1 of 2" in result.stderr
+    assert len(json.loads(result.stdout)["rows"]) == 1

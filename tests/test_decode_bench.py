@@ -35,7 +35,14 @@ def test_bytes_per_token_follow_the_stored_dtype():
 
 
 def test_bench_shape_rows_and_deviation():
-    rows = bench_shape("tiny", ("fp32", "int8"), 1, 4, torch.device("cpu"), hf_available(), 1e10)
+    runs = []
+    rows = bench_shape(
+        "tiny", ("fp32", "int8"), 1, 4, torch.device("cpu"), hf_available(), 1e10, on_run=lambda: runs.append(1)
+    )
+    assert len(runs) == len(rows)  # one progress tick per timed run
+    assert all({"others_cores", "busy"} <= set(r.machine_load) for r in rows)
+    if hf_available():
+        assert all(r.vs_hf_note for r in rows if r.mode != "transformers")  # one run each: no spread to judge
     by_mode = {r.mode: r for r in rows}
     assert {"fp32", "int8"} <= by_mode.keys()
     fp32 = by_mode["fp32"]

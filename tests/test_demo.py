@@ -15,7 +15,11 @@ runner = CliRunner()
 
 
 def test_demo_json_reports_both_settings_and_identical_tokens(model_dir):
-    args = ["demo", "--model", str(model_dir), "--tokens", "20", "--sample-tokens", "8", "--repeats", "2", "--json"]
+    import torch
+
+    threads = str(torch.get_num_threads())  # the global setting other tests see stays as it was
+    args = ["demo", "--model", str(model_dir), "--tokens", "20", "--sample-tokens", "8", "--repeats", "2"]
+    args += ["--threads", threads, "--json"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
@@ -29,6 +33,13 @@ def test_demo_json_reports_both_settings_and_identical_tokens(model_dir):
     med_on, med_off = (statistics.median(r["decode_tokens_per_s_samples"]) for r in (on, off))
     assert (on["decode_tokens_per_s"], off["decode_tokens_per_s"]) == (med_on, med_off)
     assert data["speedup"] == pytest.approx(med_on / med_off)
+    assert data["threads"] == int(threads) and data["repeats"] == 2
+    assert {"others_cores", "load_avg_1m", "busy"} <= set(data["machine_load"])
+    assert data["speedup_significance"] in (
+        "significant",
+        "not significant: machine busy",
+        "not significant: spreads overlap",
+    )
 
 
 def test_demo_table_and_missing_model(model_dir, tmp_path):
@@ -37,5 +48,9 @@ def test_demo_table_and_missing_model(model_dir, tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert "KV cache speed-up" in result.stdout and "identical" in result.stdout
+    assert "no spread" in result.stdout or "machine busy" in result.stdout  # one repeat: no claim as fact
+    assert "during the timed runs" in result.stderr
+    table = [line for line in result.stdout.splitlines() if "│" in line or "KV cache" in line]
+    assert table and max(len(line) for line in table) <= 80  # the table and verdicts fit 80 columns
     missing = runner.invoke(app, ["demo", "--model", str(tmp_path / "nope")])
     assert missing.exit_code != 0 and "Traceback" not in missing.output

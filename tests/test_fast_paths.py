@@ -96,6 +96,17 @@ def test_int8_linear_is_its_dequantized_weight():
         assert torch.allclose(lin(x), x @ lin.dequantized().t(), atol=1e-4)
 
 
+def test_int8_prompt_under_compile_avoids_onednn(monkeypatch):
+    """Inductor refuses oneDNN's GEMM on a weight computed in the graph: compiled prompts use F.linear."""
+    from gen_cli.infer import linear
+
+    lin = Int8Linear(torch.randn(300, 256), torch.float32)
+    monkeypatch.setattr(linear, "prompt_gemm", lambda *a: pytest.fail("oneDNN GEMM under compile"))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    x = torch.randn(20, 256)
+    assert torch.allclose(lin(x), x @ lin.dequantized().t(), atol=1e-3)
+
+
 @pytest.mark.parametrize(("dtype", "quantize", "tol"), [(torch.bfloat16, "none", BF16_REL_TOL),
                                                         (torch.bfloat16, "int8", INT8_REL_TOL)])  # fmt: skip
 def test_low_precision_within_tolerance_and_greedy_agreement_measured(dtype, quantize, tol):

@@ -15,7 +15,7 @@ from gen_cli.text.tokenizer import encode
 runner = CliRunner()
 STATS_KEYS = {
     "prompt_tokens", "new_tokens", "ttft_s", "prefill_tokens_per_s", "decode_tokens_per_s",
-    "kv_cache_bytes", "kv_cache_bytes_analytic", "peak_memory_bytes", "device", "dtype", "threads",
+    "kv_cache_bytes", "kv_cache_bytes_analytic", "peak_memory_bytes", "device", "dtype", "threads", "machine_load",
 }  # fmt: skip
 
 
@@ -65,6 +65,7 @@ def test_plain_and_streamed_output_agree_and_stats_go_to_stderr(model_dir):
     assert streamed.stdout == plain.stdout
     assert "time to first" in streamed.stderr and "KV cache" in streamed.stderr and "threads" in streamed.stderr
     assert "time to first" not in streamed.stdout
+    assert "machine " in streamed.stderr and "no spread" in streamed.stderr  # one run: its noise is named
 
 
 def test_stop_string_cuts_the_text(model_dir):

@@ -126,3 +126,28 @@ def test_human_bytes():
     assert report.human_bytes(512) == "512 B"
     assert report.human_bytes(3 << 20) == "3.0 MiB"
     assert report.human_bytes(None) == "—"
+
+
+def test_default_table_fits_80_columns_and_moves_constants_to_the_title(result):
+    from rich.console import Console
+
+    result["rows"][2]["speedup_note"] = "not significant: spreads overlap"
+    result["rows"][2]["machine_load"] = {"others_cores": 1.2, "busy": True}
+    result["rows"].append(row("gqa", 2, rate=15500.0, pos="sinusoidal", dtype="bfloat16", speedup=3.1,
+                              speedup_vs_no_cache=2.8, speedup_vs_no_cache_note="one run each: no spread",
+                              prompt_len=16))  # fmt: skip
+    console = Console(file=io.StringIO(), width=80, no_color=True)
+    console.print(report.rich_table(result))
+    for note in report.footnotes(result):
+        console.print(note)
+    text = console.file.getvalue()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    assert "generate 8" in text.splitlines()[0]  # a constant setting: in the title line, not a column
+    assert "…" not in text  # no cell cut short
+    assert "3.20× ns" in text and "not significant: spreads overlap" in text and "busy machine" in text
+    assert "params" not in text
+    for line in text.splitlines():  # prose wraps at word boundaries: no line ends inside a word
+        assert not line.endswith("-")
+    wide = Console(file=io.StringIO(), width=200, no_color=True)
+    wide.print(report.rich_table(result, wide=True))
+    assert "params" in wide.file.getvalue() and "prefill tok/s" in wide.file.getvalue()

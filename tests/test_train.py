@@ -287,6 +287,17 @@ def test_cli_eval_uniform_model_gives_ln_v(trained, monkeypatch):
     _one_line_error(_cli("eval"), "no default model")
 
 
+def test_cli_eval_of_a_run_scores_its_training_text_and_says_so(trained):
+    result = _cli("eval", str(trained / "run"), "--json", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    got = json.loads(result.stdout[result.stdout.index("{") :])
+    assert (got["corpus"], got["split"]) == (str(trained / "corpus.txt"), "val")
+    val_bytes = sum(len(t.encode()) for t in Corpus([str(trained / "corpus.txt")]).texts("val"))
+    assert got["bytes"] == val_bytes  # not python-docs
+    plain = _cli("eval", str(trained / "run"), "--device", "cpu")
+    assert "validation split of" in plain.stderr and "training text" in plain.stderr
+
+
 def test_tokens_seen_counts_each_run_at_its_own_batch_size(home):
     first = train(tiny_args(home, steps=6, stop_after=3))  # batch 4 × context 32
     assert first.tokens_seen == 3 * 4 * 32

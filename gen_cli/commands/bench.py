@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import typer
 
 from gen_cli.commands.common import err, out_console, print_json, progress_enabled
+from gen_cli.errors import UsageError
 from gen_cli.text.tokenizer import DEFAULT_VOCAB_SIZE
 
 bench_app = typer.Typer(help="Benchmarks: gen against the libraries it builds on, measured in one run.")
@@ -56,7 +55,9 @@ def bench_tokenizer_command(
 
 @bench_app.command("decode")
 def bench_decode_command(
-    shapes: str = typer.Option("small,base", "--shapes", help="Comma-separated presets to measure."),
+    shapes: str = typer.Option(
+        "small", "--shapes", help="Comma-separated presets to measure (tiny, small, base; base takes ~10 min)."
+    ),
     modes: str = typer.Option(
         None,
         "--modes",
@@ -77,9 +78,10 @@ def bench_decode_command(
     prefill tokens/s on a 512-token prompt, deviation from unoptimised fp32 (max logit difference,
     greedy tokens agreeing before the first divergence), and the memory-bandwidth ceiling.
     """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     from rich.table import Table
 
-    from gen_cli.lab.decode_bench import HF_INSTALL, bench_decode, hf_available
+    from gen_cli.lab.decode_bench import DEFAULT_GPU_MODES, DEFAULT_MODES, HF_INSTALL, bench_decode, hf_available
     from gen_cli.runtime import resolve_device, set_threads
 
     device = resolve_device(device_name)
@@ -88,13 +90,20 @@ def bench_decode_command(
         err.print(f"[yellow]{HF_INSTALL}[/] (the gen rows still run)")
     shape_list = tuple(s.strip() for s in shapes.split(",") if s.strip())
     mode_list = tuple(m.strip() for m in modes.split(",") if m.strip()) if modes else None
-    with err.status("benchmarking", spinner="dots") if progress_enabled() else nullcontext() as status:
-
-        def on_step(msg: str) -> None:
-            if status is not None:
-                status.update(msg)
-
-        rows, context = bench_decode(shape_list, mode_list, repeats, new_tokens, device, on_step)
+    n_modes = len(mode_list or (DEFAULT_MODES if device.type == "cpu" else DEFAULT_GPU_MODES)) + hf_available()
+    err.print(
+        f"bench decode: {len(shape_list)} shape(s) × {n_modes} modes × {repeats} repeats of {new_tokens} tokens, "
+        "plus building, warm-up and a deviation check per mode; progress and ETA below"
+    )
+    with Progress(TextColumn("[bold]bench[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("ETA"),
+                  TimeRemainingColumn(), TextColumn("{task.description}"), console=err, transient=True,
+                  disable=not progress_enabled()) as progress:  # fmt: skip
+        task = progress.add_task("building", total=len(shape_list) * n_modes * repeats)
+        rows, context = bench_decode(
+            shape_list, mode_list, repeats, new_tokens, device,
+            on_step=lambda msg: progress.update(task, description=msg),
+            on_run=lambda: progress.advance(task),
+        )  # fmt: skip
     if as_json:
         print_json({"context": context, "rows": [r.to_dict() for r in rows]})
         return
@@ -115,7 +124,7 @@ def bench_decode_command(
             r.path,
             f"{r.decode_tok_s:,.1f}",
             f"{min(r.decode_runs):,.0f}–{max(r.decode_runs):,.0f}",
-            f"{r.vs_hf:.2f}×" if r.vs_hf else "",
+            (f"{r.vs_hf:.2f}×" + (" ns" if r.vs_hf_note else "")) if r.vs_hf else "",
             f"{r.vs_c:.2f}×" if r.vs_c else "",
             f"{r.prefill_tok_s:,.0f}",
             f"{r.max_logit_diff:.2g}",
@@ -131,6 +140,74 @@ def bench_decode_command(
         "'greedy =' counts tokens equal before the first divergence; "
         "C ref = fixed llama2.c-style figures for small and base at 2 threads and 256 tokens (see README); "
         "ceiling = measured bandwidth / (weights in stored dtype + KV read) per token"
+    )
+    notes = sorted({r.vs_hf_note for r in rows if r.vs_hf_note})
+    if notes:
+        err.print(f"ns: the ratio to transformers is not a measured speed-up ({'; '.join(notes)})")
+    for shape in shape_list:
+        load = next(r.machine_load for r in rows if r.shape == shape)
+        busy = " (busy: figures may be off)" if load.get("busy") else ""
+        if load.get("others_cores") is not None:
+            err.print(f"{shape}: other processes used {load['others_cores']:.1f} cores during the timed runs{busy}")
+
+
+@bench_app.command("contention")
+def bench_contention_command(
+    shape: str = typer.Option("small", "--shape", help="Preset shape to decode with (random weights)."),
+    threads: str = typer.Option("1,2", "--threads", help="Comma-separated thread counts."),
+    waits: str = typer.Option(
+        "spin,passive", "--waits", help="OpenMP wait modes: spin (libgomp's default), passive (gen's)."
+    ),
+    paths: str = typer.Option("native,torch", "--paths", help="Decode paths: native (gen's C step), torch."),
+    rounds: int = typer.Option(3, "--rounds", min=1, help="Idle/busy rounds; medians reported."),
+    new_tokens: int = typer.Option(128, "--new-tokens", min=2, help="Tokens generated per run."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable rows on stdout."),
+) -> None:
+    """Decode tok/s idle and beside one competing CPU-bound process that this command starts itself.
+
+    Each wait mode runs in its own worker process (the OpenMP runtime reads it once, at start-up);
+    idle and busy runs alternate, so each pair is measured in the same minute. Fair share with one
+    competitor on two cores is about 2x slower at most.
+    """
+    from gen_cli.lab.contention import WAITS, bench_contention, format_rows
+
+    wait_list = tuple(w.strip() for w in waits.split(",") if w.strip())
+    if bad := [w for w in wait_list if w not in WAITS]:
+        raise UsageError(f"waits: unknown mode(s) {', '.join(bad)}; choose from {', '.join(WAITS)}", params=("waits",))
+    path_list = tuple(p.strip() for p in paths.split(",") if p.strip())
+    if bad := [p for p in path_list if p not in ("native", "torch")]:
+        raise UsageError(f"paths: unknown path(s) {', '.join(bad)}; choose native or torch", params=("paths",))
+    try:
+        thread_list = tuple(int(t) for t in threads.split(",") if t.strip())
+    except ValueError:
+        raise UsageError(f"threads must be comma-separated integers, got {threads!r}", params=("threads",)) from None
+    total = rounds * 2 * len(wait_list) * len(thread_list) * len(path_list)
+    err.print(
+        f"{total} timed runs of {new_tokens} tokens each ({shape}; {rounds} rounds, idle then beside a busy "
+        "process); a spinning mode on a busy machine can take minutes a run"
+    )
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("[bold]contention[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("ETA"),
+                  TimeRemainingColumn(), TextColumn("{task.description}"), console=err, transient=True,
+                  disable=not progress_enabled()) as progress:  # fmt: skip
+        task = progress.add_task("starting workers", total=total)
+        started = [False]
+
+        def on_step(msg: str) -> None:
+            if msg.startswith("round"):  # one message before each timed run: the previous one is done
+                progress.update(task, advance=1 if started[0] else 0, description=msg)
+                started[0] = True
+
+        rows = bench_contention(shape, thread_list, wait_list, path_list, rounds, new_tokens, on_step)
+    if as_json:
+        print_json([r.to_dict() for r in rows])
+        return
+    out_console().print("\n".join(format_rows(rows)), markup=False)
+    err.print(
+        "slowdown = idle / busy tok/s; one competitor on two cores leaves a fair share of about 2x; "
+        "idle load = cores other processes (not the competitor) used during the idle runs: above 0.5 the idle "
+        "figures were not idle"
     )
 
 

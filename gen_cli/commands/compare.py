@@ -17,7 +17,7 @@ from gen_cli.errors import GenError, UsageError
 
 DEFAULT_PROMPT_LEN = 16
 PLOT_HINT = "--plot needs matplotlib: pip install 'gen-lab[plot]'"
-DEFAULT_GEN_LEN = 240  # capped by the shape's context
+DEFAULT_GEN_LEN = 128  # capped by the shape's context; the cache-off rows cost grows with its square
 
 
 def _resolve_shape(preset: str | None, model_dir: Path | None) -> tuple[Any, str, str | None, str | None]:
@@ -139,6 +139,7 @@ def compare_command(
         show_default=False,
     ),
     yes: bool = typer.Option(False, "--yes", "-y", help="Run a large grid without asking (asked only in a terminal)."),
+    wide: bool = typer.Option(False, "--wide", help="Show every column (the default fits 80 columns)."),
     in_process: bool = typer.Option(False, "--in-process", hidden=True, help="Measure in this process (tests)."),
 ) -> None:
     """Measure KV caching, MHA/MQA/GQA and RoPE/sinusoidal/learned positions side by side on this machine.
@@ -198,7 +199,12 @@ def compare_command(
     )
     _check_grid_memory(specs, dev)
     _confirm_large_grid(specs, yes)
-    rows = _run(specs, in_process)
+    rows, interrupted = _run(specs, in_process)
+    if interrupted:
+        err.print(f"interrupted: showing the {len(rows)} of {len(specs)} configurations measured")
+        if rows:
+            _show({"env": compare.environment(rows, shape, source), "rows": rows}, out_fmt, output, None, False, wide)
+        raise typer.Exit(130)
     if quality_steps:
         variants = list(dict.fromkeys(s.variant() for s in specs))
         from gen_cli.lab.quality import attach_quality
@@ -206,7 +212,7 @@ def compare_command(
         attach_quality(rows, _quality(shape, variants, quality_steps, preset_name, tokenizer,
                                             quality_data, str(dev)))  # fmt: skip
     result = {"env": compare.environment(rows, shape, source), "rows": rows}
-    _show(result, out_fmt, output, plot, chart)
+    _show(result, out_fmt, output, plot, chart, wide)
 
 
 LARGE_GRID = 100  # configurations from which the size is announced (and, in a terminal, confirmed)
@@ -243,8 +249,17 @@ def _check_grid_memory(specs: list[Any], device: Any) -> None:
     )
 
 
-def _run(specs: list[Any], in_process: bool) -> list[dict[str, Any]]:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+def _run(specs: list[Any], in_process: bool) -> tuple[list[dict[str, Any]], bool]:
+    import time
+
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from gen_cli.lab import compare
 
@@ -253,14 +268,26 @@ def _run(specs: list[Any], in_process: bool) -> list[dict[str, Any]]:
         return (f"{s.attention} {s.shape['n_kv_head']}kv {s.shape['pos_encoding']} cache {cache} {s.dtype} "
                 f"p{s.prompt_len} g{s.gen_len} b{s.batch}")  # fmt: skip
 
+    first = specs[0]
+    err.print(
+        f"compare: {len(specs)} configurations, each in a fresh process ({first.warmup} warm-up + {first.repeats} "
+        f"timed runs of {first.gen_len} tokens); Ctrl-C stops and shows those measured so far"
+    )
+    started = time.perf_counter()
     with Progress(TextColumn("[bold]compare[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("{task.description}"), console=err, transient=True,
-                  disable=not progress_enabled()) as progress:  # fmt: skip
+                  TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.description}"), console=err,
+                  transient=True, disable=not progress_enabled()) as progress:  # fmt: skip
         task = progress.add_task(label(specs[0]), total=len(specs))
         done = [0]
 
         def on_done(row: dict[str, Any]) -> None:
             done[0] += 1
+            if done[0] == 1 and len(specs) > 1:  # measured, not guessed: the first configuration's time
+                took = time.perf_counter() - started
+                progress.console.print(
+                    f"first configuration took {took:.0f} s: about {took * (len(specs) - 1) / 60:.1f} min "
+                    "more for the rest (cache-off rows take longer)"
+                )
             nxt = label(specs[done[0]]) if done[0] < len(specs) else "done"
             progress.update(task, advance=1, description=nxt)
 
@@ -269,13 +296,14 @@ def _run(specs: list[Any], in_process: bool) -> list[dict[str, Any]]:
 
 def _quality(shape: Any, variants: list[Any], steps: int, preset: str | None, tokenizer: str | None,
              inputs: list[str] | None, device: str) -> dict:  # fmt: skip
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from gen_cli.lab.quality import measure_quality
     from gen_cli.train.loop import StepEvent
 
-    with Progress(TextColumn("[bold]quality[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
-                  console=err, transient=True, disable=not progress_enabled()) as progress:  # fmt: skip
+    with Progress(TextColumn("[bold]quality[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("ETA"),
+                  TimeRemainingColumn(), TextColumn("{task.description}"), console=err, transient=True,
+                  disable=not progress_enabled()) as progress:  # fmt: skip
         task = progress.add_task("training", total=steps * len(variants))
 
         def on_event(event: Any) -> None:
@@ -289,7 +317,9 @@ def _quality(shape: Any, variants: list[Any], steps: int, preset: str | None, to
                                      device=device, report=on_event)  # fmt: skip
 
 
-def _show(result: dict[str, Any], fmt: str, output: Path | None, plot: Path | None, chart: bool | None) -> None:
+def _show(
+    result: dict[str, Any], fmt: str, output: Path | None, plot: Path | None, chart: bool | None, wide: bool = False
+) -> None:
     from gen_cli.atomic import write_text_atomic
     from gen_cli.lab import report
 
@@ -305,7 +335,9 @@ def _show(result: dict[str, Any], fmt: str, output: Path | None, plot: Path | No
             raise GenError(f"{e}; the results were printed to stdout instead") from None
         err.print(f"wrote {output}")
     elif fmt == "table":
-        console.print(report.rich_table(result))
+        console.print(report.rich_table(result, wide=wide))
+        for note in report.footnotes(result):
+            err.print(note)
     else:
         sys.stdout.write(report.render(result, fmt))
     show_chart = chart if chart is not None else (sys.stdout.isatty() and fmt == "table" and output is None)

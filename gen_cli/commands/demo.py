@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import statistics
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import typer
 from rich.table import Table
 
-from gen_cli.commands.common import err, out_console, print_json
+from gen_cli.commands.common import err, out_console, print_json, progress_enabled
 from gen_cli.resources import default_model_dir
 
 
@@ -21,12 +22,14 @@ def demo_command(
     sample_tokens: int = typer.Option(120, "--sample-tokens", min=1, help="Length of the sampled continuation."),
     tokens: int = typer.Option(256, "--tokens", min=2, help="Greedy tokens for the cache on/off comparison."),
     repeats: int = typer.Option(3, "--repeats", min=1, help="Timed runs per setting; the median is shown."),
+    threads: int = typer.Option(None, "--threads", help="CPU threads (default: torch's).", show_default=False),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable results on stdout."),
 ) -> None:
     """Sample from the shipped model, then time the same greedy generation with and without KV cache.
 
     Both runs must produce identical tokens (the cache is an optimisation, not an approximation);
-    the table shows decode speed, time to first token and the speed-up the cache buys.
+    the table shows decode speed, time to first token and the speed-up the cache buys, with the
+    spread over repeats and the machine's load (a ratio whose spreads overlap is not claimed).
     """
     import torch
 
@@ -34,8 +37,10 @@ def demo_command(
     from gen_cli.infer.optimize import optimize_for_decode
     from gen_cli.infer.sampling import SamplingConfig
     from gen_cli.model.checkpoint import load_model
+    from gen_cli.runtime import LoadProbe, set_threads, spread_verdict
     from gen_cli.text.tokenizer import decode, encode, special_id
 
+    set_threads(threads)
     directory = model_dir or default_model_dir()
     model, tok = load_model(directory)
     params = model.num_parameters()
@@ -61,9 +66,15 @@ def demo_command(
     greedy = SamplingConfig(temperature=0.0)
     runs: dict[bool, list] = {True: [], False: []}
     run_generation(model, prompt_ids, 8, greedy, use_cache=True)  # warm-up: first calls pay one-off costs
-    for _ in range(repeats):
-        for use_cache in (True, False):  # interleaved, so machine noise hits both alike
-            runs[use_cache].append(run_generation(model, prompt_ids, tokens, greedy, use_cache=use_cache))
+    with (
+        err.status(f"timing {repeats} runs with and without KV cache", spinner="dots")
+        if progress_enabled()
+        else nullcontext(),
+        LoadProbe() as probe,
+    ):
+        for _ in range(repeats):
+            for use_cache in (True, False):  # interleaved, so machine noise hits both alike
+                runs[use_cache].append(run_generation(model, prompt_ids, tokens, greedy, use_cache=use_cache))
     identical = all(torch.equal(a.tokens, b.tokens) for a in runs[True] for b in runs[False])
     rows = {}
     for use_cache, results in runs.items():
@@ -77,6 +88,10 @@ def demo_command(
             "decode_path": results[0].stats.decode_path,
         }
     speedup = rows["on"]["decode_tokens_per_s"] / rows["off"]["decode_tokens_per_s"]
+    load = probe.load
+    significance = spread_verdict(
+        rows["on"]["decode_tokens_per_s_samples"], rows["off"]["decode_tokens_per_s_samples"], load.busy
+    )
     if as_json:
         print_json(
             {
@@ -85,19 +100,26 @@ def demo_command(
                 "tokens": tokens,
                 "kv_cache": rows,
                 "speedup": speedup,
+                "speedup_significance": significance or "significant",
                 "greedy_identical": identical,
+                "threads": torch.get_num_threads(),
+                "repeats": repeats,
+                "machine_load": load.to_dict(),
             }
         )
         return
-    table = Table(title=f"greedy, {prompt_ids.shape[1]}-token prompt + {tokens} new tokens, median of {repeats}")
-    for column in ("KV cache", "decode tok/s", "spread", "ms/token", "first token ms", "KV cache bytes", "path"):
+    table = Table(
+        title=f"greedy, {prompt_ids.shape[1]}-token prompt + {tokens} new tokens, median of {repeats}, "
+        f"{torch.get_num_threads()} threads"
+    )
+    for column in ("KV cache", "decode tok/s", "± spread", "ms/token", "TTFT ms", "KV bytes", "path"):
         table.add_column(column, justify="right")
     for name, row in rows.items():
         samples = row["decode_tokens_per_s_samples"]
         table.add_row(
             name,
             f"{row['decode_tokens_per_s']:,.0f}",
-            f"{min(samples):,.0f}–{max(samples):,.0f}",
+            f"±{50 * (max(samples) - min(samples)) / row['decode_tokens_per_s']:.0f}%",  # half the min-max range
             f"{1000 / row['decode_tokens_per_s']:.2f}",
             f"{row['ttft_s'] * 1000:.1f}",
             f"{row['kv_cache_bytes']:,}",
@@ -106,7 +128,9 @@ def demo_command(
     sys.stdout.write("\n")
     out_console().print(table)
     verdict = "identical" if identical else "DIFFERENT (a bug: please report it)"
-    out_console().print(f"KV cache speed-up: [bold]{speedup:.1f}×[/]; greedy tokens with and without cache: {verdict}")
+    claim = f"[bold]{speedup:.1f}×[/]" + (f" ({significance})" if significance else "")
+    out_console().print(f"KV cache speed-up: {claim}\ngreedy tokens with and without cache: {verdict}")
+    err.print(f"during the timed runs: {load.describe()}")
 
 
 def register(app: typer.Typer) -> None:

@@ -87,6 +87,11 @@ def _print_stats(stats: dict[str, Any], source: str, path_note: str = "") -> Non
         f"device           {stats['device']}   dtype {stats['dtype']}   threads {stats['threads']}   "
         f"decode path {stats['decode_path']}{path_note}",
     ]
+    if load := stats.get("machine_load"):
+        from gen_cli.runtime import MachineLoad
+
+        busy = MachineLoad(load["cores"], load["others_cores"], load["load_avg_1m"])
+        lines.append(f"machine          {busy.describe()}; one run, no spread (gen bench decode repeats)")
     if stats.get("compile_s") is not None:
         lines.append(f"compile          {stats['compile_s']:.1f} s before generating (torch.compile; not in the rates)")
     err.print("\n".join(lines))

@@ -99,7 +99,27 @@ def train_tokenizer_command(
             on_bytes=lambda n: progress.advance(task, n),
         )
     save_tokenizer(tok, out)
-    result = {**summary.to_dict(), "path": str(out)}
+    result = {
+        **summary.to_dict(),
+        "path": str(out),
+        "vocab_size_requested": vocab_size,
+        "skipped_files": corpus.skipped,
+    }
+    notes = []
+    if corpus.skipped:
+        names = ", ".join(corpus.skipped[:5]) + (
+            f" and {len(corpus.skipped) - 5} more" if len(corpus.skipped) > 5 else ""
+        )
+        notes.append(
+            f"skipped {len(corpus.skipped)} binary file(s), compressed ones included (decompress to use them): {names}"
+        )
+    if summary.vocab_size < vocab_size:
+        notes.append(
+            f"the vocabulary has {summary.vocab_size:,} tokens, not the {vocab_size:,} asked: this text has no "
+            f"more pairs seen at least {min_frequency} times; give more text or a smaller --vocab-size"
+        )
+    for note in notes:
+        err.print(f"[yellow]{escape(note)}[/]")
     if as_json:
         print_json(result)
         return

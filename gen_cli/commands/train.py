@@ -47,6 +47,7 @@ class _Renderer:
         self.progress: Any = None
         self.task: Any = None
         self.every = 1
+        self.started: float | None = None  # clock at the first step event, for the up-front estimate
 
     def __enter__(self) -> _Renderer:
         if self.live:
@@ -67,6 +68,7 @@ class _Renderer:
         from gen_cli.train.loop import EvalEvent, StepEvent
 
         if isinstance(event, StepEvent):
+            self._estimate(event)
             text = (
                 f"loss {event.loss:.4f}  lr {event.lr:.2e}  {event.tokens_per_s:,.0f} tok/s  "
                 f"ETA {_fmt_eta(event.eta_s)}"
@@ -85,6 +87,25 @@ class _Renderer:
             )
         else:
             (self.progress.console if self.progress else err).print(escape(str(event)), soft_wrap=True)
+
+    ESTIMATE_AFTER = 5  # steps measured before the whole run is estimated
+
+    def _estimate(self, event: Any) -> None:
+        """Once, a few steps in: the run's length as steps × the step time measured so far."""
+        import time
+
+        if self.started is None:
+            self.started, self.first_step = time.perf_counter(), event.step
+            return
+        measured = event.step - self.first_step
+        if measured == self.ESTIMATE_AFTER and event.steps - event.step > 0:
+            per_step = (time.perf_counter() - self.started) / measured
+            (self.progress.console if self.progress else err).print(
+                f"training {event.steps:,} steps: {per_step:.2f} s per step measured over {measured} steps, "
+                f"about {_fmt_eta(per_step * (event.steps - event.step))} to go, plus evaluations "
+                "(fewer with --steps; Ctrl-C saves and stops)",
+                soft_wrap=True,
+            )
 
 
 def train_command(
@@ -191,6 +212,9 @@ def eval_command(
 ) -> None:
     """Held-out loss, perplexity and bits per byte on the validation split of the inputs.
 
+    Without inputs, a `gen train` run folder is scored on the text it was trained on (recorded in its
+    train state), any other model on the default corpus; the output names the corpus and split.
+
     The validation token stream is scored in contiguous, non-overlapping windows, so each token is
     predicted once. Bits per byte (total nats / ln 2 / UTF-8 bytes of the scored text) does not
     depend on the tokenizer, so models with different vocabularies compare fairly.
@@ -208,6 +232,18 @@ def eval_command(
         print_json(dataclasses.asdict(res))
         return
     out_console().print(_eval_figures(res))
+    split = {"val": "validation"}.get(res.split, res.split)
+    err.print(
+        f"scored the {split} split of {escape(res.corpus)}"
+        + ("" if inputs else " (the run's own training text)" if _trained(model_dir) else " (the default corpus)"),
+        soft_wrap=True,
+    )
+
+
+def _trained(model_dir: Path) -> bool:
+    from gen_cli.train.evaluate import trained_inputs
+
+    return trained_inputs(model_dir) is not None
 
 
 def register(app: typer.Typer) -> None:

@@ -19,7 +19,7 @@ from gen_cli.infer.sampling import SamplingConfig, sample_next
 from gen_cli.model.config import ModelConfig
 from gen_cli.model.kv_cache import KVCache
 from gen_cli.model.transformer import Transformer
-from gen_cli.runtime import PeakMemory, dtype_name, synchronize
+from gen_cli.runtime import LoadProbe, PeakMemory, dtype_name, synchronize
 
 
 @torch.inference_mode()
@@ -247,6 +247,7 @@ class GenerationStats:
     threads: int
     batch: int
     decode_path: str  # "native" (gen's C step) or "torch"
+    machine_load: dict[str, Any] = field(default_factory=dict)  # MachineLoad.to_dict() over the run
     per_token_latencies: list[float] = field(default_factory=list)
 
     def to_dict(self, latencies: bool = False) -> dict[str, Any]:
@@ -290,7 +291,7 @@ def run_generation(
     interrupted = False
     cache: KVCache | None = None
     synchronize(device)
-    with PeakMemory(device) as mem:
+    with PeakMemory(device) as mem, LoadProbe() as probe:
         start = perf_counter()
         if use_cache:
             cache = new_cache(model, prompt_ids, max_new_tokens, num_samples)
@@ -334,6 +335,7 @@ def run_generation(
         threads=torch.get_num_threads(),
         batch=batch,
         decode_path="native" if native is not None and cache is not None and native.accepts(batch, cache) else "torch",
+        machine_load=probe.measure().to_dict(),
         per_token_latencies=latencies[1:],
     )
     out = torch.stack(steps, dim=1) if steps else torch.empty(batch, 0, dtype=torch.long, device=device)

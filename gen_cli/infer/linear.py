@@ -99,5 +99,8 @@ class Int8Linear(nn.Module):
             y = torch._weight_int8pack_mm(x2, self.qweight, self.scale)  # (B*T, out)
         else:
             dense = self.qweight.to(x.dtype)  # (out, in), scaled after the product
-            y = (prompt_gemm(x2, dense) if onednn_applies(dense) else F.linear(x2, dense)) * self.scale
+            # Under torch.compile `dense` is computed in the graph, not a frozen constant, and inductor
+            # refuses oneDNN's op on it ("weight must be a graph constant"): its own GEMM runs instead.
+            gemm = onednn_applies(dense) and not torch.compiler.is_compiling()
+            y = (prompt_gemm(x2, dense) if gemm else F.linear(x2, dense)) * self.scale
         return y.view(*x.shape[:-1], self.out_features)  # (..., out)

@@ -19,6 +19,7 @@ from typing import Any
 from gen_cli.errors import GenError, UsageError
 from gen_cli.lab.worker import PROMPT_SEED, Spec, measure
 from gen_cli.model.config import ATTENTION_KINDS, POS_ENCODINGS, WEIGHT_SEED, ModelConfig, kv_heads_for
+from gen_cli.runtime import spread_verdict
 
 # The --dtype names compare accepts. "int8" means int8 weights (per-channel scales), as `--quantize int8`:
 # fp32 activations through the native CPU step, else bfloat16.
@@ -157,16 +158,23 @@ def run_in_subprocess(spec: Spec) -> dict[str, Any]:
 
 def run_grid(
     specs: list[Spec], in_process: bool = False, on_done: Callable[[dict[str, Any]], None] | None = None
-) -> list[dict[str, Any]]:
-    """Measure every spec (each in its own process unless `in_process`) and fill in the speed-ups."""
-    rows = []
-    for spec in specs:
-        row = measure(spec) if in_process else run_in_subprocess(spec)
-        rows.append(row)
-        if on_done is not None:
-            on_done(row)
+) -> tuple[list[dict[str, Any]], bool]:
+    """Measure every spec (each in its own process unless `in_process`) and fill in the speed-ups.
+
+    Returns (rows, interrupted): Ctrl-C stops the grid and keeps the configurations already measured.
+    """
+    rows: list[dict[str, Any]] = []
+    interrupted = False
+    try:
+        for spec in specs:
+            row = measure(spec) if in_process else run_in_subprocess(spec)
+            rows.append(row)
+            if on_done is not None:
+                on_done(row)
+    except KeyboardInterrupt:
+        interrupted = True
     add_speedups(rows)
-    return rows
+    return rows, interrupted
 
 
 def _variant_key(row: dict[str, Any]) -> tuple:
@@ -186,9 +194,24 @@ def add_speedups(rows: list[dict[str, Any]]) -> None:
         row["speedup"] = row["speedup_vs_no_cache"] = None
         if base["decode_tokens_per_s"] and row["decode_tokens_per_s"]:
             row["speedup"] = row["decode_tokens_per_s"] / base["decode_tokens_per_s"]
+            row["speedup_note"] = None if base is row else _verdict(row, base)
         twin = off.get(_variant_key(row))
         if row["kv_cache"] and twin and twin["decode_tokens_per_s"] and row["decode_tokens_per_s"]:
             row["speedup_vs_no_cache"] = row["decode_tokens_per_s"] / twin["decode_tokens_per_s"]
+            row["speedup_vs_no_cache_note"] = _verdict(row, twin)
+
+
+def _busy(row: dict[str, Any]) -> bool:
+    return bool(row.get("machine_load", {}).get("busy"))
+
+
+def _verdict(row: dict[str, Any], other: dict[str, Any]) -> str | None:
+    """None when the ratio of two rows' decode rates stands, else why it does not (overlap, busy machine)."""
+    a, b = (
+        row.get("samples", {}).get("decode_tokens_per_s", []),
+        other.get("samples", {}).get("decode_tokens_per_s", []),
+    )
+    return spread_verdict(a, b, _busy(row) or _busy(other))
 
 
 def cpu_name() -> str:

@@ -22,7 +22,7 @@ from gen_cli.infer.optimize import compute_dtype, optimize_for_decode
 from gen_cli.infer.sampling import SamplingConfig
 from gen_cli.model.config import ModelConfig, load_preset
 from gen_cli.model.transformer import Transformer, random_model
-from gen_cli.runtime import synchronize
+from gen_cli.runtime import LoadProbe, spread_verdict, synchronize
 
 # Reference figures for a llama2.c-style C loop on the 2-core CPU machine of the README's table (fp32,
 # 2 threads, 256 tokens); fixed numbers, not measured in the run, so compared only with runs of those
@@ -80,6 +80,8 @@ class Row:
     vs_hf: float | None = None
     vs_c: float | None = None
     compile_s: float | None = None
+    vs_hf_note: str | None = None  # why the ratio to transformers is not significant, or None
+    machine_load: dict[str, Any] = field(default_factory=dict)  # during this shape's timed runs
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -257,6 +259,7 @@ def bench_shape(
     with_hf: bool,
     bandwidth: float | None = None,
     on_step: Callable[[str], None] | None = None,
+    on_run: Callable[[], None] | None = None,
 ) -> list[Row]:
     """Measure every mode (and HF) on one preset shape; decode repeats interleaved across modes.
 
@@ -297,15 +300,18 @@ def bench_shape(
     for model, timer, _ in runners.values():  # warm-up: allocator, thread pools, lazy init
         timer(model, decode_prompt, min(new_tokens, 16))
     bandwidths = []
-    for rep in range(repeats):
-        if bandwidth is None:
-            bandwidths.append(measure_bandwidth(device))
-        for name, (model, timer, _) in runners.items():
-            step(f"{shape}: {name} run {rep + 1}/{repeats}")
-            rate, _, toks = timer(model, decode_prompt, new_tokens)
-            decode[name].append(rate)
-            tokens[name] = toks
-            prefill[name].append(timer(model, prefill_prompt, 1)[1])
+    with LoadProbe() as probe:
+        for rep in range(repeats):
+            if bandwidth is None:
+                bandwidths.append(measure_bandwidth(device))
+            for name, (model, timer, _) in runners.items():
+                step(f"{shape}: {name} run {rep + 1}/{repeats}")
+                rate, _, toks = timer(model, decode_prompt, new_tokens)
+                decode[name].append(rate)
+                tokens[name] = toks
+                prefill[name].append(timer(model, prefill_prompt, 1)[1])
+                if on_run is not None:
+                    on_run()
 
     bandwidth = bandwidth or statistics.median(bandwidths)
     rows = []
@@ -334,11 +340,14 @@ def bench_shape(
                 bandwidth_gb_s=bandwidth / 1e9,
                 ceiling_tok_s=bandwidth / nbytes,
                 compile_s=compile_s.get(name),
+                machine_load=probe.load.to_dict(),
             )
         )
-    hf_rate = next((r.decode_tok_s for r in rows if r.mode == "transformers"), None)
+    hf = next((r for r in rows if r.mode == "transformers"), None)
     for r in rows:
-        r.vs_hf = r.decode_tok_s / hf_rate if hf_rate else None
+        r.vs_hf = r.decode_tok_s / hf.decode_tok_s if hf and hf.decode_tok_s else None
+        if r.vs_hf is not None and r is not hf:
+            r.vs_hf_note = spread_verdict(r.decode_runs, hf.decode_runs, probe.load.busy)
         r.vs_c = vs_c_reference(shape, r.decode_tok_s, device, new_tokens)
     return rows
 
@@ -358,6 +367,7 @@ def bench_decode(
     new_tokens: int = 256,
     device: torch.device | str = "cpu",
     on_step: Callable[[str], None] | None = None,
+    on_run: Callable[[], None] | None = None,
 ) -> tuple[list[Row], dict[str, Any]]:
     """Rows for every shape × mode (+ transformers when installed) and the run's context (threads, bandwidth…).
 
@@ -372,7 +382,7 @@ def bench_decode(
     with_hf = hf_available()
     rows: list[Row] = []
     for shape in shapes:
-        rows += bench_shape(shape, modes, repeats, new_tokens, device, with_hf, on_step=on_step)
+        rows += bench_shape(shape, modes, repeats, new_tokens, device, with_hf, on_step=on_step, on_run=on_run)
     context = {
         "device": str(device),
         "threads": torch.get_num_threads(),
@@ -383,6 +393,7 @@ def bench_decode(
         "new_tokens": new_tokens,
         "decode_prompt": DECODE_PROMPT,
         "prefill_prompt": PREFILL_PROMPT,
+        "machine_busy": any(r.machine_load.get("busy") for r in rows),
     }
     if device.type == "cuda":
         context["cuda_max_memory_allocated"] = torch.cuda.max_memory_allocated(device)

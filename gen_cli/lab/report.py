@@ -14,13 +14,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from rich import box
 from rich.console import Console, Group
 from rich.table import Table
-from rich.text import Text
+
+from gen_cli.lab.charts import line_chart
 
 FORMATS = ("table", "md", "csv", "json", "jsonl")
 SUFFIX_FORMATS = {".md": "md", ".csv": "csv", ".json": "json", ".jsonl": "jsonl", ".txt": "table"}
-COLORS = ("cyan", "magenta", "yellow", "green", "red", "blue")
 _MPL_COLORS = ("tab:cyan", "tab:purple", "tab:olive", "tab:green", "tab:red", "tab:blue")
 
 
@@ -56,9 +57,9 @@ def _correct(r: dict[str, Any]) -> str:
 
 
 def _speedup(r: dict[str, Any]) -> str:
-    text = "baseline" if r.get("baseline") else _num(r.get("speedup"), ".2f") + "×"
+    text = "baseline" if r.get("baseline") else _num(r.get("speedup"), ".2f") + "×" + _ns(r.get("speedup_note"))
     if r.get("speedup_vs_no_cache"):
-        text += f" ({r['speedup_vs_no_cache']:.1f}× vs off)"
+        text += f" ({r['speedup_vs_no_cache']:.1f}× vs off{_ns(r.get('speedup_vs_no_cache_note'))})"
     return text
 
 
@@ -122,17 +123,107 @@ def env_lines(env: dict[str, Any]) -> list[str]:
 # Formats
 
 
-def rich_table(result: dict[str, Any]) -> Table:
+def _ns(note: str | None) -> str:
+    return "" if note is None else " ns"
+
+
+def _short_speedup(r: dict[str, Any]) -> str:
+    if r.get("baseline"):
+        return "base"
+    return "—" if r.get("speedup") is None else f"{r['speedup']:.2f}×{_ns(r.get('speedup_note'))}"
+
+
+def _vs_off(r: dict[str, Any]) -> str:
+    v = r.get("speedup_vs_no_cache")
+    return "" if v is None else f"{v:.1f}×{_ns(r.get('speedup_vs_no_cache_note'))}"
+
+
+def _pm(r: dict[str, Any]) -> str:
+    lo, hi, mid = r["decode_tokens_per_s_min"], r["decode_tokens_per_s_max"], r["decode_tokens_per_s"]
+    return "—" if not mid or lo is None else f"±{50 * (hi - lo) / mid:.0f}%"
+
+
+_SHORT_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def narrow_columns(rows: Sequence[dict[str, Any]]) -> tuple[list[tuple[str, Any]], list[str]]:
+    """(columns, constant settings) for an 80-column table: settings shared by every row leave the table."""
+    axes = (("attn", "attention", _attention, lambda r: (r["attention"], r["kv_heads"])),
+            ("pos", "pos", lambda r: r["pos"], lambda r: r["pos"]),
+            ("cache", "KV cache", lambda r: "on" if r["kv_cache"] else "off", lambda r: r["kv_cache"]),
+            ("dtype", "dtype", lambda r: _SHORT_DTYPE.get(r["dtype"], r["dtype"]), lambda r: r["dtype"]))  # fmt: skip
+    work = [(k, label) for k, label in (("prompt_len", "prompt"), ("gen_len", "generate"), ("batch", "batch"))]
+    cols: list[tuple[str, Any]] = []
+    shared: list[str] = []
+    for head, label, cell, key in axes:
+        if len({key(r) for r in rows}) > 1:
+            cols.append((head, cell))
+        elif rows:
+            shared.append(f"{label} {cell(rows[0])}")
+    varying = [(k, label) for k, label in work if _varying(rows, k)]
+    shared += [f"{label} {rows[0][k]}" for k, label in work if rows and not _varying(rows, k)]
+    if varying:  # one column for the workload axes that vary: p16 g240 b1
+        cols.append(("work", lambda r: " ".join(f"{label[0]}{r[k]}" for k, label in varying)))
+    cols += [("tok/s", lambda r: _num(r["decode_tokens_per_s"], ",.0f")), ("±", _pm), ("×base", _short_speedup)]
+    if any(r.get("speedup_vs_no_cache") for r in rows):
+        cols.append(("×off", _vs_off))
+    cols += [("KV", lambda r: _kv(r) if r["kv_cache"] else "—"), ("oracle", lambda r: _correct(r).split(",")[0])]
+    if any(r.get("val_loss") is not None for r in rows):
+        cols.append(("bits/byte", lambda r: _num(r.get("bits_per_byte"), ".3f")))
+    return cols, shared
+
+
+def footnotes(result: dict[str, Any]) -> list[str]:
+    """Prose under the table: what 'ns' means here and how busy the machine was (wrapped by the console)."""
     rows = result["rows"]
-    # Workload settings shared by every row go in the title; the ones that vary get columns instead.
-    shared = [f"{label} {rows[0][key]}" for key, label in (("prompt_len", "prompt"), ("gen_len", "generate"),
-              ("batch", "batch")) if rows and not _varying(rows, key)]  # fmt: skip
+    reasons: dict[str, int] = {}
+    for r in rows:
+        for key in ("speedup_note", "speedup_vs_no_cache_note"):
+            if r.get(key):
+                reasons[r[key]] = reasons.get(r[key], 0) + 1
+    notes = []
+    if reasons:
+        notes.append("ns = " + "; ".join(f"{why} ({n} ratio{'s' * (n > 1)})" for why, n in reasons.items()))
+    loads = [
+        r["machine_load"]["others_cores"] for r in rows if (r.get("machine_load") or {}).get("others_cores") is not None
+    ]
+    if loads:
+        busy = sum(1 for r in rows if (r.get("machine_load") or {}).get("busy"))
+        notes.append(
+            f"machine load: other processes used up to {max(loads):.1f} cores during the runs"
+            + (f"; {busy} of {len(rows)} configurations ran on a busy machine" if busy else "")
+        )
+    return notes
+
+
+def rich_table(result: dict[str, Any], wide: bool = False) -> Table:
+    """The compare table: by default the columns that vary and fit 80 columns; `wide` shows every column."""
+    rows = result["rows"]
+    if wide:
+        cols = columns(rows)
+        shared = [f"{label} {rows[0][key]}" for key, label in (("prompt_len", "prompt"), ("gen_len", "generate"),
+                  ("batch", "batch")) if rows and not _varying(rows, key)]  # fmt: skip
+        caption = "\n".join(env_lines(result["env"]))
+    else:
+        cols, shared = narrow_columns(rows)
+        caption = (
+            "\n".join(env_lines(result["env"])[:3])
+            + "\ntok/s: decode, median; ±: half the spread; work: prompt, generate, batch; --wide: every column"
+        )
     title = "gen compare" + (f": {', '.join(shared)}" if shared else "")
-    table = Table(title=title, caption="\n".join(env_lines(result["env"])), caption_justify="left")
-    cols = columns(rows)
+    table = Table(title=title, caption=caption, caption_justify="left", box=None if not wide else box.HEAVY_HEAD,
+                  pad_edge=False, collapse_padding=not wide)  # fmt: skip
     for head, _ in cols:
-        table.add_column(head, justify="left" if head in ("attention kv/heads", "pos", "greedy vs fp32 oracle")
-                         else "right")  # fmt: skip
+        left = head in (
+            "attention kv/heads",
+            "attn",
+            "pos",
+            "greedy vs fp32 oracle",
+            "oracle",
+            "KV cache",
+            "cache",
+        )
+        table.add_column(head, justify="left" if left else "right", no_wrap=not wide)
     for r in rows:
         cells = [fn(r) for _, fn in cols]
         style = "red" if r.get("greedy_match") is False else None
@@ -180,7 +271,9 @@ def to_jsonl(result: dict[str, Any]) -> str:
 def table_text(result: dict[str, Any], width: int = 200) -> str:
     """The Rich table as plain text (for --output FILE with the table format)."""
     console = Console(file=io.StringIO(), width=width, no_color=True, highlight=False)
-    console.print(rich_table(result))
+    console.print(rich_table(result, wide=True))
+    for note in footnotes(result):
+        console.print(note)
     text = console.file.getvalue()  # type: ignore[attr-defined]
     return "\n".join(line.rstrip() for line in text.splitlines()) + "\n"
 
@@ -234,66 +327,6 @@ def kv_series(result: dict[str, Any], points: int = 32) -> list[Series]:
             seen.setdefault((r["attention"], r["kv_heads"]), r["kv_bytes_per_token"])
     xs = [context * i / points for i in range(points + 1)]
     return [(f"{a} ({kv} KV heads)", xs, [per * x for x in xs]) for (a, kv), per in seen.items()]
-
-
-# ---------------------------------------------------------------------------------------------
-# Terminal charts: braille dots, 2×4 per character cell
-
-_DOT = ((0x01, 0x08), (0x02, 0x10), (0x04, 0x20), (0x40, 0x80))  # _DOT[row][col] within a cell
-
-
-def _bucket(xs: list[float], ys: list[float], x0: float, x1: float, px: int) -> list[tuple[int, float]]:
-    """One (pixel column, median y) per occupied column: medians tame timer noise without hiding a trend."""
-    cols: dict[int, list[float]] = {}
-    for x, y in zip(xs, ys, strict=True):
-        c = 0 if x1 == x0 else round((x - x0) / (x1 - x0) * (px - 1))
-        cols.setdefault(c, []).append(y)
-    return [(c, statistics.median(v)) for c, v in sorted(cols.items())]
-
-
-def line_chart(
-    series: Sequence[Series], title: str, x_label: str, y_fmt: Any = str, width: int = 60, height: int = 10
-) -> Text:
-    """A multi-line chart drawn in braille characters, one colour per series, with axes and a legend."""
-    out = Text(f"{title}\n", style="bold")
-    pts = [(x, y) for _, xs, ys in series for x, y in zip(xs, ys, strict=True)]
-    if not pts:
-        return out.append("(no data)\n")
-    x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
-    y0, y1 = min(0.0, min(p[1] for p in pts)), max(p[1] for p in pts)
-    y1 = y1 if y1 > y0 else y0 + 1
-    pw, ph = width * 2, height * 4
-    bits = [[0] * width for _ in range(height)]
-    owner: list[list[int | None]] = [[None] * width for _ in range(height)]
-    for i, (_, xs, ys) in enumerate(series):
-        cols = _bucket(xs, ys, x0, x1, pw)
-        pix = [(c, round((y - y0) / (y1 - y0) * (ph - 1))) for c, y in cols]
-        for (ca, ya), (cb, yb) in zip(pix, pix[1:] + pix[-1:], strict=True):
-            steps = max(abs(cb - ca), abs(yb - ya), 1)
-            for s in range(steps + 1):  # join neighbours so a steep rise stays a connected line
-                c, y = round(ca + (cb - ca) * s / steps), round(ya + (yb - ya) * s / steps)
-                row, sub = divmod(ph - 1 - y, 4)
-                bits[row][c // 2] |= _DOT[sub][c % 2]
-                owner[row][c // 2] = i
-    labels = [y_fmt(y1), y_fmt((y0 + y1) / 2), y_fmt(y0)]
-    pad = max(map(len, labels))
-    for row in range(height):
-        label = labels[0] if row == 0 else labels[1] if row == height // 2 else labels[2] if row == height - 1 else ""
-        out.append(f"{label:>{pad}} ┤")
-        for col in range(width):
-            ch = chr(0x2800 + bits[row][col]) if bits[row][col] else " "
-            o = owner[row][col]
-            out.append(ch, style=COLORS[o % len(COLORS)] if o is not None else None)
-        out.append("\n")
-    left, right = f"{x0:g}", f"{x1:g}"
-    out.append(" " * pad + " └" + "─" * width + "\n")
-    out.append(" " * (pad + 2) + left + " " * max(1, width - len(left) - len(right)) + right + "\n")
-    out.append(" " * (pad + 2) + x_label.center(width).rstrip() + "\n")
-    for i, (name, _xs, ys) in enumerate(series):
-        out.append("  ━━ ", style=COLORS[i % len(COLORS)])
-        first, last = statistics.median(ys[: max(1, len(ys) // 10)]), statistics.median(ys[-max(1, len(ys) // 10) :])
-        out.append(f"{name}: {y_fmt(first)} → {y_fmt(last)}\n")
-    return out
 
 
 def charts(result: dict[str, Any], width: int = 60) -> Group:

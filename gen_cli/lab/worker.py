@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import statistics
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,8 +80,9 @@ def measure(spec: Spec) -> dict[str, Any]:
     from gen_cli.infer.optimize import compute_dtype, optimize_for_decode
     from gen_cli.infer.sampling import SamplingConfig
     from gen_cli.model.transformer import random_model
-    from gen_cli.runtime import resolve_device, resolve_dtype, set_threads
+    from gen_cli.runtime import LoadProbe, resolve_device, resolve_dtype, set_threads
 
+    started = time.perf_counter()
     threads = set_threads(spec.threads)
     device = resolve_device(spec.device)
     quantize = "int8" if spec.dtype == "int8" else "none"
@@ -95,10 +97,11 @@ def measure(spec: Spec) -> dict[str, Any]:
     # The same inference path `gen generate` runs: fused and prepacked (or int8) weights.
     model = optimize_for_decode(model.to(dtype), quantize=quantize)
     greedy = SamplingConfig(temperature=0.0)
-    every = [
-        run_generation(model, prompt, spec.gen_len, greedy, use_cache=spec.kv_cache).stats
-        for _ in range(spec.warmup + spec.repeats)
-    ]
+    with LoadProbe() as probe:  # over the timed runs (and warm-up): what other processes took meanwhile
+        every = [
+            run_generation(model, prompt, spec.gen_len, greedy, use_cache=spec.kv_cache).stats
+            for _ in range(spec.warmup + spec.repeats)
+        ]
     runs = every[spec.warmup :]  # the timed ones
     # The first run in this fresh process allocates from the OS; later runs reuse the allocator's freed
     # memory and show less, so the peak is the largest any run saw (in practice the first's).
@@ -144,6 +147,8 @@ def measure(spec: Spec) -> dict[str, Any]:
         "oracle": "float32 no-cache, same weights" if has_oracle else "is the oracle",
         "val_loss": None,
         "bits_per_byte": None,
+        "machine_load": probe.load.to_dict(),
+        "measure_s": time.perf_counter() - started,
         "samples": {
             "decode_tokens_per_s": rates,
             "ttft_s": [s.ttft_s for s in runs],

@@ -166,28 +166,33 @@ def _file_document(path: Path) -> Document:
     return Document(str(path), path.stat().st_size, lambda: _file_blocks(path))
 
 
-def _folder_files(folder: Path) -> list[Path]:
-    """Text files under `folder`, recursively, in sorted order; hidden entries and binaries skipped."""
+def _folder_files(folder: Path, skipped: list[str]) -> list[Path]:
+    """Text files under `folder`, recursively, in sorted order; hidden entries skipped, binaries
+    (compressed files among them) skipped and appended to `skipped`."""
     found = []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
             path = Path(dirpath) / name
-            if not name.startswith(".") and path.is_file() and not _is_binary(path):
+            if name.startswith(".") or not path.is_file():
+                continue
+            if _is_binary(path):
+                skipped.append(str(path))
+            else:
                 found.append(path)
     return found
 
 
-def _documents_for(spec: str) -> list[Document]:
+def _documents_for(spec: str, skipped: list[str]) -> list[Document]:
     if spec in BUILTIN_CORPORA:
         return _python_docs_documents()
     if spec == "-":
         return [_text_document("<stdin>", sys.stdin.read())]
     path = Path(spec)
     if path.is_dir():
-        files = _folder_files(path)
+        files = _folder_files(path, skipped)
         if not files:
-            raise UsageError(f"{spec}: folder holds no text files")
+            raise UsageError(f"{spec}: folder holds no text files" + (f" ({len(skipped)} binary)" if skipped else ""))
         return [_file_document(p) for p in files]
     if path.is_file():
         if _is_binary(path):
@@ -196,6 +201,7 @@ def _documents_for(spec: str) -> list[Document]:
     if glob.has_magic(spec):
         matches = sorted(Path(p) for p in glob.glob(spec, recursive=True))
         files = [p for p in matches if p.is_file() and not _is_binary(p)]
+        skipped += [str(p) for p in matches if p.is_file() and p not in files]
         if not files:
             raise UsageError(f"{spec}: pattern matches no text files")
         return [_file_document(p) for p in files]
@@ -214,7 +220,8 @@ class Corpus:
         self.inputs = list(inputs) or [BUILTIN]
         if self.inputs.count("-") > 1:
             raise UsageError("stdin ('-') can be given only once")
-        self.documents = [doc for spec in self.inputs for doc in _documents_for(spec)]
+        self.skipped: list[str] = []  # binary files (e.g. .gz) found in folders and globs, not read
+        self.documents = [doc for spec in self.inputs for doc in _documents_for(spec, self.skipped)]
 
     @property
     def size(self) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,6 +26,8 @@ class EvalResult:
     bits_per_byte: float
     tokens: int
     bytes: int
+    corpus: str = ""  # what was scored: the inputs, comma-joined
+    split: str = "val"
 
 
 def evaluate(
@@ -123,9 +125,28 @@ def evaluate_model(
         raise UsageError(
             f"context {context} is outside what the model allows (1 to {limit} tokens)", params=("context",)
         )
-    corpus = Corpus(inputs or [])
+    corpus = Corpus(inputs or trained_inputs(model_dir) or [])
     corpus.require_text()
     data = tokenize_split(tok, corpus, "val").load()
     if len(data) < 2:
         raise UsageError(f"the validation split of {', '.join(corpus.inputs)} is empty; give more text")
-    return evaluate(model, data, byte_lengths(tok), context, batch_size, dev, amp, max_tokens)
+    result = evaluate(model, data, byte_lengths(tok), context, batch_size, dev, amp, max_tokens)
+    return replace(result, corpus=", ".join(corpus.inputs), split="val")
+
+
+def trained_inputs(model_dir: str | Path) -> list[str] | None:
+    """The inputs a `gen train` run folder was trained on (from its train state's metadata), else None."""
+    import json
+
+    from safetensors import safe_open
+
+    path = Path(model_dir) / "train_state.safetensors"
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:  # metadata only: the tensors stay on disk
+            args = json.loads((f.metadata() or {}).get("args", "{}"))
+    except Exception:  # a damaged state: evaluate on the default corpus, and the output names it
+        return None
+    inputs = args.get("inputs") if isinstance(args, dict) else None
+    return [str(i) for i in inputs] if inputs else None
