@@ -64,6 +64,18 @@ def test_mean_pooling_averages_each_groups_rows_and_first_keeps_the_first():
     assert torch.equal(mean[:32], w[:32])  # queries untouched
 
 
+def test_qkv_biases_are_pooled_with_their_rows():
+    model = _model(qkv_bias=True)
+    with torch.no_grad():
+        model.layers[0].attn.wqkv.bias.normal_()
+    bias = model.layers[0].attn.wqkv.bias.detach()
+    pooled = pool_kv_heads(model, 2).layers[0].attn.wqkv.bias.detach()  # (32 q + 16 k + 16 v,)
+    keys, values = bias[32:64].view(4, 8), bias[64:96].view(4, 8)
+    torch.testing.assert_close(pooled[32:48].view(2, 8), (keys[0::2] + keys[1::2]) / 2)
+    torch.testing.assert_close(pooled[48:64].view(2, 8), (values[0::2] + values[1::2]) / 2)
+    assert torch.equal(pooled[:32], bias[:32])
+
+
 def test_the_converted_models_cache_is_sized_by_its_kv_heads():
     mqa = pool_kv_heads(_model(), 1)
     cache = new_cache(mqa, IDS, 4)
@@ -101,7 +113,8 @@ def test_cli_convert_with_uptraining_improves_on_the_pooled_model(model_dir, tmp
     args = ["convert", str(model_dir), "--kv-heads", "1", "--out", str(out), "--input", str(corpus)]
     result = CliRunner().invoke(app, [*args, "--uptrain-steps", "30", "--lr", "3e-3", "--eval-tokens", "300", "--json"])
     assert result.exit_code == 0, result.output
-    _, pooled = json.loads(result.stdout)["rows"]
+    original, pooled = json.loads(result.stdout)["rows"]
+    assert original["uptrained_bits_per_byte"] is not None  # the control: the original, trained as long
     # A random tiny model on repetitive text: 30 steps learn a lot, so uptraining must beat the pooled weights.
     assert pooled["uptrained_bits_per_byte"] < pooled["bits_per_byte"]
     assert (out / "train_state.safetensors").is_file() and load_model(out)[0].config.n_kv_head == 1

@@ -303,3 +303,13 @@ def test_tokens_seen_counts_each_run_at_its_own_batch_size(home):
     assert first.tokens_seen == 3 * 4 * 32
     resumed = train(TrainArgs(resume=str(home / "run"), batch_size=8))
     assert resumed.tokens_seen == 3 * 4 * 32 + 3 * 8 * 32  # not 6 steps at the new batch size
+
+
+def test_a_default_run_folder_is_named_after_what_was_trained():
+    from gen_cli.train.setup import run_label
+
+    assert run_label(TrainArgs()) == "tiny"
+    assert run_label(TrainArgs(preset="small")) == "small"
+    assert run_label(TrainArgs(preset="small", layers=3)) == "custom"  # not a small any more
+    assert run_label(TrainArgs(heads=2)) == "custom"
+    assert run_label(TrainArgs(init="runs/mqa")) == "mqa"

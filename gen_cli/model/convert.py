@@ -36,15 +36,18 @@ def pool_kv_heads(model: Transformer, kv_heads: int, pooling: str = "mean") -> T
     converted = Transformer(config.replace(n_kv_head=kv_heads)).to(model.tok_emb.weight.dtype).eval()
     state = {name: t.detach().clone() for name, t in model.state_dict().items()}
     for i in range(config.n_layer):
-        name = f"layers.{i}.attn.wqkv.weight"
-        w = state[name]  # (H*hd + 2*n_kv_head*hd, d_model): query rows, then key rows, then value rows
-        q, k, v = w.split([H * hd, config.n_kv_head * hd, config.n_kv_head * hd])
-        state[name] = torch.cat([q, _pool(k, kv_heads, group, hd, pooling), _pool(v, kv_heads, group, hd, pooling)])
+        for part in ("weight", "bias"):  # a bias (Qwen2) is pooled with its rows
+            name = f"layers.{i}.attn.wqkv.{part}"
+            if name not in state:
+                continue
+            w = state[name]  # (H*hd + 2*n_kv_head*hd, ...): query rows, then key rows, then value rows
+            q, k, v = w.split([H * hd, config.n_kv_head * hd, config.n_kv_head * hd])
+            state[name] = torch.cat([q, _pool(k, kv_heads, group, hd, pooling), _pool(v, kv_heads, group, hd, pooling)])
     converted.load_state_dict(state)
     return converted
 
 
 def _pool(rows: torch.Tensor, kv_heads: int, group: int, hd: int, pooling: str) -> torch.Tensor:
-    grouped = rows.view(kv_heads, group, hd, rows.shape[1])  # (new heads, old heads per group, head_dim, d_model)
-    pooled = grouped.mean(dim=1) if pooling == "mean" else grouped[:, 0]  # (new heads, head_dim, d_model)
-    return pooled.reshape(kv_heads * hd, rows.shape[1])  # (new heads × head_dim, d_model)
+    grouped = rows.view(kv_heads, group, hd, *rows.shape[1:])  # (new heads, old heads per group, head_dim, [d_model])
+    pooled = grouped.mean(dim=1) if pooling == "mean" else grouped[:, 0]  # (new heads, head_dim, [d_model])
+    return pooled.reshape(kv_heads * hd, *rows.shape[1:])  # (new heads × head_dim, [d_model])

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gen_cli.errors import GenError, UsageError
-from gen_cli.train.args import TrainArgs, build_config, check_same_architecture, resolve_args
+from gen_cli.train.args import DEFAULTS, MODEL_OPTIONS, TrainArgs, build_config, check_same_architecture, resolve_args
 from gen_cli.train.distributed import Dist, main_first
 from gen_cli.train.run_folder import TrainState, check_out_dir, load_train_state, run_folder_lock
 
@@ -101,6 +101,14 @@ class Run:
         return None if self.tokens_before is None else self.tokens_before + (step - self.start) * self.step_tokens
 
 
+def run_label(args: TrainArgs) -> str:
+    """What a default run folder is named after: the preset, unless an option changed its shape."""
+    if args.init:
+        return Path(args.init).name or "init"
+    changed = [k for k in MODEL_OPTIONS if k != "preset" and getattr(args, k) is not None]
+    return "custom" if changed else args.preset or DEFAULTS["preset"]
+
+
 def _out_folder(args: TrainArgs, a: TrainArgs, resuming: bool) -> tuple[Path, bool]:
     """The run folder and whether a resume writes into the folder it came from."""
     import time
@@ -110,7 +118,7 @@ def _out_folder(args: TrainArgs, a: TrainArgs, resuming: bool) -> tuple[Path, bo
     if args.resume and not args.out:
         out = Path(args.resume)
     else:
-        out = Path(a.out or work_dir() / "runs" / f"{a.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+        out = Path(a.out or work_dir() / "runs" / f"{run_label(args)}-{time.strftime('%Y%m%d-%H%M%S')}")
     in_place = resuming and out.resolve() == Path(args.resume).resolve()
     if not in_place:
         check_out_dir(out, a.force)
