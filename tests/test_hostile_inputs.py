@@ -29,7 +29,10 @@ CONFIG_ATTACKS = {
     "tie-yes": ({"tie_embeddings": "yes"}, r"tie_embeddings must be true or false, got 'yes'"),
     "rope-inf": ({"rope_base": float("inf")}, r"rope_base must be a positive finite number, got inf"),
     "norm-list": ({"norm": ["rmsnorm"]}, r"norm must be a string"),
-    "huge-file": ({"padding": "x" * (2 << 20)}, r"config\.json: [\d,]+ bytes is not a model config"),
+    "huge-file": (
+        {"padding": "x" * (2 << 20)},
+        r"config\.json: [\d,]+ bytes is too large for a JSON object of model settings",
+    ),
 }
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -56,19 +56,30 @@ def save_model(
     save_tokenizer(tokenizer, directory / TOKENIZER_FILE)
 
 
-def load_config(directory: str | Path) -> ModelConfig:
-    """The ModelConfig in DIR/config.json, with clear errors for a missing or broken file."""
-    path = Path(directory) / CONFIG_FILE
-    if not path.is_file():
-        raise GenError(f"{path}: missing; a model directory holds {CONFIG_FILE}, {WEIGHTS_FILE}, {TOKENIZER_FILE}")
-    if path.stat().st_size > MAX_CONFIG_BYTES:  # a model config is a few hundred bytes; never read a huge one
-        raise GenError(f"{path}: {path.stat().st_size:,} bytes is not a model config (at most {MAX_CONFIG_BYTES:,})")
+def read_json_object(path: Path, what: str = "a JSON object", max_bytes: int = 64 << 20) -> dict[str, Any]:
+    """A JSON object from an untrusted file, its size checked before it is read; one-line errors."""
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise GenError(f"{path}: not readable ({e.strerror or e})") from None
+    if size > max_bytes:
+        raise GenError(f"{path}: {size:,} bytes is too large for {what} (at most {max_bytes:,})")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise GenError(f"{path}: not readable JSON ({e})") from None
     if not isinstance(data, dict):
-        raise GenError(f"{path}: expected a JSON object of model settings")
+        raise GenError(f"{path}: expected {what}")
+    return data
+
+
+def load_config(directory: str | Path) -> ModelConfig:
+    """The ModelConfig in DIR/config.json, with clear errors for a missing or broken file."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise GenError(f"{path}: missing; a model directory holds {CONFIG_FILE}, {WEIGHTS_FILE}, {TOKENIZER_FILE}")
+    # A model config is a few hundred bytes; never read a huge one.
+    data = read_json_object(path, "a JSON object of model settings", MAX_CONFIG_BYTES)
     try:
         return ModelConfig.from_dict(data, source=str(path))
     except UsageError as e:

@@ -7,12 +7,12 @@ Every tensor's shape is checked against the config from the file headers before 
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gen_cli.errors import GenError, UsageError
+from gen_cli.model.checkpoint import read_json_object
 from gen_cli.model.config import ModelConfig
 
 if TYPE_CHECKING:
@@ -85,20 +85,10 @@ IGNORED = re.compile(r"(rotary_emb\.inv_freq|attn\.bias|attn\.masked_bias)$")
 def is_hf_dir(path: Path) -> bool:
     """A folder whose config.json names an architecture or model type (a gen config.json has neither)."""
     try:
-        data = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        data = read_json_object(path / "config.json", max_bytes=1 << 20)
+    except GenError:
         return False
-    return isinstance(data, dict) and ("architectures" in data or "model_type" in data)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise GenError(f"{path}: not readable JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise GenError(f"{path}: expected a JSON object")
-    return data
+    return "architectures" in data or "model_type" in data
 
 
 def architecture(data: dict[str, Any], source: str) -> str:
@@ -178,7 +168,7 @@ def config_from_hf(data: dict[str, Any], source: str) -> tuple[ModelConfig, str,
 
 def read_config(directory: Path) -> tuple[ModelConfig, dict[str, Any]]:
     """The config of an HF folder and what to tell about it (architecture, dtype, tokenizer); no weights read."""
-    data = _read_json(directory / "config.json")
+    data = read_json_object(directory / "config.json")
     config, arch, notes = config_from_hf(data, str(directory / "config.json"))
     details: dict[str, Any] = {"format": "Hugging Face safetensors", "architecture": arch}
     details["dtype"] = data.get("torch_dtype") or data.get("dtype") or "unknown"
@@ -198,7 +188,7 @@ def _weight_files(directory: Path) -> dict[str, Path]:
     """HF tensor name → the safetensors file holding it (from the shard index, or the single file)."""
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = read_json_object(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise GenError(f"{index}: no weight_map")
         if outside := [f for f in set(weight_map.values()) if not isinstance(f, str) or Path(f).name != f]:
@@ -307,7 +297,7 @@ def stop_ids(directory: Path, data: dict[str, Any]) -> tuple[int, ...]:
     found: list[int] = []
     sources = [data]
     if (gen_config := directory / "generation_config.json").is_file():
-        sources.append(_read_json(gen_config))
+        sources.append(read_json_object(gen_config))
     for d in sources:
         eos = d.get("eos_token_id")
         for i in eos if isinstance(eos, list) else [eos]:
@@ -320,7 +310,7 @@ def chat_template(directory: Path) -> tuple[str | None, dict[str, str]]:
     """The folder's chat template (chat_template.jinja or tokenizer_config.json) and the special-token
     spellings a template may use (bos_token, eos_token …)."""
     config_path = directory / "tokenizer_config.json"
-    config = _read_json(config_path) if config_path.is_file() else {}
+    config = read_json_object(config_path) if config_path.is_file() else {}
     specials = {}
     for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
         value = config.get(key)
@@ -341,7 +331,7 @@ def load_hf(directory: Path, device: torch.device | str = "cpu", dtype: torch.dt
     from gen_cli.model.transformer import model_from_tensors
     from gen_cli.text.tokenizer import load_tokenizer
 
-    data = _read_json(directory / "config.json")
+    data = read_json_object(directory / "config.json")
     config, arch, notes = config_from_hf(data, str(directory / "config.json"))
     check_tables_fit(config, str(directory / "config.json"))
     if not (directory / "tokenizer.json").is_file():
