@@ -93,3 +93,23 @@ def test_the_cli_shows_a_named_value_as_the_flag_of_the_command_that_ran():
     error = UsageError("max_new_tokens must be ≥ 0, got -1", params=("max_new_tokens",))
     assert user_message(error, commands["generate"]) == "--max-new-tokens must be ≥ 0, got -1"
     assert user_message(error, commands["convert"]) == "max_new_tokens must be ≥ 0, got -1"  # no such flag there
+
+
+def test_no_import_cycle_even_through_imports_inside_functions():
+    graph = {m: {t for t, _ in _imports(_source(m)) if t in _MODULES} for m in _MODULES}
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = 1
+        for target in sorted(graph[module]):
+            assert state.get(target) != 1, "import cycle: " + " -> ".join([*path, module, target])
+            if target not in state:
+                visit(target, [*path, module])
+        state[module] = 2
+
+    for module in _MODULES:
+        if module not in state:
+            visit(module, [])
+
+
+_MODULES = set(_modules())

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
-    from gen_cli.model.loading import Loaded
+    from gen_cli.model.loaded import Loaded
 
 ARCHITECTURES = ("llama", "qwen2", "qwen3", "gpt2")
 PERMUTED_QK = ("llama",)  # written with llama.cpp's interleaved RoPE layout (qwen2/3 use NEOX = rotate-half)
@@ -236,7 +236,8 @@ def _details(f: GGUFFile, arch: str) -> dict[str, Any]:
 def load_gguf(path: Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> Loaded:
     """Load a .gguf file and rebuild its tokenizer from the metadata."""
     from gen_cli.model.gguf_tokenizer import tokenizer_from_gguf
-    from gen_cli.model.loading import Loaded, check_tables_fit
+    from gen_cli.model.loaded import Loaded
+    from gen_cli.model.memory import check_tables_fit
     from gen_cli.model.transformer import model_from_tensors
 
     f = GGUFFile(path)

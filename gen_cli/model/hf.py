@@ -18,7 +18,7 @@ from gen_cli.model.config import ModelConfig
 if TYPE_CHECKING:
     import torch
 
-    from gen_cli.model.loading import Loaded
+    from gen_cli.model.loaded import Loaded
 
 # architectures[0] in config.json → the family whose config and name table apply.
 ARCHITECTURES = {
@@ -327,7 +327,8 @@ def chat_template(directory: Path) -> tuple[str | None, dict[str, str]]:
 
 def load_hf(directory: Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> Loaded:
     """Load an HF model folder (architectures in ARCHITECTURES) with its tokenizer.json."""
-    from gen_cli.model.loading import Loaded, check_tables_fit
+    from gen_cli.model.loaded import Loaded
+    from gen_cli.model.memory import check_tables_fit
     from gen_cli.model.transformer import model_from_tensors
     from gen_cli.text.tokenizer import load_tokenizer
 

@@ -6,36 +6,18 @@ Returns what it built and notes for the caller to show; prints nothing.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gen_cli.errors import GenError, UsageError
+from gen_cli.errors import UsageError
 from gen_cli.model.config import ModelConfig, kv_heads_for, load_preset, preset_names
+from gen_cli.model.loaded import Loaded
 from gen_cli.resources import default_model_dir, work_dir
 from gen_cli.text.tokenizer import load_tokenizer
 
 if TYPE_CHECKING:
     import torch
     from tokenizers import Tokenizer
-
-    from gen_cli.model.transformer import Transformer
-
-
-@dataclass
-class Loaded:
-    """A model ready to run, its tokenizer, where it came from, and notes worth telling the user."""
-
-    model: Transformer
-    tokenizer: Tokenizer
-    source: str
-    notes: list[str] = field(default_factory=list)
-    random_weights: bool = False
-    stop_ids: tuple[int, ...] = ()  # end-of-turn ids the model declares (imported models); gen's use <|endoftext|>
-    add_special_tokens: bool = False  # encode prompts with the tokenizer's BOS etc. (imported models)
-    details: dict[str, Any] = field(default_factory=dict)  # format, architecture, tokenizer kind …
-    chat_template: str | None = None  # the model's Jinja chat template, when it ships one
-    special_tokens: dict[str, str] = field(default_factory=dict)  # bos_token, eos_token … for the template
 
 
 def default_tokenizer_path() -> Path:
@@ -187,19 +169,3 @@ def model_tokenizer(path: Path) -> Tokenizer:
             "or a .gguf file"
         )
     return load_tokenizer(path / "tokenizer.json")
-
-
-def check_tables_fit(config: ModelConfig, source: str) -> None:
-    """Refuse, before loading, a config whose position tables (sized by its context length, not by any
-    file) would not fit in this machine's free memory: an untrusted config.json may claim any length."""
-    import psutil
-
-    if config.pos_encoding != "rope":
-        return  # learned tables are weights, checked against the file; sinusoidal ones only in gen's models
-    need = 2 * config.context_length * config.head_dim * 4  # cos and sin, fp32
-    free = psutil.virtual_memory().available
-    if need > free // 2:
-        raise GenError(
-            f"{source}: context length {config.context_length:,} needs {need / 2**30:.1f} GiB of RoPE tables, "
-            f"more than half the {free / 2**30:.1f} GiB free here"
-        )

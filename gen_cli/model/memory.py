@@ -66,3 +66,13 @@ def training_bytes(config: ModelConfig, batch: int, context: int, params: int) -
     # Attention runs in a fused kernel (scaled_dot_product_attention): no (T, T) scores are kept.
     activations = batch * context * (config.n_layer * (8 * config.d_model + 2 * config.d_ff) + 2 * config.vocab_size)
     return 16 * params + 4 * activations
+
+
+def check_tables_fit(config: ModelConfig, source: str) -> None:
+    """Refuse, before loading, a config whose position tables (sized by its context length, not by any
+    file) would not fit in this machine's free memory: an untrusted config.json may claim any length."""
+    if config.pos_encoding != "rope":
+        return  # learned tables are weights, checked against the file; sinusoidal ones only in gen's models
+    need = 2 * config.context_length * config.head_dim * 4  # cos and sin, fp32
+    check_fits(2 * need, f"{source}: the RoPE tables of a {config.context_length:,}-token context (twice, to leave "
+               "room for the weights)", "this context length cannot run here")  # fmt: skip
