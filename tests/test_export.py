@@ -103,7 +103,7 @@ def test_hf_export_round_trips_through_gen_with_identical_weights(kind, tok, tmp
 def test_auto_tokenizer_from_the_export_encodes_like_gen(tok, tmp_path):
     export_hf(gen_model("llama"), tok, tmp_path / "hf")
     theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
-    for text in (TEXT, "12345   日本 🙂", " leading space", "x\n\n\ny", ""):
+    for text in (TEXT, "12345   日本 🙂", " leading space", "x\n\n\ny", "", "a<|endoftext|>b"):
         assert theirs(text)["input_ids"] == encode(tok, text), text
         assert theirs.decode(encode(tok, text)) == text
     assert theirs.eos_token == "<|endoftext|>"
@@ -274,3 +274,35 @@ def test_cli_bad_flags_are_one_line(tok, tmp_path):
     _one_line_error(["export", str(directory), "--to", "hf", "--out", str(tmp_path / "x"), "--type", "q8_0"], "q8_0")
     _one_line_error(["export", str(tmp_path / "nope"), "--to", "hf", "--out", str(tmp_path / "x")], "nope")
     assert not (tmp_path / "x").exists()
+
+
+def test_untied_gpt2_with_exact_gelu_exports_to_hf_only(tok, tmp_path):
+    model = gen_model("gpt2", tie_embeddings=False, mlp="gelu")
+    export_hf(model, tok, tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["activation_function"] == "gelu"
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        assert (model(_ids()) - theirs(_ids()).logits).abs().max().item() < TOL
+    assert _same_weights(model, load(tmp_path / "hf").model) == 0.0
+    with pytest.raises(GenError, match="MLP gelu"):  # llama.cpp's GPT-2 has the tanh GELU only
+        export_gguf(model, tok, tmp_path / "m.gguf")
+
+
+def test_q8_0_keeps_rows_that_are_not_whole_blocks_in_f16(tok, tmp_path):
+    model = gen_model("llama", d_ff=80)  # ffn_down's rows hold 80 values: not whole blocks of 32
+    result = export_gguf(model, tok, tmp_path / "m.gguf", "q8_0")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors}
+    assert types["blk.0.ffn_down.weight"] == "F16" and types["blk.0.ffn_up.weight"] == "Q8_0"
+    assert "2 tensor(s) stored as F16" in result.notes[0]
+
+
+def test_stop_ids_and_chat_template_travel_with_the_export(tok, tmp_path):
+    template = "{% for m in messages %}{{ m.content }}{{ eos_token }}{% endfor %}"
+    model = gen_model("qwen2")
+    export_hf(model, tok, tmp_path / "hf", stop_ids=[0, 5], chat_template=template)
+    export_gguf(model, tok, tmp_path / "m.gguf", stop_ids=[0, 5], chat_template=template)
+    for path in (tmp_path / "hf", tmp_path / "m.gguf"):
+        back = load(path)
+        assert back.stop_ids == (0, 5) and back.chat_template == template, path
+    config = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+    assert "split_special_tokens" not in config  # a chat template's specials must stay special

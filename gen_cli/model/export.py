@@ -161,7 +161,11 @@ def write_folder(out_dir: Path, force: bool, write: Callable[[Path], None]) -> N
         if out_dir.exists():  # force: the old folder moves aside, the new one in, then the old one goes
             old = tmp.with_name(tmp.name + ".old")
             os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
+            try:
+                os.replace(tmp, out_dir)
+            except OSError:
+                os.replace(old, out_dir)  # put the old one back: a failed export must not lose it
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out_dir)
@@ -240,7 +244,7 @@ def export_hf(
     check_vocab(model, tokenizer)
     check_output(out_dir, force, folder=True)
     torch_dtype = _torch_dtype(dtype, model, HF_TYPES)
-    dtype_name = str(torch_dtype).removeprefix("torch.")
+    dtype_name = str(torch_dtype).removeprefix("torch.")  # as config.json names it: float32, bfloat16 …
     eos = tuple(stop_ids if stop_ids is not None else stop_ids_of(tokenizer))
     bos = bos_id(tokenizer)
     tensors = hf_tensors(model, name, torch_dtype)
@@ -254,6 +258,10 @@ def export_hf(
                                   "eos_token": token(eos[0] if eos else None)}  # fmt: skip
     if chat_template is not None:
         tok_config["chat_template"] = chat_template
+    else:
+        # gen encodes a special token's spelling in text as text (only gen inserts <|endoftext|>); so does
+        # transformers with this. A chat model keeps the default: its rendered template holds real specials.
+        tok_config["split_special_tokens"] = True
     config = _hf_config(model.config, name, dtype_name, bos, eos)
     generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}
 
@@ -267,7 +275,8 @@ def export_hf(
 
     write_folder(out_dir, force, write)
     size = sum(p.stat().st_size for p in out_dir.iterdir())
-    return Exported(str(out_dir), "hf", HF_ARCHITECTURES[name], dtype_name, size, len(tensors))
+    short = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}[dtype_name]
+    return Exported(str(out_dir), "hf", HF_ARCHITECTURES[name], short, size, len(tensors))
 
 
 def _torch_dtype(kind: str | None, model: Transformer, allowed: tuple[str, ...]) -> torch.dtype:
