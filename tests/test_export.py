@@ -193,7 +193,7 @@ def test_gguf_metadata_is_what_llama_cpp_reads(tok, tmp_path):
     assert (f["llama.context_length"], f["llama.embedding_length"], f["llama.block_count"]) == (64, 64, 2)
     assert (f["llama.attention.head_count"], f["llama.attention.head_count_kv"]) == (4, 2)
     assert f["llama.feed_forward_length"] == 96 and f["llama.rope.freq_base"] == 10000.0
-    assert f["tokenizer.ggml.model"] == "gpt2" and f["tokenizer.ggml.pre"] == "gpt2"
+    assert f["tokenizer.ggml.model"] == "gpt2" and f["tokenizer.ggml.pre"] == "gpt-2"
     assert len(f["tokenizer.ggml.tokens"]) == 320 and f["tokenizer.ggml.tokens"][-1] == "[PAD319]"
     assert f["tokenizer.ggml.eos_token_id"] == tok.token_to_id("<|endoftext|>")
     assert f["tokenizer.ggml.token_type"][0] == gguf.TokenType.CONTROL

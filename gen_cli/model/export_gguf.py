@@ -79,7 +79,7 @@ def _pre(tokenizer: Tokenizer) -> str | None:
     if data.get("normalizer") or kinds[-1:] != ["ByteLevel"] or items[-1].get("add_prefix_space"):
         return None
     if kinds == ["ByteLevel"] and items[0].get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"  # llama.cpp's spelling (convert_hf_to_gguf's); it reads an unknown name as another split
     if kinds == ["Digits", "ByteLevel"] and items[0].get("individual_digits") and items[1].get("use_regex", True):
         return "smollm"
     if kinds == ["Split", "ByteLevel"] and not items[1].get("use_regex", True):
