@@ -175,14 +175,16 @@ def test_gguf_q8_0_is_within_the_quantization_error(kind, tok, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
-def test_transformers_loads_the_exported_gguf(kind, tok, tmp_path):
+@pytest.mark.parametrize("qtype", ["f32", "q8_0"])
+def test_transformers_loads_the_exported_gguf(kind, qtype, tok, tmp_path):
     # transformers' GGUF reader assumes GPT-2's own d_ff = 4 d_model and 1024 positions: give it those
     model = gen_model(kind, **({"d_ff": 256, "context_length": 1024} if kind == "gpt2" else {}))
-    export_gguf(model, tok, tmp_path / "m.gguf")
+    export_gguf(model, tok, tmp_path / "m.gguf", qtype)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32)
+    ours = model if qtype == "f32" else load(tmp_path / "m.gguf").model  # q8_0: the same dequantized weights
     ids = _ids()
     with torch.no_grad():
-        assert (model(ids) - theirs.eval()(ids).logits).abs().max().item() < TOL
+        assert (ours(ids) - theirs.eval()(ids).logits).abs().max().item() < TOL
 
 
 def test_gguf_metadata_is_what_llama_cpp_reads(tok, tmp_path):

@@ -24,8 +24,8 @@ def export_command(
     type_: str = typer.Option(
         None,
         "--type",
-        help="Weight type: f32, f16, bf16, or q8_0 (GGUF only; norms and biases stay f32) [default: the model's, "
-        "f32 for gen's models].",
+        help="Weight type: f32, f16 or bf16 (both targets), q8_0 (GGUF only; GGUF keeps norms and biases in f32) "
+        "[default: the model's own, f32 for gen's models].",
         show_default=False,
     ),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
