@@ -275,6 +275,9 @@ def test_cli_bad_flags_are_one_line(tok, tmp_path):
     _one_line_error(["export", str(directory), "--to", "onnx", "--out", str(tmp_path / "x")], "--to", "hf", "gguf")
     _one_line_error(["export", str(directory), "--to", "hf", "--out", str(tmp_path / "x"), "--type", "q8_0"], "q8_0")
     _one_line_error(["export", str(tmp_path / "nope"), "--to", "hf", "--out", str(tmp_path / "x")], "nope")
+    under_a_file = directory / "config.json" / "out"
+    for to in ("hf", "gguf"):
+        _one_line_error(["export", str(directory), "--to", to, "--out", str(under_a_file)], "cannot write")
     assert not (tmp_path / "x").exists()
 
 

@@ -114,7 +114,7 @@ def state_of(model: Transformer) -> dict[str, torch.Tensor]:
     state = model.state_dict()
     shapes = expected_shapes(model.config)
     if sorted(state.keys() - {"lm_head.weight"}) != sorted(shapes.keys() - {"lm_head.weight"}):
-        raise UsageError("a model with fused or optimised layers cannot be exported; export the model as loaded")
+        raise GenError("a model with fused or optimised layers cannot be exported; export the model as loaded")
     return {name: state[name].detach().to("cpu") for name in shapes}
 
 
@@ -142,6 +142,7 @@ def check_output(path: Path, force: bool, folder: bool) -> None:
 
 
 def check_vocab(model: Transformer, tokenizer: Tokenizer) -> None:
+    """Refuse a tokenizer with more tokens than the embedding has rows (an embedding may have spare rows)."""
     if tokenizer.get_vocab_size() > model.config.vocab_size:
         raise GenError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model's embedding only "
                        f"{model.config.vocab_size} rows; they do not belong together")  # fmt: skip
@@ -151,8 +152,11 @@ def write_folder(out_dir: Path, force: bool, write: Callable[[Path], None]) -> N
     """Run `write(tmp)` on a fresh folder beside `out_dir`, then rename it into place: a crash leaves
     either the old folder or the new one, never half of one."""
     check_output(out_dir, force, folder=True)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    except OSError as e:
+        raise GenError(f"cannot write {out_dir}: {e.strerror or e}") from e
     try:
         umask = os.umask(0)
         os.umask(umask)
