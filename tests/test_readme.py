@@ -24,6 +24,8 @@ def examples() -> list[list[str]]:
     for block in re.findall(r"```\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S):
         for line in block.splitlines():
             for part in line.split(" | "):
+                if not part.lstrip().startswith("gen "):
+                    continue  # prose in a block (the code map) is not shell
                 words = shlex.split(part, comments=True)
                 if words[:1] == ["gen"]:
                     found.append(words[1 : words.index("<")] if "<" in words else words[1:])

@@ -147,7 +147,7 @@ def _config(f: GGUFFile) -> tuple[ModelConfig, str]:
         raise GenError(f"{f.path}: {e}") from None
 
 
-def _sources(gen_name: str, arch: str) -> tuple[str, ...]:
+def source_names(gen_name: str, arch: str) -> tuple[str, ...]:
     """The GGUF tensor names one gen tensor is built from."""
     m = re.fullmatch(r"layers\.(\d+)\.(.+)\.(weight|bias)", gen_name)
     if m is None:
@@ -182,7 +182,7 @@ def load_gguf_weights(f: GGUFFile, config: ModelConfig, arch: str, dtype: torch.
 
     from gen_cli.model.transformer import expected_shapes
 
-    plan = {name: (shape, _sources(name, arch)) for name, shape in expected_shapes(config).items()}
+    plan = {name: (shape, source_names(name, arch)) for name, shape in expected_shapes(config).items()}
     for shape, names in plan.values():
         if missing := [n for n in names if n not in f.tensors]:
             raise GenError(f"{f.path}: tensor {missing[0]} is missing (needed for {arch} as its metadata describes)")

@@ -231,7 +231,7 @@ def _open_all(directory: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return by_name, handles
 
 
-def _sources(gen_name: str, arch: str) -> tuple[str, ...]:
+def source_names(gen_name: str, arch: str) -> tuple[str, ...]:
     """The HF tensor names one gen tensor is built from."""
     table = GPT2_NAMES if arch == "GPT2LMHeadModel" else LLAMA_NAMES
     layer = re.match(r"layers\.(\d+)\.", gen_name)
@@ -248,7 +248,7 @@ def _plan(by_name: dict[str, Any], config: ModelConfig, arch: str, source: str) 
     plan: dict[str, tuple[str, ...]] = {}
     used: set[str] = set()
     for gen_name, shape in expected_shapes(config).items():
-        names = tuple(n if n == "lm_head.weight" else prefix + n for n in _sources(gen_name, arch))
+        names = tuple(n if n == "lm_head.weight" else prefix + n for n in source_names(gen_name, arch))
         if missing := [n for n in names if n not in by_name]:
             raise GenError(f"{source}: tensor {missing[0]} is missing (needed for {arch} as config.json describes it)")
         shapes = []

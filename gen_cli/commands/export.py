@@ -1,0 +1,91 @@
+"""`gen export`: a gen model (or any model gen loads) as a Hugging Face folder or a GGUF file."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import typer
+from rich.markup import escape
+
+from gen_cli.commands.common import err, print_json
+from gen_cli.errors import UsageError
+
+TARGETS = ("hf", "gguf")
+TYPES = ("f32", "f16", "bf16", "q8_0")
+
+
+def export_command(
+    model: Path = typer.Argument(
+        ..., help="The model: a gen model directory or `gen train` run folder (also a Hugging Face folder or .gguf)."
+    ),
+    to: str = typer.Option(..., "--to", help="hf (a transformers folder) or gguf (one file for llama.cpp)."),
+    out: Path = typer.Option(..., "--out", help="Output folder (hf) or .gguf file (gguf)."),
+    type_: str = typer.Option(
+        None,
+        "--type",
+        help="Weight type: f32, f16 or bf16 (both targets), q8_0 (GGUF only; GGUF keeps norms and biases in f32) "
+        "[default: the model's own, f32 for gen's models].",
+        show_default=False,
+    ),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
+    as_json: bool = typer.Option(False, "--json", help="What was written, as JSON on stdout."),
+) -> None:
+    """Export MODEL so other tools run it: transformers (`--to hf`) or llama.cpp (`--to gguf`).
+
+    `--to hf` writes config.json (LlamaForCausalLM, Qwen2/Qwen3ForCausalLM when the model has their
+    biases or q/k norm, or GPT2LMHeadModel for learned positions with LayerNorm and GELU), model.safetensors,
+    tokenizer.json, tokenizer_config.json and generation_config.json: `AutoModelForCausalLM.from_pretrained(OUT)`
+    and `AutoTokenizer` load it unchanged. `--to gguf` writes one file with the metadata and byte-level BPE
+    tokenizer llama.cpp reads (llama, qwen2, qwen3 or gpt2 architecture).
+
+    A model neither format can express (sinusoidal positions, or a mix such as LayerNorm with RoPE) is
+    refused with the reason, and nothing is written. The output is written to a temporary name and renamed
+    into place; an existing output is kept unless --force.
+    """
+    from gen_cli.model.export import check_output
+
+    if to not in TARGETS:
+        raise UsageError(f"--to must be one of {', '.join(TARGETS)}, got {to!r}")
+    if type_ is not None and type_ not in TYPES:
+        raise UsageError(f"--type must be one of {', '.join(TYPES)}, got {type_!r}")
+    if to == "hf" and type_ == "q8_0":
+        raise UsageError("--type q8_0 is for --to gguf; a Hugging Face folder holds f32, f16 or bf16 weights")
+    if not model.exists():
+        raise UsageError(f"{model}: no such model directory or .gguf file")
+    check_output(out, force, folder=to == "hf")  # before loading: a refusal costs nothing
+    from gen_cli.model.export import export_gguf, export_hf, family
+    from gen_cli.model.loading import config_for, load
+
+    config, _source, _details = config_for(str(model))
+    family(config, to)  # an inexpressible model is refused from its config alone, before the weights load
+    start = time.perf_counter()
+    loaded = load(model_dir=model)
+    if loaded.random_weights:
+        raise UsageError(f"{model} is not a model with trained weights")
+    stops = loaded.stop_ids or None
+    if to == "hf":
+        result = export_hf(loaded.model, loaded.tokenizer, out, type_, force, stops, loaded.chat_template)
+    else:
+        kind = type_ or _stored_type(loaded.model)
+        result = export_gguf(loaded.model, loaded.tokenizer, out, kind, force, stops, loaded.chat_template)
+    seconds = time.perf_counter() - start
+    if as_json:
+        print_json({"source": str(model), **result.to_dict(), "seconds": round(seconds, 3)})
+    else:
+        err.print(
+            f"exported {escape(str(model))} → {escape(result.path)} ({result.architecture}, {result.type}, "
+            f"{result.tensors} tensors, {result.bytes:,} bytes) in {seconds:.2f} s"
+        )
+    for note in result.notes:
+        err.print(f"note: {escape(note)}")
+
+
+def _stored_type(model) -> str:
+    import torch
+
+    return {torch.bfloat16: "bf16", torch.float16: "f16"}.get(model.tok_emb.weight.dtype, "f32")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("export")(export_command)

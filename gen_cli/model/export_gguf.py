@@ -1,0 +1,217 @@
+"""A gen model as one GGUF file, written with the `gguf` package's GGUFWriter (the GGUF project's own writer).
+
+gguf_file.py's name tables, inverted; llama.cpp's Q/K row permutation applied for the llama architecture;
+the tokenizer as `tokenizer.ggml.model` gpt2 (byte-level BPE) with the split rule `tokenizer.ggml.pre`
+names, checked by rebuilding it the way gen's GGUF loader does and encoding a probe text with both.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gen_cli.atomic import atomic_path
+from gen_cli.errors import GenError
+from gen_cli.model import gguf_file, gguf_tokenizer
+from gen_cli.model.export import (
+    GGUF_TYPES,
+    Exported,
+    bos_id,
+    check_output,
+    check_vocab,
+    family,
+    split_rows,
+    state_of,
+    stop_ids_of,
+)
+from gen_cli.model.transformer import scaled_frequencies
+
+if TYPE_CHECKING:
+    import numpy as np
+    from tokenizers import Tokenizer
+
+    from gen_cli.model.transformer import Transformer
+
+GGUF_ARCH = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gpt2": "gpt2"}  # family → general.architecture
+# Text whose encoding must not change when the tokenizer is rebuilt from the metadata: digits, whitespace
+# runs, contractions, accents, CJK, emoji, newlines.
+PROBE = "The 12345 quick  brown\tfox's   jumps;\n\n  日本語 🙂 é ü x=3.14159 I'm  they'll\r\n end  "
+
+
+def permute_qk(rows: np.ndarray, n_head: int) -> np.ndarray:
+    """convert_hf_to_gguf's permute, the inverse of gguf_file's unpermute: per head, llama.cpp's interleaved
+    RoPE wants rotate-half's pairs (j, j + head_dim/2) as adjacent rows (2j, 2j+1)."""
+    shape = rows.shape
+    # (n_head, 2, head_dim/2, …) → (n_head, head_dim/2, 2, …)
+    return rows.reshape(n_head, 2, shape[0] // n_head // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+
+
+def gguf_tensors(model: Transformer, arch: str) -> dict[str, np.ndarray]:
+    """GGUF name → float32 array (rows, columns), as llama.cpp's converter writes `arch`."""
+    import numpy as np
+
+    config = model.config
+    out: dict[str, np.ndarray] = {}
+    for gen_name, t in state_of(model).items():
+        names = gguf_file.source_names(gen_name, arch)
+        for name, part in zip(names, split_rows(config, gen_name, t.float(), len(names)), strict=True):
+            a = part.numpy()
+            if arch in gguf_file.PERMUTED_QK and re.search(r"\.attn_[qk]\.", name):
+                a = permute_qk(a, config.n_head if ".attn_q." in name else config.n_kv_head)
+            out[name] = np.ascontiguousarray(a, dtype=np.float32)
+    if config.rope_scaling is not None:  # per-frequency divisors, as convert_hf_to_gguf stores Llama 3's scaling
+        import torch
+
+        inv = config.rope_base ** (-torch.arange(0, config.head_dim, 2, dtype=torch.float64) / config.head_dim)
+        out["rope_freqs.weight"] = (inv / scaled_frequencies(inv, config.rope_scaling)).float().numpy()
+    return out
+
+
+def _pre(tokenizer: Tokenizer) -> str | None:
+    """The `tokenizer.ggml.pre` name of a byte-level tokenizer's split rule, or None when llama.cpp has none."""
+    data = json.loads(tokenizer.to_str())
+    pre = data.get("pre_tokenizer") or {}
+    items = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    kinds = [p.get("type") for p in items]
+    if data.get("normalizer") or kinds[-1:] != ["ByteLevel"] or items[-1].get("add_prefix_space"):
+        return None
+    if kinds == ["ByteLevel"] and items[0].get("use_regex", True):
+        return "gpt-2"  # llama.cpp's spelling (convert_hf_to_gguf's); it reads an unknown name as another split
+    if kinds == ["Digits", "ByteLevel"] and items[0].get("individual_digits") and items[1].get("use_regex", True):
+        return "smollm"
+    if kinds == ["Split", "ByteLevel"] and not items[1].get("use_regex", True):
+        regex = (items[0].get("pattern") or {}).get("Regex")
+        return next((n for n, r in gguf_tokenizer.PRE_TOKENIZER_REGEXES.items() if r == regex), None)
+    return None
+
+
+def tokenizer_metadata(tokenizer: Tokenizer, vocab_size: int, stop_ids: Sequence[int]) -> dict[str, Any]:
+    """tokenizer.ggml.* for a byte-level BPE, padded to the embedding's rows with unused [PADn] tokens (as
+    convert_hf_to_gguf does); refused when gen's own GGUF loader would rebuild it differently."""
+    data = json.loads(tokenizer.to_str())
+    model = data.get("model") or {}
+    pre = _pre(tokenizer)
+    if model.get("type") != "BPE" or pre is None or model.get("byte_fallback"):
+        raise GenError("the tokenizer cannot be written to GGUF: only byte-level BPE tokenizers with a split rule "
+                       f"llama.cpp names ({', '.join(gguf_tokenizer.PRE_TOKENIZERS)}) are supported")  # fmt: skip
+    n = tokenizer.get_vocab_size()
+    tokens: list[str | None] = [None] * n
+    for token, i in tokenizer.get_vocab(with_added_tokens=True).items():
+        tokens[i] = token
+    if None in tokens:
+        raise GenError(f"the tokenizer's ids are not contiguous (id {tokens.index(None)} has no token)")
+    types = [gguf_tokenizer.NORMAL] * n
+    for i, added in tokenizer.get_added_tokens_decoder().items():
+        types[i] = gguf_tokenizer.CONTROL if added.special else gguf_tokenizer.USER_DEFINED
+    tokens += [f"[PAD{i}]" for i in range(n, vocab_size)]
+    types += [gguf_tokenizer.UNUSED] * (vocab_size - n)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    bos = bos_id(tokenizer)
+    meta: dict[str, Any] = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre, "tokenizer.ggml.tokens": tokens,
+                            "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": merges,
+                            "tokenizer.ggml.add_bos_token": bos is not None}  # fmt: skip
+    stops = list(stop_ids)
+    if bos is not None or stops:
+        meta["tokenizer.ggml.bos_token_id"] = bos if bos is not None else stops[0]  # GPT-2: BOS = EOS
+    for key, i in zip(("eos", "eot", "eom"), stops, strict=False):
+        meta[f"tokenizer.ggml.{key}_token_id"] = i
+    rebuilt, _stops, _add_bos = gguf_tokenizer.tokenizer_from_gguf(meta.get, "export")
+    for add in (False, True):
+        if rebuilt.encode(PROBE, add_special_tokens=add).ids != tokenizer.encode(PROBE, add_special_tokens=add).ids:
+            raise GenError(f"the tokenizer cannot be written to GGUF: rebuilt as {pre!r} byte-level BPE it would "
+                           "encode text differently")  # fmt: skip
+    return meta
+
+
+def _qtype(name: str, a: np.ndarray, kind: str) -> Any:
+    """The GGML type a tensor is stored in: norms, biases, position embeddings and RoPE factors stay F32 (as
+    llama.cpp's converter keeps them); Q8_0 needs rows in whole 32-value blocks, else F16."""
+    import gguf
+
+    T = gguf.GGMLQuantizationType
+    if kind == "f32" or a.ndim != 2 or name == "position_embd.weight":
+        return T.F32
+    if kind == "q8_0" and a.shape[1] % gguf.GGML_QUANT_SIZES[T.Q8_0][0]:
+        return T.F16
+    return {"f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0}[kind]
+
+
+def export_gguf(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    out_file: str | Path,
+    type: str = "f32",
+    force: bool = False,
+    stop_ids: Sequence[int] | None = None,
+    chat_template: str | None = None,
+) -> Exported:
+    """Write one GGUF file (weights in `type` f32|f16|bf16|q8_0, metadata and tokenizer llama.cpp reads)."""
+    import gguf
+
+    from gen_cli.errors import UsageError
+
+    out_file = Path(out_file)
+    config = model.config
+    arch = GGUF_ARCH[family(config, "gguf")]
+    if type not in GGUF_TYPES:
+        raise UsageError(f"type {type!r} is not a GGUF type gen writes; choose {', '.join(GGUF_TYPES)}",
+                         params=("type",))  # fmt: skip
+    check_vocab(model, tokenizer)
+    check_output(out_file, force, folder=False)
+    meta = tokenizer_metadata(
+        tokenizer, config.vocab_size, stop_ids if stop_ids is not None else stop_ids_of(tokenizer)
+    )
+    tensors = gguf_tensors(model, arch)
+    T = gguf.GGMLQuantizationType
+    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                 "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[type]  # fmt: skip
+    notes: list[str] = []
+    with atomic_path(out_file) as tmp:
+        w = gguf.GGUFWriter(str(tmp), arch)
+        w.add_name(out_file.stem)
+        w.add_file_type(file_type)
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        w.add_context_length(config.context_length)
+        w.add_embedding_length(config.d_model)
+        w.add_block_count(config.n_layer)
+        w.add_feed_forward_length(config.d_ff)
+        w.add_head_count(config.n_head)
+        w.add_head_count_kv(config.n_kv_head)
+        w.add_vocab_size(config.vocab_size)
+        if arch == "gpt2":
+            w.add_layer_norm_eps(config.norm_eps)
+        else:
+            w.add_key_length(config.head_dim)
+            w.add_value_length(config.head_dim)
+            w.add_rope_dimension_count(config.head_dim)
+            w.add_rope_freq_base(config.rope_base)
+            w.add_layer_norm_rms_eps(config.norm_eps)
+        w.add_tokenizer_model(meta.pop("tokenizer.ggml.model"))
+        w.add_tokenizer_pre(meta.pop("tokenizer.ggml.pre"))
+        w.add_token_list(meta.pop("tokenizer.ggml.tokens"))
+        w.add_token_types(meta.pop("tokenizer.ggml.token_type"))
+        w.add_token_merges(meta.pop("tokenizer.ggml.merges"))
+        w.add_add_bos_token(meta.pop("tokenizer.ggml.add_bos_token"))
+        for key, value in meta.items():  # the special ids
+            w.add_uint32(key, value)
+        if chat_template is not None:
+            w.add_chat_template(chat_template)
+        fallback = []
+        for name, a in tensors.items():
+            kind = _qtype(name, a, type)
+            if kind == T.F32:
+                w.add_tensor(name, a)
+            else:
+                if kind == T.F16 and type == "q8_0":
+                    fallback.append(name)
+                w.add_tensor(name, gguf.quants.quantize(a, kind), raw_dtype=kind)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    if fallback:
+        notes.append(f"{len(fallback)} tensor(s) stored as F16: their rows are not whole Q8_0 blocks of 32")
+    return Exported(str(out_file), "gguf", arch, type, out_file.stat().st_size, len(tensors), notes)
