@@ -82,7 +82,7 @@ def _print_stats(session: ChatSession, source: str) -> None:
         f"re-prefill     whole prompt ({cmp.prompt_tokens:,} tokens) {ms(cmp.full_s)}; after the cached "
         f"{cmp.reused_tokens:,}, the new {cmp.prompt_tokens - cmp.reused_tokens:,} tokens {ms(cmp.reuse_s)}\n"
         f"saved          {1000 * (full - reuse):.1f} ms on the last turn (whole / from cache {full / reuse:.1f}×); "
-        f"median (min–max) of 3 runs each, measured now after a warm-up\n"
+        f"median (min–max) of 3 runs each, alternating, measured now\n"
         f"device         {session.cache.device}   threads {torch.get_num_threads()}   {probe.load.describe()}",
         soft_wrap=True,
     )

@@ -186,7 +186,7 @@ class ChatSession:
 
     def compare_prefill(self, repeats: int = 3) -> PrefillComparison | None:
         """Time the last turn's prompt prefilled whole against only the tokens after its reused prefix,
-        alternating on a scratch cache after one warm-up of each; None before the first turn."""
+        alternating on a scratch cache (the live turns warmed the model up); None before the first turn."""
         if not self.turns or repeats < 1:
             return None
         prompt, reused = self._last_prompt, self.turns[-1].reused_tokens
@@ -205,11 +205,9 @@ class ChatSession:
 
         full: list[float] = []
         reuse: list[float] = []
-        for i in range(repeats + 1):  # the first round warms up and is not kept
-            f, r = timed(0), timed(reused)
-            if i:
-                full.append(f)
-                reuse.append(r)
+        for _ in range(repeats):  # alternating, so a drift in the machine's load hits both sides alike
+            full.append(timed(0))
+            reuse.append(timed(reused))  # after timed(0), the scratch holds the whole prompt's k/v
         return PrefillComparison(len(prompt), reused, full, reuse)
 
 
