@@ -106,6 +106,22 @@ def test_continue_steps_logits_equal_recomputing_without_a_cache(loaded):
         assert torch.equal(tc, to)
 
 
+def test_native_step_continues_a_conversation_as_the_oracle_does(chat_dir):
+    from gen_cli.infer.native.build import native_status
+    from gen_cli.infer.optimize import optimize_for_decode
+
+    if native_status() != "ready":
+        pytest.skip(f"no native step here: {native_status()}")
+    fast = load(chat_dir)
+    fast.model = optimize_for_decode(fast.model, native=True)
+    assert fast.model.native_decoder is not None
+    session = _session(fast)
+    session.say("Hello there, fox!", 8, GREEDY)
+    ids = session.render([*session.messages, {"role": "user", "content": "And 12345?"}])
+    turn = session.say("And 12345?", 8, GREEDY)
+    assert turn.reused_tokens > 0 and turn.token_ids == _oracle(fast, ids, 8)
+
+
 def test_reset_empties_the_cache_and_starts_over(loaded):
     session = _session(loaded, system="Be brief.")
     session.say("Hello there, fox!", 5, GREEDY)
