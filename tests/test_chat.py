@@ -208,6 +208,18 @@ def test_cli_chat_with_piped_turns_prints_replies_and_stats(chat_dir, loaded):
     assert "whole / from cache" in result.stderr
 
 
+def test_cli_chat_json_is_one_object_per_turn_and_per_stats(chat_dir):
+    result = _chat(chat_dir, "Hello there, fox!\nAnd 12345?\n/stats\n", "--json")
+    assert result.exit_code == 0, result.output
+    first, second, stats = (json.loads(line) for line in result.stdout.splitlines())
+    assert first["reused_tokens"] == 0 and second["reused_tokens"] >= first["prompt_tokens"]
+    assert isinstance(second["reply"], str) and second["ttft_s"] > 0
+    stats = stats["stats"]
+    assert stats["turns"] == 2 and stats["cached_tokens"] > second["prompt_tokens"] - 1
+    cmp = stats["prefill_comparison"]
+    assert cmp["prompt_tokens"] == second["prompt_tokens"] and len(cmp["full_s"]) == len(cmp["reuse_s"]) == 3
+
+
 def test_cli_chat_says_when_the_context_is_full(chat_dir):
     lines = "Hello there, fox!\n" * 6 + "/reset\nHi\n"
     result = _chat(chat_dir, lines, "--context-tokens", "48")

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import statistics
 import sys
+from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.markup import escape
@@ -30,7 +33,15 @@ def _read_line(interactive: bool) -> str | None:
     return None if line == "" else line.rstrip("\r\n")
 
 
+def _turn_data(turn: Turn) -> dict[str, Any]:
+    """A turn's figures for --json (the reply's text and ids left out: the caller adds the text)."""
+    return {k: v for k, v in asdict(turn).items() if k not in ("text", "token_ids")}
+
+
 def _print_turn(turn: Turn) -> None:
+    if not turn.new_tokens:
+        err.print(f"[dim]{turn.prompt_tokens:,}-token prompt: stopped before the first token[/]", soft_wrap=True)
+        return
     rate = f", {(turn.new_tokens - 1) / turn.decode_s:,.1f} tok/s" if turn.new_tokens > 1 and turn.decode_s else ""
     err.print(
         f"[dim]{turn.prompt_tokens:,}-token prompt: {turn.reused_tokens:,} reused, {turn.prefilled_tokens:,} "
@@ -39,51 +50,83 @@ def _print_turn(turn: Turn) -> None:
     )
 
 
-def _print_stats(session: ChatSession, source: str) -> None:
-    """Cache use over the conversation, and the last turn's prefill measured whole vs from the cache."""
+def _stats(session: ChatSession, source: str, before_measuring: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """Cache use over the conversation, then the last turn's prefill measured whole and from the cache
+    (`before_measuring` shows the counts first: the measurement can take seconds)."""
     import torch
 
     from gen_cli.runtime import LoadProbe
 
     turns = session.turns
-    lines = [
-        f"model          {escape(source)}",
-        f"cache          {session.cache.pos:,} of {session.cache.max_tokens:,} tokens hold the conversation "
-        f"({len(turns)} turn(s))",
-    ]
-    if not turns:
-        err.print("\n".join([*lines, "no reply yet: the comparison with re-prefilling needs one turn"]), soft_wrap=True)
-        return
-    reused = sum(t.reused_tokens for t in turns)
-    lines.append(
-        f"all turns      {reused:,} tokens reused from the cache, {sum(t.prefilled_tokens for t in turns):,} "
-        f"prefilled, {sum(t.rolled_back for t in turns):,} rolled back, {sum(t.new_tokens for t in turns):,} generated"
-    )
-    last = turns[-1]
-    lines.append(
-        f"last turn      {last.prompt_tokens:,}-token prompt: {last.reused_tokens:,} reused, "
-        f"{last.prefilled_tokens:,} prefilled; time to first token {last.ttft_s * 1000:.1f} ms (live)"
-    )
-    err.print("\n".join(lines), soft_wrap=True)
+    data: dict[str, Any] = {
+        "model": source, "cached_tokens": session.cache.pos, "context_tokens": session.cache.max_tokens,
+        "turns": len(turns), "reused_tokens": sum(t.reused_tokens for t in turns),
+        "prefilled_tokens": sum(t.prefilled_tokens for t in turns),
+        "rolled_back_tokens": sum(t.rolled_back for t in turns), "generated_tokens": sum(t.new_tokens for t in turns),
+        "last_turn": _turn_data(turns[-1]) if turns else None, "prefill_comparison": None,
+    }  # fmt: skip
+    before_measuring(data)
+    if not turns or not turns[-1].reused_tokens:
+        return data
     status = err.status("measuring the prefill, whole and from the cache") if progress_enabled() else nullcontext()
     with status, LoadProbe() as probe:
         try:
             cmp = session.compare_prefill(repeats=3)
         except KeyboardInterrupt:
             err.print("measurement stopped")
-            return
+            return data
     assert cmp is not None
+    data["prefill_comparison"] = {
+        "prompt_tokens": cmp.prompt_tokens, "reused_tokens": cmp.reused_tokens, "full_s": cmp.full_s,
+        "reuse_s": cmp.reuse_s, "full_median_s": cmp.full_median_s, "reuse_median_s": cmp.reuse_median_s,
+        "saved_s": cmp.full_median_s - cmp.reuse_median_s, "device": str(session.cache.device),
+        "threads": torch.get_num_threads(), "machine_load": probe.load.to_dict(),
+    }  # fmt: skip
+    data["machine_load_text"] = probe.load.describe()
+    return data
+
+
+def _show_counts(data: dict[str, Any]) -> None:
+    lines = [
+        f"model          {escape(data['model'])}",
+        f"cache          {data['cached_tokens']:,} of {data['context_tokens']:,} tokens hold the conversation "
+        f"({data['turns']} turn(s))",
+    ]
+    last = data["last_turn"]
+    if last is None:
+        lines.append("no reply yet: the comparison with re-prefilling needs one turn")
+    else:
+        lines.append(
+            f"all turns      {data['reused_tokens']:,} tokens reused from the cache, {data['prefilled_tokens']:,} "
+            f"prefilled, {data['rolled_back_tokens']:,} rolled back, {data['generated_tokens']:,} generated"
+        )
+        lines.append(
+            f"last turn      {last['prompt_tokens']:,}-token prompt: {last['reused_tokens']:,} reused, "
+            f"{last['prefilled_tokens']:,} prefilled; time to first token {last['ttft_s'] * 1000:.1f} ms (live)"
+        )
+        if not last["reused_tokens"]:
+            lines.append(
+                "re-prefill     the last turn reused nothing from the cache (a first turn): nothing to compare"
+            )
+    err.print("\n".join(lines), soft_wrap=True)
+
+
+def _show_comparison(data: dict[str, Any]) -> None:
+    cmp = data["prefill_comparison"]
+    if cmp is None:
+        return
 
     def ms(values: list[float]) -> str:
         return f"{1000 * statistics.median(values):.1f} ms ({1000 * min(values):.1f}–{1000 * max(values):.1f})"
 
-    full, reuse = cmp.full_median_s, cmp.reuse_median_s
+    full, reuse = cmp["full_median_s"], cmp["reuse_median_s"]
     err.print(
-        f"re-prefill     whole prompt ({cmp.prompt_tokens:,} tokens) {ms(cmp.full_s)}; after the cached "
-        f"{cmp.reused_tokens:,}, the new {cmp.prompt_tokens - cmp.reused_tokens:,} tokens {ms(cmp.reuse_s)}\n"
+        f"re-prefill     whole prompt ({cmp['prompt_tokens']:,} tokens) {ms(cmp['full_s'])}; after the cached "
+        f"{cmp['reused_tokens']:,}, the new {cmp['prompt_tokens'] - cmp['reused_tokens']:,} tokens "
+        f"{ms(cmp['reuse_s'])}\n"
         f"saved          {1000 * (full - reuse):.1f} ms on the last turn (whole / from cache {full / reuse:.1f}×); "
         f"median (min–max) of 3 runs each, alternating, measured now\n"
-        f"device         {session.cache.device}   threads {torch.get_num_threads()}   {probe.load.describe()}",
+        f"device         {cmp['device']}   threads {cmp['threads']}   {data['machine_load_text']}",
         soft_wrap=True,
     )
 
@@ -125,12 +168,16 @@ def chat_command(
     ),
     threads: int = typer.Option(None, "--threads", help="CPU threads (default: torch's).", show_default=False),
     show_stats: bool = typer.Option(False, "--stats", help="After each reply, its token counts and times on stderr."),
+    as_json: bool = typer.Option(
+        False, "--json", help="One JSON object per line on stdout: each reply with its figures, each /stats."
+    ),
 ) -> None:
     """Chat with an instruct model: each line you type is a message, the reply streams back.
 
     The conversation's KV cache is kept between turns, so each turn prefills only its new tokens
     (`/stats` measures what that saves). Commands: /stats, /reset, /exit; Ctrl-C stops a reply,
-    Ctrl-D quits. With stdin not a terminal, each line is a turn and the replies go to stdout.
+    Ctrl-D quits. With stdin not a terminal, each line is a turn and the replies go to stdout
+    (with --json, one JSON object per reply and per /stats).
     """
     from gen_cli.infer.sampling import SamplingConfig
 
@@ -180,6 +227,9 @@ def chat_command(
         sys.stdout.write(text)
         sys.stdout.flush()
 
+    def emit(data: dict[str, Any]) -> None:  # --json: one object per line, so a script reads turn by turn
+        show(json.dumps(data, default=str) + "\n")
+
     while True:
         try:
             line = _read_line(interactive)
@@ -200,18 +250,27 @@ def chat_command(
             err.print("[dim]conversation cleared; the cache is empty[/]")
             continue
         if command == "/stats":
-            _print_stats(session, loaded.source)
+            data = _stats(session, loaded.source, (lambda _: None) if as_json else _show_counts)
+            if as_json:
+                emit({"stats": {k: v for k, v in data.items() if k != "machine_load_text"}})
+            else:
+                _show_comparison(data)
             continue
         if command.startswith("/") and not command.startswith("//"):
             err.print(f"unknown command {escape(command)}; {HELP}; // sends a line starting with /", soft_wrap=True)
             continue
         message = line[1:] if command.startswith("//") else line
         try:
-            turn = session.say(message, max_new_tokens, sampling, generator, show)
+            turn = session.say(message, max_new_tokens, sampling, generator, None if as_json else show)
         except ContextFull as e:
             err.print(f"the context is full: {escape(str(e))} (type /reset)", soft_wrap=True)
+            if as_json:
+                emit({"error": f"the context is full: {e}", "context_full": True})
             continue
-        show("\n")
+        if as_json:
+            emit({"reply": turn.text, **_turn_data(turn)})
+        else:
+            show("\n")
         if turn.interrupted:
             err.print("[dim](reply stopped)[/]")
         if turn.context_full:
