@@ -259,7 +259,7 @@ def chat_command(
         if command.startswith("/") and not command.startswith("//"):
             err.print(f"unknown command {escape(command)}; {HELP}; // sends a line starting with /", soft_wrap=True)
             continue
-        message = line[1:] if command.startswith("//") else line
+        message = line.lstrip()[1:] if command.startswith("//") else line
         try:
             turn = session.say(message, max_new_tokens, sampling, generator, None if as_json else show)
         except ContextFull as e:
