@@ -39,7 +39,7 @@ def _turn_data(turn: Turn) -> dict[str, Any]:
 
 
 def _print_turn(turn: Turn) -> None:
-    if not turn.new_tokens:
+    if turn.ttft_s is None:
         err.print(f"[dim]{turn.prompt_tokens:,}-token prompt: stopped before the first token[/]", soft_wrap=True)
         return
     rate = f", {(turn.new_tokens - 1) / turn.decode_s:,.1f} tok/s" if turn.new_tokens > 1 and turn.decode_s else ""
@@ -100,9 +100,10 @@ def _show_counts(data: dict[str, Any]) -> None:
             f"all turns      {data['reused_tokens']:,} tokens reused from the cache, {data['prefilled_tokens']:,} "
             f"prefilled, {data['rolled_back_tokens']:,} rolled back, {data['generated_tokens']:,} generated"
         )
+        ttft = "none (stopped before it)" if last["ttft_s"] is None else f"{last['ttft_s'] * 1000:.1f} ms (live)"
         lines.append(
             f"last turn      {last['prompt_tokens']:,}-token prompt: {last['reused_tokens']:,} reused, "
-            f"{last['prefilled_tokens']:,} prefilled; time to first token {last['ttft_s'] * 1000:.1f} ms (live)"
+            f"{last['prefilled_tokens']:,} prefilled; time to first token {ttft}"
         )
         if not last["reused_tokens"]:
             lines.append(

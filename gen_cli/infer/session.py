@@ -39,7 +39,7 @@ class Turn:
     prefilled_tokens: int  # prompt_tokens - reused_tokens
     rolled_back: int  # cached tokens dropped because the new render diverged before the cache's end
     new_tokens: int
-    ttft_s: float  # prefill of the new tokens and the first token's pick
+    ttft_s: float | None  # prefill of the new tokens and the first token's pick (None: stopped before it)
     decode_s: float  # the other steps (printing not counted)
     text: str
     token_ids: list[int]  # as generated (a final stop id included)
@@ -178,7 +178,7 @@ class ChatSession:
         cut = not stream.done and not interrupted and len(generated) == budget and len(ids) + budget >= capacity
         turn = Turn(
             prompt_tokens=len(ids), reused_tokens=reused, prefilled_tokens=len(ids) - reused,
-            rolled_back=rolled_back, new_tokens=len(generated), ttft_s=times[0] if times else 0.0,
+            rolled_back=rolled_back, new_tokens=len(generated), ttft_s=times[0] if times else None,
             decode_s=sum(times[1:]), text=stream.text, token_ids=generated, interrupted=interrupted, context_full=cut,
         )  # fmt: skip
         self.turns.append(turn)
