@@ -134,6 +134,31 @@ def greedy_steps(
     return _steps(model, prompt_ids, max_new_tokens, SamplingConfig(temperature=0.0), cache, forced=forced)
 
 
+def continue_steps(
+    model: Transformer,
+    prompt_ids: torch.Tensor,
+    max_new_tokens: int,
+    sampling: SamplingConfig,
+    cache: KVCache,
+    generator: torch.Generator | None = None,
+    stop_token_id: StopIds = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """`generate`'s loop on a cache that already holds the k/v of prompt_ids[:, :cache.pos]: only the rest
+    is prefilled. Yields (logits (B, V), token (B,)) per step; the no-cache oracle is `generate` on prompt_ids.
+    """
+    if prompt_ids.dim() != 2:
+        raise UsageError(f"prompt_ids must be (B, T), got shape {tuple(prompt_ids.shape)}")
+    check_lengths(model.config, prompt_ids.shape[1], max_new_tokens)
+    rows, tokens = prompt_ids.shape
+    # At least one token must be prefilled: its logits pick the first new token.
+    if cache.batch_size != rows or not cache.pos < tokens or cache.max_tokens < tokens + max_new_tokens:
+        raise InternalError(
+            f"continue_steps needs a cache of {rows} rows, at least {tokens + max_new_tokens} tokens, holding fewer "
+            f"than the prompt's {tokens}; got {cache.batch_size} rows, {cache.max_tokens} tokens, at {cache.pos}"
+        )
+    return _steps(model, prompt_ids, max_new_tokens, sampling, cache, generator, stop_token_id)
+
+
 def _check(
     model: Transformer, prompt_ids: torch.Tensor, max_new_tokens: int, num_samples: int, cache: KVCache | None
 ) -> None:
@@ -197,8 +222,8 @@ def _steps(
         first = cache.first_row()
         logits = prefill(model, ids[:1, :T], first).expand(B, -1)  # (B, V)
         cache.replicate_first_row(first.pos)
-    else:
-        logits = prefill(model, ids[:, :T], cache)
+    else:  # from cache.pos: 0 for `generate`, the cached prefix's end for `continue_steps`
+        logits = prefill(model, ids[:, cache.pos : T], cache)
     stops = stop_id_tuple(stop_token_id)
     finished = torch.zeros(B, dtype=torch.bool, device=ids.device) if stops else None
     stop_set = torch.tensor(stops, dtype=torch.long, device=ids.device) if len(stops) > 1 else None

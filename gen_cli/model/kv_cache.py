@@ -68,6 +68,13 @@ class KVCache:
         """Forget the contents (the tensors are kept and overwritten by the next writes)."""
         self.pos = 0
 
+    def truncate(self, pos: int) -> None:
+        """Roll the write position back to `pos` (≤ the current one): a shared prefix stays cached, and
+        the entries after it are overwritten by the next writes (attention never reads past `pos`)."""
+        if not 0 <= pos <= self.pos:
+            raise InternalError(f"KV cache truncate to {pos}: must be between 0 and the position {self.pos}")
+        self.pos = pos
+
     def first_row(self) -> KVCache:
         """A batch-1 cache sharing row 0's storage: prefill one prompt there, then `replicate_first_row`."""
         view = KVCache.__new__(KVCache)
