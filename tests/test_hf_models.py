@@ -305,3 +305,18 @@ def test_chat_without_template_or_with_a_bad_one_is_one_line(folders, chat_folde
         (chat_folder / "tokenizer_config.json").write_text(json.dumps(config | {"chat_template": template}))
         _one_line_error(["generate", "--chat", "hi", "--model", str(chat_folder)], fragment)
     _one_line_error(["generate", "text", "--chat", "hi", "--model", str(chat_folder)], "either PROMPT")
+
+
+@pytest.mark.parametrize(("arch", "pos"), [("qwen2", "rope"), ("gpt2", "learned")])
+def test_compare_measures_an_imported_models_shape(folders, arch, pos):
+    fast = ["--prompt-len", "4", "--gen-len", "5", "--repeats", "1", "--warmup", "0", "--threads", "1"]
+    model = ["compare", "--model", str(folders[arch][0])]
+    result = runner.invoke(
+        app, [*model, *fast, "--attention", "mha,mqa", "--pos", pos, "--in-process", "--format", "json"]
+    )
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["rows"]
+    assert {(r["kv_heads"], r["pos"]) for r in rows} == {(4, pos), (1, pos)}  # the imported shape's 4 heads
+    assert all(r["greedy_match"] for r in rows if r["kv_cache"])  # the cache agrees with the oracle on this shape
+    refused = runner.invoke(app, [*model, "--quality-steps", "5"])
+    assert refused.exit_code == 2 and "gen's tokenizer" in refused.stderr

@@ -21,8 +21,12 @@ DEFAULT_GEN_LEN = 128  # capped by the shape's context; the cache-off rows cost 
 
 
 def _resolve_shape(preset: str | None, model_dir: Path | None) -> tuple[Any, str, str | None, str | None]:
-    """(ModelConfig, where it came from, preset name, tokenizer path) for --preset, --model or the default."""
+    """(ModelConfig, where it came from, preset name, tokenizer path) for --preset, --model or the default.
+
+    --model may be a gen directory, a Hugging Face folder or a GGUF file: only its shape is read.
+    """
     from gen_cli.model.config import load_preset
+    from gen_cli.model.loading import config_for, model_kind
     from gen_cli.resources import default_model_dir
 
     if preset is not None and model_dir is not None:
@@ -30,13 +34,13 @@ def _resolve_shape(preset: str | None, model_dir: Path | None) -> tuple[Any, str
     if preset is not None:
         return load_preset(preset), f"preset {preset}", preset, None
     directory = model_dir if model_dir is not None else default_model_dir()
-    if (directory / "config.json").is_file():
-        from gen_cli.model.checkpoint import load_config
-
+    kind = model_kind(directory)
+    if kind is not None:
+        config, source, _ = config_for(str(directory))
         tok = directory / "tokenizer.json"
-        return load_config(directory), f"model {directory}", None, str(tok) if tok.is_file() else None
+        return config, source, None, str(tok) if kind == "gen" and tok.is_file() else None
     if model_dir is not None:
-        raise UsageError(f"--model {model_dir}: no config.json there; a model directory is made by `gen train`")
+        raise UsageError(f"--model {model_dir}: not a gen model directory, a Hugging Face folder or a .gguf file")
     return load_preset("tiny"), "preset tiny (no default model at models/default)", "tiny", None
 
 
@@ -108,7 +112,9 @@ def compare_command(
     preset: str = typer.Option(
         None, "--preset", help="Use this preset's shape (tiny, small, base).", show_default=False
     ),
-    model_dir: Path = typer.Option(None, "--model", help="Use this model directory's shape.", show_default=False),
+    model_dir: Path = typer.Option(
+        None, "--model", help="Use this model's shape: a gen directory, HF folder or .gguf file.", show_default=False
+    ),
     fmt: str = typer.Option(
         None,
         "--format",
@@ -172,6 +178,8 @@ def compare_command(
     if threads is not None and threads < 1:
         raise UsageError(f"--threads must be at least 1, got {threads}")
     shape, source, preset_name, tokenizer = _resolve_shape(preset, model_dir)
+    if quality_steps and preset_name is None and tokenizer is None:
+        raise UsageError("--quality-steps trains gen models on gen's tokenizer: use --preset or a gen model directory")
     prompts = compare.int_values("--prompt-len", prompt_len, [DEFAULT_PROMPT_LEN])
     gens = compare.int_values("--gen-len", gen_len, [max(2, min(DEFAULT_GEN_LEN, shape.context_length - max(prompts)))])
     dtypes = compare.split_values(dtype, ["float32"])
