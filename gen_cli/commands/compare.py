@@ -78,7 +78,10 @@ def compare_command(
         show_default=False,
     ),
     pos: list[str] = typer.Option(
-        None, "--pos", help="rope, sinusoidal, learned (comma list). \\[default: rope,sinusoidal]", show_default=False
+        None,
+        "--pos",
+        help="rope, sinusoidal, learned, alibi (comma list). \\[default: rope,sinusoidal]",
+        show_default=False,
     ),
     prompt_len: list[str] = typer.Option(
         None, "--prompt-len", help=f"Prompt tokens (comma list). \\[default: {DEFAULT_PROMPT_LEN}]", show_default=False

@@ -119,7 +119,9 @@ def generate_command(
     ),
     attention: str = typer.Option(None, "--attention", help="With --preset: mha, gqa or mqa.", show_default=False),
     kv_heads: int = typer.Option(None, "--kv-heads", help="With --preset: number of KV heads.", show_default=False),
-    pos: str = typer.Option(None, "--pos", help="With --preset: rope, sinusoidal or learned.", show_default=False),
+    pos: str = typer.Option(
+        None, "--pos", help="With --preset: rope, sinusoidal, learned or alibi.", show_default=False
+    ),
     kv_cache: bool = typer.Option(True, "--kv-cache/--no-kv-cache", help="Reuse keys/values (off = recompute)."),
     max_new_tokens: int = typer.Option(200, "--max-new-tokens", help="Tokens to generate at most."),
     temperature: float = typer.Option(0.8, "--temperature", help="Sampling temperature; 0 = greedy."),

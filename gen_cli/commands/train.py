@@ -119,7 +119,11 @@ def train_command(
     preset: str = typer.Option(None, "--preset", help="Model shape from models/presets (tiny, small, base) [tiny]."),
     attention: str = typer.Option(None, "--attention", help="mha, mqa or gqa [the preset's]."),
     kv_heads: int = typer.Option(None, "--kv-heads", help="KV head count (GQA groups)."),
-    pos: str = typer.Option(None, "--pos", help="Positional encoding: rope, sinusoidal or learned."),
+    pos: str = typer.Option(
+        None,
+        "--pos",
+        help="Positional encoding: rope, sinusoidal, learned or alibi (a linear bias on the attention logits).",
+    ),
     norm: str = typer.Option(None, "--norm", help="rmsnorm or layernorm."),
     layers: int = typer.Option(None, "--layers", help="Number of blocks."),
     heads: int = typer.Option(None, "--heads", help="Query heads."),

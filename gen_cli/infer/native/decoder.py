@@ -89,6 +89,8 @@ def unsupported_properties(config: ModelConfig) -> list[str]:
     found += [name for name in ("qkv_bias", "attn_out_bias", "mlp_bias", "qk_norm") if getattr(config, name)]
     if config.mlp != "swiglu":
         found.append(f"a {config.mlp} MLP")
+    if config.pos_encoding == "alibi":
+        found.append("ALiBi positions (PyTorch decodes them)")
     if config.rope_scaling is not None:
         found.append(f"RoPE scaling {config.rope_scaling['type']}")
     return found
