@@ -183,9 +183,33 @@ def test_unsupported_architecture_is_one_line(folders, tmp_path):
 def test_unknown_rope_scaling_is_one_line(folders, tmp_path):
     d = _copy(folders, "llama", tmp_path)
     cfg = json.loads((d / "config.json").read_text())
-    cfg["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}
+    cfg["rope_parameters"] = {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0}
     (d / "config.json").write_text(json.dumps(cfg))
-    _one_line_error(["generate", "hi", "--model", str(d)], "yarn", "llama3")
+    _one_line_error(["generate", "hi", "--model", str(d)], "dynamic", "llama3")
+
+
+@pytest.mark.parametrize(
+    "scaling",
+    [
+        {"rope_type": "linear", "factor": 4.0},
+        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+        {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 16, "beta_fast": 16, "beta_slow": 2},
+    ],
+)
+def test_rope_scaling_kinds_equal_transformers(folders, tmp_path, scaling):
+    d = _copy(folders, "llama", tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.pop("rope_theta", None)
+    cfg["rope_parameters"] = scaling | {"rope_theta": 10000.0}
+    (d / "config.json").write_text(json.dumps(cfg))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(d).float().eval()
+    model = load(d).model
+    assert model.config.rope_scaling["type"] == scaling["rope_type"]
+    ids = _ids(2, length=40)  # past the original 16 positions
+    with torch.no_grad():
+        ref = hf(ids).logits  # (B, T, V)
+        assert (model(ids) - ref).abs().max().item() < TOL
+    assert (_cached_logits(model, ids, prompt_len=20) - ref[:, 19:]).abs().max().item() < TOL
 
 
 def test_truncated_safetensors_is_one_line(folders, tmp_path):
@@ -226,7 +250,8 @@ def test_absurd_context_length_is_refused_before_allocating(folders, tmp_path):
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"rope_scaling": {"type": "yarn"}}, "unknown rope_scaling"),
+        ({"rope_scaling": {"type": "dynamic"}}, "unknown rope_scaling"),
+        ({"rope_scaling": {"type": "yarn", "factor": 4.0}}, "needs original_context_length"),
         ({"rope_scaling": {"type": "llama3", "factor": 8.0}}, "needs low_freq_factor"),
         ({"mlp": "relu"}, "unknown MLP kind"),
         ({"head_dim": 0}, "head_dim must be a positive integer"),

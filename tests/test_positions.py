@@ -182,3 +182,25 @@ def test_scaling_grows_the_context_and_remembers_the_trained_one():
         assert model(torch.randint(0, 300, (1, 40))).shape == (1, 40, 300)  # past the trained 16
     with pytest.raises(UsageError, match="needs pos_encoding rope"):
         with_rope_scaling(tiny_config(pos_encoding="alibi"), parse_rope_scaling("linear:2"))
+
+
+def test_generate_and_eval_take_a_rope_scaling(model_dir, tmp_path):
+    from conftest import random_text
+    from typer.testing import CliRunner
+
+    from gen_cli.cli import app
+    from gen_cli.train.evaluate import evaluate_model
+
+    runner = CliRunner()
+    base = ["generate", "The quick", "--model", str(model_dir), "--max-new-tokens", "3", "--temperature", "0"]
+    ok = runner.invoke(app, [*base, "--rope-scaling", "linear:2", "--json"])
+    assert ok.exit_code == 0, ok.output
+    assert "context 64 → 128 tokens" in ok.stderr
+    bad = runner.invoke(app, [*base, "--rope-scaling", "yarn:4"])
+    assert bad.exit_code == 2 and "--rope-scaling 'yarn:4'" in bad.stderr and "orig=N" in bad.stderr
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(random_text(300), encoding="utf-8")
+    with pytest.raises(UsageError, match="outside what the model allows"):
+        evaluate_model(model_dir, [str(corpus)], "cpu", context=128, max_tokens=200)
+    scored = evaluate_model(model_dir, [str(corpus)], "cpu", context=128, max_tokens=200, rope_scaling="linear:2")
+    assert scored.tokens == 200 and math.isfinite(scored.loss)

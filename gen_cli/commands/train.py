@@ -212,6 +212,13 @@ def eval_command(
     batch_size: int = typer.Option(8, "--batch-size", help="Windows per forward pass."),
     context: int = typer.Option(None, "--context", help="Window length [the model's context length]."),
     max_tokens: int = typer.Option(None, "--max-tokens", help="Score at most this many tokens (for speed)."),
+    rope_scaling: str = typer.Option(
+        None,
+        "--rope-scaling",
+        help="Score a RoPE model with this scaling instead of its own: linear:F, ntk:F, yarn:F,orig=N, "
+        "llama3:F,orig=N or none; --context may then reach factor × the trained context.",
+        show_default=False,
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print loss, perplexity, bits_per_byte, tokens, bytes."),
 ) -> None:
     """Held-out loss, perplexity and bits per byte on the validation split of the inputs.
@@ -231,7 +238,7 @@ def eval_command(
         model_dir = default_model_dir()
         if not (model_dir / "config.json").is_file():
             raise UsageError(f"no default model at {model_dir}; pass a model folder (e.g. one `gen train` wrote)")
-    res = evaluate_model(model_dir, list(inputs or []), device, dtype, batch_size, context, max_tokens)
+    res = evaluate_model(model_dir, list(inputs or []), device, dtype, batch_size, context, max_tokens, rope_scaling)
     if as_json:
         print_json(dataclasses.asdict(res))
         return

@@ -118,7 +118,9 @@ class ModelConfig:
         if kind not in ROPE_SCALINGS:
             raise UsageError(f"unknown rope_scaling {scaling!r}; supported types: {', '.join(ROPE_SCALINGS)}")
         if self.pos_encoding != "rope":
-            raise UsageError("rope_scaling needs pos_encoding rope")
+            raise UsageError(
+                f"rope_scaling needs pos_encoding rope (this model uses {self.pos_encoding})", params=("rope_scaling",)
+            )
         needed = ROPE_SCALINGS[kind]
         if missing := [k for k in needed if k not in scaling]:
             raise UsageError(f"rope_scaling {kind} needs {', '.join(missing)}")
