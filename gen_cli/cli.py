@@ -88,9 +88,9 @@ def _root(
 
 
 def _register_commands() -> None:
-    from gen_cli.commands import bench, compare, convert, demo, generate, text, train
+    from gen_cli.commands import attention, bench, compare, convert, demo, generate, text, train
 
-    for module in (text, generate, train, compare, convert, demo, bench):
+    for module in (text, generate, train, compare, convert, demo, bench, attention):
         module.register(app)
 
 
