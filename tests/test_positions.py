@@ -204,3 +204,38 @@ def test_generate_and_eval_take_a_rope_scaling(model_dir, tmp_path):
         evaluate_model(model_dir, [str(corpus)], "cpu", context=128, max_tokens=200)
     scored = evaluate_model(model_dir, [str(corpus)], "cpu", context=128, max_tokens=200, rope_scaling="linear:2")
     assert scored.tokens == 200 and math.isfinite(scored.loss)
+
+
+def test_grow_context_extends_tables_and_keeps_the_trained_rows():
+    from gen_cli.model.transformer import grow_context
+
+    for pos in ("rope", "sinusoidal", "alibi"):
+        model = _model(pos_encoding=pos)
+        idx = torch.randint(0, 300, (1, 16))
+        with torch.no_grad():
+            want = model(idx)
+            grow_context(model, 48)
+            assert model.config.context_length == 48
+            assert torch.allclose(model(idx), want, atol=1e-6)  # the first 16 positions are unchanged
+            assert model(torch.randint(0, 300, (1, 48))).shape == (1, 48, 300)
+    with pytest.raises(UsageError, match="learned positions end at the trained context of 16"):
+        grow_context(_model(pos_encoding="learned"), 32)
+
+
+def test_eval_by_position_buckets_past_the_trained_context(model_dir, tmp_path):
+    from conftest import random_text
+    from typer.testing import CliRunner
+
+    from gen_cli.cli import app
+    from gen_cli.train.by_position import evaluate_by_position
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(random_text(400), encoding="utf-8")
+    res = evaluate_by_position(model_dir, [str(corpus)], context=128, buckets=4, device="cpu", max_tokens=512)
+    assert res.trained_context == 64 and res.windows == 4
+    assert [(b.start, b.end) for b in res.buckets] == [(0, 32), (32, 64), (64, 96), (96, 128)]
+    assert all(b.tokens == 32 * 4 and math.isfinite(b.bits_per_byte) for b in res.buckets)
+    args = ["eval", str(model_dir), str(corpus), "--by-position", "--context", "128", "--buckets", "4"]
+    out = CliRunner().invoke(app, [*args, "--max-tokens", "512", "--device", "cpu"])
+    assert out.exit_code == 0, out.output
+    assert "past training" in out.stdout and "96–127" in out.stdout

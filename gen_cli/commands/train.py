@@ -10,6 +10,7 @@ from typing import Any
 
 import typer
 from rich.markup import escape
+from rich.table import Table
 
 from gen_cli.commands.common import err, out_console, print_json, progress_enabled
 from gen_cli.text.tokenizer import DEFAULT_VOCAB_SIZE
@@ -219,6 +220,13 @@ def eval_command(
         "llama3:F,orig=N or none; --context may then reach factor × the trained context.",
         show_default=False,
     ),
+    by_position: bool = typer.Option(
+        False,
+        "--by-position",
+        help="Loss and bits per byte per position bucket of --context-token windows; --context may exceed the "
+        "trained context (RoPE, sinusoidal, ALiBi): the extrapolation sweep.",
+    ),
+    buckets: int = typer.Option(8, "--buckets", help="With --by-position: position buckets."),
     as_json: bool = typer.Option(False, "--json", help="Print loss, perplexity, bits_per_byte, tokens, bytes."),
 ) -> None:
     """Held-out loss, perplexity and bits per byte on the validation split of the inputs.
@@ -238,6 +246,11 @@ def eval_command(
         model_dir = default_model_dir()
         if not (model_dir / "config.json").is_file():
             raise UsageError(f"no default model at {model_dir}; pass a model folder (e.g. one `gen train` wrote)")
+    if by_position:
+        _by_position(
+            model_dir, list(inputs or []), context, buckets, device, batch_size, max_tokens, rope_scaling, as_json
+        )
+        return
     res = evaluate_model(model_dir, list(inputs or []), device, dtype, batch_size, context, max_tokens, rope_scaling)
     if as_json:
         print_json(dataclasses.asdict(res))
@@ -249,6 +262,35 @@ def eval_command(
         + ("" if inputs else " (the run's own training text)" if _trained(model_dir) else " (the default corpus)"),
         soft_wrap=True,
     )
+
+
+def _by_position(model_dir: Path, inputs: list[str], context: int | None, buckets: int, device: str,
+                 batch_size: int, max_tokens: int | None, rope_scaling: str | None, as_json: bool) -> None:  # fmt: skip
+    from gen_cli.model.checkpoint import load_config
+    from gen_cli.train.by_position import evaluate_by_position
+
+    context = context if context is not None else load_config(model_dir).context_length
+    res = evaluate_by_position(model_dir, inputs, context, buckets, device, batch_size, max_tokens, rope_scaling)
+    if as_json:
+        print_json(dataclasses.asdict(res))
+        return
+    console = out_console()
+    scaling = f", RoPE scaling {res.rope_scaling}" if res.pos_encoding == "rope" else ""
+    console.print(
+        f"{res.pos_encoding}{scaling}: {res.windows} windows of {res.context} tokens "
+        f"(trained context {res.trained_context}); bars span the lowest to the highest bits/byte"
+    )
+    table = Table(box=None)
+    for name in ("positions", "loss", "bits/byte", ""):
+        table.add_column(name, justify="right" if name else "left")
+    values = [b.bits_per_byte for b in res.buckets]
+    lo, span = min(values), (max(values) - min(values)) or 1.0
+    for b in res.buckets:
+        bar = "█" * (1 + round(29 * (b.bits_per_byte - lo) / span))
+        past = "  past training" if b.start >= res.trained_context else ""
+        table.add_row(f"{b.start}–{b.end - 1}", f"{b.loss:.4f}", f"{b.bits_per_byte:.4f}", bar + past)
+    console.print(table)
+    err.print(f"scored the validation split of {escape(res.corpus)}", soft_wrap=True)
 
 
 def _trained(model_dir: Path) -> bool:

@@ -329,3 +329,24 @@ def apply_rope_scaling(model: Transformer, scaling: dict[str, Any] | None) -> No
     from gen_cli.model.config import with_rope_scaling
 
     model.set_rope_tables(with_rope_scaling(model.config, scaling))
+
+
+def grow_context(model: Transformer, length: int) -> None:
+    """Let `model` run `length` positions, past the context it was trained with: longer RoPE or sinusoidal
+    tables (ALiBi needs none); learned positions have no rows there, so are refused."""
+    config = model.config
+    if length <= config.context_length:
+        return
+    if config.pos_encoding == "learned":
+        raise UsageError(
+            f"learned positions end at the trained context of {config.context_length} tokens; "
+            f"{length} positions need rope, sinusoidal or alibi"
+        )
+    grown = config.replace(context_length=length)
+    if config.pos_encoding == "rope":
+        model.set_rope_tables(grown)
+        return
+    if config.pos_encoding == "sinusoidal":
+        old = model.sin_table
+        model.sin_table = sinusoidal_table(length, config.d_model).to(old.device, old.dtype)
+    model.config = grown
