@@ -64,7 +64,7 @@ def test_grid_adds_mha_baseline_first_and_crosses_axes():
     ("axes", "message"),
     [
         ({"attention": ["mla"]}, "unknown value 'mla'"),
-        ({"pos": ["alibi"]}, "unknown value 'alibi'"),
+        ({"pos": ["xpos"]}, "unknown value 'xpos'"),
         ({"kv_cache": ["maybe"]}, "unknown value 'maybe'"),
         ({"dtype": ["int4"]}, "unknown value 'int4'"),
         ({"attention": ["gqa"], "kv_heads": [3]}, "not divisible by 3 KV heads"),
@@ -247,7 +247,7 @@ def test_cli_quality_adds_loss_columns(tmp_path, monkeypatch):
     ("args", "message"),
     [
         (["--attention", "mla"], "unknown value 'mla'"),
-        (["--pos", "alibi"], "unknown value 'alibi'"),
+        (["--pos", "xpos"], "unknown value 'xpos'"),
         (["--kv-cache", "yes"], "unknown value 'yes'"),
         (["--attention", "gqa", "--kv-heads", "3"], "not divisible by 3 KV heads"),
         (["--prompt-len", "1000", "--gen-len", "100"], "exceeds the model's context length"),
