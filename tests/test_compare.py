@@ -243,6 +243,22 @@ def test_cli_quality_adds_loss_columns(tmp_path, monkeypatch):
     assert rows[0]["val_loss"] != rows[1]["val_loss"]  # MHA and MQA are different models
 
 
+def test_cli_quality_eval_context_scores_positions_past_training(tmp_path, monkeypatch):
+    monkeypatch.setenv("GEN_HOME", str(tmp_path / "home"))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT * 30, encoding="utf-8")
+    args = ("--quality-steps", "2", "--quality-data", str(corpus), "--eval-context", "160", "--format", "json")
+    result = invoke(*FAST, "--attention", "mha", "--pos", "alibi,learned", "--kv-cache", "on", "--in-process", *args)
+    assert result.exit_code == 0, result.output
+    rows = {r["pos"]: r for r in json.loads(result.stdout)["rows"]}
+    assert (
+        rows["alibi"]["eval_context"] == 160
+    )  # trained at 128 tokens, scored on positions 128 to 159 and rows["alibi"]["bits_per_byte_past_context"] > 0
+    assert rows["learned"]["bits_per_byte_past_context"] is None  # learned positions end at the trained context
+    refused = invoke(*FAST, "--eval-context", "48")
+    assert refused.exit_code == 2 and "goes with --quality-steps" in refused.stderr
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

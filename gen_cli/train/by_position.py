@@ -77,9 +77,12 @@ def position_losses(
     return nats, n_bytes, len(starts)
 
 
-def bucketed(nats: np.ndarray, n_bytes: np.ndarray, n_windows: int, buckets: int) -> list[Bucket]:
-    """Equal-width position buckets over the window."""
-    edges = np.linspace(0, len(nats), buckets + 1).round().astype(int)
+def bucketed(nats: np.ndarray, n_bytes: np.ndarray, n_windows: int, buckets: int | list[int]) -> list[Bucket]:
+    """Equal-width position buckets over the window, or buckets between the given edges (0 … window)."""
+    if isinstance(buckets, int):
+        edges = np.linspace(0, len(nats), buckets + 1).round().astype(int)
+    else:
+        edges = np.clip(np.asarray(buckets), 0, len(nats))
     out = []
     for a, b in itertools.pairwise(edges):
         if b <= a:
@@ -94,7 +97,7 @@ def evaluate_by_position(
     model_dir: str | Path,
     inputs: list[str],
     context: int,
-    buckets: int = 8,
+    buckets: int | list[int] = 8,
     device: str = "auto",
     batch_size: int = 8,
     max_tokens: int | None = None,
@@ -109,7 +112,7 @@ def evaluate_by_position(
     from gen_cli.text.corpus import Corpus
     from gen_cli.train.evaluate import trained_inputs
 
-    if buckets < 1 or context < 1 or batch_size < 1:
+    if (isinstance(buckets, int) and buckets < 1) or context < 1 or batch_size < 1:
         raise UsageError(
             "buckets, context and batch_size must be at least 1", params=("buckets", "context", "batch_size")
         )
@@ -130,7 +133,7 @@ def evaluate_by_position(
         pos_encoding=model.config.pos_encoding,
         rope_scaling=rope_scaling or _own_scaling(model.config),
         windows=n_windows,
-        buckets=bucketed(nats, n_bytes, n_windows, min(buckets, context)),
+        buckets=bucketed(nats, n_bytes, n_windows, min(buckets, context) if isinstance(buckets, int) else buckets),
         corpus=", ".join(corpus.inputs),
     )
 
