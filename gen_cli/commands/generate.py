@@ -353,6 +353,10 @@ def info_command(
     table.add_row("head size", str(config.head_dim))
     if config.pos_encoding == "rope":
         table.add_row("RoPE", f"base {config.rope_base:g}, scaling {_rope_scaling_text(config.rope_scaling)}")
+    if config.pos_encoding == "alibi":
+        from gen_cli.model.positions import alibi_slopes
+
+        table.add_row("ALiBi slopes", ", ".join(f"{s:.4g}" for s in alibi_slopes(config.n_head)))
     table.add_row("native step", escape(native))
     for note in details.get("notes", []):
         table.add_row("note", escape(note))

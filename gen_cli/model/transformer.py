@@ -94,9 +94,8 @@ class Attention(nn.Module):
 
         For inspection (gen attention); `forward` leaves the same arithmetic to SDPA's fused kernels.
         """
-        k = k.repeat_interleave(
-            self.n_head // self.n_kv_head, dim=1
-        )  # (B, n_head, Tk, hd): query h reads kv h // group
+        # (B, n_head, Tk, hd): query head h reads KV head h // group, as SDPA's enable_gqa does
+        k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
         logits = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)  # (B, n_head, Tq, Tk)
         if is_causal:
             mask = causal_mask(0, q.shape[2], q.device)
@@ -249,7 +248,8 @@ class Transformer(nn.Module):
         if self.config.pos_encoding == "alibi":
             # The bias depends on query − key distance; built in fp32 (slopes exact), then the compute dtype.
             q_pos = torch.arange(pos, pos + T, device=device)
-            bias = alibi_bias(self.alibi_slopes, q_pos, torch.arange(pos + T, device=device))  # (H, T, pos+T)
+            slopes = self.alibi_slopes.to(device)  # a no-op unless a loader placed the model without `.to`
+            bias = alibi_bias(slopes, q_pos, torch.arange(pos + T, device=device))  # (H, T, pos+T)
             return bias.to(dtype), False
         # A fresh sequence (pos 0) uses SDPA's built-in causal mask; a single new token may see every
         # cached key, so needs none; a chunk after a cached prefix needs the causal mask shifted by pos
@@ -328,6 +328,8 @@ def apply_rope_scaling(model: Transformer, scaling: dict[str, Any] | None) -> No
     """Run `model` with this RoPE scaling (None: plain RoPE) instead of its own: new tables, a longer context."""
     from gen_cli.model.config import with_rope_scaling
 
+    if scaling is None and model.config.pos_encoding != "rope":
+        return  # nothing to remove; a real scaling on such a model is refused by the config below
     model.set_rope_tables(with_rope_scaling(model.config, scaling))
 
 
