@@ -101,3 +101,25 @@ def test_cli_text_json_and_png_hint(model_dir, monkeypatch):
     monkeypatch.setattr("gen_cli.lab.report.plot_available", lambda: False)
     png = runner.invoke(app, ["attention", "the cat", "--model", str(model_dir), "--png", "a.png"])
     assert png.exit_code == 2 and "--png needs matplotlib" in png.stderr
+
+
+def test_png_files_when_matplotlib_is_installed(model_dir, tmp_path):
+    pytest.importorskip("matplotlib")
+    from conftest import random_text
+
+    png = tmp_path / "attention.png"
+    made = runner.invoke(app, ["attention", "the cat sat", "--model", str(model_dir), "--png", str(png)])
+    assert made.exit_code == 0, made.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(random_text(300), encoding="utf-8")
+    sweep = tmp_path / "sweep.png"
+    args = ["eval", str(model_dir), str(corpus), "--by-position", "--context", "96", "--max-tokens", "300"]
+    made = runner.invoke(app, [*args, "--device", "cpu", "--png", str(sweep)])
+    assert made.exit_code == 0, made.output
+    assert sweep.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_eval_png_needs_by_position(model_dir):
+    refused = runner.invoke(app, ["eval", str(model_dir), "--png", "x.png"])
+    assert refused.exit_code == 2 and "--png goes with --by-position" in refused.stderr

@@ -13,6 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from gen_cli.commands.common import err, out_console, print_json, progress_enabled
+from gen_cli.errors import UsageError
 from gen_cli.text.tokenizer import DEFAULT_VOCAB_SIZE
 
 INPUTS_HELP = (
@@ -227,6 +228,12 @@ def eval_command(
         "trained context (RoPE, sinusoidal, ALiBi): the extrapolation sweep.",
     ),
     buckets: int = typer.Option(8, "--buckets", help="With --by-position: position buckets."),
+    png: Path = typer.Option(
+        None,
+        "--png",
+        help="With --by-position: also save the chart as an image (needs gen-lab\\[plot]).",
+        show_default=False,
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print loss, perplexity, bits_per_byte, tokens, bytes."),
 ) -> None:
     """Held-out loss, perplexity and bits per byte on the validation split of the inputs.
@@ -238,7 +245,6 @@ def eval_command(
     predicted once. Bits per byte (total nats / ln 2 / UTF-8 bytes of the scored text) does not
     depend on the tokenizer, so models with different vocabularies compare fairly.
     """
-    from gen_cli.errors import UsageError
     from gen_cli.resources import default_model_dir
     from gen_cli.train.evaluate import evaluate_model
 
@@ -246,10 +252,11 @@ def eval_command(
         model_dir = default_model_dir()
         if not (model_dir / "config.json").is_file():
             raise UsageError(f"no default model at {model_dir}; pass a model folder (e.g. one `gen train` wrote)")
+    if png is not None and not by_position:
+        raise UsageError("--png goes with --by-position")
     if by_position:
-        _by_position(
-            model_dir, list(inputs or []), context, buckets, device, batch_size, max_tokens, rope_scaling, as_json
-        )
+        _by_position(model_dir, list(inputs or []), context, buckets, device, batch_size, max_tokens, rope_scaling,
+                     as_json, png)  # fmt: skip
         return
     res = evaluate_model(model_dir, list(inputs or []), device, dtype, batch_size, context, max_tokens, rope_scaling)
     if as_json:
@@ -265,12 +272,26 @@ def eval_command(
 
 
 def _by_position(model_dir: Path, inputs: list[str], context: int | None, buckets: int, device: str,
-                 batch_size: int, max_tokens: int | None, rope_scaling: str | None, as_json: bool) -> None:  # fmt: skip
+                 batch_size: int, max_tokens: int | None, rope_scaling: str | None, as_json: bool,
+                 png: Path | None = None) -> None:  # fmt: skip
+    from gen_cli.lab.report import plot_available
     from gen_cli.model.checkpoint import load_config
     from gen_cli.train.by_position import evaluate_by_position
 
+    if png is not None:
+        from gen_cli.commands.common import check_writable_output
+
+        if not plot_available():
+            raise UsageError("--png needs matplotlib: pip install 'gen-lab[plot]'")
+        check_writable_output(png, force=True)
+
     context = context if context is not None else load_config(model_dir).context_length
     res = evaluate_by_position(model_dir, inputs, context, buckets, device, batch_size, max_tokens, rope_scaling)
+    if png is not None:
+        from gen_cli.lab.charts import save_position_png
+
+        save_position_png(dataclasses.asdict(res), str(png))
+        err.print(f"saved {escape(str(png))}")
     if as_json:
         print_json(dataclasses.asdict(res))
         return
