@@ -198,6 +198,8 @@ def test_generate_and_eval_take_a_rope_scaling(model_dir, tmp_path):
     assert "context 64 → 128 tokens" in ok.stderr
     bad = runner.invoke(app, [*base, "--rope-scaling", "yarn:4"])
     assert bad.exit_code == 2 and "--rope-scaling 'yarn:4'" in bad.stderr and "orig=N" in bad.stderr
+    zero = runner.invoke(app, [*base, "--rope-scaling", "yarn:2,orig=0"])
+    assert zero.exit_code == 2 and "--rope-scaling 'yarn:2,orig=0': yarn original_context_length must be" in zero.stderr
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(random_text(300), encoding="utf-8")
     with pytest.raises(UsageError, match="outside what the model allows"):

@@ -109,7 +109,12 @@ def rescale(loaded: Loaded, spec: str) -> None:
 
     scaling = parse_rope_scaling(spec)
     before = loaded.model.config.context_length
-    check_tables_fit(with_rope_scaling(loaded.model.config, scaling), loaded.source)
+    try:
+        scaled = with_rope_scaling(loaded.model.config, scaling)
+    except UsageError as e:  # the config's own check (a size limit, a non-RoPE model): name the spec too
+        why = str(e).removeprefix("rope_scaling ")
+        raise UsageError(f"rope_scaling {spec!r}: {why}", params=("rope_scaling",)) from None
+    check_tables_fit(scaled, loaded.source)
     apply_rope_scaling(loaded.model, scaling)
     after = loaded.model.config.context_length
     grown = f", context {before:,} → {after:,} tokens" if after != before else ""
