@@ -64,7 +64,7 @@ def test_grid_adds_mha_baseline_first_and_crosses_axes():
     ("axes", "message"),
     [
         ({"attention": ["mla"]}, "unknown value 'mla'"),
-        ({"pos": ["alibi"]}, "unknown value 'alibi'"),
+        ({"pos": ["xpos"]}, "unknown value 'xpos'"),
         ({"kv_cache": ["maybe"]}, "unknown value 'maybe'"),
         ({"dtype": ["int4"]}, "unknown value 'int4'"),
         ({"attention": ["gqa"], "kv_heads": [3]}, "not divisible by 3 KV heads"),
@@ -243,11 +243,27 @@ def test_cli_quality_adds_loss_columns(tmp_path, monkeypatch):
     assert rows[0]["val_loss"] != rows[1]["val_loss"]  # MHA and MQA are different models
 
 
+def test_cli_quality_eval_context_scores_positions_past_training(tmp_path, monkeypatch):
+    monkeypatch.setenv("GEN_HOME", str(tmp_path / "home"))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT * 30, encoding="utf-8")
+    args = ("--quality-steps", "2", "--quality-data", str(corpus), "--eval-context", "160", "--format", "json")
+    result = invoke(*FAST, "--attention", "mha", "--pos", "alibi,learned", "--kv-cache", "on", "--in-process", *args)
+    assert result.exit_code == 0, result.output
+    rows = {r["pos"]: r for r in json.loads(result.stdout)["rows"]}
+    assert (
+        rows["alibi"]["eval_context"] == 160
+    )  # trained at 128 tokens, scored on positions 128 to 159 and rows["alibi"]["bits_per_byte_past_context"] > 0
+    assert rows["learned"]["bits_per_byte_past_context"] is None  # learned positions end at the trained context
+    refused = invoke(*FAST, "--eval-context", "48")
+    assert refused.exit_code == 2 and "goes with --quality-steps" in refused.stderr
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         (["--attention", "mla"], "unknown value 'mla'"),
-        (["--pos", "alibi"], "unknown value 'alibi'"),
+        (["--pos", "xpos"], "unknown value 'xpos'"),
         (["--kv-cache", "yes"], "unknown value 'yes'"),
         (["--attention", "gqa", "--kv-heads", "3"], "not divisible by 3 KV heads"),
         (["--prompt-len", "1000", "--gen-len", "100"], "exceeds the model's context length"),

@@ -39,7 +39,7 @@ def _run(model, prompt, new, use_cache, sampling=GREEDY, seed=0, **kw) -> torch.
 
 
 @pytest.mark.parametrize("attention,kv", [("mha", 4), ("gqa", 2), ("mqa", 1)])
-@pytest.mark.parametrize("pos", ["rope", "sinusoidal", "learned"])
+@pytest.mark.parametrize("pos", ["rope", "sinusoidal", "learned", "alibi"])
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("prompt_len", [1, 6, CTX - 1])
 def test_cache_matches_no_cache_oracle(attention, kv, pos, batch, prompt_len):

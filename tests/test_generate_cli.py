@@ -136,7 +136,7 @@ def test_invalid_options_exit_2_with_a_clear_message(model_dir, args, message):
     ("args", "message"),
     [
         (["--preset", "huge"], "unknown preset"),
-        (["--preset", "tiny", "--pos", "alibi"], "--pos must be one of"),
+        (["--preset", "tiny", "--pos", "xpos"], "--pos must be one of"),
         (["--preset", "tiny", "--attention", "sparse"], "unknown attention kind"),
         (["--preset", "tiny", "--kv-heads", "3"], "not divisible by 3 KV heads"),
         (["--preset", "tiny", "--attention", "mqa", "--kv-heads", "2"], "means 1 KV heads"),

@@ -90,8 +90,9 @@ def test_greedy_tokens_equal_with_and_without_cache(folders, arch):
 @pytest.mark.skipif(
     shutil.which(shlex.split(os.environ.get("CC", "cc"))[0]) is None, reason="no C compiler on this machine"
 )
-def test_native_step_runs_a_plain_llama_and_matches_transformers(folders):
-    directory, hf = folders["llama"]
+@pytest.mark.parametrize("arch", ["llama", "llama3"])
+def test_native_step_runs_a_plain_llama_and_matches_transformers(folders, arch):
+    directory, hf = folders[arch]  # llama3: scaled RoPE, which the kernel reads from the model's tables
     model = optimize_for_decode(load(directory).model, native=True)
     assert model.native_decoder is not None
     ids = _ids(3)
@@ -100,7 +101,7 @@ def test_native_step_runs_a_plain_llama_and_matches_transformers(folders):
     assert (_cached_logits(model, ids, prompt_len=4) - ref[:, 3:]).abs().max().item() < TOL
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "gpt2", "llama3"])
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "gpt2"])
 def test_native_step_refuses_properties_it_lacks(folders, arch):
     from gen_cli.infer.native.decoder import supports
 
@@ -183,9 +184,36 @@ def test_unsupported_architecture_is_one_line(folders, tmp_path):
 def test_unknown_rope_scaling_is_one_line(folders, tmp_path):
     d = _copy(folders, "llama", tmp_path)
     cfg = json.loads((d / "config.json").read_text())
-    cfg["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}
+    cfg["rope_parameters"] = {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0}
     (d / "config.json").write_text(json.dumps(cfg))
-    _one_line_error(["generate", "hi", "--model", str(d)], "yarn", "llama3")
+    _one_line_error(["generate", "hi", "--model", str(d)], "dynamic", "llama3")
+
+
+@pytest.mark.parametrize(
+    "scaling",
+    [
+        {"rope_type": "linear", "factor": 4.0},
+        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+        {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 16, "beta_fast": 16, "beta_slow": 2},
+    ],
+)
+def test_rope_scaling_kinds_equal_transformers(folders, tmp_path, scaling):
+    d = _copy(folders, "llama", tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.pop("rope_theta", None)
+    cfg["rope_parameters"] = scaling | {"rope_theta": 10000.0}
+    (d / "config.json").write_text(json.dumps(cfg))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(d).float().eval()
+    model = load(d).model
+    assert model.config.rope_scaling["type"] == scaling["rope_type"]
+    ids = _ids(2, length=40)  # past the original 16 positions
+    with torch.no_grad():
+        ref = hf(ids).logits  # (B, T, V)
+        assert (model(ids) - ref).abs().max().item() < TOL
+    assert (_cached_logits(model, ids, prompt_len=20) - ref[:, 19:]).abs().max().item() < TOL
+    native = optimize_for_decode(load(d).model, native=True)  # the C step rotates by the same scaled tables
+    if native.native_decoder is not None:
+        assert (_cached_logits(native, ids, prompt_len=20) - ref[:, 19:]).abs().max().item() < TOL
 
 
 def test_truncated_safetensors_is_one_line(folders, tmp_path):
@@ -226,7 +254,8 @@ def test_absurd_context_length_is_refused_before_allocating(folders, tmp_path):
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"rope_scaling": {"type": "yarn"}}, "unknown rope_scaling"),
+        ({"rope_scaling": {"type": "dynamic"}}, "unknown rope_scaling"),
+        ({"rope_scaling": {"type": "yarn", "factor": 4.0}}, "needs original_context_length"),
         ({"rope_scaling": {"type": "llama3", "factor": 8.0}}, "needs low_freq_factor"),
         ({"mlp": "relu"}, "unknown MLP kind"),
         ({"head_dim": 0}, "head_dim must be a positive integer"),

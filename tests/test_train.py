@@ -78,6 +78,20 @@ def test_loss_goes_down_and_metrics_and_checkpoint_are_written(home):
     assert model.config.vocab_size == tok.get_vocab_size() == 300 and model.config.context_length == 32
 
 
+def test_alibi_trains_saves_and_reloads_and_head_size_follows_d_model(home):
+    from gen_cli.model.checkpoint import load_model
+    from gen_cli.model.config import load_preset
+    from gen_cli.train.args import build_config
+
+    summary = train(tiny_args(home, pos="alibi", steps=8))
+    assert summary.val_loss < math.log(300)  # it learned something from the bias-only positions
+    model, _ = load_model(home / "run")
+    assert model.config.pos_encoding == "alibi" and model.alibi_slopes.tolist() == [2.0**-2, 2.0**-4, 2.0**-6, 2.0**-8]
+    # A preset's derived head size is recomputed from the new width (tiny: d_model 32 / 4 heads = 8).
+    wider = build_config(tiny_args(home, preset="tiny", layers=None, d_ff=None, heads=None, d_model=64), 300)
+    assert load_preset("tiny").head_dim == 8 and wider.head_dim == 16
+
+
 def test_resume_continues_exactly(home):
     import torch
 

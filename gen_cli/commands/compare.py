@@ -82,7 +82,10 @@ def compare_command(
         show_default=False,
     ),
     pos: list[str] = typer.Option(
-        None, "--pos", help="rope, sinusoidal, learned (comma list). \\[default: rope,sinusoidal]", show_default=False
+        None,
+        "--pos",
+        help="rope, sinusoidal, learned, alibi (comma list). \\[default: rope,sinusoidal]",
+        show_default=False,
     ),
     prompt_len: list[str] = typer.Option(
         None, "--prompt-len", help=f"Prompt tokens (comma list). \\[default: {DEFAULT_PROMPT_LEN}]", show_default=False
@@ -144,6 +147,13 @@ def compare_command(
         help="Text for --quality-steps: files, folders or a built-in corpus. \\[default: python-docs]",
         show_default=False,
     ),
+    eval_context: int = typer.Option(
+        None,
+        "--eval-context",
+        help="With --quality-steps: also score each variant in windows of N tokens, past its trained context "
+        "(128 or the shape's, if shorter), and report bits per byte on the positions past it.",
+        show_default=False,
+    ),
     yes: bool = typer.Option(False, "--yes", "-y", help="Run a large grid without asking (asked only in a terminal)."),
     wide: bool = typer.Option(False, "--wide", help="Show every column (the default fits 80 columns)."),
     in_process: bool = typer.Option(False, "--in-process", hidden=True, help="Measure in this process (tests)."),
@@ -177,6 +187,8 @@ def compare_command(
         raise UsageError(f"--quality-steps must not be negative, got {quality_steps}")
     if threads is not None and threads < 1:
         raise UsageError(f"--threads must be at least 1, got {threads}")
+    if eval_context is not None and (not quality_steps or eval_context < 1):
+        raise UsageError("--eval-context N (N ≥ 1) goes with --quality-steps")
     shape, source, preset_name, tokenizer = _resolve_shape(preset, model_dir)
     if quality_steps and preset_name is None and tokenizer is None:
         raise UsageError("--quality-steps trains gen models on gen's tokenizer: use --preset or a gen model directory")
@@ -218,7 +230,7 @@ def compare_command(
         from gen_cli.lab.quality import attach_quality
 
         attach_quality(rows, _quality(shape, variants, quality_steps, preset_name, tokenizer,
-                                            quality_data, str(dev)))  # fmt: skip
+                                            quality_data, str(dev), eval_context))  # fmt: skip
     result = {"env": compare.environment(rows, shape, source), "rows": rows}
     _show(result, out_fmt, output, plot, chart, wide)
 
@@ -303,7 +315,7 @@ def _run(specs: list[Any], in_process: bool) -> tuple[list[dict[str, Any]], bool
 
 
 def _quality(shape: Any, variants: list[Any], steps: int, preset: str | None, tokenizer: str | None,
-             inputs: list[str] | None, device: str) -> dict:  # fmt: skip
+             inputs: list[str] | None, device: str, eval_context: int | None = None) -> dict:  # fmt: skip
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from gen_cli.lab.quality import measure_quality
@@ -322,7 +334,7 @@ def _quality(shape: Any, variants: list[Any], steps: int, preset: str | None, to
 
         err.print(f"quality: training {len(variants)} variant(s) × {steps} steps, same data and seed")
         return measure_quality(shape, variants, steps, preset=preset, tokenizer=tokenizer, inputs=inputs,
-                                     device=device, report=on_event)  # fmt: skip
+                                     device=device, report=on_event, eval_context=eval_context)  # fmt: skip
 
 
 def _show(

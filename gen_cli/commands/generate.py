@@ -14,7 +14,7 @@ from rich.table import Table
 
 from gen_cli.commands.common import err, out_console, print_json, progress_enabled, read_text_arg
 from gen_cli.errors import UsageError
-from gen_cli.model.config import POS_ENCODINGS
+from gen_cli.model.config import POS_ENCODINGS, ROPE_SCALING_SPECS, parse_rope_scaling
 from gen_cli.resources import default_model_dir
 from gen_cli.text.stream import TextStream
 from gen_cli.text.tokenizer import EOT, encode, special_id
@@ -32,7 +32,10 @@ def _check_options(
     pos: str | None,
     max_new_tokens: int,
     num_samples: int,
+    rope_scaling: str | None = None,
 ) -> None:
+    if rope_scaling is not None:
+        parse_rope_scaling(rope_scaling)  # a malformed spec fails here, before any weights are read
     if model_dir is not None and preset is not None:
         raise UsageError("pass either --model DIR or --preset NAME, not both")
     if preset is None:
@@ -119,7 +122,16 @@ def generate_command(
     ),
     attention: str = typer.Option(None, "--attention", help="With --preset: mha, gqa or mqa.", show_default=False),
     kv_heads: int = typer.Option(None, "--kv-heads", help="With --preset: number of KV heads.", show_default=False),
-    pos: str = typer.Option(None, "--pos", help="With --preset: rope, sinusoidal or learned.", show_default=False),
+    pos: str = typer.Option(
+        None, "--pos", help="With --preset: rope, sinusoidal, learned or alibi.", show_default=False
+    ),
+    rope_scaling: str = typer.Option(
+        None,
+        "--rope-scaling",
+        help=f"Run a RoPE model with this scaling instead of its own ({ROPE_SCALING_SPECS}); the context grows "
+        "to factor × the trained one.",
+        show_default=False,
+    ),
     kv_cache: bool = typer.Option(True, "--kv-cache/--no-kv-cache", help="Reuse keys/values (off = recompute)."),
     max_new_tokens: int = typer.Option(200, "--max-new-tokens", help="Tokens to generate at most."),
     temperature: float = typer.Option(0.8, "--temperature", help="Sampling temperature; 0 = greedy."),
@@ -178,7 +190,7 @@ def generate_command(
     from gen_cli.infer.sampling import SamplingConfig
     from gen_cli.model.loading import load
 
-    _check_options(model_dir, preset, tokenizer, attention, kv_heads, pos, max_new_tokens, num_samples)
+    _check_options(model_dir, preset, tokenizer, attention, kv_heads, pos, max_new_tokens, num_samples, rope_scaling)
     sampling = SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty)
     stops = tuple(s for s in (stop or []) if s)
     if (prompt is None) == (chat is None):
@@ -210,7 +222,7 @@ def generate_command(
 
     load_start = time.perf_counter()
     with PeakMemory(device) as load_mem:  # part of the time to first token a user feels
-        loaded = load(model_dir, preset, tokenizer, attention, kv_heads, pos, device, dtype)
+        loaded = load(model_dir, preset, tokenizer, attention, kv_heads, pos, device, dtype, rope_scaling)
     load_s = time.perf_counter() - load_start
     for note in loaded.notes:
         err.print(f"[yellow]{escape(note)}[/]" if loaded.random_weights else escape(note))
@@ -341,6 +353,10 @@ def info_command(
     table.add_row("head size", str(config.head_dim))
     if config.pos_encoding == "rope":
         table.add_row("RoPE", f"base {config.rope_base:g}, scaling {_rope_scaling_text(config.rope_scaling)}")
+    if config.pos_encoding == "alibi":
+        from gen_cli.model.positions import alibi_slopes
+
+        table.add_row("ALiBi slopes", ", ".join(f"{s:.4g}" for s in alibi_slopes(config.n_head)))
     table.add_row("native step", escape(native))
     for note in details.get("notes", []):
         table.add_row("note", escape(note))
@@ -357,7 +373,7 @@ def _rope_scaling_text(scaling: dict[str, Any] | None) -> str:
         return "none"
     if scaling["type"] == "freq_factors":
         return f"per-frequency factors ({len(scaling['factors'])}, from the file)"
-    return "llama3 (" + ", ".join(f"{k} {v:g}" for k, v in scaling.items() if k != "type") + ")"
+    return f"{scaling['type']} (" + ", ".join(f"{k} {v:g}" for k, v in scaling.items() if k != "type") + ")"
 
 
 def register(app: typer.Typer) -> None:

@@ -10,8 +10,10 @@ from typing import Any
 
 import typer
 from rich.markup import escape
+from rich.table import Table
 
 from gen_cli.commands.common import err, out_console, print_json, progress_enabled
+from gen_cli.errors import UsageError
 from gen_cli.text.tokenizer import DEFAULT_VOCAB_SIZE
 
 INPUTS_HELP = (
@@ -119,7 +121,11 @@ def train_command(
     preset: str = typer.Option(None, "--preset", help="Model shape from models/presets (tiny, small, base) [tiny]."),
     attention: str = typer.Option(None, "--attention", help="mha, mqa or gqa [the preset's]."),
     kv_heads: int = typer.Option(None, "--kv-heads", help="KV head count (GQA groups)."),
-    pos: str = typer.Option(None, "--pos", help="Positional encoding: rope, sinusoidal or learned."),
+    pos: str = typer.Option(
+        None,
+        "--pos",
+        help="Positional encoding: rope, sinusoidal, learned or alibi (a linear bias on the attention logits).",
+    ),
     norm: str = typer.Option(None, "--norm", help="rmsnorm or layernorm."),
     layers: int = typer.Option(None, "--layers", help="Number of blocks."),
     heads: int = typer.Option(None, "--heads", help="Query heads."),
@@ -208,6 +214,26 @@ def eval_command(
     batch_size: int = typer.Option(8, "--batch-size", help="Windows per forward pass."),
     context: int = typer.Option(None, "--context", help="Window length [the model's context length]."),
     max_tokens: int = typer.Option(None, "--max-tokens", help="Score at most this many tokens (for speed)."),
+    rope_scaling: str = typer.Option(
+        None,
+        "--rope-scaling",
+        help="Score a RoPE model with this scaling instead of its own: linear:F, ntk:F, yarn:F,orig=N, "
+        "llama3:F,orig=N or none; --context may then reach factor × the trained context.",
+        show_default=False,
+    ),
+    by_position: bool = typer.Option(
+        False,
+        "--by-position",
+        help="Loss and bits per byte per position bucket of --context-token windows; --context may exceed the "
+        "trained context (RoPE, sinusoidal, ALiBi): the extrapolation sweep.",
+    ),
+    buckets: int = typer.Option(8, "--buckets", help="With --by-position: position buckets."),
+    png: Path = typer.Option(
+        None,
+        "--png",
+        help="With --by-position: also save the chart as an image (needs gen-lab\\[plot]).",
+        show_default=False,
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print loss, perplexity, bits_per_byte, tokens, bytes."),
 ) -> None:
     """Held-out loss, perplexity and bits per byte on the validation split of the inputs.
@@ -219,7 +245,6 @@ def eval_command(
     predicted once. Bits per byte (total nats / ln 2 / UTF-8 bytes of the scored text) does not
     depend on the tokenizer, so models with different vocabularies compare fairly.
     """
-    from gen_cli.errors import UsageError
     from gen_cli.resources import default_model_dir
     from gen_cli.train.evaluate import evaluate_model
 
@@ -227,7 +252,13 @@ def eval_command(
         model_dir = default_model_dir()
         if not (model_dir / "config.json").is_file():
             raise UsageError(f"no default model at {model_dir}; pass a model folder (e.g. one `gen train` wrote)")
-    res = evaluate_model(model_dir, list(inputs or []), device, dtype, batch_size, context, max_tokens)
+    if png is not None and not by_position:
+        raise UsageError("--png goes with --by-position")
+    if by_position:
+        _by_position(model_dir, list(inputs or []), context, buckets, device, batch_size, max_tokens, rope_scaling,
+                     as_json, png)  # fmt: skip
+        return
+    res = evaluate_model(model_dir, list(inputs or []), device, dtype, batch_size, context, max_tokens, rope_scaling)
     if as_json:
         print_json(dataclasses.asdict(res))
         return
@@ -238,6 +269,49 @@ def eval_command(
         + ("" if inputs else " (the run's own training text)" if _trained(model_dir) else " (the default corpus)"),
         soft_wrap=True,
     )
+
+
+def _by_position(model_dir: Path, inputs: list[str], context: int | None, buckets: int, device: str,
+                 batch_size: int, max_tokens: int | None, rope_scaling: str | None, as_json: bool,
+                 png: Path | None = None) -> None:  # fmt: skip
+    from gen_cli.lab.report import plot_available
+    from gen_cli.model.checkpoint import load_config
+    from gen_cli.train.by_position import evaluate_by_position
+
+    if png is not None:
+        from gen_cli.commands.common import check_writable_output
+
+        if not plot_available():
+            raise UsageError("--png needs matplotlib: pip install 'gen-lab[plot]'")
+        check_writable_output(png, force=True)
+
+    context = context if context is not None else load_config(model_dir).context_length
+    res = evaluate_by_position(model_dir, inputs, context, buckets, device, batch_size, max_tokens, rope_scaling)
+    if png is not None:
+        from gen_cli.lab.charts import save_position_png
+
+        save_position_png(dataclasses.asdict(res), str(png))
+        err.print(f"saved {escape(str(png))}")
+    if as_json:
+        print_json(dataclasses.asdict(res))
+        return
+    console = out_console()
+    scaling = f", RoPE scaling {res.rope_scaling}" if res.pos_encoding == "rope" else ""
+    console.print(
+        f"{res.pos_encoding}{scaling}: {res.windows} windows of {res.context} tokens "
+        f"(trained context {res.trained_context}); bars span the lowest to the highest bits/byte"
+    )
+    table = Table(box=None)
+    for name in ("positions", "loss", "bits/byte", ""):
+        table.add_column(name, justify="right" if name else "left")
+    values = [b.bits_per_byte for b in res.buckets]
+    lo, span = min(values), (max(values) - min(values)) or 1.0
+    for b in res.buckets:
+        bar = "█" * (1 + round(29 * (b.bits_per_byte - lo) / span))
+        past = "  past training" if b.start >= res.trained_context else ""
+        table.add_row(f"{b.start}–{b.end - 1}", f"{b.loss:.4f}", f"{b.bits_per_byte:.4f}", bar + past)
+    console.print(table)
+    err.print(f"scored the validation split of {escape(res.corpus)}", soft_wrap=True)
 
 
 def _trained(model_dir: Path) -> bool:

@@ -66,3 +66,28 @@ def line_chart(
         first, last = statistics.median(ys[: max(1, len(ys) // 10)]), statistics.median(ys[-max(1, len(ys) // 10) :])
         out.append(f"{name}: {y_fmt(first)} → {y_fmt(last)}\n")
     return out
+
+
+def save_position_png(result: dict[str, Any], path: str) -> None:
+    """`gen eval --by-position`'s buckets as an image: bits per byte against position, the trained context marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    from gen_cli.atomic import atomic_path
+
+    buckets = result["buckets"]
+    mids = [(b["start"] + b["end"] - 1) / 2 for b in buckets]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(mids, [b["bits_per_byte"] for b in buckets], marker="o", label=result["pos_encoding"])
+    ax.axvline(result["trained_context"] - 0.5, color="grey", linestyle="--", label="trained context")
+    scaling = f", RoPE scaling {result['rope_scaling']}" if result["pos_encoding"] == "rope" else ""
+    title = f"{result['pos_encoding']}{scaling}: {result['windows']} windows of {result['context']} tokens"
+    ax.set(xlabel="position in the window (bucket centre)", ylabel="bits per byte", title=title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=str(path).rsplit(".", 1)[-1].lower() if "." in str(path) else "png", dpi=120)
+    plt.close(fig)

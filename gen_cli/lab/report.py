@@ -100,7 +100,13 @@ def columns(rows: Sequence[dict[str, Any]]) -> list[tuple[str, Any]]:
     if any(r.get("val_loss") is not None for r in rows):
         cols += [("val loss", lambda r: _num(r.get("val_loss"), ".4f")),
                  ("bits/byte", lambda r: _num(r.get("bits_per_byte"), ".4f"))]  # fmt: skip
+    if any(r.get("eval_context") for r in rows):
+        cols.append((f"bits/byte past training (to {rows[0]['eval_context']})", _past))
     return cols
+
+
+def _past(r: dict[str, Any]) -> str:
+    return _num(r.get("bits_per_byte_past_context"), ".4f") if r.get("eval_context") else "—"
 
 
 def env_lines(env: dict[str, Any]) -> list[str]:
@@ -170,6 +176,8 @@ def narrow_columns(rows: Sequence[dict[str, Any]]) -> tuple[list[tuple[str, Any]
     cols += [("KV", lambda r: _kv(r) if r["kv_cache"] else "—"), ("oracle", lambda r: _correct(r).split(",")[0])]
     if any(r.get("val_loss") is not None for r in rows):
         cols.append(("bits/byte", lambda r: _num(r.get("bits_per_byte"), ".3f")))
+    if any(r.get("eval_context") for r in rows):
+        cols.append(("past ctx", _past))
     return cols, shared
 
 

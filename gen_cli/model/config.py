@@ -13,7 +13,8 @@ from gen_cli.errors import GenError, UsageError
 from gen_cli.limits import check_size_limit
 from gen_cli.resources import models_dir
 
-POS_ENCODINGS = ("rope", "sinusoidal", "learned")
+# alibi: no position embedding; a per-head linear bias on the attention logits (Press et al. 2022).
+POS_ENCODINGS = ("rope", "sinusoidal", "learned", "alibi")
 # Every tool that runs a shape without a trained model draws its weights from this seed, so their
 # figures refer to the same model (and --seed changes only the sampling).
 WEIGHT_SEED = 0
@@ -21,8 +22,13 @@ NORMS = ("rmsnorm", "layernorm")
 ATTENTION_KINDS = ("mha", "gqa", "mqa")
 # swiglu: w2(silu(w1 x) * w3 x) (Llama family); gelu / gelu_tanh: w2(gelu(w1 x)) (GPT-2 uses the tanh form).
 MLP_KINDS = ("swiglu", "gelu", "gelu_tanh")
-# RoPE frequency scalings: Llama 3's wavelength bands, or per-frequency divisors as GGUF files store them.
+# RoPE frequency scalings and their required parameters: position interpolation (linear), NTK-aware base
+# scaling, YaRN (optional beta_fast, beta_slow, attention_factor), Llama 3's wavelength bands, or
+# per-frequency divisors as GGUF files store them.
 ROPE_SCALINGS = {
+    "linear": ("factor",),
+    "ntk": ("factor",),
+    "yarn": ("factor", "original_context_length"),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_context_length"),
     "freq_factors": ("factors",),
 }
@@ -112,12 +118,20 @@ class ModelConfig:
         if kind not in ROPE_SCALINGS:
             raise UsageError(f"unknown rope_scaling {scaling!r}; supported types: {', '.join(ROPE_SCALINGS)}")
         if self.pos_encoding != "rope":
-            raise UsageError("rope_scaling needs pos_encoding rope")
+            raise UsageError(
+                f"rope_scaling needs pos_encoding rope (this model uses {self.pos_encoding})", params=("rope_scaling",)
+            )
         needed = ROPE_SCALINGS[kind]
         if missing := [k for k in needed if k not in scaling]:
             raise UsageError(f"rope_scaling {kind} needs {', '.join(missing)}")
         if kind == "freq_factors" and len(scaling["factors"]) != self.head_dim // 2:
             raise UsageError(f"rope_scaling freq_factors needs head_dim/2 = {self.head_dim // 2} factors")
+        for key in ("factor", "original_context_length", "beta_fast", "beta_slow", "attention_factor"):
+            value = scaling.get(key)
+            if key in scaling and (
+                isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf
+            ):
+                raise UsageError(f"rope_scaling {kind} {key} must be a positive finite number, got {value!r}")
 
     @property
     def attention_kind(self) -> str:
@@ -152,6 +166,72 @@ class ModelConfig:
         if unknown := sorted(data.keys() - fields):
             raise GenError(f"{source}: unknown model config keys {', '.join(unknown)}")
         return cls(**data)
+
+
+# The names a rope-scaling spec's options go by, and the ModelConfig.rope_scaling keys they set.
+_SPEC_KEYS = {
+    "orig": "original_context_length",
+    "low": "low_freq_factor",
+    "high": "high_freq_factor",
+    "beta_fast": "beta_fast",
+    "beta_slow": "beta_slow",
+    "attn": "attention_factor",
+}
+_SPEC_ALLOWED = {"linear": (), "ntk": (), "yarn": ("orig", "beta_fast", "beta_slow", "attn"),
+                 "llama3": ("orig", "low", "high")}  # fmt: skip
+ROPE_SCALING_SPECS = (
+    "none, linear:F, ntk:F, yarn:F,orig=N[,beta_fast=B,beta_slow=B,attn=A], llama3:F,orig=N[,low=L,high=H]"
+)
+
+
+def parse_rope_scaling(spec: str) -> dict[str, Any] | None:
+    """A ModelConfig.rope_scaling from a spec such as `linear:4`, `ntk:2`, `yarn:4,orig=256` or `none`."""
+
+    def bad(why: str) -> UsageError:
+        return UsageError(f"rope_scaling {spec!r}: {why}; forms: {ROPE_SCALING_SPECS}", params=("rope_scaling",))
+
+    kind, _, rest = spec.strip().partition(":")
+    if kind == "none" and not rest:
+        return None
+    if kind not in _SPEC_ALLOWED:
+        raise bad(f"unknown kind {kind!r}")
+    factor, *options = rest.split(",")
+    scaling: dict[str, Any] = {"type": kind}
+    try:
+        scaling["factor"] = float(factor)
+        for option in options:
+            name, eq, value = option.partition("=")
+            if not eq or name.strip() not in _SPEC_ALLOWED[kind]:
+                allowed = ", ".join(f"{n}=" for n in _SPEC_ALLOWED[kind]) or "none"
+                raise bad(f"unknown option {option!r} (options of {kind}: {allowed})")
+            key = _SPEC_KEYS[name.strip()]
+            scaling[key] = int(value) if key == "original_context_length" else float(value)
+    except ValueError:
+        raise bad("the factor and options must be numbers (orig a whole number of tokens)") from None
+    if not 0 < scaling["factor"] < math.inf:
+        raise bad("the factor must be a positive number")
+    if kind in ("yarn", "llama3") and "original_context_length" not in scaling:
+        raise bad(f"{kind} needs orig=N, the context length the model was trained with")
+    if kind == "llama3":
+        scaling = {"low_freq_factor": 1.0, "high_freq_factor": 4.0} | scaling  # Llama 3.1's values
+    return scaling
+
+
+def with_rope_scaling(config: ModelConfig, scaling: dict[str, Any] | None) -> ModelConfig:
+    """The config with this RoPE scaling (None: plain RoPE), its context grown to factor × the trained context.
+
+    The trained context is the scaling's `original_context_length`, else the one a previous scaling recorded,
+    else the config's context length; it is recorded in the result, so a saved model keeps knowing it.
+    """
+    if scaling is None:
+        return config.replace(rope_scaling=None)
+    previous = (config.rope_scaling or {}).get("original_context_length")
+    trained = int(scaling.get("original_context_length") or previous or config.context_length)
+    scaling = {"original_context_length": trained} | scaling
+    context = max(trained, int(scaling.get("factor", 1.0) * trained))
+    if config.rope_scaling is None:
+        context = max(context, config.context_length)
+    return config.replace(rope_scaling=scaling, context_length=context)
 
 
 def kv_heads_for(n_head: int, attention: str | None, kv_heads: int | None) -> int:

@@ -29,7 +29,7 @@ ARCHITECTURES = {
     "GPT2LMHeadModel": "gpt2",
 }
 MODEL_TYPES = {family: arch for arch, family in ARCHITECTURES.items()}  # when "architectures" is absent
-ROPE_TYPES = ("default", "llama3")
+ROPE_TYPES = ("default", "linear", "yarn", "llama3")
 GELU_NAMES = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 
 # gen name → HF names concatenated (in order) along the output dimension; {i} is the layer index.
@@ -110,12 +110,33 @@ def _rope(data: dict[str, Any], source: str) -> tuple[float, dict[str, Any] | No
         raise GenError(f"{source}: rope_scaling type {kind!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
     if kind == "default":
         return base, None
+    if kind == "linear":
+        return base, {"type": "linear", "factor": float(_need(scaling, "factor", kind, source))}
+    if kind == "yarn":
+        if scaling.get("mscale") or scaling.get("mscale_all_dim") or scaling.get("truncate") is False:
+            raise GenError(f"{source}: YaRN with mscale, mscale_all_dim or truncate false is not supported")
+        orig = int(_need(scaling, "original_max_position_embeddings", kind, source))
+        yarn = {
+            "type": "yarn",
+            "factor": float(_need(scaling, "factor", kind, source)),
+            "original_context_length": orig,
+        }
+        for key in ("beta_fast", "beta_slow", "attention_factor"):
+            if scaling.get(key) is not None:  # transformers reads a missing or null value as the default
+                yarn[key] = float(scaling[key])
+        return base, yarn
     keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
     if missing := [k for k in keys if k not in scaling]:
         raise GenError(f"{source}: rope_scaling llama3 lacks {', '.join(missing)}")
     values = [float(scaling[k]) for k in keys]
     return base, dict(zip(("factor", "low_freq_factor", "high_freq_factor", "original_context_length"), values,
                           strict=True), type="llama3")  # fmt: skip
+
+
+def _need(scaling: dict[str, Any], key: str, kind: str, source: str) -> Any:
+    if scaling.get(key) is None:
+        raise GenError(f"{source}: rope_scaling {kind} lacks {key}")
+    return scaling[key]
 
 
 def config_from_hf(data: dict[str, Any], source: str) -> tuple[ModelConfig, str, list[str]]:

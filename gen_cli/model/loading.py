@@ -73,9 +73,47 @@ def load(
     pos: str | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
+    rope_scaling: str | None = None,
 ) -> Loaded:
     """A preset's random weights, a gen model directory (default: the shipped model), a Hugging Face folder
-    or a GGUF file, on `device` in `dtype` (default: float32 for gen's models, the stored dtype for imported)."""
+    or a GGUF file, on `device` in `dtype` (default: float32 for gen's models, the stored dtype for imported);
+    `rope_scaling`, a spec such as `yarn:4,orig=256` or `none`, replaces the model's own RoPE scaling."""
+    loaded = _load(model_dir, preset, tokenizer, attention, kv_heads, pos, device, dtype)
+    if rope_scaling is not None:
+        rescale(loaded, rope_scaling)
+    return loaded
+
+
+def rescale(loaded: Loaded, spec: str) -> None:
+    """Run the loaded model with the RoPE scaling `spec` instead of its own; a note says what changed."""
+    from gen_cli.model.config import parse_rope_scaling, with_rope_scaling
+    from gen_cli.model.memory import check_tables_fit
+    from gen_cli.model.transformer import apply_rope_scaling
+
+    scaling = parse_rope_scaling(spec)
+    before = loaded.model.config.context_length
+    try:
+        scaled = with_rope_scaling(loaded.model.config, scaling)
+    except UsageError as e:  # the config's own check (a size limit, a non-RoPE model): name the spec too
+        why = str(e).removeprefix("rope_scaling ")
+        raise UsageError(f"rope_scaling {spec!r}: {why}", params=("rope_scaling",)) from None
+    check_tables_fit(scaled, loaded.source)
+    apply_rope_scaling(loaded.model, scaling)
+    after = loaded.model.config.context_length
+    grown = f", context {before:,} → {after:,} tokens" if after != before else ""
+    loaded.notes.append(f"RoPE scaling {spec}{grown}")
+
+
+def _load(
+    model_dir: Path | None,
+    preset: str | None,
+    tokenizer: Path | None,
+    attention: str | None,
+    kv_heads: int | None,
+    pos: str | None,
+    device: torch.device | str,
+    dtype: torch.dtype | None,
+) -> Loaded:
     import torch
 
     directory = model_dir if model_dir is not None else default_model_dir()

@@ -1,7 +1,8 @@
 """A Llama-style decoder-only transformer: pre-norm blocks, fused-qkv attention (MHA/GQA/MQA), SwiGLU.
 
 Positions come from `config.pos_encoding`: `rope` (rotary, rotate-half convention), `sinusoidal`
-(the original Transformer table added to the embeddings) or `learned` (an embedding per position).
+(the original Transformer table added to the embeddings), `learned` (an embedding per position) or
+`alibi` (no embedding; a per-head linear bias on the attention logits). The tables live in positions.py.
 """
 
 from __future__ import annotations
@@ -16,60 +17,21 @@ from torch import nn
 from gen_cli.errors import UsageError
 from gen_cli.model.config import WEIGHT_SEED, ModelConfig
 from gen_cli.model.kv_cache import KVCache
+from gen_cli.model.positions import (  # noqa: F401  (re-exported: callers import the tables from here)
+    alibi_bias,
+    alibi_slopes,
+    apply_rope,
+    rope_tables,
+    scaled_frequencies,
+    sinusoidal_table,
+)
 
 
-def sinusoidal_table(length: int, dim: int) -> torch.Tensor:
-    """(length, dim) table: PE[pos, 2i] = sin(pos / 10000^(2i/dim)), PE[pos, 2i+1] = cos(same)."""
-    pos = torch.arange(length, dtype=torch.float64)[:, None]  # (length, 1)
-    inv = 10000.0 ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)  # (dim/2,)
-    angles = pos * inv  # (length, dim/2)
-    table = torch.empty(length, dim, dtype=torch.float64)
-    table[:, 0::2] = torch.sin(angles)
-    table[:, 1::2] = torch.cos(angles)
-    return table.float()
-
-
-def scaled_frequencies(inv: torch.Tensor, scaling: dict[str, Any] | None) -> torch.Tensor:
-    """RoPE inverse frequencies (head_dim/2,) after a `ModelConfig.rope_scaling` (as transformers and llama.cpp do)."""
-    if scaling is None:
-        return inv
-    if scaling["type"] == "freq_factors":
-        return inv / torch.tensor(scaling["factors"], dtype=inv.dtype)
-    # llama3: long wavelengths slowed by `factor`, short ones kept, the band between interpolated.
-    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
-    old = scaling["original_context_length"]
-    wavelen = 2 * math.pi / inv
-    scaled = torch.where(wavelen > old / low, inv / factor, inv)
-    smooth = (old / wavelen - low) / (high - low)
-    medium = (wavelen >= old / high) & (wavelen <= old / low)
-    return torch.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
-
-
-def rope_tables(
-    length: int, head_dim: int, base: float, scaling: dict[str, Any] | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and signed sin, each (length, head_dim), for the rotate-half convention.
-
-    Pair i is (x[i], x[i + head_dim/2]) rotated by pos × base^(-2i/head_dim); the frequencies are
-    repeated over both halves, and rotate-half's minus sign is folded into the first half of sin, so
-    `apply_rope` needs no slicing or concatenation.
-    """
-    inv = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # (head_dim/2,)
-    inv = scaled_frequencies(inv, scaling)
-    angles = torch.arange(length, dtype=torch.float64)[:, None] * inv  # (length, head_dim/2)
-    sin = angles.sin()
-    cos = torch.cat([angles.cos()] * 2, dim=-1)  # (length, head_dim)
-    return cos.float(), torch.cat([-sin, sin], dim=-1).float()  # (length, head_dim) each
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
-    """Rotate x (..., head_dim) by tables from `rope_tables` that broadcast against it.
-
-    x*cos + [x2, x1]*[-sin, sin]: the same as x*cos + rotate_half(x)*sin, without a cat.
-    """
-    half = x.shape[-1] // 2
-    swapped = x.unflatten(-1, (2, half)).flip(-2).flatten(-2)  # (..., head_dim): [x2, x1]
-    return torch.addcmul(x * cos, swapped, sin_signed)
+def causal_mask(pos: int, T: int, device: torch.device) -> torch.Tensor:
+    """(T, pos+T) bool, True where query pos+i may attend key j (j ≤ pos+i)."""
+    q_pos = torch.arange(pos, pos + T, device=device)[:, None]  # (T, 1)
+    k_pos = torch.arange(pos + T, device=device)[None, :]  # (1, pos+T)
+    return k_pos <= q_pos
 
 
 def check_context(config: ModelConfig, pos: int, new_tokens: int) -> None:
@@ -109,15 +71,10 @@ class Attention(nn.Module):
             self.q_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps)
             self.k_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor] | None,
-        mask: torch.Tensor | None,
-        is_causal: bool,
-        cache: KVCache | None,
-        layer: int,
-    ) -> torch.Tensor:
+    def project(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q (B, n_head, T, hd), k and v (B, n_kv_head, T, hd) for x (B, T, d_model): after q/k norms and RoPE."""
         B, T, _ = x.shape
         H, Hkv, hd = self.n_head, self.n_kv_head, self.head_dim
         qkv = self.wqkv(x).view(B, T, H + 2 * Hkv, hd)  # (B, T, heads of q, k and v, head_dim)
@@ -130,13 +87,39 @@ class Attention(nn.Module):
             qk = apply_rope(qk, cos[:, None], sin_signed[:, None])  # (B, T, H+Hkv, hd); tables (T, 1, hd)
         q = qk[:, :, :H].transpose(1, 2)  # (B, n_head, T, head_dim)
         k = qk[:, :, H:].transpose(1, 2)  # (B, n_kv_head, T, head_dim)
-        v = v.transpose(1, 2)  # (B, n_kv_head, T, head_dim)
+        return q, k, v.transpose(1, 2)  # v: (B, n_kv_head, T, head_dim)
+
+    def weights(self, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
+        """The softmax SDPA computes, written out: (B, n_head, Tq, Tk) for q from `project` and k (cached or not).
+
+        For inspection (gen attention); `forward` leaves the same arithmetic to SDPA's fused kernels.
+        """
+        # (B, n_head, Tk, hd): query head h reads KV head h // group, as SDPA's enable_gqa does
+        k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+        logits = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)  # (B, n_head, Tq, Tk)
+        if is_causal:
+            mask = causal_mask(0, q.shape[2], q.device)
+        if mask is not None:
+            logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask
+        return logits.softmax(dim=-1)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: torch.Tensor | None,
+        is_causal: bool,
+        cache: KVCache | None,
+        layer: int,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.project(x, rope)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, n_kv_head, pos+T, head_dim)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=Hkv != H
+            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.n_kv_head != self.n_head
         )  # (B, n_head, T, head_dim)
-        y = y.transpose(1, 2).reshape(B, T, H * hd)  # (B, T, n_head × head_dim)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, n_head × head_dim)
         return self.wo(y)
 
 
@@ -205,10 +188,10 @@ class Transformer(nn.Module):
         elif config.pos_encoding == "sinusoidal":
             # Non-persistent: derived from the config, so never stored in a checkpoint.
             self.register_buffer("sin_table", sinusoidal_table(config.context_length, config.d_model), False)
+        elif config.pos_encoding == "alibi":
+            self.alibi_slopes = torch.tensor(alibi_slopes(config.n_head))  # (n_head,) fp32; see `_apply`
         else:
-            cos, sin_signed = rope_tables(config.context_length, config.head_dim, config.rope_base, config.rope_scaling)
-            self.register_buffer("rope_cos", cos, persistent=False)  # (context, head_dim)
-            self.register_buffer("rope_sin_signed", sin_signed, persistent=False)  # (context, head_dim)
+            self.set_rope_tables(config)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = make_norm(config)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
@@ -219,6 +202,24 @@ class Transformer(nn.Module):
         self.native_decoder: DecodeStep | None = None
         if self.tok_emb.weight.device.type != "meta":  # a shape-only model (loaders, counting) needs no draws
             self._init_weights()
+
+    def set_rope_tables(self, config: ModelConfig) -> None:
+        """(Re)compute the RoPE tables for `config` (its base, scaling and context) and adopt the config."""
+        cos, sin_signed = rope_tables(config.context_length, config.head_dim, config.rope_base, config.rope_scaling)
+        old = getattr(self, "rope_cos", None)
+        if old is not None and old.device.type != "meta":
+            cos, sin_signed = cos.to(old.device, old.dtype), sin_signed.to(old.device, old.dtype)
+        self.register_buffer("rope_cos", cos, persistent=False)  # (context, head_dim)
+        self.register_buffer("rope_sin_signed", sin_signed, persistent=False)  # (context, head_dim)
+        self.config = config
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        # The ALiBi slopes follow the model's device but stay fp32: a plain attribute, not a buffer, so
+        # `.to(bfloat16)` does not round them (and no checkpoint ever holds them).
+        module = super()._apply(fn, recurse)
+        if isinstance(getattr(self, "alibi_slopes", None), torch.Tensor):
+            self.alibi_slopes = self.alibi_slopes.to(self.tok_emb.weight.device)
+        return module
 
     def _init_weights(self) -> None:
         # GPT-2 init: N(0, 0.02); projections that add into the residual stream are scaled by
@@ -240,6 +241,23 @@ class Transformer(nn.Module):
         """Distinct parameters (a tied embedding counts once)."""
         return sum(p.numel() for p in self.parameters())
 
+    def attention_mask(
+        self, pos: int, T: int, device: torch.device, dtype: torch.dtype
+    ) -> tuple[torch.Tensor | None, bool]:
+        """SDPA's (attn_mask, is_causal) for T queries at positions pos… over keys 0…pos+T-1."""
+        if self.config.pos_encoding == "alibi":
+            # The bias depends on query − key distance; built in fp32 (slopes exact), then the compute dtype.
+            q_pos = torch.arange(pos, pos + T, device=device)
+            slopes = self.alibi_slopes.to(device)  # a no-op unless a loader placed the model without `.to`
+            bias = alibi_bias(slopes, q_pos, torch.arange(pos + T, device=device))  # (H, T, pos+T)
+            return bias.to(dtype), False
+        # A fresh sequence (pos 0) uses SDPA's built-in causal mask; a single new token may see every
+        # cached key, so needs none; a chunk after a cached prefix needs the causal mask shifted by pos
+        # (SDPA's is_causal aligns top-left, which would be wrong there).
+        if T > 1 and pos > 0:
+            return causal_mask(pos, T, device), False
+        return None, T > 1
+
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
         """Logits (B, T, vocab); with a cache, positions start at cache.pos and the cache advances by T.
 
@@ -255,18 +273,10 @@ class Transformer(nn.Module):
             x = x + self.sin_table[pos : pos + T]  # (T, d_model) broadcast over B
         elif kind == "learned":
             x = x + self.pos_emb.weight[pos : pos + T]  # (T, d_model) broadcast over B
-        else:
+        elif kind == "rope":
             rope = (self.rope_cos[pos : pos + T], self.rope_sin_signed[pos : pos + T])  # each (T, head_dim)
 
-        # Masking: a fresh sequence (pos 0) uses SDPA's built-in causal mask; a single new token may
-        # see every cached key, so needs none; a chunk after a cached prefix needs the causal mask
-        # shifted by pos (SDPA's is_causal aligns top-left, which would be wrong there).
-        mask, is_causal = None, T > 1 and pos == 0
-        if T > 1 and pos > 0:
-            q_pos = torch.arange(pos, pos + T, device=idx.device)[:, None]  # (T, 1)
-            k_pos = torch.arange(pos + T, device=idx.device)[None, :]  # (1, pos+T)
-            mask = k_pos <= q_pos  # (T, pos+T) True = may attend
-
+        mask, is_causal = self.attention_mask(pos, T, idx.device, x.dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, mask, is_causal, cache, i)
         if cache is not None:
@@ -309,4 +319,36 @@ def model_from_tensors(config: ModelConfig, tensors: dict[str, torch.Tensor]) ->
     elif config.pos_encoding == "rope":
         cos, sin_signed = rope_tables(config.context_length, config.head_dim, config.rope_base, config.rope_scaling)
         model.rope_cos, model.rope_sin_signed = cos.to(dtype), sin_signed.to(dtype)
+    elif config.pos_encoding == "alibi":
+        model.alibi_slopes = torch.tensor(alibi_slopes(config.n_head))  # built on meta above: real values now
     return model.eval()
+
+
+def apply_rope_scaling(model: Transformer, scaling: dict[str, Any] | None) -> None:
+    """Run `model` with this RoPE scaling (None: plain RoPE) instead of its own: new tables, a longer context."""
+    from gen_cli.model.config import with_rope_scaling
+
+    if scaling is None and model.config.pos_encoding != "rope":
+        return  # nothing to remove; a real scaling on such a model is refused by the config below
+    model.set_rope_tables(with_rope_scaling(model.config, scaling))
+
+
+def grow_context(model: Transformer, length: int) -> None:
+    """Let `model` run `length` positions, past the context it was trained with: longer RoPE or sinusoidal
+    tables (ALiBi needs none); learned positions have no rows there, so are refused."""
+    config = model.config
+    if length <= config.context_length:
+        return
+    if config.pos_encoding == "learned":
+        raise UsageError(
+            f"learned positions end at the trained context of {config.context_length} tokens; "
+            f"{length} positions need rope, sinusoidal or alibi"
+        )
+    grown = config.replace(context_length=length)
+    if config.pos_encoding == "rope":
+        model.set_rope_tables(grown)
+        return
+    if config.pos_encoding == "sinusoidal":
+        old = model.sin_table
+        model.sin_table = sinusoidal_table(length, config.d_model).to(old.device, old.dtype)
+    model.config = grown

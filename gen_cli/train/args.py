@@ -79,6 +79,9 @@ def build_config(args: TrainArgs, vocab_size: int, base: ModelConfig | None = No
                        ("pos", "pos_encoding"), ("norm", "norm"), ("context", "context_length")):  # fmt: skip
         if getattr(args, opt) is not None:
             changes[field] = getattr(args, opt)
+    if base.head_dim == base.d_model // base.n_head:
+        # A derived head size follows a new width or head count (replace would copy the old, resolved one).
+        changes["head_dim"] = None
     return base.replace(**changes)
 
 

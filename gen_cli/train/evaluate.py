@@ -108,8 +108,10 @@ def evaluate_model(
     batch_size: int = 8,
     context: int | None = None,
     max_tokens: int | None = None,
+    rope_scaling: str | None = None,
 ) -> EvalResult:
-    """Held-out loss, perplexity and bits per byte of a model directory on the inputs' val split."""
+    """Held-out loss, perplexity and bits per byte of a model directory on the inputs' val split; `rope_scaling`
+    (a spec such as `linear:4`) runs a RoPE model with that scaling, its context grown to match."""
     from gen_cli.model.checkpoint import load_model
     from gen_cli.runtime import resolve_device, run_dtype
     from gen_cli.text.corpus import Corpus
@@ -119,6 +121,11 @@ def evaluate_model(
     dev = resolve_device(device)
     amp = training_precision(run_dtype(dtype, dev))
     model, tok = load_model(model_dir, dev)  # fp32 weights; bfloat16 runs under autocast
+    if rope_scaling is not None:
+        from gen_cli.model.config import parse_rope_scaling
+        from gen_cli.model.transformer import apply_rope_scaling
+
+        apply_rope_scaling(model, parse_rope_scaling(rope_scaling))
     limit = model.config.context_length
     context = limit if context is None else context  # 0 is refused below, not read as "the full context"
     if not 1 <= context <= limit:

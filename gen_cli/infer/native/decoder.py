@@ -89,8 +89,10 @@ def unsupported_properties(config: ModelConfig) -> list[str]:
     found += [name for name in ("qkv_bias", "attn_out_bias", "mlp_bias", "qk_norm") if getattr(config, name)]
     if config.mlp != "swiglu":
         found.append(f"a {config.mlp} MLP")
-    if config.rope_scaling is not None:
-        found.append(f"RoPE scaling {config.rope_scaling['type']}")
+    if config.pos_encoding == "alibi":
+        found.append("ALiBi positions (PyTorch decodes them)")
+    # Any RoPE scaling is fine: the kernel rotates by the model's own tables, which carry the scaling (and
+    # YaRN's temperature), so a scaled model decodes natively like a plain one.
     return found
 
 
