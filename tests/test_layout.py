@@ -32,7 +32,14 @@ def _imports(path: Path) -> list[tuple[str, list[str]]]:
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("gen_cli"):
             found.append((node.module, [a.name for a in node.names]))
+            # `from gen_cli.model import hf` imports the module gen_cli.model.hf
+            found += [(f"{node.module}.{a.name}", []) for a in node.names if _is_module(f"{node.module}.{a.name}")]
     return found
+
+
+def _is_module(name: str) -> bool:
+    rel = Path(*name.split(".")[1:])
+    return (PACKAGE / f"{rel}.py").is_file() or (PACKAGE / rel / "__init__.py").is_file()
 
 
 def _source(module: str) -> Path:

@@ -54,7 +54,8 @@ def export_command(
     if not model.exists():
         raise UsageError(f"{model}: no such model directory or .gguf file")
     check_output(out, force, folder=to == "hf")  # before loading: a refusal costs nothing
-    from gen_cli.model.export import export_gguf, export_hf, family
+    from gen_cli.model.export import export_hf, family
+    from gen_cli.model.export_gguf import export_gguf
     from gen_cli.model.loading import config_for, load
 
     config, _source, _details = config_for(str(model))

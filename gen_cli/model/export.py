@@ -292,18 +292,3 @@ def _torch_dtype(kind: str | None, model: Transformer, allowed: tuple[str, ...])
     if kind not in allowed:
         raise UsageError(f"type {kind!r} is not one this format stores; choose {', '.join(allowed)}", params=("type",))
     return {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[kind]
-
-
-def export_gguf(
-    model: Transformer,
-    tokenizer: Tokenizer,
-    out_file: str | Path,
-    type: str = "f32",
-    force: bool = False,
-    stop_ids: Sequence[int] | None = None,
-    chat_template: str | None = None,
-) -> Exported:
-    """Write one GGUF file: weights in `type` f32|f16|bf16|q8_0, the metadata and tokenizer llama.cpp reads."""
-    from gen_cli.model import export_gguf as writer  # its own module: this one holds what both formats share
-
-    return writer.export_gguf(model, tokenizer, out_file, type, force, stop_ids, chat_template)
