@@ -131,7 +131,7 @@ def train_command(
     heads: int = typer.Option(None, "--heads", help="Query heads."),
     d_model: int = typer.Option(None, "--d-model", help="Model width."),
     d_ff: int = typer.Option(None, "--d-ff", help="MLP hidden width."),
-    steps: int = typer.Option(None, "--steps", help="Optimizer steps in total [1000]."),
+    steps: int = typer.Option(None, "--steps", help="Optimizer steps in total [200: minutes on a laptop CPU]."),
     batch_size: int = typer.Option(None, "--batch-size", help="Sequences per micro-batch per process [16]."),
     grad_accum: int = typer.Option(None, "--grad-accum", help="Micro-batches per optimizer step [1]."),
     context: int = typer.Option(

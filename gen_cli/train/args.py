@@ -18,7 +18,7 @@ MODEL_OPTIONS = ("preset", "attention", "kv_heads", "pos", "norm", "layers", "he
 
 # Defaults for options left as None; on --resume, None means "what the run used".
 DEFAULTS: dict[str, Any] = {
-    "vocab_size": DEFAULT_VOCAB_SIZE, "preset": "tiny", "steps": 1000, "batch_size": 16, "grad_accum": 1, "lr": 3e-3,
+    "vocab_size": DEFAULT_VOCAB_SIZE, "preset": "tiny", "steps": 200, "batch_size": 16, "grad_accum": 1, "lr": 3e-3,
     "weight_decay": 0.1, "grad_clip": 1.0, "eval_every": 100, "eval_batches": 20, "save_every": 500,
     "save_minutes": 5.0, "seed": 0,
 }  # fmt: skip
