@@ -114,7 +114,7 @@ def evaluate_by_position(
     from gen_cli.model.transformer import apply_rope_scaling, grow_context
     from gen_cli.runtime import resolve_device
     from gen_cli.text.corpus import Corpus
-    from gen_cli.train.evaluate import load_for_scoring, scoring_stream, trained_inputs
+    from gen_cli.train.evaluate import load_for_scoring, scoring_stream, trained_inputs, windows_per_pass
 
     if (isinstance(buckets, int) and buckets < 1) or context < 1 or batch_size < 1:
         raise UsageError(
@@ -130,6 +130,7 @@ def evaluate_by_position(
     corpus.require_text()
     data, table, target_bytes = scoring_stream(tok, corpus, separator)
     max_windows = None if max_tokens is None else max(1, max_tokens // context)
+    batch_size = windows_per_pass(batch_size, context, model.config.vocab_size)
     nats, n_bytes, n_windows = position_losses(model, data, table, context, batch_size, dev, max_windows, target_bytes)
     return PositionResult(
         context=context,

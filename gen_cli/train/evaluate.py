@@ -145,8 +145,18 @@ def evaluate_model(
     data, table, target_bytes = scoring_stream(tok, corpus, separator)
     if len(data) < 2:
         raise UsageError(f"the validation split of {', '.join(corpus.inputs)} is empty; give more text")
+    batch_size = windows_per_pass(batch_size, context, model.config.vocab_size)
     result = evaluate(model, data, table, context, batch_size, dev, amp, max_tokens, target_bytes)
     return replace(result, corpus=", ".join(corpus.inputs), split="val")
+
+
+LOGITS_BUDGET = 2**30  # bytes of fp32 logits one forward pass may hold
+
+
+def windows_per_pass(batch_size: int, context: int, vocab: int) -> int:
+    """`batch_size`, or fewer windows where their (b, context, vocab) fp32 logits would pass LOGITS_BUDGET:
+    an imported model's 8 windows of 8k tokens × 50k vocabulary would need 13 GB (totals do not depend on it)."""
+    return max(1, min(batch_size, LOGITS_BUDGET // (4 * context * vocab)))
 
 
 def load_for_scoring(model_dir: str | Path, device: torch.device) -> tuple[torch.nn.Module, Tokenizer, int | None]:
