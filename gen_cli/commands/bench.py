@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
 from gen_cli.commands.common import err, out_console, print_json, progress_enabled
@@ -56,7 +58,17 @@ def bench_tokenizer_command(
 @bench_app.command("decode")
 def bench_decode_command(
     shapes: str = typer.Option(
-        "small", "--shapes", help="Comma-separated presets to measure (tiny, small, base; base takes ~10 min)."
+        None,
+        "--shapes",
+        help="Comma-separated presets to measure, random weights (tiny, small, base; base takes ~10 min) [small].",
+        show_default=False,
+    ),
+    model: Path = typer.Option(
+        None,
+        "--model",
+        help="Measure a real model instead of presets: gen model folder, Hugging Face folder (transformers runs "
+        "the same folder) or .gguf file.",
+        show_default=False,
     ),
     modes: str = typer.Option(
         None,
@@ -84,26 +96,40 @@ def bench_decode_command(
     from gen_cli.lab.decode_bench import DEFAULT_GPU_MODES, DEFAULT_MODES, HF_INSTALL, bench_decode, hf_available
     from gen_cli.runtime import resolve_device, set_threads
 
+    if model is not None and shapes is not None:
+        raise UsageError("give --shapes (random weights) or --model (a real model), not both")
     device = resolve_device(device_name)
     set_threads(threads)
     if not hf_available():
         err.print(f"[yellow]{HF_INSTALL}[/] (the gen rows still run)")
-    shape_list = tuple(s.strip() for s in shapes.split(",") if s.strip())
+    from gen_cli.model.loading import model_kind
+
+    shape_list = tuple(s.strip() for s in (shapes or "small").split(",") if s.strip())
+    if model is not None:
+        shape_list = (str(model),)
+    # transformers runs presets (a copy of the weights) and HF folders; a GGUF or gen model gets no row.
+    hf_row = hf_available() and (model is None or model_kind(model) == "hf")
     mode_list = tuple(m.strip() for m in modes.split(",") if m.strip()) if modes else None
-    n_modes = len(mode_list or (DEFAULT_MODES if device.type == "cpu" else DEFAULT_GPU_MODES)) + hf_available()
+    n_modes = len(mode_list or (DEFAULT_MODES if device.type == "cpu" else DEFAULT_GPU_MODES)) + hf_row
+    what = f"model {model}" if model is not None else f"{len(shape_list)} shape(s)"
     err.print(
-        f"bench decode: {len(shape_list)} shape(s) × {n_modes} modes × {repeats} repeats of {new_tokens} tokens, "
+        f"bench decode: {what} × {n_modes} modes × {repeats} repeats of {new_tokens} tokens, "
         "plus building, warm-up and a deviation check per mode; progress and ETA below"
     )
     with Progress(TextColumn("[bold]bench[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("ETA"),
                   TimeRemainingColumn(), TextColumn("{task.description}"), console=err, transient=True,
                   disable=not progress_enabled()) as progress:  # fmt: skip
         task = progress.add_task("building", total=len(shape_list) * n_modes * repeats)
-        rows, context = bench_decode(
-            shape_list, mode_list, repeats, new_tokens, device,
-            on_step=lambda msg: progress.update(task, description=msg),
-            on_run=lambda: progress.advance(task),
-        )  # fmt: skip
+        report = {
+            "on_step": lambda msg: progress.update(task, description=msg),
+            "on_run": lambda: progress.advance(task),
+        }
+        if model is not None:
+            from gen_cli.lab.model_bench import bench_model_decode
+
+            rows, context = bench_model_decode(model, mode_list, repeats, new_tokens, device, **report)
+        else:
+            rows, context = bench_decode(shape_list, mode_list, repeats, new_tokens, device, **report)
     if as_json:
         print_json({"context": context, "rows": [r.to_dict() for r in rows]})
         return

@@ -207,7 +207,9 @@ def train_command(
 
 
 def eval_command(
-    model_dir: Path = typer.Argument(None, help="Model folder [the shipped default model].", show_default=False),
+    model_dir: Path = typer.Argument(
+        None, help="Gen model folder, Hugging Face folder or .gguf file [the shipped default].", show_default=False
+    ),
     inputs: list[str] = typer.Argument(None, help=INPUTS_HELP, show_default=False),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
     dtype: str = typer.Option("float32", "--dtype", help="float32 or bfloat16 (autocast)."),
@@ -275,7 +277,7 @@ def _by_position(model_dir: Path, inputs: list[str], context: int | None, bucket
                  batch_size: int, max_tokens: int | None, rope_scaling: str | None, as_json: bool,
                  png: Path | None = None) -> None:  # fmt: skip
     from gen_cli.lab.report import plot_available
-    from gen_cli.model.checkpoint import load_config
+    from gen_cli.model.loading import config_for
     from gen_cli.train.by_position import evaluate_by_position
 
     if png is not None:
@@ -285,7 +287,7 @@ def _by_position(model_dir: Path, inputs: list[str], context: int | None, bucket
             raise UsageError("--png needs matplotlib: pip install 'gen-lab[plot]'")
         check_writable_output(png, force=True)
 
-    context = context if context is not None else load_config(model_dir).context_length
+    context = context if context is not None else config_for(str(model_dir))[0].context_length
     res = evaluate_by_position(model_dir, inputs, context, buckets, device, batch_size, max_tokens, rope_scaling)
     if png is not None:
         from gen_cli.lab.charts import save_position_png

@@ -267,13 +267,35 @@ def bench_shape(
     drifts by tens of percent over minutes) and its median used, unless `bandwidth` is given.
     """
     config = load_preset(shape)
+    reference = random_model(config).to(device)  # unoptimised fp32: the oracle for every deviation
+    hf = (lambda: build_hf(reference, device)) if with_hf else None
+    return bench_runners(shape, reference, lambda mode: build_gen(config, mode, device), hf, modes, repeats,
+                         new_tokens, bandwidth, on_step, on_run)  # fmt: skip
+
+
+def bench_runners(
+    label: str,
+    reference: Transformer,
+    build_mode: Callable[[str], Transformer],
+    build_transformers: Callable[[], Any] | None,
+    modes: tuple[str, ...],
+    repeats: int,
+    new_tokens: int,
+    bandwidth: float | None = None,
+    on_step: Callable[[str], None] | None = None,
+    on_run: Callable[[], None] | None = None,
+    vocab: int | None = None,
+) -> list[Row]:
+    """Rows for `reference` (unoptimised fp32, the deviation oracle) in every mode `build_mode` builds, and
+    the transformers model `build_transformers` builds; prompts are random ids below `vocab`."""
+    config, device = reference.config, reference.tok_emb.weight.device
     step = on_step or (lambda _msg: None)
     gen_ = torch.Generator().manual_seed(1)
-    decode_prompt = torch.randint(0, config.vocab_size, (1, DECODE_PROMPT), generator=gen_).to(device)
+    vocab = vocab or config.vocab_size
+    decode_prompt = torch.randint(0, vocab, (1, DECODE_PROMPT), generator=gen_).to(device)
     prefill_len = min(PREFILL_PROMPT, config.context_length - 1)  # for shapes with a shorter context
-    prefill_prompt = torch.randint(0, config.vocab_size, (1, prefill_len), generator=gen_).to(device)
+    prefill_prompt = torch.randint(0, vocab, (1, prefill_len), generator=gen_).to(device)
 
-    reference = random_model(config).to(device)  # unoptimised fp32: the oracle for every deviation
     ref_tokens = time_gen(reference, decode_prompt, new_tokens)[2]
     seq = torch.cat([decode_prompt[0], ref_tokens[:-1]])[None]  # (1, prompt + new - 1): greedy fp32 path
     ref_logits = _teacher_forced_logits(reference, seq, hf=False)[DECODE_PROMPT - 1 :]
@@ -281,17 +303,17 @@ def bench_shape(
     runners: dict[str, tuple[Any, Callable, bool]] = {}
     compile_s: dict[str, float] = {}
     for mode in modes:
-        step(f"{shape}: building {mode}")
-        model = build_gen(config, mode, device)
+        step(f"{label}: building {mode}")
+        model = build_mode(mode)
         if MODES[mode].compile:
             start = time.perf_counter()
             time_gen(model, decode_prompt, new_tokens)  # compiles prefill and decode graphs
             time_gen(model, prefill_prompt, 1)
             compile_s[mode] = time.perf_counter() - start
         runners[mode] = (model, time_gen, False)
-    if with_hf:
-        step(f"{shape}: building transformers")
-        runners["transformers"] = (build_hf(reference, device), time_hf, True)
+    if build_transformers is not None:
+        step(f"{label}: building transformers")
+        runners["transformers"] = (build_transformers(), time_hf, True)
     del reference
 
     decode: dict[str, list[float]] = {name: [] for name in runners}
@@ -305,7 +327,7 @@ def bench_shape(
             if bandwidth is None:
                 bandwidths.append(measure_bandwidth(device))
             for name, (model, timer, _) in runners.items():
-                step(f"{shape}: {name} run {rep + 1}/{repeats}")
+                step(f"{label}: {name} run {rep + 1}/{repeats}")
                 rate, _, toks = timer(model, decode_prompt, new_tokens)
                 decode[name].append(rate)
                 tokens[name] = toks
@@ -317,7 +339,7 @@ def bench_shape(
     rows = []
     kv_prompt = DECODE_PROMPT
     for name, (model, _, hf) in runners.items():
-        step(f"{shape}: deviation of {name}")
+        step(f"{label}: deviation of {name}")
         if hf:
             logits = _teacher_forced_logits(model, seq, hf)[DECODE_PROMPT - 1 :]
         else:
@@ -326,7 +348,7 @@ def bench_shape(
         nbytes = weight_bytes_per_token(model) + kv_bytes_read(config, dtype, kv_prompt, new_tokens)
         rows.append(
             Row(
-                shape=shape,
+                shape=label,
                 mode=name,
                 path="transformers" if hf else "native" if model.native_decoder else "torch",
                 decode_tok_s=statistics.median(decode[name]),
@@ -348,7 +370,7 @@ def bench_shape(
         r.vs_hf = r.decode_tok_s / hf.decode_tok_s if hf and hf.decode_tok_s else None
         if r.vs_hf is not None and r is not hf:
             r.vs_hf_note = spread_verdict(r.decode_runs, hf.decode_runs, probe.load.busy)
-        r.vs_c = vs_c_reference(shape, r.decode_tok_s, device, new_tokens)
+        r.vs_c = vs_c_reference(label, r.decode_tok_s, device, new_tokens)
     return rows
 
 
@@ -374,19 +396,32 @@ def bench_decode(
     `modes` defaults to DEFAULT_MODES on the CPU, DEFAULT_GPU_MODES elsewhere.
     """
     device = torch.device(device)
+    modes = checked_modes(modes, new_tokens, device)
+    with_hf = hf_available()
+    rows: list[Row] = []
+    for shape in shapes:
+        rows += bench_shape(shape, modes, repeats, new_tokens, device, with_hf, on_step=on_step, on_run=on_run)
+    return rows, run_context(device, rows, shapes, with_hf, repeats, new_tokens)
+
+
+def checked_modes(modes: tuple[str, ...] | None, new_tokens: int, device: torch.device) -> tuple[str, ...]:
+    """The modes asked for, or the device's defaults; unknown modes and too few new tokens refused."""
     modes = modes or (DEFAULT_MODES if device.type == "cpu" else DEFAULT_GPU_MODES)
     if unknown := [m for m in modes if m not in MODES]:
         raise UsageError(f"unknown mode(s) {', '.join(unknown)}; choose from {', '.join(MODES)}")
     if new_tokens < 2:
         raise UsageError("new_tokens must be at least 2 (decode speed needs two steps)", params=("new_tokens",))
-    with_hf = hf_available()
-    rows: list[Row] = []
-    for shape in shapes:
-        rows += bench_shape(shape, modes, repeats, new_tokens, device, with_hf, on_step=on_step, on_run=on_run)
+    return modes
+
+
+def run_context(
+    device: torch.device, rows: list[Row], labels: tuple[str, ...], with_hf: bool, repeats: int, new_tokens: int
+) -> dict[str, Any]:
+    """What a reader needs beside the rows: device, threads, bandwidth per shape or model, versions, settings."""
     context = {
         "device": str(device),
         "threads": torch.get_num_threads(),
-        "bandwidth_gb_s": {shape: next(r.bandwidth_gb_s for r in rows if r.shape == shape) for shape in shapes},
+        "bandwidth_gb_s": {label: next(r.bandwidth_gb_s for r in rows if r.shape == label) for label in labels},
         "transformers": _hf_version() if with_hf else None,
         "torch": torch.__version__,
         "repeats": repeats,
@@ -397,7 +432,7 @@ def bench_decode(
     }
     if device.type == "cuda":
         context["cuda_max_memory_allocated"] = torch.cuda.max_memory_allocated(device)
-    return rows, context
+    return context
 
 
 def _hf_version() -> str:

@@ -255,5 +255,7 @@ def load_gguf(path: Path, device: torch.device | str = "cpu", dtype: torch.dtype
         if isinstance(i, int) and tok.id_to_token(i) is not None:
             specials[{"unknown": "unk", "padding": "pad"}.get(key, key) + "_token"] = tok.id_to_token(i)
     template = f.get("tokenizer.chat_template")
+    bos = f.get("tokenizer.ggml.bos_token_id")
     return Loaded(model, tok, str(path), stop_ids=stop_ids, add_special_tokens=add_bos, details=_details(f, arch),
-                  chat_template=template if isinstance(template, str) else None, special_tokens=specials)  # fmt: skip
+                  chat_template=template if isinstance(template, str) else None, special_tokens=specials,
+                  bos_id=bos if isinstance(bos, int) else None)  # fmt: skip

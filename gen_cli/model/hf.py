@@ -370,6 +370,7 @@ def load_hf(directory: Path, device: torch.device | str = "cpu", dtype: torch.dt
     add_special = tok.encode("a", add_special_tokens=True).ids != tok.encode("a", add_special_tokens=False).ids
     details = {"format": "Hugging Face safetensors", "architecture": arch, "tokenizer": "tokenizer.json"}
     template, specials = chat_template(directory)
+    bos = data.get("bos_token_id")
     return Loaded(model, tok, str(directory), notes, stop_ids=stop_ids(directory, data),
                   add_special_tokens=add_special, details=details, chat_template=template,
-                  special_tokens=specials)  # fmt: skip
+                  special_tokens=specials, bos_id=bos if isinstance(bos, int) else None)  # fmt: skip

@@ -25,3 +25,4 @@ class Loaded:
     details: dict[str, Any] = field(default_factory=dict)  # format, architecture, tokenizer kind …
     chat_template: str | None = None  # the model's Jinja chat template, when it ships one
     special_tokens: dict[str, str] = field(default_factory=dict)  # bos_token, eos_token … for the template
+    bos_id: int | None = None  # the beginning-of-sequence id the model declares (imported models)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from gen_cli.errors import UsageError
-from gen_cli.train.tokens import byte_lengths, tokenize_split, windows
+from gen_cli.train.tokens import windows
 
 if TYPE_CHECKING:
     import torch
@@ -45,13 +45,15 @@ class PositionResult:
 def position_losses(
     model: torch.nn.Module,
     data: np.ndarray,
-    byte_table: np.ndarray,
+    byte_table: np.ndarray | None,
     context: int,
     batch_size: int,
     device: torch.device,
     max_windows: int | None = None,
+    target_bytes: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, int]:
-    """Summed nats and target bytes per window position, (context,) each, over full non-overlapping windows."""
+    """Summed nats and target bytes per window position, (context,) each, over full non-overlapping windows;
+    bytes from `byte_table` per id, or `target_bytes` per stream position when given."""
     import torch
     import torch.nn.functional as F
 
@@ -72,7 +74,10 @@ def position_losses(
             logits = model(x[:, :-1])  # (b, context, V)
             loss = F.cross_entropy(logits.float().transpose(1, 2), x[:, 1:], reduction="none")  # (b, context)
             nats += loss.sum(0).double().cpu().numpy()
-            n_bytes += byte_table[win[:, 1:]].sum(0)
+            if target_bytes is not None:
+                n_bytes += windows(target_bytes, starts[i : i + batch_size], context + 1)[:, 1:].sum(0)
+            else:
+                n_bytes += byte_table[win[:, 1:]].sum(0)
     model.train(was_training)
     return nats, n_bytes, len(starts)
 
@@ -105,28 +110,28 @@ def evaluate_by_position(
 ) -> PositionResult:
     """Loss per position bucket of a model directory on the inputs' val split, in windows of `context`
     tokens, which may exceed the trained context (the position tables grow; learned positions cannot)."""
-    from gen_cli.model.checkpoint import load_model
     from gen_cli.model.config import parse_rope_scaling
     from gen_cli.model.transformer import apply_rope_scaling, grow_context
     from gen_cli.runtime import resolve_device
     from gen_cli.text.corpus import Corpus
-    from gen_cli.train.evaluate import trained_inputs
+    from gen_cli.train.evaluate import load_for_scoring, scoring_stream, trained_inputs, windows_per_pass
 
     if (isinstance(buckets, int) and buckets < 1) or context < 1 or batch_size < 1:
         raise UsageError(
             "buckets, context and batch_size must be at least 1", params=("buckets", "context", "batch_size")
         )
     dev = resolve_device(device)
-    model, tok = load_model(model_dir, dev)
+    model, tok, separator = load_for_scoring(model_dir, dev)
     trained = model.config.context_length
     if rope_scaling is not None:
         apply_rope_scaling(model, parse_rope_scaling(rope_scaling))
     grow_context(model, context)
     corpus = Corpus(inputs or trained_inputs(model_dir) or [])
     corpus.require_text()
-    data = tokenize_split(tok, corpus, "val").load()
+    data, table, target_bytes = scoring_stream(tok, corpus, separator)
     max_windows = None if max_tokens is None else max(1, max_tokens // context)
-    nats, n_bytes, n_windows = position_losses(model, data, byte_lengths(tok), context, batch_size, dev, max_windows)
+    batch_size = windows_per_pass(batch_size, context, model.config.vocab_size)
+    nats, n_bytes, n_windows = position_losses(model, data, table, context, batch_size, dev, max_windows, target_bytes)
     return PositionResult(
         context=context,
         trained_context=trained,

@@ -15,6 +15,10 @@ from gen_cli.train.tokens import byte_lengths, tokenize_split, windows
 
 if TYPE_CHECKING:
     import torch
+    from tokenizers import Tokenizer
+
+    from gen_cli.model.loaded import Loaded
+    from gen_cli.text.corpus import Corpus
 
 
 @dataclass(frozen=True)
@@ -33,17 +37,19 @@ class EvalResult:
 def evaluate(
     model: torch.nn.Module,
     data: np.ndarray,
-    byte_table: np.ndarray,
+    byte_table: np.ndarray | None,
     context: int,
     batch_size: int,
     device: torch.device,
     autocast_dtype: torch.dtype | None,
     max_tokens: int | None = None,
+    target_bytes: np.ndarray | None = None,
 ) -> EvalResult:
     """Score the token stream in contiguous, non-overlapping windows: every target exactly once.
 
     Window i feeds data[iT : iT+T] and predicts data[iT+1 : iT+T+1]; the last window may be
-    shorter. Bytes are the exact UTF-8 length of the predicted tokens (EOT separators count 0).
+    shorter. Bytes are the exact UTF-8 length of the predicted tokens (EOT separators count 0): from
+    `byte_table` per id, or `target_bytes` per stream position (imported tokenizers) when given.
     """
     import torch
     import torch.nn.functional as F
@@ -68,7 +74,10 @@ def evaluate(
             loss = F.cross_entropy(logits.float().flatten(0, 1), win[:, 1:].flatten(), reduction="sum")
             nats += float(loss)
     model.train(was_training)
-    n_bytes = int(byte_table[np.asarray(data[1:n], dtype=np.int64)].sum())
+    if target_bytes is not None:
+        n_bytes = int(np.asarray(target_bytes[1:n], dtype=np.int64).sum())
+    else:
+        n_bytes = int(byte_table[np.asarray(data[1:n], dtype=np.int64)].sum())
     loss = nats / targets_total
     return EvalResult(
         loss=loss,
@@ -112,7 +121,6 @@ def evaluate_model(
 ) -> EvalResult:
     """Held-out loss, perplexity and bits per byte of a model directory on the inputs' val split; `rope_scaling`
     (a spec such as `linear:4`) runs a RoPE model with that scaling, its context grown to match."""
-    from gen_cli.model.checkpoint import load_model
     from gen_cli.runtime import resolve_device, run_dtype
     from gen_cli.text.corpus import Corpus
 
@@ -120,7 +128,7 @@ def evaluate_model(
         raise UsageError("batch_size and max_tokens must be at least 1", params=("batch_size", "max_tokens"))
     dev = resolve_device(device)
     amp = training_precision(run_dtype(dtype, dev))
-    model, tok = load_model(model_dir, dev)  # fp32 weights; bfloat16 runs under autocast
+    model, tok, separator = load_for_scoring(model_dir, dev)  # fp32 weights; bfloat16 runs under autocast
     if rope_scaling is not None:
         from gen_cli.model.config import parse_rope_scaling
         from gen_cli.model.transformer import apply_rope_scaling
@@ -134,11 +142,70 @@ def evaluate_model(
         )
     corpus = Corpus(inputs or trained_inputs(model_dir) or [])
     corpus.require_text()
-    data = tokenize_split(tok, corpus, "val").load()
+    data, table, target_bytes = scoring_stream(tok, corpus, separator)
     if len(data) < 2:
         raise UsageError(f"the validation split of {', '.join(corpus.inputs)} is empty; give more text")
-    result = evaluate(model, data, byte_lengths(tok), context, batch_size, dev, amp, max_tokens)
+    batch_size = windows_per_pass(batch_size, context, model.config.vocab_size)
+    result = evaluate(model, data, table, context, batch_size, dev, amp, max_tokens, target_bytes)
     return replace(result, corpus=", ".join(corpus.inputs), split="val")
+
+
+LOGITS_BUDGET = 2**30  # bytes of fp32 logits one forward pass may hold
+
+
+def windows_per_pass(batch_size: int, context: int, vocab: int) -> int:
+    """`batch_size`, or fewer windows where their (b, context, vocab) fp32 logits would pass LOGITS_BUDGET:
+    an imported model's 8 windows of 8k tokens × 50k vocabulary would need 13 GB (totals do not depend on it)."""
+    return max(1, min(batch_size, LOGITS_BUDGET // (4 * context * vocab)))
+
+
+def load_for_scoring(model_dir: str | Path, device: torch.device) -> tuple[torch.nn.Module, Tokenizer, int | None]:
+    """A gen model directory, HF folder or GGUF file in float32, its tokenizer, and the document separator
+    id for imported models (None: gen's `<|endoftext|>`)."""
+    import torch
+
+    from gen_cli.model.checkpoint import load_model
+    from gen_cli.model.loading import load, model_kind
+
+    path = Path(model_dir)
+    kind = model_kind(path)
+    if kind is None:
+        raise UsageError(
+            f"{path}: no such directory or .gguf file; a model is a gen model directory, a Hugging Face folder "
+            "or a .gguf file",
+            params=("model_dir",),
+        )
+    if kind == "gen":
+        model, tok = load_model(path, device)
+        return model, tok, None
+    loaded = load(path, device=device, dtype=torch.float32)
+    return loaded.model, loaded.tokenizer, document_separator(loaded)
+
+
+def document_separator(loaded: Loaded) -> int:
+    """The id that precedes every document of an imported model's stream: its BOS, else its EOS.
+
+    BOS first: models that have one (Llama, Mistral) saw it at the start of every training document, so
+    each document is scored as the model reads a fresh text; models without one (Qwen2) saw EOS between
+    documents, which then marks the start of the next just as well.
+    """
+    vocab = loaded.tokenizer.get_vocab_size()
+    for i in (loaded.bos_id, *loaded.stop_ids):
+        if i is not None and 0 <= i < vocab:
+            return i
+    raise UsageError(f"{loaded.source}: the model declares neither a BOS nor an EOS id to separate documents with")
+
+
+def scoring_stream(
+    tok: Tokenizer, corpus: Corpus, separator: int | None
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """The val split's token ids, with either a byte table per id (gen's byte-level BPE) or the text bytes
+    per stream position (imported tokenizers, separated by `separator`)."""
+    if separator is None:
+        data = tokenize_split(tok, corpus, "val").load()
+        return data, byte_lengths(tok), None
+    token_file = tokenize_split(tok, corpus, "val", separator=separator)
+    return token_file.load(), None, token_file.load_bytes()
 
 
 def trained_inputs(model_dir: str | Path) -> list[str] | None:

@@ -5,6 +5,10 @@ Layout: every document is preceded by the `<|endoftext|>` id, so the stream read
 has something before it and can be predicted, so evaluating the whole stream scores every byte of
 the text. The file is raw little-endian uint16 (vocabulary ≤ 65535) or uint32, named by a hash of
 everything that determines its contents, and written atomically.
+
+Imported models have no `<|endoftext|>`: their stream separates documents by an id the caller picks
+(BOS or EOS), and a parallel `.bytes` file holds the UTF-8 bytes of text each token covers, since
+SentencePiece-style pieces (`▁`, `<0x41>`) are no byte table's business.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ if TYPE_CHECKING:
     from gen_cli.text.corpus import Corpus
 
 _ENCODE_BATCH = 64
+_BYTES_DTYPE = "<u4"
 
 
 @dataclass(frozen=True)
@@ -41,12 +46,20 @@ class TokenFile:
     dtype: str
     tokens: int
     cached: bool
+    bytes_path: Path | None = None  # per-token text bytes, written when the caller chose the separator
 
     def load(self) -> np.ndarray:
         """The token ids as a read-only memory map (the file is never read whole)."""
         if self.tokens == 0:
             return np.zeros(0, dtype=self.dtype)
         return np.memmap(self.path, dtype=self.dtype, mode="r")
+
+    def load_bytes(self) -> np.ndarray:
+        """UTF-8 bytes of text per token (separators 0), parallel to `load()`; needs `bytes_path`."""
+        assert self.bytes_path is not None, "token file written without per-token bytes"
+        if self.tokens == 0:
+            return np.zeros(0, dtype=_BYTES_DTYPE)
+        return np.memmap(self.bytes_path, dtype=_BYTES_DTYPE, mode="r")
 
 
 def token_dtype(vocab_size: int) -> str:
@@ -74,9 +87,12 @@ def corpus_identity(corpus: Corpus) -> list:
     return ident
 
 
-def token_file_key(tok: Tokenizer, corpus: Corpus, split: str) -> str:
-    """The cache key: tokenizer content, inputs' identity, split and layout version."""
-    payload = json.dumps([1, tokenizer_digest(tok), corpus_identity(corpus), split])
+def token_file_key(tok: Tokenizer, corpus: Corpus, split: str, separator: int | None = None) -> str:
+    """The cache key: tokenizer content, inputs' identity, split and layout version (and the separator id)."""
+    ident = [1, tokenizer_digest(tok), corpus_identity(corpus), split]
+    if separator is not None:  # layout 2: a chosen separator and a .bytes file; gen's layout-1 keys unchanged
+        ident = [2, *ident[1:], separator]
+    payload = json.dumps(ident)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:32]
 
 
@@ -88,14 +104,41 @@ def _document_ids(tok: Tokenizer, corpus: Corpus, split: str, eot: int) -> Itera
             yield [eot, *enc.ids]
 
 
-def tokenize_split(tok: Tokenizer, corpus: Corpus, split: str, folder: Path | None = None) -> TokenFile:
-    """Tokenize one split into a token file, or reuse the one an earlier run wrote."""
-    eot = special_id(tok, EOT)
+def _document_bytes(tok: Tokenizer, corpus: Corpus, split: str, sep: int) -> Iterator[tuple[list[int], np.ndarray]]:
+    """Per document: [sep, ids…] and the UTF-8 bytes each covers (sep 0), summing to the text's bytes."""
+    texts = iter(corpus.texts(split))
+    while batch := list(itertools.islice(texts, _ENCODE_BATCH)):
+        for text, enc in zip(batch, tok.encode_batch(batch, add_special_tokens=False), strict=True):
+            yield [sep, *enc.ids], np.concatenate([[0], covered_bytes(text, enc.offsets)])
+
+
+def covered_bytes(text: str, offsets: list[tuple[int, int]]) -> np.ndarray:
+    """Bytes of `text` per token from its character offsets: each token gets the bytes between the furthest
+    end before it and its own; the last takes the rest, so the sum is exactly the text's UTF-8 length
+    (byte-fallback pieces of one character share its span: the first gets its bytes, the rest 0)."""
+    raw = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+    starts = np.append(np.flatnonzero((raw & 0xC0) != 0x80), len(raw))  # byte offset of each character, + end
+    if not offsets:
+        return np.zeros(0, dtype=np.int64)
+    ends = np.maximum.accumulate(starts[np.minimum([e for _, e in offsets], len(starts) - 1)])
+    out = np.diff(ends, prepend=0)
+    out[-1] += len(raw) - ends[-1]
+    return out
+
+
+def tokenize_split(
+    tok: Tokenizer, corpus: Corpus, split: str, folder: Path | None = None, separator: int | None = None
+) -> TokenFile:
+    """Tokenize one split into a token file, or reuse the one an earlier run wrote; `separator` (an imported
+    model's BOS or EOS id) replaces `<|endoftext|>` and adds the per-token bytes file."""
+    eot = special_id(tok, EOT) if separator is None else separator
     if eot is None:
         raise UsageError(f"the tokenizer has no {EOT} token; train one with `gen train-tokenizer`")
     dtype = token_dtype(tok.get_vocab_size())
     folder = folder or cache_dir() / "tokens"
-    path = folder / f"{token_file_key(tok, corpus, split)}.bin"
+    path = folder / f"{token_file_key(tok, corpus, split, separator)}.bin"
+    if separator is not None:
+        return _tokenize_with_bytes(tok, corpus, split, path, dtype, separator)
     itemsize = np.dtype(dtype).itemsize
     if path.is_file():
         if _valid_token_file(path, dtype, tok.get_vocab_size(), eot):
@@ -107,6 +150,32 @@ def tokenize_split(tok: Tokenizer, corpus: Corpus, split: str, folder: Path | No
             f.write(np.asarray(ids, dtype=dtype).tobytes())
             total += len(ids)
     return TokenFile(path, dtype, total, cached=False)
+
+
+def _tokenize_with_bytes(tok: Tokenizer, corpus: Corpus, split: str, path: Path, dtype: str, sep: int) -> TokenFile:
+    """Token ids and per-token bytes, two parallel files under one key; reused only when both are whole."""
+    itemsize = np.dtype(dtype).itemsize
+    bytes_path = path.with_suffix(".bytes")
+    if path.is_file() and bytes_path.is_file():
+        tokens = path.stat().st_size // itemsize
+        whole = bytes_path.stat().st_size == tokens * np.dtype(_BYTES_DTYPE).itemsize
+        if whole and _valid_token_file(path, dtype, tok.get_vocab_size(), sep):
+            return TokenFile(path, dtype, tokens, cached=True, bytes_path=bytes_path)
+    path.unlink(missing_ok=True)
+    bytes_path.unlink(missing_ok=True)
+    total = 0
+    # The ids are renamed into place first, the bytes last: a crash between leaves no pair to reuse.
+    with (
+        atomic_path(bytes_path) as tmp_bytes,
+        open(tmp_bytes, "wb") as fb,
+        atomic_path(path) as tmp,
+        open(tmp, "wb") as f,
+    ):
+        for ids, n_bytes in _document_bytes(tok, corpus, split, sep):
+            f.write(np.asarray(ids, dtype=dtype).tobytes())
+            fb.write(np.asarray(n_bytes, dtype=_BYTES_DTYPE).tobytes())
+            total += len(ids)
+    return TokenFile(path, dtype, total, cached=False, bytes_path=bytes_path)
 
 
 def _valid_token_file(path: Path, dtype: str, vocab_size: int, eot: int) -> bool:

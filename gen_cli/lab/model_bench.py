@@ -1,0 +1,77 @@
+"""`gen bench decode --model`: gen's decode modes on a real model's weights (gen directory, HF folder or GGUF
+file), and transformers on the same HF folder, measured as the preset benchmark measures random shapes."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gen_cli.errors import UsageError
+from gen_cli.infer.optimize import compute_dtype, optimize_for_decode
+from gen_cli.lab.decode_bench import DECODE_PROMPT, MODES, Row, bench_runners, checked_modes, hf_available, run_context
+from gen_cli.model.loading import load, model_kind
+from gen_cli.model.transformer import Transformer
+
+
+def build_mode(reference: Transformer, mode: str, device: torch.device) -> Transformer:
+    """A copy of the fp32 model in `mode`, as `gen generate` builds it (the reference itself stays fp32)."""
+    dtype, quantize, compile, native = MODES[mode]
+    dtype = compute_dtype(quantize, device, native, dtype)
+    model = copy.deepcopy(reference).to(device=device, dtype=dtype)
+    return optimize_for_decode(model, quantize=quantize, compile=compile, native=native)
+
+
+def load_transformers(folder: Path, device: torch.device) -> Any:
+    """transformers' own model of an HF folder in float32, from local files only (never a download)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
+    return model.eval().to(device)
+
+
+def bench_model_decode(
+    model_path: str | Path,
+    modes: tuple[str, ...] | None = None,
+    repeats: int = 3,
+    new_tokens: int = 256,
+    device: torch.device | str = "cpu",
+    on_step: Callable[[str], None] | None = None,
+    on_run: Callable[[], None] | None = None,
+) -> tuple[list[Row], dict[str, Any]]:
+    """Rows for every mode on the model's weights (+ transformers for an HF folder, when installed) and the
+    run's context; deviations are measured against the model in unoptimised fp32."""
+    device = torch.device(device)
+    modes = checked_modes(modes, new_tokens, device)
+    path = Path(model_path)
+    kind = model_kind(path)
+    if kind is None:
+        raise UsageError(
+            f"{path}: no such directory or .gguf file; a model is a gen model directory, a Hugging Face folder "
+            "or a .gguf file",
+            params=("model",),
+        )
+    loaded = load(path, device=device, dtype=torch.float32)
+    reference = loaded.model.eval()
+    limit = reference.config.context_length
+    if DECODE_PROMPT + new_tokens > limit:
+        raise UsageError(
+            f"new_tokens {new_tokens} + a {DECODE_PROMPT}-token prompt exceed the model's context of {limit} tokens",
+            params=("new_tokens",),
+        )
+    # transformers reads the HF folder itself; a GGUF or gen model has no folder it loads as is.
+    with_hf = kind == "hf" and hf_available()
+    label = str(path)
+    rows = bench_runners(
+        label, reference, lambda mode: build_mode(reference, mode, device),
+        (lambda: load_transformers(path, device)) if with_hf else None, modes, repeats, new_tokens,
+        on_step=on_step, on_run=on_run, vocab=min(loaded.tokenizer.get_vocab_size(), reference.config.vocab_size),
+    )  # fmt: skip
+    for r in rows:
+        r.vs_c = None  # the fixed C figures are for preset shapes, never a model's (whatever its folder is called)
+    context = run_context(device, rows, (label,), with_hf, repeats, new_tokens)
+    context["model"] = {"path": label, "kind": kind, **loaded.details}
+    return rows, context
