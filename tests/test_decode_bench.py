@@ -16,10 +16,10 @@ from gen_cli.lab.decode_bench import (
     MODES,
     bench_shape,
     build_gen,
-    hf_available,
     kv_bytes_read,
     weight_bytes_per_token,
 )
+from gen_cli.lab.transformers_peer import hf_available
 from gen_cli.model.transformer import Transformer
 
 

@@ -93,7 +93,8 @@ def bench_decode_command(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     from rich.table import Table
 
-    from gen_cli.lab.decode_bench import DEFAULT_GPU_MODES, DEFAULT_MODES, HF_INSTALL, bench_decode, hf_available
+    from gen_cli.lab.decode_bench import DEFAULT_GPU_MODES, DEFAULT_MODES, bench_decode
+    from gen_cli.lab.transformers_peer import HF_INSTALL, hf_available
     from gen_cli.runtime import resolve_device, set_threads
 
     if model is not None and shapes is not None:

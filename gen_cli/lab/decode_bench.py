@@ -20,6 +20,7 @@ from gen_cli.infer.generate import greedy_steps, model_dtype, new_cache, run_gen
 from gen_cli.infer.linear import Int8Linear, OneDNNLinear
 from gen_cli.infer.optimize import compute_dtype, optimize_for_decode
 from gen_cli.infer.sampling import SamplingConfig
+from gen_cli.lab.transformers_peer import build_hf, hf_available, hf_version, time_hf
 from gen_cli.model.config import ModelConfig, load_preset
 from gen_cli.model.transformer import Transformer, random_model
 from gen_cli.runtime import LoadProbe, spread_verdict, synchronize
@@ -55,7 +56,6 @@ MODES: dict[str, Mode] = {
 DEFAULT_MODES = ("fp32", "bf16", "int8", "fp32-torch")
 # A GPU has no native step (fp32 and bf16 run PyTorch's ops there) and int8 no GPU kernel in gen.
 DEFAULT_GPU_MODES = ("fp32", "bf16", "fp32+compile", "bf16+compile")
-HF_INSTALL = 'transformers is not installed; for the HF rows run: pip install -e ".[bench]"'
 DECODE_PROMPT = 8
 PREFILL_PROMPT = 512
 
@@ -86,14 +86,6 @@ class Row:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def hf_available() -> bool:
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def measure_bandwidth(device: torch.device, mib: int = 256) -> float:
@@ -149,76 +141,6 @@ def build_gen(config: ModelConfig, mode: str, device: torch.device) -> Transform
     dtype = compute_dtype(quantize, device, native, dtype)  # as `gen generate` picks it
     model = random_model(config).to(device=device, dtype=dtype)
     return optimize_for_decode(model, quantize=quantize, compile=compile, native=native)
-
-
-def build_hf(reference: Transformer, device: torch.device) -> Any:
-    """LlamaForCausalLM of the same shape holding a copy of gen's fp32 weights (random, no download)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    c = reference.config
-    hf_config = LlamaConfig(
-        vocab_size=c.vocab_size,
-        hidden_size=c.d_model,
-        intermediate_size=c.d_ff,
-        num_hidden_layers=c.n_layer,
-        num_attention_heads=c.n_head,
-        num_key_value_heads=c.n_kv_head,
-        max_position_embeddings=c.context_length,
-        rope_theta=c.rope_base,
-        rms_norm_eps=c.norm_eps,
-        tie_word_embeddings=True,
-        attention_bias=False,
-        mlp_bias=False,
-    )
-    hf = LlamaForCausalLM(hf_config).eval()
-    H, Hkv, hd = c.n_head, c.n_kv_head, c.head_dim
-    with torch.no_grad():
-        hf.model.embed_tokens.weight.copy_(reference.tok_emb.weight)
-        hf.model.norm.weight.copy_(reference.norm.weight)
-        for ours, theirs in zip(reference.layers, hf.model.layers, strict=True):
-            q, k, v = ours.attn.wqkv.weight.split([H * hd, Hkv * hd, Hkv * hd])  # rows of the fused matrix
-            attn, mlp = theirs.self_attn, theirs.mlp
-            for dst, src in ((attn.q_proj, q), (attn.k_proj, k), (attn.v_proj, v), (attn.o_proj, ours.attn.wo.weight),
-                             (mlp.gate_proj, ours.mlp.w1.weight), (mlp.up_proj, ours.mlp.w3.weight),
-                             (mlp.down_proj, ours.mlp.w2.weight)):  # fmt: skip
-                dst.weight.copy_(src)
-            theirs.input_layernorm.weight.copy_(ours.attn_norm.weight)
-            theirs.post_attention_layernorm.weight.copy_(ours.mlp_norm.weight)
-    return hf.to(device)
-
-
-class _Clock:
-    """A transformers streamer that timestamps each put(): the prompt first, then one per new token."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device, self.times = device, []
-
-    def put(self, value: torch.Tensor) -> None:
-        synchronize(self.device)
-        self.times.append(time.perf_counter())
-
-    def end(self) -> None:
-        pass
-
-
-def time_hf(hf: Any, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float, torch.Tensor]:
-    """HF generate, greedy, exactly new_tokens: (decode tok/s, prefill tok/s, new ids (new_tokens,))."""
-    clock = _Clock(prompt.device)
-    synchronize(prompt.device)
-    start = time.perf_counter()
-    with torch.inference_mode():
-        out = hf.generate(
-            prompt,
-            attention_mask=torch.ones_like(prompt),
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            do_sample=False,
-            streamer=clock,
-            pad_token_id=0,
-        )
-    first, last = clock.times[1], clock.times[-1]  # times[0] is the prompt, put before prefill
-    decode = (new_tokens - 1) / (last - first) if new_tokens > 1 else float("nan")
-    return decode, prompt.shape[1] / (first - start), out[0, prompt.shape[1] :]
 
 
 def time_gen(model: Transformer, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float, torch.Tensor]:
@@ -422,7 +344,7 @@ def run_context(
         "device": str(device),
         "threads": torch.get_num_threads(),
         "bandwidth_gb_s": {label: next(r.bandwidth_gb_s for r in rows if r.shape == label) for label in labels},
-        "transformers": _hf_version() if with_hf else None,
+        "transformers": hf_version() if with_hf else None,
         "torch": torch.__version__,
         "repeats": repeats,
         "new_tokens": new_tokens,
@@ -433,9 +355,3 @@ def run_context(
     if device.type == "cuda":
         context["cuda_max_memory_allocated"] = torch.cuda.max_memory_allocated(device)
     return context
-
-
-def _hf_version() -> str:
-    import transformers
-
-    return transformers.__version__

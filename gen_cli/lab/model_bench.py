@@ -12,7 +12,8 @@ import torch
 
 from gen_cli.errors import UsageError
 from gen_cli.infer.optimize import compute_dtype, optimize_for_decode
-from gen_cli.lab.decode_bench import DECODE_PROMPT, MODES, Row, bench_runners, checked_modes, hf_available, run_context
+from gen_cli.lab.decode_bench import DECODE_PROMPT, MODES, Row, bench_runners, checked_modes, run_context
+from gen_cli.lab.transformers_peer import hf_available
 from gen_cli.model.loading import load, model_kind
 from gen_cli.model.transformer import Transformer
 
