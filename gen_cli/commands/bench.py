@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from gen_cli.commands.common import err, out_console, print_json, progress_enabled
+from gen_cli.commands.options import Threads
 from gen_cli.errors import UsageError
 from gen_cli.text.tokenizer import DEFAULT_VOCAB_SIZE
 
@@ -81,7 +82,7 @@ def bench_decode_command(
     repeats: int = typer.Option(3, "--repeats", min=1, help="Timed runs per mode, interleaved; median reported."),
     new_tokens: int = typer.Option(256, "--new-tokens", min=2, help="Tokens generated per run."),
     device_name: str = typer.Option("cpu", "--device", help="cpu or cuda."),
-    threads: int = typer.Option(None, "--threads", help="CPU threads (default: torch's).", show_default=False),
+    threads: Threads = None,
     as_json: bool = typer.Option(False, "--json", help="Machine-readable rows and context on stdout."),
 ) -> None:
     """Decode speed of `gen generate` modes vs HF transformers `generate`, on the same shapes and weights.

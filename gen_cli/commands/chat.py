@@ -16,6 +16,7 @@ import typer
 from rich.markup import escape
 
 from gen_cli.commands.common import err, progress_enabled
+from gen_cli.commands.options import Device, MinP, RepetitionPenalty, Temperature, Threads, TopK, TopP
 from gen_cli.errors import UsageError
 from gen_cli.resources import default_model_dir
 
@@ -144,15 +145,11 @@ def chat_command(
         None, "--system", help="A system message for the whole conversation.", show_default=False
     ),
     max_new_tokens: int = typer.Option(512, "--max-new-tokens", help="Tokens per reply at most."),
-    temperature: float = typer.Option(0.8, "--temperature", help="Sampling temperature; 0 = greedy."),
-    top_k: int = typer.Option(None, "--top-k", help="Sample among the k most likely tokens.", show_default=False),
-    top_p: float = typer.Option(
-        None, "--top-p", help="Nucleus: smallest set reaching this probability.", show_default=False
-    ),
-    min_p: float = typer.Option(
-        None, "--min-p", help="Drop tokens below min-p × the top probability.", show_default=False
-    ),
-    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="CTRL penalty; 1 = off."),
+    temperature: Temperature = 0.8,
+    top_k: TopK = None,
+    top_p: TopP = None,
+    min_p: MinP = None,
+    repetition_penalty: RepetitionPenalty = 1.0,
     seed: int = typer.Option(0, "--seed", help="Sampling seed: same seed and lines, same replies."),
     context_tokens: int = typer.Option(
         None,
@@ -160,14 +157,14 @@ def chat_command(
         help="Tokens the conversation may hold (the KV cache's size) [default: the model's context length].",
         show_default=False,
     ),
-    device_name: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
+    device_name: Device = "auto",
     dtype_opt: str = typer.Option(
         None, "--dtype", help="float32, bfloat16 or float16 (default: as stored).", show_default=False
     ),
     native: bool = typer.Option(
         True, "--native/--no-native", help="Decode on the CPU in gen's C step where the model's shape allows."
     ),
-    threads: int = typer.Option(None, "--threads", help="CPU threads (default: torch's).", show_default=False),
+    threads: Threads = None,
     show_stats: bool = typer.Option(False, "--stats", help="After each reply, its token counts and times on stderr."),
     as_json: bool = typer.Option(
         False, "--json", help="One JSON object per line on stdout: each reply with its figures, each /stats."

@@ -13,6 +13,7 @@ from typing import Any
 import typer
 
 from gen_cli.commands.common import err, out_console, progress_enabled
+from gen_cli.commands.options import Device
 from gen_cli.errors import GenError, UsageError
 
 DEFAULT_PROMPT_LEN = 16
@@ -106,7 +107,7 @@ def compare_command(
         "else bf16) (comma list). \\[default: float32]",
         show_default=False,
     ),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
+    device: Device = "auto",
     threads: int = typer.Option(
         None, "--threads", help="CPU threads per run \\[default: torch's default].", show_default=False
     ),

@@ -11,6 +11,7 @@ import typer
 from rich.table import Table
 
 from gen_cli.commands.common import err, out_console, print_json, progress_enabled
+from gen_cli.commands.options import Threads
 from gen_cli.resources import default_model_dir
 
 
@@ -22,7 +23,7 @@ def demo_command(
     sample_tokens: int = typer.Option(120, "--sample-tokens", min=1, help="Length of the sampled continuation."),
     tokens: int = typer.Option(256, "--tokens", min=2, help="Greedy tokens for the cache on/off comparison."),
     repeats: int = typer.Option(3, "--repeats", min=1, help="Timed runs per setting; the median is shown."),
-    threads: int = typer.Option(None, "--threads", help="CPU threads (default: torch's).", show_default=False),
+    threads: Threads = None,
     as_json: bool = typer.Option(False, "--json", help="Machine-readable results on stdout."),
 ) -> None:
     """Sample from the shipped model, then time the same greedy generation with and without KV cache.

@@ -6,21 +6,19 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
 from gen_cli.commands.common import err, out_console, print_json, progress_enabled, read_text_arg
+from gen_cli.commands.options import Device, MinP, RepetitionPenalty, Temperature, Threads, TopK, TopP
 from gen_cli.errors import UsageError
 from gen_cli.model.config import POS_ENCODINGS, ROPE_SCALING_SPECS, parse_rope_scaling
 from gen_cli.resources import default_model_dir
 from gen_cli.text.stream import TextStream
 from gen_cli.text.tokenizer import EOT, encode, special_id
-
-if TYPE_CHECKING:
-    pass
 
 
 def _check_options(
@@ -134,15 +132,11 @@ def generate_command(
     ),
     kv_cache: bool = typer.Option(True, "--kv-cache/--no-kv-cache", help="Reuse keys/values (off = recompute)."),
     max_new_tokens: int = typer.Option(200, "--max-new-tokens", help="Tokens to generate at most."),
-    temperature: float = typer.Option(0.8, "--temperature", help="Sampling temperature; 0 = greedy."),
-    top_k: int = typer.Option(None, "--top-k", help="Sample among the k most likely tokens.", show_default=False),
-    top_p: float = typer.Option(
-        None, "--top-p", help="Nucleus: smallest set reaching this probability.", show_default=False
-    ),
-    min_p: float = typer.Option(
-        None, "--min-p", help="Drop tokens below min-p × the top probability.", show_default=False
-    ),
-    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="CTRL penalty; 1 = off."),
+    temperature: Temperature = 0.8,
+    top_k: TopK = None,
+    top_p: TopP = None,
+    min_p: MinP = None,
+    repetition_penalty: RepetitionPenalty = 1.0,
     seed: int = typer.Option(0, "--seed", help="Sampling seed: same seed, same output."),
     stop: list[str] = typer.Option(
         None, "--stop", help="Stop when the text contains this (repeatable).", show_default=False
@@ -158,7 +152,7 @@ def generate_command(
         False, "--ignore-eot", help=f"Go on past {EOT} (an imported model: past its end-of-turn ids)."
     ),
     num_samples: int = typer.Option(1, "--num-samples", help="Continuations of the prompt, one shared prefill."),
-    device_name: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
+    device_name: Device = "auto",
     dtype_opt: str = typer.Option(
         None,
         "--dtype",
@@ -176,7 +170,7 @@ def generate_command(
         help="Run CPU decode steps (fp32, bf16 or int8 weights, batch ≤ 16) in gen's C kernel, compiled for this "
         "machine on first use; without a C compiler, or with --no-native, PyTorch runs them.",
     ),
-    threads: int = typer.Option(None, "--threads", help="CPU threads (default: torch's).", show_default=False),
+    threads: Threads = None,
     stream: bool = typer.Option(True, "--stream/--no-stream", help="Print text as it is generated."),
     show_stats: bool = typer.Option(False, "--stats", help="Timing, KV-cache and memory figures on stderr."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object on stdout: text and stats."),

@@ -13,6 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from gen_cli.commands.common import err, out_console, print_json, progress_enabled
+from gen_cli.commands.options import Device
 from gen_cli.errors import UsageError
 from gen_cli.text.tokenizer import DEFAULT_VOCAB_SIZE
 
@@ -149,7 +150,7 @@ def train_command(
         None, "--save-minutes", help="Also checkpoint when this many minutes passed since the last save; 0 = off [5]."
     ),
     seed: int = typer.Option(None, "--seed", help="Seed for weights and batch sampling [0]."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
+    device: Device = "auto",
     dtype: str = typer.Option(
         "auto", "--dtype", help="float32 or bfloat16 (autocast; weights stay fp32). auto = bf16 on CUDA."
     ),
@@ -211,7 +212,7 @@ def eval_command(
         None, help="Gen model folder, Hugging Face folder or .gguf file [the shipped default].", show_default=False
     ),
     inputs: list[str] = typer.Argument(None, help=INPUTS_HELP, show_default=False),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
+    device: Device = "auto",
     dtype: str = typer.Option("float32", "--dtype", help="float32 or bfloat16 (autocast)."),
     batch_size: int = typer.Option(8, "--batch-size", help="Windows per forward pass."),
     context: int = typer.Option(None, "--context", help="Window length [the model's context length]."),
