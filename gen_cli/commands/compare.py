@@ -155,6 +155,12 @@ def compare_command(
         "(128 or the shape's, if shorter), and report bits per byte on the positions past it.",
         show_default=False,
     ),
+    convert: bool = typer.Option(
+        False,
+        "--convert",
+        help="With --quality-steps: also pool the trained MHA model to each GQA/MQA variant's KV heads and "
+        "uptrain it as many steps, shown as 'converted' rows beside those trained from scratch.",
+    ),
     yes: bool = typer.Option(False, "--yes", "-y", help="Run a large grid without asking (asked only in a terminal)."),
     wide: bool = typer.Option(False, "--wide", help="Show every column (the default fits 80 columns)."),
     in_process: bool = typer.Option(False, "--in-process", hidden=True, help="Measure in this process (tests)."),
@@ -191,6 +197,9 @@ def compare_command(
     if eval_context is not None and (not quality_steps or eval_context < 1):
         raise UsageError("--eval-context N (N ≥ 1) goes with --quality-steps")
     shape, source, preset_name, tokenizer = _resolve_shape(preset, model_dir)
+    attentions = compare.split_values(attention, ["mha", "gqa", "mqa"])
+    if convert and (not quality_steps or not set(attentions) & {"gqa", "mqa"} or shape.n_head < 2):
+        raise UsageError("--convert goes with --quality-steps and a gqa or mqa variant (--attention gqa,mqa)")
     if quality_steps and preset_name is None and tokenizer is None:
         raise UsageError("--quality-steps trains gen models on gen's tokenizer: use --preset or a gen model directory")
     prompts = compare.int_values("--prompt-len", prompt_len, [DEFAULT_PROMPT_LEN])
@@ -205,7 +214,7 @@ def compare_command(
             resolve_dtype(d, dev)  # refuses float16 on CPU with a clear message
     specs = compare.expand_grid(
         shape,
-        attention=compare.split_values(attention, ["mha", "gqa", "mqa"]),
+        attention=attentions,
         kv_heads=compare.int_values("--kv-heads", kv_heads, []),
         pos=compare.split_values(pos, ["rope", "sinusoidal"]),
         kv_cache=compare.split_values(kv_cache, ["off", "on"]),
@@ -230,8 +239,8 @@ def compare_command(
         variants = list(dict.fromkeys(s.variant() for s in specs))
         from gen_cli.lab.quality import attach_quality
 
-        attach_quality(rows, _quality(shape, variants, quality_steps, preset_name, tokenizer,
-                                            quality_data, str(dev), eval_context))  # fmt: skip
+        rows = attach_quality(rows, _quality(shape, variants, quality_steps, preset_name, tokenizer,
+                                             quality_data, str(dev), eval_context, convert))  # fmt: skip
     result = {"env": compare.environment(rows, shape, source), "rows": rows}
     _show(result, out_fmt, output, plot, chart, wide)
 
@@ -316,7 +325,8 @@ def _run(specs: list[Any], in_process: bool) -> tuple[list[dict[str, Any]], bool
 
 
 def _quality(shape: Any, variants: list[Any], steps: int, preset: str | None, tokenizer: str | None,
-             inputs: list[str] | None, device: str, eval_context: int | None = None) -> dict:  # fmt: skip
+             inputs: list[str] | None, device: str, eval_context: int | None = None,
+             convert: bool = False) -> dict:  # fmt: skip
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from gen_cli.lab.quality import measure_quality
@@ -325,7 +335,8 @@ def _quality(shape: Any, variants: list[Any], steps: int, preset: str | None, to
     with Progress(TextColumn("[bold]quality[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("ETA"),
                   TimeRemainingColumn(), TextColumn("{task.description}"), console=err, transient=True,
                   disable=not progress_enabled()) as progress:  # fmt: skip
-        task = progress.add_task("training", total=steps * len(variants))
+        runs = len(variants) + (sum(v[0] != "mha" for v in variants) if convert else 0)
+        task = progress.add_task("training", total=steps * runs)
 
         def on_event(event: Any) -> None:
             if isinstance(event, StepEvent):
@@ -333,9 +344,9 @@ def _quality(shape: Any, variants: list[Any], steps: int, preset: str | None, to
             elif isinstance(event, str):
                 progress.console.print(event, markup=False, style="dim")
 
-        err.print(f"quality: training {len(variants)} variant(s) × {steps} steps, same data and seed")
+        err.print(f"quality: training {runs} model(s) × {steps} steps, same data and seed")
         return measure_quality(shape, variants, steps, preset=preset, tokenizer=tokenizer, inputs=inputs,
-                                     device=device, report=on_event, eval_context=eval_context)  # fmt: skip
+                               device=device, report=on_event, eval_context=eval_context, convert=convert)  # fmt: skip
 
 
 def _show(

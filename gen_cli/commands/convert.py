@@ -15,7 +15,9 @@ UPTRAIN_CONTEXT = 128
 
 
 def convert_command(
-    model_dir: Path = typer.Argument(..., help="The model directory to convert (e.g. a `gen train` run)."),
+    model_dir: Path = typer.Argument(
+        ..., help="The model to convert: a gen directory (e.g. a `gen train` run), an HF folder or a .gguf file."
+    ),
     kv_heads: str = typer.Option(
         ..., "--kv-heads", help="KV head count(s) to convert to, comma-separated; each must divide the model's."
     ),
@@ -42,9 +44,16 @@ def convert_command(
     from gen_cli.lab.convert import convert_and_measure
     from gen_cli.model.checkpoint import load_config
     from gen_cli.model.convert import POOLING, kv_head_choices
+    from gen_cli.model.loading import config_for, model_kind
 
     counts = int_values("--kv-heads", [kv_heads], [])
-    config = load_config(model_dir)
+    kind = model_kind(model_dir)
+    if kind is None:
+        raise UsageError(f"{model_dir}: not a gen model directory, a Hugging Face folder or a .gguf file")
+    if kind != "gen" and uptrain_steps:
+        # gen's training splits documents with gen's <|endoftext|>, which an imported tokenizer lacks.
+        raise UsageError(f"--uptrain-steps needs a gen model; {model_dir} is imported (convert it without uptraining)")
+    config = config_for(str(model_dir))[0]
     if bad := [k for k in counts if k not in kv_head_choices(config.n_kv_head)]:
         choices = ", ".join(map(str, kv_head_choices(config.n_kv_head)))
         raise UsageError(f"--kv-heads {bad[0]} does not divide the model's {config.n_kv_head} KV heads; use {choices}")

@@ -23,8 +23,7 @@ from gen_cli.model.checkpoint import load_model, save_model
 from gen_cli.model.convert import pool_kv_heads
 from gen_cli.model.transformer import Transformer
 from gen_cli.text.corpus import Corpus
-from gen_cli.train.evaluate import evaluate
-from gen_cli.train.tokens import byte_lengths, tokenize_split
+from gen_cli.train.evaluate import evaluate, load_for_scoring, scoring_stream, windows_per_pass
 
 DECODE_TOKENS = 64
 
@@ -61,6 +60,19 @@ def _copy(model: Transformer) -> Transformer:
     return twin
 
 
+def _matching_tokenizer(tok: Any, vocab_size: int) -> Any:
+    """`tok`, or a copy padded with unused special tokens up to the model's vocab_size: imported models often
+    round their embedding up (to a multiple of 64 …), and a gen model directory needs the two to agree."""
+    missing = vocab_size - tok.get_vocab_size()
+    if missing <= 0:
+        return tok
+    from tokenizers import AddedToken, Tokenizer
+
+    padded = Tokenizer.from_str(tok.to_str())
+    padded.add_special_tokens([AddedToken(f"<|gen_pad_{i}|>", special=True) for i in range(missing)])
+    return padded
+
+
 def convert_and_measure(
     model_dir: Path,
     kv_heads: list[int],
@@ -72,15 +84,21 @@ def convert_and_measure(
     report: Callable[[str], None] = lambda _msg: None,
 ) -> list[ConvertRow]:
     """The original's row, then one per KV head count: converted, measured, and written to out (out/kv{K}
-    for several), by `uptrain(pooled_dir, out_dir)` when given (a training run starting from the pooled model)."""
-    model, tok = load_model(model_dir)
+    for several), by `uptrain(pooled_dir, out_dir)` when given (a training run starting from the pooled model).
+    The model may be a gen directory, an HF folder or a GGUF file; each is scored as `gen eval` scores it."""
+    model, tok, separator = load_for_scoring(model_dir, torch.device("cpu"))
     corpus = Corpus(inputs or [])
     corpus.require_text()
-    val = tokenize_split(tok, corpus, "val").load()
-    table, context = byte_lengths(tok), model.config.context_length
+    val, table, target_bytes = scoring_stream(tok, corpus, separator)
+    tok = _matching_tokenizer(tok, model.config.vocab_size)
+    # An imported model's context can be 32k tokens: no window longer than the tokens scored.
+    context = min(model.config.context_length, eval_tokens)
+    batch = windows_per_pass(8, context, model.config.vocab_size)
 
     def bits(m: Transformer) -> float:
-        return evaluate(m, val, table, context, 8, torch.device("cpu"), None, eval_tokens).bits_per_byte
+        return evaluate(
+            m, val, table, context, batch, torch.device("cpu"), None, eval_tokens, target_bytes
+        ).bits_per_byte
 
     def row(m: Transformer, path: Path | None, uptrained: float | None) -> ConvertRow:
         c = m.config

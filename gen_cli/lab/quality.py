@@ -22,12 +22,14 @@ def measure_quality(
     batch_size: int = 16,
     report: Callable[[Any], None] | None = None,
     eval_context: int | None = None,
-) -> dict[tuple[str, int, str], dict[str, float | None]]:
+    convert: bool = False,
+) -> dict[tuple, dict[str, float | None]]:
     """Train every (attention, kv_heads, pos) variant `steps` steps, same data and seed; held-out figures, and
-    with `eval_context`, bits per byte at the positions from the trained context up to it (extrapolation)."""
+    with `eval_context`, bits per byte at the positions from the trained context up to it (extrapolation).
+    With `convert`, also (kind, kv_heads, pos, "converted"): the trained MHA pooled to kv_heads, uptrained as long."""
     from gen_cli.train.loop import TrainArgs, train
 
-    results: dict[tuple[str, int, str], dict[str, float | None]] = {}
+    results: dict[tuple, dict[str, float | None]] = {}
     # A preset is named directly; another shape is described to `train` as overrides of one.
     sizes = {} if preset else {"layers": shape.n_layer, "heads": shape.n_head, "d_model": shape.d_model,
                                "d_ff": shape.d_ff, "norm": shape.norm}  # fmt: skip
@@ -46,7 +48,35 @@ def measure_quality(
                 past = _past_context(args.out, inputs, args.context, eval_context, device, pos, report)
                 figures |= {"eval_context": eval_context, "bits_per_byte_past_context": past}
             results[(kind, n_kv, pos)] = figures
+        if convert:
+            trained = {v: os.path.join(tmp, f"v{i}") for i, v in enumerate(variants)}
+            for kind, n_kv, pos in variants:
+                mha = next((d for (k, _, p), d in trained.items() if k == "mha" and p == pos), None)
+                if kind == "mha" or mha is None:
+                    continue
+                if report is not None:
+                    report(f"{kind} {n_kv} KV heads, {pos}: the trained MHA pooled, then uptrained {steps} steps")
+                pooled = _pool(mha, n_kv, os.path.join(tmp, f"pooled-{kind}{n_kv}-{pos}"))
+                args = TrainArgs(
+                    inputs=list(inputs or []), init=pooled, steps=steps, batch_size=batch_size,
+                    context=min(context, shape.context_length), eval_every=0, save_every=0, seed=0, device=device,
+                    dtype="float32", out=pooled + "-run", force=True,
+                )  # fmt: skip
+                summary = train(args, report)
+                results[(kind, n_kv, pos, "converted")] = {
+                    "val_loss": summary.val_loss, "bits_per_byte": summary.val_bits_per_byte,
+                }  # fmt: skip
     return results
+
+
+def _pool(model_dir: str, kv_heads: int, out: str) -> str:
+    """Save `model_dir`'s model with its KV heads mean-pooled to `kv_heads` in `out`; returns out."""
+    from gen_cli.model.checkpoint import load_model, save_model
+    from gen_cli.model.convert import pool_kv_heads
+
+    model, tok = load_model(model_dir)
+    save_model(out, pool_kv_heads(model, kv_heads), tok)
+    return out
 
 
 def _past_context(out: str, inputs: list[str] | None, trained: int, eval_context: int, device: str, pos: str,
@@ -67,6 +97,17 @@ def _past_context(out: str, inputs: list[str] | None, trained: int, eval_context
     return res.buckets[-1].bits_per_byte
 
 
-def attach_quality(rows: list[dict[str, Any]], quality: dict[tuple[str, int, str], dict[str, float | None]]) -> None:
+def attach_quality(rows: list[dict[str, Any]], quality: dict[tuple, dict[str, float | None]]) -> list[dict[str, Any]]:
+    """Add each variant's figures to its rows, in place; returns the rows with, right after each trained
+    variant's row, a copy marked `converted: "mha"` carrying the converted model's figures (the speed
+    figures are the same shape's: they do not depend on the weights)."""
+    out = []
     for row in rows:
-        row.update(quality.get((row["attention"], row["kv_heads"], row["pos"]), {}))
+        variant = (row["attention"], row["kv_heads"], row["pos"])
+        own = quality.get(variant, {})
+        row.update(own)
+        out.append(row)
+        if (converted := quality.get((*variant, "converted"))) is not None:
+            # None of the from-scratch model's figures carry over (scores past the context are not measured).
+            out.append({k: v for k, v in row.items() if k not in own} | {"converted": "mha"} | converted)
+    return out

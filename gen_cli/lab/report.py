@@ -46,7 +46,8 @@ def _num(v: float | None, fmt: str) -> str:
 
 
 def _attention(r: dict[str, Any]) -> str:
-    return f"{r['attention']} {r['kv_heads']}/{r['n_heads']}"
+    conv = f" ←{r['converted']}" if r.get("converted") else ""  # pooled from the trained MHA, then uptrained
+    return f"{r['attention']} {r['kv_heads']}/{r['n_heads']}{conv}"
 
 
 def _correct(r: dict[str, Any]) -> str:
@@ -154,7 +155,7 @@ _SHORT_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 def narrow_columns(rows: Sequence[dict[str, Any]]) -> tuple[list[tuple[str, Any]], list[str]]:
     """(columns, constant settings) for an 80-column table: settings shared by every row leave the table."""
-    axes = (("attn", "attention", _attention, lambda r: (r["attention"], r["kv_heads"])),
+    axes = (("attn", "attention", _attention, lambda r: (r["attention"], r["kv_heads"], r.get("converted"))),
             ("pos", "pos", lambda r: r["pos"], lambda r: r["pos"]),
             ("cache", "KV cache", lambda r: "on" if r["kv_cache"] else "off", lambda r: r["kv_cache"]),
             ("dtype", "dtype", lambda r: _SHORT_DTYPE.get(r["dtype"], r["dtype"]), lambda r: r["dtype"]))  # fmt: skip
@@ -192,6 +193,11 @@ def footnotes(result: dict[str, Any]) -> list[str]:
     notes = []
     if reasons:
         notes.append("ns = " + "; ".join(f"{why} ({n} ratio{'s' * (n > 1)})" for why, n in reasons.items()))
+    if any(r.get("converted") for r in rows):
+        notes.append(
+            "←mha: the MHA model trained as the others, its KV heads mean-pooled to the row's count, then trained "
+            "as many steps again (speed figures: the same shape's)"
+        )
     loads = [
         r["machine_load"]["others_cores"] for r in rows if (r.get("machine_load") or {}).get("others_cores") is not None
     ]
