@@ -208,6 +208,10 @@ def test_inexpressible_mixes_are_refused_with_the_reason(tok, tmp_path):
         "sinusoidal": ModelConfig(**BASE, vocab_size=300, n_head=4, n_kv_head=4, pos_encoding="sinusoidal"),
         "norm layernorm with RoPE": ModelConfig(**BASE, vocab_size=300, n_head=4, n_kv_head=4, norm="layernorm"),
         "GPT-2 is MHA": ModelConfig(**{**BASE, **SHAPES["gpt2"], "n_kv_head": 2}),
+        "ALiBi positions": ModelConfig(**BASE, vocab_size=300, n_head=4, n_kv_head=4, pos_encoding="alibi"),
+        "RoPE scaling linear": ModelConfig(
+            **BASE, vocab_size=300, n_head=4, n_kv_head=4, rope_scaling={"type": "linear", "factor": 2.0}
+        ),
     }
     for fragment, config in cases.items():
         for export in (export_hf, export_gguf):

@@ -60,6 +60,11 @@ def family(config: ModelConfig, target: str) -> str:
             f"sinusoidal positions cannot be exported to {where}: Llama-family models use RoPE and GPT-2 learned "
             "positions, and neither adds a sinusoidal table; train with RoPE or learned positions"
         )
+    if config.pos_encoding == "alibi":
+        raise GenError(
+            f"ALiBi positions cannot be exported to {where}: the Llama family rotates (RoPE) and GPT-2 adds learned "
+            "positions, and neither biases attention by distance; train with RoPE or learned positions"
+        )
     problems: list[str] = []
     if config.pos_encoding == "learned":  # GPT-2 is the one learned-position architecture both formats know
         name = "gpt2"
@@ -91,6 +96,8 @@ def family(config: ModelConfig, target: str) -> str:
         scaling = (config.rope_scaling or {}).get("type")
         if scaling is not None and name != "llama":
             problems.append(f"RoPE scaling {scaling} in a {name} model")
+        elif scaling not in (None, "llama3", "freq_factors"):
+            problems.append(f"RoPE scaling {scaling} (only Llama 3's is exported)")
         elif scaling == "freq_factors" and target == "hf":
             problems.append("RoPE scaling as per-frequency factors (transformers knows the llama3 parameters only)")
     if problems:
