@@ -118,3 +118,13 @@ def test_cli_convert_with_uptraining_improves_on_the_pooled_model(model_dir, tmp
     # A random tiny model on repetitive text: 30 steps learn a lot, so uptraining must beat the pooled weights.
     assert pooled["uptrained_bits_per_byte"] < pooled["bits_per_byte"]
     assert (out / "train_state.safetensors").is_file() and load_model(out)[0].config.n_kv_head == 1
+
+
+def test_the_quality_chart_plots_both_curves_against_kv_memory():
+    from gen_cli.lab.convert import ConvertRow, quality_chart
+
+    rows = [ConvertRow(k, "gqa", 2048 * k, 100.0, 2.0 + 1 / k, 1.8 + 0.1 / k, None) for k in (4, 2, 1)]
+    text = quality_chart(rows).plain
+    assert "pooled: 2.250 → 3.000" in text and "uptrained: 1.825 → 1.900" in text  # first → last, as listed
+    rows[1].uptrained_bits_per_byte = None
+    assert "uptrained" not in quality_chart(rows).plain  # a curve only where every row was uptrained

@@ -90,7 +90,12 @@ def convert_command(
         after = "" if r.uptrained_bits_per_byte is None else f"{r.uptrained_bits_per_byte:.4f}"
         table.add_row(str(r.kv_heads), r.attention_kind, f"{r.kv_bytes_per_token:,}", f"{r.decode_tok_s:,.0f}",
                       f"{r.bits_per_byte:.4f}", after, escape(r.path or "(original)"))  # fmt: skip
-    out_console().print(table)
+    console = out_console()
+    console.print(table)
+    if not console.no_color and len(rows) > 1:  # a picture of the trade: quality against KV-cache memory
+        from gen_cli.lab.convert import quality_chart
+
+        console.print(quality_chart(rows))
 
 
 def register(app: typer.Typer) -> None:

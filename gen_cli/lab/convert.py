@@ -12,7 +12,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -24,6 +24,9 @@ from gen_cli.model.convert import pool_kv_heads
 from gen_cli.model.transformer import Transformer
 from gen_cli.text.corpus import Corpus
 from gen_cli.train.evaluate import evaluate, load_for_scoring, scoring_stream, windows_per_pass
+
+if TYPE_CHECKING:
+    from rich.text import Text
 
 DECODE_TOKENS = 64
 
@@ -130,3 +133,14 @@ def convert_and_measure(
         measured.uptrained_bits_per_byte = bits(load_model(target)[0])
         rows.append(measured)
     return rows
+
+
+def quality_chart(rows: list[ConvertRow]) -> Text:
+    """Bits per byte against KV-cache KiB per token: pooled, and uptrained where every row was."""
+    from gen_cli.lab.charts import line_chart
+
+    kv = [r.kv_bytes_per_token / 1024 for r in rows]
+    series = [("pooled", kv, [r.bits_per_byte for r in rows])]
+    if all(r.uptrained_bits_per_byte is not None for r in rows):
+        series.append(("uptrained", kv, [r.uptrained_bits_per_byte for r in rows]))
+    return line_chart(series, "bits per byte against KV cache per token", "KiB per token", "{:.3f}".format)
