@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from conftest import TEXT, tiny_config
 from typer.testing import CliRunner
 
 from gen_cli.cli import app
@@ -17,6 +16,7 @@ from gen_cli.infer.sampling import SamplingConfig
 from gen_cli.model.kv_cache import KVCache, kv_bytes_per_token
 from gen_cli.model.kv_quant import KV_KINDS, parse_kv_kinds
 from gen_cli.model.transformer import Transformer
+from tests.conftest import TEXT, tiny_config
 
 # head_dim 32: the smallest shape int4's groups of 32 fit.
 CONFIG = tiny_config(vocab_size=300, d_model=64, n_head=2, n_kv_head=2, context_length=64)
