@@ -144,3 +144,12 @@ def test_cli_kv_dtype_int8_stats_json(model_dir):
     assert bad.exit_code == 2 and "multiple of 32, got 8" in bad.output
     bad = runner.invoke(app, [*args, "--kv-dtype", "q3"])
     assert bad.exit_code == 2 and "unknown KV cache kind" in bad.output
+
+
+def test_info_lists_kv_bytes_per_token_for_each_kind(model_dir):
+    data = json.loads(CliRunner().invoke(app, ["info", str(model_dir), "--json"]).stdout)
+    kinds = data["kv_kinds"]
+    assert "int4" not in kinds  # head_dim 8 cannot hold a group of 32
+    layers_heads = data["config"]["n_layer"] * data["config"]["n_kv_head"]
+    assert kinds["int8"]["per_token"] == 2 * layers_heads * (8 + 4)
+    assert kinds["fp32"]["per_token"] == data["kv_bytes_per_token"]["float32"]

@@ -387,6 +387,8 @@ def info_command(
                        ("weights", "weight_bytes")):  # fmt: skip
         v = info[key]
         table.add_row(label, f"{human_bytes(v['float32'])} fp32, {human_bytes(v['bfloat16'])} bf16")
+    kinds = info["kv_kinds"]
+    table.add_row("KV / token by kind", ", ".join(f"{human_bytes(b['per_token'])} {k}" for k, b in kinds.items()))
     out_console().print(table)
 
 
