@@ -78,7 +78,10 @@ def _kv_kind_columns(rows: Sequence[dict[str, Any]]) -> list[tuple[str, Any]]:
     """KV kind, KL (nats, mean over steps) and top-1 agreement vs the full-precision cache, when measured."""
     if not any(r.get("kv_dtype") for r in rows):
         return []
-    kind = lambda r: r.get("kv_dtype") or ("—" if not r["kv_cache"] else "plain")  # noqa: E731
+
+    def kind(r: dict[str, Any]) -> str:
+        return r.get("kv_dtype") or ("—" if not r["kv_cache"] else "plain")
+
     return [("KV kind", kind), ("KL", lambda r: _num(r.get("kv_kl_mean"), ".2e")),
             ("top-1", lambda r: _num(r.get("kv_top1_agreement"), ".3f"))]  # fmt: skip
 

@@ -61,7 +61,9 @@ def bytes_per_head_token(kind: str, head_dim: int) -> int:
 class KVSide:
     """One layer's K or V, (B, n_kv_head, max_tokens, head_dim) logically, in its stored form."""
 
-    def __init__(self, kind: str, shape: tuple[int, int, int, int], compute: torch.dtype, device) -> None:
+    def __init__(
+        self, kind: str, shape: tuple[int, int, int, int], compute: torch.dtype, device: torch.device | str
+    ) -> None:
         self.kind, self.compute = kind, compute
         B, H, T, D = shape
         # zeros, not empty: the memory is really committed, so measured RSS matches `nbytes`.
