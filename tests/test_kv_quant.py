@@ -144,6 +144,9 @@ def test_cli_kv_dtype_int8_stats_json(model_dir):
     assert bad.exit_code == 2 and "multiple of 32, got 8" in bad.output
     bad = runner.invoke(app, [*args, "--kv-dtype", "q3"])
     assert bad.exit_code == 2 and "unknown KV cache kind" in bad.output
+    for extra in (["--kv-dtype", "int8", "--no-kv-cache"], ["--kv-dtype", "int8", "--kv-dtype-v", "fp32"]):
+        bad = runner.invoke(app, [*args, *extra])
+        assert bad.exit_code == 2 and "--kv-dtype" in bad.output
 
 
 def test_info_lists_kv_bytes_per_token_for_each_kind(model_dir):

@@ -219,6 +219,8 @@ def generate_command(
     if system is not None and chat is None:
         raise UsageError("--system goes with --chat")
     kv_kinds = _kv_kinds(kv_dtype, kv_dtype_k, kv_dtype_v)
+    if kv_kinds is not None and not kv_cache:
+        raise UsageError("--kv-dtype sets how the KV cache stores K and V; drop --no-kv-cache or --kv-dtype")
     if not -(2**63) <= seed < 2**64:  # what torch.Generator.manual_seed accepts
         raise UsageError(f"--seed must fit in 64 bits (-2**63 to 2**64 - 1), got {seed}")
 
