@@ -175,6 +175,20 @@ def test_context_full_cuts_the_reply_then_refuses_the_next_turn(loaded):
     assert session.say("Hi", 3, GREEDY).prompt_tokens < 40
 
 
+def test_a_conversation_runs_on_an_int8_cache_and_keeps_its_prefix(loaded):
+    session = _session(loaded, kv_kinds=("int8", "int8"))
+    session.say("Hello there, fox!", 6, GREEDY)
+    second = session.say("And 12345?", 6, GREEDY)
+    assert second.reused_tokens > 0 and session.cache.k_kind == "int8" and session.cache.pos == len(session.ids)
+    fresh = KVCache(loaded.model.config, 1, len(session.ids))
+    prefill(loaded.model, torch.tensor([session.ids]), fresh)
+    for side, ref in ((session.cache.k_sides[0], fresh.k[0]), (session.cache.v_sides[0], fresh.v[0])):
+        # Layer 0's k/v do not depend on the cache: int8 keeps each within half a step (amax / 254) of its
+        # token's head. Deeper layers read rounded k/v, so their inputs drift too.
+        bound = ref.abs().amax(-1, keepdim=True) / 254 + 1e-5
+        assert ((side.read(fresh.pos) - ref).abs() <= bound).all()
+
+
 def test_kv_cache_truncate_keeps_a_prefix():
     from conftest import tiny_config
 

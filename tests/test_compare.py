@@ -316,3 +316,26 @@ def test_cli_ctrl_c_prints_the_rows_measured(monkeypatch):
     assert result.exit_code == 130
     assert "interrupted: showing the 1 of 2" in result.stderr
     assert len(json.loads(result.stdout)["rows"]) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# KV cache kinds
+
+
+def test_kv_dtype_axis_applies_to_cache_on_rows_and_refuses_int4_on_head_dim_8():
+    specs = grid(kv_dtype=["fp32", "k8v8"])
+    assert [(s.kv_cache, s.kv_dtype) for s in specs] == [(False, ""), (True, "fp32"), (True, "k8v8")]
+    with pytest.raises(UsageError, match="multiple of 32, got 8"):
+        grid(kv_dtype=["int4"])
+    with pytest.raises(UsageError, match="unknown KV cache kind"):
+        grid(kv_dtype=["q5"])
+
+
+def test_kv_dtype_rows_report_accuracy_against_the_full_precision_cache():
+    from gen_cli.lab.worker import measure
+
+    rows = [measure(s) for s in grid(kv_dtype=["fp32", "int8"], kv_cache=["on"])]
+    full, int8 = rows
+    assert full["kv_kl_mean"] == full["kv_kl_max"] == 0 and full["kv_top1_agreement"] == 1
+    assert 0 < int8["kv_kl_mean"] <= int8["kv_kl_max"] and int8["kv_tokens_before_divergence"] <= 6
+    assert int8["kv_cache_bytes_analytic"] == int8["kv_cache_bytes_measured"] < full["kv_cache_bytes_measured"]

@@ -107,6 +107,13 @@ def compare_command(
         "else bf16) (comma list). \\[default: float32]",
         show_default=False,
     ),
+    kv_dtype: list[str] = typer.Option(
+        None,
+        "--kv-dtype",
+        help="KV cache kinds for cache-on rows: fp32, bf16, fp16, int8, int4 or K/V pairs like k8v4 (comma "
+        "list); adds KL divergence and top-1 agreement against the full-precision cache. \\[default: the dtype]",
+        show_default=False,
+    ),
     device: Device = "auto",
     threads: int = typer.Option(
         None, "--threads", help="CPU threads per run \\[default: torch's default].", show_default=False
@@ -226,6 +233,7 @@ def compare_command(
         threads=threads,
         repeats=repeats,
         warmup=warmup,
+        kv_dtype=compare.split_values(kv_dtype, []),
     )
     _check_grid_memory(specs, dev)
     _confirm_large_grid(specs, yes)
@@ -295,6 +303,7 @@ def _run(specs: list[Any], in_process: bool) -> tuple[list[dict[str, Any]], bool
 
     def label(s: Any) -> str:
         cache = "on" if s.kv_cache else "off"
+        cache += f" {s.kv_dtype}" if s.kv_dtype else ""
         return (f"{s.attention} {s.shape['n_kv_head']}kv {s.shape['pos_encoding']} cache {cache} {s.dtype} "
                 f"p{s.prompt_len} g{s.gen_len} b{s.batch}")  # fmt: skip
 

@@ -55,6 +55,23 @@ def _check_options(
         raise UsageError(f"--num-samples must be at least 1, got {num_samples}")
 
 
+def _kv_kinds(both: str | None, k: str | None, v: str | None) -> tuple[str | None, str | None] | None:
+    """(K, V) cache kinds from --kv-dtype and --kv-dtype-k/-v (None: the compute dtype, unquantized)."""
+    from gen_cli.model.kv_quant import KV_KINDS, parse_kv_kinds
+
+    if both is None and k is None and v is None:
+        return None
+    if both is not None and (k is not None or v is not None):
+        raise UsageError("give --kv-dtype for both, or --kv-dtype-k/--kv-dtype-v, not both forms")
+    for flag, kind in (("--kv-dtype-k", k), ("--kv-dtype-v", v)):
+        if kind is not None and kind not in KV_KINDS:
+            raise UsageError(f"unknown {flag} {kind!r}; choose {', '.join(KV_KINDS)}")
+    try:
+        return parse_kv_kinds(both) if both is not None else (k, v)
+    except UsageError as e:
+        raise UsageError(f"--kv-dtype: {e}") from None
+
+
 def _longest_token(tok: Any) -> int:
     """Bytes the longest token stands for (byte-level pieces are one character per byte), at least 4."""
     return max(4, *(len(piece.encode("utf-8")) for piece in tok.get_vocab()))
@@ -87,6 +104,8 @@ def _print_stats(stats: dict[str, Any], source: str, path_note: str = "") -> Non
         f"peak memory      {stats['peak_memory_bytes']:,} B ({stats['memory_method']})",
         f"device           {stats['device']}   dtype {stats['dtype']}   threads {stats['threads']}   "
         f"decode path {stats['decode_path']}{path_note}",
+        f"KV kinds         K {stats['kv_dtype_k'] or '-'}   V {stats['kv_dtype_v'] or '-'}"
+        + (f"   (PyTorch decodes: {escape(stats['decode_path_reason'])})" if stats.get("decode_path_reason") else ""),
     ]
     if load := stats.get("machine_load"):
         from gen_cli.runtime import MachineLoad
@@ -160,6 +179,14 @@ def generate_command(
         "--quantize int8 without the native step).",
         show_default=False,
     ),
+    kv_dtype: str = typer.Option(
+        None,
+        "--kv-dtype",
+        help="KV cache kind for K and V: fp32, bf16, fp16, int8, int4 (default: --dtype).",
+        show_default=False,
+    ),
+    kv_dtype_k: str = typer.Option(None, "--kv-dtype-k", help="KV cache kind for K only.", show_default=False),
+    kv_dtype_v: str = typer.Option(None, "--kv-dtype-v", help="KV cache kind for V only.", show_default=False),
     quantize: str = typer.Option("none", "--quantize", help="none, or int8: weight-only, per-output-channel scales."),
     compile_: bool = typer.Option(
         False, "--compile", help="torch.compile the model (slow start: tens of seconds; see gen bench decode)."
@@ -191,6 +218,9 @@ def generate_command(
         raise UsageError("give either PROMPT (text to continue) or --chat MESSAGE (a message to reply to)")
     if system is not None and chat is None:
         raise UsageError("--system goes with --chat")
+    kv_kinds = _kv_kinds(kv_dtype, kv_dtype_k, kv_dtype_v)
+    if kv_kinds is not None and not kv_cache:
+        raise UsageError("--kv-dtype sets how the KV cache stores K and V; drop --no-kv-cache or --kv-dtype")
     if not -(2**63) <= seed < 2**64:  # what torch.Generator.manual_seed accepts
         raise UsageError(f"--seed must fit in 64 bits (-2**63 to 2**64 - 1), got {seed}")
 
@@ -272,7 +302,7 @@ def generate_command(
             compile_s = compile_warm_up(model, prompt_ids, max_new_tokens, sampling, num_samples)
     generator = torch.Generator(device=device).manual_seed(seed)
     result = run_generation(
-        model, prompt_ids, max_new_tokens, sampling, kv_cache, generator, stop_ids, num_samples, on_token
+        model, prompt_ids, max_new_tokens, sampling, kv_cache, generator, stop_ids, num_samples, on_token, kv_kinds
     )
     texts = [r.text for r in rows]
     stats = result.stats.to_dict() | {"load_s": load_s, "load_peak_memory_bytes": load_mem.bytes}
@@ -359,6 +389,8 @@ def info_command(
                        ("weights", "weight_bytes")):  # fmt: skip
         v = info[key]
         table.add_row(label, f"{human_bytes(v['float32'])} fp32, {human_bytes(v['bfloat16'])} bf16")
+    kinds = info["kv_kinds"]
+    table.add_row("KV / token by kind", ", ".join(f"{human_bytes(b['per_token'])} {k}" for k, b in kinds.items()))
     out_console().print(table)
 
 

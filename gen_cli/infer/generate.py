@@ -82,8 +82,15 @@ def model_dtype(model: Transformer) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
-def new_cache(model: Transformer, prompt_ids: torch.Tensor, max_new_tokens: int, num_samples: int = 1) -> KVCache:
-    """A cache exactly large enough for this generation: prompt + new tokens, B × num_samples rows.
+def new_cache(
+    model: Transformer,
+    prompt_ids: torch.Tensor,
+    max_new_tokens: int,
+    num_samples: int = 1,
+    kv_kinds: tuple[str | None, str | None] | None = None,
+) -> KVCache:
+    """A cache exactly large enough for this generation: prompt + new tokens, B × num_samples rows;
+    `kv_kinds` (K, V) stores them quantized (int8, int4) or narrower (bf16, fp16).
 
     Checks the lengths and the memory first, so nothing is allocated for a generation that cannot run.
     """
@@ -91,7 +98,8 @@ def new_cache(model: Transformer, prompt_ids: torch.Tensor, max_new_tokens: int,
     batch = prompt_ids.shape[0] * num_samples
     tokens = prompt_ids.shape[1] + max_new_tokens
     check_memory(model, batch, tokens, prompt_ids.device)
-    return KVCache(model.config, batch, tokens, model_dtype(model), prompt_ids.device)
+    k_kind, v_kind = kv_kinds or (None, None)
+    return KVCache(model.config, batch, tokens, model_dtype(model), prompt_ids.device, k_kind, v_kind)
 
 
 def generate(
@@ -272,6 +280,9 @@ class GenerationStats:
     threads: int
     batch: int
     decode_path: str  # "native" (gen's C step) or "torch"
+    kv_dtype_k: str = ""  # how the cache stores K and V ("" without a cache)
+    kv_dtype_v: str = ""
+    decode_path_reason: str = ""  # why the native step did not decode, when one was attached
     machine_load: dict[str, Any] = field(default_factory=dict)  # MachineLoad.to_dict() over the run
     per_token_latencies: list[float] = field(default_factory=list)
 
@@ -301,6 +312,7 @@ def run_generation(
     stop_token_id: StopIds = None,
     num_samples: int = 1,
     on_token: Callable[[torch.Tensor], bool] | None = None,
+    kv_kinds: tuple[str | None, str | None] | None = None,
 ) -> GenerationResult:
     """Run `generate` under the clock and a peak-memory probe; `on_token(ids)` returning True stops early.
 
@@ -319,7 +331,7 @@ def run_generation(
     with PeakMemory(device) as mem, LoadProbe() as probe:
         start = perf_counter()
         if use_cache:
-            cache = new_cache(model, prompt_ids, max_new_tokens, num_samples)
+            cache = new_cache(model, prompt_ids, max_new_tokens, num_samples, kv_kinds)
         else:  # no cache, but activations of the same order for every row
             check_memory(model, batch, T + max_new_tokens, device)
         tokens = generate(model, prompt_ids, max_new_tokens, sampling, cache, generator, stop_token_id, num_samples)
@@ -351,7 +363,9 @@ def run_generation(
         ms_per_token=1000 * decode_time / n_decode if n_decode > 0 else None,
         kv_cache_bytes=cache.nbytes if cache is not None else 0,
         kv_cache_bytes_analytic=(
-            KVCache.analytic_bytes(model.config, cache.max_tokens, batch, bpe) if cache is not None else 0
+            KVCache.analytic_bytes(model.config, cache.max_tokens, batch, bpe, cache.k_kind, cache.v_kind)
+            if cache is not None
+            else 0
         ),
         peak_memory_bytes=mem.bytes,
         memory_method=mem.method,
@@ -360,6 +374,13 @@ def run_generation(
         threads=torch.get_num_threads(),
         batch=batch,
         decode_path="native" if native is not None and cache is not None and native.accepts(batch, cache) else "torch",
+        decode_path_reason=(
+            f"the native step reads only {dtype_name(dtype)} K/V; this cache stores K {cache.k_kind}, V {cache.v_kind}"
+            if native is not None and cache is not None and not cache.plain
+            else ""
+        ),
+        kv_dtype_k=cache.k_kind if cache is not None else "",
+        kv_dtype_v=cache.v_kind if cache is not None else "",
         machine_load=probe.measure().to_dict(),
         per_token_latencies=latencies[1:],
     )

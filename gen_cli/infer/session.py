@@ -88,6 +88,7 @@ class ChatSession:
         system: str | None = None,
         context_tokens: int | None = None,
         source: str = "chat template",
+        kv_kinds: tuple[str | None, str | None] = (None, None),
     ) -> None:
         config = model.config
         capacity = config.context_length if context_tokens is None else context_tokens
@@ -102,7 +103,7 @@ class ChatSession:
         self.system = system
         device = model.tok_emb.weight.device
         _check_cache_fits(model, capacity, device)
-        self.cache = KVCache(config, 1, capacity, model_dtype(model), device)
+        self.cache = KVCache(config, 1, capacity, model_dtype(model), device, *kv_kinds)
         self.ids: list[int] = []  # the ids whose k/v the cache holds: len(self.ids) == cache.pos
         self.messages: list[dict[str, str]] = []
         self.turns: list[Turn] = []
@@ -192,7 +193,8 @@ class ChatSession:
         prompt, reused = self._last_prompt, self.turns[-1].reused_tokens
         device = self.cache.device
         _check_cache_fits(self.model, len(prompt), device)
-        scratch = KVCache(self.model.config, 1, len(prompt), self.cache.dtype, device)
+        c = self.cache
+        scratch = KVCache(self.model.config, 1, len(prompt), c.dtype, device, c.k_kind, c.v_kind)
         x = torch.tensor([prompt], dtype=torch.long, device=device)  # (1, T)
 
         def timed(start_at: int) -> float:

@@ -74,6 +74,7 @@ def expand_grid(
     threads: int | None = None,
     repeats: int = 3,
     warmup: int = 1,
+    kv_dtype: list[str] | None = None,
 ) -> list[Spec]:
     """Validate the axes and return the grid, MHA first (added when not listed): the first row is the baseline.
 
@@ -91,6 +92,12 @@ def expand_grid(
     if kv_heads and "gqa" not in attention:
         raise UsageError("kv_heads sets the KV heads of GQA; add attention gqa", params=("kv_heads", "attention"))
     dtypes = list(dict.fromkeys(CANONICAL_DTYPE.get(d, d) for d in dtype))
+    from gen_cli.model.kv_quant import check_kind, parse_kv_kinds  # torch: not at CLI import time
+
+    kv_kinds = kv_dtype or [""]  # "": the cache in the compute dtype, as gen generate without --kv-dtype
+    for spec in kv_kinds:
+        for kind in parse_kv_kinds(spec) if spec else ():
+            check_kind(shape, kind)
     # The baseline every speed-up is measured against: MHA, added when the user listed only others.
     kinds = ["mha", *[a for a in attention if a != "mha"]]
     heads: list[tuple[str, int]] = []
@@ -119,10 +126,12 @@ def expand_grid(
                         variant = shape.replace(n_kv_head=n_kv, pos_encoding=pe)  # validates (e.g. RoPE parity)
                         for dt in dtypes:
                             for cache in kv_cache:
-                                specs.append(
-                                    Spec(variant.to_dict(), kind, cache == "on", p, g, b, dt, device, threads,
-                                         repeats, warmup)
-                                )  # fmt: skip
+                                # A cache kind means nothing without a cache: one cache-off row per variant.
+                                for kvd in kv_kinds if cache == "on" else [""]:
+                                    specs.append(
+                                        Spec(variant.to_dict(), kind, cache == "on", p, g, b, dt, device, threads,
+                                             repeats, warmup, kvd)
+                                    )  # fmt: skip
     return specs
 
 
@@ -179,14 +188,15 @@ def run_grid(
 
 def _variant_key(row: dict[str, Any]) -> tuple:
     return (row["attention"], row["kv_heads"], row["pos"], row["dtype"], row["prompt_len"], row["gen_len"],
-            row["batch"])  # fmt: skip
+            row["batch"], row.get("kv_dtype", ""))  # fmt: skip
 
 
 def add_speedups(rows: list[dict[str, Any]]) -> None:
     """speedup: decode rate over the baseline (first row of the same workload, MHA, first listed settings);
     speedup_vs_no_cache: a cache-on row over the same variant with the cache off, when measured."""
     baselines: dict[tuple, dict[str, Any]] = {}
-    off = {_variant_key(r): r for r in rows if not r["kv_cache"]}
+    # A cache-off row is the twin of every cache kind of its variant.
+    off = {_variant_key(r)[:-1]: r for r in rows if not r["kv_cache"]}
     for row in rows:
         work = (row["prompt_len"], row["gen_len"], row["batch"])
         base = baselines.setdefault(work, row)
@@ -195,7 +205,7 @@ def add_speedups(rows: list[dict[str, Any]]) -> None:
         if base["decode_tokens_per_s"] and row["decode_tokens_per_s"]:
             row["speedup"] = row["decode_tokens_per_s"] / base["decode_tokens_per_s"]
             row["speedup_note"] = None if base is row else _verdict(row, base)
-        twin = off.get(_variant_key(row))
+        twin = off.get(_variant_key(row)[:-1])
         if row["kv_cache"] and twin and twin["decode_tokens_per_s"] and row["decode_tokens_per_s"]:
             row["speedup_vs_no_cache"] = row["decode_tokens_per_s"] / twin["decode_tokens_per_s"]
             row["speedup_vs_no_cache_note"] = _verdict(row, twin)

@@ -75,6 +75,18 @@ def _spread(r: dict[str, Any]) -> str:
     return f"{_num(r['decode_tokens_per_s_min'], ',.0f')}–{_num(r['decode_tokens_per_s_max'], ',.0f')}"
 
 
+def _kv_kind_columns(rows: Sequence[dict[str, Any]]) -> list[tuple[str, Any]]:
+    """KV kind, KL (nats, mean over steps) and top-1 agreement vs the full-precision cache, when measured."""
+    if not any(r.get("kv_dtype") for r in rows):
+        return []
+
+    def kind(r: dict[str, Any]) -> str:
+        return r.get("kv_dtype") or ("—" if not r["kv_cache"] else "plain")
+
+    return [("KV kind", kind), ("KL", lambda r: _num(r.get("kv_kl_mean"), ".2e")),
+            ("top-1", lambda r: _num(r.get("kv_top1_agreement"), ".3f"))]  # fmt: skip
+
+
 def _varying(rows: Sequence[dict[str, Any]], key: str) -> bool:
     return len({r[key] for r in rows}) > 1
 
@@ -94,6 +106,7 @@ def columns(rows: Sequence[dict[str, Any]]) -> list[tuple[str, Any]]:
         ("spread", _spread),
         ("ms/token", lambda r: _num(r["ms_per_token"], ".3f")),
         ("KV cache bytes", _kv),
+        *_kv_kind_columns(rows),
         ("peak mem", lambda r: human_bytes(r["peak_memory_bytes"])),
         ("speed-up", _speedup),
         ("greedy vs fp32 oracle", _correct),
@@ -174,7 +187,8 @@ def narrow_columns(rows: Sequence[dict[str, Any]]) -> tuple[list[tuple[str, Any]
     cols += [("tok/s", lambda r: _num(r["decode_tokens_per_s"], ",.0f")), ("±", _pm), ("×base", _short_speedup)]
     if any(r.get("speedup_vs_no_cache") for r in rows):
         cols.append(("×off", _vs_off))
-    cols += [("KV", lambda r: _kv(r) if r["kv_cache"] else "—"), ("oracle", lambda r: _correct(r).split(",")[0])]
+    cols += [("KV", lambda r: _kv(r) if r["kv_cache"] else "—"), *_kv_kind_columns(rows),
+             ("oracle", lambda r: _correct(r).split(",")[0])]  # fmt: skip
     if any(r.get("val_loss") is not None for r in rows):
         cols.append(("bits/byte", lambda r: _num(r.get("bits_per_byte"), ".3f")))
     if any(r.get("eval_context") for r in rows):

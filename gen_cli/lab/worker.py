@@ -36,6 +36,7 @@ class Spec:
     threads: int | None = None
     repeats: int = 3
     warmup: int = 1
+    kv_dtype: str = ""  # a KV cache kind spec (int8, int4, k8v4 …); "" stores the compute dtype
 
     @property
     def config(self) -> ModelConfig:
@@ -50,7 +51,9 @@ def _median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
-def check_against_oracle(model: Any, oracle: Any, prompt: Any, gen_len: int, use_cache: bool) -> tuple[bool, float]:
+def check_against_oracle(
+    model: Any, oracle: Any, prompt: Any, gen_len: int, use_cache: bool, kv_kinds: Any = None
+) -> tuple[bool, float]:
     """Greedy agreement with the no-cache `oracle` over every step, and the max |logit diff| while rows agree.
 
     Both run free, in lockstep, so only one step's logits are held (a long run's logits would not fit).
@@ -62,7 +65,8 @@ def check_against_oracle(model: Any, oracle: Any, prompt: Any, gen_len: int, use
 
     agreed = torch.ones(prompt.shape[0], dtype=torch.bool, device=prompt.device)  # (B,)
     max_diff = 0.0
-    cand = greedy_steps(model, prompt, gen_len, new_cache(model, prompt, gen_len) if use_cache else None)
+    cache = new_cache(model, prompt, gen_len, kv_kinds=kv_kinds) if use_cache else None
+    cand = greedy_steps(model, prompt, gen_len, cache)
     ref = greedy_steps(oracle, prompt, gen_len, None)
     for (logits, token), (ref_logits, ref_token) in zip(cand, ref, strict=True):
         if agreed.any():
@@ -79,6 +83,8 @@ def measure(spec: Spec) -> dict[str, Any]:
     from gen_cli.infer.generate import run_generation
     from gen_cli.infer.optimize import compute_dtype, optimize_for_decode
     from gen_cli.infer.sampling import SamplingConfig
+    from gen_cli.model.kv_cache import kv_bytes_per_token
+    from gen_cli.model.kv_quant import parse_kv_kinds
     from gen_cli.model.transformer import random_model
     from gen_cli.runtime import LoadProbe, resolve_device, resolve_dtype, set_threads
 
@@ -97,9 +103,10 @@ def measure(spec: Spec) -> dict[str, Any]:
     # The same inference path `gen generate` runs: fused and prepacked (or int8) weights.
     model = optimize_for_decode(model.to(dtype), quantize=quantize)
     greedy = SamplingConfig(temperature=0.0)
+    kv_kinds = parse_kv_kinds(spec.kv_dtype) if spec.kv_dtype and spec.kv_cache else None
     with LoadProbe() as probe:  # over the timed runs (and warm-up): what other processes took meanwhile
         every = [
-            run_generation(model, prompt, spec.gen_len, greedy, use_cache=spec.kv_cache).stats
+            run_generation(model, prompt, spec.gen_len, greedy, use_cache=spec.kv_cache, kv_kinds=kv_kinds).stats
             for _ in range(spec.warmup + spec.repeats)
         ]
     runs = every[spec.warmup :]  # the timed ones
@@ -110,7 +117,8 @@ def measure(spec: Spec) -> dict[str, Any]:
     greedy_match, max_diff, has_oracle = None, None, spec.kv_cache or spec.dtype != "float32"
     if has_oracle:
         oracle = random_model(config).to(device)  # the same fp32 weights the variant was built from, unoptimised
-        greedy_match, max_diff = check_against_oracle(model, oracle, prompt, spec.gen_len, spec.kv_cache)
+        greedy_match, max_diff = check_against_oracle(model, oracle, prompt, spec.gen_len, spec.kv_cache, kv_kinds)
+    accuracy = _kv_accuracy(model, prompt, spec.gen_len, kv_kinds)
     rates = [s.decode_tokens_per_s for s in runs if s.decode_tokens_per_s is not None]
     last = runs[-1]
     bpe = torch.empty((), dtype=dtype).element_size()
@@ -134,7 +142,11 @@ def measure(spec: Spec) -> dict[str, Any]:
         "ttft_s": _median([s.ttft_s for s in runs]),
         "prefill_tokens_per_s": _median([s.prefill_tokens_per_s for s in runs]),
         "ms_per_token": _median([s.ms_per_token for s in runs if s.ms_per_token is not None]),
-        "kv_bytes_per_token": config.kv_bytes_per_token(bpe),
+        "kv_dtype": spec.kv_dtype,
+        "kv_dtype_k": last.kv_dtype_k,
+        "kv_dtype_v": last.kv_dtype_v,
+        **accuracy,
+        "kv_bytes_per_token": kv_bytes_per_token(config, *(kv_kinds or (None, None)), bpe),
         "kv_cache_bytes_analytic": last.kv_cache_bytes_analytic,
         "kv_cache_bytes_measured": last.kv_cache_bytes,
         "peak_memory_bytes": peak.peak_memory_bytes,
@@ -155,6 +167,17 @@ def measure(spec: Spec) -> dict[str, Any]:
             "per_token_latencies_s": list(last.per_token_latencies),
         },
     }
+
+
+def _kv_accuracy(model: Any, prompt: Any, gen_len: int, kv_kinds: Any) -> dict[str, Any]:
+    """The kind's cost against the compute-dtype cache of the same model and tokens (None without a kind)."""
+    from gen_cli.infer.kv_accuracy import kv_accuracy
+
+    keys = ("kl_mean", "kl_max", "top1_agreement", "tokens_before_divergence")
+    if kv_kinds is None:
+        return {f"kv_{k}": None for k in keys}
+    acc = kv_accuracy(model, prompt, gen_len, kv_kinds).to_dict()
+    return {f"kv_{k}": acc[k] for k in keys}
 
 
 def _worker() -> int:

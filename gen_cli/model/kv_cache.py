@@ -6,13 +6,15 @@ import torch
 
 from gen_cli.errors import InternalError, UsageError
 from gen_cli.model.config import ModelConfig
+from gen_cli.model.kv_quant import KVSide, bytes_per_head_token, check_kind, kind_of
 
 
 class KVCache:
     """Per-layer k/v tensors of shape (B, n_kv_head, max_tokens, head_dim), filled left to right.
 
     The caller owns the cache (design rule 3): the model writes each layer's k/v at `pos` and the
-    cache advances once per forward pass, after every layer has written.
+    cache advances once per forward pass, after every layer has written. `k_kind`/`v_kind` choose how
+    each is stored (fp32/bf16/fp16, int8, int4; default: `dtype` itself); reads come back in `dtype`.
     """
 
     def __init__(
@@ -22,6 +24,8 @@ class KVCache:
         max_tokens: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        k_kind: str | None = None,
+        v_kind: str | None = None,
     ) -> None:
         if batch_size < 1 or max_tokens < 1:
             raise UsageError(f"a KV cache needs batch_size and max_tokens ≥ 1, got {batch_size}, {max_tokens}")
@@ -31,17 +35,36 @@ class KVCache:
         # Sized by n_kv_head, never n_head: GQA/MQA share each KV head among n_head/n_kv_head queries.
         shape = (batch_size, config.n_kv_head, max_tokens, config.head_dim)  # (B, n_kv_head, T_max, head_dim)
         # zeros, not empty: the memory is really committed, so measured RSS matches `nbytes`.
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
+        self.k_kind, self.v_kind = k_kind or kind_of(dtype), v_kind or kind_of(dtype)
+        check_kind(config, self.k_kind)
+        check_kind(config, self.v_kind)
+        self._dtype = dtype
+        self.k_sides = [KVSide(self.k_kind, shape, dtype, device) for _ in range(config.n_layer)]
+        self.v_sides = [KVSide(self.v_kind, shape, dtype, device) for _ in range(config.n_layer)]
         self.pos = 0
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.k[0].dtype
+        """The dtype attention reads (the stored form may be narrower: see `plain`)."""
+        return self._dtype
+
+    @property
+    def plain(self) -> bool:
+        """Whether K and V are stored unquantized in `dtype`, so `k`/`v` hold the values themselves."""
+        return self.k_kind == self.v_kind == kind_of(self._dtype)
+
+    @property
+    def k(self) -> list[torch.Tensor]:
+        """Per-layer stored K tensors (the values only when `plain`)."""
+        return [s.data for s in self.k_sides]
+
+    @property
+    def v(self) -> list[torch.Tensor]:
+        return [s.data for s in self.v_sides]
 
     @property
     def device(self) -> torch.device:
-        return self.k[0].device
+        return self.k_sides[0].data.device
 
     def update(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write (B, n_kv_head, T, head_dim) at [pos:pos+T] in place; return views of [0:pos+T]."""
@@ -53,10 +76,11 @@ class KVCache:
                 f"KV cache is full: writing {t} token(s) at position {self.pos} would pass its "
                 f"{self.max_tokens}-token capacity"
             )
-        k, v = self.k[layer], self.v[layer]
-        k[:, :, self.pos : end] = k_new
-        v[:, :, self.pos : end] = v_new
-        return k[:, :, :end], v[:, :, :end]  # (B, n_kv_head, pos+T, head_dim) views, no copy
+        k, v = self.k_sides[layer], self.v_sides[layer]
+        k.write(self.pos, k_new)
+        v.write(self.pos, v_new)
+        # (B, n_kv_head, pos+T, head_dim): views, no copy, when plain; else dequantized copies
+        return k.read(end), v.read(end)
 
     def advance(self, t: int) -> None:
         """Move the write position past `t` tokens (once per forward pass, after all layers)."""
@@ -79,23 +103,41 @@ class KVCache:
         """A batch-1 cache sharing row 0's storage: prefill one prompt there, then `replicate_first_row`."""
         view = KVCache.__new__(KVCache)
         view.config, view.batch_size, view.max_tokens = self.config, 1, self.max_tokens
-        view.k = [t[:1] for t in self.k]  # (1, n_kv_head, T_max, head_dim) views of the same memory
-        view.v = [t[:1] for t in self.v]
+        view.k_kind, view.v_kind, view._dtype = self.k_kind, self.v_kind, self._dtype
+        view.k_sides = [s.first_row() for s in self.k_sides]  # row 0 views of the same memory
+        view.v_sides = [s.first_row() for s in self.v_sides]
         view.pos = self.pos
         return view
 
     def replicate_first_row(self, pos: int) -> None:
         """Copy row 0's first `pos` tokens to every row and set the position: one prefill, B samples."""
-        for t in (*self.k, *self.v):
-            t[1:, :, :pos] = t[:1, :, :pos]  # broadcast (1, ...) over the other B-1 rows
+        for side in (*self.k_sides, *self.v_sides):
+            side.replicate_first_row(pos)
         self.pos = pos
 
     @property
     def nbytes(self) -> int:
-        """Bytes the cache tensors actually hold."""
-        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
+        """Bytes the cache tensors actually hold, scales and zero points included."""
+        return sum(s.nbytes for s in (*self.k_sides, *self.v_sides))
 
     @staticmethod
-    def analytic_bytes(config: ModelConfig, tokens: int, batch: int, bytes_per_element: int) -> int:
-        """2 × n_layer × n_kv_head × head_dim × tokens × batch × bytes_per_element."""
-        return config.kv_bytes_per_token(bytes_per_element) * tokens * batch
+    def analytic_bytes(
+        config: ModelConfig,
+        tokens: int,
+        batch: int,
+        bytes_per_element: int,
+        k_kind: str | None = None,
+        v_kind: str | None = None,
+    ) -> int:
+        """2 × n_layer × n_kv_head × head_dim × tokens × batch × bytes_per_element for plain caches;
+        with kinds, n_layer × n_kv_head × tokens × batch × (K's + V's bytes per head per token)."""
+        if k_kind is None and v_kind is None:
+            return config.kv_bytes_per_token(bytes_per_element) * tokens * batch
+        return kv_bytes_per_token(config, k_kind, v_kind, bytes_per_element) * tokens * batch
+
+
+def kv_bytes_per_token(config: ModelConfig, k_kind: str | None, v_kind: str | None, bytes_per_element: int) -> int:
+    """KV bytes one token of one sequence costs with these kinds (None: unquantized at bytes_per_element)."""
+    plain = config.head_dim * bytes_per_element
+    per_head = sum(plain if k is None else bytes_per_head_token(k, config.head_dim) for k in (k_kind, v_kind))
+    return config.n_layer * config.n_kv_head * per_head

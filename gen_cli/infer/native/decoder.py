@@ -172,7 +172,7 @@ class NativeDecoder:
 
     def accepts(self, batch: int, cache: KVCache) -> bool:
         """Whether a step of `batch` rows into `cache` runs here (else PyTorch runs it)."""
-        return batch <= MAX_BATCH and cache.dtype == self.dtype and cache.device.type == "cpu"
+        return batch <= MAX_BATCH and cache.plain and cache.dtype == self.dtype and cache.device.type == "cpu"
 
     def _bind(self, cache: KVCache, batch: int) -> None:
         """Point the structs at this cache and size the scratch for `batch` rows (only when they change)."""
