@@ -88,9 +88,9 @@ def _root(
 
 
 def _register_commands() -> None:
-    from gen_cli.commands import attention, bench, chat, compare, convert, demo, export, generate, text, train
+    from gen_cli.commands import attention, bench, chat, compare, convert, demo, export, generate, info, text, train
 
-    for module in (text, generate, chat, train, compare, convert, export, demo, bench, attention):
+    for module in (text, generate, info, chat, train, compare, convert, export, demo, bench, attention):
         module.register(app)
 
 
