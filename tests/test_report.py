@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from gen_cli.lab import report
+from gen_cli.lab import charts, compare_charts, report
 
 
 def row(attention="mha", kv_heads=4, kv_cache=True, rate=100.0, lat=None, **extra):
@@ -90,25 +90,25 @@ def test_differing_greedy_is_flagged(result):
 
 
 def test_kv_series_scales_with_kv_heads(result):
-    series = {name: ys for name, _, ys in report.kv_series(result)}
+    series = {name: ys for name, _, ys in compare_charts.kv_series(result)}
     mha, mqa = series["mha (4 KV heads)"], series["mqa (1 KV heads)"]
     assert mha[-1] == 4 * mqa[-1] == 128 * 4 * 64
 
 
 def test_latency_series_positions(result):
-    series = report.latency_series(result["rows"])
+    series = compare_charts.latency_series(result["rows"])
     assert [s[0] for s in series] == ["mha 4/4 cache off", "mha 4/4 cache on"]  # the baseline's on/off pair
     assert series[0][1][0] == 5.0  # first decode step: prompt 4 + 1 tokens in the sequence
     assert series[0][2][-1] == pytest.approx(5.0)  # ms; median of the last window (3 … 7 ms)
 
 
 def test_rolling_median_removes_spikes():
-    assert report.rolling_median([1, 1, 50, 1, 1], window=3) == [1, 1, 1, 1, 1]
-    assert report.rolling_median([1, 2, 3, 4], window=3) == [1.5, 2, 3, 3.5]
+    assert compare_charts.rolling_median([1, 1, 50, 1, 1], window=3) == [1, 1, 1, 1, 1]
+    assert compare_charts.rolling_median([1, 2, 3, 4], window=3) == [1.5, 2, 3, 3.5]
 
 
 def test_line_chart_draws_braille_and_legend():
-    text = report.line_chart([("up", [0, 1, 2, 3], [0, 1, 2, 3]), ("flat", [0, 1, 2, 3], [1, 1, 1, 1])],
+    text = charts.line_chart([("up", [0, 1, 2, 3], [0, 1, 2, 3]), ("flat", [0, 1, 2, 3], [1, 1, 1, 1])],
                              "t", "x", lambda v: f"{v:.1f}", width=20, height=5).plain  # fmt: skip
     assert any(0x2800 < ord(c) <= 0x28FF for c in text)
     assert "up: 0.0 → 3.0" in text and "flat: 1.0 → 1.0" in text
@@ -119,7 +119,7 @@ def test_line_chart_draws_braille_and_legend():
 
 
 def test_line_chart_without_data():
-    assert "(no data)" in report.line_chart([], "t", "x").plain
+    assert "(no data)" in charts.line_chart([], "t", "x").plain
 
 
 def test_human_bytes():

@@ -362,7 +362,7 @@ def _show(
     result: dict[str, Any], fmt: str, output: Path | None, plot: Path | None, chart: bool | None, wide: bool = False
 ) -> None:
     from gen_cli.atomic import write_text_atomic
-    from gen_cli.lab import report
+    from gen_cli.lab import compare_charts, report
 
     console = out_console()
     if output is not None:
@@ -384,9 +384,9 @@ def _show(
     show_chart = chart if chart is not None else (sys.stdout.isatty() and fmt == "table" and output is None)
     if show_chart:
         # Charts never mix into machine-readable stdout.
-        (console if output is None and fmt == "table" else err).print(report.charts(result))
+        (console if output is None and fmt == "table" else err).print(compare_charts.charts(result))
     if plot is not None:
-        report.save_plot(result, plot)
+        compare_charts.save_plot(result, plot)
         err.print(f"wrote {plot}")
     bad = [r for r in result["rows"] if r.get("greedy_match") is False]
     if any(r["kv_cache"] and r["dtype"] == "float32" for r in bad):

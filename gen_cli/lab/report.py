@@ -1,4 +1,4 @@
-"""Render `gen compare` records: Rich table, md / csv / json / jsonl, terminal charts and an optional PNG.
+"""Render `gen compare` records: Rich table, md / csv / json / jsonl (the charts are in compare_charts).
 
 Knows nothing about torch: it reads the plain dicts that gen_cli.lab.compare returns, `{"env": …, "rows": […]}`.
 jsonl is one object per line: first `{"env": {...}}`, then one row per line.
@@ -9,21 +9,15 @@ from __future__ import annotations
 import csv
 import io
 import json
-import statistics
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from rich import box
-from rich.console import Console, Group
+from rich.console import Console
 from rich.table import Table
-
-from gen_cli.lab.charts import line_chart
 
 FORMATS = ("table", "md", "csv", "json", "jsonl")
 SUFFIX_FORMATS = {".md": "md", ".csv": "csv", ".json": "json", ".jsonl": "jsonl", ".txt": "table"}
-_MPL_COLORS = ("tab:cyan", "tab:purple", "tab:olive", "tab:green", "tab:red", "tab:blue")
-
 
 # ---------------------------------------------------------------------------------------------
 # Cells
@@ -45,7 +39,7 @@ def _num(v: float | None, fmt: str) -> str:
     return "—" if v is None else format(v, fmt)
 
 
-def _attention(r: dict[str, Any]) -> str:
+def attention_label(r: dict[str, Any]) -> str:
     conv = f" ←{r['converted']}" if r.get("converted") else ""  # pooled from the trained MHA, then uptrained
     return f"{r['attention']} {r['kv_heads']}/{r['n_heads']}{conv}"
 
@@ -93,7 +87,7 @@ def _varying(rows: Sequence[dict[str, Any]], key: str) -> bool:
 
 def columns(rows: Sequence[dict[str, Any]]) -> list[tuple[str, Any]]:
     """(header, row → cell) for the human-readable table; workload columns only when they vary."""
-    cols: list[tuple[str, Any]] = [("attention kv/heads", _attention), ("pos", lambda r: r["pos"]),
+    cols: list[tuple[str, Any]] = [("attention kv/heads", attention_label), ("pos", lambda r: r["pos"]),
                                    ("KV cache", lambda r: "on" if r["kv_cache"] else "off")]  # fmt: skip
     for key, head in (("dtype", "dtype"), ("prompt_len", "prompt"), ("gen_len", "gen"), ("batch", "batch")):
         if _varying(rows, key):
@@ -168,7 +162,7 @@ _SHORT_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 def narrow_columns(rows: Sequence[dict[str, Any]]) -> tuple[list[tuple[str, Any]], list[str]]:
     """(columns, constant settings) for an 80-column table: settings shared by every row leave the table."""
-    axes = (("attn", "attention", _attention, lambda r: (r["attention"], r["kv_heads"], r.get("converted"))),
+    axes = (("attn", "attention", attention_label, lambda r: (r["attention"], r["kv_heads"], r.get("converted"))),
             ("pos", "pos", lambda r: r["pos"], lambda r: r["pos"]),
             ("cache", "KV cache", lambda r: "on" if r["kv_cache"] else "off", lambda r: r["kv_cache"]),
             ("dtype", "dtype", lambda r: _SHORT_DTYPE.get(r["dtype"], r["dtype"]), lambda r: r["dtype"]))  # fmt: skip
@@ -315,97 +309,7 @@ def render(result: dict[str, Any], fmt: str) -> str:
 # Chart data
 
 
-Series = tuple[str, list[float], list[float]]
-
-
-def rolling_median(values: Sequence[float], window: int = 9) -> list[float]:
-    """Centred rolling median: removes scheduler spikes from one run's latencies but keeps the trend."""
-    half = window // 2
-    return [statistics.median(values[max(0, i - half) : i + half + 1]) for i in range(len(values))]
-
-
-def latency_series(rows: Sequence[dict[str, Any]]) -> list[Series]:
-    """Per-token decode latency (ms, rolling median) against sequence length: cache on vs off of the
-    baseline's attention, pos, dtype and workload."""
-    if not rows:
-        return []
-    f = rows[0]
-    same = ("attention", "kv_heads", "prompt_len", "gen_len", "batch", "pos", "dtype")
-    series = []
-    for r in rows:
-        if any(r[k] != f[k] for k in same):
-            continue
-        lat = r.get("samples", {}).get("per_token_latencies_s") or []
-        # Decode step i processes the token at position prompt_len + i + 1 (1-based sequence length).
-        xs = [float(r["prompt_len"] + i + 1) for i in range(len(lat))]
-        name = f"{_attention(r)} cache {'on' if r['kv_cache'] else 'off'}"
-        series.append((name, xs, rolling_median([v * 1000 for v in lat])))
-    return [s for s in series if s[1]]
-
-
-def kv_series(result: dict[str, Any], points: int = 32) -> list[Series]:
-    """Analytic KV-cache bytes of one sequence against context length, one line per attention kind."""
-    rows, context = result["rows"], int(result["env"].get("shape", {}).get("context_length", 0))
-    if not rows or context < 1:
-        return []
-    dtype = rows[0]["dtype"]
-    seen: dict[tuple[str, int], int] = {}
-    for r in rows:
-        if r["dtype"] == dtype:
-            seen.setdefault((r["attention"], r["kv_heads"]), r["kv_bytes_per_token"])
-    xs = [context * i / points for i in range(points + 1)]
-    return [(f"{a} ({kv} KV heads)", xs, [per * x for x in xs]) for (a, kv), per in seen.items()]
-
-
-def charts(result: dict[str, Any], width: int = 60) -> Group:
-    """The two pictures: decode latency by position, and KV-cache bytes by context length."""
-    parts: list[Any] = []
-    lat = latency_series(result["rows"])
-    if lat:
-        parts.append(line_chart(lat, "per-token decode latency (ms) by position, one run (rolling median of 9)",
-                                "tokens in sequence", lambda v: f"{v:.2f}", width))  # fmt: skip
-    kv = kv_series(result)
-    if kv:
-        parts.append(line_chart(kv, "KV-cache size of one sequence by context length (analytic)",
-                                "tokens of context", human_bytes, width))  # fmt: skip
-    return Group(*parts)
-
-
 def plot_available() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("matplotlib") is not None
-
-
-def save_plot(result: dict[str, Any], path: str | Path) -> None:
-    """Both charts as an image (format from the suffix, PNG by default), written atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display needed
-    import matplotlib.pyplot as plt
-
-    from gen_cli.atomic import atomic_path
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for i, (name, xs, ys) in enumerate(latency_series(result["rows"])):
-        ax1.plot(xs, ys, label=name, color=_MPL_COLORS[i % len(_MPL_COLORS)], linewidth=1)
-    ax1.set(
-        title="per-token decode latency (one run, rolling median of 9)",
-        xlabel="tokens in sequence",
-        ylabel="ms per token",
-    )
-    for i, (name, xs, ys) in enumerate(kv_series(result)):
-        ax2.plot(xs, [y / 2**20 for y in ys], label=name, color=_MPL_COLORS[i % len(_MPL_COLORS)])
-    ax2.set(title="KV-cache size per sequence (analytic)", xlabel="tokens of context", ylabel="MiB")
-    for ax in (ax1, ax2):
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-    env = result["env"]
-    threads = ", ".join(map(str, env.get("threads", [])))
-    fig.suptitle(f"gen compare: {env.get('device_name')}, threads {threads}, torch {env.get('torch')}", fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    fmt = path.suffix.lstrip(".").lower() or "png"
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format=fmt, dpi=120)
-    plt.close(fig)
