@@ -14,7 +14,7 @@ from gen_cli.errors import UsageError
 from gen_cli.infer.optimize import compute_dtype, optimize_for_decode
 from gen_cli.lab.decode_bench import DECODE_PROMPT, MODES, Row, bench_runners, checked_modes, run_context
 from gen_cli.lab.transformers_peer import hf_available
-from gen_cli.model.loading import load, model_kind
+from gen_cli.model.loading import load, require_model_kind
 from gen_cli.model.transformer import Transformer
 
 
@@ -48,13 +48,7 @@ def bench_model_decode(
     device = torch.device(device)
     modes = checked_modes(modes, new_tokens, device)
     path = Path(model_path)
-    kind = model_kind(path)
-    if kind is None:
-        raise UsageError(
-            f"{path}: no such directory or .gguf file; a model is a gen model directory, a Hugging Face folder "
-            "or a .gguf file",
-            params=("model",),
-        )
+    kind = require_model_kind(path)
     loaded = load(path, device=device, dtype=torch.float32)
     reference = loaded.model.eval()
     limit = reference.config.context_length

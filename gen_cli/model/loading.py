@@ -127,13 +127,22 @@ def _load(
         return loaded
     from gen_cli.model.checkpoint import load_model
 
-    if not directory.is_dir():
-        raise UsageError(
-            f"{directory}: no such directory or .gguf file; a model is a gen model directory, a Hugging Face "
-            "folder or a .gguf file"
-        )
+    require_model_kind(directory)  # a .gguf file or an HF folder went to the importers before here
     model, tok = load_model(directory, device=device, dtype=dtype)
     return Loaded(model, tok, str(directory))
+
+
+def require_model_kind(path: Path) -> str:
+    """`model_kind`, or a one-line refusal when the path is neither a folder nor a .gguf file.
+
+    The message names the path, not a value: params would turn every "model" in it into a flag."""
+    kind = model_kind(path)
+    if kind is None:
+        raise UsageError(
+            f"{path}: no such directory or .gguf file; a model is a gen model directory, a Hugging Face folder "
+            "or a .gguf file"
+        )
+    return kind
 
 
 def model_kind(path: Path) -> str | None:
@@ -195,15 +204,9 @@ def config_for(target: str) -> tuple[ModelConfig, str, dict[str, Any]]:
 
 def model_tokenizer(path: Path) -> Tokenizer:
     """The tokenizer of a model (gen directory, HF folder, or a GGUF file's rebuilt one); no weights read."""
-    kind = model_kind(path)
-    if kind == "gguf":
+    if require_model_kind(path) == "gguf":
         from gen_cli.model.gguf_file import GGUFFile
         from gen_cli.model.gguf_tokenizer import tokenizer_from_gguf
 
         return tokenizer_from_gguf(GGUFFile(path).get, str(path))[0]
-    if kind is None:
-        raise UsageError(
-            f"{path}: no such directory or .gguf file; a model is a gen model directory, a Hugging Face folder "
-            "or a .gguf file"
-        )
     return load_tokenizer(path / "tokenizer.json")

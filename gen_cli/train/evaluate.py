@@ -165,16 +165,10 @@ def load_for_scoring(model_dir: str | Path, device: torch.device) -> tuple[torch
     import torch
 
     from gen_cli.model.checkpoint import load_model
-    from gen_cli.model.loading import load, model_kind
+    from gen_cli.model.loading import load, require_model_kind
 
     path = Path(model_dir)
-    kind = model_kind(path)
-    if kind is None:
-        raise UsageError(
-            f"{path}: no such directory or .gguf file; a model is a gen model directory, a Hugging Face folder "
-            "or a .gguf file",
-            params=("model_dir",),
-        )
+    kind = require_model_kind(path)
     if kind == "gen":
         model, tok = load_model(path, device)
         return model, tok, None
