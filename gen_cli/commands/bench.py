@@ -104,13 +104,14 @@ def bench_decode_command(
     set_threads(threads)
     if not hf_available():
         err.print(f"[yellow]{HF_INSTALL}[/] (the gen rows still run)")
-    from gen_cli.model.loading import model_kind
+    from gen_cli.model.loading import require_model_kind
 
     shape_list = tuple(s.strip() for s in (shapes or "small").split(",") if s.strip())
+    kind = None
     if model is not None:
-        shape_list = (str(model),)
+        shape_list, kind = (str(model),), require_model_kind(model)  # refused before the plan is announced
     # transformers runs presets (a copy of the weights) and HF folders; a GGUF or gen model gets no row.
-    hf_row = hf_available() and (model is None or model_kind(model) == "hf")
+    hf_row = hf_available() and (model is None or kind == "hf")
     mode_list = tuple(m.strip() for m in modes.split(",") if m.strip()) if modes else None
     n_modes = len(mode_list or (DEFAULT_MODES if device.type == "cpu" else DEFAULT_GPU_MODES)) + hf_row
     what = f"model {model}" if model is not None else f"{len(shape_list)} shape(s)"
