@@ -12,7 +12,16 @@ import typer
 from rich.markup import escape
 
 from gen_cli.commands.common import err, print_json, progress_enabled, read_text_arg
-from gen_cli.commands.options import Device, MinP, RepetitionPenalty, Temperature, Threads, TopK, TopP
+from gen_cli.commands.options import (
+    Device,
+    MinP,
+    RepetitionPenalty,
+    Temperature,
+    Threads,
+    TopK,
+    TopP,
+    kv_kinds_of,
+)
 from gen_cli.errors import UsageError
 from gen_cli.model.config import POS_ENCODINGS, ROPE_SCALING_SPECS, parse_rope_scaling
 from gen_cli.resources import default_model_dir
@@ -52,23 +61,6 @@ def _check_options(
         raise UsageError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     if num_samples < 1:
         raise UsageError(f"--num-samples must be at least 1, got {num_samples}")
-
-
-def _kv_kinds(both: str | None, k: str | None, v: str | None) -> tuple[str | None, str | None] | None:
-    """(K, V) cache kinds from --kv-dtype and --kv-dtype-k/-v (None: the compute dtype, unquantized)."""
-    from gen_cli.model.kv_quant import KV_KINDS, parse_kv_kinds
-
-    if both is None and k is None and v is None:
-        return None
-    if both is not None and (k is not None or v is not None):
-        raise UsageError("give --kv-dtype for both, or --kv-dtype-k/--kv-dtype-v, not both forms")
-    for flag, kind in (("--kv-dtype-k", k), ("--kv-dtype-v", v)):
-        if kind is not None and kind not in KV_KINDS:
-            raise UsageError(f"unknown {flag} {kind!r}; choose {', '.join(KV_KINDS)}")
-    try:
-        return parse_kv_kinds(both) if both is not None else (k, v)
-    except UsageError as e:
-        raise UsageError(f"--kv-dtype: {e}") from None
 
 
 def _longest_token(tok: Any) -> int:
@@ -240,7 +232,7 @@ def generate_command(
         raise UsageError("give either PROMPT (text to continue) or --chat MESSAGE (a message to reply to)")
     if system is not None and chat is None:
         raise UsageError("--system goes with --chat")
-    kv_kinds = _kv_kinds(kv_dtype, kv_dtype_k, kv_dtype_v)
+    kv_kinds = kv_kinds_of(kv_dtype, kv_dtype_k, kv_dtype_v)
     if kv_kinds is not None and not kv_cache:
         raise UsageError("--kv-dtype sets how the KV cache stores K and V; drop --no-kv-cache or --kv-dtype")
     if not -(2**63) <= seed < 2**64:  # what torch.Generator.manual_seed accepts

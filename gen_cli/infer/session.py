@@ -192,7 +192,7 @@ class ChatSession:
             return None
         prompt, reused = self._last_prompt, self.turns[-1].reused_tokens
         device = self.cache.device
-        _check_cache_fits(self.model, len(prompt), device)
+        _check_cache_fits(self.model, len(prompt), device, (self.cache.k_kind, self.cache.v_kind))
         c = self.cache
         scratch = KVCache(self.model.config, 1, len(prompt), c.dtype, device, c.k_kind, c.v_kind)
         x = torch.tensor([prompt], dtype=torch.long, device=device)  # (1, T)
