@@ -163,3 +163,12 @@ def test_cli_saves_then_reuses_then_rewrites_and_refuses_another_kind(model_dir,
     assert path.read_bytes() == before
     bad = runner.invoke(app, [*args, "Keys", "--num-samples", "2"])
     assert bad.exit_code == 2 and "--prompt-cache" in bad.stderr
+
+
+def test_cli_refuses_a_prompt_cache_it_could_not_write_before_generating(model_dir, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    args = ["generate", "The quick", "--model", str(model_dir), "--device", "cpu", "--max-new-tokens", "2"]
+    for bad in (tmp_path, blocker / "p.st"):
+        result = CliRunner().invoke(app, [*args, "--prompt-cache", str(bad)])
+        assert result.exit_code == 2 and "--prompt-cache" in result.stderr and result.stdout == ""

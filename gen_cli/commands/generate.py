@@ -22,7 +22,7 @@ from gen_cli.commands.options import (
     TopP,
     kv_kinds_of,
 )
-from gen_cli.errors import UsageError
+from gen_cli.errors import GenError, UsageError
 from gen_cli.model.config import POS_ENCODINGS, ROPE_SCALING_SPECS, parse_rope_scaling
 from gen_cli.resources import default_model_dir
 from gen_cli.text.stream import TextStream
@@ -239,8 +239,13 @@ def generate_command(
         raise UsageError(f"--seed must fit in 64 bits (-2**63 to 2**64 - 1), got {seed}")
     if prompt_cache is not None and (not kv_cache or num_samples > 1):
         raise UsageError("--prompt-cache goes with the KV cache and one sample: drop --no-kv-cache / --num-samples")
-    if prompt_cache is not None and prompt_cache.is_dir():
-        raise UsageError(f"--prompt-cache {prompt_cache} is a directory; give a file name")
+    if prompt_cache is not None:  # a file that could not be (re)written is refused before any work
+        from gen_cli.commands.common import check_writable_output
+
+        try:
+            check_writable_output(prompt_cache, force=True)
+        except GenError as e:
+            raise UsageError(f"--prompt-cache {e}") from None
 
     import torch
 
