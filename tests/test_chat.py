@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 from hf_builders import byte_level_tokenizer, hf_config  # noqa: E402
 
 from gen_cli.cli import app  # noqa: E402
-from gen_cli.infer.generate import continue_steps, generate, greedy_steps, prefill  # noqa: E402
+from gen_cli.infer.generate import continue_steps, generate, greedy_steps, new_cache, prefill  # noqa: E402
 from gen_cli.infer.sampling import SamplingConfig  # noqa: E402
 from gen_cli.infer.session import ChatSession, ContextFull, common_prefix  # noqa: E402
 from gen_cli.model.kv_cache import KVCache  # noqa: E402
@@ -252,3 +252,42 @@ def test_cli_chat_refuses_a_model_without_a_template_in_one_line(chat_dir, tmp_p
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "no chat template" in lines[0] and "gen generate" in lines[0]
+
+
+def _generate_oracle(loaded, ids: list[int], n: int, kinds: tuple[str, str]) -> list[int]:
+    """Greedy tokens of `generate` on the whole conversation with a fresh cache of the same kinds."""
+    prompt = torch.tensor([ids])  # (1, T)
+    cache = new_cache(loaded.model, prompt, n, kv_kinds=kinds)
+    out = [int(t[0]) for t in generate(loaded.model, prompt, n, GREEDY, cache, stop_token_id=loaded.stop_ids)]
+    stops = [i for i, t in enumerate(out) if t in loaded.stop_ids]
+    return out[: stops[0] + 1] if stops else out
+
+
+@pytest.mark.parametrize("kinds", [("int8", "int8"), ("bf16", "int8")])
+def test_a_quantized_conversation_equals_generate_with_the_same_kind(loaded, kinds):
+    # The oracle is not the no-cache path (a quantized cache rounds K/V, the no-cache path does not), but
+    # `generate` over the whole conversation with a fresh cache of the same kinds: each token's K/V is
+    # quantized on its own, so turn-by-turn reuse must give what one prefill gives.
+    session = _session(loaded, system="Be brief.", kv_kinds=kinds)
+    first = session.say("Hello there, fox!", 8, GREEDY)
+    assert first.token_ids == _generate_oracle(loaded, session.ids[: first.prompt_tokens], 8, kinds)
+    ids = session.render([*session.messages, {"role": "user", "content": "And 12345?"}])
+    second = session.say("And 12345?", 8, GREEDY)
+    assert second.reused_tokens > 0
+    assert second.token_ids == _generate_oracle(loaded, ids, 8, kinds)
+
+
+def test_cli_chat_kv_dtype_stores_the_conversation_in_that_kind(chat_dir, loaded):
+    from gen_cli.infer.optimize import optimize_for_decode
+
+    result = _chat(chat_dir, "Hello there, fox!\nAnd 12345?\n", "--kv-dtype", "int8")
+    assert result.exit_code == 0, result.output
+    model = optimize_for_decode(load(chat_dir).model, native=False)
+    session = ChatSession(model, loaded.tokenizer, CHATML, special_tokens=loaded.special_tokens,
+                          stop_ids=loaded.stop_ids, kv_kinds=("int8", "int8"))  # fmt: skip
+    expected = [session.say(m, 6, GREEDY).text for m in ("Hello there, fox!", "And 12345?")]
+    assert result.stdout == "".join(t + "\n" for t in expected)
+    bad = _chat(chat_dir, "Hi\n", "--kv-dtype", "q3")
+    assert bad.exit_code == 2 and "unknown KV cache kind" in bad.stderr
+    bad = _chat(chat_dir, "Hi\n", "--kv-dtype", "int8", "--kv-dtype-v", "fp32")
+    assert bad.exit_code == 2 and "not both forms" in bad.stderr

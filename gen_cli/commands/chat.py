@@ -16,7 +16,19 @@ import typer
 from rich.markup import escape
 
 from gen_cli.commands.common import err, progress_enabled
-from gen_cli.commands.options import Device, MinP, RepetitionPenalty, Temperature, Threads, TopK, TopP
+from gen_cli.commands.options import (
+    Device,
+    KvDtype,
+    KvDtypeK,
+    KvDtypeV,
+    MinP,
+    RepetitionPenalty,
+    Temperature,
+    Threads,
+    TopK,
+    TopP,
+    kv_kinds_of,
+)
 from gen_cli.errors import UsageError
 from gen_cli.resources import default_model_dir
 
@@ -164,6 +176,9 @@ def chat_command(
     native: bool = typer.Option(
         True, "--native/--no-native", help="Decode on the CPU in gen's C step where the model's shape allows."
     ),
+    kv_dtype: KvDtype = None,
+    kv_dtype_k: KvDtypeK = None,
+    kv_dtype_v: KvDtypeV = None,
     threads: Threads = None,
     show_stats: bool = typer.Option(False, "--stats", help="After each reply, its token counts and times on stderr."),
     as_json: bool = typer.Option(
@@ -184,6 +199,7 @@ def chat_command(
     if not -(2**63) <= seed < 2**64:  # what torch.Generator.manual_seed accepts
         raise UsageError(f"--seed must fit in 64 bits (-2**63 to 2**64 - 1), got {seed}")
     sampling = SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty)
+    kv_kinds = kv_kinds_of(kv_dtype, kv_dtype_k, kv_dtype_v) or (None, None)
 
     import torch
 
@@ -212,7 +228,7 @@ def chat_command(
     session = ChatSession(
         model, loaded.tokenizer, loaded.chat_template, special_tokens=loaded.special_tokens,
         stop_ids=loaded.stop_ids, system=system, context_tokens=context_tokens,
-        source=f"{loaded.source}: chat template",
+        source=f"{loaded.source}: chat template", kv_kinds=kv_kinds,
     )  # fmt: skip
     generator = torch.Generator(device=device).manual_seed(seed)
     interactive = sys.stdin.isatty()

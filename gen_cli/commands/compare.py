@@ -152,7 +152,8 @@ def compare_command(
     quality_data: list[str] = typer.Option(
         None,
         "--quality-data",
-        help="Text for --quality-steps: files, folders or a built-in corpus. \\[default: python-docs]",
+        help="Text for --quality-steps and a trained model's Δ bits/byte per --kv-dtype: files, folders or a "
+        "built-in corpus. \\[default: python-docs, or the model's training text]",
         show_default=False,
     ),
     eval_context: int = typer.Option(
@@ -250,6 +251,13 @@ def compare_command(
         rows = attach_quality(rows, _quality(shape, variants, quality_steps, preset_name, tokenizer,
                                              quality_data, str(dev), eval_context, convert))  # fmt: skip
     result = {"env": compare.environment(rows, shape, source), "rows": rows}
+    if kv_dtype and tokenizer is not None:  # a trained gen model: each kind's cost on its own weights
+        from gen_cli.lab.kv_quality import attach_trained_kv, measure_trained_kv
+
+        kv = measure_trained_kv(str(Path(tokenizer).parent), compare.split_values(kv_dtype, []), prompts[0],
+                                gens[0], str(dev), inputs=list(quality_data or []) or None)  # fmt: skip
+        attach_trained_kv(rows, kv)
+        result["env"]["kv_quality"] = kv["note"]
     _show(result, out_fmt, output, plot, chart, wide)
 
 

@@ -12,8 +12,17 @@ import typer
 from rich.markup import escape
 
 from gen_cli.commands.common import err, print_json, progress_enabled, read_text_arg
-from gen_cli.commands.options import Device, MinP, RepetitionPenalty, Temperature, Threads, TopK, TopP
-from gen_cli.errors import UsageError
+from gen_cli.commands.options import (
+    Device,
+    MinP,
+    RepetitionPenalty,
+    Temperature,
+    Threads,
+    TopK,
+    TopP,
+    kv_kinds_of,
+)
+from gen_cli.errors import GenError, UsageError
 from gen_cli.model.config import POS_ENCODINGS, ROPE_SCALING_SPECS, parse_rope_scaling
 from gen_cli.resources import default_model_dir
 from gen_cli.text.stream import TextStream
@@ -54,23 +63,6 @@ def _check_options(
         raise UsageError(f"--num-samples must be at least 1, got {num_samples}")
 
 
-def _kv_kinds(both: str | None, k: str | None, v: str | None) -> tuple[str | None, str | None] | None:
-    """(K, V) cache kinds from --kv-dtype and --kv-dtype-k/-v (None: the compute dtype, unquantized)."""
-    from gen_cli.model.kv_quant import KV_KINDS, parse_kv_kinds
-
-    if both is None and k is None and v is None:
-        return None
-    if both is not None and (k is not None or v is not None):
-        raise UsageError("give --kv-dtype for both, or --kv-dtype-k/--kv-dtype-v, not both forms")
-    for flag, kind in (("--kv-dtype-k", k), ("--kv-dtype-v", v)):
-        if kind is not None and kind not in KV_KINDS:
-            raise UsageError(f"unknown {flag} {kind!r}; choose {', '.join(KV_KINDS)}")
-    try:
-        return parse_kv_kinds(both) if both is not None else (k, v)
-    except UsageError as e:
-        raise UsageError(f"--kv-dtype: {e}") from None
-
-
 def _longest_token(tok: Any) -> int:
     """Bytes the longest token stands for (byte-level pieces are one character per byte), at least 4."""
     return max(4, *(len(piece.encode("utf-8")) for piece in tok.get_vocab()))
@@ -84,6 +76,16 @@ def _native_note(model: Any, native: bool, compiled: bool) -> str:
         return ""
     reason = unavailable_reason(model)
     return f" (native step unavailable: {escape(reason)})" if reason else ""
+
+
+def _reuse_note(pc: dict[str, Any]) -> str:
+    """What the prompt cache did, in one line for stderr."""
+    if pc["action"] == "created":
+        return f"prompt cache: saved {pc['file_tokens']} prompt tokens to {pc['file']}"
+    reused = f"reused {pc['reused_tokens']} of {pc['prompt_tokens']} prompt tokens from {pc['file']}"
+    if pc["action"] == "reused":
+        return f"prompt cache: {reused}"
+    return f"prompt cache: {reused}; its prompt differs from this one, so it was rewritten with this prompt"
 
 
 def _print_stats(stats: dict[str, Any], source: str, path_note: str = "") -> None:
@@ -111,6 +113,12 @@ def _print_stats(stats: dict[str, Any], source: str, path_note: str = "") -> Non
 
         busy = MachineLoad(load["cores"], load["others_cores"], load["load_avg_1m"])
         lines.append(f"machine          {busy.describe()}; one run, no spread (gen bench decode repeats)")
+    if pc := stats.get("prompt_cache"):
+        lines.append(
+            f"prompt cache     {pc['reused_tokens']} of {pc['prompt_tokens']} prompt tokens reused, "
+            f"{pc['prompt_tokens'] - pc['reused_tokens']} prefilled (file read in {pc['read_s'] * 1000:.1f} ms, "
+            "not in the time to first token)"
+        )
     if stats.get("compile_s") is not None:
         lines.append(f"compile          {stats['compile_s']:.1f} s before generating (torch.compile; not in the rates)")
     err.print("\n".join(lines))
@@ -200,6 +208,13 @@ def generate_command(
     stream: bool = typer.Option(True, "--stream/--no-stream", help="Print text as it is generated."),
     show_stats: bool = typer.Option(False, "--stats", help="Timing, KV-cache and memory figures on stderr."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object on stdout: text and stats."),
+    prompt_cache: Path = typer.Option(
+        None,
+        "--prompt-cache",
+        help="Save the prompt's KV cache to FILE; a later run whose prompt starts with the saved tokens (same "
+        "model, tokenizer and KV kinds) loads them and prefills only the rest. A prompt that differs rewrites it.",
+        show_default=False,
+    ),
 ) -> None:
     """Continue PROMPT with a trained model (--model) or random weights of a preset shape (--preset), or
     reply to --chat MESSAGE through the model's own chat template (instruct models).
@@ -217,11 +232,20 @@ def generate_command(
         raise UsageError("give either PROMPT (text to continue) or --chat MESSAGE (a message to reply to)")
     if system is not None and chat is None:
         raise UsageError("--system goes with --chat")
-    kv_kinds = _kv_kinds(kv_dtype, kv_dtype_k, kv_dtype_v)
+    kv_kinds = kv_kinds_of(kv_dtype, kv_dtype_k, kv_dtype_v)
     if kv_kinds is not None and not kv_cache:
         raise UsageError("--kv-dtype sets how the KV cache stores K and V; drop --no-kv-cache or --kv-dtype")
     if not -(2**63) <= seed < 2**64:  # what torch.Generator.manual_seed accepts
         raise UsageError(f"--seed must fit in 64 bits (-2**63 to 2**64 - 1), got {seed}")
+    if prompt_cache is not None and (not kv_cache or num_samples > 1):
+        raise UsageError("--prompt-cache goes with the KV cache and one sample: drop --no-kv-cache / --num-samples")
+    if prompt_cache is not None:  # a file that could not be (re)written is refused before any work
+        from gen_cli.commands.common import check_writable_output
+
+        try:
+            check_writable_output(prompt_cache, force=True)
+        except GenError as e:
+            raise UsageError(f"--prompt-cache {e}") from None
 
     import torch
 
@@ -250,6 +274,11 @@ def generate_command(
     for note in loaded.notes:
         err.print(f"[yellow]{escape(note)}[/]" if loaded.random_weights else escape(note))
     model, tok, source = loaded.model, loaded.tokenizer, loaded.source
+    reuse = None
+    if prompt_cache is not None:  # the weights' fingerprint before decode-time rewriting of the modules
+        from gen_cli.infer.prompt_reuse import PromptReuse
+
+        reuse = PromptReuse(prompt_cache, model, tok, quantize, kv_kinds)
     # Inference-only fast paths (fused MLP, the native C decode step or prepacked weights; int8 and
     # compile when asked): fp32 results equal the plain model's within float rounding.
     model = optimize_for_decode(model, quantize=quantize, compile=compile_, native=native)
@@ -300,12 +329,17 @@ def generate_command(
         with err.status("compiling (torch.compile)", spinner="dots") if progress_enabled() else nullcontext():
             compile_s = compile_warm_up(model, prompt_ids, max_new_tokens, sampling, num_samples)
     generator = torch.Generator(device=device).manual_seed(seed)
+    restore = reuse.prepare(model, ids) if reuse is not None else None  # reads and checks the file first
     result = run_generation(
-        model, prompt_ids, max_new_tokens, sampling, kv_cache, generator, stop_ids, num_samples, on_token, kv_kinds
-    )
+        model, prompt_ids, max_new_tokens, sampling, kv_cache, generator, stop_ids, num_samples, on_token, kv_kinds,
+        restore,
+    )  # fmt: skip
+    if reuse is not None:
+        reuse.save_if_new(result)
     texts = [r.text for r in rows]
     stats = result.stats.to_dict() | {"load_s": load_s, "load_peak_memory_bytes": load_mem.bytes}
     stats |= {"compile_s": compile_s} if compile_ else {}
+    stats |= {"prompt_cache": reuse.summary()} if reuse is not None else {}
     if as_json:
         data: dict[str, Any] = {"text": texts[0]}
         if num_samples > 1:
@@ -322,6 +356,8 @@ def generate_command(
                 err.print(f"── sample {i + 1} of {num_samples} ──")
             sys.stdout.write(t + "\n")
             sys.stdout.flush()
+    if reuse is not None:
+        err.print(escape(_reuse_note(reuse.summary())))
     if show_stats:
         _print_stats(stats, source, _native_note(model, native, compile_))
     if result.interrupted:

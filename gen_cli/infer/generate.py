@@ -97,7 +97,7 @@ def new_cache(
     check_lengths(model.config, prompt_ids.shape[1], max_new_tokens)
     batch = prompt_ids.shape[0] * num_samples
     tokens = prompt_ids.shape[1] + max_new_tokens
-    check_memory(model, batch, tokens, prompt_ids.device)
+    check_memory(model, batch, tokens, prompt_ids.device, kv_kinds)
     k_kind, v_kind = kv_kinds or (None, None)
     return KVCache(model.config, batch, tokens, model_dtype(model), prompt_ids.device, k_kind, v_kind)
 
@@ -184,13 +184,19 @@ def _check(
             )
 
 
-def check_memory(model: Transformer, batch: int, tokens: int, device: torch.device) -> None:
-    """Refuse a generation whose KV cache (batch × tokens) and buffers cannot fit in available memory."""
+def check_memory(
+    model: Transformer,
+    batch: int,
+    tokens: int,
+    device: torch.device,
+    kv_kinds: tuple[str | None, str | None] | None = None,
+) -> None:
+    """Refuse a generation whose KV cache (batch × tokens, stored as `kv_kinds`) and buffers cannot fit."""
     from gen_cli.model.memory import check_fits, generation_bytes
 
     bpe = torch.empty((), dtype=model_dtype(model)).element_size()
     check_fits(
-        generation_bytes(model.config, batch, tokens, bpe),
+        generation_bytes(model.config, batch, tokens, bpe, kv_kinds),
         f"a KV cache for {batch:,} sequence(s) of {tokens:,} tokens",
         "use fewer num_samples (or a smaller batch) or fewer max_new_tokens",
         device,
@@ -284,6 +290,7 @@ class GenerationStats:
     kv_dtype_v: str = ""
     decode_path_reason: str = ""  # why the native step did not decode, when one was attached
     machine_load: dict[str, Any] = field(default_factory=dict)  # MachineLoad.to_dict() over the run
+    reused_prompt_tokens: int = 0  # prompt tokens whose k/v came from a prompt-cache file, not prefilled
     per_token_latencies: list[float] = field(default_factory=list)
 
     def to_dict(self, latencies: bool = False) -> dict[str, Any]:
@@ -300,6 +307,7 @@ class GenerationResult:
     tokens: torch.Tensor
     stats: GenerationStats
     interrupted: bool = False
+    cache: KVCache | None = None  # the generation's cache (its first prompt_tokens positions hold the prompt)
 
 
 def run_generation(
@@ -313,8 +321,12 @@ def run_generation(
     num_samples: int = 1,
     on_token: Callable[[torch.Tensor], bool] | None = None,
     kv_kinds: tuple[str | None, str | None] | None = None,
+    restore: Callable[[KVCache], None] | None = None,
 ) -> GenerationResult:
     """Run `generate` under the clock and a peak-memory probe; `on_token(ids)` returning True stops early.
+
+    `restore(cache)` may fill a prefix of the new cache (a prompt-cache file) inside the clock; only the
+    rest of the prompt is then prefilled (`continue_steps`), and the result carries the cache.
 
     Each step's latency runs from resuming the generator to its yield (device synchronised), so time
     spent in `on_token` (printing) is not counted. Ctrl-C ends the run and sets `interrupted`.
@@ -332,9 +344,16 @@ def run_generation(
         start = perf_counter()
         if use_cache:
             cache = new_cache(model, prompt_ids, max_new_tokens, num_samples, kv_kinds)
+            if restore is not None:
+                restore(cache)
         else:  # no cache, but activations of the same order for every row
             check_memory(model, batch, T + max_new_tokens, device)
-        tokens = generate(model, prompt_ids, max_new_tokens, sampling, cache, generator, stop_token_id, num_samples)
+        reused = cache.pos if cache is not None else 0
+        if reused:
+            steps_ = continue_steps(model, prompt_ids, max_new_tokens, sampling, cache, generator, stop_token_id)
+            tokens = _tokens(steps_)
+        else:
+            tokens = generate(model, prompt_ids, max_new_tokens, sampling, cache, generator, stop_token_id, num_samples)
         resumed = start
         try:
             for token in tokens:
@@ -358,7 +377,7 @@ def run_generation(
         new_tokens=len(steps),
         ttft_s=ttft,
         # The shared prefill processes each distinct prompt row once.
-        prefill_tokens_per_s=T * B0 / ttft if ttft > 0 else 0.0,
+        prefill_tokens_per_s=(T - reused) * B0 / ttft if ttft > 0 else 0.0,
         decode_tokens_per_s=n_decode * batch / decode_time if n_decode > 0 and decode_time > 0 else None,
         ms_per_token=1000 * decode_time / n_decode if n_decode > 0 else None,
         kv_cache_bytes=cache.nbytes if cache is not None else 0,
@@ -383,6 +402,7 @@ def run_generation(
         kv_dtype_v=cache.v_kind if cache is not None else "",
         machine_load=probe.measure().to_dict(),
         per_token_latencies=latencies[1:],
+        reused_prompt_tokens=reused,
     )
     out = torch.stack(steps, dim=1) if steps else torch.empty(batch, 0, dtype=torch.long, device=device)
-    return GenerationResult(out, stats, interrupted)
+    return GenerationResult(out, stats, interrupted, cache)

@@ -102,7 +102,7 @@ class ChatSession:
         self.special_tokens, self.stop_ids, self.source = special_tokens or {}, stop_ids, source
         self.system = system
         device = model.tok_emb.weight.device
-        _check_cache_fits(model, capacity, device)
+        _check_cache_fits(model, capacity, device, kv_kinds)
         self.cache = KVCache(config, 1, capacity, model_dtype(model), device, *kv_kinds)
         self.ids: list[int] = []  # the ids whose k/v the cache holds: len(self.ids) == cache.pos
         self.messages: list[dict[str, str]] = []
@@ -192,7 +192,7 @@ class ChatSession:
             return None
         prompt, reused = self._last_prompt, self.turns[-1].reused_tokens
         device = self.cache.device
-        _check_cache_fits(self.model, len(prompt), device)
+        _check_cache_fits(self.model, len(prompt), device, (self.cache.k_kind, self.cache.v_kind))
         c = self.cache
         scratch = KVCache(self.model.config, 1, len(prompt), c.dtype, device, c.k_kind, c.v_kind)
         x = torch.tensor([prompt], dtype=torch.long, device=device)  # (1, T)
@@ -213,12 +213,14 @@ class ChatSession:
         return PrefillComparison(len(prompt), reused, full, reuse)
 
 
-def _check_cache_fits(model: Transformer, tokens: int, device: torch.device) -> None:
+def _check_cache_fits(
+    model: Transformer, tokens: int, device: torch.device, kv_kinds: tuple[str | None, str | None]
+) -> None:
     from gen_cli.model.memory import check_fits, generation_bytes
 
     bpe = torch.empty((), dtype=model_dtype(model)).element_size()
     check_fits(
-        generation_bytes(model.config, 1, tokens, bpe),
+        generation_bytes(model.config, 1, tokens, bpe, kv_kinds),
         f"a KV cache for a conversation of {tokens:,} tokens",
         "hold fewer tokens (context_tokens)",
         device,

@@ -14,6 +14,12 @@ Series = tuple[str, list[float], list[float]]
 _DOT = ((0x01, 0x08), (0x02, 0x10), (0x04, 0x20), (0x40, 0x80))  # _DOT[row][col] within a cell
 
 
+def rolling_median(values: Sequence[float], window: int = 9) -> list[float]:
+    """Centred rolling median: removes scheduler spikes from one run's latencies but keeps the trend."""
+    half = window // 2
+    return [statistics.median(values[max(0, i - half) : i + half + 1]) for i in range(len(values))]
+
+
 def _bucket(xs: list[float], ys: list[float], x0: float, x1: float, px: int) -> list[tuple[int, float]]:
     """One (pixel column, median y) per occupied column: medians tame timer noise without hiding a trend."""
     cols: dict[int, list[float]] = {}

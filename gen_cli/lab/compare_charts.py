@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from rich.console import Group
 
-from gen_cli.lab.charts import Series, line_chart
+from gen_cli.lab.charts import Series, line_chart, rolling_median
 from gen_cli.lab.report import attention_label, human_bytes
 
 _MPL_COLORS = ("tab:cyan", "tab:purple", "tab:olive", "tab:green", "tab:red", "tab:blue")
-
-
-def rolling_median(values: Sequence[float], window: int = 9) -> list[float]:
-    """Centred rolling median: removes scheduler spikes from one run's latencies but keeps the trend."""
-    half = window // 2
-    return [statistics.median(values[max(0, i - half) : i + half + 1]) for i in range(len(values))]
 
 
 def latency_series(rows: Sequence[dict[str, Any]]) -> list[Series]:
@@ -54,16 +47,25 @@ def kv_series(result: dict[str, Any], points: int = 32) -> list[Series]:
     return [(f"{a} ({kv} KV heads)", xs, [per * x for x in xs]) for (a, kv), per in seen.items()]
 
 
+def _series(result: dict[str, Any]) -> tuple[list[Series], list[Series], str]:
+    """(latency, KV size, what the size lines are): per KV kind when the rows compare kinds."""
+    from gen_cli.lab import kv_charts
+
+    if kv_charts.has_kinds(result["rows"]):
+        lat = kv_charts.kind_latency_series(result["rows"])
+        return lat, kv_charts.kv_memory_series(result), "analytic lines, measured points"
+    return latency_series(result["rows"]), kv_series(result), "analytic"
+
+
 def charts(result: dict[str, Any], width: int = 60) -> Group:
     """The two pictures: decode latency by position, and KV-cache bytes by context length."""
     parts: list[Any] = []
-    lat = latency_series(result["rows"])
+    lat, kv, what = _series(result)
     if lat:
         parts.append(line_chart(lat, "per-token decode latency (ms) by position, one run (rolling median of 9)",
                                 "tokens in sequence", lambda v: f"{v:.2f}", width))  # fmt: skip
-    kv = kv_series(result)
     if kv:
-        parts.append(line_chart(kv, "KV-cache size of one sequence by context length (analytic)",
+        parts.append(line_chart(kv, f"KV-cache size of one sequence by context length ({what})",
                                 "tokens of context", human_bytes, width))  # fmt: skip
     return Group(*parts)
 
@@ -76,18 +78,24 @@ def save_plot(result: dict[str, Any], path: str | Path) -> None:
     import matplotlib.pyplot as plt
 
     from gen_cli.atomic import atomic_path
+    from gen_cli.lab.kv_charts import MEASURED
 
+    lat, kv, what = _series(result)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for i, (name, xs, ys) in enumerate(latency_series(result["rows"])):
+    for i, (name, xs, ys) in enumerate(lat):
         ax1.plot(xs, ys, label=name, color=_MPL_COLORS[i % len(_MPL_COLORS)], linewidth=1)
     ax1.set(
         title="per-token decode latency (one run, rolling median of 9)",
         xlabel="tokens in sequence",
         ylabel="ms per token",
     )
-    for i, (name, xs, ys) in enumerate(kv_series(result)):
-        ax2.plot(xs, [y / 2**20 for y in ys], label=name, color=_MPL_COLORS[i % len(_MPL_COLORS)])
-    ax2.set(title="KV-cache size per sequence (analytic)", xlabel="tokens of context", ylabel="MiB")
+    colors: dict[str, str] = {}
+    for name, xs, ys in kv:
+        line = name.removesuffix(MEASURED)
+        color = colors.setdefault(line, _MPL_COLORS[len(colors) % len(_MPL_COLORS)])
+        style = {"marker": "o", "linestyle": "none"} if name.endswith(MEASURED) else {}
+        ax2.plot(xs, [y / 2**20 for y in ys], label=name, color=color, **style)
+    ax2.set(title=f"KV-cache size per sequence ({what})", xlabel="tokens of context", ylabel="MiB")
     for ax in (ax1, ax2):
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)

@@ -77,8 +77,11 @@ def _kv_kind_columns(rows: Sequence[dict[str, Any]]) -> list[tuple[str, Any]]:
     def kind(r: dict[str, Any]) -> str:
         return r.get("kv_dtype") or ("—" if not r["kv_cache"] else "plain")
 
-    return [("KV kind", kind), ("KL", lambda r: _num(r.get("kv_kl_mean"), ".2e")),
+    cols = [("KV kind", kind), ("KL", lambda r: _num(r.get("kv_kl_mean"), ".2e")),
             ("top-1", lambda r: _num(r.get("kv_top1_agreement"), ".3f"))]  # fmt: skip
+    if any(r.get("kv_delta_bits_per_byte") is not None for r in rows):  # trained weights only (kv_quality)
+        cols.append(("Δ bpb", lambda r: _num(r.get("kv_delta_bits_per_byte"), "+.2e")))
+    return cols
 
 
 def _varying(rows: Sequence[dict[str, Any]], key: str) -> bool:
@@ -130,6 +133,7 @@ def env_lines(env: dict[str, Any]) -> list[str]:
         f"dtype {', '.join(env.get('dtypes', []))}, torch {env.get('torch')}",
         f"memory    {env.get('memory_method', '')}",
         f"speed-up  decode tok/s over the {env.get('baseline')}",
+        *([f"KV kinds  {env['kv_quality']}"] if env.get("kv_quality") else []),
     ]
 
 

@@ -54,9 +54,20 @@ def check_fits(need: int, what: str, advice: str, device: torch.device | str = "
         )
 
 
-def generation_bytes(config: ModelConfig, batch: int, tokens: int, bytes_per_element: int) -> int:
-    """KV cache (batch × tokens), the id buffer and a few fp32 logits rows per sequence."""
-    return config.kv_bytes_per_token(bytes_per_element) * tokens * batch + batch * (8 * tokens + 16 * config.vocab_size)
+def generation_bytes(
+    config: ModelConfig,
+    batch: int,
+    tokens: int,
+    bytes_per_element: int,
+    kv_kinds: tuple[str | None, str | None] | None = None,
+) -> int:
+    """KV cache (batch × tokens) as its kinds store it (int8/int4 with their scales; None: unquantized at
+    bytes_per_element), the id buffer and a few fp32 logits rows per sequence."""
+    from gen_cli.model.kv_cache import kv_bytes_per_token
+
+    k_kind, v_kind = kv_kinds or (None, None)
+    per_token = kv_bytes_per_token(config, k_kind, v_kind, bytes_per_element)
+    return per_token * tokens * batch + batch * (8 * tokens + 16 * config.vocab_size)
 
 
 def training_bytes(config: ModelConfig, batch: int, context: int, params: int) -> int:
