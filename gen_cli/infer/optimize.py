@@ -15,15 +15,13 @@ from gen_cli.errors import UsageError
 from gen_cli.infer.linear import Int8Linear, OneDNNLinear, onednn_applies
 from gen_cli.infer.sampling import SamplingConfig
 from gen_cli.model.block_linear import BlockLinear
-from gen_cli.model.blocks import BLOCK_TYPES
+from gen_cli.model.blocks import block_type_for
 from gen_cli.model.transformer import Transformer
 
 # int8: one scale per output row (gen's own, PyTorch's int8 kernel); q8_0 / q4_0 / q4_k: GGML's block
 # formats (a scale per 32 weights, or per 32 inside 256), the bytes a GGUF file of that type holds.
 BLOCK_MODES = ("q8_0", "q4_0", "q4_k")
 QUANTIZE_MODES = ("none", "int8", *BLOCK_MODES)
-# Where a matrix's rows are not whole blocks of a mode's type, the 32-weight type of as many bits.
-_SMALL_BLOCK = {"q4_k": "q4_0"}
 
 
 def _linears(model: Transformer) -> list[tuple[nn.Module, str, nn.Linear]]:
@@ -55,14 +53,6 @@ def quantize_int8(model: Transformer) -> Transformer:
     for parent, name, lin in _linears(model):
         setattr(parent, name, Int8Linear(lin.weight, lin.weight.dtype))  # built on the weight's device
     return model
-
-
-def block_type_for(qtype: str, cols: int) -> str | None:
-    """The block type a matrix of `cols` columns takes under `qtype`, or None when no block fits its rows."""
-    for candidate in (qtype, _SMALL_BLOCK.get(qtype)):
-        if candidate is not None and cols % BLOCK_TYPES[candidate].elems == 0:
-            return candidate
-    return None
 
 
 def quantize_blocks(model: Transformer, qtype: str) -> Transformer:

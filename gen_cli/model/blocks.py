@@ -42,6 +42,8 @@ BLOCK_TYPES: dict[str, BlockType] = {
 # Most precise first: where parts of one matrix differ, the matrix takes the first of their types here.
 PRECISION_ORDER = ("q8_0", "q6_k", "q4_1", "q4_k", "q4_0")
 
+# Where a matrix's rows are not whole super-blocks: the 32-weight type with the same 4 bits of codes.
+_SMALL_BLOCK = {"q4_k": "q4_0", "q6_k": "q8_0"}
 # Elements per quantize/dequantize chunk: bounds the temporaries to a few times this many floats.
 _CHUNK = 1 << 22
 
@@ -63,6 +65,16 @@ def row_bytes(qtype: str, cols: int) -> int:
 def most_precise(qtypes: list[str] | tuple[str, ...]) -> str:
     """The most precise of these block types (for a matrix fused from parts stored in different types)."""
     return min(qtypes, key=PRECISION_ORDER.index)
+
+
+def block_type_for(qtype: str, cols: int) -> str | None:
+    """The block type a float matrix of `cols` columns is quantized to when `qtype` is asked for (by
+    `--quantize` and by GGUF export alike): `qtype`, else (q4_k) q4_0 where rows are whole 32-blocks but
+    not 256-blocks; None where no block fits (the matrix stays float)."""
+    for candidate in (qtype, _SMALL_BLOCK.get(qtype)):
+        if candidate is not None and cols % BLOCK_TYPES[candidate].elems == 0:
+            return candidate
+    return None
 
 
 def _f16(b: torch.Tensor) -> torch.Tensor:
