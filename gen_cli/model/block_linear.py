@@ -130,8 +130,9 @@ def concat_rows(parts: list[BlockLinear]) -> tuple[BlockLinear, str | None]:
 
 def dequantize_modules(model: nn.Module) -> nn.Module:
     """Replace every BlockLinear and BlockEmbedding in `model` by an nn.Linear / nn.Embedding holding its
-    dequantized weight (float32), in place: the reference a quantized model is measured against. A head
-    sharing an embedding's blocks shares the new float weight."""
+    dequantized weight (float32), in place: the reference a quantized model is measured against (a model
+    computing in another dtype: `.float()` it too). A head sharing an embedding's blocks shares the new
+    float weight."""
     shared: dict[int, nn.Parameter] = {}
 
     def weight(module: BlockLinear | BlockEmbedding) -> nn.Parameter:
