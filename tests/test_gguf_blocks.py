@@ -223,3 +223,12 @@ def test_float_model_quantized_to_blocks_matches_its_dequantized_self(files):
         got = float_model.layers[0].attn.wo
         assert torch.equal(got.blocks, quantize(w, qtype))
         assert ((dequantize(got.blocks, qtype, w.shape[1]) - w).abs() <= max_error(w, qtype)).all()
+
+
+def test_types_without_a_kernel_go_to_the_nearest_block_type_with_as_many_bits():
+    from gen_cli.model.gguf_blocks import nearest_block_type
+
+    assert nearest_block_type("Q5_K", 256) == "q6_k" and nearest_block_type("Q5_1", 256) == "q6_k"
+    assert nearest_block_type("Q2_K", 512) == "q4_k" and nearest_block_type("Q3_K", 256) == "q4_k"
+    assert nearest_block_type("IQ4_XS", 256) == "q4_k" and nearest_block_type("IQ2_XXS", 256) == "q4_k"
+    assert nearest_block_type("Q5_0", 64) == "q8_0" and nearest_block_type("IQ4_NL", 96) == "q4_1"
