@@ -232,3 +232,13 @@ def test_types_without_a_kernel_go_to_the_nearest_block_type_with_as_many_bits()
     assert nearest_block_type("Q2_K", 512) == "q4_k" and nearest_block_type("Q3_K", 256) == "q4_k"
     assert nearest_block_type("IQ4_XS", 256) == "q4_k" and nearest_block_type("IQ2_XXS", 256) == "q4_k"
     assert nearest_block_type("Q5_0", 64) == "q8_0" and nearest_block_type("IQ4_NL", 96) == "q4_1"
+
+
+def test_int8_leaves_block_matrices_as_they_are(files):
+    model = load(files["qwen2", "Q4_0"]).model  # tied: the head is the embedding's blocks
+    reference = dequantize_modules(load(files["qwen2", "Q4_0"]).model)
+    optimize_for_decode(model, quantize="int8", native=False)
+    assert {m.qtype for m in model.modules() if isinstance(m, BlockLinear)} == {"q4_0"}
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), reference(ids), rtol=0, atol=1e-5)

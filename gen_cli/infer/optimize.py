@@ -35,7 +35,7 @@ def _linears(model: Transformer) -> list[tuple[nn.Module, str, nn.Linear]]:
 
 
 def _untie(model: Transformer) -> None:
-    if model.config.tie_embeddings:
+    if model.config.tie_embeddings and isinstance(model.tok_emb, nn.Embedding):  # a BlockEmbedding's head is blocks
         # The embedding keeps its float table (a lookup reads one row); the head gets its own copy.
         model.tok_emb.weight = nn.Parameter(model.tok_emb.weight.detach().clone(), requires_grad=False)
 
