@@ -3,6 +3,8 @@ GGUF reader gets gen's dequantized values; a model loaded from a quantized GGUF 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -108,3 +110,16 @@ def test_cli_exports_q4_0_and_generate_runs_it(tok, tmp_path):
     assert gen.exit_code == 0, gen.output
     hf = runner.invoke(app, ["export", str(model_dir), "--to", "hf", "--out", str(tmp_path / "hf"), "--type", "q4_k"])
     assert hf.exit_code == 2 and "--type q4_k is for --to gguf" in hf.output
+
+
+def test_cli_generate_quantize_q4_k_reports_the_blocks(tok, tmp_path):
+    save_model(tmp_path / "model", gen_model(), tok)
+    out = runner.invoke(app, ["generate", "Hi", "--model", str(tmp_path / "model"), "--quantize", "q4_k",
+                              "--max-new-tokens", "2", "--json"])  # fmt: skip
+    assert out.exit_code == 0, out.output
+    weights = json.loads(out.stdout)["stats"]["weights"]
+    assert weights["attn qkv"]["types"] == {"q4_k": 2} and weights["lm head"]["types"] == {"q4_k": 1}
+    assert weights["embedding"]["types"] == {"float32": 1}  # the embedding keeps its table
+    assert weights["mlp out"]["bytes"] == 2 * 256 * (512 // 256 * 144)  # 2 layers × rows × super-blocks
+    bad = runner.invoke(app, ["generate", "Hi", "--model", str(tmp_path / "model"), "--quantize", "q5_k"])
+    assert bad.exit_code == 2 and "q4_k" in bad.output
