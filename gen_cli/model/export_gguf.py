@@ -62,11 +62,15 @@ def gguf_tensors(model: Transformer, arch: str, kind: str = "f32") -> dict[str, 
     import numpy as np
 
     from gen_cli.model.blocks import BLOCK_TYPES, quantize
+    from gen_cli.model.transformer import expected_shapes
 
     config = model.config
     blocks = held_blocks(model) if kind in BLOCK_TYPES else {}
-    entries = [(name, t, _qtype(name, t, kind)) for name, t in state_of(model, blocks).items()]
-    entries += [(name, b, qtype) for name, (b, qtype) in blocks.items()]
+    floats = state_of(model, blocks)
+    entries = [
+        (name, *blocks[name]) if name in blocks else (name, floats[name], _qtype(name, floats[name], kind))
+        for name in expected_shapes(config)
+    ]  # fmt: skip  (the model's order, as the converter writes)
     out: dict[str, tuple[np.ndarray, str]] = {}
     for gen_name, t, qtype in entries:
         if t.is_floating_point():
