@@ -329,3 +329,13 @@ def test_compare_batch_beyond_memory_is_refused_before_the_grid_runs(monkeypatch
     argv = ["compare", *FAST, "--attention", "mha", "--pos", "rope", "--in-process", "--batch", "1,10000000"]
     refused(argv, r"the largest configuration \(10,000,000 sequences of 9 tokens\) needs about [\d.]+ GiB but only "
             r".* available; use a smaller --batch or shorter --prompt-len / --gen-len")  # fmt: skip
+
+
+def test_a_temperature_beyond_float32_samples_uniformly_among_the_tokens_left():
+    from gen_cli.infer.sampling import SamplingConfig, sample_next
+
+    # The penalty sends the seen negative logit to -inf; a temperature that overflows fp32 once gave NaN.
+    logits = torch.tensor([[0.5, 3.0, -1.0, 2.9999]])
+    cfg = SamplingConfig(temperature=1e308, repetition_penalty=1e308)
+    picks = {sample_next(logits, torch.tensor([[2]]), cfg, torch.Generator().manual_seed(s)).item() for s in range(60)}
+    assert picks == {0, 1, 3}

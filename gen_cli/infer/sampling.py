@@ -57,6 +57,9 @@ def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     if temperature < torch.finfo(shifted.dtype).tiny:
         # The scalar would round to 0 in this dtype (0/0 = NaN); its limit keeps only the top logit(s).
         return shifted.masked_fill(shifted < 0, float("-inf"))
+    if temperature > torch.finfo(shifted.dtype).max:
+        # The scalar would round to inf (-inf / inf = NaN for excluded tokens); its limit is uniform over the rest.
+        return shifted.masked_fill(shifted > float("-inf"), 0.0)
     return shifted / temperature
 
 
