@@ -1,0 +1,232 @@
+"""Window KV cache (sinks + ring, StreamingLLM) and models trained with a sliding window.
+
+Oracle: a no-cache forward written here, query by query, that applies the same sinks-plus-window mask
+and the same positions within the cache (sinks 0…S-1, then the window in order, the query last).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gen_cli.errors import UsageError
+from gen_cli.infer.generate import greedy_steps, new_cache, run_generation
+from gen_cli.infer.sampling import SamplingConfig
+from gen_cli.model.kv_cache import KVCache
+from gen_cli.model.kv_window import WindowKVCache
+from gen_cli.model.positions import alibi_slopes, apply_rope, rope_tables
+from gen_cli.model.transformer import Transformer
+from tests.conftest import tiny_config
+
+CONFIG = tiny_config(n_kv_head=2, context_length=32)
+
+
+def sharp_model(config) -> Transformer:
+    """Random weights larger than the init's, so attention is peaked and logits spread (greedy ties are rare)."""
+    torch.manual_seed(0)
+    model = Transformer(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    return model
+
+
+MODELS = {kind: sharp_model(CONFIG.replace(pos_encoding=kind)) for kind in ("rope", "alibi", "learned")}
+
+
+@torch.no_grad()
+def reference_logits(model: Transformer, ids: torch.Tensor, window: int, sinks: int) -> torch.Tensor:
+    """(T, V) logits for ids (1, T) without a cache: at every layer, query t attends to the keys p ≤ t that
+    are sinks (p < S) or among its last `window` (p > t − window), at positions 0…L-1 in that order."""
+    cfg = model.config
+    T = ids.shape[1]
+    x = model.tok_emb(ids)  # (1, T, d)
+    if cfg.pos_encoding == "learned":
+        x = x + model.pos_emb.weight[:T]
+    elif cfg.pos_encoding == "sinusoidal":
+        x = x + model.sin_table[:T]
+    cos, sin = rope_tables(T, cfg.head_dim, cfg.rope_base, cfg.rope_scaling)
+    slopes = torch.tensor(alibi_slopes(cfg.n_head))
+    group = cfg.n_head // cfg.n_kv_head
+    for layer in model.layers:
+        q, k, v = layer.attn.project(layer.attn_norm(x), None)  # un-rotated: (1, H, T, hd), (1, Hkv, T, hd)
+        outs = []
+        for t in range(T):
+            keys = torch.tensor([p for p in range(t + 1) if p < sinks or p > t - window])
+            L = len(keys)
+            kk, vv, qq = k[:, :, keys], v[:, :, keys], q[:, :, t : t + 1]
+            if cfg.pos_encoding == "rope":
+                qq = apply_rope(qq, cos[L - 1 : L], sin[L - 1 : L])
+                kk = apply_rope(kk, cos[:L], sin[:L])
+            kk, vv = kk.repeat_interleave(group, 1), vv.repeat_interleave(group, 1)  # (1, H, L, hd)
+            logits = qq @ kk.transpose(-1, -2) / math.sqrt(cfg.head_dim)  # (1, H, 1, L)
+            if cfg.pos_encoding == "alibi":
+                logits = logits - slopes[:, None, None] * (L - 1 - torch.arange(L)).float()
+            outs.append(logits.softmax(-1) @ vv)  # (1, H, 1, hd)
+        y = torch.cat(outs, dim=2).transpose(1, 2).reshape(1, T, -1)  # (1, T, H × hd)
+        x = x + layer.attn.wo(y)
+        x = x + layer.mlp(layer.mlp_norm(x))
+    return model.lm_head(model.norm(x))[0]
+
+
+def windowed_greedy(model, prompt, n, window, sinks, kv_kinds=None, forced=None):
+    cache = new_cache(model, prompt, n, kv_kinds=kv_kinds, window=window, sinks=sinks)
+    steps = list(greedy_steps(model, prompt, n, cache, forced))
+    return torch.stack([lg[0] for lg, _ in steps]), torch.stack([t[0] for _, t in steps]), cache
+
+
+@pytest.mark.parametrize("pos_encoding", ["rope", "alibi", "learned", "sinusoidal"])
+def test_reference_with_a_wide_window_is_the_model(pos_encoding):
+    model = sharp_model(CONFIG.replace(pos_encoding=pos_encoding))
+    ids = torch.randint(0, 300, (1, 20), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(reference_logits(model, ids, 100, 0), model(ids)[0], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("pos_encoding", ["rope", "alibi", "learned", "sinusoidal"])
+def test_window_at_least_the_sequence_is_bit_identical_to_the_full_cache(pos_encoding):
+    model = sharp_model(CONFIG.replace(pos_encoding=pos_encoding))
+    prompt = torch.randint(0, 300, (1, 7), generator=torch.Generator().manual_seed(2))
+    full = list(greedy_steps(model, prompt, 12, new_cache(model, prompt, 12)))
+    logits, tokens, _ = windowed_greedy(model, prompt, 12, window=19 - 3, sinks=3)  # S + N = 19 = length
+    for (lg, tok), lw, tw in zip(full, logits, tokens, strict=True):
+        assert torch.equal(lg[0], lw) and torch.equal(tok[0], tw)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    window=st.integers(2, 9),
+    sinks=st.integers(0, 4),
+    prompt_len=st.integers(1, 20),
+    new=st.integers(1, 30),
+    pos_encoding=st.sampled_from(["rope", "alibi"]),
+)
+def test_window_equals_the_masked_no_cache_reference(window, sinks, prompt_len, new, pos_encoding):
+    if sinks >= window or sinks > prompt_len:
+        return
+    model = MODELS[pos_encoding]
+    prompt = torch.randint(0, 300, (1, prompt_len), generator=torch.Generator().manual_seed(prompt_len))
+    logits, tokens, cache = windowed_greedy(model, prompt, new, window, sinks)
+    ids = torch.cat([prompt[0], tokens])[None, :-1]  # (1, prompt + new - 1): every position that was fed
+    ref = reference_logits(model, ids, window, sinks)[prompt_len - 1 :]  # (new, V)
+    torch.testing.assert_close(logits, ref, atol=1e-4, rtol=1e-4)
+    assert torch.equal(tokens, ref.argmax(-1))  # greedy tokens identical
+    assert cache.pos == prompt_len + new - 1
+
+
+def test_learned_positions_stay_absolute_and_refuse_past_the_context():
+    model = MODELS["learned"]  # context 32
+    prompt = torch.randint(0, 300, (1, 10), generator=torch.Generator().manual_seed(3))
+    logits, tokens, _ = windowed_greedy(model, prompt, 20, 6, 2)  # window 6 < 29 positions, all within 32
+    ref = reference_logits(model, torch.cat([prompt[0], tokens])[None, :-1], 6, 2)[9:]
+    torch.testing.assert_close(logits, ref, atol=1e-4, rtol=1e-4)
+    with pytest.raises(UsageError, match="context length"):
+        new_cache(model, prompt, 40, window=6, sinks=2)
+
+
+def test_rope_generates_far_past_the_context_with_constant_bytes():
+    model = MODELS["rope"]  # context 32
+    prompt = torch.randint(0, 300, (1, 5), generator=torch.Generator().manual_seed(4))
+    cache = new_cache(model, prompt, 200, window=8, sinks=2)
+    before = cache.nbytes
+    assert before == KVCache.analytic_bytes(CONFIG, 10, 1, 4)  # S + N slots, however long the run
+    n = sum(1 for _ in greedy_steps(model, prompt, 200, cache))
+    assert n == 200 and cache.pos == 204 and cache.nbytes == before
+    stats = run_generation(model, prompt, 200, SamplingConfig(temperature=0), window=8, sinks=2).stats
+    assert stats.kv_cache_bytes == stats.kv_cache_bytes_analytic == before
+    assert (stats.kv_window, stats.kv_sinks, stats.new_tokens) == (8, 2, 200)
+
+
+@pytest.mark.parametrize("kinds", [("int8", "int8"), ("bf16", "fp32")])
+def test_quantized_kinds_combine_with_a_window(kinds):
+    """The window cache stores K before RoPE, so its int8 differs from the linear cache's: compare it to
+    the fp32 window it approximates on the same tokens (KL of the next-token distribution), and the bytes."""
+    model = sharp_model(CONFIG.replace(d_model=64, n_head=2, n_kv_head=1))  # head_dim 32
+    prompt = torch.randint(0, 300, (1, 6), generator=torch.Generator().manual_seed(5))
+    ref, tokens, _ = windowed_greedy(model, prompt, 30, 8, 2)
+    got, _, cache = windowed_greedy(model, prompt, 30, 8, 2, kv_kinds=kinds, forced=tokens[None])  # same tokens
+    assert cache.nbytes == KVCache.analytic_bytes(model.config, 10, 1, 4, *kinds)
+    p, q = ref.log_softmax(-1), got.log_softmax(-1)
+    kl = (p.exp() * (p - q)).sum(-1)
+    assert kl.max() < 0.05
+
+
+def test_prompt_longer_than_the_window_is_prefilled_in_chunks():
+    model = MODELS["rope"]
+    prompt = torch.randint(0, 300, (1, 27), generator=torch.Generator().manual_seed(6))
+    cache = WindowKVCache(model.config, 1, 5, 1)
+    logits = model(prompt, cache=cache)  # one call: the model splits it into chunks of ≤ 5
+    torch.testing.assert_close(logits[0], reference_logits(model, prompt, 5, 1), atol=1e-4, rtol=1e-4)
+
+
+def test_several_samples_share_one_windowed_prefill():
+    model = MODELS["rope"]
+    prompt = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(7))
+    one = run_generation(model, prompt, 15, SamplingConfig(temperature=0), window=6, sinks=1).tokens
+    three = run_generation(model, prompt, 15, SamplingConfig(temperature=0), num_samples=3, window=6, sinks=1).tokens
+    assert torch.equal(three, one.expand(3, -1))
+
+
+@pytest.mark.parametrize(
+    ("window", "sinks", "prompt_len", "match"),
+    [
+        (4, 4, 10, "larger than the sinks"),
+        (4, 6, 10, "larger than the sinks"),
+        (0, 0, 10, "window must be"),
+        (8, 4, 3, "4 sinks need a prompt"),
+        (30, 4, 10, "pass the model's context"),
+    ],
+)
+def test_bad_windows_are_refused_in_one_line(window, sinks, prompt_len, match):
+    prompt = torch.zeros(1, prompt_len, dtype=torch.long)
+    with pytest.raises(UsageError, match=match) as e:
+        new_cache(MODELS["rope"], prompt, 5, window=window, sinks=sinks)
+    assert "\n" not in str(e.value)
+
+
+def test_a_window_needs_the_cache_on():
+    prompt = torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(UsageError, match="needs the cache on"):
+        run_generation(MODELS["rope"], prompt, 3, SamplingConfig(), use_cache=False, window=4)
+
+
+# Models trained with a sliding window ----------------------------------------------------------------
+
+
+def test_trained_window_is_a_config_field_saved_only_when_set():
+    assert "sliding_window" not in CONFIG.to_dict()
+    cfg = CONFIG.replace(sliding_window=6)
+    assert cfg.to_dict()["sliding_window"] == 6
+    assert type(cfg).from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(UsageError, match="sliding_window"):
+        CONFIG.replace(sliding_window=0)
+
+
+@pytest.mark.parametrize("pos_encoding", ["rope", "alibi"])
+def test_trained_window_cache_ring_and_no_cache_agree(pos_encoding):
+    """A model trained with window W: the no-cache mask, a full linear cache and the automatic ring of W
+    slots give the same logits (RoPE/ALiBi depend on distance only, so the ring's positions are exact)."""
+    model = sharp_model(CONFIG.replace(sliding_window=6, pos_encoding=pos_encoding))
+    prompt = torch.randint(0, 300, (1, 9), generator=torch.Generator().manual_seed(8))
+    ring = new_cache(model, prompt, 15)
+    assert isinstance(ring, WindowKVCache) and (ring.window, ring.sinks) == (6, 0)
+    steps = list(greedy_steps(model, prompt, 15, ring))
+    tokens = torch.stack([t[0] for _, t in steps])
+    ids = torch.cat([prompt[0], tokens])[None, :-1]
+    no_cache = model(ids)[0, 8:]
+    linear = KVCache(model.config, 1, 24)
+    cached = torch.cat([model(prompt, cache=linear)[0, -1:]] + [model(ids[:, i : i + 1], cache=linear)[0] for i in
+                                                                range(9, ids.shape[1])])  # fmt: skip
+    torch.testing.assert_close(torch.stack([lg[0] for lg, _ in steps]), no_cache, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(cached, no_cache, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(no_cache, reference_logits(model, ids, 6, 0)[8:], atol=1e-4, rtol=1e-4)
+
+
+def test_run_time_window_wider_than_the_trained_one_is_refused():
+    model = sharp_model(CONFIG.replace(sliding_window=6))
+    with pytest.raises(UsageError, match="trained with a sliding window of 6"):
+        new_cache(model, torch.zeros(1, 4, dtype=torch.long), 5, window=6, sinks=1)
