@@ -6,6 +6,7 @@ and the same positions within the cache (sinks 0…S-1, then the window in order
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -230,3 +231,58 @@ def test_run_time_window_wider_than_the_trained_one_is_refused():
     model = sharp_model(CONFIG.replace(sliding_window=6))
     with pytest.raises(UsageError, match="trained with a sliding window of 6"):
         new_cache(model, torch.zeros(1, 4, dtype=torch.long), 5, window=6, sinks=1)
+
+
+@pytest.mark.parametrize(
+    ("arch", "changes", "window"),
+    [
+        ("mistral", {"sliding_window": 5}, 5),
+        ("qwen2", {"use_sliding_window": True, "sliding_window": 5, "max_window_layers": 0}, 5),
+        ("qwen2", {"use_sliding_window": True, "sliding_window": 5, "max_window_layers": 1}, None),  # mixed
+    ],
+)
+def test_trained_window_equals_transformers(tmp_path, arch, changes, window):
+    """transformers' Mistral/Qwen2 with a tiny sliding window, on a sequence 4× longer: the no-cache path, a
+    linear cache and the ring cache all equal its logits (mixed layers: the context is capped at the window)."""
+    transformers = pytest.importorskip("transformers")
+    from hf_builders import build_hf_model, byte_level_tokenizer
+
+    from gen_cli.model.loading import load
+
+    build_hf_model(arch, tmp_path, byte_level_tokenizer())
+    cfg = json.loads((tmp_path / "config.json").read_text()) | changes
+    cfg.pop("layer_types", None)  # recomputed from the window settings by transformers, and by gen
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).float().eval()
+    model = load(tmp_path).model
+    assert model.config.sliding_window == window
+    if window is None:
+        assert model.config.context_length == 5
+        return
+    ids = torch.randint(0, 300, (1, 20), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        ref = hf(ids).logits[0]  # (20, V)
+    torch.testing.assert_close(model(ids)[0], ref, atol=1e-4, rtol=1e-4)
+    ring = new_cache(model, ids[:, :8], 12)
+    assert isinstance(ring, WindowKVCache) and ring.nbytes == KVCache.analytic_bytes(model.config, 5, 1, 4)
+    linear = KVCache(model.config, 1, 20)
+    for cache in (ring, linear):
+        with torch.no_grad():
+            got = [model(ids[:, :8], cache=cache)[0, -1]] + [model(ids[:, t : t + 1], cache=cache)[0, -1]
+                                                             for t in range(8, 20)]  # fmt: skip
+        torch.testing.assert_close(torch.stack(got), ref[7:], atol=1e-4, rtol=1e-4)
+
+
+def test_gguf_sliding_window_is_read(tmp_path, monkeypatch):
+    gguf = pytest.importorskip("gguf")
+    from hf_builders import build_hf_model, byte_level_tokenizer, write_gguf
+
+    from gen_cli.model.loading import load
+
+    tok = byte_level_tokenizer()
+    hf = build_hf_model("mistral", tmp_path, tok)
+    add_name = gguf.GGUFWriter.add_name
+    monkeypatch.setattr(gguf.GGUFWriter, "add_name", lambda w, n: (add_name(w, n), w.add_sliding_window(5)))
+    write_gguf(hf, tok, "mistral", tmp_path / "m.gguf")
+    model = load(tmp_path / "m.gguf").model
+    assert model.config.sliding_window == 5

@@ -104,6 +104,7 @@ def _print_stats(stats: dict[str, Any], source: str, path_note: str = "") -> Non
         f"device           {stats['device']}   dtype {stats['dtype']}   threads {stats['threads']}   "
         f"decode path {stats['decode_path']}{path_note}",
         f"KV kinds         K {stats['kv_dtype_k'] or '-'}   V {stats['kv_dtype_v'] or '-'}"
+        + (f"   window {stats['kv_window']} + {stats['kv_sinks']} sinks" if stats.get("kv_window") else "")
         + (f"   (PyTorch decodes: {escape(stats['decode_path_reason'])})" if stats.get("decode_path_reason") else ""),
     ]
     if load := stats.get("machine_load"):
@@ -186,6 +187,14 @@ def generate_command(
     ),
     kv_dtype_k: str = typer.Option(None, "--kv-dtype-k", help="KV cache kind for K only.", show_default=False),
     kv_dtype_v: str = typer.Option(None, "--kv-dtype-v", help="KV cache kind for V only.", show_default=False),
+    window: int = typer.Option(
+        None,
+        "--window",
+        help="Keep only the last N positions in the KV cache (a ring), plus --sinks: memory stays flat and a RoPE "
+        "or ALiBi model generates past its context (positions within the cache, as StreamingLLM).",
+        show_default=False,
+    ),
+    sinks: int = typer.Option(0, "--sinks", help="With --window: the first S tokens, kept in the cache forever."),
     quantize: str = typer.Option("none", "--quantize", help="none, or int8: weight-only, per-output-channel scales."),
     compile_: bool = typer.Option(
         False, "--compile", help="torch.compile the model (slow start: tens of seconds; see gen bench decode)."
@@ -220,6 +229,12 @@ def generate_command(
     kv_kinds = _kv_kinds(kv_dtype, kv_dtype_k, kv_dtype_v)
     if kv_kinds is not None and not kv_cache:
         raise UsageError("--kv-dtype sets how the KV cache stores K and V; drop --no-kv-cache or --kv-dtype")
+    if window is None and sinks:
+        raise UsageError("--sinks goes with --window N")
+    if window is not None and not kv_cache:
+        raise UsageError("--window is a kind of KV cache; drop --no-kv-cache or --window")
+    if window is not None and compile_:
+        raise UsageError("--compile runs the linear cache only; drop --compile or --window")
     if not -(2**63) <= seed < 2**64:  # what torch.Generator.manual_seed accepts
         raise UsageError(f"--seed must fit in 64 bits (-2**63 to 2**64 - 1), got {seed}")
 
@@ -280,7 +295,8 @@ def generate_command(
         if eot is None:
             raise UsageError(f"the prompt is empty and the tokenizer has no {EOT} token to start from")
         ids = [eot]
-    check_memory(model, num_samples, len(ids) + max_new_tokens, device)  # before a text stream per sample
+    held = len(ids) + max_new_tokens if window is None else min(len(ids) + max_new_tokens, window + sinks)
+    check_memory(model, num_samples, held, device)  # before a text stream per sample
     stop_ids = () if ignore_eot else (loaded.stop_ids or ((eot,) if eot is not None else ()))
     # The prompt's last id as context: a SentencePiece decoder would strip the reply's first space.
     rows = [TextStream(tok, stops, stop_ids=stop_ids, context=tuple(ids[-1:])) for _ in range(num_samples)]
@@ -301,8 +317,9 @@ def generate_command(
             compile_s = compile_warm_up(model, prompt_ids, max_new_tokens, sampling, num_samples)
     generator = torch.Generator(device=device).manual_seed(seed)
     result = run_generation(
-        model, prompt_ids, max_new_tokens, sampling, kv_cache, generator, stop_ids, num_samples, on_token, kv_kinds
-    )
+        model, prompt_ids, max_new_tokens, sampling, kv_cache, generator, stop_ids, num_samples, on_token, kv_kinds,
+        window, sinks,
+    )  # fmt: skip
     texts = [r.text for r in rows]
     stats = result.stats.to_dict() | {"load_s": load_s, "load_peak_memory_bytes": load_mem.bytes}
     stats |= {"compile_s": compile_s} if compile_ else {}
