@@ -24,6 +24,7 @@ from gen_cli.model.transformer import Transformer
 from tests.conftest import tiny_config
 
 CONFIG = tiny_config(n_kv_head=2, context_length=32)
+GREEDY = SamplingConfig(temperature=0.0)
 
 
 def sharp_model(config) -> Transformer:
@@ -31,7 +32,7 @@ def sharp_model(config) -> Transformer:
     torch.manual_seed(0)
     model = Transformer(config).eval()
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.3)
     return model
@@ -286,3 +287,34 @@ def test_gguf_sliding_window_is_read(tmp_path, monkeypatch):
     write_gguf(hf, tok, "mistral", tmp_path / "m.gguf")
     model = load(tmp_path / "m.gguf").model
     assert model.config.sliding_window == 5
+
+
+def test_chat_goes_on_past_the_window_as_a_fresh_windowed_run_would(tmp_path):
+    """A conversation on a window cache: every reply equals greedy on a fresh window cache of the whole
+    rendered conversation (the cache is reused while it can be, re-prefilled where a roll-back is needed)."""
+    pytest.importorskip("transformers")
+    from test_chat import CHATML, _session, chat_dir, loaded  # noqa: F401  (fixtures)
+
+    model_dir = chat_dir.__wrapped__(_TmpFactory(tmp_path))
+    chat = loaded.__wrapped__(model_dir)
+    session = _session(chat, window=(24, 4))
+    for message in ("Hello there, fox!", "And 12345?", "Tell me more about the dog.", "Why?"):
+        turn = session.say(message, 12, GREEDY)
+        prompt = torch.tensor([session._last_prompt])  # (1, T): the conversation as rendered for this turn
+        cache = new_cache(chat.model, prompt, 12, window=24, sinks=4)
+        expected = []
+        for _, t in greedy_steps(chat.model, prompt, 12, cache):
+            expected.append(int(t[0]))
+            if expected[-1] in chat.stop_ids:
+                break
+        assert turn.token_ids == expected
+    assert session.cache.pos > 24 + 4 and session.cache.nbytes == KVCache.analytic_bytes(chat.model.config, 28, 1, 4)
+
+
+class _TmpFactory:
+    def __init__(self, path):
+        self.path = path
+
+    def mktemp(self, name):
+        (self.path / name).mkdir()
+        return self.path / name

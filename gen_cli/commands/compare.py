@@ -123,7 +123,9 @@ def compare_command(
         show_default=False,
     ),
     sinks: list[str] = typer.Option(
-        None, "--sinks", help="With --window: the first S tokens kept forever (comma list). \\[default: 0]",
+        None,
+        "--sinks",
+        help="With --window: the first S tokens kept forever (comma list). \\[default: 0]",
         show_default=False,
     ),
     context: int = typer.Option(

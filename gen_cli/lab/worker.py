@@ -108,8 +108,16 @@ def measure(spec: Spec) -> dict[str, Any]:
     kv_kinds = parse_kv_kinds(spec.kv_dtype) if spec.kv_dtype and spec.kv_cache else None
     with LoadProbe() as probe:  # over the timed runs (and warm-up): what other processes took meanwhile
         every = [
-            run_generation(model, prompt, spec.gen_len, greedy, use_cache=spec.kv_cache, kv_kinds=kv_kinds,
-                           window=spec.window or None, sinks=spec.sinks).stats  # fmt: skip
+            run_generation(
+                model,
+                prompt,
+                spec.gen_len,
+                greedy,
+                use_cache=spec.kv_cache,
+                kv_kinds=kv_kinds,
+                window=spec.window or None,
+                sinks=spec.sinks,
+            ).stats
             for _ in range(spec.warmup + spec.repeats)
         ]
     runs = every[spec.warmup :]  # the timed ones
@@ -164,7 +172,11 @@ def measure(spec: Spec) -> dict[str, Any]:
         "baseline": False,
         "greedy_match": greedy_match,
         "max_logit_diff": max_diff,
-        "oracle": "float32 no-cache, same weights" if has_oracle else "window: see KL" if spec.window else "is the oracle",
+        "oracle": "float32 no-cache, same weights"
+        if has_oracle
+        else "window: see KL"
+        if spec.window
+        else "is the oracle",
         "val_loss": None,
         "bits_per_byte": None,
         "machine_load": probe.load.to_dict(),

@@ -142,7 +142,9 @@ class WindowKVCache:
         self._plan = None
 
     def truncate(self, pos: int) -> None:
-        """Roll back to `pos`: possible only while nothing at or after it has been overwritten."""
+        """Roll back to `pos`: to 0 always, else only while nothing at or after it has been overwritten."""
+        if pos == 0:
+            return self.reset()
         if not 0 <= pos <= self.pos or (pos < self.pos and self.pos > self.capacity):
             raise InternalError(f"a window cache at {self.pos} (of {self.capacity} slots) cannot roll back to {pos}")
         self.pos = pos
@@ -176,9 +178,9 @@ class WindowKVCache:
     def _make_plan(self, T: int, device: torch.device) -> dict:
         """What every layer of this forward shares: key positions, their slots, the mask, the frames."""
         P, S, N = self.pos, self.sinks, self.window
-        if T > N:
+        if self.window < T:
             raise InternalError(f"a window cache takes chunks of at most {N} tokens, got {T} (the model splits them)")
-        plan: dict = {"T": T, "plain": P + T <= self.capacity}
+        plan: dict = {"T": T, "plain": self.capacity >= P + T}
         q_pos = torch.arange(P, P + T, device=device)
         if plan["plain"]:  # no slot overwritten yet: slots are positions and every query sees every earlier key
             plan["k_pos"], plan["q_pos"] = torch.arange(P + T, device=device), q_pos

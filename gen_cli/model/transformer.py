@@ -281,7 +281,7 @@ class Transformer(nn.Module):
         T = idx.shape[1]
         kind = self.config.pos_encoding
         window = getattr(cache, "window", None)
-        if window is not None and T > window:
+        if window is not None and idx.shape[1] > window:
             # A window cache (run-time sliding window) takes chunks it can hold beside what each query sees.
             parts = [self(idx[:, i : i + window], cache, last_only) for i in range(0, T, window)]
             return parts[-1] if last_only else torch.cat(parts, dim=1)  # (B, T or 1, vocab)
