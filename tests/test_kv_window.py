@@ -176,10 +176,10 @@ def test_several_samples_share_one_windowed_prefill():
 @pytest.mark.parametrize(
     ("window", "sinks", "prompt_len", "match"),
     [
-        (4, 4, 10, "larger than the sinks"),
-        (4, 6, 10, "larger than the sinks"),
+        (4, 4, 10, "larger than sinks"),
+        (4, 6, 10, "larger than sinks"),
         (0, 0, 10, "window must be"),
-        (8, 4, 3, "4 sinks need a prompt"),
+        (8, 4, 3, r"sinks \(4\) must not exceed the prompt's 3"),
         (30, 4, 10, "pass the model's context"),
     ],
 )
@@ -230,7 +230,7 @@ def test_trained_window_cache_ring_and_no_cache_agree(pos_encoding):
 
 def test_run_time_window_wider_than_the_trained_one_is_refused():
     model = sharp_model(CONFIG.replace(sliding_window=6))
-    with pytest.raises(UsageError, match="trained with a sliding window of 6"):
+    with pytest.raises(UsageError, match="trained to attend to its last 6 tokens"):
         new_cache(model, torch.zeros(1, 4, dtype=torch.long), 5, window=6, sinks=1)
 
 
@@ -318,3 +318,27 @@ class _TmpFactory:
     def mktemp(self, name):
         (self.path / name).mkdir()
         return self.path / name
+
+
+def test_cli_generate_runs_past_the_context_on_a_window(model_dir):
+    """The tiny model's context is 64: 150 new tokens on a window of 16 + 4 sinks, flat bytes, one-line refusals."""
+    from typer.testing import CliRunner
+
+    from gen_cli.cli import app
+
+    runner = CliRunner()
+    args = ["generate", "The quick brown fox", "--model", str(model_dir), "--device", "cpu", "--ignore-eot"]
+    result = runner.invoke(app, [*args, "--max-new-tokens", "150", "--window", "16", "--sinks", "4", "--json"])
+    assert result.exit_code == 0, result.output
+    s = json.loads(result.stdout)["stats"]
+    assert s["new_tokens"] == 150 and (s["kv_window"], s["kv_sinks"]) == (16, 4) and s["decode_path"] == "torch"
+    assert s["kv_cache_bytes"] == s["kv_cache_bytes_analytic"] == 2 * 2 * 4 * 8 * 20 * 4  # K+V, layers, heads, hd
+    for extra, message in (
+        (["--window", "4", "--sinks", "4"], "--window must be larger than --sinks, got 4 ≤ 4"),
+        (["--window", "0"], "window must be a whole number ≥ 1"),
+        (["--sinks", "2"], "--sinks goes with --window"),
+        (["--window", "30", "--sinks", "25"], "--sinks (25) must not exceed the prompt's"),
+        (["--window", "8", "--no-kv-cache"], "--window is a kind of KV cache"),
+    ):
+        bad = runner.invoke(app, [*args, "--max-new-tokens", "5", *extra])
+        assert bad.exit_code == 2 and message in bad.output and len(bad.output.strip().splitlines()) <= 2, extra

@@ -60,7 +60,7 @@ def check_lengths(config: ModelConfig, prompt_len: int, max_new_tokens: int, cac
     if isinstance(cache, WindowKVCache):
         if cache.sinks > prompt_len:
             raise UsageError(
-                f"{cache.sinks} sinks need a prompt of at least as many tokens; this one has {prompt_len}",
+                f"sinks ({cache.sinks}) must not exceed the prompt's {prompt_len} tokens: they keep its first ones",
                 params=("sinks",),
             )
         if config.pos_encoding in RELATIVE:

@@ -150,11 +150,11 @@ def expand_grid(
 def _window_kinds(window: list[int] | None, sinks: list[int] | None, shortest_prompt: int) -> list[tuple[int, int]]:
     """(window, sinks) pairs for cache-on rows; window 0 is the full cache (sinks apply to windows only)."""
     if sinks and not window:
-        raise UsageError("sinks go with a window (window N)", params=("sinks", "window"))
+        raise UsageError("sinks need a window", params=("sinks", "window"))
     pairs = [(w, s) for w in window or [0] for s in (sinks or [0] if w else [0])]
     if too_many := [s for _, s in pairs if s > shortest_prompt]:
         raise UsageError(
-            f"{max(too_many)} sinks need prompts of at least as many tokens (prompt_len {shortest_prompt})",
+            f"sinks ({max(too_many)}) must not exceed the shortest prompt_len, {shortest_prompt}",
             params=("sinks", "prompt_len"),
         )
     return list(dict.fromkeys(pairs))

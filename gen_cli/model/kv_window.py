@@ -30,11 +30,7 @@ def check_window(config: ModelConfig, window: int, sinks: int) -> None:
     if isinstance(sinks, bool) or not isinstance(sinks, int) or sinks < 0:
         raise UsageError(f"sinks must be a whole number ≥ 0, got {sinks!r}", params=("sinks",))
     if window <= sinks:
-        raise UsageError(
-            f"the window ({window}) must be larger than the sinks ({sinks}): the sinks are the first tokens, "
-            "the window the recent ones",
-            params=("window", "sinks"),
-        )
+        raise UsageError(f"window must be larger than sinks, got {window} ≤ {sinks}", params=("window", "sinks"))
     if config.pos_encoding in RELATIVE and sinks + window > config.context_length:
         raise UsageError(
             f"window + sinks = {window + sinks} positions pass the model's context of {config.context_length}: "
@@ -44,8 +40,8 @@ def check_window(config: ModelConfig, window: int, sinks: int) -> None:
     trained = config.sliding_window
     if trained is not None and sinks + window > trained:
         raise UsageError(
-            f"this model was trained with a sliding window of {trained} tokens; window + sinks = "
-            f"{window + sinks} would let it attend further than it learned to",
+            f"this model was trained to attend to its last {trained} tokens only; window + sinks = "
+            f"{window + sinks} would reach further than it learned to",
             params=("window", "sinks"),
         )
 
