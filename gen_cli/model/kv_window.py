@@ -200,6 +200,15 @@ class WindowKVCache:
             dist = torch.where(sink[None, :], q_sink[:, None] - k_pos[None, :], q_pos[:, None] - k_pos[None, :])
             bias = -slopes[:, None, None] * dist.to(slopes.dtype)  # (H, T, L)
             plan["bias"] = bias.masked_fill(~visible, float("-inf")).to(self._dtype)
+        if T == 1:
+            # One query past the first eviction sees exactly every slot (the new token replaced the one just
+            # out of reach): attend over the slots in place, in slot order (softmax ignores key order), each
+            # key at its own frame position, and skip the gathers.
+            by_slot = torch.empty_like(k_pos)
+            by_slot[torch.cat([plan["old_slots"], plan["new_slots"]])] = torch.arange(len(k_pos), device=device)
+            plan["steady"], plan["k_frame"] = True, k_frame[by_slot]
+            if "bias" in plan:
+                plan["bias"] = plan["bias"][..., by_slot]  # (H, 1, S+N)
         return plan
 
     def attend(self, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor) -> torch.Tensor:
@@ -218,6 +227,16 @@ class WindowKVCache:
             vs.write(P, v_new)
             k, v = ks.read(P + T), vs.read(P + T)  # (B, n_kv_head, P+T, head_dim); views when stored so
             return self._plain_attention(q, k, v, plan, gqa)
+        if plan.get("steady"):
+            self._write(ks, P, k_new)
+            self._write(vs, P, v_new)
+            k, v = ks.read(self.capacity), vs.read(self.capacity)  # (B, n_kv_head, S+N, head_dim), slot order
+            bias = plan.get("bias")
+            if kind == "rope":
+                cos, sin = self._rope(device)
+                k = apply_rope(k, cos[plan["k_frame"]], sin[plan["k_frame"]])
+                q = apply_rope(q, cos[plan["q_win"]], sin[plan["q_win"]])
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=gqa)
         # Read what the chunk may see before writing it: its writes overwrite the oldest window slots.
         old_k, old_v = ks.read(self.capacity)[:, :, plan["old_slots"]], vs.read(self.capacity)[:, :, plan["old_slots"]]
         self._write(ks, P, k_new)
