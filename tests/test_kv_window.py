@@ -342,3 +342,28 @@ def test_cli_generate_runs_past_the_context_on_a_window(model_dir):
     ):
         bad = runner.invoke(app, [*args, "--max-new-tokens", "5", *extra])
         assert bad.exit_code == 2 and message in bad.output and len(bad.output.strip().splitlines()) <= 2, extra
+
+
+def test_compare_grid_crosses_windows_and_sinks_and_runs_past_the_context():
+    from gen_cli.lab import compare
+
+    def grid(**axes):
+        args = dict(attention=["mha"], kv_heads=[], pos=["rope"], kv_cache=["on"], prompt_len=[8], gen_len=[40],
+                    batch=[1], dtype=["float32"], repeats=1, warmup=0, threads=1)  # fmt: skip
+        return compare.expand_grid(CONFIG, **(args | axes))  # context 32: 48 tokens only with a window
+
+    specs = grid(window=[8, 12], sinks=[0, 2])
+    assert [(s.window, s.sinks) for s in specs] == [(8, 0), (8, 2), (12, 0), (12, 2)]
+    with pytest.raises(UsageError, match="exceeds the model's context"):
+        grid(window=[0, 8])  # the full cache cannot hold 48 tokens
+    with pytest.raises(UsageError, match="exceeds the model's context"):
+        grid(window=[8], pos=["learned"])
+    with pytest.raises(UsageError, match="must not exceed the shortest prompt_len"):
+        grid(window=[8], sinks=[9], gen_len=[4])
+    with pytest.raises(UsageError, match="larger than sinks"):
+        grid(window=[4], sinks=[4], gen_len=[4])
+    row = compare.measure(grid(window=[8], sinks=[2], gen_len=[6])[0])
+    assert (row["kv_window"], row["kv_sinks"]) == (8, 2) and row[
+        "kv_cache_bytes_measured"
+    ] == 2 * 2 * 4 * 8 * 10 * 4  # MHA: 4 KV heads
+    assert row["kv_top1_agreement"] is not None and row["greedy_match"] is None  # KL against the full cache
