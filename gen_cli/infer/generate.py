@@ -38,7 +38,8 @@ def decode_step(model: Transformer, token: torch.Tensor, cache: KVCache) -> torc
     in fp32 and closer to fp32 than PyTorch's bf16 path).
     """
     native = model.native_decoder
-    if native is not None and native.accepts(token.shape[0], cache):
+    trained = model.config.sliding_window  # the C step has no window mask: past the window PyTorch masks
+    if native is not None and (trained is None or cache.pos < trained) and native.accepts(token.shape[0], cache):
         return native(token, cache)
     return model(token, cache=cache)[:, -1]
 
