@@ -233,9 +233,8 @@ class WindowKVCache:
             k, v = ks.read(self.capacity), vs.read(self.capacity)  # (B, n_kv_head, S+N, head_dim), slot order
             bias = plan.get("bias")
             if kind == "rope":
-                cos, sin = self._rope(device)
-                k = apply_rope(k, cos[plan["k_frame"]], sin[plan["k_frame"]])
-                q = apply_rope(q, cos[plan["q_win"]], sin[plan["q_win"]])
+                k = apply_rope(k, *self._rows(plan, "k_frame"))
+                q = apply_rope(q, *self._rows(plan, "q_win"))
             return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=gqa)
         # Read what the chunk may see before writing it: its writes overwrite the oldest window slots.
         old_k, old_v = ks.read(self.capacity)[:, :, plan["old_slots"]], vs.read(self.capacity)[:, :, plan["old_slots"]]
@@ -248,13 +247,12 @@ class WindowKVCache:
         mask: torch.Tensor = plan["visible"]
         scale = None
         if kind == "rope":
-            cos, sin = self._rope(device)
-            k = apply_rope(k, cos[plan["k_frame"]], sin[plan["k_frame"]])
-            q_win = apply_rope(q, cos[plan["q_win"]], sin[plan["q_win"]])
+            k = apply_rope(k, *self._rows(plan, "k_frame"))
+            q_win = apply_rope(q, *self._rows(plan, "q_win"))
             if plan["two_frames"]:
                 # Two frames in one SDPA call: [q_sink, q_win]·[k·sink, k·window] is q_sink·k for a sink key
                 # and q_win·k for a window key (the zero halves add exact zeros); the scale stays 1/sqrt(hd).
-                q_sink = apply_rope(q, cos[plan["q_sink"]], sin[plan["q_sink"]])
+                q_sink = apply_rope(q, *self._rows(plan, "q_sink"))
                 is_sink = plan["sink"][:, None].to(k.dtype)  # (L, 1)
                 q = torch.cat([q_sink, q_win], dim=-1)  # (B, n_head, T, 2 head_dim)
                 k = torch.cat([k * is_sink, k * (1 - is_sink)], dim=-1)  # (B, n_kv_head, L, 2 head_dim)
@@ -264,6 +262,13 @@ class WindowKVCache:
         elif kind == "alibi":
             mask = plan["bias"]
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+    def _rows(self, plan: dict, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin rows for the positions `plan[key]`, gathered once per forward for every layer."""
+        if (rows := plan.get(key + "_rows")) is None:
+            cos, sin = self._rope(plan[key].device)
+            rows = plan[key + "_rows"] = (cos[plan[key]], sin[plan[key]])
+        return rows
 
     def _plain_attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: dict, gqa: bool
