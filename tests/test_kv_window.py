@@ -369,3 +369,12 @@ def test_compare_grid_crosses_windows_and_sinks_and_runs_past_the_context():
         "kv_cache_bytes_measured"
     ] == 2 * 2 * 4 * 8 * 10 * 4  # MHA: 4 KV heads
     assert row["kv_top1_agreement"] is not None and row["greedy_match"] is None  # KL against the full cache
+
+
+@pytest.mark.parametrize("target", ["hf", "gguf"])
+def test_export_refuses_a_trained_window_it_cannot_write(target):
+    from gen_cli.errors import GenError
+    from gen_cli.model.export import family
+
+    with pytest.raises(GenError, match="trained sliding window of 6 tokens"):
+        family(CONFIG.replace(sliding_window=6), target)
