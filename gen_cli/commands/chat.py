@@ -169,6 +169,14 @@ def chat_command(
         help="Tokens the conversation may hold (the KV cache's size) [default: the model's context length].",
         show_default=False,
     ),
+    window: int = typer.Option(
+        None,
+        "--window",
+        help="Keep only the last N tokens in the KV cache, plus --sinks: the conversation goes on past the context "
+        "(RoPE/ALiBi models) with flat memory, forgetting what left the window.",
+        show_default=False,
+    ),
+    sinks: int = typer.Option(0, "--sinks", help="With --window: the first S tokens, kept forever."),
     device_name: Device = "auto",
     dtype_opt: str = typer.Option(
         None, "--dtype", help="float32, bfloat16 or float16 (default: as stored).", show_default=False
@@ -200,6 +208,10 @@ def chat_command(
         raise UsageError(f"--seed must fit in 64 bits (-2**63 to 2**64 - 1), got {seed}")
     sampling = SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty)
     kv_kinds = kv_kinds_of(kv_dtype, kv_dtype_k, kv_dtype_v) or (None, None)
+    if window is None and sinks:
+        raise UsageError("--sinks goes with --window N")
+    if window is not None and context_tokens is not None:
+        raise UsageError("--context-tokens sizes a linear cache; --window sizes the window cache: give one")
 
     import torch
 
@@ -229,6 +241,7 @@ def chat_command(
         model, loaded.tokenizer, loaded.chat_template, special_tokens=loaded.special_tokens,
         stop_ids=loaded.stop_ids, system=system, context_tokens=context_tokens,
         source=f"{loaded.source}: chat template", kv_kinds=kv_kinds,
+        window=None if window is None else (window, sinks),
     )  # fmt: skip
     generator = torch.Generator(device=device).manual_seed(seed)
     interactive = sys.stdin.isatty()

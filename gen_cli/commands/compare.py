@@ -114,6 +114,23 @@ def compare_command(
         "list); adds KL divergence and top-1 agreement against the full-precision cache. \\[default: the dtype]",
         show_default=False,
     ),
+    window: list[str] = typer.Option(
+        None,
+        "--window",
+        help="Window KV caches for cache-on rows: the last N positions (a ring) plus --sinks; 0 is the full cache "
+        "(comma list). Past the window, a rope or alibi shape generates on (positions within the cache); KL and "
+        "top-1 against the full cache while it can hold the run.",
+        show_default=False,
+    ),
+    sinks: list[str] = typer.Option(
+        None,
+        "--sinks",
+        help="With --window: the first S tokens kept forever (comma list). \\[default: 0]",
+        show_default=False,
+    ),
+    context: int = typer.Option(
+        None, "--context", help="Raise (or lower) the shape's context length to N tokens.", show_default=False
+    ),
     device: Device = "auto",
     threads: int = typer.Option(
         None, "--threads", help="CPU threads per run \\[default: torch's default].", show_default=False
@@ -205,6 +222,11 @@ def compare_command(
     if eval_context is not None and (not quality_steps or eval_context < 1):
         raise UsageError("--eval-context N (N ≥ 1) goes with --quality-steps")
     shape, source, preset_name, tokenizer = _resolve_shape(preset, model_dir)
+    if context is not None:
+        if context < 2:
+            raise UsageError(f"--context must be at least 2 tokens, got {context}")
+        shape = shape.replace(context_length=context)
+        source += f", context {context}"
     attentions = compare.split_values(attention, ["mha", "gqa", "mqa"])
     if convert and (not quality_steps or not set(attentions) & {"gqa", "mqa"} or shape.n_head < 2):
         raise UsageError("--convert goes with --quality-steps and a gqa or mqa variant (--attention gqa,mqa)")
@@ -235,6 +257,8 @@ def compare_command(
         repeats=repeats,
         warmup=warmup,
         kv_dtype=compare.split_values(kv_dtype, []),
+        window=compare.int_values("--window", window, [], minimum=0),
+        sinks=compare.int_values("--sinks", sinks, [], minimum=0),
     )
     _check_grid_memory(specs, dev)
     _confirm_large_grid(specs, yes)
@@ -312,6 +336,7 @@ def _run(specs: list[Any], in_process: bool) -> tuple[list[dict[str, Any]], bool
     def label(s: Any) -> str:
         cache = "on" if s.kv_cache else "off"
         cache += f" {s.kv_dtype}" if s.kv_dtype else ""
+        cache += f" window {s.window}+{s.sinks}" if s.window else ""
         return (f"{s.attention} {s.shape['n_kv_head']}kv {s.shape['pos_encoding']} cache {cache} {s.dtype} "
                 f"p{s.prompt_len} g{s.gen_len} b{s.batch}")  # fmt: skip
 

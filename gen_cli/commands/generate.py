@@ -106,6 +106,7 @@ def _print_stats(stats: dict[str, Any], source: str, path_note: str = "") -> Non
         f"device           {stats['device']}   dtype {stats['dtype']}   threads {stats['threads']}   "
         f"decode path {stats['decode_path']}{path_note}",
         f"KV kinds         K {stats['kv_dtype_k'] or '-'}   V {stats['kv_dtype_v'] or '-'}"
+        + (f"   window {stats['kv_window']} + {stats['kv_sinks']} sinks" if stats.get("kv_window") else "")
         + (f"   (PyTorch decodes: {escape(stats['decode_path_reason'])})" if stats.get("decode_path_reason") else ""),
     ]
     if load := stats.get("machine_load"):
@@ -198,6 +199,14 @@ def generate_command(
     ),
     kv_dtype_k: str = typer.Option(None, "--kv-dtype-k", help="KV cache kind for K only.", show_default=False),
     kv_dtype_v: str = typer.Option(None, "--kv-dtype-v", help="KV cache kind for V only.", show_default=False),
+    window: int = typer.Option(
+        None,
+        "--window",
+        help="Keep only the last N positions in the KV cache (a ring), plus --sinks: memory stays flat and a RoPE "
+        "or ALiBi model generates past its context (positions within the cache, as StreamingLLM).",
+        show_default=False,
+    ),
+    sinks: int = typer.Option(0, "--sinks", help="With --window: the first S tokens, kept in the cache forever."),
     quantize: str = typer.Option(
         "none",
         "--quantize",
@@ -245,10 +254,18 @@ def generate_command(
     kv_kinds = kv_kinds_of(kv_dtype, kv_dtype_k, kv_dtype_v)
     if kv_kinds is not None and not kv_cache:
         raise UsageError("--kv-dtype sets how the KV cache stores K and V; drop --no-kv-cache or --kv-dtype")
+    if window is None and sinks:
+        raise UsageError("--sinks goes with --window N")
+    if window is not None and not kv_cache:
+        raise UsageError("--window is a kind of KV cache; drop --no-kv-cache or --window")
+    if window is not None and compile_:
+        raise UsageError("--compile runs the linear cache only; drop --compile or --window")
     if not -(2**63) <= seed < 2**64:  # what torch.Generator.manual_seed accepts
         raise UsageError(f"--seed must fit in 64 bits (-2**63 to 2**64 - 1), got {seed}")
     if prompt_cache is not None and (not kv_cache or num_samples > 1):
         raise UsageError("--prompt-cache goes with the KV cache and one sample: drop --no-kv-cache / --num-samples")
+    if prompt_cache is not None and window is not None:
+        raise UsageError("--prompt-cache saves a linear cache; a --window ring holds no whole prefix: drop one")
     if prompt_cache is not None:  # a file that could not be (re)written is refused before any work
         from gen_cli.commands.common import check_writable_output
 
@@ -320,7 +337,8 @@ def generate_command(
         if eot is None:
             raise UsageError(f"the prompt is empty and the tokenizer has no {EOT} token to start from")
         ids = [eot]
-    check_memory(model, num_samples, len(ids) + max_new_tokens, device)  # before a text stream per sample
+    held = len(ids) + max_new_tokens if window is None else min(len(ids) + max_new_tokens, window + sinks)
+    check_memory(model, num_samples, held, device)  # before a text stream per sample
     stop_ids = () if ignore_eot else (loaded.stop_ids or ((eot,) if eot is not None else ()))
     # The prompt's last id as context: a SentencePiece decoder would strip the reply's first space.
     rows = [TextStream(tok, stops, stop_ids=stop_ids, context=tuple(ids[-1:])) for _ in range(num_samples)]
@@ -343,7 +361,7 @@ def generate_command(
     restore = reuse.prepare(model, ids) if reuse is not None else None  # reads and checks the file first
     result = run_generation(
         model, prompt_ids, max_new_tokens, sampling, kv_cache, generator, stop_ids, num_samples, on_token, kv_kinds,
-        restore,
+        restore, window, sinks,
     )  # fmt: skip
     if reuse is not None:
         reuse.save_if_new(result)

@@ -18,6 +18,7 @@ from gen_cli.errors import InternalError, UsageError
 from gen_cli.infer.sampling import SamplingConfig, sample_next
 from gen_cli.model.config import ModelConfig
 from gen_cli.model.kv_cache import KVCache
+from gen_cli.model.kv_window import RELATIVE, WindowKVCache
 from gen_cli.model.transformer import Transformer
 from gen_cli.runtime import LoadProbe, PeakMemory, dtype_name, synchronize
 
@@ -37,7 +38,8 @@ def decode_step(model: Transformer, token: torch.Tensor, cache: KVCache) -> torc
     in fp32 and closer to fp32 than PyTorch's bf16 path).
     """
     native = model.native_decoder
-    if native is not None and native.accepts(token.shape[0], cache):
+    trained = model.config.sliding_window  # the C step has no window mask: past the window PyTorch masks
+    if native is not None and (trained is None or cache.pos < trained) and native.accepts(token.shape[0], cache):
         return native(token, cache)
     return model(token, cache=cache)[:, -1]
 
@@ -48,13 +50,22 @@ def full_forward(model: Transformer, ids: torch.Tensor) -> torch.Tensor:
     return model(ids, last_only=True)[:, -1]
 
 
-def check_lengths(config: ModelConfig, prompt_len: int, max_new_tokens: int) -> None:
-    """Refuse a prompt plus continuation that would not fit the model's context."""
+def check_lengths(config: ModelConfig, prompt_len: int, max_new_tokens: int, cache: Any = None) -> None:
+    """Refuse a prompt plus continuation that would not fit the model's context (a window cache of a RoPE
+    or ALiBi model has no such limit: it re-assigns positions within itself)."""
     limit = config.context_length
     if prompt_len < 1:
         raise UsageError("the prompt is empty; generation needs at least one token to start from")
     if max_new_tokens < 0:
         raise UsageError(f"max_new_tokens must be ≥ 0, got {max_new_tokens}", params=("max_new_tokens",))
+    if isinstance(cache, WindowKVCache):
+        if cache.sinks > prompt_len:
+            raise UsageError(
+                f"sinks ({cache.sinks}) must not exceed the prompt's {prompt_len} tokens: they keep its first ones",
+                params=("sinks",),
+            )
+        if config.pos_encoding in RELATIVE:
+            return
     if prompt_len >= limit:
         raise UsageError(
             f"the prompt is {prompt_len} tokens but the model's context length is {limit} tokens; "
@@ -88,18 +99,32 @@ def new_cache(
     max_new_tokens: int,
     num_samples: int = 1,
     kv_kinds: tuple[str | None, str | None] | None = None,
-) -> KVCache:
+    window: int | None = None,
+    sinks: int = 0,
+) -> KVCache | WindowKVCache:
     """A cache exactly large enough for this generation: prompt + new tokens, B × num_samples rows;
-    `kv_kinds` (K, V) stores them quantized (int8, int4) or narrower (bf16, fp16).
+    `kv_kinds` (K, V) stores them quantized (int8, int4) or narrower (bf16, fp16). With `window`, a
+    WindowKVCache of `sinks` + `window` slots instead, however long the generation; a model trained with
+    a sliding window gets a ring of that window when the generation is longer (exact: same distances).
 
     Checks the lengths and the memory first, so nothing is allocated for a generation that cannot run.
     """
-    check_lengths(model.config, prompt_ids.shape[1], max_new_tokens)
-    batch = prompt_ids.shape[0] * num_samples
-    tokens = prompt_ids.shape[1] + max_new_tokens
-    check_memory(model, batch, tokens, prompt_ids.device, kv_kinds)
+    config, (B0, T) = model.config, prompt_ids.shape
+    batch, tokens = B0 * num_samples, T + max_new_tokens
     k_kind, v_kind = kv_kinds or (None, None)
-    return KVCache(model.config, batch, tokens, model_dtype(model), prompt_ids.device, k_kind, v_kind)
+    dtype, device = model_dtype(model), prompt_ids.device
+    if window is None:
+        check_lengths(config, T, max_new_tokens)
+        if config.sliding_window is not None and tokens > config.sliding_window:
+            window = config.sliding_window
+    if window is not None:
+        # Build it first (it checks window and sinks), then the lengths it allows; its tensors are small.
+        check_memory(model, batch, min(tokens, window + sinks), device, kv_kinds)
+        cache = WindowKVCache(config, batch, window, sinks, dtype, device, k_kind, v_kind)
+        check_lengths(config, T, max_new_tokens, cache)
+        return cache
+    check_memory(model, batch, tokens, device, kv_kinds)
+    return KVCache(config, batch, tokens, dtype, device, k_kind, v_kind)
 
 
 def generate(
@@ -156,10 +181,11 @@ def continue_steps(
     """
     if prompt_ids.dim() != 2:
         raise UsageError(f"prompt_ids must be (B, T), got shape {tuple(prompt_ids.shape)}")
-    check_lengths(model.config, prompt_ids.shape[1], max_new_tokens)
+    check_lengths(model.config, prompt_ids.shape[1], max_new_tokens, cache)
     rows, tokens = prompt_ids.shape
+    short = cache.max_tokens < tokens + max_new_tokens and not isinstance(cache, WindowKVCache)
     # At least one token must be prefilled: its logits pick the first new token.
-    if cache.batch_size != rows or not cache.pos < tokens or cache.max_tokens < tokens + max_new_tokens:
+    if cache.batch_size != rows or not cache.pos < tokens or short:
         raise InternalError(
             f"continue_steps needs a cache of {rows} rows, at least {tokens + max_new_tokens} tokens, holding fewer "
             f"than the prompt's {tokens}; got {cache.batch_size} rows, {cache.max_tokens} tokens, at {cache.pos}"
@@ -174,10 +200,11 @@ def _check(
         raise UsageError(f"prompt_ids must be (B, T), got shape {tuple(prompt_ids.shape)}")
     if num_samples < 1:
         raise UsageError(f"num_samples must be at least 1, got {num_samples}", params=("num_samples",))
-    check_lengths(model.config, prompt_ids.shape[1], max_new_tokens)
+    check_lengths(model.config, prompt_ids.shape[1], max_new_tokens, cache)
     if cache is not None:
         rows, tokens = prompt_ids.shape[0] * num_samples, prompt_ids.shape[1] + max_new_tokens
-        if cache.pos != 0 or cache.batch_size != rows or cache.max_tokens < tokens:
+        short = cache.max_tokens < tokens and not isinstance(cache, WindowKVCache)  # a window runs past its slots
+        if cache.pos != 0 or cache.batch_size != rows or short:
             raise InternalError(
                 f"generate needs an empty cache of {rows} rows and at least {tokens} tokens; got {cache.batch_size} "
                 f"rows, {cache.max_tokens} tokens, at position {cache.pos} (make one with new_cache)"
@@ -288,6 +315,8 @@ class GenerationStats:
     decode_path: str  # "native" (gen's C step) or "torch"
     kv_dtype_k: str = ""  # how the cache stores K and V ("" without a cache)
     kv_dtype_v: str = ""
+    kv_window: int = 0  # a window cache's recent slots (0: the cache holds every position)
+    kv_sinks: int = 0
     decode_path_reason: str = ""  # why the native step did not decode, when one was attached
     machine_load: dict[str, Any] = field(default_factory=dict)  # MachineLoad.to_dict() over the run
     reused_prompt_tokens: int = 0  # prompt tokens whose k/v came from a prompt-cache file, not prefilled
@@ -322,6 +351,8 @@ def run_generation(
     on_token: Callable[[torch.Tensor], bool] | None = None,
     kv_kinds: tuple[str | None, str | None] | None = None,
     restore: Callable[[KVCache], None] | None = None,
+    window: int | None = None,
+    sinks: int = 0,
 ) -> GenerationResult:
     """Run `generate` under the clock and a peak-memory probe; `on_token(ids)` returning True stops early.
 
@@ -338,12 +369,14 @@ def run_generation(
     steps: list[torch.Tensor] = []
     latencies: list[float] = []
     interrupted = False
-    cache: KVCache | None = None
+    cache: KVCache | WindowKVCache | None = None
+    if window is not None and not use_cache:
+        raise UsageError("a window is a kind of KV cache: it needs the cache on", params=("window",))
     synchronize(device)
     with PeakMemory(device) as mem, LoadProbe() as probe:
         start = perf_counter()
         if use_cache:
-            cache = new_cache(model, prompt_ids, max_new_tokens, num_samples, kv_kinds)
+            cache = new_cache(model, prompt_ids, max_new_tokens, num_samples, kv_kinds, window, sinks)
             if restore is not None:
                 restore(cache)
         else:  # no cache, but activations of the same order for every row
@@ -393,16 +426,23 @@ def run_generation(
         threads=torch.get_num_threads(),
         batch=batch,
         decode_path="native" if native is not None and cache is not None and native.accepts(batch, cache) else "torch",
-        decode_path_reason=(
-            f"the native step reads only {dtype_name(dtype)} K/V; this cache stores K {cache.k_kind}, V {cache.v_kind}"
-            if native is not None and cache is not None and not cache.plain
-            else ""
-        ),
+        decode_path_reason=_native_reason(native, cache, dtype),
         kv_dtype_k=cache.k_kind if cache is not None else "",
         kv_dtype_v=cache.v_kind if cache is not None else "",
+        kv_window=cache.window if isinstance(cache, WindowKVCache) else 0,
+        kv_sinks=cache.sinks if isinstance(cache, WindowKVCache) else 0,
         machine_load=probe.measure().to_dict(),
         per_token_latencies=latencies[1:],
         reused_prompt_tokens=reused,
     )
     out = torch.stack(steps, dim=1) if steps else torch.empty(batch, 0, dtype=torch.long, device=device)
     return GenerationResult(out, stats, interrupted, cache)
+
+
+def _native_reason(native: Any, cache: KVCache | WindowKVCache | None, dtype: torch.dtype) -> str:
+    """Why an attached native step does not decode with this cache ("" when it does or none is attached)."""
+    if native is None or cache is None or cache.plain:
+        return ""
+    if isinstance(cache, WindowKVCache):
+        return "the native step reads a linear cache; this one is a window (sinks + ring)"
+    return f"the native step reads only {dtype_name(dtype)} K/V; this cache stores K {cache.k_kind}, V {cache.v_kind}"

@@ -29,16 +29,22 @@ class KVAccuracy:
 
 @torch.no_grad()
 def kv_accuracy(
-    model: Transformer, prompt_ids: torch.Tensor, max_new_tokens: int, kv_kinds: tuple[str | None, str | None]
+    model: Transformer,
+    prompt_ids: torch.Tensor,
+    max_new_tokens: int,
+    kv_kinds: tuple[str | None, str | None],
+    window: int | None = None,
+    sinks: int = 0,
 ) -> KVAccuracy:
-    """Greedy through the model-dtype cache, then the same tokens forced through a `kv_kinds` cache."""
+    """Greedy through the model-dtype cache, then the same tokens forced through a `kv_kinds` cache (a window
+    cache of `sinks` + `window` slots when `window` is given)."""
     ref_logits, ref_tokens = [], []
     for logits, token in greedy_steps(model, prompt_ids, max_new_tokens, new_cache(model, prompt_ids, max_new_tokens)):
         ref_logits.append(logits.float().clone())
         ref_tokens.append(token.clone())
     forced = torch.stack(ref_tokens, dim=1)  # (B, steps)
     n = forced.shape[1]
-    cache = new_cache(model, prompt_ids, n, kv_kinds=kv_kinds)
+    cache = new_cache(model, prompt_ids, n, kv_kinds=kv_kinds, window=window, sinks=sinks)
     # Teacher forcing: both runs see the same inputs at every step, so only the cache's storage differs.
     got = [logits.float().clone() for logits, _ in greedy_steps(model, prompt_ids, n, cache, forced=forced)]
     p_log = torch.log_softmax(torch.stack(ref_logits, dim=1), dim=-1)  # (B, steps, V)

@@ -20,6 +20,7 @@ from gen_cli.errors import GenError, UsageError
 from gen_cli.infer.generate import continue_steps, model_dtype, prefill
 from gen_cli.infer.sampling import SamplingConfig
 from gen_cli.model.kv_cache import KVCache
+from gen_cli.model.kv_window import WindowKVCache
 from gen_cli.model.transformer import Transformer
 from gen_cli.runtime import synchronize
 from gen_cli.text.chat import encode_rendered, render_chat
@@ -89,7 +90,10 @@ class ChatSession:
         context_tokens: int | None = None,
         source: str = "chat template",
         kv_kinds: tuple[str | None, str | None] = (None, None),
+        window: tuple[int, int] | None = None,
     ) -> None:
+        """`window` (N, S): a window cache of the first S and the last N tokens instead of a linear one, so
+        the conversation may go on past the context (RoPE/ALiBi models); what left the window is forgotten."""
         config = model.config
         capacity = config.context_length if context_tokens is None else context_tokens
         if not 2 <= capacity <= config.context_length:
@@ -102,8 +106,13 @@ class ChatSession:
         self.special_tokens, self.stop_ids, self.source = special_tokens or {}, stop_ids, source
         self.system = system
         device = model.tok_emb.weight.device
-        _check_cache_fits(model, capacity, device, kv_kinds)
-        self.cache = KVCache(config, 1, capacity, model_dtype(model), device, *kv_kinds)
+        if window is not None:
+            self.cache: KVCache | WindowKVCache = WindowKVCache(
+                config, 1, *window, model_dtype(model), device, *kv_kinds
+            )
+        else:
+            _check_cache_fits(model, capacity, device, kv_kinds)
+            self.cache = KVCache(config, 1, capacity, model_dtype(model), device, *kv_kinds)
         self.ids: list[int] = []  # the ids whose k/v the cache holds: len(self.ids) == cache.pos
         self.messages: list[dict[str, str]] = []
         self.turns: list[Turn] = []
@@ -135,7 +144,8 @@ class ChatSession:
             raise UsageError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}", params=("max_new_tokens",))
         messages = [*self.messages, {"role": "user", "content": message}]
         ids = self.render(messages)
-        capacity = self.cache.max_tokens
+        windowed = isinstance(self.cache, WindowKVCache)
+        capacity = self.cache.max_tokens if not windowed else len(ids) + max_new_tokens
         if len(ids) >= capacity:
             raise ContextFull(
                 f"with this message the conversation is {len(ids):,} tokens, leaving no room for a reply in the "
@@ -143,6 +153,8 @@ class ChatSession:
             )
         # At most len(ids) - 1 reused: the last prompt token must run to give the first reply token's logits.
         reused = common_prefix(self.ids, ids[:-1])
+        if windowed and reused < self.cache.pos and self.cache.pos > self.cache.max_tokens:
+            reused = 0  # the window overwrote what a roll-back would need: prefill the conversation again
         rolled_back = self.cache.pos - reused
         self.cache.truncate(reused)
         self.ids = self.ids[:reused]
@@ -176,7 +188,13 @@ class ChatSession:
             on_text(rest)
         self.messages = [*messages, {"role": "assistant", "content": stream.text}]
         self._last_prompt = ids
-        cut = not stream.done and not interrupted and len(generated) == budget and len(ids) + budget >= capacity
+        cut = (
+            not windowed
+            and not stream.done
+            and not interrupted
+            and len(generated) == budget
+            and len(ids) + budget >= capacity
+        )
         turn = Turn(
             prompt_tokens=len(ids), reused_tokens=reused, prefilled_tokens=len(ids) - reused,
             rolled_back=rolled_back, new_tokens=len(generated), ttft_s=times[0] if times else None,
@@ -191,6 +209,8 @@ class ChatSession:
         if not self.turns or repeats < 1:
             return None
         prompt, reused = self._last_prompt, self.turns[-1].reused_tokens
+        if isinstance(self.cache, WindowKVCache) and len(prompt) > self.cache.max_tokens:
+            return None  # past the window a prefix cannot be rolled back to: nothing comparable to time
         device = self.cache.device
         _check_cache_fits(self.model, len(prompt), device, (self.cache.k_kind, self.cache.v_kind))
         c = self.cache

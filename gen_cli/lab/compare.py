@@ -75,6 +75,8 @@ def expand_grid(
     repeats: int = 3,
     warmup: int = 1,
     kv_dtype: list[str] | None = None,
+    window: list[int] | None = None,
+    sinks: list[int] | None = None,
 ) -> list[Spec]:
     """Validate the axes and return the grid, MHA first (added when not listed): the first row is the baseline.
 
@@ -106,13 +108,19 @@ def expand_grid(
             n_kv = kv_heads_for(shape.n_head, kind, kv)
             if (kind, n_kv) not in heads:
                 heads.append((kind, n_kv))
+    windows = _window_kinds(window, sinks, min(prompt_len))
+    # A window cache of a RoPE/ALiBi model runs past the context (positions within the cache); others do not.
+    from gen_cli.model.kv_window import RELATIVE, check_window
+
+    unbounded = kv_cache == ["on"] and all(w for w, _ in windows) and set(pos) <= set(RELATIVE)
     limit = shape.context_length
     for p in prompt_len:
         for g in gen_len:
-            if p + g > limit:
+            if p + g > limit and not unbounded:
                 raise UsageError(
                     f"prompt_len {p} + gen_len {g} = {p + g} tokens exceeds the model's context length "
-                    f"of {limit}; keep prompt + generated ≤ {limit}",
+                    f"of {limit}; keep prompt + generated ≤ {limit} (or use a window cache of a rope or alibi "
+                    "model, cache on only)",
                     params=("prompt_len", "gen_len"),
                 )
     if min(gen_len) < 2:
@@ -124,15 +132,32 @@ def expand_grid(
                 for kind, n_kv in heads:
                     for pe in pos:
                         variant = shape.replace(n_kv_head=n_kv, pos_encoding=pe)  # validates (e.g. RoPE parity)
+                        for w, s in windows:
+                            if w:
+                                check_window(variant, w, s)
                         for dt in dtypes:
                             for cache in kv_cache:
                                 # A cache kind means nothing without a cache: one cache-off row per variant.
                                 for kvd in kv_kinds if cache == "on" else [""]:
-                                    specs.append(
-                                        Spec(variant.to_dict(), kind, cache == "on", p, g, b, dt, device, threads,
-                                             repeats, warmup, kvd)
-                                    )  # fmt: skip
+                                    for w, s in windows if cache == "on" else [(0, 0)]:
+                                        specs.append(
+                                            Spec(variant.to_dict(), kind, cache == "on", p, g, b, dt, device,
+                                                 threads, repeats, warmup, kvd, w, s)
+                                        )  # fmt: skip
     return specs
+
+
+def _window_kinds(window: list[int] | None, sinks: list[int] | None, shortest_prompt: int) -> list[tuple[int, int]]:
+    """(window, sinks) pairs for cache-on rows; window 0 is the full cache (sinks apply to windows only)."""
+    if sinks and not window:
+        raise UsageError("sinks need a window", params=("sinks", "window"))
+    pairs = [(w, s) for w in window or [0] for s in (sinks or [0] if w else [0])]
+    if too_many := [s for _, s in pairs if s > shortest_prompt]:
+        raise UsageError(
+            f"sinks ({max(too_many)}) must not exceed the shortest prompt_len, {shortest_prompt}",
+            params=("sinks", "prompt_len"),
+        )
+    return list(dict.fromkeys(pairs))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,8 +212,9 @@ def run_grid(
 
 
 def _variant_key(row: dict[str, Any]) -> tuple:
+    cache_kind = (row.get("kv_dtype", ""), row.get("kv_window", 0), row.get("kv_sinks", 0))
     return (row["attention"], row["kv_heads"], row["pos"], row["dtype"], row["prompt_len"], row["gen_len"],
-            row["batch"], row.get("kv_dtype", ""))  # fmt: skip
+            row["batch"], cache_kind)  # fmt: skip
 
 
 def add_speedups(rows: list[dict[str, Any]]) -> None:

@@ -46,7 +46,7 @@ def attention_label(r: dict[str, Any]) -> str:
 
 def _correct(r: dict[str, Any]) -> str:
     if r.get("greedy_match") is None:
-        return "oracle"
+        return "window: KL" if r.get("kv_window") else "oracle"
     mark = "match" if r["greedy_match"] else "DIFFERS"
     return f"{mark}, Δ {r['max_logit_diff']:.1e}"
 
@@ -71,11 +71,12 @@ def _spread(r: dict[str, Any]) -> str:
 
 def _kv_kind_columns(rows: Sequence[dict[str, Any]]) -> list[tuple[str, Any]]:
     """KV kind, KL (nats, mean over steps) and top-1 agreement vs the full-precision cache, when measured."""
-    if not any(r.get("kv_dtype") for r in rows):
+    if not any(r.get("kv_dtype") or r.get("kv_window") for r in rows):
         return []
 
     def kind(r: dict[str, Any]) -> str:
-        return r.get("kv_dtype") or ("—" if not r["kv_cache"] else "plain")
+        name = r.get("kv_dtype") or ("—" if not r["kv_cache"] else "plain")
+        return name + (f" w{r['kv_window']}+{r.get('kv_sinks', 0)}" if r.get("kv_window") else "")
 
     cols = [("KV kind", kind), ("KL", lambda r: _num(r.get("kv_kl_mean"), ".2e")),
             ("top-1", lambda r: _num(r.get("kv_top1_agreement"), ".3f"))]  # fmt: skip

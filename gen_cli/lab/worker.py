@@ -37,6 +37,8 @@ class Spec:
     repeats: int = 3
     warmup: int = 1
     kv_dtype: str = ""  # a KV cache kind spec (int8, int4, k8v4 …); "" stores the compute dtype
+    window: int = 0  # a window cache of `sinks` + `window` slots (0: the cache holds every position)
+    sinks: int = 0
 
     @property
     def config(self) -> ModelConfig:
@@ -106,7 +108,16 @@ def measure(spec: Spec) -> dict[str, Any]:
     kv_kinds = parse_kv_kinds(spec.kv_dtype) if spec.kv_dtype and spec.kv_cache else None
     with LoadProbe() as probe:  # over the timed runs (and warm-up): what other processes took meanwhile
         every = [
-            run_generation(model, prompt, spec.gen_len, greedy, use_cache=spec.kv_cache, kv_kinds=kv_kinds).stats
+            run_generation(
+                model,
+                prompt,
+                spec.gen_len,
+                greedy,
+                use_cache=spec.kv_cache,
+                kv_kinds=kv_kinds,
+                window=spec.window or None,
+                sinks=spec.sinks,
+            ).stats
             for _ in range(spec.warmup + spec.repeats)
         ]
     runs = every[spec.warmup :]  # the timed ones
@@ -114,11 +125,14 @@ def measure(spec: Spec) -> dict[str, Any]:
     # memory and show less, so the peak is the largest any run saw (in practice the first's).
     peak = max(every, key=lambda s: s.peak_memory_bytes)
     # Correctness after timing, so the oracle's freed buffers cannot hide the timed runs' peak memory.
-    greedy_match, max_diff, has_oracle = None, None, spec.kv_cache or spec.dtype != "float32"
+    # A window changes what attention sees, so the no-cache oracle is not its reference: its cost is the KL
+    # against the full cache below (gen's tests check it against a windowed no-cache reference).
+    greedy_match, max_diff = None, None
+    has_oracle = (spec.kv_cache or spec.dtype != "float32") and not spec.window
     if has_oracle:
         oracle = random_model(config).to(device)  # the same fp32 weights the variant was built from, unoptimised
         greedy_match, max_diff = check_against_oracle(model, oracle, prompt, spec.gen_len, spec.kv_cache, kv_kinds)
-    accuracy = _kv_accuracy(model, prompt, spec.gen_len, kv_kinds)
+    accuracy = _kv_accuracy(model, prompt, spec.gen_len, kv_kinds, spec.window, spec.sinks)
     rates = [s.decode_tokens_per_s for s in runs if s.decode_tokens_per_s is not None]
     last = runs[-1]
     bpe = torch.empty((), dtype=dtype).element_size()
@@ -145,6 +159,8 @@ def measure(spec: Spec) -> dict[str, Any]:
         "kv_dtype": spec.kv_dtype,
         "kv_dtype_k": last.kv_dtype_k,
         "kv_dtype_v": last.kv_dtype_v,
+        "kv_window": spec.window,
+        "kv_sinks": spec.sinks,
         **accuracy,
         "kv_bytes_per_token": kv_bytes_per_token(config, *(kv_kinds or (None, None)), bpe),
         "kv_cache_bytes_analytic": last.kv_cache_bytes_analytic,
@@ -156,7 +172,11 @@ def measure(spec: Spec) -> dict[str, Any]:
         "baseline": False,
         "greedy_match": greedy_match,
         "max_logit_diff": max_diff,
-        "oracle": "float32 no-cache, same weights" if has_oracle else "is the oracle",
+        "oracle": "float32 no-cache, same weights"
+        if has_oracle
+        else "window: see KL"
+        if spec.window
+        else "is the oracle",
         "val_loss": None,
         "bits_per_byte": None,
         "machine_load": probe.load.to_dict(),
@@ -169,14 +189,16 @@ def measure(spec: Spec) -> dict[str, Any]:
     }
 
 
-def _kv_accuracy(model: Any, prompt: Any, gen_len: int, kv_kinds: Any) -> dict[str, Any]:
-    """The kind's cost against the compute-dtype cache of the same model and tokens (None without a kind)."""
+def _kv_accuracy(model: Any, prompt: Any, gen_len: int, kv_kinds: Any, window: int = 0, sinks: int = 0) -> dict:
+    """The kind's cost against the compute-dtype cache of the same model and tokens (None without a kind, or
+    for a window when the full cache cannot hold the whole run)."""
     from gen_cli.infer.kv_accuracy import kv_accuracy
 
     keys = ("kl_mean", "kl_max", "top1_agreement", "tokens_before_divergence")
-    if kv_kinds is None:
+    past_context = prompt.shape[1] + gen_len > model.config.context_length
+    if (kv_kinds is None and not window) or (window and past_context):
         return {f"kv_{k}": None for k in keys}
-    acc = kv_accuracy(model, prompt, gen_len, kv_kinds).to_dict()
+    acc = kv_accuracy(model, prompt, gen_len, kv_kinds or (None, None), window or None, sinks).to_dict()
     return {f"kv_{k}": acc[k] for k in keys}
 
 

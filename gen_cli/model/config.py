@@ -34,7 +34,9 @@ ROPE_SCALINGS = {
 }
 # Properties added for imported models: omitted from to_dict at their defaults, so a standard gen model's
 # config.json reads exactly as before (and older gen versions still read it).
-_OPTIONAL = ("head_dim", "qkv_bias", "attn_out_bias", "mlp_bias", "qk_norm", "mlp", "rope_scaling")
+_OPTIONAL = (
+    "head_dim", "qkv_bias", "attn_out_bias", "mlp_bias", "qk_norm", "mlp", "rope_scaling", "sliding_window"
+)  # fmt: skip
 
 
 def _divisors(n: int) -> list[int]:
@@ -64,6 +66,9 @@ class ModelConfig:
     qk_norm: bool = False  # RMSNorm over each query and key head before RoPE (Qwen3)
     mlp: str = "swiglu"
     rope_scaling: dict[str, Any] | None = None  # {"type": one of ROPE_SCALINGS, its parameters}
+    # Trained with sliding-window attention (Mistral): each query sees its last `sliding_window` positions
+    # (itself included), at absolute positions. None: full causal attention.
+    sliding_window: int | None = None
 
     def __post_init__(self) -> None:
         explicit_head_dim = self.head_dim is not None
@@ -109,6 +114,9 @@ class ModelConfig:
         if self.pos_encoding == "sinusoidal" and self.d_model % 2:
             raise UsageError(f"sinusoidal positions need an even d_model, got {self.d_model}")
         self._check_rope_scaling()
+        window = self.sliding_window
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+            raise UsageError(f"sliding_window must be a positive integer or null, got {window!r}")
 
     def _check_rope_scaling(self) -> None:
         scaling = self.rope_scaling

@@ -100,6 +100,8 @@ def family(config: ModelConfig, target: str) -> str:
             problems.append(f"RoPE scaling {scaling} (only Llama 3's is exported)")
         elif scaling == "freq_factors" and target == "hf":
             problems.append("RoPE scaling as per-frequency factors (transformers knows the llama3 parameters only)")
+    if config.sliding_window is not None:  # a Llama/Qwen/GPT-2 reader would attend past it: wrong, silently
+        problems.append(f"a trained sliding window of {config.sliding_window} tokens")
     if problems:
         raise GenError(f"this model cannot be exported to {where} as {name}: {'; '.join(problems)}")
     return name

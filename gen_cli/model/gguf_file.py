@@ -150,6 +150,9 @@ def _config(f: GGUFFile) -> tuple[ModelConfig, str]:
                        norm_eps=_f32(f.need(a + "attention.layer_norm_rms_epsilon")),
                        qkv_bias="blk.0.attn_q.bias" in f.tensors, qk_norm="blk.0.attn_q_norm.weight" in f.tensors,
                        rope_scaling=rope_scaling)  # fmt: skip
+        window = f.get(a + "attention.sliding_window")  # Mistral-style sliding-window attention, every layer
+        if window and int(window) < fields["context_length"]:
+            fields["sliding_window"] = int(window)
     try:
         return ModelConfig(**fields), arch
     except UsageError as e:

@@ -139,6 +139,31 @@ def _need(scaling: dict[str, Any], key: str, kind: str, source: str) -> Any:
     return scaling[key]
 
 
+def _sliding_window(data: dict[str, Any], arch: str, context: int) -> tuple[int | None, int, list[str]]:
+    """(sliding_window, context, notes): Mistral's window applies to every layer, Qwen2's (use_sliding_window)
+    to the layers from max_window_layers on, or as `layer_types` lists them. One window on every layer is
+    the model's `sliding_window`; on some layers only, the context is capped at it instead (exact there)."""
+    window = data.get("sliding_window")
+    if arch != "MistralForCausalLM" and not data.get("use_sliding_window"):
+        window = None
+    if not window or window >= context:
+        return None, context, []
+    if isinstance(window, bool) or not isinstance(window, int):
+        raise GenError(f"config.json: sliding_window must be a whole number, got {window!r}")
+    n_layer = data.get("num_hidden_layers", 0)
+    kinds = data.get("layer_types") or (
+        ["sliding_attention" if i >= data.get("max_window_layers", 0) else "full_attention" for i in range(n_layer)]
+        if arch != "MistralForCausalLM"
+        else ["sliding_attention"] * n_layer
+    )
+    sliding = sum(k == "sliding_attention" for k in kinds)
+    if sliding == 0:
+        return None, context, []
+    if sliding == len(kinds):
+        return window, context, []
+    return None, window, [f"sliding-window attention ({window} tokens) on some layers: context capped there (exact)"]
+
+
 def config_from_hf(data: dict[str, Any], source: str) -> tuple[ModelConfig, str, list[str]]:
     """gen's ModelConfig for an HF config.json, its architecture, and notes (e.g. a capped context)."""
     arch = architecture(data, source)
@@ -165,10 +190,8 @@ def config_from_hf(data: dict[str, Any], source: str) -> tuple[ModelConfig, str,
             base, scaling = _rope(data, source)
             n_head = data["num_attention_heads"]
             context = data.get("max_position_embeddings", 2048)
-            window = data.get("sliding_window")
-            if window and (arch == "MistralForCausalLM" or data.get("use_sliding_window")) and window < context:
-                notes.append(f"sliding-window attention ({window} tokens): context capped there (exact)")
-                context = window
+            window, context, window_note = _sliding_window(data, arch, context)
+            notes += window_note
             attention_bias = bool(data.get("attention_bias", False))
             fields = dict(
                 vocab_size=data["vocab_size"], n_layer=data["num_hidden_layers"], n_head=n_head,
@@ -178,6 +201,7 @@ def config_from_hf(data: dict[str, Any], source: str) -> tuple[ModelConfig, str,
                 head_dim=data.get("head_dim") or data["hidden_size"] // n_head,
                 qkv_bias=attention_bias or arch == "Qwen2ForCausalLM", attn_out_bias=attention_bias,
                 mlp_bias=bool(data.get("mlp_bias", False)), qk_norm=arch == "Qwen3ForCausalLM", rope_scaling=scaling,
+                sliding_window=window,
             )  # fmt: skip
     except KeyError as e:
         raise GenError(f"{source}: config.json lacks {e.args[0]!r}, needed for {arch}") from None

@@ -116,11 +116,15 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.project(x, rope)
-        if cache is not None:
-            k, v = cache.update(layer, k, v)  # (B, n_kv_head, pos+T, head_dim)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.n_kv_head != self.n_head
-        )  # (B, n_head, T, head_dim)
+        if getattr(cache, "window", None) is not None:
+            # A window cache assigns positions itself (rope is None here): it rotates, masks and attends.
+            y = cache.attend(layer, q, k, v)  # type: ignore[union-attr]  # (B, n_head, T, head_dim)
+        else:
+            if cache is not None:
+                k, v = cache.update(layer, k, v)  # (B, n_kv_head, pos+T, head_dim)
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.n_kv_head != self.n_head
+            )  # (B, n_head, T, head_dim)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, n_head × head_dim)
         return self.wo(y)
 
@@ -255,6 +259,17 @@ class Transformer(nn.Module):
         self, pos: int, T: int, device: torch.device, dtype: torch.dtype
     ) -> tuple[torch.Tensor | None, bool]:
         """SDPA's (attn_mask, is_causal) for T queries at positions pos… over keys 0…pos+T-1."""
+        window = self.config.sliding_window
+        if window is not None and pos + T > window:
+            # Trained with a sliding window: query t sees keys t-window+1 … t (absolute, as transformers).
+            q_pos = torch.arange(pos, pos + T, device=device)[:, None]  # (T, 1)
+            k_pos = torch.arange(pos + T, device=device)[None, :]  # (1, pos+T)
+            keep = (k_pos <= q_pos) & (k_pos > q_pos - window)  # (T, pos+T)
+            if self.config.pos_encoding != "alibi":
+                return keep, False
+            slopes = self.alibi_slopes.to(device)
+            bias = alibi_bias(slopes, q_pos[:, 0], k_pos[0])  # (H, T, pos+T)
+            return bias.masked_fill(~keep, float("-inf")).to(dtype), False
         if self.config.pos_encoding == "alibi":
             # The bias depends on query − key distance; built in fp32 (slopes exact), then the compute dtype.
             q_pos = torch.arange(pos, pos + T, device=device)
@@ -274,19 +289,25 @@ class Transformer(nn.Module):
         `last_only` computes logits for the last position only, (B, 1, vocab): prefill needs no more.
         """
         T = idx.shape[1]
+        kind = self.config.pos_encoding
+        window = getattr(cache, "window", None)
+        if window is not None and idx.shape[1] > window:
+            # A window cache (run-time sliding window) takes chunks it can hold beside what each query sees.
+            parts = [self(idx[:, i : i + window], cache, last_only) for i in range(0, T, window)]
+            return parts[-1] if last_only else torch.cat(parts, dim=1)  # (B, T or 1, vocab)
         pos = cache.pos if cache is not None else 0
-        check_context(self.config, pos, T)
+        if window is None or kind not in ("rope", "alibi"):  # a window cache re-assigns rope/alibi positions
+            check_context(self.config, pos, T)
         x = self.tok_emb(idx)  # (B, T, d_model)
         rope = None
-        kind = self.config.pos_encoding
         if kind == "sinusoidal":
             x = x + self.sin_table[pos : pos + T]  # (T, d_model) broadcast over B
         elif kind == "learned":
             x = x + self.pos_emb.weight[pos : pos + T]  # (T, d_model) broadcast over B
-        elif kind == "rope":
+        elif kind == "rope" and window is None:  # a window cache rotates by positions within itself
             rope = (self.rope_cos[pos : pos + T], self.rope_sin_signed[pos : pos + T])  # each (T, head_dim)
 
-        mask, is_causal = self.attention_mask(pos, T, idx.device, x.dtype)
+        mask, is_causal = (None, False) if window is not None else self.attention_mask(pos, T, idx.device, x.dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, mask, is_causal, cache, i)
         if cache is not None:
