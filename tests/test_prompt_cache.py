@@ -172,3 +172,10 @@ def test_cli_refuses_a_prompt_cache_it_could_not_write_before_generating(model_d
     for bad in (tmp_path, blocker / "p.st"):
         result = CliRunner().invoke(app, [*args, "--prompt-cache", str(bad)])
         assert result.exit_code == 2 and "--prompt-cache" in result.stderr and result.stdout == ""
+
+
+def test_cli_refuses_a_prompt_cache_with_a_window(model_dir, tmp_path):
+    args = ["generate", "The quick", "--model", str(model_dir), "--device", "cpu", "--max-new-tokens", "2"]
+    result = CliRunner().invoke(app, [*args, "--window", "8", "--prompt-cache", str(tmp_path / "p.st")])
+    assert result.exit_code == 2 and "--window" in result.stderr and result.stdout == ""
+    assert not (tmp_path / "p.st").exists()
