@@ -79,7 +79,7 @@ typedef struct {
     int64_t emb_type; /* T_F32 / T_BF16 (as `bf16` says) or a block type: tok_emb is then (vocab, row bytes) */
     int8_t *aq;       /* (batch, width) */
     float *ad;        /* (batch, width / 32) */
-    int16_t *as;      /* (batch, width / 16) */
+    int16_t *asum;    /* (batch, width / 16) */
     double *profile;  /* NULL, or seconds accumulated per op class (PROFILE_KEYS in abi.py) */
 } Model;
 
@@ -218,14 +218,14 @@ static void matmul_blocks(const Model *m, const Matrix *w, const float *x, float
     const int64_t rows = w->rows, cols = w->cols, batch = m->batch, type = w->type;
     const int64_t rb = block_row_bytes(type, cols);
     for (int64_t b = 0; b < batch; b++) {
-        Act a = {m->aq + b * cols, m->ad + b * (cols / 32), m->as + b * (cols / 16)};
+        Act a = {m->aq + b * cols, m->ad + b * (cols / 32), m->asum + b * (cols / 16)};
         quantize_for(type, x + b * cols, cols, a);
     }
 #pragma omp parallel for schedule(static) num_threads(m->n_threads)
     for (int64_t r0 = 0; r0 < rows; r0 += ROW_BLOCK) {
         int64_t r1 = r0 + ROW_BLOCK < rows ? r0 + ROW_BLOCK : rows;
         for (int64_t b = 0; b < batch; b++) {
-            Act a = {m->aq + b * cols, m->ad + b * (cols / 32), m->as + b * (cols / 16)};
+            Act a = {m->aq + b * cols, m->ad + b * (cols / 32), m->asum + b * (cols / 16)};
             for (int64_t r = r0; r < r1; r++) {
                 float v = dot_block(type, (const uint8_t *)w->data + r * rb, a, cols);
                 y[b * rows + r] = accumulate ? y[b * rows + r] + v : v;
