@@ -39,7 +39,8 @@ def _build_key(cc: list[str]) -> str:
     cpu = ""
     if Path("/proc/cpuinfo").is_file():
         cpu = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-    parts = (SOURCE.read_bytes(), *(h.read_bytes() for h in HEADERS), " ".join(FLAGS).encode(), version.encode(), cpu.encode())
+    sources = (SOURCE.read_bytes(), *(h.read_bytes() for h in HEADERS))
+    parts = (*sources, " ".join(FLAGS).encode(), version.encode(), cpu.encode())
     return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
 
 
