@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gen_cli.model.blocks import dequantize, quantize, row_bytes
+from gen_cli.model.blocks import dequantize, most_precise, quantize, row_bytes
 
 
 def _check(blocks: torch.Tensor, qtype: str, rows: int, cols: int) -> torch.Tensor:
@@ -80,6 +80,12 @@ class BlockEmbedding(nn.Module):
     def dequantized(self) -> torch.Tensor:
         return dequantize(self.blocks, self.qtype, self.embedding_dim)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """nn.Embedding's weight for callers that need the whole table: dequantized on every access (a full
+        copy in `dtype`; ask `blocks` for the device and `dtype` for the dtype instead)."""
+        return self.dequantized().to(self.dtype)
+
     def tied_head(self) -> BlockLinear:
         """An lm_head sharing these blocks (no copy): logits = x Eᵀ."""
         return BlockLinear(self.blocks, self.qtype, self.embedding_dim)
@@ -98,3 +104,52 @@ class BlockEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.qtype}, {self.num_embeddings}, {self.embedding_dim}"
+
+
+def as_block_linear(layer: nn.Module, like: nn.Module) -> BlockLinear:
+    """`layer` itself when block-quantized, else an nn.Linear quantized to the type of `like` (a BlockLinear)."""
+    if isinstance(layer, BlockLinear):
+        return layer
+    assert isinstance(layer, nn.Linear) and isinstance(like, BlockLinear)
+    return BlockLinear.from_weight(layer.weight, like.qtype, layer.bias)
+
+
+def concat_rows(parts: list[BlockLinear]) -> tuple[BlockLinear, str | None]:
+    """One BlockLinear whose rows are the parts' rows in order (a fused wqkv or w13), and a note when the
+    parts' types differ: then every part is held in the most precise of them, re-quantized (one type per
+    matrix is what the kernels read)."""
+    qtypes = [p.qtype for p in parts]
+    target = most_precise(qtypes)
+    blocks = [p.blocks if p.qtype == target else quantize(p.dequantized(), target) for p in parts]
+    biases = [p.bias for p in parts]
+    bias = None if any(b is None for b in biases) else torch.cat(biases)  # type: ignore[arg-type]
+    fused = BlockLinear(torch.cat(blocks), target, parts[0].in_features, bias)  # (sum of rows, row_bytes)
+    note = None if len(set(qtypes)) == 1 else f"{' + '.join(qtypes)} re-quantized to {target}"
+    return fused, note
+
+
+def dequantize_modules(model: nn.Module) -> nn.Module:
+    """Replace every BlockLinear and BlockEmbedding in `model` by an nn.Linear / nn.Embedding holding its
+    dequantized weight (float32), in place: the reference a quantized model is measured against. A head
+    sharing an embedding's blocks shares the new float weight."""
+    shared: dict[int, nn.Parameter] = {}
+
+    def weight(module: BlockLinear | BlockEmbedding) -> nn.Parameter:
+        key = module.blocks.data_ptr()
+        if key not in shared:
+            shared[key] = nn.Parameter(module.dequantized(), requires_grad=False)
+        return shared[key]
+
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, BlockEmbedding):
+                emb = nn.Embedding(child.num_embeddings, child.embedding_dim, device="meta")
+                emb.weight = weight(child)
+                setattr(parent, name, emb)
+            elif isinstance(child, BlockLinear):
+                lin = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
+                lin.weight = weight(child)
+                if child.bias is not None:
+                    lin.bias = nn.Parameter(child.bias.float(), requires_grad=False)
+                setattr(parent, name, lin)
+    return model
