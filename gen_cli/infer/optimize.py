@@ -69,7 +69,9 @@ def quantize_blocks(model: Transformer, qtype: str) -> Transformer:
 def attach_block_kernels(model: Transformer) -> None:
     """Point every BlockLinear's `kernel` at the fastest product this machine has for its blocks (the
     native block matmul of infer/native); where none is set, a BlockLinear dequantizes per call."""
-    return None
+    from gen_cli.infer.native.block_matmul import use_block_kernel
+
+    use_block_kernel(model)  # CPU layers, when the kernel builds here
 
 
 def compute_dtype(
