@@ -16,7 +16,8 @@
 #if defined(__AVX2__) || defined(__F16C__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
-#if defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+#if defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512DQ__) && \
+    defined(__AVX512VBMI__)
 #define GEN_BLOCKS_512 1
 #elif defined(__AVX2__) && defined(__FMA__)
 #define GEN_BLOCKS_256 1
@@ -214,6 +215,9 @@ static float dot_q4(const uint8_t *restrict w, Act a, int64_t nb, int q41) {
  * is d sc_j q - dmin m_j; chunk c's 32 bytes hold sub-block 2c in the low nibbles and 2c + 1 in the high ones. */
 static float dot_q4_k(const uint8_t *restrict w, Act a, int64_t nb) {
     float total = 0.f;
+#if defined(GEN_BLOCKS_512)
+    __m512 accf = _mm512_setzero_ps(); /* d d_x (sum of scaled sub-block sums), lane-wise across super-blocks */
+#endif
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *p = w + b * 144, *qs = p + 16;
         const int8_t *x = a.q + b * 256;
@@ -233,7 +237,9 @@ static float dot_q4_k(const uint8_t *restrict w, Act a, int64_t nb) {
             __m512i scv = _mm512_mask_blend_epi16(0xFFFF0000u, _mm512_set1_epi16(sc[2 * c]), _mm512_set1_epi16(sc[2 * c + 1]));
             acc = _mm512_add_epi32(acc, _mm512_madd_epi16(pairs, scv));
         }
-        isum = _mm512_reduce_add_epi32(acc);
+        accf = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(a.d[b] * f16(p)), accf);
+        total -= a.d[b] * f16(p + 2) * (float)msum;
+        continue;
 #elif defined(GEN_BLOCKS_256)
         __m256i acc = _mm256_setzero_si256();
         const __m256i m4 = _mm256_set1_epi8(0xF);
@@ -260,6 +266,9 @@ static float dot_q4_k(const uint8_t *restrict w, Act a, int64_t nb) {
 #endif
         total += a.d[b] * (f16(p) * (float)isum - f16(p + 2) * (float)msum);
     }
+#if defined(GEN_BLOCKS_512)
+    total += _mm512_reduce_add_ps(accf);
+#endif
     return total;
 }
 
@@ -268,6 +277,9 @@ static float dot_q4_k(const uint8_t *restrict w, Act a, int64_t nb) {
  * elements 64..127 are ql[0..63] >> 4 with qh bits (4,5) then (6,7). */
 static float dot_q6_k(const uint8_t *restrict w, Act a, int64_t nb) {
     float total = 0.f;
+#if defined(GEN_BLOCKS_512)
+    __m512 accf = _mm512_setzero_ps();
+#endif
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *p = w + b * 210, *ql = p, *qh = p + 128;
         const int8_t *sc = (const int8_t *)(p + 192), *x = a.q + b * 256;
@@ -295,7 +307,9 @@ static float dot_q6_k(const uint8_t *restrict w, Act a, int64_t nb) {
                 acc = _mm512_add_epi32(acc, _mm512_madd_epi16(pairs, _mm512_permutexvar_epi16(idx, sc16)));
             }
         }
-        isum = _mm512_reduce_add_epi32(acc);
+        accf = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(a.d[b] * f16(p + 208)), accf);
+        total -= a.d[b] * f16(p + 208) * (float)(32 * off);
+        continue;
 #elif defined(GEN_BLOCKS_256)
         __m256i acc = _mm256_setzero_si256();
         const __m256i m4 = _mm256_set1_epi8(0xF), m2 = _mm256_set1_epi8(3);
@@ -330,6 +344,9 @@ static float dot_q6_k(const uint8_t *restrict w, Act a, int64_t nb) {
 #endif
         total += a.d[b] * f16(p + 208) * (float)(isum - 32 * off);
     }
+#if defined(GEN_BLOCKS_512)
+    total += _mm512_reduce_add_ps(accf);
+#endif
     return total;
 }
 
@@ -342,6 +359,113 @@ static inline float dot_block(int64_t type, const uint8_t *row, Act a, int64_t c
     case T_Q4_K: return dot_q4_k(row, a, cols / 256);
     default: return dot_q6_k(row, a, cols / 256);
     }
+}
+
+/* Four rows at once (rows `stride` bytes apart) for the 32-element formats: the activation blocks and their
+ * scales are loaded once for all four, and four independent accumulators keep the FMA units busy (one row's
+ * chain waits on its own latency). out[k] = row k . a. */
+#ifdef GEN_BLOCKS_512
+static inline __m512 pair_scales(float a, float b) { /* [a x 8, b x 8] */
+    return _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(a), _mm512_set1_ps(b));
+}
+/* fp16 at p and at p + stride -> [p x 8, p + stride x 8] as floats. */
+static inline __m512 pair_halves(const uint8_t *p, int64_t stride) {
+    uint16_t h0, h1;
+    memcpy(&h0, p, 2);
+    memcpy(&h1, p + stride, 2);
+    __m256i v = _mm256_mask_blend_epi16(0xFF00, _mm256_set1_epi16((short)h0), _mm256_set1_epi16((short)h1));
+    return _mm512_cvtph_ps(v);
+}
+
+/* Q4_0/Q4_1, four rows by four blocks: one byte permute (VBMI) pulls the 4 x 16 nibble bytes out of the 72 (80)
+ * bytes of four blocks, another their fp16 scales; low nibbles (elements 0..15 of each block) and high ones
+ * (16..31) go to two dpbusd into one accumulator with 4 lanes per block, against the activation permuted the
+ * same way once for all four rows. A byte-exact gather beats per-block loads on cores that split 512-bit ops. */
+static void dot4_q4(int64_t type, const uint8_t *restrict w, int64_t stride, Act a, int64_t nb, float out[4]) {
+    const int q41 = type == T_Q4_1;
+    const int64_t bs = q41 ? 20 : 18, qo = q41 ? 4 : 2;
+    const __mmask64 tail = ((__mmask64)1 << (4 * bs - 64)) - 1; /* bytes of the 4 blocks past the first 64 */
+    uint8_t iq[64], id[64], im[64], ix[64], iy[64];
+    for (int j = 0; j < 64; j++) {
+        int k = j / 16, i = j % 16, h = j / 2, kh = h / 4;
+        iq[j] = (uint8_t)(k * bs + qo + i);                   /* nibble bytes of block k */
+        id[j] = (uint8_t)(kh * bs + (j & 1));                 /* d of block h / 4 in half h (low 32 bytes used) */
+        im[j] = (uint8_t)(kh * bs + 2 + (j & 1));             /* Q4_1's m likewise */
+        ix[j] = (uint8_t)(k * 32 + i), iy[j] = (uint8_t)(k * 32 + 16 + i); /* activation elements 0..15 / 16..31 */
+    }
+    const __m512i pq = _mm512_loadu_si512(iq), pd = _mm512_loadu_si512(id), pm = _mm512_loadu_si512(im);
+    const __m512i px = _mm512_loadu_si512(ix), py = _mm512_loadu_si512(iy), m4 = _mm512_set1_epi8(0xF);
+    const __m512i rep4 = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0), zero = _mm512_setzero_si512();
+    __m512 acc[4], mins[4];
+    for (int k = 0; k < 4; k++) acc[k] = mins[k] = _mm512_setzero_ps();
+    int64_t b = 0;
+    for (; b + 4 <= nb; b += 4) {
+        const __m512i x0 = _mm512_loadu_si512(a.q + b * 32), x1 = _mm512_loadu_si512(a.q + b * 32 + 64);
+        const __m512i xa = _mm512_permutex2var_epi8(x0, px, x1), xb = _mm512_permutex2var_epi8(x0, py, x1);
+        const __m512 xd = _mm512_permutexvar_ps(rep4, _mm512_castps128_ps512(_mm_loadu_ps(a.d + b)));
+        /* the sum of x over a block, a quarter on each of its 4 lanes (Q4_0: 8 sum x, so 2 sum x per lane) */
+        const __m512i xs = _mm512_permutexvar_epi32(rep4, _mm512_castsi128_si512(_mm_cvtepi16_epi32(_mm_loadl_epi64((const __m128i *)(a.s + b)))));
+        const __m512 xm = _mm512_mul_ps(_mm512_cvtepi32_ps(xs), _mm512_mul_ps(xd, _mm512_set1_ps(0.25f)));
+        const __m512i x8 = _mm512_slli_epi32(xs, 1);
+        for (int k = 0; k < 4; k++) {
+            const uint8_t *p = w + k * stride + b * bs;
+            const __m512i lo = _mm512_loadu_si512(p), hi = _mm512_maskz_loadu_epi8(tail, p + 64);
+            const __m512i q = _mm512_permutex2var_epi8(lo, pq, hi);
+            __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, _mm512_and_si512(q, m4), xa),
+                                              _mm512_and_si512(_mm512_srli_epi16(q, 4), m4), xb);
+            if (!q41) dot = _mm512_sub_epi32(dot, x8);
+            const __m512 dw = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutex2var_epi8(lo, pd, hi)));
+            acc[k] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot), dw), xd, acc[k]);
+            if (q41) mins[k] = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutex2var_epi8(lo, pm, hi))), xm, mins[k]);
+        }
+    }
+    for (int k = 0; k < 4; k++) {
+        out[k] = _mm512_reduce_add_ps(_mm512_add_ps(acc[k], mins[k]));
+        if (b < nb) {
+            Act rest = {a.q + b * 32, a.d + b, a.s + b};
+            out[k] += dot_q4(w + k * stride + b * bs, rest, nb - b, q41);
+        }
+    }
+}
+
+static void dot4_32(int64_t type, const uint8_t *restrict w, int64_t stride, Act a, int64_t nb, float out[4]) {
+    if (type != T_Q8_0) {
+        dot4_q4(type, w, stride, a, nb, out);
+        return;
+    }
+    const __m512i zero = _mm512_setzero_si512();
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    int64_t b = 0;
+    for (; b + 2 <= nb; b += 2) {
+        const __m512i xv = _mm512_loadu_si512(a.q + b * 32);
+        const __m512 xd = pair_scales(a.d[b], a.d[b + 1]);
+        for (int k = 0; k < 4; k++) {
+            const uint8_t *p = w + k * stride + b * 34;
+            __m512i wv = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(p + 2))),
+                                            _mm256_loadu_si256((const __m256i *)(p + 36)), 1);
+            __m512i xs = _mm512_mask_sub_epi8(xv, _mm512_movepi8_mask(wv), zero, xv); /* x * sign(w) */
+            __m512 dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, _mm512_abs_epi8(wv), xs));
+            acc[k] = _mm512_fmadd_ps(_mm512_mul_ps(dot, pair_halves(p, 34)), xd, acc[k]);
+        }
+    }
+    for (int k = 0; k < 4; k++) {
+        out[k] = _mm512_reduce_add_ps(acc[k]);
+        if (b < nb) { /* an odd last block */
+            Act rest = {a.q + b * 32, a.d + b, a.s + b};
+            out[k] += dot_q8_0(w + k * stride + b * 34, rest, 1);
+        }
+    }
+}
+#endif
+
+static void dot4_block(int64_t type, const uint8_t *w, int64_t stride, Act a, int64_t cols, float out[4]) {
+#ifdef GEN_BLOCKS_512
+    if (type == T_Q8_0 || type == T_Q4_0 || type == T_Q4_1) {
+        dot4_32(type, w, stride, a, cols / 32, out);
+        return;
+    }
+#endif
+    for (int k = 0; k < 4; k++) out[k] = dot_block(type, w + k * stride, a, cols);
 }
 
 /* One row of blocks -> fp32 (the embedding lookup of a block-quantized table). */

@@ -226,10 +226,12 @@ static void matmul_blocks(const Model *m, const Matrix *w, const float *x, float
         int64_t r1 = r0 + ROW_BLOCK < rows ? r0 + ROW_BLOCK : rows;
         for (int64_t b = 0; b < batch; b++) {
             Act a = {m->aq + b * cols, m->ad + b * (cols / 32), m->asum + b * (cols / 16)};
-            for (int64_t r = r0; r < r1; r++) {
-                float v = dot_block(type, (const uint8_t *)w->data + r * rb, a, cols);
-                y[b * rows + r] = accumulate ? y[b * rows + r] + v : v;
-            }
+            float v[ROW_BLOCK];
+            if (r1 - r0 == ROW_BLOCK)
+                dot4_block(type, (const uint8_t *)w->data + r0 * rb, rb, a, cols, v);
+            else
+                for (int64_t r = r0; r < r1; r++) v[r - r0] = dot_block(type, (const uint8_t *)w->data + r * rb, a, cols);
+            for (int64_t r = r0; r < r1; r++) y[b * rows + r] = accumulate ? y[b * rows + r] + v[r - r0] : v[r - r0];
         }
     }
 }
@@ -434,7 +436,9 @@ int64_t gen_block_matmul(const void *w, int64_t type, int64_t rows, int64_t cols
                 int64_t r1 = r0 + ROW_TILE < rows ? r0 + ROW_TILE : rows, t1 = t0 + TOKEN_TILE < n ? t0 + TOKEN_TILE : n;
                 for (int64_t t = t0; t < t1; t++) {
                     Act a = {q + t * cols, dq + t * (cols / 32), sq + t * (cols / 16)};
-                    for (int64_t r = r0; r < r1; r++) y[t * rows + r] = dot_block(type, (const uint8_t *)w + r * rb, a, cols);
+                    int64_t r = r0;
+                    for (; r + 4 <= r1; r += 4) dot4_block(type, (const uint8_t *)w + r * rb, rb, a, cols, y + t * rows + r);
+                    for (; r < r1; r++) y[t * rows + r] = dot_block(type, (const uint8_t *)w + r * rb, a, cols);
                 }
             }
         }
