@@ -89,6 +89,7 @@ def test_block_matmul_keeps_leading_dims_and_zero_inputs():
     x[0, 1] = 0  # an all-zero block quantizes with scale 0, not a division by zero
     y = block_matmul(x, layer)
     assert y.shape == (2, 3, 8) and torch.equal(y[0, 1], torch.zeros(8))
+    assert block_matmul(torch.randn(0, 64), layer).shape == (0, 8)  # an empty batch: nothing to do
     w, flat = layer.dequantized().double(), x.reshape(6, 64)
     assert ((y.reshape(6, 8) - flat.double() @ w.T).abs() <= _bound(w, flat, "q8_0")).all()
 

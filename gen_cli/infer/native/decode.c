@@ -415,6 +415,7 @@ int64_t gen_block_matmul(const void *w, int64_t type, int64_t rows, int64_t cols
                          int64_t n_threads) {
     enum { ROW_TILE = 16, TOKEN_TILE = 64 };
     if (!is_block_type(type) || cols % BLOCK_ELEMS[type] != 0) return -1;
+    if (n <= 0 || rows <= 0) return 0;
     const int64_t rb = block_row_bytes(type, cols);
     int8_t *q = malloc((size_t)(n * cols));
     float *dq = malloc((size_t)(n * (cols / 32)) * sizeof(float));
