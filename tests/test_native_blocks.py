@@ -218,3 +218,14 @@ def test_the_avx2_and_portable_paths_equal_the_native_one(march, fresh_library, 
         # the same integer sums, scaled and added in another order
         tol = 1e-5 * (x.double().abs() @ w.abs().T) + 1e-6
         assert ((got - want[q]).double().abs() <= tol).all(), q
+
+
+@pytest.mark.parametrize("use_native", [True, False])
+def test_optimize_for_decode_routes_block_layers_through_the_kernel_only_natively(use_native):
+    from gen_cli.infer.optimize import optimize_for_decode
+
+    torch.manual_seed(0)
+    model = optimize_for_decode(Transformer(tiny_config()).eval(), quantize="q8_0", native=use_native)
+    kernels = {m.kernel for m in model.modules() if isinstance(m, BlockLinear)}
+    assert kernels == ({block_matmul} if use_native else {None})
+    assert (model.native_decoder is not None) == use_native

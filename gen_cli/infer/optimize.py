@@ -150,7 +150,8 @@ def optimize_for_decode(
         quantize_int8(model)
     elif quantize in BLOCK_MODES:
         quantize_blocks(model, quantize)
-    attach_block_kernels(model)  # also for a model loaded with blocks (a quantized GGUF file)
+    if native and not compile:  # `native=False` keeps every op in PyTorch: blocks dequantized per call
+        attach_block_kernels(model)  # also for a model loaded with blocks (a quantized GGUF file)
     if compile:
         return compile_model(model)
     native_step = False
