@@ -228,7 +228,7 @@ static void matmul_blocks(const Model *m, const Matrix *w, const float *x, float
             Act a = {m->aq + b * cols, m->ad + b * (cols / 32), m->asum + b * (cols / 16)};
             float v[ROW_BLOCK];
             if (r1 - r0 == ROW_BLOCK)
-                dot4_block(type, (const uint8_t *)w->data + r0 * rb, rb, a, cols, v);
+                dot4_block(type, (const uint8_t *)w->data + r0 * rb, rb, a, cols, v, 0);
             else
                 for (int64_t r = r0; r < r1; r++) v[r - r0] = dot_block(type, (const uint8_t *)w->data + r * rb, a, cols);
             for (int64_t r = r0; r < r1; r++) y[b * rows + r] = accumulate ? y[b * rows + r] + v[r - r0] : v[r - r0];
@@ -438,7 +438,7 @@ int64_t gen_block_matmul(const void *w, int64_t type, int64_t rows, int64_t cols
                 for (int64_t t = t0; t < t1; t++) {
                     Act a = {q + t * cols, dq + t * (cols / 32), sq + t * (cols / 16)};
                     int64_t r = r0;
-                    for (; r + 4 <= r1; r += 4) dot4_block(type, (const uint8_t *)w + r * rb, rb, a, cols, y + t * rows + r);
+                    for (; r + 4 <= r1; r += 4) dot4_block(type, (const uint8_t *)w + r * rb, rb, a, cols, y + t * rows + r, 1);
                     for (; r < r1; r++) y[t * rows + r] = dot_block(type, (const uint8_t *)w + r * rb, a, cols);
                 }
             }
