@@ -69,7 +69,9 @@ def quantize_blocks(model: Transformer, qtype: str) -> Transformer:
 def attach_block_kernels(model: Transformer) -> None:
     """Point every BlockLinear's `kernel` at the fastest product this machine has for its blocks (the
     native block matmul of infer/native); where none is set, a BlockLinear dequantizes per call."""
-    return None
+    from gen_cli.infer.native.block_matmul import use_block_kernel
+
+    use_block_kernel(model)  # CPU layers, when the kernel builds here
 
 
 def compute_dtype(
@@ -148,7 +150,8 @@ def optimize_for_decode(
         quantize_int8(model)
     elif quantize in BLOCK_MODES:
         quantize_blocks(model, quantize)
-    attach_block_kernels(model)  # also for a model loaded with blocks (a quantized GGUF file)
+    if native and not compile:  # `native=False` keeps every op in PyTorch: blocks dequantized per call
+        attach_block_kernels(model)  # also for a model loaded with blocks (a quantized GGUF file)
     if compile:
         return compile_model(model)
     native_step = False
