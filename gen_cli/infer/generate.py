@@ -374,11 +374,7 @@ def run_generation(
         threads=torch.get_num_threads(),
         batch=batch,
         decode_path="native" if native is not None and cache is not None and native.accepts(batch, cache) else "torch",
-        decode_path_reason=(
-            f"the native step reads only {dtype_name(dtype)} K/V; this cache stores K {cache.k_kind}, V {cache.v_kind}"
-            if native is not None and cache is not None and not cache.plain
-            else ""
-        ),
+        decode_path_reason=native.refusal(batch, cache) if native is not None and cache is not None else "",
         kv_dtype_k=cache.k_kind if cache is not None else "",
         kv_dtype_v=cache.v_kind if cache is not None else "",
         machine_load=probe.measure().to_dict(),
