@@ -9,6 +9,7 @@ import os
 import platform
 import shlex
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -140,15 +141,27 @@ def test_what_the_kernel_does_not_read_goes_to_pytorch():
     assert not bf16.native_decoder.accepts(1, int8)  # a bf16 model reads only its plain bf16 cache
 
 
-@pytest.mark.skipif(platform.machine() != "x86_64", reason="builds for a plain x86-64 target")
-def test_the_portable_loops_equal_the_vector_paths(monkeypatch, tmp_path):
+def _cpu_flags() -> set[str]:
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    return set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="builds for other x86-64 targets")
+@pytest.mark.parametrize(
+    "target",
+    ["x86-64-v2", "skylake-avx512"],  # no AVX-512: the plain C loops; AVX-512 without VNNI: K dequantized to fp32
+)
+def test_the_portable_loops_equal_the_vector_paths(target, monkeypatch, tmp_path):
+    if target != "x86-64-v2" and not {"avx512f", "avx512bw", "avx512vl"} <= _cpu_flags():
+        pytest.skip("this CPU cannot run an AVX-512 build")
     _, vector = _models(**SHAPES[32])
     ids = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(5))
     monkeypatch.setenv("GEN_HOME", str(tmp_path))
-    monkeypatch.setattr(build, "FLAGS", tuple("-march=x86-64-v2" if f == "-march=native" else f for f in build.FLAGS))
+    monkeypatch.setattr(build, "FLAGS", tuple(f"-march={target}" if f == "-march=native" else f for f in build.FLAGS))
     build.library.cache_clear()
     try:
-        _, portable = _models(**SHAPES[32])  # no AVX-512: the plain C loops
+        _, portable = _models(**SHAPES[32])
         for kinds in (("int8", "int4"), ("int4", "int8")):
             want, got = _steps(vector, ids, 5, kinds), _steps(portable, ids, 5, kinds)
             assert (got - want).abs().max() <= _tol(*kinds) * want.abs().max()

@@ -422,13 +422,119 @@ static inline __m512 exp16(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
-/* The chunk for nq query heads with each K/V token loaded once for all of them: scores 16 tokens at a
- * time (one sum16 per head), the softmax weights vectorised, then the weighted V sum in registers.
- * `kind`s, nq and (where it is 64 or 128) hd are compile-time constants in each inlined copy. */
-ALWAYS_INLINE void chunk_avx(const Chunk *c, const int nq, const int kk, const KVHead *k, const int vk,
-                             const KVHead *v, const int64_t hd) {
+enum { V_BLOCK = 128 }; /* tokens whose V weights (times their scales) are prepared at once */
+
+/* Group g of tokens [t, t + 16) as one vector, from x at token t, laid out (token, G groups); lanes off in
+ * m (a prefix) stay 0. Two groups (head_dim 64) deinterleave with one permute; other counts gather. */
+ALWAYS_INLINE __m512 group_lanes(const float *x, const int64_t G, int64_t g, __mmask16 m) {
+    if (G == 1) return _mm512_maskz_loadu_ps(m, x);
+    if (G == 2) {
+        const int n = __builtin_popcount(m); /* m is a prefix: the first n tokens, 2n floats */
+        const uint32_t m2 = n >= 16 ? 0xFFFFFFFFu : (1u << 2 * n) - 1;
+        const __m512 a = _mm512_maskz_loadu_ps((__mmask16)m2, x), b = _mm512_maskz_loadu_ps((__mmask16)(m2 >> 16), x + 16);
+        const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+        return _mm512_permutex2var_ps(a, _mm512_add_epi32(even, _mm512_set1_epi32((int)g)), b);
+    }
+    const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, _mm512_mullo_epi32(iota, _mm512_set1_epi32((int)G)), x + g, 4);
+}
+
+#ifdef GEN_VNNI
+/* Integer K (int8, int4): the queries rounded to int16 with one scale per head (relative error <= 2^-16,
+ * as the int8 matrices' inputs are), so that vpdpwssd multiplies 32 stored values a step with no
+ * conversion to fp32. int4: score = scale_g sum(nibble q) + zero_g sum(q) per group of 32. */
+ALWAYS_INLINE void scores_int(const Chunk *c, const int nq, const int kk, const KVHead *k, const int64_t hd) {
+    if (nq > NQ_MAX || hd > HD_MAX) __builtin_unreachable(); /* the callers' limits */
+    const int64_t G = hd / KV_GROUP, t0 = c->t0, t1 = c->t1;
+    int16_t q16[NQ_MAX][HD_MAX] __attribute__((aligned(64)));
+    float qscale[NQ_MAX], qsum[NQ_MAX][HD_MAX / KV_GROUP];
+    for (int i = 0; i < nq; i++) {
+        const float *q = c->q[i];
+        float amax = 0.f;
+        for (int64_t d = 0; d < hd; d++) amax = fmaxf(amax, fabsf(q[d]));
+        qscale[i] = amax > 0.f ? amax / 32767.f : 1.f;
+        for (int64_t g = 0; g < G; g++) qsum[i][g] = 0.f;
+        for (int64_t d = 0; d < hd; d++) {
+            const int64_t at = kk == KV_INT4 ? d - d % KV_GROUP + (d % 2) * 16 + d % KV_GROUP / 2 : d;
+            q16[i][at] = (int16_t)lrintf(q[d] / qscale[i]);
+            if (kk == KV_INT4) qsum[i][d / KV_GROUP] += q[d];
+        }
+    }
+    int64_t t = t0;
+    for (; t + 16 <= t1; t += 16) {
+        __m512 acc[NQ_MAX][16];
+        for (int u = 0; u < 16; u++) {
+            if (kk == KV_INT8) {
+                __m512i a[NQ_MAX];
+                for (int i = 0; i < nq; i++) a[i] = _mm512_setzero_si512();
+                for (int64_t j = 0; j < hd / 32; j++) {
+                    const __m512i x = _mm512_cvtepi8_epi16(
+                        _mm256_loadu_si256((const __m256i *)((const int8_t *)k->data + (t + u) * hd + 32 * j)));
+                    for (int i = 0; i < nq; i++)
+                        a[i] = _mm512_dpwssd_epi32(a[i], x, _mm512_load_si512((const void *)(q16[i] + 32 * j)));
+                }
+                for (int i = 0; i < nq; i++) acc[i][u] = _mm512_cvtepi32_ps(a[i]);
+            } else {
+                __m512 f[NQ_MAX];
+                for (int i = 0; i < nq; i++) f[i] = _mm512_setzero_ps();
+                for (int64_t g = 0; g < G; g++) {
+                    const __m256i b = _mm256_cvtepu8_epi16(
+                        _mm_loadu_si128((const __m128i *)((const uint8_t *)k->data + (t + u) * (hd / 2) + 16 * g)));
+                    const __m512i x = _mm512_inserti64x4(
+                        _mm512_castsi256_si512(_mm256_and_si256(b, _mm256_set1_epi16(15))), _mm256_srli_epi16(b, 4), 1);
+                    const __m512 s = _mm512_set1_ps(k->scale[(t + u) * G + g]);
+                    for (int i = 0; i < nq; i++) {
+                        __m512i d = _mm512_dpwssd_epi32(_mm512_setzero_si512(), x,
+                                                        _mm512_load_si512((const void *)(q16[i] + 32 * g)));
+                        f[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, f[i]);
+                    }
+                }
+                for (int i = 0; i < nq; i++) acc[i][u] = f[i];
+            }
+        }
+        const __m512 attn = _mm512_set1_ps(c->scale);
+        __m512 zero[HD_MAX / KV_GROUP];
+        for (int64_t g = 0; kk == KV_INT4 && g < G; g++) zero[g] = group_lanes(k->zero + t * G, G, g, 0xFFFF);
+        for (int i = 0; i < nq; i++) {
+            __m512 s = _mm512_mul_ps(sum16(acc[i]), _mm512_set1_ps(qscale[i]));
+            if (kk == KV_INT8) {
+                s = _mm512_mul_ps(s, _mm512_loadu_ps(k->scale + t));
+            } else {
+                for (int64_t g = 0; g < G; g++) s = _mm512_fmadd_ps(zero[g], _mm512_set1_ps(qsum[i][g]), s);
+            }
+            _mm512_storeu_ps(c->s[i] + t, _mm512_mul_ps(s, attn));
+        }
+    }
+    for (; t < t1; t++) { /* the chunk's last < 16 tokens, one at a time */
+        for (int i = 0; i < nq; i++) {
+            float s = 0.f;
+            if (kk == KV_INT8) {
+                __m512i a = _mm512_setzero_si512();
+                for (int64_t j = 0; j < hd / 32; j++)
+                    a = _mm512_dpwssd_epi32(
+                        a, _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)((const int8_t *)k->data + t * hd + 32 * j))),
+                        _mm512_load_si512((const void *)(q16[i] + 32 * j)));
+                s = (float)_mm512_reduce_add_epi32(a) * qscale[i] * k->scale[t];
+            } else {
+                for (int64_t g = 0; g < G; g++) {
+                    const uint8_t *b = (const uint8_t *)k->data + t * (hd / 2) + 16 * g;
+                    int32_t dot = 0;
+                    for (int e = 0; e < 16; e++) dot += (b[e] & 15) * q16[i][32 * g + e] + (b[e] >> 4) * q16[i][32 * g + 16 + e];
+                    s += (float)dot * qscale[i] * k->scale[t * G + g] + k->zero[t * G + g] * qsum[i][g];
+                }
+            }
+            c->s[i][t] = s * c->scale;
+        }
+    }
+}
+#endif
+
+/* A chunk's scores for nq query heads with each K token loaded once for all of them, 16 tokens at a time
+ * (one sum16 per head). The kind, nq and (where it is 64 or 128) hd are constants in each inlined copy. */
+ALWAYS_INLINE void scores_avx(const Chunk *c, const int nq, const int kk, const KVHead *k, const int64_t hd) {
+    if (nq > NQ_MAX || hd > HD_MAX) __builtin_unreachable(); /* the callers' limits */
     const int64_t J = hd / 16, t0 = c->t0, t1 = c->t1;
-    float qn[NQ_MAX][HD_MAX]; /* int4 K: the queries in nibble order */
+    float qn[NQ_MAX][HD_MAX]; /* int4 K without VNNI: the queries in nibble order */
     const float *q[NQ_MAX];
     for (int i = 0; i < nq; i++) {
         q[i] = c->q[i];
@@ -438,6 +544,12 @@ ALWAYS_INLINE void chunk_avx(const Chunk *c, const int nq, const int kk, const K
         }
     }
     int64_t t = t0;
+#ifdef GEN_VNNI
+    if (kk == KV_INT8 || kk == KV_INT4) {
+        scores_int(c, nq, kk, k, hd);
+        t = t1;
+    }
+#endif
     for (; t + 16 <= t1; t += 16) {
         __m512 acc[NQ_MAX][16];
         for (int u = 0; u < 16; u++) {
@@ -460,7 +572,11 @@ ALWAYS_INLINE void chunk_avx(const Chunk *c, const int nq, const int kk, const K
             c->s[i][t] = _mm512_reduce_add_ps(a) * c->scale * (kk == KV_INT8 ? k->scale[t] : 1.f);
         }
     }
-    /* The softmax weights, unnormalised: exp(score - the chunk's top score). */
+}
+
+/* The softmax weights, unnormalised: exp(score - the chunk's top score), and their sum. */
+static void softmax_chunk(const Chunk *c, int nq) {
+    const int64_t t0 = c->t0, t1 = c->t1;
     for (int i = 0; i < nq; i++) {
         float *s = c->s[i];
         __m512 top = _mm512_set1_ps(-INFINITY), sum = _mm512_setzero_ps();
@@ -477,16 +593,59 @@ ALWAYS_INLINE void chunk_avx(const Chunk *c, const int nq, const int kk, const K
         }
         c->top[i] = tmax, c->sum[i] = _mm512_reduce_add_ps(sum);
     }
-    /* o[i] = sum_t weight[i][t] v_t, every V token dequantised once for all nq heads. */
+}
+
+/* o[i] = sum_t weight[i][t] v_t, each V token converted once for all nq heads. A quantized V's scales
+ * ride on the weights (w scale, prepared V_BLOCK tokens at a time), int4's zero points on a separate sum
+ * (sum_t w zero, added to the group's every element at the end). */
+ALWAYS_INLINE void values_avx(const Chunk *c, const int nq, const int vk, const KVHead *v, const int64_t hd) {
+    if (nq > NQ_MAX || hd > HD_MAX) __builtin_unreachable(); /* the callers' limits */
+    const int64_t J = hd / 16, G = hd / KV_GROUP, t0 = c->t0, t1 = c->t1;
+    int64_t t;
     __m512 o[NQ_MAX][HD_MAX / 16];
-    for (int i = 0; i < nq; i++)
+    __m512 zacc[NQ_MAX][HD_MAX / KV_GROUP];
+    float ws[NQ_MAX][HD_MAX / KV_GROUP][V_BLOCK];
+    for (int i = 0; i < nq; i++) {
         for (int64_t j = 0; j < J; j++) o[i][j] = _mm512_setzero_ps();
-    for (t = t0; t < t1; t++) {
-        __m512 p[NQ_MAX];
-        for (int i = 0; i < nq; i++) p[i] = _mm512_set1_ps(c->s[i][t] * (vk == KV_INT8 ? v->scale[t] : 1.f));
-        for (int64_t j = 0; j < J; j++) {
-            const __m512 x = kv_load16(vk, v, t, hd, j);
-            for (int i = 0; i < nq; i++) o[i][j] = _mm512_fmadd_ps(p[i], x, o[i][j]);
+        for (int64_t g = 0; g < G; g++) zacc[i][g] = _mm512_setzero_ps();
+    }
+    for (int64_t tb = t0; tb < t1; tb += V_BLOCK) {
+        const int64_t te = tb + V_BLOCK < t1 ? tb + V_BLOCK : t1;
+        if (vk == KV_INT8 || vk == KV_INT4) {
+            for (int64_t u = tb; u < te; u += 16) {
+                const __mmask16 m = te - u >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (te - u)) - 1);
+                for (int64_t g = 0; g < (vk == KV_INT8 ? 1 : G); g++) {
+                    const __m512 sc = vk == KV_INT8 ? _mm512_maskz_loadu_ps(m, v->scale + u) : group_lanes(v->scale + u * G, G, g, m);
+                    const __m512 zp = vk == KV_INT4 ? group_lanes(v->zero + u * G, G, g, m) : _mm512_setzero_ps();
+                    for (int i = 0; i < nq; i++) {
+                        const __m512 w = _mm512_maskz_loadu_ps(m, c->s[i] + u);
+                        _mm512_mask_storeu_ps(ws[i][g] + (u - tb), m, _mm512_mul_ps(w, sc));
+                        if (vk == KV_INT4) zacc[i][g] = _mm512_fmadd_ps(w, zp, zacc[i][g]);
+                    }
+                }
+            }
+        }
+        for (t = tb; t < te; t++) {
+            if (vk == KV_INT4) {
+                for (int64_t g = 0; g < G; g++) {
+                    const __m512i b = _mm512_cvtepu8_epi32(
+                        _mm_loadu_si128((const __m128i *)((const uint8_t *)v->data + t * (hd / 2) + 16 * g)));
+                    const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)));
+                    const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+                    for (int i = 0; i < nq; i++) {
+                        const __m512 w = _mm512_set1_ps(ws[i][g][t - tb]);
+                        o[i][2 * g] = _mm512_fmadd_ps(w, lo, o[i][2 * g]);
+                        o[i][2 * g + 1] = _mm512_fmadd_ps(w, hi, o[i][2 * g + 1]);
+                    }
+                }
+            } else {
+                __m512 w[NQ_MAX];
+                for (int i = 0; i < nq; i++) w[i] = _mm512_set1_ps(vk == KV_INT8 ? ws[i][0][t - tb] : c->s[i][t]);
+                for (int64_t j = 0; j < J; j++) {
+                    const __m512 x = kv_load16(vk, v, t, hd, j);
+                    for (int i = 0; i < nq; i++) o[i][j] = _mm512_fmadd_ps(w[i], x, o[i][j]);
+                }
+            }
         }
     }
     for (int i = 0; i < nq; i++) {
@@ -496,25 +655,34 @@ ALWAYS_INLINE void chunk_avx(const Chunk *c, const int nq, const int kk, const K
         }
         float tmp[HD_MAX];
         for (int64_t j = 0; j < J; j++) _mm512_storeu_ps(tmp + 16 * j, o[i][j]);
-        for (int64_t d = 0; d < hd; d++) c->o[i][d] = tmp[d - d % KV_GROUP + (d % 2) * 16 + d % KV_GROUP / 2];
+        for (int64_t d = 0; d < hd; d++)
+            c->o[i][d] = tmp[d - d % KV_GROUP + (d % 2) * 16 + d % KV_GROUP / 2] +
+                         _mm512_reduce_add_ps(zacc[i][d / KV_GROUP]);
     }
 }
 
-/* One copy of chunk_avx per (K kind, V kind, nq) with hd constant where it is 64 or 128. */
-#define CHUNK_HD(NQ, KK, VK)                                                                                     \
-    (c->hd == 64    ? chunk_avx(c, NQ, KK, k, VK, v, 64)                                                         \
-     : c->hd == 128 ? chunk_avx(c, NQ, KK, k, VK, v, 128)                                                        \
-                    : chunk_avx(c, NQ, KK, k, VK, v, c->hd))
-#define CHUNK_NQ(KK, VK)                                                                                         \
-    (nq == 1 ? CHUNK_HD(1, KK, VK) : nq == 2 ? CHUNK_HD(2, KK, VK) : nq == 3 ? CHUNK_HD(3, KK, VK) : CHUNK_HD(4, KK, VK))
-#define CHUNK_V(KK)                                                                                              \
-    (v->kind == KV_INT8 ? CHUNK_NQ(KK, KV_INT8) : v->kind == KV_INT4 ? CHUNK_NQ(KK, KV_INT4) : CHUNK_NQ(KK, KV_FLOAT))
+/* One copy per kind and nq where hd is 64 or 128, all three constants there; other head sizes share one
+ * copy per kind, with run-time loops. */
+#define BY_SHAPE(F, KIND, SIDE)                                                                                   \
+    (c->hd == 64 ? (nq == 1   ? F(c, 1, KIND, SIDE, 64)                                                           \
+                    : nq == 2 ? F(c, 2, KIND, SIDE, 64)                                                           \
+                    : nq == 3 ? F(c, 3, KIND, SIDE, 64)                                                           \
+                              : F(c, 4, KIND, SIDE, 64))                                                          \
+     : c->hd == 128 ? (nq == 1   ? F(c, 1, KIND, SIDE, 128)                                                       \
+                       : nq == 2 ? F(c, 2, KIND, SIDE, 128)                                                       \
+                       : nq == 3 ? F(c, 3, KIND, SIDE, 128)                                                       \
+                                 : F(c, 4, KIND, SIDE, 128))                                                      \
+                    : F(c, nq, KIND, SIDE, c->hd))
+#define BY_KIND(F, SIDE)                                                                                          \
+    (SIDE->kind == KV_INT8   ? BY_SHAPE(F, KV_INT8, SIDE)                                                         \
+     : SIDE->kind == KV_INT4 ? BY_SHAPE(F, KV_INT4, SIDE)                                                         \
+     : SIDE->kind == KV_BF16 ? BY_SHAPE(F, KV_BF16, SIDE)                                                         \
+                             : BY_SHAPE(F, KV_FLOAT, SIDE))
 
 static void chunk_vector(const Chunk *c, int nq, const KVHead *k, const KVHead *v) {
-    if (k->kind == KV_BF16) CHUNK_NQ(KV_BF16, KV_BF16); /* a bf16 model: both sides bf16 */
-    else if (k->kind == KV_INT8) CHUNK_V(KV_INT8);
-    else if (k->kind == KV_INT4) CHUNK_V(KV_INT4);
-    else CHUNK_V(KV_FLOAT);
+    BY_KIND(scores_avx, k);
+    softmax_chunk(c, nq);
+    BY_KIND(values_avx, v);
 }
 #endif
 
