@@ -390,19 +390,25 @@ ALWAYS_INLINE __m512 kv_load16(const int kind, const KVHead *kv, int64_t t, cons
 
 /* The 16 horizontal sums of v[0..15], in order: a transposing add tree (45 shuffles and adds for 16
  * dot products, against ~8 each for a separate reduction). */
-ALWAYS_INLINE __m512 sum16(const __m512 *v) {
+ALWAYS_INLINE __m512 sum16_with(const __m512 *v, const int ints) {
+#define ADD(a, b) (ints ? _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(a), _mm512_castps_si512(b))) \
+                        : _mm512_add_ps(a, b))
     __m512 r[8], u[4], w[2];
     for (int i = 0; i < 8; i++) /* per 128-bit lane: (a0+a2, b0+b2, a1+a3, b1+b3) */
-        r[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+        r[i] = ADD(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
     for (int i = 0; i < 4; i++) /* per lane: the lane's sums of 4 consecutive vectors */
-        u[i] = _mm512_add_ps(_mm512_shuffle_ps(r[2 * i], r[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
-                             _mm512_shuffle_ps(r[2 * i], r[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+        u[i] = ADD(_mm512_shuffle_ps(r[2 * i], r[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                   _mm512_shuffle_ps(r[2 * i], r[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
     for (int i = 0; i < 2; i++)
-        w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
-                             _mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
-    return _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(2, 0, 2, 0)),
-                         _mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(3, 1, 3, 1)));
+        w[i] = ADD(_mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                   _mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    return ADD(_mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(2, 0, 2, 0)),
+               _mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(3, 1, 3, 1)));
+#undef ADD
 }
+#define sum16(v) sum16_with(v, 0)
+/* int32 sums of int32 lanes (carried in fp32 registers): exact, converted once per 16 tokens. */
+#define sum16_int(v) _mm512_cvtepi32_ps(_mm512_castps_si512(sum16_with(v, 1)))
 
 /* e^x for x <= 0 (scores minus their maximum), within 2 ulp: x = n ln2 + r, |r| <= ln2 / 2, a degree-7
  * polynomial for e^r (Cephes' expf), then scaled by 2^n. */
@@ -473,7 +479,7 @@ ALWAYS_INLINE void scores_int(const Chunk *c, const int nq, const int kk, const 
                     for (int i = 0; i < nq; i++)
                         a[i] = _mm512_dpwssd_epi32(a[i], x, _mm512_load_si512((const void *)(q16[i] + 32 * j)));
                 }
-                for (int i = 0; i < nq; i++) acc[i][u] = _mm512_cvtepi32_ps(a[i]);
+                for (int i = 0; i < nq; i++) acc[i][u] = _mm512_castsi512_ps(a[i]);
             } else {
                 __m512 f[NQ_MAX];
                 for (int i = 0; i < nq; i++) f[i] = _mm512_setzero_ps();
@@ -484,8 +490,7 @@ ALWAYS_INLINE void scores_int(const Chunk *c, const int nq, const int kk, const 
                         _mm512_castsi256_si512(_mm256_and_si256(b, _mm256_set1_epi16(15))), _mm256_srli_epi16(b, 4), 1);
                     const __m512 s = _mm512_set1_ps(k->scale[(t + u) * G + g]);
                     for (int i = 0; i < nq; i++) {
-                        __m512i d = _mm512_dpwssd_epi32(_mm512_setzero_si512(), x,
-                                                        _mm512_load_si512((const void *)(q16[i] + 32 * g)));
+                        __m512i d = _mm512_madd_epi16(x, _mm512_load_si512((const void *)(q16[i] + 32 * g)));
                         f[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, f[i]);
                     }
                 }
@@ -496,7 +501,7 @@ ALWAYS_INLINE void scores_int(const Chunk *c, const int nq, const int kk, const 
         __m512 zero[HD_MAX / KV_GROUP];
         for (int64_t g = 0; kk == KV_INT4 && g < G; g++) zero[g] = group_lanes(k->zero + t * G, G, g, 0xFFFF);
         for (int i = 0; i < nq; i++) {
-            __m512 s = _mm512_mul_ps(sum16(acc[i]), _mm512_set1_ps(qscale[i]));
+            __m512 s = _mm512_mul_ps(kk == KV_INT8 ? sum16_int(acc[i]) : sum16(acc[i]), _mm512_set1_ps(qscale[i]));
             if (kk == KV_INT8) {
                 s = _mm512_mul_ps(s, _mm512_loadu_ps(k->scale + t));
             } else {
