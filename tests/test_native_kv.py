@@ -74,6 +74,24 @@ def test_native_quantized_kv_equals_pytorch(hd, k_kind, v_kind):
     assert (got - want).abs().max() <= _tol(k_kind, v_kind) * want.abs().max(), (got - want).abs().max()
 
 
+@pytest.mark.parametrize(
+    "shape",
+    [
+        {"d_model": 192, "n_head": 3, "n_kv_head": 1},  # head_dim 64, three query heads a KV head
+        {"d_model": 384, "n_head": 6, "n_kv_head": 1},  # six: taken four, then two
+        {"d_model": 256, "n_head": 2, "n_kv_head": 2},  # head_dim 128
+        {"d_model": 192, "n_head": 2, "n_kv_head": 1},  # head_dim 96: the copy with run-time loops
+    ],
+)
+@pytest.mark.parametrize(("k_kind", "v_kind"), [("fp32", "fp32"), ("int8", "int8"), ("int4", "int8"), ("fp32", "int4")])
+def test_every_head_grouping_and_size(shape, k_kind, v_kind):
+    torch_model, native_model = _models(**shape, d_ff=128, context_length=64)
+    ids = torch.randint(0, 300, (1, 24), generator=torch.Generator().manual_seed(6))
+    want = _steps(torch_model, ids, 5, (k_kind, v_kind))
+    got = _steps(native_model, ids, 5, (k_kind, v_kind))
+    assert (got - want).abs().max() <= _tol(k_kind, v_kind) * want.abs().max(), (got - want).abs().max()
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize(("k_kind", "v_kind"), [("fp32", "fp32"), ("int8", "int8"), ("int4", "int4"), ("int8", "int4")])
 def test_long_contexts_split_into_chunks_and_merge(threads, k_kind, v_kind, monkeypatch):
