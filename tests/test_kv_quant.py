@@ -134,7 +134,7 @@ def test_cli_kv_dtype_int8_stats_json(model_dir):
     result = runner.invoke(app, [*args, "--kv-dtype", "int8", "--stats", "--json"])
     assert result.exit_code == 0, result.output
     s = json.loads(result.stdout)["stats"]
-    assert s["kv_dtype_k"] == s["kv_dtype_v"] == "int8" and s["decode_path"] == "torch"
+    assert s["kv_dtype_k"] == s["kv_dtype_v"] == "int8" and s["decode_path"] == "native"  # the C step reads int8 K/V
     assert s["kv_cache_bytes"] == s["kv_cache_bytes_analytic"] > 0
     fp32 = json.loads(runner.invoke(app, [*args, "--json"]).stdout)["stats"]
     assert s["kv_cache_bytes"] * 32 == fp32["kv_cache_bytes"] * (8 + 4)  # head_dim 8: values + one fp32 scale

@@ -426,7 +426,7 @@ def run_generation(
         threads=torch.get_num_threads(),
         batch=batch,
         decode_path="native" if native is not None and cache is not None and native.accepts(batch, cache) else "torch",
-        decode_path_reason=_native_reason(native, cache, dtype),
+        decode_path_reason=native.refusal(batch, cache) if native is not None and cache is not None else "",
         kv_dtype_k=cache.k_kind if cache is not None else "",
         kv_dtype_v=cache.v_kind if cache is not None else "",
         kv_window=cache.window if isinstance(cache, WindowKVCache) else 0,
@@ -437,12 +437,3 @@ def run_generation(
     )
     out = torch.stack(steps, dim=1) if steps else torch.empty(batch, 0, dtype=torch.long, device=device)
     return GenerationResult(out, stats, interrupted, cache)
-
-
-def _native_reason(native: Any, cache: KVCache | WindowKVCache | None, dtype: torch.dtype) -> str:
-    """Why an attached native step does not decode with this cache ("" when it does or none is attached)."""
-    if native is None or cache is None or cache.plain:
-        return ""
-    if isinstance(cache, WindowKVCache):
-        return "the native step reads a linear cache; this one is a window (sinks + ring)"
-    return f"the native step reads only {dtype_name(dtype)} K/V; this cache stores K {cache.k_kind}, V {cache.v_kind}"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ctypes
 
-ABI_VERSION = 2  # GEN_ABI_VERSION in decode.c
+ABI_VERSION = 3  # GEN_ABI_VERSION in decode.c
 
 # Matrix.type (blocks.h): the step's own formats, then GGML's block formats by their gen names.
 MATRIX_TYPES = {"fp32": 0, "bf16": 1, "int8": 2, "q8_0": 3, "q4_0": 4, "q4_1": 5, "q4_k": 6, "q6_k": 7}
@@ -41,7 +41,18 @@ class Layer(ctypes.Structure):
         ("w2", Matrix),
         ("k_cache", ctypes.c_void_p),
         ("v_cache", ctypes.c_void_p),
+        # Quantized KV (kv_quant): int8 scales; int4 scales and zero points; NULL for float caches.
+        ("k_scale", ctypes.c_void_p),
+        ("k_zero", ctypes.c_void_p),
+        ("v_scale", ctypes.c_void_p),
+        ("v_zero", ctypes.c_void_p),
+        ("k_kind", ctypes.c_int64),  # KV_KINDS below
+        ("v_kind", ctypes.c_int64),
     ]
+
+
+# How decode.c's Layer.k_kind/v_kind name a stored form (its KV_FLOAT / KV_INT8 / KV_INT4).
+KV_KINDS = {"float": 0, "int8": 1, "int4": 2}
 
 
 _INTS = (
@@ -85,7 +96,7 @@ def _expected() -> list[int]:
         ctypes.sizeof(Matrix),
         ctypes.sizeof(Norm),
         ctypes.sizeof(Layer),
-        Layer.v_cache.offset,
+        Layer.v_kind.offset,
         ctypes.sizeof(Model),
         Model.norm_eps.offset,
         Model.lm_head.offset,

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from gen_cli.infer.linear import Int8Linear
-from gen_cli.infer.native.abi import MATRIX_TYPES, PROFILE_KEYS, Layer, Matrix, Model, Norm
+from gen_cli.infer.native.abi import KV_KINDS, MATRIX_TYPES, PROFILE_KEYS, Layer, Matrix, Model, Norm
 from gen_cli.infer.native.build import library, native_status
 from gen_cli.model.block_linear import BlockEmbedding, BlockLinear
 from gen_cli.model.config import ModelConfig
@@ -188,7 +188,25 @@ class NativeDecoder:
 
     def accepts(self, batch: int, cache: KVCache) -> bool:
         """Whether a step of `batch` rows into `cache` runs here (else PyTorch runs it)."""
-        return batch <= MAX_BATCH and cache.plain and cache.dtype == self.dtype and cache.device.type == "cpu"
+        # Exactly KVCache: a subclass (a windowed ring, say) places tokens where the kernel does not look.
+        fits = type(cache) is KVCache and batch <= MAX_BATCH and cache.device.type == "cpu"
+        return fits and cache.dtype == self.dtype and (cache.plain or self._reads_quantized(cache))
+
+    def refusal(self, batch: int, cache: KVCache) -> str:
+        """Why a step of `batch` rows into `cache` goes to PyTorch, or "" when it runs here."""
+        if self.accepts(batch, cache):
+            return ""
+        if type(cache) is not KVCache:
+            return f"the native step reads the plain KV cache layout, not a {type(cache).__name__}"
+        if batch > MAX_BATCH:
+            return f"the native step takes at most {MAX_BATCH} rows, not {batch}"
+        reads = "fp32, int8 or int4" if self.dtype == torch.float32 else "bf16"
+        return f"the native step reads {reads} K/V here; this cache stores K {cache.k_kind}, V {cache.v_kind}"
+
+    def _reads_quantized(self, cache: KVCache) -> bool:
+        """An fp32 model reads int8/int4 K and V (either side may stay fp32); a bf16 one only plain bf16."""
+        kinds = {"fp32", "int8", "int4"}
+        return self.dtype == torch.float32 and cache.k_kind in kinds and cache.v_kind in kinds
 
     def _bind(self, cache: KVCache, batch: int) -> None:
         """Point the structs at this cache and size the scratch for `batch` rows (only when they change)."""
@@ -211,7 +229,14 @@ class NativeDecoder:
             self._scratch[name] = torch.empty(shape, dtype=dtype)
             setattr(s, name, self._scratch[name].data_ptr())
         for i in range(c.n_layer):
-            self._layers[i].k_cache, self._layers[i].v_cache = cache.k[i].data_ptr(), cache.v[i].data_ptr()
+            layer = self._layers[i]
+            for side, sides in (("k", cache.k_sides), ("v", cache.v_sides)):
+                # int8: [values, scale]; int4: [packed values, scale, zero]; a float kind: [values]
+                values, scale, zero = (*(t.data_ptr() for t in sides[i].tensors), None, None)[:3]
+                setattr(layer, f"{side}_cache", values)
+                setattr(layer, f"{side}_scale", scale)
+                setattr(layer, f"{side}_zero", zero)
+                setattr(layer, f"{side}_kind", KV_KINDS.get(sides[i].kind, KV_KINDS["float"]))
         s.max_tokens, s.batch, s.n_threads = cache.max_tokens, batch, torch.get_num_threads()
         self._bound = key
 
