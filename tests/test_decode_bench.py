@@ -95,3 +95,42 @@ def test_unknown_mode_is_refused():
 
     with pytest.raises(UsageError, match="unknown mode"):
         bench_decode(("tiny",), ("fp64",))
+
+
+def test_prefill_flops_follow_the_matmul_count():
+    from gen_cli.lab.ceilings import prefill_flops_per_token
+
+    config = tiny_config()
+    model = Transformer(config)
+    c = config
+    per_layer = c.d_model * (c.n_head + 2 * c.n_kv_head) * c.head_dim + c.n_head * c.head_dim * c.d_model
+    per_layer += 3 * c.d_model * c.d_ff  # SwiGLU: gate, up, down
+    expected = 2 * c.n_layer * per_layer + 2 * c.n_layer * c.n_head * c.head_dim * 9 + 2 * c.vocab_size * c.d_model / 8
+    assert prefill_flops_per_token(model, 8) == pytest.approx(expected)
+
+
+def test_peak_flops_and_context_report_both_dtypes():
+    from gen_cli.lab.ceilings import measure_peak_flops
+
+    assert measure_peak_flops(torch.device("cpu"), torch.float32, n=64) > 0
+    rows = bench_shape("tiny", ("fp32",), 2, 4, torch.device("cpu"), False, 1e10, prompt_len=8, profile=True)
+    (row,) = rows
+    assert row.prefill_prompt == 8 and len(row.prefill_runs) == 2 and row.prefill_flops_per_token > 0
+    assert row.extra["profile"]["steps"] == 3
+
+
+def test_between_runs_after_each_round_of_repeats():
+    events = []
+    bench_shape("tiny", ("fp32", "fp32-torch"), 2, 4, torch.device("cpu"), False, 1e10,
+                on_run=lambda: events.append("gen"), between=lambda r: events.append(f"peer{r}"))  # fmt: skip
+    assert events == ["gen", "gen", "peer0", "gen", "gen", "peer1"]
+
+
+def test_block_modes_are_known_and_refused_without_their_format():
+    from gen_cli.infer.optimize import QUANTIZE_MODES
+    from gen_cli.lab.decode_bench import checked_modes
+
+    assert {"q8_0", "q4_0", "q4_1", "q4_k"} <= MODES.keys()
+    if "q4_0" not in QUANTIZE_MODES:
+        with pytest.raises(UsageError, match="no such weight format"):
+            checked_modes(("q4_0",), 4, torch.device("cpu"))

@@ -63,3 +63,55 @@ def test_cli_json_and_refusals(llama, tmp_path):
     assert r.exit_code == 2 and "missing.gguf: no such directory or .gguf file" in r.output
     r = runner.invoke(app, ["bench", "decode", "--model", str(folder), "--shapes", "tiny"])
     assert r.exit_code == 2 and "not both" in r.output
+
+
+def test_gguf_beside_llama_bench_interleaved_with_ratios(llama, tmp_path):
+    from test_llama_bench import fake_llama_bench
+
+    from gen_cli.lab.bench_format import render, tests
+
+    _, gguf_path = llama
+    binary, log = fake_llama_bench(tmp_path)
+    events = []
+    rows, context = bench_model_decode(gguf_path, ("fp32-torch",), 2, NEW, "cpu", on_run=lambda: events.append(1),
+                                       prompt_len=16, llama_bench=binary)  # fmt: skip
+    calls = log.read_text().splitlines()
+    assert len(calls) == 2 and f"-p 16 -n {NEW} -r 1 -o json" in calls[0]  # one llama run per round of gen's
+    pp, tg = context["llama_bench"]
+    assert (pp["test"], tg["test"], len(tg["samples_ts"])) == ("pp16", f"tg{NEW}", 2)
+    records = {(r["path"], r["test"]): r for r in tests(rows, context)}
+    gen_tg = records[("torch", f"tg{NEW}")]
+    assert gen_tg["vs_llama"] == pytest.approx(rows[0].decode_tok_s / 100.0)  # the fake's tg rate
+    assert records[("torch", "pp16")]["vs_llama"] == pytest.approx(rows[0].prefill_tok_s / 500.0)
+    assert records[("llama.cpp", "pp16")]["t_s"] == 500.0 and "vs_llama" not in records[("llama.cpp", "pp16")]
+    md = render(rows, context, "md").splitlines()
+    assert md[0].startswith("| model | mode | path | threads | test | t/s |") and len(md) == 2 + 4
+    assert any("| llama.cpp |" in line and "| 100.00 ± 0.00 |" in line for line in md)
+    with pytest.raises(UsageError, match="GGUF"):
+        bench_model_decode(llama[0], ("fp32-torch",), 1, NEW, "cpu", llama_bench=binary)
+
+
+def test_cli_formats_flags_and_profile(llama, tmp_path):
+    import csv
+    import io
+
+    from test_llama_bench import fake_llama_bench
+
+    _, gguf_path = llama
+    binary, log = fake_llama_bench(tmp_path)
+    args = ["bench", "decode", "-m", str(gguf_path), "--modes", "fp32-torch", "-r", "1", "-p", "16", "-n", str(NEW),
+            "-t", "1", "--llama-bench", str(binary)]  # fmt: skip
+    r = runner.invoke(app, [*args, "--format", "csv"])
+    assert r.exit_code == 0, r.output
+    lines = list(csv.DictReader(io.StringIO(r.stdout)))
+    assert [(x["path"], x["test"]) for x in lines] == [("torch", "pp16"), ("torch", f"tg{NEW}"),
+                                                        ("llama.cpp", "pp16"), ("llama.cpp", f"tg{NEW}")]  # fmt: skip
+    assert {x["threads"] for x in lines} == {"1"} and "-t 1 " in log.read_text()
+    r = runner.invoke(app, [*args, "--json", "--profile"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    profile = data["rows"][0]["extra"]["profile"]
+    assert profile["path"] == "torch" and sum(profile["seconds"].values()) == pytest.approx(profile["step_s"])
+    assert {t["test"] for t in data["tests"]} == {"pp16", f"tg{NEW}"} and data["context"]["peak_gflops"]["fp32"] > 0
+    r = runner.invoke(app, [*args, "--no-llama-bench", "--format", "xml"])
+    assert r.exit_code == 2 and "--format" in r.output
