@@ -109,3 +109,25 @@ def test_native_timers_and_the_rest_under_a_fake_clock():
 def test_to_dict_round_trips():
     p = StepProfile("torch", 3, 0.5, dict(zip((*CLASSES, *REST), itertools.repeat(0.0))))
     assert StepProfile(**p.to_dict()) == p
+
+
+def test_generate_profile_in_json_and_as_bars(model_dir):
+    import json
+
+    from typer.testing import CliRunner
+
+    from gen_cli.cli import app
+
+    def run(*args):
+        base = ["generate", "hi", "--model", str(model_dir), "--max-new-tokens", "6", "--device", "cpu"]
+        return CliRunner().invoke(app, [*base, *args])
+
+    r = run("--profile", "--json", "--no-native")
+    assert r.exit_code == 0, r.output
+    p = json.loads(r.stdout)["stats"]["profile"]
+    assert p["path"] == "torch" and p["steps"] == 5 and sum(p["seconds"].values()) == pytest.approx(p["step_s"])
+    r = run("--profile", "--no-stream")
+    assert r.exit_code == 0, r.output
+    assert "decode step:" in r.stderr and "lm_head matmul" in r.stderr and "%" in r.stderr
+    r = run("--profile", "--no-kv-cache")
+    assert r.exit_code == 2 and "--profile" in r.output

@@ -200,6 +200,9 @@ def generate_command(
     stream: bool = typer.Option(True, "--stream/--no-stream", help="Print text as it is generated."),
     show_stats: bool = typer.Option(False, "--stats", help="Timing, KV-cache and memory figures on stderr."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object on stdout: text and stats."),
+    profile: bool = typer.Option(
+        False, "--profile", help="Then where a decode step's time goes, per op class (stderr; in --json's output)."
+    ),
 ) -> None:
     """Continue PROMPT with a trained model (--model) or random weights of a preset shape (--preset), or
     reply to --chat MESSAGE through the model's own chat template (instruct models).
@@ -235,6 +238,9 @@ def generate_command(
     dtype = compute_dtype(quantize, device, native, resolve_dtype(dtype_opt, device) if dtype_opt else None)
     if compile_ and not kv_cache:
         raise UsageError("--compile speeds up the cached decode step; drop --no-kv-cache or --compile")
+    if profile and (compile_ or not kv_cache or max_new_tokens < 2):
+        raise UsageError("--profile times the cached decode step op by op: needs the KV cache, no --compile, "
+                         "--max-new-tokens ≥ 2")  # fmt: skip
     set_threads(threads)
     if model_dir is None and preset is None and not default_model_dir().is_dir():
         raise UsageError(
@@ -306,6 +312,13 @@ def generate_command(
     texts = [r.text for r in rows]
     stats = result.stats.to_dict() | {"load_s": load_s, "load_peak_memory_bytes": load_mem.bytes}
     stats |= {"compile_s": compile_s} if compile_ else {}
+    step_profile = None
+    if profile:  # a second run, timed class by class (hooks slow the PyTorch path: not the run above)
+        from gen_cli.lab.profile import profile_decode
+
+        gen2 = torch.Generator(device=device).manual_seed(seed)
+        step_profile = profile_decode(model, prompt_ids, max_new_tokens, sampling, gen2)
+        stats["profile"] = step_profile.to_dict()
     if as_json:
         data: dict[str, Any] = {"text": texts[0]}
         if num_samples > 1:
@@ -324,6 +337,10 @@ def generate_command(
             sys.stdout.flush()
     if show_stats:
         _print_stats(stats, source, _native_note(model, native, compile_))
+    if step_profile is not None and not as_json:
+        from gen_cli.commands.bench_view import print_profile
+
+        print_profile("decode step", step_profile, err)
     if result.interrupted:
         err.print("interrupted")
         raise typer.Exit(130)
