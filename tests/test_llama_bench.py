@@ -65,7 +65,7 @@ def test_parse_names_tests_like_llama_bench():
     assert (pp.test, tg.test) == ("pp512", "tg128")
     assert pp.median_ts == 450.0 and pp.stddev_ts == pytest.approx(2**0.5)
     assert tg.stddev_ts == 0.0 and tg.model_type == "llama ?B Q8_0" and tg.model_size == 1234
-    assert bench_test_name(512, 128) == "pp512+tg128"
+    assert bench_test_name(512, 128) == "pp512+tg128" and bench_test_name(0, 128, 512) == "tg128 @ d512"
 
 
 @pytest.mark.parametrize("text", ["", "not json", "[]", "{}", json.dumps([{"n_prompt": "x", "n_gen": 1}])])

@@ -61,10 +61,10 @@ def find_llama_bench(explicit: str | Path | None = None) -> Path | None:
     return Path(found) if found else None
 
 
-def bench_test_name(n_prompt: int, n_gen: int) -> str:
-    """llama-bench's name for a test: pp512, tg128, or pp512+tg128 for a combined one."""
+def bench_test_name(n_prompt: int, n_gen: int, n_depth: int = 0) -> str:
+    """llama-bench's name for a test: pp512, tg128, pp512+tg128 for a combined one, `@ d<N>` after a context."""
     parts = ([f"pp{n_prompt}"] if n_prompt else []) + ([f"tg{n_gen}"] if n_gen else [])
-    return "+".join(parts) or "none"
+    return ("+".join(parts) or "none") + (f" @ d{n_depth}" if n_depth else "")
 
 
 def _number(obj: dict[str, Any], key: str, kind: type) -> Any:
@@ -91,7 +91,7 @@ def parse_output(text: str) -> list[LlamaTest]:
                 samples = [_number(obj, "avg_ts", float)]
             tests.append(
                 LlamaTest(
-                    test=bench_test_name(n_prompt, n_gen),
+                    test=bench_test_name(n_prompt, n_gen, int(obj.get("n_depth") or 0)),
                     n_prompt=n_prompt,
                     n_gen=n_gen,
                     samples_ts=[float(s) for s in samples],
