@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from gen_cli.lab.decode_bench import Row
-from gen_cli.lab.profile import LABELS, StepProfile, bar_lines
+from gen_cli.lab.profile import LABELS, StepProfile, bar_lines, shown
 
 
 def _pm(xs: list[float]) -> str:
@@ -62,8 +62,8 @@ def profile_table(title: str, profile: StepProfile, width: int = 30) -> Table:
     table = Table(title=f"{title}: {profile.path} step {1000 * profile.step_s:.3f} ms ({profile.steps} steps)")
     for c, justify in (("class", "left"), ("ms / step", "right"), ("share", "right"), ("", "left")):
         table.add_column(c, justify=justify)
-    for key, seconds in profile.seconds.items():
-        share = shares[key]
+    for key in shown(profile):
+        seconds, share = profile.seconds[key], shares[key]
         table.add_row(LABELS[key], f"{1000 * seconds:.3f}", f"{100 * share:.1f}%",
                       "[cyan]" + "█" * round(width * max(share, 0.0) / top) + "[/]")  # fmt: skip
     return table

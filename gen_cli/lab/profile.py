@@ -177,12 +177,18 @@ def profile_decode(
     return StepProfile("native" if on_native else "torch", steps, wall / n, seconds, note)
 
 
+def shown(profile: StepProfile) -> list[str]:
+    """The classes to draw: all of them, but only the measured ones when the native step had no timers."""
+    untimed = "untimed" in profile.seconds
+    return [k for k, v in profile.seconds.items() if not (untimed and k in CLASSES and v == 0.0)]
+
+
 def bar_lines(profile: StepProfile, width: int = 30) -> list[str]:
     """The profile as plain-text rows: class, ms per step, share, and a bar scaled to the largest class."""
     shares = profile.shares()
     top = max(shares.values(), default=0.0) or 1.0
     lines = [f"{profile.path} step: {1000 * profile.step_s:.3f} ms over {profile.steps} steps"]
-    for key in profile.seconds:
+    for key in shown(profile):
         ms, share = 1000 * profile.seconds.get(key, 0.0), shares.get(key, 0.0)
         bar = "#" * round(width * max(share, 0.0) / top)
         lines.append(f"  {LABELS[key]:<26} {ms:9.3f} ms {100 * share:6.1f}%  {bar}")
