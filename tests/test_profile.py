@@ -126,7 +126,7 @@ def test_generate_profile_in_json_and_as_bars(model_dir):
     assert r.exit_code == 0, r.output
     p = json.loads(r.stdout)["stats"]["profile"]
     assert p["path"] == "torch" and p["steps"] == 5 and sum(p["seconds"].values()) == pytest.approx(p["step_s"])
-    r = run("--profile", "--no-stream")
+    r = run("--profile", "--no-stream", "--no-native")
     assert r.exit_code == 0, r.output
     assert "decode step:" in r.stderr and "lm_head matmul" in r.stderr and "%" in r.stderr
     r = run("--profile", "--no-kv-cache")
