@@ -86,6 +86,7 @@ def test_gguf_beside_llama_bench_interleaved_with_ratios(llama, tmp_path):
     assert records[("llama.cpp", "pp16")]["t_s"] == 500.0 and "vs_llama" not in records[("llama.cpp", "pp16")]
     md = render(rows, context, "md").splitlines()
     assert md[0].startswith("| model | mode | path | threads | test | t/s |") and len(md) == 2 + 4
+    assert all(line.count(" | ") == md[0].count(" | ") for line in md if "---" not in line)  # cells escaped
     assert any("| llama.cpp |" in line and "| 100.00 ± 0.00 |" in line for line in md)
     with pytest.raises(UsageError, match="GGUF"):
         bench_model_decode(llama[0], ("fp32-torch",), 1, NEW, "cpu", llama_bench=binary)

@@ -74,9 +74,12 @@ def _cell(rec: dict[str, Any], column: str) -> str:
 
 def to_markdown(records: list[dict[str, Any]]) -> str:
     """A markdown table like llama-bench's `-o md`, with gen's extra columns."""
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---:" if c not in COLUMNS[:3] else "---"
-                                                             for c in COLUMNS) + "|"]  # fmt: skip
-    lines += ["| " + " | ".join(_cell(rec, c).replace("|", "\\|") for c in COLUMNS) + " |" for rec in records]
+
+    def row(cells: list[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    align = "|" + "|".join("---" if c in COLUMNS[:3] else "---:" for c in COLUMNS) + "|"
+    lines = [row(list(COLUMNS)), align] + [row([_cell(rec, c) for c in COLUMNS]) for rec in records]
     return "\n".join(lines) + "\n"
 
 
