@@ -113,6 +113,10 @@ def _print_stats(stats: dict[str, Any], source: str, path_note: str = "") -> Non
         lines.append(f"machine          {busy.describe()}; one run, no spread (gen bench decode repeats)")
     if stats.get("compile_s") is not None:
         lines.append(f"compile          {stats['compile_s']:.1f} s before generating (torch.compile; not in the rates)")
+    if weights := stats.get("weights"):
+        total = sum(e["bytes"] for e in weights.values())
+        parts = [f"{cls} {'+'.join(e['types'])} {e['bytes']:,} B" for cls, e in weights.items()]
+        lines.append(f"weights          {total:,} B in memory: " + "; ".join(parts))
     err.print("\n".join(lines))
 
 
@@ -174,8 +178,8 @@ def generate_command(
     dtype_opt: str = typer.Option(
         None,
         "--dtype",
-        help="float32, bfloat16 or float16 (default float32, an imported model's stored dtype; bfloat16 for "
-        "--quantize int8 without the native step).",
+        help="float32, bfloat16 or float16 (default float32, an imported model's stored dtype; float32 for "
+        "--quantize q8_0/q4_0/q4_k; bfloat16 for --quantize int8 without the native step).",
         show_default=False,
     ),
     kv_dtype: str = typer.Option(
@@ -186,7 +190,13 @@ def generate_command(
     ),
     kv_dtype_k: str = typer.Option(None, "--kv-dtype-k", help="KV cache kind for K only.", show_default=False),
     kv_dtype_v: str = typer.Option(None, "--kv-dtype-v", help="KV cache kind for V only.", show_default=False),
-    quantize: str = typer.Option("none", "--quantize", help="none, or int8: weight-only, per-output-channel scales."),
+    quantize: str = typer.Option(
+        "none",
+        "--quantize",
+        help="none; int8 (weight-only, one scale per output channel); q8_0, q4_0 or q4_k (GGML's block formats, "
+        "as a GGUF file stores them: a scale per 32 weights; q4_k 256-weight super-blocks). Matrices already "
+        "block-quantized (a quantized GGUF) are kept as they are.",
+    ),
     compile_: bool = typer.Option(
         False, "--compile", help="torch.compile the model (slow start: tens of seconds; see gen bench decode)."
     ),
@@ -230,6 +240,7 @@ def generate_command(
 
     from gen_cli.infer.generate import check_memory, run_generation
     from gen_cli.infer.optimize import QUANTIZE_MODES, compile_warm_up, compute_dtype, optimize_for_decode
+    from gen_cli.model.info import weight_summary
     from gen_cli.runtime import resolve_device, resolve_dtype, set_threads
 
     device = resolve_device(device_name)
@@ -312,6 +323,7 @@ def generate_command(
     texts = [r.text for r in rows]
     stats = result.stats.to_dict() | {"load_s": load_s, "load_peak_memory_bytes": load_mem.bytes}
     stats |= {"compile_s": compile_s} if compile_ else {}
+    stats |= {"weights": weight_summary(model)}
     step_profile = None
     if profile:  # a second run, timed class by class (hooks slow the PyTorch path: not the run above)
         from gen_cli.lab.profile import profile_decode

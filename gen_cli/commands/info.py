@@ -49,6 +49,11 @@ def info_command(
             value = details[key]
             shown = ", ".join(f"{k} ×{n}" for k, n in value.items()) if isinstance(value, dict) else str(value)
             table.add_row(key, escape(shown))
+    if "matrices" in details:  # a GGUF file: the form gen holds each class of matrix in, and its bytes
+        from gen_cli.model.gguf_blocks import summary_lines
+
+        for line in summary_lines(details["matrices"]):
+            table.add_row("matrices", escape(line))
     for key, value in config.to_dict().items():
         if key != "rope_scaling":
             table.add_row(key, str(value))

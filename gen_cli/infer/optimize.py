@@ -1,9 +1,9 @@
 """Inference-only fast paths: fused MLP, the native C decode step, oneDNN for CPU products, weight-only
-int8, torch.compile.
+int8 or GGML block formats, torch.compile.
 
 `optimize_for_decode(model, quantize=..., compile=..., native=...)` turns a trained or random
 `Transformer` into an inference-only one (its state_dict changes: w1/w3 become w13, int8 layers hold
-`qweight`/`scale`). Call it after `.to(device, dtype)`; generation code is unchanged.
+`qweight`/`scale`, block layers `blocks`). Call it after `.to(device, dtype)`; generation code is unchanged.
 """
 
 from __future__ import annotations
@@ -14,9 +14,16 @@ from torch import nn
 from gen_cli.errors import UsageError
 from gen_cli.infer.linear import Int8Linear, OneDNNLinear, onednn_applies
 from gen_cli.infer.sampling import SamplingConfig
+from gen_cli.model.block_linear import BlockLinear
+from gen_cli.model.blocks import BLOCK_TYPES
 from gen_cli.model.transformer import Transformer
 
-QUANTIZE_MODES = ("none", "int8")
+# int8: one scale per output row (gen's own, PyTorch's int8 kernel); q8_0 / q4_0 / q4_k: GGML's block
+# formats (a scale per 32 weights, or per 32 inside 256), the bytes a GGUF file of that type holds.
+BLOCK_MODES = ("q8_0", "q4_0", "q4_k")
+QUANTIZE_MODES = ("none", "int8", *BLOCK_MODES)
+# Where a matrix's rows are not whole blocks of a mode's type, the 32-weight type of as many bits.
+_SMALL_BLOCK = {"q4_k": "q4_0"}
 
 
 def _linears(model: Transformer) -> list[tuple[nn.Module, str, nn.Linear]]:
@@ -50,6 +57,31 @@ def quantize_int8(model: Transformer) -> Transformer:
     return model
 
 
+def block_type_for(qtype: str, cols: int) -> str | None:
+    """The block type a matrix of `cols` columns takes under `qtype`, or None when no block fits its rows."""
+    for candidate in (qtype, _SMALL_BLOCK.get(qtype)):
+        if candidate is not None and cols % BLOCK_TYPES[candidate].elems == 0:
+            return candidate
+    return None
+
+
+def quantize_blocks(model: Transformer, qtype: str) -> Transformer:
+    """Replace every float linear (the lm head included; a tied head gets its own blocks, the embedding
+    stays as it is) by a BlockLinear of `qtype`, in place. A matrix whose rows are not whole blocks stays
+    float; q4_k falls back to q4_0 where rows are whole 32-blocks but not 256-blocks."""
+    for parent, name, lin in _linears(model):
+        kind = block_type_for(qtype, lin.in_features)
+        if kind is not None:
+            setattr(parent, name, BlockLinear.from_weight(lin.weight, kind, lin.bias))
+    return model
+
+
+def attach_block_kernels(model: Transformer) -> None:
+    """Point every BlockLinear's `kernel` at the fastest product this machine has for its blocks (the
+    native block matmul of infer/native); where none is set, a BlockLinear dequantizes per call."""
+    return None
+
+
 def compute_dtype(
     quantize: str, device: torch.device, native: bool = True, requested: torch.dtype | None = None
 ) -> torch.dtype | None:
@@ -59,8 +91,10 @@ def compute_dtype(
     PyTorch's own CPU int8 kernel is ~20x slower with fp32 activations than with bf16 ones, so
     without the native step (`native=False`, or none on this machine) int8 computes in bfloat16.
     """
-    if requested is not None or quantize != "int8":
+    if requested is not None or quantize not in ("int8", *BLOCK_MODES):
         return requested
+    if quantize in BLOCK_MODES:
+        return torch.float32  # block layers compute on fp32 activations (the native kernels and the fallback)
     if native and device.type == "cpu":
         from gen_cli.infer.native.build import native_status
 
@@ -104,7 +138,7 @@ def compile_warm_up(
 def optimize_for_decode(
     model: Transformer, quantize: str = "none", compile: bool = False, native: bool = True
 ) -> Transformer:
-    """Make `model` inference-only and fast: fuse w1/w3, int8 weights, then the fastest decode path.
+    """Make `model` inference-only and fast: fuse w1/w3, int8 or block weights, then the fastest decode path.
 
     On the CPU, for fp32 (or int8-weight) and bf16 models, that is the native C step (`gen_cli/native.py`)
     when this machine can compile it; otherwise oneDNN-prepacked weights, or torch.compile when asked.
@@ -122,6 +156,9 @@ def optimize_for_decode(
             layer.mlp.fuse()
     if quantize == "int8":
         quantize_int8(model)
+    elif quantize in BLOCK_MODES:
+        quantize_blocks(model, quantize)
+    attach_block_kernels(model)  # also for a model loaded with blocks (a quantized GGUF file)
     if compile:
         return compile_model(model)
     native_step = False
@@ -129,6 +166,7 @@ def optimize_for_decode(
         from gen_cli.infer.native.decoder import NativeDecoder
 
         native_step = NativeDecoder.attach(model) is None
-    if quantize == "none" and onednn_applies(model.lm_head.weight):
+    head = model.lm_head
+    if quantize == "none" and isinstance(head, nn.Linear) and onednn_applies(head.weight):
         _to_onednn(model, pack_decode=not native_step)  # the native step reads the plain weights itself
     return model

@@ -2,8 +2,9 @@
 
 Architectures: llama (Llama, Mistral, SmolLM …), qwen2, qwen3 and gpt2. The GGUF ↔ gen mapping is data
 (GGUF_NAMES) plus the transforms that matter: llama.cpp stores llama's Q/K rows permuted for its
-interleaved RoPE, undone here so gen's rotate-half RoPE gives transformers' logits; quantized tensors
-are dequantized one at a time; a missing output.weight means tied embeddings.
+interleaved RoPE, undone here so gen's rotate-half RoPE gives transformers' logits (on whole rows, so on
+blocks too); matrices in GGML's block formats stay blocks (gguf_blocks.py decides, block_linear.py runs
+them); a missing output.weight means tied embeddings.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from gen_cli.errors import GenError, UsageError
 from gen_cli.model.config import ModelConfig
+from gen_cli.model.gguf_blocks import BLOCK_NAMES, FLOAT_TYPES, Held, holding, summary, summary_lines
 
 if TYPE_CHECKING:
     import numpy as np
@@ -96,6 +98,13 @@ class GGUFFile:
             data = gguf.quants.dequantize(np.asarray(t.data), kind)  # a new float32 array
         return data.reshape(self.shape(name))
 
+    def blocks(self, name: str) -> np.ndarray:
+        """A block-quantized tensor's bytes in memory (a copy, not the map), uint8 (rows, row_bytes)."""
+        import numpy as np
+
+        rows = self.shape(name)[0]
+        return np.array(self.tensors[name].data).reshape(rows, -1)
+
 
 def _f32(value: Any) -> float:
     """A float32 metadata value as the decimal it was written from (1e-05, not 9.999999747378752e-06)."""
@@ -174,15 +183,29 @@ def _dtype_of(f: GGUFFile, names: list[str]) -> torch.dtype:
     return torch.float16 if set(kinds) == {"F16"} else torch.float32
 
 
-def load_gguf_weights(f: GGUFFile, config: ModelConfig, arch: str, dtype: torch.dtype | None) -> dict[str, Any]:
-    """gen's state dict, checked against the config before reading, built one tensor at a time."""
+def _plan(config: ModelConfig, arch: str) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
+    from gen_cli.model.transformer import expected_shapes
+
+    return {name: (shape, source_names(name, arch)) for name, shape in expected_shapes(config).items()}
+
+
+def holdings(f: GGUFFile, config: ModelConfig, arch: str) -> list[Held]:
+    """How gen holds each tensor of the file (blocks as stored, re-quantized, or float); headers only."""
+    return [holding(f, name, names, shape[-1]) for name, (shape, names) in _plan(config, arch).items()]
+
+
+def load_gguf_weights(
+    f: GGUFFile, config: ModelConfig, arch: str, dtype: torch.dtype | None
+) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, str]], list[Held]]:
+    """gen's float tensors and block-quantized matrices (uint8 blocks, qtype) by state_dict name, checked
+    against the config before reading, built one tensor at a time; and how each was held."""
     import gguf
     import numpy as np
     import torch
 
-    from gen_cli.model.transformer import expected_shapes
+    from gen_cli.model.blocks import quantize
 
-    plan = {name: (shape, source_names(name, arch)) for name, shape in expected_shapes(config).items()}
+    plan = _plan(config, arch)
     for shape, names in plan.values():
         if missing := [n for n in names if n not in f.tensors]:
             raise GenError(f"{f.path}: tensor {missing[0]} is missing (needed for {arch} as its metadata describes)")
@@ -191,37 +214,52 @@ def load_gguf_weights(f: GGUFFile, config: ModelConfig, arch: str, dtype: torch.
             raise GenError(f"{f.path}: {' + '.join(names)} has shape {' + '.join(map(str, shapes))}; expected {shape}")
         for n in names:
             kind = f.tensors[n].tensor_type
-            if kind not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16) and (
-                kind not in gguf.quants._type_traits
-            ):
+            if kind.name not in FLOAT_TYPES and kind.name not in BLOCK_NAMES and kind not in gguf.quants._type_traits:
                 raise GenError(f"{f.path}: tensor {n} has type {kind.name}, which the gguf package cannot dequantize")
     all_names = [n for _, names in plan.values() for n in names]
     if extra := sorted(set(f.tensors) - set(all_names) - set(DERIVED)):
         raise GenError(f"{f.path}: unexpected tensor {extra[0]} ({len(extra)} in all): not a plain {arch} model?")
-    dtype = dtype or _dtype_of(f, all_names)
+    helds = holdings(f, config, arch)
+    dtype = dtype or _dtype_of(f, [n for h in helds if h.qtype is None for n in plan[h.gen_name][1]])
     tensors: dict[str, torch.Tensor] = {}
-    for gen_name, (_shape, names) in plan.items():
+    blocks: dict[str, tuple[torch.Tensor, str]] = {}
+    for held in helds:
         parts = []
-        for n in names:
-            a = f.array(n)
+        for n in plan[held.gen_name][1]:
+            if held.qtype is None:
+                a = f.array(n)
+            elif BLOCK_NAMES.get(f.type_name(n)) == held.qtype:
+                a = f.blocks(n)  # the file's bytes: (rows, row_bytes), never a float copy
+            else:  # another type: through float32 one tensor at a time, into the type this matrix is held in
+                a = quantize(torch.from_numpy(f.array(n)).float(), held.qtype).numpy()
             if arch in PERMUTED_QK and re.search(r"\.attn_[qk]\.", n):
+                # whole rows move (a row of blocks is a row of weights), so blocks un-permute as floats do
                 a = _unpermute(a, config.n_head if ".attn_q." in n else config.n_kv_head)
             parts.append(torch.from_numpy(np.ascontiguousarray(a)))  # shares a's memory: no second copy
-        t = parts[0] if len(parts) == 1 else torch.cat(parts)  # (q rows + k rows + v rows, d_model) for wqkv
-        tensors[gen_name] = t.to(dtype).contiguous()
-        del parts  # one dequantized tensor alive at a time besides the model's own
-    return tensors
+        t = parts[0] if len(parts) == 1 else torch.cat(parts)  # (q rows + k rows + v rows, …) for wqkv
+        if held.qtype is None:
+            tensors[held.gen_name] = t.to(dtype).contiguous()
+        else:
+            blocks[held.gen_name] = (t.contiguous(), held.qtype)
+        del parts  # one tensor's parts alive at a time besides the model's own
+    return tensors, blocks, helds
 
 
 def read_gguf_config(path: Path) -> tuple[ModelConfig, dict[str, Any]]:
     """The config and descriptive details (architecture, tensor types, tokenizer) of a GGUF file; no weights read."""
     f = GGUFFile(path)
     config, arch = _config(f)
-    return config, _details(f, arch)
+    return config, _details(f, arch, config)
 
 
-def _details(f: GGUFFile, arch: str) -> dict[str, Any]:
+def _details(f: GGUFFile, arch: str, config: ModelConfig, helds: list[Held] | None = None) -> dict[str, Any]:
+    from gen_cli.model.transformer import expected_shapes
+
     types = Counter(f.type_name(n) for n in f.tensors)
+    helds = helds if helds is not None else holdings(f, config, arch)
+    floats = [n for h in helds if h.qtype is None for n in source_names(h.gen_name, arch)]
+    float_bytes = _dtype_of(f, floats).itemsize
+    matrices = summary(helds, expected_shapes(config), float_bytes, config.tie_embeddings)
     return {
         "format": "GGUF",
         "architecture": arch,
@@ -230,6 +268,7 @@ def _details(f: GGUFFile, arch: str) -> dict[str, Any]:
         "tokenizer": f"GGUF {f.get('tokenizer.ggml.model')} ({f.get('tokenizer.ggml.pre', 'default')}), "
         f"{len(f.get('tokenizer.ggml.tokens') or []):,} tokens",
         "chat_template": "yes" if f.get("tokenizer.chat_template") else "no",
+        "matrices": matrices,
     }
 
 
@@ -248,7 +287,11 @@ def load_gguf(path: Path, device: torch.device | str = "cpu", dtype: torch.dtype
         raise GenError(
             f"{path}: the tokenizer has {tok.get_vocab_size()} tokens but the embedding has {config.vocab_size} rows"
         )
-    model = model_from_tensors(config, load_gguf_weights(f, config, arch, dtype)).to(device)
+    tensors, blocks, helds = load_gguf_weights(f, config, arch, dtype)
+    model = model_from_tensors(config, tensors, blocks).to(device)
+    details = _details(f, arch, config, helds)
+    notes = [f"{line} (GGUF types gen has no kernel for, or parts of one matrix in different types)"
+             for line in summary_lines(details["matrices"]) if "re-quantized" in line]  # fmt: skip
     specials = {}
     for key in ("bos", "eos", "unknown", "padding"):
         i = f.get(f"tokenizer.ggml.{key}_token_id")
@@ -256,6 +299,6 @@ def load_gguf(path: Path, device: torch.device | str = "cpu", dtype: torch.dtype
             specials[{"unknown": "unk", "padding": "pad"}.get(key, key) + "_token"] = tok.id_to_token(i)
     template = f.get("tokenizer.chat_template")
     bos = f.get("tokenizer.ggml.bos_token_id")
-    return Loaded(model, tok, str(path), stop_ids=stop_ids, add_special_tokens=add_bos, details=_details(f, arch),
+    return Loaded(model, tok, str(path), notes, stop_ids=stop_ids, add_special_tokens=add_bos, details=details,
                   chat_template=template if isinstance(template, str) else None, special_tokens=specials,
                   bos_id=bos if isinstance(bos, int) else None)  # fmt: skip

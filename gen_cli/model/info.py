@@ -6,11 +6,21 @@ shape, and building a thousand blocks (even on meta, where weight init still run
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from gen_cli.model.config import ModelConfig
 
 _LAYER0 = "layers.0."
+# gen's matrices by class: what `gen info` and `--stats` report per line.
+CLASSES = {"tok_emb": "embedding", "wqkv": "attn qkv", "wo": "attn out", "w1": "mlp in", "w3": "mlp in",
+           "w13": "mlp in", "w2": "mlp out", "lm_head": "lm head", "pos_emb": "positions"}  # fmt: skip
+
+
+def matrix_class(gen_name: str) -> str | None:
+    """The class of a gen weight name (`layers.3.attn.wqkv.weight` → `attn qkv`), None for vectors."""
+    m = re.fullmatch(r"(?:layers\.\d+\.\w+\.)?(\w+)\.weight", gen_name)
+    return CLASSES.get(m.group(1)) if m else None
 
 
 def _one_layer(config: ModelConfig) -> Any:
@@ -75,3 +85,28 @@ def kv_kind_bytes(config: ModelConfig) -> dict[str, dict[str, int]]:
     kinds = [k for k in KV_KINDS if k != "int4" or config.head_dim % INT4_GROUP == 0]
     per = {k: kv_bytes_per_token(config, k, k, 0) for k in kinds}
     return {k: {"per_token": b, "full_context": b * config.context_length} for k, b in per.items()}
+
+
+def weight_summary(model: Any) -> dict[str, dict[str, Any]]:
+    """Per class of matrix of a live model (embedding, attn qkv, attn out, mlp in, mlp out, lm head): the
+    types it holds (q4_k, int8, float32 …) with counts, and the bytes its tensors occupy in memory (a tensor
+    two layers share, a tied head's and its embedding's, counted once, under the first; `tied` marks it)."""
+    seen: set[int] = set()
+    out: dict[str, dict[str, Any]] = {}
+    for name, module in model.named_modules():
+        cls = CLASSES.get(name.rsplit(".", 1)[-1])
+        tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+        matrix = next((t for t in tensors if t.dim() == 2), None)
+        if cls is None or matrix is None:
+            continue
+        kind = getattr(module, "qtype", None) or ("int8" if hasattr(module, "qweight") else None)
+        kind = kind or str(matrix.dtype).removeprefix("torch.")
+        if matrix.data_ptr() in seen:
+            kind += " (tied)"
+        entry = out.setdefault(cls, {"types": {}, "bytes": 0})
+        entry["types"][kind] = entry["types"].get(kind, 0) + 1
+        for t in tensors:
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                entry["bytes"] += t.nbytes
+    return out

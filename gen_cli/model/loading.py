@@ -168,7 +168,7 @@ def _load_imported(path: Path, kind: str, device: torch.device, dtype: torch.dty
         from gen_cli.model.gguf_file import load_gguf
 
         loaded = load_gguf(path, device, dtype)
-    stored = loaded.model.tok_emb.weight.dtype
+    stored = loaded.model.norm.weight.dtype  # the float tensors' dtype (an embedding may be blocks)
     if dtype is None and stored == torch.float16 and device.type == "cpu":
         loaded.model.float()
         loaded.notes.append("float16 weights run in float32 on the CPU")

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from gen_cli.errors import UsageError
+from gen_cli.model.block_linear import BlockEmbedding, BlockLinear, as_block_linear, concat_rows
+from gen_cli.model.blocks import row_bytes
 from gen_cli.model.config import WEIGHT_SEED, ModelConfig
 from gen_cli.model.kv_cache import KVCache
 from gen_cli.model.positions import (  # noqa: F401  (re-exported: callers import the tables from here)
@@ -138,10 +140,17 @@ class MLP(nn.Module):
             self.w3 = nn.Linear(config.d_model, config.d_ff, bias=bias)  # up
         self.w2 = nn.Linear(config.d_ff, config.d_model, bias=bias)  # down
 
-    def fuse(self) -> None:
-        """Replace w1 and w3 by one (2 d_ff, d_model) linear `w13`: one matmul reads x once for both."""
+    def fuse(self) -> str | None:
+        """Replace w1 and w3 by one (2 d_ff, d_model) linear `w13`: one matmul reads x once for both.
+
+        Block-quantized halves are concatenated as blocks (re-quantized to the more precise type when they
+        differ; the note returned says so)."""
         if self.kind != "swiglu":
-            return  # one input matrix already
+            return None  # one input matrix already
+        if isinstance(self.w1, BlockLinear) or isinstance(self.w3, BlockLinear):
+            self.w13, note = concat_rows([as_block_linear(self.w1, self.w3), as_block_linear(self.w3, self.w1)])
+            del self.w1, self.w3
+            return note
         bias = self.w1.bias is not None
         w13 = nn.Linear(self.w1.in_features, 2 * self.w1.out_features, bias=bias)
         w13.to(self.w1.weight.device, self.w1.weight.dtype)
@@ -151,6 +160,7 @@ class MLP(nn.Module):
                 w13.bias.copy_(torch.cat([self.w1.bias, self.w3.bias]))  # (2 d_ff,)
         self.w13 = w13
         del self.w1, self.w3
+        return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind != "swiglu":
@@ -218,7 +228,7 @@ class Transformer(nn.Module):
         # `.to(bfloat16)` does not round them (and no checkpoint ever holds them).
         module = super()._apply(fn, recurse)
         if isinstance(getattr(self, "alibi_slopes", None), torch.Tensor):
-            self.alibi_slopes = self.alibi_slopes.to(self.tok_emb.weight.device)
+            self.alibi_slopes = self.alibi_slopes.to(self.norm.weight.device)
         return module
 
     def _init_weights(self) -> None:
@@ -300,20 +310,43 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return {name: tuple(t.shape) for name, t in state.items() if not (tied and name == "lm_head.weight")}
 
 
-def model_from_tensors(config: ModelConfig, tensors: dict[str, torch.Tensor]) -> Transformer:
+def model_from_tensors(
+    config: ModelConfig, tensors: dict[str, torch.Tensor], blocks: dict[str, tuple[torch.Tensor, str]] | None = None
+) -> Transformer:
     """A model in eval mode holding exactly `tensors` (names and shapes as `expected_shapes`), without
-    ever allocating random weights: loaders fill it from a file holding one copy of the weights."""
+    ever allocating random weights: loaders fill it from a file holding one copy of the weights.
+
+    `blocks` holds matrices kept block-quantized, by the same names (`tok_emb.weight`, `…wqkv.weight` …):
+    (uint8 blocks (rows, row_bytes), qtype); those become BlockEmbedding / BlockLinear layers (their biases,
+    if any, from `tensors`), and a tied lm_head shares the embedding's blocks."""
+    blocks = blocks or {}
     shapes = expected_shapes(config)
-    if sorted(shapes) != sorted(tensors) or any(tuple(tensors[k].shape) != s for k, s in shapes.items()):
+    held = {k: tuple(t.shape) for k, t in tensors.items()}
+    for k, (b, q) in blocks.items():  # the float shape the blocks stand for, when their bytes fit it
+        want = shapes.get(k, ())
+        held[k] = want if len(want) == 2 and tuple(b.shape) == (want[0], row_bytes(q, want[1])) else ()
+    if len(held) != len(tensors) + len(blocks) or held != shapes:
         raise AssertionError("model_from_tensors: names or shapes differ from expected_shapes (a loader bug)")
     with torch.device("meta"):
         model = Transformer(config)
-    # strict=False only for a tied lm_head, absent from `tensors` and re-tied below; checked exactly above.
+    # strict=False for the block-held matrices and a tied lm_head, absent here and placed below; checked above.
     model.load_state_dict(tensors, strict=False, assign=True)
-    if config.tie_embeddings:
+    for name, (data, qtype) in blocks.items():
+        path, _ = name.rsplit(".", 1)
+        parent_name, _, attr = path.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        old = getattr(parent, attr)
+        dim = shapes[name][1]
+        if isinstance(old, nn.Embedding):
+            setattr(parent, attr, BlockEmbedding(data, qtype, dim, model.norm.weight.dtype))
+        else:
+            setattr(parent, attr, BlockLinear(data, qtype, dim, old.bias))
+    if config.tie_embeddings and isinstance(model.tok_emb, BlockEmbedding):
+        model.lm_head = model.tok_emb.tied_head()
+    elif config.tie_embeddings:
         model.lm_head.weight = model.tok_emb.weight
     # The derived tables are not in any file: compute them, in the weights' dtype as `.to(dtype)` would.
-    dtype = model.tok_emb.weight.dtype
+    dtype = model.norm.weight.dtype
     if config.pos_encoding == "sinusoidal":
         model.sin_table = sinusoidal_table(config.context_length, config.d_model).to(dtype)
     elif config.pos_encoding == "rope":

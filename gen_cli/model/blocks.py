@@ -1,0 +1,284 @@
+"""GGML's block-quantized weight formats, as GGUF stores them: quantize and dequantize in pure torch.
+
+A matrix (rows = out_features, cols = in_features) is a uint8 tensor (rows, row_bytes): each row is
+cols / elems blocks of `nbytes` bytes, in GGML's own byte layout, so a GGUF file's tensor data is such a
+tensor as it is. The `gguf` package's `gguf.quants.dequantize` is the reference: `dequantize` here equals
+it bit for bit, and `quantize` equals its quantizer for q8_0, q4_0 and q4_1. It has none for q4_k and
+q6_k: ours picks each sub-block's scale (and min) from its range, rounded up to the 6-bit (8-bit) grid so
+no value clips; the error of a value is then at most half a step, bounded in `max_error`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from gen_cli.errors import GenError
+
+
+@dataclass(frozen=True)
+class BlockType:
+    """One format: `elems` weights per block stored in `nbytes` bytes; `ggml_id` is GGML's type number."""
+
+    name: str
+    elems: int
+    nbytes: int
+    ggml_id: int
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.nbytes / self.elems
+
+
+BLOCK_TYPES: dict[str, BlockType] = {
+    "q8_0": BlockType("q8_0", 32, 34, 8),  # fp16 d, 32 × int8: x = q·d
+    "q4_0": BlockType("q4_0", 32, 18, 2),  # fp16 d, 16 bytes of nibbles: x = (q − 8)·d
+    "q4_1": BlockType("q4_1", 32, 20, 3),  # fp16 d, fp16 m, 16 bytes of nibbles: x = q·d + m
+    "q4_k": BlockType("q4_k", 256, 144, 12),  # fp16 d, dmin, 12 bytes of 6-bit scales/mins, 128 bytes nibbles
+    "q6_k": BlockType("q6_k", 256, 210, 14),  # 128 bytes low 4 bits, 64 bytes high 2 bits, 16 int8 scales, fp16 d
+}
+# Most precise first: where parts of one matrix differ, the matrix takes the first of their types here.
+PRECISION_ORDER = ("q8_0", "q6_k", "q4_1", "q4_k", "q4_0")
+
+# Elements per quantize/dequantize chunk: bounds the temporaries to a few times this many floats.
+_CHUNK = 1 << 22
+
+
+def block_type(qtype: str) -> BlockType:
+    if qtype not in BLOCK_TYPES:
+        raise GenError(f"unknown block type {qtype!r}; known: {', '.join(BLOCK_TYPES)}")
+    return BLOCK_TYPES[qtype]
+
+
+def row_bytes(qtype: str, cols: int) -> int:
+    """Bytes one row of `cols` weights takes; cols must be a multiple of the block size."""
+    t = block_type(qtype)
+    if cols <= 0 or cols % t.elems:
+        raise GenError(f"a {qtype} row needs a positive multiple of {t.elems} columns, not {cols}")
+    return cols // t.elems * t.nbytes
+
+
+def most_precise(qtypes: list[str] | tuple[str, ...]) -> str:
+    """The most precise of these block types (for a matrix fused from parts stored in different types)."""
+    return min(qtypes, key=PRECISION_ORDER.index)
+
+
+def _f16(b: torch.Tensor) -> torch.Tensor:
+    """(N, 2) uint8 → (N, 1) float32: little-endian fp16 bytes, as GGML stores d and m."""
+    return b.contiguous().view(torch.float16).float()
+
+
+def _f16_bytes(x: torch.Tensor) -> torch.Tensor:
+    """(N, 1) float32 → (N, 2) uint8: rounded to fp16 (nearest even, as numpy's astype)."""
+    return x.to(torch.float16).view(torch.uint8)
+
+
+def _f16_up(x: torch.Tensor) -> torch.Tensor:
+    """x ≥ 0 rounded to an fp16 value ≥ x (as float32): a scale so rounded never makes a value clip."""
+    h = x.to(torch.float16)
+    bumped = (h.view(torch.int16) + 1).view(torch.float16)  # the next fp16 up, for h ≥ 0
+    return torch.where(h.float() < x, bumped, h).float()
+
+
+def _nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """(N, k) uint8 → (N, 2, k): low nibbles, then high nibbles."""
+    return torch.stack([qs & 0x0F, qs >> 4], dim=1)
+
+
+def _roundf(x: torch.Tensor) -> torch.Tensor:
+    """Round half away from zero, exactly as ggml's roundf (and gguf's np_roundf): floor(x + 0.5) is wrong
+    for x just under 0.5, where x + 0.5 rounds up to 1 in float32."""
+    a = x.abs()
+    f = a.floor()
+    return x.sign() * (f + (2 * (a - f)).floor())
+
+
+def _inverse(d: torch.Tensor) -> torch.Tensor:
+    return torch.where(d == 0, torch.zeros_like(d), 1 / d)
+
+
+# ---- dequantize: (N, nbytes) uint8 blocks → (N, elems) float32, the gguf package's arithmetic order ----
+
+
+def _deq_q8_0(b: torch.Tensor) -> torch.Tensor:
+    return b[:, 2:].contiguous().view(torch.int8).float() * _f16(b[:, :2])
+
+
+def _deq_q4_0(b: torch.Tensor) -> torch.Tensor:
+    q = _nibbles(b[:, 2:]).reshape(len(b), 32).to(torch.int8) - 8  # (N, 32): elements 0-15 low, 16-31 high
+    return _f16(b[:, :2]) * q.float()
+
+
+def _deq_q4_1(b: torch.Tensor) -> torch.Tensor:
+    q = _nibbles(b[:, 4:]).reshape(len(b), 32).float()  # (N, 32)
+    return _f16(b[:, :2]) * q + _f16(b[:, 2:4])
+
+
+def _k_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q4_k's 12 scale bytes (N, 12) → 6-bit scales and mins, each (N, 8)."""
+    d, m, md = s[:, 0:4], s[:, 4:8], s[:, 8:12]
+    sc = torch.cat([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], dim=1)
+    mn = torch.cat([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], dim=1)
+    return sc, mn
+
+
+def _deq_q4_k(b: torch.Tensor) -> torch.Tensor:
+    n = len(b)
+    sc, mn = _k_scales(b[:, 4:16])
+    d = (_f16(b[:, 0:2]) * sc.float())[:, :, None]  # (N, 8, 1)
+    dm = (_f16(b[:, 2:4]) * mn.float())[:, :, None]  # (N, 8, 1)
+    # (N, 4 chunks, 2 nibbles, 32) → (N, 8 sub-blocks, 32): sub-block 2c+s is nibble s of chunk c
+    q = _nibbles(b[:, 16:].reshape(n, 4, 32).reshape(n * 4, 32)).reshape(n, 8, 32).float()
+    return (d * q - dm).reshape(n, 256)
+
+
+def _deq_q6_k(b: torch.Tensor) -> torch.Tensor:
+    n = len(b)
+    ql, qh = b[:, :128].reshape(n * 2, 64), b[:, 128:192].reshape(n, 2, 1, 32)
+    scales = b[:, 192:208].contiguous().view(torch.int8).float()  # (N, 16)
+    d = (_f16(b[:, 208:210]) * scales)[:, :, None]  # (N, 16, 1)
+    low = _nibbles(ql).reshape(n, 2, 4, 32)  # element h·128 + s·64 + j ← nibble s of ql[h·64 + j]
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8).reshape(1, 1, 4, 1)
+    high = (qh >> shifts) & 0x03  # (N, 2, 4, 32): element h·128 + k·32 + j ← bits 2k of qh[h·32 + j]
+    q = (low | (high << 4)).to(torch.int8) - 32  # (N, 2, 4, 32) in −32 … 31
+    return (d * q.reshape(n, 16, 16).float()).reshape(n, 256)
+
+
+# ---- quantize: (N, elems) float32 → (N, nbytes) uint8 ----
+
+
+def _q_q8_0(x: torch.Tensor) -> torch.Tensor:
+    d = x.abs().amax(dim=1, keepdim=True) / 127
+    q = _roundf(x * _inverse(d)).to(torch.int8).view(torch.uint8)
+    return torch.cat([_f16_bytes(d), q], dim=1)
+
+
+def _pack_nibbles(q: torch.Tensor, chunks: int) -> torch.Tensor:
+    """(N, chunks·2·k) uint8 in 0…15 → (N, chunks·k): within each chunk, the first k low, the next k high."""
+    n = len(q)
+    q = q.reshape(n, chunks, 2, -1)
+    return (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(n, -1)
+
+
+def _q_q4_0(x: torch.Tensor) -> torch.Tensor:
+    imax = x.abs().argmax(dim=1, keepdim=True)  # the first largest |x|: its sign sets d's
+    d = x.gather(1, imax) / -8
+    q = (x * _inverse(d) + 8.5).trunc().clamp(0, 15).to(torch.uint8)
+    return torch.cat([_f16_bytes(d), _pack_nibbles(q, 1)], dim=1)
+
+
+def _q_q4_1(x: torch.Tensor) -> torch.Tensor:
+    hi, lo = x.amax(dim=1, keepdim=True), x.amin(dim=1, keepdim=True)
+    d = (hi - lo) / 15
+    q = ((x - lo) * _inverse(d) + 0.5).trunc().clamp(0, 15).to(torch.uint8)
+    return torch.cat([_f16_bytes(d), _f16_bytes(lo), _pack_nibbles(q, 1)], dim=1)
+
+
+def _grid_scales(need: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per super-block, an fp16 `d` and integer multipliers in 0…steps with d·m ≥ need (N, S) for each
+    sub-block, each as small as the grid allows: rounded up, so no value falls outside its range."""
+    d = _f16_up(need.amax(dim=1, keepdim=True) / steps)  # (N, 1)
+    m = (need * _inverse(d)).ceil().clamp(0, steps)  # float32 rounding may touch steps + 1: clamped
+    return d, m
+
+
+def _q_q4_k(x: torch.Tensor) -> torch.Tensor:
+    n = len(x)
+    sub = x.reshape(n, 8, 32)
+    lo = sub.amin(dim=2).clamp(max=0)  # (N, 8): the format's min is ≤ 0 (x = d·sc·q − dmin·m)
+    dmin, mn = _grid_scales(-lo, 63)
+    offset = dmin * mn  # (N, 8) ≥ −lo
+    d, sc = _grid_scales((sub.amax(dim=2) + offset).clamp(min=0) / 15, 63)
+    step = d * sc  # (N, 8): 15 steps cover [−offset, max]
+    q = ((sub + offset[:, :, None]) * _inverse(step)[:, :, None]).round().clamp(0, 15).to(torch.uint8)
+    sc, mn = sc.to(torch.uint8), mn.to(torch.uint8)
+    scales = torch.cat(
+        [
+            (sc[:, :4] & 0x3F) | ((sc[:, 4:] >> 4) << 6),
+            (mn[:, :4] & 0x3F) | ((mn[:, 4:] >> 4) << 6),
+            (sc[:, 4:] & 0x0F) | ((mn[:, 4:] & 0x0F) << 4),
+        ],
+        dim=1,
+    )  # (N, 12): the layout `_k_scales` unpacks
+    qs = _pack_nibbles(q.reshape(n, 256), 4)  # (N, 128): chunk c holds sub-blocks 2c (low) and 2c+1 (high)
+    return torch.cat([_f16_bytes(d), _f16_bytes(dmin), scales, qs], dim=1)
+
+
+def _q_q6_k(x: torch.Tensor) -> torch.Tensor:
+    n = len(x)
+    sub = x.reshape(n, 16, 16)
+    d, sc = _grid_scales(sub.abs().amax(dim=2) / 31, 127)  # symmetric: q in −31 … 31 of −32 … 31
+    step = (d * sc)[:, :, None]  # (N, 16, 1)
+    q = ((sub * _inverse(step)).round().clamp(-32, 31) + 32).to(torch.uint8).reshape(n, 2, 4, 32)
+    # (N, 128): byte h·64 + j holds element h·128 + j (low nibble) and h·128 + 64 + j (high), low 4 bits each
+    ql = _pack_nibbles((q & 0x0F).reshape(n, 256), 2)
+    high = (q >> 4).to(torch.uint8)  # (N, 2, 4, 32)
+    qh = high[:, :, 0] | (high[:, :, 1] << 2) | (high[:, :, 2] << 4) | (high[:, :, 3] << 6)  # (N, 2, 32)
+    scales = sc.to(torch.int8).view(torch.uint8)  # (N, 16), 0 … 127
+    return torch.cat([ql, qh.reshape(n, 64), scales, _f16_bytes(d)], dim=1)
+
+
+_DEQUANTIZE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "q8_0": _deq_q8_0, "q4_0": _deq_q4_0, "q4_1": _deq_q4_1, "q4_k": _deq_q4_k, "q6_k": _deq_q6_k,
+}  # fmt: skip
+_QUANTIZE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "q8_0": _q_q8_0, "q4_0": _q_q4_0, "q4_1": _q_q4_1, "q4_k": _q_q4_k, "q6_k": _q_q6_k,
+}  # fmt: skip
+
+
+def _by_chunks(fn: Callable[[torch.Tensor], torch.Tensor], blocks: torch.Tensor, per_block: int) -> torch.Tensor:
+    """fn over (N, ·) blocks, a bounded number of blocks at a time, concatenated."""
+    step = max(1, _CHUNK // per_block)
+    if len(blocks) <= step:
+        return fn(blocks)
+    return torch.cat([fn(blocks[i : i + step]) for i in range(0, len(blocks), step)])
+
+
+def quantize(w: torch.Tensor, qtype: str) -> torch.Tensor:
+    """w (rows, cols) float → uint8 (rows, row_bytes) in GGML's layout for `qtype`."""
+    t = block_type(qtype)
+    rows, cols = w.shape
+    nb = row_bytes(qtype, cols)
+    x = w.detach().to(device="cpu", dtype=torch.float32).reshape(rows * cols // t.elems, t.elems)  # (N, elems)
+    if not torch.isfinite(x).all():
+        raise GenError(f"cannot quantize to {qtype}: the matrix holds inf or NaN")
+    out = _by_chunks(_QUANTIZE[qtype], x, t.elems)  # (N, nbytes)
+    return out.reshape(rows, nb).to(w.device)
+
+
+def dequantize(blocks: torch.Tensor, qtype: str, cols: int) -> torch.Tensor:
+    """uint8 blocks (rows, row_bytes) → float32 (rows, cols), bit for bit what gguf.quants.dequantize gives."""
+    t = block_type(qtype)
+    rows = blocks.shape[0]
+    if blocks.dtype != torch.uint8 or blocks.dim() != 2 or blocks.shape[1] != row_bytes(qtype, cols):
+        raise GenError(f"{qtype} blocks of shape {tuple(blocks.shape)} do not hold rows of {cols} columns")
+    b = blocks.reshape(rows * cols // t.elems, t.nbytes)  # (N, nbytes)
+    return _by_chunks(_DEQUANTIZE[qtype], b, t.elems).reshape(rows, cols)
+
+
+def max_error(w: torch.Tensor, qtype: str) -> torch.Tensor:
+    """An upper bound on |w − dequantize(quantize(w))| per weight (rows, cols), from each block's range:
+    half a quantization step, with the steps our quantizer can pick at worst (plus fp16 slack)."""
+    t = block_type(qtype)
+    rows, cols = w.shape
+    x = w.detach().float().reshape(-1, t.elems)  # (N, elems)
+    hi, lo = x.amax(dim=1, keepdim=True), x.amin(dim=1, keepdim=True)
+    a = torch.maximum(hi.abs(), lo.abs())
+    tiny = 2.0**-24  # fp16's smallest subnormal: the absolute grain of every stored scale
+    f16 = a * 2**-10 + 128 * tiny  # what rounding d (and m) to fp16 moves a value by, at most
+    if qtype == "q8_0":
+        half = a / 127 / 2 + f16
+    elif qtype == "q4_0":
+        half = a / 8 + f16  # the largest |x| maps to −8; one of the other sign clips at +7: a whole step
+    elif qtype == "q4_1":
+        half = (hi - lo) / 15 / 2 + f16
+    elif qtype == "q4_k":
+        span = hi.clamp(min=0) - lo.clamp(max=0)  # the super-block's range with 0 inside
+        # dmin ≤ span/63 (+grain) raises the top by at most that; d adds at most one grid step to a step
+        top = span * (1 + 1 / 63) * (1 + 2**-9) + 64 * tiny
+        half = (top / 15 + top / (15 * 63) * (1 + 2**-9) + 2 * tiny) / 2
+    else:  # q6_k: d·sc ≥ a/31, at most one grid step d ≈ a/(31·127) more
+        half = (a / 31 + a / (31 * 127) * (1 + 2**-9) + 2 * tiny) / 2
+    return (half * (1 + 1e-5) + 1e-30).expand(-1, t.elems).reshape(rows, cols)

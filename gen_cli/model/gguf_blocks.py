@@ -1,0 +1,92 @@
+"""Which form each matrix of a GGUF file is held in by gen, decided from the headers alone.
+
+A matrix stored as Q8_0, Q4_0, Q4_1, Q4_K or Q6_K is kept as those blocks (no float copy). One whose parts
+(q, k and v of wqkv) differ in type is held in the most precise of them, the others re-quantized. Any other
+GGML quant type (Q5_K, Q2_K, IQ4_XS …) has no kernel here: it is dequantized at load and re-quantized to
+the nearest block type with at least its bits per weight (q4_k up to 4.5 bits, q6_k up to 6.6, else q8_0;
+q4_1 / q8_0 when the row is not whole 256-blocks), so memory stays near the file's size. F32, F16 and BF16
+matrices stay floats. `gen info` and the load notes report the outcome per class of matrix.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from gen_cli.model.blocks import BLOCK_TYPES, most_precise, row_bytes
+from gen_cli.model.info import matrix_class
+
+FLOAT_TYPES = ("F32", "F16", "BF16")
+BLOCK_NAMES = {name.upper(): name for name in BLOCK_TYPES}  # GGML's spelling → ours
+
+
+def nearest_block_type(ggml_type: str, cols: int) -> str:
+    """The block type a matrix of another GGML quant type is re-quantized to: the smallest with at least
+    its bits per weight, among those whose blocks fit a row of `cols`."""
+    import gguf
+
+    elems, nbytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[ggml_type]]
+    bits = 8 * nbytes / elems
+    whole_k = cols % 256 == 0
+    if bits <= 4.5:
+        return "q4_k" if whole_k else "q4_1"
+    if bits <= 6.5625:
+        return "q6_k" if whole_k else "q8_0"
+    return "q8_0"
+
+
+@dataclass(frozen=True)
+class Held:
+    """How one gen matrix is held: `qtype` (None: a float tensor) and the types its GGUF parts have."""
+
+    gen_name: str
+    file_types: tuple[str, ...]
+    qtype: str | None
+
+    @property
+    def converted(self) -> bool:
+        """Whether any part is not held as the file stores it (re-quantized, or quantized from a float)."""
+        return self.qtype is not None and any(BLOCK_NAMES.get(t) != self.qtype for t in self.file_types)
+
+
+def holding(f: Any, gen_name: str, parts: tuple[str, ...], cols: int) -> Held:
+    """The decision for one gen tensor built from the GGUF tensors `parts` (rows concatenated) of the
+    GGUFFile `f`."""
+    types = tuple(f.type_name(n) for n in parts)
+    if gen_name == "pos_emb.weight" or len(f.shape(parts[0])) != 2 or all(t in FLOAT_TYPES for t in types):
+        return Held(gen_name, types, None)
+    wanted = [BLOCK_NAMES.get(t) or nearest_block_type(t, cols) for t in types if t not in FLOAT_TYPES]
+    return Held(gen_name, types, most_precise(wanted))
+
+
+def summary(helds: list[Held], shapes: dict[str, tuple[int, ...]], float_bytes: int, tied: bool) -> dict[str, dict]:
+    """Per class of matrix: the GGUF types, the types gen holds, bytes in memory and how many were converted."""
+    out: dict[str, dict] = {}
+    for h in helds:
+        cls = matrix_class(h.gen_name)
+        if cls is None:
+            continue
+        rows, cols = shapes[h.gen_name]
+        entry = out.setdefault(cls, {"file": Counter(), "held": Counter(), "bytes": 0, "converted": 0})
+        entry["file"].update(h.file_types)
+        entry["held"][h.qtype or f"float ({float_bytes * 8} bit)"] += 1
+        entry["bytes"] += rows * (row_bytes(h.qtype, cols) if h.qtype else cols * float_bytes)
+        entry["converted"] += h.converted
+    if tied and "embedding" in out:
+        out["lm head"] = {"file": {}, "held": {"tied to the embedding": 1}, "bytes": 0, "converted": 0}
+    return {k: v | {"file": dict(v["file"]), "held": dict(v["held"])} for k, v in out.items()}
+
+
+def summary_lines(matrices: dict[str, dict]) -> list[str]:
+    """One line per class: `attn qkv: q6_k ×2 from Q4_K ×4 + Q6_K ×2 (2 re-quantized), 1.23 MB`."""
+
+    def counts(c: dict[str, int]) -> str:
+        return " + ".join(f"{k} ×{n}" for k, n in c.items())
+
+    lines = []
+    for cls, e in matrices.items():
+        source = f" from {counts(e['file'])}" if e["file"] else ""
+        changed = f" ({e['converted']} re-quantized)" if e["converted"] else ""
+        lines.append(f"{cls}: {counts(e['held'])}{source}{changed}, {e['bytes'] / 1e6:,.2f} MB")
+    return lines

@@ -1,0 +1,225 @@
+"""GGUF files whose matrices are GGML blocks (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K, and others gen re-quantizes):
+gen keeps them as blocks, its logits equal the dequantized fp32 model's and transformers' own GGUF loader's,
+and the weights take the file's bytes in memory."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+transformers = pytest.importorskip("transformers")
+gguf = pytest.importorskip("gguf")
+
+from hf_builders import GGUF_ARCH, add_tokenizer, byte_level_tokenizer, gguf_tensors, hf_config  # noqa: E402
+
+from gen_cli.cli import app  # noqa: E402
+from gen_cli.infer.optimize import optimize_for_decode  # noqa: E402
+from gen_cli.model.block_linear import BlockEmbedding, BlockLinear, dequantize_modules  # noqa: E402
+from gen_cli.model.blocks import BLOCK_TYPES, dequantize, max_error, quantize  # noqa: E402
+from gen_cli.model.gguf_file import GGUFFile  # noqa: E402
+from gen_cli.model.info import weight_summary  # noqa: E402
+from gen_cli.model.loading import load  # noqa: E402
+
+runner = CliRunner()
+# hidden 256, MLP 512: every row is whole 256-weight super-blocks, so each type fits every matrix
+SHAPE = dict(hidden_size=256, intermediate_size=512, head_dim=64, num_attention_heads=4, num_key_value_heads=2)
+TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
+
+
+def build(arch: str, seed: int = 0):
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(hf_config(arch, **SHAPE)).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith(".bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+            elif p.dim() == 2:
+                p.normal_(0, 0.1)
+    return model
+
+
+def write(model, tok, arch: str, path: Path, choose: Callable[[str], str]) -> Path:
+    """A GGUF file as llama.cpp's converter lays it out, each matrix in the GGML type `choose(name)`; the
+    block bytes come from gen's quantizer (the k-quants have none in the gguf package) or gguf's."""
+    cfg = model.config
+    w = gguf.GGUFWriter(str(path), GGUF_ARCH[arch])
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    add_tokenizer(w, tok, "gpt2")
+    for name, t in gguf_tensors(model, arch).items():
+        a = t.numpy().astype(np.float32)
+        kind = choose(name) if a.ndim == 2 else "F32"
+        if kind == "F32":
+            w.add_tensor(name, a)
+        elif kind.lower() in BLOCK_TYPES:
+            w.add_tensor(name, quantize(t, kind.lower()).numpy(), raw_dtype=gguf.GGMLQuantizationType[kind])
+        else:
+            k = gguf.GGMLQuantizationType[kind]
+            w.add_tensor(name, gguf.quants.quantize(a, k), raw_dtype=k)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return byte_level_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, tok):
+    """(arch, type) → path: llama (Q/K rows permuted, untied) and qwen2 (tied, q/k/v biases) per type."""
+    root = tmp_path_factory.mktemp("gguf_blocks")
+    out = {}
+    for arch in ("llama", "qwen2"):
+        model = build(arch)
+        for qtype in TYPES:
+            out[arch, qtype] = write(model, tok, arch, root / f"{arch}-{qtype}.gguf", lambda _n, q=qtype: q)
+        out[arch, "hf"] = model
+    return out
+
+
+def _ids() -> torch.Tensor:
+    return torch.randint(0, 300, (2, 7), generator=torch.Generator().manual_seed(0))  # (B, T)
+
+
+def _reference(path: Path):
+    """The same file loaded by gen with every block matrix replaced by its dequantized fp32 weight."""
+    return dequantize_modules(load(path).model)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("qtype", TYPES)
+def test_blocks_are_kept_and_logits_equal_the_dequantized_model(files, arch, qtype):
+    path = files[arch, qtype]
+    model = load(path).model
+    q = qtype.lower()
+    assert isinstance(model.tok_emb, BlockEmbedding) and model.tok_emb.qtype == q
+    layer = model.layers[0]
+    for lin in (layer.attn.wqkv, layer.attn.wo, layer.mlp.w1, layer.mlp.w3, layer.mlp.w2, model.lm_head):
+        assert isinstance(lin, BlockLinear) and lin.qtype == q
+    # No float matrix anywhere: only norms and biases are floats.
+    assert all(t.dim() == 1 for t in model.parameters()) and all(
+        t.dtype == torch.uint8 for n, t in model.state_dict().items() if n.endswith(".blocks")
+    )
+    if arch == "qwen2":  # tied: the head reads the embedding's own blocks
+        assert model.lm_head.blocks.data_ptr() == model.tok_emb.blocks.data_ptr()
+    ids = _ids()
+    with torch.no_grad():
+        ours = model(ids)
+        torch.testing.assert_close(ours, _reference(path)(ids), rtol=0, atol=1e-5)
+        # transformers dequantizes the file with the gguf package: the same weights, its own model code
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=torch.float32
+        )
+        assert (ours - theirs.eval()(ids).logits).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_weights_take_the_files_bytes_in_memory(files, qtype):
+    path = files["llama", qtype]
+    model = load(path).model
+    file_bytes = sum(int(t.n_bytes) for t in GGUFFile(path).reader.tensors)
+    held = {t.data_ptr(): t.nbytes for t in [*model.parameters(), *model.buffers()] if t.dim() in (1, 2)}
+    tables = sum(t.nbytes for n, t in model.named_buffers() if n.startswith("rope_"))  # derived, in no file
+    assert sum(held.values()) - tables == file_bytes
+    summary = weight_summary(model)
+    assert summary["attn qkv"]["types"] == {qtype.lower(): 2}
+    matrices = sum(e["bytes"] for e in summary.values())
+    assert matrices == file_bytes - sum(t.nbytes for t in model.parameters())  # all but the norm vectors
+
+
+def test_llama_q_k_rows_are_the_files_blocks_unpermuted(files):
+    path = files["llama", "Q4_K"]
+    f = GGUFFile(path)
+    wqkv = load(path).model.layers[1].attn.wqkv
+    q_rows = 4 * 64
+    stored = torch.from_numpy(f.blocks("blk.1.attn_q.weight"))  # (rows, row_bytes) in llama.cpp's order
+    # per head, stored row pairs (2j, 2j+1) are gen's rows (j, j + 32): whole rows of blocks move
+    expected = stored.reshape(4, 32, 2, -1).transpose(1, 2).reshape(q_rows, -1)
+    assert torch.equal(wqkv.blocks[:q_rows], expected)
+    v = torch.from_numpy(f.blocks("blk.1.attn_v.weight"))
+    assert torch.equal(wqkv.blocks[-v.shape[0] :], v)  # v is not permuted
+
+
+def _mixed(name: str) -> str:
+    """A Q4_K_M-like mix: v and down in Q6_K, the rest Q4_K; gate in Q8_0 and up in Q5_0 (no kernel here)."""
+    if ".attn_v." in name or ".ffn_down." in name:
+        return "Q6_K"
+    if ".ffn_gate." in name:
+        return "Q8_0"
+    return "Q5_0" if ".ffn_up." in name else "Q4_K"
+
+
+def test_mixed_parts_are_held_in_the_most_precise_type_and_info_says_so(files, tok, tmp_path):
+    path = write(files["llama", "hf"], tok, "llama", tmp_path / "mixed.gguf", _mixed)
+    loaded = load(path)
+    model, f = loaded.model, GGUFFile(path)
+    wqkv = model.layers[0].attn.wqkv
+    assert wqkv.qtype == "q6_k"  # q, k (Q4_K) re-quantized into v's Q6_K
+    v = torch.from_numpy(f.blocks("blk.0.attn_v.weight"))
+    assert torch.equal(wqkv.blocks[-v.shape[0] :], v)  # v's bytes as stored
+    k_file = torch.from_numpy(gguf.quants.dequantize(f.blocks("blk.0.attn_k.weight"), gguf.GGMLQuantizationType.Q4_K))
+    k_rows = wqkv.dequantized()[256:384]  # gen's k rows, un-permuted; compare in the file's order
+    k_gen = k_rows.reshape(2, 2, 32, -1).transpose(1, 2).reshape(128, -1)
+    assert ((k_gen - k_file).abs() <= max_error(k_file, "q6_k")).all()
+    up = model.layers[0].mlp.w3
+    assert up.qtype == "q6_k"  # Q5_0 (5.5 bits) → the nearest type with at least its bits
+    assert model.layers[0].mlp.w1.qtype == "q8_0" and model.layers[0].mlp.w2.qtype == "q6_k"
+    assert any("re-quantized" in n for n in loaded.notes)
+    # fusing gate (q8_0) and up (q6_k) for decoding holds both in q8_0, values within q8_0's error
+    gate, up_w = model.layers[0].mlp.w1.dequantized(), up.dequantized()
+    optimize_for_decode(model, native=False)
+    w13 = model.layers[0].mlp.w13
+    assert isinstance(w13, BlockLinear) and w13.qtype == "q8_0"
+    fused = w13.dequantized()
+    assert torch.equal(fused[:512], gate) and ((fused[512:] - up_w).abs() <= max_error(up_w, "q8_0")).all()
+    info = runner.invoke(app, ["info", str(path), "--json"])
+    assert info.exit_code == 0, info.output
+    matrices = json.loads(info.stdout)["matrices"]
+    assert matrices["attn qkv"]["held"] == {"q6_k": 2} and matrices["attn qkv"]["converted"] == 2
+    assert matrices["attn qkv"]["file"] == {"Q4_K": 4, "Q6_K": 2}
+    assert matrices["mlp in"]["held"] == {"q8_0": 2, "q6_k": 2}
+    text = runner.invoke(app, ["info", str(path)])
+    assert "attn qkv: q6_k ×2 from Q4_K ×4 + Q6_K ×2 (2 re-quantized)" in " ".join(text.stdout.split())
+
+
+def test_generate_runs_a_block_model_and_stats_report_its_weights(files):
+    path = files["qwen2", "Q4_K"]
+    out = runner.invoke(app, ["generate", "Hi", "--model", str(path), "--max-new-tokens", "3", "--json"])
+    assert out.exit_code == 0, out.output
+    weights = json.loads(out.stdout)["stats"]["weights"]
+    assert weights["embedding"]["types"] == {"q4_k": 1} and weights["lm head"]["types"] == {"q4_k (tied)": 1}
+    assert weights["lm head"]["bytes"] == 0 and weights["mlp in"]["types"] == {"q4_k": 2}  # fused w13
+
+
+def test_float_model_quantized_to_blocks_matches_its_dequantized_self(files):
+    reference = dequantize_modules(load(files["llama", "Q8_0"]).model)
+    for qtype in ("q8_0", "q4_0", "q4_k"):
+        float_model = dequantize_modules(load(files["llama", "Q8_0"]).model)
+        optimize_for_decode(float_model, quantize=qtype, native=False)
+        lins = [m for m in float_model.modules() if isinstance(m, BlockLinear)]
+        assert len(lins) == 2 * 4 + 1 and {m.qtype for m in lins} == {qtype}  # 4 per layer, the head
+        assert isinstance(float_model.tok_emb, nn.Embedding)  # the embedding keeps its float table
+        w = reference.layers[0].attn.wo.weight
+        got = float_model.layers[0].attn.wo
+        assert torch.equal(got.blocks, quantize(w, qtype))
+        assert ((dequantize(got.blocks, qtype, w.shape[1]) - w).abs() <= max_error(w, qtype)).all()
