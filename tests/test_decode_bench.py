@@ -126,11 +126,25 @@ def test_between_runs_after_each_round_of_repeats():
     assert events == ["gen", "gen", "peer0", "gen", "gen", "peer1"]
 
 
-def test_block_modes_are_known_and_refused_without_their_format():
+def test_block_modes_read_their_blocks_and_deviate_a_little():
     from gen_cli.infer.optimize import QUANTIZE_MODES
     from gen_cli.lab.decode_bench import checked_modes
 
     assert {"q8_0", "q4_0", "q4_1", "q4_k"} <= MODES.keys()
-    if "q4_0" not in QUANTIZE_MODES:
+    modes = tuple(m for m in ("q8_0", "q4_0", "q4_1", "q4_k") if m in QUANTIZE_MODES)
+    for m in {"q8_0", "q4_0", "q4_1", "q4_k"} - set(modes):
         with pytest.raises(UsageError, match="no such weight format"):
-            checked_modes(("q4_0",), 4, torch.device("cpu"))
+            checked_modes((m,), 4, torch.device("cpu"))
+    from gen_cli.model.config import load_preset
+
+    config = load_preset("tiny")
+    rows = {r.mode: r for r in bench_shape("tiny", ("fp32", *modes), 1, 4, torch.device("cpu"), False, 1e10)}
+    fp32 = rows["fp32"].bytes_per_token
+    bits = {"q8_0": 8.5, "q4_0": 4.5, "q4_1": 5.0, "q4_k": 4.5}  # bits per weight of each block format
+    for m in modes:
+        # every matrix in blocks (the tied head too), one embedding row, and the same fp32 KV cache
+        kv = kv_bytes_read(config, torch.float32, 8, 4)
+        weights = (fp32 - kv - 4 * config.d_model) / 4
+        expected = weights * bits[m] / 8 + config.d_model * bits[m] / 8 + kv
+        assert rows[m].bytes_per_token == pytest.approx(expected, rel=0.02), m
+        assert 0 < rows[m].max_logit_diff < 0.5, m

@@ -116,3 +116,22 @@ def test_cli_formats_flags_and_profile(llama, tmp_path):
     assert {t["test"] for t in data["tests"]} == {"pp16", f"tg{NEW}"} and data["context"]["peak_gflops"]["fp32"] > 0
     r = runner.invoke(app, [*args, "--no-llama-bench", "--format", "xml"])
     assert r.exit_code == 2 and "--format" in r.output
+
+
+def test_a_quantized_file_runs_as_stored_against_its_dequantized_weights(llama, tmp_path):
+    from hf_builders import build_hf_model, byte_level_tokenizer, write_gguf
+
+    tok = byte_level_tokenizer()
+    path = tmp_path / "q8.gguf"
+    write_gguf(build_hf_model("llama", tmp_path / "hf", tok), tok, "llama", path, qtype="Q8_0")
+    rows, _ = bench_model_decode(path, None, 1, NEW, "cpu", prompt_len=16)
+    by_mode = {r.mode: r for r in rows}
+    assert list(by_mode)[0] == "file"  # a quantized file's own types come first by default
+    file, fp32 = by_mode["file"], by_mode["fp32"]
+    assert file.bytes_per_token < fp32.bytes_per_token / 3  # Q8_0 blocks: 34 bytes per 32 weights
+    assert fp32.max_logit_diff < 1e-4  # the reference is the file's weights dequantized: fp32 runs exactly those
+    assert file.max_logit_diff < 0.05 and file.greedy_agree >= 1  # activations quantized per block by the kernel
+    with pytest.raises(UsageError, match="needs a model"):
+        from gen_cli.lab.decode_bench import bench_decode
+
+        bench_decode(("tiny",), ("file",))

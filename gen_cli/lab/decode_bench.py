@@ -63,6 +63,8 @@ MODES: dict[str, Mode] = {
     "q4_0": Mode(None, "q4_0", False, True),
     "q4_1": Mode(None, "q4_1", False, True),
     "q4_k": Mode(None, "q4_k", False, True),
+    # a model file's weights as it stores them (a GGUF file's block types), only with a model
+    "file": Mode(None, "none", False, True),
 }
 DEFAULT_MODES = ("fp32", "bf16", "int8", "fp32-torch")
 # A GPU has no native step (fp32 and bf16 run PyTorch's ops there) and int8 no GPU kernel in gen.
@@ -316,6 +318,8 @@ def bench_decode(
     """
     device = torch.device(device)
     modes = checked_modes(modes, new_tokens, device)
+    if "file" in modes:
+        raise UsageError("mode file runs a model file's weights as stored: it needs a model, not a preset shape")
     with_hf = hf_available()
     rows: list[Row] = []
     for shape in shapes:

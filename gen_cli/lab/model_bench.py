@@ -27,12 +27,21 @@ from gen_cli.model.loading import load, require_model_kind
 from gen_cli.model.transformer import Transformer
 
 
-def build_mode(reference: Transformer, mode: str, device: torch.device) -> Transformer:
-    """A copy of the fp32 model in `mode`, as `gen generate` builds it (the reference itself stays fp32)."""
+def build_mode(
+    reference: Transformer, mode: str, device: torch.device, stored: Transformer | None = None
+) -> Transformer:
+    """A copy of the fp32 model in `mode`, as `gen generate` builds it (the reference itself stays fp32);
+    mode "file" copies `stored`, the model as loaded (block-quantized matrices kept as the file has them)."""
     dtype, quantize, compile, native = MODES[mode]
     dtype = compute_dtype(quantize, device, native, dtype)
+    if mode == "file":
+        return optimize_for_decode(copy.deepcopy(stored or reference), native=native)
     model = copy.deepcopy(reference).to(device=device, dtype=dtype)
     return optimize_for_decode(model, quantize=quantize, compile=compile, native=native)
+
+
+def _has_blocks(model: torch.nn.Module) -> bool:
+    return any(hasattr(m, "qtype") and hasattr(m, "blocks") for m in model.modules())
 
 
 def load_transformers(folder: Path, device: torch.device) -> Any:
@@ -62,12 +71,19 @@ def bench_model_decode(
     after each round of gen's repeats; its merged tests are in `context["llama_bench"]`.
     """
     device = torch.device(device)
-    modes = checked_modes(modes, new_tokens, device)
+    asked, modes = modes, checked_modes(modes, new_tokens, device)
     path = Path(model_path)
     kind = require_model_kind(path)
     if llama_bench is not None and kind != "gguf":
         raise UsageError(f"llama-bench runs GGUF files; {path} is a {kind} model", params=("llama_bench",))
     loaded = load(path, device=device, dtype=torch.float32)
+    stored = None
+    if _has_blocks(loaded.model):  # a quantized file: its blocks for mode "file", dequantized for the reference
+        from gen_cli.model.block_linear import dequantize_modules
+
+        stored = copy.deepcopy(loaded.model).eval()
+        dequantize_modules(loaded.model)
+        modes = modes if asked else ("file", *modes)  # by default, first of all what the file itself runs at
     reference = loaded.model.eval()
     limit = reference.config.context_length
     if DECODE_PROMPT + new_tokens > limit:
@@ -84,7 +100,7 @@ def bench_model_decode(
 
         peer = LlamaRunner(llama_bench, path, torch.get_num_threads(), prompt_len, new_tokens)
     rows = bench_runners(
-        label, reference, lambda mode: build_mode(reference, mode, device),
+        label, reference, lambda mode: build_mode(reference, mode, device, stored),
         (lambda: load_transformers(path, device)) if with_hf else None, modes, repeats, new_tokens,
         on_step=on_step, on_run=on_run, vocab=min(loaded.tokenizer.get_vocab_size(), reference.config.vocab_size),
         prompt_len=prompt_len, between=peer, profile=profile,
