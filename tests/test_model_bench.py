@@ -126,7 +126,7 @@ def test_a_quantized_file_runs_as_stored_against_its_dequantized_weights(llama, 
     write_gguf(build_hf_model("llama", tmp_path / "hf", tok), tok, "llama", path, qtype="Q8_0")
     rows, _ = bench_model_decode(path, None, 1, NEW, "cpu", prompt_len=16)
     by_mode = {r.mode: r for r in rows}
-    assert list(by_mode)[0] == "file"  # a quantized file's own types come first by default
+    assert rows[0].mode == "file"  # a quantized file's own types come first by default
     file, fp32 = by_mode["file"], by_mode["fp32"]
     assert file.bytes_per_token < fp32.bytes_per_token / 3  # Q8_0 blocks: 34 bytes per 32 weights
     assert fp32.max_logit_diff < 1e-4  # the reference is the file's weights dequantized: fp32 runs exactly those
