@@ -190,7 +190,7 @@ def test_unsupported_models_keep_pytorch():
     torch.manual_seed(0)
     mixed = optimize_for_decode(Transformer(tiny_config()).to(torch.bfloat16).eval(), quantize="int8")
     assert mixed.native_decoder is None  # int8 matrices in a bf16 model
-    assert "fp32 models (matrices fp32 or int8) or all-bf16" in native.supports(mixed)
+    assert "fp32 models (matrices fp32, int8 or GGML blocks) or all-bf16" in native.supports(mixed)
 
 
 @pytest.fixture

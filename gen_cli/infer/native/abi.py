@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import ctypes
 
-ABI_VERSION = 1  # GEN_ABI_VERSION in decode.c
+ABI_VERSION = 2  # GEN_ABI_VERSION in decode.c
+
+# Matrix.type (blocks.h): the step's own formats, then GGML's block formats by their gen names.
+MATRIX_TYPES = {"fp32": 0, "bf16": 1, "int8": 2, "q8_0": 3, "q4_0": 4, "q4_1": 5, "q4_k": 6, "q6_k": 7}
+# Model.profile's slots: where a step's time goes, in the order decode.c accumulates them.
+PROFILE_KEYS = ("embed", "norm", "qkv", "rope", "attention", "attn_out", "mlp_in", "mlp_act", "mlp_out", "lm_head")
 
 
 class Matrix(ctypes.Structure):
@@ -18,6 +23,7 @@ class Matrix(ctypes.Structure):
         ("scale", ctypes.c_void_p),
         ("rows", ctypes.c_int64),
         ("cols", ctypes.c_int64),
+        ("type", ctypes.c_int64),
     ]
 
 
@@ -52,6 +58,7 @@ _INTS = (
     "bf16",
 )
 _SCRATCH = ("x", "h", "qkv", "att", "ff", "scores", "xq", "xscale")
+_BLOCK_SCRATCH = ("aq", "ad", "asum")  # a matrix input quantized for block weights
 
 
 class Model(ctypes.Structure):
@@ -66,6 +73,9 @@ class Model(ctypes.Structure):
         ("final_norm", Norm),
         ("lm_head", Matrix),
         *((name, ctypes.c_void_p) for name in _SCRATCH),
+        ("emb_type", ctypes.c_int64),
+        *((name, ctypes.c_void_p) for name in _BLOCK_SCRATCH),
+        ("profile", ctypes.c_void_p),
     ]
 
 
@@ -80,6 +90,8 @@ def _expected() -> list[int]:
         Model.norm_eps.offset,
         Model.lm_head.offset,
         Model.xscale.offset,
+        Matrix.type.offset,
+        Model.profile.offset,
     ]
 
 
@@ -106,4 +118,7 @@ def bind(lib: ctypes.CDLL) -> str | None:
     lib.gen_decode_step.restype = None
     lib.gen_argmax.argtypes = [ctypes.c_void_p, *[ctypes.c_int64] * 3, ctypes.c_void_p, ctypes.c_int64]
     lib.gen_argmax.restype = None
+    lib.gen_block_matmul.argtypes = [ctypes.c_void_p, *[ctypes.c_int64] * 3, ctypes.c_void_p, ctypes.c_int64]
+    lib.gen_block_matmul.argtypes += [ctypes.c_void_p, ctypes.c_int64]
+    lib.gen_block_matmul.restype = ctypes.c_int64
     return None

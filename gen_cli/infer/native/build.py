@@ -23,6 +23,7 @@ from gen_cli.infer.native import abi
 from gen_cli.resources import cache_dir
 
 SOURCE = Path(__file__).with_name("decode.c")
+HEADERS = (Path(__file__).with_name("blocks.h"),)  # included by decode.c: part of the build key
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c11", "-shared", "-fPIC")
 _notes: list[str] = []  # what happened to the cache on this run (a damaged kernel rebuilt), said once
 
@@ -38,7 +39,8 @@ def _build_key(cc: list[str]) -> str:
     cpu = ""
     if Path("/proc/cpuinfo").is_file():
         cpu = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-    parts = (SOURCE.read_bytes(), " ".join(FLAGS).encode(), version.encode(), cpu.encode())
+    sources = (SOURCE.read_bytes(), *(h.read_bytes() for h in HEADERS))
+    parts = (*sources, " ".join(FLAGS).encode(), version.encode(), cpu.encode())
     return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
 
 

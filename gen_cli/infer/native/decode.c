@@ -29,13 +29,20 @@
 #if defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define GEN_VNNI 1
 #endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#include <stdlib.h>
 
-/* A weight matrix, row-major (rows, cols): the model's float dtype, or int8 with one fp32 scale per row
- * (W = q * scale). */
+#include "blocks.h"
+
+/* A weight matrix, row-major (rows, cols): the model's float dtype, int8 with one fp32 scale per row
+ * (W = q * scale), or rows of GGML blocks (blocks.h). */
 typedef struct {
     const void *data;
-    const float *scale; /* NULL for fp32 and bf16 */
+    const float *scale; /* int8 only */
     int64_t rows, cols;
+    int64_t type; /* T_F32, T_BF16, T_I8 or a block type (blocks.h) */
 } Matrix;
 
 /* RMSNorm when bias is NULL, else LayerNorm. */
@@ -68,7 +75,23 @@ typedef struct {
     float *scores; /* (batch, n_head, max_tokens) */
     int16_t *xq;   /* (batch, max(d_model, d_ff)) int16 copy of a matrix input (int8 weights) */
     float *xscale; /* (batch,) */
+    /* Block-quantized weights (fp32 activations): the embedding's type, and the quantized matrix input. */
+    int64_t emb_type; /* T_F32 / T_BF16 (as `bf16` says) or a block type: tok_emb is then (vocab, row bytes) */
+    int8_t *aq;       /* (batch, width) */
+    float *ad;        /* (batch, width / 32) */
+    int16_t *asum;    /* (batch, width / 16) */
+    double *profile;  /* NULL, or seconds accumulated per op class (PROFILE_KEYS in abi.py) */
 } Model;
+
+enum { P_EMBED, P_NORM, P_QKV, P_ROPE, P_ATTENTION, P_ATTN_OUT, P_MLP_IN, P_MLP_ACT, P_MLP_OUT, P_LM_HEAD, P_COUNT };
+
+static inline double now(void) {
+#ifdef _OPENMP
+    return omp_get_wtime();
+#else
+    return 0.0;
+#endif
+}
 
 /* ---- bfloat16: the top half of an fp32 --------------------------------------------------------------- */
 
@@ -190,7 +213,32 @@ static void matmul_bf16(const Model *m, const Matrix *w, const float *x, float *
     }
 }
 
+/* Block rows against the input quantized once per call (blocks.h). */
+static void matmul_blocks(const Model *m, const Matrix *w, const float *x, float *y, int accumulate) {
+    const int64_t rows = w->rows, cols = w->cols, batch = m->batch, type = w->type;
+    const int64_t rb = block_row_bytes(type, cols);
+    for (int64_t b = 0; b < batch; b++) {
+        Act a = {m->aq + b * cols, m->ad + b * (cols / 32), m->asum + b * (cols / 16)};
+        quantize_for(type, x + b * cols, cols, a);
+    }
+#pragma omp parallel for schedule(static) num_threads(m->n_threads)
+    for (int64_t r0 = 0; r0 < rows; r0 += ROW_BLOCK) {
+        int64_t r1 = r0 + ROW_BLOCK < rows ? r0 + ROW_BLOCK : rows;
+        for (int64_t b = 0; b < batch; b++) {
+            Act a = {m->aq + b * cols, m->ad + b * (cols / 32), m->asum + b * (cols / 16)};
+            for (int64_t r = r0; r < r1; r++) {
+                float v = dot_block(type, (const uint8_t *)w->data + r * rb, a, cols);
+                y[b * rows + r] = accumulate ? y[b * rows + r] + v : v;
+            }
+        }
+    }
+}
+
 static void matmul(const Model *m, const Matrix *w, const float *x, float *y, int accumulate) {
+    if (w->type > T_I8) {
+        matmul_blocks(m, w, x, y, accumulate);
+        return;
+    }
     if (m->bf16) {
         matmul_bf16(m, w, x, y, accumulate);
         return;
@@ -310,28 +358,89 @@ static void swiglu(const Model *m) {
  * logits: (batch, vocab). */
 void gen_decode_step(const Model *m, const int64_t *tokens, int64_t token_stride, int64_t pos, float *logits) {
     const int64_t d = m->d_model;
+    double *prof = m->profile, t0 = prof ? now() : 0.0;
+    /* Seconds since the last mark go to op class k; one untaken branch per op when profiling is off. */
+#define MARK(k)                      \
+    if (prof) {                      \
+        double t1 = now();           \
+        prof[k] += t1 - t0;          \
+        t0 = t1;                     \
+    }
     for (int64_t b = 0; b < m->batch; b++) {
-        const int64_t row = tokens[b * token_stride] * d;
+        const int64_t tok = tokens[b * token_stride];
         float *x = m->x + b * d;
-        for (int64_t i = 0; i < d; i++)
-            x[i] = m->bf16 ? from_bf16(((const uint16_t *)m->tok_emb)[row + i]) : ((const float *)m->tok_emb)[row + i];
+        if (is_block_type(m->emb_type))
+            dequantize_row(m->emb_type, (const uint8_t *)m->tok_emb + tok * block_row_bytes(m->emb_type, d), d, x);
+        else
+            for (int64_t i = 0; i < d; i++)
+                x[i] = m->bf16 ? from_bf16(((const uint16_t *)m->tok_emb)[tok * d + i]) : ((const float *)m->tok_emb)[tok * d + i];
         if (m->pos_table)
             for (int64_t i = 0; i < d; i++) x[i] += m->pos_table[pos * d + i];
     }
+    MARK(P_EMBED)
     for (int64_t li = 0; li < m->n_layer; li++) {
         const Layer *l = &m->layers[li];
         norm(m, &l->attn_norm, m->x, m->h);
+        MARK(P_NORM)
         matmul(m, &l->wqkv, m->h, m->qkv, 0);
+        MARK(P_QKV)
         if (m->rope_cos) rope(m, pos);
+        MARK(P_ROPE)
         attention(m, l, pos);
+        MARK(P_ATTENTION)
         matmul(m, &l->wo, m->att, m->x, 1); /* the residual add rides on the output write */
+        MARK(P_ATTN_OUT)
         norm(m, &l->mlp_norm, m->x, m->h);
+        MARK(P_NORM)
         matmul(m, &l->w13, m->h, m->ff, 0);
+        MARK(P_MLP_IN)
         swiglu(m);
+        MARK(P_MLP_ACT)
         matmul(m, &l->w2, m->h, m->x, 1);
+        MARK(P_MLP_OUT)
     }
     norm(m, &m->final_norm, m->x, m->h);
+    MARK(P_NORM)
     matmul(m, &m->lm_head, m->h, logits, 0);
+    MARK(P_LM_HEAD)
+#undef MARK
+}
+
+/* Y (n, rows) = X (n, cols) W^T for a block matrix W (rows, row bytes): prompts and prefill. X is quantized once;
+ * threads take tiles of rows, and each tile (a few KB) stays in cache while every token of a token tile passes
+ * over it. Returns 0, or -1 when the type is not a block type or memory runs out. */
+int64_t gen_block_matmul(const void *w, int64_t type, int64_t rows, int64_t cols, const float *x, int64_t n, float *y,
+                         int64_t n_threads) {
+    enum { ROW_TILE = 16, TOKEN_TILE = 64 };
+    if (!is_block_type(type) || cols % BLOCK_ELEMS[type] != 0) return -1;
+    const int64_t rb = block_row_bytes(type, cols);
+    int8_t *q = malloc((size_t)(n * cols));
+    float *dq = malloc((size_t)(n * (cols / 32)) * sizeof(float));
+    int16_t *sq = malloc((size_t)(n * (cols / 16)) * sizeof(int16_t));
+    if (!q || !dq || !sq) {
+        free(q), free(dq), free(sq);
+        return -1;
+    }
+#pragma omp parallel num_threads(n_threads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < n; t++) {
+            Act a = {q + t * cols, dq + t * (cols / 32), sq + t * (cols / 16)};
+            quantize_for(type, x + t * cols, cols, a);
+        }
+#pragma omp for schedule(static) collapse(2)
+        for (int64_t r0 = 0; r0 < rows; r0 += ROW_TILE) {
+            for (int64_t t0 = 0; t0 < n; t0 += TOKEN_TILE) {
+                int64_t r1 = r0 + ROW_TILE < rows ? r0 + ROW_TILE : rows, t1 = t0 + TOKEN_TILE < n ? t0 + TOKEN_TILE : n;
+                for (int64_t t = t0; t < t1; t++) {
+                    Act a = {q + t * cols, dq + t * (cols / 32), sq + t * (cols / 16)};
+                    for (int64_t r = r0; r < r1; r++) y[t * rows + r] = dot_block(type, (const uint8_t *)w + r * rb, a, cols);
+                }
+            }
+        }
+    }
+    free(q), free(dq), free(sq);
+    return 0;
 }
 
 /* out[b * out_stride] = the first index of row b's largest logit, as torch.argmax picks it (a NaN
@@ -368,7 +477,7 @@ void gen_argmax(const float *logits, int64_t batch, int64_t row_stride, int64_t 
 /* ---- ABI: what the Python side checks before it fills the structs ------------------------------------ */
 
 /* Bump on any change to a struct or an exported signature above. */
-#define GEN_ABI_VERSION 1
+#define GEN_ABI_VERSION 2
 
 /* out[0] = version, then sizeof and one offset near the end of each struct: a field added, removed,
  * reordered or resized on one side only shows up as a mismatch here, before any pointer is read. */
@@ -382,4 +491,6 @@ void gen_abi(int64_t *out) {
     out[6] = (int64_t)offsetof(Model, norm_eps);
     out[7] = (int64_t)offsetof(Model, lm_head);
     out[8] = (int64_t)offsetof(Model, xscale);
+    out[9] = (int64_t)offsetof(Matrix, type);
+    out[10] = (int64_t)offsetof(Model, profile);
 }

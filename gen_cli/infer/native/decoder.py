@@ -20,8 +20,9 @@ import torch
 from torch import nn
 
 from gen_cli.infer.linear import Int8Linear
-from gen_cli.infer.native.abi import Layer, Matrix, Model, Norm
+from gen_cli.infer.native.abi import MATRIX_TYPES, PROFILE_KEYS, Layer, Matrix, Model, Norm
 from gen_cli.infer.native.build import library, native_status
+from gen_cli.model.block_linear import BlockEmbedding, BlockLinear
 from gen_cli.model.config import ModelConfig
 from gen_cli.model.kv_cache import KVCache
 from gen_cli.model.transformer import Transformer, check_context
@@ -69,6 +70,8 @@ def _move_to_huge_pages(tensors: list[torch.Tensor]) -> None:
 
 
 def _streamed(linear: nn.Module) -> list[torch.Tensor]:
+    if isinstance(linear, (BlockLinear, BlockEmbedding)):
+        return [linear.blocks]
     return [linear.qweight, linear.scale] if isinstance(linear, Int8Linear) else [linear.weight]
 
 
@@ -77,8 +80,11 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 def _matrix(linear: nn.Module) -> Matrix:
+    if isinstance(linear, BlockLinear):  # the blocks as stored: (out, row bytes) uint8
+        return Matrix(_ptr(linear.blocks), None, linear.out_features, linear.in_features, MATRIX_TYPES[linear.qtype])
     weight, *scale = _streamed(linear)
-    return Matrix(_ptr(weight), _ptr(scale[0]) if scale else None, *weight.shape)
+    kind = "int8" if scale else "bf16" if weight.dtype == torch.bfloat16 else "fp32"
+    return Matrix(_ptr(weight), _ptr(scale[0]) if scale else None, *weight.shape, MATRIX_TYPES[kind])
 
 
 def unsupported_properties(config: ModelConfig) -> list[str]:
@@ -103,9 +109,16 @@ def supports(model: Transformer) -> str | None:
     params = list(model.parameters()) + list(model.buffers())
     if any(p.device.type != "cpu" for p in params):
         return "the model is not on the CPU"
-    dtypes = {p.dtype for p in params}
+    # Block-quantized matrices (uint8 blocks) compute with fp32 activations, like int8 ones.
+    blocky = [m for m in model.modules() if isinstance(m, (BlockLinear, BlockEmbedding))]
+    if unknown := sorted({m.qtype for m in blocky} - set(MATRIX_TYPES)):
+        return f"the native kernel does not read {', '.join(unknown)} blocks"
+    held = {m.blocks.data_ptr() for m in blocky}
+    dtypes = {p.dtype for p in params if not (p.dtype == torch.uint8 and p.data_ptr() in held)}
+    if blocky and dtypes - {torch.float32, torch.int8}:
+        return "the native kernel runs block-quantized matrices with fp32 activations only"
     if not (dtypes <= {torch.float32, torch.int8} or dtypes == {torch.bfloat16}):
-        return "the native kernel runs fp32 models (matrices fp32 or int8) or all-bf16 ones"
+        return "the native kernel runs fp32 models (matrices fp32, int8 or GGML blocks) or all-bf16 ones"
     if any("w13" not in layer.mlp._modules for layer in model.layers):
         return "the MLP is not fused (run optimize_for_decode)"
     return None
@@ -123,10 +136,12 @@ class NativeDecoder:
     def __init__(self, model: Transformer, lib: ctypes.CDLL) -> None:
         c = model.config
         self.lib, self.config = lib, c
-        # An all-bf16 model (KV cache too), else fp32 with fp32 or int8 matrices (see `supports`).
-        self.dtype = model.tok_emb.weight.dtype
+        # An all-bf16 model (KV cache too), else fp32 with fp32, int8 or block matrices (see `supports`).
+        self.dtype = model.norm.weight.dtype
         linears = [m for b in model.layers for m in (b.attn.wqkv, b.attn.wo, b.mlp.w13, b.mlp.w2)] + [model.lm_head]
-        _move_to_huge_pages([t for linear in linears for t in _streamed(linear)] + [model.tok_emb.weight])
+        (emb,) = _streamed(model.tok_emb)  # a table of floats, or of blocks (one row dequantized per token)
+        emb_type = MATRIX_TYPES[model.tok_emb.qtype] if isinstance(model.tok_emb, BlockEmbedding) else 0
+        _move_to_huge_pages([t for linear in linears for t in _streamed(linear)] + [emb])
         # The structs hold raw pointers: keep the memory they point into alive with this decoder, even
         # if the model is later moved (`.to()` swaps a parameter's data; a moved model's cache has
         # another dtype or device, so `accepts` sends its steps to PyTorch).
@@ -155,13 +170,14 @@ class NativeDecoder:
         self._struct = Model(
             n_layer=c.n_layer, n_head=c.n_head, n_kv_head=c.n_kv_head, head_dim=c.head_dim,
             d_model=c.d_model, d_ff=c.d_ff, vocab=c.vocab_size, bf16=self.dtype == torch.bfloat16, norm_eps=c.norm_eps,
-            tok_emb=_ptr(model.tok_emb.weight), pos_table=fp32(pos_table),
+            tok_emb=_ptr(emb), emb_type=emb_type, pos_table=fp32(pos_table),
             rope_cos=fp32(getattr(model, "rope_cos", None)), rope_sin=fp32(getattr(model, "rope_sin_signed", None)),
             layers=self._layers, final_norm=norm(model.norm), lm_head=_matrix(model.lm_head),
         )  # fmt: skip
         self._struct_ref = ctypes.byref(self._struct)
         self._bound: tuple[Any, ...] = ()
         self._scratch: dict[str, torch.Tensor] = {}
+        self._profile: torch.Tensor | None = None
 
     @classmethod
     def attach(cls, model: Transformer) -> str | None:
@@ -187,9 +203,11 @@ class NativeDecoder:
             "x": (batch, c.d_model), "h": (batch, width), "qkv": (batch, (c.n_head + 2 * c.n_kv_head) * c.head_dim),
             "att": (batch, c.d_model), "ff": (batch, 2 * c.d_ff), "scores": (batch, c.n_head, cache.max_tokens),
             "xq": (batch, width), "xscale": (batch,),
+            "aq": (batch, width), "ad": (batch, -(-width // 32)), "asum": (batch, -(-width // 16)),
         }  # fmt: skip
+        dtypes = {"xq": torch.int16, "aq": torch.int8, "asum": torch.int16}
         for name, shape in shapes.items():
-            dtype = torch.int16 if name == "xq" else torch.float32
+            dtype = dtypes.get(name, torch.float32)
             self._scratch[name] = torch.empty(shape, dtype=dtype)
             setattr(s, name, self._scratch[name].data_ptr())
         for i in range(c.n_layer):
@@ -212,6 +230,19 @@ class NativeDecoder:
         self.lib.gen_decode_step(self._struct_ref, token.data_ptr(), token.stride(0), cache.pos, logits.data_ptr())
         cache.advance(1)
         return logits
+
+    def start_profile(self) -> None:
+        """Zero the per-op timers and have every following step add its seconds to them."""
+        self._profile = torch.zeros(len(PROFILE_KEYS), dtype=torch.float64)
+        self._struct.profile = self._profile.data_ptr()
+
+    def stop_profile(self) -> dict[str, float]:
+        """Seconds spent per op class (PROFILE_KEYS order) since `start_profile`; steps stop timing."""
+        self._struct.profile = None
+        times, self._profile = self._profile, None
+        if times is None:
+            return dict.fromkeys(PROFILE_KEYS, 0.0)
+        return dict(zip(PROFILE_KEYS, times.tolist(), strict=True))
 
     def argmax_into(self, logits: torch.Tensor, out: torch.Tensor) -> bool:
         """out[b] = logits[b].argmax() for fp32 CPU logits (B, V), as torch picks (first of ties, NaN
