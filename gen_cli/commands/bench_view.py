@@ -74,7 +74,7 @@ def print_profile(title: str, profile: StepProfile, console: Console) -> None:
     if console.is_terminal and not console.no_color:
         console.print(profile_table(title, profile))
     else:
-        console.print("\n".join([f"{title}:", *bar_lines(profile)]), markup=False, highlight=False)
+        console.print("\n".join([f"{title}:", *bar_lines(profile)]), markup=False, highlight=False, soft_wrap=True)
     if profile.note:
         console.print(f"  ({profile.note})", markup=False, highlight=False)
 
