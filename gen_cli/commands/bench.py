@@ -76,8 +76,9 @@ def bench_decode_command(
         None,
         "--modes",
         help="gen modes: fp32, bf16, int8 (the native C step where it can run), q8_0, q4_0, q4_k (GGUF's "
-        "block formats), file (a quantized GGUF as it stores its weights; first by default), fp32-torch, bf16-torch, int8-torch (PyTorch ops, as --no-native), fp32+compile, "
-        "bf16+compile, int8+compile. Default: fp32,bf16,int8,fp32-torch on the CPU; "
+        "block formats), file (a quantized GGUF as it stores its weights; first by default), fp32-torch, "
+        "bf16-torch, int8-torch (PyTorch ops, as --no-native), fp32+compile, bf16+compile, int8+compile. "
+        "Default: fp32,bf16,int8,fp32-torch on the CPU; "
         "fp32,bf16,fp32+compile,bf16+compile on CUDA.",
         show_default=False,
     ),

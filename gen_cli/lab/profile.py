@@ -144,6 +144,7 @@ def profile_decode(
     token = sample_next(prefill(model, prompt_ids, cache), None, sampling, generator)[:, None]  # (B, 1)
     native = model.native_decoder
     on_native = native is not None and native.accepts(token.shape[0], cache)
+    c_argmax = on_native and sampling.greedy and sampling.repetition_penalty == 1 and hasattr(native, "argmax_into")
     timer = ModuleTimer(clock, device)
     timers = on_native and hasattr(native, "start_profile")
     steps, wall, sample_s, step_s = max(new_tokens - 1, 0), 0.0, 0.0, 0.0
@@ -158,7 +159,10 @@ def profile_decode(
             logits = decode_step(model, token, cache)
             synchronize(device)
             t1 = clock()
-            token = sample_next(logits, None, sampling, generator)[:, None]
+            picked = torch.empty(token.shape[0], dtype=torch.long)  # (B,)
+            if not (c_argmax and native.argmax_into(logits, picked)):  # greedy picks in C, as generate does
+                picked = sample_next(logits, None, sampling, generator)
+            token = picked[:, None]  # (B, 1)
             synchronize(device)
             t2 = clock()
             wall, sample_s, step_s = wall + t2 - t0, sample_s + t2 - t1, step_s + t1 - t0
