@@ -27,15 +27,13 @@ from gen_cli.model.loading import load, require_model_kind
 from gen_cli.model.transformer import Transformer
 
 
-def build_mode(
-    reference: Transformer, mode: str, device: torch.device, stored: Transformer | None = None
-) -> Transformer:
+def build_mode(reference: Transformer, mode: str, device: torch.device, path: Path | None = None) -> Transformer:
     """A copy of the fp32 model in `mode`, as `gen generate` builds it (the reference itself stays fp32);
-    mode "file" copies `stored`, the model as loaded (block-quantized matrices kept as the file has them)."""
+    mode "file" loads `path` again as `gen generate --model` does: weights as stored, block types kept."""
     dtype, quantize, compile, native = MODES[mode]
+    if mode == "file" and path is not None:
+        return optimize_for_decode(load(path, device=device).model, native=native)
     dtype = compute_dtype(quantize, device, native, dtype)
-    if mode == "file":
-        return optimize_for_decode(copy.deepcopy(stored or reference), native=native)
     model = copy.deepcopy(reference).to(device=device, dtype=dtype)
     return optimize_for_decode(model, quantize=quantize, compile=compile, native=native)
 
@@ -77,11 +75,9 @@ def bench_model_decode(
     if llama_bench is not None and kind != "gguf":
         raise UsageError(f"llama-bench runs GGUF files; {path} is a {kind} model", params=("llama_bench",))
     loaded = load(path, device=device, dtype=torch.float32)
-    stored = None
-    if _has_blocks(loaded.model):  # a quantized file: its blocks for mode "file", dequantized for the reference
+    if _has_blocks(loaded.model):  # a quantized file: the reference is its weights dequantized
         from gen_cli.model.block_linear import dequantize_modules
 
-        stored = copy.deepcopy(loaded.model).eval()
         dequantize_modules(loaded.model)
         modes = modes if asked else ("file", *modes)  # by default, first of all what the file itself runs at
     reference = loaded.model.eval()
@@ -100,7 +96,7 @@ def bench_model_decode(
 
         peer = LlamaRunner(llama_bench, path, torch.get_num_threads(), prompt_len, new_tokens)
     rows = bench_runners(
-        label, reference, lambda mode: build_mode(reference, mode, device, stored),
+        label, reference, lambda mode: build_mode(reference, mode, device, path),
         (lambda: load_transformers(path, device)) if with_hf else None, modes, repeats, new_tokens,
         on_step=on_step, on_run=on_run, vocab=min(loaded.tokenizer.get_vocab_size(), reference.config.vocab_size),
         prompt_len=prompt_len, between=peer, profile=profile,
