@@ -12,7 +12,8 @@ from gen_cli.commands.common import err, print_json
 from gen_cli.errors import UsageError
 
 TARGETS = ("hf", "gguf")
-TYPES = ("f32", "f16", "bf16", "q8_0")
+TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k")
+BLOCK_TYPES = ("q8_0", "q4_0", "q4_k")
 
 
 def export_command(
@@ -24,8 +25,9 @@ def export_command(
     type_: str = typer.Option(
         None,
         "--type",
-        help="Weight type: f32, f16 or bf16 (both targets), q8_0 (GGUF only; GGUF keeps norms and biases in f32) "
-        "[default: the model's own, f32 for gen's models].",
+        help="Weight type: f32, f16 or bf16 (both targets); q8_0, q4_0 or q4_k (GGUF only: the blocks "
+        "`gen generate --quantize` runs; norms and biases stay f32, matrices already held as blocks are written "
+        "as they are) [default: the model's own: f32 for gen's models, a quantized GGUF's block type].",
         show_default=False,
     ),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
@@ -49,8 +51,8 @@ def export_command(
         raise UsageError(f"--to must be one of {', '.join(TARGETS)}, got {to!r}")
     if type_ is not None and type_ not in TYPES:
         raise UsageError(f"--type must be one of {', '.join(TYPES)}, got {type_!r}")
-    if to == "hf" and type_ == "q8_0":
-        raise UsageError("--type q8_0 is for --to gguf; a Hugging Face folder holds f32, f16 or bf16 weights")
+    if to == "hf" and type_ in BLOCK_TYPES:
+        raise UsageError(f"--type {type_} is for --to gguf; a Hugging Face folder holds f32, f16 or bf16 weights")
     if not model.exists():
         raise UsageError(f"{model}: no such model directory or .gguf file")
     check_output(out, force, folder=to == "hf")  # before loading: a refusal costs nothing
@@ -83,9 +85,18 @@ def export_command(
 
 
 def _stored_type(model) -> str:
+    """The type the model holds its matrices in: its most common block type (a quantized GGUF), else its
+    float dtype."""
+    from collections import Counter
+
     import torch
 
-    return {torch.bfloat16: "bf16", torch.float16: "f16"}.get(model.tok_emb.weight.dtype, "f32")
+    from gen_cli.model.export import held_blocks
+
+    blocks = Counter(qtype for _, qtype in held_blocks(model).values())
+    if blocks:
+        return blocks.most_common(1)[0][0]
+    return {torch.bfloat16: "bf16", torch.float16: "f16"}.get(model.norm.weight.dtype, "f32")
 
 
 def register(app: typer.Typer) -> None:

@@ -15,15 +15,13 @@ from gen_cli.errors import UsageError
 from gen_cli.infer.linear import Int8Linear, OneDNNLinear, onednn_applies
 from gen_cli.infer.sampling import SamplingConfig
 from gen_cli.model.block_linear import BlockLinear
-from gen_cli.model.blocks import BLOCK_TYPES
+from gen_cli.model.blocks import block_type_for
 from gen_cli.model.transformer import Transformer
 
 # int8: one scale per output row (gen's own, PyTorch's int8 kernel); q8_0 / q4_0 / q4_k: GGML's block
 # formats (a scale per 32 weights, or per 32 inside 256), the bytes a GGUF file of that type holds.
 BLOCK_MODES = ("q8_0", "q4_0", "q4_k")
 QUANTIZE_MODES = ("none", "int8", *BLOCK_MODES)
-# Where a matrix's rows are not whole blocks of a mode's type, the 32-weight type of as many bits.
-_SMALL_BLOCK = {"q4_k": "q4_0"}
 
 
 def _linears(model: Transformer) -> list[tuple[nn.Module, str, nn.Linear]]:
@@ -57,14 +55,6 @@ def quantize_int8(model: Transformer) -> Transformer:
     return model
 
 
-def block_type_for(qtype: str, cols: int) -> str | None:
-    """The block type a matrix of `cols` columns takes under `qtype`, or None when no block fits its rows."""
-    for candidate in (qtype, _SMALL_BLOCK.get(qtype)):
-        if candidate is not None and cols % BLOCK_TYPES[candidate].elems == 0:
-            return candidate
-    return None
-
-
 def quantize_blocks(model: Transformer, qtype: str) -> Transformer:
     """Replace every float linear (the lm head included; a tied head gets its own blocks, the embedding
     stays as it is) by a BlockLinear of `qtype`, in place. A matrix whose rows are not whole blocks stays
@@ -79,7 +69,9 @@ def quantize_blocks(model: Transformer, qtype: str) -> Transformer:
 def attach_block_kernels(model: Transformer) -> None:
     """Point every BlockLinear's `kernel` at the fastest product this machine has for its blocks (the
     native block matmul of infer/native); where none is set, a BlockLinear dequantizes per call."""
-    return None
+    from gen_cli.infer.native.block_matmul import use_block_kernel
+
+    use_block_kernel(model)  # CPU layers, when the kernel builds here
 
 
 def compute_dtype(

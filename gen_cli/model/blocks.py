@@ -42,6 +42,8 @@ BLOCK_TYPES: dict[str, BlockType] = {
 # Most precise first: where parts of one matrix differ, the matrix takes the first of their types here.
 PRECISION_ORDER = ("q8_0", "q6_k", "q4_1", "q4_k", "q4_0")
 
+# Where a matrix's rows are not whole super-blocks: the 32-weight type with the same 4 bits of codes.
+_SMALL_BLOCK = {"q4_k": "q4_0", "q6_k": "q8_0"}
 # Elements per quantize/dequantize chunk: bounds the temporaries to a few times this many floats.
 _CHUNK = 1 << 22
 
@@ -65,9 +67,25 @@ def most_precise(qtypes: list[str] | tuple[str, ...]) -> str:
     return min(qtypes, key=PRECISION_ORDER.index)
 
 
-def _f16(b: torch.Tensor) -> torch.Tensor:
-    """(N, 2) uint8 → (N, 1) float32: little-endian fp16 bytes, as GGML stores d and m."""
-    return b.contiguous().view(torch.float16).float()
+def block_type_for(qtype: str, cols: int) -> str | None:
+    """The block type a float matrix of `cols` columns is quantized to when `qtype` is asked for (by
+    `--quantize` and by GGUF export alike): `qtype`, else (q4_k) q4_0 where rows are whole 32-blocks but
+    not 256-blocks; None where no block fits (the matrix stays float)."""
+    for candidate in (qtype, _SMALL_BLOCK.get(qtype)):
+        if candidate is not None and cols % BLOCK_TYPES[candidate].elems == 0:
+            return candidate
+    return None
+
+
+def _f16(b: torch.Tensor, at: int) -> torch.Tensor:
+    """(N, 1) float32: the little-endian fp16 at byte `at` (even) of each contiguous (N, nbytes) block, as
+    GGML stores d and m; read through a view of the whole block, so nothing is copied first."""
+    return b.view(torch.float16)[:, at // 2 : at // 2 + 1].float()
+
+
+def _i8(b: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Bytes start…stop of each block as int8 codes, (N, stop − start) float32."""
+    return b.view(torch.int8)[:, start:stop].float()
 
 
 def _f16_bytes(x: torch.Tensor) -> torch.Tensor:
@@ -103,17 +121,17 @@ def _inverse(d: torch.Tensor) -> torch.Tensor:
 
 
 def _deq_q8_0(b: torch.Tensor) -> torch.Tensor:
-    return b[:, 2:].contiguous().view(torch.int8).float() * _f16(b[:, :2])
+    return _i8(b, 2, 34) * _f16(b, 0)
 
 
 def _deq_q4_0(b: torch.Tensor) -> torch.Tensor:
     q = _nibbles(b[:, 2:]).reshape(len(b), 32).to(torch.int8) - 8  # (N, 32): elements 0-15 low, 16-31 high
-    return _f16(b[:, :2]) * q.float()
+    return _f16(b, 0) * q.float()
 
 
 def _deq_q4_1(b: torch.Tensor) -> torch.Tensor:
     q = _nibbles(b[:, 4:]).reshape(len(b), 32).float()  # (N, 32)
-    return _f16(b[:, :2]) * q + _f16(b[:, 2:4])
+    return _f16(b, 0) * q + _f16(b, 2)
 
 
 def _k_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,8 +145,8 @@ def _k_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _deq_q4_k(b: torch.Tensor) -> torch.Tensor:
     n = len(b)
     sc, mn = _k_scales(b[:, 4:16])
-    d = (_f16(b[:, 0:2]) * sc.float())[:, :, None]  # (N, 8, 1)
-    dm = (_f16(b[:, 2:4]) * mn.float())[:, :, None]  # (N, 8, 1)
+    d = (_f16(b, 0) * sc.float())[:, :, None]  # (N, 8, 1)
+    dm = (_f16(b, 2) * mn.float())[:, :, None]  # (N, 8, 1)
     # (N, 4 chunks, 2 nibbles, 32) → (N, 8 sub-blocks, 32): sub-block 2c+s is nibble s of chunk c
     q = _nibbles(b[:, 16:].reshape(n, 4, 32).reshape(n * 4, 32)).reshape(n, 8, 32).float()
     return (d * q - dm).reshape(n, 256)
@@ -137,8 +155,7 @@ def _deq_q4_k(b: torch.Tensor) -> torch.Tensor:
 def _deq_q6_k(b: torch.Tensor) -> torch.Tensor:
     n = len(b)
     ql, qh = b[:, :128].reshape(n * 2, 64), b[:, 128:192].reshape(n, 2, 1, 32)
-    scales = b[:, 192:208].contiguous().view(torch.int8).float()  # (N, 16)
-    d = (_f16(b[:, 208:210]) * scales)[:, :, None]  # (N, 16, 1)
+    d = (_f16(b, 208) * _i8(b, 192, 208))[:, :, None]  # (N, 16, 1): fp16 d × int8 scales
     low = _nibbles(ql).reshape(n, 2, 4, 32)  # element h·128 + s·64 + j ← nibble s of ql[h·64 + j]
     shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8).reshape(1, 1, 4, 1)
     high = (qh >> shifts) & 0x03  # (N, 2, 4, 32): element h·128 + k·32 + j ← bits 2k of qh[h·32 + j]
@@ -254,7 +271,7 @@ def dequantize(blocks: torch.Tensor, qtype: str, cols: int) -> torch.Tensor:
     rows = blocks.shape[0]
     if blocks.dtype != torch.uint8 or blocks.dim() != 2 or blocks.shape[1] != row_bytes(qtype, cols):
         raise GenError(f"{qtype} blocks of shape {tuple(blocks.shape)} do not hold rows of {cols} columns")
-    b = blocks.reshape(rows * cols // t.elems, t.nbytes)  # (N, nbytes)
+    b = blocks.contiguous().reshape(rows * cols // t.elems, t.nbytes)  # (N, nbytes)
     return _by_chunks(_DEQUANTIZE[qtype], b, t.elems).reshape(rows, cols)
 
 

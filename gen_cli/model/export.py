@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                     "gpt2": "GPT2LMHeadModel"}  # fmt: skip
 HF_TYPES = ("f32", "f16", "bf16")
-GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k")
 _GPT2_ACT = {"gelu_tanh": "gelu_new", "gelu": "gelu"}  # gen MLP kind → GPT2Config.activation_function
 
 
@@ -114,15 +114,40 @@ def split_rows(config: ModelConfig, gen_name: str, t: torch.Tensor, n: int) -> l
     return list(t.split([config.n_head * config.head_dim, kv, kv]))  # q rows, k rows, v rows
 
 
-def state_of(model: Transformer) -> dict[str, torch.Tensor]:
-    """gen name → tensor on the CPU, every name `expected_shapes` lists (a tied lm_head left out)."""
+def held_blocks(model: Transformer) -> dict[str, tuple[torch.Tensor, str]]:
+    """gen name (`….weight`) → (uint8 blocks on the CPU, qtype) for every matrix the model holds as GGML
+    blocks (a tied lm_head left out: it is the embedding's)."""
+    from gen_cli.model.block_linear import BlockEmbedding, BlockLinear
+
+    out = {}
+    for name, module in model.named_modules():
+        tied_head = name == "lm_head" and model.config.tie_embeddings
+        if isinstance(module, BlockLinear | BlockEmbedding) and not tied_head:
+            out[f"{name}.weight"] = (module.blocks.detach().to("cpu"), module.qtype)
+    return out
+
+
+def state_of(model: Transformer, blocks: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
+    """gen name → tensor on the CPU, every name `expected_shapes` lists (a tied lm_head left out) except
+    those in `blocks`; without `blocks`, block-held matrices are dequantized here (float32)."""
+    from gen_cli.model.blocks import dequantize
     from gen_cli.model.transformer import expected_shapes
 
-    state = model.state_dict()
+    held = held_blocks(model)
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith(".blocks")}
     shapes = expected_shapes(model.config)
-    if sorted(state.keys() - {"lm_head.weight"}) != sorted(shapes.keys() - {"lm_head.weight"}):
+    if sorted((state.keys() | held.keys()) - {"lm_head.weight"}) != sorted(shapes.keys() - {"lm_head.weight"}):
         raise GenError("a model with fused or optimised layers cannot be exported; export the model as loaded")
-    return {name: state[name].detach().to("cpu") for name in shapes}
+    out = {}
+    for name in shapes:
+        if blocks is not None and name in blocks:
+            continue
+        if name in held:
+            b, qtype = held[name]
+            out[name] = dequantize(b, qtype, shapes[name][1])
+        else:
+            out[name] = state[name].detach().to("cpu")
+    return out
 
 
 def stop_ids_of(tokenizer: Tokenizer) -> tuple[int, ...]:
@@ -294,7 +319,7 @@ def _torch_dtype(kind: str | None, model: Transformer, allowed: tuple[str, ...])
     import torch
 
     if kind is None:  # the model's own half type, else float32
-        stored = model.tok_emb.weight.dtype
+        stored = model.norm.weight.dtype  # the float tensors' dtype (an embedding may be blocks)
         return stored if stored in (torch.bfloat16, torch.float16) else torch.float32
     if kind not in allowed:
         raise UsageError(f"type {kind!r} is not one this format stores; choose {', '.join(allowed)}", params=("type",))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,7 @@ from gen_cli.model.export import (
     check_output,
     check_vocab,
     family,
+    held_blocks,
     split_rows,
     state_of,
     stop_ids_of,
@@ -31,6 +33,7 @@ from gen_cli.model.transformer import scaled_frequencies
 
 if TYPE_CHECKING:
     import numpy as np
+    import torch
     from tokenizers import Tokenizer
 
     from gen_cli.model.transformer import Transformer
@@ -49,24 +52,36 @@ def permute_qk(rows: np.ndarray, n_head: int) -> np.ndarray:
     return rows.reshape(n_head, 2, shape[0] // n_head // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
 
 
-def gguf_tensors(model: Transformer, arch: str) -> dict[str, np.ndarray]:
-    """GGUF name → float32 array (rows, columns), as llama.cpp's converter writes `arch`."""
+def gguf_tensors(model: Transformer, arch: str, kind: str = "f32") -> dict[str, tuple[np.ndarray, str]]:
+    """GGUF name → (array (rows, columns), type: f32, f16, bf16 or a block type), as llama.cpp's converter
+    writes `arch`; block types hold uint8 (rows, row_bytes).
+
+    With a block `kind`, matrices the model holds as blocks are written as they are (their bytes; rows split
+    and permuted as floats' are), and float matrices are quantized with gen's own quantizer, the one
+    `--quantize` runs, so the file holds exactly the blocks gen computes with. A float `kind` dequantizes."""
     import numpy as np
 
+    from gen_cli.model.blocks import BLOCK_TYPES, quantize
+
     config = model.config
-    out: dict[str, np.ndarray] = {}
-    for gen_name, t in state_of(model).items():
+    blocks = held_blocks(model) if kind in BLOCK_TYPES else {}
+    entries = [(name, t, _qtype(name, t, kind)) for name, t in state_of(model, blocks).items()]
+    entries += [(name, b, qtype) for name, (b, qtype) in blocks.items()]
+    out: dict[str, tuple[np.ndarray, str]] = {}
+    for gen_name, t, qtype in entries:
+        if t.is_floating_point():
+            t = quantize(t, qtype) if qtype in BLOCK_TYPES else t.float()  # blocks: (rows, row_bytes)
         names = gguf_file.source_names(gen_name, arch)
-        for name, part in zip(names, split_rows(config, gen_name, t.float(), len(names)), strict=True):
+        for name, part in zip(names, split_rows(config, gen_name, t, len(names)), strict=True):
             a = part.numpy()
             if arch in gguf_file.PERMUTED_QK and re.search(r"\.attn_[qk]\.", name):
-                a = permute_qk(a, config.n_head if ".attn_q." in name else config.n_kv_head)
-            out[name] = np.ascontiguousarray(a, dtype=np.float32)
+                a = permute_qk(a, config.n_head if ".attn_q." in name else config.n_kv_head)  # whole rows
+            out[name] = (np.ascontiguousarray(a), qtype)
     if config.rope_scaling is not None:  # per-frequency divisors, as convert_hf_to_gguf stores Llama 3's scaling
         import torch
 
         inv = config.rope_base ** (-torch.arange(0, config.head_dim, 2, dtype=torch.float64) / config.head_dim)
-        out["rope_freqs.weight"] = (inv / scaled_frequencies(inv, config.rope_scaling)).float().numpy()
+        out["rope_freqs.weight"] = ((inv / scaled_frequencies(inv, config.rope_scaling)).float().numpy(), "f32")
     return out
 
 
@@ -126,17 +141,17 @@ def tokenizer_metadata(tokenizer: Tokenizer, vocab_size: int, stop_ids: Sequence
     return meta
 
 
-def _qtype(name: str, a: np.ndarray, kind: str) -> Any:
-    """The GGML type a tensor is stored in: norms, biases, position embeddings and RoPE factors stay F32 (as
-    llama.cpp's converter keeps them); Q8_0 needs rows in whole 32-value blocks, else F16."""
-    import gguf
+def _qtype(gen_name: str, t: torch.Tensor, kind: str) -> str:
+    """The type a float tensor is stored in: norms, biases, position embeddings and RoPE factors stay f32 (as
+    llama.cpp's converter keeps them); a block type needs rows of whole blocks (q4_k falls back to q4_0, as
+    `--quantize` does), else f16."""
+    from gen_cli.model.blocks import BLOCK_TYPES, block_type_for
 
-    T = gguf.GGMLQuantizationType
-    if kind == "f32" or a.ndim != 2 or name == "position_embd.weight":
-        return T.F32
-    if kind == "q8_0" and a.shape[1] % gguf.GGML_QUANT_SIZES[T.Q8_0][0]:
-        return T.F16
-    return {"f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0}[kind]
+    if kind == "f32" or t.dim() != 2 or gen_name == "pos_emb.weight":
+        return "f32"
+    if kind in BLOCK_TYPES:
+        return block_type_for(kind, t.shape[1]) or "f16"
+    return kind
 
 
 def export_gguf(
@@ -148,7 +163,8 @@ def export_gguf(
     stop_ids: Sequence[int] | None = None,
     chat_template: str | None = None,
 ) -> Exported:
-    """Write one GGUF file (weights in `type` f32|f16|bf16|q8_0, metadata and tokenizer llama.cpp reads)."""
+    """Write one GGUF file (weights in `type` f32|f16|bf16 or a block type q8_0|q4_0|q4_k, metadata and the
+    tokenizer llama.cpp reads); a model holding blocks keeps them under a block `type` (see gguf_tensors)."""
     import gguf
 
     from gen_cli.errors import UsageError
@@ -156,7 +172,9 @@ def export_gguf(
     out_file = Path(out_file)
     config = model.config
     arch = GGUF_ARCH[family(config, "gguf")]
-    if type not in GGUF_TYPES:
+    from gen_cli.model.blocks import BLOCK_TYPES
+
+    if type not in GGUF_TYPES and type not in BLOCK_TYPES:  # q4_1/q6_k: the type a loaded model's blocks have
         raise UsageError(f"type {type!r} is not a GGUF type gen writes; choose {', '.join(GGUF_TYPES)}",
                          params=("type",))  # fmt: skip
     check_vocab(model, tokenizer)
@@ -164,10 +182,11 @@ def export_gguf(
     meta = tokenizer_metadata(
         tokenizer, config.vocab_size, stop_ids if stop_ids is not None else stop_ids_of(tokenizer)
     )
-    tensors = gguf_tensors(model, arch)
-    T = gguf.GGMLQuantizationType
-    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                 "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[type]  # fmt: skip
+    tensors = gguf_tensors(model, arch, type)
+    T, F = gguf.GGMLQuantizationType, gguf.LlamaFileType
+    file_type = {"f32": F.ALL_F32, "f16": F.MOSTLY_F16, "bf16": F.MOSTLY_BF16, "q8_0": F.MOSTLY_Q8_0,
+                 "q4_0": F.MOSTLY_Q4_0, "q4_1": F.MOSTLY_Q4_1, "q4_k": F.MOSTLY_Q4_K_S,
+                 "q6_k": F.MOSTLY_Q6_K}[type]  # fmt: skip
     notes: list[str] = []
     with atomic_path(out_file) as tmp:
         w = gguf.GGUFWriter(str(tmp), arch)
@@ -199,19 +218,24 @@ def export_gguf(
             w.add_uint32(key, value)
         if chat_template is not None:
             w.add_chat_template(chat_template)
-        fallback = []
-        for name, a in tensors.items():
-            kind = _qtype(name, a, type)
-            if kind == T.F32:
+        for name, (a, kind) in tensors.items():
+            if kind == "f32":
                 w.add_tensor(name, a)
-            else:
-                if kind == T.F16 and type == "q8_0":
-                    fallback.append(name)
-                w.add_tensor(name, gguf.quants.quantize(a, kind), raw_dtype=kind)
+            elif kind in ("f16", "bf16"):
+                w.add_tensor(name, gguf.quants.quantize(a, T[kind.upper()]), raw_dtype=T[kind.upper()])
+            else:  # block bytes, (rows, row_bytes)
+                w.add_tensor(name, a, raw_dtype=T[kind.upper()])
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-    if fallback:
-        notes.append(f"{len(fallback)} tensor(s) stored as F16: their rows are not whole Q8_0 blocks of 32")
+    if type in BLOCK_TYPES:
+        held = {qtype for _, qtype in held_blocks(model).values()}
+        for kind, n in Counter(k for a, k in tensors.values() if a.ndim == 2 and k not in ("f32", type)).items():
+            if kind in held:
+                notes.append(f"{n} tensor(s) stored as {kind.upper()}: the model holds them so (not re-quantized)")
+            else:
+                size = BLOCK_TYPES[type].elems
+                notes.append(f"{n} tensor(s) stored as {kind.upper()}: their rows are not whole {type.upper()} "
+                             f"blocks of {size}")  # fmt: skip
     return Exported(str(out_file), "gguf", arch, type, out_file.stat().st_size, len(tensors), notes)
