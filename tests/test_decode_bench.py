@@ -116,6 +116,9 @@ def test_peak_flops_and_context_report_both_dtypes():
     rows = bench_shape("tiny", ("fp32",), 2, 4, torch.device("cpu"), False, 1e10, prompt_len=8, profile=True)
     (row,) = rows
     assert row.prefill_prompt == 8 and len(row.prefill_runs) == 2 and row.prefill_flops_per_token > 0
+    assert row.peak_dtype == "fp32" and row.peak_gflops > 0
+    (bf16,) = bench_shape("tiny", ("bf16-torch",), 1, 4, torch.device("cpu"), False, 1e10, prompt_len=8)
+    assert bf16.peak_dtype == "bf16"  # a bf16 prefill is measured against the bf16 GEMM rate
     assert row.extra["profile"]["steps"] == 3
 
 

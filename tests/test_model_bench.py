@@ -113,7 +113,9 @@ def test_cli_formats_flags_and_profile(llama, tmp_path):
     data = json.loads(r.stdout)
     profile = data["rows"][0]["extra"]["profile"]
     assert profile["path"] == "torch" and sum(profile["seconds"].values()) == pytest.approx(profile["step_s"])
-    assert {t["test"] for t in data["tests"]} == {"pp16", f"tg{NEW}"} and data["context"]["peak_gflops"]["fp32"] > 0
+    assert {t["test"] for t in data["tests"]} == {"pp16", f"tg{NEW}"} and data["context"]["peak_gflops"][
+        str(gguf_path)
+    ]["fp32"] > 0
     r = runner.invoke(app, [*args, "--no-llama-bench", "--format", "xml"])
     assert r.exit_code == 2 and "--format" in r.output
 

@@ -24,7 +24,8 @@ def decode_table(rows: list[Row], context: dict[str, Any], repeats: int, new_tok
         f"decode (tg{new_tokens}) and prefill (pp{context['prefill_prompt']}), batch 1, {context['device']}, "
         f"{context['threads']} threads, median of {repeats}; bandwidth measured beside each shape: "
         + ", ".join(f"{shape} {gb_s:.1f} GB/s" for shape, gb_s in context["bandwidth_gb_s"].items())
-        + (f"; peak GEMM {peaks['fp32']:.0f} GFLOP/s fp32, {peaks['bf16']:.0f} bf16" if peaks else "")
+        + "; best GEMM seen: "
+        + ", ".join(f"{' / '.join(f'{v:.0f} GFLOP/s {k}' for k, v in p.items())}" for p in peaks.values())
     )
     table = Table(title=title)
     columns = ("shape", "mode", "path", "decode tok/s", "±", "× HF", "× C ref", "prefill tok/s", "± ", "% peak",
@@ -32,8 +33,7 @@ def decode_table(rows: list[Row], context: dict[str, Any], repeats: int, new_tok
     for c in columns:
         table.add_column(c, justify="left" if c in ("shape", "mode", "path") else "right")
     for r in rows:
-        peak = peaks.get("bf16" if "bf16" in r.mode else "fp32")
-        pct_peak = 100 * r.prefill_tok_s * r.prefill_flops_per_token / (peak * 1e9) if peak else None
+        pct_peak = 100 * r.prefill_tok_s * r.prefill_flops_per_token / (r.peak_gflops * 1e9) if r.peak_gflops else None
         table.add_row(
             r.shape,
             r.mode,

@@ -24,16 +24,15 @@ def _sd(xs: list[float]) -> float:
 def tests(rows: list[Row], context: dict[str, Any]) -> list[dict[str, Any]]:
     """Records, one per (configuration, test): gen's modes, transformers, llama.cpp; rates in tokens/s."""
     threads = context.get("threads")
-    peaks = context.get("peak_gflops") or {}
     out: list[dict[str, Any]] = []
     for r in rows:
         common = {"model": r.shape, "mode": r.mode, "path": r.path, "threads": threads,
                   "bytes_per_token": r.bytes_per_token, "max_logit_diff": r.max_logit_diff,
                   "greedy_agree": r.greedy_agree, "new_tokens": r.new_tokens}  # fmt: skip
-        peak = peaks.get("bf16" if "bf16" in r.mode else "fp32")
+        peak = r.peak_gflops
         prefill_flops = r.prefill_tok_s * r.prefill_flops_per_token
         out.append({**common, "test": f"pp{r.prefill_prompt}", "t_s": r.prefill_tok_s, "sd": _sd(r.prefill_runs),
-                    "samples": r.prefill_runs, "gflops": prefill_flops / 1e9,
+                    "samples": r.prefill_runs, "gflops": prefill_flops / 1e9, "peak_dtype": r.peak_dtype,
                     "pct_peak_flops": 100 * prefill_flops / (peak * 1e9) if peak else None})  # fmt: skip
         out.append({**common, "test": f"tg{r.new_tokens}", "t_s": r.decode_tok_s, "sd": _sd(r.decode_runs),
                     "samples": r.decode_runs, "pct_ceiling": 100 * r.decode_tok_s / r.ceiling_tok_s})  # fmt: skip

@@ -88,6 +88,8 @@ class Row:
     prefill_prompt: int
     prefill_runs: list[float]
     prefill_flops_per_token: float  # to divide a prefill rate by the peak FLOP rate measured in the run
+    peak_gflops: float  # the best GEMM rate measured in the run, in the dtype this row computes in
+    peak_dtype: str  # "fp32" or "bf16"
     max_logit_diff: float
     greedy_agree: int
     new_tokens: int
@@ -224,10 +226,13 @@ def bench_runners(
     for model, timer, _ in runners.values():  # warm-up: allocator, thread pools, lazy init
         timer(model, decode_prompt, min(new_tokens, 16))
     bandwidths = []
+    peaks: dict[str, float] = dict.fromkeys(PEAK_DTYPES, 0.0)  # a peak rate is the best seen in the run
     with LoadProbe() as probe:
         for rep in range(repeats):
             if bandwidth is None:
                 bandwidths.append(measure_bandwidth(device))
+            for key, dt in PEAK_DTYPES.items():
+                peaks[key] = max(peaks[key], measure_peak_flops(device, dt) / 1e9)
             for name, (model, timer, _) in runners.items():
                 step(f"{label}: {name} run {rep + 1}/{repeats}")
                 rate, _, toks = timer(model, decode_prompt, new_tokens)
@@ -250,6 +255,7 @@ def bench_runners(
         else:
             logits = _decoded_logits(model, seq, DECODE_PROMPT)
         dtype = model_dtype(model)
+        computes = "bf16" if dtype == torch.bfloat16 else "fp32"  # int8 and block modes: fp32 activations
         nbytes = weight_bytes_per_token(model) + kv_bytes_read(config, dtype, kv_prompt, new_tokens)
         rows.append(
             Row(
@@ -262,6 +268,8 @@ def bench_runners(
                 prefill_prompt=prefill_len,
                 prefill_runs=prefill[name],
                 prefill_flops_per_token=flops,
+                peak_gflops=peaks[computes],
+                peak_dtype=computes,
                 max_logit_diff=float((logits - ref_logits).abs().max()),
                 greedy_agree=_agree(tokens[name], ref_tokens),
                 new_tokens=new_tokens,
@@ -351,8 +359,8 @@ def run_context(
     new_tokens: int,
     prompt_len: int = PREFILL_PROMPT,
 ) -> dict[str, Any]:
-    """What a reader needs beside the rows: device, threads, bandwidth per shape or model, the peak GEMM
-    FLOP rates (fp32, bf16) measured now, versions, settings."""
+    """What a reader needs beside the rows: device, threads, bandwidth and the peak GEMM FLOP rates (of
+    the dtypes the rows compute in) per shape or model, versions, settings."""
     context = {
         "device": str(device),
         "threads": torch.get_num_threads(),
@@ -363,7 +371,7 @@ def run_context(
         "new_tokens": new_tokens,
         "decode_prompt": DECODE_PROMPT,
         "prefill_prompt": prompt_len,
-        "peak_gflops": {name: measure_peak_flops(device, dtype) / 1e9 for name, dtype in PEAK_DTYPES.items()},
+        "peak_gflops": {label: {r.peak_dtype: r.peak_gflops for r in rows if r.shape == label} for label in labels},
         "machine_busy": any(r.machine_load.get("busy") for r in rows),
     }
     if device.type == "cuda":
