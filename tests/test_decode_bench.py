@@ -95,3 +95,59 @@ def test_unknown_mode_is_refused():
 
     with pytest.raises(UsageError, match="unknown mode"):
         bench_decode(("tiny",), ("fp64",))
+
+
+def test_prefill_flops_follow_the_matmul_count():
+    from gen_cli.lab.ceilings import prefill_flops_per_token
+
+    config = tiny_config()
+    model = Transformer(config)
+    c = config
+    per_layer = c.d_model * (c.n_head + 2 * c.n_kv_head) * c.head_dim + c.n_head * c.head_dim * c.d_model
+    per_layer += 3 * c.d_model * c.d_ff  # SwiGLU: gate, up, down
+    expected = 2 * c.n_layer * per_layer + 2 * c.n_layer * c.n_head * c.head_dim * 9 + 2 * c.vocab_size * c.d_model / 8
+    assert prefill_flops_per_token(model, 8) == pytest.approx(expected)
+
+
+def test_peak_flops_and_context_report_both_dtypes():
+    from gen_cli.lab.ceilings import measure_peak_flops
+
+    assert measure_peak_flops(torch.device("cpu"), torch.float32, n=64) > 0
+    rows = bench_shape("tiny", ("fp32",), 2, 4, torch.device("cpu"), False, 1e10, prompt_len=8, profile=True)
+    (row,) = rows
+    assert row.prefill_prompt == 8 and len(row.prefill_runs) == 2 and row.prefill_flops_per_token > 0
+    assert row.peak_dtype == "fp32" and row.peak_gflops > 0
+    (bf16,) = bench_shape("tiny", ("bf16-torch",), 1, 4, torch.device("cpu"), False, 1e10, prompt_len=8)
+    assert bf16.peak_dtype == "bf16"  # a bf16 prefill is measured against the bf16 GEMM rate
+    assert row.extra["profile"]["steps"] == 3
+
+
+def test_between_runs_after_each_round_of_repeats():
+    events = []
+    bench_shape("tiny", ("fp32", "fp32-torch"), 2, 4, torch.device("cpu"), False, 1e10,
+                on_run=lambda: events.append("gen"), between=lambda r: events.append(f"peer{r}"))  # fmt: skip
+    assert events == ["gen", "gen", "peer0", "gen", "gen", "peer1"]
+
+
+def test_block_modes_read_their_blocks_and_deviate_a_little():
+    from gen_cli.infer.optimize import QUANTIZE_MODES
+    from gen_cli.lab.decode_bench import checked_modes
+
+    assert {"q8_0", "q4_0", "q4_1", "q4_k"} <= MODES.keys()
+    modes = tuple(m for m in ("q8_0", "q4_0", "q4_1", "q4_k") if m in QUANTIZE_MODES)
+    for m in {"q8_0", "q4_0", "q4_1", "q4_k"} - set(modes):
+        with pytest.raises(UsageError, match="no such weight format"):
+            checked_modes((m,), 4, torch.device("cpu"))
+    from gen_cli.model.config import load_preset
+
+    config = load_preset("tiny")
+    rows = {r.mode: r for r in bench_shape("tiny", ("fp32", *modes), 1, 4, torch.device("cpu"), False, 1e10)}
+    fp32 = rows["fp32"].bytes_per_token
+    bits = {"q8_0": 8.5, "q4_0": 4.5, "q4_1": 5.0, "q4_k": 4.5}  # bits per weight of each block format
+    for m in modes:
+        # every matrix in blocks (the tied head too), one embedding row, and the same fp32 KV cache
+        kv = kv_bytes_read(config, torch.float32, 8, 4)
+        weights = (fp32 - kv - 4 * config.d_model) / 4
+        expected = weights * bits[m] / 8 + config.d_model * bits[m] / 8 + kv
+        assert rows[m].bytes_per_token == pytest.approx(expected, rel=0.02), m
+        assert 0 < rows[m].max_logit_diff < 0.5, m

@@ -63,3 +63,77 @@ def test_cli_json_and_refusals(llama, tmp_path):
     assert r.exit_code == 2 and "missing.gguf: no such directory or .gguf file" in r.output
     r = runner.invoke(app, ["bench", "decode", "--model", str(folder), "--shapes", "tiny"])
     assert r.exit_code == 2 and "not both" in r.output
+
+
+def test_gguf_beside_llama_bench_interleaved_with_ratios(llama, tmp_path):
+    from test_llama_bench import fake_llama_bench
+
+    from gen_cli.lab.bench_format import render, tests
+
+    _, gguf_path = llama
+    binary, log = fake_llama_bench(tmp_path)
+    events = []
+    rows, context = bench_model_decode(gguf_path, ("fp32-torch",), 2, NEW, "cpu", on_run=lambda: events.append(1),
+                                       prompt_len=16, llama_bench=binary)  # fmt: skip
+    calls = log.read_text().splitlines()
+    assert len(calls) == 2 and f"-p 16 -n {NEW} -r 1 -o json" in calls[0]  # one llama run per round of gen's
+    pp, tg = context["llama_bench"]
+    assert (pp["test"], tg["test"], len(tg["samples_ts"])) == ("pp16", f"tg{NEW}", 2)
+    records = {(r["path"], r["test"]): r for r in tests(rows, context)}
+    gen_tg = records[("torch", f"tg{NEW}")]
+    assert gen_tg["vs_llama"] == pytest.approx(rows[0].decode_tok_s / 100.0)  # the fake's tg rate
+    assert records[("torch", "pp16")]["vs_llama"] == pytest.approx(rows[0].prefill_tok_s / 500.0)
+    assert records[("llama.cpp", "pp16")]["t_s"] == 500.0 and "vs_llama" not in records[("llama.cpp", "pp16")]
+    md = render(rows, context, "md").splitlines()
+    assert md[0].startswith("| model | mode | path | threads | test | t/s |") and len(md) == 2 + 4
+    assert all(line.count(" | ") == md[0].count(" | ") for line in md if "---" not in line)  # cells escaped
+    assert any("| llama.cpp |" in line and "| 100.00 ± 0.00 |" in line for line in md)
+    with pytest.raises(UsageError, match="GGUF"):
+        bench_model_decode(llama[0], ("fp32-torch",), 1, NEW, "cpu", llama_bench=binary)
+
+
+def test_cli_formats_flags_and_profile(llama, tmp_path):
+    import csv
+    import io
+
+    from test_llama_bench import fake_llama_bench
+
+    _, gguf_path = llama
+    binary, log = fake_llama_bench(tmp_path)
+    args = ["bench", "decode", "-m", str(gguf_path), "--modes", "fp32-torch", "-r", "1", "-p", "16", "-n", str(NEW),
+            "-t", "1", "--llama-bench", str(binary)]  # fmt: skip
+    r = runner.invoke(app, [*args, "--format", "csv"])
+    assert r.exit_code == 0, r.output
+    lines = list(csv.DictReader(io.StringIO(r.stdout)))
+    assert [(x["path"], x["test"]) for x in lines] == [("torch", "pp16"), ("torch", f"tg{NEW}"),
+                                                        ("llama.cpp", "pp16"), ("llama.cpp", f"tg{NEW}")]  # fmt: skip
+    assert {x["threads"] for x in lines} == {"1"} and "-t 1 " in log.read_text()
+    r = runner.invoke(app, [*args, "--json", "--profile"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    profile = data["rows"][0]["extra"]["profile"]
+    assert profile["path"] == "torch" and sum(profile["seconds"].values()) == pytest.approx(profile["step_s"])
+    assert {t["test"] for t in data["tests"]} == {"pp16", f"tg{NEW}"} and data["context"]["peak_gflops"][
+        str(gguf_path)
+    ]["fp32"] > 0
+    r = runner.invoke(app, [*args, "--no-llama-bench", "--format", "xml"])
+    assert r.exit_code == 2 and "--format" in r.output
+
+
+def test_a_quantized_file_runs_as_stored_against_its_dequantized_weights(llama, tmp_path):
+    from hf_builders import build_hf_model, byte_level_tokenizer, write_gguf
+
+    tok = byte_level_tokenizer()
+    path = tmp_path / "q8.gguf"
+    write_gguf(build_hf_model("llama", tmp_path / "hf", tok), tok, "llama", path, qtype="Q8_0")
+    rows, _ = bench_model_decode(path, None, 1, NEW, "cpu", prompt_len=16)
+    by_mode = {r.mode: r for r in rows}
+    assert rows[0].mode == "file"  # a quantized file's own types come first by default
+    file, fp32 = by_mode["file"], by_mode["fp32"]
+    assert file.bytes_per_token < fp32.bytes_per_token / 3  # Q8_0 blocks: 34 bytes per 32 weights
+    assert fp32.max_logit_diff < 1e-4  # the reference is the file's weights dequantized: fp32 runs exactly those
+    assert file.max_logit_diff < 0.05 and file.greedy_agree >= 1  # activations quantized per block by the kernel
+    with pytest.raises(UsageError, match="needs a model"):
+        from gen_cli.lab.decode_bench import bench_decode
+
+        bench_decode(("tiny",), ("file",))

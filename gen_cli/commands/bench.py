@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import typer
 
 from gen_cli.commands.common import err, out_console, print_json, progress_enabled
-from gen_cli.commands.options import Threads
 from gen_cli.errors import UsageError
 from gen_cli.text.tokenizer import DEFAULT_VOCAB_SIZE
 
@@ -67,57 +67,80 @@ def bench_decode_command(
     model: Path = typer.Option(
         None,
         "--model",
+        "-m",
         help="Measure a real model instead of presets: gen model folder, Hugging Face folder (transformers runs "
-        "the same folder) or .gguf file.",
+        "the same folder) or .gguf file (llama-bench runs the same file when it is found).",
         show_default=False,
     ),
     modes: str = typer.Option(
         None,
         "--modes",
-        help="gen modes: fp32, bf16, int8 (the native C step where it can run), fp32-torch, bf16-torch, "
-        "int8-torch (PyTorch ops, as --no-native), fp32+compile, bf16+compile, int8+compile. "
-        "Default: fp32,bf16,int8,fp32-torch on the CPU; fp32,bf16,fp32+compile,bf16+compile on CUDA.",
+        help="gen modes: fp32, bf16, int8 (the native C step where it can run), q8_0, q4_0, q4_k (GGUF's "
+        "block formats), file (a quantized GGUF as it stores its weights; first by default), fp32-torch, "
+        "bf16-torch, int8-torch (PyTorch ops, as --no-native), fp32+compile, bf16+compile, int8+compile. "
+        "Default: fp32,bf16,int8,fp32-torch on the CPU; "
+        "fp32,bf16,fp32+compile,bf16+compile on CUDA.",
         show_default=False,
     ),
-    repeats: int = typer.Option(3, "--repeats", min=1, help="Timed runs per mode, interleaved; median reported."),
-    new_tokens: int = typer.Option(256, "--new-tokens", min=2, help="Tokens generated per run."),
+    repeats: int = typer.Option(3, "--repeats", "-r", min=1, help="Timed runs per mode, interleaved; median ± sd."),
+    prompt_len: int = typer.Option(512, "--prompt-len", "-p", min=1, help="Prompt tokens of the prefill test (ppP)."),
+    new_tokens: int = typer.Option(128, "--new-tokens", "-n", min=2, help="Tokens generated per run (tgN)."),
     device_name: str = typer.Option("cpu", "--device", help="cpu or cuda."),
-    threads: Threads = None,
-    as_json: bool = typer.Option(False, "--json", help="Machine-readable rows and context on stdout."),
+    threads: int = typer.Option(None, "--threads", "-t", help="CPU threads (default: torch's).", show_default=False),
+    fmt: str = typer.Option("table", "--format", "-o", help="table, md, csv or json (llama-bench's test rows)."),
+    as_json: bool = typer.Option(False, "--json", help="Same as --format json."),
+    llama_bench: Path = typer.Option(
+        None, "--llama-bench", help="llama.cpp's llama-bench binary [llama-bench on PATH].", show_default=False
+    ),
+    no_llama: bool = typer.Option(False, "--no-llama-bench", help="Do not run llama-bench even if it is on PATH."),
+    profile: bool = typer.Option(False, "--profile", help="Also show where each gen mode's decode step spends time."),
 ) -> None:
-    """Decode speed of `gen generate` modes vs HF transformers `generate`, on the same shapes and weights.
+    """Decode and prefill speed of `gen generate` modes vs HF transformers and llama.cpp, on the same weights.
 
-    Per mode: decode tokens/s (median and spread), ratios vs transformers and the C reference,
-    prefill tokens/s on a 512-token prompt, deviation from unoptimised fp32 (max logit difference,
-    greedy tokens agreeing before the first divergence), and the memory-bandwidth ceiling.
+    Per mode, in llama-bench's terms: tgN (decode, N new tokens) and ppP (a P-token prompt in one forward)
+    tokens/s, median ± standard deviation of the repeats; bytes read per token and the share of the
+    memory-bandwidth ceiling measured in the same run; prefill's share of the peak GEMM FLOP rate measured
+    in the same run; deviation from unoptimised fp32 (max logit difference, greedy tokens agreeing before
+    the first divergence). With a .gguf --model and llama-bench found, llama.cpp runs the same file,
+    threads and lengths between gen's repeats, and the ratio gen / llama.cpp is reported per test.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-    from rich.table import Table
 
+    from gen_cli.commands.bench_view import decode_table, print_profiles
+    from gen_cli.lab.bench_format import FORMATS, render
     from gen_cli.lab.decode_bench import DEFAULT_GPU_MODES, DEFAULT_MODES, bench_decode
+    from gen_cli.lab.llama_bench import find_llama_bench
     from gen_cli.lab.transformers_peer import HF_INSTALL, hf_available
+    from gen_cli.model.loading import require_model_kind
     from gen_cli.runtime import resolve_device, set_threads
 
+    fmt = "json" if as_json else fmt
+    if fmt not in (*FORMATS, "table"):
+        raise UsageError(f"--format must be table, {', '.join(FORMATS)}; got {fmt!r}")
     if model is not None and shapes is not None:
         raise UsageError("give --shapes (random weights) or --model (a real model), not both")
     device = resolve_device(device_name)
     set_threads(threads)
     if not hf_available():
         err.print(f"[yellow]{HF_INSTALL}[/] (the gen rows still run)")
-    from gen_cli.model.loading import require_model_kind
-
     shape_list = tuple(s.strip() for s in (shapes or "small").split(",") if s.strip())
     kind = None
     if model is not None:
         shape_list, kind = (str(model),), require_model_kind(model)  # refused before the plan is announced
+    peer = None if no_llama else find_llama_bench(llama_bench)
+    if peer is not None and kind != "gguf":
+        if llama_bench is not None:
+            raise UsageError("--llama-bench runs a GGUF file: give --model FILE.gguf")
+        peer = None  # found on PATH, but there is no file both can run
     # transformers runs presets (a copy of the weights) and HF folders; a GGUF or gen model gets no row.
     hf_row = hf_available() and (model is None or kind == "hf")
     mode_list = tuple(m.strip() for m in modes.split(",") if m.strip()) if modes else None
     n_modes = len(mode_list or (DEFAULT_MODES if device.type == "cpu" else DEFAULT_GPU_MODES)) + hf_row
     what = f"model {model}" if model is not None else f"{len(shape_list)} shape(s)"
     err.print(
-        f"bench decode: {what} × {n_modes} modes × {repeats} repeats of {new_tokens} tokens, "
-        "plus building, warm-up and a deviation check per mode; progress and ETA below"
+        f"bench decode: {what} × {n_modes} modes × {repeats} repeats of pp{prompt_len} + tg{new_tokens}"
+        + (f", llama-bench ({peer}) between them" if peer else "")
+        + ", plus building, warm-up and a deviation check per mode; progress and ETA below"
     )
     with Progress(TextColumn("[bold]bench[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("ETA"),
                   TimeRemainingColumn(), TextColumn("{task.description}"), console=err, transient=True,
@@ -126,49 +149,33 @@ def bench_decode_command(
         report = {
             "on_step": lambda msg: progress.update(task, description=msg),
             "on_run": lambda: progress.advance(task),
+            "prompt_len": prompt_len,
+            "profile": profile,
         }
         if model is not None:
             from gen_cli.lab.model_bench import bench_model_decode
 
-            rows, context = bench_model_decode(model, mode_list, repeats, new_tokens, device, **report)
+            rows, context = bench_model_decode(model, mode_list, repeats, new_tokens, device, llama_bench=peer,
+                                               **report)  # fmt: skip
         else:
             rows, context = bench_decode(shape_list, mode_list, repeats, new_tokens, device, **report)
-    if as_json:
-        print_json({"context": context, "rows": [r.to_dict() for r in rows]})
+    if fmt != "table":
+        sys.stdout.write(render(rows, context, fmt))
+        if profile and fmt != "json":
+            print_profiles(rows, err)
         return
-    title = (
-        f"decode, batch 1, {new_tokens} new tokens, {context['device']}, {context['threads']} threads, "
-        f"median of {repeats}; bandwidth measured beside each shape: "
-        + ", ".join(f"{shape} {gb_s:.1f} GB/s" for shape, gb_s in context["bandwidth_gb_s"].items())
-    )
-    table = Table(title=title)
-    columns = ("shape", "mode", "path", "decode tok/s", "spread", "× HF", "× C ref", "prefill tok/s", "max |Δlogit|",
-               "greedy =", "MB/token", "ceiling tok/s", "% ceiling", "compile s")  # fmt: skip
-    for c in columns:
-        table.add_column(c, justify="left" if c in ("shape", "mode", "path") else "right")
-    for r in rows:
-        table.add_row(
-            r.shape,
-            r.mode,
-            r.path,
-            f"{r.decode_tok_s:,.1f}",
-            f"{min(r.decode_runs):,.0f}–{max(r.decode_runs):,.0f}",
-            (f"{r.vs_hf:.2f}×" + (" ns" if r.vs_hf_note else "")) if r.vs_hf else "",
-            f"{r.vs_c:.2f}×" if r.vs_c else "",
-            f"{r.prefill_tok_s:,.0f}",
-            f"{r.max_logit_diff:.2g}",
-            f"{r.greedy_agree}/{r.new_tokens}",
-            f"{r.bytes_per_token / 1e6:.1f}",
-            f"{r.ceiling_tok_s:,.0f}",
-            f"{100 * r.decode_tok_s / r.ceiling_tok_s:.0f}%",
-            f"{r.compile_s:.0f}" if r.compile_s else "",
-        )
-    out_console().print(table)
+    console = out_console()
+    console.print(decode_table(rows, context, repeats, new_tokens))
+    if context.get("llama_bench"):
+        console.print(render(rows, context, "md"), markup=False)
+    if profile:
+        print_profiles(rows, console)
     err.print(
         "deviation: vs gen's unoptimised fp32 on the fp32 greedy path (transformers holds the same weights); "
         "'greedy =' counts tokens equal before the first divergence; "
         "C ref = fixed llama2.c-style figures for small and base at 2 threads and 256 tokens (see README); "
-        "ceiling = measured bandwidth / (weights in stored dtype + KV read) per token"
+        "ceiling = measured bandwidth / (weights in stored dtype + KV read) per token; "
+        "% peak = prefill FLOP/s over a GEMM's measured now (fp32, or bf16 for bf16 modes)"
     )
     notes = sorted({r.vs_hf_note for r in rows if r.vs_hf_note})
     if notes:

@@ -234,6 +234,9 @@ def generate_command(
         "model, tokenizer and KV kinds) loads them and prefills only the rest. A prompt that differs rewrites it.",
         show_default=False,
     ),
+    profile: bool = typer.Option(
+        False, "--profile", help="Then where a decode step's time goes, per op class (stderr; in --json's output)."
+    ),
 ) -> None:
     """Continue PROMPT with a trained model (--model) or random weights of a preset shape (--preset), or
     reply to --chat MESSAGE through the model's own chat template (instruct models).
@@ -287,6 +290,9 @@ def generate_command(
     dtype = compute_dtype(quantize, device, native, resolve_dtype(dtype_opt, device) if dtype_opt else None)
     if compile_ and not kv_cache:
         raise UsageError("--compile speeds up the cached decode step; drop --no-kv-cache or --compile")
+    if profile and (compile_ or not kv_cache or max_new_tokens < 2):
+        raise UsageError("--profile times the cached decode step op by op: needs the KV cache, no --compile, "
+                         "--max-new-tokens ≥ 2")  # fmt: skip
     set_threads(threads)
     if model_dir is None and preset is None and not default_model_dir().is_dir():
         raise UsageError(
@@ -370,6 +376,13 @@ def generate_command(
     stats |= {"compile_s": compile_s} if compile_ else {}
     stats |= {"prompt_cache": reuse.summary()} if reuse is not None else {}
     stats |= {"weights": weight_summary(model)}
+    step_profile = None
+    if profile:  # a second run, timed class by class (hooks slow the PyTorch path: not the run above)
+        from gen_cli.lab.profile import profile_decode
+
+        gen2 = torch.Generator(device=device).manual_seed(seed)
+        step_profile = profile_decode(model, prompt_ids, max_new_tokens, sampling, gen2)
+        stats["profile"] = step_profile.to_dict()
     if as_json:
         data: dict[str, Any] = {"text": texts[0]}
         if num_samples > 1:
@@ -390,6 +403,10 @@ def generate_command(
         err.print(escape(_reuse_note(reuse.summary())))
     if show_stats:
         _print_stats(stats, source, _native_note(model, native, compile_))
+    if step_profile is not None and not as_json:
+        from gen_cli.commands.bench_view import print_profile
+
+        print_profile("decode step", step_profile, err)
     if result.interrupted:
         err.print("interrupted")
         raise typer.Exit(130)

@@ -17,13 +17,19 @@ import torch
 
 from gen_cli.errors import UsageError
 from gen_cli.infer.generate import greedy_steps, model_dtype, new_cache, run_generation
-from gen_cli.infer.linear import Int8Linear, OneDNNLinear
 from gen_cli.infer.optimize import compute_dtype, optimize_for_decode
 from gen_cli.infer.sampling import SamplingConfig
+from gen_cli.lab.ceilings import (
+    kv_bytes_read,
+    measure_bandwidth,
+    measure_peak_flops,
+    prefill_flops_per_token,
+    weight_bytes_per_token,
+)
 from gen_cli.lab.transformers_peer import build_hf, hf_available, hf_version, time_hf
 from gen_cli.model.config import ModelConfig, load_preset
 from gen_cli.model.transformer import Transformer, random_model
-from gen_cli.runtime import LoadProbe, spread_verdict, synchronize
+from gen_cli.runtime import LoadProbe, spread_verdict
 
 # Reference figures for a llama2.c-style C loop on the 2-core CPU machine of the README's table (fp32,
 # 2 threads, 256 tokens); fixed numbers, not measured in the run, so compared only with runs of those
@@ -52,12 +58,21 @@ MODES: dict[str, Mode] = {
     "fp32+compile": Mode(torch.float32, "none", True, False),
     "bf16+compile": Mode(torch.bfloat16, "none", True, False),
     "int8+compile": Mode(None, "int8", True, False),
+    # GGUF's block formats (the native step reads them as stored; activations fp32)
+    "q8_0": Mode(None, "q8_0", False, True),
+    "q4_0": Mode(None, "q4_0", False, True),
+    "q4_1": Mode(None, "q4_1", False, True),
+    "q4_k": Mode(None, "q4_k", False, True),
+    # a model file's weights as it stores them (a GGUF file's block types), only with a model
+    "file": Mode(None, "none", False, True),
 }
 DEFAULT_MODES = ("fp32", "bf16", "int8", "fp32-torch")
 # A GPU has no native step (fp32 and bf16 run PyTorch's ops there) and int8 no GPU kernel in gen.
 DEFAULT_GPU_MODES = ("fp32", "bf16", "fp32+compile", "bf16+compile")
 DECODE_PROMPT = 8
-PREFILL_PROMPT = 512
+PREFILL_PROMPT = 512  # llama-bench's pp512
+NEW_TOKENS = 128  # llama-bench's tg128
+PEAK_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -71,6 +86,10 @@ class Row:
     decode_runs: list[float]
     prefill_tok_s: float
     prefill_prompt: int
+    prefill_runs: list[float]
+    prefill_flops_per_token: float  # to divide a prefill rate by the peak FLOP rate measured in the run
+    peak_gflops: float  # the best GEMM rate measured in the run, in the dtype this row computes in
+    peak_dtype: str  # "fp32" or "bf16"
     max_logit_diff: float
     greedy_agree: int
     new_tokens: int
@@ -86,53 +105,6 @@ class Row:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def measure_bandwidth(device: torch.device, mib: int = 256) -> float:
-    """Memory bandwidth in bytes/s: the best of a timed large sum (read) and copy (read + write).
-
-    On the CPU the buffer sits in 2 MB pages, as the native step's weights do, so the ceiling is
-    not set by a slower page size than gen's own kernel streams from.
-    """
-    n = mib * 2**20 // 4
-    if device.type == "cpu":
-        from gen_cli.infer.native.decoder import huge_page_arena
-
-        src = huge_page_arena(4 * n).view(torch.float32)
-        src.normal_()
-    else:
-        src = torch.randn(n, device=device)
-    dst = torch.empty_like(src)
-    best = 0.0
-    for op, moved in ((lambda: src.sum(), 4 * n), (lambda: dst.copy_(src), 8 * n)):
-        op()
-        times = []
-        for _ in range(5):
-            synchronize(device)
-            start = time.perf_counter()
-            op()
-            synchronize(device)
-            times.append(time.perf_counter() - start)
-        best = max(best, moved / statistics.median(times))
-    return best
-
-
-def weight_bytes_per_token(model: torch.nn.Module) -> int:
-    """Bytes of every matrix a decode step reads once: linears in their stored dtype (the head included)."""
-    total = 0
-    for m in model.modules():
-        if isinstance(m, Int8Linear):
-            total += m.qweight.numel() + m.scale.numel() * m.scale.element_size()
-        elif isinstance(m, torch.nn.Linear | OneDNNLinear):
-            total += m.weight.numel() * m.weight.element_size()
-    emb = model.get_input_embeddings().weight if hasattr(model, "get_input_embeddings") else model.tok_emb.weight
-    return total + emb.shape[1] * emb.element_size()  # one embedding row
-
-
-def kv_bytes_read(config: ModelConfig, dtype: torch.dtype, prompt: int, new_tokens: int) -> int:
-    """KV-cache bytes one decode step reads, averaged over the run (the cache grows by one token a step)."""
-    avg_len = prompt + new_tokens / 2
-    return int(config.kv_bytes_per_token(torch.empty((), dtype=dtype).element_size()) * avg_len)
 
 
 def build_gen(config: ModelConfig, mode: str, device: torch.device) -> Transformer:
@@ -182,8 +154,10 @@ def bench_shape(
     bandwidth: float | None = None,
     on_step: Callable[[str], None] | None = None,
     on_run: Callable[[], None] | None = None,
+    **options: Any,
 ) -> list[Row]:
-    """Measure every mode (and HF) on one preset shape; decode repeats interleaved across modes.
+    """Measure every mode (and HF) on one preset shape; decode repeats interleaved across modes; `options`
+    as bench_runners takes them (prompt_len, between, profile).
 
     The bandwidth for the ceiling is measured once per round of repeats (this machine's bandwidth
     drifts by tens of percent over minutes) and its median used, unless `bandwidth` is given.
@@ -192,7 +166,7 @@ def bench_shape(
     reference = random_model(config).to(device)  # unoptimised fp32: the oracle for every deviation
     hf = (lambda: build_hf(reference, device)) if with_hf else None
     return bench_runners(shape, reference, lambda mode: build_gen(config, mode, device), hf, modes, repeats,
-                         new_tokens, bandwidth, on_step, on_run)  # fmt: skip
+                         new_tokens, bandwidth, on_step, on_run, **options)  # fmt: skip
 
 
 def bench_runners(
@@ -207,15 +181,23 @@ def bench_runners(
     on_step: Callable[[str], None] | None = None,
     on_run: Callable[[], None] | None = None,
     vocab: int | None = None,
+    prompt_len: int = PREFILL_PROMPT,
+    between: Callable[[int], None] | None = None,
+    profile: bool = False,
 ) -> list[Row]:
     """Rows for `reference` (unoptimised fp32, the deviation oracle) in every mode `build_mode` builds, and
-    the transformers model `build_transformers` builds; prompts are random ids below `vocab`."""
+    the transformers model `build_transformers` builds; prompts are random ids below `vocab`.
+
+    `between(round)` runs after each round of repeats (a peer such as llama-bench, interleaved with gen's
+    runs); `profile` adds each gen mode's decode-step profile to its row's `extra["profile"]`.
+    """
     config, device = reference.config, reference.tok_emb.weight.device
     step = on_step or (lambda _msg: None)
     gen_ = torch.Generator().manual_seed(1)
     vocab = vocab or config.vocab_size
     decode_prompt = torch.randint(0, vocab, (1, DECODE_PROMPT), generator=gen_).to(device)
-    prefill_len = min(PREFILL_PROMPT, config.context_length - 1)  # for shapes with a shorter context
+    prefill_len = min(prompt_len, config.context_length - 1)  # for shapes with a shorter context
+    flops = prefill_flops_per_token(reference, prefill_len)
     prefill_prompt = torch.randint(0, vocab, (1, prefill_len), generator=gen_).to(device)
 
     ref_tokens = time_gen(reference, decode_prompt, new_tokens)[2]
@@ -244,10 +226,13 @@ def bench_runners(
     for model, timer, _ in runners.values():  # warm-up: allocator, thread pools, lazy init
         timer(model, decode_prompt, min(new_tokens, 16))
     bandwidths = []
+    peaks: dict[str, float] = dict.fromkeys(PEAK_DTYPES, 0.0)  # a peak rate is the best seen in the run
     with LoadProbe() as probe:
         for rep in range(repeats):
             if bandwidth is None:
                 bandwidths.append(measure_bandwidth(device))
+            for key, dt in PEAK_DTYPES.items():
+                peaks[key] = max(peaks[key], measure_peak_flops(device, dt) / 1e9)
             for name, (model, timer, _) in runners.items():
                 step(f"{label}: {name} run {rep + 1}/{repeats}")
                 rate, _, toks = timer(model, decode_prompt, new_tokens)
@@ -256,6 +241,9 @@ def bench_runners(
                 prefill[name].append(timer(model, prefill_prompt, 1)[1])
                 if on_run is not None:
                     on_run()
+            if between is not None:
+                step(f"{label}: peer run {rep + 1}/{repeats}")
+                between(rep)
 
     bandwidth = bandwidth or statistics.median(bandwidths)
     rows = []
@@ -267,6 +255,7 @@ def bench_runners(
         else:
             logits = _decoded_logits(model, seq, DECODE_PROMPT)
         dtype = model_dtype(model)
+        computes = "bf16" if dtype == torch.bfloat16 else "fp32"  # int8 and block modes: fp32 activations
         nbytes = weight_bytes_per_token(model) + kv_bytes_read(config, dtype, kv_prompt, new_tokens)
         rows.append(
             Row(
@@ -277,6 +266,10 @@ def bench_runners(
                 decode_runs=decode[name],
                 prefill_tok_s=statistics.median(prefill[name]),
                 prefill_prompt=prefill_len,
+                prefill_runs=prefill[name],
+                prefill_flops_per_token=flops,
+                peak_gflops=peaks[computes],
+                peak_dtype=computes,
                 max_logit_diff=float((logits - ref_logits).abs().max()),
                 greedy_agree=_agree(tokens[name], ref_tokens),
                 new_tokens=new_tokens,
@@ -287,6 +280,9 @@ def bench_runners(
                 machine_load=probe.load.to_dict(),
             )
         )
+        if profile and not hf:
+            step(f"{label}: profiling {name}")
+            rows[-1].extra["profile"] = _profile(model, decode_prompt, new_tokens, MODES[name].compile)
     hf = next((r for r in rows if r.mode == "transformers"), None)
     for r in rows:
         r.vs_hf = r.decode_tok_s / hf.decode_tok_s if hf and hf.decode_tok_s else None
@@ -294,6 +290,15 @@ def bench_runners(
             r.vs_hf_note = spread_verdict(r.decode_runs, hf.decode_runs, probe.load.busy)
         r.vs_c = vs_c_reference(label, r.decode_tok_s, device, new_tokens)
     return rows
+
+
+def _profile(model: Transformer, prompt: torch.Tensor, new_tokens: int, compiled: bool) -> dict[str, Any]:
+    """The decode step's time per op class (a compiled model runs its graph: the hooks would break it)."""
+    from gen_cli.lab.profile import profile_decode
+
+    if compiled:
+        return {"note": "compiled: one graph, no per-class times"}
+    return profile_decode(model, prompt, new_tokens).to_dict()
 
 
 def vs_c_reference(shape: str, tok_s: float, device: torch.device, new_tokens: int) -> float | None:
@@ -308,10 +313,12 @@ def bench_decode(
     shapes: tuple[str, ...],
     modes: tuple[str, ...] | None = None,
     repeats: int = 3,
-    new_tokens: int = 256,
+    new_tokens: int = NEW_TOKENS,
     device: torch.device | str = "cpu",
     on_step: Callable[[str], None] | None = None,
     on_run: Callable[[], None] | None = None,
+    prompt_len: int = PREFILL_PROMPT,
+    profile: bool = False,
 ) -> tuple[list[Row], dict[str, Any]]:
     """Rows for every shape × mode (+ transformers when installed) and the run's context (threads, bandwidth…).
 
@@ -319,11 +326,14 @@ def bench_decode(
     """
     device = torch.device(device)
     modes = checked_modes(modes, new_tokens, device)
+    if "file" in modes:
+        raise UsageError("mode file runs a model file's weights as stored: it needs a model, not a preset shape")
     with_hf = hf_available()
     rows: list[Row] = []
     for shape in shapes:
-        rows += bench_shape(shape, modes, repeats, new_tokens, device, with_hf, on_step=on_step, on_run=on_run)
-    return rows, run_context(device, rows, shapes, with_hf, repeats, new_tokens)
+        rows += bench_shape(shape, modes, repeats, new_tokens, device, with_hf, on_step=on_step, on_run=on_run,
+                            prompt_len=prompt_len, profile=profile)  # fmt: skip
+    return rows, run_context(device, rows, shapes, with_hf, repeats, new_tokens, prompt_len)
 
 
 def checked_modes(modes: tuple[str, ...] | None, new_tokens: int, device: torch.device) -> tuple[str, ...]:
@@ -331,15 +341,26 @@ def checked_modes(modes: tuple[str, ...] | None, new_tokens: int, device: torch.
     modes = modes or (DEFAULT_MODES if device.type == "cpu" else DEFAULT_GPU_MODES)
     if unknown := [m for m in modes if m not in MODES]:
         raise UsageError(f"unknown mode(s) {', '.join(unknown)}; choose from {', '.join(MODES)}")
+    from gen_cli.infer.optimize import QUANTIZE_MODES
+
+    if missing := [m for m in modes if MODES[m].quantize not in QUANTIZE_MODES]:
+        raise UsageError(f"mode(s) {', '.join(missing)}: this build of gen has no such weight format")
     if new_tokens < 2:
         raise UsageError("new_tokens must be at least 2 (decode speed needs two steps)", params=("new_tokens",))
     return modes
 
 
 def run_context(
-    device: torch.device, rows: list[Row], labels: tuple[str, ...], with_hf: bool, repeats: int, new_tokens: int
+    device: torch.device,
+    rows: list[Row],
+    labels: tuple[str, ...],
+    with_hf: bool,
+    repeats: int,
+    new_tokens: int,
+    prompt_len: int = PREFILL_PROMPT,
 ) -> dict[str, Any]:
-    """What a reader needs beside the rows: device, threads, bandwidth per shape or model, versions, settings."""
+    """What a reader needs beside the rows: device, threads, bandwidth and the peak GEMM FLOP rates (of
+    the dtypes the rows compute in) per shape or model, versions, settings."""
     context = {
         "device": str(device),
         "threads": torch.get_num_threads(),
@@ -349,7 +370,8 @@ def run_context(
         "repeats": repeats,
         "new_tokens": new_tokens,
         "decode_prompt": DECODE_PROMPT,
-        "prefill_prompt": PREFILL_PROMPT,
+        "prefill_prompt": prompt_len,
+        "peak_gflops": {label: {r.peak_dtype: r.peak_gflops for r in rows if r.shape == label} for label in labels},
         "machine_busy": any(r.machine_load.get("busy") for r in rows),
     }
     if device.type == "cuda":

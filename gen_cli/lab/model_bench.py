@@ -12,18 +12,34 @@ import torch
 
 from gen_cli.errors import UsageError
 from gen_cli.infer.optimize import compute_dtype, optimize_for_decode
-from gen_cli.lab.decode_bench import DECODE_PROMPT, MODES, Row, bench_runners, checked_modes, run_context
+from gen_cli.lab.decode_bench import (
+    DECODE_PROMPT,
+    MODES,
+    NEW_TOKENS,
+    PREFILL_PROMPT,
+    Row,
+    bench_runners,
+    checked_modes,
+    run_context,
+)
 from gen_cli.lab.transformers_peer import hf_available
 from gen_cli.model.loading import load, require_model_kind
 from gen_cli.model.transformer import Transformer
 
 
-def build_mode(reference: Transformer, mode: str, device: torch.device) -> Transformer:
-    """A copy of the fp32 model in `mode`, as `gen generate` builds it (the reference itself stays fp32)."""
+def build_mode(reference: Transformer, mode: str, device: torch.device, path: Path | None = None) -> Transformer:
+    """A copy of the fp32 model in `mode`, as `gen generate` builds it (the reference itself stays fp32);
+    mode "file" loads `path` again as `gen generate --model` does: weights as stored, block types kept."""
     dtype, quantize, compile, native = MODES[mode]
+    if mode == "file" and path is not None:
+        return optimize_for_decode(load(path, device=device).model, native=native)
     dtype = compute_dtype(quantize, device, native, dtype)
     model = copy.deepcopy(reference).to(device=device, dtype=dtype)
     return optimize_for_decode(model, quantize=quantize, compile=compile, native=native)
+
+
+def _has_blocks(model: torch.nn.Module) -> bool:
+    return any(hasattr(m, "qtype") and hasattr(m, "blocks") for m in model.modules())
 
 
 def load_transformers(folder: Path, device: torch.device) -> Any:
@@ -38,18 +54,32 @@ def bench_model_decode(
     model_path: str | Path,
     modes: tuple[str, ...] | None = None,
     repeats: int = 3,
-    new_tokens: int = 256,
+    new_tokens: int = NEW_TOKENS,
     device: torch.device | str = "cpu",
     on_step: Callable[[str], None] | None = None,
     on_run: Callable[[], None] | None = None,
+    prompt_len: int = PREFILL_PROMPT,
+    profile: bool = False,
+    llama_bench: Path | None = None,
 ) -> tuple[list[Row], dict[str, Any]]:
     """Rows for every mode on the model's weights (+ transformers for an HF folder, when installed) and the
-    run's context; deviations are measured against the model in unoptimised fp32."""
+    run's context; deviations are measured against the model in unoptimised fp32.
+
+    With `llama_bench` (the binary) and a GGUF file, llama.cpp runs the same file, threads and lengths once
+    after each round of gen's repeats; its merged tests are in `context["llama_bench"]`.
+    """
     device = torch.device(device)
-    modes = checked_modes(modes, new_tokens, device)
+    asked, modes = modes, checked_modes(modes, new_tokens, device)
     path = Path(model_path)
     kind = require_model_kind(path)
+    if llama_bench is not None and kind != "gguf":
+        raise UsageError(f"llama-bench runs GGUF files; {path} is a {kind} model", params=("llama_bench",))
     loaded = load(path, device=device, dtype=torch.float32)
+    if _has_blocks(loaded.model):  # a quantized file: the reference is its weights dequantized
+        from gen_cli.model.block_linear import dequantize_modules
+
+        dequantize_modules(loaded.model)
+        modes = modes if asked else ("file", *modes)  # by default, first of all what the file itself runs at
     reference = loaded.model.eval()
     limit = reference.config.context_length
     if DECODE_PROMPT + new_tokens > limit:
@@ -60,13 +90,21 @@ def bench_model_decode(
     # transformers reads the HF folder itself; a GGUF or gen model has no folder it loads as is.
     with_hf = kind == "hf" and hf_available()
     label = str(path)
+    peer = None
+    if llama_bench is not None:
+        from gen_cli.lab.llama_bench import LlamaRunner
+
+        peer = LlamaRunner(llama_bench, path, torch.get_num_threads(), prompt_len, new_tokens)
     rows = bench_runners(
-        label, reference, lambda mode: build_mode(reference, mode, device),
+        label, reference, lambda mode: build_mode(reference, mode, device, path),
         (lambda: load_transformers(path, device)) if with_hf else None, modes, repeats, new_tokens,
         on_step=on_step, on_run=on_run, vocab=min(loaded.tokenizer.get_vocab_size(), reference.config.vocab_size),
+        prompt_len=prompt_len, between=peer, profile=profile,
     )  # fmt: skip
     for r in rows:
         r.vs_c = None  # the fixed C figures are for preset shapes, never a model's (whatever its folder is called)
-    context = run_context(device, rows, (label,), with_hf, repeats, new_tokens)
+    context = run_context(device, rows, (label,), with_hf, repeats, new_tokens, prompt_len)
     context["model"] = {"path": label, "kind": kind, **loaded.details}
+    if peer is not None:
+        context["llama_bench"] = [t.to_dict() for t in peer.tests()]
     return rows, context

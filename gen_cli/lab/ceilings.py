@@ -1,0 +1,88 @@
+"""What bounds a decode step and a prefill: the machine's measured bandwidth and peak FLOP rate, and what
+one token costs in bytes read and in FLOPs. The benchmarks measure the ceilings in the same run as the
+speeds they divide, since this machine's bandwidth drifts by tens of percent over minutes."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from gen_cli.infer.linear import Int8Linear, OneDNNLinear
+from gen_cli.model.config import ModelConfig
+from gen_cli.model.transformer import Transformer
+from gen_cli.runtime import synchronize
+
+
+def _best_seconds(op, device: torch.device, repeats: int = 5) -> float:  # type: ignore[no-untyped-def]
+    op()  # warm-up: allocation, thread pool, packing
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        op()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure_bandwidth(device: torch.device, mib: int = 256) -> float:
+    """Memory bandwidth in bytes/s: the best of a timed large sum (read) and copy (read + write).
+
+    On the CPU the buffer sits in 2 MB pages, as the native step's weights do, so the ceiling is
+    not set by a slower page size than gen's own kernel streams from.
+    """
+    n = mib * 2**20 // 4
+    if device.type == "cpu":
+        from gen_cli.infer.native.decoder import huge_page_arena
+
+        src = huge_page_arena(4 * n).view(torch.float32)
+        src.normal_()
+    else:
+        src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    return max(moved / _best_seconds(op, device) for op, moved in ((src.sum, 4 * n), (lambda: dst.copy_(src), 8 * n)))
+
+
+def measure_peak_flops(device: torch.device, dtype: torch.dtype, n: int = 1024) -> float:
+    """FLOP/s of one square n×n GEMM in `dtype` (2n³ FLOPs, median of 5): the rate PyTorch's best kernel
+    reaches on this machine now, the ceiling a prefill's matmuls are measured against."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    return 2 * n**3 / _best_seconds(lambda: a @ b, device)
+
+
+def weight_bytes_per_token(model: torch.nn.Module) -> int:
+    """Bytes of every matrix a decode step reads once: linears as stored (the head included), block-quantized
+    ones by their blocks, and one embedding row."""
+    total = 0
+    for m in model.modules():
+        if isinstance(m, Int8Linear):
+            total += m.qweight.numel() + m.scale.numel() * m.scale.element_size()
+        elif isinstance(m, torch.nn.Linear | OneDNNLinear):
+            total += m.weight.numel() * m.weight.element_size()
+        elif hasattr(m, "qtype") and hasattr(m, "out_features"):  # a block-quantized linear: (out, row_bytes) uint8
+            total += m.blocks.numel()
+    if hasattr(model, "get_input_embeddings"):
+        emb = model.get_input_embeddings().weight
+        return total + emb.shape[1] * emb.element_size()
+    emb = model.tok_emb
+    row = emb.blocks.shape[1] if hasattr(emb, "blocks") else emb.weight.shape[1] * emb.weight.element_size()
+    return total + row
+
+
+def kv_bytes_read(config: ModelConfig, dtype: torch.dtype, prompt: int, new_tokens: int) -> int:
+    """KV-cache bytes one decode step reads, averaged over the run (the cache grows by one token a step)."""
+    avg_len = prompt + new_tokens / 2
+    return int(config.kv_bytes_per_token(torch.empty((), dtype=dtype).element_size()) * avg_len)
+
+
+def prefill_flops_per_token(model: Transformer, prompt_len: int) -> float:
+    """FLOPs per prompt token of a prefill: 2 per weight of each layer's matrices, attention's QKᵀ and AV
+    over the causal half of the prompt on average, and the head once for the whole prompt (last position)."""
+    c = model.config
+    layer_weights = sum(p.numel() for n, p in model.layers.named_parameters() if p.dim() == 2)
+    attention = 2 * 2 * c.n_layer * c.n_head * c.head_dim * (prompt_len + 1) / 2
+    head = 2 * c.vocab_size * c.d_model / prompt_len
+    return 2 * layer_weights + attention + head
