@@ -71,8 +71,9 @@ def _bound(w: torch.Tensor, x: torch.Tensor, qtype: str) -> torch.Tensor:
 @pytest.mark.parametrize("qtype", QTYPES)
 @pytest.mark.parametrize(("rows", "n"), [(1, 1), (37, 1), (37, 5), (70, 130)])
 @pytest.mark.parametrize("source", ["random", "quantized"])
-def test_block_matmul_equals_dequantize_then_fp32(qtype, rows, n, source):
-    cols = 512
+@pytest.mark.parametrize("blocks_per_row", [1, 3, 16])  # odd counts run each kernel's tail
+def test_block_matmul_equals_dequantize_then_fp32(qtype, rows, n, source, blocks_per_row):
+    cols = blocks_per_row * _group(qtype)
     torch.manual_seed(rows + n)
     blocks = _random_blocks(qtype, rows, cols) if source == "random" else quantize(torch.randn(rows, cols), qtype)
     layer = BlockLinear(blocks, qtype, cols)

@@ -105,6 +105,17 @@ static inline void q4k_scales(const uint8_t *s, uint8_t sc[8], uint8_t mn[8]) {
 
 /* ---- dot products: one weight row (nb blocks) . one activation row --------------------------------------- */
 
+/* Σ w[i] x[i] over 32 signed bytes (an odd block's tail). Kept scalar: GCC 12 vectorizes this loop into vpdpbusd,
+ * which reads w as unsigned, so every negative weight summed wrong (found by a 96-column Q8_0 matrix). */
+#if defined(__GNUC__) && !defined(__clang__)
+__attribute__((optimize("no-tree-vectorize")))
+#endif
+static int32_t dot32_i8(const int8_t *w, const int8_t *x) {
+    int32_t s = 0;
+    for (int i = 0; i < 32; i++) s += (int32_t)w[i] * (int32_t)x[i];
+    return s;
+}
+
 static float dot_q8_0(const uint8_t *restrict w, Act a, int64_t nb) {
     int64_t b = 0;
     float total = 0.f;
@@ -137,9 +148,7 @@ static float dot_q8_0(const uint8_t *restrict w, Act a, int64_t nb) {
 #endif
     for (; b < nb; b++) {
         const uint8_t *p = w + b * 34;
-        int32_t s = 0;
-        for (int i = 0; i < 32; i++) s += (int8_t)p[2 + i] * a.q[b * 32 + i];
-        total += f16(p) * a.d[b] * (float)s;
+        total += f16(p) * a.d[b] * (float)dot32_i8((const int8_t *)(p + 2), a.q + b * 32);
     }
     return total;
 }
