@@ -34,6 +34,22 @@ def random_text(lines: int, seed: int = 0) -> str:
     return "".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) + ".\n" for _ in range(lines))
 
 
+def fit(model, data: torch.Tensor, steps: int = 150, seq: int = 32, batch: int = 8):
+    """Train `model` briefly on random windows of the 1-D id tensor `data` (sharp next-token distributions,
+    unlike random weights); returns it in eval mode."""
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        starts = torch.randint(0, len(data) - seq - 1, (batch,), generator=g)
+        rows = torch.stack([data[s : s + seq + 1] for s in starts])  # (batch, seq + 1)
+        logits = model(rows[:, :-1])  # (batch, seq, V)
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), rows[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
 def tiny_config(**changes) -> ModelConfig:
     """2 layers, d=32, 4 heads, context 16: every test model is this small."""
     base = dict(vocab_size=300, n_layer=2, n_head=4, n_kv_head=4, d_model=32, d_ff=64, context_length=16)

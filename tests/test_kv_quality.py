@@ -8,7 +8,7 @@ import torch
 
 from gen_cli.lab.kv_quality import delta_bits_per_byte, kind_factory, teacher_forced_nats
 from gen_cli.model.transformer import Transformer
-from tests.conftest import TEXT, tiny_config
+from tests.conftest import TEXT, fit, tiny_config
 
 CONFIG = tiny_config(d_model=64, n_head=2, n_kv_head=2, context_length=64)  # head_dim 32: int4 fits
 
@@ -24,17 +24,7 @@ def trained(tokenizer) -> tuple[Transformer, np.ndarray, int]:
     cut = int(len(ids) * 0.8)
     model = Transformer(CONFIG.replace(vocab_size=tokenizer.get_vocab_size()))
     data = torch.from_numpy(ids[:cut])
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(150):
-        starts = torch.randint(0, len(data) - 33, (8,), generator=g)
-        batch = torch.stack([data[s : s + 33] for s in starts])  # (8, 33)
-        logits = model(batch[:, :-1])  # (8, 32, V)
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
+    fit(model, data)
     val = ids[cut : cut + 300]
     return model, val, int(byte_lengths(tokenizer)[val[1:]].sum())
 

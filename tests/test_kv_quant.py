@@ -16,7 +16,7 @@ from gen_cli.infer.sampling import SamplingConfig
 from gen_cli.model.kv_cache import KVCache, kv_bytes_per_token
 from gen_cli.model.kv_quant import KV_KINDS, parse_kv_kinds
 from gen_cli.model.transformer import Transformer
-from tests.conftest import TEXT, tiny_config
+from tests.conftest import TEXT, fit, tiny_config
 
 # head_dim 32: the smallest shape int4's groups of 32 fit.
 CONFIG = tiny_config(vocab_size=300, d_model=64, n_head=2, n_kv_head=2, context_length=64)
@@ -31,17 +31,7 @@ def trained(tokenizer) -> tuple[Transformer, torch.Tensor]:
     torch.manual_seed(0)
     model = Transformer(CONFIG.replace(vocab_size=tokenizer.get_vocab_size()))
     data = torch.tensor(encode(tokenizer, TEXT))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(150):
-        starts = torch.randint(0, len(data) - 33, (8,), generator=g)
-        batch = torch.stack([data[s : s + 33] for s in starts])  # (8, 33)
-        logits = model(batch[:, :-1])  # (8, 32, V)
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
+    fit(model, data)
     return model, data[None, 5:21]  # (1, 16) a prompt from the text
 
 

@@ -105,7 +105,7 @@ class ChatSession:
         self.model, self.tokenizer, self.template = model, tokenizer, template
         self.special_tokens, self.stop_ids, self.source = special_tokens or {}, stop_ids, source
         self.system = system
-        device = model.tok_emb.weight.device
+        device = model.norm.weight.device  # not tok_emb: a block-quantized table would dequantize whole
         if window is not None:
             self.cache: KVCache | WindowKVCache = WindowKVCache(
                 config, 1, *window, model_dtype(model), device, *kv_kinds

@@ -102,7 +102,7 @@ def attention_map(model: Transformer, tokenizer: Any, ids: list[int], layer: int
     if not ids:
         raise UsageError("the prompt is empty: give at least one token of text")
     layer %= config.n_layer
-    device = model.tok_emb.weight.device
+    device = model.norm.weight.device  # not tok_emb: a block-quantized table would dequantize whole
     got = layer_attention(model, torch.tensor([ids], device=device), layer)
     weights = got.weights[0].float().cpu()  # (n_head, T, T)
     groups = kv_groups(config.n_head, config.n_kv_head)

@@ -191,7 +191,7 @@ def bench_runners(
     `between(round)` runs after each round of repeats (a peer such as llama-bench, interleaved with gen's
     runs); `profile` adds each gen mode's decode-step profile to its row's `extra["profile"]`.
     """
-    config, device = reference.config, reference.tok_emb.weight.device
+    config, device = reference.config, reference.norm.weight.device
     step = on_step or (lambda _msg: None)
     gen_ = torch.Generator().manual_seed(1)
     vocab = vocab or config.vocab_size

@@ -29,7 +29,7 @@ def kind_factory(kinds: tuple[str | None, str | None] | None) -> CacheFactory:
     k_kind, v_kind = kinds or (None, None)
 
     def make(model: Transformer, batch: int, max_tokens: int) -> KVCache:
-        weight = model.tok_emb.weight
+        weight = model.norm.weight  # the model's dtype and device (a block-quantized embedding has no plain weight)
         return KVCache(model.config, batch, max_tokens, weight.dtype, weight.device, k_kind, v_kind)
 
     return make
@@ -54,7 +54,7 @@ def teacher_forced_nats(
     targets = len(data) - 1
     if targets < 1:
         raise UsageError("nothing to score: the validation text has fewer than 2 tokens")
-    device = model.tok_emb.weight.device
+    device = model.norm.weight.device  # not tok_emb: a block-quantized table would dequantize whole
     starts = list(range(0, targets, context))
     nats = 0.0
     # Windows of one length share a batch; the last, shorter one runs alone.
