@@ -1,4 +1,5 @@
-/* GGML's block-quantized weight rows (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K; Q5_0 and Q5_1 in blocks_q5.h) dotted with int8-quantized activations.
+/* GGML's block-quantized weight rows (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K; Q5_0 and Q5_1 in blocks_q5.h) dotted with
+ * int8-quantized activations.
  *
  * Included by decode.c (one translation unit). A weight row is its blocks as GGUF stores them; gen_cli/model/blocks.py
  * and the `gguf` package's dequantize are the reference layouts. The activation row is quantized once per matrix
