@@ -15,7 +15,7 @@ from gen_cli.model.block_linear import BlockEmbedding, BlockLinear
 from gen_cli.model.blocks import BLOCK_TYPES, dequantize, max_error, most_precise, quantize, row_bytes
 
 GGML = {name: gguf.GGMLQuantizationType[name.upper()] for name in BLOCK_TYPES}
-REFERENCE_QUANTIZERS = ("q8_0", "q4_0", "q4_1")  # the gguf package quantizes these; not the k-quants
+REFERENCE_QUANTIZERS = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")  # the gguf package quantizes these; not the k-quants
 
 
 def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
@@ -41,6 +41,8 @@ def test_types_match_ggml() -> None:
     with pytest.raises(GenError, match="multiple of 256"):
         row_bytes("q6_k", 320)
     assert most_precise(["q4_0", "q6_k", "q4_k"]) == "q6_k" and most_precise(["q4_k", "q8_0"]) == "q8_0"
+    assert most_precise(["q4_k", "q5_0"]) == "q5_0" and most_precise(["q5_0", "q5_1", "q4_1"]) == "q5_1"
+    assert row_bytes("q5_0", 576) == 18 * 22 and row_bytes("q5_1", 64) == 48
 
 
 @pytest.mark.parametrize("qtype", list(BLOCK_TYPES))
@@ -103,8 +105,9 @@ def test_round_trip_within_the_bound_from_each_block_range(
     # where the scales are normal fp16 numbers (tiny weights get fp16's subnormal grain, in GGML too).
     if scale < 0.02:
         return
-    rel = {"q8_0": 1 / 220, "q6_k": 1 / 60, "q4_0": 1 / 7, "q4_1": 1 / 14, "q4_k": 1 / 13}[qtype]
-    assert err.max() <= w.abs().amax() * rel
+    rel = {"q8_0": 1 / 220, "q6_k": 1 / 60, "q4_0": 1 / 7, "q4_1": 1 / 14, "q4_k": 1 / 13, "q5_0": 1 / 15}
+    rel["q5_1"] = 1 / 28
+    assert err.max() <= w.abs().amax() * rel[qtype]
 
 
 def test_k_quants_read_back_by_gguf() -> None:

@@ -123,3 +123,20 @@ def test_cli_generate_quantize_q4_k_reports_the_blocks(tok, tmp_path):
     assert weights["mlp out"]["bytes"] == 2 * 256 * (512 // 256 * 144)  # 2 layers × rows × super-blocks
     bad = runner.invoke(app, ["generate", "Hi", "--model", str(tmp_path / "model"), "--quantize", "q5_k"])
     assert bad.exit_code == 2 and "q4_k" in bad.output
+
+
+@pytest.mark.parametrize("qtype", ["q5_0", "q5_1"])
+def test_q5_blocks_round_trip_through_gguf_as_stored(qtype, tok, tmp_path):
+    # what llama.cpp's Q4_K_M writes for rows that are not whole 256-blocks: gen reads and writes them unchanged
+    export_gguf(gen_model(), tok, tmp_path / "a.gguf", qtype)
+    a = GGUFFile(tmp_path / "a.gguf")
+    assert a.type_name("blk.0.ffn_down.weight") == qtype.upper()
+    loaded = load(tmp_path / "a.gguf")
+    w2 = loaded.model.layers[0].mlp.w2
+    assert w2.qtype == qtype and torch.equal(w2.blocks, torch.from_numpy(a.blocks("blk.0.ffn_down.weight")))
+    export_gguf(loaded.model, loaded.tokenizer, tmp_path / "b.gguf", qtype)
+    b = GGUFFile(tmp_path / "b.gguf")
+    for name, t in a.tensors.items():
+        assert t.tensor_type == b.tensors[name].tensor_type and (t.data == b.tensors[name].data).all(), name
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="a.gguf", dtype=torch.float32)
+    assert torch.equal(theirs.model.layers[0].mlp.down_proj.weight, w2.dequantized())

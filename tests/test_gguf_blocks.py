@@ -30,7 +30,7 @@ from gen_cli.model.loading import load  # noqa: E402
 runner = CliRunner()
 # hidden 256, MLP 512: every row is whole 256-weight super-blocks, so each type fits every matrix
 SHAPE = dict(hidden_size=256, intermediate_size=512, head_dim=64, num_attention_heads=4, num_key_value_heads=2)
-TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
+TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q6_K")
 
 
 def build(arch: str, seed: int = 0):
@@ -161,7 +161,7 @@ def test_llama_q_k_rows_are_the_files_blocks_unpermuted(files):
 
 
 def _mixed(name: str) -> str:
-    """A Q4_K_M-like mix: v and down in Q6_K, the rest Q4_K; gate in Q8_0 and up in Q5_0 (no kernel here)."""
+    """A Q4_K_M-like mix: v and down in Q6_K, the rest Q4_K; gate in Q8_0 and up in Q5_0."""
     if ".attn_v." in name or ".ffn_down." in name:
         return "Q6_K"
     if ".ffn_gate." in name:
@@ -182,10 +182,11 @@ def test_mixed_parts_are_held_in_the_most_precise_type_and_info_says_so(files, t
     k_gen = k_rows.reshape(2, 2, 32, -1).transpose(1, 2).reshape(128, -1)
     assert ((k_gen - k_file).abs() <= max_error(k_file, "q6_k")).all()
     up = model.layers[0].mlp.w3
-    assert up.qtype == "q6_k"  # Q5_0 (5.5 bits) → the nearest type with at least its bits
+    assert up.qtype == "q5_0"  # kept as stored
+    assert torch.equal(up.blocks, torch.from_numpy(f.blocks("blk.0.ffn_up.weight")))
     assert model.layers[0].mlp.w1.qtype == "q8_0" and model.layers[0].mlp.w2.qtype == "q6_k"
     assert any("re-quantized" in n for n in loaded.notes)
-    # fusing gate (q8_0) and up (q6_k) for decoding holds both in q8_0, values within q8_0's error
+    # fusing gate (q8_0) and up (q5_0) for decoding holds both in q8_0, values within q8_0's error
     gate, up_w = model.layers[0].mlp.w1.dequantized(), up.dequantized()
     optimize_for_decode(model, native=False)
     w13 = model.layers[0].mlp.w13
@@ -197,7 +198,7 @@ def test_mixed_parts_are_held_in_the_most_precise_type_and_info_says_so(files, t
     matrices = json.loads(info.stdout)["matrices"]
     assert matrices["attn qkv"]["held"] == {"q6_k": 2} and matrices["attn qkv"]["converted"] == 2
     assert matrices["attn qkv"]["file"] == {"Q4_K": 4, "Q6_K": 2}
-    assert matrices["mlp in"]["held"] == {"q8_0": 2, "q6_k": 2}
+    assert matrices["mlp in"]["held"] == {"q8_0": 2, "q5_0": 2} and matrices["mlp in"]["converted"] == 0
     text = runner.invoke(app, ["info", str(path)])
     assert "attn qkv: q6_k ×2 from Q4_K ×4 + Q6_K ×2 (2 re-quantized)" in " ".join(text.stdout.split())
 
@@ -228,10 +229,10 @@ def test_float_model_quantized_to_blocks_matches_its_dequantized_self(files):
 def test_types_without_a_kernel_go_to_the_nearest_block_type_with_as_many_bits():
     from gen_cli.model.gguf_blocks import nearest_block_type
 
-    assert nearest_block_type("Q5_K", 256) == "q6_k" and nearest_block_type("Q5_1", 256) == "q6_k"
+    assert nearest_block_type("Q5_K", 256) == "q6_k" and nearest_block_type("Q8_1", 256) == "q8_0"
     assert nearest_block_type("Q2_K", 512) == "q4_k" and nearest_block_type("Q3_K", 256) == "q4_k"
     assert nearest_block_type("IQ4_XS", 256) == "q4_k" and nearest_block_type("IQ2_XXS", 256) == "q4_k"
-    assert nearest_block_type("Q5_0", 64) == "q8_0" and nearest_block_type("IQ4_NL", 96) == "q4_1"
+    assert nearest_block_type("IQ4_NL", 96) == "q4_1"
 
 
 def test_int8_leaves_block_matrices_as_they_are(files):

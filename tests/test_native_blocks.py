@@ -1,7 +1,7 @@
 """The native kernels on GGML block weights against dequantize-then-fp32 (the gguf package as oracle).
 
 The kernels quantize each activation block to int8 (x ≈ q·d with d = max|x| / 127 over the block: 32 elements
-for Q8_0/Q4_0/Q4_1, 256 for the k-quants), so a product differs from the fp32 one by at most
+for Q8_0/Q4_x/Q5_x, 256 for the k-quants), so a product differs from the fp32 one by at most
     Σ_i |w_i| · d(i) / 2            (d(i): the scale of the activation block holding element i)
 plus fp32 rounding of the sums. `_bound` computes exactly that per output; every kernel must stay inside it.
 """
@@ -35,9 +35,9 @@ pytestmark = [
     pytest.mark.skipif(shutil.which(shlex.split(os.environ.get("CC", "cc"))[0]) is None, reason="no C compiler"),
     pytest.mark.skipif(native.native_status() != "ready", reason="needs the compiled kernel"),
 ]
-QTYPES = ("q8_0", "q4_0", "q4_1", "q4_k", "q6_k")
-GGML = {"q8_0": 8, "q4_0": 2, "q4_1": 3, "q4_k": 12, "q6_k": 14}
-SCALE_AT = {"q8_0": (0,), "q4_0": (0,), "q4_1": (0, 2), "q4_k": (0, 2), "q6_k": (208,)}
+QTYPES = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q6_k")
+GGML = {"q8_0": 8, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q4_k": 12, "q6_k": 14}
+SCALE_AT = {"q8_0": (0,), "q4_0": (0,), "q4_1": (0, 2), "q5_0": (0,), "q5_1": (0, 2), "q4_k": (0, 2), "q6_k": (208,)}
 
 
 def _group(qtype: str) -> int:
@@ -161,7 +161,7 @@ def test_native_step_on_blocks_equals_pytorch(qtype, batch):
     assert (got - plain).abs().max() <= 0.1 * scale
 
 
-@pytest.mark.parametrize("qtype", ["q8_0", "q4_k"])
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_k", "q5_0", "q5_1"])
 def test_native_greedy_on_blocks_agrees_with_the_fallback(qtype):
     from gen_cli.infer.generate import generate
     from gen_cli.infer.sampling import SamplingConfig

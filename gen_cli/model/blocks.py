@@ -3,7 +3,7 @@
 A matrix (rows = out_features, cols = in_features) is a uint8 tensor (rows, row_bytes): each row is
 cols / elems blocks of `nbytes` bytes, in GGML's own byte layout, so a GGUF file's tensor data is such a
 tensor as it is. The `gguf` package's `gguf.quants.dequantize` is the reference: `dequantize` here equals
-it bit for bit, and `quantize` equals its quantizer for q8_0, q4_0 and q4_1. It has none for q4_k and
+it bit for bit, and `quantize` equals its quantizer for q8_0, q4_0, q4_1, q5_0 and q5_1. It has none for q4_k and
 q6_k: ours picks each sub-block's scale (and min) from its range, rounded up to the 6-bit (8-bit) grid so
 no value clips; the error of a value is then at most half a step, bounded in `max_error`.
 """
@@ -36,11 +36,13 @@ BLOCK_TYPES: dict[str, BlockType] = {
     "q8_0": BlockType("q8_0", 32, 34, 8),  # fp16 d, 32 × int8: x = q·d
     "q4_0": BlockType("q4_0", 32, 18, 2),  # fp16 d, 16 bytes of nibbles: x = (q − 8)·d
     "q4_1": BlockType("q4_1", 32, 20, 3),  # fp16 d, fp16 m, 16 bytes of nibbles: x = q·d + m
+    "q5_0": BlockType("q5_0", 32, 22, 6),  # fp16 d, 4 bytes of 5th bits, 16 bytes of nibbles: x = (q − 16)·d
+    "q5_1": BlockType("q5_1", 32, 24, 7),  # fp16 d, fp16 m, 4 bytes of 5th bits, 16 bytes of nibbles: x = q·d + m
     "q4_k": BlockType("q4_k", 256, 144, 12),  # fp16 d, dmin, 12 bytes of 6-bit scales/mins, 128 bytes nibbles
     "q6_k": BlockType("q6_k", 256, 210, 14),  # 128 bytes low 4 bits, 64 bytes high 2 bits, 16 int8 scales, fp16 d
 }
 # Most precise first: where parts of one matrix differ, the matrix takes the first of their types here.
-PRECISION_ORDER = ("q8_0", "q6_k", "q4_1", "q4_k", "q4_0")
+PRECISION_ORDER = ("q8_0", "q6_k", "q5_1", "q5_0", "q4_1", "q4_k", "q4_0")
 
 # Where a matrix's rows are not whole super-blocks: the 32-weight type with the same 4 bits of codes.
 _SMALL_BLOCK = {"q4_k": "q4_0", "q6_k": "q8_0"}
@@ -142,6 +144,22 @@ def _k_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sc, mn
 
 
+def _fifth_bits(qh: torch.Tensor) -> torch.Tensor:
+    """(N, 4) uint8, a little-endian uint32 whose bit i is bit 4 of element i → (N, 32) uint8 of 0 or 16."""
+    bits = (qh[:, :, None] >> torch.arange(8, dtype=torch.uint8)) & 1  # (N, 4 bytes, 8 bits): element 8·byte + bit
+    return bits.reshape(len(qh), 32) << 4
+
+
+def _deq_q5_0(b: torch.Tensor) -> torch.Tensor:
+    q = (_nibbles(b[:, 6:]).reshape(len(b), 32) | _fifth_bits(b[:, 2:6])).to(torch.int8) - 16  # (N, 32)
+    return _f16(b, 0) * q.float()
+
+
+def _deq_q5_1(b: torch.Tensor) -> torch.Tensor:
+    q = (_nibbles(b[:, 8:]).reshape(len(b), 32) | _fifth_bits(b[:, 4:8])).float()  # (N, 32)
+    return _f16(b, 0) * q + _f16(b, 2)
+
+
 def _deq_q4_k(b: torch.Tensor) -> torch.Tensor:
     n = len(b)
     sc, mn = _k_scales(b[:, 4:16])
@@ -193,6 +211,27 @@ def _q_q4_1(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([_f16_bytes(d), _f16_bytes(lo), _pack_nibbles(q, 1)], dim=1)
 
 
+def _pack_q5(q: torch.Tensor) -> torch.Tensor:
+    """(N, 32) uint8 codes in 0…31 → (N, 20): 4 bytes of 5th bits (element i at bit i), 16 bytes of nibbles."""
+    high = (q >> 4).reshape(len(q), 4, 8)  # (N, 4 bytes, 8 bits)
+    qh = (high << torch.arange(8, dtype=torch.uint8)).sum(dim=2, dtype=torch.uint8)  # distinct bits: sum = or
+    return torch.cat([qh, _pack_nibbles(q & 0x0F, 1)], dim=1)
+
+
+def _q_q5_0(x: torch.Tensor) -> torch.Tensor:
+    imax = x.abs().argmax(dim=1, keepdim=True)  # the first largest |x|: its sign sets d's
+    d = x.gather(1, imax) / -16
+    q = (x * _inverse(d) + 16.5).trunc().clamp(0, 31).to(torch.uint8)
+    return torch.cat([_f16_bytes(d), _pack_q5(q)], dim=1)
+
+
+def _q_q5_1(x: torch.Tensor) -> torch.Tensor:
+    hi, lo = x.amax(dim=1, keepdim=True), x.amin(dim=1, keepdim=True)
+    d = (hi - lo) / 31
+    q = ((x - lo) * _inverse(d) + 0.5).trunc().clamp(0, 31).to(torch.uint8)
+    return torch.cat([_f16_bytes(d), _f16_bytes(lo), _pack_q5(q)], dim=1)
+
+
 def _grid_scales(need: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per super-block, an fp16 `d` and integer multipliers in 0…steps with d·m ≥ need (N, S) for each
     sub-block, each as small as the grid allows: rounded up, so no value falls outside its range."""
@@ -238,10 +277,12 @@ def _q_q6_k(x: torch.Tensor) -> torch.Tensor:
 
 
 _DEQUANTIZE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "q8_0": _deq_q8_0, "q4_0": _deq_q4_0, "q4_1": _deq_q4_1, "q4_k": _deq_q4_k, "q6_k": _deq_q6_k,
+    "q8_0": _deq_q8_0, "q4_0": _deq_q4_0, "q4_1": _deq_q4_1, "q5_0": _deq_q5_0, "q5_1": _deq_q5_1,
+    "q4_k": _deq_q4_k, "q6_k": _deq_q6_k,
 }  # fmt: skip
 _QUANTIZE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "q8_0": _q_q8_0, "q4_0": _q_q4_0, "q4_1": _q_q4_1, "q4_k": _q_q4_k, "q6_k": _q_q6_k,
+    "q8_0": _q_q8_0, "q4_0": _q_q4_0, "q4_1": _q_q4_1, "q5_0": _q_q5_0, "q5_1": _q_q5_1,
+    "q4_k": _q_q4_k, "q6_k": _q_q6_k,
 }  # fmt: skip
 
 
@@ -291,6 +332,10 @@ def max_error(w: torch.Tensor, qtype: str) -> torch.Tensor:
         half = a / 8 + f16  # the largest |x| maps to −8; one of the other sign clips at +7: a whole step
     elif qtype == "q4_1":
         half = (hi - lo) / 15 / 2 + f16
+    elif qtype == "q5_0":
+        half = a / 16 + f16  # as q4_0: a value of the other sign may clip at +15, a whole step
+    elif qtype == "q5_1":
+        half = (hi - lo) / 31 / 2 + f16
     elif qtype == "q4_k":
         span = hi.clamp(min=0) - lo.clamp(max=0)  # the super-block's range with 0 inside
         # dmin ≤ span/63 (+grain) raises the top by at most that; d adds at most one grid step to a step

@@ -178,7 +178,7 @@ def export_gguf(
     arch = GGUF_ARCH[family(config, "gguf")]
     from gen_cli.model.blocks import BLOCK_TYPES
 
-    if type not in GGUF_TYPES and type not in BLOCK_TYPES:  # q4_1/q6_k: the type a loaded model's blocks have
+    if type not in GGUF_TYPES and type not in BLOCK_TYPES:  # q4_1/q5_x/q6_k: a loaded model's blocks
         raise UsageError(f"type {type!r} is not a GGUF type gen writes; choose {', '.join(GGUF_TYPES)}",
                          params=("type",))  # fmt: skip
     check_vocab(model, tokenizer)
@@ -189,8 +189,8 @@ def export_gguf(
     tensors = gguf_tensors(model, arch, type)
     T, F = gguf.GGMLQuantizationType, gguf.LlamaFileType
     file_type = {"f32": F.ALL_F32, "f16": F.MOSTLY_F16, "bf16": F.MOSTLY_BF16, "q8_0": F.MOSTLY_Q8_0,
-                 "q4_0": F.MOSTLY_Q4_0, "q4_1": F.MOSTLY_Q4_1, "q4_k": F.MOSTLY_Q4_K_S,
-                 "q6_k": F.MOSTLY_Q6_K}[type]  # fmt: skip
+                 "q4_0": F.MOSTLY_Q4_0, "q4_1": F.MOSTLY_Q4_1, "q5_0": F.MOSTLY_Q5_0, "q5_1": F.MOSTLY_Q5_1,
+                 "q4_k": F.MOSTLY_Q4_K_S, "q6_k": F.MOSTLY_Q6_K}[type]  # fmt: skip
     notes: list[str] = []
     with atomic_path(out_file) as tmp:
         w = gguf.GGUFWriter(str(tmp), arch)

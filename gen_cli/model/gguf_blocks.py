@@ -1,10 +1,10 @@
 """Which form each matrix of a GGUF file is held in by gen, decided from the headers alone.
 
-A matrix stored as Q8_0, Q4_0, Q4_1, Q4_K or Q6_K is kept as those blocks (no float copy). One whose parts
+A matrix stored as Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K or Q6_K is kept as those blocks (no float copy). One whose parts
 (q, k and v of wqkv) differ in type is held in the most precise of them, the others re-quantized. Any other
 GGML quant type (Q5_K, Q2_K, IQ4_XS …) has no kernel here: it is dequantized at load and re-quantized to
 the nearest block type with at least its bits per weight (q4_k up to 4.5 bits, q6_k up to 6.6, else q8_0;
-q4_1 / q8_0 when the row is not whole 256-blocks), so memory stays near the file's size. F32, F16 and BF16
+q4_1 / q5_0 / q5_1 / q8_0 when the row is not whole 256-blocks), so memory stays near the file's size. F32, F16 and BF16
 matrices stay floats. `gen info` and the load notes report the outcome per class of matrix.
 """
 
@@ -31,6 +31,8 @@ def nearest_block_type(ggml_type: str, cols: int) -> str:
     whole_k = cols % 256 == 0
     if bits <= 4.5:
         return "q4_k" if whole_k else "q4_1"
+    if not whole_k and bits <= 6:
+        return "q5_0" if bits <= 5.5 else "q5_1"
     if bits <= 6.5625:
         return "q6_k" if whole_k else "q8_0"
     return "q8_0"

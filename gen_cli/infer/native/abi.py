@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import ctypes
 
-ABI_VERSION = 3  # GEN_ABI_VERSION in decode.c
+ABI_VERSION = 4  # GEN_ABI_VERSION in decode.c
 
 # Matrix.type (blocks.h): the step's own formats, then GGML's block formats by their gen names.
-MATRIX_TYPES = {"fp32": 0, "bf16": 1, "int8": 2, "q8_0": 3, "q4_0": 4, "q4_1": 5, "q4_k": 6, "q6_k": 7}
+MATRIX_TYPES = {
+    "fp32": 0, "bf16": 1, "int8": 2, "q8_0": 3, "q4_0": 4, "q4_1": 5, "q4_k": 6, "q6_k": 7, "q5_0": 8, "q5_1": 9,
+}  # fmt: skip
 # Model.profile's slots: where a step's time goes, in the order decode.c accumulates them.
 PROFILE_KEYS = ("embed", "norm", "qkv", "rope", "attention", "attn_out", "mlp_in", "mlp_act", "mlp_out", "lm_head")
 

@@ -1,4 +1,5 @@
-/* GGML's block-quantized weight rows (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K) dotted with int8-quantized activations.
+/* GGML's block-quantized weight rows (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K; Q5_0 and Q5_1 in blocks_q5.h) dotted with
+ * int8-quantized activations.
  *
  * Included by decode.c (one translation unit). A weight row is its blocks as GGUF stores them; gen_cli/model/blocks.py
  * and the `gguf` package's dequantize are the reference layouts. The activation row is quantized once per matrix
@@ -24,10 +25,10 @@
 #endif
 
 /* Matrix.type: the first three are the step's own (see decode.c); the rest are GGML block formats. */
-enum { T_F32 = 0, T_BF16 = 1, T_I8 = 2, T_Q8_0 = 3, T_Q4_0 = 4, T_Q4_1 = 5, T_Q4_K = 6, T_Q6_K = 7, T_COUNT };
+enum { T_F32 = 0, T_BF16 = 1, T_I8 = 2, T_Q8_0 = 3, T_Q4_0 = 4, T_Q4_1 = 5, T_Q4_K = 6, T_Q6_K = 7, T_Q5_0 = 8, T_Q5_1 = 9, T_COUNT };
 
-static const int64_t BLOCK_ELEMS[T_COUNT] = {1, 1, 1, 32, 32, 32, 256, 256};
-static const int64_t BLOCK_BYTES[T_COUNT] = {4, 2, 1, 34, 18, 20, 144, 210};
+static const int64_t BLOCK_ELEMS[T_COUNT] = {1, 1, 1, 32, 32, 32, 256, 256, 32, 32};
+static const int64_t BLOCK_BYTES[T_COUNT] = {4, 2, 1, 34, 18, 20, 144, 210, 22, 24};
 
 static inline int is_block_type(int64_t t) { return t >= T_Q8_0 && t < T_COUNT; }
 static inline int64_t block_row_bytes(int64_t t, int64_t cols) { return cols / BLOCK_ELEMS[t] * BLOCK_BYTES[t]; }
@@ -384,9 +385,13 @@ static float dot_q6_k(const uint8_t *restrict w, Act a, int64_t nb) {
     return total;
 }
 
+#include "blocks_q5.h"
+
 /* Row r of a block matrix dotted with an activation row quantized by quantize_for(type). */
 static inline float dot_block(int64_t type, const uint8_t *row, Act a, int64_t cols) {
     switch (type) {
+    case T_Q5_0: return dot_q5(row, a, cols / 32, 0);
+    case T_Q5_1: return dot_q5(row, a, cols / 32, 1);
     case T_Q8_0: return dot_q8_0(row, a, cols / 32);
     case T_Q4_0: return dot_q4(row, a, cols / 32, 0);
     case T_Q4_1: return dot_q4(row, a, cols / 32, 1);
@@ -468,6 +473,10 @@ static void dot4_block(int64_t type, const uint8_t *w, int64_t stride, Act a, in
             dot4_q4(type, w, stride, a, cols / 32, out);
         return;
     }
+    if (cached && (type == T_Q5_0 || type == T_Q5_1)) { /* streamed, row by row (dot_block) as Q4 */
+        rows_q5(4, type == T_Q5_1, w, stride, a, cols / 32, out);
+        return;
+    }
 #else
     (void)cached;
 #endif
@@ -487,6 +496,16 @@ static void dequantize_row(int64_t type, const uint8_t *p, int64_t cols, float *
             for (int i = 0; i < 16; i++) {
                 y[i] = (float)(p[2 + 2 * q41 + i] & 0xF) * d + m;
                 y[i + 16] = (float)(p[2 + 2 * q41 + i] >> 4) * d + m;
+            }
+        } else if (type == T_Q5_0 || type == T_Q5_1) {
+            const int q51 = type == T_Q5_1, ho = 2 + 2 * q51;
+            float d = f16(p), m = q51 ? f16(p + 2) : 0.f;
+            const int off = q51 ? 0 : 16;
+            uint32_t h;
+            memcpy(&h, p + ho, 4);
+            for (int i = 0; i < 16; i++) { /* (q - 16) d or q d + m: the gguf package's order */
+                y[i] = (float)((int)((p[ho + 4 + i] & 0xF) | ((h >> i) & 1) << 4) - off) * d + m;
+                y[i + 16] = (float)((int)((p[ho + 4 + i] >> 4) | ((h >> (i + 16)) & 1) << 4) - off) * d + m;
             }
         } else if (type == T_Q4_K) {
             uint8_t sc[8], mn[8];

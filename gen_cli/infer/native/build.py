@@ -23,7 +23,7 @@ from gen_cli.infer.native import abi
 from gen_cli.resources import cache_dir
 
 SOURCE = Path(__file__).with_name("decode.c")
-HEADERS = (Path(__file__).with_name("blocks.h"),)  # included by decode.c: part of the build key
+HEADERS = tuple(Path(__file__).with_name(h) for h in ("blocks.h", "blocks_q5.h"))  # included: part of the build key
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c11", "-shared", "-fPIC")
 _notes: list[str] = []  # what happened to the cache on this run (a damaged kernel rebuilt), said once
 

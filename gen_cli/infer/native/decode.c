@@ -956,7 +956,7 @@ void gen_argmax(const float *logits, int64_t batch, int64_t row_stride, int64_t 
 /* ---- ABI: what the Python side checks before it fills the structs ------------------------------------ */
 
 /* Bump on any change to a struct or an exported signature above. */
-#define GEN_ABI_VERSION 3
+#define GEN_ABI_VERSION 4
 
 /* out[0] = version, then sizeof and one offset near the end of each struct: a field added, removed,
  * reordered or resized on one side only shows up as a mismatch here, before any pointer is read. */
