@@ -922,6 +922,46 @@ int64_t gen_block_matmul(const void *w, int64_t type, int64_t rows, int64_t cols
     return 0;
 }
 
+/* Rows [0, rows) of a block matrix -> fp32 (bf16 == 0) or bf16 (bf16 == 1, round to nearest even) in `out`
+ * (rows, cols): a prompt's row tile, dequantized once per call into a cache-sized scratch that a GEMM then
+ * reuses for every token. Rows split across threads; each row goes through a one-row fp32 buffer. */
+static inline uint16_t bf16_round(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u); /* NaN stays a NaN */
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+int64_t gen_block_dequantize(const void *w, int64_t type, int64_t rows, int64_t cols, void *out, int64_t bf16,
+                             int64_t n_threads) {
+    enum { CHUNK = 256 }; /* a multiple of every block size: a row converts to bf16 a stack chunk at a time */
+    if (!is_block_type(type) || cols % BLOCK_ELEMS[type] != 0) return -1;
+    const int64_t rb = block_row_bytes(type, cols), chunk_bytes = CHUNK / BLOCK_ELEMS[type] * BLOCK_BYTES[type];
+#pragma omp parallel for schedule(static) num_threads(n_threads)
+    for (int64_t r = 0; r < rows; r++) {
+        const uint8_t *row = (const uint8_t *)w + r * rb;
+        if (!bf16) {
+            dequantize_row(type, row, cols, (float *)out + r * cols);
+            continue;
+        }
+        uint16_t *o = (uint16_t *)out + r * cols;
+        float tmp[CHUNK];
+        for (int64_t c = 0; c < cols; c += CHUNK, row += chunk_bytes, o += CHUNK) {
+            const int64_t len = cols - c < CHUNK ? cols - c : CHUNK;
+            dequantize_row(type, row, len, tmp);
+            int64_t i = 0;
+#if defined(__AVX512BF16__) && defined(__AVX512VL__)
+            for (; i + 32 <= len; i += 32) {
+                __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(tmp + i + 16), _mm512_loadu_ps(tmp + i));
+                _mm512_storeu_si512(o + i, (__m512i)v);
+            }
+#endif
+            for (; i < len; i++) o[i] = bf16_round(tmp[i]);
+        }
+    }
+    return 0;
+}
+
 /* out[b * out_stride] = the first index of row b's largest logit, as torch.argmax picks it (a NaN
  * counts as the largest). Rows are row_stride floats apart (0: one row shared by every sequence).
  * Greedy decoding's pick, done here because torch's argmax is a scalar loop (~20 µs over 32k logits). */
