@@ -38,7 +38,7 @@ def _tile_bound(w: torch.Tensor, x: torch.Tensor, want: torch.Tensor) -> torch.T
 
 @pytest.mark.parametrize("qtype", QTYPES)
 @pytest.mark.parametrize("rows", [1, 37, 515])  # odd counts; 515 rows of 8 blocks span several tiles
-@pytest.mark.parametrize("n", [bm.TILE_MIN_TOKENS, 17, 64, 130])
+@pytest.mark.parametrize("n", [bm.TILE_MIN_TOKENS, bm.TILE_MIN_TOKENS + 1, 64, 130])
 def test_tiled_prefill_equals_dequantize_then_float64(qtype, rows, n, monkeypatch):
     monkeypatch.setattr(bm, "TILE_BYTES", 1 << 14)  # small tiles: many of them, and a ragged last one
     cols = 8 * _group(qtype) if qtype in ("q4_k", "q6_k") else 3 * _group(qtype)
