@@ -10,6 +10,7 @@ fp32 tile (no bf16 on the CPU) is inside the same bound.
 from __future__ import annotations
 
 import os
+import platform
 import shlex
 import shutil
 
@@ -18,7 +19,9 @@ import torch
 from test_native_blocks import QTYPES, _block_model, _group, _random_blocks, _reference, _set_kernel
 
 from gen_cli.infer.native import block_matmul as bm
+from gen_cli.infer.native import build
 from gen_cli.infer.native import decoder as native
+from gen_cli.infer.native.abi import MATRIX_TYPES
 from gen_cli.model.block_linear import BlockLinear
 from gen_cli.model.blocks import quantize
 
@@ -97,3 +100,30 @@ def test_a_long_prompts_logits_stay_close_to_the_dequantized_model(qtype):
     with torch.inference_mode():
         want, got = plain(ids), fast(ids)
     assert (got - want).abs().max() <= 0.02 * want.abs().max(), (got - want).abs().max() / want.abs().max()
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="builds for plain x86-64 targets")
+@pytest.mark.parametrize("march", ["native", "x86-64-v3", "x86-64-v2"])  # AVX-512, AVX2, portable C
+def test_tile_dequantization_matches_gguf_on_every_build(march, monkeypatch, tmp_path):
+    """A tile's fp32 rows equal the gguf package's dequantization to fp32 rounding (a product and a sum, 2⁻²³
+    each); its bf16 rows are those rounded to nearest (one more u = 2⁻⁸ of each value)."""
+    monkeypatch.setenv("GEN_HOME", str(tmp_path))
+    monkeypatch.setattr(build, "FLAGS", tuple(f"-march={march}" if f == "-march=native" else f for f in build.FLAGS))
+    build.library.cache_clear()
+    try:
+        lib = build.library()
+        assert not isinstance(lib, str), lib
+        for qtype in QTYPES:
+            rows, cols = 7, 2 * 256
+            blocks = _random_blocks(qtype, rows, cols, seed=3)
+            want = _reference(blocks, qtype, cols)  # (rows, cols) float64
+            slack = 2.0**-22 * want.abs() + 1e-30
+            for dtype in (torch.float32, torch.bfloat16):
+                out = torch.empty(rows, cols, dtype=dtype)
+                code = MATRIX_TYPES[qtype]
+                bf16 = dtype == torch.bfloat16
+                assert lib.gen_block_dequantize(blocks.data_ptr(), code, rows, cols, out.data_ptr(), bf16, 2) == 0
+                bound = slack if dtype == torch.float32 else slack + U * want.abs()
+                assert ((out.double() - want).abs() <= bound).all(), (qtype, dtype)
+    finally:
+        build.library.cache_clear()
