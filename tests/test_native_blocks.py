@@ -69,7 +69,7 @@ def _bound(w: torch.Tensor, x: torch.Tensor, qtype: str) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("qtype", QTYPES)
-@pytest.mark.parametrize(("rows", "n"), [(1, 1), (37, 1), (37, 5), (70, 130)])
+@pytest.mark.parametrize(("rows", "n"), [(1, 1), (37, 1), (37, 5), (70, 15)])  # int8 kernel (tiles: test_block_prefill)
 @pytest.mark.parametrize("source", ["random", "quantized"])
 @pytest.mark.parametrize("blocks_per_row", [1, 3, 16])  # odd counts run each kernel's tail
 def test_block_matmul_equals_dequantize_then_fp32(qtype, rows, n, source, blocks_per_row):

@@ -134,4 +134,6 @@ def bind(lib: ctypes.CDLL) -> str | None:
     lib.gen_block_matmul.argtypes = [ctypes.c_void_p, *[ctypes.c_int64] * 3, ctypes.c_void_p, ctypes.c_int64]
     lib.gen_block_matmul.argtypes += [ctypes.c_void_p, ctypes.c_int64]
     lib.gen_block_matmul.restype = ctypes.c_int64
+    lib.gen_block_dequantize.argtypes = [ctypes.c_void_p, *[ctypes.c_int64] * 3, ctypes.c_void_p, *[ctypes.c_int64] * 2]
+    lib.gen_block_dequantize.restype = ctypes.c_int64
     return None
