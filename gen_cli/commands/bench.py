@@ -192,7 +192,9 @@ def bench_contention_command(
     shape: str = typer.Option("small", "--shape", help="Preset shape to decode with (random weights)."),
     threads: str = typer.Option("1,2", "--threads", help="Comma-separated thread counts."),
     waits: str = typer.Option(
-        "spin,passive", "--waits", help="OpenMP wait modes: spin (libgomp's default), passive (gen's)."
+        "spin,passive,short",
+        "--waits",
+        help="OpenMP wait modes: spin (libgomp's default), passive (sleep at once), short (gen's: a brief spin).",
     ),
     paths: str = typer.Option("native,torch", "--paths", help="Decode paths: native (gen's C step), torch."),
     rounds: int = typer.Option(3, "--rounds", min=1, help="Idle/busy rounds; medians reported."),

@@ -18,9 +18,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-# "spin": libgomp's defaults (gen before issue 17: idle threads spin ~3 ms at every barrier);
-# "passive": gen's default (idle OpenMP threads sleep at once; see gen_cli/__init__.py).
-WAITS = ("spin", "passive")
+# "spin": libgomp's defaults (idle threads spin ~3 ms at every barrier); "passive": idle OpenMP threads sleep
+# at once; "short": gen's default, a brief spin then sleep (see gen_cli/__init__.py).
+WAITS = ("spin", "passive", "short")
 COMPETITOR = "while True: pass"
 
 

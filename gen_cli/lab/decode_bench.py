@@ -17,6 +17,7 @@ import torch
 
 from gen_cli.errors import UsageError
 from gen_cli.infer.generate import greedy_steps, model_dtype, new_cache, run_generation
+from gen_cli.infer.native.block_matmul import tile_dtype
 from gen_cli.infer.optimize import compute_dtype, optimize_for_decode
 from gen_cli.infer.sampling import SamplingConfig
 from gen_cli.lab.ceilings import (
@@ -255,7 +256,9 @@ def bench_runners(
         else:
             logits = _decoded_logits(model, seq, DECODE_PROMPT)
         dtype = model_dtype(model)
-        computes = "bf16" if dtype == torch.bfloat16 else "fp32"  # int8 and block modes: fp32 activations
+        # int8 modes: fp32 activations; block modes' prompts: GEMMs on bf16 (or fp32) tiles of the blocks
+        blocks = any(getattr(m, "kernel", None) is not None for m in model.modules())
+        computes = "bf16" if dtype == torch.bfloat16 or (blocks and tile_dtype() == torch.bfloat16) else "fp32"
         nbytes = weight_bytes_per_token(model) + kv_bytes_read(config, dtype, kv_prompt, new_tokens)
         rows.append(
             Row(

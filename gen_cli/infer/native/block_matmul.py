@@ -50,9 +50,14 @@ def block_matmul(x: torch.Tensor, layer: BlockLinear) -> torch.Tensor:
     return y.view(*x.shape[:-1], layer.out_features).to(x.dtype)
 
 
+def tile_dtype() -> torch.dtype:
+    """The dtype a prompt's GEMMs on block weights compute in here (their FLOP ceiling's dtype)."""
+    return TILE_DTYPE if _has_bf16_gemm() else torch.float32
+
+
 def _tiled(lib: ctypes.CDLL, x: torch.Tensor, layer: BlockLinear) -> torch.Tensor:
     """x (n, in) fp32 -> x Wᵀ (n, out) fp32: W dequantized a row tile at a time, never as a whole matrix."""
-    dtype = TILE_DTYPE if _has_bf16_gemm() else torch.float32
+    dtype = tile_dtype()
     cols, out_rows = layer.in_features, layer.out_features
     tile = max(16, min(out_rows, TILE_BYTES // (cols * dtype.itemsize)))
     scratch = torch.empty(tile, cols, dtype=dtype)  # (tile, in)
