@@ -92,18 +92,24 @@ def hf_config(arch: str, **changes):
 ARCHS = ("llama", "llama3", "mistral", "qwen2", "qwen3", "gpt2")
 
 
-def build_hf_model(arch: str, directory: Path, tokenizer=None, seed: int = 0):
-    """Save a random `arch` model (with non-trivial norms and biases) and tokenizer.json in `directory`."""
+def random_hf_model(arch: str, seed: int = 0, **shape):
+    """A random `arch` model (hf_config's shape, changed by `shape`) with non-trivial norms and biases."""
     import transformers
 
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(hf_config(arch)).float().eval()
+    model = transformers.AutoModelForCausalLM.from_config(hf_config(arch, **shape)).float().eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name or "ln_" in name or name.endswith(".bias"):
                 p.add_(torch.randn_like(p) * 0.1)  # norms and biases away from 1/0, so a mix-up shows
             elif p.dim() == 2:
                 p.normal_(0, 0.1)  # larger than the 0.02 init so logits spread and a wrong layout shows
+    return model
+
+
+def build_hf_model(arch: str, directory: Path, tokenizer=None, seed: int = 0):
+    """Save a random `arch` model (with non-trivial norms and biases) and tokenizer.json in `directory`."""
+    model = random_hf_model(arch, seed)
     model.save_pretrained(directory)
     (tokenizer or byte_level_tokenizer()).save(str(directory / "tokenizer.json"))
     return model
@@ -155,11 +161,15 @@ def gguf_tensors(model, arch: str) -> dict[str, torch.Tensor]:
 
 
 def write_gguf(
-    model, tokenizer, arch: str, path: Path, qtype: str = "F32", pre: str = "gpt2", chat_template: str | None = None
-) -> None:
-    """Write `model` and a byte-level BPE `tokenizer` as llama.cpp's converter would; 2-D tensors in `qtype`."""
+    model, tokenizer, arch: str, path: Path, qtype="F32", pre: str = "gpt2", chat_template: str | None = None
+) -> Path:
+    """Write `model` and a byte-level BPE `tokenizer` as llama.cpp's converter would; 2-D tensors in the GGML
+    type `qtype` (a name, or a function of the tensor's GGUF name). Block bytes come from the gguf package,
+    or from gen's quantizer for the types it cannot quantize (the k-quants)."""
     import gguf
     import numpy as np
+
+    from gen_cli.model.blocks import quantize
 
     g = GGUF_ARCH[arch]
     cfg = model.config
@@ -190,17 +200,22 @@ def write_gguf(
         w.add_chat_template(chat_template)
     for name, t in gguf_tensors(model, arch).items():
         a = t.numpy().astype(np.float32)
-        kind = getattr(gguf.GGMLQuantizationType, qtype)
-        if a.ndim == 2 and kind != gguf.GGMLQuantizationType.F32:
-            w.add_tensor(name, gguf.quants.quantize(a, kind), raw_dtype=kind)
-        else:
+        kind = gguf.GGMLQuantizationType[qtype(name) if callable(qtype) else qtype]
+        if a.ndim != 2 or kind == gguf.GGMLQuantizationType.F32:
             w.add_tensor(name, a)
+            continue
+        try:
+            blocks = gguf.quants.quantize(a, kind)
+        except NotImplementedError:
+            blocks = quantize(t.float(), kind.name.lower()).numpy()
+        w.add_tensor(name, blocks, raw_dtype=kind)
     if arch == "llama3":  # convert_hf_to_gguf.py stores Llama 3's scaling as per-frequency divisors
         w.add_tensor("rope_freqs.weight", llama3_freq_factors(cfg).numpy())
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    return path
 
 
 def llama3_freq_factors(cfg) -> torch.Tensor:

@@ -5,10 +5,8 @@ and the weights take the file's bytes in memory."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -17,12 +15,12 @@ from typer.testing import CliRunner
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 
-from hf_builders import GGUF_ARCH, add_tokenizer, byte_level_tokenizer, gguf_tensors, hf_config  # noqa: E402
+from hf_builders import byte_level_tokenizer, random_hf_model, write_gguf  # noqa: E402
 
 from gen_cli.cli import app  # noqa: E402
 from gen_cli.infer.optimize import optimize_for_decode  # noqa: E402
 from gen_cli.model.block_linear import BlockEmbedding, BlockLinear, dequantize_modules  # noqa: E402
-from gen_cli.model.blocks import BLOCK_TYPES, dequantize, max_error, quantize  # noqa: E402
+from gen_cli.model.blocks import dequantize, max_error, quantize  # noqa: E402
 from gen_cli.model.gguf_file import GGUFFile  # noqa: E402
 from gen_cli.model.info import weight_summary  # noqa: E402
 from gen_cli.model.loading import load  # noqa: E402
@@ -31,52 +29,6 @@ runner = CliRunner()
 # hidden 256, MLP 512: every row is whole 256-weight super-blocks, so each type fits every matrix
 SHAPE = dict(hidden_size=256, intermediate_size=512, head_dim=64, num_attention_heads=4, num_key_value_heads=2)
 TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q6_K")
-
-
-def build(arch: str, seed: int = 0):
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(hf_config(arch, **SHAPE)).float().eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name or name.endswith(".bias"):
-                p.add_(torch.randn_like(p) * 0.1)
-            elif p.dim() == 2:
-                p.normal_(0, 0.1)
-    return model
-
-
-def write(model, tok, arch: str, path: Path, choose: Callable[[str], str]) -> Path:
-    """A GGUF file as llama.cpp's converter lays it out, each matrix in the GGML type `choose(name)`; the
-    block bytes come from gen's quantizer (the k-quants have none in the gguf package) or gguf's."""
-    cfg = model.config
-    w = gguf.GGUFWriter(str(path), GGUF_ARCH[arch])
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_key_length(cfg.head_dim)
-    w.add_value_length(cfg.head_dim)
-    w.add_rope_dimension_count(cfg.head_dim)
-    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    add_tokenizer(w, tok, "gpt2")
-    for name, t in gguf_tensors(model, arch).items():
-        a = t.numpy().astype(np.float32)
-        kind = choose(name) if a.ndim == 2 else "F32"
-        if kind == "F32":
-            w.add_tensor(name, a)
-        elif kind.lower() in BLOCK_TYPES:
-            w.add_tensor(name, quantize(t, kind.lower()).numpy(), raw_dtype=gguf.GGMLQuantizationType[kind])
-        else:
-            k = gguf.GGMLQuantizationType[kind]
-            w.add_tensor(name, gguf.quants.quantize(a, k), raw_dtype=k)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -90,9 +42,9 @@ def files(tmp_path_factory, tok):
     root = tmp_path_factory.mktemp("gguf_blocks")
     out = {}
     for arch in ("llama", "qwen2"):
-        model = build(arch)
+        model = random_hf_model(arch, **SHAPE)
         for qtype in TYPES:
-            out[arch, qtype] = write(model, tok, arch, root / f"{arch}-{qtype}.gguf", lambda _n, q=qtype: q)
+            out[arch, qtype] = write_gguf(model, tok, arch, root / f"{arch}-{qtype}.gguf", qtype)
         out[arch, "hf"] = model
     return out
 
@@ -170,7 +122,7 @@ def _mixed(name: str) -> str:
 
 
 def test_mixed_parts_are_held_in_the_most_precise_type_and_info_says_so(files, tok, tmp_path):
-    path = write(files["llama", "hf"], tok, "llama", tmp_path / "mixed.gguf", _mixed)
+    path = write_gguf(files["llama", "hf"], tok, "llama", tmp_path / "mixed.gguf", _mixed)
     loaded = load(path)
     model, f = loaded.model, GGUFFile(path)
     wqkv = model.layers[0].attn.wqkv
