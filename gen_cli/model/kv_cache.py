@@ -9,7 +9,63 @@ from gen_cli.model.config import ModelConfig
 from gen_cli.model.kv_quant import KVSide, bytes_per_head_token, check_kind, kind_of
 
 
-class KVCache:
+class KVStorage:
+    """Per-layer K and V sides (B, n_kv_head, slots, head_dim) in their kinds: what every cache holds."""
+
+    config: ModelConfig
+    k_kind: str
+    v_kind: str
+    k_sides: list[KVSide]
+    v_sides: list[KVSide]
+    _dtype: torch.dtype
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype attention reads (the stored form may be narrower)."""
+        return self._dtype
+
+    @property
+    def k(self) -> list[torch.Tensor]:
+        """Per-layer stored K tensors (the values themselves only when unquantized)."""
+        return [s.data for s in self.k_sides]
+
+    @property
+    def v(self) -> list[torch.Tensor]:
+        return [s.data for s in self.v_sides]
+
+    @property
+    def device(self) -> torch.device:
+        return self.k_sides[0].data.device
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the cache tensors actually hold, scales and zero points included."""
+        return sum(s.nbytes for s in (*self.k_sides, *self.v_sides))
+
+
+def allocate_kv(
+    cache: KVStorage,
+    config: ModelConfig,
+    batch_size: int,
+    slots: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    k_kind: str | None,
+    v_kind: str | None,
+) -> None:
+    """Give `cache` its config, kinds (checked; default: `dtype` unquantized) and zeroed sides of `slots` slots."""
+    cache.config, cache._dtype = config, dtype
+    cache.k_kind, cache.v_kind = k_kind or kind_of(dtype), v_kind or kind_of(dtype)
+    check_kind(config, cache.k_kind)
+    check_kind(config, cache.v_kind)
+    # Sized by n_kv_head, never n_head: GQA/MQA share each KV head among n_head/n_kv_head queries.
+    shape = (batch_size, config.n_kv_head, slots, config.head_dim)  # (B, n_kv_head, slots, head_dim)
+    # zeros, not empty: the memory is really committed, so measured RSS matches `nbytes`.
+    cache.k_sides = [KVSide(cache.k_kind, shape, dtype, device) for _ in range(config.n_layer)]
+    cache.v_sides = [KVSide(cache.v_kind, shape, dtype, device) for _ in range(config.n_layer)]
+
+
+class KVCache(KVStorage):
     """Per-layer k/v tensors of shape (B, n_kv_head, max_tokens, head_dim), filled left to right.
 
     The caller owns the cache (design rule 3): the model writes each layer's k/v at `pos` and the
@@ -29,42 +85,15 @@ class KVCache:
     ) -> None:
         if batch_size < 1 or max_tokens < 1:
             raise UsageError(f"a KV cache needs batch_size and max_tokens ≥ 1, got {batch_size}, {max_tokens}")
-        self.config = config
         self.batch_size = batch_size
         self.max_tokens = max_tokens
-        # Sized by n_kv_head, never n_head: GQA/MQA share each KV head among n_head/n_kv_head queries.
-        shape = (batch_size, config.n_kv_head, max_tokens, config.head_dim)  # (B, n_kv_head, T_max, head_dim)
-        # zeros, not empty: the memory is really committed, so measured RSS matches `nbytes`.
-        self.k_kind, self.v_kind = k_kind or kind_of(dtype), v_kind or kind_of(dtype)
-        check_kind(config, self.k_kind)
-        check_kind(config, self.v_kind)
-        self._dtype = dtype
-        self.k_sides = [KVSide(self.k_kind, shape, dtype, device) for _ in range(config.n_layer)]
-        self.v_sides = [KVSide(self.v_kind, shape, dtype, device) for _ in range(config.n_layer)]
+        allocate_kv(self, config, batch_size, max_tokens, dtype, device, k_kind, v_kind)
         self.pos = 0
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The dtype attention reads (the stored form may be narrower: see `plain`)."""
-        return self._dtype
 
     @property
     def plain(self) -> bool:
         """Whether K and V are stored unquantized in `dtype`, so `k`/`v` hold the values themselves."""
         return self.k_kind == self.v_kind == kind_of(self._dtype)
-
-    @property
-    def k(self) -> list[torch.Tensor]:
-        """Per-layer stored K tensors (the values only when `plain`)."""
-        return [s.data for s in self.k_sides]
-
-    @property
-    def v(self) -> list[torch.Tensor]:
-        return [s.data for s in self.v_sides]
-
-    @property
-    def device(self) -> torch.device:
-        return self.k_sides[0].data.device
 
     def update(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write (B, n_kv_head, T, head_dim) at [pos:pos+T] in place; return views of [0:pos+T]."""
@@ -114,11 +143,6 @@ class KVCache:
         for side in (*self.k_sides, *self.v_sides):
             side.replicate_first_row(pos)
         self.pos = pos
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes the cache tensors actually hold, scales and zero points included."""
-        return sum(s.nbytes for s in (*self.k_sides, *self.v_sides))
 
     @staticmethod
     def analytic_bytes(

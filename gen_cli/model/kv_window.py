@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from gen_cli.errors import InternalError, UsageError
 from gen_cli.model.config import ModelConfig
-from gen_cli.model.kv_quant import KVSide, check_kind, kind_of
+from gen_cli.model.kv_cache import KVStorage, allocate_kv
+from gen_cli.model.kv_quant import KVSide
 from gen_cli.model.positions import alibi_bias, alibi_slopes, apply_rope, rope_tables
 
 # Position encodings whose positions the cache re-assigns (so generation may run past the context).
@@ -52,12 +53,13 @@ def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int, sinks: in
     return (k <= q) & ((k < sinks) | (k > q - window))
 
 
-class WindowKVCache:
+class WindowKVCache(KVStorage):
     """Per-layer k/v of shape (B, n_kv_head, S + N, head_dim): slots 0…S-1 hold the first S tokens, slots
     S…S+N-1 a ring of the last N (position p ≥ S lives in slot S + (p − S) mod N).
 
-    Same protocol as KVCache for its callers (`pos` counts every token seen, `advance`, `nbytes`); the
-    model calls `attend` instead of `update`, because attention needs the positions the cache assigns.
+    Same protocol as KVCache for its callers (`pos` counts every token seen, `advance`, `nbytes`, constant:
+    fixed by S + N); the model calls `attend` instead of `update`, because attention needs the positions
+    the cache assigns.
     """
 
     plain = False  # the native decode step reads a linear cache only
@@ -76,15 +78,9 @@ class WindowKVCache:
         check_window(config, window, sinks)
         if batch_size < 1:
             raise UsageError(f"a KV cache needs batch_size ≥ 1, got {batch_size}")
-        self.config, self.batch_size, self.window, self.sinks = config, batch_size, window, sinks
+        self.batch_size, self.window, self.sinks = batch_size, window, sinks
         self.capacity = sinks + window
-        self.k_kind, self.v_kind = k_kind or kind_of(dtype), v_kind or kind_of(dtype)
-        check_kind(config, self.k_kind)
-        check_kind(config, self.v_kind)
-        self._dtype = dtype
-        shape = (batch_size, config.n_kv_head, self.capacity, config.head_dim)  # (B, n_kv_head, S+N, head_dim)
-        self.k_sides = [KVSide(self.k_kind, shape, dtype, device) for _ in range(config.n_layer)]
-        self.v_sides = [KVSide(self.v_kind, shape, dtype, device) for _ in range(config.n_layer)]
+        allocate_kv(self, config, batch_size, self.capacity, dtype, device, k_kind, v_kind)  # (B, H_kv, S+N, D)
         self.pos = 0
         self._plan: dict | None = None
         self._tables: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -93,27 +89,6 @@ class WindowKVCache:
     def max_tokens(self) -> int:
         """Slots held (S + N): what the cache costs; generation itself may run past it."""
         return self.capacity
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.k_sides[0].data.device
-
-    @property
-    def k(self) -> list[torch.Tensor]:
-        return [s.data for s in self.k_sides]
-
-    @property
-    def v(self) -> list[torch.Tensor]:
-        return [s.data for s in self.v_sides]
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes the cache tensors hold: constant, fixed by S + N at construction."""
-        return sum(s.nbytes for s in (*self.k_sides, *self.v_sides))
 
     def slot(self, positions: torch.Tensor) -> torch.Tensor:
         """The slot each absolute position lives in."""
