@@ -87,7 +87,7 @@ def tokenizer(tokenizer_path):
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory, tokenizer) -> Path:
     """A saved tiny model (context 64 so CLI runs have room) whose vocab matches the tokenizer."""
-    from gen_cli.model.checkpoint import save_model
+    from gen_cli.formats.checkpoint import save_model
     from gen_cli.model.transformer import Transformer
 
     torch.manual_seed(0)

@@ -169,7 +169,7 @@ def write_gguf(
     import gguf
     import numpy as np
 
-    from gen_cli.model.blocks import quantize
+    from gen_cli.quant.blocks import quantize
 
     g = GGUF_ARCH[arch]
     cfg = model.config

@@ -18,12 +18,12 @@ import pytest
 import torch
 from test_native_blocks import QTYPES, _block_model, _group, _random_blocks, _reference, _set_kernel
 
-from gen_cli.infer.native import block_matmul as bm
-from gen_cli.infer.native import build
-from gen_cli.infer.native import decoder as native
-from gen_cli.infer.native.abi import MATRIX_TYPES
-from gen_cli.model.block_linear import BlockLinear
-from gen_cli.model.blocks import quantize
+from gen_cli.native import block_matmul as bm
+from gen_cli.native import build
+from gen_cli.native import decoder as native
+from gen_cli.native.abi import MATRIX_TYPES
+from gen_cli.quant.block_linear import BlockLinear
+from gen_cli.quant.blocks import quantize
 
 pytestmark = [
     pytest.mark.skipif(shutil.which(shlex.split(os.environ.get("CC", "cc"))[0]) is None, reason="no C compiler"),

@@ -1,4 +1,4 @@
-"""GGML block formats (model/blocks.py) against the gguf package, and the block layers (model/block_linear.py)."""
+"""GGML block formats (quant/blocks.py) against the gguf package, and the block layers (quant/block_linear.py)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gen_cli.errors import GenError
-from gen_cli.model.block_linear import BlockEmbedding, BlockLinear
-from gen_cli.model.blocks import BLOCK_TYPES, dequantize, max_error, most_precise, quantize, row_bytes
+from gen_cli.quant.block_linear import BlockEmbedding, BlockLinear
+from gen_cli.quant.blocks import BLOCK_TYPES, dequantize, max_error, most_precise, quantize, row_bytes
 
 GGML = {name: gguf.GGMLQuantizationType[name.upper()] for name in BLOCK_TYPES}
 REFERENCE_QUANTIZERS = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")  # the gguf package quantizes these; not the k-quants

@@ -13,12 +13,12 @@ transformers = pytest.importorskip("transformers")
 
 from hf_builders import byte_level_tokenizer, hf_config  # noqa: E402
 
+from gen_cli.cache.linear import KVCache  # noqa: E402
 from gen_cli.cli import app  # noqa: E402
+from gen_cli.formats.loading import load  # noqa: E402
 from gen_cli.infer.generate import continue_steps, generate, greedy_steps, new_cache, prefill  # noqa: E402
 from gen_cli.infer.sampling import SamplingConfig  # noqa: E402
 from gen_cli.infer.session import ChatSession, ContextFull, common_prefix  # noqa: E402
-from gen_cli.model.kv_cache import KVCache  # noqa: E402
-from gen_cli.model.loading import load  # noqa: E402
 
 runner = CliRunner()
 GREEDY = SamplingConfig(temperature=0.0)
@@ -107,8 +107,8 @@ def test_continue_steps_logits_equal_recomputing_without_a_cache(loaded):
 
 
 def test_native_step_continues_a_conversation_as_the_oracle_does(chat_dir):
-    from gen_cli.infer.native.build import native_status
     from gen_cli.infer.optimize import optimize_for_decode
+    from gen_cli.native.build import native_status
 
     if native_status() != "ready":
         pytest.skip(f"no native step here: {native_status()}")

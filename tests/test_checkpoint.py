@@ -10,7 +10,7 @@ import torch
 from conftest import tiny_config
 
 from gen_cli.errors import GenError
-from gen_cli.model.checkpoint import load_model, save_model
+from gen_cli.formats.checkpoint import load_model, save_model
 from gen_cli.model.transformer import Transformer
 
 

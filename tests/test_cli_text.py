@@ -139,7 +139,7 @@ def test_tokenize_plain_ids_and_json(tmp_path, corpus_file):
 
 
 def test_tokenize_without_any_tokenizer_says_what_to_do(monkeypatch, tmp_path):
-    monkeypatch.setattr("gen_cli.model.loading.default_model_dir", lambda: tmp_path / "none")
+    monkeypatch.setattr("gen_cli.formats.loading.default_model_dir", lambda: tmp_path / "none")
     result = runner.invoke(app, ["tokenize", "hi"])
     assert result.exit_code == 2 and "gen train-tokenizer" in result.stderr
 

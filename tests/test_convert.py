@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 
 from gen_cli.cli import app
 from gen_cli.errors import UsageError
+from gen_cli.formats.checkpoint import load_model
 from gen_cli.infer.generate import new_cache
-from gen_cli.model.checkpoint import load_model
 from gen_cli.model.convert import pool_kv_heads
 from gen_cli.model.transformer import Transformer
 

@@ -13,8 +13,8 @@ pytest.importorskip("transformers")
 from hf_builders import SENTENCES, build_hf_model, byte_level_tokenizer
 
 from gen_cli.cli import app
-from gen_cli.model.checkpoint import load_model
-from gen_cli.model.loading import load
+from gen_cli.formats.checkpoint import load_model
+from gen_cli.formats.loading import load
 
 runner = CliRunner()
 IDS = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(3))

@@ -9,7 +9,6 @@ import torch
 from conftest import tiny_config
 
 from gen_cli.errors import UsageError
-from gen_cli.infer.native.build import native_status
 from gen_cli.lab.decode_bench import (
     DEFAULT_GPU_MODES,
     DEFAULT_MODES,
@@ -21,6 +20,7 @@ from gen_cli.lab.decode_bench import (
 )
 from gen_cli.lab.transformers_peer import hf_available
 from gen_cli.model.transformer import Transformer
+from gen_cli.native.build import native_status
 
 
 def test_bytes_per_token_follow_the_stored_dtype():

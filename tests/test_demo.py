@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from gen_cli.cli import app
-from gen_cli.infer.native.build import native_status
+from gen_cli.native.build import native_status
 
 runner = CliRunner()
 

@@ -16,13 +16,13 @@ from hf_builders import byte_level_tokenizer  # noqa: E402
 
 from gen_cli.cli import app  # noqa: E402
 from gen_cli.errors import GenError  # noqa: E402
-from gen_cli.model.block_linear import dequantize_modules  # noqa: E402
-from gen_cli.model.checkpoint import save_model  # noqa: E402
+from gen_cli.formats.checkpoint import save_model  # noqa: E402
+from gen_cli.formats.export import export_hf  # noqa: E402
+from gen_cli.formats.export_gguf import export_gguf  # noqa: E402
+from gen_cli.formats.loading import load  # noqa: E402
 from gen_cli.model.config import ModelConfig  # noqa: E402
-from gen_cli.model.export import export_hf  # noqa: E402
-from gen_cli.model.export_gguf import export_gguf  # noqa: E402
-from gen_cli.model.loading import load  # noqa: E402
 from gen_cli.model.transformer import Transformer  # noqa: E402
+from gen_cli.quant.block_linear import dequantize_modules  # noqa: E402
 from gen_cli.text.tokenizer import configure, encode  # noqa: E402
 
 runner = CliRunner()

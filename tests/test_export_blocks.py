@@ -15,14 +15,14 @@ gguf = pytest.importorskip("gguf")
 from hf_builders import byte_level_tokenizer  # noqa: E402
 
 from gen_cli.cli import app  # noqa: E402
+from gen_cli.formats.checkpoint import save_model  # noqa: E402
+from gen_cli.formats.export_gguf import export_gguf  # noqa: E402
+from gen_cli.formats.gguf_file import GGUFFile  # noqa: E402
+from gen_cli.formats.loading import load  # noqa: E402
 from gen_cli.infer.optimize import optimize_for_decode  # noqa: E402
-from gen_cli.model.block_linear import BlockLinear  # noqa: E402
-from gen_cli.model.checkpoint import save_model  # noqa: E402
 from gen_cli.model.config import ModelConfig  # noqa: E402
-from gen_cli.model.export_gguf import export_gguf  # noqa: E402
-from gen_cli.model.gguf_file import GGUFFile  # noqa: E402
-from gen_cli.model.loading import load  # noqa: E402
 from gen_cli.model.transformer import Transformer  # noqa: E402
+from gen_cli.quant.block_linear import BlockLinear  # noqa: E402
 from gen_cli.text.tokenizer import configure  # noqa: E402
 
 runner = CliRunner()

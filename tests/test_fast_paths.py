@@ -6,12 +6,12 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from gen_cli.infer import linear as q
 from gen_cli.infer.generate import generate, new_cache
-from gen_cli.infer.linear import Int8Linear, OneDNNLinear
-from gen_cli.infer.optimize import optimize_for_decode
+from gen_cli.infer.optimize import fuse_mlp, optimize_for_decode
 from gen_cli.infer.sampling import SamplingConfig
 from gen_cli.model.transformer import Transformer
+from gen_cli.quant import linear as q
+from gen_cli.quant.linear import Int8Linear, OneDNNLinear
 
 GREEDY = SamplingConfig(temperature=0.0)
 # int8 / bf16 bounds, relative to the largest |logit| of the fp32 model (tiny random models: ~0.1-0.3).
@@ -67,7 +67,7 @@ def test_prompt_gemm_pads_rows_to_a_power_of_two_and_matches_linear(rows):
 def test_fused_mlp_matches_separate_projections():
     ref, fast = _pair()
     for layer in fast.layers:
-        layer.mlp.fuse()
+        fuse_mlp(layer.mlp)
     assert "w13" in fast.layers[0].mlp._modules and not hasattr(fast.layers[0].mlp, "w1")
     x = torch.randn(2, 5, 32)
     with torch.no_grad():
@@ -98,7 +98,7 @@ def test_int8_linear_is_its_dequantized_weight():
 
 def test_int8_prompt_under_compile_avoids_onednn(monkeypatch):
     """Inductor refuses oneDNN's GEMM on a weight computed in the graph: compiled prompts use F.linear."""
-    from gen_cli.infer import linear
+    from gen_cli.quant import linear
 
     lin = Int8Linear(torch.randn(300, 256), torch.float32)
     monkeypatch.setattr(linear, "prompt_gemm", lambda *a: pytest.fail("oneDNN GEMM under compile"))
@@ -164,7 +164,7 @@ def test_cli_quantize_and_refusals(model_dir):
     def run(*args):
         return CliRunner().invoke(app, ["generate", "hi", "--model", str(model_dir), "--device", "cpu", *args])
 
-    from gen_cli.infer.native.build import native_status
+    from gen_cli.native.build import native_status
 
     native_dtype = "float32" if native_status() == "ready" else "bfloat16"
     # Without the native step int8 computes in bf16: PyTorch's int8 kernel is ~20x slower on fp32.

@@ -6,11 +6,11 @@ import pytest
 import torch
 from conftest import tiny_config
 
+from gen_cli.cache.linear import KVCache
 from gen_cli.errors import UsageError
 from gen_cli.infer import generate as generate_module
 from gen_cli.infer.generate import decode_step, generate, new_cache, prefill, run_generation
 from gen_cli.infer.sampling import SamplingConfig
-from gen_cli.model.kv_cache import KVCache
 from gen_cli.model.transformer import Transformer
 
 CTX = 16

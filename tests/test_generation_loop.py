@@ -11,11 +11,11 @@ import pytest
 import torch
 from torch import nn
 
+from gen_cli.cache.linear import KVCache
 from gen_cli.errors import InternalError
 from gen_cli.infer.generate import generate, greedy_steps, new_cache
 from gen_cli.infer.sampling import SamplingConfig
 from gen_cli.model.config import ModelConfig
-from gen_cli.model.kv_cache import KVCache
 
 V = 16
 GREEDY = SamplingConfig(temperature=0.0)

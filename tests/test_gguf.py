@@ -27,10 +27,10 @@ from hf_builders import (  # noqa: E402
     write_tokenizer_gguf,
 )
 
+from gen_cli.cache.linear import KVCache  # noqa: E402
 from gen_cli.cli import app  # noqa: E402
+from gen_cli.formats.loading import load, model_tokenizer  # noqa: E402
 from gen_cli.infer.generate import decode_step, prefill  # noqa: E402
-from gen_cli.model.kv_cache import KVCache  # noqa: E402
-from gen_cli.model.loading import load, model_tokenizer  # noqa: E402
 from gen_cli.text.tokenizer import configure, encode  # noqa: E402
 
 runner = CliRunner()

@@ -18,12 +18,12 @@ gguf = pytest.importorskip("gguf")
 from hf_builders import byte_level_tokenizer, random_hf_model, write_gguf  # noqa: E402
 
 from gen_cli.cli import app  # noqa: E402
+from gen_cli.formats.gguf_file import GGUFFile  # noqa: E402
+from gen_cli.formats.loading import load  # noqa: E402
 from gen_cli.infer.optimize import optimize_for_decode  # noqa: E402
-from gen_cli.model.block_linear import BlockEmbedding, BlockLinear, dequantize_modules  # noqa: E402
-from gen_cli.model.blocks import dequantize, max_error, quantize  # noqa: E402
-from gen_cli.model.gguf_file import GGUFFile  # noqa: E402
 from gen_cli.model.info import weight_summary  # noqa: E402
-from gen_cli.model.loading import load  # noqa: E402
+from gen_cli.quant.block_linear import BlockEmbedding, BlockLinear, dequantize_modules  # noqa: E402
+from gen_cli.quant.blocks import dequantize, max_error, quantize  # noqa: E402
 
 runner = CliRunner()
 # hidden 256, MLP 512: every row is whole 256-weight super-blocks, so each type fits every matrix
@@ -179,7 +179,7 @@ def test_float_model_quantized_to_blocks_matches_its_dequantized_self(files):
 
 
 def test_types_without_a_kernel_go_to_the_nearest_block_type_with_as_many_bits():
-    from gen_cli.model.gguf_blocks import nearest_block_type
+    from gen_cli.formats.gguf_blocks import nearest_block_type
 
     assert nearest_block_type("Q5_K", 256) == "q6_k" and nearest_block_type("Q8_1", 256) == "q8_0"
     assert nearest_block_type("Q2_K", 512) == "q4_k" and nearest_block_type("Q3_K", 256) == "q4_k"

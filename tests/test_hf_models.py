@@ -20,14 +20,14 @@ transformers = pytest.importorskip("transformers")
 
 from hf_builders import ARCHS, build_hf_model, byte_level_tokenizer  # noqa: E402
 
+from gen_cli.cache.linear import KVCache  # noqa: E402
 from gen_cli.cli import app  # noqa: E402
+from gen_cli.formats.checkpoint import load_config  # noqa: E402
+from gen_cli.formats.loading import load  # noqa: E402
 from gen_cli.infer.generate import decode_step, generate, new_cache, prefill  # noqa: E402
 from gen_cli.infer.optimize import optimize_for_decode  # noqa: E402
 from gen_cli.infer.sampling import SamplingConfig  # noqa: E402
-from gen_cli.model.checkpoint import load_config  # noqa: E402
 from gen_cli.model.config import ModelConfig  # noqa: E402
-from gen_cli.model.kv_cache import KVCache  # noqa: E402
-from gen_cli.model.loading import load  # noqa: E402
 from gen_cli.resources import default_model_dir  # noqa: E402
 
 runner = CliRunner()
@@ -103,7 +103,7 @@ def test_native_step_runs_a_plain_llama_and_matches_transformers(folders, arch):
 
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3", "gpt2"])
 def test_native_step_refuses_properties_it_lacks(folders, arch):
-    from gen_cli.infer.native.decoder import supports
+    from gen_cli.native.decoder import supports
 
     reason = supports(optimize_for_decode(load(folders[arch][0]).model, native=False))
     assert reason is not None and "native kernel does not implement" in reason

@@ -69,7 +69,7 @@ def test_bad_weights_are_refused_naming_the_tensor(model_dir, tmp_path, attack):
 
 
 def test_a_swapped_tokenizer_is_refused_and_old_dirs_without_a_digest_still_load(model_dir, tmp_path):
-    from gen_cli.model.checkpoint import TOKENIZER_DIGEST_KEY, load_model
+    from gen_cli.formats.checkpoint import TOKENIZER_DIGEST_KEY, load_model
 
     folder = copy_model(model_dir, tmp_path)
     tok = json.loads((folder / "tokenizer.json").read_text())
@@ -142,7 +142,7 @@ def test_subnormal_temperature_and_penalty_give_text_not_nan(model_dir, option):
 
 
 def test_num_samples_beyond_memory_is_refused_with_the_estimate(model_dir, monkeypatch):
-    from gen_cli.model import memory
+    from gen_cli import memory
 
     monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": 50 * 2**20)
     argv = ["generate", "hi", "--model", str(model_dir), "--device", "cpu", "--num-samples", "100000"]
@@ -152,7 +152,7 @@ def test_num_samples_beyond_memory_is_refused_with_the_estimate(model_dir, monke
 
 
 def test_vocab_size_and_special_tokens_are_checked_up_front(tmp_path, monkeypatch):
-    from gen_cli.model import memory
+    from gen_cli import memory
 
     monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": 8 * 2**30)  # as on a laptop
     monkeypatch.setenv("GEN_HOME", str(tmp_path / "home"))

@@ -17,7 +17,7 @@ import pytest
 from hostile import REPO, cli, one_line, refused
 
 from gen_cli.errors import GenError, UsageError
-from gen_cli.infer.native import build
+from gen_cli.native import build
 from gen_cli.train.args import TrainArgs
 from gen_cli.train.loop import train
 from gen_cli.train.run_folder import LOCK_FILE

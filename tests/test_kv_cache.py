@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import tiny_config
 
+from gen_cli.cache.linear import KVCache
 from gen_cli.errors import InternalError
-from gen_cli.model.kv_cache import KVCache
 
 
 @pytest.mark.parametrize("kv", [4, 2, 1])

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from gen_cli.cache.linear import kv_bytes_per_token
 from gen_cli.lab import compare_charts, kv_charts
 from gen_cli.model.config import ModelConfig
-from gen_cli.model.kv_cache import kv_bytes_per_token
 from tests.test_report import row
 
 SHAPE = ModelConfig(vocab_size=300, n_layer=2, n_head=4, n_kv_head=4, d_model=128, d_ff=64, context_length=64)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from gen_cli import memory
+from gen_cli.cache.linear import KVCache
 from gen_cli.errors import GenError
 from gen_cli.infer.generate import new_cache
-from gen_cli.model import memory
-from gen_cli.model.kv_cache import KVCache
 from gen_cli.model.transformer import Transformer
 from tests.conftest import tiny_config
 

@@ -8,13 +8,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from gen_cli.cache.kinds import KV_KINDS, parse_kv_kinds
+from gen_cli.cache.linear import KVCache, kv_bytes_per_token
 from gen_cli.cli import app
 from gen_cli.errors import UsageError
 from gen_cli.infer.generate import generate, greedy_steps, new_cache, prefill
 from gen_cli.infer.kv_accuracy import kv_accuracy
 from gen_cli.infer.sampling import SamplingConfig
-from gen_cli.model.kv_cache import KVCache, kv_bytes_per_token
-from gen_cli.model.kv_quant import KV_KINDS, parse_kv_kinds
 from gen_cli.model.transformer import Transformer
 from tests.conftest import TEXT, fit, tiny_config
 

@@ -14,12 +14,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gen_cli.cache.linear import KVCache
+from gen_cli.cache.window import WindowKVCache
 from gen_cli.errors import UsageError
 from gen_cli.infer.generate import decode_step, greedy_steps, new_cache, prefill, run_generation
 from gen_cli.infer.optimize import optimize_for_decode
 from gen_cli.infer.sampling import SamplingConfig
-from gen_cli.model.kv_cache import KVCache
-from gen_cli.model.kv_window import WindowKVCache
 from gen_cli.model.positions import alibi_slopes, apply_rope, rope_tables
 from gen_cli.model.transformer import Transformer
 from tests.conftest import tiny_config
@@ -249,7 +249,7 @@ def test_trained_window_equals_transformers(tmp_path, arch, changes, window):
     transformers = pytest.importorskip("transformers")
     from hf_builders import build_hf_model, byte_level_tokenizer
 
-    from gen_cli.model.loading import load
+    from gen_cli.formats.loading import load
 
     build_hf_model(arch, tmp_path, byte_level_tokenizer())
     cfg = json.loads((tmp_path / "config.json").read_text()) | changes
@@ -280,7 +280,7 @@ def test_gguf_sliding_window_is_read(tmp_path, monkeypatch):
     gguf = pytest.importorskip("gguf")
     from hf_builders import build_hf_model, byte_level_tokenizer, write_gguf
 
-    from gen_cli.model.loading import load
+    from gen_cli.formats.loading import load
 
     tok = byte_level_tokenizer()
     hf = build_hf_model("mistral", tmp_path, tok)
@@ -374,7 +374,7 @@ def test_compare_grid_crosses_windows_and_sinks_and_runs_past_the_context():
 @pytest.mark.parametrize("target", ["hf", "gguf"])
 def test_export_refuses_a_trained_window_it_cannot_write(target):
     from gen_cli.errors import GenError
-    from gen_cli.model.export import family
+    from gen_cli.formats.export import family
 
     with pytest.raises(GenError, match="trained sliding window of 6 tokens"):
         family(CONFIG.replace(sliding_window=6), target)

@@ -13,7 +13,21 @@ import gen_cli
 
 PACKAGE = Path(gen_cli.__file__).parent
 # Lower layers first: a module may import from its own package and from packages listed after it.
-LAYERS = ["cli", "commands", "lab", "train", "infer", "model", "text", "base"]
+LAYERS = [
+    "cli",
+    "commands",
+    "lab",
+    "train",
+    "infer",
+    "formats",
+    "native",
+    "quant",
+    "memory",
+    "cache",
+    "model",
+    "text",
+    "base",
+]
 BASE = {"errors", "limits", "resources", "atomic", "runtime", "__init__", "__main__"}
 
 
@@ -32,7 +46,7 @@ def _imports(path: Path) -> list[tuple[str, list[str]]]:
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("gen_cli"):
             found.append((node.module, [a.name for a in node.names]))
-            # `from gen_cli.model import hf` imports the module gen_cli.model.hf
+            # `from gen_cli.formats import hf` imports the module gen_cli.formats.hf
             found += [(f"{node.module}.{a.name}", []) for a in node.names if _is_module(f"{node.module}.{a.name}")]
     return found
 

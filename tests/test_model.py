@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import tiny_config
 
+from gen_cli.cache.linear import KVCache
 from gen_cli.errors import GenError
-from gen_cli.model.kv_cache import KVCache
 from gen_cli.model.transformer import Transformer, apply_rope, rope_tables, sinusoidal_table
 
 

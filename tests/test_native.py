@@ -14,15 +14,15 @@ from conftest import tiny_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gen_cli.cache.linear import KVCache
 from gen_cli.errors import UsageError
 from gen_cli.infer.generate import decode_step, generate, new_cache, prefill, run_generation
-from gen_cli.infer.linear import OneDNNLinear, mkldnn_ok
-from gen_cli.infer.native import build
-from gen_cli.infer.native import decoder as native
 from gen_cli.infer.optimize import optimize_for_decode
 from gen_cli.infer.sampling import SamplingConfig
-from gen_cli.model.kv_cache import KVCache
 from gen_cli.model.transformer import Transformer
+from gen_cli.native import build
+from gen_cli.native import decoder as native
+from gen_cli.quant.linear import OneDNNLinear, mkldnn_ok
 
 pytestmark = pytest.mark.skipif(
     shutil.which(shlex.split(os.environ.get("CC", "cc"))[0]) is None, reason="no C compiler on this machine"
@@ -212,7 +212,7 @@ def test_without_a_compiler_generation_falls_back(fresh_library, monkeypatch):
 
 @pytest.mark.skipif(native.native_status() != "ready", reason="needs the compiled kernel")
 def test_a_struct_layout_mismatch_is_refused_before_any_struct_is_filled(fresh_library, monkeypatch):
-    from gen_cli.infer.native import abi
+    from gen_cli.native import abi
 
     assert abi.bind(build.library()) is None  # this build and the mirrors agree
     build.library.cache_clear()
@@ -224,7 +224,7 @@ def test_a_struct_layout_mismatch_is_refused_before_any_struct_is_filled(fresh_l
 
 
 def test_a_library_without_an_abi_description_is_refused():
-    from gen_cli.infer.native import abi
+    from gen_cli.native import abi
 
     class Foreign:  # a shared object that is not gen's kernel: no gen_abi symbol
         pass

@@ -21,15 +21,16 @@ import torch.nn.functional as F
 from conftest import tiny_config
 from gguf.quants import dequantize as gguf_dequantize
 
+from gen_cli.cache.linear import KVCache
 from gen_cli.infer.generate import decode_step, prefill
-from gen_cli.infer.native import build
-from gen_cli.infer.native import decoder as native
-from gen_cli.infer.native.abi import PROFILE_KEYS
-from gen_cli.infer.native.block_matmul import block_matmul, use_block_kernel
-from gen_cli.model.block_linear import BlockEmbedding, BlockLinear
-from gen_cli.model.blocks import BLOCK_TYPES, quantize
-from gen_cli.model.kv_cache import KVCache
+from gen_cli.infer.optimize import fuse_mlp
 from gen_cli.model.transformer import Transformer
+from gen_cli.native import build
+from gen_cli.native import decoder as native
+from gen_cli.native.abi import PROFILE_KEYS
+from gen_cli.native.block_matmul import block_matmul, use_block_kernel
+from gen_cli.quant.block_linear import BlockEmbedding, BlockLinear
+from gen_cli.quant.blocks import BLOCK_TYPES, quantize
 
 pytestmark = [
     pytest.mark.skipif(shutil.which(shlex.split(os.environ.get("CC", "cc"))[0]) is None, reason="no C compiler"),
@@ -106,7 +107,7 @@ def _block_model(qtype: str, tied: bool = True, **changes) -> Transformer:
         if "norm" in name:
             p.copy_(1 + 0.2 * torch.randn_like(p))
     for block in model.layers:
-        block.mlp.fuse()
+        fuse_mlp(block.mlp)
         for parent in (block.attn, block.mlp):
             for name, child in list(parent.named_children()):
                 if isinstance(child, torch.nn.Linear):

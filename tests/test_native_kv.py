@@ -15,13 +15,13 @@ import pytest
 import torch
 from conftest import tiny_config
 
+from gen_cli.cache.kinds import KVSide
+from gen_cli.cache.linear import KVCache
 from gen_cli.infer.generate import decode_step, generate, new_cache, prefill, run_generation
-from gen_cli.infer.native import build
 from gen_cli.infer.optimize import optimize_for_decode
 from gen_cli.infer.sampling import SamplingConfig
-from gen_cli.model.kv_cache import KVCache
-from gen_cli.model.kv_quant import KVSide
 from gen_cli.model.transformer import Transformer
+from gen_cli.native import build
 
 pytestmark = pytest.mark.skipif(
     shutil.which(shlex.split(os.environ.get("CC", "cc"))[0]) is None, reason="no C compiler on this machine"

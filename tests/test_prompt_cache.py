@@ -8,11 +8,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from gen_cli.cache.prompt_file import identity, read_prompt_cache, restore, save_prompt_cache
 from gen_cli.cli import app
 from gen_cli.errors import GenError
 from gen_cli.infer.generate import continue_steps, generate, new_cache, prefill
 from gen_cli.infer.sampling import SamplingConfig
-from gen_cli.model.prompt_cache import identity, read_prompt_cache, restore, save_prompt_cache
 from gen_cli.model.transformer import Transformer
 from tests.conftest import tiny_config
 

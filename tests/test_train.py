@@ -63,7 +63,7 @@ def test_lr_schedule_warms_up_then_decays_to_min():
 
 
 def test_loss_goes_down_and_metrics_and_checkpoint_are_written(home):
-    from gen_cli.model.checkpoint import load_model
+    from gen_cli.formats.checkpoint import load_model
 
     events = []
     summary = train(tiny_args(home, steps=40, eval_every=20), events.append)
@@ -79,7 +79,7 @@ def test_loss_goes_down_and_metrics_and_checkpoint_are_written(home):
 
 
 def test_alibi_trains_saves_and_reloads_and_head_size_follows_d_model(home):
-    from gen_cli.model.checkpoint import load_model
+    from gen_cli.formats.checkpoint import load_model
     from gen_cli.model.config import load_preset
     from gen_cli.train.args import build_config
 
@@ -115,7 +115,7 @@ def test_resume_continues_exactly(home):
 def test_interrupted_checkpoint_write_keeps_the_previous_one(home, monkeypatch, crashing):
     import safetensors.torch
 
-    from gen_cli.model.checkpoint import load_model
+    from gen_cli.formats.checkpoint import load_model
     from gen_cli.train.run_folder import load_train_state
 
     train(tiny_args(home, stop_after=5))
@@ -282,7 +282,7 @@ def test_cli_nan_loss_stops_and_keeps_last_good_checkpoint(trained, monkeypatch)
 def test_cli_eval_uniform_model_gives_ln_v(trained, monkeypatch):
     import torch
 
-    from gen_cli.model.checkpoint import load_model, save_model
+    from gen_cli.formats.checkpoint import load_model, save_model
 
     model, tok = load_model(trained / "run")
     with torch.no_grad():

@@ -50,9 +50,9 @@ def attention_command(
     up there), and the entropy of each row (low: focused; log2 of the row length: uniform). Under GQA
     or MQA the table says which query heads share each KV head.
     """
+    from gen_cli.formats.loading import load
     from gen_cli.lab import attention as lab
     from gen_cli.lab.report import plot_available
-    from gen_cli.model.loading import load
     from gen_cli.text.tokenizer import encode
 
     if model_dir is not None and preset is not None:

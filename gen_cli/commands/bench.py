@@ -107,11 +107,11 @@ def bench_decode_command(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from gen_cli.commands.bench_view import decode_table, print_profiles
+    from gen_cli.formats.loading import require_model_kind
     from gen_cli.lab.bench_format import FORMATS, render
     from gen_cli.lab.decode_bench import DEFAULT_GPU_MODES, DEFAULT_MODES, bench_decode
     from gen_cli.lab.llama_bench import find_llama_bench
     from gen_cli.lab.transformers_peer import HF_INSTALL, hf_available
-    from gen_cli.model.loading import require_model_kind
     from gen_cli.runtime import resolve_device, set_threads
 
     fmt = "json" if as_json else fmt

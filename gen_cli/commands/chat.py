@@ -215,9 +215,9 @@ def chat_command(
 
     import torch
 
+    from gen_cli.formats.loading import load
     from gen_cli.infer.optimize import optimize_for_decode
     from gen_cli.infer.session import ChatSession, ContextFull
-    from gen_cli.model.loading import load
     from gen_cli.runtime import resolve_device, resolve_dtype, set_threads
 
     device = resolve_device(device_name)
@@ -233,7 +233,7 @@ def chat_command(
     for note in loaded.notes:
         err.print(escape(note))
     model = optimize_for_decode(loaded.model, native=native)
-    from gen_cli.infer.native.build import take_notes
+    from gen_cli.native.build import take_notes
 
     for note in take_notes():
         err.print(escape(note))

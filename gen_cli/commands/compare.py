@@ -26,8 +26,8 @@ def _resolve_shape(preset: str | None, model_dir: Path | None) -> tuple[Any, str
 
     --model may be a gen directory, a Hugging Face folder or a GGUF file: only its shape is read.
     """
+    from gen_cli.formats.loading import config_for, model_kind
     from gen_cli.model.config import load_preset
-    from gen_cli.model.loading import config_for, model_kind
     from gen_cli.resources import default_model_dir
 
     if preset is not None and model_dir is not None:
@@ -303,7 +303,7 @@ def _confirm_large_grid(specs: list[Any], yes: bool) -> None:
 
 def _check_grid_memory(specs: list[Any], device: Any) -> None:
     """Refuse, before the grid starts, a configuration whose KV cache and weights cannot fit in memory."""
-    from gen_cli.model.memory import check_fits, generation_bytes, parameter_count
+    from gen_cli.memory import check_fits, generation_bytes, parameter_count
 
     def need(s: Any) -> int:
         # fp32 bytes bound every dtype; the model and its fp32 oracle are both resident.

@@ -40,11 +40,11 @@ def convert_command(
     bytes per token, greedy decode speed and held-out bits per byte, right after pooling and (with
     --uptrain-steps) after a short training run from the pooled weights, against the original.
     """
+    from gen_cli.formats.checkpoint import load_config
+    from gen_cli.formats.loading import config_for, model_kind
     from gen_cli.lab.compare import int_values
     from gen_cli.lab.convert import convert_and_measure
-    from gen_cli.model.checkpoint import load_config
     from gen_cli.model.convert import POOLING, kv_head_choices
-    from gen_cli.model.loading import config_for, model_kind
 
     counts = int_values("--kv-heads", [kv_heads], [])
     kind = model_kind(model_dir)

@@ -34,10 +34,10 @@ def demo_command(
     """
     import torch
 
+    from gen_cli.formats.checkpoint import load_model
     from gen_cli.infer.generate import run_generation
     from gen_cli.infer.optimize import optimize_for_decode
     from gen_cli.infer.sampling import SamplingConfig
-    from gen_cli.model.checkpoint import load_model
     from gen_cli.runtime import LoadProbe, set_threads, spread_verdict
     from gen_cli.text.tokenizer import decode, encode, special_id
 

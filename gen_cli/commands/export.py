@@ -45,7 +45,7 @@ def export_command(
     refused with the reason, and nothing is written. The output is written to a temporary name and renamed
     into place; an existing output is kept unless --force.
     """
-    from gen_cli.model.export import check_output
+    from gen_cli.formats.export import check_output
 
     if to not in TARGETS:
         raise UsageError(f"--to must be one of {', '.join(TARGETS)}, got {to!r}")
@@ -56,9 +56,9 @@ def export_command(
     if not model.exists():
         raise UsageError(f"{model}: no such model directory or .gguf file")
     check_output(out, force, folder=to == "hf")  # before loading: a refusal costs nothing
-    from gen_cli.model.export import export_hf, family
-    from gen_cli.model.export_gguf import export_gguf
-    from gen_cli.model.loading import config_for, load
+    from gen_cli.formats.export import export_hf, family
+    from gen_cli.formats.export_gguf import export_gguf
+    from gen_cli.formats.loading import config_for, load
 
     config, _source, _details = config_for(str(model))
     family(config, to)  # an inexpressible model is refused from its config alone, before the weights load
@@ -91,7 +91,7 @@ def _stored_type(model) -> str:
 
     import torch
 
-    from gen_cli.model.export import held_blocks
+    from gen_cli.formats.export import held_blocks
 
     blocks = Counter(qtype for _, qtype in held_blocks(model).values())
     if blocks:

@@ -70,7 +70,7 @@ def _longest_token(tok: Any) -> int:
 
 def _native_note(model: Any, native: bool, compiled: bool) -> str:
     """Why the PyTorch path decodes although the native step was not turned off, for --stats."""
-    from gen_cli.infer.native.decoder import unavailable_reason
+    from gen_cli.native.decoder import unavailable_reason
 
     if not native or compiled or model.native_decoder is not None:
         return ""
@@ -244,8 +244,8 @@ def generate_command(
     Prints only the continuation. The seed defaults to 0, so a run is reproducible; random preset
     weights always come from seed 0, so --seed changes only the sampling.
     """
+    from gen_cli.formats.loading import load
     from gen_cli.infer.sampling import SamplingConfig
-    from gen_cli.model.loading import load
 
     _check_options(model_dir, preset, tokenizer, attention, kv_heads, pos, max_new_tokens, num_samples, rope_scaling)
     sampling = SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty)
@@ -316,7 +316,7 @@ def generate_command(
     # Inference-only fast paths (fused MLP, the native C decode step or prepacked weights; int8 and
     # compile when asked): fp32 results equal the plain model's within float rounding.
     model = optimize_for_decode(model, quantize=quantize, compile=compile_, native=native)
-    from gen_cli.infer.native.build import take_notes
+    from gen_cli.native.build import take_notes
 
     for note in take_notes():
         err.print(escape(note))

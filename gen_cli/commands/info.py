@@ -26,18 +26,25 @@ def info_command(
 
     Reads only headers and metadata, never the weights, so it is quick on large models.
     """
+    from gen_cli.cache.linear import kv_kind_bytes
+    from gen_cli.formats.loading import config_for
     from gen_cli.lab.report import human_bytes
     from gen_cli.model.info import model_info
-    from gen_cli.model.loading import config_for
 
     if target is not None and model is not None:
         raise UsageError("give the model either as TARGET or with --model, not both")
-    from gen_cli.infer.native.decoder import unsupported_properties
+    from gen_cli.native.decoder import unsupported_properties
 
     config, source, details = config_for(str(model) if model is not None else target or str(default_model_dir()))
     lacking = unsupported_properties(config)
     native = "yes (CPU, fp32/bf16/int8)" if not lacking else f"no: it does not implement {', '.join(lacking)}"
-    info = {"source": source, **details, **model_info(config), "native_decode": native}
+    info = {
+        "source": source,
+        **details,
+        **model_info(config),
+        "kv_kinds": kv_kind_bytes(config),
+        "native_decode": native,
+    }
     if as_json:
         print_json(info)
         return
@@ -50,7 +57,7 @@ def info_command(
             shown = ", ".join(f"{k} ×{n}" for k, n in value.items()) if isinstance(value, dict) else str(value)
             table.add_row(key, escape(shown))
     if "matrices" in details:  # a GGUF file: the form gen holds each class of matrix in, and its bytes
-        from gen_cli.model.gguf_blocks import summary_lines
+        from gen_cli.formats.gguf_blocks import summary_lines
 
         for line in summary_lines(details["matrices"]):
             table.add_row("matrices", escape(line))

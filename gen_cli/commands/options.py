@@ -33,7 +33,7 @@ KvDtypeV = Annotated[str | None, typer.Option("--kv-dtype-v", help="KV cache kin
 
 def kv_kinds_of(both: str | None, k: str | None, v: str | None) -> tuple[str | None, str | None] | None:
     """(K, V) cache kinds from --kv-dtype and --kv-dtype-k/-v (None: the compute dtype, unquantized)."""
-    from gen_cli.model.kv_quant import KV_KINDS, parse_kv_kinds
+    from gen_cli.cache.kinds import KV_KINDS, parse_kv_kinds
 
     if both is None and k is None and v is None:
         return None

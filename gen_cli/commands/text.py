@@ -11,7 +11,7 @@ from rich.text import Text
 
 from gen_cli.commands.common import check_writable_output, err, out_console, print_json, progress_enabled, read_text_arg
 from gen_cli.errors import UsageError
-from gen_cli.model.loading import default_tokenizer_path, resolve_tokenizer_path
+from gen_cli.formats.loading import default_tokenizer_path, resolve_tokenizer_path
 from gen_cli.text.tokenizer import DEFAULT_VOCAB_SIZE, EOT
 
 corpus_app = typer.Typer(help="List and print the built-in corpora.", no_args_is_help=True)
@@ -145,7 +145,7 @@ def tokenize_command(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Show how text splits into tokens: alternating colours in a terminal, '|' separators otherwise."""
-    from gen_cli.model.loading import model_tokenizer
+    from gen_cli.formats.loading import model_tokenizer
     from gen_cli.text.tokenizer import encode, load_tokenizer, token_bytes
 
     if tokenizer is not None and model is not None:

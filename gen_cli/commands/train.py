@@ -277,8 +277,8 @@ def eval_command(
 def _by_position(model_dir: Path, inputs: list[str], context: int | None, buckets: int, device: str,
                  batch_size: int, max_tokens: int | None, rope_scaling: str | None, as_json: bool,
                  png: Path | None = None) -> None:  # fmt: skip
+    from gen_cli.formats.loading import config_for
     from gen_cli.lab.report import plot_available
-    from gen_cli.model.loading import config_for
     from gen_cli.train.by_position import evaluate_by_position
 
     if png is not None:

@@ -14,11 +14,11 @@ from typing import Any
 
 import torch
 
+from gen_cli.cache.linear import KVCache
+from gen_cli.cache.window import RELATIVE, WindowKVCache
 from gen_cli.errors import InternalError, UsageError
 from gen_cli.infer.sampling import SamplingConfig, sample_next
 from gen_cli.model.config import ModelConfig
-from gen_cli.model.kv_cache import KVCache
-from gen_cli.model.kv_window import RELATIVE, WindowKVCache
 from gen_cli.model.transformer import Transformer
 from gen_cli.runtime import LoadProbe, PeakMemory, dtype_name, synchronize
 
@@ -219,7 +219,7 @@ def check_memory(
     kv_kinds: tuple[str | None, str | None] | None = None,
 ) -> None:
     """Refuse a generation whose KV cache (batch × tokens, stored as `kv_kinds`) and buffers cannot fit."""
-    from gen_cli.model.memory import check_fits, generation_bytes
+    from gen_cli.memory import check_fits, generation_bytes
 
     bpe = torch.empty((), dtype=model_dtype(model)).element_size()
     check_fits(

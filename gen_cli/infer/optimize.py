@@ -12,11 +12,11 @@ import torch
 from torch import nn
 
 from gen_cli.errors import UsageError
-from gen_cli.infer.linear import Int8Linear, OneDNNLinear, onednn_applies
 from gen_cli.infer.sampling import SamplingConfig
-from gen_cli.model.block_linear import BlockLinear
-from gen_cli.model.blocks import block_type_for
 from gen_cli.model.transformer import Transformer
+from gen_cli.quant.block_linear import BlockLinear, as_block_linear, concat_rows
+from gen_cli.quant.blocks import block_type_for
+from gen_cli.quant.linear import Int8Linear, OneDNNLinear, onednn_applies
 
 # int8: one scale per output row (gen's own, PyTorch's int8 kernel); q8_0 / q4_0 / q4_k: GGML's block
 # formats (a scale per 32 weights, or per 32 inside 256), the bytes a GGUF file of that type holds.
@@ -68,8 +68,8 @@ def quantize_blocks(model: Transformer, qtype: str) -> Transformer:
 
 def attach_block_kernels(model: Transformer) -> None:
     """Point every BlockLinear's `kernel` at the fastest product this machine has for its blocks (the
-    native block matmul of infer/native); where none is set, a BlockLinear dequantizes per call."""
-    from gen_cli.infer.native.block_matmul import use_block_kernel
+    native block matmul of native); where none is set, a BlockLinear dequantizes per call."""
+    from gen_cli.native.block_matmul import use_block_kernel
 
     use_block_kernel(model)  # CPU layers, when the kernel builds here
 
@@ -88,7 +88,7 @@ def compute_dtype(
     if quantize in BLOCK_MODES:
         return torch.float32  # block layers compute on fp32 activations (the native kernels and the fallback)
     if native and device.type == "cpu":
-        from gen_cli.infer.native.build import native_status
+        from gen_cli.native.build import native_status
 
         if native_status() == "ready":
             return torch.float32
@@ -127,6 +127,29 @@ def compile_warm_up(
     return time.perf_counter() - start
 
 
+def fuse_mlp(mlp: nn.Module) -> str | None:
+    """Replace a SwiGLU's w1 and w3 by one (2 d_ff, d_model) linear `w13`: one matmul reads x once for both.
+
+    Block-quantized halves are concatenated as blocks (re-quantized to the more precise type when they
+    differ; the note returned says so). A GELU MLP, or one already fused, is left as it is."""
+    if mlp.kind != "swiglu" or "w13" in mlp._modules:
+        return None
+    if isinstance(mlp.w1, BlockLinear) or isinstance(mlp.w3, BlockLinear):
+        mlp.w13, note = concat_rows([as_block_linear(mlp.w1, mlp.w3), as_block_linear(mlp.w3, mlp.w1)])
+        del mlp.w1, mlp.w3
+        return note
+    w1, w3 = mlp.w1, mlp.w3
+    bias = w1.bias is not None
+    w13 = nn.Linear(w1.in_features, 2 * w1.out_features, bias=bias).to(w1.weight.device, w1.weight.dtype)
+    with torch.no_grad():
+        w13.weight.copy_(torch.cat([w1.weight, w3.weight]))  # (2 d_ff, d_model): gate rows, then up
+        if bias:
+            w13.bias.copy_(torch.cat([w1.bias, w3.bias]))  # (2 d_ff,)
+    mlp.w13 = w13
+    del mlp.w1, mlp.w3
+    return None
+
+
 def optimize_for_decode(
     model: Transformer, quantize: str = "none", compile: bool = False, native: bool = True
 ) -> Transformer:
@@ -144,8 +167,7 @@ def optimize_for_decode(
         )
     model.eval().requires_grad_(False)
     for layer in model.layers:
-        if "w13" not in layer.mlp._modules:
-            layer.mlp.fuse()
+        fuse_mlp(layer.mlp)
     if quantize == "int8":
         quantize_int8(model)
     elif quantize in BLOCK_MODES:
@@ -156,7 +178,7 @@ def optimize_for_decode(
         return compile_model(model)
     native_step = False
     if native:
-        from gen_cli.infer.native.decoder import NativeDecoder
+        from gen_cli.native.decoder import NativeDecoder
 
         native_step = NativeDecoder.attach(model) is None
     head = model.lm_head

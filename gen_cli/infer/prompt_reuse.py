@@ -8,11 +8,11 @@ from pathlib import Path
 from time import perf_counter
 from typing import Any
 
+from gen_cli.cache.kinds import kind_of
+from gen_cli.cache.linear import KVCache
+from gen_cli.cache.prompt_file import identity, read_prompt_cache, restore, save_prompt_cache
 from gen_cli.infer.generate import GenerationResult, model_dtype
 from gen_cli.infer.session import common_prefix
-from gen_cli.model.kv_cache import KVCache
-from gen_cli.model.kv_quant import kind_of
-from gen_cli.model.prompt_cache import identity, read_prompt_cache, restore, save_prompt_cache
 from gen_cli.model.transformer import Transformer
 from gen_cli.text.tokenizer import tokenizer_digest
 

@@ -16,11 +16,11 @@ from typing import Any
 
 import torch
 
+from gen_cli.cache.linear import KVCache
+from gen_cli.cache.window import WindowKVCache
 from gen_cli.errors import GenError, UsageError
 from gen_cli.infer.generate import continue_steps, model_dtype, prefill
 from gen_cli.infer.sampling import SamplingConfig
-from gen_cli.model.kv_cache import KVCache
-from gen_cli.model.kv_window import WindowKVCache
 from gen_cli.model.transformer import Transformer
 from gen_cli.runtime import synchronize
 from gen_cli.text.chat import encode_rendered, render_chat
@@ -236,7 +236,7 @@ class ChatSession:
 def _check_cache_fits(
     model: Transformer, tokens: int, device: torch.device, kv_kinds: tuple[str | None, str | None]
 ) -> None:
-    from gen_cli.model.memory import check_fits, generation_bytes
+    from gen_cli.memory import check_fits, generation_bytes
 
     bpe = torch.empty((), dtype=model_dtype(model)).element_size()
     check_fits(

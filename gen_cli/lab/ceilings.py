@@ -9,9 +9,9 @@ import time
 
 import torch
 
-from gen_cli.infer.linear import Int8Linear, OneDNNLinear
 from gen_cli.model.config import ModelConfig
 from gen_cli.model.transformer import Transformer
+from gen_cli.quant.linear import Int8Linear, OneDNNLinear
 from gen_cli.runtime import synchronize
 
 
@@ -35,7 +35,7 @@ def measure_bandwidth(device: torch.device, mib: int = 256) -> float:
     """
     n = mib * 2**20 // 4
     if device.type == "cpu":
-        from gen_cli.infer.native.decoder import huge_page_arena
+        from gen_cli.native.decoder import huge_page_arena
 
         src = huge_page_arena(4 * n).view(torch.float32)
         src.normal_()

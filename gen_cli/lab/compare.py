@@ -94,7 +94,7 @@ def expand_grid(
     if kv_heads and "gqa" not in attention:
         raise UsageError("kv_heads sets the KV heads of GQA; add attention gqa", params=("kv_heads", "attention"))
     dtypes = list(dict.fromkeys(CANONICAL_DTYPE.get(d, d) for d in dtype))
-    from gen_cli.model.kv_quant import check_kind, parse_kv_kinds  # torch: not at CLI import time
+    from gen_cli.cache.kinds import check_kind, parse_kv_kinds  # torch: not at CLI import time
 
     kv_kinds = kv_dtype or [""]  # "": the cache in the compute dtype, as gen generate without --kv-dtype
     for spec in kv_kinds:
@@ -110,7 +110,7 @@ def expand_grid(
                 heads.append((kind, n_kv))
     windows = _window_kinds(window, sinks, min(prompt_len))
     # A window cache of a RoPE/ALiBi model runs past the context (positions within the cache); others do not.
-    from gen_cli.model.kv_window import RELATIVE, check_window
+    from gen_cli.cache.window import RELATIVE, check_window
 
     unbounded = kv_cache == ["on"] and all(w for w, _ in windows) and set(pos) <= set(RELATIVE)
     limit = shape.context_length

@@ -17,7 +17,6 @@ import torch
 
 from gen_cli.errors import UsageError
 from gen_cli.infer.generate import greedy_steps, model_dtype, new_cache, run_generation
-from gen_cli.infer.native.block_matmul import tile_dtype
 from gen_cli.infer.optimize import compute_dtype, optimize_for_decode
 from gen_cli.infer.sampling import SamplingConfig
 from gen_cli.lab.ceilings import (
@@ -30,6 +29,7 @@ from gen_cli.lab.ceilings import (
 from gen_cli.lab.transformers_peer import build_hf, hf_available, hf_version, time_hf
 from gen_cli.model.config import ModelConfig, load_preset
 from gen_cli.model.transformer import Transformer, random_model
+from gen_cli.native.block_matmul import tile_dtype
 from gen_cli.runtime import LoadProbe, spread_verdict
 
 # Reference figures for a llama2.c-style C loop on the 2-core CPU machine of the README's table (fp32,

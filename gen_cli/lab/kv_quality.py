@@ -15,8 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from gen_cli.cache.linear import KVCache
 from gen_cli.errors import UsageError
-from gen_cli.model.kv_cache import KVCache
 from gen_cli.model.transformer import Transformer
 
 # (model, batch, max_tokens) → an empty cache of that size that the model can write through.
@@ -113,9 +113,9 @@ def measure_trained_kv(
 ) -> dict[str, Any]:
     """Each KV kind's cost on a trained gen model's own weights: KL / top-1 / greedy agreement over a
     `gen_len` continuation of a validation prompt, and Δ bits per byte on its validation text."""
+    from gen_cli.cache.kinds import parse_kv_kinds
+    from gen_cli.formats.checkpoint import load_model
     from gen_cli.infer.kv_accuracy import kv_accuracy
-    from gen_cli.model.checkpoint import load_model
-    from gen_cli.model.kv_quant import parse_kv_kinds
     from gen_cli.runtime import resolve_device
     from gen_cli.text.corpus import Corpus
     from gen_cli.train.evaluate import scoring_stream, trained_inputs

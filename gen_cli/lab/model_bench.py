@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from gen_cli.errors import UsageError
+from gen_cli.formats.loading import load, require_model_kind
 from gen_cli.infer.optimize import compute_dtype, optimize_for_decode
 from gen_cli.lab.decode_bench import (
     DECODE_PROMPT,
@@ -23,7 +24,6 @@ from gen_cli.lab.decode_bench import (
     run_context,
 )
 from gen_cli.lab.transformers_peer import hf_available
-from gen_cli.model.loading import load, require_model_kind
 from gen_cli.model.transformer import Transformer
 
 
@@ -76,7 +76,7 @@ def bench_model_decode(
         raise UsageError(f"llama-bench runs GGUF files; {path} is a {kind} model", params=("llama_bench",))
     loaded = load(path, device=device, dtype=torch.float32)
     if _has_blocks(loaded.model):  # a quantized file: the reference is its weights dequantized
-        from gen_cli.model.block_linear import dequantize_modules
+        from gen_cli.quant.block_linear import dequantize_modules
 
         dequantize_modules(loaded.model)
         modes = modes if asked else ("file", *modes)  # by default, first of all what the file itself runs at

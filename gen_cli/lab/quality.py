@@ -71,7 +71,7 @@ def measure_quality(
 
 def _pool(model_dir: str, kv_heads: int, out: str) -> str:
     """Save `model_dir`'s model with its KV heads mean-pooled to `kv_heads` in `out`; returns out."""
-    from gen_cli.model.checkpoint import load_model, save_model
+    from gen_cli.formats.checkpoint import load_model, save_model
     from gen_cli.model.convert import pool_kv_heads
 
     model, tok = load_model(model_dir)

@@ -82,11 +82,11 @@ def measure(spec: Spec) -> dict[str, Any]:
     """Build the variant, warm up, time `repeats` greedy generations, check against the fp32 oracle."""
     import torch
 
+    from gen_cli.cache.kinds import parse_kv_kinds
+    from gen_cli.cache.linear import kv_bytes_per_token
     from gen_cli.infer.generate import run_generation
     from gen_cli.infer.optimize import compute_dtype, optimize_for_decode
     from gen_cli.infer.sampling import SamplingConfig
-    from gen_cli.model.kv_cache import kv_bytes_per_token
-    from gen_cli.model.kv_quant import parse_kv_kinds
     from gen_cli.model.transformer import random_model
     from gen_cli.runtime import LoadProbe, resolve_device, resolve_dtype, set_threads
 

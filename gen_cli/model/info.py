@@ -73,18 +73,7 @@ def model_info(config: ModelConfig) -> dict[str, Any]:
         "kv_bytes_per_token": {k: config.kv_bytes_per_token(b) for k, b in sizes.items()},
         "kv_bytes_full_context": {k: config.kv_bytes_per_token(b) * config.context_length for k, b in sizes.items()},
         "weight_bytes": {k: params * b for k, b in sizes.items()},
-        "kv_kinds": kv_kind_bytes(config),
     }
-
-
-def kv_kind_bytes(config: ModelConfig) -> dict[str, dict[str, int]]:
-    """Per KV cache kind this head size can store: bytes per token and at full context, scales included."""
-    from gen_cli.model.kv_cache import kv_bytes_per_token
-    from gen_cli.model.kv_quant import INT4_GROUP, KV_KINDS
-
-    kinds = [k for k in KV_KINDS if k != "int4" or config.head_dim % INT4_GROUP == 0]
-    per = {k: kv_bytes_per_token(config, k, k, 0) for k in kinds}
-    return {k: {"per_token": b, "full_context": b * config.context_length} for k, b in per.items()}
 
 
 def weight_summary(model: Any) -> dict[str, dict[str, Any]]:

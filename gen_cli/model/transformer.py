@@ -15,10 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gen_cli.errors import UsageError
-from gen_cli.model.block_linear import BlockEmbedding, BlockLinear, as_block_linear, concat_rows
-from gen_cli.model.blocks import row_bytes
 from gen_cli.model.config import WEIGHT_SEED, ModelConfig
-from gen_cli.model.kv_cache import KVCache
 from gen_cli.model.positions import (  # noqa: F401  (re-exported: callers import the tables from here)
     alibi_bias,
     alibi_slopes,
@@ -34,6 +31,17 @@ def causal_mask(pos: int, T: int, device: torch.device) -> torch.Tensor:
     q_pos = torch.arange(pos, pos + T, device=device)[:, None]  # (T, 1)
     k_pos = torch.arange(pos + T, device=device)[None, :]  # (1, pos+T)
     return k_pos <= q_pos
+
+
+class KVCache(Protocol):
+    """What the model needs of a KV cache (the classes live in gen_cli.cache): the write position, a
+    per-layer update, and one advance per forward after every layer wrote."""
+
+    pos: int
+
+    def update(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def advance(self, t: int) -> None: ...
 
 
 def check_context(config: ModelConfig, pos: int, new_tokens: int) -> None:
@@ -132,7 +140,7 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x), or GELU: w2(gelu(w1 x)) (`config.mlp`).
 
-    After `fuse()`, a SwiGLU's w1 and w3 are one matrix `w13` (inference only).
+    For inference a SwiGLU's w1 and w3 may be replaced by one matrix `w13` (gate rows, then up rows).
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -143,28 +151,6 @@ class MLP(nn.Module):
         if self.kind == "swiglu":
             self.w3 = nn.Linear(config.d_model, config.d_ff, bias=bias)  # up
         self.w2 = nn.Linear(config.d_ff, config.d_model, bias=bias)  # down
-
-    def fuse(self) -> str | None:
-        """Replace w1 and w3 by one (2 d_ff, d_model) linear `w13`: one matmul reads x once for both.
-
-        Block-quantized halves are concatenated as blocks (re-quantized to the more precise type when they
-        differ; the note returned says so)."""
-        if self.kind != "swiglu":
-            return None  # one input matrix already
-        if isinstance(self.w1, BlockLinear) or isinstance(self.w3, BlockLinear):
-            self.w13, note = concat_rows([as_block_linear(self.w1, self.w3), as_block_linear(self.w3, self.w1)])
-            del self.w1, self.w3
-            return note
-        bias = self.w1.bias is not None
-        w13 = nn.Linear(self.w1.in_features, 2 * self.w1.out_features, bias=bias)
-        w13.to(self.w1.weight.device, self.w1.weight.dtype)
-        with torch.no_grad():
-            w13.weight.copy_(torch.cat([self.w1.weight, self.w3.weight]))  # (2 d_ff, d_model): gate rows, then up
-            if bias:
-                w13.bias.copy_(torch.cat([self.w1.bias, self.w3.bias]))  # (2 d_ff,)
-        self.w13 = w13
-        del self.w1, self.w3
-        return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind != "swiglu":
@@ -332,40 +318,36 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def model_from_tensors(
-    config: ModelConfig, tensors: dict[str, torch.Tensor], blocks: dict[str, tuple[torch.Tensor, str]] | None = None
+    config: ModelConfig, tensors: dict[str, torch.Tensor], layers: dict[str, nn.Module] | None = None
 ) -> Transformer:
     """A model in eval mode holding exactly `tensors` (names and shapes as `expected_shapes`), without
     ever allocating random weights: loaders fill it from a file holding one copy of the weights.
 
-    `blocks` holds matrices kept block-quantized, by the same names (`tok_emb.weight`, `…wqkv.weight` …):
-    (uint8 blocks (rows, row_bytes), qtype); those become BlockEmbedding / BlockLinear layers (their biases,
-    if any, from `tensors`), and a tied lm_head shares the embedding's blocks."""
-    blocks = blocks or {}
+    `layers` replaces whole modules by their path (`tok_emb`, `layers.0.attn.wqkv` …): a loader's own layer
+    kinds, e.g. block-quantized ones, whose weights (and biases) are then absent from `tensors`. A tied
+    lm_head follows the embedding (`tied_head()` when the replacement offers one)."""
+    layers = layers or {}
     shapes = expected_shapes(config)
     held = {k: tuple(t.shape) for k, t in tensors.items()}
-    for k, (b, q) in blocks.items():  # the float shape the blocks stand for, when their bytes fit it
-        want = shapes.get(k, ())
-        held[k] = want if len(want) == 2 and tuple(b.shape) == (want[0], row_bytes(q, want[1])) else ()
-    if len(held) != len(tensors) + len(blocks) or held != shapes:
+    for path, module in layers.items():
+        held[path + ".weight"] = _weight_shape(module)
+        if getattr(module, "bias", None) is not None:
+            held[path + ".bias"] = tuple(module.bias.shape)
+    if held != shapes:
         raise AssertionError("model_from_tensors: names or shapes differ from expected_shapes (a loader bug)")
     with torch.device("meta"):
         model = Transformer(config)
-    # strict=False for the block-held matrices and a tied lm_head, absent here and placed below; checked above.
+    # strict=False for the replaced modules and a tied lm_head, absent here and placed below; checked above.
     model.load_state_dict(tensors, strict=False, assign=True)
-    for name, (data, qtype) in blocks.items():
-        path, _ = name.rsplit(".", 1)
+    for path, module in layers.items():
         parent_name, _, attr = path.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        old = getattr(parent, attr)
-        dim = shapes[name][1]
-        if isinstance(old, nn.Embedding):
-            setattr(parent, attr, BlockEmbedding(data, qtype, dim, model.norm.weight.dtype))
+        setattr(model.get_submodule(parent_name), attr, module)
+    if config.tie_embeddings:
+        tied_head = getattr(model.tok_emb, "tied_head", None)
+        if tied_head is not None:
+            model.lm_head = tied_head()
         else:
-            setattr(parent, attr, BlockLinear(data, qtype, dim, old.bias))
-    if config.tie_embeddings and isinstance(model.tok_emb, BlockEmbedding):
-        model.lm_head = model.tok_emb.tied_head()
-    elif config.tie_embeddings:
-        model.lm_head.weight = model.tok_emb.weight
+            model.lm_head.weight = model.tok_emb.weight
     # The derived tables are not in any file: compute them, in the weights' dtype as `.to(dtype)` would.
     dtype = model.norm.weight.dtype
     if config.pos_encoding == "sinusoidal":
@@ -376,6 +358,13 @@ def model_from_tensors(
     elif config.pos_encoding == "alibi":
         model.alibi_slopes = torch.tensor(alibi_slopes(config.n_head))  # built on meta above: real values now
     return model.eval()
+
+
+def _weight_shape(module: nn.Module) -> tuple[int, ...]:
+    """The float weight shape a replacement layer stands for: (out, in) or (num_embeddings, dim)."""
+    if hasattr(module, "embedding_dim"):
+        return (module.num_embeddings, module.embedding_dim)
+    return (module.out_features, module.in_features)
 
 
 def apply_rope_scaling(model: Transformer, scaling: dict[str, Any] | None) -> None:

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     import torch
     from tokenizers import Tokenizer
 
-    from gen_cli.model.loaded import Loaded
+    from gen_cli.formats.loaded import Loaded
     from gen_cli.text.corpus import Corpus
 
 
@@ -164,8 +164,8 @@ def load_for_scoring(model_dir: str | Path, device: torch.device) -> tuple[torch
     id for imported models (None: gen's `<|endoftext|>`)."""
     import torch
 
-    from gen_cli.model.checkpoint import load_model
-    from gen_cli.model.loading import load, require_model_kind
+    from gen_cli.formats.checkpoint import load_model
+    from gen_cli.formats.loading import load, require_model_kind
 
     path = Path(model_dir)
     kind = require_model_kind(path)

@@ -225,7 +225,7 @@ def _train(args: TrainArgs, report: Reporter, dist: Dist) -> TrainSummary:
 
 
 def _run_loop(args: TrainArgs, report: Reporter, dist: Dist, run: Run) -> TrainSummary:
-    from gen_cli.model.checkpoint import save_model
+    from gen_cli.formats.checkpoint import save_model
     from gen_cli.runtime import dtype_name
     from gen_cli.train.evaluate import evaluate
 

@@ -150,7 +150,7 @@ def load_train_state(folder: Path) -> TrainState:
 
 
 def _run_files() -> tuple[str, ...]:
-    from gen_cli.model.checkpoint import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE
+    from gen_cli.formats.checkpoint import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE
 
     return STATE_FILE, METRICS_FILE, CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE
 

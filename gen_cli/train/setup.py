@@ -148,7 +148,7 @@ def _run_tokenizer(args: TrainArgs, a: TrainArgs, state: TrainState | None, corp
 
 
 def _check_memory(config: ModelConfig, a: TrainArgs, context: int, device: torch.device) -> None:
-    from gen_cli.model.memory import check_fits, parameter_count, training_bytes
+    from gen_cli.memory import check_fits, parameter_count, training_bytes
 
     params = parameter_count(config)
     check_fits(
@@ -174,7 +174,7 @@ def setup_run(args: TrainArgs, report: Reporter, dist: Dist) -> Run:
 def _setup_run(args: TrainArgs, report: Reporter, dist: Dist, lock: contextlib.ExitStack) -> Run:
     import torch
 
-    from gen_cli.model.checkpoint import load_model
+    from gen_cli.formats.checkpoint import load_model
     from gen_cli.model.transformer import Transformer
     from gen_cli.runtime import resolve_device, run_dtype
     from gen_cli.text.corpus import Corpus

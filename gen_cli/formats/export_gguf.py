@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from gen_cli.atomic import atomic_path
 from gen_cli.errors import GenError
-from gen_cli.model import gguf_file, gguf_tokenizer
-from gen_cli.model.export import (
+from gen_cli.formats import gguf_file, gguf_tokenizer
+from gen_cli.formats.export import (
     GGUF_TYPES,
     Exported,
     bos_id,
@@ -61,8 +61,8 @@ def gguf_tensors(model: Transformer, arch: str, kind: str = "f32") -> dict[str, 
     `--quantize` runs, so the file holds exactly the blocks gen computes with. A float `kind` dequantizes."""
     import numpy as np
 
-    from gen_cli.model.blocks import BLOCK_TYPES, quantize
     from gen_cli.model.transformer import expected_shapes
+    from gen_cli.quant.blocks import BLOCK_TYPES, quantize
 
     config = model.config
     blocks = held_blocks(model) if kind in BLOCK_TYPES else {}
@@ -149,7 +149,7 @@ def _qtype(gen_name: str, t: torch.Tensor, kind: str) -> str:
     """The type a float tensor is stored in: norms, biases, position embeddings and RoPE factors stay f32 (as
     llama.cpp's converter keeps them); a block type needs rows of whole blocks (q4_k falls back to q4_0, as
     `--quantize` does), else f16."""
-    from gen_cli.model.blocks import BLOCK_TYPES, block_type_for
+    from gen_cli.quant.blocks import BLOCK_TYPES, block_type_for
 
     if kind == "f32" or t.dim() != 2 or gen_name == "pos_emb.weight":
         return "f32"
@@ -176,7 +176,7 @@ def export_gguf(
     out_file = Path(out_file)
     config = model.config
     arch = GGUF_ARCH[family(config, "gguf")]
-    from gen_cli.model.blocks import BLOCK_TYPES
+    from gen_cli.quant.blocks import BLOCK_TYPES
 
     if type not in GGUF_TYPES and type not in BLOCK_TYPES:  # q4_1/q5_x/q6_k: a loaded model's blocks
         raise UsageError(f"type {type!r} is not a GGUF type gen writes; choose {', '.join(GGUF_TYPES)}",

@@ -12,13 +12,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gen_cli.errors import GenError, UsageError
-from gen_cli.model.checkpoint import read_json_object
+from gen_cli.formats.checkpoint import read_json_object
 from gen_cli.model.config import ModelConfig
 
 if TYPE_CHECKING:
     import torch
 
-    from gen_cli.model.loaded import Loaded
+    from gen_cli.formats.loaded import Loaded
 
 # architectures[0] in config.json → the family whose config and name table apply.
 ARCHITECTURES = {
@@ -372,8 +372,8 @@ def chat_template(directory: Path) -> tuple[str | None, dict[str, str]]:
 
 def load_hf(directory: Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> Loaded:
     """Load an HF model folder (architectures in ARCHITECTURES) with its tokenizer.json."""
-    from gen_cli.model.loaded import Loaded
-    from gen_cli.model.memory import check_tables_fit
+    from gen_cli.formats.loaded import Loaded
+    from gen_cli.memory import check_tables_fit
     from gen_cli.model.transformer import model_from_tensors
     from gen_cli.text.tokenizer import load_tokenizer
 

@@ -1,7 +1,7 @@
 /* GGML's block-quantized weight rows (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K; Q5_0 and Q5_1 in blocks_q5.h) dotted with
  * int8-quantized activations.
  *
- * Included by decode.c (one translation unit). A weight row is its blocks as GGUF stores them; gen_cli/model/blocks.py
+ * Included by decode.c (one translation unit). A weight row is its blocks as GGUF stores them; gen_cli/quant/blocks.py
  * and the `gguf` package's dequantize are the reference layouts. The activation row is quantized once per matrix
  * the way the format wants it: int8 blocks of 32 with an fp32 scale and the block's integer sum (Q8_0/Q4_0/Q4_1),
  * or int8 super-blocks of 256 with one scale and int16 sums per 16 (the k-quants: their 4/6-bit sub-block scales

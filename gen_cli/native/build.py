@@ -19,7 +19,7 @@ from pathlib import Path
 
 from gen_cli.atomic import write_text_atomic
 from gen_cli.errors import GenError
-from gen_cli.infer.native import abi
+from gen_cli.native import abi
 from gen_cli.resources import cache_dir
 
 SOURCE = Path(__file__).with_name("decode.c")

@@ -135,7 +135,7 @@ def load_model(
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from gen_cli.model.memory import check_fits, parameter_count
+    from gen_cli.memory import check_fits, parameter_count
 
     directory = Path(directory)
     if not directory.is_dir():

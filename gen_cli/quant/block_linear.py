@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gen_cli.model.blocks import dequantize, most_precise, quantize, row_bytes
+from gen_cli.quant.blocks import dequantize, most_precise, quantize, row_bytes
 
 
 def _check(blocks: torch.Tensor, qtype: str, rows: int, cols: int) -> torch.Tensor:
@@ -104,6 +104,23 @@ class BlockEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.qtype}, {self.num_embeddings}, {self.embedding_dim}"
+
+
+def block_layers(
+    blocks: dict[str, tuple[torch.Tensor, str]], tensors: dict[str, torch.Tensor], in_dims: dict[str, int]
+) -> dict[str, nn.Module]:
+    """Layers for the matrices a loader keeps as blocks (weight name → (uint8 blocks (rows, row_bytes), qtype)),
+    by module path, for `model_from_tensors`: BlockEmbedding for `tok_emb`, else BlockLinear with its bias moved
+    out of `tensors`. `in_dims` gives each weight's columns; lookups return the norm weights' dtype."""
+    dtype = next(t.dtype for k, t in tensors.items() if k.endswith("norm.weight"))
+    layers: dict[str, nn.Module] = {}
+    for name, (data, qtype) in blocks.items():
+        path = name.removesuffix(".weight")
+        if path == "tok_emb":
+            layers[path] = BlockEmbedding(data, qtype, in_dims[name], dtype)
+        else:
+            layers[path] = BlockLinear(data, qtype, in_dims[name], tensors.pop(path + ".bias", None))
+    return layers
 
 
 def as_block_linear(layer: nn.Module, like: nn.Module) -> BlockLinear:

@@ -15,14 +15,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gen_cli.errors import GenError, UsageError
+from gen_cli.formats.gguf_blocks import BLOCK_NAMES, FLOAT_TYPES, Held, holding, summary, summary_lines
 from gen_cli.model.config import ModelConfig
-from gen_cli.model.gguf_blocks import BLOCK_NAMES, FLOAT_TYPES, Held, holding, summary, summary_lines
 
 if TYPE_CHECKING:
     import numpy as np
     import torch
 
-    from gen_cli.model.loaded import Loaded
+    from gen_cli.formats.loaded import Loaded
 
 ARCHITECTURES = ("llama", "qwen2", "qwen3", "gpt2")
 PERMUTED_QK = ("llama",)  # written with llama.cpp's interleaved RoPE layout (qwen2/3 use NEOX = rotate-half)
@@ -214,7 +214,7 @@ def load_gguf_weights(
     import numpy as np
     import torch
 
-    from gen_cli.model.blocks import quantize
+    from gen_cli.quant.blocks import quantize
 
     plan = _plan(config, arch)
     for shape, names in plan.values():
@@ -283,10 +283,11 @@ def _details(f: GGUFFile, arch: str, config: ModelConfig, helds: list[Held] | No
 
 def load_gguf(path: Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> Loaded:
     """Load a .gguf file and rebuild its tokenizer from the metadata."""
-    from gen_cli.model.gguf_tokenizer import tokenizer_from_gguf
-    from gen_cli.model.loaded import Loaded
-    from gen_cli.model.memory import check_tables_fit
+    from gen_cli.formats.gguf_tokenizer import tokenizer_from_gguf
+    from gen_cli.formats.loaded import Loaded
+    from gen_cli.memory import check_tables_fit
     from gen_cli.model.transformer import model_from_tensors
+    from gen_cli.quant.block_linear import block_layers
 
     f = GGUFFile(path)
     config, arch = _config(f)
@@ -297,7 +298,8 @@ def load_gguf(path: Path, device: torch.device | str = "cpu", dtype: torch.dtype
             f"{path}: the tokenizer has {tok.get_vocab_size()} tokens but the embedding has {config.vocab_size} rows"
         )
     tensors, blocks, helds = load_gguf_weights(f, config, arch, dtype)
-    model = model_from_tensors(config, tensors, blocks).to(device)
+    in_dims = {name: shape[1] for name, shape in _expected_shapes(config).items() if name in blocks}
+    model = model_from_tensors(config, tensors, block_layers(blocks, tensors, in_dims)).to(device)
     details = _details(f, arch, config, helds)
     notes = [f"{line} (GGUF types gen has no kernel for, or parts of one matrix in different types)"
              for line in summary_lines(details["matrices"]) if "re-quantized" in line]  # fmt: skip

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from gen_cli.cache.kinds import INT4_GROUP, KV_KINDS, KVSide, bytes_per_head_token, check_kind, kind_of
 from gen_cli.errors import InternalError, UsageError
 from gen_cli.model.config import ModelConfig
-from gen_cli.model.kv_quant import KVSide, bytes_per_head_token, check_kind, kind_of
 
 
 class KVStorage:
@@ -165,3 +165,10 @@ def kv_bytes_per_token(config: ModelConfig, k_kind: str | None, v_kind: str | No
     plain = config.head_dim * bytes_per_element
     per_head = sum(plain if k is None else bytes_per_head_token(k, config.head_dim) for k in (k_kind, v_kind))
     return config.n_layer * config.n_kv_head * per_head
+
+
+def kv_kind_bytes(config: ModelConfig) -> dict[str, dict[str, int]]:
+    """Per KV cache kind this head size can store: bytes per token and at full context, scales included."""
+    kinds = [k for k in KV_KINDS if k != "int4" or config.head_dim % INT4_GROUP == 0]
+    per = {k: kv_bytes_per_token(config, k, k, 0) for k in kinds}
+    return {k: {"per_token": b, "full_context": b * config.context_length} for k, b in per.items()}

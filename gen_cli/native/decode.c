@@ -9,7 +9,7 @@
  * Its streamed tensors (embedding, matrices, KV cache) are fp32 (matrices fp32 or int8), or all bf16 (a
  * `--dtype bfloat16` model); either way every sum and the scratch are fp32: bf16 is widened on load.
  *
- * gen_cli/infer/native/build.py compiles this file with the machine's C compiler (-O3 -march=native -fopenmp),
+ * gen_cli/native/build.py compiles this file with the machine's C compiler (-O3 -march=native -fopenmp),
  * fills the structs below with pointers into the model's torch tensors, and checks the logits against
  * the PyTorch path in the tests. Compiled for the machine it runs on, so no vector ISA is assumed:
  * the dot products have AVX-512 (VNNI for int8) paths and portable loops, both tested.
@@ -51,7 +51,7 @@ typedef struct {
     const float *weight, *bias;
 } Norm;
 
-/* How a layer stores K or V (gen_cli/model/kv_quant.py): the model's own float dtype, int8 with one fp32
+/* How a layer stores K or V (gen_cli/cache/kinds.py): the model's own float dtype, int8 with one fp32
  * scale per token per head (x = q * scale), or int4 in groups of 32 along head_dim, two values a byte, low
  * nibble first, with an fp32 scale and zero point per group (x = q * scale + zero). */
 enum { KV_FLOAT = 0, KV_INT8 = 1, KV_INT4 = 2 };

@@ -14,8 +14,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from gen_cli.model.blocks import BLOCK_TYPES, most_precise, row_bytes
 from gen_cli.model.info import matrix_class
+from gen_cli.quant.blocks import BLOCK_TYPES, most_precise, row_bytes
 
 FLOAT_TYPES = ("F32", "F16", "BF16")
 BLOCK_NAMES = {name.upper(): name for name in BLOCK_TYPES}  # GGML's spelling → ours

@@ -19,13 +19,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from gen_cli.infer.linear import Int8Linear
-from gen_cli.infer.native.abi import KV_KINDS, MATRIX_TYPES, PROFILE_KEYS, Layer, Matrix, Model, Norm
-from gen_cli.infer.native.build import library, native_status
-from gen_cli.model.block_linear import BlockEmbedding, BlockLinear
+from gen_cli.cache.linear import KVCache
 from gen_cli.model.config import ModelConfig
-from gen_cli.model.kv_cache import KVCache
 from gen_cli.model.transformer import Transformer, check_context
+from gen_cli.native.abi import KV_KINDS, MATRIX_TYPES, PROFILE_KEYS, Layer, Matrix, Model, Norm
+from gen_cli.native.build import library, native_status
+from gen_cli.quant.block_linear import BlockEmbedding, BlockLinear
+from gen_cli.quant.linear import Int8Linear
 
 # Batch rows one step takes: each weight row block is reused from L1 by every row, so a handful of
 # samples costs little more than one; larger batches are GEMMs, PyTorch's strength.

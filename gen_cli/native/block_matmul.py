@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gen_cli.infer.native.abi import MATRIX_TYPES
-from gen_cli.infer.native.build import library
-from gen_cli.model.block_linear import BlockLinear
+from gen_cli.native.abi import MATRIX_TYPES
+from gen_cli.native.build import library
+from gen_cli.quant.block_linear import BlockLinear
 
 # From this many tokens on, row tiles are dequantized into a scratch and multiplied by PyTorch's GEMM; below it
 # the int8 kernel, which reads each weight byte once, wins: dequantizing costs the same for 8 tokens as for 512

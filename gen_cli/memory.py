@@ -63,7 +63,7 @@ def generation_bytes(
 ) -> int:
     """KV cache (batch × tokens) as its kinds store it (int8/int4 with their scales; None: unquantized at
     bytes_per_element), the id buffer and a few fp32 logits rows per sequence."""
-    from gen_cli.model.kv_cache import kv_bytes_per_token
+    from gen_cli.cache.linear import kv_bytes_per_token
 
     k_kind, v_kind = kv_kinds or (None, None)
     per_token = kv_bytes_per_token(config, k_kind, v_kind, bytes_per_element)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from gen_cli.atomic import atomic_path, write_text_atomic
 from gen_cli.errors import GenError, UsageError
-from gen_cli.model import hf
+from gen_cli.formats import hf
 from gen_cli.model.config import ModelConfig
 from gen_cli.text.tokenizer import EOT
 
@@ -119,7 +119,7 @@ def split_rows(config: ModelConfig, gen_name: str, t: torch.Tensor, n: int) -> l
 def held_blocks(model: Transformer) -> dict[str, tuple[torch.Tensor, str]]:
     """gen name (`….weight`) → (uint8 blocks on the CPU, qtype) for every matrix the model holds as GGML
     blocks (a tied lm_head left out: it is the embedding's)."""
-    from gen_cli.model.block_linear import BlockEmbedding, BlockLinear
+    from gen_cli.quant.block_linear import BlockEmbedding, BlockLinear
 
     out = {}
     for name, module in model.named_modules():
@@ -132,8 +132,8 @@ def held_blocks(model: Transformer) -> dict[str, tuple[torch.Tensor, str]]:
 def state_of(model: Transformer, blocks: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
     """gen name → tensor on the CPU, every name `expected_shapes` lists (a tied lm_head left out) except
     those in `blocks`; without `blocks`, block-held matrices are dequantized here (float32)."""
-    from gen_cli.model.blocks import dequantize
     from gen_cli.model.transformer import expected_shapes
+    from gen_cli.quant.blocks import dequantize
 
     held = held_blocks(model)
     state = {k: v for k, v in model.state_dict().items() if not k.endswith(".blocks")}

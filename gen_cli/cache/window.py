@@ -14,10 +14,10 @@ import math
 import torch
 import torch.nn.functional as F
 
+from gen_cli.cache.kinds import KVSide
+from gen_cli.cache.linear import KVStorage, allocate_kv
 from gen_cli.errors import InternalError, UsageError
 from gen_cli.model.config import ModelConfig
-from gen_cli.model.kv_cache import KVStorage, allocate_kv
-from gen_cli.model.kv_quant import KVSide
 from gen_cli.model.positions import alibi_bias, alibi_slopes, apply_rope, rope_tables
 
 # Position encodings whose positions the cache re-assigns (so generation may run past the context).

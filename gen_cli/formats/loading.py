@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gen_cli.errors import UsageError
+from gen_cli.formats.loaded import Loaded
 from gen_cli.model.config import ModelConfig, kv_heads_for, load_preset, preset_names
-from gen_cli.model.loaded import Loaded
 from gen_cli.resources import default_model_dir, work_dir
 from gen_cli.text.tokenizer import load_tokenizer
 
@@ -86,8 +86,8 @@ def load(
 
 def rescale(loaded: Loaded, spec: str) -> None:
     """Run the loaded model with the RoPE scaling `spec` instead of its own; a note says what changed."""
+    from gen_cli.memory import check_tables_fit
     from gen_cli.model.config import parse_rope_scaling, with_rope_scaling
-    from gen_cli.model.memory import check_tables_fit
     from gen_cli.model.transformer import apply_rope_scaling
 
     scaling = parse_rope_scaling(spec)
@@ -125,7 +125,7 @@ def _load(
         loaded = preset_model(preset, tokenizer, attention, kv_heads, pos)
         loaded.model = loaded.model.to(device=device, dtype=dtype).eval()
         return loaded
-    from gen_cli.model.checkpoint import load_model
+    from gen_cli.formats.checkpoint import load_model
 
     require_model_kind(directory)  # a .gguf file or an HF folder went to the importers before here
     model, tok = load_model(directory, device=device, dtype=dtype)
@@ -150,7 +150,7 @@ def model_kind(path: Path) -> str | None:
     if path.is_file() and path.suffix.lower() == ".gguf":
         return "gguf"
     if path.is_dir():
-        from gen_cli.model.hf import is_hf_dir
+        from gen_cli.formats.hf import is_hf_dir
 
         return "hf" if is_hf_dir(path) else "gen"
     return None
@@ -161,11 +161,11 @@ def _load_imported(path: Path, kind: str, device: torch.device, dtype: torch.dty
     import torch
 
     if kind == "hf":
-        from gen_cli.model.hf import load_hf
+        from gen_cli.formats.hf import load_hf
 
         loaded = load_hf(path, device, dtype)
     else:
-        from gen_cli.model.gguf_file import load_gguf
+        from gen_cli.formats.gguf_file import load_gguf
 
         loaded = load_gguf(path, device, dtype)
     stored = loaded.model.norm.weight.dtype  # the float tensors' dtype (an embedding may be blocks)
@@ -178,17 +178,17 @@ def _load_imported(path: Path, kind: str, device: torch.device, dtype: torch.dty
 def config_for(target: str) -> tuple[ModelConfig, str, dict[str, Any]]:
     """The shape of a model (gen directory, HF folder, GGUF file) or a preset, a label saying which it
     was, and details of imported models (format, architecture, tokenizer); reads no weights."""
-    from gen_cli.model.checkpoint import load_config
+    from gen_cli.formats.checkpoint import load_config
 
     path = Path(target)
     kind = model_kind(path)
     if kind == "hf":
-        from gen_cli.model.hf import read_config
+        from gen_cli.formats.hf import read_config
 
         config, details = read_config(path)
         return config, f"model {path}", details
     if kind == "gguf":
-        from gen_cli.model.gguf_file import read_gguf_config
+        from gen_cli.formats.gguf_file import read_gguf_config
 
         config, details = read_gguf_config(path)
         return config, f"model {path}", details
@@ -205,8 +205,8 @@ def config_for(target: str) -> tuple[ModelConfig, str, dict[str, Any]]:
 def model_tokenizer(path: Path) -> Tokenizer:
     """The tokenizer of a model (gen directory, HF folder, or a GGUF file's rebuilt one); no weights read."""
     if require_model_kind(path) == "gguf":
-        from gen_cli.model.gguf_file import GGUFFile
-        from gen_cli.model.gguf_tokenizer import tokenizer_from_gguf
+        from gen_cli.formats.gguf_file import GGUFFile
+        from gen_cli.formats.gguf_tokenizer import tokenizer_from_gguf
 
         return tokenizer_from_gguf(GGUFFile(path).get, str(path))[0]
     return load_tokenizer(path / "tokenizer.json")

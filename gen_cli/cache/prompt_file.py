@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from gen_cli.atomic import atomic_path
+from gen_cli.cache.kinds import KVSide
+from gen_cli.cache.linear import KVCache
 from gen_cli.errors import GenError
-from gen_cli.model.kv_cache import KVCache
-from gen_cli.model.kv_quant import KVSide
 
 if TYPE_CHECKING:
     from gen_cli.model.config import ModelConfig
