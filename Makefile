@@ -4,8 +4,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # Real users get whatever torch pip picks for their machine; CI pins the local CPU build (make TORCH=torch==2.13.0).
 TORCH ?= torch
-# An index for torch alone, e.g. https://download.pytorch.org/whl/cpu for the CPU-only build.
-TORCH_INDEX ?=
+# Where pip gets torch from (and only torch). Empty: the package index's default build, on Linux the CUDA one.
+# CPU=1 is short for PyTorch's own index of CPU-only builds.
+CPU ?=
+TORCH_INDEX ?= $(if $(CPU),https://download.pytorch.org/whl/cpu)
 STAMP := $(VENV)/.installed
 
 .PHONY: install test lint format demo bench bench-contention clean
@@ -13,7 +15,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	@echo "Installing into $(VENV): $(TORCH)$(if $(TORCH_INDEX), from $(TORCH_INDEX)), tokenizers, safetensors, typer, rich, test tools."
 	$(if $(TORCH_INDEX),,@echo "pip picks the torch build: on Linux the CUDA one (~16 NVIDIA packages, a 5.6 GB venv). For the")
-	$(if $(TORCH_INDEX),,@echo "CPU-only build (1.1 GB) instead: Ctrl-C, then make $(or $(MAKECMDGOALS),install) TORCH_INDEX=https://download.pytorch.org/whl/cpu")
+	$(if $(TORCH_INDEX),,@echo "CPU-only build (1.1 GB) instead: Ctrl-C, then make $(or $(MAKECMDGOALS),install) CPU=1")
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
