@@ -22,6 +22,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 from typer.core import TyperCommand, TyperGroup
+from typer.models import DefaultPlaceholder
 
 from gen_cli import __version__
 from gen_cli.errors import GenError
@@ -107,17 +108,22 @@ def _takes_value(param: Any) -> bool:
     return param.param_type_name == "option" and not getattr(param, "is_flag", False) and not param.count
 
 
+def _set_metavars(command: click.Command) -> None:
+    """Arguments named in capitals (PROMPT), options that name no metavar given a short one (N, PATH)."""
+    for param in command.params:
+        if param.param_type_name == "argument":
+            param.metavar = param.metavar or (param.name or "").upper()
+        elif param.metavar is None and not getattr(param, "is_flag", False):
+            param.metavar = _metavar(param)
+
+
 class GenCommand(TyperCommand):
     """A command with gen's conventions: renamed flags accepted, short uppercase metavars, arguments named
     in capitals, and a `--help` laid out in panels that reads at 80 columns."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        for param in self.params:
-            if param.param_type_name == "argument":
-                param.metavar = param.metavar or (param.name or "").upper()
-            elif param.metavar is None and not getattr(param, "is_flag", False):
-                param.metavar = _metavar(param)
+        _set_metavars(self)
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         return super().parse_args(ctx, renamed_args(self, args))
@@ -131,19 +137,41 @@ class GenCommand(TyperCommand):
         return pieces
 
     def format_help(self, ctx: click.Context, formatter: Any) -> None:
-        console = Console(width=min(Console().width, HELP_WIDTH), highlight=False)
-        console.print(Text("Usage: ", style="yellow") + Text(self.get_usage(ctx).removeprefix("Usage: "), "bold"))
-        if self.help:
-            console.print()
-            console.print(Markdown(inspect.cleandoc(self.help)))
+        _print_help(self, ctx)
+
+
+class GenGroup(TyperGroup):
+    """A command group whose `--help` is laid out as its commands' is."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _set_metavars(self)
+
+    def format_help(self, ctx: click.Context, formatter: Any) -> None:
+        rows = []
+        for name in self.list_commands(ctx):
+            sub = self.get_command(ctx, name)
+            if sub is not None and not sub.hidden:
+                first = inspect.cleandoc(sub.help or "").split("\n\n")[0].replace("\n", " ").replace("`", "")
+                rows.append((Text(name, style="bold cyan"), Text(first)))
+        _print_help(self, ctx, [("Commands", rows)])
+
+
+def _print_help(command: click.Command, ctx: click.Context, extra: list | None = None) -> None:
+    """Usage, the description (markdown), then the parameters in panels: two columns, wrapped, never cut."""
+    console = Console(width=min(Console().width, HELP_WIDTH), highlight=False)
+    console.print(Text("Usage: ", style="yellow") + Text(command.get_usage(ctx).removeprefix("Usage: "), "bold"))
+    if command.help:
         console.print()
-        for title, rows in _panels(self, ctx):
-            table = Table.grid(padding=(0, 2), expand=True)
-            table.add_column(no_wrap=True, max_width=34, overflow="fold")
-            table.add_column(ratio=1, overflow="fold")
-            for names, text in rows:
-                table.add_row(names, text)
-            console.print(Panel(table, title=title, title_align="left", border_style="dim"))
+        console.print(Markdown(inspect.cleandoc(command.help)))
+    console.print()
+    for title, rows in [*_panels(command, ctx), *(extra or [])]:
+        table = Table.grid(padding=(0, 2), expand=True)
+        table.add_column(no_wrap=True, max_width=34, overflow="fold")
+        table.add_column(ratio=1, overflow="fold")
+        for names, text in rows:
+            table.add_row(names, text)
+        console.print(Panel(table, title=title, title_align="left", border_style="dim"))
 
 
 def _panels(command: click.Command, ctx: click.Context) -> list[tuple[str, list[tuple[Text, Text]]]]:
@@ -210,11 +238,13 @@ def _use_gen_command(app: typer.Typer) -> None:
         if info.cls in (None, TyperCommand):
             info.cls = GenCommand
     for group in app.registered_groups:
+        if isinstance(group.cls, DefaultPlaceholder):
+            group.cls = GenGroup
         if group.typer_instance is not None:
             _use_gen_command(group.typer_instance)
 
 
-class _Group(TyperGroup):
+class _Group(GenGroup):
     """Turns GenError into a one-line message and exit code; tracebacks only with --debug."""
 
     def invoke(self, ctx: click.Context):
@@ -273,6 +303,6 @@ _register_commands()
 def main() -> None:
     """Console-script entry point."""
     try:
-        app()
+        app(prog_name="gen")
     except KeyboardInterrupt:
         sys.exit(130)
