@@ -205,7 +205,7 @@ def _names(p: Any) -> Text:
 
 def _help_text(p: Any, ctx: click.Context) -> Text:
     """The parameter's help, then `[default: X]` (or `[required]`): one way for every command."""
-    text = Text((p.help or "").replace("\\[", "["))
+    text = Text((p.help or "").replace("\\[", "[").replace("`", ""))  # plain text: no markdown escapes
     default = _default_text(p, ctx)
     if default:
         text.append(f" [default: {default}]", style="dim")

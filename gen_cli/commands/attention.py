@@ -39,8 +39,8 @@ def attention_command(
 ) -> None:
     """Show which tokens each token of PROMPT attends to, in one layer, as the model computes it.
 
-    The model is --model, or random weights of a --preset shape (with --tokenizer and --pos).
-    --json writes the weights, tokens and summaries; --png the heatmap as an image.
+    The model is --model (the shipped model by default), or random weights of a --preset shape (with
+    --tokenizer and --pos). --json writes the weights, tokens and summaries; --png the heatmap as an image.
 
     Rows are queries, columns the keys they attend to (the future is blank: attention is causal);
     shading ░▒▓█ marks a weight below 0.1, below 0.25, below 0.5, and 0.5 or more. The weights are the

@@ -21,12 +21,11 @@ PERFORMANCE = "Performance"
 
 INPUTS_HELP = "Text: files, folders (recursive), globs, '-' for stdin or a built-in corpus name."
 MODEL_HELP = "A gen model directory, a Hugging Face folder or a .gguf file."
-SHIPPED = "the shipped model"
 
 # ---- the model --------------------------------------------------------------------------------------------
-Model = Annotated[
+Model = Annotated[  # the default, where a command has one (the shipped model), is in its description
     Path | None,
-    typer.Option("--model", "-m", metavar="PATH", help=MODEL_HELP, show_default=SHIPPED, rich_help_panel=MODEL),
+    typer.Option("--model", "-m", metavar="PATH", help=MODEL_HELP, show_default=False, rich_help_panel=MODEL),
 ]
 ModelArg = Annotated[  # the positional form, where a command takes the model first (`gen eval MODEL`)
     Path | None,
