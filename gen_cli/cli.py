@@ -16,10 +16,6 @@ from typing import Any
 
 import click
 import typer
-from rich.console import Console
-from rich.markdown import Markdown
-from rich.panel import Panel
-from rich.table import Table
 from rich.text import Text
 from typer.core import TyperCommand, TyperGroup
 from typer.models import DefaultPlaceholder
@@ -159,6 +155,11 @@ class GenGroup(TyperGroup):
 
 def _print_help(command: click.Command, ctx: click.Context, extra: list | None = None) -> None:
     """Usage, the description (markdown), then the parameters in panels: two columns, wrapped, never cut."""
+    from rich.console import Console  # here, not at import: only --help pays for markdown and tables
+    from rich.markdown import Markdown
+    from rich.panel import Panel
+    from rich.table import Table
+
     console = Console(width=min(Console().width, HELP_WIDTH), highlight=False)
     console.print(Text("Usage: ", style="yellow") + Text(command.get_usage(ctx).removeprefix("Usage: "), "bold"))
     if command.help:

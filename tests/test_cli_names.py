@@ -80,10 +80,8 @@ def test_each_name_means_one_thing_and_device_defaults_to_auto():
                 assert p.default == "auto", name
             if name not in ADOPTING:
                 assert not {"--gen-len", "--new-tokens", "--batch", "--output"} & set(p.opts), (name, p.opts)
-                if "-o" in p.opts:
-                    assert "--out" in p.opts, name
-                if "-n" in p.opts:
-                    assert "--max-new-tokens" in p.opts, name
+                for short, flag in (("-o", "--out"), ("-n", "--max-new-tokens"), ("-m", "--model")):
+                    assert (short in p.opts) == (flag in p.opts), (name, p.opts)  # both, or neither
 
 
 @pytest.mark.parametrize("old", sorted(RENAMED))
