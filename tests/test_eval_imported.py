@@ -160,4 +160,4 @@ def test_cli_json_by_position_and_refusals(llama, corpus_dir, tmp_path):
     assert [int(b["tokens"]) for b in sweep["buckets"]] == [(e - s) * sweep["windows"] for s, e in edges]
     r = runner.invoke(app, ["eval", str(tmp_path / "missing.gguf"), str(corpus_dir)])
     assert r.exit_code == 2
-    assert "missing.gguf: no such directory or .gguf file" in r.output and len(r.output.strip().splitlines()) <= 2
+    assert "missing.gguf: no such file or folder" in r.output and len(r.output.strip().splitlines()) <= 2

@@ -339,7 +339,7 @@ def test_chat_without_template_or_with_a_bad_one_is_one_line(folders, chat_folde
 
 @pytest.mark.parametrize(("arch", "pos"), [("qwen2", "rope"), ("gpt2", "learned")])
 def test_compare_measures_an_imported_models_shape(folders, arch, pos):
-    fast = ["--prompt-len", "4", "--gen-len", "5", "--repeats", "1", "--warmup", "0", "--threads", "1"]
+    fast = ["--prompt-len", "4", "--max-new-tokens", "5", "--repeats", "1", "--warmup", "0", "--threads", "1"]
     model = ["compare", "--model", str(folders[arch][0])]
     result = runner.invoke(
         app, [*model, *fast, "--attention", "mha,mqa", "--pos", pos, "--in-process", "--format", "json"]

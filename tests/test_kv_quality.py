@@ -76,7 +76,7 @@ def test_cli_compare_reports_each_kinds_cost_on_a_trained_models_own_weights(mod
     text = tmp_path / "text.txt"
     text.write_text(TEXT, encoding="utf-8")
     args = ["compare", "--model", str(model_dir), "--attention", "mha,mqa", "--pos", "rope", "--kv-cache", "on",
-            "--kv-dtype", "fp32,int8", "--prompt-len", "8", "--gen-len", "8", "--repeats", "1", "--warmup", "0",
+            "--kv-dtype", "fp32,int8", "--prompt-len", "8", "--max-new-tokens", "8", "--repeats", "1", "--warmup", "0",
             "--device", "cpu", "--quality-data", str(text), "--in-process", "--format", "json"]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
