@@ -77,13 +77,14 @@ class Engine:
     def encode(self, text: str) -> list[int]:
         """A prompt's ids as the model reads them (its BOS rules); an empty text is the BOS alone, refused when
         the model declares none (generating from nothing would continue an arbitrary token)."""
-        if not text:
-            if self.bos_id is None:
-                raise UsageError(f"the prompt is empty and {self.source} has no BOS token to start from; give text")
-            return [self.bos_id]
-        if self.add_special_tokens:
-            return self.tokenizer.encode(text, add_special_tokens=True).ids
-        return encode(self.tokenizer, text)
+        special = self.add_special_tokens
+        ids = self.tokenizer.encode(text, add_special_tokens=True).ids if special else encode(self.tokenizer, text)
+        if text:
+            return ids
+        bos = [self.bos_id] if self.bos_id is not None else ids  # else what the tokenizer adds itself, if any
+        if not bos:
+            raise UsageError(f"the prompt is empty and {self.source} has no BOS token to start from; give text")
+        return bos
 
     def chat_ids(self, message: str, system: str | None = None) -> list[int]:
         """The ids of a one-turn conversation rendered by the model's chat template, ready for its reply."""
