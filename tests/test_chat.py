@@ -305,3 +305,14 @@ def test_cli_chat_refuses_a_piped_line_that_is_not_utf8_as_generate_does(chat_di
     result = runner.invoke(app, ["chat", "--model", str(chat_dir), "--max-new-tokens", "2"], input=b"caf\xe9\n")
     assert result.exit_code == 2 and result.stdout == ""
     assert "a line on stdin is not valid UTF-8 (byte 0xe9 at offset 3)" in result.stderr
+
+
+def test_a_system_message_that_is_not_utf8_is_refused_in_one_line(chat_dir):
+    import os
+
+    argv = ["chat", "--model", str(chat_dir), "--system", os.fsdecode(b"caf\xe9")]
+    result = runner.invoke(app, argv, input="Hi\n")
+    assert result.exit_code == 2 and "the system message is not valid UTF-8" in result.stderr
+    argv = ["generate", "--model", str(chat_dir), "--chat", "Hi", "--system", os.fsdecode(b"caf\xe9")]
+    result = runner.invoke(app, argv)
+    assert result.exit_code == 2 and "the system message is not valid UTF-8" in result.stderr

@@ -27,6 +27,8 @@ def test_a_gen_model_stops_at_end_of_text_and_has_no_bos(engine, tokenizer):
         engine.encode("")
     with pytest.raises(UsageError, match="no chat template"):
         engine.chat_ids("Hi")
+    with pytest.raises(UsageError, match=r"the prompt is not valid UTF-8 \(at character 3\)"):
+        engine.encode("caf\udce9")  # an undecodable command-line byte
     assert engine.load_s > 0 and engine.device == torch.device("cpu")
 
 

@@ -77,6 +77,7 @@ class Engine:
     def encode(self, text: str) -> list[int]:
         """A prompt's ids as the model reads them (its BOS rules); an empty text is the BOS alone, refused when
         the model declares none (generating from nothing would continue an arbitrary token)."""
+        _check_utf8(text, "the prompt")
         special = self.add_special_tokens
         ids = self.tokenizer.encode(text, add_special_tokens=True).ids if special else encode(self.tokenizer, text)
         if text:
@@ -92,6 +93,8 @@ class Engine:
 
         if self.chat_template is None:
             raise UsageError(f"{self.source} has no chat template; give the text as a prompt to continue instead")
+        _check_utf8(message, "the message")
+        _check_utf8(system or "", "the system message")
         rendered = render_chat(self.chat_template, conversation(message, system), special_tokens=self.special_tokens,
                                source=f"{self.source}: chat template")  # fmt: skip
         return encode_rendered(self.tokenizer, rendered)
@@ -146,6 +149,7 @@ class Engine:
 
         if self.chat_template is None:
             raise UsageError(f"{self.source} has no chat template, so it cannot chat; continue text instead")
+        _check_utf8(system or "", "the system message")
         return ChatSession(
             self.model, self.tokenizer, self.chat_template, special_tokens=self.special_tokens,
             stop_ids=self.stop_ids, system=system, context_tokens=context_tokens,
@@ -160,6 +164,14 @@ class Engine:
         if not self.options.native or self.options.compile or self.model.native_decoder is not None:
             return ""
         return unavailable_reason(self.model) or ""
+
+
+def _check_utf8(text: str, what: str) -> None:
+    """Refuse text holding lone surrogates (undecodable command-line bytes): the tokenizer cannot encode them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UsageError(f"{what} is not valid UTF-8 (at character {e.start})") from None
 
 
 def run_dtype(options: EngineOptions, device: torch.device) -> torch.dtype | None:
