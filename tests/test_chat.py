@@ -222,12 +222,20 @@ def test_cli_chat_with_piped_turns_prints_replies_and_stats(chat_dir, loaded):
     assert "whole / from cache" in result.stderr
 
 
-def test_cli_chat_json_is_one_object_per_turn_and_per_stats(chat_dir):
+def test_cli_chat_json_is_one_object_per_turn_and_per_stats(chat_dir, loaded):
+    from gen_cli.infer.optimize import optimize_for_decode
+
     result = _chat(chat_dir, "Hello there, fox!\nAnd 12345?\n/stats\n", "--json")
     assert result.exit_code == 0, result.output
     first, second, stats = (json.loads(line) for line in result.stdout.splitlines())
     assert first["reused_tokens"] == 0 and second["reused_tokens"] >= first["prompt_tokens"]
-    assert isinstance(second["reply"], str) and second["ttft_s"] > 0
+    model = optimize_for_decode(load(chat_dir).model, native=False)
+    session = ChatSession(model, loaded.tokenizer, CHATML, special_tokens=loaded.special_tokens,
+                          stop_ids=loaded.stop_ids)  # fmt: skip
+    assert [first["reply"], second["reply"]] == [
+        session.say(m, 6, GREEDY).text for m in ("Hello there, fox!", "And 12345?")
+    ]
+    assert second["ttft_s"] > 0
     stats = stats["stats"]
     assert stats["turns"] == 2 and stats["cached_tokens"] > second["prompt_tokens"] - 1
     cmp = stats["prefill_comparison"]
@@ -291,3 +299,20 @@ def test_cli_chat_kv_dtype_stores_the_conversation_in_that_kind(chat_dir, loaded
     assert bad.exit_code == 2 and "unknown KV cache kind" in bad.stderr
     bad = _chat(chat_dir, "Hi\n", "--kv-dtype", "int8", "--kv-dtype-v", "fp32")
     assert bad.exit_code == 2 and "not both forms" in bad.stderr
+
+
+def test_cli_chat_refuses_a_piped_line_that_is_not_utf8_as_generate_does(chat_dir):
+    result = runner.invoke(app, ["chat", "--model", str(chat_dir), "--max-new-tokens", "2"], input=b"caf\xe9\n")
+    assert result.exit_code == 2 and result.stdout == ""
+    assert "a line on stdin is not valid UTF-8 (byte 0xe9 at offset 3)" in result.stderr
+
+
+def test_a_system_message_that_is_not_utf8_is_refused_in_one_line(chat_dir):
+    import os
+
+    argv = ["chat", "--model", str(chat_dir), "--system", os.fsdecode(b"caf\xe9")]
+    result = runner.invoke(app, argv, input="Hi\n")
+    assert result.exit_code == 2 and "the system message is not valid UTF-8" in result.stderr
+    argv = ["generate", "--model", str(chat_dir), "--chat", "Hi", "--system", os.fsdecode(b"caf\xe9")]
+    result = runner.invoke(app, argv)
+    assert result.exit_code == 2 and "the system message is not valid UTF-8" in result.stderr
