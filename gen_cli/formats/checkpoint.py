@@ -164,9 +164,10 @@ def load_model(
     for name, t in tensors.items():
         if not bool(torch.isfinite(t).all()):
             raise GenError(f"{directory / WEIGHTS_FILE}: tensor {name} holds NaN or infinite values")
-    model = Transformer(config)
-    # strict=False only because a tied lm_head is absent from the file; the header check was exact.
-    model.load_state_dict(tensors, strict=False)  # copy_ casts each tensor to fp32
-    model.to(device=device, dtype=dtype)
-    model.eval()
+    from gen_cli.model.transformer import model_from_tensors
+
+    # The file's tensors become the weights (safetensors maps the file copy-on-write): no random init and
+    # no copy unless the dtype changes; in `dtype` before the model computes its RoPE tables in it.
+    model = model_from_tensors(config, {name: t.to(dtype) for name, t in tensors.items()})
+    model.to(device=device)
     return model, tokenizer
