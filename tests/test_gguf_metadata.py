@@ -27,7 +27,7 @@ SCALARS = [("u8", T.UINT8, 200), ("i8", T.INT8, -100), ("u16", T.UINT16, 60000),
            ("yes", T.BOOL, True), ("no", T.BOOL, False), ("s", T.STRING, "héllo 🙂"),
            ("empty_s", T.STRING, "")]  # fmt: skip
 ARRAYS = {"ints": [1, -2, 3], "floats": [0.5, -1e-5, 3.25], "bools": [True, False, True],
-          "strings": ["a", "", "日本語", "x y"], "nested": [[1, 2], [3, 4, 5]],
+          "strings": ["a", "", "日本語", "x y"], "nul": ["a\x00b", "", "\x00"], "nested": [[1, 2], [3, 4, 5]],
           "nested_strings": [["a", "b"], ["c"]]}  # fmt: skip
 QTYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q6_K")
 
@@ -177,3 +177,10 @@ def test_bad_files_name_what_is_wrong(tmp_path):
     w.write_tensors_to_file()
     w.close()
     assert "big-endian" in _error(tmp_path / "be.gguf")
+    w = gguf.GGUFWriter(str(tmp_path / "utf8.gguf"), "llama")
+    w.add_array("test.names", [b"fine", b"\xff\xfe not UTF-8"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert "metadata test.names (element 1) is not valid UTF-8" in _error(tmp_path / "utf8.gguf")

@@ -14,6 +14,7 @@ import math
 import mmap
 import os
 import struct
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -133,19 +134,41 @@ class GGUFFile:
         return items, pos, (ARRAY, *sub)
 
     def _strings(self, pos: int, count: int, what: str) -> tuple[list[str], int]:
-        """`count` strings from `pos`: the vocabulary and merges, so one tight loop (about 1 µs a string)."""
-        out: list[str] = []
-        append, unpack, buf, size = out.append, struct.unpack_from, self._map, self.size
+        """`count` strings from `pos` (the vocabulary, the merges): one pass finds where each length field is,
+        then the whole region is decoded at once and split where the length fields were."""
+        fields = array("q")  # where each string's 8-byte length is
+        append, unpack, buf, size, start = fields.append, struct.unpack_from, self._map, self.size, pos
         for _ in range(count):
             if pos + 8 > size:
-                self._need(pos, 8, what)
-            (n,) = unpack("<Q", buf, pos)
-            pos += 8
-            if pos + n > size:
-                self._need(pos, n, f"{what} (element {len(out):,})")
-            append(str(buf[pos : pos + n], "utf-8"))
-            pos += n
-        return out, pos
+                self._need(pos, 8, f"{what} (element {len(fields):,})")
+            append(pos)
+            pos += 8 + unpack("<Q", buf, pos)[0]
+        self._need(start, pos - start, what)
+        if count == 0:
+            return [], pos
+        # The length fields become 8 NUL bytes each; where no string holds a NUL, one strict decode of the
+        # region checks every string (NUL is ASCII, so no sequence spans two) and a split gives them back.
+        region = np.frombuffer(bytearray(buf[start:pos]), np.uint8)
+        at = np.frombuffer(fields, np.int64) - start
+        region[(at[:, None] + np.arange(8)).ravel()] = 0  # (count × 8) byte indices
+        if np.count_nonzero(region == 0) == 8 * count:
+            try:
+                return region.tobytes().decode("utf-8").split("\0" * 8)[1:], pos
+            except UnicodeDecodeError:
+                pass  # say which string below
+        return self._each_string(start, count, what), pos
+
+    def _each_string(self, pos: int, count: int, what: str) -> list[str]:
+        """The strings one at a time (lengths already checked): when some string holds a NUL, or is not UTF-8."""
+        out = []
+        for i in range(count):
+            n = struct.unpack_from("<Q", self._map, pos)[0]
+            try:
+                out.append(str(self._map[pos + 8 : pos + 8 + n], "utf-8"))
+            except UnicodeDecodeError:
+                raise _Bad(f"{what} (element {i:,}) is not valid UTF-8") from None
+            pos += 8 + n
+        return out
 
     def _read(self) -> None:
         import gguf
