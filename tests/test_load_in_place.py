@@ -119,3 +119,22 @@ def test_hf_folders_use_the_safetensors_map_and_copy_only_fused_qkv(tmp_path, to
     assert loaded.details["copied at load"] == {"q/k/v fused": qkv_bytes}
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(_ids()), theirs(_ids()).logits, rtol=0, atol=1e-4)
+
+
+def test_gen_dirs_use_the_safetensors_map_and_stay_trainable(tmp_path, tok):
+    from gen_cli.formats.checkpoint import load_model, save_model
+    from gen_cli.model.config import ModelConfig
+    from gen_cli.model.transformer import random_model
+
+    config = ModelConfig(vocab_size=tok.get_vocab_size(), n_layer=2, n_head=4, n_kv_head=2, d_model=64, d_ff=96,
+                         context_length=32)  # fmt: skip
+    saved = random_model(config)
+    save_model(tmp_path, saved, tok)
+    model, _ = load_model(tmp_path)
+    ranges = _mapped(tmp_path / "model.safetensors")
+    assert all(_in_map(p, ranges) for p in model.parameters())  # no random init, no copy: the file's pages
+    assert all(p.requires_grad for p in model.parameters()) and model.lm_head.weight is model.tok_emb.weight
+    with torch.no_grad():
+        torch.testing.assert_close(model(_ids()), saved.eval()(_ids()), rtol=0, atol=0)
+    model(_ids()).sum().backward()  # trainable as before: `gen train --init` starts from it
+    assert model.tok_emb.weight.grad is not None

@@ -154,8 +154,8 @@ def load_model(
             f"vocab_size {config.vocab_size}; they must match"
         )
     check_weights_header(directory, config, tokenizer)
-    # The file's tensors plus the fp32 model they are copied into.
-    need = (directory / WEIGHTS_FILE).stat().st_size + 4 * parameter_count(config)
+    # The file's pages plus, at most, a converted copy of every weight in `dtype` (none when it is the stored one).
+    need = (directory / WEIGHTS_FILE).stat().st_size + dtype.itemsize * parameter_count(config)
     check_fits(need, f"loading {directory}", "free some memory or use a smaller model")
     try:
         tensors = load_file(str(directory / WEIGHTS_FILE))
