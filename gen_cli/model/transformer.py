@@ -176,18 +176,31 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+def _shape_only() -> bool:
+    """Whether modules are being built on the meta device (shapes only: a loader's skeleton, a count). There
+    no op may run: the first meta op (a draw, an arange) imports PyTorch's decompositions, a second of load."""
+    return torch.empty(0).is_meta
+
+
+def _embedding(num: int, dim: int) -> nn.Embedding:
+    """nn.Embedding; shapes only, without its N(0, 1) draw (real weights are drawn as before)."""
+    return nn.Embedding(num, dim, _weight=torch.empty(num, dim)) if _shape_only() else nn.Embedding(num, dim)
+
+
 class Transformer(nn.Module):
     """Decoder-only LM: `forward(idx (B, T), cache=None) -> logits (B, T, vocab)`."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+        self.tok_emb = _embedding(config.vocab_size, config.d_model)
         if config.pos_encoding == "learned":
-            self.pos_emb = nn.Embedding(config.context_length, config.d_model)
+            self.pos_emb = _embedding(config.context_length, config.d_model)
         elif config.pos_encoding == "sinusoidal":
             # Non-persistent: derived from the config, so never stored in a checkpoint.
-            self.register_buffer("sin_table", sinusoidal_table(config.context_length, config.d_model), False)
+            shape = (config.context_length, config.d_model)
+            table = torch.empty(shape) if _shape_only() else sinusoidal_table(*shape)
+            self.register_buffer("sin_table", table, False)
         elif config.pos_encoding == "alibi":
             self.alibi_slopes = torch.tensor(alibi_slopes(config.n_head))  # (n_head,) fp32; see `_apply`
         else:
@@ -205,7 +218,10 @@ class Transformer(nn.Module):
 
     def set_rope_tables(self, config: ModelConfig) -> None:
         """(Re)compute the RoPE tables for `config` (its base, scaling and context) and adopt the config."""
-        cos, sin_signed = rope_tables(config.context_length, config.head_dim, config.rope_base, config.rope_scaling)
+        if _shape_only():  # no values needed: model_from_tensors computes the tables once the weights are real
+            cos, sin_signed = (torch.empty(config.context_length, config.head_dim) for _ in range(2))
+        else:
+            cos, sin_signed = rope_tables(config.context_length, config.head_dim, config.rope_base, config.rope_scaling)
         old = getattr(self, "rope_cos", None)
         if old is not None and old.device.type != "meta":
             cos, sin_signed = cos.to(old.device, old.dtype), sin_signed.to(old.device, old.dtype)
@@ -327,7 +343,11 @@ def model_from_tensors(
     kinds, e.g. block-quantized ones, whose weights (and biases) are then absent from `tensors`. A tied
     lm_head follows the embedding (`tied_head()` when the replacement offers one)."""
     layers = layers or {}
-    shapes = expected_shapes(config)
+    with torch.device("meta"):
+        model = Transformer(config)
+    # expected_shapes, from the skeleton built anyway (a second build costs tens of ms for a 30-layer model)
+    tied = config.tie_embeddings
+    shapes = {n: tuple(t.shape) for n, t in model.state_dict().items() if not (tied and n == "lm_head.weight")}
     held = {k: tuple(t.shape) for k, t in tensors.items()}
     for path, module in layers.items():
         held[path + ".weight"] = _weight_shape(module)
@@ -335,8 +355,6 @@ def model_from_tensors(
             held[path + ".bias"] = tuple(module.bias.shape)
     if held != shapes:
         raise AssertionError("model_from_tensors: names or shapes differ from expected_shapes (a loader bug)")
-    with torch.device("meta"):
-        model = Transformer(config)
     # strict=False for the replaced modules and a tied lm_head, absent here and placed below; checked above.
     model.load_state_dict(tensors, strict=False, assign=True)
     for path, module in layers.items():
