@@ -7,6 +7,7 @@ import torch
 from conftest import tiny_config
 
 from gen_cli.cache.linear import KVCache
+from gen_cli.cache.spec import CacheSpec
 from gen_cli.errors import InternalError
 
 
@@ -25,8 +26,11 @@ def test_bytes_match_the_formula(dtype, kv):
     config = tiny_config(n_kv_head=kv)
     cache = KVCache(config, batch_size=2, max_tokens=12, dtype=dtype)
     size = torch.empty((), dtype=dtype).element_size()
-    expected = 2 * config.n_layer * kv * config.head_dim * 12 * 2 * size
-    assert cache.nbytes == expected == KVCache.analytic_bytes(config, 12, 2, size)
+    # 2 (K and V) × n_layer × n_kv_head × head_dim × slots × batch × bytes, written out: tiny_config has
+    # 2 layers and head_dim 8.
+    expected = 2 * 2 * kv * 8 * 12 * 2 * size
+    assert cache.nbytes == expected
+    assert CacheSpec().nbytes(config, 12, 2, size) == expected
 
 
 def test_mqa_cache_is_n_head_times_smaller():

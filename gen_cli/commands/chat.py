@@ -215,6 +215,7 @@ def chat_command(
 
     import torch
 
+    from gen_cli.cache.spec import CacheSpec
     from gen_cli.formats.loading import load
     from gen_cli.infer.optimize import optimize_for_decode
     from gen_cli.infer.session import ChatSession, ContextFull
@@ -240,8 +241,7 @@ def chat_command(
     session = ChatSession(
         model, loaded.tokenizer, loaded.chat_template, special_tokens=loaded.special_tokens,
         stop_ids=loaded.stop_ids, system=system, context_tokens=context_tokens,
-        source=f"{loaded.source}: chat template", kv_kinds=kv_kinds,
-        window=None if window is None else (window, sinks),
+        source=f"{loaded.source}: chat template", spec=CacheSpec(*kv_kinds, window, sinks),
     )  # fmt: skip
     generator = torch.Generator(device=device).manual_seed(seed)
     interactive = sys.stdin.isatty()

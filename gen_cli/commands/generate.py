@@ -263,6 +263,9 @@ def generate_command(
         raise UsageError("--window is a kind of KV cache; drop --no-kv-cache or --window")
     if window is not None and compile_:
         raise UsageError("--compile runs the linear cache only; drop --compile or --window")
+    from gen_cli.cache.spec import CacheSpec
+
+    spec = CacheSpec(*(kv_kinds or (None, None)), window, sinks)
     if not -(2**63) <= seed < 2**64:  # what torch.Generator.manual_seed accepts
         raise UsageError(f"--seed must fit in 64 bits (-2**63 to 2**64 - 1), got {seed}")
     if prompt_cache is not None and (not kv_cache or num_samples > 1):
@@ -312,7 +315,7 @@ def generate_command(
     if prompt_cache is not None:  # the weights' fingerprint before decode-time rewriting of the modules
         from gen_cli.infer.prompt_reuse import PromptReuse
 
-        reuse = PromptReuse(prompt_cache, model, tok, quantize, kv_kinds)
+        reuse = PromptReuse(prompt_cache, model, tok, quantize, spec)
     # Inference-only fast paths (fused MLP, the native C decode step or prepacked weights; int8 and
     # compile when asked): fp32 results equal the plain model's within float rounding.
     model = optimize_for_decode(model, quantize=quantize, compile=compile_, native=native)
@@ -343,8 +346,7 @@ def generate_command(
         if eot is None:
             raise UsageError(f"the prompt is empty and the tokenizer has no {EOT} token to start from")
         ids = [eot]
-    held = len(ids) + max_new_tokens if window is None else min(len(ids) + max_new_tokens, window + sinks)
-    check_memory(model, num_samples, held, device)  # before a text stream per sample
+    check_memory(model, num_samples, len(ids) + max_new_tokens, device, spec)  # before a text stream per sample
     stop_ids = () if ignore_eot else (loaded.stop_ids or ((eot,) if eot is not None else ()))
     # The prompt's last id as context: a SentencePiece decoder would strip the reply's first space.
     rows = [TextStream(tok, stops, stop_ids=stop_ids, context=tuple(ids[-1:])) for _ in range(num_samples)]
@@ -366,8 +368,8 @@ def generate_command(
     generator = torch.Generator(device=device).manual_seed(seed)
     restore = reuse.prepare(model, ids) if reuse is not None else None  # reads and checks the file first
     result = run_generation(
-        model, prompt_ids, max_new_tokens, sampling, kv_cache, generator, stop_ids, num_samples, on_token, kv_kinds,
-        restore, window, sinks,
+        model, prompt_ids, max_new_tokens, sampling, kv_cache, generator, stop_ids, num_samples, on_token, spec,
+        restore,
     )  # fmt: skip
     if reuse is not None:
         reuse.save_if_new(result)
