@@ -115,8 +115,8 @@ def test_window_at_least_the_sequence_is_bit_identical_to_the_full_cache(pos_enc
     pos_encoding=st.sampled_from(["rope", "alibi"]),
 )
 def test_window_equals_the_masked_no_cache_reference(window, sinks, prompt_len, new, pos_encoding):
-    if sinks >= window or sinks > prompt_len:
-        return
+    if sinks >= window:
+        return  # refused (tested below); sinks past the prompt are the first generated tokens
     model = MODELS[pos_encoding]
     prompt = torch.randint(0, 300, (1, prompt_len), generator=torch.Generator().manual_seed(prompt_len))
     logits, tokens, cache = windowed_greedy(model, prompt, new, window, sinks)
@@ -125,6 +125,20 @@ def test_window_equals_the_masked_no_cache_reference(window, sinks, prompt_len, 
     torch.testing.assert_close(logits, ref, atol=1e-4, rtol=1e-4)
     assert torch.equal(tokens, ref.argmax(-1))  # greedy tokens identical
     assert cache.pos == prompt_len + new - 1
+
+
+@pytest.mark.parametrize("pos_encoding", ["rope", "alibi", "learned"])
+@pytest.mark.parametrize("prompt_len", [1, 3])
+def test_sinks_are_the_first_tokens_even_when_generated(pos_encoding, prompt_len):
+    """Sinks longer than the prompt: the first generated tokens become sinks, kept past every eviction."""
+    model = MODELS[pos_encoding]
+    prompt = torch.randint(0, 300, (1, prompt_len), generator=torch.Generator().manual_seed(11))
+    logits, tokens, cache = windowed_greedy(model, prompt, 25, window=6, sinks=4)
+    ids = torch.cat([prompt[0], tokens])[None, :-1]  # (1, prompt + 24): every position that was fed
+    ref = reference_logits(model, ids, 6, 4)[prompt_len - 1 :]  # (25, V)
+    torch.testing.assert_close(logits, ref, atol=1e-4, rtol=1e-4)
+    assert torch.equal(tokens, ref.argmax(-1))
+    assert cache.pos == prompt_len + 24 > cache.max_tokens == 10
 
 
 def test_learned_positions_stay_absolute_and_refuse_past_the_context():
@@ -190,7 +204,6 @@ def test_several_samples_share_one_windowed_prefill():
         (4, 4, 10, "larger than sinks"),
         (4, 6, 10, "larger than sinks"),
         (0, 0, 10, "window must be"),
-        (8, 4, 3, r"sinks \(4\) must not exceed the prompt's 3"),
         (30, 4, 10, "pass the model's context"),
     ],
 )
@@ -345,11 +358,15 @@ def test_cli_generate_runs_past_the_context_on_a_window(model_dir):
     s = json.loads(result.stdout)["stats"]
     assert s["new_tokens"] == 150 and (s["kv_window"], s["kv_sinks"]) == (16, 4) and s["decode_path"] == "torch"
     assert s["kv_cache_bytes"] == s["kv_cache_bytes_analytic"] == 2 * 2 * 4 * 8 * 20 * 4  # K+V, layers, heads, hd
+    short = runner.invoke(app, ["generate", "Hi", *args[2:], "--max-new-tokens", "40", "--window", "16", "--sinks",
+                                "8", "--json"])  # fmt: skip  # sinks past the prompt: generated tokens
+    assert short.exit_code == 0, short.output
+    assert json.loads(short.stdout)["stats"]["new_tokens"] == 40
     for extra, message in (
         (["--window", "4", "--sinks", "4"], "--window must be larger than --sinks, got 4 ≤ 4"),
         (["--window", "0"], "window must be a whole number ≥ 1"),
         (["--sinks", "2"], "--sinks goes with --window"),
-        (["--window", "30", "--sinks", "25"], "--sinks (25) must not exceed the prompt's"),
+        (["--window", "60", "--sinks", "8"], "positions pass the model's context of 64"),
         (["--window", "8", "--no-kv-cache"], "--window is a kind of KV cache"),
     ):
         bad = runner.invoke(app, [*args, "--max-new-tokens", "5", *extra])
@@ -370,8 +387,7 @@ def test_compare_grid_crosses_windows_and_sinks_and_runs_past_the_context():
         grid(window=[0, 8])  # the full cache cannot hold 48 tokens
     with pytest.raises(UsageError, match="exceeds the model's context"):
         grid(window=[8], pos=["learned"])
-    with pytest.raises(UsageError, match="must not exceed the shortest prompt_len"):
-        grid(window=[8], sinks=[9], gen_len=[4])
+    assert [(s.window, s.sinks) for s in grid(window=[8], sinks=[4], prompt_len=[2])] == [(8, 4)]  # sinks > prompt
     with pytest.raises(UsageError, match="larger than sinks"):
         grid(window=[4], sinks=[4], gen_len=[4])
     row = compare.measure(grid(window=[8], sinks=[2], gen_len=[6])[0])

@@ -58,11 +58,6 @@ def check_lengths(config: ModelConfig, prompt_len: int, max_new_tokens: int, spe
         raise UsageError("the prompt is empty; generation needs at least one token to start from")
     if max_new_tokens < 0:
         raise UsageError(f"max_new_tokens must be ≥ 0, got {max_new_tokens}", params=("max_new_tokens",))
-    if spec is not None and spec.window is not None and spec.sinks > prompt_len:
-        raise UsageError(
-            f"sinks ({spec.sinks}) must not exceed the prompt's {prompt_len} tokens: they keep its first ones",
-            params=("sinks",),
-        )
     if spec is not None and spec.unbounded(config):
         return
     if prompt_len >= limit:
