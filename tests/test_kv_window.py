@@ -189,6 +189,17 @@ def test_prompt_longer_than_the_window_is_prefilled_in_chunks():
     torch.testing.assert_close(logits[0], reference_logits(model, prompt, 5, 1), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("scaling", [None, {"type": "linear", "factor": 2.0}])
+def test_chunk_frames_past_the_context_use_the_models_own_rope_rows(scaling):
+    """Context 32, window 20 + 4 sinks: a chunk of 20 after the first eviction puts queries at frame positions
+    up to S + 2N − 2 = 42, past the model's tables; the longer rows follow its base and scaling."""
+    model = sharp_model(CONFIG.replace(rope_scaling=scaling))
+    prompt = torch.randint(0, 300, (1, 60), generator=torch.Generator().manual_seed(12))
+    cache = WindowKVCache(model.config, 1, 20, 4)
+    logits = model(prompt, cache=cache)  # chunks of 20
+    torch.testing.assert_close(logits[0], reference_logits(model, prompt, 20, 4), atol=1e-4, rtol=1e-4)
+
+
 def test_several_samples_share_one_windowed_prefill():
     model = MODELS["rope"]
     prompt = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(7))

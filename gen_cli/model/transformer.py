@@ -196,6 +196,7 @@ class Transformer(nn.Module):
             cos, sin_signed = cos.to(old.device, old.dtype), sin_signed.to(old.device, old.dtype)
         self.register_buffer("rope_cos", cos, persistent=False)  # (context, head_dim)
         self.register_buffer("rope_sin_signed", sin_signed, persistent=False)  # (context, head_dim)
+        self._rope_longer = None  # rows past the context (`rope_table`) follow the new base and scaling
         self.config = config
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
