@@ -163,8 +163,7 @@ def _open(source: Path | Preset | None, options: EngineOptions, run: Run) -> tup
     def fingerprint(loaded: Any) -> None:  # before decode-time rewriting of the modules changes the weights' names
         from gen_cli.infer.prompt_reuse import PromptReuse
 
-        kinds = run.cache.kinds if run.cache is not None and run.cache.kinds != (None, None) else None
-        reuse.append(PromptReuse(run.prompt_cache, loaded.model, loaded.tokenizer, options.quantize, kinds))
+        reuse.append(PromptReuse(run.prompt_cache, loaded.model, loaded.tokenizer, options.quantize, run.cache))
 
     engine = open_model(source, options, fingerprint if run.prompt_cache is not None else None)
     for note in engine.notes:

@@ -104,7 +104,7 @@ class Engine:
     ) -> KVCache | WindowKVCache:
         """An empty cache for `batch` sequences of a prompt and its continuation, as `spec` stores them."""
         prompt = torch.zeros(1, prompt_len, dtype=torch.long, device=self.device)  # (1, T): only its shape is read
-        return new_cache(self.model, prompt, max_new_tokens, batch, spec.kinds, spec.window, spec.sinks)
+        return new_cache(self.model, prompt, max_new_tokens, batch, spec)
 
     def check_memory(self, tokens: int, batch: int) -> None:
         """Refuse, before anything is allocated, `batch` sequences of `tokens` that could not fit."""
@@ -132,10 +132,9 @@ class Engine:
         prompt = torch.tensor([ids], dtype=torch.long, device=self.device)  # (1, T)
         generator = torch.Generator(device=self.device).manual_seed(seed)
         stops = self.stop_ids if stop_ids is None else stop_ids
-        spec = cache or CacheSpec()
         return run_generation(
             self.model, prompt, max_new_tokens, sampling, cache is not None, generator, stops, num_samples, on_token,
-            spec.kinds if spec.kinds != (None, None) else None, restore, spec.window, spec.sinks,
+            cache, restore,
         )  # fmt: skip
 
     def chat(
@@ -153,8 +152,7 @@ class Engine:
         return ChatSession(
             self.model, self.tokenizer, self.chat_template, special_tokens=self.special_tokens,
             stop_ids=self.stop_ids, system=system, context_tokens=context_tokens,
-            source=f"{self.source}: chat template", kv_kinds=cache.kinds,
-            window=None if cache.window is None else (cache.window, cache.sinks),
+            source=f"{self.source}: chat template", spec=cache,
         )  # fmt: skip
 
     def decode_note(self) -> str:
