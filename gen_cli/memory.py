@@ -17,6 +17,7 @@ __all__ = ["available_bytes", "check_fits", "generation_bytes", "parameter_count
 if TYPE_CHECKING:
     import torch
 
+    from gen_cli.cache.spec import CacheSpec
     from gen_cli.model.config import ModelConfig
 
 NO_CHECK_ENV = "GEN_NO_MEMORY_CHECK"
@@ -59,15 +60,14 @@ def generation_bytes(
     batch: int,
     tokens: int,
     bytes_per_element: int,
-    kv_kinds: tuple[str | None, str | None] | None = None,
+    spec: CacheSpec | None = None,
 ) -> int:
-    """KV cache (batch × tokens) as its kinds store it (int8/int4 with their scales; None: unquantized at
-    bytes_per_element), the id buffer and a few fp32 logits rows per sequence."""
-    from gen_cli.cache.linear import kv_bytes_per_token
+    """The KV cache `spec` allocates for batch × tokens (its kinds, scales included, and a window's slots;
+    None: every token unquantized at bytes_per_element), the id buffer and a few fp32 logits rows per sequence."""
+    from gen_cli.cache.spec import CacheSpec
 
-    k_kind, v_kind = kv_kinds or (None, None)
-    per_token = kv_bytes_per_token(config, k_kind, v_kind, bytes_per_element)
-    return per_token * tokens * batch + batch * (8 * tokens + 16 * config.vocab_size)
+    kv = (spec or CacheSpec()).nbytes(config, tokens, batch, bytes_per_element)
+    return kv + batch * (8 * tokens + 16 * config.vocab_size)
 
 
 def training_bytes(config: ModelConfig, batch: int, context: int, params: int) -> int:

@@ -176,12 +176,14 @@ class PeakMemory:
 BUSY_CORES = 0.5
 
 
-def _cpu_busy_seconds() -> float | None:
+def _cpu_busy_seconds(stat: Path = Path("/proc/stat")) -> float | None:
     """CPU seconds all processes have spent busy since boot (Linux /proc/stat), or None elsewhere."""
     try:
-        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+        fields = stat.read_text().split("\n", 1)[0].split()[1:]
         ticks = [int(f) for f in fields]
     except (OSError, ValueError):
+        return None
+    if len(ticks) < 4:  # not the `cpu user nice system idle ...` line: no idle count to subtract
         return None
     idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
     return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")

@@ -14,6 +14,7 @@ transformers = pytest.importorskip("transformers")
 from hf_builders import byte_level_tokenizer, hf_config  # noqa: E402
 
 from gen_cli.cache.linear import KVCache  # noqa: E402
+from gen_cli.cache.spec import CacheSpec  # noqa: E402
 from gen_cli.cli import app  # noqa: E402
 from gen_cli.formats.loading import load  # noqa: E402
 from gen_cli.infer.generate import continue_steps, generate, greedy_steps, new_cache, prefill  # noqa: E402
@@ -176,7 +177,7 @@ def test_context_full_cuts_the_reply_then_refuses_the_next_turn(loaded):
 
 
 def test_a_conversation_runs_on_an_int8_cache_and_keeps_its_prefix(loaded):
-    session = _session(loaded, kv_kinds=("int8", "int8"))
+    session = _session(loaded, spec=CacheSpec("int8", "int8"))
     session.say("Hello there, fox!", 6, GREEDY)
     second = session.say("And 12345?", 6, GREEDY)
     assert second.reused_tokens > 0 and session.cache.k_kind == "int8" and session.cache.pos == len(session.ids)
@@ -222,12 +223,20 @@ def test_cli_chat_with_piped_turns_prints_replies_and_stats(chat_dir, loaded):
     assert "whole / from cache" in result.stderr
 
 
-def test_cli_chat_json_is_one_object_per_turn_and_per_stats(chat_dir):
+def test_cli_chat_json_is_one_object_per_turn_and_per_stats(chat_dir, loaded):
+    from gen_cli.infer.optimize import optimize_for_decode
+
     result = _chat(chat_dir, "Hello there, fox!\nAnd 12345?\n/stats\n", "--json")
     assert result.exit_code == 0, result.output
     first, second, stats = (json.loads(line) for line in result.stdout.splitlines())
     assert first["reused_tokens"] == 0 and second["reused_tokens"] >= first["prompt_tokens"]
-    assert isinstance(second["reply"], str) and second["ttft_s"] > 0
+    model = optimize_for_decode(load(chat_dir).model, native=False)
+    session = ChatSession(model, loaded.tokenizer, CHATML, special_tokens=loaded.special_tokens,
+                          stop_ids=loaded.stop_ids)  # fmt: skip
+    assert [first["reply"], second["reply"]] == [
+        session.say(m, 6, GREEDY).text for m in ("Hello there, fox!", "And 12345?")
+    ]
+    assert second["ttft_s"] > 0
     stats = stats["stats"]
     assert stats["turns"] == 2 and stats["cached_tokens"] > second["prompt_tokens"] - 1
     cmp = stats["prefill_comparison"]
@@ -257,7 +266,7 @@ def test_cli_chat_refuses_a_model_without_a_template_in_one_line(chat_dir, tmp_p
 def _generate_oracle(loaded, ids: list[int], n: int, kinds: tuple[str, str]) -> list[int]:
     """Greedy tokens of `generate` on the whole conversation with a fresh cache of the same kinds."""
     prompt = torch.tensor([ids])  # (1, T)
-    cache = new_cache(loaded.model, prompt, n, kv_kinds=kinds)
+    cache = new_cache(loaded.model, prompt, n, spec=CacheSpec(*kinds))
     out = [int(t[0]) for t in generate(loaded.model, prompt, n, GREEDY, cache, stop_token_id=loaded.stop_ids)]
     stops = [i for i, t in enumerate(out) if t in loaded.stop_ids]
     return out[: stops[0] + 1] if stops else out
@@ -268,7 +277,7 @@ def test_a_quantized_conversation_equals_generate_with_the_same_kind(loaded, kin
     # The oracle is not the no-cache path (a quantized cache rounds K/V, the no-cache path does not), but
     # `generate` over the whole conversation with a fresh cache of the same kinds: each token's K/V is
     # quantized on its own, so turn-by-turn reuse must give what one prefill gives.
-    session = _session(loaded, system="Be brief.", kv_kinds=kinds)
+    session = _session(loaded, system="Be brief.", spec=CacheSpec(*kinds))
     first = session.say("Hello there, fox!", 8, GREEDY)
     assert first.token_ids == _generate_oracle(loaded, session.ids[: first.prompt_tokens], 8, kinds)
     ids = session.render([*session.messages, {"role": "user", "content": "And 12345?"}])
@@ -284,10 +293,27 @@ def test_cli_chat_kv_dtype_stores_the_conversation_in_that_kind(chat_dir, loaded
     assert result.exit_code == 0, result.output
     model = optimize_for_decode(load(chat_dir).model, native=False)
     session = ChatSession(model, loaded.tokenizer, CHATML, special_tokens=loaded.special_tokens,
-                          stop_ids=loaded.stop_ids, kv_kinds=("int8", "int8"))  # fmt: skip
+                          stop_ids=loaded.stop_ids, spec=CacheSpec("int8", "int8"))  # fmt: skip
     expected = [session.say(m, 6, GREEDY).text for m in ("Hello there, fox!", "And 12345?")]
     assert result.stdout == "".join(t + "\n" for t in expected)
     bad = _chat(chat_dir, "Hi\n", "--kv-dtype", "q3")
     assert bad.exit_code == 2 and "unknown KV cache kind" in bad.stderr
     bad = _chat(chat_dir, "Hi\n", "--kv-dtype", "int8", "--kv-dtype-v", "fp32")
     assert bad.exit_code == 2 and "not both forms" in bad.stderr
+
+
+def test_cli_chat_refuses_a_piped_line_that_is_not_utf8_as_generate_does(chat_dir):
+    result = runner.invoke(app, ["chat", "--model", str(chat_dir), "--max-new-tokens", "2"], input=b"caf\xe9\n")
+    assert result.exit_code == 2 and result.stdout == ""
+    assert "a line on stdin is not valid UTF-8 (byte 0xe9 at offset 3)" in result.stderr
+
+
+def test_a_system_message_that_is_not_utf8_is_refused_in_one_line(chat_dir):
+    import os
+
+    argv = ["chat", "--model", str(chat_dir), "--system", os.fsdecode(b"caf\xe9")]
+    result = runner.invoke(app, argv, input="Hi\n")
+    assert result.exit_code == 2 and "the system message is not valid UTF-8" in result.stderr
+    argv = ["generate", "--model", str(chat_dir), "--chat", "Hi", "--system", os.fsdecode(b"caf\xe9")]
+    result = runner.invoke(app, argv)
+    assert result.exit_code == 2 and "the system message is not valid UTF-8" in result.stderr

@@ -22,7 +22,20 @@ ROW_KEYS = {
     "params", "samples", "val_loss", "bits_per_byte", "machine_load", "measure_s",
 }  # fmt: skip
 # Tiny everything: the CLI runs below take a fraction of a second per configuration.
-FAST = ["--preset", "tiny", "--prompt-len", "4", "--gen-len", "5", "--repeats", "1", "--warmup", "0", "--threads", "1"]
+FAST = [
+    "--preset",
+    "tiny",
+    "--prompt-len",
+    "4",
+    "--max-new-tokens",
+    "5",
+    "--repeats",
+    "1",
+    "--warmup",
+    "0",
+    "--threads",
+    "1",
+]
 
 
 def grid(**axes):
@@ -266,7 +279,7 @@ def test_cli_quality_eval_context_scores_positions_past_training(tmp_path, monke
         (["--pos", "xpos"], "unknown value 'xpos'"),
         (["--kv-cache", "yes"], "unknown value 'yes'"),
         (["--attention", "gqa", "--kv-heads", "3"], "not divisible by 3 KV heads"),
-        (["--prompt-len", "1000", "--gen-len", "100"], "exceeds the model's context length"),
+        (["--prompt-len", "1000", "--max-new-tokens", "100"], "exceeds the model's context length"),
         (["--repeats", "0"], "--repeats must be at least 1"),
         (["--repeats", "-2"], "--repeats must be at least 1"),
         (["--format", "xml"], "unknown format 'xml'"),

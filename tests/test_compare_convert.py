@@ -9,7 +9,20 @@ from typer.testing import CliRunner
 
 from gen_cli.cli import app
 
-FAST = ["--preset", "tiny", "--prompt-len", "4", "--gen-len", "5", "--repeats", "1", "--warmup", "0", "--threads", "1"]
+FAST = [
+    "--preset",
+    "tiny",
+    "--prompt-len",
+    "4",
+    "--max-new-tokens",
+    "5",
+    "--repeats",
+    "1",
+    "--warmup",
+    "0",
+    "--threads",
+    "1",
+]
 
 
 def invoke(*args):

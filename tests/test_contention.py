@@ -38,7 +38,7 @@ def test_cli_bench_contention_json():
     from gen_cli.cli import app
 
     args = ["bench", "contention", "--shape", "tiny", "--threads", "1", "--paths", "native", "--rounds", "1"]
-    result = CliRunner().invoke(app, [*args, "--new-tokens", "4", "--waits", "passive,short", "--json"])
+    result = CliRunner().invoke(app, [*args, "--max-new-tokens", "4", "--waits", "passive,short", "--json"])
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)
     assert [r["wait"] for r in rows] == ["passive", "short"] and all("slowdown" in r for r in rows)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -132,6 +133,17 @@ def test_max_tokens_counts_the_bytes_of_the_scored_prefix(llama, corpus_dir):
     assert res.bytes == len(tok.decode(ids[:10]).encode("utf-8"))  # byte-level BPE: a prefix decodes exactly
 
 
+def test_bucket_counts_are_json_numbers():
+    import dataclasses
+
+    import numpy as np
+
+    from gen_cli.train.by_position import bucketed
+
+    (bucket,) = bucketed(np.ones(4), np.ones(4), n_windows=3, buckets=1)
+    assert json.loads(json.dumps(dataclasses.asdict(bucket), default=str))["tokens"] == 4 * 3
+
+
 def test_cli_json_by_position_and_refusals(llama, corpus_dir, tmp_path):
     folder, _, _, gguf_path = llama
     r = runner.invoke(app, ["eval", str(gguf_path), str(corpus_dir), "--context", str(CONTEXT), "--json"])
@@ -140,7 +152,12 @@ def test_cli_json_by_position_and_refusals(llama, corpus_dir, tmp_path):
     assert json.loads(r.stdout)["bits_per_byte"] == lib.bits_per_byte
     r = runner.invoke(app, ["eval", str(folder), str(corpus_dir), "--by-position", "--context", "16", "--json"])
     assert r.exit_code == 0, r.output
-    assert json.loads(r.stdout)["buckets"]
+    sweep = json.loads(r.stdout)
+    edges = [(b["start"], b["end"]) for b in sweep["buckets"]]
+    # Buckets tile the 16 window positions in order; each scores its positions in every window once.
+    assert edges[0][0] == 0 and edges[-1][1] == 16 and all(a[1] == b[0] for a, b in itertools.pairwise(edges))
+    # int(): the counts come out as JSON strings for now (test_bucket_counts_are_json_numbers)
+    assert [int(b["tokens"]) for b in sweep["buckets"]] == [(e - s) * sweep["windows"] for s, e in edges]
     r = runner.invoke(app, ["eval", str(tmp_path / "missing.gguf"), str(corpus_dir)])
     assert r.exit_code == 2
-    assert "missing.gguf: no such directory or .gguf file" in r.output and len(r.output.strip().splitlines()) <= 2
+    assert "missing.gguf: no such file or folder" in r.output and len(r.output.strip().splitlines()) <= 2

@@ -89,6 +89,9 @@ def test_int8_linear_is_its_dequantized_weight():
     w = torch.randn(48, 64)
     lin = Int8Linear(w, torch.float32)
     assert lin.qweight.dtype == torch.int8 and lin.scale.shape == (48,)
+    # Each row's largest |w| maps to ±127: the scale is the finest that fits the row, not any scale.
+    assert torch.allclose(lin.scale, w.abs().amax(dim=1) / 127, rtol=1e-6, atol=0)
+    assert (lin.qweight.abs().amax(dim=1) == 127).all()
     # Symmetric rounding per output channel: error at most half a step of that row's scale.
     assert ((lin.dequantized() - w).abs() <= lin.scale[:, None] / 2 + 1e-7).all()
     for rows in (1, 3, 20):  # the int8pack kernel (≤ 8 rows) and the dequantised GEMM (prefill)

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from gen_cli.cli import app
 from gen_cli.commands import generate as gen_cmd
 from gen_cli.text.stream import TextStream
-from gen_cli.text.tokenizer import encode
+from gen_cli.text.tokenizer import decode, encode
 
 runner = CliRunner()
 STATS_KEYS = {
@@ -30,17 +30,32 @@ def gen_json(model_dir, *args, prompt="The quick"):
 
 
 def test_json_has_text_and_stable_stats_keys(model_dir, tokenizer):
-    data = gen_json(model_dir, "--max-new-tokens", "12", "--ignore-eot")
-    assert isinstance(data["text"], str) and "texts" not in data
+    data = gen_json(model_dir, "--max-new-tokens", "12", "--ignore-eot", "--temperature", "0")
+    assert "texts" not in data
     assert data["stats"].keys() >= STATS_KEYS
     s = data["stats"]
-    assert (
-        s["new_tokens"] == 12
-        and s["prompt_tokens"] == len(encode(tokenizer, "The quick"))
-        and s["device"] == "cpu"
-        and s["dtype"] == "float32"
-    )
-    assert s["kv_cache_bytes"] == s["kv_cache_bytes_analytic"] > 0
+    prompt = encode(tokenizer, "The quick")
+    assert s["new_tokens"] == 12 and s["prompt_tokens"] == len(prompt)
+    assert s["device"] == "cpu" and s["dtype"] == "float32"
+    # The text is the no-cache oracle's greedy continuation of the saved model, decoded.
+    assert data["text"] == decode(tokenizer, _oracle_ids(model_dir, prompt, 12))
+    # Cache bytes by the design's formula: 2 (K, V) × n_layer × n_kv_head × head_dim × tokens × batch × 4 B.
+    n_layer, n_kv_head, head_dim = 2, 4, 32 // 4  # tiny_config: d_model 32, 4 heads
+    analytic = 2 * n_layer * n_kv_head * head_dim * (len(prompt) + 12) * 1 * 4
+    assert s["kv_cache_bytes"] == s["kv_cache_bytes_analytic"] == analytic
+
+
+def _oracle_ids(model_dir, prompt: list[int], n: int) -> list[int]:
+    """Greedy ids recomputing the whole sequence every step: no cache, no native step, no fusion."""
+    import torch
+
+    from gen_cli.formats.checkpoint import load_model
+    from gen_cli.infer.generate import generate
+    from gen_cli.infer.sampling import SamplingConfig
+
+    model, _ = load_model(model_dir)
+    steps = generate(model.eval(), torch.tensor([prompt]), n, SamplingConfig(temperature=0.0), None)
+    return [int(t[0]) for t in steps]
 
 
 def test_same_seed_same_output_and_cache_matches(model_dir):
@@ -76,10 +91,43 @@ def test_stop_string_cuts_the_text(model_dir):
     assert cut["stats"]["new_tokens"] < 30
 
 
-def test_empty_prompt_starts_from_end_of_text_and_stdin_works(model_dir, tokenizer):
-    assert gen_json(model_dir, "--max-new-tokens", "3", prompt="")["stats"]["prompt_tokens"] == 1
+def test_an_empty_prompt_is_refused_without_a_bos_and_stdin_works(model_dir, tokenizer, tmp_path):
+    # `gen generate "$(cat missing.txt)" --prompt-cache p.kv`: gen's models declare no BOS to start from.
+    cache_file = tmp_path / "p.kv"
+    result = gen("", "--model", str(model_dir), "--max-new-tokens", "3", "--prompt-cache", str(cache_file))
+    assert result.exit_code == 2 and result.stdout == "" and not cache_file.exists()
+    assert result.stderr.strip().splitlines() == [
+        f"error: the prompt is empty and {model_dir} has no BOS token to start from; give text"
+    ]
+    result = gen("-", "--model", str(model_dir), "--max-new-tokens", "3", "--json", input="")
+    assert result.exit_code == 2 and "the prompt is empty" in result.stderr
     result = gen("-", "--model", str(model_dir), "--max-new-tokens", "3", "--json", input="The quick brown")
     assert json.loads(result.stdout)["stats"]["prompt_tokens"] == len(encode(tokenizer, "The quick brown"))
+
+
+def test_an_empty_prompt_starts_from_the_bos_of_a_model_that_has_one(tmp_path):
+    pytest.importorskip("transformers")
+    from hf_builders import build_hf_model, byte_level_tokenizer
+
+    folder = tmp_path / "llama"
+    build_hf_model("llama", folder, byte_level_tokenizer())  # bos_token_id 0 (<|endoftext|>)
+    args = ["--model", str(folder), "--max-new-tokens", "3", "--temperature", "0", "--device", "cpu"]
+    data = json.loads(gen("", *args, "--json").stdout)
+    assert data["stats"]["prompt_tokens"] == 1
+    result = gen("", *args, "--stats")
+    assert result.exit_code == 0, result.output
+    assert "prompt tokens    1 (empty prompt: starting from BOS)" in result.stderr
+    assert "starting from BOS" not in gen("Hi", *args, "--stats").stderr
+
+
+def test_invalid_utf8_exits_2_from_stdin_and_from_an_argument(model_dir):
+    import os
+
+    base = ["--model", str(model_dir), "--max-new-tokens", "3"]
+    piped = gen("-", *base, input=b"caf\xe9")
+    argv = gen(os.fsdecode(b"caf\xe9"), *base)  # an undecodable argv byte arrives as a lone surrogate
+    assert piped.exit_code == argv.exit_code == 2
+    assert "not valid UTF-8 (byte 0xe9 at offset 3)" in piped.stderr and "not valid UTF-8" in argv.stderr
 
 
 def test_preset_random_weights_are_labelled(tokenizer_path):

@@ -150,9 +150,10 @@ def test_cli_info_generate_and_tokenize(folders):
     assert "Qwen3ForCausalLM" in info.stdout and "grouped-query (4 query / 2 KV heads)" in info.stdout
     data = json.loads(runner.invoke(app, ["info", directory, "--json"]).stdout)
     assert data["head_dim"] == 32 and data["architecture"] == "Qwen3ForCausalLM"
-    out = runner.invoke(app, ["generate", "Hello", "--model", directory, "--json", "--max-new-tokens", "4"])
+    args = ["generate", "Hello", "--model", directory, "--json", "--max-new-tokens", "4", "--ignore-eot"]
+    out = runner.invoke(app, args)
     assert out.exit_code == 0, out.output
-    assert json.loads(out.stdout)["stats"]["new_tokens"] <= 4
+    assert json.loads(out.stdout)["stats"]["new_tokens"] == 4  # no stop id ends it early
     ids = runner.invoke(app, ["tokenize", "12345 日本", "--model", directory, "--ids"])
     tok_ids = byte_level_tokenizer().encode("12345 日本").ids
     assert ids.exit_code == 0 and ids.stdout.split() == [str(i) for i in tok_ids]
@@ -338,7 +339,7 @@ def test_chat_without_template_or_with_a_bad_one_is_one_line(folders, chat_folde
 
 @pytest.mark.parametrize(("arch", "pos"), [("qwen2", "rope"), ("gpt2", "learned")])
 def test_compare_measures_an_imported_models_shape(folders, arch, pos):
-    fast = ["--prompt-len", "4", "--gen-len", "5", "--repeats", "1", "--warmup", "0", "--threads", "1"]
+    fast = ["--prompt-len", "4", "--max-new-tokens", "5", "--repeats", "1", "--warmup", "0", "--threads", "1"]
     model = ["compare", "--model", str(folders[arch][0])]
     result = runner.invoke(
         app, [*model, *fast, "--attention", "mha,mqa", "--pos", pos, "--in-process", "--format", "json"]

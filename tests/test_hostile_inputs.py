@@ -326,9 +326,9 @@ def test_compare_batch_beyond_memory_is_refused_before_the_grid_runs(monkeypatch
     from gen_cli.commands import compare as compare_cmd
 
     monkeypatch.setattr(compare_cmd, "_run", lambda *a: pytest.fail("the grid ran"))
-    argv = ["compare", *FAST, "--attention", "mha", "--pos", "rope", "--in-process", "--batch", "1,10000000"]
+    argv = ["compare", *FAST, "--attention", "mha", "--pos", "rope", "--in-process", "--batch-size", "1,10000000"]
     refused(argv, r"the largest configuration \(10,000,000 sequences of 9 tokens\) needs about [\d.]+ GiB but only "
-            r".* available; use a smaller --batch or shorter --prompt-len / --gen-len")  # fmt: skip
+            r".* available; use a smaller --batch-size or shorter --prompt-len / --max-new-tokens")  # fmt: skip
 
 
 def test_a_temperature_beyond_float32_samples_uniformly_among_the_tokens_left():

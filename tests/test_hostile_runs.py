@@ -296,7 +296,7 @@ def test_a_large_compare_grid_is_announced_and_confirmed_in_a_terminal(monkeypat
 
     monkeypatch.setattr(compare_cmd, "_run", lambda *a: pytest.fail("the grid ran"))
     argv = ["compare", "--preset", "tiny", "--repeats", "1", "--warmup", "0", "--attention", "mha,gqa,mqa",
-            "--pos", "rope,sinusoidal,learned", "--prompt-len", "2,3,4,5", "--gen-len", "2,3,4",
+            "--pos", "rope,sinusoidal,learned", "--prompt-len", "2,3,4,5", "--max-new-tokens", "2,3,4",
             "--in-process"]  # fmt: skip
     terminal = types.SimpleNamespace(isatty=lambda: True)
     monkeypatch.setattr(compare_cmd, "sys", types.SimpleNamespace(stdin=terminal, stderr=terminal))

@@ -7,7 +7,10 @@ import torch
 from conftest import tiny_config
 
 from gen_cli.cache.linear import KVCache
+from gen_cli.cache.spec import CacheSpec
 from gen_cli.errors import InternalError
+from gen_cli.model.attention import Positions, visible
+from gen_cli.model.transformer import random_model
 
 
 @pytest.mark.parametrize("kv", [4, 2, 1])
@@ -25,8 +28,11 @@ def test_bytes_match_the_formula(dtype, kv):
     config = tiny_config(n_kv_head=kv)
     cache = KVCache(config, batch_size=2, max_tokens=12, dtype=dtype)
     size = torch.empty((), dtype=dtype).element_size()
-    expected = 2 * config.n_layer * kv * config.head_dim * 12 * 2 * size
-    assert cache.nbytes == expected == KVCache.analytic_bytes(config, 12, 2, size)
+    # 2 (K and V) × n_layer × n_kv_head × head_dim × slots × batch × bytes, written out: tiny_config has
+    # 2 layers and head_dim 8.
+    expected = 2 * 2 * kv * 8 * 12 * 2 * size
+    assert cache.nbytes == expected
+    assert CacheSpec().nbytes(config, 12, 2, size) == expected
 
 
 def test_mqa_cache_is_n_head_times_smaller():
@@ -72,3 +78,42 @@ def test_first_row_shares_storage_and_replicates():
     assert torch.equal(cache.k[1][:, :, :2], torch.full((3, 4, 2, 8), 7.0))
     assert torch.equal(cache.v[1][:, :, :2], torch.full((3, 4, 2, 8), 9.0))
     assert torch.count_nonzero(cache.k[1][:, :, 2:]) == 0
+
+
+def test_the_one_visibility_rule_matches_its_definition():
+    """Causal, a trained sliding window and a run-time window with sinks: every (query, key) pair checked."""
+    q, k = torch.arange(3, 12), torch.arange(12)
+    for window, sinks in ((None, 0), (4, 0), (4, 2), (1, 0)):
+        got = visible(q, k, window, sinks)
+        for i, t in enumerate(q.tolist()):
+            for j, p in enumerate(k.tolist()):
+                want = p <= t and (window is None or p < sinks or p > t - window)
+                assert bool(got[i, j]) == want, (window, sinks, t, p)
+
+
+class ShuffledCache(KVCache):
+    """A linear cache that hands its keys back in a shuffled order and says where each one sits: attention
+    must follow the positions a cache reports, never the order or the class."""
+
+    native_layout = False
+
+    def positions(self, T, device):
+        end = self.pos + T
+        self._order = torch.randperm(end, generator=torch.Generator().manual_seed(end))
+        return Positions(self.pos, T, keys=self._order.to(device))
+
+    def update(self, layer, k_new, v_new):
+        k, v = super().update(layer, k_new, v_new)
+        return k[:, :, self._order], v[:, :, self._order]  # (B, n_kv_head, pos+T, head_dim), shuffled
+
+
+@pytest.mark.parametrize("pos_encoding", ["rope", "alibi", "learned"])
+@pytest.mark.parametrize("sliding_window", [None, 5])
+def test_attention_follows_the_positions_any_cache_reports(pos_encoding, sliding_window):
+    config = tiny_config(n_kv_head=2, context_length=32, pos_encoding=pos_encoding, sliding_window=sliding_window)
+    model = random_model(config)
+    ids = torch.randint(0, 300, (1, 20), generator=torch.Generator().manual_seed(0))
+    cache = ShuffledCache(config, 1, 20)
+    got = torch.cat([model(ids[:, :7], cache=cache), model(ids[:, 7:12], cache=cache)]  # chunked prefill
+                    + [model(ids[:, t : t + 1], cache=cache) for t in range(12, 20)], dim=1)  # fmt: skip
+    torch.testing.assert_close(got, model(ids), atol=1e-5, rtol=1e-5)  # the no-cache oracle

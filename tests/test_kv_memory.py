@@ -7,6 +7,7 @@ import torch
 
 from gen_cli import memory
 from gen_cli.cache.linear import KVCache
+from gen_cli.cache.spec import CacheSpec
 from gen_cli.errors import GenError
 from gen_cli.infer.generate import new_cache
 from gen_cli.model.transformer import Transformer
@@ -29,7 +30,7 @@ def test_generation_bytes_counts_the_kv_kind(kinds, per_head):
     batch, tokens = 3, 100
     kv = CONFIG.n_layer * CONFIG.n_kv_head * per_head * tokens * batch
     buffers = batch * (8 * tokens + 16 * CONFIG.vocab_size)
-    assert memory.generation_bytes(CONFIG, batch, tokens, 4, kinds) == kv + buffers
+    assert memory.generation_bytes(CONFIG, batch, tokens, 4, CacheSpec(*(kinds or (None, None)))) == kv + buffers
     k, v = kinds or (None, None)
     assert kv == KVCache(CONFIG, batch, tokens, k_kind=k, v_kind=v).nbytes  # what the cache really holds
 
@@ -42,5 +43,5 @@ def test_a_cache_refused_in_fp32_fits_in_int4(monkeypatch):
     monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": (fp32 + buffers) // 2)
     with pytest.raises(GenError, match="needs about"):
         new_cache(model, prompt, 490, num_samples=8)
-    cache = new_cache(model, prompt, 490, num_samples=8, kv_kinds=("int4", "int4"))
+    cache = new_cache(model, prompt, 490, num_samples=8, spec=CacheSpec("int4", "int4"))
     assert cache.nbytes < (fp32 + buffers) // 2

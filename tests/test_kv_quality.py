@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from gen_cli.lab.kv_quality import delta_bits_per_byte, kind_factory, teacher_forced_nats
+from gen_cli.cache.spec import CacheSpec
+from gen_cli.lab.kv_quality import delta_bits_per_byte, spec_factory, teacher_forced_nats
 from gen_cli.model.transformer import Transformer
 from tests.conftest import TEXT, fit, tiny_config
 
@@ -32,7 +33,7 @@ def trained(tokenizer) -> tuple[Transformer, np.ndarray, int]:
 def test_full_precision_kind_costs_exactly_nothing_and_fewer_bits_cost_more(trained):
     model, val, n_bytes = trained
     kinds = {"fp32": ("fp32", "fp32"), "int8": ("int8", "int8"), "int4": ("int4", "int4")}
-    res = delta_bits_per_byte(model, val, n_bytes, {k: kind_factory(v) for k, v in kinds.items()})
+    res = delta_bits_per_byte(model, val, n_bytes, {k: spec_factory(CacheSpec(*v)) for k, v in kinds.items()})
     assert res["fp32"]["delta_bits_per_byte"] == 0.0  # the same cache, the same sums: exactly
     assert res["int4"]["delta_bits_per_byte"] >= res["int8"]["delta_bits_per_byte"] >= 0
     assert res["int4"]["delta_bits_per_byte"] > 0
@@ -42,13 +43,13 @@ def test_teacher_forcing_through_the_cache_equals_the_no_cache_score(trained):
     from gen_cli.train.evaluate import evaluate
 
     model, val, _ = trained
-    nats, targets = teacher_forced_nats(model, val, kind_factory(None), context=64, chunk=5)
+    nats, targets = teacher_forced_nats(model, val, spec_factory(), context=64, chunk=5)
     ref = evaluate(model, val, np.ones(CONFIG.vocab_size * 4, dtype=np.int64), 64, 4, torch.device("cpu"), None)
     assert targets == ref.tokens
     assert nats == pytest.approx(ref.loss * ref.tokens, rel=1e-5)
     # A quantized kind rounds each token's K/V on its own, so how the text is chunked does not matter.
-    one = teacher_forced_nats(model, val, kind_factory(("int4", "int8")), context=64, chunk=1)[0]
-    many = teacher_forced_nats(model, val, kind_factory(("int4", "int8")), context=64, chunk=16)[0]
+    one = teacher_forced_nats(model, val, spec_factory(CacheSpec("int4", "int8")), context=64, chunk=1)[0]
+    many = teacher_forced_nats(model, val, spec_factory(CacheSpec("int4", "int8")), context=64, chunk=16)[0]
     assert one == pytest.approx(many, rel=1e-5)
 
 
@@ -58,7 +59,7 @@ def test_any_cache_factory_plugs_in(trained):
 
     def counting(model, batch, max_tokens):
         made.append((batch, max_tokens))
-        return kind_factory(None)(model, batch, max_tokens)
+        return spec_factory()(model, batch, max_tokens)
 
     res = delta_bits_per_byte(model, val, n_bytes, {"counted": counting}, context=32)
     assert res["counted"]["delta_bits_per_byte"] == 0.0
@@ -76,7 +77,7 @@ def test_cli_compare_reports_each_kinds_cost_on_a_trained_models_own_weights(mod
     text = tmp_path / "text.txt"
     text.write_text(TEXT, encoding="utf-8")
     args = ["compare", "--model", str(model_dir), "--attention", "mha,mqa", "--pos", "rope", "--kv-cache", "on",
-            "--kv-dtype", "fp32,int8", "--prompt-len", "8", "--gen-len", "8", "--repeats", "1", "--warmup", "0",
+            "--kv-dtype", "fp32,int8", "--prompt-len", "8", "--max-new-tokens", "8", "--repeats", "1", "--warmup", "0",
             "--device", "cpu", "--quality-data", str(text), "--in-process", "--format", "json"]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output

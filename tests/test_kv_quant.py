@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from gen_cli.cache.kinds import KV_KINDS, parse_kv_kinds
 from gen_cli.cache.linear import KVCache, kv_bytes_per_token
+from gen_cli.cache.spec import CacheSpec
 from gen_cli.cli import app
 from gen_cli.errors import UsageError
 from gen_cli.infer.generate import generate, greedy_steps, new_cache, prefill
@@ -38,7 +39,10 @@ def trained(tokenizer) -> tuple[Transformer, torch.Tensor]:
 def test_plain_kind_is_bit_identical_to_the_default_cache(trained):
     model, prompt = trained
     a = [(lg, t) for lg, t in greedy_steps(model, prompt, 20, new_cache(model, prompt, 20))]
-    b = [(lg, t) for lg, t in greedy_steps(model, prompt, 20, new_cache(model, prompt, 20, kv_kinds=("fp32", "fp32")))]
+    b = [
+        (lg, t)
+        for lg, t in greedy_steps(model, prompt, 20, new_cache(model, prompt, 20, spec=CacheSpec("fp32", "fp32")))
+    ]
     for (la, ta), (lb, tb) in zip(a, b, strict=True):
         assert torch.equal(la, lb) and torch.equal(ta, tb)
 
@@ -47,8 +51,12 @@ def test_plain_kind_is_bit_identical_to_the_default_cache(trained):
 @pytest.mark.parametrize("v_kind", ["fp32", "int8", "int4"])
 def test_bytes_actual_equal_analytic_including_scales(k_kind, v_kind):
     cache = KVCache(CONFIG, 3, 17, k_kind=k_kind, v_kind=v_kind)
-    assert cache.nbytes == KVCache.analytic_bytes(CONFIG, 17, 3, 4, k_kind, v_kind)
-    assert cache.nbytes == kv_bytes_per_token(CONFIG, k_kind, v_kind, 4) * 17 * 3
+    # Per head and token, written out for head_dim 32: a float kind its element size × 32; int8 32 values
+    # and one fp32 scale; int4 16 bytes of values and an fp32 scale and zero for the one group of 32.
+    per_head = {"fp32": 32 * 4, "bf16": 32 * 2, "fp16": 32 * 2, "int8": 32 + 4, "int4": 16 + 4 + 4}
+    expected = CONFIG.n_layer * CONFIG.n_kv_head * (per_head[k_kind] + per_head[v_kind]) * 17 * 3
+    assert cache.nbytes == expected
+    assert CacheSpec(k_kind, v_kind).nbytes(CONFIG, 17, 3, 4) == expected
 
 
 def test_quantized_bytes_per_token_follow_the_formula():
@@ -84,7 +92,7 @@ def test_reads_round_trip_within_the_kinds_step():
 
 def test_kl_orders_by_bits_and_stays_within_measured_bounds(trained):
     model, prompt = trained
-    acc = {k: kv_accuracy(model, prompt, 40, parse_kv_kinds(k)) for k in ("fp32", "int8", "k8v4", "int4")}
+    acc = {k: kv_accuracy(model, prompt, 40, CacheSpec(*parse_kv_kinds(k))) for k in ("fp32", "int8", "k8v4", "int4")}
     assert acc["fp32"].kl_max == 0 and acc["fp32"].top1_agreement == 1 and acc["fp32"].tokens_before_divergence == 40
     assert acc["fp32"].kl_mean < acc["int8"].kl_mean < acc["int4"].kl_mean
     assert acc["int8"].kl_mean <= acc["k8v4"].kl_mean <= acc["int4"].kl_mean
@@ -97,11 +105,11 @@ def test_kl_orders_by_bits_and_stays_within_measured_bounds(trained):
 
 def test_num_samples_share_one_int8_prefill(trained):
     model, prompt = trained
-    cache = new_cache(model, prompt, 10, num_samples=3, kv_kinds=("int8", "int8"))
+    cache = new_cache(model, prompt, 10, num_samples=3, spec=CacheSpec("int8", "int8"))
     steps = list(generate(model, prompt, 10, SamplingConfig(temperature=0.0), cache, num_samples=3))
     tokens = torch.stack(steps, dim=1)  # (3, 10)
     assert tokens.shape == (3, 10) and torch.equal(tokens[0], tokens[1]) and torch.equal(tokens[1], tokens[2])
-    one = new_cache(model, prompt, 10, kv_kinds=("int8", "int8"))
+    one = new_cache(model, prompt, 10, spec=CacheSpec("int8", "int8"))
     alone = torch.stack(list(generate(model, prompt, 10, SamplingConfig(temperature=0.0), one)), dim=1)
     assert torch.equal(alone[0], tokens[0])  # replicate_first_row copied data and scales
 

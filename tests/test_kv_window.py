@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gen_cli.cache.linear import KVCache
+from gen_cli.cache.spec import CacheSpec
 from gen_cli.cache.window import WindowKVCache
 from gen_cli.errors import UsageError
 from gen_cli.infer.generate import decode_step, greedy_steps, new_cache, prefill, run_generation
@@ -77,8 +78,13 @@ def reference_logits(model: Transformer, ids: torch.Tensor, window: int, sinks: 
     return model.lm_head(model.norm(x))[0]
 
 
-def windowed_greedy(model, prompt, n, window, sinks, kv_kinds=None, forced=None):
-    cache = new_cache(model, prompt, n, kv_kinds=kv_kinds, window=window, sinks=sinks)
+def kv_bytes(config, slots: int, batch: int = 1, bytes_per_element: int = 4) -> int:
+    """2 (K and V) × n_layer × n_kv_head × head_dim × slots × batch × bytes, written out (plain kinds)."""
+    return 2 * config.n_layer * config.n_kv_head * config.head_dim * slots * batch * bytes_per_element
+
+
+def windowed_greedy(model, prompt, n, window, sinks, kinds=(None, None), forced=None):
+    cache = new_cache(model, prompt, n, spec=CacheSpec(*kinds, window, sinks))
     steps = list(greedy_steps(model, prompt, n, cache, forced))
     return torch.stack([lg[0] for lg, _ in steps]), torch.stack([t[0] for _, t in steps]), cache
 
@@ -109,8 +115,8 @@ def test_window_at_least_the_sequence_is_bit_identical_to_the_full_cache(pos_enc
     pos_encoding=st.sampled_from(["rope", "alibi"]),
 )
 def test_window_equals_the_masked_no_cache_reference(window, sinks, prompt_len, new, pos_encoding):
-    if sinks >= window or sinks > prompt_len:
-        return
+    if sinks >= window:
+        return  # refused (tested below); sinks past the prompt are the first generated tokens
     model = MODELS[pos_encoding]
     prompt = torch.randint(0, 300, (1, prompt_len), generator=torch.Generator().manual_seed(prompt_len))
     logits, tokens, cache = windowed_greedy(model, prompt, new, window, sinks)
@@ -121,6 +127,20 @@ def test_window_equals_the_masked_no_cache_reference(window, sinks, prompt_len, 
     assert cache.pos == prompt_len + new - 1
 
 
+@pytest.mark.parametrize("pos_encoding", ["rope", "alibi", "learned"])
+@pytest.mark.parametrize("prompt_len", [1, 3])
+def test_sinks_are_the_first_tokens_even_when_generated(pos_encoding, prompt_len):
+    """Sinks longer than the prompt: the first generated tokens become sinks, kept past every eviction."""
+    model = MODELS[pos_encoding]
+    prompt = torch.randint(0, 300, (1, prompt_len), generator=torch.Generator().manual_seed(11))
+    logits, tokens, cache = windowed_greedy(model, prompt, 25, window=6, sinks=4)
+    ids = torch.cat([prompt[0], tokens])[None, :-1]  # (1, prompt + 24): every position that was fed
+    ref = reference_logits(model, ids, 6, 4)[prompt_len - 1 :]  # (25, V)
+    torch.testing.assert_close(logits, ref, atol=1e-4, rtol=1e-4)
+    assert torch.equal(tokens, ref.argmax(-1))
+    assert cache.pos == prompt_len + 24 > cache.max_tokens == 10
+
+
 def test_learned_positions_stay_absolute_and_refuse_past_the_context():
     model = MODELS["learned"]  # context 32
     prompt = torch.randint(0, 300, (1, 10), generator=torch.Generator().manual_seed(3))
@@ -128,18 +148,18 @@ def test_learned_positions_stay_absolute_and_refuse_past_the_context():
     ref = reference_logits(model, torch.cat([prompt[0], tokens])[None, :-1], 6, 2)[9:]
     torch.testing.assert_close(logits, ref, atol=1e-4, rtol=1e-4)
     with pytest.raises(UsageError, match="context length"):
-        new_cache(model, prompt, 40, window=6, sinks=2)
+        new_cache(model, prompt, 40, spec=CacheSpec(window=6, sinks=2))
 
 
 def test_rope_generates_far_past_the_context_with_constant_bytes():
     model = MODELS["rope"]  # context 32
     prompt = torch.randint(0, 300, (1, 5), generator=torch.Generator().manual_seed(4))
-    cache = new_cache(model, prompt, 200, window=8, sinks=2)
+    cache = new_cache(model, prompt, 200, spec=CacheSpec(window=8, sinks=2))
     before = cache.nbytes
-    assert before == KVCache.analytic_bytes(CONFIG, 10, 1, 4)  # S + N slots, however long the run
+    assert before == kv_bytes(CONFIG, 10) == 2 * 2 * 2 * 8 * 10 * 4  # S + N slots, however long the run
     n = sum(1 for _ in greedy_steps(model, prompt, 200, cache))
     assert n == 200 and cache.pos == 204 and cache.nbytes == before
-    stats = run_generation(model, prompt, 200, SamplingConfig(temperature=0), window=8, sinks=2).stats
+    stats = run_generation(model, prompt, 200, SamplingConfig(temperature=0), spec=CacheSpec(window=8, sinks=2)).stats
     assert stats.kv_cache_bytes == stats.kv_cache_bytes_analytic == before
     assert (stats.kv_window, stats.kv_sinks, stats.new_tokens) == (8, 2, 200)
 
@@ -148,11 +168,14 @@ def test_rope_generates_far_past_the_context_with_constant_bytes():
 def test_quantized_kinds_combine_with_a_window(kinds):
     """The window cache stores K before RoPE, so its int8 differs from the linear cache's: compare it to
     the fp32 window it approximates on the same tokens (KL of the next-token distribution), and the bytes."""
-    model = sharp_model(CONFIG.replace(d_model=64, n_head=2, n_kv_head=1))  # head_dim 32
+    model = sharp_model(CONFIG.replace(d_model=64, n_head=2, n_kv_head=1))  # head_dim stays 8
     prompt = torch.randint(0, 300, (1, 6), generator=torch.Generator().manual_seed(5))
     ref, tokens, _ = windowed_greedy(model, prompt, 30, 8, 2)
-    got, _, cache = windowed_greedy(model, prompt, 30, 8, 2, kv_kinds=kinds, forced=tokens[None])  # same tokens
-    assert cache.nbytes == KVCache.analytic_bytes(model.config, 10, 1, 4, *kinds)
+    got, _, cache = windowed_greedy(model, prompt, 30, 8, 2, kinds=kinds, forced=tokens[None])  # same tokens
+    # Per head and token (head_dim 8): int8 8 values + an fp32 scale; bf16 2 bytes, fp32 4 bytes a value.
+    assert model.config.head_dim == 8
+    per_head = {"int8": 8 + 4, "bf16": 8 * 2, "fp32": 8 * 4}
+    assert cache.nbytes == 2 * 1 * (per_head[kinds[0]] + per_head[kinds[1]]) * 10  # layers × KV heads × … × slots
     p, q = ref.log_softmax(-1), got.log_softmax(-1)
     kl = (p.exp() * (p - q)).sum(-1)
     assert kl.max() < 0.05
@@ -166,11 +189,23 @@ def test_prompt_longer_than_the_window_is_prefilled_in_chunks():
     torch.testing.assert_close(logits[0], reference_logits(model, prompt, 5, 1), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("scaling", [None, {"type": "linear", "factor": 2.0}])
+def test_chunk_frames_past_the_context_use_the_models_own_rope_rows(scaling):
+    """Context 32, window 20 + 4 sinks: a chunk of 20 after the first eviction puts queries at frame positions
+    up to S + 2N − 2 = 42, past the model's tables; the longer rows follow its base and scaling."""
+    model = sharp_model(CONFIG.replace(rope_scaling=scaling))
+    prompt = torch.randint(0, 300, (1, 60), generator=torch.Generator().manual_seed(12))
+    cache = WindowKVCache(model.config, 1, 20, 4)
+    logits = model(prompt, cache=cache)  # chunks of 20
+    torch.testing.assert_close(logits[0], reference_logits(model, prompt, 20, 4), atol=1e-4, rtol=1e-4)
+
+
 def test_several_samples_share_one_windowed_prefill():
     model = MODELS["rope"]
     prompt = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(7))
-    one = run_generation(model, prompt, 15, SamplingConfig(temperature=0), window=6, sinks=1).tokens
-    three = run_generation(model, prompt, 15, SamplingConfig(temperature=0), num_samples=3, window=6, sinks=1).tokens
+    spec = CacheSpec(window=6, sinks=1)
+    one = run_generation(model, prompt, 15, SamplingConfig(temperature=0), spec=spec).tokens
+    three = run_generation(model, prompt, 15, SamplingConfig(temperature=0), num_samples=3, spec=spec).tokens
     assert torch.equal(three, one.expand(3, -1))
 
 
@@ -180,21 +215,20 @@ def test_several_samples_share_one_windowed_prefill():
         (4, 4, 10, "larger than sinks"),
         (4, 6, 10, "larger than sinks"),
         (0, 0, 10, "window must be"),
-        (8, 4, 3, r"sinks \(4\) must not exceed the prompt's 3"),
         (30, 4, 10, "pass the model's context"),
     ],
 )
 def test_bad_windows_are_refused_in_one_line(window, sinks, prompt_len, match):
     prompt = torch.zeros(1, prompt_len, dtype=torch.long)
     with pytest.raises(UsageError, match=match) as e:
-        new_cache(MODELS["rope"], prompt, 5, window=window, sinks=sinks)
+        new_cache(MODELS["rope"], prompt, 5, spec=CacheSpec(window=window, sinks=sinks))
     assert "\n" not in str(e.value)
 
 
 def test_a_window_needs_the_cache_on():
     prompt = torch.zeros(1, 4, dtype=torch.long)
     with pytest.raises(UsageError, match="needs the cache on"):
-        run_generation(MODELS["rope"], prompt, 3, SamplingConfig(), use_cache=False, window=4)
+        run_generation(MODELS["rope"], prompt, 3, SamplingConfig(), use_cache=False, spec=CacheSpec(window=4))
 
 
 # Models trained with a sliding window ----------------------------------------------------------------
@@ -232,7 +266,7 @@ def test_trained_window_cache_ring_and_no_cache_agree(pos_encoding):
 def test_run_time_window_wider_than_the_trained_one_is_refused():
     model = sharp_model(CONFIG.replace(sliding_window=6))
     with pytest.raises(UsageError, match="trained to attend to its last 6 tokens"):
-        new_cache(model, torch.zeros(1, 4, dtype=torch.long), 5, window=6, sinks=1)
+        new_cache(model, torch.zeros(1, 4, dtype=torch.long), 5, spec=CacheSpec(window=6, sinks=1))
 
 
 @pytest.mark.parametrize(
@@ -266,7 +300,7 @@ def test_trained_window_equals_transformers(tmp_path, arch, changes, window):
         ref = hf(ids).logits[0]  # (20, V)
     torch.testing.assert_close(model(ids)[0], ref, atol=1e-4, rtol=1e-4)
     ring = new_cache(model, ids[:, :8], 12)
-    assert isinstance(ring, WindowKVCache) and ring.nbytes == KVCache.analytic_bytes(model.config, 5, 1, 4)
+    assert isinstance(ring, WindowKVCache) and ring.nbytes == kv_bytes(model.config, 5)
     # On the decode path gen runs (the native C step where it can): a linear cache past the window must
     # not be decoded without the mask.
     model = optimize_for_decode(model, native=True)
@@ -299,18 +333,18 @@ def test_chat_goes_on_past_the_window_as_a_fresh_windowed_run_would(tmp_path):
 
     model_dir = chat_dir.__wrapped__(_TmpFactory(tmp_path))
     chat = loaded.__wrapped__(model_dir)
-    session = _session(chat, window=(24, 4))
+    session = _session(chat, spec=CacheSpec(window=24, sinks=4))
     for message in ("Hello there, fox!", "And 12345?", "Tell me more about the dog.", "Why?"):
         turn = session.say(message, 12, GREEDY)
         prompt = torch.tensor([session._last_prompt])  # (1, T): the conversation as rendered for this turn
-        cache = new_cache(chat.model, prompt, 12, window=24, sinks=4)
+        cache = new_cache(chat.model, prompt, 12, spec=CacheSpec(window=24, sinks=4))
         expected = []
         for _, t in greedy_steps(chat.model, prompt, 12, cache):
             expected.append(int(t[0]))
             if expected[-1] in chat.stop_ids:
                 break
         assert turn.token_ids == expected
-    assert session.cache.pos > 24 + 4 and session.cache.nbytes == KVCache.analytic_bytes(chat.model.config, 28, 1, 4)
+    assert session.cache.pos > 24 + 4 and session.cache.nbytes == kv_bytes(chat.model.config, 28)
 
 
 class _TmpFactory:
@@ -335,11 +369,15 @@ def test_cli_generate_runs_past_the_context_on_a_window(model_dir):
     s = json.loads(result.stdout)["stats"]
     assert s["new_tokens"] == 150 and (s["kv_window"], s["kv_sinks"]) == (16, 4) and s["decode_path"] == "torch"
     assert s["kv_cache_bytes"] == s["kv_cache_bytes_analytic"] == 2 * 2 * 4 * 8 * 20 * 4  # K+V, layers, heads, hd
+    short = runner.invoke(app, ["generate", "Hi", *args[2:], "--max-new-tokens", "40", "--window", "16", "--sinks",
+                                "8", "--json"])  # fmt: skip  # sinks past the prompt: generated tokens
+    assert short.exit_code == 0, short.output
+    assert json.loads(short.stdout)["stats"]["new_tokens"] == 40
     for extra, message in (
         (["--window", "4", "--sinks", "4"], "--window must be larger than --sinks, got 4 ≤ 4"),
         (["--window", "0"], "window must be a whole number ≥ 1"),
         (["--sinks", "2"], "--sinks goes with --window"),
-        (["--window", "30", "--sinks", "25"], "--sinks (25) must not exceed the prompt's"),
+        (["--window", "60", "--sinks", "8"], "positions pass the model's context of 64"),
         (["--window", "8", "--no-kv-cache"], "--window is a kind of KV cache"),
     ):
         bad = runner.invoke(app, [*args, "--max-new-tokens", "5", *extra])
@@ -360,8 +398,7 @@ def test_compare_grid_crosses_windows_and_sinks_and_runs_past_the_context():
         grid(window=[0, 8])  # the full cache cannot hold 48 tokens
     with pytest.raises(UsageError, match="exceeds the model's context"):
         grid(window=[8], pos=["learned"])
-    with pytest.raises(UsageError, match="must not exceed the shortest prompt_len"):
-        grid(window=[8], sinks=[9], gen_len=[4])
+    assert [(s.window, s.sinks) for s in grid(window=[8], sinks=[4], prompt_len=[2])] == [(8, 4)]  # sinks > prompt
     with pytest.raises(UsageError, match="larger than sinks"):
         grid(window=[4], sinks=[4], gen_len=[4])
     row = compare.measure(grid(window=[8], sinks=[2], gen_len=[6])[0])

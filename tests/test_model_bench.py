@@ -48,13 +48,24 @@ def test_gguf_has_gen_rows_only_and_a_too_long_run_is_refused(llama):
     _, gguf_path = llama
     rows, context = bench_model_decode(gguf_path, ("fp32-torch",), 1, NEW, "cpu")
     assert [r.mode for r in rows] == ["fp32-torch"] and context["model"]["kind"] == "gguf"
-    with pytest.raises(UsageError, match=r"new_tokens 100 .* context of 64 tokens"):
+    with pytest.raises(UsageError, match=r"max_new_tokens 100 .* context of 64 tokens"):
         bench_model_decode(gguf_path, ("fp32-torch",), 1, 100, "cpu")
 
 
 def test_cli_json_and_refusals(llama, tmp_path):
     folder, _ = llama
-    args = ["bench", "decode", "--model", str(folder), "--modes", "fp32", "--repeats", "1", "--new-tokens", str(NEW)]
+    args = [
+        "bench",
+        "decode",
+        "--model",
+        str(folder),
+        "--modes",
+        "fp32",
+        "--repeats",
+        "1",
+        "--max-new-tokens",
+        str(NEW),
+    ]
     r = runner.invoke(app, [*args, "--json"])
     assert r.exit_code == 0, r.output
     rows = {row["mode"]: row for row in json.loads(r.stdout)["rows"]}
@@ -112,7 +123,8 @@ def test_cli_formats_flags_and_profile(llama, tmp_path):
     assert r.exit_code == 0, r.output
     data = json.loads(r.stdout)
     profile = data["rows"][0]["extra"]["profile"]
-    assert profile["path"] == "torch" and sum(profile["seconds"].values()) == pytest.approx(profile["step_s"])
+    assert profile["path"] == "torch" and all(v >= 0 for v in profile["seconds"].values())
+    assert 0 < sum(v for k, v in profile["seconds"].items() if k != "python") <= profile["step_s"]
     assert {t["test"] for t in data["tests"]} == {"pp16", f"tg{NEW}"} and data["context"]["peak_gflops"][
         str(gguf_path)
     ]["fp32"] > 0

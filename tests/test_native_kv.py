@@ -17,6 +17,7 @@ from conftest import tiny_config
 
 from gen_cli.cache.kinds import KVSide
 from gen_cli.cache.linear import KVCache
+from gen_cli.cache.spec import CacheSpec
 from gen_cli.infer.generate import decode_step, generate, new_cache, prefill, run_generation
 from gen_cli.infer.optimize import optimize_for_decode
 from gen_cli.infer.sampling import SamplingConfig
@@ -132,11 +133,11 @@ def test_native_greedy_tokens_equal_pytorch_over_32_steps(kinds):
     prompt = torch.randint(0, 300, (2, 8), generator=torch.Generator().manual_seed(4))
     runs = []
     for model in (torch_model, native_model):
-        cache = new_cache(model, prompt, 32, kv_kinds=kinds)
+        cache = new_cache(model, prompt, 32, spec=CacheSpec(*kinds))
         assert (model.native_decoder is not None) == (model is native_model)
         runs.append(torch.stack(list(generate(model, prompt, 32, GREEDY, cache)), 1))
     assert runs[0].shape == (2, 32) and torch.equal(runs[1], runs[0])
-    stats = run_generation(native_model, prompt, 4, GREEDY, kv_kinds=kinds).stats
+    stats = run_generation(native_model, prompt, 4, GREEDY, spec=CacheSpec(*kinds)).stats
     assert stats.decode_path == "native" and stats.decode_path_reason == ""
 
 
@@ -144,11 +145,9 @@ def test_what_the_kernel_does_not_read_goes_to_pytorch():
     _, native_model = _models(**SHAPES[32])
     native = native_model.native_decoder
 
-    class Windowed(KVCache):  # a cache kind whose token layout is not the plain one (a ring, say)
-        pass
-
-    assert not native.accepts(1, Windowed(native_model.config, 1, 8))
-    assert "not a Windowed" in native.refusal(1, Windowed(native_model.config, 1, 8))
+    ring = CacheSpec(window=6, sinks=2).allocate(native_model.config, 1, 8, torch.float32, "cpu")
+    assert not native.accepts(1, ring)  # un-rotated keys in a ring: not the layout the kernel reads
+    assert "reads the linear KV cache layout; this cache is fp32/fp32, window 6 + 2 sinks" in native.refusal(1, ring)
     fp16 = KVCache(native_model.config, 1, 8, k_kind="fp16", v_kind="int8")
     assert not native.accepts(1, fp16) and "K fp16, V int8" in native.refusal(1, fp16)
     torch.manual_seed(0)

@@ -22,15 +22,21 @@ def torch_model():
     return optimize_for_decode(random_model(tiny_config()).eval(), native=False)
 
 
-def test_torch_path_classes_add_up_and_every_op_class_is_seen():
+def test_torch_path_classes_fit_in_the_step_and_every_op_class_is_seen():
+    import time
+
     model = torch_model()
+    start = time.perf_counter()
     p = profile_decode(model, PROMPT, 8)
+    outside = time.perf_counter() - start  # measured here, around the whole call (prefill included)
     assert p.path == "torch" and p.steps == 7 and set(p.seconds) == {*CLASSES, *REST}
-    assert sum(p.seconds.values()) == pytest.approx(p.step_s, rel=1e-9)  # 'python' is the remainder
     for key in ("embed", "norm", "qkv", "rope", "attention", "attn_out", "mlp_in", "mlp_act", "mlp_out", "lm_head"):
         assert p.seconds[key] > 0, key
-    # Own times never exceed the step: the classes outside 'python' fit in the wall time (1% slack for clock reads).
-    assert sum(v for k, v in p.seconds.items() if k != "python") <= p.step_s * 1.01
+    # Own times are intervals nested inside each step's clock reads: none negative, and the named classes
+    # (all but the remainder 'python') sum to no more than the step; the steps fit in the call's wall time.
+    assert all(v >= 0 for v in p.seconds.values()), p.seconds
+    assert sum(v for k, v in p.seconds.items() if k != "python") <= p.step_s
+    assert 0 < p.step_s * p.steps <= outside
 
 
 def test_profiling_leaves_the_model_as_it_was():
@@ -125,7 +131,8 @@ def test_generate_profile_in_json_and_as_bars(model_dir):
     r = run("--profile", "--json", "--no-native")
     assert r.exit_code == 0, r.output
     p = json.loads(r.stdout)["stats"]["profile"]
-    assert p["path"] == "torch" and p["steps"] == 5 and sum(p["seconds"].values()) == pytest.approx(p["step_s"])
+    assert p["path"] == "torch" and p["steps"] == 5 and all(v >= 0 for v in p["seconds"].values())
+    assert 0 < sum(v for k, v in p["seconds"].items() if k != "python") <= p["step_s"]
     r = run("--profile", "--no-stream", "--no-native")
     assert r.exit_code == 0, r.output
     assert "decode step:" in r.stderr and "lm_head matmul" in r.stderr and "%" in r.stderr

@@ -9,6 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from gen_cli.cache.prompt_file import identity, read_prompt_cache, restore, save_prompt_cache
+from gen_cli.cache.spec import CacheSpec
 from gen_cli.cli import app
 from gen_cli.errors import GenError
 from gen_cli.infer.generate import continue_steps, generate, new_cache, prefill
@@ -31,7 +32,7 @@ def _ident(model: Transformer, kinds: tuple[str, str] = ("fp32", "fp32"), tok: s
 
 
 def _saved(tmp_path, model, prefix, kinds=("fp32", "fp32")):
-    cache = new_cache(model, prefix, 4, kv_kinds=kinds)
+    cache = new_cache(model, prefix, 4, spec=CacheSpec(*kinds))
     prefill(model, prefix, cache)
     path = tmp_path / "prompt.st"
     save_prompt_cache(path, cache, prefix[0].tolist(), _ident(model, kinds))
@@ -49,10 +50,10 @@ def test_reuse_gives_the_logits_of_recomputing(tmp_path, kinds):
     path = _saved(tmp_path, model, prompt[:, :12], kinds)
     saved = read_prompt_cache(path, CONFIG, _ident(model, kinds), CONFIG.context_length)
     assert saved is not None and saved.ids == prompt[0, :12].tolist()
-    reused = new_cache(model, prompt, 8, kv_kinds=kinds)
+    reused = new_cache(model, prompt, 8, spec=CacheSpec(*kinds))
     restore(reused, saved, 12)
     # Oracle 1: the same split recomputed (prefix prefilled, then the rest): bit-identical, the file is lossless.
-    fresh = new_cache(model, prompt, 8, kv_kinds=kinds)
+    fresh = new_cache(model, prompt, 8, spec=CacheSpec(*kinds))
     prefill(model, prompt[:, :12], fresh)
     for a, b in zip(_logits(model, prompt, reused), _logits(model, prompt, fresh), strict=True):
         assert torch.equal(a, b)

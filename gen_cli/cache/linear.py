@@ -6,6 +6,7 @@ import torch
 
 from gen_cli.cache.kinds import INT4_GROUP, KV_KINDS, KVSide, bytes_per_head_token, check_kind, kind_of
 from gen_cli.errors import InternalError, UsageError
+from gen_cli.model.attention import Positions
 from gen_cli.model.config import ModelConfig
 
 
@@ -71,7 +72,14 @@ class KVCache(KVStorage):
     The caller owns the cache (design rule 3): the model writes each layer's k/v at `pos` and the
     cache advances once per forward pass, after every layer has written. `k_kind`/`v_kind` choose how
     each is stored (fp32/bf16/fp16, int8, int4; default: `dtype` itself); reads come back in `dtype`.
+    Keys sit at their absolute positions, rotated once when written: a step reads them as they are.
     """
+
+    chunk_limit: int | None = None  # any number of tokens per forward
+    window: int | None = None  # every token kept (CacheSpec.of reads these two)
+    sinks = 0
+    # Slots 0…pos-1 in position order, keys rotated at their absolute positions: what gen's C step reads.
+    native_layout = True
 
     def __init__(
         self,
@@ -91,9 +99,13 @@ class KVCache(KVStorage):
         self.pos = 0
 
     @property
-    def plain(self) -> bool:
-        """Whether K and V are stored unquantized in `dtype`, so `k`/`v` hold the values themselves."""
-        return self.k_kind == self.v_kind == kind_of(self._dtype)
+    def sequence_limit(self) -> int | None:
+        """The longest sequence the cache can take (None: a ring, however long)."""
+        return self.max_tokens
+
+    def positions(self, T: int, device: torch.device) -> Positions:
+        """The next forward's T queries at pos…pos+T-1 over keys 0…pos+T-1, which `update` returns in order."""
+        return Positions(self.pos, T)
 
     def update(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write (B, n_kv_head, T, head_dim) at [pos:pos+T] in place; return views of [0:pos+T]."""
@@ -121,6 +133,10 @@ class KVCache(KVStorage):
         """Forget the contents (the tensors are kept and overwritten by the next writes)."""
         self.pos = 0
 
+    def can_truncate(self, pos: int) -> bool:
+        """Whether `truncate(pos)` keeps the prefix before `pos`: always, up to the current position."""
+        return 0 <= pos <= self.pos
+
     def truncate(self, pos: int) -> None:
         """Roll the write position back to `pos` (≤ the current one): a shared prefix stays cached, and
         the entries after it are overwritten by the next writes (attention never reads past `pos`)."""
@@ -143,21 +159,6 @@ class KVCache(KVStorage):
         for side in (*self.k_sides, *self.v_sides):
             side.replicate_first_row(pos)
         self.pos = pos
-
-    @staticmethod
-    def analytic_bytes(
-        config: ModelConfig,
-        tokens: int,
-        batch: int,
-        bytes_per_element: int,
-        k_kind: str | None = None,
-        v_kind: str | None = None,
-    ) -> int:
-        """2 × n_layer × n_kv_head × head_dim × tokens × batch × bytes_per_element for plain caches;
-        with kinds, n_layer × n_kv_head × tokens × batch × (K's + V's bytes per head per token)."""
-        if k_kind is None and v_kind is None:
-            return config.kv_bytes_per_token(bytes_per_element) * tokens * batch
-        return kv_bytes_per_token(config, k_kind, v_kind, bytes_per_element) * tokens * batch
 
 
 def kv_bytes_per_token(config: ModelConfig, k_kind: str | None, v_kind: str | None, bytes_per_element: int) -> int:

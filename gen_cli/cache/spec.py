@@ -1,7 +1,8 @@
 """CacheSpec: what KV cache a run uses (K kind, V kind, window, sinks), as one value with its byte formula.
 
 A run-time choice (design rule 1): it never goes into ModelConfig. Commands build one from their flags;
-the library allocates every cache through it, so no caller threads kinds, window and sinks separately.
+the library allocates and sizes every cache through it, so no caller threads kinds, window and sinks
+separately.
 """
 
 from __future__ import annotations
@@ -20,12 +21,18 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class CacheSpec:
     """K and V storage kinds (None: the model's dtype, unquantized) and an optional StreamingLLM window:
-    `sinks` first tokens kept forever plus a ring of the last `window` (None: every token is kept)."""
+    the sequence's first `sinks` tokens kept forever plus a ring of the last `window` (None: every token
+    is kept)."""
 
     k_kind: str | None = None
     v_kind: str | None = None
     window: int | None = None
     sinks: int = 0
+
+    @staticmethod
+    def of(cache: KVCache | WindowKVCache) -> CacheSpec:
+        """The spec a cache was allocated from (its kinds as stored, its window and sinks)."""
+        return CacheSpec(cache.k_kind, cache.v_kind, cache.window, cache.sinks)
 
     @property
     def kinds(self) -> tuple[str | None, str | None]:
@@ -34,6 +41,27 @@ class CacheSpec:
     def slots(self, tokens: int) -> int:
         """Token slots a cache for a `tokens`-long sequence holds: all of them, or at most sinks + window."""
         return tokens if self.window is None else min(tokens, self.sinks + self.window)
+
+    def check(self, config: ModelConfig) -> None:
+        """Refuse kinds this model's head size cannot store and a window it cannot run (one-line UsageErrors)."""
+        from gen_cli.cache.kinds import check_kind
+        from gen_cli.cache.window import check_window
+        from gen_cli.errors import UsageError
+
+        for kind in self.kinds:
+            if kind is not None:
+                check_kind(config, kind)
+        if self.window is not None:
+            check_window(config, self.window, self.sinks)
+        elif self.sinks:
+            raise UsageError("sinks are kept beside a window: give a window too", params=("sinks", "window"))
+
+    def unbounded(self, config: ModelConfig) -> bool:
+        """Whether a sequence may run past the model's context: a window of a RoPE/ALiBi model, whose
+        positions stay within the cache."""
+        from gen_cli.model.positions import RELATIVE
+
+        return self.window is not None and config.pos_encoding in RELATIVE
 
     def bytes_per_token(self, config: ModelConfig, bytes_per_element: int) -> int:
         """KV bytes one slot of one sequence costs: n_layer × n_kv_head × (K's + V's bytes per head)."""
@@ -53,6 +81,8 @@ class CacheSpec:
         from gen_cli.cache.window import WindowKVCache
 
         if self.window is None:
+            if self.sinks:
+                self.check(config)  # refuses sinks without a window
             return KVCache(config, batch, tokens, dtype, device, self.k_kind, self.v_kind)
         return WindowKVCache(config, batch, self.window, self.sinks, dtype, device, self.k_kind, self.v_kind)
 

@@ -2,26 +2,24 @@
 
 Memory is S + N slots however long generation runs. Keys are stored before RoPE and rotated at
 attention time by their position *within the cache* (sinks 0…S-1, then the window in order), as the
-StreamingLLM paper does, so positions never pass S + N and a RoPE or ALiBi model can generate past its
+StreamingLLM paper does, so positions never pass S + 2N and a RoPE or ALiBi model can generate past its
 trained context. Learned and sinusoidal positions are added to the embeddings, so they stay absolute
-(the model refuses positions past its context). A run-time choice, never part of ModelConfig.
+(the model refuses positions past its context). The sinks are the sequence's first S tokens, prompt or
+generated. A run-time choice, never part of ModelConfig.
 """
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from gen_cli.cache.kinds import KVSide
-from gen_cli.cache.linear import KVStorage, allocate_kv
+from gen_cli.cache.linear import KVCache, KVStorage, allocate_kv
 from gen_cli.errors import InternalError, UsageError
+from gen_cli.model.attention import Positions
 from gen_cli.model.config import ModelConfig
-from gen_cli.model.positions import alibi_bias, alibi_slopes, apply_rope, rope_tables
-
-# Position encodings whose positions the cache re-assigns (so generation may run past the context).
-RELATIVE = ("rope", "alibi")
+from gen_cli.model.positions import RELATIVE
 
 
 def check_window(config: ModelConfig, window: int, sinks: int) -> None:
@@ -47,22 +45,27 @@ def check_window(config: ModelConfig, window: int, sinks: int) -> None:
         )
 
 
-def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int, sinks: int) -> torch.Tensor:
-    """(Tq, Tk) bool: query t sees key p when p ≤ t and p is a sink (p < S) or among the last N (p > t − N)."""
-    q, k = q_pos[:, None], k_pos[None, :]
-    return (k <= q) & ((k < sinks) | (k > q - window))
+@dataclass
+class _Plan:
+    """One forward's layout, shared by every layer: which slots `update` reads and in what order."""
+
+    T: int
+    mode: str  # "linear": nothing evicted yet; "steady": one query over every slot; "chunk": gather
+    positions: Positions
+    old_slots: torch.Tensor | None = None  # (L - T,) slots of the held keys, oldest first
+    new_slots: torch.Tensor | None = None  # (T,)
 
 
 class WindowKVCache(KVStorage):
     """Per-layer k/v of shape (B, n_kv_head, S + N, head_dim): slots 0…S-1 hold the first S tokens, slots
     S…S+N-1 a ring of the last N (position p ≥ S lives in slot S + (p − S) mod N).
 
-    Same protocol as KVCache for its callers (`pos` counts every token seen, `advance`, `nbytes`, constant:
-    fixed by S + N); the model calls `attend` instead of `update`, because attention needs the positions
-    the cache assigns.
+    The same interface as KVCache (`positions`, `update`, `advance`, `pos` counts every token seen); its
+    positions re-assign RoPE/ALiBi frames within the cache, and `update` returns the keys each query may
+    still see, un-rotated.
     """
 
-    plain = False  # the native decode step reads a linear cache only
+    native_layout = False  # a ring of un-rotated keys: gen's C step reads the linear layout only
 
     def __init__(
         self,
@@ -82,13 +85,21 @@ class WindowKVCache(KVStorage):
         self.capacity = sinks + window
         allocate_kv(self, config, batch_size, self.capacity, dtype, device, k_kind, v_kind)  # (B, H_kv, S+N, D)
         self.pos = 0
-        self._plan: dict | None = None
-        self._tables: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._plan: _Plan | None = None
 
     @property
     def max_tokens(self) -> int:
         """Slots held (S + N): what the cache costs; generation itself may run past it."""
         return self.capacity
+
+    @property
+    def chunk_limit(self) -> int:
+        """Chunks of at most N tokens: each query's window must stay in the cache beside the chunk."""
+        return self.window
+
+    @property
+    def sequence_limit(self) -> int | None:
+        return None  # a ring: however long the sequence runs
 
     def slot(self, positions: torch.Tensor) -> torch.Tensor:
         """The slot each absolute position lives in."""
@@ -112,11 +123,14 @@ class WindowKVCache(KVStorage):
         self.pos = 0
         self._plan = None
 
+    def can_truncate(self, pos: int) -> bool:
+        """Whether `truncate(pos)` keeps the prefix before `pos`: to 0 always, else while nothing at or
+        after it has been overwritten."""
+        return pos == 0 or (0 <= pos <= self.pos and (pos == self.pos or self.pos <= self.capacity))
+
     def truncate(self, pos: int) -> None:
-        """Roll back to `pos`: to 0 always, else only while nothing at or after it has been overwritten."""
-        if pos == 0:
-            return self.reset()
-        if not 0 <= pos <= self.pos or (pos < self.pos and self.pos > self.capacity):
+        """Roll back to `pos` (see `can_truncate`)."""
+        if not self.can_truncate(pos):
             raise InternalError(f"a window cache at {self.pos} (of {self.capacity} slots) cannot roll back to {pos}")
         self.pos = pos
         self._plan = None
@@ -135,136 +149,74 @@ class WindowKVCache(KVStorage):
             side.replicate_first_row(min(pos, self.capacity))
         self.pos, self._plan = pos, None
 
-    def _rope(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and signed sin for cache positions 0 … S + 2N − 1 (a chunk of ≤ N queries needs no more).
+    def positions(self, T: int, device: torch.device) -> Positions:
+        """The next forward's queries and the keys `update` returns, with frames within the cache."""
+        if self._plan is None or self._plan.T != T:
+            self._plan = self._make_plan(T, device)
+        return self._plan.positions
 
-        Rows equal the model's own tables (same function, same dtype), so an un-evicted cache is bit-exact.
-        """
-        if self._tables is None or self._tables[0].device != device:
-            c = self.config
-            cos, sin = rope_tables(self.sinks + 2 * self.window, c.head_dim, c.rope_base, c.rope_scaling)
-            self._tables = cos.to(device, self._dtype), sin.to(device, self._dtype)
-        return self._tables
-
-    def _make_plan(self, T: int, device: torch.device) -> dict:
-        """What every layer of this forward shares: key positions, their slots, the mask, the frames."""
+    def _make_plan(self, T: int, device: torch.device) -> _Plan:
         P, S, N = self.pos, self.sinks, self.window
-        if self.window < T:
+        if N < T:
             raise InternalError(f"a window cache takes chunks of at most {N} tokens, got {T} (the model splits them)")
-        plan: dict = {"T": T, "plain": self.capacity >= P + T}
+        # Frames stay below S + 2N - 1: a chunk of T ≤ N queries sits at most N - 1 past the window's end.
+        extent = S + 2 * N
+        if self.capacity >= P + T:
+            # Nothing overwritten yet: slots are positions and frames are positions, so attention is exactly a
+            # linear cache's (keys rotated at read instead of at write, by the same table rows).
+            at = Positions(P, T, k_frame=torch.arange(P + T, device=device), window=N, sinks=S, frame_extent=extent)
+            return _Plan(T, "linear", at)
         q_pos = torch.arange(P, P + T, device=device)
-        if plan["plain"]:  # no slot overwritten yet: slots are positions and every query sees every earlier key
-            plan["k_pos"], plan["q_pos"] = torch.arange(P + T, device=device), q_pos
-            return plan
         old = self.held().to(device)
         k_pos = torch.cat([old, q_pos])  # (L,) oldest first
-        plan |= {"old_slots": self.slot(old), "new_slots": self.slot(q_pos), "k_pos": k_pos, "q_pos": q_pos}
-        visible = window_mask(q_pos, k_pos, N, S)  # (T, L)
+        old_slots, new_slots = self.slot(old), self.slot(q_pos)
         sink = k_pos < S
-        # Positions within the cache. Sinks keep 0…S-1; a query at t sits at min(t, S+N-1) relative to them.
-        # The window keeps its own spacing (t − p), shifted so that its oldest visible key sits at S: then
-        # one query sits at S+N-1 in both frames; a chunk of T ≤ N needs positions up to S+2N-2 at most.
+        # Frames: sinks keep 0…S-1 and a query at t sits at min(t, S+N-1) relative to them. The window keeps
+        # its own spacing (t − p), shifted so that its oldest visible key sits at S: then one query sits at
+        # S+N-1 in both frames, and a chunk of T > 1 needs two (`sink_frame` for the sinks).
         off = max(0, P - N + 1 - S)
         q_sink = torch.clamp(q_pos, max=S + N - 1)
         q_win = q_pos - off
         k_frame = torch.where(sink, k_pos, k_pos - off)
-        plan |= {"visible": visible, "sink": sink, "q_sink": q_sink, "q_win": q_win, "k_frame": k_frame}
-        plan["two_frames"] = bool(S > 0 and T > 1)
-        if self.config.pos_encoding == "alibi":
-            slopes = torch.tensor(alibi_slopes(self.config.n_head), device=device)  # (n_head,) fp32
-            dist = torch.where(sink[None, :], q_sink[:, None] - k_pos[None, :], q_pos[:, None] - k_pos[None, :])
-            bias = -slopes[:, None, None] * dist.to(slopes.dtype)  # (H, T, L)
-            plan["bias"] = bias.masked_fill(~visible, float("-inf")).to(self._dtype)
         if T == 1:
             # One query past the first eviction sees exactly every slot (the new token replaced the one just
-            # out of reach): attend over the slots in place, in slot order (softmax ignores key order), each
-            # key at its own frame position, and skip the gathers.
+            # out of reach): `update` hands the slots back in place, in slot order (softmax ignores key
+            # order), and the positions follow that order, so no gather is needed.
             by_slot = torch.empty_like(k_pos)
-            by_slot[torch.cat([plan["old_slots"], plan["new_slots"]])] = torch.arange(len(k_pos), device=device)
-            plan["steady"], plan["k_frame"] = True, k_frame[by_slot]
-            if "bias" in plan:
-                plan["bias"] = plan["bias"][..., by_slot]  # (H, 1, S+N)
-        return plan
+            by_slot[torch.cat([old_slots, new_slots])] = torch.arange(len(k_pos), device=device)
+            at = Positions(P, T, k_pos[by_slot], q_win, k_frame[by_slot], window=N, sinks=S, frame_extent=extent)
+            return _Plan(T, "steady", at)
+        two = S > 0
+        at = Positions(
+            P, T, k_pos, q_win, k_frame, q_sink if two else None, sink if two else None, N, S, frame_extent=extent
+        )
+        return _Plan(T, "chunk", at, old_slots, new_slots)
 
-    def attend(self, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor) -> torch.Tensor:
-        """Store k/v (B, n_kv_head, T, head_dim), un-rotated, at the T positions from `pos`, and return the
-        attention output (B, n_head, T, head_dim) of q (B, n_head, T, head_dim, un-rotated) over the keys
-        each query may see."""
-        T, device = q.shape[2], q.device
-        if self._plan is None or self._plan["T"] != T:
-            self._plan = self._make_plan(T, device)
+    def update(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k/v (B, n_kv_head, T, head_dim), un-rotated, at the T positions from `pos`; return the keys
+        and values `positions` describes (B, n_kv_head, L, head_dim)."""
+        T = k_new.shape[2]
+        if self._plan is None or self._plan.T != T:
+            self._plan = self._make_plan(T, k_new.device)
         plan, P = self._plan, self.pos
         ks, vs = self.k_sides[layer], self.v_sides[layer]
-        gqa = q.shape[1] != k_new.shape[1]
-        kind = self.config.pos_encoding
-        if plan["plain"]:
+        if plan.mode == "linear":
             ks.write(P, k_new)
             vs.write(P, v_new)
-            k, v = ks.read(P + T), vs.read(P + T)  # (B, n_kv_head, P+T, head_dim); views when stored so
-            return self._plain_attention(q, k, v, plan, gqa)
-        if plan.get("steady"):
+            return ks.read(P + T), vs.read(P + T)  # (B, n_kv_head, P+T, head_dim); views when stored so
+        if plan.mode == "steady":
             self._write(ks, P, k_new)
             self._write(vs, P, v_new)
-            k, v = ks.read(self.capacity), vs.read(self.capacity)  # (B, n_kv_head, S+N, head_dim), slot order
-            bias = plan.get("bias")
-            if kind == "rope":
-                k = apply_rope(k, *self._rows(plan, "k_frame"))
-                q = apply_rope(q, *self._rows(plan, "q_win"))
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=gqa)
+            return ks.read(self.capacity), vs.read(self.capacity)  # (B, n_kv_head, S+N, head_dim), slot order
+        assert plan.old_slots is not None and plan.new_slots is not None
         # Read what the chunk may see before writing it: its writes overwrite the oldest window slots.
-        old_k, old_v = ks.read(self.capacity)[:, :, plan["old_slots"]], vs.read(self.capacity)[:, :, plan["old_slots"]]
+        old_k, old_v = ks.read(self.capacity)[:, :, plan.old_slots], vs.read(self.capacity)[:, :, plan.old_slots]
         self._write(ks, P, k_new)
         self._write(vs, P, v_new)
-        # The new k/v as stored (a quantized kind rounds them), as a plain cache's read would return them.
-        new_k, new_v = ks.read(self.capacity)[:, :, plan["new_slots"]], vs.read(self.capacity)[:, :, plan["new_slots"]]
+        # The new k/v as stored (a quantized kind rounds them), as a linear cache's read would return them.
+        new_k, new_v = ks.read(self.capacity)[:, :, plan.new_slots], vs.read(self.capacity)[:, :, plan.new_slots]
         k = torch.cat([old_k, new_k], dim=2)  # (B, n_kv_head, L, head_dim), oldest first
-        v = torch.cat([old_v, new_v], dim=2)
-        mask: torch.Tensor = plan["visible"]
-        scale = None
-        if kind == "rope":
-            k = apply_rope(k, *self._rows(plan, "k_frame"))
-            q_win = apply_rope(q, *self._rows(plan, "q_win"))
-            if plan["two_frames"]:
-                # Two frames in one SDPA call: [q_sink, q_win]·[k·sink, k·window] is q_sink·k for a sink key
-                # and q_win·k for a window key (the zero halves add exact zeros); the scale stays 1/sqrt(hd).
-                q_sink = apply_rope(q, *self._rows(plan, "q_sink"))
-                is_sink = plan["sink"][:, None].to(k.dtype)  # (L, 1)
-                q = torch.cat([q_sink, q_win], dim=-1)  # (B, n_head, T, 2 head_dim)
-                k = torch.cat([k * is_sink, k * (1 - is_sink)], dim=-1)  # (B, n_kv_head, L, 2 head_dim)
-                scale = 1 / math.sqrt(q_win.shape[-1])
-            else:
-                q = q_win
-        elif kind == "alibi":
-            mask = plan["bias"]
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
-
-    def _rows(self, plan: dict, key: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and signed sin rows for the positions `plan[key]`, gathered once per forward for every layer."""
-        if (rows := plan.get(key + "_rows")) is None:
-            cos, sin = self._rope(plan[key].device)
-            rows = plan[key + "_rows"] = (cos[plan[key]], sin[plan[key]])
-        return rows
-
-    def _plain_attention(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: dict, gqa: bool
-    ) -> torch.Tensor:
-        """Exactly what the model does with a plain cache: absolute positions, the same mask choices."""
-        P, T = self.pos, plan["T"]
-        kind = self.config.pos_encoding
-        mask: torch.Tensor | None = None
-        is_causal = False
-        if kind == "rope":
-            cos, sin = self._rope(q.device)
-            q = apply_rope(q, cos[P : P + T], sin[P : P + T])
-            k = apply_rope(k, cos[: P + T], sin[: P + T])
-        if kind == "alibi":
-            slopes = torch.tensor(alibi_slopes(self.config.n_head), device=q.device)
-            mask = alibi_bias(slopes, plan["q_pos"], plan["k_pos"]).to(q.dtype)
-        elif T > 1 and P > 0:
-            mask = plan["k_pos"][None, :] <= plan["q_pos"][:, None]  # (T, P+T) causal, shifted by P
-        else:
-            is_causal = T > 1
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
+        return k, torch.cat([old_v, new_v], dim=2)
 
     def _write(self, side: KVSide, pos: int, x: torch.Tensor) -> None:
         """Write x (B, n_kv_head, T, head_dim) for positions pos…pos+T-1, wrapping around the ring."""
@@ -275,3 +227,6 @@ class WindowKVCache(KVStorage):
             run = min(x.shape[2] - done, self.capacity - start)  # contiguous slots up to the ring's end
             side.write(start, x[:, :, done : done + run])
             done += run
+
+
+Cache = KVCache | WindowKVCache  # every cache: one interface (positions, update, advance, spec, …)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 from typing import Any
 
 import typer
@@ -11,6 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from gen_cli.commands.common import err, out_console, print_json, read_text_arg
+from gen_cli.commands.options import OUTPUT, Json, Model, Png, Pos, Preset, RopeScaling, Tokenizer
 from gen_cli.errors import GenError, UsageError
 
 PNG_HINT = "--png needs matplotlib: pip install 'gen-lab[plot]'"
@@ -18,30 +18,29 @@ PNG_HINT = "--png needs matplotlib: pip install 'gen-lab[plot]'"
 
 def attention_command(
     prompt: str = typer.Argument(..., help="Text whose attention to show, or '-' to read it from stdin."),
-    model_dir: Path = typer.Option(
-        None,
-        "--model",
-        help="A gen model directory, Hugging Face folder or .gguf file (default: the shipped model).",
-        show_default=False,
+    model_dir: Model = None,
+    preset: Preset = None,
+    tokenizer: Tokenizer = None,
+    pos: Pos = None,
+    rope_scaling: RopeScaling = None,
+    layer: int = typer.Option(
+        -1, "--layer", metavar="N", help="Layer to show; negative counts from the last.", rich_help_panel=OUTPUT
     ),
-    preset: str = typer.Option(None, "--preset", help="Random weights of a preset shape instead.", show_default=False),
-    tokenizer: Path = typer.Option(None, "--tokenizer", help="tokenizer.json for --preset.", show_default=False),
-    pos: str = typer.Option(
-        None, "--pos", help="With --preset: rope, sinusoidal, learned or alibi.", show_default=False
-    ),
-    rope_scaling: str = typer.Option(
-        None, "--rope-scaling", help="Run a RoPE model with this scaling (see gen generate).", show_default=False
-    ),
-    layer: int = typer.Option(-1, "--layer", help="Layer to show; negative counts from the last [-1: the last]."),
     head: int = typer.Option(
-        None, "--head", help="Show this query head [default: the mean of the layer's heads].", show_default=False
+        None,
+        "--head",
+        metavar="N",
+        help="Show this query head.",
+        show_default="the mean of the layer's heads",
+        rich_help_panel=OUTPUT,
     ),
-    png: Path = typer.Option(
-        None, "--png", help="Also save the heatmap as an image (needs gen-lab\\[plot]).", show_default=False
-    ),
-    as_json: bool = typer.Option(False, "--json", help="The weights, tokens and summaries as JSON on stdout."),
+    png: Png = None,
+    as_json: Json = False,
 ) -> None:
     """Show which tokens each token of PROMPT attends to, in one layer, as the model computes it.
+
+    The model is --model (the shipped model by default), or random weights of a --preset shape (with
+    --tokenizer and --pos). --json writes the weights, tokens and summaries; --png the heatmap as an image.
 
     Rows are queries, columns the keys they attend to (the future is blank: attention is causal);
     shading ░▒▓█ marks a weight below 0.1, below 0.25, below 0.5, and 0.5 or more. The weights are the

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from gen_cli.commands.common import err, out_console, print_json, progress_enabled
+from gen_cli.commands.options import Device
 from gen_cli.errors import UsageError
 from gen_cli.text.tokenizer import DEFAULT_VOCAB_SIZE
 
@@ -84,8 +85,8 @@ def bench_decode_command(
     ),
     repeats: int = typer.Option(3, "--repeats", "-r", min=1, help="Timed runs per mode, interleaved; median ± sd."),
     prompt_len: int = typer.Option(512, "--prompt-len", "-p", min=1, help="Prompt tokens of the prefill test (ppP)."),
-    new_tokens: int = typer.Option(128, "--new-tokens", "-n", min=2, help="Tokens generated per run (tgN)."),
-    device_name: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", min=2, help="Tokens generated per run (tgN)."),
+    device_name: Device = "auto",
     threads: int = typer.Option(None, "--threads", "-t", help="CPU threads (default: torch's).", show_default=False),
     fmt: str = typer.Option("table", "--format", "-o", help="table, md, csv or json (llama-bench's test rows)."),
     as_json: bool = typer.Option(False, "--json", help="Same as --format json."),
@@ -198,7 +199,7 @@ def bench_contention_command(
     ),
     paths: str = typer.Option("native,torch", "--paths", help="Decode paths: native (gen's C step), torch."),
     rounds: int = typer.Option(3, "--rounds", min=1, help="Idle/busy rounds; medians reported."),
-    new_tokens: int = typer.Option(128, "--new-tokens", min=2, help="Tokens generated per run."),
+    new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", min=2, help="Tokens generated per run."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable rows on stdout."),
 ) -> None:
     """Decode tok/s idle and beside one competing CPU-bound process that this command starts itself.

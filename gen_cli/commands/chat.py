@@ -42,8 +42,13 @@ def _read_line(interactive: bool) -> str | None:
     """The next user line, None at end of input (Ctrl-D); a prompt on stderr only for a person."""
     if interactive:
         return err.input("[bold cyan]you>[/] ")  # EOFError at Ctrl-D: the caller ends the chat
-    line = sys.stdin.readline()
-    return None if line == "" else line.rstrip("\r\n")
+    stream = getattr(sys.stdin, "buffer", None)
+    # Bytes, decoded here: a piped file that is not UTF-8 is refused as `gen generate -` refuses it (exit 2).
+    raw = stream.readline() if stream is not None else sys.stdin.readline().encode("utf-8", "surrogateescape")
+    try:
+        return None if raw == b"" else raw.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"a line on stdin is not valid UTF-8 (byte {raw[e.start]:#04x} at offset {e.start})") from None
 
 
 def _turn_data(turn: Turn) -> dict[str, Any]:
@@ -149,6 +154,7 @@ def chat_command(
     model_dir: Path = typer.Option(
         None,
         "--model",
+        "-m",
         help="An instruct model with a chat template: a Hugging Face folder or a .gguf file (gen's own models have "
         "none).",
         show_default=False,
@@ -156,7 +162,7 @@ def chat_command(
     system: str = typer.Option(
         None, "--system", help="A system message for the whole conversation.", show_default=False
     ),
-    max_new_tokens: int = typer.Option(512, "--max-new-tokens", help="Tokens per reply at most."),
+    max_new_tokens: int = typer.Option(512, "--max-new-tokens", "-n", help="Tokens per reply at most."),
     temperature: Temperature = 0.8,
     top_k: TopK = None,
     top_p: TopP = None,
@@ -200,6 +206,8 @@ def chat_command(
     Ctrl-D quits. With stdin not a terminal, each line is a turn and the replies go to stdout
     (with --json, one JSON object per reply and per /stats).
     """
+    from gen_cli.cache.spec import CacheSpec
+    from gen_cli.infer.engine import EngineOptions, open_model
     from gen_cli.infer.sampling import SamplingConfig
 
     if max_new_tokens < 1:
@@ -207,48 +215,32 @@ def chat_command(
     if not -(2**63) <= seed < 2**64:  # what torch.Generator.manual_seed accepts
         raise UsageError(f"--seed must fit in 64 bits (-2**63 to 2**64 - 1), got {seed}")
     sampling = SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty)
-    kv_kinds = kv_kinds_of(kv_dtype, kv_dtype_k, kv_dtype_v) or (None, None)
+    spec = CacheSpec(*(kv_kinds_of(kv_dtype, kv_dtype_k, kv_dtype_v) or (None, None)), window, sinks)
     if window is None and sinks:
         raise UsageError("--sinks goes with --window N")
     if window is not None and context_tokens is not None:
         raise UsageError("--context-tokens sizes a linear cache; --window sizes the window cache: give one")
+    if model_dir is None and not default_model_dir().is_dir():
+        raise UsageError("no model to chat with; pass --model with an instruct model (a Hugging Face folder or .gguf)")
 
     import torch
 
-    from gen_cli.formats.loading import load
-    from gen_cli.infer.optimize import optimize_for_decode
-    from gen_cli.infer.session import ChatSession, ContextFull
-    from gen_cli.runtime import resolve_device, resolve_dtype, set_threads
+    from gen_cli.infer.session import ContextFull
 
-    device = resolve_device(device_name)
-    dtype = resolve_dtype(dtype_opt, device) if dtype_opt else None
-    set_threads(threads)
-    if model_dir is None and not default_model_dir().is_dir():
-        raise UsageError("no model to chat with; pass --model with an instruct model (a Hugging Face folder or .gguf)")
-    loaded = load(model_dir, device=device, dtype=dtype)
-    if loaded.chat_template is None:
+    engine = open_model(model_dir, EngineOptions(device_name, dtype_opt, threads, native=native))
+    if engine.chat_template is None:
         raise UsageError(
-            f"{loaded.source} has no chat template, so it cannot chat; continue text with `gen generate` instead"
+            f"{engine.source} has no chat template, so it cannot chat; continue text with `gen generate` instead"
         )
-    for note in loaded.notes:
+    for note in engine.notes:
         err.print(escape(note))
-    model = optimize_for_decode(loaded.model, native=native)
-    from gen_cli.native.build import take_notes
-
-    for note in take_notes():
-        err.print(escape(note))
-    session = ChatSession(
-        model, loaded.tokenizer, loaded.chat_template, special_tokens=loaded.special_tokens,
-        stop_ids=loaded.stop_ids, system=system, context_tokens=context_tokens,
-        source=f"{loaded.source}: chat template", kv_kinds=kv_kinds,
-        window=None if window is None else (window, sinks),
-    )  # fmt: skip
-    generator = torch.Generator(device=device).manual_seed(seed)
+    session = engine.chat(system, context_tokens, spec)
+    generator = torch.Generator(device=engine.device).manual_seed(seed)
     interactive = sys.stdin.isatty()
     if interactive:
         with contextlib.suppress(ImportError):
             import readline  # noqa: F401  (line editing and history for input())
-        err.print(f"[dim]chatting with {escape(loaded.source)}; {HELP}[/]")
+        err.print(f"[dim]chatting with {escape(engine.source)}; {HELP}[/]")
 
     def show(text: str) -> None:
         sys.stdout.write(text)
@@ -265,6 +257,9 @@ def chat_command(
         except KeyboardInterrupt:
             err.print("\n[dim](Ctrl-D or /exit quits)[/]")
             continue
+        except UnicodeDecodeError:  # a terminal in another encoding: this line is lost, the conversation is not
+            err.print("that line is not valid UTF-8; type it again")
+            continue
         if line is None or line.strip() in ("/exit", "/quit"):
             if interactive:
                 err.print()
@@ -277,7 +272,7 @@ def chat_command(
             err.print("[dim]conversation cleared; the cache is empty[/]")
             continue
         if command == "/stats":
-            data = _stats(session, loaded.source, (lambda _: None) if as_json else _show_counts)
+            data = _stats(session, engine.source, (lambda _: None) if as_json else _show_counts)
             if as_json:
                 emit({"stats": {k: v for k, v in data.items() if k != "machine_load_text"}})
             else:

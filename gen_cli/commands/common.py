@@ -36,7 +36,10 @@ def read_text_arg(text: str, max_bytes: int | None = None) -> str:
     long (stdin is read no further, so a huge input is refused without being held in memory)."""
     if text == "-":
         stream = getattr(sys.stdin, "buffer", None)
-        data = stream.read(-1 if max_bytes is None else max_bytes + 1) if stream else sys.stdin.read().encode()
+        if stream is not None:
+            data = stream.read(-1 if max_bytes is None else max_bytes + 1)
+        else:  # a text-only stdin: its undecodable bytes arrive as lone surrogates, refused below as bytes
+            data = sys.stdin.read().encode("utf-8", "surrogateescape")
         where = "the text on stdin"
     else:
         try:

@@ -13,7 +13,7 @@ from typing import Any
 import typer
 
 from gen_cli.commands.common import err, out_console, progress_enabled
-from gen_cli.commands.options import Device
+from gen_cli.commands.options import MODEL, OUTPUT, PERFORMANCE, Device, Model, Out, Preset, Repeats, Threads
 from gen_cli.errors import GenError, UsageError
 
 DEFAULT_PROMPT_LEN = 16
@@ -66,128 +66,123 @@ def _check_writable(path: Path, option: str) -> None:
         raise UsageError(f"{option} {e}") from None
 
 
+GRID = "Grid"
+QUALITY = "Quality"
+
+
+def _axis(flag: str, help: str, default: str, *short: str, metavar: str = "LIST") -> Any:
+    """A grid axis: a comma list (or the option repeated), in the Grid panel."""
+    return typer.Option(None, flag, *short, metavar=metavar, help=f"{help} (comma list).", show_default=default,
+                        rich_help_panel=GRID)  # fmt: skip
+
+
 def compare_command(
-    kv_cache: list[str] = typer.Option(
-        None, "--kv-cache", help="on, off or both (comma list). \\[default: off,on]", show_default=False
+    kv_cache: list[str] = _axis("--kv-cache", "on, off or both", "off,on"),
+    attention: list[str] = _axis(
+        "--attention", "mha, mqa, gqa; MHA, the baseline, is added when not listed", "mha,gqa,mqa"
     ),
-    attention: list[str] = typer.Option(
-        None,
-        "--attention",
-        help="mha, mqa, gqa (comma list); MHA, the baseline, is added when not listed. \\[default: mha,gqa,mqa]",
-        show_default=False,
+    kv_heads: list[str] = _axis("--kv-heads", "KV heads for gqa; each must divide the heads", "the middle divisor"),
+    pos: list[str] = _axis("--pos", "rope, sinusoidal, learned, alibi", "rope,sinusoidal"),
+    prompt_len: list[str] = _axis("--prompt-len", "Prompt tokens", str(DEFAULT_PROMPT_LEN)),
+    max_new_tokens: list[str] = _axis(
+        "--max-new-tokens", "Tokens to generate", f"{DEFAULT_GEN_LEN}, capped by the context", "-n"
     ),
-    kv_heads: list[str] = typer.Option(
-        None,
-        "--kv-heads",
-        help="KV heads for gqa (comma list; each must divide the heads). \\[default: the middle divisor]",
-        show_default=False,
-    ),
-    pos: list[str] = typer.Option(
-        None,
-        "--pos",
-        help="rope, sinusoidal, learned, alibi (comma list). \\[default: rope,sinusoidal]",
-        show_default=False,
-    ),
-    prompt_len: list[str] = typer.Option(
-        None, "--prompt-len", help=f"Prompt tokens (comma list). \\[default: {DEFAULT_PROMPT_LEN}]", show_default=False
-    ),
-    gen_len: list[str] = typer.Option(
-        None,
-        "--gen-len",
-        help=f"Generated tokens (comma list). \\[default: {DEFAULT_GEN_LEN}, capped by the context]",
-        show_default=False,
-    ),
-    batch: list[str] = typer.Option(
-        None, "--batch", help="Sequences per batch (comma list). \\[default: 1]", show_default=False
-    ),
-    dtype: list[str] = typer.Option(
-        None,
+    batch_size: list[str] = _axis("--batch-size", "Sequences per batch", "1"),
+    dtype: list[str] = _axis(
         "--dtype",
-        help="float32, bfloat16 (float16 on GPU), int8 (int8 weights; fp32 activations via the native CPU step, "
-        "else bf16) (comma list). \\[default: float32]",
-        show_default=False,
+        "float32, bfloat16 (float16 on GPU), int8 (int8 weights; fp32 activations via the native CPU step, else bf16)",
+        "float32",
     ),
-    kv_dtype: list[str] = typer.Option(
-        None,
+    kv_dtype: list[str] = _axis(
         "--kv-dtype",
-        help="KV cache kinds for cache-on rows: fp32, bf16, fp16, int8, int4 or K/V pairs like k8v4 (comma "
-        "list); adds KL divergence and top-1 agreement against the full-precision cache. \\[default: the dtype]",
-        show_default=False,
+        "KV cache kinds for cache-on rows: fp32, bf16, fp16, int8, int4 or K/V pairs like k8v4; adds KL divergence "
+        "and top-1 agreement against the full-precision cache",
+        "the dtype",
     ),
-    window: list[str] = typer.Option(
-        None,
+    window: list[str] = _axis(
         "--window",
-        help="Window KV caches for cache-on rows: the last N positions (a ring) plus --sinks; 0 is the full cache "
-        "(comma list). Past the window, a rope or alibi shape generates on (positions within the cache); KL and "
-        "top-1 against the full cache while it can hold the run.",
-        show_default=False,
+        "Window KV caches for cache-on rows: the last N positions (a ring) plus --sinks; 0 is the full cache. Past "
+        "the window, a rope or alibi shape generates on (positions within the cache); KL and top-1 against the full "
+        "cache while it can hold the run",
+        "none",
     ),
-    sinks: list[str] = typer.Option(
-        None,
-        "--sinks",
-        help="With --window: the first S tokens kept forever (comma list). \\[default: 0]",
-        show_default=False,
-    ),
+    sinks: list[str] = _axis("--sinks", "With --window: the first S tokens kept forever", "0"),
+    preset: Preset = None,
+    model_dir: Model = None,
     context: int = typer.Option(
-        None, "--context", help="Raise (or lower) the shape's context length to N tokens.", show_default=False
+        None,
+        "--context",
+        metavar="N",
+        help="Raise (or lower) the shape's context length to N tokens.",
+        show_default="the shape's",
+        rich_help_panel=MODEL,
+    ),
+    repeats: Repeats = 3,
+    warmup: int = typer.Option(
+        1, "--warmup", metavar="N", help="Untimed runs before the timed ones.", rich_help_panel=PERFORMANCE
     ),
     device: Device = "auto",
-    threads: int = typer.Option(
-        None, "--threads", help="CPU threads per run \\[default: torch's default].", show_default=False
-    ),
-    repeats: int = typer.Option(3, "--repeats", help="Timed runs per configuration; the median is reported."),
-    warmup: int = typer.Option(1, "--warmup", help="Untimed runs before the timed ones."),
-    preset: str = typer.Option(
-        None, "--preset", help="Use this preset's shape (tiny, small, base).", show_default=False
-    ),
-    model_dir: Path = typer.Option(
-        None, "--model", help="Use this model's shape: a gen directory, HF folder or .gguf file.", show_default=False
-    ),
-    fmt: str = typer.Option(
-        None,
-        "--format",
-        help="table, md, csv, json or jsonl. \\[default: table, or from --output's suffix]",
-        show_default=False,
-    ),
-    output: Path = typer.Option(
-        None, "--output", "-o", help="Write the result to FILE (atomically) instead of stdout.", show_default=False
-    ),
-    plot: Path = typer.Option(
-        None, "--plot", help="Save both charts as an image (needs gen-lab\\[plot]).", show_default=False
-    ),
-    chart: bool = typer.Option(
-        None,
-        "--chart/--no-chart",
-        help="Terminal charts \\[default: when stdout is a terminal and the format is table].",
-        show_default=False,
-    ),
+    threads: Threads = None,
     quality_steps: int = typer.Option(
         0,
         "--quality-steps",
+        metavar="N",
         help="Also train each attention/pos variant this many steps and report held-out loss and bits per byte.",
+        rich_help_panel=QUALITY,
     ),
     quality_data: list[str] = typer.Option(
         None,
         "--quality-data",
+        metavar="INPUTS",
         help="Text for --quality-steps and a trained model's Δ bits/byte per --kv-dtype: files, folders or a "
-        "built-in corpus. \\[default: python-docs, or the model's training text]",
-        show_default=False,
+        "built-in corpus.",
+        show_default="python-docs, or the model's training text",
+        rich_help_panel=QUALITY,
     ),
     eval_context: int = typer.Option(
         None,
         "--eval-context",
+        metavar="N",
         help="With --quality-steps: also score each variant in windows of N tokens, past its trained context "
         "(128 or the shape's, if shorter), and report bits per byte on the positions past it.",
         show_default=False,
+        rich_help_panel=QUALITY,
     ),
     convert: bool = typer.Option(
         False,
         "--convert",
         help="With --quality-steps: also pool the trained MHA model to each GQA/MQA variant's KV heads and "
         "uptrain it as many steps, shown as 'converted' rows beside those trained from scratch.",
+        rich_help_panel=QUALITY,
+    ),
+    fmt: str = typer.Option(
+        None,
+        "--format",
+        metavar="FORMAT",
+        help="table, md, csv, json or jsonl.",
+        show_default="table, or from --out's suffix",
+        rich_help_panel=OUTPUT,
+    ),
+    output: Out = None,
+    plot: Path = typer.Option(
+        None,
+        "--plot",
+        metavar="PATH",
+        help="Save both charts as an image (needs gen-lab[plot]).",
+        show_default=False,
+        rich_help_panel=OUTPUT,
+    ),
+    chart: bool = typer.Option(
+        None,
+        "--chart/--no-chart",
+        help="Terminal charts.",
+        show_default="when stdout is a terminal and the format is table",
+        rich_help_panel=OUTPUT,
+    ),
+    wide: bool = typer.Option(
+        False, "--wide", help="Show every column (the default fits 80 columns).", rich_help_panel=OUTPUT
     ),
     yes: bool = typer.Option(False, "--yes", "-y", help="Run a large grid without asking (asked only in a terminal)."),
-    wide: bool = typer.Option(False, "--wide", help="Show every column (the default fits 80 columns)."),
     in_process: bool = typer.Option(False, "--in-process", hidden=True, help="Measure in this process (tests)."),
 ) -> None:
     """Measure KV caching, MHA/MQA/GQA and RoPE/sinusoidal/learned positions side by side on this machine.
@@ -195,7 +190,8 @@ def compare_command(
     Every axis takes one or more values (comma lists or repeated options) and the grid of all
     combinations runs, each configuration in a fresh process so memory figures are its own. Variants
     get seeded random weights of the model's shape (the default model's, else the tiny preset; or
-    --preset / --model): speed and memory do not depend on the weights. Prompts are random token ids.
+    --preset / --model, whose shape alone is read): speed and memory do not depend on the weights.
+    Prompts are random token ids.
 
     Speed-up is decode tokens/s over the baseline, the first row of each workload (MHA with the first
     listed pos, dtype and cache setting); cache-on rows also show the gain over the same variant with
@@ -203,14 +199,15 @@ def compare_command(
     same weights: do greedy tokens agree over all generated tokens, and the largest logit difference
     while they do.
 
-    jsonl output: the first line is {"env": …}, each further line one row.
+    With --out the result goes to that file (atomically), else to stdout. jsonl output: the first line
+    is {"env": {...}}, each further line one row.
     """
     from gen_cli.lab import compare, report
 
     # Everything that can be refused is refused before the grid runs.
     out_fmt = _output_format(fmt, output)
     if output is not None:
-        _check_writable(output, "--output")
+        _check_writable(output, "--out")
     if plot is not None:
         if not report.plot_available():
             raise UsageError(PLOT_HINT)
@@ -233,7 +230,8 @@ def compare_command(
     if quality_steps and preset_name is None and tokenizer is None:
         raise UsageError("--quality-steps trains gen models on gen's tokenizer: use --preset or a gen model directory")
     prompts = compare.int_values("--prompt-len", prompt_len, [DEFAULT_PROMPT_LEN])
-    gens = compare.int_values("--gen-len", gen_len, [max(2, min(DEFAULT_GEN_LEN, shape.context_length - max(prompts)))])
+    default_gen = max(2, min(DEFAULT_GEN_LEN, shape.context_length - max(prompts)))
+    gens = compare.int_values("--max-new-tokens", max_new_tokens, [default_gen])
     dtypes = compare.split_values(dtype, ["float32"])
 
     from gen_cli.runtime import resolve_device, resolve_dtype
@@ -250,7 +248,7 @@ def compare_command(
         kv_cache=compare.split_values(kv_cache, ["off", "on"]),
         prompt_len=prompts,
         gen_len=gens,
-        batch=compare.int_values("--batch", batch, [1]),
+        batch=compare.int_values("--batch-size", batch_size, [1]),
         dtype=dtypes,
         device=str(dev),
         threads=threads,
@@ -313,9 +311,9 @@ def _check_grid_memory(specs: list[Any], device: Any) -> None:
     check_fits(
         need(worst),
         f"the largest configuration ({worst.batch:,} sequences of {worst.prompt_len + worst.gen_len} tokens)",
-        "use a smaller batch or shorter prompt_len / gen_len",
+        "use a smaller batch_size or shorter prompt_len / max_new_tokens",
         device,
-        params=("batch", "prompt_len", "gen_len"),
+        params=("batch_size", "prompt_len", "max_new_tokens"),
     )
 
 

@@ -9,34 +9,63 @@ from rich.markup import escape
 from rich.table import Table
 
 from gen_cli.commands.common import err, out_console, print_json
+from gen_cli.commands.options import (
+    INPUTS_HELP,
+    MODEL,
+    PERFORMANCE,
+    Force,
+    Json,
+    Model,
+    ModelArg,
+    Out,
+    check_model_path,
+    model_from,
+)
 from gen_cli.errors import UsageError
 
 UPTRAIN_CONTEXT = 128
 
 
 def convert_command(
-    model_dir: Path = typer.Argument(
-        ..., help="The model to convert: a gen directory (e.g. a `gen train` run), an HF folder or a .gguf file."
-    ),
+    model_arg: ModelArg = None,
+    model_opt: Model = None,
     kv_heads: str = typer.Option(
-        ..., "--kv-heads", help="KV head count(s) to convert to, comma-separated; each must divide the model's."
+        ...,
+        "--kv-heads",
+        metavar="LIST",
+        help="KV head count(s) to convert to, comma-separated; each must divide the model's.",
+        rich_help_panel=MODEL,
     ),
-    out: Path = typer.Option(..., "--out", help="Output model directory (a folder of kv{K}/ for several counts)."),
-    pooling: str = typer.Option("mean", "--pooling", help="mean (the GQA paper) or first (keep each group's first)."),
+    out: Out = None,
+    pooling: str = typer.Option(
+        "mean",
+        "--pooling",
+        metavar="HOW",
+        help="mean (the GQA paper) or first (keep each group's first).",
+        rich_help_panel=MODEL,
+    ),
     uptrain_steps: int = typer.Option(
-        0, "--uptrain-steps", help="Train each converted model this many steps on INPUTS (0 = none)."
+        0, "--uptrain-steps", metavar="N", help="Train each converted model this many steps on the text (0 = none)."
     ),
     inputs: list[str] = typer.Option(
-        None, "--input", help="Text for uptraining and evaluation (repeatable) [python-docs].", show_default=False
+        None,
+        "--input",
+        metavar="INPUTS",
+        help=f"{INPUTS_HELP} For uptraining and evaluation (repeatable).",
+        show_default="python-docs",
     ),
-    lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate for uptraining."),
-    eval_tokens: int = typer.Option(20_000, "--eval-tokens", help="Validation tokens scored per model."),
-    force: bool = typer.Option(False, "--force", help="Overwrite existing output folders."),
-    as_json: bool = typer.Option(False, "--json", help="The comparison as JSON on stdout."),
+    lr: float = typer.Option(1e-3, "--lr", metavar="X", help="Peak learning rate for uptraining."),
+    eval_tokens: int = typer.Option(
+        20_000, "--eval-tokens", metavar="N", help="Validation tokens scored per model.", rich_help_panel=PERFORMANCE
+    ),
+    force: Force = False,
+    as_json: Json = False,
 ) -> None:
-    """Convert MODEL_DIR to fewer KV heads by mean-pooling each group's key and value projections.
+    """Convert MODEL to fewer KV heads by mean-pooling each group's key and value projections.
 
-    The result is a normal model directory that every command reads. Each row reports the KV-cache
+    MODEL is a gen directory (e.g. a `gen train` run), an HF folder or a .gguf file. --out is the output
+    model directory (a folder of kv{K}/ for several counts); the result is a normal model directory
+    that every command reads. Each row reports the KV-cache
     bytes per token, greedy decode speed and held-out bits per byte, right after pooling and (with
     --uptrain-steps) after a short training run from the pooled weights, against the original.
     """
@@ -46,10 +75,12 @@ def convert_command(
     from gen_cli.lab.convert import convert_and_measure
     from gen_cli.model.convert import POOLING, kv_head_choices
 
+    model_dir = model_from(model_arg, model_opt, "convert")
+    if out is None:
+        raise UsageError("gen convert needs --out DIR: where the converted model goes")
     counts = int_values("--kv-heads", [kv_heads], [])
+    check_model_path(model_dir, "convert")
     kind = model_kind(model_dir)
-    if kind is None:
-        raise UsageError(f"{model_dir}: not a gen model directory, a Hugging Face folder or a .gguf file")
     if kind != "gen" and uptrain_steps:
         # gen's training splits documents with gen's <|endoftext|>, which an imported tokenizer lacks.
         raise UsageError(f"--uptrain-steps needs a gen model; {model_dir} is imported (convert it without uptraining)")

@@ -10,15 +10,16 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from gen_cli.commands.common import err, out_console, print_json, progress_enabled
+from gen_cli.commands.common import err, out_console, print_json, progress_enabled, read_text_arg
 from gen_cli.commands.options import Threads
 from gen_cli.resources import default_model_dir
+from gen_cli.text.tokenizer import decode
 
 
 def demo_command(
     prompt: str = typer.Option("The for statement", "--prompt", help="Prompt for every run."),
     model_dir: Path = typer.Option(
-        None, "--model", help="Model directory (default: the shipped model).", show_default=False
+        None, "--model", "-m", help="Model directory (default: the shipped model).", show_default=False
     ),
     sample_tokens: int = typer.Option(120, "--sample-tokens", min=1, help="Length of the sampled continuation."),
     tokens: int = typer.Option(256, "--tokens", min=2, help="Greedy tokens for the cache on/off comparison."),
@@ -34,39 +35,28 @@ def demo_command(
     """
     import torch
 
-    from gen_cli.formats.checkpoint import load_model
-    from gen_cli.infer.generate import run_generation
-    from gen_cli.infer.optimize import optimize_for_decode
+    from gen_cli.cache.spec import CacheSpec
+    from gen_cli.infer.engine import EngineOptions, open_model
     from gen_cli.infer.sampling import SamplingConfig
-    from gen_cli.runtime import LoadProbe, set_threads, spread_verdict
-    from gen_cli.text.tokenizer import decode, encode, special_id
+    from gen_cli.model.info import parameter_count
+    from gen_cli.runtime import LoadProbe, spread_verdict
 
-    set_threads(threads)
-    directory = model_dir or default_model_dir()
-    model, tok = load_model(directory)
-    params = model.num_parameters()
-    model = optimize_for_decode(model)  # the inference path `gen generate` runs
-    prompt_ids = torch.tensor([encode(tok, prompt)], dtype=torch.long)  # (1, T)
+    engine = open_model(model_dir or default_model_dir(), EngineOptions(device="cpu", threads=threads))
+    ids = engine.encode(read_text_arg(prompt))
+    config = engine.model.config
     err.print(
-        f"[bold]{directory}[/]: {params / 1e6:.1f}M parameters, {model.config.attention_kind}, "
-        f"{model.config.pos_encoding}; cpu, float32, {torch.get_num_threads()} threads"
+        f"[bold]{engine.source}[/]: {parameter_count(config) / 1e6:.1f}M parameters, {config.attention_kind}, "
+        f"{config.pos_encoding}; cpu, float32, {torch.get_num_threads()} threads"
     )
 
-    sample = run_generation(
-        model,
-        prompt_ids,
-        sample_tokens,
-        SamplingConfig(temperature=0.8, top_k=50),
-        generator=torch.Generator().manual_seed(0),
-        stop_token_id=special_id(tok),
-    )
-    sample_text = decode(tok, sample.tokens[0].tolist())
+    sample = engine.generate(ids, sample_tokens, SamplingConfig(temperature=0.8, top_k=50), seed=0)
+    sample_text = decode(engine.tokenizer, sample.tokens[0].tolist())
     if not as_json:
         out_console().print(f"[bold]{prompt}[/]{sample_text}", markup=True, highlight=False)
 
     greedy = SamplingConfig(temperature=0.0)
     runs: dict[bool, list] = {True: [], False: []}
-    run_generation(model, prompt_ids, 8, greedy, use_cache=True)  # warm-up: first calls pay one-off costs
+    engine.generate(ids, 8, greedy, stop_ids=())  # warm-up: first calls pay one-off costs
     with (
         err.status(f"timing {repeats} runs with and without KV cache", spinner="dots")
         if progress_enabled()
@@ -75,7 +65,8 @@ def demo_command(
     ):
         for _ in range(repeats):
             for use_cache in (True, False):  # interleaved, so machine noise hits both alike
-                runs[use_cache].append(run_generation(model, prompt_ids, tokens, greedy, use_cache=use_cache))
+                spec = CacheSpec() if use_cache else None
+                runs[use_cache].append(engine.generate(ids, tokens, greedy, spec, stop_ids=()))
     identical = all(torch.equal(a.tokens, b.tokens) for a in runs[True] for b in runs[False])
     rows = {}
     for use_cache, results in runs.items():
@@ -110,7 +101,7 @@ def demo_command(
         )
         return
     table = Table(
-        title=f"greedy, {prompt_ids.shape[1]}-token prompt + {tokens} new tokens, median of {repeats}, "
+        title=f"greedy, {len(ids)}-token prompt + {tokens} new tokens, median of {repeats}, "
         f"{torch.get_num_threads()} threads"
     )
     for column in ("KV cache", "decode tok/s", "± spread", "ms/token", "TTFT ms", "KV bytes", "path"):

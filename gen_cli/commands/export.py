@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import typer
 from rich.markup import escape
 
 from gen_cli.commands.common import err, print_json
+from gen_cli.commands.options import OUTPUT, Force, Json, Model, ModelArg, Out, check_model_path, model_from
 from gen_cli.errors import UsageError
 
 TARGETS = ("hf", "gguf")
@@ -17,23 +17,33 @@ BLOCK_TYPES = ("q8_0", "q4_0", "q4_k")
 
 
 def export_command(
-    model: Path = typer.Argument(
-        ..., help="The model: a gen model directory or `gen train` run folder (also a Hugging Face folder or .gguf)."
+    model_arg: ModelArg = None,
+    model_opt: Model = None,
+    to: str = typer.Option(
+        ...,
+        "--to",
+        metavar="FORMAT",
+        help="hf (a transformers folder) or gguf (one file for llama.cpp).",
+        rich_help_panel=OUTPUT,
     ),
-    to: str = typer.Option(..., "--to", help="hf (a transformers folder) or gguf (one file for llama.cpp)."),
-    out: Path = typer.Option(..., "--out", help="Output folder (hf) or .gguf file (gguf)."),
+    out: Out = None,
     type_: str = typer.Option(
         None,
         "--type",
+        metavar="TYPE",
         help="Weight type: f32, f16 or bf16 (both targets); q8_0, q4_0 or q4_k (GGUF only: the blocks "
         "`gen generate --quantize` runs; norms and biases stay f32, matrices already held as blocks are written "
-        "as they are) [default: the model's own: f32 for gen's models, a quantized GGUF's block type].",
-        show_default=False,
+        "as they are).",
+        show_default="the model's own: f32 for gen's models, a quantized GGUF's block type",
+        rich_help_panel=OUTPUT,
     ),
-    force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
-    as_json: bool = typer.Option(False, "--json", help="What was written, as JSON on stdout."),
+    force: Force = False,
+    as_json: Json = False,
 ) -> None:
     """Export MODEL so other tools run it: transformers (`--to hf`) or llama.cpp (`--to gguf`).
+
+    MODEL is a gen model directory or `gen train` run folder (also a Hugging Face folder or .gguf);
+    --out is the output folder (hf) or .gguf file (gguf).
 
     `--to hf` writes config.json (LlamaForCausalLM, Qwen2/Qwen3ForCausalLM when the model has their
     biases or q/k norm, or GPT2LMHeadModel for learned positions with LayerNorm and GELU), model.safetensors,
@@ -47,14 +57,16 @@ def export_command(
     """
     from gen_cli.formats.export import check_output
 
+    model = model_from(model_arg, model_opt, "export")
+    if out is None:
+        raise UsageError("gen export needs --out PATH: the output folder (hf) or .gguf file (gguf)")
     if to not in TARGETS:
         raise UsageError(f"--to must be one of {', '.join(TARGETS)}, got {to!r}")
     if type_ is not None and type_ not in TYPES:
         raise UsageError(f"--type must be one of {', '.join(TYPES)}, got {type_!r}")
     if to == "hf" and type_ in BLOCK_TYPES:
         raise UsageError(f"--type {type_} is for --to gguf; a Hugging Face folder holds f32, f16 or bf16 weights")
-    if not model.exists():
-        raise UsageError(f"{model}: no such model directory or .gguf file")
+    check_model_path(model, "export")
     check_output(out, force, folder=to == "hf")  # before loading: a refusal costs nothing
     from gen_cli.formats.export import export_hf, family
     from gen_cli.formats.export_gguf import export_gguf

@@ -1,17 +1,21 @@
-"""`gen generate`: continue a prompt (or reply to a chat message), optionally streaming and measuring."""
+"""`gen generate`: continue a prompt (or reply to a chat message), optionally streaming and measuring.
+
+The command reads: check the flags, open the model (`infer.engine`), encode, generate, render.
+"""
 
 from __future__ import annotations
 
 import sys
-import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.markup import escape
 
 from gen_cli.commands.common import err, print_json, progress_enabled, read_text_arg
+from gen_cli.commands.generate_view import print_stats, reuse_note
 from gen_cli.commands.options import (
     Device,
     MinP,
@@ -25,21 +29,27 @@ from gen_cli.commands.options import (
 from gen_cli.errors import GenError, UsageError
 from gen_cli.model.config import POS_ENCODINGS, ROPE_SCALING_SPECS, parse_rope_scaling
 from gen_cli.resources import default_model_dir
-from gen_cli.text.stream import TextStream
-from gen_cli.text.tokenizer import EOT, encode, special_id
+from gen_cli.text.tokenizer import EOT
+
+if TYPE_CHECKING:
+    from gen_cli.cache.spec import CacheSpec
+    from gen_cli.infer.engine import Engine, EngineOptions, Preset
+    from gen_cli.infer.generate import GenerationResult
+    from gen_cli.infer.prompt_reuse import PromptReuse
+    from gen_cli.infer.sampling import SamplingConfig
+    from gen_cli.lab.profile import StepProfile
 
 
-def _check_options(
+def _check_model_flags(
     model_dir: Path | None,
     preset: str | None,
     tokenizer: Path | None,
     attention: str | None,
     kv_heads: int | None,
     pos: str | None,
-    max_new_tokens: int,
-    num_samples: int,
-    rope_scaling: str | None = None,
+    rope_scaling: str | None,
 ) -> None:
+    """Refuse what names no model, or shape flags that only random weights take."""
     if rope_scaling is not None:
         parse_rope_scaling(rope_scaling)  # a malformed spec fails here, before any weights are read
     if model_dir is not None and preset is not None:
@@ -57,10 +67,108 @@ def _check_options(
         raise UsageError(f"--pos must be one of {', '.join(POS_ENCODINGS)}, got {pos!r}")
     if kv_heads is not None and kv_heads < 1:
         raise UsageError(f"--kv-heads must be at least 1, got {kv_heads}")
-    if max_new_tokens < 1:
-        raise UsageError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    if num_samples < 1:
-        raise UsageError(f"--num-samples must be at least 1, got {num_samples}")
+
+
+@dataclass(frozen=True)
+class Run:
+    """What one `gen generate` does, checked: the prompt or message, the cache, the outputs asked for."""
+
+    prompt: str | None
+    chat: str | None
+    system: str | None
+    max_new_tokens: int
+    sampling: SamplingConfig
+    seed: int
+    stops: tuple[str, ...]
+    ignore_eot: bool
+    num_samples: int
+    cache: CacheSpec | None  # None: --no-kv-cache
+    prompt_cache: Path | None
+    stream: bool
+    stats: bool
+    json: bool
+    profile: bool
+
+    @property
+    def live(self) -> bool:
+        """Text goes to stdout as it is generated."""
+        return self.stream and not self.json and self.num_samples == 1
+
+
+def _check_run(run: Run, options: EngineOptions, kv_kinds_given: bool) -> None:
+    """Refuse flag combinations that cannot run together, before any weights are read."""
+    if run.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be at least 1, got {run.max_new_tokens}")
+    if run.num_samples < 1:
+        raise UsageError(f"--num-samples must be at least 1, got {run.num_samples}")
+    if (run.prompt is None) == (run.chat is None):
+        raise UsageError("give either PROMPT (text to continue) or --chat MESSAGE (a message to reply to)")
+    if run.system is not None and run.chat is None:
+        raise UsageError("--system goes with --chat")
+    window = run.cache.window if run.cache is not None else None
+    if kv_kinds_given and run.cache is None:
+        raise UsageError("--kv-dtype sets how the KV cache stores K and V; drop --no-kv-cache or --kv-dtype")
+    if window is not None and options.compile:
+        raise UsageError("--compile runs the linear cache only; drop --compile or --window")
+    if not -(2**63) <= run.seed < 2**64:  # what torch.Generator.manual_seed accepts
+        raise UsageError(f"--seed must fit in 64 bits (-2**63 to 2**64 - 1), got {run.seed}")
+    if run.prompt_cache is not None:
+        _check_prompt_cache(run.prompt_cache, run.cache is None or run.num_samples > 1, window is not None)
+    if options.compile and run.cache is None:
+        raise UsageError("--compile speeds up the cached decode step; drop --no-kv-cache or --compile")
+    if run.profile and (options.compile or run.cache is None or run.max_new_tokens < 2):
+        raise UsageError("--profile times the cached decode step op by op: needs the KV cache, no --compile, "
+                         "--max-new-tokens ≥ 2")  # fmt: skip
+
+
+def _check_prompt_cache(path: Path, not_one_cached_sample: bool, windowed: bool) -> None:
+    """A prompt-cache file goes with one cached sample on a linear cache, and must be writable before any work."""
+    from gen_cli.commands.common import check_writable_output
+
+    if not_one_cached_sample:
+        raise UsageError("--prompt-cache goes with the KV cache and one sample: drop --no-kv-cache / --num-samples")
+    if windowed:
+        raise UsageError("--prompt-cache saves a linear cache; a --window ring holds no whole prefix: drop one")
+    try:
+        check_writable_output(path, force=True)
+    except GenError as e:
+        raise UsageError(f"--prompt-cache {e}") from None
+
+
+def _cache_spec(kv_cache: bool, kinds: tuple[str | None, str | None] | None, window: int | None,
+                sinks: int) -> CacheSpec | None:  # fmt: skip
+    """The KV cache the flags describe (None: --no-kv-cache)."""
+    from gen_cli.cache.spec import CacheSpec
+
+    if window is None and sinks:
+        raise UsageError("--sinks goes with --window N")
+    if window is not None and not kv_cache:
+        raise UsageError("--window is a kind of KV cache; drop --no-kv-cache or --window")
+    if not kv_cache:
+        return None
+    return CacheSpec(*(kinds or (None, None)), window, sinks)
+
+
+def _open(source: Path | Preset | None, options: EngineOptions, run: Run) -> tuple[Engine, PromptReuse | None]:
+    """The model laid out for decoding, and the prompt-cache file's use keyed by the weights as stored."""
+    from gen_cli.infer.engine import open_model
+
+    if source is None and not default_model_dir().is_dir():
+        raise UsageError(
+            f"no default model at {default_model_dir()}; pass --model DIR, train one with `gen train`, "
+            "or try random weights with --preset tiny --tokenizer PATH"
+        )
+    reuse: list[PromptReuse] = []
+
+    def fingerprint(loaded: Any) -> None:  # before decode-time rewriting of the modules changes the weights' names
+        from gen_cli.infer.prompt_reuse import PromptReuse
+
+        reuse.append(PromptReuse(run.prompt_cache, loaded.model, loaded.tokenizer, options.quantize, run.cache))
+
+    engine = open_model(source, options, fingerprint if run.prompt_cache is not None else None)
+    for note in engine.notes:
+        err.print(f"[yellow]{escape(note)}[/]" if engine.random_weights else escape(note))
+    return engine, reuse[0] if reuse else None
 
 
 def _longest_token(tok: Any) -> int:
@@ -68,65 +176,77 @@ def _longest_token(tok: Any) -> int:
     return max(4, *(len(piece.encode("utf-8")) for piece in tok.get_vocab()))
 
 
-def _native_note(model: Any, native: bool, compiled: bool) -> str:
-    """Why the PyTorch path decodes although the native step was not turned off, for --stats."""
-    from gen_cli.native.decoder import unavailable_reason
-
-    if not native or compiled or model.native_decoder is not None:
-        return ""
-    reason = unavailable_reason(model)
-    return f" (native step unavailable: {escape(reason)})" if reason else ""
-
-
-def _reuse_note(pc: dict[str, Any]) -> str:
-    """What the prompt cache did, in one line for stderr."""
-    if pc["action"] == "created":
-        return f"prompt cache: saved {pc['file_tokens']} prompt tokens to {pc['file']}"
-    reused = f"reused {pc['reused_tokens']} of {pc['prompt_tokens']} prompt tokens from {pc['file']}"
-    if pc["action"] == "reused":
-        return f"prompt cache: {reused}"
-    return f"prompt cache: {reused}; its prompt differs from this one, so it was rewritten with this prompt"
+def _encode(engine: Engine, run: Run) -> tuple[list[int], bool]:
+    """The prompt's ids (the model's BOS rules) or the chat message rendered by the model's template, and
+    whether an empty prompt starts from the BOS alone."""
+    # Read only what the context could hold: a 50 MB prompt on stdin is refused, not tokenized whole.
+    limit = engine.model.config.context_length * _longest_token(engine.tokenizer)
+    if run.chat is None:
+        text = read_text_arg(run.prompt, limit)
+        return engine.encode(text), not text
+    message = read_text_arg(run.chat, limit)
+    if not message:
+        raise UsageError("the --chat message is empty; give the message to reply to")
+    return engine.chat_ids(message, run.system), False
 
 
-def _print_stats(stats: dict[str, Any], source: str, path_note: str = "") -> None:
-    def rate(v: float | None) -> str:
-        return "n/a" if v is None else f"{v:,.1f} tok/s"
+@dataclass
+class Outcome:
+    """A finished generation: the result, each sample's text, and the figures --stats and --json show."""
 
-    ms = "n/a" if stats["ms_per_token"] is None else f"{stats['ms_per_token']:.2f} ms"
-    match = "agree" if stats["kv_cache_bytes"] == stats["kv_cache_bytes_analytic"] else "DIFFER"
-    lines = [
-        f"model            {escape(source)}",
-        f"load             {stats['load_s']:.2f} s, peak memory {stats['load_peak_memory_bytes']:,} B",
-        f"prompt tokens    {stats['prompt_tokens']}   new tokens {stats['new_tokens']}   batch {stats['batch']}",
-        f"time to first    {stats['ttft_s'] * 1000:.1f} ms   (prefill {rate(stats['prefill_tokens_per_s'])})",
-        f"decode           {rate(stats['decode_tokens_per_s'])}   {ms} per step",
-        f"KV cache         {stats['kv_cache_bytes_analytic']:,} B analytic, {stats['kv_cache_bytes']:,} B actual"
-        + (f" ({match})" if stats["kv_cache_bytes"] else " (cache off)"),
-        f"peak memory      {stats['peak_memory_bytes']:,} B ({stats['memory_method']})",
-        f"device           {stats['device']}   dtype {stats['dtype']}   threads {stats['threads']}   "
-        f"decode path {stats['decode_path']}{path_note}",
-        f"KV kinds         K {stats['kv_dtype_k'] or '-'}   V {stats['kv_dtype_v'] or '-'}"
-        + (f"   window {stats['kv_window']} + {stats['kv_sinks']} sinks" if stats.get("kv_window") else "")
-        + (f"   (PyTorch decodes: {escape(stats['decode_path_reason'])})" if stats.get("decode_path_reason") else ""),
-    ]
-    if load := stats.get("machine_load"):
-        from gen_cli.runtime import MachineLoad
+    result: GenerationResult
+    texts: list[str]
+    stats: dict[str, Any]
+    profile: StepProfile | None
 
-        busy = MachineLoad(load["cores"], load["others_cores"], load["load_avg_1m"])
-        lines.append(f"machine          {busy.describe()}; one run, no spread (gen bench decode repeats)")
-    if pc := stats.get("prompt_cache"):
-        lines.append(
-            f"prompt cache     {pc['reused_tokens']} of {pc['prompt_tokens']} prompt tokens reused, "
-            f"{pc['prompt_tokens'] - pc['reused_tokens']} prefilled (file read in {pc['read_s'] * 1000:.1f} ms, "
-            "not in the time to first token)"
-        )
-    if stats.get("compile_s") is not None:
-        lines.append(f"compile          {stats['compile_s']:.1f} s before generating (torch.compile; not in the rates)")
-    if weights := stats.get("weights"):
-        total = sum(e["bytes"] for e in weights.values())
-        parts = [f"{cls} {'+'.join(e['types'])} {e['bytes']:,} B" for cls, e in weights.items()]
-        lines.append(f"weights          {total:,} B in memory: " + "; ".join(parts))
-    err.print("\n".join(lines))
+
+def _generate(engine: Engine, run: Run, ids: list[int], reuse: PromptReuse | None) -> Outcome:
+    """Generate (streaming the text when live), save the prompt cache, then profile a second run if asked."""
+    import torch
+
+    from gen_cli.model.info import weight_summary
+    from gen_cli.text.stream import TextStream
+
+    held = len(ids) + run.max_new_tokens
+    engine.check_memory(held if run.cache is None else run.cache.slots(held), run.num_samples)  # before the streams
+    stop_ids = () if run.ignore_eot else engine.stop_ids
+    # The prompt's last id as context: a SentencePiece decoder would strip the reply's first space.
+    rows = [TextStream(engine.tokenizer, run.stops, stop_ids=stop_ids, context=tuple(ids[-1:]))
+            for _ in range(run.num_samples)]  # fmt: skip
+
+    def on_token(token: torch.Tensor) -> bool:
+        for row, t in zip(rows, token.tolist(), strict=True):
+            row.push(t)
+        if run.live and (new := rows[0].take()):
+            sys.stdout.write(new)
+            sys.stdout.flush()
+        return all(r.done for r in rows)
+
+    compile_s = None
+    if engine.options.compile:
+        with err.status("compiling (torch.compile)", spinner="dots") if progress_enabled() else nullcontext():
+            compile_s = engine.warm_up(ids, run.max_new_tokens, run.sampling, run.num_samples)
+    restore = reuse.prepare(engine.model, ids) if reuse is not None else None  # reads and checks the file first
+    result = engine.generate(ids, run.max_new_tokens, run.sampling, run.cache, run.seed, stop_ids, run.num_samples,
+                             on_token, restore)  # fmt: skip
+    if reuse is not None:
+        reuse.save_if_new(result)
+    stats = result.stats.to_dict() | {"load_s": engine.load_s, "load_peak_memory_bytes": engine.load_peak_bytes}
+    stats |= {"compile_s": compile_s} if engine.options.compile else {}
+    stats |= {"prompt_cache": reuse.summary()} if reuse is not None else {}
+    stats |= {"weights": weight_summary(engine.model)}
+    profile = None
+    if run.profile:  # a second run, timed class by class (hooks slow the PyTorch path: not the run above)
+        from gen_cli.lab.profile import profile_decode
+
+        prompt = torch.tensor([ids], dtype=torch.long, device=engine.device)  # (1, T)
+        generator = torch.Generator(device=engine.device).manual_seed(run.seed)
+        profile = profile_decode(engine.model, prompt, run.max_new_tokens, run.sampling, generator)
+        stats["profile"] = profile.to_dict()
+    if run.live:
+        sys.stdout.write(rows[0].take(final=True) + "\n")
+        sys.stdout.flush()
+    return Outcome(result, [r.text for r in rows], stats, profile)
 
 
 def generate_command(
@@ -136,6 +256,7 @@ def generate_command(
     model_dir: Path = typer.Option(
         None,
         "--model",
+        "-m",
         help="A gen model directory, a Hugging Face folder (config.json, *.safetensors, tokenizer.json) or a .gguf "
         "file (default: the shipped model).",
         show_default=False,
@@ -162,7 +283,7 @@ def generate_command(
         show_default=False,
     ),
     kv_cache: bool = typer.Option(True, "--kv-cache/--no-kv-cache", help="Reuse keys/values (off = recompute)."),
-    max_new_tokens: int = typer.Option(200, "--max-new-tokens", help="Tokens to generate at most."),
+    max_new_tokens: int = typer.Option(200, "--max-new-tokens", "-n", help="Tokens to generate at most."),
     temperature: Temperature = 0.8,
     top_k: TopK = None,
     top_p: TopP = None,
@@ -242,178 +363,54 @@ def generate_command(
     reply to --chat MESSAGE through the model's own chat template (instruct models).
 
     Prints only the continuation. The seed defaults to 0, so a run is reproducible; random preset
-    weights always come from seed 0, so --seed changes only the sampling.
+    weights always come from seed 0, so --seed changes only the sampling. An empty PROMPT is refused
+    unless the model has a BOS token to start from.
     """
-    from gen_cli.formats.loading import load
+    from gen_cli.infer.engine import EngineOptions, Preset
     from gen_cli.infer.sampling import SamplingConfig
 
-    _check_options(model_dir, preset, tokenizer, attention, kv_heads, pos, max_new_tokens, num_samples, rope_scaling)
+    _check_model_flags(model_dir, preset, tokenizer, attention, kv_heads, pos, rope_scaling)
     sampling = SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty)
-    stops = tuple(s for s in (stop or []) if s)
-    if (prompt is None) == (chat is None):
-        raise UsageError("give either PROMPT (text to continue) or --chat MESSAGE (a message to reply to)")
-    if system is not None and chat is None:
-        raise UsageError("--system goes with --chat")
     kv_kinds = kv_kinds_of(kv_dtype, kv_dtype_k, kv_dtype_v)
-    if kv_kinds is not None and not kv_cache:
-        raise UsageError("--kv-dtype sets how the KV cache stores K and V; drop --no-kv-cache or --kv-dtype")
-    if window is None and sinks:
-        raise UsageError("--sinks goes with --window N")
-    if window is not None and not kv_cache:
-        raise UsageError("--window is a kind of KV cache; drop --no-kv-cache or --window")
-    if window is not None and compile_:
-        raise UsageError("--compile runs the linear cache only; drop --compile or --window")
-    if not -(2**63) <= seed < 2**64:  # what torch.Generator.manual_seed accepts
-        raise UsageError(f"--seed must fit in 64 bits (-2**63 to 2**64 - 1), got {seed}")
-    if prompt_cache is not None and (not kv_cache or num_samples > 1):
-        raise UsageError("--prompt-cache goes with the KV cache and one sample: drop --no-kv-cache / --num-samples")
-    if prompt_cache is not None and window is not None:
-        raise UsageError("--prompt-cache saves a linear cache; a --window ring holds no whole prefix: drop one")
-    if prompt_cache is not None:  # a file that could not be (re)written is refused before any work
-        from gen_cli.commands.common import check_writable_output
+    run = Run(prompt, chat, system, max_new_tokens, sampling, seed, tuple(s for s in (stop or []) if s), ignore_eot,
+              num_samples, _cache_spec(kv_cache, kv_kinds, window, sinks), prompt_cache, stream, show_stats, as_json,
+              profile)  # fmt: skip
+    options = EngineOptions(device_name, dtype_opt, threads, quantize, native, compile_, rope_scaling)
+    _check_run(run, options, kv_kinds is not None)
+    source = Preset(preset, tokenizer, attention, kv_heads, pos) if preset is not None else model_dir
+    engine, reuse = _open(source, options, run)
+    ids, from_bos = _encode(engine, run)
+    _render(engine, run, _generate(engine, run, ids, reuse), reuse, from_bos)
 
-        try:
-            check_writable_output(prompt_cache, force=True)
-        except GenError as e:
-            raise UsageError(f"--prompt-cache {e}") from None
 
-    import torch
-
-    from gen_cli.infer.generate import check_memory, run_generation
-    from gen_cli.infer.optimize import QUANTIZE_MODES, compile_warm_up, compute_dtype, optimize_for_decode
-    from gen_cli.model.info import weight_summary
-    from gen_cli.runtime import resolve_device, resolve_dtype, set_threads
-
-    device = resolve_device(device_name)
-    if quantize not in QUANTIZE_MODES:
-        raise UsageError(f"unknown --quantize {quantize!r}; choose {', '.join(QUANTIZE_MODES)}")
-    dtype = compute_dtype(quantize, device, native, resolve_dtype(dtype_opt, device) if dtype_opt else None)
-    if compile_ and not kv_cache:
-        raise UsageError("--compile speeds up the cached decode step; drop --no-kv-cache or --compile")
-    if profile and (compile_ or not kv_cache or max_new_tokens < 2):
-        raise UsageError("--profile times the cached decode step op by op: needs the KV cache, no --compile, "
-                         "--max-new-tokens ≥ 2")  # fmt: skip
-    set_threads(threads)
-    if model_dir is None and preset is None and not default_model_dir().is_dir():
-        raise UsageError(
-            f"no default model at {default_model_dir()}; pass --model DIR, train one with `gen train`, "
-            "or try random weights with --preset tiny --tokenizer PATH"
-        )
-    from gen_cli.runtime import PeakMemory
-
-    load_start = time.perf_counter()
-    with PeakMemory(device) as load_mem:  # part of the time to first token a user feels
-        loaded = load(model_dir, preset, tokenizer, attention, kv_heads, pos, device, dtype, rope_scaling)
-    load_s = time.perf_counter() - load_start
-    for note in loaded.notes:
-        err.print(f"[yellow]{escape(note)}[/]" if loaded.random_weights else escape(note))
-    model, tok, source = loaded.model, loaded.tokenizer, loaded.source
-    reuse = None
-    if prompt_cache is not None:  # the weights' fingerprint before decode-time rewriting of the modules
-        from gen_cli.infer.prompt_reuse import PromptReuse
-
-        reuse = PromptReuse(prompt_cache, model, tok, quantize, kv_kinds)
-    # Inference-only fast paths (fused MLP, the native C decode step or prepacked weights; int8 and
-    # compile when asked): fp32 results equal the plain model's within float rounding.
-    model = optimize_for_decode(model, quantize=quantize, compile=compile_, native=native)
-    from gen_cli.native.build import take_notes
-
-    for note in take_notes():
-        err.print(escape(note))
-    if quantize != "none":
-        source += f", {quantize} weights"
-
-    # gen's models end a text with <|endoftext|>; an imported model declares its own end-of-turn ids.
-    eot = special_id(tok) if not loaded.stop_ids else loaded.stop_ids[0]
-    # Read only what the context could hold: a 50 MB prompt on stdin is refused, not tokenized whole.
-    text = read_text_arg(prompt if chat is None else chat, model.config.context_length * _longest_token(tok))
-    if chat is not None:
-        from gen_cli.text.chat import conversation, encode_rendered, render_chat
-
-        if loaded.chat_template is None:
-            raise UsageError(f"{source} has no chat template; give the text as PROMPT to continue it instead")
-        rendered = render_chat(loaded.chat_template, conversation(text, system), special_tokens=loaded.special_tokens,
-                               source=f"{source}: chat template")  # fmt: skip
-        ids = encode_rendered(tok, rendered)
-    elif loaded.add_special_tokens:
-        ids = tok.encode(text, add_special_tokens=True).ids
-    else:
-        ids = encode(tok, text)
-    if not ids:
-        if eot is None:
-            raise UsageError(f"the prompt is empty and the tokenizer has no {EOT} token to start from")
-        ids = [eot]
-    held = len(ids) + max_new_tokens if window is None else min(len(ids) + max_new_tokens, window + sinks)
-    check_memory(model, num_samples, held, device)  # before a text stream per sample
-    stop_ids = () if ignore_eot else (loaded.stop_ids or ((eot,) if eot is not None else ()))
-    # The prompt's last id as context: a SentencePiece decoder would strip the reply's first space.
-    rows = [TextStream(tok, stops, stop_ids=stop_ids, context=tuple(ids[-1:])) for _ in range(num_samples)]
-    live = stream and not as_json and num_samples == 1
-
-    def on_token(token: torch.Tensor) -> bool:
-        for row, t in zip(rows, token.tolist(), strict=True):
-            row.push(t)
-        if live and (new := rows[0].take()):
-            sys.stdout.write(new)
-            sys.stdout.flush()
-        return all(r.done for r in rows)
-
-    prompt_ids = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
-    compile_s = None
-    if compile_:
-        with err.status("compiling (torch.compile)", spinner="dots") if progress_enabled() else nullcontext():
-            compile_s = compile_warm_up(model, prompt_ids, max_new_tokens, sampling, num_samples)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    restore = reuse.prepare(model, ids) if reuse is not None else None  # reads and checks the file first
-    result = run_generation(
-        model, prompt_ids, max_new_tokens, sampling, kv_cache, generator, stop_ids, num_samples, on_token, kv_kinds,
-        restore, window, sinks,
-    )  # fmt: skip
-    if reuse is not None:
-        reuse.save_if_new(result)
-    texts = [r.text for r in rows]
-    stats = result.stats.to_dict() | {"load_s": load_s, "load_peak_memory_bytes": load_mem.bytes}
-    stats |= {"compile_s": compile_s} if compile_ else {}
-    stats |= {"prompt_cache": reuse.summary()} if reuse is not None else {}
-    stats |= {"weights": weight_summary(model)}
-    step_profile = None
-    if profile:  # a second run, timed class by class (hooks slow the PyTorch path: not the run above)
-        from gen_cli.lab.profile import profile_decode
-
-        gen2 = torch.Generator(device=device).manual_seed(seed)
-        step_profile = profile_decode(model, prompt_ids, max_new_tokens, sampling, gen2)
-        stats["profile"] = step_profile.to_dict()
-    if as_json:
-        data: dict[str, Any] = {"text": texts[0]}
-        if num_samples > 1:
-            data["texts"] = texts
-        data |= {"stats": stats, "model": source, "interrupted": result.interrupted}
+def _render(engine: Engine, run: Run, out: Outcome, reuse: PromptReuse | None, from_bos: bool) -> None:
+    """The text (already streamed when live) or one JSON object on stdout; notes, stats and profile on stderr."""
+    if run.json:
+        data: dict[str, Any] = {"text": out.texts[0]}
+        if run.num_samples > 1:
+            data["texts"] = out.texts
+        data |= {"stats": out.stats, "model": engine.source, "interrupted": out.result.interrupted}
         print_json(data)
-    elif live:
-        sys.stdout.write(rows[0].take(final=True) + "\n")
-        sys.stdout.flush()
-    else:
-        for i, t in enumerate(texts):
-            if num_samples > 1:
+    elif not run.live:
+        for i, t in enumerate(out.texts):
+            if run.num_samples > 1:
                 sys.stdout.flush()
-                err.print(f"── sample {i + 1} of {num_samples} ──")
+                err.print(f"── sample {i + 1} of {run.num_samples} ──")
             sys.stdout.write(t + "\n")
             sys.stdout.flush()
     if reuse is not None:
-        err.print(escape(_reuse_note(reuse.summary())))
-    if show_stats:
-        _print_stats(stats, source, _native_note(model, native, compile_))
-    if step_profile is not None and not as_json:
+        err.print(escape(reuse_note(reuse.summary())))
+    if run.stats:
+        note = engine.decode_note()
+        path_note = f" (native step unavailable: {escape(note)})" if note else ""
+        print_stats(out.stats, engine.source, path_note, from_bos)
+    if out.profile is not None and not run.json:
         from gen_cli.commands.bench_view import print_profile
 
-        print_profile("decode step", step_profile, err)
-    if result.interrupted:
+        print_profile("decode step", out.profile, err)
+    if out.result.interrupted:
         err.print("interrupted")
         raise typer.Exit(130)
-
-
-# ----------------------------------------------------------------------------------------------
-# gen info
 
 
 def register(app: typer.Typer) -> None:

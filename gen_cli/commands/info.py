@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import typer
@@ -10,6 +9,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from gen_cli.commands.common import out_console, print_json
+from gen_cli.commands.options import Json, Model
 from gen_cli.errors import UsageError
 from gen_cli.resources import default_model_dir
 
@@ -17,10 +17,12 @@ from gen_cli.resources import default_model_dir
 def info_command(
     target: str = typer.Argument(
         None,
-        help="A gen model directory, Hugging Face folder, .gguf file or preset name [default: the shipped model].",
+        metavar="MODEL",
+        help="A gen model directory, a Hugging Face folder, a .gguf file or a preset name. Or give --model.",
+        show_default="the shipped model",
     ),
-    model: Path = typer.Option(None, "--model", help="The model, as TARGET (either may be given).", show_default=False),
-    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    model: Model = None,
+    as_json: Json = False,
 ) -> None:
     """Show a model's configuration, parameter count and what its KV cache and weights cost.
 
@@ -32,7 +34,7 @@ def info_command(
     from gen_cli.model.info import model_info
 
     if target is not None and model is not None:
-        raise UsageError("give the model either as TARGET or with --model, not both")
+        raise UsageError("give the model once: gen info MODEL, or gen info --model MODEL")
     from gen_cli.native.decoder import unsupported_properties
 
     config, source, details = config_for(str(model) if model is not None else target or str(default_model_dir()))

@@ -1,34 +1,301 @@
-"""Options several commands share, declared once: the same flag means the same thing everywhere."""
+"""Options several commands share, declared once: one flag, one help text, one metavar and one help panel
+everywhere. A command gives the default (`device: Device = "auto"`); the help shows it as `[default: X]`."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from gen_cli.errors import UsageError
+from gen_cli.model.config import ROPE_SCALING_SPECS
 
-Temperature = Annotated[float, typer.Option("--temperature", help="Sampling temperature; 0 = greedy.")]
-TopK = Annotated[int | None, typer.Option("--top-k", help="Sample among the k most likely tokens.", show_default=False)]
+# Help panels, in the order `--help` shows them (options outside a panel come last, under "Options").
+MODEL = "Model"
+INPUT = "Input"
+SAMPLING = "Sampling"
+CACHE = "Cache"
+OUTPUT = "Output"
+PERFORMANCE = "Performance"
+
+INPUTS_HELP = "Text: files, folders (recursive), globs, '-' for stdin or a built-in corpus name."
+MODEL_HELP = "A gen model directory, a Hugging Face folder or a .gguf file."
+
+# ---- the model --------------------------------------------------------------------------------------------
+Model = Annotated[  # the default, where a command has one (the shipped model), is in its description
+    Path | None,
+    typer.Option("--model", "-m", metavar="PATH", help=MODEL_HELP, show_default=False, rich_help_panel=MODEL),
+]
+ModelArg = Annotated[  # the positional form, where a command takes the model first (`gen eval MODEL`)
+    Path | None,
+    typer.Argument(metavar="MODEL", help=f"{MODEL_HELP} Or give --model.", show_default=False),
+]
+Preset = Annotated[
+    str | None,
+    typer.Option(
+        "--preset",
+        metavar="NAME",
+        help="A preset shape with random weights: tiny, small or base.",
+        show_default=False,
+        rich_help_panel=MODEL,
+    ),
+]
+Tokenizer = Annotated[
+    Path | None,
+    typer.Option(
+        "--tokenizer",
+        metavar="PATH",
+        help="A tokenizer.json, or a model folder holding one.",
+        show_default=False,
+        rich_help_panel=MODEL,
+    ),
+]
+Attention = Annotated[
+    str | None,
+    typer.Option(
+        "--attention", metavar="KIND", help="Attention: mha, gqa or mqa.", show_default=False, rich_help_panel=MODEL
+    ),
+]
+KvHeads = Annotated[
+    int | None,
+    typer.Option("--kv-heads", metavar="N", help="KV heads (GQA groups).", show_default=False, rich_help_panel=MODEL),
+]
+Pos = Annotated[
+    str | None,
+    typer.Option(
+        "--pos",
+        metavar="KIND",
+        help="Positional encoding: rope, sinusoidal, learned or alibi.",
+        show_default=False,
+        rich_help_panel=MODEL,
+    ),
+]
+RopeScaling = Annotated[
+    str | None,
+    typer.Option(
+        "--rope-scaling",
+        metavar="SPEC",
+        help=f"Run a RoPE model with this scaling instead of its own ({ROPE_SCALING_SPECS}); the context grows "
+        "to factor × the trained one.",
+        show_default=False,
+        rich_help_panel=MODEL,
+    ),
+]
+
+# ---- input ------------------------------------------------------------------------------------------------
+InputsArg = Annotated[list[str] | None, typer.Argument(metavar="INPUTS", help=INPUTS_HELP, show_default="python-docs")]
+
+# ---- sampling ---------------------------------------------------------------------------------------------
+MaxNewTokens = Annotated[
+    int,
+    typer.Option("--max-new-tokens", "-n", metavar="N", help="Tokens to generate at most.", rich_help_panel=SAMPLING),
+]
+Temperature = Annotated[
+    float,
+    typer.Option("--temperature", metavar="T", help="Sampling temperature; 0 = greedy.", rich_help_panel=SAMPLING),
+]
+TopK = Annotated[
+    int | None,
+    typer.Option(
+        "--top-k",
+        metavar="K",
+        help="Sample among the k most likely tokens.",
+        show_default=False,
+        rich_help_panel=SAMPLING,
+    ),
+]
 TopP = Annotated[
     float | None,
-    typer.Option("--top-p", help="Nucleus: smallest set reaching this probability.", show_default=False),
+    typer.Option(
+        "--top-p",
+        metavar="P",
+        help="Nucleus: the smallest set reaching this probability.",
+        show_default=False,
+        rich_help_panel=SAMPLING,
+    ),
 ]
 MinP = Annotated[
-    float | None, typer.Option("--min-p", help="Drop tokens below min-p × the top probability.", show_default=False)
+    float | None,
+    typer.Option(
+        "--min-p",
+        metavar="P",
+        help="Drop tokens below min-p × the top probability.",
+        show_default=False,
+        rich_help_panel=SAMPLING,
+    ),
 ]
-RepetitionPenalty = Annotated[float, typer.Option("--repetition-penalty", help="CTRL penalty; 1 = off.")]
-Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps.")]
-Threads = Annotated[int | None, typer.Option("--threads", help="CPU threads (default: torch's).", show_default=False)]
+RepetitionPenalty = Annotated[
+    float,
+    typer.Option("--repetition-penalty", metavar="X", help="CTRL penalty; 1 = off.", rich_help_panel=SAMPLING),
+]
+Seed = Annotated[
+    int | None,
+    typer.Option("--seed", metavar="N", help="Random seed: the same seed, the same result.", rich_help_panel=SAMPLING),
+]
+Stop = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--stop",
+        metavar="TEXT",
+        help="Stop when the text contains this (repeatable).",
+        show_default=False,
+        rich_help_panel=SAMPLING,
+    ),
+]
+System = Annotated[
+    str | None,
+    typer.Option("--system", metavar="TEXT", help="A system message.", show_default=False, rich_help_panel=SAMPLING),
+]
+
+# ---- the KV cache -----------------------------------------------------------------------------------------
+KvCache = Annotated[
+    bool,
+    typer.Option("--kv-cache/--no-kv-cache", help="Reuse keys and values (off: recompute).", rich_help_panel=CACHE),
+]
 KvDtype = Annotated[
     str | None,
     typer.Option(
-        "--kv-dtype", help="KV cache kind for K and V: fp32, bf16, fp16, int8, int4 (default: --dtype).",
-        show_default=False,
+        "--kv-dtype",
+        metavar="KIND",
+        help="KV cache kind for K and V: fp32, bf16, fp16, int8, int4, or a K/V pair such as k8v4.",
+        show_default="the compute dtype",
+        rich_help_panel=CACHE,
     ),
-]  # fmt: skip
-KvDtypeK = Annotated[str | None, typer.Option("--kv-dtype-k", help="KV cache kind for K only.", show_default=False)]
-KvDtypeV = Annotated[str | None, typer.Option("--kv-dtype-v", help="KV cache kind for V only.", show_default=False)]
+]
+KvDtypeK = Annotated[
+    str | None,
+    typer.Option(
+        "--kv-dtype-k", metavar="KIND", help="KV cache kind for K only.", show_default=False, rich_help_panel=CACHE
+    ),
+]
+KvDtypeV = Annotated[
+    str | None,
+    typer.Option(
+        "--kv-dtype-v", metavar="KIND", help="KV cache kind for V only.", show_default=False, rich_help_panel=CACHE
+    ),
+]
+Window = Annotated[
+    int | None,
+    typer.Option(
+        "--window",
+        metavar="N",
+        help="Keep only the last N positions in the KV cache (a ring), plus --sinks: memory stays flat and a "
+        "RoPE or ALiBi model goes on past its context (positions within the cache, as StreamingLLM).",
+        show_default=False,
+        rich_help_panel=CACHE,
+    ),
+]
+Sinks = Annotated[
+    int,
+    typer.Option(
+        "--sinks", metavar="N", help="With --window: the first N tokens, kept forever.", rich_help_panel=CACHE
+    ),
+]
+
+# ---- output -----------------------------------------------------------------------------------------------
+Out = Annotated[
+    Path | None,
+    typer.Option(
+        "--out",
+        "-o",
+        metavar="PATH",
+        help="Where to write the result (the command's description says what).",
+        show_default=False,
+        rich_help_panel=OUTPUT,
+    ),
+]
+Force = Annotated[bool, typer.Option("--force", help="Overwrite an existing output.", rich_help_panel=OUTPUT)]
+Json = Annotated[bool, typer.Option("--json", help="Machine-readable output: JSON on stdout.", rich_help_panel=OUTPUT)]
+Stats = Annotated[
+    bool, typer.Option("--stats", help="Token counts, times and memory on stderr.", rich_help_panel=OUTPUT)
+]
+Png = Annotated[
+    Path | None,
+    typer.Option(
+        "--png",
+        metavar="PATH",
+        help="Also save the chart as an image (needs gen-lab[plot]).",
+        show_default=False,
+        rich_help_panel=OUTPUT,
+    ),
+]
+
+# ---- performance ------------------------------------------------------------------------------------------
+Device = Annotated[
+    str,
+    typer.Option(
+        "--device",
+        metavar="DEVICE",
+        help="auto (cuda, else mps, else cpu), cpu, cuda or mps.",
+        rich_help_panel=PERFORMANCE,
+    ),
+]
+Dtype = Annotated[
+    str | None,
+    typer.Option(
+        "--dtype",
+        metavar="DTYPE",
+        help="float32, bfloat16, float16, or auto (bfloat16 on CUDA, else float32).",
+        rich_help_panel=PERFORMANCE,
+    ),
+]
+Threads = Annotated[
+    int | None,
+    typer.Option("--threads", metavar="N", help="CPU threads.", show_default="torch's", rich_help_panel=PERFORMANCE),
+]
+BatchSize = Annotated[
+    int | None,
+    typer.Option(
+        "--batch-size", metavar="N", help="Sequences (or windows) per forward pass.", rich_help_panel=PERFORMANCE
+    ),
+]
+Repeats = Annotated[
+    int,
+    typer.Option(
+        "--repeats", metavar="N", help="Timed runs of each; the median is shown.", rich_help_panel=PERFORMANCE
+    ),
+]
+Native = Annotated[
+    bool,
+    typer.Option(
+        "--native/--no-native",
+        help="Decode on the CPU in gen's C step where the model's shape allows (compiled on first use); "
+        "--no-native: PyTorch.",
+        rich_help_panel=PERFORMANCE,
+    ),
+]
+Compile = Annotated[
+    bool,
+    typer.Option(
+        "--compile", help="torch.compile the model (a slow start, faster steps).", rich_help_panel=PERFORMANCE
+    ),
+]
+Profile = Annotated[
+    bool,
+    typer.Option(
+        "--profile", help="Also show where a decode step's time goes, per op class.", rich_help_panel=PERFORMANCE
+    ),
+]
+
+
+def model_from(positional: Path | None, option: Path | None, command: str, required: bool = True) -> Path | None:
+    """The model a command was given, as MODEL or as --model (not both); a refusal when it needs one."""
+    if positional is not None and option is not None:
+        raise UsageError(f"give the model once: gen {command} MODEL, or gen {command} --model MODEL")
+    model = option if option is not None else positional
+    if model is None and required:
+        raise UsageError(f"gen {command} needs a model: gen {command} MODEL, or gen {command} --model MODEL")
+    return model
+
+
+def check_model_path(path: Path, command: str) -> None:
+    """Refuse, saying what the path is, a model path that is neither a folder nor a .gguf file."""
+    expects = f"gen {command} takes a model: a gen model directory, a Hugging Face folder or a .gguf file"
+    if not path.exists():
+        raise UsageError(f"{path}: no such file or folder; {expects}")
+    if not path.is_dir() and path.suffix.lower() != ".gguf":
+        raise UsageError(f"{path} is a file, not a model; {expects}")
 
 
 def kv_kinds_of(both: str | None, k: str | None, v: str | None) -> tuple[str | None, str | None] | None:

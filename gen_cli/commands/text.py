@@ -3,26 +3,22 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import typer
 from rich.markup import escape
 from rich.text import Text
 
 from gen_cli.commands.common import check_writable_output, err, out_console, print_json, progress_enabled, read_text_arg
+from gen_cli.commands.options import OUTPUT, Force, InputsArg, Json, Model, Out, Tokenizer
 from gen_cli.errors import UsageError
 from gen_cli.formats.loading import default_tokenizer_path, resolve_tokenizer_path
 from gen_cli.text.tokenizer import DEFAULT_VOCAB_SIZE, EOT
 
 corpus_app = typer.Typer(help="List and print the built-in corpora.", no_args_is_help=True)
 
-INPUTS_HELP = (
-    "Text inputs: files, folders (recursive), globs, '-' for stdin, or a built-in corpus name. Default: python-docs."
-)
-
 
 @corpus_app.command("list")
-def corpus_list(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+def corpus_list(as_json: Json = False) -> None:
     """List the built-in corpora (they ship with Python; nothing is downloaded)."""
     from gen_cli.text.corpus import BUILTIN_CORPORA, Corpus
 
@@ -42,7 +38,7 @@ def corpus_list(as_json: bool = typer.Option(False, "--json", help="Machine-read
 @corpus_app.command("show")
 def corpus_show(
     name: str = typer.Argument("python-docs", help="Corpus name (see `gen corpus list`), or any input spec."),
-    split: str = typer.Option("all", "--split", help="train, val or all."),
+    split: str = typer.Option("all", "--split", metavar="SPLIT", help="train, val or all."),
 ) -> None:
     """Print a corpus's text to stdout, to inspect it or reuse it elsewhere."""
     from gen_cli.text.corpus import Corpus
@@ -52,21 +48,19 @@ def corpus_show(
 
 
 def train_tokenizer_command(
-    inputs: list[str] = typer.Argument(None, help=INPUTS_HELP, show_default=False),
+    inputs: InputsArg = None,
     vocab_size: int = typer.Option(
         DEFAULT_VOCAB_SIZE, "--vocab-size", help="Vocabulary size, including the 256 byte tokens."
     ),
     min_frequency: int = typer.Option(2, "--min-frequency", help="Ignore merges seen fewer times than this."),
-    special_tokens: list[str] = typer.Option(
-        [EOT], "--special-token", help=f"Special token (repeatable). Default: {EOT}."
-    ),
-    out: Path = typer.Option(
-        None, "--out", help="Output tokenizer.json (default .gen/tokenizer.json).", show_default=False
-    ),
-    force: bool = typer.Option(False, "--force", help="Overwrite an existing output file."),
-    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
+    special_tokens: list[str] = typer.Option([EOT], "--special-token", help="Special token (repeatable)."),
+    out: Out = None,
+    force: Force = False,
+    as_json: Json = False,
 ) -> None:
     """Train a byte-level BPE tokenizer on text (the built-in python-docs corpus by default).
+
+    Writes tokenizer.json to --out (a file, or a folder to hold it), .gen/tokenizer.json by default.
 
     The result is a standard tokenizer.json: `tokenizers.Tokenizer.from_file` and
     `transformers.PreTrainedTokenizerFast(tokenizer_file=...)` load it unchanged. Text that happens
@@ -134,17 +128,16 @@ def train_tokenizer_command(
 
 def tokenize_command(
     text: str = typer.Argument(..., help="Text to split, or '-' to read stdin."),
-    tokenizer: Path = typer.Option(None, "--tokenizer", help="tokenizer.json or a model folder.", show_default=False),
-    model: Path = typer.Option(
-        None,
-        "--model",
-        help="Use this model's own tokenizer: a gen model directory, a Hugging Face folder or a .gguf file.",
-        show_default=False,
-    ),
-    ids: bool = typer.Option(False, "--ids", help="Print token ids instead of pieces."),
-    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    tokenizer: Tokenizer = None,
+    model: Model = None,
+    ids: bool = typer.Option(False, "--ids", help="Print token ids instead of pieces.", rich_help_panel=OUTPUT),
+    as_json: Json = False,
 ) -> None:
-    """Show how text splits into tokens: alternating colours in a terminal, '|' separators otherwise."""
+    """Show how text splits into tokens: alternating colours in a terminal, '|' separators otherwise.
+
+    --model uses that model's own tokenizer; --tokenizer a tokenizer.json (by default the shipped model's,
+    else the one `gen train-tokenizer` wrote).
+    """
     from gen_cli.formats.loading import model_tokenizer
     from gen_cli.text.tokenizer import encode, load_tokenizer, token_bytes
 

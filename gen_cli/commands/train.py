@@ -13,13 +13,32 @@ from rich.markup import escape
 from rich.table import Table
 
 from gen_cli.commands.common import err, out_console, print_json, progress_enabled
-from gen_cli.commands.options import Device
+from gen_cli.commands.options import (
+    MODEL,
+    OUTPUT,
+    Attention,
+    BatchSize,
+    Compile,
+    Device,
+    Dtype,
+    Force,
+    InputsArg,
+    Json,
+    KvHeads,
+    Model,
+    ModelArg,
+    Out,
+    Png,
+    Pos,
+    Preset,
+    RopeScaling,
+    Seed,
+    Tokenizer,
+    check_model_path,
+    model_from,
+)
 from gen_cli.errors import UsageError
 from gen_cli.text.tokenizer import DEFAULT_VOCAB_SIZE
-
-INPUTS_HELP = (
-    "Text inputs: files, folders (recursive), globs, '-' for stdin, or a built-in corpus name. Default: python-docs."
-)
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -111,57 +130,66 @@ class _Renderer:
             )
 
 
+TRAINING = "Training"
+
+
+def _model_opt(flag: str, help: str, metavar: str = "N", shown: str | bool = False) -> Any:
+    return typer.Option(None, flag, metavar=metavar, help=help, show_default=shown, rich_help_panel=MODEL)
+
+
+def _train_opt(flag: str, help: str, shown: str | bool, metavar: str = "N", panel: str = TRAINING) -> Any:
+    return typer.Option(None, flag, metavar=metavar, help=help, show_default=shown, rich_help_panel=panel)
+
+
 def train_command(
-    inputs: list[str] = typer.Argument(None, help=INPUTS_HELP, show_default=False),
-    tokenizer: Path = typer.Option(
-        None, "--tokenizer", help="tokenizer.json (or model folder) to use; default: train one.", show_default=False
+    inputs: InputsArg = None,
+    tokenizer: Tokenizer = None,
+    vocab_size: int = _model_opt(
+        "--vocab-size",
+        "Vocabulary of the tokenizer trained on the fly (no --tokenizer).",
+        shown=str(DEFAULT_VOCAB_SIZE),
     ),
-    vocab_size: int = typer.Option(
-        None, "--vocab-size", help=f"Vocabulary of the tokenizer trained on the fly [{DEFAULT_VOCAB_SIZE}]."
+    preset: Preset = None,
+    attention: Attention = None,
+    kv_heads: KvHeads = None,
+    pos: Pos = None,
+    norm: str = _model_opt("--norm", "rmsnorm or layernorm.", "KIND"),
+    layers: int = _model_opt("--layers", "Number of blocks."),
+    heads: int = _model_opt("--heads", "Query heads."),
+    d_model: int = _model_opt("--d-model", "Model width."),
+    d_ff: int = _model_opt("--d-ff", "MLP hidden width."),
+    init: Path = _model_opt("--init", "Start from this model directory (its shape, tokenizer and weights).", "PATH"),
+    resume: Path = _model_opt("--resume", "Continue the run in this folder.", "PATH"),
+    steps: int = _train_opt("--steps", "Optimizer steps in total (the default takes minutes on a laptop CPU).", "200"),
+    batch_size: BatchSize = None,
+    grad_accum: int = _train_opt("--grad-accum", "Micro-batches per optimizer step.", "1"),
+    context: int = _train_opt(
+        "--context", "Tokens per training window; for a new run also the model's context length.", "the preset's"
     ),
-    preset: str = typer.Option(None, "--preset", help="Model shape from models/presets (tiny, small, base) [tiny]."),
-    attention: str = typer.Option(None, "--attention", help="mha, mqa or gqa [the preset's]."),
-    kv_heads: int = typer.Option(None, "--kv-heads", help="KV head count (GQA groups)."),
-    pos: str = typer.Option(
-        None,
-        "--pos",
-        help="Positional encoding: rope, sinusoidal, learned or alibi (a linear bias on the attention logits).",
+    lr: float = _train_opt("--lr", "Peak learning rate.", "3e-3", "X"),
+    warmup: int = _train_opt("--warmup", "Linear warm-up steps.", "min(100, steps/10)"),
+    min_lr: float = _train_opt("--min-lr", "Learning rate at the end of the cosine decay.", "lr/10", "X"),
+    weight_decay: float = _train_opt("--weight-decay", "AdamW decay on weight matrices.", "0.1", "X"),
+    grad_clip: float = _train_opt("--grad-clip", "Clip the gradient norm to this; 0 = off.", "1.0", "X"),
+    seed: Seed = None,
+    eval_every: int = _train_opt(
+        "--eval-every", "Evaluate every N steps (and at the end); 0 = at the end only.", "100"
     ),
-    norm: str = typer.Option(None, "--norm", help="rmsnorm or layernorm."),
-    layers: int = typer.Option(None, "--layers", help="Number of blocks."),
-    heads: int = typer.Option(None, "--heads", help="Query heads."),
-    d_model: int = typer.Option(None, "--d-model", help="Model width."),
-    d_ff: int = typer.Option(None, "--d-ff", help="MLP hidden width."),
-    steps: int = typer.Option(None, "--steps", help="Optimizer steps in total [200: minutes on a laptop CPU]."),
-    batch_size: int = typer.Option(None, "--batch-size", help="Sequences per micro-batch per process [16]."),
-    grad_accum: int = typer.Option(None, "--grad-accum", help="Micro-batches per optimizer step [1]."),
-    context: int = typer.Option(
-        None, "--context", help="Tokens per training window; for a new run also the model's context length."
+    eval_batches: int = _train_opt("--eval-batches", "Validation batches per evaluation.", "20"),
+    save_every: int = _train_opt("--save-every", "Checkpoint every N steps (and at the end).", "500", panel=OUTPUT),
+    save_minutes: float = _train_opt(
+        "--save-minutes",
+        "Also checkpoint when this many minutes passed since the last save; 0 = off.",
+        "5",
+        "X",
+        panel=OUTPUT,
     ),
-    lr: float = typer.Option(None, "--lr", help="Peak learning rate [3e-3]."),
-    warmup: int = typer.Option(None, "--warmup", help="Linear warm-up steps [min(100, steps/10)]."),
-    min_lr: float = typer.Option(None, "--min-lr", help="LR at the end of the cosine decay [lr/10]."),
-    weight_decay: float = typer.Option(None, "--weight-decay", help="AdamW decay on weight matrices [0.1]."),
-    grad_clip: float = typer.Option(None, "--grad-clip", help="Clip the gradient norm to this; 0 = off [1.0]."),
-    eval_every: int = typer.Option(None, "--eval-every", help="Evaluate every N steps (and at the end); 0 = end only."),
-    eval_batches: int = typer.Option(None, "--eval-batches", help="Validation batches per evaluation [20]."),
-    save_every: int = typer.Option(None, "--save-every", help="Checkpoint every N steps (and at the end) [500]."),
-    save_minutes: float = typer.Option(
-        None, "--save-minutes", help="Also checkpoint when this many minutes passed since the last save; 0 = off [5]."
-    ),
-    seed: int = typer.Option(None, "--seed", help="Seed for weights and batch sampling [0]."),
+    out: Out = None,
+    force: Force = False,
+    as_json: Json = False,
     device: Device = "auto",
-    dtype: str = typer.Option(
-        "auto", "--dtype", help="float32 or bfloat16 (autocast; weights stay fp32). auto = bf16 on CUDA."
-    ),
-    compile_: bool = typer.Option(False, "--compile", help="torch.compile the model (slow start, faster steps)."),
-    out: Path = typer.Option(None, "--out", help="Run folder [.gen/runs/PRESET-TIME].", show_default=False),
-    force: bool = typer.Option(False, "--force", help="Overwrite a run folder that already holds files."),
-    resume: Path = typer.Option(None, "--resume", help="Continue the run in this folder.", show_default=False),
-    init: Path = typer.Option(
-        None, "--init", help="Start from this model directory (its shape, tokenizer and weights).", show_default=False
-    ),
-    as_json: bool = typer.Option(False, "--json", help="Print the final summary as JSON on stdout."),
+    dtype: Dtype = "auto",
+    compile_: Compile = False,
 ) -> None:
     """Train a small transformer (or resume a run); the run folder is a model directory.
 
@@ -169,6 +197,10 @@ def train_command(
     tokenizer.json, train_state.safetensors) are written atomically, and every step's metrics go to
     metrics.jsonl. Ctrl-C saves and exits. Under `torchrun --nproc_per_node=N -m gen_cli train …` the
     run uses DistributedDataParallel; --batch-size is per process.
+
+    --out names the run folder (default .gen/runs/PRESET-TIME). Unset options take the resumed run's
+    values, else the defaults shown; --batch-size is 16 and --seed (weights and batch sampling) 0.
+    --dtype autocasts; the weights stay fp32.
     """
     from gen_cli.train.args import TrainArgs
     from gen_cli.train.loop import train
@@ -208,21 +240,15 @@ def train_command(
 
 
 def eval_command(
-    model_dir: Path = typer.Argument(
-        None, help="Gen model folder, Hugging Face folder or .gguf file [the shipped default].", show_default=False
+    model_arg: ModelArg = None,
+    inputs: InputsArg = None,
+    model_opt: Model = None,
+    rope_scaling: RopeScaling = None,
+    context: int = typer.Option(
+        None, "--context", metavar="N", help="Window length.", show_default="the model's context length"
     ),
-    inputs: list[str] = typer.Argument(None, help=INPUTS_HELP, show_default=False),
-    device: Device = "auto",
-    dtype: str = typer.Option("float32", "--dtype", help="float32 or bfloat16 (autocast)."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Windows per forward pass."),
-    context: int = typer.Option(None, "--context", help="Window length [the model's context length]."),
-    max_tokens: int = typer.Option(None, "--max-tokens", help="Score at most this many tokens (for speed)."),
-    rope_scaling: str = typer.Option(
-        None,
-        "--rope-scaling",
-        help="Score a RoPE model with this scaling instead of its own: linear:F, ntk:F, yarn:F,orig=N, "
-        "llama3:F,orig=N or none; --context may then reach factor × the trained context.",
-        show_default=False,
+    max_tokens: int = typer.Option(
+        None, "--max-tokens", metavar="N", help="Score at most this many tokens (for speed).", show_default=False
     ),
     by_position: bool = typer.Option(
         False,
@@ -230,16 +256,18 @@ def eval_command(
         help="Loss and bits per byte per position bucket of --context-token windows; --context may exceed the "
         "trained context (RoPE, sinusoidal, ALiBi): the extrapolation sweep.",
     ),
-    buckets: int = typer.Option(8, "--buckets", help="With --by-position: position buckets."),
-    png: Path = typer.Option(
-        None,
-        "--png",
-        help="With --by-position: also save the chart as an image (needs gen-lab\\[plot]).",
-        show_default=False,
-    ),
-    as_json: bool = typer.Option(False, "--json", help="Print loss, perplexity, bits_per_byte, tokens, bytes."),
+    buckets: int = typer.Option(8, "--buckets", metavar="N", help="With --by-position: position buckets."),
+    png: Png = None,
+    as_json: Json = False,
+    device: Device = "auto",
+    dtype: Dtype = "float32",
+    batch_size: BatchSize = 8,
 ) -> None:
     """Held-out loss, perplexity and bits per byte on the validation split of the inputs.
+
+    MODEL (or --model) is a gen model folder, a Hugging Face folder or a .gguf file, the shipped model
+    by default; INPUTS follow it. With --rope-scaling, --context may reach factor × the trained
+    context. --png (with --by-position) saves the chart as an image.
 
     Without inputs, a `gen train` run folder is scored on the text it was trained on (recorded in its
     train state), any other model on the default corpus; the output names the corpus and split.
@@ -251,10 +279,16 @@ def eval_command(
     from gen_cli.resources import default_model_dir
     from gen_cli.train.evaluate import evaluate_model
 
+    if model_opt is not None and model_arg is not None:  # with --model, every positional argument is text
+        inputs = [str(model_arg), *(inputs or [])]
+        model_arg = None
+    model_dir = model_from(model_arg, model_opt, "eval", required=False)
     if model_dir is None:
         model_dir = default_model_dir()
         if not (model_dir / "config.json").is_file():
             raise UsageError(f"no default model at {model_dir}; pass a model folder (e.g. one `gen train` wrote)")
+    else:
+        _check_eval_model(model_dir, model_opt is None)
     if png is not None and not by_position:
         raise UsageError("--png goes with --by-position")
     if by_position:
@@ -315,6 +349,17 @@ def _by_position(model_dir: Path, inputs: list[str], context: int | None, bucket
         table.add_row(f"{b.start}–{b.end - 1}", f"{b.loss:.4f}", f"{b.bits_per_byte:.4f}", bar + past)
     console.print(table)
     err.print(f"scored the validation split of {escape(res.corpus)}", soft_wrap=True)
+
+
+def _check_eval_model(model_dir: Path, positional: bool) -> None:
+    """Refuse a model path that is text, saying so: `gen eval notes.txt` gave a file where the model goes."""
+    try:
+        check_model_path(model_dir, "eval")
+    except UsageError as e:
+        if positional and model_dir.is_file():
+            raise UsageError(f"{e}, then text inputs: gen eval MODEL {model_dir}, or gen eval --model MODEL "
+                             f"{model_dir}") from None  # fmt: skip
+        raise
 
 
 def _trained(model_dir: Path) -> bool:

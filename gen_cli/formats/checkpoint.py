@@ -154,8 +154,8 @@ def load_model(
             f"vocab_size {config.vocab_size}; they must match"
         )
     check_weights_header(directory, config, tokenizer)
-    # The file's tensors plus the fp32 model they are copied into.
-    need = (directory / WEIGHTS_FILE).stat().st_size + 4 * parameter_count(config)
+    # The file's pages plus, at most, a converted copy of every weight in `dtype` (none when it is the stored one).
+    need = (directory / WEIGHTS_FILE).stat().st_size + dtype.itemsize * parameter_count(config)
     check_fits(need, f"loading {directory}", "free some memory or use a smaller model")
     try:
         tensors = load_file(str(directory / WEIGHTS_FILE))
@@ -164,9 +164,10 @@ def load_model(
     for name, t in tensors.items():
         if not bool(torch.isfinite(t).all()):
             raise GenError(f"{directory / WEIGHTS_FILE}: tensor {name} holds NaN or infinite values")
-    model = Transformer(config)
-    # strict=False only because a tied lm_head is absent from the file; the header check was exact.
-    model.load_state_dict(tensors, strict=False)  # copy_ casts each tensor to fp32
-    model.to(device=device, dtype=dtype)
-    model.eval()
+    from gen_cli.model.transformer import model_from_tensors
+
+    # The file's tensors become the weights (safetensors maps the file copy-on-write): no random init and
+    # no copy unless the dtype changes; in `dtype` before the model computes its RoPE tables in it.
+    model = model_from_tensors(config, {name: t.to(dtype) for name, t in tensors.items()})
+    model.to(device=device)
     return model, tokenizer

@@ -1,4 +1,5 @@
-"""GGUF files → a gen model, read with the `gguf` package's GGUFReader (memory-mapped; never hand-parsed).
+"""GGUF files → a gen model. gguf_reader.py reads the file (tested equal to the `gguf` package's reader); the
+weights are views of its memory map wherever gen runs the stored layout.
 
 Architectures: llama (Llama, Mistral, SmolLM …), qwen2, qwen3 and gpt2. The GGUF ↔ gen mapping is data
 (GGUF_NAMES) plus the transforms that matter: llama.cpp stores llama's Q/K rows permuted for its
@@ -16,10 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 from gen_cli.errors import GenError, UsageError
 from gen_cli.formats.gguf_blocks import BLOCK_NAMES, FLOAT_TYPES, Held, holding, summary, summary_lines
+from gen_cli.formats.gguf_reader import GGUFFile
 from gen_cli.model.config import ModelConfig
 
 if TYPE_CHECKING:
-    import numpy as np
     import torch
 
     from gen_cli.formats.loaded import Loaded
@@ -41,69 +42,6 @@ LLAMA_NAMES = {"attn.wqkv": ("blk.{i}.attn_q", "blk.{i}.attn_k", "blk.{i}.attn_v
 GPT2_NAMES = {"attn.wqkv": ("blk.{i}.attn_qkv",), "mlp.w1": ("blk.{i}.ffn_up",), **_LAYER}
 GLOBAL_NAMES = {"tok_emb": "token_embd", "pos_emb": "position_embd", "norm": "output_norm", "lm_head": "output"}
 DERIVED = ("rope_freqs.weight",)  # read into the config (RoPE scaling), not a weight
-
-
-class GGUFFile:
-    """An open GGUF file: metadata values by key and tensors by name; every failure is one GenError line."""
-
-    def __init__(self, path: Path) -> None:
-        import gguf
-
-        self.path = path
-        try:
-            self.reader = gguf.GGUFReader(str(path))  # memory-maps; offsets past the file end fail here
-        except Exception as e:
-            reason = f"{type(e).__name__}: {e}"
-            raise GenError(f"{path}: not a readable GGUF file, truncated or corrupt ({reason})") from None
-        self.tensors = {t.name: t for t in self.reader.tensors}
-        size = path.stat().st_size
-        for t in self.reader.tensors:
-            if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
-                raise GenError(f"{path}: tensor {t.name} runs past the end of the file (truncated?)")
-
-    def get(self, key: str, default: Any = None) -> Any:
-        field = self.reader.fields.get(key)
-        if field is None:
-            return default
-        try:
-            value = field.contents()
-        except Exception as e:
-            raise GenError(f"{self.path}: metadata {key} is unreadable ({e})") from None
-        return value
-
-    def need(self, key: str) -> Any:
-        value = self.get(key)
-        if value is None:
-            raise GenError(f"{self.path}: metadata {key} is missing")
-        return value
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        """PyTorch order (rows, columns): GGUF lists dimensions fastest first."""
-        return tuple(int(d) for d in reversed(self.tensors[name].shape.tolist()))
-
-    def type_name(self, name: str) -> str:
-        return self.tensors[name].tensor_type.name
-
-    def array(self, name: str) -> np.ndarray:
-        """The tensor in memory (not a view of the file), (rows, columns): F32 and F16 as stored, every other
-        type dequantized to float32."""
-        import gguf
-        import numpy as np
-
-        t = self.tensors[name]
-        kind = t.tensor_type
-        if kind in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
-            data = np.array(t.data)  # a copy: the memory map is read-only and must not back the weights
-        else:
-            data = gguf.quants.dequantize(np.asarray(t.data), kind)  # a new float32 array
-        return data.reshape(self.shape(name))
-
-    def blocks(self, name: str) -> np.ndarray:
-        """A block-quantized tensor's bytes in memory (a copy, not the map), uint8 (rows, row_bytes)."""
-        import numpy as np
-
-        rows = self.shape(name)[0]
-        return np.array(self.tensors[name].data).reshape(rows, -1)
 
 
 def _f32(value: Any) -> float:
@@ -169,11 +107,13 @@ def source_names(gen_name: str, arch: str) -> tuple[str, ...]:
     return tuple(f"{n.format(i=m.group(1))}.{m.group(3)}" for n in table[m.group(2)])
 
 
-def _unpermute(rows: np.ndarray, n_head: int) -> np.ndarray:
-    """Undo convert_hf_to_gguf's permute: per head, llama.cpp interleaves the two RoPE halves' rows."""
+def _unpermute_into(out: torch.Tensor, rows: torch.Tensor, n_head: int) -> None:
+    """Copy `rows` into `out` undoing convert_hf_to_gguf's permute: per head, llama.cpp interleaves the two
+    RoPE halves' rows; whole rows move, so block rows un-permute as float rows do."""
     shape = rows.shape
-    # (n_head, head_dim/2, 2, …) → (n_head, 2, head_dim/2, …): pairs (2j, 2j+1) back to (j, j + head_dim/2)
-    return rows.reshape(n_head, shape[0] // n_head // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+    # stored (n_head, head_dim/2, 2, …) → gen's (n_head, 2, head_dim/2, …): pairs (2j, 2j+1) back to (j, j + half)
+    stored = rows.reshape(n_head, shape[0] // n_head // 2, 2, *shape[1:])
+    out.view(n_head, 2, shape[0] // n_head // 2, *shape[1:]).copy_(stored.transpose(1, 2))
 
 
 def _dtype_of(f: GGUFFile, names: list[str]) -> torch.dtype:
@@ -186,14 +126,20 @@ def _dtype_of(f: GGUFFile, names: list[str]) -> torch.dtype:
     return torch.float16 if set(kinds) == {"F16"} else torch.float32
 
 
+_SHAPES: list[tuple[ModelConfig, dict[str, tuple[int, ...]]]] = []  # the last config's, reused within a load
+
+
 def _expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """transformer.expected_shapes, from one layer repeated: seconds faster for a model of 80 layers."""
+    """transformer.expected_shapes, from one layer repeated (seconds faster for a model of 80 layers), computed
+    once per config: a load asks for them several times."""
     from gen_cli.model.info import state_shapes
 
-    shapes = state_shapes(config)
-    if config.tie_embeddings:
-        del shapes["lm_head.weight"]
-    return shapes
+    if not _SHAPES or _SHAPES[0][0] != config:
+        shapes = state_shapes(config)
+        if config.tie_embeddings:
+            del shapes["lm_head.weight"]
+        _SHAPES[:] = [(config, shapes)]
+    return dict(_SHAPES[0][1])
 
 
 def _plan(config: ModelConfig, arch: str) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
@@ -207,11 +153,14 @@ def holdings(f: GGUFFile, config: ModelConfig, arch: str) -> list[Held]:
 
 def load_gguf_weights(
     f: GGUFFile, config: ModelConfig, arch: str, dtype: torch.dtype | None
-) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, str]], list[Held]]:
+) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, str]], list[Held], dict[str, int]]:
     """gen's float tensors and block-quantized matrices (uint8 blocks, qtype) by state_dict name, checked
-    against the config before reading, built one tensor at a time; and how each was held."""
+    against the config before reading; how each was held; and the bytes copied out of the map, by reason.
+
+    A tensor gen reads in the stored layout (a block matrix of its own type, an F32 tensor run in float32)
+    is a view of the file's map, never copied; a fused q/k/v (llama: with its Q/K rows un-permuted) is
+    copied once into its place, and a type change (F16 → float32, a re-quantization) is a new tensor."""
     import gguf
-    import numpy as np
     import torch
 
     from gen_cli.quant.blocks import quantize
@@ -234,26 +183,41 @@ def load_gguf_weights(
     dtype = dtype or _dtype_of(f, [n for h in helds if h.qtype is None for n in plan[h.gen_name][1]])
     tensors: dict[str, torch.Tensor] = {}
     blocks: dict[str, tuple[torch.Tensor, str]] = {}
+    copied: Counter[str] = Counter()
     for held in helds:
+        shape, names = plan[held.gen_name]
         parts = []
-        for n in plan[held.gen_name][1]:
-            if held.qtype is None:
-                a = f.array(n)
+        for n in names:
+            if held.qtype is None:  # a float tensor: the stored numbers in place, or dequantized (new)
+                parts.append(f.torch_view(n) if f.type_name(n) in FLOAT_TYPES else torch.from_numpy(f.array(n)))
             elif BLOCK_NAMES.get(f.type_name(n)) == held.qtype:
-                a = f.blocks(n)  # the file's bytes: (rows, row_bytes), never a float copy
+                parts.append(f.torch_view(n))  # the file's bytes in place: (rows, row_bytes), never a float copy
             else:  # another type: through float32 one tensor at a time, into the type this matrix is held in
-                a = quantize(torch.from_numpy(f.array(n)).float(), held.qtype).numpy()
-            if arch in PERMUTED_QK and re.search(r"\.attn_[qk]\.", n):
-                # whole rows move (a row of blocks is a row of weights), so blocks un-permute as floats do
-                a = _unpermute(a, config.n_head if ".attn_q." in n else config.n_kv_head)
-            parts.append(torch.from_numpy(np.ascontiguousarray(a)))  # shares a's memory: no second copy
-        t = parts[0] if len(parts) == 1 else torch.cat(parts)  # (q rows + k rows + v rows, …) for wqkv
+                parts.append(quantize(torch.from_numpy(f.array(n)).float(), held.qtype))
+                copied[f"{f.type_name(n)} re-quantized to {held.qtype}"] += parts[-1].nbytes
+        want = dtype if held.qtype is None else torch.uint8
+        permuted = [arch in PERMUTED_QK and re.search(r"\.attn_[qk]\.", n) is not None for n in names]
+        if len(parts) == 1 and not permuted[0]:
+            t = parts[0].to(want)  # the view itself when the stored type is the one gen runs
+        else:  # q, k, v rows one after another (rows, row_bytes or cols), Q/K un-permuted on the way: one copy
+            t = torch.empty((shape[0], *parts[0].shape[1:]), dtype=want)
+            row = 0
+            for n, part, perm in zip(names, parts, permuted, strict=True):
+                place = t[row : row + part.shape[0]]
+                if perm:
+                    _unpermute_into(place, part, config.n_head if ".attn_q." in n else config.n_kv_head)
+                else:
+                    place.copy_(part)
+                row += part.shape[0]
+            copied["q/k/v fused" + (" (Q/K rows un-permuted)" if any(permuted) else "")] += t.nbytes
+        if len(parts) == 1 and t.dtype != parts[0].dtype:
+            copied[f"{f.type_name(names[0])} → {str(want).removeprefix('torch.')}"] += t.nbytes
         if held.qtype is None:
-            tensors[held.gen_name] = t.to(dtype).contiguous()
+            tensors[held.gen_name] = t
         else:
-            blocks[held.gen_name] = (t.contiguous(), held.qtype)
+            blocks[held.gen_name] = (t, held.qtype)
         del parts  # one tensor's parts alive at a time besides the model's own
-    return tensors, blocks, helds
+    return tensors, blocks, helds, dict(copied)
 
 
 def read_gguf_config(path: Path) -> tuple[ModelConfig, dict[str, Any]]:
@@ -297,10 +261,11 @@ def load_gguf(path: Path, device: torch.device | str = "cpu", dtype: torch.dtype
         raise GenError(
             f"{path}: the tokenizer has {tok.get_vocab_size()} tokens but the embedding has {config.vocab_size} rows"
         )
-    tensors, blocks, helds = load_gguf_weights(f, config, arch, dtype)
+    tensors, blocks, helds, copied = load_gguf_weights(f, config, arch, dtype)
     in_dims = {name: shape[1] for name, shape in _expected_shapes(config).items() if name in blocks}
     model = model_from_tensors(config, tensors, block_layers(blocks, tensors, in_dims)).to(device)
     details = _details(f, arch, config, helds)
+    details["copied at load"] = copied  # bytes by reason; every other weight is a view of the file's map
     notes = [f"{line} (GGUF types gen has no kernel for, or parts of one matrix in different types)"
              for line in summary_lines(details["matrices"]) if "re-quantized" in line]  # fmt: skip
     specials = {}

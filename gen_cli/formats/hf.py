@@ -8,6 +8,7 @@ Every tensor's shape is checked against the config from the file headers before 
 from __future__ import annotations
 
 import re
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -287,12 +288,14 @@ def source_names(gen_name: str, arch: str) -> tuple[str, ...]:
 
 def _plan(by_name: dict[str, Any], config: ModelConfig, arch: str, source: str) -> dict[str, tuple[str, ...]]:
     """gen name → HF names, every shape checked against the config from the headers alone."""
-    from gen_cli.model.transformer import expected_shapes
+    from gen_cli.model.info import state_shapes
 
     prefix = "transformer." if arch == "GPT2LMHeadModel" and any(n.startswith("transformer.") for n in by_name) else ""
     plan: dict[str, tuple[str, ...]] = {}
     used: set[str] = set()
-    for gen_name, shape in expected_shapes(config).items():
+    for gen_name, shape in state_shapes(config).items():  # expected_shapes, from one layer repeated
+        if gen_name == "lm_head.weight" and config.tie_embeddings:
+            continue
         names = tuple(n if n == "lm_head.weight" else prefix + n for n in source_names(gen_name, arch))
         if missing := [n for n in names if n not in by_name]:
             raise GenError(f"{source}: tensor {missing[0]} is missing (needed for {arch} as config.json describes it)")
@@ -313,10 +316,16 @@ def _plan(by_name: dict[str, Any], config: ModelConfig, arch: str, source: str) 
     return plan
 
 
-def load_hf_weights(directory: Path, config: ModelConfig, arch: str, dtype: torch.dtype | None) -> dict[str, Any]:
-    """gen's state dict from the folder's safetensors, tensor by tensor, in `dtype` or else the embedding's."""
+def load_hf_weights(
+    directory: Path, config: ModelConfig, arch: str, dtype: torch.dtype | None, copied: Counter[str] | None = None
+) -> dict[str, Any]:
+    """gen's state dict from the folder's safetensors, tensor by tensor, in `dtype` or else the embedding's.
+
+    safetensors maps each file copy-on-write: a tensor gen reads as stored stays a view of the map; fused
+    q/k/v, GPT-2's transposed matrices and dtype changes are copied once (bytes by reason into `copied`)."""
     import torch
 
+    copied = Counter() if copied is None else copied
     by_name, _handles = _open_all(directory)
     plan = _plan(by_name, config, arch, str(directory))
     tensors: dict[str, torch.Tensor] = {}
@@ -330,11 +339,23 @@ def load_hf_weights(directory: Path, config: ModelConfig, arch: str, dtype: torc
             if not t.is_floating_point():
                 raise GenError(f"{directory}: tensor {n} has dtype {t.dtype}; floating-point weights are needed")
             parts.append(t.T if GPT2_TRANSPOSED.search(n) else t)
+        if len(parts) > 1:
+            copied["q/k/v fused"] += sum(p.nbytes for p in parts)
+        elif not parts[0].is_contiguous():
+            copied["GPT-2 Conv1D transposed"] += parts[0].nbytes
         t = parts[0] if len(parts) == 1 else torch.cat(parts)  # (q rows + k rows + v rows, d_model) for wqkv
-        tensors[gen_name] = (t.to(dtype) if dtype is not None else t).contiguous()
+        tensors[gen_name] = _to(t.contiguous(), dtype or t.dtype, copied)
     # One dtype for the whole model: the embedding's as stored (a file may keep its norms in fp32).
     stored = tensors["tok_emb.weight"].dtype
-    return {k: t.to(stored) for k, t in tensors.items()}  # a no-op for tensors already in it
+    return {k: _to(t, stored, copied) for k, t in tensors.items()}  # a no-op for tensors already in it
+
+
+def _to(t: torch.Tensor, dtype: torch.dtype, copied: Counter[str]) -> torch.Tensor:
+    if t.dtype != dtype:
+        copied[f"{str(t.dtype).removeprefix('torch.')} → {str(dtype).removeprefix('torch.')}"] += t.nelement() * (
+            dtype.itemsize
+        )
+    return t.to(dtype)
 
 
 def stop_ids(directory: Path, data: dict[str, Any]) -> tuple[int, ...]:
@@ -388,11 +409,13 @@ def load_hf(directory: Path, device: torch.device | str = "cpu", dtype: torch.dt
             f"{directory}: tokenizer.json has {tok.get_vocab_size()} tokens but the model's vocab_size is "
             f"{config.vocab_size}; they do not belong together"
         )
-    tensors = load_hf_weights(directory, config, arch, dtype)
+    copied: Counter[str] = Counter()
+    tensors = load_hf_weights(directory, config, arch, dtype, copied)
     model = model_from_tensors(config, tensors).to(device)
     # A prompt is encoded as the model's own tokenizer would (e.g. with BOS) when its post-processor adds one.
     add_special = tok.encode("a", add_special_tokens=True).ids != tok.encode("a", add_special_tokens=False).ids
-    details = {"format": "Hugging Face safetensors", "architecture": arch, "tokenizer": "tokenizer.json"}
+    details = {"format": "Hugging Face safetensors", "architecture": arch, "tokenizer": "tokenizer.json",
+               "copied at load": dict(copied)}  # fmt: skip
     template, specials = chat_template(directory)
     bos = data.get("bos_token_id")
     return Loaded(model, tok, str(directory), notes, stop_ids=stop_ids(directory, data),

@@ -170,8 +170,13 @@ def _load_imported(path: Path, kind: str, device: torch.device, dtype: torch.dty
         loaded = load_gguf(path, device, dtype)
     stored = loaded.model.norm.weight.dtype  # the float tensors' dtype (an embedding may be blocks)
     if dtype is None and stored == torch.float16 and device.type == "cpu":
+        halves = sum(t.nelement() for t in loaded.model.state_dict().values() if t.dtype == torch.float16)
         loaded.model.float()
+        if loaded.model.config.pos_encoding == "rope":  # tables built in float16 would stay rounded: recompute
+            loaded.model.set_rope_tables(loaded.model.config)
         loaded.notes.append("float16 weights run in float32 on the CPU")
+        copied = loaded.details.setdefault("copied at load", {})
+        copied["float16 → float32"] = copied.get("float16 → float32", 0) + 4 * halves
     return loaded
 
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from gen_cli.cache.linear import KVCache
-from gen_cli.cache.window import RELATIVE, WindowKVCache
+from gen_cli.cache.spec import CacheSpec
+from gen_cli.cache.window import Cache
 from gen_cli.errors import InternalError, UsageError
 from gen_cli.infer.sampling import SamplingConfig, sample_next
 from gen_cli.model.config import ModelConfig
@@ -24,13 +24,13 @@ from gen_cli.runtime import LoadProbe, PeakMemory, dtype_name, synchronize
 
 
 @torch.inference_mode()
-def prefill(model: Transformer, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+def prefill(model: Transformer, idx: torch.Tensor, cache: Cache) -> torch.Tensor:
     """Run the prompt (B, T) through the model, filling the cache; logits (B, V) for the last position."""
     return model(idx, cache=cache, last_only=True)[:, -1]
 
 
 @torch.inference_mode()
-def decode_step(model: Transformer, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
+def decode_step(model: Transformer, token: torch.Tensor, cache: Cache) -> torch.Tensor:
     """One token per row (B, 1) through the model at cache.pos; logits (B, V).
 
     A model prepared by `optimize_for_decode` may carry a native (C) step for CPU decode: one call
@@ -50,7 +50,7 @@ def full_forward(model: Transformer, ids: torch.Tensor) -> torch.Tensor:
     return model(ids, last_only=True)[:, -1]
 
 
-def check_lengths(config: ModelConfig, prompt_len: int, max_new_tokens: int, cache: Any = None) -> None:
+def check_lengths(config: ModelConfig, prompt_len: int, max_new_tokens: int, spec: CacheSpec | None = None) -> None:
     """Refuse a prompt plus continuation that would not fit the model's context (a window cache of a RoPE
     or ALiBi model has no such limit: it re-assigns positions within itself)."""
     limit = config.context_length
@@ -58,14 +58,8 @@ def check_lengths(config: ModelConfig, prompt_len: int, max_new_tokens: int, cac
         raise UsageError("the prompt is empty; generation needs at least one token to start from")
     if max_new_tokens < 0:
         raise UsageError(f"max_new_tokens must be ≥ 0, got {max_new_tokens}", params=("max_new_tokens",))
-    if isinstance(cache, WindowKVCache):
-        if cache.sinks > prompt_len:
-            raise UsageError(
-                f"sinks ({cache.sinks}) must not exceed the prompt's {prompt_len} tokens: they keep its first ones",
-                params=("sinks",),
-            )
-        if config.pos_encoding in RELATIVE:
-            return
+    if spec is not None and spec.unbounded(config):
+        return
     if prompt_len >= limit:
         raise UsageError(
             f"the prompt is {prompt_len} tokens but the model's context length is {limit} tokens; "
@@ -98,33 +92,25 @@ def new_cache(
     prompt_ids: torch.Tensor,
     max_new_tokens: int,
     num_samples: int = 1,
-    kv_kinds: tuple[str | None, str | None] | None = None,
-    window: int | None = None,
-    sinks: int = 0,
-) -> KVCache | WindowKVCache:
-    """A cache exactly large enough for this generation: prompt + new tokens, B × num_samples rows;
-    `kv_kinds` (K, V) stores them quantized (int8, int4) or narrower (bf16, fp16). With `window`, a
-    WindowKVCache of `sinks` + `window` slots instead, however long the generation; a model trained with
-    a sliding window gets a ring of that window when the generation is longer (exact: same distances).
+    spec: CacheSpec | None = None,
+) -> Cache:
+    """A cache exactly large enough for this generation as `spec` describes it (default: the model's dtype,
+    every token kept): prompt + new tokens, B × num_samples rows, or a window's slots however long it runs.
+    A model trained with a sliding window gets a ring of that window when the generation is longer (exact:
+    same distances).
 
-    Checks the lengths and the memory first, so nothing is allocated for a generation that cannot run.
+    Checks the spec, the lengths and the memory first, so nothing is allocated for a generation that cannot run.
     """
     config, (B0, T) = model.config, prompt_ids.shape
     batch, tokens = B0 * num_samples, T + max_new_tokens
-    k_kind, v_kind = kv_kinds or (None, None)
-    dtype, device = model_dtype(model), prompt_ids.device
-    if window is None:
-        check_lengths(config, T, max_new_tokens)
-        if config.sliding_window is not None and tokens > config.sliding_window:
-            window = config.sliding_window
-    if window is not None:
-        # Build it first (it checks window and sinks), then the lengths it allows; its tensors are small.
-        check_memory(model, batch, min(tokens, window + sinks), device, kv_kinds)
-        cache = WindowKVCache(config, batch, window, sinks, dtype, device, k_kind, v_kind)
-        check_lengths(config, T, max_new_tokens, cache)
-        return cache
-    check_memory(model, batch, tokens, device, kv_kinds)
-    return KVCache(config, batch, tokens, dtype, device, k_kind, v_kind)
+    spec = spec or CacheSpec()
+    spec.check(config)
+    check_lengths(config, T, max_new_tokens, spec)
+    trained = config.sliding_window
+    if spec.window is None and trained is not None and tokens > trained:
+        spec = CacheSpec(spec.k_kind, spec.v_kind, trained)
+    check_memory(model, batch, tokens, prompt_ids.device, spec)
+    return spec.allocate(config, batch, tokens, model_dtype(model), prompt_ids.device)
 
 
 def generate(
@@ -132,7 +118,7 @@ def generate(
     prompt_ids: torch.Tensor,
     max_new_tokens: int,
     sampling: SamplingConfig,
-    cache: KVCache | None,
+    cache: Cache | None,
     generator: torch.Generator | None = None,
     stop_token_id: StopIds = None,
     num_samples: int = 1,
@@ -155,7 +141,7 @@ def greedy_steps(
     model: Transformer,
     prompt_ids: torch.Tensor,
     max_new_tokens: int,
-    cache: KVCache | None,
+    cache: Cache | None,
     forced: torch.Tensor | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (logits (B, V), token (B,)) per step of greedy generation: `generate`'s own loop, for the
@@ -172,7 +158,7 @@ def continue_steps(
     prompt_ids: torch.Tensor,
     max_new_tokens: int,
     sampling: SamplingConfig,
-    cache: KVCache,
+    cache: Cache,
     generator: torch.Generator | None = None,
     stop_token_id: StopIds = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -181,9 +167,10 @@ def continue_steps(
     """
     if prompt_ids.dim() != 2:
         raise UsageError(f"prompt_ids must be (B, T), got shape {tuple(prompt_ids.shape)}")
-    check_lengths(model.config, prompt_ids.shape[1], max_new_tokens, cache)
+    check_lengths(model.config, prompt_ids.shape[1], max_new_tokens, CacheSpec.of(cache))
     rows, tokens = prompt_ids.shape
-    short = cache.max_tokens < tokens + max_new_tokens and not isinstance(cache, WindowKVCache)
+    limit = cache.sequence_limit
+    short = limit is not None and limit < tokens + max_new_tokens
     # At least one token must be prefilled: its logits pick the first new token.
     if cache.batch_size != rows or not cache.pos < tokens or short:
         raise InternalError(
@@ -194,16 +181,18 @@ def continue_steps(
 
 
 def _check(
-    model: Transformer, prompt_ids: torch.Tensor, max_new_tokens: int, num_samples: int, cache: KVCache | None
+    model: Transformer, prompt_ids: torch.Tensor, max_new_tokens: int, num_samples: int, cache: Cache | None
 ) -> None:
     if prompt_ids.dim() != 2:
         raise UsageError(f"prompt_ids must be (B, T), got shape {tuple(prompt_ids.shape)}")
     if num_samples < 1:
         raise UsageError(f"num_samples must be at least 1, got {num_samples}", params=("num_samples",))
-    check_lengths(model.config, prompt_ids.shape[1], max_new_tokens, cache)
+    spec = CacheSpec.of(cache) if cache is not None else None
+    check_lengths(model.config, prompt_ids.shape[1], max_new_tokens, spec)
     if cache is not None:
         rows, tokens = prompt_ids.shape[0] * num_samples, prompt_ids.shape[1] + max_new_tokens
-        short = cache.max_tokens < tokens and not isinstance(cache, WindowKVCache)  # a window runs past its slots
+        limit = cache.sequence_limit  # None: a window runs past its slots
+        short = limit is not None and limit < tokens
         if cache.pos != 0 or cache.batch_size != rows or short:
             raise InternalError(
                 f"generate needs an empty cache of {rows} rows and at least {tokens} tokens; got {cache.batch_size} "
@@ -216,14 +205,14 @@ def check_memory(
     batch: int,
     tokens: int,
     device: torch.device,
-    kv_kinds: tuple[str | None, str | None] | None = None,
+    spec: CacheSpec | None = None,
 ) -> None:
-    """Refuse a generation whose KV cache (batch × tokens, stored as `kv_kinds`) and buffers cannot fit."""
+    """Refuse a generation whose KV cache (batch × tokens as `spec` holds them) and buffers cannot fit."""
     from gen_cli.memory import check_fits, generation_bytes
 
     bpe = torch.empty((), dtype=model_dtype(model)).element_size()
     check_fits(
-        generation_bytes(model.config, batch, tokens, bpe, kv_kinds),
+        generation_bytes(model.config, batch, tokens, bpe, spec),
         f"a KV cache for {batch:,} sequence(s) of {tokens:,} tokens",
         "use fewer num_samples (or a smaller batch) or fewer max_new_tokens",
         device,
@@ -242,7 +231,7 @@ def _steps(
     prompt_ids: torch.Tensor,
     max_new_tokens: int,
     sampling: SamplingConfig,
-    cache: KVCache | None,
+    cache: Cache | None,
     generator: torch.Generator | None = None,
     stop_token_id: StopIds = None,
     num_samples: int = 1,
@@ -336,7 +325,7 @@ class GenerationResult:
     tokens: torch.Tensor
     stats: GenerationStats
     interrupted: bool = False
-    cache: KVCache | None = None  # the generation's cache (its first prompt_tokens positions hold the prompt)
+    cache: Cache | None = None  # the generation's cache (its first prompt_tokens positions hold the prompt)
 
 
 def run_generation(
@@ -349,12 +338,11 @@ def run_generation(
     stop_token_id: StopIds = None,
     num_samples: int = 1,
     on_token: Callable[[torch.Tensor], bool] | None = None,
-    kv_kinds: tuple[str | None, str | None] | None = None,
-    restore: Callable[[KVCache], None] | None = None,
-    window: int | None = None,
-    sinks: int = 0,
+    spec: CacheSpec | None = None,
+    restore: Callable[[Cache], None] | None = None,
 ) -> GenerationResult:
     """Run `generate` under the clock and a peak-memory probe; `on_token(ids)` returning True stops early.
+    `spec` describes the cache (`new_cache`); it needs `use_cache`.
 
     `restore(cache)` may fill a prefix of the new cache (a prompt-cache file) inside the clock; only the
     rest of the prompt is then prefilled (`continue_steps`), and the result carries the cache.
@@ -369,14 +357,14 @@ def run_generation(
     steps: list[torch.Tensor] = []
     latencies: list[float] = []
     interrupted = False
-    cache: KVCache | WindowKVCache | None = None
-    if window is not None and not use_cache:
+    cache: Cache | None = None
+    if spec is not None and spec.window is not None and not use_cache:
         raise UsageError("a window is a kind of KV cache: it needs the cache on", params=("window",))
     synchronize(device)
     with PeakMemory(device) as mem, LoadProbe() as probe:
         start = perf_counter()
         if use_cache:
-            cache = new_cache(model, prompt_ids, max_new_tokens, num_samples, kv_kinds, window, sinks)
+            cache = new_cache(model, prompt_ids, max_new_tokens, num_samples, spec)
             if restore is not None:
                 restore(cache)
         else:  # no cache, but activations of the same order for every row
@@ -405,6 +393,7 @@ def run_generation(
     n_decode = len(latencies) - 1
     bpe = torch.empty((), dtype=dtype).element_size()
     native = model.native_decoder
+    held = CacheSpec.of(cache) if cache is not None else CacheSpec()
     stats = GenerationStats(
         prompt_tokens=T,
         new_tokens=len(steps),
@@ -414,11 +403,7 @@ def run_generation(
         decode_tokens_per_s=n_decode * batch / decode_time if n_decode > 0 and decode_time > 0 else None,
         ms_per_token=1000 * decode_time / n_decode if n_decode > 0 else None,
         kv_cache_bytes=cache.nbytes if cache is not None else 0,
-        kv_cache_bytes_analytic=(
-            KVCache.analytic_bytes(model.config, cache.max_tokens, batch, bpe, cache.k_kind, cache.v_kind)
-            if cache is not None
-            else 0
-        ),
+        kv_cache_bytes_analytic=held.nbytes(model.config, cache.max_tokens, batch, bpe) if cache is not None else 0,
         peak_memory_bytes=mem.bytes,
         memory_method=mem.method,
         device=str(device),
@@ -429,8 +414,8 @@ def run_generation(
         decode_path_reason=native.refusal(batch, cache) if native is not None and cache is not None else "",
         kv_dtype_k=cache.k_kind if cache is not None else "",
         kv_dtype_v=cache.v_kind if cache is not None else "",
-        kv_window=cache.window if isinstance(cache, WindowKVCache) else 0,
-        kv_sinks=cache.sinks if isinstance(cache, WindowKVCache) else 0,
+        kv_window=held.window or 0,
+        kv_sinks=held.sinks,
         machine_load=probe.measure().to_dict(),
         per_token_latencies=latencies[1:],
         reused_prompt_tokens=reused,

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from gen_cli.cache.spec import CacheSpec
 from gen_cli.infer.generate import greedy_steps, new_cache
 from gen_cli.model.transformer import Transformer
 
@@ -28,23 +29,16 @@ class KVAccuracy:
 
 
 @torch.no_grad()
-def kv_accuracy(
-    model: Transformer,
-    prompt_ids: torch.Tensor,
-    max_new_tokens: int,
-    kv_kinds: tuple[str | None, str | None],
-    window: int | None = None,
-    sinks: int = 0,
-) -> KVAccuracy:
-    """Greedy through the model-dtype cache, then the same tokens forced through a `kv_kinds` cache (a window
-    cache of `sinks` + `window` slots when `window` is given)."""
+def kv_accuracy(model: Transformer, prompt_ids: torch.Tensor, max_new_tokens: int, spec: CacheSpec) -> KVAccuracy:
+    """Greedy through the model-dtype cache keeping every token, then the same tokens forced through the
+    cache `spec` describes (quantized kinds, a window)."""
     ref_logits, ref_tokens = [], []
     for logits, token in greedy_steps(model, prompt_ids, max_new_tokens, new_cache(model, prompt_ids, max_new_tokens)):
         ref_logits.append(logits.float().clone())
         ref_tokens.append(token.clone())
     forced = torch.stack(ref_tokens, dim=1)  # (B, steps)
     n = forced.shape[1]
-    cache = new_cache(model, prompt_ids, n, kv_kinds=kv_kinds, window=window, sinks=sinks)
+    cache = new_cache(model, prompt_ids, n, spec=spec)
     # Teacher forcing: both runs see the same inputs at every step, so only the cache's storage differs.
     got = [logits.float().clone() for logits, _ in greedy_steps(model, prompt_ids, n, cache, forced=forced)]
     p_log = torch.log_softmax(torch.stack(ref_logits, dim=1), dim=-1)  # (B, steps, V)

@@ -11,6 +11,7 @@ from typing import Any
 from gen_cli.cache.kinds import kind_of
 from gen_cli.cache.linear import KVCache
 from gen_cli.cache.prompt_file import identity, read_prompt_cache, restore, save_prompt_cache
+from gen_cli.cache.spec import CacheSpec
 from gen_cli.infer.generate import GenerationResult, model_dtype
 from gen_cli.infer.session import common_prefix
 from gen_cli.model.transformer import Transformer
@@ -27,10 +28,12 @@ class PromptReuse:
         model: Transformer,
         tokenizer: Any,
         weights: str = "none",
-        kv_kinds: tuple[str | None, str | None] | None = None,
+        spec: CacheSpec | None = None,
     ) -> None:
+        """`spec`: the run's cache; a file holds a linear cache's prefix, in the kinds it names."""
         dtype = model_dtype(model)
-        k_kind, v_kind = ((kv_kinds or (None, None))[i] or kind_of(dtype) for i in (0, 1))
+        kinds = (spec or CacheSpec()).kinds
+        k_kind, v_kind = (kind or kind_of(dtype) for kind in kinds)
         self.path = path
         self.ident = identity(model, tokenizer_digest(tokenizer), weights, k_kind, v_kind, dtype)
         self.ids: list[int] = []

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from gen_cli.cache.linear import KVCache
-from gen_cli.cache.window import WindowKVCache
+from gen_cli.cache.spec import CacheSpec
+from gen_cli.cache.window import Cache
 from gen_cli.errors import GenError, UsageError
 from gen_cli.infer.generate import continue_steps, model_dtype, prefill
 from gen_cli.infer.sampling import SamplingConfig
@@ -89,11 +89,11 @@ class ChatSession:
         system: str | None = None,
         context_tokens: int | None = None,
         source: str = "chat template",
-        kv_kinds: tuple[str | None, str | None] = (None, None),
-        window: tuple[int, int] | None = None,
+        spec: CacheSpec | None = None,
     ) -> None:
-        """`window` (N, S): a window cache of the first S and the last N tokens instead of a linear one, so
-        the conversation may go on past the context (RoPE/ALiBi models); what left the window is forgotten."""
+        """`spec`: the cache (default: every token, in the model's dtype). With a window it keeps the first
+        `sinks` and the last `window` tokens, so the conversation may go on past the context (RoPE/ALiBi
+        models); what left the window is forgotten."""
         config = model.config
         capacity = config.context_length if context_tokens is None else context_tokens
         if not 2 <= capacity <= config.context_length:
@@ -106,13 +106,10 @@ class ChatSession:
         self.special_tokens, self.stop_ids, self.source = special_tokens or {}, stop_ids, source
         self.system = system
         device = model.norm.weight.device  # not tok_emb: a block-quantized table would dequantize whole
-        if window is not None:
-            self.cache: KVCache | WindowKVCache = WindowKVCache(
-                config, 1, *window, model_dtype(model), device, *kv_kinds
-            )
-        else:
-            _check_cache_fits(model, capacity, device, kv_kinds)
-            self.cache = KVCache(config, 1, capacity, model_dtype(model), device, *kv_kinds)
+        spec = spec or CacheSpec()
+        spec.check(config)
+        _check_cache_fits(model, capacity, device, spec)
+        self.cache: Cache = spec.allocate(config, 1, capacity, model_dtype(model), device)
         self.ids: list[int] = []  # the ids whose k/v the cache holds: len(self.ids) == cache.pos
         self.messages: list[dict[str, str]] = []
         self.turns: list[Turn] = []
@@ -144,8 +141,8 @@ class ChatSession:
             raise UsageError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}", params=("max_new_tokens",))
         messages = [*self.messages, {"role": "user", "content": message}]
         ids = self.render(messages)
-        windowed = isinstance(self.cache, WindowKVCache)
-        capacity = self.cache.max_tokens if not windowed else len(ids) + max_new_tokens
+        limit = self.cache.sequence_limit  # None: a window goes on however long the conversation runs
+        capacity = limit if limit is not None else len(ids) + max_new_tokens
         if len(ids) >= capacity:
             raise ContextFull(
                 f"with this message the conversation is {len(ids):,} tokens, leaving no room for a reply in the "
@@ -153,7 +150,7 @@ class ChatSession:
             )
         # At most len(ids) - 1 reused: the last prompt token must run to give the first reply token's logits.
         reused = common_prefix(self.ids, ids[:-1])
-        if windowed and reused < self.cache.pos and self.cache.pos > self.cache.max_tokens:
+        if not self.cache.can_truncate(reused):
             reused = 0  # the window overwrote what a roll-back would need: prefill the conversation again
         rolled_back = self.cache.pos - reused
         self.cache.truncate(reused)
@@ -189,7 +186,7 @@ class ChatSession:
         self.messages = [*messages, {"role": "assistant", "content": stream.text}]
         self._last_prompt = ids
         cut = (
-            not windowed
+            limit is not None
             and not stream.done
             and not interrupted
             and len(generated) == budget
@@ -209,12 +206,11 @@ class ChatSession:
         if not self.turns or repeats < 1:
             return None
         prompt, reused = self._last_prompt, self.turns[-1].reused_tokens
-        if isinstance(self.cache, WindowKVCache) and len(prompt) > self.cache.max_tokens:
+        spec, device = CacheSpec.of(self.cache), self.cache.device
+        if spec.slots(len(prompt)) < len(prompt):
             return None  # past the window a prefix cannot be rolled back to: nothing comparable to time
-        device = self.cache.device
-        _check_cache_fits(self.model, len(prompt), device, (self.cache.k_kind, self.cache.v_kind))
-        c = self.cache
-        scratch = KVCache(self.model.config, 1, len(prompt), c.dtype, device, c.k_kind, c.v_kind)
+        _check_cache_fits(self.model, len(prompt), device, spec)
+        scratch = spec.allocate(self.model.config, 1, len(prompt), self.cache.dtype, device)
         x = torch.tensor([prompt], dtype=torch.long, device=device)  # (1, T)
 
         def timed(start_at: int) -> float:
@@ -233,14 +229,12 @@ class ChatSession:
         return PrefillComparison(len(prompt), reused, full, reuse)
 
 
-def _check_cache_fits(
-    model: Transformer, tokens: int, device: torch.device, kv_kinds: tuple[str | None, str | None]
-) -> None:
+def _check_cache_fits(model: Transformer, tokens: int, device: torch.device, spec: CacheSpec) -> None:
     from gen_cli.memory import check_fits, generation_bytes
 
     bpe = torch.empty((), dtype=model_dtype(model)).element_size()
     check_fits(
-        generation_bytes(model.config, 1, tokens, bpe, kv_kinds),
+        generation_bytes(model.config, 1, tokens, bpe, spec),
         f"a KV cache for a conversation of {tokens:,} tokens",
         "hold fewer tokens (context_tokens)",
         device,

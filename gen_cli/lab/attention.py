@@ -42,10 +42,10 @@ def layer_attention(model: Transformer, ids: torch.Tensor, layer: int) -> LayerA
     seen: dict[str, torch.Tensor] = {}
 
     def capture(module: Any, args: tuple[Any, ...], output: torch.Tensor) -> None:
-        x, rope, mask, is_causal, cache, _ = args
+        x, plan, cache, _ = args
         assert cache is None  # the map is of the no-cache forward, the oracle of every cached path
-        q, k, v = module.project(x, rope)
-        seen.update(weights=module.weights(q, k, mask, is_causal), v=v, output=output)
+        q, k, v = module.project(x, plan.rope_new)
+        seen.update(weights=module.weights(q, k, plan.mask, plan.is_causal), v=v, output=output)
 
     handle = attn.register_forward_hook(capture)
     try:

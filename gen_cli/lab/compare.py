@@ -108,7 +108,7 @@ def expand_grid(
             n_kv = kv_heads_for(shape.n_head, kind, kv)
             if (kind, n_kv) not in heads:
                 heads.append((kind, n_kv))
-    windows = _window_kinds(window, sinks, min(prompt_len))
+    windows = _window_kinds(window, sinks)
     # A window cache of a RoPE/ALiBi model runs past the context (positions within the cache); others do not.
     from gen_cli.cache.window import RELATIVE, check_window
 
@@ -147,16 +147,12 @@ def expand_grid(
     return specs
 
 
-def _window_kinds(window: list[int] | None, sinks: list[int] | None, shortest_prompt: int) -> list[tuple[int, int]]:
-    """(window, sinks) pairs for cache-on rows; window 0 is the full cache (sinks apply to windows only)."""
+def _window_kinds(window: list[int] | None, sinks: list[int] | None) -> list[tuple[int, int]]:
+    """(window, sinks) pairs for cache-on rows; window 0 is the full cache (sinks apply to windows only; they
+    are the sequence's first tokens, generated ones too when the prompt is shorter)."""
     if sinks and not window:
         raise UsageError("sinks need a window", params=("sinks", "window"))
     pairs = [(w, s) for w in window or [0] for s in (sinks or [0] if w else [0])]
-    if too_many := [s for _, s in pairs if s > shortest_prompt]:
-        raise UsageError(
-            f"sinks ({max(too_many)}) must not exceed the shortest prompt_len, {shortest_prompt}",
-            params=("sinks", "prompt_len"),
-        )
     return list(dict.fromkeys(pairs))
 
 

@@ -49,18 +49,17 @@ def _worker(shape: str, tokens: int) -> None:
     """Read {"threads", "native"} requests on stdin; answer each with one timed generation's tok/s."""
     import torch
 
+    from gen_cli.infer.engine import EngineOptions, decode_layout
     from gen_cli.infer.generate import run_generation
-    from gen_cli.infer.optimize import optimize_for_decode
     from gen_cli.infer.sampling import SamplingConfig
     from gen_cli.model.config import load_preset
     from gen_cli.model.transformer import random_model
     from gen_cli.runtime import LoadProbe, set_threads
 
     config = load_preset(shape)
-    models = {
-        native: optimize_for_decode(random_model(config), quantize="none", compile=False, native=native)
-        for native in (True, False)
-    }
+    cpu = torch.device("cpu")
+    models = {native: decode_layout(random_model(config), EngineOptions("cpu", native=native), cpu)
+              for native in (True, False)}  # fmt: skip
     prompt = torch.randint(0, config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
     greedy = SamplingConfig(temperature=0.0)
     for model in models.values():

@@ -16,8 +16,8 @@ from typing import Any, NamedTuple
 import torch
 
 from gen_cli.errors import UsageError
+from gen_cli.infer.engine import EngineOptions, decode_layout
 from gen_cli.infer.generate import greedy_steps, model_dtype, new_cache, run_generation
-from gen_cli.infer.optimize import compute_dtype, optimize_for_decode
 from gen_cli.infer.sampling import SamplingConfig
 from gen_cli.lab.ceilings import (
     kv_bytes_read,
@@ -30,7 +30,7 @@ from gen_cli.lab.transformers_peer import build_hf, hf_available, hf_version, ti
 from gen_cli.model.config import ModelConfig, load_preset
 from gen_cli.model.transformer import Transformer, random_model
 from gen_cli.native.block_matmul import tile_dtype
-from gen_cli.runtime import LoadProbe, spread_verdict
+from gen_cli.runtime import LoadProbe, dtype_name, spread_verdict
 
 # Reference figures for a llama2.c-style C loop on the 2-core CPU machine of the README's table (fp32,
 # 2 threads, 256 tokens); fixed numbers, not measured in the run, so compared only with runs of those
@@ -108,12 +108,15 @@ class Row:
         return asdict(self)
 
 
-def build_gen(config: ModelConfig, mode: str, device: torch.device) -> Transformer:
-    """The seeded model in `mode`, as `gen generate` builds it (compiling happens on the first run)."""
+def mode_options(mode: str, device: torch.device) -> EngineOptions:
+    """The options `gen generate` opens a model with in `mode` (its --dtype, --quantize, --compile, --native)."""
     dtype, quantize, compile, native = MODES[mode]
-    dtype = compute_dtype(quantize, device, native, dtype)  # as `gen generate` picks it
-    model = random_model(config).to(device=device, dtype=dtype)
-    return optimize_for_decode(model, quantize=quantize, compile=compile, native=native)
+    return EngineOptions(device.type, dtype_name(dtype) if dtype else None, None, quantize, native, compile)
+
+
+def build_gen(config: ModelConfig, mode: str, device: torch.device) -> Transformer:
+    """The seeded model in `mode`, laid out as `gen generate` lays it out (compiling happens on the first run)."""
+    return decode_layout(random_model(config), mode_options(mode, device), device)
 
 
 def time_gen(model: Transformer, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float, torch.Tensor]:
@@ -349,7 +352,7 @@ def checked_modes(modes: tuple[str, ...] | None, new_tokens: int, device: torch.
     if missing := [m for m in modes if MODES[m].quantize not in QUANTIZE_MODES]:
         raise UsageError(f"mode(s) {', '.join(missing)}: this build of gen has no such weight format")
     if new_tokens < 2:
-        raise UsageError("new_tokens must be at least 2 (decode speed needs two steps)", params=("new_tokens",))
+        raise UsageError("max_new_tokens must be at least 2 (decode speed needs two steps)", params=("max_new_tokens",))
     return modes
 
 

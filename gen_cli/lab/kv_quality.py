@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from gen_cli.cache.linear import KVCache
+from gen_cli.cache.spec import CacheSpec
 from gen_cli.errors import UsageError
 from gen_cli.model.transformer import Transformer
 
@@ -24,13 +24,13 @@ CacheFactory = Callable[[Transformer, int, int], Any]
 DEFAULT_CHUNK = 16  # tokens per forward pass: the cache is read as decode reads it, at a fraction of the steps
 
 
-def kind_factory(kinds: tuple[str | None, str | None] | None) -> CacheFactory:
-    """A factory of caches storing K and V as `kinds` (None: the model's dtype, unquantized)."""
-    k_kind, v_kind = kinds or (None, None)
+def spec_factory(spec: CacheSpec | None = None) -> CacheFactory:
+    """A factory of the caches `spec` describes (None: every token in the model's dtype, unquantized)."""
+    spec = spec or CacheSpec()
 
-    def make(model: Transformer, batch: int, max_tokens: int) -> KVCache:
+    def make(model: Transformer, batch: int, max_tokens: int) -> Any:
         weight = model.norm.weight  # the model's dtype and device (a block-quantized embedding has no plain weight)
-        return KVCache(model.config, batch, max_tokens, weight.dtype, weight.device, k_kind, v_kind)
+        return spec.allocate(model.config, batch, max_tokens, weight.dtype, weight.device)
 
     return make
 
@@ -90,7 +90,7 @@ def delta_bits_per_byte(
 ) -> dict[str, dict[str, float]]:
     """Per named factory: bits per byte of `data` (`n_bytes` of text) through its caches, and Δ bpb over the
     `reference` factory's (default: the full-precision cache of the model's dtype)."""
-    ref_nats, _ = teacher_forced_nats(model, data, reference or kind_factory(None), context, chunk)
+    ref_nats, _ = teacher_forced_nats(model, data, reference or spec_factory(), context, chunk)
     ref = bits_per_byte(ref_nats, n_bytes)
     out = {}
     for name, factory in factories.items():
@@ -130,8 +130,8 @@ def measure_trained_kv(
     if len(data) < prompt_len + 2:
         raise UsageError(f"the validation text holds {len(data)} tokens; fewer than prompt_len {prompt_len} + 2")
     n_bytes = int(table[data[1:]].sum())
-    kinds = {spec: parse_kv_kinds(spec) for spec in kv_specs}
-    bpb = delta_bits_per_byte(model, data, n_bytes, {s: kind_factory(k) for s, k in kinds.items()})
+    kinds = {name: CacheSpec(*parse_kv_kinds(name)) for name in kv_specs}
+    bpb = delta_bits_per_byte(model, data, n_bytes, {name: spec_factory(k) for name, k in kinds.items()})
     prompt = torch.from_numpy(data[None, :prompt_len]).to(dev)  # (1, prompt_len): held-out text, not random ids
     figures = {}
     for spec, k in kinds.items():

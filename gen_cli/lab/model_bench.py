@@ -12,15 +12,15 @@ import torch
 
 from gen_cli.errors import UsageError
 from gen_cli.formats.loading import load, require_model_kind
-from gen_cli.infer.optimize import compute_dtype, optimize_for_decode
+from gen_cli.infer.engine import decode_layout, open_model
 from gen_cli.lab.decode_bench import (
     DECODE_PROMPT,
-    MODES,
     NEW_TOKENS,
     PREFILL_PROMPT,
     Row,
     bench_runners,
     checked_modes,
+    mode_options,
     run_context,
 )
 from gen_cli.lab.transformers_peer import hf_available
@@ -30,12 +30,10 @@ from gen_cli.model.transformer import Transformer
 def build_mode(reference: Transformer, mode: str, device: torch.device, path: Path | None = None) -> Transformer:
     """A copy of the fp32 model in `mode`, as `gen generate` builds it (the reference itself stays fp32);
     mode "file" loads `path` again as `gen generate --model` does: weights as stored, block types kept."""
-    dtype, quantize, compile, native = MODES[mode]
+    options = mode_options(mode, device)
     if mode == "file" and path is not None:
-        return optimize_for_decode(load(path, device=device).model, native=native)
-    dtype = compute_dtype(quantize, device, native, dtype)
-    model = copy.deepcopy(reference).to(device=device, dtype=dtype)
-    return optimize_for_decode(model, quantize=quantize, compile=compile, native=native)
+        return open_model(path, options).model
+    return decode_layout(copy.deepcopy(reference), options, device)
 
 
 def _has_blocks(model: torch.nn.Module) -> bool:
@@ -84,8 +82,9 @@ def bench_model_decode(
     limit = reference.config.context_length
     if DECODE_PROMPT + new_tokens > limit:
         raise UsageError(
-            f"new_tokens {new_tokens} + a {DECODE_PROMPT}-token prompt exceed the model's context of {limit} tokens",
-            params=("new_tokens",),
+            f"max_new_tokens {new_tokens} + a {DECODE_PROMPT}-token prompt exceed the model's context of {limit} "
+            "tokens",
+            params=("max_new_tokens",),
         )
     # transformers reads the HF folder itself; a GGUF or gen model has no folder it loads as is.
     with_hf = kind == "hf" and hf_available()

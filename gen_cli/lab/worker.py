@@ -44,6 +44,16 @@ class Spec:
     def config(self) -> ModelConfig:
         return ModelConfig.from_dict(self.shape)
 
+    def cache_spec(self) -> Any:
+        """The CacheSpec of a cache-on row (kinds, window, sinks); None without a cache."""
+        from gen_cli.cache.kinds import parse_kv_kinds
+        from gen_cli.cache.spec import CacheSpec
+
+        if not self.kv_cache:
+            return None
+        kinds = parse_kv_kinds(self.kv_dtype) if self.kv_dtype else (None, None)
+        return CacheSpec(*kinds, self.window or None, self.sinks)
+
     def variant(self) -> tuple[str, int, str]:
         """What training would distinguish: attention kind, KV heads, positions."""
         return (self.attention, self.shape["n_kv_head"], self.shape["pos_encoding"])
@@ -53,13 +63,12 @@ def _median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
-def check_against_oracle(
-    model: Any, oracle: Any, prompt: Any, gen_len: int, use_cache: bool, kv_kinds: Any = None
-) -> tuple[bool, float]:
+def check_against_oracle(model: Any, oracle: Any, prompt: Any, gen_len: int, spec: Any = None) -> tuple[bool, float]:
     """Greedy agreement with the no-cache `oracle` over every step, and the max |logit diff| while rows agree.
 
     Both run free, in lockstep, so only one step's logits are held (a long run's logits would not fit).
     A row's logits are compared while all its earlier tokens agree: after that the inputs differ.
+    `spec`: the candidate's CacheSpec (None: no cache).
     """
     import torch
 
@@ -67,7 +76,7 @@ def check_against_oracle(
 
     agreed = torch.ones(prompt.shape[0], dtype=torch.bool, device=prompt.device)  # (B,)
     max_diff = 0.0
-    cache = new_cache(model, prompt, gen_len, kv_kinds=kv_kinds) if use_cache else None
+    cache = new_cache(model, prompt, gen_len, spec=spec) if spec is not None else None
     cand = greedy_steps(model, prompt, gen_len, cache)
     ref = greedy_steps(oracle, prompt, gen_len, None)
     for (logits, token), (ref_logits, ref_token) in zip(cand, ref, strict=True):
@@ -82,8 +91,7 @@ def measure(spec: Spec) -> dict[str, Any]:
     """Build the variant, warm up, time `repeats` greedy generations, check against the fp32 oracle."""
     import torch
 
-    from gen_cli.cache.kinds import parse_kv_kinds
-    from gen_cli.cache.linear import kv_bytes_per_token
+    from gen_cli.cache.spec import CacheSpec
     from gen_cli.infer.generate import run_generation
     from gen_cli.infer.optimize import compute_dtype, optimize_for_decode
     from gen_cli.infer.sampling import SamplingConfig
@@ -105,7 +113,7 @@ def measure(spec: Spec) -> dict[str, Any]:
     # The same inference path `gen generate` runs: fused and prepacked (or int8) weights.
     model = optimize_for_decode(model.to(dtype), quantize=quantize)
     greedy = SamplingConfig(temperature=0.0)
-    kv_kinds = parse_kv_kinds(spec.kv_dtype) if spec.kv_dtype and spec.kv_cache else None
+    cache = spec.cache_spec()
     with LoadProbe() as probe:  # over the timed runs (and warm-up): what other processes took meanwhile
         every = [
             run_generation(
@@ -114,9 +122,7 @@ def measure(spec: Spec) -> dict[str, Any]:
                 spec.gen_len,
                 greedy,
                 use_cache=spec.kv_cache,
-                kv_kinds=kv_kinds,
-                window=spec.window or None,
-                sinks=spec.sinks,
+                spec=cache,
             ).stats
             for _ in range(spec.warmup + spec.repeats)
         ]
@@ -131,8 +137,8 @@ def measure(spec: Spec) -> dict[str, Any]:
     has_oracle = (spec.kv_cache or spec.dtype != "float32") and not spec.window
     if has_oracle:
         oracle = random_model(config).to(device)  # the same fp32 weights the variant was built from, unoptimised
-        greedy_match, max_diff = check_against_oracle(model, oracle, prompt, spec.gen_len, spec.kv_cache, kv_kinds)
-    accuracy = _kv_accuracy(model, prompt, spec.gen_len, kv_kinds, spec.window, spec.sinks)
+        greedy_match, max_diff = check_against_oracle(model, oracle, prompt, spec.gen_len, cache)
+    accuracy = _kv_accuracy(model, prompt, spec.gen_len, cache)
     rates = [s.decode_tokens_per_s for s in runs if s.decode_tokens_per_s is not None]
     last = runs[-1]
     bpe = torch.empty((), dtype=dtype).element_size()
@@ -162,7 +168,7 @@ def measure(spec: Spec) -> dict[str, Any]:
         "kv_window": spec.window,
         "kv_sinks": spec.sinks,
         **accuracy,
-        "kv_bytes_per_token": kv_bytes_per_token(config, *(kv_kinds or (None, None)), bpe),
+        "kv_bytes_per_token": (cache or CacheSpec()).bytes_per_token(config, bpe),
         "kv_cache_bytes_analytic": last.kv_cache_bytes_analytic,
         "kv_cache_bytes_measured": last.kv_cache_bytes,
         "peak_memory_bytes": peak.peak_memory_bytes,
@@ -189,16 +195,17 @@ def measure(spec: Spec) -> dict[str, Any]:
     }
 
 
-def _kv_accuracy(model: Any, prompt: Any, gen_len: int, kv_kinds: Any, window: int = 0, sinks: int = 0) -> dict:
-    """The kind's cost against the compute-dtype cache of the same model and tokens (None without a kind, or
-    for a window when the full cache cannot hold the whole run)."""
+def _kv_accuracy(model: Any, prompt: Any, gen_len: int, cache: Any) -> dict:
+    """The cache's cost (a CacheSpec's kinds, window) against the compute-dtype cache of the same model and
+    tokens (None without a kind or window, or for a window when the full cache cannot hold the whole run)."""
+    from gen_cli.cache.spec import CacheSpec
     from gen_cli.infer.kv_accuracy import kv_accuracy
 
     keys = ("kl_mean", "kl_max", "top1_agreement", "tokens_before_divergence")
     past_context = prompt.shape[1] + gen_len > model.config.context_length
-    if (kv_kinds is None and not window) or (window and past_context):
+    if cache is None or cache == CacheSpec() or (cache.window is not None and past_context):
         return {f"kv_{k}": None for k in keys}
-    acc = kv_accuracy(model, prompt, gen_len, kv_kinds or (None, None), window or None, sinks).to_dict()
+    acc = kv_accuracy(model, prompt, gen_len, cache).to_dict()
     return {f"kv_{k}": acc[k] for k in keys}
 
 

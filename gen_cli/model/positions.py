@@ -10,6 +10,10 @@ from typing import Any
 
 import torch
 
+# Encodings that depend on query − key distance only, so a cache may re-assign their positions (a window
+# cache keeps them within itself, and the sequence may then run past the trained context).
+RELATIVE = ("rope", "alibi")
+
 
 def sinusoidal_table(length: int, dim: int) -> torch.Tensor:
     """(length, dim) table: PE[pos, 2i] = sin(pos / 10000^(2i/dim)), PE[pos, 2i+1] = cos(same)."""

@@ -15,8 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from gen_cli.errors import UsageError
+from gen_cli.model.attention import AttentionPlan, Positions, attend, causal_mask, plan_attention
 from gen_cli.model.config import WEIGHT_SEED, ModelConfig
 from gen_cli.model.positions import (  # noqa: F401  (re-exported: callers import the tables from here)
+    RELATIVE,
     alibi_bias,
     alibi_slopes,
     apply_rope,
@@ -26,18 +28,15 @@ from gen_cli.model.positions import (  # noqa: F401  (re-exported: callers impor
 )
 
 
-def causal_mask(pos: int, T: int, device: torch.device) -> torch.Tensor:
-    """(T, pos+T) bool, True where query pos+i may attend key j (j ≤ pos+i)."""
-    q_pos = torch.arange(pos, pos + T, device=device)[:, None]  # (T, 1)
-    k_pos = torch.arange(pos + T, device=device)[None, :]  # (1, pos+T)
-    return k_pos <= q_pos
-
-
 class KVCache(Protocol):
-    """What the model needs of a KV cache (the classes live in gen_cli.cache): the write position, a
-    per-layer update, and one advance per forward after every layer wrote."""
+    """What the model needs of any KV cache (the classes live in gen_cli.cache): once per forward the
+    positions of its queries and of the keys `update` will return, per layer `update` (store the new k/v,
+    return what to attend to), then one `advance` after every layer wrote."""
 
     pos: int
+    chunk_limit: int | None  # the most tokens one forward may bring (None: any); the model splits longer ones
+
+    def positions(self, T: int, device: torch.device) -> Positions: ...
 
     def update(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
@@ -113,26 +112,12 @@ class Attention(nn.Module):
             logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask
         return logits.softmax(dim=-1)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor] | None,
-        mask: torch.Tensor | None,
-        is_causal: bool,
-        cache: KVCache | None,
-        layer: int,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, plan: AttentionPlan, cache: KVCache | None, layer: int) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self.project(x, rope)
-        if getattr(cache, "window", None) is not None:
-            # A window cache assigns positions itself (rope is None here): it rotates, masks and attends.
-            y = cache.attend(layer, q, k, v)  # type: ignore[union-attr]  # (B, n_head, T, head_dim)
-        else:
-            if cache is not None:
-                k, v = cache.update(layer, k, v)  # (B, n_kv_head, pos+T, head_dim)
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.n_kv_head != self.n_head
-            )  # (B, n_head, T, head_dim)
+        q, k, v = self.project(x, plan.rope_new)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, n_kv_head, L, head_dim): the keys the positions describe
+        y = attend(q, k, v, plan, self.n_kv_head != self.n_head)  # (B, n_head, T, head_dim)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, n_head × head_dim)
         return self.wo(y)
 
@@ -171,9 +156,20 @@ class Block(nn.Module):
         self.mlp_norm = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope, mask, is_causal, cache, layer) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), rope, mask, is_causal, cache, layer)
+    def forward(self, x, plan, cache, layer) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), plan, cache, layer)
         return x + self.mlp(self.mlp_norm(x))
+
+
+def _shape_only() -> bool:
+    """Whether modules are being built on the meta device (shapes only: a loader's skeleton, a count). There
+    no op may run: the first meta op (a draw, an arange) imports PyTorch's decompositions, a second of load."""
+    return torch.empty(0).is_meta
+
+
+def _embedding(num: int, dim: int) -> nn.Embedding:
+    """nn.Embedding; shapes only, without its N(0, 1) draw (real weights are drawn as before)."""
+    return nn.Embedding(num, dim, _weight=torch.empty(num, dim)) if _shape_only() else nn.Embedding(num, dim)
 
 
 class Transformer(nn.Module):
@@ -182,12 +178,14 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+        self.tok_emb = _embedding(config.vocab_size, config.d_model)
         if config.pos_encoding == "learned":
-            self.pos_emb = nn.Embedding(config.context_length, config.d_model)
+            self.pos_emb = _embedding(config.context_length, config.d_model)
         elif config.pos_encoding == "sinusoidal":
             # Non-persistent: derived from the config, so never stored in a checkpoint.
-            self.register_buffer("sin_table", sinusoidal_table(config.context_length, config.d_model), False)
+            shape = (config.context_length, config.d_model)
+            table = torch.empty(shape) if _shape_only() else sinusoidal_table(*shape)
+            self.register_buffer("sin_table", table, False)
         elif config.pos_encoding == "alibi":
             self.alibi_slopes = torch.tensor(alibi_slopes(config.n_head))  # (n_head,) fp32; see `_apply`
         else:
@@ -205,12 +203,16 @@ class Transformer(nn.Module):
 
     def set_rope_tables(self, config: ModelConfig) -> None:
         """(Re)compute the RoPE tables for `config` (its base, scaling and context) and adopt the config."""
-        cos, sin_signed = rope_tables(config.context_length, config.head_dim, config.rope_base, config.rope_scaling)
+        if _shape_only():  # no values needed: model_from_tensors computes the tables once the weights are real
+            cos, sin_signed = (torch.empty(config.context_length, config.head_dim) for _ in range(2))
+        else:
+            cos, sin_signed = rope_tables(config.context_length, config.head_dim, config.rope_base, config.rope_scaling)
         old = getattr(self, "rope_cos", None)
         if old is not None and old.device.type != "meta":
             cos, sin_signed = cos.to(old.device, old.dtype), sin_signed.to(old.device, old.dtype)
         self.register_buffer("rope_cos", cos, persistent=False)  # (context, head_dim)
         self.register_buffer("rope_sin_signed", sin_signed, persistent=False)  # (context, head_dim)
+        self._rope_longer = None  # rows past the context (`rope_table`) follow the new base and scaling
         self.config = config
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
@@ -241,33 +243,30 @@ class Transformer(nn.Module):
         """Distinct parameters (a tied embedding counts once)."""
         return sum(p.numel() for p in self.parameters())
 
-    def attention_mask(
-        self, pos: int, T: int, device: torch.device, dtype: torch.dtype
-    ) -> tuple[torch.Tensor | None, bool]:
-        """SDPA's (attn_mask, is_causal) for T queries at positions pos… over keys 0…pos+T-1."""
-        window = self.config.sliding_window
-        if window is not None and pos + T > window:
-            # Trained with a sliding window: query t sees keys t-window+1 … t (absolute, as transformers).
-            q_pos = torch.arange(pos, pos + T, device=device)[:, None]  # (T, 1)
-            k_pos = torch.arange(pos + T, device=device)[None, :]  # (1, pos+T)
-            keep = (k_pos <= q_pos) & (k_pos > q_pos - window)  # (T, pos+T)
-            if self.config.pos_encoding != "alibi":
-                return keep, False
-            slopes = self.alibi_slopes.to(device)
-            bias = alibi_bias(slopes, q_pos[:, 0], k_pos[0])  # (H, T, pos+T)
-            return bias.masked_fill(~keep, float("-inf")).to(dtype), False
-        if self.config.pos_encoding == "alibi":
-            # The bias depends on query − key distance; built in fp32 (slopes exact), then the compute dtype.
-            q_pos = torch.arange(pos, pos + T, device=device)
-            slopes = self.alibi_slopes.to(device)  # a no-op unless a loader placed the model without `.to`
-            bias = alibi_bias(slopes, q_pos, torch.arange(pos + T, device=device))  # (H, T, pos+T)
-            return bias.to(dtype), False
-        # A fresh sequence (pos 0) uses SDPA's built-in causal mask; a single new token may see every
-        # cached key, so needs none; a chunk after a cached prefix needs the causal mask shifted by pos
-        # (SDPA's is_causal aligns top-left, which would be wrong there).
-        if T > 1 and pos > 0:
-            return causal_mask(pos, T, device), False
-        return None, T > 1
+    def rope_table(self, extent: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin tables of at least `extent` rows: the model's own, or longer rows computed by the
+        same function (so shared rows are bit-equal) for a cache whose positions pass the context."""
+        cos, sin = self.rope_cos, self.rope_sin_signed
+        if extent <= cos.shape[0]:
+            return cos, sin
+        longer = getattr(self, "_rope_longer", None)
+        if (
+            longer is None
+            or longer[0].shape[0] < extent
+            or longer[0].device != cos.device
+            or longer[0].dtype != cos.dtype
+        ):
+            c = self.config
+            table = rope_tables(extent, c.head_dim, c.rope_base, c.rope_scaling)
+            longer = self._rope_longer = tuple(t.to(cos.device, cos.dtype) for t in table)
+        return longer
+
+    def attention_plan(self, at: Positions, dtype: torch.dtype, device: torch.device) -> AttentionPlan:
+        """RoPE rows and the mask (with any ALiBi bias) for the queries and keys `at` describes."""
+        kind = self.config.pos_encoding
+        rope = self.rope_table(at.frame_extent or at.end) if kind == "rope" else None
+        slopes = self.alibi_slopes.to(device) if kind == "alibi" else None  # a no-op unless placed without `.to`
+        return plan_attention(at, self.config, rope, slopes, dtype, device)
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
         """Logits (B, T, vocab); with a cache, positions start at cache.pos and the cache advances by T.
@@ -275,27 +274,24 @@ class Transformer(nn.Module):
         `last_only` computes logits for the last position only, (B, 1, vocab): prefill needs no more.
         """
         T = idx.shape[1]
-        kind = self.config.pos_encoding
-        window = getattr(cache, "window", None)
-        if window is not None and idx.shape[1] > window:
-            # A window cache (run-time sliding window) takes chunks it can hold beside what each query sees.
-            parts = [self(idx[:, i : i + window], cache, last_only) for i in range(0, T, window)]
+        limit = cache.chunk_limit if cache is not None else None
+        if limit is not None and limit < T:
+            # The cache takes chunks it can hold beside what each query sees (a window cache).
+            parts = [self(idx[:, i : i + limit], cache, last_only) for i in range(0, T, limit)]
             return parts[-1] if last_only else torch.cat(parts, dim=1)  # (B, T or 1, vocab)
-        pos = cache.pos if cache is not None else 0
-        if window is None or kind not in ("rope", "alibi"):  # a window cache re-assigns rope/alibi positions
-            check_context(self.config, pos, T)
+        at = cache.positions(T, idx.device) if cache is not None else Positions(0, T)
+        kind = self.config.pos_encoding
+        if at.frame_extent is None or kind not in RELATIVE:  # frames within a cache have no context limit
+            check_context(self.config, at.start, T)
+        pos = at.start
         x = self.tok_emb(idx)  # (B, T, d_model)
-        rope = None
         if kind == "sinusoidal":
             x = x + self.sin_table[pos : pos + T]  # (T, d_model) broadcast over B
         elif kind == "learned":
             x = x + self.pos_emb.weight[pos : pos + T]  # (T, d_model) broadcast over B
-        elif kind == "rope" and window is None:  # a window cache rotates by positions within itself
-            rope = (self.rope_cos[pos : pos + T], self.rope_sin_signed[pos : pos + T])  # each (T, head_dim)
-
-        mask, is_causal = (None, False) if window is not None else self.attention_mask(pos, T, idx.device, x.dtype)
+        plan = self.attention_plan(at, x.dtype, idx.device)
         for i, layer in enumerate(self.layers):
-            x = layer(x, rope, mask, is_causal, cache, i)
+            x = layer(x, plan, cache, i)
         if cache is not None:
             cache.advance(T)  # once per forward, after every layer wrote at the same position
         if last_only:
@@ -327,7 +323,11 @@ def model_from_tensors(
     kinds, e.g. block-quantized ones, whose weights (and biases) are then absent from `tensors`. A tied
     lm_head follows the embedding (`tied_head()` when the replacement offers one)."""
     layers = layers or {}
-    shapes = expected_shapes(config)
+    with torch.device("meta"):
+        model = Transformer(config)
+    # expected_shapes, from the skeleton built anyway (a second build costs tens of ms for a 30-layer model)
+    tied = config.tie_embeddings
+    shapes = {n: tuple(t.shape) for n, t in model.state_dict().items() if not (tied and n == "lm_head.weight")}
     held = {k: tuple(t.shape) for k, t in tensors.items()}
     for path, module in layers.items():
         held[path + ".weight"] = _weight_shape(module)
@@ -335,8 +335,6 @@ def model_from_tensors(
             held[path + ".bias"] = tuple(module.bias.shape)
     if held != shapes:
         raise AssertionError("model_from_tensors: names or shapes differ from expected_shapes (a loader bug)")
-    with torch.device("meta"):
-        model = Transformer(config)
     # strict=False for the replaced modules and a tied lm_head, absent here and placed below; checked above.
     model.load_state_dict(tensors, strict=False, assign=True)
     for path, module in layers.items():

@@ -1,21 +1,24 @@
-"""The C kernel's structs as ctypes mirrors, and the check that both sides agree on their layout.
+"""The C kernel's structs and enums as Python mirrors, and the check that both sides agree on them.
 
-`decode.c` exports `gen_abi`: its version, and the size of each struct with an offset near its end.
-`bind(lib)` compares them with these mirrors before any struct is filled, so a field changed on one
-side only is refused (and the PyTorch path runs) instead of reading memory wrongly.
+abi.h is their single source on the C side; abi.c exports `gen_abi` (the version, and the size of each struct
+with an offset near its end) and `gen_abi_enum` (each shared enum constant by name). `bind(lib)` compares them
+with these mirrors before any struct is filled, so a field or a value changed on one side only is refused
+(and the PyTorch path runs) instead of reading memory wrongly.
 """
 
 from __future__ import annotations
 
 import ctypes
 
-ABI_VERSION = 4  # GEN_ABI_VERSION in decode.c
+from gen_cli.errors import InternalError
 
-# Matrix.type (blocks.h): the step's own formats, then GGML's block formats by their gen names.
+ABI_VERSION = 5  # GEN_ABI_VERSION in abi.h
+
+# Matrix.type (abi.h's T_*): the step's own formats, then GGML's block formats by their gen names.
 MATRIX_TYPES = {
     "fp32": 0, "bf16": 1, "int8": 2, "q8_0": 3, "q4_0": 4, "q4_1": 5, "q4_k": 6, "q6_k": 7, "q5_0": 8, "q5_1": 9,
 }  # fmt: skip
-# Model.profile's slots: where a step's time goes, in the order decode.c accumulates them.
+# Model.profile's slots (abi.h's P_*): where a step's time goes, in the order the step accumulates them.
 PROFILE_KEYS = ("embed", "norm", "qkv", "rope", "attention", "attn_out", "mlp_in", "mlp_act", "mlp_out", "lm_head")
 
 
@@ -53,7 +56,7 @@ class Layer(ctypes.Structure):
     ]
 
 
-# How decode.c's Layer.k_kind/v_kind name a stored form (its KV_FLOAT / KV_INT8 / KV_INT4).
+# How Layer.k_kind/v_kind name a stored form (abi.h's KV_FLOAT / KV_INT8 / KV_INT4).
 KV_KINDS = {"float": 0, "int8": 1, "int4": 2}
 
 
@@ -108,6 +111,36 @@ def _expected() -> list[int]:
     ]
 
 
+def _expected_enums() -> dict[str, int]:
+    """abi.h's enum constants as these mirrors define them, by their C names."""
+    return {
+        **{f"T_{name.upper()}": code for name, code in MATRIX_TYPES.items()},
+        **{f"KV_{name.upper()}": code for name, code in KV_KINDS.items()},
+        **{f"P_{key.upper()}": slot for slot, key in enumerate(PROFILE_KEYS)},
+        "P_COUNT": len(PROFILE_KEYS),
+    }
+
+
+def _enum_problem(lib: ctypes.CDLL) -> str | None:
+    """None when every mirrored enum constant has the library's value, else the first that differs."""
+    try:
+        fn = lib.gen_abi_enum
+    except AttributeError:
+        return "the native library exports no enum description (gen_abi_enum)"
+    fn.argtypes, fn.restype = [ctypes.c_char_p], ctypes.c_int64
+    for name, value in _expected_enums().items():
+        if (found := fn(name.encode())) != value:
+            return f"the native library's {name} is {found if found >= 0 else 'missing'}, Python's mirror says {value}"
+    return None
+
+
+def _step_status(result: int, func: object, args: tuple) -> int:
+    """ctypes' errcheck for gen_decode_step: a type the kernel refused is a broken invariant of the caller."""
+    if result != 0:
+        raise InternalError("the native step was given a matrix or embedding type it does not know")
+    return result
+
+
 def bind(lib: ctypes.CDLL) -> str | None:
     """Check the library's struct layout against these mirrors and declare its functions' signatures;
     None when it can be called, else a one-line reason."""
@@ -121,6 +154,8 @@ def bind(lib: ctypes.CDLL) -> str | None:
     fn(found)
     if list(found) != expected:
         return f"the native library's struct layout {list(found)} differs from Python's {expected}"
+    if problem := _enum_problem(lib):
+        return problem
     lib.gen_decode_step.argtypes = [
         ctypes.POINTER(Model),
         ctypes.c_void_p,
@@ -128,7 +163,8 @@ def bind(lib: ctypes.CDLL) -> str | None:
         ctypes.c_int64,
         ctypes.c_void_p,
     ]
-    lib.gen_decode_step.restype = None
+    lib.gen_decode_step.restype = ctypes.c_int64
+    lib.gen_decode_step.errcheck = _step_status
     lib.gen_argmax.argtypes = [ctypes.c_void_p, *[ctypes.c_int64] * 3, ctypes.c_void_p, ctypes.c_int64]
     lib.gen_argmax.restype = None
     lib.gen_block_matmul.argtypes = [ctypes.c_void_p, *[ctypes.c_int64] * 3, ctypes.c_void_p, ctypes.c_int64]

@@ -1,4 +1,4 @@
-"""Building the native kernel: `decode.c` compiled once per source, compiler and CPU into gen's cache.
+"""Building the native kernel: the .c files here, compiled once per source, compiler and CPU into gen's cache.
 
 `-march=native`: the binary is for this machine only. Without a working C compiler gen runs the
 PyTorch path, and `native_status()` says why. A cached library is loaded only when its size and
@@ -22,8 +22,9 @@ from gen_cli.errors import GenError
 from gen_cli.native import abi
 from gen_cli.resources import cache_dir
 
-SOURCE = Path(__file__).with_name("decode.c")
-HEADERS = tuple(Path(__file__).with_name(h) for h in ("blocks.h", "blocks_q5.h"))  # included: part of the build key
+HERE = Path(__file__).parent
+SOURCES = tuple(sorted(HERE.glob("*.c")))  # compiled together into one library
+HEADERS = tuple(sorted(HERE.glob("*.h")))  # included by them: part of the build key
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c11", "-shared", "-fPIC")
 _notes: list[str] = []  # what happened to the cache on this run (a damaged kernel rebuilt), said once
 
@@ -39,7 +40,8 @@ def _build_key(cc: list[str]) -> str:
     cpu = ""
     if Path("/proc/cpuinfo").is_file():
         cpu = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-    sources = (SOURCE.read_bytes(), *(h.read_bytes() for h in HEADERS))
+    # Each file by name and content: a rename or a moved function is a new build too.
+    sources = [part for f in (*SOURCES, *HEADERS) for part in (f.name.encode(), f.read_bytes())]
     parts = (*sources, " ".join(FLAGS).encode(), version.encode(), cpu.encode())
     return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
 
@@ -77,7 +79,7 @@ def _compile(cc: list[str], out_dir: Path, target: Path) -> str | None:
     fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".decode-", suffix=".so.tmp")
     os.close(fd)
     try:
-        done = subprocess.run([*cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
+        done = subprocess.run([*cc, *FLAGS, *map(str, SOURCES), "-o", tmp, "-lm"], capture_output=True, text=True)
         if done.returncode != 0:
             return f"{cc[0]} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}"
         if os.path.getsize(tmp) == 0:  # e.g. CC=/bin/true "succeeds" without writing anything

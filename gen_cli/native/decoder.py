@@ -19,7 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from gen_cli.cache.kinds import kind_of
 from gen_cli.cache.linear import KVCache
+from gen_cli.cache.spec import CacheSpec
 from gen_cli.model.config import ModelConfig
 from gen_cli.model.transformer import Transformer, check_context
 from gen_cli.native.abi import KV_KINDS, MATRIX_TYPES, PROFILE_KEYS, Layer, Matrix, Model, Norm
@@ -188,16 +190,17 @@ class NativeDecoder:
 
     def accepts(self, batch: int, cache: KVCache) -> bool:
         """Whether a step of `batch` rows into `cache` runs here (else PyTorch runs it)."""
-        # Exactly KVCache: a subclass (a windowed ring, say) places tokens where the kernel does not look.
-        fits = type(cache) is KVCache and batch <= MAX_BATCH and cache.device.type == "cpu"
-        return fits and cache.dtype == self.dtype and (cache.plain or self._reads_quantized(cache))
+        # Only the linear layout: a ring of un-rotated keys (a window) is not where the kernel looks.
+        fits = cache.native_layout and batch <= MAX_BATCH and cache.device.type == "cpu"
+        unquantized = cache.k_kind == cache.v_kind == kind_of(cache.dtype)
+        return fits and cache.dtype == self.dtype and (unquantized or self._reads_quantized(cache))
 
     def refusal(self, batch: int, cache: KVCache) -> str:
         """Why a step of `batch` rows into `cache` goes to PyTorch, or "" when it runs here."""
         if self.accepts(batch, cache):
             return ""
-        if type(cache) is not KVCache:
-            return f"the native step reads the plain KV cache layout, not a {type(cache).__name__}"
+        if not cache.native_layout:
+            return f"the native step reads the linear KV cache layout; this cache is {CacheSpec.of(cache).describe()}"
         if batch > MAX_BATCH:
             return f"the native step takes at most {MAX_BATCH} rows, not {batch}"
         reads = "fp32, int8 or int4" if self.dtype == torch.float32 else "bf16"

@@ -154,12 +154,13 @@ def _file_blocks(path: Path) -> Iterator[tuple[str, int]]:
         yield _decode(path, rest, lines_before), len(rest)
 
 
-def _decode(path: Path, raw: bytes, lines_before: int) -> str:
+def _decode(path: Path | str, raw: bytes, lines_before: int) -> str:
+    """UTF-8 text, or a usage error (exit 2, from a file as from stdin) naming the source and line."""
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = lines_before + raw.count(b"\n", 0, e.start) + 1
-        raise GenError(f"{path}: line {line} is not valid UTF-8; convert the file to UTF-8") from None
+        raise UsageError(f"{path}: line {line} is not valid UTF-8; convert the text to UTF-8") from None
 
 
 def _file_document(path: Path) -> Document:
@@ -187,7 +188,9 @@ def _documents_for(spec: str, skipped: list[str]) -> list[Document]:
     if spec in BUILTIN_CORPORA:
         return _python_docs_documents()
     if spec == "-":
-        return [_text_document("<stdin>", sys.stdin.read())]
+        stream = getattr(sys.stdin, "buffer", None)  # bytes, so a bad byte is reported, not smuggled through
+        raw = stream.read() if stream is not None else sys.stdin.read().encode("utf-8", "surrogateescape")
+        return [_text_document("<stdin>", _decode("<stdin>", raw, 0))]
     path = Path(spec)
     if path.is_dir():
         files = _folder_files(path, skipped)

@@ -92,7 +92,7 @@ def bucketed(nats: np.ndarray, n_bytes: np.ndarray, n_windows: int, buckets: int
     for a, b in itertools.pairwise(edges):
         if b <= a:
             continue
-        total, byte_count, count = float(nats[a:b].sum()), float(n_bytes[a:b].sum()), (b - a) * n_windows
+        total, byte_count, count = float(nats[a:b].sum()), float(n_bytes[a:b].sum()), int((b - a) * n_windows)
         bpb = total / math.log(2) / byte_count if byte_count else float("nan")
         out.append(Bucket(int(a), int(b), total / count, bpb, count))
     return out

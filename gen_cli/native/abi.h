@@ -1,0 +1,88 @@
+/* The kernel's ABI: the structs Python fills (gen_cli/native/abi.py mirrors them with ctypes) and the enums
+ * whose values both sides share. The single source of both; abi.c exports their sizes and values so that
+ * abi.py can check its mirrors before any struct is filled. Bump GEN_ABI_VERSION on any change to a struct,
+ * an enum or an exported signature.
+ */
+#ifndef GEN_ABI_H
+#define GEN_ABI_H
+
+#include <stdint.h>
+
+#define GEN_ABI_VERSION 5
+
+/* Matrix.type: the step's own formats (the model's float dtype, int8 rows with a scale each), then GGML's
+ * block formats (block_types.h) by their gen names (abi.py's MATRIX_TYPES). */
+enum {
+    T_FP32 = 0,
+    T_BF16 = 1,
+    T_INT8 = 2,
+    T_Q8_0 = 3,
+    T_Q4_0 = 4,
+    T_Q4_1 = 5,
+    T_Q4_K = 6,
+    T_Q6_K = 7,
+    T_Q5_0 = 8,
+    T_Q5_1 = 9,
+    T_COUNT
+};
+
+/* How a layer stores K or V (gen_cli/cache/kinds.py): the model's own float dtype, int8 with one fp32
+ * scale per token per head (x = q * scale), or int4 in groups of KV_GROUP along head_dim, two values a byte,
+ * low nibble first, with an fp32 scale and zero point per group (x = q * scale + zero). */
+enum { KV_FLOAT = 0, KV_INT8 = 1, KV_INT4 = 2 };
+enum { KV_GROUP = 32 };
+
+/* Model.profile's slots: where a step's time goes (abi.py's PROFILE_KEYS, in this order). */
+enum { P_EMBED, P_NORM, P_QKV, P_ROPE, P_ATTENTION, P_ATTN_OUT, P_MLP_IN, P_MLP_ACT, P_MLP_OUT, P_LM_HEAD, P_COUNT };
+
+/* A weight matrix, row-major (rows, cols): the model's float dtype, int8 with one fp32 scale per row
+ * (W = q * scale), or rows of GGML blocks. */
+typedef struct {
+    const void *data;
+    const float *scale; /* int8 only */
+    int64_t rows, cols;
+    int64_t type; /* T_FP32, T_BF16, T_INT8 or a block type */
+} Matrix;
+
+/* RMSNorm when bias is NULL, else LayerNorm. */
+typedef struct {
+    const float *weight, *bias;
+} Norm;
+
+typedef struct {
+    Norm attn_norm, mlp_norm;
+    Matrix wqkv, wo, w13, w2;
+    void *k_cache, *v_cache; /* (batch, n_kv_head, max_tokens, head_dim) values (int4: head_dim / 2 bytes) */
+    /* int8: scale (batch, n_kv_head, max_tokens); int4: scale and zero (.., max_tokens, head_dim / 32) each */
+    float *k_scale, *k_zero, *v_scale, *v_zero;
+    int64_t k_kind, v_kind; /* KV_FLOAT, KV_INT8, KV_INT4 (KV_INT* in fp32 models only) */
+} Layer;
+
+typedef struct {
+    int64_t n_layer, n_head, n_kv_head, head_dim, d_model, d_ff, vocab, max_tokens, batch, n_threads;
+    int64_t bf16; /* 1: embedding, matrices and KV cache are bfloat16; else fp32 (matrices fp32 or int8) */
+    float norm_eps;
+    const void *tok_emb;    /* (vocab, d_model) */
+    const float *pos_table; /* (context, d_model) added to the embedding (sinusoidal, learned), or NULL */
+    const float *rope_cos, *rope_sin; /* (context, head_dim) with rotate-half's sign folded in, or NULL */
+    const Layer *layers;
+    Norm final_norm;
+    Matrix lm_head;
+    /* Scratch, sized by the caller for `batch` rows. */
+    float *x;      /* (batch, d_model) the residual stream */
+    float *h;      /* (batch, max(d_model, d_ff)) a normed input / the SwiGLU product */
+    float *qkv;    /* (batch, (n_head + 2 n_kv_head) head_dim) */
+    float *att;    /* (batch, n_head head_dim) */
+    float *ff;     /* (batch, 2 d_ff) */
+    float *scores; /* (batch, n_head, max_tokens) */
+    int16_t *xq;   /* (batch, max(d_model, d_ff)) int16 copy of a matrix input (int8 weights) */
+    float *xscale; /* (batch,) */
+    /* Block-quantized weights (fp32 activations): the embedding's type, and the quantized matrix input. */
+    int64_t emb_type; /* T_FP32 / T_BF16 (as `bf16` says) or a block type: tok_emb is then (vocab, row bytes) */
+    int8_t *aq;       /* (batch, width) */
+    float *ad;        /* (batch, width / 32) */
+    int16_t *asum;    /* (batch, width / 16) */
+    double *profile;  /* NULL, or seconds accumulated per op class (P_* above) */
+} Model;
+
+#endif

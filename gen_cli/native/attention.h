@@ -1,0 +1,455 @@
+/* Attention over the KV cache for one new token per sequence: the token's k and v stored (kv.h), then every
+ * query head attends to positions 0..pos, in chunks of positions that threads take as work items.
+ */
+#ifndef GEN_ATTENTION_H
+#define GEN_ATTENTION_H
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "abi.h"
+#include "features.h"
+#include "kv.h"
+
+/* The attention of `nq` query heads that share one KV head, over the tokens [t0, t1) of one chunk:
+ * s[i][t] gets the scores, then the unnormalised softmax weights exp(score - top[i]); o[i] (hd) gets
+ * sum_t weight v_t, sum[i] the sum of the weights. */
+typedef struct {
+    const float *const *q;
+    float *const *s, *const *o;
+    float *top, *sum;
+    int64_t t0, t1, hd;
+    float scale; /* 1 / sqrt(hd) */
+} Chunk;
+
+static void chunk_portable(const Chunk *c, int nq, const KVHead *k, const KVHead *v) {
+    const int64_t hd = c->hd;
+    for (int i = 0; i < nq; i++) {
+        float top = -INFINITY, sum = 0.f, *s = c->s[i], *o = c->o[i];
+        for (int64_t t = c->t0; t < c->t1; t++) {
+            float dot = 0.f;
+            for (int64_t d = 0; d < hd; d++) dot += kv_at(k, t, d, hd) * c->q[i][d];
+            s[t] = dot * c->scale * (k->kind == KV_INT8 ? k->scale[t] : 1.f);
+            top = fmaxf(top, s[t]);
+        }
+        for (int64_t t = c->t0; t < c->t1; t++) sum += s[t] = expf(s[t] - top);
+        memset(o, 0, hd * sizeof(float));
+        for (int64_t t = c->t0; t < c->t1; t++) {
+            const float p = s[t] * (v->kind == KV_INT8 ? v->scale[t] : 1.f);
+            for (int64_t d = 0; d < hd; d++) o[d] += p * kv_at(v, t, d, hd);
+        }
+        c->top[i] = top, c->sum[i] = sum;
+    }
+}
+
+#ifdef GEN_AVX512
+enum { NQ_MAX = 4, HD_MAX = 256 };
+
+/* Lanes [16 j, 16 j + 16) of token t, dequantised in registers. int4 lanes run in nibble order: slice 2g
+ * holds group g's even elements (low nibbles), slice 2g + 1 its odd ones; int8 stays unscaled. */
+GEN_ALWAYS_INLINE __m512 kv_load16(const int kind, const KVHead *kv, int64_t t, const int64_t hd, int64_t j) {
+    if (kind == KV_INT8)
+        return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((const int8_t *)kv->data + t * hd + 16 * j))));
+    if (kind == KV_INT4) {
+        const int64_t G = hd / KV_GROUP, g = j / 2;
+        __m512i bytes = _mm512_cvtepu8_epi32(
+            _mm_loadu_si128((const __m128i *)((const uint8_t *)kv->data + t * (hd / 2) + 16 * g)));
+        __m512i nib = j & 1 ? _mm512_srli_epi32(bytes, 4) : _mm512_and_si512(bytes, _mm512_set1_epi32(15));
+        return _mm512_fmadd_ps(_mm512_cvtepi32_ps(nib), _mm512_set1_ps(kv->scale[t * G + g]),
+                               _mm512_set1_ps(kv->zero[t * G + g]));
+    }
+    if (kind == KV_BF16) {
+        __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)kv->data + t * hd + 16 * j)));
+        return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+    }
+    return _mm512_loadu_ps((const float *)kv->data + t * hd + 16 * j);
+}
+
+/* The 16 horizontal sums of v[0..15], in order: a transposing add tree (45 shuffles and adds for 16
+ * dot products, against ~8 each for a separate reduction). */
+GEN_ALWAYS_INLINE __m512 sum16_with(const __m512 *v, const int ints) {
+#define ADD(a, b) (ints ? _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(a), _mm512_castps_si512(b))) \
+                        : _mm512_add_ps(a, b))
+    __m512 r[8], u[4], w[2];
+    for (int i = 0; i < 8; i++) /* per 128-bit lane: (a0+a2, b0+b2, a1+a3, b1+b3) */
+        r[i] = ADD(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++) /* per lane: the lane's sums of 4 consecutive vectors */
+        u[i] = ADD(_mm512_shuffle_ps(r[2 * i], r[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                   _mm512_shuffle_ps(r[2 * i], r[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    for (int i = 0; i < 2; i++)
+        w[i] = ADD(_mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                   _mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    return ADD(_mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(2, 0, 2, 0)),
+               _mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(3, 1, 3, 1)));
+#undef ADD
+}
+#define sum16(v) sum16_with(v, 0)
+/* int32 sums of int32 lanes (carried in fp32 registers): exact, converted once per 16 tokens. */
+#define sum16_int(v) _mm512_cvtepi32_ps(_mm512_castps_si512(sum16_with(v, 1)))
+
+/* e^x for x <= 0 (scores minus their maximum), within 2 ulp: x = n ln2 + r, |r| <= ln2 / 2, a degree-7
+ * polynomial for e^r (Cephes' expf), then scaled by 2^n. */
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-104.f)); /* below this e^x is 0 in fp32; keeps n finite */
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+enum { V_BLOCK = 128 }; /* tokens whose V weights (times their scales) are prepared at once */
+
+/* Group g of tokens [t, t + 16) as one vector, from x at token t, laid out (token, G groups); lanes off in
+ * m (a prefix) stay 0. Two groups (head_dim 64) deinterleave with one permute; other counts gather. */
+GEN_ALWAYS_INLINE __m512 group_lanes(const float *x, const int64_t G, int64_t g, __mmask16 m) {
+    if (G == 1) return _mm512_maskz_loadu_ps(m, x);
+    if (G == 2) {
+        const int n = __builtin_popcount(m); /* m is a prefix: the first n tokens, 2n floats */
+        const uint32_t m2 = n >= 16 ? 0xFFFFFFFFu : (1u << 2 * n) - 1;
+        const __m512 a = _mm512_maskz_loadu_ps((__mmask16)m2, x), b = _mm512_maskz_loadu_ps((__mmask16)(m2 >> 16), x + 16);
+        const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+        return _mm512_permutex2var_ps(a, _mm512_add_epi32(even, _mm512_set1_epi32((int)g)), b);
+    }
+    const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, _mm512_mullo_epi32(iota, _mm512_set1_epi32((int)G)), x + g, 4);
+}
+
+#ifdef GEN_VNNI
+/* Integer K (int8, int4): the queries rounded to int16 with one scale per head (relative error <= 2^-16,
+ * as the int8 matrices' inputs are), so that vpdpwssd multiplies 32 stored values a step with no
+ * conversion to fp32. int4: score = scale_g sum(nibble q) + zero_g sum(q) per group of 32. */
+GEN_ALWAYS_INLINE void scores_int(const Chunk *c, const int nq, const int kk, const KVHead *k, const int64_t hd) {
+    if (nq > NQ_MAX || hd > HD_MAX) __builtin_unreachable(); /* the callers' limits */
+    const int64_t G = hd / KV_GROUP, t0 = c->t0, t1 = c->t1;
+    int16_t q16[NQ_MAX][HD_MAX] __attribute__((aligned(64)));
+    float qscale[NQ_MAX], qsum[NQ_MAX][HD_MAX / KV_GROUP];
+    for (int i = 0; i < nq; i++) {
+        const float *q = c->q[i];
+        float amax = 0.f;
+        for (int64_t d = 0; d < hd; d++) amax = fmaxf(amax, fabsf(q[d]));
+        qscale[i] = amax > 0.f ? amax / 32767.f : 1.f;
+        for (int64_t g = 0; g < G; g++) qsum[i][g] = 0.f;
+        for (int64_t d = 0; d < hd; d++) {
+            const int64_t at = kk == KV_INT4 ? d - d % KV_GROUP + (d % 2) * 16 + d % KV_GROUP / 2 : d;
+            q16[i][at] = (int16_t)lrintf(q[d] / qscale[i]);
+            if (kk == KV_INT4) qsum[i][d / KV_GROUP] += q[d];
+        }
+    }
+    int64_t t = t0;
+    for (; t + 16 <= t1; t += 16) {
+        __m512 acc[NQ_MAX][16];
+        for (int u = 0; u < 16; u++) {
+            if (kk == KV_INT8) {
+                __m512i a[NQ_MAX];
+                for (int i = 0; i < nq; i++) a[i] = _mm512_setzero_si512();
+                for (int64_t j = 0; j < hd / 32; j++) {
+                    const __m512i x = _mm512_cvtepi8_epi16(
+                        _mm256_loadu_si256((const __m256i *)((const int8_t *)k->data + (t + u) * hd + 32 * j)));
+                    for (int i = 0; i < nq; i++)
+                        a[i] = _mm512_dpwssd_epi32(a[i], x, _mm512_load_si512((const void *)(q16[i] + 32 * j)));
+                }
+                for (int i = 0; i < nq; i++) acc[i][u] = _mm512_castsi512_ps(a[i]);
+            } else {
+                __m512 f[NQ_MAX];
+                for (int i = 0; i < nq; i++) f[i] = _mm512_setzero_ps();
+                for (int64_t g = 0; g < G; g++) {
+                    const __m256i b = _mm256_cvtepu8_epi16(
+                        _mm_loadu_si128((const __m128i *)((const uint8_t *)k->data + (t + u) * (hd / 2) + 16 * g)));
+                    const __m512i x = _mm512_inserti64x4(
+                        _mm512_castsi256_si512(_mm256_and_si256(b, _mm256_set1_epi16(15))), _mm256_srli_epi16(b, 4), 1);
+                    const __m512 s = _mm512_set1_ps(k->scale[(t + u) * G + g]);
+                    for (int i = 0; i < nq; i++) {
+                        __m512i d = _mm512_madd_epi16(x, _mm512_load_si512((const void *)(q16[i] + 32 * g)));
+                        f[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, f[i]);
+                    }
+                }
+                for (int i = 0; i < nq; i++) acc[i][u] = f[i];
+            }
+        }
+        const __m512 attn = _mm512_set1_ps(c->scale);
+        __m512 zero[HD_MAX / KV_GROUP];
+        for (int64_t g = 0; kk == KV_INT4 && g < G; g++) zero[g] = group_lanes(k->zero + t * G, G, g, 0xFFFF);
+        for (int i = 0; i < nq; i++) {
+            __m512 s = _mm512_mul_ps(kk == KV_INT8 ? sum16_int(acc[i]) : sum16(acc[i]), _mm512_set1_ps(qscale[i]));
+            if (kk == KV_INT8) {
+                s = _mm512_mul_ps(s, _mm512_loadu_ps(k->scale + t));
+            } else {
+                for (int64_t g = 0; g < G; g++) s = _mm512_fmadd_ps(zero[g], _mm512_set1_ps(qsum[i][g]), s);
+            }
+            _mm512_storeu_ps(c->s[i] + t, _mm512_mul_ps(s, attn));
+        }
+    }
+    for (; t < t1; t++) { /* the chunk's last < 16 tokens, one at a time */
+        for (int i = 0; i < nq; i++) {
+            float s = 0.f;
+            if (kk == KV_INT8) {
+                __m512i a = _mm512_setzero_si512();
+                for (int64_t j = 0; j < hd / 32; j++)
+                    a = _mm512_dpwssd_epi32(
+                        a, _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)((const int8_t *)k->data + t * hd + 32 * j))),
+                        _mm512_load_si512((const void *)(q16[i] + 32 * j)));
+                s = (float)_mm512_reduce_add_epi32(a) * qscale[i] * k->scale[t];
+            } else {
+                for (int64_t g = 0; g < G; g++) {
+                    const uint8_t *b = (const uint8_t *)k->data + t * (hd / 2) + 16 * g;
+                    int32_t dot = 0;
+                    for (int e = 0; e < 16; e++) dot += (b[e] & 15) * q16[i][32 * g + e] + (b[e] >> 4) * q16[i][32 * g + 16 + e];
+                    s += (float)dot * qscale[i] * k->scale[t * G + g] + k->zero[t * G + g] * qsum[i][g];
+                }
+            }
+            c->s[i][t] = s * c->scale;
+        }
+    }
+}
+#endif
+
+/* A chunk's scores for nq query heads with each K token loaded once for all of them, 16 tokens at a time
+ * (one sum16 per head). The kind, nq and (where it is 64 or 128) hd are constants in each inlined copy. */
+GEN_ALWAYS_INLINE void scores_avx(const Chunk *c, const int nq, const int kk, const KVHead *k, const int64_t hd) {
+    if (nq > NQ_MAX || hd > HD_MAX) __builtin_unreachable(); /* the callers' limits */
+    const int64_t J = hd / 16, t0 = c->t0, t1 = c->t1;
+    float qn[NQ_MAX][HD_MAX]; /* int4 K without VNNI: the queries in nibble order */
+    const float *q[NQ_MAX];
+    for (int i = 0; i < nq; i++) {
+        q[i] = c->q[i];
+        if (kk == KV_INT4) {
+            for (int64_t d = 0; d < hd; d++) qn[i][d - d % KV_GROUP + (d % 2) * 16 + d % KV_GROUP / 2] = c->q[i][d];
+            q[i] = qn[i];
+        }
+    }
+    int64_t t = t0;
+#ifdef GEN_VNNI
+    if (kk == KV_INT8 || kk == KV_INT4) {
+        scores_int(c, nq, kk, k, hd);
+        t = t1;
+    }
+#endif
+    for (; t + 16 <= t1; t += 16) {
+        __m512 acc[NQ_MAX][16];
+        for (int u = 0; u < 16; u++) {
+            __m512 a[NQ_MAX];
+            for (int i = 0; i < nq; i++) a[i] = _mm512_setzero_ps();
+            for (int64_t j = 0; j < J; j++) {
+                const __m512 kv = kv_load16(kk, k, t + u, hd, j);
+                for (int i = 0; i < nq; i++) a[i] = _mm512_fmadd_ps(kv, _mm512_loadu_ps(q[i] + 16 * j), a[i]);
+            }
+            for (int i = 0; i < nq; i++) acc[i][u] = a[i];
+        }
+        __m512 scale = _mm512_set1_ps(c->scale);
+        if (kk == KV_INT8) scale = _mm512_mul_ps(scale, _mm512_loadu_ps(k->scale + t));
+        for (int i = 0; i < nq; i++) _mm512_storeu_ps(c->s[i] + t, _mm512_mul_ps(sum16(acc[i]), scale));
+    }
+    for (; t < t1; t++) {
+        for (int i = 0; i < nq; i++) {
+            __m512 a = _mm512_setzero_ps();
+            for (int64_t j = 0; j < J; j++) a = _mm512_fmadd_ps(kv_load16(kk, k, t, hd, j), _mm512_loadu_ps(q[i] + 16 * j), a);
+            c->s[i][t] = _mm512_reduce_add_ps(a) * c->scale * (kk == KV_INT8 ? k->scale[t] : 1.f);
+        }
+    }
+}
+
+/* The softmax weights, unnormalised: exp(score - the chunk's top score), and their sum. */
+static void softmax_chunk(const Chunk *c, int nq) {
+    const int64_t t0 = c->t0, t1 = c->t1;
+    for (int i = 0; i < nq; i++) {
+        float *s = c->s[i];
+        __m512 top = _mm512_set1_ps(-INFINITY), sum = _mm512_setzero_ps();
+        for (int64_t u = t0; u < t1; u += 16) {
+            __mmask16 m = t1 - u >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (t1 - u)) - 1);
+            top = _mm512_mask_max_ps(top, m, top, _mm512_maskz_loadu_ps(m, s + u));
+        }
+        const float tmax = _mm512_reduce_max_ps(top);
+        for (int64_t u = t0; u < t1; u += 16) {
+            __mmask16 m = t1 - u >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (t1 - u)) - 1);
+            __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + u), _mm512_set1_ps(tmax)));
+            _mm512_mask_storeu_ps(s + u, m, e);
+            sum = _mm512_mask_add_ps(sum, m, sum, e);
+        }
+        c->top[i] = tmax, c->sum[i] = _mm512_reduce_add_ps(sum);
+    }
+}
+
+/* o[i] = sum_t weight[i][t] v_t, each V token converted once for all nq heads. A quantized V's scales
+ * ride on the weights (w scale, prepared V_BLOCK tokens at a time), int4's zero points on a separate sum
+ * (sum_t w zero, added to the group's every element at the end). */
+GEN_ALWAYS_INLINE void values_avx(const Chunk *c, const int nq, const int vk, const KVHead *v, const int64_t hd) {
+    if (nq > NQ_MAX || hd > HD_MAX) __builtin_unreachable(); /* the callers' limits */
+    const int64_t J = hd / 16, G = hd / KV_GROUP, t0 = c->t0, t1 = c->t1;
+    int64_t t;
+    __m512 o[NQ_MAX][HD_MAX / 16];
+    __m512 zacc[NQ_MAX][HD_MAX / KV_GROUP];
+    float ws[NQ_MAX][HD_MAX / KV_GROUP][V_BLOCK];
+    for (int i = 0; i < nq; i++) {
+        for (int64_t j = 0; j < J; j++) o[i][j] = _mm512_setzero_ps();
+        for (int64_t g = 0; g < G; g++) zacc[i][g] = _mm512_setzero_ps();
+    }
+    for (int64_t tb = t0; tb < t1; tb += V_BLOCK) {
+        const int64_t te = tb + V_BLOCK < t1 ? tb + V_BLOCK : t1;
+        if (vk == KV_INT8 || vk == KV_INT4) {
+            for (int64_t u = tb; u < te; u += 16) {
+                const __mmask16 m = te - u >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (te - u)) - 1);
+                for (int64_t g = 0; g < (vk == KV_INT8 ? 1 : G); g++) {
+                    const __m512 sc = vk == KV_INT8 ? _mm512_maskz_loadu_ps(m, v->scale + u) : group_lanes(v->scale + u * G, G, g, m);
+                    const __m512 zp = vk == KV_INT4 ? group_lanes(v->zero + u * G, G, g, m) : _mm512_setzero_ps();
+                    for (int i = 0; i < nq; i++) {
+                        const __m512 w = _mm512_maskz_loadu_ps(m, c->s[i] + u);
+                        _mm512_mask_storeu_ps(ws[i][g] + (u - tb), m, _mm512_mul_ps(w, sc));
+                        if (vk == KV_INT4) zacc[i][g] = _mm512_fmadd_ps(w, zp, zacc[i][g]);
+                    }
+                }
+            }
+        }
+        for (t = tb; t < te; t++) {
+            if (vk == KV_INT4) {
+                for (int64_t g = 0; g < G; g++) {
+                    const __m512i b = _mm512_cvtepu8_epi32(
+                        _mm_loadu_si128((const __m128i *)((const uint8_t *)v->data + t * (hd / 2) + 16 * g)));
+                    const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)));
+                    const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+                    for (int i = 0; i < nq; i++) {
+                        const __m512 w = _mm512_set1_ps(ws[i][g][t - tb]);
+                        o[i][2 * g] = _mm512_fmadd_ps(w, lo, o[i][2 * g]);
+                        o[i][2 * g + 1] = _mm512_fmadd_ps(w, hi, o[i][2 * g + 1]);
+                    }
+                }
+            } else {
+                __m512 w[NQ_MAX];
+                for (int i = 0; i < nq; i++) w[i] = _mm512_set1_ps(vk == KV_INT8 ? ws[i][0][t - tb] : c->s[i][t]);
+                for (int64_t j = 0; j < J; j++) {
+                    const __m512 x = kv_load16(vk, v, t, hd, j);
+                    for (int i = 0; i < nq; i++) o[i][j] = _mm512_fmadd_ps(w[i], x, o[i][j]);
+                }
+            }
+        }
+    }
+    for (int i = 0; i < nq; i++) {
+        if (vk != KV_INT4) {
+            for (int64_t j = 0; j < J; j++) _mm512_storeu_ps(c->o[i] + 16 * j, o[i][j]);
+            continue;
+        }
+        float tmp[HD_MAX];
+        for (int64_t j = 0; j < J; j++) _mm512_storeu_ps(tmp + 16 * j, o[i][j]);
+        for (int64_t d = 0; d < hd; d++)
+            c->o[i][d] = tmp[d - d % KV_GROUP + (d % 2) * 16 + d % KV_GROUP / 2] +
+                         _mm512_reduce_add_ps(zacc[i][d / KV_GROUP]);
+    }
+}
+
+/* One copy per kind and nq where hd is 64 or 128, all three constants there; other head sizes share one
+ * copy per kind, with run-time loops. */
+#define BY_SHAPE(F, KIND, SIDE)                                                                                   \
+    (c->hd == 64 ? (nq == 1   ? F(c, 1, KIND, SIDE, 64)                                                           \
+                    : nq == 2 ? F(c, 2, KIND, SIDE, 64)                                                           \
+                    : nq == 3 ? F(c, 3, KIND, SIDE, 64)                                                           \
+                              : F(c, 4, KIND, SIDE, 64))                                                          \
+     : c->hd == 128 ? (nq == 1   ? F(c, 1, KIND, SIDE, 128)                                                       \
+                       : nq == 2 ? F(c, 2, KIND, SIDE, 128)                                                       \
+                       : nq == 3 ? F(c, 3, KIND, SIDE, 128)                                                       \
+                                 : F(c, 4, KIND, SIDE, 128))                                                      \
+                    : F(c, nq, KIND, SIDE, c->hd))
+#define BY_KIND(F, SIDE)                                                                                          \
+    (SIDE->kind == KV_INT8   ? BY_SHAPE(F, KV_INT8, SIDE)                                                         \
+     : SIDE->kind == KV_INT4 ? BY_SHAPE(F, KV_INT4, SIDE)                                                         \
+     : SIDE->kind == KV_BF16 ? BY_SHAPE(F, KV_BF16, SIDE)                                                         \
+                             : BY_SHAPE(F, KV_FLOAT, SIDE))
+
+static void chunk_vector(const Chunk *c, int nq, const KVHead *k, const KVHead *v) {
+    BY_KIND(scores_avx, k);
+    softmax_chunk(c, nq);
+    BY_KIND(values_avx, v);
+}
+#undef BY_KIND
+#undef BY_SHAPE
+#undef sum16
+#undef sum16_int
+#endif
+
+/* Write this token's k and v into the cache at pos, then attend every query head to positions 0..pos.
+ *
+ * Work items are (row, KV head, chunk of positions): each reads its K and V tokens once for all the
+ * query heads that share them (GQA), computes its own softmax over the chunk (max, weights, weighted V
+ * sum), and the chunks of a head are merged after. Long contexts split into chunks so that every thread
+ * has work even with fewer KV heads than threads. */
+static void attention(const Model *m, const Layer *l, int64_t pos) {
+    const int64_t hd = m->head_dim, H = m->n_head, Hkv = m->n_kv_head, T = m->max_tokens;
+    const int64_t row = (H + 2 * Hkv) * hd, group = H / Hkv, n = pos + 1;
+    for (int64_t b = 0; b < m->batch; b++) {
+        for (int64_t g = 0; g < Hkv; g++) {
+            const int64_t slot = (b * Hkv + g) * T + pos;
+            const float *k = m->qkv + b * row + (H + g) * hd, *v = k + Hkv * hd;
+            kv_store(l->k_kind, (int)m->bf16, l->k_cache, l->k_scale, l->k_zero, slot, k, hd);
+            kv_store(l->v_kind, (int)m->bf16, l->v_cache, l->v_scale, l->v_zero, slot, v, hd);
+        }
+    }
+    /* About 8 items per thread (dynamic scheduling evens out a loaded machine), chunks of >= 256 tokens. */
+    const int64_t heads = m->batch * Hkv, want = (8 * m->n_threads + heads - 1) / heads;
+    int64_t len = (n + want - 1) / want;
+    len = len < 256 ? 256 : (len + 15) / 16 * 16;
+    int64_t chunks = (n + len - 1) / len;
+    /* Per (row, query head, chunk): the weighted V sum, the chunk's top score and its weights' sum. */
+    const int64_t stride = hd + 2;
+    float *part = chunks > 1 ? malloc((size_t)(m->batch * H * chunks * stride) * sizeof(float)) : NULL;
+    if (!part) chunks = 1, len = n; /* one chunk a head writes its output directly */
+#ifdef GEN_AVX512
+    const int vector = hd % 16 == 0 && hd <= HD_MAX;
+#endif
+#pragma omp parallel for schedule(dynamic, 1) num_threads(m->n_threads)
+    for (int64_t item = 0; item < heads * chunks; item++) {
+        const int64_t b = item / (Hkv * chunks), g = item / chunks % Hkv, ci = item % chunks, head = b * Hkv + g;
+        const KVHead k = kv_head(l->k_kind, (int)m->bf16, l->k_cache, l->k_scale, l->k_zero, head, T, hd);
+        const KVHead v = kv_head(l->v_kind, (int)m->bf16, l->v_cache, l->v_scale, l->v_zero, head, T, hd);
+        for (int64_t h0 = g * group; h0 < (g + 1) * group; h0 += 4) {
+            const int nq = (int)((g + 1) * group - h0 < 4 ? (g + 1) * group - h0 : 4);
+            const float *q[4];
+            float *s[4], *o[4], top[4], sum[4];
+            for (int i = 0; i < nq; i++) {
+                const int64_t h = h0 + i;
+                q[i] = m->qkv + b * row + h * hd;
+                s[i] = m->scores + (b * H + h) * T;
+                o[i] = part ? part + ((b * H + h) * chunks + ci) * stride : m->att + (b * H + h) * hd;
+            }
+            const int64_t t0 = ci * len, t1 = t0 + len < n ? t0 + len : n;
+            const Chunk c = {q, s, o, top, sum, t0, t1, hd, 1.f / sqrtf((float)hd)};
+#ifdef GEN_AVX512
+            if (vector) chunk_vector(&c, nq, &k, &v);
+            else
+#endif
+                chunk_portable(&c, nq, &k, &v);
+            for (int i = 0; i < nq; i++) {
+                if (part) {
+                    o[i][hd] = top[i], o[i][hd + 1] = sum[i];
+                } else {
+                    const float inv = 1.f / sum[i];
+                    for (int64_t d = 0; d < hd; d++) o[i][d] *= inv;
+                }
+            }
+        }
+    }
+    if (!part) return;
+    /* Merge each head's chunks: rescale each to the overall top score, then normalise. */
+    for (int64_t bh = 0; bh < m->batch * H; bh++) {
+        const float *p = part + bh * chunks * stride;
+        float top = -INFINITY, sum = 0.f, *out = m->att + bh * hd;
+        for (int64_t ci = 0; ci < chunks; ci++) top = fmaxf(top, p[ci * stride + hd]);
+        memset(out, 0, hd * sizeof(float));
+        for (int64_t ci = 0; ci < chunks; ci++) {
+            const float w = expf(p[ci * stride + hd] - top);
+            sum += w * p[ci * stride + hd + 1];
+            for (int64_t d = 0; d < hd; d++) out[d] += w * p[ci * stride + d];
+        }
+        for (int64_t d = 0; d < hd; d++) out[d] /= sum;
+    }
+    free(part);
+}
+
+#endif

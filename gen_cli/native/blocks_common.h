@@ -1,0 +1,117 @@
+/* What every GGML block format's dot product shares: fp16 scales, the int8-quantized activation row, and
+ * the SIMD helpers that unpack nibbles.
+ *
+ * A weight row is its blocks as GGUF stores them; gen_cli/quant/blocks.py and the `gguf` package's dequantize
+ * are the reference layouts. The activation row is quantized once per matrix the way the format wants it
+ * (its BlockType's quantize_act): int8 blocks of 32 with an fp32 scale and the block's integer sum
+ * (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1), or int8 super-blocks of 256 with one scale and int16 sums per 16 (the k-quants: their
+ * 4/6-bit sub-block scales are integers, so a whole super-block sums in int32 before one float multiply).
+ *
+ * Integer dot products: AVX-512 VNNI (dpbusd: unsigned 8-bit weights times signed 8-bit activations, so a signed
+ * Q8_0 weight lends its sign to the activation), AVX2 (maddubs), and portable loops; the tests check all three
+ * against dequantize-then-fp32. Activations are clamped to [-127, 127], so maddubs' int16 pair sums never saturate
+ * (at most 2 * 128 * 127) and a negated activation always fits.
+ */
+#ifndef GEN_BLOCKS_COMMON_H
+#define GEN_BLOCKS_COMMON_H
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "features.h"
+
+/* IEEE half to float (the block scales). */
+static inline float f16(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, sizeof h);
+#ifdef GEN_F16C
+    return _cvtsh_ss(h);
+#else
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, man = h & 0x3ffu, u;
+    float f;
+    if (e == 0) { /* zero or subnormal: man * 2^-24 */
+        f = (float)man * 5.9604644775390625e-8f;
+        memcpy(&u, &f, sizeof u);
+        u |= sign;
+    } else if (e == 31) {
+        u = sign | 0x7f800000u | (man << 13);
+    } else {
+        u = sign | ((e + 112u) << 23) | (man << 13);
+    }
+    memcpy(&f, &u, sizeof f);
+    return f;
+#endif
+}
+
+/* ---- activations ------------------------------------------------------------------------------------------- */
+
+/* One activation row quantized for a block format: q (cols int8), d (a scale per 32 or per 256), s (int16 sums: one
+ * per 32-block, or one per 16 for the k-quants). */
+typedef struct {
+    int8_t *q;
+    float *d;
+    int16_t *s;
+} Act;
+
+/* x (n floats) -> act, in groups of `group` (32 or 256) with sums per `sum_group` (32 or 16): |error| <= d / 2. */
+static void quantize_act(const float *restrict x, int64_t n, int64_t group, int64_t sum_group, Act a) {
+    for (int64_t g = 0; g < n / group; g++) {
+        const float *xg = x + g * group;
+        float amax = 0.f;
+#pragma omp simd reduction(max : amax)
+        for (int64_t i = 0; i < group; i++) amax = fmaxf(amax, fabsf(xg[i]));
+        float d = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
+        a.d[g] = d;
+        int8_t *q = a.q + g * group;
+#pragma omp simd
+        for (int64_t i = 0; i < group; i++) q[i] = (int8_t)lrintf(xg[i] * id); /* |x * id| <= 127 */
+    }
+    for (int64_t j = 0; j < n / sum_group; j++) {
+        int32_t s = 0;
+        for (int64_t i = 0; i < sum_group; i++) s += a.q[j * sum_group + i];
+        a.s[j] = (int16_t)s;
+    }
+}
+
+/* The 32-element formats' activations: a scale and a sum per 32. */
+static void quantize_act_32(const float *restrict x, int64_t n, Act a) { quantize_act(x, n, 32, 32, a); }
+
+/* The k-quants' activations: a scale per 256, a sum per 16. */
+static void quantize_act_256(const float *restrict x, int64_t n, Act a) { quantize_act(x, n, 256, 16, a); }
+
+/* ---- shared pieces of the dot products --------------------------------------------------------------------- */
+
+/* Σ w[i] x[i] over 32 signed bytes (an odd block's tail). Kept scalar: GCC 12 vectorizes this loop into vpdpbusd,
+ * which reads w as unsigned, so every negative weight summed wrong (found by a 96-column Q8_0 matrix). */
+GEN_NO_VECTORIZE static int32_t dot32_i8(const int8_t *w, const int8_t *x) {
+    int32_t s = 0;
+    for (int i = 0; i < 32; i++) s += (int32_t)w[i] * (int32_t)x[i];
+    return s;
+}
+
+#ifdef GEN_BLOCKS_256
+static inline float hsum256(__m256 v) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+/* 16 bytes of nibbles -> 32 unsigned bytes in element order: low nibbles are elements 0..15, high ones 16..31. */
+static inline __m256i nibbles32(const uint8_t *p) {
+    __m128i t = _mm_loadu_si128((const __m128i *)p), m = _mm_set1_epi8(0xF);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(t, 4), m), _mm_and_si128(t, m));
+}
+#endif
+
+#ifdef GEN_BLOCKS_512
+/* Two 32-element nibble blocks (16 bytes each, at p and p + stride) -> 64 unsigned bytes in element order. */
+static inline __m512i nibbles64(const uint8_t *p, int64_t stride) {
+    __m256i t = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)p)),
+                                        _mm_loadu_si128((const __m128i *)(p + stride)), 1); /* [b0, b1] */
+    __m512i v = _mm512_permutexvar_epi64(_mm512_set_epi64(3, 2, 3, 2, 1, 0, 1, 0), _mm512_castsi256_si512(t));
+    v = _mm512_srlv_epi64(v, _mm512_set_epi64(4, 4, 0, 0, 4, 4, 0, 0)); /* [b0 lo, b0 hi, b1 lo, b1 hi] */
+    return _mm512_and_si512(v, _mm512_set1_epi8(0xF));
+}
+#endif
+
+#endif

@@ -1,0 +1,47 @@
+/* What the compiler targets, tested once: every other file asks for GEN_* and never for a compiler's own
+ * ISA macro. The kernel is built with -march=native, so no vector ISA is assumed: each GEN_* path has a
+ * portable fallback, and the tests build the AVX-512, AVX2 and portable variants.
+ */
+#ifndef GEN_FEATURES_H
+#define GEN_FEATURES_H
+
+#if defined(__AVX2__) || defined(__F16C__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#ifdef __AVX512F__
+#define GEN_AVX512 1 /* fp32 dot products, attention's vector path */
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define GEN_AVX512_BW 1 /* masked 16-bit loads, byte ops on 512-bit vectors */
+#endif
+#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define GEN_VNNI 1 /* int16 dot products (vpdpwssd): int8 matrices and quantized K */
+#endif
+#if defined(__AVX512BF16__) && defined(__AVX512VL__)
+#define GEN_AVX512_BF16 1 /* fp32 -> bf16 conversion in one instruction */
+#endif
+#ifdef __F16C__
+#define GEN_F16C 1 /* fp16 block scales converted in one instruction */
+#endif
+/* GGML block dot products: VNNI's dpbusd with VBMI's byte permutes, else AVX2's maddubs, else plain loops. */
+#if defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512DQ__) && \
+    defined(__AVX512VBMI__)
+#define GEN_BLOCKS_512 1
+#elif defined(__AVX2__) && defined(__FMA__)
+#define GEN_BLOCKS_256 1
+#endif
+
+#define GEN_ALWAYS_INLINE static inline __attribute__((always_inline))
+/* GCC 12 vectorizes some signed byte loops into vpdpbusd, which reads one operand as unsigned: such loops
+ * opt out of the vectorizer. */
+#if defined(__GNUC__) && !defined(__clang__)
+#define GEN_NO_VECTORIZE __attribute__((optimize("no-tree-vectorize")))
+#else
+#define GEN_NO_VECTORIZE
+#endif
+
+#endif

@@ -1,0 +1,92 @@
+/* Prompts through block-quantized matrices (gen_cli/native/block_matmul.py): a few tokens multiplied straight
+ * from the blocks, or a prompt's row tile dequantized for a GEMM. Every per-type choice is a lookup in
+ * block_types.h's table; a type without a row there is refused.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+
+#include "abi.h"
+#include "bf16.h"
+#include "block_types.h"
+#include "features.h"
+
+/* Y (n, rows) = X (n, cols) W^T for a block matrix W (rows, row bytes): prompts and prefill. X is quantized once;
+ * threads take tiles of rows, and each tile (a few KB) stays in cache while every token of a token tile passes
+ * over it. Returns 0, or -1 when the type is not a block type or memory runs out. */
+int64_t gen_block_matmul(const void *w, int64_t type, int64_t rows, int64_t cols, const float *x, int64_t n, float *y,
+                         int64_t n_threads) {
+    enum { ROW_TILE = 16, TOKEN_TILE = 64 };
+    const BlockType *bt = block_type(type);
+    if (!bt || cols % bt->elems != 0) return -1;
+    if (n <= 0 || rows <= 0) return 0;
+    const int64_t rb = block_row_bytes(bt, cols), nb = cols / bt->elems;
+    int8_t *q = malloc((size_t)(n * cols));
+    float *dq = malloc((size_t)(n * (cols / 32)) * sizeof(float));
+    int16_t *sq = malloc((size_t)(n * (cols / 16)) * sizeof(int16_t));
+    if (!q || !dq || !sq) {
+        free(q), free(dq), free(sq);
+        return -1;
+    }
+#pragma omp parallel num_threads(n_threads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < n; t++) {
+            Act a = {q + t * cols, dq + t * (cols / 32), sq + t * (cols / 16)};
+            bt->quantize_act(x + t * cols, cols, a);
+        }
+#pragma omp for schedule(static) collapse(2)
+        for (int64_t r0 = 0; r0 < rows; r0 += ROW_TILE) {
+            for (int64_t t0 = 0; t0 < n; t0 += TOKEN_TILE) {
+                int64_t r1 = r0 + ROW_TILE < rows ? r0 + ROW_TILE : rows, t1 = t0 + TOKEN_TILE < n ? t0 + TOKEN_TILE : n;
+                for (int64_t t = t0; t < t1; t++) {
+                    Act a = {q + t * cols, dq + t * (cols / 32), sq + t * (cols / 16)};
+                    int64_t r = r0;
+                    for (; r + 4 <= r1; r += 4) block_dot4(bt, (const uint8_t *)w + r * rb, rb, a, cols, y + t * rows + r, 1);
+                    for (; r < r1; r++) y[t * rows + r] = bt->dot((const uint8_t *)w + r * rb, a, nb);
+                }
+            }
+        }
+    }
+    free(q), free(dq), free(sq);
+    return 0;
+}
+
+/* Rows [0, rows) of a block matrix -> fp32 (bf16 == 0) or bf16 (bf16 == 1, round to nearest even) in `out`
+ * (rows, cols): a prompt's row tile, dequantized once per call into a cache-sized scratch that a GEMM then
+ * reuses for every token. Rows split across threads; without a vector path for the type, each row goes through
+ * a one-row fp32 buffer. Returns 0, or -1 when the type is not a block type. */
+int64_t gen_block_dequantize(const void *w, int64_t type, int64_t rows, int64_t cols, void *out, int64_t bf16,
+                             int64_t n_threads) {
+    enum { CHUNK = 256 }; /* a multiple of every block size: a row converts to bf16 a stack chunk at a time */
+    const BlockType *bt = block_type(type);
+    if (!bt || cols % bt->elems != 0) return -1;
+    const int64_t rb = block_row_bytes(bt, cols), chunk_bytes = CHUNK / bt->elems * bt->bytes;
+#pragma omp parallel for schedule(static) num_threads(n_threads)
+    for (int64_t r = 0; r < rows; r++) {
+        const uint8_t *row = (const uint8_t *)w + r * rb;
+        float *f = bf16 ? NULL : (float *)out + r * cols;
+        uint16_t *o = bf16 ? (uint16_t *)out + r * cols : NULL;
+        if (bt->tile) {
+            bt->tile(row, cols, f, o);
+            continue;
+        }
+        if (!bf16) {
+            bt->dequantize(row, cols, f);
+            continue;
+        }
+        float tmp[CHUNK];
+        for (int64_t c = 0; c < cols; c += CHUNK, row += chunk_bytes, o += CHUNK) {
+            const int64_t len = cols - c < CHUNK ? cols - c : CHUNK;
+            bt->dequantize(row, len, tmp);
+            int64_t i = 0;
+#ifdef GEN_AVX512_BF16
+            for (; i + 32 <= len; i += 32) {
+                __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(tmp + i + 16), _mm512_loadu_ps(tmp + i));
+                _mm512_storeu_si512(o + i, (__m512i)v);
+            }
+#endif
+            for (; i < len; i++) o[i] = to_bf16(tmp[i]);
+        }
+    }
+    return 0;
+}
