@@ -57,17 +57,10 @@ def save_model(
 
 
 def read_json_object(path: Path, what: str = "a JSON object", max_bytes: int = 64 << 20) -> dict[str, Any]:
-    """A JSON object from an untrusted file, its size checked before it is read; one-line errors."""
-    try:
-        size = path.stat().st_size
-    except OSError as e:
-        raise GenError(f"{path}: not readable ({e.strerror or e})") from None
-    if size > max_bytes:
-        raise GenError(f"{path}: {size:,} bytes is too large for {what} (at most {max_bytes:,})")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise GenError(f"{path}: not readable JSON ({e})") from None
+    """A JSON object from an untrusted regular file, its size checked before it is read; one-line errors."""
+    from gen_cli.formats.schema import load_json
+
+    data = load_json(path, max_bytes, what)
     if not isinstance(data, dict):
         raise GenError(f"{path}: expected {what}")
     return data
