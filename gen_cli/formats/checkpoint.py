@@ -69,7 +69,7 @@ def read_json_object(path: Path, what: str = "a JSON object", max_bytes: int = 6
 def load_config(directory: str | Path) -> ModelConfig:
     """The ModelConfig in DIR/config.json, with clear errors for a missing or broken file."""
     path = Path(directory) / CONFIG_FILE
-    if not path.is_file():
+    if not path.exists():  # a device or FIFO is there, not missing: read_json_object refuses it
         raise GenError(f"{path}: missing; a model directory holds {CONFIG_FILE}, {WEIGHTS_FILE}, {TOKENIZER_FILE}")
     # A model config is a few hundred bytes; never read a huge one.
     data = read_json_object(path, "a JSON object of model settings", MAX_CONFIG_BYTES)
