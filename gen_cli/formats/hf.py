@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from gen_cli.errors import GenError
 from gen_cli.formats.checkpoint import read_json_object
 from gen_cli.formats.hf_config import config_from_hf
-from gen_cli.formats.schema import INT, Key, read_capped, shown
+from gen_cli.formats.schema import TOKEN_IDS, Key, read_capped, shown
 from gen_cli.model.config import ModelConfig
 
 if TYPE_CHECKING:
@@ -241,11 +241,7 @@ def stop_ids(directory: Path, data: dict[str, Any]) -> tuple[int, ...]:
         sources.append(read_json_object(gen_config))
     for d, name in zip(sources, ("config.json", "generation_config.json"), strict=False):
         eos = d.get("eos_token_id")
-        if (
-            eos is not None
-            and not Key(INT, lo=0).fits(eos)
-            and not (isinstance(eos, list) and all(Key(INT, lo=0).fits(i) for i in eos))
-        ):
+        if eos is not None and not Key(TOKEN_IDS).fits(eos):
             raise GenError(f"{directory / name}: eos_token_id must be a token id or a list of them, got {shown(eos)}")
         for i in eos if isinstance(eos, list) else [eos]:
             if isinstance(i, int) and i not in found:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from gen_cli.errors import GenError, UsageError
-from gen_cli.formats.schema import BOOL, DICT, INT, LIST_STR, NUMBER, STR, Key, check, shown
+from gen_cli.formats.schema import BOOL, DICT, INT, LIST_STR, NUMBER, STR, TOKEN_IDS, Key, check, shown
 from gen_cli.model.config import ModelConfig
 
 # architectures[0] in config.json → the family whose config and name table apply.
@@ -24,8 +24,8 @@ GELU_NAMES = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu":
 
 # config.json, checked by type and range before any value is used (sizes are bounded again by ModelConfig).
 _SIZE, _EPS = Key(INT, lo=1), Key(NUMBER, above=0)
-CONFIG_SCHEMA = {"model_type": Key(STR), "torch_dtype": Key(STR), "dtype": Key(STR),
-                 "tie_word_embeddings": Key(BOOL), "bos_token_id": Key(INT, lo=0)}  # fmt: skip
+CONFIG_SCHEMA = {"model_type": Key(STR), "torch_dtype": Key(STR), "dtype": Key(STR), "tie_word_embeddings": Key(BOOL),
+                 "bos_token_id": Key(TOKEN_IDS), "eos_token_id": Key(TOKEN_IDS)}  # fmt: skip
 GPT2_SCHEMA = {
     "activation_function": Key(STR), "scale_attn_by_inverse_layer_idx": Key(BOOL), "scale_attn_weights": Key(BOOL),
     "n_embd": Key(INT, lo=1, required=True), "vocab_size": Key(INT, lo=1, required=True),

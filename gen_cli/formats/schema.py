@@ -19,6 +19,7 @@ from gen_cli.errors import GenError
 
 INT, NUMBER, BOOL, STR, DICT = "a whole number", "a number", "true or false", "a string", "an object"
 LIST_STR, LIST_INT, LIST_NUMBER = "a list of strings", "a list of whole numbers", "a list of numbers"
+TOKEN_IDS = "a token id or a list of them"  # HF's bos/eos_token_id: one id, or several (≥ 0)
 _SCALARS = {
     INT: lambda v: isinstance(v, int) and not isinstance(v, bool),
     NUMBER: lambda v: isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v),
@@ -53,6 +54,9 @@ class Key:
         return kind + (f" {' and '.join(bounds)}" if bounds else "")
 
     def fits(self, value: Any) -> bool:
+        if self.kind == TOKEN_IDS:
+            ids = value if isinstance(value, list) else [value]
+            return all(_SCALARS[INT](i) and i >= 0 for i in ids)
         if self.kind in _ELEMENTS:
             return isinstance(value, list) and all(map(_SCALARS[_ELEMENTS[self.kind]], value))
         if not _SCALARS[self.kind](value):
