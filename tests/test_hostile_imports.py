@@ -418,3 +418,5 @@ def test_sentencepiece_tokens_past_the_length_cap_are_refused_and_the_rebuild_is
     assert merges_from_scores(tokens, scores) == [(a, b) for a, b, _ in naive]
     long = ["a", "b", "x" * (MAX_SCORED_TOKEN_CHARS + 1)]
     _refused(merges_from_scores, long, [0.0, 0.0, 0.0], match="token #2 is 1,025 characters long")
+    costly = ["a" * k for k in range(1, MAX_SCORED_TOKEN_CHARS + 1)]  # every length: every split is a candidate
+    _refused(merges_from_scores, costly, [0.0] * len(costly), match="gen's limit is 268,435,456")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +43,9 @@ TOKENIZER_SCHEMA = {
 # longer than this are refused (real ones are at most a few hundred characters: a 1M-character one took
 # minutes). With the split points limited to the vocabulary's own token lengths the rebuild stays near linear.
 MAX_SCORED_TOKEN_CHARS = 1024
+# The rebuild's cost in characters hashed: Σ over tokens of (token lengths shorter than it) × its length. A
+# real vocabulary costs a few million (Llama 2: ~3M); past this budget a file is refused, not rebuilt for minutes.
+MAX_REBUILD_CHARS = 1 << 28
 
 
 def _pre_tokenizer(pre: str, source: str) -> Any:
@@ -66,6 +70,10 @@ def merges_from_scores(tokens: list[str], scores: list[float]) -> list[tuple[str
         raise GenError(f"token #{long} is {len(tokens[long]):,} characters long; a SentencePiece vocabulary "
                        f"rebuilt from its scores may have tokens of at most {MAX_SCORED_TOKEN_CHARS:,}")  # fmt: skip
     lengths = sorted({len(t) for t in tokens})  # a split's left part is a token: only these lengths can be one
+    cost = sum(len(t) * bisect.bisect_left(lengths, len(t)) for t in tokens)
+    if cost > MAX_REBUILD_CHARS:
+        raise GenError(f"rebuilding this SentencePiece vocabulary's merges from its scores would hash {cost:,} "
+                       f"characters; gen's limit is {MAX_REBUILD_CHARS:,} (a real one: a few million)")  # fmt: skip
     found = []
     for token, score in zip(tokens, scores, strict=True):
         n = len(token)
