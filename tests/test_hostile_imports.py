@@ -107,6 +107,21 @@ def test_missing_or_extra_gguf_tensors_are_the_same_line_from_info_and_generate(
     assert match in one_line(info) and one_line(info) == one_line(generate)
 
 
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (
+            lambda t: t.pop("model.layers.1.self_attn.v_proj.weight"),
+            "tensor model.layers.1.self_attn.v_proj.weight is missing",
+        ),
+        (lambda t: t.update(extra=t["model.norm.weight"].clone()), "unexpected tensor extra"),
+    ],
+)
+def test_missing_or_extra_hf_tensors_are_the_same_line_from_info_and_load(tmp_path, edit, match):
+    folder = write_tiny_hf(tmp_path / "m", tensors=edit)
+    assert _refused(read_config, folder, match=match) == _refused(load_hf, folder, match=match)
+
+
 HF_CONFIG = {
     "architectures a dict": ({"architectures": {"a": 1}}, "architectures must be a list of strings"),
     "architectures nested": ({"architectures": [["LlamaForCausalLM"]]}, "architectures must be"),
@@ -337,6 +352,8 @@ def test_devices_and_fifos_are_refused_not_read(tmp_path, alarm, kind, name):
         path.symlink_to("/dev/zero")
     if name == "model.gguf":
         _refused(GGUFFile, path, match="not a regular file")
+        result = cli(["info", str(path)])
+        assert result.exit_code == 1 and "not a regular file" in one_line(result)
         return
     if name == "config.json":
         _refused(config_for, str(folder), match="not a regular file")

@@ -147,8 +147,8 @@ def require_model_kind(path: Path) -> str:
 
 def model_kind(path: Path) -> str | None:
     """'gguf' for a .gguf file, 'hf' for a Hugging Face folder, 'gen' for another folder, None if neither."""
-    if path.is_file() and path.suffix.lower() == ".gguf":
-        return "gguf"
+    if path.suffix.lower() == ".gguf" and path.exists() and not path.is_dir():
+        return "gguf"  # a device or FIFO named .gguf too: the reader refuses it in one line, unread
     if path.is_dir():
         from gen_cli.formats.hf import is_hf_dir
 
