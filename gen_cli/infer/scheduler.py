@@ -193,6 +193,11 @@ class Scheduler:
                 return
             self.step()
 
+    def abort(self, finish: str = "error") -> None:
+        """End every running request with `finish` (a step failed), freeing their caches; waiting ones stay."""
+        for run in list(self._running):
+            self._leave(run, finish)
+
     def _admit(self) -> None:
         with self._wake:
             if self.mode == "static" and self._running:
@@ -248,7 +253,7 @@ class Scheduler:
         self._running.remove(run)
         self.reserved -= run.reserved
         run.row.cache = None  # type: ignore[assignment]  # the cache's memory goes with the last reference
-        if run.stream is not None and finish != "cancelled":
+        if run.stream is not None and finish in ("stop", "length"):
             rest = run.stream.take(final=True)
             if rest:
                 run.request.text += rest
