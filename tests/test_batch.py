@@ -122,3 +122,18 @@ def test_each_row_samples_with_its_own_settings_and_generator():
     assert len({d[0] for d in draws}) > 1  # the sampled row varies with its seed
     assert len({d[1] for d in draws}) == 1  # the greedy row does not
     assert tokens(3) == tokens(3)
+
+
+def test_a_batch_mixing_window_int8_and_plain_rows_decodes_as_single_runs():
+    model = _model(n_kv_head=2)
+    specs = [CacheSpec(), CacheSpec(window=5, sinks=1), CacheSpec("int8", "int8"), CacheSpec()]
+    rows = [_row(model, p, 9, s) for p, s in zip(PROMPTS, specs, strict=True)]
+    logits = torch.stack([prefill_chunk(model, r.pending, r.cache) for r in rows])
+    got: list[list[int]] = [[] for _ in rows]
+    for step in range(9):
+        for out, row, token in zip(got, rows, pick(logits, rows), strict=True):
+            out.append(token)
+            row.ids.append(token)
+        if step < 8:
+            logits = batched_step(model, [r.ids[-1] for r in rows], [r.cache for r in rows])
+    assert got == [_single(model, p, 9, s) for p, s in zip(PROMPTS, specs, strict=True)]

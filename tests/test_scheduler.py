@@ -129,3 +129,22 @@ def test_stop_ids_and_stop_strings_end_a_request(model, tokenizer):
     assert by_id.finish == "stop" and by_id.tokens == base.tokens[: base.tokens.index(stop_id) + 1]
     assert by_text.finish == "stop" and stop_text not in by_text.text
     assert base.text.startswith(by_text.text) and len(by_text.tokens) < 12
+
+
+def test_the_closed_loop_bench_runs_every_request_in_every_mode(model):
+    from gen_cli.lab.serve_bench import closed_loop, summary, workload
+
+    jobs = workload(7, model.config.vocab_size, prompt=(2, 9), new=(2, 6))
+    runs = {mode: [closed_loop(model, mode, 3, jobs)] for mode in ("continuous", "static", "single")}
+    for done in runs.values():
+        run = done[0]
+        assert run.requests == 7 and run.tokens == sum(n for _, n in jobs) and len(run.ttft_ms) == 7
+        assert len(run.itl_ms) == run.tokens - 7
+    assert [row["mode"] for row in summary(runs)] == ["continuous", "static", "single"]
+
+
+def test_batch_rates_time_every_batch_size(model):
+    from gen_cli.lab.batch_bench import batch_rates
+
+    rates = batch_rates(model, [1, 3], steps=3, rounds=1, prompt=6)
+    assert [r.batch for r in rates] == [1, 3] and all(r.low <= r.tokens_per_s <= r.high for r in rates)

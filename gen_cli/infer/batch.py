@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from gen_cli.cache.window import Cache
 from gen_cli.errors import UsageError
@@ -84,11 +85,32 @@ def _attention(attn, x: torch.Tensor, rope, plans, caches: Sequence[Cache], laye
     B = x.shape[0]
     q, k, v = attn.project(x, rope)  # q (B, n_head, 1, hd); k, v (B, n_kv_head, 1, hd)
     gqa = attn.n_kv_head != attn.n_head
-    rows = []
+    y = torch.empty_like(q)  # (B, n_head, 1, hd)
+    plain: list[tuple[int, torch.Tensor, torch.Tensor]] = []
     for i, (cache, plan) in enumerate(zip(caches, plans, strict=True)):
         k_i, v_i = cache.update(layer, k[i : i + 1], v[i : i + 1])  # (1, n_kv_head, L_i, hd)
-        rows.append(attend(q[i : i + 1], k_i, v_i, plan, gqa))  # (1, n_head, 1, hd)
-    y = torch.cat(rows).transpose(1, 2).reshape(B, 1, attn.n_head * attn.head_dim)  # (B, 1, n_head × hd)
+        if plan.mask is None and not plan.is_causal and plan.rope_q is None:
+            plain.append((i, k_i, v_i))  # sees every key it holds, as they are: batched below
+        else:
+            y[i : i + 1] = attend(q[i : i + 1], k_i, v_i, plan, gqa)  # (1, n_head, 1, hd)
+    if len(plain) == 1:
+        i, k_i, v_i = plain[0]
+        y[i : i + 1] = attend(q[i : i + 1], k_i, v_i, plans[i], gqa)
+    elif plain:
+        # One SDPA for the rows that see all their keys: keys padded to the longest, padding masked out.
+        # Copying the keys costs far less than one SDPA call per row (PyTorch's per-call overhead).
+        rows = [i for i, _, _ in plain]
+        lengths = torch.tensor([k_i.shape[2] for _, k_i, _ in plain], device=q.device)  # (n,)
+        longest = int(lengths.max())
+        keys = q.new_zeros(len(plain), attn.n_kv_head, longest, attn.head_dim)  # (n, n_kv_head, L, hd)
+        values = torch.zeros_like(keys)
+        for j, (_, k_i, v_i) in enumerate(plain):
+            keys[j, :, : k_i.shape[2]] = k_i[0]
+            values[j, :, : v_i.shape[2]] = v_i[0]
+        seen = (torch.arange(longest, device=q.device)[None, :] < lengths[:, None])[:, None, None]  # (n, 1, 1, L)
+        index = torch.tensor(rows, device=q.device)
+        y[index] = F.scaled_dot_product_attention(q[index], keys, values, attn_mask=seen, enable_gqa=gqa)
+    y = y.transpose(1, 2).reshape(B, 1, attn.n_head * attn.head_dim)  # (B, 1, n_head × hd)
     return attn.wo(y)
 
 
