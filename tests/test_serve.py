@@ -228,3 +228,24 @@ def test_chat_with_the_openai_client_streamed_and_whole_equals_a_single_run(chat
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
     assert chunks[0].choices[0].delta.role == "assistant"
     assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+
+
+def test_a_failing_step_answers_503_and_the_server_goes_on(engine, monkeypatch):
+    import gen_cli.infer.scheduler as scheduler_module
+
+    real = scheduler_module.prefill_chunk
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("a kernel failed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(scheduler_module, "prefill_chunk", flaky)
+    with BackgroundServer(served(engine, "tiny")) as srv:
+        code, data, headers = _post(srv.url + "/v1/completions", {"prompt": "a", "max_tokens": 3})
+        assert code == 503 and "stopped" in data["error"]["message"] and headers["retry-after"] == "1"
+        assert srv.served.worker.scheduler.reserved == 0
+        code, data, _ = _post(srv.url + "/v1/completions", {"prompt": "a", "max_tokens": 3})
+        assert code == 200 and data["usage"]["completion_tokens"] == 3
