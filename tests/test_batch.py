@@ -137,3 +137,15 @@ def test_a_batch_mixing_window_int8_and_plain_rows_decodes_as_single_runs():
         if step < 8:
             logits = batched_step(model, [r.ids[-1] for r in rows], [r.cache for r in rows])
     assert got == [_single(model, p, 9, s) for p, s in zip(PROMPTS, specs, strict=True)]
+
+
+def test_by_row_steps_give_the_batched_steps_logits():
+    model = _model(n_kv_head=2)
+    rows = [[_row(model, p, 4, CacheSpec()) for p in PROMPTS] for _ in range(2)]
+    for group in rows:
+        for row in group:
+            prefill_chunk(model, row.pending, row.cache)
+    batched = batched_step(model, [3, 4, 5, 6], [r.cache for r in rows[0]])
+    by_row = batched_step(model, [3, 4, 5, 6], [r.cache for r in rows[1]], by_row=True)
+    torch.testing.assert_close(by_row, batched, rtol=1e-4, atol=1e-4)
+    assert [r.cache.pos for r in rows[1]] == [len(p) + 1 for p in PROMPTS]

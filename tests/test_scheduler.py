@@ -34,9 +34,10 @@ def _single(model, prompt, n, spec=CacheSpec(), sampling=GREEDY, seed=None):
     return [int(t[0]) for t in generate(model, ids, n, sampling, new_cache(model, ids, n, 1, spec), gen)]
 
 
-@pytest.mark.parametrize("mode", ["continuous", "static", "single"])
+@pytest.mark.parametrize("mode", ["continuous", "continuous+rows", "static", "single"])
 def test_every_request_equals_its_single_run_in_every_mode(model, mode):
-    sched = Scheduler(model, max_batch=3, prefill_chunk=4, mode=mode, static_wait_s=0)
+    base, by_row = mode.removesuffix("+rows"), mode.endswith("+rows")
+    sched = Scheduler(model, max_batch=3, prefill_chunk=4, mode=base, static_wait_s=0, by_row=by_row)
     lengths = [6, 3, 9, 1, 5]
     requests = [sched.submit(Request(p, n)) for p, n in zip(PROMPTS, lengths, strict=True)]
     sched.run_until_idle()
@@ -135,12 +136,12 @@ def test_the_closed_loop_bench_runs_every_request_in_every_mode(model):
     from gen_cli.lab.serve_bench import closed_loop, summary, workload
 
     jobs = workload(7, model.config.vocab_size, prompt=(2, 9), new=(2, 6))
-    runs = {mode: [closed_loop(model, mode, 3, jobs)] for mode in ("continuous", "static", "single")}
+    runs = {mode: [closed_loop(model, mode, 3, jobs)] for mode in ("continuous", "continuous+rows", "static", "single")}
     for done in runs.values():
         run = done[0]
         assert run.requests == 7 and run.tokens == sum(n for _, n in jobs) and len(run.ttft_ms) == 7
         assert len(run.itl_ms) == run.tokens - 7
-    assert [row["mode"] for row in summary(runs)] == ["continuous", "static", "single"]
+    assert [row["mode"] for row in summary(runs)] == list(runs)
 
 
 def test_batch_rates_time_every_batch_size(model):

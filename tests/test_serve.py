@@ -249,3 +249,28 @@ def test_a_failing_step_answers_503_and_the_server_goes_on(engine, monkeypatch):
         assert srv.served.worker.scheduler.reserved == 0
         code, data, _ = _post(srv.url + "/v1/completions", {"prompt": "a", "max_tokens": 3})
         assert code == 200 and data["usage"]["completion_tokens"] == 3
+
+
+def test_cli_bench_serve_json_and_serve_refusals():
+    from typer.testing import CliRunner
+
+    from gen_cli.cli import app
+
+    runner = CliRunner()
+    argv = (
+        "bench serve --preset tiny --clients 2 --requests 3 --rounds 1 --batches 1,2 --modes continuous,single --json"
+    )
+    done = runner.invoke(app, argv.split())
+    assert done.exit_code == 0, done.output
+    data = json.loads(done.stdout)
+    assert [m["mode"] for m in data["modes"]] == ["continuous", "single"] and [b["batch"] for b in data["batches"]] == [
+        1,
+        2,
+    ]
+    for argv in (
+        ["serve", "--decode", "sideways"],
+        ["bench", "serve", "--modes", "eager"],
+        ["serve", "--port", "70000"],
+    ):
+        refused = runner.invoke(app, argv)
+        assert refused.exit_code == 2 and "Traceback" not in refused.output, argv

@@ -73,6 +73,16 @@ def serve_command(
             rich_help_panel=SERVER,
         ),
     ] = "continuous",
+    decode: Annotated[
+        str,
+        typer.Option(
+            "--decode",
+            metavar="HOW",
+            help="batched (one PyTorch step for all running requests) or rows (gen's single-sequence step per "
+            "request: faster on small models, see docs/serving.md).",
+            rich_help_panel=SERVER,
+        ),
+    ] = "batched",
     name: Annotated[
         str | None,
         typer.Option(
@@ -101,13 +111,17 @@ def serve_command(
         raise UsageError("give --model or --preset, not both")
     if model_dir is not None:
         check_model_path(model_dir, "serve")
+    if decode not in ("batched", "rows"):
+        raise UsageError(f"--decode takes batched or rows, got {decode!r}")
     if kv_budget_mb is not None and not kv_budget_mb > 0:
         raise UsageError(f"--kv-budget-mb must be > 0, got {kv_budget_mb}")
     source = PresetSource(preset) if preset is not None else (model_dir or default_model_dir())
     kinds = kv_kinds_of(kv_dtype, kv_dtype_k, kv_dtype_v) or (None, None)
     engine = open_model(source, EngineOptions(device, dtype, threads, native=native))
     budget = int(kv_budget_mb * 2**20) if kv_budget_mb is not None else None
-    options = ServeOptions(max_batch, max_queue, budget, mode=schedule, cache=CacheSpec(*kinds), api_key=api_key)
+    options = ServeOptions(
+        max_batch, max_queue, budget, mode=schedule, cache=CacheSpec(*kinds), api_key=api_key, by_row=decode == "rows"
+    )
     model_id = name or (preset if preset is not None else Path(source).name)  # type: ignore[arg-type]
     server = uvicorn_server(app_served := served(engine, model_id, options), host, port)
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
@@ -123,4 +137,9 @@ def serve_command(
 
 
 def register(app: typer.Typer) -> None:
+    from gen_cli.commands.bench import bench_app
+    from gen_cli.commands.serve_bench import bench_serve_command
+
     app.command("serve")(serve_command)
+    # `gen bench serve` belongs with the server it measures; it joins the bench group from here.
+    bench_app.command("serve")(bench_serve_command)

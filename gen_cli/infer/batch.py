@@ -32,13 +32,19 @@ def prefill_chunk(model: Transformer, ids: Sequence[int], cache: Cache) -> torch
 
 
 @torch.inference_mode()
-def batched_step(model: Transformer, tokens: Sequence[int], caches: Sequence[Cache]) -> torch.Tensor:
-    """Logits (B, V) for one new token per sequence, each at its own cache's position; every cache advances."""
+def batched_step(
+    model: Transformer, tokens: Sequence[int], caches: Sequence[Cache], by_row: bool = False
+) -> torch.Tensor:
+    """Logits (B, V) for one new token per sequence, each at its own cache's position; every cache advances.
+
+    `by_row` runs the single-sequence step once per row instead (gen's C step where it applies): on a small
+    model, whose weights are cheap to read, B C steps beat one PyTorch step over B rows."""
     if len(tokens) != len(caches) or not tokens:
         raise UsageError(f"batched_step needs one token per cache, got {len(tokens)} tokens for {len(caches)} caches")
     device = model.norm.weight.device
-    if len(caches) == 1:  # one row: the single-sequence step (gen's C step where it applies)
-        return decode_step(model, torch.tensor([[tokens[0]]], device=device), caches[0])
+    if len(caches) == 1 or by_row:  # the single-sequence step per row (gen's C step where it applies)
+        ids = torch.tensor(list(tokens), device=device)[:, None]  # (B, 1)
+        return torch.cat([decode_step(model, ids[i : i + 1], c) for i, c in enumerate(caches)])  # (B, V)
     config, kind = model.config, model.config.pos_encoding
     idx = torch.tensor(list(tokens), dtype=torch.long, device=device)[:, None]  # (B, 1)
     x = model.tok_emb(idx)  # (B, 1, d_model)

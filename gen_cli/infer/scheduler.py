@@ -91,6 +91,7 @@ class Scheduler:
         prefill_chunk: int = 256,
         mode: str = "continuous",
         static_wait_s: float = 0.05,
+        by_row: bool = False,
     ) -> None:
         if mode not in MODES:
             raise UsageError(f"unknown scheduling mode {mode!r}; choose {', '.join(MODES)}", params=("mode",))
@@ -101,7 +102,7 @@ class Scheduler:
         self.model, self.tokenizer, self.spec, self.mode = model, tokenizer, spec, mode
         self.max_batch = 1 if mode == "single" else max_batch
         self.kv_budget, self.max_queue, self.prefill_chunk = kv_budget, max_queue, prefill_chunk
-        self.static_wait_s = static_wait_s
+        self.static_wait_s, self.by_row = static_wait_s, by_row  # by_row: see infer.batch.batched_step
         self.device = model.norm.weight.device
         self._bpe = torch.empty((), dtype=model_dtype(model)).element_size()
         self._waiting: deque[Request] = deque()
@@ -169,7 +170,8 @@ class Scheduler:
         self._admit()
         decoding = [r for r in self._running if not r.row.pending and r.logits is None]
         if decoding:
-            logits = batched_step(self.model, [r.row.ids[-1] for r in decoding], [r.row.cache for r in decoding])
+            tokens, caches = [r.row.ids[-1] for r in decoding], [r.row.cache for r in decoding]
+            logits = batched_step(self.model, tokens, caches, self.by_row)
             self._take(decoding, logits)
         budget = self.prefill_chunk
         for run in [r for r in self._running if r.row.pending]:

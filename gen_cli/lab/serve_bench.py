@@ -52,8 +52,10 @@ def closed_loop(
     spec: CacheSpec = CacheSpec(),
     time_limit_s: float = 60.0,
 ) -> ServeRun:
-    """Run `jobs` from `clients` closed-loop clients under `mode`; stops early past `time_limit_s`."""
-    scheduler = Scheduler(model, None, spec, max_batch or clients, max_queue=clients + 1, mode=mode)
+    """Run `jobs` from `clients` closed-loop clients under `mode` (`continuous+rows`: each row through the
+    single-sequence step, see `infer.batch.batched_step`); stops early past `time_limit_s`."""
+    base, by_row = mode.removesuffix("+rows"), mode.endswith("+rows")
+    scheduler = Scheduler(model, None, spec, max_batch or clients, max_queue=clients + 1, mode=base, by_row=by_row)
     todo = list(reversed(jobs))
     run = ServeRun(mode, 0, 0, 0.0)
     start = time.perf_counter()

@@ -33,6 +33,7 @@ class ServeOptions:
     cache: CacheSpec = field(default_factory=CacheSpec)
     api_key: str | None = None
     max_body: int = MAX_BODY
+    by_row: bool = False  # decode each running request through the single-sequence step (infer.batch)
 
 
 def served(engine: Engine, name: str, options: ServeOptions = ServeOptions()) -> Served:
@@ -41,7 +42,7 @@ def served(engine: Engine, name: str, options: ServeOptions = ServeOptions()) ->
 
     scheduler = Scheduler(
         engine.model, engine.tokenizer, options.cache, options.max_batch, options.kv_budget, options.max_queue,
-        options.prefill_chunk, options.mode,
+        options.prefill_chunk, options.mode, by_row=options.by_row,
     )  # fmt: skip
     chat_ids = None
     template = engine.chat_template
