@@ -32,7 +32,7 @@ def bench_serve_command(
             show_default=False,
         ),
     ] = None,
-    device: Device = "cpu",
+    device: Device = "auto",
     threads: Threads = None,
     as_json: Json = False,
 ) -> None:
