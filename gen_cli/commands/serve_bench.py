@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from gen_cli.commands.common import err, out_console, print_json
-from gen_cli.commands.options import Device, Json, Model, Preset, Threads, check_model_path
+from gen_cli.commands.options import Device, Json, Model, Native, Preset, Threads, check_model_path
 from gen_cli.errors import UsageError
 from gen_cli.resources import default_model_dir
 
@@ -34,6 +34,7 @@ def bench_serve_command(
     ] = None,
     device: Device = "auto",
     threads: Threads = None,
+    native: Native = True,
     as_json: Json = False,
 ) -> None:
     """Serving throughput, time to first token and inter-token latency per scheduling mode (no HTTP)."""
@@ -57,10 +58,10 @@ def bench_serve_command(
     if model_dir is not None:
         check_model_path(model_dir, "bench serve")
     source = PresetSource(preset) if preset is not None else (model_dir or default_model_dir())
-    engine = open_model(source, EngineOptions(device, threads=threads))
+    engine = open_model(source, EngineOptions(device, threads=threads, native=native))
     err.print(f"[dim]{engine.source}: {clients} clients, {requests} requests, {rounds} rounds[/]")
     rows = summary(compare_modes(engine.model, clients, requests, rounds, chosen))
-    rates = batch_rates(engine.model, sizes) if sizes else []
+    rates = batch_rates(engine.model, sizes, rounds=rounds) if sizes else []
     if as_json:
         print_json({"modes": rows, "batches": [vars(r) for r in rates]})
         return
