@@ -274,3 +274,17 @@ def test_cli_bench_serve_json_and_serve_refusals():
     ):
         refused = runner.invoke(app, argv)
         assert refused.exit_code == 2 and "Traceback" not in refused.output, argv
+
+
+def test_a_stop_string_cuts_the_text_and_finishes_with_stop(server):
+    client = _client(server)
+    whole = client.completions.create(model="tiny", prompt="The cat", max_tokens=16, temperature=0).choices[0].text
+    stop = whole.strip()[len(whole.strip()) // 2 :][:3]
+    assert stop, whole  # the tiny model writes some text to cut
+    cut = client.completions.create(model="tiny", prompt="The cat", max_tokens=16, temperature=0, stop=[stop])
+    assert cut.choices[0].finish_reason == "stop" and stop not in cut.choices[0].text
+    assert whole.startswith(cut.choices[0].text) and len(cut.choices[0].text) < len(whole)
+    streamed = client.completions.create(
+        model="tiny", prompt="The cat", max_tokens=16, temperature=0, stop=stop, stream=True
+    )
+    assert "".join(c.choices[0].text for c in streamed) == cut.choices[0].text
