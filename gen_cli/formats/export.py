@@ -8,15 +8,17 @@ A model neither format can express is refused with the reason before anything is
 from __future__ import annotations
 
 import json
+import math
+import mmap
 import os
-import shutil
+import struct
+import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gen_cli.atomic import atomic_path, write_text_atomic
 from gen_cli.errors import GenError, UsageError
 from gen_cli.formats import hf
 from gen_cli.model.config import ModelConfig
@@ -31,6 +33,7 @@ if TYPE_CHECKING:
 HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                     "gpt2": "GPT2LMHeadModel"}  # fmt: skip
 HF_TYPES = ("f32", "f16", "bf16")
+HF_FILES = ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json")
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k")
 _GPT2_ACT = {"gelu_tanh": "gelu_new", "gelu": "gelu"}  # gen MLP kind → GPT2Config.activation_function
 
@@ -132,6 +135,12 @@ def held_blocks(model: Transformer) -> dict[str, tuple[torch.Tensor, str]]:
 def state_of(model: Transformer, blocks: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
     """gen name → tensor on the CPU, every name `expected_shapes` lists (a tied lm_head left out) except
     those in `blocks`; without `blocks`, block-held matrices are dequantized here (float32)."""
+    return dict(tensors_of(model, blocks))
+
+
+def tensors_of(model: Transformer, blocks: dict[str, Any] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """state_of, one tensor at a time in the model's order: a dequantized matrix exists only while its
+    consumer holds it, so a streamed export never holds the whole model twice."""
     from gen_cli.model.transformer import expected_shapes
     from gen_cli.quant.blocks import dequantize
 
@@ -140,16 +149,65 @@ def state_of(model: Transformer, blocks: dict[str, Any] | None = None) -> dict[s
     shapes = expected_shapes(model.config)
     if sorted((state.keys() | held.keys()) - {"lm_head.weight"}) != sorted(shapes.keys() - {"lm_head.weight"}):
         raise GenError("a model with fused or optimised layers cannot be exported; export the model as loaded")
-    out = {}
     for name in shapes:
         if blocks is not None and name in blocks:
             continue
         if name in held:
             b, qtype = held[name]
-            out[name] = dequantize(b, qtype, shapes[name][1])
+            yield name, dequantize(b, qtype, shapes[name][1])
         else:
-            out[name] = state[name].detach().to("cpu")
-    return out
+            yield name, state[name].detach().to("cpu")
+
+
+class PageReleaser:
+    """Drops the resident pages of tensors that are views of a memory-mapped file (a model loaded in place)
+    once they are written: a streamed export then holds about one tensor's pages, not the whole file's.
+
+    Only file-backed ranges are advised (MADV_PAGEOUT: clean pages are re-read from the file if touched
+    again); anonymous memory, a trained model's, is never touched. A no-op where Linux's madvise is missing."""
+
+    MADV_PAGEOUT = 21
+
+    def __init__(self) -> None:
+        self.ranges: list[tuple[int, int]] = []
+        self.paths: list[str] = []
+        self.madvise: Any = None
+        if not sys.platform.startswith("linux"):
+            return
+        try:
+            import ctypes
+
+            with open("/proc/self/maps", encoding="ascii", errors="replace") as f:
+                for line in f:  # "start-end perms offset dev inode path": inode ≠ 0 is a file
+                    fields = line.split()
+                    if len(fields) >= 6 and fields[4] != "0" and fields[5].startswith("/"):
+                        start, end = (int(x, 16) for x in fields[0].split("-"))
+                        self.ranges.append((start, end))
+                        self.paths.append(" ".join(fields[5:]))
+            libc = ctypes.CDLL(None, use_errno=True)
+            self.madvise = libc.madvise
+            self.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        except (OSError, AttributeError, ValueError):
+            self.madvise = None
+
+    def release_files(self, source: str | Path) -> None:
+        """Drop every mapped page of the files at or under `source` (what loading it touched: fused q/k/v
+        read through the map, say); the export reads each tensor again when it writes it."""
+        root = str(Path(source).resolve())
+        for (start, end), path in zip(self.ranges, self.paths, strict=True):
+            if self.madvise is not None and (path == root or path.startswith(root.rstrip("/") + "/")):
+                self.madvise(start, end - start, self.MADV_PAGEOUT)
+
+    def release(self, t: torch.Tensor) -> None:
+        """Advise the kernel that `t`'s whole pages, when inside a file mapping, are not needed now."""
+        if self.madvise is None or t.device.type != "cpu":
+            return
+        storage = t.untyped_storage()
+        start, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+        page = mmap.PAGESIZE
+        first, last = -(-start // page) * page, end // page * page  # whole pages inside the tensor only
+        if last > first and any(lo <= first and last <= hi for lo, hi in self.ranges):
+            self.madvise(first, last - first, self.MADV_PAGEOUT)  # advice: a failure changes nothing
 
 
 def stop_ids_of(tokenizer: Tokenizer) -> tuple[int, ...]:
@@ -182,35 +240,84 @@ def check_vocab(model: Transformer, tokenizer: Tokenizer) -> None:
                        f"{model.config.vocab_size} rows; they do not belong together")  # fmt: skip
 
 
-def write_folder(out_dir: Path, force: bool, write: Callable[[Path], None]) -> None:
-    """Run `write(tmp)` on a fresh folder beside `out_dir`, then rename it into place: a crash leaves
-    either the old folder or the new one, never half of one."""
+def check_not_source(out: str | Path, source: str | Path) -> None:
+    """Refuse an output that would write over the model being exported: the source file or folder itself,
+    or one of the files a model folder is read from (other files in a shared folder are not the model's)."""
+    out, source = Path(out).resolve(), Path(source).resolve()
+    inside = source.parent if source.is_file() else source
+    if (
+        out == source
+        or (out.parent == inside and out.name in SOURCE_FILES)
+        or (out == inside and source.name in SOURCE_FILES)
+    ):
+        raise UsageError(f"{out} is the model being exported (or holds its files); export to another path")
+
+
+# Files a model folder is read from (gen's own, Hugging Face's): an export must never write over them.
+SOURCE_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "tokenizer.json",
+                "tokenizer_config.json", "generation_config.json", "chat_template.jinja")  # fmt: skip
+
+
+def write_files(out_dir: Path, force: bool, writers: dict[str, Callable[[Path], None]]) -> None:
+    """Write each `writers[name](tmp)` to a temporary beside `out_dir/name`, then rename them all into place:
+    an existing folder keeps every other file (--force replaces only these), and a failed export leaves the
+    old files untouched."""
     check_output(out_dir, force, folder=True)
     try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+        out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise GenError(f"cannot write {out_dir}: {e.strerror or e}") from e
+    temps: dict[str, Path] = {}
     try:
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's folder is private; give it the permissions mkdir would
-        write(tmp)
-        if out_dir.exists():  # force: the old folder moves aside, the new one in, then the old one goes
-            old = tmp.with_name(tmp.name + ".old")
-            os.replace(out_dir, old)
-            try:
-                os.replace(tmp, out_dir)
-            except OSError:
-                os.replace(old, out_dir)  # put the old one back: a failed export must not lose it
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        for name, write in writers.items():
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=out_dir)
+            os.close(fd)
+            temps[name] = Path(tmp)
+            write(temps[name])
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp's file is private; give it the permissions open() would
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        for name, tmp in temps.items():  # renames only: the window with a mix of old and new files is tiny
+            os.replace(tmp, out_dir / name)
     except OSError as e:
         raise GenError(f"cannot write {out_dir}: {e.strerror or e}") from e
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for tmp in temps.values():
+            tmp.unlink(missing_ok=True)
+
+
+def safetensors_header(tensors: Sequence[tuple[str, torch.dtype, tuple[int, ...]]]) -> bytes:
+    """A safetensors header (length + JSON, padded to 8 bytes) for tensors stored one after the other."""
+    names = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    at = 0
+    for name, dtype, shape in tensors:
+        n = dtype.itemsize * math.prod(shape)
+        header[name] = {"dtype": names[str(dtype).removeprefix("torch.")], "shape": list(shape),
+                        "data_offsets": [at, at + n]}  # fmt: skip
+        at += n
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors' own writer does
+    return struct.pack("<Q", len(text)) + text
+
+
+def write_safetensors(
+    path: Path, layout: Sequence[tuple[str, torch.dtype, tuple[int, ...]]], tensors: Iterable[tuple[str, torch.Tensor]]
+) -> None:
+    """Stream `tensors` (in `layout`'s order, names, dtypes and shapes) into one safetensors file: only
+    the tensor being written is held."""
+    import torch
+
+    with open(path, "wb") as f:
+        f.write(safetensors_header(layout))
+        expected = iter(layout)
+        for name, t in tensors:
+            want = next(expected)
+            assert (name, t.dtype, tuple(t.shape)) == want, (name, t.dtype, t.shape, want)
+            f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)  # little-endian, as stored
+        assert next(expected, None) is None, "fewer tensors than the header lists"
 
 
 def _hf_config(config: ModelConfig, name: str, dtype: str, bos: int | None, eos: Sequence[int]) -> dict[str, Any]:
@@ -248,20 +355,19 @@ def _hf_config(config: ModelConfig, name: str, dtype: str, bos: int | None, eos:
     return data
 
 
-def hf_tensors(model: Transformer, name: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """HF tensor name → tensor in `dtype`, laid out as transformers stores `name` (hf.py's tables, inverted)."""
-    import torch
-
+def hf_tensors(
+    config: ModelConfig, name: str, dtype: torch.dtype, tensors: Iterable[tuple[str, torch.Tensor]]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF tensor name → tensor in `dtype`, laid out as transformers stores `name` (hf.py's tables, inverted),
+    from gen's (name, tensor) pairs one at a time; meta tensors give the layout without any data."""
     arch = HF_ARCHITECTURES[name]
-    out: dict[str, torch.Tensor] = {}
-    for gen_name, t in state_of(model).items():
+    for gen_name, t in tensors:
         names = hf.source_names(gen_name, arch)
-        for hf_name, part in zip(names, split_rows(model.config, gen_name, t.to(dtype), len(names)), strict=True):
+        for hf_name, part in zip(names, split_rows(config, gen_name, t.to(dtype), len(names)), strict=True):
             if arch == "GPT2LMHeadModel":
                 part = part.T if hf.GPT2_TRANSPOSED.search(hf_name) else part  # Conv1D stores (in, out)
                 hf_name = hf_name if hf_name == "lm_head.weight" else "transformer." + hf_name
-            out[hf_name] = part.clone(memory_format=torch.contiguous_format)  # own storage: safetensors refuses views
-    return out
+            yield hf_name, part
 
 
 def export_hf(
@@ -275,8 +381,6 @@ def export_hf(
 ) -> Exported:
     """Write config.json, model.safetensors, tokenizer.json, tokenizer_config.json and generation_config.json into
     `out_dir`, so transformers' Auto classes load the model unchanged; `dtype` f32|f16|bf16 (default: the model's)."""
-    from safetensors.torch import save_file
-
     out_dir = Path(out_dir)
     name = family(model.config, "hf")
     check_vocab(model, tokenizer)
@@ -285,7 +389,12 @@ def export_hf(
     dtype_name = str(torch_dtype).removeprefix("torch.")  # as config.json names it: float32, bfloat16 …
     eos = tuple(stop_ids if stop_ids is not None else stop_ids_of(tokenizer))
     bos = bos_id(tokenizer)
-    tensors = hf_tensors(model, name, torch_dtype)
+    import torch
+
+    from gen_cli.model.transformer import expected_shapes
+
+    meta = ((n, torch.empty(shape, device="meta")) for n, shape in expected_shapes(model.config).items())
+    layout = [(n, t.dtype, tuple(t.shape)) for n, t in hf_tensors(model.config, name, torch_dtype, meta)]
 
     def token(i: int | None) -> str | None:
         return tokenizer.id_to_token(i) if i is not None else None
@@ -303,18 +412,29 @@ def export_hf(
     config = _hf_config(model.config, name, dtype_name, bos, eos)
     generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}
 
-    def write(tmp: Path) -> None:
-        with atomic_path(tmp / "model.safetensors") as path:
-            save_file(tensors, str(path), metadata={"format": "pt"})
-        write_text_atomic(tmp / "config.json", json.dumps(config, indent=2) + "\n")
-        write_text_atomic(tmp / "tokenizer.json", tokenizer.to_str(pretty=True))
-        write_text_atomic(tmp / "tokenizer_config.json", json.dumps(tok_config, indent=2, ensure_ascii=False) + "\n")
-        write_text_atomic(tmp / "generation_config.json", json.dumps(generation, indent=2) + "\n")
+    pages = PageReleaser()
 
-    write_folder(out_dir, force, write)
-    size = sum(p.stat().st_size for p in out_dir.iterdir())
+    def weights(path: Path) -> None:
+        def released() -> Iterator[tuple[str, torch.Tensor]]:
+            for gen_name, t in tensors_of(model):
+                yield gen_name, t
+                pages.release(t)  # written (its parts were consumed before the next tensor is asked for)
+
+        write_safetensors(path, layout, hf_tensors(model.config, name, torch_dtype, released()))
+
+    def text(content: str) -> Callable[[Path], None]:
+        return lambda path: path.write_text(content, encoding="utf-8")
+
+    write_files(out_dir, force, {
+        "model.safetensors": weights,
+        "config.json": text(json.dumps(config, indent=2) + "\n"),
+        "tokenizer.json": text(tokenizer.to_str(pretty=True)),
+        "tokenizer_config.json": text(json.dumps(tok_config, indent=2, ensure_ascii=False) + "\n"),
+        "generation_config.json": text(json.dumps(generation, indent=2) + "\n"),
+    })  # fmt: skip
+    size = sum((out_dir / n).stat().st_size for n in HF_FILES)
     short = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}[dtype_name]
-    return Exported(str(out_dir), "hf", HF_ARCHITECTURES[name], short, size, len(tensors))
+    return Exported(str(out_dir), "hf", HF_ARCHITECTURES[name], short, size, len(layout))
 
 
 def _torch_dtype(kind: str | None, model: Transformer, allowed: tuple[str, ...]) -> torch.dtype:
