@@ -377,3 +377,14 @@ def test_releasing_pages_never_changes_a_tensor_in_memory_or_in_a_map(tmp_path):
         assert torch.equal(t, keep)  # a mapped page dropped is read again from the file
     pages.release_files(tmp_path)
     assert torch.equal(mapped, keep)
+
+
+def test_an_optimised_model_is_refused_before_anything_is_written(tok, tmp_path):
+    from gen_cli.infer.optimize import optimize_for_decode
+
+    model = optimize_for_decode(gen_model("llama"), quantize="int8", native=False)
+    with pytest.raises(GenError, match="fused or optimised"):
+        export_hf(model, tok, tmp_path / "new" / "hf")
+    with pytest.raises(GenError, match="fused or optimised"):
+        export_gguf(model, tok, tmp_path / "new" / "m.gguf")
+    assert not (tmp_path / "new").exists()

@@ -140,7 +140,8 @@ def state_of(model: Transformer, blocks: dict[str, Any] | None = None) -> dict[s
 
 def tensors_of(model: Transformer, blocks: dict[str, Any] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """state_of, one tensor at a time in the model's order: a dequantized matrix exists only while its
-    consumer holds it, so a streamed export never holds the whole model twice."""
+    consumer holds it, so a streamed export never holds the whole model twice. A model that cannot be
+    exported is refused here, at the call, before anything is written."""
     from gen_cli.model.transformer import expected_shapes
     from gen_cli.quant.blocks import dequantize
 
@@ -149,14 +150,18 @@ def tensors_of(model: Transformer, blocks: dict[str, Any] | None = None) -> Iter
     shapes = expected_shapes(model.config)
     if sorted((state.keys() | held.keys()) - {"lm_head.weight"}) != sorted(shapes.keys() - {"lm_head.weight"}):
         raise GenError("a model with fused or optimised layers cannot be exported; export the model as loaded")
-    for name in shapes:
-        if blocks is not None and name in blocks:
-            continue
-        if name in held:
-            b, qtype = held[name]
-            yield name, dequantize(b, qtype, shapes[name][1])
-        else:
-            yield name, state[name].detach().to("cpu")
+
+    def each() -> Iterator[tuple[str, torch.Tensor]]:
+        for name in shapes:
+            if blocks is not None and name in blocks:
+                continue
+            if name in held:
+                b, qtype = held[name]
+                yield name, dequantize(b, qtype, shapes[name][1])
+            else:
+                yield name, state[name].detach().to("cpu")
+
+    return each()
 
 
 class PageReleaser:
@@ -413,10 +418,11 @@ def export_hf(
     generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}
 
     pages = PageReleaser()
+    stream = tensors_of(model)  # refuses an unexportable model now, before any file is created
 
     def weights(path: Path) -> None:
         def released() -> Iterator[tuple[str, torch.Tensor]]:
-            for gen_name, t in tensors_of(model):
+            for gen_name, t in stream:
                 yield gen_name, t
                 pages.release(t)  # written (its parts were consumed before the next tensor is asked for)
 

@@ -255,6 +255,7 @@ def export_gguf(
     meta = tokenizer_metadata(
         tokenizer, config.vocab_size, stop_ids if stop_ids is not None else stop_ids_of(tokenizer)
     )
+    tensors_of(model)  # refuses a model with fused or optimised layers before the file is opened
     layout = gguf_layout(model, arch, type)
     T, F = gguf.GGMLQuantizationType, gguf.LlamaFileType
     file_type = {"f32": F.ALL_F32, "f16": F.MOSTLY_F16, "bf16": F.MOSTLY_BF16, "q8_0": F.MOSTLY_Q8_0,
