@@ -388,3 +388,26 @@ def test_an_optimised_model_is_refused_before_anything_is_written(tok, tmp_path)
     with pytest.raises(GenError, match="fused or optimised"):
         export_gguf(model, tok, tmp_path / "new" / "m.gguf")
     assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("to", ["hf", "gguf-q8_0", "gguf-f32", "blocks-q8_0"])
+def test_consume_writes_the_same_bytes_and_frees_the_model(tok, tmp_path, to):
+    """The command's mode: each tensor of the model is emptied once written; the file is unchanged."""
+    source = tmp_path / "src" / "m.gguf"
+    export_gguf(gen_model("llama3"), tok, source, "q8_0")
+
+    def model():  # untied, biases, RoPE factors; "blocks": loaded back from Q8_0, holding its blocks
+        return load(source).model if to.startswith("blocks") else gen_model("llama3")
+
+    def export(m, out, consume):
+        if to == "hf":
+            export_hf(m, tok, out, consume=consume)
+            return (out / "model.safetensors").read_bytes()
+        export_gguf(m, tok, out / "m.gguf", to.split("-")[1], consume=consume)
+        return (out / "m.gguf").read_bytes()
+
+    kept = export(model(), tmp_path / "a", consume=False)
+    consumed = model()
+    assert export(consumed, tmp_path / "b", consume=True) == kept
+    left = [n for n, t in consumed.state_dict().items() if t.numel() and not n.startswith("rope_")]
+    assert left == [], left

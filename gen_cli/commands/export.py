@@ -85,10 +85,10 @@ def export_command(
     PageReleaser().release_files(model)  # loading read some pages (fused q/k/v); each is read again when written
     stops = loaded.stop_ids or None
     if to == "hf":
-        result = export_hf(loaded.model, loaded.tokenizer, out, type_, force, stops, loaded.chat_template)
+        result = export_hf(loaded.model, loaded.tokenizer, out, type_, force, stops, loaded.chat_template, True)
     else:
         kind = type_ or _stored_type(loaded.model)
-        result = export_gguf(loaded.model, loaded.tokenizer, out, kind, force, stops, loaded.chat_template)
+        result = export_gguf(loaded.model, loaded.tokenizer, out, kind, force, stops, loaded.chat_template, True)
     seconds = time.perf_counter() - start
     if as_json:
         print_json({"source": str(model), **result.to_dict(), "seconds": round(seconds, 3)})

@@ -138,10 +138,14 @@ def state_of(model: Transformer, blocks: dict[str, Any] | None = None) -> dict[s
     return dict(tensors_of(model, blocks))
 
 
-def tensors_of(model: Transformer, blocks: dict[str, Any] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+def tensors_of(
+    model: Transformer, blocks: dict[str, Any] | None = None, consume: bool = False
+) -> Iterator[tuple[str, torch.Tensor]]:
     """state_of, one tensor at a time in the model's order: a dequantized matrix exists only while its
     consumer holds it, so a streamed export never holds the whole model twice. A model that cannot be
-    exported is refused here, at the call, before anything is written."""
+    exported is refused here, at the call, before anything is written. `consume` empties each of the
+    model's tensors once the next is asked for (a command's model, discarded after: copies the loader
+    made, such as fused q/k/v, are freed as they are written)."""
     from gen_cli.model.transformer import expected_shapes
     from gen_cli.quant.blocks import dequantize
 
@@ -151,17 +155,38 @@ def tensors_of(model: Transformer, blocks: dict[str, Any] | None = None) -> Iter
     if sorted((state.keys() | held.keys()) - {"lm_head.weight"}) != sorted(shapes.keys() - {"lm_head.weight"}):
         raise GenError("a model with fused or optimised layers cannot be exported; export the model as loaded")
 
+    skip = set(blocks or ())  # the names at the call: a consumer may pop them from its dict as it writes them
+
     def each() -> Iterator[tuple[str, torch.Tensor]]:
         for name in shapes:
-            if blocks is not None and name in blocks:
+            if name in skip:
                 continue
             if name in held:
                 b, qtype = held[name]
                 yield name, dequantize(b, qtype, shapes[name][1])
             else:
                 yield name, state[name].detach().to("cpu")
+            if consume:
+                state.pop(name, None)
+                held.pop(name, None)
+                drop_tensor(model, name)
 
     return each()
+
+
+def drop_tensor(model: Transformer, name: str) -> None:
+    """Replace the model's tensor `name` (a module's weight or bias, or a block layer's blocks) by an empty
+    one, so its memory is freed when nothing else holds it; the model cannot run afterwards."""
+    import torch
+
+    prefix, _, attr = name.rpartition(".")
+    module = model.get_submodule(prefix)
+    if attr == "weight" and "blocks" in module._buffers:
+        attr = "blocks"
+    if attr in module._parameters and module._parameters[attr] is not None:
+        module._parameters[attr] = torch.nn.Parameter(module._parameters[attr].new_empty(0), requires_grad=False)
+    elif attr in module._buffers and module._buffers[attr] is not None:
+        module._buffers[attr] = module._buffers[attr].new_empty(0)
 
 
 class PageReleaser:
@@ -383,6 +408,7 @@ def export_hf(
     force: bool = False,
     stop_ids: Sequence[int] | None = None,
     chat_template: str | None = None,
+    consume: bool = False,
 ) -> Exported:
     """Write config.json, model.safetensors, tokenizer.json, tokenizer_config.json and generation_config.json into
     `out_dir`, so transformers' Auto classes load the model unchanged; `dtype` f32|f16|bf16 (default: the model's)."""
@@ -418,7 +444,7 @@ def export_hf(
     generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}
 
     pages = PageReleaser()
-    stream = tensors_of(model)  # refuses an unexportable model now, before any file is created
+    stream = tensors_of(model, consume=consume)  # refuses an unexportable model now, before any file is created
 
     def weights(path: Path) -> None:
         def released() -> Iterator[tuple[str, torch.Tensor]]:

@@ -26,6 +26,7 @@ from gen_cli.formats.export import (
     bos_id,
     check_output,
     check_vocab,
+    drop_tensor,
     family,
     held_blocks,
     split_rows,
@@ -115,7 +116,7 @@ def gguf_layout(model: Transformer, arch: str, kind: str = "f32") -> list[Slot]:
 
 
 def gguf_tensors(
-    model: Transformer, arch: str, kind: str = "f32", pages: PageReleaser | None = None
+    model: Transformer, arch: str, kind: str = "f32", pages: PageReleaser | None = None, consume: bool = False
 ) -> Iterator[tuple[str, np.ndarray, str]]:
     """(GGUF name, array as stored, type) in gguf_layout's order, one tensor at a time, as llama.cpp's
     converter writes `arch`: f32/f16 arrays, bf16 bits as uint16, block types as uint8 (rows, row_bytes).
@@ -131,7 +132,7 @@ def gguf_tensors(
 
     config = model.config
     blocks = held_blocks(model) if kind in BLOCK_TYPES else {}
-    floats = tensors_of(model, blocks)
+    floats = tensors_of(model, blocks, consume)
     for gen_name in expected_shapes(config):  # the model's order, as the converter writes
         if gen_name in blocks:
             t, qtype = blocks[gen_name]
@@ -150,6 +151,10 @@ def gguf_tensors(
             yield name, np.ascontiguousarray(a), qtype
         if pages is not None:  # written: drop the source's mapped pages (`stored` may be a view of them)
             pages.release(t)
+        if consume and gen_name in blocks:  # floats are dropped by tensors_of
+            del blocks[gen_name], t, stored
+            drop_tensor(model, gen_name)
+    assert next(floats, None) is None  # and the stream's last step runs: with `consume`, it frees the last tensor
     if config.rope_scaling is not None:  # per-frequency divisors, as convert_hf_to_gguf stores Llama 3's scaling
         import torch
 
@@ -234,9 +239,11 @@ def export_gguf(
     force: bool = False,
     stop_ids: Sequence[int] | None = None,
     chat_template: str | None = None,
+    consume: bool = False,
 ) -> Exported:
     """Write one GGUF file (weights in `type` f32|f16|bf16 or a block type q8_0|q4_0|q4_k, metadata and the
-    tokenizer llama.cpp reads); a model holding blocks keeps them under a block `type` (see gguf_tensors)."""
+    tokenizer llama.cpp reads); a model holding blocks keeps them under a block `type` (see gguf_tensors).
+    `consume` frees the model's tensors as they are written (see tensors_of)."""
     import gguf
     import numpy as np
 
@@ -299,7 +306,7 @@ def export_gguf(
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         slots = iter(layout)
-        for name, a, _kind in gguf_tensors(model, arch, type, PageReleaser()):
+        for name, a, _kind in gguf_tensors(model, arch, type, PageReleaser(), consume):
             slot = next(slots)
             assert (name, a.shape, a.dtype) == (slot.name, slot.shape, np.dtype(slot.dtype)), (name, slot)
             w.write_tensor_data(a)
