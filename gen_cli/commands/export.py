@@ -58,7 +58,7 @@ def export_command(
     replaces only the files the export writes (other files in the folder stay). Exporting onto the model's
     own files is refused.
     """
-    from gen_cli.formats.export import check_not_source, check_output
+    from gen_cli.formats.export_files import check_not_source, check_output
 
     model = model_from(model_arg, model_opt, "export")
     if out is None:
@@ -72,7 +72,8 @@ def export_command(
     check_model_path(model, "export")
     check_output(out, force, folder=to == "hf")  # before loading: a refusal costs nothing
     check_not_source(out, model)  # even with --force: writing over the weights being read loses them
-    from gen_cli.formats.export import PageReleaser, export_hf, family
+    from gen_cli.formats.export import export_hf, family
+    from gen_cli.formats.export_files import PageReleaser
     from gen_cli.formats.export_gguf import export_gguf
     from gen_cli.formats.loading import config_for, load
 

@@ -22,9 +22,7 @@ from gen_cli.formats import gguf_file, gguf_tokenizer
 from gen_cli.formats.export import (
     GGUF_TYPES,
     Exported,
-    PageReleaser,
     bos_id,
-    check_output,
     check_vocab,
     drop_tensor,
     family,
@@ -33,6 +31,7 @@ from gen_cli.formats.export import (
     stop_ids_of,
     tensors_of,
 )
+from gen_cli.formats.export_files import PageReleaser, check_output
 from gen_cli.model.transformer import scaled_frequencies
 
 if TYPE_CHECKING:
