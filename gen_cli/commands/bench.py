@@ -332,4 +332,7 @@ def bench_contention_command(
 
 
 def register(app: typer.Typer) -> None:
+    from gen_cli.commands.bench_startup import bench_startup_command
+
+    bench_app.command("startup")(bench_startup_command)
     app.add_typer(bench_app, name="bench")
