@@ -241,28 +241,3 @@ def open_model(
         loaded.chat_template, loaded.special_tokens, [*loaded.notes, *take_notes()], loaded.random_weights,
         load_s, memory.bytes,
     )  # fmt: skip
-
-
-def open_draft(target: Engine, target_source: Path | Preset | None, draft: str) -> Engine:
-    """A draft model for speculative decoding: `self:MODE` is the target at `quantize=MODE`, else a model path;
-    refused unless its tokenizer is the target's (same vocabulary size and digest)."""
-    from dataclasses import replace
-
-    from gen_cli.infer.speculative import check_draft
-    from gen_cli.text.tokenizer import tokenizer_digest
-
-    if draft.startswith("self:"):
-        mode = draft.removeprefix("self:")
-        if mode not in QUANTIZE_MODES:
-            raise UsageError(f"unknown draft precision {mode!r}; choose {', '.join(QUANTIZE_MODES)}", params=("draft",))
-        engine = open_model(target_source, replace(target.options, quantize=mode))
-    else:
-        path = Path(draft)
-        if not path.exists():
-            raise UsageError(f"no draft model at {draft}; give a model folder or file, or self:q4_0", params=("draft",))
-        engine = open_model(path, replace(target.options, quantize="none"))
-    check_draft(
-        target.model.config.vocab_size, tokenizer_digest(target.tokenizer),
-        engine.model.config.vocab_size, tokenizer_digest(engine.tokenizer), engine.source,
-    )  # fmt: skip
-    return engine

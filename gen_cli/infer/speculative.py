@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from time import perf_counter
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -31,6 +32,9 @@ from gen_cli.infer.generate import (
 from gen_cli.infer.sampling import SamplingConfig, distribution
 from gen_cli.model.transformer import Transformer
 from gen_cli.runtime import LoadProbe, PeakMemory, dtype_name, synchronize
+
+if TYPE_CHECKING:
+    from gen_cli.infer.engine import Engine, Preset
 
 MAX_K = 16  # the most guesses an adaptive round makes: a longer verify forward costs more than it saves here
 
@@ -410,3 +414,47 @@ def check_draft(target_vocab: int, target_digest: str, draft_vocab: int, draft_d
             "a draft must share the target's tokenizer",
             params=("draft",),
         )
+
+
+def open_draft(target: Engine, target_source: Path | Preset | None, draft: str) -> Engine:
+    """A draft model: `self:MODE` is the target itself at `quantize=MODE`, else a model path; refused unless
+    its tokenizer is the target's (same vocabulary size and digest)."""
+    from dataclasses import replace
+
+    from gen_cli.infer.engine import open_model
+    from gen_cli.infer.optimize import QUANTIZE_MODES
+    from gen_cli.text.tokenizer import tokenizer_digest
+
+    if draft.startswith("self:"):
+        mode = draft.removeprefix("self:")
+        if mode not in QUANTIZE_MODES:
+            raise UsageError(f"unknown draft precision {mode!r}; choose {', '.join(QUANTIZE_MODES)}", params=("draft",))
+        engine = open_model(target_source, replace(target.options, quantize=mode))
+    else:
+        if not Path(draft).exists():
+            raise UsageError(f"no draft model at {draft}; give a model folder or file, or self:q4_0", params=("draft",))
+        engine = open_model(Path(draft), replace(target.options, quantize="none"))
+    check_draft(
+        target.model.config.vocab_size, tokenizer_digest(target.tokenizer),
+        engine.model.config.vocab_size, tokenizer_digest(engine.tokenizer), engine.source,
+    )  # fmt: skip
+    return engine
+
+
+def speculation_for(
+    target: Engine, target_source: Path | Preset | None, speculate: str | None, draft: str | None
+) -> Speculation:
+    """The speculation `speculate` (ngram[:K], draft[:K]) and `draft` (a model, self:MODE) describe; a draft
+    alone means `draft`. A K given is kept fixed; without one K starts at 4 and follows the acceptance."""
+    name, k = parse_speculate(speculate or "draft")
+    if name == "draft":
+        if draft is None:
+            raise UsageError(
+                "speculating with a draft needs a draft model: give one, e.g. self:q4_0", params=("draft",)
+            )
+        proposer: Proposer = DraftProposer(open_draft(target, target_source, draft).model)
+    else:
+        if draft is not None:
+            raise UsageError("prompt lookup (ngram) guesses without a draft model; drop one", params=("draft",))
+        proposer = NgramProposer()
+    return Speculation(proposer, k or 4, adaptive=k is None)
