@@ -205,3 +205,61 @@ def test_sampled_tokens_follow_the_target_distribution(proposer):
 def test_the_distribution_test_fails_a_sampler_that_keeps_every_guess(proposer, monkeypatch):
     monkeypatch.setattr(sp, "accept_or_resample", lambda p, q, guess, g: None)
     assert _fit(proposer) < 1e-6
+
+
+# --- the command and the engine --------------------------------------------------------------------------------
+
+
+def _cli(*args):
+    from typer.testing import CliRunner
+
+    from gen_cli.cli import app
+
+    return CliRunner().invoke(app, ["generate", *args])
+
+
+@pytest.mark.parametrize("how", [["--speculate", "ngram"], ["--speculate", "ngram:3"], ["--draft", "self:q8_0"]])
+def test_generate_speculates_to_the_same_text_and_reports_it(model_dir, how):
+    import json
+
+    base = ["the cat runs. the cat runs. the cat", "--model", str(model_dir), "--json", "--device", "cpu"]
+    base += ["-n", "20", "--temperature", "0", "--ignore-eot"]
+    plain, fast = _cli(*base), _cli(*base, *how)
+    assert plain.exit_code == 0 and fast.exit_code == 0, fast.output
+    want, got = json.loads(plain.stdout), json.loads(fast.stdout)
+    assert got["text"] == want["text"]
+    sp_stats = got["stats"]["speculation"]
+    assert sp_stats["proposer"] == ("draft" if "--draft" in how else "ngram")
+    assert sp_stats["rounds"] + sp_stats["accepted"] == 19  # the first token comes from the prefill
+    assert sp_stats["adaptive"] == (how[-1] in ("ngram", "self:q8_0"))
+    assert "speculation" not in want["stats"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--speculate", "ngram", "--window", "8"], "--window ring cannot"),
+        (["--speculate", "ngram", "--num-samples", "2"], "--num-samples"),
+        (["--speculate", "lookup"], "unknown speculation"),
+        (["--speculate", "draft"], "no model to guess with"),
+        (["--draft", "no/such/model"], "no --draft model at"),
+        (["--draft", "self:q3"], "unknown --draft precision"),
+        (["--speculate", "ngram", "--draft", "self:q8_0"], "without a --draft model"),
+    ],
+)
+def test_generate_refuses_what_speculation_cannot_do(model_dir, extra, message):
+    result = _cli("the cat", "--model", str(model_dir), "--device", "cpu", "-n", "4", *extra)
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr
+
+
+def test_the_lab_comparison_measures_both_sides_on_the_same_ids(model_dir):
+    from gen_cli.infer.engine import EngineOptions, open_model
+    from gen_cli.lab.speculative_bench import compare
+
+    engine = open_model(model_dir, EngineOptions(device="cpu"))
+    ids = engine.encode("the cat runs. the cat runs. the cat")
+    out = compare(engine, ids, 16, GREEDY, lambda: sp.Speculation(sp.NgramProposer()), repeats=2)
+    assert out["identical"] is True
+    assert out["plain_tok_s"]["median"] > 0 and out["speculative_tok_s"]["median"] > 0
+    assert out["costs"]["verify_over_step"] > 0 and out["tokens_per_forward"] >= 1

@@ -449,9 +449,7 @@ def speculation_for(
     name, k = parse_speculate(speculate or "draft")
     if name == "draft":
         if draft is None:
-            raise UsageError(
-                "speculating with a draft needs a draft model: give one, e.g. self:q4_0", params=("draft",)
-            )
+            raise UsageError("the draft proposer has no model to guess with; name one (a model path or self:q4_0)")
         proposer: Proposer = DraftProposer(open_draft(target, target_source, draft).model)
     else:
         if draft is not None:
