@@ -77,6 +77,17 @@ def test_greedy_ids_equal_plain_greedy(proposer, kv_heads, kv, native):
     assert stats.verify_rounds > 0
 
 
+@pytest.mark.parametrize("proposer", ["ngram", "draft"])
+def test_greedy_with_a_repetition_penalty_equals_plain_greedy(proposer):
+    # The penalty makes each position's choice depend on the guesses before it: the per-row path.
+    model, penalised = _model(2, True), SamplingConfig(temperature=0.0, repetition_penalty=1.3)
+    ids = torch.tensor([PROMPT])  # (1, T)
+    want = torch.stack(list(generate(model, ids, N_NEW, penalised, new_cache(model, ids, N_NEW))), 1)[0].tolist()
+    guesser = sp.NgramProposer() if proposer == "ngram" else sp.DraftProposer(_model(1, True, seed=1, n_layer=1))
+    got, stats, _ = _speculate(model, PROMPT, N_NEW, CacheSpec(), sp.Speculation(guesser, k=4), penalised)
+    assert got == want and stats.verify_rounds > 0
+
+
 def test_every_guess_is_kept_when_the_draft_is_the_target():
     model = _model(2, True)
     got, stats, _ = _speculate(model, PROMPT, N_NEW, CacheSpec(), sp.Speculation(sp.DraftProposer(model), k=3))

@@ -114,8 +114,14 @@ class DraftProposer:
         fresh = torch.tensor([ids[cache.pos :]], dtype=torch.long, device=device)  # (1, n): not yet in the cache
         step = decode_step if fresh.shape[1] == 1 else prefill
         logits = step(self.model, fresh, cache)  # (1, V)
+        if _plain_greedy(sampling):  # the argmax alone: no distribution, no history (q is one-hot at the guess)
+            guesses = [int(logits.argmax())]
+            for _ in range(k - 1):
+                logits = decode_step(self.model, torch.tensor([guesses[-1:]], device=device), cache)
+                guesses.append(int(logits.argmax()))
+            return guesses, None
         history = torch.tensor([ids], dtype=torch.long, device=device)  # (1, L)
-        guesses: list[int] = []
+        guesses = []
         qs: list[torch.Tensor] = []
         for i in range(k):
             q = distribution(logits, history, sampling)  # (1, V)
@@ -210,6 +216,42 @@ def _pick(p: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator 
     return int(torch.multinomial(p, 1, generator=generator))
 
 
+def _plain_greedy(sampling: SamplingConfig) -> bool:
+    return sampling.greedy and sampling.repetition_penalty == 1.0
+
+
+def _verify(
+    rows: torch.Tensor,
+    ids: list[int],
+    guesses: list[int],
+    q: torch.Tensor | None,
+    sampling: SamplingConfig,
+    generator: torch.Generator | None,
+) -> tuple[list[int], int]:
+    """The guesses kept and the token that follows them, from the target's logits `rows` (K+1, V): row i
+    follows ids + guesses[:i]."""
+    if _plain_greedy(sampling):  # one argmax over every row, then the longest agreeing prefix
+        choices = rows.argmax(-1).tolist()  # (K+1,)
+        n = 0
+        while n < len(guesses) and choices[n] == guesses[n]:
+            n += 1
+        return guesses[:n], choices[n]
+    L = len(ids)
+    history = torch.tensor([ids + guesses], dtype=torch.long, device=rows.device)  # (1, L + K)
+    for i, guess in enumerate(guesses):
+        p = distribution(rows[i : i + 1], history[:, : L + i], sampling)[0]  # (V,)
+        if sampling.greedy:
+            choice = int(p.argmax())
+            verdict = None if choice == guess else choice
+        else:
+            verdict = accept_or_resample(p, None if q is None else q[i], guess, generator)
+        if verdict is not None:
+            return guesses[:i], verdict
+    # Every guess kept: the last row gives one more token for free.
+    p = distribution(rows[len(guesses) :], history, sampling)[0]
+    return guesses, _pick(p, sampling, generator)
+
+
 def _next_k(k: int, base: int, accepted: int, proposed: int) -> int:
     """More guesses after a round that kept them all, fewer after one that kept none (HF's heuristic)."""
     if proposed and accepted == proposed:
@@ -270,23 +312,7 @@ def speculative_run(
             stats.verify_rounds += 1
             stats.proposed += len(guesses)
             stats.verify_tokens += len(guesses) + 1
-        history = torch.tensor([ids + guesses], dtype=torch.long, device=device)  # (1, L + K)
-        kept: list[int] = []
-        correction: int | None = None
-        for i, guess in enumerate(guesses):
-            p = distribution(verify[:, i], history[:, : L + i], sampling)[0]  # (V,)
-            if sampling.greedy:
-                choice = int(p.argmax())
-                verdict = None if choice == guess else choice
-            else:
-                verdict = accept_or_resample(p, None if q is None else q[i], guess, generator)
-            if verdict is not None:
-                correction = verdict
-                break
-            kept.append(guess)
-        if correction is None:  # every guess kept: the last row gives one more token for free
-            p = distribution(verify[:, len(guesses)], history, sampling)[0]
-            correction = _pick(p, sampling, generator)
+        kept, correction = _verify(verify[0], ids, guesses, q, sampling, generator)
         stats.rounds += 1
         stats.accepted += len(kept)
         # The cache holds ids[:L-1] + the fed token + every guess; keep up to the last kept guess.
