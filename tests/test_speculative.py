@@ -117,6 +117,13 @@ def test_ngram_proposes_the_continuation_of_the_latest_longest_match():
     assert guesser.propose([7, 8], 3, GREEDY, None) == ([], None)
 
 
+@pytest.mark.parametrize(("ids", "guess"), [([4, 4, 4, 4], [4, 4, 4, 4]), ([1, 2, 1, 2, 1], [2, 1, 2, 1])])
+def test_ngram_guesses_a_loop_that_reaches_the_end_for_all_k_tokens(ids, guess):
+    guesser = sp.NgramProposer()
+    guesser.start(ids, 40)
+    assert guesser.propose(ids, 4, GREEDY, None) == (guess, None)
+
+
 def test_a_window_cache_is_refused_with_a_reason():
     with pytest.raises(UsageError, match=r"window cache .* cannot be rolled back"):
         sp.check_cache(CacheSpec(window=8), True, 1)

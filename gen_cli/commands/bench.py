@@ -331,5 +331,65 @@ def bench_contention_command(
     )
 
 
+@bench_app.command("speculative")
+def bench_speculative_command(
+    model_dir: Model = None,
+    preset: str = typer.Option(
+        None,
+        "--preset",
+        metavar="NAME",
+        help="Random weights of a preset shape (tiny, small, base) instead.",
+        show_default=False,
+        rich_help_panel=MODEL,
+    ),
+    speculate: str = typer.Option(
+        None,
+        "--speculate",
+        metavar="ngram[:K]|draft[:K]",
+        help="The speculation to measure (default: ngram).",
+        show_default=False,
+        rich_help_panel=PERFORMANCE,
+    ),
+    draft: str = typer.Option(
+        None,
+        "--draft",
+        metavar="MODEL",
+        help="A draft model (same tokenizer), or self:q4_0.",
+        show_default=False,
+        rich_help_panel=PERFORMANCE,
+    ),
+    prompt: str = typer.Option(
+        None,
+        "--prompt",
+        metavar="TEXT",
+        help="The prompt (default: a passage and its start, so the output copies it).",
+        show_default=False,
+    ),
+    new_tokens: MaxNewTokens = 100,
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0: greedy, ids compared."),
+    repeats: Repeats = 3,
+    threads: Threads = None,
+    as_json: Json = False,
+) -> None:
+    """Plain against speculative decoding of the same prompt, interleaved in one run: decode tok/s, the
+    speed-up, the guesses kept, and what a verify forward costs in decode steps (which bounds the speed-up)."""
+    from gen_cli.lab.speculative_bench import DEFAULT_PROMPT, bench, format_bench
+
+    _at_least(2, max_new_tokens=new_tokens)
+    _at_least(1, repeats=repeats)
+    if speculate is None and draft is None:
+        speculate = "ngram"
+    if preset is not None and model_dir is not None:
+        raise UsageError("give --model or --preset, not both")
+    from gen_cli.infer.engine import Preset as PresetShape
+
+    source = PresetShape(preset) if preset is not None else model_dir
+    r = bench(source, speculate, draft, prompt or DEFAULT_PROMPT, new_tokens, repeats, threads, temperature)
+    if as_json:
+        print_json(r)
+        return
+    out_console().print("\n".join(format_bench(r)), markup=False)
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(bench_app, name="bench")

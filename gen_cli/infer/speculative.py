@@ -83,7 +83,12 @@ class NgramProposer:
         for n in range(min(self.max_n, len(ids)), 0, -1):
             start = self._seen[n].get(tuple(ids[-n:]))
             if start is not None:
-                return ids[start : start + k], None
+                # Copied from ids + the guess so far: a match near the end repeats its period (a loop of one
+                # token guesses that token k times, not once).
+                guess: list[int] = []
+                for j in range(start, start + k):
+                    guess.append(ids[j] if j < len(ids) else guess[j - len(ids)])
+                return guess, None
         return [], None
 
     def keep(self, n: int) -> None:
