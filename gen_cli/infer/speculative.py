@@ -117,8 +117,11 @@ class DraftProposer:
         assert cache is not None, "start() first"
         device = cache.device
         fresh = torch.tensor([ids[cache.pos :]], dtype=torch.long, device=device)  # (1, n): not yet in the cache
-        step = decode_step if fresh.shape[1] == 1 else prefill
-        logits = step(self.model, fresh, cache)  # (1, V)
+        if fresh.shape[1] <= 4:  # after a round, one or two ids: single steps (the C step) beat a PyTorch forward
+            for i in range(fresh.shape[1]):
+                logits = decode_step(self.model, fresh[:, i : i + 1], cache)  # (1, V)
+        else:  # the prompt
+            logits = prefill(self.model, fresh, cache)
         if _plain_greedy(sampling):  # the argmax alone: no distribution, no history (q is one-hot at the guess)
             guesses = [int(logits.argmax())]
             for _ in range(k - 1):
