@@ -16,6 +16,7 @@ from conftest import fit, tiny_config
 
 from gen_cli.cache.spec import CacheSpec
 from gen_cli.errors import UsageError
+from gen_cli.infer import proposers as pr
 from gen_cli.infer import speculative as sp
 from gen_cli.infer.generate import generate, new_cache
 from gen_cli.infer.optimize import optimize_for_decode
@@ -68,9 +69,9 @@ def test_greedy_ids_equal_plain_greedy(proposer, kv_heads, kv, native):
     spec = CacheSpec(kv, kv)
     want = _plain(model, PROMPT, N_NEW, spec)
     if proposer == "ngram":
-        guesser = sp.NgramProposer()
+        guesser = pr.NgramProposer()
     else:  # another, shallower model: it guesses right often, but not always
-        guesser = sp.DraftProposer(_model(1, native, seed=1, n_layer=1), spec)
+        guesser = pr.DraftProposer(_model(1, native, seed=1, n_layer=1), spec)
     got, stats, _ = _speculate(model, PROMPT, N_NEW, spec, sp.Speculation(guesser, k=4))
     assert got == want
     assert stats.accepted > 0 and stats.accepted + stats.rounds == N_NEW - 1  # guesses were kept, ids add up
@@ -83,14 +84,14 @@ def test_greedy_with_a_repetition_penalty_equals_plain_greedy(proposer):
     model, penalised = _model(2, True), SamplingConfig(temperature=0.0, repetition_penalty=1.3)
     ids = torch.tensor([PROMPT])  # (1, T)
     want = torch.stack(list(generate(model, ids, N_NEW, penalised, new_cache(model, ids, N_NEW))), 1)[0].tolist()
-    guesser = sp.NgramProposer() if proposer == "ngram" else sp.DraftProposer(_model(1, True, seed=1, n_layer=1))
+    guesser = pr.NgramProposer() if proposer == "ngram" else pr.DraftProposer(_model(1, True, seed=1, n_layer=1))
     got, stats, _ = _speculate(model, PROMPT, N_NEW, CacheSpec(), sp.Speculation(guesser, k=4), penalised)
     assert got == want and stats.verify_rounds > 0
 
 
 def test_every_guess_is_kept_when_the_draft_is_the_target():
     model = _model(2, True)
-    got, stats, _ = _speculate(model, PROMPT, N_NEW, CacheSpec(), sp.Speculation(sp.DraftProposer(model), k=3))
+    got, stats, _ = _speculate(model, PROMPT, N_NEW, CacheSpec(), sp.Speculation(pr.DraftProposer(model), k=3))
     assert got == _plain(model, PROMPT, N_NEW, CacheSpec())
     assert stats.accepted == stats.proposed > 0
     assert stats.to_dict()["tokens_per_forward"] > 3
@@ -102,14 +103,14 @@ def test_fixed_k_and_a_stop_id_end_where_plain_greedy_does(k):
     want = _plain(model, PROMPT, N_NEW, CacheSpec())
     stop = want[12]
     got, stats, _ = _speculate(
-        model, PROMPT, N_NEW, CacheSpec(), sp.Speculation(sp.NgramProposer(), k, False), stop=stop
+        model, PROMPT, N_NEW, CacheSpec(), sp.Speculation(pr.NgramProposer(), k, False), stop=stop
     )
     assert got == want[: want.index(stop) + 1]
     assert stats.proposed <= k * stats.verify_rounds
 
 
 def test_ngram_proposes_the_continuation_of_the_latest_longest_match():
-    guesser = sp.NgramProposer()
+    guesser = pr.NgramProposer()
     ids = [1, 2, 3, 9, 9, 1, 2, 3, 4, 5, 6, 0, 2, 3]
     guesser.start(ids, 40)
     # "0 2 3" occurs nowhere earlier; "2 3" does, at 1-2 and at 6-7: the latest one's continuation is guessed.
@@ -119,7 +120,7 @@ def test_ngram_proposes_the_continuation_of_the_latest_longest_match():
 
 @pytest.mark.parametrize(("ids", "guess"), [([4, 4, 4, 4], [4, 4, 4, 4]), ([1, 2, 1, 2, 1], [2, 1, 2, 1])])
 def test_ngram_guesses_a_loop_that_reaches_the_end_for_all_k_tokens(ids, guess):
-    guesser = sp.NgramProposer()
+    guesser = pr.NgramProposer()
     guesser.start(ids, 40)
     assert guesser.propose(ids, 4, GREEDY, None) == (guess, None)
 
@@ -134,16 +135,16 @@ def test_a_window_cache_is_refused_with_a_reason():
 
 
 def test_speculate_values_and_draft_tokenizers_are_checked():
-    assert sp.parse_speculate("ngram") == ("ngram", None)
-    assert sp.parse_speculate("draft:6") == ("draft", 6)
+    assert pr.parse_speculate("ngram") == ("ngram", None)
+    assert pr.parse_speculate("draft:6") == ("draft", 6)
     for bad in ("lookup", "ngram:0", "ngram:x"):
         with pytest.raises(UsageError):
-            sp.parse_speculate(bad)
-    sp.check_draft(300, "abc", 300, "abc", "d")
+            pr.parse_speculate(bad)
+    pr.check_draft(300, "abc", 300, "abc", "d")
     with pytest.raises(UsageError, match="vocabulary"):
-        sp.check_draft(300, "abc", 512, "abc", "d")
+        pr.check_draft(300, "abc", 512, "abc", "d")
     with pytest.raises(UsageError, match="different tokenizer"):
-        sp.check_draft(300, "abc", 300, "abd", "d")
+        pr.check_draft(300, "abc", 300, "abd", "d")
 
 
 # --- sampling: the distribution of the first tokens over many seeds -------------------------------------------
@@ -206,7 +207,7 @@ def _fit(proposer: str) -> float:
     n = 3
     counts: dict[tuple[int, ...], int] = {}
     for seed in range(N_SEEDS):
-        guesser = sp.NgramProposer() if proposer == "ngram" else sp.DraftProposer(draft)
+        guesser = pr.NgramProposer() if proposer == "ngram" else pr.DraftProposer(draft)
         cache = new_cache(target, torch.tensor([SHORT]), n, 1)
         g = torch.Generator().manual_seed(seed)
         out, _, _ = sp.speculative_run(target, SHORT, n, SAMPLE, cache, sp.Speculation(guesser, 2, False), g)
@@ -256,7 +257,7 @@ def test_generate_speculates_to_the_same_text_and_reports_it(model_dir, how):
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--speculate", "ngram", "--window", "8"], "--window ring cannot"),
+        (["--speculate", "ngram", "--window", "8"], "not go with --window"),
         (["--speculate", "ngram", "--num-samples", "2"], "--num-samples"),
         (["--speculate", "lookup"], "unknown speculation"),
         (["--speculate", "draft"], "no model to guess with"),
@@ -277,7 +278,7 @@ def test_the_lab_comparison_measures_both_sides_on_the_same_ids(model_dir):
 
     engine = open_model(model_dir, EngineOptions(device="cpu"))
     ids = engine.encode("the cat runs. the cat runs. the cat")
-    out = compare(engine, ids, 16, GREEDY, lambda: sp.Speculation(sp.NgramProposer()), repeats=2)
+    out = compare(engine, ids, 16, GREEDY, lambda: sp.Speculation(pr.NgramProposer()), repeats=2)
     assert out["identical"] is True
     assert out["plain_tok_s"]["median"] > 0 and out["speculative_tok_s"]["median"] > 0
     assert out["costs"]["verify_over_step"] > 0 and out["tokens_per_forward"] >= 1

@@ -21,11 +21,11 @@ from gen_cli.commands.options import (
     INPUT,
     MODEL,
     OUTPUT,
-    PERFORMANCE,
     SAMPLING,
     Attention,
     Compile,
     Device,
+    Draft,
     Dtype,
     Json,
     KvCache,
@@ -44,6 +44,7 @@ from gen_cli.commands.options import (
     RopeScaling,
     Seed,
     Sinks,
+    Speculate,
     Stats,
     Stop,
     System,
@@ -165,18 +166,16 @@ def _check_run(run: Run, options: EngineOptions, kv_kinds_given: bool) -> None:
                          "--max-new-tokens ≥ 2")  # fmt: skip
 
 
-def _check_speculation(run: Run, options: EngineOptions) -> None:
-    """Speculation verifies guesses in one linear cache of one sequence; it is its own decode path."""
-    from gen_cli.infer.speculative import parse_speculate
+def _check_speculation(run: Run, options: EngineOptions) -> None:  # before any weights are read
+    from gen_cli.infer.proposers import parse_speculate
 
     parse_speculate(run.speculate or "draft")
-    if run.cache is None or run.cache.window is not None:
-        raise UsageError("--speculate verifies guesses in the KV cache and rolls rejected ones back, which a --window "
-                         "ring cannot: drop --no-kv-cache / --window or --speculate")  # fmt: skip
-    taken = [flag for flag, on in (("--num-samples", run.num_samples > 1), ("--prompt-cache", run.prompt_cache),
-             ("--profile", run.profile), ("--compile", options.compile)) if on]  # fmt: skip
-    if taken:
-        raise UsageError(f"--speculate does not go with {', '.join(taken)} yet; drop one")
+    taken = [flag for flag, on in (("--no-kv-cache", run.cache is None), ("--window", run.cache and run.cache.window),
+             ("--num-samples", run.num_samples > 1), ("--prompt-cache", run.prompt_cache), ("--profile", run.profile),
+             ("--compile", options.compile)) if on]  # fmt: skip
+    if taken:  # a --window ring overwrites the slots a rollback would need
+        raise UsageError(f"--speculate verifies guesses in one linear KV cache and rolls rejected ones back: it does "
+                         f"not go with {', '.join(taken)} (yet); drop one")  # fmt: skip
 
 
 def _check_prompt_cache(path: Path, not_one_cached_sample: bool, windowed: bool) -> None:
@@ -258,9 +257,7 @@ class Outcome:
     profile: StepProfile | None
 
 
-def _generate(
-    engine: Engine, run: Run, ids: list[int], reuse: PromptReuse | None, speculation: Speculation | None = None
-) -> Outcome:
+def _generate(engine: Engine, run: Run, ids: list[int], reuse: PromptReuse | None, spec: Speculation | None) -> Outcome:
     """Generate (streaming the text when live), save the prompt cache, then profile a second run if asked."""
     import torch
 
@@ -288,7 +285,7 @@ def _generate(
             compile_s = engine.warm_up(ids, run.max_new_tokens, run.sampling, run.num_samples)
     restore = reuse.prepare(engine.model, ids) if reuse is not None else None  # reads and checks the file first
     result = engine.generate(ids, run.max_new_tokens, run.sampling, run.cache, run.seed, stop_ids, run.num_samples,
-                             on_token, restore, speculation)  # fmt: skip
+                             on_token, restore, spec)  # fmt: skip
     if reuse is not None:
         reuse.save_if_new(result)
     stats = result.stats.to_dict() | {"load_s": engine.load_s, "load_peak_memory_bytes": engine.load_peak_bytes}
@@ -384,25 +381,8 @@ def generate_command(
     native: Native = True,
     compile_: Compile = False,
     profile: Profile = False,
-    speculate: str = typer.Option(
-        None,
-        "--speculate",
-        metavar="ngram[:K]|draft[:K]",
-        help="Speculative decoding: ngram guesses from earlier text (prompt lookup), draft from --draft; K "
-        "guesses per round (default 4, then following the acceptance). Greedy output is unchanged; sampled "
-        "output keeps the model's distribution.",
-        show_default=False,
-        rich_help_panel=PERFORMANCE,
-    ),
-    draft: str = typer.Option(
-        None,
-        "--draft",
-        metavar="MODEL",
-        help="The draft model for --speculate (same tokenizer): a model path, or self:q4_0 (this model at "
-        "lower precision).",
-        show_default=False,
-        rich_help_panel=PERFORMANCE,
-    ),
+    speculate: Speculate = None,
+    draft: Draft = None,
 ) -> None:
     """Continue PROMPT with a trained model (--model; the shipped one by default) or random weights of a
     preset shape (--preset, which alone takes --tokenizer, --attention, --kv-heads and --pos), or reply
@@ -429,11 +409,9 @@ def generate_command(
     _check_run(run, options, kv_kinds is not None)
     source = PresetShape(preset, tokenizer, attention, kv_heads, pos) if preset is not None else model_dir
     engine, reuse = _open(source, options, run)
-    speculation = None
-    if run.speculate is not None or run.draft is not None:
-        from gen_cli.infer.speculative import speculation_for
+    from gen_cli.infer.proposers import speculation_for
 
-        speculation = speculation_for(engine, source, run.speculate, run.draft)
+    speculation = speculation_for(engine, source, run.speculate, run.draft)  # None without --speculate / --draft
     ids, from_bos = _encode(engine, run)
     _render(engine, run, _generate(engine, run, ids, reuse, speculation), reuse, from_bos)
 

@@ -3,16 +3,16 @@
 Greedy output is the target's own greedy output token for token (each guess is kept only while it is the
 target's argmax). With sampling, rejection sampling (Leviathan et al. 2023; Chen et al. 2023) keeps each
 guess with probability min(1, p/q) and on rejection draws from normalize(max(0, p - q)), so every token
-follows the target's distribution p exactly; p and q both pass through gen's sampling filters.
+follows the target's distribution p exactly; p and q both pass through gen's sampling filters. The proposers
+(prompt lookup, a draft model) live in `infer.proposers`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from time import perf_counter
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -33,9 +33,6 @@ from gen_cli.infer.sampling import SamplingConfig, distribution
 from gen_cli.model.transformer import Transformer
 from gen_cli.runtime import LoadProbe, PeakMemory, dtype_name, synchronize
 
-if TYPE_CHECKING:
-    from gen_cli.infer.engine import Engine, Preset
-
 MAX_K = 16  # the most guesses an adaptive round makes: a longer verify forward costs more than it saves here
 
 
@@ -52,99 +49,6 @@ class Proposer(Protocol):
 
     def keep(self, n: int) -> None:
         """Only the first `n` ids of the sequence last proposed from (plus its guesses) are still true."""
-
-
-class NgramProposer:
-    """Prompt lookup: the continuation of the latest earlier occurrence of the last n ids (n = 3, 2, 1)."""
-
-    name = "ngram"
-
-    def __init__(self, max_n: int = 3) -> None:
-        self.max_n = max_n
-        self._seen: list[dict[tuple[int, ...], int]] = []
-        self._indexed = 0  # ids[:_indexed] are in the tables
-
-    def start(self, prompt: list[int], max_tokens: int) -> None:
-        self._seen = [{} for _ in range(self.max_n + 1)]
-        self._indexed = 0
-
-    def _index(self, ids: list[int]) -> None:
-        # For each position t, the n-gram ending just before it is followed by ids[t]: remember the latest t.
-        for t in range(max(self._indexed, 1), len(ids)):
-            for n in range(1, self.max_n + 1):
-                if t - n >= 0:
-                    self._seen[n][tuple(ids[t - n : t])] = t
-        self._indexed = len(ids)
-
-    def propose(
-        self, ids: list[int], k: int, sampling: SamplingConfig, generator: torch.Generator | None
-    ) -> tuple[list[int], torch.Tensor | None]:
-        self._index(ids)
-        for n in range(min(self.max_n, len(ids)), 0, -1):
-            start = self._seen[n].get(tuple(ids[-n:]))
-            if start is not None:
-                # Copied from ids + the guess so far: a match near the end repeats its period (a loop of one
-                # token guesses that token k times, not once).
-                guess: list[int] = []
-                for j in range(start, start + k):
-                    guess.append(ids[j] if j < len(ids) else guess[j - len(ids)])
-                return guess, None
-        return [], None
-
-    def keep(self, n: int) -> None:
-        pass  # the tables index only ids already accepted
-
-
-class DraftProposer:
-    """A smaller (or lower-precision) model with the target's tokenizer, guessing with its own KV cache."""
-
-    name = "draft"
-
-    def __init__(self, model: Transformer, spec: CacheSpec | None = None) -> None:
-        self.model = model
-        self.spec = spec or CacheSpec()
-        self.cache: Cache | None = None
-
-    def start(self, prompt: list[int], max_tokens: int) -> None:
-        ids = torch.zeros(1, len(prompt), dtype=torch.long)  # (1, T): only its shape is read
-        self.cache = new_cache(self.model, ids, max_tokens - len(prompt), 1, self.spec)
-
-    @torch.inference_mode()
-    def propose(
-        self, ids: list[int], k: int, sampling: SamplingConfig, generator: torch.Generator | None
-    ) -> tuple[list[int], torch.Tensor | None]:
-        cache = self.cache
-        assert cache is not None, "start() first"
-        device = cache.device
-        fresh = torch.tensor([ids[cache.pos :]], dtype=torch.long, device=device)  # (1, n): not yet in the cache
-        if fresh.shape[1] <= 4:  # after a round, one or two ids: single steps (the C step) beat a PyTorch forward
-            for i in range(fresh.shape[1]):
-                logits = decode_step(self.model, fresh[:, i : i + 1], cache)  # (1, V)
-        else:  # the prompt
-            logits = prefill(self.model, fresh, cache)
-        if _plain_greedy(sampling):  # the argmax alone: no distribution, no history (q is one-hot at the guess)
-            guesses = [int(logits.argmax())]
-            for _ in range(k - 1):
-                logits = decode_step(self.model, torch.tensor([guesses[-1:]], device=device), cache)
-                guesses.append(int(logits.argmax()))
-            return guesses, None
-        history = torch.tensor([ids], dtype=torch.long, device=device)  # (1, L)
-        guesses = []
-        qs: list[torch.Tensor] = []
-        for i in range(k):
-            q = distribution(logits, history, sampling)  # (1, V)
-            token = q.argmax(-1) if sampling.greedy else torch.multinomial(q, 1, generator=generator).squeeze(-1)
-            guesses.append(int(token))
-            qs.append(q[0])
-            history = torch.cat([history, token.view(1, 1)], dim=1)  # (1, L + i + 1)
-            if i < k - 1:
-                logits = decode_step(self.model, token.view(1, 1), cache)
-        return guesses, torch.stack(qs) if qs else None  # (k, V)
-
-    def keep(self, n: int) -> None:
-        assert self.cache is not None
-        if self.cache.pos > n:
-            self.cache.truncate(n)
 
 
 def accept_or_resample(
@@ -224,7 +128,8 @@ def _pick(p: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator 
     return int(torch.multinomial(p, 1, generator=generator))
 
 
-def _plain_greedy(sampling: SamplingConfig) -> bool:
+def plain_greedy(sampling: SamplingConfig) -> bool:
+    """Greedy without a repetition penalty: the argmax of the logits alone picks each token."""
     return sampling.greedy and sampling.repetition_penalty == 1.0
 
 
@@ -238,7 +143,7 @@ def _verify(
 ) -> tuple[list[int], int]:
     """The guesses kept and the token that follows them, from the target's logits `rows` (K+1, V): row i
     follows ids + guesses[:i]."""
-    if _plain_greedy(sampling):  # one argmax over every row, then the longest agreeing prefix
+    if plain_greedy(sampling):  # one argmax over every row, then the longest agreeing prefix
         choices = rows.argmax(-1).tolist()  # (K+1,)
         n = 0
         while n < len(guesses) and choices[n] == guesses[n]:
@@ -420,73 +325,3 @@ def _decode_path(model: Transformer, cache: Cache) -> str:
     native = model.native_decoder
     step = "native" if native is not None and native.accepts(1, cache) else "torch"
     return f"{step} steps, torch verify"
-
-
-def parse_speculate(value: str) -> tuple[str, int | None]:
-    """`ngram`, `ngram:K`, `draft`, `draft:K` -> (proposer name, K or None for the adaptive default)."""
-    name, _, k = value.partition(":")
-    if name not in ("ngram", "draft"):
-        raise UsageError(f"unknown speculation {value!r}; use ngram[:K] or draft[:K]", params=("speculate",))
-    if not k:
-        return name, None
-    if not k.isdigit() or not 1 <= int(k) <= 64:
-        raise UsageError(f"speculation K must be 1 to 64 guesses, got {k!r}", params=("speculate",))
-    return name, int(k)
-
-
-def check_draft(target_vocab: int, target_digest: str, draft_vocab: int, draft_digest: str, draft: str) -> None:
-    """Refuse a draft whose ids mean other text than the target's: its guesses would be nonsense."""
-    if draft_vocab != target_vocab:
-        raise UsageError(
-            f"the draft model {draft} has a {draft_vocab:,}-token vocabulary, the target {target_vocab:,}; "
-            "a draft must share the target's tokenizer",
-            params=("draft",),
-        )
-    if draft_digest != target_digest:
-        raise UsageError(
-            f"the draft model {draft} has a different tokenizer from the target's (same size, other ids); "
-            "a draft must share the target's tokenizer",
-            params=("draft",),
-        )
-
-
-def open_draft(target: Engine, target_source: Path | Preset | None, draft: str) -> Engine:
-    """A draft model: `self:MODE` is the target itself at `quantize=MODE`, else a model path; refused unless
-    its tokenizer is the target's (same vocabulary size and digest)."""
-    from dataclasses import replace
-
-    from gen_cli.infer.engine import open_model
-    from gen_cli.infer.optimize import QUANTIZE_MODES
-    from gen_cli.text.tokenizer import tokenizer_digest
-
-    if draft.startswith("self:"):
-        mode = draft.removeprefix("self:")
-        if mode not in QUANTIZE_MODES:
-            raise UsageError(f"unknown draft precision {mode!r}; choose {', '.join(QUANTIZE_MODES)}", params=("draft",))
-        engine = open_model(target_source, replace(target.options, quantize=mode))
-    else:
-        if not Path(draft).exists():
-            raise UsageError(f"no draft model at {draft}; give a model folder or file, or self:q4_0", params=("draft",))
-        engine = open_model(Path(draft), replace(target.options, quantize="none"))
-    check_draft(
-        target.model.config.vocab_size, tokenizer_digest(target.tokenizer),
-        engine.model.config.vocab_size, tokenizer_digest(engine.tokenizer), engine.source,
-    )  # fmt: skip
-    return engine
-
-
-def speculation_for(
-    target: Engine, target_source: Path | Preset | None, speculate: str | None, draft: str | None
-) -> Speculation:
-    """The speculation `speculate` (ngram[:K], draft[:K]) and `draft` (a model, self:MODE) describe; a draft
-    alone means `draft`. A K given is kept fixed; without one K starts at 4 and follows the acceptance."""
-    name, k = parse_speculate(speculate or "draft")
-    if name == "draft":
-        if draft is None:
-            raise UsageError("the draft proposer has no model to guess with; name one (a model path or self:q4_0)")
-        proposer: Proposer = DraftProposer(open_draft(target, target_source, draft).model)
-    else:
-        if draft is not None:
-            raise UsageError("prompt lookup (ngram) guesses without a draft model; drop one", params=("draft",))
-        proposer = NgramProposer()
-    return Speculation(proposer, k or 4, adaptive=k is None)

@@ -108,10 +108,11 @@ def bench(
     """`compare` on a model (a path, a preset's random weights, None: the shipped one) with the speculation
     the flags name; the figures and what ran."""
     from gen_cli.infer.engine import EngineOptions, open_model
-    from gen_cli.infer.speculative import speculation_for
+    from gen_cli.infer.proposers import speculation_for
 
     engine = open_model(model, EngineOptions(threads=threads))
-    speculation = speculation_for(engine, model, speculate, draft)  # its proposer restarts on every run
+    speculation = speculation_for(engine, model, speculate or "ngram", draft)  # its proposer restarts each run
+    assert speculation is not None
     ids = engine.encode(prompt)
     out = compare(engine, ids, max_new_tokens, SamplingConfig(temperature=temperature), lambda: speculation, repeats)
     proposer = draft or speculate or "ngram"
