@@ -164,7 +164,7 @@ def _peaked(seed: int, n_layer: int) -> Transformer:
     return optimize_for_decode(model, native=False)
 
 
-def _exact(model: Transformer, prompt: list[int], n: int) -> dict[tuple[int, ...], float]:
+def _exact(model: Transformer, prompt: list[int], n: int, sampling: SamplingConfig) -> dict[tuple[int, ...], float]:
     """P(first n tokens) under plain sampling, by enumerating every sequence without a cache."""
     seqs = list(itertools.product(range(V), repeat=n))
     ids = torch.tensor([prompt + list(s) for s in seqs])  # (V^n, T + n)
@@ -173,7 +173,7 @@ def _exact(model: Transformer, prompt: list[int], n: int) -> dict[tuple[int, ...
     probs = torch.ones(len(seqs), dtype=torch.float64)
     T = len(prompt)
     for i in range(n):
-        p = distribution(logits[:, T + i - 1], ids[:, : T + i], SAMPLE).double()  # (V^n, V)
+        p = distribution(logits[:, T + i - 1], ids[:, : T + i], sampling).double()  # (V^n, V)
         probs *= p.gather(1, ids[:, T + i : T + i + 1])[:, 0]
     return dict(zip(seqs, probs.tolist(), strict=True))
 
@@ -198,7 +198,7 @@ def _p_value(counts: dict[tuple[int, ...], int], expected: dict[tuple[int, ...],
 _SAMPLING_MODELS: list[Transformer] = []
 
 
-def _fit(proposer: str) -> float:
+def _fit(proposer: str, sampling: SamplingConfig = SAMPLE) -> float:
     """The chi-square p-value of the first 3 sampled tokens over N_SEEDS seeds (K = 2: guesses, a rejection
     or a bonus token all happen within them)."""
     if not _SAMPLING_MODELS:
@@ -210,14 +210,20 @@ def _fit(proposer: str) -> float:
         guesser = pr.NgramProposer() if proposer == "ngram" else pr.DraftProposer(draft)
         cache = new_cache(target, torch.tensor([SHORT]), n, 1)
         g = torch.Generator().manual_seed(seed)
-        out, _, _ = sp.speculative_run(target, SHORT, n, SAMPLE, cache, sp.Speculation(guesser, 2, False), g)
+        out, _, _ = sp.speculative_run(target, SHORT, n, sampling, cache, sp.Speculation(guesser, 2, False), g)
         counts[tuple(out)] = counts.get(tuple(out), 0) + 1
-    return _p_value(counts, _exact(target, SHORT, n), N_SEEDS)
+    return _p_value(counts, _exact(target, SHORT, n, sampling), N_SEEDS)
 
 
 @pytest.mark.parametrize("proposer", ["ngram", "draft"])
 def test_sampled_tokens_follow_the_target_distribution(proposer):
     assert _fit(proposer) > 1e-3
+
+
+@pytest.mark.parametrize("proposer", ["ngram", "draft"])
+def test_the_sampling_filters_shape_both_distributions(proposer):
+    # Cooler, top-2 and a penalty: p and q both pass through them, and the result still follows p.
+    assert _fit(proposer, SamplingConfig(temperature=0.7, top_k=2, repetition_penalty=1.2)) > 1e-3
 
 
 @pytest.mark.parametrize("proposer", ["ngram", "draft"])
