@@ -74,6 +74,10 @@ class DraftProposer:
     def start(self, prompt: list[int], max_tokens: int) -> None:
         ids = torch.zeros(1, len(prompt), dtype=torch.long)  # (1, T): only its shape is read
         self.cache = new_cache(self.model, ids, max_tokens - len(prompt), 1, self.spec)
+        if CacheSpec.of(self.cache).window is not None:  # a model trained with a sliding window, run past it
+            raise UsageError(
+                "the draft model's cache would be a window ring, which cannot roll back; use a shorter run"
+            )
 
     @torch.inference_mode()
     def propose(
