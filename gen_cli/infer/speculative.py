@@ -186,10 +186,8 @@ def speculative_run(
 ) -> tuple[list[int], SpeculationStats, list[float]]:
     """Generate up to `max_new_tokens` after `prompt` into the empty `cache`; (new ids, stats, seconds per round
     from the prefill on). `on_tokens(new)` returning True stops early."""
-    proposer, stats = (
-        speculation.proposer,
-        SpeculationStats(speculation.proposer.name, speculation.k, speculation.adaptive),
-    )
+    proposer = speculation.proposer
+    stats = SpeculationStats(proposer.name, speculation.k, speculation.adaptive)
     stops = set(stop_id_tuple(stop_token_id))
     device = cache.device
     ids = list(prompt)
