@@ -365,7 +365,7 @@ def test_releasing_pages_never_changes_a_tensor_in_memory_or_in_a_map(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from gen_cli.formats.export_files import PageReleaser
+    from gen_cli.pages import PageReleaser
 
     anonymous = torch.randn(1 << 20)
     save_file({"w": anonymous}, str(tmp_path / "w.safetensors"))

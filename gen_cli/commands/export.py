@@ -73,9 +73,9 @@ def export_command(
     check_output(out, force, folder=to == "hf")  # before loading: a refusal costs nothing
     check_not_source(out, model)  # even with --force: writing over the weights being read loses them
     from gen_cli.formats.export import export_hf, family
-    from gen_cli.formats.export_files import PageReleaser
     from gen_cli.formats.export_gguf import export_gguf
     from gen_cli.formats.loading import config_for, load
+    from gen_cli.pages import PageReleaser
 
     config, _source, _details = config_for(str(model))
     family(config, to)  # an inexpressible model is refused from its config alone, before the weights load

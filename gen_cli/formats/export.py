@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 from gen_cli.errors import GenError, UsageError
 from gen_cli.formats import hf
-from gen_cli.formats.export_files import PageReleaser, check_output, write_files, write_safetensors
+from gen_cli.formats.export_files import check_output, write_files, write_safetensors
 from gen_cli.model.config import ModelConfig
+from gen_cli.pages import PageReleaser
 from gen_cli.text.tokenizer import EOT
 
 if TYPE_CHECKING:

@@ -31,8 +31,9 @@ from gen_cli.formats.export import (
     stop_ids_of,
     tensors_of,
 )
-from gen_cli.formats.export_files import PageReleaser, check_output
+from gen_cli.formats.export_files import check_output
 from gen_cli.model.transformer import scaled_frequencies
+from gen_cli.pages import PageReleaser
 
 if TYPE_CHECKING:
     import numpy as np

@@ -21,6 +21,7 @@ from gen_cli.formats.gguf_reader import GGUFFile
 from gen_cli.formats.gguf_tokenizer import TOKENIZER_SCHEMA
 from gen_cli.formats.schema import INT, NUMBER, STR, Key, check
 from gen_cli.model.config import ModelConfig
+from gen_cli.pages import PageReleaser
 
 if TYPE_CHECKING:
     import torch
@@ -236,6 +237,7 @@ def load_gguf_weights(
     tensors: dict[str, torch.Tensor] = {}
     blocks: dict[str, tuple[torch.Tensor, str]] = {}
     copied: Counter[str] = Counter()
+    pages = PageReleaser()
     for held in helds:
         shape, names = plan[held.gen_name]
         parts = []
@@ -266,6 +268,7 @@ def load_gguf_weights(
                 else:
                     place.copy_(part)
                 row += part.shape[0]
+                pages.release(part)  # read once into the fused copy: the file's pages are not needed again
             copied["q/k/v fused" + (" (Q/K rows un-permuted)" if any(permuted) else "")] += t.nbytes
         if len(parts) == 1 and t.dtype != parts[0].dtype:
             copied[f"{f.type_name(names[0])} → {str(want).removeprefix('torch.')}"] += t.nbytes
