@@ -153,3 +153,30 @@ def test_fused_runs_the_cpu_flash_kernel_and_eager_no_sdpa(pos):
 def test_unknown_impl_is_refused():
     with pytest.raises(UsageError, match="eager"):
         set_attention_impl(_model("rope", 4), "flash3")
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    from tests.test_train import write_corpus
+
+    monkeypatch.setenv("GEN_HOME", str(tmp_path / "home"))
+    write_corpus(tmp_path / "corpus.txt")
+    return tmp_path
+
+
+def test_train_flag_threads_the_impl_and_both_train_alike(home, monkeypatch):
+    import gen_cli.model.attention as attention
+    from gen_cli.train.loop import train
+    from tests.test_train import tiny_args
+
+    calls = []
+    monkeypatch.setattr(attention, "eager_attention", lambda *a: calls.append(1) or eager_attention(*a))
+    losses, eager_calls = {}, {}
+    for impl in ("fused", "eager"):
+        args = tiny_args(home, steps=4, attn_impl=impl, pos="alibi", out=str(home / impl))
+        losses[impl] = train(args).loss
+        eager_calls[impl], calls[:] = len(calls), []
+    assert eager_calls["fused"] == 0 and eager_calls["eager"] >= 4 * 2  # every step, every layer
+    assert losses["eager"] == pytest.approx(losses["fused"], abs=1e-4)
+    with pytest.raises(UsageError, match="attn_impl"):
+        train(tiny_args(home, attn_impl="flash"))

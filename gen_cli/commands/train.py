@@ -17,6 +17,7 @@ from gen_cli.commands.options import (
     MODEL,
     OUTPUT,
     Attention,
+    AttnImpl,
     BatchSize,
     Compile,
     Device,
@@ -190,6 +191,7 @@ def train_command(
     device: Device = "auto",
     dtype: Dtype = "auto",
     compile_: Compile = False,
+    attn_impl: AttnImpl = "fused",
 ) -> None:
     """Train a small transformer (or resume a run); the run folder is a model directory.
 
@@ -212,7 +214,7 @@ def train_command(
         context=context, lr=lr, warmup=warmup, min_lr=min_lr, weight_decay=weight_decay, grad_clip=grad_clip,
         eval_every=eval_every, eval_batches=eval_batches, save_every=save_every, save_minutes=save_minutes,
         seed=seed, device=device, dtype=dtype, compile=compile_, out=str(out) if out else None, force=force,
-        resume=str(resume) if resume else None, init=str(init) if init else None,
+        attn_impl=attn_impl, resume=str(resume) if resume else None, init=str(init) if init else None,
     )  # fmt: skip
     started = time.perf_counter()
     with _Renderer() as render:
