@@ -180,3 +180,23 @@ def test_train_flag_threads_the_impl_and_both_train_alike(home, monkeypatch):
     assert losses["eager"] == pytest.approx(losses["fused"], abs=1e-4)
     with pytest.raises(UsageError, match="attn_impl"):
         train(tiny_args(home, attn_impl="flash"))
+
+
+def test_compare_axis_runs_both_and_checks_eager_against_the_fused_oracle():
+    from gen_cli.lab import compare
+    from gen_cli.lab.report import columns
+
+    specs = compare.expand_grid(tiny_config(), attention=["mha"], kv_heads=[], pos=["rope"], kv_cache=["off", "on"],
+                                prompt_len=[6], gen_len=[4], batch=[1], dtype=["float32"], repeats=1, warmup=0,
+                                threads=1, attn_impl=["fused", "eager"])  # fmt: skip
+    assert [(s.kv_cache, s.attn_impl) for s in specs] == [(False, "fused"), (False, "eager"), (True, "fused"),
+                                                          (True, "eager")]  # fmt: skip
+    rows, _ = compare.run_grid(specs, in_process=True)
+    eager_off = rows[1]
+    assert eager_off["attn_impl"] == "eager" and eager_off["greedy_match"] is True
+    assert eager_off["max_logit_diff"] < 1e-4
+    assert rows[3]["speedup_vs_no_cache"] is not None  # its cache-off twin is the eager row
+    assert "attention impl" in [head for head, _ in columns(rows)]
+    with pytest.raises(UsageError, match="attn_impl"):
+        compare.expand_grid(tiny_config(), attention=["mha"], kv_heads=[], pos=["rope"], kv_cache=["off"],
+                            prompt_len=[4], gen_len=[4], batch=[1], dtype=["float32"], attn_impl=["flash"])  # fmt: skip

@@ -152,7 +152,7 @@ def _check_memory(config: ModelConfig, a: TrainArgs, context: int, device: torch
 
     params = parameter_count(config)
     check_fits(
-        training_bytes(config, a.batch_size, context, params),
+        training_bytes(config, a.batch_size, context, params, eager=a.attn_impl == "eager"),
         f"training {params:,} parameters on batches of {a.batch_size} × {context} tokens",
         "use a smaller batch_size, context or model",
         device,
