@@ -30,6 +30,7 @@ _debug_flag = [False]  # this invocation's --debug; set by the root callback on 
 RENAMED: dict[str, str] = {
     "--gen-len": "--max-new-tokens",
     "--new-tokens": "--max-new-tokens",
+    "--tokens": "--max-new-tokens",  # gen demo's timed runs
     "--batch": "--batch-size",
     "--output": "--out",
 }
