@@ -200,3 +200,26 @@ def test_compare_axis_runs_both_and_checks_eager_against_the_fused_oracle():
     with pytest.raises(UsageError, match="attn_impl"):
         compare.expand_grid(tiny_config(), attention=["mha"], kv_heads=[], pos=["rope"], kv_cache=["off"],
                             prompt_len=[4], gen_len=[4], batch=[1], dtype=["float32"], attn_impl=["flash"])  # fmt: skip
+
+
+def test_bench_attention_cli_measures_each_point_in_its_own_process():
+    import json
+
+    from typer.testing import CliRunner
+
+    from gen_cli.cli import app
+
+    runner = CliRunner()
+    args = ["bench", "attention", "--preset", "tiny", "--lengths", "40", "--train-lengths", "24", "--repeats", "1"]
+    result = runner.invoke(app, [*args, "--threads", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    points = {(p["phase"], p["impl"]): p for p in data["points"]}
+    assert set(points) == {("prefill", "eager"), ("prefill", "fused"), ("train", "eager"), ("train", "fused")}
+    assert points["prefill", "fused"]["kernel"] == "_scaled_dot_product_flash_attention_for_cpu"
+    assert "no SDPA" in points["prefill", "eager"]["kernel"]
+    assert points["prefill", "eager"]["score_bytes"] == 1 * 4 * 40 * 40 * 4  # tiny: 4 heads, fp32
+    assert len({p["seconds"][0] for p in data["points"]}) == 4 and all(p["threads"] == 1 for p in data["points"])
+    assert {r["phase"]: r["tokens"] for r in data["summary"]} == {"prefill": 40, "train": 24}
+    bad = runner.invoke(app, [*args, "--attn-impl", "flash"])
+    assert bad.exit_code == 2 and "flash" in bad.output

@@ -332,4 +332,7 @@ def bench_contention_command(
 
 
 def register(app: typer.Typer) -> None:
+    from gen_cli.commands.bench_attention import register as register_attention
+
+    register_attention(bench_app)
     app.add_typer(bench_app, name="bench")

@@ -25,12 +25,20 @@ def _lengths(text: str, name: str) -> tuple[int, ...]:
 def bench_attention_command(
     preset: Preset = None,
     lengths: str = typer.Option(
-        "256,512,1024,2048,4096,8192", "--lengths", help="Prompt lengths to prefill (the context grows to fit)."
+        "256,512,1024,2048,4096,8192",
+        "--lengths",
+        metavar="LIST",
+        help="Prompt lengths to prefill (the context grows to fit).",
     ),
     train_lengths: str = typer.Option(
-        "256,512,1024,2048", "--train-lengths", help="Context lengths of one training step ('' for none)."
+        "256,512,1024,2048",
+        "--train-lengths",
+        metavar="LIST",
+        help="Context lengths of one training step ('' for none).",
     ),
-    impls: str = typer.Option("eager,fused", "--attn-impl", help="Attention implementations to measure."),
+    impls: str = typer.Option(
+        "eager,fused", "--attn-impl", metavar="LIST", help="Attention implementations to measure (comma list)."
+    ),
     repeats: Repeats = 3,
     threads: Threads = None,
     as_json: Json = False,
@@ -75,9 +83,9 @@ def bench_attention_command(
 
     for r in rows:
         table.add_row(r["phase"], str(r["tokens"]), cell(r, "eager_s", ".2f"), cell(r, "fused_s", ".2f"),
-                      cell(r, "speedup", ".2f"), cell(r, "eager_peak_bytes", ".0f", mb),
-                      cell(r, "fused_peak_bytes", ".0f", mb), cell(r, "peak_ratio", ".1f"),
-                      cell(r, "score_bytes", ".0f", mb))  # fmt: skip
+                      cell(r, "speedup", ".2f"), cell(r, "eager_peak_bytes", ".1f", mb),
+                      cell(r, "fused_peak_bytes", ".1f", mb), cell(r, "peak_ratio", ".1f"),
+                      cell(r, "score_bytes", ".1f", mb))  # fmt: skip
     out_console().print(table)
     series = [
         (impl, [p.tokens for p in points if p.impl == impl and p.phase == "prefill"],

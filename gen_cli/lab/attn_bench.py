@@ -61,8 +61,8 @@ def score_bytes(batch: int, n_head: int, tokens: int, bytes_per_element: int) ->
     return batch * n_head * tokens * tokens * bytes_per_element
 
 
-def _kernel(model: Any, impl: str, vocab: int) -> str:
-    """The attention kernel one short causal forward of `impl` runs, as torch's profiler names it."""
+def _kernel(model: Any, vocab: int) -> str:
+    """The attention kernel one short causal forward runs, as torch's profiler names it."""
     import torch
     from torch.profiler import profile
 
@@ -70,7 +70,7 @@ def _kernel(model: Any, impl: str, vocab: int) -> str:
     with torch.no_grad(), profile() as prof:
         model(ids)
     keys = sorted(e.key for e in prof.key_averages() if e.key.startswith("aten::_scaled_dot_product"))
-    return ", ".join(k.removeprefix("aten::") for k in keys) or f"{impl}: matmul + in-place softmax (no SDPA)"
+    return ", ".join(k.removeprefix("aten::") for k in keys) or "matmul + in-place softmax (no SDPA)"
 
 
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
@@ -87,7 +87,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     model = random_model(config)
     grow_context(model, n + 1)  # RoPE rows past the trained context (the position tables only)
     set_attention_impl(model, impl)
-    kernel = _kernel(model, impl, config.vocab_size)
+    kernel = _kernel(model, config.vocab_size)
     ids = torch.randint(0, config.vocab_size, (batch, n + 1), generator=torch.Generator().manual_seed(SEED))
     if phase == "train":
         model.train()
