@@ -180,6 +180,11 @@ def test_train_flag_threads_the_impl_and_both_train_alike(home, monkeypatch):
     assert losses["eager"] == pytest.approx(losses["fused"], abs=1e-4)
     with pytest.raises(UsageError, match="attn_impl"):
         train(tiny_args(home, attn_impl="flash"))
+    # gen eval's path: the same held-out loss either way, and eager really ran
+    from gen_cli.train.evaluate import evaluate_model
+
+    scored = {impl: evaluate_model(home / "eager", device="cpu", attn_impl=impl).loss for impl in ("fused", "eager")}
+    assert len(calls) > 0 and scored["eager"] == pytest.approx(scored["fused"], abs=1e-5)
 
 
 def test_compare_axis_runs_both_and_checks_eager_against_the_fused_oracle():
@@ -222,4 +227,28 @@ def test_bench_attention_cli_measures_each_point_in_its_own_process():
     assert len({p["seconds"][0] for p in data["points"]}) == 4 and all(p["threads"] == 1 for p in data["points"])
     assert {r["phase"]: r["tokens"] for r in data["summary"]} == {"prefill": 40, "train": 24}
     bad = runner.invoke(app, [*args, "--attn-impl", "flash"])
+    assert bad.exit_code == 2 and "flash" in bad.output
+
+
+def test_generate_flag_runs_eager_prefill_with_the_same_greedy_text(tokenizer_path, monkeypatch):
+    import json
+
+    from typer.testing import CliRunner
+
+    import gen_cli.model.attention as attention
+    from gen_cli.cli import app
+
+    calls = []
+    monkeypatch.setattr(attention, "eager_attention", lambda *a: calls.append(1) or eager_attention(*a))
+    texts = {}
+    for impl in ("fused", "eager"):
+        result = CliRunner().invoke(app, ["generate", "The quick", "--preset", "tiny", "--tokenizer",
+                                          str(tokenizer_path), "--temperature", "0", "--max-new-tokens", "6",
+                                          "--json", "--attn-impl", impl])  # fmt: skip
+        assert result.exit_code == 0, result.output
+        texts[impl] = json.loads(result.stdout)["text"]
+        assert bool(calls) == (impl == "eager")
+    assert texts["eager"] == texts["fused"]
+    bad = CliRunner().invoke(app, ["generate", "x", "--preset", "tiny", "--tokenizer", str(tokenizer_path),
+                                   "--attn-impl", "flash"])  # fmt: skip
     assert bad.exit_code == 2 and "flash" in bad.output

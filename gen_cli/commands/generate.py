@@ -23,6 +23,7 @@ from gen_cli.commands.options import (
     OUTPUT,
     SAMPLING,
     Attention,
+    AttnImpl,
     Compile,
     Device,
     Dtype,
@@ -362,6 +363,7 @@ def generate_command(
     native: Native = True,
     compile_: Compile = False,
     profile: Profile = False,
+    attn_impl: AttnImpl = "fused",
 ) -> None:
     """Continue PROMPT with a trained model (--model; the shipped one by default) or random weights of a
     preset shape (--preset, which alone takes --tokenizer, --attention, --kv-heads and --pos), or reply
@@ -388,6 +390,9 @@ def generate_command(
     _check_run(run, options, kv_kinds is not None)
     source = PresetShape(preset, tokenizer, attention, kv_heads, pos) if preset is not None else model_dir
     engine, reuse = _open(source, options, run)
+    from gen_cli.model.transformer import set_attention_impl
+
+    set_attention_impl(engine.model, attn_impl)  # prefill (and PyTorch's decode steps; the C step is its own)
     ids, from_bos = _encode(engine, run)
     _render(engine, run, _generate(engine, run, ids, reuse), reuse, from_bos)
 

@@ -264,6 +264,7 @@ def eval_command(
     device: Device = "auto",
     dtype: Dtype = "float32",
     batch_size: BatchSize = 8,
+    attn_impl: AttnImpl = "fused",
 ) -> None:
     """Held-out loss, perplexity and bits per byte on the validation split of the inputs.
 
@@ -293,11 +294,14 @@ def eval_command(
         _check_eval_model(model_dir, model_opt is None)
     if png is not None and not by_position:
         raise UsageError("--png goes with --by-position")
+    if by_position and attn_impl != "fused":
+        raise UsageError("--attn-impl goes with the plain eval; --by-position runs fused attention")
     if by_position:
         _by_position(model_dir, list(inputs or []), context, buckets, device, batch_size, max_tokens, rope_scaling,
                      as_json, png)  # fmt: skip
         return
-    res = evaluate_model(model_dir, list(inputs or []), device, dtype, batch_size, context, max_tokens, rope_scaling)
+    res = evaluate_model(model_dir, list(inputs or []), device, dtype, batch_size, context, max_tokens, rope_scaling,
+                         attn_impl)  # fmt: skip
     if as_json:
         print_json(dataclasses.asdict(res))
         return
