@@ -75,7 +75,7 @@ def bench_attention_command(
     mb = 2**20
     table = Table(title=f"{preset or 'small'}: eager vs fused attention, batch 1, median of {repeats}")
     for col in ("phase", "tokens", "eager s", "fused s", "eager/fused", "eager peak MB", "fused peak MB",
-                "peak ratio", "scores MB (B·h·n²·4)"):  # fmt: skip
+                "peak ratio", "analytic MB", "(eager−fused)/analytic"):  # fmt: skip
         table.add_column(col, justify="left" if col == "phase" else "right")
 
     def cell(row: dict, key: str, fmt: str, scale: float = 1) -> str:
@@ -85,7 +85,7 @@ def bench_attention_command(
         table.add_row(r["phase"], str(r["tokens"]), cell(r, "eager_s", ".2f"), cell(r, "fused_s", ".2f"),
                       cell(r, "speedup", ".2f"), cell(r, "eager_peak_bytes", ".1f", mb),
                       cell(r, "fused_peak_bytes", ".1f", mb), cell(r, "peak_ratio", ".1f"),
-                      cell(r, "score_bytes", ".1f", mb))  # fmt: skip
+                      cell(r, "analytic_bytes", ".1f", mb), cell(r, "growth_over_analytic", ".2f"))  # fmt: skip
     out_console().print(table)
     series = [
         (impl, [p.tokens for p in points if p.impl == impl and p.phase == "prefill"],
