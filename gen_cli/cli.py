@@ -296,6 +296,9 @@ def _register_commands() -> None:
 
     for module in (text, generate, info, chat, train, compare, convert, export, demo, bench, attention):
         module.register(app)
+    from gen_cli.commands import serve  # the HTTP server: `gen serve`
+
+    serve.register(app)
     _use_gen_command(app)
 
 

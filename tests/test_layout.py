@@ -18,6 +18,7 @@ LAYERS = [
     "commands",
     "lab",
     "train",
+    "serve",
     "infer",
     "formats",
     "native",
@@ -28,7 +29,7 @@ LAYERS = [
     "text",
     "base",
 ]
-BASE = {"errors", "limits", "resources", "atomic", "runtime", "__init__", "__main__"}
+BASE = {"errors", "limits", "resources", "atomic", "runtime", "pages", "__init__", "__main__"}
 
 
 def _modules() -> list[str]:
