@@ -101,13 +101,14 @@ def generation_bytes(
     return kv + batch * (8 * tokens + 16 * config.vocab_size)
 
 
-def training_bytes(config: ModelConfig, batch: int, context: int, params: int) -> int:
+def training_bytes(config: ModelConfig, batch: int, context: int, params: int, eager: bool = False) -> int:
     """fp32 weights, gradients and two AdamW moments, plus one step's saved activations and logits.
 
     A lower bound (the saved tensors only, no allocator slack): only what surely cannot fit is refused."""
-    # Attention runs in a fused kernel (scaled_dot_product_attention): no (T, T) scores are kept.
+    # Fused attention (SDPA) keeps no (T, T) scores; eager keeps every layer's probabilities for backward.
     activations = batch * context * (config.n_layer * (8 * config.d_model + 2 * config.d_ff) + 2 * config.vocab_size)
-    return 16 * params + 4 * activations
+    scores = config.n_layer * batch * config.n_head * context * context if eager else 0
+    return 16 * params + 4 * (activations + scores)
 
 
 def check_tables_fit(config: ModelConfig, source: str) -> None:

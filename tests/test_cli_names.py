@@ -218,7 +218,7 @@ def test_eval_takes_the_model_as_an_option_or_first(tmp_path, monkeypatch):
     model.mkdir()
     seen = []
 
-    def fake(model_dir, inputs, *rest):
+    def fake(model_dir, inputs, *rest, **options):
         seen.append((model_dir, inputs))
         raise typer.Exit(0)
 

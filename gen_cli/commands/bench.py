@@ -375,7 +375,9 @@ def bench_speculative_command(
 
 
 def register(app: typer.Typer) -> None:
+    from gen_cli.commands.bench_attention import register as register_attention
     from gen_cli.commands.bench_startup import bench_startup_command
 
     bench_app.command("startup")(bench_startup_command)
+    register_attention(bench_app)
     app.add_typer(bench_app, name="bench")

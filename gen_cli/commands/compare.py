@@ -107,6 +107,9 @@ def compare_command(
         "none",
     ),
     sinks: list[str] = _axis("--sinks", "With --window: the first S tokens kept forever", "0"),
+    attn_impl: list[str] = _axis(
+        "--attn-impl", "fused (SDPA's tiled kernel) or eager (scores materialized); changes prefill", "fused"
+    ),
     preset: Preset = None,
     model_dir: Model = None,
     context: int = typer.Option(
@@ -257,6 +260,7 @@ def compare_command(
         kv_dtype=compare.split_values(kv_dtype, []),
         window=compare.int_values("--window", window, [], minimum=0),
         sinks=compare.int_values("--sinks", sinks, [], minimum=0),
+        attn_impl=compare.split_values(attn_impl, []),
     )
     _check_grid_memory(specs, dev)
     _confirm_large_grid(specs, yes)
@@ -335,6 +339,7 @@ def _run(specs: list[Any], in_process: bool) -> tuple[list[dict[str, Any]], bool
         cache = "on" if s.kv_cache else "off"
         cache += f" {s.kv_dtype}" if s.kv_dtype else ""
         cache += f" window {s.window}+{s.sinks}" if s.window else ""
+        cache += f" {s.attn_impl}" if s.attn_impl != "fused" else ""
         return (f"{s.attention} {s.shape['n_kv_head']}kv {s.shape['pos_encoding']} cache {cache} {s.dtype} "
                 f"p{s.prompt_len} g{s.gen_len} b{s.batch}")  # fmt: skip
 

@@ -271,6 +271,15 @@ Compile = Annotated[
         "--compile", help="torch.compile the model (a slow start, faster steps).", rich_help_panel=PERFORMANCE
     ),
 ]
+AttnImpl = Annotated[
+    str,
+    typer.Option(
+        "--attn-impl",
+        metavar="IMPL",
+        help="Attention: fused (SDPA's tiled kernel: no n×n scores) or eager (scores materialized).",
+        rich_help_panel=PERFORMANCE,
+    ),
+]
 Profile = Annotated[
     bool,
     typer.Option(

@@ -17,6 +17,7 @@ from gen_cli.commands.options import (
     MODEL,
     OUTPUT,
     Attention,
+    AttnImpl,
     BatchSize,
     Compile,
     Device,
@@ -190,6 +191,7 @@ def train_command(
     device: Device = "auto",
     dtype: Dtype = "auto",
     compile_: Compile = False,
+    attn_impl: AttnImpl = "fused",
 ) -> None:
     """Train a small transformer (or resume a run); the run folder is a model directory.
 
@@ -212,7 +214,7 @@ def train_command(
         context=context, lr=lr, warmup=warmup, min_lr=min_lr, weight_decay=weight_decay, grad_clip=grad_clip,
         eval_every=eval_every, eval_batches=eval_batches, save_every=save_every, save_minutes=save_minutes,
         seed=seed, device=device, dtype=dtype, compile=compile_, out=str(out) if out else None, force=force,
-        resume=str(resume) if resume else None, init=str(init) if init else None,
+        attn_impl=attn_impl, resume=str(resume) if resume else None, init=str(init) if init else None,
     )  # fmt: skip
     started = time.perf_counter()
     with _Renderer() as render:
@@ -269,6 +271,7 @@ def eval_command(
     device: Device = "auto",
     dtype: Dtype = "float32",
     batch_size: BatchSize = 8,
+    attn_impl: AttnImpl = "fused",
 ) -> None:
     """Loss, perplexity and bits per byte of a model on text: all of the files you name, or the
     validation split of gen's own corpora.
@@ -303,12 +306,14 @@ def eval_command(
         _check_eval_model(model_dir, model_opt is None)
     if png is not None and not by_position:
         raise UsageError("--png goes with --by-position")
+    if by_position and attn_impl != "fused":
+        raise UsageError("--attn-impl goes with the plain eval; --by-position runs fused attention")
     if by_position:
         _by_position(model_dir, list(inputs or []), context, buckets, device, batch_size, max_tokens, rope_scaling,
                      as_json, png)  # fmt: skip
         return
     res = evaluate_model(model_dir, list(inputs or []), device, dtype, batch_size, context, max_tokens, rope_scaling,
-                         stride)  # fmt: skip
+                         stride, attn_impl=attn_impl)  # fmt: skip
     if as_json:
         print_json(dataclasses.asdict(res))
         return

@@ -77,6 +77,7 @@ def expand_grid(
     kv_dtype: list[str] | None = None,
     window: list[int] | None = None,
     sinks: list[int] | None = None,
+    attn_impl: list[str] | None = None,
 ) -> list[Spec]:
     """Validate the axes and return the grid, MHA first (added when not listed): the first row is the baseline.
 
@@ -87,6 +88,7 @@ def expand_grid(
     _check_choices("pos", pos, POS_ENCODINGS)
     _check_choices("kv_cache", kv_cache, ("on", "off"))
     _check_choices("dtype", dtype, DTYPES)
+    _check_choices("attn_impl", attn_impl or [], ("fused", "eager"))
     if repeats < 1:
         raise UsageError(f"repeats must be at least 1, got {repeats}", params=("repeats",))
     if warmup < 0:
@@ -140,10 +142,11 @@ def expand_grid(
                                 # A cache kind means nothing without a cache: one cache-off row per variant.
                                 for kvd in kv_kinds if cache == "on" else [""]:
                                     for w, s in windows if cache == "on" else [(0, 0)]:
-                                        specs.append(
-                                            Spec(variant.to_dict(), kind, cache == "on", p, g, b, dt, device,
-                                                 threads, repeats, warmup, kvd, w, s)
-                                        )  # fmt: skip
+                                        for impl in attn_impl or ["fused"]:
+                                            specs.append(
+                                                Spec(variant.to_dict(), kind, cache == "on", p, g, b, dt, device,
+                                                     threads, repeats, warmup, kvd, w, s, impl)
+                                            )  # fmt: skip
     return specs
 
 
@@ -210,7 +213,7 @@ def run_grid(
 def _variant_key(row: dict[str, Any]) -> tuple:
     cache_kind = (row.get("kv_dtype", ""), row.get("kv_window", 0), row.get("kv_sinks", 0))
     return (row["attention"], row["kv_heads"], row["pos"], row["dtype"], row["prompt_len"], row["gen_len"],
-            row["batch"], cache_kind)  # fmt: skip
+            row["batch"], row.get("attn_impl", "fused"), cache_kind)  # fmt: skip
 
 
 def add_speedups(rows: list[dict[str, Any]]) -> None:

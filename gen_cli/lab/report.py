@@ -93,6 +93,8 @@ def columns(rows: Sequence[dict[str, Any]]) -> list[tuple[str, Any]]:
     """(header, row → cell) for the human-readable table; workload columns only when they vary."""
     cols: list[tuple[str, Any]] = [("attention kv/heads", attention_label), ("pos", lambda r: r["pos"]),
                                    ("KV cache", lambda r: "on" if r["kv_cache"] else "off")]  # fmt: skip
+    if len({r.get("attn_impl", "fused") for r in rows}) > 1:
+        cols.append(("attention impl", lambda r: r.get("attn_impl", "fused")))
     for key, head in (("dtype", "dtype"), ("prompt_len", "prompt"), ("gen_len", "gen"), ("batch", "batch")):
         if _varying(rows, key):
             cols.append((head, lambda r, k=key: str(r[k])))

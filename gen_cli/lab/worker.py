@@ -39,6 +39,7 @@ class Spec:
     kv_dtype: str = ""  # a KV cache kind spec (int8, int4, k8v4 …); "" stores the compute dtype
     window: int = 0  # a window cache of `sinks` + `window` slots (0: the cache holds every position)
     sinks: int = 0
+    attn_impl: str = "fused"  # how attention is computed (model.attention.ATTENTION_IMPLS)
 
     @property
     def config(self) -> ModelConfig:
@@ -95,7 +96,7 @@ def measure(spec: Spec) -> dict[str, Any]:
     from gen_cli.infer.generate import run_generation
     from gen_cli.infer.optimize import compute_dtype, optimize_for_decode
     from gen_cli.infer.sampling import SamplingConfig
-    from gen_cli.model.transformer import random_model
+    from gen_cli.model.transformer import random_model, set_attention_impl
     from gen_cli.runtime import LoadProbe, resolve_device, resolve_dtype, set_threads
 
     started = time.perf_counter()
@@ -112,6 +113,7 @@ def measure(spec: Spec) -> dict[str, Any]:
     ).to(device)
     # The same inference path `gen generate` runs: fused and prepacked (or int8) weights.
     model = optimize_for_decode(model.to(dtype), quantize=quantize)
+    set_attention_impl(model, spec.attn_impl)  # prefill and PyTorch's decode steps; the C step is its own
     greedy = SamplingConfig(temperature=0.0)
     cache = spec.cache_spec()
     with LoadProbe() as probe:  # over the timed runs (and warm-up): what other processes took meanwhile
@@ -134,7 +136,7 @@ def measure(spec: Spec) -> dict[str, Any]:
     # A window changes what attention sees, so the no-cache oracle is not its reference: its cost is the KL
     # against the full cache below (gen's tests check it against a windowed no-cache reference).
     greedy_match, max_diff = None, None
-    has_oracle = (spec.kv_cache or spec.dtype != "float32") and not spec.window
+    has_oracle = (spec.kv_cache or spec.dtype != "float32" or spec.attn_impl != "fused") and not spec.window
     if has_oracle:
         oracle = random_model(config).to(device)  # the same fp32 weights the variant was built from, unoptimised
         greedy_match, max_diff = check_against_oracle(model, oracle, prompt, spec.gen_len, cache)
@@ -163,6 +165,7 @@ def measure(spec: Spec) -> dict[str, Any]:
         "prefill_tokens_per_s": _median([s.prefill_tokens_per_s for s in runs]),
         "ms_per_token": _median([s.ms_per_token for s in runs if s.ms_per_token is not None]),
         "kv_dtype": spec.kv_dtype,
+        "attn_impl": spec.attn_impl,
         "kv_dtype_k": last.kv_dtype_k,
         "kv_dtype_v": last.kv_dtype_v,
         "kv_window": spec.window,

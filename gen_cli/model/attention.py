@@ -4,6 +4,10 @@ Every cache reports the same `Positions` for a forward (design rule 3): the abso
 its `update` returns, and, when it re-assigns them (a StreamingLLM window), the positions RoPE and ALiBi
 use instead. `plan_attention` turns them into RoPE rows and one mask, once per forward; `attend` applies
 them per layer. Nothing here asks which cache produced the positions.
+
+Two implementations compute the same attention (`ATTENTION_IMPLS`, chosen per run, never stored in a
+config): `fused`, PyTorch's SDPA (a tiled online-softmax kernel where the device has one: the B·h·n² scores
+never exist in full), and `eager`, softmax(QKᵀ/√d)·V with the score matrix materialized.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ if TYPE_CHECKING:
     from gen_cli.model.config import ModelConfig
 
 Rows = tuple[torch.Tensor, torch.Tensor]  # cos and signed sin rows, each (n, head_dim)
+
+ATTENTION_IMPLS = ("fused", "eager")  # the first is the default
 
 
 @dataclass(slots=True)
@@ -71,6 +77,7 @@ class AttentionPlan:
     sink: torch.Tensor | None = None  # (L, 1) 1 for sink keys, 0 otherwise, in the compute dtype
     mask: torch.Tensor | None = None  # bool (T, L) or additive (H, T, L)
     is_causal: bool = False
+    impl: str = "fused"  # one of ATTENTION_IMPLS
 
 
 def plan_attention(
@@ -140,6 +147,48 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPla
             k = torch.cat([k * plan.sink, k * (1 - plan.sink)], dim=-1)  # (B, n_kv_head, L, 2 head_dim)
         else:
             q = q_main
+    if plan.impl == "eager":
+        return eager_attention(q, k, v, plan.mask, plan.is_causal, scale)
+    mask = plan.mask
+    if mask is not None and mask.dim() == 3:
+        # PyTorch's CPU flash kernel takes a 4-d additive mask but sends a 3-d one to the math path, which
+        # materializes the scores: (H, T, L) → (1, H, T, L), the same memory.
+        mask = mask[None]
     return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=plan.mask, is_causal=plan.is_causal, scale=scale, enable_gqa=gqa
+        q, k, v, attn_mask=mask, is_causal=plan.is_causal, scale=scale, enable_gqa=gqa
     )
+
+
+def eager_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """softmax(q·kᵀ·scale + mask)·v with the (B, n_head, T, L) scores materialized: (B, n_head, T, v's hd).
+
+    The arithmetic SDPA fuses, written out. Without autograd the one score matrix is masked and softmaxed
+    in place (the least an unfused kernel can hold); with it, autograd keeps the probabilities for backward.
+    """
+    B, H, T, hd = q.shape
+    Hkv, L = k.shape[1], k.shape[2]
+    scale = scale if scale is not None else 1 / math.sqrt(hd)
+    # Query head h reads KV head h // group (as enable_gqa): the group's queries stacked, k never repeated.
+    qg = (q * scale).reshape(B, Hkv, (H // Hkv) * T, hd)  # (B, n_kv_head, group × T, hd)
+    scores = qg @ k.transpose(-1, -2)  # (B, n_kv_head, group × T, L)
+    view = scores.view(B, H, T, L)  # (B, n_head, T, L): the same memory
+    if is_causal:
+        mask = causal_mask(0, T, q.device)  # (T, T): is_causal only comes with L == T
+    if mask is not None and mask.dtype == torch.bool:
+        view.masked_fill_(~mask, float("-inf"))
+    elif mask is not None:
+        view.add_(mask)  # additive (H, T, L): ALiBi's bias, -inf where hidden
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if needs_grad:
+        probs = scores.softmax(dim=-1)
+    else:
+        probs = scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_()  # every row sees its own key: no NaN
+        probs.div_(probs.sum(dim=-1, keepdim=True))
+    return (probs @ v).view(B, H, T, v.shape[-1])  # (B, n_kv_head, group × T, hd) → (B, n_head, T, hd)

@@ -15,7 +15,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from gen_cli.errors import UsageError
-from gen_cli.model.attention import AttentionPlan, Positions, attend, causal_mask, plan_attention
+from gen_cli.model.attention import (
+    ATTENTION_IMPLS,
+    AttentionPlan,
+    Positions,
+    attend,
+    causal_mask,
+    plan_attention,
+)
 from gen_cli.model.config import WEIGHT_SEED, ModelConfig
 from gen_cli.model.positions import (  # noqa: F401  (re-exported: callers import the tables from here)
     RELATIVE,
@@ -175,6 +182,9 @@ def _embedding(num: int, dim: int) -> nn.Embedding:
 class Transformer(nn.Module):
     """Decoder-only LM: `forward(idx (B, T), cache=None) -> logits (B, T, vocab)`."""
 
+    # How attention is computed (ATTENTION_IMPLS), a run-time choice: see `set_attention_impl`.
+    attn_impl: str = ATTENTION_IMPLS[0]
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
@@ -266,7 +276,9 @@ class Transformer(nn.Module):
         kind = self.config.pos_encoding
         rope = self.rope_table(at.frame_extent or at.end) if kind == "rope" else None
         slopes = self.alibi_slopes.to(device) if kind == "alibi" else None  # a no-op unless placed without `.to`
-        return plan_attention(at, self.config, rope, slopes, dtype, device)
+        plan = plan_attention(at, self.config, rope, slopes, dtype, device)
+        plan.impl = self.attn_impl
+        return plan
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
         """Logits (B, T, vocab); with a cache, positions start at cache.pos and the cache advances by T.
@@ -297,6 +309,13 @@ class Transformer(nn.Module):
         if last_only:
             x = x[:, -1:, :]  # (B, 1, d_model)
         return self.lm_head(self.norm(x))  # (B, T or 1, vocab)
+
+
+def set_attention_impl(model: Transformer, impl: str) -> None:
+    """Compute `model`'s attention with `impl` (`fused` SDPA or `eager`, scores materialized) from now on."""
+    if impl not in ATTENTION_IMPLS:
+        raise UsageError(f"unknown attention implementation {impl!r}; choose one of: {', '.join(ATTENTION_IMPLS)}")
+    model.attn_impl = impl
 
 
 def random_model(config: ModelConfig) -> Transformer:

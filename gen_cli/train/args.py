@@ -58,6 +58,7 @@ class TrainArgs:
     device: str = "auto"
     dtype: str = "auto"
     compile: bool = False
+    attn_impl: str = "fused"  # how attention is computed (a run-time choice, never in the model's config)
     out: str | None = None
     force: bool = False
     resume: str | None = None
@@ -137,6 +138,12 @@ def resolve_args(args: TrainArgs, saved: dict | None = None) -> TrainArgs:
     for name in ("warmup", "eval_every", "save_every", "save_minutes", "weight_decay", "grad_clip", "min_lr"):
         if not 0 <= getattr(r, name) < math.inf:
             raise UsageError(f"{name} must be a finite number ≥ 0, got {getattr(r, name)}", params=(name,))
+    from gen_cli.model.attention import ATTENTION_IMPLS  # torch: not at CLI import time
+
+    if r.attn_impl not in ATTENTION_IMPLS:
+        raise UsageError(
+            f"attn_impl must be one of {', '.join(ATTENTION_IMPLS)}, got {r.attn_impl!r}", params=("attn_impl",)
+        )
     if r.context is not None and r.context < 1:
         raise UsageError(f"context must be at least 1, got {r.context}", params=("context",))
     # Sizes checked here, before a tokenizer is trained or a corpus tokenized for them.

@@ -141,11 +141,13 @@ def evaluate_model(
     rope_scaling: str | None = None,
     stride: int | None = None,
     split: str | None = None,
+    attn_impl: str = "fused",
 ) -> EvalResult:
     """Loss, perplexity and bits per byte of a model on text: files a user names are scored whole (split
     "all") in windows every `stride` tokens (default context/2); gen's own corpora (the built-in one, a run's
     training text) on their val split, non-overlapping by default. `rope_scaling` (a spec such as `linear:4`)
-    runs a RoPE model with that scaling, its context grown to match."""
+    runs a RoPE model with that scaling, its context grown to match; `attn_impl` computes attention fused or eager."""
+    from gen_cli.model.transformer import set_attention_impl
     from gen_cli.runtime import resolve_device, run_dtype
     from gen_cli.text.corpus import BUILTIN, Corpus
 
@@ -154,6 +156,7 @@ def evaluate_model(
     dev = resolve_device(device)
     amp = training_precision(run_dtype(dtype, dev))
     model, tok, separator = load_for_scoring(model_dir, dev)  # fp32 weights; bfloat16 runs under autocast
+    set_attention_impl(model, attn_impl)
     if rope_scaling is not None:
         from gen_cli.model.config import parse_rope_scaling
         from gen_cli.model.transformer import apply_rope_scaling

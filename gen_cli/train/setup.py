@@ -152,7 +152,7 @@ def _check_memory(config: ModelConfig, a: TrainArgs, context: int, device: torch
 
     params = parameter_count(config)
     check_fits(
-        training_bytes(config, a.batch_size, context, params),
+        training_bytes(config, a.batch_size, context, params, eager=a.attn_impl == "eager"),
         f"training {params:,} parameters on batches of {a.batch_size} × {context} tokens",
         "use a smaller batch_size, context or model",
         device,
@@ -175,7 +175,7 @@ def _setup_run(args: TrainArgs, report: Reporter, dist: Dist, lock: contextlib.E
     import torch
 
     from gen_cli.formats.checkpoint import load_model
-    from gen_cli.model.transformer import Transformer
+    from gen_cli.model.transformer import Transformer, set_attention_impl
     from gen_cli.runtime import resolve_device, run_dtype
     from gen_cli.text.corpus import Corpus
     from gen_cli.train.evaluate import training_precision
@@ -238,6 +238,7 @@ def _setup_run(args: TrainArgs, report: Reporter, dist: Dist, lock: contextlib.E
         model.load_state_dict(init[0].state_dict())
         report(f"starting from the weights of {a.init}")
     model = model.to(device)
+    set_attention_impl(model, a.attn_impl)
     optimizer = torch.optim.AdamW(param_groups(model, a.weight_decay), lr=a.lr, betas=(0.9, 0.95), eps=1e-8)
     generator = torch.Generator().manual_seed(a.seed)
     start, tokens_before = 0, 0
