@@ -228,3 +228,22 @@ def test_bench_attention_cli_measures_each_point_in_its_own_process():
     assert {r["phase"]: r["tokens"] for r in data["summary"]} == {"prefill": 40, "train": 24}
     bad = runner.invoke(app, [*args, "--attn-impl", "flash"])
     assert bad.exit_code == 2 and "flash" in bad.output
+
+
+def test_generate_flag_gives_the_same_greedy_text_either_way():
+    import json
+
+    from typer.testing import CliRunner
+
+    from gen_cli.cli import app
+
+    runner = CliRunner()
+    args = ["generate", "The for statement", "-n", "12", "--temperature", "0", "--no-native", "--json"]
+    texts = {}
+    for impl in ("fused", "eager"):
+        result = runner.invoke(app, [*args, "--attn-impl", impl])
+        assert result.exit_code == 0, result.output
+        texts[impl] = json.loads(result.stdout)["text"]
+    assert texts["fused"] == texts["eager"] and texts["fused"]
+    bad = runner.invoke(app, [*args, "--attn-impl", "flash"])
+    assert bad.exit_code == 2 and "flash" in bad.output

@@ -99,12 +99,6 @@ def test_the_library_names_values_not_flags():
                 assert "'--" not in text and '"--' not in text and " --" not in text, f"{module}: {text[:120]}"
 
 
-def test_no_module_is_a_maze():
-    for path in PACKAGE.rglob("*.py"):
-        lines = len(path.read_text(encoding="utf-8").splitlines())
-        assert lines <= 450, f"{path.relative_to(PACKAGE)} has {lines} lines; split it by concern"
-
-
 def test_the_cli_shows_a_named_value_as_the_flag_of_the_command_that_ran():
     import typer.main
 

@@ -23,6 +23,7 @@ from gen_cli.commands.options import (
     OUTPUT,
     SAMPLING,
     Attention,
+    AttnImpl,
     Compile,
     Device,
     Draft,
@@ -381,6 +382,7 @@ def generate_command(
     native: Native = True,
     compile_: Compile = False,
     profile: Profile = False,
+    attn_impl: AttnImpl = "fused",
     speculate: Speculate = None,
     draft: Draft = None,
 ) -> None:
@@ -404,7 +406,7 @@ def generate_command(
               num_samples, _cache_spec(kv_cache, kv_kinds, window, sinks), prompt_cache, stream, show_stats, as_json,
               profile, speculate, draft)  # fmt: skip
     options = EngineOptions(
-        device_name, engine_dtype(dtype_opt, device_name), threads, quantize, native, compile_, rope_scaling
+        device_name, engine_dtype(dtype_opt, device_name), threads, quantize, native, compile_, rope_scaling, attn_impl
     )
     _check_run(run, options, kv_kinds is not None)
     source = PresetShape(preset, tokenizer, attention, kv_heads, pos) if preset is not None else model_dir

@@ -22,7 +22,7 @@ from gen_cli.formats.loaded import Loaded
 from gen_cli.infer.generate import GenerationResult, check_memory, new_cache, run_generation
 from gen_cli.infer.optimize import QUANTIZE_MODES, compile_warm_up, compute_dtype, optimize_for_decode
 from gen_cli.infer.sampling import SamplingConfig
-from gen_cli.model.transformer import Transformer
+from gen_cli.model.transformer import Transformer, set_attention_impl
 from gen_cli.text.tokenizer import EOT, encode, special_id
 
 if TYPE_CHECKING:
@@ -54,6 +54,7 @@ class EngineOptions:
     native: bool = True  # gen's C decode step where the model and machine allow it
     compile: bool = False  # torch.compile instead of the native step
     rope_scaling: str | None = None  # e.g. `yarn:4`: the context grows to factor × the trained one
+    attn_impl: str = "fused"  # PyTorch's forwards (prefill, decode off the native step): fused SDPA or eager
 
 
 @dataclass
@@ -230,6 +231,7 @@ def open_model(
     load_s = time.perf_counter() - start
     if before_layout is not None:
         before_layout(loaded)
+    set_attention_impl(loaded.model, options.attn_impl)
     model = optimize_for_decode(loaded.model, quantize=options.quantize, compile=options.compile, native=options.native)
     tok = loaded.tokenizer
     # gen's models end a text with <|endoftext|>; an imported model declares its own end-of-turn ids.
