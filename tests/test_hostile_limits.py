@@ -3,9 +3,12 @@ before decoding and tokenizing), memory estimates, the text stream's tail, ident
 
 from __future__ import annotations
 
-import pytest
+import json
 
-from gen_cli.errors import GenError
+import pytest
+from hostile import cli, copy_model, refused
+
+from gen_cli.errors import GenError, UsageError
 from gen_cli.text import chat
 from gen_cli.text.chat import encode_rendered, render_chat
 
@@ -82,3 +85,52 @@ def test_a_tokenizer_panic_is_one_error_and_long_text_is_refused_before_tokenizi
     assert tok.encode_special_tokens is True  # restored
     with pytest.raises(GenError, match=r"is 81 bytes, more than 10 tokens could hold"):
         encode_rendered(tok, "x" * 81, max_tokens=10)  # 10 tokens of at most 8 bytes: never tokenized
+
+
+# ---------------------------------------------------------------------------------------------
+# Readers of user input: capped before decoding and tokenizing
+
+
+def test_tokenize_reads_stdin_only_up_to_its_limit(monkeypatch, tokenizer_path):
+    from gen_cli.commands import text
+
+    monkeypatch.setattr(text, "TOKENIZE_BYTES", 1000)
+    refused(["tokenize", "-", "--tokenizer", str(tokenizer_path)], r"stdin is over 1,000 bytes, gen tokenize's limit",
+            code=2, stdin=b"x" * 1001)  # fmt: skip
+    assert cli(["tokenize", "-", "--tokenizer", str(tokenizer_path)], b"x" * 1000).exit_code == 0
+
+
+def test_a_corpus_on_stdin_is_read_only_up_to_its_limit(monkeypatch, tmp_path):
+    from gen_cli.text import corpus
+
+    monkeypatch.setattr(corpus, "STDIN_BYTES", 1000)
+    args = ["train-tokenizer", "-", "--out", str(tmp_path / "t.json")]
+    refused(args, r"the text on stdin is over 1,000 bytes, gen's limit for stdin .* give a file", 2, b"\0" * 5000)
+
+
+def test_a_stdin_line_is_read_only_up_to_its_limit(monkeypatch):
+    import io
+    import sys
+
+    from gen_cli.commands.common import read_line
+
+    stdin = io.TextIOWrapper(io.BytesIO(b"hello\n" + b"y" * 100 + b"\nok\r\n\xff\n"), encoding="utf-8")
+    monkeypatch.setattr(sys, "stdin", stdin)
+    assert read_line(10, "too long") == "hello"
+    with pytest.raises(UsageError, match=r"a line on stdin is over 10 bytes, too long"):
+        read_line(10, "too long")  # 11 bytes read, not 100
+    assert stdin.buffer.tell() == 6 + 11
+    stdin.buffer.seek(6 + 101)
+    assert read_line(10, "") == "ok"
+    with pytest.raises(UsageError, match=r"not valid UTF-8 \(byte 0xff at offset 0\)"):
+        read_line(10, "")  # decoded by gen, whatever PYTHONIOENCODING says
+    assert read_line(10, "") is None
+
+
+def test_tokenize_checks_a_models_tokenizer_digest(model_dir, tmp_path):
+    folder = copy_model(model_dir, tmp_path)
+    data = json.loads((folder / "tokenizer.json").read_text())
+    data["added_tokens"][0]["content"] = "<|swapped|>"  # another tokenizer than the weights were trained with
+    (folder / "tokenizer.json").write_text(json.dumps(data))
+    refused(["tokenize", "hi", "--model", str(folder)], r"tokenizer\.json is not the tokenizer these weights were")
+    assert cli(["tokenize", "hi", "--model", str(model_dir)]).exit_code == 0
