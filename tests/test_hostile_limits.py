@@ -7,10 +7,13 @@ import json
 
 import pytest
 from hostile import cli, copy_model, refused
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from gen_cli.errors import GenError, UsageError
 from gen_cli.text import chat
 from gen_cli.text.chat import encode_rendered, render_chat
+from gen_cli.text.stream import TextStream
 
 # ---------------------------------------------------------------------------------------------
 # Chat templates: bounded in time, in output and in the values they make
@@ -134,3 +137,52 @@ def test_tokenize_checks_a_models_tokenizer_digest(model_dir, tmp_path):
     (folder / "tokenizer.json").write_text(json.dumps(data))
     refused(["tokenize", "hi", "--model", str(folder)], r"tokenizer\.json is not the tokenizer these weights were")
     assert cli(["tokenize", "hi", "--model", str(model_dir)]).exit_code == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The text stream: a bounded tail decoded per token, the same text as decoding the whole row
+
+
+class _Counting:
+    """A tokenizer that counts the ids it is asked to decode."""
+
+    def __init__(self, tok):
+        self.tok, self.decoded = tok, 0
+
+    def decode(self, ids, skip_special_tokens=False):
+        self.decoded += len(ids)
+        return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def test_the_stream_decodes_a_bounded_tail_per_token(tokenizer):
+    from gen_cli.text.tokenizer import encode
+
+    ids = encode(tokenizer, "ab é 中 😀 " * 400)
+    counting = _Counting(tokenizer)
+    row = TextStream(counting, stops=("never here",), context=(ids[0],))
+    for i in ids[1:]:
+        row.push(i)
+        row.take()
+    assert row.text == tokenizer.decode(ids[1:])
+    assert counting.decoded < 20 * len(ids)  # the whole row each time would be len(ids)² / 2
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    words=st.lists(st.sampled_from(["a", "b ", "é", "中", "😀", "END", "E", "N", "D", " ", "\n"]), max_size=40),
+    stop=st.sampled_from([(), ("END",), ("D", "中😀"), ("\n\n",)]),
+)
+def test_the_streamed_text_is_the_decoded_text_cut_at_the_first_stop(tokenizer, words, stop):
+    from gen_cli.text.tokenizer import encode
+
+    text = "".join(words)
+    row = TextStream(tokenizer, stops=stop)
+    out = []
+    for i in encode(tokenizer, text):
+        row.push(i)
+        got = row.take()
+        assert "\ufffd" not in got
+        out.append(got)
+    out.append(row.take(final=True))
+    cut = min([i for i in (text.find(s) for s in stop) if i >= 0], default=len(text))
+    assert "".join(out) == row.text == text[:cut]
