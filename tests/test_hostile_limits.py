@@ -257,3 +257,23 @@ def test_a_windowed_chat_reply_counts_its_id_buffer(tokenizer, monkeypatch):
     with pytest.raises(GenError, match=r"the ids and sampling buffers of 1 sequence\(s\) of [\d,]+ tokens needs"):
         session.say("hi", 100_000_000, SamplingConfig(temperature=0.0))  # a window: no context to stop it
     assert session.say("hi", 4, SamplingConfig(temperature=0.0)).new_tokens == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# Identities and checksums: every weight byte, the shipped model's tokenizer, train states, token files
+
+
+def test_a_prompt_cache_is_refused_by_weights_that_differ_in_one_element(tmp_path):
+    import torch
+    from conftest import tiny_config
+
+    from gen_cli.cache.prompt_file import identity, model_fingerprint
+    from gen_cli.model.transformer import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(vocab_size=4096, d_model=64)).eval()
+    before = model_fingerprint(model)
+    with torch.no_grad():
+        model.tok_emb.weight.view(-1)[4097] += 1e-3  # 262,144 elements: off a stride sampling 2^16 of them
+    assert model_fingerprint(model) != before
+    assert identity(model, "t", "none", "fp32", "fp32", torch.float32)["model_sha256"] == model_fingerprint(model)
