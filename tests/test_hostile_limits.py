@@ -277,3 +277,64 @@ def test_a_prompt_cache_is_refused_by_weights_that_differ_in_one_element(tmp_pat
         model.tok_emb.weight.view(-1)[4097] += 1e-3  # 262,144 elements: off a stride sampling 2^16 of them
     assert model_fingerprint(model) != before
     assert identity(model, "t", "none", "fp32", "fp32", torch.float32)["model_sha256"] == model_fingerprint(model)
+
+
+def test_a_train_state_with_one_bit_flipped_is_refused(tmp_path):
+    import torch
+    from conftest import tiny_config
+
+    from gen_cli.model.transformer import Transformer
+    from gen_cli.text.tokenizer import new_tokenizer
+    from gen_cli.train.run_folder import STATE_FILE, load_train_state, save_train_state
+
+    torch.manual_seed(0)
+    model = Transformer(tiny_config())
+    optimizer = torch.optim.AdamW(model.parameters())
+    path = tmp_path / STATE_FILE
+    save_train_state(path, model, optimizer, torch.Generator(), 3, {}, model.config, new_tokenizer(), 10)
+    assert load_train_state(tmp_path).step == 3
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0x01  # one bit of the last tensor (an RNG state, then weights: any byte is trained on)
+    path.write_bytes(bytes(data))
+    with pytest.raises(GenError, match=r"the train state is damaged \(its checksum does not match its content\)"):
+        load_train_state(tmp_path)
+
+
+def test_a_truncated_or_changed_token_file_is_rebuilt_not_reused(tokenizer, tmp_path):
+    import numpy as np
+
+    from gen_cli.text.corpus import Corpus
+    from gen_cli.train.tokens import tokenize_split
+
+    (tmp_path / "c.txt").write_text("one two three four five six\n" * 50)
+    corpus = Corpus([str(tmp_path / "c.txt")])
+    first = tokenize_split(tokenizer, corpus, "train", tmp_path / "tokens")
+    good = first.path.read_bytes()
+    assert tokenize_split(tokenizer, corpus, "train", tmp_path / "tokens").cached
+    for damaged in (good[: len(good) // 2], good[:-2] + np.asarray([5], dtype="<u2").tobytes()):
+        first.path.write_bytes(damaged)  # whole ids, valid ids, the EOT first: only the checksum tells
+        again = tokenize_split(tokenizer, corpus, "train", tmp_path / "tokens")
+        assert not again.cached and again.path.read_bytes() == good
+
+
+def test_the_shipped_model_names_its_tokenizer_and_refuses_another(tmp_path):
+    import shutil
+
+    from safetensors import safe_open
+
+    from gen_cli.formats.checkpoint import TOKENIZER_DIGEST_KEY
+    from gen_cli.resources import default_model_dir
+    from gen_cli.text.tokenizer import load_tokenizer, tokenizer_digest
+
+    shipped = default_model_dir()
+    with safe_open(str(shipped / "model.safetensors"), "pt") as f:
+        digest = (f.metadata() or {}).get(TOKENIZER_DIGEST_KEY)
+    assert digest == tokenizer_digest(load_tokenizer(shipped))
+    copy = tmp_path / "copy"
+    shutil.copytree(shipped, copy)
+    data = json.loads((copy / "tokenizer.json").read_text())
+    vocab = data["model"]["vocab"]
+    a, b = list(vocab)[300:302]
+    vocab[a], vocab[b] = vocab[b], vocab[a]  # the same size, two ids swapped: garbage text, before the digest
+    (copy / "tokenizer.json").write_text(json.dumps(data))
+    refused(["generate", "hi", "--model", str(copy), "--max-new-tokens", "2"], r"is not the tokenizer these weights")
