@@ -30,6 +30,7 @@ _debug_flag = [False]  # this invocation's --debug; set by the root callback on 
 RENAMED: dict[str, str] = {
     "--gen-len": "--max-new-tokens",
     "--new-tokens": "--max-new-tokens",
+    "--tokens": "--max-new-tokens",  # gen demo's timed runs
     "--batch": "--batch-size",
     "--output": "--out",
 }
@@ -295,6 +296,9 @@ def _register_commands() -> None:
 
     for module in (text, generate, info, chat, train, compare, convert, export, demo, bench, attention):
         module.register(app)
+    from gen_cli.commands import serve  # the HTTP server: `gen serve`
+
+    serve.register(app)
     _use_gen_command(app)
 
 

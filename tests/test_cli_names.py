@@ -16,8 +16,6 @@ from gen_cli.commands import options
 
 runner = CliRunner()
 ROOT = typer.main.get_command(app)
-# Commands rewritten elsewhere adopt options.py later; every other command follows it already.
-ADOPTING = {"generate", "chat", "demo", "bench tokenizer", "bench decode", "bench contention"}
 
 
 def _commands(group=ROOT, prefix=""):
@@ -57,17 +55,18 @@ def test_every_command_of_ours_takes_a_shared_option_as_options_py_declares_it()
     assert {"--model", "--max-new-tokens", "--out", "--batch-size", "--device", "--json", "--kv-dtype"} <= set(shared)
     checked = 0
     for name, command in COMMANDS.items():
-        if name in ADOPTING:
-            continue
         for p in command.params:
             for flag in _long(p):
                 if flag in shared and p.metavar != "LIST":  # a comma list of the values (compare's axes) says so
                     assert p.help == shared[flag].help, (name, flag, p.help)
                     checked += 1
-    assert checked > 30
+    assert checked > 100
 
 
-@pytest.mark.parametrize("name", ["tokenize", "info", "eval", "export", "convert", "compare", "attention"])
+@pytest.mark.parametrize(
+    "name", ["tokenize", "info", "eval", "export", "convert", "compare", "attention", "generate", "chat", "demo",
+             "bench decode"],
+)  # fmt: skip
 def test_a_command_that_takes_a_model_takes_dash_m_and_model(name):
     (model,) = [p for p in COMMANDS[name].params if "--model" in p.opts]
     assert "-m" in model.opts
@@ -76,12 +75,11 @@ def test_a_command_that_takes_a_model_takes_dash_m_and_model(name):
 def test_each_name_means_one_thing_and_device_defaults_to_auto():
     for name, command in COMMANDS.items():
         for p in command.params:
-            if "--device" in p.opts and name != "bench decode":  # bench decode: cpu, until it adopts Device
+            if "--device" in p.opts:
                 assert p.default == "auto", name
-            if name not in ADOPTING:
-                assert not {"--gen-len", "--new-tokens", "--batch", "--output"} & set(p.opts), (name, p.opts)
-                for short, flag in (("-o", "--out"), ("-n", "--max-new-tokens"), ("-m", "--model")):
-                    assert (short in p.opts) == (flag in p.opts), (name, p.opts)  # both, or neither
+            assert not set(RENAMED) & set(p.opts), (name, p.opts)
+            for short, flag in (("-o", "--out"), ("-n", "--max-new-tokens"), ("-m", "--model")):
+                assert (short in p.opts) == (flag in p.opts), (name, p.opts)  # both, or neither
 
 
 @pytest.mark.parametrize("old", sorted(RENAMED))
@@ -101,10 +99,27 @@ def test_an_old_spelling_is_rewritten_with_a_note(old, capsys):
 
 
 def test_an_old_spelling_a_command_still_declares_is_left_alone(capsys):
-    decode = COMMANDS["bench decode"]
-    if "--new-tokens" in {o for p in decode.params for o in p.opts}:
-        assert renamed_args(decode, ["--new-tokens", "4"]) == ["--new-tokens", "4"]
-        assert capsys.readouterr().err == ""
+    one = typer.Typer()
+
+    @one.command()
+    def run(tokens: str = typer.Option(None, "--tokens"), new: str = typer.Option(None, "--max-new-tokens")) -> None:
+        """A command that takes an old spelling as a flag of its own."""
+
+    command = typer.main.get_command(one)
+    assert renamed_args(command, ["--tokens", "4", "--new-tokens", "5"]) == ["--tokens", "4", "--max-new-tokens", "5"]
+    assert capsys.readouterr().err == "note: --new-tokens is deprecated; use --max-new-tokens\n"
+
+
+@pytest.mark.parametrize(
+    ("argv", "old"),
+    [(["bench", "decode", "--new-tokens", "1"], "--new-tokens"), (["bench", "contention", "--new-tokens", "1"],
+     "--new-tokens"), (["demo", "--tokens", "1"], "--tokens"), (["generate", "hi", "--gen-len", "0"], "--gen-len")],
+)  # fmt: skip
+def test_the_renamed_token_counts_are_rewritten_in_each_command_that_counts_tokens(argv, old):
+    result = runner.invoke(app, argv)  # every count is refused before a model is read
+    assert result.exit_code == 2, result.output
+    assert result.stderr.splitlines()[0] == f"note: {old} is deprecated; use --max-new-tokens"
+    assert "--max-new-tokens must be at least" in result.stderr.splitlines()[-1], result.output
 
 
 def test_compare_takes_its_old_spellings_end_to_end(tmp_path, monkeypatch):
@@ -159,8 +174,6 @@ def test_help_groups_options_in_panels_and_shows_defaults_one_way():
         assert f"╭─ {panel} " in text
     assert "[default: auto]" in text and "-o, --out PATH" in text and "-n, --max-new-tokens LIST" in text
     for name, command in COMMANDS.items():
-        if name in ADOPTING:
-            continue
         for p in command.params:  # a default is declared, never written into the help text
             assert not re.search(r"[\[(]default|\[[^\]]*\]\.?$", p.help or ""), (name, p.help)
 

@@ -156,3 +156,18 @@ def test_block_modes_read_their_blocks_and_deviate_a_little():
         expected = weights * bits[m] / 8 + config.d_model * bits[m] / 8 + kv
         assert rows[m].bytes_per_token == pytest.approx(expected, rel=0.02), m
         assert 0 < rows[m].max_logit_diff < 0.5, m
+
+
+def test_dash_o_is_not_the_format_and_counts_are_refused_before_any_run():
+    from typer.testing import CliRunner
+
+    from gen_cli.cli import app
+
+    runner = CliRunner()
+    short = runner.invoke(app, ["bench", "decode", "-o", "json"])
+    assert short.exit_code == 2 and "No such option: -o" in short.output  # -o is --out everywhere; no file here
+    for args, message in ((["-n", "1"], "--max-new-tokens must be at least 2, got 1"),
+                          (["-r", "0"], "--repeats must be at least 1, got 0"),
+                          (["-p", "0"], "--prompt-len must be at least 1, got 0")):  # fmt: skip
+        result = runner.invoke(app, ["bench", "decode", *args])
+        assert result.exit_code == 2 and message in result.stderr, result.output

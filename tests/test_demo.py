@@ -19,7 +19,7 @@ def test_demo_json_reports_both_settings_and_identical_tokens(model_dir, tokeniz
     from gen_cli.text.tokenizer import encode
 
     threads = str(torch.get_num_threads())  # the global setting other tests see stays as it was
-    args = ["demo", "--model", str(model_dir), "--tokens", "20", "--sample-tokens", "8", "--repeats", "3"]
+    args = ["demo", "-m", str(model_dir), "--max-new-tokens", "20", "--sample-tokens", "8", "--repeats", "3"]
     args += ["--threads", threads, "--json"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -53,10 +53,21 @@ def test_demo_table_and_missing_model(model_dir, tmp_path):
     assert "KV cache speed-up" in result.stdout and "identical" in result.stdout
     assert "no spread" in result.stdout or "machine busy" in result.stdout  # one repeat: no claim as fact
     assert "during the timed runs" in result.stderr
+    assert result.stderr.splitlines()[0] == "note: --tokens is deprecated; use --max-new-tokens"  # the old spelling
+    assert "+ 10 new tokens" in result.stdout
     table = [line for line in result.stdout.splitlines() if "│" in line or "KV cache" in line]
     assert table and max(len(line) for line in table) <= 80  # the table and verdicts fit 80 columns
     missing = runner.invoke(app, ["demo", "--model", str(tmp_path / "nope")])
     assert missing.exit_code == 2 and "Traceback" not in missing.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["-n", "1"], "--max-new-tokens must be at least 2, got 1"), (["--repeats", "0"], "--repeats must be at least 1")],
+)
+def test_demo_refuses_too_few_tokens_or_repeats_before_loading(tmp_path, args, message):
+    result = runner.invoke(app, ["demo", "--model", str(tmp_path / "nope"), *args])
+    assert result.exit_code == 2 and message in result.stderr, result.output
 
 
 def test_demo_refuses_a_prompt_that_is_not_utf8(model_dir):

@@ -66,6 +66,14 @@ def test_same_seed_same_output_and_cache_matches(model_dir):
     assert a != gen_json(model_dir, *args, "--seed", "4")["text"]
 
 
+def test_dtype_auto_is_float32_on_the_cpu_and_dash_m_names_the_model(model_dir):
+    data = gen_json(model_dir, "-n", "4", "--ignore-eot", "--temperature", "0", "--dtype", "auto")
+    assert data["stats"]["dtype"] == "float32" and data["stats"]["new_tokens"] == 4
+    result = gen("The quick", "-m", str(model_dir), "-n", "4", "--json", "--device", "cpu", "--ignore-eot",
+                 "--temperature", "0")  # fmt: skip
+    assert result.exit_code == 0 and json.loads(result.stdout)["text"] == data["text"], result.output
+
+
 def test_num_samples_gives_texts(model_dir):
     data = gen_json(model_dir, "--max-new-tokens", "8", "--num-samples", "3", "--temperature", "1.5")
     assert len(data["texts"]) == 3 and data["text"] == data["texts"][0]

@@ -18,6 +18,7 @@ LAYERS = [
     "commands",
     "lab",
     "train",
+    "serve",
     "infer",
     "formats",
     "native",

@@ -115,3 +115,12 @@ def test_load_errors(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(GenError, match=r"not a valid tokenizer\.json"):
         load_tokenizer(bad)
+
+
+def test_bench_tokenizer_refuses_zero_repeats_before_any_run():
+    from typer.testing import CliRunner
+
+    from gen_cli.cli import app
+
+    result = CliRunner().invoke(app, ["bench", "tokenizer", "--repeats", "0", "--json"])
+    assert result.exit_code == 2 and "--repeats must be at least 1, got 0" in result.stderr, result.output

@@ -2,26 +2,64 @@
 
 from __future__ import annotations
 
+import copy
 import sys
+import typing
 from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 
 from gen_cli.commands.common import err, out_console, print_json, progress_enabled
-from gen_cli.commands.options import Device
+from gen_cli.commands.options import (
+    MODEL,
+    OUTPUT,
+    PERFORMANCE,
+    Device,
+    Json,
+    MaxNewTokens,
+    Model,
+    Profile,
+    Repeats,
+    Threads,
+)
 from gen_cli.errors import UsageError
 from gen_cli.text.tokenizer import DEFAULT_VOCAB_SIZE
 
 bench_app = typer.Typer(help="Benchmarks: gen against the libraries it builds on, measured in one run.")
 
 
+def _with_short(shared: Any, short: str) -> Any:
+    """A shared option that also takes a short name (llama-bench's -r, -t), its help and panel unchanged."""
+    kind, info = typing.get_args(shared)
+    info = copy.copy(info)
+    info.param_decls = (*info.param_decls, short)
+    return Annotated[kind, info]
+
+
+GRID = "Grid"  # what is measured: compare's panel name for its axes
+RepeatsR = _with_short(Repeats, "-r")
+ThreadsT = _with_short(Threads, "-t")
+
+
+def _at_least(least: int, **flags: int) -> None:
+    """Refuse a count below `least`, named as its flag (max_new_tokens → --max-new-tokens)."""
+    for name, value in flags.items():
+        if value < least:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least {least}, got {value}")
+
+
 @bench_app.command("tokenizer")
 def bench_tokenizer_command(
-    repeats: int = typer.Option(3, "--repeats", min=1, help="Runs per variant; the median is reported."),
-    scale_mb: float = typer.Option(50.0, "--scale-mb", min=1.0, help="Size of the repeated-corpus scenario."),
-    many_files: int = typer.Option(1000, "--many-files", min=2, help="Files in the many-files scenario."),
-    vocab_size: int = typer.Option(DEFAULT_VOCAB_SIZE, "--vocab-size", help="Vocabulary size for every run."),
-    as_json: bool = typer.Option(False, "--json", help="Machine-readable rows on stdout."),
+    repeats: Repeats = 3,
+    scale_mb: float = typer.Option(
+        50.0, "--scale-mb", metavar="MB", min=1.0, help="Size of the repeated-corpus scenario."
+    ),
+    many_files: int = typer.Option(1000, "--many-files", metavar="N", min=2, help="Files in the many-files scenario."),
+    vocab_size: int = typer.Option(
+        DEFAULT_VOCAB_SIZE, "--vocab-size", metavar="N", help="Vocabulary size for every run."
+    ),
+    as_json: Json = False,
 ) -> None:
     """Tokenizer training throughput and peak memory: `gen train-tokenizer` vs `tokenizers` called directly.
 
@@ -33,6 +71,7 @@ def bench_tokenizer_command(
 
     from gen_cli.lab.tokenizer_bench import VARIANTS, bench_tokenizer
 
+    _at_least(1, repeats=repeats)
     with Progress(console=err, transient=True, disable=not progress_enabled()) as progress:
         task = progress.add_task("benchmarking", total=3 * repeats * len(VARIANTS))
         rows = bench_tokenizer(repeats, scale_mb, many_files, vocab_size, on_step=lambda: progress.advance(task))
@@ -62,48 +101,69 @@ def bench_decode_command(
     shapes: str = typer.Option(
         None,
         "--shapes",
-        help="Comma-separated presets to measure, random weights (tiny, small, base; base takes ~10 min) [small].",
-        show_default=False,
+        metavar="LIST",
+        help="Presets to measure, random weights: tiny, small, base (base takes ~10 min); comma list.",
+        show_default="small",
+        rich_help_panel=GRID,
     ),
-    model: Path = typer.Option(
-        None,
-        "--model",
-        "-m",
-        help="Measure a real model instead of presets: gen model folder, Hugging Face folder (transformers runs "
-        "the same folder) or .gguf file (llama-bench runs the same file when it is found).",
-        show_default=False,
-    ),
+    model: Model = None,
     modes: str = typer.Option(
         None,
         "--modes",
+        metavar="LIST",
         help="gen modes: fp32, bf16, int8 (the native C step where it can run), q8_0, q4_0, q4_k (GGUF's "
         "block formats), file (a quantized GGUF as it stores its weights; first by default), fp32-torch, "
-        "bf16-torch, int8-torch (PyTorch ops, as --no-native), fp32+compile, bf16+compile, int8+compile. "
-        "Default: fp32,bf16,int8,fp32-torch on the CPU; "
-        "fp32,bf16,fp32+compile,bf16+compile on CUDA.",
-        show_default=False,
+        "bf16-torch, int8-torch (PyTorch ops, as --no-native), fp32+compile, bf16+compile, int8+compile; "
+        "comma list.",
+        show_default="fp32,bf16,int8,fp32-torch on the CPU; fp32,bf16,fp32+compile,bf16+compile on CUDA",
+        rich_help_panel=GRID,
     ),
-    repeats: int = typer.Option(3, "--repeats", "-r", min=1, help="Timed runs per mode, interleaved; median ± sd."),
-    prompt_len: int = typer.Option(512, "--prompt-len", "-p", min=1, help="Prompt tokens of the prefill test (ppP)."),
-    new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", min=2, help="Tokens generated per run (tgN)."),
+    prompt_len: int = typer.Option(
+        512,
+        "--prompt-len",
+        "-p",
+        metavar="N",
+        help="Prompt tokens of the prefill test (ppP).",
+        rich_help_panel=GRID,
+    ),
+    new_tokens: MaxNewTokens = 128,
+    fmt: str = typer.Option(
+        "table",
+        "--format",
+        metavar="FORMAT",
+        help="table, md, csv or json (llama-bench's test rows).",
+        rich_help_panel=OUTPUT,
+    ),
+    as_json: Json = False,
+    repeats: RepeatsR = 3,
     device_name: Device = "auto",
-    threads: int = typer.Option(None, "--threads", "-t", help="CPU threads (default: torch's).", show_default=False),
-    fmt: str = typer.Option("table", "--format", "-o", help="table, md, csv or json (llama-bench's test rows)."),
-    as_json: bool = typer.Option(False, "--json", help="Same as --format json."),
+    threads: ThreadsT = None,
+    profile: Profile = False,
     llama_bench: Path = typer.Option(
-        None, "--llama-bench", help="llama.cpp's llama-bench binary [llama-bench on PATH].", show_default=False
+        None,
+        "--llama-bench",
+        metavar="PATH",
+        help="llama.cpp's llama-bench binary.",
+        show_default="llama-bench on PATH",
+        rich_help_panel=PERFORMANCE,
     ),
-    no_llama: bool = typer.Option(False, "--no-llama-bench", help="Do not run llama-bench even if it is on PATH."),
-    profile: bool = typer.Option(False, "--profile", help="Also show where each gen mode's decode step spends time."),
+    no_llama: bool = typer.Option(
+        False,
+        "--no-llama-bench",
+        help="Do not run llama-bench even if it is on PATH.",
+        rich_help_panel=PERFORMANCE,
+    ),
 ) -> None:
     """Decode and prefill speed of `gen generate` modes vs HF transformers and llama.cpp, on the same weights.
 
-    Per mode, in llama-bench's terms: tgN (decode, N new tokens) and ppP (a P-token prompt in one forward)
-    tokens/s, median ± standard deviation of the repeats; bytes read per token and the share of the
-    memory-bandwidth ceiling measured in the same run; prefill's share of the peak GEMM FLOP rate measured
-    in the same run; deviation from unoptimised fp32 (max logit difference, greedy tokens agreeing before
-    the first divergence). With a .gguf --model and llama-bench found, llama.cpp runs the same file,
-    threads and lengths between gen's repeats, and the ratio gen / llama.cpp is reported per test.
+    Per mode, in llama-bench's terms: tgN (decode, N = --max-new-tokens new tokens) and ppP (a P-token
+    prompt in one forward, P = --prompt-len) tokens/s, median ± standard deviation of the repeats; bytes
+    read per token and the share of the memory-bandwidth ceiling measured in the same run; prefill's
+    share of the peak GEMM FLOP rate measured in the same run; deviation from unoptimised fp32 (max
+    logit difference, greedy tokens agreeing before the first divergence). A --model is a gen model
+    folder, a Hugging Face folder (transformers runs the same folder) or a .gguf file; with a .gguf and
+    llama-bench found, llama.cpp runs the same file, threads and lengths between gen's repeats, and the
+    ratio gen / llama.cpp is reported per test. --json is --format json.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -115,6 +175,8 @@ def bench_decode_command(
     from gen_cli.lab.transformers_peer import HF_INSTALL, hf_available
     from gen_cli.runtime import resolve_device, set_threads
 
+    _at_least(1, repeats=repeats, prompt_len=prompt_len)
+    _at_least(2, max_new_tokens=new_tokens)
     fmt = "json" if as_json else fmt
     if fmt not in (*FORMATS, "table"):
         raise UsageError(f"--format must be table, {', '.join(FORMATS)}; got {fmt!r}")
@@ -190,17 +252,35 @@ def bench_decode_command(
 
 @bench_app.command("contention")
 def bench_contention_command(
-    shape: str = typer.Option("small", "--shape", help="Preset shape to decode with (random weights)."),
-    threads: str = typer.Option("1,2", "--threads", help="Comma-separated thread counts."),
+    shape: str = typer.Option(
+        "small",
+        "--shape",
+        metavar="NAME",
+        help="Preset shape to decode with (random weights).",
+        rich_help_panel=MODEL,
+    ),
+    new_tokens: MaxNewTokens = 128,
+    threads: str = typer.Option(
+        "1,2", "--threads", metavar="LIST", help="CPU threads (comma list).", rich_help_panel=PERFORMANCE
+    ),
     waits: str = typer.Option(
         "spin,passive,short",
         "--waits",
+        metavar="LIST",
         help="OpenMP wait modes: spin (libgomp's default), passive (sleep at once), short (gen's: a brief spin).",
+        rich_help_panel=PERFORMANCE,
     ),
-    paths: str = typer.Option("native,torch", "--paths", help="Decode paths: native (gen's C step), torch."),
-    rounds: int = typer.Option(3, "--rounds", min=1, help="Idle/busy rounds; medians reported."),
-    new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", min=2, help="Tokens generated per run."),
-    as_json: bool = typer.Option(False, "--json", help="Machine-readable rows on stdout."),
+    paths: str = typer.Option(
+        "native,torch",
+        "--paths",
+        metavar="LIST",
+        help="Decode paths: native (gen's C step), torch.",
+        rich_help_panel=PERFORMANCE,
+    ),
+    rounds: int = typer.Option(
+        3, "--rounds", metavar="N", min=1, help="Idle/busy rounds; medians reported.", rich_help_panel=PERFORMANCE
+    ),
+    as_json: Json = False,
 ) -> None:
     """Decode tok/s idle and beside one competing CPU-bound process that this command starts itself.
 
@@ -210,6 +290,7 @@ def bench_contention_command(
     """
     from gen_cli.lab.contention import WAITS, bench_contention, format_rows
 
+    _at_least(2, max_new_tokens=new_tokens)
     wait_list = tuple(w.strip() for w in waits.split(",") if w.strip())
     if bad := [w for w in wait_list if w not in WAITS]:
         raise UsageError(f"waits: unknown mode(s) {', '.join(bad)}; choose from {', '.join(WAITS)}", params=("waits",))

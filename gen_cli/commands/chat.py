@@ -9,24 +9,35 @@ import sys
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.markup import escape
 
 from gen_cli.commands.common import err, progress_enabled
+from gen_cli.commands.generate import engine_dtype
 from gen_cli.commands.options import (
+    CACHE,
     Device,
+    Dtype,
+    Json,
     KvDtype,
     KvDtypeK,
     KvDtypeV,
+    MaxNewTokens,
     MinP,
+    Model,
+    Native,
     RepetitionPenalty,
+    Seed,
+    Sinks,
+    Stats,
+    System,
     Temperature,
     Threads,
     TopK,
     TopP,
+    Window,
     kv_kinds_of,
 )
 from gen_cli.errors import UsageError
@@ -151,60 +162,45 @@ def _show_comparison(data: dict[str, Any]) -> None:
 
 
 def chat_command(
-    model_dir: Path = typer.Option(
-        None,
-        "--model",
-        "-m",
-        help="An instruct model with a chat template: a Hugging Face folder or a .gguf file (gen's own models have "
-        "none).",
-        show_default=False,
-    ),
-    system: str = typer.Option(
-        None, "--system", help="A system message for the whole conversation.", show_default=False
-    ),
-    max_new_tokens: int = typer.Option(512, "--max-new-tokens", "-n", help="Tokens per reply at most."),
+    model_dir: Model = None,
+    system: System = None,
+    max_new_tokens: MaxNewTokens = 512,
     temperature: Temperature = 0.8,
     top_k: TopK = None,
     top_p: TopP = None,
     min_p: MinP = None,
     repetition_penalty: RepetitionPenalty = 1.0,
-    seed: int = typer.Option(0, "--seed", help="Sampling seed: same seed and lines, same replies."),
+    seed: Seed = 0,
     context_tokens: int = typer.Option(
         None,
         "--context-tokens",
-        help="Tokens the conversation may hold (the KV cache's size) [default: the model's context length].",
-        show_default=False,
-    ),
-    window: int = typer.Option(
-        None,
-        "--window",
-        help="Keep only the last N tokens in the KV cache, plus --sinks: the conversation goes on past the context "
-        "(RoPE/ALiBi models) with flat memory, forgetting what left the window.",
-        show_default=False,
-    ),
-    sinks: int = typer.Option(0, "--sinks", help="With --window: the first S tokens, kept forever."),
-    device_name: Device = "auto",
-    dtype_opt: str = typer.Option(
-        None, "--dtype", help="float32, bfloat16 or float16 (default: as stored).", show_default=False
-    ),
-    native: bool = typer.Option(
-        True, "--native/--no-native", help="Decode on the CPU in gen's C step where the model's shape allows."
+        metavar="N",
+        help="Tokens the conversation may hold (the KV cache's size).",
+        show_default="the model's context length",
+        rich_help_panel=CACHE,
     ),
     kv_dtype: KvDtype = None,
     kv_dtype_k: KvDtypeK = None,
     kv_dtype_v: KvDtypeV = None,
+    window: Window = None,
+    sinks: Sinks = 0,
+    show_stats: Stats = False,
+    as_json: Json = False,
+    device_name: Device = "auto",
+    dtype_opt: Dtype = None,
     threads: Threads = None,
-    show_stats: bool = typer.Option(False, "--stats", help="After each reply, its token counts and times on stderr."),
-    as_json: bool = typer.Option(
-        False, "--json", help="One JSON object per line on stdout: each reply with its figures, each /stats."
-    ),
+    native: Native = True,
 ) -> None:
     """Chat with an instruct model: each line you type is a message, the reply streams back.
 
-    The conversation's KV cache is kept between turns, so each turn prefills only its new tokens
-    (`/stats` measures what that saves). Commands: /stats, /reset, /exit; Ctrl-C stops a reply,
-    Ctrl-D quits. With stdin not a terminal, each line is a turn and the replies go to stdout
-    (with --json, one JSON object per reply and per /stats).
+    The model needs a chat template: a Hugging Face folder or a .gguf file (gen's own models have
+    none). The conversation's KV cache is kept between turns, so each turn prefills only its new
+    tokens (`/stats` measures what that saves); with --window it goes on past the context, forgetting
+    what left the window. Without --dtype the model computes as stored.
+
+    Commands: /stats, /reset, /exit; Ctrl-C stops a reply, Ctrl-D quits. With stdin not a terminal,
+    each line is a turn and the replies go to stdout (with --json, one JSON object per reply and per
+    /stats). --max-new-tokens counts per reply; --stats shows each reply's token counts and times.
     """
     from gen_cli.cache.spec import CacheSpec
     from gen_cli.infer.engine import EngineOptions, open_model
@@ -227,7 +223,9 @@ def chat_command(
 
     from gen_cli.infer.session import ContextFull
 
-    engine = open_model(model_dir, EngineOptions(device_name, dtype_opt, threads, native=native))
+    engine = open_model(
+        model_dir, EngineOptions(device_name, engine_dtype(dtype_opt, device_name), threads, native=native)
+    )
     if engine.chat_template is None:
         raise UsageError(
             f"{engine.source} has no chat template, so it cannot chat; continue text with `gen generate` instead"

@@ -5,34 +5,40 @@ from __future__ import annotations
 import statistics
 import sys
 from contextlib import nullcontext
-from pathlib import Path
 
 import typer
 from rich.table import Table
 
 from gen_cli.commands.common import err, out_console, print_json, progress_enabled, read_text_arg
-from gen_cli.commands.options import Threads
+from gen_cli.commands.options import INPUT, SAMPLING, Json, MaxNewTokens, Model, Repeats, Threads
+from gen_cli.errors import UsageError
 from gen_cli.resources import default_model_dir
 from gen_cli.text.tokenizer import decode
 
 
 def demo_command(
-    prompt: str = typer.Option("The for statement", "--prompt", help="Prompt for every run."),
-    model_dir: Path = typer.Option(
-        None, "--model", "-m", help="Model directory (default: the shipped model).", show_default=False
+    prompt: str = typer.Option(
+        "The for statement", "--prompt", metavar="TEXT", help="Prompt for every run.", rich_help_panel=INPUT
     ),
-    sample_tokens: int = typer.Option(120, "--sample-tokens", min=1, help="Length of the sampled continuation."),
-    tokens: int = typer.Option(256, "--tokens", min=2, help="Greedy tokens for the cache on/off comparison."),
-    repeats: int = typer.Option(3, "--repeats", min=1, help="Timed runs per setting; the median is shown."),
+    model_dir: Model = None,
+    sample_tokens: int = typer.Option(
+        120, "--sample-tokens", metavar="N", min=1, help="Length of the sampled continuation.", rich_help_panel=SAMPLING
+    ),
+    max_new_tokens: MaxNewTokens = 256,
+    repeats: Repeats = 3,
     threads: Threads = None,
-    as_json: bool = typer.Option(False, "--json", help="Machine-readable results on stdout."),
+    as_json: Json = False,
 ) -> None:
     """Sample from the shipped model, then time the same greedy generation with and without KV cache.
 
-    Both runs must produce identical tokens (the cache is an optimisation, not an approximation);
-    the table shows decode speed, time to first token and the speed-up the cache buys, with the
+    The sample is --sample-tokens long; each timed run generates --max-new-tokens greedy tokens, and
+    both settings must produce identical tokens (the cache is an optimisation, not an approximation).
+    The table shows decode speed, time to first token and the speed-up the cache buys, with the
     spread over repeats and the machine's load (a ratio whose spreads overlap is not claimed).
     """
+    for flag, value, least in (("--max-new-tokens", max_new_tokens, 2), ("--repeats", repeats, 1)):
+        if value < least:
+            raise UsageError(f"{flag} must be at least {least}, got {value}")
     import torch
 
     from gen_cli.cache.spec import CacheSpec
@@ -66,7 +72,7 @@ def demo_command(
         for _ in range(repeats):
             for use_cache in (True, False):  # interleaved, so machine noise hits both alike
                 spec = CacheSpec() if use_cache else None
-                runs[use_cache].append(engine.generate(ids, tokens, greedy, spec, stop_ids=()))
+                runs[use_cache].append(engine.generate(ids, max_new_tokens, greedy, spec, stop_ids=()))
     identical = all(torch.equal(a.tokens, b.tokens) for a in runs[True] for b in runs[False])
     rows = {}
     for use_cache, results in runs.items():
@@ -89,7 +95,7 @@ def demo_command(
             {
                 "sample": sample_text,
                 "prompt": prompt,
-                "tokens": tokens,
+                "tokens": max_new_tokens,
                 "kv_cache": rows,
                 "speedup": speedup,
                 "speedup_significance": significance or "significant",
@@ -101,7 +107,7 @@ def demo_command(
         )
         return
     table = Table(
-        title=f"greedy, {len(ids)}-token prompt + {tokens} new tokens, median of {repeats}, "
+        title=f"greedy, {len(ids)}-token prompt + {max_new_tokens} new tokens, median of {repeats}, "
         f"{torch.get_num_threads()} threads"
     )
     for column in ("KV cache", "decode tok/s", "± spread", "ms/token", "TTFT ms", "KV bytes", "path"):

@@ -17,23 +17,52 @@ from rich.markup import escape
 from gen_cli.commands.common import err, print_json, progress_enabled, read_text_arg
 from gen_cli.commands.generate_view import print_stats, reuse_note
 from gen_cli.commands.options import (
+    CACHE,
+    INPUT,
+    MODEL,
+    OUTPUT,
+    SAMPLING,
+    Attention,
+    Compile,
     Device,
+    Dtype,
+    Json,
+    KvCache,
+    KvDtype,
+    KvDtypeK,
+    KvDtypeV,
+    KvHeads,
+    MaxNewTokens,
     MinP,
+    Model,
+    Native,
+    Pos,
+    Preset,
+    Profile,
     RepetitionPenalty,
+    RopeScaling,
+    Seed,
+    Sinks,
+    Stats,
+    Stop,
+    System,
     Temperature,
     Threads,
+    Tokenizer,
     TopK,
     TopP,
+    Window,
     kv_kinds_of,
 )
 from gen_cli.errors import GenError, UsageError
-from gen_cli.model.config import POS_ENCODINGS, ROPE_SCALING_SPECS, parse_rope_scaling
+from gen_cli.model.config import POS_ENCODINGS, parse_rope_scaling
 from gen_cli.resources import default_model_dir
 from gen_cli.text.tokenizer import EOT
 
 if TYPE_CHECKING:
     from gen_cli.cache.spec import CacheSpec
-    from gen_cli.infer.engine import Engine, EngineOptions, Preset
+    from gen_cli.infer.engine import Engine, EngineOptions
+    from gen_cli.infer.engine import Preset as PresetShape
     from gen_cli.infer.generate import GenerationResult
     from gen_cli.infer.prompt_reuse import PromptReuse
     from gen_cli.infer.sampling import SamplingConfig
@@ -67,6 +96,15 @@ def _check_model_flags(
         raise UsageError(f"--pos must be one of {', '.join(POS_ENCODINGS)}, got {pos!r}")
     if kv_heads is not None and kv_heads < 1:
         raise UsageError(f"--kv-heads must be at least 1, got {kv_heads}")
+
+
+def engine_dtype(dtype: str | None, device_name: str) -> str | None:
+    """--dtype as the engine takes it: `auto` resolved on the device (bfloat16 on CUDA, else float32)."""
+    if dtype != "auto":
+        return dtype
+    from gen_cli.runtime import dtype_name, resolve_device, run_dtype
+
+    return dtype_name(run_dtype("auto", resolve_device(device_name)))
 
 
 @dataclass(frozen=True)
@@ -149,7 +187,7 @@ def _cache_spec(kv_cache: bool, kinds: tuple[str | None, str | None] | None, win
     return CacheSpec(*(kinds or (None, None)), window, sinks)
 
 
-def _open(source: Path | Preset | None, options: EngineOptions, run: Run) -> tuple[Engine, PromptReuse | None]:
+def _open(source: Path | PresetShape | None, options: EngineOptions, run: Run) -> tuple[Engine, PromptReuse | None]:
     """The model laid out for decoding, and the prompt-cache file's use keyed by the weights as stored."""
     from gen_cli.infer.engine import open_model
 
@@ -253,120 +291,89 @@ def generate_command(
     prompt: str = typer.Argument(
         None, help="Text to continue, or '-' to read it from stdin (or give --chat instead).", show_default=False
     ),
-    model_dir: Path = typer.Option(
+    model_dir: Model = None,
+    preset: Preset = None,
+    tokenizer: Tokenizer = None,
+    attention: Attention = None,
+    kv_heads: KvHeads = None,
+    pos: Pos = None,
+    rope_scaling: RopeScaling = None,
+    quantize: str = typer.Option(
+        "none",
+        "--quantize",
+        metavar="KIND",
+        help="none; int8 (weight-only, a scale per output channel); q8_0, q4_0 or q4_k (GGML's block formats, "
+        "as a GGUF stores them). A quantized GGUF's blocks are kept as they are.",
+        rich_help_panel=MODEL,
+    ),
+    chat: str = typer.Option(
         None,
-        "--model",
-        "-m",
-        help="A gen model directory, a Hugging Face folder (config.json, *.safetensors, tokenizer.json) or a .gguf "
-        "file (default: the shipped model).",
+        "--chat",
+        metavar="TEXT",
+        help="A user message (or '-' for stdin): the model's chat template wraps it and the model replies.",
         show_default=False,
+        rich_help_panel=INPUT,
     ),
-    preset: str = typer.Option(
-        None, "--preset", help="Random weights of a preset shape (tiny, small, base).", show_default=False
-    ),
-    tokenizer: Path = typer.Option(
-        None,
-        "--tokenizer",
-        help="tokenizer.json for --preset (default: the default model's, or .gen/tokenizer.json).",
-        show_default=False,
-    ),
-    attention: str = typer.Option(None, "--attention", help="With --preset: mha, gqa or mqa.", show_default=False),
-    kv_heads: int = typer.Option(None, "--kv-heads", help="With --preset: number of KV heads.", show_default=False),
-    pos: str = typer.Option(
-        None, "--pos", help="With --preset: rope, sinusoidal, learned or alibi.", show_default=False
-    ),
-    rope_scaling: str = typer.Option(
-        None,
-        "--rope-scaling",
-        help=f"Run a RoPE model with this scaling instead of its own ({ROPE_SCALING_SPECS}); the context grows "
-        "to factor × the trained one.",
-        show_default=False,
-    ),
-    kv_cache: bool = typer.Option(True, "--kv-cache/--no-kv-cache", help="Reuse keys/values (off = recompute)."),
-    max_new_tokens: int = typer.Option(200, "--max-new-tokens", "-n", help="Tokens to generate at most."),
+    max_new_tokens: MaxNewTokens = 200,
     temperature: Temperature = 0.8,
     top_k: TopK = None,
     top_p: TopP = None,
     min_p: MinP = None,
     repetition_penalty: RepetitionPenalty = 1.0,
-    seed: int = typer.Option(0, "--seed", help="Sampling seed: same seed, same output."),
-    stop: list[str] = typer.Option(
-        None, "--stop", help="Stop when the text contains this (repeatable).", show_default=False
-    ),
-    chat: str = typer.Option(
-        None,
-        "--chat",
-        help="A user message (or '-' for stdin): the model's chat template wraps it and the model replies.",
-        show_default=False,
-    ),
-    system: str = typer.Option(None, "--system", help="With --chat: a system message.", show_default=False),
+    seed: Seed = 0,
+    stop: Stop = None,
+    system: System = None,
     ignore_eot: bool = typer.Option(
-        False, "--ignore-eot", help=f"Go on past {EOT} (an imported model: past its end-of-turn ids)."
+        False,
+        "--ignore-eot",
+        help=f"Go on past {EOT} (an imported model: past its end-of-turn ids).",
+        rich_help_panel=SAMPLING,
     ),
-    num_samples: int = typer.Option(1, "--num-samples", help="Continuations of the prompt, one shared prefill."),
-    device_name: Device = "auto",
-    dtype_opt: str = typer.Option(
-        None,
-        "--dtype",
-        help="float32, bfloat16 or float16 (default float32, an imported model's stored dtype; float32 for "
-        "--quantize q8_0/q4_0/q4_k; bfloat16 for --quantize int8 without the native step).",
-        show_default=False,
+    num_samples: int = typer.Option(
+        1,
+        "--num-samples",
+        metavar="N",
+        help="Continuations of the prompt, one shared prefill.",
+        rich_help_panel=SAMPLING,
     ),
-    kv_dtype: str = typer.Option(
-        None,
-        "--kv-dtype",
-        help="KV cache kind for K and V: fp32, bf16, fp16, int8, int4 (default: --dtype).",
-        show_default=False,
-    ),
-    kv_dtype_k: str = typer.Option(None, "--kv-dtype-k", help="KV cache kind for K only.", show_default=False),
-    kv_dtype_v: str = typer.Option(None, "--kv-dtype-v", help="KV cache kind for V only.", show_default=False),
-    window: int = typer.Option(
-        None,
-        "--window",
-        help="Keep only the last N positions in the KV cache (a ring), plus --sinks: memory stays flat and a RoPE "
-        "or ALiBi model generates past its context (positions within the cache, as StreamingLLM).",
-        show_default=False,
-    ),
-    sinks: int = typer.Option(0, "--sinks", help="With --window: the first S tokens, kept in the cache forever."),
-    quantize: str = typer.Option(
-        "none",
-        "--quantize",
-        help="none; int8 (weight-only, one scale per output channel); q8_0, q4_0 or q4_k (GGML's block formats, "
-        "as a GGUF file stores them: a scale per 32 weights; q4_k 256-weight super-blocks). Matrices already "
-        "block-quantized (a quantized GGUF) are kept as they are.",
-    ),
-    compile_: bool = typer.Option(
-        False, "--compile", help="torch.compile the model (slow start: tens of seconds; see gen bench decode)."
-    ),
-    native: bool = typer.Option(
-        True,
-        "--native/--no-native",
-        help="Run CPU decode steps (fp32, bf16 or int8 weights, batch ≤ 16) in gen's C kernel, compiled for this "
-        "machine on first use; without a C compiler, or with --no-native, PyTorch runs them.",
-    ),
-    threads: Threads = None,
-    stream: bool = typer.Option(True, "--stream/--no-stream", help="Print text as it is generated."),
-    show_stats: bool = typer.Option(False, "--stats", help="Timing, KV-cache and memory figures on stderr."),
-    as_json: bool = typer.Option(False, "--json", help="One JSON object on stdout: text and stats."),
+    kv_cache: KvCache = True,
+    kv_dtype: KvDtype = None,
+    kv_dtype_k: KvDtypeK = None,
+    kv_dtype_v: KvDtypeV = None,
+    window: Window = None,
+    sinks: Sinks = 0,
     prompt_cache: Path = typer.Option(
         None,
         "--prompt-cache",
-        help="Save the prompt's KV cache to FILE; a later run whose prompt starts with the saved tokens (same "
+        metavar="PATH",
+        help="Save the prompt's KV cache there; a later run whose prompt starts with the saved tokens (same "
         "model, tokenizer and KV kinds) loads them and prefills only the rest. A prompt that differs rewrites it.",
         show_default=False,
+        rich_help_panel=CACHE,
     ),
-    profile: bool = typer.Option(
-        False, "--profile", help="Then where a decode step's time goes, per op class (stderr; in --json's output)."
+    stream: bool = typer.Option(
+        True, "--stream/--no-stream", help="Print text as it is generated.", rich_help_panel=OUTPUT
     ),
+    show_stats: Stats = False,
+    as_json: Json = False,
+    device_name: Device = "auto",
+    dtype_opt: Dtype = None,
+    threads: Threads = None,
+    native: Native = True,
+    compile_: Compile = False,
+    profile: Profile = False,
 ) -> None:
-    """Continue PROMPT with a trained model (--model) or random weights of a preset shape (--preset), or
-    reply to --chat MESSAGE through the model's own chat template (instruct models).
+    """Continue PROMPT with a trained model (--model; the shipped one by default) or random weights of a
+    preset shape (--preset, which alone takes --tokenizer, --attention, --kv-heads and --pos), or reply
+    to --chat MESSAGE (with --system) through the model's own chat template (instruct models).
 
     Prints only the continuation. The seed defaults to 0, so a run is reproducible; random preset
     weights always come from seed 0, so --seed changes only the sampling. An empty PROMPT is refused
-    unless the model has a BOS token to start from.
+    unless the model has a BOS token to start from. Without --dtype a model computes as stored (gen's
+    in float32), --quantize q8_0/q4_0/q4_k in float32 and int8 in bfloat16 without the native step.
     """
-    from gen_cli.infer.engine import EngineOptions, Preset
+    from gen_cli.infer.engine import EngineOptions
+    from gen_cli.infer.engine import Preset as PresetShape
     from gen_cli.infer.sampling import SamplingConfig
 
     _check_model_flags(model_dir, preset, tokenizer, attention, kv_heads, pos, rope_scaling)
@@ -375,9 +382,11 @@ def generate_command(
     run = Run(prompt, chat, system, max_new_tokens, sampling, seed, tuple(s for s in (stop or []) if s), ignore_eot,
               num_samples, _cache_spec(kv_cache, kv_kinds, window, sinks), prompt_cache, stream, show_stats, as_json,
               profile)  # fmt: skip
-    options = EngineOptions(device_name, dtype_opt, threads, quantize, native, compile_, rope_scaling)
+    options = EngineOptions(
+        device_name, engine_dtype(dtype_opt, device_name), threads, quantize, native, compile_, rope_scaling
+    )
     _check_run(run, options, kv_kinds is not None)
-    source = Preset(preset, tokenizer, attention, kv_heads, pos) if preset is not None else model_dir
+    source = PresetShape(preset, tokenizer, attention, kv_heads, pos) if preset is not None else model_dir
     engine, reuse = _open(source, options, run)
     ids, from_bos = _encode(engine, run)
     _render(engine, run, _generate(engine, run, ids, reuse), reuse, from_bos)

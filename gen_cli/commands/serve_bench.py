@@ -1,0 +1,91 @@
+"""`gen bench serve`: closed-loop clients on the scheduler, one-at-a-time vs static vs continuous batching,
+and batched decode rates per batch size."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from gen_cli.commands.common import err, out_console, print_json
+from gen_cli.commands.options import Device, Json, Model, Native, Preset, Threads, check_model_path
+from gen_cli.errors import UsageError
+from gen_cli.resources import default_model_dir
+
+
+def bench_serve_command(
+    model_dir: Model = None,
+    preset: Preset = None,
+    clients: Annotated[int, typer.Option("--clients", metavar="N", min=1, help="Closed-loop clients.")] = 8,
+    requests: Annotated[int, typer.Option("--requests", metavar="N", min=1, help="Requests in all, per mode.")] = 48,
+    rounds: Annotated[int, typer.Option("--rounds", metavar="N", min=1, help="Rounds, the modes interleaved.")] = 3,
+    modes: Annotated[
+        str,
+        typer.Option("--modes", help="Scheduling modes to compare; +rows: each row through the single-sequence step."),
+    ] = "continuous,continuous+rows,static,single",
+    batches: Annotated[
+        str | None,
+        typer.Option(
+            "--batches",
+            metavar="B,…",
+            help="Also batched decode rates at these batch sizes, e.g. 1,8,32.",
+            show_default=False,
+        ),
+    ] = None,
+    device: Device = "auto",
+    threads: Threads = None,
+    native: Native = True,
+    as_json: Json = False,
+) -> None:
+    """Serving throughput, time to first token and inter-token latency per scheduling mode (no HTTP)."""
+    from rich.table import Table
+
+    from gen_cli.infer.engine import EngineOptions, open_model
+    from gen_cli.infer.engine import Preset as PresetSource
+    from gen_cli.infer.scheduler import MODES
+    from gen_cli.lab.batch_bench import batch_rates
+    from gen_cli.lab.serve_bench import compare_modes, summary
+
+    chosen = tuple(m.strip() for m in modes.split(",") if m.strip())
+    unknown = [m for m in chosen if m.removesuffix("+rows") not in MODES]
+    if unknown or not chosen:
+        raise UsageError(
+            f"unknown mode {', '.join(unknown) or modes!r}; choose from {', '.join(MODES)}, each also with +rows"
+        )
+    sizes = _sizes(batches)
+    if model_dir is not None and preset is not None:
+        raise UsageError("give --model or --preset, not both")
+    if model_dir is not None:
+        check_model_path(model_dir, "bench serve")
+    source = PresetSource(preset) if preset is not None else (model_dir or default_model_dir())
+    engine = open_model(source, EngineOptions(device, threads=threads, native=native))
+    err.print(f"[dim]{engine.source}: {clients} clients, {requests} requests, {rounds} rounds[/]")
+    rows = summary(compare_modes(engine.model, clients, requests, rounds, chosen))
+    rates = batch_rates(engine.model, sizes, rounds=rounds) if sizes else []
+    if as_json:
+        print_json({"modes": rows, "batches": [vars(r) for r in rates]})
+        return
+    table = Table("mode", "tok/s", "range", "TTFT p50/p90/p99 ms", "inter-token p50/p90/p99 ms")
+    for r in rows:
+        table.add_row(str(r["mode"]), f"{r['tokens_per_s']:.1f}", f"{r['low']:.1f}–{r['high']:.1f}",
+                      f"{r['ttft_p50']:.0f} / {r['ttft_p90']:.0f} / {r['ttft_p99']:.0f}",
+                      f"{r['itl_p50']:.1f} / {r['itl_p90']:.1f} / {r['itl_p99']:.1f}")  # fmt: skip
+    out_console().print(table)
+    if rates:
+        batch_table = Table("batch", "tok/s", "range", "× batch 1")
+        for r in rates:
+            ratio = r.tokens_per_s / rates[0].tokens_per_s if rates[0].tokens_per_s else 0.0
+            batch_table.add_row(str(r.batch), f"{r.tokens_per_s:.1f}", f"{r.low:.1f}–{r.high:.1f}", f"{ratio:.2f}")
+        out_console().print(batch_table)
+
+
+def _sizes(batches: str | None) -> list[int]:
+    if batches is None:
+        return []
+    try:
+        sizes = [int(b) for b in batches.split(",") if b.strip()]
+    except ValueError:
+        raise UsageError(f"--batches takes batch sizes such as 1,8,32, got {batches!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise UsageError(f"--batches takes batch sizes ≥ 1, got {batches!r}")
+    return sizes

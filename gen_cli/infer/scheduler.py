@@ -1,0 +1,274 @@
+"""Continuous batching: requests join the running batch between decode steps and leave when done.
+
+A `Scheduler` owns the model's batch. `submit` queues a request (a bounded queue: `QueueFull` when full);
+each `step` drops cancelled rows, admits waiting requests while the batch and the KV budget have room,
+decodes one token for every running row at once (`infer.batch.batched_step`), and prefills admitted
+prompts at most `prefill_chunk` tokens per step. Events go to each request's `emit`, from the thread that
+steps. Modes: `continuous`, `static` (admit a batch only when the last one has finished: the classic
+baseline), `single` (one request at a time).
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from gen_cli.cache.spec import CacheSpec
+from gen_cli.errors import GenError, UsageError
+from gen_cli.infer.batch import Row, batched_step, pick, prefill_chunk
+from gen_cli.infer.generate import check_lengths, model_dtype, new_cache
+from gen_cli.infer.sampling import SamplingConfig
+from gen_cli.model.transformer import Transformer
+from gen_cli.text.stream import TextStream
+
+MODES = ("continuous", "static", "single")
+
+
+class QueueFull(GenError):
+    """The waiting queue is full: try again later (a server answers 429)."""
+
+    exit_code = 3
+
+
+@dataclass
+class Event:
+    """What one step did for a request: a new token and the text it completed, or the end (`finish` set:
+    stop, length or cancelled)."""
+
+    token: int | None = None
+    text: str = ""
+    finish: str | None = None
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation: prompt ids, how many tokens at most, sampling, seed, stop ids and strings."""
+
+    ids: list[int]
+    max_tokens: int
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.0))
+    seed: int | None = None
+    stop_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ()
+    emit: Callable[[Event], None] | None = None  # called from the stepping thread; default: kept in `events`
+    number: int = 0
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    finish: str | None = None
+    events: list[Event] = field(default_factory=list)
+    cancelled: bool = False
+    submitted_s: float = 0.0
+
+
+@dataclass(eq=False)
+class _Running:
+    request: Request
+    row: Row
+    reserved: int
+    stream: TextStream | None
+    logits: torch.Tensor | None = None  # (V,) after the prompt's last chunk, until its first token is picked
+
+
+class Scheduler:
+    """Runs many requests on one model: continuous batching under a batch size, a KV byte budget and a
+    bounded queue. `step` is called by one thread; `submit` and `cancel` from any."""
+
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Any = None,
+        spec: CacheSpec = CacheSpec(),
+        max_batch: int = 8,
+        kv_budget: int | None = None,
+        max_queue: int = 64,
+        prefill_chunk: int = 256,
+        mode: str = "continuous",
+        static_wait_s: float = 0.05,
+        by_row: bool = False,
+    ) -> None:
+        if mode not in MODES:
+            raise UsageError(f"unknown scheduling mode {mode!r}; choose {', '.join(MODES)}", params=("mode",))
+        for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("prefill_chunk", prefill_chunk)):
+            if value < 1:
+                raise UsageError(f"{name} must be at least 1, got {value}", params=(name,))
+        spec.check(model.config)
+        self.model, self.tokenizer, self.spec, self.mode = model, tokenizer, spec, mode
+        self.max_batch = 1 if mode == "single" else max_batch
+        self.kv_budget, self.max_queue, self.prefill_chunk = kv_budget, max_queue, prefill_chunk
+        self.static_wait_s, self.by_row = static_wait_s, by_row  # by_row: see infer.batch.batched_step
+        self.device = model.norm.weight.device
+        self._bpe = torch.empty((), dtype=model_dtype(model)).element_size()
+        self._waiting: deque[Request] = deque()
+        self._running: list[_Running] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._numbers = itertools.count(1)
+        self.reserved = 0  # KV bytes the running requests' caches hold
+        self.steps = 0
+
+    def kv_bytes(self, request: Request) -> int:
+        """The KV bytes a request's cache takes: prompt plus max_tokens slots, as the spec stores them."""
+        return self.spec.nbytes(self.model.config, len(request.ids) + request.max_tokens, 1, self._bpe)
+
+    def submit(self, request: Request) -> Request:
+        """Queue a request (checked: lengths, budget); QueueFull when the queue is full."""
+        if request.max_tokens < 1:
+            raise UsageError(f"max_tokens must be at least 1, got {request.max_tokens}", params=("max_tokens",))
+        check_lengths(self.model.config, len(request.ids), request.max_tokens, self.spec)
+        need = self.kv_bytes(request)
+        if self.kv_budget is not None and need > self.kv_budget:
+            raise UsageError(
+                f"the request's KV cache needs {need:,} bytes, more than the server's budget of {self.kv_budget:,}; "
+                "ask for fewer max_tokens or a shorter prompt",
+                params=("max_tokens",),
+            )
+        with self._wake:
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); try again shortly")
+            request.number, request.submitted_s = next(self._numbers), time.perf_counter()
+            self._waiting.append(request)
+            self._wake.notify_all()
+        return request
+
+    def cancel(self, request: Request) -> None:
+        """Stop a request: a waiting one leaves the queue now; a running one's cache is freed before the next step."""
+        with self._wake:
+            request.cancelled = True
+            if request in self._waiting:
+                self._waiting.remove(request)
+                self._finish_event(request, "cancelled")
+            self._wake.notify_all()
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def idle(self) -> bool:
+        return not self._running and not self._waiting
+
+    def wait_for_work(self, timeout: float) -> None:
+        """Block until a request arrives (or `timeout` seconds pass) when there is nothing to do."""
+        with self._wake:
+            if not self._running and not self._waiting:
+                self._wake.wait(timeout)
+
+    def step(self) -> None:
+        """One scheduling step: drop cancelled rows, admit, decode every running row once, prefill a chunk."""
+        for run in [r for r in self._running if r.request.cancelled]:
+            self._leave(run, "cancelled")
+        self._admit()
+        decoding = [r for r in self._running if not r.row.pending and r.logits is None]
+        if decoding:
+            tokens, caches = [r.row.ids[-1] for r in decoding], [r.row.cache for r in decoding]
+            logits = batched_step(self.model, tokens, caches, self.by_row)
+            self._take(decoding, logits)
+        budget = self.prefill_chunk
+        for run in [r for r in self._running if r.row.pending]:
+            if budget == 0:
+                break
+            chunk, run.row.pending = run.row.pending[:budget], run.row.pending[budget:]
+            budget -= len(chunk)
+            run.logits = prefill_chunk(self.model, chunk, run.row.cache)
+        ready = [r for r in self._running if not r.row.pending and r.logits is not None]
+        if ready:
+            logits = torch.stack([r.logits for r in ready])  # (n, V)
+            for r in ready:
+                r.logits = None
+            self._take(ready, logits)
+        self.steps += 1
+
+    def run_until_idle(self, max_steps: int = 100_000) -> None:
+        """Step until no request runs or waits (tests, benches)."""
+        for _ in range(max_steps):
+            if self.idle():
+                return
+            self.step()
+
+    def abort(self, finish: str = "error") -> None:
+        """End every running request with `finish` (a step failed), freeing their caches; waiting ones stay."""
+        for run in list(self._running):
+            self._leave(run, finish)
+
+    def _admit(self) -> None:
+        with self._wake:
+            if self.mode == "static" and self._running:
+                return  # the batch runs to its longest request before the next one starts
+            short = self.mode == "static" and self._waiting and len(self._waiting) < self.max_batch
+            if short and time.perf_counter() - self._waiting[0].submitted_s < self.static_wait_s:
+                return  # wait a moment for a full batch
+            while self._waiting and len(self._running) < self.max_batch:
+                request = self._waiting[0]
+                need = self.kv_bytes(request)
+                if self.kv_budget is not None and self.reserved + need > self.kv_budget:
+                    return  # waits until running requests free their caches
+                self._waiting.popleft()
+                self.reserved += need
+                self._running.append(self._start(request, need))
+
+    def _start(self, request: Request, need: int) -> _Running:
+        prompt = torch.tensor([request.ids], dtype=torch.long, device=self.device)  # (1, T)
+        cache = new_cache(self.model, prompt, request.max_tokens, 1, self.spec)
+        generator = None
+        if not request.sampling.greedy:
+            seed = request.seed if request.seed is not None else int(torch.randint(0, 2**62, ()).item())
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+        row = Row(cache, list(request.ids), request.sampling, generator, pending=list(request.ids))
+        stream = None
+        if self.tokenizer is not None:
+            context = (request.ids[-1],)
+            stream = TextStream(self.tokenizer, request.stop, stop_ids=request.stop_ids, context=context)
+        return _Running(request, row, need, stream)
+
+    def _take(self, runs: list[_Running], logits: torch.Tensor) -> None:
+        """Pick each row's next token, hand it out, and end the rows that are done."""
+        for run, token in zip(runs, pick(logits, [r.row for r in runs]), strict=True):
+            request = run.request
+            run.row.ids.append(token)
+            request.tokens.append(token)
+            finish = None
+            if token in request.stop_ids:
+                finish = "stop"
+            text = ""
+            if run.stream is not None:
+                run.stream.push(token)
+                finish = "stop" if run.stream.done else finish
+                text = run.stream.take()
+            if finish is None and len(request.tokens) >= request.max_tokens:
+                finish = "length"
+            request.text += text
+            self._emit(request, Event(token, text))
+            if finish is not None:
+                self._leave(run, finish)
+
+    def _leave(self, run: _Running, finish: str) -> None:
+        self._running.remove(run)
+        self.reserved -= run.reserved
+        run.row.cache = None  # type: ignore[assignment]  # the cache's memory goes with the last reference
+        if run.stream is not None and finish in ("stop", "length"):
+            rest = run.stream.take(final=True)
+            if rest:
+                run.request.text += rest
+                self._emit(run.request, Event(None, rest))
+        self._finish_event(run.request, finish)
+
+    def _finish_event(self, request: Request, finish: str) -> None:
+        request.finish = finish
+        self._emit(request, Event(finish=finish))
+
+    @staticmethod
+    def _emit(request: Request, event: Event) -> None:
+        if request.emit is not None:
+            request.emit(event)
+        else:
+            request.events.append(event)

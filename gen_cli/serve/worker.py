@@ -1,0 +1,53 @@
+"""The model's one thread: it steps the scheduler while requests run and sleeps when none do. The event loop
+submits and cancels requests (thread-safe) and receives each request's events through an asyncio queue."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+
+from gen_cli.infer.scheduler import Event, Request, Scheduler
+
+log = logging.getLogger("gen.serve")
+
+
+class Worker:
+    """Runs `scheduler.step` in a daemon thread until `stop`; a failing step ends the running requests with an
+    error event, and the thread goes on serving the next ones."""
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="gen-model", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def submit(self, request: Request, loop: asyncio.AbstractEventLoop) -> asyncio.Queue[Event]:
+        """Queue `request`; its events arrive on the returned queue (QueueFull, UsageError raised here)."""
+        events: asyncio.Queue[Event] = asyncio.Queue()
+
+        def emit(event: Event) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is listening any more
+                loop.call_soon_threadsafe(events.put_nowait, event)
+
+        request.emit = emit
+        self.scheduler.submit(request)
+        return events
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.scheduler.wait_for_work(0.1)
+            if self.scheduler.idle():
+                continue
+            try:
+                self.scheduler.step()
+            except Exception:  # one bad step must not take the server down: its requests end with an error
+                log.exception("a decode step failed; ending the running requests")
+                self.scheduler.abort("error")
