@@ -338,3 +338,24 @@ def test_the_shipped_model_names_its_tokenizer_and_refuses_another(tmp_path):
     vocab[a], vocab[b] = vocab[b], vocab[a]  # the same size, two ids swapped: garbage text, before the digest
     (copy / "tokenizer.json").write_text(json.dumps(data))
     refused(["generate", "hi", "--model", str(copy), "--max-new-tokens", "2"], r"is not the tokenizer these weights")
+
+
+def test_the_address_space_net_stays_off_beside_other_threads(monkeypatch):
+    import resource
+    import threading
+
+    calls = []
+    real = resource.setrlimit
+    monkeypatch.setattr(resource, "setrlimit", lambda which, limits: calls.append(limits) or real(which, limits))
+    render_chat("{{ 'x' }}", HI)
+    assert len(calls) == 2 and calls[1] == resource.getrlimit(resource.RLIMIT_AS)  # lowered, then restored
+    calls.clear()
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)  # as a server's decode loop: it must not meet the limit
+    other.start()
+    try:
+        assert render_chat("{{ 'x' }}", HI) == "x"
+    finally:
+        stop.set()
+        other.join()
+    assert calls == []

@@ -48,7 +48,13 @@ def _length(value: Any, budget: int = RENDER_BYTES) -> int:
 @contextmanager
 def _address_space(extra: int) -> Iterator[None]:
     """RLIMIT_AS lowered to what the process maps now plus `extra` while the template renders: whatever the
-    checks miss allocates into a MemoryError, not into swap. Linux only (elsewhere: no limit)."""
+    checks miss allocates into a MemoryError, not into swap. Linux only, and only in a process with one
+    Python thread: the limit is process-wide, and another thread (a server's decode loop) must not meet it."""
+    import threading
+
+    if threading.active_count() > 1:
+        yield
+        return
     try:
         import resource
 
