@@ -74,7 +74,7 @@ def _address_space(extra: int) -> Iterator[None]:
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
-def _sandbox(deadline: float, max_bytes: int) -> Any:
+def _sandbox(deadline: float, max_bytes: int, given: tuple = ()) -> Any:
     """An immutable sandbox that refuses, before computing them, values past `max_bytes`, and stops at `deadline`."""
     from jinja2.compiler import CodeGenerator
     from jinja2.sandbox import MAX_RANGE, ImmutableSandboxedEnvironment
@@ -84,10 +84,13 @@ def _sandbox(deadline: float, max_bytes: int) -> Any:
         if time.monotonic() > deadline:
             raise TemplateLimit(f"took more than {RENDER_SECONDS:g} s")
 
+    # The conversation itself, sized by its caller: not walked again at every call that passes it.
+    known = {id(v) for v in given}
+
     def sized(value: Any, what: str, numbers: bool = True) -> Any:
         if numbers and isinstance(value, int) and not isinstance(value, bool) and abs(value) > max_bytes:
             raise TemplateLimit(f"{what} {value:,} is past the limit of {max_bytes:,}")
-        if _length(value, max_bytes) > max_bytes:
+        if id(value) not in known and _length(value, max_bytes) > max_bytes:
             raise TemplateLimit(f"{what} of over {max_bytes:,} items is past the limit")
         return value
 
@@ -190,7 +193,7 @@ def render_chat(
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, **kw)
 
     deadline = time.monotonic() + RENDER_SECONDS
-    env = _sandbox(deadline, max_bytes)
+    env = _sandbox(deadline, max_bytes, (messages, *messages))
     env.filters["tojson"] = tojson
     env.globals |= {"raise_exception": raise_exception, "strftime_now": lambda f: datetime.now().strftime(f)}
     try:
