@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from gen_cli.errors import GenError
 from gen_cli.model.info import parameter_count
 
-__all__ = ["available_bytes", "check_fits", "generation_bytes", "parameter_count", "training_bytes"]
+__all__ = ["available_bytes", "check_fits", "check_load_fits", "generation_bytes", "parameter_count", "training_bytes"]
 
 if TYPE_CHECKING:
     import torch
@@ -28,67 +28,50 @@ def gib(n: float) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
-def _read_int(path: Path) -> int | None:
-    try:
-        text = path.read_text().strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() else None  # "max": no limit
-
-
-def cgroup_free(root: Path = Path("/sys/fs/cgroup"), proc: Path = Path("/proc/self/cgroup")) -> int | None:
-    """What this process's memory cgroup still allows (limit − usage; v2 or v1), None without a limit."""
-    try:
-        lines = proc.read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        _, controllers, where = line.split(":", 2)
-        if controllers == "":  # v2: one hierarchy
-            files, base = ("memory.max", "memory.current"), root
-        elif "memory" in controllers.split(","):
-            files, base = ("memory.limit_in_bytes", "memory.usage_in_bytes"), root / "memory"
-        else:
-            continue
-        # The process's own cgroup, else the mount's root (a container sees its cgroup there).
-        for folder in (base / where.lstrip("/"), base):
-            limit, used = _read_int(folder / files[0]), _read_int(folder / files[1])
-            if limit is not None and used is not None and limit < 1 << 60:  # v1 writes "no limit" as ~2^63
-                return max(0, limit - used)
-    return None
-
-
-def address_space_free() -> int | None:
-    """What RLIMIT_AS still lets this process map (limit − mapped now), None without a limit."""
-    try:
-        import resource
-
-        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
-        if soft == resource.RLIM_INFINITY:
-            return None
-        with open("/proc/self/statm") as f:
-            mapped = int(f.read().split()[0]) * resource.getpagesize()
-    except (ImportError, OSError, ValueError):
-        return None
-    return max(0, soft - mapped)
-
-
 def available_bytes(device: torch.device | str = "cpu") -> int | None:
-    """Memory free for new tensors on `device` (None when unknown: no check is made). On the CPU the
-    smallest of the system's available memory, what RLIMIT_AS still allows and the cgroup's room."""
+    """Memory free for new tensors on `device` (None when unknown: no check is made); on the CPU the
+    smallest of the system's available memory, the address space RLIMIT_AS leaves and the cgroup's room."""
     kind = getattr(device, "type", str(device).split(":")[0])
     try:
         if kind == "cpu":
             import psutil
 
-            found = [int(psutil.virtual_memory().available), address_space_free(), cgroup_free()]
-            return min(n for n in found if n is not None)
+            limits = [int(psutil.virtual_memory().available), _rlimit_room(), _cgroup_room()]
+            return min(x for x in limits if x is not None)
         if kind == "cuda":
             import torch
 
             return int(torch.cuda.mem_get_info(device)[0])
     except Exception:  # an estimate we cannot make must never stop a run
         return None
+    return None
+
+
+def _rlimit_room() -> int | None:
+    """Address space left under RLIMIT_AS (a mapped file counts in full there, touched or not)."""
+    import resource
+
+    import psutil
+
+    soft, _hard = resource.getrlimit(resource.RLIMIT_AS)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    return max(0, soft - int(psutil.Process().memory_info().vms))
+
+
+def _cgroup_room(root: str = "/sys/fs/cgroup") -> int | None:
+    """Bytes left under this process's cgroup memory limit (v2 memory.max, else v1), None without one."""
+    for limit, usage in (
+        ("memory.max", "memory.current"),
+        ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes"),
+    ):
+        try:
+            text = (Path(root) / limit).read_text().strip()
+            if text == "max" or int(text) >= 1 << 60:  # v1 writes "no limit" as a huge number
+                return None
+            return max(0, int(text) - int((Path(root) / usage).read_text()))
+        except (OSError, ValueError):
+            continue
     return None
 
 
@@ -142,3 +125,34 @@ def check_tables_fit(config: ModelConfig, source: str) -> None:
     need = 2 * config.context_length * config.head_dim * 4  # cos and sin, fp32
     check_fits(2 * need, f"{source}: the RoPE tables of a {config.context_length:,}-token context (twice, to leave "
                "room for the weights)", "this context length cannot run here")  # fmt: skip
+
+
+LOAD_KV_TOKENS = 4096  # the KV cache a load is checked with: llama.cpp's default context, or the model's if shorter
+
+
+def weight_file_bytes(path: Path) -> int:
+    """The bytes of a model's weight files (a .gguf file; a folder's *.safetensors): what a load maps."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.glob("*.safetensors") if p.is_file())
+
+
+def check_load_fits(path: Path, config: ModelConfig | None = None, bytes_per_element: int = 2) -> None:
+    """Refuse, before any weight is read, a model whose weight files plus a KV cache of LOAD_KV_TOKENS tokens
+    (one sequence; none without `config`) cannot fit in the memory `available_bytes` finds; the message names
+    both byte counts."""
+    if os.environ.get(NO_CHECK_ENV, "") not in ("", "0"):
+        return
+    free = available_bytes("cpu")
+    if free is None:
+        return
+    tokens = 0 if config is None else min(config.context_length, LOAD_KV_TOKENS)
+    weights = weight_file_bytes(path)
+    need = weights + (0 if config is None else generation_bytes(config, 1, tokens, bytes_per_element))
+    if need > free:
+        what = f"weights {gib(weights)}" + (f" and a {tokens:,}-token KV cache" if tokens else "")
+        raise GenError(
+            f"{path} needs {need:,} bytes ({gib(need)}: {what}) but only {free:,} bytes ({gib(free)}) are free "
+            f"(the least of available memory, RLIMIT_AS and the cgroup limit); free memory or use a smaller or "
+            f"more quantized model ({NO_CHECK_ENV}=1 skips this check)"
+        )

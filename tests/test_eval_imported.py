@@ -77,29 +77,34 @@ def spm_llama(tmp_path_factory):
     return folder, model, tok
 
 
-def hand_bits_per_byte(model, tok, corpus_dir, sep: int) -> tuple[float, int]:
-    """transformers' cross-entropy summed over the same non-overlapping windows / ln 2 / UTF-8 bytes."""
-    texts = list(Corpus([str(corpus_dir)]).texts("val"))
+def hand_bits_per_byte(
+    model, tok, corpus_dir, sep: int, split: str = "val", stride: int = CONTEXT
+) -> tuple[float, int]:
+    """transformers' cross-entropy of every target, each from a full forward over exactly the window the rule
+    gives it (windows start every `stride`; a target belongs to the first window that reaches it), / ln 2 /
+    UTF-8 bytes."""
+    texts = list(Corpus([str(corpus_dir)]).texts(split))
     stream = []
     for text in texts:
         stream += [sep, *tok.encode(text, add_special_tokens=False).ids]
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
-    nats = 0.0
+    nats, n = 0.0, len(stream) - 1  # targets are stream positions 1..n
     with torch.no_grad():
-        for s in range(0, len(stream) - 1, CONTEXT):
-            x = torch.tensor(stream[s : s + CONTEXT + 1])
-            logits = model(x[None, :-1]).logits[0]  # (T, V)
-            nats += float(F.cross_entropy(logits.float(), x[1:], reduction="sum"))
+        for t in range(1, n + 1):
+            start = next(b for b in range(0, n, stride) if t <= min(b + CONTEXT, n))  # the first window reaching t
+            x = torch.tensor(stream[start : min(start + CONTEXT, n) + 1])
+            logits = model(x[None, :-1]).logits[0]  # (T, V): the whole window, as the rule feeds it
+            nats += float(F.cross_entropy(logits[t - 1 - start].float(), x[t - start]))
     return nats / math.log(2) / n_bytes, n_bytes
 
 
 def test_hf_folder_and_gguf_equal_transformers_by_hand(llama, corpus_dir):
     folder, model, tok, gguf_path = llama
     expected, n_bytes = hand_bits_per_byte(model, tok, corpus_dir, sep=0)
-    res = evaluate_model(folder, [str(corpus_dir)], device="cpu", context=CONTEXT)
-    assert res.bytes == n_bytes
+    res = evaluate_model(folder, [str(corpus_dir)], device="cpu", context=CONTEXT, split="val")
+    assert res.bytes == n_bytes and (res.split, res.stride) == ("val", CONTEXT)  # non-overlapping on a val split
     assert res.bits_per_byte == pytest.approx(expected, rel=1e-4)
-    from_gguf = evaluate_model(gguf_path, [str(corpus_dir)], device="cpu", context=CONTEXT)
+    from_gguf = evaluate_model(gguf_path, [str(corpus_dir)], device="cpu", context=CONTEXT, split="val")
     assert from_gguf.bytes == n_bytes and from_gguf.tokens == res.tokens
     assert from_gguf.bits_per_byte == pytest.approx(expected, rel=1e-4)
 
@@ -108,11 +113,39 @@ def test_sentencepiece_bytes_are_the_texts_own(spm_llama, corpus_dir):
     folder, model, tok = spm_llama
     assert any(t.startswith("<0x") for t in tok.encode(RARE).tokens)  # the byte-fallback path is exercised
     expected, n_bytes = hand_bits_per_byte(model, tok, corpus_dir, sep=1)  # BOS <s> separates documents
-    res = evaluate_model(folder, [str(corpus_dir)], device="cpu", context=CONTEXT)
+    res = evaluate_model(folder, [str(corpus_dir)], device="cpu", context=CONTEXT, split="val")
     assert res.bytes == n_bytes
     assert res.bits_per_byte == pytest.approx(expected, rel=1e-4)
-    again = evaluate_model(folder, [str(corpus_dir)], device="cpu", context=CONTEXT)  # from the cached files
+    again = evaluate_model(folder, [str(corpus_dir)], device="cpu", context=CONTEXT, split="val")  # cached files
     assert again == res
+
+
+def test_named_files_are_scored_whole_in_strided_windows(llama, corpus_dir):
+    """The default for a user's files: every token of every file, windows every CONTEXT/2 tokens, each target
+    scored once from the first window reaching it, equal to a forward over exactly that window."""
+    folder, model, tok, _ = llama
+    expected, n_bytes = hand_bits_per_byte(model, tok, corpus_dir, sep=0, split="all", stride=CONTEXT // 2)
+    res = evaluate_model(folder, [str(corpus_dir)], device="cpu", context=CONTEXT)
+    assert (res.split, res.context, res.stride, res.bytes) == ("all", CONTEXT, CONTEXT // 2, n_bytes)
+    assert res.bits_per_byte == pytest.approx(expected, rel=1e-4)
+    odd = evaluate_model(folder, [str(corpus_dir)], device="cpu", context=CONTEXT, stride=5, batch_size=3)
+    assert odd.bits_per_byte == pytest.approx(hand_bits_per_byte(model, tok, corpus_dir, 0, "all", 5)[0], rel=1e-4)
+    assert odd.tokens == res.tokens and odd.bytes == res.bytes  # the same targets, other contexts
+
+
+def test_strided_windows_score_every_target_once():
+    from gen_cli.train.evaluate import strided_windows
+
+    assert strided_windows(10, 4, 4) == [(0, 4, 4), (4, 4, 4), (8, 2, 2)]  # non-overlapping
+    assert strided_windows(10, 4, 2) == [(0, 4, 4), (2, 4, 2), (4, 4, 2), (6, 4, 2)]  # ends at the last target
+    assert strided_windows(3, 8, 4) == [(0, 3, 3)]
+    for targets, context, stride in itertools.product(range(1, 30), (1, 4, 7), (1, 2, 3, 7)):
+        if stride > context:
+            continue
+        spans = strided_windows(targets, context, stride)
+        scored = [t for b, length, k in spans for t in range(b + length - k + 1, b + length + 1)]
+        assert scored == list(range(1, targets + 1))  # each target (1-based position) once, in order
+        assert all(length <= context and k <= length for _, length, k in spans)
 
 
 def test_covered_bytes_sum_to_the_text_and_follow_offsets():
@@ -127,7 +160,7 @@ def test_covered_bytes_sum_to_the_text_and_follow_offsets():
 def test_max_tokens_counts_the_bytes_of_the_scored_prefix(llama, corpus_dir):
     folder, _, tok, _ = llama
     res = evaluate_model(folder, [str(corpus_dir)], device="cpu", context=CONTEXT, max_tokens=10)
-    first = next(iter(Corpus([str(corpus_dir)]).texts("val")))
+    first = next(iter(Corpus([str(corpus_dir)]).texts("all")))  # a named file is scored whole
     ids = tok.encode(first, add_special_tokens=False).ids
     assert res.tokens == 10 and len(ids) >= 10
     assert res.bytes == len(tok.decode(ids[:10]).encode("utf-8"))  # byte-level BPE: a prefix decodes exactly
@@ -161,3 +194,13 @@ def test_cli_json_by_position_and_refusals(llama, corpus_dir, tmp_path):
     r = runner.invoke(app, ["eval", str(tmp_path / "missing.gguf"), str(corpus_dir)])
     assert r.exit_code == 2
     assert "missing.gguf: no such file or folder" in r.output and len(r.output.strip().splitlines()) <= 2
+
+
+def test_cli_stride_and_what_was_scored(llama, corpus_dir):
+    folder = llama[0]
+    r = runner.invoke(app, ["eval", str(folder), str(corpus_dir), "--context", str(CONTEXT), "--stride", "6"])
+    assert r.exit_code == 0, r.output
+    said = " ".join(r.stderr.split())
+    assert f"scored all of {corpus_dir} in {CONTEXT}-token windows every 6 tokens" in said, said
+    r = runner.invoke(app, ["eval", str(folder), str(corpus_dir), "--context", str(CONTEXT), "--stride", "25"])
+    assert r.exit_code == 2 and "stride 25 must be between 1 and the context" in " ".join(r.output.split())

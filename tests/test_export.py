@@ -17,7 +17,7 @@ from hf_builders import byte_level_tokenizer  # noqa: E402
 from gen_cli.cli import app  # noqa: E402
 from gen_cli.errors import GenError  # noqa: E402
 from gen_cli.formats.checkpoint import save_model  # noqa: E402
-from gen_cli.formats.export import export_hf  # noqa: E402
+from gen_cli.formats.export import HF_FILES, export_hf  # noqa: E402
 from gen_cli.formats.export_gguf import export_gguf  # noqa: E402
 from gen_cli.formats.loading import load  # noqa: E402
 from gen_cli.model.config import ModelConfig  # noqa: E402
@@ -272,8 +272,50 @@ def test_cli_refuses_an_existing_output_without_force(tok, tmp_path):
         result = runner.invoke(app, ["export", str(directory), "--to", to, "--out", str(tmp_path / out), "--force"])
         assert result.exit_code == 0, result.output
         assert _same_weights(model, load(tmp_path / out).model) == 0.0
-    assert not (tmp_path / "hf" / "keep.txt").exists()
+    assert (tmp_path / "hf" / "keep.txt").read_text() == "mine"  # --force replaces only the exported files
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "llama", "m.gguf"]
+
+
+def test_force_replaces_only_the_exported_files(tok, tmp_path):
+    directory, model = _gen_dir(tmp_path, "llama", tok)
+    out = tmp_path / "d"
+    (out / "sub").mkdir(parents=True)
+    (out / "notes.txt").write_text("keep")
+    (out / "config.json").write_text("{}")  # an exported file: replaced
+    result = runner.invoke(app, ["export", str(directory), "--to", "hf", "--out", str(out), "--force"])
+    assert result.exit_code == 0, result.output
+    assert (out / "notes.txt").read_text() == "keep" and (out / "sub").is_dir()
+    assert sorted(p.name for p in out.iterdir()) == sorted(["notes.txt", "sub", *HF_FILES])  # no temporary left
+    assert _same_weights(model, load(out).model) == 0.0
+
+
+def test_exporting_onto_the_source_is_refused_even_with_force(tok, tmp_path):
+    directory, _ = _gen_dir(tmp_path, "llama", tok)
+    (directory / "train_state.safetensors").write_bytes(b"state")
+    (directory / "metrics.jsonl").write_text("{}\n")
+    before = {p.name: p.read_bytes() for p in directory.iterdir()}
+    _one_line_error(["export", str(directory), "--to", "hf", "--out", str(directory), "--force"], "being exported")
+    _one_line_error(["export", str(directory), "--to", "gguf", "--out", str(directory / "model.safetensors"),
+                     "--force"], "being exported")  # fmt: skip
+    assert {p.name: p.read_bytes() for p in directory.iterdir()} == before
+    runner.invoke(app, ["export", str(directory), "--to", "gguf", "--out", str(tmp_path / "m.gguf")])
+    _one_line_error(["export", str(tmp_path / "m.gguf"), "--to", "gguf", "--out", str(tmp_path / "m.gguf"),
+                     "--force"], "being exported")  # fmt: skip
+    # a GGUF file beside the folder's own files may be written into it
+    result = runner.invoke(app, ["export", str(directory), "--to", "gguf", "--out", str(directory / "m.gguf")])
+    assert result.exit_code == 0, result.output
+
+
+def test_streamed_export_writes_what_a_dict_writer_would(tok, tmp_path):
+    """The safetensors streamed one tensor at a time read back through safetensors' own reader unchanged."""
+    from safetensors.torch import load_file
+
+    model = gen_model("gpt2")  # transposed Conv1D weights: non-contiguous parts
+    export_hf(model, tok, tmp_path / "hf", dtype="bf16")
+    tensors = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    assert tensors["transformer.h.0.attn.c_attn.weight"].shape == (64, 192)
+    assert all(t.dtype == torch.bfloat16 for t in tensors.values())
+    assert _same_weights(model.to(torch.bfloat16), load(tmp_path / "hf").model) == 0.0
 
 
 def test_cli_bad_flags_are_one_line(tok, tmp_path):
@@ -317,3 +359,55 @@ def test_stop_ids_and_chat_template_travel_with_the_export(tok, tmp_path):
         assert back.stop_ids == (0, 5) and back.chat_template == template, path
     config = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
     assert "split_special_tokens" not in config  # a chat template's specials must stay special
+
+
+def test_releasing_pages_never_changes_a_tensor_in_memory_or_in_a_map(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from gen_cli.pages import PageReleaser
+
+    anonymous = torch.randn(1 << 20)
+    save_file({"w": anonymous}, str(tmp_path / "w.safetensors"))
+    mapped = safe_open(str(tmp_path / "w.safetensors"), "pt").get_tensor("w")
+    keep = anonymous.clone()
+    pages = PageReleaser()
+    for t in (anonymous, mapped):
+        pages.release(t)
+        assert torch.equal(t, keep)  # a mapped page dropped is read again from the file
+    pages.release_files(tmp_path)
+    assert torch.equal(mapped, keep)
+
+
+def test_an_optimised_model_is_refused_before_anything_is_written(tok, tmp_path):
+    from gen_cli.infer.optimize import optimize_for_decode
+
+    model = optimize_for_decode(gen_model("llama"), quantize="int8", native=False)
+    with pytest.raises(GenError, match="fused or optimised"):
+        export_hf(model, tok, tmp_path / "new" / "hf")
+    with pytest.raises(GenError, match="fused or optimised"):
+        export_gguf(model, tok, tmp_path / "new" / "m.gguf")
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("to", ["hf", "gguf-q8_0", "gguf-f32", "blocks-q8_0"])
+def test_consume_writes_the_same_bytes_and_frees_the_model(tok, tmp_path, to):
+    """The command's mode: each tensor of the model is emptied once written; the file is unchanged."""
+    source = tmp_path / "src" / "m.gguf"
+    export_gguf(gen_model("llama3"), tok, source, "q8_0")
+
+    def model():  # untied, biases, RoPE factors; "blocks": loaded back from Q8_0, holding its blocks
+        return load(source).model if to.startswith("blocks") else gen_model("llama3")
+
+    def export(m, out, consume):
+        if to == "hf":
+            export_hf(m, tok, out, consume=consume)
+            return (out / "model.safetensors").read_bytes()
+        export_gguf(m, tok, out / "m.gguf", to.split("-")[1], consume=consume)
+        return (out / "m.gguf").read_bytes()
+
+    kept = export(model(), tmp_path / "a", consume=False)
+    consumed = model()
+    assert export(consumed, tmp_path / "b", consume=True) == kept
+    left = [n for n, t in consumed.state_dict().items() if t.numel() and not n.startswith("rope_")]
+    assert left == [], left

@@ -192,41 +192,10 @@ def test_the_streamed_text_is_the_decoded_text_cut_at_the_first_stop(tokenizer, 
 # Memory estimates: the smallest of available memory, RLIMIT_AS and the cgroup; ids and sampling counted
 
 
-@pytest.mark.parametrize("version", ["v1", "v2"])
-def test_the_cgroup_limit_is_read_from_the_process_cgroup(tmp_path, version):
-    from gen_cli.memory import cgroup_free
-
-    proc = tmp_path / "cgroup"
-    if version == "v2":
-        proc.write_text("0::/jobs/one\n")
-        folder, files = tmp_path / "jobs" / "one", ("memory.max", "memory.current")
-    else:
-        proc.write_text("4:memory:/jobs/one\n1:cpu:/\n")
-        folder, files = tmp_path / "memory", ("memory.limit_in_bytes", "memory.usage_in_bytes")  # the mount's root
-    folder.mkdir(parents=True)
-    (folder / files[0]).write_text("1000000\n")
-    (folder / files[1]).write_text("250000\n")
-    assert cgroup_free(tmp_path, proc) == 750000
-    (folder / files[0]).write_text("max\n" if version == "v2" else f"{2**63 - 4096}\n")
-    assert cgroup_free(tmp_path, proc) is None  # no limit
-
-
-def test_rlimit_as_bounds_the_available_memory(monkeypatch):
-    import resource
-
-    from gen_cli import memory
-
-    monkeypatch.setattr(resource, "getrlimit", lambda which: (64 << 40, resource.RLIM_INFINITY))
-    free = memory.address_space_free()
-    assert free is not None and 0 < free < 64 << 40
-    monkeypatch.setattr(memory, "address_space_free", lambda: 1 << 20)
-    assert memory.available_bytes() == 1 << 20
-
-
 def test_many_samples_are_refused_by_their_sampling_buffers(model_dir, monkeypatch):
     from gen_cli import memory
 
-    monkeypatch.setattr(memory, "address_space_free", lambda: 64 << 20)  # as under `ulimit -v`
+    monkeypatch.setattr(memory, "_rlimit_room", lambda: 64 << 20)  # as under `ulimit -v`
     refused(["generate", "hi", "--model", str(model_dir), "--num-samples", "100000", "--max-new-tokens", "2"],
             r"needs about [\d.]+ GiB but only 64 MiB of memory is available; use fewer --num-samples")  # fmt: skip
 
@@ -234,7 +203,7 @@ def test_many_samples_are_refused_by_their_sampling_buffers(model_dir, monkeypat
 def test_a_windowed_run_counts_its_id_buffer(model_dir, monkeypatch):
     from gen_cli import memory
 
-    monkeypatch.setattr(memory, "address_space_free", lambda: 64 << 20)
+    monkeypatch.setattr(memory, "_rlimit_room", lambda: 64 << 20)
     refused(["generate", "hi", "--model", str(model_dir), "--window", "16", "--max-new-tokens", "100000000"],
             r"needs about [\d.]+ MiB but only 64 MiB of memory is available; .*fewer --max-new-tokens")  # fmt: skip
 
@@ -253,7 +222,7 @@ def test_a_windowed_chat_reply_counts_its_id_buffer(tokenizer, monkeypatch):
     model = Transformer(tiny_config(vocab_size=tokenizer.get_vocab_size())).eval()
     template = "{% for m in messages %}{{ m.content }}{% endfor %}"
     session = ChatSession(model, tokenizer, template, spec=CacheSpec(window=8, sinks=2))
-    monkeypatch.setattr(memory, "address_space_free", lambda: 64 << 20)
+    monkeypatch.setattr(memory, "_rlimit_room", lambda: 64 << 20)
     with pytest.raises(GenError, match=r"the ids and sampling buffers of 1 sequence\(s\) of [\d,]+ tokens needs"):
         session.say("hi", 100_000_000, SamplingConfig(temperature=0.0))  # a window: no context to stop it
     assert session.say("hi", 4, SamplingConfig(temperature=0.0)).new_tokens == 4

@@ -292,11 +292,11 @@ def test_cli_eval_uniform_model_gives_ln_v(trained, monkeypatch):
     result = _cli("eval", str(trained / "uniform"), str(trained / "corpus.txt"), "--json", "--device", "cpu")
     assert result.exit_code == 0, result.output
     got = json.loads(result.stdout[result.stdout.index("{") :])
-    val_bytes = sum(len(t.encode()) for t in Corpus([str(trained / "corpus.txt")]).texts("val"))
+    all_bytes = sum(len(t.encode()) for t in Corpus([str(trained / "corpus.txt")]).texts("all"))  # a named file: whole
     assert got["loss"] == pytest.approx(math.log(300), rel=1e-6)
     assert got["perplexity"] == pytest.approx(300, rel=1e-5)
-    assert got["bytes"] == val_bytes
-    assert got["bits_per_byte"] == pytest.approx(got["tokens"] * math.log(300) / math.log(2) / val_bytes, rel=1e-6)
+    assert got["bytes"] == all_bytes and got["split"] == "all"
+    assert got["bits_per_byte"] == pytest.approx(got["tokens"] * math.log(300) / math.log(2) / all_bytes, rel=1e-6)
     monkeypatch.setattr("gen_cli.resources.default_model_dir", lambda: trained / "missing")
     _one_line_error(_cli("eval"), "no default model")
 

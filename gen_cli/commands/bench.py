@@ -16,11 +16,15 @@ from gen_cli.commands.options import (
     OUTPUT,
     PERFORMANCE,
     Device,
+    Draft,
     Json,
     MaxNewTokens,
     Model,
+    Preset,
     Profile,
     Repeats,
+    Speculate,
+    Temperature,
     Threads,
 )
 from gen_cli.errors import UsageError
@@ -331,5 +335,47 @@ def bench_contention_command(
     )
 
 
+@bench_app.command("speculative")
+def bench_speculative_command(
+    model_dir: Model = None,
+    preset: Preset = None,
+    speculate: Speculate = None,
+    draft: Draft = None,
+    prompt: str = typer.Option(
+        None,
+        "--prompt",
+        metavar="TEXT",
+        help="The prompt; without one, a passage and its start again, so the output copies it.",
+        show_default=False,
+    ),
+    new_tokens: MaxNewTokens = 100,
+    temperature: Temperature = 0.0,
+    repeats: Repeats = 3,
+    threads: Threads = None,
+    as_json: Json = False,
+) -> None:
+    """Plain against speculative decoding of the same prompt, interleaved in one run: decode tok/s, the
+    speed-up, the guesses kept, and what a verify forward costs in decode steps (which bounds the speed-up)."""
+    from gen_cli.lab.speculative_bench import DEFAULT_PROMPT, bench, format_bench
+
+    _at_least(2, max_new_tokens=new_tokens)
+    _at_least(1, repeats=repeats)
+    if speculate is None and draft is None:
+        speculate = "ngram"
+    if preset is not None and model_dir is not None:
+        raise UsageError("give --model or --preset, not both")
+    from gen_cli.infer.engine import Preset as PresetShape
+
+    source = PresetShape(preset) if preset is not None else model_dir
+    r = bench(source, speculate, draft, prompt or DEFAULT_PROMPT, new_tokens, repeats, threads, temperature)
+    if as_json:
+        print_json(r)
+        return
+    out_console().print("\n".join(format_bench(r)), markup=False)
+
+
 def register(app: typer.Typer) -> None:
+    from gen_cli.commands.bench_startup import bench_startup_command
+
+    bench_app.command("startup")(bench_startup_command)
     app.add_typer(bench_app, name="bench")

@@ -52,10 +52,13 @@ def export_command(
     tokenizer llama.cpp reads (llama, qwen2, qwen3 or gpt2 architecture).
 
     A model neither format can express (sinusoidal positions, or a mix such as LayerNorm with RoPE) is
-    refused with the reason, and nothing is written. The output is written to a temporary name and renamed
-    into place; an existing output is kept unless --force.
+    refused with the reason, and nothing is written. Tensors are converted and written one at a time (a
+    model's pages are read in place from its file), so peak memory stays near one tensor's size. Files are
+    written to temporary names and renamed into place; an existing output is kept unless --force, which
+    replaces only the files the export writes (other files in the folder stay). Exporting onto the model's
+    own files is refused.
     """
-    from gen_cli.formats.export import check_output
+    from gen_cli.formats.export_files import check_not_source, check_output
 
     model = model_from(model_arg, model_opt, "export")
     if out is None:
@@ -68,9 +71,11 @@ def export_command(
         raise UsageError(f"--type {type_} is for --to gguf; a Hugging Face folder holds f32, f16 or bf16 weights")
     check_model_path(model, "export")
     check_output(out, force, folder=to == "hf")  # before loading: a refusal costs nothing
+    check_not_source(out, model)  # even with --force: writing over the weights being read loses them
     from gen_cli.formats.export import export_hf, family
     from gen_cli.formats.export_gguf import export_gguf
     from gen_cli.formats.loading import config_for, load
+    from gen_cli.pages import PageReleaser
 
     config, _source, _details = config_for(str(model))
     family(config, to)  # an inexpressible model is refused from its config alone, before the weights load
@@ -78,12 +83,13 @@ def export_command(
     loaded = load(model_dir=model)
     if loaded.random_weights:
         raise UsageError(f"{model} is not a model with trained weights")
+    PageReleaser().release_files(model)  # loading read some pages (fused q/k/v); each is read again when written
     stops = loaded.stop_ids or None
     if to == "hf":
-        result = export_hf(loaded.model, loaded.tokenizer, out, type_, force, stops, loaded.chat_template)
+        result = export_hf(loaded.model, loaded.tokenizer, out, type_, force, stops, loaded.chat_template, True)
     else:
         kind = type_ or _stored_type(loaded.model)
-        result = export_gguf(loaded.model, loaded.tokenizer, out, kind, force, stops, loaded.chat_template)
+        result = export_gguf(loaded.model, loaded.tokenizer, out, kind, force, stops, loaded.chat_template, True)
     seconds = time.perf_counter() - start
     if as_json:
         print_json({"source": str(model), **result.to_dict(), "seconds": round(seconds, 3)})

@@ -25,6 +25,7 @@ from gen_cli.commands.options import (
     Attention,
     Compile,
     Device,
+    Draft,
     Dtype,
     Json,
     KvCache,
@@ -43,6 +44,7 @@ from gen_cli.commands.options import (
     RopeScaling,
     Seed,
     Sinks,
+    Speculate,
     Stats,
     Stop,
     System,
@@ -66,6 +68,7 @@ if TYPE_CHECKING:
     from gen_cli.infer.generate import GenerationResult
     from gen_cli.infer.prompt_reuse import PromptReuse
     from gen_cli.infer.sampling import SamplingConfig
+    from gen_cli.infer.speculative import Speculation
     from gen_cli.lab.profile import StepProfile
 
 
@@ -126,6 +129,8 @@ class Run:
     stats: bool
     json: bool
     profile: bool
+    speculate: str | None = None  # ngram[:K] or draft[:K] (infer.speculative)
+    draft: str | None = None  # a draft model path or self:MODE
 
     @property
     def live(self) -> bool:
@@ -154,9 +159,23 @@ def _check_run(run: Run, options: EngineOptions, kv_kinds_given: bool) -> None:
         _check_prompt_cache(run.prompt_cache, run.cache is None or run.num_samples > 1, window is not None)
     if options.compile and run.cache is None:
         raise UsageError("--compile speeds up the cached decode step; drop --no-kv-cache or --compile")
+    if run.speculate is not None or run.draft is not None:
+        _check_speculation(run, options)
     if run.profile and (options.compile or run.cache is None or run.max_new_tokens < 2):
         raise UsageError("--profile times the cached decode step op by op: needs the KV cache, no --compile, "
                          "--max-new-tokens ≥ 2")  # fmt: skip
+
+
+def _check_speculation(run: Run, options: EngineOptions) -> None:  # before any weights are read
+    from gen_cli.infer.proposers import parse_speculate
+
+    parse_speculate(run.speculate or "draft")
+    taken = [flag for flag, on in (("--no-kv-cache", run.cache is None), ("--window", run.cache and run.cache.window),
+             ("--num-samples", run.num_samples > 1), ("--prompt-cache", run.prompt_cache), ("--profile", run.profile),
+             ("--compile", options.compile)) if on]  # fmt: skip
+    if taken:  # a --window ring overwrites the slots a rollback would need
+        raise UsageError(f"--speculate verifies guesses in one linear KV cache and rolls rejected ones back: it does "
+                         f"not go with {', '.join(taken)} (yet); drop one")  # fmt: skip
 
 
 def _check_prompt_cache(path: Path, not_one_cached_sample: bool, windowed: bool) -> None:
@@ -238,7 +257,7 @@ class Outcome:
     profile: StepProfile | None
 
 
-def _generate(engine: Engine, run: Run, ids: list[int], reuse: PromptReuse | None) -> Outcome:
+def _generate(engine: Engine, run: Run, ids: list[int], reuse: PromptReuse | None, spec: Speculation | None) -> Outcome:
     """Generate (streaming the text when live), save the prompt cache, then profile a second run if asked."""
     import torch
 
@@ -266,7 +285,7 @@ def _generate(engine: Engine, run: Run, ids: list[int], reuse: PromptReuse | Non
             compile_s = engine.warm_up(ids, run.max_new_tokens, run.sampling, run.num_samples)
     restore = reuse.prepare(engine.model, ids) if reuse is not None else None  # reads and checks the file first
     result = engine.generate(ids, run.max_new_tokens, run.sampling, run.cache, run.seed, stop_ids, run.num_samples,
-                             on_token, restore)  # fmt: skip
+                             on_token, restore, spec)  # fmt: skip
     if reuse is not None:
         reuse.save_if_new(result)
     stats = result.stats.to_dict() | {"load_s": engine.load_s, "load_peak_memory_bytes": engine.load_peak_bytes}
@@ -362,6 +381,8 @@ def generate_command(
     native: Native = True,
     compile_: Compile = False,
     profile: Profile = False,
+    speculate: Speculate = None,
+    draft: Draft = None,
 ) -> None:
     """Continue PROMPT with a trained model (--model; the shipped one by default) or random weights of a
     preset shape (--preset, which alone takes --tokenizer, --attention, --kv-heads and --pos), or reply
@@ -381,15 +402,18 @@ def generate_command(
     kv_kinds = kv_kinds_of(kv_dtype, kv_dtype_k, kv_dtype_v)
     run = Run(prompt, chat, system, max_new_tokens, sampling, seed, tuple(s for s in (stop or []) if s), ignore_eot,
               num_samples, _cache_spec(kv_cache, kv_kinds, window, sinks), prompt_cache, stream, show_stats, as_json,
-              profile)  # fmt: skip
+              profile, speculate, draft)  # fmt: skip
     options = EngineOptions(
         device_name, engine_dtype(dtype_opt, device_name), threads, quantize, native, compile_, rope_scaling
     )
     _check_run(run, options, kv_kinds is not None)
     source = PresetShape(preset, tokenizer, attention, kv_heads, pos) if preset is not None else model_dir
     engine, reuse = _open(source, options, run)
+    from gen_cli.infer.proposers import speculation_for
+
+    speculation = speculation_for(engine, source, run.speculate, run.draft)  # None without --speculate / --draft
     ids, from_bos = _encode(engine, run)
-    _render(engine, run, _generate(engine, run, ids, reuse), reuse, from_bos)
+    _render(engine, run, _generate(engine, run, ids, reuse, speculation), reuse, from_bos)
 
 
 def _render(engine: Engine, run: Run, out: Outcome, reuse: PromptReuse | None, from_bos: bool) -> None:

@@ -48,6 +48,15 @@ def print_stats(stats: dict[str, Any], source: str, path_note: str = "", from_bo
 
         busy = MachineLoad(load["cores"], load["others_cores"], load["load_avg_1m"])
         lines.append(f"machine          {busy.describe()}; one run, no spread (gen bench decode repeats)")
+    if sp := stats.get("speculation"):
+        kept = "n/a" if sp["acceptance_rate"] is None else f"{sp['acceptance_rate']:.0%}"
+        per = "n/a" if sp["tokens_per_forward"] is None else f"{sp['tokens_per_forward']:.2f}"
+        k = f"K {sp['k']}" + (" adaptive" if sp["adaptive"] else "")
+        lines.append(
+            f"speculation      {sp['proposer']}, {k}: {sp['accepted']} of {sp['proposed']} guesses kept ({kept}), "
+            f"{per} tokens per target forward ({sp['rounds']} forwards); target {sp['target_s'] * 1000:.0f} ms, "
+            f"proposer {sp['draft_s'] * 1000:.0f} ms"
+        )
     if pc := stats.get("prompt_cache"):
         lines.append(
             f"prompt cache     {pc['reused_tokens']} of {pc['prompt_tokens']} prompt tokens reused, "

@@ -278,6 +278,30 @@ Profile = Annotated[
     ),
 ]
 
+Speculate = Annotated[
+    str | None,
+    typer.Option(
+        "--speculate",
+        metavar="ngram[:K]|draft[:K]",
+        help="Speculative decoding: ngram guesses from earlier text (prompt lookup), draft from --draft; K guesses "
+        "per round, else 4 to start, then following the acceptance. Greedy output is unchanged; sampled output "
+        "keeps the model's distribution.",
+        show_default=False,
+        rich_help_panel=PERFORMANCE,
+    ),
+]
+Draft = Annotated[
+    str | None,
+    typer.Option(
+        "--draft",
+        metavar="MODEL",
+        help="The draft model for --speculate (same tokenizer): a model path, or self:q4_0 (this model at lower "
+        "precision).",
+        show_default=False,
+        rich_help_panel=PERFORMANCE,
+    ),
+]
+
 
 def model_from(positional: Path | None, option: Path | None, command: str, required: bool = True) -> Path | None:
     """The model a command was given, as MODEL or as --model (not both); a refusal when it needs one."""

@@ -250,6 +250,13 @@ def eval_command(
     max_tokens: int = typer.Option(
         None, "--max-tokens", metavar="N", help="Score at most this many tokens (for speed).", show_default=False
     ),
+    stride: int = typer.Option(
+        None,
+        "--stride",
+        metavar="N",
+        help="Tokens between window starts; each window scores only the tokens no earlier one did.",
+        show_default="half the window for files you name, the whole window for gen's corpora",
+    ),
     by_position: bool = typer.Option(
         False,
         "--by-position",
@@ -263,7 +270,8 @@ def eval_command(
     dtype: Dtype = "float32",
     batch_size: BatchSize = 8,
 ) -> None:
-    """Held-out loss, perplexity and bits per byte on the validation split of the inputs.
+    """Loss, perplexity and bits per byte of a model on text: all of the files you name, or the
+    validation split of gen's own corpora.
 
     MODEL (or --model) is a gen model folder, a Hugging Face folder or a .gguf file, the shipped model
     by default; INPUTS follow it. With --rope-scaling, --context may reach factor × the trained
@@ -272,9 +280,13 @@ def eval_command(
     Without inputs, a `gen train` run folder is scored on the text it was trained on (recorded in its
     train state), any other model on the default corpus; the output names the corpus and split.
 
-    The validation token stream is scored in contiguous, non-overlapping windows, so each token is
-    predicted once. Bits per byte (total nats / ln 2 / UTF-8 bytes of the scored text) does not
-    depend on the tokenizer, so models with different vocabularies compare fairly.
+    Files you name are scored whole, in --context-token windows starting every --stride tokens (default:
+    half a window), each window scoring only the tokens no earlier window scored (llama.cpp's perplexity
+    rule): every token is predicted once, and after the first window with at least context − stride tokens
+    before it. gen's corpora (none named, or the built-in one) keep their validation split, scored in
+    contiguous, non-overlapping windows unless --stride is given. Bits per byte (total nats / ln 2 /
+    UTF-8 bytes of the scored text) does not depend on the tokenizer, so models with different
+    vocabularies compare fairly.
     """
     from gen_cli.resources import default_model_dir
     from gen_cli.train.evaluate import evaluate_model
@@ -295,14 +307,20 @@ def eval_command(
         _by_position(model_dir, list(inputs or []), context, buckets, device, batch_size, max_tokens, rope_scaling,
                      as_json, png)  # fmt: skip
         return
-    res = evaluate_model(model_dir, list(inputs or []), device, dtype, batch_size, context, max_tokens, rope_scaling)
+    res = evaluate_model(model_dir, list(inputs or []), device, dtype, batch_size, context, max_tokens, rope_scaling,
+                         stride)  # fmt: skip
     if as_json:
         print_json(dataclasses.asdict(res))
         return
     out_console().print(_eval_figures(res))
-    split = {"val": "validation"}.get(res.split, res.split)
+    windows = f" in {res.context:,}-token windows every {res.stride:,} tokens"
     err.print(
-        f"scored the {split} split of {escape(res.corpus)}"
+        (
+            f"scored all of {escape(res.corpus)}"
+            if res.split == "all"
+            else f"scored the validation split of {escape(res.corpus)}"
+        )
+        + windows
         + ("" if inputs else " (the run's own training text)" if _trained(model_dir) else " (the default corpus)"),
         soft_wrap=True,
     )

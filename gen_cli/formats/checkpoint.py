@@ -57,17 +57,10 @@ def save_model(
 
 
 def read_json_object(path: Path, what: str = "a JSON object", max_bytes: int = 64 << 20) -> dict[str, Any]:
-    """A JSON object from an untrusted file, its size checked before it is read; one-line errors."""
-    try:
-        size = path.stat().st_size
-    except OSError as e:
-        raise GenError(f"{path}: not readable ({e.strerror or e})") from None
-    if size > max_bytes:
-        raise GenError(f"{path}: {size:,} bytes is too large for {what} (at most {max_bytes:,})")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise GenError(f"{path}: not readable JSON ({e})") from None
+    """A JSON object from an untrusted regular file, its size checked before it is read; one-line errors."""
+    from gen_cli.formats.schema import load_json
+
+    data = load_json(path, max_bytes, what)
     if not isinstance(data, dict):
         raise GenError(f"{path}: expected {what}")
     return data
@@ -76,7 +69,7 @@ def read_json_object(path: Path, what: str = "a JSON object", max_bytes: int = 6
 def load_config(directory: str | Path) -> ModelConfig:
     """The ModelConfig in DIR/config.json, with clear errors for a missing or broken file."""
     path = Path(directory) / CONFIG_FILE
-    if not path.is_file():
+    if not path.exists():  # a device or FIFO is there, not missing: read_json_object refuses it
         raise GenError(f"{path}: missing; a model directory holds {CONFIG_FILE}, {WEIGHTS_FILE}, {TOKENIZER_FILE}")
     # A model config is a few hundred bytes; never read a huge one.
     data = read_json_object(path, "a JSON object of model settings", MAX_CONFIG_BYTES)

@@ -8,18 +8,16 @@ A model neither format can express is refused with the reason before anything is
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gen_cli.atomic import atomic_path, write_text_atomic
 from gen_cli.errors import GenError, UsageError
 from gen_cli.formats import hf
+from gen_cli.formats.export_files import check_output, write_files, write_safetensors
 from gen_cli.model.config import ModelConfig
+from gen_cli.pages import PageReleaser
 from gen_cli.text.tokenizer import EOT
 
 if TYPE_CHECKING:
@@ -31,6 +29,7 @@ if TYPE_CHECKING:
 HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                     "gpt2": "GPT2LMHeadModel"}  # fmt: skip
 HF_TYPES = ("f32", "f16", "bf16")
+HF_FILES = ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json")
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k")
 _GPT2_ACT = {"gelu_tanh": "gelu_new", "gelu": "gelu"}  # gen MLP kind → GPT2Config.activation_function
 
@@ -132,6 +131,17 @@ def held_blocks(model: Transformer) -> dict[str, tuple[torch.Tensor, str]]:
 def state_of(model: Transformer, blocks: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
     """gen name → tensor on the CPU, every name `expected_shapes` lists (a tied lm_head left out) except
     those in `blocks`; without `blocks`, block-held matrices are dequantized here (float32)."""
+    return dict(tensors_of(model, blocks))
+
+
+def tensors_of(
+    model: Transformer, blocks: dict[str, Any] | None = None, consume: bool = False
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """state_of, one tensor at a time in the model's order: a dequantized matrix exists only while its
+    consumer holds it, so a streamed export never holds the whole model twice. A model that cannot be
+    exported is refused here, at the call, before anything is written. `consume` empties each of the
+    model's tensors once the next is asked for (a command's model, discarded after: copies the loader
+    made, such as fused q/k/v, are freed as they are written)."""
     from gen_cli.model.transformer import expected_shapes
     from gen_cli.quant.blocks import dequantize
 
@@ -140,16 +150,39 @@ def state_of(model: Transformer, blocks: dict[str, Any] | None = None) -> dict[s
     shapes = expected_shapes(model.config)
     if sorted((state.keys() | held.keys()) - {"lm_head.weight"}) != sorted(shapes.keys() - {"lm_head.weight"}):
         raise GenError("a model with fused or optimised layers cannot be exported; export the model as loaded")
-    out = {}
-    for name in shapes:
-        if blocks is not None and name in blocks:
-            continue
-        if name in held:
-            b, qtype = held[name]
-            out[name] = dequantize(b, qtype, shapes[name][1])
-        else:
-            out[name] = state[name].detach().to("cpu")
-    return out
+
+    skip = set(blocks or ())  # the names at the call: a consumer may pop them from its dict as it writes them
+
+    def each() -> Iterator[tuple[str, torch.Tensor]]:
+        for name in shapes:
+            if name in skip:
+                continue
+            if name in held:
+                b, qtype = held[name]
+                yield name, dequantize(b, qtype, shapes[name][1])
+            else:
+                yield name, state[name].detach().to("cpu")
+            if consume:
+                state.pop(name, None)
+                held.pop(name, None)
+                drop_tensor(model, name)
+
+    return each()
+
+
+def drop_tensor(model: Transformer, name: str) -> None:
+    """Replace the model's tensor `name` (a module's weight or bias, or a block layer's blocks) by an empty
+    one, so its memory is freed when nothing else holds it; the model cannot run afterwards."""
+    import torch
+
+    prefix, _, attr = name.rpartition(".")
+    module = model.get_submodule(prefix)
+    if attr == "weight" and "blocks" in module._buffers:
+        attr = "blocks"
+    if attr in module._parameters and module._parameters[attr] is not None:
+        module._parameters[attr] = torch.nn.Parameter(module._parameters[attr].new_empty(0), requires_grad=False)
+    elif attr in module._buffers and module._buffers[attr] is not None:
+        module._buffers[attr] = module._buffers[attr].new_empty(0)
 
 
 def stop_ids_of(tokenizer: Tokenizer) -> tuple[int, ...]:
@@ -165,52 +198,11 @@ def bos_id(tokenizer: Tokenizer) -> int | None:
     return full[0] if len(full) > len(plain) and full[1:] == plain else None
 
 
-def check_output(path: Path, force: bool, folder: bool) -> None:
-    """Refuse an output that exists (unless `force`) or is of the wrong kind, before any work."""
-    if folder and path.is_file():
-        raise UsageError(f"{path} is a file; a Hugging Face export is a folder")
-    if not folder and path.is_dir():
-        raise UsageError(f"{path} is a directory; a GGUF export is one file")
-    if path.exists() and not force:
-        raise UsageError(f"{path} already exists; set force to overwrite it", params=("force",))
-
-
 def check_vocab(model: Transformer, tokenizer: Tokenizer) -> None:
     """Refuse a tokenizer with more tokens than the embedding has rows (an embedding may have spare rows)."""
     if tokenizer.get_vocab_size() > model.config.vocab_size:
         raise GenError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model's embedding only "
                        f"{model.config.vocab_size} rows; they do not belong together")  # fmt: skip
-
-
-def write_folder(out_dir: Path, force: bool, write: Callable[[Path], None]) -> None:
-    """Run `write(tmp)` on a fresh folder beside `out_dir`, then rename it into place: a crash leaves
-    either the old folder or the new one, never half of one."""
-    check_output(out_dir, force, folder=True)
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    except OSError as e:
-        raise GenError(f"cannot write {out_dir}: {e.strerror or e}") from e
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's folder is private; give it the permissions mkdir would
-        write(tmp)
-        if out_dir.exists():  # force: the old folder moves aside, the new one in, then the old one goes
-            old = tmp.with_name(tmp.name + ".old")
-            os.replace(out_dir, old)
-            try:
-                os.replace(tmp, out_dir)
-            except OSError:
-                os.replace(old, out_dir)  # put the old one back: a failed export must not lose it
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except OSError as e:
-        raise GenError(f"cannot write {out_dir}: {e.strerror or e}") from e
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _hf_config(config: ModelConfig, name: str, dtype: str, bos: int | None, eos: Sequence[int]) -> dict[str, Any]:
@@ -248,20 +240,19 @@ def _hf_config(config: ModelConfig, name: str, dtype: str, bos: int | None, eos:
     return data
 
 
-def hf_tensors(model: Transformer, name: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """HF tensor name → tensor in `dtype`, laid out as transformers stores `name` (hf.py's tables, inverted)."""
-    import torch
-
+def hf_tensors(
+    config: ModelConfig, name: str, dtype: torch.dtype, tensors: Iterable[tuple[str, torch.Tensor]]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF tensor name → tensor in `dtype`, laid out as transformers stores `name` (hf.py's tables, inverted),
+    from gen's (name, tensor) pairs one at a time; meta tensors give the layout without any data."""
     arch = HF_ARCHITECTURES[name]
-    out: dict[str, torch.Tensor] = {}
-    for gen_name, t in state_of(model).items():
+    for gen_name, t in tensors:
         names = hf.source_names(gen_name, arch)
-        for hf_name, part in zip(names, split_rows(model.config, gen_name, t.to(dtype), len(names)), strict=True):
+        for hf_name, part in zip(names, split_rows(config, gen_name, t.to(dtype), len(names)), strict=True):
             if arch == "GPT2LMHeadModel":
                 part = part.T if hf.GPT2_TRANSPOSED.search(hf_name) else part  # Conv1D stores (in, out)
                 hf_name = hf_name if hf_name == "lm_head.weight" else "transformer." + hf_name
-            out[hf_name] = part.clone(memory_format=torch.contiguous_format)  # own storage: safetensors refuses views
-    return out
+            yield hf_name, part
 
 
 def export_hf(
@@ -272,11 +263,10 @@ def export_hf(
     force: bool = False,
     stop_ids: Sequence[int] | None = None,
     chat_template: str | None = None,
+    consume: bool = False,
 ) -> Exported:
     """Write config.json, model.safetensors, tokenizer.json, tokenizer_config.json and generation_config.json into
     `out_dir`, so transformers' Auto classes load the model unchanged; `dtype` f32|f16|bf16 (default: the model's)."""
-    from safetensors.torch import save_file
-
     out_dir = Path(out_dir)
     name = family(model.config, "hf")
     check_vocab(model, tokenizer)
@@ -285,7 +275,12 @@ def export_hf(
     dtype_name = str(torch_dtype).removeprefix("torch.")  # as config.json names it: float32, bfloat16 …
     eos = tuple(stop_ids if stop_ids is not None else stop_ids_of(tokenizer))
     bos = bos_id(tokenizer)
-    tensors = hf_tensors(model, name, torch_dtype)
+    import torch
+
+    from gen_cli.model.transformer import expected_shapes
+
+    meta = ((n, torch.empty(shape, device="meta")) for n, shape in expected_shapes(model.config).items())
+    layout = [(n, t.dtype, tuple(t.shape)) for n, t in hf_tensors(model.config, name, torch_dtype, meta)]
 
     def token(i: int | None) -> str | None:
         return tokenizer.id_to_token(i) if i is not None else None
@@ -303,18 +298,30 @@ def export_hf(
     config = _hf_config(model.config, name, dtype_name, bos, eos)
     generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}
 
-    def write(tmp: Path) -> None:
-        with atomic_path(tmp / "model.safetensors") as path:
-            save_file(tensors, str(path), metadata={"format": "pt"})
-        write_text_atomic(tmp / "config.json", json.dumps(config, indent=2) + "\n")
-        write_text_atomic(tmp / "tokenizer.json", tokenizer.to_str(pretty=True))
-        write_text_atomic(tmp / "tokenizer_config.json", json.dumps(tok_config, indent=2, ensure_ascii=False) + "\n")
-        write_text_atomic(tmp / "generation_config.json", json.dumps(generation, indent=2) + "\n")
+    pages = PageReleaser()
+    stream = tensors_of(model, consume=consume)  # refuses an unexportable model now, before any file is created
 
-    write_folder(out_dir, force, write)
-    size = sum(p.stat().st_size for p in out_dir.iterdir())
+    def weights(path: Path) -> None:
+        def released() -> Iterator[tuple[str, torch.Tensor]]:
+            for gen_name, t in stream:
+                yield gen_name, t
+                pages.release(t)  # written (its parts were consumed before the next tensor is asked for)
+
+        write_safetensors(path, layout, hf_tensors(model.config, name, torch_dtype, released()))
+
+    def text(content: str) -> Callable[[Path], None]:
+        return lambda path: path.write_text(content, encoding="utf-8")
+
+    write_files(out_dir, force, {
+        "model.safetensors": weights,
+        "config.json": text(json.dumps(config, indent=2) + "\n"),
+        "tokenizer.json": text(tokenizer.to_str(pretty=True)),
+        "tokenizer_config.json": text(json.dumps(tok_config, indent=2, ensure_ascii=False) + "\n"),
+        "generation_config.json": text(json.dumps(generation, indent=2) + "\n"),
+    })  # fmt: skip
+    size = sum((out_dir / n).stat().st_size for n in HF_FILES)
     short = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}[dtype_name]
-    return Exported(str(out_dir), "hf", HF_ARCHITECTURES[name], short, size, len(tensors))
+    return Exported(str(out_dir), "hf", HF_ARCHITECTURES[name], short, size, len(layout))
 
 
 def _torch_dtype(kind: str | None, model: Transformer, allowed: tuple[str, ...]) -> torch.dtype:

@@ -8,9 +8,11 @@ names, checked by rebuilding it the way gen's GGUF loader does and encoding a pr
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,15 +23,17 @@ from gen_cli.formats.export import (
     GGUF_TYPES,
     Exported,
     bos_id,
-    check_output,
     check_vocab,
+    drop_tensor,
     family,
     held_blocks,
     split_rows,
-    state_of,
     stop_ids_of,
+    tensors_of,
 )
+from gen_cli.formats.export_files import check_output
 from gen_cli.model.transformer import scaled_frequencies
+from gen_cli.pages import PageReleaser
 
 if TYPE_CHECKING:
     import numpy as np
@@ -52,41 +56,110 @@ def permute_qk(rows: np.ndarray, n_head: int) -> np.ndarray:
     return rows.reshape(n_head, 2, shape[0] // n_head // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
 
 
-def gguf_tensors(model: Transformer, arch: str, kind: str = "f32") -> dict[str, tuple[np.ndarray, str]]:
-    """GGUF name → (array (rows, columns), type: f32, f16, bf16 or a block type), as llama.cpp's converter
-    writes `arch`; block types hold uint8 (rows, row_bytes).
+@dataclass(frozen=True)
+class Slot:
+    """One tensor of the file, known before its data: GGUF name, the array's shape and dtype, its type."""
 
-    With a block `kind`, matrices the model holds as blocks are written as they are (their bytes; rows split
-    and permuted as floats' are), and float matrices are quantized with gen's own quantizer, the one
-    `--quantize` runs, so the file holds exactly the blocks gen computes with. A float `kind` dequantizes."""
-    import numpy as np
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # numpy's: float32, float16, uint16 (bf16 bits) or uint8 (block bytes, (rows, row_bytes))
+    qtype: str  # f32, f16, bf16 or a block type
+
+    @property
+    def nbytes(self) -> int:
+        import numpy as np
+
+        return math.prod(self.shape) * np.dtype(self.dtype).itemsize
+
+
+_NP_DTYPE = {"f32": "float32", "f16": "float16", "bf16": "uint16"}
+
+
+def _stored(t: torch.Tensor, qtype: str) -> torch.Tensor:
+    """A float tensor as stored: f32, f16, bf16 bits (int16) or block bytes (rows, row_bytes)."""
+    import torch
+
+    from gen_cli.quant.blocks import BLOCK_TYPES, quantize
+
+    if not t.is_floating_point():
+        return t  # block bytes already
+    if qtype in BLOCK_TYPES:
+        return quantize(t, qtype)
+    return {"f32": lambda: t.float(), "f16": lambda: t.half(), "bf16": lambda: t.bfloat16().view(torch.int16)}[qtype]()
+
+
+def gguf_layout(model: Transformer, arch: str, kind: str = "f32") -> list[Slot]:
+    """Every tensor gguf_tensors writes, in its order, from the model's shapes alone (no data read)."""
+    import torch
 
     from gen_cli.model.transformer import expected_shapes
-    from gen_cli.quant.blocks import BLOCK_TYPES, quantize
+    from gen_cli.quant.blocks import BLOCK_TYPES, row_bytes
 
     config = model.config
     blocks = held_blocks(model) if kind in BLOCK_TYPES else {}
-    floats = state_of(model, blocks)
-    entries = [
-        (name, *blocks[name]) if name in blocks else (name, floats[name], _qtype(name, floats[name], kind))
-        for name in expected_shapes(config)
-    ]  # fmt: skip  (the model's order, as the converter writes)
-    out: dict[str, tuple[np.ndarray, str]] = {}
-    for gen_name, t, qtype in entries:
-        if t.is_floating_point():
-            t = quantize(t, qtype) if qtype in BLOCK_TYPES else t.float()  # blocks: (rows, row_bytes)
+    out = []
+    for gen_name, shape in expected_shapes(config).items():
+        if gen_name in blocks:
+            t, qtype = blocks[gen_name][0].to("meta"), blocks[gen_name][1]
+        else:
+            t = torch.empty(shape, device="meta")
+            qtype = _qtype(gen_name, t, kind)
+            if qtype in BLOCK_TYPES:
+                t = torch.empty(shape[0], row_bytes(qtype, shape[1]), dtype=torch.uint8, device="meta")
         names = gguf_file.source_names(gen_name, arch)
         for name, part in zip(names, split_rows(config, gen_name, t, len(names)), strict=True):
+            dtype = "uint8" if qtype in BLOCK_TYPES else _NP_DTYPE[qtype]
+            out.append(Slot(name, tuple(part.shape), dtype, qtype))
+    if config.rope_scaling is not None:
+        out.append(Slot("rope_freqs.weight", (config.head_dim // 2,), "float32", "f32"))
+    return out
+
+
+def gguf_tensors(
+    model: Transformer, arch: str, kind: str = "f32", pages: PageReleaser | None = None, consume: bool = False
+) -> Iterator[tuple[str, np.ndarray, str]]:
+    """(GGUF name, array as stored, type) in gguf_layout's order, one tensor at a time, as llama.cpp's
+    converter writes `arch`: f32/f16 arrays, bf16 bits as uint16, block types as uint8 (rows, row_bytes).
+
+    With a block `kind`, matrices the model holds as blocks are written as they are (their bytes; rows split
+    and permuted as floats' are), and float matrices are quantized with gen's own quantizer, the one
+    `--quantize` runs, so the file holds exactly the blocks gen computes with. A float `kind` dequantizes.
+    `pages` drops each source tensor's mapped pages once it is converted."""
+    import numpy as np
+
+    from gen_cli.model.transformer import expected_shapes
+    from gen_cli.quant.blocks import BLOCK_TYPES
+
+    config = model.config
+    blocks = held_blocks(model) if kind in BLOCK_TYPES else {}
+    floats = tensors_of(model, blocks, consume)
+    for gen_name in expected_shapes(config):  # the model's order, as the converter writes
+        if gen_name in blocks:
+            t, qtype = blocks[gen_name]
+        else:
+            float_name, t = next(floats)
+            assert float_name == gen_name, (float_name, gen_name)
+            qtype = _qtype(gen_name, t, kind)
+        stored = _stored(t, qtype)
+        names = gguf_file.source_names(gen_name, arch)
+        for name, part in zip(names, split_rows(config, gen_name, stored, len(names)), strict=True):
             a = part.numpy()
+            if qtype == "bf16":
+                a = a.view(np.uint16)
             if arch in gguf_file.PERMUTED_QK and re.search(r"\.attn_[qk]\.", name):
                 a = permute_qk(a, config.n_head if ".attn_q." in name else config.n_kv_head)  # whole rows
-            out[name] = (np.ascontiguousarray(a), qtype)
+            yield name, np.ascontiguousarray(a), qtype
+        if pages is not None:  # written: drop the source's mapped pages (`stored` may be a view of them)
+            pages.release(t)
+        if consume and gen_name in blocks:  # floats are dropped by tensors_of
+            del blocks[gen_name], t, stored
+            drop_tensor(model, gen_name)
+    assert next(floats, None) is None  # and the stream's last step runs: with `consume`, it frees the last tensor
     if config.rope_scaling is not None:  # per-frequency divisors, as convert_hf_to_gguf stores Llama 3's scaling
         import torch
 
         inv = config.rope_base ** (-torch.arange(0, config.head_dim, 2, dtype=torch.float64) / config.head_dim)
-        out["rope_freqs.weight"] = ((inv / scaled_frequencies(inv, config.rope_scaling)).float().numpy(), "f32")
-    return out
+        yield "rope_freqs.weight", (inv / scaled_frequencies(inv, config.rope_scaling)).float().numpy(), "f32"
 
 
 def _pre(tokenizer: Tokenizer) -> str | None:
@@ -166,10 +239,13 @@ def export_gguf(
     force: bool = False,
     stop_ids: Sequence[int] | None = None,
     chat_template: str | None = None,
+    consume: bool = False,
 ) -> Exported:
     """Write one GGUF file (weights in `type` f32|f16|bf16 or a block type q8_0|q4_0|q4_k, metadata and the
-    tokenizer llama.cpp reads); a model holding blocks keeps them under a block `type` (see gguf_tensors)."""
+    tokenizer llama.cpp reads); a model holding blocks keeps them under a block `type` (see gguf_tensors).
+    `consume` frees the model's tensors as they are written (see tensors_of)."""
     import gguf
+    import numpy as np
 
     from gen_cli.errors import UsageError
 
@@ -186,7 +262,8 @@ def export_gguf(
     meta = tokenizer_metadata(
         tokenizer, config.vocab_size, stop_ids if stop_ids is not None else stop_ids_of(tokenizer)
     )
-    tensors = gguf_tensors(model, arch, type)
+    tensors_of(model)  # refuses a model with fused or optimised layers before the file is opened
+    layout = gguf_layout(model, arch, type)
     T, F = gguf.GGMLQuantizationType, gguf.LlamaFileType
     file_type = {"f32": F.ALL_F32, "f16": F.MOSTLY_F16, "bf16": F.MOSTLY_BF16, "q8_0": F.MOSTLY_Q8_0,
                  "q4_0": F.MOSTLY_Q4_0, "q4_1": F.MOSTLY_Q4_1, "q5_0": F.MOSTLY_Q5_0, "q5_1": F.MOSTLY_Q5_1,
@@ -222,24 +299,25 @@ def export_gguf(
             w.add_uint32(key, value)
         if chat_template is not None:
             w.add_chat_template(chat_template)
-        for name, (a, kind) in tensors.items():
-            if kind == "f32":
-                w.add_tensor(name, a)
-            elif kind in ("f16", "bf16"):
-                w.add_tensor(name, gguf.quants.quantize(a, T[kind.upper()]), raw_dtype=T[kind.upper()])
-            else:  # block bytes, (rows, row_bytes)
-                w.add_tensor(name, a, raw_dtype=T[kind.upper()])
+        for slot in layout:  # the tensor infos first, then each tensor's data streamed after them
+            raw = None if slot.qtype in ("f32", "f16") else T[slot.qtype.upper()]
+            w.add_tensor_info(slot.name, slot.shape, np.dtype(slot.dtype), slot.nbytes, raw_dtype=raw)
         w.write_header_to_file()
         w.write_kv_data_to_file()
-        w.write_tensors_to_file()
+        w.write_ti_data_to_file()
+        slots = iter(layout)
+        for name, a, _kind in gguf_tensors(model, arch, type, PageReleaser(), consume):
+            slot = next(slots)
+            assert (name, a.shape, a.dtype) == (slot.name, slot.shape, np.dtype(slot.dtype)), (name, slot)
+            w.write_tensor_data(a)
         w.close()
     if type in BLOCK_TYPES:
         held = {qtype for _, qtype in held_blocks(model).values()}
-        for kind, n in Counter(k for a, k in tensors.values() if a.ndim == 2 and k not in ("f32", type)).items():
+        for kind, n in Counter(t.qtype for t in layout if len(t.shape) == 2 and t.qtype not in ("f32", type)).items():
             if kind in held:
                 notes.append(f"{n} tensor(s) stored as {kind.upper()}: the model holds them so (not re-quantized)")
             else:
                 size = BLOCK_TYPES[type].elems
                 notes.append(f"{n} tensor(s) stored as {kind.upper()}: their rows are not whole {type.upper()} "
                              f"blocks of {size}")  # fmt: skip
-    return Exported(str(out_file), "gguf", arch, type, out_file.stat().st_size, len(tensors), notes)
+    return Exported(str(out_file), "gguf", arch, type, out_file.stat().st_size, len(layout), notes)

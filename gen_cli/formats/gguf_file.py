@@ -18,7 +18,10 @@ from typing import TYPE_CHECKING, Any
 from gen_cli.errors import GenError, UsageError
 from gen_cli.formats.gguf_blocks import BLOCK_NAMES, FLOAT_TYPES, Held, holding, summary, summary_lines
 from gen_cli.formats.gguf_reader import GGUFFile
+from gen_cli.formats.gguf_tokenizer import TOKENIZER_SCHEMA
+from gen_cli.formats.schema import INT, NUMBER, STR, Key, check
 from gen_cli.model.config import ModelConfig
+from gen_cli.pages import PageReleaser
 
 if TYPE_CHECKING:
     import torch
@@ -42,6 +45,27 @@ LLAMA_NAMES = {"attn.wqkv": ("blk.{i}.attn_q", "blk.{i}.attn_k", "blk.{i}.attn_v
 GPT2_NAMES = {"attn.wqkv": ("blk.{i}.attn_qkv",), "mlp.w1": ("blk.{i}.ffn_up",), **_LAYER}
 GLOBAL_NAMES = {"tok_emb": "token_embd", "pos_emb": "position_embd", "norm": "output_norm", "lm_head": "output"}
 DERIVED = ("rope_freqs.weight",)  # read into the config (RoPE scaling), not a weight
+# Where each in-place block type keeps its fp16 scales (d, and m/dmin) in a block: a NaN/Inf there is a NaN
+# weight, found from those bytes alone (the exponent bits, in each fp16's high byte), never a dequantization.
+SCALE_OFFSETS = {"q8_0": (0,), "q4_0": (0,), "q4_1": (0, 2), "q5_0": (0,), "q5_1": (0, 2), "q4_k": (0, 2),
+                 "q6_k": (208,)}  # fmt: skip
+
+
+def metadata_schema(arch: str) -> dict[str, Key]:
+    """Every GGUF metadata value gen reads for `arch`: its type, range and whether it must be there."""
+    a, gpt2 = arch + ".", arch == "gpt2"
+    size = Key(INT, lo=1, required=True)
+    return {
+        "general.name": Key(STR),
+        a + "context_length": size, a + "embedding_length": size, a + "block_count": size,
+        a + "feed_forward_length": size, a + "attention.head_count": size,
+        a + "attention.head_count_kv": Key(INT, lo=1), a + "attention.key_length": Key(INT, lo=1),
+        a + "rope.dimension_count": Key(INT, lo=1), a + "rope.freq_base": Key(NUMBER, above=0),
+        a + "rope.scaling.type": Key(STR), a + "attention.sliding_window": Key(INT, lo=0),
+        a + "attention.layer_norm_rms_epsilon": Key(NUMBER, above=0, required=not gpt2),
+        a + "attention.layer_norm_epsilon": Key(NUMBER, above=0, required=gpt2),
+        **TOKENIZER_SCHEMA,
+    }  # fmt: skip
 
 
 def _f32(value: Any) -> float:
@@ -51,13 +75,14 @@ def _f32(value: Any) -> float:
 
 def _arch(f: GGUFFile) -> str:
     arch = f.need("general.architecture")
-    if arch not in ARCHITECTURES:
+    if not isinstance(arch, str) or arch not in ARCHITECTURES:
         raise GenError(f"{f.path}: GGUF architecture {arch!r} is not supported; supported: {', '.join(ARCHITECTURES)}")
     return arch
 
 
 def _config(f: GGUFFile) -> tuple[ModelConfig, str]:
     arch = _arch(f)
+    check(f.get, metadata_schema(arch), str(f.path), "metadata ")
     a = arch + "."
     n_head = int(f.need(a + "attention.head_count"))
     d_model = int(f.need(a + "embedding_length"))
@@ -83,6 +108,8 @@ def _config(f: GGUFFile) -> tuple[ModelConfig, str]:
             raise GenError(f"{f.path}: RoPE scaling {scaling!r} is not supported; supported: none, llama3 (rope_freqs)")
         rope_scaling = None
         if "rope_freqs.weight" in f.tensors:  # Llama 3.x: per-frequency divisors, stored as a tensor
+            if (n := f.tensors["rope_freqs.weight"].n_elements) != head_dim // 2:
+                raise GenError(f"{f.path}: tensor rope_freqs.weight has {n:,} factors; head_dim/2 = {head_dim // 2}")
             rope_scaling = {"type": "freq_factors", "factors": [float(x) for x in f.array("rope_freqs.weight").ravel()]}
         fields |= dict(rope_base=_f32(f.get(a + "rope.freq_base", 10000.0)), head_dim=head_dim,
                        norm_eps=_f32(f.need(a + "attention.layer_norm_rms_epsilon")),
@@ -146,24 +173,10 @@ def _plan(config: ModelConfig, arch: str) -> dict[str, tuple[tuple[int, ...], tu
     return {name: (shape, source_names(name, arch)) for name, shape in _expected_shapes(config).items()}
 
 
-def holdings(f: GGUFFile, config: ModelConfig, arch: str) -> list[Held]:
-    """How gen holds each tensor of the file (blocks as stored, re-quantized, or float); headers only."""
-    return [holding(f, name, names, shape[-1]) for name, (shape, names) in _plan(config, arch).items()]
-
-
-def load_gguf_weights(
-    f: GGUFFile, config: ModelConfig, arch: str, dtype: torch.dtype | None
-) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, str]], list[Held], dict[str, int]]:
-    """gen's float tensors and block-quantized matrices (uint8 blocks, qtype) by state_dict name, checked
-    against the config before reading; how each was held; and the bytes copied out of the map, by reason.
-
-    A tensor gen reads in the stored layout (a block matrix of its own type, an F32 tensor run in float32)
-    is a view of the file's map, never copied; a fused q/k/v (llama: with its Q/K rows un-permuted) is
-    copied once into its place, and a type change (F16 → float32, a re-quantization) is a new tensor."""
+def check_tensors(f: GGUFFile, config: ModelConfig, arch: str) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
+    """The file's tensors against the architecture's table for this config (names, shapes, types), from the
+    headers alone: the same refusal for `gen info` as for a load. Returns the plan (gen name → shape, parts)."""
     import gguf
-    import torch
-
-    from gen_cli.quant.blocks import quantize
 
     plan = _plan(config, arch)
     for shape, names in plan.values():
@@ -179,21 +192,67 @@ def load_gguf_weights(
     all_names = [n for _, names in plan.values() for n in names]
     if extra := sorted(set(f.tensors) - set(all_names) - set(DERIVED)):
         raise GenError(f"{f.path}: unexpected tensor {extra[0]} ({len(extra)} in all): not a plain {arch} model?")
+    return plan
+
+
+def _refuse_non_finite(f: GGUFFile, name: str, data: Any, qtype: str | None = None) -> None:
+    """Refuse a tensor holding NaN or Inf as it is read: floats checked whole, in-place blocks by the exponent
+    bits of their fp16 scales only (one strided pass over those bytes, vectorised)."""
+    import numpy as np
+    import torch
+
+    if qtype is None:
+        finite = bool(torch.isfinite(data).all()) if isinstance(data, torch.Tensor) else bool(np.isfinite(data).all())
+    else:
+        from gen_cli.quant.blocks import BLOCK_TYPES
+
+        per_block = data.reshape(-1, BLOCK_TYPES[qtype].nbytes)  # (n_blocks, nbytes) uint8, still a view
+        # fp16 is little-endian: the high byte holds the 5 exponent bits as 0x7C; all set = Inf or NaN
+        finite = not any(bool(((per_block[:, at + 1] & 0x7C) == 0x7C).any()) for at in SCALE_OFFSETS[qtype])
+    if not finite:
+        raise GenError(f"{f.path}: tensor {name} holds NaN or infinite values")
+
+
+def holdings(f: GGUFFile, config: ModelConfig, arch: str) -> list[Held]:
+    """How gen holds each tensor of the file (blocks as stored, re-quantized, or float); headers only."""
+    return [holding(f, name, names, shape[-1]) for name, (shape, names) in _plan(config, arch).items()]
+
+
+def load_gguf_weights(
+    f: GGUFFile, config: ModelConfig, arch: str, dtype: torch.dtype | None
+) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, str]], list[Held], dict[str, int]]:
+    """gen's float tensors and block-quantized matrices (uint8 blocks, qtype) by state_dict name, checked
+    against the config before reading; how each was held; and the bytes copied out of the map, by reason.
+
+    A tensor gen reads in the stored layout (a block matrix of its own type, an F32 tensor run in float32)
+    is a view of the file's map, never copied; a fused q/k/v (llama: with its Q/K rows un-permuted) is
+    copied once into its place, and a type change (F16 → float32, a re-quantization) is a new tensor."""
+    import torch
+
+    from gen_cli.quant.blocks import quantize
+
+    plan = check_tensors(f, config, arch)
     helds = holdings(f, config, arch)
     dtype = dtype or _dtype_of(f, [n for h in helds if h.qtype is None for n in plan[h.gen_name][1]])
     tensors: dict[str, torch.Tensor] = {}
     blocks: dict[str, tuple[torch.Tensor, str]] = {}
     copied: Counter[str] = Counter()
+    pages = PageReleaser()
     for held in helds:
         shape, names = plan[held.gen_name]
         parts = []
         for n in names:
             if held.qtype is None:  # a float tensor: the stored numbers in place, or dequantized (new)
                 parts.append(f.torch_view(n) if f.type_name(n) in FLOAT_TYPES else torch.from_numpy(f.array(n)))
+                _refuse_non_finite(f, n, parts[-1])
             elif BLOCK_NAMES.get(f.type_name(n)) == held.qtype:
                 parts.append(f.torch_view(n))  # the file's bytes in place: (rows, row_bytes), never a float copy
+                _refuse_non_finite(f, n, f.view(n), held.qtype)
             else:  # another type: through float32 one tensor at a time, into the type this matrix is held in
-                parts.append(quantize(torch.from_numpy(f.array(n)).float(), held.qtype))
+                floats = torch.from_numpy(f.array(n)).float()
+                _refuse_non_finite(f, n, floats)
+                parts.append(quantize(floats, held.qtype))
+                del floats
                 copied[f"{f.type_name(n)} re-quantized to {held.qtype}"] += parts[-1].nbytes
         want = dtype if held.qtype is None else torch.uint8
         permuted = [arch in PERMUTED_QK and re.search(r"\.attn_[qk]\.", n) is not None for n in names]
@@ -209,6 +268,7 @@ def load_gguf_weights(
                 else:
                     place.copy_(part)
                 row += part.shape[0]
+                pages.release(part)  # read once into the fused copy: the file's pages are not needed again
             copied["q/k/v fused" + (" (Q/K rows un-permuted)" if any(permuted) else "")] += t.nbytes
         if len(parts) == 1 and t.dtype != parts[0].dtype:
             copied[f"{f.type_name(names[0])} → {str(want).removeprefix('torch.')}"] += t.nbytes
@@ -224,6 +284,7 @@ def read_gguf_config(path: Path) -> tuple[ModelConfig, dict[str, Any]]:
     """The config and descriptive details (architecture, tensor types, tokenizer) of a GGUF file; no weights read."""
     f = GGUFFile(path)
     config, arch = _config(f)
+    check_tensors(f, config, arch)
     return config, _details(f, arch, config)
 
 

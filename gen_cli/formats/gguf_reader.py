@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from gen_cli.errors import GenError
+from gen_cli.formats.schema import regular_file_size
 
 if TYPE_CHECKING:
     import torch
@@ -32,6 +33,13 @@ _NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 
 STRING, ARRAY = 8, 9
 MAX_DIMS = 4  # GGML_MAX_DIMS
 MAX_NESTING = 8  # arrays of arrays: llama.cpp writes none; a deep nest is a corrupt or hostile file
+# Caps far above any file llama.cpp writes (tens of keys, a vocabulary of at most a few hundred thousand
+# entries, a few thousand tensors), so a hostile header is refused before it costs minutes or gigabytes.
+MAX_METADATA_KEYS = 1 << 14  # 16,384
+MAX_TENSORS = 1 << 16  # 65,536
+MAX_ARRAY_ELEMENTS = 1 << 22  # 4,194,304: gen's vocab_size limit
+MAX_KEY_BYTES = 1 << 16  # GGUF's own limit on a key's length (65,535 bytes)
+MAX_STRING_BYTES = 1 << 24  # 16 MiB: one metadata string (a chat template is tens of KiB)
 
 
 class _Bad(Exception):
@@ -66,6 +74,7 @@ class GGUFFile:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        regular_file_size(self.path, 1 << 50, "a GGUF file")  # a FIFO or device is refused, not waited on
         try:
             with open(self.path, "rb") as fh:
                 self.size = os.fstat(fh.fileno()).st_size
@@ -95,9 +104,11 @@ class GGUFFile:
         self._need(pos, n, what)
         return struct.unpack_from("<" + fmt, self._map, pos)[0], pos + n
 
-    def _string(self, pos: int, what: str) -> tuple[str, int]:
+    def _string(self, pos: int, what: str, cap: int = MAX_STRING_BYTES) -> tuple[str, int]:
         n, pos = self._unpack("Q", pos, what)
         self._need(pos, n, what)
+        if n > cap:
+            raise _Bad(f"{what} is a string of {n:,} bytes; gen reads at most {cap:,}")
         try:
             return str(self._map[pos : pos + n], "utf-8"), pos + n
         except UnicodeDecodeError:
@@ -117,6 +128,8 @@ class GGUFFile:
             raise _Bad(f"{what} nests arrays more than {MAX_NESTING} deep")
         etype, pos = self._unpack("I", pos, what)
         count, pos = self._unpack("Q", pos, what)
+        if count > MAX_ARRAY_ELEMENTS and count * 1 <= self.size - pos:  # past the end: said as such below
+            raise _Bad(f"{what} is an array of {count:,} elements; gen reads at most {MAX_ARRAY_ELEMENTS:,}")
         if etype in _NUMPY:  # one frombuffer for the whole array
             dtype = np.dtype(_NUMPY[etype])
             self._need(pos, count * dtype.itemsize, f"{what} ({count:,} elements)")
@@ -142,7 +155,11 @@ class GGUFFile:
             if pos + 8 > size:
                 self._need(pos, 8, f"{what} (element {len(fields):,})")
             append(pos)
-            pos += 8 + unpack("<Q", buf, pos)[0]
+            n = unpack("<Q", buf, pos)[0]
+            if n > MAX_STRING_BYTES:
+                raise _Bad(f"{what} (element {len(fields) - 1:,}) is a string of {n:,} bytes; gen reads at most "
+                           f"{MAX_STRING_BYTES:,}")  # fmt: skip
+            pos += 8 + n
         self._need(start, pos - start, what)
         if count == 0:
             return [], pos
@@ -185,15 +202,18 @@ class GGUFFile:
         n_kv, pos = self._unpack("Q", pos, "the metadata count")
         # a key takes at least 12 bytes (length + type), a tensor info at least 24: counts the file cannot hold
         self._need(pos, n_kv * 12 + n_tensors * 24, f"{n_kv:,} metadata keys and {n_tensors:,} tensors")
+        if n_kv > MAX_METADATA_KEYS or n_tensors > MAX_TENSORS:
+            raise _Bad(f"{n_kv:,} metadata keys and {n_tensors:,} tensors: gen reads at most "
+                       f"{MAX_METADATA_KEYS:,} keys and {MAX_TENSORS:,} tensors")  # fmt: skip
         for i in range(n_kv):
-            key, pos = self._string(pos, f"metadata key #{i}")
+            key, pos = self._string(pos, f"metadata key #{i}", MAX_KEY_BYTES)
             vtype, pos = self._unpack("I", pos, f"metadata {key}")
             if key in self.metadata:
                 raise _Bad(f"metadata {key} appears twice")
             self.metadata[key], pos, self.value_types[key] = self._value(vtype, pos, f"metadata {key}")
         infos = []
         for i in range(n_tensors):
-            name, pos = self._string(pos, f"tensor info #{i}")
+            name, pos = self._string(pos, f"tensor info #{i}", MAX_KEY_BYTES)
             what = f"tensor {name}"
             n_dims, pos = self._unpack("I", pos, what)
             if not 1 <= n_dims <= MAX_DIMS:

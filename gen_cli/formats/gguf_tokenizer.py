@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from gen_cli.errors import GenError
+from gen_cli.formats.schema import BOOL, INT, LIST_INT, LIST_STR, STR, Key, check, shown
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -29,6 +31,21 @@ TOKENIZER_MODELS = ("gpt2 (byte-level BPE)", "llama (SentencePiece BPE with byte
 # token_type values in tokenizer.ggml.token_type (llama.cpp's llama_token_type).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 SPACE = "\u2581"  # SentencePiece's visible space
+# The tokenizer.ggml.* values gen reads, by type and range (token ids are checked against the vocabulary too).
+TOKEN_ID_KEYS = ("bos", "eos", "unknown", "padding", "eot", "eom")
+TOKENIZER_SCHEMA = {
+    "tokenizer.ggml.model": Key(STR), "tokenizer.ggml.pre": Key(STR), "tokenizer.ggml.tokens": Key(LIST_STR),
+    "tokenizer.ggml.token_type": Key(LIST_INT), "tokenizer.ggml.merges": Key(LIST_STR),
+    "tokenizer.ggml.add_bos_token": Key(BOOL), "tokenizer.ggml.add_space_prefix": Key(BOOL),
+    "tokenizer.chat_template": Key(STR), **{f"tokenizer.ggml.{k}_token_id": Key(INT, lo=0) for k in TOKEN_ID_KEYS},
+}  # fmt: skip
+# A SentencePiece vocabulary's merges are rebuilt from its scores by splitting each token in two; tokens
+# longer than this are refused (real ones are at most a few hundred characters: a 1M-character one took
+# minutes). With the split points limited to the vocabulary's own token lengths the rebuild stays near linear.
+MAX_SCORED_TOKEN_CHARS = 1024
+# The rebuild's cost in characters hashed: Σ over tokens of (token lengths shorter than it) × its length. A
+# real vocabulary costs a few million (Llama 2: ~3M); past this budget a file is refused, not rebuilt for minutes.
+MAX_REBUILD_CHARS = 1 << 28
 
 
 def _pre_tokenizer(pre: str, source: str) -> Any:
@@ -49,9 +66,18 @@ def merges_from_scores(tokens: list[str], scores: list[float]) -> list[tuple[str
     """BPE merges a SentencePiece vocabulary implies: every split of a token into two tokens, best score
     first (transformers' `generate_merges`, which its GGUF and sentencepiece converters use)."""
     ids = {t: i for i, t in enumerate(tokens)}
+    if (long := next((i for i, t in enumerate(tokens) if len(t) > MAX_SCORED_TOKEN_CHARS), None)) is not None:
+        raise GenError(f"token #{long} is {len(tokens[long]):,} characters long; a SentencePiece vocabulary "
+                       f"rebuilt from its scores may have tokens of at most {MAX_SCORED_TOKEN_CHARS:,}")  # fmt: skip
+    lengths = sorted({len(t) for t in tokens})  # a split's left part is a token: only these lengths can be one
+    cost = sum(len(t) * bisect.bisect_left(lengths, len(t)) for t in tokens)
+    if cost > MAX_REBUILD_CHARS:
+        raise GenError(f"rebuilding this SentencePiece vocabulary's merges from its scores would hash {cost:,} "
+                       f"characters; gen's limit is {MAX_REBUILD_CHARS:,} (a real one: a few million)")  # fmt: skip
     found = []
     for token, score in zip(tokens, scores, strict=True):
-        local = [(token[:k], token[k:], score) for k in range(1, len(token)) if token[:k] in ids and token[k:] in ids]
+        n = len(token)
+        local = [(token[:k], token[k:], score) for k in lengths if k < n and token[:k] in ids and token[k:] in ids]
         found += sorted(local, key=lambda m: (ids[m[0]], ids[m[1]]))
     found.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
     return [(left, right) for left, right, _ in found]
@@ -95,6 +121,7 @@ def tokenizer_from_gguf(get: Callable[..., Any], source: str) -> tuple[Tokenizer
     prompts start with BOS."""
     from tokenizers import AddedToken, processors
 
+    check(get, TOKENIZER_SCHEMA, source, "metadata ")
     kind = get("tokenizer.ggml.model")
     tokens = get("tokenizer.ggml.tokens")
     if kind not in ("gpt2", "llama"):
@@ -105,6 +132,15 @@ def tokenizer_from_gguf(get: Callable[..., Any], source: str) -> tuple[Tokenizer
     types = get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
     if len(types) != len(tokens):
         raise GenError(f"{source}: {len(tokens)} tokens but {len(types)} token types")
+    for key in TOKEN_ID_KEYS:  # an id past the vocabulary would index nothing (or wrap, for -1)
+        if (i := get(f"tokenizer.ggml.{key}_token_id")) is not None and i >= len(tokens) and key != "padding":
+            raise GenError(f"{source}: metadata tokenizer.ggml.{key}_token_id is {i}, but the vocabulary has "
+                           f"{len(tokens):,} tokens")  # fmt: skip
+    scores = get("tokenizer.ggml.scores")
+    if scores is not None and not (
+        isinstance(scores, list) and all(isinstance(x, int | float) and x == x for x in scores)
+    ):  # ±inf sorts (a score some converters give unused tokens); NaN does not
+        raise GenError(f"{source}: metadata tokenizer.ggml.scores must be a list of numbers, got {shown(scores)}")
     merges = get("tokenizer.ggml.merges")
     try:
         if kind == "gpt2":
@@ -113,7 +149,7 @@ def tokenizer_from_gguf(get: Callable[..., Any], source: str) -> tuple[Tokenizer
             tok = _byte_level(tokens, merges, get("tokenizer.ggml.pre", "default"), source)
         else:
             unk, space_prefix = get("tokenizer.ggml.unknown_token_id"), get("tokenizer.ggml.add_space_prefix", True)
-            tok = _sentencepiece(tokens, get("tokenizer.ggml.scores"), merges, unk, bool(space_prefix))
+            tok = _sentencepiece(tokens, scores, merges, unk, bool(space_prefix))
     except GenError as e:
         raise GenError(f"{source}: {e}" if not str(e).startswith(source) else str(e)) from None
     except Exception as e:

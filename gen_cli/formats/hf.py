@@ -12,26 +12,16 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gen_cli.errors import GenError, UsageError
+from gen_cli.errors import GenError
 from gen_cli.formats.checkpoint import read_json_object
+from gen_cli.formats.hf_config import config_from_hf
+from gen_cli.formats.schema import TOKEN_IDS, Key, read_capped, shown
 from gen_cli.model.config import ModelConfig
 
 if TYPE_CHECKING:
     import torch
 
     from gen_cli.formats.loaded import Loaded
-
-# architectures[0] in config.json → the family whose config and name table apply.
-ARCHITECTURES = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "mistral",
-    "Qwen2ForCausalLM": "qwen2",
-    "Qwen3ForCausalLM": "qwen3",
-    "GPT2LMHeadModel": "gpt2",
-}
-MODEL_TYPES = {family: arch for arch, family in ARCHITECTURES.items()}  # when "architectures" is absent
-ROPE_TYPES = ("default", "linear", "yarn", "llama3")
-GELU_NAMES = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 
 # gen name → HF names concatenated (in order) along the output dimension; {i} is the layer index.
 LLAMA_NAMES: dict[str, tuple[str, ...]] = {
@@ -92,130 +82,13 @@ def is_hf_dir(path: Path) -> bool:
     return "architectures" in data or "model_type" in data
 
 
-def architecture(data: dict[str, Any], source: str) -> str:
-    """The supported architecture config.json names, or a one-line refusal naming what it found."""
-    archs = data.get("architectures") or [MODEL_TYPES.get(data.get("model_type"), data.get("model_type"))]
-    found = archs[0] if isinstance(archs, list) and archs else archs
-    if found not in ARCHITECTURES:
-        raise GenError(f"{source}: architecture {found!r} is not supported; supported: {', '.join(ARCHITECTURES)}")
-    return found
-
-
-def _rope(data: dict[str, Any], source: str) -> tuple[float, dict[str, Any] | None]:
-    """RoPE base and gen's rope_scaling from `rope_scaling` (transformers 4) or `rope_parameters` (5)."""
-    params = data.get("rope_parameters") or {}
-    scaling = data.get("rope_scaling") or params
-    base = float(data.get("rope_theta") or params.get("rope_theta") or 10000.0)
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind not in ROPE_TYPES:
-        raise GenError(f"{source}: rope_scaling type {kind!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
-    if kind == "default":
-        return base, None
-    if kind == "linear":
-        return base, {"type": "linear", "factor": float(_need(scaling, "factor", kind, source))}
-    if kind == "yarn":
-        if scaling.get("mscale") or scaling.get("mscale_all_dim") or scaling.get("truncate") is False:
-            raise GenError(f"{source}: YaRN with mscale, mscale_all_dim or truncate false is not supported")
-        orig = int(_need(scaling, "original_max_position_embeddings", kind, source))
-        yarn = {
-            "type": "yarn",
-            "factor": float(_need(scaling, "factor", kind, source)),
-            "original_context_length": orig,
-        }
-        for key in ("beta_fast", "beta_slow", "attention_factor"):
-            if scaling.get(key) is not None:  # transformers reads a missing or null value as the default
-                yarn[key] = float(scaling[key])
-        return base, yarn
-    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-    if missing := [k for k in keys if k not in scaling]:
-        raise GenError(f"{source}: rope_scaling llama3 lacks {', '.join(missing)}")
-    values = [float(scaling[k]) for k in keys]
-    return base, dict(zip(("factor", "low_freq_factor", "high_freq_factor", "original_context_length"), values,
-                          strict=True), type="llama3")  # fmt: skip
-
-
-def _need(scaling: dict[str, Any], key: str, kind: str, source: str) -> Any:
-    if scaling.get(key) is None:
-        raise GenError(f"{source}: rope_scaling {kind} lacks {key}")
-    return scaling[key]
-
-
-def _sliding_window(data: dict[str, Any], arch: str, context: int) -> tuple[int | None, int, list[str]]:
-    """(sliding_window, context, notes): Mistral's window applies to every layer, Qwen2's (use_sliding_window)
-    to the layers from max_window_layers on, or as `layer_types` lists them. One window on every layer is
-    the model's `sliding_window`; on some layers only, the context is capped at it instead (exact there)."""
-    window = data.get("sliding_window")
-    if arch != "MistralForCausalLM" and not data.get("use_sliding_window"):
-        window = None
-    if not window or window >= context:
-        return None, context, []
-    if isinstance(window, bool) or not isinstance(window, int):
-        raise GenError(f"config.json: sliding_window must be a whole number, got {window!r}")
-    n_layer = data.get("num_hidden_layers", 0)
-    kinds = data.get("layer_types") or (
-        ["sliding_attention" if i >= data.get("max_window_layers", 0) else "full_attention" for i in range(n_layer)]
-        if arch != "MistralForCausalLM"
-        else ["sliding_attention"] * n_layer
-    )
-    sliding = sum(k == "sliding_attention" for k in kinds)
-    if sliding == 0:
-        return None, context, []
-    if sliding == len(kinds):
-        return window, context, []
-    return None, window, [f"sliding-window attention ({window} tokens) on some layers: context capped there (exact)"]
-
-
-def config_from_hf(data: dict[str, Any], source: str) -> tuple[ModelConfig, str, list[str]]:
-    """gen's ModelConfig for an HF config.json, its architecture, and notes (e.g. a capped context)."""
-    arch = architecture(data, source)
-    notes: list[str] = []
-    try:
-        if arch == "GPT2LMHeadModel":
-            act = data.get("activation_function", "gelu_new")
-            if act not in GELU_NAMES:
-                supported = ", ".join(GELU_NAMES)
-                raise GenError(f"{source}: GPT-2 activation {act!r} is not supported; supported: {supported}")
-            if data.get("scale_attn_by_inverse_layer_idx") or data.get("scale_attn_weights") is False:
-                raise GenError(f"{source}: GPT-2 attention scaling variants are not supported")
-            d = data["n_embd"]
-            fields: dict[str, Any] = dict(
-                vocab_size=data["vocab_size"], n_layer=data["n_layer"], n_head=data["n_head"], n_kv_head=data["n_head"],
-                d_model=d, d_ff=data.get("n_inner") or 4 * d, context_length=data["n_positions"],
-                pos_encoding="learned", norm="layernorm", norm_eps=data.get("layer_norm_epsilon", 1e-5),
-                tie_embeddings=data.get("tie_word_embeddings", True), qkv_bias=True, attn_out_bias=True,
-                mlp_bias=True, mlp=GELU_NAMES[act],
-            )  # fmt: skip
-        else:
-            if (act := data.get("hidden_act", "silu")) != "silu":
-                raise GenError(f"{source}: hidden_act {act!r} is not supported for {arch}; supported: silu")
-            base, scaling = _rope(data, source)
-            n_head = data["num_attention_heads"]
-            context = data.get("max_position_embeddings", 2048)
-            window, context, window_note = _sliding_window(data, arch, context)
-            notes += window_note
-            attention_bias = bool(data.get("attention_bias", False))
-            fields = dict(
-                vocab_size=data["vocab_size"], n_layer=data["num_hidden_layers"], n_head=n_head,
-                n_kv_head=data.get("num_key_value_heads") or n_head, d_model=data["hidden_size"],
-                d_ff=data["intermediate_size"], context_length=context, rope_base=base,
-                norm_eps=data.get("rms_norm_eps", 1e-6), tie_embeddings=data.get("tie_word_embeddings", False),
-                head_dim=data.get("head_dim") or data["hidden_size"] // n_head,
-                qkv_bias=attention_bias or arch == "Qwen2ForCausalLM", attn_out_bias=attention_bias,
-                mlp_bias=bool(data.get("mlp_bias", False)), qk_norm=arch == "Qwen3ForCausalLM", rope_scaling=scaling,
-                sliding_window=window,
-            )  # fmt: skip
-    except KeyError as e:
-        raise GenError(f"{source}: config.json lacks {e.args[0]!r}, needed for {arch}") from None
-    try:
-        return ModelConfig(**fields), arch, notes
-    except UsageError as e:
-        raise GenError(f"{source}: {e}") from None
-
-
 def read_config(directory: Path) -> tuple[ModelConfig, dict[str, Any]]:
     """The config of an HF folder and what to tell about it (architecture, dtype, tokenizer); no weights read."""
     data = read_json_object(directory / "config.json")
     config, arch, notes = config_from_hf(data, str(directory / "config.json"))
+    if (directory / "model.safetensors").exists() or (directory / "model.safetensors.index.json").exists():
+        by_name, _handles = _open_all(directory)  # headers only: missing or extra tensors said as load says them
+        _plan(by_name, config, arch, str(directory))
     details: dict[str, Any] = {"format": "Hugging Face safetensors", "architecture": arch}
     details["dtype"] = data.get("torch_dtype") or data.get("dtype") or "unknown"
     if (directory / "tokenizer.json").is_file():
@@ -338,6 +211,8 @@ def load_hf_weights(
                 raise GenError(f"{directory}: cannot read tensor {n} ({e})") from None
             if not t.is_floating_point():
                 raise GenError(f"{directory}: tensor {n} has dtype {t.dtype}; floating-point weights are needed")
+            if not bool(torch.isfinite(t).all()):  # as it is read: NaN/Inf weights give NaN logits, never text
+                raise GenError(f"{directory}: tensor {n} holds NaN or infinite values")
             parts.append(t.T if GPT2_TRANSPOSED.search(n) else t)
         if len(parts) > 1:
             copied["q/k/v fused"] += sum(p.nbytes for p in parts)
@@ -364,8 +239,10 @@ def stop_ids(directory: Path, data: dict[str, Any]) -> tuple[int, ...]:
     sources = [data]
     if (gen_config := directory / "generation_config.json").is_file():
         sources.append(read_json_object(gen_config))
-    for d in sources:
+    for d, name in zip(sources, ("config.json", "generation_config.json"), strict=False):
         eos = d.get("eos_token_id")
+        if eos is not None and not Key(TOKEN_IDS).fits(eos):
+            raise GenError(f"{directory / name}: eos_token_id must be a token id or a list of them, got {shown(eos)}")
         for i in eos if isinstance(eos, list) else [eos]:
             if isinstance(i, int) and i not in found:
                 found.append(i)
@@ -384,11 +261,23 @@ def chat_template(directory: Path) -> tuple[str | None, dict[str, str]]:
         if isinstance(value, str):
             specials[key] = value
     template = config.get("chat_template")
-    if isinstance(template, list):  # named templates: the default one
-        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
-    if (directory / "chat_template.jinja").is_file():
-        template = (directory / "chat_template.jinja").read_text(encoding="utf-8")
-    return (template if isinstance(template, str) else None), specials
+    if isinstance(template, list):  # named templates, as transformers writes them: [{name, template}, …]
+        if not all(isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)
+                   for t in template):  # fmt: skip
+            raise GenError(
+                f"{config_path}: chat_template must be a string or a list of {{name, template}} objects, "
+                f"got {shown(template)}"
+            )
+        template = next((t["template"] for t in template if t["name"] == "default"), None)
+    elif template is not None and not isinstance(template, str):
+        raise GenError(f"{config_path}: chat_template must be a string, got {shown(template)}")
+    jinja = directory / "chat_template.jinja"
+    if jinja.is_file():
+        try:
+            template = read_capped(jinja, 1 << 20, "a chat template").decode("utf-8")
+        except UnicodeDecodeError:
+            raise GenError(f"{jinja}: not UTF-8 text") from None
+    return template, specials
 
 
 def load_hf(directory: Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> Loaded:

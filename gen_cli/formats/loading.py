@@ -147,8 +147,8 @@ def require_model_kind(path: Path) -> str:
 
 def model_kind(path: Path) -> str | None:
     """'gguf' for a .gguf file, 'hf' for a Hugging Face folder, 'gen' for another folder, None if neither."""
-    if path.is_file() and path.suffix.lower() == ".gguf":
-        return "gguf"
+    if path.suffix.lower() == ".gguf" and path.exists() and not path.is_dir():
+        return "gguf"  # a device or FIFO named .gguf too: the reader refuses it in one line, unread
     if path.is_dir():
         from gen_cli.formats.hf import is_hf_dir
 
@@ -160,6 +160,8 @@ def _load_imported(path: Path, kind: str, device: torch.device, dtype: torch.dty
     """An HF folder or GGUF file; fp16 weights run in float32 on the CPU (PyTorch's CPU fp16 is slow)."""
     import torch
 
+    if device.type == "cpu":
+        _check_fits(path, kind)
     if kind == "hf":
         from gen_cli.formats.hf import load_hf
 
@@ -178,6 +180,23 @@ def _load_imported(path: Path, kind: str, device: torch.device, dtype: torch.dty
         copied = loaded.details.setdefault("copied at load", {})
         copied["float16 → float32"] = copied.get("float16 → float32", 0) + 4 * halves
     return loaded
+
+
+def _check_fits(path: Path, kind: str) -> None:
+    """Refuse, from the config alone, a model whose weights and a KV cache will not fit (memory.check_load_fits)."""
+    from gen_cli.memory import check_load_fits
+
+    check_load_fits(path)  # the weights alone first: reading a GGUF's config maps the whole file
+    if kind == "hf":
+        from gen_cli.formats.checkpoint import read_json_object
+        from gen_cli.formats.hf import config_from_hf
+
+        config = config_from_hf(read_json_object(path / "config.json"), str(path / "config.json"))[0]
+    else:
+        from gen_cli.formats.gguf_file import GGUFFile, _config
+
+        config = _config(GGUFFile(path))[0]
+    check_load_fits(path, config)
 
 
 def config_for(target: str) -> tuple[ModelConfig, str, dict[str, Any]]:

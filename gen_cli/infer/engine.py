@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from gen_cli.cache.linear import KVCache
     from gen_cli.cache.window import WindowKVCache
     from gen_cli.infer.session import ChatSession
+    from gen_cli.infer.speculative import Speculation
 
 
 @dataclass(frozen=True)
@@ -126,12 +127,24 @@ class Engine:
         num_samples: int = 1,
         on_token: Callable[[torch.Tensor], bool] | None = None,
         restore: Callable[[KVCache], None] | None = None,
+        speculation: Speculation | None = None,
     ) -> GenerationResult:
         """Continue `ids` (`infer.generate.run_generation`, timed): `cache` None recomputes every step, a
-        spec says how keys and values are kept; stops at `stop_ids` (default: the model's)."""
+        spec says how keys and values are kept; stops at `stop_ids` (default: the model's). `speculation`
+        verifies a proposer's guesses instead (`infer.speculative`: greedy gives the same ids)."""
         prompt = torch.tensor([ids], dtype=torch.long, device=self.device)  # (1, T)
         generator = torch.Generator(device=self.device).manual_seed(seed)
         stops = self.stop_ids if stop_ids is None else stop_ids
+        if speculation is not None:
+            from gen_cli.infer.speculative import check_cache, run_speculative
+
+            check_cache(cache, cache is not None, num_samples)
+            if restore is not None:
+                raise UsageError(
+                    "speculative decoding does not start from a prompt-cache file yet; use one or the other"
+                )
+            return run_speculative(self.model, prompt, max_new_tokens, sampling, speculation, generator, stops,
+                                   on_token, cache)  # fmt: skip
         return run_generation(
             self.model, prompt, max_new_tokens, sampling, cache is not None, generator, stops, num_samples, on_token,
             cache, restore,

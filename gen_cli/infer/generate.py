@@ -321,11 +321,14 @@ class GenerationStats:
     machine_load: dict[str, Any] = field(default_factory=dict)  # MachineLoad.to_dict() over the run
     reused_prompt_tokens: int = 0  # prompt tokens whose k/v came from a prompt-cache file, not prefilled
     per_token_latencies: list[float] = field(default_factory=list)
+    speculation: dict[str, Any] = field(default_factory=dict)  # SpeculationStats.to_dict() when it speculated
 
     def to_dict(self, latencies: bool = False) -> dict[str, Any]:
         data = asdict(self)
         if not latencies:
             data.pop("per_token_latencies")
+        if not self.speculation:
+            data.pop("speculation")
         return data
 
 

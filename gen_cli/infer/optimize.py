@@ -14,6 +14,7 @@ from torch import nn
 from gen_cli.errors import UsageError
 from gen_cli.infer.sampling import SamplingConfig
 from gen_cli.model.transformer import Transformer
+from gen_cli.pages import PageReleaser
 from gen_cli.quant.block_linear import BlockLinear, as_block_linear, concat_rows
 from gen_cli.quant.blocks import block_type_for
 from gen_cli.quant.linear import Int8Linear, OneDNNLinear, onednn_applies
@@ -136,6 +137,9 @@ def fuse_mlp(mlp: nn.Module) -> str | None:
         return None
     if isinstance(mlp.w1, BlockLinear) or isinstance(mlp.w3, BlockLinear):
         mlp.w13, note = concat_rows([as_block_linear(mlp.w1, mlp.w3), as_block_linear(mlp.w3, mlp.w1)])
+        pages = PageReleaser()
+        for half in (mlp.w1, mlp.w3):  # copied into w13: a file-mapped half gives its pages back
+            pages.release(half.blocks if isinstance(half, BlockLinear) else half.weight)
         del mlp.w1, mlp.w3
         return note
     w1, w3 = mlp.w1, mlp.w3
@@ -145,6 +149,9 @@ def fuse_mlp(mlp: nn.Module) -> str | None:
         w13.weight.copy_(torch.cat([w1.weight, w3.weight]))  # (2 d_ff, d_model): gate rows, then up
         if bias:
             w13.bias.copy_(torch.cat([w1.bias, w3.bias]))  # (2 d_ff,)
+    pages = PageReleaser()
+    for half in (w1, w3):  # copied into w13: a file-mapped half gives its pages back
+        pages.release(half.weight)
     mlp.w13 = w13
     del mlp.w1, mlp.w3
     return None

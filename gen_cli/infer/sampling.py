@@ -105,6 +105,30 @@ def apply_repetition_penalty(logits: torch.Tensor, history_ids: torch.Tensor, pe
     return logits.scatter(-1, history_ids, seen)
 
 
+def distribution(logits: torch.Tensor, history_ids: torch.Tensor | None, cfg: SamplingConfig) -> torch.Tensor:
+    """The probabilities (B, V) `sample_next` draws from (greedy: one-hot at the argmax), in fp32."""
+    if logits.dtype != torch.float32:
+        logits = logits.float()  # filters and softmax in fp32 whatever the model dtype
+    if history_ids is not None:
+        logits = apply_repetition_penalty(logits, history_ids, cfg.repetition_penalty)
+    if cfg.greedy:
+        top = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
+        return torch.zeros_like(logits).scatter(-1, top, 1.0)
+    return torch.softmax(_filtered(logits, cfg), dim=-1)
+
+
+def _filtered(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+    """Temperature, then top-k, top-p and min-p, as configured."""
+    logits = apply_temperature(logits, cfg.temperature)
+    if cfg.top_k is not None:
+        logits = top_k_filter(logits, cfg.top_k)
+    if cfg.top_p is not None:
+        logits = top_p_filter(logits, cfg.top_p)
+    if cfg.min_p is not None:
+        logits = min_p_filter(logits, cfg.min_p)
+    return logits
+
+
 def sample_next(
     logits: torch.Tensor,
     history_ids: torch.Tensor | None,
@@ -118,12 +142,5 @@ def sample_next(
         logits = apply_repetition_penalty(logits, history_ids, cfg.repetition_penalty)
     if cfg.greedy:
         return logits.argmax(dim=-1)
-    logits = apply_temperature(logits, cfg.temperature)
-    if cfg.top_k is not None:
-        logits = top_k_filter(logits, cfg.top_k)
-    if cfg.top_p is not None:
-        logits = top_p_filter(logits, cfg.top_p)
-    if cfg.min_p is not None:
-        logits = min_p_filter(logits, cfg.min_p)
-    probs = torch.softmax(logits, dim=-1)  # (B, V)
+    probs = torch.softmax(_filtered(logits, cfg), dim=-1)  # (B, V)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from gen_cli.errors import GenError, UsageError
-from gen_cli.limits import check_size_limit
+from gen_cli.limits import SIZE_LIMITS, check_size_limit
 from gen_cli.resources import models_dir
 
 # alibi: no position embedding; a per-head linear bias on the attention logits (Press et al. 2022).
@@ -41,6 +41,50 @@ _OPTIONAL = (
 
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _positive(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int | float) and 0 < value < math.inf
+
+
+def check_rope_scaling(scaling: Any, head_dim: int | None = None) -> None:
+    """Refuse a rope_scaling whose values RoPE cannot use: the one check for config files, imports and the CLI.
+
+    Every number finite and positive, the trained context a whole number within gen's limit, Llama 3's bands
+    ordered (low < high) and YaRN's betas ordered (beta_slow < beta_fast), frequency factors one per pair."""
+    if scaling is None:
+        return
+    kind = scaling.get("type") if isinstance(scaling, dict) else None
+    if kind not in ROPE_SCALINGS:
+        raise UsageError(f"unknown rope_scaling {scaling!r:.200}; supported types: {', '.join(ROPE_SCALINGS)}")
+    if missing := [k for k in ROPE_SCALINGS[kind] if k not in scaling]:
+        raise UsageError(f"rope_scaling {kind} needs {', '.join(missing)}")
+    for key in ("factor", "original_context_length", "low_freq_factor", "high_freq_factor", "beta_fast",
+                "beta_slow", "attention_factor"):  # fmt: skip
+        if key in scaling and not _positive(scaling[key]):
+            raise UsageError(f"rope_scaling {kind} {key} must be a positive finite number, got {scaling[key]!r:.60}")
+    orig = scaling.get("original_context_length")
+    if orig is not None:
+        if not isinstance(orig, int):
+            raise UsageError(f"rope_scaling {kind} original_context_length must be a whole number, got {orig!r}")
+        check_size_limit("context_length", orig)
+    if kind == "llama3" and not scaling["low_freq_factor"] < scaling["high_freq_factor"]:
+        raise UsageError(
+            f"rope_scaling llama3 needs low_freq_factor < high_freq_factor, got {scaling['low_freq_factor']!r} "
+            f"and {scaling['high_freq_factor']!r}"
+        )
+    if kind == "yarn" and not scaling.get("beta_slow", 1.0) < scaling.get("beta_fast", 32.0):
+        raise UsageError(
+            f"rope_scaling yarn needs beta_slow < beta_fast, got {scaling.get('beta_slow', 1.0)!r} "
+            f"and {scaling.get('beta_fast', 32.0)!r}"
+        )
+    if kind == "freq_factors":
+        factors = scaling["factors"]
+        if not isinstance(factors, list) or (head_dim is not None and len(factors) != head_dim // 2):
+            raise UsageError(f"rope_scaling freq_factors needs head_dim/2 = {(head_dim or 0) // 2} factors")
+        if bad := next(((i, f) for i, f in enumerate(factors) if not _positive(f)), None):
+            raise UsageError(f"rope_scaling freq_factors: factor #{bad[0]} is {bad[1]!r}; each must be a positive "
+                             "finite number")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -119,27 +163,11 @@ class ModelConfig:
             raise UsageError(f"sliding_window must be a positive integer or null, got {window!r}")
 
     def _check_rope_scaling(self) -> None:
-        scaling = self.rope_scaling
-        if scaling is None:
-            return
-        kind = scaling.get("type") if isinstance(scaling, dict) else None
-        if kind not in ROPE_SCALINGS:
-            raise UsageError(f"unknown rope_scaling {scaling!r}; supported types: {', '.join(ROPE_SCALINGS)}")
-        if self.pos_encoding != "rope":
+        if self.rope_scaling is not None and self.pos_encoding != "rope":
             raise UsageError(
                 f"rope_scaling needs pos_encoding rope (this model uses {self.pos_encoding})", params=("rope_scaling",)
             )
-        needed = ROPE_SCALINGS[kind]
-        if missing := [k for k in needed if k not in scaling]:
-            raise UsageError(f"rope_scaling {kind} needs {', '.join(missing)}")
-        if kind == "freq_factors" and len(scaling["factors"]) != self.head_dim // 2:
-            raise UsageError(f"rope_scaling freq_factors needs head_dim/2 = {self.head_dim // 2} factors")
-        for key in ("factor", "original_context_length", "beta_fast", "beta_slow", "attention_factor"):
-            value = scaling.get(key)
-            if key in scaling and (
-                isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf
-            ):
-                raise UsageError(f"rope_scaling {kind} {key} must be a positive finite number, got {value!r}")
+        check_rope_scaling(self.rope_scaling, self.head_dim)
 
     @property
     def attention_kind(self) -> str:
@@ -222,7 +250,21 @@ def parse_rope_scaling(spec: str) -> dict[str, Any] | None:
         raise bad(f"{kind} needs orig=N, the context length the model was trained with")
     if kind == "llama3":
         scaling = {"low_freq_factor": 1.0, "high_freq_factor": 4.0} | scaling  # Llama 3.1's values
+    try:
+        check_rope_scaling(scaling)
+        _grown_context(scaling, scaling.get("original_context_length", 1))
+    except UsageError as e:
+        raise bad(str(e).removeprefix("rope_scaling ")) from None
     return scaling
+
+
+def _grown_context(scaling: dict[str, Any], trained: int) -> int:
+    """factor × the trained context, refused past gen's context limit (before int() of an overflow)."""
+    grown = max(1.0, float(scaling.get("factor", 1.0))) * trained
+    if not grown <= SIZE_LIMITS["context_length"] * 1024:  # far past any limit: never an int of inf
+        raise UsageError(f"rope_scaling factor {scaling.get('factor')!r} × {trained} positions is beyond any "
+                         f"context gen can hold (limit {SIZE_LIMITS['context_length']:,})")  # fmt: skip
+    return int(grown)
 
 
 def with_rope_scaling(config: ModelConfig, scaling: dict[str, Any] | None) -> ModelConfig:
@@ -236,7 +278,7 @@ def with_rope_scaling(config: ModelConfig, scaling: dict[str, Any] | None) -> Mo
     previous = (config.rope_scaling or {}).get("original_context_length")
     trained = int(scaling.get("original_context_length") or previous or config.context_length)
     scaling = {"original_context_length": trained} | scaling
-    context = max(trained, int(scaling.get("factor", 1.0) * trained))
+    context = max(trained, _grown_context(scaling, trained))
     if config.rope_scaling is None:
         context = max(context, config.context_length)
     return config.replace(rope_scaling=scaling, context_length=context)

@@ -31,7 +31,9 @@ class EvalResult:
     tokens: int
     bytes: int
     corpus: str = ""  # what was scored: the inputs, comma-joined
-    split: str = "val"
+    split: str = "val"  # val: gen's own corpora's held-out part; all: every token of files a user names
+    context: int = 0  # window length
+    stride: int = 0  # tokens between window starts (= context: non-overlapping)
 
 
 def evaluate(
@@ -44,35 +46,39 @@ def evaluate(
     autocast_dtype: torch.dtype | None,
     max_tokens: int | None = None,
     target_bytes: np.ndarray | None = None,
+    stride: int | None = None,
 ) -> EvalResult:
-    """Score the token stream in contiguous, non-overlapping windows: every target exactly once.
+    """Score the token stream in windows of `context` tokens starting every `stride` (default `context`:
+    contiguous, non-overlapping), each scoring only the targets no earlier window scored: every target once.
 
-    Window i feeds data[iT : iT+T] and predicts data[iT+1 : iT+T+1]; the last window may be
-    shorter. Bytes are the exact UTF-8 length of the predicted tokens (EOT separators count 0): from
-    `byte_table` per id, or `target_bytes` per stream position (imported tokenizers) when given.
-    """
+    Window i feeds data[b : b+L] (b = i·stride, L = min(context, targets left)) and predicts data[b+1 : b+L+1],
+    scoring the last b+L − (previous window's end) of them; with stride < context each target after the first
+    window sees at least context − stride tokens (llama.cpp's perplexity and transformers' strided rule).
+    Bytes are the exact UTF-8 length of the predicted tokens (EOT separators count 0): from `byte_table` per
+    id, or `target_bytes` per stream position (imported tokenizers) when given."""
     import torch
     import torch.nn.functional as F
 
     n = len(data) if max_tokens is None else min(len(data), max_tokens + 1)
     targets_total = max(0, n - 1)
     if targets_total == 0:
-        raise UsageError("nothing to evaluate: the validation text has fewer than 2 tokens")
-    starts = list(range(0, targets_total, context))
+        raise UsageError("nothing to evaluate: the text has fewer than 2 tokens")
+    spans = strided_windows(targets_total, context, context if stride is None else stride)
     nats = 0.0
     was_training = model.training
     model.eval()
     with torch.no_grad(), autocast(device, autocast_dtype):
-        full = [s for s in starts if s + context <= targets_total]
+        full = [s for s in spans if s[1] == context]
         groups = [full[i : i + batch_size] for i in range(0, len(full), batch_size)]
-        if len(full) < len(starts):
-            groups.append([starts[-1]])
+        groups += [[s] for s in spans if s[1] != context]  # the last window may be shorter
         for group in groups:
-            length = min(context, targets_total - group[0])
-            win = torch.from_numpy(windows(data, group, length + 1)).to(device)  # (b, length+1)
+            length = group[0][1]
+            win = torch.from_numpy(windows(data, [s[0] for s in group], length + 1)).to(device)  # (b, length+1)
             logits = model(win[:, :-1])  # (b, length, V)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), win[:, 1:].flatten(), reduction="sum")
-            nats += float(loss)
+            per_token = F.cross_entropy(logits.float().transpose(1, 2), win[:, 1:], reduction="none")  # (b, length)
+            nats += sum(
+                float(row[length - scored :].sum()) for row, (_, _, scored) in zip(per_token, group, strict=True)
+            )
     model.train(was_training)
     if target_bytes is not None:
         n_bytes = int(np.asarray(target_bytes[1:n], dtype=np.int64).sum())
@@ -85,7 +91,22 @@ def evaluate(
         bits_per_byte=nats / math.log(2) / n_bytes if n_bytes else float("nan"),
         tokens=targets_total,
         bytes=n_bytes,
+        context=context,
+        stride=context if stride is None else stride,
     )
+
+
+def strided_windows(targets: int, context: int, stride: int) -> list[tuple[int, int, int]]:
+    """(start, length, scored) per window: starts every `stride` tokens, at most `context` long, scoring its
+    last `scored` targets (those past the previous window's end), until every target is scored once."""
+    if not 1 <= stride <= context:
+        raise UsageError(f"stride {stride} must be between 1 and the context, {context} tokens", params=("stride",))
+    spans, start, end = [], 0, 0
+    while end < targets:
+        length = min(context, targets - start)
+        spans.append((start, length, start + length - end))
+        end, start = start + length, start + stride
+    return spans
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
@@ -118,11 +139,15 @@ def evaluate_model(
     context: int | None = None,
     max_tokens: int | None = None,
     rope_scaling: str | None = None,
+    stride: int | None = None,
+    split: str | None = None,
 ) -> EvalResult:
-    """Held-out loss, perplexity and bits per byte of a model directory on the inputs' val split; `rope_scaling`
-    (a spec such as `linear:4`) runs a RoPE model with that scaling, its context grown to match."""
+    """Loss, perplexity and bits per byte of a model on text: files a user names are scored whole (split
+    "all") in windows every `stride` tokens (default context/2); gen's own corpora (the built-in one, a run's
+    training text) on their val split, non-overlapping by default. `rope_scaling` (a spec such as `linear:4`)
+    runs a RoPE model with that scaling, its context grown to match."""
     from gen_cli.runtime import resolve_device, run_dtype
-    from gen_cli.text.corpus import Corpus
+    from gen_cli.text.corpus import BUILTIN, Corpus
 
     if batch_size < 1 or (max_tokens is not None and max_tokens < 1):
         raise UsageError("batch_size and max_tokens must be at least 1", params=("batch_size", "max_tokens"))
@@ -142,12 +167,16 @@ def evaluate_model(
         )
     corpus = Corpus(inputs or trained_inputs(model_dir) or [])
     corpus.require_text()
-    data, table, target_bytes = scoring_stream(tok, corpus, separator)
+    users = bool(inputs) and inputs != [BUILTIN]  # text a user brings has no split of gen's to respect
+    split = split or ("all" if users else "val")
+    stride = stride if stride is not None else max(1, context // 2) if split == "all" else context
+    data, table, target_bytes = scoring_stream(tok, corpus, separator, split)
     if len(data) < 2:
-        raise UsageError(f"the validation split of {', '.join(corpus.inputs)} is empty; give more text")
+        what = "" if split == "all" else "the validation split of "
+        raise UsageError(f"{what}{', '.join(corpus.inputs)} holds fewer than 2 tokens; give more text")
     batch_size = windows_per_pass(batch_size, context, model.config.vocab_size)
-    result = evaluate(model, data, table, context, batch_size, dev, amp, max_tokens, target_bytes)
-    return replace(result, corpus=", ".join(corpus.inputs), split="val")
+    result = evaluate(model, data, table, context, batch_size, dev, amp, max_tokens, target_bytes, stride)
+    return replace(result, corpus=", ".join(corpus.inputs), split=split)
 
 
 LOGITS_BUDGET = 2**30  # bytes of fp32 logits one forward pass may hold
@@ -191,14 +220,14 @@ def document_separator(loaded: Loaded) -> int:
 
 
 def scoring_stream(
-    tok: Tokenizer, corpus: Corpus, separator: int | None
+    tok: Tokenizer, corpus: Corpus, separator: int | None, split: str = "val"
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """The val split's token ids, with either a byte table per id (gen's byte-level BPE) or the text bytes
-    per stream position (imported tokenizers, separated by `separator`)."""
+    """One split's token ids, with either a byte table per id (gen's byte-level BPE) or the text bytes per
+    stream position (imported tokenizers, separated by `separator`)."""
     if separator is None:
-        data = tokenize_split(tok, corpus, "val").load()
+        data = tokenize_split(tok, corpus, split).load()
         return data, byte_lengths(tok), None
-    token_file = tokenize_split(tok, corpus, "val", separator=separator)
+    token_file = tokenize_split(tok, corpus, split, separator=separator)
     return token_file.load(), None, token_file.load_bytes()
 
 

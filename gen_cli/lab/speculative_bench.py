@@ -1,0 +1,147 @@
+"""Speculative against plain decoding in one run: decode tok/s side by side, the ids compared, and the costs
+that bound the speed-up (a verify forward over K+1 tokens against one decode step)."""
+
+from __future__ import annotations
+
+import os
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+from time import perf_counter
+from typing import Any
+
+import torch
+
+from gen_cli.cache.spec import CacheSpec
+from gen_cli.infer.engine import Engine, Preset
+from gen_cli.infer.generate import decode_step, prefill
+from gen_cli.infer.sampling import SamplingConfig
+from gen_cli.infer.speculative import Speculation
+
+# An input-grounded task for the shipped model (trained on Python's documentation): a passage, then its start
+# again, so the continuation copies it, as a rewrite or a summary of a given text copies spans of it.
+PASSAGE = (
+    "The json module provides functions to encode Python objects as JSON strings and to decode JSON strings "
+    "into Python objects. The dumps() function returns a string; the dump() function writes to a file object. "
+    "The optional argument indent makes the output readable, and sort_keys sorts the keys of every dictionary. "
+    "The loads() function parses a string and returns the object it describes; a ValueError is raised when the "
+    "text is not valid JSON."
+)
+DEFAULT_PROMPT = PASSAGE + "\n\n" + PASSAGE[:60]
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+@torch.inference_mode()
+def forward_costs(engine: Engine, ids: list[int], k: int, repeats: int = 30) -> dict[str, Any]:
+    """Median seconds of one decode step (the C step where it runs) and of a verify forward over k+1 tokens,
+    interleaved on a cache at the prompt's end; their ratio is what one verified round costs in steps."""
+    model = engine.model
+    cache = engine.new_cache(CacheSpec(), len(ids), k + 1)
+    prefill(model, torch.tensor([ids], device=engine.device), cache)
+    base = cache.pos
+    one = torch.tensor([[ids[-1]]], device=engine.device)  # (1, 1)
+    block = torch.tensor([ids[-(k + 1) :]], device=engine.device)  # (1, k + 1)
+    steps, verifies = [], []
+    for i in range(repeats + 3):
+        for fn, out in ((lambda: decode_step(model, one, cache), steps), (lambda: model(block, cache=cache), verifies)):
+            cache.truncate(base)
+            start = perf_counter()
+            fn()
+            if i >= 3:  # warm-up rounds are not kept
+                out.append(perf_counter() - start)
+    step, verify = statistics.median(steps), statistics.median(verifies)
+    return {"k": k, "step_s": step, "verify_s": verify, "verify_over_step": verify / step}
+
+
+def compare(
+    engine: Engine,
+    ids: list[int],
+    max_new_tokens: int,
+    sampling: SamplingConfig,
+    make: Callable[[], Speculation],
+    repeats: int = 5,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Plain and speculative generation of the same prompt, interleaved `repeats` times (a fresh proposer
+    each time); decode tok/s spreads, the per-pair speed-up, and whether the ids agreed (greedy)."""
+    plain, spec, ratios, figures = [], [], [], []
+    identical = True
+    for _ in range(repeats):
+        a = engine.generate(ids, max_new_tokens, sampling, seed=seed, stop_ids=())
+        b = engine.generate(ids, max_new_tokens, sampling, seed=seed, stop_ids=(), speculation=make())
+        identical &= torch.equal(a.tokens, b.tokens)
+        plain.append(a.stats.decode_tokens_per_s or 0.0)
+        spec.append(b.stats.decode_tokens_per_s or 0.0)
+        ratios.append(spec[-1] / plain[-1] if plain[-1] else 0.0)
+        figures.append(b.stats.speculation)
+    last = figures[-1]
+    return {
+        "plain_tok_s": _spread(plain),
+        "speculative_tok_s": _spread(spec),
+        "speedup": _spread(ratios),
+        "identical": identical if sampling.greedy else None,
+        "acceptance_rate": last["acceptance_rate"],
+        "tokens_per_forward": last["tokens_per_forward"],
+        "mean_k": last["mean_k"],
+        "target_s": last["target_s"],
+        "draft_s": last["draft_s"],
+        "costs": forward_costs(engine, ids, round(last["mean_k"] or 1)),
+        "threads": torch.get_num_threads(),
+        "load_average": os.getloadavg()[0],
+        "repeats": repeats,
+    }
+
+
+def bench(
+    model: Path | Preset | None,
+    speculate: str | None,
+    draft: str | None,
+    prompt: str,
+    max_new_tokens: int,
+    repeats: int,
+    threads: int | None,
+    temperature: float = 0.0,
+) -> dict[str, Any]:
+    """`compare` on a model (a path, a preset's random weights, None: the shipped one) with the speculation
+    the flags name; the figures and what ran."""
+    from gen_cli.infer.engine import EngineOptions, open_model
+    from gen_cli.infer.proposers import speculation_for
+
+    engine = open_model(model, EngineOptions(threads=threads))
+    speculation = speculation_for(engine, model, speculate or "ngram", draft)  # its proposer restarts each run
+    assert speculation is not None
+    ids = engine.encode(prompt)
+    out = compare(engine, ids, max_new_tokens, SamplingConfig(temperature=temperature), lambda: speculation, repeats)
+    proposer = draft or speculate or "ngram"
+    return out | {
+        "model": engine.source,
+        "proposer": proposer,
+        "prompt_tokens": len(ids),
+        "max_new_tokens": max_new_tokens,
+    }
+
+
+def format_bench(r: dict[str, Any]) -> list[str]:
+    """The comparison as a few lines of text."""
+
+    def spread(v: dict[str, float], unit: str = "") -> str:
+        return f"{v['median']:,.2f}{unit} ({v['min']:,.2f}–{v['max']:,.2f})"
+
+    c = r["costs"]
+    same = {True: "identical ids", False: "ids DIFFER", None: "sampled"}[r["identical"]]
+    kept = "n/a" if r["acceptance_rate"] is None else f"{r['acceptance_rate']:.0%}"
+    per = "n/a" if r["tokens_per_forward"] is None else f"{r['tokens_per_forward']:.2f}"
+    return [
+        f"model {r['model']}, {r['proposer']}, {r['prompt_tokens']} prompt + {r['max_new_tokens']} new tokens, "
+        f"{r['threads']} threads, {r['repeats']} interleaved repeats, load {r['load_average']:.1f}",
+        f"plain        {spread(r['plain_tok_s'], ' tok/s')}",
+        f"speculative  {spread(r['speculative_tok_s'], ' tok/s')}   {same}",
+        f"speed-up     {spread(r['speedup'], '×')}",
+        f"guesses kept {kept}, {per} tokens per target forward, mean K {r['mean_k'] or 0:.1f}; "
+        f"target {r['target_s'] * 1000:.0f} ms, proposer {r['draft_s'] * 1000:.0f} ms (last run)",
+        f"costs        one decode step {c['step_s'] * 1000:.3f} ms, verify over {c['k'] + 1} tokens "
+        f"{c['verify_s'] * 1000:.3f} ms = {c['verify_over_step']:.1f} steps",
+    ]
