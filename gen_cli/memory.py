@@ -92,13 +92,20 @@ def generation_bytes(
     tokens: int,
     bytes_per_element: int,
     spec: CacheSpec | None = None,
+    id_tokens: int | None = None,
 ) -> int:
     """The KV cache `spec` allocates for batch × tokens (its kinds, scales included, and a window's slots;
-    None: every token unquantized at bytes_per_element), the id buffer and a few fp32 logits rows per sequence."""
+    None: every token unquantized at bytes_per_element), the int64 id buffer of `id_tokens` (prompt and new
+    tokens; `tokens` when None) and the sampling buffers per sequence."""
     from gen_cli.cache.spec import CacheSpec
 
     kv = (spec or CacheSpec()).nbytes(config, tokens, batch, bytes_per_element)
-    return kv + batch * (8 * tokens + 16 * config.vocab_size)
+    return kv + batch * (8 * (tokens if id_tokens is None else id_tokens) + sampling_bytes(config.vocab_size))
+
+
+def sampling_bytes(vocab_size: int) -> int:
+    """One sequence's sampling buffers: fp32 logits, probabilities and a sorted copy with its int64 order."""
+    return 32 * vocab_size
 
 
 def training_bytes(config: ModelConfig, batch: int, context: int, params: int, eager: bool = False) -> int:

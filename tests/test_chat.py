@@ -4,6 +4,8 @@ cache back where the render diverges, and replies exactly as recomputing the who
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -317,3 +319,21 @@ def test_a_system_message_that_is_not_utf8_is_refused_in_one_line(chat_dir):
     argv = ["generate", "--model", str(chat_dir), "--chat", "Hi", "--system", os.fsdecode(b"caf\xe9")]
     result = runner.invoke(app, argv)
     assert result.exit_code == 2 and "the system message is not valid UTF-8" in result.stderr
+
+
+def test_cli_chat_refuses_a_line_no_context_could_hold_before_tokenizing_it(chat_dir):
+    result = runner.invoke(app, ["chat", "--model", str(chat_dir), "--max-new-tokens", "2"], input=b"x" * 10**6 + b"\n")
+    assert result.exit_code == 2 and result.stdout == ""
+    assert re.search(r"a line on stdin is over [\d,]+ bytes, more than the context could hold", result.stderr)
+
+
+def test_cli_chat_decodes_piped_bytes_itself_under_a_strict_io_encoding(chat_dir):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8:strict", "PYTHONPATH": str(Path(__file__).parent.parent)}
+    argv = [sys.executable, "-m", "gen_cli", "chat", "--model", str(chat_dir), "--max-new-tokens", "2"]
+    done = subprocess.run(argv, input=b"caf\xe9\n", capture_output=True, env=env, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.decode().strip() == "error: a line on stdin is not valid UTF-8 (byte 0xe9 at offset 3)"

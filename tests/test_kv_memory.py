@@ -29,7 +29,7 @@ CONFIG = tiny_config(d_model=128, n_head=4, n_kv_head=2, n_layer=3, context_leng
 def test_generation_bytes_counts_the_kv_kind(kinds, per_head):
     batch, tokens = 3, 100
     kv = CONFIG.n_layer * CONFIG.n_kv_head * per_head * tokens * batch
-    buffers = batch * (8 * tokens + 16 * CONFIG.vocab_size)
+    buffers = batch * (8 * tokens + memory.sampling_bytes(CONFIG.vocab_size))
     assert memory.generation_bytes(CONFIG, batch, tokens, 4, CacheSpec(*(kinds or (None, None)))) == kv + buffers
     k, v = kinds or (None, None)
     assert kv == KVCache(CONFIG, batch, tokens, k_kind=k, v_kind=v).nbytes  # what the cache really holds
@@ -38,7 +38,7 @@ def test_generation_bytes_counts_the_kv_kind(kinds, per_head):
 def test_a_cache_refused_in_fp32_fits_in_int4(monkeypatch):
     model = Transformer(CONFIG)
     prompt = torch.zeros(1, 10, dtype=torch.long)
-    buffers = 8 * (8 * 500 + 16 * CONFIG.vocab_size)
+    buffers = 8 * (8 * 500 + memory.sampling_bytes(CONFIG.vocab_size))
     fp32 = memory.generation_bytes(CONFIG, 8, 500, 4)
     monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": (fp32 + buffers) // 2)
     with pytest.raises(GenError, match="needs about"):

@@ -8,6 +8,7 @@ import os
 import platform
 import shlex
 import shutil
+import subprocess
 
 import pytest
 import torch
@@ -338,3 +339,25 @@ def test_native_steps_after_onednn_prompts_on_a_wide_model():
         want = plain(ids)[0, 12:]  # (4, V): positions 12..15 of a full forward
     got = _step_logits(fast, ids, 12)[0]  # a 12-token prompt (its k/v from the GEMM), then 4 native steps
     assert torch.allclose(got, want, atol=1e-4, rtol=0), (got - want).abs().max()
+
+
+def test_the_build_key_covers_the_compilers_own_flags(monkeypatch):
+    monkeypatch.setattr(build.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, "cc 1.0\n", ""))
+    assert build._build_key(["cc"]) != build._build_key(["cc", "-mno-avx512f"])  # same --version, another binary
+    assert build._build_key(["cc"]) == build._build_key(["cc"])
+
+
+def test_a_compiler_that_never_returns_is_given_up_on(fresh_library, monkeypatch, tmp_path):
+    hang = tmp_path / "hang-cc"
+    hang.write_text("#!/bin/sh\nexec sleep 60\n")
+    hang.chmod(0o755)
+    monkeypatch.setenv("GEN_HOME", str(tmp_path))
+    monkeypatch.setenv("CC", str(hang))
+    monkeypatch.setattr(build, "VERSION_TIMEOUT_S", 0.5)
+    assert "did not answer within 0.5 s" in build.native_status()
+    assert any("PyTorch path" in note for note in build.take_notes())
+    build.library.cache_clear()
+    hang.write_text('#!/bin/sh\ncase "$1" in --version) echo hang-cc 1;; *) exec sleep 60;; esac\n')
+    monkeypatch.setattr(build, "BUILD_TIMEOUT_S", 0.5)
+    assert "did not finish building the native kernel within 0.5 s" in build.native_status()
+    build.take_notes()

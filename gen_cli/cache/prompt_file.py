@@ -27,7 +27,6 @@ if TYPE_CHECKING:
 FORMAT = "gen.prompt_cache"
 VERSION = "1"
 TOKENS = "tokens"
-_SAMPLE = 1 << 16  # elements hashed per weight tensor: enough to tell two trainings apart, fast at any size
 _ST_DTYPES = {
     torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
     torch.int8: "I8", torch.uint8: "U8", torch.int64: "I64",
@@ -44,15 +43,13 @@ _IDENTITY = (
 
 
 def model_fingerprint(model: Transformer) -> str:
-    """sha256 of the config and the weights (each tensor's name, shape, dtype and a strided sample of
-    its values): computed on the model as loaded, before any decode-time rewriting of its modules."""
+    """sha256 of the config and of every weight tensor's name, shape, dtype and all of its bytes: computed
+    on the model as loaded, before any decode-time rewriting of its modules (~1 s per 2 GB of weights)."""
     h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
     for name, t in sorted(model.state_dict().items()):
-        flat = t.detach().reshape(-1)  # (numel,)
-        step = max(1, flat.numel() // _SAMPLE)
-        sample = flat[::step].to("cpu").contiguous()
+        flat = t.detach().reshape(-1).to("cpu").contiguous()  # (numel,): no copy for a CPU model's weights
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(sample.view(torch.uint8).numpy().tobytes())
+        h.update(memoryview(flat.view(torch.uint8).numpy()))
     return h.hexdigest()
 
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 from rich.markup import escape
 
-from gen_cli.commands.common import err, progress_enabled
+from gen_cli.commands.common import err, progress_enabled, read_line
 from gen_cli.commands.generate import engine_dtype
 from gen_cli.commands.options import (
     CACHE,
@@ -49,17 +49,15 @@ if TYPE_CHECKING:
 HELP = "commands: /stats (cache reuse, measured), /reset (start over), /exit (or Ctrl-D); Ctrl-C stops a reply"
 
 
-def _read_line(interactive: bool) -> str | None:
-    """The next user line, None at end of input (Ctrl-D); a prompt on stderr only for a person."""
+def _read_line(interactive: bool, max_bytes: int) -> str | None:
+    """The next user line, None at end of input (Ctrl-D); a prompt on stderr only for a person. Piped lines
+    are read as bytes, at most `max_bytes` of them, and decoded as UTF-8 by gen under every locale."""
     if interactive:
-        return err.input("[bold cyan]you>[/] ")  # EOFError at Ctrl-D: the caller ends the chat
-    stream = getattr(sys.stdin, "buffer", None)
-    # Bytes, decoded here: a piped file that is not UTF-8 is refused as `gen generate -` refuses it (exit 2).
-    raw = stream.readline() if stream is not None else sys.stdin.readline().encode("utf-8", "surrogateescape")
-    try:
-        return None if raw == b"" else raw.decode("utf-8").rstrip("\r\n")
-    except UnicodeDecodeError as e:
-        raise UsageError(f"a line on stdin is not valid UTF-8 (byte {raw[e.start]:#04x} at offset {e.start})") from None
+        line = err.input("[bold cyan]you>[/] ")  # EOFError at Ctrl-D: the caller ends the chat
+        if len(line.encode("utf-8", "surrogatepass")) > max_bytes:
+            raise UsageError(f"that line is over {max_bytes:,} bytes, more than the context could hold")
+        return line
+    return read_line(max_bytes, "more than the context could hold")
 
 
 def _turn_data(turn: Turn) -> dict[str, Any]:
@@ -222,6 +220,7 @@ def chat_command(
     import torch
 
     from gen_cli.infer.session import ContextFull
+    from gen_cli.text.tokenizer import longest_token_bytes
 
     engine = open_model(
         model_dir, EngineOptions(device_name, engine_dtype(dtype_opt, device_name), threads, native=native)
@@ -235,7 +234,12 @@ def chat_command(
     session = engine.chat(system, context_tokens, spec)
     generator = torch.Generator(device=engine.device).manual_seed(seed)
     interactive = sys.stdin.isatty()
+    # A line longer than the context could hold is refused before it is tokenized.
+    max_line = engine.model.config.context_length * longest_token_bytes(engine.tokenizer)
     if interactive:
+        # What a person types is UTF-8 under every locale; a bad byte is one line, then type again.
+        with contextlib.suppress(AttributeError, ValueError):
+            sys.stdin.reconfigure(encoding="utf-8", errors="strict")
         with contextlib.suppress(ImportError):
             import readline  # noqa: F401  (line editing and history for input())
         err.print(f"[dim]chatting with {escape(engine.source)}; {HELP}[/]")
@@ -249,7 +253,7 @@ def chat_command(
 
     while True:
         try:
-            line = _read_line(interactive)
+            line = _read_line(interactive, max_line)
         except EOFError:
             line = None
         except KeyboardInterrupt:

@@ -31,9 +31,12 @@ def print_json(data: Any) -> None:
     sys.stdout.flush()
 
 
-def read_text_arg(text: str, max_bytes: int | None = None) -> str:
+def read_text_arg(
+    text: str, max_bytes: int | None = None, why: str = "more than the model's context could hold"
+) -> str:
     """A text argument, or stdin when it is '-': valid UTF-8 and, when `max_bytes` is given, at most that
-    long (stdin is read no further, so a huge input is refused without being held in memory)."""
+    long (stdin is read no further, so a huge input is refused without being held in memory); `why` says
+    where the limit comes from."""
     if text == "-":
         stream = getattr(sys.stdin, "buffer", None)
         if stream is not None:
@@ -48,11 +51,29 @@ def read_text_arg(text: str, max_bytes: int | None = None) -> str:
             data = text.encode("utf-8", "surrogateescape")
         where = "the text argument"
     if max_bytes is not None and len(data) > max_bytes:
-        raise UsageError(f"{where} is over {max_bytes:,} bytes, more than the model's context could hold; shorten it")
+        raise UsageError(f"{where} is over {max_bytes:,} bytes, {why}; shorten it")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise UsageError(f"{where} is not valid UTF-8 (byte {data[e.start]:#04x} at offset {e.start})") from None
+
+
+def read_line(max_bytes: int, why: str) -> str | None:
+    """The next line of stdin without its line ending, None at its end: bytes decoded as UTF-8 here, the
+    same under every locale and PYTHONIOENCODING, and never more than `max_bytes` read for one line."""
+    stream = getattr(sys.stdin, "buffer", None)
+    if stream is not None:
+        raw = stream.readline(max_bytes + 1)
+    else:  # a text-only stdin (tests): its undecodable bytes arrive as lone surrogates, refused below as bytes
+        raw = sys.stdin.readline(max_bytes + 1).encode("utf-8", "surrogateescape")
+    if raw == b"":
+        return None
+    if len(raw.rstrip(b"\r\n")) > max_bytes:
+        raise UsageError(f"a line on stdin is over {max_bytes:,} bytes, {why}; shorten it")
+    try:
+        return raw.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"a line on stdin is not valid UTF-8 (byte {raw[e.start]:#04x} at offset {e.start})") from None
 
 
 def progress_enabled() -> bool:

@@ -11,8 +11,10 @@ from rich.text import Text
 from gen_cli.commands.common import check_writable_output, err, out_console, print_json, progress_enabled, read_text_arg
 from gen_cli.commands.options import OUTPUT, Force, InputsArg, Json, Model, Out, Tokenizer
 from gen_cli.errors import UsageError
-from gen_cli.formats.loading import default_tokenizer_path, resolve_tokenizer_path
+from gen_cli.formats.loading import default_tokenizer_path, model_kind, resolve_tokenizer_path
 from gen_cli.text.tokenizer import DEFAULT_VOCAB_SIZE, EOT
+
+TOKENIZE_BYTES = 1 << 20  # `gen tokenize` shows each token: an inspection tool, not a bulk counter
 
 corpus_app = typer.Typer(help="List and print the built-in corpora.", no_args_is_help=True)
 
@@ -144,7 +146,12 @@ def tokenize_command(
     if tokenizer is not None and model is not None:
         raise UsageError("pass either --tokenizer or --model, not both")
     tok = model_tokenizer(model) if model is not None else load_tokenizer(resolve_tokenizer_path(tokenizer))
-    text = read_text_arg(text)
+    if model is not None and model_kind(model) == "gen":
+        from gen_cli.formats.checkpoint import check_weights_header, load_config
+
+        check_weights_header(model, load_config(model), tok)  # a swapped tokenizer.json is refused, as generate does
+    # Read no more than TOKENIZE_BYTES (the text, its pieces and their display grow ~100x in memory).
+    text = read_text_arg(text, TOKENIZE_BYTES, "gen tokenize's limit")
     token_ids = encode(tok, text)
     # A token may hold part of a multi-byte character; show such bytes escaped rather than as U+FFFD.
     pieces = [token_bytes(tok, i).decode("utf-8", errors="backslashreplace") for i in token_ids]

@@ -99,7 +99,7 @@ class Engine:
         _check_utf8(system or "", "the system message")
         rendered = render_chat(self.chat_template, conversation(message, system), special_tokens=self.special_tokens,
                                source=f"{self.source}: chat template")  # fmt: skip
-        return encode_rendered(self.tokenizer, rendered)
+        return encode_rendered(self.tokenizer, rendered, self.model.config.context_length)
 
     def new_cache(
         self, spec: CacheSpec, prompt_len: int, max_new_tokens: int, batch: int = 1

@@ -240,6 +240,17 @@ def _steps(
     """The one generation loop: prefill (or the oracle's full forward), then pick, yield, decode a step."""
     B0, T = prompt_ids.shape
     B = B0 * num_samples
+    # The id buffer and sampling rows, checked here for every caller: a window cache's own estimate
+    # counts its slots, not the prompt + max_new_tokens ids this buffer holds.
+    from gen_cli.memory import check_fits, sampling_bytes
+
+    check_fits(
+        B * (8 * (T + max_new_tokens) + sampling_bytes(model.config.vocab_size)),
+        f"the ids and sampling buffers of {B:,} sequence(s) of {T + max_new_tokens:,} tokens",
+        "use fewer num_samples or fewer max_new_tokens",
+        prompt_ids.device,
+        params=("num_samples", "max_new_tokens"),
+    )
     # One preallocated id buffer: the no-cache input and the repetition-penalty history are views of it.
     ids = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=prompt_ids.device)
     ids[:, :T] = prompt_ids.repeat_interleave(num_samples, dim=0)  # (B, T)

@@ -125,7 +125,8 @@ class ChatSession:
     def render(self, messages: list[dict[str, str]]) -> list[int]:
         """The ids of the conversation as the template writes it, ready for the assistant's reply."""
         text = render_chat(self.template, messages, True, self.special_tokens, self.source)
-        return encode_rendered(self.tokenizer, text)
+        # Text no cache could hold is refused before it is tokenized (a window: the render's own limits).
+        return encode_rendered(self.tokenizer, text, self.cache.sequence_limit)
 
     def say(
         self,

@@ -1,8 +1,11 @@
 """Building the native kernel: the .c files here, compiled once per source, compiler and CPU into gen's cache.
 
 `-march=native`: the binary is for this machine only. Without a working C compiler gen runs the
-PyTorch path, and `native_status()` says why. A cached library is loaded only when its size and
-SHA-256 match the sidecar written with it: a truncated file would otherwise be mapped and die of SIGBUS.
+PyTorch path, and `native_status()` says why. The build key covers the whole compiler command ($CC with its
+own flags) and its `--version`; the version probe and the build each run under a time limit, so a compiler
+that never returns costs at most those seconds and then gen falls back. A cached library is loaded only
+when its size and SHA-256 match the sidecar written with it: a truncated file would otherwise be mapped
+and die of SIGBUS.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ HERE = Path(__file__).parent
 SOURCES = tuple(sorted(HERE.glob("*.c")))  # compiled together into one library
 HEADERS = tuple(sorted(HERE.glob("*.h")))  # included by them: part of the build key
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c11", "-shared", "-fPIC")
+VERSION_TIMEOUT_S = 10.0  # `$CC --version` answers in milliseconds; a hung one is given up on
+BUILD_TIMEOUT_S = 300.0  # the kernel builds in ~5-20 s; far past that the compiler is taken as hung
 _notes: list[str] = []  # what happened to the cache on this run (a damaged kernel rebuilt), said once
 
 
@@ -35,14 +40,18 @@ def _compiler() -> list[str]:
 
 
 def _build_key(cc: list[str]) -> str:
-    """Source, flags, compiler version and CPU: a change in any of them means a new binary."""
-    version = subprocess.run([*cc, "--version"], capture_output=True, text=True, check=True).stdout
+    """Source, flags, the full compiler command, its version and the CPU: a change in any means a new binary."""
+    version = subprocess.run(
+        [*cc, "--version"], capture_output=True, text=True, check=True, timeout=VERSION_TIMEOUT_S
+    ).stdout
     cpu = ""
     if Path("/proc/cpuinfo").is_file():
         cpu = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
     # Each file by name and content: a rename or a moved function is a new build too.
     sources = [part for f in (*SOURCES, *HEADERS) for part in (f.name.encode(), f.read_bytes())]
-    parts = (*sources, " ".join(FLAGS).encode(), version.encode(), cpu.encode())
+    # The command as split (CC="cc -mno-avx512f" is another binary than CC=cc, with the same --version).
+    command = "\0".join(cc).encode()
+    parts = (*sources, " ".join(FLAGS).encode(), command, version.encode(), cpu.encode())
     return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
 
 
@@ -79,7 +88,17 @@ def _compile(cc: list[str], out_dir: Path, target: Path) -> str | None:
     fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".decode-", suffix=".so.tmp")
     os.close(fd)
     try:
-        done = subprocess.run([*cc, *FLAGS, *map(str, SOURCES), "-o", tmp, "-lm"], capture_output=True, text=True)
+        try:
+            done = subprocess.run(
+                [*cc, *FLAGS, *map(str, SOURCES), "-o", tmp, "-lm"],
+                capture_output=True,
+                text=True,
+                timeout=BUILD_TIMEOUT_S,
+            )
+        except subprocess.TimeoutExpired:
+            reason = f"{cc[0]} did not finish building the native kernel within {BUILD_TIMEOUT_S:g} s"
+            _notes.append(f"{reason}; running the PyTorch path")
+            return reason
         if done.returncode != 0:
             return f"{cc[0]} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}"
         if os.path.getsize(tmp) == 0:  # e.g. CC=/bin/true "succeeds" without writing anything
@@ -108,6 +127,10 @@ def library() -> ctypes.CDLL | str:
         if not target.is_file() and (reason := _compile(cc, out_dir, target)):
             return reason
         lib = ctypes.CDLL(str(target))
+    except subprocess.TimeoutExpired:
+        reason = f"no native kernel ({cc[0]} --version did not answer within {VERSION_TIMEOUT_S:g} s)"
+        _notes.append(f"{reason}; running the PyTorch path")
+        return reason
     except (OSError, subprocess.CalledProcessError, GenError) as exc:
         return f"no native kernel ({exc.__class__.__name__}: {exc})"
     if reason := abi.bind(lib):

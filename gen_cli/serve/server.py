@@ -51,7 +51,7 @@ def served(engine: Engine, name: str, options: ServeOptions = ServeOptions()) ->
         def chat_ids(messages: list[dict[str, str]]) -> list[int]:
             rendered = render_chat(template, messages, special_tokens=engine.special_tokens,
                                    source=f"{engine.source}: chat template")  # fmt: skip
-            return encode_rendered(engine.tokenizer, rendered)
+            return encode_rendered(engine.tokenizer, rendered, engine.model.config.context_length)
 
     return Served(
         name, Worker(scheduler), engine.encode, chat_ids, engine.stop_ids, engine.model.config.context_length,

@@ -28,6 +28,7 @@ VAL_FRACTION = 0.1
 SPLITS = ("train", "val", "all")
 _SNIFF_BYTES = 8192
 _BLOCK_BYTES = 1 << 20
+STDIN_BYTES = 64 << 20  # stdin is held whole (it cannot be read twice); files and folders are streamed
 # Stdlib folders whose docstrings are tests, tools or vendored code rather than library prose.
 _SKIP_STDLIB_DIRS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages",
                      "__pycache__", "ensurepip", "turtledemo"}  # fmt: skip
@@ -189,7 +190,15 @@ def _documents_for(spec: str, skipped: list[str]) -> list[Document]:
         return _python_docs_documents()
     if spec == "-":
         stream = getattr(sys.stdin, "buffer", None)  # bytes, so a bad byte is reported, not smuggled through
-        raw = stream.read() if stream is not None else sys.stdin.read().encode("utf-8", "surrogateescape")
+        if stream is not None:
+            raw = stream.read(STDIN_BYTES + 1)  # never more: stdin may be /dev/zero
+        else:
+            raw = sys.stdin.read(STDIN_BYTES + 1).encode("utf-8", "surrogateescape")
+        if len(raw) > STDIN_BYTES:
+            raise UsageError(
+                f"the text on stdin is over {STDIN_BYTES:,} bytes, gen's limit for stdin (it is held in memory); "
+                "give a file or folder instead, which is streamed"
+            )
         return [_text_document("<stdin>", _decode("<stdin>", raw, 0))]
     path = Path(spec)
     if path.is_dir():

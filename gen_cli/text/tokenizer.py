@@ -216,3 +216,16 @@ def token_bytes(tok: Tokenizer, token_id: int) -> bytes:
     if all(ch in table for ch in piece):
         return bytes(table[ch] for ch in piece)
     return piece.encode("utf-8")
+
+
+_longest: dict[int, tuple[Tokenizer, int]] = {}  # id → (the tokenizer, kept alive so its id stays its own; bytes)
+
+
+def longest_token_bytes(tok: Tokenizer) -> int:
+    """Bytes the longest token stands for (byte-level pieces are one character per byte), at least 4:
+    text longer than n times this cannot fit in n tokens. Computed once per tokenizer."""
+    if (known := _longest.get(id(tok))) is not None and known[0] is tok:
+        return known[1]
+    longest = max(4, *(len(piece.encode("utf-8")) for piece in tok.get_vocab()))
+    _longest[id(tok)] = (tok, longest)
+    return longest

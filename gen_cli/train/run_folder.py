@@ -2,7 +2,9 @@
 
 The train state is ONE file holding everything a resume needs (fp32 weights, AdamW moments, RNG
 states, step, arguments, config and the tokenizer JSON in its metadata), written by temp + rename,
-so `kill -9` at any moment leaves either the previous state or the new one, never a mixture.
+so `kill -9` at any moment leaves either the previous state or the new one, never a mixture. A length
+and sha256 over every tensor's bytes and the other metadata are stored with it and checked on resume: a
+flipped bit is refused, not trained on (a state written before the checksum is read unchecked).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ if TYPE_CHECKING:
 STATE_FILE = "train_state.safetensors"
 METRICS_FILE = "metrics.jsonl"
 STATE_FORMAT = "gen-train-state/1"
+CHECKSUM_KEY = "checksum"  # "<bytes>:<sha256>" over the tensors and the other metadata
 LOCK_FILE = ".gen-train.lock"  # held (flock) by the one process training into the folder
 
 
@@ -62,8 +65,27 @@ def save_train_state(
     }
     if tokens_seen is not None:  # unknown when resumed from a state that predates the count
         metadata["tokens_seen"] = str(tokens_seen)
+    metadata[CHECKSUM_KEY] = state_checksum(tensors, metadata)
     with atomic_path(path) as tmp:
         safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
+
+
+def state_checksum(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """'<bytes>:<sha256>' over every tensor (name, dtype, shape, bytes) and metadata entry, in name order."""
+    import hashlib
+
+    import torch
+
+    h, size = hashlib.sha256(), 0
+    for key in sorted(k for k in metadata if k != CHECKSUM_KEY):
+        h.update(f"{key}={metadata[key]}\0".encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous().reshape(-1)  # (numel,)
+        data = memoryview(t.view(torch.uint8).numpy())
+        h.update(f"{name}:{t.dtype}:{tuple(tensors[name].shape)}\0".encode())
+        h.update(data)
+        size += data.nbytes
+    return f"{size}:{h.hexdigest()}"
 
 
 @dataclass
@@ -136,6 +158,11 @@ def load_train_state(folder: Path) -> TrainState:
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
         if meta.get("format") != STATE_FORMAT:
             raise ValueError(f"format {meta.get('format')!r}")
+        if CHECKSUM_KEY in meta and state_checksum(tensors, meta) != meta[CHECKSUM_KEY]:
+            raise GenError(
+                f"{path}: the train state is damaged (its checksum does not match its content); resume from a "
+                "copy or start the run again"
+            )
         config = ModelConfig.from_dict(json.loads(meta["config"]), source=str(path))
         seen = int(meta["tokens_seen"]) if "tokens_seen" in meta else None
         _check_state_tensors(config, tensors)

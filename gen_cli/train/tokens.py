@@ -4,7 +4,9 @@ Layout: every document is preceded by the `<|endoftext|>` id, so the stream read
 `EOT doc1 EOT doc2 …`. The leading EOT acts as a beginning-of-text marker: every text token then
 has something before it and can be predicted, so evaluating the whole stream scores every byte of
 the text. The file is raw little-endian uint16 (vocabulary ≤ 65535) or uint32, named by a hash of
-everything that determines its contents, and written atomically.
+everything that determines its contents, and written atomically; a `.sum` file written after it holds
+its length and sha256 (and its `.bytes` partner's), checked before the file is reused: a truncated or
+changed token file is rebuilt, never read as a corpus.
 
 Imported models have no `<|endoftext|>`: their stream separates documents by an id the caller picks
 (BOS or EOS), and a parallel `.bytes` file holds the UTF-8 bytes of text each token covers, since
@@ -20,11 +22,11 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from gen_cli.atomic import atomic_path
+from gen_cli.atomic import atomic_path, write_text_atomic
 from gen_cli.errors import UsageError
 from gen_cli.resources import cache_dir
 from gen_cli.text.tokenizer import EOT, special_id, token_bytes, tokenizer_digest
@@ -141,14 +143,18 @@ def tokenize_split(
         return _tokenize_with_bytes(tok, corpus, split, path, dtype, separator)
     itemsize = np.dtype(dtype).itemsize
     if path.is_file():
-        if _valid_token_file(path, dtype, tok.get_vocab_size(), eot):
+        if _checksum_matches(path) and _valid_token_file(path, dtype, tok.get_vocab_size(), eot):
             return TokenFile(path, dtype, path.stat().st_size // itemsize, cached=True)
         path.unlink(missing_ok=True)  # damaged: rebuilt below, as if never cached
-    total = 0
+    _sum_path(path).unlink(missing_ok=True)
+    total, h = 0, hashlib.sha256()
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         for ids in _document_ids(tok, corpus, split, eot):
-            f.write(np.asarray(ids, dtype=dtype).tobytes())
+            data = np.asarray(ids, dtype=dtype).tobytes()
+            f.write(data)
+            h.update(data)
             total += len(ids)
+    _write_checksum(path, [(total * itemsize, h)])  # last: a crash before it leaves a file never reused
     return TokenFile(path, dtype, total, cached=False)
 
 
@@ -159,11 +165,12 @@ def _tokenize_with_bytes(tok: Tokenizer, corpus: Corpus, split: str, path: Path,
     if path.is_file() and bytes_path.is_file():
         tokens = path.stat().st_size // itemsize
         whole = bytes_path.stat().st_size == tokens * np.dtype(_BYTES_DTYPE).itemsize
-        if whole and _valid_token_file(path, dtype, tok.get_vocab_size(), sep):
+        if whole and _checksum_matches(path) and _valid_token_file(path, dtype, tok.get_vocab_size(), sep):
             return TokenFile(path, dtype, tokens, cached=True, bytes_path=bytes_path)
     path.unlink(missing_ok=True)
     bytes_path.unlink(missing_ok=True)
-    total = 0
+    _sum_path(path).unlink(missing_ok=True)
+    total, h, hb = 0, hashlib.sha256(), hashlib.sha256()
     # The ids are renamed into place first, the bytes last: a crash between leaves no pair to reuse.
     with (
         atomic_path(bytes_path) as tmp_bytes,
@@ -172,10 +179,44 @@ def _tokenize_with_bytes(tok: Tokenizer, corpus: Corpus, split: str, path: Path,
         open(tmp, "wb") as f,
     ):
         for ids, n_bytes in _document_bytes(tok, corpus, split, sep):
-            f.write(np.asarray(ids, dtype=dtype).tobytes())
-            fb.write(np.asarray(n_bytes, dtype=_BYTES_DTYPE).tobytes())
+            data, covered = np.asarray(ids, dtype=dtype).tobytes(), np.asarray(n_bytes, dtype=_BYTES_DTYPE).tobytes()
+            f.write(data)
+            fb.write(covered)
+            h.update(data)
+            hb.update(covered)
             total += len(ids)
+    sizes = (total * np.dtype(dtype).itemsize, total * np.dtype(_BYTES_DTYPE).itemsize)
+    _write_checksum(path, [(sizes[0], h), (sizes[1], hb)])
     return TokenFile(path, dtype, total, cached=False, bytes_path=bytes_path)
+
+
+def _sum_path(path: Path) -> Path:
+    """The length and sha256 of a token file (and its .bytes partner), written after it."""
+    return path.with_name(path.name + ".sum")
+
+
+def _write_checksum(path: Path, parts: list[tuple[int, Any]]) -> None:
+    write_text_atomic(_sum_path(path), json.dumps([[size, h.hexdigest()] for size, h in parts]) + "\n")
+
+
+def _checksum_matches(path: Path) -> bool:
+    """The token file (and its .bytes partner, when it has one) have the length and hash written with them:
+    a truncated or changed file is never reused as a corpus."""
+    try:
+        recorded = json.loads(_sum_path(path).read_text(encoding="utf-8"))
+        files = [path, path.with_suffix(".bytes")][: len(recorded)]
+        for file, (size, digest) in zip(files, recorded, strict=True):
+            if file.stat().st_size != size:
+                return False
+            h = hashlib.sha256()
+            with open(file, "rb") as f:
+                while block := f.read(1 << 20):
+                    h.update(block)
+            if h.hexdigest() != digest:
+                return False
+    except (OSError, ValueError, TypeError):
+        return False
+    return True
 
 
 def _valid_token_file(path: Path, dtype: str, vocab_size: int, eot: int) -> bool:
