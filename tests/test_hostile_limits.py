@@ -50,7 +50,16 @@ def test_a_hostile_template_stops_at_the_render_limits(attack, monkeypatch):
     assert "render limits" in str(caught.value)
 
 
+def _alone(monkeypatch) -> None:
+    # The net applies only in a one-thread process; earlier tests in the same process may leave threads
+    # (a server's, a thread pool's) behind, so say "alone" explicitly.
+    import threading
+
+    monkeypatch.setattr(threading, "active_count", lambda: 1)
+
+
 def test_what_the_checks_miss_meets_the_address_space_net(monkeypatch):
+    _alone(monkeypatch)
     monkeypatch.setattr(chat, "RENDER_HEADROOM", 256 << 20)
     with pytest.raises(GenError, match="too much memory"):  # 10^10 characters from a replace
         render_chat("{{ ('x' * 100000)|replace('x', 'x' * 100000) }}", HI)
@@ -316,7 +325,9 @@ def test_the_address_space_net_stays_off_beside_other_threads(monkeypatch):
     calls = []
     real = resource.setrlimit
     monkeypatch.setattr(resource, "setrlimit", lambda which, limits: calls.append(limits) or real(which, limits))
-    render_chat("{{ 'x' }}", HI)
+    with monkeypatch.context() as alone:
+        _alone(alone)
+        render_chat("{{ 'x' }}", HI)
     assert len(calls) == 2 and calls[1] == resource.getrlimit(resource.RLIMIT_AS)  # lowered, then restored
     calls.clear()
     stop = threading.Event()
