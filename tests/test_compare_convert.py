@@ -5,24 +5,10 @@ from __future__ import annotations
 import json
 
 from conftest import TEXT
+from test_compare import FAST  # the same tiny grid settings
 from typer.testing import CliRunner
 
 from gen_cli.cli import app
-
-FAST = [
-    "--preset",
-    "tiny",
-    "--prompt-len",
-    "4",
-    "--max-new-tokens",
-    "5",
-    "--repeats",
-    "1",
-    "--warmup",
-    "0",
-    "--threads",
-    "1",
-]
 
 
 def invoke(*args):
