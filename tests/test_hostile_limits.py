@@ -339,3 +339,12 @@ def test_the_address_space_net_stays_off_beside_other_threads(monkeypatch):
         stop.set()
         other.join()
     assert calls == []
+
+
+def test_a_fifo_as_prompt_cache_is_refused_before_anything_reads_it(tmp_path):
+    import os
+
+    fifo = tmp_path / "cache.kv"
+    os.mkfifo(fifo)  # reading it would block until a writer came
+    refused(["generate", "Hello there", "-n", "2", "--prompt-cache", str(fifo)], r"not a regular file", code=2)
+    assert fifo.exists() and not fifo.is_file()  # left as it was

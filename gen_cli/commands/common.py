@@ -82,10 +82,13 @@ def progress_enabled() -> bool:
 
 
 def check_writable_output(path: Path, force: bool) -> None:
-    """Refuse, before any work, an output file that could not be written: a folder, an existing file
-    (unless `force`) or one we may not write, a path under a file, a folder we cannot create or write into."""
+    """Refuse, before any work, an output file that could not be written: a folder, something not a regular
+    file, an existing file (unless `force`) or one we may not write, a path under a file, a folder we cannot
+    create or write into."""
     if path.is_dir():
         raise UsageError(f"{path} is a directory; give a file name")
+    if path.exists() and not path.is_file():  # reading a FIFO or a device would block or never end
+        raise UsageError(f"{path} is not a regular file (a FIFO, device or socket); give a file name")
     if path.exists() and not force:
         raise UsageError(f"{path} already exists; pass --force to overwrite it")
     if path.exists() and not os.access(path, os.W_OK):
