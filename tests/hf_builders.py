@@ -119,6 +119,34 @@ GGUF_ARCH = {"llama": "llama", "llama3": "llama", "mistral": "llama", "qwen2": "
              "gpt2": "gpt2"}  # fmt: skip
 
 
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def write_chatml_model(directory: Path) -> Path:
+    """A tiny random Llama with ChatML special tokens and template in `directory`, as an instruct model ships
+    them (HF folder: weights, tokenizer.json, tokenizer_config.json, generation_config.json)."""
+    import transformers
+    from tokenizers import AddedToken
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(hf_config("llama", max_position_embeddings=256)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.1)  # logits spread enough that greedy replies are not one repeated token
+    model.save_pretrained(directory)
+    tok = byte_level_tokenizer()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<|im_start|>", "<|im_end|>")])
+    tok.save(str(directory / "tokenizer.json"))
+    config = {"chat_template": CHATML, "eos_token": "<|im_end|>", "tokenizer_class": "PreTrainedTokenizerFast"}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": [0, tok.token_to_id("<|im_end|>")]}))
+    return directory
+
+
 def _permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """convert_hf_to_gguf's permute: llama.cpp's interleaved RoPE pairs rows (j, j + half) as (2j, 2j+1)."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 transformers = pytest.importorskip("transformers")
 
-from hf_builders import byte_level_tokenizer, hf_config  # noqa: E402
+from hf_builders import CHATML, write_chatml_model  # noqa: E402
 
 from gen_cli.cache.linear import KVCache  # noqa: E402
 from gen_cli.cache.spec import CacheSpec  # noqa: E402
@@ -25,32 +25,11 @@ from gen_cli.infer.session import ChatSession, ContextFull, common_prefix  # noq
 
 runner = CliRunner()
 GREEDY = SamplingConfig(temperature=0.0)
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 
 
 @pytest.fixture(scope="module")
 def chat_dir(tmp_path_factory):
-    """A tiny random Llama with ChatML special tokens and template, as an instruct model ships them."""
-    from tokenizers import AddedToken
-
-    d = tmp_path_factory.mktemp("chat")
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(hf_config("llama", max_position_embeddings=256)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.1)  # logits spread enough that greedy replies are not one repeated token
-    model.save_pretrained(d)
-    tok = byte_level_tokenizer()
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<|im_start|>", "<|im_end|>")])
-    tok.save(str(d / "tokenizer.json"))
-    config = {"chat_template": CHATML, "eos_token": "<|im_end|>", "tokenizer_class": "PreTrainedTokenizerFast"}
-    (d / "tokenizer_config.json").write_text(json.dumps(config))
-    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [0, tok.token_to_id("<|im_end|>")]}))
-    return d
+    return write_chatml_model(tmp_path_factory.mktemp("chat"))
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,6 @@ How a document marks its examples (the rules the docs follow):
 from __future__ import annotations
 
 import importlib.util
-import json
 import re
 import shlex
 import subprocess
@@ -106,24 +105,11 @@ def test_every_example_names_real_options(argv):
 
 
 def _instruct_model(directory: Path) -> None:
-    """A tiny random Llama with ChatML tokens and template, as an instruct model ships them."""
-    transformers = pytest.importorskip("transformers")
-    import torch
-    from hf_builders import byte_level_tokenizer, hf_config
-    from tokenizers import AddedToken
+    """A tiny random instruct model (ChatML tokens and template) where the docs name the reader's own."""
+    pytest.importorskip("transformers")
+    from hf_builders import write_chatml_model
 
-    chatml = (
-        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-    )
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(hf_config("llama", max_position_embeddings=256))
-    model.save_pretrained(directory)
-    tok = byte_level_tokenizer()
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<|im_start|>", "<|im_end|>")])
-    tok.save(str(directory / "tokenizer.json"))
-    config = {"chat_template": chatml, "eos_token": "<|im_end|>", "tokenizer_class": "PreTrainedTokenizerFast"}
-    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    write_chatml_model(directory)
 
 
 STAND_INS = {"~/models/SmolLM2-135M-Instruct": _instruct_model}

@@ -12,7 +12,6 @@ import urllib.error
 import urllib.request
 
 import pytest
-import torch
 
 from gen_cli.infer.engine import EngineOptions, Preset, open_model
 from gen_cli.infer.sampling import SamplingConfig
@@ -183,34 +182,13 @@ def test_a_client_leaving_mid_stream_cancels_its_sequence():
         assert scheduler.reserved == 0 and scheduler.idle()
 
 
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
 @pytest.fixture(scope="module")
 def chat_engine(tmp_path_factory):
-    """A tiny random Llama with ChatML special tokens and template (as tests/test_chat.py builds one)."""
-    transformers = pytest.importorskip("transformers")
-    from hf_builders import byte_level_tokenizer, hf_config
-    from tokenizers import AddedToken
+    """The tiny ChatML instruct model tests/test_chat.py chats with."""
+    pytest.importorskip("transformers")
+    from hf_builders import write_chatml_model
 
-    d = tmp_path_factory.mktemp("chat")
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(hf_config("llama", max_position_embeddings=256)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.1)
-    model.save_pretrained(d)
-    tok = byte_level_tokenizer()
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<|im_start|>", "<|im_end|>")])
-    tok.save(str(d / "tokenizer.json"))
-    config = {"chat_template": CHATML, "eos_token": "<|im_end|>", "tokenizer_class": "PreTrainedTokenizerFast"}
-    (d / "tokenizer_config.json").write_text(json.dumps(config))
-    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [0, tok.token_to_id("<|im_end|>")]}))
-    return open_model(d, CPU)
+    return open_model(write_chatml_model(tmp_path_factory.mktemp("chat")), CPU)
 
 
 def test_chat_with_the_openai_client_streamed_and_whole_equals_a_single_run(chat_engine):
