@@ -367,7 +367,6 @@ def run_generation(
     device = prompt_ids.device
     B0, T = prompt_ids.shape
     batch = B0 * num_samples
-    dtype = model_dtype(model)
     steps: list[torch.Tensor] = []
     latencies: list[float] = []
     interrupted = False
@@ -403,17 +402,43 @@ def run_generation(
         finally:
             tokens.close()
     ttft = latencies[0] if latencies else perf_counter() - start
-    decode_time = sum(latencies[1:])
-    n_decode = len(latencies) - 1
+    stats = measured_stats(model, cache, device, T, B0, batch, len(steps), ttft, latencies[1:], mem, probe, reused)
+    out = torch.stack(steps, dim=1) if steps else torch.empty(batch, 0, dtype=torch.long, device=device)
+    return GenerationResult(out, stats, interrupted, cache)
+
+
+def measured_stats(
+    model: Transformer,
+    cache: Cache | None,
+    device: torch.device,
+    prompt_tokens: int,
+    prompt_rows: int,
+    batch: int,
+    new_tokens: int,
+    ttft: float,
+    step_latencies: list[float],
+    mem: PeakMemory,
+    probe: LoadProbe,
+    reused: int = 0,
+    decode_path: str | None = None,
+) -> GenerationStats:
+    """A run's figures from what was measured: `prompt_rows` distinct prompts prefilled (the rest of a batch
+    shares them), `step_latencies` per decode step of all `batch` rows; the decode path as the cache allows
+    (with its reason), unless the caller names it."""
+    decode_time, n_decode = sum(step_latencies), len(step_latencies)
+    dtype = model_dtype(model)
     bpe = torch.empty((), dtype=dtype).element_size()
     native = model.native_decoder
     held = CacheSpec.of(cache) if cache is not None else CacheSpec()
-    stats = GenerationStats(
-        prompt_tokens=T,
-        new_tokens=len(steps),
+    reason = ""
+    if decode_path is None:
+        decode_path = "native" if native is not None and cache is not None and native.accepts(batch, cache) else "torch"
+        reason = native.refusal(batch, cache) if native is not None and cache is not None else ""
+    return GenerationStats(
+        prompt_tokens=prompt_tokens,
+        new_tokens=new_tokens,
         ttft_s=ttft,
-        # The shared prefill processes each distinct prompt row once.
-        prefill_tokens_per_s=(T - reused) * B0 / ttft if ttft > 0 else 0.0,
+        prefill_tokens_per_s=(prompt_tokens - reused) * prompt_rows / ttft if ttft > 0 else 0.0,
         decode_tokens_per_s=n_decode * batch / decode_time if n_decode > 0 and decode_time > 0 else None,
         ms_per_token=1000 * decode_time / n_decode if n_decode > 0 else None,
         kv_cache_bytes=cache.nbytes if cache is not None else 0,
@@ -424,15 +449,13 @@ def run_generation(
         dtype=dtype_name(dtype),
         threads=torch.get_num_threads(),
         batch=batch,
-        decode_path="native" if native is not None and cache is not None and native.accepts(batch, cache) else "torch",
-        decode_path_reason=native.refusal(batch, cache) if native is not None and cache is not None else "",
+        decode_path=decode_path,
+        decode_path_reason=reason,
         kv_dtype_k=cache.k_kind if cache is not None else "",
         kv_dtype_v=cache.v_kind if cache is not None else "",
         kv_window=held.window or 0,
         kv_sinks=held.sinks,
         machine_load=probe.measure().to_dict(),
-        per_token_latencies=latencies[1:],
+        per_token_latencies=step_latencies,
         reused_prompt_tokens=reused,
     )
-    out = torch.stack(steps, dim=1) if steps else torch.empty(batch, 0, dtype=torch.long, device=device)
-    return GenerationResult(out, stats, interrupted, cache)

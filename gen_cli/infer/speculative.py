@@ -21,17 +21,16 @@ from gen_cli.cache.window import Cache
 from gen_cli.errors import UsageError
 from gen_cli.infer.generate import (
     GenerationResult,
-    GenerationStats,
     StopIds,
     decode_step,
-    model_dtype,
+    measured_stats,
     new_cache,
     prefill,
     stop_id_tuple,
 )
 from gen_cli.infer.sampling import SamplingConfig, distribution
 from gen_cli.model.transformer import Transformer
-from gen_cli.runtime import LoadProbe, PeakMemory, dtype_name, synchronize
+from gen_cli.runtime import LoadProbe, PeakMemory, synchronize
 
 MAX_K = 16  # the most guesses an adaptive round makes: a longer verify forward costs more than it saves here
 
@@ -287,33 +286,9 @@ def run_speculative(
         except KeyboardInterrupt:
             interrupted, sstats, times = True, SpeculationStats(speculation.proposer.name, speculation.k, False), []
     times = times[: len(new)]
-    ttft = times[0] if times else 0.0
-    decode_time, n_decode = sum(times[1:]), len(times) - 1
-    dtype = model_dtype(model)
-    bpe = torch.empty((), dtype=dtype).element_size()
-    held = CacheSpec.of(cache)
-    stats = GenerationStats(
-        prompt_tokens=T,
-        new_tokens=len(new),
-        ttft_s=ttft,
-        prefill_tokens_per_s=T / ttft if ttft > 0 else 0.0,
-        decode_tokens_per_s=n_decode / decode_time if n_decode > 0 and decode_time > 0 else None,
-        ms_per_token=1000 * decode_time / n_decode if n_decode > 0 else None,
-        kv_cache_bytes=cache.nbytes,
-        kv_cache_bytes_analytic=held.nbytes(model.config, cache.max_tokens, 1, bpe),
-        peak_memory_bytes=mem.bytes,
-        memory_method=mem.method,
-        device=str(device),
-        dtype=dtype_name(dtype),
-        threads=torch.get_num_threads(),
-        batch=1,
-        decode_path=_decode_path(model, cache),
-        kv_dtype_k=cache.k_kind,
-        kv_dtype_v=cache.v_kind,
-        machine_load=probe.measure().to_dict(),
-        per_token_latencies=times[1:],
-        speculation=sstats.to_dict(),
-    )
+    stats = measured_stats(model, cache, device, T, 1, 1, len(new), times[0] if times else 0.0, times[1:], mem, probe,
+                           decode_path=_decode_path(model, cache))  # fmt: skip
+    stats.speculation = sstats.to_dict()
     out = torch.tensor([new], dtype=torch.long, device=device).view(1, len(new))  # (1, new)
     return GenerationResult(out, stats, interrupted, cache)
 
