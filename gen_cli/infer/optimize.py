@@ -128,7 +128,7 @@ def compile_warm_up(
     return time.perf_counter() - start
 
 
-def fuse_mlp(mlp: nn.Module) -> str | None:
+def fuse_mlp(mlp: nn.Module, pages: PageReleaser | None = None) -> str | None:
     """Replace a SwiGLU's w1 and w3 by one (2 d_ff, d_model) linear `w13`: one matmul reads x once for both.
 
     Block-quantized halves are concatenated as blocks (re-quantized to the more precise type when they
@@ -137,7 +137,7 @@ def fuse_mlp(mlp: nn.Module) -> str | None:
         return None
     if isinstance(mlp.w1, BlockLinear) or isinstance(mlp.w3, BlockLinear):
         mlp.w13, note = concat_rows([as_block_linear(mlp.w1, mlp.w3), as_block_linear(mlp.w3, mlp.w1)])
-        pages = PageReleaser()
+        pages = pages or PageReleaser()
         for half in (mlp.w1, mlp.w3):  # copied into w13: a file-mapped half gives its pages back
             pages.release(half.blocks if isinstance(half, BlockLinear) else half.weight)
         del mlp.w1, mlp.w3
@@ -149,7 +149,7 @@ def fuse_mlp(mlp: nn.Module) -> str | None:
         w13.weight.copy_(torch.cat([w1.weight, w3.weight]))  # (2 d_ff, d_model): gate rows, then up
         if bias:
             w13.bias.copy_(torch.cat([w1.bias, w3.bias]))  # (2 d_ff,)
-    pages = PageReleaser()
+    pages = pages or PageReleaser()
     for half in (w1, w3):  # copied into w13: a file-mapped half gives its pages back
         pages.release(half.weight)
     mlp.w13 = w13
@@ -173,8 +173,9 @@ def optimize_for_decode(
             f"unknown quantize mode {quantize!r}; choose {', '.join(QUANTIZE_MODES)}", params=("quantize",)
         )
     model.eval().requires_grad_(False)
+    pages = PageReleaser()  # the file mappings, read once for every layer
     for layer in model.layers:
-        fuse_mlp(layer.mlp)
+        fuse_mlp(layer.mlp, pages)
     if quantize == "int8":
         quantize_int8(model)
     elif quantize in BLOCK_MODES:
