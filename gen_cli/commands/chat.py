@@ -15,7 +15,6 @@ import typer
 from rich.markup import escape
 
 from gen_cli.commands.common import err, progress_enabled, read_line
-from gen_cli.commands.generate import engine_dtype
 from gen_cli.commands.options import (
     CACHE,
     Device,
@@ -222,9 +221,7 @@ def chat_command(
     from gen_cli.infer.session import ContextFull
     from gen_cli.text.tokenizer import longest_token_bytes
 
-    engine = open_model(
-        model_dir, EngineOptions(device_name, engine_dtype(dtype_opt, device_name), threads, native=native)
-    )
+    engine = open_model(model_dir, EngineOptions(device_name, dtype_opt, threads, native=native))
     if engine.chat_template is None:
         raise UsageError(
             f"{engine.source} has no chat template, so it cannot chat; continue text with `gen generate` instead"

@@ -102,15 +102,6 @@ def _check_model_flags(
         raise UsageError(f"--kv-heads must be at least 1, got {kv_heads}")
 
 
-def engine_dtype(dtype: str | None, device_name: str) -> str | None:
-    """--dtype as the engine takes it: `auto` resolved on the device (bfloat16 on CUDA, else float32)."""
-    if dtype != "auto":
-        return dtype
-    from gen_cli.runtime import dtype_name, resolve_device, run_dtype
-
-    return dtype_name(run_dtype("auto", resolve_device(device_name)))
-
-
 @dataclass(frozen=True)
 class Run:
     """What one `gen generate` does, checked: the prompt or message, the cache, the outputs asked for."""
@@ -405,9 +396,7 @@ def generate_command(
     run = Run(prompt, chat, system, max_new_tokens, sampling, seed, tuple(s for s in (stop or []) if s), ignore_eot,
               num_samples, _cache_spec(kv_cache, kv_kinds, window, sinks), prompt_cache, stream, show_stats, as_json,
               profile, speculate, draft)  # fmt: skip
-    options = EngineOptions(
-        device_name, engine_dtype(dtype_opt, device_name), threads, quantize, native, compile_, rope_scaling, attn_impl
-    )
+    options = EngineOptions(device_name, dtype_opt, threads, quantize, native, compile_, rope_scaling, attn_impl)
     _check_run(run, options, kv_kinds is not None)
     source = PresetShape(preset, tokenizer, attention, kv_heads, pos) if preset is not None else model_dir
     engine, reuse = _open(source, options, run)

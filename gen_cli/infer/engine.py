@@ -48,7 +48,7 @@ class EngineOptions:
     """How to run a model: where, in what dtype, with which weights and decode path (run-time choices only)."""
 
     device: str = "auto"
-    dtype: str | None = None  # None: fp32 for gen's models, as stored for imported ones (quantize may pick)
+    dtype: str | None = None  # None: as stored (gen's models fp32; quantize may pick); `auto`: bf16 on CUDA
     threads: int | None = None
     quantize: str = "none"  # none, int8, q8_0, q4_0, q4_k
     native: bool = True  # gen's C decode step where the model and machine allow it
@@ -188,13 +188,13 @@ def _check_utf8(text: str, what: str) -> None:
 
 def run_dtype(options: EngineOptions, device: torch.device) -> torch.dtype | None:
     """The dtype the options compute in on `device` (None: the model's own), as `gen generate` picks it."""
-    from gen_cli.runtime import resolve_dtype
+    from gen_cli import runtime
 
     if options.quantize not in QUANTIZE_MODES:
         raise UsageError(
             f"unknown quantize mode {options.quantize!r}; choose {', '.join(QUANTIZE_MODES)}", params=("quantize",)
         )
-    requested = resolve_dtype(options.dtype, device) if options.dtype else None
+    requested = runtime.run_dtype(options.dtype, device) if options.dtype else None  # `auto` resolved on the device
     return compute_dtype(options.quantize, device, options.native, requested)
 
 
