@@ -93,6 +93,16 @@ def serve_command(
             rich_help_panel=SERVER,
         ),
     ] = None,
+    drain_s: Annotated[
+        float,
+        typer.Option(
+            "--drain-s",
+            metavar="S",
+            help="On Ctrl-C/SIGTERM, seconds in-flight requests may finish before they are cancelled "
+            "(a second signal exits at once).",
+            rich_help_panel=SERVER,
+        ),
+    ] = 5.0,
     kv_dtype: KvDtype = None,
     kv_dtype_k: KvDtypeK = None,
     kv_dtype_v: KvDtypeV = None,
@@ -105,7 +115,7 @@ def serve_command(
     from gen_cli.cache.spec import CacheSpec
     from gen_cli.infer.engine import EngineOptions, open_model
     from gen_cli.infer.engine import Preset as PresetSource
-    from gen_cli.serve.server import ServeOptions, served, uvicorn_server
+    from gen_cli.serve.server import ServeOptions, listen, served, uvicorn_server
 
     if model_dir is not None and preset is not None:
         raise UsageError("give --model or --preset, not both")
@@ -113,6 +123,8 @@ def serve_command(
         check_model_path(model_dir, "serve")
     if decode not in ("batched", "rows"):
         raise UsageError(f"--decode takes batched or rows, got {decode!r}")
+    if not 0 <= drain_s <= 3600:
+        raise UsageError(f"--drain-s must be between 0 and 3600, got {drain_s}")
     if kv_budget_mb is not None and not kv_budget_mb > 0:
         raise UsageError(f"--kv-budget-mb must be > 0, got {kv_budget_mb}")
     source = PresetSource(preset) if preset is not None else (model_dir or default_model_dir())
@@ -120,10 +132,13 @@ def serve_command(
     engine = open_model(source, EngineOptions(device, dtype, threads, native=native))
     budget = int(kv_budget_mb * 2**20) if kv_budget_mb is not None else None
     options = ServeOptions(
-        max_batch, max_queue, budget, mode=schedule, cache=CacheSpec(*kinds), api_key=api_key, by_row=decode == "rows"
-    )
+        max_batch, max_queue, budget, mode=schedule, cache=CacheSpec(*kinds), api_key=api_key,
+        by_row=decode == "rows", drain_s=drain_s,
+    )  # fmt: skip
     model_id = name or (preset if preset is not None else Path(source).name)  # type: ignore[arg-type]
-    server = uvicorn_server(app_served := served(engine, model_id, options), host, port)
+    sock = listen(host, port)  # bound here so that --port 0 reports the port it got
+    port = sock.getsockname()[1]
+    server = uvicorn_server(app_served := served(engine, model_id, options), host, port, options)
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         err.print(f"[yellow]listening on {host} without --api-key: anyone who can reach it can use it[/]")
     err.print(
@@ -131,9 +146,10 @@ def serve_command(
     )
     app_served.worker.start()
     try:
-        server.run()
+        server.run(sockets=[sock])
     finally:
         app_served.worker.stop()
+        sock.close()
 
 
 def register(app: typer.Typer) -> None:

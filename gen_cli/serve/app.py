@@ -47,6 +47,8 @@ class Served:
     api_key: str | None = None
     max_body: int = MAX_BODY
     created: int = 0
+    body_timeout_s: float = 30.0  # the whole body must arrive within this (a trickling client gets 408)
+    closing: bool = False  # set on shutdown: new requests are answered 503
 
 
 def build_app(served: Served) -> Starlette:
@@ -63,13 +65,13 @@ def build_app(served: Served) -> Starlette:
 
     async def completions(request: Request) -> Response:
         _authorize(request, served)
-        params = completion_params(await _json(request, served.max_body))
+        params = completion_params(await _json(request, served))
         ids = _encode(lambda: served.encode(params.prompt or ""))
         return await _respond(request, served, params, ids, chat=False)
 
     async def chat(request: Request) -> Response:
         _authorize(request, served)
-        params = chat_params(await _json(request, served.max_body))
+        params = chat_params(await _json(request, served))
         if served.chat_ids is None:
             raise ApiError(400, f"{served.name} has no chat template; use /v1/completions", "messages")
         messages = params.messages or []
@@ -95,16 +97,25 @@ def _authorize(request: Request, served: Served) -> None:
         raise ApiError(401, "invalid or missing API key (send Authorization: Bearer <key>)", code="invalid_api_key")
 
 
-async def _json(request: Request, limit: int) -> Any:
-    """The body as JSON, refused past `limit` bytes (413) or when malformed (400)."""
+async def _json(request: Request, served: Served) -> Any:
+    """The body as JSON, refused past `max_body` bytes (413), when slower than `body_timeout_s` (408) or when
+    malformed (400)."""
+    if served.closing:
+        raise ApiError(503, "the server is shutting down", code="shutting_down")
+    limit = served.max_body
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"the request body is larger than {limit:,} bytes", code="request_too_large")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise ApiError(413, f"the request body is larger than {limit:,} bytes", code="request_too_large")
+    try:
+        async with asyncio.timeout(served.body_timeout_s):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise ApiError(413, f"the request body is larger than {limit:,} bytes", code="request_too_large")
+    except TimeoutError:
+        message = f"the request body did not arrive within {served.body_timeout_s:g} s"
+        raise ApiError(408, message, code="request_timeout") from None
     try:
         return json.loads(body)
     except (ValueError, RecursionError):
@@ -265,7 +276,11 @@ class EventStream(Response):
 
 async def _api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
-    headers = {"retry-after": "1"} if exc.status in (429, 503) else None
+    headers = {"retry-after": "1"} if exc.status in (429, 503) else {}
+    if (
+        exc.status in (408, 413) or exc.code == "shutting_down"
+    ):  # the body was not read to its end: the connection cannot carry another request
+        headers["connection"] = "close"
     return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
 

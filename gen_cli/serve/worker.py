@@ -20,6 +20,8 @@ class Worker:
     def __init__(self, scheduler: Scheduler) -> None:
         self.scheduler = scheduler
         self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._live: set[Request] = set()  # submitted and not yet finished (what a shutdown drains or cancels)
         self._thread = threading.Thread(target=self._run, name="gen-model", daemon=True)
 
     def start(self) -> None:
@@ -34,12 +36,36 @@ class Worker:
         events: asyncio.Queue[Event] = asyncio.Queue()
 
         def emit(event: Event) -> None:
+            if event.finish is not None:
+                with self._lock:
+                    self._live.discard(request)
             with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is listening any more
                 loop.call_soon_threadsafe(events.put_nowait, event)
 
         request.emit = emit
-        self.scheduler.submit(request)
+        with self._lock:
+            self._live.add(request)
+        try:
+            self.scheduler.submit(request)
+        except BaseException:
+            with self._lock:
+                self._live.discard(request)
+            raise
         return events
+
+    @property
+    def live(self) -> int:
+        """Requests submitted and not yet finished."""
+        with self._lock:
+            return len(self._live)
+
+    def cancel_all(self) -> int:
+        """Cancel every unfinished request (each then ends with a `cancelled` event); how many there were."""
+        with self._lock:
+            live = list(self._live)
+        for request in live:
+            self.scheduler.cancel(request)
+        return len(live)
 
     def _run(self) -> None:
         while not self._stop.is_set():
