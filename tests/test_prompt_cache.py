@@ -180,3 +180,59 @@ def test_cli_refuses_a_prompt_cache_with_a_window(model_dir, tmp_path):
     result = CliRunner().invoke(app, [*args, "--window", "8", "--prompt-cache", str(tmp_path / "p.st")])
     assert result.exit_code == 2 and "--window" in result.stderr and result.stdout == ""
     assert not (tmp_path / "p.st").exists()
+
+
+def test_a_file_replaced_while_it_is_read_is_read_whole_old_or_new(tmp_path, monkeypatch):
+    import os
+    import threading
+
+    import gen_cli.cache.prompt_file as prompt_file
+
+    model = _model()
+    other = tmp_path / "other"
+    other.mkdir()
+    new = _saved(other, model, torch.arange(5, 12)[None])  # a valid file with other ids
+    path = _saved(tmp_path, model, torch.arange(10)[None])
+    checked = prompt_file._checked
+
+    def replaced_between_header_and_tensors(*args, **kwargs):
+        os.replace(new, path)  # what a second process saving the same prompt cache does
+        return checked(*args, **kwargs)
+
+    monkeypatch.setattr(prompt_file, "_checked", replaced_between_header_and_tensors)
+    saved = read_prompt_cache(path, CONFIG, _ident(model), 48)
+    assert saved is not None and saved.ids == list(range(10))  # the file as opened, whole
+    monkeypatch.setattr(prompt_file, "_checked", checked)
+    assert read_prompt_cache(path, CONFIG, _ident(model), 48).ids == list(range(5, 12))
+
+    # Two handles at once: a writer replacing the file over and over while a reader reads it.
+    caches = {}
+    for ids in (list(range(10)), list(range(3, 9))):
+        caches[len(ids)] = new_cache(model, torch.tensor([ids]), 4)
+        prefill(model, torch.tensor([ids]), caches[len(ids)])
+    stop = threading.Event()
+
+    def writer() -> None:
+        for i in range(200):
+            if stop.is_set():
+                return
+            ids = list(range(10)) if i % 2 else list(range(3, 9))
+            save_prompt_cache(path, caches[len(ids)], ids, _ident(model))
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        seen = {tuple(read_prompt_cache(path, CONFIG, _ident(model), 48).ids) for _ in range(30)}
+    finally:
+        stop.set()
+        thread.join(60)
+    assert seen <= {tuple(range(10)), tuple(range(3, 9)), tuple(range(5, 12))}
+
+
+def test_a_fifo_is_refused_without_blocking(tmp_path):
+    import os
+
+    fifo = tmp_path / "cache.fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(GenError, match="not a regular file"):
+        read_prompt_cache(fifo, CONFIG, _ident(_model()), 48)

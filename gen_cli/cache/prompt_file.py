@@ -8,10 +8,13 @@ file's size before any tensor is read, and a checksum over the tensors catches a
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import torch
 
@@ -27,6 +30,7 @@ if TYPE_CHECKING:
 FORMAT = "gen.prompt_cache"
 VERSION = "1"
 TOKENS = "tokens"
+_MAX_HEADER = 100 * 2**20  # safetensors' own bound on a header's bytes
 _ST_DTYPES = {
     torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
     torch.int8: "I8", torch.uint8: "U8", torch.int64: "I64",
@@ -111,18 +115,57 @@ def read_prompt_cache(
     """The file's ids and KV, checked against this run's identity (its kinds and dtype say the layout) and
     `config`, holding at most `max_tokens` tokens (None: no file).
 
-    Every check on the header and the size runs before a tensor is read; a mismatch is one GenError line."""
-    from safetensors import SafetensorError, safe_open
-
+    The file is opened once and everything is read through that one descriptor, so a writer replacing it
+    meanwhile (an atomic rename) is never half seen: this read sees the old file whole. Every check on the
+    header and the size runs before a tensor is read; a mismatch is one GenError line."""
     if not path.exists():
         return None
     try:
-        size = path.stat().st_size
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            header = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError, ValueError) as e:
-        raise GenError(f"{path}: not a readable prompt-cache file, truncated or damaged ({e}); delete it") from None
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: a FIFO must not block the open
+    except OSError as e:
+        raise GenError(f"{path}: cannot open the prompt-cache file ({e.strerror}); delete it") from None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise GenError(f"{path}: not a regular file; give a prompt-cache file path")
+        meta, header, offsets, start = _read_header(path, f, info.st_size)
+        return _checked(path, f, config, ident, max_tokens, meta, header, offsets, start, info.st_size)
+
+
+def _read_header(path: Path, f: BinaryIO, size: int) -> tuple[dict[str, str], dict, dict, int]:
+    """The safetensors header: metadata, {name: (shape, dtype)}, {name: (begin, end)}, where the data starts."""
+    damaged = f"{path}: not a readable prompt-cache file, truncated or damaged"
+    try:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 2 <= n <= min(size - 8, _MAX_HEADER):
+            raise ValueError(f"header length {n}")
+        raw = json.loads(f.read(n))
+        meta = raw.pop("__metadata__", None) or {}
+        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+            raise ValueError("metadata")
+        header, offsets = {}, {}
+        for name, entry in raw.items():
+            shape, dtype, (begin, end) = tuple(entry["shape"]), entry["dtype"], entry["data_offsets"]
+            if dtype not in _ST_DTYPES.values() or not all(isinstance(d, int) and d >= 0 for d in shape):
+                raise ValueError(f"tensor {name}")
+            if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end):
+                raise ValueError(f"tensor {name} offsets")
+            if end - begin != _numel(shape) * _dtype_of(dtype).itemsize:
+                raise ValueError(f"tensor {name} size")
+            header[name], offsets[name] = (shape, dtype), (begin, end)
+    except (ValueError, TypeError, KeyError, RecursionError, OSError) as e:
+        raise GenError(f"{damaged} ({e}); delete it") from None
+    spans = sorted(offsets.values())
+    if any(a[1] > b[0] for a, b in itertools.pairwise(spans)) or 8 + n + max((e for _, e in spans), default=0) != size:
+        raise GenError(f"{damaged} (its tensors do not fill its {size:,} bytes); delete it")
+    return meta, header, offsets, 8 + n
+
+
+def _checked(
+    path: Path, f: BinaryIO, config: ModelConfig, ident: dict[str, str], max_tokens: int,
+    meta: dict[str, str], header: dict, offsets: dict, start: int, size: int,
+) -> PromptCacheFile:  # fmt: skip
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise GenError(f"{path}: not a gen prompt-cache file (version {VERSION}); delete it or choose another")
     for key, what in _IDENTITY:
@@ -138,8 +181,15 @@ def read_prompt_cache(
     data_bytes = sum(_numel(shape) * _dtype_of(dt).itemsize for shape, dt in header.values())
     if data_bytes > size:
         raise GenError(f"{path}: {size:,} bytes cannot hold the {data_bytes:,} its header declares: truncated")
-    with safe_open(str(path), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in header}
+    tensors = {}
+    for name, (shape, dt) in header.items():
+        begin, end = offsets[name]
+        f.seek(start + begin)
+        buffer = bytearray(end - begin)
+        if f.readinto(buffer) != len(buffer):
+            raise GenError(f"{path}: ends before tensor {name!r}: truncated; delete it")
+        flat = torch.frombuffer(buffer, dtype=_dtype_of(dt)) if buffer else torch.empty(0, dtype=_dtype_of(dt))
+        tensors[name] = flat.reshape(shape)  # the file's row-major layout
     if _checksum(tensors) != meta.get("sha256"):
         raise GenError(f"{path}: its tensors do not match their checksum: the file is damaged; delete it")
     ids = tensors.pop(TOKENS).tolist()
