@@ -120,12 +120,30 @@ class TrainState:
             if key.startswith("optim."):
                 _, idx, field = key.split(".", 2)
                 state.setdefault(int(idx), {})[field] = value
+        _check_moments(model, optimizer, state)
         sd["state"] = state
         optimizer.load_state_dict(sd)
         torch.set_rng_state(self.tensors["rng.torch"])
         generator.set_state(self.tensors["rng.data"])
         if "rng.cuda" in self.tensors and torch.cuda.is_available():
             torch.cuda.set_rng_state(self.tensors["rng.cuda"])
+
+
+def _check_moments(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[int, dict]) -> None:
+    """Each saved AdamW moment has its weight's shape (torch would only fail at the first step), named."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # state_dict's index order
+    for idx, fields in sorted(state.items()):
+        if not 0 <= idx < len(params):
+            raise ValueError(f"optim.{idx}.* names parameter {idx}; the model has {len(params)}")
+        p = params[idx]
+        for field, value in fields.items():
+            want = () if field == "step" else tuple(p.shape)
+            if tuple(value.shape) != want:
+                raise ValueError(
+                    f"optim.{idx}.{field} (of {names.get(id(p), '?')}) has shape {tuple(value.shape)}, "
+                    f"the weight needs {want}"
+                )
 
 
 def _check_state_tensors(config: ModelConfig, tensors: dict[str, torch.Tensor]) -> None:
