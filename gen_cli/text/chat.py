@@ -173,6 +173,40 @@ def _sandbox(deadline: float, max_bytes: int, given: tuple = ()) -> Any:
     return env
 
 
+class Rendered(str):
+    """A rendered conversation that remembers how it was made, so `encode_rendered` can keep the messages'
+    text as text: a message spelling a special token (`<|im_end|>`) must not become that control token."""
+
+    render: Any  # (sentinel messages) -> str: the same render with other message contents
+    contents: tuple[str, ...]
+
+    def message_spans(self) -> list[tuple[int, int]]:
+        """(start, end) of each message content in this text, found by rendering once more with a marker in
+        place of each content; GenError when the template rewrites contents (then they cannot be told apart)."""
+        markers = [f"{_MARK}{i}{_MARK}" for i in range(len(self.contents))]
+        marked = self.render(markers)
+        pieces = marked.split(_MARK)  # template text, index, template text, index, …
+        if len(pieces) % 2 == 0 or not all(p.isdigit() and int(p) < len(markers) for p in pieces[1::2]):
+            raise GenError("the chat template rewrites the messages' text; gen cannot keep it as text")
+        for rewrite in (str, str.strip):  # verbatim, or trimmed as Llama-3's template does (`| trim`)
+            spans, out, pos = [], [], 0
+            for i, piece in enumerate(pieces):
+                if i % 2:
+                    piece = rewrite(self.contents[int(piece)])
+                    spans.append((pos, pos + len(piece)))
+                out.append(piece)
+                pos += len(piece)
+            if "".join(out) == self:
+                return spans
+        raise GenError(
+            "the chat template rewrites the messages' text, so a message spelling a special token cannot be kept "
+            "as text; remove the special token's spelling from the message"
+        )
+
+
+_MARK = "\U000f0000"  # a private-use character no template writes and no message is likely to hold
+
+
 def render_chat(
     template: str,
     messages: list[dict[str, str]],
@@ -180,10 +214,28 @@ def render_chat(
     special_tokens: dict[str, str] | None = None,
     source: str = "chat template",
     max_bytes: int = RENDER_BYTES,
-) -> str:
+) -> Rendered:
     """The conversation as the model's template writes it; `special_tokens` gives bos_token, eos_token …
 
     Refused (GenError) past RENDER_SECONDS or `max_bytes` of UTF-8 output (see the module doc)."""
+
+    def render(contents: list[str]) -> str:
+        marked = [{**m, "content": c} for m, c in zip(messages, contents, strict=True)]
+        return _render(template, marked, add_generation_prompt, special_tokens, source, max_bytes)
+
+    out = Rendered(_render(template, messages, add_generation_prompt, special_tokens, source, max_bytes))
+    out.render, out.contents = render, tuple(str(m.get("content", "")) for m in messages)
+    return out
+
+
+def _render(
+    template: str,
+    messages: list[dict[str, str]],
+    add_generation_prompt: bool,
+    special_tokens: dict[str, str] | None,
+    source: str,
+    max_bytes: int,
+) -> str:
     import jinja2
 
     def raise_exception(message: str) -> None:
@@ -238,13 +290,35 @@ def encode_rendered(tok: Any, text: str, max_tokens: int | None = None) -> list[
         raise GenError(
             f"the rendered conversation is {n_bytes:,} bytes, more than {max_tokens:,} tokens could hold; shorten it"
         )
+    spans = _message_spans(tok, text)
     before = tok.encode_special_tokens
-    tok.encode_special_tokens = False
     try:
-        return tok.encode(text, add_special_tokens=False).ids
+        if not spans:
+            tok.encode_special_tokens = False
+            return tok.encode(text, add_special_tokens=False).ids
+        # The template's text with its special tokens; each message's text with special spellings as text.
+        ids, pos = [], 0
+        for start, end in [*spans, (len(text), len(text))]:
+            tok.encode_special_tokens = False
+            ids += tok.encode(text[pos:start], add_special_tokens=False).ids if start > pos else []
+            tok.encode_special_tokens = True
+            ids += tok.encode(text[start:end], add_special_tokens=False).ids if end > start else []
+            pos = end
+        return ids
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as e:  # `tokenizers` panics (a BaseException) where it cannot allocate
         raise GenError(f"the tokenizer failed on the rendered conversation ({type(e).__name__}: {e})") from None
     finally:
         tok.encode_special_tokens = before
+
+
+def _message_spans(tok: Any, text: str) -> list[tuple[int, int]]:
+    """Where the messages' text lies in `text`, when some message spells one of `tok`'s special tokens (else
+    [] : the whole text is encoded at once, exactly as before)."""
+    if not isinstance(text, Rendered):
+        return []
+    specials = [t.content for t in tok.get_added_tokens_decoder().values() if t.special and t.content]
+    if not any(s in c for c in text.contents for s in specials):
+        return []
+    return sorted(text.message_spans())
