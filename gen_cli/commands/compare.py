@@ -13,7 +13,18 @@ from typing import Any
 import typer
 
 from gen_cli.commands.common import err, out_console, progress_enabled
-from gen_cli.commands.options import MODEL, OUTPUT, PERFORMANCE, Device, Model, Out, Preset, Repeats, Threads
+from gen_cli.commands.options import (
+    MODEL,
+    OUTPUT,
+    PERFORMANCE,
+    Device,
+    Model,
+    Out,
+    Preset,
+    Repeats,
+    Threads,
+    check_model_path,
+)
 from gen_cli.errors import GenError, UsageError
 
 DEFAULT_PROMPT_LEN = 16
@@ -109,6 +120,12 @@ def compare_command(
     sinks: list[str] = _axis("--sinks", "With --window: the first S tokens kept forever", "0"),
     attn_impl: list[str] = _axis(
         "--attn-impl", "fused (SDPA's tiled kernel) or eager (scores materialized); changes prefill", "fused"
+    ),
+    speculate: list[str] = _axis(
+        "--speculate",
+        "off, ngram[:K], draft:PATH or draft:self:q4_0: speculative decoding on the model's own weights and a text "
+        "prompt, off added as the baseline; not crossed with the other axes",
+        "none",
     ),
     preset: Preset = None,
     model_dir: Model = None,
@@ -221,6 +238,18 @@ def compare_command(
         raise UsageError(f"--threads must be at least 1, got {threads}")
     if eval_context is not None and (not quality_steps or eval_context < 1):
         raise UsageError("--eval-context N (N ≥ 1) goes with --quality-steps")
+    if speculate:
+        grid = {"--kv-cache": kv_cache, "--attention": attention, "--kv-heads": kv_heads, "--pos": pos,
+                "--prompt-len": prompt_len, "--batch-size": batch_size, "--dtype": dtype, "--kv-dtype": kv_dtype,
+                "--window": window, "--sinks": sinks, "--attn-impl": attn_impl, "--context": context,
+                "--quality-steps": quality_steps, "--plot": plot}  # fmt: skip
+        crossed = [flag for flag, value in grid.items() if value]
+        if crossed:
+            raise UsageError(
+                f"--speculate runs on its own (the model's weights, a text prompt); drop {', '.join(crossed)}"
+            )
+        _speculate(speculate, preset, model_dir, max_new_tokens, repeats, warmup, threads, device, out_fmt, output)
+        return
     shape, source, preset_name, tokenizer = _resolve_shape(preset, model_dir)
     if context is not None:
         if context < 2:
@@ -285,6 +314,40 @@ def compare_command(
         attach_trained_kv(rows, kv)
         result["env"]["kv_quality"] = kv["note"]
     _show(result, out_fmt, output, plot, chart, wide)
+
+
+def _speculate(
+    values: list[str],
+    preset: str | None,
+    model_dir: Path | None,
+    max_new_tokens: list[str] | None,
+    repeats: int,
+    warmup: int,
+    threads: int | None,
+    device: str,
+    fmt: str,
+    output: Path | None,
+) -> None:
+    """The --speculate axis: measured on the model's weights, shown as its own table."""
+    from gen_cli.atomic import write_text_atomic
+    from gen_cli.lab import compare, compare_speculate
+    from gen_cli.lab.speculative_bench import DEFAULT_PROMPT
+
+    checked = compare_speculate.speculate_values(values)
+    source = compare_speculate.default_source(preset, model_dir)
+    if model_dir is not None:
+        check_model_path(model_dir, "compare")
+    gen_len = compare.int_values("--max-new-tokens", max_new_tokens, [DEFAULT_GEN_LEN], minimum=2)[0]
+    err.print(f"speculate: {', '.join(checked)} × {warmup + repeats} runs each, interleaved")
+    result = compare_speculate.measure(source, checked, DEFAULT_PROMPT, gen_len, repeats, warmup, threads, device)
+    text = compare_speculate.render(result, fmt)
+    if output is not None:
+        write_text_atomic(output, text)
+        err.print(f"wrote {output}")
+    else:
+        sys.stdout.write(text)
+    if not all(r["identical_to_off"] for r in result["rows"]):
+        err.print("[red]warning: a speculative row's text differs from plain decoding[/]")
 
 
 LARGE_GRID = 100  # configurations from which the size is announced (and, in a terminal, confirmed)
