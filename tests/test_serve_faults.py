@@ -291,3 +291,23 @@ def test_a_second_signal_exits_at_once():
         assert "stopped at once" in "".join(server.lines) and "Traceback" not in "".join(server.lines)
     finally:
         server.close()
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        ({"prompt": "a", "max_tokens": 2, "colour": "blue"}, 400, "colour"),
+        ({"prompt": "a", "max_tokens": 2, "frequency_penalty": 0.5}, 400, "frequency_penalty"),
+        ({"prompt": "a", "max_tokens": 2, "logit_bias": {"5": 10}}, 400, "logit_bias"),
+        ({"prompt": "a", "max_tokens": 2, "user": "u1", "frequency_penalty": 0, "logit_bias": {}}, 200, None),
+    ],
+)
+def test_unknown_fields_are_refused_and_harmless_defaults_accepted(server, body, status, param):
+    conn = http.client.HTTPConnection(server.host, server.port, timeout=60)
+    conn.request("POST", "/v1/completions", json.dumps(body), {"content-type": "application/json"})
+    response = conn.getresponse()
+    data = json.loads(response.read())
+    assert response.status == status
+    if status == 400:
+        assert data["error"]["param"] == param and "Traceback" not in data["error"]["message"]
+    _serves(server)

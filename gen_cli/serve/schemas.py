@@ -54,9 +54,47 @@ def _get(body: dict[str, Any], name: str, kinds: tuple[type, ...], default: Any 
     return value
 
 
+# OpenAI's request fields. Those not listed in Params are accepted only at a value that changes nothing here
+# (checked in _unsupported); a field outside OpenAI's schema is refused as OpenAI refuses it.
+_FIELDS = {
+    "model", "max_tokens", "temperature", "top_p", "stop", "seed", "stream", "stream_options", "n", "logprobs",
+    "top_logprobs", "echo", "best_of", "suffix", "tools", "functions", "frequency_penalty", "presence_penalty",
+    "logit_bias", "user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier",
+}  # fmt: skip
+_COMPLETION_FIELDS = _FIELDS | {"prompt"}
+_CHAT_FIELDS = _FIELDS | {
+    "messages", "max_completion_tokens", "tool_choice", "parallel_tool_calls", "function_call", "response_format",
+    "modalities", "reasoning_effort", "audio", "prediction", "web_search_options", "verbosity",
+}  # fmt: skip
+_NO_EFFECT = {
+    "frequency_penalty": (0, 0.0),
+    "presence_penalty": (0, 0.0),
+    "logit_bias": ({},),
+    "tool_choice": ("none",),
+    "function_call": ("none",),
+    "response_format": ({"type": "text"},),
+    "modalities": (["text"],),
+    "audio": (),
+    "prediction": (),
+    "web_search_options": (),
+}
+
+
+def _unsupported(body: dict[str, Any], chat: bool) -> None:
+    known = _CHAT_FIELDS if chat else _COMPLETION_FIELDS
+    for name in body:
+        if name not in known:
+            raise ApiError(400, f"Unrecognized request argument supplied: {name}"[:200], name)
+    for name, harmless in _NO_EFFECT.items():
+        value = body.get(name)
+        if value is not None and value not in harmless:
+            raise ApiError(400, f"'{name}' is not supported by this server (only its default)", name)
+
+
 def _common(body: Any, chat: bool) -> Params:
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
+    _unsupported(body, chat)
     max_key = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _get(body, max_key, (int,))
     if max_tokens is not None and max_tokens < 1:
