@@ -34,12 +34,14 @@ def speculate_values(values: list[str] | None) -> list[str]:
                 continue
             if part == OFF or part.startswith("draft:"):
                 if part == "draft:":
-                    raise UsageError("--speculate draft:PATH needs a draft model (a path or self:q4_0)")
+                    raise UsageError(
+                        "speculate draft:PATH needs a draft model (a path or self:q4_0)", params=("speculate",)
+                    )
             else:
                 parse_speculate(part)  # ngram[:K]: refused here when malformed
             out.append(part)
     if not out:
-        raise UsageError("--speculate needs at least one of off, ngram[:K], draft:PATH")
+        raise UsageError("speculate needs at least one of off, ngram[:K], draft:PATH", params=("speculate",))
     return [OFF, *[v for v in out if v != OFF]]
 
 
@@ -65,7 +67,7 @@ def measure(
     from gen_cli.text.tokenizer import decode
 
     if repeats < 1 or warmup < 0:
-        raise UsageError("--repeats must be at least 1 and --warmup not negative")
+        raise UsageError("repeats must be at least 1 and warmup not negative", params=("repeats", "warmup"))
     engine = open_model(source, EngineOptions(device=device, threads=threads))
     ids = engine.encode(prompt)
     gen_len = min(gen_len, engine.model.config.context_length - len(ids))
@@ -188,7 +190,7 @@ def default_source(preset: str | None, model_dir: Path | None) -> Any:
     from gen_cli.resources import default_model_dir
 
     if model_dir is not None and preset is not None:
-        raise UsageError("pass either --model DIR or --preset NAME, not both")
+        raise UsageError("give a model or a preset, not both", params=("model", "preset"))
     if preset is not None:
         return Preset(preset)
     return model_dir if model_dir is not None else default_model_dir()
