@@ -311,3 +311,14 @@ def test_unknown_fields_are_refused_and_harmless_defaults_accepted(server, body,
     if status == 400:
         assert data["error"]["param"] == param and "Traceback" not in data["error"]["message"]
     _serves(server)
+
+
+def test_a_signal_as_soon_as_the_server_says_it_listens_exits_0():
+    import signal
+
+    server = _Process()
+    try:
+        server.signal(signal.SIGTERM)  # right after the line: before or while uvicorn starts
+        assert server.proc.wait(60) == 0 and "Traceback" not in "".join(server.lines)
+    finally:
+        server.close()

@@ -139,6 +139,7 @@ def serve_command(
     sock = listen(host, port)  # bound here so that --port 0 reports the port it got
     port = sock.getsockname()[1]
     server = uvicorn_server(app_served := served(engine, model_id, options), host, port, options)
+    server.install_signals()  # before the line below: a client may signal as soon as it reads it
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         err.print(f"[yellow]listening on {host} without --api-key: anyone who can reach it can use it[/]")
     err.print(

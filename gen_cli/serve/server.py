@@ -102,6 +102,11 @@ class GenServer(uvicorn.Server):
         super().__init__(config)
         self.served, self.drain_s = app_served, drain_s
 
+    def install_signals(self) -> None:
+        """Take SIGINT/SIGTERM now (main thread), so a signal before `run` starts is a graceful stop too."""
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self.handle_exit)
+
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         # uvicorn re-raises the signal after a graceful exit (the process then dies of it); gen exits 0.
