@@ -322,3 +322,22 @@ def test_a_signal_as_soon_as_the_server_says_it_listens_exits_0():
         assert server.proc.wait(60) == 0 and "Traceback" not in "".join(server.lines)
     finally:
         server.close()
+
+
+def test_a_client_leaving_mid_body_logs_no_traceback(server):
+    import logging
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("uvicorn.error")
+    logger.addHandler(handler)
+    try:
+        sock = _raw(server)
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n" + b'{"prom')
+        time.sleep(0.2)  # the handler is reading the body
+        sock.close()
+        _serves(server)
+    finally:
+        logger.removeHandler(handler)
+    assert not records, [r.getMessage() for r in records]

@@ -18,7 +18,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -116,6 +116,8 @@ async def _json(request: Request, served: Served) -> Any:
     except TimeoutError:
         message = f"the request body did not arrive within {served.body_timeout_s:g} s"
         raise ApiError(408, message, code="request_timeout") from None
+    except ClientDisconnect:  # nobody reads the answer; an ApiError keeps it out of the server's error log
+        raise ApiError(400, "the client left before its request body was whole", code="client_disconnected") from None
     try:
         return json.loads(body)
     except (ValueError, RecursionError):
