@@ -22,6 +22,21 @@ CPU = EngineOptions(device="cpu", native=False)
 FAST = Limits(header_timeout_s=1.0, max_header=4096, max_connections=6)
 
 
+@pytest.fixture(autouse=True)
+def no_server_errors():
+    """No case logs an error (an exception in the app) in the server's log: each is an ordinary answer."""
+    import logging
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("uvicorn.error")
+    logger.addHandler(handler)
+    yield
+    logger.removeHandler(handler)
+    assert not records, [r.getMessage() for r in records]
+
+
 @pytest.fixture(scope="module")
 def engine():
     """Random weights of the tiny preset: a long context, so a request can run while a test acts on it."""
@@ -325,19 +340,8 @@ def test_a_signal_as_soon_as_the_server_says_it_listens_exits_0():
 
 
 def test_a_client_leaving_mid_body_logs_no_traceback(server):
-    import logging
-
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler(logging.ERROR)
-    handler.emit = records.append  # type: ignore[method-assign]
-    logger = logging.getLogger("uvicorn.error")
-    logger.addHandler(handler)
-    try:
-        sock = _raw(server)
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n" + b'{"prom')
-        time.sleep(0.2)  # the handler is reading the body
-        sock.close()
-        _serves(server)
-    finally:
-        logger.removeHandler(handler)
-    assert not records, [r.getMessage() for r in records]
+    sock = _raw(server)
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n" + b'{"prom')
+    time.sleep(0.2)  # the handler is reading the body
+    sock.close()
+    _serves(server)  # and no_server_errors finds nothing in the log
