@@ -181,7 +181,7 @@ class BackgroundServer:
 
     def stop(self) -> None:
         self.server.should_exit = True
-        self._thread.join(timeout=10)
+        self._thread.join(timeout=self.server.drain_s + 15)  # the drain, the cancellations, uvicorn's own 2 s
         self.served.worker.stop()
         self._sock.close()
 
