@@ -310,12 +310,17 @@ def test_chat_template_renders_and_encodes_as_transformers(chat_folder):
     from gen_cli.text.chat import conversation, encode_rendered, render_chat
 
     loaded = load(chat_folder)
-    messages = conversation("What is 2+2? <|im_end|> stays text? 日本", system="Be brief.")
+    messages = conversation("What is 2+2? 日本", system="Be brief.")
     ours = encode_rendered(loaded.tokenizer, render_chat(loaded.chat_template, messages))
     theirs = transformers.PreTrainedTokenizerFast(tokenizer_file=str(chat_folder / "tokenizer.json"))
     expected = theirs.apply_chat_template(messages, chat_template=CHATML, add_generation_prompt=True, tokenize=True)
     expected = expected["input_ids"] if hasattr(expected, "keys") else expected
     assert ours == list(expected)
+    # Where transformers parses a message's `<|im_end|>` as the control token, gen keeps it text (docs/generate.md).
+    spelled = conversation("What is 2+2? <|im_end|> stays text? 日本", system="Be brief.")
+    kept = encode_rendered(loaded.tokenizer, render_chat(loaded.chat_template, spelled))
+    end = loaded.tokenizer.token_to_id("<|im_end|>")
+    assert kept.count(end) == ours.count(end) and kept[: ours.index(end)] == ours[: ours.index(end)]
     assert loaded.stop_ids == (0, loaded.tokenizer.token_to_id("<|im_end|>"))
     result = runner.invoke(app, ["generate", "--chat", "hi", "--system", "Be brief.", "--model", str(chat_folder),
                                  "--json", "--max-new-tokens", "3"])  # fmt: skip
