@@ -345,3 +345,20 @@ def test_a_client_leaving_mid_body_logs_no_traceback(server):
     time.sleep(0.2)  # the handler is reading the body
     sock.close()
     _serves(server)  # and no_server_errors finds nothing in the log
+
+
+def test_a_port_in_use_is_one_line():
+    from typer.testing import CliRunner
+
+    from gen_cli.cli import app
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    try:
+        port = str(taken.getsockname()[1])
+        done = CliRunner().invoke(app, ["serve", "--preset", "tiny", "--device", "cpu", "--port", port])
+    finally:
+        taken.close()
+    assert done.exit_code == 2 and f"cannot listen on 127.0.0.1:{port}" in done.output
+    assert "Traceback" not in done.output
