@@ -362,3 +362,12 @@ def test_a_port_in_use_is_one_line():
         taken.close()
     assert done.exit_code == 2 and f"cannot listen on 127.0.0.1:{port}" in done.output
     assert "Traceback" not in done.output
+
+
+def test_a_client_that_stops_reading_its_stream_holds_no_sequence(server):
+    sock = _raw(server)
+    body = json.dumps({"prompt": "Hello", "max_tokens": 300, "temperature": 0, "stream": True}).encode()
+    head = b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+    sock.sendall(head + b"content-length: %d\r\n\r\n" % len(body) + body)  # and never reads
+    _serves(server)  # served meanwhile; then the unread request has finished and freed its KV (_settles)
+    sock.close()
