@@ -10,7 +10,7 @@ CPU ?=
 TORCH_INDEX ?= $(if $(CPU),https://download.pytorch.org/whl/cpu)
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint format demo bench bench-contention clean
+.PHONY: install test lint format demo bench bench-contention clean cross-tools
 
 $(STAMP): pyproject.toml
 	@echo "Installing into $(VENV): $(TORCH)$(if $(TORCH_INDEX), from $(TORCH_INDEX)), tokenizers, safetensors, typer, rich, test tools."
@@ -32,8 +32,20 @@ format: $(STAMP)
 	$(BIN)/ruff format gen_cli tests
 	$(BIN)/ruff check --fix gen_cli tests
 
-test: lint
+test: lint cross-tools
 	$(BIN)/python -m pytest
+
+# The aarch64 cross compiler and qemu-user the kernel's port test runs under (Debian packages, as root);
+# elsewhere that one test is skipped and says what to install.
+CROSS_PACKAGES := gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user
+cross-tools:
+	@if command -v aarch64-linux-gnu-gcc >/dev/null && command -v qemu-aarch64 >/dev/null; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		echo "Installing $(CROSS_PACKAGES) for the aarch64 kernel test"; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(CROSS_PACKAGES) >/dev/null \
+			|| (apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(CROSS_PACKAGES) >/dev/null) \
+			|| echo "could not install $(CROSS_PACKAGES): the aarch64 kernel test will be skipped"; \
+	else echo "no aarch64 cross compiler or qemu-user ($(CROSS_PACKAGES)): the aarch64 kernel test will be skipped"; fi
 
 demo: $(STAMP)
 	$(BIN)/gen demo

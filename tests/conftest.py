@@ -57,6 +57,16 @@ def tiny_config(**changes) -> ModelConfig:
     return ModelConfig(**base)
 
 
+@pytest.fixture
+def fresh_library():
+    """The native kernel looked up afresh (a test changes $CC), and forgotten again after the test."""
+    from gen_cli.native import build
+
+    build.library.cache_clear()
+    yield
+    build.library.cache_clear()
+
+
 @pytest.fixture(autouse=True)
 def _no_debug_env(monkeypatch):
     """A GEN_DEBUG=1 in the caller's shell would turn the one-line errors the tests expect into tracebacks."""

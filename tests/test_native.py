@@ -211,13 +211,6 @@ def test_unsupported_models_keep_pytorch():
     assert "fp32 models (matrices fp32, int8 or GGML blocks) or all-bf16" in native.supports(mixed)
 
 
-@pytest.fixture
-def fresh_library():
-    build.library.cache_clear()
-    yield
-    build.library.cache_clear()
-
-
 def test_without_a_compiler_generation_falls_back(fresh_library, monkeypatch):
     monkeypatch.setenv("CC", "no-such-compiler-gen")
     assert "FileNotFoundError" in build.native_status()

@@ -197,13 +197,6 @@ def test_profile_counts_every_op_class_only_while_on():
     assert decoder.stop_profile() == dict.fromkeys(PROFILE_KEYS, 0.0)
 
 
-@pytest.fixture
-def fresh_library():
-    build.library.cache_clear()
-    yield
-    build.library.cache_clear()
-
-
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="builds for plain x86-64 targets")
 @pytest.mark.parametrize("march", ["x86-64-v3", "x86-64-v2"])  # AVX2, then no vector ISA (portable C)
 def test_the_avx2_and_portable_paths_equal_the_native_one(march, fresh_library, monkeypatch, tmp_path):

@@ -100,13 +100,6 @@ def test_every_header_compiles_on_its_own(march):
 needs_kernel = pytest.mark.skipif(build.native_status() != "ready", reason="needs the compiled kernel")
 
 
-@pytest.fixture
-def fresh_library():
-    build.library.cache_clear()
-    yield
-    build.library.cache_clear()
-
-
 @needs_kernel
 def test_every_mirrored_enum_matches_the_kernel():
     lib = build.library()

@@ -42,3 +42,12 @@ int64_t gen_abi_enum(const char *name) {
         if (strcmp(ENUMS[i].name, name) == 0) return ENUMS[i].value;
     return -1;
 }
+
+/* 1 when the kernel was built with OpenMP, else 0: its steps then run on one thread whatever n_threads says. */
+int64_t gen_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}

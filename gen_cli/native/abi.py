@@ -12,7 +12,7 @@ import ctypes
 
 from gen_cli.errors import InternalError
 
-ABI_VERSION = 5  # GEN_ABI_VERSION in abi.h
+ABI_VERSION = 6  # GEN_ABI_VERSION in abi.h
 
 # Matrix.type (abi.h's T_*): the step's own formats, then GGML's block formats by their gen names.
 MATRIX_TYPES = {
@@ -172,4 +172,5 @@ def bind(lib: ctypes.CDLL) -> str | None:
     lib.gen_block_matmul.restype = ctypes.c_int64
     lib.gen_block_dequantize.argtypes = [ctypes.c_void_p, *[ctypes.c_int64] * 3, ctypes.c_void_p, *[ctypes.c_int64] * 2]
     lib.gen_block_dequantize.restype = ctypes.c_int64
+    lib.gen_openmp.argtypes, lib.gen_openmp.restype = [], ctypes.c_int64
     return None

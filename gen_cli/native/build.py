@@ -1,11 +1,12 @@
 """Building the native kernel: the .c files here, compiled once per source, compiler and CPU into gen's cache.
 
-`-march=native`: the binary is for this machine only. Without a working C compiler gen runs the
-PyTorch path, and `native_status()` says why. The build key covers the whole compiler command ($CC with its
-own flags) and its `--version`; the version probe and the build each run under a time limit, so a compiler
-that never returns costs at most those seconds and then gen falls back. A cached library is loaded only
-when its size and SHA-256 match the sidecar written with it: a truncated file would otherwise be mapped
-and die of SIGBUS.
+`-march=native`: the binary is for this machine only. Without a working C compiler gen runs the PyTorch
+path, and `native_status()` says why. A compiler without OpenMP (clang without libomp, say) builds the
+same kernel without `-fopenmp`: it runs on one thread, and a note says so. The build key covers the whole
+compiler command ($CC with its own flags) and its `--version`; the version probe and the build each run
+under a time limit, so a compiler that never returns costs at most those seconds and then gen falls back.
+A cached library is loaded only when its size and SHA-256 match the sidecar written with it: a truncated
+file would otherwise be mapped and die of SIGBUS.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ HERE = Path(__file__).parent
 SOURCES = tuple(sorted(HERE.glob("*.c")))  # compiled together into one library
 HEADERS = tuple(sorted(HERE.glob("*.h")))  # included by them: part of the build key
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c11", "-shared", "-fPIC")
+SERIAL_FLAGS = tuple(f for f in FLAGS if f != "-fopenmp")  # the retry for a compiler without OpenMP
 VERSION_TIMEOUT_S = 10.0  # `$CC --version` answers in milliseconds; a hung one is given up on
 BUILD_TIMEOUT_S = 300.0  # the kernel builds in ~5-20 s; far past that the compiler is taken as hung
 _notes: list[str] = []  # what happened to the cache on this run (a damaged kernel rebuilt), said once
@@ -81,6 +83,12 @@ def cached_problem(target: Path) -> str | None:
     return None
 
 
+def _run_compiler(cc: list[str], flags: tuple[str, ...], out: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*cc, *flags, *map(str, SOURCES), "-o", out, "-lm"], capture_output=True, text=True, timeout=BUILD_TIMEOUT_S
+    )
+
+
 def _compile(cc: list[str], out_dir: Path, target: Path) -> str | None:
     """Compile into `target` with its sidecar; None on success, else a one-line reason."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -89,12 +97,9 @@ def _compile(cc: list[str], out_dir: Path, target: Path) -> str | None:
     os.close(fd)
     try:
         try:
-            done = subprocess.run(
-                [*cc, *FLAGS, *map(str, SOURCES), "-o", tmp, "-lm"],
-                capture_output=True,
-                text=True,
-                timeout=BUILD_TIMEOUT_S,
-            )
+            done = _run_compiler(cc, FLAGS, tmp)
+            if done.returncode != 0 and "openmp" in done.stderr.lower():
+                done = _run_compiler(cc, SERIAL_FLAGS, tmp)
         except subprocess.TimeoutExpired:
             reason = f"{cc[0]} did not finish building the native kernel within {BUILD_TIMEOUT_S:g} s"
             _notes.append(f"{reason}; running the PyTorch path")
@@ -135,6 +140,8 @@ def library() -> ctypes.CDLL | str:
         return f"no native kernel ({exc.__class__.__name__}: {exc})"
     if reason := abi.bind(lib):
         return reason
+    if not lib.gen_openmp():
+        _notes.append(f"{cc[0]} has no OpenMP: the native kernel was built without it and runs on one thread")
     return lib
 
 
@@ -142,6 +149,12 @@ def native_status() -> str:
     """'ready', or why the native kernel cannot be used on this machine."""
     lib = library()
     return lib if isinstance(lib, str) else "ready"
+
+
+def has_openmp() -> bool:
+    """Whether the kernel was built with OpenMP (else every step runs on one thread)."""
+    lib = library()
+    return not isinstance(lib, str) and bool(lib.gen_openmp())
 
 
 def take_notes() -> list[str]:
