@@ -19,6 +19,7 @@ import torch
 from gen_cli.cache.spec import CacheSpec
 from gen_cli.cache.window import Cache
 from gen_cli.errors import UsageError
+from gen_cli.infer.batch import native_rows
 from gen_cli.infer.generate import (
     GenerationResult,
     StopIds,
@@ -217,8 +218,13 @@ def speculative_run(
             logits = decode_step(model, torch.tensor([[ids[-1]]], device=device), cache)  # (1, V): the C step
             verify = logits.unsqueeze(1)  # (1, 1, V)
         else:
-            fed = torch.tensor([ids[-1:] + guesses], dtype=torch.long, device=device)  # (1, K+1)
-            verify = model(fed, cache=cache)  # (1, K+1, V): row i follows ids + guesses[:i]
+            fed_ids = ids[-1:] + guesses
+            if (native := native_rows(model, [cache], len(fed_ids))) is not None:
+                # One C step over K+1 rows of this cache: the weights read once, as a decode step reads them.
+                verify = native.forward(fed_ids, cache)[None]  # type: ignore[arg-type]  # (1, K+1, V)
+            else:
+                fed = torch.tensor([fed_ids], dtype=torch.long, device=device)  # (1, K+1)
+                verify = model(fed, cache=cache)  # (1, K+1, V): row i follows ids + guesses[:i]
             stats.verify_rounds += 1
             stats.proposed += len(guesses)
             stats.verify_tokens += len(guesses) + 1
@@ -294,7 +300,8 @@ def run_speculative(
 
 
 def _decode_path(model: Transformer, cache: Cache) -> str:
-    """Single-token steps (no guess) run in C when the native step takes this cache; verifications in PyTorch."""
+    """Single-token steps (no guess) and verifications run in C when the native step takes this cache."""
     native = model.native_decoder
     step = "native" if native is not None and native.accepts(1, cache) else "torch"
-    return f"{step} steps, torch verify"
+    verify = "native" if native_rows(model, [cache], 2) is not None else "torch"
+    return f"{step} steps, {verify} verify"
