@@ -35,11 +35,13 @@ KINDS = [("fp32", "fp32"), ("int8", "int8"), ("int4", "int4"), ("int8", "fp32")]
 TOL, TOL_QUANT = 2e-5, 2e-4
 
 
-def _model(heads: str = "gqa", native: bool = True, **changes) -> Transformer:
+def _model(
+    heads: str = "gqa", native: bool = True, dtype: torch.dtype = torch.float32, quantize: str = "none", **changes
+) -> Transformer:
     n_head, n_kv_head = HEADS[heads]
     config = tiny_config(**{"d_model": 128, "n_head": n_head, "n_kv_head": n_kv_head, "context_length": 96, **changes})
     torch.manual_seed(0)
-    model = optimize_for_decode(Transformer(config).eval(), native=native)
+    model = optimize_for_decode(Transformer(config).eval().to(dtype), quantize, native=native)
     assert not native or model.native_decoder is not None, build.native_status()
     return model
 
@@ -57,7 +59,17 @@ def _single(model: Transformer, prompt: list[int], n: int, kinds: tuple[str, str
 def test_ragged_batch_equals_each_sequence_alone(heads, kinds):
     """Sequences of different prompt lengths join at different steps and leave when done; one native call
     per step advances all of them; every sequence's greedy tokens equal its single-sequence run."""
-    model = _model(heads)
+    _ragged_run(_model(heads), kinds)
+
+
+@pytest.mark.parametrize(("dtype", "quantize"), [(torch.bfloat16, "none"), (torch.float32, "int8")])
+def test_ragged_batch_of_bf16_and_int8_weight_models(dtype, quantize):
+    """A bf16 model (bf16 weights and K/V) and int8 weights: ragged rows equal each sequence alone too."""
+    kinds = ("bf16", "bf16") if dtype == torch.bfloat16 else ("fp32", "fp32")
+    _ragged_run(_model("gqa", dtype=dtype, quantize=quantize), kinds)
+
+
+def _ragged_run(model: Transformer, kinds: tuple[str, str]) -> None:
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 300, (n,), generator=gen).tolist() for n in (5, 17, 2, 30, 9)]
     wanted = [11, 4, 20, 7, 13]  # new tokens per sequence: they leave at different steps
@@ -185,20 +197,22 @@ def test_refusals_fall_back_to_pytorch():
 
 
 def test_scheduler_runs_native_rows_with_single_greedy_output():
-    """Continuous batching through the native step: every request's tokens equal its single run."""
+    """Continuous batching through the native step, short prompts riding in the decode rows' call (longer
+    ones prefilled in PyTorch chunks): every request's tokens equal its single run."""
     model = _model("gqa")
     gen = torch.Generator().manual_seed(9)
     prompts = [torch.randint(0, 300, (n,), generator=gen).tolist() for n in (3, 12, 7, 25, 4, 10)]
     sizes = [9, 3, 14, 6, 11, 5]
     sched = Scheduler(model, max_batch=3, prefill_chunk=8)
-    calls = []
+    calls = []  # (rows, distinct caches) per native call
     real = model.native_decoder.rows
-    model.native_decoder.rows = lambda *a: calls.append(len(a[1])) or real(*a)
+    model.native_decoder.rows = lambda t, c: calls.append((len(c), len(set(map(id, c))))) or real(t, c)
     reqs = [sched.submit(Request(p, n)) for p, n in zip(prompts, sizes, strict=True)]
     sched.run_until_idle()
     for r, p, n in zip(reqs, prompts, sizes, strict=True):
         assert r.tokens == _single(model, p, n, ("fp32", "fp32"))
-    assert calls and max(calls) == 3
+    assert max(d for _, d in calls) == 3  # three requests decoding in one call
+    assert any(rows > d > 1 for rows, d in calls)  # a prompt riding beside a decoding request
 
 
 @pytest.mark.parametrize("kinds", [("fp32", "fp32"), ("int8", "int4")], ids="/".join)

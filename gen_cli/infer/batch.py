@@ -10,6 +10,7 @@ the rows, each at its own position (`NativeDecoder.rows`); otherwise the batch r
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -25,14 +26,17 @@ from gen_cli.model.transformer import RELATIVE, Transformer, check_context
 from gen_cli.native.decoder import MAX_BATCH, NativeDecoder
 
 
-def native_rows(model: Transformer, caches: Sequence[Cache], tokens: int = 1) -> NativeDecoder | None:
-    """The model's C step when it takes `tokens` new tokens into each of these caches in one call, else None."""
+def native_rows(model: Transformer, caches: Sequence[Cache]) -> NativeDecoder | None:
+    """The model's C step when it takes one row per entry of `caches` in one call (a cache named r times takes
+    r consecutive tokens), else None."""
     native = model.native_decoder
-    if not isinstance(native, NativeDecoder) or len(caches) * tokens > MAX_BATCH:
+    if not isinstance(native, NativeDecoder) or not caches or len(caches) > MAX_BATCH:
         return None
     trained = model.config.sliding_window  # the C step has no window mask: past the window PyTorch masks
-    if trained is not None and any(c.pos + tokens > trained for c in caches):
-        return None
+    if trained is not None:
+        counts = Counter(id(c) for c in caches)
+        if any(c.pos + counts[id(c)] > trained for c in caches):
+            return None
     return native if native.accepts_rows(caches) else None  # type: ignore[arg-type]
 
 

@@ -219,7 +219,7 @@ def speculative_run(
             verify = logits.unsqueeze(1)  # (1, 1, V)
         else:
             fed_ids = ids[-1:] + guesses
-            if (native := native_rows(model, [cache], len(fed_ids))) is not None:
+            if (native := native_rows(model, [cache] * len(fed_ids))) is not None:
                 # One C step over K+1 rows of this cache: the weights read once, as a decode step reads them.
                 verify = native.forward(fed_ids, cache)[None]  # type: ignore[arg-type]  # (1, K+1, V)
             else:
@@ -303,5 +303,5 @@ def _decode_path(model: Transformer, cache: Cache) -> str:
     """Single-token steps (no guess) and verifications run in C when the native step takes this cache."""
     native = model.native_decoder
     step = "native" if native is not None and native.accepts(1, cache) else "torch"
-    verify = "native" if native_rows(model, [cache], 2) is not None else "torch"
+    verify = "native" if native_rows(model, [cache, cache]) is not None else "torch"
     return f"{step} steps, {verify} verify"
