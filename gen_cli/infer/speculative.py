@@ -165,6 +165,16 @@ def _verify(
     return guesses, _pick(p, sampling, generator)
 
 
+def verify_forward(model: Transformer, fed: list[int], cache: Cache) -> torch.Tensor:
+    """Logits (K+1, V) of the tokens `fed` at the cache's position, row i following fed[:i+1]; the cache
+    advances past them. One C call over K+1 rows of the cache where gen's C step takes it (the weights read
+    once, as a decode step reads them), else one PyTorch forward."""
+    if (native := native_rows(model, [cache] * len(fed))) is not None:
+        return native.forward(fed, cache)  # type: ignore[arg-type]
+    ids = torch.tensor([fed], dtype=torch.long, device=cache.device)  # (1, K+1)
+    return model(ids, cache=cache)[0]
+
+
 def _next_k(k: int, base: int, accepted: int, proposed: int) -> int:
     """More guesses after a round that kept them all, fewer after one that kept none (HF's heuristic)."""
     if proposed and accepted == proposed:
@@ -218,13 +228,7 @@ def speculative_run(
             logits = decode_step(model, torch.tensor([[ids[-1]]], device=device), cache)  # (1, V): the C step
             verify = logits.unsqueeze(1)  # (1, 1, V)
         else:
-            fed_ids = ids[-1:] + guesses
-            if (native := native_rows(model, [cache] * len(fed_ids))) is not None:
-                # One C step over K+1 rows of this cache: the weights read once, as a decode step reads them.
-                verify = native.forward(fed_ids, cache)[None]  # type: ignore[arg-type]  # (1, K+1, V)
-            else:
-                fed = torch.tensor([fed_ids], dtype=torch.long, device=device)  # (1, K+1)
-                verify = model(fed, cache=cache)  # (1, K+1, V): row i follows ids + guesses[:i]
+            verify = verify_forward(model, ids[-1:] + guesses, cache)[None]  # (1, K+1, V)
             stats.verify_rounds += 1
             stats.proposed += len(guesses)
             stats.verify_tokens += len(guesses) + 1
