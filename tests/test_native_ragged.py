@@ -230,3 +230,21 @@ def test_speculative_verify_runs_native_with_the_same_greedy_output(kinds):
     got, stats, _ = speculative_run(model, prompt, n, greedy, cache, Speculation(NgramProposer(), k=4), None)
     assert got == _single(model, prompt, n, kinds)[: len(got)] and len(got) == n
     assert stats.verify_rounds > 0 and len(calls) == stats.verify_rounds and max(calls) > 1
+
+
+def test_batched_rows_with_widths_off_the_vector_length():
+    """Widths that are not multiples of 16 (d_model 72, d_ff 40, head_dim 18): the four-row matrix kernel's
+    masked tail and the portable attention give the PyTorch forward's logits for 4k and 4k+r rows."""
+    config = tiny_config(d_model=72, n_head=4, n_kv_head=2, d_ff=40, context_length=32)
+    torch.manual_seed(0)
+    model = optimize_for_decode(Transformer(config).eval())
+    assert model.native_decoder is not None, build.native_status()
+    ids = torch.randint(0, 300, (1, 20), generator=torch.Generator().manual_seed(8))
+    cache = KVCache(config, 1, 24)
+    with torch.inference_mode():
+        prefill(model, ids[:, :3], cache)
+        got = torch.cat(
+            [model.native_decoder.forward(ids[0, 3:11], cache), model.native_decoder.forward(ids[0, 11:], cache)]
+        )
+    want = model(ids)[0, 3:]  # (17, V)
+    assert (got - want).abs().max() <= TOL * want.abs().max()
