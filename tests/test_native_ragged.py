@@ -248,3 +248,24 @@ def test_batched_rows_with_widths_off_the_vector_length():
         )
     want = model(ids)[0, 3:]  # (17, V)
     assert (got - want).abs().max() <= TOL * want.abs().max()
+
+
+def test_int8_weight_batches_equal_single_steps_bit_for_bit():
+    """int8 matrices sum exactly in integers, four rows at a time or one: a ragged batch's logits are each
+    sequence's own single step, bit for bit (short contexts: one attention chunk either way)."""
+    model = _model("gqa", quantize="int8")
+    gen = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(0, 300, (n,), generator=gen).tolist() for n in (4, 9, 15, 6, 11)]
+
+    def caches() -> list[KVCache]:
+        out = []
+        for p in prompts:
+            cache = KVCache(model.config, 1, 32)
+            prefill(model, torch.tensor([p]), cache)
+            out.append(cache)
+        return out
+
+    with torch.inference_mode():
+        together = model.native_decoder.rows([7] * len(prompts), caches())  # (5, V)
+        alone = torch.cat([model.native_decoder(torch.tensor([[7]]), c) for c in caches()])  # (5, V)
+    assert torch.equal(together, alone)

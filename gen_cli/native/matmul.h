@@ -127,6 +127,41 @@ static float dot_i8(const int8_t *restrict w, const int16_t *restrict x, int64_t
     return total;
 }
 
+#ifdef GEN_VNNI
+/* dot_i8 for four weight rows against four input rows, each weight chunk widened once for the four inputs:
+ * the same exact integer sums per chunk, so the same result as dot_i8 bit for bit. */
+static void dot_i8_4x4(const int8_t *restrict w, const int16_t *restrict x, int64_t n, float out[4][4]) {
+    for (int r = 0; r < 4; r++)
+        for (int j = 0; j < 4; j++) out[r][j] = 0.f;
+    for (int64_t c0 = 0; c0 < n; c0 += INT_CHUNK) {
+        int64_t end = c0 + INT_CHUNK < n ? c0 + INT_CHUNK : n, c = c0;
+        __m512i a00 = _mm512_setzero_si512(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00,
+                a13 = a00, a20 = a00, a21 = a00, a22 = a00, a23 = a00, a30 = a00, a31 = a00, a32 = a00, a33 = a00;
+#define ROW4(R)                                                                                                   \
+    {                                                                                                             \
+        const __m512i wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + R * n + c)));           \
+        a##R##0 = _mm512_dpwssd_epi32(a##R##0, wv, v0), a##R##1 = _mm512_dpwssd_epi32(a##R##1, wv, v1);          \
+        a##R##2 = _mm512_dpwssd_epi32(a##R##2, wv, v2), a##R##3 = _mm512_dpwssd_epi32(a##R##3, wv, v3);          \
+    }
+        for (; c + 32 <= end; c += 32) {
+            const __m512i v0 = _mm512_loadu_si512((const void *)(x + c)),
+                          v1 = _mm512_loadu_si512((const void *)(x + n + c)),
+                          v2 = _mm512_loadu_si512((const void *)(x + 2 * n + c)),
+                          v3 = _mm512_loadu_si512((const void *)(x + 3 * n + c));
+            ROW4(0) ROW4(1) ROW4(2) ROW4(3)
+        }
+#undef ROW4
+        const __m512i acc[4][4] = {{a00, a01, a02, a03}, {a10, a11, a12, a13}, {a20, a21, a22, a23}, {a30, a31, a32, a33}};
+        for (int r = 0; r < 4; r++)
+            for (int j = 0; j < 4; j++) {
+                int32_t s = _mm512_reduce_add_epi32(acc[r][j]);
+                for (int64_t t = c; t < end; t++) s += (int32_t)w[r * n + t] * (int32_t)x[j * n + t];
+                out[r][j] += (float)s;
+            }
+    }
+}
+#endif
+
 /* Quantise each input row to int16 with its own scale: |x| <= 32767 * scale, error <= scale / 2. */
 static void quantize_rows(const Model *m, const float *x, int64_t n) {
     for (int64_t b = 0; b < m->batch; b++) {
@@ -196,10 +231,20 @@ static void matmul(const Model *m, const Matrix *w, const float *x, float *y, in
 #pragma omp parallel for schedule(static) num_threads(m->n_threads)
     for (int64_t r0 = 0; r0 < rows; r0 += ROW_BLOCK) {
         int64_t r1 = r0 + ROW_BLOCK < rows ? r0 + ROW_BLOCK : rows, b = 0;
-        if (!int8 && r1 - r0 == 4) /* fp32 batches: four inputs at a time against the block's four rows */
+        if (r1 - r0 == 4) /* batches: four inputs at a time against the block's four rows */
             for (; b + 4 <= batch; b += 4) {
                 float v[4][4];
-                dot_f32_4x4((const float *)w->data + r0 * cols, x + b * cols, cols, v);
+                if (int8) {
+#ifdef GEN_VNNI
+                    dot_i8_4x4((const int8_t *)w->data + r0 * cols, m->xq + b * cols, cols, v);
+                    for (int j = 0; j < 4; j++)
+                        for (int r = 0; r < 4; r++) v[r][j] = v[r][j] * w->scale[r0 + r] * m->xscale[b + j];
+#else
+                    break; /* row by row below */
+#endif
+                } else {
+                    dot_f32_4x4((const float *)w->data + r0 * cols, x + b * cols, cols, v);
+                }
                 for (int j = 0; j < 4; j++)
                     for (int r = 0; r < 4; r++) {
                         float *out = y + (b + j) * rows + r0 + r;
