@@ -15,7 +15,7 @@ from conftest import tiny_config
 from gen_cli.cache.linear import KVCache
 from gen_cli.cache.spec import CacheSpec
 from gen_cli.infer.batch import batched_step, native_rows, prefill_chunk
-from gen_cli.infer.generate import greedy_steps, new_cache, prefill
+from gen_cli.infer.generate import decode_step, greedy_steps, new_cache, prefill
 from gen_cli.infer.optimize import optimize_for_decode
 from gen_cli.infer.proposers import NgramProposer
 from gen_cli.infer.sampling import SamplingConfig
@@ -269,3 +269,26 @@ def test_int8_weight_batches_equal_single_steps_bit_for_bit():
         together = model.native_decoder.rows([7] * len(prompts), caches())  # (5, V)
         alone = torch.cat([model.native_decoder(torch.tensor([[7]]), c) for c in caches()])  # (5, V)
     assert torch.equal(together, alone)
+
+
+def test_plain_steps_and_rows_alternate_without_stale_fields():
+    """The plain step (a 2-row int8 K/V cache) and `rows` (fp32 batch-1 caches of other lengths) take turns on
+    one decoder; each step's logits equal PyTorch's: neither leaves the other its slots, stride or kinds."""
+    native_model, torch_model = _model("gqa"), _model("gqa", native=False)
+    ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(11))
+
+    def run(model: Transformer) -> list[torch.Tensor]:
+        shared = KVCache(model.config, 2, 40, k_kind="int8", v_kind="int8")
+        apart = [KVCache(model.config, 1, 24), KVCache(model.config, 1, 64)]
+        out = []
+        with torch.inference_mode():
+            prefill(model, ids[:, :6], shared)
+            prefill(model, ids[:1, :3], apart[0])
+            prefill(model, ids[1:, :9], apart[1])
+            for t in range(3):
+                out.append(decode_step(model, ids[:, 6 + t : 7 + t], shared))
+                out.append(batched_step(model, [int(ids[0, 3 + t]), int(ids[1, 9 + t])], apart))
+        return out
+
+    for got, want in zip(run(native_model), run(torch_model), strict=True):
+        assert (got - want).abs().max() <= TOL_QUANT * want.abs().max()

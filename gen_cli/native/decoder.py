@@ -191,6 +191,7 @@ class NativeDecoder:
         self._scratch_cap = (0, 0)  # (rows, positions) the scratch holds for `rows`
         self._slots: ctypes.Array[KVSlot] | None = None
         self._rows_key: tuple[Any, ...] = ()
+        self._rows_mode = True  # the struct's stride, kinds and slots are not the plain step's
         self._profile: torch.Tensor | None = None
 
     @classmethod
@@ -240,27 +241,39 @@ class NativeDecoder:
             setattr(s, name, self._scratch[name].data_ptr())
         self._scratch_cap = (batch, tokens)
 
+    def _ensure_scratch(self, batch: int, tokens: int) -> None:
+        """Scratch for at least `batch` rows over `tokens` positions; grown only, as batches change size."""
+        if self._scratch_cap[0] < batch or self._scratch_cap[1] < tokens:
+            self._scratch_for(max(batch, self._scratch_cap[0]), max(tokens, self._scratch_cap[1]))
+
+    def _set_kinds(self, cache: KVCache) -> None:
+        """Layer.k_kind/v_kind from this cache (the one kind pair a step reads)."""
+        for i in range(self.config.n_layer):
+            self._layers[i].k_kind = KV_KINDS.get(cache.k_sides[i].kind, KV_KINDS["float"])
+            self._layers[i].v_kind = KV_KINDS.get(cache.v_sides[i].kind, KV_KINDS["float"])
+
     def _bind(self, cache: KVCache, batch: int) -> None:
         """Point the structs at this cache and size the scratch for `batch` rows (only when they change)."""
         # A weak reference: a finished generation's cache is freed, and a new one is bound afresh.
         bound = self._bound and self._bound[0]()
         key = (weakref.ref(cache), batch, torch.get_num_threads())
-        if bound is cache and key[1:] == self._bound[1:]:
-            return
-        c, s = self.config, self._struct
-        self._scratch_for(batch, cache.max_tokens)
-        for i in range(c.n_layer):
-            layer = self._layers[i]
-            for side, sides in (("k", cache.k_sides), ("v", cache.v_sides)):
-                # int8: [values, scale]; int4: [packed values, scale, zero]; a float kind: [values]
-                values, scale, zero = (*(t.data_ptr() for t in sides[i].tensors), None, None)[:3]
-                setattr(layer, f"{side}_cache", values)
-                setattr(layer, f"{side}_scale", scale)
-                setattr(layer, f"{side}_zero", zero)
-                setattr(layer, f"{side}_kind", KV_KINDS.get(sides[i].kind, KV_KINDS["float"]))
-        s.max_tokens, s.batch, s.n_threads = cache.max_tokens, batch, torch.get_num_threads()
-        s.slots, s.n_slots = None, 0
-        self._bound, self._rows_key = key, ()  # `rows` rebinds its slots, kinds and scratch
+        s = self._struct
+        if not (bound is cache and key[1:] == self._bound[1:]):
+            for i in range(self.config.n_layer):
+                layer = self._layers[i]
+                for side, sides in (("k", cache.k_sides), ("v", cache.v_sides)):
+                    # int8: [values, scale]; int4: [packed values, scale, zero]; a float kind: [values]
+                    values, scale, zero = (*(t.data_ptr() for t in sides[i].tensors), None, None)[:3]
+                    setattr(layer, f"{side}_cache", values)
+                    setattr(layer, f"{side}_scale", scale)
+                    setattr(layer, f"{side}_zero", zero)
+            self._bound, self._rows_mode = key, True  # the struct fields below are set afresh
+        if self._rows_mode:  # `rows` ran since: its slots, stride and kinds give way to this cache's
+            self._ensure_scratch(batch, cache.max_tokens)
+            self._set_kinds(cache)
+            s.max_tokens, s.batch, s.n_threads = cache.max_tokens, batch, torch.get_num_threads()
+            s.slots, s.n_slots = None, 0
+            self._rows_mode = False
 
     def accepts_rows(self, caches: Sequence[KVCache]) -> bool:
         """Whether `rows` runs a step over these batch-1 caches (at most MAX_BATCH rows, one kind pair)."""
@@ -279,7 +292,8 @@ class NativeDecoder:
         key = (tuple(weakref.ref(x) for x in caches), torch.get_num_threads())
         same = self._rows_key and len(key[0]) == len(self._rows_key[0])
         same = same and all(a() is b for a, b in zip(self._rows_key[0], caches, strict=True))
-        if not (same and key[1] == self._rows_key[1]):
+        rebuilt = not (same and key[1] == self._rows_key[1])
+        if rebuilt:
             table = (KVSlot * (c.n_layer * len(caches)))()  # (n_layer, n_slots)
             for j, cache in enumerate(caches):
                 for i in range(c.n_layer):
@@ -290,19 +304,14 @@ class NativeDecoder:
                         setattr(entry, f"{side}_scale", scale)
                         setattr(entry, f"{side}_zero", zero)
                     entry.max_tokens = cache.max_tokens
-            first = caches[0]
-            for i in range(c.n_layer):  # one kind pair for every slot: the layer says it
-                self._layers[i].k_kind = KV_KINDS.get(first.k_sides[i].kind, KV_KINDS["float"])
-                self._layers[i].v_kind = KV_KINDS.get(first.v_sides[i].kind, KV_KINDS["float"])
             self._slots, self._rows_key = table, key
-        tokens = max(x.max_tokens for x in caches)
-        if self._scratch_cap[0] < batch or self._scratch_cap[1] < tokens:
-            # Grow only: batches change size as sequences join and leave.
-            self._scratch_for(max(batch, self._scratch_cap[0]), max(tokens, self._scratch_cap[1]))
+        if rebuilt or not self._rows_mode:
+            self._set_kinds(caches[0])  # one kind pair for every slot: the layer says it
+        self._ensure_scratch(batch, max(x.max_tokens for x in caches))
         s.slots, s.n_slots = ctypes.addressof(self._slots), len(caches)
         # The scores' stride: the scratch's, which covers every slot's positions.
         s.max_tokens, s.batch, s.n_threads = self._scratch_cap[1], batch, torch.get_num_threads()
-        self._bound = ()  # the plain step rebinds its own cache and scratch
+        self._rows_mode = True  # the plain step restores its own fields
 
     def rows(self, tokens: Sequence[int] | torch.Tensor, caches: Sequence[KVCache]) -> torch.Tensor:
         """Logits (N, V) for N tokens, token i into caches[i] at that cache's next free position: a cache named
