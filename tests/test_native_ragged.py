@@ -292,3 +292,28 @@ def test_plain_steps_and_rows_alternate_without_stale_fields():
 
     for got, want in zip(run(native_model), run(torch_model), strict=True):
         assert (got - want).abs().max() <= TOL_QUANT * want.abs().max()
+
+
+@pytest.mark.parametrize("d_model", [128, 72])
+def test_bf16_batches_equal_single_steps(d_model):
+    """A bf16 model's batch (four rows at a time, and d_model 72: the last 8 columns past the vectors) gives
+    each sequence's own single-step logits up to fp32 summation order."""
+    config = tiny_config(d_model=d_model, n_head=4, n_kv_head=2, d_ff=40 if d_model == 72 else 64)
+    torch.manual_seed(0)
+    model = optimize_for_decode(Transformer(config).eval().to(torch.bfloat16))
+    assert model.native_decoder is not None, build.native_status()
+    gen = torch.Generator().manual_seed(12)
+    prompts = [torch.randint(0, 300, (n,), generator=gen).tolist() for n in (4, 9, 2, 6, 11)]
+
+    def caches() -> list[KVCache]:
+        out = []
+        for p in prompts:
+            cache = KVCache(config, 1, 16, torch.bfloat16)
+            prefill(model, torch.tensor([p]), cache)
+            out.append(cache)
+        return out
+
+    with torch.inference_mode():
+        together = model.native_decoder.rows([7] * len(prompts), caches())  # (5, V)
+        alone = torch.cat([model.native_decoder(torch.tensor([[7]]), c) for c in caches()])  # (5, V)
+    assert (together - alone).abs().max() <= 1e-5 * alone.abs().max()

@@ -103,6 +103,38 @@ static float dot_bf16(const uint16_t *restrict w, const float *restrict x, int64
     return s;
 }
 
+/* dot_f32_4x4 for bf16 weights (each widened once for the four inputs: a 16-bit shift). */
+static void dot_bf16_4x4(const uint16_t *restrict w, const float *restrict x, int64_t n, float out[4][4]) {
+    int64_t i = 0;
+#ifdef GEN_AVX512
+    __m512 a00 = _mm512_setzero_ps(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00, a13 = a00,
+           a20 = a00, a21 = a00, a22 = a00, a23 = a00, a30 = a00, a31 = a00, a32 = a00, a33 = a00;
+#define WIDEN(p) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p))), 16))
+#define ROW4(R)                                                                                                   \
+    {                                                                                                             \
+        const __m512 wv = WIDEN(w + R * n + i);                                                                   \
+        a##R##0 = _mm512_fmadd_ps(wv, v0, a##R##0), a##R##1 = _mm512_fmadd_ps(wv, v1, a##R##1);                 \
+        a##R##2 = _mm512_fmadd_ps(wv, v2, a##R##2), a##R##3 = _mm512_fmadd_ps(wv, v3, a##R##3);                 \
+    }
+    for (; i + 16 <= n; i += 16) {
+        const __m512 v0 = _mm512_loadu_ps(x + i), v1 = _mm512_loadu_ps(x + n + i), v2 = _mm512_loadu_ps(x + 2 * n + i),
+                     v3 = _mm512_loadu_ps(x + 3 * n + i);
+        ROW4(0) ROW4(1) ROW4(2) ROW4(3)
+    }
+#undef ROW4
+#undef WIDEN
+    const __m512 acc[4][4] = {{a00, a01, a02, a03}, {a10, a11, a12, a13}, {a20, a21, a22, a23}, {a30, a31, a32, a33}};
+    for (int r = 0; r < 4; r++)
+        for (int j = 0; j < 4; j++) out[r][j] = _mm512_reduce_add_ps(acc[r][j]);
+#else
+    for (int r = 0; r < 4; r++)
+        for (int j = 0; j < 4; j++) out[r][j] = 0.f;
+#endif
+    for (int r = 0; r < 4; r++) /* the last n % 16 columns (all of them without AVX-512) */
+        for (int j = 0; j < 4; j++)
+            for (int64_t t = i; t < n; t++) out[r][j] += from_bf16(w[r * n + t]) * x[j * n + t];
+}
+
 /* int8 weights against an int16-quantised input: exact integer dot products. Products are at most
  * 127 * 32767 and each int32 lane sums cols / 32 pairs of them, so columns go in chunks that cannot
  * overflow (4096 / 32 * 2 * 127 * 32767 < 2^31). */
@@ -180,8 +212,18 @@ static void matmul_bf16(const Model *m, const Matrix *w, const float *x, float *
     const int64_t rows = w->rows, cols = w->cols, batch = m->batch;
 #pragma omp parallel for schedule(static) num_threads(m->n_threads)
     for (int64_t r0 = 0; r0 < rows; r0 += ROW_BLOCK) {
-        int64_t r1 = r0 + ROW_BLOCK < rows ? r0 + ROW_BLOCK : rows;
-        for (int64_t b = 0; b < batch; b++) {
+        int64_t r1 = r0 + ROW_BLOCK < rows ? r0 + ROW_BLOCK : rows, b = 0;
+        if (r1 - r0 == 4) /* batches: four inputs at a time against the block's four rows */
+            for (; b + 4 <= batch; b += 4) {
+                float v[4][4];
+                dot_bf16_4x4((const uint16_t *)w->data + r0 * cols, x + b * cols, cols, v);
+                for (int j = 0; j < 4; j++)
+                    for (int r = 0; r < 4; r++) {
+                        float *out = y + (b + j) * rows + r0 + r;
+                        *out = accumulate ? *out + v[r][j] : v[r][j];
+                    }
+            }
+        for (; b < batch; b++) {
             for (int64_t r = r0; r < r1; r++) {
                 float v = dot_bf16((const uint16_t *)w->data + r * cols, x + b * cols, cols);
                 y[b * rows + r] = accumulate ? y[b * rows + r] + v : v;
