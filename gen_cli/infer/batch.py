@@ -154,8 +154,14 @@ class Row:
 @torch.inference_mode()
 def pick(logits: torch.Tensor, rows: Sequence[Row]) -> list[int]:
     """The next id of each row from logits (B, V), under the row's own sampling settings and generator."""
+    # Greedy rows without a repetition penalty take the argmax alone: one call for all of them, not one each.
+    plain = [r.sampling.greedy and r.sampling.repetition_penalty == 1.0 for r in rows]
+    top = logits.argmax(dim=-1).tolist() if any(plain) else []  # (B,)
     out = []
     for i, row in enumerate(rows):
+        if plain[i]:
+            out.append(int(top[i]))
+            continue
         history = None
         if row.sampling.repetition_penalty != 1.0:
             history = torch.tensor([row.ids], dtype=torch.long, device=logits.device)  # (1, T)
