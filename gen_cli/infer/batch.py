@@ -3,12 +3,14 @@ for all B rows (the weights read once per step), and attends each row over its o
 
 Each sequence owns a batch-1 cache (from a `CacheSpec`) holding its own position; sequences join and leave
 between steps. Attention runs per row through the model's own `attention_plan` and `attend`, so RoPE,
-ALiBi, windows and every KV kind behave exactly as in a single-sequence forward. gen's C step takes only
-equal-length batches, so a batch of two or more runs in PyTorch; a batch of one takes `decode_step`.
+ALiBi, windows and every KV kind behave exactly as in a single-sequence forward. Where gen's C step takes
+the model and every row's cache (linear layout, CPU, a kind pair it reads), one native call advances all
+the rows, each at its own position (`NativeDecoder.rows`); otherwise the batch runs in PyTorch.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -21,6 +23,21 @@ from gen_cli.infer.generate import decode_step
 from gen_cli.infer.sampling import SamplingConfig, sample_next
 from gen_cli.model.attention import attend
 from gen_cli.model.transformer import RELATIVE, Transformer, check_context
+from gen_cli.native.decoder import MAX_BATCH, NativeDecoder
+
+
+def native_rows(model: Transformer, caches: Sequence[Cache]) -> NativeDecoder | None:
+    """The model's C step when it takes one row per entry of `caches` in one call (a cache named r times takes
+    r consecutive tokens), else None."""
+    native = model.native_decoder
+    if not isinstance(native, NativeDecoder) or not caches or len(caches) > MAX_BATCH:
+        return None
+    trained = model.config.sliding_window  # the C step has no window mask: past the window PyTorch masks
+    if trained is not None:
+        counts = Counter(id(c) for c in caches)
+        if any(c.pos + counts[id(c)] > trained for c in caches):
+            return None
+    return native if native.accepts_rows(caches) else None  # type: ignore[arg-type]
 
 
 @torch.inference_mode()
@@ -37,10 +54,12 @@ def batched_step(
 ) -> torch.Tensor:
     """Logits (B, V) for one new token per sequence, each at its own cache's position; every cache advances.
 
-    `by_row` runs the single-sequence step once per row instead (gen's C step where it applies): on a small
-    model, whose weights are cheap to read, B C steps beat one PyTorch step over B rows."""
+    gen's C step runs every row in one call where it takes them (`native_rows`). Otherwise `by_row` runs the
+    single-sequence step once per row instead of one PyTorch step over B rows."""
     if len(tokens) != len(caches) or not tokens:
         raise UsageError(f"batched_step needs one token per cache, got {len(tokens)} tokens for {len(caches)} caches")
+    if len(caches) > 1 and (native := native_rows(model, caches)) is not None:
+        return native.rows(list(tokens), caches)  # type: ignore[arg-type]  # (B, V), every cache advanced
     device = model.norm.weight.device
     if len(caches) == 1 or by_row:  # the single-sequence step per row (gen's C step where it applies)
         ids = torch.tensor(list(tokens), device=device)[:, None]  # (B, 1)
@@ -135,8 +154,14 @@ class Row:
 @torch.inference_mode()
 def pick(logits: torch.Tensor, rows: Sequence[Row]) -> list[int]:
     """The next id of each row from logits (B, V), under the row's own sampling settings and generator."""
+    # Greedy rows without a repetition penalty take the argmax alone: one call for all of them, not one each.
+    plain = [r.sampling.greedy and r.sampling.repetition_penalty == 1.0 for r in rows]
+    top = logits.argmax(dim=-1).tolist() if any(plain) else []  # (B,)
     out = []
     for i, row in enumerate(rows):
+        if plain[i]:
+            out.append(int(top[i]))
+            continue
         history = None
         if row.sampling.repetition_penalty != 1.0:
             history = torch.tensor([row.ids], dtype=torch.long, device=logits.device)  # (1, T)

@@ -3,9 +3,10 @@
 A `Scheduler` owns the model's batch. `submit` queues a request (a bounded queue: `QueueFull` when full);
 each `step` drops cancelled rows, admits waiting requests while the batch and the KV budget have room,
 decodes one token for every running row at once (`infer.batch.batched_step`), and prefills admitted
-prompts at most `prefill_chunk` tokens per step. Events go to each request's `emit`, from the thread that
-steps. Modes: `continuous`, `static` (admit a batch only when the last one has finished: the classic
-baseline), `single` (one request at a time).
+prompts at most `prefill_chunk` tokens per step. Where gen's C step takes the caches, a short prompt rides
+in the decode rows' C call instead (its tokens as rows of its own cache). Events go to each request's
+`emit`, from the thread that steps. Modes: `continuous`, `static` (admit a batch only when the last one has
+finished: the classic baseline), `single` (one request at a time).
 """
 
 from __future__ import annotations
@@ -22,13 +23,17 @@ import torch
 
 from gen_cli.cache.spec import CacheSpec
 from gen_cli.errors import GenError, UsageError
-from gen_cli.infer.batch import Row, batched_step, pick, prefill_chunk
+from gen_cli.infer.batch import Row, batched_step, native_rows, pick, prefill_chunk
 from gen_cli.infer.generate import check_lengths, model_dtype, new_cache
 from gen_cli.infer.sampling import SamplingConfig
 from gen_cli.model.transformer import Transformer
+from gen_cli.native.decoder import MAX_BATCH
 from gen_cli.text.stream import TextStream
 
 MODES = ("continuous", "static", "single")
+# Prompt tokens that ride in a decode step's C call as rows of their own cache: up to about this many, one
+# C call over the rows costs less than a PyTorch prefill (shipped model, 1 thread); longer ones go to PyTorch.
+RIDE_TOKENS = 16
 
 
 class QueueFull(GenError):
@@ -169,7 +174,10 @@ class Scheduler:
             self._leave(run, "cancelled")
         self._admit()
         decoding = [r for r in self._running if not r.row.pending and r.logits is None]
-        if decoding:
+        riders = self._riders(decoding)
+        if riders:  # short prompts ride in the decode rows' C call: rows of their own caches
+            self._native_step(decoding, riders)
+        elif decoding:
             tokens, caches = [r.row.ids[-1] for r in decoding], [r.row.cache for r in decoding]
             logits = batched_step(self.model, tokens, caches, self.by_row)
             self._take(decoding, logits)
@@ -187,6 +195,34 @@ class Scheduler:
                 r.logits = None
             self._take(ready, logits)
         self.steps += 1
+
+    def _riders(self, decoding: list[_Running]) -> list[_Running]:
+        """Requests whose whole remaining prompt (at most RIDE_TOKENS in all) joins this step's C call, when
+        gen's C step takes every cache involved; else none (their prompts prefill in PyTorch)."""
+        if self.by_row:
+            return []
+        room = min(RIDE_TOKENS, self.prefill_chunk, MAX_BATCH - len(decoding))
+        riders = []
+        for run in self._running:
+            if run.row.pending and len(run.row.pending) <= room:
+                riders.append(run)
+                room -= len(run.row.pending)
+        caches = [r.row.cache for r in decoding] + [r.row.cache for r in riders for _ in r.row.pending]
+        return riders if riders and native_rows(self.model, caches) is not None else []
+
+    def _native_step(self, decoding: list[_Running], riders: list[_Running]) -> None:
+        """One C call: a row per decoding request, then each rider's prompt as rows of its cache."""
+        tokens = [r.row.ids[-1] for r in decoding] + [t for r in riders for t in r.row.pending]
+        caches = [r.row.cache for r in decoding] + [r.row.cache for r in riders for _ in r.row.pending]
+        native = native_rows(self.model, caches)
+        assert native is not None  # _riders checked these caches
+        logits = native.rows(tokens, caches)  # (rows, V); every cache advanced past its rows
+        end = len(decoding)
+        for run in riders:  # a prompt's last row is its first token's logits
+            end += len(run.row.pending)
+            run.row.pending, run.logits = [], logits[end - 1]
+        if decoding:
+            self._take(decoding, logits[: len(decoding)])
 
     def run_until_idle(self, max_steps: int = 100_000) -> None:
         """Step until no request runs or waits (tests, benches)."""

@@ -19,6 +19,7 @@ import torch
 from gen_cli.cache.spec import CacheSpec
 from gen_cli.cache.window import Cache
 from gen_cli.errors import UsageError
+from gen_cli.infer.batch import native_rows
 from gen_cli.infer.generate import (
     GenerationResult,
     StopIds,
@@ -164,6 +165,16 @@ def _verify(
     return guesses, _pick(p, sampling, generator)
 
 
+def verify_forward(model: Transformer, fed: list[int], cache: Cache) -> torch.Tensor:
+    """Logits (K+1, V) of the tokens `fed` at the cache's position, row i following fed[:i+1]; the cache
+    advances past them. One C call over K+1 rows of the cache where gen's C step takes it (the weights read
+    once, as a decode step reads them), else one PyTorch forward."""
+    if (native := native_rows(model, [cache] * len(fed))) is not None:
+        return native.forward(fed, cache)  # type: ignore[arg-type]
+    ids = torch.tensor([fed], dtype=torch.long, device=cache.device)  # (1, K+1)
+    return model(ids, cache=cache)[0]
+
+
 def _next_k(k: int, base: int, accepted: int, proposed: int) -> int:
     """More guesses after a round that kept them all, fewer after one that kept none (HF's heuristic)."""
     if proposed and accepted == proposed:
@@ -217,8 +228,7 @@ def speculative_run(
             logits = decode_step(model, torch.tensor([[ids[-1]]], device=device), cache)  # (1, V): the C step
             verify = logits.unsqueeze(1)  # (1, 1, V)
         else:
-            fed = torch.tensor([ids[-1:] + guesses], dtype=torch.long, device=device)  # (1, K+1)
-            verify = model(fed, cache=cache)  # (1, K+1, V): row i follows ids + guesses[:i]
+            verify = verify_forward(model, ids[-1:] + guesses, cache)[None]  # (1, K+1, V)
             stats.verify_rounds += 1
             stats.proposed += len(guesses)
             stats.verify_tokens += len(guesses) + 1
@@ -294,7 +304,8 @@ def run_speculative(
 
 
 def _decode_path(model: Transformer, cache: Cache) -> str:
-    """Single-token steps (no guess) run in C when the native step takes this cache; verifications in PyTorch."""
+    """Single-token steps (no guess) and verifications run in C when the native step takes this cache."""
     native = model.native_decoder
     step = "native" if native is not None and native.accepts(1, cache) else "torch"
-    return f"{step} steps, torch verify"
+    verify = "native" if native_rows(model, [cache, cache]) is not None else "torch"
+    return f"{step} steps, {verify} verify"

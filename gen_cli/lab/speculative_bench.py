@@ -16,7 +16,7 @@ from gen_cli.cache.spec import CacheSpec
 from gen_cli.infer.engine import Engine, Preset
 from gen_cli.infer.generate import decode_step, prefill
 from gen_cli.infer.sampling import SamplingConfig
-from gen_cli.infer.speculative import Speculation
+from gen_cli.infer.speculative import Speculation, verify_forward
 
 # An input-grounded task for the shipped model (trained on Python's documentation): a passage, then its start
 # again, so the continuation copies it, as a rewrite or a summary of a given text copies spans of it.
@@ -43,10 +43,13 @@ def forward_costs(engine: Engine, ids: list[int], k: int, repeats: int = 30) -> 
     prefill(model, torch.tensor([ids], device=engine.device), cache)
     base = cache.pos
     one = torch.tensor([[ids[-1]]], device=engine.device)  # (1, 1)
-    block = torch.tensor([ids[-(k + 1) :]], device=engine.device)  # (1, k + 1)
+    block = ids[-(k + 1) :]  # the k + 1 tokens a verify forward takes
     steps, verifies = [], []
     for i in range(repeats + 3):
-        for fn, out in ((lambda: decode_step(model, one, cache), steps), (lambda: model(block, cache=cache), verifies)):
+        for fn, out in (
+            (lambda: decode_step(model, one, cache), steps),
+            (lambda: verify_forward(model, block, cache), verifies),
+        ):
             cache.truncate(base)
             start = perf_counter()
             fn()

@@ -21,6 +21,8 @@ void gen_abi(int64_t *out) {
     out[8] = (int64_t)offsetof(Model, xscale);
     out[9] = (int64_t)offsetof(Matrix, type);
     out[10] = (int64_t)offsetof(Model, profile);
+    out[11] = (int64_t)sizeof(KVSlot);
+    out[12] = (int64_t)offsetof(Model, n_slots);
 }
 
 #define ENUM(name) {#name, name}

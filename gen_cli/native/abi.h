@@ -58,6 +58,15 @@ typedef struct {
     int64_t k_kind, v_kind; /* KV_FLOAT, KV_INT8, KV_INT4 (KV_INT* in fp32 models only) */
 } Layer;
 
+/* One sequence's K and V in one layer, where the caller keeps each sequence's cache in its own memory
+ * (gen_decode_rows with Model.slots set): Layer's stored forms for this sequence alone,
+ * (n_kv_head, max_tokens, head_dim) values, scales and zero points as Layer describes them. */
+typedef struct {
+    void *k_cache, *v_cache;
+    float *k_scale, *k_zero, *v_scale, *v_zero;
+    int64_t max_tokens;
+} KVSlot;
+
 typedef struct {
     int64_t n_layer, n_head, n_kv_head, head_dim, d_model, d_ff, vocab, max_tokens, batch, n_threads;
     int64_t bf16; /* 1: embedding, matrices and KV cache are bfloat16; else fp32 (matrices fp32 or int8) */
@@ -83,6 +92,10 @@ typedef struct {
     float *ad;        /* (batch, width / 32) */
     int16_t *asum;    /* (batch, width / 16) */
     double *profile;  /* NULL, or seconds accumulated per op class (P_* above) */
+    /* Where gen_decode_rows' slot s lives: NULL, row s of each Layer's cache; else slots[layer * n_slots + s]
+     * (max_tokens above is then the scores' stride: at least every slot's max_tokens). */
+    const KVSlot *slots;
+    int64_t n_slots;
 } Model;
 
 #endif

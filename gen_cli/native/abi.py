@@ -56,6 +56,15 @@ class Layer(ctypes.Structure):
     ]
 
 
+class KVSlot(ctypes.Structure):
+    """One sequence's K and V in one layer, in its own memory (gen_decode_rows with Model.slots)."""
+
+    _fields_ = [
+        *((name, ctypes.c_void_p) for name in ("k_cache", "v_cache", "k_scale", "k_zero", "v_scale", "v_zero")),
+        ("max_tokens", ctypes.c_int64),
+    ]
+
+
 # How Layer.k_kind/v_kind name a stored form (abi.h's KV_FLOAT / KV_INT8 / KV_INT4).
 KV_KINDS = {"float": 0, "int8": 1, "int4": 2}
 
@@ -92,6 +101,8 @@ class Model(ctypes.Structure):
         ("emb_type", ctypes.c_int64),
         *((name, ctypes.c_void_p) for name in _BLOCK_SCRATCH),
         ("profile", ctypes.c_void_p),
+        ("slots", ctypes.c_void_p),  # KVSlot (n_layer, n_slots), or NULL: slot s is row s of each Layer's cache
+        ("n_slots", ctypes.c_int64),
     ]
 
 
@@ -108,6 +119,8 @@ def _expected() -> list[int]:
         Model.xscale.offset,
         Matrix.type.offset,
         Model.profile.offset,
+        ctypes.sizeof(KVSlot),
+        Model.n_slots.offset,
     ]
 
 
@@ -165,6 +178,16 @@ def bind(lib: ctypes.CDLL) -> str | None:
     ]
     lib.gen_decode_step.restype = ctypes.c_int64
     lib.gen_decode_step.errcheck = _step_status
+    lib.gen_decode_rows.argtypes = [
+        ctypes.POINTER(Model),
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+    ]
+    lib.gen_decode_rows.restype = ctypes.c_int64
+    lib.gen_decode_rows.errcheck = _step_status
     lib.gen_argmax.argtypes = [ctypes.c_void_p, *[ctypes.c_int64] * 3, ctypes.c_void_p, ctypes.c_int64]
     lib.gen_argmax.restype = None
     lib.gen_block_matmul.argtypes = [ctypes.c_void_p, *[ctypes.c_int64] * 3, ctypes.c_void_p, ctypes.c_int64]

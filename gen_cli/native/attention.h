@@ -1,5 +1,6 @@
-/* Attention over the KV cache for one new token per sequence: the token's k and v stored (kv.h), then every
- * query head attends to positions 0..pos, in chunks of positions that threads take as work items.
+/* Attention over the KV cache for one new token per row: every row's k and v stored (kv.h), then every
+ * query head of row b attends to positions 0..pos_b of its slot, in chunks of positions that threads take as
+ * work items.
  */
 #ifndef GEN_ATTENTION_H
 #define GEN_ATTENTION_H
@@ -12,6 +13,31 @@
 #include "abi.h"
 #include "features.h"
 #include "kv.h"
+
+/* Where each row of a step sits: row b at position pos[b] (or pos0 for all) of slot slot[b] (or slot b). */
+typedef struct {
+    const int64_t *pos, *slot;
+    int64_t pos0;
+} Rows;
+
+static inline int64_t row_pos(const Rows *r, int64_t b) { return r->pos ? r->pos[b] : r->pos0; }
+static inline int64_t row_slot(const Rows *r, int64_t b) { return r->slot ? r->slot[b] : b; }
+
+/* One slot's K and V in layer li: the memory, its tokens per head (T) and its first KV head's index there. */
+typedef struct {
+    void *k, *v;
+    float *ks, *kz, *vs, *vz;
+    int64_t T, head0;
+} SlotKV;
+
+static inline SlotKV slot_kv(const Model *m, const Layer *l, int64_t li, int64_t s) {
+    if (m->slots) {
+        const KVSlot *e = &m->slots[li * m->n_slots + s];
+        return (SlotKV){e->k_cache, e->v_cache, e->k_scale, e->k_zero, e->v_scale, e->v_zero, e->max_tokens, 0};
+    }
+    return (SlotKV){l->k_cache, l->v_cache, l->k_scale, l->k_zero, l->v_scale, l->v_zero, m->max_tokens,
+                    s * m->n_kv_head};
+}
 
 /* The attention of `nq` query heads that share one KV head, over the tokens [t0, t1) of one chunk:
  * s[i][t] gets the scores, then the unnormalised softmax weights exp(score - top[i]); o[i] (hd) gets
@@ -374,52 +400,59 @@ static void chunk_vector(const Chunk *c, int nq, const KVHead *k, const KVHead *
 #undef sum16_int
 #endif
 
-/* Write this token's k and v into the cache at pos, then attend every query head to positions 0..pos.
+/* Write every row's k and v into its slot at its position, then attend each row's query heads to positions
+ * 0..pos_b of its slot (stores first: rows of one slot at consecutive positions see each other causally).
  *
  * Work items are (row, KV head, chunk of positions): each reads its K and V tokens once for all the
  * query heads that share them (GQA), computes its own softmax over the chunk (max, weights, weighted V
  * sum), and the chunks of a head are merged after. Long contexts split into chunks so that every thread
  * has work even with fewer KV heads than threads. */
-static void attention(const Model *m, const Layer *l, int64_t pos) {
+static void attention(const Model *m, const Layer *l, int64_t li, const Rows *r) {
     const int64_t hd = m->head_dim, H = m->n_head, Hkv = m->n_kv_head, T = m->max_tokens;
-    const int64_t row = (H + 2 * Hkv) * hd, group = H / Hkv, n = pos + 1;
+    const int64_t row = (H + 2 * Hkv) * hd, group = H / Hkv;
+    int64_t longest = 0; /* the most positions any row attends to */
     for (int64_t b = 0; b < m->batch; b++) {
+        const int64_t pos = row_pos(r, b);
+        const SlotKV s = slot_kv(m, l, li, row_slot(r, b));
+        longest = pos + 1 > longest ? pos + 1 : longest;
         for (int64_t g = 0; g < Hkv; g++) {
-            const int64_t slot = (b * Hkv + g) * T + pos;
+            const int64_t at = (s.head0 + g) * s.T + pos;
             const float *k = m->qkv + b * row + (H + g) * hd, *v = k + Hkv * hd;
-            kv_store(l->k_kind, (int)m->bf16, l->k_cache, l->k_scale, l->k_zero, slot, k, hd);
-            kv_store(l->v_kind, (int)m->bf16, l->v_cache, l->v_scale, l->v_zero, slot, v, hd);
+            kv_store(l->k_kind, (int)m->bf16, s.k, s.ks, s.kz, at, k, hd);
+            kv_store(l->v_kind, (int)m->bf16, s.v, s.vs, s.vz, at, v, hd);
         }
     }
     /* About 8 items per thread (dynamic scheduling evens out a loaded machine), chunks of >= 256 tokens. */
     const int64_t heads = m->batch * Hkv, want = (8 * m->n_threads + heads - 1) / heads;
-    int64_t len = (n + want - 1) / want;
+    int64_t len = (longest + want - 1) / want;
     len = len < 256 ? 256 : (len + 15) / 16 * 16;
-    int64_t chunks = (n + len - 1) / len;
+    int64_t chunks = (longest + len - 1) / len;
     /* Per (row, query head, chunk): the weighted V sum, the chunk's top score and its weights' sum. */
     const int64_t stride = hd + 2;
     float *part = chunks > 1 ? malloc((size_t)(m->batch * H * chunks * stride) * sizeof(float)) : NULL;
-    if (!part) chunks = 1, len = n; /* one chunk a head writes its output directly */
+    if (!part) chunks = 1, len = longest; /* one chunk a head writes its output directly */
 #ifdef GEN_AVX512
     const int vector = hd % 16 == 0 && hd <= HD_MAX;
 #endif
 #pragma omp parallel for schedule(dynamic, 1) num_threads(m->n_threads)
     for (int64_t item = 0; item < heads * chunks; item++) {
-        const int64_t b = item / (Hkv * chunks), g = item / chunks % Hkv, ci = item % chunks, head = b * Hkv + g;
-        const KVHead k = kv_head(l->k_kind, (int)m->bf16, l->k_cache, l->k_scale, l->k_zero, head, T, hd);
-        const KVHead v = kv_head(l->v_kind, (int)m->bf16, l->v_cache, l->v_scale, l->v_zero, head, T, hd);
+        const int64_t b = item / (Hkv * chunks), g = item / chunks % Hkv, ci = item % chunks;
+        const int64_t n = row_pos(r, b) + 1, t0 = ci * len, t1 = t0 + len < n ? t0 + len : n;
+        if (t0 >= n) continue; /* past this row's positions: the merge stops before this chunk */
+        const SlotKV s = slot_kv(m, l, li, row_slot(r, b));
+        const KVHead k = kv_head(l->k_kind, (int)m->bf16, s.k, s.ks, s.kz, s.head0 + g, s.T, hd);
+        const KVHead v = kv_head(l->v_kind, (int)m->bf16, s.v, s.vs, s.vz, s.head0 + g, s.T, hd);
         for (int64_t h0 = g * group; h0 < (g + 1) * group; h0 += 4) {
             const int nq = (int)((g + 1) * group - h0 < 4 ? (g + 1) * group - h0 : 4);
             const float *q[4];
-            float *s[4], *o[4], top[4], sum[4];
+            float *sc[4], *o[4], top[4], sum[4];
             for (int i = 0; i < nq; i++) {
                 const int64_t h = h0 + i;
                 q[i] = m->qkv + b * row + h * hd;
-                s[i] = m->scores + (b * H + h) * T;
+                sc[i] = m->scores + (b * H + h) * T;
                 o[i] = part ? part + ((b * H + h) * chunks + ci) * stride : m->att + (b * H + h) * hd;
             }
-            const int64_t t0 = ci * len, t1 = t0 + len < n ? t0 + len : n;
-            const Chunk c = {q, s, o, top, sum, t0, t1, hd, 1.f / sqrtf((float)hd)};
+            const Chunk c = {q, sc, o, top, sum, t0, t1, hd, 1.f / sqrtf((float)hd)};
 #ifdef GEN_AVX512
             if (vector) chunk_vector(&c, nq, &k, &v);
             else
@@ -436,13 +469,14 @@ static void attention(const Model *m, const Layer *l, int64_t pos) {
         }
     }
     if (!part) return;
-    /* Merge each head's chunks: rescale each to the overall top score, then normalise. */
+    /* Merge each head's chunks (those its row reached): rescale each to the overall top score, normalise. */
     for (int64_t bh = 0; bh < m->batch * H; bh++) {
+        const int64_t used = (row_pos(r, bh / H) + len) / len; /* chunks covering positions 0..pos */
         const float *p = part + bh * chunks * stride;
         float top = -INFINITY, sum = 0.f, *out = m->att + bh * hd;
-        for (int64_t ci = 0; ci < chunks; ci++) top = fmaxf(top, p[ci * stride + hd]);
+        for (int64_t ci = 0; ci < used; ci++) top = fmaxf(top, p[ci * stride + hd]);
         memset(out, 0, hd * sizeof(float));
-        for (int64_t ci = 0; ci < chunks; ci++) {
+        for (int64_t ci = 0; ci < used; ci++) {
             const float w = expf(p[ci * stride + hd] - top);
             sum += w * p[ci * stride + hd + 1];
             for (int64_t d = 0; d < hd; d++) out[d] += w * p[ci * stride + d];

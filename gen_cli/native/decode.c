@@ -49,12 +49,13 @@ static void norm(const Model *m, const Norm *p, const float *x, float *y) {
     }
 }
 
-/* Rotate each q and k head of every row: pair (i, i + half) turns by the table's angle at pos. */
-static void rope(const Model *m, int64_t pos) {
+/* Rotate each q and k head of every row: pair (i, i + half) turns by the table's angle at the row's position. */
+static void rope(const Model *m, const Rows *r) {
     const int64_t hd = m->head_dim, half = hd / 2, heads = m->n_head + m->n_kv_head;
     const int64_t row = (m->n_head + 2 * m->n_kv_head) * hd;
-    const float *cos = m->rope_cos + pos * hd, *sin = m->rope_sin + pos * hd;
     for (int64_t b = 0; b < m->batch; b++) {
+        const int64_t pos = row_pos(r, b);
+        const float *cos = m->rope_cos + pos * hd, *sin = m->rope_sin + pos * hd;
         for (int64_t h = 0; h < heads; h++) {
             float *v = m->qkv + b * row + h * hd;
             for (int64_t i = 0; i < half; i++) {
@@ -94,9 +95,8 @@ static int64_t check_types(const Model *m) {
     return 0;
 }
 
-/* Row b's token id is tokens[b * token_stride], at position pos (the cache holds 0..pos-1);
- * logits: (batch, vocab). Returns 0, or -1 (nothing computed) when a matrix's type is not one this kernel knows. */
-int64_t gen_decode_step(const Model *m, const int64_t *tokens, int64_t token_stride, int64_t pos, float *logits) {
+/* The step over m->batch rows, row b at position row_pos(r, b) of slot row_slot(r, b). */
+static int64_t step(const Model *m, const int64_t *tokens, int64_t token_stride, const Rows *r, float *logits) {
     if (check_types(m)) return -1;
     const int64_t d = m->d_model;
     const BlockType *emb = block_type(m->emb_type);
@@ -116,8 +116,10 @@ int64_t gen_decode_step(const Model *m, const int64_t *tokens, int64_t token_str
         else
             for (int64_t i = 0; i < d; i++)
                 x[i] = m->bf16 ? from_bf16(((const uint16_t *)m->tok_emb)[tok * d + i]) : ((const float *)m->tok_emb)[tok * d + i];
-        if (m->pos_table)
-            for (int64_t i = 0; i < d; i++) x[i] += m->pos_table[pos * d + i];
+        if (m->pos_table) {
+            const float *add = m->pos_table + row_pos(r, b) * d;
+            for (int64_t i = 0; i < d; i++) x[i] += add[i];
+        }
     }
     MARK(P_EMBED)
     for (int64_t li = 0; li < m->n_layer; li++) {
@@ -126,9 +128,9 @@ int64_t gen_decode_step(const Model *m, const int64_t *tokens, int64_t token_str
         MARK(P_NORM)
         matmul(m, &l->wqkv, m->h, m->qkv, 0);
         MARK(P_QKV)
-        if (m->rope_cos) rope(m, pos);
+        if (m->rope_cos) rope(m, r);
         MARK(P_ROPE)
-        attention(m, l, pos);
+        attention(m, l, li, r);
         MARK(P_ATTENTION)
         matmul(m, &l->wo, m->att, m->x, 1); /* the residual add rides on the output write */
         MARK(P_ATTN_OUT)
@@ -147,6 +149,22 @@ int64_t gen_decode_step(const Model *m, const int64_t *tokens, int64_t token_str
     MARK(P_LM_HEAD)
 #undef MARK
     return 0;
+}
+
+/* Row b's token id is tokens[b * token_stride], at position pos of cache row b (the cache holds 0..pos-1);
+ * logits: (batch, vocab). Returns 0, or -1 (nothing computed) when a matrix's type is not one this kernel knows. */
+int64_t gen_decode_step(const Model *m, const int64_t *tokens, int64_t token_stride, int64_t pos, float *logits) {
+    const Rows r = {NULL, NULL, pos};
+    return step(m, tokens, token_stride, &r, logits);
+}
+
+/* As gen_decode_step, with row b at its own position pos[b] of its own slot slot[b] (attention.h's Rows):
+ * every row's k and v are stored before any row attends, so rows of one slot at consecutive positions are
+ * a causal multi-token forward and rows of different slots a ragged batch. */
+int64_t gen_decode_rows(const Model *m, const int64_t *tokens, int64_t token_stride, const int64_t *pos,
+                        const int64_t *slot, float *logits) {
+    const Rows r = {pos, slot, 0};
+    return step(m, tokens, token_stride, &r, logits);
 }
 
 /* out[b * out_stride] = the first index of row b's largest logit, as torch.argmax picks it (a NaN

@@ -2,8 +2,10 @@
 
 `NativeDecoder.attach(model)` (done by `optimize_for_decode`) moves the streamed weights into 2 MB
 pages, in place, and points the C structs at the model's own tensors; `decode_step` then routes
-single-token CPU steps of an fp32 (or int8-weight) or bf16 model here. Prompts, the no-cache oracle and
-every other device stay in PyTorch.
+single-token CPU steps of an fp32 (or int8-weight) or bf16 model here. `NativeDecoder.rows` steps rows
+of several batch-1 caches at once, each row at its own position (a ragged batch), or several consecutive
+tokens of one cache (a causal multi-token forward: a speculative verify). Long prompts, the no-cache oracle
+and every other device stay in PyTorch.
 
 The library comes from `build` (compiled for this machine, or a reason it is unavailable); the
 structs it reads are mirrored and checked in `abi`.
@@ -14,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import weakref
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -22,16 +25,17 @@ from torch import nn
 from gen_cli.cache.kinds import kind_of
 from gen_cli.cache.linear import KVCache
 from gen_cli.cache.spec import CacheSpec
+from gen_cli.errors import InternalError
 from gen_cli.model.config import ModelConfig
 from gen_cli.model.transformer import Transformer, check_context
-from gen_cli.native.abi import KV_KINDS, MATRIX_TYPES, PROFILE_KEYS, Layer, Matrix, Model, Norm
+from gen_cli.native.abi import KV_KINDS, MATRIX_TYPES, PROFILE_KEYS, KVSlot, Layer, Matrix, Model, Norm
 from gen_cli.native.build import library, native_status
 from gen_cli.quant.block_linear import BlockEmbedding, BlockLinear
 from gen_cli.quant.linear import Int8Linear
 
-# Batch rows one step takes: each weight row block is reused from L1 by every row, so a handful of
-# samples costs little more than one; larger batches are GEMMs, PyTorch's strength.
-MAX_BATCH = 16
+# Rows one step takes: each weight row block is reused from L1 by every row, so the weights are read once
+# per step for all of them (the scratch is sized for the rows; beyond this, prompts are GEMMs, PyTorch's).
+MAX_BATCH = 64
 HUGE_PAGE = 2 << 20
 
 
@@ -184,6 +188,10 @@ class NativeDecoder:
         self._struct_ref = ctypes.byref(self._struct)
         self._bound: tuple[Any, ...] = ()
         self._scratch: dict[str, torch.Tensor] = {}
+        self._scratch_cap = (0, 0)  # (rows, positions) the scratch holds for `rows`
+        self._slots: ctypes.Array[KVSlot] | None = None
+        self._rows_key: tuple[Any, ...] = ()
+        self._rows_mode = True  # the struct's stride, kinds and slots are not the plain step's
         self._profile: torch.Tensor | None = None
 
     @classmethod
@@ -216,18 +224,13 @@ class NativeDecoder:
         kinds = {"fp32", "int8", "int4"}
         return self.dtype == torch.float32 and cache.k_kind in kinds and cache.v_kind in kinds
 
-    def _bind(self, cache: KVCache, batch: int) -> None:
-        """Point the structs at this cache and size the scratch for `batch` rows (only when they change)."""
-        # A weak reference: a finished generation's cache is freed, and a new one is bound afresh.
-        bound = self._bound and self._bound[0]()
-        key = (weakref.ref(cache), batch, torch.get_num_threads())
-        if bound is cache and key[1:] == self._bound[1:]:
-            return
+    def _scratch_for(self, batch: int, tokens: int) -> None:
+        """Point the scratch at buffers for `batch` rows attending over up to `tokens` positions each."""
         c, s = self.config, self._struct
         width = max(c.d_model, c.d_ff)
         shapes = {
             "x": (batch, c.d_model), "h": (batch, width), "qkv": (batch, (c.n_head + 2 * c.n_kv_head) * c.head_dim),
-            "att": (batch, c.d_model), "ff": (batch, 2 * c.d_ff), "scores": (batch, c.n_head, cache.max_tokens),
+            "att": (batch, c.d_model), "ff": (batch, 2 * c.d_ff), "scores": (batch, c.n_head, tokens),
             "xq": (batch, width), "xscale": (batch,),
             "aq": (batch, width), "ad": (batch, -(-width // 32)), "asum": (batch, -(-width // 16)),
         }  # fmt: skip
@@ -236,17 +239,116 @@ class NativeDecoder:
             dtype = dtypes.get(name, torch.float32)
             self._scratch[name] = torch.empty(shape, dtype=dtype)
             setattr(s, name, self._scratch[name].data_ptr())
-        for i in range(c.n_layer):
-            layer = self._layers[i]
-            for side, sides in (("k", cache.k_sides), ("v", cache.v_sides)):
-                # int8: [values, scale]; int4: [packed values, scale, zero]; a float kind: [values]
-                values, scale, zero = (*(t.data_ptr() for t in sides[i].tensors), None, None)[:3]
-                setattr(layer, f"{side}_cache", values)
-                setattr(layer, f"{side}_scale", scale)
-                setattr(layer, f"{side}_zero", zero)
-                setattr(layer, f"{side}_kind", KV_KINDS.get(sides[i].kind, KV_KINDS["float"]))
-        s.max_tokens, s.batch, s.n_threads = cache.max_tokens, batch, torch.get_num_threads()
-        self._bound = key
+        self._scratch_cap = (batch, tokens)
+
+    def _ensure_scratch(self, batch: int, tokens: int) -> None:
+        """Scratch for at least `batch` rows over `tokens` positions; grown only, as batches change size."""
+        if self._scratch_cap[0] < batch or self._scratch_cap[1] < tokens:
+            self._scratch_for(max(batch, self._scratch_cap[0]), max(tokens, self._scratch_cap[1]))
+
+    def _set_kinds(self, cache: KVCache) -> None:
+        """Layer.k_kind/v_kind from this cache (the one kind pair a step reads)."""
+        for i in range(self.config.n_layer):
+            self._layers[i].k_kind = KV_KINDS.get(cache.k_sides[i].kind, KV_KINDS["float"])
+            self._layers[i].v_kind = KV_KINDS.get(cache.v_sides[i].kind, KV_KINDS["float"])
+
+    def _bind(self, cache: KVCache, batch: int) -> None:
+        """Point the structs at this cache and size the scratch for `batch` rows (only when they change)."""
+        # A weak reference: a finished generation's cache is freed, and a new one is bound afresh.
+        bound = self._bound and self._bound[0]()
+        key = (weakref.ref(cache), batch, torch.get_num_threads())
+        s = self._struct
+        if not (bound is cache and key[1:] == self._bound[1:]):
+            for i in range(self.config.n_layer):
+                layer = self._layers[i]
+                for side, sides in (("k", cache.k_sides), ("v", cache.v_sides)):
+                    # int8: [values, scale]; int4: [packed values, scale, zero]; a float kind: [values]
+                    values, scale, zero = (*(t.data_ptr() for t in sides[i].tensors), None, None)[:3]
+                    setattr(layer, f"{side}_cache", values)
+                    setattr(layer, f"{side}_scale", scale)
+                    setattr(layer, f"{side}_zero", zero)
+            self._bound, self._rows_mode = key, True  # the struct fields below are set afresh
+        if self._rows_mode:  # `rows` ran since: its slots, stride and kinds give way to this cache's
+            self._ensure_scratch(batch, cache.max_tokens)
+            self._set_kinds(cache)
+            s.max_tokens, s.batch, s.n_threads = cache.max_tokens, batch, torch.get_num_threads()
+            s.slots, s.n_slots = None, 0
+            self._rows_mode = False
+
+    def accepts_rows(self, caches: Sequence[KVCache]) -> bool:
+        """Whether `rows` runs a step over these batch-1 caches (at most MAX_BATCH rows, one kind pair)."""
+        if not caches or len(caches) > MAX_BATCH:
+            return False
+        first = caches[0]
+        kinds = (first.k_kind, first.v_kind, first.dtype)
+        for cache in caches:
+            if getattr(cache, "batch_size", 0) != 1 or (cache.k_kind, cache.v_kind, cache.dtype) != kinds:
+                return False
+        return all(self.accepts(1, cache) for cache in dict.fromkeys(caches))
+
+    def _bind_rows(self, caches: list[KVCache], batch: int) -> None:
+        """Point Model.slots at each distinct cache's memory (rebuilt only when the set changes)."""
+        c, s = self.config, self._struct
+        key = (tuple(weakref.ref(x) for x in caches), torch.get_num_threads())
+        same = self._rows_key and len(key[0]) == len(self._rows_key[0])
+        same = same and all(a() is b for a, b in zip(self._rows_key[0], caches, strict=True))
+        rebuilt = not (same and key[1] == self._rows_key[1])
+        if rebuilt:
+            table = (KVSlot * (c.n_layer * len(caches)))()  # (n_layer, n_slots)
+            for j, cache in enumerate(caches):
+                for i in range(c.n_layer):
+                    entry = table[i * len(caches) + j]
+                    for side, sides in (("k", cache.k_sides), ("v", cache.v_sides)):
+                        values, scale, zero = (*(t.data_ptr() for t in sides[i].tensors), None, None)[:3]
+                        setattr(entry, f"{side}_cache", values)
+                        setattr(entry, f"{side}_scale", scale)
+                        setattr(entry, f"{side}_zero", zero)
+                    entry.max_tokens = cache.max_tokens
+            self._slots, self._rows_key = table, key
+        if rebuilt or not self._rows_mode:
+            self._set_kinds(caches[0])  # one kind pair for every slot: the layer says it
+        self._ensure_scratch(batch, max(x.max_tokens for x in caches))
+        s.slots, s.n_slots = ctypes.addressof(self._slots), len(caches)
+        # The scores' stride: the scratch's, which covers every slot's positions.
+        s.max_tokens, s.batch, s.n_threads = self._scratch_cap[1], batch, torch.get_num_threads()
+        self._rows_mode = True  # the plain step restores its own fields
+
+    def rows(self, tokens: Sequence[int] | torch.Tensor, caches: Sequence[KVCache]) -> torch.Tensor:
+        """Logits (N, V) for N tokens, token i into caches[i] at that cache's next free position: a cache named
+        r times takes r consecutive tokens (a causal multi-token forward); each cache advances by its count."""
+        n = len(caches)
+        if len(tokens) != n or not self.accepts_rows(caches):
+            raise InternalError("NativeDecoder.rows was given rows it does not accept (check accepts_rows)")
+        slots: dict[int, int] = {}  # id(cache) -> slot
+        distinct: list[KVCache] = []
+        count: list[int] = []
+        slot, pos = [], []
+        for cache in caches:
+            j = slots.setdefault(id(cache), len(distinct))
+            if j == len(distinct):
+                distinct.append(cache)
+                count.append(0)
+            slot.append(j)
+            pos.append(cache.pos + count[j])
+            count[j] += 1
+        for cache, k in zip(distinct, count, strict=True):
+            check_context(self.config, cache.pos, k)
+            if cache.pos + k > cache.max_tokens:
+                cache.advance(k)  # raises the cache's own "overflow" error
+        self._bind_rows(distinct, n)
+        ids = torch.as_tensor(tokens, dtype=torch.int64).reshape(n)  # (N,)
+        where = torch.tensor([pos, slot], dtype=torch.int64)  # (2, N): positions, slots
+        logits = torch.empty(n, self.config.vocab_size)  # (N, V)
+        self.lib.gen_decode_rows(
+            self._struct_ref, ids.data_ptr(), ids.stride(0), where[0].data_ptr(), where[1].data_ptr(), logits.data_ptr()
+        )
+        for cache, k in zip(distinct, count, strict=True):
+            cache.advance(k)
+        return logits
+
+    def forward(self, tokens: Sequence[int] | torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits (T, V) of T consecutive tokens of one batch-1 cache, from its position on (T ≤ MAX_BATCH)."""
+        return self.rows(tokens, [cache] * len(tokens))
 
     def __call__(self, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """token (B, 1) at cache.pos -> fp32 logits (B, vocab); writes this position's k/v, advances the cache."""

@@ -12,7 +12,7 @@
 #include "abi.h"
 #include "bf16.h"
 
-/* Store one head's k or v (hd values) as token `row` of its cache (row = (b n_kv_head + g) max_tokens + pos),
+/* Store one head's k or v (hd values) as token `row` of its cache (row = (head g of its slot) max_tokens + pos),
  * quantised exactly as KVSide.write does: the same fp32 divisions, rounded half to even (as torch.round). */
 static void kv_store(int64_t kind, int bf16, void *data, float *scale, float *zero, int64_t row, const float *x,
                      int64_t hd) {
