@@ -26,6 +26,7 @@ from gen_cli.model.config import ModelConfig
 from gen_cli.model.transformer import Transformer, check_context
 from gen_cli.native.abi import KV_KINDS, MATRIX_TYPES, PROFILE_KEYS, Layer, Matrix, Model, Norm
 from gen_cli.native.build import library, native_status
+from gen_cli.native.threads import ThreadGovernor
 from gen_cli.quant.block_linear import BlockEmbedding, BlockLinear
 from gen_cli.quant.linear import Int8Linear
 
@@ -184,6 +185,7 @@ class NativeDecoder:
         self._struct_ref = ctypes.byref(self._struct)
         self._bound: tuple[Any, ...] = ()
         self._scratch: dict[str, torch.Tensor] = {}
+        self.threads = ThreadGovernor()  # fewer threads while other processes keep cores busy
         self._profile: torch.Tensor | None = None
 
     @classmethod
@@ -255,6 +257,7 @@ class NativeDecoder:
         if cache.pos + 1 > cache.max_tokens:
             cache.advance(1)  # raises the cache's own "overflow" error
         self._bind(cache, batch)
+        self._struct.n_threads = self.threads.threads(torch.get_num_threads())
         if token.dtype != torch.int64:
             token = token.long()
         logits = torch.empty(batch, self.config.vocab_size)  # (B, vocab)
