@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 INTERVAL_S = 0.25  # long enough to average the scheduler's slices, short enough to follow a new competitor
+FIRST_S = 0.05  # the first look, counted from the model's layout: a short run is judged too (5 ticks a core)
 # A core counts as taken when other processes use at least TAKE of it, and as free again below FREE: the
 # gap keeps the count from flapping at the edge.
 TAKE, FREE = 0.5, 0.3
@@ -58,7 +59,7 @@ class ThreadGovernor:
         self.others_cores: float | None = None  # the last measure of what other processes took
         self.steps: Counter[int] = Counter()  # steps run at each thread count since the last report
         self._sample = self._read()
-        self._next = time.perf_counter() + INTERVAL_S
+        self._next = time.perf_counter() + FIRST_S
 
     def _read(self) -> tuple[float, float | None, float]:
         return time.perf_counter(), _busy_seconds(self.cpus), time.process_time()
@@ -95,8 +96,10 @@ class ThreadGovernor:
         others = self.others_cores
         if not self.adaptive:
             reason = "fixed (GEN_ADAPT_THREADS=0)"
+        elif others is None and self._sample[1] is None:
+            reason = "no load measure on this system (/proc/stat): as requested"
         elif others is None:
-            reason = "no load measure on this system: as requested"
+            reason = f"the run ended before the first look at the load ({FIRST_S * 1000:.0f} ms): as requested"
         else:
             reason = f"other processes used {others:.1f} of the {len(self.cpus)} cores this process may run on"
         return {
