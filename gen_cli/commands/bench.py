@@ -244,6 +244,10 @@ def bench_decode_command(
         "ceiling = measured bandwidth / (weights in stored dtype + KV read) per token; "
         "% peak = prefill FLOP/s over a GEMM's measured now (fp32, or bf16 for bf16 modes)"
     )
+    for r in rows:  # where the ceiling's bytes go
+        if by_class := r.extra.get("bytes_by_class"):
+            parts = ", ".join(f"{cls} {nbytes / 1e6:,.2f}" for cls, nbytes in by_class.items())
+            err.print(f"MB read per token, {r.mode}: {parts}")
     notes = sorted({r.vs_hf_note for r in rows if r.vs_hf_note})
     if notes:
         err.print(f"ns: the ratio to transformers is not a measured speed-up ({'; '.join(notes)})")
