@@ -123,3 +123,17 @@ def test_stack_rows_joins_neighbours_of_one_type():
     torch.testing.assert_close(stack(x), torch.cat([a(x), b(x), c(x)], -1))
     torch.testing.assert_close(stack.weight, torch.cat([a.dequantized(), b.dequantized(), c.dequantized()]))
     assert stack.weight_bytes == a.weight_bytes + b.weight_bytes + c.weight_bytes
+
+
+def test_a_model_in_parts_exports_whole(mixed, tmp_path):
+    from typer.testing import CliRunner
+
+    from gen_cli.cli import app
+
+    out = tmp_path / "hf"
+    result = CliRunner().invoke(app, ["export", str(mixed), "--to", "hf", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(mixed.parent, gguf_file=mixed.name, dtype=torch.float32)
+    exported = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(exported.eval()(_ids()).logits, theirs.eval()(_ids()).logits, rtol=0, atol=1e-4)
