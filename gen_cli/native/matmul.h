@@ -1,6 +1,6 @@
 /* A matrix times a few vectors, y[b] = W x[b] (+ y[b] when accumulate), for every Matrix.type: fp32, bf16, int8
- * rows with a scale each, and GGML blocks (block_types.h). Threads take turns of whole row blocks from a shared
- * counter (row_chunk); each block's rows stay in L1 while every batch row uses them.
+ * rows with a scale each, and GGML blocks (block_types.h). Threads take whole row blocks; each block's rows stay
+ * in L1 while every batch row uses them.
  */
 #ifndef GEN_MATMUL_H
 #define GEN_MATMUL_H
@@ -14,15 +14,6 @@
 #include "features.h"
 
 enum { ROW_BLOCK = 4 };
-
-/* Row blocks a thread takes at a time from the loop's shared counter: about 8 turns per thread. A fixed share
- * each (a static split) makes every region wait for a thread the scheduler has parked beside another process;
- * taking turns, the running thread does the parked one's rows, and the turns stay long enough that the
- * counter costs nothing measurable. */
-static inline int row_chunk(int64_t rows, int64_t threads) {
-    const int64_t blocks = (rows + ROW_BLOCK - 1) / ROW_BLOCK, chunk = blocks / (8 * (threads > 0 ? threads : 1));
-    return chunk > 1 ? (int)chunk : 1;
-}
 
 static float dot_f32(const float *restrict w, const float *restrict x, int64_t n) {
 #ifdef GEN_AVX512
@@ -111,7 +102,7 @@ static void quantize_rows(const Model *m, const float *x, int64_t n) {
  * small shape (short rows, so a step does little per call), measured in alternating runs. */
 static void matmul_bf16(const Model *m, const Matrix *w, const float *x, float *y, int accumulate) {
     const int64_t rows = w->rows, cols = w->cols, batch = m->batch;
-#pragma omp parallel for schedule(dynamic, row_chunk(rows, m->n_threads)) num_threads(m->n_threads)
+#pragma omp parallel for schedule(static) num_threads(m->n_threads)
     for (int64_t r0 = 0; r0 < rows; r0 += ROW_BLOCK) {
         int64_t r1 = r0 + ROW_BLOCK < rows ? r0 + ROW_BLOCK : rows;
         for (int64_t b = 0; b < batch; b++) {
@@ -132,7 +123,7 @@ static void matmul_blocks(const Model *m, const Matrix *w, const BlockType *t, c
         Act a = {m->aq + b * cols, m->ad + b * (cols / 32), m->asum + b * (cols / 16)};
         t->quantize_act(x + b * cols, cols, a);
     }
-#pragma omp parallel for schedule(dynamic, row_chunk(rows, m->n_threads)) num_threads(m->n_threads)
+#pragma omp parallel for schedule(static) num_threads(m->n_threads)
     for (int64_t r0 = 0; r0 < rows; r0 += ROW_BLOCK) {
         int64_t r1 = r0 + ROW_BLOCK < rows ? r0 + ROW_BLOCK : rows;
         for (int64_t b = 0; b < batch; b++) {
@@ -161,8 +152,8 @@ static void matmul(const Model *m, const Matrix *w, const float *x, float *y, in
     const int64_t rows = w->rows, cols = w->cols, batch = m->batch;
     const int int8 = w->scale != NULL;
     if (int8) quantize_rows(m, x, cols);
-    /* Threads take turns of whole row blocks; each block's rows stay in L1 while every batch row uses them. */
-#pragma omp parallel for schedule(dynamic, row_chunk(rows, m->n_threads)) num_threads(m->n_threads)
+    /* Threads take whole row blocks; each block's rows stay in L1 while every batch row uses them. */
+#pragma omp parallel for schedule(static) num_threads(m->n_threads)
     for (int64_t r0 = 0; r0 < rows; r0 += ROW_BLOCK) {
         int64_t r1 = r0 + ROW_BLOCK < rows ? r0 + ROW_BLOCK : rows;
         for (int64_t b = 0; b < batch; b++) {
