@@ -349,7 +349,7 @@ def load_gguf(path: Path, device: torch.device | str = "cpu", dtype: torch.dtype
     model = model_from_tensors(config, tensors, layers).to(device)
     details = _details(f, arch, config, helds)
     details["copied at load"] = copied  # bytes by reason; every other weight is a view of the file's map
-    notes = [f"{line} (GGUF types gen has no kernel for, or parts of one matrix in different types)"
+    notes = [f"{line} (GGUF types gen has no kernel for)"
              for line in summary_lines(details["matrices"]) if "re-quantized" in line]  # fmt: skip
     specials = {}
     for key in ("bos", "eos", "unknown", "padding"):
