@@ -222,7 +222,7 @@ def targets(rows: list[ContentionRow]) -> list[dict[str, Any]]:
         fixed = [x for t, x in same.items() if t != DEFAULT and t != "1" and x.idle_tok_s]
         for x in fixed:
             ratio = r.idle_tok_s / x.idle_tok_s
-            found.append({"target": f"default idle ≈ {x.threads} fixed threads idle ({where})", "value": ratio,
+            found.append({"target": f"default threads idle ≥ {x.threads} fixed threads idle ({where})", "value": ratio,
                           "met": ratio >= NOISE})  # fmt: skip
     return found
 
