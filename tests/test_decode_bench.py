@@ -7,6 +7,7 @@ import torch
 from conftest import tiny_config
 
 from gen_cli.errors import UsageError
+from gen_cli.lab.ceilings import weight_bytes_by_class, weight_bytes_per_token
 from gen_cli.lab.decode_bench import (
     DEFAULT_GPU_MODES,
     DEFAULT_MODES,
@@ -14,7 +15,6 @@ from gen_cli.lab.decode_bench import (
     bench_shape,
     build_gen,
     kv_bytes_read,
-    weight_bytes_per_token,
 )
 from gen_cli.lab.transformers_peer import hf_available
 from gen_cli.model.transformer import Transformer
@@ -28,6 +28,12 @@ def test_bytes_per_token_follow_the_stored_dtype():
     linear = sum(p.numel() for n, p in Transformer(config).named_parameters() if "norm" not in n and "emb" not in n)
     linear += config.vocab_size * config.d_model  # the tied head is read once per token
     assert fp32 == linear * 4 + config.d_model * 4
+    by_class = weight_bytes_by_class(build_gen(config, "fp32", torch.device("cpu")))
+    assert sum(by_class.values()) == fp32 and by_class["embedding"] == config.d_model * 4
+    assert set(by_class) == {"embedding", "attn qkv", "attn out", "mlp in", "mlp out", "lm head"}
+    assert by_class["lm head"] == config.vocab_size * config.d_model * 4
+    qkv_rows = (config.n_head + 2 * config.n_kv_head) * config.head_dim
+    assert by_class["attn qkv"] == config.n_layer * qkv_rows * config.d_model * 4
     assert int8 < fp32 / 3
     assert kv_bytes_read(config, torch.float32, 8, 4) == config.kv_bytes_per_token(4) * 10
 

@@ -43,6 +43,11 @@ def test_json_has_text_and_stable_stats_keys(model_dir, tokenizer):
     n_layer, n_kv_head, head_dim = 2, 4, 32 // 4  # tiny_config: d_model 32, 4 heads
     analytic = 2 * n_layer * n_kv_head * head_dim * (len(prompt) + 12) * 1 * 4
     assert s["kv_cache_bytes"] == s["kv_cache_bytes_analytic"] == analytic
+    # The native step's threads per step and why (11 decode steps after the prefill's token).
+    if s["decode_path"] == "native":
+        chosen = s["native_threads"]
+        assert sum(chosen["steps_by_threads"].values()) == 11 and chosen["requested"] == s["threads"]
+        assert all(1 <= int(n) <= s["threads"] for n in chosen["steps_by_threads"]) and chosen["reason"]
 
 
 def _oracle_ids(model_dir, prompt: list[int], n: int) -> list[int]:
@@ -89,6 +94,7 @@ def test_plain_and_streamed_output_agree_and_stats_go_to_stderr(model_dir):
     assert "time to first" in streamed.stderr and "KV cache" in streamed.stderr and "threads" in streamed.stderr
     assert "time to first" not in streamed.stdout
     assert "machine " in streamed.stderr and "no spread" in streamed.stderr  # one run: its noise is named
+    assert "native threads" in streamed.stderr and "requested" in streamed.stderr
 
 
 def test_stop_string_cuts_the_text(model_dir):

@@ -23,6 +23,7 @@ from gen_cli.formats.loading import load  # noqa: E402
 from gen_cli.infer.optimize import optimize_for_decode  # noqa: E402
 from gen_cli.model.info import weight_summary  # noqa: E402
 from gen_cli.quant.block_linear import BlockEmbedding, BlockLinear, dequantize_modules  # noqa: E402
+from gen_cli.quant.block_stack import BlockStack  # noqa: E402
 from gen_cli.quant.blocks import dequantize, max_error, quantize  # noqa: E402
 
 runner = CliRunner()
@@ -121,38 +122,39 @@ def _mixed(name: str) -> str:
     return "Q5_0" if ".ffn_up." in name else "Q4_K"
 
 
-def test_mixed_parts_are_held_in_the_most_precise_type_and_info_says_so(files, tok, tmp_path):
+def test_mixed_parts_keep_their_own_types_and_info_says_so(files, tok, tmp_path):
     path = write_gguf(files["llama", "hf"], tok, "llama", tmp_path / "mixed.gguf", _mixed)
     loaded = load(path)
     model, f = loaded.model, GGUFFile(path)
     wqkv = model.layers[0].attn.wqkv
-    assert wqkv.qtype == "q6_k"  # q, k (Q4_K) re-quantized into v's Q6_K
+    assert isinstance(wqkv, BlockStack) and wqkv.qtypes == ["q4_k", "q6_k"]  # q + k joined, v apart
+    assert [p.out_features for p in wqkv.parts] == [256 + 128, 128] and wqkv.out_features == 512
     v = torch.from_numpy(f.blocks("blk.0.attn_v.weight"))
-    assert torch.equal(wqkv.blocks[-v.shape[0] :], v)  # v's bytes as stored
-    k_file = torch.from_numpy(gguf.quants.dequantize(f.blocks("blk.0.attn_k.weight"), gguf.GGMLQuantizationType.Q4_K))
-    k_rows = wqkv.dequantized()[256:384]  # gen's k rows, un-permuted; compare in the file's order
-    k_gen = k_rows.reshape(2, 2, 32, -1).transpose(1, 2).reshape(128, -1)
-    assert ((k_gen - k_file).abs() <= max_error(k_file, "q6_k")).all()
+    assert torch.equal(wqkv.parts[1].blocks, v)  # v's bytes as stored
+    k_file = torch.from_numpy(f.blocks("blk.0.attn_k.weight"))  # (128, row bytes), rows in llama.cpp's order
+    k_gen = wqkv.parts[0].blocks[256:384]  # gen's k rows, un-permuted: whole rows of blocks moved, not changed
+    assert torch.equal(k_gen.reshape(2, 2, 32, -1).transpose(1, 2).reshape(128, -1), k_file)
     up = model.layers[0].mlp.w3
     assert up.qtype == "q5_0"  # kept as stored
     assert torch.equal(up.blocks, torch.from_numpy(f.blocks("blk.0.ffn_up.weight")))
     assert model.layers[0].mlp.w1.qtype == "q8_0" and model.layers[0].mlp.w2.qtype == "q6_k"
-    assert any("re-quantized" in n for n in loaded.notes)
-    # fusing gate (q8_0) and up (q5_0) for decoding holds both in q8_0, values within q8_0's error
-    gate, up_w = model.layers[0].mlp.w1.dequantized(), up.dequantized()
+    assert not any("re-quantized" in n for n in loaded.notes)
+    # fusing gate (q8_0) and up (q5_0) for decoding keeps both as they are
+    gate_blocks = model.layers[0].mlp.w1.blocks
     optimize_for_decode(model, native=False)
     w13 = model.layers[0].mlp.w13
-    assert isinstance(w13, BlockLinear) and w13.qtype == "q8_0"
-    fused = w13.dequantized()
-    assert torch.equal(fused[:512], gate) and ((fused[512:] - up_w).abs() <= max_error(up_w, "q8_0")).all()
+    assert isinstance(w13, BlockStack) and w13.qtypes == ["q8_0", "q5_0"]
+    assert torch.equal(w13.parts[0].blocks, gate_blocks) and torch.equal(w13.parts[1].blocks, up.blocks)
     info = runner.invoke(app, ["info", str(path), "--json"])
     assert info.exit_code == 0, info.output
     matrices = json.loads(info.stdout)["matrices"]
-    assert matrices["attn qkv"]["held"] == {"q6_k": 2} and matrices["attn qkv"]["converted"] == 2
+    assert matrices["attn qkv"]["held"] == {"q4_k + q6_k": 2} and matrices["attn qkv"]["converted"] == 0
     assert matrices["attn qkv"]["file"] == {"Q4_K": 4, "Q6_K": 2}
+    file_bytes = sum(f.blocks(f"blk.{i}.attn_{p}.weight").nbytes for i in range(2) for p in "qkv")
+    assert matrices["attn qkv"]["bytes"] == file_bytes
     assert matrices["mlp in"]["held"] == {"q8_0": 2, "q5_0": 2} and matrices["mlp in"]["converted"] == 0
     text = runner.invoke(app, ["info", str(path)])
-    assert "attn qkv: q6_k ×2 from Q4_K ×4 + Q6_K ×2 (2 re-quantized)" in " ".join(text.stdout.split())
+    assert "attn qkv: q4_k + q6_k ×2 from Q4_K ×4 + Q6_K ×2," in " ".join(text.stdout.split())
 
 
 def test_generate_runs_a_block_model_and_stats_report_its_weights(files):

@@ -244,6 +244,10 @@ def bench_decode_command(
         "ceiling = measured bandwidth / (weights in stored dtype + KV read) per token; "
         "% peak = prefill FLOP/s over a GEMM's measured now (fp32, or bf16 for bf16 modes)"
     )
+    for r in rows:  # where the ceiling's bytes go
+        if by_class := r.extra.get("bytes_by_class"):
+            parts = ", ".join(f"{cls} {nbytes / 1e6:,.2f}" for cls, nbytes in by_class.items())
+            err.print(f"MB read per token, {r.mode}: {parts}")
     notes = sorted({r.vs_hf_note for r in rows if r.vs_hf_note})
     if notes:
         err.print(f"ns: the ratio to transformers is not a measured speed-up ({'; '.join(notes)})")
@@ -256,26 +260,32 @@ def bench_decode_command(
 
 @bench_app.command("contention")
 def bench_contention_command(
-    shape: str = typer.Option(
-        "small",
+    model_dir: Model = None,
+    shape: str | None = typer.Option(
+        None,
         "--shape",
         metavar="NAME",
-        help="Preset shape to decode with (random weights).",
+        help="A preset shape with random weights instead of a model.",
         rich_help_panel=MODEL,
     ),
     new_tokens: MaxNewTokens = 128,
     threads: str = typer.Option(
-        "1,2", "--threads", metavar="LIST", help="CPU threads (comma list).", rich_help_panel=PERFORMANCE
+        "default,1",
+        "--threads",
+        metavar="LIST",
+        help="CPU threads (comma list): default (torch's count, lowered while other processes keep cores busy) "
+        "or a fixed count.",
+        rich_help_panel=PERFORMANCE,
     ),
     waits: str = typer.Option(
-        "spin,passive,short",
+        "short",
         "--waits",
         metavar="LIST",
         help="OpenMP wait modes: spin (libgomp's default), passive (sleep at once), short (gen's: a brief spin).",
         rich_help_panel=PERFORMANCE,
     ),
     paths: str = typer.Option(
-        "native,torch",
+        "native",
         "--paths",
         metavar="LIST",
         help="Decode paths: native (gen's C step), torch.",
@@ -288,26 +298,31 @@ def bench_contention_command(
 ) -> None:
     """Decode tok/s idle and beside one competing CPU-bound process that this command starts itself.
 
-    Each wait mode runs in its own worker process (the OpenMP runtime reads it once, at start-up);
-    idle and busy runs alternate, so each pair is measured in the same minute. Fair share with one
-    competitor on two cores is about 2x slower at most.
+    The model is the shipped one unless --model or --shape names another. Each wait mode runs in its own
+    worker process (the OpenMP runtime reads it once, at start-up); idle and busy runs alternate, so each
+    pair is measured in the same minute, and the competitor is killed after each busy round. Targets: default
+    threads keep at least 0.55 of their idle speed beside the competitor and are never below one thread there.
     """
-    from gen_cli.lab.contention import WAITS, bench_contention, format_rows
+    from gen_cli.lab.contention import DEFAULT, WAITS, bench_contention, format_rows, targets
 
     _at_least(2, max_new_tokens=new_tokens)
+    if model_dir is not None and shape is not None:
+        raise UsageError("give --model or --shape, not both", params=("model", "shape"))
     wait_list = tuple(w.strip() for w in waits.split(",") if w.strip())
     if bad := [w for w in wait_list if w not in WAITS]:
         raise UsageError(f"waits: unknown mode(s) {', '.join(bad)}; choose from {', '.join(WAITS)}", params=("waits",))
     path_list = tuple(p.strip() for p in paths.split(",") if p.strip())
     if bad := [p for p in path_list if p not in ("native", "torch")]:
         raise UsageError(f"paths: unknown path(s) {', '.join(bad)}; choose native or torch", params=("paths",))
-    try:
-        thread_list = tuple(int(t) for t in threads.split(",") if t.strip())
-    except ValueError:
-        raise UsageError(f"threads must be comma-separated integers, got {threads!r}", params=("threads",)) from None
+    thread_list = tuple(t.strip() for t in threads.split(",") if t.strip())
+    if not thread_list or any(t != DEFAULT and not (t.isdigit() and int(t) >= 1) for t in thread_list):
+        raise UsageError(
+            f"threads must be a comma list of {DEFAULT} or counts ≥ 1, got {threads!r}", params=("threads",)
+        )
     total = rounds * 2 * len(wait_list) * len(thread_list) * len(path_list)
+    what = f"preset {shape}, random weights" if shape else str(model_dir or "the shipped model")
     err.print(
-        f"{total} timed runs of {new_tokens} tokens each ({shape}; {rounds} rounds, idle then beside a busy "
+        f"{total} timed runs of {new_tokens} tokens each ({what}; {rounds} rounds, idle then beside a busy "
         "process); a spinning mode on a busy machine can take minutes a run"
     )
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -323,15 +338,16 @@ def bench_contention_command(
                 progress.update(task, advance=1 if started[0] else 0, description=msg)
                 started[0] = True
 
-        rows = bench_contention(shape, thread_list, wait_list, path_list, rounds, new_tokens, on_step)
+        rows = bench_contention(model_dir, shape, thread_list, wait_list, path_list, rounds, new_tokens, on_step)
     if as_json:
-        print_json([r.to_dict() for r in rows])
+        print_json({"rows": [r.to_dict() for r in rows], "targets": targets(rows)})
         return
     out_console().print("\n".join(format_rows(rows)), markup=False)
     err.print(
-        "slowdown = idle / busy tok/s; one competitor on two cores leaves a fair share of about 2x; "
-        "idle load = cores other processes (not the competitor) used during the idle runs: above 0.5 the idle "
-        "figures were not idle"
+        "busy/idle = busy tok/s ÷ idle tok/s (one competitor on two cores leaves a fair share of about 0.5); "
+        "busy steps by threads = native steps run at each thread count beside the competitor; idle load = "
+        "cores other processes (not the competitor) used during the idle runs: above 0.5 the idle figures "
+        "were not idle"
     )
 
 

@@ -48,6 +48,10 @@ def print_stats(stats: dict[str, Any], source: str, path_note: str = "", from_bo
 
         busy = MachineLoad(load["cores"], load["others_cores"], load["load_avg_1m"])
         lines.append(f"machine          {busy.describe()}; one run, no spread (gen bench decode repeats)")
+    if choice := stats.get("native_threads"):
+        from gen_cli.native.threads import describe
+
+        lines.append(f"native threads   {escape(describe(choice))}")
     if sp := stats.get("speculation"):
         kept = "n/a" if sp["acceptance_rate"] is None else f"{sp['acceptance_rate']:.0%}"
         per = "n/a" if sp["tokens_per_forward"] is None else f"{sp['tokens_per_forward']:.2f}"

@@ -123,7 +123,8 @@ def held_blocks(model: Transformer) -> dict[str, tuple[torch.Tensor, str]]:
     out = {}
     for name, module in model.named_modules():
         tied_head = name == "lm_head" and model.config.tie_embeddings
-        if isinstance(module, BlockLinear | BlockEmbedding) and not tied_head:
+        part = ".parts." in name  # of a matrix in parts of different types: exported whole, dequantized
+        if isinstance(module, BlockLinear | BlockEmbedding) and not tied_head and not part:
             out[f"{name}.weight"] = (module.blocks.detach().to("cpu"), module.qtype)
     return out
 
@@ -146,7 +147,10 @@ def tensors_of(
     from gen_cli.quant.blocks import dequantize
 
     held = held_blocks(model)
-    state = {k: v for k, v in model.state_dict().items() if not k.endswith(".blocks")}
+    # A matrix held in parts of different block types (quant/block_stack.py) is written dequantized, whole.
+    stacks = {f"{n}.weight": m for n, m in model.named_modules() if hasattr(m, "parts") and hasattr(m, "qtypes")}
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith(".blocks") and ".parts." not in k}
+    state |= {name: stack.dequantized() for name, stack in stacks.items()}
     shapes = expected_shapes(model.config)
     if sorted((state.keys() | held.keys()) - {"lm_head.weight"}) != sorted(shapes.keys() - {"lm_head.weight"}):
         raise GenError("a model with fused or optimised layers cannot be exported; export the model as loaded")

@@ -1,7 +1,8 @@
 """Which form each matrix of a GGUF file is held in by gen, decided from the headers alone.
 
 A matrix stored as Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K or Q6_K is kept as those blocks (no float copy). One whose parts
-(q, k and v of wqkv) differ in type is held in the most precise of them, the others re-quantized. Any other
+(q, k and v of wqkv) differ in type keeps each part in its own type (quant/block_stack.py): a decode step reads
+no more bytes than the file holds. Any other
 GGML quant type (Q5_K, Q2_K, IQ4_XS …) has no kernel here: it is dequantized at load and re-quantized to
 the nearest block type with at least its bits per weight (q4_k up to 4.5 bits, q6_k up to 6.6, else q8_0;
 q4_1 / q5_0 / q5_1 / q8_0 when the row is not whole 256-blocks), so memory stays near the file's size. F32, F16 and BF16
@@ -40,26 +41,48 @@ def nearest_block_type(ggml_type: str, cols: int) -> str:
 
 @dataclass(frozen=True)
 class Held:
-    """How one gen matrix is held: `qtype` (None: a float tensor) and the types its GGUF parts have."""
+    """How one gen matrix is held: the types its GGUF parts have, and per part the block type it is held in
+    (`qtypes`; empty: a float tensor) with its rows."""
 
     gen_name: str
     file_types: tuple[str, ...]
-    qtype: str | None
+    qtypes: tuple[str, ...] = ()
+    part_rows: tuple[int, ...] = ()
+
+    @property
+    def qtype(self) -> str | None:
+        """The one block type of the whole matrix (None: a float tensor, or parts in different types)."""
+        return self.qtypes[0] if self.qtypes and len(set(self.qtypes)) == 1 else None
+
+    @property
+    def blocks(self) -> bool:
+        return bool(self.qtypes)
+
+    @property
+    def label(self) -> str:
+        """`q4_k`, or `q4_k + q6_k` for parts in different types."""
+        return " + ".join(dict.fromkeys(self.qtypes))
 
     @property
     def converted(self) -> bool:
         """Whether any part is not held as the file stores it (re-quantized, or quantized from a float)."""
-        return self.qtype is not None and any(BLOCK_NAMES.get(t) != self.qtype for t in self.file_types)
+        return any(BLOCK_NAMES.get(t) != q for t, q in zip(self.file_types, self.qtypes, strict=False))
+
+    def nbytes(self, cols: int) -> int:
+        """Bytes of the blocks held (the parts' rows in their own types)."""
+        return sum(rows * row_bytes(q, cols) for rows, q in zip(self.part_rows, self.qtypes, strict=True))
 
 
 def holding(f: Any, gen_name: str, parts: tuple[str, ...], cols: int) -> Held:
     """The decision for one gen tensor built from the GGUF tensors `parts` (rows concatenated) of the
-    GGUFFile `f`."""
+    GGUFFile `f`: block parts in their own type (or the nearest block type gen has a kernel for); a float
+    part of a block matrix in the most precise of the others' types."""
     types = tuple(f.type_name(n) for n in parts)
     if gen_name == "pos_emb.weight" or len(f.shape(parts[0])) != 2 or all(t in FLOAT_TYPES for t in types):
-        return Held(gen_name, types, None)
-    wanted = [BLOCK_NAMES.get(t) or nearest_block_type(t, cols) for t in types if t not in FLOAT_TYPES]
-    return Held(gen_name, types, most_precise(wanted))
+        return Held(gen_name, types)
+    wanted = [None if t in FLOAT_TYPES else BLOCK_NAMES.get(t) or nearest_block_type(t, cols) for t in types]
+    widest = most_precise([w for w in wanted if w is not None])
+    return Held(gen_name, types, tuple(w or widest for w in wanted), tuple(f.shape(n)[0] for n in parts))
 
 
 def summary(helds: list[Held], shapes: dict[str, tuple[int, ...]], float_bytes: int, tied: bool) -> dict[str, dict]:
@@ -72,8 +95,8 @@ def summary(helds: list[Held], shapes: dict[str, tuple[int, ...]], float_bytes: 
         rows, cols = shapes[h.gen_name]
         entry = out.setdefault(cls, {"file": Counter(), "held": Counter(), "bytes": 0, "converted": 0})
         entry["file"].update(h.file_types)
-        entry["held"][h.qtype or f"float ({float_bytes * 8} bit)"] += 1
-        entry["bytes"] += rows * (row_bytes(h.qtype, cols) if h.qtype else cols * float_bytes)
+        entry["held"][h.label or f"float ({float_bytes * 8} bit)"] += 1
+        entry["bytes"] += h.nbytes(cols) if h.blocks else rows * cols * float_bytes
         entry["converted"] += h.converted
     if tied and "embedding" in out:
         out["lm head"] = {"file": {}, "held": {"tied to the embedding": 1}, "bytes": 0, "converted": 0}

@@ -220,8 +220,9 @@ def holdings(f: GGUFFile, config: ModelConfig, arch: str) -> list[Held]:
 
 def load_gguf_weights(
     f: GGUFFile, config: ModelConfig, arch: str, dtype: torch.dtype | None
-) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, str]], list[Held], dict[str, int]]:
-    """gen's float tensors and block-quantized matrices (uint8 blocks, qtype) by state_dict name, checked
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[Held], dict[str, int]]:
+    """gen's float tensors and block-quantized matrices (uint8 blocks, qtype; a list of those, in row order, for
+    a matrix whose parts keep different types) by state_dict name, checked
     against the config before reading; how each was held; and the bytes copied out of the map, by reason.
 
     A tensor gen reads in the stored layout (a block matrix of its own type, an F32 tensor run in float32)
@@ -233,50 +234,64 @@ def load_gguf_weights(
 
     plan = check_tensors(f, config, arch)
     helds = holdings(f, config, arch)
-    dtype = dtype or _dtype_of(f, [n for h in helds if h.qtype is None for n in plan[h.gen_name][1]])
+    dtype = dtype or _dtype_of(f, [n for h in helds if not h.blocks for n in plan[h.gen_name][1]])
     tensors: dict[str, torch.Tensor] = {}
-    blocks: dict[str, tuple[torch.Tensor, str]] = {}
+    blocks: dict[str, Any] = {}
     copied: Counter[str] = Counter()
     pages = PageReleaser()
     for held in helds:
-        shape, names = plan[held.gen_name]
+        names = plan[held.gen_name][1]
         parts = []
-        for n in names:
-            if held.qtype is None:  # a float tensor: the stored numbers in place, or dequantized (new)
+        for i, n in enumerate(names):
+            qtype = held.qtypes[i] if held.blocks else None
+            if qtype is None:  # a float tensor: the stored numbers in place, or dequantized (new)
                 parts.append(f.torch_view(n) if f.type_name(n) in FLOAT_TYPES else torch.from_numpy(f.array(n)))
                 _refuse_non_finite(f, n, parts[-1])
-            elif BLOCK_NAMES.get(f.type_name(n)) == held.qtype:
+            elif BLOCK_NAMES.get(f.type_name(n)) == qtype:
                 parts.append(f.torch_view(n))  # the file's bytes in place: (rows, row_bytes), never a float copy
-                _refuse_non_finite(f, n, f.view(n), held.qtype)
-            else:  # another type: through float32 one tensor at a time, into the type this matrix is held in
+                _refuse_non_finite(f, n, f.view(n), qtype)
+            else:  # another type: through float32 one tensor at a time, into the type this part is held in
                 floats = torch.from_numpy(f.array(n)).float()
                 _refuse_non_finite(f, n, floats)
-                parts.append(quantize(floats, held.qtype))
+                parts.append(quantize(floats, qtype))
                 del floats
-                copied[f"{f.type_name(n)} re-quantized to {held.qtype}"] += parts[-1].nbytes
-        want = dtype if held.qtype is None else torch.uint8
+                copied[f"{f.type_name(n)} re-quantized to {qtype}"] += parts[-1].nbytes
+        want = dtype if not held.blocks else torch.uint8
         permuted = [arch in PERMUTED_QK and re.search(r"\.attn_[qk]\.", n) is not None for n in names]
-        if len(parts) == 1 and not permuted[0]:
-            t = parts[0].to(want)  # the view itself when the stored type is the one gen runs
-        else:  # q, k, v rows one after another (rows, row_bytes or cols), Q/K un-permuted on the way: one copy
-            t = torch.empty((shape[0], *parts[0].shape[1:]), dtype=want)
-            row = 0
-            for n, part, perm in zip(names, parts, permuted, strict=True):
-                place = t[row : row + part.shape[0]]
-                if perm:
-                    _unpermute_into(place, part, config.n_head if ".attn_q." in n else config.n_kv_head)
-                else:
-                    place.copy_(part)
-                row += part.shape[0]
-                pages.release(part)  # read once into the fused copy: the file's pages are not needed again
-            copied["q/k/v fused" + (" (Q/K rows un-permuted)" if any(permuted) else "")] += t.nbytes
-        if len(parts) == 1 and t.dtype != parts[0].dtype:
-            copied[f"{f.type_name(names[0])} → {str(want).removeprefix('torch.')}"] += t.nbytes
-        if held.qtype is None:
-            tensors[held.gen_name] = t
-        else:
-            blocks[held.gen_name] = (t, held.qtype)
-        del parts  # one tensor's parts alive at a time besides the model's own
+        # Runs of parts held in one type become one tensor; parts in different types stay apart (a BlockStack).
+        runs: list[list[int]] = []
+        for i in range(len(names)):
+            if runs and (not held.blocks or held.qtypes[i] == held.qtypes[runs[-1][0]]):
+                runs[-1].append(i)
+            else:
+                runs.append([i])
+        fused = []
+        for run in runs:
+            if len(run) == 1 and not permuted[run[0]]:
+                t = parts[run[0]].to(want)  # the view itself when the stored type is the one gen runs
+                if t.dtype != parts[run[0]].dtype:
+                    copied[f"{f.type_name(names[run[0]])} → {str(want).removeprefix('torch.')}"] += t.nbytes
+            else:  # q, k, v rows one after another (rows, row_bytes or cols), Q/K un-permuted on the way: one copy
+                rows = sum(parts[i].shape[0] for i in run)
+                t = torch.empty((rows, *parts[run[0]].shape[1:]), dtype=want)
+                row = 0
+                for i in run:
+                    place = t[row : row + parts[i].shape[0]]
+                    if permuted[i]:
+                        _unpermute_into(place, parts[i], config.n_head if ".attn_q." in names[i] else config.n_kv_head)
+                    else:
+                        place.copy_(parts[i])
+                    row += parts[i].shape[0]
+                    pages.release(parts[i])  # read once into the fused copy: the file's pages are not needed again
+                copied["q/k/v fused" + (" (Q/K rows un-permuted)" if any(permuted) else "")] += t.nbytes
+            fused.append(t)
+        if not held.blocks:
+            (tensors[held.gen_name],) = fused
+        elif len(fused) == 1:
+            blocks[held.gen_name] = (fused[0], held.qtypes[0])
+        else:  # parts in different types: (blocks, qtype) per run, in row order
+            blocks[held.gen_name] = [(t, held.qtypes[run[0]]) for t, run in zip(fused, runs, strict=True)]
+        del parts, fused  # one tensor's parts alive at a time besides the model's own
     return tensors, blocks, helds, dict(copied)
 
 
@@ -291,7 +306,7 @@ def read_gguf_config(path: Path) -> tuple[ModelConfig, dict[str, Any]]:
 def _details(f: GGUFFile, arch: str, config: ModelConfig, helds: list[Held] | None = None) -> dict[str, Any]:
     types = Counter(f.type_name(n) for n in f.tensors)
     helds = helds if helds is not None else holdings(f, config, arch)
-    floats = [n for h in helds if h.qtype is None for n in source_names(h.gen_name, arch)]
+    floats = [n for h in helds if not h.blocks for n in source_names(h.gen_name, arch)]
     float_bytes = _dtype_of(f, floats).itemsize
     matrices = summary(helds, _expected_shapes(config), float_bytes, config.tie_embeddings)
     return {
@@ -312,7 +327,8 @@ def load_gguf(path: Path, device: torch.device | str = "cpu", dtype: torch.dtype
     from gen_cli.formats.loaded import Loaded
     from gen_cli.memory import check_tables_fit
     from gen_cli.model.transformer import model_from_tensors
-    from gen_cli.quant.block_linear import block_layers
+    from gen_cli.quant.block_linear import BlockLinear, block_layers
+    from gen_cli.quant.block_stack import BlockStack
 
     f = GGUFFile(path)
     config, arch = _config(f)
@@ -324,10 +340,16 @@ def load_gguf(path: Path, device: torch.device | str = "cpu", dtype: torch.dtype
         )
     tensors, blocks, helds, copied = load_gguf_weights(f, config, arch, dtype)
     in_dims = {name: shape[1] for name, shape in _expected_shapes(config).items() if name in blocks}
-    model = model_from_tensors(config, tensors, block_layers(blocks, tensors, in_dims)).to(device)
+    layers = block_layers({k: v for k, v in blocks.items() if isinstance(v, tuple)}, tensors, in_dims)
+    for name, runs in blocks.items():
+        if isinstance(runs, list):  # parts in different types, each kept in its own
+            path = name.removesuffix(".weight")
+            parts = [BlockLinear(t, qtype, in_dims[name]) for t, qtype in runs]
+            layers[path] = BlockStack(parts, tensors.pop(path + ".bias", None))
+    model = model_from_tensors(config, tensors, layers).to(device)
     details = _details(f, arch, config, helds)
     details["copied at load"] = copied  # bytes by reason; every other weight is a view of the file's map
-    notes = [f"{line} (GGUF types gen has no kernel for, or parts of one matrix in different types)"
+    notes = [f"{line} (GGUF types gen has no kernel for)"
              for line in summary_lines(details["matrices"]) if "re-quantized" in line]  # fmt: skip
     specials = {}
     for key in ("bos", "eos", "unknown", "padding"):

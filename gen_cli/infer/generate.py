@@ -322,6 +322,7 @@ class GenerationStats:
     reused_prompt_tokens: int = 0  # prompt tokens whose k/v came from a prompt-cache file, not prefilled
     per_token_latencies: list[float] = field(default_factory=list)
     speculation: dict[str, Any] = field(default_factory=dict)  # SpeculationStats.to_dict() when it speculated
+    native_threads: dict[str, Any] = field(default_factory=dict)  # ThreadGovernor.report(): threads per step, why
 
     def to_dict(self, latencies: bool = False) -> dict[str, Any]:
         data = asdict(self)
@@ -329,6 +330,8 @@ class GenerationStats:
             data.pop("per_token_latencies")
         if not self.speculation:
             data.pop("speculation")
+        if not self.native_threads:
+            data.pop("native_threads")
         return data
 
 
@@ -458,4 +461,5 @@ def measured_stats(
         machine_load=probe.measure().to_dict(),
         per_token_latencies=step_latencies,
         reused_prompt_tokens=reused,
+        native_threads=native.threads.report() if native is not None and decode_path == "native" else {},
     )

@@ -15,7 +15,8 @@ from gen_cli.errors import UsageError
 from gen_cli.infer.sampling import SamplingConfig
 from gen_cli.model.transformer import Transformer
 from gen_cli.pages import PageReleaser
-from gen_cli.quant.block_linear import BlockLinear, as_block_linear, concat_rows
+from gen_cli.quant.block_linear import BlockLinear, as_block_linear
+from gen_cli.quant.block_stack import stack_rows
 from gen_cli.quant.blocks import block_type_for
 from gen_cli.quant.linear import Int8Linear, OneDNNLinear, onednn_applies
 
@@ -131,15 +132,21 @@ def compile_warm_up(
 def fuse_mlp(mlp: nn.Module, pages: PageReleaser | None = None) -> str | None:
     """Replace a SwiGLU's w1 and w3 by one (2 d_ff, d_model) linear `w13`: one matmul reads x once for both.
 
-    Block-quantized halves are concatenated as blocks (re-quantized to the more precise type when they
-    differ; the note returned says so). A GELU MLP, or one already fused, is left as it is."""
+    Block-quantized halves are concatenated as blocks, each half in its own type (a BlockStack when they
+    differ: re-quantizing one to the other's type would read more bytes than the file holds). A GELU MLP, or
+    one already fused, is left as it is."""
     if mlp.kind != "swiglu" or "w13" in mlp._modules:
         return None
     if isinstance(mlp.w1, BlockLinear) or isinstance(mlp.w3, BlockLinear):
-        mlp.w13, note = concat_rows([as_block_linear(mlp.w1, mlp.w3), as_block_linear(mlp.w3, mlp.w1)])
+        halves = [as_block_linear(mlp.w1, mlp.w3), as_block_linear(mlp.w3, mlp.w1)]
+        mlp.w13 = stack_rows(halves)
+        note = None if halves[0].qtype == halves[1].qtype else f"{halves[0].qtype} + {halves[1].qtype} kept apart"
+        kept = {p.blocks.data_ptr() for p in getattr(mlp.w13, "parts", [mlp.w13])}
         pages = pages or PageReleaser()
         for half in (mlp.w1, mlp.w3):  # copied into w13: a file-mapped half gives its pages back
-            pages.release(half.blocks if isinstance(half, BlockLinear) else half.weight)
+            held = half.blocks if isinstance(half, BlockLinear) else half.weight
+            if held.data_ptr() not in kept:
+                pages.release(held)
         del mlp.w1, mlp.w3
         return note
     w1, w3 = mlp.w1, mlp.w3

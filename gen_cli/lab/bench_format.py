@@ -28,7 +28,8 @@ def tests(rows: list[Row], context: dict[str, Any]) -> list[dict[str, Any]]:
     for r in rows:
         common = {"model": r.shape, "mode": r.mode, "path": r.path, "threads": threads,
                   "bytes_per_token": r.bytes_per_token, "max_logit_diff": r.max_logit_diff,
-                  "greedy_agree": r.greedy_agree, "new_tokens": r.new_tokens}  # fmt: skip
+                  "greedy_agree": r.greedy_agree, "new_tokens": r.new_tokens,
+                  "bytes_by_class": r.extra.get("bytes_by_class")}  # fmt: skip
         peak = r.peak_gflops
         prefill_flops = r.prefill_tok_s * r.prefill_flops_per_token
         out.append({**common, "test": f"pp{r.prefill_prompt}", "t_s": r.prefill_tok_s, "sd": _sd(r.prefill_runs),

@@ -53,23 +53,38 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype, n: int = 1024) 
     return 2 * n**3 / _best_seconds(lambda: a @ b, device)
 
 
-def weight_bytes_per_token(model: torch.nn.Module) -> int:
-    """Bytes of every matrix a decode step reads once: linears as stored (the head included), block-quantized
-    ones by their blocks, and one embedding row."""
-    total = 0
-    for m in model.modules():
+def weight_bytes_by_class(model: torch.nn.Module) -> dict[str, int]:
+    """Bytes a decode step reads once per matrix class (attn qkv, attn out, mlp in, mlp out, lm head; embedding:
+    one row): linears as stored, block-quantized ones by their blocks (a matrix held in parts of different types,
+    each part's own). Names outside gen's classes (a transformers model) count as `other`."""
+    from gen_cli.model.info import CLASSES
+
+    out: dict[str, int] = {}
+    for name, m in model.named_modules():
         if isinstance(m, Int8Linear):
-            total += m.qweight.numel() + m.scale.numel() * m.scale.element_size()
+            nbytes = m.qweight.numel() + m.scale.numel() * m.scale.element_size()
         elif isinstance(m, torch.nn.Linear | OneDNNLinear):
-            total += m.weight.numel() * m.weight.element_size()
+            nbytes = m.weight.numel() * m.weight.element_size()
         elif hasattr(m, "qtype") and hasattr(m, "out_features"):  # a block-quantized linear: (out, row_bytes) uint8
-            total += m.blocks.numel()
+            nbytes = m.blocks.numel()
+        else:
+            continue
+        # the nearest enclosing name gen classifies: `layers.0.attn.wqkv.parts.1` is attn qkv
+        cls = next((CLASSES[part] for part in reversed(name.split(".")) if part in CLASSES), "other")
+        out[cls] = out.get(cls, 0) + nbytes
     if hasattr(model, "get_input_embeddings"):
         emb = model.get_input_embeddings().weight
-        return total + emb.shape[1] * emb.element_size()
-    emb = model.tok_emb
-    row = emb.blocks.shape[1] if hasattr(emb, "blocks") else emb.weight.shape[1] * emb.weight.element_size()
-    return total + row
+        row = emb.shape[1] * emb.element_size()
+    else:
+        emb = model.tok_emb
+        row = emb.blocks.shape[1] if hasattr(emb, "blocks") else emb.weight.shape[1] * emb.weight.element_size()
+    return {"embedding": row, **out}
+
+
+def weight_bytes_per_token(model: torch.nn.Module) -> int:
+    """Bytes of every matrix a decode step reads once: linears as stored (the head included), block-quantized
+    ones by their blocks, and one embedding row (weight_bytes_by_class, summed)."""
+    return sum(weight_bytes_by_class(model).values())
 
 
 def kv_bytes_read(config: ModelConfig, dtype: torch.dtype, prompt: int, new_tokens: int) -> int:

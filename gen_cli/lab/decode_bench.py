@@ -24,7 +24,7 @@ from gen_cli.lab.ceilings import (
     measure_bandwidth,
     measure_peak_flops,
     prefill_flops_per_token,
-    weight_bytes_per_token,
+    weight_bytes_by_class,
 )
 from gen_cli.lab.transformers_peer import build_hf, hf_available, hf_version, time_hf
 from gen_cli.model.config import ModelConfig, load_preset
@@ -262,7 +262,8 @@ def bench_runners(
         # int8 modes: fp32 activations; block modes' prompts: GEMMs on bf16 (or fp32) tiles of the blocks
         blocks = any(getattr(m, "kernel", None) is not None for m in model.modules())
         computes = "bf16" if dtype == torch.bfloat16 or (blocks and tile_dtype() == torch.bfloat16) else "fp32"
-        nbytes = weight_bytes_per_token(model) + kv_bytes_read(config, dtype, kv_prompt, new_tokens)
+        by_class = weight_bytes_by_class(model) | {"kv cache": kv_bytes_read(config, dtype, kv_prompt, new_tokens)}
+        nbytes = sum(by_class.values())
         rows.append(
             Row(
                 shape=label,
@@ -284,6 +285,7 @@ def bench_runners(
                 ceiling_tok_s=bandwidth / nbytes,
                 compile_s=compile_s.get(name),
                 machine_load=probe.load.to_dict(),
+                extra={"bytes_by_class": by_class},
             )
         )
         if profile and not hf:

@@ -83,7 +83,8 @@ def weight_summary(model: Any) -> dict[str, dict[str, Any]]:
     seen: set[int] = set()
     out: dict[str, dict[str, Any]] = {}
     for name, module in model.named_modules():
-        cls = CLASSES.get(name.rsplit(".", 1)[-1])
+        # the nearest enclosing name with a class: a part of a matrix held in parts (`wqkv.parts.1`) is its matrix's
+        cls = next((CLASSES[part] for part in reversed(name.split(".")) if part in CLASSES), None)
         tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
         matrix = next((t for t in tensors if t.dim() == 2), None)
         if cls is None or matrix is None:

@@ -56,6 +56,10 @@ typedef struct {
     /* int8: scale (batch, n_kv_head, max_tokens); int4: scale and zero (.., max_tokens, head_dim / 32) each */
     float *k_scale, *k_zero, *v_scale, *v_zero;
     int64_t k_kind, v_kind; /* KV_FLOAT, KV_INT8, KV_INT4 (KV_INT* in fp32 models only) */
+    /* The rows of wqkv / w13 that follow the first part's, held in other block types (a Q4_K_M file's Q6_K
+     * v after Q4_K q and k): each part in its own type, so a step reads no more than the file holds.
+     * rows 0: no such part. */
+    Matrix wqkv_rest[2], w13_rest;
 } Layer;
 
 /* One sequence's K and V in one layer, where the caller keeps each sequence's cache in its own memory

@@ -53,6 +53,9 @@ class Layer(ctypes.Structure):
         ("v_zero", ctypes.c_void_p),
         ("k_kind", ctypes.c_int64),  # KV_KINDS below
         ("v_kind", ctypes.c_int64),
+        # wqkv / w13 rows after the first part's in other block types (rows 0: none).
+        ("wqkv_rest", Matrix * 2),
+        ("w13_rest", Matrix),
     ]
 
 

@@ -91,6 +91,7 @@ static int64_t check_types(const Model *m) {
         const Layer *l = &m->layers[li];
         if (!known_matrix(&l->wqkv) || !known_matrix(&l->wo) || !known_matrix(&l->w13) || !known_matrix(&l->w2))
             return -1;
+        if (!parts_ok(&l->wqkv, l->wqkv_rest, 2) || !parts_ok(&l->w13, &l->w13_rest, 1)) return -1;
     }
     return 0;
 }
@@ -126,7 +127,7 @@ static int64_t step(const Model *m, const int64_t *tokens, int64_t token_stride,
         const Layer *l = &m->layers[li];
         norm(m, &l->attn_norm, m->x, m->h);
         MARK(P_NORM)
-        matmul(m, &l->wqkv, m->h, m->qkv, 0);
+        matmul_parts(m, &l->wqkv, l->wqkv_rest, 2, m->h, m->qkv, 0);
         MARK(P_QKV)
         if (m->rope_cos) rope(m, r);
         MARK(P_ROPE)
@@ -136,7 +137,7 @@ static int64_t step(const Model *m, const int64_t *tokens, int64_t token_stride,
         MARK(P_ATTN_OUT)
         norm(m, &l->mlp_norm, m->x, m->h);
         MARK(P_NORM)
-        matmul(m, &l->w13, m->h, m->ff, 0);
+        matmul_parts(m, &l->w13, &l->w13_rest, 1, m->h, m->ff, 0);
         MARK(P_MLP_IN)
         swiglu(m);
         MARK(P_MLP_ACT)

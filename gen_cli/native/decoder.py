@@ -30,7 +30,9 @@ from gen_cli.model.config import ModelConfig
 from gen_cli.model.transformer import Transformer, check_context
 from gen_cli.native.abi import KV_KINDS, MATRIX_TYPES, PROFILE_KEYS, KVSlot, Layer, Matrix, Model, Norm
 from gen_cli.native.build import library, native_status
+from gen_cli.native.threads import ThreadGovernor
 from gen_cli.quant.block_linear import BlockEmbedding, BlockLinear
+from gen_cli.quant.block_stack import BlockStack
 from gen_cli.quant.linear import Int8Linear
 
 # Rows one step takes: each weight row block is reused from L1 by every row, so the weights are read once
@@ -81,6 +83,8 @@ def _move_to_huge_pages(tensors: list[torch.Tensor]) -> None:
 
 
 def _streamed(linear: nn.Module) -> list[torch.Tensor]:
+    if isinstance(linear, BlockStack):
+        return [p.blocks for p in linear.parts]
     if isinstance(linear, (BlockLinear, BlockEmbedding)):
         return [linear.blocks]
     return [linear.qweight, linear.scale] if isinstance(linear, Int8Linear) else [linear.weight]
@@ -91,11 +95,19 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 def _matrix(linear: nn.Module) -> Matrix:
+    linear = linear.parts[0] if isinstance(linear, BlockStack) else linear  # the rest: _rest
     if isinstance(linear, BlockLinear):  # the blocks as stored: (out, row bytes) uint8
         return Matrix(_ptr(linear.blocks), None, linear.out_features, linear.in_features, MATRIX_TYPES[linear.qtype])
     weight, *scale = _streamed(linear)
     kind = "int8" if scale else "bf16" if weight.dtype == torch.bfloat16 else "fp32"
     return Matrix(_ptr(weight), _ptr(scale[0]) if scale else None, *weight.shape, MATRIX_TYPES[kind])
+
+
+def _rest(linear: nn.Module, n: int) -> Any:
+    """The parts after the first of a matrix held in parts (a BlockStack) as n Matrix slots (rows 0: none)."""
+    rest = [_matrix(p) for p in getattr(linear, "parts", [])[1:]]
+    rest += [Matrix()] * (n - len(rest))
+    return (Matrix * n)(*rest) if n > 1 else rest[0]
 
 
 def unsupported_properties(config: ModelConfig) -> list[str]:
@@ -132,6 +144,9 @@ def supports(model: Transformer) -> str | None:
         return "the native kernel runs fp32 models (matrices fp32, int8 or GGML blocks) or all-bf16 ones"
     if any("w13" not in layer.mlp._modules for layer in model.layers):
         return "the MLP is not fused (run optimize_for_decode)"
+    stacks = [(layer.attn.wqkv, 3) for layer in model.layers] + [(layer.mlp.w13, 2) for layer in model.layers]
+    if any(isinstance(w, BlockStack) and len(w.parts) > most for w, most in stacks):
+        return "a fused matrix is held in more parts of different types than the native step takes"
     return None
 
 
@@ -174,6 +189,7 @@ class NativeDecoder:
             self._layers[i] = Layer(
                 norm(block.attn_norm), norm(block.mlp_norm),
                 _matrix(attn.wqkv), _matrix(attn.wo), _matrix(mlp.w13), _matrix(mlp.w2),
+                wqkv_rest=_rest(attn.wqkv, 2), w13_rest=_rest(mlp.w13, 1),
             )  # fmt: skip
         pos_table = getattr(model, "sin_table", None)
         if c.pos_encoding == "learned":
@@ -192,6 +208,7 @@ class NativeDecoder:
         self._slots: ctypes.Array[KVSlot] | None = None
         self._rows_key: tuple[Any, ...] = ()
         self._rows_mode = True  # the struct's stride, kinds and slots are not the plain step's
+        self.threads = ThreadGovernor()  # fewer threads while other processes keep cores busy
         self._profile: torch.Tensor | None = None
 
     @classmethod
@@ -336,6 +353,7 @@ class NativeDecoder:
             if cache.pos + k > cache.max_tokens:
                 cache.advance(k)  # raises the cache's own "overflow" error
         self._bind_rows(distinct, n)
+        self._struct.n_threads = self.threads.threads(torch.get_num_threads())
         ids = torch.as_tensor(tokens, dtype=torch.int64).reshape(n)  # (N,)
         where = torch.tensor([pos, slot], dtype=torch.int64)  # (2, N): positions, slots
         logits = torch.empty(n, self.config.vocab_size)  # (N, V)
@@ -357,6 +375,7 @@ class NativeDecoder:
         if cache.pos + 1 > cache.max_tokens:
             cache.advance(1)  # raises the cache's own "overflow" error
         self._bind(cache, batch)
+        self._struct.n_threads = self.threads.threads(torch.get_num_threads())
         if token.dtype != torch.int64:
             token = token.long()
         logits = torch.empty(batch, self.config.vocab_size)  # (B, vocab)

@@ -232,8 +232,9 @@ static void matmul_bf16(const Model *m, const Matrix *w, const float *x, float *
     }
 }
 
-/* Block rows against the input quantized once per call, as the type's traits say. */
-static void matmul_blocks(const Model *m, const Matrix *w, const BlockType *t, const float *x, float *y,
+/* Block rows against the input quantized once per call, as the type's traits say. Row b of the output starts
+ * ldy floats after row b - 1 (a part of a matrix held in parts writes its own columns of a wider y). */
+static void matmul_blocks(const Model *m, const Matrix *w, const BlockType *t, const float *x, float *y, int64_t ldy,
                           int accumulate) {
     const int64_t rows = w->rows, cols = w->cols, batch = m->batch, rb = block_row_bytes(t, cols), nb = cols / t->elems;
     for (int64_t b = 0; b < batch; b++) {
@@ -250,7 +251,7 @@ static void matmul_blocks(const Model *m, const Matrix *w, const BlockType *t, c
                 block_dot4(t, (const uint8_t *)w->data + r0 * rb, rb, a, cols, v, 0);
             else
                 for (int64_t r = r0; r < r1; r++) v[r - r0] = t->dot((const uint8_t *)w->data + r * rb, a, nb);
-            for (int64_t r = r0; r < r1; r++) y[b * rows + r] = accumulate ? y[b * rows + r] + v[r - r0] : v[r - r0];
+            for (int64_t r = r0; r < r1; r++) y[b * ldy + r] = accumulate ? y[b * ldy + r] + v[r - r0] : v[r - r0];
         }
     }
 }
@@ -259,7 +260,7 @@ static void matmul_blocks(const Model *m, const Matrix *w, const BlockType *t, c
 static void matmul(const Model *m, const Matrix *w, const float *x, float *y, int accumulate) {
     const BlockType *blocks = block_type(w->type);
     if (blocks) {
-        matmul_blocks(m, w, blocks, x, y, accumulate);
+        matmul_blocks(m, w, blocks, x, y, w->rows, accumulate);
         return;
     }
     if (m->bf16) {
@@ -302,6 +303,34 @@ static void matmul(const Model *m, const Matrix *w, const float *x, float *y, in
             }
         }
     }
+}
+
+/* Whether a matrix held as `w` and `rest` (n_rest parts, rows 0: absent) can go to matmul_parts: one part
+ * alone, or every part in a block type. */
+static int parts_ok(const Matrix *w, const Matrix *rest, int n_rest) {
+    int ok = 1, parted = 0;
+    for (int i = 0; i < n_rest; i++)
+        if (rest[i].rows) {
+            parted = 1;
+            ok &= block_type(rest[i].type) != NULL && rest[i].cols == w->cols;
+        }
+    return !parted || (ok && block_type(w->type) != NULL);
+}
+
+/* y = W x for a matrix held as `w` followed by `rest` (n_rest parts, rows 0: absent), each part in its own block
+ * type: a part's rows fill their own columns of y. Without other parts this is matmul. */
+static void matmul_parts(const Model *m, const Matrix *w, const Matrix *rest, int n_rest, const float *x, float *y,
+                         int accumulate) {
+    int64_t ldy = w->rows;
+    for (int i = 0; i < n_rest; i++) ldy += rest[i].rows;
+    if (ldy == w->rows) {
+        matmul(m, w, x, y, accumulate);
+        return;
+    }
+    /* Parts exist only for block types (the loader and the Python side keep them so; check_types too). */
+    matmul_blocks(m, w, block_type(w->type), x, y, ldy, accumulate);
+    for (int64_t i = 0, at = w->rows; i < n_rest; at += rest[i].rows, i++)
+        if (rest[i].rows) matmul_blocks(m, &rest[i], block_type(rest[i].type), x, y + at, ldy, accumulate);
 }
 
 #endif
