@@ -3,6 +3,8 @@ and batched decode rates per batch size."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -32,12 +34,26 @@ def bench_serve_command(
             show_default=False,
         ),
     ] = None,
+    llama_server: Annotated[
+        Path | None,
+        typer.Option(
+            "--llama-server",
+            metavar="PATH",
+            help="llama.cpp's llama-server: also serve the --model .gguf file with it and with gen serve over HTTP "
+            "on loopback, the same clients, threads and parallel slots, rounds alternating.",
+            show_default=False,
+        ),
+    ] = None,
+    new_tokens: Annotated[
+        int, typer.Option("-n", "--max-new-tokens", metavar="N", min=1, help="Tokens per request over HTTP.")
+    ] = 128,
     device: Device = "auto",
     threads: Threads = None,
     native: Native = True,
     as_json: Json = False,
 ) -> None:
-    """Serving throughput, time to first token and inter-token latency per scheduling mode (no HTTP)."""
+    """Serving throughput, time to first token and inter-token latency per scheduling mode, on the scheduler
+    itself; with --llama-server, also gen serve against llama-server over HTTP on the same GGUF file."""
     from rich.table import Table
 
     from gen_cli.infer.engine import EngineOptions, open_model
@@ -57,17 +73,34 @@ def bench_serve_command(
         raise UsageError("give --model or --preset, not both")
     if model_dir is not None:
         check_model_path(model_dir, "bench serve")
+    if llama_server is not None:
+        _check_llama_server(llama_server, model_dir)
     source = PresetSource(preset) if preset is not None else (model_dir or default_model_dir())
     engine = open_model(source, EngineOptions(device, threads=threads, native=native))
     err.print(f"[dim]{engine.source}: {clients} clients, {requests} requests, {rounds} rounds[/]")
     rows = summary(compare_modes(engine.model, clients, requests, rounds, chosen))
     rates = batch_rates(engine.model, sizes, rounds=rounds) if sizes else []
+    http_rows: list[dict[str, float | str]] = []
+    if llama_server is not None and model_dir is not None:
+        from gen_cli.lab.http_load import compare_servers
+
+        del engine  # the servers load the file themselves: this process's copy would only compete with them
+        count = threads or torch_threads()
+        err.print(
+            f"[dim]over HTTP: gen serve and llama-server, {count} threads, {clients} slots, {new_tokens} tokens[/]"
+        )
+        http_rows = summary(compare_servers(model_dir, llama_server, count, clients, requests, rounds, new_tokens,
+                                            context=new_tokens + 64))  # fmt: skip
     if as_json:
-        print_json({"modes": rows, "batches": [vars(r) for r in rates]})
+        print_json({"modes": rows, "batches": [vars(r) for r in rates], "http": http_rows})
         return
     table = Table("mode", "tok/s", "range", "TTFT p50/p90/p99 ms", "inter-token p50/p90/p99 ms")
     for r in rows:
         table.add_row(str(r["mode"]), f"{r['tokens_per_s']:.1f}", f"{r['low']:.1f}–{r['high']:.1f}",
+                      f"{r['ttft_p50']:.0f} / {r['ttft_p90']:.0f} / {r['ttft_p99']:.0f}",
+                      f"{r['itl_p50']:.1f} / {r['itl_p90']:.1f} / {r['itl_p99']:.1f}")  # fmt: skip
+    for r in http_rows:
+        table.add_row(f"{r['mode']} (http)", f"{r['tokens_per_s']:.1f}", f"{r['low']:.1f}–{r['high']:.1f}",
                       f"{r['ttft_p50']:.0f} / {r['ttft_p90']:.0f} / {r['ttft_p99']:.0f}",
                       f"{r['itl_p50']:.1f} / {r['itl_p90']:.1f} / {r['itl_p99']:.1f}")  # fmt: skip
     out_console().print(table)
@@ -77,6 +110,19 @@ def bench_serve_command(
             ratio = r.tokens_per_s / rates[0].tokens_per_s if rates[0].tokens_per_s else 0.0
             batch_table.add_row(str(r.batch), f"{r.tokens_per_s:.1f}", f"{r.low:.1f}–{r.high:.1f}", f"{ratio:.2f}")
         out_console().print(batch_table)
+
+
+def _check_llama_server(binary: Path, model_dir: Path | None) -> None:
+    if model_dir is None or model_dir.suffix.lower() != ".gguf":
+        raise UsageError("--llama-server serves a .gguf file: give it as --model", params=("llama_server",))
+    if not binary.is_file() or not os.access(binary, os.X_OK):
+        raise UsageError(f"--llama-server {binary}: not an executable file", params=("llama_server",))
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _sizes(batches: str | None) -> list[int]:
