@@ -20,6 +20,8 @@ MATRIX_TYPES = {
 }  # fmt: skip
 # Model.act (abi.h's ACT_*): what block-weight products multiply: int8-quantized, bf16-rounded or fp32 activations.
 ACT_MODES = {"int8": 0, "bf16": 1, "fp32": 2}
+# The precision block weights run in unless asked otherwise: chosen by measurement (docs/quantization.md).
+ACT_DEFAULT = "int8"
 # Model.profile's slots (abi.h's P_*): where a step's time goes, in the order the step accumulates them.
 PROFILE_KEYS = ("embed", "norm", "qkv", "rope", "attention", "attn_out", "mlp_in", "mlp_act", "mlp_out", "lm_head")
 

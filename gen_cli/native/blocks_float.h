@@ -84,60 +84,99 @@ static inline __m128i fifth16(uint32_t bits) {
     return _mm_and_si128(_mm_cmpeq_epi8(_mm_and_si128(v, bit), bit), _mm_set1_epi8(16));
 }
 
+/* Blocks go four at a time into four accumulators (and four sums of mins): one chain of FMAs would wait on the
+ * FMA latency at every block. STEP(b, k) adds block b into accumulator k. */
+#define FOUR_CHAINS(nb, STEP)                                                                                          \
+    do {                                                                                                               \
+        int64_t b_ = 0;                                                                                                \
+        for (; b_ + 4 <= (nb); b_ += 4) {                                                                              \
+            STEP(b_, 0);                                                                                               \
+            STEP(b_ + 1, 1);                                                                                           \
+            STEP(b_ + 2, 2);                                                                                           \
+            STEP(b_ + 3, 3);                                                                                           \
+        }                                                                                                              \
+        for (; b_ < (nb); b_++) STEP(b_, 0);                                                                           \
+    } while (0)
+
 /* Q8_0: 32 int8 codes times d. */
+GEN_ALWAYS_INLINE V16 q8_0_step(const uint8_t *p, const void *x, int64_t b, const int half, V16 acc) {
+    V16 s = v_fma(v_i8(_mm_loadu_si128((const __m128i *)(p + 2))), act16(x, 32 * b, half),
+                  v_mul(v_i8(_mm_loadu_si128((const __m128i *)(p + 18))), act16(x, 32 * b + 16, half)));
+    return v_fma(s, v_set1(f16(p)), acc);
+}
+
 GEN_ALWAYS_INLINE float fdot_q8_0_v(const uint8_t *restrict w, const void *restrict x, int64_t nb, const int half) {
-    V16 acc = v_zero();
-    for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *p = w + b * 34;
-        V16 s = v_fma(v_i8(_mm_loadu_si128((const __m128i *)(p + 2))), act16(x, 32 * b, half),
-                      v_mul(v_i8(_mm_loadu_si128((const __m128i *)(p + 18))), act16(x, 32 * b + 16, half)));
-        acc = v_fma(s, v_set1(f16(p)), acc);
-    }
-    return v_sum(acc);
+    V16 acc[4] = {v_zero(), v_zero(), v_zero(), v_zero()};
+#define STEP(b, k) acc[k] = q8_0_step(w + (b) * 34, x, b, half, acc[k])
+    FOUR_CHAINS(nb, STEP);
+#undef STEP
+    return v_sum(acc[0]) + v_sum(acc[1]) + v_sum(acc[2]) + v_sum(acc[3]);
 }
 
 /* Q4_0 / Q4_1 / Q5_0 / Q5_1 (layout in blocks_32.h): (q - 8 or 16) d, or q d + m. */
+GEN_ALWAYS_INLINE V16 q45_step(const uint8_t *p, const void *x, int64_t b, const int half, const int bits,
+                               const int min, V16 acc) {
+    const int64_t ho = Q45_HO(min), qo = Q45_QO(bits, min);
+    const __m128i m4 = _mm_set1_epi8(0xF), offset = _mm_set1_epi8(bits == 5 ? 16 : 8);
+    const __m128i q = _mm_loadu_si128((const __m128i *)(p + qo));
+    __m128i lo = _mm_and_si128(q, m4), hi = _mm_and_si128(_mm_srli_epi16(q, 4), m4); /* elements 0..15, 16..31 */
+    if (bits == 5) {
+        uint32_t h;
+        memcpy(&h, p + ho, 4);
+#ifdef GEN_AVX512_BW
+        lo = _mm_mask_add_epi8(lo, (__mmask16)(h & 0xFFFFu), lo, _mm_set1_epi8(16));
+        hi = _mm_mask_add_epi8(hi, (__mmask16)(h >> 16), hi, _mm_set1_epi8(16));
+#else
+        lo = _mm_or_si128(lo, fifth16(h & 0xFFFFu));
+        hi = _mm_or_si128(hi, fifth16(h >> 16));
+#endif
+    }
+    V16 s;
+    if (min) {
+        s = v_fma(v_u8(lo), act16(x, 32 * b, half), v_mul(v_u8(hi), act16(x, 32 * b + 16, half)));
+    } else { /* the codes less the offset fit signed bytes */
+        s = v_fma(v_i8(_mm_sub_epi8(lo, offset)), act16(x, 32 * b, half),
+                  v_mul(v_i8(_mm_sub_epi8(hi, offset)), act16(x, 32 * b + 16, half)));
+    }
+    return v_fma(s, v_set1(f16(p)), acc);
+}
+
 GEN_ALWAYS_INLINE float fdot_q45_v(const uint8_t *restrict w, const void *restrict x, const float *restrict xs,
                                    int64_t nb, const int half, const int bits, const int min) {
-    const int64_t ho = Q45_HO(min), qo = Q45_QO(bits, min), bs = Q45_BYTES(bits, min);
-    const __m128i m4 = _mm_set1_epi8(0xF), offset = _mm_set1_epi8(bits == 5 ? 16 : 8);
-    V16 acc = v_zero();
-    float mins = 0.f;
-    for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *p = w + b * bs;
-        const __m128i q = _mm_loadu_si128((const __m128i *)(p + qo));
-        __m128i lo = _mm_and_si128(q, m4), hi = _mm_and_si128(_mm_srli_epi16(q, 4), m4); /* elements 0..15, 16..31 */
-        if (bits == 5) {
-            uint32_t h;
-            memcpy(&h, p + ho, 4);
-            lo = _mm_or_si128(lo, fifth16(h & 0xFFFFu));
-            hi = _mm_or_si128(hi, fifth16(h >> 16));
-        }
-        V16 s;
-        if (min) {
-            s = v_fma(v_u8(lo), act16(x, 32 * b, half), v_mul(v_u8(hi), act16(x, 32 * b + 16, half)));
-            mins += f16(p + 2) * xs[b];
-        } else { /* the codes less the offset fit signed bytes */
-            s = v_fma(v_i8(_mm_sub_epi8(lo, offset)), act16(x, 32 * b, half),
-                      v_mul(v_i8(_mm_sub_epi8(hi, offset)), act16(x, 32 * b + 16, half)));
-        }
-        acc = v_fma(s, v_set1(f16(p)), acc);
-    }
-    return v_sum(acc) + mins;
+    const int64_t bs = Q45_BYTES(bits, min);
+    V16 acc[4] = {v_zero(), v_zero(), v_zero(), v_zero()};
+    float mins[4] = {0.f, 0.f, 0.f, 0.f};
+#define STEP(b, k)                                                                                                     \
+    do {                                                                                                               \
+        acc[k] = q45_step(w + (b) * bs, x, b, half, bits, min, acc[k]);                                                \
+        if (min) mins[k] += f16(w + (b) * bs + 2) * xs[b];                                                             \
+    } while (0)
+    FOUR_CHAINS(nb, STEP);
+#undef STEP
+    return (v_sum(acc[0]) + v_sum(acc[1])) + (v_sum(acc[2]) + v_sum(acc[3])) + (mins[0] + mins[1]) + (mins[2] + mins[3]);
+}
+
+/* Σ mn_j xs_j over a Q4_K super-block's 8 sub-blocks, summed as a tree (a chain of 8 adds per super-block would
+ * take longer than its products). */
+static inline float q4k_mins(const uint8_t mn[8], const float *xs) {
+    float t[8];
+    for (int j = 0; j < 8; j++) t[j] = (float)mn[j] * xs[j];
+    return ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
 }
 
 /* Q4_K (layout in blocks_k.h): sub-block j is d sc_j q - dmin m_j. */
 GEN_ALWAYS_INLINE float fdot_q4_k_v(const uint8_t *restrict w, const void *restrict x, const float *restrict xs,
                                     int64_t nb, const int half) {
     const __m128i m4 = _mm_set1_epi8(0xF);
-    V16 acc = v_zero();
+    V16 acc[4] = {v_zero(), v_zero(), v_zero(), v_zero()}; /* one per 64-element chunk: four FMA chains */
     float mins = 0.f;
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *p = w + b * 144, *qs = p + 16;
         const float d = f16(p), dmin = f16(p + 2);
         uint8_t sc[8], mn[8];
         q4k_scales(p + 4, sc, mn);
-        for (int j = 0; j < 8; j++) mins += dmin * (float)mn[j] * xs[8 * b + j];
+        mins += dmin * q4k_mins(mn, xs + 8 * b);
+#pragma GCC unroll 4
         for (int c = 0; c < 4; c++) {
             const int64_t e = 256 * b + 64 * c;
             const __m128i qa = _mm_loadu_si128((const __m128i *)(qs + 32 * c));
@@ -146,17 +185,16 @@ GEN_ALWAYS_INLINE float fdot_q4_k_v(const uint8_t *restrict w, const void *restr
                            v_mul(v_u8(_mm_and_si128(qb, m4)), act16(x, e + 16, half)));
             V16 s1 = v_fma(v_u8(_mm_and_si128(_mm_srli_epi16(qa, 4), m4)), act16(x, e + 32, half),
                            v_mul(v_u8(_mm_and_si128(_mm_srli_epi16(qb, 4), m4)), act16(x, e + 48, half)));
-            acc = v_fma(s0, v_set1(d * (float)sc[2 * c]), acc);
-            acc = v_fma(s1, v_set1(d * (float)sc[2 * c + 1]), acc);
+            acc[c] = v_fma(s1, v_set1(d * (float)sc[2 * c + 1]), v_fma(s0, v_set1(d * (float)sc[2 * c]), acc[c]));
         }
     }
-    return v_sum(acc) - mins;
+    return (v_sum(acc[0]) + v_sum(acc[1])) + (v_sum(acc[2]) + v_sum(acc[3])) - mins;
 }
 
 /* Q6_K (layout in blocks_k.h): d sc_g (q - 32) per 16 elements. */
 GEN_ALWAYS_INLINE float fdot_q6_k_v(const uint8_t *restrict w, const void *restrict x, int64_t nb, const int half) {
     const __m128i m4 = _mm_set1_epi8(0xF), m2 = _mm_set1_epi8(3), off = _mm_set1_epi8(32);
-    V16 acc = v_zero();
+    V16 acc[4] = {v_zero(), v_zero(), v_zero(), v_zero()}; /* one per quarter: four FMA chains */
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *p = w + b * 210;
         const int8_t *sc = (const int8_t *)(p + 192);
@@ -166,18 +204,174 @@ GEN_ALWAYS_INLINE float fdot_q6_k_v(const uint8_t *restrict w, const void *restr
                 const __m128i l0 = _mm_loadu_si128((const __m128i *)(p + 64 * h + 16 * k));
                 const __m128i l1 = _mm_loadu_si128((const __m128i *)(p + 64 * h + 32 + 16 * k));
                 const __m128i qh = _mm_loadu_si128((const __m128i *)(p + 128 + 32 * h + 16 * k));
+#pragma GCC unroll 4
                 for (int quarter = 0; quarter < 4; quarter++) {
                     const __m128i l = quarter & 1 ? l1 : l0;
                     const __m128i low = quarter < 2 ? _mm_and_si128(l, m4) : _mm_and_si128(_mm_srli_epi16(l, 4), m4);
                     const __m128i high = _mm_and_si128(_mm_srl_epi16(qh, _mm_cvtsi32_si128(2 * quarter)), m2);
                     const __m128i q = _mm_sub_epi8(_mm_or_si128(low, _mm_slli_epi16(high, 4)), off);
                     const int64_t e = 128 * h + 32 * quarter + 16 * k;
-                    acc = v_fma(v_mul(v_i8(q), act16(x, 256 * b + e, half)), v_set1(d * (float)sc[e / 16]), acc);
+                    acc[quarter] = v_fma(v_mul(v_i8(q), act16(x, 256 * b + e, half)), v_set1(d * (float)sc[e / 16]),
+                                         acc[quarter]);
                 }
             }
         }
     }
-    return v_sum(acc);
+    return (v_sum(acc[0]) + v_sum(acc[1])) + (v_sum(acc[2]) + v_sum(acc[3]));
+}
+#endif
+
+#ifdef GEN_BLOCKS_512
+/* AVX-512 with VBMI: a 4-bit code indexes a 16-entry table of floats (vpermps reads only an index's low 4 bits), so
+ * a block's codes become its weights in one permute each, with no integer-to-float conversion: one byte permute puts
+ * byte j of the block's nibbles in 32-bit lane j (its low nibble is element j, its high nibble element j + 16), and
+ * the table is the 16 codes' values times the block's scale. */
+static inline __m512i spread16(__m128i q16, int from) { /* bytes from .. from + 15 of q -> low byte of lanes 0..15 */
+    const __m512i at = _mm512_add_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                        _mm512_set1_epi32(from));
+    return _mm512_maskz_permutexvar_epi8(0x1111111111111111ull, at, _mm512_castsi128_si512(q16));
+}
+static inline __m512i spread16_of32(__m256i q32, int from) {
+    const __m512i at = _mm512_add_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                        _mm512_set1_epi32(from));
+    return _mm512_maskz_permutexvar_epi8(0x1111111111111111ull, at, _mm512_castsi256_si512(q32));
+}
+
+GEN_ALWAYS_INLINE float fdot_q4_f32_512(const uint8_t *restrict w, const float *restrict x, const float *restrict xs,
+                                        int64_t nb, const int min) {
+    const int64_t qo = Q45_QO(4, min), bs = Q45_BYTES(4, min);
+    const __m512 codes = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512 table = min ? codes : _mm512_sub_ps(codes, _mm512_set1_ps(8.f));
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    float mins[4] = {0.f, 0.f, 0.f, 0.f};
+#define STEP(b, k)                                                                                                     \
+    do {                                                                                                               \
+        const uint8_t *p = w + (b) * bs;                                                                               \
+        const __m512i v = spread16(_mm_loadu_si128((const __m128i *)(p + qo)), 0);                                     \
+        const __m512 t = _mm512_mul_ps(table, _mm512_set1_ps(f16(p)));                                                 \
+        const __m512 lo = _mm512_mul_ps(_mm512_permutexvar_ps(v, t), _mm512_loadu_ps(x + 32 * (b)));                   \
+        acc[k] = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), t), _mm512_loadu_ps(x + 32 * (b) + 16), \
+                                 _mm512_add_ps(acc[k], lo));                                                           \
+        if (min) mins[k] += f16(p + 2) * xs[b];                                                                        \
+    } while (0)
+    FOUR_CHAINS(nb, STEP);
+#undef STEP
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]))) +
+           (mins[0] + mins[1]) + (mins[2] + mins[3]);
+}
+
+GEN_ALWAYS_INLINE float fdot_q4_k_f32_512(const uint8_t *restrict w, const float *restrict x, const float *restrict xs,
+                                          int64_t nb) {
+    const __m512 codes = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    float mins = 0.f;
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *p = w + b * 144, *qs = p + 16;
+        const float d = f16(p), dmin = f16(p + 2);
+        uint8_t sc[8], mn[8];
+        q4k_scales(p + 4, sc, mn);
+        mins += dmin * q4k_mins(mn, xs + 8 * b);
+#pragma GCC unroll 4
+        for (int c = 0; c < 4; c++) {
+            const float *xc = x + 256 * b + 64 * c;
+            const __m256i q = _mm256_loadu_si256((const __m256i *)(qs + 32 * c));
+            const __m512i v0 = spread16_of32(q, 0), v1 = spread16_of32(q, 16);
+            const __m512 tl = _mm512_mul_ps(codes, _mm512_set1_ps(d * (float)sc[2 * c]));
+            const __m512 th = _mm512_mul_ps(codes, _mm512_set1_ps(d * (float)sc[2 * c + 1]));
+            __m512 s = _mm512_mul_ps(_mm512_permutexvar_ps(v0, tl), _mm512_loadu_ps(xc));
+            s = _mm512_fmadd_ps(_mm512_permutexvar_ps(v1, tl), _mm512_loadu_ps(xc + 16), s);
+            s = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v0, 4), th), _mm512_loadu_ps(xc + 32), s);
+            acc[c] = _mm512_add_ps(acc[c], _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v1, 4), th),
+                                                           _mm512_loadu_ps(xc + 48), s));
+        }
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]))) - mins;
+}
+#endif
+
+#if defined(GEN_BLOCKS_512) && defined(GEN_AVX512_BF16)
+/* bf16 activations on CPUs with AVX512_BF16: vdpbf16ps multiplies 32 bf16 pairs into 16 fp32 sums. A block's codes
+ * are small integers, exact in bf16: a byte permute puts code byte j in 16-bit lane j, a word permute (which reads
+ * an index's low 5 bits: the table repeats its 16 entries) turns each into its bf16 value. */
+/* Byte permutes: word j <- byte j % 16 (a 32-element block's 16 nibble bytes), or byte j (32 bytes of Q4_K). */
+static const uint8_t WORD_OF_BYTE16[64] = {0, 0, 1, 0, 2, 0, 3, 0, 4, 0, 5, 0, 6, 0, 7, 0, 8, 0, 9, 0, 10, 0, 11, 0,
+                                           12, 0, 13, 0, 14, 0, 15, 0, 0, 0, 1, 0, 2, 0, 3, 0, 4, 0, 5, 0, 6, 0, 7, 0,
+                                           8, 0, 9, 0, 10, 0, 11, 0, 12, 0, 13, 0, 14, 0, 15, 0};
+static const uint8_t WORD_OF_BYTE32[64] = {0, 0, 1, 0, 2, 0, 3, 0, 4, 0, 5, 0, 6, 0, 7, 0, 8, 0, 9, 0, 10, 0, 11, 0,
+                                           12, 0, 13, 0, 14, 0, 15, 0, 16, 0, 17, 0, 18, 0, 19, 0, 20, 0, 21, 0, 22, 0,
+                                           23, 0, 24, 0, 25, 0, 26, 0, 27, 0, 28, 0, 29, 0, 30, 0, 31, 0};
+/* bf16 of the codes 0..15, and of 0..15 less 8 (Q4_0), each twice (vpermw reads 5 index bits). */
+static const uint16_t BF16_CODES[32] = {0, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0, 0x4100, 0x4110, 0x4120,
+                                        0x4130, 0x4140, 0x4150, 0x4160, 0x4170, 0, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0,
+                                        0x40C0, 0x40E0, 0x4100, 0x4110, 0x4120, 0x4130, 0x4140, 0x4150, 0x4160, 0x4170};
+static const uint16_t BF16_CODES_LESS8[32] = {
+    0xC100, 0xC0E0, 0xC0C0, 0xC0A0, 0xC080, 0xC040, 0xC000, 0xBF80, 0, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0,
+    0xC100, 0xC0E0, 0xC0C0, 0xC0A0, 0xC080, 0xC040, 0xC000, 0xBF80, 0, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0};
+
+GEN_ALWAYS_INLINE float fdot_q4_bf16_512(const uint8_t *restrict w, const uint16_t *restrict x, const float *restrict xs,
+                                         int64_t nb, const int min) {
+    const int64_t qo = Q45_QO(4, min), bs = Q45_BYTES(4, min);
+    const __m512i table = _mm512_loadu_si512(min ? BF16_CODES : BF16_CODES_LESS8), zero = _mm512_setzero_si512();
+    const __m512i shift = _mm512_inserti64x4(zero, _mm256_set1_epi16(4), 1); /* words 16..31 take the high nibble */
+    const __m512i spread = _mm512_loadu_si512(WORD_OF_BYTE16);
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    float mins[4] = {0.f, 0.f, 0.f, 0.f};
+#define STEP(b, k)                                                                                                     \
+    do {                                                                                                               \
+        const uint8_t *p = w + (b) * bs;                                                                               \
+        __m512i v = _mm512_maskz_permutexvar_epi8(0x5555555555555555ull, spread,                                       \
+                                                  _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(p + qo)))); \
+        v = _mm512_permutexvar_epi16(_mm512_srlv_epi16(v, shift), table);                                              \
+        const __m512 s = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)v, (__m512bh)_mm512_loadu_si512(x + 32 * (b))); \
+        acc[k] = _mm512_fmadd_ps(s, _mm512_set1_ps(f16(p)), acc[k]);                                                   \
+        if (min) mins[k] += f16(p + 2) * xs[b];                                                                        \
+    } while (0)
+    FOUR_CHAINS(nb, STEP);
+#undef STEP
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]))) +
+           (mins[0] + mins[1]) + (mins[2] + mins[3]);
+}
+
+static float fdot_q8_0_bf16_512(const uint8_t *restrict w, const uint16_t *restrict x, int64_t nb) {
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+#define STEP(b, k)                                                                                                     \
+    do {                                                                                                               \
+        const uint8_t *p = w + (b) * 34;                                                                               \
+        const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p + 2))));         \
+        const __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p + 18))));        \
+        const __m512 s = _mm512_dpbf16_ps(_mm512_setzero_ps(), _mm512_cvtne2ps_pbh(w1, w0),                            \
+                                          (__m512bh)_mm512_loadu_si512(x + 32 * (b))); /* codes exact in bf16 */       \
+        acc[k] = _mm512_fmadd_ps(s, _mm512_set1_ps(f16(p)), acc[k]);                                                   \
+    } while (0)
+    FOUR_CHAINS(nb, STEP);
+#undef STEP
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
+}
+
+static float fdot_q4_k_bf16_512(const uint8_t *restrict w, const uint16_t *restrict x, const float *restrict xs,
+                                int64_t nb) {
+    const __m512i table = _mm512_loadu_si512(BF16_CODES), spread = _mm512_loadu_si512(WORD_OF_BYTE32);
+    float mins = 0.f;
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *p = w + b * 144, *qs = p + 16;
+        const float d = f16(p), dmin = f16(p + 2);
+        uint8_t sc[8], mn[8];
+        q4k_scales(p + 4, sc, mn);
+        mins += dmin * q4k_mins(mn, xs + 8 * b);
+#pragma GCC unroll 4
+        for (int c = 0; c < 4; c++) {
+            const uint16_t *xc = x + 256 * b + 64 * c;
+            const __m512i v = _mm512_maskz_permutexvar_epi8(
+                0x5555555555555555ull, spread, _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(qs + 32 * c))));
+            const __m512i lo = _mm512_permutexvar_epi16(v, table), hi = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), table);
+            const __m512 s0 = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)lo, (__m512bh)_mm512_loadu_si512(xc));
+            const __m512 s1 = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)hi, (__m512bh)_mm512_loadu_si512(xc + 32));
+            acc[c] = _mm512_fmadd_ps(s1, _mm512_set1_ps(d * (float)sc[2 * c + 1]),
+                                     _mm512_fmadd_ps(s0, _mm512_set1_ps(d * (float)sc[2 * c]), acc[c]));
+        }
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]))) - mins;
 }
 #endif
 
@@ -196,43 +390,66 @@ GEN_ALWAYS_INLINE float fdot_portable(int64_t type, const uint8_t *restrict w, c
     return total;
 }
 
+/* Each type's pair of entries: fp32 activations, then bf16 ones; `w` is the row. */
 #ifdef GEN_FLOAT_V
-#define FDOT_Q8_0(x, xs, nb, half) fdot_q8_0_v(w, x, nb, half)
-#define FDOT_Q4_0(x, xs, nb, half) fdot_q45_v(w, x, xs, nb, half, 4, 0)
-#define FDOT_Q4_1(x, xs, nb, half) fdot_q45_v(w, x, xs, nb, half, 4, 1)
-#define FDOT_Q5_0(x, xs, nb, half) fdot_q45_v(w, x, xs, nb, half, 5, 0)
-#define FDOT_Q5_1(x, xs, nb, half) fdot_q45_v(w, x, xs, nb, half, 5, 1)
-#define FDOT_Q4_K(x, xs, nb, half) fdot_q4_k_v(w, x, xs, nb, half)
-#define FDOT_Q6_K(x, xs, nb, half) fdot_q6_k_v(w, x, nb, half)
-#else
-#define FDOT_Q8_0(x, xs, nb, half) fdot_portable(T_Q8_0, w, x, nb, half)
-#define FDOT_Q4_0(x, xs, nb, half) fdot_portable(T_Q4_0, w, x, nb, half)
-#define FDOT_Q4_1(x, xs, nb, half) fdot_portable(T_Q4_1, w, x, nb, half)
-#define FDOT_Q5_0(x, xs, nb, half) fdot_portable(T_Q5_0, w, x, nb, half)
-#define FDOT_Q5_1(x, xs, nb, half) fdot_portable(T_Q5_1, w, x, nb, half)
-#define FDOT_Q4_K(x, xs, nb, half) fdot_portable(T_Q4_K, w, x, nb, half)
-#define FDOT_Q6_K(x, xs, nb, half) fdot_portable(T_Q6_K, w, x, nb, half)
+#define F32(x, xs, nb, CALL) CALL(x, xs, nb, 0)
+#define BF16(x, xs, nb, CALL) CALL(x, xs, nb, 1)
+#define V_Q8_0(x, xs, nb, half) fdot_q8_0_v(w, x, nb, half)
+#define V_Q4_0(x, xs, nb, half) fdot_q45_v(w, x, xs, nb, half, 4, 0)
+#define V_Q4_1(x, xs, nb, half) fdot_q45_v(w, x, xs, nb, half, 4, 1)
+#define V_Q5_0(x, xs, nb, half) fdot_q45_v(w, x, xs, nb, half, 5, 0)
+#define V_Q5_1(x, xs, nb, half) fdot_q45_v(w, x, xs, nb, half, 5, 1)
+#define V_Q4_K(x, xs, nb, half) fdot_q4_k_v(w, x, xs, nb, half)
+#define V_Q6_K(x, xs, nb, half) fdot_q6_k_v(w, x, nb, half)
+#else /* portable */
+#define F32(x, xs, nb, CALL) fdot_portable(T_##CALL, w, x, nb, 0)
+#define BF16(x, xs, nb, CALL) fdot_portable(T_##CALL, w, x, nb, 1)
 #endif
-
-/* Each type's two entries: fp32 and bf16 activations. */
-#define FLOAT_FORMAT(NAME, CALL)                                                                                       \
+#define FLOAT_FORMAT(NAME, F32_BODY, BF16_BODY)                                                                        \
     static float fdot_##NAME##_f32(const uint8_t *restrict w, const void *restrict x, const float *restrict xs,        \
                                    int64_t nb) {                                                                       \
         (void)xs;                                                                                                      \
-        return CALL(x, xs, nb, 0);                                                                                     \
+        return F32_BODY;                                                                                               \
     }                                                                                                                  \
     static float fdot_##NAME##_bf16(const uint8_t *restrict w, const void *restrict x, const float *restrict xs,       \
                                     int64_t nb) {                                                                      \
         (void)xs;                                                                                                      \
-        return CALL(x, xs, nb, 1);                                                                                     \
+        return BF16_BODY;                                                                                              \
     }
-FLOAT_FORMAT(q8_0, FDOT_Q8_0)
-FLOAT_FORMAT(q4_0, FDOT_Q4_0)
-FLOAT_FORMAT(q4_1, FDOT_Q4_1)
-FLOAT_FORMAT(q5_0, FDOT_Q5_0)
-FLOAT_FORMAT(q5_1, FDOT_Q5_1)
-FLOAT_FORMAT(q4_k, FDOT_Q4_K)
-FLOAT_FORMAT(q6_k, FDOT_Q6_K)
+#ifdef GEN_FLOAT_V
+#define VF(T) F32(x, xs, nb, V_##T)
+#define VB(T) BF16(x, xs, nb, V_##T)
+#else
+#define VF(T) F32(x, xs, nb, T)
+#define VB(T) BF16(x, xs, nb, T)
+#endif
+#ifdef GEN_BLOCKS_512
+#define F32_Q4_0 fdot_q4_f32_512(w, x, xs, nb, 0)
+#define F32_Q4_1 fdot_q4_f32_512(w, x, xs, nb, 1)
+#define F32_Q4_K fdot_q4_k_f32_512(w, x, xs, nb)
+#else
+#define F32_Q4_0 VF(Q4_0)
+#define F32_Q4_1 VF(Q4_1)
+#define F32_Q4_K VF(Q4_K)
+#endif
+#if defined(GEN_BLOCKS_512) && defined(GEN_AVX512_BF16)
+#define BF16_Q8_0 fdot_q8_0_bf16_512(w, x, nb)
+#define BF16_Q4_0 fdot_q4_bf16_512(w, x, xs, nb, 0)
+#define BF16_Q4_1 fdot_q4_bf16_512(w, x, xs, nb, 1)
+#define BF16_Q4_K fdot_q4_k_bf16_512(w, x, xs, nb)
+#else
+#define BF16_Q8_0 VB(Q8_0)
+#define BF16_Q4_0 VB(Q4_0)
+#define BF16_Q4_1 VB(Q4_1)
+#define BF16_Q4_K VB(Q4_K)
+#endif
+FLOAT_FORMAT(q8_0, VF(Q8_0), BF16_Q8_0)
+FLOAT_FORMAT(q4_0, F32_Q4_0, BF16_Q4_0)
+FLOAT_FORMAT(q4_1, F32_Q4_1, BF16_Q4_1)
+FLOAT_FORMAT(q5_0, VF(Q5_0), VB(Q5_0))
+FLOAT_FORMAT(q5_1, VF(Q5_1), VB(Q5_1))
+FLOAT_FORMAT(q4_k, F32_Q4_K, BF16_Q4_K)
+FLOAT_FORMAT(q6_k, VF(Q6_K), VB(Q6_K))
 #undef FLOAT_FORMAT
 
 /* [type][0]: fp32 activations, [type][1]: bf16. */
