@@ -62,7 +62,7 @@ def act_quality(model: Transformer, ids: torch.Tensor, acts: list[str], greedy_t
     try:
         set_act(model, "fp32")
         ref = _stepped_logits(model, ids)  # (T - 1, V)
-        prompt = ids[:, : min(GREEDY_PROMPT, ids.shape[1])]
+        prompt = ids[:, : max(1, min(GREEDY_PROMPT, ids.shape[1], model.config.context_length - greedy_tokens))]
         ref_greedy = _greedy(model, prompt, greedy_tokens)
         ref_logp = F.log_softmax(ref, -1)
         out = []
