@@ -170,3 +170,28 @@ def test_an_unknown_precision_is_one_clear_error(model_dir):
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "unknown activation precision 'fp16'; choose int8, bf16, fp32" in lines[0]
+
+
+def test_bench_modes_take_a_precision_only_on_block_weights():
+    from gen_cli.errors import UsageError
+    from gen_cli.lab.decode_bench import checked_modes, with_acts
+
+    modes = with_acts(("fp32", "q4_0", "file"), ("int8", "fp32"))
+    assert modes == ("fp32", "q4_0@int8", "q4_0@fp32", "file@int8", "file@fp32")
+    cpu = torch.device("cpu")
+    assert checked_modes(("q8_0@bf16",), 4, cpu) == ("q8_0@bf16",)
+    with pytest.raises(UsageError, match="applies to block weights"):
+        checked_modes(("fp32@int8",), 4, cpu)
+    with pytest.raises(UsageError, match="unknown activation precision"):
+        checked_modes(("q8_0@fp16",), 4, cpu)
+
+
+def test_bench_decode_reports_each_precision_against_fp32_activations(model_dir):
+    from gen_cli.lab.model_bench import bench_model_decode
+
+    rows, _ = bench_model_decode(model_dir, ("q8_0",), 1, 4, "cpu", prompt_len=8, acts=("int8", "fp32"))
+    by_mode = {r.mode: r for r in rows}
+    assert set(by_mode) == {"q8_0@int8", "q8_0@fp32"}
+    fp32, int8 = by_mode["q8_0@fp32"].extra["act_quality"], by_mode["q8_0@int8"].extra["act_quality"]
+    assert fp32["kl_mean"] == 0 and fp32["top1_agreement"] == 1 and fp32["positions"] > 10
+    assert int8["kl_mean"] > 0  # real text through the model's own tokenizer: the rounding shows
