@@ -278,17 +278,6 @@ Act = Annotated[
         rich_help_panel=PERFORMANCE,
     ),
 ]
-Acts = Annotated[
-    str | None,
-    typer.Option(
-        "--act",
-        metavar="LIST",
-        help="Run each block-weight mode once per activation precision (int8, bf16, fp32; comma list), with its "
-        "speed and, on a real model, KL / top-1 / greedy agreement against fp32 activations on real text.",
-        show_default=False,
-        rich_help_panel=PERFORMANCE,
-    ),
-]
 Compile = Annotated[
     bool,
     typer.Option(
