@@ -195,3 +195,16 @@ def test_bench_decode_reports_each_precision_against_fp32_activations(model_dir)
     fp32, int8 = by_mode["q8_0@fp32"].extra["act_quality"], by_mode["q8_0@int8"].extra["act_quality"]
     assert fp32["kl_mean"] == 0 and fp32["top1_agreement"] == 1 and fp32["positions"] > 10
     assert int8["kl_mean"] > 0  # real text through the model's own tokenizer: the rounding shows
+
+
+def test_bench_runs_a_files_own_blocks_in_each_precision(tmp_path, model_dir):
+    from gen_cli.infer.optimize import activations
+    from gen_cli.lab.model_bench import build_mode
+
+    path = tmp_path / "m.gguf"
+    result = runner.invoke(
+        app, ["export", "--model", str(model_dir), "--to", "gguf", "--type", "q8_0", "-o", str(path)]
+    )
+    assert result.exit_code == 0, result.output
+    model = build_mode(None, "file@bf16", torch.device("cpu"), path)  # the file as stored, not a dequantized copy
+    assert activations(model) == "bf16"

@@ -22,6 +22,7 @@ from gen_cli.lab.decode_bench import (
     checked_modes,
     mode_options,
     run_context,
+    split_mode,
     with_acts,
 )
 from gen_cli.lab.transformers_peer import hf_available
@@ -32,7 +33,7 @@ def build_mode(reference: Transformer, mode: str, device: torch.device, path: Pa
     """A copy of the fp32 model in `mode`, as `gen generate` builds it (the reference itself stays fp32);
     mode "file" loads `path` again as `gen generate --model` does: weights as stored, block types kept."""
     options = mode_options(mode, device)
-    if mode == "file" and path is not None:
+    if split_mode(mode)[0] == "file" and path is not None:
         return open_model(path, options).model
     return decode_layout(copy.deepcopy(reference), options, device)
 

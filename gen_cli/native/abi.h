@@ -81,7 +81,7 @@ typedef struct {
     float *scores; /* (batch, n_head, max_tokens) */
     int16_t *xq;   /* (batch, max(d_model, d_ff)) int16 copy of a matrix input (int8 weights; ACT_BF16: its bf16) */
     float *xscale; /* (batch,) */
-    /* Block-quantized weights (fp32 activations): the embedding's type, and the quantized matrix input. */
+    /* Block-quantized weights: the embedding's type, and the matrix input as `act` prepares it (ACT_INT8: quantized). */
     int64_t emb_type; /* T_FP32 / T_BF16 (as `bf16` says) or a block type: tok_emb is then (vocab, row bytes) */
     int8_t *aq;       /* (batch, width) */
     float *ad;        /* (batch, width / 32); ACT_FP32/ACT_BF16: the input's sums per 32 */

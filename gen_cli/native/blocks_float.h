@@ -6,7 +6,9 @@
  * Per block: the codes as 16-lane float vectors times the activations, summed, then times the block's scale.
  * Offsets that are whole numbers (Q4_0's 8, Q5_0's 16, Q6_K's 32) are subtracted from the codes as bytes; a
  * block's float min (Q4_1, Q5_1, Q4_K) multiplies the activations' sum over that block (precomputed once per
- * matmul, `xs`: one per 32). AVX-512 runs 16 lanes in one register, AVX2 in two, and the portable path
+ * matmul, `xs`: one per 32). With AVX-512 VBMI the 4-bit types skip the integer-to-float conversion (a code indexes a
+ * table of its values, offset and scale folded in), and with AVX512_BF16 the bf16 mode multiplies exact bf16 codes
+ * by the bf16 activations in `vdpbf16ps`. AVX-512 runs 16 lanes in one register, AVX2 in two, and the portable path
  * dequantizes a block with the type's own scalar code, then dots; the tests check the three against each other
  * and against dequantize-then-fp32.
  */
