@@ -208,3 +208,12 @@ def test_bench_runs_a_files_own_blocks_in_each_precision(tmp_path, model_dir):
     assert result.exit_code == 0, result.output
     model = build_mode(None, "file@bf16", torch.device("cpu"), path)  # the file as stored, not a dequantized copy
     assert activations(model) == "bf16"
+
+
+def test_without_the_kernel_the_blocks_multiply_in_the_models_dtype():
+    from gen_cli.infer.optimize import optimize_for_decode
+
+    torch.manual_seed(0)
+    model = optimize_for_decode(_block_model("q8_0"), native=False, act="int8")  # PyTorch: blocks dequantized per call
+    assert activations(model) == "fp32"
+    assert activations(model.to(torch.bfloat16)) == "bf16"

@@ -103,8 +103,8 @@ def activations(model: Transformer) -> str | None:
     if not layers:
         return None
     kernel = next((m.kernel for m in layers if m.kernel is not None), None)
-    if kernel is None:
-        return "fp32"  # no kernel: each layer dequantizes its blocks per call
+    if kernel is None:  # each layer dequantizes its blocks per call and multiplies in the model's dtype
+        return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(model.norm.weight.dtype, "fp32")
     return getattr(kernel, "keywords", {}).get("act", "int8")  # block_kernel's partial carries a non-int8 act
 
 
