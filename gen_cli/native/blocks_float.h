@@ -239,27 +239,88 @@ static inline __m512i spread16_of32(__m256i q32, int from) {
     return _mm512_maskz_permutexvar_epi8(0x1111111111111111ull, at, _mm512_castsi256_si512(q32));
 }
 
+/* Bytes of the fp16 d (then m) of four consecutive blocks: Q4_0 (18 bytes each), Q4_1 (20), Q8_0 (34). */
+static const uint8_t SCALES_Q4_0[64] = {0, 1, 18, 19, 36, 37, 54, 55};
+static const uint8_t SCALES_Q4_1[64] = {0, 1, 20, 21, 40, 41, 60, 61, 2, 3, 22, 23, 42, 43, 62, 63};
+static const uint8_t SCALES_Q8_0[64] = {0, 1, 34, 35, 68, 69, 102, 103};
+
+/* The scales of four consecutive blocks (`bs` bytes each) at p as floats, d[0..3] then m[0..3], as `at` picks
+ * them: one byte permute and one conversion for four blocks, where a scalar conversion per scale costs more than
+ * a block's products. */
+static inline __m256 scales4(const uint8_t *p, const uint8_t *at, int64_t bs) {
+    const __mmask64 tail = 4 * bs >= 128 ? ~(__mmask64)0 : ((__mmask64)1 << (4 * bs - 64)) - 1; /* bytes past 64 */
+    const __m512i v = _mm512_permutex2var_epi8(_mm512_loadu_si512(p), _mm512_loadu_si512(at),
+                                               _mm512_maskz_loadu_epi8(tail, p + 64));
+    return _mm256_cvtph_ps(_mm512_castsi512_si128(v));
+}
+
+/* Four blocks at a time: their scales converted together (scales4, with `at`), each block's products into its
+ * own accumulator, the mins of the four (`min`) in one 4-lane FMA; BLOCK(b, k, d) adds block b with scale d into
+ * acc[k]. Reads w, bs, nb, xs, min and at from the caller's scope, and sets mins_total. */
+#define FOUR_BLOCKS(BLOCK)                                                                                          \
+    do {                                                                                                               \
+        __m128 mins4 = _mm_setzero_ps();                                                                               \
+        float tail_mins = 0.f;                                                                                         \
+        int64_t b_ = 0;                                                                                                \
+        for (; b_ + 4 <= nb; b_ += 4) {                                                                                \
+            float sc[8];                                                                                               \
+            const __m256 f = scales4(w + b_ * bs, at, bs);                                                             \
+            _mm256_storeu_ps(sc, f);                                                                                   \
+            BLOCK(b_, 0, sc[0]);                                                                                       \
+            BLOCK(b_ + 1, 1, sc[1]);                                                                                   \
+            BLOCK(b_ + 2, 2, sc[2]);                                                                                   \
+            BLOCK(b_ + 3, 3, sc[3]);                                                                                   \
+            if (min) mins4 = _mm_fmadd_ps(_mm256_extractf128_ps(f, 1), _mm_loadu_ps(xs + b_), mins4);                 \
+        }                                                                                                              \
+        for (; b_ < nb; b_++) {                                                                                        \
+            BLOCK(b_, 0, f16(w + b_ * bs));                                                                            \
+            if (min) tail_mins += f16(w + b_ * bs + 2) * xs[b_];                                                       \
+        }                                                                                                              \
+        __m128 h = _mm_add_ps(mins4, _mm_movehl_ps(mins4, mins4));                                                     \
+        mins_total = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h))) + tail_mins;                                     \
+    } while (0)
+
 GEN_ALWAYS_INLINE float fdot_q4_f32_512(const uint8_t *restrict w, const float *restrict x, const float *restrict xs,
                                         int64_t nb, const int min) {
     const int64_t qo = Q45_QO(4, min), bs = Q45_BYTES(4, min);
+    const uint8_t *at = min ? SCALES_Q4_1 : SCALES_Q4_0;
     const __m512 codes = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
     const __m512 table = min ? codes : _mm512_sub_ps(codes, _mm512_set1_ps(8.f));
     __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-    float mins[4] = {0.f, 0.f, 0.f, 0.f};
-#define STEP(b, k)                                                                                                     \
+    float mins_total;
+#define BLOCK(b, k, d)                                                                                                 \
     do {                                                                                                               \
-        const uint8_t *p = w + (b) * bs;                                                                               \
-        const __m512i v = spread16(_mm_loadu_si128((const __m128i *)(p + qo)), 0);                                     \
-        const __m512 t = _mm512_mul_ps(table, _mm512_set1_ps(f16(p)));                                                 \
+        const __m512i v = spread16(_mm_loadu_si128((const __m128i *)(w + (b) * bs + qo)), 0);                          \
+        const __m512 t = _mm512_mul_ps(table, _mm512_set1_ps(d));                                                      \
         const __m512 lo = _mm512_mul_ps(_mm512_permutexvar_ps(v, t), _mm512_loadu_ps(x + 32 * (b)));                   \
         acc[k] = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), t), _mm512_loadu_ps(x + 32 * (b) + 16), \
                                  _mm512_add_ps(acc[k], lo));                                                           \
-        if (min) mins[k] += f16(p + 2) * xs[b];                                                                        \
     } while (0)
-    FOUR_CHAINS(nb, STEP);
-#undef STEP
+    FOUR_BLOCKS(BLOCK);
+#undef BLOCK
     return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]))) +
-           (mins[0] + mins[1]) + (mins[2] + mins[3]);
+           mins_total;
+}
+
+static float fdot_q8_0_f32_512(const uint8_t *restrict w, const float *restrict x, int64_t nb) {
+    const int64_t bs = 34;
+    const int min = 0;
+    const uint8_t *at = SCALES_Q8_0;
+    const float *xs = NULL;
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    float mins_total;
+#define BLOCK(b, k, d)                                                                                                 \
+    do {                                                                                                               \
+        const uint8_t *p = w + (b) * bs;                                                                               \
+        const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p + 2))));         \
+        const __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p + 18))));        \
+        const __m512 s = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + 32 * (b)), _mm512_mul_ps(w1, _mm512_loadu_ps(x + 32 * (b) + 16))); \
+        acc[k] = _mm512_fmadd_ps(s, _mm512_set1_ps(d), acc[k]);                                                        \
+    } while (0)
+    FOUR_BLOCKS(BLOCK);
+#undef BLOCK
+    (void)mins_total;
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
 }
 
 GEN_ALWAYS_INLINE float fdot_q4_k_f32_512(const uint8_t *restrict w, const float *restrict x, const float *restrict xs,
@@ -313,40 +374,45 @@ static const uint16_t BF16_CODES_LESS8[32] = {
 GEN_ALWAYS_INLINE float fdot_q4_bf16_512(const uint8_t *restrict w, const uint16_t *restrict x, const float *restrict xs,
                                          int64_t nb, const int min) {
     const int64_t qo = Q45_QO(4, min), bs = Q45_BYTES(4, min);
+    const uint8_t *at = min ? SCALES_Q4_1 : SCALES_Q4_0;
     const __m512i table = _mm512_loadu_si512(min ? BF16_CODES : BF16_CODES_LESS8), zero = _mm512_setzero_si512();
     const __m512i shift = _mm512_inserti64x4(zero, _mm256_set1_epi16(4), 1); /* words 16..31 take the high nibble */
     const __m512i spread = _mm512_loadu_si512(WORD_OF_BYTE16);
     __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-    float mins[4] = {0.f, 0.f, 0.f, 0.f};
-#define STEP(b, k)                                                                                                     \
+    float mins_total;
+#define BLOCK(b, k, d)                                                                                                 \
     do {                                                                                                               \
-        const uint8_t *p = w + (b) * bs;                                                                               \
-        __m512i v = _mm512_maskz_permutexvar_epi8(0x5555555555555555ull, spread,                                       \
-                                                  _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(p + qo)))); \
+        __m512i v = _mm512_maskz_permutexvar_epi8(                                                                     \
+            0x5555555555555555ull, spread, _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(w + (b) * bs + qo)))); \
         v = _mm512_permutexvar_epi16(_mm512_srlv_epi16(v, shift), table);                                              \
         const __m512 s = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)v, (__m512bh)_mm512_loadu_si512(x + 32 * (b))); \
-        acc[k] = _mm512_fmadd_ps(s, _mm512_set1_ps(f16(p)), acc[k]);                                                   \
-        if (min) mins[k] += f16(p + 2) * xs[b];                                                                        \
+        acc[k] = _mm512_fmadd_ps(s, _mm512_set1_ps(d), acc[k]);                                                        \
     } while (0)
-    FOUR_CHAINS(nb, STEP);
-#undef STEP
+    FOUR_BLOCKS(BLOCK);
+#undef BLOCK
     return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]))) +
-           (mins[0] + mins[1]) + (mins[2] + mins[3]);
+           mins_total;
 }
 
 static float fdot_q8_0_bf16_512(const uint8_t *restrict w, const uint16_t *restrict x, int64_t nb) {
+    const int64_t bs = 34;
+    const int min = 0;
+    const uint8_t *at = SCALES_Q8_0;
+    const float *xs = NULL;
     __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-#define STEP(b, k)                                                                                                     \
+    float mins_total;
+#define BLOCK(b, k, d)                                                                                                 \
     do {                                                                                                               \
-        const uint8_t *p = w + (b) * 34;                                                                               \
+        const uint8_t *p = w + (b) * bs;                                                                               \
         const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p + 2))));         \
         const __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p + 18))));        \
         const __m512 s = _mm512_dpbf16_ps(_mm512_setzero_ps(), _mm512_cvtne2ps_pbh(w1, w0),                            \
                                           (__m512bh)_mm512_loadu_si512(x + 32 * (b))); /* codes exact in bf16 */       \
-        acc[k] = _mm512_fmadd_ps(s, _mm512_set1_ps(f16(p)), acc[k]);                                                   \
+        acc[k] = _mm512_fmadd_ps(s, _mm512_set1_ps(d), acc[k]);                                                        \
     } while (0)
-    FOUR_CHAINS(nb, STEP);
-#undef STEP
+    FOUR_BLOCKS(BLOCK);
+#undef BLOCK
+    (void)mins_total;
     return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
 }
 
@@ -426,10 +492,12 @@ GEN_ALWAYS_INLINE float fdot_portable(int64_t type, const uint8_t *restrict w, c
 #define VB(T) BF16(x, xs, nb, T)
 #endif
 #ifdef GEN_BLOCKS_512
+#define F32_Q8_0 fdot_q8_0_f32_512(w, x, nb)
 #define F32_Q4_0 fdot_q4_f32_512(w, x, xs, nb, 0)
 #define F32_Q4_1 fdot_q4_f32_512(w, x, xs, nb, 1)
 #define F32_Q4_K fdot_q4_k_f32_512(w, x, xs, nb)
 #else
+#define F32_Q8_0 VF(Q8_0)
 #define F32_Q4_0 VF(Q4_0)
 #define F32_Q4_1 VF(Q4_1)
 #define F32_Q4_K VF(Q4_K)
@@ -445,7 +513,7 @@ GEN_ALWAYS_INLINE float fdot_portable(int64_t type, const uint8_t *restrict w, c
 #define BF16_Q4_1 VB(Q4_1)
 #define BF16_Q4_K VB(Q4_K)
 #endif
-FLOAT_FORMAT(q8_0, VF(Q8_0), BF16_Q8_0)
+FLOAT_FORMAT(q8_0, F32_Q8_0, BF16_Q8_0)
 FLOAT_FORMAT(q4_0, F32_Q4_0, BF16_Q4_0)
 FLOAT_FORMAT(q4_1, F32_Q4_1, BF16_Q4_1)
 FLOAT_FORMAT(q5_0, VF(Q5_0), VB(Q5_0))
