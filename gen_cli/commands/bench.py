@@ -30,6 +30,18 @@ from gen_cli.commands.options import (
 from gen_cli.errors import UsageError
 from gen_cli.text.tokenizer import DEFAULT_VOCAB_SIZE
 
+Acts = Annotated[
+    str | None,
+    typer.Option(
+        "--act",
+        metavar="LIST",
+        help="Run each block-weight mode once per activation precision (int8, bf16, fp32; comma list), with its "
+        "speed and, on a real model, KL / top-1 / greedy agreement against fp32 activations on real text.",
+        show_default=False,
+        rich_help_panel=PERFORMANCE,
+    ),
+]
+
 bench_app = typer.Typer(help="Benchmarks: gen against the libraries it builds on, measured in one run.")
 
 
@@ -143,6 +155,7 @@ def bench_decode_command(
     device_name: Device = "auto",
     threads: ThreadsT = None,
     profile: Profile = False,
+    act: Acts = None,
     llama_bench: Path = typer.Option(
         None,
         "--llama-bench",
@@ -171,10 +184,10 @@ def bench_decode_command(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from gen_cli.commands.bench_view import decode_table, print_profiles
+    from gen_cli.commands.bench_view import act_table, decode_table, print_profiles
     from gen_cli.formats.loading import require_model_kind
     from gen_cli.lab.bench_format import FORMATS, render
-    from gen_cli.lab.decode_bench import DEFAULT_GPU_MODES, DEFAULT_MODES, bench_decode
+    from gen_cli.lab.decode_bench import DEFAULT_GPU_MODES, DEFAULT_MODES, bench_decode, with_acts
     from gen_cli.lab.llama_bench import find_llama_bench
     from gen_cli.lab.transformers_peer import HF_INSTALL, hf_available
     from gen_cli.runtime import resolve_device, set_threads
@@ -202,7 +215,8 @@ def bench_decode_command(
     # transformers runs presets (a copy of the weights) and HF folders; a GGUF or gen model gets no row.
     hf_row = hf_available() and (model is None or kind == "hf")
     mode_list = tuple(m.strip() for m in modes.split(",") if m.strip()) if modes else None
-    n_modes = len(mode_list or (DEFAULT_MODES if device.type == "cpu" else DEFAULT_GPU_MODES)) + hf_row
+    acts = tuple(a.strip() for a in act.split(",") if a.strip()) if act else None
+    n_modes = len(with_acts(mode_list or (DEFAULT_MODES if device.type == "cpu" else DEFAULT_GPU_MODES), acts)) + hf_row
     what = f"model {model}" if model is not None else f"{len(shape_list)} shape(s)"
     err.print(
         f"bench decode: {what} × {n_modes} modes × {repeats} repeats of pp{prompt_len} + tg{new_tokens}"
@@ -218,6 +232,7 @@ def bench_decode_command(
             "on_run": lambda: progress.advance(task),
             "prompt_len": prompt_len,
             "profile": profile,
+            "acts": acts,
         }
         if model is not None:
             from gen_cli.lab.model_bench import bench_model_decode
@@ -233,6 +248,8 @@ def bench_decode_command(
         return
     console = out_console()
     console.print(decode_table(rows, context, repeats, new_tokens))
+    if acts:
+        console.print(act_table(rows))
     if context.get("llama_bench"):
         console.print(render(rows, context, "md"), markup=False)
     if profile:

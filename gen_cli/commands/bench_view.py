@@ -55,6 +55,35 @@ def decode_table(rows: list[Row], context: dict[str, Any], repeats: int, new_tok
     return table
 
 
+def act_table(rows: list[Row]) -> Table:
+    """Block modes per activation precision: decode and prefill rates, the decode rate over the same weights with
+    int8 activations (same run), and the quality against fp32 activations on real text (a real model only)."""
+    from gen_cli.lab.decode_bench import ACT_SEP, split_mode
+
+    table = Table(
+        title="activation precision of block weights: speed, and agreement with fp32 activations on real text"
+    )
+    columns = ("shape", "mode", "act", "decode tok/s", "range", "× int8", "prefill tok/s", "KL mean", "KL max",
+               "top-1 =", "greedy =")  # fmt: skip
+    for c in columns:
+        table.add_column(c, justify="left" if c in ("shape", "mode", "act") else "right")
+    by_mode = {(r.shape, r.mode): r for r in rows}
+    for r in rows:
+        base, act = split_mode(r.mode)
+        if act is None:
+            continue
+        int8 = by_mode.get((r.shape, f"{base}{ACT_SEP}int8"))
+        q = r.extra.get("act_quality")
+        table.add_row(
+            r.shape, base, act, f"{r.decode_tok_s:,.1f}", f"{min(r.decode_runs):,.0f}–{max(r.decode_runs):,.0f}",
+            f"{r.decode_tok_s / int8.decode_tok_s:.2f}×" if int8 and int8.decode_tok_s else "",
+            f"{r.prefill_tok_s:,.0f}",
+            *((f"{q['kl_mean']:.1e}", f"{q['kl_max']:.1e}", f"{100 * q['top1_agreement']:.1f}%",
+               f"{q['greedy_agree']}/{q['greedy_tokens']}") if q else ("", "", "", "")),
+        )  # fmt: skip
+    return table
+
+
 def profile_table(title: str, profile: StepProfile, width: int = 30) -> Table:
     """A profile as a rich table with a bar per class, scaled to the largest."""
     shares = profile.shares()

@@ -17,6 +17,7 @@ from rich.markup import escape
 from gen_cli.commands.common import err, progress_enabled, read_line
 from gen_cli.commands.options import (
     CACHE,
+    Act,
     Device,
     Dtype,
     Json,
@@ -187,6 +188,7 @@ def chat_command(
     dtype_opt: Dtype = None,
     threads: Threads = None,
     native: Native = True,
+    act: Act = None,
 ) -> None:
     """Chat with an instruct model: each line you type is a message, the reply streams back.
 
@@ -221,7 +223,7 @@ def chat_command(
     from gen_cli.infer.session import ContextFull
     from gen_cli.text.tokenizer import longest_token_bytes
 
-    engine = open_model(model_dir, EngineOptions(device_name, dtype_opt, threads, native=native))
+    engine = open_model(model_dir, EngineOptions(device_name, dtype_opt, threads, native=native, act=act))
     if engine.chat_template is None:
         raise UsageError(
             f"{engine.source} has no chat template, so it cannot chat; continue text with `gen generate` instead"

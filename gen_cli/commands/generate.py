@@ -22,6 +22,7 @@ from gen_cli.commands.options import (
     MODEL,
     OUTPUT,
     SAMPLING,
+    Act,
     Attention,
     AttnImpl,
     Compile,
@@ -283,7 +284,7 @@ def _generate(engine: Engine, run: Run, ids: list[int], reuse: PromptReuse | Non
     stats = result.stats.to_dict() | {"load_s": engine.load_s, "load_peak_memory_bytes": engine.load_peak_bytes}
     stats |= {"compile_s": compile_s} if engine.options.compile else {}
     stats |= {"prompt_cache": reuse.summary()} if reuse is not None else {}
-    stats |= {"weights": weight_summary(engine.model)}
+    stats |= {"weights": weight_summary(engine.model), "activations": engine.activations}
     profile = None
     if run.profile:  # a second run, timed class by class (hooks slow the PyTorch path: not the run above)
         from gen_cli.lab.profile import profile_decode
@@ -374,6 +375,7 @@ def generate_command(
     compile_: Compile = False,
     profile: Profile = False,
     attn_impl: AttnImpl = "fused",
+    act: Act = None,
     speculate: Speculate = None,
     draft: Draft = None,
 ) -> None:
@@ -396,7 +398,7 @@ def generate_command(
     run = Run(prompt, chat, system, max_new_tokens, sampling, seed, tuple(s for s in (stop or []) if s), ignore_eot,
               num_samples, _cache_spec(kv_cache, kv_kinds, window, sinks), prompt_cache, stream, show_stats, as_json,
               profile, speculate, draft)  # fmt: skip
-    options = EngineOptions(device_name, dtype_opt, threads, quantize, native, compile_, rope_scaling, attn_impl)
+    options = EngineOptions(device_name, dtype_opt, threads, quantize, native, compile_, rope_scaling, attn_impl, act)
     _check_run(run, options, kv_kinds is not None)
     source = PresetShape(preset, tokenizer, attention, kv_heads, pos) if preset is not None else model_dir
     engine, reuse = _open(source, options, run)

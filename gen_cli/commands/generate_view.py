@@ -73,4 +73,6 @@ def print_stats(stats: dict[str, Any], source: str, path_note: str = "", from_bo
         total = sum(e["bytes"] for e in weights.values())
         parts = [f"{cls} {'+'.join(e['types'])} {e['bytes']:,} B" for cls, e in weights.items()]
         lines.append(f"weights          {total:,} B in memory: " + "; ".join(parts))
+    if act := stats.get("activations"):  # block weights only: what their products multiply
+        lines.append(f"activations      {act} in block weights' products")
     err.print("\n".join(lines))

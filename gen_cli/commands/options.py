@@ -10,6 +10,7 @@ import typer
 
 from gen_cli.errors import UsageError
 from gen_cli.model.config import ROPE_SCALING_SPECS
+from gen_cli.native.abi import ACT_DEFAULT
 
 # Help panels, in the order `--help` shows them (options outside a panel come last, under "Options").
 MODEL = "Model"
@@ -262,6 +263,18 @@ Native = Annotated[
         "--native/--no-native",
         help="Decode on the CPU in gen's C step where the model's shape allows (compiled on first use); "
         "--no-native: PyTorch.",
+        rich_help_panel=PERFORMANCE,
+    ),
+]
+Act = Annotated[
+    str | None,
+    typer.Option(
+        "--act",
+        metavar="int8|bf16|fp32",
+        help="Activations of block-quantized weights (GGUF Q4_0…Q6_K, --quantize q8_0/q4_0/q4_k) in their products: "
+        "int8 (quantized per block, as llama.cpp), bf16 (rounded) or fp32 (as they are; the blocks unpacked to "
+        "floats).",
+        show_default=ACT_DEFAULT,
         rich_help_panel=PERFORMANCE,
     ),
 ]

@@ -9,6 +9,7 @@ import typer
 
 from gen_cli.commands.common import err
 from gen_cli.commands.options import (
+    Act,
     Device,
     Dtype,
     KvDtype,
@@ -110,6 +111,7 @@ def serve_command(
     dtype: Dtype = None,
     threads: Threads = None,
     native: Native = True,
+    act: Act = None,
 ) -> None:
     """Serve a model over HTTP as the OpenAI API does: /v1/completions, /v1/chat/completions, /v1/models."""
     from gen_cli.cache.spec import CacheSpec
@@ -129,7 +131,7 @@ def serve_command(
         raise UsageError(f"--kv-budget-mb must be > 0, got {kv_budget_mb}")
     source = PresetSource(preset) if preset is not None else (model_dir or default_model_dir())
     kinds = kv_kinds_of(kv_dtype, kv_dtype_k, kv_dtype_v) or (None, None)
-    engine = open_model(source, EngineOptions(device, dtype, threads, native=native))
+    engine = open_model(source, EngineOptions(device, dtype, threads, native=native, act=act))
     budget = int(kv_budget_mb * 2**20) if kv_budget_mb is not None else None
     options = ServeOptions(
         max_batch, max_queue, budget, mode=schedule, cache=CacheSpec(*kinds), api_key=api_key,

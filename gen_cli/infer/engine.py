@@ -20,7 +20,14 @@ from gen_cli.cache.spec import CacheSpec
 from gen_cli.errors import UsageError
 from gen_cli.formats.loaded import Loaded
 from gen_cli.infer.generate import GenerationResult, check_memory, new_cache, run_generation
-from gen_cli.infer.optimize import QUANTIZE_MODES, compile_warm_up, compute_dtype, optimize_for_decode
+from gen_cli.infer.optimize import (
+    QUANTIZE_MODES,
+    activations,
+    check_act,
+    compile_warm_up,
+    compute_dtype,
+    optimize_for_decode,
+)
 from gen_cli.infer.sampling import SamplingConfig
 from gen_cli.model.transformer import Transformer, set_attention_impl
 from gen_cli.text.tokenizer import EOT, encode, special_id
@@ -55,6 +62,7 @@ class EngineOptions:
     compile: bool = False  # torch.compile instead of the native step
     rope_scaling: str | None = None  # e.g. `yarn:4`: the context grows to factor × the trained one
     attn_impl: str = "fused"  # PyTorch's forwards (prefill, decode off the native step): fused SDPA or eager
+    act: str | None = None  # block weights' activations: int8, bf16 or fp32 (None: ACT_DEFAULT, native/abi.py)
 
 
 @dataclass
@@ -169,6 +177,11 @@ class Engine:
             source=f"{self.source}: chat template", spec=cache,
         )  # fmt: skip
 
+    @property
+    def activations(self) -> str | None:
+        """What block weights multiply (int8, bf16 or fp32 activations); None without block weights."""
+        return activations(self.model)
+
     def decode_note(self) -> str:
         """Why PyTorch decodes although the native step was not turned off ("" when it was, or it runs)."""
         from gen_cli.native.decoder import unavailable_reason
@@ -194,6 +207,8 @@ def run_dtype(options: EngineOptions, device: torch.device) -> torch.dtype | Non
         raise UsageError(
             f"unknown quantize mode {options.quantize!r}; choose {', '.join(QUANTIZE_MODES)}", params=("quantize",)
         )
+    if options.act is not None:
+        check_act(options.act)  # refused before any weight is read
     requested = runtime.run_dtype(options.dtype, device) if options.dtype else None  # `auto` resolved on the device
     return compute_dtype(options.quantize, device, options.native, requested)
 
@@ -202,7 +217,7 @@ def decode_layout(model: Transformer, options: EngineOptions, device: torch.devi
     """`model` on `device` in the options' dtype, made inference-only: fused, quantized, kernels attached."""
     dtype = run_dtype(options, device)
     model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
-    return optimize_for_decode(model, quantize=options.quantize, compile=options.compile, native=options.native)
+    return optimize_for_decode(model, options.quantize, options.compile, options.native, options.act)
 
 
 def open_model(
@@ -232,7 +247,7 @@ def open_model(
     if before_layout is not None:
         before_layout(loaded)
     set_attention_impl(loaded.model, options.attn_impl)
-    model = optimize_for_decode(loaded.model, quantize=options.quantize, compile=options.compile, native=options.native)
+    model = optimize_for_decode(loaded.model, options.quantize, options.compile, options.native, options.act)
     tok = loaded.tokenizer
     # gen's models end a text with <|endoftext|>; an imported model declares its own end-of-turn ids.
     eot = special_id(tok, EOT)

@@ -68,12 +68,45 @@ def quantize_blocks(model: Transformer, qtype: str) -> Transformer:
     return model
 
 
-def attach_block_kernels(model: Transformer) -> None:
+def attach_block_kernels(model: Transformer, act: str = "int8") -> None:
     """Point every BlockLinear's `kernel` at the fastest product this machine has for its blocks (the
-    native block matmul of native); where none is set, a BlockLinear dequantizes per call."""
+    native block matmul, activations in `act`); where none is set, a BlockLinear dequantizes per call."""
     from gen_cli.native.block_matmul import use_block_kernel
 
-    use_block_kernel(model)  # CPU layers, when the kernel builds here
+    use_block_kernel(model, act)  # CPU layers, when the kernel builds here
+
+
+def check_act(act: str) -> str:
+    """`act` when it names an activation precision for block weights (int8, bf16, fp32), else a usage error."""
+    from gen_cli.native.abi import ACT_MODES
+
+    if act not in ACT_MODES:
+        raise UsageError(f"unknown activation precision {act!r}; choose {', '.join(ACT_MODES)}", params=("act",))
+    return act
+
+
+def set_act(model: Transformer, act: str) -> None:
+    """Block weights' products take `act` activations from now on: in the native step and in prompts through
+    the block kernel (layers without it dequantize per call: fp32 activations whatever `act` says)."""
+    from gen_cli.native.block_matmul import block_kernel
+
+    kernel = block_kernel(check_act(act))
+    for layer in model.modules():
+        if isinstance(layer, BlockLinear) and layer.kernel is not None:
+            layer.kernel = kernel
+    if getattr(model, "native_decoder", None) is not None:
+        model.native_decoder.set_act(act)
+
+
+def activations(model: Transformer) -> str | None:
+    """What block weights' products multiply in `model` (int8, bf16, fp32), or None when it has no block weights."""
+    layers = [m for m in model.modules() if isinstance(m, BlockLinear)]
+    if not layers:
+        return None
+    kernel = next((m.kernel for m in layers if m.kernel is not None), None)
+    if kernel is None:  # each layer dequantizes its blocks per call and multiplies in the model's dtype
+        return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(model.norm.weight.dtype, "fp32")
+    return getattr(kernel, "keywords", {}).get("act", "int8")  # block_kernel's partial carries a non-int8 act
 
 
 def compute_dtype(
@@ -165,16 +198,19 @@ def fuse_mlp(mlp: nn.Module, pages: PageReleaser | None = None) -> str | None:
 
 
 def optimize_for_decode(
-    model: Transformer, quantize: str = "none", compile: bool = False, native: bool = True
+    model: Transformer, quantize: str = "none", compile: bool = False, native: bool = True, act: str | None = None
 ) -> Transformer:
     """Make `model` inference-only and fast: fuse w1/w3, int8 or block weights, then the fastest decode path.
 
     On the CPU, for fp32 (or int8-weight) and bf16 models, that is the native C step (`gen_cli/native.py`)
     when this machine can compile it; otherwise oneDNN-prepacked weights, or torch.compile when asked.
     fp32 results equal the unoptimised model's within float rounding; bf16 and int8 change them
-    (measured by `gen bench decode`). Call it after `.to(device, dtype)`: the native step points at the
-    weights as they are then.
+    (measured by `gen bench decode`). `act`: block weights' activation precision (None: ACT_DEFAULT). Call it
+    after `.to(device, dtype)`: the native step points at the weights as they are then.
     """
+    from gen_cli.native.abi import ACT_DEFAULT
+
+    act = check_act(act or ACT_DEFAULT)
     if quantize not in QUANTIZE_MODES:
         raise UsageError(
             f"unknown quantize mode {quantize!r}; choose {', '.join(QUANTIZE_MODES)}", params=("quantize",)
@@ -196,6 +232,7 @@ def optimize_for_decode(
         from gen_cli.native.decoder import NativeDecoder
 
         native_step = NativeDecoder.attach(model) is None
+    set_act(model, act)
     head = model.lm_head
     if quantize == "none" and isinstance(head, nn.Linear) and onednn_applies(head.weight):
         _to_onednn(model, pack_decode=not native_step)  # the native step reads the plain weights itself

@@ -68,6 +68,7 @@ MODES: dict[str, Mode] = {
     "file": Mode(None, "none", False, True),
 }
 DEFAULT_MODES = ("fp32", "bf16", "int8", "fp32-torch")
+ACT_SEP = "@"  # "q4_0@fp32": a block mode with its activation precision (--act); without it, the default
 # A GPU has no native step (fp32 and bf16 run PyTorch's ops there) and int8 no GPU kernel in gen.
 DEFAULT_GPU_MODES = ("fp32", "bf16", "fp32+compile", "bf16+compile")
 DECODE_PROMPT = 8
@@ -108,10 +109,32 @@ class Row:
         return asdict(self)
 
 
+def split_mode(mode: str) -> tuple[str, str | None]:
+    """ "q4_0@fp32" -> ("q4_0", "fp32"); a mode without a precision -> (mode, None)."""
+    base, _, act = mode.partition(ACT_SEP)
+    return base, act or None
+
+
+def is_block_mode(mode: str) -> bool:
+    """Whether `mode`'s weights are GGML blocks (a block quantization, or a file's weights as stored)."""
+    from gen_cli.infer.optimize import BLOCK_MODES
+
+    base = split_mode(mode)[0]
+    return base == "file" or (base in MODES and MODES[base].quantize in BLOCK_MODES)
+
+
+def with_acts(modes: tuple[str, ...], acts: tuple[str, ...] | None) -> tuple[str, ...]:
+    """Each block mode once per activation precision in `acts` ("q4_0" -> "q4_0@int8", "q4_0@fp32"); others as given."""
+    if not acts:
+        return modes
+    return tuple(dict.fromkeys(f"{m}{ACT_SEP}{a}" if is_block_mode(m) else m for m in modes for a in acts))
+
+
 def mode_options(mode: str, device: torch.device) -> EngineOptions:
-    """The options `gen generate` opens a model with in `mode` (its --dtype, --quantize, --compile, --native)."""
-    dtype, quantize, compile, native = MODES[mode]
-    return EngineOptions(device.type, dtype_name(dtype) if dtype else None, None, quantize, native, compile)
+    """The options `gen generate` opens a model with in `mode` (its --dtype, --quantize, --compile, --native, --act)."""
+    base, act = split_mode(mode)
+    dtype, quantize, compile, native = MODES[base]
+    return EngineOptions(device.type, dtype_name(dtype) if dtype else None, None, quantize, native, compile, act=act)
 
 
 def build_gen(config: ModelConfig, mode: str, device: torch.device) -> Transformer:
@@ -188,12 +211,14 @@ def bench_runners(
     prompt_len: int = PREFILL_PROMPT,
     between: Callable[[int], None] | None = None,
     profile: bool = False,
+    text: torch.Tensor | None = None,
 ) -> list[Row]:
     """Rows for `reference` (unoptimised fp32, the deviation oracle) in every mode `build_mode` builds, and
     the transformers model `build_transformers` builds; prompts are random ids below `vocab`.
 
     `between(round)` runs after each round of repeats (a peer such as llama-bench, interleaved with gen's
-    runs); `profile` adds each gen mode's decode-step profile to its row's `extra["profile"]`.
+    runs); `profile` adds each gen mode's decode-step profile to its row's `extra["profile"]`; `text` (1, T) ids
+    of real text: each mode with an activation precision gets `extra["act_quality"]` against fp32 activations.
     """
     config, device = reference.config, reference.norm.weight.device
     step = on_step or (lambda _msg: None)
@@ -213,7 +238,7 @@ def bench_runners(
     for mode in modes:
         step(f"{label}: building {mode}")
         model = build_mode(mode)
-        if MODES[mode].compile:
+        if MODES[split_mode(mode)[0]].compile:
             start = time.perf_counter()
             time_gen(model, decode_prompt, new_tokens)  # compiles prefill and decode graphs
             time_gen(model, prefill_prompt, 1)
@@ -288,9 +313,16 @@ def bench_runners(
                 extra={"bytes_by_class": by_class},
             )
         )
+        act = split_mode(name)[1]
+        if act is not None and text is not None:
+            from gen_cli.lab.act_quality import act_quality
+
+            step(f"{label}: {name} against fp32 activations on real text")
+            (quality,) = act_quality(model, text.to(device), [act], min(new_tokens, 64))
+            rows[-1].extra["act_quality"] = quality.to_dict()
         if profile and not hf:
             step(f"{label}: profiling {name}")
-            rows[-1].extra["profile"] = _profile(model, decode_prompt, new_tokens, MODES[name].compile)
+            rows[-1].extra["profile"] = _profile(model, decode_prompt, new_tokens, MODES[split_mode(name)[0]].compile)
     hf = next((r for r in rows if r.mode == "transformers"), None)
     for r in rows:
         r.vs_hf = r.decode_tok_s / hf.decode_tok_s if hf and hf.decode_tok_s else None
@@ -327,13 +359,15 @@ def bench_decode(
     on_run: Callable[[], None] | None = None,
     prompt_len: int = PREFILL_PROMPT,
     profile: bool = False,
+    acts: tuple[str, ...] | None = None,
 ) -> tuple[list[Row], dict[str, Any]]:
     """Rows for every shape × mode (+ transformers when installed) and the run's context (threads, bandwidth…).
 
-    `modes` defaults to DEFAULT_MODES on the CPU, DEFAULT_GPU_MODES elsewhere.
+    `modes` defaults to DEFAULT_MODES on the CPU, DEFAULT_GPU_MODES elsewhere; `acts` runs each block mode once
+    per activation precision (random weights: speed only, no quality against fp32 activations).
     """
     device = torch.device(device)
-    modes = checked_modes(modes, new_tokens, device)
+    modes = checked_modes(with_acts(checked_modes(modes, new_tokens, device), acts), new_tokens, device)
     if "file" in modes:
         raise UsageError("mode file runs a model file's weights as stored: it needs a model, not a preset shape")
     with_hf = hf_available()
@@ -347,11 +381,16 @@ def bench_decode(
 def checked_modes(modes: tuple[str, ...] | None, new_tokens: int, device: torch.device) -> tuple[str, ...]:
     """The modes asked for, or the device's defaults; unknown modes and too few new tokens refused."""
     modes = modes or (DEFAULT_MODES if device.type == "cpu" else DEFAULT_GPU_MODES)
-    if unknown := [m for m in modes if m not in MODES]:
+    if unknown := [m for m in modes if split_mode(m)[0] not in MODES]:
         raise UsageError(f"unknown mode(s) {', '.join(unknown)}; choose from {', '.join(MODES)}")
-    from gen_cli.infer.optimize import QUANTIZE_MODES
+    from gen_cli.infer.optimize import QUANTIZE_MODES, check_act
 
-    if missing := [m for m in modes if MODES[m].quantize not in QUANTIZE_MODES]:
+    for m in modes:
+        if (act := split_mode(m)[1]) is not None:
+            check_act(act)
+            if not is_block_mode(m):
+                raise UsageError(f"mode {m}: an activation precision applies to block weights (q8_0, q4_0, q4_k, file)")
+    if missing := [m for m in modes if MODES[split_mode(m)[0]].quantize not in QUANTIZE_MODES]:
         raise UsageError(f"mode(s) {', '.join(missing)}: this build of gen has no such weight format")
     if new_tokens < 2:
         raise UsageError("max_new_tokens must be at least 2 (decode speed needs two steps)", params=("max_new_tokens",))

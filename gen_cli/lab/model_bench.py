@@ -22,6 +22,8 @@ from gen_cli.lab.decode_bench import (
     checked_modes,
     mode_options,
     run_context,
+    split_mode,
+    with_acts,
 )
 from gen_cli.lab.transformers_peer import hf_available
 from gen_cli.model.transformer import Transformer
@@ -31,7 +33,7 @@ def build_mode(reference: Transformer, mode: str, device: torch.device, path: Pa
     """A copy of the fp32 model in `mode`, as `gen generate` builds it (the reference itself stays fp32);
     mode "file" loads `path` again as `gen generate --model` does: weights as stored, block types kept."""
     options = mode_options(mode, device)
-    if mode == "file" and path is not None:
+    if split_mode(mode)[0] == "file" and path is not None:
         return open_model(path, options).model
     return decode_layout(copy.deepcopy(reference), options, device)
 
@@ -48,6 +50,14 @@ def load_transformers(folder: Path, device: torch.device) -> Any:
     return model.eval().to(device)
 
 
+def _text(loaded: Any, context: int) -> torch.Tensor:
+    """(1, T) ids of real text for the quality of activation precisions, within the model's context."""
+    from gen_cli.lab.act_quality import TEXT_TOKENS, text_ids
+    from gen_cli.text.tokenizer import encode
+
+    return text_ids(lambda t: encode(loaded.tokenizer, t), min(TEXT_TOKENS, context - 1))
+
+
 def bench_model_decode(
     model_path: str | Path,
     modes: tuple[str, ...] | None = None,
@@ -59,12 +69,15 @@ def bench_model_decode(
     prompt_len: int = PREFILL_PROMPT,
     profile: bool = False,
     llama_bench: Path | None = None,
+    acts: tuple[str, ...] | None = None,
 ) -> tuple[list[Row], dict[str, Any]]:
     """Rows for every mode on the model's weights (+ transformers for an HF folder, when installed) and the
     run's context; deviations are measured against the model in unoptimised fp32.
 
     With `llama_bench` (the binary) and a GGUF file, llama.cpp runs the same file, threads and lengths once
-    after each round of gen's repeats; its merged tests are in `context["llama_bench"]`.
+    after each round of gen's repeats; its merged tests are in `context["llama_bench"]`. `acts` runs each block
+    mode once per activation precision, each also measured against fp32 activations on real text (the built-in
+    corpus's validation split, through the model's own tokenizer).
     """
     device = torch.device(device)
     asked, modes = modes, checked_modes(modes, new_tokens, device)
@@ -78,6 +91,7 @@ def bench_model_decode(
 
         dequantize_modules(loaded.model)
         modes = modes if asked else ("file", *modes)  # by default, first of all what the file itself runs at
+    modes = checked_modes(with_acts(modes, acts), new_tokens, device)
     reference = loaded.model.eval()
     limit = reference.config.context_length
     if DECODE_PROMPT + new_tokens > limit:
@@ -98,7 +112,7 @@ def bench_model_decode(
         label, reference, lambda mode: build_mode(reference, mode, device, path),
         (lambda: load_transformers(path, device)) if with_hf else None, modes, repeats, new_tokens,
         on_step=on_step, on_run=on_run, vocab=min(loaded.tokenizer.get_vocab_size(), reference.config.vocab_size),
-        prompt_len=prompt_len, between=peer, profile=profile,
+        prompt_len=prompt_len, between=peer, profile=profile, text=_text(loaded, limit) if acts else None,
     )  # fmt: skip
     for r in rows:
         r.vs_c = None  # the fixed C figures are for preset shapes, never a model's (whatever its folder is called)

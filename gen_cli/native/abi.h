@@ -8,7 +8,7 @@
 
 #include <stdint.h>
 
-#define GEN_ABI_VERSION 6
+#define GEN_ABI_VERSION 7
 
 /* Matrix.type: the step's own formats (the model's float dtype, int8 rows with a scale each), then GGML's
  * block formats (block_types.h) by their gen names (abi.py's MATRIX_TYPES). */
@@ -31,6 +31,10 @@ enum {
  * low nibble first, with an fp32 scale and zero point per group (x = q * scale + zero). */
 enum { KV_FLOAT = 0, KV_INT8 = 1, KV_INT4 = 2 };
 enum { KV_GROUP = 32 };
+
+/* Model.act: what block-weight products multiply (blocks_float.h): the activations quantized to int8 per block
+ * (llama.cpp's way), rounded to bf16, or fp32 as they are. */
+enum { ACT_INT8 = 0, ACT_BF16 = 1, ACT_FP32 = 2 };
 
 /* Model.profile's slots: where a step's time goes (abi.py's PROFILE_KEYS, in this order). */
 enum { P_EMBED, P_NORM, P_QKV, P_ROPE, P_ATTENTION, P_ATTN_OUT, P_MLP_IN, P_MLP_ACT, P_MLP_OUT, P_LM_HEAD, P_COUNT };
@@ -88,18 +92,19 @@ typedef struct {
     float *att;    /* (batch, n_head head_dim) */
     float *ff;     /* (batch, 2 d_ff) */
     float *scores; /* (batch, n_head, max_tokens) */
-    int16_t *xq;   /* (batch, max(d_model, d_ff)) int16 copy of a matrix input (int8 weights) */
+    int16_t *xq;   /* (batch, max(d_model, d_ff)) int16 copy of a matrix input (int8 weights; ACT_BF16: its bf16) */
     float *xscale; /* (batch,) */
-    /* Block-quantized weights (fp32 activations): the embedding's type, and the quantized matrix input. */
+    /* Block-quantized weights: the embedding's type, and the matrix input as `act` prepares it (ACT_INT8: quantized). */
     int64_t emb_type; /* T_FP32 / T_BF16 (as `bf16` says) or a block type: tok_emb is then (vocab, row bytes) */
     int8_t *aq;       /* (batch, width) */
-    float *ad;        /* (batch, width / 32) */
+    float *ad;        /* (batch, width / 32); ACT_FP32/ACT_BF16: the input's sums per 32 */
     int16_t *asum;    /* (batch, width / 16) */
     double *profile;  /* NULL, or seconds accumulated per op class (P_* above) */
     /* Where gen_decode_rows' slot s lives: NULL, row s of each Layer's cache; else slots[layer * n_slots + s]
      * (max_tokens above is then the scores' stride: at least every slot's max_tokens). */
     const KVSlot *slots;
     int64_t n_slots;
+    int64_t act; /* ACT_INT8, ACT_BF16 or ACT_FP32: block weights' activations */
 } Model;
 
 #endif

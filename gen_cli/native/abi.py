@@ -12,12 +12,16 @@ import ctypes
 
 from gen_cli.errors import InternalError
 
-ABI_VERSION = 6  # GEN_ABI_VERSION in abi.h
+ABI_VERSION = 7  # GEN_ABI_VERSION in abi.h
 
 # Matrix.type (abi.h's T_*): the step's own formats, then GGML's block formats by their gen names.
 MATRIX_TYPES = {
     "fp32": 0, "bf16": 1, "int8": 2, "q8_0": 3, "q4_0": 4, "q4_1": 5, "q4_k": 6, "q6_k": 7, "q5_0": 8, "q5_1": 9,
 }  # fmt: skip
+# Model.act (abi.h's ACT_*): what block-weight products multiply: int8-quantized, bf16-rounded or fp32 activations.
+ACT_MODES = {"int8": 0, "bf16": 1, "fp32": 2}
+# The precision block weights run in unless asked otherwise: chosen by measurement (docs/quantization.md).
+ACT_DEFAULT = "int8"
 # Model.profile's slots (abi.h's P_*): where a step's time goes, in the order the step accumulates them.
 PROFILE_KEYS = ("embed", "norm", "qkv", "rope", "attention", "attn_out", "mlp_in", "mlp_act", "mlp_out", "lm_head")
 
@@ -106,6 +110,7 @@ class Model(ctypes.Structure):
         ("profile", ctypes.c_void_p),
         ("slots", ctypes.c_void_p),  # KVSlot (n_layer, n_slots), or NULL: slot s is row s of each Layer's cache
         ("n_slots", ctypes.c_int64),
+        ("act", ctypes.c_int64),  # ACT_MODES
     ]
 
 
@@ -133,6 +138,7 @@ def _expected_enums() -> dict[str, int]:
         **{f"T_{name.upper()}": code for name, code in MATRIX_TYPES.items()},
         **{f"KV_{name.upper()}": code for name, code in KV_KINDS.items()},
         **{f"P_{key.upper()}": slot for slot, key in enumerate(PROFILE_KEYS)},
+        **{f"ACT_{name.upper()}": code for name, code in ACT_MODES.items()},
         "P_COUNT": len(PROFILE_KEYS),
     }
 
@@ -194,7 +200,7 @@ def bind(lib: ctypes.CDLL) -> str | None:
     lib.gen_argmax.argtypes = [ctypes.c_void_p, *[ctypes.c_int64] * 3, ctypes.c_void_p, ctypes.c_int64]
     lib.gen_argmax.restype = None
     lib.gen_block_matmul.argtypes = [ctypes.c_void_p, *[ctypes.c_int64] * 3, ctypes.c_void_p, ctypes.c_int64]
-    lib.gen_block_matmul.argtypes += [ctypes.c_void_p, ctypes.c_int64]
+    lib.gen_block_matmul.argtypes += [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
     lib.gen_block_matmul.restype = ctypes.c_int64
     lib.gen_block_dequantize.argtypes = [ctypes.c_void_p, *[ctypes.c_int64] * 3, ctypes.c_void_p, *[ctypes.c_int64] * 2]
     lib.gen_block_dequantize.restype = ctypes.c_int64

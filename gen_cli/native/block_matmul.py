@@ -7,18 +7,24 @@ GEMM: the C side dequantizes one L2-sized row tile at a time into a scratch (bf1
 bf16, else fp32) and PyTorch's GEMM (oneDNN) multiplies every token by it, writing that tile's columns of Y;
 dequantizing costs a few percent of the GEMM's time, and a GEMM runs near the CPU's peak while the dot-product
 kernel re-reads each weight tile per token tile. Elsewhere (no compiler, not the CPU) the layer's own fallback runs.
+
+The activation precision (`act`, abi.py's ACT_MODES) changes both paths: int8 as above; bf16: the few-token
+kernel multiplies blocks unpacked to fp32 by activations rounded to bf16, a prompt's GEMM runs on bf16 tiles as
+for int8; fp32: the few-token kernel multiplies fp32 activations as they are, a prompt's GEMM runs on fp32 tiles
+(the blocks' exact values): the same sums as dequantize-then-fp32, to fp32 rounding.
 """
 
 from __future__ import annotations
 
 import ctypes
-from functools import cache
+from collections.abc import Callable
+from functools import cache, partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gen_cli.native.abi import MATRIX_TYPES
+from gen_cli.native.abi import ACT_MODES, MATRIX_TYPES
 from gen_cli.native.build import library
 from gen_cli.quant.block_linear import BlockLinear
 
@@ -31,19 +37,20 @@ TILE_BYTES = 1 << 20
 TILE_DTYPE = torch.bfloat16  # bf16 GEMM (avx512_bf16 through oneDNN) where the CPU has it, else fp32
 
 
-def block_matmul(x: torch.Tensor, layer: BlockLinear) -> torch.Tensor:
-    """x (..., in_features) -> x Wᵀ (..., out_features) in x's dtype, without the bias."""
+def block_matmul(x: torch.Tensor, layer: BlockLinear, act: str = "int8") -> torch.Tensor:
+    """x (..., in_features) -> x Wᵀ (..., out_features) in x's dtype, without the bias; `act`: the activations'
+    precision in the products (int8, bf16 or fp32)."""
     lib = library()
     if isinstance(lib, str) or x.device.type != "cpu" or not layer.blocks.is_contiguous():
         return F.linear(x, layer.dequantized().to(x.dtype))  # (..., out)
     rows = x.reshape(-1, layer.in_features).to(torch.float32).contiguous()  # (n, in)
     if rows.shape[0] >= TILE_MIN_TOKENS:
-        y = _tiled(lib, rows, layer)
+        y = _tiled(lib, rows, layer, torch.float32 if act == "fp32" else tile_dtype())
     else:
         y = torch.empty(rows.shape[0], layer.out_features)  # (n, out)
         failed = lib.gen_block_matmul(
             layer.blocks.data_ptr(), MATRIX_TYPES[layer.qtype], layer.out_features, layer.in_features,
-            rows.data_ptr(), rows.shape[0], y.data_ptr(), torch.get_num_threads(),
+            rows.data_ptr(), rows.shape[0], y.data_ptr(), torch.get_num_threads(), ACT_MODES[act],
         )  # fmt: skip
         if failed:
             raise MemoryError(f"the native block matmul could not allocate its buffers for {rows.shape[0]} rows")
@@ -55,9 +62,9 @@ def tile_dtype() -> torch.dtype:
     return TILE_DTYPE if _has_bf16_gemm() else torch.float32
 
 
-def _tiled(lib: ctypes.CDLL, x: torch.Tensor, layer: BlockLinear) -> torch.Tensor:
-    """x (n, in) fp32 -> x Wᵀ (n, out) fp32: W dequantized a row tile at a time, never as a whole matrix."""
-    dtype = tile_dtype()
+def _tiled(lib: ctypes.CDLL, x: torch.Tensor, layer: BlockLinear, dtype: torch.dtype) -> torch.Tensor:
+    """x (n, in) fp32 -> x Wᵀ (n, out) fp32: W dequantized a row tile at a time (to `dtype`, the GEMM's), never as
+    a whole matrix."""
     cols, out_rows = layer.in_features, layer.out_features
     tile = max(16, min(out_rows, TILE_BYTES // (cols * dtype.itemsize)))
     scratch = torch.empty(tile, cols, dtype=dtype)  # (tile, in)
@@ -82,11 +89,20 @@ def _has_bf16_gemm() -> bool:
         return False
 
 
-def use_block_kernel(model: nn.Module) -> int:
-    """Route every CPU BlockLinear of `model` through `block_matmul` when the kernel builds here; how many."""
+def block_kernel(act: str = "int8") -> Callable[[torch.Tensor, BlockLinear], torch.Tensor]:
+    """`block_matmul` with the activation precision `act` (int8, bf16 or fp32)."""
+    if act not in ACT_MODES:
+        raise ValueError(f"unknown activation precision {act!r}")
+    return block_matmul if act == "int8" else partial(block_matmul, act=act)
+
+
+def use_block_kernel(model: nn.Module, act: str = "int8") -> int:
+    """Route every CPU BlockLinear of `model` through `block_matmul` (activations in `act`) when the kernel builds
+    here; how many."""
     if isinstance(library(), str):
         return 0
     layers = [m for m in model.modules() if isinstance(m, BlockLinear) and m.blocks.device.type == "cpu"]
+    kernel = block_kernel(act)
     for layer in layers:
-        layer.kernel = block_matmul
+        layer.kernel = kernel
     return len(layers)

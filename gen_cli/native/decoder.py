@@ -28,7 +28,7 @@ from gen_cli.cache.spec import CacheSpec
 from gen_cli.errors import InternalError
 from gen_cli.model.config import ModelConfig
 from gen_cli.model.transformer import Transformer, check_context
-from gen_cli.native.abi import KV_KINDS, MATRIX_TYPES, PROFILE_KEYS, KVSlot, Layer, Matrix, Model, Norm
+from gen_cli.native.abi import ACT_MODES, KV_KINDS, MATRIX_TYPES, PROFILE_KEYS, KVSlot, Layer, Matrix, Model, Norm
 from gen_cli.native.build import library, native_status
 from gen_cli.native.threads import ThreadGovernor
 from gen_cli.quant.block_linear import BlockEmbedding, BlockLinear
@@ -384,6 +384,10 @@ class NativeDecoder:
         self.lib.gen_decode_step(self._struct_ref, token.data_ptr(), token.stride(0), cache.pos, logits.data_ptr())
         cache.advance(1)
         return logits
+
+    def set_act(self, act: str) -> None:
+        """Block weights' products in later steps take int8, bf16 or fp32 activations (abi.h's ACT_*)."""
+        self._struct.act = ACT_MODES[act]
 
     def start_profile(self) -> None:
         """Zero the per-op timers and have every following step add its seconds to them."""

@@ -11,6 +11,7 @@
 #include "abi.h"
 #include "bf16.h"
 #include "block_types.h"
+#include "blocks_float.h"
 #include "features.h"
 
 enum { ROW_BLOCK = 4 };
@@ -237,6 +238,11 @@ static void matmul_bf16(const Model *m, const Matrix *w, const float *x, float *
 static void matmul_blocks(const Model *m, const Matrix *w, const BlockType *t, const float *x, float *y, int64_t ldy,
                           int accumulate) {
     const int64_t rows = w->rows, cols = w->cols, batch = m->batch, rb = block_row_bytes(t, cols), nb = cols / t->elems;
+    if (m->act != ACT_INT8) { /* float activations: blocks_float.h (their bf16 copy in xq, sums in ad) */
+        float_block_matmul(w->data, w->type, rows, cols, x, batch, y, accumulate, m->act, (uint16_t *)m->xq, m->ad,
+                           (int)m->n_threads);
+        return;
+    }
     for (int64_t b = 0; b < batch; b++) {
         Act a = {m->aq + b * cols, m->ad + b * (cols / 32), m->asum + b * (cols / 16)};
         t->quantize_act(x + b * cols, cols, a);

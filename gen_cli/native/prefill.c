@@ -8,18 +8,28 @@
 #include "abi.h"
 #include "bf16.h"
 #include "block_types.h"
+#include "blocks_float.h"
 #include "features.h"
 
-/* Y (n, rows) = X (n, cols) W^T for a block matrix W (rows, row bytes): prompts and prefill. X is quantized once;
- * threads take tiles of rows, and each tile (a few KB) stays in cache while every token of a token tile passes
- * over it. Returns 0, or -1 when the type is not a block type or memory runs out. */
+/* Y (n, rows) = X (n, cols) W^T for a block matrix W (rows, row bytes): prompts and prefill, the activations as
+ * `act` says (abi.h's ACT_*). ACT_INT8: X is quantized once; threads take tiles of rows, and each tile (a few KB)
+ * stays in cache while every token of a token tile passes over it. ACT_FP32 / ACT_BF16: blocks_float.h's products.
+ * Returns 0, or -1 when the type is not a block type, `act` unknown or memory runs out. */
 int64_t gen_block_matmul(const void *w, int64_t type, int64_t rows, int64_t cols, const float *x, int64_t n, float *y,
-                         int64_t n_threads) {
+                         int64_t n_threads, int64_t act) {
     enum { ROW_TILE = 16, TOKEN_TILE = 64 };
     const BlockType *bt = block_type(type);
-    if (!bt || cols % bt->elems != 0) return -1;
+    if (!bt || cols % bt->elems != 0 || act < ACT_INT8 || act > ACT_FP32) return -1;
     if (n <= 0 || rows <= 0) return 0;
     const int64_t rb = block_row_bytes(bt, cols), nb = cols / bt->elems;
+    if (act != ACT_INT8) {
+        uint16_t *xh = malloc((size_t)(n * cols) * sizeof(uint16_t));
+        float *xs = malloc((size_t)(n * (cols / 32) + 1) * sizeof(float));
+        const int ok = xh && xs;
+        if (ok) float_block_matmul(w, type, rows, cols, x, n, y, 0, act, xh, xs, (int)n_threads);
+        free(xh), free(xs);
+        return ok ? 0 : -1;
+    }
     int8_t *q = malloc((size_t)(n * cols));
     float *dq = malloc((size_t)(n * (cols / 32)) * sizeof(float));
     int16_t *sq = malloc((size_t)(n * (cols / 16)) * sizeof(int16_t));
