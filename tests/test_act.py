@@ -22,7 +22,6 @@ from test_native_blocks import (
     _random_blocks,
     _reference,
     _steps,
-    fresh_library,  # noqa: F401 (a fixture)
 )
 from typer.testing import CliRunner
 
@@ -122,7 +121,7 @@ def test_the_precision_switches_both_ways_and_refuses_unknown_names():
 
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="builds for plain x86-64 targets")
 @pytest.mark.parametrize("march", ["x86-64-v3", "x86-64-v2"])  # AVX2, then no vector ISA (portable C)
-def test_the_avx2_and_portable_float_products_equal_the_native_ones(march, fresh_library, monkeypatch, tmp_path):  # noqa: F811
+def test_the_avx2_and_portable_float_products_equal_the_native_ones(march, fresh_library, monkeypatch, tmp_path):
     x = torch.randn(3, 512)
     layers = {q: BlockLinear(_random_blocks(q, 37, 512, seed=2), q, 512) for q in QTYPES}
     want = {(q, a): block_matmul(x, layer, a) for q, layer in layers.items() for a in ("bf16", "fp32")}

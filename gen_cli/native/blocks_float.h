@@ -43,7 +43,7 @@ static inline V16 v_xh(const uint16_t *x) {
 static inline V16 v_mul(V16 a, V16 b) { return _mm512_mul_ps(a, b); }
 static inline V16 v_fma(V16 a, V16 b, V16 c) { return _mm512_fmadd_ps(a, b, c); }
 static inline float v_sum(V16 a) { return _mm512_reduce_add_ps(a); }
-#elif defined(__AVX2__) && defined(__FMA__)
+#elif defined(GEN_AVX2_FMA)
 #define GEN_FLOAT_V 1
 typedef struct {
     __m256 lo, hi;

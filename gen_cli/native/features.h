@@ -24,6 +24,9 @@
 #if defined(__AVX512BF16__) && defined(__AVX512VL__)
 #define GEN_AVX512_BF16 1 /* fp32 -> bf16 conversion in one instruction */
 #endif
+#if defined(__AVX2__) && defined(__FMA__)
+#define GEN_AVX2_FMA 1 /* 256-bit float FMAs: the float-activation block products without AVX-512 */
+#endif
 #ifdef __F16C__
 #define GEN_F16C 1 /* fp16 block scales converted in one instruction */
 #endif
