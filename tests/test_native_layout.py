@@ -125,7 +125,7 @@ def test_an_enum_mismatch_is_refused_at_load(changed, said, fresh_library, monke
 def test_the_block_entry_points_refuse_a_type_without_traits(code):
     lib = build.library()
     w, x, y = (ctypes.c_float * 64)(), (ctypes.c_float * 32)(), (ctypes.c_float * 64)()
-    assert lib.gen_block_matmul(w, code, 2, 32, x, 1, y, 1) == -1
+    assert lib.gen_block_matmul(w, code, 2, 32, x, 1, y, 1, 0) == -1  # act: ACT_INT8
     assert lib.gen_block_dequantize(w, code, 2, 32, y, 0, 1) == -1
 
 

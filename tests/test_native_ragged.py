@@ -257,17 +257,7 @@ def test_int8_weight_batches_equal_single_steps_bit_for_bit():
     gen = torch.Generator().manual_seed(6)
     prompts = [torch.randint(0, 300, (n,), generator=gen).tolist() for n in (4, 9, 15, 6, 11)]
 
-    def caches() -> list[KVCache]:
-        out = []
-        for p in prompts:
-            cache = KVCache(model.config, 1, 32)
-            prefill(model, torch.tensor([p]), cache)
-            out.append(cache)
-        return out
-
-    with torch.inference_mode():
-        together = model.native_decoder.rows([7] * len(prompts), caches())  # (5, V)
-        alone = torch.cat([model.native_decoder(torch.tensor([[7]]), c) for c in caches()])  # (5, V)
+    together, alone = _together_and_alone(model, prompts, 32)
     assert torch.equal(together, alone)
 
 
@@ -305,15 +295,24 @@ def test_bf16_batches_equal_single_steps(d_model):
     gen = torch.Generator().manual_seed(12)
     prompts = [torch.randint(0, 300, (n,), generator=gen).tolist() for n in (4, 9, 2, 6, 11)]
 
+    together, alone = _together_and_alone(model, prompts, 16, torch.bfloat16)
+    assert (together - alone).abs().max() <= 1e-5 * alone.abs().max()
+
+
+def _together_and_alone(
+    model: Transformer, prompts: list[list[int]], max_tokens: int, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (N, V) of token 7 after each prefilled prompt: all N as rows of one step, and each step alone."""
+
     def caches() -> list[KVCache]:
         out = []
         for p in prompts:
-            cache = KVCache(config, 1, 16, torch.bfloat16)
+            cache = KVCache(model.config, 1, max_tokens, dtype)
             prefill(model, torch.tensor([p]), cache)
             out.append(cache)
         return out
 
     with torch.inference_mode():
-        together = model.native_decoder.rows([7] * len(prompts), caches())  # (5, V)
-        alone = torch.cat([model.native_decoder(torch.tensor([[7]]), c) for c in caches()])  # (5, V)
-    assert (together - alone).abs().max() <= 1e-5 * alone.abs().max()
+        together = model.native_decoder.rows([7] * len(prompts), caches())
+        alone = torch.cat([model.native_decoder(torch.tensor([[7]]), c) for c in caches()])
+    return together, alone

@@ -10,7 +10,16 @@ from typing import Annotated
 import typer
 
 from gen_cli.commands.common import err, out_console, print_json
-from gen_cli.commands.options import Device, Json, Model, Native, Preset, Threads, check_model_path
+from gen_cli.commands.options import (
+    Device,
+    Json,
+    MaxNewTokens,
+    Model,
+    Native,
+    Preset,
+    Threads,
+    check_model_path,
+)
 from gen_cli.errors import UsageError
 from gen_cli.resources import default_model_dir
 
@@ -44,9 +53,7 @@ def bench_serve_command(
             show_default=False,
         ),
     ] = None,
-    new_tokens: Annotated[
-        int, typer.Option("-n", "--max-new-tokens", metavar="N", min=1, help="Tokens per request over HTTP.")
-    ] = 128,
+    new_tokens: MaxNewTokens = 128,  # per request, over HTTP
     device: Device = "auto",
     threads: Threads = None,
     native: Native = True,
