@@ -36,7 +36,8 @@ def test_more_cores_and_a_requested_ceiling():
 def test_threads_follows_the_measured_load(monkeypatch):
     g = governor(2, 2)
     g._sample, g._next = (9.5, 99.5, 0.0), 0.0  # the last sample: at 9.5 s, 99.5 busy seconds, none of ours
-    clock = iter([10.0, 10.0, 10.1, 10.6, 10.6])  # each re-measure reads the clock twice
+    soon = 10.0 + governor_module.INTERVAL_S / 2
+    clock = iter([10.0, 10.0, soon, 10.6, 10.6])  # each re-measure reads the clock twice
     busy = iter([100.0, 100.06])
     monkeypatch.setattr(governor_module.time, "perf_counter", lambda: next(clock))
     monkeypatch.setattr(governor_module.time, "process_time", lambda: 0.0)
