@@ -76,13 +76,12 @@ def _kernel(model: Any, vocab: int) -> str:
 
 def _trim() -> None:
     """Collect garbage and return glibc's free heap to the OS (Linux), so RSS is what is in use."""
-    import contextlib
-    import ctypes
     import gc
 
+    from gen_cli.pages import return_free_heap
+
     gc.collect()
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: the baseline keeps what the allocator holds
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return_free_heap()  # not glibc: the baseline keeps what the allocator holds
 
 
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
