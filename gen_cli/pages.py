@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import mmap
 import sys
+from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -67,8 +68,17 @@ def return_free_heap() -> None:
     """Return glibc's free heap to the OS (Linux). After a large free glibc raises its mmap threshold (up to
     32 MiB), so later blocks below it come from the heap and stay resident once freed: RSS would count
     memory no longer in use. Elsewhere (not glibc) a no-op."""
-    import contextlib
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@cache
+def _malloc_trim() -> Any:
+    """glibc's malloc_trim, looked up once (a layout calls it after every matrix it moves), or None."""
     import ctypes
 
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None

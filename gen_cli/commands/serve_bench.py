@@ -90,9 +90,10 @@ def bench_serve_command(
     http_rows: list[dict[str, float | str]] = []
     if llama_server is not None and model_dir is not None:
         from gen_cli.lab.http_load import compare_servers
+        from gen_cli.runtime import set_threads
 
         del engine  # the servers load the file themselves: this process's copy would only compete with them
-        count = threads or torch_threads()
+        count = set_threads(threads)
         err.print(
             f"[dim]over HTTP: gen serve and llama-server, {count} threads, {clients} slots, {new_tokens} tokens[/]"
         )
@@ -124,12 +125,6 @@ def _check_llama_server(binary: Path, model_dir: Path | None) -> None:
         raise UsageError("--llama-server serves a .gguf file: give it as --model", params=("llama_server",))
     if not binary.is_file() or not os.access(binary, os.X_OK):
         raise UsageError(f"--llama-server {binary}: not an executable file", params=("llama_server",))
-
-
-def torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
 
 
 def _sizes(batches: str | None) -> list[int]:

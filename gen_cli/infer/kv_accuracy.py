@@ -28,6 +28,14 @@ class KVAccuracy:
         return asdict(self)
 
 
+def agreement(ref: torch.Tensor, got: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """KL(ref ‖ got) of the next-token distributions (nats) and whether their argmaxes match, per position of
+    logits (..., V): the figures every accuracy comparison reports."""
+    p_log, q_log = torch.log_softmax(ref.float(), dim=-1), torch.log_softmax(got.float(), dim=-1)
+    kl = (p_log.exp() * (p_log - q_log)).sum(-1).clamp_min(0)  # rounding can dip below 0
+    return kl, p_log.argmax(-1) == q_log.argmax(-1)
+
+
 @torch.no_grad()
 def kv_accuracy(model: Transformer, prompt_ids: torch.Tensor, max_new_tokens: int, spec: CacheSpec) -> KVAccuracy:
     """Greedy through the model-dtype cache keeping every token, then the same tokens forced through the
@@ -41,10 +49,7 @@ def kv_accuracy(model: Transformer, prompt_ids: torch.Tensor, max_new_tokens: in
     cache = new_cache(model, prompt_ids, n, spec=spec)
     # Teacher forcing: both runs see the same inputs at every step, so only the cache's storage differs.
     got = [logits.float().clone() for logits, _ in greedy_steps(model, prompt_ids, n, cache, forced=forced)]
-    p_log = torch.log_softmax(torch.stack(ref_logits, dim=1), dim=-1)  # (B, steps, V)
-    q_log = torch.log_softmax(torch.stack(got, dim=1), dim=-1)
-    kl = (p_log.exp() * (p_log - q_log)).sum(-1).clamp_min(0)  # (B, steps); rounding can dip below 0
-    same = p_log.argmax(-1) == q_log.argmax(-1)  # (B, steps)
+    kl, same = agreement(torch.stack(ref_logits, dim=1), torch.stack(got, dim=1))  # (B, steps) each
     # Before the first disagreement the forced tokens are the kind's own greedy ones too.
     before = int(same[0].long().cumprod(0).sum())
     return KVAccuracy(float(kl.mean()), float(kl.max()), float(same.float().mean()), before, n)

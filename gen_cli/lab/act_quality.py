@@ -13,9 +13,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from gen_cli.infer.generate import greedy_steps, new_cache
+from gen_cli.infer.kv_accuracy import agreement
 from gen_cli.infer.optimize import activations, set_act
 from gen_cli.model.transformer import Transformer
 
@@ -64,16 +64,15 @@ def act_quality(model: Transformer, ids: torch.Tensor, acts: list[str], greedy_t
         ref = _stepped_logits(model, ids)  # (T - 1, V)
         prompt = ids[:, : max(1, min(GREEDY_PROMPT, ids.shape[1], model.config.context_length - greedy_tokens))]
         ref_greedy = _greedy(model, prompt, greedy_tokens)
-        ref_logp = F.log_softmax(ref, -1)
         out = []
         for act in acts:
             set_act(model, act)
             logits = ref if act == "fp32" else _stepped_logits(model, ids)
-            kl = (ref_logp.exp() * (ref_logp - F.log_softmax(logits, -1))).sum(-1)  # (T - 1,)
+            kl, same = agreement(ref, logits)  # (T - 1,) each
             tokens = ref_greedy if act == "fp32" else _greedy(model, prompt, greedy_tokens)
             differ = (tokens != ref_greedy).nonzero()
             out.append(ActQuality(
-                act, float(kl.mean()), float(kl.max()), float((logits.argmax(-1) == ref.argmax(-1)).float().mean()),
+                act, float(kl.mean()), float(kl.max()), float(same.float().mean()),
                 int(differ[0, 0]) if len(differ) else greedy_tokens, greedy_tokens, ref.shape[0],
             ))  # fmt: skip
         return out
