@@ -8,7 +8,7 @@
 
 #include <stdint.h>
 
-#define GEN_ABI_VERSION 7
+#define GEN_ABI_VERSION 8
 
 /* Matrix.type: the step's own formats (the model's float dtype, int8 rows with a scale each), then GGML's
  * block formats (block_types.h) by their gen names (abi.py's MATRIX_TYPES). */
@@ -105,6 +105,12 @@ typedef struct {
     const KVSlot *slots;
     int64_t n_slots;
     int64_t act; /* ACT_INT8, ACT_BF16 or ACT_FP32: block weights' activations */
+    /* A paged KV cache (gen_decode_rows, slots NULL): NULL, none; else each Layer's k_cache/v_cache (and their
+     * scales and zero points) hold a pool of blocks laid out as Layer's cache with batch = the pool's blocks and
+     * max_tokens = block_tokens, (n_blocks, n_kv_head, block_tokens, head_dim) values, and position t of slot s
+     * lives in block block_table[s * max_blocks + t / block_tokens] at offset t % block_tokens. */
+    const int32_t *block_table;
+    int64_t block_tokens, max_blocks;
 } Model;
 
 #endif

@@ -12,7 +12,7 @@ import ctypes
 
 from gen_cli.errors import InternalError
 
-ABI_VERSION = 7  # GEN_ABI_VERSION in abi.h
+ABI_VERSION = 8  # GEN_ABI_VERSION in abi.h
 
 # Matrix.type (abi.h's T_*): the step's own formats, then GGML's block formats by their gen names.
 MATRIX_TYPES = {
@@ -111,6 +111,10 @@ class Model(ctypes.Structure):
         ("slots", ctypes.c_void_p),  # KVSlot (n_layer, n_slots), or NULL: slot s is row s of each Layer's cache
         ("n_slots", ctypes.c_int64),
         ("act", ctypes.c_int64),  # ACT_MODES
+        # A paged cache: int32 (n_slots, max_blocks) pool block of each slot's block, or NULL (see abi.h).
+        ("block_table", ctypes.c_void_p),
+        ("block_tokens", ctypes.c_int64),
+        ("max_blocks", ctypes.c_int64),
     ]
 
 
@@ -129,6 +133,7 @@ def _expected() -> list[int]:
         Model.profile.offset,
         ctypes.sizeof(KVSlot),
         Model.n_slots.offset,
+        Model.max_blocks.offset,
     ]
 
 

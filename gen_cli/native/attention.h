@@ -30,6 +30,11 @@ typedef struct {
     int64_t T, head0;
 } SlotKV;
 
+/* A paged cache's pool block holding position t of slot s (abi.h's Model.block_table). */
+static inline int64_t page_of(const Model *m, int64_t s, int64_t t) {
+    return m->block_table[s * m->max_blocks + t / m->block_tokens];
+}
+
 static inline SlotKV slot_kv(const Model *m, const Layer *l, int64_t li, int64_t s) {
     if (m->slots) {
         const KVSlot *e = &m->slots[li * m->n_slots + s];
@@ -400,6 +405,44 @@ static void chunk_vector(const Chunk *c, int nq, const KVHead *k, const KVHead *
 #undef sum16_int
 #endif
 
+static void chunk_any(const Chunk *c, int nq, const KVHead *k, const KVHead *v, int vector) {
+#ifdef GEN_AVX512
+    if (vector) {
+        chunk_vector(c, nq, k, v);
+        return;
+    }
+#endif
+    (void)vector;
+    chunk_portable(c, nq, k, v);
+}
+
+/* A chunk of a paged cache's slot s, KV head g: its positions [t0, t1) span whole blocks (t0 is a block
+ * boundary), each one contiguous piece of the pool. Each block is a chunk of its own (its positions counted
+ * from 0 and its scores at the block's place), merged on line into the chunk's top score, weights' sum and
+ * weighted V sum, so that the result means what one chunk over [t0, t1) means. */
+static void chunk_paged(const Model *m, const Layer *l, const Chunk *c, int nq, int64_t s, int64_t g, int vector) {
+    const int64_t hd = c->hd, bt = m->block_tokens, Hkv = m->n_kv_head;
+    float piece[4][hd], ptop[4], psum[4];
+    float *po[4] = {piece[0], piece[1], piece[2], piece[3]}, *ps[4];
+    for (int i = 0; i < nq; i++) {
+        c->top[i] = -INFINITY, c->sum[i] = 0.f;
+        memset(c->o[i], 0, hd * sizeof(float));
+    }
+    for (int64_t t = c->t0; t < c->t1; t += bt) {
+        const int64_t page = page_of(m, s, t), n = c->t1 - t < bt ? c->t1 - t : bt;
+        const KVHead k = kv_head(l->k_kind, (int)m->bf16, l->k_cache, l->k_scale, l->k_zero, page * Hkv + g, bt, hd);
+        const KVHead v = kv_head(l->v_kind, (int)m->bf16, l->v_cache, l->v_scale, l->v_zero, page * Hkv + g, bt, hd);
+        for (int i = 0; i < nq; i++) ps[i] = c->s[i] + t;
+        const Chunk p = {c->q, ps, po, ptop, psum, 0, n, hd, c->scale};
+        chunk_any(&p, nq, &k, &v, vector);
+        for (int i = 0; i < nq; i++) { /* rescale both sides to the larger top score */
+            const float top = fmaxf(c->top[i], ptop[i]), a = expf(c->top[i] - top), w = expf(ptop[i] - top);
+            for (int64_t d = 0; d < hd; d++) c->o[i][d] = c->o[i][d] * a + piece[i][d] * w;
+            c->sum[i] = c->sum[i] * a + psum[i] * w, c->top[i] = top;
+        }
+    }
+}
+
 /* Write every row's k and v into its slot at its position, then attend each row's query heads to positions
  * 0..pos_b of its slot (stores first: rows of one slot at consecutive positions see each other causally).
  *
@@ -416,7 +459,10 @@ static void attention(const Model *m, const Layer *l, int64_t li, const Rows *r)
         const SlotKV s = slot_kv(m, l, li, row_slot(r, b));
         longest = pos + 1 > longest ? pos + 1 : longest;
         for (int64_t g = 0; g < Hkv; g++) {
-            const int64_t at = (s.head0 + g) * s.T + pos;
+            /* paged: the pool is a cache of block_tokens-token rows, one row per block */
+            const int64_t at = m->block_table ? (page_of(m, row_slot(r, b), pos) * Hkv + g) * m->block_tokens +
+                                                    pos % m->block_tokens
+                                              : (s.head0 + g) * s.T + pos;
             const float *k = m->qkv + b * row + (H + g) * hd, *v = k + Hkv * hd;
             kv_store(l->k_kind, (int)m->bf16, s.k, s.ks, s.kz, at, k, hd);
             kv_store(l->v_kind, (int)m->bf16, s.v, s.vs, s.vz, at, v, hd);
@@ -426,6 +472,7 @@ static void attention(const Model *m, const Layer *l, int64_t li, const Rows *r)
     const int64_t heads = m->batch * Hkv, want = (8 * m->n_threads + heads - 1) / heads;
     int64_t len = (longest + want - 1) / want;
     len = len < 256 ? 256 : (len + 15) / 16 * 16;
+    if (m->block_table) len = (len + m->block_tokens - 1) / m->block_tokens * m->block_tokens; /* whole blocks */
     int64_t chunks = (longest + len - 1) / len;
     /* Per (row, query head, chunk): the weighted V sum, the chunk's top score and its weights' sum. */
     const int64_t stride = hd + 2;
@@ -439,9 +486,17 @@ static void attention(const Model *m, const Layer *l, int64_t li, const Rows *r)
         const int64_t b = item / (Hkv * chunks), g = item / chunks % Hkv, ci = item % chunks;
         const int64_t n = row_pos(r, b) + 1, t0 = ci * len, t1 = t0 + len < n ? t0 + len : n;
         if (t0 >= n) continue; /* past this row's positions: the merge stops before this chunk */
-        const SlotKV s = slot_kv(m, l, li, row_slot(r, b));
-        const KVHead k = kv_head(l->k_kind, (int)m->bf16, s.k, s.ks, s.kz, s.head0 + g, s.T, hd);
-        const KVHead v = kv_head(l->v_kind, (int)m->bf16, s.v, s.vs, s.vz, s.head0 + g, s.T, hd);
+        KVHead k = {0, NULL, NULL, NULL}, v = k; /* paged: per block, in chunk_paged */
+        if (!m->block_table) {
+            const SlotKV s = slot_kv(m, l, li, row_slot(r, b));
+            k = kv_head(l->k_kind, (int)m->bf16, s.k, s.ks, s.kz, s.head0 + g, s.T, hd);
+            v = kv_head(l->v_kind, (int)m->bf16, s.v, s.vs, s.vz, s.head0 + g, s.T, hd);
+        }
+#ifdef GEN_AVX512
+        const int vec = vector;
+#else
+        const int vec = 0;
+#endif
         for (int64_t h0 = g * group; h0 < (g + 1) * group; h0 += 4) {
             const int nq = (int)((g + 1) * group - h0 < 4 ? (g + 1) * group - h0 : 4);
             const float *q[4];
@@ -453,11 +508,10 @@ static void attention(const Model *m, const Layer *l, int64_t li, const Rows *r)
                 o[i] = part ? part + ((b * H + h) * chunks + ci) * stride : m->att + (b * H + h) * hd;
             }
             const Chunk c = {q, sc, o, top, sum, t0, t1, hd, 1.f / sqrtf((float)hd)};
-#ifdef GEN_AVX512
-            if (vector) chunk_vector(&c, nq, &k, &v);
+            if (m->block_table)
+                chunk_paged(m, l, &c, nq, row_slot(r, b), g, vec);
             else
-#endif
-                chunk_portable(&c, nq, &k, &v);
+                chunk_any(&c, nq, &k, &v, vec);
             for (int i = 0; i < nq; i++) {
                 if (part) {
                     o[i][hd] = top[i], o[i][hd + 1] = sum[i];

@@ -24,6 +24,7 @@ from torch import nn
 
 from gen_cli.cache.kinds import kind_of
 from gen_cli.cache.linear import KVCache
+from gen_cli.cache.paged import BlockPool, PagedSequence, blocks_for
 from gen_cli.cache.spec import CacheSpec
 from gen_cli.errors import InternalError
 from gen_cli.model.config import ModelConfig
@@ -209,6 +210,9 @@ class NativeDecoder:
         self._scratch: dict[str, torch.Tensor] = {}
         self._scratch_cap = (0, 0)  # (rows, positions) the scratch holds for `rows`
         self._slots: ctypes.Array[KVSlot] | None = None
+        self._paged_pool: BlockPool | None = None  # the pool the layers point into (None: a linear cache)
+        self._table: torch.Tensor | None = None  # int32 (n_slots, max_blocks): the bound block tables
+        self._table_key: tuple[Any, ...] = ()
         self._rows_key: tuple[Any, ...] = ()
         self._rows_mode = True  # the struct's stride, kinds and slots are not the plain step's
         self.threads = ThreadGovernor()  # fewer threads while other processes keep cores busy
@@ -223,6 +227,8 @@ class NativeDecoder:
 
     def accepts(self, batch: int, cache: KVCache) -> bool:
         """Whether a step of `batch` rows into `cache` runs here (else PyTorch runs it)."""
+        if isinstance(cache, PagedSequence):  # one sequence of a pool: a one-row `rows` call
+            return batch == 1 and self._accepts_pool(cache.pool)
         # Only the linear layout: a ring of un-rotated keys (a window) is not where the kernel looks.
         fits = cache.native_layout and batch <= MAX_BATCH and cache.device.type == "cpu"
         unquantized = cache.k_kind == cache.v_kind == kind_of(cache.dtype)
@@ -232,12 +238,20 @@ class NativeDecoder:
         """Why a step of `batch` rows into `cache` goes to PyTorch, or "" when it runs here."""
         if self.accepts(batch, cache):
             return ""
+        if isinstance(cache, PagedSequence):
+            return f"the native step reads a paged cache one row per sequence, not {batch}, of a CPU pool of its dtype"
         if not cache.native_layout:
             return f"the native step reads the linear KV cache layout; this cache is {CacheSpec.of(cache).describe()}"
         if batch > MAX_BATCH:
             return f"the native step takes at most {MAX_BATCH} rows, not {batch}"
         reads = "fp32, int8 or int4" if self.dtype == torch.float32 else "bf16"
         return f"the native step reads {reads} K/V here; this cache stores K {cache.k_kind}, V {cache.v_kind}"
+
+    def _accepts_pool(self, pool: BlockPool) -> bool:
+        """Whether the step reads this pool's blocks: on the CPU, the model's dtype, a kind pair it reads."""
+        unquantized = pool.k_kind == pool.v_kind == kind_of(pool.dtype)
+        fits = pool.device.type == "cpu" and pool.dtype == self.dtype
+        return fits and (unquantized or self._reads_quantized(pool))  # type: ignore[arg-type]
 
     def _reads_quantized(self, cache: KVCache) -> bool:
         """An fp32 model reads int8/int4 K and V (either side may stay fp32); a bf16 one only plain bf16."""
@@ -287,12 +301,12 @@ class NativeDecoder:
                     setattr(layer, f"{side}_cache", values)
                     setattr(layer, f"{side}_scale", scale)
                     setattr(layer, f"{side}_zero", zero)
-            self._bound, self._rows_mode = key, True  # the struct fields below are set afresh
+            self._bound, self._rows_mode, self._paged_pool = key, True, None  # the fields below are set afresh
         if self._rows_mode:  # `rows` ran since: its slots, stride and kinds give way to this cache's
             self._ensure_scratch(batch, cache.max_tokens)
             self._set_kinds(cache)
             s.max_tokens, s.batch, s.n_threads = cache.max_tokens, batch, torch.get_num_threads()
-            s.slots, s.n_slots = None, 0
+            s.slots, s.n_slots, s.block_table = None, 0, None
             self._rows_mode = False
 
     def accepts_rows(self, caches: Sequence[KVCache]) -> bool:
@@ -300,6 +314,9 @@ class NativeDecoder:
         if not caches or len(caches) > MAX_BATCH:
             return False
         first = caches[0]
+        if isinstance(first, PagedSequence):  # sequences of one pool, read through their block tables
+            same = all(isinstance(c, PagedSequence) and c.pool is first.pool for c in caches)
+            return same and self._accepts_pool(first.pool)
         kinds = (first.k_kind, first.v_kind, first.dtype)
         for cache in caches:
             if getattr(cache, "batch_size", 0) != 1 or (cache.k_kind, cache.v_kind, cache.dtype) != kinds:
@@ -328,8 +345,36 @@ class NativeDecoder:
         if rebuilt or not self._rows_mode:
             self._set_kinds(caches[0])  # one kind pair for every slot: the layer says it
         self._ensure_scratch(batch, max(x.max_tokens for x in caches))
-        s.slots, s.n_slots = ctypes.addressof(self._slots), len(caches)
+        s.slots, s.n_slots, s.block_table = ctypes.addressof(self._slots), len(caches), None
         # The scores' stride: the scratch's, which covers every slot's positions.
+        s.max_tokens, s.batch, s.n_threads = self._scratch_cap[1], batch, torch.get_num_threads()
+        self._rows_mode = True  # the plain step restores its own fields
+
+    def _bind_paged(self, seqs: list[PagedSequence], batch: int) -> None:
+        """Point the layers at the pool's blocks and Model.block_table at each sequence's table."""
+        c, s, pool = self.config, self._struct, seqs[0].pool
+        if self._paged_pool is not pool:
+            for i in range(c.n_layer):
+                layer = self._layers[i]
+                for side, sides in (("k", pool.k_sides), ("v", pool.v_sides)):
+                    values, scale, zero = (*(t.data_ptr() for t in sides[i].tensors), None, None)[:3]
+                    setattr(layer, f"{side}_cache", values)
+                    setattr(layer, f"{side}_scale", scale)
+                    setattr(layer, f"{side}_zero", zero)
+            self._paged_pool, self._bound = pool, ()  # the plain step re-points the layers at its cache
+        self._set_kinds(pool)  # type: ignore[arg-type]
+        self._rows_key = ()  # the slots path sets its kinds afresh
+        key = tuple(tuple(q.table) for q in seqs)
+        if key != self._table_key or self._table is None:
+            widest = max(len(q.table) for q in seqs)
+            table = torch.zeros(len(seqs), widest, dtype=torch.int32)  # (n_slots, max_blocks)
+            for j, q in enumerate(seqs):
+                table[j, : len(q.table)] = torch.tensor(q.table, dtype=torch.int32)
+            self._table, self._table_key = table, key
+        bt = pool.block_tokens
+        self._ensure_scratch(batch, max(blocks_for(q.max_tokens, bt) for q in seqs) * bt)
+        s.slots, s.n_slots, s.block_table = None, len(seqs), self._table.data_ptr()
+        s.block_tokens, s.max_blocks = bt, self._table.shape[1]
         s.max_tokens, s.batch, s.n_threads = self._scratch_cap[1], batch, torch.get_num_threads()
         self._rows_mode = True  # the plain step restores its own fields
 
@@ -355,7 +400,12 @@ class NativeDecoder:
             check_context(self.config, cache.pos, k)
             if cache.pos + k > cache.max_tokens:
                 cache.advance(k)  # raises the cache's own "overflow" error
-        self._bind_rows(distinct, n)
+        if isinstance(distinct[0], PagedSequence):
+            for cache, k in zip(distinct, count, strict=True):
+                cache.reserve(k)  # type: ignore[union-attr]  # blocks for the new positions, copied if shared
+            self._bind_paged(distinct, n)  # type: ignore[arg-type]
+        else:
+            self._bind_rows(distinct, n)
         self._struct.n_threads = self.threads.threads(torch.get_num_threads())
         ids = torch.as_tensor(tokens, dtype=torch.int64).reshape(n)  # (N,)
         where = torch.tensor([pos, slot], dtype=torch.int64)  # (2, N): positions, slots
@@ -374,6 +424,8 @@ class NativeDecoder:
     def __call__(self, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """token (B, 1) at cache.pos -> fp32 logits (B, vocab); writes this position's k/v, advances the cache."""
         batch = token.shape[0]
+        if isinstance(cache, PagedSequence):  # `accepts` took one row of a pool
+            return self.rows(token.reshape(batch), [cache])
         check_context(self.config, cache.pos, 1)
         if cache.pos + 1 > cache.max_tokens:
             cache.advance(1)  # raises the cache's own "overflow" error

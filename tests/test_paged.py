@@ -1,0 +1,263 @@
+"""The paged KV cache: sequences in one pool of blocks give the tokens of the contiguous cache and of each
+sequence alone (every KV kind, ragged lengths, sequences joining and leaving, block sizes 1, 5 and 16), share
+their cached prompt prefix's full blocks (stored once), and give their blocks back when they end."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+
+import pytest
+import torch
+from conftest import tiny_config
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gen_cli.cache.linear import KVCache
+from gen_cli.cache.paged import BlockPool, PoolExhausted, blocks_for, prefix_hashes
+from gen_cli.errors import UsageError
+from gen_cli.infer.batch import batched_step, native_rows, prefill_chunk
+from gen_cli.infer.generate import greedy_steps, new_cache
+from gen_cli.infer.optimize import optimize_for_decode
+from gen_cli.model.transformer import Transformer
+from gen_cli.native import build
+
+needs_cc = pytest.mark.skipif(
+    shutil.which(shlex.split(os.environ.get("CC", "cc"))[0]) is None, reason="no C compiler on this machine"
+)
+KINDS = [("fp32", "fp32"), ("int8", "int8"), ("int4", "int4"), ("int8", "int4"), ("fp32", "int8")]
+TOL, TOL_QUANT = 2e-5, 2e-4  # as test_native_ragged: C and PyTorch sum in different orders
+
+
+def _model(native: bool = True, n_kv_head: int = 2, **changes) -> Transformer:
+    config = tiny_config(**{"d_model": 128, "n_head": 4, "n_kv_head": n_kv_head, "context_length": 96, **changes})
+    torch.manual_seed(0)
+    model = optimize_for_decode(Transformer(config).eval(), "none", native=native)
+    assert not native or model.native_decoder is not None, build.native_status()
+    return model
+
+
+def _pool(model: Transformer, kinds=("fp32", "fp32"), blocks: int = 64, block_tokens: int = 16) -> BlockPool:
+    return BlockPool(model.config, blocks, block_tokens, k_kind=kinds[0], v_kind=kinds[1])
+
+
+def _single(model: Transformer, prompt: list[int], n: int, kinds) -> list[int]:
+    """The oracle: one sequence alone in a contiguous cache, greedy."""
+    from gen_cli.cache.spec import CacheSpec
+
+    ids = torch.tensor([prompt])  # (1, T)
+    cache = new_cache(model, ids, n, 1, CacheSpec(*kinds))
+    return [int(t[0]) for _, t in greedy_steps(model, ids, n, cache)]
+
+
+def _ragged(model: Transformer, pool: BlockPool, kinds, expect_native: bool) -> None:
+    """Sequences of different prompt lengths join at different steps and leave when done, one batched step
+    over their paged caches per step; each gets its single-sequence greedy tokens, and the pool is empty after."""
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 300, (n,), generator=gen).tolist() for n in (5, 17, 2, 30, 9)]
+    wanted, joins = [11, 4, 20, 7, 13], [0, 0, 3, 5, 9]
+    want = [_single(model, p, n, kinds) for p, n in zip(prompts, wanted, strict=True)]
+    running, calls = {}, 0
+    for step in range(60):
+        for i, at in enumerate(joins):
+            if at == step:
+                seq = pool.sequence(len(prompts[i]) + wanted[i])
+                running[i] = (seq, [int(prefill_chunk(model, prompts[i], seq).argmax())])
+        for i in [i for i in running if len(running[i][1]) == wanted[i]]:
+            seq, got = running.pop(i)
+            assert got == want[i], i
+            seq.free()
+        if not running:
+            if step > max(joins):
+                break
+            continue
+        live = sorted(running)
+        seqs = [running[i][0] for i in live]
+        if expect_native and len(live) > 1:
+            assert native_rows(model, seqs) is not None
+            calls += 1
+        logits = batched_step(model, [running[i][1][-1] for i in live], seqs)  # (B, V)
+        for i, token in zip(live, logits.argmax(-1).tolist(), strict=True):
+            running[i][1].append(token)
+    assert not running and (calls > 10 or not expect_native)
+    assert pool.blocks_in_use == 0 and pool.available == pool.n_blocks
+
+
+@needs_cc
+@pytest.mark.parametrize("kinds", KINDS, ids="/".join)
+@pytest.mark.parametrize("block_tokens", [1, 5, 16])
+def test_paged_native_batch_equals_each_sequence_alone(kinds, block_tokens):
+    model = _model()
+    _ragged(model, _pool(model, kinds, blocks=400 // block_tokens + 8, block_tokens=block_tokens), kinds, True)
+
+
+@pytest.mark.parametrize("kinds", [("fp32", "fp32"), ("int8", "int4")], ids="/".join)
+def test_paged_pytorch_batch_equals_each_sequence_alone(kinds):
+    """Without the C step the paged cache serves PyTorch's forward through the same interface."""
+    model = _model(native=False)
+    _ragged(model, _pool(model, kinds, block_tokens=5), kinds, False)
+
+
+@needs_cc
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1], ids=["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("block_tokens", [1, 7, 16])
+def test_paged_rows_equal_contiguous_rows_and_no_cache(n_kv_head, block_tokens):
+    """Rows of three paged sequences (one with 3 consecutive rows) in one call: the logits of the same rows
+    over contiguous caches, and of the no-cache forward; past 256 positions attention splits into chunks."""
+    model = _model(n_kv_head=n_kv_head, context_length=400)
+    gen = torch.Generator().manual_seed(7)
+    seqs = [torch.randint(0, 300, (n,), generator=gen).tolist() for n in (300, 8, 33)]
+    pool = _pool(model, blocks=blocks_for(400, block_tokens) + 8, block_tokens=block_tokens)
+    paged = [pool.sequence(len(s) + 2) for s in seqs]
+    linear = [KVCache(model.config, 1, len(s) + 2) for s in seqs]
+    for s, p, c in zip(seqs, paged, linear, strict=True):
+        prefill_chunk(model, s[:-1], p)
+        prefill_chunk(model, s[:-1], c)
+    extra = [5, 6]
+    rows = [seqs[0][-1], *extra, seqs[1][-1], seqs[2][-1]]
+    native = model.native_decoder
+    with torch.inference_mode():
+        got = native.rows(rows, [paged[0]] * 3 + paged[1:])  # (5, V)
+        want = native.rows(rows, [linear[0]] * 3 + linear[1:])
+        oracle = torch.cat(
+            [model(torch.tensor([seqs[0] + extra]))[0, -3:]] + [model(torch.tensor([s]))[0, -1:] for s in seqs[1:]]
+        )
+    assert [p.pos for p in paged] == [c.pos for c in linear] == [302, 8, 33]
+    assert (got - want).abs().max() <= TOL * want.abs().max()
+    assert (got - oracle).abs().max() <= TOL * oracle.abs().max()
+
+
+@needs_cc
+def test_single_sequence_generation_on_a_paged_cache():
+    """The plain decode loop over one paged sequence runs the C step (one row) and gives the same tokens."""
+    model = _model()
+    prompt = list(range(3, 40))
+    pool = _pool(model, block_tokens=16)
+    seq = pool.sequence(len(prompt) + 12)
+    assert model.native_decoder.accepts(1, seq)
+    got = [int(t[0]) for _, t in greedy_steps(model, torch.tensor([prompt]), 12, seq)]
+    assert got == _single(model, prompt, 12, ("fp32", "fp32"))
+
+
+@needs_cc
+@pytest.mark.parametrize("kinds", [("fp32", "fp32"), ("int4", "int8")], ids="/".join)
+def test_shared_prefix_is_stored_once_and_gives_the_same_tokens(kinds):
+    """A second sequence with the same 40-token system prompt takes its 2 full 16-token blocks from the first
+    (refcount 2) and prefills only the rest; both get their tokens alone; the pool counts the shared blocks once."""
+    model = _model()
+    system = torch.randint(0, 300, (40,), generator=torch.Generator().manual_seed(1)).tolist()
+    prompts = [[*system, 7, 8, 9], [*system, 11, 12]]
+    pool = _pool(model, kinds)
+    first = pool.admit(prompts[0], len(prompts[0]) + 10)
+    logits = [prefill_chunk(model, prompts[0], first)]
+    first.commit(prompts[0])
+    second = pool.admit(prompts[1], len(prompts[1]) + 10)
+    assert second.pos == second.shared_tokens == 32 and second.table[:2] == first.table[:2]
+    assert [pool.refs[b] for b in first.table[:2]] == [2, 2]
+    logits.append(prefill_chunk(model, prompts[1][32:], second))
+    assert pool.blocks_in_use == len(first.table) + len(second.table) - 2
+    # Within one block per sequence of the analytic minimum: the distinct tokens, the prefix counted once.
+    distinct = len(prompts[0]) + len(prompts[1]) - 32
+    assert pool.analytic_bytes(distinct) <= pool.bytes_in_use <= pool.analytic_bytes(distinct) + 2 * pool.block_bytes
+    for i, seq in enumerate((first, second)):
+        got = [int(logits[i].argmax())]
+        for _ in range(9):
+            got.append(int(batched_step(model, [got[-1]], [seq]).argmax()))
+        assert got == _single(model, prompts[i], 10, kinds), i
+    first.free()
+    assert [pool.refs[b] for b in second.table[:2]] == [1, 1]
+    second.free()
+    assert pool.blocks_in_use == 0 and pool.cached == 2  # the prefix stays findable until its blocks are reused
+    third = pool.admit(prompts[1], len(prompts[1]) + 1)
+    assert third.shared_tokens == 32 and pool.prefix_hits == 4
+
+
+def test_copy_on_write_after_truncate_into_a_shared_block():
+    """Rolling a sequence back into a block another one shares and writing there copies the block first:
+    the other sequence's K/V are untouched."""
+    model = _model(native=False)
+    pool = _pool(model, block_tokens=4)
+    ids = list(range(10, 23))
+    a = pool.admit(ids, 20)
+    prefill_chunk(model, ids, a)
+    a.commit(ids)
+    b = pool.admit(ids, 20)
+    assert b.shared_tokens == 12
+    before = [x.clone() for side in pool.k_sides for x in side.tensors]
+    b.truncate(6)  # inside block 1, which a holds too
+    prefill_chunk(model, [1, 2, 3], b)
+    assert b.table[1] != a.table[1] and pool.refs[a.table[1]] == 1
+    for x, y in zip(before, [x for side in pool.k_sides for x in side.tensors], strict=True):
+        assert torch.equal(x[a.table[:3]], y[a.table[:3]])
+    want = model(torch.tensor([[*ids[:6], 1, 2, 3]]))[0, -1]
+    b.truncate(6)
+    got = prefill_chunk(model, [1, 2, 3], b)
+    assert (got - want).abs().max() <= TOL * want.abs().max()
+
+
+def test_pool_refuses_and_admits():
+    model = _model(native=False)
+    pool = _pool(model, blocks=4, block_tokens=4)
+    with pytest.raises(UsageError, match="more than the pool"):
+        pool.admit([1, 2], 17)
+    a = pool.admit([1, 2], 12)  # 3 blocks promised
+    assert pool.available == 1 and pool.admit([1, 2], 8) is None
+    a.free()
+    assert pool.available == 4
+    seq = pool.sequence(4)
+    seq.reserve(4)
+    with pytest.raises(PoolExhausted):
+        for _ in range(4):
+            pool.allocate()
+
+
+def test_prefix_hashes_cover_every_token_before():
+    assert prefix_hashes([1, 2, 3], 2) == prefix_hashes([1, 2, 9], 2)
+    assert prefix_hashes([1, 2, 3, 4], 2)[1] != prefix_hashes([0, 2, 3, 4], 2)[1]  # same block, other prefix
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["join", "share", "grow", "leave", "truncate"]), st.integers(0, 50)), max_size=40
+    )
+)
+def test_refcounts_never_go_negative(ops):
+    """Random joins (some sharing a prefix), growth, truncation and leaves: refcounts stay ≥ 0 and equal the
+    number of tables holding each block, promises never exceed the free blocks, and all is free at the end."""
+    config = tiny_config(n_kv_head=2)
+    pool = BlockPool(config, 24, 4)
+    live = []
+    base = list(range(100, 120))
+    for op, n in ops:
+        if op in ("join", "share"):
+            ids = (base[: 4 + n % 12] if op == "share" else [n] * (1 + n % 9)) + [n]
+            seq = pool.admit(ids, len(ids) + n % 7)
+            if seq is not None:
+                seq.reserve(len(ids) - seq.pos)
+                seq.advance(len(ids) - seq.pos)
+                seq.commit(ids)
+                live.append(seq)
+        elif live and op == "grow":
+            seq = live[n % len(live)]
+            t = min(n % 3 + 1, seq.max_tokens - seq.pos)
+            try:
+                seq.reserve(t)
+            except PoolExhausted:  # a copy on write after a truncate into a shared block takes a block unpromised
+                continue
+            seq.advance(t)
+        elif live and op == "truncate":
+            seq = live[n % len(live)]
+            seq.truncate(seq.pos // 2)
+        elif live:
+            live.pop(n % len(live)).free()
+        held = [0] * pool.n_blocks
+        for seq in live:
+            for b in seq.table:
+                held[b] += 1
+        assert held == pool.refs and min(pool.refs) >= 0
+        assert pool._promised >= 0
+    for seq in live:
+        seq.free()
+    assert pool.blocks_in_use == 0 and pool.available == pool.n_blocks
