@@ -261,3 +261,72 @@ def test_refcounts_never_go_negative(ops):
     for seq in live:
         seq.free()
     assert pool.blocks_in_use == 0 and pool.available == pool.n_blocks
+
+
+# ---- the scheduler over a paged pool --------------------------------------------------------------------
+
+PROMPTS = [[5, 9, 2], [7], list(range(1, 30)), [42, 17, 3, 99, 5], [8, 8]]
+
+
+@needs_cc
+@pytest.mark.parametrize("mode", ["continuous", "continuous+rows", "single"])
+def test_scheduler_on_a_pool_equals_each_single_run(mode):
+    """Requests on paged sequences (block size 5) give their single-run greedy tokens; the pool is empty after."""
+    from gen_cli.infer.scheduler import Request, Scheduler
+
+    model = _model()
+    base, by_row = mode.removesuffix("+rows"), mode.endswith("+rows")
+    sched = Scheduler(model, max_batch=3, prefill_chunk=8, mode=base, by_row=by_row, kv_blocks=40, block_tokens=5)
+    lengths = [6, 3, 9, 1, 5]
+    requests = [sched.submit(Request(p, n)) for p, n in zip(PROMPTS, lengths, strict=True)]
+    sched.run_until_idle()
+    for request, prompt, n in zip(requests, PROMPTS, lengths, strict=True):
+        assert request.tokens == _single(model, prompt, n, ("fp32", "fp32")) and request.finish == "length"
+    assert sched.pool.blocks_in_use == 0 and sched.pool.available == 40 and sched.kv_in_use == 0
+
+
+def test_admission_waits_for_blocks_and_resumes():
+    """A pool of 6 blocks of 4 tokens takes two 12-token requests at once: the others wait in the queue and
+    start as blocks come back; a cancelled request gives its blocks back before the next step."""
+    from gen_cli.infer.scheduler import Request, Scheduler
+
+    model = _model(native=False)
+    sched = Scheduler(model, max_batch=8, kv_blocks=6, block_tokens=4)
+    with pytest.raises(UsageError, match="KV blocks"):
+        sched.submit(Request([1] * 20, 8))
+    requests = [sched.submit(Request([i + 1, i + 2, i + 3, i + 4], 8)) for i in range(5)]
+    most = 0
+    sched.step()
+    assert sched.running == 2 and sched.waiting == 3 and sched.pool.available == 0
+    sched.cancel(requests[0])
+    sched.step()  # the cancelled one leaves first, and its blocks admit the next
+    assert requests[0].finish == "cancelled" and sched.running == 2 and sched.waiting == 2
+    while not sched.idle():
+        sched.step()
+        most = max(most, sched.running)
+        assert sched.pool.blocks_in_use <= 6
+    assert most == 2 and all(r.finish == "length" for r in requests[1:])
+    assert [r.tokens for r in requests[1:]] == [_single(model, r.ids, 8, ("fp32", "fp32")) for r in requests[1:]]
+    assert sched.pool.blocks_in_use == 0 and sched.pool.available == 6
+
+
+@needs_cc
+def test_shared_system_prompt_skips_prefill_and_is_stored_once():
+    """Requests with one 40-token system prompt: the later ones take its 2 full 16-token blocks from the
+    first (prefilling 8 + their own tokens, not 40+), hold them once, and answer as alone."""
+    from gen_cli.infer.scheduler import Request, Scheduler
+
+    model = _model()
+    system = torch.randint(0, 300, (40,), generator=torch.Generator().manual_seed(1)).tolist()
+    sched = Scheduler(model, max_batch=4, kv_blocks=32, block_tokens=16)
+    first = sched.submit(Request([*system, 1, 2], 6))
+    sched.step()  # the first prompt prefilled and indexed
+    rest = [sched.submit(Request([*system, 3 + i], 6)) for i in range(3)]
+    sched.step()
+    assert sched.pool.prefix_hits == 6  # 2 blocks for each of 3 requests
+    # 4 sequences of 42-47 tokens: 2 shared blocks once + one block of its own each (tokens 32..47)
+    assert sched.pool.blocks_in_use == 2 + 4
+    sched.run_until_idle()
+    for r in (first, *rest):
+        assert r.tokens == _single(model, r.ids, 6, ("fp32", "fp32"))
+    assert sched.pool.blocks_in_use == 0

@@ -7,6 +7,10 @@ prompts at most `prefill_chunk` tokens per step. Where gen's C step takes the ca
 in the decode rows' C call instead (its tokens as rows of its own cache). Events go to each request's
 `emit`, from the thread that steps. Modes: `continuous`, `static` (admit a batch only when the last one has
 finished: the classic baseline), `single` (one request at a time).
+
+With `kv_blocks` the requests' caches are sequences of one paged pool (`cache.paged`): a request is admitted
+when the pool can promise every block it may need (else it waits in the queue), its prompt's cached full
+blocks are shared instead of prefilled (`prefix_cache`), and its blocks go back to the pool when it ends.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Any
 
 import torch
 
+from gen_cli.cache.paged import BLOCK_TOKENS, BlockPool, PagedSequence, blocks_for
 from gen_cli.cache.spec import CacheSpec
 from gen_cli.errors import GenError, UsageError
 from gen_cli.infer.batch import Row, batched_step, native_rows, pick, prefill_chunk
@@ -97,6 +102,9 @@ class Scheduler:
         mode: str = "continuous",
         static_wait_s: float = 0.05,
         by_row: bool = False,
+        kv_blocks: int | None = None,
+        block_tokens: int = BLOCK_TOKENS,
+        prefix_cache: bool = True,
     ) -> None:
         if mode not in MODES:
             raise UsageError(f"unknown scheduling mode {mode!r}; choose {', '.join(MODES)}", params=("mode",))
@@ -104,6 +112,8 @@ class Scheduler:
             if value < 1:
                 raise UsageError(f"{name} must be at least 1, got {value}", params=(name,))
         spec.check(model.config)
+        if kv_blocks is not None and spec.window is not None:
+            raise UsageError("a paged KV cache keeps every token: it takes no window", params=("kv_blocks", "window"))
         self.model, self.tokenizer, self.spec, self.mode = model, tokenizer, spec, mode
         self.max_batch = 1 if mode == "single" else max_batch
         self.kv_budget, self.max_queue, self.prefill_chunk = kv_budget, max_queue, prefill_chunk
@@ -116,6 +126,12 @@ class Scheduler:
         self._wake = threading.Condition(self._lock)
         self._numbers = itertools.count(1)
         self.reserved = 0  # KV bytes the running requests' caches hold
+        self.pool: BlockPool | None = None  # the paged cache every request's sequence lives in
+        if kv_blocks is not None:
+            k_kind, v_kind = spec.kinds
+            dtype = model_dtype(model)
+            self.pool = BlockPool(model.config, kv_blocks, block_tokens, dtype, self.device, k_kind, v_kind)
+        self.prefix_cache = prefix_cache
         self.steps = 0
 
     def kv_bytes(self, request: Request) -> int:
@@ -128,6 +144,14 @@ class Scheduler:
             raise UsageError(f"max_tokens must be at least 1, got {request.max_tokens}", params=("max_tokens",))
         check_lengths(self.model.config, len(request.ids), request.max_tokens, self.spec)
         need = self.kv_bytes(request)
+        if self.pool is not None and blocks_for(len(request.ids) + request.max_tokens, self.pool.block_tokens) > (
+            self.pool.n_blocks
+        ):
+            raise UsageError(
+                f"the request needs more KV blocks than the server's pool of {self.pool.n_blocks} holds; "
+                "ask for fewer max_tokens or a shorter prompt",
+                params=("max_tokens",),
+            )
         if self.kv_budget is not None and need > self.kv_budget:
             raise UsageError(
                 f"the request's KV cache needs {need:,} bytes, more than the server's budget of {self.kv_budget:,}; "
@@ -159,6 +183,11 @@ class Scheduler:
     def waiting(self) -> int:
         return len(self._waiting)
 
+    @property
+    def kv_in_use(self) -> int:
+        """KV bytes the running requests hold now: the pool's blocks in use (shared ones once), else their caches."""
+        return self.pool.bytes_in_use if self.pool is not None else self.reserved
+
     def idle(self) -> bool:
         return not self._running and not self._waiting
 
@@ -188,6 +217,7 @@ class Scheduler:
             chunk, run.row.pending = run.row.pending[:budget], run.row.pending[budget:]
             budget -= len(chunk)
             run.logits = prefill_chunk(self.model, chunk, run.row.cache)
+            self._prefilled(run)
         ready = [r for r in self._running if not r.row.pending and r.logits is not None]
         if ready:
             logits = torch.stack([r.logits for r in ready])  # (n, V)
@@ -221,8 +251,15 @@ class Scheduler:
         for run in riders:  # a prompt's last row is its first token's logits
             end += len(run.row.pending)
             run.row.pending, run.logits = [], logits[end - 1]
+            self._prefilled(run)
         if decoding:
             self._take(decoding, logits[: len(decoding)])
+
+    def _prefilled(self, run: _Running) -> None:
+        """Once a paged request's prompt is in its blocks, index its full blocks for later prompts to share."""
+        cache = run.row.cache
+        if not run.row.pending and isinstance(cache, PagedSequence) and self.prefix_cache:
+            cache.commit(run.request.ids)
 
     def run_until_idle(self, max_steps: int = 100_000) -> None:
         """Step until no request runs or waits (tests, benches)."""
@@ -248,18 +285,25 @@ class Scheduler:
                 need = self.kv_bytes(request)
                 if self.kv_budget is not None and self.reserved + need > self.kv_budget:
                     return  # waits until running requests free their caches
+                seq = None
+                if self.pool is not None:
+                    shared = request.ids if self.prefix_cache else []
+                    seq = self.pool.admit(shared, len(request.ids) + request.max_tokens)
+                    if seq is None:
+                        return  # waits until running requests give blocks back
                 self._waiting.popleft()
                 self.reserved += need
-                self._running.append(self._start(request, need))
+                self._running.append(self._start(request, need, seq))
 
-    def _start(self, request: Request, need: int) -> _Running:
+    def _start(self, request: Request, need: int, seq: PagedSequence | None = None) -> _Running:
         prompt = torch.tensor([request.ids], dtype=torch.long, device=self.device)  # (1, T)
-        cache = new_cache(self.model, prompt, request.max_tokens, 1, self.spec)
+        cache = seq if seq is not None else new_cache(self.model, prompt, request.max_tokens, 1, self.spec)
         generator = None
         if not request.sampling.greedy:
             seed = request.seed if request.seed is not None else int(torch.randint(0, 2**62, ()).item())
             generator = torch.Generator(device=self.device).manual_seed(seed)
-        row = Row(cache, list(request.ids), request.sampling, generator, pending=list(request.ids))
+        skip = seq.shared_tokens if seq is not None else 0  # a shared prefix's blocks hold its K/V already
+        row = Row(cache, list(request.ids), request.sampling, generator, pending=list(request.ids[skip:]))
         stream = None
         if self.tokenizer is not None:
             context = (request.ids[-1],)
@@ -290,6 +334,8 @@ class Scheduler:
     def _leave(self, run: _Running, finish: str) -> None:
         self._running.remove(run)
         self.reserved -= run.reserved
+        if isinstance(run.row.cache, PagedSequence):
+            run.row.cache.free()  # its blocks back to the pool now (shared ones once nobody holds them)
         run.row.cache = None  # type: ignore[assignment]  # the cache's memory goes with the last reference
         if run.stream is not None and finish in ("stop", "length"):
             rest = run.stream.take(final=True)
