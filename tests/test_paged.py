@@ -4,6 +4,7 @@ their cached prompt prefix's full blocks (stored once), and give their blocks ba
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -330,3 +331,59 @@ def test_shared_system_prompt_skips_prefill_and_is_stored_once():
     for r in (first, *rest):
         assert r.tokens == _single(model, r.ids, 6, ("fp32", "fp32"))
     assert sched.pool.blocks_in_use == 0
+
+
+# ---- serving ------------------------------------------------------------------------------------------
+
+
+def test_server_on_a_paged_pool_answers_as_without_one():
+    """`gen serve --kv-blocks`: concurrent HTTP completions over one pool equal the same server's answers
+    without paging; a request that cannot fit the pool is a 400 with the OpenAI error JSON."""
+    import urllib.error
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gen_cli.infer.engine import EngineOptions, Preset, open_model
+    from gen_cli.serve.server import BackgroundServer, ServeOptions, served
+
+    engine = open_model(Preset("tiny"), EngineOptions(device="cpu"))
+
+    def post(url: str, body: dict) -> tuple[int, dict]:
+        request = urllib.request.Request(url, json.dumps(body).encode(), {"content-type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    prompts = ["The cat sat on the mat and", "The cat sat on the mat but", "A dog", "The cat sat"]
+    answers = []
+    for options in (ServeOptions(max_batch=4), ServeOptions(max_batch=4, kv_blocks=12, block_tokens=4)):
+        with BackgroundServer(served(engine, "tiny", options)) as srv:
+            body = {"model": "tiny", "max_tokens": 8, "temperature": 0}
+            url = srv.url + "/v1/completions"
+            with ThreadPoolExecutor(4) as pool:
+                done = list(pool.map(post, [url] * 4, [{**body, "prompt": p} for p in prompts]))
+            assert all(code == 200 for code, _ in done), done
+            answers.append([data["choices"][0]["text"] for _, data in done])
+            if options.kv_blocks:
+                code, data = post(srv.url + "/v1/completions", {**body, "prompt": "word " * 30, "max_tokens": 30})
+                assert code == 400 and "KV blocks" in data["error"]["message"]
+                assert srv.served.worker.scheduler.pool.blocks_in_use == 0
+    assert answers[0] == answers[1]
+
+
+def test_cli_bench_serve_shared_prefix_json():
+    from typer.testing import CliRunner
+
+    from gen_cli.cli import app
+
+    argv = "bench serve --preset tiny --shared-prefix 40 --clients 2 --requests 4 --rounds 1 --json"
+    done = CliRunner().invoke(app, argv.split())
+    assert done.exit_code == 0, done.output
+    data = json.loads(done.stdout)
+    assert [r["mode"] for r in data["shared_prefix"]] == ["prefix cache on", "prefix cache off"]
+    on, off = data["memory"]
+    # 2 sequences of 40 + 16 tokens: the 2 full 16-token blocks of the prefix held once when shared
+    assert off["blocks_in_use"] == 2 * 4 and on["blocks_in_use"] == 2 + 2 * 2
+    assert on["analytic"] <= on["bytes_in_use"] <= on["analytic"] + 2 * on["block_bytes"]

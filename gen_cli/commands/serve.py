@@ -65,6 +65,24 @@ def serve_command(
             rich_help_panel=SERVER,
         ),
     ] = None,
+    kv_blocks: Annotated[
+        int | None,
+        typer.Option(
+            "--kv-blocks",
+            metavar="N",
+            min=1,
+            help="A paged KV cache of N blocks: requests wait until their blocks are free, and prompts that "
+            "start alike share their cached full blocks (see docs/serving.md).",
+            show_default="one cache per request",
+            rich_help_panel=SERVER,
+        ),
+    ] = None,
+    block_tokens: Annotated[
+        int,
+        typer.Option(
+            "--block-tokens", metavar="N", min=1, help="Tokens per KV block (--kv-blocks).", rich_help_panel=SERVER
+        ),
+    ] = 16,
     schedule: Annotated[
         str,
         typer.Option(
@@ -135,7 +153,7 @@ def serve_command(
     budget = int(kv_budget_mb * 2**20) if kv_budget_mb is not None else None
     options = ServeOptions(
         max_batch, max_queue, budget, mode=schedule, cache=CacheSpec(*kinds), api_key=api_key,
-        by_row=decode == "rows", drain_s=drain_s,
+        by_row=decode == "rows", drain_s=drain_s, kv_blocks=kv_blocks, block_tokens=block_tokens,
     )  # fmt: skip
     model_id = name or (preset if preset is not None else Path(source).name)  # type: ignore[arg-type]
     sock = listen(host, port)  # bound here so that --port 0 reports the port it got

@@ -53,6 +53,17 @@ def bench_serve_command(
             show_default=False,
         ),
     ] = None,
+    shared_prefix: Annotated[
+        int | None,
+        typer.Option(
+            "--shared-prefix",
+            metavar="TOKENS",
+            min=1,
+            help="Instead of the modes: every request starts with one TOKENS-token system prompt; continuous "
+            "batching on a paged KV cache with its prefix cache on and off (TTFT, KV bytes held).",
+            show_default=False,
+        ),
+    ] = None,
     new_tokens: MaxNewTokens = 128,  # per request, over HTTP
     device: Device = "auto",
     threads: Threads = None,
@@ -85,6 +96,9 @@ def bench_serve_command(
     source = PresetSource(preset) if preset is not None else (model_dir or default_model_dir())
     engine = open_model(source, EngineOptions(device, threads=threads, native=native))
     err.print(f"[dim]{engine.source}: {clients} clients, {requests} requests, {rounds} rounds[/]")
+    if shared_prefix is not None:
+        _shared_prefix(engine.model, clients, requests, rounds, shared_prefix, as_json)
+        return
     rows = summary(compare_modes(engine.model, clients, requests, rounds, chosen))
     rates = batch_rates(engine.model, sizes, rounds=rounds) if sizes else []
     http_rows: list[dict[str, float | str]] = []
@@ -118,6 +132,33 @@ def bench_serve_command(
             ratio = r.tokens_per_s / rates[0].tokens_per_s if rates[0].tokens_per_s else 0.0
             batch_table.add_row(str(r.batch), f"{r.tokens_per_s:.1f}", f"{r.low:.1f}–{r.high:.1f}", f"{ratio:.2f}")
         out_console().print(batch_table)
+
+
+def _shared_prefix(model, clients: int, requests: int, rounds: int, prefix: int, as_json: bool) -> None:
+    """The prefix cache on and off: closed-loop TTFT and throughput, and the KV bytes `clients` requests hold."""
+    from rich.table import Table
+
+    from gen_cli.lab.serve_bench import shared_prefix_memory, shared_prefix_runs, summary
+    from gen_cli.model.transformer import check_context
+
+    check_context(model.config, 0, prefix + 32 + 16)
+    rows = summary(shared_prefix_runs(model, clients, requests, prefix, rounds))
+    memory = shared_prefix_memory(model, clients, prefix)
+    if as_json:
+        print_json({"shared_prefix": rows, "memory": memory})
+        return
+    table = Table("prefix cache", "tok/s", "range", "TTFT p50/p90/p99 ms", "TTFT p50 per round ms")
+    for r in rows:
+        per_round = ", ".join(f"{x:.0f}" for x in r["ttft_p50_runs"])  # type: ignore[union-attr]
+        table.add_row(str(r["mode"]).removeprefix("prefix cache "), f"{r['tokens_per_s']:.1f}",
+                      f"{r['low']:.1f}–{r['high']:.1f}",
+                      f"{r['ttft_p50']:.0f} / {r['ttft_p90']:.0f} / {r['ttft_p99']:.0f}", per_round)  # fmt: skip
+    out_console().print(table)
+    kv = Table("prefix cache", "sequences", "blocks in use", "KV bytes (pool)", "analytic minimum", "unshared analytic")
+    for m in memory:
+        kv.add_row("on" if m["prefix_cache"] else "off", str(m["sequences"]), str(m["blocks_in_use"]),
+                   f"{m['bytes_in_use']:,}", f"{m['analytic']:,}", f"{m['analytic_unshared']:,}")  # fmt: skip
+    out_console().print(kv)
 
 
 def _check_llama_server(binary: Path, model_dir: Path | None) -> None:

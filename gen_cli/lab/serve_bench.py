@@ -8,7 +8,9 @@ import random
 import statistics
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
+from gen_cli.cache.paged import BLOCK_TOKENS, PagedSequence, blocks_for
 from gen_cli.cache.spec import CacheSpec
 from gen_cli.infer.scheduler import MODES, Event, Request, Scheduler
 from gen_cli.model.transformer import Transformer
@@ -24,6 +26,8 @@ class ServeRun:
     seconds: float
     ttft_ms: list[float] = field(default_factory=list)
     itl_ms: list[float] = field(default_factory=list)
+    kv_peak: int = 0  # the most KV bytes the running requests held after a step (a paged pool: its own count)
+    kv_analytic: int = 0  # at that step, the analytic minimum: distinct tokens held × bytes per token
 
     @property
     def tokens_per_s(self) -> float:
@@ -51,11 +55,19 @@ def closed_loop(
     max_batch: int | None = None,
     spec: CacheSpec = CacheSpec(),
     time_limit_s: float = 60.0,
+    warm: list[int] | None = None,
+    **paged: Any,
 ) -> ServeRun:
     """Run `jobs` from `clients` closed-loop clients under `mode` (`continuous+rows`: each row through the
-    single-sequence step, see `infer.batch.batched_step`); stops early past `time_limit_s`."""
+    single-sequence step, see `infer.batch.batched_step`); stops early past `time_limit_s`. `paged`: the
+    scheduler's kv_blocks, block_tokens, prefix_cache; `warm`: a prompt run first, untimed (a cached prefix)."""
     base, by_row = mode.removesuffix("+rows"), mode.endswith("+rows")
-    scheduler = Scheduler(model, None, spec, max_batch or clients, max_queue=clients + 1, mode=base, by_row=by_row)
+    scheduler = Scheduler(
+        model, None, spec, max_batch or clients, max_queue=clients + 1, mode=base, by_row=by_row, **paged
+    )
+    if warm is not None:
+        scheduler.submit(Request(warm, 1))
+        scheduler.run_until_idle()
     todo = list(reversed(jobs))
     run = ServeRun(mode, 0, 0, 0.0)
     start = time.perf_counter()
@@ -89,8 +101,81 @@ def closed_loop(
         send()
     while not scheduler.idle():
         scheduler.step()
+        if scheduler.kv_in_use > run.kv_peak:
+            run.kv_peak, run.kv_analytic = scheduler.kv_in_use, analytic_in_use(scheduler)
     run.seconds = time.perf_counter() - start
     return run
+
+
+def analytic_in_use(scheduler: Scheduler) -> int:
+    """The analytic KV bytes of what the running requests hold: bytes per token × the distinct tokens (a
+    prefix shared through the pool counted once)."""
+    pool = scheduler.pool
+    if pool is None:
+        return scheduler.reserved
+    seqs = [r.row.cache for r in scheduler._running if isinstance(r.row.cache, PagedSequence)]
+    shared = {b for q in seqs for b in q.table[: q.shared_tokens // pool.block_tokens]}
+    distinct = sum(q.pos - q.shared_tokens for q in seqs) + len(shared) * pool.block_tokens
+    return pool.analytic_bytes(distinct)
+
+
+def shared_prefix_runs(
+    model: Transformer, clients: int, count: int, prefix: int, rounds: int = 3, seed: int = 0, new: int = 16
+) -> dict[str, list[ServeRun]]:
+    """Continuous batching on a paged pool, every request a `prefix`-token system prompt plus its own 8-32
+    tokens and up to `new` new ones (lengths differ, so that requests do not arrive in lockstep), with the
+    prefix cache on (its blocks shared, prefill skipped) and off, interleaved round by round."""
+    rng = random.Random(seed)
+    vocab = model.config.vocab_size
+    system = [rng.randrange(vocab) for _ in range(prefix)]
+    jobs = [
+        ([*system, *(rng.randrange(vocab) for _ in range(rng.randint(8, 32)))], rng.randint(new // 2, new))
+        for _ in range(count)
+    ]
+    longest = max(len(ids) + n for ids, n in jobs)
+    blocks = (clients + 1) * blocks_for(longest, BLOCK_TOKENS)  # enough that admission never waits here
+    runs: dict[str, list[ServeRun]] = {"prefix cache on": [], "prefix cache off": []}
+    for _ in range(rounds):
+        for name in runs:
+            share = name.endswith("on")
+            warm = [*system, 0]
+            runs[name].append(
+                closed_loop(model, "continuous", clients, jobs, warm=warm, kv_blocks=blocks, prefix_cache=share)
+            )
+    return runs
+
+
+def shared_prefix_memory(model: Transformer, sequences: int, prefix: int, own: int = 16, seed: int = 0) -> list[dict]:
+    """KV bytes `sequences` requests hold once their prompts (a `prefix`-token system prompt + `own` tokens
+    each) are prefilled, the prefix cache on and off: the pool's own count of blocks in use beside the
+    analytic minimum of the distinct tokens held (and of every token, as if nothing were shared)."""
+    rng = random.Random(seed)
+    vocab = model.config.vocab_size
+    system = [rng.randrange(vocab) for _ in range(prefix)]
+    prompts = [[*system, *(rng.randrange(vocab) for _ in range(own))] for _ in range(sequences)]
+    blocks = (sequences + 1) * blocks_for(prefix + own + 1, BLOCK_TOKENS)
+    out = []
+    for share in (True, False):
+        # Every prompt prefilled in one step, so that none has finished when the pool is counted.
+        chunk = sequences * (prefix + own)
+        scheduler = Scheduler(
+            model, None, max_batch=sequences, prefill_chunk=chunk, kv_blocks=blocks, prefix_cache=share
+        )
+        scheduler.submit(Request([*system, 0], 1))  # an earlier request left the system prompt cached
+        scheduler.run_until_idle()
+        for ids in prompts:
+            scheduler.submit(Request(ids, 2))
+        scheduler.step()  # every prompt prefilled; each request then holds its first token
+        assert scheduler.running == sequences and not any(r.row.pending for r in scheduler._running)
+        pool = scheduler.pool
+        assert pool is not None
+        tokens = sum(r.row.cache.pos for r in scheduler._running)
+        out.append({"prefix_cache": share, "sequences": sequences, "prefix": prefix,
+                    "blocks_in_use": pool.blocks_in_use, "bytes_in_use": pool.bytes_in_use,
+                    "analytic": analytic_in_use(scheduler),
+                    "analytic_unshared": pool.analytic_bytes(tokens), "block_bytes": pool.block_bytes})  # fmt: skip
+        scheduler.run_until_idle()
+    return out
 
 
 def compare_modes(
@@ -114,5 +199,7 @@ def summary(runs: dict[str, list[ServeRun]]) -> list[dict[str, float | str]]:
         ttft, itl = middle.percentiles("ttft_ms"), middle.percentiles("itl_ms")
         rows.append({"mode": mode, "tokens_per_s": statistics.median(rates), "low": min(rates), "high": max(rates),
                      "ttft_p50": ttft[0], "ttft_p90": ttft[1], "ttft_p99": ttft[2],
-                     "itl_p50": itl[0], "itl_p90": itl[1], "itl_p99": itl[2]})  # fmt: skip
+                     "itl_p50": itl[0], "itl_p90": itl[1], "itl_p99": itl[2],
+                     "ttft_p50_runs": [r.percentiles("ttft_ms")[0] for r in done],
+                     "kv_peak": middle.kv_peak, "kv_analytic": middle.kv_analytic})  # fmt: skip
     return rows

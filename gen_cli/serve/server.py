@@ -47,6 +47,8 @@ class ServeOptions:
     limits: Limits = field(default_factory=Limits)  # headers' deadline and size, open connections
     body_timeout_s: float = 30.0  # a request's whole body must arrive within this
     drain_s: float = 5.0  # on shutdown, in-flight requests may finish within this; the rest are cancelled
+    kv_blocks: int | None = None  # a paged KV pool of this many blocks: admission by free blocks, prefix sharing
+    block_tokens: int = 16
 
 
 def served(engine: Engine, name: str, options: ServeOptions = ServeOptions()) -> Served:
@@ -55,7 +57,8 @@ def served(engine: Engine, name: str, options: ServeOptions = ServeOptions()) ->
 
     scheduler = Scheduler(
         engine.model, engine.tokenizer, options.cache, options.max_batch, options.kv_budget, options.max_queue,
-        options.prefill_chunk, options.mode, by_row=options.by_row,
+        options.prefill_chunk, options.mode, by_row=options.by_row, kv_blocks=options.kv_blocks,
+        block_tokens=options.block_tokens,
     )  # fmt: skip
     chat_ids = None
     template = engine.chat_template
