@@ -1,7 +1,9 @@
 """A paged KV cache: one pool of fixed-size blocks shared by many sequences, each with its own block table.
 
-`BlockPool` holds every layer's K and V as (n_blocks, n_kv_head, block_tokens, head_dim) in any KV kind (the
-linear cache's layout with one row per block, so gen's C step reads a block as it reads a cache row).
+`BlockPool` holds every layer's K and V in any KV kind as one linear cache row of n_blocks × block_tokens
+slots, (1, n_kv_head, n_blocks × block_tokens, head_dim): block b is slots b·block_tokens onwards, so that gen's
+C step reads a block as a piece of a cache row, and a KV head's blocks that follow each other in the pool as
+one piece.
 `PagedSequence` is one sequence's cache over the pool (the interface every cache has: positions, update,
 advance), taking blocks as it grows and giving them back when freed. Prefix caching as vLLM does it: a full
 block is known by a hash of its tokens and of every token before it; a new sequence whose prompt starts with
@@ -47,14 +49,6 @@ def prefix_hashes(ids: Sequence[int], block_tokens: int) -> list[bytes]:
     return out
 
 
-def _block_view(side: KVSide, block: int) -> KVSide:
-    """One block of a pool side as a batch-1 side of block_tokens slots (a view: writes land in the pool)."""
-    view = KVSide.__new__(KVSide)
-    view.kind, view.compute = side.kind, side.compute
-    view.tensors = [t[block : block + 1] for t in side.tensors]  # (1, n_kv_head, block_tokens, ·)
-    return view
-
-
 class BlockPool(KVStorage):
     """`n_blocks` KV blocks of `block_tokens` tokens for every layer, with refcounts and a prefix index."""
 
@@ -71,8 +65,8 @@ class BlockPool(KVStorage):
         if n_blocks < 1 or block_tokens < 1:
             raise UsageError(f"a paged KV cache needs n_blocks and block_tokens ≥ 1, got {n_blocks}, {block_tokens}")
         self.n_blocks, self.block_tokens = n_blocks, block_tokens
-        # The linear cache's layout with a block per row: (n_blocks, n_kv_head, block_tokens, head_dim)
-        allocate_kv(self, config, n_blocks, block_tokens, dtype, device, k_kind, v_kind)
+        # One linear cache row holding the blocks in order: (1, n_kv_head, n_blocks × block_tokens, head_dim)
+        allocate_kv(self, config, 1, n_blocks * block_tokens, dtype, device, k_kind, v_kind)
         self.refs = [0] * n_blocks
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(n_blocks))  # refs 0, oldest first
         self._hash_of: dict[int, bytes] = {}  # block -> its prefix hash (full, immutable blocks only)
@@ -244,8 +238,8 @@ class PagedSequence:
             if pool.refs[block] > 1:  # copy on write: another sequence still reads this block as it is
                 copy = pool.allocate()  # in place of a block held: the promise stays for growth
                 for side in (*pool.k_sides, *pool.v_sides):
-                    for x in side.tensors:
-                        x[copy] = x[block]
+                    for x in side.tensors:  # (1, n_kv_head, slots, ·)
+                        x[:, :, copy * bt : (copy + 1) * bt] = x[:, :, block * bt : (block + 1) * bt]
                 pool.release(block)
                 self.table[i] = copy
             else:
@@ -263,18 +257,19 @@ class PagedSequence:
         end = self.pos + t
         if blocks_for(end, bt) > len(self.table):
             raise InternalError("PagedSequence.update before its blocks were reserved (positions/reserve)")
+        device = self.pool.device
+        blocks = torch.tensor(self.table[: blocks_for(end, bt)], device=device)  # (nb,)
+        slots = (blocks[:, None] * bt + torch.arange(bt, device=device)).reshape(-1)[:end]  # (pos+T,) pool slots
         out = []
         for side, new in ((self.pool.k_sides[layer], k_new), (self.pool.v_sides[layer], v_new)):
             at = self.pos
             while at < end:  # the part of the new tokens that falls in each block
                 n = min(end - at, bt - at % bt)
-                _block_view(side, self.table[at // bt]).write(at % bt, new[:, :, at - self.pos : at - self.pos + n])
+                side.write(self.table[at // bt] * bt + at % bt, new[:, :, at - self.pos : at - self.pos + n])
                 at += n
-            index = torch.tensor(self.table[: blocks_for(end, bt)], device=side.data.device)
             whole = KVSide.__new__(KVSide)
             whole.kind, whole.compute = side.kind, side.compute
-            # (nb, H, bt, ·) -> (1, H, nb·bt, ·): the sequence's blocks in order, as one linear cache row
-            whole.tensors = [x[index].transpose(0, 1).reshape(1, x.shape[1], -1, x.shape[3]) for x in side.tensors]
+            whole.tensors = [x.index_select(2, slots) for x in side.tensors]  # (1, H, pos+T, ·): in sequence order
             out.append(whole.read(end))  # (1, n_kv_head, pos+T, head_dim)
         return out[0], out[1]
 

@@ -23,7 +23,7 @@ void gen_abi(int64_t *out) {
     out[10] = (int64_t)offsetof(Model, profile);
     out[11] = (int64_t)sizeof(KVSlot);
     out[12] = (int64_t)offsetof(Model, n_slots);
-    out[13] = (int64_t)offsetof(Model, max_blocks);
+    out[13] = (int64_t)offsetof(Model, pool_blocks);
 }
 
 #define ENUM(name) {#name, name}

@@ -106,11 +106,12 @@ typedef struct {
     int64_t n_slots;
     int64_t act; /* ACT_INT8, ACT_BF16 or ACT_FP32: block weights' activations */
     /* A paged KV cache (gen_decode_rows, slots NULL): NULL, none; else each Layer's k_cache/v_cache (and their
-     * scales and zero points) hold a pool of blocks laid out as Layer's cache with batch = the pool's blocks and
-     * max_tokens = block_tokens, (n_blocks, n_kv_head, block_tokens, head_dim) values, and position t of slot s
-     * lives in block block_table[s * max_blocks + t / block_tokens] at offset t % block_tokens. */
+     * scales and zero points) hold a pool of pool_blocks blocks of block_tokens tokens, laid out as Layer's cache
+     * of one sequence whose pool_blocks * block_tokens slots are the blocks in order, (n_kv_head, pool_blocks *
+     * block_tokens, head_dim) values: position t of slot s lives in block block_table[s * max_blocks +
+     * t / block_tokens] at offset t % block_tokens. Consecutive blocks of a KV head are adjacent in memory. */
     const int32_t *block_table;
-    int64_t block_tokens, max_blocks;
+    int64_t block_tokens, max_blocks, pool_blocks;
 } Model;
 
 #endif

@@ -115,6 +115,7 @@ class Model(ctypes.Structure):
         ("block_table", ctypes.c_void_p),
         ("block_tokens", ctypes.c_int64),
         ("max_blocks", ctypes.c_int64),
+        ("pool_blocks", ctypes.c_int64),
     ]
 
 
@@ -133,7 +134,7 @@ def _expected() -> list[int]:
         Model.profile.offset,
         ctypes.sizeof(KVSlot),
         Model.n_slots.offset,
-        Model.max_blocks.offset,
+        Model.pool_blocks.offset,
     ]
 
 

@@ -35,6 +35,16 @@ static inline int64_t page_of(const Model *m, int64_t s, int64_t t) {
     return m->block_table[s * m->max_blocks + t / m->block_tokens];
 }
 
+/* From position t (a block boundary) of slot s, up to t1: the pool slot of t (*first) and how many positions
+ * lie there one after another (a run of blocks adjacent in the pool reads as one piece). */
+static inline int64_t paged_run(const Model *m, int64_t s, int64_t t, int64_t t1, int64_t *first) {
+    const int64_t bt = m->block_tokens, page = page_of(m, s, t);
+    int64_t end = t + bt;
+    while (end < t1 && page_of(m, s, end) == page + (end - t) / bt) end += bt;
+    *first = page * bt;
+    return (end < t1 ? end : t1) - t;
+}
+
 static inline SlotKV slot_kv(const Model *m, const Layer *l, int64_t li, int64_t s) {
     if (m->slots) {
         const KVSlot *e = &m->slots[li * m->n_slots + s];
@@ -52,7 +62,8 @@ typedef struct {
     float *const *s, *const *o;
     float *top, *sum;
     int64_t t0, t1, hd;
-    float scale; /* 1 / sqrt(hd) */
+    float scale;    /* 1 / sqrt(hd) */
+    int accumulate; /* values_avx: add to o (a paged chunk's later blocks) instead of overwriting it */
 } Chunk;
 
 static void chunk_portable(const Chunk *c, int nq, const KVHead *k, const KVHead *v) {
@@ -365,13 +376,15 @@ GEN_ALWAYS_INLINE void values_avx(const Chunk *c, const int nq, const int vk, co
     }
     for (int i = 0; i < nq; i++) {
         if (vk != KV_INT4) {
-            for (int64_t j = 0; j < J; j++) _mm512_storeu_ps(c->o[i] + 16 * j, o[i][j]);
+            for (int64_t j = 0; j < J; j++)
+                _mm512_storeu_ps(c->o[i] + 16 * j,
+                                 c->accumulate ? _mm512_add_ps(_mm512_loadu_ps(c->o[i] + 16 * j), o[i][j]) : o[i][j]);
             continue;
         }
         float tmp[HD_MAX];
         for (int64_t j = 0; j < J; j++) _mm512_storeu_ps(tmp + 16 * j, o[i][j]);
         for (int64_t d = 0; d < hd; d++)
-            c->o[i][d] = tmp[d - d % KV_GROUP + (d % 2) * 16 + d % KV_GROUP / 2] +
+            c->o[i][d] = (c->accumulate ? c->o[i][d] : 0.f) + tmp[d - d % KV_GROUP + (d % 2) * 16 + d % KV_GROUP / 2] +
                          _mm512_reduce_add_ps(zacc[i][d / KV_GROUP]);
     }
 }
@@ -399,6 +412,29 @@ static void chunk_vector(const Chunk *c, int nq, const KVHead *k, const KVHead *
     softmax_chunk(c, nq);
     BY_KIND(values_avx, v);
 }
+
+/* chunk_vector over a paged chunk (see chunk_paged): each run's scores, one softmax over the whole chunk,
+ * then each run's weighted V added up; a run's tokens are counted from 0, its scores at its place. */
+static void chunk_vector_paged(const Model *m, const Layer *l, const Chunk *whole, int nq, int64_t s, int64_t g) {
+    const int64_t hd = whole->hd, head = g * m->pool_blocks * m->block_tokens;
+    float *ps[4];
+    for (int side = 0; side < 2; side++) {
+        if (side) softmax_chunk(whole, nq);
+        for (int64_t t = whole->t0, first, n; t < whole->t1; t += n) {
+            n = paged_run(m, s, t, whole->t1, &first);
+            for (int i = 0; i < nq; i++) ps[i] = whole->s[i] + t;
+            const Chunk part = {whole->q, ps, whole->o, whole->top, whole->sum, 0, n, hd, whole->scale, t > whole->t0};
+            const Chunk *c = &part; /* the name BY_SHAPE reads */
+            if (!side) {
+                const KVHead k = kv_head_at(l->k_kind, (int)m->bf16, l->k_cache, l->k_scale, l->k_zero, head + first, hd);
+                BY_KIND(scores_avx, (&k));
+            } else {
+                const KVHead v = kv_head_at(l->v_kind, (int)m->bf16, l->v_cache, l->v_scale, l->v_zero, head + first, hd);
+                BY_KIND(values_avx, (&v));
+            }
+        }
+    }
+}
 #undef BY_KIND
 #undef BY_SHAPE
 #undef sum16
@@ -416,24 +452,25 @@ static void chunk_any(const Chunk *c, int nq, const KVHead *k, const KVHead *v, 
     chunk_portable(c, nq, k, v);
 }
 
-/* A chunk of a paged cache's slot s, KV head g: its positions [t0, t1) span whole blocks (t0 is a block
- * boundary), each one contiguous piece of the pool. Each block is a chunk of its own (its positions counted
- * from 0 and its scores at the block's place), merged on line into the chunk's top score, weights' sum and
- * weighted V sum, so that the result means what one chunk over [t0, t1) means. */
+/* A chunk of a paged cache's slot s, KV head g: its positions [t0, t1) start on a block boundary and run
+ * through blocks, each block one contiguous piece of the pool (and blocks adjacent in the pool one piece
+ * together: a run). Each run is a chunk of its own (its positions counted from 0, its scores at its place),
+ * merged on line into the chunk's top score, weights' sum and weighted V sum, so that the result means what
+ * one chunk over [t0, t1) means. The portable path's; chunk_vector_paged shares one softmax instead. */
 static void chunk_paged(const Model *m, const Layer *l, const Chunk *c, int nq, int64_t s, int64_t g, int vector) {
-    const int64_t hd = c->hd, bt = m->block_tokens, Hkv = m->n_kv_head;
+    const int64_t hd = c->hd, head = g * m->pool_blocks * m->block_tokens;
     float piece[4][hd], ptop[4], psum[4];
     float *po[4] = {piece[0], piece[1], piece[2], piece[3]}, *ps[4];
     for (int i = 0; i < nq; i++) {
         c->top[i] = -INFINITY, c->sum[i] = 0.f;
         memset(c->o[i], 0, hd * sizeof(float));
     }
-    for (int64_t t = c->t0; t < c->t1; t += bt) {
-        const int64_t page = page_of(m, s, t), n = c->t1 - t < bt ? c->t1 - t : bt;
-        const KVHead k = kv_head(l->k_kind, (int)m->bf16, l->k_cache, l->k_scale, l->k_zero, page * Hkv + g, bt, hd);
-        const KVHead v = kv_head(l->v_kind, (int)m->bf16, l->v_cache, l->v_scale, l->v_zero, page * Hkv + g, bt, hd);
+    for (int64_t t = c->t0, first, n; t < c->t1; t += n) {
+        n = paged_run(m, s, t, c->t1, &first);
+        const KVHead k = kv_head_at(l->k_kind, (int)m->bf16, l->k_cache, l->k_scale, l->k_zero, head + first, hd);
+        const KVHead v = kv_head_at(l->v_kind, (int)m->bf16, l->v_cache, l->v_scale, l->v_zero, head + first, hd);
         for (int i = 0; i < nq; i++) ps[i] = c->s[i] + t;
-        const Chunk p = {c->q, ps, po, ptop, psum, 0, n, hd, c->scale};
+        const Chunk p = {c->q, ps, po, ptop, psum, 0, n, hd, c->scale, 0};
         chunk_any(&p, nq, &k, &v, vector);
         for (int i = 0; i < nq; i++) { /* rescale both sides to the larger top score */
             const float top = fmaxf(c->top[i], ptop[i]), a = expf(c->top[i] - top), w = expf(ptop[i] - top);
@@ -459,8 +496,8 @@ static void attention(const Model *m, const Layer *l, int64_t li, const Rows *r)
         const SlotKV s = slot_kv(m, l, li, row_slot(r, b));
         longest = pos + 1 > longest ? pos + 1 : longest;
         for (int64_t g = 0; g < Hkv; g++) {
-            /* paged: the pool is a cache of block_tokens-token rows, one row per block */
-            const int64_t at = m->block_table ? (page_of(m, row_slot(r, b), pos) * Hkv + g) * m->block_tokens +
+            /* paged: the pool is one cache row of pool_blocks * block_tokens slots, block after block */
+            const int64_t at = m->block_table ? (g * m->pool_blocks + page_of(m, row_slot(r, b), pos)) * m->block_tokens +
                                                     pos % m->block_tokens
                                               : (s.head0 + g) * s.T + pos;
             const float *k = m->qkv + b * row + (H + g) * hd, *v = k + Hkv * hd;
@@ -507,10 +544,14 @@ static void attention(const Model *m, const Layer *l, int64_t li, const Rows *r)
                 sc[i] = m->scores + (b * H + h) * T;
                 o[i] = part ? part + ((b * H + h) * chunks + ci) * stride : m->att + (b * H + h) * hd;
             }
-            const Chunk c = {q, sc, o, top, sum, t0, t1, hd, 1.f / sqrtf((float)hd)};
-            if (m->block_table)
-                chunk_paged(m, l, &c, nq, row_slot(r, b), g, vec);
-            else
+            const Chunk c = {q, sc, o, top, sum, t0, t1, hd, 1.f / sqrtf((float)hd), 0};
+            if (m->block_table) {
+#ifdef GEN_AVX512
+                if (vec) chunk_vector_paged(m, l, &c, nq, row_slot(r, b), g);
+                else
+#endif
+                    chunk_paged(m, l, &c, nq, row_slot(r, b), g, vec);
+            } else
                 chunk_any(&c, nq, &k, &v, vec);
             for (int i = 0; i < nq; i++) {
                 if (part) {

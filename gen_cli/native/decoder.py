@@ -374,7 +374,7 @@ class NativeDecoder:
         bt = pool.block_tokens
         self._ensure_scratch(batch, max(blocks_for(q.max_tokens, bt) for q in seqs) * bt)
         s.slots, s.n_slots, s.block_table = None, len(seqs), self._table.data_ptr()
-        s.block_tokens, s.max_blocks = bt, self._table.shape[1]
+        s.block_tokens, s.max_blocks, s.pool_blocks = bt, self._table.shape[1], pool.n_blocks
         s.max_tokens, s.batch, s.n_threads = self._scratch_cap[1], batch, torch.get_num_threads()
         self._rows_mode = True  # the plain step restores its own fields
 

@@ -54,10 +54,10 @@ typedef struct {
 } KVHead;
 enum { KV_BF16 = 3 };
 
-static KVHead kv_head(int64_t kind, int bf16, const void *data, const float *scale, const float *zero,
-                      int64_t head, int64_t T, int64_t hd) {
+/* The side whose token 0 is token row `first` of a cache (row = head max_tokens + position). */
+static KVHead kv_head_at(int64_t kind, int bf16, const void *data, const float *scale, const float *zero,
+                         int64_t first, int64_t hd) {
     KVHead r = {(int)kind, NULL, NULL, NULL};
-    const int64_t first = head * T; /* this head's token 0 */
     if (kind == KV_INT8) {
         r.data = (const int8_t *)data + first * hd, r.scale = scale + first;
     } else if (kind == KV_INT4) {
@@ -69,6 +69,11 @@ static KVHead kv_head(int64_t kind, int bf16, const void *data, const float *sca
         r.data = (const float *)data + first * hd;
     }
     return r;
+}
+
+static KVHead kv_head(int64_t kind, int bf16, const void *data, const float *scale, const float *zero,
+                      int64_t head, int64_t T, int64_t hd) {
+    return kv_head_at(kind, bf16, data, scale, zero, head * T, hd); /* this head's token 0 */
 }
 
 /* Element i of token t, dequantised (the portable path; int8 unscaled: its scale multiplies whole dots). */
