@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from gen_cli.cache.linear import KVCache
 from gen_cli.cache.paged import BlockPool, PoolExhausted, blocks_for, prefix_hashes
-from gen_cli.errors import UsageError
+from gen_cli.errors import GenError, UsageError
 from gen_cli.infer.batch import batched_step, native_rows, prefill_chunk
 from gen_cli.infer.generate import greedy_steps, new_cache
 from gen_cli.infer.optimize import optimize_for_decode
@@ -301,6 +301,8 @@ def test_admission_waits_for_blocks_and_resumes():
     sched = Scheduler(model, max_batch=8, kv_blocks=6, block_tokens=4)
     with pytest.raises(UsageError, match="KV blocks"):
         sched.submit(Request([1] * 20, 8))
+    with pytest.raises(GenError, match="paged KV cache of 1,000,000,000,000 blocks"):
+        Scheduler(model, kv_blocks=10**12)  # refused before anything is allocated
     requests = [sched.submit(Request([i + 1, i + 2, i + 3, i + 4], 8)) for i in range(5)]
     most = 0
     sched.step()

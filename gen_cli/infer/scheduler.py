@@ -128,8 +128,17 @@ class Scheduler:
         self.reserved = 0  # KV bytes the running requests' caches hold
         self.pool: BlockPool | None = None  # the paged cache every request's sequence lives in
         if kv_blocks is not None:
+            from gen_cli.memory import check_fits
+
             k_kind, v_kind = spec.kinds
             dtype = model_dtype(model)
+            check_fits(
+                spec.nbytes(model.config, kv_blocks * block_tokens, 1, self._bpe),
+                f"a paged KV cache of {kv_blocks:,} blocks of {block_tokens} tokens",
+                "use fewer KV blocks",
+                self.device,
+                params=("kv_blocks",),
+            )
             self.pool = BlockPool(model.config, kv_blocks, block_tokens, dtype, self.device, k_kind, v_kind)
         self.prefix_cache = prefix_cache
         self.steps = 0
