@@ -32,16 +32,17 @@ KINDS = [("fp32", "fp32"), ("int8", "int8"), ("int4", "int4"), ("int8", "int4"),
 TOL, TOL_QUANT = 2e-5, 2e-4  # as test_native_ragged: C and PyTorch sum in different orders
 
 
-def _model(native: bool = True, n_kv_head: int = 2, **changes) -> Transformer:
+def _model(native: bool = True, n_kv_head: int = 2, dtype: torch.dtype = torch.float32, **changes) -> Transformer:
     config = tiny_config(**{"d_model": 128, "n_head": 4, "n_kv_head": n_kv_head, "context_length": 96, **changes})
     torch.manual_seed(0)
-    model = optimize_for_decode(Transformer(config).eval(), "none", native=native)
+    model = optimize_for_decode(Transformer(config).eval().to(dtype), "none", native=native)
     assert not native or model.native_decoder is not None, build.native_status()
     return model
 
 
 def _pool(model: Transformer, kinds=("fp32", "fp32"), blocks: int = 64, block_tokens: int = 16) -> BlockPool:
-    return BlockPool(model.config, blocks, block_tokens, k_kind=kinds[0], v_kind=kinds[1])
+    dtype = model.norm.weight.dtype
+    return BlockPool(model.config, blocks, block_tokens, dtype, k_kind=kinds[0], v_kind=kinds[1])
 
 
 def _single(model: Transformer, prompt: list[int], n: int, kinds) -> list[int]:
@@ -92,6 +93,13 @@ def _ragged(model: Transformer, pool: BlockPool, kinds, expect_native: bool) -> 
 def test_paged_native_batch_equals_each_sequence_alone(kinds, block_tokens):
     model = _model()
     _ragged(model, _pool(model, kinds, blocks=400 // block_tokens + 8, block_tokens=block_tokens), kinds, True)
+
+
+@needs_cc
+def test_paged_native_batch_of_a_bf16_model():
+    """A bf16 model (bf16 weights and K/V): paged rows equal each sequence alone too."""
+    model = _model(dtype=torch.bfloat16)
+    _ragged(model, _pool(model, ("bf16", "bf16"), blocks=100, block_tokens=5), ("bf16", "bf16"), True)
 
 
 @pytest.mark.parametrize("kinds", [("fp32", "fp32"), ("int8", "int4")], ids="/".join)
