@@ -226,9 +226,9 @@ def test_shutdown_drains_in_flight_streams_to_done(engine):
 
 
 class _Process:
-    """`gen serve --preset tiny --port 0` in a subprocess; `port` once it listens."""
+    """`gen serve --preset PRESET --port 0` in a subprocess; `port` once it listens."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, preset: str = "tiny") -> None:
         import os
         import re
         import subprocess
@@ -237,7 +237,7 @@ class _Process:
 
         root = str(Path(__file__).resolve().parents[1])
         env = {**os.environ, "PYTHONPATH": root, "COLUMNS": "300", "NO_COLOR": "1"}
-        argv = [sys.executable, "-m", "gen_cli", "serve", "--preset", "tiny", "--port", "0", "--device", "cpu", *args]
+        argv = [sys.executable, "-m", "gen_cli", "serve", "--preset", preset, "--port", "0", "--device", "cpu", *args]
         self.proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=env, cwd=root)
         self.lines: list[str] = []
         found = threading.Event()
@@ -295,7 +295,9 @@ def test_sigterm_with_streams_in_flight_ends_each_well_and_exits_0():
 def test_a_second_signal_exits_at_once():
     import signal
 
-    server = _Process("--drain-s", "600")
+    # The small preset: the tiny one writes 1000 tokens in a fraction of a second, so its stream could end (and the
+    # process be tearing down, signals back to their defaults) before the second signal.
+    server = _Process("--drain-s", "600", preset="small")
     try:
         stream = _stream(server, "Hello", 1000)  # type: ignore[arg-type]
         server.signal(signal.SIGINT)
