@@ -84,12 +84,20 @@ class SpeculationStats:
     target_s: float = 0.0
     draft_s: float = 0.0
     verify_tokens: int = 0  # tokens fed to verify forwards (guesses + the token before them)
+    forward_s: float = 0.0  # in the target's forwards alone (the C call and its wrapper)
+    rounds_s: float = 0.0  # in the rounds after the prefill, everything included
+    held: int = 0  # plain steps the planner chose because no K was expected to beat one
+    probes: int = 0  # of the rounds after such steps, those that guessed once to re-measure the acceptance
+    k_counts: dict[int, int] = field(default_factory=dict)  # K -> verify rounds that proposed K guesses
+    verify_steps: dict[int, float] = field(default_factory=dict)  # rows -> a forward over them, in plain steps
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(self.__dict__)
         out["acceptance_rate"] = self.accepted / self.proposed if self.proposed else None
         out["tokens_per_forward"] = (self.accepted + self.rounds) / self.rounds if self.rounds else None
         out["mean_k"] = self.proposed / self.verify_rounds if self.verify_rounds else None
+        out["k_counts"] = {str(k): n for k, n in sorted(self.k_counts.items())}  # JSON keys are strings
+        out["verify_steps"] = {str(n): round(c, 3) for n, c in self.verify_steps.items()}
         return out
 
 
@@ -101,6 +109,12 @@ class Speculation:
     k: int = 4
     adaptive: bool = True
     on_round: Callable[[SpeculationStats], None] | None = field(default=None, compare=False)
+    # Measured forward times, rows -> seconds, per (model, threads): later runs start from what earlier ones saw.
+    memory: dict[tuple[int, int], dict[int, float]] = field(default_factory=dict, compare=False, repr=False)
+
+    def costs_for(self, model: Transformer) -> dict[int, float]:
+        """The forward-time table the planner reads and updates for this model at today's thread count."""
+        return self.memory.setdefault((id(model), torch.get_num_threads()), {})
 
     def __post_init__(self) -> None:
         if not 1 <= self.k <= 64:
@@ -175,11 +189,81 @@ def verify_forward(model: Transformer, fed: list[int], cache: Cache) -> torch.Te
     return model(ids, cache=cache)[0]
 
 
-def _next_k(k: int, base: int, accepted: int, proposed: int) -> int:
-    """More guesses after a round that kept them all, fewer after one that kept none (HF's heuristic)."""
-    if proposed and accepted == proposed:
-        return min(k + 2, max(MAX_K, base))
-    return max(1, k - 1) if accepted == 0 else k
+class Planner:
+    """Picks each round's K from what was measured: the K whose expected tokens per second (acceptance so far
+    at each guess position ÷ the measured verify time for K+1 rows, plus K proposer guesses) beats a plain
+    step's; when none does, plain steps, re-probing now and then (after 4, 8, … 64 held rounds)."""
+
+    ALPHA = 0.3  # weight of the newest measurement in each moving average
+    PRIOR = 0.6  # acceptance assumed at a guess position not yet tried: hopeful, so K grows to be measured
+
+    def __init__(self, costs: dict[int, float], max_k: int) -> None:
+        self.costs = costs  # rows -> seconds of one target forward over them (1: a plain step); outlives a run
+        self.max_k = max_k
+        self.rate = [self.PRIOR] * max_k  # P(guess i kept | guesses before it kept)
+        self.tried = [0] * max_k
+        self.guess_s = 0.0  # the proposer's seconds per guess
+        self.held = 0  # plain rounds since the last proposal
+        self.wait = 4  # held rounds before the next probe
+        self.probes = 0
+
+    def _cost(self, rows: int) -> float:
+        # More rows never cost less: a figure is bounded by the cheapest one measured at or above it (so one
+        # reading inflated by another process is overruled by its neighbours). Not measured yet: as the rows
+        # below it, i.e. the extra row assumed free, hopeful, so that it gets tried once and measured.
+        if rows in self.costs:
+            return min(c for n, c in self.costs.items() if n >= rows)
+        below = [n for n in self.costs if n < rows]
+        return self._cost(max(below)) if below else 0.0
+
+    def expected(self, k: int) -> float:
+        """Tokens a round with k guesses yields on average: the correction plus each guess's chance to be kept."""
+        total, run, rate = 1.0, 1.0, self.PRIOR
+        for i in range(k):
+            rate = self.rate[i] if self.tried[i] else rate  # untried: as the position before it
+            run *= rate
+            total += run
+        return total
+
+    def choose(self, room: int) -> int:
+        """K for the next round (0: a plain step); `room` caps it."""
+        step = self.costs.get(1)
+        if step is None or room < 1:
+            return 0  # the first round measures a plain step
+        best, best_rate = 0, 1.0 / step
+        # K grows one past the widest forward measured, not further: a forward of many rows tried on hope
+        # alone can cost several steps (a kernel's cost per row is a staircase, not a line).
+        for k in range(1, min(self.max_k, room, max(self.costs)) + 1):
+            rate = self.expected(k) / (self._cost(k + 1) + k * self.guess_s)
+            if rate > best_rate:
+                best, best_rate = k, rate
+        if best:
+            self.held, self.wait = 0, 4
+            return best
+        self.held += 1
+        if self.held < self.wait:
+            return 0
+        self.probes += 1
+        self.held, self.wait = 0, min(self.wait * 2, 64)  # a probe: one guess, to see whether guesses came back
+        return 1
+
+    def measured(self, rows: int, seconds: float) -> None:
+        """One forward over `rows` rows took `seconds`."""
+        old = self.costs.get(rows)
+        # A slower reading moves the figure less than a faster one: a time slice lost to another process on a
+        # shared machine is not the forward's cost, and a figure stuck high would never be tried again.
+        weight = self.ALPHA if old is None or seconds < old else self.ALPHA / 2
+        self.costs[rows] = seconds if old is None else old + weight * (seconds - old)
+
+    def verified(self, proposed: int, kept: int, proposer_s: float) -> None:
+        """A round proposed `proposed` guesses (taking `proposer_s`) and the target kept the first `kept`."""
+        for i in range(min(kept + 1, proposed)):
+            if not self.tried[i]:  # start from what `expected` assumed for it
+                self.rate[i] = self.rate[i - 1] if i else self.PRIOR
+            self.rate[i] += self.ALPHA * ((1.0 if i < kept else 0.0) - self.rate[i])
+            self.tried[i] += 1
+        per = proposer_s / proposed
+        self.guess_s += (self.ALPHA if self.guess_s else 1.0) * (per - self.guess_s)
 
 
 @torch.inference_mode()
@@ -213,32 +297,45 @@ def speculative_run(
     stats.target_s += perf_counter() - t0
     proposer.start(prompt, T + max_new_tokens)
     times.append(perf_counter() - start)
-    k = speculation.k
+    planner = Planner(speculation.costs_for(model), MAX_K) if speculation.adaptive else None
     new = [ids[-1]]
     stop = ids[-1] in stops or (on_tokens is not None and on_tokens(new))
     while not stop and len(ids) - T < max_new_tokens:
         round_start = perf_counter()
         room = max_new_tokens - (len(ids) - T) - 1  # guesses that fit beside the token each round adds
-        t0 = perf_counter()
-        guesses, q = proposer.propose(ids, min(k, room), sampling, generator) if room > 0 else ([], None)
-        stats.draft_s += perf_counter() - t0
+        k = min(speculation.k, room) if planner is None else planner.choose(room)
+        guesses: list[int] = []
+        q = None
+        if k > 0:
+            guesses, q = proposer.propose(ids, k, sampling, generator)
+            proposer_s = perf_counter() - round_start
+            stats.draft_s += proposer_s
+        elif room > 0:
+            stats.held += 1
         L = len(ids)  # the cache holds ids[:L-1]; ids[L-1] is fed now, before the guesses
         t0 = perf_counter()
         if not guesses:
             logits = decode_step(model, torch.tensor([[ids[-1]]], device=device), cache)  # (1, V): the C step
-            verify = logits.unsqueeze(1)  # (1, 1, V)
+            verify = logits  # (1, V)
         else:
-            verify = verify_forward(model, ids[-1:] + guesses, cache)[None]  # (1, K+1, V)
+            verify = verify_forward(model, ids[-1:] + guesses, cache)  # (K+1, V)
             stats.verify_rounds += 1
             stats.proposed += len(guesses)
             stats.verify_tokens += len(guesses) + 1
-        kept, correction = _verify(verify[0], ids, guesses, q, sampling, generator)
+            stats.k_counts[len(guesses)] = stats.k_counts.get(len(guesses), 0) + 1
+        forward_s = perf_counter() - t0
+        stats.forward_s += forward_s
+        if planner is not None:
+            planner.measured(len(guesses) + 1, forward_s)
+        kept, correction = _verify(verify, ids, guesses, q, sampling, generator)
         stats.rounds += 1
         stats.accepted += len(kept)
         # The cache holds ids[:L-1] + the fed token + every guess; keep up to the last kept guess.
         cache.truncate(L + len(kept))
         proposer.keep(L + len(kept))
         stats.target_s += perf_counter() - t0
+        if planner is not None and guesses:
+            planner.verified(len(guesses), len(kept), proposer_s)
         new = [*kept, correction]
         for i, token in enumerate(new):
             if token in stops:
@@ -248,12 +345,15 @@ def speculative_run(
         ids.extend(new)
         if on_tokens is not None and on_tokens(new):
             stop = True
-        if speculation.adaptive and guesses:
-            k = _next_k(k, speculation.k, len(kept), len(guesses))
         elapsed = perf_counter() - round_start
+        stats.rounds_s += elapsed
         times.extend([elapsed / len(new)] * len(new))
         if speculation.on_round is not None:
             speculation.on_round(stats)
+    if planner is not None:
+        stats.probes = planner.probes
+        step = planner.costs.get(1)
+        stats.verify_steps = {n: c / step for n, c in sorted(planner.costs.items()) if step and n > 1}
     return ids[T:], stats, times
 
 
