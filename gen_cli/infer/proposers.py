@@ -78,6 +78,9 @@ class DraftProposer:
             raise UsageError(
                 "the draft model's cache would be a window ring, which cannot roll back; use a shorter run"
             )
+        # The prompt now, beside the target's prefill (time to first token), not in the first round's guesses.
+        with torch.inference_mode():
+            prefill(self.model, torch.tensor([prompt], dtype=torch.long, device=self.cache.device), self.cache)
 
     @torch.inference_mode()
     def propose(

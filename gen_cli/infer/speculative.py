@@ -250,9 +250,10 @@ class Planner:
     def measured(self, rows: int, seconds: float) -> None:
         """One forward over `rows` rows took `seconds`."""
         old = self.costs.get(rows)
-        # A slower reading moves the figure less than a faster one: a time slice lost to another process on a
-        # shared machine is not the forward's cost, and a figure stuck high would never be tried again.
-        weight = self.ALPHA if old is None or seconds < old else self.ALPHA / 2
+        # A faster reading moves the figure more than a slower one (towards the minimum, the classic timing
+        # estimate): a time slice lost to another process, or a first call's set-up, is not the forward's cost,
+        # and a figure stuck high is seldom tried again.
+        weight = 0.7 if old is None or seconds < old else self.ALPHA / 2
         self.costs[rows] = seconds if old is None else old + weight * (seconds - old)
 
     def verified(self, proposed: int, kept: int, proposer_s: float) -> None:
@@ -298,6 +299,8 @@ def speculative_run(
     proposer.start(prompt, T + max_new_tokens)
     times.append(perf_counter() - start)
     planner = Planner(speculation.costs_for(model), MAX_K) if speculation.adaptive else None
+    # Whether the C step takes this cache's rows is settled once (no window: nothing depends on the position).
+    rows = native_rows(model, [cache, cache]) if model.config.sliding_window is None else None
     new = [ids[-1]]
     stop = ids[-1] in stops or (on_tokens is not None and on_tokens(new))
     while not stop and len(ids) - T < max_new_tokens:
@@ -318,7 +321,8 @@ def speculative_run(
             logits = decode_step(model, torch.tensor([[ids[-1]]], device=device), cache)  # (1, V): the C step
             verify = logits  # (1, V)
         else:
-            verify = verify_forward(model, ids[-1:] + guesses, cache)  # (K+1, V)
+            fed = ids[-1:] + guesses
+            verify = rows.forward(fed, cache) if rows is not None else verify_forward(model, fed, cache)  # (K+1, V)
             stats.verify_rounds += 1
             stats.proposed += len(guesses)
             stats.verify_tokens += len(guesses) + 1

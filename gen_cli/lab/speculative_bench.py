@@ -34,28 +34,34 @@ def _spread(values: list[float]) -> dict[str, float]:
 
 
 @torch.inference_mode()
-def forward_costs(engine: Engine, ids: list[int], k: int, repeats: int = 30) -> dict[str, Any]:
-    """Median seconds of one decode step (the C step where it runs) and of a verify forward over k+1 tokens,
-    interleaved on a cache at the prompt's end; their ratio is what one verified round costs in steps."""
+def forward_costs(engine: Engine, ids: list[int], k: int, repeats: int = 15) -> dict[str, Any]:
+    """Median seconds of one decode step (the C step where it runs) and of forwards over 2, 3, 4, 6, 8 and
+    k+1 tokens, interleaved on a cache at the prompt's end; a forward's cost in steps bounds a round's gain."""
     model = engine.model
-    cache = engine.new_cache(CacheSpec(), len(ids), k + 1)
+    widths = sorted({2, 3, 4, 6, 8, k + 1})
+    cache = engine.new_cache(CacheSpec(), len(ids), max(widths))
     prefill(model, torch.tensor([ids], device=engine.device), cache)
     base = cache.pos
     one = torch.tensor([[ids[-1]]], device=engine.device)  # (1, 1)
-    block = ids[-(k + 1) :]  # the k + 1 tokens a verify forward takes
-    steps, verifies = [], []
+    blocks = {n: (ids * n)[-n:] for n in widths}  # the n tokens a verify forward takes
+    steps: list[float] = []
+    verifies: dict[int, list[float]] = {n: [] for n in widths}
     for i in range(repeats + 3):
-        for fn, out in (
-            (lambda: decode_step(model, one, cache), steps),
-            (lambda: verify_forward(model, block, cache), verifies),
-        ):
+        for n in (1, *widths):
             cache.truncate(base)
             start = perf_counter()
-            fn()
+            if n == 1:
+                decode_step(model, one, cache)
+            else:
+                verify_forward(model, blocks[n], cache)
             if i >= 3:  # warm-up rounds are not kept
-                out.append(perf_counter() - start)
-    step, verify = statistics.median(steps), statistics.median(verifies)
-    return {"k": k, "step_s": step, "verify_s": verify, "verify_over_step": verify / step}
+                (steps if n == 1 else verifies[n]).append(perf_counter() - start)
+    step = statistics.median(steps)
+    verify = statistics.median(verifies[k + 1])
+    return {
+        "k": k, "step_s": step, "verify_s": verify, "verify_over_step": verify / step,
+        "rows_over_step": {n: statistics.median(v) / step for n, v in verifies.items()},
+    }  # fmt: skip
 
 
 def compare(
@@ -153,5 +159,6 @@ def format_bench(r: dict[str, Any]) -> list[str]:
         f"per round    forward {r['forward_s'] * 1000:.3f} ms, the rest (proposer, checks, Python) "
         f"{r['overhead_s'] * 1000:.3f} ms; {_planned(r['planner'])}",
         f"costs        one decode step {c['step_s'] * 1000:.3f} ms, verify over {c['k'] + 1} tokens "
-        f"{c['verify_s'] * 1000:.3f} ms = {c['verify_over_step']:.1f} steps",
+        f"{c['verify_s'] * 1000:.3f} ms = {c['verify_over_step']:.1f} steps; rows:steps "
+        + " ".join(f"{n}:{x:.2f}" for n, x in c["rows_over_step"].items()),
     ]
