@@ -315,6 +315,15 @@ def test_generate_speculates_to_the_same_text_and_reports_it(model_dir, how):
     assert "speculation" not in want["stats"]
 
 
+def test_stats_say_what_the_adaptive_k_chose(model_dir):
+    args = ["the cat runs. the cat runs. the cat", "--model", str(model_dir), "--device", "cpu", "-n", "12"]
+    done = _cli(*args, "--temperature", "0", "--speculate", "ngram", "--stats")
+    assert done.exit_code == 0, done.output
+    assert "speculation K" in done.stderr and "plain steps where no K paid" in done.stderr
+    fixed = _cli(*args, "--temperature", "0", "--speculate", "ngram:3", "--stats")
+    assert "speculation K" not in fixed.stderr  # a K given is kept: nothing chosen
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [

@@ -11,6 +11,7 @@ import torch
 from gen_cli.cache.spec import CacheSpec
 from gen_cli.cache.window import Cache
 from gen_cli.errors import UsageError
+from gen_cli.infer.batch import native_rows
 from gen_cli.infer.generate import decode_step, new_cache, prefill
 from gen_cli.infer.sampling import SamplingConfig, distribution
 from gen_cli.infer.speculative import Proposer, Speculation, plain_greedy
@@ -89,11 +90,14 @@ class DraftProposer:
         cache = self.cache
         assert cache is not None, "start() first"
         device = cache.device
-        fresh = torch.tensor([ids[cache.pos :]], dtype=torch.long, device=device)  # (1, n): not yet in the cache
-        if fresh.shape[1] <= 4:  # after a round, one or two ids: single steps (the C step) beat a PyTorch forward
+        unseen = ids[cache.pos :]  # the ids since the last guess: one or two after a round, more after plain steps
+        fresh = torch.tensor([unseen], dtype=torch.long, device=device)  # (1, n)
+        if len(unseen) > 1 and (rows := native_rows(self.model, [cache] * len(unseen))) is not None:
+            logits = rows.forward(unseen, cache)[-1:]  # (1, V): one C call for all of them, not one per id
+        elif fresh.shape[1] <= 4:  # single steps (the C step) beat a PyTorch forward
             for i in range(fresh.shape[1]):
                 logits = decode_step(self.model, fresh[:, i : i + 1], cache)  # (1, V)
-        else:  # the prompt
+        else:
             logits = prefill(self.model, fresh, cache)
         if plain_greedy(sampling):  # the argmax alone: no distribution, no history (q is one-hot at the guess)
             guesses = [int(logits.argmax())]

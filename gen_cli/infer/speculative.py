@@ -154,11 +154,12 @@ def _verify(
     q: torch.Tensor | None,
     sampling: SamplingConfig,
     generator: torch.Generator | None,
+    argmax: Callable[[torch.Tensor], list[int]] | None = None,
 ) -> tuple[list[int], int]:
     """The guesses kept and the token that follows them, from the target's logits `rows` (K+1, V): row i
-    follows ids + guesses[:i]."""
+    follows ids + guesses[:i]. `argmax` picks each row's greedy token (default: torch's)."""
     if plain_greedy(sampling):  # one argmax over every row, then the longest agreeing prefix
-        choices = rows.argmax(-1).tolist()  # (K+1,)
+        choices = argmax(rows) if argmax is not None else rows.argmax(-1).tolist()  # (K+1,)
         n = 0
         while n < len(guesses) and choices[n] == guesses[n]:
             n += 1
@@ -177,6 +178,22 @@ def _verify(
     # Every guess kept: the last row gives one more token for free.
     p = distribution(rows[len(guesses) :], history, sampling)[0]
     return guesses, _pick(p, sampling, generator)
+
+
+class _Argmax:
+    """Each logit row's argmax in C where the model's native step has it, as the plain greedy loop picks (torch's
+    argmax is a scalar loop: ~20 µs over 4k logits, a twentieth of the shipped model's whole step)."""
+
+    def __init__(self, model: Transformer, rows: int) -> None:
+        self.into = getattr(model.native_decoder, "argmax_into", None)
+        self.out = torch.zeros(rows, dtype=torch.long)  # (rows,)
+        self.view = self.out.numpy()  # reads without a torch op
+
+    def __call__(self, logits: torch.Tensor) -> list[int]:
+        n = logits.shape[0]
+        if self.into is not None and n <= self.out.shape[0] and self.into(logits, self.out[:n]):
+            return self.view[:n].tolist()
+        return logits.argmax(-1).tolist()
 
 
 def verify_forward(model: Transformer, fed: list[int], cache: Cache) -> torch.Tensor:
@@ -207,34 +224,50 @@ class Planner:
         self.wait = 4  # held rounds before the next probe
         self.probes = 0
 
-    def _cost(self, rows: int) -> float:
-        # More rows never cost less: a figure is bounded by the cheapest one measured at or above it (so one
-        # reading inflated by another process is overruled by its neighbours). Not measured yet: as the rows
-        # below it, i.e. the extra row assumed free, hopeful, so that it gets tried once and measured.
-        if rows in self.costs:
-            return min(c for n, c in self.costs.items() if n >= rows)
-        below = [n for n in self.costs if n < rows]
-        return self._cost(max(below)) if below else 0.0
+    def _table(self, widest: int) -> list[float]:
+        """Seconds of a forward over 0..widest rows as the planner counts them: more rows never cost less, so
+        a figure is bounded by the cheapest one measured at or above it (one reading inflated by another
+        process is overruled by its neighbours); not measured yet: as the rows below it, i.e. the extra row
+        assumed free, hopeful, so that it gets tried once and measured."""
+        table = [0.0] * (widest + 1)
+        cheapest = float("inf")
+        for n in sorted(self.costs, reverse=True):
+            cheapest = min(cheapest, self.costs[n])
+            if n <= widest:
+                table[n] = cheapest
+        for n in range(1, widest + 1):
+            if n not in self.costs:
+                table[n] = table[n - 1]
+        return table
 
     def expected(self, k: int) -> float:
         """Tokens a round with k guesses yields on average: the correction plus each guess's chance to be kept."""
-        total, run, rate = 1.0, 1.0, self.PRIOR
-        for i in range(k):
+        return self._expected(k)[k]
+
+    def _expected(self, top: int) -> list[float]:
+        out, total, run, rate = [1.0], 1.0, 1.0, self.PRIOR
+        for i in range(top):
             rate = self.rate[i] if self.tried[i] else rate  # untried: as the position before it
             run *= rate
             total += run
-        return total
+            out.append(total)
+        return out
 
     def choose(self, room: int) -> int:
         """K for the next round (0: a plain step); `room` caps it."""
         step = self.costs.get(1)
         if step is None or room < 1:
             return 0  # the first round measures a plain step
-        best, best_rate = 0, 1.0 / step
+        if 0 < self.held < self.wait - 1:  # nothing verified since the last choice: it stands until the probe
+            self.held += 1
+            return 0
         # K grows one past the widest forward measured, not further: a forward of many rows tried on hope
         # alone can cost several steps (a kernel's cost per row is a staircase, not a line).
-        for k in range(1, min(self.max_k, room, max(self.costs)) + 1):
-            rate = self.expected(k) / (self._cost(k + 1) + k * self.guess_s)
+        top = min(self.max_k, room, max(self.costs))
+        cost, tokens = self._table(top + 1), self._expected(top)
+        best, best_rate = 0, 1.0 / step
+        for k in range(1, top + 1):
+            rate = tokens[k] / (cost[k + 1] + k * self.guess_s)
             if rate > best_rate:
                 best, best_rate = k, rate
         if best:
@@ -301,6 +334,9 @@ def speculative_run(
     planner = Planner(speculation.costs_for(model), MAX_K) if speculation.adaptive else None
     # Whether the C step takes this cache's rows is settled once (no window: nothing depends on the position).
     rows = native_rows(model, [cache, cache]) if model.config.sliding_window is None else None
+    argmax = _Argmax(model, max(MAX_K, speculation.k) + 1)
+    fed = torch.zeros((1, 1), dtype=torch.long, device=device)  # (1, 1): a plain round's input, filled in place
+    fed_view = fed.numpy() if fed.device.type == "cpu" else None
     new = [ids[-1]]
     stop = ids[-1] in stops or (on_tokens is not None and on_tokens(new))
     while not stop and len(ids) - T < max_new_tokens:
@@ -318,11 +354,14 @@ def speculative_run(
         L = len(ids)  # the cache holds ids[:L-1]; ids[L-1] is fed now, before the guesses
         t0 = perf_counter()
         if not guesses:
-            logits = decode_step(model, torch.tensor([[ids[-1]]], device=device), cache)  # (1, V): the C step
-            verify = logits  # (1, V)
+            if fed_view is not None:
+                fed_view[0, 0] = ids[-1]
+            else:
+                fed.fill_(ids[-1])
+            verify = decode_step(model, fed, cache)  # (1, V): the C step
         else:
-            fed = ids[-1:] + guesses
-            verify = rows.forward(fed, cache) if rows is not None else verify_forward(model, fed, cache)  # (K+1, V)
+            block = ids[-1:] + guesses
+            verify = rows.forward(block, cache) if rows is not None else verify_forward(model, block, cache)  # (K+1, V)
             stats.verify_rounds += 1
             stats.proposed += len(guesses)
             stats.verify_tokens += len(guesses) + 1
@@ -331,7 +370,7 @@ def speculative_run(
         stats.forward_s += forward_s
         if planner is not None:
             planner.measured(len(guesses) + 1, forward_s)
-        kept, correction = _verify(verify, ids, guesses, q, sampling, generator)
+        kept, correction = _verify(verify, ids, guesses, q, sampling, generator, argmax)
         stats.rounds += 1
         stats.accepted += len(kept)
         # The cache holds ids[:L-1] + the fed token + every guess; keep up to the last kept guess.
