@@ -352,3 +352,15 @@ def test_the_lab_comparison_measures_both_sides_on_the_same_ids(model_dir):
     assert out["identical"] is True
     assert out["plain_tok_s"]["median"] > 0 and out["speculative_tok_s"]["median"] > 0
     assert out["costs"]["verify_over_step"] > 0 and out["tokens_per_forward"] >= 1
+
+
+def test_the_bench_runs_a_draft_alone(model_dir):
+    from typer.testing import CliRunner
+
+    from gen_cli.cli import app
+
+    argv = ["bench", "speculative", "--model", str(model_dir), "--draft", "self:q8_0", "-n", "6", "--repeats", "1"]
+    argv += ["--prompt", "the cat runs. the cat"]
+    done = CliRunner().invoke(app, [*argv, "--json"])
+    assert done.exit_code == 0, done.output  # a draft alone means the draft proposer, not prompt lookup
+    assert '"proposer": "self:q8_0"' in done.stdout

@@ -116,7 +116,9 @@ def bench(
     from gen_cli.infer.proposers import speculation_for
 
     engine = open_model(model, EngineOptions(threads=threads))
-    speculation = speculation_for(engine, model, speculate or "ngram", draft)  # its proposer restarts each run
+    speculation = speculation_for(
+        engine, model, speculate if speculate or draft else "ngram", draft
+    )  # its proposer restarts each run
     assert speculation is not None
     ids = engine.encode(prompt)
     out = compare(engine, ids, max_new_tokens, SamplingConfig(temperature=temperature), lambda: speculation, repeats)
