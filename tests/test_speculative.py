@@ -9,6 +9,7 @@ run on a mutated sampler that keeps every guess must fail it.
 from __future__ import annotations
 
 import itertools
+from collections import deque
 
 import pytest
 import torch
@@ -112,7 +113,7 @@ def test_fixed_k_and_a_stop_id_end_where_plain_greedy_does(k):
 
 
 def _planner(costs: dict[int, float], rate: float | None = None) -> sp.Planner:
-    planner = sp.Planner(dict(costs), 8)
+    planner = sp.Planner({n: deque([c]) for n, c in costs.items()}, 8)
     if rate is not None:  # every position measured at this acceptance
         planner.rate, planner.tried = [rate] * 8, [1] * 8
     return planner
@@ -150,8 +151,11 @@ def test_a_forward_cost_is_bounded_by_cheaper_wider_ones():
     # One reading of 3 rows inflated by another process: the 4-row figure below it overrules it.
     planner = _planner({1: 1.0, 2: 1.1, 3: 9.0, 4: 1.3}, rate=1.0)
     assert planner.choose(room=10) == 4
-    planner.measured(3, 100.0)  # a slower reading moves the figure less than a faster one
-    assert planner.costs[3] < 100.0 * sp.Planner.ALPHA
+    for seconds in (1.2, 1.2, 100.0):  # one slow reading among faster ones does not move the median
+        planner.measured(3, seconds)
+    assert planner.costs[3] == pytest.approx((1.2 + 9.0) / 2)
+    planner.measured(3, 1.2)
+    assert planner.costs[3] == 1.2
 
 
 def test_an_adaptive_run_reports_what_it_chose():

@@ -9,6 +9,8 @@ follows the target's distribution p exactly; p and q both pass through gen's sam
 
 from __future__ import annotations
 
+import statistics
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from time import perf_counter
@@ -109,11 +111,11 @@ class Speculation:
     k: int = 4
     adaptive: bool = True
     on_round: Callable[[SpeculationStats], None] | None = field(default=None, compare=False)
-    # Measured forward times, rows -> seconds, per (model, threads): later runs start from what earlier ones saw.
-    memory: dict[tuple[int, int], dict[int, float]] = field(default_factory=dict, compare=False, repr=False)
+    # Measured forward times, rows -> the latest readings, per (model, threads): later runs start from them.
+    memory: dict[tuple[int, int], dict[int, deque[float]]] = field(default_factory=dict, compare=False, repr=False)
 
-    def costs_for(self, model: Transformer) -> dict[int, float]:
-        """The forward-time table the planner reads and updates for this model at today's thread count."""
+    def readings_for(self, model: Transformer) -> dict[int, deque[float]]:
+        """The forward times the planner reads and adds to for this model at today's thread count."""
         return self.memory.setdefault((id(model), torch.get_num_threads()), {})
 
     def __post_init__(self) -> None:
@@ -214,8 +216,11 @@ class Planner:
     ALPHA = 0.3  # weight of the newest measurement in each moving average
     PRIOR = 0.6  # acceptance assumed at a guess position not yet tried: hopeful, so K grows to be measured
 
-    def __init__(self, costs: dict[int, float], max_k: int) -> None:
-        self.costs = costs  # rows -> seconds of one target forward over them (1: a plain step); outlives a run
+    KEEP = 9  # readings per row count whose median is its cost
+
+    def __init__(self, readings: dict[int, deque[float]], max_k: int) -> None:
+        self.readings = readings  # rows -> latest seconds of a target forward over them (1: a plain step)
+        self.costs = {n: statistics.median(r) for n, r in readings.items()}
         self.max_k = max_k
         self.rate = [self.PRIOR] * max_k  # P(guess i kept | guesses before it kept)
         self.tried = [0] * max_k
@@ -282,12 +287,11 @@ class Planner:
 
     def measured(self, rows: int, seconds: float) -> None:
         """One forward over `rows` rows took `seconds`."""
-        old = self.costs.get(rows)
-        # A faster reading moves the figure more than a slower one (towards the minimum, the classic timing
-        # estimate): a time slice lost to another process, or a first call's set-up, is not the forward's cost,
-        # and a figure stuck high is seldom tried again.
-        weight = 0.7 if old is None or seconds < old else self.ALPHA / 2
-        self.costs[rows] = seconds if old is None else old + weight * (seconds - old)
+        # The median of the latest readings: a time slice lost to another process on a shared machine, or a
+        # first call's set-up, is not the forward's cost; a minimum would favour the count read most often.
+        latest = self.readings.setdefault(rows, deque(maxlen=self.KEEP))
+        latest.append(seconds)
+        self.costs[rows] = statistics.median(latest)
 
     def verified(self, proposed: int, kept: int, proposer_s: float) -> None:
         """A round proposed `proposed` guesses (taking `proposer_s`) and the target kept the first `kept`."""
@@ -331,7 +335,7 @@ def speculative_run(
     stats.target_s += perf_counter() - t0
     proposer.start(prompt, T + max_new_tokens)
     times.append(perf_counter() - start)
-    planner = Planner(speculation.costs_for(model), MAX_K) if speculation.adaptive else None
+    planner = Planner(speculation.readings_for(model), MAX_K) if speculation.adaptive else None
     # Whether the C step takes this cache's rows is settled once (no window: nothing depends on the position).
     rows = native_rows(model, [cache, cache]) if model.config.sliding_window is None else None
     argmax = _Argmax(model, max(MAX_K, speculation.k) + 1)
