@@ -113,7 +113,7 @@ def test_fixed_k_and_a_stop_id_end_where_plain_greedy_does(k):
 
 
 def _planner(costs: dict[int, float], rate: float | None = None) -> sp.Planner:
-    planner = sp.Planner({n: deque([c]) for n, c in costs.items()}, 8)
+    planner = sp.Planner({n: deque([c] * sp.Planner.SURE) for n, c in costs.items()}, 8)
     if rate is not None:  # every position measured at this acceptance
         planner.rate, planner.tried = [rate] * 8, [1] * 8
     return planner
@@ -151,11 +151,19 @@ def test_a_forward_cost_is_bounded_by_cheaper_wider_ones():
     # One reading of 3 rows inflated by another process: the 4-row figure below it overrules it.
     planner = _planner({1: 1.0, 2: 1.1, 3: 9.0, 4: 1.3}, rate=1.0)
     assert planner.choose(room=10) == 4
-    for seconds in (1.2, 1.2, 100.0):  # one slow reading among faster ones does not move the median
+    for seconds in (1.2,) * 5 + (100.0,):  # one slow reading among faster ones does not move the median
         planner.measured(3, seconds)
-    assert planner.costs[3] == pytest.approx((1.2 + 9.0) / 2)
-    planner.measured(3, 1.2)
     assert planner.costs[3] == 1.2
+
+
+def test_a_cost_read_once_is_no_dearer_than_the_trend_below_it():
+    planner = sp.Planner({1: deque([1.0] * 3), 2: deque([1.2] * 3), 3: deque([9.0])}, 8)
+    planner.rate, planner.tried = [1.0] * 8, [1] * 8
+    assert planner._table(3)[3] == pytest.approx(1.4)  # 1.0, 1.2, then the line: 1.4, not 9.0
+    assert planner.choose(room=10) == 3  # three guesses: four rows, hoped no dearer than three
+    planner.measured(3, 9.0)
+    planner.measured(3, 9.0)  # read three times: taken as read
+    assert planner._table(3)[3] == 9.0 and planner.choose(room=10) == 1
 
 
 def test_an_adaptive_run_reports_what_it_chose():

@@ -217,6 +217,7 @@ class Planner:
     PRIOR = 0.6  # acceptance assumed at a guess position not yet tried: hopeful, so K grows to be measured
 
     KEEP = 9  # readings per row count whose median is its cost
+    SURE = 3  # readings before a cost is taken as read, even if dearer than the trend below it
 
     def __init__(self, readings: dict[int, deque[float]], max_k: int) -> None:
         self.readings = readings  # rows -> latest seconds of a target forward over them (1: a plain step)
@@ -243,6 +244,10 @@ class Planner:
         for n in range(1, widest + 1):
             if n not in self.costs:
                 table[n] = table[n - 1]
+            elif n > 1 and len(self.readings[n]) < self.SURE:
+                # Read too few times to trust: no dearer than the line through the two counts below, so that one
+                # slow first reading does not bar a K for the rest of the run.
+                table[n] = min(table[n], 2 * table[n - 1] - table[n - 2])
         return table
 
     def expected(self, k: int) -> float:
