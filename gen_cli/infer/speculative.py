@@ -217,7 +217,7 @@ class Planner:
     PRIOR = 0.6  # acceptance assumed at a guess position not yet tried: hopeful, so K grows to be measured
 
     KEEP = 9  # readings per row count whose median is its cost
-    SURE = 3  # readings before a cost is taken as read, even if dearer than the trend below it
+    SURE = 2  # readings before a cost is taken as read, even if dearer than the trend below it
 
     def __init__(self, readings: dict[int, deque[float]], max_k: int) -> None:
         self.readings = readings  # rows -> latest seconds of a target forward over them (1: a plain step)
@@ -233,8 +233,8 @@ class Planner:
     def _table(self, widest: int) -> list[float]:
         """Seconds of a forward over 0..widest rows as the planner counts them: more rows never cost less, so
         a figure is bounded by the cheapest one measured at or above it (one reading inflated by another
-        process is overruled by its neighbours); not measured yet: as the rows below it, i.e. the extra row
-        assumed free, hopeful, so that it gets tried once and measured."""
+        process is overruled by its neighbours); not measured yet: the line through the two counts below it,
+        hopeful enough that it gets tried and measured, not so hopeful that every wider K is tried."""
         table = [0.0] * (widest + 1)
         cheapest = float("inf")
         for n in sorted(self.costs, reverse=True):
@@ -242,12 +242,13 @@ class Planner:
             if n <= widest:
                 table[n] = cheapest
         for n in range(1, widest + 1):
+            # The line through the two counts below (two guesses: the first extra row hoped free).
+            trend = table[n - 1] if n <= 2 else max(table[n - 1], 2 * table[n - 1] - table[n - 2])
             if n not in self.costs:
-                table[n] = table[n - 1]
+                table[n] = trend
             elif n > 1 and len(self.readings[n]) < self.SURE:
-                # Read too few times to trust: no dearer than the line through the two counts below, so that one
-                # slow first reading does not bar a K for the rest of the run.
-                table[n] = min(table[n], 2 * table[n - 1] - table[n - 2])
+                # Read once: no dearer than the trend, so that one slow first reading does not bar a K for good.
+                table[n] = min(table[n], trend)
         return table
 
     def expected(self, k: int) -> float:
