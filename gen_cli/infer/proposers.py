@@ -16,6 +16,7 @@ from gen_cli.infer.generate import decode_step, new_cache, prefill
 from gen_cli.infer.sampling import SamplingConfig, distribution
 from gen_cli.infer.speculative import Proposer, Speculation, plain_greedy
 from gen_cli.model.transformer import Transformer
+from gen_cli.native.decoder import MAX_BATCH
 
 if TYPE_CHECKING:
     from gen_cli.infer.engine import Engine, Preset
@@ -92,8 +93,13 @@ class DraftProposer:
         device = cache.device
         unseen = ids[cache.pos :]  # the ids since the last guess: one or two after a round, more after plain steps
         fresh = torch.tensor([unseen], dtype=torch.long, device=device)  # (1, n)
-        if len(unseen) > 1 and (rows := native_rows(self.model, [cache] * len(unseen))) is not None:
-            logits = rows.forward(unseen, cache)[-1:]  # (1, V): one C call for all of them, not one per id
+        if len(unseen) > 1 and native_rows(self.model, [cache] * min(len(unseen), MAX_BATCH)) is not None:
+            # In C, up to MAX_BATCH ids a call (after many plain rounds, PyTorch's forward cost milliseconds).
+            for i in range(0, len(unseen), MAX_BATCH):
+                chunk = unseen[i : i + MAX_BATCH]
+                rows = native_rows(self.model, [cache] * len(chunk))
+                assert rows is not None, "the C step took the first chunk of this cache"
+                logits = rows.forward(chunk, cache)[-1:]  # (1, V)
         elif fresh.shape[1] <= 4:  # single steps (the C step) beat a PyTorch forward
             for i in range(fresh.shape[1]):
                 logits = decode_step(self.model, fresh[:, i : i + 1], cache)  # (1, V)

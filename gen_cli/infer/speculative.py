@@ -9,7 +9,6 @@ follows the target's distribution p exactly; p and q both pass through gen's sam
 
 from __future__ import annotations
 
-import statistics
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -221,7 +220,7 @@ class Planner:
 
     def __init__(self, readings: dict[int, deque[float]], max_k: int) -> None:
         self.readings = readings  # rows -> latest seconds of a target forward over them (1: a plain step)
-        self.costs = {n: statistics.median(r) for n, r in readings.items()}
+        self.costs = {n: sorted(r)[(len(r) - 1) // 2] for n, r in readings.items()}
         self.max_k = max_k
         self.rate = [self.PRIOR] * max_k  # P(guess i kept | guesses before it kept)
         self.tried = [0] * max_k
@@ -297,7 +296,7 @@ class Planner:
         # first call's set-up, is not the forward's cost; a minimum would favour the count read most often.
         latest = self.readings.setdefault(rows, deque(maxlen=self.KEEP))
         latest.append(seconds)
-        self.costs[rows] = statistics.median(latest)
+        self.costs[rows] = sorted(latest)[(len(latest) - 1) // 2]  # the median (the lower one of an even count)
 
     def verified(self, proposed: int, kept: int, proposer_s: float) -> None:
         """A round proposed `proposed` guesses (taking `proposer_s`) and the target kept the first `kept`."""
