@@ -212,7 +212,8 @@ class Planner:
     at each guess position ÷ the measured verify time for K+1 rows, plus K proposer guesses) beats a plain
     step's; when none does, plain steps, re-probing now and then (after 4, 8, … 64 held rounds)."""
 
-    ALPHA = 0.3  # weight of the newest measurement in each moving average
+    ALPHA = 0.3  # weight of the newest proposer time in its moving average
+    RATE_ALPHA = 0.1  # weight of the newest round in an acceptance rate, after the first ten
     PRIOR = 0.6  # acceptance assumed at a guess position not yet tried: hopeful, so K grows to be measured
 
     KEEP = 9  # readings per row count whose median is its cost
@@ -228,6 +229,7 @@ class Planner:
         self.held = 0  # plain rounds since the last proposal
         self.wait = 4  # held rounds before the next probe
         self.probes = 0
+        self.warm: set[int] = set()  # widths run at least once in this run
 
     def _table(self, widest: int) -> list[float]:
         """Seconds of a forward over 0..widest rows as the planner counts them: more rows never cost less, so
@@ -294,6 +296,10 @@ class Planner:
         """One forward over `rows` rows took `seconds`."""
         # The median of the latest readings: a time slice lost to another process on a shared machine, or a
         # first call's set-up, is not the forward's cost; a minimum would favour the count read most often.
+        if rows not in self.warm:
+            self.warm.add(rows)
+            if self.readings.get(rows):  # a run's first forward of a width pays its set-up and cold caches
+                return
         latest = self.readings.setdefault(rows, deque(maxlen=self.KEEP))
         latest.append(seconds)
         self.costs[rows] = sorted(latest)[(len(latest) - 1) // 2]  # the median (the lower one of an even count)
@@ -303,7 +309,10 @@ class Planner:
         for i in range(min(kept + 1, proposed)):
             if not self.tried[i]:  # start from what `expected` assumed for it
                 self.rate[i] = self.rate[i - 1] if i else self.PRIOR
-            self.rate[i] += self.ALPHA * ((1.0 if i < kept else 0.0) - self.rate[i])
+            # A running mean over the first rounds, then a slow moving one: misses come in clusters (prompt
+            # lookup at a sentence's end) that a fast average would read as the guesses going bad for good.
+            weight = max(self.RATE_ALPHA, 1.0 / (self.tried[i] + 2))
+            self.rate[i] += weight * ((1.0 if i < kept else 0.0) - self.rate[i])
             self.tried[i] += 1
         per = proposer_s / proposed
         self.guess_s += (self.ALPHA if self.guess_s else 1.0) * (per - self.guess_s)
