@@ -9,6 +9,7 @@ run on a mutated sampler that keeps every guess must fail it.
 from __future__ import annotations
 
 import itertools
+from collections import deque
 
 import pytest
 import torch
@@ -72,7 +73,7 @@ def test_greedy_ids_equal_plain_greedy(proposer, kv_heads, kv, native):
         guesser = pr.NgramProposer()
     else:  # another, shallower model: it guesses right often, but not always
         guesser = pr.DraftProposer(_model(1, native, seed=1, n_layer=1), spec)
-    got, stats, _ = _speculate(model, PROMPT, N_NEW, spec, sp.Speculation(guesser, k=4))
+    got, stats, _ = _speculate(model, PROMPT, N_NEW, spec, sp.Speculation(guesser, 4, adaptive=False))
     assert got == want
     assert stats.accepted > 0 and stats.accepted + stats.rounds == N_NEW - 1  # guesses were kept, ids add up
     assert stats.verify_rounds > 0
@@ -85,13 +86,15 @@ def test_greedy_with_a_repetition_penalty_equals_plain_greedy(proposer):
     ids = torch.tensor([PROMPT])  # (1, T)
     want = torch.stack(list(generate(model, ids, N_NEW, penalised, new_cache(model, ids, N_NEW))), 1)[0].tolist()
     guesser = pr.NgramProposer() if proposer == "ngram" else pr.DraftProposer(_model(1, True, seed=1, n_layer=1))
-    got, stats, _ = _speculate(model, PROMPT, N_NEW, CacheSpec(), sp.Speculation(guesser, k=4), penalised)
+    got, stats, _ = _speculate(model, PROMPT, N_NEW, CacheSpec(), sp.Speculation(guesser, 4, adaptive=False), penalised)
     assert got == want and stats.verify_rounds > 0
 
 
 def test_every_guess_is_kept_when_the_draft_is_the_target():
     model = _model(2, True)
-    got, stats, _ = _speculate(model, PROMPT, N_NEW, CacheSpec(), sp.Speculation(pr.DraftProposer(model), k=3))
+    got, stats, _ = _speculate(
+        model, PROMPT, N_NEW, CacheSpec(), sp.Speculation(pr.DraftProposer(model), 3, adaptive=False)
+    )
     assert got == _plain(model, PROMPT, N_NEW, CacheSpec())
     assert stats.accepted == stats.proposed > 0
     assert stats.to_dict()["tokens_per_forward"] > 3
@@ -107,6 +110,70 @@ def test_fixed_k_and_a_stop_id_end_where_plain_greedy_does(k):
     )
     assert got == want[: want.index(stop) + 1]
     assert stats.proposed <= k * stats.verify_rounds
+
+
+def _planner(costs: dict[int, float], rate: float | None = None) -> sp.Planner:
+    planner = sp.Planner({n: deque([c] * sp.Planner.SURE) for n, c in costs.items()}, 8)
+    if rate is not None:  # every position measured at this acceptance
+        planner.rate, planner.tried = [rate] * 8, [1] * 8
+    return planner
+
+
+def test_the_planner_picks_the_k_with_the_most_tokens_per_second():
+    # A staircase: 2-3 rows cost one step, 4 rows 2.5 steps. All kept: K=2 (3 tokens per step) beats K=3.
+    planner = _planner({1: 1.0, 2: 1.0, 3: 1.0, 4: 2.5}, rate=1.0)
+    assert planner.expected(2) == 3.0 and planner.choose(room=10) == 2
+    assert planner.choose(room=1) == 1  # no more guesses than the run has room for
+    # Half kept: K=1 yields 1.5 tokens for one step, K=2 1.75; the third row is free, so K=2 still wins.
+    assert _planner({1: 1.0, 2: 1.0, 3: 1.0, 4: 2.5}, rate=0.5).choose(room=10) == 2
+
+
+def test_the_planner_grows_k_one_row_past_what_it_measured():
+    planner = _planner({1: 1.0})
+    assert planner.choose(room=10) == 1  # only a plain step measured: one guess (two rows) first
+    planner.measured(2, 1.0)
+    planner.verified(1, 1, 0.0)
+    assert planner.choose(room=10) == 2
+
+
+def test_the_planner_holds_back_when_no_k_beats_a_plain_step_and_probes_later():
+    planner = _planner({1: 1.0, 2: 1.8, 3: 2.6}, rate=0.3)  # 1.3 tokens for 1.8 steps: plain is faster
+    chosen = [planner.choose(room=10) for _ in range(12)]
+    assert chosen == [0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1]  # probes after 4, then 8 held rounds
+    assert planner.probes == 2
+    planner.verified(1, 1, 0.0)
+    for _ in range(6):
+        planner.verified(2, 2, 0.0)  # the guesses came back: all kept
+    assert planner.choose(room=10) > 0  # guessing again
+
+
+def test_a_forward_cost_is_bounded_by_cheaper_wider_ones():
+    # One reading of 3 rows inflated by another process: the 4-row figure below it overrules it.
+    planner = _planner({1: 1.0, 2: 1.1, 3: 9.0, 4: 1.3}, rate=1.0)
+    assert planner.choose(room=10) == 4
+    for seconds in (1.2,) * 5 + (100.0,):  # one slow reading among faster ones does not move the median
+        planner.measured(3, seconds)
+    assert planner.costs[3] == 1.2
+
+
+def test_a_cost_read_once_is_no_dearer_than_the_trend_below_it():
+    planner = sp.Planner({1: deque([1.0] * 3), 2: deque([1.2] * 3), 3: deque([9.0])}, 8)
+    planner.rate, planner.tried = [1.0] * 8, [1] * 8
+    assert planner._table(3)[3] == pytest.approx(1.4)  # 1.0, 1.2, then the line: 1.4, not 9.0
+    assert planner.choose(room=10) == 3  # three guesses: four rows, hoped on the trend (1.6)
+    planner.measured(3, 9.0)
+    planner.measured(3, 9.0)  # read three times: taken as read
+    assert planner._table(3)[3] == 9.0 and planner.choose(room=10) == 1
+
+
+def test_an_adaptive_run_reports_what_it_chose():
+    model = _model(2, True)
+    got, stats, _ = _speculate(model, PROMPT, N_NEW, CacheSpec(), sp.Speculation(pr.NgramProposer()))
+    assert got == _plain(model, PROMPT, N_NEW, CacheSpec())
+    out = stats.to_dict()
+    assert sum(out["k_counts"].values()) == stats.verify_rounds
+    assert stats.held + stats.verify_rounds <= stats.rounds  # rounds without a match guess nothing either
+    assert set(out["verify_steps"]) <= {str(n) for n in range(2, sp.MAX_K + 2)}
 
 
 def test_ngram_proposes_the_continuation_of_the_latest_longest_match():
@@ -260,6 +327,15 @@ def test_generate_speculates_to_the_same_text_and_reports_it(model_dir, how):
     assert "speculation" not in want["stats"]
 
 
+def test_stats_say_what_the_adaptive_k_chose(model_dir):
+    args = ["the cat runs. the cat runs. the cat", "--model", str(model_dir), "--device", "cpu", "-n", "12"]
+    done = _cli(*args, "--temperature", "0", "--speculate", "ngram", "--stats")
+    assert done.exit_code == 0, done.output
+    assert "speculation K" in done.stderr and "plain steps where no K paid" in done.stderr
+    fixed = _cli(*args, "--temperature", "0", "--speculate", "ngram:3", "--stats")
+    assert "speculation K" not in fixed.stderr  # a K given is kept: nothing chosen
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
@@ -288,3 +364,15 @@ def test_the_lab_comparison_measures_both_sides_on_the_same_ids(model_dir):
     assert out["identical"] is True
     assert out["plain_tok_s"]["median"] > 0 and out["speculative_tok_s"]["median"] > 0
     assert out["costs"]["verify_over_step"] > 0 and out["tokens_per_forward"] >= 1
+
+
+def test_the_bench_runs_a_draft_alone(model_dir):
+    from typer.testing import CliRunner
+
+    from gen_cli.cli import app
+
+    argv = ["bench", "speculative", "--model", str(model_dir), "--draft", "self:q8_0", "-n", "6", "--repeats", "1"]
+    argv += ["--prompt", "the cat runs. the cat"]
+    done = CliRunner().invoke(app, [*argv, "--json"])
+    assert done.exit_code == 0, done.output  # a draft alone means the draft proposer, not prompt lookup
+    assert '"proposer": "self:q8_0"' in done.stdout

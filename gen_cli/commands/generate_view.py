@@ -61,6 +61,13 @@ def print_stats(stats: dict[str, Any], source: str, path_note: str = "", from_bo
             f"{per} tokens per target forward ({sp['rounds']} forwards); target {sp['target_s'] * 1000:.0f} ms, "
             f"proposer {sp['draft_s'] * 1000:.0f} ms"
         )
+        if sp["adaptive"]:  # what the planner chose from the measured forward costs
+            ks = ", ".join(f"K{k}×{n}" for k, n in sp["k_counts"].items()) or "no guesses"
+            rows = ", ".join(f"{n} rows {c:.1f}" for n, c in sp["verify_steps"].items())
+            lines.append(
+                f"speculation K    chose {ks}; {sp['held']} plain steps where no K paid ({sp['probes']} probes); "
+                f"forward cost in steps: {rows or 'none measured'}"
+            )
     if pc := stats.get("prompt_cache"):
         lines.append(
             f"prompt cache     {pc['reused_tokens']} of {pc['prompt_tokens']} prompt tokens reused, "

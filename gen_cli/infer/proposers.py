@@ -11,10 +11,12 @@ import torch
 from gen_cli.cache.spec import CacheSpec
 from gen_cli.cache.window import Cache
 from gen_cli.errors import UsageError
+from gen_cli.infer.batch import native_rows
 from gen_cli.infer.generate import decode_step, new_cache, prefill
 from gen_cli.infer.sampling import SamplingConfig, distribution
 from gen_cli.infer.speculative import Proposer, Speculation, plain_greedy
 from gen_cli.model.transformer import Transformer
+from gen_cli.native.decoder import MAX_BATCH
 
 if TYPE_CHECKING:
     from gen_cli.infer.engine import Engine, Preset
@@ -78,6 +80,9 @@ class DraftProposer:
             raise UsageError(
                 "the draft model's cache would be a window ring, which cannot roll back; use a shorter run"
             )
+        # The prompt now, beside the target's prefill (time to first token), not in the first round's guesses.
+        with torch.inference_mode():
+            prefill(self.model, torch.tensor([prompt], dtype=torch.long, device=self.cache.device), self.cache)
 
     @torch.inference_mode()
     def propose(
@@ -86,11 +91,19 @@ class DraftProposer:
         cache = self.cache
         assert cache is not None, "start() first"
         device = cache.device
-        fresh = torch.tensor([ids[cache.pos :]], dtype=torch.long, device=device)  # (1, n): not yet in the cache
-        if fresh.shape[1] <= 4:  # after a round, one or two ids: single steps (the C step) beat a PyTorch forward
+        unseen = ids[cache.pos :]  # the ids since the last guess: one or two after a round, more after plain steps
+        fresh = torch.tensor([unseen], dtype=torch.long, device=device)  # (1, n)
+        if len(unseen) > 1 and native_rows(self.model, [cache] * min(len(unseen), MAX_BATCH)) is not None:
+            # In C, up to MAX_BATCH ids a call (after many plain rounds, PyTorch's forward cost milliseconds).
+            for i in range(0, len(unseen), MAX_BATCH):
+                chunk = unseen[i : i + MAX_BATCH]
+                rows = native_rows(self.model, [cache] * len(chunk))
+                assert rows is not None, "the C step took the first chunk of this cache"
+                logits = rows.forward(chunk, cache)[-1:]  # (1, V)
+        elif fresh.shape[1] <= 4:  # single steps (the C step) beat a PyTorch forward
             for i in range(fresh.shape[1]):
                 logits = decode_step(self.model, fresh[:, i : i + 1], cache)  # (1, V)
-        else:  # the prompt
+        else:
             logits = prefill(self.model, fresh, cache)
         if plain_greedy(sampling):  # the argmax alone: no distribution, no history (q is one-hot at the guess)
             guesses = [int(logits.argmax())]

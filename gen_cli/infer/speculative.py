@@ -9,6 +9,7 @@ follows the target's distribution p exactly; p and q both pass through gen's sam
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from time import perf_counter
@@ -84,12 +85,20 @@ class SpeculationStats:
     target_s: float = 0.0
     draft_s: float = 0.0
     verify_tokens: int = 0  # tokens fed to verify forwards (guesses + the token before them)
+    forward_s: float = 0.0  # in the target's forwards alone (the C call and its wrapper)
+    rounds_s: float = 0.0  # in the rounds after the prefill, everything included
+    held: int = 0  # plain steps the planner chose because no K was expected to beat one
+    probes: int = 0  # of the rounds after such steps, those that guessed once to re-measure the acceptance
+    k_counts: dict[int, int] = field(default_factory=dict)  # K -> verify rounds that proposed K guesses
+    verify_steps: dict[int, float] = field(default_factory=dict)  # rows -> a forward over them, in plain steps
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(self.__dict__)
         out["acceptance_rate"] = self.accepted / self.proposed if self.proposed else None
         out["tokens_per_forward"] = (self.accepted + self.rounds) / self.rounds if self.rounds else None
         out["mean_k"] = self.proposed / self.verify_rounds if self.verify_rounds else None
+        out["k_counts"] = {str(k): n for k, n in sorted(self.k_counts.items())}  # JSON keys are strings
+        out["verify_steps"] = {str(n): round(c, 3) for n, c in self.verify_steps.items()}
         return out
 
 
@@ -101,6 +110,12 @@ class Speculation:
     k: int = 4
     adaptive: bool = True
     on_round: Callable[[SpeculationStats], None] | None = field(default=None, compare=False)
+    # Measured forward times, rows -> the latest readings, per (model, threads): later runs start from them.
+    memory: dict[tuple[int, int], dict[int, deque[float]]] = field(default_factory=dict, compare=False, repr=False)
+
+    def readings_for(self, model: Transformer) -> dict[int, deque[float]]:
+        """The forward times the planner reads and adds to for this model at today's thread count."""
+        return self.memory.setdefault((id(model), torch.get_num_threads()), {})
 
     def __post_init__(self) -> None:
         if not 1 <= self.k <= 64:
@@ -140,11 +155,12 @@ def _verify(
     q: torch.Tensor | None,
     sampling: SamplingConfig,
     generator: torch.Generator | None,
+    argmax: Callable[[torch.Tensor], list[int]] | None = None,
 ) -> tuple[list[int], int]:
     """The guesses kept and the token that follows them, from the target's logits `rows` (K+1, V): row i
-    follows ids + guesses[:i]."""
+    follows ids + guesses[:i]. `argmax` picks each row's greedy token (default: torch's)."""
     if plain_greedy(sampling):  # one argmax over every row, then the longest agreeing prefix
-        choices = rows.argmax(-1).tolist()  # (K+1,)
+        choices = argmax(rows) if argmax is not None else rows.argmax(-1).tolist()  # (K+1,)
         n = 0
         while n < len(guesses) and choices[n] == guesses[n]:
             n += 1
@@ -165,6 +181,22 @@ def _verify(
     return guesses, _pick(p, sampling, generator)
 
 
+class _Argmax:
+    """Each logit row's argmax in C where the model's native step has it, as the plain greedy loop picks (torch's
+    argmax is a scalar loop: ~20 µs over 4k logits, a twentieth of the shipped model's whole step)."""
+
+    def __init__(self, model: Transformer, rows: int) -> None:
+        self.into = getattr(model.native_decoder, "argmax_into", None)
+        self.out = torch.zeros(rows, dtype=torch.long)  # (rows,)
+        self.view = self.out.numpy()  # reads without a torch op
+
+    def __call__(self, logits: torch.Tensor) -> list[int]:
+        n = logits.shape[0]
+        if self.into is not None and n <= self.out.shape[0] and self.into(logits, self.out[:n]):
+            return self.view[:n].tolist()
+        return logits.argmax(-1).tolist()
+
+
 def verify_forward(model: Transformer, fed: list[int], cache: Cache) -> torch.Tensor:
     """Logits (K+1, V) of the tokens `fed` at the cache's position, row i following fed[:i+1]; the cache
     advances past them. One C call over K+1 rows of the cache where gen's C step takes it (the weights read
@@ -175,11 +207,115 @@ def verify_forward(model: Transformer, fed: list[int], cache: Cache) -> torch.Te
     return model(ids, cache=cache)[0]
 
 
-def _next_k(k: int, base: int, accepted: int, proposed: int) -> int:
-    """More guesses after a round that kept them all, fewer after one that kept none (HF's heuristic)."""
-    if proposed and accepted == proposed:
-        return min(k + 2, max(MAX_K, base))
-    return max(1, k - 1) if accepted == 0 else k
+class Planner:
+    """Picks each round's K from what was measured: the K whose expected tokens per second (acceptance so far
+    at each guess position ÷ the measured verify time for K+1 rows, plus K proposer guesses) beats a plain
+    step's; when none does, plain steps, re-probing now and then (after 4, 8, … 64 held rounds)."""
+
+    ALPHA = 0.3  # weight of the newest proposer time in its moving average
+    RATE_ALPHA = 0.1  # weight of the newest round in an acceptance rate, after the first ten
+    PRIOR = 0.6  # acceptance assumed at a guess position not yet tried: hopeful, so K grows to be measured
+
+    KEEP = 9  # readings per row count whose median is its cost
+    SURE = 2  # readings before a cost is taken as read, even if dearer than the trend below it
+
+    def __init__(self, readings: dict[int, deque[float]], max_k: int) -> None:
+        self.readings = readings  # rows -> latest seconds of a target forward over them (1: a plain step)
+        self.costs = {n: sorted(r)[(len(r) - 1) // 2] for n, r in readings.items()}
+        self.max_k = max_k
+        self.rate = [self.PRIOR] * max_k  # P(guess i kept | guesses before it kept)
+        self.tried = [0] * max_k
+        self.guess_s = 0.0  # the proposer's seconds per guess
+        self.held = 0  # plain rounds since the last proposal
+        self.wait = 4  # held rounds before the next probe
+        self.probes = 0
+        self.warm: set[int] = set()  # widths run at least once in this run
+
+    def _table(self, widest: int) -> list[float]:
+        """Seconds of a forward over 0..widest rows as the planner counts them: more rows never cost less, so
+        a figure is bounded by the cheapest one measured at or above it (one reading inflated by another
+        process is overruled by its neighbours); not measured yet: the line through the two counts below it,
+        hopeful enough that it gets tried and measured, not so hopeful that every wider K is tried."""
+        table = [0.0] * (widest + 1)
+        cheapest = float("inf")
+        for n in sorted(self.costs, reverse=True):
+            cheapest = min(cheapest, self.costs[n])
+            if n <= widest:
+                table[n] = cheapest
+        for n in range(1, widest + 1):
+            # The line through the two counts below (two guesses: the first extra row hoped free).
+            trend = table[n - 1] if n <= 2 else max(table[n - 1], 2 * table[n - 1] - table[n - 2])
+            if n not in self.costs:
+                table[n] = trend
+            elif n > 1 and len(self.readings[n]) < self.SURE:
+                # Read once: no dearer than the trend, so that one slow first reading does not bar a K for good.
+                table[n] = min(table[n], trend)
+        return table
+
+    def expected(self, k: int) -> float:
+        """Tokens a round with k guesses yields on average: the correction plus each guess's chance to be kept."""
+        return self._expected(k)[k]
+
+    def _expected(self, top: int) -> list[float]:
+        out, total, run, rate = [1.0], 1.0, 1.0, self.PRIOR
+        for i in range(top):
+            rate = self.rate[i] if self.tried[i] else rate  # untried: as the position before it
+            run *= rate
+            total += run
+            out.append(total)
+        return out
+
+    def choose(self, room: int) -> int:
+        """K for the next round (0: a plain step); `room` caps it."""
+        step = self.costs.get(1)
+        if step is None or room < 1:
+            return 0  # the first round measures a plain step
+        if 0 < self.held < self.wait - 1:  # nothing verified since the last choice: it stands until the probe
+            self.held += 1
+            return 0
+        # K grows one past the widest forward measured, not further: a forward of many rows tried on hope
+        # alone can cost several steps (a kernel's cost per row is a staircase, not a line).
+        top = min(self.max_k, room, max(self.costs))
+        cost, tokens = self._table(top + 1), self._expected(top)
+        best, best_rate = 0, 1.0 / step
+        for k in range(1, top + 1):
+            rate = tokens[k] / (cost[k + 1] + k * self.guess_s)
+            if rate > best_rate:
+                best, best_rate = k, rate
+        if best:
+            self.held, self.wait = 0, 4
+            return best
+        self.held += 1
+        if self.held < self.wait:
+            return 0
+        self.probes += 1
+        self.held, self.wait = 0, min(self.wait * 2, 64)  # a probe: one guess, to see whether guesses came back
+        return 1
+
+    def measured(self, rows: int, seconds: float) -> None:
+        """One forward over `rows` rows took `seconds`."""
+        # The median of the latest readings: a time slice lost to another process on a shared machine, or a
+        # first call's set-up, is not the forward's cost; a minimum would favour the count read most often.
+        if rows not in self.warm:
+            self.warm.add(rows)
+            if self.readings.get(rows):  # a run's first forward of a width pays its set-up and cold caches
+                return
+        latest = self.readings.setdefault(rows, deque(maxlen=self.KEEP))
+        latest.append(seconds)
+        self.costs[rows] = sorted(latest)[(len(latest) - 1) // 2]  # the median (the lower one of an even count)
+
+    def verified(self, proposed: int, kept: int, proposer_s: float) -> None:
+        """A round proposed `proposed` guesses (taking `proposer_s`) and the target kept the first `kept`."""
+        for i in range(min(kept + 1, proposed)):
+            if not self.tried[i]:  # start from what `expected` assumed for it
+                self.rate[i] = self.rate[i - 1] if i else self.PRIOR
+            # A running mean over the first rounds, then a slow moving one: misses come in clusters (prompt
+            # lookup at a sentence's end) that a fast average would read as the guesses going bad for good.
+            weight = max(self.RATE_ALPHA, 1.0 / (self.tried[i] + 2))
+            self.rate[i] += weight * ((1.0 if i < kept else 0.0) - self.rate[i])
+            self.tried[i] += 1
+        per = proposer_s / proposed
+        self.guess_s += (self.ALPHA if self.guess_s else 1.0) * (per - self.guess_s)
 
 
 @torch.inference_mode()
@@ -213,32 +349,59 @@ def speculative_run(
     stats.target_s += perf_counter() - t0
     proposer.start(prompt, T + max_new_tokens)
     times.append(perf_counter() - start)
-    k = speculation.k
+    planner = Planner(speculation.readings_for(model), MAX_K) if speculation.adaptive else None
+    # Whether the C step takes this cache's rows is settled once (no window: nothing depends on the position).
+    rows = native_rows(model, [cache, cache]) if model.config.sliding_window is None else None
+    argmax = _Argmax(model, max(MAX_K, speculation.k) + 1)
+    fed = torch.zeros((1, 1), dtype=torch.long, device=device)  # (1, 1): a plain round's input, filled in place
+    fed_view = fed.numpy() if fed.device.type == "cpu" else None
     new = [ids[-1]]
     stop = ids[-1] in stops or (on_tokens is not None and on_tokens(new))
     while not stop and len(ids) - T < max_new_tokens:
         round_start = perf_counter()
         room = max_new_tokens - (len(ids) - T) - 1  # guesses that fit beside the token each round adds
-        t0 = perf_counter()
-        guesses, q = proposer.propose(ids, min(k, room), sampling, generator) if room > 0 else ([], None)
-        stats.draft_s += perf_counter() - t0
+        k = min(speculation.k, room) if planner is None else planner.choose(room)
+        guesses: list[int] = []
+        q = None
+        if k > 0:
+            guesses, q = proposer.propose(ids, k, sampling, generator)
+            proposer_s = perf_counter() - round_start
+            stats.draft_s += proposer_s
+        elif room > 0:
+            stats.held += 1
         L = len(ids)  # the cache holds ids[:L-1]; ids[L-1] is fed now, before the guesses
         t0 = perf_counter()
-        if not guesses:
-            logits = decode_step(model, torch.tensor([[ids[-1]]], device=device), cache)  # (1, V): the C step
-            verify = logits.unsqueeze(1)  # (1, 1, V)
+        if not guesses and rows is not None:
+            # The same C call as a verify, over one row: switching the native step between its single-token and
+            # its rows set-up each round cost more than either (a loaded 2-core machine: plain rounds this way
+            # 1.34x plain decoding, through the single-token step 1.15x, interleaved).
+            verify = rows.forward(ids[-1:], cache)  # (1, V)
+        elif not guesses:
+            if fed_view is not None:
+                fed_view[0, 0] = ids[-1]
+            else:
+                fed.fill_(ids[-1])
+            verify = decode_step(model, fed, cache)  # (1, V): the C step
         else:
-            verify = verify_forward(model, ids[-1:] + guesses, cache)[None]  # (1, K+1, V)
+            block = ids[-1:] + guesses
+            verify = rows.forward(block, cache) if rows is not None else verify_forward(model, block, cache)  # (K+1, V)
             stats.verify_rounds += 1
             stats.proposed += len(guesses)
             stats.verify_tokens += len(guesses) + 1
-        kept, correction = _verify(verify[0], ids, guesses, q, sampling, generator)
+            stats.k_counts[len(guesses)] = stats.k_counts.get(len(guesses), 0) + 1
+        forward_s = perf_counter() - t0
+        stats.forward_s += forward_s
+        if planner is not None:
+            planner.measured(len(guesses) + 1, forward_s)
+        kept, correction = _verify(verify, ids, guesses, q, sampling, generator, argmax)
         stats.rounds += 1
         stats.accepted += len(kept)
         # The cache holds ids[:L-1] + the fed token + every guess; keep up to the last kept guess.
         cache.truncate(L + len(kept))
         proposer.keep(L + len(kept))
         stats.target_s += perf_counter() - t0
+        if planner is not None and guesses:
+            planner.verified(len(guesses), len(kept), proposer_s)
         new = [*kept, correction]
         for i, token in enumerate(new):
             if token in stops:
@@ -248,12 +411,15 @@ def speculative_run(
         ids.extend(new)
         if on_tokens is not None and on_tokens(new):
             stop = True
-        if speculation.adaptive and guesses:
-            k = _next_k(k, speculation.k, len(kept), len(guesses))
         elapsed = perf_counter() - round_start
+        stats.rounds_s += elapsed
         times.extend([elapsed / len(new)] * len(new))
         if speculation.on_round is not None:
             speculation.on_round(stats)
+    if planner is not None:
+        stats.probes = planner.probes
+        step = planner.costs.get(1)
+        stats.verify_steps = {n: c / step for n, c in sorted(planner.costs.items()) if step and n > 1}
     return ids[T:], stats, times
 
 

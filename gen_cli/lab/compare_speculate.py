@@ -55,6 +55,37 @@ def _speculation(engine: Any, source: Any, value: str) -> Any:
     return speculation_for(engine, source, value, None)
 
 
+def interleave(
+    engine: Any, ids: list[int], gen_len: int, sampling: Any, speculations: dict[str, Any], repeats: int,
+    warmup: int = 0, seed: int = 0,
+) -> dict[str, Any]:  # fmt: skip
+    """Every speculation (None: plain decoding) on the same prompt, in turn, `warmup + repeats` times (each run
+    restarts its proposer). Per name: decode tok/s per kept repeat, its ratio to the first name's in the same
+    repeat, whether its ids equalled the first name's in every repeat, its last speculation figures; the load."""
+    import torch
+
+    out: dict[str, dict[str, Any]] = {
+        v: {"rates": [], "ratios": [], "identical": True, "figures": {}} for v in speculations
+    }
+    load = []
+    for i in range(warmup + repeats):
+        first = None
+        for v, speculation in speculations.items():
+            done = engine.generate(ids, gen_len, sampling, seed=seed, stop_ids=(), speculation=speculation)
+            first = done if first is None else first
+            if i < warmup:
+                continue
+            run = out[v]
+            rate = done.stats.decode_tokens_per_s or 0.0
+            base = first.stats.decode_tokens_per_s or 0.0
+            run["rates"].append(rate)
+            run["ratios"].append(rate / base if base else 0.0)
+            run["identical"] &= torch.equal(done.tokens, first.tokens)
+            run["figures"] = done.stats.speculation or {}
+        load.append(os.getloadavg()[0])
+    return {"values": out, "load": load}
+
+
 def measure(
     source: Any, values: list[str], prompt: str, gen_len: int, repeats: int, warmup: int, threads: int | None,
     device: str = "cpu",
@@ -64,7 +95,6 @@ def measure(
 
     from gen_cli.infer.engine import EngineOptions, open_model
     from gen_cli.infer.sampling import SamplingConfig
-    from gen_cli.text.tokenizer import decode
 
     if repeats < 1 or warmup < 0:
         raise UsageError("repeats must be at least 1 and warmup not negative", params=("repeats", "warmup"))
@@ -74,42 +104,23 @@ def measure(
     if gen_len < 2:
         raise UsageError("the prompt leaves no room to generate in this model's context; give a longer context")
     speculations = {v: _speculation(engine, source, v) for v in values}  # drafts opened once, restarted per run
-    greedy = SamplingConfig(temperature=0.0)
-    rates: dict[str, list[float]] = {v: [] for v in values}
-    ratios: dict[str, list[float]] = {v: [] for v in values}
-    texts: dict[str, str] = {}
-    figures: dict[str, dict[str, Any]] = {}
-    load = []
-    for i in range(warmup + repeats):
-        plain_rate = None
-        for v in values:
-            done = engine.generate(ids, gen_len, greedy, seed=0, stop_ids=(), speculation=speculations[v])
-            text = decode(engine.tokenizer, done.tokens[0].tolist())
-            if i < warmup:
-                continue
-            rate = done.stats.decode_tokens_per_s or 0.0
-            plain_rate = rate if v == OFF else plain_rate
-            rates[v].append(rate)
-            ratios[v].append(rate / plain_rate if plain_rate else 0.0)
-            texts.setdefault(v, text)
-            texts[v] = text if texts[v] == text else "\0differs between repeats"
-            if done.stats.speculation:
-                figures[v] = done.stats.speculation
-        load.append(os.getloadavg()[0])
+    runs = interleave(engine, ids, gen_len, SamplingConfig(temperature=0.0), speculations, repeats, warmup)
+    load = runs["load"]
     rows = []
     for v in values:
-        spec = figures.get(v, {})
+        run = runs["values"][v]
+        spec, rates = run["figures"], run["rates"]
         rows.append({
             "speculate": v,
-            "decode_tokens_per_s": statistics.median(rates[v]),
-            "decode_tokens_per_s_min": min(rates[v]),
-            "decode_tokens_per_s_max": max(rates[v]),
-            "speedup_vs_off": statistics.median(ratios[v]),
+            "decode_tokens_per_s": statistics.median(rates),
+            "decode_tokens_per_s_min": min(rates),
+            "decode_tokens_per_s_max": max(rates),
+            "speedup_vs_off": statistics.median(run["ratios"]),
             "acceptance_rate": spec.get("acceptance_rate"),
             "tokens_per_forward": spec.get("tokens_per_forward", 1.0 if v == OFF else None),
             "mean_k": spec.get("mean_k"),
-            "identical_to_off": texts[v] == texts[OFF],
-            "samples": {"decode_tokens_per_s": rates[v]},
+            "identical_to_off": run["identical"],
+            "samples": {"decode_tokens_per_s": rates},
         })  # fmt: skip
     env = {
         "model": engine.source,

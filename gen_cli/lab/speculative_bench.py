@@ -3,7 +3,6 @@ that bound the speed-up (a verify forward over K+1 tokens against one decode ste
 
 from __future__ import annotations
 
-import os
 import statistics
 from collections.abc import Callable
 from pathlib import Path
@@ -35,28 +34,34 @@ def _spread(values: list[float]) -> dict[str, float]:
 
 
 @torch.inference_mode()
-def forward_costs(engine: Engine, ids: list[int], k: int, repeats: int = 30) -> dict[str, Any]:
-    """Median seconds of one decode step (the C step where it runs) and of a verify forward over k+1 tokens,
-    interleaved on a cache at the prompt's end; their ratio is what one verified round costs in steps."""
+def forward_costs(engine: Engine, ids: list[int], k: int, repeats: int = 15) -> dict[str, Any]:
+    """Median seconds of one decode step (the C step where it runs) and of forwards over 2, 3, 4, 6, 8 and
+    k+1 tokens, interleaved on a cache at the prompt's end; a forward's cost in steps bounds a round's gain."""
     model = engine.model
-    cache = engine.new_cache(CacheSpec(), len(ids), k + 1)
+    widths = sorted({2, 3, 4, 6, 8, k + 1})
+    cache = engine.new_cache(CacheSpec(), len(ids), max(widths))
     prefill(model, torch.tensor([ids], device=engine.device), cache)
     base = cache.pos
     one = torch.tensor([[ids[-1]]], device=engine.device)  # (1, 1)
-    block = ids[-(k + 1) :]  # the k + 1 tokens a verify forward takes
-    steps, verifies = [], []
+    blocks = {n: (ids * n)[-n:] for n in widths}  # the n tokens a verify forward takes
+    steps: list[float] = []
+    verifies: dict[int, list[float]] = {n: [] for n in widths}
     for i in range(repeats + 3):
-        for fn, out in (
-            (lambda: decode_step(model, one, cache), steps),
-            (lambda: verify_forward(model, block, cache), verifies),
-        ):
+        for n in (1, *widths):
             cache.truncate(base)
             start = perf_counter()
-            fn()
+            if n == 1:
+                decode_step(model, one, cache)
+            else:
+                verify_forward(model, blocks[n], cache)
             if i >= 3:  # warm-up rounds are not kept
-                out.append(perf_counter() - start)
-    step, verify = statistics.median(steps), statistics.median(verifies)
-    return {"k": k, "step_s": step, "verify_s": verify, "verify_over_step": verify / step}
+                (steps if n == 1 else verifies[n]).append(perf_counter() - start)
+    step = statistics.median(steps)
+    verify = statistics.median(verifies[k + 1])
+    return {
+        "k": k, "step_s": step, "verify_s": verify, "verify_over_step": verify / step,
+        "rows_over_step": {n: statistics.median(v) / step for n, v in verifies.items()},
+    }  # fmt: skip
 
 
 def compare(
@@ -68,32 +73,29 @@ def compare(
     repeats: int = 5,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Plain and speculative generation of the same prompt, interleaved `repeats` times (a fresh proposer
-    each time); decode tok/s spreads, the per-pair speed-up, and whether the ids agreed (greedy)."""
-    plain, spec, ratios, figures = [], [], [], []
-    identical = True
-    for _ in range(repeats):
-        a = engine.generate(ids, max_new_tokens, sampling, seed=seed, stop_ids=())
-        b = engine.generate(ids, max_new_tokens, sampling, seed=seed, stop_ids=(), speculation=make())
-        identical &= torch.equal(a.tokens, b.tokens)
-        plain.append(a.stats.decode_tokens_per_s or 0.0)
-        spec.append(b.stats.decode_tokens_per_s or 0.0)
-        ratios.append(spec[-1] / plain[-1] if plain[-1] else 0.0)
-        figures.append(b.stats.speculation)
-    last = figures[-1]
+    """Plain and speculative generation of the same prompt, interleaved `repeats` times (the proposer restarts
+    each run); decode tok/s spreads, the per-pair speed-up, and whether the ids agreed (greedy)."""
+    from gen_cli.lab.compare_speculate import interleave
+
+    runs = interleave(engine, ids, max_new_tokens, sampling, {"off": None, "on": make()}, repeats, seed=seed)
+    plain, spec = runs["values"]["off"], runs["values"]["on"]
+    last = spec["figures"]
     return {
-        "plain_tok_s": _spread(plain),
-        "speculative_tok_s": _spread(spec),
-        "speedup": _spread(ratios),
-        "identical": identical if sampling.greedy else None,
+        "plain_tok_s": _spread(plain["rates"]),
+        "speculative_tok_s": _spread(spec["rates"]),
+        "speedup": _spread(spec["ratios"]),
+        "identical": spec["identical"] if sampling.greedy else None,
         "acceptance_rate": last["acceptance_rate"],
         "tokens_per_forward": last["tokens_per_forward"],
         "mean_k": last["mean_k"],
         "target_s": last["target_s"],
         "draft_s": last["draft_s"],
+        "planner": {key: last.get(key) for key in ("held", "probes", "k_counts", "verify_steps")},
+        "overhead_s": (last["rounds_s"] - last["forward_s"]) / last["rounds"] if last["rounds"] else 0.0,
+        "forward_s": last["forward_s"] / last["rounds"] if last["rounds"] else 0.0,
         "costs": forward_costs(engine, ids, round(last["mean_k"] or 1)),
         "threads": torch.get_num_threads(),
-        "load_average": os.getloadavg()[0],
+        "load_average": max(runs["load"]),
         "repeats": repeats,
     }
 
@@ -114,7 +116,9 @@ def bench(
     from gen_cli.infer.proposers import speculation_for
 
     engine = open_model(model, EngineOptions(threads=threads))
-    speculation = speculation_for(engine, model, speculate or "ngram", draft)  # its proposer restarts each run
+    speculation = speculation_for(
+        engine, model, speculate if speculate or draft else "ngram", draft
+    )  # its proposer restarts each run
     assert speculation is not None
     ids = engine.encode(prompt)
     out = compare(engine, ids, max_new_tokens, SamplingConfig(temperature=temperature), lambda: speculation, repeats)
@@ -125,6 +129,15 @@ def bench(
         "prompt_tokens": len(ids),
         "max_new_tokens": max_new_tokens,
     }
+
+
+def _planned(p: dict[str, Any]) -> str:
+    """What the adaptive planner chose: K per verify round, plain steps held back, forward costs in steps."""
+    if not p.get("k_counts") and not p.get("held"):
+        return "K fixed"
+    ks = ", ".join(f"K{k}×{n}" for k, n in p["k_counts"].items()) or "no guesses"
+    costs = " ".join(f"{n}:{c:.2f}" for n, c in p["verify_steps"].items())
+    return f"chose {ks}, {p['held']} plain steps ({p['probes']} probes after them); rows:steps {costs}"
 
 
 def format_bench(r: dict[str, Any]) -> list[str]:
@@ -145,6 +158,9 @@ def format_bench(r: dict[str, Any]) -> list[str]:
         f"speed-up     {spread(r['speedup'], '×')}",
         f"guesses kept {kept}, {per} tokens per target forward, mean K {r['mean_k'] or 0:.1f}; "
         f"target {r['target_s'] * 1000:.0f} ms, proposer {r['draft_s'] * 1000:.0f} ms (last run)",
+        f"per round    forward {r['forward_s'] * 1000:.3f} ms, the rest (proposer, checks, Python) "
+        f"{r['overhead_s'] * 1000:.3f} ms; {_planned(r['planner'])}",
         f"costs        one decode step {c['step_s'] * 1000:.3f} ms, verify over {c['k'] + 1} tokens "
-        f"{c['verify_s'] * 1000:.3f} ms = {c['verify_over_step']:.1f} steps",
+        f"{c['verify_s'] * 1000:.3f} ms = {c['verify_over_step']:.1f} steps; rows:steps "
+        + " ".join(f"{n}:{x:.2f}" for n, x in c["rows_over_step"].items()),
     ]
