@@ -82,19 +82,6 @@ static inline int64_t source_run(const Source *src, int side, int64_t t, int64_t
     return n;
 }
 
-enum { AHEAD = 64 }; /* positions of a paged chunk asked for (kv_prefetch) before they are read */
-
-/* Prefetch the pieces of side `side` from position ta (a block boundary) until `until` (or t1); returns where
- * the next call goes on. */
-static inline int64_t prefetch_runs(const Source *src, int side, int64_t ta, int64_t until, int64_t t1) {
-    for (int64_t n, base; ta < until && ta < t1; ta += n) {
-        KVHead kv;
-        n = source_run(src, side, ta, t1, &kv, &base);
-        kv_prefetch(&kv, n, src->m->head_dim);
-    }
-    return ta;
-}
-
 /* The attention of `nq` query heads that share one KV head, over the positions [t0, t1) of one chunk:
  * s[i][t] gets the scores, then the unnormalised softmax weights exp(score - top[i]); o[i] (hd) gets
  * sum_t weight v_t, sum[i] the sum of the weights. Scores, softmax and weighted V sum each run once over the
@@ -111,9 +98,8 @@ static void chunk_portable(const Chunk *c, int nq, const Source *src) {
     const int64_t hd = c->hd;
     for (int i = 0; i < nq; i++) {
         float top = -INFINITY, sum = 0.f, *s = c->s[i], *o = c->o[i];
-        for (int64_t t = c->t0, n, base, ta = t; t < c->t1; t += n) {
+        for (int64_t t = c->t0, n, base; t < c->t1; t += n) {
             KVHead k;
-            if (src->m) ta = prefetch_runs(src, 0, ta, t + AHEAD, c->t1);
             n = source_run(src, 0, t, c->t1, &k, &base);
             for (int64_t u = t; u < t + n; u++) {
                 float dot = 0.f;
@@ -124,9 +110,8 @@ static void chunk_portable(const Chunk *c, int nq, const Source *src) {
         }
         for (int64_t t = c->t0; t < c->t1; t++) sum += s[t] = expf(s[t] - top);
         memset(o, 0, hd * sizeof(float));
-        for (int64_t t = c->t0, n, base, ta = t; t < c->t1; t += n) {
+        for (int64_t t = c->t0, n, base; t < c->t1; t += n) {
             KVHead v;
-            if (src->m) ta = prefetch_runs(src, 1, ta, t + AHEAD, c->t1);
             n = source_run(src, 1, t, c->t1, &v, &base);
             for (int64_t u = t; u < t + n; u++) {
                 const float p = s[u] * (v.kind == KV_INT8 ? v.scale[u - base] : 1.f);
@@ -379,9 +364,8 @@ GEN_ALWAYS_INLINE void scores_avx(const Chunk *c, const int nq, const int kk, co
         return;
     }
     float *sc[NQ_MAX];
-    for (int64_t t = c->t0, n, base, ta = t; t < c->t1; t += n) {
+    for (int64_t t = c->t0, n, base; t < c->t1; t += n) {
         KVHead k;
-        ta = prefetch_runs(src, 0, ta, t + AHEAD, c->t1);
         n = source_run(src, 0, t, c->t1, &k, &base);
         for (int i = 0; i < nq; i++) sc[i] = c->s[i] + base; /* the piece's token u is the row's base + u */
         scores_piece(c, &Q, sc, nq, kk, &k, hd, t - base, t + n - base);
@@ -474,9 +458,8 @@ GEN_ALWAYS_INLINE void values_avx(const Chunk *c, const int nq, const int vk, co
         values_piece(c->s, nq, vk, &src->v, hd, c->t0, c->t1, o, zacc);
     } else {
         float *w[NQ_MAX];
-        for (int64_t t = c->t0, n, base, ta = t; t < c->t1; t += n) {
+        for (int64_t t = c->t0, n, base; t < c->t1; t += n) {
             KVHead v;
-            ta = prefetch_runs(src, 1, ta, t + AHEAD, c->t1);
             n = source_run(src, 1, t, c->t1, &v, &base);
             for (int i = 0; i < nq; i++) w[i] = c->s[i] + base; /* the piece's token u is the row's base + u */
             values_piece(w, nq, vk, &v, hd, t - base, t + n - base, o, zacc);

@@ -76,23 +76,6 @@ static KVHead kv_head(int64_t kind, int bf16, const void *data, const float *sca
     return kv_head_at(kind, bf16, data, scale, zero, head * T, hd); /* this head's token 0 */
 }
 
-/* Ask for tokens [0, n) of a side ahead of their use (at most the first 4 KiB of values and of scales): a
- * paged cache's scattered blocks each start on a page the hardware prefetcher has not seen, so that every
- * block would otherwise begin with a wait on memory. */
-static inline void kv_prefetch(const KVHead *kv, int64_t n, int64_t hd) {
-    const int64_t cap = 4096;
-    const int64_t per = kv->kind == KV_INT8 ? hd : kv->kind == KV_INT4 ? hd / 2 : kv->kind == KV_BF16 ? 2 * hd : 4 * hd;
-    const int64_t bytes = n * per < cap ? n * per : cap;
-    for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch((const char *)kv->data + i, 0, 3);
-    if (kv->kind == KV_INT8 || kv->kind == KV_INT4) {
-        const int64_t sb = n * 4 * (kv->kind == KV_INT4 ? hd / KV_GROUP : 1), sc = sb < cap ? sb : cap;
-        for (int64_t i = 0; i < sc; i += 64) {
-            __builtin_prefetch((const char *)kv->scale + i, 0, 3);
-            if (kv->kind == KV_INT4) __builtin_prefetch((const char *)kv->zero + i, 0, 3);
-        }
-    }
-}
-
 /* Element i of token t, dequantised (the portable path; int8 unscaled: its scale multiplies whole dots). */
 static inline float kv_at(const KVHead *kv, int64_t t, int64_t i, int64_t hd) {
     switch (kv->kind) {
