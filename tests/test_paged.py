@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import platform
 import shlex
 import shutil
 
@@ -140,6 +141,65 @@ def test_paged_rows_equal_contiguous_rows_and_no_cache(n_kv_head, block_tokens):
     assert all(b - a != 1 for p in paged for a, b in itertools.pairwise(p.table))
     assert (got - want).abs().max() <= TOL * want.abs().max()
     assert (got - oracle).abs().max() <= TOL * oracle.abs().max()
+
+
+def _scattered_rows(model: Transformer, kinds, block_tokens: int, lengths) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next row's logits of sequences of `lengths` over paged caches whose blocks are never adjacent in the
+    pool, and over contiguous caches of the same kinds: (len(lengths), V) each."""
+    gen = torch.Generator().manual_seed(11)
+    seqs = [torch.randint(0, 300, (n,), generator=gen).tolist() for n in lengths]
+    blocks = 2 * sum(blocks_for(n + 1, block_tokens) for n in lengths) + 8
+    pool = _pool(model, kinds, blocks=blocks, block_tokens=block_tokens)
+    taken = [pool.allocate() for _ in range(pool.n_blocks)]
+    for block in taken[::2]:  # every other block free: each block of a sequence a piece of its own
+        pool.release(block)
+    paged = [pool.sequence(len(s) + 1) for s in seqs]
+    linear = [KVCache(model.config, 1, len(s) + 1, k_kind=kinds[0], v_kind=kinds[1]) for s in seqs]
+    for s, p, c in zip(seqs, paged, linear, strict=True):
+        prefill_chunk(model, s[:-1], p)
+        prefill_chunk(model, s[:-1], c)
+    assert all(b - a != 1 for p in paged for a, b in itertools.pairwise(p.table))
+    rows = [s[-1] for s in seqs]
+    with torch.inference_mode():
+        return model.native_decoder.rows(rows, paged), model.native_decoder.rows(rows, linear)
+
+
+@needs_cc
+@pytest.mark.parametrize("kinds", [*KINDS, ("int4", "fp32")], ids="/".join)
+@pytest.mark.parametrize("block_tokens", [5, 16])
+def test_long_scattered_chunks_equal_contiguous_rows(kinds, block_tokens):
+    """head_dim 64, three query heads on one KV head (the vector path's specialised copies): 650 positions in
+    scattered blocks split into several chunks across threads, each chunk read block by block, equal the
+    contiguous cache's rows (and, fp32, the no-cache forward)."""
+    model = _model(n_kv_head=1, d_model=192, n_head=3, context_length=700)
+    lengths = (650, 40, 17)
+    got, want = _scattered_rows(model, kinds, block_tokens, lengths)
+    tol = TOL if kinds == ("fp32", "fp32") else TOL_QUANT
+    assert (got - want).abs().max() <= tol * want.abs().max(), (got - want).abs().max()
+    if kinds == ("fp32", "fp32"):
+        gen = torch.Generator().manual_seed(11)  # _scattered_rows' sequences again
+        seqs = [torch.randint(0, 300, (n,), generator=gen) for n in lengths]
+        with torch.inference_mode():
+            oracle = torch.cat([model(s[None])[0, -1:] for s in seqs])  # (3, V)
+        assert (got - oracle).abs().max() <= TOL * oracle.abs().max()
+
+
+@needs_cc
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="builds for another x86-64 target")
+def test_portable_loops_read_scattered_blocks_as_contiguous_ones(monkeypatch, tmp_path):
+    """Without AVX-512 (the plain C loops), scattered 5-token blocks over several chunks give the contiguous
+    cache's rows for every kind."""
+    monkeypatch.setenv("GEN_HOME", str(tmp_path))
+    monkeypatch.setattr(build, "FLAGS", tuple("-march=x86-64-v2" if f == "-march=native" else f for f in build.FLAGS))
+    build.library.cache_clear()
+    try:
+        model = _model(n_kv_head=1, d_model=192, n_head=3, context_length=700)
+        for kinds in KINDS:
+            got, want = _scattered_rows(model, kinds, 5, (650, 40, 17))
+            tol = TOL if kinds == ("fp32", "fp32") else TOL_QUANT
+            assert (got - want).abs().max() <= tol * want.abs().max(), (kinds, (got - want).abs().max())
+    finally:
+        build.library.cache_clear()
 
 
 @needs_cc

@@ -54,33 +54,69 @@ static inline SlotKV slot_kv(const Model *m, const Layer *l, int64_t li, int64_t
                     s * m->n_kv_head};
 }
 
-/* The attention of `nq` query heads that share one KV head, over the tokens [t0, t1) of one chunk:
+/* Where one KV head's tokens of a slot lie: one piece (a contiguous cache; m NULL, k and v at position 0) or
+ * a paged cache's blocks in the pool (m, l, the slot, and where its KV head's row starts in the pool; k and v
+ * there then only say the kinds). */
+typedef struct {
+    KVHead k, v;
+    const Model *m;
+    const Layer *l;
+    int64_t slot, head;
+} Source;
+
+/* Positions [t, t + n) up to t1 that lie in one piece of side `side` (0 K, 1 V): n, with *kv reading them
+ * from its token t - *base. A contiguous cache is one piece (base 0); a paged one a run of pool-adjacent
+ * blocks (base t: its token 0 is position t); t is then on a block boundary. */
+static inline int64_t source_run(const Source *src, int side, int64_t t, int64_t t1, KVHead *kv, int64_t *base) {
+    if (!src->m) {
+        *kv = side ? src->v : src->k, *base = 0;
+        return t1 - t;
+    }
+    const Model *m = src->m;
+    const Layer *l = src->l;
+    int64_t first;
+    const int64_t n = paged_run(m, src->slot, t, t1, &first);
+    *kv = side ? kv_head_at(l->v_kind, (int)m->bf16, l->v_cache, l->v_scale, l->v_zero, src->head + first, m->head_dim)
+               : kv_head_at(l->k_kind, (int)m->bf16, l->k_cache, l->k_scale, l->k_zero, src->head + first, m->head_dim);
+    *base = t;
+    return n;
+}
+
+/* The attention of `nq` query heads that share one KV head, over the positions [t0, t1) of one chunk:
  * s[i][t] gets the scores, then the unnormalised softmax weights exp(score - top[i]); o[i] (hd) gets
- * sum_t weight v_t, sum[i] the sum of the weights. */
+ * sum_t weight v_t, sum[i] the sum of the weights. Scores, softmax and weighted V sum each run once over the
+ * whole chunk, piece by piece (source_run), so that scattered blocks cost what one piece costs: no merge. */
 typedef struct {
     const float *const *q;
     float *const *s, *const *o;
     float *top, *sum;
     int64_t t0, t1, hd;
-    float scale;    /* 1 / sqrt(hd) */
-    int accumulate; /* values_avx: add to o (a paged chunk's later blocks) instead of overwriting it */
+    float scale; /* 1 / sqrt(hd) */
 } Chunk;
 
-static void chunk_portable(const Chunk *c, int nq, const KVHead *k, const KVHead *v) {
+static void chunk_portable(const Chunk *c, int nq, const Source *src) {
     const int64_t hd = c->hd;
     for (int i = 0; i < nq; i++) {
         float top = -INFINITY, sum = 0.f, *s = c->s[i], *o = c->o[i];
-        for (int64_t t = c->t0; t < c->t1; t++) {
-            float dot = 0.f;
-            for (int64_t d = 0; d < hd; d++) dot += kv_at(k, t, d, hd) * c->q[i][d];
-            s[t] = dot * c->scale * (k->kind == KV_INT8 ? k->scale[t] : 1.f);
-            top = fmaxf(top, s[t]);
+        for (int64_t t = c->t0, n, base; t < c->t1; t += n) {
+            KVHead k;
+            n = source_run(src, 0, t, c->t1, &k, &base);
+            for (int64_t u = t; u < t + n; u++) {
+                float dot = 0.f;
+                for (int64_t d = 0; d < hd; d++) dot += kv_at(&k, u - base, d, hd) * c->q[i][d];
+                s[u] = dot * c->scale * (k.kind == KV_INT8 ? k.scale[u - base] : 1.f);
+                top = fmaxf(top, s[u]);
+            }
         }
         for (int64_t t = c->t0; t < c->t1; t++) sum += s[t] = expf(s[t] - top);
         memset(o, 0, hd * sizeof(float));
-        for (int64_t t = c->t0; t < c->t1; t++) {
-            const float p = s[t] * (v->kind == KV_INT8 ? v->scale[t] : 1.f);
-            for (int64_t d = 0; d < hd; d++) o[d] += p * kv_at(v, t, d, hd);
+        for (int64_t t = c->t0, n, base; t < c->t1; t += n) {
+            KVHead v;
+            n = source_run(src, 1, t, c->t1, &v, &base);
+            for (int64_t u = t; u < t + n; u++) {
+                const float p = s[u] * (v.kind == KV_INT8 ? v.scale[u - base] : 1.f);
+                for (int64_t d = 0; d < hd; d++) o[d] += p * kv_at(&v, u - base, d, hd);
+            }
         }
         c->top[i] = top, c->sum[i] = sum;
     }
@@ -166,27 +202,42 @@ GEN_ALWAYS_INLINE __m512 group_lanes(const float *x, const int64_t G, int64_t g,
     return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, _mm512_mullo_epi32(iota, _mm512_set1_epi32((int)G)), x + g, 4);
 }
 
+/* The queries as scores_avx reads them, prepared once per chunk (not once per piece of it). */
+typedef struct {
+    const float *q[NQ_MAX];
+    float qn[NQ_MAX][HD_MAX]; /* int4 K without VNNI: the queries in nibble order */
+#ifdef GEN_VNNI
+    int16_t q16[NQ_MAX][HD_MAX] __attribute__((aligned(64)));
+    float qscale[NQ_MAX], qsum[NQ_MAX][HD_MAX / KV_GROUP];
+#endif
+} Queries;
+
 #ifdef GEN_VNNI
 /* Integer K (int8, int4): the queries rounded to int16 with one scale per head (relative error <= 2^-16,
  * as the int8 matrices' inputs are), so that vpdpwssd multiplies 32 stored values a step with no
  * conversion to fp32. int4: score = scale_g sum(nibble q) + zero_g sum(q) per group of 32. */
-GEN_ALWAYS_INLINE void scores_int(const Chunk *c, const int nq, const int kk, const KVHead *k, const int64_t hd) {
+GEN_ALWAYS_INLINE void queries_int(const Chunk *c, const int nq, const int kk, const int64_t hd, Queries *Q) {
     if (nq > NQ_MAX || hd > HD_MAX) __builtin_unreachable(); /* the callers' limits */
-    const int64_t G = hd / KV_GROUP, t0 = c->t0, t1 = c->t1;
-    int16_t q16[NQ_MAX][HD_MAX] __attribute__((aligned(64)));
-    float qscale[NQ_MAX], qsum[NQ_MAX][HD_MAX / KV_GROUP];
+    const int64_t G = hd / KV_GROUP;
     for (int i = 0; i < nq; i++) {
         const float *q = c->q[i];
         float amax = 0.f;
         for (int64_t d = 0; d < hd; d++) amax = fmaxf(amax, fabsf(q[d]));
-        qscale[i] = amax > 0.f ? amax / 32767.f : 1.f;
-        for (int64_t g = 0; g < G; g++) qsum[i][g] = 0.f;
+        Q->qscale[i] = amax > 0.f ? amax / 32767.f : 1.f;
+        for (int64_t g = 0; g < G; g++) Q->qsum[i][g] = 0.f;
         for (int64_t d = 0; d < hd; d++) {
             const int64_t at = kk == KV_INT4 ? d - d % KV_GROUP + (d % 2) * 16 + d % KV_GROUP / 2 : d;
-            q16[i][at] = (int16_t)lrintf(q[d] / qscale[i]);
-            if (kk == KV_INT4) qsum[i][d / KV_GROUP] += q[d];
+            Q->q16[i][at] = (int16_t)lrintf(q[d] / Q->qscale[i]);
+            if (kk == KV_INT4) Q->qsum[i][d / KV_GROUP] += q[d];
         }
     }
+}
+
+/* Integer K's scores of tokens [t0, t1) of one piece k into s[i] (at the same indices). */
+GEN_ALWAYS_INLINE void scores_int(const Chunk *c, const Queries *Q, float *const *sc, const int nq, const int kk,
+                                  const KVHead *k, const int64_t hd, const int64_t t0, const int64_t t1) {
+    if (nq > NQ_MAX || hd > HD_MAX) __builtin_unreachable(); /* the callers' limits */
+    const int64_t G = hd / KV_GROUP;
     int64_t t = t0;
     for (; t + 16 <= t1; t += 16) {
         __m512 acc[NQ_MAX][16];
@@ -198,7 +249,7 @@ GEN_ALWAYS_INLINE void scores_int(const Chunk *c, const int nq, const int kk, co
                     const __m512i x = _mm512_cvtepi8_epi16(
                         _mm256_loadu_si256((const __m256i *)((const int8_t *)k->data + (t + u) * hd + 32 * j)));
                     for (int i = 0; i < nq; i++)
-                        a[i] = _mm512_dpwssd_epi32(a[i], x, _mm512_load_si512((const void *)(q16[i] + 32 * j)));
+                        a[i] = _mm512_dpwssd_epi32(a[i], x, _mm512_load_si512((const void *)(Q->q16[i] + 32 * j)));
                 }
                 for (int i = 0; i < nq; i++) acc[i][u] = _mm512_castsi512_ps(a[i]);
             } else {
@@ -211,7 +262,7 @@ GEN_ALWAYS_INLINE void scores_int(const Chunk *c, const int nq, const int kk, co
                         _mm512_castsi256_si512(_mm256_and_si256(b, _mm256_set1_epi16(15))), _mm256_srli_epi16(b, 4), 1);
                     const __m512 s = _mm512_set1_ps(k->scale[(t + u) * G + g]);
                     for (int i = 0; i < nq; i++) {
-                        __m512i d = _mm512_madd_epi16(x, _mm512_load_si512((const void *)(q16[i] + 32 * g)));
+                        __m512i d = _mm512_madd_epi16(x, _mm512_load_si512((const void *)(Q->q16[i] + 32 * g)));
                         f[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, f[i]);
                     }
                 }
@@ -222,16 +273,16 @@ GEN_ALWAYS_INLINE void scores_int(const Chunk *c, const int nq, const int kk, co
         __m512 zero[HD_MAX / KV_GROUP];
         for (int64_t g = 0; kk == KV_INT4 && g < G; g++) zero[g] = group_lanes(k->zero + t * G, G, g, 0xFFFF);
         for (int i = 0; i < nq; i++) {
-            __m512 s = _mm512_mul_ps(kk == KV_INT8 ? sum16_int(acc[i]) : sum16(acc[i]), _mm512_set1_ps(qscale[i]));
+            __m512 s = _mm512_mul_ps(kk == KV_INT8 ? sum16_int(acc[i]) : sum16(acc[i]), _mm512_set1_ps(Q->qscale[i]));
             if (kk == KV_INT8) {
                 s = _mm512_mul_ps(s, _mm512_loadu_ps(k->scale + t));
             } else {
-                for (int64_t g = 0; g < G; g++) s = _mm512_fmadd_ps(zero[g], _mm512_set1_ps(qsum[i][g]), s);
+                for (int64_t g = 0; g < G; g++) s = _mm512_fmadd_ps(zero[g], _mm512_set1_ps(Q->qsum[i][g]), s);
             }
-            _mm512_storeu_ps(c->s[i] + t, _mm512_mul_ps(s, attn));
+            _mm512_storeu_ps(sc[i] + t, _mm512_mul_ps(s, attn));
         }
     }
-    for (; t < t1; t++) { /* the chunk's last < 16 tokens, one at a time */
+    for (; t < t1; t++) { /* the piece's last < 16 tokens, one at a time */
         for (int i = 0; i < nq; i++) {
             float s = 0.f;
             if (kk == KV_INT8) {
@@ -239,43 +290,36 @@ GEN_ALWAYS_INLINE void scores_int(const Chunk *c, const int nq, const int kk, co
                 for (int64_t j = 0; j < hd / 32; j++)
                     a = _mm512_dpwssd_epi32(
                         a, _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)((const int8_t *)k->data + t * hd + 32 * j))),
-                        _mm512_load_si512((const void *)(q16[i] + 32 * j)));
-                s = (float)_mm512_reduce_add_epi32(a) * qscale[i] * k->scale[t];
+                        _mm512_load_si512((const void *)(Q->q16[i] + 32 * j)));
+                s = (float)_mm512_reduce_add_epi32(a) * Q->qscale[i] * k->scale[t];
             } else {
                 for (int64_t g = 0; g < G; g++) {
                     const uint8_t *b = (const uint8_t *)k->data + t * (hd / 2) + 16 * g;
                     int32_t dot = 0;
-                    for (int e = 0; e < 16; e++) dot += (b[e] & 15) * q16[i][32 * g + e] + (b[e] >> 4) * q16[i][32 * g + 16 + e];
-                    s += (float)dot * qscale[i] * k->scale[t * G + g] + k->zero[t * G + g] * qsum[i][g];
+                    for (int e = 0; e < 16; e++)
+                        dot += (b[e] & 15) * Q->q16[i][32 * g + e] + (b[e] >> 4) * Q->q16[i][32 * g + 16 + e];
+                    s += (float)dot * Q->qscale[i] * k->scale[t * G + g] + k->zero[t * G + g] * Q->qsum[i][g];
                 }
             }
-            c->s[i][t] = s * c->scale;
+            sc[i][t] = s * c->scale;
         }
     }
 }
 #endif
 
-/* A chunk's scores for nq query heads with each K token loaded once for all of them, 16 tokens at a time
- * (one sum16 per head). The kind, nq and (where it is 64 or 128) hd are constants in each inlined copy. */
-GEN_ALWAYS_INLINE void scores_avx(const Chunk *c, const int nq, const int kk, const KVHead *k, const int64_t hd) {
+/* Scores of tokens [t0, t1) of one piece k into s[i] (at the same indices), each K token loaded once for all
+ * nq heads, 16 tokens at a time (one sum16 per head). */
+GEN_ALWAYS_INLINE void scores_piece(const Chunk *c, const Queries *Q, float *const *sc, const int nq, const int kk,
+                                    const KVHead *k, const int64_t hd, const int64_t t0, const int64_t t1) {
     if (nq > NQ_MAX || hd > HD_MAX) __builtin_unreachable(); /* the callers' limits */
-    const int64_t J = hd / 16, t0 = c->t0, t1 = c->t1;
-    float qn[NQ_MAX][HD_MAX]; /* int4 K without VNNI: the queries in nibble order */
-    const float *q[NQ_MAX];
-    for (int i = 0; i < nq; i++) {
-        q[i] = c->q[i];
-        if (kk == KV_INT4) {
-            for (int64_t d = 0; d < hd; d++) qn[i][d - d % KV_GROUP + (d % 2) * 16 + d % KV_GROUP / 2] = c->q[i][d];
-            q[i] = qn[i];
-        }
-    }
-    int64_t t = t0;
 #ifdef GEN_VNNI
     if (kk == KV_INT8 || kk == KV_INT4) {
-        scores_int(c, nq, kk, k, hd);
-        t = t1;
+        scores_int(c, Q, sc, nq, kk, k, hd, t0, t1);
+        return;
     }
 #endif
+    const int64_t J = hd / 16;
+    int64_t t = t0;
     for (; t + 16 <= t1; t += 16) {
         __m512 acc[NQ_MAX][16];
         for (int u = 0; u < 16; u++) {
@@ -283,20 +327,48 @@ GEN_ALWAYS_INLINE void scores_avx(const Chunk *c, const int nq, const int kk, co
             for (int i = 0; i < nq; i++) a[i] = _mm512_setzero_ps();
             for (int64_t j = 0; j < J; j++) {
                 const __m512 kv = kv_load16(kk, k, t + u, hd, j);
-                for (int i = 0; i < nq; i++) a[i] = _mm512_fmadd_ps(kv, _mm512_loadu_ps(q[i] + 16 * j), a[i]);
+                for (int i = 0; i < nq; i++) a[i] = _mm512_fmadd_ps(kv, _mm512_loadu_ps(Q->q[i] + 16 * j), a[i]);
             }
             for (int i = 0; i < nq; i++) acc[i][u] = a[i];
         }
         __m512 scale = _mm512_set1_ps(c->scale);
         if (kk == KV_INT8) scale = _mm512_mul_ps(scale, _mm512_loadu_ps(k->scale + t));
-        for (int i = 0; i < nq; i++) _mm512_storeu_ps(c->s[i] + t, _mm512_mul_ps(sum16(acc[i]), scale));
+        for (int i = 0; i < nq; i++) _mm512_storeu_ps(sc[i] + t, _mm512_mul_ps(sum16(acc[i]), scale));
     }
     for (; t < t1; t++) {
         for (int i = 0; i < nq; i++) {
             __m512 a = _mm512_setzero_ps();
-            for (int64_t j = 0; j < J; j++) a = _mm512_fmadd_ps(kv_load16(kk, k, t, hd, j), _mm512_loadu_ps(q[i] + 16 * j), a);
-            c->s[i][t] = _mm512_reduce_add_ps(a) * c->scale * (kk == KV_INT8 ? k->scale[t] : 1.f);
+            for (int64_t j = 0; j < J; j++) a = _mm512_fmadd_ps(kv_load16(kk, k, t, hd, j), _mm512_loadu_ps(Q->q[i] + 16 * j), a);
+            sc[i][t] = _mm512_reduce_add_ps(a) * c->scale * (kk == KV_INT8 ? k->scale[t] : 1.f);
         }
+    }
+}
+
+/* A chunk's scores for nq query heads, piece by piece, the queries prepared once. The kind, nq and (where it
+ * is 64 or 128) hd are constants in each inlined copy. */
+GEN_ALWAYS_INLINE void scores_avx(const Chunk *c, const int nq, const int kk, const Source *src, const int64_t hd) {
+    if (nq > NQ_MAX || hd > HD_MAX) __builtin_unreachable(); /* the callers' limits */
+    Queries Q;
+    for (int i = 0; i < nq; i++) {
+        Q.q[i] = c->q[i];
+        if (kk == KV_INT4) {
+            for (int64_t d = 0; d < hd; d++) Q.qn[i][d - d % KV_GROUP + (d % 2) * 16 + d % KV_GROUP / 2] = c->q[i][d];
+            Q.q[i] = Q.qn[i];
+        }
+    }
+#ifdef GEN_VNNI
+    if (kk == KV_INT8 || kk == KV_INT4) queries_int(c, nq, kk, hd, &Q);
+#endif
+    if (!src->m) { /* one piece: the chunk's own indices */
+        scores_piece(c, &Q, c->s, nq, kk, &src->k, hd, c->t0, c->t1);
+        return;
+    }
+    float *sc[NQ_MAX];
+    for (int64_t t = c->t0, n, base; t < c->t1; t += n) {
+        KVHead k;
+        n = source_run(src, 0, t, c->t1, &k, &base);
+        for (int i = 0; i < nq; i++) sc[i] = c->s[i] + base; /* the piece's token u is the row's base + u */
+        scores_piece(c, &Q, sc, nq, kk, &k, hd, t - base, t + n - base);
     }
 }
 
@@ -321,20 +393,16 @@ static void softmax_chunk(const Chunk *c, int nq) {
     }
 }
 
-/* o[i] = sum_t weight[i][t] v_t, each V token converted once for all nq heads. A quantized V's scales
- * ride on the weights (w scale, prepared V_BLOCK tokens at a time), int4's zero points on a separate sum
- * (sum_t w zero, added to the group's every element at the end). */
-GEN_ALWAYS_INLINE void values_avx(const Chunk *c, const int nq, const int vk, const KVHead *v, const int64_t hd) {
+/* o[i] += sum_t weight[i][t] v_t over tokens [t0, t1) of one piece v (weights w[i] at the same indices),
+ * each V token converted once for all nq heads. A quantized V's scales ride on the weights (w scale,
+ * prepared V_BLOCK tokens at a time), int4's zero points on a separate sum (zacc += sum_t w zero, added to
+ * the group's every element at the end). o in int4's nibble order. */
+GEN_ALWAYS_INLINE void values_piece(float *const *w, const int nq, const int vk, const KVHead *v, const int64_t hd,
+                                    const int64_t t0, const int64_t t1, __m512 (*o)[HD_MAX / 16],
+                                    __m512 (*zacc)[HD_MAX / KV_GROUP]) {
     if (nq > NQ_MAX || hd > HD_MAX) __builtin_unreachable(); /* the callers' limits */
-    const int64_t J = hd / 16, G = hd / KV_GROUP, t0 = c->t0, t1 = c->t1;
-    int64_t t;
-    __m512 o[NQ_MAX][HD_MAX / 16];
-    __m512 zacc[NQ_MAX][HD_MAX / KV_GROUP];
+    const int64_t J = hd / 16, G = hd / KV_GROUP;
     float ws[NQ_MAX][HD_MAX / KV_GROUP][V_BLOCK];
-    for (int i = 0; i < nq; i++) {
-        for (int64_t j = 0; j < J; j++) o[i][j] = _mm512_setzero_ps();
-        for (int64_t g = 0; g < G; g++) zacc[i][g] = _mm512_setzero_ps();
-    }
     for (int64_t tb = t0; tb < t1; tb += V_BLOCK) {
         const int64_t te = tb + V_BLOCK < t1 ? tb + V_BLOCK : t1;
         if (vk == KV_INT8 || vk == KV_INT4) {
@@ -344,14 +412,14 @@ GEN_ALWAYS_INLINE void values_avx(const Chunk *c, const int nq, const int vk, co
                     const __m512 sc = vk == KV_INT8 ? _mm512_maskz_loadu_ps(m, v->scale + u) : group_lanes(v->scale + u * G, G, g, m);
                     const __m512 zp = vk == KV_INT4 ? group_lanes(v->zero + u * G, G, g, m) : _mm512_setzero_ps();
                     for (int i = 0; i < nq; i++) {
-                        const __m512 w = _mm512_maskz_loadu_ps(m, c->s[i] + u);
-                        _mm512_mask_storeu_ps(ws[i][g] + (u - tb), m, _mm512_mul_ps(w, sc));
-                        if (vk == KV_INT4) zacc[i][g] = _mm512_fmadd_ps(w, zp, zacc[i][g]);
+                        const __m512 x = _mm512_maskz_loadu_ps(m, w[i] + u);
+                        _mm512_mask_storeu_ps(ws[i][g] + (u - tb), m, _mm512_mul_ps(x, sc));
+                        if (vk == KV_INT4) zacc[i][g] = _mm512_fmadd_ps(x, zp, zacc[i][g]);
                     }
                 }
             }
         }
-        for (t = tb; t < te; t++) {
+        for (int64_t t = tb; t < te; t++) {
             if (vk == KV_INT4) {
                 for (int64_t g = 0; g < G; g++) {
                     const __m512i b = _mm512_cvtepu8_epi32(
@@ -359,33 +427,53 @@ GEN_ALWAYS_INLINE void values_avx(const Chunk *c, const int nq, const int vk, co
                     const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)));
                     const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
                     for (int i = 0; i < nq; i++) {
-                        const __m512 w = _mm512_set1_ps(ws[i][g][t - tb]);
-                        o[i][2 * g] = _mm512_fmadd_ps(w, lo, o[i][2 * g]);
-                        o[i][2 * g + 1] = _mm512_fmadd_ps(w, hi, o[i][2 * g + 1]);
+                        const __m512 x = _mm512_set1_ps(ws[i][g][t - tb]);
+                        o[i][2 * g] = _mm512_fmadd_ps(x, lo, o[i][2 * g]);
+                        o[i][2 * g + 1] = _mm512_fmadd_ps(x, hi, o[i][2 * g + 1]);
                     }
                 }
             } else {
-                __m512 w[NQ_MAX];
-                for (int i = 0; i < nq; i++) w[i] = _mm512_set1_ps(vk == KV_INT8 ? ws[i][0][t - tb] : c->s[i][t]);
+                __m512 x[NQ_MAX];
+                for (int i = 0; i < nq; i++) x[i] = _mm512_set1_ps(vk == KV_INT8 ? ws[i][0][t - tb] : w[i][t]);
                 for (int64_t j = 0; j < J; j++) {
-                    const __m512 x = kv_load16(vk, v, t, hd, j);
-                    for (int i = 0; i < nq; i++) o[i][j] = _mm512_fmadd_ps(w[i], x, o[i][j]);
+                    const __m512 y = kv_load16(vk, v, t, hd, j);
+                    for (int i = 0; i < nq; i++) o[i][j] = _mm512_fmadd_ps(x[i], y, o[i][j]);
                 }
             }
         }
     }
+}
+
+/* A chunk's o[i] = sum_t weight[i][t] v_t, piece by piece into one set of sums (no merge between pieces). */
+GEN_ALWAYS_INLINE void values_avx(const Chunk *c, const int nq, const int vk, const Source *src, const int64_t hd) {
+    if (nq > NQ_MAX || hd > HD_MAX) __builtin_unreachable(); /* the callers' limits */
+    const int64_t J = hd / 16, G = hd / KV_GROUP;
+    __m512 o[NQ_MAX][HD_MAX / 16];
+    __m512 zacc[NQ_MAX][HD_MAX / KV_GROUP];
+    for (int i = 0; i < nq; i++) {
+        for (int64_t j = 0; j < J; j++) o[i][j] = _mm512_setzero_ps();
+        for (int64_t g = 0; g < G; g++) zacc[i][g] = _mm512_setzero_ps();
+    }
+    if (!src->m) { /* one piece: the chunk's own indices */
+        values_piece(c->s, nq, vk, &src->v, hd, c->t0, c->t1, o, zacc);
+    } else {
+        float *w[NQ_MAX];
+        for (int64_t t = c->t0, n, base; t < c->t1; t += n) {
+            KVHead v;
+            n = source_run(src, 1, t, c->t1, &v, &base);
+            for (int i = 0; i < nq; i++) w[i] = c->s[i] + base; /* the piece's token u is the row's base + u */
+            values_piece(w, nq, vk, &v, hd, t - base, t + n - base, o, zacc);
+        }
+    }
     for (int i = 0; i < nq; i++) {
         if (vk != KV_INT4) {
-            for (int64_t j = 0; j < J; j++)
-                _mm512_storeu_ps(c->o[i] + 16 * j,
-                                 c->accumulate ? _mm512_add_ps(_mm512_loadu_ps(c->o[i] + 16 * j), o[i][j]) : o[i][j]);
+            for (int64_t j = 0; j < J; j++) _mm512_storeu_ps(c->o[i] + 16 * j, o[i][j]);
             continue;
         }
         float tmp[HD_MAX];
         for (int64_t j = 0; j < J; j++) _mm512_storeu_ps(tmp + 16 * j, o[i][j]);
         for (int64_t d = 0; d < hd; d++)
-            c->o[i][d] = (c->accumulate ? c->o[i][d] : 0.f) + tmp[d - d % KV_GROUP + (d % 2) * 16 + d % KV_GROUP / 2] +
-                         _mm512_reduce_add_ps(zacc[i][d / KV_GROUP]);
+            c->o[i][d] = tmp[d - d % KV_GROUP + (d % 2) * 16 + d % KV_GROUP / 2] + _mm512_reduce_add_ps(zacc[i][d / KV_GROUP]);
     }
 }
 
@@ -401,39 +489,16 @@ GEN_ALWAYS_INLINE void values_avx(const Chunk *c, const int nq, const int vk, co
                        : nq == 3 ? F(c, 3, KIND, SIDE, 128)                                                       \
                                  : F(c, 4, KIND, SIDE, 128))                                                      \
                     : F(c, nq, KIND, SIDE, c->hd))
-#define BY_KIND(F, SIDE)                                                                                          \
-    (SIDE->kind == KV_INT8   ? BY_SHAPE(F, KV_INT8, SIDE)                                                         \
-     : SIDE->kind == KV_INT4 ? BY_SHAPE(F, KV_INT4, SIDE)                                                         \
-     : SIDE->kind == KV_BF16 ? BY_SHAPE(F, KV_BF16, SIDE)                                                         \
-                             : BY_SHAPE(F, KV_FLOAT, SIDE))
+#define BY_KIND(F, KIND, SIDE)                                                                                    \
+    (KIND == KV_INT8   ? BY_SHAPE(F, KV_INT8, SIDE)                                                               \
+     : KIND == KV_INT4 ? BY_SHAPE(F, KV_INT4, SIDE)                                                               \
+     : KIND == KV_BF16 ? BY_SHAPE(F, KV_BF16, SIDE)                                                               \
+                       : BY_SHAPE(F, KV_FLOAT, SIDE))
 
-static void chunk_vector(const Chunk *c, int nq, const KVHead *k, const KVHead *v) {
-    BY_KIND(scores_avx, k);
+static void chunk_vector(const Chunk *c, int nq, const Source *src) {
+    BY_KIND(scores_avx, src->k.kind, src);
     softmax_chunk(c, nq);
-    BY_KIND(values_avx, v);
-}
-
-/* chunk_vector over a paged chunk (see chunk_paged): each run's scores, one softmax over the whole chunk,
- * then each run's weighted V added up; a run's tokens are counted from 0, its scores at its place. */
-static void chunk_vector_paged(const Model *m, const Layer *l, const Chunk *whole, int nq, int64_t s, int64_t g) {
-    const int64_t hd = whole->hd, head = g * m->pool_blocks * m->block_tokens;
-    float *ps[4];
-    for (int side = 0; side < 2; side++) {
-        if (side) softmax_chunk(whole, nq);
-        for (int64_t t = whole->t0, first, n; t < whole->t1; t += n) {
-            n = paged_run(m, s, t, whole->t1, &first);
-            for (int i = 0; i < nq; i++) ps[i] = whole->s[i] + t;
-            const Chunk part = {whole->q, ps, whole->o, whole->top, whole->sum, 0, n, hd, whole->scale, t > whole->t0};
-            const Chunk *c = &part; /* the name BY_SHAPE reads */
-            if (!side) {
-                const KVHead k = kv_head_at(l->k_kind, (int)m->bf16, l->k_cache, l->k_scale, l->k_zero, head + first, hd);
-                BY_KIND(scores_avx, (&k));
-            } else {
-                const KVHead v = kv_head_at(l->v_kind, (int)m->bf16, l->v_cache, l->v_scale, l->v_zero, head + first, hd);
-                BY_KIND(values_avx, (&v));
-            }
-        }
-    }
+    BY_KIND(values_avx, src->v.kind, src);
 }
 #undef BY_KIND
 #undef BY_SHAPE
@@ -441,43 +506,15 @@ static void chunk_vector_paged(const Model *m, const Layer *l, const Chunk *whol
 #undef sum16_int
 #endif
 
-static void chunk_any(const Chunk *c, int nq, const KVHead *k, const KVHead *v, int vector) {
+static void chunk_any(const Chunk *c, int nq, const Source *src, int vector) {
 #ifdef GEN_AVX512
     if (vector) {
-        chunk_vector(c, nq, k, v);
+        chunk_vector(c, nq, src);
         return;
     }
 #endif
     (void)vector;
-    chunk_portable(c, nq, k, v);
-}
-
-/* A chunk of a paged cache's slot s, KV head g: its positions [t0, t1) start on a block boundary and run
- * through blocks, each block one contiguous piece of the pool (and blocks adjacent in the pool one piece
- * together: a run). Each run is a chunk of its own (its positions counted from 0, its scores at its place),
- * merged on line into the chunk's top score, weights' sum and weighted V sum, so that the result means what
- * one chunk over [t0, t1) means. The portable path's; chunk_vector_paged shares one softmax instead. */
-static void chunk_paged(const Model *m, const Layer *l, const Chunk *c, int nq, int64_t s, int64_t g, int vector) {
-    const int64_t hd = c->hd, head = g * m->pool_blocks * m->block_tokens;
-    float piece[4][hd], ptop[4], psum[4];
-    float *po[4] = {piece[0], piece[1], piece[2], piece[3]}, *ps[4];
-    for (int i = 0; i < nq; i++) {
-        c->top[i] = -INFINITY, c->sum[i] = 0.f;
-        memset(c->o[i], 0, hd * sizeof(float));
-    }
-    for (int64_t t = c->t0, first, n; t < c->t1; t += n) {
-        n = paged_run(m, s, t, c->t1, &first);
-        const KVHead k = kv_head_at(l->k_kind, (int)m->bf16, l->k_cache, l->k_scale, l->k_zero, head + first, hd);
-        const KVHead v = kv_head_at(l->v_kind, (int)m->bf16, l->v_cache, l->v_scale, l->v_zero, head + first, hd);
-        for (int i = 0; i < nq; i++) ps[i] = c->s[i] + t;
-        const Chunk p = {c->q, ps, po, ptop, psum, 0, n, hd, c->scale, 0};
-        chunk_any(&p, nq, &k, &v, vector);
-        for (int i = 0; i < nq; i++) { /* rescale both sides to the larger top score */
-            const float top = fmaxf(c->top[i], ptop[i]), a = expf(c->top[i] - top), w = expf(ptop[i] - top);
-            for (int64_t d = 0; d < hd; d++) c->o[i][d] = c->o[i][d] * a + piece[i][d] * w;
-            c->sum[i] = c->sum[i] * a + psum[i] * w, c->top[i] = top;
-        }
-    }
+    chunk_portable(c, nq, src);
 }
 
 /* Write every row's k and v into its slot at its position, then attend each row's query heads to positions
@@ -523,11 +560,15 @@ static void attention(const Model *m, const Layer *l, int64_t li, const Rows *r)
         const int64_t b = item / (Hkv * chunks), g = item / chunks % Hkv, ci = item % chunks;
         const int64_t n = row_pos(r, b) + 1, t0 = ci * len, t1 = t0 + len < n ? t0 + len : n;
         if (t0 >= n) continue; /* past this row's positions: the merge stops before this chunk */
-        KVHead k = {0, NULL, NULL, NULL}, v = k; /* paged: per block, in chunk_paged */
-        if (!m->block_table) {
-            const SlotKV s = slot_kv(m, l, li, row_slot(r, b));
-            k = kv_head(l->k_kind, (int)m->bf16, s.k, s.ks, s.kz, s.head0 + g, s.T, hd);
-            v = kv_head(l->v_kind, (int)m->bf16, s.v, s.vs, s.vz, s.head0 + g, s.T, hd);
+        Source src = {{0, NULL, NULL, NULL}, {0, NULL, NULL, NULL}, NULL, l, row_slot(r, b), 0};
+        if (m->block_table) { /* read block by block (source_run); k and v here give the kinds */
+            src.m = m, src.head = g * m->pool_blocks * m->block_tokens;
+            src.k = kv_head_at(l->k_kind, (int)m->bf16, l->k_cache, l->k_scale, l->k_zero, src.head, hd);
+            src.v = kv_head_at(l->v_kind, (int)m->bf16, l->v_cache, l->v_scale, l->v_zero, src.head, hd);
+        } else {
+            const SlotKV s = slot_kv(m, l, li, src.slot);
+            src.k = kv_head(l->k_kind, (int)m->bf16, s.k, s.ks, s.kz, s.head0 + g, s.T, hd);
+            src.v = kv_head(l->v_kind, (int)m->bf16, s.v, s.vs, s.vz, s.head0 + g, s.T, hd);
         }
 #ifdef GEN_AVX512
         const int vec = vector;
@@ -544,15 +585,8 @@ static void attention(const Model *m, const Layer *l, int64_t li, const Rows *r)
                 sc[i] = m->scores + (b * H + h) * T;
                 o[i] = part ? part + ((b * H + h) * chunks + ci) * stride : m->att + (b * H + h) * hd;
             }
-            const Chunk c = {q, sc, o, top, sum, t0, t1, hd, 1.f / sqrtf((float)hd), 0};
-            if (m->block_table) {
-#ifdef GEN_AVX512
-                if (vec) chunk_vector_paged(m, l, &c, nq, row_slot(r, b), g);
-                else
-#endif
-                    chunk_paged(m, l, &c, nq, row_slot(r, b), g, vec);
-            } else
-                chunk_any(&c, nq, &k, &v, vec);
+            const Chunk c = {q, sc, o, top, sum, t0, t1, hd, 1.f / sqrtf((float)hd)};
+            chunk_any(&c, nq, &src, vec);
             for (int i = 0; i < nq; i++) {
                 if (part) {
                     o[i][hd] = top[i], o[i][hd + 1] = sum[i];
