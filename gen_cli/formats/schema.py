@@ -135,3 +135,18 @@ def load_json(path: Path, max_bytes: int, what: str = "a JSON object") -> Any:
         raise GenError(f"{path}: not readable JSON ({e})") from None
     except RecursionError:
         raise GenError(f"{path}: not readable JSON (nested too deeply for {what})") from None
+
+
+def all_finite(data: Any, chunk_bytes: int = 1 << 20) -> bool:
+    """No NaN or Inf in the float tensor (or numpy array) `data`, a chunk at a time: a sum per chunk (NaN and
+    Inf carry through a sum, and no mask is allocated), element by element only where a sum overflowed."""
+    import torch
+
+    t = torch.from_numpy(data) if not isinstance(data, torch.Tensor) else data
+    flat = t.reshape(-1)  # a view for the contiguous tensors loaders read
+    step = max(1, chunk_bytes // max(1, t.element_size()))
+    for i in range(0, flat.numel(), step):
+        chunk = flat[i : i + step]
+        if not math.isfinite(float(chunk.sum(dtype=torch.float32))) and not bool(torch.isfinite(chunk).all()):
+            return False
+    return True
