@@ -177,8 +177,6 @@ def _plan(config: ModelConfig, arch: str) -> dict[str, tuple[tuple[int, ...], tu
 def check_tensors(f: GGUFFile, config: ModelConfig, arch: str) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
     """The file's tensors against the architecture's table for this config (names, shapes, types), from the
     headers alone: the same refusal for `gen info` as for a load. Returns the plan (gen name → shape, parts)."""
-    import gguf
-
     plan = _plan(config, arch)
     for shape, names in plan.values():
         if missing := [n for n in names if n not in f.tensors]:
@@ -188,7 +186,7 @@ def check_tensors(f: GGUFFile, config: ModelConfig, arch: str) -> dict[str, tupl
             raise GenError(f"{f.path}: {' + '.join(names)} has shape {' + '.join(map(str, shapes))}; expected {shape}")
         for n in names:
             kind = f.tensors[n].tensor_type
-            if kind.name not in FLOAT_TYPES and kind.name not in BLOCK_NAMES and kind not in gguf.quants._type_traits:
+            if kind.name not in FLOAT_TYPES and kind.name not in BLOCK_NAMES and not _dequantizable(kind):
                 raise GenError(f"{f.path}: tensor {n} has type {kind.name}, which the gguf package cannot dequantize")
     all_names = [n for _, names in plan.values() for n in names]
     if extra := sorted(set(f.tensors) - set(all_names) - set(DERIVED)):
@@ -204,6 +202,13 @@ def _unpermute_heads(out: torch.Tensor, rows: torch.Tensor, unit: int) -> None:
 def _refuse_chunk(f: GGUFFile, name: str, qtype: str | None, chunk: torch.Tensor) -> None:
     """_refuse_non_finite on rows of tensor `name` as copied (blocks checked as numpy bytes)."""
     _refuse_non_finite(f, name, chunk if qtype is None else chunk.numpy(), qtype)
+
+
+def _dequantizable(kind: int) -> bool:
+    """Whether the gguf package dequantizes GGML type `kind` (imported only for a type gen does not read itself)."""
+    import gguf
+
+    return gguf.GGMLQuantizationType(int(kind)) in gguf.quants._type_traits
 
 
 def _refuse_non_finite(f: GGUFFile, name: str, data: Any, qtype: str | None = None) -> None:
