@@ -22,7 +22,7 @@ from gen_cli.formats.gguf_reader import GGUFFile
 from gen_cli.formats.gguf_tokenizer import TOKENIZER_SCHEMA
 from gen_cli.formats.schema import INT, NUMBER, STR, Key, all_finite, check
 from gen_cli.model.config import ModelConfig
-from gen_cli.pages import PageReleaser, arena_slots, copy_rows, return_free_heap
+from gen_cli.pages import PageReleaser, arena_slots, copy_into, copy_rows, return_free_heap
 
 if TYPE_CHECKING:
     import torch
@@ -141,7 +141,7 @@ def _unpermute_into(out: torch.Tensor, rows: torch.Tensor, n_head: int) -> None:
     shape = rows.shape
     # stored (n_head, head_dim/2, 2, …) → gen's (n_head, 2, head_dim/2, …): pairs (2j, 2j+1) back to (j, j + half)
     stored = rows.reshape(n_head, shape[0] // n_head // 2, 2, *shape[1:])
-    out.view(n_head, 2, shape[0] // n_head // 2, *shape[1:]).copy_(stored.transpose(1, 2))
+    copy_into(out.view(n_head, 2, shape[0] // n_head // 2, *shape[1:]), stored.transpose(1, 2))
 
 
 def _dtype_of(f: GGUFFile, names: list[str]) -> torch.dtype:
