@@ -184,3 +184,42 @@ def test_bad_files_name_what_is_wrong(tmp_path):
     w.write_tensors_to_file()
     w.close()
     assert "metadata test.names (element 1) is not valid UTF-8" in _error(tmp_path / "utf8.gguf")
+
+
+def test_ggml_types_equal_the_gguf_packages():
+    from gen_cli.formats.gguf_reader import GGML_TYPES, GGMLType
+
+    theirs = {t.name: (int(t), *gguf.GGML_QUANT_SIZES[t]) for t in gguf.GGMLQuantizationType}
+    assert theirs == GGML_TYPES
+    assert all(GGMLType[name] == gguf.GGMLQuantizationType[name] for name in theirs)
+
+
+def test_a_load_reads_the_header_once(tmp_path, monkeypatch):
+    from gen_cli.formats.export_gguf import export_gguf
+    from gen_cli.formats.gguf_reader import GGUFFile as Reader
+    from gen_cli.infer.engine import EngineOptions, open_model
+    from gen_cli.model.config import ModelConfig
+    from gen_cli.model.transformer import Transformer
+    from gen_cli.text.tokenizer import configure
+
+    config = ModelConfig(vocab_size=320, n_layer=1, n_head=2, n_kv_head=1, d_model=32, d_ff=64, context_length=64)
+    path = tmp_path / "m.gguf"
+    export_gguf(Transformer(config).eval(), configure(byte_level_tokenizer()), path)
+    reads = []
+    read = Reader._read
+    monkeypatch.setattr(Reader, "_read", lambda self: reads.append(self.path) or read(self))
+    open_model(path, EngineOptions(threads=1))
+    assert reads == [path]  # the fit check's header is the one the load uses
+
+
+@pytest.mark.parametrize(
+    ("kind", "value", "fits"),
+    [("a list of strings", ["a", "b"], True), ("a list of strings", ["a", 1], False),
+     ("a list of whole numbers", [1, 2], True), ("a list of whole numbers", [1, True], False),
+     ("a list of numbers", [1, 2.5], True), ("a list of numbers", [1, float("nan")], False),
+     ("a list of numbers", [1, False], False), ("a list of strings", [], True), ("a list of strings", "ab", False)],
+)  # fmt: skip
+def test_list_keys_check_every_element(kind, value, fits):
+    from gen_cli.formats.schema import Key
+
+    assert Key(kind).fits(value) is fits

@@ -4,6 +4,7 @@ the same from `gen info` as from a load; never a traceback, a NaN run or a hang.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -289,11 +290,12 @@ GGUF_NON_FINITE = {
 }
 
 
+@pytest.mark.parametrize("arena", [False, True], ids=["in place", "into 2 MB pages"])
 @pytest.mark.parametrize("case", GGUF_NON_FINITE)
-def test_non_finite_gguf_weights_are_refused_at_load_naming_the_tensor(tmp_path, case):
+def test_non_finite_gguf_weights_are_refused_at_load_naming_the_tensor(tmp_path, case, arena):
     kwargs, match = GGUF_NON_FINITE[case]
     path = write_tiny_gguf(tmp_path / "m.gguf", **kwargs)
-    line = _refused(load_gguf, path, match=match)
+    line = _refused(functools.partial(load_gguf, arena=arena), path, match=match)
     assert "rope_freqs" in case or "NaN or infinite" in line
 
 
@@ -314,13 +316,14 @@ HF_NON_FINITE = {
 }
 
 
+@pytest.mark.parametrize("arena", [False, True], ids=["in place", "into 2 MB pages"])
 @pytest.mark.parametrize("case", HF_NON_FINITE)
-def test_non_finite_hf_weights_are_refused_at_load_naming_the_tensor(tmp_path, case):
+def test_non_finite_hf_weights_are_refused_at_load_naming_the_tensor(tmp_path, case, arena):
     import torch
 
     name, value, dtype = HF_NON_FINITE[case]
     folder = write_tiny_hf(tmp_path / "m", tensors=_torch_edit(name, value, dtype and getattr(torch, dtype)))
-    _refused(load_hf, folder, match=f"tensor {name} holds NaN or infinite values")
+    _refused(functools.partial(load_hf, arena=arena), folder, match=f"tensor {name} holds NaN or infinite values")
 
 
 # -- 3. paths that are not regular files: refused, never read until memory runs out or waited on

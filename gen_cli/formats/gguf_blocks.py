@@ -25,9 +25,9 @@ BLOCK_NAMES = {name.upper(): name for name in BLOCK_TYPES}  # GGML's spelling â†
 def nearest_block_type(ggml_type: str, cols: int) -> str:
     """The block type a matrix of another GGML quant type is re-quantized to: the smallest with at least
     its bits per weight, among those whose blocks fit a row of `cols`."""
-    import gguf
+    from gen_cli.formats.gguf_reader import GGML_TYPES
 
-    elems, nbytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[ggml_type]]
+    _, elems, nbytes = GGML_TYPES[ggml_type]
     bits = 8 * nbytes / elems
     whole_k = cols % 256 == 0
     if bits <= 4.5:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,9 +20,9 @@ from gen_cli.errors import GenError, UsageError
 from gen_cli.formats.gguf_blocks import BLOCK_NAMES, FLOAT_TYPES, Held, holding, summary, summary_lines
 from gen_cli.formats.gguf_reader import GGUFFile
 from gen_cli.formats.gguf_tokenizer import TOKENIZER_SCHEMA
-from gen_cli.formats.schema import INT, NUMBER, STR, Key, check
+from gen_cli.formats.schema import INT, NUMBER, STR, Key, all_finite, check
 from gen_cli.model.config import ModelConfig
-from gen_cli.pages import PageReleaser
+from gen_cli.pages import PageReleaser, arena_slots, copy_into, copy_rows, return_free_heap
 
 if TYPE_CHECKING:
     import torch
@@ -140,7 +141,7 @@ def _unpermute_into(out: torch.Tensor, rows: torch.Tensor, n_head: int) -> None:
     shape = rows.shape
     # stored (n_head, head_dim/2, 2, …) → gen's (n_head, 2, head_dim/2, …): pairs (2j, 2j+1) back to (j, j + half)
     stored = rows.reshape(n_head, shape[0] // n_head // 2, 2, *shape[1:])
-    out.view(n_head, 2, shape[0] // n_head // 2, *shape[1:]).copy_(stored.transpose(1, 2))
+    copy_into(out.view(n_head, 2, shape[0] // n_head // 2, *shape[1:]), stored.transpose(1, 2))
 
 
 def _dtype_of(f: GGUFFile, names: list[str]) -> torch.dtype:
@@ -176,8 +177,6 @@ def _plan(config: ModelConfig, arch: str) -> dict[str, tuple[tuple[int, ...], tu
 def check_tensors(f: GGUFFile, config: ModelConfig, arch: str) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
     """The file's tensors against the architecture's table for this config (names, shapes, types), from the
     headers alone: the same refusal for `gen info` as for a load. Returns the plan (gen name → shape, parts)."""
-    import gguf
-
     plan = _plan(config, arch)
     for shape, names in plan.values():
         if missing := [n for n in names if n not in f.tensors]:
@@ -187,7 +186,7 @@ def check_tensors(f: GGUFFile, config: ModelConfig, arch: str) -> dict[str, tupl
             raise GenError(f"{f.path}: {' + '.join(names)} has shape {' + '.join(map(str, shapes))}; expected {shape}")
         for n in names:
             kind = f.tensors[n].tensor_type
-            if kind.name not in FLOAT_TYPES and kind.name not in BLOCK_NAMES and kind not in gguf.quants._type_traits:
+            if kind.name not in FLOAT_TYPES and kind.name not in BLOCK_NAMES and not _dequantizable(kind):
                 raise GenError(f"{f.path}: tensor {n} has type {kind.name}, which the gguf package cannot dequantize")
     all_names = [n for _, names in plan.values() for n in names]
     if extra := sorted(set(f.tensors) - set(all_names) - set(DERIVED)):
@@ -195,14 +194,29 @@ def check_tensors(f: GGUFFile, config: ModelConfig, arch: str) -> dict[str, tupl
     return plan
 
 
+def _unpermute_heads(out: torch.Tensor, rows: torch.Tensor, unit: int) -> None:
+    """_unpermute_into for whole heads of `unit` rows each (a chunk of a Q or K matrix)."""
+    _unpermute_into(out, rows, rows.shape[0] // unit)
+
+
+def _refuse_chunk(f: GGUFFile, name: str, qtype: str | None, chunk: torch.Tensor) -> None:
+    """_refuse_non_finite on rows of tensor `name` as copied (blocks checked as numpy bytes)."""
+    _refuse_non_finite(f, name, chunk if qtype is None else chunk.numpy(), qtype)
+
+
+def _dequantizable(kind: int) -> bool:
+    """Whether the gguf package dequantizes GGML type `kind` (imported only for a type gen does not read itself)."""
+    import gguf
+
+    return gguf.GGMLQuantizationType(int(kind)) in gguf.quants._type_traits
+
+
 def _refuse_non_finite(f: GGUFFile, name: str, data: Any, qtype: str | None = None) -> None:
     """Refuse a tensor holding NaN or Inf as it is read: floats checked whole, in-place blocks by the exponent
     bits of their fp16 scales only (one strided pass over those bytes, vectorised)."""
-    import numpy as np
-    import torch
 
     if qtype is None:
-        finite = bool(torch.isfinite(data).all()) if isinstance(data, torch.Tensor) else bool(np.isfinite(data).all())
+        finite = all_finite(data)
     else:
         from gen_cli.quant.blocks import BLOCK_TYPES
 
@@ -218,8 +232,49 @@ def holdings(f: GGUFFile, config: ModelConfig, arch: str) -> list[Held]:
     return [holding(f, name, names, shape[-1]) for name, (shape, names) in _plan(config, arch).items()]
 
 
+def _runs(held: Held, n_parts: int) -> list[list[int]]:
+    """The parts of one matrix held as one tensor: all of a float matrix; runs of one block type."""
+    runs: list[list[int]] = []
+    for i in range(n_parts):
+        if runs and (not held.blocks or held.qtypes[i] == held.qtypes[runs[-1][0]]):
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
+
+
+def qtype_of(held: Held, i: int) -> str | None:
+    """The block type part `i` of a matrix is held in (None: a float tensor)."""
+    return held.qtypes[i] if held.blocks else None
+
+
+def _arena_shapes(
+    plan: dict[str, tuple[tuple[int, ...], tuple[str, ...]]], helds: list[Held], dtype: torch.dtype
+) -> dict[str, list[tuple[tuple[int, ...], torch.dtype]]]:
+    """The tensors each matrix a decode step streams is held in (one per run of a mixed-type matrix), for
+    pages.arena_slots: floats (rows, cols) in `dtype`, blocks (rows, row_bytes) uint8."""
+    import torch
+
+    from gen_cli.quant.blocks import BLOCK_TYPES
+
+    shapes: dict[str, list[tuple[tuple[int, ...], torch.dtype]]] = {}
+    for held in helds:
+        shape = plan[held.gen_name][0]
+        if len(shape) != 2:  # norms and biases: read per step from wherever they are
+            continue
+        if not held.blocks:
+            shapes[held.gen_name] = [(shape, dtype)]
+            continue
+        shapes[held.gen_name] = []
+        for run in _runs(held, len(plan[held.gen_name][1])):
+            kind = BLOCK_TYPES[held.qtypes[run[0]]]
+            rows = sum(held.part_rows[i] for i in run)
+            shapes[held.gen_name].append(((rows, shape[1] // kind.elems * kind.nbytes), torch.uint8))
+    return shapes
+
+
 def load_gguf_weights(
-    f: GGUFFile, config: ModelConfig, arch: str, dtype: torch.dtype | None
+    f: GGUFFile, config: ModelConfig, arch: str, dtype: torch.dtype | None, arena: bool = False
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[Held], dict[str, int]]:
     """gen's float tensors and block-quantized matrices (uint8 blocks, qtype; a list of those, in row order, for
     a matrix whose parts keep different types) by state_dict name, checked
@@ -227,7 +282,9 @@ def load_gguf_weights(
 
     A tensor gen reads in the stored layout (a block matrix of its own type, an F32 tensor run in float32)
     is a view of the file's map, never copied; a fused q/k/v (llama: with its Q/K rows un-permuted) is
-    copied once into its place, and a type change (F16 → float32, a re-quantization) is a new tensor."""
+    copied once into its place, and a type change (F16 → float32, a re-quantization) is a new tensor. With
+    `arena`, every matrix a decode step streams is written once, straight from the map, into one arena on
+    2 MB pages (fused q/k/v and gate/up included), and the file's pages it was read from are given back."""
     import torch
 
     from gen_cli.quant.blocks import quantize
@@ -235,21 +292,29 @@ def load_gguf_weights(
     plan = check_tensors(f, config, arch)
     helds = holdings(f, config, arch)
     dtype = dtype or _dtype_of(f, [n for h in helds if not h.blocks for n in plan[h.gen_name][1]])
+    slots: dict[str, list[torch.Tensor]] = {}
+    copied: Counter[str] = Counter()
+    if arena and dtype in (torch.float32, torch.bfloat16):  # what the native step reads (fp16 runs as fp32)
+        slots, copied["into 2 MB pages (decode layout)"] = arena_slots(_arena_shapes(plan, helds, dtype))
     tensors: dict[str, torch.Tensor] = {}
     blocks: dict[str, Any] = {}
-    copied: Counter[str] = Counter()
     pages = PageReleaser()
     for held in helds:
         names = plan[held.gen_name][1]
-        parts = []
+        places = slots.get(held.gen_name)
+        parts, unchecked = [], [False] * len(names)  # unchecked: checked chunk by chunk as copied (below)
         for i, n in enumerate(names):
             qtype = held.qtypes[i] if held.blocks else None
             if qtype is None:  # a float tensor: the stored numbers in place, or dequantized (new)
                 parts.append(f.torch_view(n) if f.type_name(n) in FLOAT_TYPES else torch.from_numpy(f.array(n)))
-                _refuse_non_finite(f, n, parts[-1])
+                unchecked[i] = places is not None and f.type_name(n) in FLOAT_TYPES
+                if not unchecked[i]:
+                    _refuse_non_finite(f, n, parts[-1])
             elif BLOCK_NAMES.get(f.type_name(n)) == qtype:
                 parts.append(f.torch_view(n))  # the file's bytes in place: (rows, row_bytes), never a float copy
-                _refuse_non_finite(f, n, f.view(n), qtype)
+                unchecked[i] = places is not None
+                if not unchecked[i]:
+                    _refuse_non_finite(f, n, f.view(n), qtype)
             else:  # another type: through float32 one tensor at a time, into the type this part is held in
                 floats = torch.from_numpy(f.array(n)).float()
                 _refuse_non_finite(f, n, floats)
@@ -259,31 +324,28 @@ def load_gguf_weights(
         want = dtype if not held.blocks else torch.uint8
         permuted = [arch in PERMUTED_QK and re.search(r"\.attn_[qk]\.", n) is not None for n in names]
         # Runs of parts held in one type become one tensor; parts in different types stay apart (a BlockStack).
-        runs: list[list[int]] = []
-        for i in range(len(names)):
-            if runs and (not held.blocks or held.qtypes[i] == held.qtypes[runs[-1][0]]):
-                runs[-1].append(i)
-            else:
-                runs.append([i])
+        runs = _runs(held, len(names))
         fused = []
-        for run in runs:
-            if len(run) == 1 and not permuted[run[0]]:
+        for r, run in enumerate(runs):
+            if places is None and len(run) == 1 and not permuted[run[0]]:
                 t = parts[run[0]].to(want)  # the view itself when the stored type is the one gen runs
                 if t.dtype != parts[run[0]].dtype:
                     copied[f"{f.type_name(names[run[0]])} → {str(want).removeprefix('torch.')}"] += t.nbytes
             else:  # q, k, v rows one after another (rows, row_bytes or cols), Q/K un-permuted on the way: one copy
                 rows = sum(parts[i].shape[0] for i in run)
-                t = torch.empty((rows, *parts[run[0]].shape[1:]), dtype=want)
+                t = places[r] if places is not None else torch.empty((rows, *parts[run[0]].shape[1:]), dtype=want)
                 row = 0
                 for i in run:
-                    place = t[row : row + parts[i].shape[0]]
-                    if permuted[i]:
-                        _unpermute_into(place, parts[i], config.n_head if ".attn_q." in names[i] else config.n_kv_head)
-                    else:
-                        place.copy_(parts[i])
-                    row += parts[i].shape[0]
-                    pages.release(parts[i])  # read once into the fused copy: the file's pages are not needed again
-                copied["q/k/v fused" + (" (Q/K rows un-permuted)" if any(permuted) else "")] += t.nbytes
+                    place, part = t[row : row + parts[i].shape[0]], parts[i]
+                    heads = config.n_head if ".attn_q." in names[i] else config.n_kv_head
+                    unit = part.shape[0] // heads if permuted[i] else 1  # rows that move together: a head's
+                    move = partial(_unpermute_heads, unit=unit) if permuted[i] else None
+                    check = partial(_refuse_chunk, f, names[i], qtype_of(held, i)) if unchecked[i] else None
+                    # a dtype change too, straight into its place; the file's pages given back as it goes
+                    copy_rows(place, part, pages, unit, move=move, each=check)
+                    row += part.shape[0]
+                if len(run) > 1 or any(permuted[i] for i in run):
+                    copied["q/k/v fused" + (" (Q/K rows un-permuted)" if any(permuted) else "")] += t.nbytes
             fused.append(t)
         if not held.blocks:
             (tensors[held.gen_name],) = fused
@@ -292,6 +354,7 @@ def load_gguf_weights(
         else:  # parts in different types: (blocks, qtype) per run, in row order
             blocks[held.gen_name] = [(t, held.qtypes[run[0]]) for t, run in zip(fused, runs, strict=True)]
         del parts, fused  # one tensor's parts alive at a time besides the model's own
+    return_free_heap()  # the checks' and conversions' temporaries: glibc would keep them resident
     return tensors, blocks, helds, dict(copied)
 
 
@@ -321,8 +384,15 @@ def _details(f: GGUFFile, arch: str, config: ModelConfig, helds: list[Held] | No
     }
 
 
-def load_gguf(path: Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> Loaded:
-    """Load a .gguf file and rebuild its tokenizer from the metadata."""
+def load_gguf(
+    path: Path,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    arena: bool = False,
+    opened: GGUFFile | None = None,
+) -> Loaded:
+    """Load a .gguf file (`opened`: its header already read) and rebuild its tokenizer from the metadata;
+    `arena`: the streamed matrices written once into 2 MB pages (load_gguf_weights)."""
     from gen_cli.formats.gguf_tokenizer import tokenizer_from_gguf
     from gen_cli.formats.loaded import Loaded
     from gen_cli.memory import check_tables_fit
@@ -330,7 +400,7 @@ def load_gguf(path: Path, device: torch.device | str = "cpu", dtype: torch.dtype
     from gen_cli.quant.block_linear import BlockLinear, block_layers
     from gen_cli.quant.block_stack import BlockStack
 
-    f = GGUFFile(path)
+    f = opened if opened is not None else GGUFFile(path)
     config, arch = _config(f)
     check_tables_fit(config, str(path))
     tok, stop_ids, add_bos = tokenizer_from_gguf(f.get, str(path))
@@ -338,7 +408,7 @@ def load_gguf(path: Path, device: torch.device | str = "cpu", dtype: torch.dtype
         raise GenError(
             f"{path}: the tokenizer has {tok.get_vocab_size()} tokens but the embedding has {config.vocab_size} rows"
         )
-    tensors, blocks, helds, copied = load_gguf_weights(f, config, arch, dtype)
+    tensors, blocks, helds, copied = load_gguf_weights(f, config, arch, dtype, arena)
     in_dims = {name: shape[1] for name, shape in _expected_shapes(config).items() if name in blocks}
     layers = block_layers({k: v for k, v in blocks.items() if isinstance(v, tuple)}, tensors, in_dims)
     for name, runs in blocks.items():

@@ -16,6 +16,7 @@ import os
 import struct
 from array import array
 from dataclasses import dataclass, field
+from enum import IntEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +32,20 @@ if TYPE_CHECKING:
 _SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 _NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8", 12: "<f8"}
 STRING, ARRAY = 8, 9
+# GGML tensor types as ggml.h numbers them, with (number, weights per block, bytes per block): the gguf
+# package's GGMLQuantizationType and GGML_QUANT_SIZES, held here so that reading a header needs no import of
+# that package (~50 ms of every command); tests check that the two agree.
+GGML_TYPES: dict[str, tuple[int, int, int]] = {
+    "F32": (0, 1, 4), "F16": (1, 1, 2), "Q4_0": (2, 32, 18), "Q4_1": (3, 32, 20), "Q5_0": (6, 32, 22),
+    "Q5_1": (7, 32, 24), "Q8_0": (8, 32, 34), "Q8_1": (9, 32, 40), "Q2_K": (10, 256, 84), "Q3_K": (11, 256, 110),
+    "Q4_K": (12, 256, 144), "Q5_K": (13, 256, 176), "Q6_K": (14, 256, 210), "Q8_K": (15, 256, 292),
+    "IQ2_XXS": (16, 256, 66), "IQ2_XS": (17, 256, 74), "IQ3_XXS": (18, 256, 98), "IQ1_S": (19, 256, 50),
+    "IQ4_NL": (20, 32, 18), "IQ3_S": (21, 256, 110), "IQ2_S": (22, 256, 82), "IQ4_XS": (23, 256, 136),
+    "I8": (24, 1, 1), "I16": (25, 1, 2), "I32": (26, 1, 4), "I64": (27, 1, 8), "F64": (28, 1, 8),
+    "IQ1_M": (29, 256, 56), "BF16": (30, 1, 2), "TQ1_0": (34, 256, 54), "TQ2_0": (35, 256, 66),
+    "MXFP4": (39, 32, 17), "NVFP4": (40, 64, 36), "Q1_0": (41, 128, 18),
+}  # fmt: skip
+GGMLType = IntEnum("GGMLType", {name: number for name, (number, _, _) in GGML_TYPES.items()})
 MAX_DIMS = 4  # GGML_MAX_DIMS
 MAX_NESTING = 8  # arrays of arrays: llama.cpp writes none; a deep nest is a corrupt or hostile file
 # Caps far above any file llama.cpp writes (tens of keys, a vocabulary of at most a few hundred thousand
@@ -51,7 +66,7 @@ class TensorInfo:
     """One tensor's header: GGML type, dimensions (fastest first, as stored), byte size and absolute offset."""
 
     name: str
-    tensor_type: Any  # gguf.GGMLQuantizationType
+    tensor_type: GGMLType  # equal to gguf.GGMLQuantizationType's member of its number
     dims: tuple[int, ...]
     n_elements: int
     n_bytes: int
@@ -188,8 +203,6 @@ class GGUFFile:
         return out
 
     def _read(self) -> None:
-        import gguf
-
         if self._map[:4] != b"GGUF":
             raise _Bad("it does not start with the bytes GGUF")
         version, pos = self._unpack("I", 4, "the version")
@@ -232,10 +245,10 @@ class GGUFFile:
         for name, dims, raw_type, offset in infos:
             what = f"tensor {name}"
             try:
-                kind = gguf.GGMLQuantizationType(raw_type)
+                kind = GGMLType(raw_type)
             except ValueError:
                 raise _Bad(f"{what} has GGML type {raw_type}, which the gguf package does not know") from None
-            block, type_size = gguf.GGML_QUANT_SIZES[kind]
+            _, block, type_size = GGML_TYPES[kind.name]
             if dims[0] % block:
                 raise _Bad(f"{what}: its rows of {dims[0]} are not whole {kind.name} blocks of {block}")
             n_elements = math.prod(dims)
@@ -283,7 +296,8 @@ class GGUFFile:
         t = self.tensors[name]
         if t.tensor_type.name in ("F32", "F16"):
             return self.view(name)
-        return gguf.quants.dequantize(self.view(name), t.tensor_type).reshape(self.shape(name))
+        kind = gguf.GGMLQuantizationType(int(t.tensor_type))
+        return gguf.quants.dequantize(self.view(name), kind).reshape(self.shape(name))
 
     def blocks(self, name: str) -> np.ndarray:
         """A block-quantized tensor's bytes, uint8 (rows, row_bytes): a view of the map, not a copy."""

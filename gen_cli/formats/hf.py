@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gen_cli.errors import GenError
 from gen_cli.formats.checkpoint import read_json_object
 from gen_cli.formats.hf_config import config_from_hf
-from gen_cli.formats.schema import TOKEN_IDS, Key, read_capped, shown
+from gen_cli.formats.schema import TOKEN_IDS, Key, all_finite, read_capped, shown
 from gen_cli.model.config import ModelConfig
 
 if TYPE_CHECKING:
@@ -190,17 +191,36 @@ def _plan(by_name: dict[str, Any], config: ModelConfig, arch: str, source: str) 
 
 
 def load_hf_weights(
-    directory: Path, config: ModelConfig, arch: str, dtype: torch.dtype | None, copied: Counter[str] | None = None
+    directory: Path,
+    config: ModelConfig,
+    arch: str,
+    dtype: torch.dtype | None,
+    copied: Counter[str] | None = None,
+    arena: bool = False,
 ) -> dict[str, Any]:
     """gen's state dict from the folder's safetensors, tensor by tensor, in `dtype` or else the embedding's.
 
     safetensors maps each file copy-on-write: a tensor gen reads as stored stays a view of the map; fused
-    q/k/v, GPT-2's transposed matrices and dtype changes are copied once (bytes by reason into `copied`)."""
+    q/k/v, GPT-2's transposed matrices and dtype changes are copied once (bytes by reason into `copied`).
+    With `arena`, every matrix (2-D tensor) is written once, straight from the map, into one arena on 2 MB
+    pages (gate and up side by side), and the file's pages it was read from are given back."""
     import torch
+
+    from gen_cli.pages import PageReleaser, arena_slots, copy_rows, return_free_heap
 
     copied = Counter() if copied is None else copied
     by_name, _handles = _open_all(directory)
     plan = _plan(by_name, config, arch, str(directory))
+    # One dtype for the whole model: the embedding's as stored (a file may keep its norms in fp32).
+    emb = plan["tok_emb.weight"][0]
+    want = dtype or getattr(torch, _DTYPES.get(by_name[emb].get_slice(emb).get_dtype(), "float16"))
+    slots: dict[str, list[torch.Tensor]] = {}
+    if arena and want in (torch.float32, torch.bfloat16):  # what the native step reads (fp16 runs as fp32)
+        shapes = _shapes(by_name, plan)
+        slots, copied["into 2 MB pages (decode layout)"] = arena_slots(
+            {name: [(shape, want)] for name, shape in shapes.items() if len(shape) == 2}
+        )
+    pages = PageReleaser()
     tensors: dict[str, torch.Tensor] = {}
     for gen_name, names in plan.items():
         parts = []
@@ -211,18 +231,52 @@ def load_hf_weights(
                 raise GenError(f"{directory}: cannot read tensor {n} ({e})") from None
             if not t.is_floating_point():
                 raise GenError(f"{directory}: tensor {n} has dtype {t.dtype}; floating-point weights are needed")
-            if not bool(torch.isfinite(t).all()):  # as it is read: NaN/Inf weights give NaN logits, never text
-                raise GenError(f"{directory}: tensor {n} holds NaN or infinite values")
+            if gen_name not in slots and not all_finite(t):  # as read (else as copied, below): NaN logits
+                _refuse_non_finite(directory, n)
             parts.append(t.T if GPT2_TRANSPOSED.search(n) else t)
         if len(parts) > 1:
             copied["q/k/v fused"] += sum(p.nbytes for p in parts)
         elif not parts[0].is_contiguous():
             copied["GPT-2 Conv1D transposed"] += parts[0].nbytes
+        if gen_name in slots:  # q rows, k rows, v rows (or the one matrix) written straight into their place
+            (t,) = slots[gen_name]
+            row = 0
+            for p, n in zip(parts, names, strict=True):
+                check = partial(_check_chunk, directory, n)
+                copy_rows(t[row : row + p.shape[0]], p, pages, each=check)  # the file's pages given back as it goes
+                row += p.shape[0]
+            tensors[gen_name] = t
+            continue
         t = parts[0] if len(parts) == 1 else torch.cat(parts)  # (q rows + k rows + v rows, d_model) for wqkv
         tensors[gen_name] = _to(t.contiguous(), dtype or t.dtype, copied)
-    # One dtype for the whole model: the embedding's as stored (a file may keep its norms in fp32).
     stored = tensors["tok_emb.weight"].dtype
-    return {k: _to(t, stored, copied) for k, t in tensors.items()}  # a no-op for tensors already in it
+    tensors = {k: _to(t, stored, copied) for k, t in tensors.items()}  # a no-op for tensors already in it
+    return_free_heap()  # the checks' and conversions' temporaries: glibc would keep them resident
+    return tensors
+
+
+# safetensors' dtype names for the floating-point dtypes gen loads
+_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+def _shapes(by_name: dict[str, Any], plan: dict[str, tuple[str, ...]]) -> dict[str, tuple[int, ...]]:
+    """Each gen tensor's shape (rows of its parts summed; GPT-2's Conv1D weights as nn.Linear's), from headers."""
+    shapes = {}
+    for gen_name, names in plan.items():
+        parts = [tuple(by_name[n].get_slice(n).get_shape()) for n in names]
+        parts = [s[::-1] if GPT2_TRANSPOSED.search(n) else s for s, n in zip(parts, names, strict=True)]
+        shapes[gen_name] = (sum(s[0] for s in parts), *parts[0][1:])
+    return shapes
+
+
+def _refuse_non_finite(directory: Path, name: str) -> None:
+    raise GenError(f"{directory}: tensor {name} holds NaN or infinite values")
+
+
+def _check_chunk(directory: Path, name: str, chunk: torch.Tensor) -> None:
+    """Refuse tensor `name` when these rows of it, as copied, hold NaN or Inf."""
+    if not all_finite(chunk):
+        _refuse_non_finite(directory, name)
 
 
 def _to(t: torch.Tensor, dtype: torch.dtype, copied: Counter[str]) -> torch.Tensor:
@@ -280,8 +334,11 @@ def chat_template(directory: Path) -> tuple[str | None, dict[str, str]]:
     return template, specials
 
 
-def load_hf(directory: Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> Loaded:
-    """Load an HF model folder (architectures in ARCHITECTURES) with its tokenizer.json."""
+def load_hf(
+    directory: Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None, arena: bool = False
+) -> Loaded:
+    """Load an HF model folder (architectures in ARCHITECTURES) with its tokenizer.json; `arena`: the
+    matrices written once into 2 MB pages (load_hf_weights)."""
     from gen_cli.formats.loaded import Loaded
     from gen_cli.memory import check_tables_fit
     from gen_cli.model.transformer import model_from_tensors
@@ -299,7 +356,7 @@ def load_hf(directory: Path, device: torch.device | str = "cpu", dtype: torch.dt
             f"{config.vocab_size}; they do not belong together"
         )
     copied: Counter[str] = Counter()
-    tensors = load_hf_weights(directory, config, arch, dtype, copied)
+    tensors = load_hf_weights(directory, config, arch, dtype, copied, arena)
     model = model_from_tensors(config, tensors).to(device)
     # A prompt is encoded as the model's own tokenizer would (e.g. with BOS) when its post-processor adds one.
     add_special = tok.encode("a", add_special_tokens=True).ids != tok.encode("a", add_special_tokens=False).ids

@@ -6,6 +6,7 @@ Returns what it built and notes for the caller to show; prints nothing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -74,11 +75,14 @@ def load(
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
     rope_scaling: str | None = None,
+    arena: Callable[[ModelConfig], bool] | None = None,
 ) -> Loaded:
     """A preset's random weights, a gen model directory (default: the shipped model), a Hugging Face folder
     or a GGUF file, on `device` in `dtype` (default: float32 for gen's models, the stored dtype for imported);
-    `rope_scaling`, a spec such as `yarn:4,orig=256` or `none`, replaces the model's own RoPE scaling."""
-    loaded = _load(model_dir, preset, tokenizer, attention, kv_heads, pos, device, dtype)
+    `rope_scaling`, a spec such as `yarn:4,orig=256` or `none`, replaces the model's own RoPE scaling.
+    `arena(config)`: whether an imported model's streamed matrices go straight into 2 MB pages (the native
+    decode layout), each copied once from the file, instead of being views of its map."""
+    loaded = _load(model_dir, preset, tokenizer, attention, kv_heads, pos, device, dtype, arena)
     if rope_scaling is not None:
         rescale(loaded, rope_scaling)
     return loaded
@@ -113,13 +117,14 @@ def _load(
     pos: str | None,
     device: torch.device | str,
     dtype: torch.dtype | None,
+    arena: Callable[[ModelConfig], bool] | None = None,
 ) -> Loaded:
     import torch
 
     directory = model_dir if model_dir is not None else default_model_dir()
     kind = None if preset is not None else model_kind(directory)
     if kind in ("hf", "gguf"):
-        return _load_imported(directory, kind, torch.device(device), dtype)
+        return _load_imported(directory, kind, torch.device(device), dtype, arena)
     dtype = dtype or torch.float32
     if preset is not None:
         loaded = preset_model(preset, tokenizer, attention, kv_heads, pos)
@@ -156,20 +161,22 @@ def model_kind(path: Path) -> str | None:
     return None
 
 
-def _load_imported(path: Path, kind: str, device: torch.device, dtype: torch.dtype | None) -> Loaded:
+def _load_imported(
+    path: Path, kind: str, device: torch.device, dtype: torch.dtype | None, arena: Callable[[ModelConfig], bool] | None
+) -> Loaded:
     """An HF folder or GGUF file; fp16 weights run in float32 on the CPU (PyTorch's CPU fp16 is slow)."""
     import torch
 
-    if device.type == "cpu":
-        _check_fits(path, kind)
+    config, opened = _check_fits(path, kind) if device.type == "cpu" else (None, None)
+    in_arena = device.type == "cpu" and arena is not None and config is not None and arena(config)
     if kind == "hf":
         from gen_cli.formats.hf import load_hf
 
-        loaded = load_hf(path, device, dtype)
+        loaded = load_hf(path, device, dtype, in_arena)
     else:
         from gen_cli.formats.gguf_file import load_gguf
 
-        loaded = load_gguf(path, device, dtype)
+        loaded = load_gguf(path, device, dtype, in_arena, opened)
     stored = loaded.model.norm.weight.dtype  # the float tensors' dtype (an embedding may be blocks)
     if dtype is None and stored == torch.float16 and device.type == "cpu":
         halves = sum(t.nelement() for t in loaded.model.state_dict().values() if t.dtype == torch.float16)
@@ -182,8 +189,9 @@ def _load_imported(path: Path, kind: str, device: torch.device, dtype: torch.dty
     return loaded
 
 
-def _check_fits(path: Path, kind: str) -> None:
-    """Refuse, from the config alone, a model whose weights and a KV cache will not fit (memory.check_load_fits)."""
+def _check_fits(path: Path, kind: str) -> tuple[ModelConfig, Any]:
+    """Refuse, from the config alone, a model whose weights and a KV cache will not fit (memory.check_load_fits);
+    the config, and the open GGUFFile (None for a folder) so the load reads its header no second time."""
     from gen_cli.memory import check_load_fits
 
     check_load_fits(path)  # the weights alone first: reading a GGUF's config maps the whole file
@@ -192,11 +200,14 @@ def _check_fits(path: Path, kind: str) -> None:
         from gen_cli.formats.hf import config_from_hf
 
         config = config_from_hf(read_json_object(path / "config.json"), str(path / "config.json"))[0]
+        opened = None
     else:
         from gen_cli.formats.gguf_file import GGUFFile, _config
 
-        config = _config(GGUFFile(path))[0]
+        opened = GGUFFile(path)
+        config = _config(opened)[0]
     check_load_fits(path, config)
+    return config, opened
 
 
 def config_for(target: str) -> tuple[ModelConfig, str, dict[str, Any]]:

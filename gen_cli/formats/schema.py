@@ -58,7 +58,17 @@ class Key:
             ids = value if isinstance(value, list) else [value]
             return all(_SCALARS[INT](i) and i >= 0 for i in ids)
         if self.kind in _ELEMENTS:
-            return isinstance(value, list) and all(map(_SCALARS[_ELEMENTS[self.kind]], value))
+            if not isinstance(value, list):
+                return False
+            # A vocabulary is ~100k elements, checked on every load: the set of their types (C speed) settles
+            # the usual case; another type (a bool among ints, a subclass) goes through the element check.
+            types = set(map(type, value))
+            exact = {LIST_STR: str, LIST_INT: int}.get(self.kind)
+            if exact is not None and types <= {exact}:
+                return True
+            if self.kind == LIST_NUMBER and types <= {int, float}:
+                return all(map(math.isfinite, value))
+            return all(map(_SCALARS[_ELEMENTS[self.kind]], value))
         if not _SCALARS[self.kind](value):
             return False
         if self.kind in (INT, NUMBER):
@@ -135,3 +145,22 @@ def load_json(path: Path, max_bytes: int, what: str = "a JSON object") -> Any:
         raise GenError(f"{path}: not readable JSON ({e})") from None
     except RecursionError:
         raise GenError(f"{path}: not readable JSON (nested too deeply for {what})") from None
+
+
+def all_finite(data: Any, chunk_bytes: int = 1 << 20) -> bool:
+    """No NaN or Inf in the float tensor (or numpy array) `data`: no element with every exponent bit set,
+    checked a chunk at a time by numpy on the bits (one thread, small temporaries, any float type)."""
+    import numpy as np
+    import torch
+
+    t = torch.from_numpy(data) if not isinstance(data, torch.Tensor) else data
+    size = t.element_size()
+    bits, exponent = {2: (torch.int16, 0x7C00 if t.dtype == torch.float16 else 0x7F80), 4: (torch.int32, 0x7F800000),
+                      8: (torch.int64, 0x7FF0000000000000)}[size]  # fmt: skip
+    flat = t.contiguous().view(bits).numpy().reshape(-1)  # the same memory for the contiguous tensors loaders read
+    step = max(1, chunk_bytes // size)
+    for i in range(0, flat.size, step):
+        chunk = flat[i : i + step]
+        if np.any(np.bitwise_and(chunk, exponent) == exponent):
+            return False
+    return True

@@ -26,6 +26,7 @@ from gen_cli.infer.optimize import (
     check_act,
     compile_warm_up,
     compute_dtype,
+    decode_arena,
     optimize_for_decode,
 )
 from gen_cli.infer.sampling import SamplingConfig
@@ -242,7 +243,8 @@ def open_model(
                 None, p.name, p.tokenizer, p.attention, p.kv_heads, p.pos, device, dtype, options.rope_scaling
             )
         else:
-            loaded = load(source, device=device, dtype=dtype, rope_scaling=options.rope_scaling)
+            arena = decode_arena(options.quantize, options.compile, options.native, device)
+            loaded = load(source, device=device, dtype=dtype, rope_scaling=options.rope_scaling, arena=arena)
     load_s = time.perf_counter() - start
     if before_layout is not None:
         before_layout(loaded)

@@ -8,13 +8,16 @@ int8 or GGML block formats, torch.compile.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 from gen_cli.errors import UsageError
 from gen_cli.infer.sampling import SamplingConfig
+from gen_cli.model.config import ModelConfig
 from gen_cli.model.transformer import Transformer
-from gen_cli.pages import PageReleaser
+from gen_cli.pages import PageReleaser, join_rows
 from gen_cli.quant.block_linear import BlockLinear, as_block_linear
 from gen_cli.quant.block_stack import stack_rows
 from gen_cli.quant.blocks import block_type_for
@@ -109,6 +112,24 @@ def activations(model: Transformer) -> str | None:
     return getattr(kernel, "keywords", {}).get("act", "int8")  # block_kernel's partial carries a non-int8 act
 
 
+def decode_arena(
+    quantize: str, compile: bool, native: bool, device: torch.device
+) -> Callable[[ModelConfig], bool] | None:
+    """For a loader: whether a model of a config will have its weights streamed by the native step as loaded
+    (then they go straight into 2 MB pages, each copied once); None when these options change the weights
+    or skip the native step."""
+    if quantize != "none" or compile or not native or device.type != "cpu":
+        return None
+
+    def streams(config: ModelConfig) -> bool:
+        from gen_cli.native.build import native_status
+        from gen_cli.native.decoder import unsupported_properties
+
+        return not unsupported_properties(config) and native_status() == "ready"
+
+    return streams
+
+
 def compute_dtype(
     quantize: str, device: torch.device, native: bool = True, requested: torch.dtype | None = None
 ) -> torch.dtype | None:
@@ -184,14 +205,17 @@ def fuse_mlp(mlp: nn.Module, pages: PageReleaser | None = None) -> str | None:
         return note
     w1, w3 = mlp.w1, mlp.w3
     bias = w1.bias is not None
-    w13 = nn.Linear(w1.in_features, 2 * w1.out_features, bias=bias).to(w1.weight.device, w1.weight.dtype)
+    # Built on the meta device (no random init of a matrix about to be replaced), then given the joined rows.
+    w13 = nn.Linear(w1.in_features, 2 * w1.out_features, bias=bias, device="meta")
     with torch.no_grad():
-        w13.weight.copy_(torch.cat([w1.weight, w3.weight]))  # (2 d_ff, d_model): gate rows, then up
+        joined = join_rows([w1.weight.detach(), w3.weight.detach()])  # (2 d_ff, d_model): gate rows, then up
+        w13.weight = nn.Parameter(joined, requires_grad=False)
         if bias:
-            w13.bias.copy_(torch.cat([w1.bias, w3.bias]))  # (2 d_ff,)
-    pages = pages or PageReleaser()
-    for half in (w1, w3):  # copied into w13: a file-mapped half gives its pages back
-        pages.release(half.weight)
+            w13.bias = nn.Parameter(torch.cat([w1.bias, w3.bias]), requires_grad=False)  # (2 d_ff,)
+    if joined.data_ptr() != w1.weight.data_ptr():  # copied, not a view of halves laid out side by side
+        pages = pages or PageReleaser()
+        for half in (w1, w3):  # a file-mapped half gives its pages back
+            pages.release(half.weight)
     mlp.w13 = w13
     del mlp.w1, mlp.w3
     return None

@@ -66,8 +66,9 @@ def _move_to_huge_pages(tensors: list[torch.Tensor]) -> None:
     made earlier (fused q/k/v, gate/up) is freed once moved, and the heap it leaves is given back at once:
     glibc would keep it resident (135M F32 file: peak 1,378 -> 1,167 MB and held 1,270 -> 793 MB measured).
     """
-    from gen_cli.pages import PageReleaser, return_free_heap
+    from gen_cli.pages import PageReleaser, in_arena, return_free_heap
 
+    tensors = [t for t in tensors if not in_arena(t)]  # a loader wrote these into 2 MB pages already
     pages = PageReleaser()
     sharing: dict[int, list[torch.Tensor]] = {}  # a tied head and the embedding share their memory
     for t in tensors:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from gen_cli.pages import join_rows
 from gen_cli.quant.block_linear import BlockLinear
 
 
@@ -65,7 +66,7 @@ def stack_rows(parts: list[BlockLinear]) -> BlockLinear | BlockStack:
 
 
 def _join(run: list[BlockLinear]) -> BlockLinear:
-    blocks = torch.cat([p.blocks for p in run])  # (sum of rows, row_bytes)
+    blocks = join_rows([p.blocks for p in run])  # (sum of rows, row_bytes): a view when laid out side by side
     return BlockLinear(blocks, run[0].qtype, run[0].in_features, _bias([p.bias for p in run]))
 
 
