@@ -120,8 +120,9 @@ def test_paged_rows_equal_contiguous_rows_and_no_cache(n_kv_head, block_tokens):
     gen = torch.Generator().manual_seed(7)
     seqs = [torch.randint(0, 300, (n,), generator=gen).tolist() for n in (300, 8, 33)]
     pool = _pool(model, blocks=2 * blocks_for(400, block_tokens) + 16, block_tokens=block_tokens)
-    taken = [pool.allocate() for _ in range(pool.n_blocks)]
-    for block in taken[::2]:  # every other block free: no sequence gets two blocks adjacent in the pool
+    for _ in range(pool.n_blocks):
+        pool.allocate()
+    for block in range(0, pool.n_blocks, 2):  # every other block free: no sequence gets two blocks adjacent
         pool.release(block)
     paged = [pool.sequence(len(s) + 2) for s in seqs]
     linear = [KVCache(model.config, 1, len(s) + 2) for s in seqs]
@@ -150,8 +151,9 @@ def _scattered_rows(model: Transformer, kinds, block_tokens: int, lengths) -> tu
     seqs = [torch.randint(0, 300, (n,), generator=gen).tolist() for n in lengths]
     blocks = 2 * sum(blocks_for(n + 1, block_tokens) for n in lengths) + 8
     pool = _pool(model, kinds, blocks=blocks, block_tokens=block_tokens)
-    taken = [pool.allocate() for _ in range(pool.n_blocks)]
-    for block in taken[::2]:  # every other block free: each block of a sequence a piece of its own
+    for _ in range(pool.n_blocks):
+        pool.allocate()
+    for block in range(0, pool.n_blocks, 2):  # every other block free: each block of a sequence a piece of its own
         pool.release(block)
     paged = [pool.sequence(len(s) + 1) for s in seqs]
     linear = [KVCache(model.config, 1, len(s) + 1, k_kind=kinds[0], v_kind=kinds[1]) for s in seqs]
@@ -463,3 +465,18 @@ def test_cli_bench_serve_shared_prefix_json():
     # 2 sequences of 40 + 16 tokens: the 2 full 16-token blocks of the prefix held once when shared
     assert off["blocks_in_use"] == 2 * 4 and on["blocks_in_use"] == 2 + 2 * 2
     assert on["analytic"] <= on["bytes_in_use"] <= on["analytic"] + 2 * on["block_bytes"]
+
+
+def test_sequences_growing_in_turn_keep_their_blocks_side_by_side():
+    """Four sequences taking a block each in turn (as decode does) get runs of adjacent blocks, not every
+    fourth block; a sequence starts in the middle of the longest vacant run when its start is held."""
+    pool = _pool(_model(), blocks=64, block_tokens=2)
+    seqs = [pool.sequence(24) for _ in range(4)]
+    for _ in range(12):
+        for s in seqs:
+            s.reserve(2)
+            s.advance(2)
+    tables = [s.table for s in seqs]
+    assert sorted(b for t in tables for b in t) == sorted(set(b for t in tables for b in t))  # no block twice
+    assert all(b - a == 1 for t in tables for a, b in itertools.pairwise(t)), tables
+    assert tables[0][0] == 0 and tables[1][0] == 32  # the second starts halfway into the run after the first

@@ -110,14 +110,40 @@ class BlockPool(KVStorage):
             del self._free[block]
         self.refs[block] += 1
 
-    def allocate(self) -> int:
-        """A fresh block (refcount 1): the free block unused longest, its old prefix hash forgotten."""
+    def allocate(self, after: int | None = None) -> int:
+        """A fresh block (refcount 1), its old prefix hash forgotten: the one right after block `after` (a
+        sequence's last) when vacant, else one with room to grow after it, else the free block unused longest.
+
+        A sequence whose blocks lie side by side is read as one piece; blocks scattered through the pool read
+        about half as fast (memory traffic, not per-block work: docs/kv-cache.md). Blocks that still carry a
+        prefix hash count as taken until nothing else is free, so cached prefixes live as long as they can."""
         if not self._free:
             raise PoolExhausted(f"the KV pool's {self.n_blocks} blocks are all in use")
-        block = next(iter(self._free))
+        block = after + 1 if after is not None and after + 1 < self.n_blocks and self._vacant(after + 1) else None
+        if block is None:
+            block = self._roomiest()
+        if block is None:
+            block = next(iter(self._free))
         self._forget(block)
         self._take(block)
         return block
+
+    def _vacant(self, block: int) -> bool:
+        return self.refs[block] == 0 and block not in self._hash_of
+
+    def _roomiest(self) -> int | None:
+        """A vacant block in the longest run of vacant ones: its middle when the block before the run is held
+        (that sequence may grow into the first half), else its start; None when no block is vacant."""
+        best, best_len, start = None, 0, None
+        for b in range(self.n_blocks + 1):
+            if b < self.n_blocks and self._vacant(b):
+                start = b if start is None else start
+                continue
+            if start is not None and b - start > best_len:
+                best_len = b - start
+                best = start + best_len // 2 if start > 0 else start
+            start = None
+        return best
 
     def release(self, block: int) -> None:
         """Drop one reference; at 0 the block is free (a hashed one stays findable until reused)."""
@@ -220,7 +246,7 @@ class PagedSequence:
         if self.reserved > 0:
             self.reserved -= 1
             self.pool._promised -= 1
-        return self.pool.allocate()
+        return self.pool.allocate(after=self.table[-1] if self.table else None)
 
     def reserve(self, t: int) -> None:
         """Make positions pos…pos+t-1 writable: blocks taken as needed, a shared or indexed one copied first."""
@@ -236,7 +262,7 @@ class PagedSequence:
                 continue
             block = self.table[i]
             if pool.refs[block] > 1:  # copy on write: another sequence still reads this block as it is
-                copy = pool.allocate()  # in place of a block held: the promise stays for growth
+                copy = pool.allocate(after=self.table[i - 1] if i else None)  # the promise stays for growth
                 for side in (*pool.k_sides, *pool.v_sides):
                     for x in side.tensors:  # (1, n_kv_head, slots, ·)
                         x[:, :, copy * bt : (copy + 1) * bt] = x[:, :, block * bt : (block + 1) * bt]
