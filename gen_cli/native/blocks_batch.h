@@ -1,0 +1,243 @@
+/* Block rows against several activation rows at once (a batch of sequences, a verified draft, a short prompt):
+ * each group of weight blocks is unpacked once into registers (nibbles, fp32 scales and mins) and dotted with up to
+ * BATCH_J activation rows, which were prepared once per matmul in the layout the inner loop loads directly. The
+ * one-row kernels (blocks_32.h) unpack every block again for every activation row, so a step of B rows cost about
+ * B single-row steps.
+ *
+ * The integer sums per block are the one-row kernels' (exact in int32); only the fp32 scaling and summation order
+ * differ. AVX-512 VNNI + VBMI only (GEN_BLOCKS_512); elsewhere the traits table has no batch entries and the
+ * one-row kernels run per activation row.
+ */
+#ifndef GEN_BLOCKS_BATCH_H
+#define GEN_BLOCKS_BATCH_H
+
+#include <stdint.h>
+#include <string.h>
+
+#include "blocks_32.h"
+#include "blocks_common.h"
+#include "features.h"
+
+enum { BATCH_J = 8 }; /* activation rows per pass over a weight row (the accumulators that fit in registers) */
+
+/* The activation rows of one matmul, each prepared by the type's batch_prep: row b at prep + b prep_stride. */
+typedef struct {
+    const uint8_t *prep;
+    int64_t prep_stride;
+} Batch;
+
+#ifdef GEN_BLOCKS_512
+
+/* Bytes [0, n) of a 64-byte window (n may be <= 0 or >= 64): the masked loads of a row's last, partial group. */
+static inline __mmask64 bytes_mask(int64_t n) {
+    return n <= 0 ? 0 : n >= 64 ? ~(__mmask64)0 : ((__mmask64)1 << n) - 1;
+}
+
+/* ---- Q4_0, Q4_1, Q5_0, Q5_1: groups of 4 blocks (128 elements) ------------------------------------------ */
+
+/* A prepared activation group, 256 bytes: xa (elements 0..15 of each of the 4 blocks, 64 int8), xb (16..31),
+ * xd (16 fp32: block k's scale on lanes 4k..4k+3), xo (16 lanes: with a min, fp32 d s / 4, the min's share per
+ * lane; without, int32 -(8 or 16) s / 4, the offset's share, which starts the integer sum): rows_q45's layout.
+ * A row's last 1..3 blocks make a group padded with zeros (their weights are loaded masked: zeros too). */
+enum { Q45_PREP = 256 };
+
+static int64_t batch_prep_bytes_q45(int64_t nb) { return (nb + 3) / 4 * Q45_PREP; }
+
+GEN_ALWAYS_INLINE void prep_q45(Act a, int64_t nb, uint8_t *restrict out, const int bits, const int min) {
+    uint8_t ix[64], iy[64];
+    for (int j = 0; j < 64; j++) {
+        int k = j / 16, i = j % 16;
+        ix[j] = (uint8_t)(k * 32 + i), iy[j] = (uint8_t)(k * 32 + 16 + i);
+    }
+    const __m512i px = _mm512_loadu_si512(ix), py = _mm512_loadu_si512(iy);
+    const __m512i rep4 = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    for (int64_t b = 0; b < nb; b += 4, out += Q45_PREP) {
+        const int64_t k = nb - b < 4 ? nb - b : 4; /* blocks in this group */
+        const __m512i x0 = _mm512_maskz_loadu_epi8(bytes_mask(32 * k), a.q + b * 32);
+        const __m512i x1 = _mm512_maskz_loadu_epi8(bytes_mask(32 * k - 64), a.q + b * 32 + 64);
+        _mm512_storeu_si512(out, _mm512_permutex2var_epi8(x0, px, x1));
+        _mm512_storeu_si512(out + 64, _mm512_permutex2var_epi8(x0, py, x1));
+        const __mmask8 kk = (__mmask8)((1u << k) - 1);
+        const __m512 xd = _mm512_permutexvar_ps(rep4, _mm512_castps128_ps512(_mm_maskz_loadu_ps(kk, a.d + b)));
+        _mm512_storeu_ps((float *)(out + 128), xd);
+        const __m512i xs = _mm512_permutexvar_epi32(rep4, _mm512_castsi128_si512(_mm_cvtepi16_epi32(_mm_maskz_loadu_epi16(kk, a.s + b))));
+        if (min)
+            _mm512_storeu_ps((float *)(out + 192), _mm512_mul_ps(_mm512_cvtepi32_ps(xs), _mm512_mul_ps(xd, _mm512_set1_ps(0.25f))));
+        else
+            _mm512_storeu_si512(out + 192, _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(xs, bits == 5 ? 2 : 1)));
+    }
+}
+
+/* The byte permutes that pull 4 blocks' nibbles, scales, mins and 5th bits out of their 4 bs bytes (rows_q45's). */
+typedef struct {
+    __m512i pq, pd, pm, ph, ra, rb;
+} Q45Perm;
+
+GEN_ALWAYS_INLINE Q45Perm q45_perm(const int bits, const int min) {
+    const int64_t ho = Q45_HO(min), qo = Q45_QO(bits, min), bs = Q45_BYTES(bits, min);
+    uint8_t iq[64], id[64], im[64], ih[64], sa[64], sb[64];
+    for (int j = 0; j < 64; j++) {
+        int k = j / 16, i = j % 16, kh = j / 8;
+        iq[j] = (uint8_t)(k * bs + qo + i);
+        id[j] = (uint8_t)(kh * bs + (j & 1));
+        im[j] = (uint8_t)(kh * bs + 2 + (j & 1));
+        ih[j] = (uint8_t)(k * bs + ho + (j % 8) % 4);
+        sa[j] = (uint8_t)((i - 4) & 63), sb[j] = (uint8_t)(i + 12);
+    }
+    Q45Perm p = {_mm512_loadu_si512(iq), _mm512_loadu_si512(id), _mm512_loadu_si512(im),
+                 _mm512_loadu_si512(ih), _mm512_loadu_si512(sa), _mm512_loadu_si512(sb)};
+    return p;
+}
+
+/* One group of 4 blocks, its 4 bs bytes in lo:hi, against nj prepared activation groups (xstride bytes apart). */
+GEN_ALWAYS_INLINE void q45_group(const int nj, const int bits, const int min, const Q45Perm *pp, __m512i lo,
+                                 __m512i hi, const uint8_t *restrict x, int64_t xstride, __m512 *acc, __m512 *mins) {
+    const __m512i m4 = _mm512_set1_epi8(0xF), sixteen = _mm512_set1_epi8(16), zero = _mm512_setzero_si512();
+    const __m512i q = _mm512_permutex2var_epi8(lo, pp->pq, hi);
+    __m512i qa = _mm512_and_si512(q, m4), qb = _mm512_and_si512(_mm512_srli_epi16(q, 4), m4);
+    if (bits == 5) { /* qa | (rotated bits & 16) */
+        const __m512i fifth = _mm512_permutex2var_epi8(lo, pp->ph, hi);
+        qa = _mm512_ternarylogic_epi32(qa, _mm512_multishift_epi64_epi8(pp->ra, fifth), sixteen, 0xF8);
+        qb = _mm512_ternarylogic_epi32(qb, _mm512_multishift_epi64_epi8(pp->rb, fifth), sixteen, 0xF8);
+    }
+    const __m512 dw = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutex2var_epi8(lo, pp->pd, hi)));
+    const __m512 dm = min ? _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutex2var_epi8(lo, pp->pm, hi)))
+                          : _mm512_setzero_ps();
+#pragma GCC unroll 8
+    for (int j = 0; j < nj; j++) {
+        const uint8_t *xj = x + j * xstride;
+        const __m512i start = min ? zero : _mm512_loadu_si512(xj + 192);
+        const __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(start, qa, _mm512_loadu_si512(xj)), qb,
+                                                _mm512_loadu_si512(xj + 64));
+        acc[j] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot), dw), _mm512_loadu_ps((const float *)(xj + 128)), acc[j]);
+        if (min) mins[j] = _mm512_fmadd_ps(dm, _mm512_loadu_ps((const float *)(xj + 192)), mins[j]);
+    }
+}
+
+/* One weight row of nb blocks against nj prepared activation rows (xstride bytes apart): out[j] = row . x_j. */
+GEN_ALWAYS_INLINE void q45_tile(const int nj, const int bits, const int min, const Q45Perm *pp,
+                                const uint8_t *restrict w, int64_t nb, const uint8_t *restrict x, int64_t xstride,
+                                float *out) {
+    const int64_t bs = Q45_BYTES(bits, min), ng = nb / 4;
+    const __mmask64 tail = bytes_mask(4 * bs - 64); /* bytes of the 4 blocks past the first 64 */
+    __m512 acc[BATCH_J], mins[BATCH_J];
+#pragma GCC unroll 8
+    for (int j = 0; j < nj; j++) acc[j] = mins[j] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < ng; g++) {
+        const uint8_t *p = w + g * 4 * bs;
+        q45_group(nj, bits, min, pp, _mm512_loadu_si512(p), _mm512_maskz_loadu_epi8(tail, p + 64), x + g * Q45_PREP,
+                  xstride, acc, mins);
+    }
+    if (4 * ng < nb) { /* the last 1..3 blocks: a zero-padded group */
+        const uint8_t *p = w + ng * 4 * bs;
+        const int64_t n = (nb - 4 * ng) * bs;
+        q45_group(nj, bits, min, pp, _mm512_maskz_loadu_epi8(bytes_mask(n), p),
+                  _mm512_maskz_loadu_epi8(bytes_mask(n - 64), p + 64), x + ng * Q45_PREP, xstride, acc, mins);
+    }
+#pragma GCC unroll 8
+    for (int j = 0; j < nj; j++) out[j] = _mm512_reduce_add_ps(min ? _mm512_add_ps(acc[j], mins[j]) : acc[j]);
+}
+
+/* nrows weight rows (stride bytes apart) against activation rows b0 .. b0 + nj - 1: out[r * BATCH_J + j]. */
+GEN_ALWAYS_INLINE void batch_q45(const uint8_t *restrict w, int64_t stride, int nrows, Batch x, int64_t b0, int nj,
+                                 int64_t nb, float *out, const int bits, const int min) {
+    const Q45Perm pp = q45_perm(bits, min);
+    const uint8_t *xp = x.prep + b0 * x.prep_stride;
+    for (int r = 0; r < nrows; r++) {
+        const uint8_t *row = w + r * stride;
+        float *o = out + r * BATCH_J;
+        switch (nj) { /* a constant count in each copy: the accumulators stay in registers */
+#define NJ(N) \
+    case N: q45_tile(N, bits, min, &pp, row, nb, xp, x.prep_stride, o); break;
+            NJ(1) NJ(2) NJ(3) NJ(4) NJ(5) NJ(6) NJ(7) NJ(8)
+#undef NJ
+        }
+    }
+}
+
+#define Q45_BATCH(NAME, BITS, MIN)                                                                                     \
+    static void batch_prep_##NAME(Act a, int64_t nb, uint8_t *out) { prep_q45(a, nb, out, BITS, MIN); }              \
+    static void batch_##NAME(const uint8_t *w, int64_t stride, int nrows, Batch x, int64_t b0, int nj, int64_t nb,   \
+                             float *out) {                                                                             \
+        batch_q45(w, stride, nrows, x, b0, nj, nb, out, BITS, MIN);                                                    \
+    }
+Q45_BATCH(q4_0, 4, 0)
+Q45_BATCH(q4_1, 4, 1)
+Q45_BATCH(q5_0, 5, 0)
+Q45_BATCH(q5_1, 5, 1)
+#undef Q45_BATCH
+
+/* ---- Q8_0: groups of 2 blocks (64 elements) ------------------------------------------------------------- */
+
+/* A prepared group, 128 bytes: the activation plus 128 as unsigned bytes (dpbusd's unsigned operand, so the
+ * signed weights go in as they are), then 16 fp32 scales (block 0's on lanes 0..7, block 1's on 8..15). The
+ * extra 128 Σ w is taken off per weight group, once for all the activation rows. An odd last block makes a group
+ * padded with zeros (its weights too: masked loads). */
+enum { Q8_PREP = 128 };
+
+static int64_t batch_prep_bytes_q8_0(int64_t nb) { return (nb + 1) / 2 * Q8_PREP; }
+
+static void batch_prep_q8_0(Act a, int64_t nb, uint8_t *restrict out) {
+    const __m512i flip = _mm512_set1_epi8((char)0x80); /* x + 128 for x in [-127, 127]: the sign bit flipped */
+    for (int64_t b = 0; b < nb; b += 2, out += Q8_PREP) {
+        const int two = nb - b >= 2;
+        const __mmask64 k = two ? ~(__mmask64)0 : bytes_mask(32);
+        _mm512_storeu_si512(out, _mm512_maskz_xor_epi64((__mmask8)(two ? 0xFF : 0x0F), _mm512_maskz_loadu_epi8(k, a.q + b * 32), flip));
+        _mm512_storeu_ps((float *)(out + 64),
+                         _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(a.d[b]), _mm512_set1_ps(two ? a.d[b + 1] : 0.f)));
+    }
+}
+
+/* One group of 2 blocks (their 64 weights in wv, scales in dw) against nj prepared rows (xstride bytes apart). */
+GEN_ALWAYS_INLINE void q8_group(const int nj, __m512i wv, __m512 dw, const uint8_t *restrict x, int64_t xstride,
+                                __m512 *acc) {
+    const __m512i zero = _mm512_setzero_si512(), c128 = _mm512_set1_epi8((char)0x80);
+    const __m512i start = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, c128, wv)); /* -128 Σ w per lane */
+#pragma GCC unroll 8
+    for (int j = 0; j < nj; j++) {
+        const uint8_t *xj = x + j * xstride;
+        const __m512i dot = _mm512_dpbusd_epi32(start, _mm512_loadu_si512(xj), wv);
+        acc[j] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot), dw), _mm512_loadu_ps((const float *)(xj + 64)), acc[j]);
+    }
+}
+
+GEN_ALWAYS_INLINE void q8_tile(const int nj, const uint8_t *restrict w, int64_t nb, const uint8_t *restrict x,
+                               int64_t xstride, float *out) {
+    const int64_t ng = nb / 2;
+    __m512 acc[BATCH_J];
+#pragma GCC unroll 8
+    for (int j = 0; j < nj; j++) acc[j] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < ng; g++) {
+        const uint8_t *p = w + g * 68;
+        const __m512i wv = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(p + 2))),
+                                              _mm256_loadu_si256((const __m256i *)(p + 36)), 1);
+        q8_group(nj, wv, _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(f16(p)), _mm512_set1_ps(f16(p + 34))),
+                 x + g * Q8_PREP, xstride, acc);
+    }
+    if (2 * ng < nb) { /* an odd last block: the second half zero */
+        const uint8_t *p = w + ng * 68;
+        q8_group(nj, _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i *)(p + 2))),
+                 _mm512_maskz_mov_ps(0x00FF, _mm512_set1_ps(f16(p))), x + ng * Q8_PREP, xstride, acc);
+    }
+#pragma GCC unroll 8
+    for (int j = 0; j < nj; j++) out[j] = _mm512_reduce_add_ps(acc[j]);
+}
+
+static void batch_q8_0(const uint8_t *w, int64_t stride, int nrows, Batch x, int64_t b0, int nj, int64_t nb,
+                       float *out) {
+    const uint8_t *xp = x.prep + b0 * x.prep_stride;
+    for (int r = 0; r < nrows; r++) {
+        const uint8_t *row = w + r * stride;
+        float *o = out + r * BATCH_J;
+        switch (nj) {
+#define NJ(N) \
+    case N: q8_tile(N, row, nb, xp, x.prep_stride, o); break;
+            NJ(1) NJ(2) NJ(3) NJ(4) NJ(5) NJ(6) NJ(7) NJ(8)
+#undef NJ
+        }
+    }
+}
+
+#endif /* GEN_BLOCKS_512 */
+
+#endif
