@@ -33,42 +33,78 @@ static inline __mmask64 bytes_mask(int64_t n) {
     return n <= 0 ? 0 : n >= 64 ? ~(__mmask64)0 : ((__mmask64)1 << n) - 1;
 }
 
+/* The sum of v's 16 lanes, pairwise: lanes i + 8, then i + 4, then i + 2, then i + 1 (GCC's _mm512_reduce_add_ps's
+ * order, written out so that sums16 below matches it on every compiler). */
+static inline float sum16(__m512 v) {
+    const __m256 a = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+    const __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    const __m128 c = _mm_add_ps(b, _mm_shuffle_ps(b, b, _MM_SHUFFLE(1, 0, 3, 2)));
+    return _mm_cvtss_f32(_mm_add_ss(c, _mm_shuffle_ps(c, c, _MM_SHUFFLE(3, 2, 1, 1))));
+}
+
+/* out[j] = sum16(v[j]) for j < n, n <= 8, in a third of the instructions: the 8 vectors are reduced together, each
+ * step adding the same lanes as sum16 (rows past n count as zeros and land in no output). So a row's result is the
+ * same bits whether it is reduced alone or with others. */
+static inline void sums16(const __m512 *v, int n, float *out) {
+    if (n == 1) {
+        out[0] = sum16(v[0]);
+        return;
+    }
+    __m512 x[8], s[4], u[2];
+    for (int j = 0; j < 8; j++) x[j] = j < n ? v[j] : _mm512_setzero_ps();
+    for (int k = 0; k < 4; k++) /* [x_2k lanes i + (i + 8), x_2k+1 likewise] */
+        s[k] = _mm512_add_ps(_mm512_shuffle_f32x4(x[2 * k], x[2 * k + 1], 0x44), _mm512_shuffle_f32x4(x[2 * k], x[2 * k + 1], 0xEE));
+    for (int m = 0; m < 2; m++) /* 128-bit lane k: x_4m+k's lanes i + (i + 4) */
+        u[m] = _mm512_add_ps(_mm512_shuffle_f32x4(s[2 * m], s[2 * m + 1], 0x88), _mm512_shuffle_f32x4(s[2 * m], s[2 * m + 1], 0xDD));
+    const __m512 t = _mm512_add_ps(_mm512_unpacklo_ps(u[0], u[1]), _mm512_unpackhi_ps(u[0], u[1])); /* i + (i + 2) */
+    const __m512 r = _mm512_add_ps(t, _mm512_permute_ps(t, _MM_SHUFFLE(1, 0, 3, 2)));                /* i + (i + 1) */
+    float all[16];
+    _mm512_storeu_ps(all, r); /* 128-bit lane k: x_k's total, then x_k+4's */
+    for (int j = 0; j < n; j++) out[j] = all[4 * (j % 4) + j / 4];
+}
+
 /* ---- Q4_0, Q4_1, Q5_0, Q5_1: groups of 4 blocks (128 elements) ------------------------------------------ */
 
-/* A prepared activation group, 256 bytes: xa (elements 0..15 of each of the 4 blocks, 64 int8), xb (16..31),
- * xd (16 fp32: block k's scale on lanes 4k..4k+3), xo (16 lanes: with a min, fp32 d s / 4, the min's share per
- * lane; without, int32 -(8 or 16) s / 4, the offset's share, which starts the integer sum): rows_q45's layout.
- * A row's last 1..3 blocks make a group padded with zeros (their weights are loaded masked: zeros too). */
-enum { Q45_PREP = 256 };
+/* Block k of a group on the 32-bit lanes l with l % 4 == k (elements 4 (l / 4) .. + 3 of it, and + 16), so that a
+ * vector of one value per lane broadcasts from its 4 per-block values. A prepared activation row of G groups: G
+ * times xa (the 64 int8 elements 0..15 of the 4 blocks, in that lane order) and xb (16..31), 128 bytes; then G
+ * times the 4 fp32 scales d; then G times 4 values o: with a min, fp32 d s (the min's factor, dotted with the
+ * weights' mins after the integer sums), without, int32 -(8 or 16) s / 4 (the offset's share per lane, which
+ * starts the integer sum). A row's last 1..3 blocks make a group padded with zeros (their weights are loaded
+ * masked: zeros too). */
+enum { Q45_PREP = 128 + 16 + 16 };
 
 static int64_t batch_prep_bytes_q45(int64_t nb) { return (nb + 3) / 4 * Q45_PREP; }
 
 GEN_ALWAYS_INLINE void prep_q45(Act a, int64_t nb, uint8_t *restrict out, const int bits, const int min) {
     uint8_t ix[64], iy[64];
     for (int j = 0; j < 64; j++) {
-        int k = j / 16, i = j % 16;
-        ix[j] = (uint8_t)(k * 32 + i), iy[j] = (uint8_t)(k * 32 + 16 + i);
+        int k = (j / 4) % 4, e = 4 * (j / 16) + j % 4;
+        ix[j] = (uint8_t)(k * 32 + e), iy[j] = (uint8_t)(k * 32 + 16 + e);
     }
     const __m512i px = _mm512_loadu_si512(ix), py = _mm512_loadu_si512(iy);
-    const __m512i rep4 = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-    for (int64_t b = 0; b < nb; b += 4, out += Q45_PREP) {
+    const int64_t groups = (nb + 3) / 4;
+    float *xd = (float *)(out + groups * 128), *xo = xd + 4 * groups;
+    for (int64_t b = 0; b < nb; b += 4, out += 128, xd += 4, xo += 4) {
         const int64_t k = nb - b < 4 ? nb - b : 4; /* blocks in this group */
         const __m512i x0 = _mm512_maskz_loadu_epi8(bytes_mask(32 * k), a.q + b * 32);
         const __m512i x1 = _mm512_maskz_loadu_epi8(bytes_mask(32 * k - 64), a.q + b * 32 + 64);
         _mm512_storeu_si512(out, _mm512_permutex2var_epi8(x0, px, x1));
         _mm512_storeu_si512(out + 64, _mm512_permutex2var_epi8(x0, py, x1));
         const __mmask8 kk = (__mmask8)((1u << k) - 1);
-        const __m512 xd = _mm512_permutexvar_ps(rep4, _mm512_castps128_ps512(_mm_maskz_loadu_ps(kk, a.d + b)));
-        _mm512_storeu_ps((float *)(out + 128), xd);
-        const __m512i xs = _mm512_permutexvar_epi32(rep4, _mm512_castsi128_si512(_mm_cvtepi16_epi32(_mm_maskz_loadu_epi16(kk, a.s + b))));
+        const __m128 d = _mm_maskz_loadu_ps(kk, a.d + b);
+        const __m128i xs = _mm_cvtepi16_epi32(_mm_maskz_loadu_epi16(kk, a.s + b));
+        _mm_storeu_ps(xd, d);
         if (min)
-            _mm512_storeu_ps((float *)(out + 192), _mm512_mul_ps(_mm512_cvtepi32_ps(xs), _mm512_mul_ps(xd, _mm512_set1_ps(0.25f))));
+            _mm_storeu_ps(xo, _mm_mul_ps(_mm_cvtepi32_ps(xs), d));
         else
-            _mm512_storeu_si512(out + 192, _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(xs, bits == 5 ? 2 : 1)));
+            _mm_storeu_si128((__m128i *)xo, _mm_sub_epi32(_mm_setzero_si128(), _mm_slli_epi32(xs, bits == 5 ? 2 : 1)));
     }
 }
 
-/* The byte permutes that pull 4 blocks' nibbles, scales, mins and 5th bits out of their 4 bs bytes (rows_q45's). */
+/* The byte permutes that pull 4 blocks' nibbles, scales, mins and 5th bits out of their 4 bs bytes into the lane
+ * order above. Q5: each 64-bit lane holds the 5th-bit words of its two 32-bit lanes' blocks, and a multishift
+ * rotates bit e (e + 16) of the right word to bit 4 of the byte of element e (e + 16). */
 typedef struct {
     __m512i pq, pd, pm, ph, ra, rb;
 } Q45Perm;
@@ -77,21 +113,23 @@ GEN_ALWAYS_INLINE Q45Perm q45_perm(const int bits, const int min) {
     const int64_t ho = Q45_HO(min), qo = Q45_QO(bits, min), bs = Q45_BYTES(bits, min);
     uint8_t iq[64], id[64], im[64], ih[64], sa[64], sb[64];
     for (int j = 0; j < 64; j++) {
-        int k = j / 16, i = j % 16, kh = j / 8;
-        iq[j] = (uint8_t)(k * bs + qo + i);
-        id[j] = (uint8_t)(kh * bs + (j & 1));
-        im[j] = (uint8_t)(kh * bs + 2 + (j & 1));
-        ih[j] = (uint8_t)(k * bs + ho + (j % 8) % 4);
-        sa[j] = (uint8_t)((i - 4) & 63), sb[j] = (uint8_t)(i + 12);
+        int k = (j / 4) % 4, e = 4 * (j / 16) + j % 4, half = 32 * ((j % 8) / 4), kd = (j / 2) % 4;
+        iq[j] = (uint8_t)(k * bs + qo + e);
+        id[j] = (uint8_t)(kd * bs + (j & 1)); /* fp16 d of lane j / 2's block (the low 32 bytes used) */
+        im[j] = (uint8_t)(kd * bs + 2 + (j & 1));
+        ih[j] = (uint8_t)(k * bs + ho + j % 4);
+        sa[j] = (uint8_t)((half + e - 4) & 63), sb[j] = (uint8_t)((half + e + 12) & 63);
     }
     Q45Perm p = {_mm512_loadu_si512(iq), _mm512_loadu_si512(id), _mm512_loadu_si512(im),
                  _mm512_loadu_si512(ih), _mm512_loadu_si512(sa), _mm512_loadu_si512(sb)};
     return p;
 }
 
-/* One group of 4 blocks, its 4 bs bytes in lo:hi, against nj prepared activation groups (xstride bytes apart). */
+/* One group of 4 blocks, its 4 bs bytes in lo:hi, against nj prepared activation groups (x: their xa, xb; xd,
+ * xo: their scales and offsets; xstride bytes from one row to the next). With a min, the group's 4 mins go to mw. */
 GEN_ALWAYS_INLINE void q45_group(const int nj, const int bits, const int min, const Q45Perm *pp, __m512i lo,
-                                 __m512i hi, const uint8_t *restrict x, int64_t xstride, __m512 *acc, __m512 *mins) {
+                                 __m512i hi, const uint8_t *restrict x, const float *xd, const float *xo,
+                                 int64_t xstride, __m512 *acc, float *mw) {
     const __m512i m4 = _mm512_set1_epi8(0xF), sixteen = _mm512_set1_epi8(16), zero = _mm512_setzero_si512();
     const __m512i q = _mm512_permutex2var_epi8(lo, pp->pq, hi);
     __m512i qa = _mm512_and_si512(q, m4), qb = _mm512_and_si512(_mm512_srli_epi16(q, 4), m4);
@@ -101,41 +139,60 @@ GEN_ALWAYS_INLINE void q45_group(const int nj, const int bits, const int min, co
         qb = _mm512_ternarylogic_epi32(qb, _mm512_multishift_epi64_epi8(pp->rb, fifth), sixteen, 0xF8);
     }
     const __m512 dw = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutex2var_epi8(lo, pp->pd, hi)));
-    const __m512 dm = min ? _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutex2var_epi8(lo, pp->pm, hi)))
-                          : _mm512_setzero_ps();
+    if (min) _mm_storeu_ps(mw, _mm_cvtph_ps(_mm512_castsi512_si128(_mm512_permutex2var_epi8(lo, pp->pm, hi))));
 #pragma GCC unroll 8
     for (int j = 0; j < nj; j++) {
         const uint8_t *xj = x + j * xstride;
-        const __m512i start = min ? zero : _mm512_loadu_si512(xj + 192);
+        const float *dj = (const float *)((const uint8_t *)xd + j * xstride);
+        const __m512i start =
+            min ? zero : _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)((const uint8_t *)xo + j * xstride)));
         const __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(start, qa, _mm512_loadu_si512(xj)), qb,
                                                 _mm512_loadu_si512(xj + 64));
-        acc[j] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot), dw), _mm512_loadu_ps((const float *)(xj + 128)), acc[j]);
-        if (min) mins[j] = _mm512_fmadd_ps(dm, _mm512_loadu_ps((const float *)(xj + 192)), mins[j]);
+        acc[j] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot), dw), _mm512_broadcast_f32x4(_mm_loadu_ps(dj)), acc[j]);
     }
 }
+
+enum { MIN_CHUNK = 64 }; /* groups whose mins are gathered on the stack before their dot with the d s values */
 
 /* One weight row of nb blocks against nj prepared activation rows (xstride bytes apart): out[j] = row . x_j. */
 GEN_ALWAYS_INLINE void q45_tile(const int nj, const int bits, const int min, const Q45Perm *pp,
                                 const uint8_t *restrict w, int64_t nb, const uint8_t *restrict x, int64_t xstride,
                                 float *out) {
-    const int64_t bs = Q45_BYTES(bits, min), ng = nb / 4;
+    const int64_t bs = Q45_BYTES(bits, min), ng = nb / 4, groups = (nb + 3) / 4;
     const __mmask64 tail = bytes_mask(4 * bs - 64); /* bytes of the 4 blocks past the first 64 */
+    const float *xd = (const float *)(x + groups * 128), *xo = xd + 4 * groups;
     __m512 acc[BATCH_J], mins[BATCH_J];
+    float mw[4 * MIN_CHUNK];
 #pragma GCC unroll 8
     for (int j = 0; j < nj; j++) acc[j] = mins[j] = _mm512_setzero_ps();
-    for (int64_t g = 0; g < ng; g++) {
-        const uint8_t *p = w + g * 4 * bs;
-        q45_group(nj, bits, min, pp, _mm512_loadu_si512(p), _mm512_maskz_loadu_epi8(tail, p + 64), x + g * Q45_PREP,
-                  xstride, acc, mins);
-    }
-    if (4 * ng < nb) { /* the last 1..3 blocks: a zero-padded group */
-        const uint8_t *p = w + ng * 4 * bs;
-        const int64_t n = (nb - 4 * ng) * bs;
-        q45_group(nj, bits, min, pp, _mm512_maskz_loadu_epi8(bytes_mask(n), p),
-                  _mm512_maskz_loadu_epi8(bytes_mask(n - 64), p + 64), x + ng * Q45_PREP, xstride, acc, mins);
-    }
+    for (int64_t g0 = 0; g0 < groups; g0 += MIN_CHUNK) {
+        const int64_t g1 = g0 + MIN_CHUNK < groups ? g0 + MIN_CHUNK : groups;
+        for (int64_t g = g0; g < g1; g++) {
+            const uint8_t *p = w + g * 4 * bs;
+            __m512i lo, hi;
+            if (g < ng) {
+                lo = _mm512_loadu_si512(p), hi = _mm512_maskz_loadu_epi8(tail, p + 64);
+            } else { /* the last 1..3 blocks: a zero-padded group */
+                const int64_t n = (nb - 4 * ng) * bs;
+                lo = _mm512_maskz_loadu_epi8(bytes_mask(n), p), hi = _mm512_maskz_loadu_epi8(bytes_mask(n - 64), p + 64);
+            }
+            q45_group(nj, bits, min, pp, lo, hi, x + g * 128, xd + 4 * g, xo + 4 * g, xstride, acc, mw + 4 * (g - g0));
+        }
+        if (min) /* Σ m d s over the chunk's blocks: 16 blocks per vector */
+            for (int64_t i = 0; i < 4 * (g1 - g0); i += 16) {
+                const __mmask16 k = 4 * (g1 - g0) - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (4 * (g1 - g0) - i)) - 1);
+                const __m512 m = _mm512_maskz_loadu_ps(k, mw + i);
 #pragma GCC unroll 8
-    for (int j = 0; j < nj; j++) out[j] = _mm512_reduce_add_ps(min ? _mm512_add_ps(acc[j], mins[j]) : acc[j]);
+                for (int j = 0; j < nj; j++) {
+                    const float *oj = (const float *)((const uint8_t *)(xo + 4 * g0 + i) + j * xstride);
+                    mins[j] = _mm512_fmadd_ps(m, _mm512_maskz_loadu_ps(k, oj), mins[j]);
+                }
+            }
+    }
+    if (min)
+#pragma GCC unroll 8
+        for (int j = 0; j < nj; j++) acc[j] = _mm512_add_ps(acc[j], mins[j]);
+    sums16(acc, nj, out);
 }
 
 /* nrows weight rows (stride bytes apart) against activation rows b0 .. b0 + nj - 1: out[r * BATCH_J + j]. */
@@ -219,8 +276,7 @@ GEN_ALWAYS_INLINE void q8_tile(const int nj, const uint8_t *restrict w, int64_t 
         q8_group(nj, _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i *)(p + 2))),
                  _mm512_maskz_mov_ps(0x00FF, _mm512_set1_ps(f16(p))), x + ng * Q8_PREP, xstride, acc);
     }
-#pragma GCC unroll 8
-    for (int j = 0; j < nj; j++) out[j] = _mm512_reduce_add_ps(acc[j]);
+    sums16(acc, nj, out);
 }
 
 static void batch_q8_0(const uint8_t *w, int64_t stride, int nrows, Batch x, int64_t b0, int nj, int64_t nb,

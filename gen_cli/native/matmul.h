@@ -280,7 +280,7 @@ static void block_rows_int8(const uint8_t *w, const BlockType *t, int64_t rows, 
                 Act a = {aq + b * cols, ad + b * (cols / 32), asum + b * (cols / 16)};
                 float v[ROW_BLOCK];
                 if (r1 - r0 == ROW_BLOCK)
-                    block_dot4(t, w + r0 * rb, rb, a, cols, v, 0);
+                    block_dot4(t, w + r0 * rb, rb, a, cols, v);
                 else
                     for (int64_t r = r0; r < r1; r++) v[r - r0] = t->dot(w + r * rb, a, nb);
                 for (int64_t r = r0; r < r1; r++) y[b * ldy + r] = accumulate ? y[b * ldy + r] + v[r - r0] : v[r - r0];
