@@ -26,8 +26,9 @@ pytestmark = [
     pytest.mark.skipif(native.native_status() != "ready", reason="needs the compiled kernel"),
 ]
 BATCHES = (1, 2, 3, 4, 5, 7, 8, 16, 33)  # ragged against the kernel's 8 rows per pass
-# 96: no whole group of 4 blocks (tails only); 576 and 608: groups then 2 or 3 tail blocks; 1536: whole groups
-COLS_32 = (96, 576, 608, 1536)
+# 96: no whole group of 4 blocks (tails only); 576 and 608: groups then 2 or 3 tail blocks; 1536: whole groups;
+# 4160: column chunks (blocks_batch.h's CHUNK_BYTES) and a tail (the k-quants: 2560, two chunks)
+COLS_32 = (96, 576, 608, 1536, 4160)
 
 
 def _matmul(x: torch.Tensor, blocks: torch.Tensor, qtype: str, rows: int, threads: int = 2) -> torch.Tensor:
@@ -65,7 +66,7 @@ def _case(qtype: str, rows: int, cols: int, n: int, seed: int) -> tuple[torch.Te
 @pytest.mark.parametrize("n", BATCHES)
 def test_batch_kernel_equals_the_quantized_oracle(qtype, cols, n):
     if cols % _group(qtype):
-        cols = 512 if cols < 1536 else 1536  # the k-quants: whole super-blocks
+        cols = 512 if cols < 1536 else 2560  # the k-quants: whole super-blocks
     rows = 37  # a last row block of 1
     blocks, x, w = _case(qtype, rows, cols, n, seed=n + cols)
     got, want = _matmul(x, blocks, qtype, rows).double(), _oracle(x, w, qtype)

@@ -61,7 +61,7 @@ static const BlockType BLOCK_TYPES[T_COUNT] = {
     [T_Q4_1] = {32, 20, quantize_act_32, dot_q4_1, Q45_DOT4(q4_1), dequantize_q4_1, TILE(q4_1), BATCH(q4_1, q45)},
     [T_Q5_0] = {32, 22, quantize_act_32, dot_q5_0, Q45_DOT4(q5_0), dequantize_q5_0, NULL, BATCH(q5_0, q45)},
     [T_Q5_1] = {32, 24, quantize_act_32, dot_q5_1, Q45_DOT4(q5_1), dequantize_q5_1, NULL, BATCH(q5_1, q45)},
-    [T_Q4_K] = {256, 144, quantize_act_256, dot_q4_k, NULL, dequantize_q4_k, NULL},
+    [T_Q4_K] = {256, 144, quantize_act_256, dot_q4_k, NULL, dequantize_q4_k, NULL, BATCH(q4_k, q4_k)},
     [T_Q6_K] = {256, 210, quantize_act_256, dot_q6_k, NULL, dequantize_q6_k, NULL},
 };
 #undef Q45_DOT4

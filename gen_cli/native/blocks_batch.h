@@ -4,9 +4,11 @@
  * one-row kernels (blocks_32.h) unpack every block again for every activation row, so a step of B rows cost about
  * B single-row steps.
  *
+ * Q4_0, Q4_1, Q5_0, Q5_1 (groups of 4 blocks), Q8_0 (pairs of blocks) and Q4_K (super-blocks); Q6_K has none yet.
  * The integer sums per block are the one-row kernels' (exact in int32); only the fp32 scaling and summation order
- * differ. AVX-512 VNNI + VBMI only (GEN_BLOCKS_512); elsewhere the traits table has no batch entries and the
- * one-row kernels run per activation row.
+ * differ, and each activation row's order is fixed (independent of how many rows share the call), so a row gets
+ * the same bits alone as in any batch. AVX-512 VNNI + VBMI only (GEN_BLOCKS_512); elsewhere the traits table has
+ * no batch entries and the one-row kernels run per activation row.
  */
 #ifndef GEN_BLOCKS_BATCH_H
 #define GEN_BLOCKS_BATCH_H
@@ -154,13 +156,13 @@ GEN_ALWAYS_INLINE void q45_group(const int nj, const int bits, const int min, co
 
 enum { MIN_CHUNK = 64 }; /* groups whose mins are gathered on the stack before their dot with the d s values */
 
-/* One weight row of nb blocks against nj prepared activation rows (xstride bytes apart): out[j] = row . x_j. */
+/* One weight row of nb blocks against nj prepared activation rows (xstride bytes apart; x their xa, xb, xd, xo
+ * their scales and offsets, from this row's first block on): out[j] = row . x_j. */
 GEN_ALWAYS_INLINE void q45_tile(const int nj, const int bits, const int min, const Q45Perm *pp,
-                                const uint8_t *restrict w, int64_t nb, const uint8_t *restrict x, int64_t xstride,
-                                float *out) {
+                                const uint8_t *restrict w, int64_t nb, const uint8_t *restrict x, const float *xd,
+                                const float *xo, int64_t xstride, float *out) {
     const int64_t bs = Q45_BYTES(bits, min), ng = nb / 4, groups = (nb + 3) / 4;
     const __mmask64 tail = bytes_mask(4 * bs - 64); /* bytes of the 4 blocks past the first 64 */
-    const float *xd = (const float *)(x + groups * 128), *xo = xd + 4 * groups;
     __m512 acc[BATCH_J], mins[BATCH_J];
     float mw[4 * MIN_CHUNK];
 #pragma GCC unroll 8
@@ -195,19 +197,29 @@ GEN_ALWAYS_INLINE void q45_tile(const int nj, const int bits, const int min, con
     sums16(acc, nj, out);
 }
 
+/* Columns go in chunks of about this many prepared bytes per activation row: BATCH_J rows of a chunk stay in L1
+ * while the row block's weight rows pass over it (a whole 8192-column row of 8 rows would not). */
+enum { CHUNK_BYTES = 2560 };
+
 /* nrows weight rows (stride bytes apart) against activation rows b0 .. b0 + nj - 1: out[r * BATCH_J + j]. */
 GEN_ALWAYS_INLINE void batch_q45(const uint8_t *restrict w, int64_t stride, int nrows, Batch x, int64_t b0, int nj,
                                  int64_t nb, float *out, const int bits, const int min) {
     const Q45Perm pp = q45_perm(bits, min);
+    const int64_t bs = Q45_BYTES(bits, min), groups = (nb + 3) / 4, step = CHUNK_BYTES / Q45_PREP;
     const uint8_t *xp = x.prep + b0 * x.prep_stride;
-    for (int r = 0; r < nrows; r++) {
-        const uint8_t *row = w + r * stride;
-        float *o = out + r * BATCH_J;
-        switch (nj) { /* a constant count in each copy: the accumulators stay in registers */
+    const float *xd = (const float *)(xp + groups * 128), *xo = xd + 4 * groups;
+    for (int64_t g0 = 0; g0 < groups; g0 += step) {
+        const int64_t g1 = g0 + step < groups ? g0 + step : groups, n = (4 * g1 < nb ? 4 * g1 : nb) - 4 * g0;
+        for (int r = 0; r < nrows; r++) {
+            const uint8_t *row = w + r * stride + 4 * g0 * bs;
+            float part[BATCH_J], *o = out + r * BATCH_J;
+            switch (nj) { /* a constant count in each copy: the accumulators stay in registers */
 #define NJ(N) \
-    case N: q45_tile(N, bits, min, &pp, row, nb, xp, x.prep_stride, o); break;
-            NJ(1) NJ(2) NJ(3) NJ(4) NJ(5) NJ(6) NJ(7) NJ(8)
+    case N: q45_tile(N, bits, min, &pp, row, n, xp + g0 * 128, xd + 4 * g0, xo + 4 * g0, x.prep_stride, part); break;
+                NJ(1) NJ(2) NJ(3) NJ(4) NJ(5) NJ(6) NJ(7) NJ(8)
 #undef NJ
+            }
+            for (int j = 0; j < nj; j++) o[j] = g0 ? o[j] + part[j] : part[j];
         }
     }
 }
@@ -281,15 +293,110 @@ GEN_ALWAYS_INLINE void q8_tile(const int nj, const uint8_t *restrict w, int64_t 
 
 static void batch_q8_0(const uint8_t *w, int64_t stride, int nrows, Batch x, int64_t b0, int nj, int64_t nb,
                        float *out) {
+    const int64_t step = 2 * (CHUNK_BYTES / Q8_PREP); /* blocks per chunk */
     const uint8_t *xp = x.prep + b0 * x.prep_stride;
-    for (int r = 0; r < nrows; r++) {
-        const uint8_t *row = w + r * stride;
-        float *o = out + r * BATCH_J;
-        switch (nj) {
+    for (int64_t c0 = 0; c0 < nb; c0 += step) {
+        const int64_t n = nb - c0 < step ? nb - c0 : step;
+        for (int r = 0; r < nrows; r++) {
+            const uint8_t *row = w + r * stride + c0 * 34;
+            float part[BATCH_J], *o = out + r * BATCH_J;
+            switch (nj) {
 #define NJ(N) \
-    case N: q8_tile(N, row, nb, xp, x.prep_stride, o); break;
-            NJ(1) NJ(2) NJ(3) NJ(4) NJ(5) NJ(6) NJ(7) NJ(8)
+    case N: q8_tile(N, row, n, xp + c0 / 2 * Q8_PREP, x.prep_stride, part); break;
+                NJ(1) NJ(2) NJ(3) NJ(4) NJ(5) NJ(6) NJ(7) NJ(8)
 #undef NJ
+            }
+            for (int j = 0; j < nj; j++) o[j] = c0 ? o[j] + part[j] : part[j];
+        }
+    }
+}
+
+/* ---- Q4_K: super-blocks of 256 elements ----------------------------------------------------------------- */
+
+/* A prepared super-block, 288 bytes: its 256 int8 elements as quantized (chunk c's 64 bytes match the weights'
+ * low then high nibbles of qs[32c .. 32c + 31]), the 8 sums per 32 elements (int16), then the fp32 scale. */
+enum { Q4K_PREP = 288 };
+
+static int64_t batch_prep_bytes_q4_k(int64_t nb) { return nb * Q4K_PREP; }
+
+static void batch_prep_q4_k(Act a, int64_t nb, uint8_t *restrict out) {
+    for (int64_t b = 0; b < nb; b++, out += Q4K_PREP) {
+        memcpy(out, a.q + b * 256, 256);
+        _mm_storeu_si128((__m128i *)(out + 256), _mm_hadd_epi16(_mm_loadu_si128((const __m128i *)(a.s + b * 16)),
+                                                                _mm_loadu_si128((const __m128i *)(a.s + b * 16 + 8))));
+        memcpy(out + 272, a.d + b, sizeof(float));
+    }
+}
+
+/* One Q4_K row against nj prepared rows: dot_q4_k's integer sums (maddubs, then madd by the 6-bit scales), each
+ * super-block's nibbles and scales unpacked once for the nj rows. */
+GEN_ALWAYS_INLINE void q4k_tile(const int nj, const uint8_t *restrict w, int64_t nb, const uint8_t *restrict x,
+                                int64_t xstride, float *out) {
+    __m512i pick[4]; /* vpshufb controls: int16 scale 2c in the low 256 bits, 2c + 1 above */
+    for (int c = 0; c < 4; c++)
+        pick[c] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi16((short)(0x0100 * (4 * c + 1) + 4 * c))),
+                                     _mm256_set1_epi16((short)(0x0100 * (4 * c + 3) + 4 * c + 2)), 1);
+    const __m256i m4 = _mm256_set1_epi8(0xF);
+    __m512 accf[BATCH_J];
+    __m128 accm[BATCH_J];
+#pragma GCC unroll 8
+    for (int j = 0; j < nj; j++) accf[j] = _mm512_setzero_ps(), accm[j] = _mm_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *p = w + b * 144, *qs = p + 16;
+        uint32_t u[4]; /* the 12 scale bytes unpacked 4 at a time: u[0..1] the 8 scales, u[2..3] the 8 mins */
+        memcpy(u, p + 4, 12);
+        u[3] = ((u[2] >> 4) & 0x0f0f0f0fu) | (((u[1] >> 6) & 0x03030303u) << 4);
+        const uint32_t m_lo = u[1] & 0x3f3f3f3fu;
+        u[1] = (u[2] & 0x0f0f0f0fu) | (((u[0] >> 6) & 0x03030303u) << 4);
+        u[2] = m_lo;
+        u[0] &= 0x3f3f3f3fu;
+        const __m512i scales = _mm512_broadcast_i32x4(_mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)u)));
+        const __m128i mn16 = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)(u + 2)));
+        __m512i v[4], sc[4];
+        for (int c = 0; c < 4; c++) {
+            const __m256i q = _mm256_loadu_si256((const __m256i *)(qs + 32 * c));
+            v[c] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(q, m4)),
+                                      _mm256_and_si256(_mm256_srli_epi16(q, 4), m4), 1);
+            sc[c] = _mm512_shuffle_epi8(scales, pick[c]);
+        }
+        const __m512 dw = _mm512_set1_ps(f16(p));
+        const __m128 dmin = _mm_set1_ps(f16(p + 2));
+#pragma GCC unroll 8
+        for (int j = 0; j < nj; j++) {
+            const uint8_t *xj = x + j * xstride + b * Q4K_PREP;
+            __m512i acc = _mm512_madd_epi16(_mm512_maddubs_epi16(v[0], _mm512_loadu_si512(xj)), sc[0]);
+            for (int c = 1; c < 4; c++)
+                acc = _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(v[c], _mm512_loadu_si512(xj + 64 * c)), sc[c]));
+            const float dx = *(const float *)(xj + 272);
+            accf[j] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc), dw), _mm512_set1_ps(dx), accf[j]);
+            const __m128i ms = _mm_madd_epi16(mn16, _mm_loadu_si128((const __m128i *)(xj + 256)));
+            accm[j] = _mm_fmadd_ps(_mm_cvtepi32_ps(ms), _mm_mul_ps(dmin, _mm_set1_ps(dx)), accm[j]);
+        }
+    }
+    sums16(accf, nj, out);
+#pragma GCC unroll 8
+    for (int j = 0; j < nj; j++) {
+        const __m128 m2 = _mm_add_ps(accm[j], _mm_movehl_ps(accm[j], accm[j]));
+        out[j] -= _mm_cvtss_f32(_mm_add_ss(m2, _mm_movehdup_ps(m2)));
+    }
+}
+
+static void batch_q4_k(const uint8_t *w, int64_t stride, int nrows, Batch x, int64_t b0, int nj, int64_t nb,
+                       float *out) {
+    const int64_t step = CHUNK_BYTES / Q4K_PREP; /* super-blocks per chunk */
+    const uint8_t *xp = x.prep + b0 * x.prep_stride;
+    for (int64_t c0 = 0; c0 < nb; c0 += step) {
+        const int64_t n = nb - c0 < step ? nb - c0 : step;
+        for (int r = 0; r < nrows; r++) {
+            const uint8_t *row = w + r * stride + c0 * 144;
+            float part[BATCH_J], *o = out + r * BATCH_J;
+            switch (nj) {
+#define NJ(N) \
+    case N: q4k_tile(N, row, n, xp + c0 * Q4K_PREP, x.prep_stride, part); break;
+                NJ(1) NJ(2) NJ(3) NJ(4) NJ(5) NJ(6) NJ(7) NJ(8)
+#undef NJ
+            }
+            for (int j = 0; j < nj; j++) o[j] = c0 ? o[j] + part[j] : part[j];
         }
     }
 }

@@ -235,7 +235,8 @@ static void matmul_bf16(const Model *m, const Matrix *w, const float *x, float *
 }
 
 /* From this many input rows on, block types with a batch kernel (blocks_batch.h) unpack each weight group once for
- * up to BATCH_J rows instead of once per row. */
+ * up to BATCH_J rows instead of once per row. 1: a single row takes it too (within noise of the one-row kernels'
+ * speed, measured per type, one thread), so a row gets the same bits alone as inside any batch. */
 enum { BATCH_MIN = 1 };
 
 /* y[b] = W x[b] (+ y[b] when accumulate) for block rows W (rows, cols) against `batch` inputs quantized to int8
