@@ -250,42 +250,40 @@ static void block_rows_int8(const uint8_t *w, const BlockType *t, int64_t rows, 
     int use_batch = t->batch != NULL && batch >= BATCH_MIN;
     /* each input row's prepared copy on its own cache lines */
     const int64_t ps = use_batch ? (t->batch_prep_bytes(nb) + 63) / 64 * 64 : 0;
-    uint8_t *prep = ps ? aligned_alloc(64, (size_t)(batch * ps)) : NULL;
-    if (ps && !prep) use_batch = 0; /* out of memory: the one-row kernels need no copy */
+    uint8_t *prep = use_batch ? aligned_alloc(64, (size_t)(batch * ps)) : NULL;
+    if (!prep) use_batch = 0; /* out of memory: the one-row kernels need no copy */
     const Batch bx = {prep, ps};
-#pragma omp parallel num_threads(n_threads)
-    {
-#pragma omp for schedule(static)
+    /* Quantized on the calling thread: a few µs even at 32 rows, where an OpenMP loop would add a barrier to every
+     * matmul (costly when another process holds a core). */
+    for (int64_t b = 0; b < batch; b++) {
+        Act a = {aq + b * cols, ad + b * (cols / 32), asum + b * (cols / 16)};
+        t->quantize_act(x + b * cols, cols, a);
+        if (use_batch) t->batch_prep(a, nb, prep + b * ps);
+    }
+#pragma omp parallel for schedule(static) num_threads(n_threads)
+    for (int64_t r0 = 0; r0 < rows; r0 += ROW_BLOCK) {
+        const int64_t r1 = r0 + ROW_BLOCK < rows ? r0 + ROW_BLOCK : rows;
+        if (use_batch) {
+            for (int64_t b0 = 0; b0 < batch; b0 += BATCH_J) {
+                const int nj = (int)(batch - b0 < BATCH_J ? batch - b0 : BATCH_J);
+                float v[ROW_BLOCK * BATCH_J];
+                t->batch(w + r0 * rb, rb, (int)(r1 - r0), bx, b0, nj, nb, v);
+                for (int j = 0; j < nj; j++)
+                    for (int64_t r = r0; r < r1; r++) {
+                        float *out = y + (b0 + j) * ldy + r;
+                        *out = accumulate ? *out + v[(r - r0) * BATCH_J + j] : v[(r - r0) * BATCH_J + j];
+                    }
+            }
+            continue;
+        }
         for (int64_t b = 0; b < batch; b++) {
             Act a = {aq + b * cols, ad + b * (cols / 32), asum + b * (cols / 16)};
-            t->quantize_act(x + b * cols, cols, a);
-            if (use_batch && prep) t->batch_prep(a, nb, prep + b * ps);
-        }
-#pragma omp for schedule(static)
-        for (int64_t r0 = 0; r0 < rows; r0 += ROW_BLOCK) {
-            const int64_t r1 = r0 + ROW_BLOCK < rows ? r0 + ROW_BLOCK : rows;
-            if (use_batch) {
-                for (int64_t b0 = 0; b0 < batch; b0 += BATCH_J) {
-                    const int nj = (int)(batch - b0 < BATCH_J ? batch - b0 : BATCH_J);
-                    float v[ROW_BLOCK * BATCH_J];
-                    t->batch(w + r0 * rb, rb, (int)(r1 - r0), bx, b0, nj, nb, v);
-                    for (int j = 0; j < nj; j++)
-                        for (int64_t r = r0; r < r1; r++) {
-                            float *out = y + (b0 + j) * ldy + r;
-                            *out = accumulate ? *out + v[(r - r0) * BATCH_J + j] : v[(r - r0) * BATCH_J + j];
-                        }
-                }
-                continue;
-            }
-            for (int64_t b = 0; b < batch; b++) {
-                Act a = {aq + b * cols, ad + b * (cols / 32), asum + b * (cols / 16)};
-                float v[ROW_BLOCK];
-                if (r1 - r0 == ROW_BLOCK)
-                    block_dot4(t, w + r0 * rb, rb, a, cols, v);
-                else
-                    for (int64_t r = r0; r < r1; r++) v[r - r0] = t->dot(w + r * rb, a, nb);
-                for (int64_t r = r0; r < r1; r++) y[b * ldy + r] = accumulate ? y[b * ldy + r] + v[r - r0] : v[r - r0];
-            }
+            float v[ROW_BLOCK];
+            if (r1 - r0 == ROW_BLOCK)
+                block_dot4(t, w + r0 * rb, rb, a, cols, v);
+            else
+                for (int64_t r = r0; r < r1; r++) v[r - r0] = t->dot(w + r * rb, a, nb);
+            for (int64_t r = r0; r < r1; r++) y[b * ldy + r] = accumulate ? y[b * ldy + r] + v[r - r0] : v[r - r0];
         }
     }
     free(prep);
