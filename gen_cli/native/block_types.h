@@ -10,48 +10,63 @@
 
 #include "abi.h"
 #include "blocks_32.h"
+#include "blocks_batch.h"
 #include "blocks_common.h"
 #include "blocks_k.h"
 #include "features.h"
 
 /* Rows (nb blocks each, `stride` bytes apart) dotted with one activation row: out[k] = row k . a. */
 typedef void (*BlockDot4)(const uint8_t *restrict w, int64_t stride, Act a, int64_t nb, float out[4]);
+/* nrows rows (<= 4, `stride` bytes apart) against activation rows b0 .. b0 + nj - 1 (nj <= BATCH_J) of x:
+ * out[r * BATCH_J + j] = row r . x_{b0 + j} (blocks_batch.h). */
+typedef void (*BlockBatch)(const uint8_t *w, int64_t stride, int nrows, Batch x, int64_t b0, int nj, int64_t nb,
+                           float *out);
 
 typedef struct {
     int64_t elems, bytes;                                          /* one block: elements, bytes */
     void (*quantize_act)(const float *restrict x, int64_t n, Act a); /* the activation row its dots read */
     float (*dot)(const uint8_t *restrict row, Act a, int64_t nb);  /* one row of nb blocks . a */
-    BlockDot4 dot4;        /* four rows streamed from memory; NULL: dot row by row */
-    BlockDot4 dot4_cached; /* four rows that sit in cache (a prompt's row tile); NULL: as dot4 */
+    BlockDot4 dot4; /* four rows streamed from memory; NULL: dot row by row */
     void (*dequantize)(const uint8_t *restrict row, int64_t cols, float *restrict out); /* a row -> fp32 */
     /* A row -> fp32 (f) or bf16 (h, when f is NULL) in vector registers; NULL: dequantize, then convert. */
     void (*tile)(const uint8_t *restrict row, int64_t cols, float *f, uint16_t *h);
+    /* Several activation rows at once: the bytes of one row's prepared copy for nb blocks, the preparation
+     * (once per matmul), the product. NULL: the one-row dots per activation row. */
+    int64_t (*batch_prep_bytes)(int64_t nb);
+    void (*batch_prep)(Act a, int64_t nb, uint8_t *out);
+    BlockBatch batch;
 } BlockType;
 
 #ifdef GEN_BLOCKS_512
-#define Q45_DOT4(NAME) dot4_##NAME, dot4_cached_##NAME
+#define Q45_DOT4(NAME) dot4_##NAME
 #else
-#define Q45_DOT4(NAME) NULL, NULL
+#define Q45_DOT4(NAME) NULL
 #endif
 #ifdef GEN_AVX512_BW
 #define TILE(NAME) tile_##NAME
 #else
 #define TILE(NAME) NULL
 #endif
+#ifdef GEN_BLOCKS_512
+#define BATCH(NAME, PREP) batch_prep_bytes_##PREP, batch_prep_##NAME, batch_##NAME
+#else
+#define BATCH(NAME, PREP) NULL, NULL, NULL
+#endif
 
 /* Streamed from memory, Q8_0 and the k-quants run faster row by row (measured: four interleaved Q8_0 rows read
  * 10 GB/s on one core, one row at a time 27), so they have no four-row pass. */
 static const BlockType BLOCK_TYPES[T_COUNT] = {
-    [T_Q8_0] = {32, 34, quantize_act_32, dot_q8_0, NULL, NULL, dequantize_q8_0, TILE(q8_0)},
-    [T_Q4_0] = {32, 18, quantize_act_32, dot_q4_0, Q45_DOT4(q4_0), dequantize_q4_0, TILE(q4_0)},
-    [T_Q4_1] = {32, 20, quantize_act_32, dot_q4_1, Q45_DOT4(q4_1), dequantize_q4_1, TILE(q4_1)},
-    [T_Q5_0] = {32, 22, quantize_act_32, dot_q5_0, Q45_DOT4(q5_0), dequantize_q5_0, NULL},
-    [T_Q5_1] = {32, 24, quantize_act_32, dot_q5_1, Q45_DOT4(q5_1), dequantize_q5_1, NULL},
-    [T_Q4_K] = {256, 144, quantize_act_256, dot_q4_k, NULL, NULL, dequantize_q4_k, NULL},
-    [T_Q6_K] = {256, 210, quantize_act_256, dot_q6_k, NULL, NULL, dequantize_q6_k, NULL},
+    [T_Q8_0] = {32, 34, quantize_act_32, dot_q8_0, NULL, dequantize_q8_0, TILE(q8_0), BATCH(q8_0, q8_0)},
+    [T_Q4_0] = {32, 18, quantize_act_32, dot_q4_0, Q45_DOT4(q4_0), dequantize_q4_0, TILE(q4_0), BATCH(q4_0, q45)},
+    [T_Q4_1] = {32, 20, quantize_act_32, dot_q4_1, Q45_DOT4(q4_1), dequantize_q4_1, TILE(q4_1), BATCH(q4_1, q45)},
+    [T_Q5_0] = {32, 22, quantize_act_32, dot_q5_0, Q45_DOT4(q5_0), dequantize_q5_0, NULL, BATCH(q5_0, q45)},
+    [T_Q5_1] = {32, 24, quantize_act_32, dot_q5_1, Q45_DOT4(q5_1), dequantize_q5_1, NULL, BATCH(q5_1, q45)},
+    [T_Q4_K] = {256, 144, quantize_act_256, dot_q4_k, NULL, dequantize_q4_k, NULL, BATCH(q4_k, q4_k)},
+    [T_Q6_K] = {256, 210, quantize_act_256, dot_q6_k, NULL, dequantize_q6_k, NULL},
 };
 #undef Q45_DOT4
 #undef TILE
+#undef BATCH
 
 /* The traits of a block type, or NULL when `type` is not one (the step's own formats, or unknown). */
 static inline const BlockType *block_type(int64_t type) {
@@ -60,11 +75,10 @@ static inline const BlockType *block_type(int64_t type) {
 
 static inline int64_t block_row_bytes(const BlockType *t, int64_t cols) { return cols / t->elems * t->bytes; }
 
-/* Four rows (`stride` bytes apart) dotted with `a`: out[k] = row k . a. `cached`: the rows sit in cache. */
-static inline void block_dot4(const BlockType *t, const uint8_t *w, int64_t stride, Act a, int64_t cols, float out[4],
-                              int cached) {
+/* Four rows (`stride` bytes apart) dotted with `a`: out[k] = row k . a. */
+static inline void block_dot4(const BlockType *t, const uint8_t *w, int64_t stride, Act a, int64_t cols, float out[4]) {
     const int64_t nb = cols / t->elems;
-    BlockDot4 four = cached && t->dot4_cached ? t->dot4_cached : t->dot4;
+    BlockDot4 four = t->dot4;
     if (four) {
         four(w, stride, a, nb, out);
         return;

@@ -261,15 +261,12 @@ GEN_ALWAYS_INLINE void dequantize_q45(const uint8_t *restrict p, int64_t cols, f
 
 /* Each format's entries for the traits table (block_types.h): the shared passes with its constants. Where the
  * four-row pass exists (AVX-512 VBMI), rows streamed from memory go one after another (the hardware prefetches a
- * sequential row best: a Q4_K/Q4_0 model decoded faster that way than through four interleaved rows), rows sitting
- * in cache (a prompt's row tile, reused across tokens) interleave, sharing the activation's loads. */
+ * sequential row best: a Q4_K/Q4_0 model decoded faster that way than through four interleaved rows). Several
+ * activation rows at once take blocks_batch.h's kernels instead. */
 #ifdef GEN_BLOCKS_512
 #define Q45_ROWS(NAME, BITS, MIN)                                                                                      \
     static void dot4_##NAME(const uint8_t *restrict w, int64_t stride, Act a, int64_t nb, float out[4]) {             \
         for (int k = 0; k < 4; k++) rows_q45(1, BITS, MIN, w + k * stride, stride, a, nb, out + k);                   \
-    }                                                                                                                  \
-    static void dot4_cached_##NAME(const uint8_t *restrict w, int64_t stride, Act a, int64_t nb, float out[4]) {      \
-        rows_q45(4, BITS, MIN, w, stride, a, nb, out);                                                                 \
     }
 #else
 #define Q45_ROWS(NAME, BITS, MIN)

@@ -7,6 +7,7 @@
 
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #include "abi.h"
 #include "bf16.h"
@@ -233,33 +234,72 @@ static void matmul_bf16(const Model *m, const Matrix *w, const float *x, float *
     }
 }
 
-/* Block rows against the input quantized once per call, as the type's traits say. Row b of the output starts
- * ldy floats after row b - 1 (a part of a matrix held in parts writes its own columns of a wider y). */
-static void matmul_blocks(const Model *m, const Matrix *w, const BlockType *t, const float *x, float *y, int64_t ldy,
-                          int accumulate) {
-    const int64_t rows = w->rows, cols = w->cols, batch = m->batch, rb = block_row_bytes(t, cols), nb = cols / t->elems;
-    if (m->act != ACT_INT8) { /* float activations: blocks_float.h (their bf16 copy in xq, sums in ad) */
-        float_block_matmul(w->data, w->type, rows, cols, x, batch, y, accumulate, m->act, (uint16_t *)m->xq, m->ad,
-                           (int)m->n_threads);
-        return;
-    }
+/* From this many input rows on, block types with a batch kernel (blocks_batch.h) unpack each weight group once for
+ * up to BATCH_J rows instead of once per row. 1: a single row takes it too (within noise of the one-row kernels'
+ * speed, measured per type, one thread), so a row gets the same bits alone as inside any batch. */
+enum { BATCH_MIN = 1 };
+
+/* y[b] = W x[b] (+ y[b] when accumulate) for block rows W (rows, cols) against `batch` inputs quantized to int8
+ * blocks as the type's traits say, into aq (batch, cols), ad (batch, cols / 32), asum (batch, cols / 16). Row b
+ * of y starts ldy floats after row b - 1. Threads take whole 4-row blocks of W; each block stays in L1 while
+ * every input row passes over it. */
+static void block_rows_int8(const uint8_t *w, const BlockType *t, int64_t rows, int64_t cols, const float *x,
+                            int64_t batch, float *y, int64_t ldy, int accumulate, int8_t *aq, float *ad, int16_t *asum,
+                            int n_threads) {
+    const int64_t rb = block_row_bytes(t, cols), nb = cols / t->elems;
+    int use_batch = t->batch != NULL && batch >= BATCH_MIN;
+    /* each input row's prepared copy on its own cache lines */
+    const int64_t ps = use_batch ? (t->batch_prep_bytes(nb) + 63) / 64 * 64 : 0;
+    uint8_t *prep = use_batch ? aligned_alloc(64, (size_t)(batch * ps)) : NULL;
+    if (!prep) use_batch = 0; /* out of memory: the one-row kernels need no copy */
+    const Batch bx = {prep, ps};
+    /* Quantized on the calling thread: a few µs even at 32 rows, where an OpenMP loop would add a barrier to every
+     * matmul (costly when another process holds a core). */
     for (int64_t b = 0; b < batch; b++) {
-        Act a = {m->aq + b * cols, m->ad + b * (cols / 32), m->asum + b * (cols / 16)};
+        Act a = {aq + b * cols, ad + b * (cols / 32), asum + b * (cols / 16)};
         t->quantize_act(x + b * cols, cols, a);
+        if (use_batch) t->batch_prep(a, nb, prep + b * ps);
     }
-#pragma omp parallel for schedule(static) num_threads(m->n_threads)
+#pragma omp parallel for schedule(static) num_threads(n_threads)
     for (int64_t r0 = 0; r0 < rows; r0 += ROW_BLOCK) {
-        int64_t r1 = r0 + ROW_BLOCK < rows ? r0 + ROW_BLOCK : rows;
+        const int64_t r1 = r0 + ROW_BLOCK < rows ? r0 + ROW_BLOCK : rows;
+        if (use_batch) {
+            for (int64_t b0 = 0; b0 < batch; b0 += BATCH_J) {
+                const int nj = (int)(batch - b0 < BATCH_J ? batch - b0 : BATCH_J);
+                float v[ROW_BLOCK * BATCH_J];
+                t->batch(w + r0 * rb, rb, (int)(r1 - r0), bx, b0, nj, nb, v);
+                for (int j = 0; j < nj; j++)
+                    for (int64_t r = r0; r < r1; r++) {
+                        float *out = y + (b0 + j) * ldy + r;
+                        *out = accumulate ? *out + v[(r - r0) * BATCH_J + j] : v[(r - r0) * BATCH_J + j];
+                    }
+            }
+            continue;
+        }
         for (int64_t b = 0; b < batch; b++) {
-            Act a = {m->aq + b * cols, m->ad + b * (cols / 32), m->asum + b * (cols / 16)};
+            Act a = {aq + b * cols, ad + b * (cols / 32), asum + b * (cols / 16)};
             float v[ROW_BLOCK];
             if (r1 - r0 == ROW_BLOCK)
-                block_dot4(t, (const uint8_t *)w->data + r0 * rb, rb, a, cols, v, 0);
+                block_dot4(t, w + r0 * rb, rb, a, cols, v);
             else
-                for (int64_t r = r0; r < r1; r++) v[r - r0] = t->dot((const uint8_t *)w->data + r * rb, a, nb);
+                for (int64_t r = r0; r < r1; r++) v[r - r0] = t->dot(w + r * rb, a, nb);
             for (int64_t r = r0; r < r1; r++) y[b * ldy + r] = accumulate ? y[b * ldy + r] + v[r - r0] : v[r - r0];
         }
     }
+    free(prep);
+}
+
+/* Block rows against the input prepared as m->act says. Row b of the output starts ldy floats after row b - 1 (a
+ * part of a matrix held in parts writes its own columns of a wider y). */
+static void matmul_blocks(const Model *m, const Matrix *w, const BlockType *t, const float *x, float *y, int64_t ldy,
+                          int accumulate) {
+    if (m->act != ACT_INT8) { /* float activations: blocks_float.h (their bf16 copy in xq, sums in ad) */
+        float_block_matmul(w->data, w->type, w->rows, w->cols, x, m->batch, y, accumulate, m->act, (uint16_t *)m->xq,
+                           m->ad, (int)m->n_threads);
+        return;
+    }
+    block_rows_int8(w->data, t, w->rows, w->cols, x, m->batch, y, ldy, accumulate, m->aq, m->ad, m->asum,
+                    (int)m->n_threads);
 }
 
 /* w's type is T_FP32/T_BF16 (as m->bf16 says), T_INT8 or a block type: the step checks that before it starts. */

@@ -10,18 +10,17 @@
 #include "block_types.h"
 #include "blocks_float.h"
 #include "features.h"
+#include "matmul.h"
 
 /* Y (n, rows) = X (n, cols) W^T for a block matrix W (rows, row bytes): prompts and prefill, the activations as
- * `act` says (abi.h's ACT_*). ACT_INT8: X is quantized once; threads take tiles of rows, and each tile (a few KB)
- * stays in cache while every token of a token tile passes over it. ACT_FP32 / ACT_BF16: blocks_float.h's products.
+ * `act` says (abi.h's ACT_*). ACT_INT8: matmul.h's block_rows_int8 (X quantized once; where the type has a batch
+ * kernel, each weight group unpacked once for several tokens). ACT_FP32 / ACT_BF16: blocks_float.h's products.
  * Returns 0, or -1 when the type is not a block type, `act` unknown or memory runs out. */
 int64_t gen_block_matmul(const void *w, int64_t type, int64_t rows, int64_t cols, const float *x, int64_t n, float *y,
                          int64_t n_threads, int64_t act) {
-    enum { ROW_TILE = 16, TOKEN_TILE = 64 };
     const BlockType *bt = block_type(type);
     if (!bt || cols % bt->elems != 0 || act < ACT_INT8 || act > ACT_FP32) return -1;
     if (n <= 0 || rows <= 0) return 0;
-    const int64_t rb = block_row_bytes(bt, cols), nb = cols / bt->elems;
     if (act != ACT_INT8) {
         uint16_t *xh = malloc((size_t)(n * cols) * sizeof(uint16_t));
         float *xs = malloc((size_t)(n * (cols / 32) + 1) * sizeof(float));
@@ -33,32 +32,10 @@ int64_t gen_block_matmul(const void *w, int64_t type, int64_t rows, int64_t cols
     int8_t *q = malloc((size_t)(n * cols));
     float *dq = malloc((size_t)(n * (cols / 32)) * sizeof(float));
     int16_t *sq = malloc((size_t)(n * (cols / 16)) * sizeof(int16_t));
-    if (!q || !dq || !sq) {
-        free(q), free(dq), free(sq);
-        return -1;
-    }
-#pragma omp parallel num_threads(n_threads)
-    {
-#pragma omp for schedule(static)
-        for (int64_t t = 0; t < n; t++) {
-            Act a = {q + t * cols, dq + t * (cols / 32), sq + t * (cols / 16)};
-            bt->quantize_act(x + t * cols, cols, a);
-        }
-#pragma omp for schedule(static) collapse(2)
-        for (int64_t r0 = 0; r0 < rows; r0 += ROW_TILE) {
-            for (int64_t t0 = 0; t0 < n; t0 += TOKEN_TILE) {
-                int64_t r1 = r0 + ROW_TILE < rows ? r0 + ROW_TILE : rows, t1 = t0 + TOKEN_TILE < n ? t0 + TOKEN_TILE : n;
-                for (int64_t t = t0; t < t1; t++) {
-                    Act a = {q + t * cols, dq + t * (cols / 32), sq + t * (cols / 16)};
-                    int64_t r = r0;
-                    for (; r + 4 <= r1; r += 4) block_dot4(bt, (const uint8_t *)w + r * rb, rb, a, cols, y + t * rows + r, 1);
-                    for (; r < r1; r++) y[t * rows + r] = bt->dot((const uint8_t *)w + r * rb, a, nb);
-                }
-            }
-        }
-    }
+    const int ok = q && dq && sq;
+    if (ok) block_rows_int8(w, bt, rows, cols, x, n, y, rows, 0, q, dq, sq, (int)n_threads);
     free(q), free(dq), free(sq);
-    return 0;
+    return ok ? 0 : -1;
 }
 
 /* Rows [0, rows) of a block matrix -> fp32 (bf16 == 0) or bf16 (bf16 == 1, round to nearest even) in `out`
