@@ -235,9 +235,11 @@ static void matmul_bf16(const Model *m, const Matrix *w, const float *x, float *
 }
 
 /* From this many input rows on, block types with a batch kernel (blocks_batch.h) unpack each weight group once for
- * up to BATCH_J rows instead of once per row. 1: a single row takes it too (within noise of the one-row kernels'
- * speed, measured per type, one thread), so a row gets the same bits alone as inside any batch. */
-enum { BATCH_MIN = 1 };
+ * up to BATCH_J rows instead of once per row. A lone row keeps the one-row kernels: the batch kernel with one row
+ * decoded a 135M Q4_1 file at 0.8-0.9x their speed (2 threads, alternating runs); the Q4_K 1.1B file ran the same
+ * either way. So a row gets the same bits in any batch of 2 or more, and alone differs only in fp32 summation
+ * order (the integer block sums are the same). */
+enum { BATCH_MIN = 2 };
 
 /* y[b] = W x[b] (+ y[b] when accumulate) for block rows W (rows, cols) against `batch` inputs quantized to int8
  * blocks as the type's traits say, into aq (batch, cols), ad (batch, cols / 32), asum (batch, cols / 16). Row b
