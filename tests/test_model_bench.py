@@ -149,3 +149,19 @@ def test_a_quantized_file_runs_as_stored_against_its_dequantized_weights(llama, 
         from gen_cli.lab.decode_bench import bench_decode
 
         bench_decode(("tiny",), ("file",))
+
+
+def test_a_quantized_file_whose_fp32_reference_will_not_fit_is_refused_in_one_line(tmp_path, monkeypatch):
+    """bench decode dequantizes a block file to fp32 as its deviation oracle: refused before that, not killed."""
+    from gen_cli import memory
+    from gen_cli.errors import GenError
+    from gen_cli.resources import default_model_dir
+
+    out = tmp_path / "q8.gguf"
+    r = CliRunner().invoke(
+        app, ["export", str(default_model_dir()), "--to", "gguf", "--out", str(out), "--type", "q8_0"]
+    )
+    assert r.exit_code == 0, r.output
+    monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": 12 * 2**20)  # room to load the 5 MB file
+    with pytest.raises(GenError, match=r"measuring q8\.gguf against its weights in fp32 needs about .* llama-bench"):
+        bench_model_decode(out, None, 1, NEW, "cpu")

@@ -26,6 +26,7 @@ from gen_cli.lab.decode_bench import (
     with_acts,
 )
 from gen_cli.lab.transformers_peer import hf_available
+from gen_cli.memory import check_fits
 from gen_cli.model.transformer import Transformer
 
 
@@ -40,6 +41,19 @@ def build_mode(reference: Transformer, mode: str, device: torch.device, path: Pa
 
 def _has_blocks(model: torch.nn.Module) -> bool:
     return any(hasattr(m, "qtype") and hasattr(m, "blocks") for m in model.modules())
+
+
+def _dequantized_bytes(model: torch.nn.Module) -> int:
+    """fp32 bytes of `model`'s block weights dequantized (a head sharing the embedding's blocks counted once)."""
+    from gen_cli.quant.block_linear import BlockEmbedding, BlockLinear
+
+    shapes = {}
+    for m in model.modules():
+        if isinstance(m, BlockLinear):
+            shapes[m.blocks.data_ptr()] = m.out_features * m.in_features
+        elif isinstance(m, BlockEmbedding):
+            shapes[m.blocks.data_ptr()] = m.num_embeddings * m.embedding_dim
+    return 4 * sum(shapes.values())
 
 
 def load_transformers(folder: Path, device: torch.device) -> Any:
@@ -89,6 +103,12 @@ def bench_model_decode(
     if _has_blocks(loaded.model):  # a quantized file: the reference is its weights dequantized
         from gen_cli.quant.block_linear import dequantize_modules
 
+        # The fp32 reference, then each mode built from a copy of it: twice the dequantized weights at once.
+        check_fits(
+            2 * _dequantized_bytes(loaded.model), f"measuring {path.name} against its weights in fp32",
+            "bench decode compares every mode with that reference; time this file with `gen generate --stats` "
+            "or llama.cpp's llama-bench instead",
+        )  # fmt: skip
         dequantize_modules(loaded.model)
         modes = modes if asked else ("file", *modes)  # by default, first of all what the file itself runs at
     modes = checked_modes(with_acts(modes, acts), new_tokens, device)
