@@ -18,6 +18,7 @@
 
 #include "blocks_32.h"
 #include "blocks_common.h"
+#include "blocks_k.h"
 #include "features.h"
 
 enum { BATCH_J = 8 }; /* activation rows per pass over a weight row (the accumulators that fit in registers) */
@@ -343,13 +344,8 @@ GEN_ALWAYS_INLINE void q4k_tile(const int nj, const uint8_t *restrict w, int64_t
     for (int j = 0; j < nj; j++) accf[j] = _mm512_setzero_ps(), accm[j] = _mm_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *p = w + b * 144, *qs = p + 16;
-        uint32_t u[4]; /* the 12 scale bytes unpacked 4 at a time: u[0..1] the 8 scales, u[2..3] the 8 mins */
-        memcpy(u, p + 4, 12);
-        u[3] = ((u[2] >> 4) & 0x0f0f0f0fu) | (((u[1] >> 6) & 0x03030303u) << 4);
-        const uint32_t m_lo = u[1] & 0x3f3f3f3fu;
-        u[1] = (u[2] & 0x0f0f0f0fu) | (((u[0] >> 6) & 0x03030303u) << 4);
-        u[2] = m_lo;
-        u[0] &= 0x3f3f3f3fu;
+        uint32_t u[4];
+        q4k_scale_words(p, u);
         const __m512i scales = _mm512_broadcast_i32x4(_mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)u)));
         const __m128i mn16 = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)(u + 2)));
         __m512i v[4], sc[4];

@@ -21,6 +21,17 @@ static inline void q4k_scales(const uint8_t *s, uint8_t sc[8], uint8_t mn[8]) {
     }
 }
 
+/* The same 12 bytes of super-block p unpacked 4 at a time, as vector code loads them: bytes of u[0..1] the 8
+ * scales, of u[2..3] the 8 mins. */
+static inline void q4k_scale_words(const uint8_t *p, uint32_t u[4]) {
+    memcpy(u, p + 4, 12);
+    u[3] = ((u[2] >> 4) & 0x0f0f0f0fu) | (((u[1] >> 6) & 0x03030303u) << 4);
+    const uint32_t m_lo = u[1] & 0x3f3f3f3fu;
+    u[1] = (u[2] & 0x0f0f0f0fu) | (((u[0] >> 6) & 0x03030303u) << 4);
+    u[2] = m_lo;
+    u[0] &= 0x3f3f3f3fu;
+}
+
 /* Q4_K super-block: fp16 d, fp16 dmin, 12 bytes of scales/mins, 128 bytes of nibbles; sub-block j (32 elements)
  * is d sc_j q - dmin m_j; chunk c's 32 bytes hold sub-block 2c in the low nibbles and 2c + 1 in the high ones. */
 static float dot_q4_k(const uint8_t *restrict w, Act a, int64_t nb) {
@@ -35,13 +46,8 @@ static float dot_q4_k(const uint8_t *restrict w, Act a, int64_t nb) {
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *p = w + b * 144, *qs = p + 16;
         const int8_t *x = a.q + b * 256;
-        uint32_t u[4]; /* the 12 scale bytes unpacked 4 at a time: u[0..1] the 8 scales, u[2..3] the 8 mins */
-        memcpy(u, p + 4, 12);
-        u[3] = ((u[2] >> 4) & 0x0f0f0f0fu) | (((u[1] >> 6) & 0x03030303u) << 4);
-        const uint32_t m_lo = u[1] & 0x3f3f3f3fu;
-        u[1] = (u[2] & 0x0f0f0f0fu) | (((u[0] >> 6) & 0x03030303u) << 4);
-        u[2] = m_lo;
-        u[0] &= 0x3f3f3f3fu;
+        uint32_t u[4];
+        q4k_scale_words(p, u);
         const __m128i sc16 = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)u));
         const __m128i mn16 = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)(u + 2)));
         const __m128i bs = _mm_hadd_epi16(_mm_loadu_si128((const __m128i *)(a.s + b * 16)),
