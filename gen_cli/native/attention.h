@@ -359,11 +359,8 @@ GEN_ALWAYS_INLINE void scores_avx(const Chunk *c, const int nq, const int kk, co
 #ifdef GEN_VNNI
     if (kk == KV_INT8 || kk == KV_INT4) queries_int(c, nq, kk, hd, &Q);
 #endif
-    if (!src->m) { /* one piece: the chunk's own indices */
-        scores_piece(c, &Q, c->s, nq, kk, &src->k, hd, c->t0, c->t1);
-        return;
-    }
-    float *sc[NQ_MAX];
+    float *sc[NQ_MAX]; /* one loop for both: a contiguous cache is one piece (an inlined second copy for it
+                        * doubled the kernel's compile time) */
     for (int64_t t = c->t0, n, base; t < c->t1; t += n) {
         KVHead k;
         n = source_run(src, 0, t, c->t1, &k, &base);
@@ -454,16 +451,12 @@ GEN_ALWAYS_INLINE void values_avx(const Chunk *c, const int nq, const int vk, co
         for (int64_t j = 0; j < J; j++) o[i][j] = _mm512_setzero_ps();
         for (int64_t g = 0; g < G; g++) zacc[i][g] = _mm512_setzero_ps();
     }
-    if (!src->m) { /* one piece: the chunk's own indices */
-        values_piece(c->s, nq, vk, &src->v, hd, c->t0, c->t1, o, zacc);
-    } else {
-        float *w[NQ_MAX];
-        for (int64_t t = c->t0, n, base; t < c->t1; t += n) {
-            KVHead v;
-            n = source_run(src, 1, t, c->t1, &v, &base);
-            for (int i = 0; i < nq; i++) w[i] = c->s[i] + base; /* the piece's token u is the row's base + u */
-            values_piece(w, nq, vk, &v, hd, t - base, t + n - base, o, zacc);
-        }
+    float *w[NQ_MAX];
+    for (int64_t t = c->t0, n, base; t < c->t1; t += n) {
+        KVHead v;
+        n = source_run(src, 1, t, c->t1, &v, &base);
+        for (int i = 0; i < nq; i++) w[i] = c->s[i] + base; /* the piece's token u is the row's base + u */
+        values_piece(w, nq, vk, &v, hd, t - base, t + n - base, o, zacc);
     }
     for (int i = 0; i < nq; i++) {
         if (vk != KV_INT4) {
