@@ -287,6 +287,17 @@ class NativeDecoder:
             self._layers[i].k_kind = KV_KINDS.get(cache.k_sides[i].kind, KV_KINDS["float"])
             self._layers[i].v_kind = KV_KINDS.get(cache.v_sides[i].kind, KV_KINDS["float"])
 
+    def _point_layers(self, cache: KVCache | BlockPool) -> None:
+        """Point every Layer's K/V fields at `cache`'s tensors (a linear cache, or a pool's blocks)."""
+        for i in range(self.config.n_layer):
+            layer = self._layers[i]
+            for side, sides in (("k", cache.k_sides), ("v", cache.v_sides)):
+                # int8: [values, scale]; int4: [packed values, scale, zero]; a float kind: [values]
+                values, scale, zero = (*(t.data_ptr() for t in sides[i].tensors), None, None)[:3]
+                setattr(layer, f"{side}_cache", values)
+                setattr(layer, f"{side}_scale", scale)
+                setattr(layer, f"{side}_zero", zero)
+
     def _bind(self, cache: KVCache, batch: int) -> None:
         """Point the structs at this cache and size the scratch for `batch` rows (only when they change)."""
         # A weak reference: a finished generation's cache is freed, and a new one is bound afresh.
@@ -294,14 +305,7 @@ class NativeDecoder:
         key = (weakref.ref(cache), batch, torch.get_num_threads())
         s = self._struct
         if not (bound is cache and key[1:] == self._bound[1:]):
-            for i in range(self.config.n_layer):
-                layer = self._layers[i]
-                for side, sides in (("k", cache.k_sides), ("v", cache.v_sides)):
-                    # int8: [values, scale]; int4: [packed values, scale, zero]; a float kind: [values]
-                    values, scale, zero = (*(t.data_ptr() for t in sides[i].tensors), None, None)[:3]
-                    setattr(layer, f"{side}_cache", values)
-                    setattr(layer, f"{side}_scale", scale)
-                    setattr(layer, f"{side}_zero", zero)
+            self._point_layers(cache)
             self._bound, self._rows_mode, self._paged_pool = key, True, None  # the fields below are set afresh
         if self._rows_mode:  # `rows` ran since: its slots, stride and kinds give way to this cache's
             self._ensure_scratch(batch, cache.max_tokens)
@@ -353,15 +357,9 @@ class NativeDecoder:
 
     def _bind_paged(self, seqs: list[PagedSequence], batch: int) -> None:
         """Point the layers at the pool's blocks and Model.block_table at each sequence's table."""
-        c, s, pool = self.config, self._struct, seqs[0].pool
+        s, pool = self._struct, seqs[0].pool
         if self._paged_pool is not pool:
-            for i in range(c.n_layer):
-                layer = self._layers[i]
-                for side, sides in (("k", pool.k_sides), ("v", pool.v_sides)):
-                    values, scale, zero = (*(t.data_ptr() for t in sides[i].tensors), None, None)[:3]
-                    setattr(layer, f"{side}_cache", values)
-                    setattr(layer, f"{side}_scale", scale)
-                    setattr(layer, f"{side}_zero", zero)
+            self._point_layers(pool)
             self._paged_pool, self._bound = pool, ()  # the plain step re-points the layers at its cache
         self._set_kinds(pool)  # type: ignore[arg-type]
         self._rows_key = ()  # the slots path sets its kinds afresh
