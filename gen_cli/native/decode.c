@@ -67,12 +67,24 @@ static void rope(const Model *m, const Rows *r) {
     }
 }
 
-/* h = silu(gate) * up, from ff = [gate | up] per row. */
+/* h = silu(gate) * up, from ff = [gate | up] per row. Sixteen lanes at a time where AVX-512 is: the scalar expf
+ * loop took 3% of a 135M model's decode step and 5% of a batch of 8. */
 static void swiglu(const Model *m) {
     const int64_t f = m->d_ff;
     for (int64_t b = 0; b < m->batch; b++) {
         const float *gate = m->ff + b * 2 * f, *up = gate + f;
-        for (int64_t i = 0; i < f; i++) m->h[b * f + i] = gate[i] / (1.f + expf(-gate[i])) * up[i];
+        float *h = m->h + b * f;
+        int64_t i = 0;
+#ifdef GEN_AVX512
+        const __m512 one = _mm512_set1_ps(1.f);
+        for (; i + 16 <= f; i += 16) { /* sigmoid from e = e^-|g| (exp16 wants x <= 0): 1 / (1 + e), or e / (1 + e) for g < 0 */
+            const __m512 g = _mm512_loadu_ps(gate + i), e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(g)));
+            const __m512 top = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_LT_OQ), one, e);
+            const __m512 silu = _mm512_mul_ps(g, _mm512_div_ps(top, _mm512_add_ps(one, e)));
+            _mm512_storeu_ps(h + i, _mm512_mul_ps(silu, _mm512_loadu_ps(up + i)));
+        }
+#endif
+        for (; i < f; i++) h[i] = gate[i] / (1.f + expf(-gate[i])) * up[i];
     }
 }
 
