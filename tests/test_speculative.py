@@ -21,6 +21,7 @@ from gen_cli.infer import proposers as pr
 from gen_cli.infer import speculative as sp
 from gen_cli.infer.generate import generate, new_cache
 from gen_cli.infer.optimize import optimize_for_decode
+from gen_cli.infer.planner import Planner
 from gen_cli.infer.sampling import SamplingConfig, distribution
 from gen_cli.model.transformer import Transformer
 
@@ -112,8 +113,8 @@ def test_fixed_k_and_a_stop_id_end_where_plain_greedy_does(k):
     assert stats.proposed <= k * stats.verify_rounds
 
 
-def _planner(costs: dict[int, float], rate: float | None = None) -> sp.Planner:
-    planner = sp.Planner({n: deque([c] * sp.Planner.SURE) for n, c in costs.items()}, 8)
+def _planner(costs: dict[int, float], rate: float | None = None) -> Planner:
+    planner = Planner({n: deque([c] * Planner.SURE) for n, c in costs.items()}, 8)
     if rate is not None:  # every position measured at this acceptance
         planner.rate, planner.tried = [rate] * 8, [1] * 8
     return planner
@@ -157,7 +158,7 @@ def test_a_forward_cost_is_bounded_by_cheaper_wider_ones():
 
 
 def test_a_cost_read_once_is_no_dearer_than_the_trend_below_it():
-    planner = sp.Planner({1: deque([1.0] * 3), 2: deque([1.2] * 3), 3: deque([9.0])}, 8)
+    planner = Planner({1: deque([1.0] * 3), 2: deque([1.2] * 3), 3: deque([9.0])}, 8)
     planner.rate, planner.tried = [1.0] * 8, [1] * 8
     assert planner._table(3)[3] == pytest.approx(1.4)  # 1.0, 1.2, then the line: 1.4, not 9.0
     assert planner.choose(room=10) == 3  # three guesses: four rows, hoped on the trend (1.6)
