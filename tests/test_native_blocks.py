@@ -224,3 +224,20 @@ def test_optimize_for_decode_routes_block_layers_through_the_kernel_only_nativel
     kernels = {m.kernel for m in model.modules() if isinstance(m, BlockLinear)}
     assert kernels == ({block_matmul} if use_native else {None})
     assert (model.native_decoder is not None) == use_native
+
+
+def test_prompt_tiles_are_fp32_under_a_onednn_cap_without_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Capping oneDNN at AVX2 (to measure what such a machine does) must not leave prompts on bf16 tiles, which
+    oneDNN would then emulate; no cap keeps what the CPU has."""
+    from gen_cli.native import block_matmul as bm
+
+    try:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")
+        bm._has_bf16_gemm.cache_clear()
+        assert bm.tile_dtype() == torch.float32
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+        bm._has_bf16_gemm.cache_clear()
+        native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        assert bm.tile_dtype() == (torch.bfloat16 if native else torch.float32)
+    finally:
+        bm._has_bf16_gemm.cache_clear()

@@ -17,6 +17,7 @@ for int8; fp32: the few-token kernel multiplies fp32 activations as they are, a 
 from __future__ import annotations
 
 import ctypes
+import os
 from collections.abc import Callable
 from functools import cache, partial
 
@@ -80,9 +81,16 @@ def _tiled(lib: ctypes.CDLL, x: torch.Tensor, layer: BlockLinear, dtype: torch.d
     return y.float()
 
 
+# oneDNN's ISA caps (ONEDNN_MAX_CPU_ISA) under which it has no native bf16 GEMM: the CPU may, but a user who caps
+# oneDNN (to measure what an AVX2 machine does, say) gets fp32 tiles, as that machine would.
+_NO_BF16_ISAS = frozenset({"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX512_CORE", "AVX512_CORE_VNNI"})
+
+
 @cache
 def _has_bf16_gemm() -> bool:
     """Whether this CPU multiplies bf16 natively (else bf16 GEMM is emulated and slower than fp32)."""
+    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper() in _NO_BF16_ISAS:
+        return False
     try:
         return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
