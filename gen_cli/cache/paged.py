@@ -6,10 +6,11 @@ C step reads a block as a piece of a cache row, and a KV head's blocks that foll
 one piece.
 `PagedSequence` is one sequence's cache over the pool (the interface every cache has: positions, update,
 advance), taking blocks as it grows and giving them back when freed. Prefix caching as vLLM does it: a full
-block is known by a hash of its tokens and of every token before it; a new sequence whose prompt starts with
-cached full blocks takes them (refcounted) instead of computing them. The partly filled last block is never
-shared, and a shared block is copied before it is written (after a truncate). Freed blocks that carry a hash
-stay findable until reused, oldest first.
+block is known by a hash of its tokens and of every token before it, whether a prompt or decode filled it
+(`commit`: a chat's next prompt is the last one + its answer + a new turn); a new sequence whose prompt starts
+with cached full blocks takes them (refcounted) instead of computing them. The partly filled last block is
+never shared, and a shared block is copied before it is written (after a truncate). Freed blocks that carry a
+hash stay findable until reused, oldest first, a sequence's last block before its first.
 """
 
 from __future__ import annotations
@@ -39,12 +40,16 @@ def blocks_for(tokens: int, block_tokens: int) -> int:
     return -(-tokens // block_tokens)
 
 
+def chain_hash(parent: bytes, tokens: Sequence[int]) -> bytes:
+    """The prefix hash of a block of `tokens` after the block whose hash is `parent` (b"" for the first)."""
+    return hashlib.blake2b(parent + array("q", tokens).tobytes(), digest_size=16).digest()
+
+
 def prefix_hashes(ids: Sequence[int], block_tokens: int) -> list[bytes]:
     """The chain hash of each full block of `ids`: block i's hash covers its tokens and every token before."""
     out, parent = [], b""
     for start in range(0, len(ids) - block_tokens + 1, block_tokens):
-        tokens = array("q", ids[start : start + block_tokens]).tobytes()
-        parent = hashlib.blake2b(parent + tokens, digest_size=16).digest()
+        parent = chain_hash(parent, ids[start : start + block_tokens])
         out.append(parent)
     return out
 
@@ -99,6 +104,12 @@ class BlockPool(KVStorage):
     def cached(self) -> int:
         """Free blocks that still carry a prefix hash (reused by a later sequence with that prefix)."""
         return sum(1 for b in self._free if b in self._hash_of)
+
+    def stats(self) -> dict[str, int]:
+        """The pool now (blocks held, cached, bytes held) and its prefix hits so far, for a server or bench."""
+        return {"blocks": self.n_blocks, "block_tokens": self.block_tokens, "in_use": self.blocks_in_use,
+                "cached": self.cached, "bytes_in_use": self.bytes_in_use, "prefix_hit_blocks": self.prefix_hits,
+                "prefix_hit_tokens": self.prefix_hits * self.block_tokens}  # fmt: skip
 
     def analytic_bytes(self, tokens: int) -> int:
         """The analytic minimum for `tokens` distinct tokens: bytes per token (every layer, K and V) × tokens."""
@@ -313,7 +324,7 @@ class PagedSequence:
         if not 0 <= pos <= self.pos:
             raise InternalError(f"KV cache truncate to {pos}: must be between 0 and the position {self.pos}")
         keep = blocks_for(pos, self.pool.block_tokens)
-        for block in self.table[keep:]:
+        for block in reversed(self.table[keep:]):  # the last block freed first is reused first (see `free`)
             self.pool.release(block)
             self.reserved += 1
             self.pool._promised += 1
@@ -325,20 +336,29 @@ class PagedSequence:
         self.truncate(0)
 
     def commit(self, ids: Sequence[int]) -> None:
-        """Index this sequence's full blocks by the prefix hashes of `ids` (its tokens so far), so that later
-        sequences starting with them share the blocks."""
+        """Index the blocks that filled since the last call by the prefix hashes of `ids` (this sequence's
+        tokens so far: its prompt's and those decode wrote), so that later sequences starting with them share
+        the blocks. O(1) unless a block filled: the scheduler calls it after every decode step.
+
+        Only blocks whose every slot holds K/V of `ids` (below `pos`) are indexed, so a partly filled block
+        never is. An indexed block is never written while indexed: `reserve` drops its hash (or copies it,
+        when shared) before a write after a `truncate` into it."""
         bt = self.pool.block_tokens
-        full = min(self.pos, len(ids)) // bt
-        if full <= len(self.hashes):
+        full, done = min(self.pos, len(ids)) // bt, len(self.hashes)
+        if full <= done:
             return
-        hashes = prefix_hashes(ids[: full * bt], bt)
-        for i in range(len(self.hashes), full):
-            self.pool.register(self.table[i], hashes[i])
-        self.hashes = hashes
+        parent = self.hashes[-1] if done else b""
+        for i in range(done, full):  # each hash chained from the last: the hash a prompt of these tokens gets
+            parent = chain_hash(parent, ids[i * bt : (i + 1) * bt])
+            self.pool.register(self.table[i], parent)
+            self.hashes.append(parent)
 
     def free(self) -> None:
-        """Give every block back (and any promised block not taken); the sequence is empty after."""
-        for block in self.table:
+        """Give every block back (and any promised block not taken); the sequence is empty after.
+
+        Last block first: freed blocks are reused oldest first, and a prefix is found block by block from its
+        start, so evicting a cached chain from its tail keeps its head (the part most prompts share) longest."""
+        for block in reversed(self.table):
             self.pool.release(block)
         self.pool._promised -= self.reserved
         self.table, self.hashes, self.reserved, self.pos = [], [], 0, 0
