@@ -451,6 +451,35 @@ def test_server_on_a_paged_pool_answers_as_without_one():
     assert answers[0] == answers[1]
 
 
+def test_server_reports_the_cached_tokens_of_a_next_turn():
+    """Over HTTP, turn 2 (turn 1's prompt + its answer + a question) is served from the blocks turn 1's prompt
+    and answer filled: `usage.prompt_tokens_details.cached_tokens` (OpenAI's field) counts them, beyond the
+    prompt's own 2 blocks, and /health shows the pool (nothing held, turn 1's blocks cached)."""
+    import urllib.request
+
+    from gen_cli.infer.engine import EngineOptions, Preset, open_model
+    from gen_cli.serve.server import BackgroundServer, ServeOptions, served
+
+    engine = open_model(Preset("tiny"), EngineOptions(device="cpu"))
+
+    def post(url: str, body: dict) -> dict:
+        request = urllib.request.Request(url, json.dumps(body).encode(), {"content-type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as r:
+            return json.loads(r.read())
+
+    prompt = "The cat sat on the mat and"
+    with BackgroundServer(served(engine, "tiny", ServeOptions(kv_blocks=64, block_tokens=4))) as srv:
+        body = {"model": "tiny", "max_tokens": 24, "temperature": 0}
+        one = post(srv.url + "/v1/completions", {**body, "prompt": prompt})
+        assert one["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+        two = post(srv.url + "/v1/completions", {**body, "prompt": prompt + one["choices"][0]["text"] + " Then?"})
+        with urllib.request.urlopen(srv.url + "/health", timeout=60) as r:
+            kv = json.loads(r.read())["kv"]
+    ids = engine.encode(prompt)
+    assert len(ids) == 9 and two["usage"]["prompt_tokens_details"]["cached_tokens"] == 32  # 8 blocks, not 2
+    assert kv["in_use"] == 0 and kv["prefix_hit_tokens"] == 32 and kv["cached"] >= 8
+
+
 def test_cli_bench_serve_shared_prefix_json():
     from typer.testing import CliRunner
 
