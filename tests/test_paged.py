@@ -472,12 +472,14 @@ def test_server_reports_the_cached_tokens_of_a_next_turn():
         body = {"model": "tiny", "max_tokens": 24, "temperature": 0}
         one = post(srv.url + "/v1/completions", {**body, "prompt": prompt})
         assert one["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
-        two = post(srv.url + "/v1/completions", {**body, "prompt": prompt + one["choices"][0]["text"] + " Then?"})
+        second = prompt + one["choices"][0]["text"] + " Then?"
+        two = post(srv.url + "/v1/completions", {**body, "prompt": second})
         with urllib.request.urlopen(srv.url + "/health", timeout=60) as r:
             kv = json.loads(r.read())["kv"]
-    ids = engine.encode(prompt)
-    assert len(ids) == 9 and two["usage"]["prompt_tokens_details"]["cached_tokens"] == 32  # 8 blocks, not 2
-    assert kv["in_use"] == 0 and kv["prefix_hit_tokens"] == 32 and kv["cached"] >= 8
+    assert len(engine.encode(prompt)) == 9 and two["usage"]["prompt_tokens_details"]["cached_tokens"] == 32
+    assert kv["in_use"] == 0 and kv["prefix_hit_tokens"] == 32 and kv["cached"] >= 8  # 8 blocks shared, not 2
+    # the most held: turn 2's blocks once its answer's K/V are in (all but its last token's)
+    assert kv["peak_bytes_in_use"] == blocks_for(len(engine.encode(second)) + 23, 4) * kv["block_bytes"]
 
 
 def test_cli_bench_serve_shared_prefix_json():
@@ -494,6 +496,44 @@ def test_cli_bench_serve_shared_prefix_json():
     # 2 sequences of 40 + 16 tokens: the 2 full 16-token blocks of the prefix held once when shared
     assert off["blocks_in_use"] == 2 * 4 and on["blocks_in_use"] == 2 + 2 * 2
     assert on["analytic"] <= on["bytes_in_use"] <= on["analytic"] + 2 * on["block_bytes"]
+
+
+def test_multi_turn_bench_counts_the_answers_blocks_as_cached():
+    """One chat of 3 turns (8-token answers): turns 2 and 3 are served the full blocks of the last prompt and
+    its answer (all of its tokens but the last answer token are in the cache); with the prefix cache off none."""
+    from gen_cli.infer.scheduler import Request
+    from gen_cli.lab.serve_bench import closed_loop, conversations
+
+    model = _model()
+    chat = conversations(model.config.vocab_size, 1, 1, 3, 8)
+    prompts = [chat(0, None)[0]]  # the prompts this chat sends, answers standing in as zeros
+    for _ in range(2):
+        prompts.append(chat(0, Request(prompts[-1], 8, tokens=[0] * 8))[0])
+    assert chat(0, Request(prompts[-1], 8)) is None
+    want = sum(16 * ((len(p) + 7) // 16) for p in prompts[:2])
+    runs = {}
+    for share in (True, False):
+        jobs = conversations(model.config.vocab_size, 1, 1, 3, 8)
+        runs[share] = closed_loop(model, "continuous", 1, jobs, kv_blocks=20, prefix_cache=share)
+    assert runs[True].requests == runs[False].requests == 3
+    assert runs[True].prompt_tokens == runs[False].prompt_tokens == sum(len(p) for p in prompts)
+    assert runs[True].cached_tokens == want > 16 * (len(prompts[0]) // 16) and runs[False].cached_tokens == 0
+
+
+def test_cli_bench_serve_turns_json():
+    from typer.testing import CliRunner
+
+    from gen_cli.cli import app
+
+    argv = "bench serve --preset tiny --turns 2 --clients 2 --requests 4 --rounds 1 -n 8 --json"
+    done = CliRunner().invoke(app, argv.split())
+    assert done.exit_code == 0, done.output
+    on, off = json.loads(done.stdout)["turns"]
+    assert (on["mode"], off["mode"]) == ("prefix cache on", "prefix cache off")
+    assert on["prompt_tokens"] == off["prompt_tokens"] and on["cached_tokens"] > 0 == off["cached_tokens"]
+    assert 0 < on["kv_analytic"] <= on["kv_peak"]
+    done = CliRunner().invoke(app, [*argv.split(), "--shared-prefix", "8"])
+    assert done.exit_code == 2 and "not both" in done.output
 
 
 def test_sequences_growing_in_turn_keep_their_blocks_side_by_side():

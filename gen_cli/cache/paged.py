@@ -78,6 +78,7 @@ class BlockPool(KVStorage):
         self._by_hash: dict[bytes, int] = {}
         self._promised = 0  # blocks admitted sequences may still take (PagedSequence.reserved)
         self.prefix_hits = 0  # blocks taken from the index instead of computed
+        self.peak_in_use = 0  # the most blocks held at once since the pool was made
 
     # ---- accounting ---------------------------------------------------------------------------------
     @property
@@ -107,8 +108,9 @@ class BlockPool(KVStorage):
 
     def stats(self) -> dict[str, int]:
         """The pool now (blocks held, cached, bytes held) and its prefix hits so far, for a server or bench."""
-        return {"blocks": self.n_blocks, "block_tokens": self.block_tokens, "in_use": self.blocks_in_use,
-                "cached": self.cached, "bytes_in_use": self.bytes_in_use, "prefix_hit_blocks": self.prefix_hits,
+        return {"blocks": self.n_blocks, "block_tokens": self.block_tokens, "block_bytes": self.block_bytes,
+                "in_use": self.blocks_in_use, "cached": self.cached, "bytes_in_use": self.bytes_in_use,
+                "peak_bytes_in_use": self.peak_in_use * self.block_bytes, "prefix_hit_blocks": self.prefix_hits,
                 "prefix_hit_tokens": self.prefix_hits * self.block_tokens}  # fmt: skip
 
     def analytic_bytes(self, tokens: int) -> int:
@@ -119,6 +121,7 @@ class BlockPool(KVStorage):
     def _take(self, block: int) -> None:
         if self.refs[block] == 0:
             del self._free[block]
+            self.peak_in_use = max(self.peak_in_use, self.blocks_in_use)
         self.refs[block] += 1
 
     def allocate(self, after: int | None = None) -> int:
