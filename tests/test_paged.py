@@ -704,3 +704,26 @@ def test_a_cached_chain_is_evicted_from_its_tail():
     other = pool.sequence(12)
     other.reserve(12)  # 3 blocks: the 2 vacant ones, then the oldest free one
     assert len(pool.match(prefix_hashes(ids, 4))) == 3
+
+
+def test_a_sequence_reusing_cached_blocks_still_gets_them_side_by_side():
+    """Once every free block is cached, a sequence growing block by block takes the blocks freed longest ago
+    (a chain's tail, its head kept findable) in ascending order, so that they are read as one piece."""
+    pool = _pool(_model(native=False), blocks=16, block_tokens=2)
+    chains = []
+    for first in (0, 100):
+        seq = pool.sequence(16)
+        ids = list(range(first, first + 16))
+        _shadow_write(seq, ids)
+        seq.commit(ids)
+        chains.append((ids, list(seq.table)))
+        seq.free()
+    assert chains[0][1] == list(range(8)) and pool.cached == 16
+    grower = pool.sequence(6)
+    for _ in range(6):
+        _shadow_write(grower, [7])
+    assert grower.table == [5, 6, 7]  # the first chain's last 3 blocks, side by side
+    assert (
+        pool.match(prefix_hashes(chains[0][0], 2)) == list(range(5))
+        and len(pool.match(prefix_hashes(chains[1][0], 2))) == 8
+    )

@@ -16,6 +16,7 @@ hash stay findable until reused, oldest first, a sequence's last block before it
 from __future__ import annotations
 
 import hashlib
+import itertools
 from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -124,9 +125,10 @@ class BlockPool(KVStorage):
             self.peak_in_use = max(self.peak_in_use, self.blocks_in_use)
         self.refs[block] += 1
 
-    def allocate(self, after: int | None = None) -> int:
+    def allocate(self, after: int | None = None, want: int = 1) -> int:
         """A fresh block (refcount 1), its old prefix hash forgotten: the one right after block `after` (a
-        sequence's last) when vacant, else one with room to grow after it, else the free block unused longest.
+        sequence's last) when vacant, else one with room to grow after it, else a cached block (`_evict`; the
+        sequence may take `want` blocks in all from now on).
 
         A sequence whose blocks lie side by side is read as one piece; blocks scattered through the pool read
         about half as fast (memory traffic, not per-block work: docs/kv-cache.md). Blocks that still carry a
@@ -137,10 +139,18 @@ class BlockPool(KVStorage):
         if block is None:
             block = self._roomiest()
         if block is None:
-            block = next(iter(self._free))
+            block = self._evict(after, want)
         self._forget(block)
         self._take(block)
         return block
+
+    def _evict(self, after: int | None, want: int) -> int:
+        """A free block to reuse when every one is cached: among the `want` freed longest ago (the blocks that
+        least-recently-used order gives a sequence taking `want`), the one after `after`, else the lowest. The
+        same blocks go as in that order, but side by side: a freed chain's last block is its oldest (`free`),
+        so taking them oldest first would lay a growing sequence out backwards, one piece per block."""
+        oldest = list(itertools.islice(self._free, max(want, 1)))
+        return after + 1 if after is not None and after + 1 in oldest else min(oldest)
 
     def _vacant(self, block: int) -> bool:
         return self.refs[block] == 0 and block not in self._hash_of
@@ -257,10 +267,11 @@ class PagedSequence:
         return len(self.table) * self.pool.block_bytes
 
     def _fresh(self) -> int:
+        want = self.reserved  # the blocks this sequence may still take, this one included
         if self.reserved > 0:
             self.reserved -= 1
             self.pool._promised -= 1
-        return self.pool.allocate(after=self.table[-1] if self.table else None)
+        return self.pool.allocate(after=self.table[-1] if self.table else None, want=want)
 
     def reserve(self, t: int) -> None:
         """Make positions pos…pos+t-1 writable: blocks taken as needed, a shared or indexed one copied first."""
