@@ -146,11 +146,17 @@ class BlockPool(KVStorage):
 
     def _evict(self, after: int | None, want: int) -> int:
         """A free block to reuse when every one is cached: among the `want` freed longest ago (the blocks that
-        least-recently-used order gives a sequence taking `want`), the one after `after`, else the lowest. The
-        same blocks go as in that order, but side by side: a freed chain's last block is its oldest (`free`),
-        so taking them oldest first would lay a growing sequence out backwards, one piece per block."""
+        least-recently-used order gives a sequence taking `want`), the one after `after`, else the first of the
+        run of them that holds the oldest. About the blocks that order evicts, but side by side: a freed chain's
+        last block is its oldest (`free`), so taking them oldest first would lay a growing sequence out
+        backwards, one piece per block."""
         oldest = list(itertools.islice(self._free, max(want, 1)))
-        return after + 1 if after is not None and after + 1 in oldest else min(oldest)
+        if after is not None and after + 1 in oldest:
+            return after + 1
+        soon, block = set(oldest), oldest[0]
+        while block - 1 in soon:
+            block -= 1
+        return block
 
     def _vacant(self, block: int) -> bool:
         return self.refs[block] == 0 and block not in self._hash_of
