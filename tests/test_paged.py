@@ -451,6 +451,37 @@ def test_server_on_a_paged_pool_answers_as_without_one():
     assert answers[0] == answers[1]
 
 
+def test_server_reports_the_cached_tokens_of_a_next_turn():
+    """Over HTTP, turn 2 (turn 1's prompt + its answer + a question) is served from the blocks turn 1's prompt
+    and answer filled: `usage.prompt_tokens_details.cached_tokens` (OpenAI's field) counts them, beyond the
+    prompt's own 2 blocks, and /health shows the pool (nothing held, turn 1's blocks cached)."""
+    import urllib.request
+
+    from gen_cli.infer.engine import EngineOptions, Preset, open_model
+    from gen_cli.serve.server import BackgroundServer, ServeOptions, served
+
+    engine = open_model(Preset("tiny"), EngineOptions(device="cpu"))
+
+    def post(url: str, body: dict) -> dict:
+        request = urllib.request.Request(url, json.dumps(body).encode(), {"content-type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as r:
+            return json.loads(r.read())
+
+    prompt = "The cat sat on the mat and"
+    with BackgroundServer(served(engine, "tiny", ServeOptions(kv_blocks=64, block_tokens=4))) as srv:
+        body = {"model": "tiny", "max_tokens": 24, "temperature": 0}
+        one = post(srv.url + "/v1/completions", {**body, "prompt": prompt})
+        assert one["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+        second = prompt + one["choices"][0]["text"] + " Then?"
+        two = post(srv.url + "/v1/completions", {**body, "prompt": second})
+        with urllib.request.urlopen(srv.url + "/health", timeout=60) as r:
+            kv = json.loads(r.read())["kv"]
+    assert len(engine.encode(prompt)) == 9 and two["usage"]["prompt_tokens_details"]["cached_tokens"] == 32
+    assert kv["in_use"] == 0 and kv["prefix_hit_tokens"] == 32 and kv["cached"] >= 8  # 8 blocks shared, not 2
+    # the most held: turn 2's blocks once its answer's K/V are in (all but its last token's)
+    assert kv["peak_bytes_in_use"] == blocks_for(len(engine.encode(second)) + 23, 4) * kv["block_bytes"]
+
+
 def test_cli_bench_serve_shared_prefix_json():
     from typer.testing import CliRunner
 
@@ -467,6 +498,44 @@ def test_cli_bench_serve_shared_prefix_json():
     assert on["analytic"] <= on["bytes_in_use"] <= on["analytic"] + 2 * on["block_bytes"]
 
 
+def test_multi_turn_bench_counts_the_answers_blocks_as_cached():
+    """One chat of 3 turns (8-token answers): turns 2 and 3 are served the full blocks of the last prompt and
+    its answer (all of its tokens but the last answer token are in the cache); with the prefix cache off none."""
+    from gen_cli.infer.scheduler import Request
+    from gen_cli.lab.serve_bench import closed_loop, conversations
+
+    model = _model()
+    chat = conversations(model.config.vocab_size, 1, 1, 3, 8)
+    prompts = [chat(0, None)[0]]  # the prompts this chat sends, answers standing in as zeros
+    for _ in range(2):
+        prompts.append(chat(0, Request(prompts[-1], 8, tokens=[0] * 8))[0])
+    assert chat(0, Request(prompts[-1], 8)) is None
+    want = sum(16 * ((len(p) + 7) // 16) for p in prompts[:2])
+    runs = {}
+    for share in (True, False):
+        jobs = conversations(model.config.vocab_size, 1, 1, 3, 8)
+        runs[share] = closed_loop(model, "continuous", 1, jobs, kv_blocks=20, prefix_cache=share)
+    assert runs[True].requests == runs[False].requests == 3
+    assert runs[True].prompt_tokens == runs[False].prompt_tokens == sum(len(p) for p in prompts)
+    assert runs[True].cached_tokens == want > 16 * (len(prompts[0]) // 16) and runs[False].cached_tokens == 0
+
+
+def test_cli_bench_serve_turns_json():
+    from typer.testing import CliRunner
+
+    from gen_cli.cli import app
+
+    argv = "bench serve --preset tiny --turns 2 --clients 2 --requests 4 --rounds 1 -n 8 --json"
+    done = CliRunner().invoke(app, argv.split())
+    assert done.exit_code == 0, done.output
+    on, off = json.loads(done.stdout)["turns"]
+    assert (on["mode"], off["mode"]) == ("prefix cache on", "prefix cache off")
+    assert on["prompt_tokens"] == off["prompt_tokens"] and on["cached_tokens"] > 0 == off["cached_tokens"]
+    assert 0 < on["kv_analytic"] <= on["kv_peak"]
+    done = CliRunner().invoke(app, [*argv.split(), "--shared-prefix", "8"])
+    assert done.exit_code == 2 and "not both" in done.output
+
+
 def test_sequences_growing_in_turn_keep_their_blocks_side_by_side():
     """Four sequences taking a block each in turn (as decode does) get runs of adjacent blocks, not every
     fourth block; a sequence starts in the middle of the longest vacant run when its start is held."""
@@ -480,3 +549,181 @@ def test_sequences_growing_in_turn_keep_their_blocks_side_by_side():
     assert sorted(b for t in tables for b in t) == sorted(set(b for t in tables for b in t))  # no block twice
     assert all(b - a == 1 for t in tables for a, b in itertools.pairwise(t)), tables
     assert tables[0][0] == 0 and tables[1][0] == 32  # the second starts halfway into the run after the first
+
+
+# ---- blocks that decode fills are shared too (a chat's next turn) --------------------------------------
+
+
+def _turn(sched, ids: list[int], n: int):
+    from gen_cli.infer.scheduler import Request
+
+    request = sched.submit(Request(ids, n))
+    sched.run_until_idle()
+    assert request.finish == "length"
+    return request
+
+
+@needs_cc
+@pytest.mark.parametrize("kinds", KINDS, ids="/".join)
+@pytest.mark.parametrize("native", [True, False], ids=["native", "pytorch"])
+def test_a_next_turn_shares_the_blocks_the_answer_filled(kinds, native):
+    """Turn 2's prompt is turn 1's prompt + its answer + 3 tokens: it takes every full block turn 1 held (5 of
+    4 tokens: 2 of the prompt, 3 the answer filled; not the partly filled 6th) and answers as on a fresh pool."""
+    from gen_cli.cache.spec import CacheSpec
+    from gen_cli.infer.scheduler import Scheduler
+
+    model = _model(native=native)
+    first = torch.randint(0, 300, (10,), generator=torch.Generator().manual_seed(5)).tolist()
+    sched = Scheduler(model, spec=CacheSpec(*kinds), kv_blocks=30, block_tokens=4)
+    one = _turn(sched, first, 14)  # its cache holds 10 + 13 tokens: 5 full blocks and 3 tokens of a 6th
+    assert sched.pool.blocks_in_use == 0 and sched.pool.cached == 5
+    second = [*first, *one.tokens, 7, 8, 9]
+    two = _turn(sched, second, 6)
+    assert two.cached_tokens == 20 and sched.pool.prefix_hits == 5
+    fresh = _turn(Scheduler(model, spec=CacheSpec(*kinds), kv_blocks=30, block_tokens=4), second, 6)
+    assert fresh.cached_tokens == 0 and two.tokens == fresh.tokens
+    if native and kinds == ("fp32", "fp32"):
+        assert two.tokens == _single(model, second, 6, kinds)
+
+
+def test_partly_filled_blocks_are_never_indexed():
+    """Decode indexes a block only once all of it is written: a sequence 1 token short of a block boundary
+    leaves that block out of the index, and one more token puts it in."""
+    model = _model(native=False)
+    pool = _pool(model, block_tokens=4)
+    ids = list(range(20, 27))  # 7 tokens: block 0 full, block 1 has 3
+    seq = pool.admit(ids, 12)
+    prefill_chunk(model, ids, seq)
+    seq.commit([*ids, 99])  # a picked token not yet fed back: its slot is empty, its block not indexed
+    assert len(pool._by_hash) == 1 and seq.hashes == prefix_hashes(ids, 4)
+    batched_step(model, [99], [seq])
+    seq.commit([*ids, 99, 98])
+    assert len(pool._by_hash) == 2 and pool.match(prefix_hashes([*ids, 99], 4)) == seq.table[:2]
+
+
+def _shadow_write(seq, tokens: list[int]) -> None:
+    """Write `tokens` into the pool as K and V whose every element is the token id (fp32 keeps them exactly)."""
+    seq.reserve(len(tokens))
+    shape = (1, seq.config.n_kv_head, len(tokens), seq.config.head_dim)
+    kv = torch.tensor(tokens, dtype=torch.float32)[None, None, :, None].expand(shape)  # (1, H, T, head_dim)
+    for layer in range(seq.config.n_layer):
+        seq.update(layer, kv, kv)
+    seq.advance(len(tokens))
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["join", "grow", "commit", "truncate", "leave"]), st.integers(0, 40)), max_size=50
+    )
+)
+def test_an_indexed_block_always_holds_the_tokens_its_hash_names(ops):
+    """Random prompts over a 2-token alphabet (so that prefixes collide), decode growth, commits, truncation
+    into indexed blocks and leaves: after every step each indexed block's K/V are the last block of the tokens
+    its hash was made from, so a later prompt never takes K/V of tokens other than its own."""
+    config = tiny_config(n_kv_head=2)
+    pool = BlockPool(config, 20, 4)
+    live: list[tuple] = []  # (sequence, its token ids: what its slots below pos hold)
+    named: dict[bytes, tuple[int, ...]] = {}  # every hash ever made -> the tokens it covers
+    for op, n in ops:
+        if op == "join":
+            ids = [1 + (n >> i) % 2 for i in range(2 + n % 11)]
+            seq = pool.admit(ids, 24)
+            if seq is None:
+                continue
+            assert seq.pos % 4 == 0
+            _shadow_write(seq, ids[seq.pos :])
+            live.append((seq, ids))
+        elif live and op == "grow":
+            seq, ids = live[n % len(live)]
+            new = [1 + (n >> i) % 2 for i in range(min(1 + n % 5, seq.max_tokens - seq.pos))]
+            try:
+                _shadow_write(seq, new)
+            except PoolExhausted:  # a copy on write takes a block unpromised
+                continue
+            ids += new
+        elif live and op == "commit":
+            seq, ids = live[n % len(live)]
+            for i, h in enumerate(prefix_hashes(ids, 4)):
+                named[h] = tuple(ids[: 4 * (i + 1)])
+            seq.commit(ids)
+        elif live and op == "truncate":
+            seq, ids = live[n % len(live)]
+            seq.truncate(n % (seq.pos + 1))
+            del ids[seq.pos :]
+        elif live:
+            live.pop(n % len(live))[0].free()
+        k = pool.k_sides[0].tensors[0][0, 0, :, 0]  # (slots,): layer 0, head 0, the token ids written
+        for h, block in pool._by_hash.items():
+            assert k[block * 4 : block * 4 + 4].tolist() == list(named[h][-4:]), (block, named[h])
+    for seq, _ in live:
+        seq.free()
+    assert pool.blocks_in_use == 0
+
+
+def test_a_rolled_back_answer_is_not_shared_a_rewritten_one_is():
+    """A sequence indexes an answer block, rolls back into it (as speculative decoding does) and writes other
+    tokens: a prompt with the old tokens shares only the blocks before, one with the new tokens shares the
+    new block, and its logits equal the no-cache forward's."""
+    model = _model(native=False)
+    pool = _pool(model, block_tokens=4)
+    ids = list(range(30, 40))  # 10 tokens, then 6 decoded: blocks 0-3 full
+    seq = pool.admit(ids, 24)
+    prefill_chunk(model, ids, seq)
+    for t in [3, 1, 4, 1, 5, 9]:
+        batched_step(model, [t], [seq])
+        ids.append(t)
+    seq.commit(ids)
+    assert len(seq.hashes) == 4
+    old = list(ids)
+    seq.truncate(13)  # inside block 3 (tokens 12-15)
+    del ids[13:]
+    for t in [2, 7, 1]:
+        batched_step(model, [t], [seq])
+        ids.append(t)
+    seq.commit(ids)
+    assert old[:16] != ids[:16] and pool.match(prefix_hashes(old[:16], 4)) == seq.table[:3]
+    later = pool.admit([*ids, 6], 20)
+    assert later.shared_tokens == 16 and later.table[:4] == seq.table[:4]
+    got = prefill_chunk(model, [6], later)
+    want = model(torch.tensor([[*ids, 6]]))[0, -1]
+    assert (got - want).abs().max() <= TOL * want.abs().max()
+
+
+def test_a_cached_chain_is_evicted_from_its_tail():
+    """When cached blocks must be reused, a freed sequence's last block goes first: a prefix is found from its
+    first block on, so the head of the chain (what most prompts share) stays findable longest."""
+    model = _model(native=False)
+    pool = _pool(model, blocks=6, block_tokens=4)
+    ids = list(range(40, 57))  # 17 tokens: 4 full blocks
+    seq = pool.admit(ids, 20)
+    prefill_chunk(model, ids, seq)
+    seq.commit(ids)
+    seq.free()
+    assert pool.cached == 4
+    other = pool.sequence(12)
+    other.reserve(12)  # 3 blocks: the 2 vacant ones, then the oldest free one
+    assert len(pool.match(prefix_hashes(ids, 4))) == 3
+
+
+def test_a_sequence_reusing_cached_blocks_still_gets_them_side_by_side():
+    """Once every free block is cached, a sequence growing block by block takes the blocks freed longest ago
+    (a chain's tail, its head kept findable) in ascending order, so that they are read as one piece."""
+    pool = _pool(_model(native=False), blocks=16, block_tokens=2)
+    chains = []
+    for first in (0, 100):
+        seq = pool.sequence(16)
+        ids = list(range(first, first + 16))
+        _shadow_write(seq, ids)
+        seq.commit(ids)
+        chains.append((ids, list(seq.table)))
+        seq.free()
+    assert chains[0][1] == list(range(8)) and pool.cached == 16
+    grower = pool.sequence(6)
+    for _ in range(6):
+        _shadow_write(grower, [7])
+    assert grower.table == [5, 6, 7]  # the first chain's last 3 blocks, side by side
+    assert (
+        pool.match(prefix_hashes(chains[0][0], 2)) == list(range(5))
+        and len(pool.match(prefix_hashes(chains[1][0], 2))) == 8
+    )

@@ -59,6 +59,22 @@ def test_both_servers_serve_the_same_closed_loop(gguf_file, fake_llama_server, m
         assert row["tokens_per_s"] > 0 and row["ttft_p50"] > 0
 
 
+def test_chats_over_http_count_the_prompt_tokens_served_from_the_cache(gguf_file, fake_llama_server, monkeypatch):
+    """--turns with --llama-server: chats on the scheduler and over HTTP; gen serve runs on a paged pool, so
+    its later turns are served from its prefix cache (usage's cached_tokens) and /health gives its KV held."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(sys.path))
+    args = ["bench", "serve", "-m", str(gguf_file), "--llama-server", str(fake_llama_server), "--clients", "2",
+            "--requests", "4", "--rounds", "1", "--turns", "2", "-n", "6", "--threads", "1", "--json"]  # fmt: skip
+    done = runner.invoke(app, args)
+    assert done.exit_code == 0, done.output
+    rows = {row["mode"]: row for row in json.loads(done.stdout)["turns"]}
+    assert set(rows) == {"prefix cache on", "prefix cache off", "gen serve (http)", "llama-server (http)"}
+    gen = rows["gen serve (http)"]
+    assert gen["prompt_tokens"] > gen["cached_tokens"] > 0 and gen["kv_peak"] > 0
+    # the stand-in llama-server is gen serve without a pool: it says it served nothing from a cache
+    assert rows["llama-server (http)"]["cached_tokens"] == 0 and rows["llama-server (http)"]["kv_peak"] == 0
+
+
 def test_a_stream_counts_the_tokens_the_server_reports(gguf_file, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(sys.path))
     port = http_load.free_port()

@@ -6,15 +6,17 @@ C step reads a block as a piece of a cache row, and a KV head's blocks that foll
 one piece.
 `PagedSequence` is one sequence's cache over the pool (the interface every cache has: positions, update,
 advance), taking blocks as it grows and giving them back when freed. Prefix caching as vLLM does it: a full
-block is known by a hash of its tokens and of every token before it; a new sequence whose prompt starts with
-cached full blocks takes them (refcounted) instead of computing them. The partly filled last block is never
-shared, and a shared block is copied before it is written (after a truncate). Freed blocks that carry a hash
-stay findable until reused, oldest first.
+block is known by a hash of its tokens and of every token before it, whether a prompt or decode filled it
+(`commit`: a chat's next prompt is the last one + its answer + a new turn); a new sequence whose prompt starts
+with cached full blocks takes them (refcounted) instead of computing them. The partly filled last block is
+never shared, and a shared block is copied before it is written (after a truncate). Freed blocks that carry a
+hash stay findable until reused, oldest first, a sequence's last block before its first.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -39,12 +41,16 @@ def blocks_for(tokens: int, block_tokens: int) -> int:
     return -(-tokens // block_tokens)
 
 
+def chain_hash(parent: bytes, tokens: Sequence[int]) -> bytes:
+    """The prefix hash of a block of `tokens` after the block whose hash is `parent` (b"" for the first)."""
+    return hashlib.blake2b(parent + array("q", tokens).tobytes(), digest_size=16).digest()
+
+
 def prefix_hashes(ids: Sequence[int], block_tokens: int) -> list[bytes]:
     """The chain hash of each full block of `ids`: block i's hash covers its tokens and every token before."""
     out, parent = [], b""
     for start in range(0, len(ids) - block_tokens + 1, block_tokens):
-        tokens = array("q", ids[start : start + block_tokens]).tobytes()
-        parent = hashlib.blake2b(parent + tokens, digest_size=16).digest()
+        parent = chain_hash(parent, ids[start : start + block_tokens])
         out.append(parent)
     return out
 
@@ -73,6 +79,7 @@ class BlockPool(KVStorage):
         self._by_hash: dict[bytes, int] = {}
         self._promised = 0  # blocks admitted sequences may still take (PagedSequence.reserved)
         self.prefix_hits = 0  # blocks taken from the index instead of computed
+        self.peak_in_use = 0  # the most blocks held at once since the pool was made
 
     # ---- accounting ---------------------------------------------------------------------------------
     @property
@@ -100,6 +107,13 @@ class BlockPool(KVStorage):
         """Free blocks that still carry a prefix hash (reused by a later sequence with that prefix)."""
         return sum(1 for b in self._free if b in self._hash_of)
 
+    def stats(self) -> dict[str, int]:
+        """The pool now (blocks held, cached, bytes held) and its prefix hits so far, for a server or bench."""
+        return {"blocks": self.n_blocks, "block_tokens": self.block_tokens, "block_bytes": self.block_bytes,
+                "in_use": self.blocks_in_use, "cached": self.cached, "bytes_in_use": self.bytes_in_use,
+                "peak_bytes_in_use": self.peak_in_use * self.block_bytes, "prefix_hit_blocks": self.prefix_hits,
+                "prefix_hit_tokens": self.prefix_hits * self.block_tokens}  # fmt: skip
+
     def analytic_bytes(self, tokens: int) -> int:
         """The analytic minimum for `tokens` distinct tokens: bytes per token (every layer, K and V) × tokens."""
         return tokens * self.block_bytes // self.block_tokens
@@ -108,11 +122,13 @@ class BlockPool(KVStorage):
     def _take(self, block: int) -> None:
         if self.refs[block] == 0:
             del self._free[block]
+            self.peak_in_use = max(self.peak_in_use, self.blocks_in_use)
         self.refs[block] += 1
 
-    def allocate(self, after: int | None = None) -> int:
+    def allocate(self, after: int | None = None, want: int = 1) -> int:
         """A fresh block (refcount 1), its old prefix hash forgotten: the one right after block `after` (a
-        sequence's last) when vacant, else one with room to grow after it, else the free block unused longest.
+        sequence's last) when vacant, else one with room to grow after it, else a cached block (`_evict`; the
+        sequence may take `want` blocks in all from now on).
 
         A sequence whose blocks lie side by side is read as one piece; blocks scattered through the pool read
         about half as fast (memory traffic, not per-block work: docs/kv-cache.md). Blocks that still carry a
@@ -123,9 +139,23 @@ class BlockPool(KVStorage):
         if block is None:
             block = self._roomiest()
         if block is None:
-            block = next(iter(self._free))
+            block = self._evict(after, want)
         self._forget(block)
         self._take(block)
+        return block
+
+    def _evict(self, after: int | None, want: int) -> int:
+        """A free block to reuse when every one is cached: among the `want` freed longest ago (the blocks that
+        least-recently-used order gives a sequence taking `want`), the one after `after`, else the first of the
+        run of them that holds the oldest. About the blocks that order evicts, but side by side: a freed chain's
+        last block is its oldest (`free`), so taking them oldest first would lay a growing sequence out
+        backwards, one piece per block."""
+        oldest = list(itertools.islice(self._free, max(want, 1)))
+        if after is not None and after + 1 in oldest:
+            return after + 1
+        soon, block = set(oldest), oldest[0]
+        while block - 1 in soon:
+            block -= 1
         return block
 
     def _vacant(self, block: int) -> bool:
@@ -243,10 +273,11 @@ class PagedSequence:
         return len(self.table) * self.pool.block_bytes
 
     def _fresh(self) -> int:
+        want = self.reserved  # the blocks this sequence may still take, this one included
         if self.reserved > 0:
             self.reserved -= 1
             self.pool._promised -= 1
-        return self.pool.allocate(after=self.table[-1] if self.table else None)
+        return self.pool.allocate(after=self.table[-1] if self.table else None, want=want)
 
     def reserve(self, t: int) -> None:
         """Make positions pos…pos+t-1 writable: blocks taken as needed, a shared or indexed one copied first."""
@@ -313,7 +344,7 @@ class PagedSequence:
         if not 0 <= pos <= self.pos:
             raise InternalError(f"KV cache truncate to {pos}: must be between 0 and the position {self.pos}")
         keep = blocks_for(pos, self.pool.block_tokens)
-        for block in self.table[keep:]:
+        for block in reversed(self.table[keep:]):  # the last block freed first is reused first (see `free`)
             self.pool.release(block)
             self.reserved += 1
             self.pool._promised += 1
@@ -325,20 +356,29 @@ class PagedSequence:
         self.truncate(0)
 
     def commit(self, ids: Sequence[int]) -> None:
-        """Index this sequence's full blocks by the prefix hashes of `ids` (its tokens so far), so that later
-        sequences starting with them share the blocks."""
+        """Index the blocks that filled since the last call by the prefix hashes of `ids` (this sequence's
+        tokens so far: its prompt's and those decode wrote), so that later sequences starting with them share
+        the blocks. O(1) unless a block filled: the scheduler calls it after every decode step.
+
+        Only blocks whose every slot holds K/V of `ids` (below `pos`) are indexed, so a partly filled block
+        never is. An indexed block is never written while indexed: `reserve` drops its hash (or copies it,
+        when shared) before a write after a `truncate` into it."""
         bt = self.pool.block_tokens
-        full = min(self.pos, len(ids)) // bt
-        if full <= len(self.hashes):
+        full, done = min(self.pos, len(ids)) // bt, len(self.hashes)
+        if full <= done:
             return
-        hashes = prefix_hashes(ids[: full * bt], bt)
-        for i in range(len(self.hashes), full):
-            self.pool.register(self.table[i], hashes[i])
-        self.hashes = hashes
+        parent = self.hashes[-1] if done else b""
+        for i in range(done, full):  # each hash chained from the last: the hash a prompt of these tokens gets
+            parent = chain_hash(parent, ids[i * bt : (i + 1) * bt])
+            self.pool.register(self.table[i], parent)
+            self.hashes.append(parent)
 
     def free(self) -> None:
-        """Give every block back (and any promised block not taken); the sequence is empty after."""
-        for block in self.table:
+        """Give every block back (and any promised block not taken); the sequence is empty after.
+
+        Last block first: freed blocks are reused oldest first, and a prefix is found block by block from its
+        start, so evicting a cached chain from its tail keeps its head (the part most prompts share) longest."""
+        for block in reversed(self.table):
             self.pool.release(block)
         self.pool._promised -= self.reserved
         self.table, self.hashes, self.reserved, self.pos = [], [], 0, 0

@@ -64,7 +64,19 @@ def bench_serve_command(
             show_default=False,
         ),
     ] = None,
-    new_tokens: MaxNewTokens = 128,  # per request, over HTTP
+    turns: Annotated[
+        int | None,
+        typer.Option(
+            "--turns",
+            metavar="N",
+            min=2,
+            help="Instead of the modes: --requests/N chats of N turns (each prompt the last one + its answer of -n "
+            "tokens + a new message); continuous batching on a paged KV cache with its prefix cache on and off "
+            "(TTFT, prompt tokens served from the cache, KV bytes held). With --llama-server, over HTTP too.",
+            show_default=False,
+        ),
+    ] = None,
+    new_tokens: MaxNewTokens = 128,  # per request, over HTTP; per answer with --turns
     device: Device = "auto",
     threads: Threads = None,
     native: Native = True,
@@ -96,8 +108,30 @@ def bench_serve_command(
     source = PresetSource(preset) if preset is not None else (model_dir or default_model_dir())
     engine = open_model(source, EngineOptions(device, threads=threads, native=native))
     err.print(f"[dim]{engine.source}: {clients} clients, {requests} requests, {rounds} rounds[/]")
+    if shared_prefix is not None and turns is not None:
+        raise UsageError("give --shared-prefix or --turns, not both")
     if shared_prefix is not None:
         _shared_prefix(engine.model, clients, requests, rounds, shared_prefix, as_json)
+        return
+    if turns is not None:
+        from gen_cli.lab.serve_bench import longest_conversation
+        from gen_cli.model.transformer import check_context
+
+        check_context(engine.model.config, 0, longest_conversation(turns, new_tokens))
+        rows = _multi_turn(engine.model, clients, requests, rounds, turns, new_tokens)
+        if llama_server is not None and model_dir is not None:
+            from gen_cli.lab.http_load import compare_servers
+            from gen_cli.runtime import set_threads
+
+            del engine
+            count = set_threads(threads)
+            err.print(f"[dim]over HTTP: gen serve and llama-server, {count} threads, {clients} slots, {turns} turns[/]")
+            context = turns * (new_tokens + 32) + 64  # a chat's prompt text + answers, with room for tokenizing
+            http = compare_servers(
+                model_dir, llama_server, count, clients, requests, rounds, new_tokens, context, turns
+            )
+            rows += [{**r, "mode": f"{r['mode']} (http)"} for r in summary(http)]
+        _print_turns(rows, as_json)
         return
     rows = summary(compare_modes(engine.model, clients, requests, rounds, chosen))
     rates = batch_rates(engine.model, sizes, rounds=rounds) if sizes else []
@@ -159,6 +193,29 @@ def _shared_prefix(model, clients: int, requests: int, rounds: int, prefix: int,
         kv.add_row("on" if m["prefix_cache"] else "off", str(m["sequences"]), str(m["blocks_in_use"]),
                    f"{m['bytes_in_use']:,}", f"{m['analytic']:,}", f"{m['analytic_unshared']:,}")  # fmt: skip
     out_console().print(kv)
+
+
+def _multi_turn(model, clients: int, requests: int, rounds: int, turns: int, new: int) -> list[dict]:
+    """Chats on the scheduler, the prefix cache on and off."""
+    from gen_cli.lab.serve_bench import multi_turn_runs, summary
+
+    chats = max(1, requests // turns)
+    return summary(multi_turn_runs(model, clients, chats, turns, rounds, new=new))
+
+
+def _print_turns(rows: list[dict], as_json: bool) -> None:
+    from rich.table import Table
+
+    if as_json:
+        print_json({"turns": rows})
+        return
+    table = Table("server, prefix cache", "tok/s", "range", "TTFT p50/p90/p99 ms", "prompt tokens cached", "KV peak")
+    for r in rows:
+        cached = "?" if r["cached_tokens"] is None else f"{r['cached_tokens']:,} of {r['prompt_tokens']:,}"
+        table.add_row(str(r["mode"]), f"{r['tokens_per_s']:.1f}", f"{r['low']:.1f}–{r['high']:.1f}",
+                      f"{r['ttft_p50']:.0f} / {r['ttft_p90']:.0f} / {r['ttft_p99']:.0f}", cached,
+                      f"{r['kv_peak'] / 1e6:.2f} MB" if r["kv_peak"] else "?")  # fmt: skip
+    out_console().print(table)
 
 
 def _check_llama_server(binary: Path, model_dir: Path | None) -> None:

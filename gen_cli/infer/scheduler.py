@@ -11,6 +11,8 @@ finished: the classic baseline), `single` (one request at a time).
 With `kv_blocks` the requests' caches are sequences of one paged pool (`cache.paged`): a request is admitted
 when the pool can promise every block it may need (else it waits in the queue), its prompt's cached full
 blocks are shared instead of prefilled (`prefix_cache`), and its blocks go back to the pool when it ends.
+Every block a request fills, in prefill or decode, is indexed as soon as it is full, so that the next turn of a
+chat (this prompt + this answer + a new message) finds the answer's blocks too.
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ class Request:
     events: list[Event] = field(default_factory=list)
     cancelled: bool = False
     submitted_s: float = 0.0
+    cached_tokens: int = 0  # prompt tokens whose K/V came from the pool's prefix index, not prefilled
 
 
 @dataclass(eq=False)
@@ -226,7 +229,6 @@ class Scheduler:
             chunk, run.row.pending = run.row.pending[:budget], run.row.pending[budget:]
             budget -= len(chunk)
             run.logits = prefill_chunk(self.model, chunk, run.row.cache)
-            self._prefilled(run)
         ready = [r for r in self._running if not r.row.pending and r.logits is not None]
         if ready:
             logits = torch.stack([r.logits for r in ready])  # (n, V)
@@ -260,15 +262,8 @@ class Scheduler:
         for run in riders:  # a prompt's last row is its first token's logits
             end += len(run.row.pending)
             run.row.pending, run.logits = [], logits[end - 1]
-            self._prefilled(run)
         if decoding:
             self._take(decoding, logits[: len(decoding)])
-
-    def _prefilled(self, run: _Running) -> None:
-        """Once a paged request's prompt is in its blocks, index its full blocks for later prompts to share."""
-        cache = run.row.cache
-        if not run.row.pending and isinstance(cache, PagedSequence) and self.prefix_cache:
-            cache.commit(run.request.ids)
 
     def run_until_idle(self, max_steps: int = 100_000) -> None:
         """Step until no request runs or waits (tests, benches)."""
@@ -312,6 +307,7 @@ class Scheduler:
             seed = request.seed if request.seed is not None else int(torch.randint(0, 2**62, ()).item())
             generator = torch.Generator(device=self.device).manual_seed(seed)
         skip = seq.shared_tokens if seq is not None else 0  # a shared prefix's blocks hold its K/V already
+        request.cached_tokens = skip
         row = Row(cache, list(request.ids), request.sampling, generator, pending=list(request.ids[skip:]))
         stream = None
         if self.tokenizer is not None:
@@ -325,6 +321,7 @@ class Scheduler:
             request = run.request
             run.row.ids.append(token)
             request.tokens.append(token)
+            self._index(run)
             finish = None
             if token in request.stop_ids:
                 finish = "stop"
@@ -339,6 +336,14 @@ class Scheduler:
             self._emit(request, Event(token, text))
             if finish is not None:
                 self._leave(run, finish)
+
+    def _index(self, run: _Running) -> None:
+        """Index a paged request's blocks that are now full (its prompt's after prefill, then one each
+        `block_tokens` decode steps), so that a later prompt starting with them shares them, also after this
+        request has ended. Its cache holds every id but the last (picked, not yet fed back)."""
+        cache = run.row.cache
+        if self.prefix_cache and isinstance(cache, PagedSequence):
+            cache.commit(run.row.ids)
 
     def _leave(self, run: _Running, finish: str) -> None:
         self._running.remove(run)

@@ -1,12 +1,15 @@
 """Closed-loop serving bench on the scheduler itself (no HTTP): N clients each send a request, wait for its
 last token, and send the next. Throughput, time to first token and inter-token latency per scheduling mode
-(one at a time, static batches, continuous batching), the modes interleaved round by round."""
+(one at a time, static batches, continuous batching), the modes interleaved round by round; the prefix cache
+on and off with one shared system prompt, or with multi-turn conversations (each prompt the last one + its
+answer + a new message)."""
 
 from __future__ import annotations
 
 import random
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +31,8 @@ class ServeRun:
     itl_ms: list[float] = field(default_factory=list)
     kv_peak: int = 0  # the most KV bytes the running requests held after a step (a paged pool: its own count)
     kv_analytic: int = 0  # at that step, the analytic minimum: distinct tokens held × bytes per token
+    prompt_tokens: int = 0  # of the finished requests
+    cached_tokens: int | None = 0  # of those, the ones served from the prefix cache (None: the server never said)
 
     @property
     def tokens_per_s(self) -> float:
@@ -41,6 +46,11 @@ class ServeRun:
         return tuple(values[min(len(values) - 1, int(q * len(values)))] for q in (0.5, 0.9, 0.99))  # type: ignore[return-value]
 
 
+Job = tuple[list[int], int]  # prompt ids, max_tokens
+# A client's next job, given the client and its request that just finished (None for its first): None when done.
+NextJob = Callable[[int, Request | None], Job | None]
+
+
 def workload(count: int, vocab: int, seed: int = 0, prompt: tuple[int, int] = (8, 64), new: tuple[int, int] = (8, 64)):
     """`count` requests (prompt ids, max_tokens) of random lengths, the same for every mode."""
     rng = random.Random(seed)
@@ -51,7 +61,7 @@ def closed_loop(
     model: Transformer,
     mode: str,
     clients: int,
-    jobs: list[tuple[list[int], int]],
+    jobs: list[Job] | NextJob,
     max_batch: int | None = None,
     spec: CacheSpec = CacheSpec(),
     time_limit_s: float = 60.0,
@@ -59,7 +69,8 @@ def closed_loop(
     **paged: Any,
 ) -> ServeRun:
     """Run `jobs` from `clients` closed-loop clients under `mode` (`continuous+rows`: each row through the
-    single-sequence step, see `infer.batch.batched_step`); stops early past `time_limit_s`. `paged`: the
+    single-sequence step, see `infer.batch.batched_step`); stops early past `time_limit_s`. `jobs`: a list
+    (the next one to whichever client is free) or each client's next job (`NextJob`). `paged`: the
     scheduler's kv_blocks, block_tokens, prefix_cache; `warm`: a prompt run first, untimed (a cached prefix)."""
     base, by_row = mode.removesuffix("+rows"), mode.endswith("+rows")
     scheduler = Scheduler(
@@ -68,14 +79,19 @@ def closed_loop(
     if warm is not None:
         scheduler.submit(Request(warm, 1))
         scheduler.run_until_idle()
-    todo = list(reversed(jobs))
+    if isinstance(jobs, list):
+        todo = list(reversed(jobs))
+        next_job: NextJob = lambda client, done: todo.pop() if todo else None  # noqa: E731
+    else:
+        next_job = jobs
     run = ServeRun(mode, 0, 0, 0.0)
     start = time.perf_counter()
 
-    def send() -> None:
-        if not todo or time.perf_counter() - start > time_limit_s:
+    def send(client: int, done: Request | None) -> None:
+        job = next_job(client, done) if time.perf_counter() - start <= time_limit_s else None
+        if job is None:
             return
-        ids, n = todo.pop()
+        ids, n = job
         sent, last = time.perf_counter(), [0.0]
         request = Request(ids, n)
 
@@ -83,7 +99,9 @@ def closed_loop(
             now = time.perf_counter()
             if event.finish is not None:
                 run.requests += 1
-                send()
+                run.prompt_tokens += len(request.ids)
+                run.cached_tokens = (run.cached_tokens or 0) + request.cached_tokens
+                send(client, request)
                 return
             if event.token is None:
                 return
@@ -97,8 +115,8 @@ def closed_loop(
         request.emit = emit
         scheduler.submit(request)
 
-    for _ in range(clients):
-        send()
+    for client in range(clients):
+        send(client, None)
     while not scheduler.idle():
         scheduler.step()
         if scheduler.kv_in_use > run.kv_peak:
@@ -114,9 +132,11 @@ def analytic_in_use(scheduler: Scheduler) -> int:
     if pool is None:
         return scheduler.reserved
     seqs = [r.row.cache for r in scheduler._running if isinstance(r.row.cache, PagedSequence)]
-    shared = {b for q in seqs for b in q.table[: q.shared_tokens // pool.block_tokens]}
-    distinct = sum(q.pos - q.shared_tokens for q in seqs) + len(shared) * pool.block_tokens
-    return pool.analytic_bytes(distinct)
+    held: dict[int, int] = {}  # block -> tokens written in it (a block several sequences hold counted once)
+    for q in seqs:
+        for i, block in enumerate(q.table):
+            held[block] = max(held.get(block, 0), min(pool.block_tokens, max(q.pos - i * pool.block_tokens, 0)))
+    return pool.analytic_bytes(sum(held.values()))
 
 
 def shared_prefix_runs(
@@ -178,6 +198,54 @@ def shared_prefix_memory(model: Transformer, sequences: int, prefix: int, own: i
     return out
 
 
+def conversations(
+    vocab: int, clients: int, chats: int, turns: int, new: int, seed: int = 0, opening: tuple[int, int] = (24, 40),
+    message: tuple[int, int] = (8, 24),
+) -> NextJob:  # fmt: skip
+    """`chats` chats of `turns` turns, each client holding one at a time: an `opening`-token prompt first, then
+    each prompt the last one + its answer (`new` tokens) + a `message`-token new message (random tokens, the
+    same for the same seed)."""
+    rng = random.Random(seed)
+    first = [[rng.randrange(vocab) for _ in range(rng.randint(*opening))] for _ in range(chats)]
+    said = [[[rng.randrange(vocab) for _ in range(rng.randint(*message))] for _ in range(turns - 1)] for _ in first]
+    left = iter(range(chats))
+    at: dict[int, tuple[int, int]] = {}  # client -> (its chat, the turn it sent last)
+
+    def next_job(client: int, done: Request | None) -> Job | None:
+        chat, turn = at.get(client, (0, turns))
+        if done is not None and turn + 1 < turns:
+            at[client] = (chat, turn + 1)
+            return [*done.ids, *done.tokens, *said[chat][turn]], new
+        chat = next(left, None)
+        if chat is None:
+            return None
+        at[client] = (chat, 0)
+        return first[chat], new
+
+    return next_job
+
+
+def longest_conversation(turns: int, new: int) -> int:
+    """The most tokens a `conversations` prompt + answer reaches (its opening and messages at their longest)."""
+    return 40 + turns * new + (turns - 1) * 24
+
+
+def multi_turn_runs(
+    model: Transformer, clients: int, chats: int, turns: int, rounds: int = 3, seed: int = 0, new: int = 32
+) -> dict[str, list[ServeRun]]:
+    """Continuous batching on a paged pool, `chats` chats of `turns` turns on `clients` clients
+    (`conversations`), the prefix cache on (a turn takes the blocks of the last prompt and of its answer) and
+    off, rounds interleaved."""
+    blocks = (clients + 1) * blocks_for(longest_conversation(turns, new), BLOCK_TOKENS)
+    runs: dict[str, list[ServeRun]] = {"prefix cache on": [], "prefix cache off": []}
+    for _ in range(rounds):
+        for name in runs:
+            jobs = conversations(model.config.vocab_size, clients, chats, turns, new, seed)
+            share = name.endswith("on")
+            runs[name].append(closed_loop(model, "continuous", clients, jobs, kv_blocks=blocks, prefix_cache=share))
+    return runs
+
+
 def compare_modes(
     model: Transformer, clients: int, count: int, rounds: int = 3, modes: tuple[str, ...] = MODES, seed: int = 0
 ) -> dict[str, list[ServeRun]]:
@@ -201,5 +269,6 @@ def summary(runs: dict[str, list[ServeRun]]) -> list[dict[str, float | str]]:
                      "ttft_p50": ttft[0], "ttft_p90": ttft[1], "ttft_p99": ttft[2],
                      "itl_p50": itl[0], "itl_p90": itl[1], "itl_p99": itl[2],
                      "ttft_p50_runs": [r.percentiles("ttft_ms")[0] for r in done],
-                     "kv_peak": middle.kv_peak, "kv_analytic": middle.kv_analytic})  # fmt: skip
+                     "kv_peak": middle.kv_peak, "kv_analytic": middle.kv_analytic,
+                     "prompt_tokens": middle.prompt_tokens, "cached_tokens": middle.cached_tokens})  # fmt: skip
     return rows

@@ -56,7 +56,10 @@ def build_app(served: Served) -> Starlette:
 
     async def health(request: Request) -> Response:
         s = served.worker.scheduler
-        return JSONResponse({"status": "ok", "running": s.running, "waiting": s.waiting})
+        body: dict[str, Any] = {"status": "ok", "running": s.running, "waiting": s.waiting}
+        if s.pool is not None:  # what the paged pool holds: blocks in use, cached (evictable) ones, prefix hits
+            body["kv"] = s.pool.stats()
+        return JSONResponse(body)
 
     async def models(request: Request) -> Response:
         _authorize(request, served)
@@ -207,9 +210,13 @@ class _Head:
         return self.frame("text_completion", [choice])
 
 
-def _usage(job: Job) -> dict[str, int]:
+def _usage(job: Job) -> dict[str, Any]:
     prompt, completion = len(job.ids), len(job.tokens)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    usage: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion}
+    usage["total_tokens"] = prompt + completion
+    # OpenAI's field for prompt tokens served from the prefix cache (a paged pool's shared blocks), not computed
+    usage["prompt_tokens_details"] = {"cached_tokens": job.cached_tokens}
+    return usage
 
 
 def _data(obj: Any) -> bytes:
