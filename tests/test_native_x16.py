@@ -131,15 +131,17 @@ def test_the_torch_path_of_an_interleaved_layer_is_the_stored_layers():
 def test_the_avx2_and_portable_paths_equal_the_native_one(march, fresh_library, monkeypatch, tmp_path):
     layers = {q: _pair(q, 48, 160, seed=5)[1] for q in QTYPES}
     x = torch.randn(11, 160)
-    want = {q: block_matmul(x, layer) for q, layer in layers.items()}  # built for this CPU
+    want = {(q, act): block_matmul(x, layer, act) for q, layer in layers.items() for act in ("int8", "fp32")}
     tiles = {q: _dequantize_native(layer, False) for q, layer in layers.items()}
     monkeypatch.setenv("GEN_HOME", str(tmp_path))
     monkeypatch.setattr(build, "FLAGS", tuple(f"-march={march}" if f == "-march=native" else f for f in build.FLAGS))
     build.library.cache_clear()
     assert native.native_status() == "ready"
     for q, layer in layers.items():
-        # the same integer sums, scaled and added lane by lane in the same order (fmaf): the same bits
-        assert torch.equal(block_matmul(x, layer), want[q]), q
+        # int8: the same integer sums, scaled and added lane by lane in the same order (fmaf); fp32: the same
+        # products in the same order. The same bits as the AVX-512 build's.
+        for act in ("int8", "fp32"):
+            assert torch.equal(block_matmul(x, layer, act), want[q, act]), (q, act)
         w = layer.dequantized()
         # the stored layout's dequantize, fused multiply-add or not: within an ulp of each weight
         torch.testing.assert_close(_dequantize_native(layer, False), tiles[q], rtol=2e-7, atol=1e-9)

@@ -227,34 +227,91 @@ static void x16_matmul(const uint8_t *w, int64_t rows, int64_t cols, X16Act x, i
     }
 }
 
-/* y[b] (+)= W x[b] with float activations (ACT_FP32, or ACT_BF16: x rounded to bf16 first, in xr, (batch, cols)):
- * each block of a group dequantized to fp32 once for every activation row. */
+/* One group (nb blocks) against float activation rows 0 .. nj - 1 of x (rows ldx apart): each weight the stored
+ * layout's value (fma(q, d, m)) times x, added lane by lane in a fixed order: low-nibble elements into one sum and
+ * high ones into another (two chains), the two added at the end. The portable loop takes the same steps. */
+GEN_ALWAYS_INLINE void x16_float_group(const int nj, const int min, const uint8_t *restrict grp, int64_t nb,
+                                       const float *x, int64_t ldx, float *y, int64_t ldy, int accumulate) {
+    const int64_t head = X16_HEAD(min), gb = X16_BYTES(min);
+#ifdef GEN_BLOCKS_512
+    const __m512i m4 = _mm512_set1_epi32(0xF);
+    __m512 lo[X16_J], hi[X16_J];
+#pragma GCC unroll 8
+    for (int j = 0; j < nj; j++) lo[j] = hi[j] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *p = grp + b * gb;
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+        const __m512 m = min ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + 32))) : _mm512_mul_ps(d, _mm512_set1_ps(-8.f));
+        for (int i = 0; i < 4; i++) {
+            const __m512i c = _mm512_loadu_si512(p + head + 64 * i);
+#pragma GCC unroll 4
+            for (int k = 0; k < 4; k++) { /* element 4i + k: byte k's low nibble; 16 + 4i + k: its high one */
+                const __m512 wl = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(c, 8 * k), m4)), d, m);
+                const __m512 wh = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(c, 8 * k + 4), m4)), d, m);
+#pragma GCC unroll 8
+                for (int j = 0; j < nj; j++) {
+                    const float *xj = x + j * ldx + 32 * b;
+                    lo[j] = _mm512_fmadd_ps(wl, _mm512_set1_ps(xj[4 * i + k]), lo[j]);
+                    hi[j] = _mm512_fmadd_ps(wh, _mm512_set1_ps(xj[16 + 4 * i + k]), hi[j]);
+                }
+            }
+        }
+    }
+#pragma GCC unroll 8
+    for (int j = 0; j < nj; j++) {
+        float *yj = y + j * ldy;
+        const __m512 v = _mm512_add_ps(lo[j], hi[j]);
+        _mm512_storeu_ps(yj, accumulate ? _mm512_add_ps(_mm512_loadu_ps(yj), v) : v);
+    }
+#else
+    float lo[X16_J][X16_ROWS] = {{0.f}}, hi[X16_J][X16_ROWS] = {{0.f}};
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *p = grp + b * gb;
+        for (int l = 0; l < X16_ROWS; l++) {
+            uint8_t qs[16];
+            x16_row_nibbles(p + head, l, qs);
+            const float d = f16(p + 2 * l), m = min ? f16(p + 32 + 2 * l) : d * -8.f;
+            for (int e = 0; e < 16; e++) {
+                const float wl = fmaf((float)(qs[e] & 0xF), d, m), wh = fmaf((float)(qs[e] >> 4), d, m);
+                for (int j = 0; j < nj; j++) {
+                    const float *xj = x + j * ldx + 32 * b;
+                    lo[j][l] = fmaf(wl, xj[e], lo[j][l]);
+                    hi[j][l] = fmaf(wh, xj[16 + e], hi[j][l]);
+                }
+            }
+        }
+    }
+    for (int j = 0; j < nj; j++)
+        for (int l = 0; l < X16_ROWS; l++) {
+            const float v = lo[j][l] + hi[j][l];
+            y[j * ldy + l] = accumulate ? y[j * ldy + l] + v : v;
+        }
+#endif
+}
+
+/* y[b] (+)= W x[b] with float activations (ACT_FP32, or ACT_BF16: x rounded to bf16 first, in xr, (batch, cols)). */
 static void x16_float_matmul(const uint8_t *w, int64_t rows, int64_t cols, const float *x, int64_t batch, float *y,
                              int64_t ldy, int accumulate, const float *xr, int n_threads, const int min) {
     const int64_t nb = cols / 32, gs = nb * X16_BYTES(min);
     const float *xs = xr ? xr : x;
 #pragma omp parallel for schedule(static) num_threads(n_threads)
     for (int64_t g = 0; g < rows / X16_ROWS; g++) {
-        float tile[X16_ROWS * 32];
         for (int64_t b0 = 0; b0 < batch; b0 += X16_J) {
-            const int64_t nj = batch - b0 < X16_J ? batch - b0 : X16_J;
-            float acc[X16_J][X16_ROWS] = {{0.f}};
-            for (int64_t b = 0; b < nb; b++) {
-                x16_dequantize_group(w + g * gs + b * X16_BYTES(min), 1, tile, NULL, 32, min);
-                for (int64_t j = 0; j < nj; j++) {
-                    const float *xj = xs + (b0 + j) * cols + 32 * b;
-                    for (int l = 0; l < X16_ROWS; l++) {
-                        float s = 0.f;
-                        for (int e = 0; e < 32; e++) s += tile[l * 32 + e] * xj[e];
-                        acc[j][l] += s;
-                    }
-                }
+            const int nj = (int)(batch - b0 < X16_J ? batch - b0 : X16_J);
+            const float *xj = xs + b0 * cols;
+            float *o = y + b0 * ldy + g * X16_ROWS;
+            const uint8_t *grp = w + g * gs;
+            switch (nj) {
+#define NJ(N)                                                                 \
+    case N:                                                                   \
+        if (min)                                                              \
+            x16_float_group(N, 1, grp, nb, xj, cols, o, ldy, accumulate);     \
+        else                                                                  \
+            x16_float_group(N, 0, grp, nb, xj, cols, o, ldy, accumulate);     \
+        break;
+                NJ(1) NJ(2) NJ(3) NJ(4) NJ(5) NJ(6) NJ(7) NJ(8)
+#undef NJ
             }
-            for (int64_t j = 0; j < nj; j++)
-                for (int l = 0; l < X16_ROWS; l++) {
-                    float *o = y + (b0 + j) * ldy + g * X16_ROWS + l;
-                    *o = accumulate ? *o + acc[j][l] : acc[j][l];
-                }
         }
     }
 }
