@@ -223,3 +223,19 @@ def test_a_fused_matrix_of_interleaved_and_stored_parts_keeps_each_in_its_layout
     x = torch.randn(2, 64)
     torch.testing.assert_close(both(x), torch.cat([plain(x), plain(x)], -1), rtol=0, atol=0)
     assert torch.equal(dequantize(deinterleave(joined.blocks, "q4_0"), "q4_0", 64)[:32], plain.dequantized())
+
+
+def test_info_says_which_matrices_a_native_decode_interleaves(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from gen_cli.cli import app
+
+    path = _write(tmp_path / "m.gguf", "q4_0")
+    info = CliRunner().invoke(app, ["info", str(path), "--json"])
+    assert info.exit_code == 0, info.output
+    matrices = json.loads(info.stdout)["matrices"]
+    assert matrices["mlp out"]["interleaved"] == 2 and "interleaved" not in matrices["embedding"]
+    text = CliRunner().invoke(app, ["info", str(path)])
+    assert "mlp out: q4_0 ×2 from Q4_0 ×2 (native decode: 16-row interleaved ×2)" in " ".join(text.stdout.split())
