@@ -345,7 +345,7 @@ static void matmul_blocks(const Model *m, const Matrix *w, const BlockType *t, c
         return;
     }
     if (m->act != ACT_INT8) { /* float activations: blocks_float.h (their bf16 copy in xq, sums in ad) */
-        float_block_matmul(w->data, w->type, w->rows, w->cols, x, m->batch, y, accumulate, m->act, (uint16_t *)m->xq,
+        float_block_matmul(w->data, w->type, w->rows, w->cols, x, m->batch, y, ldy, accumulate, m->act, (uint16_t *)m->xq,
                            m->ad, (int)m->n_threads);
         return;
     }

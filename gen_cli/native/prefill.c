@@ -28,7 +28,7 @@ int64_t gen_block_matmul(const void *w, int64_t type, int64_t rows, int64_t cols
         uint16_t *xh = malloc((size_t)(n * cols) * sizeof(uint16_t));
         float *xs = malloc((size_t)(n * (cols / 32) + 1) * sizeof(float));
         const int ok = xh && xs;
-        if (ok) float_block_matmul(w, type, rows, cols, x, n, y, 0, act, xh, xs, (int)n_threads);
+        if (ok) float_block_matmul(w, type, rows, cols, x, n, y, rows, 0, act, xh, xs, (int)n_threads);
         free(xh), free(xs);
         return ok ? 0 : -1;
     }
