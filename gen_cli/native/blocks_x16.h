@@ -38,7 +38,7 @@ enum { X16_ROWS = 16, X16_J = 8 }; /* rows per group; activation rows per pass o
 /* Stored rows [16 g0, 16 g1) of a Q4_0 / Q4_1 matrix (rows of nb blocks, rb bytes apart) -> groups g0 .. g1 - 1
  * of the interleaved layout, at dst (the whole matrix's start). src and dst must not overlap. */
 static inline void x16_repack(const uint8_t *restrict src, int64_t rb, int64_t nb, int64_t g0, int64_t g1,
-                       uint8_t *restrict dst, const int min) {
+                              uint8_t *restrict dst, const int min) {
     const int64_t bs = min ? 20 : 18, qo = min ? 4 : 2, head = X16_HEAD(min), gb = X16_BYTES(min);
     for (int64_t g = g0; g < g1; g++)
         for (int64_t b = 0; b < nb; b++) {
