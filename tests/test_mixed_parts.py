@@ -112,6 +112,21 @@ def test_native_step_on_parts_equals_pytorch(batch):
     assert per_row.max() <= 0.03, per_row
 
 
+@pytest.mark.skipif(native.native_status() != "ready", reason="needs the compiled kernel")
+@pytest.mark.parametrize("act", ["fp32", "bf16"])
+def test_native_step_on_parts_with_float_activations_writes_each_rows_own_columns(act):
+    # Several rows, float activations: each part's product lands in its own columns of every row (a part once
+    # wrote row b at b × its own rows, into the next row's q columns).
+    ids = torch.randint(0, 300, (3, 10), generator=torch.Generator().manual_seed(7))
+    oracle, fast = _mixed_block_model(), _mixed_block_model()  # oracle: dequantized weights, fp32 activations
+    assert native.NativeDecoder.attach(fast) is None
+    fast.native_decoder.set_act(act)
+    use_block_kernel(fast, act)
+    want, got = _steps(oracle, ids, 4), _steps(fast, ids, 4)
+    tol = 1e-4 if act == "fp32" else 0.02  # bf16: the activations rounded to 8 bits of mantissa
+    assert (got - want).abs().max() <= tol * want.abs().max()
+
+
 def test_stack_rows_joins_neighbours_of_one_type():
     w = torch.randn(96, 256)
     a, b, c = (BlockLinear.from_weight(w[i : i + 32], q) for i, q in ((0, "q4_k"), (32, "q4_k"), (64, "q6_k")))

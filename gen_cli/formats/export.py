@@ -125,7 +125,8 @@ def held_blocks(model: Transformer) -> dict[str, tuple[torch.Tensor, str]]:
         tied_head = name == "lm_head" and model.config.tie_embeddings
         part = ".parts." in name  # of a matrix in parts of different types: exported whole, dequantized
         if isinstance(module, BlockLinear | BlockEmbedding) and not tied_head and not part:
-            out[f"{name}.weight"] = (module.blocks.detach().to("cpu"), module.qtype)
+            stored = module.stored_blocks() if isinstance(module, BlockLinear) else module.blocks  # GGUF's layout
+            out[f"{name}.weight"] = (stored.detach().to("cpu"), module.qtype)
     return out
 
 

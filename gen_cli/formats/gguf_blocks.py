@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gen_cli.model.info import matrix_class
-from gen_cli.quant.blocks import BLOCK_TYPES, most_precise, row_bytes
+from gen_cli.quant.blocks import BLOCK_TYPES, can_interleave, most_precise, row_bytes
 
 FLOAT_TYPES = ("F32", "F16", "BF16")
 BLOCK_NAMES = {name.upper(): name for name in BLOCK_TYPES}  # GGML's spelling → ours
@@ -68,6 +68,16 @@ class Held:
         """Whether any part is not held as the file stores it (re-quantized, or quantized from a float)."""
         return any(BLOCK_NAMES.get(t) != q for t, q in zip(self.file_types, self.qtypes, strict=False))
 
+    @property
+    def interleavable(self) -> bool:
+        """Whether a native decode holds it in the 16-row interleaved layout (gen_cli/native/blocks_x16.h) on a CPU
+        whose kernel has one: q4_0 / q4_1 parts in whole groups of 16 rows, not the embedding (read by rows)."""
+        return (
+            self.blocks
+            and self.gen_name != "tok_emb.weight"
+            and all(can_interleave(q, rows) for q, rows in zip(self.qtypes, self.part_rows, strict=True))
+        )
+
     def nbytes(self, cols: int) -> int:
         """Bytes of the blocks held (the parts' rows in their own types)."""
         return sum(rows * row_bytes(q, cols) for rows, q in zip(self.part_rows, self.qtypes, strict=True))
@@ -86,7 +96,8 @@ def holding(f: Any, gen_name: str, parts: tuple[str, ...], cols: int) -> Held:
 
 
 def summary(helds: list[Held], shapes: dict[str, tuple[int, ...]], float_bytes: int, tied: bool) -> dict[str, dict]:
-    """Per class of matrix: the GGUF types, the types gen holds, bytes in memory and how many were converted."""
+    """Per class of matrix: the GGUF types, the types gen holds, bytes in memory, how many were converted and how
+    many a native decode holds 16-row interleaved (where the CPU's kernel has that layout)."""
     out: dict[str, dict] = {}
     for h in helds:
         cls = matrix_class(h.gen_name)
@@ -98,13 +109,17 @@ def summary(helds: list[Held], shapes: dict[str, tuple[int, ...]], float_bytes: 
         entry["held"][h.label or f"float ({float_bytes * 8} bit)"] += 1
         entry["bytes"] += h.nbytes(cols) if h.blocks else rows * cols * float_bytes
         entry["converted"] += h.converted
+        if h.interleavable:
+            entry["interleaved"] = entry.get("interleaved", 0) + 1
     if tied and "embedding" in out:
         out["lm head"] = {"file": {}, "held": {"tied to the embedding": 1}, "bytes": 0, "converted": 0}
     return {k: v | {"file": dict(v["file"]), "held": dict(v["held"])} for k, v in out.items()}
 
 
 def summary_lines(matrices: dict[str, dict]) -> list[str]:
-    """One line per class: `attn qkv: q6_k ×2 from Q4_K ×4 + Q6_K ×2 (2 re-quantized), 1.23 MB`."""
+    """One line per class: `attn qkv: q6_k ×2 from Q4_K ×4 + Q6_K ×2 (2 re-quantized), 1.23 MB`; q4_0 / q4_1
+    matrices a native decode interleaves say so: `mlp in: q4_0 ×2 from Q4_0 ×2 (native decode: 16-row
+    interleaved ×2), …`."""
 
     def counts(c: dict[str, int]) -> str:
         return " + ".join(f"{k} ×{n}" for k, n in c.items())
@@ -113,5 +128,6 @@ def summary_lines(matrices: dict[str, dict]) -> list[str]:
     for cls, e in matrices.items():
         source = f" from {counts(e['file'])}" if e["file"] else ""
         changed = f" ({e['converted']} re-quantized)" if e["converted"] else ""
-        lines.append(f"{cls}: {counts(e['held'])}{source}{changed}, {e['bytes'] / 1e6:,.2f} MB")
+        packed = f" (native decode: 16-row interleaved ×{e['interleaved']})" if e.get("interleaved") else ""
+        lines.append(f"{cls}: {counts(e['held'])}{source}{changed}{packed}, {e['bytes'] / 1e6:,.2f} MB")
     return lines

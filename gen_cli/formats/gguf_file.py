@@ -10,8 +10,10 @@ them); a missing output.weight means tied embeddings.
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -275,7 +277,7 @@ def _arena_shapes(
 
 def load_gguf_weights(
     f: GGUFFile, config: ModelConfig, arch: str, dtype: torch.dtype | None, arena: bool = False
-) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[Held], dict[str, int]]:
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[Held], dict[str, int], set[tuple[str, int]]]:
     """gen's float tensors and block-quantized matrices (uint8 blocks, qtype; a list of those, in row order, for
     a matrix whose parts keep different types) by state_dict name, checked
     against the config before reading; how each was held; and the bytes copied out of the map, by reason.
@@ -284,9 +286,12 @@ def load_gguf_weights(
     is a view of the file's map, never copied; a fused q/k/v (llama: with its Q/K rows un-permuted) is
     copied once into its place, and a type change (F16 → float32, a re-quantization) is a new tensor. With
     `arena`, every matrix a decode step streams is written once, straight from the map, into one arena on
-    2 MB pages (fused q/k/v and gate/up included), and the file's pages it was read from are given back."""
+    2 MB pages (fused q/k/v and gate/up included), and the file's pages it was read from are given back; q4_0 /
+    q4_1 matrices there (not the embedding) in the native kernel's 16-row interleaved layout where it has one: the
+    last value lists those as (gen name, run of parts)."""
     import torch
 
+    from gen_cli.native.repack import repack_wanted
     from gen_cli.quant.blocks import quantize
 
     plan = check_tensors(f, config, arch)
@@ -299,6 +304,7 @@ def load_gguf_weights(
     tensors: dict[str, torch.Tensor] = {}
     blocks: dict[str, Any] = {}
     pages = PageReleaser()
+    interleaved: set[tuple[str, int]] = set()  # (gen name, run): the runs written in the interleaved layout
     for held in helds:
         names = plan[held.gen_name][1]
         places = slots.get(held.gen_name)
@@ -334,6 +340,11 @@ def load_gguf_weights(
             else:  # q, k, v rows one after another (rows, row_bytes or cols), Q/K un-permuted on the way: one copy
                 rows = sum(parts[i].shape[0] for i in run)
                 t = places[r] if places is not None else torch.empty((rows, *parts[run[0]].shape[1:]), dtype=want)
+                # Streamed q4_0 / q4_1 rows go into the arena in the decode kernel's interleaved layout, each part
+                # in whole groups of 16 rows (the embedding's rows are read one by one: it keeps the stored one).
+                qtype = qtype_of(held, run[0])
+                packed = places is not None and qtype is not None and held.gen_name != "tok_emb.weight"
+                packed = packed and all(repack_wanted(qtype, parts[i].shape[0]) for i in run)  # type: ignore[arg-type]
                 row = 0
                 for i in run:
                     place, part = t[row : row + parts[i].shape[0]], parts[i]
@@ -341,9 +352,14 @@ def load_gguf_weights(
                     unit = part.shape[0] // heads if permuted[i] else 1  # rows that move together: a head's
                     move = partial(_unpermute_heads, unit=unit) if permuted[i] else None
                     check = partial(_refuse_chunk, f, names[i], qtype_of(held, i)) if unchecked[i] else None
+                    if packed:  # the stored bytes checked, (un-permuted,) repacked into place: still one pass
+                        unit = math.lcm(unit, 16)
+                        move, check = partial(_repack_chunk, move=move, check=check, qtype=qtype), None
                     # a dtype change too, straight into its place; the file's pages given back as it goes
                     copy_rows(place, part, pages, unit, move=move, each=check)
                     row += part.shape[0]
+                if packed:
+                    interleaved.add((held.gen_name, r))
                 if len(run) > 1 or any(permuted[i] for i in run):
                     copied["q/k/v fused" + (" (Q/K rows un-permuted)" if any(permuted) else "")] += t.nbytes
             fused.append(t)
@@ -355,7 +371,29 @@ def load_gguf_weights(
             blocks[held.gen_name] = [(t, held.qtypes[run[0]]) for t, run in zip(fused, runs, strict=True)]
         del parts, fused  # one tensor's parts alive at a time besides the model's own
     return_free_heap()  # the checks' and conversions' temporaries: glibc would keep them resident
-    return tensors, blocks, helds, dict(copied)
+    return tensors, blocks, helds, dict(copied), interleaved
+
+
+def _repack_chunk(
+    dst: torch.Tensor,
+    src: torch.Tensor,
+    move: Callable[[torch.Tensor, torch.Tensor], None] | None,
+    check: Callable[[torch.Tensor], None] | None,
+    qtype: str,
+) -> None:
+    """copy_rows' `move` for rows held interleaved: `src` (whole groups of 16 rows, stored layout) checked as
+    stored, re-ordered by `move` when given (llama's Q/K heads, through a chunk-sized buffer), then repacked."""
+    import torch
+
+    from gen_cli.native.repack import repack_into
+
+    if check is not None:
+        check(src)
+    if move is not None:
+        ordered = torch.empty_like(src)
+        move(ordered, src)
+        src = ordered
+    repack_into(dst, src, qtype)
 
 
 def read_gguf_config(path: Path) -> tuple[ModelConfig, dict[str, Any]]:
@@ -408,13 +446,16 @@ def load_gguf(
         raise GenError(
             f"{path}: the tokenizer has {tok.get_vocab_size()} tokens but the embedding has {config.vocab_size} rows"
         )
-    tensors, blocks, helds, copied = load_gguf_weights(f, config, arch, dtype, arena)
+    tensors, blocks, helds, copied, interleaved = load_gguf_weights(f, config, arch, dtype, arena)
     in_dims = {name: shape[1] for name, shape in _expected_shapes(config).items() if name in blocks}
-    layers = block_layers({k: v for k, v in blocks.items() if isinstance(v, tuple)}, tensors, in_dims)
+    whole = frozenset(name for name, run in interleaved if isinstance(blocks[name], tuple))
+    layers = block_layers({k: v for k, v in blocks.items() if isinstance(v, tuple)}, tensors, in_dims, whole)
     for name, runs in blocks.items():
         if isinstance(runs, list):  # parts in different types, each kept in its own
             path = name.removesuffix(".weight")
-            parts = [BlockLinear(t, qtype, in_dims[name]) for t, qtype in runs]
+            parts = [
+                BlockLinear(t, q, in_dims[name], interleaved=(name, r) in interleaved) for r, (t, q) in enumerate(runs)
+            ]
             layers[path] = BlockStack(parts, tensors.pop(path + ".bias", None))
     model = model_from_tensors(config, tensors, layers).to(device)
     details = _details(f, arch, config, helds)

@@ -91,6 +91,7 @@ def weight_summary(model: Any) -> dict[str, dict[str, Any]]:
             continue
         kind = getattr(module, "qtype", None) or ("int8" if hasattr(module, "qweight") else None)
         kind = kind or str(matrix.dtype).removeprefix("torch.")
+        kind += " (16-row interleaved)" if getattr(module, "interleaved", False) else ""
         if matrix.data_ptr() in seen:
             kind += " (tied)"
         entry = out.setdefault(cls, {"types": {}, "bytes": 0})

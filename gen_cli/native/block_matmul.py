@@ -50,7 +50,7 @@ def block_matmul(x: torch.Tensor, layer: BlockLinear, act: str = "int8") -> torc
     else:
         y = torch.empty(rows.shape[0], layer.out_features)  # (n, out)
         failed = lib.gen_block_matmul(
-            layer.blocks.data_ptr(), MATRIX_TYPES[layer.qtype], layer.out_features, layer.in_features,
+            layer.blocks.data_ptr(), MATRIX_TYPES[layer.native_type], layer.out_features, layer.in_features,
             rows.data_ptr(), rows.shape[0], y.data_ptr(), torch.get_num_threads(), ACT_MODES[act],
         )  # fmt: skip
         if failed:
@@ -68,10 +68,13 @@ def _tiled(lib: ctypes.CDLL, x: torch.Tensor, layer: BlockLinear, dtype: torch.d
     a whole matrix."""
     cols, out_rows = layer.in_features, layer.out_features
     tile = max(16, min(out_rows, TILE_BYTES // (cols * dtype.itemsize)))
+    if layer.interleaved:  # whole groups of 16 rows (out_rows is a multiple of 16)
+        tile = max(16, tile // 16 * 16)
     scratch = torch.empty(tile, cols, dtype=dtype)  # (tile, in)
     xs = x.to(dtype)  # (n, in)
     y = torch.empty(x.shape[0], out_rows, dtype=dtype)  # (n, out)
-    blocks, rb, code, threads = layer.blocks, layer.blocks.shape[1], MATRIX_TYPES[layer.qtype], torch.get_num_threads()
+    blocks, rb, threads = layer.blocks, layer.blocks.shape[1], torch.get_num_threads()
+    code = MATRIX_TYPES[layer.native_type]
     for r0 in range(0, out_rows, tile):
         r1 = min(out_rows, r0 + tile)
         w = scratch[: r1 - r0]  # (r1 - r0, in)

@@ -13,6 +13,7 @@
 #include "blocks_batch.h"
 #include "blocks_common.h"
 #include "blocks_k.h"
+#include "blocks_x16.h"
 #include "features.h"
 
 /* Rows (nb blocks each, `stride` bytes apart) dotted with one activation row: out[k] = row k . a. */
@@ -35,6 +36,10 @@ typedef struct {
     int64_t (*batch_prep_bytes)(int64_t nb);
     void (*batch_prep)(Act a, int64_t nb, uint8_t *out);
     BlockBatch batch;
+    /* Rows interleaved in groups (blocks_x16.h): 16, and whether blocks have a min (Q4_1); the row entries above
+     * are then NULL (a row's bytes are spread over its group) and the products are blocks_x16.h's. 0: rows as
+     * GGUF stores them. */
+    int64_t group, group_min;
 } BlockType;
 
 #ifdef GEN_BLOCKS_512
@@ -63,6 +68,8 @@ static const BlockType BLOCK_TYPES[T_COUNT] = {
     [T_Q5_1] = {32, 24, quantize_act_32, dot_q5_1, Q45_DOT4(q5_1), dequantize_q5_1, NULL, BATCH(q5_1, q45)},
     [T_Q4_K] = {256, 144, quantize_act_256, dot_q4_k, NULL, dequantize_q4_k, NULL, BATCH(q4_k, q4_k)},
     [T_Q6_K] = {256, 210, quantize_act_256, dot_q6_k, NULL, dequantize_q6_k, NULL},
+    [T_Q4_0X16] = {32, 18, quantize_act_32, NULL, NULL, NULL, NULL, NULL, NULL, NULL, X16_ROWS, 0},
+    [T_Q4_1X16] = {32, 20, quantize_act_32, NULL, NULL, NULL, NULL, NULL, NULL, NULL, X16_ROWS, 1},
 };
 #undef Q45_DOT4
 #undef TILE
@@ -70,7 +77,7 @@ static const BlockType BLOCK_TYPES[T_COUNT] = {
 
 /* The traits of a block type, or NULL when `type` is not one (the step's own formats, or unknown). */
 static inline const BlockType *block_type(int64_t type) {
-    return type >= 0 && type < T_COUNT && BLOCK_TYPES[type].dot ? &BLOCK_TYPES[type] : NULL;
+    return type >= 0 && type < T_COUNT && (BLOCK_TYPES[type].dot || BLOCK_TYPES[type].group) ? &BLOCK_TYPES[type] : NULL;
 }
 
 static inline int64_t block_row_bytes(const BlockType *t, int64_t cols) { return cols / t->elems * t->bytes; }

@@ -531,11 +531,12 @@ static const FloatDot FLOAT_DOTS[T_COUNT][2] = {
 };
 
 /* Y (batch, rows) = X (batch, cols) W^T (+ Y when accumulate) for block rows W, activations as `act` says
- * (ACT_FP32 or ACT_BF16). Scratch: xh (batch, cols) halves for ACT_BF16, xs (batch, cols / 32) block sums.
+ * (ACT_FP32 or ACT_BF16); row b of Y starts ldy floats after row b - 1 (a part of a matrix held in parts writes
+ * its own columns of a wider Y). Scratch: xh (batch, cols) halves for ACT_BF16, xs (batch, cols / 32) block sums.
  * Threads take whole row blocks; each block's rows stay in L1 while every batch row uses them. */
 static void float_block_matmul(const uint8_t *w, int64_t type, int64_t rows, int64_t cols, const float *x,
-                               int64_t batch, float *y, int accumulate, int64_t act, uint16_t *xh, float *xs,
-                               int n_threads) {
+                               int64_t batch, float *y, int64_t ldy, int accumulate, int64_t act, uint16_t *xh,
+                               float *xs, int n_threads) {
     enum { ROWS = 4 };
     const BlockType *t = &BLOCK_TYPES[type];
     const int half = act == ACT_BF16;
@@ -559,7 +560,7 @@ static void float_block_matmul(const uint8_t *w, int64_t type, int64_t rows, int
             const void *xb = half ? (const void *)(xh + b * cols) : (const void *)(x + b * cols);
             for (int64_t r = r0; r < r1; r++) {
                 const float v = dot(w + r * rb, xb, xs + b * groups, nb);
-                y[b * rows + r] = accumulate ? y[b * rows + r] + v : v;
+                y[b * ldy + r] = accumulate ? y[b * ldy + r] + v : v;
             }
         }
     }

@@ -98,6 +98,7 @@ static int known_matrix(const Matrix *w) {
 /* 0 when every matrix and the embedding have a type this kernel knows, else -1. */
 static int64_t check_types(const Model *m) {
     if (m->emb_type != T_FP32 && m->emb_type != T_BF16 && !block_type(m->emb_type)) return -1;
+    if (block_type(m->emb_type) && block_type(m->emb_type)->group) return -1; /* its rows are read one by one */
     if (!known_matrix(&m->lm_head)) return -1;
     for (int64_t li = 0; li < m->n_layer; li++) {
         const Layer *l = &m->layers[li];

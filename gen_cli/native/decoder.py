@@ -101,8 +101,9 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 def _matrix(linear: nn.Module) -> Matrix:
     linear = linear.parts[0] if isinstance(linear, BlockStack) else linear  # the rest: _rest
-    if isinstance(linear, BlockLinear):  # the blocks as stored: (out, row bytes) uint8
-        return Matrix(_ptr(linear.blocks), None, linear.out_features, linear.in_features, MATRIX_TYPES[linear.qtype])
+    if isinstance(linear, BlockLinear):  # the blocks as held (stored or interleaved): (out, row bytes) uint8
+        code = MATRIX_TYPES[linear.native_type]
+        return Matrix(_ptr(linear.blocks), None, linear.out_features, linear.in_features, code)
     weight, *scale = _streamed(linear)
     kind = "int8" if scale else "bf16" if weight.dtype == torch.bfloat16 else "fp32"
     return Matrix(_ptr(weight), _ptr(scale[0]) if scale else None, *weight.shape, MATRIX_TYPES[kind])

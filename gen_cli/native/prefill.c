@@ -15,17 +15,20 @@
 /* Y (n, rows) = X (n, cols) W^T for a block matrix W (rows, row bytes): prompts and prefill, the activations as
  * `act` says (abi.h's ACT_*). ACT_INT8: matmul.h's block_rows_int8 (X quantized once; where the type has a batch
  * kernel, each weight group unpacked once for several tokens). ACT_FP32 / ACT_BF16: blocks_float.h's products.
- * Returns 0, or -1 when the type is not a block type, `act` unknown or memory runs out. */
+ * Returns 0, or -1 when the type is not a block type, `act` unknown, an interleaved type's rows are not whole
+ * groups, or memory runs out. */
 int64_t gen_block_matmul(const void *w, int64_t type, int64_t rows, int64_t cols, const float *x, int64_t n, float *y,
                          int64_t n_threads, int64_t act) {
     const BlockType *bt = block_type(type);
     if (!bt || cols % bt->elems != 0 || act < ACT_INT8 || act > ACT_FP32) return -1;
     if (n <= 0 || rows <= 0) return 0;
+    if (bt->group && rows % bt->group) return -1;
+    if (act != ACT_INT8 && bt->group) return float_rows_x16(w, bt, rows, cols, x, n, y, rows, 0, act, (int)n_threads);
     if (act != ACT_INT8) {
         uint16_t *xh = malloc((size_t)(n * cols) * sizeof(uint16_t));
         float *xs = malloc((size_t)(n * (cols / 32) + 1) * sizeof(float));
         const int ok = xh && xs;
-        if (ok) float_block_matmul(w, type, rows, cols, x, n, y, 0, act, xh, xs, (int)n_threads);
+        if (ok) float_block_matmul(w, type, rows, cols, x, n, y, rows, 0, act, xh, xs, (int)n_threads);
         free(xh), free(xs);
         return ok ? 0 : -1;
     }
@@ -41,13 +44,24 @@ int64_t gen_block_matmul(const void *w, int64_t type, int64_t rows, int64_t cols
 /* Rows [0, rows) of a block matrix -> fp32 (bf16 == 0) or bf16 (bf16 == 1, round to nearest even) in `out`
  * (rows, cols): a prompt's row tile, dequantized once per call into a cache-sized scratch that a GEMM then
  * reuses for every token. Rows split across threads; without a vector path for the type, each row goes through
- * a one-row fp32 buffer. Returns 0, or -1 when the type is not a block type. */
+ * a one-row fp32 buffer. Returns 0, or -1 when the type is not a block type (or, interleaved, rows is
+ * not whole groups). */
 int64_t gen_block_dequantize(const void *w, int64_t type, int64_t rows, int64_t cols, void *out, int64_t bf16,
                              int64_t n_threads) {
     enum { CHUNK = 256 }; /* a multiple of every block size: a row converts to bf16 a stack chunk at a time */
     const BlockType *bt = block_type(type);
     if (!bt || cols % bt->elems != 0) return -1;
     const int64_t rb = block_row_bytes(bt, cols), chunk_bytes = CHUNK / bt->elems * bt->bytes;
+    if (bt->group) { /* whole groups of interleaved rows, from the first */
+        if (rows % bt->group) return -1;
+#pragma omp parallel for schedule(static) num_threads(n_threads)
+        for (int64_t g = 0; g < rows / bt->group; g++) {
+            const int64_t at = g * bt->group * cols;
+            x16_dequantize_group((const uint8_t *)w + g * bt->group * rb, cols / 32, bf16 ? NULL : (float *)out + at,
+                                 bf16 ? (uint16_t *)out + at : NULL, cols, (int)bt->group_min);
+        }
+        return 0;
+    }
 #pragma omp parallel for schedule(static) num_threads(n_threads)
     for (int64_t r = 0; r < rows; r++) {
         const uint8_t *row = (const uint8_t *)w + r * rb;
@@ -75,5 +89,29 @@ int64_t gen_block_dequantize(const void *w, int64_t type, int64_t rows, int64_t 
             for (; i < len; i++) o[i] = to_bf16(tmp[i]);
         }
     }
+    return 0;
+}
+
+/* The type a Q4_0 / Q4_1 matrix is repacked to for decoding (blocks_x16.h), when this build has a vector product
+ * for it (AVX-512 VNNI): T_Q4_0X16 / T_Q4_1X16; else -1 (the stored layout is as fast). */
+int64_t gen_block_interleaved(int64_t type) {
+#ifdef GEN_BLOCKS_512
+    if (type == T_Q4_0) return T_Q4_0X16;
+    if (type == T_Q4_1) return T_Q4_1X16;
+#else
+    (void)type;
+#endif
+    return -1;
+}
+
+/* Rows [0, rows) of a stored Q4_0 / Q4_1 matrix (`type`; rows a multiple of 16) -> the interleaved layout in dst
+ * (as many bytes, not overlapping src), groups split across threads. Returns 0, or -1 for another type or
+ * shape. */
+int64_t gen_block_repack(const void *src, int64_t type, int64_t rows, int64_t cols, void *dst, int64_t n_threads) {
+    if ((type != T_Q4_0 && type != T_Q4_1) || rows % X16_ROWS || cols <= 0 || cols % 32) return -1;
+    const int min = type == T_Q4_1;
+    const int64_t nb = cols / 32, rb = nb * (min ? 20 : 18), groups = rows / X16_ROWS;
+#pragma omp parallel for schedule(static) num_threads(n_threads)
+    for (int64_t g = 0; g < groups; g++) x16_repack(src, rb, nb, g, g + 1, dst, min);
     return 0;
 }

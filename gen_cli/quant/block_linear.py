@@ -4,6 +4,11 @@ The weights are the uint8 blocks as a GGUF file stores them; nothing keeps an fp
 runs through `kernel` when the infer layer sets one (the native C matmul reading the blocks), else
 dequantizes its matrix per call (the PyTorch fallback: correct everywhere, slow). A BlockEmbedding
 dequantizes only the rows it looks up. A tied lm_head is a BlockLinear sharing the embedding's `blocks`.
+
+A BlockLinear may hold its q4_0 / q4_1 rows in the 16-row interleaved layout the native decode kernel reads
+fastest (`interleaved`; blocks.py's `interleave`, done by the GGUF loader as it writes the decode arena): the
+same bytes per 16 rows, reordered inside each group. Whatever reads the bytes asks `stored_blocks()` (GGUF's
+layout) or `native_type` (the kernel's type code name); dequantization and export see the stored layout.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gen_cli.quant.blocks import dequantize, most_precise, quantize, row_bytes
+from gen_cli.quant.blocks import can_interleave, deinterleave, dequantize, most_precise, quantize, row_bytes
 
 
 def _check(blocks: torch.Tensor, qtype: str, rows: int, cols: int) -> torch.Tensor:
@@ -32,9 +37,19 @@ class BlockLinear(nn.Module):
 
     kernel: Callable[[torch.Tensor, BlockLinear], torch.Tensor] | None
 
-    def __init__(self, blocks: torch.Tensor, qtype: str, in_features: int, bias: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        blocks: torch.Tensor,
+        qtype: str,
+        in_features: int,
+        bias: torch.Tensor | None = None,
+        interleaved: bool = False,
+    ) -> None:
         super().__init__()
         self.qtype, self.in_features, self.out_features = qtype, in_features, blocks.shape[0]
+        if interleaved and not can_interleave(qtype, blocks.shape[0]):
+            raise AssertionError(f"{qtype} with {blocks.shape[0]} rows has no interleaved layout")
+        self.interleaved = interleaved
         self.register_buffer("blocks", _check(blocks, qtype, blocks.shape[0], in_features))
         self.register_buffer("bias", None if bias is None else bias.detach())
         self.kernel = None
@@ -44,9 +59,18 @@ class BlockLinear(nn.Module):
         """Quantize a float (out, in) weight to `qtype`."""
         return cls(quantize(weight, qtype).to(weight.device), qtype, weight.shape[1], bias)
 
+    def stored_blocks(self) -> torch.Tensor:
+        """The blocks in GGUF's layout, (out, row_bytes): `blocks` itself unless interleaved (then a new tensor)."""
+        return deinterleave(self.blocks, self.qtype) if self.interleaved else self.blocks
+
+    @property
+    def native_type(self) -> str:
+        """The name of the kernel's type for these bytes (abi.py's MATRIX_TYPES): `qtype`, or `q4_0x16` interleaved."""
+        return self.qtype + ("x16" if self.interleaved else "")
+
     def dequantized(self) -> torch.Tensor:
         """The weight the blocks hold, (out, in) float32."""
-        return dequantize(self.blocks, self.qtype, self.in_features)
+        return dequantize(self.stored_blocks(), self.qtype, self.in_features)
 
     @property
     def weight_bytes(self) -> int:
@@ -60,7 +84,8 @@ class BlockLinear(nn.Module):
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
-        return f"{self.qtype}, in_features={self.in_features}, out_features={self.out_features}"
+        layout = " (16-row interleaved)" if self.interleaved else ""
+        return f"{self.qtype}{layout}, in_features={self.in_features}, out_features={self.out_features}"
 
 
 class BlockEmbedding(nn.Module):
@@ -107,11 +132,15 @@ class BlockEmbedding(nn.Module):
 
 
 def block_layers(
-    blocks: dict[str, tuple[torch.Tensor, str]], tensors: dict[str, torch.Tensor], in_dims: dict[str, int]
+    blocks: dict[str, tuple[torch.Tensor, str]],
+    tensors: dict[str, torch.Tensor],
+    in_dims: dict[str, int],
+    interleaved: frozenset[str] = frozenset(),
 ) -> dict[str, nn.Module]:
     """Layers for the matrices a loader keeps as blocks (weight name → (uint8 blocks (rows, row_bytes), qtype)),
     by module path, for `model_from_tensors`: BlockEmbedding for `tok_emb`, else BlockLinear with its bias moved
-    out of `tensors`. `in_dims` gives each weight's columns; lookups return the norm weights' dtype."""
+    out of `tensors` (in the interleaved layout for the names in `interleaved`). `in_dims` gives each weight's
+    columns; lookups return the norm weights' dtype."""
     dtype = next(t.dtype for k, t in tensors.items() if k.endswith("norm.weight"))
     layers: dict[str, nn.Module] = {}
     for name, (data, qtype) in blocks.items():
@@ -119,7 +148,8 @@ def block_layers(
         if path == "tok_emb":
             layers[path] = BlockEmbedding(data, qtype, in_dims[name], dtype)
         else:
-            layers[path] = BlockLinear(data, qtype, in_dims[name], tensors.pop(path + ".bias", None))
+            bias = tensors.pop(path + ".bias", None)
+            layers[path] = BlockLinear(data, qtype, in_dims[name], bias, interleaved=name in interleaved)
     return layers
 
 
@@ -137,7 +167,7 @@ def concat_rows(parts: list[BlockLinear]) -> tuple[BlockLinear, str | None]:
     matrix is what the kernels read)."""
     qtypes = [p.qtype for p in parts]
     target = most_precise(qtypes)
-    blocks = [p.blocks if p.qtype == target else quantize(p.dequantized(), target) for p in parts]
+    blocks = [p.stored_blocks() if p.qtype == target else quantize(p.dequantized(), target) for p in parts]
     biases = [p.bias for p in parts]
     bias = None if any(b is None for b in biases) else torch.cat(biases)  # type: ignore[arg-type]
     fused = BlockLinear(torch.cat(blocks), target, parts[0].in_features, bias)  # (sum of rows, row_bytes)

@@ -54,10 +54,11 @@ class BlockStack(nn.Module):
 
 def stack_rows(parts: list[BlockLinear]) -> BlockLinear | BlockStack:
     """One matrix whose rows are the parts' rows (and biases) in order, every part in its own type: neighbours
-    of one type joined into one BlockLinear (one copy of their blocks), and a BlockStack when types differ."""
+    of one type (and layout) joined into one BlockLinear (one copy of their blocks), and a BlockStack when types
+    differ."""
     runs: list[list[BlockLinear]] = []
     for p in parts:
-        if runs and runs[-1][0].qtype == p.qtype:
+        if runs and (runs[-1][0].qtype, runs[-1][0].interleaved) == (p.qtype, p.interleaved):
             runs[-1].append(p)
         else:
             runs.append([p])
@@ -67,7 +68,8 @@ def stack_rows(parts: list[BlockLinear]) -> BlockLinear | BlockStack:
 
 def _join(run: list[BlockLinear]) -> BlockLinear:
     blocks = join_rows([p.blocks for p in run])  # (sum of rows, row_bytes): a view when laid out side by side
-    return BlockLinear(blocks, run[0].qtype, run[0].in_features, _bias([p.bias for p in run]))
+    # Interleaved parts have whole groups of 16 rows: joined, they are the joined matrix's layout.
+    return BlockLinear(blocks, run[0].qtype, run[0].in_features, _bias([p.bias for p in run]), run[0].interleaved)
 
 
 def _bias(biases: list[torch.Tensor | None]) -> torch.Tensor | None:

@@ -1,0 +1,241 @@
+"""Q4_0 / Q4_1 matrices in the 16-row interleaved layout (gen_cli/native/blocks_x16.h): the repack keeps every
+byte (dequantized, the same weights; exported, the stored blocks again), the kernel's products equal the stored
+layout's to fp32 rounding (the same integer block sums), a row gets the same bits alone and in any batch, and a
+GGUF model the loader repacked decodes as the stored layout does."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shlex
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hf_builders import byte_level_tokenizer
+
+from gen_cli.cache.linear import KVCache
+from gen_cli.formats.export import held_blocks
+from gen_cli.formats.export_gguf import export_gguf
+from gen_cli.formats.gguf_file import GGUFFile
+from gen_cli.formats.loading import load
+from gen_cli.infer.generate import decode_step, prefill
+from gen_cli.infer.optimize import optimize_for_decode
+from gen_cli.model.config import ModelConfig
+from gen_cli.model.info import weight_summary
+from gen_cli.model.transformer import Transformer
+from gen_cli.native import build
+from gen_cli.native import decoder as native
+from gen_cli.native.abi import MATRIX_TYPES
+from gen_cli.native.block_matmul import block_matmul
+from gen_cli.native.repack import repack_into, repack_wanted
+from gen_cli.quant.block_linear import BlockLinear
+from gen_cli.quant.blocks import BLOCK_TYPES, can_interleave, deinterleave, dequantize, interleave
+from gen_cli.text.tokenizer import configure
+
+pytestmark = [
+    pytest.mark.skipif(shutil.which(shlex.split(os.environ.get("CC", "cc"))[0]) is None, reason="no C compiler"),
+    pytest.mark.skipif(native.native_status() != "ready", reason="needs the compiled kernel"),
+]
+QTYPES = ("q4_0", "q4_1")
+SMALL = ModelConfig(vocab_size=320, n_layer=2, n_head=4, n_kv_head=2, d_model=256, d_ff=512, context_length=64,
+                    tie_embeddings=False)  # fmt: skip
+ALWAYS = lambda config: True  # noqa: E731 (the loader's question: will the native step stream this model?)
+
+
+def _random_blocks(qtype: str, rows: int, cols: int, seed: int = 0) -> torch.Tensor:
+    """Every nibble random, the fp16 scales (and mins) small and finite."""
+    t = BLOCK_TYPES[qtype]
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, (rows, cols // 32, t.nbytes), dtype=np.uint8)
+    for at in (0, 2) if qtype == "q4_1" else (0,):
+        half = ((rng.random((rows, cols // 32)) - 0.3) * 0.02).astype(np.float16)
+        raw[..., at : at + 2] = half.view(np.uint8).reshape(rows, cols // 32, 2)
+    return torch.from_numpy(raw.reshape(rows, -1))
+
+
+def _pair(qtype: str, rows: int, cols: int, seed: int = 0) -> tuple[BlockLinear, BlockLinear]:
+    """The same matrix as stored and interleaved."""
+    blocks = _random_blocks(qtype, rows, cols, seed)
+    return BlockLinear(blocks, qtype, cols), BlockLinear(interleave(blocks, qtype), qtype, cols, interleaved=True)
+
+
+def _dequantize_native(layer: BlockLinear, bf16: bool) -> torch.Tensor:
+    lib = build.library()
+    out = torch.empty(layer.out_features, layer.in_features, dtype=torch.bfloat16 if bf16 else torch.float32)
+    code = MATRIX_TYPES[layer.native_type]
+    rows, cols = layer.out_features, layer.in_features
+    assert lib.gen_block_dequantize(layer.blocks.data_ptr(), code, rows, cols, out.data_ptr(), bf16, 2) == 0
+    return out
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_repack_keeps_every_byte_and_dequantizes_to_the_same_weights(qtype):
+    plain, packed = _pair(qtype, 48, 96)
+    assert not torch.equal(packed.blocks, plain.blocks)  # reordered …
+    assert torch.equal(deinterleave(packed.blocks, qtype), plain.blocks)  # … and nothing lost
+    assert torch.equal(packed.stored_blocks(), plain.blocks)
+    assert torch.equal(packed.dequantized(), plain.dequantized())  # the torch path: the stored layout's weights
+    for bf16 in (False, True):  # a prompt's row tiles (C), fp32 and bf16
+        assert torch.equal(_dequantize_native(packed, bf16), _dequantize_native(plain, bf16))
+    into = torch.empty_like(plain.blocks)
+    repack_into(into, plain.blocks, qtype)  # the loader's C repack is the reference layout
+    assert torch.equal(into, packed.blocks)
+
+
+def test_only_whole_groups_of_q4_rows_have_the_layout():
+    assert can_interleave("q4_0", 32) and can_interleave("q4_1", 16)
+    assert not can_interleave("q4_0", 40) and not can_interleave("q8_0", 32) and not can_interleave("q4_k", 32)
+    assert not repack_wanted("q4_0", 40)  # such rows stay as stored
+    with pytest.raises(AssertionError):
+        BlockLinear(_random_blocks("q4_0", 40, 64), "q4_0", 64, interleaved=True)
+    with pytest.raises(Exception, match="no interleaved layout"):
+        interleave(_random_blocks("q4_1", 40, 64), "q4_1")
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("n", [1, 5, 13, 40])  # 8 rows per pass and a remainder; 40: a prompt's tiled GEMM
+@pytest.mark.parametrize("act", ["int8", "fp32", "bf16"])
+@pytest.mark.parametrize("blocks_per_row", [1, 3, 16])
+def test_products_equal_the_stored_layouts_to_fp32_rounding(qtype, n, act, blocks_per_row):
+    cols = 32 * blocks_per_row
+    plain, packed = _pair(qtype, 64, cols, seed=n)
+    x = torch.randn(n, cols) * torch.rand(1, cols) * 3
+    want, got = block_matmul(x, plain, act).double(), block_matmul(x, packed, act).double()
+    w = plain.dequantized().double()
+    tol = 2e-6 * (x.double().abs() @ w.abs().T) + 1e-7  # the same integer sums, scaled and added in another order
+    assert ((got - want).abs() <= tol).all(), (got - want).abs().max()
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("act", ["int8", "fp32"])
+def test_a_row_gets_the_same_bits_alone_and_in_any_batch(qtype, act):
+    _, packed = _pair(qtype, 48, 256, seed=3)
+    x = torch.randn(19, 256)
+    together = block_matmul(x, packed, act)  # passes of 8, 8 and 3 rows
+    for i in (0, 7, 8, 18):
+        assert torch.equal(block_matmul(x[i : i + 1], packed, act), together[i : i + 1]), i
+    assert torch.equal(block_matmul(x[3:6], packed, act), together[3:6])
+
+
+def test_the_torch_path_of_an_interleaved_layer_is_the_stored_layers():
+    plain, packed = _pair("q4_1", 32, 64)
+    x = torch.randn(3, 64)
+    assert packed.kernel is None and torch.equal(packed(x), plain(x))  # dequantized: the very same weights
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="builds for plain x86-64 targets")
+@pytest.mark.parametrize("march", ["x86-64-v3", "x86-64-v2"])  # AVX2, then no vector ISA (portable C)
+def test_the_avx2_and_portable_paths_equal_the_native_one(march, fresh_library, monkeypatch, tmp_path):
+    layers = {q: _pair(q, 48, 160, seed=5)[1] for q in QTYPES}
+    x = torch.randn(11, 160)
+    want = {(q, act): block_matmul(x, layer, act) for q, layer in layers.items() for act in ("int8", "fp32")}
+    tiles = {q: _dequantize_native(layer, False) for q, layer in layers.items()}
+    monkeypatch.setenv("GEN_HOME", str(tmp_path))
+    monkeypatch.setattr(build, "FLAGS", tuple(f"-march={march}" if f == "-march=native" else f for f in build.FLAGS))
+    build.library.cache_clear()
+    assert native.native_status() == "ready"
+    for q, layer in layers.items():
+        # int8: the same integer sums, scaled and added lane by lane in the same order (fmaf); fp32: the same
+        # products in the same order. The same bits as the AVX-512 build's.
+        for act in ("int8", "fp32"):
+            assert torch.equal(block_matmul(x, layer, act), want[q, act]), (q, act)
+        w = layer.dequantized()
+        # the stored layout's dequantize, fused multiply-add or not: within an ulp of each weight
+        torch.testing.assert_close(_dequantize_native(layer, False), tiles[q], rtol=2e-7, atol=1e-9)
+        torch.testing.assert_close(_dequantize_native(layer, False), w, rtol=2e-7, atol=1e-9)
+
+
+def _write(path: Path, qtype: str) -> Path:
+    torch.manual_seed(0)
+    model = Transformer(SMALL).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+    export_gguf(model, configure(byte_level_tokenizer()), path, qtype)
+    return path
+
+
+def _loaded(path: Path, monkeypatch, repack: bool):
+    monkeypatch.setenv("GEN_REPACK", "1" if repack else "0")
+    return load(path, arena=ALWAYS)
+
+
+def _steps(model: Transformer, ids: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    """Logits (B, steps, V) of a prefill then one native decode step per remaining token."""
+    cache = KVCache(model.config, ids.shape[0], ids.shape[1], torch.float32)
+    with torch.inference_mode():
+        prefill(model, ids[:, :prompt_len], cache)
+        return torch.stack([decode_step(model, ids[:, t : t + 1], cache) for t in range(prompt_len, ids.shape[1])], 1)
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_a_repacked_gguf_model_decodes_as_the_stored_layout(qtype, monkeypatch, tmp_path):
+    path = _write(tmp_path / "m.gguf", qtype)
+    if not repack_wanted(qtype, 16):
+        pytest.skip("this machine's kernel keeps the stored layout (no AVX-512 VNNI)")
+    packed, plain = _loaded(path, monkeypatch, True), _loaded(path, monkeypatch, False)
+    layers = [m for m in packed.model.modules() if isinstance(m, BlockLinear)]
+    assert layers and all(m.interleaved for m in layers)  # every streamed matrix: its rows are whole groups
+    assert not any(m.interleaved for m in plain.model.modules() if isinstance(m, BlockLinear))
+    assert not hasattr(packed.model.tok_emb, "interleaved") or not packed.model.tok_emb.interleaved
+    with torch.no_grad():  # the torch path reads the stored layout's weights
+        ids = torch.randint(0, 300, (2, 7), generator=torch.Generator().manual_seed(0))
+        assert torch.equal(packed.model(ids), plain.model(ids))
+    weights = weight_summary(packed.model)
+    assert f"{qtype} (16-row interleaved)" in weights["mlp out"]["types"]
+    ids = torch.randint(0, 300, (3, 12), generator=torch.Generator().manual_seed(1))
+    for act, tol in (("fp32", 1e-5), ("int8", 0.03)):
+        # fp32 activations: the same sums to fp32 rounding. int8: also, until an activation lands on the other
+        # side of a rounding tie (one step, under 1%), as between the one-row and batch kernels
+        fast = optimize_for_decode(_loaded(path, monkeypatch, True).model, act=act)
+        slow = optimize_for_decode(_loaded(path, monkeypatch, False).model, act=act)
+        assert fast.native_decoder is not None and fast.layers[0].mlp.w13.interleaved
+        got, want = _steps(fast, ids, 4), _steps(slow, ids, 4)
+        assert (got - want).abs().max() <= tol * want.abs().max(), act
+        assert torch.equal(got.argmax(-1), want.argmax(-1)), act  # greedy tokens
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_a_repacked_model_exports_the_files_blocks_byte_for_byte(qtype, monkeypatch, tmp_path):
+    path = _write(tmp_path / "a.gguf", qtype)
+    loaded = _loaded(path, monkeypatch, True)
+    assert any(getattr(m, "interleaved", False) for m in loaded.model.modules()) or not repack_wanted(qtype, 16)
+    assert all(b.shape[0] % 16 == 0 for b, _ in held_blocks(loaded.model).values())
+    export_gguf(loaded.model, loaded.tokenizer, tmp_path / "b.gguf", qtype)
+    a, b = GGUFFile(path), GGUFFile(tmp_path / "b.gguf")
+    assert a.tensors.keys() == b.tensors.keys()
+    for name, t in a.tensors.items():  # Q/K rows re-permuted for llama.cpp, the stored layout: the bytes read
+        assert t.tensor_type == b.tensors[name].tensor_type and (t.data == b.tensors[name].data).all(), name
+
+
+def test_a_fused_matrix_of_interleaved_and_stored_parts_keeps_each_in_its_layout():
+    from gen_cli.quant.block_stack import BlockStack, stack_rows
+
+    plain, packed = _pair("q4_0", 32, 64)
+    both = stack_rows([packed, plain])
+    assert isinstance(both, BlockStack) and [p.interleaved for p in both.parts] == [True, False]
+    joined = stack_rows([packed, _pair("q4_0", 16, 64, seed=1)[1]])
+    assert isinstance(joined, BlockLinear) and joined.interleaved and joined.out_features == 48
+    x = torch.randn(2, 64)
+    torch.testing.assert_close(both(x), torch.cat([plain(x), plain(x)], -1), rtol=0, atol=0)
+    assert torch.equal(dequantize(deinterleave(joined.blocks, "q4_0"), "q4_0", 64)[:32], plain.dequantized())
+
+
+def test_info_says_which_matrices_a_native_decode_interleaves(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from gen_cli.cli import app
+
+    path = _write(tmp_path / "m.gguf", "q4_0")
+    info = CliRunner().invoke(app, ["info", str(path), "--json"])
+    assert info.exit_code == 0, info.output
+    matrices = json.loads(info.stdout)["matrices"]
+    assert matrices["mlp out"]["interleaved"] == 2 and "interleaved" not in matrices["embedding"]
+    text = CliRunner().invoke(app, ["info", str(path)])
+    assert "mlp out: q4_0 ×2 from Q4_0 ×2 (native decode: 16-row interleaved ×2)" in " ".join(text.stdout.split())
