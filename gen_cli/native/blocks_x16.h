@@ -32,6 +32,14 @@
 
 enum { X16_ROWS = 16, X16_J = 8 }; /* rows per group; activation rows per pass over a group */
 
+/* AVX2 (with FMA and F16C, no AVX-512 VNNI): a group is two 256-bit halves, rows 0-7 and 8-15, one lane a row. */
+#if !defined(GEN_BLOCKS_512) && defined(GEN_BLOCKS_256) && defined(GEN_F16C)
+#define GEN_X16_256 1
+#endif
+#if defined(GEN_BLOCKS_512) || defined(GEN_X16_256)
+#define GEN_X16_VECTOR 1 /* a vector product for the layout: gen_block_interleaved says yes */
+#endif
+
 #define X16_HEAD(min) ((min) ? 64 : 32)       /* the fp16 d (and m) of a group's block */
 #define X16_BYTES(min) (X16_HEAD(min) + 256) /* a group's block: 16 stored blocks' bytes */
 
@@ -203,6 +211,57 @@ GEN_ALWAYS_INLINE void x16_group(const int nj, const int min, const uint8_t *res
     for (int j = 0; j < nj; j++) {
         float *yj = y + j * ldy;
         _mm512_storeu_ps(yj, accumulate ? _mm512_add_ps(_mm512_loadu_ps(yj), acc[j]) : acc[j]);
+    }
+#elif defined(GEN_X16_256)
+    /* Each half (8 rows, bytes 32h .. 32h + 31 of every chunk) runs over all blocks in turn: its 8 unpacked code
+     * vectors and up to 8 accumulators fit the 16 registers. maddubs (u8 codes x s8 activations, pairs added in
+     * int16) and the 8 of a block summed in int16 stay exact: 16 products of at most 15 x 128 is 30720 < 32767;
+     * one madd with ones widens the pairs to the row's int32 block sum in its lane. Then, lane by lane, the
+     * AVX-512 path's fp32 steps in the same order: the same bits. */
+    const __m256i m4 = _mm256_set1_epi8(0xF), ones = _mm256_set1_epi16(1);
+    for (int h = 0; h < 2; h++) {
+        __m256 acc[X16_J];
+#pragma GCC unroll 8
+        for (int j = 0; j < nj; j++) acc[j] = _mm256_setzero_ps();
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *p = grp + b * gb;
+            __m256i lo[4], hi[4];
+#pragma GCC unroll 4
+            for (int i = 0; i < 4; i++) {
+                const __m256i c = _mm256_loadu_si256((const __m256i *)(p + head + 64 * i + 32 * h));
+                lo[i] = _mm256_and_si256(c, m4), hi[i] = _mm256_and_si256(_mm256_srli_epi16(c, 4), m4);
+            }
+            const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 16 * h)));
+            const __m256 m = min ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 32 + 16 * h))) : d;
+#pragma GCC unroll 8
+            for (int j = 0; j < nj; j++) {
+                const int32_t *q = (const int32_t *)(x.q + j * x.qs + b * 32);
+                const int32_t oj = x.o[j * x.os + b];
+                __m256i u[8];
+#pragma GCC unroll 4
+                for (int i = 0; i < 4; i++) {
+                    int32_t ql, qh;
+                    memcpy(&ql, q + i, 4), memcpy(&qh, q + 4 + i, 4);
+                    u[i] = _mm256_maddubs_epi16(lo[i], _mm256_set1_epi32(ql));
+                    u[4 + i] = _mm256_maddubs_epi16(hi[i], _mm256_set1_epi32(qh));
+                }
+                const __m256i v = _mm256_add_epi16(_mm256_add_epi16(_mm256_add_epi16(u[0], u[1]), _mm256_add_epi16(u[2], u[3])),
+                                                   _mm256_add_epi16(_mm256_add_epi16(u[4], u[5]), _mm256_add_epi16(u[6], u[7])));
+                __m256i s = _mm256_madd_epi16(v, ones);
+                if (!min) s = _mm256_add_epi32(s, _mm256_set1_epi32(oj));
+                acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(d, _mm256_set1_ps(x.d[j * x.ds + b])), acc[j]);
+                if (min) {
+                    float mf;
+                    memcpy(&mf, &oj, 4);
+                    acc[j] = _mm256_fmadd_ps(m, _mm256_set1_ps(mf), acc[j]);
+                }
+            }
+        }
+#pragma GCC unroll 8
+        for (int j = 0; j < nj; j++) {
+            float *yj = y + j * ldy + 8 * h;
+            _mm256_storeu_ps(yj, accumulate ? _mm256_add_ps(_mm256_loadu_ps(yj), acc[j]) : acc[j]);
+        }
     }
 #else
     float acc[X16_J][X16_ROWS] = {{0.f}};
