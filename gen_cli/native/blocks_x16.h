@@ -84,6 +84,33 @@ static inline void x16_store_row(__m128i q, float d, float m, float *f, uint16_t
     for (int e = 0; e < 32; e++) h[e] = to_bf16(t[e]);
 #endif
 }
+#elif defined(GEN_X16_256)
+/* fp32 -> bf16 of 8 values as to_bf16 does (round to nearest even; a NaN stays a NaN), in the low 16 bits of each
+ * 32-bit lane. */
+static inline __m256i x16_bf16_lanes(__m256 v) {
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i r = _mm256_srli_epi32(
+        _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1))), 16);
+    const __m256i nan = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+    return _mm256_blendv_epi8(r, nan, _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+}
+
+/* One row's 16 nibble bytes (its elements in order: low nibbles 0..15, high 16..31) -> 32 values q d + m. */
+static inline void x16_store_row(__m128i q, float d, float m, float *f, uint16_t *h) {
+    const __m128i m4 = _mm_set1_epi8(0xF), lo = _mm_and_si128(q, m4), hi = _mm_and_si128(_mm_srli_epi16(q, 4), m4);
+    const __m256 vd = _mm256_set1_ps(d), vm = _mm256_set1_ps(m);
+    __m256 v[4];
+    const __m128i part[4] = {lo, _mm_unpackhi_epi64(lo, lo), hi, _mm_unpackhi_epi64(hi, hi)};
+    for (int k = 0; k < 4; k++) v[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(part[k])), vd, vm);
+    if (f) {
+        for (int k = 0; k < 4; k++) _mm256_storeu_ps(f + 8 * k, v[k]);
+        return;
+    }
+    for (int k = 0; k < 4; k += 2) { /* packus interleaves 128-bit lanes: put them back in order */
+        const __m256i p = _mm256_packus_epi32(x16_bf16_lanes(v[k]), x16_bf16_lanes(v[k + 1]));
+        _mm256_storeu_si256((__m256i *)(h + 8 * k), _mm256_permute4x64_epi64(p, 0xD8));
+    }
+}
 #endif
 
 /* The 16 rows of group `grp` (nb blocks) -> fp32 f or (f NULL) bf16 h, rows `ld` elements apart, with the
@@ -117,6 +144,36 @@ static void x16_dequantize_group(const uint8_t *restrict grp, int64_t nb, float 
             for (int r = 0; r < 4; r++) {
                 rows[k][r] = _mm512_castsi512_si128(t[r]), rows[k][4 + r] = _mm512_extracti32x4_epi32(t[r], 1);
                 rows[k][8 + r] = _mm512_extracti32x4_epi32(t[r], 2), rows[k][12 + r] = _mm512_extracti32x4_epi32(t[r], 3);
+            }
+        }
+        for (int l = 0; l < X16_ROWS; l++)
+            for (int k = 0; k < n; k++) {
+                const int64_t at = l * ld + 32 * (b0 + k);
+                x16_store_row(rows[k][l], d[k][l], m[k][l], f ? f + at : NULL, f ? NULL : h + at);
+            }
+    }
+#elif defined(GEN_X16_256)
+    for (int64_t b0 = 0; b0 < nb; b0 += X16_RUN) {
+        const int n = nb - b0 < X16_RUN ? (int)(nb - b0) : X16_RUN;
+        __m128i rows[X16_RUN][X16_ROWS];
+        float d[X16_RUN][X16_ROWS], m[X16_RUN][X16_ROWS];
+        for (int k = 0; k < n; k++) {
+            const uint8_t *p = grp + (b0 + k) * gb;
+            for (int half = 0; half < 2; half++) {
+                const __m256 dh = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 16 * half)));
+                _mm256_storeu_ps(d[k] + 8 * half, dh);
+                _mm256_storeu_ps(m[k] + 8 * half, min ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 32 + 16 * half)))
+                                                   : _mm256_mul_ps(dh, _mm256_set1_ps(-8.f)));
+                /* As on AVX-512: t[r]'s 128-bit lane j is row 8 half + 4j + r's 16 bytes. */
+                const uint8_t *c = p + head + 32 * half;
+                const __m256i c0 = _mm256_loadu_si256((const __m256i *)c), c1 = _mm256_loadu_si256((const __m256i *)(c + 64));
+                const __m256i c2 = _mm256_loadu_si256((const __m256i *)(c + 128)), c3 = _mm256_loadu_si256((const __m256i *)(c + 192));
+                const __m256i a = _mm256_unpacklo_epi32(c0, c1), bb = _mm256_unpackhi_epi32(c0, c1);
+                const __m256i cc = _mm256_unpacklo_epi32(c2, c3), dd = _mm256_unpackhi_epi32(c2, c3);
+                const __m256i t[4] = {_mm256_unpacklo_epi64(a, cc), _mm256_unpackhi_epi64(a, cc),
+                                      _mm256_unpacklo_epi64(bb, dd), _mm256_unpackhi_epi64(bb, dd)};
+                for (int r = 0; r < 4; r++)
+                    rows[k][8 * half + r] = _mm256_castsi256_si128(t[r]), rows[k][8 * half + 4 + r] = _mm256_extracti128_si256(t[r], 1);
             }
         }
         for (int l = 0; l < X16_ROWS; l++)
@@ -353,6 +410,38 @@ GEN_ALWAYS_INLINE void x16_float_group(const int nj, const int min, const uint8_
         float *yj = y + j * ldy;
         const __m512 v = _mm512_add_ps(lo[j], hi[j]);
         _mm512_storeu_ps(yj, accumulate ? _mm512_add_ps(_mm512_loadu_ps(yj), v) : v);
+    }
+#elif defined(GEN_X16_256)
+    const __m256i m4 = _mm256_set1_epi32(0xF);
+    for (int h = 0; h < 2; h++) { /* each half (8 rows) over all blocks in turn, as in x16_group */
+        __m256 lo[X16_J], hi[X16_J];
+#pragma GCC unroll 8
+        for (int j = 0; j < nj; j++) lo[j] = hi[j] = _mm256_setzero_ps();
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *p = grp + b * gb;
+            const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 16 * h)));
+            const __m256 m = min ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 32 + 16 * h))) : _mm256_mul_ps(d, _mm256_set1_ps(-8.f));
+            for (int i = 0; i < 4; i++) {
+                const __m256i c = _mm256_loadu_si256((const __m256i *)(p + head + 64 * i + 32 * h));
+#pragma GCC unroll 4
+                for (int k = 0; k < 4; k++) {
+                    const __m256 wl = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(c, 8 * k), m4)), d, m);
+                    const __m256 wh = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(c, 8 * k + 4), m4)), d, m);
+#pragma GCC unroll 8
+                    for (int j = 0; j < nj; j++) {
+                        const float *xj = x + j * ldx + 32 * b;
+                        lo[j] = _mm256_fmadd_ps(wl, _mm256_set1_ps(xj[4 * i + k]), lo[j]);
+                        hi[j] = _mm256_fmadd_ps(wh, _mm256_set1_ps(xj[16 + 4 * i + k]), hi[j]);
+                    }
+                }
+            }
+        }
+#pragma GCC unroll 8
+        for (int j = 0; j < nj; j++) {
+            float *yj = y + j * ldy + 8 * h;
+            const __m256 v = _mm256_add_ps(lo[j], hi[j]);
+            _mm256_storeu_ps(yj, accumulate ? _mm256_add_ps(_mm256_loadu_ps(yj), v) : v);
+        }
     }
 #else
     float lo[X16_J][X16_ROWS] = {{0.f}}, hi[X16_J][X16_ROWS] = {{0.f}};
