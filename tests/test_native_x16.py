@@ -132,20 +132,22 @@ def test_the_avx2_and_portable_paths_equal_the_native_one(march, fresh_library, 
     layers = {q: _pair(q, 48, 160, seed=5)[1] for q in QTYPES}
     x = torch.randn(11, 160)
     want = {(q, act): block_matmul(x, layer, act) for q, layer in layers.items() for act in ("int8", "fp32")}
-    tiles = {q: _dequantize_native(layer, False) for q, layer in layers.items()}
+    tiles = {(q, bf16): _dequantize_native(layer, bf16) for q, layer in layers.items() for bf16 in (False, True)}
     monkeypatch.setenv("GEN_HOME", str(tmp_path))
     monkeypatch.setattr(build, "FLAGS", tuple(f"-march={march}" if f == "-march=native" else f for f in build.FLAGS))
     build.library.cache_clear()
     assert native.native_status() == "ready"
     for q, layer in layers.items():
+        assert repack_wanted(q, 16) == (march == "x86-64-v3")  # AVX2 has a vector product for the layout
         # int8: the same integer sums, scaled and added lane by lane in the same order (fmaf); fp32: the same
         # products in the same order. The same bits as the AVX-512 build's.
         for act in ("int8", "fp32"):
             assert torch.equal(block_matmul(x, layer, act), want[q, act]), (q, act)
-        w = layer.dequantized()
-        # the stored layout's dequantize, fused multiply-add or not: within an ulp of each weight
-        torch.testing.assert_close(_dequantize_native(layer, False), tiles[q], rtol=2e-7, atol=1e-9)
-        torch.testing.assert_close(_dequantize_native(layer, False), w, rtol=2e-7, atol=1e-9)
+        # a prompt's row tiles: one fused multiply-add per weight on every path, the same bits (bf16: rounded alike)
+        for bf16 in (False, True):
+            assert torch.equal(_dequantize_native(layer, bf16), tiles[q, bf16]), (q, bf16)
+        # the torch path's weights (fused or not): within an ulp of each
+        torch.testing.assert_close(_dequantize_native(layer, False), layer.dequantized(), rtol=2e-7, atol=1e-9)
 
 
 def _write(path: Path, qtype: str) -> Path:
@@ -176,7 +178,7 @@ def _steps(model: Transformer, ids: torch.Tensor, prompt_len: int) -> torch.Tens
 def test_a_repacked_gguf_model_decodes_as_the_stored_layout(qtype, monkeypatch, tmp_path):
     path = _write(tmp_path / "m.gguf", qtype)
     if not repack_wanted(qtype, 16):
-        pytest.skip("this machine's kernel keeps the stored layout (no AVX-512 VNNI)")
+        pytest.skip("this machine's kernel keeps the stored layout (no AVX2 or AVX-512 VNNI)")
     packed, plain = _loaded(path, monkeypatch, True), _loaded(path, monkeypatch, False)
     layers = [m for m in packed.model.modules() if isinstance(m, BlockLinear)]
     assert layers and all(m.interleaved for m in layers)  # every streamed matrix: its rows are whole groups
