@@ -276,6 +276,46 @@ GEN_ALWAYS_INLINE void x16_group(const int nj, const int min, const uint8_t *res
      * one madd with ones widens the pairs to the row's int32 block sum in its lane. Then, lane by lane, the
      * AVX-512 path's fp32 steps in the same order: the same bits. */
     const __m256i m4 = _mm256_set1_epi8(0xF), ones = _mm256_set1_epi16(1);
+    if (nj == 1) { /* a decode step: both halves per block, sharing the activation's 8 broadcasts */
+        __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *p = grp + b * gb;
+            const int32_t *q = (const int32_t *)(x.q + b * 32);
+            const int32_t oj = x.o[b];
+            __m256i a[8];
+#pragma GCC unroll 8
+            for (int i = 0; i < 8; i++) {
+                int32_t v;
+                memcpy(&v, q + i, 4);
+                a[i] = _mm256_set1_epi32(v);
+            }
+            const __m256 dx = _mm256_set1_ps(x.d[b]);
+#pragma GCC unroll 2
+            for (int h = 0; h < 2; h++) {
+                __m256i u[8];
+#pragma GCC unroll 4
+                for (int i = 0; i < 4; i++) {
+                    const __m256i c = _mm256_loadu_si256((const __m256i *)(p + head + 64 * i + 32 * h));
+                    u[i] = _mm256_maddubs_epi16(_mm256_and_si256(c, m4), a[i]);
+                    u[4 + i] = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(c, 4), m4), a[4 + i]);
+                }
+                const __m256i v = _mm256_add_epi16(_mm256_add_epi16(_mm256_add_epi16(u[0], u[1]), _mm256_add_epi16(u[2], u[3])),
+                                                   _mm256_add_epi16(_mm256_add_epi16(u[4], u[5]), _mm256_add_epi16(u[6], u[7])));
+                __m256i s = _mm256_madd_epi16(v, ones);
+                if (!min) s = _mm256_add_epi32(s, _mm256_set1_epi32(oj));
+                const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 16 * h)));
+                acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(d, dx), acc[h]);
+                if (min) {
+                    float mf;
+                    memcpy(&mf, &oj, 4);
+                    acc[h] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 32 + 16 * h))), _mm256_set1_ps(mf), acc[h]);
+                }
+            }
+        }
+        for (int h = 0; h < 2; h++)
+            _mm256_storeu_ps(y + 8 * h, accumulate ? _mm256_add_ps(_mm256_loadu_ps(y + 8 * h), acc[h]) : acc[h]);
+        return;
+    }
     for (int h = 0; h < 2; h++) {
         __m256 acc[X16_J];
 #pragma GCC unroll 8
