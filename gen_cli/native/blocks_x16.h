@@ -17,6 +17,9 @@
  * are unpacked once for up to X16_J activation rows, and a row's fp32 order (lane by lane, block by block) does
  * not depend on how many rows share the call: a row gets the same bits alone and in any batch. The portable
  * loop computes each lane with the same operations in the same order (fmaf): the same bits again.
+ *
+ * AVX2 (FMA, F16C; GEN_X16_256): the 16 lanes are two 256-bit halves, rows 0-7 and 8-15; maddubs and one madd
+ * with ones take dpbusd's place (the integer block sums are the same), then the same fp32 steps lane by lane.
  */
 #ifndef GEN_BLOCKS_X16_H
 #define GEN_BLOCKS_X16_H
