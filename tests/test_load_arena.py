@@ -59,7 +59,7 @@ def _logits(model) -> torch.Tensor:
         return model(ids)
 
 
-@pytest.mark.parametrize("kind", ["F32", "BF16", "Q8_0", "Q4_K", "safetensors"])
+@pytest.mark.parametrize("kind", ["F32", "F16", "BF16", "Q8_0", "Q4_K", "safetensors"])  # F16: run as fp32
 def test_matrices_are_written_once_into_the_arena_and_logits_equal_the_map_load(tmp_path, kind):
     if kind == "safetensors":
         path = _folder(tmp_path / "hf", SMALL)

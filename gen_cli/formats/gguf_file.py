@@ -297,6 +297,8 @@ def load_gguf_weights(
     plan = check_tensors(f, config, arch)
     helds = holdings(f, config, arch)
     dtype = dtype or _dtype_of(f, [n for h in helds if not h.blocks for n in plan[h.gen_name][1]])
+    if arena and dtype == torch.float16:  # the CPU runs fp16 as fp32 anyway: convert once, into the arena
+        dtype = torch.float32
     slots: dict[str, list[torch.Tensor]] = {}
     copied: Counter[str] = Counter()
     if arena and dtype in (torch.float32, torch.bfloat16):  # what the native step reads (fp16 runs as fp32)
