@@ -5,6 +5,7 @@ GGUF model the loader repacked decodes as the stored layout does."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import shlex
@@ -241,3 +242,25 @@ def test_info_says_which_matrices_a_native_decode_interleaves(tmp_path):
     assert matrices["mlp out"]["interleaved"] == 2 and "interleaved" not in matrices["embedding"]
     text = CliRunner().invoke(app, ["info", str(path)])
     assert "mlp out: q4_0 ×2 from Q4_0 ×2 (native decode: 16-row interleaved ×2)" in " ".join(text.stdout.split())
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_a_tied_head_gets_its_own_interleaved_copy_and_the_same_tokens(qtype, monkeypatch, tmp_path):
+    """The embedding keeps the stored layout (read a row at a time); the head it was tied to is streamed whole
+    every step, so decode gives it an interleaved copy: the same logits to fp32 rounding, the same greedy ids."""
+    tied = dataclasses.replace(SMALL, tie_embeddings=True)
+    torch.manual_seed(0)
+    path = tmp_path / "t.gguf"
+    export_gguf(Transformer(tied).eval(), configure(byte_level_tokenizer()), path, qtype)
+    if not repack_wanted(qtype, 16):
+        pytest.skip("this machine's kernel keeps the stored layout (no vector product for it)")
+    ids = torch.randint(0, 300, (2, 10), generator=torch.Generator().manual_seed(2))
+    fast = optimize_for_decode(_loaded(path, monkeypatch, True).model, act="fp32")
+    slow = optimize_for_decode(_loaded(path, monkeypatch, False).model, act="fp32")
+    assert fast.lm_head.interleaved and not slow.lm_head.interleaved
+    assert fast.lm_head.blocks.data_ptr() != fast.tok_emb.blocks.data_ptr()  # its own copy …
+    assert torch.equal(fast.lm_head.stored_blocks(), fast.tok_emb.blocks)  # … of the same weights
+    assert slow.lm_head.blocks.data_ptr() == slow.tok_emb.blocks.data_ptr()  # stored layout: still shared
+    got, want = _steps(fast, ids, 3), _steps(slow, ids, 3)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    assert torch.equal(got.argmax(-1), want.argmax(-1))

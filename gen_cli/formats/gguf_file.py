@@ -395,7 +395,8 @@ def _repack_chunk(
         ordered = torch.empty_like(src)
         move(ordered, src)
         src = ordered
-    repack_into(dst, src, qtype)
+    # One thread, like copy_into: splitting each 1 MB chunk between two threads took a 135M load from 0.27 to 0.38 s.
+    repack_into(dst, src, qtype, threads=1)
 
 
 def read_gguf_config(path: Path) -> tuple[ModelConfig, dict[str, Any]]:
