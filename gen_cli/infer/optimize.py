@@ -9,6 +9,7 @@ int8 or GGML block formats, torch.compile.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import nn
@@ -77,7 +78,7 @@ def interleave_tied_head(model: Transformer) -> None:
     step, where the interleaved product is several times the stored one's. Costs the matrix's bytes once more
     (17.7 MB on a 135M model with a 49k vocabulary)."""
     from gen_cli.native.repack import repack_into, repack_wanted
-    from gen_cli.pages import WeightArena
+    from gen_cli.pages import WeightArena, copy_rows
 
     head, emb = model.lm_head, model.tok_emb
     blocks = getattr(emb, "blocks", None)
@@ -86,7 +87,8 @@ def interleave_tied_head(model: Transformer) -> None:
     if head.blocks.data_ptr() != blocks.data_ptr() or not repack_wanted(head.qtype, head.out_features):
         return
     place = WeightArena(head.blocks.nbytes).take(tuple(head.blocks.shape), torch.uint8)  # (vocab, row_bytes)
-    repack_into(place, head.blocks, head.qtype)
+    # A MB of rows at a time, the file's pages given back as read: the embedding's map is not made resident whole.
+    copy_rows(place, head.blocks, PageReleaser(), 16, move=partial(repack_into, qtype=head.qtype, threads=1))
     model.lm_head = BlockLinear(place, head.qtype, head.in_features, head.bias, interleaved=True)
 
 
