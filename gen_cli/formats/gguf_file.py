@@ -301,7 +301,7 @@ def load_gguf_weights(
         dtype = torch.float32
     slots: dict[str, list[torch.Tensor]] = {}
     copied: Counter[str] = Counter()
-    if arena and dtype in (torch.float32, torch.bfloat16):  # what the native step reads (fp16 runs as fp32)
+    if arena:  # float32 or bfloat16 now: what the native step reads
         slots, copied["into 2 MB pages (decode layout)"] = arena_slots(_arena_shapes(plan, helds, dtype))
     tensors: dict[str, torch.Tensor] = {}
     blocks: dict[str, Any] = {}
