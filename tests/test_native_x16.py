@@ -1,4 +1,5 @@
-"""Q4_0 / Q4_1 matrices in the 16-row interleaved layout (gen_cli/native/blocks_x16.h): the repack keeps every
+"""Q4_0 / Q4_1 / Q4_K matrices in the 16-row interleaved layout (gen_cli/native/blocks_x16.h, blocks_k16.h): the
+repack keeps every
 byte (dequantized, the same weights; exported, the stored blocks again), the kernel's products equal the stored
 layout's to fp32 rounding (the same integer block sums), a row gets the same bits alone and in any batch, and a
 GGUF model the loader repacked decodes as the stored layout does."""
@@ -40,20 +41,25 @@ pytestmark = [
     pytest.mark.skipif(shutil.which(shlex.split(os.environ.get("CC", "cc"))[0]) is None, reason="no C compiler"),
     pytest.mark.skipif(native.native_status() != "ready", reason="needs the compiled kernel"),
 ]
-QTYPES = ("q4_0", "q4_1")
+QTYPES = ("q4_0", "q4_1", "q4_k")
 SMALL = ModelConfig(vocab_size=320, n_layer=2, n_head=4, n_kv_head=2, d_model=256, d_ff=512, context_length=64,
                     tie_embeddings=False)  # fmt: skip
 ALWAYS = lambda config: True  # noqa: E731 (the loader's question: will the native step stream this model?)
 
 
+def _cols(qtype: str, blocks: int) -> int:
+    return BLOCK_TYPES[qtype].elems * blocks
+
+
 def _random_blocks(qtype: str, rows: int, cols: int, seed: int = 0) -> torch.Tensor:
-    """Every nibble random, the fp16 scales (and mins) small and finite."""
+    """Every nibble (and q4_k's 6-bit scales and mins) random, the fp16 scales (and mins) small and finite."""
     t = BLOCK_TYPES[qtype]
+    nb = cols // t.elems
     rng = np.random.default_rng(seed)
-    raw = rng.integers(0, 256, (rows, cols // 32, t.nbytes), dtype=np.uint8)
-    for at in (0, 2) if qtype == "q4_1" else (0,):
-        half = ((rng.random((rows, cols // 32)) - 0.3) * 0.02).astype(np.float16)
-        raw[..., at : at + 2] = half.view(np.uint8).reshape(rows, cols // 32, 2)
+    raw = rng.integers(0, 256, (rows, nb, t.nbytes), dtype=np.uint8)
+    for at in (0, 2) if qtype in ("q4_1", "q4_k") else (0,):
+        half = ((rng.random((rows, nb)) - 0.3) * 0.02).astype(np.float16)
+        raw[..., at : at + 2] = half.view(np.uint8).reshape(rows, nb, 2)
     return torch.from_numpy(raw.reshape(rows, -1))
 
 
@@ -74,7 +80,7 @@ def _dequantize_native(layer: BlockLinear, bf16: bool) -> torch.Tensor:
 
 @pytest.mark.parametrize("qtype", QTYPES)
 def test_repack_keeps_every_byte_and_dequantizes_to_the_same_weights(qtype):
-    plain, packed = _pair(qtype, 48, 96)
+    plain, packed = _pair(qtype, 48, _cols(qtype, 3))
     assert not torch.equal(packed.blocks, plain.blocks)  # reordered …
     assert torch.equal(deinterleave(packed.blocks, qtype), plain.blocks)  # … and nothing lost
     assert torch.equal(packed.stored_blocks(), plain.blocks)
@@ -88,7 +94,8 @@ def test_repack_keeps_every_byte_and_dequantizes_to_the_same_weights(qtype):
 
 def test_only_whole_groups_of_q4_rows_have_the_layout():
     assert can_interleave("q4_0", 32) and can_interleave("q4_1", 16)
-    assert not can_interleave("q4_0", 40) and not can_interleave("q8_0", 32) and not can_interleave("q4_k", 32)
+    assert can_interleave("q4_k", 32) and not can_interleave("q4_k", 40)
+    assert not can_interleave("q4_0", 40) and not can_interleave("q8_0", 32) and not can_interleave("q6_k", 32)
     assert not repack_wanted("q4_0", 40)  # such rows stay as stored
     with pytest.raises(AssertionError):
         BlockLinear(_random_blocks("q4_0", 40, 64), "q4_0", 64, interleaved=True)
@@ -101,7 +108,7 @@ def test_only_whole_groups_of_q4_rows_have_the_layout():
 @pytest.mark.parametrize("act", ["int8", "fp32", "bf16"])
 @pytest.mark.parametrize("blocks_per_row", [1, 3, 16])
 def test_products_equal_the_stored_layouts_to_fp32_rounding(qtype, n, act, blocks_per_row):
-    cols = 32 * blocks_per_row
+    cols = _cols(qtype, blocks_per_row)
     plain, packed = _pair(qtype, 64, cols, seed=n)
     x = torch.randn(n, cols) * torch.rand(1, cols) * 3
     want, got = block_matmul(x, plain, act).double(), block_matmul(x, packed, act).double()
@@ -130,8 +137,9 @@ def test_the_torch_path_of_an_interleaved_layer_is_the_stored_layers():
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="builds for plain x86-64 targets")
 @pytest.mark.parametrize("march", ["x86-64-v3", "x86-64-v2"])  # AVX2, then no vector ISA (portable C)
 def test_the_avx2_and_portable_paths_equal_the_native_one(march, fresh_library, monkeypatch, tmp_path):
-    layers = {q: _pair(q, 48, 160, seed=5)[1] for q in QTYPES}
-    x = torch.randn(11, 160)
+    pairs = {q: _pair(q, 48, 512, seed=5) for q in QTYPES}
+    layers = {q: packed for q, (_, packed) in pairs.items()}
+    x = torch.randn(11, 512)
     want = {(q, act): block_matmul(x, layer, act) for q, layer in layers.items() for act in ("int8", "fp32")}
     tiles = {(q, bf16): _dequantize_native(layer, bf16) for q, layer in layers.items() for bf16 in (False, True)}
     monkeypatch.setenv("GEN_HOME", str(tmp_path))
@@ -139,14 +147,20 @@ def test_the_avx2_and_portable_paths_equal_the_native_one(march, fresh_library, 
     build.library.cache_clear()
     assert native.native_status() == "ready"
     for q, layer in layers.items():
-        assert repack_wanted(q, 16) == (march == "x86-64-v3")  # AVX2 has a vector product for the layout
-        # int8: the same integer sums, scaled and added lane by lane in the same order (fmaf); fp32: the same
-        # products in the same order. The same bits as the AVX-512 build's.
-        for act in ("int8", "fp32"):
-            assert torch.equal(block_matmul(x, layer, act), want[q, act]), (q, act)
-        # a prompt's row tiles: one fused multiply-add per weight on every path, the same bits (bf16: rounded alike)
+        # AVX2 has a vector product for the q4_0 / q4_1 layout; q4_k's is AVX-512 VNNI's only
+        assert repack_wanted(q, 16) == (march == "x86-64-v3" and q != "q4_k")
+        # int8: the same integer sums, scaled and added lane by lane in the same order (fmaf): the same bits as the
+        # AVX-512 build's. fp32: q4_0 / q4_1, the same products in the same order, the same bits again; q4_k reads
+        # its rows back stored: the stored layout's products on this build, bit for bit.
+        assert torch.equal(block_matmul(x, layer, "int8"), want[q, "int8"]), q
+        stored = pairs[q][0] if q == "q4_k" else None
+        assert torch.equal(
+            block_matmul(x, layer, "fp32"), block_matmul(x, stored, "fp32") if stored else want[q, "fp32"]
+        )
+        # a prompt's row tiles: the same values on every path (bf16: rounded alike); q4_k: the stored layout's
         for bf16 in (False, True):
-            assert torch.equal(_dequantize_native(layer, bf16), tiles[q, bf16]), (q, bf16)
+            expected = _dequantize_native(stored, bf16) if stored else tiles[q, bf16]
+            assert torch.equal(_dequantize_native(layer, bf16), expected), (q, bf16)
         # the torch path's weights (fused or not): within an ulp of each
         torch.testing.assert_close(_dequantize_native(layer, False), layer.dequantized(), rtol=2e-7, atol=1e-9)
 

@@ -13,6 +13,7 @@
 #include "blocks_batch.h"
 #include "blocks_common.h"
 #include "blocks_k.h"
+#include "blocks_k16.h"
 #include "blocks_x16.h"
 #include "features.h"
 
@@ -36,10 +37,10 @@ typedef struct {
     int64_t (*batch_prep_bytes)(int64_t nb);
     void (*batch_prep)(Act a, int64_t nb, uint8_t *out);
     BlockBatch batch;
-    /* Rows interleaved in groups (blocks_x16.h): 16, and whether blocks have a min (Q4_1); the row entries above
-     * are then NULL (a row's bytes are spread over its group) and the products are blocks_x16.h's. 0: rows as
-     * GGUF stores them. */
-    int64_t group, group_min;
+    /* Rows interleaved in groups (blocks_x16.h, blocks_k16.h): 16, and the type the file stores them in (whose
+     * arithmetic the layout keeps); the row entries above are then NULL (a row's bytes are spread over its group)
+     * and the products are those headers'. 0: rows as GGUF stores them. */
+    int64_t group, stored;
 } BlockType;
 
 #ifdef GEN_BLOCKS_512
@@ -68,8 +69,9 @@ static const BlockType BLOCK_TYPES[T_COUNT] = {
     [T_Q5_1] = {32, 24, quantize_act_32, dot_q5_1, Q45_DOT4(q5_1), dequantize_q5_1, NULL, BATCH(q5_1, q45)},
     [T_Q4_K] = {256, 144, quantize_act_256, dot_q4_k, NULL, dequantize_q4_k, NULL, BATCH(q4_k, q4_k)},
     [T_Q6_K] = {256, 210, quantize_act_256, dot_q6_k, NULL, dequantize_q6_k, NULL},
-    [T_Q4_0X16] = {32, 18, quantize_act_32, NULL, NULL, NULL, NULL, NULL, NULL, NULL, X16_ROWS, 0},
-    [T_Q4_1X16] = {32, 20, quantize_act_32, NULL, NULL, NULL, NULL, NULL, NULL, NULL, X16_ROWS, 1},
+    [T_Q4_0X16] = {32, 18, quantize_act_32, NULL, NULL, NULL, NULL, NULL, NULL, NULL, X16_ROWS, T_Q4_0},
+    [T_Q4_1X16] = {32, 20, quantize_act_32, NULL, NULL, NULL, NULL, NULL, NULL, NULL, X16_ROWS, T_Q4_1},
+    [T_Q4_KX16] = {256, 144, quantize_act_256, NULL, NULL, NULL, NULL, NULL, NULL, NULL, X16_ROWS, T_Q4_K},
 };
 #undef Q45_DOT4
 #undef TILE

@@ -533,14 +533,16 @@ static const FloatDot FLOAT_DOTS[T_COUNT][2] = {
 /* Y (batch, rows) = X (batch, cols) W^T (+ Y when accumulate) for block rows W, activations as `act` says
  * (ACT_FP32 or ACT_BF16); row b of Y starts ldy floats after row b - 1 (a part of a matrix held in parts writes
  * its own columns of a wider Y). Scratch: xh (batch, cols) halves for ACT_BF16, xs (batch, cols / 32) block sums.
- * Threads take whole row blocks; each block's rows stay in L1 while every batch row uses them. */
+ * Threads take whole row blocks; each row stays in L1 while every batch row uses it. Interleaved Q4_K rows
+ * (blocks_k16.h; the only interleaved type that comes here) are read back a row at a time into the stored layout:
+ * the stored layout's products, bit for bit. */
 static void float_block_matmul(const uint8_t *w, int64_t type, int64_t rows, int64_t cols, const float *x,
                                int64_t batch, float *y, int64_t ldy, int accumulate, int64_t act, uint16_t *xh,
                                float *xs, int n_threads) {
-    enum { ROWS = 4 };
     const BlockType *t = &BLOCK_TYPES[type];
+    const int64_t ROWS = t->group ? t->group : 4;
     const int half = act == ACT_BF16;
-    const FloatDot dot = FLOAT_DOTS[type][half];
+    const FloatDot dot = FLOAT_DOTS[t->group ? t->stored : type][half];
     const int64_t rb = block_row_bytes(t, cols), nb = cols / t->elems, groups = cols / 32;
     for (int64_t b = 0; b < batch; b++) { /* once per matmul: the rounding (bf16) and the sums per 32 */
         const float *xb = x + b * cols;
@@ -556,10 +558,14 @@ static void float_block_matmul(const uint8_t *w, int64_t type, int64_t rows, int
 #pragma omp parallel for schedule(static) num_threads(n_threads)
     for (int64_t r0 = 0; r0 < rows; r0 += ROWS) {
         const int64_t r1 = r0 + ROWS < rows ? r0 + ROWS : rows;
-        for (int64_t b = 0; b < batch; b++) {
-            const void *xb = half ? (const void *)(xh + b * cols) : (const void *)(x + b * cols);
-            for (int64_t r = r0; r < r1; r++) {
-                const float v = dot(w + r * rb, xb, xs + b * groups, nb);
+        for (int64_t r = r0; r < r1; r++) {
+            uint8_t stored[t->group ? rb : 1]; /* an interleaved row read back (under 80 KB at 131072 columns) */
+            if (t->group)
+                for (int64_t s = 0; s < nb; s++) k16_row(w + r0 * rb + s * K16_BYTES, (int)(r - r0), stored + s * 144);
+            const uint8_t *row = t->group ? stored : w + r * rb;
+            for (int64_t b = 0; b < batch; b++) {
+                const void *xb = half ? (const void *)(xh + b * cols) : (const void *)(x + b * cols);
+                const float v = dot(row, xb, xs + b * groups, nb);
                 y[b * ldy + r] = accumulate ? y[b * ldy + r] + v : v;
             }
         }

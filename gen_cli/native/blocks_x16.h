@@ -46,11 +46,13 @@ enum { X16_ROWS = 16, X16_J = 8 }; /* rows per group; activation rows per pass o
 #define X16_HEAD(min) ((min) ? 64 : 32)       /* the fp16 d (and m) of a group's block */
 #define X16_BYTES(min) (X16_HEAD(min) + 256) /* a group's block: 16 stored blocks' bytes */
 
-/* Stored rows [16 g0, 16 g1) of a Q4_0 / Q4_1 matrix (rows of nb blocks, rb bytes apart) -> groups g0 .. g1 - 1
- * of the interleaved layout, at dst (the whole matrix's start). src and dst must not overlap. */
+/* Stored rows [16 g0, 16 g1) of a block matrix (rows of nb blocks, rb bytes apart; a block: `halves` fp16 fields,
+ * then `words` 32-bit words) -> groups g0 .. g1 - 1 of the interleaved layout, at dst (the whole matrix's start):
+ * per group and block, each fp16 field of the 16 rows in turn (row l's at 2l), then each word (row l's at 4l).
+ * Q4_0: 1 and 4, Q4_1: 2 and 4, Q4_K: 2 and 35 (blocks_k16.h). src and dst must not overlap. */
 static inline void x16_repack(const uint8_t *restrict src, int64_t rb, int64_t nb, int64_t g0, int64_t g1,
-                              uint8_t *restrict dst, const int min) {
-    const int64_t bs = min ? 20 : 18, qo = min ? 4 : 2, head = X16_HEAD(min), gb = X16_BYTES(min);
+                              uint8_t *restrict dst, const int halves, const int words) {
+    const int64_t bs = 2 * halves + 4 * words, head = 32 * halves, gb = X16_ROWS * bs;
     int64_t g = g0;
 #ifdef GEN_AVX512_BW
     /* One gather per chunk: lane l reads row l's word (16 rows, rb bytes apart). Six small copies per row and
@@ -62,11 +64,11 @@ static inline void x16_repack(const uint8_t *restrict src, int64_t rb, int64_t n
             for (int64_t b = 0; b < nb; b++) {
                 const uint8_t *p = src + g * X16_ROWS * rb + b * bs;
                 uint8_t *o = dst + (g * nb + b) * gb;
-                const __m512i dm = _mm512_i32gather_epi32(rows, p, 1); /* d, then m (Q4_1) or 2 nibble bytes */
+                const __m512i dm = _mm512_i32gather_epi32(rows, p, 1); /* d, then m / dmin or 2 nibble bytes */
                 _mm256_storeu_si256((__m256i *)o, _mm512_cvtepi32_epi16(dm));
-                if (min) _mm256_storeu_si256((__m256i *)(o + 32), _mm512_cvtepi32_epi16(_mm512_srli_epi32(dm, 16)));
-                for (int i = 0; i < 4; i++)
-                    _mm512_storeu_si512(o + head + 64 * i, _mm512_i32gather_epi32(rows, p + qo + 4 * i, 1));
+                if (halves == 2) _mm256_storeu_si256((__m256i *)(o + 32), _mm512_cvtepi32_epi16(_mm512_srli_epi32(dm, 16)));
+                for (int i = 0; i < words; i++)
+                    _mm512_storeu_si512(o + head + 64 * i, _mm512_i32gather_epi32(rows, p + 2 * halves + 4 * i, 1));
             }
     }
 #endif
@@ -75,9 +77,8 @@ static inline void x16_repack(const uint8_t *restrict src, int64_t rb, int64_t n
             uint8_t *o = dst + (g * nb + b) * gb;
             for (int l = 0; l < X16_ROWS; l++) {
                 const uint8_t *p = src + (g * X16_ROWS + l) * rb + b * bs;
-                memcpy(o + 2 * l, p, 2);
-                if (min) memcpy(o + 32 + 2 * l, p + 2, 2);
-                for (int i = 0; i < 4; i++) memcpy(o + head + 64 * i + 4 * l, p + qo + 4 * i, 4);
+                for (int f = 0; f < halves; f++) memcpy(o + 32 * f + 2 * l, p + 2 * f, 2);
+                for (int i = 0; i < words; i++) memcpy(o + head + 64 * i + 4 * l, p + 2 * halves + 4 * i, 4);
             }
         }
 }

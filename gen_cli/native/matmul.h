@@ -245,29 +245,37 @@ enum { BATCH_MIN = 2 };
  * blocks as the type's traits say, into aq (batch, cols), ad (batch, cols / 32), asum (batch, cols / 16). Row b
  * of y starts ldy floats after row b - 1. Threads take whole 4-row blocks of W; each block stays in L1 while
  * every input row passes over it. */
-/* block_rows_int8 for rows interleaved in groups (blocks_x16.h): the inputs quantized as for the stored layout, each
- * row's per-block offsets (or min factors) beside them: on the stack for a decode step, else allocated, and where
- * that fails, as many rows at a time as the stack holds. */
+/* block_rows_int8 for rows interleaved in groups (blocks_x16.h, blocks_k16.h): the inputs quantized as for the
+ * stored layout, each row's per-block terms beside them (Q4_0 offsets or Q4_1 min factors, one per block; Q4_K's
+ * paired sub-block sums, 4 per super-block): on the stack for a decode step, else allocated, and where that fails,
+ * as many rows at a time as the stack holds. */
 static void block_rows_x16(const uint8_t *w, const BlockType *t, int64_t rows, int64_t cols, const float *x,
                            int64_t batch, float *y, int64_t ldy, int accumulate, int8_t *aq, float *ad, int16_t *asum,
                            int n_threads) {
     enum { STACK_TERMS = 4096 };
-    const int64_t nb = cols / 32;
+    const int k = t->stored == T_Q4_K, min = t->stored == T_Q4_1;
+    const int64_t nb = cols / 32, terms = k ? cols / 64 : nb; /* X16Act.o per row */
     int32_t stack[STACK_TERMS], *o = stack;
-    int64_t step = STACK_TERMS / nb > 0 ? STACK_TERMS / nb : 1;
-    if (batch > step && (o = malloc((size_t)(batch * nb) * sizeof(int32_t))) != NULL) step = batch;
+    int64_t step = STACK_TERMS / terms > 0 ? STACK_TERMS / terms : 1;
+    if (batch > step && (o = malloc((size_t)(batch * terms) * sizeof(int32_t))) != NULL) step = batch;
     if (!o) o = stack;
-    if (o == stack && nb > STACK_TERMS) return; /* rows of over 131072 columns, and no memory */
+    if (o == stack && terms > STACK_TERMS) return; /* rows of over 131072 columns, and no memory */
     for (int64_t b0 = 0; b0 < batch; b0 += step) {
         const int64_t n = batch - b0 < step ? batch - b0 : step;
         for (int64_t b = 0; b < n; b++) { /* on the calling thread, as block_rows_int8 does */
             const int64_t r = b0 + b;
             Act a = {aq + r * cols, ad + r * nb, asum + r * (cols / 16)};
             t->quantize_act(x + r * cols, cols, a);
-            x16_offsets(a, nb, o + b * nb, (int)t->group_min);
+            if (k)
+                k16_offsets(a, cols / 256, o + b * terms);
+            else
+                x16_offsets(a, nb, o + b * terms, min);
         }
-        const X16Act xa = {aq + b0 * cols, ad + b0 * nb, o, cols, nb, nb};
-        x16_matmul(w, rows, cols, xa, n, y + b0 * ldy, ldy, accumulate, n_threads, (int)t->group_min);
+        const X16Act xa = {aq + b0 * cols, ad + b0 * nb, o, cols, nb, terms};
+        if (k)
+            k16_matmul(w, rows, cols, xa, n, y + b0 * ldy, ldy, accumulate, n_threads);
+        else
+            x16_matmul(w, rows, cols, xa, n, y + b0 * ldy, ldy, accumulate, n_threads, min);
     }
     if (o != stack) free(o);
 }
@@ -281,7 +289,7 @@ static int float_rows_x16(const uint8_t *w, const BlockType *t, int64_t rows, in
         if (!(xr = malloc((size_t)(batch * cols) * sizeof(float)))) return -1;
         for (int64_t i = 0; i < batch * cols; i++) xr[i] = from_bf16(to_bf16(x[i]));
     }
-    x16_float_matmul(w, rows, cols, x, batch, y, ldy, accumulate, xr, n_threads, (int)t->group_min);
+    x16_float_matmul(w, rows, cols, x, batch, y, ldy, accumulate, xr, n_threads, t->stored == T_Q4_1);
     free(xr);
     return 0;
 }
@@ -340,7 +348,7 @@ static void block_rows_int8(const uint8_t *w, const BlockType *t, int64_t rows, 
  * part of a matrix held in parts writes its own columns of a wider y). */
 static void matmul_blocks(const Model *m, const Matrix *w, const BlockType *t, const float *x, float *y, int64_t ldy,
                           int accumulate) {
-    if (m->act != ACT_INT8 && t->group) {
+    if (m->act != ACT_INT8 && t->group && t->stored != T_Q4_K) {
         float_rows_x16(w->data, t, w->rows, w->cols, x, m->batch, y, ldy, accumulate, m->act, (int)m->n_threads);
         return;
     }

@@ -23,7 +23,8 @@ int64_t gen_block_matmul(const void *w, int64_t type, int64_t rows, int64_t cols
     if (!bt || cols % bt->elems != 0 || act < ACT_INT8 || act > ACT_FP32) return -1;
     if (n <= 0 || rows <= 0) return 0;
     if (bt->group && rows % bt->group) return -1;
-    if (act != ACT_INT8 && bt->group) return float_rows_x16(w, bt, rows, cols, x, n, y, rows, 0, act, (int)n_threads);
+    if (act != ACT_INT8 && bt->group && bt->stored != T_Q4_K)
+        return float_rows_x16(w, bt, rows, cols, x, n, y, rows, 0, act, (int)n_threads);
     if (act != ACT_INT8) {
         uint16_t *xh = malloc((size_t)(n * cols) * sizeof(uint16_t));
         float *xs = malloc((size_t)(n * (cols / 32) + 1) * sizeof(float));
@@ -41,6 +42,15 @@ int64_t gen_block_matmul(const void *w, int64_t type, int64_t rows, int64_t cols
     return ok ? 0 : -1;
 }
 
+/* n floats -> bf16 (round to nearest even). */
+static void to_bf16_row(const float *f, int64_t n, uint16_t *o) {
+    int64_t i = 0;
+#ifdef GEN_AVX512_BF16
+    for (; i + 32 <= n; i += 32) _mm512_storeu_si512(o + i, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(f + i + 16), _mm512_loadu_ps(f + i)));
+#endif
+    for (; i < n; i++) o[i] = to_bf16(f[i]);
+}
+
 /* Rows [0, rows) of a block matrix -> fp32 (bf16 == 0) or bf16 (bf16 == 1, round to nearest even) in `out`
  * (rows, cols): a prompt's row tile, dequantized once per call into a cache-sized scratch that a GEMM then
  * reuses for every token. Rows split across threads; without a vector path for the type, each row goes through
@@ -52,13 +62,27 @@ int64_t gen_block_dequantize(const void *w, int64_t type, int64_t rows, int64_t 
     const BlockType *bt = block_type(type);
     if (!bt || cols % bt->elems != 0) return -1;
     const int64_t rb = block_row_bytes(bt, cols), chunk_bytes = CHUNK / bt->elems * bt->bytes;
-    if (bt->group) { /* whole groups of interleaved rows, from the first */
-        if (rows % bt->group) return -1;
+    if (bt->group && rows % bt->group) return -1;
+    if (bt->group && bt->stored != T_Q4_K) { /* whole groups of interleaved rows, from the first */
 #pragma omp parallel for schedule(static) num_threads(n_threads)
         for (int64_t g = 0; g < rows / bt->group; g++) {
             const int64_t at = g * bt->group * cols;
             x16_dequantize_group((const uint8_t *)w + g * bt->group * rb, cols / 32, bf16 ? NULL : (float *)out + at,
-                                 bf16 ? (uint16_t *)out + at : NULL, cols, (int)bt->group_min);
+                                 bf16 ? (uint16_t *)out + at : NULL, cols, bt->stored == T_Q4_1);
+        }
+        return 0;
+    }
+    if (bt->group) { /* interleaved Q4_K: each row read back stored, a super-block (CHUNK) at a time */
+#pragma omp parallel for schedule(static) num_threads(n_threads)
+        for (int64_t r = 0; r < rows; r++) {
+            const uint8_t *grp = (const uint8_t *)w + r / X16_ROWS * X16_ROWS * rb;
+            float *f = bf16 ? NULL : (float *)out + r * cols, tmp[CHUNK];
+            uint8_t sb[144];
+            for (int64_t c = 0; c < cols; c += CHUNK) {
+                k16_row(grp + c / CHUNK * K16_BYTES, (int)(r % X16_ROWS), sb);
+                dequantize_q4_k(sb, CHUNK, f ? f + c : tmp);
+                if (!f) to_bf16_row(tmp, CHUNK, (uint16_t *)out + r * cols + c);
+            }
         }
         return 0;
     }
@@ -79,39 +103,37 @@ int64_t gen_block_dequantize(const void *w, int64_t type, int64_t rows, int64_t 
         for (int64_t c = 0; c < cols; c += CHUNK, row += chunk_bytes, o += CHUNK) {
             const int64_t len = cols - c < CHUNK ? cols - c : CHUNK;
             bt->dequantize(row, len, tmp);
-            int64_t i = 0;
-#ifdef GEN_AVX512_BF16
-            for (; i + 32 <= len; i += 32) {
-                __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(tmp + i + 16), _mm512_loadu_ps(tmp + i));
-                _mm512_storeu_si512(o + i, (__m512i)v);
-            }
-#endif
-            for (; i < len; i++) o[i] = to_bf16(tmp[i]);
+            to_bf16_row(tmp, len, o);
         }
     }
     return 0;
 }
 
-/* The type a Q4_0 / Q4_1 matrix is repacked to for decoding (blocks_x16.h), when this build has a vector product
- * for it (AVX-512 VNNI, or AVX2): T_Q4_0X16 / T_Q4_1X16; else -1 (the stored layout is as fast). */
+/* The type a Q4_0 / Q4_1 / Q4_K matrix is repacked to for decoding (blocks_x16.h, blocks_k16.h), when this build
+ * has a vector product for it (Q4_0 / Q4_1: AVX-512 VNNI or AVX2; Q4_K: AVX-512 VNNI); else -1 (the stored layout
+ * is as fast). */
 int64_t gen_block_interleaved(int64_t type) {
 #ifdef GEN_X16_VECTOR
     if (type == T_Q4_0) return T_Q4_0X16;
     if (type == T_Q4_1) return T_Q4_1X16;
-#else
-    (void)type;
 #endif
+#ifdef GEN_BLOCKS_512
+    if (type == T_Q4_K) return T_Q4_KX16;
+#endif
+    (void)type;
     return -1;
 }
 
-/* Rows [0, rows) of a stored Q4_0 / Q4_1 matrix (`type`; rows a multiple of 16) -> the interleaved layout in dst
- * (as many bytes, not overlapping src), groups split across threads. Returns 0, or -1 for another type or
+/* Rows [0, rows) of a stored Q4_0 / Q4_1 / Q4_K matrix (`type`; rows a multiple of 16) -> the interleaved layout
+ * in dst (as many bytes, not overlapping src), groups split across threads. Returns 0, or -1 for another type or
  * shape. */
 int64_t gen_block_repack(const void *src, int64_t type, int64_t rows, int64_t cols, void *dst, int64_t n_threads) {
-    if ((type != T_Q4_0 && type != T_Q4_1) || rows % X16_ROWS || cols <= 0 || cols % 32) return -1;
-    const int min = type == T_Q4_1;
-    const int64_t nb = cols / 32, rb = nb * (min ? 20 : 18), groups = rows / X16_ROWS;
+    const int halves = type == T_Q4_0 ? 1 : 2, words = type == T_Q4_K ? K16_WORDS : 4;
+    if ((type != T_Q4_0 && type != T_Q4_1 && type != T_Q4_K) || rows % X16_ROWS || cols <= 0) return -1;
+    const BlockType *bt = &BLOCK_TYPES[type];
+    if (cols % bt->elems) return -1;
+    const int64_t nb = cols / bt->elems, rb = nb * bt->bytes, groups = rows / X16_ROWS;
 #pragma omp parallel for schedule(static) num_threads(n_threads)
-    for (int64_t g = 0; g < groups; g++) x16_repack(src, rb, nb, g, g + 1, dst, min);
+    for (int64_t g = 0; g < groups; g++) x16_repack(src, rb, nb, g, g + 1, dst, halves, words);
     return 0;
 }

@@ -346,39 +346,40 @@ def max_error(w: torch.Tensor, qtype: str) -> torch.Tensor:
     return (half * (1 + 1e-5) + 1e-30).expand(-1, t.elems).reshape(rows, cols)
 
 
-# ---- the 16-row interleaved layout of q4_0 / q4_1 (gen_cli/native/blocks_x16.h) ----
+# ---- the 16-row interleaved layout of q4_0 / q4_1 / q4_k (gen_cli/native/blocks_x16.h, blocks_k16.h) ----
 #
-# For each group of 16 rows and block index b: the 16 rows' fp16 d (32 bytes), q4_1: their fp16 m (32 bytes), then
-# 4 chunks of 64 bytes, chunk i holding bytes 4i … 4i + 3 of each row l's 16 nibble bytes at bytes 4l … 4l + 3. A
-# group takes the bytes its 16 rows take stored, so rows [16g, 16g + 16) stay where they were as a whole: a matrix
-# is sliced, joined or split at multiples of 16 rows in either layout alike.
+# A block is some fp16 fields (q4_0: d; q4_1: d, m; q4_k: d, dmin), then 32-bit words (q4_0 / q4_1: 16 nibble
+# bytes; q4_k: 12 bytes of packed scales and mins, 128 of nibbles). For each group of 16 rows and block index b:
+# each fp16 field of the 16 rows in turn (32 bytes), then each word i as a 64-byte chunk holding row l's word at
+# bytes 4l … 4l + 3. A group takes the bytes its 16 rows take stored, so rows [16g, 16g + 16) stay where they were
+# as a whole: a matrix is sliced, joined or split at multiples of 16 rows in either layout alike.
 
 INTERLEAVE_ROWS = 16
-INTERLEAVED = ("q4_0", "q4_1")  # the types that have the layout
+INTERLEAVED = {"q4_0": 2, "q4_1": 4, "q4_k": 4}  # the types that have the layout: their fp16 fields' bytes
 
 
 def can_interleave(qtype: str, rows: int) -> bool:
-    """Whether a `qtype` matrix of `rows` rows has the interleaved layout (q4_0 / q4_1, whole groups of 16)."""
+    """Whether a `qtype` matrix of `rows` rows has the interleaved layout (q4_0 / q4_1 / q4_k, whole groups of 16)."""
     return qtype in INTERLEAVED and rows > 0 and rows % INTERLEAVE_ROWS == 0
 
 
 def _head(qtype: str, rows: int) -> int:
-    """The bytes before a block's nibbles (d, or d and m), once `rows` is checked to have the layout."""
+    """The bytes of a block's fp16 fields, once `rows` is checked to have the layout."""
     if not can_interleave(qtype, rows):
-        raise GenError(f"{qtype} rows {rows} have no interleaved layout (q4_0 / q4_1 in whole groups of 16)")
-    return 4 if qtype == "q4_1" else 2
+        raise GenError(f"{qtype} rows {rows} have no interleaved layout (q4_0 / q4_1 / q4_k in whole groups of 16)")
+    return INTERLEAVED[qtype]
 
 
 def interleave(blocks: torch.Tensor, qtype: str) -> torch.Tensor:
     """Stored blocks (rows, row_bytes) → the same bytes in the 16-row interleaved layout (rows, row_bytes)."""
     rows, rb = blocks.shape
     t = block_type(qtype)
-    nb = rb // t.nbytes
-    head = _head(qtype, rows)
+    nb, head = rb // t.nbytes, _head(qtype, rows)
+    words = (t.nbytes - head) // 4
     b = blocks.contiguous().view(rows // 16, 16, nb, t.nbytes)  # (G, l, block, bytes)
-    scales = b[..., :head].reshape(rows // 16, 16, nb, head // 2, 2).permute(0, 2, 3, 1, 4)  # (G, b, d|m, l, 2)
-    nibbles = b[..., head:].reshape(rows // 16, 16, nb, 4, 4).permute(0, 2, 3, 1, 4)  # (G, b, chunk, l, 4 bytes)
-    out = torch.cat([scales.reshape(rows // 16, nb, -1), nibbles.reshape(rows // 16, nb, -1)], dim=2)
+    halves = b[..., :head].reshape(rows // 16, 16, nb, head // 2, 2).permute(0, 2, 3, 1, 4)  # (G, b, field, l, 2)
+    chunks = b[..., head:].reshape(rows // 16, 16, nb, words, 4).permute(0, 2, 3, 1, 4)  # (G, b, word, l, 4 bytes)
+    out = torch.cat([halves.reshape(rows // 16, nb, -1), chunks.reshape(rows // 16, nb, -1)], dim=2)
     return out.reshape(rows, rb)
 
 
@@ -386,10 +387,10 @@ def deinterleave(blocks: torch.Tensor, qtype: str) -> torch.Tensor:
     """The 16-row interleaved layout (rows, row_bytes) → the stored blocks, byte for byte as before `interleave`."""
     rows, rb = blocks.shape
     t = block_type(qtype)
-    nb = rb // t.nbytes
-    head = _head(qtype, rows)
+    nb, head = rb // t.nbytes, _head(qtype, rows)
+    words = (t.nbytes - head) // 4
     g = blocks.contiguous().view(rows // 16, nb, 16 * t.nbytes)  # (G, block, interleaved bytes)
-    scales = g[..., : 16 * head].reshape(rows // 16, nb, head // 2, 16, 2).permute(0, 3, 1, 2, 4)  # (G, l, b, ·, 2)
-    nibbles = g[..., 16 * head :].reshape(rows // 16, nb, 4, 16, 4).permute(0, 3, 1, 2, 4)  # (G, l, b, chunk, 4)
-    out = torch.cat([scales.reshape(rows // 16, 16, nb, head), nibbles.reshape(rows // 16, 16, nb, 16)], dim=3)
+    halves = g[..., : 16 * head].reshape(rows // 16, nb, head // 2, 16, 2).permute(0, 3, 1, 2, 4)  # (G, l, b, ·, 2)
+    chunks = g[..., 16 * head :].reshape(rows // 16, nb, words, 16, 4).permute(0, 3, 1, 2, 4)  # (G, l, b, word, 4)
+    out = torch.cat([halves.reshape(rows // 16, 16, nb, head), chunks.reshape(rows // 16, 16, nb, 4 * words)], dim=3)
     return out.reshape(rows, rb)

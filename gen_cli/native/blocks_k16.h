@@ -1,0 +1,184 @@
+/* Q4_K matrices with 16 rows interleaved, as blocks_x16.h does for Q4_0 / Q4_1: one vector lane per weight row, so
+ * the k-quant that most downloaded files use stops being bound by the stored layout's shuffles and horizontal sums.
+ *
+ * Layout (x16_repack with 2 fp16 and 35 words per block): for each group of 16 rows and super-block b, 16 fp16 d,
+ * 16 fp16 dmin, then 35 chunks of 64 bytes, chunk i holding bytes 4i .. 4i + 3 of each row l's 140 bytes after its
+ * d and dmin at bytes 4l .. 4l + 3: chunks 0-2 the packed 6-bit scales and mins (blocks_k.h's q4k_scale_words
+ * works on them lane by lane), chunks 3-34 the nibbles. Stored chunk c (32 bytes: sub-block 2c in the low
+ * nibbles, 2c + 1 in the high ones) is chunks 3 + 8c .. 3 + 8c + 7. 16 rows take the bytes they take stored.
+ *
+ * The product (AVX-512 VNNI), per super-block and activation row: per sub-block, 8 dpbusd give each row's integer
+ * sum in its lane, times the row's 6-bit scale (an int32 multiply); the mins' term is 4 dpwssd of the mins (int16
+ * pairs) against the activation's sub-block sums (int16 pairs, prepared once per matmul, X16Act.o); then one FMA
+ * with d d_x and one with -dmin d_x. The integer sums are exact, so the portable loop, lane by lane with the same
+ * fp32 steps (fmaf), gives the same bits, and a row gets the same bits alone and in any batch. Float activations
+ * and prompt tiles read each row's super-blocks back in the stored layout (k16_row) and use its code: the stored
+ * layout's bits. AVX2-only builds keep Q4_K stored (gen_block_interleaved).
+ */
+#ifndef GEN_BLOCKS_K16_H
+#define GEN_BLOCKS_K16_H
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "blocks_common.h"
+#include "blocks_k.h"
+#include "blocks_x16.h"
+#include "features.h"
+
+enum { K16_HALVES = 2, K16_WORDS = 35, K16_BYTES = 16 * 144 }; /* a group's super-block: 16 stored ones' bytes */
+
+/* Row l's super-block as GGUF stores it (144 bytes), from its group's super-block p. */
+static inline void k16_row(const uint8_t *p, int l, uint8_t out[144]) {
+    memcpy(out, p + 2 * l, 2), memcpy(out + 2, p + 32 + 2 * l, 2);
+    for (int i = 0; i < K16_WORDS; i++) memcpy(out + 4 + 4 * i, p + 64 + 64 * i + 4 * l, 4);
+}
+
+/* An activation row's per-super-block terms (X16Act.o, 4 words per super-block): its 8 sub-block sums s_j as
+ * int16 pairs (s0, s2), (s1, s3), (s4, s6), (s5, s7), the order the kernel pairs the mins in. */
+static void k16_offsets(Act a, int64_t nsb, int32_t *o) {
+    static const int first[4] = {0, 1, 4, 5};
+    for (int64_t b = 0; b < nsb; b++)
+        for (int k = 0; k < 4; k++) {
+            const int j = first[k];
+            const int16_t *s = a.s + 16 * b;
+            const uint16_t lo = (uint16_t)(s[2 * j] + s[2 * j + 1]), hi = (uint16_t)(s[2 * j + 4] + s[2 * j + 5]);
+            o[4 * b + k] = (int32_t)((uint32_t)lo | (uint32_t)hi << 16);
+        }
+}
+
+/* One group (nsb super-blocks at grp) against activation rows 0 .. nj - 1 of x: y[j ldy + l] (+)= row l . x_j. */
+GEN_ALWAYS_INLINE void k16_group(const int nj, const uint8_t *restrict grp, int64_t nsb, X16Act x, float *y,
+                                 int64_t ldy, int accumulate) {
+#ifdef GEN_BLOCKS_512
+    const __m512i m4 = _mm512_set1_epi8(0xF), six = _mm512_set1_epi8(0x3F), four = _mm512_set1_epi8(0x0F);
+    const __m512i two = _mm512_set1_epi8(0x03), byte = _mm512_set1_epi32(0xFF), pair = _mm512_set1_epi32(0x00FF00FF);
+    __m512 acc[X16_J];
+#pragma GCC unroll 8
+    for (int j = 0; j < nj; j++) acc[j] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nsb; b++) {
+        const uint8_t *p = grp + b * K16_BYTES;
+        /* q4k_scale_words, 16 rows at once: bytes of sc03 / sc47 the scales, of mn03 / mn47 the mins */
+        const __m512i w0 = _mm512_loadu_si512(p + 64), w1 = _mm512_loadu_si512(p + 128), w2 = _mm512_loadu_si512(p + 192);
+        const __m512i sc03 = _mm512_and_si512(w0, six), mn03 = _mm512_and_si512(w1, six);
+        const __m512i sc47 = _mm512_or_si512(_mm512_and_si512(w2, four),
+                                             _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(w0, 6), two), 4));
+        const __m512i mn47 = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(w2, 4), four),
+                                             _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(w1, 6), two), 4));
+        const __m512i mins[4] = {_mm512_and_si512(mn03, pair), _mm512_and_si512(_mm512_srli_epi32(mn03, 8), pair),
+                                 _mm512_and_si512(mn47, pair), _mm512_and_si512(_mm512_srli_epi32(mn47, 8), pair)};
+        __m512i isum[X16_J];
+#pragma GCC unroll 8
+        for (int j = 0; j < nj; j++) isum[j] = _mm512_setzero_si512();
+        for (int c = 0; c < 4; c++) { /* sub-blocks 2c (low nibbles) and 2c + 1 (high), each 8 chunks */
+            const __m512i sw = c < 2 ? sc03 : sc47;
+            const uint8_t *q4 = p + 256 + 512 * c;
+#pragma GCC unroll 2
+            for (int h = 0; h < 2; h++) {
+                /* High nibbles kept in place (x 16): their exact sum is shifted back once. */
+                const __m512i sc = _mm512_and_si512(_mm512_srli_epi32(sw, 16 * (c & 1) + 8 * h), byte);
+                __m512i v[8];
+#pragma GCC unroll 8
+                for (int k = 0; k < 8; k++) {
+                    const __m512i raw = _mm512_loadu_si512(q4 + 64 * k);
+                    v[k] = h ? _mm512_andnot_si512(m4, raw) : _mm512_and_si512(raw, m4);
+                }
+#pragma GCC unroll 8
+                for (int j = 0; j < nj; j++) {
+                    const int32_t *q = (const int32_t *)(x.q + j * x.qs + 256 * b + 64 * c + 32 * h);
+                    __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512(); /* two chains of 4 */
+#pragma GCC unroll 4
+                    for (int k = 0; k < 4; k++) {
+                        int32_t a0, a1;
+                        memcpy(&a0, q + k, 4), memcpy(&a1, q + 4 + k, 4);
+                        s0 = _mm512_dpbusd_epi32(s0, v[k], _mm512_set1_epi32(a0));
+                        s1 = _mm512_dpbusd_epi32(s1, v[4 + k], _mm512_set1_epi32(a1));
+                    }
+                    __m512i s = _mm512_add_epi32(s0, s1);
+                    if (h) s = _mm512_srai_epi32(s, 4);
+                    isum[j] = _mm512_add_epi32(isum[j], _mm512_mullo_epi32(s, sc));
+                }
+            }
+        }
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+        const __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + 32)));
+#pragma GCC unroll 8
+        for (int j = 0; j < nj; j++) {
+            const int32_t *o = x.o + j * x.os + 4 * b;
+            __m512i ms = _mm512_setzero_si512();
+#pragma GCC unroll 4
+            for (int k = 0; k < 4; k++) ms = _mm512_dpwssd_epi32(ms, mins[k], _mm512_set1_epi32(o[k]));
+            const __m512 dx = _mm512_set1_ps(x.d[j * x.ds + b]);
+            acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[j]), _mm512_mul_ps(d, dx), acc[j]);
+            acc[j] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(ms), _mm512_mul_ps(dmin, dx), acc[j]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int j = 0; j < nj; j++) {
+        float *yj = y + j * ldy;
+        _mm512_storeu_ps(yj, accumulate ? _mm512_add_ps(_mm512_loadu_ps(yj), acc[j]) : acc[j]);
+    }
+#else
+    float acc[X16_J][X16_ROWS] = {{0.f}};
+    for (int64_t b = 0; b < nsb; b++) {
+        const uint8_t *p = grp + b * K16_BYTES;
+        for (int l = 0; l < X16_ROWS; l++) {
+            uint8_t sb[144], sc[8], mn[8];
+            k16_row(p, l, sb);
+            q4k_scales(sb + 4, sc, mn);
+            const float d = f16(sb), dmin = f16(sb + 2);
+            for (int j = 0; j < nj; j++) {
+                const int8_t *q = x.q + j * x.qs + 256 * b;
+                const int32_t *o = x.o + j * x.os + 4 * b;
+                int32_t isum = 0, ms = 0;
+                for (int c = 0; c < 4; c++) {
+                    int32_t lo = 0, hi = 0;
+                    for (int i = 0; i < 32; i++) {
+                        lo += (int32_t)(sb[16 + 32 * c + i] & 0xF) * q[64 * c + i];
+                        hi += (int32_t)(sb[16 + 32 * c + i] >> 4) * q[64 * c + 32 + i];
+                    }
+                    isum += (int32_t)sc[2 * c] * lo + (int32_t)sc[2 * c + 1] * hi;
+                }
+                static const int first[4] = {0, 1, 4, 5};
+                for (int k = 0; k < 4; k++) {
+                    const uint32_t w = (uint32_t)o[k];
+                    ms += (int32_t)mn[first[k]] * (int16_t)(w & 0xFFFF) + (int32_t)mn[first[k] + 2] * (int16_t)(w >> 16);
+                }
+                const float dx = x.d[j * x.ds + b];
+                acc[j][l] = fmaf((float)isum, d * dx, acc[j][l]);
+                acc[j][l] = fmaf(-(float)ms, dmin * dx, acc[j][l]);
+            }
+        }
+    }
+    for (int j = 0; j < nj; j++)
+        for (int l = 0; l < X16_ROWS; l++) y[j * ldy + l] = accumulate ? y[j * ldy + l] + acc[j][l] : acc[j][l];
+#endif
+}
+
+/* y[b] (+)= W x[b] for an interleaved Q4_K W (rows a multiple of 16) against `batch` activation rows (x as
+ * x16_matmul's, o from k16_offsets). Threads take whole groups. */
+static void k16_matmul(const uint8_t *w, int64_t rows, int64_t cols, X16Act x, int64_t batch, float *y, int64_t ldy,
+                       int accumulate, int n_threads) {
+    const int64_t nsb = cols / 256, gs = nsb * K16_BYTES;
+#pragma omp parallel for schedule(static) num_threads(n_threads)
+    for (int64_t g = 0; g < rows / X16_ROWS; g++) {
+        for (int64_t b0 = 0; b0 < batch; b0 += X16_J) {
+            const int nj = (int)(batch - b0 < X16_J ? batch - b0 : X16_J);
+            X16Act xj = x;
+            xj.q += b0 * x.qs, xj.d += b0 * x.ds, xj.o += b0 * x.os;
+            float *o = y + b0 * ldy + g * X16_ROWS;
+            const uint8_t *grp = w + g * gs;
+            switch (nj) { /* a constant count in each copy: the accumulators stay in registers */
+#define NJ(N)                                            \
+    case N:                                              \
+        k16_group(N, grp, nsb, xj, o, ldy, accumulate); \
+        break;
+                NJ(1) NJ(2) NJ(3) NJ(4) NJ(5) NJ(6) NJ(7) NJ(8)
+#undef NJ
+            }
+        }
+    }
+}
+
+#endif
