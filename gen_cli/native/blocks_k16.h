@@ -11,9 +11,12 @@
  * sum in its lane, times the row's 6-bit scale (an int32 multiply); the mins' term is 4 dpwssd of the mins (int16
  * pairs) against the activation's sub-block sums (int16 pairs, prepared once per matmul, X16Act.o); then one FMA
  * with d d_x and one with -dmin d_x. The integer sums are exact, so the portable loop, lane by lane with the same
- * fp32 steps (fmaf), gives the same bits, and a row gets the same bits alone and in any batch. Float activations
+ * fp32 steps (fmaf), gives the same bits, and a row gets the same bits alone and in any batch. AVX2 (GEN_X16_256):
+ * each half of a group (rows 0-7, 8-15) in turn, maddubs of the codes (high nibbles shifted down) against the
+ * broadcast activation, the 8 of a sub-block added in int16 (exact: 8 x 2 x 15 x 127 = 30480), then one madd with
+ * the scale in both 16-bit halves of each lane: the same int32 sums, so again the same bits. Float activations
  * and prompt tiles read each row's super-blocks back in the stored layout (k16_row) and use its code: the stored
- * layout's bits. AVX2-only builds keep Q4_K stored (gen_block_interleaved).
+ * layout's bits.
  */
 #ifndef GEN_BLOCKS_K16_H
 #define GEN_BLOCKS_K16_H
@@ -47,6 +50,82 @@ static void k16_offsets(Act a, int64_t nsb, int32_t *o) {
             o[4 * b + k] = (int32_t)((uint32_t)lo | (uint32_t)hi << 16);
         }
 }
+
+#ifdef GEN_X16_256
+enum { K16_J256 = 4 }; /* activation rows per pass on AVX2 */
+
+/* k16_group on AVX2 for nj <= K16_J256 rows: each half of the group (8 rows, bytes 32 hh .. 32 hh + 31 of every
+ * chunk) over all super-blocks in turn. */
+GEN_ALWAYS_INLINE void k16_half_rows(const int nj, const uint8_t *restrict grp, int64_t nsb, X16Act x, float *y,
+                                     int64_t ldy, int accumulate) {
+    const __m256i m4 = _mm256_set1_epi8(0xF), six = _mm256_set1_epi8(0x3F), four = _mm256_set1_epi8(0x0F);
+    const __m256i two = _mm256_set1_epi8(0x03), byte = _mm256_set1_epi32(0xFF), pair = _mm256_set1_epi32(0x00FF00FF);
+    for (int hh = 0; hh < 2; hh++) {
+        __m256 acc[K16_J256];
+#pragma GCC unroll 4
+        for (int j = 0; j < nj; j++) acc[j] = _mm256_setzero_ps();
+        for (int64_t b = 0; b < nsb; b++) {
+            const uint8_t *p = grp + b * K16_BYTES, *half = p + 64 + 32 * hh; /* this half's bytes of chunk 0 */
+            const __m256i w0 = _mm256_loadu_si256((const __m256i *)half);
+            const __m256i w1 = _mm256_loadu_si256((const __m256i *)(half + 64));
+            const __m256i w2 = _mm256_loadu_si256((const __m256i *)(half + 128));
+            const __m256i sc03 = _mm256_and_si256(w0, six), mn03 = _mm256_and_si256(w1, six);
+            const __m256i sc47 = _mm256_or_si256(_mm256_and_si256(w2, four),
+                                                 _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(w0, 6), two), 4));
+            const __m256i mn47 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(w2, 4), four),
+                                                 _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(w1, 6), two), 4));
+            __m256i isum[K16_J256];
+#pragma GCC unroll 4
+            for (int j = 0; j < nj; j++) isum[j] = _mm256_setzero_si256();
+            for (int c = 0; c < 4; c++) {
+                const __m256i sw = c < 2 ? sc03 : sc47;
+#pragma GCC unroll 2
+                for (int h = 0; h < 2; h++) {
+                    const __m256i s = _mm256_and_si256(_mm256_srli_epi32(sw, 16 * (c & 1) + 8 * h), byte);
+                    const __m256i sc = _mm256_or_si256(s, _mm256_slli_epi32(s, 16)); /* in both 16-bit halves */
+                    __m256i v[8];
+#pragma GCC unroll 8
+                    for (int k = 0; k < 8; k++) {
+                        const __m256i raw = _mm256_loadu_si256((const __m256i *)(half + 192 + 512 * c + 64 * k));
+                        v[k] = _mm256_and_si256(h ? _mm256_srli_epi16(raw, 4) : raw, m4);
+                    }
+#pragma GCC unroll 4
+                    for (int j = 0; j < nj; j++) {
+                        const int32_t *q = (const int32_t *)(x.q + j * x.qs + 256 * b + 64 * c + 32 * h);
+                        __m256i u = _mm256_setzero_si256();
+#pragma GCC unroll 8
+                        for (int k = 0; k < 8; k++) {
+                            int32_t a;
+                            memcpy(&a, q + k, 4);
+                            u = _mm256_add_epi16(u, _mm256_maddubs_epi16(v[k], _mm256_set1_epi32(a)));
+                        }
+                        isum[j] = _mm256_add_epi32(isum[j], _mm256_madd_epi16(u, sc));
+                    }
+                }
+            }
+            const __m128i *dh = (const __m128i *)(p + 16 * hh);
+            const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(dh)), dmin = _mm256_cvtph_ps(_mm_loadu_si128(dh + 2));
+            const __m256i mins[4] = {_mm256_and_si256(mn03, pair), _mm256_and_si256(_mm256_srli_epi32(mn03, 8), pair),
+                                     _mm256_and_si256(mn47, pair), _mm256_and_si256(_mm256_srli_epi32(mn47, 8), pair)};
+#pragma GCC unroll 4
+            for (int j = 0; j < nj; j++) {
+                const int32_t *o = x.o + j * x.os + 4 * b;
+                __m256i ms = _mm256_setzero_si256();
+#pragma GCC unroll 4
+                for (int k = 0; k < 4; k++) ms = _mm256_add_epi32(ms, _mm256_madd_epi16(mins[k], _mm256_set1_epi32(o[k])));
+                const __m256 dx = _mm256_set1_ps(x.d[j * x.ds + b]);
+                acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[j]), _mm256_mul_ps(d, dx), acc[j]);
+                acc[j] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(ms), _mm256_mul_ps(dmin, dx), acc[j]);
+            }
+        }
+#pragma GCC unroll 4
+        for (int j = 0; j < nj; j++) {
+            float *yj = y + j * ldy + 8 * hh;
+            _mm256_storeu_ps(yj, accumulate ? _mm256_add_ps(_mm256_loadu_ps(yj), acc[j]) : acc[j]);
+        }
+    }
+}
+#endif
 
 /* One group (nsb super-blocks at grp) against activation rows 0 .. nj - 1 of x: y[j ldy + l] (+)= row l . x_j. */
 GEN_ALWAYS_INLINE void k16_group(const int nj, const uint8_t *restrict grp, int64_t nsb, X16Act x, float *y,
@@ -119,6 +198,15 @@ GEN_ALWAYS_INLINE void k16_group(const int nj, const uint8_t *restrict grp, int6
         float *yj = y + j * ldy;
         _mm512_storeu_ps(yj, accumulate ? _mm512_add_ps(_mm512_loadu_ps(yj), acc[j]) : acc[j]);
     }
+#elif defined(GEN_X16_256)
+    if (nj > K16_J256) { /* the codes, sums and accumulators of more rows would not fit AVX2's 16 registers */
+        k16_half_rows(K16_J256, grp, nsb, x, y, ldy, accumulate);
+        X16Act rest = x;
+        rest.q += K16_J256 * x.qs, rest.d += K16_J256 * x.ds, rest.o += K16_J256 * x.os;
+        k16_half_rows(nj - K16_J256, grp, nsb, rest, y + K16_J256 * ldy, ldy, accumulate);
+        return;
+    }
+    k16_half_rows(nj, grp, nsb, x, y, ldy, accumulate);
 #else
     float acc[X16_J][X16_ROWS] = {{0.f}};
     for (int64_t b = 0; b < nsb; b++) {
