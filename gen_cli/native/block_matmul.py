@@ -6,7 +6,10 @@ integer dot product per (row, token), each weight byte read once. A prompt (≥ 
 GEMM: the C side dequantizes one L2-sized row tile at a time into a scratch (bf16 where the CPU multiplies
 bf16, else fp32) and PyTorch's GEMM (oneDNN) multiplies every token by it, writing that tile's columns of Y;
 dequantizing costs a few percent of the GEMM's time, and a GEMM runs near the CPU's peak while the dot-product
-kernel re-reads each weight tile per token tile. Elsewhere (no compiler, not the CPU) the layer's own fallback runs.
+kernel re-reads each weight tile per token tile. Matrices held 16 rows interleaved (blocks_x16.h, blocks_k16.h) are
+the exception: their int8 kernel unpacks each group once for 8 tokens and outran the tiles' GEMM at every prompt
+length (1.3-1.5x at 512 tokens, 2x at 64; one thread, 2026-12-06), so with int8 activations a prompt runs it too.
+Elsewhere (no compiler, not the CPU) the layer's own fallback runs.
 
 The activation precision (`act`, abi.py's ACT_MODES) changes both paths: int8 as above; bf16: the few-token
 kernel multiplies blocks unpacked to fp32 by activations rounded to bf16, a prompt's GEMM runs on bf16 tiles as
@@ -45,7 +48,7 @@ def block_matmul(x: torch.Tensor, layer: BlockLinear, act: str = "int8") -> torc
     if isinstance(lib, str) or x.device.type != "cpu" or not layer.blocks.is_contiguous():
         return F.linear(x, layer.dequantized().to(x.dtype))  # (..., out)
     rows = x.reshape(-1, layer.in_features).to(torch.float32).contiguous()  # (n, in)
-    if rows.shape[0] >= TILE_MIN_TOKENS:
+    if rows.shape[0] >= TILE_MIN_TOKENS and not (layer.interleaved and act == "int8"):
         y = _tiled(lib, rows, layer, torch.float32 if act == "fp32" else tile_dtype())
     else:
         y = torch.empty(rows.shape[0], layer.out_features)  # (n, out)
