@@ -94,11 +94,16 @@ def loaded_kernel() -> Path:
 
 def copy_kernel(so: Path, home: Path) -> Path:
     """The cached kernel `so` and its size-and-hash sidecar copied into gen home `home`'s cache."""
+    return copy_kernel_into(so, home / "cache" / "kernels")
+
+
+def copy_kernel_into(so: Path, kernels: Path) -> Path:
+    """The cached kernel `so` and its size-and-hash sidecar copied into the folder `kernels`."""
     import shutil
 
     from gen_cli.native import build
 
-    target = home / "cache" / "kernels" / so.name
+    target = kernels / so.name
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(build.sidecar(so), build.sidecar(target))
     shutil.copyfile(so, target)
