@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,68 @@ def fresh_library():
     build.library.cache_clear()
     yield
     build.library.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def kernel_builds(tmp_path_factory) -> Path:
+    """A gen home kept for the whole session, for kernels built with other flags (-march=x86-64-v2, say):
+    the build key covers sources, flags, compiler and CPU, so a cached build is reused only where it is the
+    same binary, and each distinct build compiles once per session instead of once per test."""
+    return tmp_path_factory.mktemp("kernel-builds")
+
+
+def kernel_path(home: Path) -> Path:
+    """Where `home` caches the kernel for the current $CC and `build.FLAGS` (monkeypatched or not)."""
+    from gen_cli.native import build
+
+    return home / "cache" / "kernels" / f"decode-{build._build_key(build._compiler())}.so"
+
+
+def loaded_kernel() -> Path:
+    """The file the cached `library()` was loaded from (it loads it first if needed)."""
+    from gen_cli.native import build
+
+    lib = build.library()
+    assert not isinstance(lib, str), lib
+    return Path(lib._name)
+
+
+def copy_kernel(so: Path, home: Path) -> Path:
+    """The cached kernel `so` and its size-and-hash sidecar copied into gen home `home`'s cache."""
+    return copy_kernel_into(so, home / "cache" / "kernels")
+
+
+def copy_kernel_into(so: Path, kernels: Path) -> Path:
+    """The cached kernel `so` and its size-and-hash sidecar copied into the folder `kernels`."""
+    import shutil
+
+    from gen_cli.native import build
+
+    target = kernels / so.name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(build.sidecar(so), build.sidecar(target))
+    shutil.copyfile(so, target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def default_kernel(kernel_builds) -> Path | None:
+    """This machine's default kernel build, verified, compiled at most once per session (copied from the
+    suite's own gen home when an earlier test built it there); None where it cannot be built. A test that
+    needs a fresh gen home copies it in, as a user's home holds it after the first run."""
+    from gen_cli.native import build
+    from gen_cli.resources import cache_dir
+
+    try:
+        target = kernel_path(kernel_builds)
+    except (ValueError, OSError, subprocess.SubprocessError):  # no usable $CC: nothing to copy
+        return None
+    if target.is_file() and build.cached_problem(target) is None:
+        return target
+    ours = cache_dir() / "kernels" / target.name
+    if ours.is_file() and build.cached_problem(ours) is None:
+        return copy_kernel(ours, kernel_builds)
+    return None if build._compile(build._compiler(), target.parent, target) else target
 
 
 @pytest.fixture(autouse=True)

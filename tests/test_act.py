@@ -121,11 +121,11 @@ def test_the_precision_switches_both_ways_and_refuses_unknown_names():
 
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="builds for plain x86-64 targets")
 @pytest.mark.parametrize("march", ["x86-64-v3", "x86-64-v2"])  # AVX2, then no vector ISA (portable C)
-def test_the_avx2_and_portable_float_products_equal_the_native_ones(march, fresh_library, monkeypatch, tmp_path):
+def test_the_avx2_and_portable_float_products_equal_the_native_ones(march, fresh_library, monkeypatch, kernel_builds):
     x = torch.randn(3, 512)
     layers = {q: BlockLinear(_random_blocks(q, 37, 512, seed=2), q, 512) for q in QTYPES}
     want = {(q, a): block_matmul(x, layer, a) for q, layer in layers.items() for a in ("bf16", "fp32")}
-    monkeypatch.setenv("GEN_HOME", str(tmp_path))
+    monkeypatch.setenv("GEN_HOME", str(kernel_builds))  # each -march builds once per session
     monkeypatch.setattr(build, "FLAGS", tuple(f"-march={march}" if f == "-march=native" else f for f in build.FLAGS))
     build.library.cache_clear()
     assert native.native_status() == "ready"

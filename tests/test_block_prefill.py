@@ -104,10 +104,10 @@ def test_a_long_prompts_logits_stay_close_to_the_dequantized_model(qtype):
 
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="builds for plain x86-64 targets")
 @pytest.mark.parametrize("march", ["native", "x86-64-v3", "x86-64-v2"])  # AVX-512, AVX2, portable C
-def test_tile_dequantization_matches_gguf_on_every_build(march, monkeypatch, tmp_path):
+def test_tile_dequantization_matches_gguf_on_every_build(march, monkeypatch, kernel_builds, default_kernel):
     """A tile's fp32 rows equal the gguf package's dequantization to fp32 rounding (a product and a sum, 2⁻²³
     each); its bf16 rows are those rounded to nearest (one more u = 2⁻⁸ of each value)."""
-    monkeypatch.setenv("GEN_HOME", str(tmp_path))
+    monkeypatch.setenv("GEN_HOME", str(kernel_builds))  # each -march builds once per session; native: default_kernel
     monkeypatch.setattr(build, "FLAGS", tuple(f"-march={march}" if f == "-march=native" else f for f in build.FLAGS))
     build.library.cache_clear()
     try:

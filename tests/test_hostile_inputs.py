@@ -13,6 +13,7 @@ import time
 
 import pytest
 import torch
+from conftest import copy_kernel
 from hostile import REPO, cli, copy_model, edit_config, one_line, refused, rewrite_weights
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -248,8 +249,10 @@ def _size_attacks(model_dir, tmp_path):
     ["info n_layer 1e6", "generate n_layer 1e6", "generate 1000 wide layers, small weights", "50 MB stdin prompt",
      "num-samples 1e9", "train-tokenizer vocab 1e9", "train context 1e5"],
 )  # fmt: skip
-def test_size_attacks_are_refused_before_allocating(model_dir, tmp_path, attack):
+def test_size_attacks_are_refused_before_allocating(model_dir, tmp_path, attack, default_kernel):
     argv, stdin, pattern = _size_attacks(model_dir, tmp_path)[attack]
+    if default_kernel is not None:  # the home a first run leaves: the attack runs, not a 20 s kernel build
+        copy_kernel(default_kernel, tmp_path / "home")
     started = time.perf_counter()
     code, stderr, rss = _under_limit(tmp_path, argv, stdin)
     lines = stderr.splitlines()

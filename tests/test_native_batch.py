@@ -90,14 +90,14 @@ def test_a_row_gets_the_same_bits_in_any_batch_and_alone_within_rounding(qtype):
 
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="builds for plain x86-64 targets")
 @pytest.mark.parametrize("march", ["x86-64-v3", "x86-64-v2"])  # AVX2, then no vector ISA (portable C)
-def test_the_one_row_fallbacks_equal_the_batch_kernel(march, fresh_library, monkeypatch, tmp_path):
+def test_the_one_row_fallbacks_equal_the_batch_kernel(march, fresh_library, monkeypatch, kernel_builds):
     """Without AVX-512 every activation row runs the one-row dots: the same integer sums as the batch kernel."""
     cases = {}
     for q in QTYPES:
         cols = 608 if _group(q) == 32 else 512
         blocks, x, w = _case(q, 21, cols, 11, seed=7)
         cases[q] = (blocks, x, w, _matmul(x, blocks, q, 21))  # built for this CPU (the batch kernel here)
-    monkeypatch.setenv("GEN_HOME", str(tmp_path))
+    monkeypatch.setenv("GEN_HOME", str(kernel_builds))  # each -march builds once per session
     monkeypatch.setattr(build, "FLAGS", tuple(f"-march={march}" if f == "-march=native" else f for f in build.FLAGS))
     build.library.cache_clear()
     assert native.native_status() == "ready"

@@ -169,12 +169,12 @@ def _cpu_flags() -> set[str]:
     "target",
     ["x86-64-v2", "skylake-avx512"],  # no AVX-512: the plain C loops; AVX-512 without VNNI: K dequantized to fp32
 )
-def test_the_portable_loops_equal_the_vector_paths(target, monkeypatch, tmp_path):
+def test_the_portable_loops_equal_the_vector_paths(target, monkeypatch, kernel_builds):
     if target != "x86-64-v2" and not {"avx512f", "avx512bw", "avx512vl"} <= _cpu_flags():
         pytest.skip("this CPU cannot run an AVX-512 build")
     _, vector = _models(**SHAPES[32])
     ids = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(5))
-    monkeypatch.setenv("GEN_HOME", str(tmp_path))
+    monkeypatch.setenv("GEN_HOME", str(kernel_builds))  # each -march builds once per session
     monkeypatch.setattr(build, "FLAGS", tuple(f"-march={target}" if f == "-march=native" else f for f in build.FLAGS))
     build.library.cache_clear()
     try:

@@ -188,10 +188,10 @@ def test_long_scattered_chunks_equal_contiguous_rows(kinds, block_tokens):
 
 @needs_cc
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="builds for another x86-64 target")
-def test_portable_loops_read_scattered_blocks_as_contiguous_ones(monkeypatch, tmp_path):
+def test_portable_loops_read_scattered_blocks_as_contiguous_ones(monkeypatch, kernel_builds):
     """Without AVX-512 (the plain C loops), scattered 5-token blocks over several chunks give the contiguous
     cache's rows for every kind."""
-    monkeypatch.setenv("GEN_HOME", str(tmp_path))
+    monkeypatch.setenv("GEN_HOME", str(kernel_builds))  # each -march builds once per session
     monkeypatch.setattr(build, "FLAGS", tuple("-march=x86-64-v2" if f == "-march=native" else f for f in build.FLAGS))
     build.library.cache_clear()
     try:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 import typer
+from conftest import copy_kernel_into
 from typer.testing import CliRunner
 
 from gen_cli.cli import app
@@ -144,9 +145,12 @@ def _run_line(line: str, cwd: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def shared_cache(tmp_path_factory) -> Path:
+def shared_cache(tmp_path_factory, default_kernel) -> Path:
     """.gen/cache for every document's folder: derived files only (kernel, corpus, token files)."""
-    return tmp_path_factory.mktemp("gen-cache")
+    cache = tmp_path_factory.mktemp("gen-cache")
+    if default_kernel is not None:  # as after a reader's first run: the examples run, not a 20 s kernel build
+        copy_kernel_into(default_kernel, cache / "kernels")
+    return cache
 
 
 RUNNABLE = [doc for doc in DOCS if any(b.mark != "not run" for b in blocks(doc))]
