@@ -241,3 +241,35 @@ def test_prompt_tiles_are_fp32_under_a_onednn_cap_without_bf16(monkeypatch: pyte
         assert bm.tile_dtype() == (torch.bfloat16 if native else torch.float32)
     finally:
         bm._has_bf16_gemm.cache_clear()
+
+
+def _selector(cols: int) -> BlockLinear:
+    """Q8_0 rows that each pick one activation (row i: code 1 at column i, scale 1): y is x as the kernel quantized
+    it, times its block's scale."""
+    raw = np.zeros((cols, cols // 32, 34), np.uint8)
+    raw[..., 0:2] = np.frombuffer(np.float16(1).tobytes(), np.uint8)
+    for i in range(cols):
+        raw[i, i // 32, 2 + i % 32] = 1
+    return BlockLinear(torch.from_numpy(raw.reshape(cols, -1)), "q8_0", cols)
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="builds for plain x86-64 targets")
+@pytest.mark.parametrize("march", ["native", "x86-64-v3", "x86-64-v2"])  # AVX-512 here, AVX2, portable C
+def test_activations_round_half_to_even_and_skip_nans_on_every_path(march, fresh_library, monkeypatch, kernel_builds):
+    """The int8 activations: the largest |x| of a block is 127 (NaNs skipped), x · 127/max rounded to nearest even,
+    a NaN 0: the same codes from the vector paths and the portable loop."""
+    monkeypatch.setenv("GEN_HOME", str(kernel_builds))  # each -march builds once per session
+    monkeypatch.setattr(build, "FLAGS", tuple(f"-march={march}" if f == "-march=native" else f for f in build.FLAGS))
+    build.library.cache_clear()
+    assert native.native_status() == "ready"
+    ties = [127.0, 2.5, 3.5, -2.5, -0.5, 0.5, 1.5, float("nan"), -0.0, 126.5, -126.5, 0.49999997]
+    rest = torch.randn(64, generator=torch.Generator().manual_seed(0)) * 3
+    x = torch.cat([torch.tensor(ties + [0.0] * (32 - len(ties))), torch.zeros(32), rest])  # (128,)
+    y = block_matmul(x[None], _selector(128))[0].double()
+    codes = [127, 2, 4, -2, -0, 0, 2, 0, 0, 126, -126, 0]  # block 0's scale is 127/127 = 1: y is the code itself
+    assert y[: len(ties)].tolist() == codes and not y[32:64].any()
+    for b in (2, 3):  # random blocks: the code is rint(x · 127/max) in fp32, y that code times max/127
+        xb = x[32 * b : 32 * b + 32].numpy()
+        amax = np.abs(xb).max()
+        want = np.rint(xb * (np.float32(127) / amax)) * (amax / np.float32(127))
+        assert np.array_equal(y[32 * b : 32 * b + 32].numpy().astype(np.float32), want.astype(np.float32)), b
