@@ -29,7 +29,7 @@ LAYERS = [
     "text",
     "base",
 ]
-BASE = {"errors", "limits", "resources", "atomic", "runtime", "pages", "__init__", "__main__"}
+BASE = {"errors", "limits", "resources", "atomic", "runtime", "pages", "collector", "__init__", "__main__"}
 
 
 def _modules() -> list[str]:

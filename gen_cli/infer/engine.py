@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from gen_cli import collector
 from gen_cli.cache.spec import CacheSpec
 from gen_cli.errors import UsageError
 from gen_cli.formats.loaded import Loaded
@@ -255,6 +256,7 @@ def open_model(
     eot = special_id(tok, EOT)
     stop_ids = loaded.stop_ids or ((eot,) if eot is not None else ())
     source_label = loaded.source + (f", {options.quantize} weights" if options.quantize != "none" else "")
+    collector.resume_frozen()  # the model lives as long as the process: out of the collector's walks
     return Engine(
         model, tok, source_label, device, options, stop_ids, loaded.bos_id, loaded.add_special_tokens,
         loaded.chat_template, loaded.special_tokens, [*loaded.notes, *take_notes()], loaded.random_weights,

@@ -1,0 +1,39 @@
+"""The garbage collector around a command's start-up (gen_cli/collector.py): rare collections while the CLI loads,
+the loaded objects frozen out of its view once a model is open, the usual thresholds back; a library caller that
+never paused keeps its collector as it was."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+
+from gen_cli import collector
+from gen_cli.infer.engine import EngineOptions, open_model
+
+
+@pytest.fixture
+def restore_gc():
+    thresholds = gc.get_threshold()
+    yield
+    gc.unfreeze()
+    gc.set_threshold(*thresholds)
+    collector._usual = None
+
+
+def test_pause_collects_rarely_until_a_model_is_open_then_freezes_it(restore_gc):
+    usual = gc.get_threshold()
+    collector.pause()
+    collector.pause()  # a second pause keeps the first's saved thresholds
+    assert gc.get_threshold() == collector.STARTUP_THRESHOLDS
+    open_model(None, EngineOptions(native=False))
+    assert gc.get_threshold() == usual and gc.get_freeze_count() > 0
+    frozen = gc.get_freeze_count()
+    open_model(None, EngineOptions(native=False))  # no pause in effect: nothing more frozen
+    assert gc.get_freeze_count() == frozen and gc.get_threshold() == usual
+
+
+def test_a_library_caller_that_never_paused_keeps_its_collector(restore_gc):
+    gc.set_threshold(1234, 5, 6)
+    open_model(None, EngineOptions(native=False))
+    assert gc.get_threshold() == (1234, 5, 6) and gc.get_freeze_count() == 0
