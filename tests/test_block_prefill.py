@@ -127,3 +127,17 @@ def test_tile_dequantization_matches_gguf_on_every_build(march, monkeypatch, ker
                 assert ((out.double() - want).abs() <= bound).all(), (qtype, dtype)
     finally:
         build.library.cache_clear()
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_row_tiles_are_the_blocks_values_in_fp32_and_bf16(qtype):
+    """A prompt's row tiles (vector code where the type has it, else the scalar dequantization): each weight's value
+    to fp32 rounding, and the bf16 tile that fp32 value rounded to nearest even."""
+    cols = 2 * _group(qtype) if qtype in ("q4_k", "q6_k") else 5 * _group(qtype)
+    blocks = _random_blocks(qtype, 40, cols, seed=7)
+    lib, code = build.library(), MATRIX_TYPES[qtype]
+    f, h = torch.empty(40, cols), torch.empty(40, cols, dtype=torch.bfloat16)
+    assert lib.gen_block_dequantize(blocks.data_ptr(), code, 40, cols, f.data_ptr(), 0, 2) == 0
+    assert lib.gen_block_dequantize(blocks.data_ptr(), code, 40, cols, h.data_ptr(), 1, 2) == 0
+    torch.testing.assert_close(f.double(), _reference(blocks, qtype, cols), rtol=3e-7, atol=1e-12)
+    assert torch.equal(h, f.to(torch.bfloat16))

@@ -288,20 +288,6 @@ Q45_FORMAT(q5_1, 5, 1)
 /* Q8_0, Q4_0 and Q4_1 rows dequantized in vector registers: the scalar dequantize spends ~0.9 ns an element, more
  * than the GEMM's own share at 512 tokens. To f (fp32), or to h (bf16) when f is NULL. */
 #ifdef GEN_AVX512_BW
-static inline void store16(__m512 v, float *f, uint16_t *h) {
-    if (f) {
-        _mm512_storeu_ps(f, v);
-        return;
-    }
-#ifdef GEN_AVX512_BF16
-    _mm256_storeu_si256((__m256i *)h, (__m256i)_mm512_cvtneps_pbh(v));
-#else
-    float t[16];
-    _mm512_storeu_ps(t, v);
-    for (int i = 0; i < 16; i++) h[i] = to_bf16(t[i]);
-#endif
-}
-
 static void tile_q8_0(const uint8_t *restrict p, int64_t cols, float *f, uint16_t *h) {
     for (int64_t o = 0; o < cols; o += 32, p += 34) {
         const __m512 d = _mm512_set1_ps(f16(p));

@@ -19,6 +19,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "bf16.h"
 #include "features.h"
 
 /* IEEE half to float (the block scales). */
@@ -121,6 +122,24 @@ static void quantize_act_32(const float *restrict x, int64_t n, Act a) { quantiz
 
 /* The k-quants' activations: a scale per 256, a sum per 16. */
 static void quantize_act_256(const float *restrict x, int64_t n, Act a) { quantize_act(x, n, 256, 16, a); }
+
+#ifdef GEN_AVX512_BW
+/* 16 dequantized weights of a prompt's row tile to fp32 f, or to bf16 h when f is NULL (round to nearest even). */
+static inline void store16(__m512 v, float *f, uint16_t *h) {
+    if (f) {
+        _mm512_storeu_ps(f, v);
+        return;
+    }
+#ifdef GEN_AVX512_BF16
+    _mm256_storeu_si256((__m256i *)h, (__m256i)_mm512_cvtneps_pbh(v));
+#else
+    float t[16];
+    _mm512_storeu_ps(t, v);
+    for (int i = 0; i < 16; i++) h[i] = to_bf16(t[i]);
+#endif
+}
+
+#endif
 
 /* ---- shared pieces of the dot products --------------------------------------------------------------------- */
 

@@ -205,6 +205,41 @@ static void dequantize_q4_k(const uint8_t *restrict p, int64_t cols, float *rest
     }
 }
 
+#ifdef GEN_AVX512_BW
+/* A Q6_K row -> fp32 (f) or bf16 (h, when f is NULL): dequantize_q6_k's values, (d sc) (q - 32) with the same two
+ * roundings, 16 weights (one scale) per vector. Dequantized one value at a time, a prompt's Q6_K row tiles ran at
+ * 0.7x the speed of the Q4_0 ones. */
+static void tile_q6_k(const uint8_t *restrict p, int64_t cols, float *f, uint16_t *h) {
+    const __m256i m4 = _mm256_set1_epi8(0xF), m3 = _mm256_set1_epi8(3), off = _mm256_set1_epi8(32);
+    for (int64_t o = 0; o < cols; o += 256, p += 210) {
+        const int8_t *sc = (const int8_t *)(p + 192);
+        const float d = f16(p + 208);
+        for (int hh = 0; hh < 2; hh++) { /* 128 elements: quarter k from ql's low / high nibbles, qh's pair k */
+            const __m256i l0 = _mm256_loadu_si256((const __m256i *)(p + 64 * hh));
+            const __m256i l1 = _mm256_loadu_si256((const __m256i *)(p + 64 * hh + 32));
+            const __m256i qh = _mm256_loadu_si256((const __m256i *)(p + 128 + 32 * hh));
+            const __m256i q[4] = {
+                _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_slli_epi16(_mm256_and_si256(qh, m3), 4)),
+                _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), m3), 4)),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),
+                                _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), m3), 4)),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
+                                _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), m3), 4)),
+            };
+            for (int k = 0; k < 4; k++) {
+                const __m256i v = _mm256_sub_epi8(q[k], off); /* q - 32, as int8 */
+                for (int s = 0; s < 2; s++) {
+                    const int64_t e = 128 * hh + 32 * k + 16 * s;
+                    const __m128i b = s ? _mm256_extracti128_si256(v, 1) : _mm256_castsi256_si128(v);
+                    const __m512 x = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+                    store16(_mm512_mul_ps(_mm512_set1_ps(d * sc[e / 16]), x), f ? f + o + e : NULL, h ? h + o + e : NULL);
+                }
+            }
+        }
+    }
+}
+#endif
+
 static void dequantize_q6_k(const uint8_t *restrict p, int64_t cols, float *restrict out) {
     for (int64_t b = 0; b < cols / 256; b++, p += 210) {
         float *y = out + 256 * b;
