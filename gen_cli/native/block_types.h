@@ -84,6 +84,10 @@ static inline const BlockType *block_type(int64_t type) {
 
 static inline int64_t block_row_bytes(const BlockType *t, int64_t cols) { return cols / t->elems * t->bytes; }
 
+/* An interleaved Q4_0 / Q4_1 type: its float-activation product and dequantization are blocks_x16.h's own (an
+ * interleaved Q4_K's read its rows back in the stored layout and run that layout's code). */
+static inline int x16_float_paths(const BlockType *t) { return t->group && t->stored != T_Q4_K; }
+
 /* Four rows (`stride` bytes apart) dotted with `a`: out[k] = row k . a. */
 static inline void block_dot4(const BlockType *t, const uint8_t *w, int64_t stride, Act a, int64_t cols, float out[4]) {
     const int64_t nb = cols / t->elems;

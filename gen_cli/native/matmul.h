@@ -348,7 +348,7 @@ static void block_rows_int8(const uint8_t *w, const BlockType *t, int64_t rows, 
  * part of a matrix held in parts writes its own columns of a wider y). */
 static void matmul_blocks(const Model *m, const Matrix *w, const BlockType *t, const float *x, float *y, int64_t ldy,
                           int accumulate) {
-    if (m->act != ACT_INT8 && t->group && t->stored != T_Q4_K) {
+    if (m->act != ACT_INT8 && x16_float_paths(t)) {
         float_rows_x16(w->data, t, w->rows, w->cols, x, m->batch, y, ldy, accumulate, m->act, (int)m->n_threads);
         return;
     }

@@ -23,8 +23,7 @@ int64_t gen_block_matmul(const void *w, int64_t type, int64_t rows, int64_t cols
     if (!bt || cols % bt->elems != 0 || act < ACT_INT8 || act > ACT_FP32) return -1;
     if (n <= 0 || rows <= 0) return 0;
     if (bt->group && rows % bt->group) return -1;
-    if (act != ACT_INT8 && bt->group && bt->stored != T_Q4_K)
-        return float_rows_x16(w, bt, rows, cols, x, n, y, rows, 0, act, (int)n_threads);
+    if (act != ACT_INT8 && x16_float_paths(bt)) return float_rows_x16(w, bt, rows, cols, x, n, y, rows, 0, act, (int)n_threads);
     if (act != ACT_INT8) {
         uint16_t *xh = malloc((size_t)(n * cols) * sizeof(uint16_t));
         float *xs = malloc((size_t)(n * (cols / 32) + 1) * sizeof(float));
@@ -63,7 +62,7 @@ int64_t gen_block_dequantize(const void *w, int64_t type, int64_t rows, int64_t 
     if (!bt || cols % bt->elems != 0) return -1;
     const int64_t rb = block_row_bytes(bt, cols), chunk_bytes = CHUNK / bt->elems * bt->bytes;
     if (bt->group && rows % bt->group) return -1;
-    if (bt->group && bt->stored != T_Q4_K) { /* whole groups of interleaved rows, from the first */
+    if (x16_float_paths(bt)) { /* whole groups of interleaved rows, from the first */
 #pragma omp parallel for schedule(static) num_threads(n_threads)
         for (int64_t g = 0; g < rows / bt->group; g++) {
             const int64_t at = g * bt->group * cols;
