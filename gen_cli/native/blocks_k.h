@@ -148,16 +148,26 @@ static float dot_q6_k(const uint8_t *restrict w, Act a, int64_t nb) {
     o = _mm_add_ps(o, _mm_movehl_ps(o, o));
     return _mm512_reduce_add_ps(accf) - 32.f * _mm_cvtss_f32(_mm_add_ss(o, _mm_movehdup_ps(o)));
 #endif
+#if defined(GEN_BLOCKS_256)
+    /* 8 int32 lanes per super-block (each a partial of isum - 32 off, exact), scaled by d d_x into fp32 lanes and
+     * summed once at the end; the scales broadcast by byte shuffles, the offset one madd of the 16 scales against
+     * the activation's 16 sums. */
+    const __m256i m4 = _mm256_set1_epi8(0xF), m2 = _mm256_set1_epi8(3);
+    __m256i pick[4]; /* vpshufb controls: the low 128 bits take int16 scale 2k of a half, the high ones 2k + 1 */
+    for (int k = 0; k < 4; k++)
+        pick[k] = _mm256_setr_epi8(4 * k, 4 * k + 1, 4 * k, 4 * k + 1, 4 * k, 4 * k + 1, 4 * k, 4 * k + 1, 4 * k, 4 * k + 1,
+                                   4 * k, 4 * k + 1, 4 * k, 4 * k + 1, 4 * k, 4 * k + 1, 4 * k + 2, 4 * k + 3, 4 * k + 2,
+                                   4 * k + 3, 4 * k + 2, 4 * k + 3, 4 * k + 2, 4 * k + 3, 4 * k + 2, 4 * k + 3, 4 * k + 2,
+                                   4 * k + 3, 4 * k + 2, 4 * k + 3, 4 * k + 2, 4 * k + 3);
+    __m256 accf = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *p = w + b * 210, *ql = p, *qh = p + 128;
-        const int8_t *sc = (const int8_t *)(p + 192), *x = a.q + b * 256;
-        const int16_t *bs = a.s + b * 16;
-        int32_t isum = 0, off = 0;
-        for (int g = 0; g < 16; g++) off += sc[g] * bs[g];
-#if defined(GEN_BLOCKS_256)
-        __m256i acc = _mm256_setzero_si256();
-        const __m256i m4 = _mm256_set1_epi8(0xF), m2 = _mm256_set1_epi8(3);
+        const int8_t *x = a.q + b * 256;
+        const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(p + 192)));
+        __m256i acc = _mm256_mullo_epi32(_mm256_madd_epi16(sc16, _mm256_loadu_si256((const __m256i *)(a.s + b * 16))),
+                                         _mm256_set1_epi32(-32)); /* -32 sum_g sc_g s_g, in 8 partial lanes */
         for (int h = 0; h < 2; h++) {
+            const __m256i sch = _mm256_permute2x128_si256(sc16, sc16, h ? 0x11 : 0x00); /* this half's 8 scales, twice */
             __m256i l0 = _mm256_loadu_si256((const __m256i *)(ql + 64 * h)), l1 = _mm256_loadu_si256((const __m256i *)(ql + 64 * h + 32));
             __m256i hb = _mm256_loadu_si256((const __m256i *)(qh + 32 * h));
             __m256i v[4] = {
@@ -167,16 +177,20 @@ static float dot_q6_k(const uint8_t *restrict w, Act a, int64_t nb) {
                 _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 6), m2), 4)),
             };
             for (int k = 0; k < 4; k++) {
-                int g = 8 * h + 2 * k;
                 __m256i pairs = _mm256_maddubs_epi16(v[k], _mm256_loadu_si256((const __m256i *)(x + 128 * h + 32 * k)));
-                __m256i scv = _mm256_set_m128i(_mm_set1_epi16(sc[g + 1]), _mm_set1_epi16(sc[g]));
-                acc = _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, scv));
+                acc = _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_shuffle_epi8(sch, pick[k])));
             }
         }
-        __m128i hs = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
-        hs = _mm_add_epi32(hs, _mm_shuffle_epi32(hs, 0x4E));
-        isum = _mm_cvtsi128_si32(_mm_add_epi32(hs, _mm_shuffle_epi32(hs, 0xB1)));
-#else
+        accf = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), _mm256_set1_ps(a.d[b] * f16(p + 208)), accf);
+    }
+    return hsum256(accf);
+#endif
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *p = w + b * 210, *ql = p, *qh = p + 128;
+        const int8_t *sc = (const int8_t *)(p + 192), *x = a.q + b * 256;
+        const int16_t *bs = a.s + b * 16;
+        int32_t isum = 0, off = 0;
+        for (int g = 0; g < 16; g++) off += sc[g] * bs[g];
         for (int h = 0; h < 2; h++) {
             for (int e = 0; e < 128; e++) {
                 int l = e & 31, quarter = e >> 5;
@@ -185,7 +199,6 @@ static float dot_q6_k(const uint8_t *restrict w, Act a, int64_t nb) {
                 isum += sc[(128 * h + e) / 16] * q * x[128 * h + e];
             }
         }
-#endif
         total += a.d[b] * f16(p + 208) * (float)(isum - 32 * off);
     }
     return total;

@@ -54,35 +54,100 @@ static void k16_offsets(Act a, int64_t nsb, int32_t *o) {
 #ifdef GEN_X16_256
 enum { K16_J256 = 4 }; /* activation rows per pass on AVX2 */
 
+/* The scales (sc) and mins (mn) of 8 rows' super-block from their 3 packed words (q4k_scale_words, lane-wise):
+ * bytes of sc[0] / sc[1] the scales 0-3 / 4-7, of mn[0] / mn[1] the mins. */
+static inline void k16_scales256(const uint8_t *words, __m256i sc[2], __m256i mn[2]) {
+    const __m256i six = _mm256_set1_epi8(0x3F), four = _mm256_set1_epi8(0x0F), two = _mm256_set1_epi8(0x03);
+    const __m256i w0 = _mm256_loadu_si256((const __m256i *)words);
+    const __m256i w1 = _mm256_loadu_si256((const __m256i *)(words + 64));
+    const __m256i w2 = _mm256_loadu_si256((const __m256i *)(words + 128));
+    sc[0] = _mm256_and_si256(w0, six), mn[0] = _mm256_and_si256(w1, six);
+    sc[1] = _mm256_or_si256(_mm256_and_si256(w2, four), _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(w0, 6), two), 4));
+    mn[1] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(w2, 4), four),
+                            _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(w1, 6), two), 4));
+}
+
+/* The int32 lanes of 8 rows' scale for sub-block 2c + h, in both 16-bit halves (for madd). */
+static inline __m256i k16_scale256(const __m256i sc[2], int c, int h) {
+    const __m256i s = _mm256_and_si256(_mm256_srli_epi32(sc[c >> 1], 16 * (c & 1) + 8 * h), _mm256_set1_epi32(0xFF));
+    return _mm256_or_si256(s, _mm256_slli_epi32(s, 16));
+}
+
+/* The mins' term of 8 rows against one activation row's paired sub-block sums o[0..3] (k16_offsets). */
+static inline __m256i k16_mins256(const __m256i mn[2], const int32_t *o) {
+    const __m256i pair = _mm256_set1_epi32(0x00FF00FF);
+    const __m256i m[4] = {_mm256_and_si256(mn[0], pair), _mm256_and_si256(_mm256_srli_epi32(mn[0], 8), pair),
+                          _mm256_and_si256(mn[1], pair), _mm256_and_si256(_mm256_srli_epi32(mn[1], 8), pair)};
+    __m256i ms = _mm256_setzero_si256();
+    for (int k = 0; k < 4; k++) ms = _mm256_add_epi32(ms, _mm256_madd_epi16(m[k], _mm256_set1_epi32(o[k])));
+    return ms;
+}
+
+/* A decode step's one row on AVX2: both halves of the group per super-block, sharing the activation's broadcasts,
+ * a sub-block's 8 products added as a tree. The same int32 sums and fp32 steps as k16_half_rows. */
+static void k16_one_row256(const uint8_t *restrict grp, int64_t nsb, X16Act x, float *y, int accumulate) {
+    const __m256i m4 = _mm256_set1_epi8(0xF);
+    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t b = 0; b < nsb; b++) {
+        const uint8_t *p = grp + b * K16_BYTES;
+        __m256i sc[2][2], mn[2][2], isum[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+        for (int hh = 0; hh < 2; hh++) k16_scales256(p + 64 + 32 * hh, sc[hh], mn[hh]);
+        for (int c = 0; c < 4; c++)
+            for (int h = 0; h < 2; h++) {
+                const int32_t *q = (const int32_t *)(x.q + 256 * b + 64 * c + 32 * h);
+                __m256i a[8];
+#pragma GCC unroll 8
+                for (int k = 0; k < 8; k++) {
+                    int32_t v;
+                    memcpy(&v, q + k, 4);
+                    a[k] = _mm256_set1_epi32(v);
+                }
+#pragma GCC unroll 2
+                for (int hh = 0; hh < 2; hh++) {
+                    const uint8_t *chunks = p + 256 + 512 * c + 32 * hh;
+                    __m256i u[8];
+#pragma GCC unroll 8
+                    for (int k = 0; k < 8; k++) {
+                        const __m256i raw = _mm256_loadu_si256((const __m256i *)(chunks + 64 * k));
+                        u[k] = _mm256_maddubs_epi16(_mm256_and_si256(h ? _mm256_srli_epi16(raw, 4) : raw, m4), a[k]);
+                    }
+                    const __m256i s = _mm256_add_epi16(_mm256_add_epi16(_mm256_add_epi16(u[0], u[1]), _mm256_add_epi16(u[2], u[3])),
+                                                       _mm256_add_epi16(_mm256_add_epi16(u[4], u[5]), _mm256_add_epi16(u[6], u[7])));
+                    isum[hh] = _mm256_add_epi32(isum[hh], _mm256_madd_epi16(s, k16_scale256(sc[hh], c, h)));
+                }
+            }
+        const __m256 dx = _mm256_set1_ps(x.d[b]);
+        for (int hh = 0; hh < 2; hh++) {
+            const __m128i *dh = (const __m128i *)(p + 16 * hh);
+            const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(dh)), dmin = _mm256_cvtph_ps(_mm_loadu_si128(dh + 2));
+            acc[hh] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[hh]), _mm256_mul_ps(d, dx), acc[hh]);
+            acc[hh] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(k16_mins256(mn[hh], x.o + 4 * b)), _mm256_mul_ps(dmin, dx), acc[hh]);
+        }
+    }
+    for (int hh = 0; hh < 2; hh++)
+        _mm256_storeu_ps(y + 8 * hh, accumulate ? _mm256_add_ps(_mm256_loadu_ps(y + 8 * hh), acc[hh]) : acc[hh]);
+}
+
 /* k16_group on AVX2 for nj <= K16_J256 rows: each half of the group (8 rows, bytes 32 hh .. 32 hh + 31 of every
  * chunk) over all super-blocks in turn. */
 GEN_ALWAYS_INLINE void k16_half_rows(const int nj, const uint8_t *restrict grp, int64_t nsb, X16Act x, float *y,
                                      int64_t ldy, int accumulate) {
-    const __m256i m4 = _mm256_set1_epi8(0xF), six = _mm256_set1_epi8(0x3F), four = _mm256_set1_epi8(0x0F);
-    const __m256i two = _mm256_set1_epi8(0x03), byte = _mm256_set1_epi32(0xFF), pair = _mm256_set1_epi32(0x00FF00FF);
+    const __m256i m4 = _mm256_set1_epi8(0xF);
     for (int hh = 0; hh < 2; hh++) {
         __m256 acc[K16_J256];
 #pragma GCC unroll 4
         for (int j = 0; j < nj; j++) acc[j] = _mm256_setzero_ps();
         for (int64_t b = 0; b < nsb; b++) {
             const uint8_t *p = grp + b * K16_BYTES, *half = p + 64 + 32 * hh; /* this half's bytes of chunk 0 */
-            const __m256i w0 = _mm256_loadu_si256((const __m256i *)half);
-            const __m256i w1 = _mm256_loadu_si256((const __m256i *)(half + 64));
-            const __m256i w2 = _mm256_loadu_si256((const __m256i *)(half + 128));
-            const __m256i sc03 = _mm256_and_si256(w0, six), mn03 = _mm256_and_si256(w1, six);
-            const __m256i sc47 = _mm256_or_si256(_mm256_and_si256(w2, four),
-                                                 _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(w0, 6), two), 4));
-            const __m256i mn47 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(w2, 4), four),
-                                                 _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(w1, 6), two), 4));
+            __m256i sc[2], mn[2];
+            k16_scales256(half, sc, mn);
             __m256i isum[K16_J256];
 #pragma GCC unroll 4
             for (int j = 0; j < nj; j++) isum[j] = _mm256_setzero_si256();
             for (int c = 0; c < 4; c++) {
-                const __m256i sw = c < 2 ? sc03 : sc47;
 #pragma GCC unroll 2
                 for (int h = 0; h < 2; h++) {
-                    const __m256i s = _mm256_and_si256(_mm256_srli_epi32(sw, 16 * (c & 1) + 8 * h), byte);
-                    const __m256i sc = _mm256_or_si256(s, _mm256_slli_epi32(s, 16)); /* in both 16-bit halves */
+                    const __m256i scale = k16_scale256(sc, c, h);
                     __m256i v[8];
 #pragma GCC unroll 8
                     for (int k = 0; k < 8; k++) {
@@ -99,20 +164,15 @@ GEN_ALWAYS_INLINE void k16_half_rows(const int nj, const uint8_t *restrict grp, 
                             memcpy(&a, q + k, 4);
                             u = _mm256_add_epi16(u, _mm256_maddubs_epi16(v[k], _mm256_set1_epi32(a)));
                         }
-                        isum[j] = _mm256_add_epi32(isum[j], _mm256_madd_epi16(u, sc));
+                        isum[j] = _mm256_add_epi32(isum[j], _mm256_madd_epi16(u, scale));
                     }
                 }
             }
             const __m128i *dh = (const __m128i *)(p + 16 * hh);
             const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(dh)), dmin = _mm256_cvtph_ps(_mm_loadu_si128(dh + 2));
-            const __m256i mins[4] = {_mm256_and_si256(mn03, pair), _mm256_and_si256(_mm256_srli_epi32(mn03, 8), pair),
-                                     _mm256_and_si256(mn47, pair), _mm256_and_si256(_mm256_srli_epi32(mn47, 8), pair)};
 #pragma GCC unroll 4
             for (int j = 0; j < nj; j++) {
-                const int32_t *o = x.o + j * x.os + 4 * b;
-                __m256i ms = _mm256_setzero_si256();
-#pragma GCC unroll 4
-                for (int k = 0; k < 4; k++) ms = _mm256_add_epi32(ms, _mm256_madd_epi16(mins[k], _mm256_set1_epi32(o[k])));
+                const __m256i ms = k16_mins256(mn, x.o + j * x.os + 4 * b);
                 const __m256 dx = _mm256_set1_ps(x.d[j * x.ds + b]);
                 acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[j]), _mm256_mul_ps(d, dx), acc[j]);
                 acc[j] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(ms), _mm256_mul_ps(dmin, dx), acc[j]);
@@ -206,7 +266,10 @@ GEN_ALWAYS_INLINE void k16_group(const int nj, const uint8_t *restrict grp, int6
         k16_half_rows(nj - K16_J256, grp, nsb, rest, y + K16_J256 * ldy, ldy, accumulate);
         return;
     }
-    k16_half_rows(nj, grp, nsb, x, y, ldy, accumulate);
+    if (nj == 1)
+        k16_one_row256(grp, nsb, x, y, accumulate);
+    else
+        k16_half_rows(nj, grp, nsb, x, y, ldy, accumulate);
 #else
     float acc[X16_J][X16_ROWS] = {{0.f}};
     for (int64_t b = 0; b < nsb; b++) {
