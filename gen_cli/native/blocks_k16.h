@@ -94,14 +94,8 @@ static void k16_one_row256(const uint8_t *restrict grp, int64_t nsb, X16Act x, f
         for (int hh = 0; hh < 2; hh++) k16_scales256(p + 64 + 32 * hh, sc[hh], mn[hh]);
         for (int c = 0; c < 4; c++)
             for (int h = 0; h < 2; h++) {
-                const int32_t *q = (const int32_t *)(x.q + 256 * b + 64 * c + 32 * h);
                 __m256i a[8];
-#pragma GCC unroll 8
-                for (int k = 0; k < 8; k++) {
-                    int32_t v;
-                    memcpy(&v, q + k, 4);
-                    a[k] = _mm256_set1_epi32(v);
-                }
+                x16_broadcast8(x.q + 256 * b + 64 * c + 32 * h, a);
 #pragma GCC unroll 2
                 for (int hh = 0; hh < 2; hh++) {
                     const uint8_t *chunks = p + 256 + 512 * c + 32 * hh;
@@ -305,31 +299,6 @@ GEN_ALWAYS_INLINE void k16_group(const int nj, const uint8_t *restrict grp, int6
     for (int j = 0; j < nj; j++)
         for (int l = 0; l < X16_ROWS; l++) y[j * ldy + l] = accumulate ? y[j * ldy + l] + acc[j][l] : acc[j][l];
 #endif
-}
-
-/* y[b] (+)= W x[b] for an interleaved Q4_K W (rows a multiple of 16) against `batch` activation rows (x as
- * x16_matmul's, o from k16_offsets). Threads take whole groups. */
-static void k16_matmul(const uint8_t *w, int64_t rows, int64_t cols, X16Act x, int64_t batch, float *y, int64_t ldy,
-                       int accumulate, int n_threads) {
-    const int64_t nsb = cols / 256, gs = nsb * K16_BYTES;
-#pragma omp parallel for schedule(static) num_threads(n_threads)
-    for (int64_t g = 0; g < rows / X16_ROWS; g++) {
-        for (int64_t b0 = 0; b0 < batch; b0 += X16_J) {
-            const int nj = (int)(batch - b0 < X16_J ? batch - b0 : X16_J);
-            X16Act xj = x;
-            xj.q += b0 * x.qs, xj.d += b0 * x.ds, xj.o += b0 * x.os;
-            float *o = y + b0 * ldy + g * X16_ROWS;
-            const uint8_t *grp = w + g * gs;
-            switch (nj) { /* a constant count in each copy: the accumulators stay in registers */
-#define NJ(N)                                            \
-    case N:                                              \
-        k16_group(N, grp, nsb, xj, o, ldy, accumulate); \
-        break;
-                NJ(1) NJ(2) NJ(3) NJ(4) NJ(5) NJ(6) NJ(7) NJ(8)
-#undef NJ
-            }
-        }
-    }
 }
 
 #endif

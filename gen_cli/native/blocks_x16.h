@@ -245,6 +245,19 @@ static void x16_offsets(Act a, int64_t nb, int32_t *o, const int min) {
     }
 }
 
+#ifdef GEN_X16_256
+/* 32 activation bytes as 8 vectors, vector i every lane's copy of bytes 4i .. 4i + 3 (AVX2 has no dpbusd
+ * broadcast operand). */
+GEN_ALWAYS_INLINE void x16_broadcast8(const int8_t *q, __m256i a[8]) {
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; i++) {
+        int32_t v;
+        memcpy(&v, q + 4 * i, 4);
+        a[i] = _mm256_set1_epi32(v);
+    }
+}
+#endif
+
 /* One group (nb blocks at grp) against activation rows 0 .. nj - 1 of x: y[j ldy + l] (+)= row l . x_j. */
 GEN_ALWAYS_INLINE void x16_group(const int nj, const int min, const uint8_t *restrict grp, int64_t nb, X16Act x,
                                  float *y, int64_t ldy, int accumulate) {
@@ -303,15 +316,9 @@ GEN_ALWAYS_INLINE void x16_group(const int nj, const int min, const uint8_t *res
         __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
         for (int64_t b = 0; b < nb; b++) {
             const uint8_t *p = grp + b * gb;
-            const int32_t *q = (const int32_t *)(x.q + b * 32);
             const int32_t oj = x.o[b];
             __m256i a[8];
-#pragma GCC unroll 8
-            for (int i = 0; i < 8; i++) {
-                int32_t v;
-                memcpy(&v, q + i, 4);
-                a[i] = _mm256_set1_epi32(v);
-            }
+            x16_broadcast8(x.q + b * 32, a);
             const __m256 dx = _mm256_set1_ps(x.d[b]);
 #pragma GCC unroll 2
             for (int h = 0; h < 2; h++) {
@@ -408,34 +415,6 @@ GEN_ALWAYS_INLINE void x16_group(const int nj, const int min, const uint8_t *res
     for (int j = 0; j < nj; j++)
         for (int l = 0; l < X16_ROWS; l++) y[j * ldy + l] = accumulate ? y[j * ldy + l] + acc[j][l] : acc[j][l];
 #endif
-}
-
-/* y[b] (+)= W x[b] for an interleaved W (rows a multiple of 16) against `batch` activation rows (x as above;
- * row b of y ldy floats after row b - 1). Threads take whole groups. */
-static void x16_matmul(const uint8_t *w, int64_t rows, int64_t cols, X16Act x, int64_t batch, float *y,
-                       int64_t ldy, int accumulate, int n_threads, const int min) {
-    const int64_t nb = cols / 32, gs = nb * X16_BYTES(min);
-#pragma omp parallel for schedule(static) num_threads(n_threads)
-    for (int64_t g = 0; g < rows / X16_ROWS; g++) {
-        for (int64_t b0 = 0; b0 < batch; b0 += X16_J) {
-            const int nj = (int)(batch - b0 < X16_J ? batch - b0 : X16_J);
-            X16Act xj = x;
-            xj.q += b0 * x.qs, xj.d += b0 * x.ds, xj.o += b0 * x.os;
-            float *o = y + b0 * ldy + g * X16_ROWS;
-            const uint8_t *grp = w + g * gs;
-            switch (nj) { /* a constant count in each copy: the accumulators stay in registers */
-#define NJ(N)                                                            \
-    case N:                                                              \
-        if (min)                                                         \
-            x16_group(N, 1, grp, nb, xj, o, ldy, accumulate);            \
-        else                                                             \
-            x16_group(N, 0, grp, nb, xj, o, ldy, accumulate);            \
-        break;
-                NJ(1) NJ(2) NJ(3) NJ(4) NJ(5) NJ(6) NJ(7) NJ(8)
-#undef NJ
-            }
-        }
-    }
 }
 
 /* One group (nb blocks) against float activation rows 0 .. nj - 1 of x (rows ldx apart): each weight the stored
