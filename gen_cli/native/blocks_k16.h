@@ -12,7 +12,8 @@
  * pairs) against the activation's sub-block sums (int16 pairs, prepared once per matmul, X16Act.o); then one FMA
  * with d d_x and one with -dmin d_x. The integer sums are exact, so the portable loop, lane by lane with the same
  * fp32 steps (fmaf), gives the same bits, and a row gets the same bits alone and in any batch. AVX2 (GEN_X16_256):
- * each half of a group (rows 0-7, 8-15) in turn, maddubs of the codes (high nibbles shifted down) against the
+ * each half of a group (rows 0-7, 8-15) in turn (a decode step's one row: both halves per super-block, sharing the
+ * activation's broadcasts), maddubs of the codes (high nibbles shifted down) against the
  * broadcast activation, the 8 of a sub-block added in int16 (exact: 8 x 2 x 15 x 127 = 30480), then one madd with
  * the scale in both 16-bit halves of each lane: the same int32 sums, so again the same bits. Float activations
  * and prompt tiles read each row's super-blocks back in the stored layout (k16_row) and use its code: the stored
@@ -30,7 +31,7 @@
 #include "blocks_x16.h"
 #include "features.h"
 
-enum { K16_HALVES = 2, K16_WORDS = 35, K16_BYTES = 16 * 144 }; /* a group's super-block: 16 stored ones' bytes */
+enum { K16_WORDS = 35, K16_BYTES = 16 * 144 }; /* a group's super-block: 16 stored ones' bytes */
 
 /* Row l's super-block as GGUF stores it (144 bytes), from its group's super-block p. */
 static inline void k16_row(const uint8_t *p, int l, uint8_t out[144]) {
