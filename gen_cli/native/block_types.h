@@ -53,6 +53,11 @@ typedef struct {
 #else
 #define TILE(NAME) NULL
 #endif
+#if defined(GEN_AVX512_BW) || defined(GEN_AVX2_FMA) /* blocks_k.h: Q6_K's tile has an AVX2 path too */
+#define TILE_Q6_K tile_q6_k
+#else
+#define TILE_Q6_K NULL
+#endif
 #ifdef GEN_BLOCKS_512
 #define BATCH(NAME, PREP) batch_prep_bytes_##PREP, batch_prep_##NAME, batch_##NAME
 #else
@@ -68,13 +73,14 @@ static const BlockType BLOCK_TYPES[T_COUNT] = {
     [T_Q5_0] = {32, 22, quantize_act_32, dot_q5_0, Q45_DOT4(q5_0), dequantize_q5_0, NULL, BATCH(q5_0, q45)},
     [T_Q5_1] = {32, 24, quantize_act_32, dot_q5_1, Q45_DOT4(q5_1), dequantize_q5_1, NULL, BATCH(q5_1, q45)},
     [T_Q4_K] = {256, 144, quantize_act_256, dot_q4_k, NULL, dequantize_q4_k, NULL, BATCH(q4_k, q4_k)},
-    [T_Q6_K] = {256, 210, quantize_act_256, dot_q6_k, NULL, dequantize_q6_k, TILE(q6_k)},
+    [T_Q6_K] = {256, 210, quantize_act_256, dot_q6_k, NULL, dequantize_q6_k, TILE_Q6_K},
     [T_Q4_0X16] = {32, 18, quantize_act_32, NULL, NULL, NULL, NULL, NULL, NULL, NULL, X16_ROWS, T_Q4_0},
     [T_Q4_1X16] = {32, 20, quantize_act_32, NULL, NULL, NULL, NULL, NULL, NULL, NULL, X16_ROWS, T_Q4_1},
     [T_Q4_KX16] = {256, 144, quantize_act_256, NULL, NULL, NULL, NULL, NULL, NULL, NULL, X16_ROWS, T_Q4_K},
 };
 #undef Q45_DOT4
 #undef TILE
+#undef TILE_Q6_K
 #undef BATCH
 
 /* The traits of a block type, or NULL when `type` is not one (the step's own formats, or unknown). */
