@@ -5,6 +5,7 @@ never paused keeps its collector as it was."""
 from __future__ import annotations
 
 import gc
+import weakref
 
 import pytest
 
@@ -21,6 +22,11 @@ def restore_gc():
     collector._usual = None
 
 
+class _Cycle:
+    def __init__(self) -> None:
+        self.me = self
+
+
 def test_pause_collects_rarely_until_a_model_is_open_then_freezes_it(restore_gc):
     usual = gc.get_threshold()
     collector.pause()
@@ -31,6 +37,13 @@ def test_pause_collects_rarely_until_a_model_is_open_then_freezes_it(restore_gc)
     frozen = gc.get_freeze_count()
     open_model(None, EngineOptions(native=False))  # no pause in effect: nothing more frozen
     assert gc.get_freeze_count() == frozen and gc.get_threshold() == usual
+
+
+def test_the_start_ups_garbage_is_collected_not_frozen(restore_gc):
+    collector.pause()
+    garbage, alive = weakref.ref(_Cycle()), _Cycle()  # the first unreachable, kept only by its own cycle
+    collector.resume_frozen()
+    assert garbage() is None and gc.is_tracked(alive)  # collected before the freeze, not frozen with the living
 
 
 def test_a_library_caller_that_never_paused_keeps_its_collector(restore_gc):
