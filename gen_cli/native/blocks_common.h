@@ -138,7 +138,6 @@ static inline void store16(__m512 v, float *f, uint16_t *h) {
     for (int i = 0; i < 16; i++) h[i] = to_bf16(t[i]);
 #endif
 }
-
 #endif
 
 /* ---- shared pieces of the dot products --------------------------------------------------------------------- */
