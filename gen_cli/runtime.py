@@ -8,28 +8,28 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
-
-import torch
+from typing import TYPE_CHECKING
 
 from gen_cli.errors import UsageError
 
+if TYPE_CHECKING:  # torch is imported where a function needs it: a CPU PeakMemory or LoadProbe does not
+    import torch
+
 DEVICES = ("auto", "cpu", "cuda", "mps")
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
+_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16",
+           "fp16": "float16"}  # fmt: skip
 
 
 def _mps_available() -> bool:
+    import torch
+
     return hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
 
 
 def resolve_device(name: str = "auto") -> torch.device:
     """'auto' = cuda if available, else mps, else cpu; an unavailable explicit choice is a UsageError."""
+    import torch
+
     name = name.lower()
     if name not in DEVICES:
         raise UsageError(f"unknown device {name!r}; choose {', '.join(DEVICES)}")
@@ -46,9 +46,11 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """float32/fp32, bfloat16/bf16 or float16/fp16; fp16 is refused on CPU."""
-    dtype = _DTYPES.get(name.lower())
-    if dtype is None:
+    import torch
+
+    if name.lower() not in _DTYPES:
         raise UsageError(f"unknown dtype {name!r}; choose float32, bfloat16 or float16")
+    dtype = getattr(torch, _DTYPES[name.lower()])
     if dtype == torch.float16 and device.type == "cpu":
         raise UsageError("float16 is not supported on CPU (slow and partly unimplemented); use bfloat16 or float32")
     return dtype
@@ -56,6 +58,8 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def run_dtype(name: str, device: torch.device) -> torch.dtype:
     """`auto` = bfloat16 on a CUDA device that supports it, else float32; other names as `resolve_dtype`."""
+    import torch
+
     if name == "auto":
         cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         return torch.bfloat16 if cuda_bf16 else torch.float32
@@ -71,21 +75,46 @@ MAX_THREADS = 1024
 
 def set_threads(n: int | None) -> int:
     """Set torch's intra-op thread count (None keeps the default); return the count in use."""
+    import torch
+
     if n is not None:
-        # OpenMP allocates per-thread state up front: a billion threads aborts the process in libgomp.
-        if not 1 <= n <= MAX_THREADS:
-            raise UsageError(f"threads must be between 1 and {MAX_THREADS}, got {n}", params=("threads",))
-        torch.set_num_threads(n)
+        torch.set_num_threads(check_threads(n))
     return torch.get_num_threads()
+
+
+def check_threads(n: int) -> int:
+    """n, refused unless 1 … MAX_THREADS: OpenMP allocates per-thread state up front, and a billion threads
+    aborts the process in libgomp."""
+    if not 1 <= n <= MAX_THREADS:
+        raise UsageError(f"threads must be between 1 and {MAX_THREADS}, got {n}", params=("threads",))
+    return n
+
+
+def default_threads() -> int:
+    """The threads a CPU run uses unless told: one per physical core this process may run on (PyTorch's default
+    too: a second hyperthread per core adds contention, not bandwidth)."""
+    import psutil
+
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(allowed, psutil.cpu_count(logical=False) or allowed))
 
 
 def synchronize(device: torch.device | str) -> None:
     """Wait for queued device work, so a clock read after it measures finished work."""
-    kind = torch.device(device).type
+    kind = device_kind(device)
+    if kind == "cpu":
+        return
+    import torch
+
     if kind == "cuda":
         torch.cuda.synchronize()
     elif kind == "mps":
         torch.mps.synchronize()
+
+
+def device_kind(device: torch.device | str) -> str:
+    """cpu, cuda or mps, from a torch.device or its name (no torch import for a name)."""
+    return device if isinstance(device, str) and ":" not in device else str(device).split(":")[0]
 
 
 def _proc_status_kb(field: str) -> int | None:
@@ -123,7 +152,7 @@ class PeakMemory:
     """
 
     def __init__(self, device: torch.device | str) -> None:
-        self.device = torch.device(device)
+        self.device, self.kind = device, device_kind(device)
         self.bytes = 0
         self.method = ""
         self._baseline = 0
@@ -131,11 +160,15 @@ class PeakMemory:
 
     def __enter__(self) -> PeakMemory:
         synchronize(self.device)
-        if self.device.type == "cuda":
+        if self.kind == "cuda":
+            import torch
+
             torch.cuda.reset_peak_memory_stats(self.device)
             self._baseline = torch.cuda.memory_allocated(self.device)
             self._mode, self.method = "cuda", "cuda max_memory_allocated above baseline"
-        elif self.device.type == "mps":
+        elif self.kind == "mps":
+            import torch
+
             self._baseline = torch.mps.current_allocated_memory()
             self._mode, self.method = "mps", "mps allocated at end above baseline (no peak counter)"
         else:
@@ -152,6 +185,8 @@ class PeakMemory:
     def measure(self) -> int:
         """Peak bytes above the entry level so far."""
         synchronize(self.device)
+        if self._mode in ("cuda", "mps"):
+            import torch
         if self._mode == "cuda":
             peak = torch.cuda.max_memory_allocated(self.device)
         elif self._mode == "mps":

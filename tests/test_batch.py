@@ -10,7 +10,7 @@ from conftest import tiny_config
 from gen_cli.cache.spec import CacheSpec
 from gen_cli.infer.batch import Row, batched_step, pick, prefill_chunk
 from gen_cli.infer.generate import generate, new_cache
-from gen_cli.infer.sampling import SamplingConfig
+from gen_cli.infer.options import SamplingConfig
 from gen_cli.model.transformer import random_model
 
 GREEDY = SamplingConfig(temperature=0.0)

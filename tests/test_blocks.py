@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from gen_cli.errors import GenError
 from gen_cli.quant.block_linear import BlockEmbedding, BlockLinear
-from gen_cli.quant.blocks import BLOCK_TYPES, dequantize, max_error, most_precise, quantize, row_bytes
+from gen_cli.quant.blocks import dequantize, max_error, quantize
+from gen_cli.quant.formats import BLOCK_TYPES, most_precise, row_bytes
 
 GGML = {name: gguf.GGMLQuantizationType[name.upper()] for name in BLOCK_TYPES}
 REFERENCE_QUANTIZERS = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")  # the gguf package quantizes these; not the k-quants

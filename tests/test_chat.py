@@ -20,7 +20,7 @@ from gen_cli.cache.spec import CacheSpec  # noqa: E402
 from gen_cli.cli import app  # noqa: E402
 from gen_cli.formats.loading import load  # noqa: E402
 from gen_cli.infer.generate import continue_steps, generate, greedy_steps, new_cache, prefill  # noqa: E402
-from gen_cli.infer.sampling import SamplingConfig  # noqa: E402
+from gen_cli.infer.options import SamplingConfig  # noqa: E402
 from gen_cli.infer.session import ChatSession, ContextFull, common_prefix  # noqa: E402
 
 runner = CliRunner()

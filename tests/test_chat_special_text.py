@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 
 from gen_cli.errors import GenError
-from gen_cli.infer.engine import EngineOptions, open_model
+from gen_cli.infer.engine import open_model
+from gen_cli.infer.options import EngineOptions
 from gen_cli.text.chat import encode_rendered, render_chat
 from gen_cli.text.tokenizer import decode
 

@@ -10,7 +10,8 @@ import weakref
 import pytest
 
 from gen_cli import collector
-from gen_cli.infer.engine import EngineOptions, open_model
+from gen_cli.infer.engine import open_model
+from gen_cli.infer.options import EngineOptions
 
 
 @pytest.fixture

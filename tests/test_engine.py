@@ -7,9 +7,9 @@ import torch
 
 from gen_cli.cache.spec import CacheSpec
 from gen_cli.errors import UsageError
-from gen_cli.infer.engine import EngineOptions, Preset, open_model
+from gen_cli.infer.engine import open_model
 from gen_cli.infer.generate import generate
-from gen_cli.infer.sampling import SamplingConfig
+from gen_cli.infer.options import EngineOptions, Preset, SamplingConfig
 from gen_cli.text.tokenizer import EOT, encode
 
 GREEDY = SamplingConfig(temperature=0.0)

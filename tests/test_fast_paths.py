@@ -8,7 +8,7 @@ from conftest import tiny_config
 
 from gen_cli.infer.generate import generate, new_cache
 from gen_cli.infer.optimize import fuse_mlp, optimize_for_decode
-from gen_cli.infer.sampling import SamplingConfig
+from gen_cli.infer.options import SamplingConfig
 from gen_cli.model.transformer import Transformer
 from gen_cli.quant import linear as q
 from gen_cli.quant.linear import Int8Linear, OneDNNLinear

@@ -10,7 +10,7 @@ from gen_cli.cache.linear import KVCache
 from gen_cli.errors import UsageError
 from gen_cli.infer import generate as generate_module
 from gen_cli.infer.generate import decode_step, generate, new_cache, prefill, run_generation
-from gen_cli.infer.sampling import SamplingConfig
+from gen_cli.infer.options import SamplingConfig
 from gen_cli.model.transformer import Transformer
 
 CTX = 16

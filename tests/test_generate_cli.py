@@ -56,7 +56,7 @@ def _oracle_ids(model_dir, prompt: list[int], n: int) -> list[int]:
 
     from gen_cli.formats.checkpoint import load_model
     from gen_cli.infer.generate import generate
-    from gen_cli.infer.sampling import SamplingConfig
+    from gen_cli.infer.options import SamplingConfig
 
     model, _ = load_model(model_dir)
     steps = generate(model.eval(), torch.tensor([prompt]), n, SamplingConfig(temperature=0.0), None)

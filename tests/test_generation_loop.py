@@ -14,7 +14,7 @@ from torch import nn
 from gen_cli.cache.linear import KVCache
 from gen_cli.errors import InternalError
 from gen_cli.infer.generate import generate, greedy_steps, new_cache
-from gen_cli.infer.sampling import SamplingConfig
+from gen_cli.infer.options import SamplingConfig
 from gen_cli.model.config import ModelConfig
 
 V = 16

@@ -197,7 +197,8 @@ def test_ggml_types_equal_the_gguf_packages():
 def test_a_load_reads_the_header_once(tmp_path, monkeypatch):
     from gen_cli.formats.export_gguf import export_gguf
     from gen_cli.formats.gguf_reader import GGUFFile as Reader
-    from gen_cli.infer.engine import EngineOptions, open_model
+    from gen_cli.infer.engine import open_model
+    from gen_cli.infer.options import EngineOptions
     from gen_cli.model.config import ModelConfig
     from gen_cli.model.transformer import Transformer
     from gen_cli.text.tokenizer import configure

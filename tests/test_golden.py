@@ -19,7 +19,7 @@ import torch
 from gen_cli.formats.loading import load
 from gen_cli.infer.generate import greedy_steps, new_cache, run_generation
 from gen_cli.infer.optimize import optimize_for_decode
-from gen_cli.infer.sampling import SamplingConfig
+from gen_cli.infer.options import SamplingConfig
 from gen_cli.native import build
 from gen_cli.text.tokenizer import decode, encode
 

@@ -26,7 +26,7 @@ from gen_cli.formats.checkpoint import load_config  # noqa: E402
 from gen_cli.formats.loading import load  # noqa: E402
 from gen_cli.infer.generate import decode_step, generate, new_cache, prefill  # noqa: E402
 from gen_cli.infer.optimize import optimize_for_decode  # noqa: E402
-from gen_cli.infer.sampling import SamplingConfig  # noqa: E402
+from gen_cli.infer.options import SamplingConfig  # noqa: E402
 from gen_cli.model.config import ModelConfig  # noqa: E402
 from gen_cli.resources import default_model_dir  # noqa: E402
 

@@ -306,7 +306,8 @@ def test_any_generation_options_give_a_result_or_one_clear_error(
 
 @pytest.mark.parametrize("temperature", [1e-300, 5e-324, 1e-45, 1e-38])
 def test_a_vanishing_temperature_samples_the_argmax(temperature):
-    from gen_cli.infer.sampling import SamplingConfig, sample_next
+    from gen_cli.infer.options import SamplingConfig
+    from gen_cli.infer.sampling import sample_next
 
     logits = torch.tensor([[0.5, 3.0, -1.0, 2.9999]])
     cfg = SamplingConfig(temperature=temperature, repetition_penalty=1e-45)
@@ -335,7 +336,9 @@ def test_compare_batch_beyond_memory_is_refused_before_the_grid_runs(monkeypatch
 
 
 def test_a_temperature_beyond_float32_samples_uniformly_among_the_tokens_left():
-    from gen_cli.infer.sampling import SamplingConfig, sample_next
+    # The penalty sends the seen negative logit to -inf; a temperature that overflows fp32 once gave NaN.
+    from gen_cli.infer.options import SamplingConfig
+    from gen_cli.infer.sampling import sample_next
 
     # The penalty sends the seen negative logit to -inf; a temperature that overflows fp32 once gave NaN.
     logits = torch.tensor([[0.5, 3.0, -1.0, 2.9999]])

@@ -223,7 +223,7 @@ def test_a_windowed_chat_reply_counts_its_id_buffer(tokenizer, monkeypatch):
 
     from gen_cli import memory
     from gen_cli.cache.spec import CacheSpec
-    from gen_cli.infer.sampling import SamplingConfig
+    from gen_cli.infer.options import SamplingConfig
     from gen_cli.infer.session import ChatSession
     from gen_cli.model.transformer import Transformer
 

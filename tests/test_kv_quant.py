@@ -15,7 +15,7 @@ from gen_cli.cli import app
 from gen_cli.errors import UsageError
 from gen_cli.infer.generate import generate, greedy_steps, new_cache, prefill
 from gen_cli.infer.kv_accuracy import kv_accuracy
-from gen_cli.infer.sampling import SamplingConfig
+from gen_cli.infer.options import SamplingConfig
 from gen_cli.model.transformer import Transformer
 from tests.conftest import TEXT, fit, tiny_config
 

@@ -20,7 +20,7 @@ from gen_cli.cache.window import WindowKVCache
 from gen_cli.errors import UsageError
 from gen_cli.infer.generate import decode_step, greedy_steps, new_cache, prefill, run_generation
 from gen_cli.infer.optimize import optimize_for_decode
-from gen_cli.infer.sampling import SamplingConfig
+from gen_cli.infer.options import SamplingConfig
 from gen_cli.model.positions import alibi_slopes, apply_rope, rope_tables
 from gen_cli.model.transformer import Transformer
 from tests.conftest import tiny_config

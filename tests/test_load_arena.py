@@ -100,7 +100,8 @@ def test_a_model_the_native_step_will_not_stream_stays_in_the_map(tmp_path):
 _OPEN = """
 import sys
 from pathlib import Path
-from gen_cli.infer.engine import EngineOptions, open_model
+from gen_cli.infer.engine import open_model
+from gen_cli.infer.options import EngineOptions
 hwm = lambda: int(next(ln.split()[1] for ln in open('/proc/self/status') if ln.startswith('VmHWM'))) * 1024
 open_model(Path(sys.argv[2]), EngineOptions(threads=1))
 base = hwm()

@@ -17,7 +17,7 @@ gguf = pytest.importorskip("gguf")
 from hf_builders import build_hf_model, byte_level_tokenizer, random_hf_model, write_gguf  # noqa: E402
 
 from gen_cli.formats.loading import load  # noqa: E402
-from gen_cli.quant.blocks import row_bytes  # noqa: E402
+from gen_cli.quant.formats import row_bytes  # noqa: E402
 
 TYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q6_K")
 # hidden 256, MLP 512: every row is whole 256-weight super-blocks, so each type fits every matrix

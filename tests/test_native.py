@@ -20,7 +20,7 @@ from gen_cli.cache.linear import KVCache
 from gen_cli.errors import UsageError
 from gen_cli.infer.generate import decode_step, generate, new_cache, prefill, run_generation
 from gen_cli.infer.optimize import optimize_for_decode
-from gen_cli.infer.sampling import SamplingConfig
+from gen_cli.infer.options import SamplingConfig
 from gen_cli.model.transformer import Transformer
 from gen_cli.native import build
 from gen_cli.native import decoder as native

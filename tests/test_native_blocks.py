@@ -30,7 +30,8 @@ from gen_cli.native import decoder as native
 from gen_cli.native.abi import PROFILE_KEYS
 from gen_cli.native.block_matmul import block_matmul, use_block_kernel
 from gen_cli.quant.block_linear import BlockEmbedding, BlockLinear
-from gen_cli.quant.blocks import BLOCK_TYPES, quantize
+from gen_cli.quant.blocks import quantize
+from gen_cli.quant.formats import BLOCK_TYPES
 
 pytestmark = [
     pytest.mark.skipif(shutil.which(shlex.split(os.environ.get("CC", "cc"))[0]) is None, reason="no C compiler"),
@@ -165,7 +166,7 @@ def test_native_step_on_blocks_equals_pytorch(qtype, batch):
 @pytest.mark.parametrize("qtype", ["q8_0", "q4_k", "q5_0", "q5_1"])
 def test_native_greedy_on_blocks_agrees_with_the_fallback(qtype):
     from gen_cli.infer.generate import generate
-    from gen_cli.infer.sampling import SamplingConfig
+    from gen_cli.infer.options import SamplingConfig
 
     prompt = torch.randint(0, 300, (1, 4))
     fallback, fast = _block_model(qtype, tied=False), _block_model(qtype, tied=False)

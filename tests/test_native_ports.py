@@ -19,7 +19,7 @@ from gen_cli.infer.optimize import optimize_for_decode
 from gen_cli.model.transformer import Transformer
 from gen_cli.native import build
 from gen_cli.native.abi import MATRIX_TYPES
-from gen_cli.quant.blocks import row_bytes
+from gen_cli.quant.formats import row_bytes
 
 NATIVE = Path(build.__file__).parent
 DRIVER = Path(__file__).parent / "native" / "step_driver.c"

@@ -17,8 +17,8 @@ from gen_cli.cache.spec import CacheSpec
 from gen_cli.infer.batch import batched_step, native_rows, prefill_chunk
 from gen_cli.infer.generate import decode_step, greedy_steps, new_cache, prefill
 from gen_cli.infer.optimize import optimize_for_decode
+from gen_cli.infer.options import SamplingConfig
 from gen_cli.infer.proposers import NgramProposer
-from gen_cli.infer.sampling import SamplingConfig
 from gen_cli.infer.scheduler import Request, Scheduler
 from gen_cli.infer.speculative import Speculation, speculative_run
 from gen_cli.model.transformer import Transformer

@@ -35,7 +35,8 @@ from gen_cli.native.abi import MATRIX_TYPES
 from gen_cli.native.block_matmul import block_matmul
 from gen_cli.native.repack import repack_into, repack_wanted
 from gen_cli.quant.block_linear import BlockLinear
-from gen_cli.quant.blocks import BLOCK_TYPES, can_interleave, deinterleave, dequantize, interleave
+from gen_cli.quant.blocks import deinterleave, dequantize, interleave
+from gen_cli.quant.formats import BLOCK_TYPES, can_interleave
 from gen_cli.text.tokenizer import configure
 
 pytestmark = [

@@ -421,7 +421,8 @@ def test_server_on_a_paged_pool_answers_as_without_one():
     import urllib.request
     from concurrent.futures import ThreadPoolExecutor
 
-    from gen_cli.infer.engine import EngineOptions, Preset, open_model
+    from gen_cli.infer.engine import open_model
+    from gen_cli.infer.options import EngineOptions, Preset
     from gen_cli.serve.server import BackgroundServer, ServeOptions, served
 
     engine = open_model(Preset("tiny"), EngineOptions(device="cpu"))
@@ -457,7 +458,8 @@ def test_server_reports_the_cached_tokens_of_a_next_turn():
     prompt's own 2 blocks, and /health shows the pool (nothing held, turn 1's blocks cached)."""
     import urllib.request
 
-    from gen_cli.infer.engine import EngineOptions, Preset, open_model
+    from gen_cli.infer.engine import open_model
+    from gen_cli.infer.options import EngineOptions, Preset
     from gen_cli.serve.server import BackgroundServer, ServeOptions, served
 
     engine = open_model(Preset("tiny"), EngineOptions(device="cpu"))

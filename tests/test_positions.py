@@ -14,7 +14,7 @@ from gen_cli.errors import UsageError
 from gen_cli.model.config import ModelConfig, parse_rope_scaling, with_rope_scaling
 from gen_cli.model.positions import alibi_bias, alibi_slopes, rope_angles, rope_tables, yarn_attention_factor
 from gen_cli.model.transformer import Transformer, apply_rope, apply_rope_scaling, model_from_tensors
-from gen_cli.native.decoder import unsupported_properties
+from gen_cli.native.abi import unsupported_properties
 
 
 def _model(**changes) -> Transformer:

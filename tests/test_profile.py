@@ -11,7 +11,7 @@ from conftest import tiny_config
 import gen_cli.model.transformer as transformer_module
 from gen_cli.infer.generate import run_generation
 from gen_cli.infer.optimize import optimize_for_decode
-from gen_cli.infer.sampling import SamplingConfig
+from gen_cli.infer.options import SamplingConfig
 from gen_cli.lab.profile import CLASSES, REST, ModuleTimer, StepProfile, bar_lines, module_class, profile_decode
 from gen_cli.model.transformer import random_model
 

@@ -13,7 +13,7 @@ from gen_cli.cache.spec import CacheSpec
 from gen_cli.cli import app
 from gen_cli.errors import GenError
 from gen_cli.infer.generate import continue_steps, generate, new_cache, prefill
-from gen_cli.infer.sampling import SamplingConfig
+from gen_cli.infer.options import SamplingConfig
 from gen_cli.model.transformer import Transformer
 from tests.conftest import tiny_config
 

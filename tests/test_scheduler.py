@@ -10,7 +10,7 @@ from conftest import tiny_config
 from gen_cli.cache.spec import CacheSpec
 from gen_cli.errors import UsageError
 from gen_cli.infer.generate import generate, new_cache
-from gen_cli.infer.sampling import SamplingConfig
+from gen_cli.infer.options import SamplingConfig
 from gen_cli.infer.scheduler import QueueFull, Request, Scheduler
 from gen_cli.model.transformer import random_model
 

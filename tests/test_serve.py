@@ -13,8 +13,8 @@ import urllib.request
 
 import pytest
 
-from gen_cli.infer.engine import EngineOptions, Preset, open_model
-from gen_cli.infer.sampling import SamplingConfig
+from gen_cli.infer.engine import open_model
+from gen_cli.infer.options import EngineOptions, Preset, SamplingConfig
 from gen_cli.infer.scheduler import Request
 from gen_cli.serve.server import BackgroundServer, ServeOptions, served
 from gen_cli.text.tokenizer import decode

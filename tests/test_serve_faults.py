@@ -13,7 +13,8 @@ import time
 
 import pytest
 
-from gen_cli.infer.engine import EngineOptions, Preset, open_model
+from gen_cli.infer.engine import open_model
+from gen_cli.infer.options import EngineOptions, Preset
 from gen_cli.serve.guard import Limits
 from gen_cli.serve.server import BackgroundServer, ServeOptions, served
 

@@ -21,8 +21,9 @@ from gen_cli.infer import proposers as pr
 from gen_cli.infer import speculative as sp
 from gen_cli.infer.generate import generate, new_cache
 from gen_cli.infer.optimize import optimize_for_decode
+from gen_cli.infer.options import SamplingConfig
 from gen_cli.infer.planner import Planner
-from gen_cli.infer.sampling import SamplingConfig, distribution
+from gen_cli.infer.sampling import distribution
 from gen_cli.model.transformer import Transformer
 
 GREEDY = SamplingConfig(temperature=0.0)
@@ -356,7 +357,8 @@ def test_generate_refuses_what_speculation_cannot_do(model_dir, extra, message):
 
 
 def test_the_lab_comparison_measures_both_sides_on_the_same_ids(model_dir):
-    from gen_cli.infer.engine import EngineOptions, open_model
+    from gen_cli.infer.engine import open_model
+    from gen_cli.infer.options import EngineOptions
     from gen_cli.lab.speculative_bench import compare
 
     engine = open_model(model_dir, EngineOptions(device="cpu"))

@@ -397,7 +397,7 @@ def bench_speculative_command(
         speculate = "ngram"
     if preset is not None and model_dir is not None:
         raise UsageError("give --model or --preset, not both")
-    from gen_cli.infer.engine import Preset as PresetShape
+    from gen_cli.infer.options import Preset as PresetShape
 
     source = PresetShape(preset) if preset is not None else model_dir
     r = bench(source, speculate, draft, prompt or DEFAULT_PROMPT, new_tokens, repeats, threads, temperature)

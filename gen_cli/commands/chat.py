@@ -202,8 +202,8 @@ def chat_command(
     /stats). --max-new-tokens counts per reply; --stats shows each reply's token counts and times.
     """
     from gen_cli.cache.spec import CacheSpec
-    from gen_cli.infer.engine import EngineOptions, open_model
-    from gen_cli.infer.sampling import SamplingConfig
+    from gen_cli.infer.engine import open_model
+    from gen_cli.infer.options import EngineOptions, SamplingConfig
 
     if max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")

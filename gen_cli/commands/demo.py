@@ -42,8 +42,8 @@ def demo_command(
     import torch
 
     from gen_cli.cache.spec import CacheSpec
-    from gen_cli.infer.engine import EngineOptions, open_model
-    from gen_cli.infer.sampling import SamplingConfig
+    from gen_cli.infer.engine import open_model
+    from gen_cli.infer.options import EngineOptions, SamplingConfig
     from gen_cli.model.info import parameter_count
     from gen_cli.runtime import LoadProbe, spread_verdict
 

@@ -35,7 +35,7 @@ def info_command(
 
     if target is not None and model is not None:
         raise UsageError("give the model once: gen info MODEL, or gen info --model MODEL")
-    from gen_cli.native.decoder import unsupported_properties
+    from gen_cli.native.abi import unsupported_properties
 
     config, source, details = config_for(str(model) if model is not None else target or str(default_model_dir()))
     lacking = unsupported_properties(config)

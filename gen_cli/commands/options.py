@@ -346,10 +346,10 @@ def check_model_path(path: Path, command: str) -> None:
 
 def kv_kinds_of(both: str | None, k: str | None, v: str | None) -> tuple[str | None, str | None] | None:
     """(K, V) cache kinds from --kv-dtype and --kv-dtype-k/-v (None: the compute dtype, unquantized)."""
-    from gen_cli.cache.kinds import KV_KINDS, parse_kv_kinds
-
     if both is None and k is None and v is None:
         return None
+    from gen_cli.cache.kinds import KV_KINDS, parse_kv_kinds  # torch: only when a kind is asked for
+
     if both is not None and (k is not None or v is not None):
         raise UsageError("give --kv-dtype for both, or --kv-dtype-k/--kv-dtype-v, not both forms")
     for flag, kind in (("--kv-dtype-k", k), ("--kv-dtype-v", v)):

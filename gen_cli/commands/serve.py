@@ -133,8 +133,9 @@ def serve_command(
 ) -> None:
     """Serve a model over HTTP as the OpenAI API does: /v1/completions, /v1/chat/completions, /v1/models."""
     from gen_cli.cache.spec import CacheSpec
-    from gen_cli.infer.engine import EngineOptions, open_model
-    from gen_cli.infer.engine import Preset as PresetSource
+    from gen_cli.infer.engine import open_model
+    from gen_cli.infer.options import EngineOptions
+    from gen_cli.infer.options import Preset as PresetSource
     from gen_cli.serve.server import ServeOptions, listen, served, uvicorn_server
 
     if model_dir is not None and preset is not None:

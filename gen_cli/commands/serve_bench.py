@@ -86,8 +86,9 @@ def bench_serve_command(
     itself; with --llama-server, also gen serve against llama-server over HTTP on the same GGUF file."""
     from rich.table import Table
 
-    from gen_cli.infer.engine import EngineOptions, open_model
-    from gen_cli.infer.engine import Preset as PresetSource
+    from gen_cli.infer.engine import open_model
+    from gen_cli.infer.options import EngineOptions
+    from gen_cli.infer.options import Preset as PresetSource
     from gen_cli.infer.scheduler import MODES
     from gen_cli.lab.batch_bench import batch_rates
     from gen_cli.lab.serve_bench import compare_modes, summary

@@ -79,7 +79,8 @@ def _stored(t: torch.Tensor, qtype: str) -> torch.Tensor:
     """A float tensor as stored: f32, f16, bf16 bits (int16) or block bytes (rows, row_bytes)."""
     import torch
 
-    from gen_cli.quant.blocks import BLOCK_TYPES, quantize
+    from gen_cli.quant.blocks import quantize
+    from gen_cli.quant.formats import BLOCK_TYPES
 
     if not t.is_floating_point():
         return t  # block bytes already
@@ -93,7 +94,7 @@ def gguf_layout(model: Transformer, arch: str, kind: str = "f32") -> list[Slot]:
     import torch
 
     from gen_cli.model.transformer import expected_shapes
-    from gen_cli.quant.blocks import BLOCK_TYPES, row_bytes
+    from gen_cli.quant.formats import BLOCK_TYPES, row_bytes
 
     config = model.config
     blocks = held_blocks(model) if kind in BLOCK_TYPES else {}
@@ -128,7 +129,7 @@ def gguf_tensors(
     import numpy as np
 
     from gen_cli.model.transformer import expected_shapes
-    from gen_cli.quant.blocks import BLOCK_TYPES
+    from gen_cli.quant.formats import BLOCK_TYPES
 
     config = model.config
     blocks = held_blocks(model) if kind in BLOCK_TYPES else {}
@@ -222,7 +223,7 @@ def _qtype(gen_name: str, t: torch.Tensor, kind: str) -> str:
     """The type a float tensor is stored in: norms, biases, position embeddings and RoPE factors stay f32 (as
     llama.cpp's converter keeps them); a block type needs rows of whole blocks (q4_k falls back to q4_0, as
     `--quantize` does), else f16."""
-    from gen_cli.quant.blocks import BLOCK_TYPES, block_type_for
+    from gen_cli.quant.formats import BLOCK_TYPES, block_type_for
 
     if kind == "f32" or t.dim() != 2 or gen_name == "pos_emb.weight":
         return "f32"
@@ -252,7 +253,7 @@ def export_gguf(
     out_file = Path(out_file)
     config = model.config
     arch = GGUF_ARCH[family(config, "gguf")]
-    from gen_cli.quant.blocks import BLOCK_TYPES
+    from gen_cli.quant.formats import BLOCK_TYPES
 
     if type not in GGUF_TYPES and type not in BLOCK_TYPES:  # q4_1/q5_x/q6_k: a loaded model's blocks
         raise UsageError(f"type {type!r} is not a GGUF type gen writes; choose {', '.join(GGUF_TYPES)}",

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gen_cli.model.info import matrix_class
-from gen_cli.quant.blocks import BLOCK_TYPES, can_interleave, most_precise, row_bytes
+from gen_cli.quant.formats import BLOCK_TYPES, can_interleave, most_precise, row_bytes
 
 FLOAT_TYPES = ("F32", "F16", "BF16")
 BLOCK_NAMES = {name.upper(): name for name in BLOCK_TYPES}  # GGML's spelling → ours

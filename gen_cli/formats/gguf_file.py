@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     import torch
 
     from gen_cli.formats.loaded import Loaded
+    from gen_cli.text.conventions import TextConventions
 
 ARCHITECTURES = ("llama", "qwen2", "qwen3", "gpt2")
 PERMUTED_QK = ("llama",)  # written with llama.cpp's interleaved RoPE layout (qwen2/3 use NEOX = rotate-half)
@@ -83,7 +84,7 @@ def _arch(f: GGUFFile) -> str:
     return arch
 
 
-def _config(f: GGUFFile) -> tuple[ModelConfig, str]:
+def gguf_config(f: GGUFFile) -> tuple[ModelConfig, str]:
     arch = _arch(f)
     check(f.get, metadata_schema(arch), str(f.path), "metadata ")
     a = arch + "."
@@ -203,7 +204,7 @@ def _unpermute_heads(out: torch.Tensor, rows: torch.Tensor, unit: int) -> None:
 
 def _refuse_chunk(f: GGUFFile, name: str, qtype: str | None, chunk: torch.Tensor) -> None:
     """_refuse_non_finite on rows of tensor `name` as copied (blocks checked as numpy bytes)."""
-    _refuse_non_finite(f, name, chunk if qtype is None else chunk.numpy(), qtype)
+    refuse_non_finite(f, name, chunk if qtype is None else chunk.numpy(), qtype)
 
 
 def _dequantizable(kind: int) -> bool:
@@ -213,14 +214,14 @@ def _dequantizable(kind: int) -> bool:
     return gguf.GGMLQuantizationType(int(kind)) in gguf.quants._type_traits
 
 
-def _refuse_non_finite(f: GGUFFile, name: str, data: Any, qtype: str | None = None) -> None:
+def refuse_non_finite(f: GGUFFile, name: str, data: Any, qtype: str | None = None) -> None:
     """Refuse a tensor holding NaN or Inf as it is read: floats checked whole, in-place blocks by the exponent
     bits of their fp16 scales only (one strided pass over those bytes, vectorised)."""
 
     if qtype is None:
         finite = all_finite(data)
     else:
-        from gen_cli.quant.blocks import BLOCK_TYPES
+        from gen_cli.quant.formats import BLOCK_TYPES
 
         per_block = data.reshape(-1, BLOCK_TYPES[qtype].nbytes)  # (n_blocks, nbytes) uint8, still a view
         # fp16 is little-endian: the high byte holds the 5 exponent bits as 0x7C; all set = Inf or NaN
@@ -257,7 +258,7 @@ def _arena_shapes(
     pages.arena_slots: floats (rows, cols) in `dtype`, blocks (rows, row_bytes) uint8."""
     import torch
 
-    from gen_cli.quant.blocks import BLOCK_TYPES
+    from gen_cli.quant.formats import BLOCK_TYPES
 
     shapes: dict[str, list[tuple[tuple[int, ...], torch.dtype]]] = {}
     for held in helds:
@@ -317,15 +318,15 @@ def load_gguf_weights(
                 parts.append(f.torch_view(n) if f.type_name(n) in FLOAT_TYPES else torch.from_numpy(f.array(n)))
                 unchecked[i] = places is not None and f.type_name(n) in FLOAT_TYPES
                 if not unchecked[i]:
-                    _refuse_non_finite(f, n, parts[-1])
+                    refuse_non_finite(f, n, parts[-1])
             elif BLOCK_NAMES.get(f.type_name(n)) == qtype:
                 parts.append(f.torch_view(n))  # the file's bytes in place: (rows, row_bytes), never a float copy
                 unchecked[i] = places is not None
                 if not unchecked[i]:
-                    _refuse_non_finite(f, n, f.view(n), qtype)
+                    refuse_non_finite(f, n, f.view(n), qtype)
             else:  # another type: through float32 one tensor at a time, into the type this part is held in
                 floats = torch.from_numpy(f.array(n)).float()
-                _refuse_non_finite(f, n, floats)
+                refuse_non_finite(f, n, floats)
                 parts.append(quantize(floats, qtype))
                 del floats
                 copied[f"{f.type_name(n)} re-quantized to {qtype}"] += parts[-1].nbytes
@@ -402,7 +403,7 @@ def _repack_chunk(
 def read_gguf_config(path: Path) -> tuple[ModelConfig, dict[str, Any]]:
     """The config and descriptive details (architecture, tensor types, tokenizer) of a GGUF file; no weights read."""
     f = GGUFFile(path)
-    config, arch = _config(f)
+    config, arch = gguf_config(f)
     check_tensors(f, config, arch)
     return config, _details(f, arch, config)
 
@@ -434,7 +435,6 @@ def load_gguf(
 ) -> Loaded:
     """Load a .gguf file (`opened`: its header already read) and rebuild its tokenizer from the metadata;
     `arena`: the streamed matrices written once into 2 MB pages (load_gguf_weights)."""
-    from gen_cli.formats.gguf_tokenizer import tokenizer_from_gguf
     from gen_cli.formats.loaded import Loaded
     from gen_cli.memory import check_tables_fit
     from gen_cli.model.transformer import model_from_tensors
@@ -442,13 +442,9 @@ def load_gguf(
     from gen_cli.quant.block_stack import BlockStack
 
     f = opened if opened is not None else GGUFFile(path)
-    config, arch = _config(f)
+    config, arch = gguf_config(f)
     check_tables_fit(config, str(path))
-    tok, stop_ids, add_bos = tokenizer_from_gguf(f.get, str(path))
-    if tok.get_vocab_size() > config.vocab_size:
-        raise GenError(
-            f"{path}: the tokenizer has {tok.get_vocab_size()} tokens but the embedding has {config.vocab_size} rows"
-        )
+    text = text_conventions(f, config)
     tensors, blocks, helds, copied, interleaved = load_gguf_weights(f, config, arch, dtype, arena)
     in_dims = {name: shape[1] for name, shape in _expected_shapes(config).items() if name in blocks}
     whole = frozenset(name for name, run in interleaved if isinstance(blocks[name], tuple))
@@ -465,6 +461,23 @@ def load_gguf(
     details["copied at load"] = copied  # bytes by reason; every other weight is a view of the file's map
     notes = [f"{line} (GGUF types gen has no kernel for)"
              for line in summary_lines(details["matrices"]) if "re-quantized" in line]  # fmt: skip
+    return Loaded(model, text.tokenizer, str(path), notes, stop_ids=text.stop_ids,
+                  add_special_tokens=text.add_special_tokens, details=details, chat_template=text.chat_template,
+                  special_tokens=text.special_tokens, bos_id=text.bos_id)  # fmt: skip
+
+
+def text_conventions(f: GGUFFile, config: ModelConfig) -> TextConventions:
+    """The file's tokenizer rebuilt from its metadata, its BOS and end-of-turn ids, chat template and special
+    tokens (no torch: the torch-free path reads them too)."""
+    from gen_cli.formats.gguf_tokenizer import tokenizer_from_gguf
+    from gen_cli.text.conventions import TextConventions
+
+    path = f.path
+    tok, stop_ids, add_bos = tokenizer_from_gguf(f.get, str(path))
+    if tok.get_vocab_size() > config.vocab_size:
+        raise GenError(
+            f"{path}: the tokenizer has {tok.get_vocab_size()} tokens but the embedding has {config.vocab_size} rows"
+        )
     specials = {}
     for key in ("bos", "eos", "unknown", "padding"):
         i = f.get(f"tokenizer.ggml.{key}_token_id")
@@ -472,6 +485,5 @@ def load_gguf(
             specials[{"unknown": "unk", "padding": "pad"}.get(key, key) + "_token"] = tok.id_to_token(i)
     template = f.get("tokenizer.chat_template")
     bos = f.get("tokenizer.ggml.bos_token_id")
-    return Loaded(model, tok, str(path), notes, stop_ids=stop_ids, add_special_tokens=add_bos, details=details,
-                  chat_template=template if isinstance(template, str) else None, special_tokens=specials,
-                  bos_id=bos if isinstance(bos, int) else None)  # fmt: skip
+    return TextConventions(tok, str(path), stop_ids, bos if isinstance(bos, int) else None, add_bos,
+                           template if isinstance(template, str) else None, specials)  # fmt: skip

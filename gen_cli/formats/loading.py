@@ -202,10 +202,10 @@ def _check_fits(path: Path, kind: str) -> tuple[ModelConfig, Any]:
         config = config_from_hf(read_json_object(path / "config.json"), str(path / "config.json"))[0]
         opened = None
     else:
-        from gen_cli.formats.gguf_file import GGUFFile, _config
+        from gen_cli.formats.gguf_file import GGUFFile, gguf_config
 
         opened = GGUFFile(path)
-        config = _config(opened)[0]
+        config = gguf_config(opened)[0]
     check_load_fits(path, config)
     return config, opened
 

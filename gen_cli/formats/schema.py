@@ -151,13 +151,17 @@ def all_finite(data: Any, chunk_bytes: int = 1 << 20) -> bool:
     """No NaN or Inf in the float tensor (or numpy array) `data`: no element with every exponent bit set,
     checked a chunk at a time by numpy on the bits (one thread, small temporaries, any float type)."""
     import numpy as np
-    import torch
 
-    t = torch.from_numpy(data) if not isinstance(data, torch.Tensor) else data
-    size = t.element_size()
-    bits, exponent = {2: (torch.int16, 0x7C00 if t.dtype == torch.float16 else 0x7F80), 4: (torch.int32, 0x7F800000),
-                      8: (torch.int64, 0x7FF0000000000000)}[size]  # fmt: skip
-    flat = t.contiguous().view(bits).numpy().reshape(-1)  # the same memory for the contiguous tensors loaders read
+    if isinstance(data, np.ndarray):  # no torch needed (the torch-free path checks the file's floats)
+        flat, half = np.ascontiguousarray(data).reshape(-1), data.dtype == np.float16
+    else:  # a torch tensor: its bits (bf16 has no numpy dtype)
+        import torch
+
+        bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[data.element_size()]
+        flat, half = data.contiguous().view(bits).numpy().reshape(-1), data.dtype == torch.float16
+    size = flat.itemsize
+    exponent = {2: 0x7C00 if half else 0x7F80, 4: 0x7F800000, 8: 0x7FF0000000000000}[size]
+    flat = flat.view({2: np.int16, 4: np.int32, 8: np.int64}[size])  # the same memory, as integers
     step = max(1, chunk_bytes // size)
     for i in range(0, flat.size, step):
         chunk = flat[i : i + step]

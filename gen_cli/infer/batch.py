@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from gen_cli.cache.window import Cache
 from gen_cli.errors import UsageError
 from gen_cli.infer.generate import decode_step
-from gen_cli.infer.sampling import SamplingConfig, sample_next
+from gen_cli.infer.options import SamplingConfig
+from gen_cli.infer.sampling import sample_next
 from gen_cli.model.attention import attend
 from gen_cli.model.transformer import RELATIVE, Transformer, check_context
 from gen_cli.native.decoder import MAX_BATCH, NativeDecoder

@@ -30,41 +30,16 @@ from gen_cli.infer.optimize import (
     decode_arena,
     optimize_for_decode,
 )
-from gen_cli.infer.sampling import SamplingConfig
+from gen_cli.infer.options import EngineOptions, Preset, SamplingConfig
 from gen_cli.model.transformer import Transformer, set_attention_impl
-from gen_cli.text.tokenizer import EOT, encode, special_id
+from gen_cli.text.conventions import TextConventions, check_utf8
+from gen_cli.text.tokenizer import EOT, special_id
 
 if TYPE_CHECKING:
     from gen_cli.cache.linear import KVCache
     from gen_cli.cache.window import WindowKVCache
     from gen_cli.infer.session import ChatSession
     from gen_cli.infer.speculative import Speculation
-
-
-@dataclass(frozen=True)
-class Preset:
-    """Random weights of a preset shape (tiny, small, base), its attention and positions changed as asked."""
-
-    name: str
-    tokenizer: Path | None = None  # default: the shipped model's, or the one `gen train-tokenizer` wrote
-    attention: str | None = None
-    kv_heads: int | None = None
-    pos: str | None = None
-
-
-@dataclass(frozen=True)
-class EngineOptions:
-    """How to run a model: where, in what dtype, with which weights and decode path (run-time choices only)."""
-
-    device: str = "auto"
-    dtype: str | None = None  # None: as stored (gen's models fp32; quantize may pick); `auto`: bf16 on CUDA
-    threads: int | None = None
-    quantize: str = "none"  # none, int8, q8_0, q4_0, q4_k
-    native: bool = True  # gen's C decode step where the model and machine allow it
-    compile: bool = False  # torch.compile instead of the native step
-    rope_scaling: str | None = None  # e.g. `yarn:4`: the context grows to factor × the trained one
-    attn_impl: str = "fused"  # PyTorch's forwards (prefill, decode off the native step): fused SDPA or eager
-    act: str | None = None  # block weights' activations: int8, bf16 or fp32 (None: ACT_DEFAULT, native/abi.py)
 
 
 @dataclass
@@ -86,30 +61,19 @@ class Engine:
     load_s: float = 0.0  # reading the weights (not the layout): part of the time to first token
     load_peak_bytes: int = 0
 
+    @property
+    def text(self) -> TextConventions:
+        """The model's text rules (tokenizer, BOS, stop ids, chat template), as the torch-free path holds them."""
+        return TextConventions(self.tokenizer, self.source, self.stop_ids, self.bos_id, self.add_special_tokens,
+                               self.chat_template, self.special_tokens)  # fmt: skip
+
     def encode(self, text: str) -> list[int]:
-        """A prompt's ids as the model reads them (its BOS rules); an empty text is the BOS alone, refused when
-        the model declares none (generating from nothing would continue an arbitrary token)."""
-        _check_utf8(text, "the prompt")
-        special = self.add_special_tokens
-        ids = self.tokenizer.encode(text, add_special_tokens=True).ids if special else encode(self.tokenizer, text)
-        if text:
-            return ids
-        bos = [self.bos_id] if self.bos_id is not None else ids  # else what the tokenizer adds itself, if any
-        if not bos:
-            raise UsageError(f"the prompt is empty and {self.source} has no BOS token to start from; give text")
-        return bos
+        """A prompt's ids as the model reads them (TextConventions.encode)."""
+        return self.text.encode(text)
 
     def chat_ids(self, message: str, system: str | None = None) -> list[int]:
         """The ids of a one-turn conversation rendered by the model's chat template, ready for its reply."""
-        from gen_cli.text.chat import conversation, encode_rendered, render_chat
-
-        if self.chat_template is None:
-            raise UsageError(f"{self.source} has no chat template; give the text as a prompt to continue instead")
-        _check_utf8(message, "the message")
-        _check_utf8(system or "", "the system message")
-        rendered = render_chat(self.chat_template, conversation(message, system), special_tokens=self.special_tokens,
-                               source=f"{self.source}: chat template")  # fmt: skip
-        return encode_rendered(self.tokenizer, rendered, self.model.config.context_length)
+        return self.text.chat_ids(message, system, self.model.config.context_length)
 
     def new_cache(
         self, spec: CacheSpec, prompt_len: int, max_new_tokens: int, batch: int = 1
@@ -172,7 +136,7 @@ class Engine:
 
         if self.chat_template is None:
             raise UsageError(f"{self.source} has no chat template, so it cannot chat; continue text instead")
-        _check_utf8(system or "", "the system message")
+        check_utf8(system or "", "the system message")
         return ChatSession(
             self.model, self.tokenizer, self.chat_template, special_tokens=self.special_tokens,
             stop_ids=self.stop_ids, system=system, context_tokens=context_tokens,
@@ -191,14 +155,6 @@ class Engine:
         if not self.options.native or self.options.compile or self.model.native_decoder is not None:
             return ""
         return unavailable_reason(self.model) or ""
-
-
-def _check_utf8(text: str, what: str) -> None:
-    """Refuse text holding lone surrogates (undecodable command-line bytes): the tokenizer cannot encode them."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise UsageError(f"{what} is not valid UTF-8 (at character {e.start})") from None
 
 
 def run_dtype(options: EngineOptions, device: torch.device) -> torch.dtype | None:

@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Collection, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from time import perf_counter
-from typing import Any
 
 import torch
 
 from gen_cli.cache.spec import CacheSpec
 from gen_cli.cache.window import Cache
 from gen_cli.errors import InternalError, UsageError
-from gen_cli.infer.sampling import SamplingConfig, sample_next
-from gen_cli.model.config import ModelConfig
+from gen_cli.infer.options import SamplingConfig, check_lengths
+from gen_cli.infer.sampling import sample_next
+from gen_cli.infer.stats import GenerationStats
 from gen_cli.model.transformer import Transformer
 from gen_cli.runtime import LoadProbe, PeakMemory, dtype_name, synchronize
 
@@ -48,29 +48,6 @@ def decode_step(model: Transformer, token: torch.Tensor, cache: Cache) -> torch.
 def full_forward(model: Transformer, ids: torch.Tensor) -> torch.Tensor:
     """The whole sequence (B, T) without a cache; logits (B, V) for the last position: the oracle's step."""
     return model(ids, last_only=True)[:, -1]
-
-
-def check_lengths(config: ModelConfig, prompt_len: int, max_new_tokens: int, spec: CacheSpec | None = None) -> None:
-    """Refuse a prompt plus continuation that would not fit the model's context (a window cache of a RoPE
-    or ALiBi model has no such limit: it re-assigns positions within itself)."""
-    limit = config.context_length
-    if prompt_len < 1:
-        raise UsageError("the prompt is empty; generation needs at least one token to start from")
-    if max_new_tokens < 0:
-        raise UsageError(f"max_new_tokens must be ≥ 0, got {max_new_tokens}", params=("max_new_tokens",))
-    if spec is not None and spec.unbounded(config):
-        return
-    if prompt_len >= limit:
-        raise UsageError(
-            f"the prompt is {prompt_len} tokens but the model's context length is {limit} tokens; "
-            f"shorten it to at most {limit - 1} tokens"
-        )
-    if prompt_len + max_new_tokens > limit:
-        raise UsageError(
-            f"prompt ({prompt_len} tokens) + max_new_tokens {max_new_tokens} exceeds the context length "
-            f"of {limit} tokens; use max_new_tokens {limit - prompt_len} or less",
-            params=("max_new_tokens",),
-        )
 
 
 StopIds = int | Collection[int] | None  # one end-of-sequence id, several (every end-of-turn id), or none
@@ -292,47 +269,6 @@ def _steps(
         logits = (
             full_forward(model, ids[:, :cur]) if cache is None else decode_step(model, ids[:, cur - 1 : cur], cache)
         )
-
-
-@dataclass
-class GenerationStats:
-    """What one generation measured. Rates count every row; ms_per_token is per decode step."""
-
-    prompt_tokens: int
-    new_tokens: int
-    ttft_s: float
-    prefill_tokens_per_s: float
-    decode_tokens_per_s: float | None
-    ms_per_token: float | None
-    kv_cache_bytes: int
-    kv_cache_bytes_analytic: int
-    peak_memory_bytes: int
-    memory_method: str
-    device: str
-    dtype: str
-    threads: int
-    batch: int
-    decode_path: str  # "native" (gen's C step) or "torch"
-    kv_dtype_k: str = ""  # how the cache stores K and V ("" without a cache)
-    kv_dtype_v: str = ""
-    kv_window: int = 0  # a window cache's recent slots (0: the cache holds every position)
-    kv_sinks: int = 0
-    decode_path_reason: str = ""  # why the native step did not decode, when one was attached
-    machine_load: dict[str, Any] = field(default_factory=dict)  # MachineLoad.to_dict() over the run
-    reused_prompt_tokens: int = 0  # prompt tokens whose k/v came from a prompt-cache file, not prefilled
-    per_token_latencies: list[float] = field(default_factory=list)
-    speculation: dict[str, Any] = field(default_factory=dict)  # SpeculationStats.to_dict() when it speculated
-    native_threads: dict[str, Any] = field(default_factory=dict)  # ThreadGovernor.report(): threads per step, why
-
-    def to_dict(self, latencies: bool = False) -> dict[str, Any]:
-        data = asdict(self)
-        if not latencies:
-            data.pop("per_token_latencies")
-        if not self.speculation:
-            data.pop("speculation")
-        if not self.native_threads:
-            data.pop("native_threads")
-        return data
 
 
 @dataclass

@@ -15,13 +15,13 @@ import torch
 from torch import nn
 
 from gen_cli.errors import UsageError
-from gen_cli.infer.sampling import SamplingConfig
+from gen_cli.infer.options import SamplingConfig
 from gen_cli.model.config import ModelConfig
 from gen_cli.model.transformer import Transformer
 from gen_cli.pages import PageReleaser, join_rows
 from gen_cli.quant.block_linear import BlockLinear, as_block_linear
 from gen_cli.quant.block_stack import stack_rows
-from gen_cli.quant.blocks import block_type_for
+from gen_cli.quant.formats import block_type_for
 from gen_cli.quant.linear import Int8Linear, OneDNNLinear, onednn_applies
 
 # int8: one scale per output row (gen's own, PyTorch's int8 kernel); q8_0 / q4_0 / q4_k: GGML's block
@@ -143,8 +143,8 @@ def decode_arena(
         return None
 
     def streams(config: ModelConfig) -> bool:
+        from gen_cli.native.abi import unsupported_properties
         from gen_cli.native.build import native_status
-        from gen_cli.native.decoder import unsupported_properties
 
         return not unsupported_properties(config) and native_status() == "ready"
 

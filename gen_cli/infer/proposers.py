@@ -13,13 +13,15 @@ from gen_cli.cache.window import Cache
 from gen_cli.errors import UsageError
 from gen_cli.infer.batch import native_rows
 from gen_cli.infer.generate import decode_step, new_cache, prefill
-from gen_cli.infer.sampling import SamplingConfig, distribution
+from gen_cli.infer.options import SamplingConfig
+from gen_cli.infer.sampling import distribution
 from gen_cli.infer.speculative import Proposer, Speculation, plain_greedy
 from gen_cli.model.transformer import Transformer
 from gen_cli.native.decoder import MAX_BATCH
 
 if TYPE_CHECKING:
-    from gen_cli.infer.engine import Engine, Preset
+    from gen_cli.infer.engine import Engine
+    from gen_cli.infer.options import Preset
 
 
 class NgramProposer:

@@ -6,45 +6,9 @@ torch.Generator, so the same seed gives the same tokens.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
 
-from gen_cli.errors import UsageError
-
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    """How to pick the next token; validated on construction (temperature 0 = greedy argmax)."""
-
-    temperature: float = 0.8
-    top_k: int | None = None
-    top_p: float | None = None
-    min_p: float | None = None
-    repetition_penalty: float = 1.0
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.temperature < math.inf:  # also rejects NaN
-            raise UsageError(
-                f"temperature must be a finite number ≥ 0 (0 = greedy), got {self.temperature}",
-                params=("temperature",),
-            )
-        if self.top_k is not None and self.top_k < 1:
-            raise UsageError(f"top_k must be at least 1, got {self.top_k}", params=("top_k",))
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise UsageError(f"top_p must be in (0, 1], got {self.top_p}", params=("top_p",))
-        if self.min_p is not None and not 0 <= self.min_p <= 1:
-            raise UsageError(f"min_p must be in [0, 1], got {self.min_p}", params=("min_p",))
-        if not 0 < self.repetition_penalty < math.inf:
-            raise UsageError(
-                f"repetition_penalty must be a finite number > 0 (1 = off), got {self.repetition_penalty}",
-                params=("repetition_penalty",),
-            )
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
+from gen_cli.infer.options import SamplingConfig
 
 
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -31,8 +31,8 @@ from gen_cli.cache.paged import BLOCK_TOKENS, BlockPool, PagedSequence, blocks_f
 from gen_cli.cache.spec import CacheSpec
 from gen_cli.errors import GenError, UsageError
 from gen_cli.infer.batch import Row, batched_step, native_rows, pick, prefill_chunk
-from gen_cli.infer.generate import check_lengths, model_dtype, new_cache
-from gen_cli.infer.sampling import SamplingConfig
+from gen_cli.infer.generate import model_dtype, new_cache
+from gen_cli.infer.options import SamplingConfig, check_lengths
 from gen_cli.model.transformer import Transformer
 from gen_cli.native.decoder import MAX_BATCH
 from gen_cli.text.stream import TextStream

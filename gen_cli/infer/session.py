@@ -20,7 +20,7 @@ from gen_cli.cache.spec import CacheSpec
 from gen_cli.cache.window import Cache
 from gen_cli.errors import GenError, UsageError
 from gen_cli.infer.generate import continue_steps, model_dtype, prefill
-from gen_cli.infer.sampling import SamplingConfig
+from gen_cli.infer.options import SamplingConfig
 from gen_cli.model.transformer import Transformer
 from gen_cli.runtime import synchronize
 from gen_cli.text.chat import encode_rendered, render_chat

@@ -30,8 +30,9 @@ from gen_cli.infer.generate import (
     prefill,
     stop_id_tuple,
 )
+from gen_cli.infer.options import SamplingConfig
 from gen_cli.infer.planner import Planner
-from gen_cli.infer.sampling import SamplingConfig, distribution
+from gen_cli.infer.sampling import distribution
 from gen_cli.model.transformer import Transformer
 from gen_cli.runtime import LoadProbe, PeakMemory, synchronize
 

@@ -93,8 +93,8 @@ def measure(
     """Each value of the axis on `source`'s weights, interleaved; {"env": …, "rows": […]} with `off` first."""
     import torch
 
-    from gen_cli.infer.engine import EngineOptions, open_model
-    from gen_cli.infer.sampling import SamplingConfig
+    from gen_cli.infer.engine import open_model
+    from gen_cli.infer.options import EngineOptions, SamplingConfig
 
     if repeats < 1 or warmup < 0:
         raise UsageError("repeats must be at least 1 and warmup not negative", params=("repeats", "warmup"))
@@ -197,7 +197,7 @@ def render(result: dict[str, Any], fmt: str) -> str:
 
 def default_source(preset: str | None, model_dir: Path | None) -> Any:
     """What the axis runs on: --model's weights, a preset's random weights, or the shipped model."""
-    from gen_cli.infer.engine import Preset
+    from gen_cli.infer.options import Preset
     from gen_cli.resources import default_model_dir
 
     if model_dir is not None and preset is not None:

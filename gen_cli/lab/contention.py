@@ -56,7 +56,7 @@ class ContentionRow:
 
 
 def _source(model: str | None, shape: str | None) -> Any:
-    from gen_cli.infer.engine import Preset
+    from gen_cli.infer.options import Preset
 
     return Preset(shape) if shape else Path(model) if model else None
 
@@ -65,9 +65,9 @@ def _worker(model: str, shape: str, tokens: int) -> None:
     """Read {"threads", "native"} requests on stdin; answer each with one timed generation's tok/s."""
     import torch
 
-    from gen_cli.infer.engine import EngineOptions, open_model
+    from gen_cli.infer.engine import open_model
     from gen_cli.infer.generate import run_generation
-    from gen_cli.infer.sampling import SamplingConfig
+    from gen_cli.infer.options import EngineOptions, SamplingConfig
     from gen_cli.runtime import LoadProbe, set_threads
 
     default_threads = torch.get_num_threads()

@@ -19,7 +19,7 @@ import torch
 from gen_cli.formats.checkpoint import load_model, save_model
 from gen_cli.infer.generate import run_generation
 from gen_cli.infer.optimize import optimize_for_decode
-from gen_cli.infer.sampling import SamplingConfig
+from gen_cli.infer.options import SamplingConfig
 from gen_cli.model.convert import pool_kv_heads
 from gen_cli.model.transformer import Transformer
 from gen_cli.text.corpus import Corpus

@@ -16,9 +16,9 @@ from typing import Any, NamedTuple
 import torch
 
 from gen_cli.errors import UsageError
-from gen_cli.infer.engine import EngineOptions, decode_layout
+from gen_cli.infer.engine import decode_layout
 from gen_cli.infer.generate import greedy_steps, model_dtype, new_cache, run_generation
-from gen_cli.infer.sampling import SamplingConfig
+from gen_cli.infer.options import EngineOptions, SamplingConfig
 from gen_cli.lab.ceilings import (
     kv_bytes_read,
     measure_bandwidth,

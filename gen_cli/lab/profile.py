@@ -20,7 +20,8 @@ from torch import nn
 
 import gen_cli.model.transformer as transformer_module
 from gen_cli.infer.generate import decode_step, new_cache, prefill
-from gen_cli.infer.sampling import SamplingConfig, sample_next
+from gen_cli.infer.options import SamplingConfig
+from gen_cli.infer.sampling import sample_next
 from gen_cli.model.transformer import MLP, Attention, Transformer
 from gen_cli.runtime import synchronize
 

@@ -12,9 +12,9 @@ from typing import Any
 import torch
 
 from gen_cli.cache.spec import CacheSpec
-from gen_cli.infer.engine import Engine, Preset
+from gen_cli.infer.engine import Engine
 from gen_cli.infer.generate import decode_step, prefill
-from gen_cli.infer.sampling import SamplingConfig
+from gen_cli.infer.options import Preset, SamplingConfig
 from gen_cli.infer.speculative import Speculation, verify_forward
 
 # An input-grounded task for the shipped model (trained on Python's documentation): a passage, then its start
@@ -112,7 +112,8 @@ def bench(
 ) -> dict[str, Any]:
     """`compare` on a model (a path, a preset's random weights, None: the shipped one) with the speculation
     the flags name; the figures and what ran."""
-    from gen_cli.infer.engine import EngineOptions, open_model
+    from gen_cli.infer.engine import open_model
+    from gen_cli.infer.options import EngineOptions
     from gen_cli.infer.proposers import speculation_for
 
     engine = open_model(model, EngineOptions(threads=threads))

@@ -95,7 +95,7 @@ def measure(spec: Spec) -> dict[str, Any]:
     from gen_cli.cache.spec import CacheSpec
     from gen_cli.infer.generate import run_generation
     from gen_cli.infer.optimize import compute_dtype, optimize_for_decode
-    from gen_cli.infer.sampling import SamplingConfig
+    from gen_cli.infer.options import SamplingConfig
     from gen_cli.model.transformer import random_model, set_attention_impl
     from gen_cli.runtime import LoadProbe, resolve_device, resolve_dtype, set_threads
 

@@ -45,8 +45,35 @@ def _repeat_layer(entries: dict[str, Any], n_layer: int) -> dict[str, tuple[int,
 
 
 def state_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every state_dict entry's shape for this config, nothing allocated."""
-    return _repeat_layer(_one_layer(config).state_dict(), config.n_layer)
+    """Every state_dict entry's shape for this config, in state_dict order, from the config alone: no torch, so a
+    file's header is checked without it (tests compare it with a model built on the meta device)."""
+    c, d, hd = config, config.d_model, config.head_dim
+    shapes: dict[str, tuple[int, ...]] = {"tok_emb.weight": (c.vocab_size, d)}
+
+    def add(name: str, shape: tuple[int, ...], bias: bool) -> None:
+        shapes[name + ".weight"] = shape
+        if bias:
+            shapes[name + ".bias"] = shape[:1]
+
+    if c.pos_encoding == "learned":
+        shapes["pos_emb.weight"] = (c.context_length, d)
+    layernorm, w3 = c.norm == "layernorm", c.mlp == "swiglu"
+    for i in range(c.n_layer):
+        at = f"layers.{i}."
+        add(at + "attn_norm", (d,), layernorm)
+        add(at + "attn.wqkv", ((c.n_head + 2 * c.n_kv_head) * hd, d), c.qkv_bias)
+        add(at + "attn.wo", (d, c.n_head * hd), c.attn_out_bias)
+        if c.qk_norm:
+            add(at + "attn.q_norm", (hd,), False)
+            add(at + "attn.k_norm", (hd,), False)
+        add(at + "mlp_norm", (d,), layernorm)
+        add(at + "mlp.w1", (c.d_ff, d), c.mlp_bias)
+        if w3:
+            add(at + "mlp.w3", (c.d_ff, d), c.mlp_bias)
+        add(at + "mlp.w2", (d, c.d_ff), c.mlp_bias)
+    add("norm", (d,), layernorm)
+    shapes["lm_head.weight"] = (c.vocab_size, d)
+    return shapes
 
 
 def parameter_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:

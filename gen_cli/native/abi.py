@@ -9,8 +9,12 @@ with these mirrors before any struct is filled, so a field or a value changed on
 from __future__ import annotations
 
 import ctypes
+from typing import TYPE_CHECKING
 
 from gen_cli.errors import InternalError
+
+if TYPE_CHECKING:
+    from gen_cli.model.config import ModelConfig
 
 ABI_VERSION = 10  # GEN_ABI_VERSION in abi.h
 
@@ -23,6 +27,9 @@ MATRIX_TYPES = {
 ACT_MODES = {"int8": 0, "bf16": 1, "fp32": 2}
 # The precision block weights run in unless asked otherwise: chosen by measurement (docs/quantization.md).
 ACT_DEFAULT = "int8"
+# Rows one step takes: each weight row block is reused from L1 by every row, so the weights are read once
+# per step for all of them (the scratch is sized for the rows; beyond this, prompts are GEMMs, PyTorch's).
+MAX_BATCH = 64
 # Model.profile's slots (abi.h's P_*): where a step's time goes, in the order the step accumulates them.
 PROFILE_KEYS = ("embed", "norm", "qkv", "rope", "attention", "attn_out", "mlp_in", "mlp_act", "mlp_out", "lm_head")
 
@@ -118,6 +125,34 @@ class Model(ctypes.Structure):
         ("max_blocks", ctypes.c_int64),
         ("pool_blocks", ctypes.c_int64),
     ]
+
+
+def unsupported_properties(config: ModelConfig) -> list[str]:
+    """The model properties `decode.c` does not implement (imported architectures), as phrases."""
+    found = []
+    if config.head_dim * config.n_head != config.d_model:
+        found.append(f"head size {config.head_dim} × {config.n_head} heads ≠ d_model {config.d_model}")
+    found += [name for name in ("qkv_bias", "attn_out_bias", "mlp_bias", "qk_norm") if getattr(config, name)]
+    if config.mlp != "swiglu":
+        found.append(f"a {config.mlp} MLP")
+    if config.pos_encoding == "alibi":
+        found.append("ALiBi positions (PyTorch decodes them)")
+    # Any RoPE scaling is fine: the kernel rotates by the model's own tables, which carry the scaling (and
+    # YaRN's temperature), so a scaled model decodes natively like a plain one.
+    return found
+
+
+def scratch_shapes(config: ModelConfig, batch: int, tokens: int) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Model's scratch fields for `batch` rows attending over up to `tokens` positions: name → (shape, dtype name)."""
+    c, width = config, max(config.d_model, config.d_ff)
+    shapes = {
+        "x": (batch, c.d_model), "h": (batch, width), "qkv": (batch, (c.n_head + 2 * c.n_kv_head) * c.head_dim),
+        "att": (batch, c.d_model), "ff": (batch, 2 * c.d_ff), "scores": (batch, c.n_head, tokens),
+        "xq": (batch, width), "xscale": (batch,),
+        "aq": (batch, width), "ad": (batch, -(-width // 32)), "asum": (batch, -(-width // 16)),
+    }  # fmt: skip
+    dtypes = {"xq": "int16", "aq": "int8", "asum": "int16"}
+    return {name: (shape, dtypes.get(name, "float32")) for name, shape in shapes.items()}
 
 
 def _expected() -> list[int]:

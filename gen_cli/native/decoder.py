@@ -27,18 +27,27 @@ from gen_cli.cache.linear import KVCache
 from gen_cli.cache.paged import BlockPool, PagedSequence, blocks_for
 from gen_cli.cache.spec import CacheSpec
 from gen_cli.errors import InternalError
-from gen_cli.model.config import ModelConfig
 from gen_cli.model.transformer import Transformer, check_context
-from gen_cli.native.abi import ACT_MODES, KV_KINDS, MATRIX_TYPES, PROFILE_KEYS, KVSlot, Layer, Matrix, Model, Norm
+from gen_cli.native.abi import (
+    ACT_MODES,
+    KV_KINDS,
+    MATRIX_TYPES,
+    MAX_BATCH,
+    PROFILE_KEYS,
+    KVSlot,
+    Layer,
+    Matrix,
+    Model,
+    Norm,
+    scratch_shapes,
+    unsupported_properties,
+)
 from gen_cli.native.build import library, native_status
 from gen_cli.native.threads import ThreadGovernor
 from gen_cli.quant.block_linear import BlockEmbedding, BlockLinear
 from gen_cli.quant.block_stack import BlockStack
 from gen_cli.quant.linear import Int8Linear
 
-# Rows one step takes: each weight row block is reused from L1 by every row, so the weights are read once
-# per step for all of them (the scratch is sized for the rows; beyond this, prompts are GEMMs, PyTorch's).
-MAX_BATCH = 64
 HUGE_PAGE = 2 << 20
 
 
@@ -114,21 +123,6 @@ def _rest(linear: nn.Module, n: int) -> Any:
     rest = [_matrix(p) for p in getattr(linear, "parts", [])[1:]]
     rest += [Matrix()] * (n - len(rest))
     return (Matrix * n)(*rest) if n > 1 else rest[0]
-
-
-def unsupported_properties(config: ModelConfig) -> list[str]:
-    """The model properties `decode.c` does not implement (imported architectures), as phrases."""
-    found = []
-    if config.head_dim * config.n_head != config.d_model:
-        found.append(f"head size {config.head_dim} × {config.n_head} heads ≠ d_model {config.d_model}")
-    found += [name for name in ("qkv_bias", "attn_out_bias", "mlp_bias", "qk_norm") if getattr(config, name)]
-    if config.mlp != "swiglu":
-        found.append(f"a {config.mlp} MLP")
-    if config.pos_encoding == "alibi":
-        found.append("ALiBi positions (PyTorch decodes them)")
-    # Any RoPE scaling is fine: the kernel rotates by the model's own tables, which carry the scaling (and
-    # YaRN's temperature), so a scaled model decodes natively like a plain one.
-    return found
 
 
 def supports(model: Transformer) -> str | None:
@@ -262,18 +256,9 @@ class NativeDecoder:
 
     def _scratch_for(self, batch: int, tokens: int) -> None:
         """Point the scratch at buffers for `batch` rows attending over up to `tokens` positions each."""
-        c, s = self.config, self._struct
-        width = max(c.d_model, c.d_ff)
-        shapes = {
-            "x": (batch, c.d_model), "h": (batch, width), "qkv": (batch, (c.n_head + 2 * c.n_kv_head) * c.head_dim),
-            "att": (batch, c.d_model), "ff": (batch, 2 * c.d_ff), "scores": (batch, c.n_head, tokens),
-            "xq": (batch, width), "xscale": (batch,),
-            "aq": (batch, width), "ad": (batch, -(-width // 32)), "asum": (batch, -(-width // 16)),
-        }  # fmt: skip
-        dtypes = {"xq": torch.int16, "aq": torch.int8, "asum": torch.int16}
-        for name, shape in shapes.items():
-            dtype = dtypes.get(name, torch.float32)
-            self._scratch[name] = torch.empty(shape, dtype=dtype)
+        s = self._struct
+        for name, (shape, dtype) in scratch_shapes(self.config, batch, tokens).items():
+            self._scratch[name] = torch.empty(shape, dtype=getattr(torch, dtype))
             setattr(s, name, self._scratch[name].data_ptr())
         self._scratch_cap = (batch, tokens)
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from gen_cli.native.abi import MATRIX_TYPES
 from gen_cli.native.build import library
-from gen_cli.quant.blocks import BLOCK_TYPES, can_interleave, interleave
+from gen_cli.quant.formats import BLOCK_TYPES, can_interleave
 
 if TYPE_CHECKING:
     import torch
@@ -29,14 +29,19 @@ def repack_into(dst: torch.Tensor, src: torch.Tensor, qtype: str, threads: int =
     included, read once): the C kernel's threads where it is built, else torch."""
     import torch
 
+    from gen_cli.quant.blocks import interleave
+
     rows, rb = src.shape
-    lib = library()
-    if isinstance(lib, str) or not src.is_contiguous() or not dst.is_contiguous():
+    if isinstance(library(), str) or not src.is_contiguous() or not dst.is_contiguous():
         dst.copy_(interleave(src, qtype))
         return
-    cols = rb // BLOCK_TYPES[qtype].nbytes * BLOCK_TYPES[qtype].elems
-    failed = lib.gen_block_repack(
-        src.data_ptr(), MATRIX_TYPES[qtype], rows, cols, dst.data_ptr(), threads or torch.get_num_threads()
-    )
-    if failed:
-        raise AssertionError(f"{qtype} blocks ({rows}, {rb}) cannot be repacked")
+    repack_rows(src.data_ptr(), dst.data_ptr(), qtype, rows, rb, threads or torch.get_num_threads())
+
+
+def repack_rows(src: int, dst: int, qtype: str, rows: int, row_bytes: int, threads: int) -> None:
+    """The C kernel's repack of `rows` stored rows at address src into the interleaved layout at dst (rows a
+    multiple of 16, the kernel built): the one call both loaders make, torch's and the torch-free one."""
+    cols = row_bytes // BLOCK_TYPES[qtype].nbytes * BLOCK_TYPES[qtype].elems
+    lib = library()
+    if isinstance(lib, str) or lib.gen_block_repack(src, MATRIX_TYPES[qtype], rows, cols, dst, threads):
+        raise AssertionError(f"{qtype} blocks ({rows}, {row_bytes}) cannot be repacked")

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gen_cli.quant.blocks import can_interleave, deinterleave, dequantize, most_precise, quantize, row_bytes
+from gen_cli.quant.blocks import deinterleave, dequantize, quantize
+from gen_cli.quant.formats import can_interleave, most_precise, row_bytes
 
 
 def _check(blocks: torch.Tensor, qtype: str, rows: int, cols: int) -> torch.Tensor:

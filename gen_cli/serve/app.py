@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from gen_cli.errors import GenError
-from gen_cli.infer.sampling import SamplingConfig
+from gen_cli.infer.options import SamplingConfig
 from gen_cli.infer.scheduler import Event, QueueFull
 from gen_cli.infer.scheduler import Request as Job
 from gen_cli.serve.schemas import ApiError, Params, chat_params, completion_params
