@@ -4,7 +4,7 @@
  * one-row kernels (blocks_32.h) unpack every block again for every activation row, so a step of B rows cost about
  * B single-row steps.
  *
- * Q4_0, Q4_1, Q5_0, Q5_1 (groups of 4 blocks), Q8_0 (pairs of blocks) and Q4_K (super-blocks); Q6_K has none yet.
+ * Q4_0, Q4_1, Q5_0, Q5_1 (groups of 4 blocks), Q8_0 (pairs of blocks), Q4_K and Q6_K (super-blocks).
  * The integer sums per block are the one-row kernels' (exact in int32); only the fp32 scaling and summation order
  * differ, and each activation row's order is fixed (independent of how many rows share the call), so a row gets
  * the same bits alone as in any batch. AVX-512 VNNI + VBMI only (GEN_BLOCKS_512); elsewhere the traits table has
@@ -389,6 +389,88 @@ static void batch_q4_k(const uint8_t *w, int64_t stride, int nrows, Batch x, int
             switch (nj) {
 #define NJ(N) \
     case N: q4k_tile(N, row, n, xp + c0 * Q4K_PREP, x.prep_stride, part); break;
+                NJ(1) NJ(2) NJ(3) NJ(4) NJ(5) NJ(6) NJ(7) NJ(8)
+#undef NJ
+            }
+            for (int j = 0; j < nj; j++) o[j] = c0 ? o[j] + part[j] : part[j];
+        }
+    }
+}
+
+/* ---- Q6_K: super-blocks of 256 elements ----------------------------------------------------------------- */
+
+/* A prepared super-block, 260 bytes: its 256 int8 elements plus 128 as unsigned bytes (dpbusd's unsigned operand,
+ * so the signed codes q - 32 go in as they are, and 128 Σ (q - 32) is taken off once per weight super-block), then
+ * the fp32 scale. */
+enum { Q6K_PREP = 260 };
+
+static int64_t batch_prep_bytes_q6_k(int64_t nb) { return nb * Q6K_PREP; }
+
+static void batch_prep_q6_k(Act a, int64_t nb, uint8_t *restrict out) {
+    const __m512i flip = _mm512_set1_epi8((char)0x80); /* x + 128 for x in [-127, 127]: the sign bit flipped */
+    for (int64_t b = 0; b < nb; b++, out += Q6K_PREP) {
+        for (int c = 0; c < 4; c++)
+            _mm512_storeu_si512(out + 64 * c, _mm512_xor_si512(_mm512_loadu_si512(a.q + b * 256 + 64 * c), flip));
+        memcpy(out + 256, a.d + b, sizeof(float));
+    }
+}
+
+/* One Q6_K row against nj prepared rows. Per super-block, once for all rows: the 6-bit codes (q6k_codes), 128 Σ
+ * (q - 32) per lane, and each lane's 16-element scale (lane l of vector c covers elements 64 c + 4 l .. + 3: scale
+ * 4 c + l / 4). Per row: 4 dpbusd, each times its scales by a vpdpwssd (a lane's dot, at most 4 * 127 * 32, fits
+ * int16; exact in int32), one FMA with d d_x. */
+GEN_ALWAYS_INLINE void q6k_tile(const int nj, const uint8_t *restrict w, int64_t nb, const uint8_t *restrict x,
+                                int64_t xstride, float *out) {
+    const __m512i zero = _mm512_setzero_si512(), c128 = _mm512_set1_epi8((char)0x80), low16 = _mm512_set1_epi32(0xFFFF);
+    __m128i pick[4]; /* bytes l -> scale 4 c + l / 4 */
+    for (int c = 0; c < 4; c++) {
+        uint8_t idx[16];
+        for (int l = 0; l < 16; l++) idx[l] = (uint8_t)(4 * c + l / 4);
+        pick[c] = _mm_loadu_si128((const __m128i *)idx);
+    }
+    __m512 acc[BATCH_J];
+#pragma GCC unroll 8
+    for (int j = 0; j < nj; j++) acc[j] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *p = w + b * 210;
+        const __m128i s8 = _mm_loadu_si128((const __m128i *)(p + 192));
+        __m512i wq[4], start[4], sc[4];
+        for (int hh = 0; hh < 2; hh++) {
+            __m256i q[4]; /* quarter k: elements 128 hh + 32 k .. + 31, as q - 32 */
+            q6k_codes(p, hh, q);
+            wq[2 * hh] = _mm512_inserti64x4(_mm512_castsi256_si512(q[0]), q[1], 1);
+            wq[2 * hh + 1] = _mm512_inserti64x4(_mm512_castsi256_si512(q[2]), q[3], 1);
+        }
+        for (int c = 0; c < 4; c++) {
+            start[c] = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, c128, wq[c])); /* -128 Σ (q - 32) per lane */
+            /* the scale in each lane's low int16, 0 above: vpdpwssd multiplies a lane's low halves only */
+            sc[c] = _mm512_and_si512(_mm512_cvtepi8_epi32(_mm_shuffle_epi8(s8, pick[c])), low16);
+        }
+        const float dw = f16(p + 208);
+#pragma GCC unroll 8
+        for (int j = 0; j < nj; j++) {
+            const uint8_t *xj = x + j * xstride + b * Q6K_PREP;
+            __m512i s = zero;
+            for (int c = 0; c < 4; c++) /* a lane's dot fits int16: its low half times the scale is the product */
+                s = _mm512_dpwssd_epi32(s, _mm512_dpbusd_epi32(start[c], _mm512_loadu_si512(xj + 64 * c), wq[c]), sc[c]);
+            acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(dw * *(const float *)(xj + 256)), acc[j]);
+        }
+    }
+    sums16(acc, nj, out);
+}
+
+static void batch_q6_k(const uint8_t *w, int64_t stride, int nrows, Batch x, int64_t b0, int nj, int64_t nb,
+                       float *out) {
+    const int64_t step = CHUNK_BYTES / Q6K_PREP; /* super-blocks per chunk */
+    const uint8_t *xp = x.prep + b0 * x.prep_stride;
+    for (int64_t c0 = 0; c0 < nb; c0 += step) {
+        const int64_t n = nb - c0 < step ? nb - c0 : step;
+        for (int r = 0; r < nrows; r++) {
+            const uint8_t *row = w + r * stride + c0 * 210;
+            float part[BATCH_J], *o = out + r * BATCH_J;
+            switch (nj) {
+#define NJ(N) \
+    case N: q6k_tile(N, row, n, xp + c0 * Q6K_PREP, x.prep_stride, part); break;
                 NJ(1) NJ(2) NJ(3) NJ(4) NJ(5) NJ(6) NJ(7) NJ(8)
 #undef NJ
             }
