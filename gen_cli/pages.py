@@ -191,11 +191,16 @@ class PageReleaser:
         if self.madvise is None or t.device.type != "cpu":
             return
         if t.is_contiguous():  # its own bytes: a chunk of a tensor gives back that chunk only
-            start, end = t.data_ptr(), t.data_ptr() + t.nbytes
+            self.release_range(t.data_ptr(), t.nbytes, keep_cached)
         else:
             storage = t.untyped_storage()
-            start, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
-        page = mmap.PAGESIZE
+            self.release_range(storage.data_ptr(), storage.nbytes(), keep_cached)
+
+    def release_range(self, start: int, nbytes: int, keep_cached: bool = False) -> None:
+        """`release` for the bytes [start, start + nbytes) of this process (a numpy view of a file's map)."""
+        if self.madvise is None:
+            return
+        end, page = start + nbytes, mmap.PAGESIZE
         first, last = -(-start // page) * page, end // page * page  # whole pages inside the tensor only
         if last > first and any(lo <= first and last <= hi for lo, hi in self.ranges):
             advice = self.MADV_DONTNEED if keep_cached else self.MADV_PAGEOUT

@@ -104,8 +104,9 @@ def test_bench_startup_interleaves_gen_and_llama_on_the_same_file(tiny_gguf, tmp
                                  "--max-new-tokens", "3", "--llama-simple", str(fake), "--json"])  # fmt: skip
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    gen, llama = data["sides"]
-    assert (gen["tool"], llama["tool"]) == ("gen", "llama-simple") and gen["repeats"] == llama["repeats"] == 1
+    gen, torch_path, llama = data["sides"]
+    assert (gen["tool"], torch_path["tool"], llama["tool"]) == ("gen", "gen (torch)", "llama-simple")
+    assert gen["repeats"] == torch_path["repeats"] == llama["repeats"] == 1
     assert llama["load_s"]["median"] == pytest.approx(0.30462)
     assert 0 < gen["load_s"]["median"] <= gen["first_token_s"]["median"] < gen["wall_s"]["median"]
     assert gen["peak_rss_bytes"]["min"] > 0 and llama["peak_rss_bytes"]["min"] > 0

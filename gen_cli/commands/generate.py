@@ -65,13 +65,14 @@ from gen_cli.text.tokenizer import EOT
 
 if TYPE_CHECKING:
     from gen_cli.cache.spec import CacheSpec
-    from gen_cli.infer.engine import Engine, EngineOptions
-    from gen_cli.infer.engine import Preset as PresetShape
-    from gen_cli.infer.generate import GenerationResult
+    from gen_cli.infer.engine import Engine
+    from gen_cli.infer.options import EngineOptions, SamplingConfig
+    from gen_cli.infer.options import Preset as PresetShape
     from gen_cli.infer.prompt_reuse import PromptReuse
-    from gen_cli.infer.sampling import SamplingConfig
     from gen_cli.infer.speculative import Speculation
+    from gen_cli.infer.torch_free import FileEngine
     from gen_cli.lab.profile import StepProfile
+    from gen_cli.text.conventions import TextConventions
 
 
 def _check_model_flags(
@@ -226,25 +227,25 @@ def _longest_token(tok: Any) -> int:
     return max(4, *(len(piece.encode("utf-8")) for piece in tok.get_vocab()))
 
 
-def _encode(engine: Engine, run: Run) -> tuple[list[int], bool]:
+def _encode(text: TextConventions, context_length: int, run: Run) -> tuple[list[int], bool]:
     """The prompt's ids (the model's BOS rules) or the chat message rendered by the model's template, and
     whether an empty prompt starts from the BOS alone."""
     # Read only what the context could hold: a 50 MB prompt on stdin is refused, not tokenized whole.
-    limit = engine.model.config.context_length * _longest_token(engine.tokenizer)
+    limit = context_length * _longest_token(text.tokenizer)
     if run.chat is None:
-        text = read_text_arg(run.prompt, limit)
-        return engine.encode(text), not text
+        prompt = read_text_arg(run.prompt, limit)
+        return text.encode(prompt), not prompt
     message = read_text_arg(run.chat, limit)
     if not message:
         raise UsageError("the --chat message is empty; give the message to reply to")
-    return engine.chat_ids(message, run.system), False
+    return text.chat_ids(message, run.system, context_length), False
 
 
 @dataclass
 class Outcome:
-    """A finished generation: the result, each sample's text, and the figures --stats and --json show."""
+    """A finished generation: whether Ctrl-C cut it short, each sample's text, the figures --stats and --json show."""
 
-    result: GenerationResult
+    interrupted: bool
     texts: list[str]
     stats: dict[str, Any]
     profile: StepProfile | None
@@ -296,7 +297,7 @@ def _generate(engine: Engine, run: Run, ids: list[int], reuse: PromptReuse | Non
     if run.live:
         sys.stdout.write(rows[0].take(final=True) + "\n")
         sys.stdout.flush()
-    return Outcome(result, [r.text for r in rows], stats, profile)
+    return Outcome(result.interrupted, [r.text for r in rows], stats, profile)
 
 
 def generate_command(
@@ -388,9 +389,8 @@ def generate_command(
     unless the model has a BOS token to start from. Without --dtype a model computes as stored (gen's
     in float32), --quantize q8_0/q4_0/q4_k in float32 and int8 in bfloat16 without the native step.
     """
-    from gen_cli.infer.engine import EngineOptions
-    from gen_cli.infer.engine import Preset as PresetShape
-    from gen_cli.infer.sampling import SamplingConfig
+    from gen_cli.infer.options import EngineOptions, SamplingConfig
+    from gen_cli.infer.options import Preset as PresetShape
 
     _check_model_flags(model_dir, preset, tokenizer, attention, kv_heads, pos, rope_scaling)
     sampling = SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty)
@@ -401,21 +401,87 @@ def generate_command(
     options = EngineOptions(device_name, dtype_opt, threads, quantize, native, compile_, rope_scaling, attn_impl, act)
     _check_run(run, options, kv_kinds is not None)
     source = PresetShape(preset, tokenizer, attention, kv_heads, pos) if preset is not None else model_dir
+    refused = ""
+    if isinstance(source, Path) and _torch_free_run(source, options, run):
+        from gen_cli.infer.torch_free import open_file
+
+        opened = open_file(source, options.threads, options.act)
+        if not isinstance(opened, str):
+            _render(opened.source, "", run, *_generate_torch_free(opened, run))
+            return
+        refused = f"torch-free path not taken: {opened}"
     engine, reuse = _open(source, options, run)
     from gen_cli.infer.proposers import speculation_for
 
     speculation = speculation_for(engine, source, run.speculate, run.draft)  # None without --speculate / --draft
-    ids, from_bos = _encode(engine, run)
-    _render(engine, run, _generate(engine, run, ids, reuse, speculation), reuse, from_bos)
+    ids, from_bos = _encode(engine.text, engine.model.config.context_length, run)
+    outcome = _generate(engine, run, ids, reuse, speculation)
+    note = engine.decode_note()
+    _render(engine.source, f"native step unavailable: {note}" if note else refused, run, outcome, reuse, from_bos)
 
 
-def _render(engine: Engine, run: Run, out: Outcome, reuse: PromptReuse | None, from_bos: bool) -> None:
-    """The text (already streamed when live) or one JSON object on stdout; notes, stats and profile on stderr."""
+TORCH_FREE_ENV = "GEN_TORCH_FREE"  # 0: every run takes the PyTorch path (an A/B switch)
+
+
+def _torch_free_run(path: Path, options: EngineOptions, run: Run) -> bool:
+    """Whether this run's flags allow generating without torch (infer/torch_free.py): a GGUF file on the CPU,
+    greedy, one sample, the default KV cache, no prompt cache, profile or speculation, every model option at
+    its default (threads and --act aside). The file itself may still refuse (its types, its RoPE…)."""
+    import os
+
+    from gen_cli.cache.spec import CacheSpec
+    from gen_cli.infer.options import EngineOptions
+
+    if os.environ.get(TORCH_FREE_ENV, "1") == "0" or path.suffix.lower() != ".gguf" or not path.is_file():
+        return False
+    # "auto" would pick a GPU where one is: only PyTorch runs there.
+    cpu = options.device == "cpu" or (options.device == "auto" and not _may_have_gpu())
+    plain = options == EngineOptions(device=options.device, threads=options.threads, act=options.act)
+    sampling = run.sampling.greedy and run.sampling.repetition_penalty == 1
+    extras = run.num_samples > 1 or run.prompt_cache or run.profile or run.speculate or run.draft
+    return cpu and plain and sampling and run.cache == CacheSpec() and not extras
+
+
+def _may_have_gpu() -> bool:
+    """Whether `--device auto` could find a CUDA or MPS device here (a driver or macOS), judged without torch."""
+    import os
+    import sys
+
+    return sys.platform == "darwin" or os.path.exists("/proc/driver/nvidia") or os.path.exists("/dev/nvidiactl")
+
+
+def _generate_torch_free(engine: FileEngine, run: Run) -> tuple[Outcome, None, bool]:
+    """Greedy generation without torch (streaming the text when live): the outcome `_render` shows."""
+    from gen_cli.text.stream import TextStream
+
+    ids, from_bos = _encode(engine.text, engine.model.config.context_length, run)
+    stop_ids = () if run.ignore_eot else engine.text.stop_ids
+    row = TextStream(engine.text.tokenizer, run.stops, stop_ids=stop_ids, context=tuple(ids[-1:]))
+
+    def on_token(token: int) -> bool:
+        row.push(token)
+        if run.live and (new := row.take()):
+            sys.stdout.write(new)
+            sys.stdout.flush()
+        return row.done
+
+    result = engine.generate(ids, run.max_new_tokens, stop_ids, on_token)
+    if run.live:
+        sys.stdout.write(row.take(final=True) + "\n")
+        sys.stdout.flush()
+    stats = result.stats.to_dict() | {"load_s": engine.load_s, "load_peak_memory_bytes": engine.load_peak_bytes}
+    stats |= {"activations": engine.act}
+    return Outcome(result.interrupted, [row.text], stats, None), None, from_bos
+
+
+def _render(source: str, path_note: str, run: Run, out: Outcome, reuse: PromptReuse | None, from_bos: bool) -> None:
+    """The text (already streamed when live) or one JSON object on stdout; notes, stats and profile on stderr.
+    `path_note`: why the decode path is not the fastest one (shown with --stats)."""
     if run.json:
         data: dict[str, Any] = {"text": out.texts[0]}
         if run.num_samples > 1:
             data["texts"] = out.texts
-        data |= {"stats": out.stats, "model": engine.source, "interrupted": out.result.interrupted}
+        data |= {"stats": out.stats, "model": source, "interrupted": out.interrupted}
         print_json(data)
     elif not run.live:
         for i, t in enumerate(out.texts):
@@ -427,14 +493,12 @@ def _render(engine: Engine, run: Run, out: Outcome, reuse: PromptReuse | None, f
     if reuse is not None:
         err.print(escape(reuse_note(reuse.summary())))
     if run.stats:
-        note = engine.decode_note()
-        path_note = f" (native step unavailable: {escape(note)})" if note else ""
-        print_stats(out.stats, engine.source, path_note, from_bos)
+        print_stats(out.stats, source, f" ({escape(path_note)})" if path_note else "", from_bos)
     if out.profile is not None and not run.json:
         from gen_cli.commands.bench_view import print_profile
 
         print_profile("decode step", out.profile, err)
-    if out.result.interrupted:
+    if out.interrupted:
         err.print("interrupted")
         raise typer.Exit(130)
 

@@ -1,7 +1,8 @@
 """`gen bench startup`: how long a fresh process takes to load a model and print its first token.
 
-Each repeat starts a new process (`gen generate … -n N --json`, and llama.cpp's llama-simple or llama-cli on
-the same file when one is given or on PATH), interleaved so both sides see the same minute of a busy machine.
+Each repeat starts a new process (`gen generate … -n N --json`; on a GGUF file the same command again with
+GEN_TORCH_FREE=0, the PyTorch path, for the torch-free path's gain; and llama.cpp's llama-simple or llama-cli on
+the same file when one is given or on PATH), interleaved so every side sees the same minute of a busy machine.
 Per run: the whole command's wall time, the load time and the time to first token each tool reports about
 itself, and the child's peak RSS (ru_maxrss from wait4, per child). Medians with their range are reported.
 """
@@ -45,6 +46,7 @@ class Side:
     tool: str
     command: list[str]
     runs: list[Run] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)  # set for this side's processes
 
     def summary(self) -> dict[str, Any]:
         """Median and (min, max) of each figure over the runs."""
@@ -106,7 +108,9 @@ os.write(fd, f"{wall} {os.waitstatus_to_exitcode(status)} {usage.ru_maxrss}".enc
 """
 
 
-def run_child(command: list[str], timeout: float = TIMEOUT_S) -> tuple[float, int, str, str, int]:
+def run_child(
+    command: list[str], timeout: float = TIMEOUT_S, env: dict[str, str] | None = None
+) -> tuple[float, int, str, str, int]:
     """(wall seconds, exit status, stdout, stderr, peak RSS bytes) of one child process, timed and measured
     by a small launcher (see _LAUNCHER) so the RSS is the child's own."""
     read, write = os.pipe()
@@ -115,7 +119,7 @@ def run_child(command: list[str], timeout: float = TIMEOUT_S) -> tuple[float, in
             try:
                 proc = subprocess.Popen([sys.executable, "-c", _LAUNCHER, str(write), *command], stdout=out,
                                         stderr=err, stdin=subprocess.DEVNULL, pass_fds=(write,),
-                                        start_new_session=True)  # fmt: skip
+                                        start_new_session=True, env={**os.environ, **(env or {})})  # fmt: skip
             except OSError as e:
                 raise GenError(f"cannot run {command[0]}: {e.strerror or e}") from None
             os.close(write)
@@ -163,11 +167,11 @@ def parse_llama(stderr: str, tool: str) -> tuple[float, float]:
 
 def run_side(side: Side) -> Run:
     """One fresh process of `side`, parsed; a failing command is refused with its last stderr line."""
-    wall, code, stdout, stderr, rss = run_child(side.command)
+    wall, code, stdout, stderr, rss = run_child(side.command, env=side.env)
     if code != 0:
         last = next((line for line in reversed(stderr.strip().splitlines()) if line.strip()), "no message")
         raise GenError(f"{side.tool} exited with status {code}: {last.strip()}")
-    load, first = parse_gen(stdout) if side.tool == "gen" else parse_llama(stderr, side.tool)
+    load, first = parse_gen(stdout) if side.tool.startswith("gen") else parse_llama(stderr, side.tool)
     return Run(wall, load, first, rss)
 
 
@@ -183,6 +187,8 @@ def bench_startup(
     if not model.is_file() and not model.is_dir():
         raise UsageError(f"{model}: no such model file or folder", params=("model",))
     sides = [Side("gen", gen_command(model, new_tokens))]
+    if model.is_file() and model.suffix.lower() == ".gguf":  # the same command made to import torch, beside
+        sides.append(Side("gen (torch)", gen_command(model, new_tokens), env={"GEN_TORCH_FREE": "0"}))
     if llama is not None:
         if not model.is_file() or model.suffix.lower() != ".gguf":
             raise UsageError(f"{model}: llama.cpp runs .gguf files; compare on one", params=("model",))

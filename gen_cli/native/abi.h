@@ -8,7 +8,7 @@
 
 #include <stdint.h>
 
-#define GEN_ABI_VERSION 10
+#define GEN_ABI_VERSION 11
 
 /* Matrix.type: the step's own formats (the model's float dtype, int8 rows with a scale each), then GGML's
  * block formats (block_types.h) by their gen names (abi.py's MATRIX_TYPES). */
@@ -115,6 +115,9 @@ typedef struct {
      * t / block_tokens] at offset t % block_tokens. Consecutive blocks of a KV head are adjacent in memory. */
     const int32_t *block_table;
     int64_t block_tokens, max_blocks, pool_blocks;
+    /* Logits for rows [logits_from, batch) only, row b written at logits + (b - logits_from) vocab: a prompt's
+     * chunk needs its last row's (or none), and the head is the largest matrix. 0: every row. */
+    int64_t logits_from;
 } Model;
 
 #endif

@@ -16,7 +16,7 @@ from gen_cli.errors import InternalError
 if TYPE_CHECKING:
     from gen_cli.model.config import ModelConfig
 
-ABI_VERSION = 10  # GEN_ABI_VERSION in abi.h
+ABI_VERSION = 11  # GEN_ABI_VERSION in abi.h
 
 # Matrix.type (abi.h's T_*): the step's own formats, then GGML's block formats by their gen names.
 MATRIX_TYPES = {
@@ -124,6 +124,7 @@ class Model(ctypes.Structure):
         ("block_tokens", ctypes.c_int64),
         ("max_blocks", ctypes.c_int64),
         ("pool_blocks", ctypes.c_int64),
+        ("logits_from", ctypes.c_int64),  # logits for rows [logits_from, batch) only (0: every row)
     ]
 
 

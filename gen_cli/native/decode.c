@@ -159,7 +159,11 @@ static int64_t step(const Model *m, const int64_t *tokens, int64_t token_stride,
     }
     norm(m, &m->final_norm, m->x, m->h);
     MARK(P_NORM)
-    matmul(m, &m->lm_head, m->h, logits, 0);
+    if (m->logits_from < m->batch) { /* the head on rows [logits_from, batch) only */
+        Model head = *m;
+        head.batch = m->batch - m->logits_from;
+        matmul(&head, &m->lm_head, m->h + m->logits_from * d, logits, 0);
+    }
     MARK(P_LM_HEAD)
 #undef MARK
     return 0;
