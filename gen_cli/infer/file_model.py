@@ -72,6 +72,15 @@ def refusal(config: ModelConfig, helds: list[Held]) -> str | None:
     return None
 
 
+def read_header(path: Path) -> tuple[GGUFFile, ModelConfig, str, list[Held]] | str:
+    """The file's header checked (config, tensors, how each is held), or why the path cannot lay it out."""
+    f = GGUFFile(path)
+    config, arch = gguf_config(f)
+    check_tensors(f, config, arch)
+    helds = holdings(f, config, arch)
+    return refusal(config, helds) or (f, config, arch, helds)
+
+
 class _Arena:
     """One anonymous mapping on 2 MB pages that the streamed matrices are written into (decoder.py's reason)."""
 
@@ -140,13 +149,8 @@ class FileModel:
     @classmethod
     def open(cls, path: Path, threads: int, act: str | None = None) -> FileModel | str:
         """The file laid out for the C step, or why it cannot be (then nothing large was allocated)."""
-        f = GGUFFile(path)
-        config, arch = gguf_config(f)
-        check_tensors(f, config, arch)
-        helds = holdings(f, config, arch)
-        if reason := refusal(config, helds):
-            return reason
-        return cls(f, config, arch, helds, threads, act or ACT_DEFAULT)
+        header = read_header(path)
+        return header if isinstance(header, str) else cls(*header, threads, act or ACT_DEFAULT)
 
     # ---- the layout --------------------------------------------------------------------------------------
 

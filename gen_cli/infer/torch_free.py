@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gen_cli.infer.file_model import FileModel
+from gen_cli.infer.file_model import FileModel, read_header
 from gen_cli.infer.options import check_lengths
 from gen_cli.infer.stats import GenerationStats
 from gen_cli.native.abi import ACT_DEFAULT
@@ -99,10 +99,11 @@ def open_file(path: Path, threads: int | None, act: str | None) -> FileEngine | 
     check_load_fits(path)
     with PeakMemory("cpu") as mem:
         start = time.perf_counter()
-        model = FileModel.open(path, requested, act)
-        if isinstance(model, str):
-            return model
-        text = text_conventions(model.file, model.config)
+        header = read_header(path)
+        if isinstance(header, str):
+            return header
+        model = FileModel(*header, requested, act or ACT_DEFAULT)
+        conventions = text_conventions(model.file, model.config)
         load_s = time.perf_counter() - start
     blocky = any(h.blocks for h in model.helds.values())
-    return FileEngine(model, text, str(path), load_s, mem.bytes, (act or ACT_DEFAULT) if blocky else None)
+    return FileEngine(model, conventions, str(path), load_s, mem.bytes, (act or ACT_DEFAULT) if blocky else None)
