@@ -1,7 +1,7 @@
 """`gen generate` without torch on a GGUF file (infer/file_model.py, infer/torch_free.py): the layout the numpy
 loader builds gives the logits PyTorch's loader and NativeDecoder give (same kernel, same calls), the command
-prints the text the PyTorch path prints (on the shipped model's trained weights too), never imports torch, and
-hands every run it cannot take to the PyTorch path."""
+prints the text the PyTorch path prints (greedy, on the shipped model's trained weights too), never imports torch,
+samples reproducibly for a seed, and hands every run it cannot take to the PyTorch path."""
 
 from __future__ import annotations
 
@@ -145,10 +145,20 @@ def test_the_command_prints_the_torch_paths_text_without_importing_torch(shipped
     assert fast["stats"]["kv_cache_bytes"] == fast["stats"]["kv_cache_bytes_analytic"]
 
 
+def test_sampling_without_torch_repeats_for_a_seed(shipped_gguf):
+    args = ("generate", "Once upon a time", "--model", str(shipped_gguf["q8_0"]), "--max-new-tokens", "24",
+            "--top-p", "0.9", "--repetition-penalty", "1.2")  # fmt: skip
+    first, imported = _gen(*args, "--seed", "7")
+    again, _ = _gen(*args, "--seed", "7")
+    other, _ = _gen(*args, "--seed", "8")
+    assert not imported and first["stats"]["decode_path"] == "native (torch-free)"
+    assert first["text"] == again["text"] != other["text"]
+
+
 def test_runs_it_cannot_take_go_to_the_torch_path(shipped_gguf):
     path = str(shipped_gguf["q8_0"])
-    sampled, imported = _gen("generate", "Hello", "--model", path, "--max-new-tokens", "4")  # temperature 0.8
-    assert imported and sampled["stats"]["decode_path"] == "native"
+    two, imported = _gen("generate", "Hello", "--model", path, "--max-new-tokens", "4", "--num-samples", "2")
+    assert imported and two["stats"]["decode_path"] == "native" and len(two["texts"]) == 2
     kv8, imported = _gen("generate", "Hello", "--model", path, "--max-new-tokens", "4", "--temperature", "0",
                          "--kv-dtype", "int8")  # fmt: skip
     assert imported and kv8["stats"]["kv_dtype_k"] == "int8"

@@ -424,9 +424,9 @@ TORCH_FREE_ENV = "GEN_TORCH_FREE"  # 0: every run takes the PyTorch path (an A/B
 
 
 def _torch_free_run(path: Path, options: EngineOptions, run: Run) -> bool:
-    """Whether this run's flags allow generating without torch (infer/torch_free.py): a GGUF file on the CPU,
-    greedy, one sample, the default KV cache, no prompt cache, profile or speculation, every model option at
-    its default (threads and --act aside). The file itself may still refuse (its types, its RoPE…)."""
+    """Whether this run's flags allow generating without torch (infer/torch_free.py): a GGUF file on the CPU, one
+    sample, the default KV cache, no prompt cache, profile or speculation, every model option at its default
+    (threads and --act aside). The file itself may still refuse (its types, its RoPE…)."""
     import os
 
     from gen_cli.cache.spec import CacheSpec
@@ -437,9 +437,8 @@ def _torch_free_run(path: Path, options: EngineOptions, run: Run) -> bool:
     # "auto" would pick a GPU where one is: only PyTorch runs there.
     cpu = options.device == "cpu" or (options.device == "auto" and not _may_have_gpu())
     plain = options == EngineOptions(device=options.device, threads=options.threads, act=options.act)
-    sampling = run.sampling.greedy and run.sampling.repetition_penalty == 1
     extras = run.num_samples > 1 or run.prompt_cache or run.profile or run.speculate or run.draft
-    return cpu and plain and sampling and run.cache == CacheSpec() and not extras
+    return cpu and plain and run.cache == CacheSpec() and not extras
 
 
 def _may_have_gpu() -> bool:
@@ -451,7 +450,7 @@ def _may_have_gpu() -> bool:
 
 
 def _generate_torch_free(engine: FileEngine, run: Run) -> tuple[Outcome, None, bool]:
-    """Greedy generation without torch (streaming the text when live): the outcome `_render` shows."""
+    """Generation without torch (streaming the text when live): the outcome `_render` shows."""
     from gen_cli.text.stream import TextStream
 
     ids, from_bos = _encode(engine.text, engine.model.config.context_length, run)
@@ -465,7 +464,7 @@ def _generate_torch_free(engine: FileEngine, run: Run) -> tuple[Outcome, None, b
             sys.stdout.flush()
         return row.done
 
-    result = engine.generate(ids, run.max_new_tokens, stop_ids, on_token)
+    result = engine.generate(ids, run.max_new_tokens, run.sampling, run.seed, stop_ids, on_token)
     if run.live:
         sys.stdout.write(row.take(final=True) + "\n")
         sys.stdout.flush()

@@ -1,9 +1,10 @@
-"""Greedy generation from a GGUF file without importing torch: the C step alone (infer/file_model.py).
+"""Generation from a GGUF file without importing torch: the C step alone (infer/file_model.py).
 
-Every `gen generate` is a fresh process; on a GGUF file, greedy, with the default KV cache, the C step runs every
-forward, so importing torch only costs time (1.0–1.2 s of a 1.8 s answer on a 135M file). `open_file` opens such
-a file (or says why it cannot, and the caller takes the PyTorch path); `FileEngine.generate` prefills the prompt,
-picks each next token by argmax and measures the run as `run_generation` does, into the same GenerationStats.
+Every `gen generate` is a fresh process; on a GGUF file with the default KV cache the C step runs every forward,
+so importing torch only costs time (1.0–1.2 s of a 1.8 s answer on a 135M file). `open_file` opens such a file
+(or says why it cannot, and the caller takes the PyTorch path); `FileEngine.generate` prefills the prompt, picks
+each next token (sampling_np: sampling.py's filters in numpy) and measures the run as `run_generation` does, into
+the same GenerationStats.
 """
 
 from __future__ import annotations
@@ -13,10 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from gen_cli.infer.file_model import FileModel, read_header
-from gen_cli.infer.options import check_lengths
+from gen_cli.infer.options import SamplingConfig, check_lengths
+from gen_cli.infer.sampling_np import generator, sample
 from gen_cli.infer.stats import GenerationStats
 from gen_cli.native.abi import ACT_DEFAULT
 from gen_cli.runtime import LoadProbe, PeakMemory, check_threads, default_threads
@@ -44,10 +44,17 @@ class FileEngine:
     act: str | None  # block weights' activations (None: the file has no block weights)
 
     def generate(
-        self, ids: list[int], max_new_tokens: int, stop_ids: tuple[int, ...], on_token: Callable[[int], bool]
+        self,
+        ids: list[int],
+        max_new_tokens: int,
+        sampling: SamplingConfig,
+        seed: int,
+        stop_ids: tuple[int, ...],
+        on_token: Callable[[int], bool],
     ) -> FileResult:
-        """Greedy continuation of `ids`: stops after max_new_tokens, a stop id, or `on_token(id)` returning True.
-        Each step's latency runs from resuming to the token's pick, so time spent in `on_token` is not counted."""
+        """Continue `ids` (sampling_np: numpy's generator seeded with `seed`): stops after max_new_tokens, a stop id,
+        or `on_token(id)` returning True. Each step's latency runs from resuming to the token's pick, so time spent
+        in `on_token` is not counted."""
         from gen_cli.memory import check_fits
 
         model, config = self.model, self.model.config
@@ -57,6 +64,7 @@ class FileEngine:
                    params=("max_new_tokens",))  # fmt: skip
         tokens: list[int] = []
         latencies: list[float] = []
+        rng = generator(seed)
         interrupted = False
         with PeakMemory("cpu") as mem, LoadProbe() as probe:
             start = time.perf_counter()
@@ -65,7 +73,7 @@ class FileEngine:
                 logits = model.prefill(ids)
                 resumed = start
                 while True:
-                    token = int(np.argmax(logits))  # the first of ties, as torch's argmax (a NaN wins)
+                    token = sample(logits, ids + tokens, sampling, rng)
                     latencies.append(time.perf_counter() - resumed)
                     tokens.append(token)
                     if on_token(token) or len(tokens) == max_new_tokens or token in stop_ids:
