@@ -258,16 +258,17 @@ def test_a_failing_compile_names_the_compiler(fresh_library, monkeypatch, tmp_pa
 
 
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="builds for a plain x86-64 target")
+@pytest.mark.parametrize("march", ["x86-64-v2", "x86-64-v3"])  # the plain C loops; AVX2 (fp32 K/V's 8-lane path)
 @pytest.mark.parametrize(
     ("quantize", "dtype"), [("none", torch.float32), ("int8", torch.float32), ("none", torch.bfloat16)]
 )
-def test_the_portable_loops_equal_the_vector_paths(quantize, dtype, fresh_library, monkeypatch, kernel_builds):
+def test_the_portable_loops_equal_the_vector_paths(march, quantize, dtype, fresh_library, monkeypatch, kernel_builds):
     _, vector = _models(quantize, dtype, n_kv_head=2)  # the native step built for this CPU
     monkeypatch.setenv("GEN_HOME", str(kernel_builds))  # each -march builds once per session
-    monkeypatch.setattr(build, "FLAGS", tuple("-march=x86-64-v2" if f == "-march=native" else f for f in build.FLAGS))
+    monkeypatch.setattr(build, "FLAGS", tuple(f"-march={march}" if f == "-march=native" else f for f in build.FLAGS))
     build.library.cache_clear()
-    _, portable = _models(quantize, dtype, n_kv_head=2)  # no AVX-512: the plain C loops
-    assert loaded_kernel() == kernel_path(kernel_builds)  # the build for x86-64-v2, not this CPU's
+    _, portable = _models(quantize, dtype, n_kv_head=2)  # no AVX-512
+    assert loaded_kernel() == kernel_path(kernel_builds)  # the build for that target, not this CPU's
     ids = torch.randint(0, 300, (2, 16))
     want, got = _step_logits(vector, ids, 4), _step_logits(portable, ids, 4)
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()  # the same sums, in another order

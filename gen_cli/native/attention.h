@@ -499,10 +499,54 @@ static void chunk_vector(const Chunk *c, int nq, const Source *src) {
 #undef sum16_int
 #endif
 
+#if defined(GEN_AVX2_FMA) && !defined(GEN_AVX512)
+/* fp32 K and V without AVX-512 (head_dim a multiple of 8): 8 lanes a step over each token's contiguous row. Read
+ * element by element through kv_at, attention was 75% of a 512-token prompt's time on an AVX2 build (135M shape);
+ * the other kinds keep the portable path there. */
+static void chunk_float8(const Chunk *c, int nq, const Source *src) {
+    const int64_t hd = c->hd;
+    for (int i = 0; i < nq; i++) {
+        float top = -INFINITY, sum = 0.f, *s = c->s[i], *o = c->o[i];
+        const float *q = c->q[i];
+        for (int64_t t = c->t0, n, base; t < c->t1; t += n) {
+            KVHead k;
+            n = source_run(src, 0, t, c->t1, &k, &base);
+            for (int64_t u = t; u < t + n; u++) {
+                const float *kt = (const float *)k.data + (u - base) * hd;
+                __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(kt), _mm256_loadu_ps(q));
+                for (int64_t d = 8; d < hd; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(kt + d), _mm256_loadu_ps(q + d), acc);
+                const __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+                const __m128 h2 = _mm_add_ps(h, _mm_movehl_ps(h, h));
+                s[u] = _mm_cvtss_f32(_mm_add_ss(h2, _mm_movehdup_ps(h2))) * c->scale;
+                top = fmaxf(top, s[u]);
+            }
+        }
+        for (int64_t t = c->t0; t < c->t1; t++) sum += s[t] = expf(s[t] - top);
+        memset(o, 0, hd * sizeof(float));
+        for (int64_t t = c->t0, n, base; t < c->t1; t += n) {
+            KVHead v;
+            n = source_run(src, 1, t, c->t1, &v, &base);
+            for (int64_t u = t; u < t + n; u++) {
+                const float *vt = (const float *)v.data + (u - base) * hd;
+                const __m256 p = _mm256_set1_ps(s[u]);
+                for (int64_t d = 0; d < hd; d += 8)
+                    _mm256_storeu_ps(o + d, _mm256_fmadd_ps(p, _mm256_loadu_ps(vt + d), _mm256_loadu_ps(o + d)));
+            }
+        }
+        c->top[i] = top, c->sum[i] = sum;
+    }
+}
+#endif
+
 static void chunk_any(const Chunk *c, int nq, const Source *src, int vector) {
 #ifdef GEN_AVX512
     if (vector) {
         chunk_vector(c, nq, src);
+        return;
+    }
+#elif defined(GEN_AVX2_FMA)
+    if (vector) {
+        chunk_float8(c, nq, src);
         return;
     }
 #endif
@@ -565,6 +609,8 @@ static void attention(const Model *m, const Layer *l, int64_t li, const Rows *r)
         }
 #ifdef GEN_AVX512
         const int vec = vector;
+#elif defined(GEN_AVX2_FMA)
+        const int vec = hd % 8 == 0 && src.k.kind == KV_FLOAT && src.v.kind == KV_FLOAT;
 #else
         const int vec = 0;
 #endif
