@@ -22,6 +22,21 @@ HUGE_PAGE = 2 << 20
 _ARENAS: dict[int, tuple[int, int]] = {}  # id(region) → (start, end) of every live arena, for in_arena
 
 
+def huge_page_region(nbytes: int) -> tuple[mmap.mmap, int] | None:
+    """Anonymous memory for nbytes on 2 MB pages: a mapping of nbytes + 2 MB and the offset of its first 2 MB
+    boundary (None where mmap has no private anonymous mappings, as on Windows: plain memory then). Private, not
+    mmap's default shared mapping: shared memory gets no transparent huge pages; advised before first touch, so
+    the pages are born huge. Whatever views it (a tensor, an array) keeps it mapped."""
+    if not hasattr(mmap, "MAP_PRIVATE"):
+        return None
+    region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        region.madvise(mmap.MADV_HUGEPAGE)
+    import ctypes
+
+    return region, -ctypes.addressof(ctypes.c_char.from_buffer(region)) % HUGE_PAGE
+
+
 class WeightArena:
     """One anonymous region on 2 MB pages (advised before first touch, so the pages are born huge) that a
     loader writes the matrices a decode step streams into, each once, straight from the file's map.
@@ -33,16 +48,11 @@ class WeightArena:
         import torch
 
         self.used = 0
-        if not hasattr(mmap, "MAP_PRIVATE"):  # Windows: plain memory
+        if (huge := huge_page_region(nbytes)) is None:
             self.memory = torch.empty(nbytes, dtype=torch.uint8)
         else:
-            # Private, not mmap's default shared mapping: shared memory gets no transparent huge pages.
-            region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-            if hasattr(mmap, "MADV_HUGEPAGE"):
-                region.madvise(mmap.MADV_HUGEPAGE)
-            raw = torch.frombuffer(region, dtype=torch.uint8)  # every view keeps the mapping alive
-            skip = -raw.data_ptr() % HUGE_PAGE
-            self.memory = raw[skip : skip + nbytes]
+            region, skip = huge
+            self.memory = torch.frombuffer(region, dtype=torch.uint8)[skip : skip + nbytes]
             _ARENAS[id(region)] = (self.memory.data_ptr(), self.memory.data_ptr() + nbytes)
             weakref.finalize(region, _ARENAS.pop, id(region), None)  # unmapped: its range holds nothing now
 

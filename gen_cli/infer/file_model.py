@@ -19,7 +19,6 @@ sliding window, a machine without the kernel) `refusal` names, and the caller ta
 from __future__ import annotations
 
 import ctypes
-import mmap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,10 +47,8 @@ from gen_cli.native.abi import (
 from gen_cli.native.build import library, native_status
 from gen_cli.native.repack import repack_rows, repack_wanted
 from gen_cli.native.threads import ThreadGovernor
-from gen_cli.pages import PageReleaser
+from gen_cli.pages import PageReleaser, huge_page_region
 from gen_cli.quant.formats import BLOCK_TYPES
-
-HUGE_PAGE = 2 << 20
 
 
 def refusal(config: ModelConfig, helds: list[Held]) -> str | None:
@@ -82,15 +79,12 @@ def read_header(path: Path) -> tuple[GGUFFile, ModelConfig, str, list[Held]] | s
 
 
 class _Arena:
-    """One anonymous mapping on 2 MB pages that the streamed matrices are written into (decoder.py's reason)."""
+    """One region on 2 MB pages (pages.huge_page_region) that the streamed matrices are written into once."""
 
     def __init__(self, nbytes: int) -> None:
-        self._map = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        if hasattr(mmap, "MADV_HUGEPAGE"):
-            self._map.madvise(mmap.MADV_HUGEPAGE)  # before first touch, so the pages are born huge
-        self._raw = np.frombuffer(self._map, np.uint8)
-        self._at = -self._raw.ctypes.data % HUGE_PAGE
-        self.nbytes = nbytes
+        huge = huge_page_region(nbytes)
+        self._raw = np.empty(nbytes, np.uint8) if huge is None else np.frombuffer(huge[0], np.uint8)[huge[1] :]
+        self._at = 0
 
     def take(self, nbytes: int) -> np.ndarray:
         """The next nbytes (uint8), each slot on a cache line."""

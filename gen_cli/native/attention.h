@@ -94,8 +94,29 @@ typedef struct {
     float scale; /* 1 / sqrt(hd) */
 } Chunk;
 
-static void chunk_portable(const Chunk *c, int nq, const Source *src) {
+#if defined(GEN_AVX2_FMA) && !defined(GEN_AVX512)
+#define GEN_KV_FLOAT8 1 /* fp32 K and V 8 lanes a step (chunk_float8) */
+/* q . token t's row of fp32 k (hd a multiple of 8), 8 lanes a step. */
+static inline float dot_row8(const float *k, const float *q, int64_t hd) {
+    __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(k), _mm256_loadu_ps(q));
+    for (int64_t d = 8; d < hd; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(k + d), _mm256_loadu_ps(q + d), acc);
+    const __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    const __m128 h2 = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(h2, _mm_movehdup_ps(h2)));
+}
+/* o += p v for token t's row of fp32 v. */
+static inline void add_row8(float *o, float p, const float *v, int64_t hd) {
+    const __m256 pv = _mm256_set1_ps(p);
+    for (int64_t d = 0; d < hd; d += 8) _mm256_storeu_ps(o + d, _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + d), _mm256_loadu_ps(o + d)));
+}
+#endif
+
+/* The chunk as plain loops: every K/V kind read element by element through kv_at (any build), or, `float8`, fp32
+ * K and V read 8 lanes a step (AVX2 builds; element by element, attention was 75% of a 512-token prompt's time on
+ * an AVX2 build, 135M shape). */
+GEN_ALWAYS_INLINE void chunk_loops(const Chunk *c, int nq, const Source *src, const int float8) {
     const int64_t hd = c->hd;
+    (void)float8;
     for (int i = 0; i < nq; i++) {
         float top = -INFINITY, sum = 0.f, *s = c->s[i], *o = c->o[i];
         for (int64_t t = c->t0, n, base; t < c->t1; t += n) {
@@ -103,7 +124,12 @@ static void chunk_portable(const Chunk *c, int nq, const Source *src) {
             n = source_run(src, 0, t, c->t1, &k, &base);
             for (int64_t u = t; u < t + n; u++) {
                 float dot = 0.f;
-                for (int64_t d = 0; d < hd; d++) dot += kv_at(&k, u - base, d, hd) * c->q[i][d];
+#ifdef GEN_KV_FLOAT8
+                if (float8)
+                    dot = dot_row8((const float *)k.data + (u - base) * hd, c->q[i], hd);
+                else
+#endif
+                    for (int64_t d = 0; d < hd; d++) dot += kv_at(&k, u - base, d, hd) * c->q[i][d];
                 s[u] = dot * c->scale * (k.kind == KV_INT8 ? k.scale[u - base] : 1.f);
                 top = fmaxf(top, s[u]);
             }
@@ -115,12 +141,20 @@ static void chunk_portable(const Chunk *c, int nq, const Source *src) {
             n = source_run(src, 1, t, c->t1, &v, &base);
             for (int64_t u = t; u < t + n; u++) {
                 const float p = s[u] * (v.kind == KV_INT8 ? v.scale[u - base] : 1.f);
+#ifdef GEN_KV_FLOAT8
+                if (float8) {
+                    add_row8(o, p, (const float *)v.data + (u - base) * hd, hd);
+                    continue;
+                }
+#endif
                 for (int64_t d = 0; d < hd; d++) o[d] += p * kv_at(&v, u - base, d, hd);
             }
         }
         c->top[i] = top, c->sum[i] = sum;
     }
 }
+
+static void chunk_portable(const Chunk *c, int nq, const Source *src) { chunk_loops(c, nq, src, 0); }
 
 #ifdef GEN_AVX512
 enum { NQ_MAX = 4, HD_MAX = 256 };
@@ -499,43 +533,8 @@ static void chunk_vector(const Chunk *c, int nq, const Source *src) {
 #undef sum16_int
 #endif
 
-#if defined(GEN_AVX2_FMA) && !defined(GEN_AVX512)
-/* fp32 K and V without AVX-512 (head_dim a multiple of 8): 8 lanes a step over each token's contiguous row. Read
- * element by element through kv_at, attention was 75% of a 512-token prompt's time on an AVX2 build (135M shape);
- * the other kinds keep the portable path there. */
-static void chunk_float8(const Chunk *c, int nq, const Source *src) {
-    const int64_t hd = c->hd;
-    for (int i = 0; i < nq; i++) {
-        float top = -INFINITY, sum = 0.f, *s = c->s[i], *o = c->o[i];
-        const float *q = c->q[i];
-        for (int64_t t = c->t0, n, base; t < c->t1; t += n) {
-            KVHead k;
-            n = source_run(src, 0, t, c->t1, &k, &base);
-            for (int64_t u = t; u < t + n; u++) {
-                const float *kt = (const float *)k.data + (u - base) * hd;
-                __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(kt), _mm256_loadu_ps(q));
-                for (int64_t d = 8; d < hd; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(kt + d), _mm256_loadu_ps(q + d), acc);
-                const __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-                const __m128 h2 = _mm_add_ps(h, _mm_movehl_ps(h, h));
-                s[u] = _mm_cvtss_f32(_mm_add_ss(h2, _mm_movehdup_ps(h2))) * c->scale;
-                top = fmaxf(top, s[u]);
-            }
-        }
-        for (int64_t t = c->t0; t < c->t1; t++) sum += s[t] = expf(s[t] - top);
-        memset(o, 0, hd * sizeof(float));
-        for (int64_t t = c->t0, n, base; t < c->t1; t += n) {
-            KVHead v;
-            n = source_run(src, 1, t, c->t1, &v, &base);
-            for (int64_t u = t; u < t + n; u++) {
-                const float *vt = (const float *)v.data + (u - base) * hd;
-                const __m256 p = _mm256_set1_ps(s[u]);
-                for (int64_t d = 0; d < hd; d += 8)
-                    _mm256_storeu_ps(o + d, _mm256_fmadd_ps(p, _mm256_loadu_ps(vt + d), _mm256_loadu_ps(o + d)));
-            }
-        }
-        c->top[i] = top, c->sum[i] = sum;
-    }
-}
+#ifdef GEN_KV_FLOAT8
+static void chunk_float8(const Chunk *c, int nq, const Source *src) { chunk_loops(c, nq, src, 1); }
 #endif
 
 static void chunk_any(const Chunk *c, int nq, const Source *src, int vector) {
@@ -544,7 +543,7 @@ static void chunk_any(const Chunk *c, int nq, const Source *src, int vector) {
         chunk_vector(c, nq, src);
         return;
     }
-#elif defined(GEN_AVX2_FMA)
+#elif defined(GEN_KV_FLOAT8)
     if (vector) {
         chunk_float8(c, nq, src);
         return;
@@ -609,7 +608,7 @@ static void attention(const Model *m, const Layer *l, int64_t li, const Rows *r)
         }
 #ifdef GEN_AVX512
         const int vec = vector;
-#elif defined(GEN_AVX2_FMA)
+#elif defined(GEN_KV_FLOAT8)
         const int vec = hd % 8 == 0 && src.k.kind == KV_FLOAT && src.v.kind == KV_FLOAT;
 #else
         const int vec = 0;

@@ -377,25 +377,6 @@ GEN_ALWAYS_INLINE void q4k_tile(const int nj, const uint8_t *restrict w, int64_t
     }
 }
 
-static void batch_q4_k(const uint8_t *w, int64_t stride, int nrows, Batch x, int64_t b0, int nj, int64_t nb,
-                       float *out) {
-    const int64_t step = CHUNK_BYTES / Q4K_PREP; /* super-blocks per chunk */
-    const uint8_t *xp = x.prep + b0 * x.prep_stride;
-    for (int64_t c0 = 0; c0 < nb; c0 += step) {
-        const int64_t n = nb - c0 < step ? nb - c0 : step;
-        for (int r = 0; r < nrows; r++) {
-            const uint8_t *row = w + r * stride + c0 * 144;
-            float part[BATCH_J], *o = out + r * BATCH_J;
-            switch (nj) {
-#define NJ(N) \
-    case N: q4k_tile(N, row, n, xp + c0 * Q4K_PREP, x.prep_stride, part); break;
-                NJ(1) NJ(2) NJ(3) NJ(4) NJ(5) NJ(6) NJ(7) NJ(8)
-#undef NJ
-            }
-            for (int j = 0; j < nj; j++) o[j] = c0 ? o[j] + part[j] : part[j];
-        }
-    }
-}
 
 /* ---- Q6_K: super-blocks of 256 elements ----------------------------------------------------------------- */
 
@@ -459,25 +440,33 @@ GEN_ALWAYS_INLINE void q6k_tile(const int nj, const uint8_t *restrict w, int64_t
     sums16(acc, nj, out);
 }
 
-static void batch_q6_k(const uint8_t *w, int64_t stride, int nrows, Batch x, int64_t b0, int nj, int64_t nb,
-                       float *out) {
-    const int64_t step = CHUNK_BYTES / Q6K_PREP; /* super-blocks per chunk */
-    const uint8_t *xp = x.prep + b0 * x.prep_stride;
-    for (int64_t c0 = 0; c0 < nb; c0 += step) {
-        const int64_t n = nb - c0 < step ? nb - c0 : step;
-        for (int r = 0; r < nrows; r++) {
-            const uint8_t *row = w + r * stride + c0 * 210;
-            float part[BATCH_J], *o = out + r * BATCH_J;
-            switch (nj) {
-#define NJ(N) \
-    case N: q6k_tile(N, row, n, xp + c0 * Q6K_PREP, x.prep_stride, part); break;
-                NJ(1) NJ(2) NJ(3) NJ(4) NJ(5) NJ(6) NJ(7) NJ(8)
-#undef NJ
-            }
-            for (int j = 0; j < nj; j++) o[j] = c0 ? o[j] + part[j] : part[j];
-        }
+/* The driver a super-block type's tile shares (Q4_K, Q6_K): columns in chunks of CHUNK_BYTES of prepared activation
+ * per row, each weight row's tile against nj rows, the chunks' partial sums added. */
+#define SUPER_CASE(TILE_FN, N) \
+    case N: TILE_FN(N, row, n, xc, x.prep_stride, part); break;
+#define SUPER_BATCH(NAME, TILE_FN, BYTES, PREP)                                                                     \
+    static void batch_##NAME(const uint8_t *w, int64_t stride, int nrows, Batch x, int64_t b0, int nj, int64_t nb, \
+                             float *out) {                                                                          \
+        const int64_t step = CHUNK_BYTES / (PREP); /* super-blocks per chunk */                                    \
+        const uint8_t *xp = x.prep + b0 * x.prep_stride;                                                            \
+        for (int64_t c0 = 0; c0 < nb; c0 += step) {                                                                 \
+            const int64_t n = nb - c0 < step ? nb - c0 : step;                                                      \
+            for (int r = 0; r < nrows; r++) {                                                                       \
+                const uint8_t *row = w + r * stride + c0 * (BYTES), *xc = xp + c0 * (PREP);                         \
+                float part[BATCH_J], *o = out + r * BATCH_J;                                                        \
+                switch (nj) { /* a constant count in each copy: the accumulators stay in registers */              \
+                    SUPER_CASE(TILE_FN, 1) SUPER_CASE(TILE_FN, 2) SUPER_CASE(TILE_FN, 3)                            \
+                    SUPER_CASE(TILE_FN, 4) SUPER_CASE(TILE_FN, 5) SUPER_CASE(TILE_FN, 6)                            \
+                    SUPER_CASE(TILE_FN, 7) SUPER_CASE(TILE_FN, 8)                                                   \
+                }                                                                                                   \
+                for (int j = 0; j < nj; j++) o[j] = c0 ? o[j] + part[j] : part[j];                                  \
+            }                                                                                                       \
+        }                                                                                                           \
     }
-}
+SUPER_BATCH(q4_k, q4k_tile, 144, Q4K_PREP)
+SUPER_BATCH(q6_k, q6k_tile, 210, Q6K_PREP)
+#undef SUPER_BATCH
+#undef SUPER_CASE
 
 #endif /* GEN_BLOCKS_512 */
 

@@ -14,7 +14,6 @@ structs it reads are mirrored and checked in `abi`.
 from __future__ import annotations
 
 import ctypes
-import mmap
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -48,20 +47,15 @@ from gen_cli.quant.block_linear import BlockEmbedding, BlockLinear
 from gen_cli.quant.block_stack import BlockStack
 from gen_cli.quant.linear import Int8Linear
 
-HUGE_PAGE = 2 << 20
-
 
 def huge_page_arena(nbytes: int) -> torch.Tensor:
     """nbytes (uint8) of anonymous memory starting on a 2 MB boundary, advised to use huge pages."""
-    if not hasattr(mmap, "MAP_PRIVATE"):  # Windows: plain memory
+    from gen_cli.pages import huge_page_region
+
+    if (huge := huge_page_region(nbytes)) is None:
         return torch.empty(nbytes, dtype=torch.uint8)
-    # Private, not mmap's default shared mapping: shared memory gets no transparent huge pages.
-    region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        region.madvise(mmap.MADV_HUGEPAGE)  # before first touch, so the pages are born huge
-    raw = torch.frombuffer(region, dtype=torch.uint8)  # the tensor keeps the mapping alive
-    skip = -raw.data_ptr() % HUGE_PAGE
-    return raw[skip : skip + nbytes]
+    region, skip = huge
+    return torch.frombuffer(region, dtype=torch.uint8)[skip : skip + nbytes]  # the tensor keeps the mapping alive
 
 
 def _move_to_huge_pages(tensors: list[torch.Tensor]) -> None:
