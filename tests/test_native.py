@@ -24,6 +24,7 @@ from gen_cli.infer.options import SamplingConfig
 from gen_cli.model.transformer import Transformer
 from gen_cli.native import build
 from gen_cli.native import decoder as native
+from gen_cli.pages import HUGE_PAGE
 from gen_cli.quant.linear import OneDNNLinear, mkldnn_ok
 
 pytestmark = pytest.mark.skipif(
@@ -303,7 +304,7 @@ def test_streamed_weights_move_to_huge_pages_unchanged():
     optimize_for_decode(model)
     head = model.lm_head.weight
     assert head is model.tok_emb.weight and head.data_ptr() % 64 == 0  # tied: moved once, both see it
-    assert model.layers[0].attn.wqkv.weight.data_ptr() % native.HUGE_PAGE == 0  # the arena's first tensor
+    assert model.layers[0].attn.wqkv.weight.data_ptr() % HUGE_PAGE == 0  # the arena's first tensor
     fused = torch.cat([before["layers.0.mlp.w1.weight"], before["layers.0.mlp.w3.weight"]])
     assert torch.equal(model.layers[0].mlp.w13.weight, fused)
     assert torch.equal(head, before["tok_emb.weight"])
