@@ -388,44 +388,57 @@ enum { Q6K_PREP = 260 };
 static int64_t batch_prep_bytes_q6_k(int64_t nb) { return nb * Q6K_PREP; }
 
 static void batch_prep_q6_k(Act a, int64_t nb, uint8_t *restrict out) {
-    const __m512i flip = _mm512_set1_epi8((char)0x80); /* x + 128 for x in [-127, 127]: the sign bit flipped */
+    const __m256i flip = _mm256_set1_epi8((char)0x80); /* x + 128 for x in [-127, 127]: the sign bit flipped */
     for (int64_t b = 0; b < nb; b++, out += Q6K_PREP) {
-        for (int c = 0; c < 4; c++)
-            _mm512_storeu_si512(out + 64 * c, _mm512_xor_si512(_mm512_loadu_si512(a.q + b * 256 + 64 * c), flip));
+        for (int c = 0; c < 4; c++) /* vector c: elements 32 c .. + 31, then 128 + 32 c .. + 31 (q6k_quarters) */
+            for (int hh = 0; hh < 2; hh++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(a.q + b * 256 + 128 * hh + 32 * c));
+                _mm256_storeu_si256((__m256i *)(out + 64 * c + 32 * hh), _mm256_xor_si256(v, flip));
+            }
         memcpy(out + 256, a.d + b, sizeof(float));
     }
 }
 
-/* One Q6_K row against nj prepared rows. Per super-block, once for all rows: the 6-bit codes (q6k_codes), 128 Σ
- * (q - 32) per lane, and each lane's 16-element scale (lane l of vector c covers elements 64 c + 4 l .. + 3: scale
- * 4 c + l / 4). Per row: 4 dpbusd, each times its scales by a vpdpwssd (a lane's dot, at most 4 * 127 * 32, fits
+/* A super-block's codes q - 32 as 4 vectors, vector k holding quarter k of both halves: elements 32 k .. + 31 in
+ * bytes 0..31, 128 + 32 k .. + 31 above (q6k_codes' quarters, both halves unpacked in the same 512-bit ops). */
+GEN_ALWAYS_INLINE void q6k_quarters(const uint8_t *p, __m512i q[4]) {
+    const __m512i m4 = _mm512_set1_epi8(0xF), m3 = _mm512_set1_epi8(3), off = _mm512_set1_epi8(32);
+#define HALVES(at) \
+    _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(p + (at)))), \
+                       _mm256_loadu_si256((const __m256i *)(p + 64 + (at))), 1)
+    const __m512i l0 = HALVES(0), l1 = HALVES(32), qh = _mm512_loadu_si512(p + 128); /* qh: half 0's 32 bytes, half 1's */
+#undef HALVES
+    for (int k = 0; k < 4; k++) {
+        const __m512i l = k & 1 ? l1 : l0, nib = _mm512_and_si512(k < 2 ? l : _mm512_srli_epi16(l, 4), m4);
+        const __m512i pair = _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(qh, 2 * k), m3), 4);
+        q[k] = _mm512_sub_epi8(_mm512_or_si512(nib, pair), off);
+    }
+}
+
+/* One Q6_K row against nj prepared rows. Per super-block, once for all rows: the 6-bit codes (q6k_quarters), 128 Σ
+ * (q - 32) per lane, and each lane's 16-element scale. Per row: 4 dpbusd, each times its scales by a vpdpwssd (a lane's dot, at most 4 * 127 * 32, fits
  * int16; exact in int32), one FMA with d d_x. */
 GEN_ALWAYS_INLINE void q6k_tile(const int nj, const uint8_t *restrict w, int64_t nb, const uint8_t *restrict x,
                                 int64_t xstride, float *out) {
     const __m512i zero = _mm512_setzero_si512(), c128 = _mm512_set1_epi8((char)0x80), low16 = _mm512_set1_epi32(0xFFFF);
-    __m128i pick[4]; /* bytes l -> scale 4 c + l / 4 */
+    __m512i pick[4]; /* lane l of vector c -> its 16-element scale: 2 c + l / 4 below lane 8, 8 + 2 c + (l - 8) / 4 above */
     for (int c = 0; c < 4; c++) {
-        uint8_t idx[16];
-        for (int l = 0; l < 16; l++) idx[l] = (uint8_t)(4 * c + l / 4);
-        pick[c] = _mm_loadu_si128((const __m128i *)idx);
+        int32_t idx[16];
+        for (int l = 0; l < 16; l++) idx[l] = l < 8 ? 2 * c + l / 4 : 8 + 2 * c + (l - 8) / 4;
+        pick[c] = _mm512_loadu_si512(idx);
     }
     __m512 acc[BATCH_J];
 #pragma GCC unroll 8
     for (int j = 0; j < nj; j++) acc[j] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *p = w + b * 210;
-        const __m128i s8 = _mm_loadu_si128((const __m128i *)(p + 192));
+        /* the 16 scales in each lane's low int16, 0 above: vpdpwssd multiplies a lane's low halves only */
+        const __m512i s32 = _mm512_and_si512(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p + 192))), low16);
         __m512i wq[4], start[4], sc[4];
-        for (int hh = 0; hh < 2; hh++) {
-            __m256i q[4]; /* quarter k: elements 128 hh + 32 k .. + 31, as q - 32 */
-            q6k_codes(p, hh, q);
-            wq[2 * hh] = _mm512_inserti64x4(_mm512_castsi256_si512(q[0]), q[1], 1);
-            wq[2 * hh + 1] = _mm512_inserti64x4(_mm512_castsi256_si512(q[2]), q[3], 1);
-        }
+        q6k_quarters(p, wq);
         for (int c = 0; c < 4; c++) {
             start[c] = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, c128, wq[c])); /* -128 Σ (q - 32) per lane */
-            /* the scale in each lane's low int16, 0 above: vpdpwssd multiplies a lane's low halves only */
-            sc[c] = _mm512_and_si512(_mm512_cvtepi8_epi32(_mm_shuffle_epi8(s8, pick[c])), low16);
+            sc[c] = _mm512_permutexvar_epi32(pick[c], s32);
         }
         const float dw = f16(p + 208);
 #pragma GCC unroll 8
