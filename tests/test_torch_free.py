@@ -166,6 +166,10 @@ def test_runs_it_cannot_take_go_to_the_torch_path(shipped_gguf):
 
 def test_bad_input_gets_the_torch_paths_one_line_errors(shipped_gguf, tmp_path):
     path = shipped_gguf["q8_0"]
+    for flags, says in ((["--act", "int4"], "unknown activation precision"), (["--threads", "0"], "threads must be")):
+        done = subprocess.run([sys.executable, "-m", "gen_cli", "generate", "Hi", "--model", str(path), *flags],
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert done.returncode == 2 and says in done.stderr and "Traceback" not in done.stderr
     for torch_free in (True, False):
         env = {**os.environ, "GEN_TORCH_FREE": "1" if torch_free else "0"}
         long = subprocess.run([sys.executable, "-m", "gen_cli", "generate", "word " * 2000, "--model", str(path),

@@ -24,13 +24,12 @@ from gen_cli.infer.generate import GenerationResult, check_memory, new_cache, ru
 from gen_cli.infer.optimize import (
     QUANTIZE_MODES,
     activations,
-    check_act,
     compile_warm_up,
     compute_dtype,
     decode_arena,
     optimize_for_decode,
 )
-from gen_cli.infer.options import EngineOptions, Preset, SamplingConfig
+from gen_cli.infer.options import EngineOptions, Preset, SamplingConfig, check_act
 from gen_cli.model.transformer import Transformer, set_attention_impl
 from gen_cli.text.conventions import TextConventions, check_utf8
 from gen_cli.text.tokenizer import EOT, special_id

@@ -50,6 +50,8 @@ from gen_cli.native.threads import ThreadGovernor
 from gen_cli.pages import PageReleaser, huge_page_region
 from gen_cli.quant.formats import BLOCK_TYPES
 
+Plan = dict[str, tuple[tuple[int, ...], tuple[str, ...]]]  # gen name → (shape, the GGUF tensors it is made of)
+
 
 def refusal(config: ModelConfig, helds: list[Held]) -> str | None:
     """Why this file cannot run without torch (None: it can), from the header alone."""
@@ -67,15 +69,6 @@ def refusal(config: ModelConfig, helds: list[Held]) -> str | None:
         if not held.blocks and (other := set(held.file_types) - {"F32", "F16"}):
             return f"{held.gen_name} is stored {other.pop()}; the torch-free path reads F32, F16 and block weights"
     return None
-
-
-def read_header(path: Path) -> tuple[GGUFFile, ModelConfig, str, list[Held]] | str:
-    """The file's header checked (config, tensors, how each is held), or why the path cannot lay it out."""
-    f = GGUFFile(path)
-    config, arch = gguf_config(f)
-    check_tensors(f, config, arch)
-    helds = holdings(f, config, arch)
-    return refusal(config, helds) or (f, config, arch, helds)
 
 
 class _Arena:
@@ -128,10 +121,11 @@ class _Run:
 class FileModel:
     """A GGUF model the C step runs from numpy buffers: `open` it, `start` a sequence, `forward` its tokens."""
 
-    def __init__(self, f: GGUFFile, config: ModelConfig, arch: str, helds: list[Held], threads: int, act: str) -> None:
-        self.file, self.config, self.arch = f, config, arch
+    def __init__(
+        self, f: GGUFFile, config: ModelConfig, arch: str, plan: Plan, helds: list[Held], threads: int, act: str
+    ) -> None:
+        self.file, self.config, self.arch, self._plan = f, config, arch, plan
         self.helds = {h.gen_name: h for h in helds}
-        self._plan = check_tensors(f, config, arch)
         self.lib = library()
         self.threads, self.requested = ThreadGovernor(), threads
         self.arena_bytes = 0
@@ -143,8 +137,11 @@ class FileModel:
     @classmethod
     def open(cls, path: Path, threads: int, act: str | None = None) -> FileModel | str:
         """The file laid out for the C step, or why it cannot be (then nothing large was allocated)."""
-        header = read_header(path)
-        return header if isinstance(header, str) else cls(*header, threads, act or ACT_DEFAULT)
+        f = GGUFFile(path)
+        config, arch = gguf_config(f)
+        plan = check_tensors(f, config, arch)
+        helds = holdings(f, config, arch)
+        return refusal(config, helds) or cls(f, config, arch, plan, helds, threads, act or ACT_DEFAULT)
 
     # ---- the layout --------------------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from gen_cli.errors import UsageError
-from gen_cli.infer.options import SamplingConfig
+from gen_cli.infer.options import SamplingConfig, check_act
 from gen_cli.model.config import ModelConfig
 from gen_cli.model.transformer import Transformer
 from gen_cli.pages import PageReleaser, join_rows
@@ -98,15 +98,6 @@ def attach_block_kernels(model: Transformer, act: str = "int8") -> None:
     from gen_cli.native.block_matmul import use_block_kernel
 
     use_block_kernel(model, act)  # CPU layers, when the kernel builds here
-
-
-def check_act(act: str) -> str:
-    """`act` when it names an activation precision for block weights (int8, bf16, fp32), else a usage error."""
-    from gen_cli.native.abi import ACT_MODES
-
-    if act not in ACT_MODES:
-        raise UsageError(f"unknown activation precision {act!r}; choose {', '.join(ACT_MODES)}", params=("act",))
-    return act
 
 
 def set_act(model: Transformer, act: str) -> None:

@@ -95,3 +95,12 @@ def check_lengths(config: ModelConfig, prompt_len: int, max_new_tokens: int, spe
             f"of {limit} tokens; use max_new_tokens {limit - prompt_len} or less",
             params=("max_new_tokens",),
         )
+
+
+def check_act(act: str) -> str:
+    """`act` when it names an activation precision for block weights (int8, bf16, fp32), else a usage error."""
+    from gen_cli.native.abi import ACT_MODES
+
+    if act not in ACT_MODES:
+        raise UsageError(f"unknown activation precision {act!r}; choose {', '.join(ACT_MODES)}", params=("act",))
+    return act

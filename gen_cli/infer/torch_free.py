@@ -14,8 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from gen_cli.infer.file_model import FileModel, read_header
-from gen_cli.infer.options import SamplingConfig, check_lengths
+from gen_cli.infer.file_model import FileModel
+from gen_cli.infer.options import SamplingConfig, check_act, check_lengths
 from gen_cli.infer.sampling_np import generator, sample
 from gen_cli.infer.stats import GenerationStats
 from gen_cli.native.abi import ACT_DEFAULT
@@ -99,18 +99,19 @@ class FileEngine:
 
 
 def open_file(path: Path, threads: int | None, act: str | None) -> FileEngine | str:
-    """The GGUF file at `path` ready for greedy generation without torch, or why it cannot be."""
+    """The GGUF file at `path` ready for generation without torch, or why it cannot be."""
     from gen_cli.formats.gguf_file import text_conventions
     from gen_cli.memory import check_load_fits
 
     requested = check_threads(threads) if threads is not None else default_threads()
+    if act is not None:
+        check_act(act)  # refused before the file is read, as on the PyTorch path
     check_load_fits(path)
     with PeakMemory("cpu") as mem:
         start = time.perf_counter()
-        header = read_header(path)
-        if isinstance(header, str):
-            return header
-        model = FileModel(*header, requested, act or ACT_DEFAULT)
+        model = FileModel.open(path, requested, act)
+        if isinstance(model, str):
+            return model
         conventions = text_conventions(model.file, model.config)
         load_s = time.perf_counter() - start
     blocky = any(h.blocks for h in model.helds.values())

@@ -383,7 +383,8 @@ def checked_modes(modes: tuple[str, ...] | None, new_tokens: int, device: torch.
     modes = modes or (DEFAULT_MODES if device.type == "cpu" else DEFAULT_GPU_MODES)
     if unknown := [m for m in modes if split_mode(m)[0] not in MODES]:
         raise UsageError(f"unknown mode(s) {', '.join(unknown)}; choose from {', '.join(MODES)}")
-    from gen_cli.infer.optimize import QUANTIZE_MODES, check_act
+    from gen_cli.infer.optimize import QUANTIZE_MODES
+    from gen_cli.infer.options import check_act
 
     for m in modes:
         if (act := split_mode(m)[1]) is not None:
