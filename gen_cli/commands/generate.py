@@ -444,7 +444,6 @@ def _torch_free_run(path: Path, options: EngineOptions, run: Run) -> bool:
 def _may_have_gpu() -> bool:
     """Whether `--device auto` could find a CUDA or MPS device here (a driver or macOS), judged without torch."""
     import os
-    import sys
 
     return sys.platform == "darwin" or os.path.exists("/proc/driver/nvidia") or os.path.exists("/dev/nvidiactl")
 
