@@ -402,14 +402,16 @@ def generate_command(
     _check_run(run, options, kv_kinds is not None)
     source = PresetShape(preset, tokenizer, attention, kv_heads, pos) if preset is not None else model_dir
     refused = ""
-    if isinstance(source, Path) and _torch_free_run(source, options, run):
-        from gen_cli.infer.torch_free import open_file
+    if isinstance(source, Path) and source.suffix.lower() == ".gguf":
+        from gen_cli.infer.torch_free import applies, open_file
 
-        opened = open_file(source, options.threads, options.act)
-        if not isinstance(opened, str):
-            _render(opened.source, "", run, *_generate_torch_free(opened, run))
-            return
-        refused = f"torch-free path not taken: {opened}"
+        plain = run.num_samples == 1 and not (run.prompt_cache or run.profile or run.speculate or run.draft)
+        if applies(source, options, run.cache, plain):
+            opened = open_file(source, options.threads, options.act)
+            if not isinstance(opened, str):
+                _render(opened.source, "", run, *_generate_torch_free(opened, run))
+                return
+            refused = f"torch-free path not taken: {opened}"
     engine, reuse = _open(source, options, run)
     from gen_cli.infer.proposers import speculation_for
 
@@ -418,34 +420,6 @@ def generate_command(
     outcome = _generate(engine, run, ids, reuse, speculation)
     note = engine.decode_note()
     _render(engine.source, f"native step unavailable: {note}" if note else refused, run, outcome, reuse, from_bos)
-
-
-TORCH_FREE_ENV = "GEN_TORCH_FREE"  # 0: every run takes the PyTorch path (an A/B switch)
-
-
-def _torch_free_run(path: Path, options: EngineOptions, run: Run) -> bool:
-    """Whether this run's flags allow generating without torch (infer/torch_free.py): a GGUF file on the CPU, one
-    sample, the default KV cache, no prompt cache, profile or speculation, every model option at its default
-    (threads and --act aside). The file itself may still refuse (its types, its RoPE…)."""
-    import os
-
-    from gen_cli.cache.spec import CacheSpec
-    from gen_cli.infer.options import EngineOptions
-
-    if os.environ.get(TORCH_FREE_ENV, "1") == "0" or path.suffix.lower() != ".gguf" or not path.is_file():
-        return False
-    # "auto" would pick a GPU where one is: only PyTorch runs there.
-    cpu = options.device == "cpu" or (options.device == "auto" and not _may_have_gpu())
-    plain = options == EngineOptions(device=options.device, threads=options.threads, act=options.act)
-    extras = run.num_samples > 1 or run.prompt_cache or run.profile or run.speculate or run.draft
-    return cpu and plain and run.cache == CacheSpec() and not extras
-
-
-def _may_have_gpu() -> bool:
-    """Whether `--device auto` could find a CUDA or MPS device here (a driver or macOS), judged without torch."""
-    import os
-
-    return sys.platform == "darwin" or os.path.exists("/proc/driver/nvidia") or os.path.exists("/dev/nvidiactl")
 
 
 def _generate_torch_free(engine: FileEngine, run: Run) -> tuple[Outcome, None, bool]:

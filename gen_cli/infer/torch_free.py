@@ -14,8 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from gen_cli.cache.spec import CacheSpec
 from gen_cli.infer.file_model import FileModel
-from gen_cli.infer.options import SamplingConfig, check_act, check_lengths
+from gen_cli.infer.options import EngineOptions, SamplingConfig, check_act, check_lengths
 from gen_cli.infer.sampling_np import generator, sample
 from gen_cli.infer.stats import GenerationStats
 from gen_cli.native.abi import ACT_DEFAULT
@@ -96,6 +97,31 @@ class FileEngine:
             native_threads=model.threads.report(),
         )  # fmt: skip
         return FileResult(tokens, stats, interrupted)
+
+
+TORCH_FREE_ENV = "GEN_TORCH_FREE"  # 0: every run takes the PyTorch path (an A/B switch)
+
+
+def applies(path: Path, options: EngineOptions, cache: CacheSpec | None, one_plain_sample: bool) -> bool:
+    """Whether a run may generate without torch: a GGUF file on the CPU, the default KV cache, every model option at
+    its default (threads and --act aside), and `one_plain_sample` (one sample; no prompt cache, profile or
+    speculation). The file itself may still refuse (its types, its RoPE…: `FileModel.open`)."""
+    import os
+
+    if os.environ.get(TORCH_FREE_ENV, "1") == "0" or path.suffix.lower() != ".gguf" or not path.is_file():
+        return False
+    # "auto" would pick a GPU where one is: only PyTorch runs there.
+    cpu = options.device == "cpu" or (options.device == "auto" and not _may_have_gpu())
+    plain = options == EngineOptions(device=options.device, threads=options.threads, act=options.act)
+    return cpu and plain and cache == CacheSpec() and one_plain_sample
+
+
+def _may_have_gpu() -> bool:
+    """Whether `--device auto` could find a CUDA or MPS device here (a driver or macOS), judged without torch."""
+    import os
+    import sys
+
+    return sys.platform == "darwin" or os.path.exists("/proc/driver/nvidia") or os.path.exists("/dev/nvidiactl")
 
 
 def open_file(path: Path, threads: int | None, act: str | None) -> FileEngine | str:

@@ -188,7 +188,9 @@ def bench_startup(
         raise UsageError(f"{model}: no such model file or folder", params=("model",))
     sides = [Side("gen", gen_command(model, new_tokens))]
     if model.is_file() and model.suffix.lower() == ".gguf":  # the same command made to import torch, beside
-        sides.append(Side("gen (torch)", gen_command(model, new_tokens), env={"GEN_TORCH_FREE": "0"}))
+        from gen_cli.infer.torch_free import TORCH_FREE_ENV
+
+        sides.append(Side("gen (torch)", gen_command(model, new_tokens), env={TORCH_FREE_ENV: "0"}))
     if llama is not None:
         if not model.is_file() or model.suffix.lower() != ".gguf":
             raise UsageError(f"{model}: llama.cpp runs .gguf files; compare on one", params=("model",))
