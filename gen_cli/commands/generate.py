@@ -241,6 +241,34 @@ def _encode(text: TextConventions, context_length: int, run: Run) -> tuple[list[
     return text.chat_ids(message, run.system, context_length), False
 
 
+class _Texts:
+    """Each sample's text as its ids come (one TextStream a sample, the prompt's last id as context: a
+    SentencePiece decoder would strip the reply's first space); a live run's first sample goes to stdout."""
+
+    def __init__(self, tokenizer: Any, run: Run, stop_ids: tuple[int, ...], ids: list[int]) -> None:
+        from gen_cli.text.stream import TextStream
+
+        self.live = run.live
+        self.rows = [TextStream(tokenizer, run.stops, stop_ids=stop_ids, context=tuple(ids[-1:]))
+                     for _ in range(run.num_samples)]  # fmt: skip
+
+    def push(self, tokens: list[int]) -> bool:
+        """One new id per sample; True once every sample is done (a stop id or string)."""
+        for row, t in zip(self.rows, tokens, strict=True):
+            row.push(t)
+        if self.live and (new := self.rows[0].take()):
+            sys.stdout.write(new)
+            sys.stdout.flush()
+        return all(r.done for r in self.rows)
+
+    def finish(self) -> list[str]:
+        """Each sample's text, the live one's last piece written."""
+        if self.live:
+            sys.stdout.write(self.rows[0].take(final=True) + "\n")
+            sys.stdout.flush()
+        return [r.text for r in self.rows]
+
+
 @dataclass
 class Outcome:
     """A finished generation: whether Ctrl-C cut it short, each sample's text, the figures --stats and --json show."""
@@ -256,22 +284,14 @@ def _generate(engine: Engine, run: Run, ids: list[int], reuse: PromptReuse | Non
     import torch
 
     from gen_cli.model.info import weight_summary
-    from gen_cli.text.stream import TextStream
 
     held = len(ids) + run.max_new_tokens
     engine.check_memory(held if run.cache is None else run.cache.slots(held), run.num_samples)  # before the streams
     stop_ids = () if run.ignore_eot else engine.stop_ids
-    # The prompt's last id as context: a SentencePiece decoder would strip the reply's first space.
-    rows = [TextStream(engine.tokenizer, run.stops, stop_ids=stop_ids, context=tuple(ids[-1:]))
-            for _ in range(run.num_samples)]  # fmt: skip
+    texts = _Texts(engine.tokenizer, run, stop_ids, ids)
 
     def on_token(token: torch.Tensor) -> bool:
-        for row, t in zip(rows, token.tolist(), strict=True):
-            row.push(t)
-        if run.live and (new := rows[0].take()):
-            sys.stdout.write(new)
-            sys.stdout.flush()
-        return all(r.done for r in rows)
+        return texts.push(token.tolist())
 
     compile_s = None
     if engine.options.compile:
@@ -294,10 +314,7 @@ def _generate(engine: Engine, run: Run, ids: list[int], reuse: PromptReuse | Non
         generator = torch.Generator(device=engine.device).manual_seed(run.seed)
         profile = profile_decode(engine.model, prompt, run.max_new_tokens, run.sampling, generator)
         stats["profile"] = profile.to_dict()
-    if run.live:
-        sys.stdout.write(rows[0].take(final=True) + "\n")
-        sys.stdout.flush()
-    return Outcome(result.interrupted, [r.text for r in rows], stats, profile)
+    return Outcome(result.interrupted, texts.finish(), stats, profile)
 
 
 def generate_command(
@@ -424,26 +441,13 @@ def generate_command(
 
 def _generate_torch_free(engine: FileEngine, run: Run) -> tuple[Outcome, None, bool]:
     """Generation without torch (streaming the text when live): the outcome `_render` shows."""
-    from gen_cli.text.stream import TextStream
-
     ids, from_bos = _encode(engine.text, engine.model.config.context_length, run)
     stop_ids = () if run.ignore_eot else engine.text.stop_ids
-    row = TextStream(engine.text.tokenizer, run.stops, stop_ids=stop_ids, context=tuple(ids[-1:]))
-
-    def on_token(token: int) -> bool:
-        row.push(token)
-        if run.live and (new := row.take()):
-            sys.stdout.write(new)
-            sys.stdout.flush()
-        return row.done
-
-    result = engine.generate(ids, run.max_new_tokens, run.sampling, run.seed, stop_ids, on_token)
-    if run.live:
-        sys.stdout.write(row.take(final=True) + "\n")
-        sys.stdout.flush()
+    texts = _Texts(engine.text.tokenizer, run, stop_ids, ids)
+    result = engine.generate(ids, run.max_new_tokens, run.sampling, run.seed, stop_ids, lambda t: texts.push([t]))
     stats = result.stats.to_dict() | {"load_s": engine.load_s, "load_peak_memory_bytes": engine.load_peak_bytes}
     stats |= {"activations": engine.act}
-    return Outcome(result.interrupted, [row.text], stats, None), None, from_bos
+    return Outcome(result.interrupted, texts.finish(), stats, None), None, from_bos
 
 
 def _render(source: str, path_note: str, run: Run, out: Outcome, reuse: PromptReuse | None, from_bos: bool) -> None:

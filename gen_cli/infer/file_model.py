@@ -21,7 +21,6 @@ from __future__ import annotations
 import ctypes
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -128,9 +127,6 @@ class FileModel:
         self.helds = {h.gen_name: h for h in helds}
         self.lib = library()
         self.threads, self.requested = ThreadGovernor(), threads
-        self.arena_bytes = 0
-        self.copied: dict[str, int] = {}
-        self._keep: list[Any] = []  # what the structs point into
         self._lay_out(act)
         self.pos, self.max_tokens = 0, 0
 
@@ -227,11 +223,9 @@ class FileModel:
     def _lay_out(self, act: str) -> None:
         c = self.config
         matrices = self._matrices()
-        self.arena_bytes = sum(r.nbytes for runs in matrices.values() for r in runs)
-        arena = _Arena(self.arena_bytes)
+        self._arena = _Arena(sum(r.nbytes for runs in matrices.values() for r in runs))  # what the structs point into
         self._pages = PageReleaser()  # after the file is mapped: it finds the file's ranges in /proc/self/maps
-        self._keep.append(arena)
-        placed = {field: [self._write(r, arena) for r in runs] for field, runs in matrices.items()}
+        placed = {field: [self._write(r, self._arena) for r in runs] for field, runs in matrices.items()}
         self.layers = (Layer * c.n_layer)()
         for i in range(c.n_layer):
             at = f"layers.{i}."
@@ -254,11 +248,6 @@ class FileModel:
 
     # ---- a sequence ---------------------------------------------------------------------------------------
 
-    def kv_bytes(self, max_tokens: int) -> int:
-        """Bytes of the fp32 K and V of every layer for max_tokens positions."""
-        c = self.config
-        return 2 * c.n_layer * c.n_kv_head * max_tokens * c.head_dim * 4
-
     def start(self, max_tokens: int) -> None:
         """An empty fp32 KV cache for up to max_tokens positions, the RoPE tables and scratch for them."""
         c, s = self.config, self.struct
@@ -276,6 +265,11 @@ class FileModel:
             setattr(s, name, self._scratch[name].ctypes.data)
         s.max_tokens, s.slots, s.n_slots, s.block_table = max_tokens, None, 0, None
         self.pos, self.max_tokens = 0, max_tokens
+
+    @property
+    def kv_nbytes(self) -> int:
+        """Bytes the started sequence's K and V arrays hold (measured, beside the config's formula)."""
+        return sum(k.nbytes + v.nbytes for k, v in self._kv)
 
     def forward(self, ids: list[int], last: int | None = None) -> np.ndarray:
         """Logits of consecutive tokens from the sequence's position on (≤ MAX_BATCH at once): (len(ids), vocab),

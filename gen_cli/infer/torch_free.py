@@ -61,8 +61,10 @@ class FileEngine:
         model, config = self.model, self.model.config
         check_lengths(config, len(ids), max_new_tokens)
         held = len(ids) + max_new_tokens
-        check_fits(model.kv_bytes(held), f"the KV cache of {held:,} tokens", "use fewer max_new_tokens",
+        analytic = config.kv_bytes_per_token(4) * held  # fp32 K and V
+        check_fits(analytic, f"the KV cache of {held:,} tokens", "use fewer max_new_tokens",
                    params=("max_new_tokens",))  # fmt: skip
+        history = list(ids)  # the repetition penalty's: the prompt, then each new token
         tokens: list[int] = []
         latencies: list[float] = []
         rng = generator(seed)
@@ -74,9 +76,10 @@ class FileEngine:
                 logits = model.prefill(ids)
                 resumed = start
                 while True:
-                    token = sample(logits, ids + tokens, sampling, rng)
+                    token = sample(logits, history, sampling, rng)
                     latencies.append(time.perf_counter() - resumed)
                     tokens.append(token)
+                    history.append(token)
                     if on_token(token) or len(tokens) == max_new_tokens or token in stop_ids:
                         break
                     resumed = time.perf_counter()
@@ -85,12 +88,11 @@ class FileEngine:
                 interrupted = True
         ttft = latencies[0] if latencies else time.perf_counter() - start
         decode_time, steps = sum(latencies[1:]), len(latencies) - 1
-        kv = model.kv_bytes(held)
         stats = GenerationStats(
             prompt_tokens=len(ids), new_tokens=len(tokens), ttft_s=ttft, prefill_tokens_per_s=len(ids) / ttft,
             decode_tokens_per_s=steps / decode_time if steps > 0 and decode_time > 0 else None,
             ms_per_token=1000 * decode_time / steps if steps > 0 else None,
-            kv_cache_bytes=kv, kv_cache_bytes_analytic=config.kv_bytes_per_token(4) * held,
+            kv_cache_bytes=model.kv_nbytes, kv_cache_bytes_analytic=analytic,
             peak_memory_bytes=mem.bytes, memory_method=mem.method, device="cpu", dtype="float32",
             threads=model.requested, batch=1, decode_path="native (torch-free)", kv_dtype_k="fp32", kv_dtype_v="fp32",
             machine_load=probe.measure().to_dict(), per_token_latencies=latencies[1:],
