@@ -14,6 +14,7 @@ from conftest import tiny_config
 
 from gen_cli.cache.linear import KVCache
 from gen_cli.cache.spec import CacheSpec
+from gen_cli.infer import scheduler
 from gen_cli.infer.batch import batched_step, native_rows, prefill_chunk
 from gen_cli.infer.generate import decode_step, greedy_steps, new_cache, prefill
 from gen_cli.infer.optimize import optimize_for_decode
@@ -149,6 +150,15 @@ def test_multi_token_rows_mix_with_other_sequences():
     full0 = model(torch.tensor([seqs[0] + extra]))[0, -3:]  # (3, V)
     want = torch.cat([full0, model(torch.tensor([seqs[1]]))[0, -1:], model(torch.tensor([seqs[2]]))[0, -1:]])
     assert (got - want).abs().max() <= TOL * want.abs().max()
+    # The same rows again from the same state, the head on the last three only: their logits.
+    for cache, back in zip(caches, (3, 1, 1), strict=True):
+        cache.truncate(cache.pos - back)
+    with torch.inference_mode():
+        tail = native.rows(rows, order, logits_from=2)  # (3, V)
+    assert [c.pos for c in caches] == [22, 8, 33] and tail.shape == (3, model.config.vocab_size)
+    assert (tail - want[2:]).abs().max() <= TOL * want.abs().max()
+    with pytest.raises(Exception, match="does not accept"):
+        native.rows(rows, order, logits_from=6)
 
 
 @pytest.mark.parametrize("pos_encoding", ["learned", "sinusoidal"])
@@ -196,23 +206,34 @@ def test_refusals_fall_back_to_pytorch():
         native.rows([1, 2], mixed)
 
 
-def test_scheduler_runs_native_rows_with_single_greedy_output():
-    """Continuous batching through the native step, short prompts riding in the decode rows' call (longer
-    ones prefilled in PyTorch chunks): every request's tokens equal its single run."""
+def test_scheduler_runs_native_rows_with_single_greedy_output(monkeypatch):
+    """Continuous batching through the native step, prompts fed in chunks beside the decoding rows in the same
+    call (chunked prefill, the head only on rows whose logits are read): every request's tokens equal its
+    single run."""
     model = _model("gqa")
     gen = torch.Generator().manual_seed(9)
     prompts = [torch.randint(0, 300, (n,), generator=gen).tolist() for n in (3, 12, 7, 25, 4, 10)]
     sizes = [9, 3, 14, 6, 11, 5]
     sched = Scheduler(model, max_batch=3, prefill_chunk=8)
-    calls = []  # (rows, distinct caches) per native call
+    calls = []  # (rows, distinct caches, rows given logits) per native call
     real = model.native_decoder.rows
-    model.native_decoder.rows = lambda t, c: calls.append((len(c), len(set(map(id, c))))) or real(t, c)
+
+    def rows(tokens, caches, logits_from=0):
+        calls.append((len(caches), len(set(map(id, caches))), len(caches) - logits_from))
+        return real(tokens, caches, logits_from)
+
+    model.native_decoder.rows = rows
+    prefilled = []  # PyTorch prefills: none while the C step takes the caches
+    monkeypatch.setattr(scheduler, "prefill_chunk", lambda *a: prefilled.append(a) or prefill_chunk(*a))
     reqs = [sched.submit(Request(p, n)) for p, n in zip(prompts, sizes, strict=True)]
     sched.run_until_idle()
     for r, p, n in zip(reqs, prompts, sizes, strict=True):
         assert r.tokens == _single(model, p, n, ("fp32", "fp32"))
-    assert max(d for _, d in calls) == 3  # three requests decoding in one call
-    assert any(rows > d > 1 for rows, d in calls)  # a prompt riding beside a decoding request
+    assert max(d for _, d, _ in calls) == 3  # three requests decoding in one call
+    assert any(rows > d > 1 for rows, d, _ in calls)  # a prompt fed beside a decoding request
+    assert max(rows for rows, _, _ in calls) <= 8 + 2  # at most prefill_chunk prompt rows beside 2 decoding
+    assert any(head < rows for rows, _, head in calls)  # a prompt's inner rows skip the head
+    assert not prefilled  # every prompt token went through the C step, the 25-token one over several calls
 
 
 @pytest.mark.parametrize("kinds", [("fp32", "fp32"), ("int8", "int4")], ids="/".join)

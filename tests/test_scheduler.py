@@ -149,3 +149,16 @@ def test_batch_rates_time_every_batch_size(model):
 
     rates = batch_rates(model, [1, 3], steps=3, rounds=1, prompt=6)
     assert [r.batch for r in rates] == [1, 3] and all(r.low <= r.tokens_per_s <= r.high for r in rates)
+
+
+def test_the_bench_asks_every_request_for_the_given_answer_length():
+    """`gen bench serve -n N`: every request of the scheduler's modes asks for N tokens (fixed-length answers),
+    instead of 8-64 at random."""
+    from gen_cli.lab.serve_bench import compare_modes
+
+    model = random_model(tiny_config(context_length=128))  # room for the workload's prompts of up to 64 tokens
+
+    runs = compare_modes(model, 2, 4, rounds=1, modes=("continuous", "single"), new=5)
+    assert all(run.tokens == 4 * 5 and run.requests == 4 for done in runs.values() for run in done)
+    ragged = compare_modes(model, 2, 4, rounds=1, modes=("continuous",))["continuous"][0]
+    assert ragged.requests == 4 and ragged.tokens != 4 * 5

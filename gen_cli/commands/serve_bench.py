@@ -13,7 +13,6 @@ from gen_cli.commands.common import err, out_console, print_json
 from gen_cli.commands.options import (
     Device,
     Json,
-    MaxNewTokens,
     Model,
     Native,
     Preset,
@@ -76,7 +75,18 @@ def bench_serve_command(
             show_default=False,
         ),
     ] = None,
-    new_tokens: MaxNewTokens = 128,  # per request, over HTTP; per answer with --turns
+    answer: Annotated[
+        int | None,
+        typer.Option(
+            "--max-new-tokens",
+            "-n",
+            metavar="N",
+            min=1,
+            help="Tokens each request asks for. Default: 8-64 at random for the modes on the scheduler, 128 over "
+            "HTTP and per answer with --turns.",
+            show_default=False,
+        ),
+    ] = None,
     device: Device = "auto",
     threads: Threads = None,
     native: Native = True,
@@ -109,6 +119,7 @@ def bench_serve_command(
     source = PresetSource(preset) if preset is not None else (model_dir or default_model_dir())
     engine = open_model(source, EngineOptions(device, threads=threads, native=native))
     err.print(f"[dim]{engine.source}: {clients} clients, {requests} requests, {rounds} rounds[/]")
+    new_tokens = answer or 128
     if shared_prefix is not None and turns is not None:
         raise UsageError("give --shared-prefix or --turns, not both")
     if shared_prefix is not None:
@@ -134,7 +145,11 @@ def bench_serve_command(
             rows += [{**r, "mode": f"{r['mode']} (http)"} for r in summary(http)]
         _print_turns(rows, as_json)
         return
-    rows = summary(compare_modes(engine.model, clients, requests, rounds, chosen))
+    if answer is not None:
+        from gen_cli.model.transformer import check_context
+
+        check_context(engine.model.config, 64, answer)  # the longest prompt of the workload, then the answer
+    rows = summary(compare_modes(engine.model, clients, requests, rounds, chosen, new=answer))
     rates = batch_rates(engine.model, sizes, rounds=rounds) if sizes else []
     http_rows: list[dict[str, float | str]] = []
     if llama_server is not None and model_dir is not None:

@@ -3,10 +3,11 @@
 A `Scheduler` owns the model's batch. `submit` queues a request (a bounded queue: `QueueFull` when full);
 each `step` drops cancelled rows, admits waiting requests while the batch and the KV budget have room,
 decodes one token for every running row at once (`infer.batch.batched_step`), and prefills admitted
-prompts at most `prefill_chunk` tokens per step. Where gen's C step takes the caches, a short prompt rides
-in the decode rows' C call instead (its tokens as rows of its own cache). Events go to each request's
-`emit`, from the thread that steps. Modes: `continuous`, `static` (admit a batch only when the last one has
-finished: the classic baseline), `single` (one request at a time).
+prompts at most `prefill_chunk` tokens per step. Where gen's C step takes the caches, prompts are fed in
+the decode rows' C call instead (chunked prefill: their tokens as rows of their own caches, up to
+MAX_BATCH rows a step). Events go to each request's `emit`, from the thread that steps. Modes:
+`continuous`, `static` (admit a batch only when the last one has finished: the classic baseline), `single`
+(one request at a time).
 
 With `kv_blocks` the requests' caches are sequences of one paged pool (`cache.paged`): a request is admitted
 when the pool can promise every block it may need (else it waits in the queue), its prompt's cached full
@@ -38,9 +39,6 @@ from gen_cli.native.decoder import MAX_BATCH
 from gen_cli.text.stream import TextStream
 
 MODES = ("continuous", "static", "single")
-# Prompt tokens that ride in a decode step's C call as rows of their own cache: up to about this many, one
-# C call over the rows costs less than a PyTorch prefill (shipped model, 1 thread); longer ones go to PyTorch.
-RIDE_TOKENS = 16
 
 
 class QueueFull(GenError):
@@ -215,20 +213,18 @@ class Scheduler:
             self._leave(run, "cancelled")
         self._admit()
         decoding = [r for r in self._running if not r.row.pending and r.logits is None]
-        riders = self._riders(decoding)
-        if riders:  # short prompts ride in the decode rows' C call: rows of their own caches
-            self._native_step(decoding, riders)
-        elif decoding:
-            tokens, caches = [r.row.ids[-1] for r in decoding], [r.row.cache for r in decoding]
-            logits = batched_step(self.model, tokens, caches, self.by_row)
-            self._take(decoding, logits)
-        budget = self.prefill_chunk
-        for run in [r for r in self._running if r.row.pending]:
-            if budget == 0:
-                break
-            chunk, run.row.pending = run.row.pending[:budget], run.row.pending[budget:]
-            budget -= len(chunk)
-            run.logits = prefill_chunk(self.model, chunk, run.row.cache)
+        if not self._native_step(decoding):
+            if decoding:
+                tokens, caches = [r.row.ids[-1] for r in decoding], [r.row.cache for r in decoding]
+                logits = batched_step(self.model, tokens, caches, self.by_row)
+                self._take(decoding, logits)
+            budget = self.prefill_chunk
+            for run in [r for r in self._running if r.row.pending]:
+                if budget == 0:
+                    break
+                chunk, run.row.pending = run.row.pending[:budget], run.row.pending[budget:]
+                budget -= len(chunk)
+                run.logits = prefill_chunk(self.model, chunk, run.row.cache)
         ready = [r for r in self._running if not r.row.pending and r.logits is not None]
         if ready:
             logits = torch.stack([r.logits for r in ready])  # (n, V)
@@ -237,33 +233,40 @@ class Scheduler:
             self._take(ready, logits)
         self.steps += 1
 
-    def _riders(self, decoding: list[_Running]) -> list[_Running]:
-        """Requests whose whole remaining prompt (at most RIDE_TOKENS in all) joins this step's C call, when
-        gen's C step takes every cache involved; else none (their prompts prefill in PyTorch)."""
-        if self.by_row:
-            return []
-        room = min(RIDE_TOKENS, self.prefill_chunk, MAX_BATCH - len(decoding))
-        riders = []
+    def _native_step(self, decoding: list[_Running]) -> bool:
+        """Prompts and decode in one C call (chunked prefill): the next tokens of waiting prompts, at most
+        `prefill_chunk` and MAX_BATCH rows in all, as rows of their own caches, beside one row per decoding
+        request; the weights are read once for all. The LM head runs only where its logits are used: each
+        prompt's last token and the decode rows. False (nothing run) when no prompt waits or gen's C step does
+        not take these caches."""
+        room = min(self.prefill_chunk, MAX_BATCH - len(decoding))
+        chunks: list[tuple[_Running, int]] = []  # (request, prompt tokens it feeds this step)
         for run in self._running:
-            if run.row.pending and len(run.row.pending) <= room:
-                riders.append(run)
-                room -= len(run.row.pending)
-        caches = [r.row.cache for r in decoding] + [r.row.cache for r in riders for _ in r.row.pending]
-        return riders if riders and native_rows(self.model, caches) is not None else []
-
-    def _native_step(self, decoding: list[_Running], riders: list[_Running]) -> None:
-        """One C call: a row per decoding request, then each rider's prompt as rows of its cache."""
-        tokens = [r.row.ids[-1] for r in decoding] + [t for r in riders for t in r.row.pending]
-        caches = [r.row.cache for r in decoding] + [r.row.cache for r in riders for _ in r.row.pending]
+            if run.row.pending and room > 0 and not self.by_row:
+                chunks.append((run, min(room, len(run.row.pending))))
+                room -= chunks[-1][1]
+        if not chunks:
+            return False
+        inner: list[tuple[_Running, int]] = []  # (request, token) rows whose logits nobody reads
+        last: list[tuple[_Running, int]] = []  # each prompt's final token: its first pick's logits
+        for run, take in chunks:
+            fed = run.row.pending[:take]
+            ends = take == len(run.row.pending)
+            inner += [(run, t) for t in (fed[:-1] if ends else fed)]
+            last += [(run, fed[-1])] if ends else []
+        rows = inner + last + [(r, r.row.ids[-1]) for r in decoding]  # a cache's rows stay in order
+        caches = [run.row.cache for run, _ in rows]
         native = native_rows(self.model, caches)
-        assert native is not None  # _riders checked these caches
-        logits = native.rows(tokens, caches)  # (rows, V); every cache advanced past its rows
-        end = len(decoding)
-        for run in riders:  # a prompt's last row is its first token's logits
-            end += len(run.row.pending)
-            run.row.pending, run.logits = [], logits[end - 1]
+        if native is None:
+            return False
+        logits = native.rows([t for _, t in rows], caches, logits_from=len(inner))  # (last + decoding, V)
+        for run, take in chunks:
+            run.row.pending = run.row.pending[take:]
+        for (run, _), row_logits in zip(last, logits, strict=False):
+            run.logits = row_logits
         if decoding:
-            self._take(decoding, logits[: len(decoding)])
+            self._take(decoding, logits[len(last) :])
+        return True
 
     def run_until_idle(self, max_steps: int = 100_000) -> None:
         """Step until no request runs or waits (tests, benches)."""

@@ -176,10 +176,11 @@ def shared_prefix_memory(model: Transformer, sequences: int, prefix: int, own: i
     blocks = (sequences + 1) * blocks_for(prefix + own + 1, BLOCK_TOKENS)
     out = []
     for share in (True, False):
-        # Every prompt prefilled in one step, so that none has finished when the pool is counted.
+        # Every prompt prefilled in one step, so that none has finished when the pool is counted (by_row: in
+        # PyTorch, not fed through the C step's call in chunks of at most MAX_BATCH rows).
         chunk = sequences * (prefix + own)
         scheduler = Scheduler(
-            model, None, max_batch=sequences, prefill_chunk=chunk, kv_blocks=blocks, prefix_cache=share
+            model, None, max_batch=sequences, prefill_chunk=chunk, by_row=True, kv_blocks=blocks, prefix_cache=share
         )
         scheduler.submit(Request([*system, 0], 1))  # an earlier request left the system prompt cached
         scheduler.run_until_idle()
@@ -247,10 +248,18 @@ def multi_turn_runs(
 
 
 def compare_modes(
-    model: Transformer, clients: int, count: int, rounds: int = 3, modes: tuple[str, ...] = MODES, seed: int = 0
+    model: Transformer,
+    clients: int,
+    count: int,
+    rounds: int = 3,
+    modes: tuple[str, ...] = MODES,
+    seed: int = 0,
+    new: int | None = None,
 ) -> dict[str, list[ServeRun]]:
-    """Every mode on the same workload, `rounds` times, interleaved (a busy machine's drift hits all)."""
-    jobs = workload(count, model.config.vocab_size, seed, new=(8, min(64, model.config.context_length // 4)))
+    """Every mode on the same workload, `rounds` times, interleaved (a busy machine's drift hits all); each
+    request asks for `new` tokens (None: 8-64 at random, at most a quarter of the context)."""
+    answers = (new, new) if new is not None else (8, min(64, model.config.context_length // 4))
+    jobs = workload(count, model.config.vocab_size, seed, new=answers)
     runs: dict[str, list[ServeRun]] = {m: [] for m in modes}
     for _ in range(rounds):
         for mode in modes:

@@ -357,11 +357,15 @@ class NativeDecoder:
         s.max_tokens, s.batch, s.n_threads = self._scratch_cap[1], batch, torch.get_num_threads()
         self._rows_mode = True  # the plain step restores its own fields
 
-    def rows(self, tokens: Sequence[int] | torch.Tensor, caches: Sequence[KVCache]) -> torch.Tensor:
-        """Logits (N, V) for N tokens, token i into caches[i] at that cache's next free position: a cache named
-        r times takes r consecutive tokens (a causal multi-token forward); each cache advances by its count."""
+    def rows(
+        self, tokens: Sequence[int] | torch.Tensor, caches: Sequence[KVCache], logits_from: int = 0
+    ) -> torch.Tensor:
+        """Logits (N - logits_from, V) of rows logits_from.. of N tokens, token i into caches[i] at that cache's
+        next free position: a cache named r times takes r consecutive tokens (a causal multi-token forward);
+        each cache advances by its count. Rows before `logits_from` skip the LM head (a prompt's inner tokens;
+        logits_from = N: no row needs logits)."""
         n = len(caches)
-        if len(tokens) != n or not self.accepts_rows(caches):
+        if len(tokens) != n or not 0 <= logits_from <= n or not self.accepts_rows(caches):
             raise InternalError("NativeDecoder.rows was given rows it does not accept (check accepts_rows)")
         slots: dict[int, int] = {}  # id(cache) -> slot
         distinct: list[KVCache] = []
@@ -388,7 +392,8 @@ class NativeDecoder:
         self._struct.n_threads = self.threads.threads(torch.get_num_threads())
         ids = torch.as_tensor(tokens, dtype=torch.int64).reshape(n)  # (N,)
         where = torch.tensor([pos, slot], dtype=torch.int64)  # (2, N): positions, slots
-        logits = torch.empty(n, self.config.vocab_size)  # (N, V)
+        logits = torch.empty(n - logits_from, self.config.vocab_size)  # (N - logits_from, V)
+        self._struct.logits_from = logits_from
         self.lib.gen_decode_rows(
             self._struct_ref, ids.data_ptr(), ids.stride(0), where[0].data_ptr(), where[1].data_ptr(), logits.data_ptr()
         )
@@ -413,6 +418,7 @@ class NativeDecoder:
         if token.dtype != torch.int64:
             token = token.long()
         logits = torch.empty(batch, self.config.vocab_size)  # (B, vocab)
+        self._struct.logits_from = 0
         # Row b's id is at data_ptr + b * stride(0): a column of generate's id buffer needs no copy.
         # (Each PyTorch op here costs tens of µs: the step has just streamed the caches cold.)
         self.lib.gen_decode_step(self._struct_ref, token.data_ptr(), token.stride(0), cache.pos, logits.data_ptr())
