@@ -1,4 +1,4 @@
-"""The native step reading int8/int4 K/V: same stored bytes as KVSide.write, same logits and greedy
+"""The native step reading bf16/int8/int4 K/V: same stored bytes as KVSide.write, same logits and greedy
 tokens as the PyTorch path with the same cache kinds, and the CLI routing such caches to it."""
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.skipif(
     shutil.which(shlex.split(os.environ.get("CC", "cc"))[0]) is None, reason="no C compiler on this machine"
 )
 GREEDY = SamplingConfig(temperature=0.0)
-PAIRS = list(itertools.product(("fp32", "int8", "int4"), repeat=2))
+PAIRS = list(itertools.product(("fp32", "bf16", "int8", "int4"), repeat=2))
 # head_dim 32 and 64 (int4 needs whole groups of 32), GQA: two query heads per KV head.
 SHAPES = {
     32: {"d_model": 64, "n_head": 2, "n_kv_head": 1, "context_length": 64},
@@ -84,7 +84,9 @@ def test_native_quantized_kv_equals_pytorch(hd, k_kind, v_kind):
         {"d_model": 192, "n_head": 2, "n_kv_head": 1},  # head_dim 96: the copy with run-time loops
     ],
 )
-@pytest.mark.parametrize(("k_kind", "v_kind"), [("fp32", "fp32"), ("int8", "int8"), ("int4", "int8"), ("fp32", "int4")])
+@pytest.mark.parametrize(
+    ("k_kind", "v_kind"), [("fp32", "fp32"), ("bf16", "bf16"), ("int8", "int8"), ("int4", "int8"), ("fp32", "int4")]
+)
 def test_every_head_grouping_and_size(shape, k_kind, v_kind):
     torch_model, native_model = _models(**shape, d_ff=128, context_length=64)
     ids = torch.randint(0, 300, (1, 24), generator=torch.Generator().manual_seed(6))
@@ -94,7 +96,9 @@ def test_every_head_grouping_and_size(shape, k_kind, v_kind):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize(("k_kind", "v_kind"), [("fp32", "fp32"), ("int8", "int8"), ("int4", "int4"), ("int8", "int4")])
+@pytest.mark.parametrize(
+    ("k_kind", "v_kind"), [("fp32", "fp32"), ("bf16", "bf16"), ("int8", "int8"), ("int4", "int4"), ("int8", "int4")]
+)
 def test_long_contexts_split_into_chunks_and_merge(threads, k_kind, v_kind, monkeypatch):
     """Past 256 positions each KV head's tokens are split into chunks across threads, then merged."""
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
@@ -106,11 +110,11 @@ def test_long_contexts_split_into_chunks_and_merge(threads, k_kind, v_kind, monk
 
 
 @pytest.mark.parametrize("hd", sorted(SHAPES))
-@pytest.mark.parametrize("kind", ["int8", "int4"])
+@pytest.mark.parametrize("kind", ["bf16", "int8", "int4"])
 def test_native_writes_the_bytes_kvside_writes(hd, kind):
     """One layer, so each new token's k/v depends on the token alone, not on earlier attention: the
     fp32 values the native step stores in an fp32 cache, quantized by KVSide.write, must be exactly the
-    bytes (values, scales, zero points) it stores in an int8/int4 cache."""
+    bytes (values, scales, zero points) it stores in a bf16/int8/int4 cache."""
     _, native_model = _models(**{**SHAPES[hd], "n_layer": 1})
     ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(3))
     plain = KVCache(native_model.config, 2, 24)
@@ -127,7 +131,9 @@ def test_native_writes_the_bytes_kvside_writes(hd, kind):
             assert torch.equal(got[:, :, 4:24], want[:, :, 4:24])
 
 
-@pytest.mark.parametrize("kinds", [("int8", "int8"), ("int4", "int4"), ("int8", "int4"), ("int4", "fp32")])
+@pytest.mark.parametrize(
+    "kinds", [("bf16", "bf16"), ("int8", "int8"), ("int4", "int4"), ("int8", "int4"), ("int4", "fp32")]
+)
 def test_native_greedy_tokens_equal_pytorch_over_32_steps(kinds):
     torch_model, native_model = _models(**SHAPES[32])
     prompt = torch.randint(0, 300, (2, 8), generator=torch.Generator().manual_seed(4))
@@ -179,7 +185,7 @@ def test_the_portable_loops_equal_the_vector_paths(target, monkeypatch, kernel_b
     build.library.cache_clear()
     try:
         _, portable = _models(**SHAPES[32])
-        for kinds in (("int8", "int4"), ("int4", "int8")):
+        for kinds in (("int8", "int4"), ("int4", "int8"), ("bf16", "fp32")):
             want, got = _steps(vector, ids, 5, kinds), _steps(portable, ids, 5, kinds)
             assert (got - want).abs().max() <= _tol(*kinds) * want.abs().max()
     finally:
@@ -205,4 +211,5 @@ def test_cli_kv_dtype_decodes_natively(model_dir):
     text = " ".join(run("--kv-dtype", "int8", "--stats").stderr.split())
     assert "decode path native" in text and "PyTorch decodes" not in text
     text = " ".join(run("--kv-dtype", "fp16", "--stats").stderr.split())
-    assert "decode path torch" in text and "PyTorch decodes: the native step reads fp32, int8 or int4" in text
+    assert "decode path torch" in text and "PyTorch decodes: the native step reads fp32, bf16, int8 or int4" in text
+    assert json.loads(run("--kv-dtype", "bf16", "--json").stdout)["stats"]["decode_path"] == "native"

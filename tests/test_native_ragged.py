@@ -30,7 +30,7 @@ pytestmark = pytest.mark.skipif(
 )
 # MHA, GQA (2 query heads per KV head) and MQA; head_dim 32 so that int4 K/V (groups of 32) fit.
 HEADS = {"mha": (4, 4), "gqa": (4, 2), "mqa": (4, 1)}
-KINDS = [("fp32", "fp32"), ("int8", "int8"), ("int4", "int4"), ("int8", "fp32")]
+KINDS = [("fp32", "fp32"), ("bf16", "bf16"), ("int8", "int8"), ("int4", "int4"), ("int8", "fp32")]
 # Relative to the largest logit: the C step and PyTorch sum in different orders (fp32 K/V); a quantized K/V
 # value on a rounding boundary may round one step apart (see test_native_kv's TOL_QUANT).
 TOL, TOL_QUANT = 2e-5, 2e-4

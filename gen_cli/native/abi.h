@@ -8,7 +8,7 @@
 
 #include <stdint.h>
 
-#define GEN_ABI_VERSION 11
+#define GEN_ABI_VERSION 12
 
 /* Matrix.type: the step's own formats (the model's float dtype, int8 rows with a scale each), then GGML's
  * block formats (block_types.h) by their gen names (abi.py's MATRIX_TYPES). */
@@ -32,7 +32,7 @@ enum {
 /* How a layer stores K or V (gen_cli/cache/kinds.py): the model's own float dtype, int8 with one fp32
  * scale per token per head (x = q * scale), or int4 in groups of KV_GROUP along head_dim, two values a byte,
  * low nibble first, with an fp32 scale and zero point per group (x = q * scale + zero). */
-enum { KV_FLOAT = 0, KV_INT8 = 1, KV_INT4 = 2 };
+enum { KV_FLOAT = 0, KV_INT8 = 1, KV_INT4 = 2, KV_BF16 = 3 }; /* KV_FLOAT: the model's dtype */
 enum { KV_GROUP = 32 };
 
 /* Model.act: what block-weight products multiply (blocks_float.h): the activations quantized to int8 per block
@@ -62,7 +62,7 @@ typedef struct {
     void *k_cache, *v_cache; /* (batch, n_kv_head, max_tokens, head_dim) values (int4: head_dim / 2 bytes) */
     /* int8: scale (batch, n_kv_head, max_tokens); int4: scale and zero (.., max_tokens, head_dim / 32) each */
     float *k_scale, *k_zero, *v_scale, *v_zero;
-    int64_t k_kind, v_kind; /* KV_FLOAT, KV_INT8, KV_INT4 (KV_INT* in fp32 models only) */
+    int64_t k_kind, v_kind; /* KV_FLOAT, KV_INT8, KV_INT4, KV_BF16 (all but KV_FLOAT in fp32 models only) */
     /* The rows of wqkv / w13 that follow the first part's, held in other block types (a Q4_K_M file's Q6_K
      * v after Q4_K q and k): each part in its own type, so a step reads no more than the file holds.
      * rows 0: no such part. */

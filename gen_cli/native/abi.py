@@ -16,7 +16,7 @@ from gen_cli.errors import InternalError
 if TYPE_CHECKING:
     from gen_cli.model.config import ModelConfig
 
-ABI_VERSION = 11  # GEN_ABI_VERSION in abi.h
+ABI_VERSION = 12  # GEN_ABI_VERSION in abi.h
 
 # Matrix.type (abi.h's T_*): the step's own formats, then GGML's block formats by their gen names.
 MATRIX_TYPES = {
@@ -81,7 +81,7 @@ class KVSlot(ctypes.Structure):
 
 
 # How Layer.k_kind/v_kind name a stored form (abi.h's KV_FLOAT / KV_INT8 / KV_INT4).
-KV_KINDS = {"float": 0, "int8": 1, "int4": 2}
+KV_KINDS = {"float": 0, "int8": 1, "int4": 2, "bf16": 3}
 
 
 _INTS = (

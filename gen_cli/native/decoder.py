@@ -234,7 +234,7 @@ class NativeDecoder:
             return f"the native step reads the linear KV cache layout; this cache is {CacheSpec.of(cache).describe()}"
         if batch > MAX_BATCH:
             return f"the native step takes at most {MAX_BATCH} rows, not {batch}"
-        reads = "fp32, int8 or int4" if self.dtype == torch.float32 else "bf16"
+        reads = "fp32, bf16, int8 or int4" if self.dtype == torch.float32 else "bf16"
         return f"the native step reads {reads} K/V here; this cache stores K {cache.k_kind}, V {cache.v_kind}"
 
     def _accepts_pool(self, pool: BlockPool) -> bool:
@@ -244,8 +244,8 @@ class NativeDecoder:
         return fits and (unquantized or self._reads_quantized(pool))  # type: ignore[arg-type]
 
     def _reads_quantized(self, cache: KVCache) -> bool:
-        """An fp32 model reads int8/int4 K and V (either side may stay fp32); a bf16 one only plain bf16."""
-        kinds = {"fp32", "int8", "int4"}
+        """An fp32 model reads bf16/int8/int4 K and V (either side may stay fp32); a bf16 one only plain bf16."""
+        kinds = {"fp32", "bf16", "int8", "int4"}
         return self.dtype == torch.float32 and cache.k_kind in kinds and cache.v_kind in kinds
 
     def _scratch_for(self, batch: int, tokens: int) -> None:

@@ -39,7 +39,7 @@ static void kv_store(int64_t kind, int bf16, void *data, float *scale, float *ze
             scale[row * G + g] = s;
             zero[row * G + g] = lo;
         }
-    } else if (bf16) {
+    } else if (bf16 || kind == KV_BF16) { /* a bf16 model's cache, or bf16 K/V of an fp32 one */
         for (int64_t i = 0; i < hd; i++) ((uint16_t *)data)[row * hd + i] = to_bf16(x[i]);
     } else {
         memcpy((float *)data + row * hd, x, hd * sizeof(float));
@@ -48,11 +48,10 @@ static void kv_store(int64_t kind, int bf16, void *data, float *scale, float *ze
 
 /* One KV head's side as attention reads it: `data`, `scale`, `zero` point at its token 0. */
 typedef struct {
-    int kind; /* KV_FLOAT, KV_INT8, KV_INT4, or KV_BF16: a bf16 model's float cache */
+    int kind; /* KV_FLOAT (fp32), KV_INT8, KV_INT4, or KV_BF16 (also a bf16 model's float cache) */
     const void *data;
     const float *scale, *zero;
 } KVHead;
-enum { KV_BF16 = 3 };
 
 /* The side whose token 0 is token row `first` of a cache (row = head max_tokens + position). */
 static KVHead kv_head_at(int64_t kind, int bf16, const void *data, const float *scale, const float *zero,
@@ -63,7 +62,7 @@ static KVHead kv_head_at(int64_t kind, int bf16, const void *data, const float *
     } else if (kind == KV_INT4) {
         r.data = (const uint8_t *)data + first * (hd / 2);
         r.scale = scale + first * (hd / KV_GROUP), r.zero = zero + first * (hd / KV_GROUP);
-    } else if (bf16) {
+    } else if (bf16 || kind == KV_BF16) {
         r.kind = KV_BF16, r.data = (const uint16_t *)data + first * hd;
     } else {
         r.data = (const float *)data + first * hd;
