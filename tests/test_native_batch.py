@@ -91,7 +91,8 @@ def test_a_row_gets_the_same_bits_in_any_batch_and_alone_within_rounding(qtype):
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="builds for plain x86-64 targets")
 @pytest.mark.parametrize("march", ["x86-64-v3", "x86-64-v2"])  # AVX2, then no vector ISA (portable C)
 def test_the_one_row_fallbacks_equal_the_batch_kernel(march, fresh_library, monkeypatch, kernel_builds):
-    """Without AVX-512 every activation row runs the one-row dots: the same integer sums as the batch kernel."""
+    """Without AVX-512 every activation row runs the one-row dots (on AVX2 Q6_K its own batch kernel): the same
+    integer sums as the AVX-512 batch kernel."""
     cases = {}
     for q in QTYPES:
         cols = 608 if _group(q) == 32 else 512
@@ -105,3 +106,9 @@ def test_the_one_row_fallbacks_equal_the_batch_kernel(march, fresh_library, monk
         got = _matmul(x, blocks, q, 21)
         tol = 2e-6 * (x.double().abs() @ w.abs().T) + 1e-6
         assert ((got - want).double().abs() <= tol).all(), q
+    # Q6_K's AVX2 batch kernel: the oracle over column chunks and a tail, and a row's bits in any batch of 2 or more.
+    blocks, x, w = _case("q6_k", 13, 2816, 11, seed=8)
+    together = _matmul(x, blocks, "q6_k", 13)
+    tol = 2e-6 * (x.double().abs() @ w.abs().T) + 1e-6
+    assert ((together.double() - _oracle(x, w, "q6_k")).abs() <= tol).all()
+    assert all(torch.equal(_matmul(x[:n], blocks, "q6_k", 13), together[:n]) for n in (2, 3, 9))

@@ -63,6 +63,11 @@ typedef struct {
 #else
 #define BATCH(NAME, PREP) NULL, NULL, NULL
 #endif
+#if defined(GEN_BLOCKS_512) || defined(GEN_BLOCKS_256) /* Q6_K's batch kernel has an AVX2 path too */
+#define BATCH_Q6_K batch_prep_bytes_q6_k, batch_prep_q6_k, batch_q6_k
+#else
+#define BATCH_Q6_K NULL, NULL, NULL
+#endif
 
 /* Streamed from memory, Q8_0 and the k-quants run faster row by row (measured: four interleaved Q8_0 rows read
  * 10 GB/s on one core, one row at a time 27), so they have no four-row pass. */
@@ -73,7 +78,7 @@ static const BlockType BLOCK_TYPES[T_COUNT] = {
     [T_Q5_0] = {32, 22, quantize_act_32, dot_q5_0, Q45_DOT4(q5_0), dequantize_q5_0, NULL, BATCH(q5_0, q45)},
     [T_Q5_1] = {32, 24, quantize_act_32, dot_q5_1, Q45_DOT4(q5_1), dequantize_q5_1, NULL, BATCH(q5_1, q45)},
     [T_Q4_K] = {256, 144, quantize_act_256, dot_q4_k, NULL, dequantize_q4_k, NULL, BATCH(q4_k, q4_k)},
-    [T_Q6_K] = {256, 210, quantize_act_256, dot_q6_k, NULL, dequantize_q6_k, TILE_Q6_K, BATCH(q6_k, q6_k)},
+    [T_Q6_K] = {256, 210, quantize_act_256, dot_q6_k, NULL, dequantize_q6_k, TILE_Q6_K, BATCH_Q6_K},
     [T_Q4_0X16] = {32, 18, quantize_act_32, NULL, NULL, NULL, NULL, NULL, NULL, NULL, X16_ROWS, T_Q4_0},
     [T_Q4_1X16] = {32, 20, quantize_act_32, NULL, NULL, NULL, NULL, NULL, NULL, NULL, X16_ROWS, T_Q4_1},
     [T_Q4_KX16] = {256, 144, quantize_act_256, NULL, NULL, NULL, NULL, NULL, NULL, NULL, X16_ROWS, T_Q4_K},

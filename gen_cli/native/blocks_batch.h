@@ -7,8 +7,8 @@
  * Q4_0, Q4_1, Q5_0, Q5_1 (groups of 4 blocks), Q8_0 (pairs of blocks), Q4_K and Q6_K (super-blocks).
  * The integer sums per block are the one-row kernels' (exact in int32); only the fp32 scaling and summation order
  * differ, and each activation row's order is fixed (independent of how many rows share the call), so a row gets
- * the same bits alone as in any batch. AVX-512 VNNI + VBMI only (GEN_BLOCKS_512); elsewhere the traits table has
- * no batch entries and the one-row kernels run per activation row.
+ * the same bits alone as in any batch. AVX-512 VNNI + VBMI (GEN_BLOCKS_512), and Q6_K on AVX2 (GEN_BLOCKS_256);
+ * elsewhere the traits table has no batch entries and the one-row kernels run per activation row.
  */
 #ifndef GEN_BLOCKS_BATCH_H
 #define GEN_BLOCKS_BATCH_H
@@ -28,6 +28,34 @@ typedef struct {
     const uint8_t *prep;
     int64_t prep_stride;
 } Batch;
+
+/* Columns go in chunks of about this many prepared bytes per activation row: BATCH_J rows of a chunk stay in L1
+ * while the row block's weight rows pass over it (a whole 8192-column row of 8 rows would not). */
+enum { CHUNK_BYTES = 2560 };
+
+/* The driver a super-block type's tile shares (Q4_K, Q6_K): columns in chunks of CHUNK_BYTES of prepared activation
+ * per row, each weight row's tile against nj rows, the chunks' partial sums added. */
+#define SUPER_CASE(TILE_FN, N) \
+    case N: TILE_FN(N, row, n, xc, x.prep_stride, part); break;
+#define SUPER_BATCH(NAME, TILE_FN, BYTES, PREP)                                                                     \
+    static void batch_##NAME(const uint8_t *w, int64_t stride, int nrows, Batch x, int64_t b0, int nj, int64_t nb, \
+                             float *out) {                                                                          \
+        const int64_t step = CHUNK_BYTES / (PREP); /* super-blocks per chunk */                                    \
+        const uint8_t *xp = x.prep + b0 * x.prep_stride;                                                            \
+        for (int64_t c0 = 0; c0 < nb; c0 += step) {                                                                 \
+            const int64_t n = nb - c0 < step ? nb - c0 : step;                                                      \
+            for (int r = 0; r < nrows; r++) {                                                                       \
+                const uint8_t *row = w + r * stride + c0 * (BYTES), *xc = xp + c0 * (PREP);                         \
+                float part[BATCH_J], *o = out + r * BATCH_J;                                                        \
+                switch (nj) { /* a constant count in each copy: the accumulators stay in registers */              \
+                    SUPER_CASE(TILE_FN, 1) SUPER_CASE(TILE_FN, 2) SUPER_CASE(TILE_FN, 3)                            \
+                    SUPER_CASE(TILE_FN, 4) SUPER_CASE(TILE_FN, 5) SUPER_CASE(TILE_FN, 6)                            \
+                    SUPER_CASE(TILE_FN, 7) SUPER_CASE(TILE_FN, 8)                                                   \
+                }                                                                                                   \
+                for (int j = 0; j < nj; j++) o[j] = c0 ? o[j] + part[j] : part[j];                                  \
+            }                                                                                                       \
+        }                                                                                                           \
+    }
 
 #ifdef GEN_BLOCKS_512
 
@@ -197,10 +225,6 @@ GEN_ALWAYS_INLINE void q45_tile(const int nj, const int bits, const int min, con
         for (int j = 0; j < nj; j++) acc[j] = _mm512_add_ps(acc[j], mins[j]);
     sums16(acc, nj, out);
 }
-
-/* Columns go in chunks of about this many prepared bytes per activation row: BATCH_J rows of a chunk stay in L1
- * while the row block's weight rows pass over it (a whole 8192-column row of 8 rows would not). */
-enum { CHUNK_BYTES = 2560 };
 
 /* nrows weight rows (stride bytes apart) against activation rows b0 .. b0 + nj - 1: out[r * BATCH_J + j]. */
 GEN_ALWAYS_INLINE void batch_q45(const uint8_t *restrict w, int64_t stride, int nrows, Batch x, int64_t b0, int nj,
@@ -453,34 +477,78 @@ GEN_ALWAYS_INLINE void q6k_tile(const int nj, const uint8_t *restrict w, int64_t
     sums16(acc, nj, out);
 }
 
-/* The driver a super-block type's tile shares (Q4_K, Q6_K): columns in chunks of CHUNK_BYTES of prepared activation
- * per row, each weight row's tile against nj rows, the chunks' partial sums added. */
-#define SUPER_CASE(TILE_FN, N) \
-    case N: TILE_FN(N, row, n, xc, x.prep_stride, part); break;
-#define SUPER_BATCH(NAME, TILE_FN, BYTES, PREP)                                                                     \
-    static void batch_##NAME(const uint8_t *w, int64_t stride, int nrows, Batch x, int64_t b0, int nj, int64_t nb, \
-                             float *out) {                                                                          \
-        const int64_t step = CHUNK_BYTES / (PREP); /* super-blocks per chunk */                                    \
-        const uint8_t *xp = x.prep + b0 * x.prep_stride;                                                            \
-        for (int64_t c0 = 0; c0 < nb; c0 += step) {                                                                 \
-            const int64_t n = nb - c0 < step ? nb - c0 : step;                                                      \
-            for (int r = 0; r < nrows; r++) {                                                                       \
-                const uint8_t *row = w + r * stride + c0 * (BYTES), *xc = xp + c0 * (PREP);                         \
-                float part[BATCH_J], *o = out + r * BATCH_J;                                                        \
-                switch (nj) { /* a constant count in each copy: the accumulators stay in registers */              \
-                    SUPER_CASE(TILE_FN, 1) SUPER_CASE(TILE_FN, 2) SUPER_CASE(TILE_FN, 3)                            \
-                    SUPER_CASE(TILE_FN, 4) SUPER_CASE(TILE_FN, 5) SUPER_CASE(TILE_FN, 6)                            \
-                    SUPER_CASE(TILE_FN, 7) SUPER_CASE(TILE_FN, 8)                                                   \
-                }                                                                                                   \
-                for (int j = 0; j < nj; j++) o[j] = c0 ? o[j] + part[j] : part[j];                                  \
-            }                                                                                                       \
-        }                                                                                                           \
-    }
 SUPER_BATCH(q4_k, q4k_tile, 144, Q4K_PREP)
 SUPER_BATCH(q6_k, q6k_tile, 210, Q6K_PREP)
+
+#elif defined(GEN_BLOCKS_256)
+
+/* ---- AVX2: Q6_K (its prompts and batches otherwise ran the one-row dot once per activation row) ------------- */
+
+/* A prepared row per super-block: the 256 int8 activations as quantized, their 16 sums of 16 (int16), d_x. */
+enum { Q6K_PREP = 256 + 32 + 4 };
+
+static int64_t batch_prep_bytes_q6_k(int64_t nb) { return nb * Q6K_PREP; }
+
+static void batch_prep_q6_k(Act a, int64_t nb, uint8_t *restrict out) {
+    for (int64_t b = 0; b < nb; b++, out += Q6K_PREP) {
+        memcpy(out, a.q + b * 256, 256);
+        memcpy(out + 256, a.s + b * 16, 32);
+        memcpy(out + 288, a.d + b, sizeof(float));
+    }
+}
+
+/* One Q6_K row against nj prepared rows: dot_q6_k's AVX2 arithmetic (the same 8 int32 lanes per super-block, then
+ * one FMA with d d_x), the codes and their scale vectors unpacked once per super-block for every row. */
+GEN_ALWAYS_INLINE void q6k_tile(const int nj, const uint8_t *restrict w, int64_t nb, const uint8_t *restrict x,
+                                int64_t xstride, float *out) {
+    const __m256i m4 = _mm256_set1_epi8(0xF), m2 = _mm256_set1_epi8(3);
+    __m256i pick[4]; /* vpshufb controls: the low 128 bits take int16 scale 2k of a half, the high ones 2k + 1 */
+    for (int k = 0; k < 4; k++) {
+        int8_t c[32];
+        for (int i = 0; i < 32; i++) c[i] = (int8_t)(4 * k + 2 * (i >= 16) + (i & 1));
+        pick[k] = _mm256_loadu_si256((const __m256i *)c);
+    }
+    __m256 acc[BATCH_J];
+#pragma GCC unroll 8
+    for (int j = 0; j < nj; j++) acc[j] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *p = w + b * 210, *ql = p, *qh = p + 128;
+        const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(p + 192)));
+        __m256i v[8], sc[8]; /* quarter k of half h: its 32 codes (unsigned, 0..63) and their two scales */
+        for (int h = 0; h < 2; h++) {
+            const __m256i sch = _mm256_permute2x128_si256(sc16, sc16, h ? 0x11 : 0x00);
+            const __m256i l0 = _mm256_loadu_si256((const __m256i *)(ql + 64 * h));
+            const __m256i l1 = _mm256_loadu_si256((const __m256i *)(ql + 64 * h + 32));
+            const __m256i hb = _mm256_loadu_si256((const __m256i *)(qh + 32 * h));
+            for (int k = 0; k < 4; k++) {
+                const __m256i l = k & 1 ? l1 : l0, nib = _mm256_and_si256(k < 2 ? l : _mm256_srli_epi16(l, 4), m4);
+                v[4 * h + k] = _mm256_or_si256(nib, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2 * k), m2), 4));
+                sc[4 * h + k] = _mm256_shuffle_epi8(sch, pick[k]);
+            }
+        }
+        const float dw = f16(p + 208);
+#pragma GCC unroll 8
+        for (int j = 0; j < nj; j++) {
+            const uint8_t *xj = x + j * xstride + b * Q6K_PREP;
+            /* -32 sum_g sc_g s_g, in 8 partial lanes */
+            __m256i s = _mm256_sub_epi32(_mm256_setzero_si256(),
+                                         _mm256_slli_epi32(_mm256_madd_epi16(sc16, _mm256_loadu_si256((const __m256i *)(xj + 256))), 5));
+            for (int q = 0; q < 8; q++) {
+                const __m256i pairs = _mm256_maddubs_epi16(v[q], _mm256_loadu_si256((const __m256i *)(xj + 32 * q)));
+                s = _mm256_add_epi32(s, _mm256_madd_epi16(pairs, sc[q]));
+            }
+            float dx;
+            memcpy(&dx, xj + 288, sizeof dx);
+            acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(dx * dw), acc[j]);
+        }
+    }
+    for (int j = 0; j < nj; j++) out[j] = hsum256(acc[j]);
+}
+
+SUPER_BATCH(q6_k, q6k_tile, 210, Q6K_PREP)
+
+#endif /* GEN_BLOCKS_512, GEN_BLOCKS_256 */
 #undef SUPER_BATCH
 #undef SUPER_CASE
-
-#endif /* GEN_BLOCKS_512 */
 
 #endif
