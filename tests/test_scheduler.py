@@ -162,3 +162,22 @@ def test_the_bench_asks_every_request_for_the_given_answer_length():
     assert all(run.tokens == 4 * 5 and run.requests == 4 for done in runs.values() for run in done)
     ragged = compare_modes(model, 2, 4, rounds=1, modes=("continuous",))["continuous"][0]
     assert ragged.requests == 4 and ragged.tokens != 4 * 5
+
+
+def test_cli_bench_serve_takes_the_kv_kind_of_the_requests_caches():
+    """`gen bench serve --kv-dtype bf16`: the same requests hold half the KV bytes of fp32 caches."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from gen_cli.cli import app
+
+    def peak(*extra: str) -> int:
+        argv = "bench serve --preset tiny --clients 2 --requests 3 --rounds 1 --modes continuous --json".split()
+        done = CliRunner().invoke(app, [*argv, *extra])
+        assert done.exit_code == 0, done.output
+        return json.loads(done.stdout)["modes"][0]["kv_peak"]
+
+    assert peak() == 2 * peak("--kv-dtype", "bf16") > 0
+    bad = CliRunner().invoke(app, "bench serve --preset tiny --kv-dtype int5".split())
+    assert bad.exit_code != 0 and "unknown KV cache kind 'int5'" in bad.output

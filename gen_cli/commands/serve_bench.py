@@ -13,11 +13,13 @@ from gen_cli.commands.common import err, out_console, print_json
 from gen_cli.commands.options import (
     Device,
     Json,
+    KvDtype,
     Model,
     Native,
     Preset,
     Threads,
     check_model_path,
+    kv_kinds_of,
 )
 from gen_cli.errors import UsageError
 from gen_cli.resources import default_model_dir
@@ -87,6 +89,7 @@ def bench_serve_command(
             show_default=False,
         ),
     ] = None,
+    kv_dtype: KvDtype = None,  # the requests' caches in the scheduler's modes and the --batches rates
     device: Device = "auto",
     threads: Threads = None,
     native: Native = True,
@@ -96,6 +99,7 @@ def bench_serve_command(
     itself; with --llama-server, also gen serve against llama-server over HTTP on the same GGUF file."""
     from rich.table import Table
 
+    from gen_cli.cache.spec import CacheSpec
     from gen_cli.infer.engine import open_model
     from gen_cli.infer.options import EngineOptions
     from gen_cli.infer.options import Preset as PresetSource
@@ -149,8 +153,10 @@ def bench_serve_command(
         from gen_cli.model.transformer import check_context
 
         check_context(engine.model.config, 64, answer)  # the longest prompt of the workload, then the answer
-    rows = summary(compare_modes(engine.model, clients, requests, rounds, chosen, new=answer))
-    rates = batch_rates(engine.model, sizes, rounds=rounds) if sizes else []
+    spec = CacheSpec(*(kv_kinds_of(kv_dtype, None, None) or (None, None)))
+    spec.check(engine.model.config)
+    rows = summary(compare_modes(engine.model, clients, requests, rounds, chosen, new=answer, spec=spec))
+    rates = batch_rates(engine.model, sizes, rounds=rounds, spec=spec) if sizes else []
     http_rows: list[dict[str, float | str]] = []
     if llama_server is not None and model_dir is not None:
         from gen_cli.lab.http_load import compare_servers

@@ -255,15 +255,16 @@ def compare_modes(
     modes: tuple[str, ...] = MODES,
     seed: int = 0,
     new: int | None = None,
+    spec: CacheSpec = CacheSpec(),
 ) -> dict[str, list[ServeRun]]:
     """Every mode on the same workload, `rounds` times, interleaved (a busy machine's drift hits all); each
-    request asks for `new` tokens (None: 8-64 at random, at most a quarter of the context)."""
+    request asks for `new` tokens (None: 8-64 at random, at most a quarter of the context) into a cache of `spec`."""
     answers = (new, new) if new is not None else (8, min(64, model.config.context_length // 4))
     jobs = workload(count, model.config.vocab_size, seed, new=answers)
     runs: dict[str, list[ServeRun]] = {m: [] for m in modes}
     for _ in range(rounds):
         for mode in modes:
-            runs[mode].append(closed_loop(model, mode, clients, jobs))
+            runs[mode].append(closed_loop(model, mode, clients, jobs, spec=spec))
     return runs
 
 
