@@ -275,13 +275,16 @@ def test_batched_rows_with_widths_off_the_vector_length():
 
 
 def test_int8_weight_batches_equal_single_steps_bit_for_bit():
-    """int8 matrices sum exactly in integers, four rows at a time or one: a ragged batch's logits are each
-    sequence's own single step, bit for bit (short contexts: one attention chunk either way)."""
-    model = _model("gqa", quantize="int8")
+    """int8 matrices sum exactly in integers, four rows at a time or one, and attention splits a row's positions at
+    the same chunk boundaries alone and in any batch: a ragged batch's logits are each sequence's own single step,
+    bit for bit, at short contexts (one chunk) and long ones (past 256 positions: chunks merged)."""
+    model = _model("gqa", quantize="int8", context_length=700)
     gen = torch.Generator().manual_seed(6)
     prompts = [torch.randint(0, 300, (n,), generator=gen).tolist() for n in (4, 9, 15, 6, 11)]
-
     together, alone = _together_and_alone(model, prompts, 32)
+    assert torch.equal(together, alone)
+    prompts = [torch.randint(0, 300, (n,), generator=gen).tolist() for n in (300, 40, 600, 257)]
+    together, alone = _together_and_alone(model, prompts, 640)
     assert torch.equal(together, alone)
 
 

@@ -553,6 +553,19 @@ static void chunk_any(const Chunk *c, int nq, const Source *src, int vector) {
     chunk_portable(c, nq, src);
 }
 
+/* The length of the chunks row b's n positions split into (work items), from its own n alone: never the batch or
+ * the thread count, so that a row's sums run in the same order alone and in any batch (a verify of speculated
+ * tokens and a batched step give each row the single-token step's bits; a length that grew with the context over
+ * the items a step wanted changed them with the batch). One chunk up to 256 positions, then 2 to ATT_CHUNKS, one
+ * per ~1K positions: long streams, and items for every thread at batch 1. Whole paged blocks. */
+enum { ATT_CHUNKS = 8 };
+static inline int64_t att_chunk_len(int64_t n, int64_t block_tokens) {
+    const int64_t k = n <= 256 ? 1 : n <= 2048 ? 2 : n > 1024 * ATT_CHUNKS ? ATT_CHUNKS : (n + 1023) / 1024;
+    int64_t len = ((n + k - 1) / k + 15) / 16 * 16;
+    if (block_tokens) len = (len + block_tokens - 1) / block_tokens * block_tokens;
+    return len;
+}
+
 /* Write every row's k and v into its slot at its position, then attend each row's query heads to positions
  * 0..pos_b of its slot (stores first: rows of one slot at consecutive positions see each other causally).
  *
@@ -563,11 +576,12 @@ static void chunk_any(const Chunk *c, int nq, const Source *src, int vector) {
 static void attention(const Model *m, const Layer *l, int64_t li, const Rows *r) {
     const int64_t hd = m->head_dim, H = m->n_head, Hkv = m->n_kv_head, T = m->max_tokens;
     const int64_t row = (H + 2 * Hkv) * hd, group = H / Hkv;
-    int64_t longest = 0; /* the most positions any row attends to */
+    const int64_t bt = m->block_table ? m->block_tokens : 0;
+    int64_t chunks = 1; /* the most chunks any row's positions take */
     for (int64_t b = 0; b < m->batch; b++) {
-        const int64_t pos = row_pos(r, b);
+        const int64_t pos = row_pos(r, b), len = att_chunk_len(pos + 1, bt);
         const SlotKV s = slot_kv(m, l, li, row_slot(r, b));
-        longest = pos + 1 > longest ? pos + 1 : longest;
+        chunks = (pos + len) / len > chunks ? (pos + len) / len : chunks;
         for (int64_t g = 0; g < Hkv; g++) {
             /* paged: the pool is one cache row of pool_blocks * block_tokens slots, block after block */
             const int64_t at = m->block_table ? (g * m->pool_blocks + page_of(m, row_slot(r, b), pos)) * m->block_tokens +
@@ -578,23 +592,19 @@ static void attention(const Model *m, const Layer *l, int64_t li, const Rows *r)
             kv_store(l->v_kind, (int)m->bf16, s.v, s.vs, s.vz, at, v, hd);
         }
     }
-    /* About 8 items per thread (dynamic scheduling evens out a loaded machine), chunks of >= 256 tokens. */
-    const int64_t heads = m->batch * Hkv, want = (8 * m->n_threads + heads - 1) / heads;
-    int64_t len = (longest + want - 1) / want;
-    len = len < 256 ? 256 : (len + 15) / 16 * 16;
-    if (m->block_table) len = (len + m->block_tokens - 1) / m->block_tokens * m->block_tokens; /* whole blocks */
-    int64_t chunks = (longest + len - 1) / len;
     /* Per (row, query head, chunk): the weighted V sum, the chunk's top score and its weights' sum. */
-    const int64_t stride = hd + 2;
+    const int64_t heads = m->batch * Hkv, stride = hd + 2;
     float *part = chunks > 1 ? malloc((size_t)(m->batch * H * chunks * stride) * sizeof(float)) : NULL;
-    if (!part) chunks = 1, len = longest; /* one chunk a head writes its output directly */
+    if (!part) chunks = 1; /* out of memory: one chunk a head, written directly (other bits than a split) */
 #ifdef GEN_AVX512
     const int vector = hd % 16 == 0 && hd <= HD_MAX;
 #endif
+    /* dynamic: items of different lengths, and a loaded machine, evened out */
 #pragma omp parallel for schedule(dynamic, 1) num_threads(m->n_threads)
     for (int64_t item = 0; item < heads * chunks; item++) {
         const int64_t b = item / (Hkv * chunks), g = item / chunks % Hkv, ci = item % chunks;
-        const int64_t n = row_pos(r, b) + 1, t0 = ci * len, t1 = t0 + len < n ? t0 + len : n;
+        const int64_t n = row_pos(r, b) + 1, len = part ? att_chunk_len(n, bt) : n;
+        const int64_t t0 = ci * len, t1 = t0 + len < n ? t0 + len : n;
         if (t0 >= n) continue; /* past this row's positions: the merge stops before this chunk */
         Source src = {{0, NULL, NULL, NULL}, {0, NULL, NULL, NULL}, NULL, l, row_slot(r, b), 0};
         if (m->block_table) { /* read block by block (source_run); k and v here give the kinds */
@@ -628,9 +638,8 @@ static void attention(const Model *m, const Layer *l, int64_t li, const Rows *r)
             for (int i = 0; i < nq; i++) {
                 if (part) {
                     o[i][hd] = top[i], o[i][hd + 1] = sum[i];
-                } else {
-                    const float inv = 1.f / sum[i];
-                    for (int64_t d = 0; d < hd; d++) o[i][d] *= inv;
+                } else { /* as the merge below divides a lone chunk's sums: the same bits either way */
+                    for (int64_t d = 0; d < hd; d++) o[i][d] /= sum[i];
                 }
             }
         }
@@ -638,7 +647,7 @@ static void attention(const Model *m, const Layer *l, int64_t li, const Rows *r)
     if (!part) return;
     /* Merge each head's chunks (those its row reached): rescale each to the overall top score, normalise. */
     for (int64_t bh = 0; bh < m->batch * H; bh++) {
-        const int64_t used = (row_pos(r, bh / H) + len) / len; /* chunks covering positions 0..pos */
+        const int64_t n = row_pos(r, bh / H) + 1, used = (n + att_chunk_len(n, bt) - 1) / att_chunk_len(n, bt);
         const float *p = part + bh * chunks * stride;
         float top = -INFINITY, sum = 0.f, *out = m->att + bh * hd;
         for (int64_t ci = 0; ci < used; ci++) top = fmaxf(top, p[ci * stride + hd]);
