@@ -173,11 +173,25 @@ def test_cli_bench_serve_takes_the_kv_kind_of_the_requests_caches():
     from gen_cli.cli import app
 
     def peak(*extra: str) -> int:
-        argv = "bench serve --preset tiny --clients 2 --requests 3 --rounds 1 --modes continuous --json".split()
+        argv = [
+            "bench",
+            "serve",
+            "--preset",
+            "tiny",
+            "--clients",
+            "2",
+            "--requests",
+            "3",
+            "--rounds",
+            "1",
+            "--modes",
+            "continuous",
+            "--json",
+        ]
         done = CliRunner().invoke(app, [*argv, *extra])
         assert done.exit_code == 0, done.output
         return json.loads(done.stdout)["modes"][0]["kv_peak"]
 
     assert peak() == 2 * peak("--kv-dtype", "bf16") > 0
-    bad = CliRunner().invoke(app, "bench serve --preset tiny --kv-dtype int5".split())
+    bad = CliRunner().invoke(app, ["bench", "serve", "--preset", "tiny", "--kv-dtype", "int5"])
     assert bad.exit_code != 0 and "unknown KV cache kind 'int5'" in bad.output
