@@ -88,10 +88,11 @@ RopeScaling = Annotated[
 InputsArg = Annotated[list[str] | None, typer.Argument(metavar="INPUTS", help=INPUTS_HELP, show_default="python-docs")]
 
 # ---- sampling ---------------------------------------------------------------------------------------------
-MaxNewTokens = Annotated[
-    int,
-    typer.Option("--max-new-tokens", "-n", metavar="N", help="Tokens to generate at most.", rich_help_panel=SAMPLING),
-]
+_MAX_NEW_TOKENS = typer.Option(
+    "--max-new-tokens", "-n", metavar="N", help="Tokens to generate at most.", rich_help_panel=SAMPLING
+)
+MaxNewTokens = Annotated[int, _MAX_NEW_TOKENS]
+MaxNewTokensOrNone = Annotated[int | None, _MAX_NEW_TOKENS]  # a command whose default depends on what it runs
 Temperature = Annotated[
     float,
     typer.Option("--temperature", metavar="T", help="Sampling temperature; 0 = greedy.", rich_help_panel=SAMPLING),

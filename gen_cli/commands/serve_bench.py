@@ -14,6 +14,7 @@ from gen_cli.commands.options import (
     Device,
     Json,
     KvDtype,
+    MaxNewTokensOrNone,
     Model,
     Native,
     Preset,
@@ -77,18 +78,7 @@ def bench_serve_command(
             show_default=False,
         ),
     ] = None,
-    answer: Annotated[
-        int | None,
-        typer.Option(
-            "--max-new-tokens",
-            "-n",
-            metavar="N",
-            min=1,
-            help="Tokens each request asks for. Default: 8-64 at random for the modes on the scheduler, 128 over "
-            "HTTP and per answer with --turns.",
-            show_default=False,
-        ),
-    ] = None,
+    answer: MaxNewTokensOrNone = None,  # 8-64 at random on the scheduler, 128 over HTTP and per --turns answer
     kv_dtype: KvDtype = None,  # the requests' caches in the scheduler's modes and the --batches rates
     device: Device = "auto",
     threads: Threads = None,
@@ -96,7 +86,9 @@ def bench_serve_command(
     as_json: Json = False,
 ) -> None:
     """Serving throughput, time to first token and inter-token latency per scheduling mode, on the scheduler
-    itself; with --llama-server, also gen serve against llama-server over HTTP on the same GGUF file."""
+    itself; with --llama-server, also gen serve against llama-server over HTTP on the same GGUF file. Each
+    request asks for -n tokens: by default 8-64 at random on the scheduler, 128 over HTTP and per answer with
+    --turns."""
     from rich.table import Table
 
     from gen_cli.cache.spec import CacheSpec

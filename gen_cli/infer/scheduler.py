@@ -238,11 +238,13 @@ class Scheduler:
         `prefill_chunk` and MAX_BATCH rows in all, as rows of their own caches, beside one row per decoding
         request; the weights are read once for all. The LM head runs only where its logits are used: each
         prompt's last token and the decode rows. False (nothing run) when no prompt waits or gen's C step does
-        not take these caches."""
+        not take these caches (or `by_row` runs each request through the single-sequence step)."""
+        if self.by_row:
+            return False
         room = min(self.prefill_chunk, MAX_BATCH - len(decoding))
         chunks: list[tuple[_Running, int]] = []  # (request, prompt tokens it feeds this step)
         for run in self._running:
-            if run.row.pending and room > 0 and not self.by_row:
+            if run.row.pending and room > 0:
                 chunks.append((run, min(room, len(run.row.pending))))
                 room -= chunks[-1][1]
         if not chunks:
