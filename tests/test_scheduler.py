@@ -154,14 +154,15 @@ def test_batch_rates_time_every_batch_size(model):
 def test_the_bench_asks_every_request_for_the_given_answer_length():
     """`gen bench serve -n N`: every request of the scheduler's modes asks for N tokens (fixed-length answers),
     instead of 8-64 at random."""
-    from gen_cli.lab.serve_bench import compare_modes
+    from gen_cli.lab.serve_bench import compare_modes, workload
 
     model = random_model(tiny_config(context_length=128))  # room for the workload's prompts of up to 64 tokens
 
     runs = compare_modes(model, 2, 4, rounds=1, modes=("continuous", "single"), new=5)
     assert all(run.tokens == 4 * 5 and run.requests == 4 for done in runs.values() for run in done)
     ragged = compare_modes(model, 2, 4, rounds=1, modes=("continuous",))["continuous"][0]
-    assert ragged.requests == 4 and ragged.tokens != 4 * 5
+    lengths = [n for _, n in workload(4, model.config.vocab_size, 0, new=(8, 128 // 4))]  # a quarter of the context
+    assert ragged.requests == 4 and ragged.tokens == sum(lengths) and len(set(lengths)) > 1
 
 
 def test_cli_bench_serve_takes_the_kv_kind_of_the_requests_caches():
