@@ -266,3 +266,21 @@ def test_a_stop_string_cuts_the_text_and_finishes_with_stop(server):
         model="tiny", prompt="The cat", max_tokens=16, temperature=0, stop=stop, stream=True
     )
     assert "".join(c.choices[0].text for c in streamed) == cut.choices[0].text
+
+
+def test_gen_serve_steps_the_model_in_the_thread_that_loaded_it(engine):
+    """`gen serve`'s worker runs in the calling thread (the main one, which loaded the model: one OpenMP root
+    thread) until told to stop, and its events come from there."""
+    from gen_cli.serve.worker import Worker
+
+    app = served(engine, "tiny", ServeOptions(max_batch=2))
+    worker: Worker = app.worker
+    seen: list[threading.Thread] = []
+    requests = [Request(engine.encode("The for statement"), 5, GREEDY) for _ in range(2)]
+    for request in requests:
+        request.emit = lambda event: seen.append(threading.current_thread())
+        worker.scheduler.submit(request)
+    worker.run_here(lambda: not all(r.finish for r in requests))
+    assert [r.finish for r in requests] == ["length", "length"] and len(seen) == 2 * 6
+    assert set(seen) == {threading.current_thread()}
+    worker.stop()  # no thread of its own to join

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Annotated
 
@@ -166,12 +167,24 @@ def serve_command(
     err.print(
         f"[dim]serving {engine.source} as {model_id!r} on http://{host}:{port}/v1 ({schedule}, batch {max_batch})[/]"
     )
-    app_served.worker.start()
-    try:
-        server.run(sockets=[sock])
+    failed: list[BaseException] = []
+
+    def http() -> None:
+        try:
+            server.run(sockets=[sock])
+        except BaseException as e:  # re-raised in the main thread
+            failed.append(e)
+
+    loop = threading.Thread(target=http, name="gen-http", daemon=True)
+    loop.start()
+    try:  # the model steps here, in the thread that loaded it (gen_cli/serve/worker.py says why)
+        app_served.worker.run_here(loop.is_alive)
+        loop.join()
     finally:
         app_served.worker.stop()
         sock.close()
+    if failed:
+        raise failed[0]
 
 
 def register(app: typer.Typer) -> None:
