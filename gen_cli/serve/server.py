@@ -1,5 +1,5 @@
-"""Serving an opened model: its scheduler and worker thread, the app, and uvicorn (in the foreground for
-`gen serve`, in a background thread for tests and benches)."""
+"""Serving an opened model: its scheduler and worker, the app, and uvicorn (for `gen serve` in a thread beside the
+main one, which steps the model; for tests and benches in a background thread, the worker in another)."""
 
 from __future__ import annotations
 
