@@ -566,6 +566,12 @@ static inline int64_t att_chunk_len(int64_t n, int64_t block_tokens) {
     return len;
 }
 
+/* How many chunks of att_chunk_len cover a row's n positions. */
+static inline int64_t att_chunks(int64_t n, int64_t block_tokens) {
+    const int64_t len = att_chunk_len(n, block_tokens);
+    return (n + len - 1) / len;
+}
+
 /* Write every row's k and v into its slot at its position, then attend each row's query heads to positions
  * 0..pos_b of its slot (stores first: rows of one slot at consecutive positions see each other causally).
  *
@@ -579,9 +585,9 @@ static void attention(const Model *m, const Layer *l, int64_t li, const Rows *r)
     const int64_t bt = m->block_table ? m->block_tokens : 0;
     int64_t chunks = 1; /* the most chunks any row's positions take */
     for (int64_t b = 0; b < m->batch; b++) {
-        const int64_t pos = row_pos(r, b), len = att_chunk_len(pos + 1, bt);
+        const int64_t pos = row_pos(r, b), own = att_chunks(pos + 1, bt);
         const SlotKV s = slot_kv(m, l, li, row_slot(r, b));
-        chunks = (pos + len) / len > chunks ? (pos + len) / len : chunks;
+        chunks = own > chunks ? own : chunks;
         for (int64_t g = 0; g < Hkv; g++) {
             /* paged: the pool is one cache row of pool_blocks * block_tokens slots, block after block */
             const int64_t at = m->block_table ? (g * m->pool_blocks + page_of(m, row_slot(r, b), pos)) * m->block_tokens +
@@ -647,7 +653,7 @@ static void attention(const Model *m, const Layer *l, int64_t li, const Rows *r)
     if (!part) return;
     /* Merge each head's chunks (those its row reached): rescale each to the overall top score, normalise. */
     for (int64_t bh = 0; bh < m->batch * H; bh++) {
-        const int64_t n = row_pos(r, bh / H) + 1, used = (n + att_chunk_len(n, bt) - 1) / att_chunk_len(n, bt);
+        const int64_t used = att_chunks(row_pos(r, bh / H) + 1, bt); /* chunks covering positions 0..pos */
         const float *p = part + bh * chunks * stride;
         float top = -INFINITY, sum = 0.f, *out = m->att + bh * hd;
         for (int64_t ci = 0; ci < used; ci++) top = fmaxf(top, p[ci * stride + hd]);

@@ -501,28 +501,21 @@ static void batch_prep_q6_k(Act a, int64_t nb, uint8_t *restrict out) {
  * one FMA with d d_x), the codes and their scale vectors unpacked once per super-block for every row. */
 GEN_ALWAYS_INLINE void q6k_tile(const int nj, const uint8_t *restrict w, int64_t nb, const uint8_t *restrict x,
                                 int64_t xstride, float *out) {
-    const __m256i m4 = _mm256_set1_epi8(0xF), m2 = _mm256_set1_epi8(3);
-    __m256i pick[4]; /* vpshufb controls: the low 128 bits take int16 scale 2k of a half, the high ones 2k + 1 */
-    for (int k = 0; k < 4; k++) {
-        int8_t c[32];
-        for (int i = 0; i < 32; i++) c[i] = (int8_t)(4 * k + 2 * (i >= 16) + (i & 1));
-        pick[k] = _mm256_loadu_si256((const __m256i *)c);
-    }
+    const __m256i off = _mm256_set1_epi8(32);
+    __m256i pick[4];
+    for (int k = 0; k < 4; k++) pick[k] = q6k_pick256(k);
     __m256 acc[BATCH_J];
 #pragma GCC unroll 8
     for (int j = 0; j < nj; j++) acc[j] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *p = w + b * 210, *ql = p, *qh = p + 128;
+        const uint8_t *p = w + b * 210;
         const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(p + 192)));
-        __m256i v[8], sc[8]; /* quarter k of half h: its 32 codes (unsigned, 0..63) and their two scales */
+        __m256i v[8], sc[8]; /* quarter k of half h: its 32 codes (unsigned, 0..63: maddubs' operand), two scales */
         for (int h = 0; h < 2; h++) {
             const __m256i sch = _mm256_permute2x128_si256(sc16, sc16, h ? 0x11 : 0x00);
-            const __m256i l0 = _mm256_loadu_si256((const __m256i *)(ql + 64 * h));
-            const __m256i l1 = _mm256_loadu_si256((const __m256i *)(ql + 64 * h + 32));
-            const __m256i hb = _mm256_loadu_si256((const __m256i *)(qh + 32 * h));
+            q6k_codes(p, h, v + 4 * h);
             for (int k = 0; k < 4; k++) {
-                const __m256i l = k & 1 ? l1 : l0, nib = _mm256_and_si256(k < 2 ? l : _mm256_srli_epi16(l, 4), m4);
-                v[4 * h + k] = _mm256_or_si256(nib, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2 * k), m2), 4));
+                v[4 * h + k] = _mm256_add_epi8(v[4 * h + k], off);
                 sc[4 * h + k] = _mm256_shuffle_epi8(sch, pick[k]);
             }
         }

@@ -105,6 +105,16 @@ static float dot_q4_k(const uint8_t *restrict w, Act a, int64_t nb) {
     return total;
 }
 
+#if defined(GEN_BLOCKS_256)
+/* The vpshufb control that gives quarter k of a half its two int16 scales (of the half's 8, in each 128-bit lane):
+ * scale 2k to the low 128 bits' pairs, 2k + 1 to the high ones' (dot_q6_k, and blocks_batch.h's tile). */
+static inline __m256i q6k_pick256(int k) {
+    int8_t c[32];
+    for (int i = 0; i < 32; i++) c[i] = (int8_t)(4 * k + 2 * (i >= 16) + (i & 1));
+    return _mm256_loadu_si256((const __m256i *)c);
+}
+#endif
+
 /* Q6_K super-block: 128 bytes low nibbles, 64 bytes high 2-bit pairs, 16 int8 scales (one per 16 elements), fp16 d;
  * x = d sc (q - 32). In each half of 128: elements 0..63 are ql[0..63] & 15 with qh bits (0,1) then (2,3),
  * elements 64..127 are ql[0..63] >> 4 with qh bits (4,5) then (6,7). */
@@ -153,12 +163,8 @@ static float dot_q6_k(const uint8_t *restrict w, Act a, int64_t nb) {
      * summed once at the end; the scales broadcast by byte shuffles, the offset one madd of the 16 scales against
      * the activation's 16 sums. */
     const __m256i m4 = _mm256_set1_epi8(0xF), m2 = _mm256_set1_epi8(3);
-    __m256i pick[4]; /* vpshufb controls: the low 128 bits take int16 scale 2k of a half, the high ones 2k + 1 */
-    for (int k = 0; k < 4; k++)
-        pick[k] = _mm256_setr_epi8(4 * k, 4 * k + 1, 4 * k, 4 * k + 1, 4 * k, 4 * k + 1, 4 * k, 4 * k + 1, 4 * k, 4 * k + 1,
-                                   4 * k, 4 * k + 1, 4 * k, 4 * k + 1, 4 * k, 4 * k + 1, 4 * k + 2, 4 * k + 3, 4 * k + 2,
-                                   4 * k + 3, 4 * k + 2, 4 * k + 3, 4 * k + 2, 4 * k + 3, 4 * k + 2, 4 * k + 3, 4 * k + 2,
-                                   4 * k + 3, 4 * k + 2, 4 * k + 3, 4 * k + 2, 4 * k + 3);
+    __m256i pick[4];
+    for (int k = 0; k < 4; k++) pick[k] = q6k_pick256(k);
     __m256 accf = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *p = w + b * 210, *ql = p, *qh = p + 128;
