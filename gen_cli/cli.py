@@ -292,9 +292,22 @@ def _root(
 
 
 def _register_commands() -> None:
-    from gen_cli.commands import attention, bench, chat, compare, convert, demo, export, generate, info, text, train
+    from gen_cli.commands import (
+        attention,
+        bench,
+        chat,
+        compare,
+        convert,
+        demo,
+        export,
+        generate,
+        info,
+        text,
+        train,
+        widen,
+    )
 
-    for module in (text, generate, info, chat, train, compare, convert, export, demo, bench, attention):
+    for module in (text, generate, info, chat, train, compare, convert, widen, export, demo, bench, attention):
         module.register(app)
     from gen_cli.commands import serve  # the HTTP server: `gen serve`
 
