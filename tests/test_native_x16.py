@@ -1,8 +1,7 @@
-"""Q4_0 / Q4_1 / Q4_K matrices in the 16-row interleaved layout (gen_cli/native/blocks_x16.h, blocks_k16.h): the
-repack keeps every
-byte (dequantized, the same weights; exported, the stored blocks again), the kernel's products equal the stored
-layout's to fp32 rounding (the same integer block sums), a row gets the same bits alone and in any batch, and a
-GGUF model the loader repacked decodes as the stored layout does."""
+"""Q4_0 / Q4_1 / Q4_K / Q8_0 matrices in the 16-row interleaved layout (gen_cli/native/blocks_x16.h, blocks_k16.h,
+blocks_q8x16.h): the repack keeps every byte (dequantized, the same weights; exported, the stored blocks again),
+the kernel's products equal the stored layout's to fp32 rounding (the same integer sums), a row gets the same
+bits alone and in any batch, and a GGUF model the loader repacked decodes as the stored layout does."""
 
 from __future__ import annotations
 
@@ -43,7 +42,8 @@ pytestmark = [
     pytest.mark.skipif(shutil.which(shlex.split(os.environ.get("CC", "cc"))[0]) is None, reason="no C compiler"),
     pytest.mark.skipif(native.native_status() != "ready", reason="needs the compiled kernel"),
 ]
-QTYPES = ("q4_0", "q4_1", "q4_k")
+QTYPES = ("q4_0", "q4_1", "q4_k", "q8_0")
+READ_BACK = ("q4_k", "q8_0")  # float products and prompt tiles read their rows back in the stored layout
 SMALL = ModelConfig(vocab_size=320, n_layer=2, n_head=4, n_kv_head=2, d_model=256, d_ff=512, context_length=64,
                     tie_embeddings=False)  # fmt: skip
 ALWAYS = lambda config: True  # noqa: E731 (the loader's question: will the native step stream this model?)
@@ -94,10 +94,10 @@ def test_repack_keeps_every_byte_and_dequantizes_to_the_same_weights(qtype):
     assert torch.equal(into, packed.blocks)
 
 
-def test_only_whole_groups_of_q4_rows_have_the_layout():
-    assert can_interleave("q4_0", 32) and can_interleave("q4_1", 16)
-    assert can_interleave("q4_k", 32) and not can_interleave("q4_k", 40)
-    assert not can_interleave("q4_0", 40) and not can_interleave("q8_0", 32) and not can_interleave("q6_k", 32)
+def test_only_whole_groups_of_rows_have_the_layout():
+    assert can_interleave("q4_0", 32) and can_interleave("q4_1", 16) and can_interleave("q8_0", 32)
+    assert can_interleave("q4_k", 32) and not can_interleave("q4_k", 40) and not can_interleave("q8_0", 8)
+    assert not can_interleave("q4_0", 40) and not can_interleave("q6_k", 32) and not can_interleave("q5_0", 32)
     assert not repack_wanted("q4_0", 40)  # such rows stay as stored
     with pytest.raises(AssertionError):
         BlockLinear(_random_blocks("q4_0", 40, 64), "q4_0", 64, interleaved=True)
@@ -152,16 +152,17 @@ def test_the_avx2_and_portable_paths_equal_the_native_one(march, fresh_library, 
     build.library.cache_clear()
     assert native.native_status() == "ready"
     for q, layer in layers.items():
-        assert repack_wanted(q, 16) == (march == "x86-64-v3")  # AVX2 has a vector product for the layout
+        # AVX2 has a vector product for the 4-bit layouts; q8_0's would overflow maddubs' int16, so it stays stored
+        assert repack_wanted(q, 16) == (march == "x86-64-v3" and q != "q8_0")
         # int8: the same integer sums, scaled and added lane by lane in the same order (fmaf): the same bits as the
-        # AVX-512 build's. fp32: q4_0 / q4_1, the same products in the same order, the same bits again; q4_k reads
-        # its rows back stored: the stored layout's products on this build, bit for bit.
+        # AVX-512 build's. fp32: q4_0 / q4_1, the same products in the same order, the same bits again; q4_k and
+        # q8_0 read their rows back stored: the stored layout's products on this build, bit for bit.
         assert torch.equal(block_matmul(x, layer, "int8"), want[q, "int8"]), q
-        stored = pairs[q][0] if q == "q4_k" else None
+        stored = pairs[q][0] if q in READ_BACK else None
         assert torch.equal(
             block_matmul(x, layer, "fp32"), block_matmul(x, stored, "fp32") if stored else want[q, "fp32"]
         )
-        # a prompt's row tiles: the same values on every path (bf16: rounded alike); q4_k: the stored layout's
+        # a prompt's row tiles: the same values on every path (bf16: rounded alike); read back: the stored layout's
         for bf16 in (False, True):
             expected = _dequantize_native(stored, bf16) if stored else tiles[q, bf16]
             assert torch.equal(_dequantize_native(layer, bf16), expected), (q, bf16)

@@ -343,8 +343,8 @@ def load_gguf_weights(
             else:  # q, k, v rows one after another (rows, row_bytes or cols), Q/K un-permuted on the way: one copy
                 rows = sum(parts[i].shape[0] for i in run)
                 t = places[r] if places is not None else torch.empty((rows, *parts[run[0]].shape[1:]), dtype=want)
-                # Streamed q4_0 / q4_1 / q4_k rows go into the arena in the decode kernel's interleaved layout, each
-                # part in whole groups of 16 rows (the embedding's rows are read one by one: it keeps the stored one).
+                # Streamed q4_0 / q4_1 / q4_k / q8_0 rows go into the arena in the decode kernel's interleaved layout,
+                # each part in whole groups of 16 rows (the embedding, read a row at a time, keeps the stored one).
                 qtype = qtype_of(held, run[0])
                 packed = places is not None and qtype is not None and held.gen_name != "tok_emb.weight"
                 packed = packed and all(repack_wanted(qtype, parts[i].shape[0]) for i in run)  # type: ignore[arg-type]

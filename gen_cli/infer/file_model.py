@@ -5,7 +5,7 @@ the C step ran every forward of it. `FileModel.open` does what the PyTorch loade
 do together, in numpy:
 - it checks the header and the stored bytes (NaN/Inf in block scales and floats, as `load_gguf` does);
 - it writes each matrix a step streams once into one arena on 2 MB pages: q/k/v and gate/up fused, llama's Q/K rows
-  un-permuted, F16 as fp32, Q4_0/Q4_1/Q4_K in the kernel's interleaved layout where it has one (repack.py), the
+  un-permuted, F16 as fp32, Q4_0/Q4_1/Q4_K/Q8_0 in the kernel's interleaved layout where it has one (repack.py), the
   file's pages given back as each is copied;
 - it points abi.h's structs there and at the file's map (norms).
 `forward` runs consecutive tokens of its one sequence over an fp32 KV cache: a prompt in chunks of MAX_BATCH rows
@@ -152,7 +152,7 @@ class FileModel:
         return out
 
     def _runs(self, gen_names: list[str], packable: bool = True) -> list[_Run]:
-        """Consecutive parts of one type as runs; 4-bit runs interleaved where this machine's kernel has it."""
+        """Consecutive parts of one type as runs; runs interleaved where this machine's kernel has the layout."""
         parts = [p for name in gen_names for p in self._parts(name)]
         cols = self._plan[gen_names[0]][0][1]
         runs: list[list[tuple[_Part, str | None]]] = []
@@ -183,7 +183,7 @@ class FileModel:
         return out
 
     def _write(self, run: _Run, arena: _Arena) -> Matrix:
-        """The run's parts checked, un-permuted where stored so, joined and (4-bit) repacked into the arena."""
+        """The run's parts checked, un-permuted where stored so, joined and (where wanted) repacked into the arena."""
         dst = arena.take(run.nbytes)
         at = 0
         for part in run.parts:

@@ -533,9 +533,9 @@ static const FloatDot FLOAT_DOTS[T_COUNT][2] = {
 /* Y (batch, rows) = X (batch, cols) W^T (+ Y when accumulate) for block rows W, activations as `act` says
  * (ACT_FP32 or ACT_BF16); row b of Y starts ldy floats after row b - 1 (a part of a matrix held in parts writes
  * its own columns of a wider Y). Scratch: xh (batch, cols) halves for ACT_BF16, xs (batch, cols / 32) block sums.
- * Threads take whole row blocks; each row stays in L1 while every batch row uses it. Interleaved Q4_K rows
- * (blocks_k16.h; the only interleaved type that comes here) are read back a row at a time into the stored layout:
- * the stored layout's products, bit for bit. */
+ * Threads take whole row blocks; each row stays in L1 while every batch row uses it. Interleaved Q4_K and Q8_0 rows
+ * (blocks_k16.h, blocks_q8x16.h; the interleaved types that come here) are read back a row at a time into the
+ * stored layout: the stored layout's products, bit for bit. */
 static void float_block_matmul(const uint8_t *w, int64_t type, int64_t rows, int64_t cols, const float *x,
                                int64_t batch, float *y, int64_t ldy, int accumulate, int64_t act, uint16_t *xh,
                                float *xs, int n_threads) {
@@ -561,7 +561,7 @@ static void float_block_matmul(const uint8_t *w, int64_t type, int64_t rows, int
         for (int64_t r = r0; r < r1; r++) {
             uint8_t stored[t->group ? rb : 1]; /* an interleaved row read back (under 80 KB at 131072 columns) */
             if (t->group)
-                for (int64_t s = 0; s < nb; s++) k16_row(w + r0 * rb + s * K16_BYTES, (int)(r - r0), stored + s * 144);
+                x16_stored_blocks(t, w + r0 * rb, (int)(r - r0), 0, nb, stored);
             const uint8_t *row = t->group ? stored : w + r * rb;
             for (int64_t b = 0; b < batch; b++) {
                 const void *xb = half ? (const void *)(xh + b * cols) : (const void *)(x + b * cols);

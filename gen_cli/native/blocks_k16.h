@@ -16,7 +16,7 @@
  * activation's broadcasts), maddubs of the codes (high nibbles shifted down) against the
  * broadcast activation, the 8 of a sub-block added in int16 (exact: 8 x 2 x 15 x 127 = 30480), then one madd with
  * the scale in both 16-bit halves of each lane: the same int32 sums, so again the same bits. Float activations
- * and prompt tiles read each row's super-blocks back in the stored layout (k16_row) and use its code: the stored
+ * and prompt tiles read each row's super-blocks back in the stored layout (x16_row) and use its code: the stored
  * layout's bits.
  */
 #ifndef GEN_BLOCKS_K16_H
@@ -32,12 +32,6 @@
 #include "features.h"
 
 enum { K16_WORDS = 35, K16_BYTES = 16 * 144 }; /* a group's super-block: 16 stored ones' bytes */
-
-/* Row l's super-block as GGUF stores it (144 bytes), from its group's super-block p. */
-static inline void k16_row(const uint8_t *p, int l, uint8_t out[144]) {
-    memcpy(out, p + 2 * l, 2), memcpy(out + 2, p + 32 + 2 * l, 2);
-    for (int i = 0; i < K16_WORDS; i++) memcpy(out + 4 + 4 * i, p + 64 + 64 * i + 4 * l, 4);
-}
 
 /* An activation row's per-super-block terms (X16Act.o, 4 words per super-block): its 8 sub-block sums s_j as
  * int16 pairs (s0, s2), (s1, s3), (s4, s6), (s5, s7), the order the kernel pairs the mins in. */
@@ -271,7 +265,7 @@ GEN_ALWAYS_INLINE void k16_group(const int nj, const uint8_t *restrict grp, int6
         const uint8_t *p = grp + b * K16_BYTES;
         for (int l = 0; l < X16_ROWS; l++) {
             uint8_t sb[144], sc[8], mn[8];
-            k16_row(p, l, sb);
+            x16_row(p, l, 2, K16_WORDS, sb);
             q4k_scales(sb + 4, sc, mn);
             const float d = f16(sb), dmin = f16(sb + 2);
             for (int j = 0; j < nj; j++) {

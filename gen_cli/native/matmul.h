@@ -245,12 +245,14 @@ enum { BATCH_MIN = 2 };
  * blocks as the type's traits say, into aq (batch, cols), ad (batch, cols / 32), asum (batch, cols / 16). Row b
  * of y starts ldy floats after row b - 1. Threads take whole 4-row blocks of W; each block stays in L1 while
  * every input row passes over it. */
-/* y[b] (+)= W x[b] for an interleaved W (rows a multiple of 16; stored as `stored`: T_Q4_0, T_Q4_1 or T_Q4_K)
+/* y[b] (+)= W x[b] for an interleaved W (rows a multiple of 16; stored as `stored`: T_Q4_0, T_Q4_1, T_Q4_K, T_Q8_0)
  * against `batch` activation rows x (X16Act; row b of y ldy floats after row b - 1). Threads take whole groups;
  * each group meets the rows X16_J at a time. */
 static void x16_matmul(const uint8_t *w, int64_t rows, int64_t cols, X16Act x, int64_t batch, float *y, int64_t ldy,
                        int accumulate, int n_threads, const int64_t stored) {
-    const int64_t gs = stored == T_Q4_K ? cols / 256 * K16_BYTES : cols / 32 * X16_BYTES(stored == T_Q4_1);
+    const int64_t gs = stored == T_Q4_K   ? cols / 256 * K16_BYTES
+                       : stored == T_Q8_0 ? cols / 32 * Q8X16_BYTES
+                                          : cols / 32 * X16_BYTES(stored == T_Q4_1);
 #pragma omp parallel for schedule(static) num_threads(n_threads)
     for (int64_t g = 0; g < rows / X16_ROWS; g++) {
         for (int64_t b0 = 0; b0 < batch; b0 += X16_J) {
@@ -264,6 +266,8 @@ static void x16_matmul(const uint8_t *w, int64_t rows, int64_t cols, X16Act x, i
     case N:                                                          \
         if (stored == T_Q4_K)                                        \
             k16_group(N, grp, cols / 256, xj, o, ldy, accumulate);   \
+        else if (stored == T_Q8_0)                                   \
+            q8x16_group(N, grp, cols / 32, xj, o, ldy, accumulate);  \
         else if (stored == T_Q4_1)                                   \
             x16_group(N, 1, grp, cols / 32, xj, o, ldy, accumulate); \
         else                                                         \
@@ -277,7 +281,7 @@ static void x16_matmul(const uint8_t *w, int64_t rows, int64_t cols, X16Act x, i
 }
 
 /* block_rows_int8 for rows interleaved in groups (blocks_x16.h, blocks_k16.h): the inputs quantized as for the
- * stored layout, each row's per-block terms beside them (Q4_0 offsets or Q4_1 min factors, one per block; Q4_K's
+ * stored layout, each row's per-block terms beside them (Q4_0 / Q8_0 offsets or Q4_1 min factors, one per block; Q4_K's
  * paired sub-block sums, 4 per super-block): on the stack for a decode step, else allocated, and where that fails,
  * as many rows at a time as the stack holds. */
 static void block_rows_x16(const uint8_t *w, const BlockType *t, int64_t rows, int64_t cols, const float *x,
@@ -299,6 +303,8 @@ static void block_rows_x16(const uint8_t *w, const BlockType *t, int64_t rows, i
             t->quantize_act(x + r * cols, cols, a);
             if (k)
                 k16_offsets(a, cols / 256, o + b * terms);
+            else if (t->stored == T_Q8_0)
+                q8x16_offsets(a, nb, o + b * terms);
             else
                 x16_offsets(a, nb, o + b * terms, min);
         }

@@ -71,16 +71,18 @@ int64_t gen_block_dequantize(const void *w, int64_t type, int64_t rows, int64_t 
         }
         return 0;
     }
-    if (bt->group) { /* interleaved Q4_K: each row read back stored, a super-block (CHUNK) at a time */
+    if (bt->group) { /* interleaved Q4_K / Q8_0: each row read back stored, CHUNK elements at a time */
+        const BlockType *st = &BLOCK_TYPES[bt->stored];
 #pragma omp parallel for schedule(static) num_threads(n_threads)
         for (int64_t r = 0; r < rows; r++) {
             const uint8_t *grp = (const uint8_t *)w + r / X16_ROWS * X16_ROWS * rb;
             float *f = bf16 ? NULL : (float *)out + r * cols, tmp[CHUNK];
-            uint8_t sb[144];
+            uint8_t blocks[CHUNK / 32 * 34]; /* the most bytes CHUNK elements take stored (Q8_0's) */
             for (int64_t c = 0; c < cols; c += CHUNK) {
-                k16_row(grp + c / CHUNK * K16_BYTES, (int)(r % X16_ROWS), sb);
-                dequantize_q4_k(sb, CHUNK, f ? f + c : tmp);
-                if (!f) to_bf16_row(tmp, CHUNK, (uint16_t *)out + r * cols + c);
+                const int64_t len = cols - c < CHUNK ? cols - c : CHUNK;
+                x16_stored_blocks(bt, grp, (int)(r % X16_ROWS), c / bt->elems, len / bt->elems, blocks);
+                st->dequantize(blocks, len, f ? f + c : tmp);
+                if (!f) to_bf16_row(tmp, len, (uint16_t *)out + r * cols + c);
             }
         }
         return 0;
@@ -108,26 +110,29 @@ int64_t gen_block_dequantize(const void *w, int64_t type, int64_t rows, int64_t 
     return 0;
 }
 
-/* The type a Q4_0 / Q4_1 / Q4_K matrix is repacked to for decoding (blocks_x16.h, blocks_k16.h), when this build
- * has a vector product for it (AVX-512 VNNI, or AVX2); else -1 (the stored layout is as fast). */
+/* The type a Q4_0 / Q4_1 / Q4_K / Q8_0 matrix is repacked to for decoding (blocks_x16.h, blocks_k16.h,
+ * blocks_q8x16.h), when this build has a vector product for it (AVX-512 VNNI, or AVX2 for the 4-bit types); else
+ * -1 (the stored layout is as fast). */
 int64_t gen_block_interleaved(int64_t type) {
+#ifdef GEN_BLOCKS_512
+    if (type == T_Q8_0) return T_Q8_0X16;
+#endif
 #ifdef GEN_X16_VECTOR
     if (type == T_Q4_0) return T_Q4_0X16;
     if (type == T_Q4_1) return T_Q4_1X16;
     if (type == T_Q4_K) return T_Q4_KX16;
-#else
-    (void)type;
 #endif
+    (void)type;
     return -1;
 }
 
-/* Rows [0, rows) of a stored Q4_0 / Q4_1 / Q4_K matrix (`type`; rows a multiple of 16) -> the interleaved layout
- * in dst (as many bytes, not overlapping src), groups split across threads. Returns 0, or -1 for another type or
- * shape. */
+/* Rows [0, rows) of a stored Q4_0 / Q4_1 / Q4_K / Q8_0 matrix (`type`; rows a multiple of 16) -> the interleaved
+ * layout in dst (as many bytes, not overlapping src), groups split across threads. Returns 0, or -1 for another
+ * type or shape. */
 int64_t gen_block_repack(const void *src, int64_t type, int64_t rows, int64_t cols, void *dst, int64_t n_threads) {
-    const int halves = type == T_Q4_0 ? 1 : 2, words = type == T_Q4_K ? K16_WORDS : 4;
-    if ((type != T_Q4_0 && type != T_Q4_1 && type != T_Q4_K) || rows % X16_ROWS || cols <= 0) return -1;
+    if ((type != T_Q4_0 && type != T_Q4_1 && type != T_Q4_K && type != T_Q8_0) || rows % X16_ROWS || cols <= 0) return -1;
     const BlockType *bt = &BLOCK_TYPES[type];
+    const int halves = x16_halves(type), words = (int)(bt->bytes - 2 * halves) / 4;
     if (cols % bt->elems) return -1;
     const int64_t nb = cols / bt->elems, rb = nb * bt->bytes, groups = rows / X16_ROWS;
 #pragma omp parallel for schedule(static) num_threads(n_threads)

@@ -288,19 +288,21 @@ def max_error(w: torch.Tensor, qtype: str) -> torch.Tensor:
     return (half * (1 + 1e-5) + 1e-30).expand(-1, t.elems).reshape(rows, cols)
 
 
-# ---- the 16-row interleaved layout of q4_0 / q4_1 / q4_k (gen_cli/native/blocks_x16.h, blocks_k16.h) ----
+# ---- the 16-row interleaved layout of INTERLEAVED's types (gen_cli/native/blocks_x16.h, blocks_k16.h, blocks_q8x16.h)
 #
-# A block is some fp16 fields (q4_0: d; q4_1: d, m; q4_k: d, dmin), then 32-bit words (q4_0 / q4_1: 16 nibble
-# bytes; q4_k: 12 bytes of packed scales and mins, 128 of nibbles). For each group of 16 rows and block index b:
-# each fp16 field of the 16 rows in turn (32 bytes), then each word i as a 64-byte chunk holding row l's word at
-# bytes 4l … 4l + 3. A group takes the bytes its 16 rows take stored, so rows [16g, 16g + 16) stay where they were
-# as a whole: a matrix is sliced, joined or split at multiples of 16 rows in either layout alike.
+# A block is some fp16 fields (q4_0, q8_0: d; q4_1: d, m; q4_k: d, dmin), then 32-bit words (q4_0 / q4_1: 16 nibble
+# bytes; q4_k: 12 bytes of packed scales and mins, 128 of nibbles; q8_0: 32 codes). For each group of 16 rows and
+# block index b: each fp16 field of the 16 rows in turn (32 bytes), then each word i as a 64-byte chunk holding row
+# l's word at bytes 4l … 4l + 3. A group takes the bytes its 16 rows take stored, so rows [16g, 16g + 16) stay
+# where they were as a whole: a matrix is sliced, joined or split at multiples of 16 rows in either layout alike.
 
 
 def _head(qtype: str, rows: int) -> int:
     """The bytes of a block's fp16 fields, once `rows` is checked to have the layout."""
     if not can_interleave(qtype, rows):
-        raise GenError(f"{qtype} rows {rows} have no interleaved layout (q4_0 / q4_1 / q4_k in whole groups of 16)")
+        raise GenError(
+            f"{qtype} rows {rows} have no interleaved layout ({' / '.join(INTERLEAVED)} in whole groups of 16)"
+        )
     return INTERLEAVED[qtype]
 
 
