@@ -74,13 +74,13 @@ GEN_ALWAYS_INLINE void q8x16_group(const int nj, const uint8_t *restrict grp, in
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *p = grp + b * Q8X16_BYTES;
         for (int l = 0; l < X16_ROWS; l++) {
-            int8_t w[32];
-            for (int i = 0; i < Q8X16_WORDS; i++) memcpy(w + 4 * i, p + 32 + 64 * i + 4 * l, 4);
-            const float d = f16(p + 2 * l);
+            uint8_t stored[34]; /* row l's block as stored: d, then its 32 codes */
+            x16_row(p, l, 1, Q8X16_WORDS, stored);
+            const float d = f16(stored);
             for (int j = 0; j < nj; j++) {
                 const int8_t *q = x.q + j * x.qs + b * 32;
                 /* the vector path's sum, sum (w + 128) x - 128 sum x, exactly */
-                acc[j][l] = fmaf((float)dot32_i8(w, q), d * x.d[j * x.ds + b], acc[j][l]);
+                acc[j][l] = fmaf((float)dot32_i8((const int8_t *)(stored + 2), q), d * x.d[j * x.ds + b], acc[j][l]);
             }
         }
     }
