@@ -18,7 +18,7 @@ import torch
 
 from gen_cli.errors import UsageError
 from gen_cli.model.config import ModelConfig
-from gen_cli.model.transformer import Transformer
+from gen_cli.model.transformer import Transformer, model_from_tensors
 
 # Positions and norms whose arithmetic zero padding leaves unchanged. Sinusoidal tables and ALiBi slopes
 # depend on d_model and n_head; LayerNorm subtracts a mean the zeros would shift.
@@ -59,14 +59,14 @@ def widened_config(config: ModelConfig, d_model: int, n_layer: int, n_head: int,
 
 
 def widen(model: Transformer, target: ModelConfig) -> Transformer:
-    """A model of `target`'s shape (from `widened_config`) computing `model`'s logits: its weights placed in
-    a zero model, norm gains scaled by √(d/d')."""
+    """A model of `target`'s shape (from `widened_config`) computing `model`'s logits: its weights placed among
+    zeros, norm gains scaled by √(d/d')."""
     old, new = model.config, target
-    wide = Transformer(new).to(model.tok_emb.weight.dtype).eval()
-    with torch.no_grad():
-        for p in wide.parameters():
-            p.zero_()
-    state = wide.state_dict()  # shares storage with `wide`: writing a tensor writes the model
+    with torch.device("meta"):  # the names and shapes only: a random draw of every weight cost 90% of the time
+        skeleton = Transformer(new)
+    dtype, tied = model.tok_emb.weight.dtype, new.tie_embeddings
+    state = {n: torch.zeros(t.shape, dtype=dtype) for n, t in skeleton.state_dict().items()
+             if not (tied and n == "lm_head.weight")}  # fmt: skip
     d = torch.arange(old.d_model)  # the residual's old dimensions keep their place
     q_heads = _query_heads(old, new)
     qkv = _head_rows([*q_heads, *(new.n_head + j for j in range(old.n_kv_head)),
@@ -82,6 +82,8 @@ def widen(model: Transformer, target: ModelConfig) -> Transformer:
     }  # fmt: skip
     with torch.no_grad():
         for name, value in model.state_dict().items():
+            if name not in state:  # a tied head: the embedding's own tensor
+                continue
             short = name.split(".", 2)[-1] if name.startswith("layers.") else name  # "layers.3.mlp.w1.weight"
             if short in ("attn.q_norm.weight", "attn.k_norm.weight"):
                 state[name].copy_(value)  # per head, over head_dim: unchanged
@@ -95,7 +97,7 @@ def widen(model: Transformer, target: ModelConfig) -> Transformer:
         for layer in range(old.n_layer, new.n_layer):  # added layers: zero projections, norms as a fresh model's
             for norm in ("attn_norm", "mlp_norm"):
                 state[f"layers.{layer}.{norm}.weight"].fill_(gain)
-    return wide
+    return model_from_tensors(new, state)
 
 
 def _query_heads(old: ModelConfig, new: ModelConfig) -> list[int]:
