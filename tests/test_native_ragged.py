@@ -5,6 +5,7 @@ consecutive positions are a causal multi-token forward equal to PyTorch's."""
 from __future__ import annotations
 
 import os
+import platform
 import shlex
 import shutil
 
@@ -256,10 +257,12 @@ def test_speculative_verify_runs_native_with_the_same_greedy_output(kinds):
     assert stats.verify_rounds > 0 and len(calls) == stats.rounds and max(calls) > 1
 
 
-def test_batched_rows_with_widths_off_the_vector_length():
-    """Widths that are not multiples of 16 (d_model 72, d_ff 40, head_dim 18): the four-row matrix kernel's
-    masked tail and the portable attention give the PyTorch forward's logits for 4k and 4k+r rows."""
-    config = tiny_config(d_model=72, n_head=4, n_kv_head=2, d_ff=40, context_length=32)
+@pytest.mark.parametrize("d_model, n_head, d_ff", [(72, 4, 40), (92, 2, 44)])
+def test_batched_rows_with_widths_off_the_vector_length(d_model, n_head, d_ff):
+    """Widths that are not multiples of 16 (d_model 72, d_ff 40, head_dim 18), nor of 8 (92 and 44: AVX2's
+    scalar tail): the four-row matrix kernel's tail and the portable attention give the PyTorch forward's
+    logits for 4k and 4k+r rows."""
+    config = tiny_config(d_model=d_model, n_head=n_head, n_kv_head=n_head // 2, d_ff=d_ff, context_length=32)
     torch.manual_seed(0)
     model = optimize_for_decode(Transformer(config).eval())
     assert model.native_decoder is not None, build.native_status()
@@ -343,3 +346,22 @@ def _together_and_alone(
         together = model.native_decoder.rows([7] * len(prompts), caches())
         alone = torch.cat([model.native_decoder(torch.tensor([[7]]), c) for c in caches()])
     return together, alone
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="builds for a plain x86-64 target")
+def test_avx2_fp32_rows_get_the_same_bits_in_any_batch_of_two_or_more(fresh_library, monkeypatch, kernel_builds):
+    """The AVX2 build (x86-64-v3) multiplies 2 or more fp32 rows with the inputs transposed, one input a lane:
+    each row's sums run in the same order in a batch of 2, 9 or 17 (16- and 8-lane groups, and rows past the
+    24-row blocks: d_model 92, vocab 300), and equal PyTorch's logits within fp32 rounding."""
+    monkeypatch.setenv("GEN_HOME", str(kernel_builds))
+    monkeypatch.setattr(build, "FLAGS", tuple("-march=x86-64-v3" if f == "-march=native" else f for f in build.FLAGS))
+    model = _model("gqa", d_model=92, n_head=2, n_kv_head=1, d_ff=44)
+    gen = torch.Generator().manual_seed(9)
+    prompts = [torch.randint(0, 300, (n,), generator=gen).tolist() for n in (3, 8, 5, 12, 7, 4, 10, 6, 9)]
+    nine, _ = _together_and_alone(model, prompts, 32)
+    seventeen, _ = _together_and_alone(model, prompts + prompts[:8], 32)
+    pairs = torch.cat([_together_and_alone(model, prompts[i : i + 2], 32)[0] for i in (0, 2, 4, 6)])
+    assert torch.equal(seventeen[:9], nine) and torch.equal(seventeen[9:], nine[:8]) and torch.equal(pairs, nine[:8])
+    with torch.inference_mode():
+        want = torch.stack([model(torch.tensor([p + [7]]))[0, -1] for p in prompts])  # (9, V)
+    assert (nine - want).abs().max() <= TOL * want.abs().max()
