@@ -363,5 +363,5 @@ def test_avx2_fp32_rows_get_the_same_bits_in_any_batch_of_two_or_more(fresh_libr
     pairs = torch.cat([_together_and_alone(model, prompts[i : i + 2], 32)[0] for i in (0, 2, 4, 6)])
     assert torch.equal(seventeen[:9], nine) and torch.equal(seventeen[9:], nine[:8]) and torch.equal(pairs, nine[:8])
     with torch.inference_mode():
-        want = torch.stack([model(torch.tensor([p + [7]]))[0, -1] for p in prompts])  # (9, V)
+        want = torch.stack([model(torch.tensor([[*p, 7]]))[0, -1] for p in prompts])  # (9, V)
     assert (nine - want).abs().max() <= TOL * want.abs().max()
