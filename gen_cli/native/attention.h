@@ -96,14 +96,6 @@ typedef struct {
 
 #if defined(GEN_AVX2_FMA) && !defined(GEN_AVX512)
 #define GEN_KV_FLOAT8 1 /* fp32 K and V 8 lanes a step (chunk_float8) */
-/* q . token t's row of fp32 k (hd a multiple of 8), 8 lanes a step. */
-static inline float dot_row8(const float *k, const float *q, int64_t hd) {
-    __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(k), _mm256_loadu_ps(q));
-    for (int64_t d = 8; d < hd; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(k + d), _mm256_loadu_ps(q + d), acc);
-    const __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    const __m128 h2 = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    return _mm_cvtss_f32(_mm_add_ss(h2, _mm_movehdup_ps(h2)));
-}
 /* e^x for x <= 0, 8 lanes: exp16's steps on AVX2. Below -87 it returns e^-87 rather than a subnormal (2^n is
  * built in the exponent bits, which hold no n < -126). */
 static inline __m256 exp8(__m256 x) {
@@ -122,49 +114,48 @@ static inline __m256 exp8(__m256 x) {
     const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
-/* o += p v for token t's row of fp32 v. */
-static inline void add_row8(float *o, float p, const float *v, int64_t hd) {
-    const __m256 pv = _mm256_set1_ps(p);
-    for (int64_t d = 0; d < hd; d += 8) _mm256_storeu_ps(o + d, _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + d), _mm256_loadu_ps(o + d)));
-}
 #endif
 
-/* The chunk as plain loops: every K/V kind read element by element through kv_at (any build), or, `float8`, fp32
- * K and V read 8 lanes a step (AVX2 builds; element by element, attention was 75% of a 512-token prompt's time on
- * an AVX2 build, 135M shape). */
-GEN_ALWAYS_INLINE void chunk_loops(const Chunk *c, int nq, const Source *src, const int float8) {
+/* s[t] = e^(s[t] - top) over [t0, t1); returns their sum (8 at a time on AVX2: scalar expf was a third of
+ * attention's time in a batch of 32, 135M shape). */
+static inline float softmax_run(float *s, int64_t t0, int64_t t1, float top) {
+    float sum = 0.f;
+    int64_t t = t0;
+#ifdef GEN_KV_FLOAT8
+    __m256 acc = _mm256_setzero_ps();
+    for (const __m256 m = _mm256_set1_ps(top); t + 8 <= t1; t += 8) {
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + t), m));
+        _mm256_storeu_ps(s + t, e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    sum = hsum256(acc);
+#endif
+    for (; t < t1; t++) sum += s[t] = expf(s[t] - top);
+    return sum;
+}
+
+/* The chunk as plain loops: every K/V kind read element by element through kv_at (any build). */
+static void chunk_portable(const Chunk *c, int nq, const Source *src) {
     const int64_t hd = c->hd;
-    (void)float8;
     for (int i = 0; i < nq; i++) {
-        float top = -INFINITY, sum = 0.f, *s = c->s[i], *o = c->o[i];
+        float top = -INFINITY, *s = c->s[i], *o = c->o[i];
         for (int64_t t = c->t0, n, base; t < c->t1; t += n) {
             KVHead k;
             n = source_run(src, 0, t, c->t1, &k, &base);
             for (int64_t u = t; u < t + n; u++) {
                 float dot = 0.f;
-#ifdef GEN_KV_FLOAT8
-                if (float8)
-                    dot = dot_row8((const float *)k.data + (u - base) * hd, c->q[i], hd);
-                else
-#endif
-                    for (int64_t d = 0; d < hd; d++) dot += kv_at(&k, u - base, d, hd) * c->q[i][d];
+                for (int64_t d = 0; d < hd; d++) dot += kv_at(&k, u - base, d, hd) * c->q[i][d];
                 s[u] = dot * c->scale * (k.kind == KV_INT8 ? k.scale[u - base] : 1.f);
                 top = fmaxf(top, s[u]);
             }
         }
-        for (int64_t t = c->t0; t < c->t1; t++) sum += s[t] = expf(s[t] - top);
+        const float sum = softmax_run(s, c->t0, c->t1, top);
         memset(o, 0, hd * sizeof(float));
         for (int64_t t = c->t0, n, base; t < c->t1; t += n) {
             KVHead v;
             n = source_run(src, 1, t, c->t1, &v, &base);
             for (int64_t u = t; u < t + n; u++) {
                 const float p = s[u] * (v.kind == KV_INT8 ? v.scale[u - base] : 1.f);
-#ifdef GEN_KV_FLOAT8
-                if (float8) {
-                    add_row8(o, p, (const float *)v.data + (u - base) * hd, hd);
-                    continue;
-                }
-#endif
                 for (int64_t d = 0; d < hd; d++) o[d] += p * kv_at(&v, u - base, d, hd);
             }
         }
@@ -172,7 +163,83 @@ GEN_ALWAYS_INLINE void chunk_loops(const Chunk *c, int nq, const Source *src, co
     }
 }
 
-static void chunk_portable(const Chunk *c, int nq, const Source *src) { chunk_loops(c, nq, src, 0); }
+#ifdef GEN_KV_FLOAT8
+/* One 8-lane sum as dots8 reduces each of its eight: lanes (0+1)+(2+3), (4+5)+(6+7), then the two halves, so a
+ * token's score has the same bits whichever way its run splits into eights. */
+static inline float sum8_pairs(__m256 v) {
+    const __m256 h = _mm256_hadd_ps(v, v), g = _mm256_hadd_ps(h, h);
+    return _mm_cvtss_f32(_mm_add_ss(_mm256_castps256_ps128(g), _mm256_extractf128_ps(g, 1)));
+}
+
+/* q . k_t for 8 tokens (rows hd apart, hd a multiple of 8) as one vector: 8 chains, then one transposing
+ * reduction (hadds and a lane swap) instead of a horizontal sum per token. */
+static inline __m256 dots8(const float *k, const float *q, int64_t hd) {
+    __m256 a[8];
+    const __m256 q0 = _mm256_loadu_ps(q);
+    for (int j = 0; j < 8; j++) a[j] = _mm256_mul_ps(_mm256_loadu_ps(k + j * hd), q0);
+    for (int64_t d = 8; d < hd; d += 8) {
+        const __m256 qv = _mm256_loadu_ps(q + d);
+        for (int j = 0; j < 8; j++) a[j] = _mm256_fmadd_ps(_mm256_loadu_ps(k + j * hd + d), qv, a[j]);
+    }
+    const __m256 g0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3])); /* 0-3: lo / hi halves */
+    const __m256 g1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(g0, g1, 0x20), _mm256_permute2f128_ps(g0, g1, 0x31));
+}
+
+static inline float dot1(const float *k, const float *q, int64_t hd) {
+    __m256 a = _mm256_mul_ps(_mm256_loadu_ps(k), _mm256_loadu_ps(q));
+    for (int64_t d = 8; d < hd; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(k + d), _mm256_loadu_ps(q + d), a);
+    return sum8_pairs(a);
+}
+
+/* o (hd) += sum_t p[t] v_t over n tokens (rows hd apart): 64 columns at a time held in registers, each column
+ * summing its tokens in order. */
+static inline void add_rows8(float *o, const float *p, const float *v, int64_t n, int64_t hd) {
+    int64_t d0 = 0;
+    for (; d0 + 64 <= hd; d0 += 64) {
+        __m256 a[8];
+        for (int i = 0; i < 8; i++) a[i] = _mm256_loadu_ps(o + d0 + 8 * i);
+        for (int64_t t = 0; t < n; t++) {
+            const __m256 pv = _mm256_set1_ps(p[t]);
+            for (int i = 0; i < 8; i++) a[i] = _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + t * hd + d0 + 8 * i), a[i]);
+        }
+        for (int i = 0; i < 8; i++) _mm256_storeu_ps(o + d0 + 8 * i, a[i]);
+    }
+    for (; d0 < hd; d0 += 8) {
+        __m256 a = _mm256_loadu_ps(o + d0);
+        for (int64_t t = 0; t < n; t++) a = _mm256_fmadd_ps(_mm256_set1_ps(p[t]), _mm256_loadu_ps(v + t * hd + d0), a);
+        _mm256_storeu_ps(o + d0, a);
+    }
+}
+
+/* chunk_portable for fp32 K and V on AVX2 (hd a multiple of 8): element by element, attention was 75% of a
+ * 512-token prompt's time on an AVX2 build (135M shape). */
+static void chunk_float8(const Chunk *c, int nq, const Source *src) {
+    const int64_t hd = c->hd;
+    const __m256 scale = _mm256_set1_ps(c->scale);
+    for (int i = 0; i < nq; i++) {
+        float top = -INFINITY, *s = c->s[i], *o = c->o[i];
+        const float *q = c->q[i];
+        for (int64_t t = c->t0, n, base; t < c->t1; t += n) {
+            KVHead k;
+            n = source_run(src, 0, t, c->t1, &k, &base);
+            const float *kt = (const float *)k.data + (t - base) * hd;
+            int64_t u = 0;
+            for (; u + 8 <= n; u += 8) _mm256_storeu_ps(s + t + u, _mm256_mul_ps(dots8(kt + u * hd, q, hd), scale));
+            for (; u < n; u++) s[t + u] = dot1(kt + u * hd, q, hd) * c->scale;
+        }
+        for (int64_t t = c->t0; t < c->t1; t++) top = fmaxf(top, s[t]);
+        const float sum = softmax_run(s, c->t0, c->t1, top);
+        memset(o, 0, hd * sizeof(float));
+        for (int64_t t = c->t0, n, base; t < c->t1; t += n) {
+            KVHead v;
+            n = source_run(src, 1, t, c->t1, &v, &base);
+            add_rows8(o, s + t, (const float *)v.data + (t - base) * hd, n, hd);
+        }
+        c->top[i] = top, c->sum[i] = sum;
+    }
+}
+#endif
 
 #ifdef GEN_AVX512
 enum { NQ_MAX = 4, HD_MAX = 256 };
@@ -551,9 +618,6 @@ static void chunk_vector(const Chunk *c, int nq, const Source *src) {
 #undef sum16_int
 #endif
 
-#ifdef GEN_KV_FLOAT8
-static void chunk_float8(const Chunk *c, int nq, const Source *src) { chunk_loops(c, nq, src, 1); }
-#endif
 
 static void chunk_any(const Chunk *c, int nq, const Source *src, int vector) {
 #ifdef GEN_AVX512

@@ -151,11 +151,6 @@ GEN_NO_VECTORIZE static int32_t dot32_i8(const int8_t *w, const int8_t *x) {
 }
 
 #ifdef GEN_BLOCKS_256
-static inline float hsum256(__m256 v) {
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
-}
 /* 16 bytes of nibbles -> 32 unsigned bytes in element order: low nibbles are elements 0..15, high ones 16..31. */
 static inline __m256i nibbles32(const uint8_t *p) {
     __m128i t = _mm_loadu_si128((const __m128i *)p), m = _mm_set1_epi8(0xF);

@@ -47,4 +47,13 @@
 #define GEN_NO_VECTORIZE
 #endif
 
+#ifdef GEN_AVX2_FMA
+/* The sum of a 256-bit vector's 8 floats (matmul's fp32 rows, attention's AVX2 path, the AVX2 block products). */
+static inline float hsum256(__m256 v) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+#endif
+
 #endif
