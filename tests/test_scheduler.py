@@ -144,6 +144,18 @@ def test_the_closed_loop_bench_runs_every_request_in_every_mode(model):
     assert [row["mode"] for row in summary(runs)] == list(runs)
 
 
+def test_a_run_that_timed_no_token_shows_a_dash_not_zeros():
+    """A server that streams no text (random weights decoding to unused tokens) gives no first-token time: the
+    row says so instead of printing 0 ms."""
+    from gen_cli.commands.serve_bench import _p3
+    from gen_cli.lab.serve_bench import ServeRun, summary
+
+    timed = ServeRun("a", 2, 8, 1.0, ttft_ms=[30.0, 10.0], itl_ms=[1.0, 2.0, 3.0])
+    rows = summary({"timed": [timed], "silent": [ServeRun("b", 2, 8, 1.0)]})
+    assert _p3(rows[0], "ttft", ".0f") == "30 / 30 / 30" and _p3(rows[0], "itl", ".1f") == "2.0 / 3.0 / 3.0"
+    assert _p3(rows[1], "ttft", ".0f") == "—" and rows[1]["ttft_p50"] is None and rows[1]["tokens_per_s"] == 8.0
+
+
 def test_batch_rates_time_every_batch_size(model):
     from gen_cli.lab.batch_bench import batch_rates
 

@@ -167,12 +167,12 @@ def bench_serve_command(
     table = Table("mode", "tok/s", "range", "TTFT p50/p90/p99 ms", "inter-token p50/p90/p99 ms")
     for r in rows:
         table.add_row(str(r["mode"]), f"{r['tokens_per_s']:.1f}", f"{r['low']:.1f}–{r['high']:.1f}",
-                      f"{r['ttft_p50']:.0f} / {r['ttft_p90']:.0f} / {r['ttft_p99']:.0f}",
-                      f"{r['itl_p50']:.1f} / {r['itl_p90']:.1f} / {r['itl_p99']:.1f}")  # fmt: skip
+                      _p3(r, "ttft", ".0f"),
+                      _p3(r, "itl", ".1f"))  # fmt: skip
     for r in http_rows:
         table.add_row(f"{r['mode']} (http)", f"{r['tokens_per_s']:.1f}", f"{r['low']:.1f}–{r['high']:.1f}",
-                      f"{r['ttft_p50']:.0f} / {r['ttft_p90']:.0f} / {r['ttft_p99']:.0f}",
-                      f"{r['itl_p50']:.1f} / {r['itl_p90']:.1f} / {r['itl_p99']:.1f}")  # fmt: skip
+                      _p3(r, "ttft", ".0f"),
+                      _p3(r, "itl", ".1f"))  # fmt: skip
     out_console().print(table)
     if rates:
         batch_table = Table("batch", "tok/s", "range", "× batch 1")
@@ -197,10 +197,10 @@ def _shared_prefix(model, clients: int, requests: int, rounds: int, prefix: int,
         return
     table = Table("prefix cache", "tok/s", "range", "TTFT p50/p90/p99 ms", "TTFT p50 per round ms")
     for r in rows:
-        per_round = ", ".join(f"{x:.0f}" for x in r["ttft_p50_runs"])  # type: ignore[union-attr]
+        per_round = ", ".join("—" if x is None else f"{x:.0f}" for x in r["ttft_p50_runs"])  # type: ignore[union-attr]
         table.add_row(str(r["mode"]).removeprefix("prefix cache "), f"{r['tokens_per_s']:.1f}",
                       f"{r['low']:.1f}–{r['high']:.1f}",
-                      f"{r['ttft_p50']:.0f} / {r['ttft_p90']:.0f} / {r['ttft_p99']:.0f}", per_round)  # fmt: skip
+                      _p3(r, "ttft", ".0f"), per_round)  # fmt: skip
     out_console().print(table)
     kv = Table("prefix cache", "sequences", "blocks in use", "KV bytes (pool)", "analytic minimum", "unshared analytic")
     for m in memory:
@@ -227,9 +227,16 @@ def _print_turns(rows: list[dict], as_json: bool) -> None:
     for r in rows:
         cached = "?" if r["cached_tokens"] is None else f"{r['cached_tokens']:,} of {r['prompt_tokens']:,}"
         table.add_row(str(r["mode"]), f"{r['tokens_per_s']:.1f}", f"{r['low']:.1f}–{r['high']:.1f}",
-                      f"{r['ttft_p50']:.0f} / {r['ttft_p90']:.0f} / {r['ttft_p99']:.0f}", cached,
+                      _p3(r, "ttft", ".0f"), cached,
                       f"{r['kv_peak'] / 1e6:.2f} MB" if r["kv_peak"] else "?")  # fmt: skip
     out_console().print(table)
+
+
+def _p3(row: dict, key: str, spec: str) -> str:
+    """A row's p50 / p90 / p99 of `key` (ttft, itl), or a dash where nothing was timed: a server that streamed
+    no text (random weights decoding to unused tokens) gives no first-token time."""
+    values = [row[f"{key}_p{q}"] for q in (50, 90, 99)]
+    return "—" if values[0] is None else " / ".join(format(v, spec) for v in values)
 
 
 def _check_llama_server(binary: Path, model_dir: Path | None) -> None:

@@ -38,11 +38,11 @@ class ServeRun:
     def tokens_per_s(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
-    def percentiles(self, which: str) -> tuple[float, float, float]:
-        """p50, p90, p99 of `ttft_ms` or `itl_ms` (0s when empty)."""
+    def percentiles(self, which: str) -> tuple[float | None, float | None, float | None]:
+        """p50, p90, p99 of `ttft_ms` or `itl_ms`; Nones when nothing was timed (a server that streamed no text)."""
         values = sorted(getattr(self, which))
         if not values:
-            return 0.0, 0.0, 0.0
+            return None, None, None
         return tuple(values[min(len(values) - 1, int(q * len(values)))] for q in (0.5, 0.9, 0.99))  # type: ignore[return-value]
 
 
