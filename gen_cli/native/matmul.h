@@ -53,12 +53,39 @@ static float dot_f32(const float *restrict w, const float *restrict x, int64_t n
 }
 
 #if defined(GEN_AVX2_FMA) && !defined(GEN_AVX512)
-/* fp32 rows against 2 or more inputs on AVX2: the inputs transposed, so a vector holds one column of 8 or 16 of
- * them, and each weight is broadcast from its row. Row-major dot tiles (as dot_f32_4x4) fit only 4x2 sums in
- * AVX2's 16 registers and end in horizontal sums: 41-57 GFLOP/s a core here, against 78-95 for these (Zen 3,
- * 1536 x 576, 8 and 32 inputs). Lane l sums its row's products one column after another with fused
- * multiply-adds (fmaf's rounding), so an input row gets the same bits in any batch of 2 or more. */
-enum { XT_LANES = 16, XT_ROWS = 24 }; /* a group's inputs; rows a thread takes at a time (6 x 4, 8 x 3) */
+/* Four weight rows (n apart) against inputs j0 and j0 + 1 (n apart) into out[r][j0..j0+1]: dot_f32_4x4's tile in
+ * two passes, since sixteen 256-bit accumulators would fill every AVX2 register. */
+static void dot_f32_4x2(const float *restrict w, const float *restrict x, int64_t n, float out[4][4], int j0) {
+    __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00;
+    const float *x0 = x + j0 * n, *x1 = x0 + n;
+#define ROW2(R)                                                                                                   \
+    {                                                                                                             \
+        const __m256 wv = _mm256_loadu_ps(w + R * n + i);                                                         \
+        a##R##0 = _mm256_fmadd_ps(wv, v0, a##R##0), a##R##1 = _mm256_fmadd_ps(wv, v1, a##R##1);                 \
+    }
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 v0 = _mm256_loadu_ps(x0 + i), v1 = _mm256_loadu_ps(x1 + i);
+        ROW2(0) ROW2(1) ROW2(2) ROW2(3)
+    }
+#undef ROW2
+    const __m256 acc[4][2] = {{a00, a01}, {a10, a11}, {a20, a21}, {a30, a31}};
+    for (int r = 0; r < 4; r++)
+        for (int j = 0; j < 2; j++) {
+            float s = hsum256(acc[r][j]);
+            for (int64_t t = i; t < n; t++) s += w[r * n + t] * x[(j0 + j) * n + t];
+            out[r][j0 + j] = s;
+        }
+}
+
+/* fp32 rows against XT_MIN or more inputs on AVX2: the inputs transposed, so a vector holds one column of 8 or 16
+ * of them, and each weight is broadcast from its row. The 4x2 dot tile above ends in horizontal sums and fits no
+ * more sums in AVX2's 16 registers: 41-57 GFLOP/s a core here, against 78-95 for these (Zen 3, 1536 x 576, 8 and
+ * 32 inputs). But every weight costs a broadcast load whatever the lanes in use, so below 6 inputs the tile wins
+ * (a 2-row speculative verify cost 1.48 decode steps this way). Lane l sums its row's products one column after
+ * another with fused multiply-adds (fmaf's rounding), so an input row gets the same bits in any batch of XT_MIN
+ * or more. */
+enum { XT_MIN = 6, XT_ROWS = 24 }; /* the fewest inputs; the rows a thread takes at a time (6 x 4, 8 x 3) */
 
 /* Inputs [b0, b0 + lanes) of x (cols apart) -> xt[k * lanes + l], lanes past the batch zero. */
 static void xt_pack(const float *x, int64_t batch, int64_t cols, int64_t b0, int lanes, float *xt) {
@@ -98,7 +125,7 @@ GEN_NO_VECTORIZE static float xt_lane(const float *w, const float *xt, int64_t n
     return s;
 }
 
-/* y[b] (+)= W x[b] for batch >= 2 (y rows `rows` apart). Returns -1 when the transposed copy cannot be had. */
+/* y[b] (+)= W x[b] for batch >= XT_MIN (y rows `rows` apart). Returns -1 when the transposed copy cannot be had. */
 static int matmul_f32_xt(const float *w, int64_t rows, int64_t cols, const float *x, int64_t batch, float *y,
                          int accumulate, int n_threads) {
     /* Groups of 16 inputs; a last 8 or fewer take an 8-lane group. */
@@ -176,6 +203,9 @@ static void dot_f32_4x4(const float *restrict w, const float *restrict x, int64_
     const __m512 acc[4][4] = {{a00, a01, a02, a03}, {a10, a11, a12, a13}, {a20, a21, a22, a23}, {a30, a31, a32, a33}};
     for (int r = 0; r < 4; r++)
         for (int j = 0; j < 4; j++) out[r][j] = _mm512_reduce_add_ps(acc[r][j]);
+#elif defined(GEN_AVX2_FMA)
+    dot_f32_4x2(w, x, n, out, 0);
+    dot_f32_4x2(w, x, n, out, 2);
 #else
     for (int r = 0; r < 4; r++)
         for (int j = 0; j < 4; j++) out[r][j] = dot_f32(w + r * n, x + j * n, n);
@@ -512,7 +542,7 @@ static void matmul(const Model *m, const Matrix *w, const float *x, float *y, in
     const int64_t rows = w->rows, cols = w->cols, batch = m->batch;
     const int int8 = w->scale != NULL;
 #if defined(GEN_AVX2_FMA) && !defined(GEN_AVX512)
-    if (!int8 && batch >= 2 && matmul_f32_xt(w->data, rows, cols, x, batch, y, accumulate, (int)m->n_threads) == 0)
+    if (!int8 && batch >= XT_MIN && matmul_f32_xt(w->data, rows, cols, x, batch, y, accumulate, (int)m->n_threads) == 0)
         return;
 #endif
     if (int8) quantize_rows(m, x, cols);
