@@ -618,7 +618,6 @@ static void chunk_vector(const Chunk *c, int nq, const Source *src) {
 #undef sum16_int
 #endif
 
-
 static void chunk_any(const Chunk *c, int nq, const Source *src, int vector) {
 #ifdef GEN_AVX512
     if (vector) {

@@ -21,7 +21,10 @@ def mkldnn_ok() -> bool:
 
 
 def onednn_applies(weight: torch.Tensor) -> bool:
-    """Whether oneDNN runs products with this (out, in) weight faster than F.linear."""
+    """Whether oneDNN runs products with this (out, in) weight faster than F.linear. bf16 only where oneDNN
+    has bf16 kernels (AVX-512 and up): on an AVX2-only CPU it cannot build a bf16 inner product at all."""
+    if weight.dtype == torch.bfloat16 and not (mkldnn_ok() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return False
     return (
         weight.device.type == "cpu"
         and weight.dtype in (torch.float32, torch.bfloat16)
