@@ -512,7 +512,7 @@ GEN_ALWAYS_INLINE void q6k_tile(const int nj, const uint8_t *restrict w, int64_t
         const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(p + 192)));
         __m256i v[8], sc[8]; /* quarter k of half h: its 32 codes (unsigned, 0..63: maddubs' operand), two scales */
         for (int h = 0; h < 2; h++) {
-            const __m256i sch = _mm256_permute2x128_si256(sc16, sc16, h ? 0x11 : 0x00);
+            const __m256i sch = (h ? _mm256_permute2x128_si256(sc16, sc16, 0x11) : _mm256_permute2x128_si256(sc16, sc16, 0x00));
             q6k_codes(p, h, v + 4 * h);
             for (int k = 0; k < 4; k++) {
                 v[4 * h + k] = _mm256_add_epi8(v[4 * h + k], off);

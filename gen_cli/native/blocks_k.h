@@ -173,7 +173,7 @@ static float dot_q6_k(const uint8_t *restrict w, Act a, int64_t nb) {
         __m256i acc = _mm256_mullo_epi32(_mm256_madd_epi16(sc16, _mm256_loadu_si256((const __m256i *)(a.s + b * 16))),
                                          _mm256_set1_epi32(-32)); /* -32 sum_g sc_g s_g, in 8 partial lanes */
         for (int h = 0; h < 2; h++) {
-            const __m256i sch = _mm256_permute2x128_si256(sc16, sc16, h ? 0x11 : 0x00); /* this half's 8 scales, twice */
+            const __m256i sch = (h ? _mm256_permute2x128_si256(sc16, sc16, 0x11) : _mm256_permute2x128_si256(sc16, sc16, 0x00)); /* this half's 8 scales, twice */
             __m256i l0 = _mm256_loadu_si256((const __m256i *)(ql + 64 * h)), l1 = _mm256_loadu_si256((const __m256i *)(ql + 64 * h + 32));
             __m256i hb = _mm256_loadu_si256((const __m256i *)(qh + 32 * h));
             __m256i v[4] = {
