@@ -205,12 +205,16 @@ def test_cuda_bf16_fast_paths(quantize, compile):
 def test_bf16_weights_skip_onednn_where_it_has_no_bf16_kernels(monkeypatch):
     """On an AVX2-only CPU oneDNN cannot build a bf16 inner product ("could not create a primitive descriptor"):
     bf16 weights keep F.linear there, fp32 ones still go to oneDNN."""
-    from gen_cli.quant.linear import mkldnn_ok, onednn_applies
+    from gen_cli.quant.linear import mkldnn_ok, onednn_applies, onednn_bf16
 
     if not mkldnn_ok():
         pytest.skip("this torch has no oneDNN")
     weight = torch.zeros(8, 256)
-    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
-    assert onednn_applies(weight) and not onednn_applies(weight.bfloat16())
-    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
-    assert onednn_applies(weight.bfloat16())
+    try:
+        for supported in (False, True):
+            monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda s=supported: s)
+            onednn_bf16.cache_clear()
+            assert onednn_applies(weight) and onednn_applies(weight.bfloat16()) == supported
+    finally:
+        monkeypatch.undo()
+        onednn_bf16.cache_clear()

@@ -231,17 +231,18 @@ def test_prompt_tiles_are_fp32_under_a_onednn_cap_without_bf16(monkeypatch: pyte
     """Capping oneDNN at AVX2 (to measure what such a machine does) must not leave prompts on bf16 tiles, which
     oneDNN would then emulate; no cap keeps what the CPU has."""
     from gen_cli.native import block_matmul as bm
+    from gen_cli.quant.linear import onednn_bf16
 
     try:
         monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")
-        bm._has_bf16_gemm.cache_clear()
+        onednn_bf16.cache_clear()
         assert bm.tile_dtype() == torch.float32
         monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
-        bm._has_bf16_gemm.cache_clear()
+        onednn_bf16.cache_clear()
         native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
         assert bm.tile_dtype() == (torch.bfloat16 if native else torch.float32)
     finally:
-        bm._has_bf16_gemm.cache_clear()
+        onednn_bf16.cache_clear()
 
 
 def _selector(cols: int) -> BlockLinear:

@@ -20,9 +20,8 @@ for int8; fp32: the few-token kernel multiplies fp32 activations as they are, a 
 from __future__ import annotations
 
 import ctypes
-import os
 from collections.abc import Callable
-from functools import cache, partial
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +30,7 @@ from torch import nn
 from gen_cli.native.abi import ACT_MODES, MATRIX_TYPES
 from gen_cli.native.build import library
 from gen_cli.quant.block_linear import BlockLinear
+from gen_cli.quant.linear import onednn_bf16
 
 # From this many tokens on, row tiles are dequantized into a scratch and multiplied by PyTorch's GEMM; below it
 # the int8 kernel, which reads each weight byte once, wins: dequantizing costs the same for 8 tokens as for 512
@@ -63,7 +63,7 @@ def block_matmul(x: torch.Tensor, layer: BlockLinear, act: str = "int8") -> torc
 
 def tile_dtype() -> torch.dtype:
     """The dtype a prompt's GEMMs on block weights compute in here (their FLOP ceiling's dtype)."""
-    return TILE_DTYPE if _has_bf16_gemm() else torch.float32
+    return TILE_DTYPE if onednn_bf16() else torch.float32
 
 
 def _tiled(lib: ctypes.CDLL, x: torch.Tensor, layer: BlockLinear, dtype: torch.dtype) -> torch.Tensor:
@@ -85,22 +85,6 @@ def _tiled(lib: ctypes.CDLL, x: torch.Tensor, layer: BlockLinear, dtype: torch.d
         lib.gen_block_dequantize(blocks.data_ptr() + r0 * rb, code, r1 - r0, cols, w.data_ptr(), bf16, threads)
         torch.mm(xs, w.t(), out=y[:, r0:r1])  # a column slice: the GEMM writes it in place with its row stride
     return y.float()
-
-
-# oneDNN's ISA caps (ONEDNN_MAX_CPU_ISA) under which it has no native bf16 GEMM: the CPU may, but a user who caps
-# oneDNN (to measure what an AVX2 machine does, say) gets fp32 tiles, as that machine would.
-_NO_BF16_ISAS = frozenset({"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX512_CORE", "AVX512_CORE_VNNI"})
-
-
-@cache
-def _has_bf16_gemm() -> bool:
-    """Whether this CPU multiplies bf16 natively (else bf16 GEMM is emulated and slower than fp32)."""
-    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper() in _NO_BF16_ISAS:
-        return False
-    try:
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def block_kernel(act: str = "int8") -> Callable[[torch.Tensor, BlockLinear], torch.Tensor]:

@@ -87,7 +87,7 @@ static void swiglu(const Model *m) {
             const __m512 silu = _mm512_mul_ps(g, _mm512_div_ps(top, _mm512_add_ps(one, e)));
             _mm512_storeu_ps(h + i, _mm512_mul_ps(silu, _mm512_loadu_ps(up + i)));
         }
-#elif defined(GEN_KV_FLOAT8) /* AVX2 (attention.h's exp8): the scalar loop was 7% of a batch of 32, 135M shape */
+#elif defined(GEN_AVX2_FMA) /* AVX2 without AVX-512 (attention.h's exp8): the scalar loop was 7% of a batch of 32, 135M shape */
         const __m256 one = _mm256_set1_ps(1.f), zero = _mm256_setzero_ps(), sign = _mm256_set1_ps(-0.f);
         for (; i + 8 <= f; i += 8) {
             const __m256 g = _mm256_loadu_ps(gate + i), e = exp8(_mm256_or_ps(g, sign)); /* e^-|g| */

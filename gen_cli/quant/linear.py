@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from functools import cache
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,14 +23,29 @@ def mkldnn_ok() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
-def onednn_applies(weight: torch.Tensor) -> bool:
-    """Whether oneDNN runs products with this (out, in) weight faster than F.linear. bf16 only where oneDNN
-    has bf16 kernels (AVX-512 and up): on an AVX2-only CPU it cannot build a bf16 inner product at all."""
-    if weight.dtype == torch.bfloat16 and not (mkldnn_ok() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+# oneDNN's ISA caps (ONEDNN_MAX_CPU_ISA) under which it has no native bf16 GEMM: the CPU may, but a user who caps
+# oneDNN (to measure what an AVX2 machine does, say) gets what that machine would.
+_NO_BF16_ISAS = frozenset({"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX512_CORE", "AVX512_CORE_VNNI"})
+
+
+@cache
+def onednn_bf16() -> bool:
+    """Whether oneDNN multiplies bf16 natively here: else it emulates bf16 (slower than fp32) or, on an AVX2-only
+    CPU, cannot build a bf16 inner product at all."""
+    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper() in _NO_BF16_ISAS:
         return False
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def onednn_applies(weight: torch.Tensor) -> bool:
+    """Whether oneDNN runs products with this (out, in) weight faster than F.linear (bf16 only where
+    `onednn_bf16`)."""
     return (
         weight.device.type == "cpu"
-        and weight.dtype in (torch.float32, torch.bfloat16)
+        and (weight.dtype == torch.float32 or (weight.dtype == torch.bfloat16 and onednn_bf16()))
         and weight.shape[1] >= PACK_MIN_IN_FEATURES
         and mkldnn_ok()
     )
