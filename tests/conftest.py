@@ -136,6 +136,15 @@ def _no_debug_env(monkeypatch):
     monkeypatch.delenv("GEN_DEBUG", raising=False)
 
 
+@pytest.fixture(autouse=True)
+def _small_peak_gemm(monkeypatch):
+    """Benchmarks run in tests time their peak GEMM rate on a 128² product: the rows they check only need a
+    measured rate, and a 1024² bf16 product takes a second where bf16 is emulated."""
+    from gen_cli.lab import ceilings
+
+    monkeypatch.setattr(ceilings, "PEAK_GEMM_N", 128)
+
+
 @pytest.fixture(scope="session")
 def tokenizer_path(tmp_path_factory) -> Path:
     from gen_cli.text.corpus import Corpus

@@ -89,12 +89,16 @@ def hand_bits_per_byte(
         stream += [sep, *tok.encode(text, add_special_tokens=False).ids]
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     nats, n = 0.0, len(stream) - 1  # targets are stream positions 1..n
+    first_window: dict[int, list[int]] = {}  # window start -> the targets it is the first to reach
+    for t in range(1, n + 1):
+        start = next(b for b in range(0, n, stride) if t <= min(b + CONTEXT, n))
+        first_window.setdefault(start, []).append(t)
     with torch.no_grad():
-        for t in range(1, n + 1):
-            start = next(b for b in range(0, n, stride) if t <= min(b + CONTEXT, n))  # the first window reaching t
+        for start, targets in first_window.items():
             x = torch.tensor(stream[start : min(start + CONTEXT, n) + 1])
             logits = model(x[None, :-1]).logits[0]  # (T, V): the whole window, as the rule feeds it
-            nats += float(F.cross_entropy(logits[t - 1 - start].float(), x[t - start]))
+            for t in targets:
+                nats += float(F.cross_entropy(logits[t - 1 - start].float(), x[t - start]))
     return nats / math.log(2) / n_bytes, n_bytes
 
 
