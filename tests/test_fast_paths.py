@@ -64,6 +64,25 @@ def test_prompt_gemm_pads_rows_to_a_power_of_two_and_matches_linear(rows):
     assert torch.allclose(q.prompt_gemm(x, w), x @ w.t(), atol=1e-4)
 
 
+@pytest.mark.parametrize("avx512", [False, True])
+def test_long_fp32_prompts_take_mkl_only_without_avx512(monkeypatch, avx512):
+    """Without AVX-512, fp32 prompts of MKL_MIN_ROWS rows or more skip oneDNN's GEMM (MKL's AVX2 one is faster
+    there); shorter prompts, and every prompt on an AVX-512 CPU, still take it, padded to a power of two."""
+    if not q.mkldnn_ok():
+        pytest.skip("oneDNN is not available in this torch build")
+    monkeypatch.setattr(q, "avx512", lambda: avx512)
+    calls = []
+    onednn = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(a[0].shape[0]) or onednn(*a))
+    torch.manual_seed(0)
+    w = torch.randn(48, 256)
+    for rows in (q.MKL_MIN_ROWS - 1, q.MKL_MIN_ROWS, 300):
+        x = torch.randn(rows, 256)
+        assert torch.allclose(q.prompt_gemm(x, w), x @ w.t(), atol=1e-4)
+    padded = [1 << (q.MKL_MIN_ROWS - 2).bit_length(), 1 << (q.MKL_MIN_ROWS - 1).bit_length(), 512]
+    assert calls == (padded if avx512 else padded[:1])
+
+
 def test_fused_mlp_matches_separate_projections():
     ref, fast = _pair()
     for layer in fast.layers:

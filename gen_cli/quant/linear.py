@@ -18,6 +18,11 @@ PACK_MIN_IN_FEATURES = 256
 # no-cache path) take oneDNN's GEMM on the plain weight (`prompt_gemm`).
 PACKED_MAX_ROWS = 16
 
+# Prompt rows from which an fp32 GEMM goes to MKL (F.linear) on a CPU without AVX-512, where both libraries run
+# AVX2 kernels: MKL's ran 1.05-1.2x oneDNN's at 256 and 512 rows and 1.4-1.6x at 192 and 384 (which oneDNN pads
+# to a power of two), while oneDNN's led at 32-128 rows (Zen 3, 2 threads, 576-2048 wide matrices).
+MKL_MIN_ROWS = 192
+
 
 def mkldnn_ok() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
@@ -51,15 +56,24 @@ def onednn_applies(weight: torch.Tensor) -> bool:
     )
 
 
-def prompt_gemm(x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x2 (M, in) @ weight (out, in)ᵀ -> (M, out) through oneDNN's GEMM, for prompt-sized M on the CPU.
+@cache
+def avx512() -> bool:
+    """Whether PyTorch's CPU kernels run AVX-512 here (ATEN_CPU_CAPABILITY may cap them)."""
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
-    On this AVX-512 AMD CPU it runs 2-2.5x the FLOP rate of F.linear's MKL path (measured, M = 512:
-    327 vs 132 GFLOP/s for 768 -> 2304). oneDNN keeps a compiled kernel of about 1 MB per input shape
-    it meets (200 row counts through one layer grew RSS by 200 MB), so rows are zero-padded to a power
-    of two: at most log2(context) shapes per matrix, whatever the prompt lengths.
+
+def prompt_gemm(x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x2 (M, in) @ weight (out, in)ᵀ -> (M, out) through oneDNN's GEMM, for prompt-sized M on the CPU; on a CPU
+    without AVX-512, fp32 prompts of MKL_MIN_ROWS or more through F.linear (MKL).
+
+    On an AVX-512 AMD CPU oneDNN runs 2-2.5x the FLOP rate of F.linear's MKL path, which keeps AVX2 kernels
+    there (measured, M = 512: 327 vs 132 GFLOP/s for 768 -> 2304). oneDNN keeps a compiled kernel of about 1 MB
+    per input shape it meets (200 row counts through one layer grew RSS by 200 MB), so rows are zero-padded to
+    a power of two: at most log2(context) shapes per matrix, whatever the prompt lengths.
     """
     m = x2.shape[0]
+    if m >= MKL_MIN_ROWS and weight.dtype == torch.float32 and not avx512():
+        return F.linear(x2, weight)
     padded = 1 << (m - 1).bit_length()
     if padded != m:
         x2 = F.pad(x2, (0, 0, 0, padded - m))  # (padded, in)
