@@ -17,7 +17,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-INTERVAL_S = 0.1  # 10 clock ticks a core: enough to see a competitor, soon enough to leave few steps on its core
+INTERVAL_S = 0.05  # 5 clock ticks a core: enough to see a competitor, soon enough to leave few steps on its core
 FIRST_S = 0.05  # the first look, counted from the model's layout: a short run is judged too (5 ticks a core)
 # A core counts as taken when other processes use at least TAKE of it, and as free again below FREE: the
 # gap keeps the count from flapping at the edge.
