@@ -107,14 +107,14 @@ def test_round_trip_within_the_bound_from_each_block_range(
     if scale < 0.02:
         return
     rel = {"q8_0": 1 / 220, "q6_k": 1 / 60, "q4_0": 1 / 7, "q4_1": 1 / 14, "q4_k": 1 / 13, "q5_0": 1 / 15}
-    rel["q5_1"] = 1 / 28
+    rel["q5_1"], rel["q5_k"] = 1 / 28, 1 / 26
     assert err.max() <= w.abs().amax() * rel[qtype]
 
 
 def test_k_quants_read_back_by_gguf() -> None:
-    # Our own q4_k/q6_k blocks are valid GGML: the gguf package decodes them to our values.
+    # Our own q4_k/q5_k/q6_k blocks are valid GGML: the gguf package decodes them to our values.
     w = torch.randn(6, 512, generator=torch.Generator().manual_seed(1)) * 0.05
-    for qtype in ("q4_k", "q6_k"):
+    for qtype in ("q4_k", "q5_k", "q6_k"):
         blocks = quantize(w, qtype)
         assert same_bits(gguf.quants.dequantize(blocks.numpy(), GGML[qtype]), dequantize(blocks, qtype, 512).numpy())
 

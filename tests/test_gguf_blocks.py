@@ -188,7 +188,7 @@ def test_float_model_quantized_to_blocks_matches_its_dequantized_self(files):
 def test_types_without_a_kernel_go_to_the_nearest_block_type_with_as_many_bits():
     from gen_cli.formats.gguf_blocks import nearest_block_type
 
-    assert nearest_block_type("Q5_K", 256) == "q6_k" and nearest_block_type("Q8_1", 256) == "q8_0"
+    assert nearest_block_type("Q8_1", 256) == "q8_0"
     assert nearest_block_type("Q2_K", 512) == "q4_k" and nearest_block_type("Q3_K", 256) == "q4_k"
     assert nearest_block_type("IQ4_XS", 256) == "q4_k" and nearest_block_type("IQ2_XXS", 256) == "q4_k"
     assert nearest_block_type("IQ4_NL", 96) == "q4_1"

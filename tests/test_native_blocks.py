@@ -37,13 +37,14 @@ pytestmark = [
     pytest.mark.skipif(shutil.which(shlex.split(os.environ.get("CC", "cc"))[0]) is None, reason="no C compiler"),
     pytest.mark.skipif(native.native_status() != "ready", reason="needs the compiled kernel"),
 ]
-QTYPES = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q6_k")
-GGML = {"q8_0": 8, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q4_k": 12, "q6_k": 14}
-SCALE_AT = {"q8_0": (0,), "q4_0": (0,), "q4_1": (0, 2), "q5_0": (0,), "q5_1": (0, 2), "q4_k": (0, 2), "q6_k": (208,)}
+QTYPES = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k")
+GGML = {"q8_0": 8, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q4_k": 12, "q5_k": 13, "q6_k": 14}
+SCALE_AT = {"q8_0": (0,), "q4_0": (0,), "q4_1": (0, 2), "q5_0": (0,), "q5_1": (0, 2), "q4_k": (0, 2), "q5_k": (0, 2),
+            "q6_k": (208,)}  # fmt: skip
 
 
 def _group(qtype: str) -> int:
-    return 256 if qtype in ("q4_k", "q6_k") else 32
+    return 256 if qtype in ("q4_k", "q5_k", "q6_k") else 32
 
 
 def _random_blocks(qtype: str, rows: int, cols: int, seed: int = 0) -> torch.Tensor:
@@ -163,7 +164,7 @@ def test_native_step_on_blocks_equals_pytorch(qtype, batch):
     assert (got - plain).abs().max() <= 0.1 * scale
 
 
-@pytest.mark.parametrize("qtype", ["q8_0", "q4_k", "q5_0", "q5_1"])
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_k", "q5_k", "q5_0", "q5_1"])
 def test_native_greedy_on_blocks_agrees_with_the_fallback(qtype):
     from gen_cli.infer.generate import generate
     from gen_cli.infer.options import SamplingConfig

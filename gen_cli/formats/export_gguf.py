@@ -268,7 +268,7 @@ def export_gguf(
     T, F = gguf.GGMLQuantizationType, gguf.LlamaFileType
     file_type = {"f32": F.ALL_F32, "f16": F.MOSTLY_F16, "bf16": F.MOSTLY_BF16, "q8_0": F.MOSTLY_Q8_0,
                  "q4_0": F.MOSTLY_Q4_0, "q4_1": F.MOSTLY_Q4_1, "q5_0": F.MOSTLY_Q5_0, "q5_1": F.MOSTLY_Q5_1,
-                 "q4_k": F.MOSTLY_Q4_K_S, "q6_k": F.MOSTLY_Q6_K}[type]  # fmt: skip
+                 "q4_k": F.MOSTLY_Q4_K_S, "q5_k": F.MOSTLY_Q5_K_S, "q6_k": F.MOSTLY_Q6_K}[type]  # fmt: skip
     notes: list[str] = []
     with atomic_path(out_file) as tmp:
         w = gguf.GGUFWriter(str(tmp), arch)

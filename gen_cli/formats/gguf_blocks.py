@@ -1,9 +1,9 @@
 """Which form each matrix of a GGUF file is held in by gen, decided from the headers alone.
 
-A matrix stored as Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K or Q6_K is kept as those blocks (no float copy). One whose parts
-(q, k and v of wqkv) differ in type keeps each part in its own type (quant/block_stack.py): a decode step reads
-no more bytes than the file holds. Any other
-GGML quant type (Q5_K, Q2_K, IQ4_XS …) has no kernel here: it is dequantized at load and re-quantized to
+A matrix stored as Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K or Q6_K is kept as those blocks (no float copy).
+One whose parts (q, k and v of wqkv) differ in type keeps each part in its own type (quant/block_stack.py): a
+decode step reads no more bytes than the file holds. Any other
+GGML quant type (Q3_K, Q2_K, IQ4_XS …) has no kernel here: it is dequantized at load and re-quantized to
 the nearest block type with at least its bits per weight (q4_k up to 4.5 bits, q6_k up to 6.6, else q8_0;
 q4_1 / q5_0 / q5_1 / q8_0 when the row is not whole 256-blocks), so memory stays near the file's size. F32, F16 and BF16
 matrices stay floats. `gen info` and the load notes report the outcome per class of matrix.

@@ -52,7 +52,7 @@ DERIVED = ("rope_freqs.weight",)  # read into the config (RoPE scaling), not a w
 # Where each in-place block type keeps its fp16 scales (d, and m/dmin) in a block: a NaN/Inf there is a NaN
 # weight, found from those bytes alone (the exponent bits, in each fp16's high byte), never a dequantization.
 SCALE_OFFSETS = {"q8_0": (0,), "q4_0": (0,), "q4_1": (0, 2), "q5_0": (0,), "q5_1": (0, 2), "q4_k": (0, 2),
-                 "q6_k": (208,)}  # fmt: skip
+                 "q5_k": (0, 2), "q6_k": (208,)}  # fmt: skip
 
 
 def metadata_schema(arch: str) -> dict[str, Key]:

@@ -520,6 +520,8 @@ FLOAT_FORMAT(q5_0, VF(Q5_0), VB(Q5_0))
 FLOAT_FORMAT(q5_1, VF(Q5_1), VB(Q5_1))
 FLOAT_FORMAT(q4_k, F32_Q4_K, BF16_Q4_K)
 FLOAT_FORMAT(q6_k, VF(Q6_K), VB(Q6_K))
+/* Q5_K has no vector path of its own here: each block dequantized, then an fp32 dot. */
+FLOAT_FORMAT(q5_k, fdot_portable(T_Q5_K, w, x, nb, 0), fdot_portable(T_Q5_K, w, x, nb, 1))
 #undef FLOAT_FORMAT
 
 /* [type][0]: fp32 activations, [type][1]: bf16. */
@@ -527,7 +529,7 @@ static const FloatDot FLOAT_DOTS[T_COUNT][2] = {
     [T_Q8_0] = {fdot_q8_0_f32, fdot_q8_0_bf16}, [T_Q4_0] = {fdot_q4_0_f32, fdot_q4_0_bf16},
     [T_Q4_1] = {fdot_q4_1_f32, fdot_q4_1_bf16}, [T_Q5_0] = {fdot_q5_0_f32, fdot_q5_0_bf16},
     [T_Q5_1] = {fdot_q5_1_f32, fdot_q5_1_bf16}, [T_Q4_K] = {fdot_q4_k_f32, fdot_q4_k_bf16},
-    [T_Q6_K] = {fdot_q6_k_f32, fdot_q6_k_bf16},
+    [T_Q6_K] = {fdot_q6_k_f32, fdot_q6_k_bf16}, [T_Q5_K] = {fdot_q5_k_f32, fdot_q5_k_bf16},
 };
 
 /* Y (batch, rows) = X (batch, cols) W^T (+ Y when accumulate) for block rows W, activations as `act` says

@@ -105,6 +105,53 @@ static float dot_q4_k(const uint8_t *restrict w, Act a, int64_t nb) {
     return total;
 }
 
+/* Q5_K super-block: Q4_K's fp16 d, fp16 dmin and 12 bytes of scales/mins, then 32 bytes qh, then Q4_K's 128
+ * bytes of nibbles; bit j of qh[i] is bit 4 of element i of sub-block j, so codes run 0..31. The products against
+ * the int8 activation are Q4_K's with that bit or-ed in: maddubs pairs stay below 2 x 31 x 127 in int16. */
+static float dot_q5_k(const uint8_t *restrict w, Act a, int64_t nb) {
+    float total = 0.f;
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *p = w + b * 176, *qh = p + 16, *qs = p + 48;
+        const int8_t *x = a.q + b * 256;
+        const int16_t *bs = a.s + b * 16;
+        uint8_t sc[8], mn[8];
+        q4k_scales(p + 4, sc, mn);
+        int32_t isum = 0, msum = 0;
+        for (int j = 0; j < 8; j++) msum += mn[j] * (bs[2 * j] + bs[2 * j + 1]);
+#if defined(GEN_BLOCKS_512) || defined(GEN_BLOCKS_256)
+        __m256i acc = _mm256_setzero_si256();
+        const __m256i m4 = _mm256_set1_epi8(0xF), one = _mm256_set1_epi8(1);
+        const __m256i h = _mm256_loadu_si256((const __m256i *)qh);
+        for (int c = 0; c < 4; c++) {
+            /* a 16-bit shift moves each byte's bit k to its bit 0 (bits crossing bytes are masked off) */
+            const __m256i h0 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 2 * c), one), 4);
+            const __m256i h1 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 2 * c + 1), one), 4);
+            const __m256i q = _mm256_loadu_si256((const __m256i *)(qs + 32 * c));
+            const __m256i lo = _mm256_maddubs_epi16(_mm256_or_si256(_mm256_and_si256(q, m4), h0),
+                                                    _mm256_loadu_si256((const __m256i *)(x + 64 * c)));
+            const __m256i hi = _mm256_maddubs_epi16(_mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q, 4), m4), h1),
+                                                    _mm256_loadu_si256((const __m256i *)(x + 64 * c + 32)));
+            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(lo, _mm256_set1_epi16(sc[2 * c])));
+            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(hi, _mm256_set1_epi16(sc[2 * c + 1])));
+        }
+        __m128i s = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+        s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+        isum = _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
+#else
+        for (int c = 0; c < 4; c++) {
+            int32_t lo = 0, hi = 0;
+            for (int i = 0; i < 32; i++) {
+                lo += ((qs[32 * c + i] & 0xF) | (((qh[i] >> (2 * c)) & 1) << 4)) * x[64 * c + i];
+                hi += ((qs[32 * c + i] >> 4) | (((qh[i] >> (2 * c + 1)) & 1) << 4)) * x[64 * c + 32 + i];
+            }
+            isum += sc[2 * c] * lo + sc[2 * c + 1] * hi;
+        }
+#endif
+        total += a.d[b] * (f16(p) * (float)isum - f16(p + 2) * (float)msum);
+    }
+    return total;
+}
+
 #if defined(GEN_BLOCKS_256)
 /* The vpshufb control that gives quarter k of a half its two int16 scales (of the half's 8, in each 128-bit lane):
  * scale 2k to the low 128 bits' pairs, 2k + 1 to the high ones' (dot_q6_k, and blocks_batch.h's tile). */
@@ -220,6 +267,22 @@ static void dequantize_q4_k(const uint8_t *restrict p, int64_t cols, float *rest
             for (int i = 0; i < 32; i++) {
                 y[64 * c + i] = d * sc[2 * c] * (float)(p[16 + 32 * c + i] & 0xF) - dmin * mn[2 * c];
                 y[64 * c + 32 + i] = d * sc[2 * c + 1] * (float)(p[16 + 32 * c + i] >> 4) - dmin * mn[2 * c + 1];
+            }
+    }
+}
+
+static void dequantize_q5_k(const uint8_t *restrict p, int64_t cols, float *restrict out) {
+    for (int64_t b = 0; b < cols / 256; b++, p += 176) {
+        float *y = out + 256 * b;
+        uint8_t sc[8], mn[8];
+        q4k_scales(p + 4, sc, mn);
+        float d = f16(p), dmin = f16(p + 2);
+        for (int c = 0; c < 4; c++)
+            for (int i = 0; i < 32; i++) {
+                const int lo = (p[48 + 32 * c + i] & 0xF) | (((p[16 + i] >> (2 * c)) & 1) << 4);
+                const int hi = (p[48 + 32 * c + i] >> 4) | (((p[16 + i] >> (2 * c + 1)) & 1) << 4);
+                y[64 * c + i] = d * sc[2 * c] * (float)lo - dmin * mn[2 * c];
+                y[64 * c + 32 + i] = d * sc[2 * c + 1] * (float)hi - dmin * mn[2 * c + 1];
             }
     }
 }

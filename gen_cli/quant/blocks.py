@@ -3,8 +3,8 @@
 A matrix (rows = out_features, cols = in_features) is a uint8 tensor (rows, row_bytes): each row is
 cols / elems blocks of `nbytes` bytes, in GGML's own byte layout, so a GGUF file's tensor data is such a
 tensor as it is. The `gguf` package's `gguf.quants.dequantize` is the reference: `dequantize` here equals
-it bit for bit, and `quantize` equals its quantizer for q8_0, q4_0, q4_1, q5_0 and q5_1. It has none for q4_k and
-q6_k: ours picks each sub-block's scale (and min) from its range, rounded up to the 6-bit (8-bit) grid so
+it bit for bit, and `quantize` equals its quantizer for q8_0, q4_0, q4_1, q5_0 and q5_1. It has none for q4_k, q5_k
+and q6_k: ours picks each sub-block's scale (and min) from its range, rounded up to the 6-bit (8-bit) grid so
 no value clips; the error of a value is then at most half a step, bounded in `max_error`.
 """
 
@@ -102,14 +102,31 @@ def _deq_q5_1(b: torch.Tensor) -> torch.Tensor:
     return _f16(b, 0) * q + _f16(b, 2)
 
 
-def _deq_q4_k(b: torch.Tensor) -> torch.Tensor:
-    n = len(b)
+def _deq_k(b: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """q4_k / q5_k: d·sc·q − dmin·m per sub-block of 32, from the block's fp16 d, dmin and 12 scale bytes and
+    its codes q (N, 8, 32)."""
     sc, mn = _k_scales(b[:, 4:16])
     d = (_f16(b, 0) * sc.float())[:, :, None]  # (N, 8, 1)
     dm = (_f16(b, 2) * mn.float())[:, :, None]  # (N, 8, 1)
-    # (N, 4 chunks, 2 nibbles, 32) → (N, 8 sub-blocks, 32): sub-block 2c+s is nibble s of chunk c
-    q = _nibbles(b[:, 16:].reshape(n, 4, 32).reshape(n * 4, 32)).reshape(n, 8, 32).float()
-    return (d * q - dm).reshape(n, 256)
+    return (d * q.float() - dm).reshape(len(b), 256)
+
+
+def _k_nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """128 nibble bytes (N, 128) → (N, 8 sub-blocks, 32): sub-block 2c+s is nibble s of chunk c's 32 bytes."""
+    n = len(qs)
+    return _nibbles(qs.reshape(n * 4, 32)).reshape(n, 8, 32)
+
+
+def _deq_q4_k(b: torch.Tensor) -> torch.Tensor:
+    return _deq_k(b, _k_nibbles(b[:, 16:]))
+
+
+_BITS8 = torch.arange(8, dtype=torch.uint8)
+
+
+def _deq_q5_k(b: torch.Tensor) -> torch.Tensor:
+    high = (b[:, None, 16:48] >> _BITS8[None, :, None]) & 1  # (N, 8, 32): bit j of qh byte l, sub-block j's
+    return _deq_k(b, _k_nibbles(b[:, 48:]) | (high << 4))
 
 
 def _deq_q6_k(b: torch.Tensor) -> torch.Tensor:
@@ -182,15 +199,17 @@ def _grid_scales(need: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Te
     return d, m
 
 
-def _q_q4_k(x: torch.Tensor) -> torch.Tensor:
+def _q_k(x: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """q4_k (top 15) / q5_k (top 31): the fp16 d, dmin and 12 scale bytes (N, 16), and the codes (N, 8, 32) in
+    0 … top."""
     n = len(x)
     sub = x.reshape(n, 8, 32)
     lo = sub.amin(dim=2).clamp(max=0)  # (N, 8): the format's min is ≤ 0 (x = d·sc·q − dmin·m)
     dmin, mn = _grid_scales(-lo, 63)
     offset = dmin * mn  # (N, 8) ≥ −lo
-    d, sc = _grid_scales((sub.amax(dim=2) + offset).clamp(min=0) / 15, 63)
-    step = d * sc  # (N, 8): 15 steps cover [−offset, max]
-    q = ((sub + offset[:, :, None]) * _inverse(step)[:, :, None]).round().clamp(0, 15).to(torch.uint8)
+    d, sc = _grid_scales((sub.amax(dim=2) + offset).clamp(min=0) / top, 63)
+    step = d * sc  # (N, 8): `top` steps cover [−offset, max]
+    q = ((sub + offset[:, :, None]) * _inverse(step)[:, :, None]).round().clamp(0, top).to(torch.uint8)
     sc, mn = sc.to(torch.uint8), mn.to(torch.uint8)
     scales = torch.cat(
         [
@@ -200,8 +219,22 @@ def _q_q4_k(x: torch.Tensor) -> torch.Tensor:
         ],
         dim=1,
     )  # (N, 12): the layout `_k_scales` unpacks
-    qs = _pack_nibbles(q.reshape(n, 256), 4)  # (N, 128): chunk c holds sub-blocks 2c (low) and 2c+1 (high)
-    return torch.cat([_f16_bytes(d), _f16_bytes(dmin), scales, qs], dim=1)
+    return torch.cat([_f16_bytes(d), _f16_bytes(dmin), scales], dim=1), q
+
+
+def _q_q4_k(x: torch.Tensor) -> torch.Tensor:
+    head, q = _q_k(x, 15)
+    qs = _pack_nibbles(q.reshape(len(x), 256), 4)  # (N, 128): chunk c holds sub-blocks 2c (low) and 2c+1 (high)
+    return torch.cat([head, qs], dim=1)
+
+
+def _q_q5_k(x: torch.Tensor) -> torch.Tensor:
+    head, q = _q_k(x, 31)
+    qh = (
+        ((q >> 4) << _BITS8[None, :, None]).sum(dim=1, dtype=torch.int32).to(torch.uint8)
+    )  # (N, 32): bit j, sub-block j
+    qs = _pack_nibbles((q & 0x0F).reshape(len(x), 256), 4)
+    return torch.cat([head, qh, qs], dim=1)
 
 
 def _q_q6_k(x: torch.Tensor) -> torch.Tensor:
@@ -220,11 +253,11 @@ def _q_q6_k(x: torch.Tensor) -> torch.Tensor:
 
 _DEQUANTIZE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "q8_0": _deq_q8_0, "q4_0": _deq_q4_0, "q4_1": _deq_q4_1, "q5_0": _deq_q5_0, "q5_1": _deq_q5_1,
-    "q4_k": _deq_q4_k, "q6_k": _deq_q6_k,
+    "q4_k": _deq_q4_k, "q5_k": _deq_q5_k, "q6_k": _deq_q6_k,
 }  # fmt: skip
 _QUANTIZE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "q8_0": _q_q8_0, "q4_0": _q_q4_0, "q4_1": _q_q4_1, "q5_0": _q_q5_0, "q5_1": _q_q5_1,
-    "q4_k": _q_q4_k, "q6_k": _q_q6_k,
+    "q4_k": _q_q4_k, "q5_k": _q_q5_k, "q6_k": _q_q6_k,
 }  # fmt: skip
 
 
@@ -278,11 +311,12 @@ def max_error(w: torch.Tensor, qtype: str) -> torch.Tensor:
         half = a / 16 + f16  # as q4_0: a value of the other sign may clip at +15, a whole step
     elif qtype == "q5_1":
         half = (hi - lo) / 31 / 2 + f16
-    elif qtype == "q4_k":
+    elif qtype in ("q4_k", "q5_k"):
+        levels = 15 if qtype == "q4_k" else 31
         span = hi.clamp(min=0) - lo.clamp(max=0)  # the super-block's range with 0 inside
         # dmin ≤ span/63 (+grain) raises the top by at most that; d adds at most one grid step to a step
         top = span * (1 + 1 / 63) * (1 + 2**-9) + 64 * tiny
-        half = (top / 15 + top / (15 * 63) * (1 + 2**-9) + 2 * tiny) / 2
+        half = (top / levels + top / (levels * 63) * (1 + 2**-9) + 2 * tiny) / 2
     else:  # q6_k: d·sc ≥ a/31, at most one grid step d ≈ a/(31·127) more
         half = (a / 31 + a / (31 * 127) * (1 + 2**-9) + 2 * tiny) / 2
     return (half * (1 + 1e-5) + 1e-30).expand(-1, t.elems).reshape(rows, cols)

@@ -29,13 +29,14 @@ BLOCK_TYPES: dict[str, BlockType] = {
     "q5_0": BlockType("q5_0", 32, 22, 6),  # fp16 d, 4 bytes of 5th bits, 16 bytes of nibbles: x = (q − 16)·d
     "q5_1": BlockType("q5_1", 32, 24, 7),  # fp16 d, fp16 m, 4 bytes of 5th bits, 16 bytes of nibbles: x = q·d + m
     "q4_k": BlockType("q4_k", 256, 144, 12),  # fp16 d, dmin, 12 bytes of 6-bit scales/mins, 128 bytes nibbles
+    "q5_k": BlockType("q5_k", 256, 176, 13),  # as q4_k, with 32 bytes of 5th bits before the nibbles
     "q6_k": BlockType("q6_k", 256, 210, 14),  # 128 bytes low 4 bits, 64 bytes high 2 bits, 16 int8 scales, fp16 d
 }
 # Most precise first: where parts of one matrix differ, the matrix takes the first of their types here.
-PRECISION_ORDER = ("q8_0", "q6_k", "q5_1", "q5_0", "q4_1", "q4_k", "q4_0")
+PRECISION_ORDER = ("q8_0", "q6_k", "q5_1", "q5_k", "q5_0", "q4_1", "q4_k", "q4_0")
 
-# Where a matrix's rows are not whole super-blocks: the 32-weight type with the same 4 bits of codes.
-_SMALL_BLOCK = {"q4_k": "q4_0", "q6_k": "q8_0"}
+# Where a matrix's rows are not whole super-blocks: the 32-weight type with the same bits of codes (q6_k: 8).
+_SMALL_BLOCK = {"q4_k": "q4_0", "q5_k": "q5_1", "q6_k": "q8_0"}
 
 
 def block_type(qtype: str) -> BlockType:
