@@ -36,8 +36,10 @@ from gen_cli.quant.linear import onednn_bf16
 # the int8 kernel, which reads each weight byte once, wins: dequantizing costs the same for 8 tokens as for 512
 # (measured on the 135M shape: even at 32 tokens, 1.5x at 64, 2-3x at 512).
 TILE_MIN_TOKENS = 32
-# A tile's scratch: half of L2. 512 KiB to 2 MiB measured alike at 512 tokens; fewer tiles sync threads less.
-TILE_BYTES = 1 << 20
+# A tile's scratch. bf16 tiles of 512 KiB to 2 MiB measured alike at 512 tokens (AVX-512); fp32 ones (a CPU
+# without native bf16) of 1 MiB left a 8192-wide matrix 32 rows a GEMM, and 8 MiB ran a 1B Q5_K_M file's prompt
+# at 1.1x their speed (67-69 against 62 tok/s at 512 tokens, alternating, AVX2): fewer, wider GEMMs.
+TILE_BYTES = 8 << 20
 TILE_DTYPE = torch.bfloat16  # bf16 GEMM (avx512_bf16 through oneDNN) where the CPU has it, else fp32
 
 
