@@ -110,6 +110,46 @@ static float dot_q4_k(const uint8_t *restrict w, Act a, int64_t nb) {
  * the int8 activation are Q4_K's with that bit or-ed in: maddubs pairs stay below 2 x 31 x 127 in int16. */
 static float dot_q5_k(const uint8_t *restrict w, Act a, int64_t nb) {
     float total = 0.f;
+#if defined(GEN_BLOCKS_512) || defined(GEN_BLOCKS_256)
+    /* Per super-block: the 8 scales as int16 in both 128-bit lanes, each chunk's pair picked by a byte shuffle,
+     * and the mins' term from the activation's sums per 32 in one madd (as dot_q4_k's AVX-512 path does). */
+    __m256i pick[4];
+    for (int c = 0; c < 4; c++)
+        pick[c] = _mm256_set1_epi16((short)(0x0100 * (4 * c + 1) + 4 * c)); /* int16 scale 2c */
+    const __m256i m4 = _mm256_set1_epi8(0xF), bit4 = _mm256_set1_epi8(0x10), next = _mm256_set1_epi16(0x0202);
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *p = w + b * 176, *qs = p + 48;
+        const int8_t *x = a.q + b * 256;
+        uint32_t u[4];
+        q4k_scale_words(p, u);
+        const __m128i sc16 = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)u));
+        const __m128i mn16 = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)(u + 2)));
+        const __m128i bs = _mm_hadd_epi16(_mm_loadu_si128((const __m128i *)(a.s + b * 16)),
+                                          _mm_loadu_si128((const __m128i *)(a.s + b * 16 + 8))); /* sums per 32 */
+        __m128i ms = _mm_madd_epi16(mn16, bs);
+        ms = _mm_add_epi32(ms, _mm_shuffle_epi32(ms, 0x4E));
+        const int32_t msum = _mm_cvtsi128_si32(_mm_add_epi32(ms, _mm_shuffle_epi32(ms, 0xB1)));
+        const __m256i scales = _mm256_broadcastsi128_si256(sc16);
+        const __m256i h = _mm256_loadu_si256((const __m256i *)(p + 16));
+        __m256i acc = _mm256_setzero_si256();
+        for (int c = 0; c < 4; c++) {
+            /* bit 2c (2c + 1) of each qh byte moved to bit 4 by a 16-bit shift: the fifth bit of the code */
+            const __m256i h0 = _mm256_and_si256(c < 2 ? _mm256_slli_epi16(h, 4 - 2 * c) : _mm256_srli_epi16(h, 2 * c - 4), bit4);
+            const __m256i h1 = _mm256_and_si256(c < 2 ? _mm256_slli_epi16(h, 3 - 2 * c) : _mm256_srli_epi16(h, 2 * c - 3), bit4);
+            const __m256i q = _mm256_loadu_si256((const __m256i *)(qs + 32 * c));
+            const __m256i lo = _mm256_maddubs_epi16(_mm256_or_si256(_mm256_and_si256(q, m4), h0),
+                                                    _mm256_loadu_si256((const __m256i *)(x + 64 * c)));
+            const __m256i hi = _mm256_maddubs_epi16(_mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q, 4), m4), h1),
+                                                    _mm256_loadu_si256((const __m256i *)(x + 64 * c + 32)));
+            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(lo, _mm256_shuffle_epi8(scales, pick[c])));
+            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(hi, _mm256_shuffle_epi8(scales, _mm256_add_epi8(pick[c], next))));
+        }
+        __m128i t = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+        t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
+        const int32_t isum = _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1)));
+        total += a.d[b] * (f16(p) * (float)isum - f16(p + 2) * (float)msum);
+    }
+#else
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *p = w + b * 176, *qh = p + 16, *qs = p + 48;
         const int8_t *x = a.q + b * 256;
@@ -118,26 +158,6 @@ static float dot_q5_k(const uint8_t *restrict w, Act a, int64_t nb) {
         q4k_scales(p + 4, sc, mn);
         int32_t isum = 0, msum = 0;
         for (int j = 0; j < 8; j++) msum += mn[j] * (bs[2 * j] + bs[2 * j + 1]);
-#if defined(GEN_BLOCKS_512) || defined(GEN_BLOCKS_256)
-        __m256i acc = _mm256_setzero_si256();
-        const __m256i m4 = _mm256_set1_epi8(0xF), one = _mm256_set1_epi8(1);
-        const __m256i h = _mm256_loadu_si256((const __m256i *)qh);
-        for (int c = 0; c < 4; c++) {
-            /* a 16-bit shift moves each byte's bit k to its bit 0 (bits crossing bytes are masked off) */
-            const __m256i h0 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 2 * c), one), 4);
-            const __m256i h1 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 2 * c + 1), one), 4);
-            const __m256i q = _mm256_loadu_si256((const __m256i *)(qs + 32 * c));
-            const __m256i lo = _mm256_maddubs_epi16(_mm256_or_si256(_mm256_and_si256(q, m4), h0),
-                                                    _mm256_loadu_si256((const __m256i *)(x + 64 * c)));
-            const __m256i hi = _mm256_maddubs_epi16(_mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q, 4), m4), h1),
-                                                    _mm256_loadu_si256((const __m256i *)(x + 64 * c + 32)));
-            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(lo, _mm256_set1_epi16(sc[2 * c])));
-            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(hi, _mm256_set1_epi16(sc[2 * c + 1])));
-        }
-        __m128i s = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
-        s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-        isum = _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
-#else
         for (int c = 0; c < 4; c++) {
             int32_t lo = 0, hi = 0;
             for (int i = 0; i < 32; i++) {
@@ -146,9 +166,9 @@ static float dot_q5_k(const uint8_t *restrict w, Act a, int64_t nb) {
             }
             isum += sc[2 * c] * lo + sc[2 * c + 1] * hi;
         }
-#endif
         total += a.d[b] * (f16(p) * (float)isum - f16(p + 2) * (float)msum);
     }
+#endif
     return total;
 }
 
