@@ -32,6 +32,20 @@ static inline void q4k_scale_words(const uint8_t *p, uint32_t u[4]) {
     u[0] &= 0x3f3f3f3fu;
 }
 
+#if defined(GEN_BLOCKS_512) || defined(GEN_BLOCKS_256)
+/* Super-block b of a Q4_K / Q5_K row (at p): its 8 scales as int16, and its 8 mins times the activation's sums per
+ * 32, added in pairs (4 int32: the mins' term before dmin d_x). */
+static inline __m128i k_scales16(const uint8_t *p, Act a, int64_t b, __m128i *mins) {
+    uint32_t u[4];
+    q4k_scale_words(p, u);
+    const __m128i mn16 = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)(u + 2)));
+    const __m128i bs = _mm_hadd_epi16(_mm_loadu_si128((const __m128i *)(a.s + b * 16)),
+                                      _mm_loadu_si128((const __m128i *)(a.s + b * 16 + 8))); /* sums per 32 */
+    *mins = _mm_madd_epi16(mn16, bs);
+    return _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)u));
+}
+#endif
+
 /* Q4_K super-block: fp16 d, fp16 dmin, 12 bytes of scales/mins, 128 bytes of nibbles; sub-block j (32 elements)
  * is d sc_j q - dmin m_j; chunk c's 32 bytes hold sub-block 2c in the low nibbles and 2c + 1 in the high ones. */
 static float dot_q4_k(const uint8_t *restrict w, Act a, int64_t nb) {
@@ -46,13 +60,9 @@ static float dot_q4_k(const uint8_t *restrict w, Act a, int64_t nb) {
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *p = w + b * 144, *qs = p + 16;
         const int8_t *x = a.q + b * 256;
-        uint32_t u[4];
-        q4k_scale_words(p, u);
-        const __m128i sc16 = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)u));
-        const __m128i mn16 = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)(u + 2)));
-        const __m128i bs = _mm_hadd_epi16(_mm_loadu_si128((const __m128i *)(a.s + b * 16)),
-                                          _mm_loadu_si128((const __m128i *)(a.s + b * 16 + 8))); /* sums per 32 */
-        accm = _mm_fmadd_ps(_mm_cvtepi32_ps(_mm_madd_epi16(mn16, bs)), _mm_set1_ps(a.d[b] * f16(p + 2)), accm);
+        __m128i mins;
+        const __m128i sc16 = k_scales16(p, a, b, &mins);
+        accm = _mm_fmadd_ps(_mm_cvtepi32_ps(mins), _mm_set1_ps(a.d[b] * f16(p + 2)), accm);
         const __m512i scales = _mm512_broadcast_i32x4(sc16);
         __m512i acc = _mm512_setzero_si512();
         const __m256i m4 = _mm256_set1_epi8(0xF);
@@ -120,13 +130,8 @@ static float dot_q5_k(const uint8_t *restrict w, Act a, int64_t nb) {
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *p = w + b * 176, *qs = p + 48;
         const int8_t *x = a.q + b * 256;
-        uint32_t u[4];
-        q4k_scale_words(p, u);
-        const __m128i sc16 = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)u));
-        const __m128i mn16 = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)(u + 2)));
-        const __m128i bs = _mm_hadd_epi16(_mm_loadu_si128((const __m128i *)(a.s + b * 16)),
-                                          _mm_loadu_si128((const __m128i *)(a.s + b * 16 + 8))); /* sums per 32 */
-        __m128i ms = _mm_madd_epi16(mn16, bs);
+        __m128i ms;
+        const __m128i sc16 = k_scales16(p, a, b, &ms);
         ms = _mm_add_epi32(ms, _mm_shuffle_epi32(ms, 0x4E));
         const int32_t msum = _mm_cvtsi128_si32(_mm_add_epi32(ms, _mm_shuffle_epi32(ms, 0xB1)));
         const __m256i scales = _mm256_broadcastsi128_si256(sc16);
