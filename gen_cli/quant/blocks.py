@@ -230,9 +230,8 @@ def _q_q4_k(x: torch.Tensor) -> torch.Tensor:
 
 def _q_q5_k(x: torch.Tensor) -> torch.Tensor:
     head, q = _q_k(x, 31)
-    qh = (
-        ((q >> 4) << _BITS8[None, :, None]).sum(dim=1, dtype=torch.int32).to(torch.uint8)
-    )  # (N, 32): bit j, sub-block j
+    fifth = (q >> 4) << _BITS8[None, :, None]  # (N, 8, 32): sub-block j's fifth bits at bit j
+    qh = fifth.sum(dim=1, dtype=torch.int32).to(torch.uint8)  # (N, 32): the bits of different sub-blocks or-ed
     qs = _pack_nibbles((q & 0x0F).reshape(len(x), 256), 4)
     return torch.cat([head, qh, qs], dim=1)
 
