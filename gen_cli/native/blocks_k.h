@@ -282,35 +282,27 @@ static float dot_q6_k(const uint8_t *restrict w, Act a, int64_t nb) {
     return total;
 }
 
-static void dequantize_q4_k(const uint8_t *restrict p, int64_t cols, float *restrict out) {
-    for (int64_t b = 0; b < cols / 256; b++, p += 144) {
+/* Q4_K (fifth 0) or Q5_K (fifth 1) rows -> fp32: d sc q - dmin m per sub-block of 32, Q5_K's codes with qh's bit. */
+GEN_ALWAYS_INLINE void dequantize_k45(const uint8_t *restrict p, int64_t cols, float *restrict out, const int fifth) {
+    const int64_t bytes = fifth ? 176 : 144, qs = fifth ? 48 : 16;
+    for (int64_t b = 0; b < cols / 256; b++, p += bytes) {
         float *y = out + 256 * b;
         uint8_t sc[8], mn[8];
         q4k_scales(p + 4, sc, mn);
         float d = f16(p), dmin = f16(p + 2);
         for (int c = 0; c < 4; c++)
             for (int i = 0; i < 32; i++) {
-                y[64 * c + i] = d * sc[2 * c] * (float)(p[16 + 32 * c + i] & 0xF) - dmin * mn[2 * c];
-                y[64 * c + 32 + i] = d * sc[2 * c + 1] * (float)(p[16 + 32 * c + i] >> 4) - dmin * mn[2 * c + 1];
-            }
-    }
-}
-
-static void dequantize_q5_k(const uint8_t *restrict p, int64_t cols, float *restrict out) {
-    for (int64_t b = 0; b < cols / 256; b++, p += 176) {
-        float *y = out + 256 * b;
-        uint8_t sc[8], mn[8];
-        q4k_scales(p + 4, sc, mn);
-        float d = f16(p), dmin = f16(p + 2);
-        for (int c = 0; c < 4; c++)
-            for (int i = 0; i < 32; i++) {
-                const int lo = (p[48 + 32 * c + i] & 0xF) | (((p[16 + i] >> (2 * c)) & 1) << 4);
-                const int hi = (p[48 + 32 * c + i] >> 4) | (((p[16 + i] >> (2 * c + 1)) & 1) << 4);
+                const int q = p[qs + 32 * c + i], h = fifth ? p[16 + i] : 0;
+                const int lo = (q & 0xF) | (((h >> (2 * c)) & 1) << 4), hi = (q >> 4) | (((h >> (2 * c + 1)) & 1) << 4);
                 y[64 * c + i] = d * sc[2 * c] * (float)lo - dmin * mn[2 * c];
                 y[64 * c + 32 + i] = d * sc[2 * c + 1] * (float)hi - dmin * mn[2 * c + 1];
             }
     }
 }
+
+static void dequantize_q4_k(const uint8_t *restrict p, int64_t cols, float *restrict out) { dequantize_k45(p, cols, out, 0); }
+
+static void dequantize_q5_k(const uint8_t *restrict p, int64_t cols, float *restrict out) { dequantize_k45(p, cols, out, 1); }
 
 #if defined(GEN_AVX512_BW) || defined(GEN_AVX2_FMA)
 /* Half hh (128 elements) of a Q6_K super-block p as 4 vectors of 32 codes minus 32 (int8), quarter k from ql's low
