@@ -32,6 +32,31 @@ static inline void q4k_scale_words(const uint8_t *p, uint32_t u[4]) {
     u[0] &= 0x3f3f3f3fu;
 }
 
+/* A Q4_K / Q5_K super-block's mins times the activation's sums per 32 (bs: its 16 sums per 16): the mins' term
+ * before dmin d_x. */
+static inline int32_t k_mins_sum(const uint8_t mn[8], const int16_t *bs) {
+    int32_t msum = 0;
+    for (int j = 0; j < 8; j++) msum += mn[j] * (bs[2 * j] + bs[2 * j + 1]);
+    return msum;
+}
+
+/* Σ_j sc_j Σ q x over a Q4_K (qh NULL) or Q5_K super-block's codes (qs: 4 chunks of 32 bytes, sub-block 2c in the
+ * low nibbles of chunk c, 2c + 1 in the high ones; bit j of qh[i] is bit 4 of element i of sub-block j), one
+ * value at a time. */
+GEN_ALWAYS_INLINE int32_t k45_isum(const uint8_t sc[8], const uint8_t *qs, const uint8_t *qh, const int8_t *x) {
+    int32_t isum = 0;
+    for (int c = 0; c < 4; c++) {
+        int32_t lo = 0, hi = 0;
+        for (int i = 0; i < 32; i++) {
+            const int h = qh ? qh[i] : 0;
+            lo += ((qs[32 * c + i] & 0xF) | (((h >> (2 * c)) & 1) << 4)) * x[64 * c + i];
+            hi += ((qs[32 * c + i] >> 4) | (((h >> (2 * c + 1)) & 1) << 4)) * x[64 * c + 32 + i];
+        }
+        isum += sc[2 * c] * lo + sc[2 * c + 1] * hi;
+    }
+    return isum;
+}
+
 #if defined(GEN_BLOCKS_512) || defined(GEN_BLOCKS_256)
 /* Super-block b of a Q4_K / Q5_K row (at p): its 8 scales as int16, and its 8 mins times the activation's sums per
  * 32, added in pairs (4 int32: the mins' term before dmin d_x). */
@@ -81,11 +106,9 @@ static float dot_q4_k(const uint8_t *restrict w, Act a, int64_t nb) {
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *p = w + b * 144, *qs = p + 16;
         const int8_t *x = a.q + b * 256;
-        const int16_t *bs = a.s + b * 16;
         uint8_t sc[8], mn[8];
         q4k_scales(p + 4, sc, mn);
-        int32_t isum = 0, msum = 0;
-        for (int j = 0; j < 8; j++) msum += mn[j] * (bs[2 * j] + bs[2 * j + 1]);
+        const int32_t msum = k_mins_sum(mn, a.s + b * 16);
 #if defined(GEN_BLOCKS_256)
         __m256i acc = _mm256_setzero_si256();
         const __m256i m4 = _mm256_set1_epi8(0xF);
@@ -99,16 +122,9 @@ static float dot_q4_k(const uint8_t *restrict w, Act a, int64_t nb) {
         }
         __m128i h = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
         h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4E));
-        isum = _mm_cvtsi128_si32(_mm_add_epi32(h, _mm_shuffle_epi32(h, 0xB1)));
+        const int32_t isum = _mm_cvtsi128_si32(_mm_add_epi32(h, _mm_shuffle_epi32(h, 0xB1)));
 #else
-        for (int c = 0; c < 4; c++) {
-            int32_t lo = 0, hi = 0;
-            for (int i = 0; i < 32; i++) {
-                lo += (qs[32 * c + i] & 0xF) * x[64 * c + i];
-                hi += (qs[32 * c + i] >> 4) * x[64 * c + 32 + i];
-            }
-            isum += sc[2 * c] * lo + sc[2 * c + 1] * hi;
-        }
+        const int32_t isum = k45_isum(sc, qs, NULL, x);
 #endif
         total += a.d[b] * (f16(p) * (float)isum - f16(p + 2) * (float)msum);
     }
@@ -156,21 +172,10 @@ static float dot_q5_k(const uint8_t *restrict w, Act a, int64_t nb) {
     }
 #else
     for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *p = w + b * 176, *qh = p + 16, *qs = p + 48;
-        const int8_t *x = a.q + b * 256;
-        const int16_t *bs = a.s + b * 16;
+        const uint8_t *p = w + b * 176;
         uint8_t sc[8], mn[8];
         q4k_scales(p + 4, sc, mn);
-        int32_t isum = 0, msum = 0;
-        for (int j = 0; j < 8; j++) msum += mn[j] * (bs[2 * j] + bs[2 * j + 1]);
-        for (int c = 0; c < 4; c++) {
-            int32_t lo = 0, hi = 0;
-            for (int i = 0; i < 32; i++) {
-                lo += ((qs[32 * c + i] & 0xF) | (((qh[i] >> (2 * c)) & 1) << 4)) * x[64 * c + i];
-                hi += ((qs[32 * c + i] >> 4) | (((qh[i] >> (2 * c + 1)) & 1) << 4)) * x[64 * c + 32 + i];
-            }
-            isum += sc[2 * c] * lo + sc[2 * c + 1] * hi;
-        }
+        const int32_t isum = k45_isum(sc, p + 48, p + 16, a.q + b * 256), msum = k_mins_sum(mn, a.s + b * 16);
         total += a.d[b] * (f16(p) * (float)isum - f16(p + 2) * (float)msum);
     }
 #endif
