@@ -42,8 +42,8 @@ pytestmark = [
     pytest.mark.skipif(shutil.which(shlex.split(os.environ.get("CC", "cc"))[0]) is None, reason="no C compiler"),
     pytest.mark.skipif(native.native_status() != "ready", reason="needs the compiled kernel"),
 ]
-QTYPES = ("q4_0", "q4_1", "q4_k", "q8_0")
-READ_BACK = ("q4_k", "q8_0")  # float products and prompt tiles read their rows back in the stored layout
+QTYPES = ("q4_0", "q4_1", "q4_k", "q5_k", "q8_0")
+READ_BACK = ("q4_k", "q5_k", "q8_0")  # float products and prompt tiles read their rows back in the stored layout
 SMALL = ModelConfig(vocab_size=320, n_layer=2, n_head=4, n_kv_head=2, d_model=256, d_ff=512, context_length=64,
                     tie_embeddings=False)  # fmt: skip
 ALWAYS = lambda config: True  # noqa: E731 (the loader's question: will the native step stream this model?)
@@ -54,12 +54,13 @@ def _cols(qtype: str, blocks: int) -> int:
 
 
 def _random_blocks(qtype: str, rows: int, cols: int, seed: int = 0) -> torch.Tensor:
-    """Every nibble (and q4_k's 6-bit scales and mins) random, the fp16 scales (and mins) small and finite."""
+    """Every nibble (and the k-quants' 6-bit scales and mins, q5_k's fifth bits) random, the fp16 scales (and mins)
+    small and finite."""
     t = BLOCK_TYPES[qtype]
     nb = cols // t.elems
     rng = np.random.default_rng(seed)
     raw = rng.integers(0, 256, (rows, nb, t.nbytes), dtype=np.uint8)
-    for at in (0, 2) if qtype in ("q4_1", "q4_k") else (0,):
+    for at in (0, 2) if qtype in ("q4_1", "q4_k", "q5_k") else (0,):
         half = ((rng.random((rows, nb)) - 0.3) * 0.02).astype(np.float16)
         raw[..., at : at + 2] = half.view(np.uint8).reshape(rows, nb, 2)
     return torch.from_numpy(raw.reshape(rows, -1))
@@ -120,6 +121,20 @@ def test_products_equal_the_stored_layouts_to_fp32_rounding(qtype, n, act, block
     w = plain.dequantized().double()
     tol = 2e-6 * (x.double().abs() @ w.abs().T) + 1e-7  # the same integer sums, scaled and added in another order
     assert ((got - want).abs() <= tol).all(), (got - want).abs().max()
+
+
+@pytest.mark.parametrize("qtype", ["q4_k", "q5_k"])
+@pytest.mark.parametrize("n", [1, 3])  # a decode step's one row, and a batch's path
+def test_the_largest_codes_against_the_largest_activations_do_not_overflow(qtype, n):
+    """Every code at its largest (q5_k: 31, whose 8 products per lane pass int16) against activations at ±127: the
+    weights' own product, exact (constant activations quantize without error)."""
+    blocks = _random_blocks(qtype, 32, 512, seed=1).view(32, 2, -1)  # (rows, super-blocks, bytes)
+    blocks[..., 16:] = 0xFF  # q4_k: the nibbles; q5_k: the fifth bits and the nibbles
+    blocks = blocks.reshape(32, -1).contiguous()
+    packed = BlockLinear(interleave(blocks, qtype), qtype, 512, interleaved=True)
+    x = torch.ones(n, 512) * torch.tensor([1.0, -1.0, 1.0])[:n, None]
+    want = x.double() @ BlockLinear(blocks, qtype, 512).dequantized().double().T
+    torch.testing.assert_close(block_matmul(x, packed).double(), want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("qtype", QTYPES)

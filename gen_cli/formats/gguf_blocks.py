@@ -71,8 +71,8 @@ class Held:
     @property
     def interleavable(self) -> bool:
         """Whether a native decode holds it in the 16-row interleaved layout (gen_cli/native/blocks_x16.h) on a CPU
-        whose kernel has one: q4_0 / q4_1 / q4_k / q8_0 parts in whole groups of 16 rows, not the embedding (read by
-        rows)."""
+        whose kernel has one: q4_0 / q4_1 / q4_k / q5_k / q8_0 parts in whole groups of 16 rows, not the embedding
+        (read by rows)."""
         return (
             self.blocks
             and self.gen_name != "tok_emb.weight"

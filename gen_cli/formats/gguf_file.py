@@ -288,8 +288,8 @@ def load_gguf_weights(
     copied once into its place, and a type change (F16 → float32, a re-quantization) is a new tensor. With
     `arena`, every matrix a decode step streams is written once, straight from the map, into one arena on
     2 MB pages (fused q/k/v and gate/up included), and the file's pages it was read from are given back; q4_0 /
-    q4_1 / q4_k matrices there (not the embedding) in the native kernel's 16-row interleaved layout where it has
-    one: the last value lists those as (gen name, run of parts)."""
+    q4_1 / q4_k / q5_k / q8_0 matrices there (not the embedding) in the native kernel's 16-row interleaved layout
+    where it has one: the last value lists those as (gen name, run of parts)."""
     import torch
 
     from gen_cli.native.repack import repack_wanted
@@ -343,8 +343,9 @@ def load_gguf_weights(
             else:  # q, k, v rows one after another (rows, row_bytes or cols), Q/K un-permuted on the way: one copy
                 rows = sum(parts[i].shape[0] for i in run)
                 t = places[r] if places is not None else torch.empty((rows, *parts[run[0]].shape[1:]), dtype=want)
-                # Streamed q4_0 / q4_1 / q4_k / q8_0 rows go into the arena in the decode kernel's interleaved layout,
-                # each part in whole groups of 16 rows (the embedding, read a row at a time, keeps the stored one).
+                # Streamed q4_0 / q4_1 / q4_k / q5_k / q8_0 rows go into the arena in the decode kernel's interleaved
+                # layout, each part in whole groups of 16 rows (the embedding, read a row at a time, keeps the stored
+                # one).
                 qtype = qtype_of(held, run[0])
                 packed = places is not None and qtype is not None and held.gen_name != "tok_emb.weight"
                 packed = packed and all(repack_wanted(qtype, parts[i].shape[0]) for i in run)  # type: ignore[arg-type]

@@ -73,10 +73,10 @@ def quantize_blocks(model: Transformer, qtype: str) -> Transformer:
 
 
 def interleave_tied_head(model: Transformer) -> None:
-    """A head tied to a q4_0 / q4_1 / q4_k / q8_0 embedding gets its own copy in the 16-row interleaved layout (on 2 MB
-    pages): the embedding is read a row at a time and keeps the stored layout, while the head is streamed whole every
-    step, where the interleaved product is several times the stored one's. Costs the matrix's bytes once more
-    (17.7 MB on a 135M model with a 49k vocabulary)."""
+    """A head tied to a q4_0 / q4_1 / q4_k / q5_k / q8_0 embedding gets its own copy in the 16-row interleaved layout
+    (on 2 MB pages): the embedding is read a row at a time and keeps the stored layout, while the head is streamed
+    whole every step, where the interleaved product is several times the stored one's. Costs the matrix's bytes once
+    more (17.7 MB on a 135M model with a 49k vocabulary)."""
     from gen_cli.native.repack import repack_into, repack_wanted
     from gen_cli.pages import WeightArena, copy_rows
 

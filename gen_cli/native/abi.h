@@ -8,7 +8,7 @@
 
 #include <stdint.h>
 
-#define GEN_ABI_VERSION 14
+#define GEN_ABI_VERSION 15
 
 /* Matrix.type: the step's own formats (the model's float dtype, int8 rows with a scale each), then GGML's
  * block formats (block_types.h) by their gen names (abi.py's MATRIX_TYPES). */
@@ -28,6 +28,7 @@ enum {
     T_Q4_KX16 = 12, /* Q4_K with 16 rows interleaved (blocks_k16.h) */
     T_Q8_0X16 = 13, /* Q8_0 with 16 rows interleaved (blocks_q8x16.h) */
     T_Q5_K = 14,
+    T_Q5_KX16 = 15, /* Q5_K with 16 rows interleaved (blocks_k16.h) */
     T_COUNT
 };
 

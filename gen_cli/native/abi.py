@@ -16,14 +16,14 @@ from gen_cli.errors import InternalError
 if TYPE_CHECKING:
     from gen_cli.model.config import ModelConfig
 
-ABI_VERSION = 14  # GEN_ABI_VERSION in abi.h
+ABI_VERSION = 15  # GEN_ABI_VERSION in abi.h
 
 # Matrix.type (abi.h's T_*): the step's own formats, then GGML's block formats by their gen names.
 MATRIX_TYPES = {
     "fp32": 0, "bf16": 1, "int8": 2, "q8_0": 3, "q4_0": 4, "q4_1": 5, "q4_k": 6, "q6_k": 7, "q5_0": 8, "q5_1": 9,
     "q4_0x16": 10, "q4_1x16": 11, "q4_kx16": 12, "q8_0x16": 13,  # 16 rows interleaved (blocks_x16.h, blocks_k16.h,
     # blocks_q8x16.h)
-    "q5_k": 14,
+    "q5_k": 14, "q5_kx16": 15,
 }  # fmt: skip
 # Model.act (abi.h's ACT_*): what block-weight products multiply: int8-quantized, bf16-rounded or fp32 activations.
 ACT_MODES = {"int8": 0, "bf16": 1, "fp32": 2}

@@ -84,6 +84,7 @@ static const BlockType BLOCK_TYPES[T_COUNT] = {
     [T_Q4_0X16] = {32, 18, quantize_act_32, NULL, NULL, NULL, NULL, NULL, NULL, NULL, X16_ROWS, T_Q4_0},
     [T_Q4_1X16] = {32, 20, quantize_act_32, NULL, NULL, NULL, NULL, NULL, NULL, NULL, X16_ROWS, T_Q4_1},
     [T_Q4_KX16] = {256, 144, quantize_act_256, NULL, NULL, NULL, NULL, NULL, NULL, NULL, X16_ROWS, T_Q4_K},
+    [T_Q5_KX16] = {256, 176, quantize_act_256, NULL, NULL, NULL, NULL, NULL, NULL, NULL, X16_ROWS, T_Q5_K},
     [T_Q8_0X16] = {32, 34, quantize_act_32, NULL, NULL, NULL, NULL, NULL, NULL, NULL, X16_ROWS, T_Q8_0},
 };
 #undef Q45_DOT4
@@ -99,11 +100,11 @@ static inline const BlockType *block_type(int64_t type) {
 static inline int64_t block_row_bytes(const BlockType *t, int64_t cols) { return cols / t->elems * t->bytes; }
 
 /* An interleaved Q4_0 / Q4_1 type: its float-activation product and dequantization are blocks_x16.h's own (an
- * interleaved Q4_K's or Q8_0's read its rows back in the stored layout and run that layout's code). */
+ * interleaved Q4_K's, Q5_K's or Q8_0's read its rows back in the stored layout and run that layout's code). */
 static inline int x16_float_paths(const BlockType *t) { return t->group && (t->stored == T_Q4_0 || t->stored == T_Q4_1); }
 
 /* The fp16 fields a stored block of an interleaved type begins with (x16_repack's `halves`; its words follow). */
-static inline int x16_halves(int64_t stored) { return stored == T_Q4_1 || stored == T_Q4_K ? 2 : 1; }
+static inline int x16_halves(int64_t stored) { return stored == T_Q4_1 || stored == T_Q4_K || stored == T_Q5_K ? 2 : 1; }
 
 /* Blocks [b0, b0 + n) of row l of an interleaved type's group (grp: the group's first block), as the stored type
  * lays them out, into out (n blocks of t->bytes). */

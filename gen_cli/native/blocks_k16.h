@@ -1,11 +1,15 @@
-/* Q4_K matrices with 16 rows interleaved, as blocks_x16.h does for Q4_0 / Q4_1: one vector lane per weight row, so
- * the k-quant that most downloaded files use stops being bound by the stored layout's shuffles and horizontal sums.
+/* Q4_K and Q5_K matrices with 16 rows interleaved, as blocks_x16.h does for Q4_0 / Q4_1: one vector lane per weight
+ * row, so the k-quants that most downloaded files use stop being bound by the stored layout's shuffles and
+ * horizontal sums.
  *
  * Layout (x16_repack with 2 fp16 and 35 words per block): for each group of 16 rows and super-block b, 16 fp16 d,
  * 16 fp16 dmin, then 35 chunks of 64 bytes, chunk i holding bytes 4i .. 4i + 3 of each row l's 140 bytes after its
  * d and dmin at bytes 4l .. 4l + 3: chunks 0-2 the packed 6-bit scales and mins (blocks_k.h's q4k_scale_words
  * works on them lane by lane), chunks 3-34 the nibbles. Stored chunk c (32 bytes: sub-block 2c in the low
  * nibbles, 2c + 1 in the high ones) is chunks 3 + 8c .. 3 + 8c + 7. 16 rows take the bytes they take stored.
+ * Q5_K (`five`; 43 words): the same, with its 32 bytes of fifth bits (qh) as chunks 3-10 between the scales and
+ * the nibbles (chunks 11-42). Chunk 3 + k holds qh bytes 4k .. 4k + 3 of each row, and bit 2c + h of them is the
+ * fifth bit of the codes that nibble chunk k of stored chunk c holds in its low (h = 0) or high (h = 1) nibbles.
  *
  * The product (AVX-512 VNNI), per super-block and activation row: per sub-block, 8 dpbusd give each row's integer
  * sum in its lane, times the row's 6-bit scale (an int32 multiply); the mins' term is 4 dpwssd of the mins (int16
@@ -13,11 +17,13 @@
  * with d d_x and one with -dmin d_x. The integer sums are exact, so the portable loop, lane by lane with the same
  * fp32 steps (fmaf), gives the same bits, and a row gets the same bits alone and in any batch. AVX2 (GEN_X16_256):
  * each half of a group (rows 0-7, 8-15) in turn (a decode step's one row: both halves per super-block, sharing the
- * activation's broadcasts), maddubs of the codes (high nibbles shifted down) against the
- * broadcast activation, the 8 of a sub-block added in int16 (exact: 8 x 2 x 15 x 127 = 30480), then one madd with
- * the scale in both 16-bit halves of each lane: the same int32 sums, so again the same bits. Float activations
- * and prompt tiles read each row's super-blocks back in the stored layout (x16_row) and use its code: the stored
- * layout's bits.
+ * activation's broadcasts), maddubs of the codes (high nibbles shifted down, Q5_K's fifth bit or-ed in) against
+ * the broadcast activation, the products of a sub-block added in int16 (Q4_K: all 8, exact as 8 x 2 x 15 x 127 =
+ * 30480; Q5_K: 4 at a time, 4 x 2 x 31 x 127 = 31496), then one madd per int16 sum with the scale in both 16-bit
+ * halves of each lane: the same int32 sums, so again the same bits. AVX-512 builds have no Q5_K product in this
+ * layout yet (gen_block_interleaved keeps their Q5_K stored; the portable loop serves a repack asked for anyway).
+ * Float activations and prompt tiles read each row's super-blocks back in the stored layout (x16_row) and use
+ * its code: the stored layout's bits.
  */
 #ifndef GEN_BLOCKS_K16_H
 #define GEN_BLOCKS_K16_H
@@ -31,7 +37,11 @@
 #include "blocks_x16.h"
 #include "features.h"
 
-enum { K16_WORDS = 35, K16_BYTES = 16 * 144 }; /* a group's super-block: 16 stored ones' bytes */
+enum { K16_WORDS = 35, K16_BYTES = 16 * 144 }; /* Q4_K: words per stored super-block, a group's super-block's bytes */
+enum { K16_WORDS5 = 43, K16_BYTES5 = 16 * 176 }; /* Q5_K's */
+enum { K16_QH = 64 + 64 * 3 };                   /* where a Q5_K group super-block's fifth-bit chunks start */
+#define K16_GROUP_BYTES(five) ((five) ? K16_BYTES5 : K16_BYTES)
+#define K16_NIBBLES(five) ((five) ? K16_QH + 64 * 8 : K16_QH) /* where its nibble chunks start */
 
 /* An activation row's per-super-block terms (X16Act.o, 4 words per super-block): its 8 sub-block sums s_j as
  * int16 pairs (s0, s2), (s1, s3), (s4, s6), (s5, s7), the order the kernel pairs the mins in. */
@@ -78,10 +88,42 @@ static inline __m256i k16_mins256(const __m256i mn[2], const int32_t *o) {
     return ms;
 }
 
-/* A decode step's one row on AVX2: both halves of the group per super-block, sharing the activation's broadcasts,
- * a sub-block's 8 products added as a tree. The same int32 sums and fp32 steps as k16_half_rows. */
+/* 8 rows' codes of sub-block 2c + h (4 each) from one nibble chunk (low nibbles, h = 0, or high), Q5_K's fifth
+ * bit (bit 2c + h of the matching qh chunk's bytes) or-ed in as 16. */
+GEN_ALWAYS_INLINE __m256i k16_codes256(const uint8_t *nibbles, const uint8_t *qh, int c, int h, const int five) {
+    const __m256i raw = _mm256_loadu_si256((const __m256i *)nibbles);
+    const __m256i v = _mm256_and_si256(h ? _mm256_srli_epi16(raw, 4) : raw, _mm256_set1_epi8(0xF));
+    if (!five) return v;
+    const int s = 2 * c + h; /* the bit moves to bit 4 of its byte: 16-bit shifts, the other byte's bits masked */
+    const __m256i bits = _mm256_loadu_si256((const __m256i *)qh);
+    const __m256i t = s <= 4 ? _mm256_slli_epi16(bits, 4 - s) : _mm256_srli_epi16(bits, s - 4);
+    return _mm256_or_si256(v, _mm256_and_si256(t, _mm256_set1_epi8(0x10)));
+}
+
+/* isum + a sub-block's 8 maddubs products (int16 pairs) times its scale: all 8 added in int16 for Q4_K, 4 at a
+ * time for Q5_K (whose 8 could pass 32767). */
+GEN_ALWAYS_INLINE __m256i k16_scaled256(__m256i isum, const __m256i u[8], __m256i scale, const int five) {
+    const __m256i lo = _mm256_add_epi16(_mm256_add_epi16(u[0], u[1]), _mm256_add_epi16(u[2], u[3]));
+    const __m256i hi = _mm256_add_epi16(_mm256_add_epi16(u[4], u[5]), _mm256_add_epi16(u[6], u[7]));
+    if (five)
+        return _mm256_add_epi32(isum, _mm256_add_epi32(_mm256_madd_epi16(lo, scale), _mm256_madd_epi16(hi, scale)));
+    return _mm256_add_epi32(isum, _mm256_madd_epi16(_mm256_add_epi16(lo, hi), scale));
+}
+
+/* The fp32 steps closing a super-block of 8 rows (p: the group's super-block, hh: which 8) for one activation row:
+ * acc + isum d d_x - mins dmin d_x. */
+static inline __m256 k16_close256(__m256 acc, const uint8_t *p, int hh, __m256i isum, const __m256i mn[2], float dx,
+                                  const int32_t *o) {
+    const __m128i *dh = (const __m128i *)(p + 16 * hh);
+    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(dh)), dmin = _mm256_cvtph_ps(_mm_loadu_si128(dh + 2));
+    const __m256 vx = _mm256_set1_ps(dx);
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(d, vx), acc);
+    return _mm256_fnmadd_ps(_mm256_cvtepi32_ps(k16_mins256(mn, o)), _mm256_mul_ps(dmin, vx), acc);
+}
+
+/* A Q4_K decode step's one row on AVX2: both halves of the group per super-block, sharing the activation's
+ * broadcasts, a sub-block's 8 products added as a tree. The same int32 sums and fp32 steps as k16_half_rows. */
 static void k16_one_row256(const uint8_t *restrict grp, int64_t nsb, X16Act x, float *y, int accumulate) {
-    const __m256i m4 = _mm256_set1_epi8(0xF);
     __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
     for (int64_t b = 0; b < nsb; b++) {
         const uint8_t *p = grp + b * K16_BYTES;
@@ -93,25 +135,53 @@ static void k16_one_row256(const uint8_t *restrict grp, int64_t nsb, X16Act x, f
                 x16_broadcast8(x.q + 256 * b + 64 * c + 32 * h, a);
 #pragma GCC unroll 2
                 for (int hh = 0; hh < 2; hh++) {
-                    const uint8_t *chunks = p + 256 + 512 * c + 32 * hh;
+                    const uint8_t *chunks = p + K16_NIBBLES(0) + 512 * c + 32 * hh;
                     __m256i u[8];
 #pragma GCC unroll 8
-                    for (int k = 0; k < 8; k++) {
-                        const __m256i raw = _mm256_loadu_si256((const __m256i *)(chunks + 64 * k));
-                        u[k] = _mm256_maddubs_epi16(_mm256_and_si256(h ? _mm256_srli_epi16(raw, 4) : raw, m4), a[k]);
-                    }
-                    const __m256i s = _mm256_add_epi16(_mm256_add_epi16(_mm256_add_epi16(u[0], u[1]), _mm256_add_epi16(u[2], u[3])),
-                                                       _mm256_add_epi16(_mm256_add_epi16(u[4], u[5]), _mm256_add_epi16(u[6], u[7])));
-                    isum[hh] = _mm256_add_epi32(isum[hh], _mm256_madd_epi16(s, k16_scale256(sc[hh], c, h)));
+                    for (int k = 0; k < 8; k++) u[k] = _mm256_maddubs_epi16(k16_codes256(chunks + 64 * k, NULL, c, h, 0), a[k]);
+                    isum[hh] = k16_scaled256(isum[hh], u, k16_scale256(sc[hh], c, h), 0);
                 }
             }
-        const __m256 dx = _mm256_set1_ps(x.d[b]);
-        for (int hh = 0; hh < 2; hh++) {
-            const __m128i *dh = (const __m128i *)(p + 16 * hh);
-            const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(dh)), dmin = _mm256_cvtph_ps(_mm_loadu_si128(dh + 2));
-            acc[hh] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[hh]), _mm256_mul_ps(d, dx), acc[hh]);
-            acc[hh] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(k16_mins256(mn[hh], x.o + 4 * b)), _mm256_mul_ps(dmin, dx), acc[hh]);
+        for (int hh = 0; hh < 2; hh++) acc[hh] = k16_close256(acc[hh], p, hh, isum[hh], mn[hh], x.d[b], x.o + 4 * b);
+    }
+    for (int hh = 0; hh < 2; hh++)
+        _mm256_storeu_ps(y + 8 * hh, accumulate ? _mm256_add_ps(_mm256_loadu_ps(y + 8 * hh), acc[hh]) : acc[hh]);
+}
+
+/* A Q5_K decode step's one row on AVX2: each chunk's nibbles and fifth bits loaded once for both of its sub-blocks
+ * (1.3x the order above, in cache: the fifth bits cost more ops than Q4_K's codes, which ran 0.9x this way). */
+static void k16_one_row5_256(const uint8_t *restrict grp, int64_t nsb, X16Act x, float *y, int accumulate) {
+    const __m256i m4 = _mm256_set1_epi8(0xF), b4 = _mm256_set1_epi8(0x10);
+    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t b = 0; b < nsb; b++) {
+        const uint8_t *p = grp + b * K16_BYTES5;
+        __m256i sc[2][2], mn[2][2], isum[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+        for (int hh = 0; hh < 2; hh++) k16_scales256(p + 64 + 32 * hh, sc[hh], mn[hh]);
+        for (int c = 0; c < 4; c++) {
+            const int32_t *q = (const int32_t *)(x.q + 256 * b + 64 * c); /* sub-block 2c, then 2c + 1 */
+#pragma GCC unroll 2
+            for (int hh = 0; hh < 2; hh++) {
+                const uint8_t *chunks = p + K16_NIBBLES(1) + 512 * c + 32 * hh, *qh = p + K16_QH + 32 * hh;
+                __m256i ulo[8], uhi[8];
+#pragma GCC unroll 8
+                for (int k = 0; k < 8; k++) {
+                    const __m256i raw = _mm256_loadu_si256((const __m256i *)(chunks + 64 * k));
+                    const __m256i bits = _mm256_loadu_si256((const __m256i *)(qh + 64 * k));
+                    /* bits 2c and 2c + 1 to bits 4 and 5 (16-bit shifts; the other byte's bits are masked) */
+                    const __m256i t = c < 2 ? _mm256_slli_epi16(bits, 4 - 2 * c) : _mm256_srli_epi16(bits, 2 * c - 4);
+                    const __m256i lo = _mm256_or_si256(_mm256_and_si256(raw, m4), _mm256_and_si256(t, b4));
+                    const __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(raw, 4), m4),
+                                                       _mm256_and_si256(_mm256_srli_epi16(t, 1), b4));
+                    int32_t a0, a1;
+                    memcpy(&a0, q + k, 4), memcpy(&a1, q + 8 + k, 4);
+                    ulo[k] = _mm256_maddubs_epi16(lo, _mm256_set1_epi32(a0));
+                    uhi[k] = _mm256_maddubs_epi16(hi, _mm256_set1_epi32(a1));
+                }
+                isum[hh] = k16_scaled256(isum[hh], ulo, k16_scale256(sc[hh], c, 0), 1);
+                isum[hh] = k16_scaled256(isum[hh], uhi, k16_scale256(sc[hh], c, 1), 1);
+            }
         }
+        for (int hh = 0; hh < 2; hh++) acc[hh] = k16_close256(acc[hh], p, hh, isum[hh], mn[hh], x.d[b], x.o + 4 * b);
     }
     for (int hh = 0; hh < 2; hh++)
         _mm256_storeu_ps(y + 8 * hh, accumulate ? _mm256_add_ps(_mm256_loadu_ps(y + 8 * hh), acc[hh]) : acc[hh]);
@@ -119,15 +189,14 @@ static void k16_one_row256(const uint8_t *restrict grp, int64_t nsb, X16Act x, f
 
 /* k16_group on AVX2 for nj <= K16_J256 rows: each half of the group (8 rows, bytes 32 hh .. 32 hh + 31 of every
  * chunk) over all super-blocks in turn. */
-GEN_ALWAYS_INLINE void k16_half_rows(const int nj, const uint8_t *restrict grp, int64_t nsb, X16Act x, float *y,
-                                     int64_t ldy, int accumulate) {
-    const __m256i m4 = _mm256_set1_epi8(0xF);
+GEN_ALWAYS_INLINE void k16_half_rows(const int nj, const int five, const uint8_t *restrict grp, int64_t nsb, X16Act x,
+                                     float *y, int64_t ldy, int accumulate) {
     for (int hh = 0; hh < 2; hh++) {
         __m256 acc[K16_J256];
 #pragma GCC unroll 4
         for (int j = 0; j < nj; j++) acc[j] = _mm256_setzero_ps();
         for (int64_t b = 0; b < nsb; b++) {
-            const uint8_t *p = grp + b * K16_BYTES, *half = p + 64 + 32 * hh; /* this half's bytes of chunk 0 */
+            const uint8_t *p = grp + b * K16_GROUP_BYTES(five), *half = p + 64 + 32 * hh; /* its bytes of chunk 0 */
             __m256i sc[2], mn[2];
             k16_scales256(half, sc, mn);
             __m256i isum[K16_J256];
@@ -139,33 +208,26 @@ GEN_ALWAYS_INLINE void k16_half_rows(const int nj, const uint8_t *restrict grp, 
                     const __m256i scale = k16_scale256(sc, c, h);
                     __m256i v[8];
 #pragma GCC unroll 8
-                    for (int k = 0; k < 8; k++) {
-                        const __m256i raw = _mm256_loadu_si256((const __m256i *)(half + 192 + 512 * c + 64 * k));
-                        v[k] = _mm256_and_si256(h ? _mm256_srli_epi16(raw, 4) : raw, m4);
-                    }
+                    for (int k = 0; k < 8; k++)
+                        v[k] = k16_codes256(half - 64 + K16_NIBBLES(five) + 512 * c + 64 * k, half - 64 + K16_QH + 64 * k,
+                                            c, h, five);
 #pragma GCC unroll 4
                     for (int j = 0; j < nj; j++) {
                         const int32_t *q = (const int32_t *)(x.q + j * x.qs + 256 * b + 64 * c + 32 * h);
-                        __m256i u = _mm256_setzero_si256();
+                        __m256i u[8];
 #pragma GCC unroll 8
                         for (int k = 0; k < 8; k++) {
                             int32_t a;
                             memcpy(&a, q + k, 4);
-                            u = _mm256_add_epi16(u, _mm256_maddubs_epi16(v[k], _mm256_set1_epi32(a)));
+                            u[k] = _mm256_maddubs_epi16(v[k], _mm256_set1_epi32(a));
                         }
-                        isum[j] = _mm256_add_epi32(isum[j], _mm256_madd_epi16(u, scale));
+                        isum[j] = k16_scaled256(isum[j], u, scale, five);
                     }
                 }
             }
-            const __m128i *dh = (const __m128i *)(p + 16 * hh);
-            const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(dh)), dmin = _mm256_cvtph_ps(_mm_loadu_si128(dh + 2));
 #pragma GCC unroll 4
-            for (int j = 0; j < nj; j++) {
-                const __m256i ms = k16_mins256(mn, x.o + j * x.os + 4 * b);
-                const __m256 dx = _mm256_set1_ps(x.d[j * x.ds + b]);
-                acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[j]), _mm256_mul_ps(d, dx), acc[j]);
-                acc[j] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(ms), _mm256_mul_ps(dmin, dx), acc[j]);
-            }
+            for (int j = 0; j < nj; j++)
+                acc[j] = k16_close256(acc[j], p, hh, isum[j], mn, x.d[j * x.ds + b], x.o + j * x.os + 4 * b);
         }
 #pragma GCC unroll 4
         for (int j = 0; j < nj; j++) {
@@ -176,10 +238,56 @@ GEN_ALWAYS_INLINE void k16_half_rows(const int nj, const uint8_t *restrict grp, 
 }
 #endif
 
-/* One group (nsb super-blocks at grp) against activation rows 0 .. nj - 1 of x: y[j ldy + l] (+)= row l . x_j. */
-GEN_ALWAYS_INLINE void k16_group(const int nj, const uint8_t *restrict grp, int64_t nsb, X16Act x, float *y,
-                                 int64_t ldy, int accumulate) {
+/* k16_group lane by lane: the vector paths' integer sums and fp32 steps (fmaf), in the same order. */
+static inline void k16_group_portable(const int nj, const int five, const uint8_t *restrict grp, int64_t nsb, X16Act x,
+                               float *y, int64_t ldy, int accumulate) {
+    float acc[X16_J][X16_ROWS] = {{0.f}};
+    const int words = five ? K16_WORDS5 : K16_WORDS, nibbles = five ? 48 : 16; /* where a stored block's codes start */
+    for (int64_t b = 0; b < nsb; b++) {
+        const uint8_t *p = grp + b * K16_GROUP_BYTES(five);
+        for (int l = 0; l < X16_ROWS; l++) {
+            uint8_t sb[176], sc[8], mn[8];
+            x16_row(p, l, 2, words, sb);
+            q4k_scales(sb + 4, sc, mn);
+            const float d = f16(sb), dmin = f16(sb + 2);
+            const uint8_t *qs = sb + nibbles, *qh = sb + 16; /* qh: Q5_K's fifth bits */
+            for (int j = 0; j < nj; j++) {
+                const int8_t *q = x.q + j * x.qs + 256 * b;
+                const int32_t *o = x.o + j * x.os + 4 * b;
+                int32_t isum = 0, ms = 0;
+                for (int c = 0; c < 4; c++) {
+                    int32_t lo = 0, hi = 0;
+                    for (int i = 0; i < 32; i++) {
+                        const int lo5 = five ? (qh[i] >> (2 * c) & 1) << 4 : 0, hi5 = five ? (qh[i] >> (2 * c + 1) & 1) << 4 : 0;
+                        lo += (int32_t)((qs[32 * c + i] & 0xF) | lo5) * q[64 * c + i];
+                        hi += (int32_t)((qs[32 * c + i] >> 4) | hi5) * q[64 * c + 32 + i];
+                    }
+                    isum += (int32_t)sc[2 * c] * lo + (int32_t)sc[2 * c + 1] * hi;
+                }
+                static const int first[4] = {0, 1, 4, 5};
+                for (int k = 0; k < 4; k++) {
+                    const uint32_t w = (uint32_t)o[k];
+                    ms += (int32_t)mn[first[k]] * (int16_t)(w & 0xFFFF) + (int32_t)mn[first[k] + 2] * (int16_t)(w >> 16);
+                }
+                const float dx = x.d[j * x.ds + b];
+                acc[j][l] = fmaf((float)isum, d * dx, acc[j][l]);
+                acc[j][l] = fmaf(-(float)ms, dmin * dx, acc[j][l]);
+            }
+        }
+    }
+    for (int j = 0; j < nj; j++)
+        for (int l = 0; l < X16_ROWS; l++) y[j * ldy + l] = accumulate ? y[j * ldy + l] + acc[j][l] : acc[j][l];
+}
+
+/* One group (nsb super-blocks at grp; Q5_K when five, else Q4_K) against activation rows 0 .. nj - 1 of x:
+ * y[j ldy + l] (+)= row l . x_j. */
+GEN_ALWAYS_INLINE void k16_group(const int nj, const int five, const uint8_t *restrict grp, int64_t nsb, X16Act x,
+                                 float *y, int64_t ldy, int accumulate) {
 #ifdef GEN_BLOCKS_512
+    if (five) {
+        k16_group_portable(nj, five, grp, nsb, x, y, ldy, accumulate);
+        return;
+    }
     const __m512i m4 = _mm512_set1_epi8(0xF), six = _mm512_set1_epi8(0x3F), four = _mm512_set1_epi8(0x0F);
     const __m512i two = _mm512_set1_epi8(0x03), byte = _mm512_set1_epi32(0xFF), pair = _mm512_set1_epi32(0x00FF00FF);
     __m512 acc[X16_J];
@@ -249,50 +357,20 @@ GEN_ALWAYS_INLINE void k16_group(const int nj, const uint8_t *restrict grp, int6
     }
 #elif defined(GEN_X16_256)
     if (nj > K16_J256) { /* the codes, sums and accumulators of more rows would not fit AVX2's 16 registers */
-        k16_half_rows(K16_J256, grp, nsb, x, y, ldy, accumulate);
+        k16_half_rows(K16_J256, five, grp, nsb, x, y, ldy, accumulate);
         X16Act rest = x;
         rest.q += K16_J256 * x.qs, rest.d += K16_J256 * x.ds, rest.o += K16_J256 * x.os;
-        k16_half_rows(nj - K16_J256, grp, nsb, rest, y + K16_J256 * ldy, ldy, accumulate);
+        k16_half_rows(nj - K16_J256, five, grp, nsb, rest, y + K16_J256 * ldy, ldy, accumulate);
         return;
     }
-    if (nj == 1)
+    if (nj == 1 && five)
+        k16_one_row5_256(grp, nsb, x, y, accumulate);
+    else if (nj == 1)
         k16_one_row256(grp, nsb, x, y, accumulate);
     else
-        k16_half_rows(nj, grp, nsb, x, y, ldy, accumulate);
+        k16_half_rows(nj, five, grp, nsb, x, y, ldy, accumulate);
 #else
-    float acc[X16_J][X16_ROWS] = {{0.f}};
-    for (int64_t b = 0; b < nsb; b++) {
-        const uint8_t *p = grp + b * K16_BYTES;
-        for (int l = 0; l < X16_ROWS; l++) {
-            uint8_t sb[144], sc[8], mn[8];
-            x16_row(p, l, 2, K16_WORDS, sb);
-            q4k_scales(sb + 4, sc, mn);
-            const float d = f16(sb), dmin = f16(sb + 2);
-            for (int j = 0; j < nj; j++) {
-                const int8_t *q = x.q + j * x.qs + 256 * b;
-                const int32_t *o = x.o + j * x.os + 4 * b;
-                int32_t isum = 0, ms = 0;
-                for (int c = 0; c < 4; c++) {
-                    int32_t lo = 0, hi = 0;
-                    for (int i = 0; i < 32; i++) {
-                        lo += (int32_t)(sb[16 + 32 * c + i] & 0xF) * q[64 * c + i];
-                        hi += (int32_t)(sb[16 + 32 * c + i] >> 4) * q[64 * c + 32 + i];
-                    }
-                    isum += (int32_t)sc[2 * c] * lo + (int32_t)sc[2 * c + 1] * hi;
-                }
-                static const int first[4] = {0, 1, 4, 5};
-                for (int k = 0; k < 4; k++) {
-                    const uint32_t w = (uint32_t)o[k];
-                    ms += (int32_t)mn[first[k]] * (int16_t)(w & 0xFFFF) + (int32_t)mn[first[k] + 2] * (int16_t)(w >> 16);
-                }
-                const float dx = x.d[j * x.ds + b];
-                acc[j][l] = fmaf((float)isum, d * dx, acc[j][l]);
-                acc[j][l] = fmaf(-(float)ms, dmin * dx, acc[j][l]);
-            }
-        }
-    }
-    for (int j = 0; j < nj; j++)
-        for (int l = 0; l < X16_ROWS; l++) y[j * ldy + l] = accumulate ? y[j * ldy + l] + acc[j][l] : acc[j][l];
+    k16_group_portable(nj, five, grp, nsb, x, y, ldy, accumulate);
 #endif
 }
 

@@ -378,12 +378,14 @@ enum { BATCH_MIN = 2 };
  * blocks as the type's traits say, into aq (batch, cols), ad (batch, cols / 32), asum (batch, cols / 16). Row b
  * of y starts ldy floats after row b - 1. Threads take whole 4-row blocks of W; each block stays in L1 while
  * every input row passes over it. */
-/* y[b] (+)= W x[b] for an interleaved W (rows a multiple of 16; stored as `stored`: T_Q4_0, T_Q4_1, T_Q4_K, T_Q8_0)
+/* y[b] (+)= W x[b] for an interleaved W (rows a multiple of 16; stored as `stored`: T_Q4_0, T_Q4_1, T_Q4_K, T_Q5_K,
+ * T_Q8_0)
  * against `batch` activation rows x (X16Act; row b of y ldy floats after row b - 1). Threads take whole groups;
  * each group meets the rows X16_J at a time. */
 static void x16_matmul(const uint8_t *w, int64_t rows, int64_t cols, X16Act x, int64_t batch, float *y, int64_t ldy,
                        int accumulate, int n_threads, const int64_t stored) {
     const int64_t gs = stored == T_Q4_K   ? cols / 256 * K16_BYTES
+                       : stored == T_Q5_K ? cols / 256 * K16_BYTES5
                        : stored == T_Q8_0 ? cols / 32 * Q8X16_BYTES
                                           : cols / 32 * X16_BYTES(stored == T_Q4_1);
 #pragma omp parallel for schedule(static) num_threads(n_threads)
@@ -398,7 +400,9 @@ static void x16_matmul(const uint8_t *w, int64_t rows, int64_t cols, X16Act x, i
 #define NJ(N)                                                        \
     case N:                                                          \
         if (stored == T_Q4_K)                                        \
-            k16_group(N, grp, cols / 256, xj, o, ldy, accumulate);   \
+            k16_group(N, 0, grp, cols / 256, xj, o, ldy, accumulate);\
+        else if (stored == T_Q5_K)                                   \
+            k16_group(N, 1, grp, cols / 256, xj, o, ldy, accumulate);\
         else if (stored == T_Q8_0)                                   \
             q8x16_group(N, grp, cols / 32, xj, o, ldy, accumulate);  \
         else if (stored == T_Q4_1)                                   \
@@ -421,7 +425,7 @@ static void block_rows_x16(const uint8_t *w, const BlockType *t, int64_t rows, i
                            int64_t batch, float *y, int64_t ldy, int accumulate, int8_t *aq, float *ad, int16_t *asum,
                            int n_threads) {
     enum { STACK_TERMS = 4096 };
-    const int k = t->stored == T_Q4_K, min = t->stored == T_Q4_1;
+    const int k = t->stored == T_Q4_K || t->stored == T_Q5_K, min = t->stored == T_Q4_1;
     const int64_t nb = cols / 32, terms = k ? cols / 64 : nb; /* X16Act.o per row */
     int32_t stack[STACK_TERMS], *o = stack;
     int64_t step = STACK_TERMS / terms > 0 ? STACK_TERMS / terms : 1;

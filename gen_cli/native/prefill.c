@@ -71,7 +71,7 @@ int64_t gen_block_dequantize(const void *w, int64_t type, int64_t rows, int64_t 
         }
         return 0;
     }
-    if (bt->group) { /* interleaved Q4_K / Q8_0: each row read back stored, CHUNK elements at a time */
+    if (bt->group) { /* interleaved Q4_K / Q5_K / Q8_0: each row read back stored, CHUNK elements at a time */
         const BlockType *st = &BLOCK_TYPES[bt->stored];
 #pragma omp parallel for schedule(static) num_threads(n_threads)
         for (int64_t r = 0; r < rows; r++) {
@@ -110,8 +110,8 @@ int64_t gen_block_dequantize(const void *w, int64_t type, int64_t rows, int64_t 
     return 0;
 }
 
-/* The type a Q4_0 / Q4_1 / Q4_K / Q8_0 matrix is repacked to for decoding (blocks_x16.h, blocks_k16.h,
- * blocks_q8x16.h), when this build has a vector product for it (AVX-512 VNNI, or AVX2); else
+/* The type a Q4_0 / Q4_1 / Q4_K / Q5_K / Q8_0 matrix is repacked to for decoding (blocks_x16.h, blocks_k16.h,
+ * blocks_q8x16.h), when this build has a vector product for it (AVX-512 VNNI, or AVX2; Q5_K: AVX2); else
  * -1 (the stored layout is as fast). */
 int64_t gen_block_interleaved(int64_t type) {
 #ifdef GEN_X16_VECTOR
@@ -120,15 +120,20 @@ int64_t gen_block_interleaved(int64_t type) {
     if (type == T_Q4_1) return T_Q4_1X16;
     if (type == T_Q4_K) return T_Q4_KX16;
 #endif
+#ifdef GEN_X16_256 /* AVX-512 builds have no vector Q5_K product in the layout (blocks_k16.h) */
+    if (type == T_Q5_K) return T_Q5_KX16;
+#endif
     (void)type;
     return -1;
 }
 
-/* Rows [0, rows) of a stored Q4_0 / Q4_1 / Q4_K / Q8_0 matrix (`type`; rows a multiple of 16) -> the interleaved
+/* Rows [0, rows) of a stored Q4_0 / Q4_1 / Q4_K / Q5_K / Q8_0 matrix (`type`; rows a multiple of 16) -> the interleaved
  * layout in dst (as many bytes, not overlapping src), groups split across threads. Returns 0, or -1 for another
  * type or shape. */
 int64_t gen_block_repack(const void *src, int64_t type, int64_t rows, int64_t cols, void *dst, int64_t n_threads) {
-    if ((type != T_Q4_0 && type != T_Q4_1 && type != T_Q4_K && type != T_Q8_0) || rows % X16_ROWS || cols <= 0) return -1;
+    if ((type != T_Q4_0 && type != T_Q4_1 && type != T_Q4_K && type != T_Q5_K && type != T_Q8_0) || rows % X16_ROWS ||
+        cols <= 0)
+        return -1;
     const BlockType *bt = &BLOCK_TYPES[type];
     const int halves = x16_halves(type), words = (int)(bt->bytes - 2 * halves) / 4;
     if (cols % bt->elems) return -1;

@@ -1,4 +1,4 @@
-"""Q4_0 / Q4_1 / Q4_K / Q8_0 matrices repacked at load into the 16-row interleaved layout the decode kernel reads
+"""Q4_0 / Q4_1 / Q4_K / Q5_K / Q8_0 matrices repacked at load into the 16-row interleaved layout the decode kernel reads
 fastest (blocks_x16.h, blocks_k16.h, blocks_q8x16.h; quant/blocks.py's `interleave` is the reference): where this
 machine's kernel has a vector product for it, for matrices in whole groups of 16 rows. `GEN_REPACK=0` keeps the
 stored layout (an A/B switch)."""

@@ -323,11 +323,12 @@ def max_error(w: torch.Tensor, qtype: str) -> torch.Tensor:
 
 # ---- the 16-row interleaved layout of INTERLEAVED's types (gen_cli/native/blocks_x16.h, blocks_k16.h, blocks_q8x16.h)
 #
-# A block is some fp16 fields (q4_0, q8_0: d; q4_1: d, m; q4_k: d, dmin), then 32-bit words (q4_0 / q4_1: 16 nibble
-# bytes; q4_k: 12 bytes of packed scales and mins, 128 of nibbles; q8_0: 32 codes). For each group of 16 rows and
-# block index b: each fp16 field of the 16 rows in turn (32 bytes), then each word i as a 64-byte chunk holding row
-# l's word at bytes 4l … 4l + 3. A group takes the bytes its 16 rows take stored, so rows [16g, 16g + 16) stay
-# where they were as a whole: a matrix is sliced, joined or split at multiples of 16 rows in either layout alike.
+# A block is some fp16 fields (q4_0, q8_0: d; q4_1: d, m; q4_k, q5_k: d, dmin), then 32-bit words (q4_0 / q4_1: 16
+# nibble bytes; q4_k: 12 bytes of packed scales and mins, 128 of nibbles; q5_k: the same with 32 of fifth bits
+# between; q8_0: 32 codes). For each group of 16 rows and block index b: each fp16 field of the 16 rows in turn
+# (32 bytes), then each word i as a 64-byte chunk holding row l's word at bytes 4l … 4l + 3. A group takes the
+# bytes its 16 rows take stored, so rows [16g, 16g + 16) stay where they were as a whole: a matrix is sliced,
+# joined or split at multiples of 16 rows in either layout alike.
 
 
 def _head(qtype: str, rows: int) -> int:
