@@ -127,6 +127,7 @@ def test_mixed_parts_keep_their_own_types_and_info_says_so(files, tok, tmp_path)
     path = write_gguf(files["llama", "hf"], tok, "llama", tmp_path / "mixed.gguf", _mixed)
     loaded = load(path)
     model, f = loaded.model, GGUFFile(path)
+    assert loaded.source == str(path)  # what messages and benchmarks name: the file, not the last stacked matrix
     wqkv = model.layers[0].attn.wqkv
     assert isinstance(wqkv, BlockStack) and wqkv.qtypes == ["q4_k", "q6_k"]  # q + k joined, v apart
     assert [p.out_features for p in wqkv.parts] == [256 + 128, 128] and wqkv.out_features == 512

@@ -452,11 +452,11 @@ def load_gguf(
     layers = block_layers({k: v for k, v in blocks.items() if isinstance(v, tuple)}, tensors, in_dims, whole)
     for name, runs in blocks.items():
         if isinstance(runs, list):  # parts in different types, each kept in its own
-            path = name.removesuffix(".weight")
+            layer = name.removesuffix(".weight")
             parts = [
                 BlockLinear(t, q, in_dims[name], interleaved=(name, r) in interleaved) for r, (t, q) in enumerate(runs)
             ]
-            layers[path] = BlockStack(parts, tensors.pop(path + ".bias", None))
+            layers[layer] = BlockStack(parts, tensors.pop(layer + ".bias", None))
     model = model_from_tensors(config, tensors, layers).to(device)
     details = _details(f, arch, config, helds)
     details["copied at load"] = copied  # bytes by reason; every other weight is a view of the file's map
