@@ -18,9 +18,9 @@
  * fp32 steps (fmaf), gives the same bits, and a row gets the same bits alone and in any batch. AVX2 (GEN_X16_256):
  * each half of a group (rows 0-7, 8-15) in turn (a decode step's one row: both halves per super-block, sharing the
  * activation's broadcasts), maddubs of the codes (high nibbles shifted down, Q5_K's fifth bit or-ed in) against
- * the broadcast activation, the products of a sub-block added in int16 (Q4_K: all 8, exact as 8 x 2 x 15 x 127 =
- * 30480; Q5_K: 4 at a time, 4 x 2 x 31 x 127 = 31496), then one madd per int16 sum with the scale in both 16-bit
- * halves of each lane: the same int32 sums, so again the same bits. AVX-512 builds have no Q5_K product in this
+ * the broadcast activation, the products of a sub-block added in int16 (Q4_K: up to all 8, exact as 8 x 2 x 15 x
+ * 127 = 30480; Q5_K: 4 at a time, 4 x 2 x 31 x 127 = 31496), then one madd per int16 sum with the scale in both
+ * 16-bit halves of each lane: the same int32 sums, so again the same bits. AVX-512 builds have no Q5_K product in this
  * layout yet (gen_block_interleaved keeps their Q5_K stored; the portable loop serves a repack asked for anyway).
  * Float activations and prompt tiles read each row's super-blocks back in the stored layout (x16_row) and use
  * its code: the stored layout's bits.
