@@ -345,7 +345,9 @@ def _together_and_alone(
 
     with torch.inference_mode():
         together = model.native_decoder.rows([p[0] for p in prompts], caches())
-        alone = torch.cat([model.native_decoder(torch.tensor([[p[0]]]), c) for p, c in zip(prompts, caches())])
+        alone = torch.cat(
+            [model.native_decoder(torch.tensor([[p[0]]]), c) for p, c in zip(prompts, caches(), strict=True)]
+        )
     return together, alone
 
 

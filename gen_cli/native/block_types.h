@@ -104,7 +104,9 @@ static inline int64_t block_row_bytes(const BlockType *t, int64_t cols) { return
 static inline int x16_float_paths(const BlockType *t) { return t->group && (t->stored == T_Q4_0 || t->stored == T_Q4_1); }
 
 /* The fp16 fields a stored block of an interleaved type begins with (x16_repack's `halves`; its words follow). */
-static inline int x16_halves(int64_t stored) { return stored == T_Q4_1 || stored == T_Q4_K || stored == T_Q5_K ? 2 : 1; }
+static inline int x16_halves(int64_t stored) {
+    return stored == T_Q4_1 || stored == T_Q4_K || stored == T_Q5_K ? 2 : 1;
+}
 
 /* Blocks [b0, b0 + n) of row l of an interleaved type's group (grp: the group's first block), as the stored type
  * lays them out, into out (n blocks of t->bytes). */

@@ -535,9 +535,9 @@ static const FloatDot FLOAT_DOTS[T_COUNT][2] = {
 /* Y (batch, rows) = X (batch, cols) W^T (+ Y when accumulate) for block rows W, activations as `act` says
  * (ACT_FP32 or ACT_BF16); row b of Y starts ldy floats after row b - 1 (a part of a matrix held in parts writes
  * its own columns of a wider Y). Scratch: xh (batch, cols) halves for ACT_BF16, xs (batch, cols / 32) block sums.
- * Threads take whole row blocks; each row stays in L1 while every batch row uses it. Interleaved Q4_K, Q5_K and Q8_0 rows
- * (blocks_k16.h, blocks_q8x16.h; the interleaved types that come here) are read back a row at a time into the
- * stored layout: the stored layout's products, bit for bit. */
+ * Threads take whole row blocks; each row stays in L1 while every batch row uses it. Interleaved Q4_K, Q5_K and
+ * Q8_0 rows (blocks_k16.h, blocks_q8x16.h; the interleaved types that come here) are read back a row at a time
+ * into the stored layout: the stored layout's products, bit for bit. */
 static void float_block_matmul(const uint8_t *w, int64_t type, int64_t rows, int64_t cols, const float *x,
                                int64_t batch, float *y, int64_t ldy, int accumulate, int64_t act, uint16_t *xh,
                                float *xs, int n_threads) {

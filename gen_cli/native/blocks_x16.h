@@ -49,7 +49,8 @@ enum { X16_ROWS = 16, X16_J = 8 }; /* rows per group; activation rows per pass o
 /* Stored rows [16 g0, 16 g1) of a block matrix (rows of nb blocks, rb bytes apart; a block: `halves` fp16 fields,
  * then `words` 32-bit words) -> groups g0 .. g1 - 1 of the interleaved layout, at dst (the whole matrix's start):
  * per group and block, each fp16 field of the 16 rows in turn (row l's at 2l), then each word (row l's at 4l).
- * Q4_0: 1 and 4, Q4_1: 2 and 4, Q4_K: 2 and 35, Q5_K: 2 and 43 (blocks_k16.h), Q8_0: 1 and 8 (blocks_q8x16.h). src and dst must not overlap. */
+ * Q4_0: 1 and 4, Q4_1: 2 and 4, Q4_K: 2 and 35, Q5_K: 2 and 43 (blocks_k16.h), Q8_0: 1 and 8 (blocks_q8x16.h).
+ * src and dst must not overlap. */
 static inline void x16_repack(const uint8_t *restrict src, int64_t rb, int64_t nb, int64_t g0, int64_t g1,
                               uint8_t *restrict dst, const int halves, const int words) {
     const int64_t bs = 2 * halves + 4 * words, head = 32 * halves, gb = X16_ROWS * bs;

@@ -7,8 +7,8 @@ dequantizes only the rows it looks up. A tied lm_head is a BlockLinear sharing t
 
 A BlockLinear may hold its q4_0 / q4_1 / q4_k / q5_k / q8_0 rows in the 16-row interleaved layout the native decode
 kernel reads fastest (`interleaved`; blocks.py's `interleave`, done by the GGUF loader as it writes the decode
-arena): the same bytes per 16 rows, reordered inside each group. Whatever reads the bytes asks `stored_blocks()` (GGUF's
-layout) or `native_type` (the kernel's type code name); dequantization and export see the stored layout.
+arena): the same bytes per 16 rows, reordered inside each group. Whatever reads the bytes asks `stored_blocks()`
+(GGUF's layout) or `native_type` (the kernel's type code name); dequantization and export see the stored layout.
 """
 
 from __future__ import annotations

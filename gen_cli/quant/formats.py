@@ -70,13 +70,8 @@ def block_type_for(qtype: str, cols: int) -> str | None:
 
 # The 16-row interleaved layout (quant/blocks.py `interleave`): the types that have it.
 INTERLEAVE_ROWS = 16
-INTERLEAVED = {
-    "q4_0": 2,
-    "q4_1": 4,
-    "q4_k": 4,
-    "q5_k": 4,
-    "q8_0": 2,
-}  # the types that have the layout: their fp16 fields' bytes
+# The types that have the layout: their fp16 fields' bytes.
+INTERLEAVED = {"q4_0": 2, "q4_1": 4, "q4_k": 4, "q5_k": 4, "q8_0": 2}
 
 
 def can_interleave(qtype: str, rows: int) -> bool:
