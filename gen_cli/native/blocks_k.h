@@ -69,6 +69,13 @@ static inline __m128i k_scales16(const uint8_t *p, Act a, int64_t b, __m128i *mi
     *mins = _mm_madd_epi16(mn16, bs);
     return _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)u));
 }
+
+/* Bit j of each of 32 Q5_K qh bytes moved to bit 4 (16 when set, else 0): the fifth bit of sub-block j's codes.
+ * 16-bit shifts; the bits crossing from the other byte are masked off. */
+static inline __m256i k5_bit4_256(__m256i qh, int j) {
+    const __m256i t = j <= 4 ? _mm256_slli_epi16(qh, 4 - j) : _mm256_srli_epi16(qh, j - 4);
+    return _mm256_and_si256(t, _mm256_set1_epi8(0x10));
+}
 #endif
 
 /* Q4_K super-block: fp16 d, fp16 dmin, 12 bytes of scales/mins, 128 bytes of nibbles; sub-block j (32 elements)
@@ -142,7 +149,7 @@ static float dot_q5_k(const uint8_t *restrict w, Act a, int64_t nb) {
     __m256i pick[4];
     for (int c = 0; c < 4; c++)
         pick[c] = _mm256_set1_epi16((short)(0x0100 * (4 * c + 1) + 4 * c)); /* int16 scale 2c */
-    const __m256i m4 = _mm256_set1_epi8(0xF), bit4 = _mm256_set1_epi8(0x10), next = _mm256_set1_epi16(0x0202);
+    const __m256i m4 = _mm256_set1_epi8(0xF), next = _mm256_set1_epi16(0x0202);
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *p = w + b * 176, *qs = p + 48;
         const int8_t *x = a.q + b * 256;
@@ -154,9 +161,7 @@ static float dot_q5_k(const uint8_t *restrict w, Act a, int64_t nb) {
         const __m256i h = _mm256_loadu_si256((const __m256i *)(p + 16));
         __m256i acc = _mm256_setzero_si256();
         for (int c = 0; c < 4; c++) {
-            /* bit 2c (2c + 1) of each qh byte moved to bit 4 by a 16-bit shift: the fifth bit of the code */
-            const __m256i h0 = _mm256_and_si256(c < 2 ? _mm256_slli_epi16(h, 4 - 2 * c) : _mm256_srli_epi16(h, 2 * c - 4), bit4);
-            const __m256i h1 = _mm256_and_si256(c < 2 ? _mm256_slli_epi16(h, 3 - 2 * c) : _mm256_srli_epi16(h, 2 * c - 3), bit4);
+            const __m256i h0 = k5_bit4_256(h, 2 * c), h1 = k5_bit4_256(h, 2 * c + 1);
             const __m256i q = _mm256_loadu_si256((const __m256i *)(qs + 32 * c));
             const __m256i lo = _mm256_maddubs_epi16(_mm256_or_si256(_mm256_and_si256(q, m4), h0),
                                                     _mm256_loadu_si256((const __m256i *)(x + 64 * c)));

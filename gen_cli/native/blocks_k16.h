@@ -94,10 +94,7 @@ GEN_ALWAYS_INLINE __m256i k16_codes256(const uint8_t *nibbles, const uint8_t *qh
     const __m256i raw = _mm256_loadu_si256((const __m256i *)nibbles);
     const __m256i v = _mm256_and_si256(h ? _mm256_srli_epi16(raw, 4) : raw, _mm256_set1_epi8(0xF));
     if (!five) return v;
-    const int s = 2 * c + h; /* the bit moves to bit 4 of its byte: 16-bit shifts, the other byte's bits masked */
-    const __m256i bits = _mm256_loadu_si256((const __m256i *)qh);
-    const __m256i t = s <= 4 ? _mm256_slli_epi16(bits, 4 - s) : _mm256_srli_epi16(bits, s - 4);
-    return _mm256_or_si256(v, _mm256_and_si256(t, _mm256_set1_epi8(0x10)));
+    return _mm256_or_si256(v, k5_bit4_256(_mm256_loadu_si256((const __m256i *)qh), 2 * c + h));
 }
 
 /* isum + a sub-block's 8 maddubs products (int16 pairs) times its scale: all 8 added in int16 for Q4_K, 4 at a
@@ -152,7 +149,7 @@ static void k16_one_row256(const uint8_t *restrict grp, int64_t nsb, X16Act x, f
 /* A Q5_K decode step's one row on AVX2: each chunk's nibbles and fifth bits loaded once for both of its sub-blocks
  * (1.3x the order above, in cache: the fifth bits cost more ops than Q4_K's codes, which ran 0.9x this way). */
 static void k16_one_row5_256(const uint8_t *restrict grp, int64_t nsb, X16Act x, float *y, int accumulate) {
-    const __m256i m4 = _mm256_set1_epi8(0xF), b4 = _mm256_set1_epi8(0x10);
+    const __m256i m4 = _mm256_set1_epi8(0xF);
     __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
     for (int64_t b = 0; b < nsb; b++) {
         const uint8_t *p = grp + b * K16_BYTES5;
@@ -168,11 +165,9 @@ static void k16_one_row5_256(const uint8_t *restrict grp, int64_t nsb, X16Act x,
                 for (int k = 0; k < 8; k++) {
                     const __m256i raw = _mm256_loadu_si256((const __m256i *)(chunks + 64 * k));
                     const __m256i bits = _mm256_loadu_si256((const __m256i *)(qh + 64 * k));
-                    /* bits 2c and 2c + 1 to bits 4 and 5 (16-bit shifts; the other byte's bits are masked) */
-                    const __m256i t = c < 2 ? _mm256_slli_epi16(bits, 4 - 2 * c) : _mm256_srli_epi16(bits, 2 * c - 4);
-                    const __m256i lo = _mm256_or_si256(_mm256_and_si256(raw, m4), _mm256_and_si256(t, b4));
+                    const __m256i lo = _mm256_or_si256(_mm256_and_si256(raw, m4), k5_bit4_256(bits, 2 * c));
                     const __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(raw, 4), m4),
-                                                       _mm256_and_si256(_mm256_srli_epi16(t, 1), b4));
+                                                       k5_bit4_256(bits, 2 * c + 1));
                     int32_t a0, a1;
                     memcpy(&a0, q + k, 4), memcpy(&a1, q + 8 + k, 4);
                     ulo[k] = _mm256_maddubs_epi16(lo, _mm256_set1_epi32(a0));
@@ -254,21 +249,11 @@ static inline void k16_group_portable(const int nj, const int five, const uint8_
             x16_row(p, l, 2, words, sb);
             q4k_scales(sb + 4, sc, mn);
             const float d = f16(sb), dmin = f16(sb + 2);
-            const uint8_t *qs = sb + nibbles, *qh = sb + 16; /* qh: Q5_K's fifth bits */
+            const uint8_t *qh = five ? sb + 16 : NULL; /* Q5_K's fifth bits */
             for (int j = 0; j < nj; j++) {
-                const int8_t *q = x.q + j * x.qs + 256 * b;
                 const int32_t *o = x.o + j * x.os + 4 * b;
-                int32_t isum = 0, ms = 0;
-                for (int c = 0; c < 4; c++) {
-                    int32_t lo = 0, hi = 0;
-                    for (int i = 0; i < 32; i++) {
-                        const int lo5 = five ? (qh[i] >> (2 * c) & 1) << 4 : 0;
-                        const int hi5 = five ? (qh[i] >> (2 * c + 1) & 1) << 4 : 0;
-                        lo += (int32_t)((qs[32 * c + i] & 0xF) | lo5) * q[64 * c + i];
-                        hi += (int32_t)((qs[32 * c + i] >> 4) | hi5) * q[64 * c + 32 + i];
-                    }
-                    isum += (int32_t)sc[2 * c] * lo + (int32_t)sc[2 * c + 1] * hi;
-                }
+                const int32_t isum = k45_isum(sc, sb + nibbles, qh, x.q + j * x.qs + 256 * b);
+                int32_t ms = 0;
                 static const int first[4] = {0, 1, 4, 5};
                 for (int k = 0; k < 4; k++) {
                     const uint32_t w = (uint32_t)o[k];
