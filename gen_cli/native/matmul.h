@@ -53,33 +53,47 @@ static float dot_f32(const float *restrict w, const float *restrict x, int64_t n
 }
 
 #if defined(GEN_AVX2_FMA) && !defined(GEN_AVX512)
-/* Four weight rows (n apart) against inputs j0 and j0 + 1 (n apart) into out[r][j0..j0+1]: dot_f32_4x4's tile in
- * two passes, since sixteen 256-bit accumulators would fill every AVX2 register. */
-static void dot_f32_4x2(const float *restrict w, const float *restrict x, int64_t n, float out[4][4], int j0) {
-    __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00;
-    const float *x0 = x + j0 * n, *x1 = x0 + n;
-#define ROW2(R)                                                                                                   \
-    {                                                                                                             \
-        const __m256 wv = _mm256_loadu_ps(w + R * n + i);                                                         \
-        a##R##0 = _mm256_fmadd_ps(wv, v0, a##R##0), a##R##1 = _mm256_fmadd_ps(wv, v1, a##R##1);                 \
-    }
+/* Two weight rows (n apart) against J inputs (n apart, J <= 6): out[r * ldo + j] = w_r . x_j, every weight loaded
+ * once for all J inputs (12 sums at most: AVX2 has 16 registers). With pf set, the next two rows are fetched
+ * into cache meanwhile: without, a batch of inputs computes and waits for memory in turn (Zen 3, a 2048 x 768
+ * matrix of 4 inputs from memory at 14.6 GB/s against 22 for one input; with, 20). */
+static inline __attribute__((always_inline)) void dot_f32_2xj_(const float *restrict w, const float *restrict x,
+                                                                int64_t n, const int J, float *out, int64_t ldo,
+                                                                int pf) {
+    __m256 a[2][6];
+    for (int j = 0; j < J; j++) a[0][j] = a[1][j] = _mm256_setzero_ps();
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) {
-        const __m256 v0 = _mm256_loadu_ps(x0 + i), v1 = _mm256_loadu_ps(x1 + i);
-        ROW2(0) ROW2(1) ROW2(2) ROW2(3)
+        if (pf && !(i & 15)) /* a 64-byte line holds 16 floats */
+            _mm_prefetch((const char *)(w + 2 * n + i), _MM_HINT_T0), _mm_prefetch((const char *)(w + 3 * n + i), _MM_HINT_T0);
+        const __m256 u0 = _mm256_loadu_ps(w + i), u1 = _mm256_loadu_ps(w + n + i);
+        for (int j = 0; j < J; j++) {
+            const __m256 v = _mm256_loadu_ps(x + j * n + i);
+            a[0][j] = _mm256_fmadd_ps(u0, v, a[0][j]), a[1][j] = _mm256_fmadd_ps(u1, v, a[1][j]);
+        }
     }
-#undef ROW2
-    const __m256 acc[4][2] = {{a00, a01}, {a10, a11}, {a20, a21}, {a30, a31}};
-    for (int r = 0; r < 4; r++)
-        for (int j = 0; j < 2; j++) {
-            float s = hsum256(acc[r][j]);
-            for (int64_t t = i; t < n; t++) s += w[r * n + t] * x[(j0 + j) * n + t];
-            out[r][j0 + j] = s;
+    for (int r = 0; r < 2; r++)
+        for (int j = 0; j < J; j++) {
+            float s = hsum256(a[r][j]);
+            for (int64_t t = i; t < n; t++) s += w[r * n + t] * x[j * n + t];
+            out[r * ldo + j] = s;
         }
 }
 
+/* dot_f32_2xj_ with J a constant in each call, so the sums stay in registers. */
+static void dot_f32_2xj(const float *w, const float *x, int64_t n, int J, float *out, int64_t ldo, int pf) {
+    switch (J) {
+    case 1: dot_f32_2xj_(w, x, n, 1, out, ldo, pf); break;
+    case 2: dot_f32_2xj_(w, x, n, 2, out, ldo, pf); break;
+    case 3: dot_f32_2xj_(w, x, n, 3, out, ldo, pf); break;
+    case 4: dot_f32_2xj_(w, x, n, 4, out, ldo, pf); break;
+    case 5: dot_f32_2xj_(w, x, n, 5, out, ldo, pf); break;
+    default: dot_f32_2xj_(w, x, n, 6, out, ldo, pf); break;
+    }
+}
+
 /* fp32 rows against XT_MIN or more inputs on AVX2: the inputs transposed, so a vector holds one column of 8 or 16
- * of them, and each weight is broadcast from its row. The 4x2 dot tile above ends in horizontal sums and fits no
+ * of them, and each weight is broadcast from its row. The dot tile above ends in horizontal sums and fits no
  * more sums in AVX2's 16 registers: 41-57 GFLOP/s a core here, against 78-95 for these (Zen 3, 1536 x 576, 8 and
  * 32 inputs). But every weight costs a broadcast load whatever the lanes in use, so below 6 inputs the tile wins
  * (a 2-row speculative verify cost 1.48 decode steps this way). Lane l sums its row's products one column after
@@ -98,6 +112,8 @@ static void xt_6x16(const float *restrict w, const float *restrict xt, int64_t n
     __m256 c[6][2];
     for (int r = 0; r < 6; r++) c[r][0] = c[r][1] = _mm256_setzero_ps();
     for (int64_t k = 0; k < n; k++) {
+        if (!(k & 15)) /* the next 6 rows, as dot_f32_2xj does */
+            for (int r = 6; r < 12; r++) _mm_prefetch((const char *)(w + r * n + k), _MM_HINT_T0);
         const __m256 x0 = _mm256_loadu_ps(xt + k * 16), x1 = _mm256_loadu_ps(xt + k * 16 + 8);
         for (int r = 0; r < 6; r++) {
             const __m256 wv = _mm256_broadcast_ss(w + r * n + k);
@@ -112,6 +128,8 @@ static void xt_8x8(const float *restrict w, const float *restrict xt, int64_t n,
     __m256 c[8];
     for (int r = 0; r < 8; r++) c[r] = _mm256_setzero_ps();
     for (int64_t k = 0; k < n; k++) {
+        if (!(k & 15))
+            for (int r = 8; r < 16; r++) _mm_prefetch((const char *)(w + r * n + k), _MM_HINT_T0);
         const __m256 x0 = _mm256_loadu_ps(xt + k * 8);
         for (int r = 0; r < 8; r++) c[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(w + r * n + k), x0, c[r]);
     }
@@ -204,8 +222,8 @@ static void dot_f32_4x4(const float *restrict w, const float *restrict x, int64_
     for (int r = 0; r < 4; r++)
         for (int j = 0; j < 4; j++) out[r][j] = _mm512_reduce_add_ps(acc[r][j]);
 #elif defined(GEN_AVX2_FMA)
-    dot_f32_4x2(w, x, n, out, 0);
-    dot_f32_4x2(w, x, n, out, 2);
+    dot_f32_2xj(w, x, n, 4, out[0], 4, 1);
+    dot_f32_2xj(w + 2 * n, x, n, 4, out[2], 4, 1);
 #else
     for (int r = 0; r < 4; r++)
         for (int j = 0; j < 4; j++) out[r][j] = dot_f32(w + r * n, x + j * n, n);
@@ -554,6 +572,22 @@ static void matmul(const Model *m, const Matrix *w, const float *x, float *y, in
 #pragma omp parallel for schedule(static) num_threads(m->n_threads)
     for (int64_t r0 = 0; r0 < rows; r0 += ROW_BLOCK) {
         int64_t r1 = r0 + ROW_BLOCK < rows ? r0 + ROW_BLOCK : rows, b = 0;
+#if defined(GEN_AVX2_FMA) && !defined(GEN_AVX512)
+        /* Below XT_MIN inputs: all of them in one pass over the block (AVX2 fits 2 rows x 6 inputs' sums). A
+         * 2-5 row speculative verify read each block twice or more before. */
+        if (r1 - r0 == 4 && !int8)
+            for (int j = 0; b + 2 <= batch; b += j) {
+                j = batch - b < 6 ? (int)(batch - b) : 6;
+                float v[4][6];
+                dot_f32_2xj((const float *)w->data + r0 * cols, x + b * cols, cols, j, v[0], 6, 1);
+                dot_f32_2xj((const float *)w->data + (r0 + 2) * cols, x + b * cols, cols, j, v[2], 6, 1);
+                for (int jj = 0; jj < j; jj++)
+                    for (int r = 0; r < 4; r++) {
+                        float *out = y + (b + jj) * rows + r0 + r;
+                        *out = accumulate ? *out + v[r][jj] : v[r][jj];
+                    }
+            }
+#endif
         if (r1 - r0 == 4) /* batches: four inputs at a time against the block's four rows */
             for (; b + 4 <= batch; b += 4) {
                 float v[4][4];
@@ -574,20 +608,6 @@ static void matmul(const Model *m, const Matrix *w, const float *x, float *y, in
                         *out = accumulate ? *out + v[r][j] : v[r][j];
                     }
             }
-#if defined(GEN_AVX2_FMA) && !defined(GEN_AVX512)
-        /* and two at a time on AVX2 (the 4x4 tile's half): a 2-row speculative verify 1.16-1.23 -> 1.05-1.08
-         * decode steps, 3 rows 1.36-1.48 -> 1.19-1.22, where row by row read every weight twice from memory */
-        if (r1 - r0 == 4 && !int8)
-            for (; b + 2 <= batch; b += 2) {
-                float v[4][4];
-                dot_f32_4x2((const float *)w->data + r0 * cols, x + b * cols, cols, v, 0);
-                for (int j = 0; j < 2; j++)
-                    for (int r = 0; r < 4; r++) {
-                        float *out = y + (b + j) * rows + r0 + r;
-                        *out = accumulate ? *out + v[r][j] : v[r][j];
-                    }
-            }
-#endif
         for (; b < batch; b++) {
             for (int64_t r = r0; r < r1; r++) {
                 float v = int8 ? dot_i8((const int8_t *)w->data + r * cols, m->xq + b * cols, cols) *
