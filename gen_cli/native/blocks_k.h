@@ -250,6 +250,7 @@ static float dot_q6_k(const uint8_t *restrict w, Act a, int64_t nb) {
     __m256 accf = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *p = w + b * 210, *ql = p, *qh = p + 128;
+        fetch_ahead(p, 210);
         const int8_t *x = a.q + b * 256;
         const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(p + 192)));
         __m256i acc = _mm256_mullo_epi32(_mm256_madd_epi16(sc16, _mm256_loadu_si256((const __m256i *)(a.s + b * 16))),

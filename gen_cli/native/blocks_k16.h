@@ -124,6 +124,7 @@ static void k16_one_row256(const uint8_t *restrict grp, int64_t nsb, X16Act x, f
     __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
     for (int64_t b = 0; b < nsb; b++) {
         const uint8_t *p = grp + b * K16_BYTES;
+        fetch_ahead(p, K16_BYTES);
         __m256i sc[2][2], mn[2][2], isum[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
         for (int hh = 0; hh < 2; hh++) k16_scales256(p + 64 + 32 * hh, sc[hh], mn[hh]);
         for (int c = 0; c < 4; c++)
@@ -153,6 +154,7 @@ static void k16_one_row5_256(const uint8_t *restrict grp, int64_t nsb, X16Act x,
     __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
     for (int64_t b = 0; b < nsb; b++) {
         const uint8_t *p = grp + b * K16_BYTES5;
+        fetch_ahead(p, K16_BYTES5);
         __m256i sc[2][2], mn[2][2], isum[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
         for (int hh = 0; hh < 2; hh++) k16_scales256(p + 64 + 32 * hh, sc[hh], mn[hh]);
         for (int c = 0; c < 4; c++) {

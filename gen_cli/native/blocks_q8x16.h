@@ -52,6 +52,7 @@ static void q8x16_one_row256(const uint8_t *restrict grp, int64_t nb, X16Act x, 
     __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *p = grp + b * Q8X16_BYTES;
+        fetch_ahead(p, Q8X16_BYTES);
         __m256i a[Q8X16_WORDS];
         x16_broadcast8(x.q + b * 32, a);
         const __m256 dx = _mm256_set1_ps(x.d[b]);

@@ -324,6 +324,7 @@ GEN_ALWAYS_INLINE void x16_group(const int nj, const int min, const uint8_t *res
         __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
         for (int64_t b = 0; b < nb; b++) {
             const uint8_t *p = grp + b * gb;
+            fetch_ahead(p, gb);
             const int32_t oj = x.o[b];
             __m256i a[8];
             x16_broadcast8(x.q + b * 32, a);
