@@ -54,18 +54,17 @@ static float dot_f32(const float *restrict w, const float *restrict x, int64_t n
 
 #if defined(GEN_AVX2_FMA) && !defined(GEN_AVX512)
 /* Two weight rows (n apart) against J inputs (n apart, J <= 6): out[r * ldo + j] = w_r . x_j, every weight loaded
- * once for all J inputs (12 sums at most: AVX2 has 16 registers). With pf set, the next two rows are fetched
- * into cache meanwhile: without, a batch of inputs computes and waits for memory in turn (Zen 3, a 2048 x 768
- * matrix of 4 inputs from memory at 14.6 GB/s against 22 for one input; with, 20). */
-static inline __attribute__((always_inline)) void dot_f32_2xj_(const float *restrict w, const float *restrict x,
-                                                                int64_t n, const int J, float *out, int64_t ldo,
-                                                                int pf) {
+ * once for all J inputs (12 sums at most: AVX2 has 16 registers). The next two rows are fetched into cache
+ * meanwhile: without, a batch of inputs computes and waits for memory in turn (Zen 3, a 2048 x 768 matrix of 4
+ * inputs from memory at 14.6 GB/s against 22 for one input; with, 18.6). */
+GEN_ALWAYS_INLINE void dot_f32_2xj_(const float *restrict w, const float *restrict x, int64_t n, const int J,
+                                    float *out, int64_t ldo) {
     __m256 a[2][6];
     for (int j = 0; j < J; j++) a[0][j] = a[1][j] = _mm256_setzero_ps();
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) {
-        if (pf && !(i & 15)) /* a 64-byte line holds 16 floats */
-            _mm_prefetch((const char *)(w + 2 * n + i), _MM_HINT_T0), _mm_prefetch((const char *)(w + 3 * n + i), _MM_HINT_T0);
+        if (!(i & 15)) /* a 64-byte line holds 16 floats */
+            __builtin_prefetch(w + 2 * n + i), __builtin_prefetch(w + 3 * n + i);
         const __m256 u0 = _mm256_loadu_ps(w + i), u1 = _mm256_loadu_ps(w + n + i);
         for (int j = 0; j < J; j++) {
             const __m256 v = _mm256_loadu_ps(x + j * n + i);
@@ -81,14 +80,14 @@ static inline __attribute__((always_inline)) void dot_f32_2xj_(const float *rest
 }
 
 /* dot_f32_2xj_ with J a constant in each call, so the sums stay in registers. */
-static void dot_f32_2xj(const float *w, const float *x, int64_t n, int J, float *out, int64_t ldo, int pf) {
+static void dot_f32_2xj(const float *w, const float *x, int64_t n, int J, float *out, int64_t ldo) {
     switch (J) {
-    case 1: dot_f32_2xj_(w, x, n, 1, out, ldo, pf); break;
-    case 2: dot_f32_2xj_(w, x, n, 2, out, ldo, pf); break;
-    case 3: dot_f32_2xj_(w, x, n, 3, out, ldo, pf); break;
-    case 4: dot_f32_2xj_(w, x, n, 4, out, ldo, pf); break;
-    case 5: dot_f32_2xj_(w, x, n, 5, out, ldo, pf); break;
-    default: dot_f32_2xj_(w, x, n, 6, out, ldo, pf); break;
+    case 1: dot_f32_2xj_(w, x, n, 1, out, ldo); break;
+    case 2: dot_f32_2xj_(w, x, n, 2, out, ldo); break;
+    case 3: dot_f32_2xj_(w, x, n, 3, out, ldo); break;
+    case 4: dot_f32_2xj_(w, x, n, 4, out, ldo); break;
+    case 5: dot_f32_2xj_(w, x, n, 5, out, ldo); break;
+    default: dot_f32_2xj_(w, x, n, 6, out, ldo); break;
     }
 }
 
@@ -113,7 +112,7 @@ static void xt_6x16(const float *restrict w, const float *restrict xt, int64_t n
     for (int r = 0; r < 6; r++) c[r][0] = c[r][1] = _mm256_setzero_ps();
     for (int64_t k = 0; k < n; k++) {
         if (!(k & 15)) /* the next 6 rows, as dot_f32_2xj does */
-            for (int r = 6; r < 12; r++) _mm_prefetch((const char *)(w + r * n + k), _MM_HINT_T0);
+            for (int r = 6; r < 12; r++) __builtin_prefetch(w + r * n + k);
         const __m256 x0 = _mm256_loadu_ps(xt + k * 16), x1 = _mm256_loadu_ps(xt + k * 16 + 8);
         for (int r = 0; r < 6; r++) {
             const __m256 wv = _mm256_broadcast_ss(w + r * n + k);
@@ -129,7 +128,7 @@ static void xt_8x8(const float *restrict w, const float *restrict xt, int64_t n,
     for (int r = 0; r < 8; r++) c[r] = _mm256_setzero_ps();
     for (int64_t k = 0; k < n; k++) {
         if (!(k & 15))
-            for (int r = 8; r < 16; r++) _mm_prefetch((const char *)(w + r * n + k), _MM_HINT_T0);
+            for (int r = 8; r < 16; r++) __builtin_prefetch(w + r * n + k);
         const __m256 x0 = _mm256_loadu_ps(xt + k * 8);
         for (int r = 0; r < 8; r++) c[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(w + r * n + k), x0, c[r]);
     }
@@ -221,10 +220,7 @@ static void dot_f32_4x4(const float *restrict w, const float *restrict x, int64_
     const __m512 acc[4][4] = {{a00, a01, a02, a03}, {a10, a11, a12, a13}, {a20, a21, a22, a23}, {a30, a31, a32, a33}};
     for (int r = 0; r < 4; r++)
         for (int j = 0; j < 4; j++) out[r][j] = _mm512_reduce_add_ps(acc[r][j]);
-#elif defined(GEN_AVX2_FMA)
-    dot_f32_2xj(w, x, n, 4, out[0], 4, 1);
-    dot_f32_2xj(w + 2 * n, x, n, 4, out[2], 4, 1);
-#else
+#else /* (AVX2 builds take dot_f32_2xj for fp32 batches instead) */
     for (int r = 0; r < 4; r++)
         for (int j = 0; j < 4; j++) out[r][j] = dot_f32(w + r * n, x + j * n, n);
 #endif
@@ -579,8 +575,8 @@ static void matmul(const Model *m, const Matrix *w, const float *x, float *y, in
             for (int j = 0; b + 2 <= batch; b += j) {
                 j = batch - b < 6 ? (int)(batch - b) : 6;
                 float v[4][6];
-                dot_f32_2xj((const float *)w->data + r0 * cols, x + b * cols, cols, j, v[0], 6, 1);
-                dot_f32_2xj((const float *)w->data + (r0 + 2) * cols, x + b * cols, cols, j, v[2], 6, 1);
+                dot_f32_2xj((const float *)w->data + r0 * cols, x + b * cols, cols, j, v[0], 6);
+                dot_f32_2xj((const float *)w->data + (r0 + 2) * cols, x + b * cols, cols, j, v[2], 6);
                 for (int jj = 0; jj < j; jj++)
                     for (int r = 0; r < 4; r++) {
                         float *out = y + (b + jj) * rows + r0 + r;
