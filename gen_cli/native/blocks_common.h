@@ -25,7 +25,7 @@
 /* A decode step reads every weight once, so its one-row products stream from memory; left to the hardware
  * prefetcher, a block's products and the wait for the next blocks take turns. Each block therefore asks for the
  * bytes FETCH_AHEAD past it (one-row products, AVX2, Zen 3, two threads, GB/s of a matrix from memory: Q6_K
- * 1.16-1.21x, Q4_K interleaved 1.02-1.23x, Q4_1 interleaved 1.09-1.19x, Q8_0 1.02-1.07x; 1 and 4 KB ahead were no
+ * 1.16-1.21x, Q4_K interleaved 1.02-1.23x, Q4_1 interleaved 0.95-1.19x, Q8_0 1.02-1.07x; 1 and 4 KB ahead were no
  * better). */
 enum { FETCH_AHEAD = 2048 };
 static inline void fetch_ahead(const uint8_t *block, int64_t bytes) {

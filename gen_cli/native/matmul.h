@@ -56,7 +56,7 @@ static float dot_f32(const float *restrict w, const float *restrict x, int64_t n
 /* Two weight rows (n apart) against J inputs (n apart, J <= 6): out[r * ldo + j] = w_r . x_j, every weight loaded
  * once for all J inputs (12 sums at most: AVX2 has 16 registers). The next two rows are fetched into cache
  * meanwhile: without, a batch of inputs computes and waits for memory in turn (Zen 3, a 2048 x 768 matrix of 4
- * inputs from memory at 14.6 GB/s against 22 for one input; with, 18.6). */
+ * inputs from memory at 13.8 GB/s against 20.8 for one input; with, 18.6). */
 GEN_ALWAYS_INLINE void dot_f32_2xj_(const float *restrict w, const float *restrict x, int64_t n, const int J,
                                     float *out, int64_t ldo) {
     __m256 a[2][6];
