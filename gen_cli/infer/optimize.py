@@ -92,12 +92,15 @@ def interleave_tied_head(model: Transformer) -> None:
     model.lm_head = BlockLinear(place, head.qtype, head.in_features, head.bias, interleaved=True)
 
 
-def attach_block_kernels(model: Transformer, act: str = "int8") -> None:
+def attach_native_kernels(model: Transformer, act: str = "int8") -> None:
     """Point every BlockLinear's `kernel` at the fastest product this machine has for its blocks (the
-    native block matmul, activations in `act`); where none is set, a BlockLinear dequantizes per call."""
+    native block matmul, activations in `act`; where none is set, a BlockLinear dequantizes per call), and
+    `fused` attention of CPU prompts at gen's C kernel, when the kernel builds here."""
     from gen_cli.native.block_matmul import use_block_kernel
+    from gen_cli.native.prompt_attention import use_prompt_attention
 
-    use_block_kernel(model, act)  # CPU layers, when the kernel builds here
+    use_block_kernel(model, act)
+    use_prompt_attention(model)
 
 
 def set_act(model: Transformer, act: str) -> None:
@@ -261,7 +264,7 @@ def optimize_for_decode(
         quantize_blocks(model, quantize)
     if native and not compile:  # `native=False` keeps every op in PyTorch: blocks dequantized per call
         interleave_tied_head(model)
-        attach_block_kernels(model)  # also for a model loaded with blocks (a quantized GGUF file)
+        attach_native_kernels(model)  # block kernels also for a model loaded with blocks (a quantized GGUF file)
     if compile:
         return compile_model(model)
     native_step = False

@@ -18,6 +18,7 @@ from gen_cli.errors import UsageError
 from gen_cli.model.attention import (
     ATTENTION_IMPLS,
     AttentionPlan,
+    CausalKernel,
     Positions,
     attend,
     causal_mask,
@@ -184,6 +185,8 @@ class Transformer(nn.Module):
 
     # How attention is computed (ATTENTION_IMPLS), a run-time choice: see `set_attention_impl`.
     attn_impl: str = ATTENTION_IMPLS[0]
+    # `fused`'s kernel for plain causal prompts where it applies (set from above: gen's C kernel on the CPU).
+    causal_kernel: CausalKernel | None = None
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -278,6 +281,7 @@ class Transformer(nn.Module):
         slopes = self.alibi_slopes.to(device) if kind == "alibi" else None  # a no-op unless placed without `.to`
         plan = plan_attention(at, self.config, rope, slopes, dtype, device)
         plan.impl = self.attn_impl
+        plan.kernel = self.causal_kernel
         return plan
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:

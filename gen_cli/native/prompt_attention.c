@@ -1,0 +1,216 @@
+/* Causal attention of a prompt (gen_cli/native/prompt_attention.py): T queries at positions start .. start + T - 1
+ * over keys 0 .. start + T - 1, tiled with an online softmax so the scores never exist beyond one tile.
+ *
+ * PyTorch's CPU flash kernel splits keys 512 at a time, so below 1k tokens it computes every masked score of a
+ * causal prompt too: at 512 tokens it costs what full attention costs. Here a tile of Q_TILE queries reads only
+ * the K_TILE-key tiles up to its last query's position, so a prompt computes about half the scores.
+ *
+ * Per tile of queries (one head) and tile of keys: S^T = K (q scale)^T (the query tile transposed once, so the
+ * product broadcasts elements of K's rows against rows of Q^T, as matmul.h's transposed kernels do), each
+ * query's running maximum and sum updated (online softmax: its output so far scaled by e^(old max - new max)),
+ * then O += P V. A key past a query's position gets weight exactly 0. Work items (batch, head, query tile) go to
+ * threads the longest first (later tiles read more keys).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "features.h"
+
+enum { Q_TILE = 48, K_TILE = 48, HD_MAX = 256 }; /* Q_TILE: whole 6-row and 16-lane steps */
+
+/* One thread's tiles: the queries scaled and transposed (hd, Q_TILE), the scores transposed (K_TILE, Q_TILE),
+ * so that a query is a lane and its softmax runs down the columns, the outputs (Q_TILE, hd), each query's
+ * maximum and sum. Lanes past the tile's queries hold zeros and get weight 0. */
+typedef struct {
+    float qt[HD_MAX * Q_TILE], st[K_TILE * Q_TILE], o[Q_TILE * HD_MAX], top[Q_TILE], sum[Q_TILE];
+} Tiles;
+
+#ifdef GEN_AVX2_FMA
+/* e^x for x <= 0, 8 lanes: x = n ln2 + r, a degree-7 polynomial in r, 2^n in the exponent bits (attention.h's
+ * exp8, whose header this file does not include). Clamped at -87: no subnormal 2^n. */
+static inline __m256 exp_lanes(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+#endif
+
+/* S^T rows [0, n) = K rows (ld apart) . Q^T columns (hd terms each). AVX2: 6 keys x 16 queries a step, 12 sums
+ * in registers (8 left FMA's latency uncovered); each step broadcasts 6 key elements against 2 vectors of Q^T. */
+static void tile_scores(Tiles *t, const float *k, int64_t ld, int n, int64_t hd) {
+    int j = 0;
+#ifdef GEN_AVX2_FMA
+    for (; j + 6 <= n; j += 6)
+        for (int i = 0; i < Q_TILE; i += 16) {
+            __m256 acc[6][2];
+            for (int r = 0; r < 6; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+            for (int64_t d = 0; d < hd; d++) {
+                const __m256 q0 = _mm256_loadu_ps(t->qt + d * Q_TILE + i), q1 = _mm256_loadu_ps(t->qt + d * Q_TILE + i + 8);
+#pragma GCC unroll 6
+                for (int r = 0; r < 6; r++) {
+                    const __m256 kb = _mm256_broadcast_ss(k + (j + r) * ld + d);
+                    acc[r][0] = _mm256_fmadd_ps(kb, q0, acc[r][0]);
+                    acc[r][1] = _mm256_fmadd_ps(kb, q1, acc[r][1]);
+                }
+            }
+            for (int r = 0; r < 6; r++) {
+                _mm256_storeu_ps(t->st + (j + r) * Q_TILE + i, acc[r][0]);
+                _mm256_storeu_ps(t->st + (j + r) * Q_TILE + i + 8, acc[r][1]);
+            }
+        }
+#endif
+    for (; j < n; j++) {
+        float *s = t->st + j * Q_TILE;
+        for (int i = 0; i < Q_TILE; i++) s[i] = 0.f;
+        for (int64_t d = 0; d < hd; d++) {
+            const float kd = k[j * ld + d], *qt = t->qt + d * Q_TILE;
+            for (int i = 0; i < Q_TILE; i++) s[i] += kd * qt[i];
+        }
+    }
+}
+
+/* The online softmax over one key tile (n keys from position k0) for queries at positions first + i, i < nq:
+ * S^T -> weights e^(s - new top), 0 where a key is past the query (or the lane holds no query); each query's sum
+ * and output rescaled by e^(old top - new top). Every query sees key 0 in the first tile, so its top is finite
+ * from then on; before it, its output and sum are 0, and the tiny rescale e^-87 of the first tile leaves them 0.
+ * Lanes without a query keep top 0: rescale 1, weights 0. AVX2: 8 queries a vector, down the columns. */
+static void tile_softmax(Tiles *t, int64_t k0, int n, int64_t first, int nq, int64_t hd) {
+    float rescale[Q_TILE];
+    int i = 0;
+#ifdef GEN_AVX2_FMA
+    for (; i < Q_TILE; i += 8) {
+        float last[8]; /* the last key each lane sees, relative to k0 (-1: none) */
+        for (int l = 0; l < 8; l++) last[l] = i + l < nq ? (float)(first + i + l - k0) : -1.f;
+        const __m256 lim = _mm256_loadu_ps(last), old = _mm256_loadu_ps(t->top + i);
+        __m256 top = old;
+        for (int j = 0; j < n; j++) {
+            const __m256 seen = _mm256_cmp_ps(_mm256_set1_ps((float)j), lim, _CMP_LE_OQ);
+            top = _mm256_max_ps(top, _mm256_blendv_ps(top, _mm256_loadu_ps(t->st + j * Q_TILE + i), seen));
+        }
+        __m256 sum = _mm256_setzero_ps();
+        for (int j = 0; j < n; j++) {
+            const __m256 seen = _mm256_cmp_ps(_mm256_set1_ps((float)j), lim, _CMP_LE_OQ);
+            const __m256 e = _mm256_and_ps(exp_lanes(_mm256_sub_ps(_mm256_loadu_ps(t->st + j * Q_TILE + i), top)), seen);
+            _mm256_storeu_ps(t->st + j * Q_TILE + i, e);
+            sum = _mm256_add_ps(sum, e);
+        }
+        for (int j = n; j < K_TILE; j++) _mm256_storeu_ps(t->st + j * Q_TILE + i, _mm256_setzero_ps());
+        const __m256 r = exp_lanes(_mm256_sub_ps(old, top));
+        _mm256_storeu_ps(rescale + i, r);
+        _mm256_storeu_ps(t->top + i, top);
+        _mm256_storeu_ps(t->sum + i, _mm256_fmadd_ps(_mm256_loadu_ps(t->sum + i), r, sum));
+    }
+#endif
+    for (; i < Q_TILE; i++) {
+        const int64_t seen = i < nq ? first + i - k0 + 1 : 0; /* keys of this tile query i sees */
+        const int m = (int)(seen < n ? (seen > 0 ? seen : 0) : n);
+        float top = t->top[i], sum = 0.f;
+        for (int j = 0; j < m; j++) top = fmaxf(top, t->st[j * Q_TILE + i]);
+        for (int j = 0; j < K_TILE; j++) {
+            float *s = t->st + j * Q_TILE + i;
+            sum += *s = j < m ? expf(*s - top) : 0.f;
+        }
+        rescale[i] = expf(fmaxf(t->top[i] - top, -87.f));
+        t->top[i] = top, t->sum[i] = t->sum[i] * rescale[i] + sum;
+    }
+    for (i = 0; i < nq; i++)
+        if (rescale[i] != 1.f)
+            for (int64_t d = 0; d < hd; d++) t->o[i * hd + d] *= rescale[i];
+}
+
+/* O rows [0, Q_TILE) += P rows . V (n keys, rows ld apart), P = S^T's columns. AVX2: 6 queries x 16 columns a
+ * step, 12 sums in registers; the columns past the last 16 one at a time. */
+static void tile_values(Tiles *t, const float *v, int64_t ld, int n, int64_t hd) {
+    int64_t cols16 = 0;
+#ifdef GEN_AVX2_FMA
+    cols16 = hd / 16 * 16;
+    for (int i = 0; i < Q_TILE; i += 6)
+        for (int64_t c = 0; c < cols16; c += 16) {
+            __m256 acc[6][2];
+            for (int r = 0; r < 6; r++) {
+                acc[r][0] = _mm256_loadu_ps(t->o + (i + r) * hd + c);
+                acc[r][1] = _mm256_loadu_ps(t->o + (i + r) * hd + c + 8);
+            }
+            for (int j = 0; j < n; j++) {
+                const __m256 v0 = _mm256_loadu_ps(v + j * ld + c), v1 = _mm256_loadu_ps(v + j * ld + c + 8);
+#pragma GCC unroll 6
+                for (int r = 0; r < 6; r++) {
+                    const __m256 p = _mm256_broadcast_ss(t->st + j * Q_TILE + i + r);
+                    acc[r][0] = _mm256_fmadd_ps(p, v0, acc[r][0]);
+                    acc[r][1] = _mm256_fmadd_ps(p, v1, acc[r][1]);
+                }
+            }
+            for (int r = 0; r < 6; r++) {
+                _mm256_storeu_ps(t->o + (i + r) * hd + c, acc[r][0]);
+                _mm256_storeu_ps(t->o + (i + r) * hd + c + 8, acc[r][1]);
+            }
+        }
+#endif
+    for (int i = 0; i < Q_TILE; i++)
+        for (int j = 0; j < n; j++) {
+            const float p = t->st[j * Q_TILE + i];
+            for (int64_t c = cols16; c < hd; c++) t->o[i * hd + c] += p * v[j * ld + c];
+        }
+}
+
+/* One work item: queries [q0, q0 + nq) of one head (positions start + q0 ...) against one KV head. */
+static void query_tile(Tiles *t, const float *q, int64_t q_ts, const float *k, const float *v, int64_t kv_ts,
+                       float *o, int64_t o_ts, int64_t q0, int nq, int64_t start, int64_t hd, float scale) {
+    for (int64_t d = 0; d < hd; d++)
+        for (int i = 0; i < Q_TILE; i++) t->qt[d * Q_TILE + i] = i < nq ? q[(q0 + i) * q_ts + d] * scale : 0.f;
+    memset(t->o, 0, (size_t)(Q_TILE * hd) * sizeof(float));
+    for (int i = 0; i < Q_TILE; i++) t->top[i] = i < nq ? -INFINITY : 0.f, t->sum[i] = 0.f;
+    const int64_t first = start + q0, end = first + nq; /* the tile's first query position; keys [0, end) */
+    for (int64_t k0 = 0; k0 < end; k0 += K_TILE) {
+        const int n = (int)(end - k0 < K_TILE ? end - k0 : K_TILE);
+        tile_scores(t, k + k0 * kv_ts, kv_ts, n, hd);
+        tile_softmax(t, k0, n, first, nq, hd);
+        tile_values(t, v + k0 * kv_ts, kv_ts, n, hd);
+    }
+    for (int i = 0; i < nq; i++) {
+        const float inv = 1.f / t->sum[i];
+        for (int64_t d = 0; d < hd; d++) o[(q0 + i) * o_ts + d] = t->o[i * hd + d] * inv;
+    }
+}
+
+/* o = softmax(q k^T scale, causal) v for B sequences of T queries at positions start .. start + T - 1 and H
+ * query heads, over start + T keys of Hkv heads (query head h reads KV head h / (H / Hkv)). Strides in floats:
+ * *_bs per sequence, *_hs per head, *_ts per token; each head's hd elements contiguous. Returns 0, or -1 when
+ * hd is past HD_MAX, H not a multiple of Hkv, or memory runs out. */
+int64_t gen_causal_attention(const float *q, int64_t q_bs, int64_t q_hs, int64_t q_ts, const float *k, const float *v,
+                             int64_t kv_bs, int64_t kv_hs, int64_t kv_ts, float *o, int64_t o_bs, int64_t o_hs,
+                             int64_t o_ts, int64_t B, int64_t H, int64_t Hkv, int64_t T, int64_t start, int64_t hd,
+                             float scale, int64_t n_threads) {
+    if (hd <= 0 || hd > HD_MAX || Hkv <= 0 || H % Hkv || start < 0) return -1;
+    const int64_t tiles = (T + Q_TILE - 1) / Q_TILE, items = B * H * tiles, group = H / Hkv;
+    int failed = 0;
+#pragma omp parallel num_threads(n_threads) reduction(| : failed)
+    {
+        Tiles *t = aligned_alloc(64, (sizeof(Tiles) + 63) / 64 * 64);
+        failed = !t;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t it = 0; it < items; it++) {
+            if (!t) continue;
+            const int64_t tile = tiles - 1 - it % tiles, bh = it / tiles, b = bh / H, h = bh % H;
+            const int64_t q0 = tile * Q_TILE, nq = T - q0 < Q_TILE ? T - q0 : Q_TILE;
+            const int64_t kv = b * kv_bs + h / group * kv_hs;
+            query_tile(t, q + b * q_bs + h * q_hs, q_ts, k + kv, v + kv, kv_ts, o + b * o_bs + h * o_hs, o_ts, q0,
+                       (int)nq, start, hd, scale);
+        }
+        free(t);
+    }
+    return failed ? -1 : 0;
+}
