@@ -1,5 +1,6 @@
-"""`gen bench attention`: eager attention (the B·h·n² scores materialized) against fused (SDPA's tiled
-online-softmax kernel), prefill and training step time and peak memory against sequence length.
+"""`gen bench attention`: eager attention (the B·h·n² scores materialized) against fused (a tiled
+online-softmax kernel: gen's C kernel for CPU prompts, PyTorch's SDPA elsewhere, and SDPA alone as `sdpa`),
+prefill and training step time and peak memory against sequence length.
 
 Every (impl, length, phase) runs in its own `python -m gen_cli.lab.attn_bench` process, so each peak RSS is
 its own (freed memory stays in the allocator); impls alternate at each length so drift hits both alike.
@@ -21,7 +22,9 @@ from gen_cli.errors import GenError
 
 PREFILL_LENGTHS = (256, 512, 1024, 2048, 4096, 8192)
 TRAIN_LENGTHS = (256, 512, 1024, 2048)  # eager keeps n_layer score matrices for backward: 4.8 GB at 4k (small)
-IMPLS = ("eager", "fused")
+# fused: what `gen generate` runs (gen's C kernel for CPU prompts where it builds, else SDPA); sdpa: fused with
+# PyTorch's SDPA only, prefill only (training's fused is SDPA already): the kernel against PyTorch's, side by side
+IMPLS = ("eager", "fused", "sdpa")
 SEED = 1234
 # glibc keeps freed blocks under its (growing, up to 32 MiB) mmap threshold in its heap, so a process's peak RSS
 # counts memory it no longer uses (85 MB of fused's 137 MB at 4k tokens, small preset). A fixed threshold
@@ -62,14 +65,23 @@ def score_bytes(batch: int, n_head: int, tokens: int, bytes_per_element: int) ->
     return batch * n_head * tokens * tokens * bytes_per_element
 
 
-def _kernel(model: Any, vocab: int) -> str:
-    """The attention kernel one short causal forward runs, as torch's profiler names it."""
+def _kernel(model: Any, vocab: int, tokens: int) -> str:
+    """The attention kernel a causal forward of `tokens` runs (one of at most KERNEL_MIN_QUERIES tokens, the
+    same choice): gen's, or SDPA's as torch's profiler names it."""
     import torch
     from torch.profiler import profile
 
-    ids = torch.randint(0, vocab, (1, 64))
+    from gen_cli.model.attention import KERNEL_MIN_QUERIES
+
+    kernel, calls = model.causal_kernel, []
+    if kernel is not None:
+        model.causal_kernel = lambda *args: calls.append(1) or kernel(*args)
+    ids = torch.randint(0, vocab, (1, min(tokens, KERNEL_MIN_QUERIES)))
     with torch.no_grad(), profile() as prof:
         model(ids)
+    model.causal_kernel = kernel
+    if calls:
+        return "gen_causal_attention (gen's C kernel)"
     keys = sorted(e.key for e in prof.key_averages() if e.key.startswith("aten::_scaled_dot_product"))
     return ", ".join(k.removeprefix("aten::") for k in keys) or "matmul + in-place softmax (no SDPA)"
 
@@ -97,8 +109,12 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     n, batch, phase, impl = spec["tokens"], spec.get("batch", 1), spec["phase"], spec["impl"]
     model = random_model(config)
     grow_context(model, n + 1)  # RoPE rows past the trained context (the position tables only)
-    set_attention_impl(model, impl)
-    kernel = _kernel(model, config.vocab_size)
+    set_attention_impl(model, "fused" if impl == "sdpa" else impl)
+    if impl == "fused" and phase == "prefill":
+        from gen_cli.native.prompt_attention import use_prompt_attention
+
+        use_prompt_attention(model)  # as optimize_for_decode does for `gen generate`
+    kernel = _kernel(model, config.vocab_size, n)
     ids = torch.randint(0, config.vocab_size, (batch, n + 1), generator=torch.Generator().manual_seed(SEED))
     if phase == "train":
         model.train()
@@ -190,7 +206,7 @@ def bench_attention(
     points = []
     jobs = [("prefill", n) for n in prefill_lengths] + [("train", n) for n in train_lengths]
     for phase, n in jobs:
-        for impl in impls:
+        for impl in (i for i in impls if phase == "prefill" or i != "sdpa"):
             if on_step:
                 on_step(f"{phase} {impl} {n}")
             spec = {"preset": preset, "phase": phase, "impl": impl, "tokens": n, "batch": batch}
@@ -215,6 +231,8 @@ def summary(points: list[Point]) -> list[dict[str, Any]]:
             row["speedup"] = row["eager_s"] / row["fused_s"]
             row["peak_ratio"] = row["eager_peak_bytes"] / max(row["fused_peak_bytes"], 1)
             row["growth_over_analytic"] = (row["eager_peak_bytes"] - row["fused_peak_bytes"]) / row["analytic_bytes"]
+        if "sdpa_s" in row and "fused_s" in row:
+            row["sdpa_over_fused"] = row["sdpa_s"] / row["fused_s"]
     return list(rows.values())
 
 
