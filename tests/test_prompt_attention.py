@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from gen_cli.infer.generate import new_cache, prefill
 from gen_cli.infer.optimize import optimize_for_decode
+from gen_cli.model import attention
 from gen_cli.model.attention import causal_mask, eager_attention
 from gen_cli.model.transformer import Transformer, set_attention_impl
 from gen_cli.native import build
@@ -80,7 +81,9 @@ def _model() -> Transformer:
     return model
 
 
-def test_a_prefill_runs_the_kernel_and_gives_the_models_logits():
+@pytest.mark.parametrize("most", [2048, 149])  # as measured; then a chunk of 150 past the most it takes
+def test_a_prefill_runs_the_kernel_and_gives_the_models_logits(most, monkeypatch):
+    monkeypatch.setattr(attention, "KERNEL_QUERIES", (128, most))
     model, ids = _model(), torch.randint(0, 300, (2, 300), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = model(ids)  # SDPA, no cache
@@ -97,7 +100,8 @@ def test_a_prefill_runs_the_kernel_and_gives_the_models_logits():
         cache = new_cache(model, ids, 4)
         # A prompt, then a chunk after it (the causal mask shifted by the prefix), then one that is too short
         got = torch.cat([model(ids[:, :150], cache), model(ids[:, 150:290], cache), model(ids[:, 290:], cache)], 1)
-    assert calls == [150, 150, 140, 140]  # both layers, both long chunks; 10 queries went to SDPA
+    # both layers of each chunk the kernel takes; 10 queries (and 150 past `most`) went to SDPA
+    assert calls == ([150, 150] if most >= 150 else []) + [140, 140]
     torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-5)
     set_attention_impl(model, "eager")  # eager stays eager
     calls.clear()

@@ -66,17 +66,18 @@ def score_bytes(batch: int, n_head: int, tokens: int, bytes_per_element: int) ->
 
 
 def _kernel(model: Any, vocab: int, tokens: int) -> str:
-    """The attention kernel a causal forward of `tokens` runs (one of at most KERNEL_MIN_QUERIES tokens, the
-    same choice): gen's, or SDPA's as torch's profiler names it."""
+    """The attention kernel a causal forward of `tokens` runs, from a shorter forward that makes the same
+    choice: gen's, or SDPA's as torch's profiler names it."""
     import torch
     from torch.profiler import profile
 
-    from gen_cli.model.attention import KERNEL_MIN_QUERIES
+    from gen_cli.model.attention import KERNEL_QUERIES, kernel_takes
 
     kernel, calls = model.causal_kernel, []
     if kernel is not None:
         model.causal_kernel = lambda *args: calls.append(1) or kernel(*args)
-    ids = torch.randint(0, vocab, (1, min(tokens, KERNEL_MIN_QUERIES)))
+    probe = KERNEL_QUERIES[0] if kernel_takes(tokens) else min(tokens, 64)
+    ids = torch.randint(0, vocab, (1, probe))
     with torch.no_grad(), profile() as prof:
         model(ids)
     model.causal_kernel = kernel
