@@ -92,17 +92,22 @@ def test_a_prefill_runs_the_kernel_and_gives_the_models_logits(most, monkeypatch
     calls = []
 
     def counted(*args):
+        y = causal_attention(*args)
+        assert y is not None  # it ran, SDPA did not
         calls.append(args[0].shape[2])
-        return causal_attention(*args)
+        return y
 
     model.causal_kernel = counted
     with torch.inference_mode():
         cache = new_cache(model, ids, 4)
         # A prompt, then a chunk after it (the causal mask shifted by the prefix), then one that is too short
         got = torch.cat([model(ids[:, :150], cache), model(ids[:, 150:290], cache), model(ids[:, 290:], cache)], 1)
+        # without a cache k and v are views of the projections, with strides of their own
+        uncached = model(ids[:, :150])
     # both layers of each chunk the kernel takes; 10 queries (and 150 past `most`) went to SDPA
-    assert calls == ([150, 150] if most >= 150 else []) + [140, 140]
+    assert calls == ([150, 150] if most >= 150 else []) + [140, 140] + ([150, 150] if most >= 150 else [])
     torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-5)
+    torch.testing.assert_close(uncached, want[:, :150], atol=5e-5, rtol=1e-5)
     set_attention_impl(model, "eager")  # eager stays eager
     calls.clear()
     with torch.inference_mode():

@@ -75,13 +75,19 @@ def _kernel(model: Any, vocab: int, tokens: int) -> str:
 
     kernel, calls = model.causal_kernel, []
     if kernel is not None:
-        model.causal_kernel = lambda *args: calls.append(1) or kernel(*args)
+
+        def counted(*args: Any) -> Any:
+            y = kernel(*args)
+            calls.append(y is not None)  # None: it declined, SDPA ran
+            return y
+
+        model.causal_kernel = counted
     probe = KERNEL_QUERIES[0] if kernel_takes(tokens) else min(tokens, 64)
     ids = torch.randint(0, vocab, (1, probe))
     with torch.no_grad(), profile() as prof:
         model(ids)
     model.causal_kernel = kernel
-    if calls:
+    if any(calls):
         return "gen_causal_attention (gen's C kernel)"
     keys = sorted(e.key for e in prof.key_averages() if e.key.startswith("aten::_scaled_dot_product"))
     return ", ".join(k.removeprefix("aten::") for k in keys) or "matmul + in-place softmax (no SDPA)"

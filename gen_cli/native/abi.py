@@ -254,8 +254,7 @@ def bind(lib: ctypes.CDLL) -> str | None:
     lib.gen_block_repack.restype = ctypes.c_int64
     lib.gen_openmp.argtypes, lib.gen_openmp.restype = [], ctypes.c_int64
     strides = [ctypes.c_int64] * 3  # per sequence, per head, per token
-    lib.gen_causal_attention.argtypes = [ctypes.c_void_p, *strides, ctypes.c_void_p, ctypes.c_void_p, *strides]
-    lib.gen_causal_attention.argtypes += [ctypes.c_void_p, *strides, *[ctypes.c_int64] * 6, ctypes.c_float]
-    lib.gen_causal_attention.argtypes += [ctypes.c_int64]
+    tensor = [ctypes.c_void_p, *strides]
+    lib.gen_causal_attention.argtypes = [*tensor * 4, *[ctypes.c_int64] * 6, ctypes.c_float, ctypes.c_int64]
     lib.gen_causal_attention.restype = ctypes.c_int64
     return None

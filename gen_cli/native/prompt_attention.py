@@ -32,7 +32,6 @@ def causal_attention(
         or any(t.device.type != "cpu" or t.dtype != torch.float32 or t.stride(-1) != 1 for t in (q, k, v))
         or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
         or k.shape != v.shape
-        or k.stride() != v.stride()
         or k.shape[2] != start + T
         or k.shape[-1] != hd
     ):
@@ -40,7 +39,8 @@ def causal_attention(
     out = torch.empty(B, T, H, hd)  # (B, T, n_head, hd): the layout the output projection reads, no copy
     failed = lib.gen_causal_attention(
         q.data_ptr(), q.stride(0), q.stride(1), q.stride(2),
-        k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1), k.stride(2),
+        k.data_ptr(), k.stride(0), k.stride(1), k.stride(2),
+        v.data_ptr(), v.stride(0), v.stride(1), v.stride(2),
         out.data_ptr(), out.stride(0), out.stride(2), out.stride(1),
         B, H, k.shape[1], T, start, hd, scale if scale is not None else 1 / math.sqrt(hd), torch.get_num_threads(),
     )  # fmt: skip
