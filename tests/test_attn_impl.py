@@ -224,7 +224,7 @@ def test_bench_attention_cli_measures_each_point_in_its_own_process():
     prefill = {("prefill", impl, n) for impl in ("eager", "fused", "sdpa") for n in (40, 130)}
     assert set(points) == prefill | {("train", "eager", 24), ("train", "fused", 24)}  # sdpa: prefill only
     flash = "_scaled_dot_product_flash_attention_for_cpu"
-    # gen's kernel within KERNEL_QUERIES (where it builds), SDPA below and as `sdpa`
+    # gen's kernel from KERNEL_MIN_QUERIES queries (where it builds), SDPA below and as `sdpa`
     assert points["prefill", "fused", 130]["kernel"] == (
         "gen_causal_attention (gen's C kernel)" if native.native_status() == "ready" else flash
     )

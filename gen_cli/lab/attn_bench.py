@@ -71,7 +71,7 @@ def _kernel(model: Any, vocab: int, tokens: int) -> str:
     import torch
     from torch.profiler import profile
 
-    from gen_cli.model.attention import KERNEL_QUERIES, kernel_takes
+    from gen_cli.model.attention import KERNEL_MIN_QUERIES
 
     kernel, calls = model.causal_kernel, []
     if kernel is not None:
@@ -82,8 +82,7 @@ def _kernel(model: Any, vocab: int, tokens: int) -> str:
             return y
 
         model.causal_kernel = counted
-    probe = KERNEL_QUERIES[0] if kernel_takes(tokens) else min(tokens, 64)
-    ids = torch.randint(0, vocab, (1, probe))
+    ids = torch.randint(0, vocab, (1, min(tokens, KERNEL_MIN_QUERIES)))
     with torch.no_grad(), profile() as prof:
         model(ids)
     model.causal_kernel = kernel

@@ -31,16 +31,10 @@ Rows = tuple[torch.Tensor, torch.Tensor]  # cos and signed sin rows, each (n, he
 CausalKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, "float | None"], "torch.Tensor | None"]
 
 ATTENTION_IMPLS = ("fused", "eager")  # the first is the default
-# A plan's causal kernel (gen's C kernel on the CPU) runs for this many queries (2-core AVX2 machine, against
-# SDPA): from 128, since it takes queries 48 at a time and fewer after a long prefix leave its tiles mostly
-# empty (1-64 queries over 1,000 cached keys ran 1.1-9x slower; 512 ran 1.5x faster); up to 2,048, since past
-# that PyTorch's kernel skips masked key tiles too and its GEMMs ran level or faster (0.83-1.27x at 4k-8k).
-KERNEL_QUERIES = (128, 2048)
-
-
-def kernel_takes(queries: int) -> bool:
-    """Whether a plan's causal kernel runs for a forward of `queries` queries (SDPA otherwise)."""
-    return KERNEL_QUERIES[0] <= queries <= KERNEL_QUERIES[1]
+# A plan's causal kernel (gen's C kernel on the CPU) runs from this many queries: it takes queries 48 at a
+# time, so fewer after a long prefix leave its tiles mostly empty (1-64 queries over 1,000 cached keys ran
+# 1.2-10x slower than SDPA; 512 ran 1.5x faster, 2-core AVX2 machine).
+KERNEL_MIN_QUERIES = 128
 
 
 @dataclass(slots=True)
@@ -167,7 +161,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPla
             q = q_main
     if plan.impl == "eager":
         return eager_attention(q, k, v, plan.mask, plan.is_causal, scale)
-    if plan.kernel is not None and plan.causal_start is not None and kernel_takes(q.shape[2]):
+    if plan.kernel is not None and plan.causal_start is not None and q.shape[2] >= KERNEL_MIN_QUERIES:
         y = plan.kernel(q, k, v, plan.causal_start, scale)
         if y is not None:
             return y

@@ -1,12 +1,12 @@
 """A prompt's causal attention on gen's C kernel (prompt_attention.c): the `fused` implementation on the CPU.
 
-PyTorch's CPU flash kernel takes keys 512 at a time, so up to about 1k tokens it computes a causal prompt's
-masked half too; gen's kernel reads only the key tiles up to each query tile's last position. Measured on
-the 2-core AVX2 machine (fp32, 2 threads, against `F.scaled_dot_product_attention(is_causal=True)`): 1.6-1.9x
-at 512 tokens, 1.2-1.5x at 1-2k, on 9 heads of 64 over 3 KV heads and 32 of 64 over 8; past 2k PyTorch's
-kernel skips masked tiles too and the two ran level (0.83-1.27x), so the model runs it only for the query
-counts model.attention.KERNEL_QUERIES names. `Transformer.causal_kernel` is `causal_attention` once
-`use_prompt_attention(model)` (from optimize_for_decode) sets it.
+PyTorch's CPU flash kernel takes keys 512 at a time, so up to 512 tokens it computes a causal prompt's
+masked half too; gen's kernel reads only the key tiles up to each query tile's last position, with 6 x 16
+register tiles in its products. Measured on the 2-core AVX2 machine (fp32, 2 threads, against
+`F.scaled_dot_product_attention(is_causal=True)`, heads of 64 and 128, GQA and MHA): 1.58-1.84x at 512
+tokens, 1.02-1.77x at 1-2k, 1.13-1.46x at 4-8k. `Transformer.causal_kernel` is `causal_attention` once
+`use_prompt_attention(model)` (from optimize_for_decode) sets it; the model calls it from
+model.attention.KERNEL_MIN_QUERIES queries.
 """
 
 from __future__ import annotations
