@@ -117,16 +117,17 @@ def plan_attention(
         # Keys 0 … end-1 in order and nobody out of reach: plain causal attention. A fresh sequence uses
         # SDPA's own mask and a single new token, which sees every key, none (no tensors built per step);
         # a chunk after a cached prefix needs the causal mask shifted by start (is_causal aligns top-left).
-        if slopes is None and (T == 1 or start == 0):
-            plan.is_causal = T > 1
-        elif slopes is None:
-            plan.mask = causal_mask(start, T, device)  # (T, end)
-        if slopes is None:
-            plan.causal_start = start
-        else:
+        # A causal kernel needs neither: it is told where the queries start.
+        if slopes is not None:
             # The bias depends on query − key distance; built in fp32 (slopes exact), then the compute dtype.
             q_pos, k_pos = torch.arange(start, end, device=device), torch.arange(end, device=device)
             plan.mask = alibi_bias(slopes, q_pos, k_pos).to(dtype)  # (H, T, end)
+            return plan
+        plan.causal_start = start
+        if T == 1 or start == 0:
+            plan.is_causal = T > 1
+        else:
+            plan.mask = causal_mask(start, T, device)  # (T, end)
         return plan
     q_pos = torch.arange(start, end, device=device)
     k_pos = at.keys if at.keys is not None else torch.arange(end, device=device)
