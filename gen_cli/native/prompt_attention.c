@@ -27,26 +27,6 @@ typedef struct {
     float qt[HD_MAX * Q_TILE], st[K_TILE * Q_TILE], o[Q_TILE * HD_MAX], top[Q_TILE], sum[Q_TILE];
 } Tiles;
 
-#ifdef GEN_AVX2_FMA
-/* e^x for x <= 0, 8 lanes: x = n ln2 + r, a degree-7 polynomial in r, 2^n in the exponent bits (attention.h's
- * exp8, whose header this file does not include). Clamped at -87: no subnormal 2^n. */
-static inline __m256 exp_lanes(__m256 x) {
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
-#endif
 
 /* S^T rows [0, n) = K rows (ld apart) . Q^T columns (hd terms each). AVX2: 6 keys x 16 queries a step, 12 sums
  * in registers (8 left FMA's latency uncovered); each step broadcasts 6 key elements against 2 vectors of Q^T. */
@@ -103,12 +83,12 @@ static void tile_softmax(Tiles *t, int64_t k0, int n, int64_t first, int nq, int
         __m256 sum = _mm256_setzero_ps();
         for (int j = 0; j < n; j++) {
             const __m256 seen = _mm256_cmp_ps(_mm256_set1_ps((float)j), lim, _CMP_LE_OQ);
-            const __m256 e = _mm256_and_ps(exp_lanes(_mm256_sub_ps(_mm256_loadu_ps(t->st + j * Q_TILE + i), top)), seen);
+            const __m256 e = _mm256_and_ps(exp8(_mm256_sub_ps(_mm256_loadu_ps(t->st + j * Q_TILE + i), top)), seen);
             _mm256_storeu_ps(t->st + j * Q_TILE + i, e);
             sum = _mm256_add_ps(sum, e);
         }
         for (int j = n; j < K_TILE; j++) _mm256_storeu_ps(t->st + j * Q_TILE + i, _mm256_setzero_ps());
-        const __m256 r = exp_lanes(_mm256_sub_ps(old, top));
+        const __m256 r = exp8(_mm256_sub_ps(old, top));
         _mm256_storeu_ps(rescale + i, r);
         _mm256_storeu_ps(t->top + i, top);
         _mm256_storeu_ps(t->sum + i, _mm256_fmadd_ps(_mm256_loadu_ps(t->sum + i), r, sum));
