@@ -1,7 +1,7 @@
 /* Causal attention of a prompt (gen_cli/native/prompt_attention.py): T queries at positions start .. start + T - 1
  * over keys 0 .. start + T - 1, tiled with an online softmax so the scores never exist beyond one tile.
  *
- * PyTorch's CPU flash kernel splits keys 512 at a time, so below 1k tokens it computes every masked score of a
+ * PyTorch's CPU flash kernel splits keys 512 at a time, so up to 512 tokens it computes every masked score of a
  * causal prompt too: at 512 tokens it costs what full attention costs. Here a tile of Q_TILE queries reads only
  * the K_TILE-key tiles up to its last query's position, so a prompt computes about half the scores.
  *
@@ -26,7 +26,6 @@ enum { Q_TILE = 48, K_TILE = 48, HD_MAX = 256 }; /* Q_TILE: whole 6-row and 16-l
 typedef struct {
     float qt[HD_MAX * Q_TILE], st[K_TILE * Q_TILE], o[Q_TILE * HD_MAX], top[Q_TILE], sum[Q_TILE];
 } Tiles;
-
 
 /* S^T rows [0, n) = K rows (ld apart) . Q^T columns (hd terms each). AVX2: 6 keys x 16 queries a step, 12 sums
  * in registers (8 left FMA's latency uncovered); each step broadcasts 6 key elements against 2 vectors of Q^T. */
@@ -168,9 +167,7 @@ static void query_tile(Tiles *t, const float *q, int64_t q_ts, const float *k, i
 }
 
 /* This thread's tiles, allocated on its first call and kept (NULL when memory runs out): a prompt calls the
- * kernel once per layer, and a fresh 100 KB each time cost a mapping and its page faults per call where
- * glibc maps such blocks (a prefill of 256 tokens ran 1.2x slower than SDPA's with MALLOC_MMAP_THRESHOLD_=64K,
- * 1.2x faster without). */
+ * kernel once per layer, and malloc may map a block of this size afresh, page faults and all, on every call. */
 static Tiles *thread_tiles(void) {
     static _Thread_local Tiles *tiles;
     if (!tiles) tiles = aligned_alloc(64, (sizeof(Tiles) + 63) / 64 * 64);
