@@ -27,29 +27,39 @@ typedef struct {
     float qt[HD_MAX * Q_TILE], st[K_TILE * Q_TILE], o[Q_TILE * HD_MAX], top[Q_TILE], sum[Q_TILE];
 } Tiles;
 
-/* S^T rows [0, n) = K rows (ld apart) . Q^T columns (hd terms each). AVX2: 6 keys x 16 queries a step, 12 sums
- * in registers (8 left FMA's latency uncovered); each step broadcasts 6 key elements against 2 vectors of Q^T. */
+#ifdef GEN_AVX2_FMA
+/* c rows r < 6 (c_r apart), 16 columns (+)= sum_p a[r a_r + p a_p] b[p b_p .. + 16) over np terms: both products'
+ * step, 12 sums in registers (8 left FMA's latency uncovered), each term 6 broadcasts against 2 vectors of b. */
+GEN_ALWAYS_INLINE void fma_6x16(const float *a, int64_t a_r, int64_t a_p, const float *b, int64_t b_p, int64_t np,
+                                float *c, int64_t c_r, const int accumulate) {
+    __m256 acc[6][2];
+    for (int r = 0; r < 6; r++) {
+        acc[r][0] = accumulate ? _mm256_loadu_ps(c + r * c_r) : _mm256_setzero_ps();
+        acc[r][1] = accumulate ? _mm256_loadu_ps(c + r * c_r + 8) : _mm256_setzero_ps();
+    }
+    for (int64_t p = 0; p < np; p++) {
+        const __m256 b0 = _mm256_loadu_ps(b + p * b_p), b1 = _mm256_loadu_ps(b + p * b_p + 8);
+#pragma GCC unroll 6
+        for (int r = 0; r < 6; r++) {
+            const __m256 x = _mm256_broadcast_ss(a + r * a_r + p * a_p);
+            acc[r][0] = _mm256_fmadd_ps(x, b0, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(x, b1, acc[r][1]);
+        }
+    }
+    for (int r = 0; r < 6; r++) {
+        _mm256_storeu_ps(c + r * c_r, acc[r][0]);
+        _mm256_storeu_ps(c + r * c_r + 8, acc[r][1]);
+    }
+}
+#endif
+
+/* S^T rows [0, n) = K rows (ld apart) . Q^T columns (hd terms each). AVX2: 6 keys x 16 queries a step. */
 static void tile_scores(Tiles *t, const float *k, int64_t ld, int n, int64_t hd) {
     int j = 0;
 #ifdef GEN_AVX2_FMA
     for (; j + 6 <= n; j += 6)
-        for (int i = 0; i < Q_TILE; i += 16) {
-            __m256 acc[6][2];
-            for (int r = 0; r < 6; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-            for (int64_t d = 0; d < hd; d++) {
-                const __m256 q0 = _mm256_loadu_ps(t->qt + d * Q_TILE + i), q1 = _mm256_loadu_ps(t->qt + d * Q_TILE + i + 8);
-#pragma GCC unroll 6
-                for (int r = 0; r < 6; r++) {
-                    const __m256 kb = _mm256_broadcast_ss(k + (j + r) * ld + d);
-                    acc[r][0] = _mm256_fmadd_ps(kb, q0, acc[r][0]);
-                    acc[r][1] = _mm256_fmadd_ps(kb, q1, acc[r][1]);
-                }
-            }
-            for (int r = 0; r < 6; r++) {
-                _mm256_storeu_ps(t->st + (j + r) * Q_TILE + i, acc[r][0]);
-                _mm256_storeu_ps(t->st + (j + r) * Q_TILE + i + 8, acc[r][1]);
-            }
-        }
+        for (int i = 0; i < Q_TILE; i += 16)
+            fma_6x16(k + j * ld, ld, 1, t->qt + i, Q_TILE, hd, t->st + j * Q_TILE + i, Q_TILE, 0);
 #endif
     for (; j < n; j++) {
         float *s = t->st + j * Q_TILE;
@@ -111,32 +121,14 @@ static void tile_softmax(Tiles *t, int64_t k0, int n, int64_t first, int nq, int
 }
 
 /* O rows [0, Q_TILE) += P rows . V (n keys, rows ld apart), P = S^T's columns. AVX2: 6 queries x 16 columns a
- * step, 12 sums in registers; the columns past the last 16 one at a time. */
+ * step; the columns past the last 16 one at a time. */
 static void tile_values(Tiles *t, const float *v, int64_t ld, int n, int64_t hd) {
     int64_t cols16 = 0;
 #ifdef GEN_AVX2_FMA
     cols16 = hd / 16 * 16;
     for (int i = 0; i < Q_TILE; i += 6)
-        for (int64_t c = 0; c < cols16; c += 16) {
-            __m256 acc[6][2];
-            for (int r = 0; r < 6; r++) {
-                acc[r][0] = _mm256_loadu_ps(t->o + (i + r) * hd + c);
-                acc[r][1] = _mm256_loadu_ps(t->o + (i + r) * hd + c + 8);
-            }
-            for (int j = 0; j < n; j++) {
-                const __m256 v0 = _mm256_loadu_ps(v + j * ld + c), v1 = _mm256_loadu_ps(v + j * ld + c + 8);
-#pragma GCC unroll 6
-                for (int r = 0; r < 6; r++) {
-                    const __m256 p = _mm256_broadcast_ss(t->st + j * Q_TILE + i + r);
-                    acc[r][0] = _mm256_fmadd_ps(p, v0, acc[r][0]);
-                    acc[r][1] = _mm256_fmadd_ps(p, v1, acc[r][1]);
-                }
-            }
-            for (int r = 0; r < 6; r++) {
-                _mm256_storeu_ps(t->o + (i + r) * hd + c, acc[r][0]);
-                _mm256_storeu_ps(t->o + (i + r) * hd + c + 8, acc[r][1]);
-            }
-        }
+        for (int64_t c = 0; c < cols16; c += 16)
+            fma_6x16(t->st + i, 1, Q_TILE, v + c, ld, n, t->o + i * hd + c, hd, 1);
 #endif
     for (int i = 0; i < Q_TILE; i++)
         for (int j = 0; j < n; j++) {

@@ -47,10 +47,8 @@ def causal_attention(
     return None if failed else out.transpose(1, 2)
 
 
-def use_prompt_attention(model: nn.Module) -> bool:
+def use_prompt_attention(model: nn.Module) -> None:
     """Compute `model`'s causal prompts with `causal_attention` under the `fused` implementation, when the
-    kernel builds here; whether it does."""
-    if isinstance(library(), str):
-        return False
-    model.causal_kernel = causal_attention
-    return True
+    kernel builds here."""
+    if not isinstance(library(), str):
+        model.causal_kernel = causal_attention
