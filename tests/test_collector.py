@@ -37,7 +37,9 @@ def test_pause_collects_rarely_until_a_model_is_open_then_freezes_it(restore_gc)
     assert gc.get_threshold() == usual and gc.get_freeze_count() > 0
     frozen = gc.get_freeze_count()
     open_model(None, EngineOptions(native=False))  # no pause in effect: nothing more frozen
-    assert gc.get_freeze_count() == frozen and gc.get_threshold() == usual
+    # A freeze would add every live object (hundreds of thousands here); frozen objects may still die by their
+    # refcount meanwhile (a full run once saw 2 fewer, a thread of an earlier test ending), so the count may fall.
+    assert gc.get_freeze_count() <= frozen and gc.get_threshold() == usual
 
 
 def test_the_start_ups_garbage_is_collected_not_frozen(restore_gc):
