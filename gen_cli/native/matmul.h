@@ -94,11 +94,12 @@ static void dot_f32_2xj(const float *w, const float *x, int64_t n, int J, float 
 /* fp32 rows against XT_MIN or more inputs on AVX2: the inputs transposed, so a vector holds one column of 8 or 16
  * of them, and each weight is broadcast from its row. The dot tile above ends in horizontal sums and fits no
  * more sums in AVX2's 16 registers: 41-57 GFLOP/s a core here, against 78-95 for these (Zen 3, 1536 x 576, 8 and
- * 32 inputs). But every weight costs a broadcast load whatever the lanes in use, so below 6 inputs the tile wins
- * (a 2-row speculative verify cost 1.48 decode steps this way). Lane l sums its row's products one column after
+ * 32 inputs). But every weight costs a broadcast load whatever the lanes in use, so below 9 inputs the tile wins
+ * (a 2-row speculative verify cost 1.48 decode steps this way; 6 rows of a 104M model 1.68, against 1.33 in one
+ * pass of the tile). Lane l sums its row's products one column after
  * another with fused multiply-adds (fmaf's rounding), so an input row gets the same bits in any batch of XT_MIN
  * or more. */
-enum { XT_MIN = 6, XT_ROWS = 24 }; /* the fewest inputs; the rows a thread takes at a time (6 x 4, 8 x 3) */
+enum { XT_MIN = 9, XT_ROWS = 24 }; /* the fewest inputs; the rows a thread takes at a time (6 x 4, 8 x 3) */
 
 /* Inputs [b0, b0 + lanes) of x (cols apart) -> xt[k * lanes + l], lanes past the batch zero. */
 static void xt_pack(const float *x, int64_t batch, int64_t cols, int64_t b0, int lanes, float *xt) {
@@ -569,11 +570,11 @@ static void matmul(const Model *m, const Matrix *w, const float *x, float *y, in
     for (int64_t r0 = 0; r0 < rows; r0 += ROW_BLOCK) {
         int64_t r1 = r0 + ROW_BLOCK < rows ? r0 + ROW_BLOCK : rows, b = 0;
 #if defined(GEN_AVX2_FMA) && !defined(GEN_AVX512)
-        /* Below XT_MIN inputs: all of them in one pass over the block (AVX2 fits 2 rows x 6 inputs' sums). A
-         * 2-5 row speculative verify read each block twice or more before. */
+        /* Below XT_MIN inputs: up to 6 in one pass over the block (AVX2 fits 2 rows x 6 inputs' sums), 7-8 in
+         * two even passes, the second from L1 (4 + 4 keeps 8 sums in flight where 6 + 2 would keep 4). */
         if (r1 - r0 == 4 && !int8)
-            for (int j = 0; b + 2 <= batch; b += j) {
-                j = batch - b < 6 ? (int)(batch - b) : 6;
+            for (int j = 0, passes = (int)((batch + 5) / 6); b + 2 <= batch; b += j, passes--) {
+                j = (int)((batch - b + passes - 1) / passes);
                 float v[4][6];
                 dot_f32_2xj((const float *)w->data + r0 * cols, x + b * cols, cols, j, v[0], 6);
                 dot_f32_2xj((const float *)w->data + (r0 + 2) * cols, x + b * cols, cols, j, v[2], 6);
