@@ -93,9 +93,9 @@ def run_driver(command: list[str], model: Transformer, tokens: list[int], tmp: P
 
 
 def compile_driver(cc: list[str], out: Path, openmp: bool) -> Path:
-    sources = [str(DRIVER), *map(str, sorted(NATIVE.glob("*.c")))]
     flags = ["-O2", "-std=c11", "-iquote", str(NATIVE), *(["-fopenmp"] if openmp else [])]
-    subprocess.run([*cc, *flags, *sources, "-o", str(out), "-lm"], check=True, capture_output=True, timeout=300)
+    done = build.compile_sources([*cc, *flags], [DRIVER, *sorted(NATIVE.glob("*.c"))], out, timeout=300)
+    assert done.returncode == 0, done.stderr
     return out
 
 

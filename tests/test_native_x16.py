@@ -156,13 +156,13 @@ def test_the_torch_path_of_an_interleaved_layer_is_the_stored_layers():
 
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="builds for plain x86-64 targets")
 @pytest.mark.parametrize("march", ["x86-64-v3", "x86-64-v2"])  # AVX2, then no vector ISA (portable C)
-def test_the_avx2_and_portable_paths_equal_the_native_one(march, fresh_library, monkeypatch, tmp_path):
+def test_the_avx2_and_portable_paths_equal_the_native_one(march, fresh_library, monkeypatch, kernel_builds):
     pairs = {q: _pair(q, 48, 512, seed=5) for q in QTYPES}
     layers = {q: packed for q, (_, packed) in pairs.items()}
     x = torch.randn(11, 512)
     want = {(q, act): block_matmul(x, layer, act) for q, layer in layers.items() for act in ("int8", "fp32")}
     tiles = {(q, bf16): _dequantize_native(layer, bf16) for q, layer in layers.items() for bf16 in (False, True)}
-    monkeypatch.setenv("GEN_HOME", str(tmp_path))
+    monkeypatch.setenv("GEN_HOME", str(kernel_builds))  # each -march builds once per session
     monkeypatch.setattr(build, "FLAGS", tuple(f"-march={march}" if f == "-march=native" else f for f in build.FLAGS))
     build.library.cache_clear()
     assert native.native_status() == "ready"
