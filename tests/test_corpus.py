@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import ast
+import inspect
 import io
+import json
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gen_cli.errors import GenError, UsageError
-from gen_cli.text.corpus import VAL_FRACTION, Corpus, _text_document
+from gen_cli.text.corpus import _DOCUMENTED, VAL_FRACTION, Corpus, _text_document, _walk_blocks
 
 
 @pytest.fixture(autouse=True)
@@ -102,3 +105,43 @@ def test_empty_corpus_is_refused(tmp_path):
     path.write_text("")
     with pytest.raises(UsageError, match="empty"):
         Corpus([str(path)]).require_text()
+
+
+NESTED = '''"""module"""
+import sys
+if sys.platform:
+    def a():
+        """a"""
+        class B:
+            """B"""
+            def c(self): "c"
+else:
+    try:
+        def d(): "d"
+    except ImportError:
+        def e(): "e"
+    finally:
+        async def f(): "f"
+match sys.argv:
+    case [x] if x:
+        class G: "G"
+def h(x=lambda: 0):
+    "h"
+    while x:
+        def i(): "i"
+    with open(x) as y:
+        def j(): "j"
+'''
+
+
+@pytest.mark.parametrize(
+    "source", [NESTED, inspect.getsource(json), inspect.getsource(ast)], ids=["nested", "json", "ast"]
+)
+def test_the_pruned_walk_finds_every_docstring_in_ast_walks_order(source):
+    tree = ast.parse(source)
+
+    def names(nodes):
+        return [getattr(n, "name", "module") for n in nodes if isinstance(n, _DOCUMENTED) and ast.get_docstring(n)]
+
+    want = names(ast.walk(tree))
+    assert names(_walk_blocks(tree)) == want and len(want) >= 5
