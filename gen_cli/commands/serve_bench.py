@@ -78,6 +78,16 @@ def bench_serve_command(
             show_default=False,
         ),
     ] = None,
+    speculate: Annotated[
+        str | None,
+        typer.Option(
+            "--speculate",
+            metavar="ngram[:K]",
+            help="Also each mode (but +rows) with prompt lookup, as gen serve --speculate runs it; the requests "
+            "then rewrite a given passage (its sentences reordered, then its start again) instead of random ids.",
+            show_default=False,
+        ),
+    ] = None,
     answer: MaxNewTokensOrNone = None,  # 8-64 at random on the scheduler, 128 over HTTP and per --turns answer
     kv_dtype: KvDtype = None,  # the requests' caches in the scheduler's modes and the --batches rates
     device: Device = "auto",
@@ -105,6 +115,11 @@ def bench_serve_command(
         raise UsageError(
             f"unknown mode {', '.join(unknown) or modes!r}; choose from {', '.join(MODES)}, each also with +rows"
         )
+    from gen_cli.infer.proposers import serve_guesses
+
+    guesses = serve_guesses(speculate)
+    if guesses and (shared_prefix is not None or turns is not None):
+        raise UsageError("--speculate runs with the modes, not with --shared-prefix or --turns")
     sizes = _sizes(batches)
     if model_dir is not None and preset is not None:
         raise UsageError("give --model or --preset, not both")
@@ -147,7 +162,11 @@ def bench_serve_command(
         check_context(engine.model.config, 64, answer)  # the longest prompt of the workload, then the answer
     spec = CacheSpec(*(kv_kinds_of(kv_dtype, None, None) or (None, None)))
     spec.check(engine.model.config)
-    rows = summary(compare_modes(engine.model, clients, requests, rounds, chosen, new=answer, spec=spec))
+    if guesses and engine.tokenizer is None:
+        raise UsageError("--speculate rewrites a passage of text: this model has no tokenizer", params=("speculate",))
+    runs = compare_modes(engine.model, clients, requests, rounds, chosen, new=answer, spec=spec, speculate=guesses,
+                         encode=engine.encode if guesses else None)  # fmt: skip
+    rows = summary(runs)
     rates = batch_rates(engine.model, sizes, rounds=rounds, spec=spec) if sizes else []
     http_rows: list[dict[str, float | str]] = []
     if llama_server is not None and model_dir is not None:
@@ -165,10 +184,13 @@ def bench_serve_command(
         print_json({"modes": rows, "batches": [vars(r) for r in rates], "http": http_rows})
         return
     table = Table("mode", "tok/s", "range", "TTFT p50/p90/p99 ms", "inter-token p50/p90/p99 ms")
+    if guesses:
+        table.add_column("guesses kept")
     for r in rows:
+        kept = [f"{r['kept']:.0%} of {r['guesses']}" if r["kept"] is not None else "—"] if guesses else []
         table.add_row(str(r["mode"]), f"{r['tokens_per_s']:.1f}", f"{r['low']:.1f}–{r['high']:.1f}",
                       _p3(r, "ttft", ".0f"),
-                      _p3(r, "itl", ".1f"))  # fmt: skip
+                      _p3(r, "itl", ".1f"), *kept)  # fmt: skip
     for r in http_rows:
         table.add_row(f"{r['mode']} (http)", f"{r['tokens_per_s']:.1f}", f"{r['low']:.1f}–{r['high']:.1f}",
                       _p3(r, "ttft", ".0f"),

@@ -14,6 +14,12 @@ when the pool can promise every block it may need (else it waits in the queue), 
 blocks are shared instead of prefilled (`prefix_cache`), and its blocks go back to the pool when it ends.
 Every block a request fills, in prefill or decode, is indexed as soon as it is full, so that the next turn of a
 chat (this prompt + this answer + a new message) finds the answer's blocks too.
+
+With `speculate` K, each decoding request also feeds up to K prompt-lookup guesses (`NgramProposer`) as rows
+of its own cache in the same C call, verified as `gen generate --speculate` verifies them (greedy: the same
+ids as without; sampled: the target's distribution) and rolled back past the first rejected one. Guesses are
+made only while a step's decode rows stay within SPECULATE_ROWS: verifying them costs little while the weights'
+reads dominate, and full price once the products do (a batch of requests already fills those rows).
 """
 
 from __future__ import annotations
@@ -34,11 +40,16 @@ from gen_cli.errors import GenError, UsageError
 from gen_cli.infer.batch import Row, batched_step, native_rows, pick, prefill_chunk
 from gen_cli.infer.generate import model_dtype, new_cache
 from gen_cli.infer.options import SamplingConfig, check_lengths
+from gen_cli.infer.proposers import MAX_SPECULATE, NgramProposer
+from gen_cli.infer.speculative import verify_guesses
 from gen_cli.model.transformer import Transformer
 from gen_cli.native.decoder import MAX_BATCH
 from gen_cli.text.stream import TextStream
 
 MODES = ("continuous", "static", "single")
+# A step's decode rows, guesses included, past which no request guesses: a forward of up to 8 rows of one
+# sequence costs 1.0-1.7 decode steps on a 104M F32 model (AVX2, 2 threads), 16 rows 2-3.
+SPECULATE_ROWS = 8
 
 
 class QueueFull(GenError):
@@ -85,6 +96,7 @@ class _Running:
     reserved: int
     stream: TextStream | None
     logits: torch.Tensor | None = None  # (V,) after the prompt's last chunk, until its first token is picked
+    proposer: NgramProposer | None = None  # prompt lookup, when the scheduler speculates
 
 
 class Scheduler:
@@ -106,12 +118,20 @@ class Scheduler:
         kv_blocks: int | None = None,
         block_tokens: int = BLOCK_TOKENS,
         prefix_cache: bool = True,
+        speculate: int = 0,
     ) -> None:
         if mode not in MODES:
             raise UsageError(f"unknown scheduling mode {mode!r}; choose {', '.join(MODES)}", params=("mode",))
         for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("prefill_chunk", prefill_chunk)):
             if value < 1:
                 raise UsageError(f"{name} must be at least 1, got {value}", params=(name,))
+        if not 0 <= speculate <= MAX_SPECULATE:
+            raise UsageError(f"speculate takes 0 to {MAX_SPECULATE} guesses, got {speculate}", params=("speculate",))
+        if speculate and spec.window is not None:
+            raise UsageError(
+                "speculation rolls rejected guesses back out of the cache, which a window cache cannot do",
+                params=("speculate", "window"),
+            )
         spec.check(model.config)
         if kv_blocks is not None and spec.window is not None:
             raise UsageError("a paged KV cache keeps every token: it takes no window", params=("kv_blocks", "window"))
@@ -142,7 +162,9 @@ class Scheduler:
             )
             self.pool = BlockPool(model.config, kv_blocks, block_tokens, dtype, self.device, k_kind, v_kind)
         self.prefix_cache = prefix_cache
+        self.speculate = speculate
         self.steps = 0
+        self.proposed = self.accepted = 0  # guesses made and kept, over the scheduler's life
 
     def kv_bytes(self, request: Request) -> int:
         """The KV bytes a request's cache takes: prompt plus max_tokens slots, as the spec stores them."""
@@ -241,13 +263,15 @@ class Scheduler:
         not take these caches (or `by_row` runs each request through the single-sequence step)."""
         if self.by_row:
             return False
-        room = min(self.prefill_chunk, MAX_BATCH - len(decoding))
+        guesses = self._guesses(decoding)
+        own = [[r.row.ids[-1], *guesses.get(r, [])] for r in decoding]  # each decoding request's rows
+        room = min(self.prefill_chunk, MAX_BATCH - sum(map(len, own)))
         chunks: list[tuple[_Running, int]] = []  # (request, prompt tokens it feeds this step)
         for run in self._running:
             if run.row.pending and room > 0:
                 chunks.append((run, min(room, len(run.row.pending))))
                 room -= chunks[-1][1]
-        if not chunks:
+        if not chunks and not guesses:
             return False
         inner: list[tuple[_Running, int]] = []  # (request, token) rows whose logits nobody reads
         last: list[tuple[_Running, int]] = []  # each prompt's final token: its first pick's logits
@@ -256,7 +280,7 @@ class Scheduler:
             ends = take == len(run.row.pending)
             inner += [(run, t) for t in (fed[:-1] if ends else fed)]
             last += [(run, fed[-1])] if ends else []
-        rows = inner + last + [(r, r.row.ids[-1]) for r in decoding]  # a cache's rows stay in order
+        rows = inner + last + [(r, t) for r, ts in zip(decoding, own, strict=True) for t in ts]  # in cache order
         caches = [run.row.cache for run, _ in rows]
         native = native_rows(self.model, caches)
         if native is None:
@@ -267,8 +291,44 @@ class Scheduler:
         for (run, _), row_logits in zip(last, logits, strict=False):
             run.logits = row_logits
         if decoding:
-            self._take(decoding, logits[len(last) :])
+            self._take_verified(decoding, guesses, logits[len(last) :])
         return True
+
+    def _guesses(self, decoding: list[_Running]) -> dict[_Running, list[int]]:
+        """Each decoding request's prompt-lookup guesses this step (none found: absent), while the step's decode
+        rows stay within SPECULATE_ROWS and the guesses within the request's max_tokens."""
+        k = min(self.speculate, SPECULATE_ROWS // max(len(decoding), 1) - 1)
+        out: dict[_Running, list[int]] = {}
+        for run in decoding if k > 0 else []:
+            room = run.request.max_tokens - len(run.request.tokens) - 1  # the step adds one token beside them
+            if run.proposer is not None and room > 0:
+                found, _ = run.proposer.propose(run.row.ids, min(k, room), run.row.sampling, run.row.generator)
+                if found:
+                    out[run] = found
+        return out
+
+    def _take_verified(self, runs: list[_Running], guesses: dict[_Running, list[int]], logits: torch.Tensor) -> None:
+        """The tokens of a step whose decode rows may hold guesses: logits (rows, V), each request's row for its
+        last id, then one per guess. A request's kept guesses and the token after them are handed out one by
+        one, and its cache rolled back past the first rejected guess."""
+        plain: list[tuple[_Running, torch.Tensor]] = []
+        at = 0
+        for run in runs:
+            guessed = guesses.get(run, [])
+            rows, at = logits[at : at + 1 + len(guessed)], at + 1 + len(guessed)  # (1 + guesses, V)
+            if not guessed:
+                plain.append((run, rows[0]))
+                continue
+            row = run.row
+            kept, correction = verify_guesses(rows, row.ids, guessed, None, row.sampling, row.generator)
+            # The cache holds ids[:-1], the last id and every guess; keep up to the last kept guess.
+            row.cache.truncate(len(row.ids) + len(kept))
+            self.proposed, self.accepted = self.proposed + len(guessed), self.accepted + len(kept)
+            for token in (*kept, correction):
+                if self._take_one(run, token):
+                    break
+        if plain:
+            self._take([r for r, _ in plain], torch.stack([x for _, x in plain]))
 
     def run_until_idle(self, max_steps: int = 100_000) -> None:
         """Step until no request runs or waits (tests, benches)."""
@@ -318,29 +378,38 @@ class Scheduler:
         if self.tokenizer is not None:
             context = (request.ids[-1],)
             stream = TextStream(self.tokenizer, request.stop, stop_ids=request.stop_ids, context=context)
-        return _Running(request, row, need, stream)
+        proposer = None
+        if self.speculate:
+            proposer = NgramProposer()
+            proposer.start(request.ids, len(request.ids) + request.max_tokens)
+        return _Running(request, row, need, stream, proposer=proposer)
 
     def _take(self, runs: list[_Running], logits: torch.Tensor) -> None:
         """Pick each row's next token, hand it out, and end the rows that are done."""
         for run, token in zip(runs, pick(logits, [r.row for r in runs]), strict=True):
-            request = run.request
-            run.row.ids.append(token)
-            request.tokens.append(token)
-            self._index(run)
-            finish = None
-            if token in request.stop_ids:
-                finish = "stop"
-            text = ""
-            if run.stream is not None:
-                run.stream.push(token)
-                finish = "stop" if run.stream.done else finish
-                text = run.stream.take()
-            if finish is None and len(request.tokens) >= request.max_tokens:
-                finish = "length"
-            request.text += text
-            self._emit(request, Event(token, text))
-            if finish is not None:
-                self._leave(run, finish)
+            self._take_one(run, token)
+
+    def _take_one(self, run: _Running, token: int) -> bool:
+        """Hand out one picked token; True when the request ended with it."""
+        request = run.request
+        run.row.ids.append(token)
+        request.tokens.append(token)
+        self._index(run)
+        finish = None
+        if token in request.stop_ids:
+            finish = "stop"
+        text = ""
+        if run.stream is not None:
+            run.stream.push(token)
+            finish = "stop" if run.stream.done else finish
+            text = run.stream.take()
+        if finish is None and len(request.tokens) >= request.max_tokens:
+            finish = "length"
+        request.text += text
+        self._emit(request, Event(token, text))
+        if finish is not None:
+            self._leave(run, finish)
+        return finish is not None
 
     def _index(self, run: _Running) -> None:
         """Index a paged request's blocks that are now full (its prompt's after prefill, then one each

@@ -150,7 +150,7 @@ def plain_greedy(sampling: SamplingConfig) -> bool:
     return sampling.greedy and sampling.repetition_penalty == 1.0
 
 
-def _verify(
+def verify_guesses(
     rows: torch.Tensor,
     ids: list[int],
     guesses: list[int],
@@ -284,7 +284,7 @@ def speculative_run(
         stats.forward_s += forward_s
         if planner is not None:
             planner.measured(len(guesses) + 1, forward_s)
-        kept, correction = _verify(verify, ids, guesses, q, sampling, generator, argmax)
+        kept, correction = verify_guesses(verify, ids, guesses, q, sampling, generator, argmax)
         stats.rounds += 1
         stats.accepted += len(kept)
         # The cache holds ids[:L-1] + the fed token + every guess; keep up to the last kept guess.

@@ -33,6 +33,8 @@ class ServeRun:
     kv_analytic: int = 0  # at that step, the analytic minimum: distinct tokens held × bytes per token
     prompt_tokens: int = 0  # of the finished requests
     cached_tokens: int | None = 0  # of those, the ones served from the prefix cache (None: the server never said)
+    proposed: int = 0  # prompt-lookup guesses made (MODE+ngram), and of them kept
+    accepted: int = 0
 
     @property
     def tokens_per_s(self) -> float:
@@ -57,6 +59,23 @@ def workload(count: int, vocab: int, seed: int = 0, prompt: tuple[int, int] = (8
     return [([rng.randrange(vocab) for _ in range(rng.randint(*prompt))], rng.randint(*new)) for _ in range(count)]
 
 
+def grounded_workload(
+    encode: Callable[[str], list[int]], count: int, seed: int = 0, new: tuple[int, int] = (8, 64), limit: int = 10**9
+) -> list[Job]:
+    """`count` requests that rewrite a given passage (its sentences in a random order, then its start again), as
+    summarising or editing a text does: the continuation copies spans of the prompt, which prompt lookup guesses.
+    Prompts keep their last `limit` ids (room for the answer in a short context)."""
+    from gen_cli.lab.speculative_bench import PASSAGE
+
+    rng = random.Random(seed)
+    sentences = [s if s.endswith(".") else s + "." for s in PASSAGE.split(". ")]
+    jobs = []
+    for _ in range(count):
+        text = " ".join(rng.sample(sentences, len(sentences)))
+        jobs.append((encode(text + "\n\n" + text[:60])[-limit:], rng.randint(*new)))
+    return jobs
+
+
 def closed_loop(
     model: Transformer,
     mode: str,
@@ -66,16 +85,19 @@ def closed_loop(
     spec: CacheSpec = CacheSpec(),
     time_limit_s: float = 60.0,
     warm: list[int] | None = None,
+    speculate: int = 0,
     **paged: Any,
 ) -> ServeRun:
     """Run `jobs` from `clients` closed-loop clients under `mode` (`continuous+rows`: each row through the
-    single-sequence step, see `infer.batch.batched_step`); stops early past `time_limit_s`. `jobs`: a list
-    (the next one to whichever client is free) or each client's next job (`NextJob`). `paged`: the
-    scheduler's kv_blocks, block_tokens, prefix_cache; `warm`: a prompt run first, untimed (a cached prefix)."""
-    base, by_row = mode.removesuffix("+rows"), mode.endswith("+rows")
+    single-sequence step, see `infer.batch.batched_step`; `continuous+ngram`: `speculate` prompt-lookup guesses
+    per request); stops early past `time_limit_s`. `jobs`: a list (the next one to whichever client is free) or
+    each client's next job (`NextJob`). `paged`: the scheduler's kv_blocks, block_tokens, prefix_cache; `warm`: a
+    prompt run first, untimed (a cached prefix)."""
+    base, suffixes = mode.split("+")[0], mode.split("+")[1:]
     scheduler = Scheduler(
-        model, None, spec, max_batch or clients, max_queue=clients + 1, mode=base, by_row=by_row, **paged
-    )
+        model, None, spec, max_batch or clients, max_queue=clients + 1, mode=base, by_row="rows" in suffixes,
+        speculate=speculate if "ngram" in suffixes else 0, **paged,
+    )  # fmt: skip
     if warm is not None:
         scheduler.submit(Request(warm, 1))
         scheduler.run_until_idle()
@@ -122,6 +144,7 @@ def closed_loop(
         if scheduler.kv_in_use > run.kv_peak:
             run.kv_peak, run.kv_analytic = scheduler.kv_in_use, analytic_in_use(scheduler)
     run.seconds = time.perf_counter() - start
+    run.proposed, run.accepted = scheduler.proposed, scheduler.accepted
     return run
 
 
@@ -256,15 +279,23 @@ def compare_modes(
     seed: int = 0,
     new: int | None = None,
     spec: CacheSpec = CacheSpec(),
+    speculate: int = 0,
+    encode: Callable[[str], list[int]] | None = None,
 ) -> dict[str, list[ServeRun]]:
     """Every mode on the same workload, `rounds` times, interleaved (a busy machine's drift hits all); each
-    request asks for `new` tokens (None: 8-64 at random, at most a quarter of the context) into a cache of `spec`."""
+    request asks for `new` tokens (None: 8-64 at random, at most a quarter of the context) into a cache of `spec`.
+    With `speculate` guesses, every mode without +rows also runs as MODE+ngram, and the requests rewrite a
+    passage tokenized by `encode` (`grounded_workload`) instead of random ids."""
     answers = (new, new) if new is not None else (8, min(64, model.config.context_length // 4))
-    jobs = workload(count, model.config.vocab_size, seed, new=answers)
+    if speculate and encode is not None:
+        jobs = grounded_workload(encode, count, seed, answers, model.config.context_length - answers[1])
+        modes = tuple(m for mode in modes for m in (mode, *([f"{mode}+ngram"] if "+rows" not in mode else [])))
+    else:
+        jobs = workload(count, model.config.vocab_size, seed, new=answers)
     runs: dict[str, list[ServeRun]] = {m: [] for m in modes}
     for _ in range(rounds):
         for mode in modes:
-            runs[mode].append(closed_loop(model, mode, clients, jobs, spec=spec))
+            runs[mode].append(closed_loop(model, mode, clients, jobs, spec=spec, speculate=speculate))
     return runs
 
 
@@ -280,5 +311,7 @@ def summary(runs: dict[str, list[ServeRun]]) -> list[dict[str, float | str]]:
                      "itl_p50": itl[0], "itl_p90": itl[1], "itl_p99": itl[2],
                      "ttft_p50_runs": [r.percentiles("ttft_ms")[0] for r in done],
                      "kv_peak": middle.kv_peak, "kv_analytic": middle.kv_analytic,
-                     "prompt_tokens": middle.prompt_tokens, "cached_tokens": middle.cached_tokens})  # fmt: skip
+                     "prompt_tokens": middle.prompt_tokens, "cached_tokens": middle.cached_tokens,
+                     "guesses": middle.proposed,
+                     "kept": middle.accepted / middle.proposed if middle.proposed else None})  # fmt: skip
     return rows

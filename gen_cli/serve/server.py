@@ -49,6 +49,7 @@ class ServeOptions:
     drain_s: float = 5.0  # on shutdown, in-flight requests may finish within this; the rest are cancelled
     kv_blocks: int | None = None  # a paged KV pool of this many blocks: admission by free blocks, prefix sharing
     block_tokens: int = 16
+    speculate: int = 0  # prompt-lookup guesses per request and step (infer.scheduler); 0: none
 
 
 def served(engine: Engine, name: str, options: ServeOptions = ServeOptions()) -> Served:
@@ -58,7 +59,7 @@ def served(engine: Engine, name: str, options: ServeOptions = ServeOptions()) ->
     scheduler = Scheduler(
         engine.model, engine.tokenizer, options.cache, options.max_batch, options.kv_budget, options.max_queue,
         options.prefill_chunk, options.mode, by_row=options.by_row, kv_blocks=options.kv_blocks,
-        block_tokens=options.block_tokens,
+        block_tokens=options.block_tokens, speculate=options.speculate,
     )  # fmt: skip
     chat_ids = None
     template = engine.chat_template
