@@ -154,27 +154,16 @@ def test_bench_serve_adds_a_speculating_row_per_mode():
     from gen_cli.cli import app
 
     args = ["bench", "serve", "--preset", "tiny", "--requests", "2", "--rounds", "1", "--clients", "1", "-n", "8"]
-    result = CliRunner().invoke(
-        app, [*args, "--modes", "continuous,continuous+rows", "--speculate", "ngram:2", "--json"]
-    )
+    modes = ["--modes", "continuous,continuous+rows"]
+    result = CliRunner().invoke(app, [*args, *modes, "--prompt-lookup", "2", "--json"])
     assert result.exit_code == 0, result.output
     rows = {r["mode"]: r for r in json.loads(result.stdout)["modes"]}
-    assert set(rows) == {"continuous", "continuous+ngram", "continuous+rows"}  # +rows runs no C rows call to verify in
+    assert set(rows) == {"continuous", "continuous+lookup", "continuous+rows"}  # +rows has no C rows call to verify in
     assert rows["continuous"]["guesses"] == 0 and rows["continuous"]["kept"] is None
-    assert rows["continuous+ngram"]["guesses"] > 0 and 0 <= rows["continuous+ngram"]["kept"] <= 1
-    assert rows["continuous"]["prompt_tokens"] == rows["continuous+ngram"]["prompt_tokens"] > 2 * 40  # the passage
-    bad = CliRunner().invoke(app, [*args, "--speculate", "draft"])
-    assert bad.exit_code == 2 and "prompt lookup only" in bad.stderr
-
-
-@pytest.mark.parametrize(
-    ("value", "guesses"), [(None, 0), ("ngram", 4), ("ngram:7", 7), ("ngram:17", None), ("draft:2", None), ("x", None)]
-)
-def test_a_servers_speculate_flag(value, guesses):
-    from gen_cli.infer.proposers import serve_guesses
-
-    if guesses is None:
-        with pytest.raises(UsageError):
-            serve_guesses(value)
-    else:
-        assert serve_guesses(value) == guesses
+    assert rows["continuous+lookup"]["guesses"] > 0 and 0 <= rows["continuous+lookup"]["kept"] <= 1
+    assert rows["continuous"]["prompt_tokens"] == rows["continuous+lookup"]["prompt_tokens"] > 2 * 40  # the passage
+    for bad in ("17", "-1"):
+        refused = CliRunner().invoke(app, [*args, "--prompt-lookup", bad])
+        assert refused.exit_code == 2 and "--prompt-lookup" in refused.output
+    refused = CliRunner().invoke(app, [*args, "--prompt-lookup", "2", "--turns", "2"])
+    assert refused.exit_code == 2 and "not with --shared-prefix or --turns" in refused.stderr

@@ -113,18 +113,19 @@ def serve_command(
             rich_help_panel=SERVER,
         ),
     ] = None,
-    speculate: Annotated[
-        str | None,
+    prompt_lookup: Annotated[
+        int,
         typer.Option(
-            "--speculate",
-            metavar="ngram[:K]",
-            help="Prompt lookup: each request also guesses up to K (default 4) tokens from its own text, verified "
-            "in the same step while a step's decode rows stay few (greedy answers unchanged; sampled ones keep "
-            "the model's distribution; see docs/serving.md).",
-            show_default=False,
+            "--prompt-lookup",
+            metavar="K",
+            min=0,
+            max=16,
+            help="Speculate: each request also guesses up to K tokens from its own text (prompt lookup), verified "
+            "in the same step while a step's decode rows stay few; greedy answers are unchanged, sampled ones keep "
+            "the model's distribution (docs/serving.md). 0: off.",
             rich_help_panel=SERVER,
         ),
-    ] = None,
+    ] = 0,
     drain_s: Annotated[
         float,
         typer.Option(
@@ -155,9 +156,6 @@ def serve_command(
         raise UsageError("give --model or --preset, not both")
     if model_dir is not None:
         check_model_path(model_dir, "serve")
-    from gen_cli.infer.proposers import serve_guesses
-
-    guesses = serve_guesses(speculate)
     if decode not in ("batched", "rows"):
         raise UsageError(f"--decode takes batched or rows, got {decode!r}")
     if not 0 <= drain_s <= 3600:
@@ -171,7 +169,7 @@ def serve_command(
     options = ServeOptions(
         max_batch, max_queue, budget, mode=schedule, cache=CacheSpec(*kinds), api_key=api_key,
         by_row=decode == "rows", drain_s=drain_s, kv_blocks=kv_blocks, block_tokens=block_tokens,
-        speculate=guesses,
+        speculate=prompt_lookup,
     )  # fmt: skip
     model_id = name or (preset if preset is not None else Path(source).name)  # type: ignore[arg-type]
     sock = listen(host, port)  # bound here so that --port 0 reports the port it got
@@ -181,7 +179,9 @@ def serve_command(
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         err.print(f"[yellow]listening on {host} without --api-key: anyone who can reach it can use it[/]")
     err.print(
-        f"[dim]serving {engine.source} as {model_id!r} on http://{host}:{port}/v1 ({schedule}, batch {max_batch})[/]"
+        f"[dim]serving {engine.source} as {model_id!r} on http://{host}:{port}/v1 ({schedule}, batch {max_batch}"
+        + (f", prompt lookup {prompt_lookup}" if prompt_lookup else "")
+        + ")[/]"
     )
     failed: list[BaseException] = []
 

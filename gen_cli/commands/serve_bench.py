@@ -78,16 +78,17 @@ def bench_serve_command(
             show_default=False,
         ),
     ] = None,
-    speculate: Annotated[
-        str | None,
+    prompt_lookup: Annotated[
+        int,
         typer.Option(
-            "--speculate",
-            metavar="ngram[:K]",
-            help="Also each mode (but +rows) with prompt lookup, as gen serve --speculate runs it; the requests "
-            "then rewrite a given passage (its sentences reordered, then its start again) instead of random ids.",
-            show_default=False,
+            "--prompt-lookup",
+            metavar="K",
+            min=0,
+            max=16,
+            help="Also each mode (but +rows) as MODE+lookup: up to K guesses per request, as gen serve "
+            "--prompt-lookup makes them; the requests then rewrite a given passage instead of random ids. 0: off.",
         ),
-    ] = None,
+    ] = 0,
     answer: MaxNewTokensOrNone = None,  # 8-64 at random on the scheduler, 128 over HTTP and per --turns answer
     kv_dtype: KvDtype = None,  # the requests' caches in the scheduler's modes and the --batches rates
     device: Device = "auto",
@@ -115,11 +116,9 @@ def bench_serve_command(
         raise UsageError(
             f"unknown mode {', '.join(unknown) or modes!r}; choose from {', '.join(MODES)}, each also with +rows"
         )
-    from gen_cli.infer.proposers import serve_guesses
-
-    guesses = serve_guesses(speculate)
+    guesses = prompt_lookup
     if guesses and (shared_prefix is not None or turns is not None):
-        raise UsageError("--speculate runs with the modes, not with --shared-prefix or --turns")
+        raise UsageError("--prompt-lookup runs with the modes, not with --shared-prefix or --turns")
     sizes = _sizes(batches)
     if model_dir is not None and preset is not None:
         raise UsageError("give --model or --preset, not both")
@@ -163,7 +162,7 @@ def bench_serve_command(
     spec = CacheSpec(*(kv_kinds_of(kv_dtype, None, None) or (None, None)))
     spec.check(engine.model.config)
     if guesses and engine.tokenizer is None:
-        raise UsageError("--speculate rewrites a passage of text: this model has no tokenizer", params=("speculate",))
+        raise UsageError("--prompt-lookup rewrites a passage of text: this model has no tokenizer")
     runs = compare_modes(engine.model, clients, requests, rounds, chosen, new=answer, spec=spec, speculate=guesses,
                          encode=engine.encode if guesses else None)  # fmt: skip
     rows = summary(runs)

@@ -24,9 +24,6 @@ if TYPE_CHECKING:
     from gen_cli.infer.options import Preset
 
 
-MAX_SPECULATE = 16  # a server's guesses per request and step (infer.scheduler)
-
-
 class NgramProposer:
     """Prompt lookup: the continuation of the latest earlier occurrence of the last n ids (n = 3, 2, 1)."""
 
@@ -145,23 +142,6 @@ def parse_speculate(value: str) -> tuple[str, int | None]:
     if not k.isdigit() or not 1 <= int(k) <= 64:
         raise UsageError(f"speculation K must be 1 to 64 guesses, got {k!r}", params=("speculate",))
     return name, int(k)
-
-
-def serve_guesses(value: str | None) -> int:
-    """A server's `--speculate`: prompt lookup only (`ngram` or `ngram:K`, K <= MAX_SPECULATE) -> guesses per
-    request and step; None -> 0 (off)."""
-    if value is None:
-        return 0
-    name, k = parse_speculate(value)
-    if name != "ngram":
-        raise UsageError(
-            "a server guesses by prompt lookup only (--speculate ngram[:K]): a draft model would need its own "
-            "batch beside every request's",
-            params=("speculate",),
-        )
-    if k is not None and k > MAX_SPECULATE:
-        raise UsageError(f"a server takes at most {MAX_SPECULATE} guesses per request, got {k}", params=("speculate",))
-    return k or 4
 
 
 def check_draft(target_vocab: int, target_digest: str, draft_vocab: int, draft_digest: str, draft: str) -> None:

@@ -40,7 +40,7 @@ from gen_cli.errors import GenError, UsageError
 from gen_cli.infer.batch import Row, batched_step, native_rows, pick, prefill_chunk
 from gen_cli.infer.generate import model_dtype, new_cache
 from gen_cli.infer.options import SamplingConfig, check_lengths
-from gen_cli.infer.proposers import MAX_SPECULATE, NgramProposer
+from gen_cli.infer.proposers import NgramProposer
 from gen_cli.infer.speculative import verify_guesses
 from gen_cli.model.transformer import Transformer
 from gen_cli.native.decoder import MAX_BATCH
@@ -50,6 +50,7 @@ MODES = ("continuous", "static", "single")
 # A step's decode rows, guesses included, past which no request guesses: a forward of up to 8 rows of one
 # sequence costs 1.0-1.7 decode steps on a 104M F32 model (AVX2, 2 threads), 16 rows 2-3.
 SPECULATE_ROWS = 8
+MAX_SPECULATE = 16  # guesses per request and step (gen serve --prompt-lookup)
 
 
 class QueueFull(GenError):

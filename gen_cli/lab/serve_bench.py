@@ -33,7 +33,7 @@ class ServeRun:
     kv_analytic: int = 0  # at that step, the analytic minimum: distinct tokens held × bytes per token
     prompt_tokens: int = 0  # of the finished requests
     cached_tokens: int | None = 0  # of those, the ones served from the prefix cache (None: the server never said)
-    proposed: int = 0  # prompt-lookup guesses made (MODE+ngram), and of them kept
+    proposed: int = 0  # prompt-lookup guesses made (MODE+lookup), and of them kept
     accepted: int = 0
 
     @property
@@ -89,14 +89,14 @@ def closed_loop(
     **paged: Any,
 ) -> ServeRun:
     """Run `jobs` from `clients` closed-loop clients under `mode` (`continuous+rows`: each row through the
-    single-sequence step, see `infer.batch.batched_step`; `continuous+ngram`: `speculate` prompt-lookup guesses
+    single-sequence step, see `infer.batch.batched_step`; `continuous+lookup`: `speculate` prompt-lookup guesses
     per request); stops early past `time_limit_s`. `jobs`: a list (the next one to whichever client is free) or
     each client's next job (`NextJob`). `paged`: the scheduler's kv_blocks, block_tokens, prefix_cache; `warm`: a
     prompt run first, untimed (a cached prefix)."""
     base, suffixes = mode.split("+")[0], mode.split("+")[1:]
     scheduler = Scheduler(
         model, None, spec, max_batch or clients, max_queue=clients + 1, mode=base, by_row="rows" in suffixes,
-        speculate=speculate if "ngram" in suffixes else 0, **paged,
+        speculate=speculate if "lookup" in suffixes else 0, **paged,
     )  # fmt: skip
     if warm is not None:
         scheduler.submit(Request(warm, 1))
@@ -284,12 +284,12 @@ def compare_modes(
 ) -> dict[str, list[ServeRun]]:
     """Every mode on the same workload, `rounds` times, interleaved (a busy machine's drift hits all); each
     request asks for `new` tokens (None: 8-64 at random, at most a quarter of the context) into a cache of `spec`.
-    With `speculate` guesses, every mode without +rows also runs as MODE+ngram, and the requests rewrite a
+    With `speculate` guesses, every mode without +rows also runs as MODE+lookup, and the requests rewrite a
     passage tokenized by `encode` (`grounded_workload`) instead of random ids."""
     answers = (new, new) if new is not None else (8, min(64, model.config.context_length // 4))
     if speculate and encode is not None:
         jobs = grounded_workload(encode, count, seed, answers, model.config.context_length - answers[1])
-        modes = tuple(m for mode in modes for m in (mode, *([f"{mode}+ngram"] if "+rows" not in mode else [])))
+        modes = tuple(m for mode in modes for m in (mode, *([f"{mode}+lookup"] if "+rows" not in mode else [])))
     else:
         jobs = workload(count, model.config.vocab_size, seed, new=answers)
     runs: dict[str, list[ServeRun]] = {m: [] for m in modes}
