@@ -313,6 +313,19 @@ Speculate = Annotated[
         rich_help_panel=PERFORMANCE,
     ),
 ]
+PromptLookup = Annotated[
+    int,
+    typer.Option(
+        "--prompt-lookup",
+        metavar="K",
+        min=0,
+        max=16,
+        help="Speculate in the batch: each request also guesses up to K tokens from its own text (prompt lookup), "
+        "verified in the same step while a step's decode rows stay few; greedy answers are unchanged, sampled ones "
+        "keep the model's distribution. gen bench serve adds MODE+lookup rows, requests rewriting a passage. 0: off.",
+        rich_help_panel=PERFORMANCE,
+    ),
+]
 Draft = Annotated[
     str | None,
     typer.Option(

@@ -19,6 +19,7 @@ from gen_cli.commands.options import (
     Model,
     Native,
     Preset,
+    PromptLookup,
     Threads,
     check_model_path,
     kv_kinds_of,
@@ -113,19 +114,7 @@ def serve_command(
             rich_help_panel=SERVER,
         ),
     ] = None,
-    prompt_lookup: Annotated[
-        int,
-        typer.Option(
-            "--prompt-lookup",
-            metavar="K",
-            min=0,
-            max=16,
-            help="Speculate: each request also guesses up to K tokens from its own text (prompt lookup), verified "
-            "in the same step while a step's decode rows stay few; greedy answers are unchanged, sampled ones keep "
-            "the model's distribution (docs/serving.md). 0: off.",
-            rich_help_panel=SERVER,
-        ),
-    ] = 0,
+    prompt_lookup: PromptLookup = 0,
     drain_s: Annotated[
         float,
         typer.Option(

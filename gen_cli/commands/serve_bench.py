@@ -18,6 +18,7 @@ from gen_cli.commands.options import (
     Model,
     Native,
     Preset,
+    PromptLookup,
     Threads,
     check_model_path,
     kv_kinds_of,
@@ -78,17 +79,7 @@ def bench_serve_command(
             show_default=False,
         ),
     ] = None,
-    prompt_lookup: Annotated[
-        int,
-        typer.Option(
-            "--prompt-lookup",
-            metavar="K",
-            min=0,
-            max=16,
-            help="Also each mode (but +rows) as MODE+lookup: up to K guesses per request, as gen serve "
-            "--prompt-lookup makes them; the requests then rewrite a given passage instead of random ids. 0: off.",
-        ),
-    ] = 0,
+    prompt_lookup: PromptLookup = 0,
     answer: MaxNewTokensOrNone = None,  # 8-64 at random on the scheduler, 128 over HTTP and per --turns answer
     kv_dtype: KvDtype = None,  # the requests' caches in the scheduler's modes and the --batches rates
     device: Device = "auto",
