@@ -67,13 +67,14 @@ def score_bytes(batch: int, n_head: int, tokens: int, bytes_per_element: int) ->
 
 def _kernel(model: Any, vocab: int, tokens: int) -> str:
     """The attention kernel a causal forward of `tokens` runs, from a shorter forward that makes the same
-    choice: gen's, or SDPA's as torch's profiler names it."""
+    choice: gen's, none (eager), or SDPA's as torch's profiler names it. The profiler runs only for SDPA: starting
+    it costs seconds a process."""
     import torch
-    from torch.profiler import profile
+    import torch.nn.functional as F
 
     from gen_cli.model.attention import KERNEL_MIN_QUERIES
 
-    kernel, calls = model.causal_kernel, []
+    kernel, sdpa, calls = model.causal_kernel, F.scaled_dot_product_attention, []
     if kernel is not None:
 
         def counted(*args: Any) -> Any:
@@ -83,13 +84,23 @@ def _kernel(model: Any, vocab: int, tokens: int) -> str:
 
         model.causal_kernel = counted
     ids = torch.randint(0, vocab, (1, min(tokens, KERNEL_MIN_QUERIES)))
-    with torch.no_grad(), profile() as prof:
-        model(ids)
-    model.causal_kernel = kernel
+    sdpa_calls = []
+    try:
+        F.scaled_dot_product_attention = lambda *a, **k: sdpa_calls.append(1) or sdpa(*a, **k)
+        with torch.no_grad():
+            model(ids)
+    finally:
+        F.scaled_dot_product_attention, model.causal_kernel = sdpa, kernel
     if any(calls):
         return "gen_causal_attention (gen's C kernel)"
+    if not sdpa_calls:
+        return "matmul + in-place softmax (no SDPA)"
+    from torch.profiler import profile
+
+    with torch.no_grad(), profile() as prof:
+        model(ids)
     keys = sorted(e.key for e in prof.key_averages() if e.key.startswith("aten::_scaled_dot_product"))
-    return ", ".join(k.removeprefix("aten::") for k in keys) or "matmul + in-place softmax (no SDPA)"
+    return ", ".join(k.removeprefix("aten::") for k in keys)
 
 
 def _trim() -> None:
