@@ -107,8 +107,7 @@ def bench_serve_command(
         raise UsageError(
             f"unknown mode {', '.join(unknown) or modes!r}; choose from {', '.join(MODES)}, each also with +rows"
         )
-    guesses = prompt_lookup
-    if guesses and (shared_prefix is not None or turns is not None):
+    if prompt_lookup and (shared_prefix is not None or turns is not None):
         raise UsageError("--prompt-lookup runs with the modes, not with --shared-prefix or --turns")
     sizes = _sizes(batches)
     if model_dir is not None and preset is not None:
@@ -152,10 +151,11 @@ def bench_serve_command(
         check_context(engine.model.config, 64, answer)  # the longest prompt of the workload, then the answer
     spec = CacheSpec(*(kv_kinds_of(kv_dtype, None, None) or (None, None)))
     spec.check(engine.model.config)
-    if guesses and engine.tokenizer is None:
+    if prompt_lookup and engine.tokenizer is None:
         raise UsageError("--prompt-lookup rewrites a passage of text: this model has no tokenizer")
-    runs = compare_modes(engine.model, clients, requests, rounds, chosen, new=answer, spec=spec, speculate=guesses,
-                         encode=engine.encode if guesses else None)  # fmt: skip
+    encode = engine.encode if prompt_lookup else None  # the passage-rewriting workload
+    runs = compare_modes(engine.model, clients, requests, rounds, chosen, new=answer, spec=spec,
+                         speculate=prompt_lookup, encode=encode)  # fmt: skip
     rows = summary(runs)
     rates = batch_rates(engine.model, sizes, rounds=rounds, spec=spec) if sizes else []
     http_rows: list[dict[str, float | str]] = []
@@ -174,10 +174,10 @@ def bench_serve_command(
         print_json({"modes": rows, "batches": [vars(r) for r in rates], "http": http_rows})
         return
     table = Table("mode", "tok/s", "range", "TTFT p50/p90/p99 ms", "inter-token p50/p90/p99 ms")
-    if guesses:
+    if prompt_lookup:
         table.add_column("guesses kept")
     for r in rows:
-        kept = [f"{r['kept']:.0%} of {r['guesses']}" if r["kept"] is not None else "—"] if guesses else []
+        kept = [f"{r['kept']:.0%} of {r['guesses']}" if r["kept"] is not None else "—"] if prompt_lookup else []
         table.add_row(str(r["mode"]), f"{r['tokens_per_s']:.1f}", f"{r['low']:.1f}–{r['high']:.1f}",
                       _p3(r, "ttft", ".0f"),
                       _p3(r, "itl", ".1f"), *kept)  # fmt: skip
