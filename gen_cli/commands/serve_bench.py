@@ -151,9 +151,7 @@ def bench_serve_command(
         check_context(engine.model.config, 64, answer)  # the longest prompt of the workload, then the answer
     spec = CacheSpec(*(kv_kinds_of(kv_dtype, None, None) or (None, None)))
     spec.check(engine.model.config)
-    if prompt_lookup and engine.tokenizer is None:
-        raise UsageError("--prompt-lookup rewrites a passage of text: this model has no tokenizer")
-    encode = engine.encode if prompt_lookup else None  # the passage-rewriting workload
+    encode = engine.encode if engine.tokenizer is not None else None  # prompt lookup's passage-rewriting workload
     runs = compare_modes(engine.model, clients, requests, rounds, chosen, new=answer, spec=spec,
                          speculate=prompt_lookup, encode=encode)  # fmt: skip
     rows = summary(runs)

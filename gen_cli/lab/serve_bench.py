@@ -15,6 +15,7 @@ from typing import Any
 
 from gen_cli.cache.paged import BLOCK_TOKENS, PagedSequence, blocks_for
 from gen_cli.cache.spec import CacheSpec
+from gen_cli.errors import UsageError
 from gen_cli.infer.scheduler import MODES, Event, Request, Scheduler
 from gen_cli.model.transformer import Transformer
 
@@ -287,7 +288,9 @@ def compare_modes(
     With `speculate` guesses, every mode without +rows also runs as MODE+lookup, and the requests rewrite a
     passage tokenized by `encode` (`grounded_workload`) instead of random ids."""
     answers = (new, new) if new is not None else (8, min(64, model.config.context_length // 4))
-    if speculate and encode is not None:
+    if speculate:
+        if encode is None:  # random ids give prompt lookup nothing to find: its rows would say nothing
+            raise UsageError("prompt lookup rewrites a passage of text: it needs the model's tokenizer")
         jobs = grounded_workload(encode, count, seed, answers, model.config.context_length - answers[1])
         modes = tuple(m for mode in modes for m in (mode, *([f"{mode}+lookup"] if "+rows" not in mode else [])))
     else:
