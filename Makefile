@@ -32,8 +32,10 @@ format: $(STAMP)
 	$(BIN)/ruff format gen_cli tests
 	$(BIN)/ruff check --fix gen_cli tests
 
+# One pytest-xdist worker per core: most tests are single-threaded (conftest sets one torch thread), and
+# worksteal evens out the few long ones (kernel builds, subprocess runs) at the end.
 test: lint cross-tools
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --dist worksteal
 
 # The aarch64 cross compiler and qemu-user the kernel's port test runs under (Debian packages, as root);
 # elsewhere that one test is skipped and says what to install.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import subprocess
 from pathlib import Path
@@ -72,8 +73,14 @@ def fresh_library():
 def kernel_builds(tmp_path_factory) -> Path:
     """A gen home kept for the whole session, for kernels built with other flags (-march=x86-64-v2, say):
     the build key covers sources, flags, compiler and CPU, so a cached build is reused only where it is the
-    same binary, and each distinct build compiles once per session instead of once per test."""
-    return tmp_path_factory.mktemp("kernel-builds")
+    same binary, and each distinct build compiles once per session instead of once per test. pytest-xdist's
+    workers each have a base temp folder inside this run's, so they share one (the build holds a lock)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    path = root / "kernel-builds"
+    path.mkdir(exist_ok=True)
+    return path
 
 
 def kernel_path(home: Path) -> Path:

@@ -73,7 +73,7 @@ def test_train_tokenizer_names_skipped_files_and_a_short_vocabulary(tmp_path):
     assert summary["skipped_files"] == [str(folder / "b.txt.gz")]
     assert summary["vocab_size"] < summary["vocab_size_requested"] == 8000
     stderr = " ".join(result.stderr.split())
-    assert "skipped 1 binary file" in stderr and "b.txt.gz" in stderr
+    assert "skipped 1 binary file" in stderr and "b.txt.gz" in "".join(stderr.split())  # a long path may wrap
     assert "not the 8,000 asked" in stderr
 
 

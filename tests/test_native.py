@@ -10,6 +10,7 @@ import platform
 import shlex
 import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -262,6 +263,28 @@ def test_a_failing_compile_names_the_compiler(fresh_library, monkeypatch, tmp_pa
     monkeypatch.setenv("CC", "cc -DGEN_NO_SUCH_HEADER -include no_such_header_gen.h")
     assert build.native_status().startswith("cc failed")
     assert not list((tmp_path / "cache" / "kernels").glob("*.so*")), "a failed build leaves nothing behind"
+
+
+def test_runs_started_at_once_build_the_kernel_once(tmp_path):
+    # A fake compiler that logs each call and takes a second per object, so the two runs overlap; its
+    # "library" does not load, which is fine: only how often it compiled is counted.
+    log = tmp_path / "calls.log"
+    fake = tmp_path / "fake-cc"
+    fake.write_text(
+        "#!/bin/sh\n"
+        f'echo "$*" >> {shlex.quote(str(log))}\n'
+        'case "$*" in *--version*) echo fake-cc 1; exit 0;; esac\n'
+        'case "$*" in *" -c "*) sleep 1;; esac\n'
+        'while [ "$#" -gt 1 ]; do [ "$1" = -o ] && echo stub > "$2"; shift; done\n'
+    )
+    fake.chmod(0o755)
+    env = {**os.environ, "CC": str(fake), "GEN_HOME": str(tmp_path / "home")}
+    code = "from gen_cli.native.build import native_status; print(native_status())"
+    runs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True) for _ in "ab"]
+    statuses = [r.communicate(timeout=120)[0] for r in runs]
+    assert all(s.startswith("no native kernel") for s in statuses), statuses  # the stub is not a library
+    compiles = [line for line in log.read_text().splitlines() if " -c " in f" {line} "]
+    assert len(compiles) == len(build.SOURCES), compiles  # one build's objects, not one per run
 
 
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="builds for a plain x86-64 target")

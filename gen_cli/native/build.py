@@ -12,6 +12,7 @@ file would otherwise be mapped and die of SIGBUS.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import hashlib
 import json
 import os
@@ -19,7 +20,8 @@ import shlex
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 from subprocess import PIPE
@@ -122,7 +124,6 @@ def _run_compiler(cc: list[str], flags: tuple[str, ...], out: str) -> subprocess
 
 def _compile(cc: list[str], out_dir: Path, target: Path) -> str | None:
     """Compile into `target` with its sidecar; None on success, else a one-line reason."""
-    out_dir.mkdir(parents=True, exist_ok=True)
     # Compile beside the target, then rename: a concurrent run never loads a half-written file.
     fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".decode-", suffix=".so.tmp")
     os.close(fd)
@@ -147,6 +148,20 @@ def _compile(cc: list[str], out_dir: Path, target: Path) -> str | None:
     return None
 
 
+@contextmanager
+def _building(out_dir: Path) -> Iterator[None]:
+    """Hold the kernel folder while checking and building in it: gen commands started at once on a fresh
+    machine build the kernel once (the others wait, then load it) instead of each compiling it for ~20 s.
+    The lock is on the folder itself, so nothing is left behind in it."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # released when fd is closed, or the process dies
+        yield
+    finally:
+        os.close(fd)
+
+
 @cache
 def library() -> ctypes.CDLL | str:
     """The compiled kernel, or a one-line reason it is unavailable."""
@@ -157,11 +172,12 @@ def library() -> ctypes.CDLL | str:
     try:
         out_dir = cache_dir() / "kernels"
         target = out_dir / f"decode-{_build_key(cc)}.so"
-        if target.is_file() and (problem := cached_problem(target)):
-            _notes.append(f"the cached native kernel {target} failed its check ({problem}); rebuilt it")
-            target.unlink(missing_ok=True)
-        if not target.is_file() and (reason := _compile(cc, out_dir, target)):
-            return reason
+        with _building(out_dir):
+            if target.is_file() and (problem := cached_problem(target)):
+                _notes.append(f"the cached native kernel {target} failed its check ({problem}); rebuilt it")
+                target.unlink(missing_ok=True)
+            if not target.is_file() and (reason := _compile(cc, out_dir, target)):
+                return reason
         lib = ctypes.CDLL(str(target))
     except subprocess.TimeoutExpired:
         reason = f"no native kernel ({cc[0]} --version did not answer within {VERSION_TIMEOUT_S:g} s)"
