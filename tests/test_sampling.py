@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -11,6 +13,7 @@ from gen_cli.errors import UsageError
 from gen_cli.infer.sampling import (
     SamplingConfig,
     apply_repetition_penalty,
+    draw,
     min_p_filter,
     sample_next,
     top_k_filter,
@@ -109,6 +112,26 @@ def test_samples_only_from_kept_tokens():
     logits = torch.tensor([[5.0, 4.0, 3.0, -1.0, -2.0]]).repeat(200, 1)
     got = sample_next(logits, None, SamplingConfig(temperature=1.0, top_k=2), torch.Generator().manual_seed(0))
     assert set(got.tolist()) == {0, 1}
+
+
+def test_draw_follows_the_weights_unnormalized_and_row_by_row():
+    weights = torch.tensor([[0.0, 2.0, 1.0, 0.0, 1.0], [1.0, 0.0, 0.0, 0.0, 3.0]])  # rows sum to 4, not 1
+    got = draw(weights.repeat(4000, 1), torch.Generator().manual_seed(0)).view(4000, 2)  # (4000, 2)
+    for row, w in zip(got.T, weights, strict=True):
+        counts = torch.bincount(row, minlength=5).double()
+        kept = w > 0
+        expected = 4000 * w[kept].double() / w.sum()
+        chi2 = float((((counts[kept] - expected) ** 2) / expected).sum())
+        assert chi2 < 13.8 and counts[~kept].sum() == 0  # ≤ 2 degrees of freedom, p = 0.001
+    assert draw(weights[0], torch.Generator()).shape == () and draw(weights, torch.Generator()).shape == (2,)
+
+
+@given(st.lists(st.floats(0, 1e6, allow_nan=False), min_size=1, max_size=30), st.floats(0, 1, exclude_max=True))
+def test_draw_never_picks_a_zero_weight(weights, u):
+    w = torch.tensor([*weights, 1.0, 0.0, 0.0], dtype=torch.float32)  # the last positive one, then zeros
+    for at in (u, 1 - 2**-53):  # any uniform, and the largest (u × total must stay below the total)
+        with mock.patch("torch.rand", return_value=torch.tensor([at], dtype=torch.float64)):
+            assert w[int(draw(w, None))] > 0
 
 
 @pytest.mark.parametrize(

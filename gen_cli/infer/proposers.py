@@ -14,7 +14,7 @@ from gen_cli.errors import UsageError
 from gen_cli.infer.batch import native_rows
 from gen_cli.infer.generate import decode_step, new_cache, prefill
 from gen_cli.infer.options import SamplingConfig
-from gen_cli.infer.sampling import distribution
+from gen_cli.infer.sampling import distribution, draw
 from gen_cli.infer.speculative import Proposer, Speculation, plain_greedy
 from gen_cli.model.transformer import Transformer
 from gen_cli.native.decoder import MAX_BATCH
@@ -118,7 +118,7 @@ class DraftProposer:
         qs: list[torch.Tensor] = []
         for i in range(k):
             q = distribution(logits, history, sampling)  # (1, V)
-            token = q.argmax(-1) if sampling.greedy else torch.multinomial(q, 1, generator=generator).squeeze(-1)
+            token = q.argmax(-1) if sampling.greedy else draw(q, generator)
             guesses.append(int(token))
             qs.append(q[0])
             history = torch.cat([history, token.view(1, 1)], dim=1)  # (1, L + i + 1)

@@ -32,7 +32,7 @@ from gen_cli.infer.generate import (
 )
 from gen_cli.infer.options import SamplingConfig
 from gen_cli.infer.planner import Planner
-from gen_cli.infer.sampling import distribution
+from gen_cli.infer.sampling import distribution, draw
 from gen_cli.model.transformer import Transformer
 from gen_cli.runtime import LoadProbe, PeakMemory, synchronize
 
@@ -70,7 +70,7 @@ def accept_or_resample(
     total = float(residual.sum())
     if total <= 0.0:  # p == q up to rounding, and rejected on rounding: p itself is the residual's limit
         residual = p
-    return int(torch.multinomial(residual, 1, generator=generator))
+    return int(draw(residual, generator))
 
 
 @dataclass
@@ -142,7 +142,7 @@ def _pick(p: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator 
     """A token from probabilities p (V,): argmax when greedy."""
     if sampling.greedy:
         return int(p.argmax())
-    return int(torch.multinomial(p, 1, generator=generator))
+    return int(draw(p, generator))
 
 
 def plain_greedy(sampling: SamplingConfig) -> bool:
