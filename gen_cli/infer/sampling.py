@@ -17,7 +17,7 @@ def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     The row maximum is subtracted first, so a tiny temperature (1e-45) gives 0 for the top logit and
     -inf below it, never inf - inf = NaN: the limit, argmax, instead of a crash in sampling."""
     assert temperature > 0, "temperature 0 is argmax; handle it before scaling"
-    shifted = logits - logits.max(dim=-1, keepdim=True).values
+    shifted = logits - logits.amax(dim=-1, keepdim=True)
     if temperature < torch.finfo(shifted.dtype).tiny:
         # The scalar would round to 0 in this dtype (0/0 = NaN); its limit keeps only the top logit(s).
         return shifted.masked_fill(shifted < 0, float("-inf"))
@@ -54,7 +54,7 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
 def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
     """Keep tokens whose probability is at least min_p × the most likely token's probability."""
     probs = torch.softmax(logits.float(), dim=-1)
-    threshold = min_p * probs.max(dim=-1, keepdim=True).values  # (B, 1)
+    threshold = min_p * probs.amax(dim=-1, keepdim=True)  # (B, 1)
     return logits.masked_fill(probs < threshold, float("-inf"))
 
 
