@@ -21,7 +21,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from functools import cache
 from pathlib import Path
 from subprocess import PIPE
@@ -156,7 +156,8 @@ def _building(out_dir: Path) -> Iterator[None]:
     out_dir.mkdir(parents=True, exist_ok=True)
     fd = os.open(out_dir, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # released when fd is closed, or the process dies
+        with suppress(OSError):  # a file system without locks: build unlocked, as each run did before
+            fcntl.flock(fd, fcntl.LOCK_EX)  # released when fd is closed, or the process dies
         yield
     finally:
         os.close(fd)
