@@ -54,3 +54,23 @@ def test_greedy_is_the_argmax_after_the_penalty(penalty):
     logits = np.array([1.0, 3.0, 2.9, -1.0], np.float32)
     cfg = SamplingConfig(temperature=0.0, repetition_penalty=penalty)
     assert sampling_np.sample(logits, [1], cfg, sampling_np.generator(0)) == (1 if penalty == 1.0 else 2)
+
+
+@settings(deadline=None)
+@given(
+    size=st.integers(1, 3 * sampling_np.BLOCK + 5),
+    zeros=st.floats(0, 0.9),
+    seed=st.integers(0, 2**32 - 1),
+    u=st.one_of(st.floats(0, 1, exclude_max=True), st.just(1 - 2**-53)),
+)
+def test_inverse_cdf_by_blocks_finds_what_one_running_sum_finds(size, zeros, seed, u):
+    rng = np.random.default_rng(seed)
+    probs = np.where(rng.random(size) < zeros, 0, rng.random(size)).astype(np.float32)  # (size,), some zeros
+    assume(probs.sum() > 0)
+    got = sampling_np.inverse_cdf(probs, u)
+    cdf = np.cumsum(probs, dtype=np.float64)  # the plain inverse: one running sum over every entry
+    target = u * cdf[-1]
+    want = min(int(np.searchsorted(cdf, target, side="right")), probs.size - 1)
+    assert probs[got] > 0
+    # The same index, unless the target lies within rounding of the boundary between the two.
+    assert got == want or abs(cdf[min(got, want)] - target) <= 1e-9 * cdf[-1]

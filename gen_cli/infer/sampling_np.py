@@ -34,13 +34,14 @@ def distribution(logits: np.ndarray, history: list[int], cfg: SamplingConfig) ->
         out = np.zeros_like(logits)
         out[np.argmax(logits)] = 1.0
         return out
-    logits = logits - logits.max()  # temperature: the row's maximum first, as apply_temperature
+    # In place on the copy from here on: a temporary of V floats (196 KB at 49,152) costs its page faults too.
+    logits -= logits.max()  # temperature: the row's maximum first, as apply_temperature
     if cfg.temperature < _TINY:
-        logits = np.where(logits < 0, -np.inf, logits).astype(np.float32)
+        logits[logits < 0] = -np.inf
     elif cfg.temperature > _MAX:
-        logits = np.where(logits > -np.inf, 0.0, logits).astype(np.float32)
+        logits[logits > -np.inf] = 0.0
     else:
-        logits = (logits / np.float32(cfg.temperature)).astype(np.float32)
+        logits /= np.float32(cfg.temperature)
     if cfg.top_k is not None and cfg.top_k < logits.size:
         keep = np.argsort(-logits, kind="stable")[: cfg.top_k]  # exactly k, the lower id first among ties
         kept = np.full_like(logits, -np.inf)
@@ -55,7 +56,7 @@ def distribution(logits: np.ndarray, history: list[int], cfg: SamplingConfig) ->
     if cfg.min_p is not None:
         probs = _softmax(logits)
         logits = np.where(probs < cfg.min_p * probs.max(), -np.inf, logits).astype(np.float32)
-    return _softmax(logits)
+    return _softmax(logits, out=logits)
 
 
 def sample(logits: np.ndarray, history: list[int], cfg: SamplingConfig, rng: np.random.Generator) -> int:
@@ -65,8 +66,30 @@ def sample(logits: np.ndarray, history: list[int], cfg: SamplingConfig, rng: np.
     probs = distribution(logits, history, cfg)
     if cfg.greedy:
         return int(np.argmax(probs))
-    cdf = np.cumsum(probs, dtype=np.float64)
-    return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), probs.size - 1))
+    return inverse_cdf(probs, rng.random())
+
+
+BLOCK = 256  # tokens a partial sum of inverse_cdf covers
+
+
+def inverse_cdf(probs: np.ndarray, u: float) -> int:
+    """The first index whose running sum of probs (float64) passes u × their total, for u in [0, 1): a draw with
+    those probabilities, never of a zero one. By blocks: the sums of BLOCK entries (vectorised) and their running
+    sum find the block, then the running sum inside it the index. np.cumsum over all of V is one sequential
+    pass: 0.2-0.9 ms at V = 49,152 on this project's 2-core machine, most of a sampled token's sampling."""
+    whole = probs.size // BLOCK * BLOCK
+    sums = probs[:whole].reshape(-1, BLOCK).sum(axis=1, dtype=np.float64)  # (V // BLOCK,)
+    if whole < probs.size:
+        sums = np.append(sums, probs[whole:].sum(dtype=np.float64))
+    ends = np.cumsum(sums)  # each block's running sum at its end
+    target = u * ends[-1]
+    b = min(int(np.searchsorted(ends, target, side="right")), ends.size - 1)
+    block = probs[b * BLOCK : (b + 1) * BLOCK]
+    inside = (ends[b - 1] if b else 0.0) + np.cumsum(block, dtype=np.float64)
+    j = int(np.searchsorted(inside, target, side="right"))
+    if j == block.size:  # rounding put the target past the block's own running sum: its last token with weight
+        j = int(np.flatnonzero(block)[-1])
+    return b * BLOCK + j
 
 
 def _scatter(order: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -75,6 +98,9 @@ def _scatter(order: np.ndarray, values: np.ndarray) -> np.ndarray:
     return out
 
 
-def _softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(), dtype=np.float32)
-    return (e / e.sum(dtype=np.float32)).astype(np.float32)
+def _softmax(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """softmax of fp32 x, into `out` when given (x itself, say)."""
+    e = np.subtract(x, x.max(), out=out)
+    np.exp(e, out=e)
+    e /= e.sum(dtype=np.float32)
+    return e
