@@ -76,7 +76,7 @@ def inverse_cdf(probs: np.ndarray, u: float) -> int:
     """The first index whose running sum of probs (float64) passes u × their total, for u in [0, 1): a draw with
     those probabilities, never of a zero one. By blocks: the sums of BLOCK entries (vectorised) and their running
     sum find the block, then the running sum inside it the index. np.cumsum over all of V is one sequential
-    pass: 0.2-0.9 ms at V = 49,152 on this project's 2-core machine, most of a sampled token's sampling."""
+    pass: 0.2-0.9 ms at V = 49,152 on two cores, most of a sampled token's sampling."""
     whole = probs.size // BLOCK * BLOCK
     sums = probs[:whole].reshape(-1, BLOCK).sum(axis=1, dtype=np.float64)  # (V // BLOCK,)
     if whole < probs.size:
