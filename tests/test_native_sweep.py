@@ -1,6 +1,7 @@
 """The native step at the head sizes its AVX-512 attention specialises (64 and 128), against PyTorch's
-no-cache forward: query heads per KV head 1, 2, 4 and MQA's 6 (taken 4, then 2), every position
-encoding it runs, fp32. test_native.py's sweep uses head_dim 8 (the portable loops).
+no-cache forward: query heads per KV head 1, 2, 3, 4 and MQA's 6 (taken 4, then 2), every position
+encoding it runs, fp32; and head_dim 40, which AVX2 builds take 32 columns, then 8. test_native.py's sweep
+uses head_dim 8 (the portable loops).
 
 Weights are drawn at unit scale (std 1/sqrt(fan_in), wqkv doubled) rather than the training init
 (std 0.02), so attention is peaked instead of a near-uniform average that would hide a wrong score.
@@ -31,9 +32,9 @@ VOCAB, CONTEXT, PROMPT = 64, 40, 3
 # cached path differs from its no-cache forward by up to 6.0e-6.
 REL_TOL = 2e-5
 
-# (n_head, n_kv_head): query heads per KV head 1 (MHA), 2 and 4 (GQA), and MQA with 6 heads, which the
-# kernel takes as a group of 4 and then one of 2.
-GROUPINGS = {"mha": (2, 2), "gqa2": (4, 2), "gqa4": (8, 2), "mqa6": (6, 1)}
+# (n_head, n_kv_head): query heads per KV head 1 (MHA), 2, 3 and 4 (GQA), and MQA with 6 heads, which the
+# kernel takes as a group of 4 and then one of 2 (AVX2's fp32 attention reads K and V once for up to 3).
+GROUPINGS = {"mha": (2, 2), "gqa2": (4, 2), "gqa3": (6, 2), "gqa4": (8, 2), "mqa6": (6, 1)}
 # Every position encoding the native step accepts (ALiBi is refused, below); two also switch to LayerNorm.
 POSITIONS = {
     "rope": {"pos_encoding": "rope"},
@@ -103,6 +104,7 @@ def _assert_close(got: torch.Tensor, want: torch.Tensor) -> None:
 # positions only change q and k before the attention reads them (the full product measured the same).
 CASES = [(hd, grouping, "rope") for hd in (64, 128) for grouping in GROUPINGS]
 CASES += [(hd, "gqa2", position) for hd in (64, 128) for position in POSITIONS if position != "rope"]
+CASES += [(40, grouping, "rope") for grouping in ("mha", "gqa3", "gqa4")]
 
 
 @pytest.mark.parametrize(("head_dim", "grouping", "position"), CASES)

@@ -146,79 +146,139 @@ static void chunk_portable(const Chunk *c, int nq, const Source *src) {
 }
 
 #ifdef GEN_KV_FLOAT8
-/* One 8-lane sum as dots8 reduces each of its eight: lanes (0+1)+(2+3), (4+5)+(6+7), then the two halves, so a
- * token's score has the same bits whichever way its run splits into eights. */
+/* One 8-lane sum as dots4 reduces each of its four: lanes (0+1)+(2+3), (4+5)+(6+7), then the two halves, so a
+ * token's score has the same bits whichever way its run splits into fours. */
 static inline float sum8_pairs(__m256 v) {
     const __m256 h = _mm256_hadd_ps(v, v), g = _mm256_hadd_ps(h, h);
     return _mm_cvtss_f32(_mm_add_ss(_mm256_castps256_ps128(g), _mm256_extractf128_ps(g, 1)));
 }
 
-/* q . k_t for 8 tokens (rows hd apart, hd a multiple of 8) as one vector: 8 chains, then one transposing
- * reduction (hadds and a lane swap) instead of a horizontal sum per token. */
-static inline __m256 dots8(const float *k, const float *q, int64_t hd) {
-    __m256 a[8];
-    const __m256 q0 = _mm256_loadu_ps(q);
-    for (int j = 0; j < 8; j++) a[j] = _mm256_mul_ps(_mm256_loadu_ps(k + j * hd), q0);
-    for (int64_t d = 8; d < hd; d += 8) {
-        const __m256 qv = _mm256_loadu_ps(q + d);
-        for (int j = 0; j < 8; j++) a[j] = _mm256_fmadd_ps(_mm256_loadu_ps(k + j * hd + d), qv, a[j]);
-    }
-    const __m256 g0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3])); /* 0-3: lo / hi halves */
-    const __m256 g1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
-    return _mm256_add_ps(_mm256_permute2f128_ps(g0, g1, 0x20), _mm256_permute2f128_ps(g0, g1, 0x31));
-}
-
+/* Token t's score for query i, as sum8_pairs reduces it: lane by lane an FMA chain over hd, started by a product;
+ * then lanes (0+1)+(2+3), (4+5)+(6+7), the two halves. dots4 computes 4 tokens x NQ queries this way, so a score
+ * has the same bits however its run splits. */
 static inline float dot1(const float *k, const float *q, int64_t hd) {
     __m256 a = _mm256_mul_ps(_mm256_loadu_ps(k), _mm256_loadu_ps(q));
     for (int64_t d = 8; d < hd; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(k + d), _mm256_loadu_ps(q + d), a);
     return sum8_pairs(a);
 }
 
-/* o (hd) += sum_t p[t] v_t over n tokens (rows hd apart): 64 columns at a time held in registers, each column
- * summing its tokens in order. */
-static inline void add_rows8(float *o, const float *p, const float *v, int64_t n, int64_t hd) {
-    int64_t d0 = 0;
-    for (; d0 + 64 <= hd; d0 += 64) {
-        __m256 a[8];
-        for (int i = 0; i < 8; i++) a[i] = _mm256_loadu_ps(o + d0 + 8 * i);
-        for (int64_t t = 0; t < n; t++) {
-            const __m256 pv = _mm256_set1_ps(p[t]);
-            for (int i = 0; i < 8; i++) a[i] = _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + t * hd + d0 + 8 * i), a[i]);
+/* s[i][u] = scale * q_i . k_u for 4 tokens (rows hd apart, hd a multiple of 8) and NQ <= 3 queries: each K vector
+ * loaded once for all the queries that share it (GQA), 4 NQ chains, then one transposing reduction per query
+ * (two levels of hadds, then the halves added) instead of a horizontal sum per token. */
+GEN_ALWAYS_INLINE void dots4(const int NQ, const float *k, const float *const *q, int64_t hd, float *const *s,
+                             int64_t u, __m256 scale) {
+    __m256 a[3][4];
+#pragma GCC unroll 3
+    for (int i = 0; i < NQ; i++)
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; j++) a[i][j] = _mm256_mul_ps(_mm256_loadu_ps(k + j * hd), _mm256_loadu_ps(q[i]));
+    for (int64_t d = 8; d < hd; d += 8) {
+        __m256 kv[4];
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; j++) kv[j] = _mm256_loadu_ps(k + j * hd + d);
+#pragma GCC unroll 3
+        for (int i = 0; i < NQ; i++) {
+            const __m256 qv = _mm256_loadu_ps(q[i] + d);
+#pragma GCC unroll 4
+            for (int j = 0; j < 4; j++) a[i][j] = _mm256_fmadd_ps(kv[j], qv, a[i][j]);
         }
-        for (int i = 0; i < 8; i++) _mm256_storeu_ps(o + d0 + 8 * i, a[i]);
     }
-    for (; d0 < hd; d0 += 8) {
-        __m256 a = _mm256_loadu_ps(o + d0);
-        for (int64_t t = 0; t < n; t++) a = _mm256_fmadd_ps(_mm256_set1_ps(p[t]), _mm256_loadu_ps(v + t * hd + d0), a);
-        _mm256_storeu_ps(o + d0, a);
+#pragma GCC unroll 3
+    for (int i = 0; i < NQ; i++) {
+        const __m256 g = _mm256_hadd_ps(_mm256_hadd_ps(a[i][0], a[i][1]), _mm256_hadd_ps(a[i][2], a[i][3]));
+        const __m128 t = _mm_add_ps(_mm256_castps256_ps128(g), _mm256_extractf128_ps(g, 1)); /* lo + hi halves */
+        _mm_storeu_ps(s[i] + u, _mm_mul_ps(t, _mm256_castps256_ps128(scale)));
     }
 }
 
-/* chunk_portable for fp32 K and V on AVX2 (hd a multiple of 8): element by element, attention was 75% of a
- * 512-token prompt's time on an AVX2 build (135M shape). */
-static void chunk_float8(const Chunk *c, int nq, const Source *src) {
+/* o_i (hd) += sum_t p_i[t] v_t over n tokens (rows hd apart) for NQ <= 3 queries: 32 columns at a time (4 NQ
+ * accumulators, NQ broadcasts and a V vector fit the 16 registers), each V vector loaded once for every query,
+ * each column summing its tokens in order. */
+GEN_ALWAYS_INLINE void add_rows8(const int NQ, float *const *o, const float *const *p, const float *v, int64_t n,
+                                 int64_t hd) {
+    enum { W = 4 }; /* vectors of columns per pass */
+    int64_t d0 = 0;
+    for (; d0 + 8 * W <= hd; d0 += 8 * W) {
+        __m256 a[3][W];
+#pragma GCC unroll 3
+        for (int i = 0; i < NQ; i++)
+#pragma GCC unroll 4
+            for (int w = 0; w < W; w++) a[i][w] = _mm256_loadu_ps(o[i] + d0 + 8 * w);
+        for (int64_t t = 0; t < n; t++) {
+            __m256 pv[3];
+#pragma GCC unroll 3
+            for (int i = 0; i < NQ; i++) pv[i] = _mm256_broadcast_ss(p[i] + t);
+#pragma GCC unroll 4
+            for (int w = 0; w < W; w++) {
+                const __m256 vv = _mm256_loadu_ps(v + t * hd + d0 + 8 * w);
+#pragma GCC unroll 3
+                for (int i = 0; i < NQ; i++) a[i][w] = _mm256_fmadd_ps(pv[i], vv, a[i][w]);
+            }
+        }
+#pragma GCC unroll 3
+        for (int i = 0; i < NQ; i++)
+#pragma GCC unroll 4
+            for (int w = 0; w < W; w++) _mm256_storeu_ps(o[i] + d0 + 8 * w, a[i][w]);
+    }
+    for (; d0 < hd; d0 += 8)
+        for (int i = 0; i < NQ; i++) {
+            __m256 a = _mm256_loadu_ps(o[i] + d0);
+            for (int64_t t = 0; t < n; t++) a = _mm256_fmadd_ps(_mm256_set1_ps(p[i][t]), _mm256_loadu_ps(v + t * hd + d0), a);
+            _mm256_storeu_ps(o[i] + d0, a);
+        }
+}
+
+/* The largest of s[t0, t1), NaN skipped as fmaxf skips it (-inf if all are NaN), 8 at a time: fmaxf is a libm call
+ * per score (3% of a 135M Q4_1 step at position 1,000). max_ps gives its second operand, acc, when s is NaN. */
+static inline float top_score(const float *s, int64_t t0, int64_t t1) {
+    __m256 acc = _mm256_set1_ps(-INFINITY);
+    int64_t t = t0;
+    for (; t + 8 <= t1; t += 8) acc = _mm256_max_ps(_mm256_loadu_ps(s + t), acc);
+    float lanes[8], top = -INFINITY;
+    _mm256_storeu_ps(lanes, acc);
+    for (int j = 0; j < 8; j++) top = lanes[j] > top ? lanes[j] : top;
+    for (; t < t1; t++) top = s[t] > top ? s[t] : top;
+    return top;
+}
+
+/* chunk_portable for fp32 K and V on AVX2 (hd a multiple of 8), NQ <= 3 queries at a time: element by element,
+ * attention was 75% of a 512-token prompt's time on an AVX2 build (135M shape); one query at a time, each query
+ * of a GQA group read K and V again (a 135M Q4_1 step at position 1,000 spent 45% in attention). */
+GEN_ALWAYS_INLINE void chunk_float8_n(const int NQ, const Chunk *c, int q0, const Source *src) {
     const int64_t hd = c->hd;
     const __m256 scale = _mm256_set1_ps(c->scale);
-    for (int i = 0; i < nq; i++) {
-        float top = -INFINITY, *s = c->s[i], *o = c->o[i];
-        const float *q = c->q[i];
-        for (int64_t t = c->t0, n, base; t < c->t1; t += n) {
-            KVHead k;
-            n = source_run(src, 0, t, c->t1, &k, &base);
-            const float *kt = (const float *)k.data + (t - base) * hd;
-            int64_t u = 0;
-            for (; u + 8 <= n; u += 8) _mm256_storeu_ps(s + t + u, _mm256_mul_ps(dots8(kt + u * hd, q, hd), scale));
-            for (; u < n; u++) s[t + u] = dot1(kt + u * hd, q, hd) * c->scale;
+    const float *const *q = c->q + q0;
+    float *const *s = c->s + q0, *const *o = c->o + q0;
+    for (int64_t t = c->t0, n, base; t < c->t1; t += n) {
+        KVHead k;
+        n = source_run(src, 0, t, c->t1, &k, &base);
+        const float *kt = (const float *)k.data + (t - base) * hd;
+        int64_t u = 0;
+        for (; u + 4 <= n; u += 4) dots4(NQ, kt + u * hd, q, hd, s, t + u, scale);
+        for (; u < n; u++)
+            for (int i = 0; i < NQ; i++) s[i][t + u] = dot1(kt + u * hd, q[i], hd) * c->scale;
+    }
+    const float *p[3];
+    for (int i = 0; i < NQ; i++) {
+        const float top = top_score(s[i], c->t0, c->t1);
+        c->top[q0 + i] = top, c->sum[q0 + i] = softmax_run(s[i], c->t0, c->t1, top);
+        memset(o[i], 0, hd * sizeof(float));
+    }
+    for (int64_t t = c->t0, n, base; t < c->t1; t += n) {
+        KVHead v;
+        n = source_run(src, 1, t, c->t1, &v, &base);
+        for (int i = 0; i < NQ; i++) p[i] = s[i] + t;
+        add_rows8(NQ, o, p, (const float *)v.data + (t - base) * hd, n, hd);
+    }
+}
+
+static void chunk_float8(const Chunk *c, int nq, const Source *src) {
+    for (int q0 = 0; q0 < nq; q0 += 3) { /* 4 queries take 3 + 1 */
+        switch (nq - q0 < 3 ? nq - q0 : 3) {
+        case 1: chunk_float8_n(1, c, q0, src); break;
+        case 2: chunk_float8_n(2, c, q0, src); break;
+        default: chunk_float8_n(3, c, q0, src); break;
         }
-        for (int64_t t = c->t0; t < c->t1; t++) top = fmaxf(top, s[t]);
-        const float sum = softmax_run(s, c->t0, c->t1, top);
-        memset(o, 0, hd * sizeof(float));
-        for (int64_t t = c->t0, n, base; t < c->t1; t += n) {
-            KVHead v;
-            n = source_run(src, 1, t, c->t1, &v, &base);
-            add_rows8(o, s + t, (const float *)v.data + (t - base) * hd, n, hd);
-        }
-        c->top[i] = top, c->sum[i] = sum;
     }
 }
 #endif
