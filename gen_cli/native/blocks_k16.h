@@ -59,6 +59,12 @@ static void k16_offsets(Act a, int64_t nsb, int32_t *o) {
 #ifdef GEN_X16_256
 enum { K16_J256 = 4 }; /* activation rows per pass on AVX2 */
 
+/* A prompt's passes of K16_J256 rows over a group load its code vectors ready, unpacked once per group into a
+ * buffer (k16_unpack_group), where each pass unpacked them again: Q5_K's fifth bits took as many operations as
+ * the products of 4 rows. In the buffer, per super-block, half, sub-block and chunk, 32 bytes: */
+enum { K16_CODES = 2 * 8 * 8 * 32 }; /* a super-block's */
+#define K16_CODE_AT(b, hh, sub, k) (((((int64_t)(b) * 2 + (hh)) * 8 + (sub)) * 8 + (k)) * 32)
+
 /* The scales (sc) and mins (mn) of 8 rows' super-block from their 3 packed words (q4k_scale_words, lane-wise):
  * bytes of sc[0] / sc[1] the scales 0-3 / 4-7, of mn[0] / mn[1] the mins. */
 static inline void k16_scales256(const uint8_t *words, __m256i sc[2], __m256i mn[2]) {
@@ -186,9 +192,10 @@ static void k16_one_row5_256(const uint8_t *restrict grp, int64_t nsb, X16Act x,
 }
 
 /* k16_group on AVX2 for nj <= K16_J256 rows: each half of the group (8 rows, bytes 32 hh .. 32 hh + 31 of every
- * chunk) over all super-blocks in turn. */
+ * chunk) over all super-blocks in turn. The code vectors are unpacked here, or read ready from `codes`
+ * (k16_unpack_group's) when not NULL: the same vectors, so the same sums. */
 GEN_ALWAYS_INLINE void k16_half_rows(const int nj, const int five, const uint8_t *restrict grp, int64_t nsb, X16Act x,
-                                     float *y, int64_t ldy, int accumulate) {
+                                     float *y, int64_t ldy, int accumulate, const uint8_t *restrict codes) {
     for (int hh = 0; hh < 2; hh++) {
         __m256 acc[K16_J256];
 #pragma GCC unroll 4
@@ -209,8 +216,9 @@ GEN_ALWAYS_INLINE void k16_half_rows(const int nj, const int five, const uint8_t
                         __m256i v[4];
 #pragma GCC unroll 4
                         for (int k = 0; k < 4; k++)
-                            v[k] = k16_codes256(half - 64 + K16_NIBBLES(five) + 512 * c + 64 * (kk + k),
-                                                half - 64 + K16_QH + 64 * (kk + k), c, h, five);
+                            v[k] = codes ? _mm256_load_si256((const __m256i *)(codes + K16_CODE_AT(b, hh, 2 * c + h, kk + k)))
+                                         : k16_codes256(half - 64 + K16_NIBBLES(five) + 512 * c + 64 * (kk + k),
+                                                        half - 64 + K16_QH + 64 * (kk + k), c, h, five);
 #pragma GCC unroll 4
                         for (int j = 0; j < nj; j++) {
                             const int32_t *q = (const int32_t *)(x.q + j * x.qs + 256 * b + 64 * c + 32 * h) + kk;
@@ -234,6 +242,39 @@ GEN_ALWAYS_INLINE void k16_half_rows(const int nj, const int five, const uint8_t
         for (int j = 0; j < nj; j++) {
             float *yj = y + j * ldy + 8 * hh;
             _mm256_storeu_ps(yj, accumulate ? _mm256_add_ps(_mm256_loadu_ps(yj), acc[j]) : acc[j]);
+        }
+    }
+}
+
+/* A group's code vectors as k16_half_rows unpacks them, stored once for a prompt's passes (at K16_CODE_AT). */
+static void k16_unpack_group(const int five, const uint8_t *restrict grp, int64_t nsb, uint8_t *restrict codes) {
+    for (int64_t b = 0; b < nsb; b++)
+        for (int hh = 0; hh < 2; hh++) {
+            const uint8_t *half = grp + b * K16_GROUP_BYTES(five) + 32 * hh;
+            for (int c = 0; c < 4; c++)
+                for (int h = 0; h < 2; h++)
+                    for (int k = 0; k < 8; k++)
+                        _mm256_store_si256((__m256i *)(codes + K16_CODE_AT(b, hh, 2 * c + h, k)),
+                                           k16_codes256(half + K16_NIBBLES(five) + 512 * c + 64 * k, half + K16_QH + 64 * k,
+                                                        c, h, five));
+        }
+}
+
+/* Activation rows [0, batch) against one group with its codes unpacked once (k16_unpack_group into `codes`),
+ * K16_J256 rows a pass. */
+GEN_ALWAYS_INLINE void k16_group_unpacked(const int five, const uint8_t *restrict grp, int64_t nsb, X16Act x,
+                                          int64_t batch, float *y, int64_t ldy, int accumulate, uint8_t *restrict codes) {
+    if (!codes) __builtin_unreachable(); /* so k16_half_rows drops its unpacking */
+    k16_unpack_group(five, grp, nsb, codes);
+    for (int64_t b0 = 0; b0 < batch; b0 += K16_J256) {
+        X16Act xj = x;
+        xj.q += b0 * x.qs, xj.d += b0 * x.ds, xj.o += b0 * x.os;
+        float *o = y + b0 * ldy;
+        switch (batch - b0 < K16_J256 ? batch - b0 : K16_J256) { /* a constant count in each copy */
+        case 1: k16_half_rows(1, five, grp, nsb, xj, o, ldy, accumulate, codes); break;
+        case 2: k16_half_rows(2, five, grp, nsb, xj, o, ldy, accumulate, codes); break;
+        case 3: k16_half_rows(3, five, grp, nsb, xj, o, ldy, accumulate, codes); break;
+        default: k16_half_rows(4, five, grp, nsb, xj, o, ldy, accumulate, codes); break;
         }
     }
 }
@@ -349,10 +390,10 @@ GEN_ALWAYS_INLINE void k16_group(const int nj, const int five, const uint8_t *re
     }
 #elif defined(GEN_X16_256)
     if (nj > K16_J256) { /* the codes, sums and accumulators of more rows would not fit AVX2's 16 registers */
-        k16_half_rows(K16_J256, five, grp, nsb, x, y, ldy, accumulate);
+        k16_half_rows(K16_J256, five, grp, nsb, x, y, ldy, accumulate, NULL);
         X16Act rest = x;
         rest.q += K16_J256 * x.qs, rest.d += K16_J256 * x.ds, rest.o += K16_J256 * x.os;
-        k16_half_rows(nj - K16_J256, five, grp, nsb, rest, y + K16_J256 * ldy, ldy, accumulate);
+        k16_half_rows(nj - K16_J256, five, grp, nsb, rest, y + K16_J256 * ldy, ldy, accumulate, NULL);
         return;
     }
     if (nj == 1 && five)
@@ -360,7 +401,7 @@ GEN_ALWAYS_INLINE void k16_group(const int nj, const int five, const uint8_t *re
     else if (nj == 1)
         k16_one_row256(grp, nsb, x, y, accumulate);
     else
-        k16_half_rows(nj, five, grp, nsb, x, y, ldy, accumulate);
+        k16_half_rows(nj, five, grp, nsb, x, y, ldy, accumulate, NULL);
 #else
     k16_group_portable(nj, five, grp, nsb, x, y, ldy, accumulate);
 #endif
