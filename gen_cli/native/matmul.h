@@ -400,19 +400,25 @@ static void x16_matmul(const uint8_t *w, int64_t rows, int64_t cols, X16Act x, i
                        : stored == T_Q8_0 ? cols / 32 * Q8X16_BYTES
                                           : cols / 32 * X16_BYTES(stored == T_Q4_1);
 #ifdef GEN_X16_256
-    /* A Q5_K prompt: each group's codes unpacked once into its thread's buffer (blocks_k16.h), the groups split as
-     * schedule(static) splits them; 1.2-1.3x the products at 6-512 rows. Q4_K's codes take two operations to
-     * unpack and ran slower this way. Without the memory, each pass unpacks them (below). */
-    uint8_t *codes = stored == T_Q5_K && batch > K16_J256
+    /* A prompt in Q5_K, or in Q4_K from K16_PRE_Q4K rows on: each group's codes unpacked once into its thread's
+     * buffer (blocks_k16.h), the groups split as schedule(static) splits them. Q5_K: 1.3-1.5x the products at
+     * 6-512 rows; Q4_K, whose codes take two operations to unpack, 1.1x from 64 rows and slower at 6. Without
+     * the memory, each pass unpacks them (below). */
+    enum { K16_PRE_Q4K = 32 };
+    uint8_t *codes = (stored == T_Q5_K && batch > K16_J256) || (stored == T_Q4_K && batch >= K16_PRE_Q4K)
                          ? aligned_alloc(32, (size_t)(n_threads * (cols / 256) * K16_CODES))
                          : NULL;
     if (codes) {
-        const int64_t groups = rows / X16_ROWS;
+        const int64_t groups = rows / X16_ROWS, nsb = cols / 256;
 #pragma omp parallel for schedule(static) num_threads(n_threads)
         for (int t = 0; t < n_threads; t++) {
-            uint8_t *own = codes + t * (cols / 256) * K16_CODES;
-            for (int64_t g = groups * t / n_threads; g < groups * (t + 1) / n_threads; g++)
-                k16_group_unpacked(1, w + g * gs, cols / 256, x, batch, y + g * X16_ROWS, ldy, accumulate, own);
+            uint8_t *own = codes + t * nsb * K16_CODES;
+            for (int64_t g = groups * t / n_threads; g < groups * (t + 1) / n_threads; g++) {
+                if (stored == T_Q5_K)
+                    k16_group_unpacked(1, w + g * gs, nsb, x, batch, y + g * X16_ROWS, ldy, accumulate, own);
+                else
+                    k16_group_unpacked(0, w + g * gs, nsb, x, batch, y + g * X16_ROWS, ldy, accumulate, own);
+            }
         }
         free(codes);
         return;
