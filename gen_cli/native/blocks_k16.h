@@ -58,10 +58,10 @@ static void k16_offsets(Act a, int64_t nsb, int32_t *o) {
 
 #ifdef GEN_X16_256
 enum { K16_J256 = 4 }; /* activation rows per pass on AVX2 */
-enum { K16_JPRE = 8 }; /* with the codes unpacked beforehand (no unpacking registers): 1.05-1.2x 4 rows */
+enum { K16_JPRE = 8 }; /* with the codes unpacked beforehand (no unpacking registers): 1.05-1.2x passes of 4 */
 
-/* A prompt's passes of K16_J256 rows over a group load its code vectors ready, unpacked once per group into a
- * buffer (k16_unpack_group), where each pass unpacked them again: Q5_K's fifth bits took as many operations as
+/* A prompt's passes over a group load its code vectors ready, unpacked once per group into a buffer
+ * (k16_unpack_group), where each pass of 4 rows unpacked them again: Q5_K's fifth bits took as many operations as
  * the products of 4 rows. In the buffer, per super-block, half, sub-block and chunk, 32 bytes: */
 enum { K16_CODES = 2 * 8 * 8 * 32 }; /* a super-block's */
 #define K16_CODE_AT(b, hh, sub, k) (((((int64_t)(b) * 2 + (hh)) * 8 + (sub)) * 8 + (k)) * 32)
@@ -206,7 +206,7 @@ GEN_ALWAYS_INLINE void k16_half_rows(const int nj, const int five, const uint8_t
             __m256i sc[2], mn[2];
             k16_scales256(half, sc, mn);
             __m256i isum[K16_JPRE];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
             for (int j = 0; j < nj; j++) isum[j] = _mm256_setzero_si256();
             for (int c = 0; c < 4; c++) {
 #pragma GCC unroll 2
