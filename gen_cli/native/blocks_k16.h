@@ -58,7 +58,7 @@ static void k16_offsets(Act a, int64_t nsb, int32_t *o) {
 
 #ifdef GEN_X16_256
 enum { K16_J256 = 4 }; /* activation rows per pass on AVX2 */
-enum { K16_JPRE = 8 }; /* with the codes unpacked beforehand (no unpacking registers): 1.05-1.2x passes of 4 */
+enum { K16_JPRE = 8 }; /* with the codes unpacked beforehand (no unpacking registers): 1.0-1.2x passes of 4 */
 
 /* A prompt's passes over a group load its code vectors ready, unpacked once per group into a buffer
  * (k16_unpack_group), where each pass of 4 rows unpacked them again: Q5_K's fifth bits took as many operations as
@@ -102,6 +102,12 @@ GEN_ALWAYS_INLINE __m256i k16_codes256(const uint8_t *nibbles, const uint8_t *qh
     const __m256i v = _mm256_and_si256(h ? _mm256_srli_epi16(raw, 4) : raw, _mm256_set1_epi8(0xF));
     if (!five) return v;
     return _mm256_or_si256(v, k5_bit4_256(_mm256_loadu_si256((const __m256i *)qh), 2 * c + h));
+}
+
+/* Code vector k (of 8) of sub-block 2c + h for half hh (rows 8 hh .. 8 hh + 7) of the group super-block at p. */
+GEN_ALWAYS_INLINE __m256i k16_code(const uint8_t *p, int hh, int c, int h, int k, const int five) {
+    const uint8_t *half = p + 32 * hh;
+    return k16_codes256(half + K16_NIBBLES(five) + 512 * c + 64 * k, half + K16_QH + 64 * k, c, h, five);
 }
 
 /* isum + a sub-block's 8 maddubs products (int16 pairs) times its scale: all 8 added in int16 for Q4_K, 4 at a
@@ -218,8 +224,7 @@ GEN_ALWAYS_INLINE void k16_half_rows(const int nj, const int five, const uint8_t
 #pragma GCC unroll 4
                         for (int k = 0; k < 4; k++)
                             v[k] = codes ? _mm256_load_si256((const __m256i *)(codes + K16_CODE_AT(b, hh, 2 * c + h, kk + k)))
-                                         : k16_codes256(half - 64 + K16_NIBBLES(five) + 512 * c + 64 * (kk + k),
-                                                        half - 64 + K16_QH + 64 * (kk + k), c, h, five);
+                                         : k16_code(p, hh, c, h, kk + k, five);
 #pragma GCC unroll 8
                         for (int j = 0; j < nj; j++) {
                             const int32_t *q = (const int32_t *)(x.q + j * x.qs + 256 * b + 64 * c + 32 * h) + kk;
@@ -250,15 +255,12 @@ GEN_ALWAYS_INLINE void k16_half_rows(const int nj, const int five, const uint8_t
 /* A group's code vectors as k16_half_rows unpacks them, stored once for a prompt's passes (at K16_CODE_AT). */
 static void k16_unpack_group(const int five, const uint8_t *restrict grp, int64_t nsb, uint8_t *restrict codes) {
     for (int64_t b = 0; b < nsb; b++)
-        for (int hh = 0; hh < 2; hh++) {
-            const uint8_t *half = grp + b * K16_GROUP_BYTES(five) + 32 * hh;
+        for (int hh = 0; hh < 2; hh++)
             for (int c = 0; c < 4; c++)
                 for (int h = 0; h < 2; h++)
                     for (int k = 0; k < 8; k++)
                         _mm256_store_si256((__m256i *)(codes + K16_CODE_AT(b, hh, 2 * c + h, k)),
-                                           k16_codes256(half + K16_NIBBLES(five) + 512 * c + 64 * k, half + K16_QH + 64 * k,
-                                                        c, h, five));
-        }
+                                           k16_code(grp + b * K16_GROUP_BYTES(five), hh, c, h, k, five));
 }
 
 /* Activation rows [0, batch) against one group with its codes unpacked once (k16_unpack_group into `codes`),

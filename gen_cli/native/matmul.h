@@ -401,9 +401,9 @@ static void x16_matmul(const uint8_t *w, int64_t rows, int64_t cols, X16Act x, i
                                           : cols / 32 * X16_BYTES(stored == T_Q4_1);
 #ifdef GEN_X16_256
     /* A prompt in Q5_K, or in Q4_K from K16_PRE_Q4K rows on: each group's codes unpacked once into its thread's
-     * buffer (blocks_k16.h), the groups split as schedule(static) splits them. Q5_K: 1.3-1.5x the products at
-     * 6-512 rows; Q4_K, whose codes take two operations to unpack, 1.1x from 64 rows and slower at 6. Without
-     * the memory, each pass unpacks them (below). */
+     * buffer (blocks_k16.h), the groups split as schedule(static) splits them. Q5_K: 1.1-1.4x the products at
+     * 6-512 rows; Q4_K, whose codes take two operations to unpack, level at 64 rows, 1.1-1.2x at 512 and slower
+     * at 6. Without the memory, each pass unpacks them (below). */
     enum { K16_PRE_Q4K = 32 };
     uint8_t *codes = (stored == T_Q5_K && batch > K16_J256) || (stored == T_Q4_K && batch >= K16_PRE_Q4K)
                          ? aligned_alloc(32, (size_t)(n_threads * (cols / 256) * K16_CODES))
