@@ -20,8 +20,8 @@
  * activation's broadcasts), maddubs of the codes (high nibbles shifted down, Q5_K's fifth bit or-ed in) against
  * the broadcast activation, the products of a sub-block added in int16 (Q4_K: up to all 8, exact as 8 x 2 x 15 x
  * 127 = 30480; Q5_K: 4 at a time, 4 x 2 x 31 x 127 = 31496), then one madd per int16 sum with the scale in both
- * 16-bit halves of each lane: the same int32 sums, so again the same bits. AVX-512 builds have no Q5_K product in this
- * layout yet (gen_block_interleaved keeps their Q5_K stored; the portable loop serves a repack asked for anyway).
+ * 16-bit halves of each lane: the same int32 sums, so again the same bits. Q5_K on AVX-512: the nibbles with the
+ * fifth bit or-ed in (k5_bit4_512), the high ones shifted down first, as dpbusd's unsigned operand.
  * Float activations and prompt tiles read each row's super-blocks back in the stored layout (x16_row) and use
  * its code: the stored layout's bits.
  */
@@ -315,22 +315,27 @@ static inline void k16_group_portable(const int nj, const int five, const uint8_
         for (int l = 0; l < X16_ROWS; l++) y[j * ldy + l] = accumulate ? y[j * ldy + l] + acc[j][l] : acc[j][l];
 }
 
+#ifdef GEN_BLOCKS_512
+/* 64 Q5_K codes: the low nibbles of `nib` with bit j of the matching qh bytes as 16 (one ternary-logic op: nib & 15,
+ * or the shifted qh & 16). 16-bit shifts; the bits crossing from the other byte are masked off. */
+GEN_ALWAYS_INLINE __m512i k5_code512(__m512i nib, __m512i qh, int j) {
+    const __m512i t = j <= 4 ? _mm512_slli_epi16(qh, 4 - j) : _mm512_srli_epi16(qh, j - 4);
+    return _mm512_ternarylogic_epi32(_mm512_and_si512(nib, _mm512_set1_epi8(0xF)), t, _mm512_set1_epi8(0x10), 0xF8);
+}
+#endif
+
 /* One group (nsb super-blocks at grp; Q5_K when five, else Q4_K) against activation rows 0 .. nj - 1 of x:
  * y[j ldy + l] (+)= row l . x_j. */
 GEN_ALWAYS_INLINE void k16_group(const int nj, const int five, const uint8_t *restrict grp, int64_t nsb, X16Act x,
                                  float *y, int64_t ldy, int accumulate) {
 #ifdef GEN_BLOCKS_512
-    if (five) {
-        k16_group_portable(nj, five, grp, nsb, x, y, ldy, accumulate);
-        return;
-    }
     const __m512i m4 = _mm512_set1_epi8(0xF), six = _mm512_set1_epi8(0x3F), four = _mm512_set1_epi8(0x0F);
     const __m512i two = _mm512_set1_epi8(0x03), byte = _mm512_set1_epi32(0xFF), pair = _mm512_set1_epi32(0x00FF00FF);
     __m512 acc[X16_J];
 #pragma GCC unroll 8
     for (int j = 0; j < nj; j++) acc[j] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nsb; b++) {
-        const uint8_t *p = grp + b * K16_BYTES;
+        const uint8_t *p = grp + b * K16_GROUP_BYTES(five);
         /* q4k_scale_words, 16 rows at once: bytes of sc03 / sc47 the scales, of mn03 / mn47 the mins */
         const __m512i w0 = _mm512_loadu_si512(p + 64), w1 = _mm512_loadu_si512(p + 128), w2 = _mm512_loadu_si512(p + 192);
         const __m512i sc03 = _mm512_and_si512(w0, six), mn03 = _mm512_and_si512(w1, six);
@@ -345,16 +350,20 @@ GEN_ALWAYS_INLINE void k16_group(const int nj, const int five, const uint8_t *re
         for (int j = 0; j < nj; j++) isum[j] = _mm512_setzero_si512();
         for (int c = 0; c < 4; c++) { /* sub-blocks 2c (low nibbles) and 2c + 1 (high), each 8 chunks */
             const __m512i sw = c < 2 ? sc03 : sc47;
-            const uint8_t *q4 = p + 256 + 512 * c;
+            const uint8_t *q4 = p + K16_NIBBLES(five) + 512 * c;
 #pragma GCC unroll 2
             for (int h = 0; h < 2; h++) {
-                /* High nibbles kept in place (x 16): their exact sum is shifted back once. */
+                /* Q4_K's high nibbles kept in place (x 16): their exact sum is shifted back once. */
                 const __m512i sc = _mm512_and_si512(_mm512_srli_epi32(sw, 16 * (c & 1) + 8 * h), byte);
                 __m512i v[8];
 #pragma GCC unroll 8
                 for (int k = 0; k < 8; k++) {
                     const __m512i raw = _mm512_loadu_si512(q4 + 64 * k);
-                    v[k] = h ? _mm512_andnot_si512(m4, raw) : _mm512_and_si512(raw, m4);
+                    if (five)
+                        v[k] = k5_code512(h ? _mm512_srli_epi16(raw, 4) : raw, _mm512_loadu_si512(p + K16_QH + 64 * k),
+                                          2 * c + h);
+                    else
+                        v[k] = h ? _mm512_andnot_si512(m4, raw) : _mm512_and_si512(raw, m4);
                 }
 #pragma GCC unroll 8
                 for (int j = 0; j < nj; j++) {
@@ -368,7 +377,7 @@ GEN_ALWAYS_INLINE void k16_group(const int nj, const int five, const uint8_t *re
                         s1 = _mm512_dpbusd_epi32(s1, v[4 + k], _mm512_set1_epi32(a1));
                     }
                     __m512i s = _mm512_add_epi32(s0, s1);
-                    if (h) s = _mm512_srai_epi32(s, 4);
+                    if (h && !five) s = _mm512_srai_epi32(s, 4);
                     isum[j] = _mm512_add_epi32(isum[j], _mm512_mullo_epi32(s, sc));
                 }
             }

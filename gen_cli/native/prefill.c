@@ -111,7 +111,7 @@ int64_t gen_block_dequantize(const void *w, int64_t type, int64_t rows, int64_t 
 }
 
 /* The type a Q4_0 / Q4_1 / Q4_K / Q5_K / Q8_0 matrix is repacked to for decoding (blocks_x16.h, blocks_k16.h,
- * blocks_q8x16.h), when this build has a vector product for it (AVX-512 VNNI, or AVX2; Q5_K: AVX2); else
+ * blocks_q8x16.h), when this build has a vector product for it (AVX-512 VNNI, or AVX2); else
  * -1 (the stored layout is as fast). */
 int64_t gen_block_interleaved(int64_t type) {
 #ifdef GEN_X16_VECTOR
@@ -119,8 +119,6 @@ int64_t gen_block_interleaved(int64_t type) {
     if (type == T_Q4_0) return T_Q4_0X16;
     if (type == T_Q4_1) return T_Q4_1X16;
     if (type == T_Q4_K) return T_Q4_KX16;
-#endif
-#ifdef GEN_X16_256 /* AVX-512 builds have no vector Q5_K product in the layout (blocks_k16.h) */
     if (type == T_Q5_K) return T_Q5_KX16;
 #endif
     (void)type;
