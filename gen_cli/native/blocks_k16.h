@@ -56,15 +56,21 @@ static void k16_offsets(Act a, int64_t nsb, int32_t *o) {
         }
 }
 
-#ifdef GEN_X16_256
-enum { K16_J256 = 4 }; /* activation rows per pass on AVX2 */
-enum { K16_JPRE = 8 }; /* with the codes unpacked beforehand (no unpacking registers): 1.0-1.2x passes of 4 */
-
-/* A prompt's passes over a group load its code vectors ready, unpacked once per group into a buffer
- * (k16_unpack_group), where each pass of 4 rows unpacked them again: Q5_K's fifth bits took as many operations as
- * the products of 4 rows. In the buffer, per super-block, half, sub-block and chunk, 32 bytes: */
-enum { K16_CODES = 2 * 8 * 8 * 32 }; /* a super-block's */
+/* A prompt's passes over a group can load its code vectors ready, unpacked once per group into a buffer
+ * (k16_unpack_group), where each pass unpacked them again: Q5_K's fifth bits took as many operations as the
+ * products of 4 rows on AVX2, and a sixth of the time on AVX-512. In the buffer, per super-block, sub-block and
+ * chunk, the 16 rows' 64 bytes; on AVX2, per super-block and half hh (rows 8 hh .. 8 hh + 7), the half's 32 bytes
+ * (a pass reads one half over all super-blocks: 1.03x the 64-byte order). */
+enum { K16_CODES = 8 * 8 * 64 }; /* a super-block's */
+#ifdef GEN_BLOCKS_512
+#define K16_CODE_AT(b, hh, sub, k) ((((int64_t)(b) * 8 + (sub)) * 8 + (k)) * 64)
+#else
 #define K16_CODE_AT(b, hh, sub, k) (((((int64_t)(b) * 2 + (hh)) * 8 + (sub)) * 8 + (k)) * 32)
+#endif
+enum { K16_JPRE = 8 }; /* activation rows per pass over unpacked codes */
+
+#ifdef GEN_X16_256
+enum { K16_J256 = 4 }; /* activation rows per pass on AVX2 unpacking its codes (K16_JPRE: 1.0-1.2x passes of 4) */
 
 /* The scales (sc) and mins (mn) of 8 rows' super-block from their 3 packed words (q4k_scale_words, lane-wise):
  * bytes of sc[0] / sc[1] the scales 0-3 / 4-7, of mn[0] / mn[1] the mins. */
@@ -262,25 +268,6 @@ static void k16_unpack_group(const int five, const uint8_t *restrict grp, int64_
                         _mm256_store_si256((__m256i *)(codes + K16_CODE_AT(b, hh, 2 * c + h, k)),
                                            k16_code(grp + b * K16_GROUP_BYTES(five), hh, c, h, k, five));
 }
-
-/* Activation rows [0, batch) against one group with its codes unpacked once (k16_unpack_group into `codes`),
- * K16_JPRE rows a pass. */
-GEN_ALWAYS_INLINE void k16_group_unpacked(const int five, const uint8_t *restrict grp, int64_t nsb, X16Act x,
-                                          int64_t batch, float *y, int64_t ldy, int accumulate, uint8_t *restrict codes) {
-    if (!codes) __builtin_unreachable(); /* so k16_half_rows drops its unpacking */
-    k16_unpack_group(five, grp, nsb, codes);
-    for (int64_t b0 = 0; b0 < batch; b0 += K16_JPRE) {
-        X16Act xj = x;
-        xj.q += b0 * x.qs, xj.d += b0 * x.ds, xj.o += b0 * x.os;
-        float *o = y + b0 * ldy;
-        switch (batch - b0 < K16_JPRE ? batch - b0 : K16_JPRE) { /* a constant count in each copy */
-#define PASS(N) \
-    case N: k16_half_rows(N, five, grp, nsb, xj, o, ldy, accumulate, codes); break;
-            PASS(1) PASS(2) PASS(3) PASS(4) PASS(5) PASS(6) PASS(7) PASS(8)
-#undef PASS
-        }
-    }
-}
 #endif
 
 /* k16_group lane by lane: the vector paths' integer sums and fp32 steps (fmaf), in the same order. */
@@ -316,20 +303,38 @@ static inline void k16_group_portable(const int nj, const int five, const uint8_
 }
 
 #ifdef GEN_BLOCKS_512
-/* 64 Q5_K codes: the low nibbles of `nib` with bit j of the matching qh bytes as 16 (one ternary-logic op: nib & 15,
- * or the shifted qh & 16). 16-bit shifts; the bits crossing from the other byte are masked off. */
-GEN_ALWAYS_INLINE __m512i k5_code512(__m512i nib, __m512i qh, int j) {
+/* Code vector k (16 rows' 4 codes each) of sub-block 2c + h of the group super-block at p, as dpbusd's unsigned
+ * operand: Q4_K's high nibbles kept in place (x 16: the exact sum is shifted back once); Q5_K's nibbles (the high
+ * ones shifted down) with bit 2c + h of the matching qh chunk's bytes or-ed in as 16 (one ternary-logic op: nib &
+ * 15, or the shifted qh & 16; 16-bit shifts, the bits crossing from the other byte masked off). */
+GEN_ALWAYS_INLINE __m512i k16_code512(const uint8_t *p, int c, int h, int k, const int five) {
+    const __m512i m4 = _mm512_set1_epi8(0xF), raw = _mm512_loadu_si512(p + K16_NIBBLES(five) + 512 * c + 64 * k);
+    if (!five) return h ? _mm512_andnot_si512(m4, raw) : _mm512_and_si512(raw, m4);
+    const int j = 2 * c + h;
+    const __m512i qh = _mm512_loadu_si512(p + K16_QH + 64 * k);
     const __m512i t = j <= 4 ? _mm512_slli_epi16(qh, 4 - j) : _mm512_srli_epi16(qh, j - 4);
-    return _mm512_ternarylogic_epi32(_mm512_and_si512(nib, _mm512_set1_epi8(0xF)), t, _mm512_set1_epi8(0x10), 0xF8);
+    const __m512i nib = _mm512_and_si512(h ? _mm512_srli_epi16(raw, 4) : raw, m4);
+    return _mm512_ternarylogic_epi32(nib, t, _mm512_set1_epi8(0x10), 0xF8);
+}
+
+/* A group's code vectors as k16_group makes them, stored once for a prompt's passes (at K16_CODE_AT). */
+static void k16_unpack_group(const int five, const uint8_t *restrict grp, int64_t nsb, uint8_t *restrict codes) {
+    for (int64_t b = 0; b < nsb; b++)
+        for (int c = 0; c < 4; c++)
+            for (int h = 0; h < 2; h++)
+                for (int k = 0; k < 8; k++)
+                    _mm512_store_si512(codes + K16_CODE_AT(b, 0, 2 * c + h, k),
+                                       k16_code512(grp + b * K16_GROUP_BYTES(five), c, h, k, five));
 }
 #endif
 
 /* One group (nsb super-blocks at grp; Q5_K when five, else Q4_K) against activation rows 0 .. nj - 1 of x:
- * y[j ldy + l] (+)= row l . x_j. */
+ * y[j ldy + l] (+)= row l . x_j. `codes`: the group's code vectors unpacked (k16_unpack_group; nj <= K16_JPRE), or
+ * NULL to unpack them here. */
 GEN_ALWAYS_INLINE void k16_group(const int nj, const int five, const uint8_t *restrict grp, int64_t nsb, X16Act x,
-                                 float *y, int64_t ldy, int accumulate) {
+                                 float *y, int64_t ldy, int accumulate, const uint8_t *restrict codes) {
 #ifdef GEN_BLOCKS_512
-    const __m512i m4 = _mm512_set1_epi8(0xF), six = _mm512_set1_epi8(0x3F), four = _mm512_set1_epi8(0x0F);
+    const __m512i six = _mm512_set1_epi8(0x3F), four = _mm512_set1_epi8(0x0F);
     const __m512i two = _mm512_set1_epi8(0x03), byte = _mm512_set1_epi32(0xFF), pair = _mm512_set1_epi32(0x00FF00FF);
     __m512 acc[X16_J];
 #pragma GCC unroll 8
@@ -350,21 +355,13 @@ GEN_ALWAYS_INLINE void k16_group(const int nj, const int five, const uint8_t *re
         for (int j = 0; j < nj; j++) isum[j] = _mm512_setzero_si512();
         for (int c = 0; c < 4; c++) { /* sub-blocks 2c (low nibbles) and 2c + 1 (high), each 8 chunks */
             const __m512i sw = c < 2 ? sc03 : sc47;
-            const uint8_t *q4 = p + K16_NIBBLES(five) + 512 * c;
 #pragma GCC unroll 2
             for (int h = 0; h < 2; h++) {
-                /* Q4_K's high nibbles kept in place (x 16): their exact sum is shifted back once. */
                 const __m512i sc = _mm512_and_si512(_mm512_srli_epi32(sw, 16 * (c & 1) + 8 * h), byte);
                 __m512i v[8];
 #pragma GCC unroll 8
-                for (int k = 0; k < 8; k++) {
-                    const __m512i raw = _mm512_loadu_si512(q4 + 64 * k);
-                    if (five)
-                        v[k] = k5_code512(h ? _mm512_srli_epi16(raw, 4) : raw, _mm512_loadu_si512(p + K16_QH + 64 * k),
-                                          2 * c + h);
-                    else
-                        v[k] = h ? _mm512_andnot_si512(m4, raw) : _mm512_and_si512(raw, m4);
-                }
+                for (int k = 0; k < 8; k++)
+                    v[k] = codes ? _mm512_load_si512(codes + K16_CODE_AT(b, 0, 2 * c + h, k)) : k16_code512(p, c, h, k, five);
 #pragma GCC unroll 8
                 for (int j = 0; j < nj; j++) {
                     const int32_t *q = (const int32_t *)(x.q + j * x.qs + 256 * b + 64 * c + 32 * h);
@@ -401,6 +398,10 @@ GEN_ALWAYS_INLINE void k16_group(const int nj, const int five, const uint8_t *re
         _mm512_storeu_ps(yj, accumulate ? _mm512_add_ps(_mm512_loadu_ps(yj), acc[j]) : acc[j]);
     }
 #elif defined(GEN_X16_256)
+    if (codes) {
+        k16_half_rows(nj, five, grp, nsb, x, y, ldy, accumulate, codes);
+        return;
+    }
     if (nj > K16_J256) { /* the codes, sums and accumulators of more rows would not fit AVX2's 16 registers */
         k16_half_rows(K16_J256, five, grp, nsb, x, y, ldy, accumulate, NULL);
         X16Act rest = x;
@@ -415,8 +416,30 @@ GEN_ALWAYS_INLINE void k16_group(const int nj, const int five, const uint8_t *re
     else
         k16_half_rows(nj, five, grp, nsb, x, y, ldy, accumulate, NULL);
 #else
+    (void)codes;
     k16_group_portable(nj, five, grp, nsb, x, y, ldy, accumulate);
 #endif
 }
+
+#if defined(GEN_BLOCKS_512) || defined(GEN_X16_256)
+/* Activation rows [0, batch) against one group with its codes unpacked once (k16_unpack_group into `codes`),
+ * K16_JPRE rows a pass. */
+GEN_ALWAYS_INLINE void k16_group_unpacked(const int five, const uint8_t *restrict grp, int64_t nsb, X16Act x,
+                                          int64_t batch, float *y, int64_t ldy, int accumulate, uint8_t *restrict codes) {
+    if (!codes) __builtin_unreachable(); /* so k16_group drops its unpacking */
+    k16_unpack_group(five, grp, nsb, codes);
+    for (int64_t b0 = 0; b0 < batch; b0 += K16_JPRE) {
+        X16Act xj = x;
+        xj.q += b0 * x.qs, xj.d += b0 * x.ds, xj.o += b0 * x.os;
+        float *o = y + b0 * ldy;
+        switch (batch - b0 < K16_JPRE ? batch - b0 : K16_JPRE) { /* a constant count in each copy */
+#define PASS(N) \
+    case N: k16_group(N, five, grp, nsb, xj, o, ldy, accumulate, codes); break;
+            PASS(1) PASS(2) PASS(3) PASS(4) PASS(5) PASS(6) PASS(7) PASS(8)
+#undef PASS
+        }
+    }
+}
+#endif
 
 #endif

@@ -399,15 +399,19 @@ static void x16_matmul(const uint8_t *w, int64_t rows, int64_t cols, X16Act x, i
                        : stored == T_Q5_K ? cols / 256 * K16_BYTES5
                        : stored == T_Q8_0 ? cols / 32 * Q8X16_BYTES
                                           : cols / 32 * X16_BYTES(stored == T_Q4_1);
-#ifdef GEN_X16_256
-    /* A prompt in Q5_K, or in Q4_K from K16_PRE_Q4K rows on: each group's codes unpacked once into its thread's
-     * buffer (blocks_k16.h), the groups split as schedule(static) splits them. Q5_K: 1.1-1.4x the products at
-     * 6-512 rows; Q4_K, whose codes take two operations to unpack, level at 64 rows, 1.1-1.2x at 512 and slower
-     * at 6. Without the memory, each pass unpacks them (below). */
-    enum { K16_PRE_Q4K = 32 };
-    uint8_t *codes = (stored == T_Q5_K && batch > K16_J256) || (stored == T_Q4_K && batch >= K16_PRE_Q4K)
-                         ? aligned_alloc(32, (size_t)(n_threads * (cols / 256) * K16_CODES))
-                         : NULL;
+#if defined(GEN_BLOCKS_512) || defined(GEN_X16_256)
+    /* A prompt's codes unpacked once per group into its thread's buffer (blocks_k16.h), the groups split as
+     * schedule(static) splits them. Without the memory, each pass unpacks them (below).
+     * AVX-512: Q5_K from 32 rows on, 1.1x the products at 64-512 rows and slower at 9-16; Q4_K's codes take one
+     * operation, and unpacking them once gained nothing.
+     * AVX2: Q5_K, 1.1-1.4x at 6-512 rows; Q4_K from 32 rows on, its codes taking two operations: level at 64 rows,
+     * 1.1-1.2x at 512 and slower at 6. */
+#ifdef GEN_BLOCKS_512
+    const int unpack = stored == T_Q5_K && batch >= 32;
+#else
+    const int unpack = (stored == T_Q5_K && batch > K16_J256) || (stored == T_Q4_K && batch >= 32);
+#endif
+    uint8_t *codes = unpack ? aligned_alloc(64, (size_t)(n_threads * (cols / 256) * K16_CODES)) : NULL;
     if (codes) {
         const int64_t groups = rows / X16_ROWS, nsb = cols / 256;
 #pragma omp parallel for schedule(static) num_threads(n_threads)
@@ -436,9 +440,9 @@ static void x16_matmul(const uint8_t *w, int64_t rows, int64_t cols, X16Act x, i
 #define NJ(N)                                                        \
     case N:                                                          \
         if (stored == T_Q4_K)                                        \
-            k16_group(N, 0, grp, cols / 256, xj, o, ldy, accumulate);\
+            k16_group(N, 0, grp, cols / 256, xj, o, ldy, accumulate, NULL);\
         else if (stored == T_Q5_K)                                   \
-            k16_group(N, 1, grp, cols / 256, xj, o, ldy, accumulate);\
+            k16_group(N, 1, grp, cols / 256, xj, o, ldy, accumulate, NULL);\
         else if (stored == T_Q8_0)                                   \
             q8x16_group(N, grp, cols / 32, xj, o, ldy, accumulate);  \
         else if (stored == T_Q4_1)                                   \
