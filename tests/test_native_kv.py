@@ -95,6 +95,24 @@ def test_every_head_grouping_and_size(shape, k_kind, v_kind):
     assert (got - want).abs().max() <= _tol(k_kind, v_kind) * want.abs().max(), (got - want).abs().max()
 
 
+@pytest.mark.parametrize(
+    "shape",
+    [
+        {"d_model": 64, "n_head": 4, "n_kv_head": 2},  # head_dim 16
+        {"d_model": 96, "n_head": 2, "n_kv_head": 1},  # head_dim 48
+    ],
+)
+@pytest.mark.parametrize(("k_kind", "v_kind"), [("int8", "int8"), ("int8", "fp32")])
+def test_int8_k_at_head_sizes_that_end_in_half_a_vnni_step(shape, k_kind, v_kind):
+    """With AVX-512 VNNI, int8 K is dotted 32 values a step: a head of 16 (mod 32) values ends in half a step,
+    whose last 16 values count and whose next token's bytes do not."""
+    torch_model, native_model = _models(**shape, d_ff=128, context_length=64)
+    ids = torch.randint(0, 300, (1, 24), generator=torch.Generator().manual_seed(6))
+    want = _steps(torch_model, ids, 5, (k_kind, v_kind))
+    got = _steps(native_model, ids, 5, (k_kind, v_kind))
+    assert (got - want).abs().max() <= _tol(k_kind, v_kind) * want.abs().max(), (got - want).abs().max()
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize(
     ("k_kind", "v_kind"), [("fp32", "fp32"), ("bf16", "bf16"), ("int8", "int8"), ("int4", "int4"), ("int8", "int4")]

@@ -391,7 +391,14 @@ GEN_ALWAYS_INLINE void queries_int(const Chunk *c, const int nq, const int kk, c
             Q->q16[i][at] = (int16_t)lrintf(q[d] / Q->qscale[i]);
             if (kk == KV_INT4) Q->qsum[i][d / KV_GROUP] += q[d];
         }
+        for (int64_t d = hd; d % 32; d++) Q->q16[i][d] = 0; /* int8 K: a head of 16 (mod 32) ends in half a step */
     }
+}
+
+/* Elements 32 j .. 32 j + 31 of an int8 K token (row) as int16, those past hd zero (not loaded). */
+GEN_ALWAYS_INLINE __m512i k_int16(const int8_t *row, int64_t j, int64_t hd) {
+    const __mmask32 m = hd - 32 * j >= 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1u << (hd - 32 * j)) - 1);
+    return _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(m, row + 32 * j));
 }
 
 /* Integer K's scores of tokens [t0, t1) of one piece k into s[i] (at the same indices). */
@@ -406,9 +413,8 @@ GEN_ALWAYS_INLINE void scores_int(const Chunk *c, const Queries *Q, float *const
             if (kk == KV_INT8) {
                 __m512i a[NQ_MAX];
                 for (int i = 0; i < nq; i++) a[i] = _mm512_setzero_si512();
-                for (int64_t j = 0; j < hd / 32; j++) {
-                    const __m512i x = _mm512_cvtepi8_epi16(
-                        _mm256_loadu_si256((const __m256i *)((const int8_t *)k->data + (t + u) * hd + 32 * j)));
+                for (int64_t j = 0; j < (hd + 31) / 32; j++) {
+                    const __m512i x = k_int16((const int8_t *)k->data + (t + u) * hd, j, hd);
                     for (int i = 0; i < nq; i++)
                         a[i] = _mm512_dpwssd_epi32(a[i], x, _mm512_load_si512((const void *)(Q->q16[i] + 32 * j)));
                 }
@@ -448,10 +454,9 @@ GEN_ALWAYS_INLINE void scores_int(const Chunk *c, const Queries *Q, float *const
             float s = 0.f;
             if (kk == KV_INT8) {
                 __m512i a = _mm512_setzero_si512();
-                for (int64_t j = 0; j < hd / 32; j++)
-                    a = _mm512_dpwssd_epi32(
-                        a, _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)((const int8_t *)k->data + t * hd + 32 * j))),
-                        _mm512_load_si512((const void *)(Q->q16[i] + 32 * j)));
+                for (int64_t j = 0; j < (hd + 31) / 32; j++)
+                    a = _mm512_dpwssd_epi32(a, k_int16((const int8_t *)k->data + t * hd, j, hd),
+                                            _mm512_load_si512((const void *)(Q->q16[i] + 32 * j)));
                 s = (float)_mm512_reduce_add_epi32(a) * Q->qscale[i] * k->scale[t];
             } else {
                 for (int64_t g = 0; g < G; g++) {

@@ -18,7 +18,7 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define GEN_AVX512_BW 1 /* masked 16-bit loads, byte ops on 512-bit vectors */
 #endif
-#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#if defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
 #define GEN_VNNI 1 /* int16 dot products (vpdpwssd): int8 matrices and quantized K */
 #endif
 #if defined(__AVX512BF16__) && defined(__AVX512VL__)
