@@ -22,6 +22,7 @@ from gen_cli.formats.export import held_blocks
 from gen_cli.formats.export_gguf import export_gguf
 from gen_cli.formats.gguf_file import GGUFFile
 from gen_cli.formats.loading import load
+from gen_cli.infer.file_model import FileModel
 from gen_cli.infer.generate import decode_step, prefill
 from gen_cli.infer.optimize import optimize_for_decode
 from gen_cli.model.config import ModelConfig
@@ -207,6 +208,20 @@ def _steps(model: Transformer, ids: torch.Tensor, prompt_len: int) -> torch.Tens
     with torch.inference_mode():
         prefill(model, ids[:, :prompt_len], cache)
         return torch.stack([decode_step(model, ids[:, t : t + 1], cache) for t in range(prompt_len, ids.shape[1])], 1)
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_float_activations_keep_the_layouts_without_a_float_product_stored(qtype, tmp_path):
+    """The torch-free step with bf16 or fp32 activations: q4_0 / q4_1 stay interleaved (they have a float product of
+    their own), while q4_k, q5_k and q8_0 would read every row back stored each step, so they stay stored."""
+    if not repack_wanted(qtype, 16):
+        pytest.skip("this machine's kernel keeps the stored layout (no AVX2 or AVX-512 VNNI)")
+    path = _write(tmp_path / "m.gguf", qtype)
+    for act in ("int8", "bf16", "fp32"):
+        model = FileModel.open(path, 1, act)
+        assert isinstance(model, FileModel), model
+        packed = act == "int8" or qtype not in READ_BACK
+        assert model.layers[0].w2.type == MATRIX_TYPES[qtype + ("x16" if packed else "")], act
 
 
 @pytest.mark.parametrize("qtype", QTYPES)

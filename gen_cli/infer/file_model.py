@@ -151,8 +151,9 @@ class FileModel:
             out.append((_Part(name, self.file.shape(name)[0], heads), held.qtypes[i] if held.blocks else None))
         return out
 
-    def _runs(self, gen_names: list[str], packable: bool = True) -> list[_Run]:
-        """Consecutive parts of one type as runs; runs interleaved where this machine's kernel has the layout."""
+    def _runs(self, gen_names: list[str], act: str, packable: bool = True) -> list[_Run]:
+        """Consecutive parts of one type as runs; runs interleaved where this machine's kernel has the layout (for
+        `act` activations)."""
         parts = [p for name in gen_names for p in self._parts(name)]
         cols = self._plan[gen_names[0]][0][1]
         runs: list[list[tuple[_Part, str | None]]] = []
@@ -164,21 +165,21 @@ class FileModel:
         out = []
         for run in runs:
             qtype = run[0][1]
-            packed = packable and qtype is not None and all(repack_wanted(qtype, p.rows) for p, _ in run)
+            packed = packable and qtype is not None and all(repack_wanted(qtype, p.rows, act) for p, _ in run)
             out.append(_Run(tuple(p for p, _ in run), qtype, cols, packed))
         return out
 
-    def _matrices(self) -> dict[str, list[_Run]]:
+    def _matrices(self, act: str) -> dict[str, list[_Run]]:
         """Every streamed matrix by the Layer / Model field it fills."""
         c, out = self.config, {}
         for i in range(c.n_layer):
             at = f"layers.{i}."
-            out[at + "wqkv"] = self._runs([at + "attn.wqkv.weight"])
-            out[at + "wo"] = self._runs([at + "attn.wo.weight"])
-            out[at + "w13"] = self._runs([at + "mlp.w1.weight", at + "mlp.w3.weight"])
-            out[at + "w2"] = self._runs([at + "mlp.w2.weight"])
-        out["tok_emb"] = self._runs(["tok_emb.weight"], packable=False)  # read a row per token: as stored
-        head = self._runs(["tok_emb.weight" if c.tie_embeddings else "lm_head.weight"])
+            out[at + "wqkv"] = self._runs([at + "attn.wqkv.weight"], act)
+            out[at + "wo"] = self._runs([at + "attn.wo.weight"], act)
+            out[at + "w13"] = self._runs([at + "mlp.w1.weight", at + "mlp.w3.weight"], act)
+            out[at + "w2"] = self._runs([at + "mlp.w2.weight"], act)
+        out["tok_emb"] = self._runs(["tok_emb.weight"], act, packable=False)  # read a row per token: as stored
+        head = self._runs(["tok_emb.weight" if c.tie_embeddings else "lm_head.weight"], act)
         out["lm_head"] = [] if c.tie_embeddings and not head[0].packed else head  # [] : the embedding itself
         return out
 
@@ -222,7 +223,7 @@ class FileModel:
 
     def _lay_out(self, act: str) -> None:
         c = self.config
-        matrices = self._matrices()
+        matrices = self._matrices(act)
         self._arena = _Arena(sum(r.nbytes for runs in matrices.values() for r in runs))  # what the structs point into
         self._pages = PageReleaser()  # after the file is mapped: it finds the file's ranges in /proc/self/maps
         placed = {field: [self._write(r, self._arena) for r in runs] for field, runs in matrices.items()}

@@ -16,9 +16,18 @@ if TYPE_CHECKING:
     import torch
 
 
-def repack_wanted(qtype: str, rows: int) -> bool:
-    """Whether a `qtype` matrix of `rows` rows that the native step streams is held interleaved here."""
+# The interleaved types with a float-activation product of their own (blocks_x16.h). The others' float products read
+# each row back in the stored layout, a gather per word: their decode with bf16 or fp32 activations ran 4-20x slower
+# interleaved than stored (2026-12-07), so with those activations they stay stored.
+FLOAT_PRODUCTS = ("q4_0", "q4_1")
+
+
+def repack_wanted(qtype: str, rows: int, act: str = "int8") -> bool:
+    """Whether a `qtype` matrix of `rows` rows that the native step streams with `act` activations is held
+    interleaved here."""
     if os.environ.get("GEN_REPACK", "1") == "0" or not can_interleave(qtype, rows):
+        return False
+    if act != "int8" and qtype not in FLOAT_PRODUCTS:
         return False
     lib = library()
     return not isinstance(lib, str) and lib.gen_block_interleaved(MATRIX_TYPES[qtype]) >= 0
