@@ -304,12 +304,15 @@ def test_a_tied_head_gets_its_own_interleaved_copy_and_the_same_tokens(qtype, mo
     if not repack_wanted(qtype, 16):
         pytest.skip("this machine's kernel keeps the stored layout (no vector product for it)")
     ids = torch.randint(0, 300, (2, 10), generator=torch.Generator().manual_seed(2))
-    fast = optimize_for_decode(_loaded(path, monkeypatch, True).model, act="fp32")
+    fast = optimize_for_decode(_loaded(path, monkeypatch, True).model)  # int8 activations: every type interleaved
     slow = optimize_for_decode(_loaded(path, monkeypatch, False).model, act="fp32")
     assert fast.lm_head.interleaved and not slow.lm_head.interleaved
     assert fast.lm_head.blocks.data_ptr() != fast.tok_emb.blocks.data_ptr()  # its own copy …
     assert torch.equal(fast.lm_head.stored_blocks(), fast.tok_emb.blocks)  # … of the same weights
     assert slow.lm_head.blocks.data_ptr() == slow.tok_emb.blocks.data_ptr()  # stored layout: still shared
+    # fp32 activations (the same sums to fp32 rounding); q4_k, q5_k and q8_0 keep the head stored and shared there
+    fast = optimize_for_decode(_loaded(path, monkeypatch, True).model, act="fp32")
+    assert fast.lm_head.interleaved == (qtype not in READ_BACK)
     got, want = _steps(fast, ids, 3), _steps(slow, ids, 3)
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
     assert torch.equal(got.argmax(-1), want.argmax(-1))

@@ -277,7 +277,7 @@ def _arena_shapes(
 
 
 def load_gguf_weights(
-    f: GGUFFile, config: ModelConfig, arch: str, dtype: torch.dtype | None, arena: bool = False
+    f: GGUFFile, config: ModelConfig, arch: str, dtype: torch.dtype | None, arena: bool = False, act: str = "int8"
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[Held], dict[str, int], set[tuple[str, int]]]:
     """gen's float tensors and block-quantized matrices (uint8 blocks, qtype; a list of those, in row order, for
     a matrix whose parts keep different types) by state_dict name, checked
@@ -348,7 +348,7 @@ def load_gguf_weights(
                 # one).
                 qtype = qtype_of(held, run[0])
                 packed = places is not None and qtype is not None and held.gen_name != "tok_emb.weight"
-                packed = packed and all(repack_wanted(qtype, parts[i].shape[0]) for i in run)  # type: ignore[arg-type]
+                packed = packed and all(repack_wanted(qtype, parts[i].shape[0], act) for i in run)  # type: ignore[arg-type]
                 row = 0
                 for i in run:
                     place, part = t[row : row + parts[i].shape[0]], parts[i]
@@ -433,6 +433,7 @@ def load_gguf(
     dtype: torch.dtype | None = None,
     arena: bool = False,
     opened: GGUFFile | None = None,
+    act: str = "int8",
 ) -> Loaded:
     """Load a .gguf file (`opened`: its header already read) and rebuild its tokenizer from the metadata;
     `arena`: the streamed matrices written once into 2 MB pages (load_gguf_weights)."""
@@ -446,7 +447,7 @@ def load_gguf(
     config, arch = gguf_config(f)
     check_tables_fit(config, str(path))
     text = text_conventions(f, config)
-    tensors, blocks, helds, copied, interleaved = load_gguf_weights(f, config, arch, dtype, arena)
+    tensors, blocks, helds, copied, interleaved = load_gguf_weights(f, config, arch, dtype, arena, act)
     in_dims = {name: shape[1] for name, shape in _expected_shapes(config).items() if name in blocks}
     whole = frozenset(name for name, run in interleaved if isinstance(blocks[name], tuple))
     layers = block_layers({k: v for k, v in blocks.items() if isinstance(v, tuple)}, tensors, in_dims, whole)

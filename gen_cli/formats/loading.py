@@ -76,13 +76,14 @@ def load(
     dtype: torch.dtype | None = None,
     rope_scaling: str | None = None,
     arena: Callable[[ModelConfig], bool] | None = None,
+    act: str = "int8",
 ) -> Loaded:
     """A preset's random weights, a gen model directory (default: the shipped model), a Hugging Face folder
     or a GGUF file, on `device` in `dtype` (default: float32 for gen's models, the stored dtype for imported);
     `rope_scaling`, a spec such as `yarn:4,orig=256` or `none`, replaces the model's own RoPE scaling.
     `arena(config)`: whether an imported model's streamed matrices go straight into 2 MB pages (the native
     decode layout), each copied once from the file, instead of being views of its map."""
-    loaded = _load(model_dir, preset, tokenizer, attention, kv_heads, pos, device, dtype, arena)
+    loaded = _load(model_dir, preset, tokenizer, attention, kv_heads, pos, device, dtype, arena, act)
     if rope_scaling is not None:
         rescale(loaded, rope_scaling)
     return loaded
@@ -118,13 +119,14 @@ def _load(
     device: torch.device | str,
     dtype: torch.dtype | None,
     arena: Callable[[ModelConfig], bool] | None = None,
+    act: str = "int8",
 ) -> Loaded:
     import torch
 
     directory = model_dir if model_dir is not None else default_model_dir()
     kind = None if preset is not None else model_kind(directory)
     if kind in ("hf", "gguf"):
-        return _load_imported(directory, kind, torch.device(device), dtype, arena)
+        return _load_imported(directory, kind, torch.device(device), dtype, arena, act)
     dtype = dtype or torch.float32
     if preset is not None:
         loaded = preset_model(preset, tokenizer, attention, kv_heads, pos)
@@ -162,7 +164,12 @@ def model_kind(path: Path) -> str | None:
 
 
 def _load_imported(
-    path: Path, kind: str, device: torch.device, dtype: torch.dtype | None, arena: Callable[[ModelConfig], bool] | None
+    path: Path,
+    kind: str,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    arena: Callable[[ModelConfig], bool] | None,
+    act: str = "int8",
 ) -> Loaded:
     """An HF folder or GGUF file; fp16 weights run in float32 on the CPU (PyTorch's CPU fp16 is slow)."""
     import torch
@@ -176,7 +183,7 @@ def _load_imported(
     else:
         from gen_cli.formats.gguf_file import load_gguf
 
-        loaded = load_gguf(path, device, dtype, in_arena, opened)
+        loaded = load_gguf(path, device, dtype, in_arena, opened, act)
     stored = loaded.model.norm.weight.dtype  # the float tensors' dtype (an embedding may be blocks)
     if dtype is None and stored == torch.float16 and device.type == "cpu":
         halves = sum(t.nelement() for t in loaded.model.state_dict().values() if t.dtype == torch.float16)

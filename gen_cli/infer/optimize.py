@@ -72,7 +72,7 @@ def quantize_blocks(model: Transformer, qtype: str) -> Transformer:
     return model
 
 
-def interleave_tied_head(model: Transformer) -> None:
+def interleave_tied_head(model: Transformer, act: str = "int8") -> None:
     """A head tied to a q4_0 / q4_1 / q4_k / q5_k / q8_0 embedding gets its own copy in the 16-row interleaved layout
     (on 2 MB pages): the embedding is read a row at a time and keeps the stored layout, while the head is streamed
     whole every step, where the interleaved product is several times the stored one's. Costs the matrix's bytes once
@@ -84,7 +84,7 @@ def interleave_tied_head(model: Transformer) -> None:
     blocks = getattr(emb, "blocks", None)
     if not isinstance(head, BlockLinear) or head.interleaved or blocks is None or head.blocks.device.type != "cpu":
         return
-    if head.blocks.data_ptr() != blocks.data_ptr() or not repack_wanted(head.qtype, head.out_features):
+    if head.blocks.data_ptr() != blocks.data_ptr() or not repack_wanted(head.qtype, head.out_features, act):
         return
     place = WeightArena(head.blocks.nbytes).take(tuple(head.blocks.shape), torch.uint8)  # (vocab, row_bytes)
     # A MB of rows at a time, the file's pages given back as read: the embedding's map is not made resident whole.
@@ -263,7 +263,7 @@ def optimize_for_decode(
     elif quantize in BLOCK_MODES:
         quantize_blocks(model, quantize)
     if native and not compile:  # `native=False` keeps every op in PyTorch: blocks dequantized per call
-        interleave_tied_head(model)
+        interleave_tied_head(model, act)
         attach_native_kernels(model)  # block kernels also for a model loaded with blocks (a quantized GGUF file)
     if compile:
         return compile_model(model)
