@@ -116,16 +116,6 @@ static inline void x16_stored_blocks(const BlockType *t, const uint8_t *restrict
     for (int64_t b = 0; b < n; b++) x16_row(grp + (b0 + b) * X16_ROWS * t->bytes, l, halves, words, out + b * t->bytes);
 }
 
-/* All 16 rows of a group's nb blocks as stored, row l at out + l rb: block by block, so each block's chunks are read
- * from L1 for its 16 rows (row by row, a row took 4 bytes of every 64 across the whole group). */
-static inline void x16_stored_group(const BlockType *t, const uint8_t *restrict grp, int64_t nb, int64_t rb,
-                                    uint8_t *restrict out) {
-    const int halves = x16_halves(t->stored), words = (int)(t->bytes - 2 * halves) / 4;
-    for (int64_t b = 0; b < nb; b++)
-        for (int l = 0; l < X16_ROWS; l++)
-            x16_row(grp + b * X16_ROWS * t->bytes, l, halves, words, out + l * rb + b * t->bytes);
-}
-
 /* Four rows (`stride` bytes apart) dotted with `a`: out[k] = row k . a. */
 static inline void block_dot4(const BlockType *t, const uint8_t *w, int64_t stride, Act a, int64_t cols, float out[4]) {
     const int64_t nb = cols / t->elems;

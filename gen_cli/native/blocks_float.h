@@ -570,8 +570,9 @@ static const FloatDot FLOAT_DOTS[T_COUNT][2] = {
  * (ACT_FP32 or ACT_BF16); row b of Y starts ldy floats after row b - 1 (a part of a matrix held in parts writes
  * its own columns of a wider Y). Scratch: xh (batch, cols) halves for ACT_BF16, xs (batch, cols / 32) block sums.
  * Threads take whole row blocks; each row stays in L1 while every batch row uses it. Interleaved Q4_K, Q5_K and
- * Q8_0 rows (blocks_k16.h, blocks_q8x16.h; the interleaved types that come here) are read back a group at a time
- * into the stored layout: the stored layout's products, bit for bit. */
+ * Q8_0 rows (blocks_k16.h, blocks_q8x16.h; the interleaved types that come here) are read back a row at a time
+ * into the stored layout: the stored layout's products, bit for bit (slow: the loaders keep these types stored
+ * where activations are not int8, native/repack.py). */
 static void float_block_matmul(const uint8_t *w, int64_t type, int64_t rows, int64_t cols, const float *x,
                                int64_t batch, float *y, int64_t ldy, int accumulate, int64_t act, uint16_t *xh,
                                float *xs, int n_threads) {
@@ -591,25 +592,20 @@ static void float_block_matmul(const uint8_t *w, int64_t type, int64_t rows, int
             xs[b * groups + g] = s;
         }
     }
-#pragma omp parallel num_threads(n_threads)
-    {
-        uint8_t *group = t->group ? malloc((size_t)(X16_ROWS * rb)) : NULL; /* this thread's group read back */
-#pragma omp for schedule(static)
-        for (int64_t r0 = 0; r0 < rows; r0 += ROWS) {
-            const int64_t r1 = r0 + ROWS < rows ? r0 + ROWS : rows;
-            if (group) x16_stored_group(t, w + r0 * rb, nb, rb, group);
-            for (int64_t r = r0; r < r1; r++) {
-                uint8_t stored[t->group && !group ? rb : 1]; /* no memory: a row read back (< 80 KB at 131072 columns) */
-                if (t->group && !group) x16_stored_blocks(t, w + r0 * rb, (int)(r - r0), 0, nb, stored);
-                const uint8_t *row = group ? group + (r - r0) * rb : t->group ? stored : w + r * rb;
-                for (int64_t b = 0; b < batch; b++) {
-                    const void *xb = half ? (const void *)(xh + b * cols) : (const void *)(x + b * cols);
-                    const float v = dot(row, xb, xs + b * groups, nb);
-                    y[b * ldy + r] = accumulate ? y[b * ldy + r] + v : v;
-                }
+#pragma omp parallel for schedule(static) num_threads(n_threads)
+    for (int64_t r0 = 0; r0 < rows; r0 += ROWS) {
+        const int64_t r1 = r0 + ROWS < rows ? r0 + ROWS : rows;
+        for (int64_t r = r0; r < r1; r++) {
+            uint8_t stored[t->group ? rb : 1]; /* an interleaved row read back (under 80 KB at 131072 columns) */
+            if (t->group)
+                x16_stored_blocks(t, w + r0 * rb, (int)(r - r0), 0, nb, stored);
+            const uint8_t *row = t->group ? stored : w + r * rb;
+            for (int64_t b = 0; b < batch; b++) {
+                const void *xb = half ? (const void *)(xh + b * cols) : (const void *)(x + b * cols);
+                const float v = dot(row, xb, xs + b * groups, nb);
+                y[b * ldy + r] = accumulate ? y[b * ldy + r] + v : v;
             }
         }
-        free(group);
     }
 }
 
