@@ -20,8 +20,8 @@
  * activation's broadcasts), maddubs of the codes (high nibbles shifted down, Q5_K's fifth bit or-ed in) against
  * the broadcast activation, the products of a sub-block added in int16 (Q4_K: up to all 8, exact as 8 x 2 x 15 x
  * 127 = 30480; Q5_K: 4 at a time, 4 x 2 x 31 x 127 = 31496), then one madd per int16 sum with the scale in both
- * 16-bit halves of each lane: the same int32 sums, so again the same bits. Q5_K on AVX-512: the nibbles with the
- * fifth bit or-ed in (k5_bit4_512), the high ones shifted down first, as dpbusd's unsigned operand.
+ * 16-bit halves of each lane: the same int32 sums, so again the same bits. Q5_K on AVX-512 (k16_code512): the
+ * nibbles with the fifth bit or-ed in, the high ones shifted down first, as dpbusd's unsigned operand.
  * Float activations and prompt tiles read each row's super-blocks back in the stored layout (x16_row) and use
  * its code: the stored layout's bits.
  */
@@ -361,7 +361,8 @@ GEN_ALWAYS_INLINE void k16_group(const int nj, const int five, const uint8_t *re
                 __m512i v[8];
 #pragma GCC unroll 8
                 for (int k = 0; k < 8; k++)
-                    v[k] = codes ? _mm512_load_si512(codes + K16_CODE_AT(b, 0, 2 * c + h, k)) : k16_code512(p, c, h, k, five);
+                    v[k] = codes ? _mm512_load_si512(codes + K16_CODE_AT(b, 0, 2 * c + h, k))
+                                 : k16_code512(p, c, h, k, five);
 #pragma GCC unroll 8
                 for (int j = 0; j < nj; j++) {
                     const int32_t *q = (const int32_t *)(x.q + j * x.qs + 256 * b + 64 * c + 32 * h);

@@ -402,7 +402,7 @@ static void x16_matmul(const uint8_t *w, int64_t rows, int64_t cols, X16Act x, i
 #if defined(GEN_BLOCKS_512) || defined(GEN_X16_256)
     /* A prompt's codes unpacked once per group into its thread's buffer (blocks_k16.h), the groups split as
      * schedule(static) splits them. Without the memory, each pass unpacks them (below).
-     * AVX-512: Q5_K from 32 rows on, 1.1x the products at 64-512 rows and slower at 9-16; Q4_K's codes take one
+     * AVX-512: Q5_K from 32 rows on, 1.1-1.2x the products at 64-512 rows and slower at 9-16; Q4_K's codes take one
      * operation, and unpacking them once gained nothing.
      * AVX2: Q5_K, 1.1-1.4x at 6-512 rows; Q4_K from 32 rows on, its codes taking two operations: level at 64 rows,
      * 1.1-1.2x at 512 and slower at 6. */
