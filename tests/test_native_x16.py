@@ -212,8 +212,9 @@ def _steps(model: Transformer, ids: torch.Tensor, prompt_len: int) -> torch.Tens
 
 @pytest.mark.parametrize("qtype", QTYPES)
 def test_float_activations_keep_the_layouts_without_a_float_product_stored(qtype, tmp_path):
-    """The torch-free step with bf16 or fp32 activations: q4_0 / q4_1 stay interleaved (they have a float product of
-    their own), while q4_k, q5_k and q8_0 would read every row back stored each step, so they stay stored."""
+    """Both loaders (the torch-free step's and the torch path's) with bf16 or fp32 activations: q4_0 / q4_1 stay
+    interleaved (they have a float product of their own), while q4_k, q5_k and q8_0 would read every row back stored
+    each step, so they stay stored."""
     if not repack_wanted(qtype, 16):
         pytest.skip("this machine's kernel keeps the stored layout (no AVX2 or AVX-512 VNNI)")
     path = _write(tmp_path / "m.gguf", qtype)
@@ -222,6 +223,7 @@ def test_float_activations_keep_the_layouts_without_a_float_product_stored(qtype
         assert isinstance(model, FileModel), model
         packed = act == "int8" or qtype not in READ_BACK
         assert model.layers[0].w2.type == MATRIX_TYPES[qtype + ("x16" if packed else "")], act
+        assert load(path, arena=ALWAYS, act=act).model.layers[0].mlp.w2.interleaved == packed, act
 
 
 @pytest.mark.parametrize("qtype", QTYPES)

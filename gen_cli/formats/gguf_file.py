@@ -289,7 +289,7 @@ def load_gguf_weights(
     `arena`, every matrix a decode step streams is written once, straight from the map, into one arena on
     2 MB pages (fused q/k/v and gate/up included), and the file's pages it was read from are given back; q4_0 /
     q4_1 / q4_k / q5_k / q8_0 matrices there (not the embedding) in the native kernel's 16-row interleaved layout
-    where it has one: the last value lists those as (gen name, run of parts)."""
+    where it has one for `act` activations: the last value lists those as (gen name, run of parts)."""
     import torch
 
     from gen_cli.native.repack import repack_wanted

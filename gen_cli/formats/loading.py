@@ -82,7 +82,7 @@ def load(
     or a GGUF file, on `device` in `dtype` (default: float32 for gen's models, the stored dtype for imported);
     `rope_scaling`, a spec such as `yarn:4,orig=256` or `none`, replaces the model's own RoPE scaling.
     `arena(config)`: whether an imported model's streamed matrices go straight into 2 MB pages (the native
-    decode layout), each copied once from the file, instead of being views of its map."""
+    decode layout, for `act` activations), each copied once from the file, instead of being views of its map."""
     loaded = _load(model_dir, preset, tokenizer, attention, kv_heads, pos, device, dtype, arena, act)
     if rope_scaling is not None:
         rescale(loaded, rope_scaling)
