@@ -277,7 +277,7 @@ def _arena_shapes(
 
 
 def load_gguf_weights(
-    f: GGUFFile, config: ModelConfig, arch: str, dtype: torch.dtype | None, arena: bool = False, act: str = "int8"
+    f: GGUFFile, config: ModelConfig, arch: str, dtype: torch.dtype | None, arena: bool = False, act: str | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[Held], dict[str, int], set[tuple[str, int]]]:
     """gen's float tensors and block-quantized matrices (uint8 blocks, qtype; a list of those, in row order, for
     a matrix whose parts keep different types) by state_dict name, checked
@@ -433,7 +433,7 @@ def load_gguf(
     dtype: torch.dtype | None = None,
     arena: bool = False,
     opened: GGUFFile | None = None,
-    act: str = "int8",
+    act: str | None = None,
 ) -> Loaded:
     """Load a .gguf file (`opened`: its header already read) and rebuild its tokenizer from the metadata;
     `arena`: the streamed matrices written once into 2 MB pages (load_gguf_weights)."""

@@ -76,7 +76,7 @@ def load(
     dtype: torch.dtype | None = None,
     rope_scaling: str | None = None,
     arena: Callable[[ModelConfig], bool] | None = None,
-    act: str = "int8",
+    act: str | None = None,
 ) -> Loaded:
     """A preset's random weights, a gen model directory (default: the shipped model), a Hugging Face folder
     or a GGUF file, on `device` in `dtype` (default: float32 for gen's models, the stored dtype for imported);
@@ -119,7 +119,7 @@ def _load(
     device: torch.device | str,
     dtype: torch.dtype | None,
     arena: Callable[[ModelConfig], bool] | None = None,
-    act: str = "int8",
+    act: str | None = None,
 ) -> Loaded:
     import torch
 
@@ -169,7 +169,7 @@ def _load_imported(
     device: torch.device,
     dtype: torch.dtype | None,
     arena: Callable[[ModelConfig], bool] | None,
-    act: str = "int8",
+    act: str | None = None,
 ) -> Loaded:
     """An HF folder or GGUF file; fp16 weights run in float32 on the CPU (PyTorch's CPU fp16 is slow)."""
     import torch

@@ -31,7 +31,6 @@ from gen_cli.infer.optimize import (
 )
 from gen_cli.infer.options import EngineOptions, Preset, SamplingConfig, check_act
 from gen_cli.model.transformer import Transformer, set_attention_impl
-from gen_cli.native.abi import ACT_DEFAULT
 from gen_cli.text.conventions import TextConventions, check_utf8
 from gen_cli.text.tokenizer import EOT, special_id
 
@@ -202,12 +201,7 @@ def open_model(
         else:
             arena = decode_arena(options.quantize, options.compile, options.native, device)
             loaded = load(
-                source,
-                device=device,
-                dtype=dtype,
-                rope_scaling=options.rope_scaling,
-                arena=arena,
-                act=options.act or ACT_DEFAULT,
+                source, device=device, dtype=dtype, rope_scaling=options.rope_scaling, arena=arena, act=options.act
             )
     load_s = time.perf_counter() - start
     if before_layout is not None:

@@ -72,7 +72,7 @@ def quantize_blocks(model: Transformer, qtype: str) -> Transformer:
     return model
 
 
-def interleave_tied_head(model: Transformer, act: str = "int8") -> None:
+def interleave_tied_head(model: Transformer, act: str | None = None) -> None:
     """A head tied to a q4_0 / q4_1 / q4_k / q5_k / q8_0 embedding gets its own copy in the 16-row interleaved layout
     (on 2 MB pages): the embedding is read a row at a time and keeps the stored layout, while the head is streamed
     whole every step, where the interleaved product is several times the stored one's. Costs the matrix's bytes once

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-from gen_cli.native.abi import MATRIX_TYPES
+from gen_cli.native.abi import ACT_DEFAULT, MATRIX_TYPES
 from gen_cli.native.build import library
 from gen_cli.quant.formats import BLOCK_TYPES, can_interleave
 
@@ -16,18 +16,19 @@ if TYPE_CHECKING:
     import torch
 
 
-# The interleaved types with a float-activation product of their own (blocks_x16.h). The others' float products read
+# The interleaved types with a float-activation product of their own (blocks_x16.h; block_types.h's x16_float_paths
+# names the same two). The others' float products read
 # each row back in the stored layout, a gather per word: their decode with bf16 or fp32 activations ran 4-20x slower
 # interleaved than stored (2026-12-07), so with those activations they stay stored.
 FLOAT_PRODUCTS = ("q4_0", "q4_1")
 
 
-def repack_wanted(qtype: str, rows: int, act: str = "int8") -> bool:
-    """Whether a `qtype` matrix of `rows` rows that the native step streams with `act` activations is held
-    interleaved here."""
+def repack_wanted(qtype: str, rows: int, act: str | None = None) -> bool:
+    """Whether a `qtype` matrix of `rows` rows that the native step streams with `act` activations (None: the
+    default, ACT_DEFAULT) is held interleaved here."""
     if os.environ.get("GEN_REPACK", "1") == "0" or not can_interleave(qtype, rows):
         return False
-    if act != "int8" and qtype not in FLOAT_PRODUCTS:
+    if (act or ACT_DEFAULT) != "int8" and qtype not in FLOAT_PRODUCTS:
         return False
     lib = library()
     return not isinstance(lib, str) and lib.gen_block_interleaved(MATRIX_TYPES[qtype]) >= 0
