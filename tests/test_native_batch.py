@@ -112,3 +112,34 @@ def test_the_one_row_fallbacks_equal_the_batch_kernel(march, fresh_library, monk
     tol = 2e-6 * (x.double().abs() @ w.abs().T) + 1e-6
     assert ((together.double() - _oracle(x, w, "q6_k")).abs() <= tol).all()
     assert all(torch.equal(_matmul(x[:n], blocks, "q6_k", 13), together[:n]) for n in (2, 3, 9))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_q6_k_batches_in_lanes_and_in_the_tile_agree_bit_for_bit(threads):
+    """Q6_K batches of 8 rows or more go through lanes (blocks_q6k16.h: 16 stored rows transposed per super-block;
+    8 rows in one pass that unpacks as it goes, more unpacked once per group), smaller ones through the one-row tile.
+    Each row's integer sums and chain of FMAs are the same in both. 37 rows: two whole groups of 16 and a short one;
+    2816 columns: 11 super-blocks, two of the tile's column chunks."""
+    blocks, x, w = _case("q6_k", 37, 2816, 20, seed=11)
+    together = _matmul(x, blocks, "q6_k", 37, threads)
+    tol = 2e-6 * (x.double().abs() @ w.abs().T) + 1e-6
+    assert ((together.double() - _oracle(x, w, "q6_k")).abs() <= tol).all()
+    for n in (2, 7, 8, 9):
+        assert torch.equal(_matmul(x[:n], blocks, "q6_k", 37, threads), together[:n]), n
+
+
+@pytest.mark.parametrize("codes", [0x00, 0xFF])  # every q at -32, or at 31
+def test_q6_k_lanes_hold_the_largest_sums_exactly(codes):
+    """Codes at either end, every scale at -128, activations at ±127: each super-block's integer sum at its largest
+    (256 x 32 x 128 x 127 < 2^31), in the lanes (16 rows) and the tile (4 rows) alike."""
+    rows, cols = 16, 512
+    raw = torch.full((rows, cols // 256, 210), codes, dtype=torch.uint8)
+    raw[..., 192:208] = 0x80  # int8 -128
+    raw[..., 208:210] = torch.tensor([0x00, 0x3C], dtype=torch.uint8)  # fp16 1.0
+    blocks = raw.reshape(rows, -1)
+    w = _reference(blocks, "q6_k", cols)
+    x = torch.ones(9, cols)
+    x[1::2] *= -1  # rows of +1 and of -1: every activation quantizes to ±127
+    want = _oracle(x, w, "q6_k")
+    assert torch.equal(_matmul(x, blocks, "q6_k", rows).double(), want)
+    assert torch.equal(_matmul(x[:4], blocks, "q6_k", rows).double(), want[:4])

@@ -14,6 +14,7 @@
 #include "blocks_common.h"
 #include "blocks_k.h"
 #include "blocks_k16.h"
+#include "blocks_q6k16.h"
 #include "blocks_q8x16.h"
 #include "blocks_x16.h"
 #include "features.h"

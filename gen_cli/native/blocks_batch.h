@@ -94,6 +94,20 @@ static inline void sums16(const __m512 *v, int n, float *out) {
     for (int j = 0; j < n; j++) out[j] = all[4 * (j % 4) + j / 4];
 }
 
+/* The 16 int32 lanes of v[j] summed, for j < n (n <= 8), into lane ISUM_LANE(j) of one vector (sums16's steps;
+ * any order gives the same integers); lanes of no row hold 0. */
+#define ISUM_LANE(j) (4 * ((j) % 4) + (j) / 4)
+static inline __m512i isums16(const __m512i *v, int n) {
+    __m512i x[8], s[4], u[2];
+    for (int j = 0; j < 8; j++) x[j] = j < n ? v[j] : _mm512_setzero_si512();
+    for (int k = 0; k < 4; k++)
+        s[k] = _mm512_add_epi32(_mm512_shuffle_i32x4(x[2 * k], x[2 * k + 1], 0x44), _mm512_shuffle_i32x4(x[2 * k], x[2 * k + 1], 0xEE));
+    for (int m = 0; m < 2; m++)
+        u[m] = _mm512_add_epi32(_mm512_shuffle_i32x4(s[2 * m], s[2 * m + 1], 0x88), _mm512_shuffle_i32x4(s[2 * m], s[2 * m + 1], 0xDD));
+    const __m512i t = _mm512_add_epi32(_mm512_unpacklo_epi32(u[0], u[1]), _mm512_unpackhi_epi32(u[0], u[1]));
+    return _mm512_add_epi32(t, _mm512_shuffle_epi32(t, _MM_PERM_BADC));
+}
+
 /* ---- Q4_0, Q4_1, Q5_0, Q5_1: groups of 4 blocks (128 elements) ------------------------------------------ */
 
 /* Block k of a group on the 32-bit lanes l with l % 4 == k (elements 4 (l / 4) .. + 3 of it, and + 16), so that a
@@ -439,11 +453,14 @@ GEN_ALWAYS_INLINE void q6k_quarters(const uint8_t *p, __m512i q[4]) {
     }
 }
 
-/* One Q6_K row against nj prepared rows. Per super-block, once for all rows: the 6-bit codes (q6k_quarters), 128 Σ
- * (q - 32) per lane, and each lane's 16-element scale. Per row: 4 dpbusd, each times its scales by a vpdpwssd (a lane's dot, at most 4 * 127 * 32, fits
- * int16; exact in int32), one FMA with d d_x. */
+/* One Q6_K row against nj prepared rows, row j's sum going on in lane ISUM_LANE(j) of acc. Per super-block, once
+ * for all rows: the 6-bit codes (q6k_quarters), 128 Σ (q - 32) per lane, and each lane's 16-element scale. Per row: 4
+ * dpbusd, each times its scales by a vpdpwssd (a lane's dot, at most 4 * 127 * 32, fits int16; exact in int32). The
+ * rows' lanes then summed together (the super-block's exact integer sums), one FMA with d d_x for all of them (dx:
+ * the rows' d_x per super-block, in their lanes): blocks_q6k16.h's steps for each row, so a row gets its bits
+ * whichever of the two kernels a batch takes. */
 GEN_ALWAYS_INLINE void q6k_tile(const int nj, const uint8_t *restrict w, int64_t nb, const uint8_t *restrict x,
-                                int64_t xstride, float *out) {
+                                int64_t xstride, const float *restrict dx, __m512 *acc) {
     const __m512i zero = _mm512_setzero_si512(), c128 = _mm512_set1_epi8((char)0x80), low16 = _mm512_set1_epi32(0xFFFF);
     __m512i pick[4]; /* lane l of vector c -> its 16-element scale: 2 c + l / 4 below lane 8, 8 + 2 c + (l - 8) / 4 above */
     for (int c = 0; c < 4; c++) {
@@ -451,9 +468,7 @@ GEN_ALWAYS_INLINE void q6k_tile(const int nj, const uint8_t *restrict w, int64_t
         for (int l = 0; l < 16; l++) idx[l] = l < 8 ? 2 * c + l / 4 : 8 + 2 * c + (l - 8) / 4;
         pick[c] = _mm512_loadu_si512(idx);
     }
-    __m512 acc[BATCH_J];
-#pragma GCC unroll 8
-    for (int j = 0; j < nj; j++) acc[j] = _mm512_setzero_ps();
+    __m512 sum = *acc;
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *p = w + b * 210;
         /* the 16 scales in each lane's low int16, 0 above: vpdpwssd multiplies a lane's low halves only */
@@ -464,21 +479,48 @@ GEN_ALWAYS_INLINE void q6k_tile(const int nj, const uint8_t *restrict w, int64_t
             start[c] = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, c128, wq[c])); /* -128 Σ (q - 32) per lane */
             sc[c] = _mm512_permutexvar_epi32(pick[c], s32);
         }
-        const float dw = f16(p + 208);
+        __m512i s[BATCH_J];
 #pragma GCC unroll 8
         for (int j = 0; j < nj; j++) {
             const uint8_t *xj = x + j * xstride + b * Q6K_PREP;
-            __m512i s = zero;
+            s[j] = zero;
             for (int c = 0; c < 4; c++) /* a lane's dot fits int16: its low half times the scale is the product */
-                s = _mm512_dpwssd_epi32(s, _mm512_dpbusd_epi32(start[c], _mm512_loadu_si512(xj + 64 * c), wq[c]), sc[c]);
-            acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(dw * *(const float *)(xj + 256)), acc[j]);
+                s[j] = _mm512_dpwssd_epi32(s[j], _mm512_dpbusd_epi32(start[c], _mm512_loadu_si512(xj + 64 * c), wq[c]), sc[c]);
         }
+        const __m512 dd = _mm512_mul_ps(_mm512_set1_ps(f16(p + 208)), _mm512_loadu_ps(dx + 16 * b));
+        sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isums16(s, nj)), dd, sum);
     }
-    sums16(acc, nj, out);
+    *acc = sum;
 }
 
 SUPER_BATCH(q4_k, q4k_tile, 144, Q4K_PREP)
-SUPER_BATCH(q6_k, q6k_tile, 210, Q6K_PREP)
+
+/* SUPER_BATCH for Q6_K: each row's sum goes on from chunk to chunk (one chain of FMAs, as blocks_q6k16.h's). */
+static void batch_q6_k(const uint8_t *w, int64_t stride, int nrows, Batch x, int64_t b0, int nj, int64_t nb, float *out) {
+    enum { STEP = CHUNK_BYTES / Q6K_PREP }; /* super-blocks per chunk */
+    const uint8_t *xp = x.prep + b0 * x.prep_stride;
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()}; /* nrows <= 4 */
+    float dx[STEP * 16] = {0.f}; /* the chunk's d_x, row j's in lane ISUM_LANE(j) */
+    for (int64_t c0 = 0; c0 < nb; c0 += STEP) {
+        const int64_t n = nb - c0 < STEP ? nb - c0 : STEP;
+        for (int64_t b = 0; b < n; b++)
+            for (int j = 0; j < nj; j++) memcpy(dx + 16 * b + ISUM_LANE(j), xp + j * x.prep_stride + (c0 + b) * Q6K_PREP + 256, 4);
+        for (int r = 0; r < nrows; r++) {
+            const uint8_t *row = w + r * stride + c0 * 210, *xc = xp + c0 * Q6K_PREP;
+            switch (nj) { /* a constant count in each copy: the sums stay in registers */
+#define Q6K_CASE(N) \
+    case N: q6k_tile(N, row, n, xc, x.prep_stride, dx, acc + r); break;
+                Q6K_CASE(1) Q6K_CASE(2) Q6K_CASE(3) Q6K_CASE(4) Q6K_CASE(5) Q6K_CASE(6) Q6K_CASE(7) Q6K_CASE(8)
+#undef Q6K_CASE
+            }
+        }
+    }
+    for (int r = 0; r < nrows; r++) {
+        float all[16];
+        _mm512_storeu_ps(all, acc[r]);
+        for (int j = 0; j < nj; j++) out[r * BATCH_J + j] = all[ISUM_LANE(j)];
+    }
+}
 
 #elif defined(GEN_BLOCKS_256)
 

@@ -390,11 +390,26 @@ enum { BATCH_MIN = 2 };
  * of y starts ldy floats after row b - 1. Threads take whole 4-row blocks of W; each block stays in L1 while
  * every input row passes over it. */
 /* y[b] (+)= W x[b] for an interleaved W (rows a multiple of 16; stored as `stored`: T_Q4_0, T_Q4_1, T_Q4_K, T_Q5_K,
- * T_Q8_0)
- * against `batch` activation rows x (X16Act; row b of y ldy floats after row b - 1). Threads take whole groups;
- * each group meets the rows X16_J at a time. */
+ * T_Q8_0), or for stored Q6_K rows (`stored` T_Q6_K: blocks_q6k16.h), against `batch` activation rows x (X16Act; row
+ * b of y ldy floats after row b - 1). Threads take whole groups; each group meets the rows X16_J at a time. */
 static void x16_matmul(const uint8_t *w, int64_t rows, int64_t cols, X16Act x, int64_t batch, float *y, int64_t ldy,
                        int accumulate, int n_threads, const int64_t stored) {
+#ifdef GEN_BLOCKS_512
+    if (stored == T_Q6_K) { /* rows as stored, 16 at a time transposed into lanes (the last group may be short) */
+        const int64_t nsb = cols / 256, rb = nsb * 210, groups = (rows + X16_ROWS - 1) / X16_ROWS;
+        /* more than one pass: each group unpacked once into its thread's buffer (without the memory, per pass) */
+        uint8_t *codes = batch > X16_J ? aligned_alloc(64, (size_t)(n_threads * nsb * Q6K16_SB)) : NULL;
+#pragma omp parallel for schedule(static) num_threads(n_threads)
+        for (int t = 0; t < n_threads; t++)
+            for (int64_t g = groups * t / n_threads; g < groups * (t + 1) / n_threads; g++) {
+                const int n = rows - g * X16_ROWS < X16_ROWS ? (int)(rows - g * X16_ROWS) : X16_ROWS;
+                q6k16_group(w + g * X16_ROWS * rb, rb, n, nsb, x, batch, y + g * X16_ROWS, ldy, accumulate,
+                            codes ? codes + t * nsb * Q6K16_SB : NULL);
+            }
+        free(codes);
+        return;
+    }
+#endif
     const int64_t gs = stored == T_Q4_K   ? cols / 256 * K16_BYTES
                        : stored == T_Q5_K ? cols / 256 * K16_BYTES5
                        : stored == T_Q8_0 ? cols / 32 * Q8X16_BYTES
@@ -457,16 +472,17 @@ static void x16_matmul(const uint8_t *w, int64_t rows, int64_t cols, X16Act x, i
     }
 }
 
-/* block_rows_int8 for rows interleaved in groups (blocks_x16.h, blocks_k16.h): the inputs quantized as for the
- * stored layout, each row's per-block terms beside them (Q4_0 / Q8_0 offsets or Q4_1 min factors, one per block; Q4_K's
- * paired sub-block sums, 4 per super-block): on the stack for a decode step, else allocated, and where that fails,
- * as many rows at a time as the stack holds. */
-static void block_rows_x16(const uint8_t *w, const BlockType *t, int64_t rows, int64_t cols, const float *x,
-                           int64_t batch, float *y, int64_t ldy, int accumulate, int8_t *aq, float *ad, int16_t *asum,
-                           int n_threads) {
+/* block_rows_int8 for rows interleaved in groups (blocks_x16.h, blocks_k16.h), or in lanes as they go (Q6_K,
+ * blocks_q6k16.h; `stored` names the arithmetic): the inputs quantized as for the stored layout, each row's
+ * per-block terms beside them (Q4_0 / Q8_0 offsets or Q4_1 min factors, one per block; Q4_K's paired sub-block sums,
+ * 4 per super-block; Q6_K's offsets, one per sub-block): on the stack for a decode step, else allocated, and where
+ * that fails, as many rows at a time as the stack holds. */
+static void block_rows_x16(const uint8_t *w, const BlockType *t, const int64_t stored, int64_t rows, int64_t cols,
+                           const float *x, int64_t batch, float *y, int64_t ldy, int accumulate, int8_t *aq, float *ad,
+                           int16_t *asum, int n_threads) {
     enum { STACK_TERMS = 4096 };
-    const int k = t->stored == T_Q4_K || t->stored == T_Q5_K, min = t->stored == T_Q4_1;
-    const int64_t nb = cols / 32, terms = k ? cols / 64 : nb; /* X16Act.o per row */
+    const int k = stored == T_Q4_K || stored == T_Q5_K, min = stored == T_Q4_1;
+    const int64_t nb = cols / 32, terms = k ? cols / 64 : stored == T_Q6_K ? cols / 16 : nb; /* X16Act.o per row */
     int32_t stack[STACK_TERMS], *o = stack;
     int64_t step = STACK_TERMS / terms > 0 ? STACK_TERMS / terms : 1;
     if (batch > step && (o = malloc((size_t)(batch * terms) * sizeof(int32_t))) != NULL) step = batch;
@@ -480,13 +496,15 @@ static void block_rows_x16(const uint8_t *w, const BlockType *t, int64_t rows, i
             t->quantize_act(x + r * cols, cols, a);
             if (k)
                 k16_offsets(a, cols / 256, o + b * terms);
-            else if (t->stored == T_Q8_0)
+            else if (stored == T_Q6_K)
+                q6k16_offsets(a, cols / 256, o + b * terms);
+            else if (stored == T_Q8_0)
                 q8x16_offsets(a, nb, o + b * terms);
             else
                 x16_offsets(a, nb, o + b * terms, min);
         }
         const X16Act xa = {aq + b0 * cols, ad + b0 * nb, o, cols, nb, terms};
-        x16_matmul(w, rows, cols, xa, n, y + b0 * ldy, ldy, accumulate, n_threads, t->stored);
+        x16_matmul(w, rows, cols, xa, n, y + b0 * ldy, ldy, accumulate, n_threads, stored);
     }
     if (o != stack) free(o);
 }
@@ -509,9 +527,15 @@ static void block_rows_int8(const uint8_t *w, const BlockType *t, int64_t rows, 
                             int64_t batch, float *y, int64_t ldy, int accumulate, int8_t *aq, float *ad, int16_t *asum,
                             int n_threads) {
     if (t->group) {
-        block_rows_x16(w, t, rows, cols, x, batch, y, ldy, accumulate, aq, ad, asum, n_threads);
+        block_rows_x16(w, t, t->stored, rows, cols, x, batch, y, ldy, accumulate, aq, ad, asum, n_threads);
         return;
     }
+#ifdef GEN_BLOCKS_512
+    if (t == &BLOCK_TYPES[T_Q6_K] && batch >= Q6K16_MIN) { /* stored rows, 16 at a time in lanes (blocks_q6k16.h) */
+        block_rows_x16(w, t, T_Q6_K, rows, cols, x, batch, y, ldy, accumulate, aq, ad, asum, n_threads);
+        return;
+    }
+#endif
     const int64_t rb = block_row_bytes(t, cols), nb = cols / t->elems;
     int use_batch = t->batch != NULL && batch >= BATCH_MIN;
     /* each input row's prepared copy on its own cache lines */
