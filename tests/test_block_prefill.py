@@ -21,7 +21,7 @@ from test_native_blocks import QTYPES, _block_model, _group, _random_blocks, _re
 from gen_cli.native import block_matmul as bm
 from gen_cli.native import build
 from gen_cli.native import decoder as native
-from gen_cli.native.abi import MATRIX_TYPES
+from gen_cli.native.abi import ACT_MODES, MATRIX_TYPES
 from gen_cli.quant.block_linear import BlockLinear
 from gen_cli.quant.blocks import quantize
 
@@ -44,6 +44,7 @@ def _tile_bound(w: torch.Tensor, x: torch.Tensor, want: torch.Tensor) -> torch.T
 @pytest.mark.parametrize("n", [bm.TILE_MIN_TOKENS, bm.TILE_MIN_TOKENS + 1, 64, 130])
 def test_tiled_prefill_equals_dequantize_then_float64(qtype, rows, n, monkeypatch):
     monkeypatch.setattr(bm, "TILE_BYTES", 1 << 14)  # small tiles: many of them, and a ragged last one
+    monkeypatch.setattr(bm, "prompt_in_lanes", lambda lib, layer: False)  # Q6_K too, where the lanes would take it
     cols = 8 * _group(qtype) if _group(qtype) == 256 else 3 * _group(qtype)
     torch.manual_seed(rows * n)
     blocks = _random_blocks(qtype, rows, cols, seed=rows + n)
@@ -71,6 +72,21 @@ def test_every_prompt_length_takes_a_correct_path(n):
     got = bm.block_matmul(x, layer)
     assert got.shape == (2, n, rows)
     assert ((got.reshape(-1, rows).double() - want).abs() <= torch.maximum(bound, _tile_bound(w, flat, want))).all()
+
+
+def test_q6_k_prompts_run_the_integer_lanes_where_the_build_has_them():
+    """On AVX-512 VNNI a Q6_K prompt skips the tiles for the int8 kernel's lanes (blocks_q6k16.h): the same bits
+    as that kernel called directly. Elsewhere it stays on the tiles (bf16 or fp32 products: other bits)."""
+    rows, cols, n = 37, 512, bm.TILE_MIN_TOKENS + 8
+    blocks = _random_blocks("q6_k", rows, cols, seed=5)
+    layer = BlockLinear(blocks, "q6_k", cols)
+    x = torch.randn(n, cols)
+    lib = build.library()
+    direct = torch.empty(n, rows)
+    assert not lib.gen_block_matmul(blocks.data_ptr(), MATRIX_TYPES["q6_k"], rows, cols, x.data_ptr(), n,
+                                    direct.data_ptr(), 2, ACT_MODES["int8"])  # fmt: skip
+    got = bm.block_matmul(x, layer)
+    assert torch.equal(got, direct) == bool(lib.gen_block_lanes(MATRIX_TYPES["q6_k"]))
 
 
 def test_tiles_never_hold_a_whole_matrix(monkeypatch):

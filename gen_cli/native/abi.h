@@ -8,7 +8,7 @@
 
 #include <stdint.h>
 
-#define GEN_ABI_VERSION 15
+#define GEN_ABI_VERSION 16
 
 /* Matrix.type: the step's own formats (the model's float dtype, int8 rows with a scale each), then GGML's
  * block formats (block_types.h) by their gen names (abi.py's MATRIX_TYPES). */

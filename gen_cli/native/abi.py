@@ -16,7 +16,7 @@ from gen_cli.errors import InternalError
 if TYPE_CHECKING:
     from gen_cli.model.config import ModelConfig
 
-ABI_VERSION = 15  # GEN_ABI_VERSION in abi.h
+ABI_VERSION = 16  # GEN_ABI_VERSION in abi.h
 
 # Matrix.type (abi.h's T_*): the step's own formats, then GGML's block formats by their gen names.
 MATRIX_TYPES = {
@@ -250,6 +250,7 @@ def bind(lib: ctypes.CDLL) -> str | None:
     lib.gen_block_dequantize.argtypes = [ctypes.c_void_p, *[ctypes.c_int64] * 3, ctypes.c_void_p, *[ctypes.c_int64] * 2]
     lib.gen_block_dequantize.restype = ctypes.c_int64
     lib.gen_block_interleaved.argtypes, lib.gen_block_interleaved.restype = [ctypes.c_int64], ctypes.c_int64
+    lib.gen_block_lanes.argtypes, lib.gen_block_lanes.restype = [ctypes.c_int64], ctypes.c_int64
     lib.gen_block_repack.argtypes = [ctypes.c_void_p, *[ctypes.c_int64] * 3, ctypes.c_void_p, ctypes.c_int64]
     lib.gen_block_repack.restype = ctypes.c_int64
     lib.gen_openmp.argtypes, lib.gen_openmp.restype = [], ctypes.c_int64

@@ -8,7 +8,8 @@ bf16, else fp32) and PyTorch's GEMM (oneDNN) multiplies every token by it, writi
 dequantizing costs a few percent of the GEMM's time, and a GEMM runs near the CPU's peak while the dot-product
 kernel re-reads each weight tile per token tile. Matrices held 16 rows interleaved (blocks_x16.h, blocks_k16.h) are
 the exception: their int8 kernel unpacks each group once for 8 tokens and outran the tiles' GEMM at every prompt
-length (1.3-1.5x at 512 tokens, 2x at 64; one thread, 2026-12-06), so with int8 activations a prompt runs it too.
+length (1.3-1.5x at 512 tokens, 2x at 64; one thread, 2026-12-06), so with int8 activations a prompt runs it too;
+so do Q6_K's, which AVX-512 builds transpose into the same lanes as they go (blocks_q6k16.h, gen_block_lanes).
 Elsewhere (no compiler, not the CPU) the layer's own fallback runs.
 
 The activation precision (`act`, abi.py's ACT_MODES) changes both paths: int8 as above; bf16: the few-token
@@ -50,7 +51,7 @@ def block_matmul(x: torch.Tensor, layer: BlockLinear, act: str = "int8") -> torc
     if isinstance(lib, str) or x.device.type != "cpu" or not layer.blocks.is_contiguous():
         return F.linear(x, layer.dequantized().to(x.dtype))  # (..., out)
     rows = x.reshape(-1, layer.in_features).to(torch.float32).contiguous()  # (n, in)
-    if rows.shape[0] >= TILE_MIN_TOKENS and not (layer.interleaved and act == "int8"):
+    if rows.shape[0] >= TILE_MIN_TOKENS and not (act == "int8" and prompt_in_lanes(lib, layer)):
         y = _tiled(lib, rows, layer, torch.float32 if act == "fp32" else tile_dtype())
     else:
         y = torch.empty(rows.shape[0], layer.out_features)  # (n, out)
@@ -61,6 +62,12 @@ def block_matmul(x: torch.Tensor, layer: BlockLinear, act: str = "int8") -> torc
         if failed:
             raise MemoryError(f"the native block matmul could not allocate its buffers for {rows.shape[0]} rows")
     return y.view(*x.shape[:-1], layer.out_features).to(x.dtype)
+
+
+def prompt_in_lanes(lib: ctypes.CDLL, layer: BlockLinear) -> bool:
+    """Whether the int8 kernel multiplies a prompt by this layer in vector lanes (16 rows interleaved, or Q6_K
+    where the build transposes it as it goes), which outruns the tiles' GEMM."""
+    return layer.interleaved or bool(lib.gen_block_lanes(MATRIX_TYPES[layer.native_type]))
 
 
 def tile_dtype() -> torch.dtype:

@@ -125,6 +125,17 @@ int64_t gen_block_interleaved(int64_t type) {
     return -1;
 }
 
+/* 1 when this build multiplies a stored `type` matrix by a prompt in vector lanes (Q6_K on AVX-512 VNNI:
+ * blocks_q6k16.h), which outruns the dequantized tiles' GEMM as the interleaved types' products do; else 0. */
+int64_t gen_block_lanes(int64_t type) {
+#ifdef GEN_BLOCKS_512
+    return type == T_Q6_K;
+#else
+    (void)type;
+    return 0;
+#endif
+}
+
 /* Rows [0, rows) of a stored Q4_0 / Q4_1 / Q4_K / Q5_K / Q8_0 matrix (`type`; rows a multiple of 16) -> the interleaved
  * layout in dst (as many bytes, not overlapping src), groups split across threads. Returns 0, or -1 for another
  * type or shape. */
