@@ -429,17 +429,9 @@ GEN_ALWAYS_INLINE void k16_group_unpacked(const int five, const uint8_t *restric
                                           int64_t batch, float *y, int64_t ldy, int accumulate, uint8_t *restrict codes) {
     if (!codes) __builtin_unreachable(); /* so k16_group drops its unpacking */
     k16_unpack_group(five, grp, nsb, codes);
-    for (int64_t b0 = 0; b0 < batch; b0 += K16_JPRE) {
-        X16Act xj = x;
-        xj.q += b0 * x.qs, xj.d += b0 * x.ds, xj.o += b0 * x.os;
-        float *o = y + b0 * ldy;
-        switch (batch - b0 < K16_JPRE ? batch - b0 : K16_JPRE) { /* a constant count in each copy */
-#define PASS(N) \
-    case N: k16_group(N, five, grp, nsb, xj, o, ldy, accumulate, codes); break;
-            PASS(1) PASS(2) PASS(3) PASS(4) PASS(5) PASS(6) PASS(7) PASS(8)
+#define PASS(N) k16_group(N, five, grp, nsb, xj, o, ldy, accumulate, codes)
+    X16_PASSES(x, batch, K16_JPRE, y, ldy, PASS)
 #undef PASS
-        }
-    }
 }
 #endif
 

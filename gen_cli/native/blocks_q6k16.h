@@ -163,17 +163,9 @@ GEN_ALWAYS_INLINE void q6k16_pass(const int nj, const uint8_t *restrict w, int64
 static void q6k16_group(const uint8_t *restrict w, int64_t rb, int n, int64_t nsb, X16Act x, int64_t batch, float *y,
                         int64_t ldy, int accumulate, uint8_t *restrict codes) {
     if (codes) q6k16_unpack(w, rb, n, 0, nsb, codes);
-    for (int64_t b0 = 0; b0 < batch; b0 += X16_J) {
-        X16Act xj = x;
-        xj.q += b0 * x.qs, xj.d += b0 * x.ds, xj.o += b0 * x.os;
-        float *o = y + b0 * ldy;
-        switch (batch - b0 < X16_J ? batch - b0 : X16_J) { /* a constant count in each copy */
-#define PASS(N) \
-    case N: q6k16_pass(N, w, rb, n, nsb, xj, o, ldy, accumulate, codes); break;
-            PASS(1) PASS(2) PASS(3) PASS(4) PASS(5) PASS(6) PASS(7) PASS(8)
+#define PASS(N) q6k16_pass(N, w, rb, n, nsb, xj, o, ldy, accumulate, codes)
+    X16_PASSES(x, batch, X16_J, y, ldy, PASS)
 #undef PASS
-        }
-    }
 }
 #endif /* GEN_BLOCKS_512 */
 

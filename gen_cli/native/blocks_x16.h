@@ -241,6 +241,25 @@ typedef struct {
     int64_t qs, ds, os;
 } X16Act;
 
+/* Activation rows [0, batch) of x (an X16Act) against one group, `step` (<= 8) rows a pass: PASS(N) runs a pass with
+ * xj its rows and o its first output row (y + b0 ldy), N a constant in each copy so that its sums stay in registers. */
+#define X16_PASSES(x, batch, step, y, ldy, PASS)                                   \
+    for (int64_t b0 = 0; b0 < (batch); b0 += (step)) {                            \
+        X16Act xj = (x);                                                          \
+        xj.q += b0 * (x).qs, xj.d += b0 * (x).ds, xj.o += b0 * (x).os;            \
+        float *o = (y) + b0 * (ldy);                                              \
+        switch ((batch) - b0 < (step) ? (batch) - b0 : (step)) {                  \
+        case 1: PASS(1); break;                                                   \
+        case 2: PASS(2); break;                                                   \
+        case 3: PASS(3); break;                                                   \
+        case 4: PASS(4); break;                                                   \
+        case 5: PASS(5); break;                                                   \
+        case 6: PASS(6); break;                                                   \
+        case 7: PASS(7); break;                                                   \
+        case 8: PASS(8); break;                                                   \
+        }                                                                         \
+    }
+
 /* Row j's per-block terms (X16Act.o) from its quantized activation. */
 static void x16_offsets(Act a, int64_t nb, int32_t *o, const int min) {
     for (int64_t b = 0; b < nb; b++) {

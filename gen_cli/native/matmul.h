@@ -445,30 +445,20 @@ static void x16_matmul(const uint8_t *w, int64_t rows, int64_t cols, X16Act x, i
 #endif
 #pragma omp parallel for schedule(static) num_threads(n_threads)
     for (int64_t g = 0; g < rows / X16_ROWS; g++) {
-        for (int64_t b0 = 0; b0 < batch; b0 += X16_J) {
-            const int nj = (int)(batch - b0 < X16_J ? batch - b0 : X16_J);
-            X16Act xj = x;
-            xj.q += b0 * x.qs, xj.d += b0 * x.ds, xj.o += b0 * x.os;
-            float *o = y + b0 * ldy + g * X16_ROWS;
-            const uint8_t *grp = w + g * gs;
-            switch (nj) { /* a constant count in each copy: the accumulators stay in registers */
-#define NJ(N)                                                        \
-    case N:                                                          \
-        if (stored == T_Q4_K)                                        \
-            k16_group(N, 0, grp, cols / 256, xj, o, ldy, accumulate, NULL);\
-        else if (stored == T_Q5_K)                                   \
-            k16_group(N, 1, grp, cols / 256, xj, o, ldy, accumulate, NULL);\
-        else if (stored == T_Q8_0)                                   \
-            q8x16_group(N, grp, cols / 32, xj, o, ldy, accumulate);  \
-        else if (stored == T_Q4_1)                                   \
-            x16_group(N, 1, grp, cols / 32, xj, o, ldy, accumulate); \
-        else                                                         \
-            x16_group(N, 0, grp, cols / 32, xj, o, ldy, accumulate); \
-        break;
-                NJ(1) NJ(2) NJ(3) NJ(4) NJ(5) NJ(6) NJ(7) NJ(8)
-#undef NJ
-            }
-        }
+        const uint8_t *grp = w + g * gs;
+#define PASS(N)                                                                \
+    if (stored == T_Q4_K)                                                      \
+        k16_group(N, 0, grp, cols / 256, xj, o, ldy, accumulate, NULL);        \
+    else if (stored == T_Q5_K)                                                 \
+        k16_group(N, 1, grp, cols / 256, xj, o, ldy, accumulate, NULL);        \
+    else if (stored == T_Q8_0)                                                 \
+        q8x16_group(N, grp, cols / 32, xj, o, ldy, accumulate);                \
+    else if (stored == T_Q4_1)                                                 \
+        x16_group(N, 1, grp, cols / 32, xj, o, ldy, accumulate);               \
+    else                                                                       \
+        x16_group(N, 0, grp, cols / 32, xj, o, ldy, accumulate)
+        X16_PASSES(x, batch, X16_J, y + g * X16_ROWS, ldy, PASS)
+#undef PASS
     }
 }
 
