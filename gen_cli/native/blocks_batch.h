@@ -418,29 +418,26 @@ GEN_ALWAYS_INLINE void q4k_tile(const int nj, const uint8_t *restrict w, int64_t
 
 /* ---- Q6_K: super-blocks of 256 elements ----------------------------------------------------------------- */
 
-/* A prepared super-block, 260 bytes: its 256 int8 elements plus 128 as unsigned bytes (dpbusd's unsigned operand,
- * so the signed codes q - 32 go in as they are, and 128 Σ (q - 32) is taken off once per weight super-block), then
- * the fp32 scale. */
-enum { Q6K_PREP = 260 };
+/* A prepared super-block, 292 bytes: its 256 int8 elements in q6k_quarters' order, their 16 sums of 16 (int16, the
+ * scales' order), then the fp32 scale. */
+enum { Q6K_PREP = 256 + 32 + 4 };
 
 static int64_t batch_prep_bytes_q6_k(int64_t nb) { return nb * Q6K_PREP; }
 
 static void batch_prep_q6_k(Act a, int64_t nb, uint8_t *restrict out) {
-    const __m256i flip = _mm256_set1_epi8((char)0x80); /* x + 128 for x in [-127, 127]: the sign bit flipped */
     for (int64_t b = 0; b < nb; b++, out += Q6K_PREP) {
         for (int c = 0; c < 4; c++) /* vector c: elements 32 c .. + 31, then 128 + 32 c .. + 31 (q6k_quarters) */
-            for (int hh = 0; hh < 2; hh++) {
-                const __m256i v = _mm256_loadu_si256((const __m256i *)(a.q + b * 256 + 128 * hh + 32 * c));
-                _mm256_storeu_si256((__m256i *)(out + 64 * c + 32 * hh), _mm256_xor_si256(v, flip));
-            }
-        memcpy(out + 256, a.d + b, sizeof(float));
+            for (int hh = 0; hh < 2; hh++)
+                memcpy(out + 64 * c + 32 * hh, a.q + b * 256 + 128 * hh + 32 * c, 32);
+        memcpy(out + 256, a.s + b * 16, 32);
+        memcpy(out + 288, a.d + b, sizeof(float));
     }
 }
 
-/* A super-block's codes q - 32 as 4 vectors, vector k holding quarter k of both halves: elements 32 k .. + 31 in
- * bytes 0..31, 128 + 32 k .. + 31 above (q6k_codes' quarters, both halves unpacked in the same 512-bit ops). */
+/* A super-block's codes u = q + 32 (0 .. 63) as 4 vectors, vector k holding quarter k of both halves: elements
+ * 32 k .. + 31 in bytes 0..31, 128 + 32 k .. + 31 above (both halves unpacked in the same 512-bit ops). */
 GEN_ALWAYS_INLINE void q6k_quarters(const uint8_t *p, __m512i q[4]) {
-    const __m512i m4 = _mm512_set1_epi8(0xF), m3 = _mm512_set1_epi8(3), off = _mm512_set1_epi8(32);
+    const __m512i m4 = _mm512_set1_epi8(0xF), m3 = _mm512_set1_epi8(3);
 #define HALVES(at) \
     _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(p + (at)))), \
                        _mm256_loadu_si256((const __m256i *)(p + 64 + (at))), 1)
@@ -448,20 +445,20 @@ GEN_ALWAYS_INLINE void q6k_quarters(const uint8_t *p, __m512i q[4]) {
 #undef HALVES
     for (int k = 0; k < 4; k++) {
         const __m512i l = k & 1 ? l1 : l0, nib = _mm512_and_si512(k < 2 ? l : _mm512_srli_epi16(l, 4), m4);
-        const __m512i pair = _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(qh, 2 * k), m3), 4);
-        q[k] = _mm512_sub_epi8(_mm512_or_si512(nib, pair), off);
+        q[k] = _mm512_or_si512(nib, _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(qh, 2 * k), m3), 4));
     }
 }
 
 /* One Q6_K row against nj prepared rows, row j's sum going on in lane ISUM_LANE(j) of acc. Per super-block, once
- * for all rows: the 6-bit codes (q6k_quarters), 128 Σ (q - 32) per lane, and each lane's 16-element scale. Per row: 4
- * dpbusd, each times its scales by a vpdpwssd (a lane's dot, at most 4 * 127 * 32, fits int16; exact in int32). The
- * rows' lanes then summed together (the super-block's exact integer sums), one FMA with d d_x for all of them (dx:
- * the rows' d_x per super-block, in their lanes): blocks_q6k16.h's steps for each row, so a row gets its bits
- * whichever of the two kernels a batch takes. */
+ * for all rows: the codes u = q + 32 (q6k_quarters), each lane's 16-element scale, and the 16 scales times -32. Per
+ * row: the scales times the activation's 16 sums (-32 Σ sc s, the codes' offset), then 4 dpbusd of the codes
+ * against the activations, each times its scales by a vpdpwssd (a lane's dot, at most 4 * 63 * 127, fits int16;
+ * exact in int32). The rows' lanes then summed together (the super-block's exact integer sums), one FMA with d d_x
+ * for all of them (dx: the rows' d_x per super-block, in their lanes): blocks_q6k16.h's steps for each row, so a
+ * row gets its bits whichever of the two kernels a batch takes. */
 GEN_ALWAYS_INLINE void q6k_tile(const int nj, const uint8_t *restrict w, int64_t nb, const uint8_t *restrict x,
                                 int64_t xstride, const float *restrict dx, __m512 *acc) {
-    const __m512i zero = _mm512_setzero_si512(), c128 = _mm512_set1_epi8((char)0x80), low16 = _mm512_set1_epi32(0xFFFF);
+    const __m512i zero = _mm512_setzero_si512(), low16 = _mm512_set1_epi32(0xFFFF);
     __m512i pick[4]; /* lane l of vector c -> its 16-element scale: 2 c + l / 4 below lane 8, 8 + 2 c + (l - 8) / 4 above */
     for (int c = 0; c < 4; c++) {
         int32_t idx[16];
@@ -471,21 +468,20 @@ GEN_ALWAYS_INLINE void q6k_tile(const int nj, const uint8_t *restrict w, int64_t
     __m512 sum = *acc;
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *p = w + b * 210;
+        const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(p + 192)));
+        const __m256i off = _mm256_sub_epi16(_mm256_setzero_si256(), _mm256_slli_epi16(sc16, 5)); /* -32 sc: int16 */
         /* the 16 scales in each lane's low int16, 0 above: vpdpwssd multiplies a lane's low halves only */
-        const __m512i s32 = _mm512_and_si512(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p + 192))), low16);
-        __m512i wq[4], start[4], sc[4];
+        const __m512i s32 = _mm512_and_si512(_mm512_cvtepi16_epi32(sc16), low16);
+        __m512i wq[4], sc[4];
         q6k_quarters(p, wq);
-        for (int c = 0; c < 4; c++) {
-            start[c] = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, c128, wq[c])); /* -128 Σ (q - 32) per lane */
-            sc[c] = _mm512_permutexvar_epi32(pick[c], s32);
-        }
+        for (int c = 0; c < 4; c++) sc[c] = _mm512_permutexvar_epi32(pick[c], s32);
         __m512i s[BATCH_J];
 #pragma GCC unroll 8
         for (int j = 0; j < nj; j++) {
             const uint8_t *xj = x + j * xstride + b * Q6K_PREP;
-            s[j] = zero;
+            s[j] = _mm512_zextsi256_si512(_mm256_madd_epi16(off, _mm256_loadu_si256((const __m256i *)(xj + 256))));
             for (int c = 0; c < 4; c++) /* a lane's dot fits int16: its low half times the scale is the product */
-                s[j] = _mm512_dpwssd_epi32(s[j], _mm512_dpbusd_epi32(start[c], _mm512_loadu_si512(xj + 64 * c), wq[c]), sc[c]);
+                s[j] = _mm512_dpwssd_epi32(s[j], _mm512_dpbusd_epi32(zero, wq[c], _mm512_loadu_si512(xj + 64 * c)), sc[c]);
         }
         const __m512 dd = _mm512_mul_ps(_mm512_set1_ps(f16(p + 208)), _mm512_loadu_ps(dx + 16 * b));
         sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isums16(s, nj)), dd, sum);
@@ -504,7 +500,7 @@ static void batch_q6_k(const uint8_t *w, int64_t stride, int nrows, Batch x, int
     for (int64_t c0 = 0; c0 < nb; c0 += STEP) {
         const int64_t n = nb - c0 < STEP ? nb - c0 : STEP;
         for (int64_t b = 0; b < n; b++)
-            for (int j = 0; j < nj; j++) memcpy(dx + 16 * b + ISUM_LANE(j), xp + j * x.prep_stride + (c0 + b) * Q6K_PREP + 256, 4);
+            for (int j = 0; j < nj; j++) memcpy(dx + 16 * b + ISUM_LANE(j), xp + j * x.prep_stride + (c0 + b) * Q6K_PREP + 288, 4);
         for (int r = 0; r < nrows; r++) {
             const uint8_t *row = w + r * stride + c0 * 210, *xc = xp + c0 * Q6K_PREP;
             switch (nj) { /* a constant count in each copy: the sums stay in registers */

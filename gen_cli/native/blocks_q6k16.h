@@ -32,9 +32,10 @@
 #include "features.h"
 
 /* Batches of this many rows or more take the lanes; smaller ones blocks_batch.h's one-row tile, which gives the
- * same bits. Below it, unpacking 16 rows into lanes costs more than it saves (2 threads, Zen 4, against the tile:
- * 0.75x at 2 rows from memory and 0.83x from cache, about even at 4-6 rows, 1.15-1.75x at 8, 2.1x at 64-512). */
-enum { Q6K16_MIN = 8 };
+ * same bits. Below it, transposing 16 rows into lanes costs more than it saves (2 threads, Zen 4, against the tile:
+ * 0.75x at 2 rows from memory and 0.83x from cache, about even at 4-5 rows, 1.14-1.5x at 6, 1.4-1.65x at 8, 2.1x
+ * at 64-512). */
+enum { Q6K16_MIN = 6 };
 
 /* One super-block of a group unpacked: code vectors, scale vectors, d. */
 enum { Q6K16_CODES = 64 * 64, Q6K16_SCALES = 16 * 64, Q6K16_SB = Q6K16_CODES + Q6K16_SCALES + 64 };
