@@ -131,7 +131,7 @@ def test_q6_k_batches_in_lanes_and_in_the_tile_agree_bit_for_bit(threads):
 @pytest.mark.parametrize("codes", [0x00, 0xFF])  # every q at -32, or at 31
 def test_q6_k_lanes_hold_the_largest_sums_exactly(codes):
     """Codes at either end, every scale at -128, activations at ±127: each super-block's integer sum at its largest
-    (256 x 32 x 128 x 127 < 2^31), in the lanes (16 rows) and the tile (4 rows) alike."""
+    (256 x 32 x 128 x 127 < 2^31), in the lanes (9 activation rows) and the tile (4) alike."""
     rows, cols = 16, 512
     raw = torch.full((rows, cols // 256, 210), codes, dtype=torch.uint8)
     raw[..., 192:208] = 0x80  # int8 -128
