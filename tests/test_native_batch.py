@@ -119,8 +119,8 @@ def test_q6_k_batches_in_lanes_and_in_the_tile_agree_bit_for_bit(threads):
     """Q6_K batches of 6 rows or more go through lanes (blocks_q6k16.h: 16 stored rows transposed per super-block;
     up to 8 rows in one pass that unpacks as it goes, more unpacked once per group), smaller ones through the one-row
     tile. Each row's integer sums and chain of FMAs are the same in both. 37 rows: two whole groups of 16 and a short
-    one; 2816 columns: 11 super-blocks, two of the tile's column chunks."""
-    blocks, x, w = _case("q6_k", 37, 2816, 20, seed=11)
+    one; 7680 columns: 30 super-blocks, two of the tile's column chunks at 2 rows, three at 5."""
+    blocks, x, w = _case("q6_k", 37, 7680, 20, seed=11)
     together = _matmul(x, blocks, "q6_k", 37, threads)
     tol = 2e-6 * (x.double().abs() @ w.abs().T) + 1e-6
     assert ((together.double() - _oracle(x, w, "q6_k")).abs() <= tol).all()

@@ -468,6 +468,7 @@ GEN_ALWAYS_INLINE void q6k_tile(const int nj, const uint8_t *restrict w, int64_t
     __m512 sum = *acc;
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *p = w + b * 210;
+        fetch_ahead(p, 210);
         const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(p + 192)));
         const __m256i off = _mm256_sub_epi16(_mm256_setzero_si256(), _mm256_slli_epi16(sc16, 5)); /* -32 sc: int16 */
         /* the 16 scales in each lane's low int16, 0 above: vpdpwssd multiplies a lane's low halves only */
@@ -491,14 +492,19 @@ GEN_ALWAYS_INLINE void q6k_tile(const int nj, const uint8_t *restrict w, int64_t
 
 SUPER_BATCH(q4_k, q4k_tile, 144, Q4K_PREP)
 
-/* SUPER_BATCH for Q6_K: each row's sum goes on from chunk to chunk (one chain of FMAs, as blocks_q6k16.h's). */
+/* SUPER_BATCH for Q6_K: each row's sum goes on from chunk to chunk (one chain of FMAs, as blocks_q6k16.h's). The
+ * chunk holds Q6K_CHUNK prepared bytes over all nj rows, not CHUNK_BYTES a row: with 2 rows, chunks of 8
+ * super-blocks left a matrix streaming from memory at 0.3x the one-row kernel (each weight row read 1680 bytes
+ * at a time, the four rows of a block in turn), whole 8192-column rows at 0.6x. */
+enum { Q6K_CHUNK = 16384 };
 static void batch_q6_k(const uint8_t *w, int64_t stride, int nrows, Batch x, int64_t b0, int nj, int64_t nb, float *out) {
-    enum { STEP = CHUNK_BYTES / Q6K_PREP }; /* super-blocks per chunk */
+    enum { MAX_STEP = Q6K_CHUNK / Q6K_PREP };
+    const int64_t step = Q6K_CHUNK / (nj * Q6K_PREP); /* super-blocks per chunk */
     const uint8_t *xp = x.prep + b0 * x.prep_stride;
     __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()}; /* nrows <= 4 */
-    float dx[STEP * 16] = {0.f}; /* the chunk's d_x, row j's in lane ISUM_LANE(j) */
-    for (int64_t c0 = 0; c0 < nb; c0 += STEP) {
-        const int64_t n = nb - c0 < STEP ? nb - c0 : STEP;
+    float dx[MAX_STEP * 16] = {0.f}; /* the chunk's d_x, row j's in lane ISUM_LANE(j) */
+    for (int64_t c0 = 0; c0 < nb; c0 += step) {
+        const int64_t n = nb - c0 < step ? nb - c0 : step;
         for (int64_t b = 0; b < n; b++)
             for (int j = 0; j < nj; j++) memcpy(dx + 16 * b + ISUM_LANE(j), xp + j * x.prep_stride + (c0 + b) * Q6K_PREP + 288, 4);
         for (int r = 0; r < nrows; r++) {
