@@ -64,10 +64,11 @@ def _reference(blocks: torch.Tensor, qtype: str, cols: int) -> torch.Tensor:
     return torch.from_numpy(gguf_dequantize(blocks.numpy(), gguf.GGMLQuantizationType(GGML[qtype]))).double()
 
 
-def _bound(w: torch.Tensor, x: torch.Tensor, qtype: str) -> torch.Tensor:
-    """(n, rows): Σ_i |w_i| d(i) / 2, plus fp32 rounding (1e-5 of Σ |w_i x_i|)."""
+def _bound(w: torch.Tensor, x: torch.Tensor, qtype: str, terms: int = 1) -> torch.Tensor:
+    """(n, rows): Σ_i |w_i| d(i) / 2, plus fp32 rounding (1e-5 of Σ |w_i x_i|). d(i) = amax / 127 for int8
+    activations; with a second int8 term (int8x2) the residual is at most d / 2, so its half step is amax / 254²."""
     g = _group(qtype)
-    half_step = x.double().abs().reshape(x.shape[0], -1, g).amax(-1) / 254  # (n, cols / g)
+    half_step = x.double().abs().reshape(x.shape[0], -1, g).amax(-1) / 254**terms  # (n, cols / g)
     return half_step.repeat_interleave(g, 1) @ w.abs().T + 1e-5 * (x.double().abs() @ w.abs().T) + 1e-6
 
 

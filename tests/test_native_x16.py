@@ -214,14 +214,14 @@ def _steps(model: Transformer, ids: torch.Tensor, prompt_len: int) -> torch.Tens
 def test_float_activations_keep_the_layouts_without_a_float_product_stored(qtype, tmp_path):
     """Both loaders (the torch-free step's and the torch path's) with bf16 or fp32 activations: q4_0 / q4_1 stay
     interleaved (they have a float product of their own), while q4_k, q5_k and q8_0 would read every row back stored
-    each step, so they stay stored."""
+    each step, so they stay stored. int8x2 runs the integer kernels: interleaved, as int8."""
     if not repack_wanted(qtype, 16):
         pytest.skip("this machine's kernel keeps the stored layout (no AVX2 or AVX-512 VNNI)")
     path = _write(tmp_path / "m.gguf", qtype)
-    for act in ("int8", "bf16", "fp32"):
+    for act in ("int8", "int8x2", "bf16", "fp32"):
         model = FileModel.open(path, 1, act)
         assert isinstance(model, FileModel), model
-        packed = act == "int8" or qtype not in READ_BACK
+        packed = act in ("int8", "int8x2") or qtype not in READ_BACK
         assert model.layers[0].w2.type == MATRIX_TYPES[qtype + ("x16" if packed else "")], act
         assert load(path, arena=ALWAYS, act=act).model.layers[0].mlp.w2.interleaved == packed, act
 

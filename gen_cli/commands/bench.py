@@ -35,8 +35,8 @@ Acts = Annotated[
     typer.Option(
         "--act",
         metavar="LIST",
-        help="Run each block-weight mode once per activation precision (int8, bf16, fp32; comma list), with its "
-        "speed and, on a real model, KL / top-1 / greedy agreement against fp32 activations on real text.",
+        help="Run each block-weight mode once per activation precision (int8, int8x2, bf16, fp32; comma list), with "
+        "its speed and, on a real model, KL / top-1 / greedy agreement against fp32 activations on real text.",
         show_default=False,
         rich_help_panel=PERFORMANCE,
     ),

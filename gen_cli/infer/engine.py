@@ -144,7 +144,7 @@ class Engine:
 
     @property
     def activations(self) -> str | None:
-        """What block weights multiply (int8, bf16 or fp32 activations); None without block weights."""
+        """What block weights multiply (abi.py's ACT_MODES); None without block weights."""
         return activations(self.model)
 
     def decode_note(self) -> str:

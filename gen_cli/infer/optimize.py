@@ -117,7 +117,7 @@ def set_act(model: Transformer, act: str) -> None:
 
 
 def activations(model: Transformer) -> str | None:
-    """What block weights' products multiply in `model` (int8, bf16, fp32), or None when it has no block weights."""
+    """What block weights' products multiply in `model` (abi.py's ACT_MODES), or None when it has no block weights."""
     layers = [m for m in model.modules() if isinstance(m, BlockLinear)]
     if not layers:
         return None

@@ -38,7 +38,7 @@ class EngineOptions:
     compile: bool = False  # torch.compile instead of the native step
     rope_scaling: str | None = None  # e.g. `yarn:4`: the context grows to factor × the trained one
     attn_impl: str = "fused"  # PyTorch's forwards (prefill, decode off the native step): fused SDPA or eager
-    act: str | None = None  # block weights' activations: int8, bf16 or fp32 (None: ACT_DEFAULT, native/abi.py)
+    act: str | None = None  # block weights' activations: native/abi.py's ACT_MODES (None: ACT_DEFAULT)
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,7 @@ def check_lengths(config: ModelConfig, prompt_len: int, max_new_tokens: int, spe
 
 
 def check_act(act: str) -> str:
-    """`act` when it names an activation precision for block weights (int8, bf16, fp32), else a usage error."""
+    """`act` when it names an activation precision for block weights (abi.py's ACT_MODES), else a usage error."""
     from gen_cli.native.abi import ACT_MODES
 
     if act not in ACT_MODES:

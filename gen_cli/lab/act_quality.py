@@ -1,4 +1,5 @@
-"""What an activation precision for block weights (int8, bf16) costs against fp32 activations on the same weights.
+"""What an activation precision for block weights (int8, int8x2, bf16) costs against fp32 activations on the same
+weights.
 
 A text's tokens are teacher-forced through the decode path one step at a time (the native step where it runs, as
 `gen generate` decodes), once per precision, switched on the same model (`set_act`), so the only difference is

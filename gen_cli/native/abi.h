@@ -8,7 +8,7 @@
 
 #include <stdint.h>
 
-#define GEN_ABI_VERSION 16
+#define GEN_ABI_VERSION 17
 
 /* Matrix.type: the step's own formats (the model's float dtype, int8 rows with a scale each), then GGML's
  * block formats (block_types.h) by their gen names (abi.py's MATRIX_TYPES). */
@@ -38,9 +38,10 @@ enum {
 enum { KV_FLOAT = 0, KV_INT8 = 1, KV_INT4 = 2, KV_BF16 = 3 }; /* KV_FLOAT: the model's dtype */
 enum { KV_GROUP = 32 };
 
-/* Model.act: what block-weight products multiply (blocks_float.h): the activations quantized to int8 per block
- * (llama.cpp's way), rounded to bf16, or fp32 as they are. */
-enum { ACT_INT8 = 0, ACT_BF16 = 1, ACT_FP32 = 2 };
+/* Model.act: what block-weight products multiply: the activations quantized to int8 per block (llama.cpp's way),
+ * rounded to bf16 or fp32 as they are (blocks_float.h), or as two int8 rows, the second the int8 rounding of what
+ * the first missed (matmul.h's block_rows_int8x2). */
+enum { ACT_INT8 = 0, ACT_BF16 = 1, ACT_FP32 = 2, ACT_INT8X2 = 3 };
 
 /* Model.profile's slots: where a step's time goes (abi.py's PROFILE_KEYS, in this order). */
 enum { P_EMBED, P_NORM, P_QKV, P_ROPE, P_ATTENTION, P_ATTN_OUT, P_MLP_IN, P_MLP_ACT, P_MLP_OUT, P_LM_HEAD, P_COUNT };
@@ -110,7 +111,7 @@ typedef struct {
      * (max_tokens above is then the scores' stride: at least every slot's max_tokens). */
     const KVSlot *slots;
     int64_t n_slots;
-    int64_t act; /* ACT_INT8, ACT_BF16 or ACT_FP32: block weights' activations */
+    int64_t act; /* ACT_*: block weights' activations */
     /* A paged KV cache (gen_decode_rows, slots NULL): NULL, none; else each Layer's k_cache/v_cache (and their
      * scales and zero points) hold a pool of pool_blocks blocks of block_tokens tokens, laid out as Layer's cache
      * of one sequence whose pool_blocks * block_tokens slots are the blocks in order, (n_kv_head, pool_blocks *

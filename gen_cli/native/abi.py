@@ -16,7 +16,7 @@ from gen_cli.errors import InternalError
 if TYPE_CHECKING:
     from gen_cli.model.config import ModelConfig
 
-ABI_VERSION = 16  # GEN_ABI_VERSION in abi.h
+ABI_VERSION = 17  # GEN_ABI_VERSION in abi.h
 
 # Matrix.type (abi.h's T_*): the step's own formats, then GGML's block formats by their gen names.
 MATRIX_TYPES = {
@@ -25,8 +25,10 @@ MATRIX_TYPES = {
     # blocks_q8x16.h)
     "q5_k": 14, "q5_kx16": 15,
 }  # fmt: skip
-# Model.act (abi.h's ACT_*): what block-weight products multiply: int8-quantized, bf16-rounded or fp32 activations.
-ACT_MODES = {"int8": 0, "bf16": 1, "fp32": 2}
+# Model.act (abi.h's ACT_*): what block-weight products multiply: int8-quantized activations, the same plus the
+# int8 rounding of what that missed (two int8 rows through the same integer kernels), bf16-rounded or fp32 ones.
+ACT_MODES = {"int8": 0, "int8x2": 3, "bf16": 1, "fp32": 2}
+INTEGER_ACTS = ("int8", "int8x2")  # the modes whose products are the integer kernels (interleaved layouts, lanes)
 # The precision block weights run in unless asked otherwise: chosen by measurement (docs/quantization.md).
 ACT_DEFAULT = "int8"
 # Rows one step takes: each weight row block is reused from L1 by every row, so the weights are read once

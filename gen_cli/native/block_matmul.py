@@ -15,7 +15,9 @@ Elsewhere (no compiler, not the CPU) the layer's own fallback runs.
 The activation precision (`act`, abi.py's ACT_MODES) changes both paths: int8 as above; bf16: the few-token
 kernel multiplies blocks unpacked to fp32 by activations rounded to bf16, a prompt's GEMM runs on bf16 tiles as
 for int8; fp32: the few-token kernel multiplies fp32 activations as they are, a prompt's GEMM runs on fp32 tiles
-(the blocks' exact values): the same sums as dequantize-then-fp32, to fp32 rounding.
+(the blocks' exact values): the same sums as dequantize-then-fp32, to fp32 rounding; int8x2: the int8 kernel on
+each row and the int8 rounding of what that row's rounding missed (twice the rows, the weights read once), its
+prompts in lanes as int8's, else on fp32 tiles.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gen_cli.native.abi import ACT_MODES, MATRIX_TYPES
+from gen_cli.native.abi import ACT_MODES, INTEGER_ACTS, MATRIX_TYPES
 from gen_cli.native.build import library
 from gen_cli.quant.block_linear import BlockLinear
 from gen_cli.quant.linear import onednn_bf16
@@ -46,13 +48,13 @@ TILE_DTYPE = torch.bfloat16  # bf16 GEMM (avx512_bf16 through oneDNN) where the 
 
 def block_matmul(x: torch.Tensor, layer: BlockLinear, act: str = "int8") -> torch.Tensor:
     """x (..., in_features) -> x Wᵀ (..., out_features) in x's dtype, without the bias; `act`: the activations'
-    precision in the products (int8, bf16 or fp32)."""
+    precision in the products (abi.py's ACT_MODES)."""
     lib = library()
     if isinstance(lib, str) or x.device.type != "cpu" or not layer.blocks.is_contiguous():
         return F.linear(x, layer.dequantized().to(x.dtype))  # (..., out)
     rows = x.reshape(-1, layer.in_features).to(torch.float32).contiguous()  # (n, in)
-    if rows.shape[0] >= TILE_MIN_TOKENS and not (act == "int8" and prompt_in_lanes(lib, layer)):
-        y = _tiled(lib, rows, layer, torch.float32 if act == "fp32" else tile_dtype())
+    if rows.shape[0] >= TILE_MIN_TOKENS and not (act in INTEGER_ACTS and prompt_in_lanes(lib, layer)):
+        y = _tiled(lib, rows, layer, tile_dtype() if act in ("int8", "bf16") else torch.float32)
     else:
         y = torch.empty(rows.shape[0], layer.out_features)  # (n, out)
         failed = lib.gen_block_matmul(
@@ -65,7 +67,7 @@ def block_matmul(x: torch.Tensor, layer: BlockLinear, act: str = "int8") -> torc
 
 
 def prompt_in_lanes(lib: ctypes.CDLL, layer: BlockLinear) -> bool:
-    """Whether the int8 kernel multiplies a prompt by this layer in vector lanes (16 rows interleaved, or Q6_K
+    """Whether the integer kernel multiplies a prompt by this layer in vector lanes (16 rows interleaved, or Q6_K
     where the build transposes it as it goes), which outruns the tiles' GEMM."""
     return layer.interleaved or bool(lib.gen_block_lanes(MATRIX_TYPES[layer.native_type]))
 
@@ -97,7 +99,7 @@ def _tiled(lib: ctypes.CDLL, x: torch.Tensor, layer: BlockLinear, dtype: torch.d
 
 
 def block_kernel(act: str = "int8") -> Callable[[torch.Tensor, BlockLinear], torch.Tensor]:
-    """`block_matmul` with the activation precision `act` (int8, bf16 or fp32)."""
+    """`block_matmul` with the activation precision `act` (abi.py's ACT_MODES)."""
     if act not in ACT_MODES:
         raise ValueError(f"unknown activation precision {act!r}")
     return block_matmul if act == "int8" else partial(block_matmul, act=act)

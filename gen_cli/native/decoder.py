@@ -426,7 +426,7 @@ class NativeDecoder:
         return logits
 
     def set_act(self, act: str) -> None:
-        """Block weights' products in later steps take int8, bf16 or fp32 activations (abi.h's ACT_*)."""
+        """Block weights' products in later steps take `act` activations (abi.py's ACT_MODES)."""
         self._struct.act = ACT_MODES[act]
 
     def start_profile(self) -> None:

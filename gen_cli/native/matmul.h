@@ -569,15 +569,53 @@ static void block_rows_int8(const uint8_t *w, const BlockType *t, int64_t rows, 
     free(prep);
 }
 
+/* ACT_INT8X2: each activation row b as two int8 rows through block_rows_int8, its own int8 rounding (row 2b) and
+ * the int8 rounding of what that missed (row 2b + 1: x - d q, at most d / 2 a value, so its scale is ~254 times
+ * finer), their products added. One batch of twice the rows reads the weights once for both (decode is bound by
+ * that read) and multiplies twice; the error is int8's divided by ~254. The residual takes the scale d and codes q
+ * that block_rows_int8 computes again for row 2b from the same floats. Returns 0, or -1 when memory runs out. */
+static int block_rows_int8x2(const uint8_t *w, const BlockType *t, int64_t rows, int64_t cols, const float *x,
+                             int64_t batch, float *y, int64_t ldy, int accumulate, int n_threads) {
+    const int64_t n = 2 * batch;
+    float *xx = malloc((size_t)(n * cols) * sizeof(float)), *yy = malloc((size_t)(n * rows) * sizeof(float));
+    int8_t *q = malloc((size_t)(n * cols));
+    float *d = malloc((size_t)(n * (cols / 32)) * sizeof(float));
+    int16_t *s = malloc((size_t)(n * (cols / 16)) * sizeof(int16_t));
+    const int ok = xx && yy && q && d && s;
+    if (ok) {
+        for (int64_t b = 0; b < batch; b++) {
+            const float *xb = x + b * cols;
+            float *hi = xx + 2 * b * cols, *lo = hi + cols;
+            t->quantize_act(xb, cols, (Act){q, d, s});
+            memcpy(hi, xb, (size_t)cols * sizeof(float));
+            for (int64_t g = 0; g < cols / t->elems; g++) { /* a block's scale, then its values (vectorized) */
+                const float dg = d[g];
+                for (int64_t i = g * t->elems; i < (g + 1) * t->elems; i++) lo[i] = fmaf(-dg, (float)q[i], xb[i]);
+            }
+        }
+        block_rows_int8(w, t, rows, cols, xx, n, yy, rows, 0, q, d, s, n_threads);
+        for (int64_t b = 0; b < batch; b++) {
+            const float *hi = yy + 2 * b * rows, *lo = hi + rows;
+            float *out = y + b * ldy;
+            for (int64_t r = 0; r < rows; r++) out[r] = (accumulate ? out[r] : 0.f) + (hi[r] + lo[r]);
+        }
+    }
+    free(xx), free(yy), free(q), free(d), free(s);
+    return ok ? 0 : -1;
+}
+
 /* Block rows against the input prepared as m->act says. Row b of the output starts ldy floats after row b - 1 (a
  * part of a matrix held in parts writes its own columns of a wider y). */
 static void matmul_blocks(const Model *m, const Matrix *w, const BlockType *t, const float *x, float *y, int64_t ldy,
                           int accumulate) {
-    if (m->act != ACT_INT8 && x16_float_paths(t)) {
-        float_rows_x16(w->data, t, w->rows, w->cols, x, m->batch, y, ldy, accumulate, m->act, (int)m->n_threads);
-        return;
-    }
-    if (m->act != ACT_INT8) { /* float activations: blocks_float.h (their bf16 copy in xq, sums in ad) */
+    if (m->act == ACT_INT8X2 &&
+        block_rows_int8x2(w->data, t, w->rows, w->cols, x, m->batch, y, ldy, accumulate, (int)m->n_threads) == 0)
+        return; /* out of memory: int8 below */
+    if (m->act == ACT_BF16 || m->act == ACT_FP32) {
+        if (x16_float_paths(t)) {
+            float_rows_x16(w->data, t, w->rows, w->cols, x, m->batch, y, ldy, accumulate, m->act, (int)m->n_threads);
+            return;
+        } /* else blocks_float.h (their bf16 copy in xq, sums in ad) */
         float_block_matmul(w->data, w->type, w->rows, w->cols, x, m->batch, y, ldy, accumulate, m->act, (uint16_t *)m->xq,
                            m->ad, (int)m->n_threads);
         return;

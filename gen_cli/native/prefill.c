@@ -14,15 +14,16 @@
 
 /* Y (n, rows) = X (n, cols) W^T for a block matrix W (rows, row bytes): prompts and prefill, the activations as
  * `act` says (abi.h's ACT_*). ACT_INT8: matmul.h's block_rows_int8 (X quantized once; where the type has a batch
- * kernel, each weight group unpacked once for several tokens). ACT_FP32 / ACT_BF16: blocks_float.h's products.
- * Returns 0, or -1 when the type is not a block type, `act` unknown, an interleaved type's rows are not whole
- * groups, or memory runs out. */
+ * kernel, each weight group unpacked once for several tokens); ACT_INT8X2: the same on each row and its residual
+ * (block_rows_int8x2). ACT_FP32 / ACT_BF16: blocks_float.h's products. Returns 0, or -1 when the type is not a
+ * block type, `act` unknown, an interleaved type's rows are not whole groups, or memory runs out. */
 int64_t gen_block_matmul(const void *w, int64_t type, int64_t rows, int64_t cols, const float *x, int64_t n, float *y,
                          int64_t n_threads, int64_t act) {
     const BlockType *bt = block_type(type);
-    if (!bt || cols % bt->elems != 0 || act < ACT_INT8 || act > ACT_FP32) return -1;
+    if (!bt || cols % bt->elems != 0 || act < ACT_INT8 || act > ACT_INT8X2) return -1;
     if (n <= 0 || rows <= 0) return 0;
     if (bt->group && rows % bt->group) return -1;
+    if (act == ACT_INT8X2) return block_rows_int8x2(w, bt, rows, cols, x, n, y, rows, 0, (int)n_threads);
     if (act != ACT_INT8 && x16_float_paths(bt)) return float_rows_x16(w, bt, rows, cols, x, n, y, rows, 0, act, (int)n_threads);
     if (act != ACT_INT8) {
         uint16_t *xh = malloc((size_t)(n * cols) * sizeof(uint16_t));

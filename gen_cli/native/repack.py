@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-from gen_cli.native.abi import ACT_DEFAULT, MATRIX_TYPES
+from gen_cli.native.abi import ACT_DEFAULT, INTEGER_ACTS, MATRIX_TYPES
 from gen_cli.native.build import library
 from gen_cli.quant.formats import BLOCK_TYPES, can_interleave
 
@@ -28,7 +28,7 @@ def repack_wanted(qtype: str, rows: int, act: str | None = None) -> bool:
     default, ACT_DEFAULT) is held interleaved here."""
     if os.environ.get("GEN_REPACK", "1") == "0" or not can_interleave(qtype, rows):
         return False
-    if (act or ACT_DEFAULT) != "int8" and qtype not in FLOAT_PRODUCTS:
+    if (act or ACT_DEFAULT) not in INTEGER_ACTS and qtype not in FLOAT_PRODUCTS:
         return False
     lib = library()
     return not isinstance(lib, str) and lib.gen_block_interleaved(MATRIX_TYPES[qtype]) >= 0
