@@ -494,8 +494,8 @@ SUPER_BATCH(q4_k, q4k_tile, 144, Q4K_PREP)
 
 /* SUPER_BATCH for Q6_K: each row's sum goes on from chunk to chunk (one chain of FMAs, as blocks_q6k16.h's). The
  * chunk holds Q6K_CHUNK prepared bytes over all nj rows, not CHUNK_BYTES a row: with 2 rows, chunks of 8
- * super-blocks left a matrix streaming from memory at 0.3x the one-row kernel (each weight row read 1680 bytes
- * at a time, the four rows of a block in turn), whole 8192-column rows at 0.6x. */
+ * super-blocks read a matrix from memory at 0.26-0.42x the one-row kernel's rate (each weight row 1680 bytes at
+ * a time, the four rows of a block in turn), whole 8192-column rows at 0.68x. */
 enum { Q6K_CHUNK = 16384 };
 static void batch_q6_k(const uint8_t *w, int64_t stride, int nrows, Batch x, int64_t b0, int nj, int64_t nb, float *out) {
     enum { MAX_STEP = Q6K_CHUNK / Q6K_PREP };
