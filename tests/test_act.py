@@ -78,6 +78,26 @@ def test_a_prompts_tiles_take_fp32_in_fp32_mode(qtype, act):
     assert ((got - want).abs() <= tol).all()
 
 
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_k"])
+def test_int8x2_takes_a_wide_output_a_band_of_rows_at_a_time(qtype):
+    """40 activation rows (80 int8 rows) against 26,224 weight rows: the products' 8 MiB scratch holds 26,208 of
+    them, so the last 16 go in a second band. Every row within int8x2's bound, and each band's rows the same bits
+    as their 16-row matrix alone (the band's weights and outputs found at its offset). q4_k: interleaved."""
+    from test_native_batch import _matmul
+
+    from gen_cli.quant.blocks import interleave
+
+    rows, cols, first = 26224, 256, 26208
+    stored = quantize(torch.randn(rows, cols), qtype)
+    blocks, native_type = (interleave(stored, qtype), qtype + "x16") if qtype == "q4_k" else (stored, qtype)
+    x = torch.randn(40, cols)
+    got = _matmul(x, blocks, native_type, rows, act="int8x2")
+    _check(got, x, _reference(stored, qtype, cols), qtype, "int8x2")
+    for r0 in (0, first - 16, first):  # the first band's ends, the second band
+        alone = _matmul(x, blocks[r0 : r0 + 16].contiguous(), native_type, 16, act="int8x2")
+        assert torch.equal(alone, got[:, r0 : r0 + 16]), r0
+
+
 def _plain_fp32(x: torch.Tensor, layer: BlockLinear) -> torch.Tensor:
     return F.linear(x.float(), layer.dequantized())
 

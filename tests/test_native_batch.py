@@ -31,14 +31,16 @@ BATCHES = (1, 2, 3, 4, 5, 7, 8, 16, 33)  # ragged against the kernel's 8 rows pe
 COLS_32 = (96, 576, 608, 1536, 4160)
 
 
-def _matmul(x: torch.Tensor, blocks: torch.Tensor, qtype: str, rows: int, threads: int = 2) -> torch.Tensor:
-    """x (n, cols) -> (n, rows) through the int8 kernel, whatever n (block_matmul sends n >= 32 to its GEMM)."""
+def _matmul(
+    x: torch.Tensor, blocks: torch.Tensor, qtype: str, rows: int, threads: int = 2, act: str = "int8"
+) -> torch.Tensor:
+    """x (n, cols) -> (n, rows) through the integer kernel, whatever n (block_matmul sends n >= 32 to its GEMM)."""
     lib = build.library()
     n, cols = x.shape
     x = x.float().contiguous()
     y = torch.full((n, rows), float("nan"))
     failed = lib.gen_block_matmul(
-        blocks.data_ptr(), MATRIX_TYPES[qtype], rows, cols, x.data_ptr(), n, y.data_ptr(), threads, ACT_MODES["int8"]
+        blocks.data_ptr(), MATRIX_TYPES[qtype], rows, cols, x.data_ptr(), n, y.data_ptr(), threads, ACT_MODES[act]
     )
     assert not failed
     return y
