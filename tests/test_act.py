@@ -66,7 +66,7 @@ def test_few_token_products_equal_dequantize_then_fp32(qtype, act, n, blocks_per
 
 @pytest.mark.parametrize("qtype", ["q8_0", "q4_0", "q4_k", "q6_k"])
 @pytest.mark.parametrize("act", ["fp32", "int8x2"])
-def test_a_prompts_tiles_take_fp32_in_fp32_mode(qtype, act):
+def test_a_prompts_tiles_take_fp32_in_fp32_and_int8x2_modes(qtype, act):
     """A long prompt (the GEMM on dequantized row tiles) multiplies fp32 tiles in fp32 mode, not bf16 ones; int8x2
     too, unless the integer kernel takes the prompt in lanes (Q6_K on AVX-512 VNNI), there on twice the rows."""
     cols = 512

@@ -575,7 +575,9 @@ static void block_rows_int8(const uint8_t *w, const BlockType *t, int64_t rows, 
  * that read) and multiplies twice; the error is int8's divided by ~254. The residual takes the scale d and codes q
  * that block_rows_int8 computes again for row 2b from the same floats. The two rows' products go to a scratch of at
  * most X2_SCRATCH bytes, a band of weight rows at a time: a 64-row batch's head over 128,256 tokens would otherwise
- * hold 66 MB more than int8's (the same speed either way, measured). Returns 0, or -1 when memory runs out. */
+ * hold 66 MB more than int8's (the same speed either way, measured). All memory is taken before any output is
+ * written, so a failure leaves y as it was (the step then takes int8's product). Returns 0, or -1 when memory runs
+ * out. */
 enum { X2_SCRATCH = 8 << 20 };
 static int block_rows_int8x2(const uint8_t *w, const BlockType *t, int64_t rows, int64_t cols, const float *x,
                              int64_t batch, float *y, int64_t ldy, int accumulate, int n_threads) {
