@@ -127,6 +127,13 @@ def compare_command(
         "prompt, off added as the baseline; not crossed with the other axes",
         "none",
     ),
+    act: list[str] = _axis(
+        "--act",
+        "int8, int8x2, bf16, fp32: what block weights' products multiply, on the model's own block weights (Q8_0 "
+        "quantized at load if it has none), int8 added as the baseline; speed, and KL / top-1 / greedy agreement "
+        "against fp32 activations on real text (--quality-data); not crossed with the other axes",
+        "none",
+    ),
     preset: Preset = None,
     model_dir: Model = None,
     context: int = typer.Option(
@@ -154,8 +161,8 @@ def compare_command(
         None,
         "--quality-data",
         metavar="INPUTS",
-        help="Text for --quality-steps and a trained model's Δ bits/byte per --kv-dtype: files, folders or a "
-        "built-in corpus.",
+        help="Text for --quality-steps, --act's agreement with fp32 and a trained model's Δ bits/byte per "
+        "--kv-dtype: files, folders or a built-in corpus.",
         show_default="python-docs, or the model's training text",
         rich_help_panel=QUALITY,
     ),
@@ -238,17 +245,17 @@ def compare_command(
         raise UsageError(f"--threads must be at least 1, got {threads}")
     if eval_context is not None and (not quality_steps or eval_context < 1):
         raise UsageError("--eval-context N (N ≥ 1) goes with --quality-steps")
-    if speculate:
+    if speculate or act:
         grid = {"--kv-cache": kv_cache, "--attention": attention, "--kv-heads": kv_heads, "--pos": pos,
                 "--prompt-len": prompt_len, "--batch-size": batch_size, "--dtype": dtype, "--kv-dtype": kv_dtype,
                 "--window": window, "--sinks": sinks, "--attn-impl": attn_impl, "--context": context,
-                "--quality-steps": quality_steps, "--plot": plot}  # fmt: skip
+                "--quality-steps": quality_steps, "--plot": plot, "--act": speculate and act}  # fmt: skip
         crossed = [flag for flag, value in grid.items() if value]
+        axis = "--speculate" if speculate else "--act"
         if crossed:
-            raise UsageError(
-                f"--speculate runs on its own (the model's weights, a text prompt); drop {', '.join(crossed)}"
-            )
-        _speculate(speculate, preset, model_dir, max_new_tokens, repeats, warmup, threads, device, out_fmt, output)
+            raise UsageError(f"{axis} runs on its own (the model's weights, a text prompt); drop {', '.join(crossed)}")
+        _own_weights(axis, speculate or act, preset, model_dir, max_new_tokens, repeats, warmup, threads, device,
+                     out_fmt, output, quality_data)  # fmt: skip
         return
     shape, source, preset_name, tokenizer = _resolve_shape(preset, model_dir)
     if context is not None:
@@ -316,7 +323,8 @@ def compare_command(
     _show(result, out_fmt, output, plot, chart, wide)
 
 
-def _speculate(
+def _own_weights(
+    axis: str,
     values: list[str],
     preset: str | None,
     model_dir: Path | None,
@@ -327,26 +335,34 @@ def _speculate(
     device: str,
     fmt: str,
     output: Path | None,
+    quality_data: list[str] | None,
 ) -> None:
-    """The --speculate axis: measured on the model's weights, shown as its own table."""
+    """The --speculate or --act axis: measured on the model's weights, shown as its own table."""
     from gen_cli.atomic import write_text_atomic
-    from gen_cli.lab import compare, compare_speculate
+    from gen_cli.lab import compare, compare_act, compare_speculate, own_weights
     from gen_cli.lab.speculative_bench import DEFAULT_PROMPT
 
-    checked = compare_speculate.speculate_values(values)
-    source = compare_speculate.default_source(preset, model_dir)
+    checked = compare_speculate.speculate_values(values) if axis == "--speculate" else compare_act.act_values(values)
+    source = own_weights.default_source(preset, model_dir)
     if model_dir is not None:
         check_model_path(model_dir, "compare")
     gen_len = compare.int_values("--max-new-tokens", max_new_tokens, [DEFAULT_GEN_LEN], minimum=2)[0]
-    err.print(f"speculate: {', '.join(checked)} × {warmup + repeats} runs each, interleaved")
-    result = compare_speculate.measure(source, checked, DEFAULT_PROMPT, gen_len, repeats, warmup, threads, device)
-    text = compare_speculate.render(result, fmt)
+    err.print(f"{axis.removeprefix('--')}: {', '.join(checked)} × {warmup + repeats} runs each, interleaved")
+    if axis == "--speculate":
+        result = compare_speculate.measure(source, checked, DEFAULT_PROMPT, gen_len, repeats, warmup, threads, device)
+        text = compare_speculate.render(result, fmt)
+    else:
+        inputs = list(quality_data or []) or None
+        result = compare_act.measure(
+            source, checked, DEFAULT_PROMPT, gen_len, repeats, warmup, threads, device, inputs, say=err.print
+        )
+        text = compare_act.render(result, fmt)
     if output is not None:
         write_text_atomic(output, text)
         err.print(f"wrote {output}")
     else:
         sys.stdout.write(text)
-    if not all(r["identical_to_off"] for r in result["rows"]):
+    if axis == "--speculate" and not all(r["identical_to_off"] for r in result["rows"]):
         err.print("[red]warning: a speculative row's text differs from plain decoding[/]")
 
 

@@ -8,15 +8,13 @@ forward, the speed-up over `off` (median of per-repeat ratios) and whether the t
 
 from __future__ import annotations
 
-import csv
-import io
-import json
-import os
 import statistics
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from gen_cli.errors import UsageError
+from gen_cli.lab import own_weights
+from gen_cli.lab.own_weights import comma_values, interleave_runs, rate_cell, rate_fields
 
 OFF = "off"
 
@@ -26,20 +24,12 @@ def speculate_values(values: list[str] | None) -> list[str]:
     not listed). Paths keep their case; a comma list or the option repeated."""
     from gen_cli.infer.proposers import parse_speculate
 
-    out: list[str] = []
-    for value in values or []:
-        for part in str(value).split(","):
-            part = part.strip()
-            if not part or part in out:
-                continue
-            if part == OFF or part.startswith("draft:"):
-                if part == "draft:":
-                    raise UsageError(
-                        "speculate draft:PATH needs a draft model (a path or self:q4_0)", params=("speculate",)
-                    )
-            else:
-                parse_speculate(part)  # ngram[:K]: refused here when malformed
-            out.append(part)
+    out = comma_values(values)
+    for part in out:
+        if part == "draft:":
+            raise UsageError("speculate draft:PATH needs a draft model (a path or self:q4_0)", params=("speculate",))
+        if part != OFF and not part.startswith("draft:"):
+            parse_speculate(part)  # ngram[:K]: refused here when malformed
     if not out:
         raise UsageError("speculate needs at least one of off, ngram[:K], draft:PATH", params=("speculate",))
     return [OFF, *[v for v in out if v != OFF]]
@@ -64,26 +54,16 @@ def interleave(
     repeat, whether its ids equalled the first name's in every repeat, its last speculation figures; the load."""
     import torch
 
-    out: dict[str, dict[str, Any]] = {
-        v: {"rates": [], "ratios": [], "identical": True, "figures": {}} for v in speculations
-    }
-    load = []
-    for i in range(warmup + repeats):
-        first = None
-        for v, speculation in speculations.items():
-            done = engine.generate(ids, gen_len, sampling, seed=seed, stop_ids=(), speculation=speculation)
-            first = done if first is None else first
-            if i < warmup:
-                continue
-            run = out[v]
-            rate = done.stats.decode_tokens_per_s or 0.0
-            base = first.stats.decode_tokens_per_s or 0.0
-            run["rates"].append(rate)
-            run["ratios"].append(rate / base if base else 0.0)
-            run["identical"] &= torch.equal(done.tokens, first.tokens)
-            run["figures"] = done.stats.speculation or {}
-        load.append(os.getloadavg()[0])
-    return {"values": out, "load": load}
+    def decoding(speculation: Any) -> Callable[[], Any]:
+        return lambda: engine.generate(ids, gen_len, sampling, seed=seed, stop_ids=(), speculation=speculation)
+
+    runs = interleave_runs({v: decoding(s) for v, s in speculations.items()}, repeats, warmup)
+    first = next(iter(runs["values"].values()))["results"]
+    for value in runs["values"].values():
+        results = value.pop("results")
+        value["identical"] = all(torch.equal(r.tokens, f.tokens) for r, f in zip(results, first, strict=True))
+        value["figures"] = results[-1].stats.speculation or {}
+    return runs
 
 
 def measure(
@@ -112,15 +92,12 @@ def measure(
         spec, rates = run["figures"], run["rates"]
         rows.append({
             "speculate": v,
-            "decode_tokens_per_s": statistics.median(rates),
-            "decode_tokens_per_s_min": min(rates),
-            "decode_tokens_per_s_max": max(rates),
+            **rate_fields(rates),
             "speedup_vs_off": statistics.median(run["ratios"]),
             "acceptance_rate": spec.get("acceptance_rate"),
             "tokens_per_forward": spec.get("tokens_per_forward", 1.0 if v == OFF else None),
             "mean_k": spec.get("mean_k"),
             "identical_to_off": run["identical"],
-            "samples": {"decode_tokens_per_s": rates},
         })  # fmt: skip
     env = {
         "model": engine.source,
@@ -148,10 +125,7 @@ _COLUMNS = (
 
 def _cell(row: dict[str, Any], key: str) -> str:
     if key == "rate":
-        r = row
-        return (
-            f"{r['decode_tokens_per_s']:,.1f} ({r['decode_tokens_per_s_min']:,.1f}–{r['decode_tokens_per_s_max']:,.1f})"
-        )
+        return rate_cell(row)
     value = row[key]
     if value is None:
         return "–"
@@ -168,40 +142,9 @@ def _cell(row: dict[str, Any], key: str) -> str:
 
 def render(result: dict[str, Any], fmt: str) -> str:
     """The axis's rows as table text, md, csv, json or jsonl."""
-    rows, env = result["rows"], result["env"]
-    if fmt == "json":
-        return json.dumps(result, indent=2) + "\n"
-    if fmt == "jsonl":
-        return "".join(json.dumps(x) + "\n" for x in [{"env": env}, *rows])
-    if fmt == "csv":
-        buffer = io.StringIO()
-        keys = [k for k in rows[0] if k != "samples"]
-        writer = csv.DictWriter(buffer, keys, extrasaction="ignore", lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-        return buffer.getvalue()
-    head = [name for name, _ in _COLUMNS]
-    cells = [[_cell(r, key) for _, key in _COLUMNS] for r in rows]
+    env = result["env"]
     caption = (
         f"{env['model']}: {env['prompt_tokens']} prompt + {env['gen_len']} new tokens, {env['threads']} threads, "
         f"{env['repeats']} interleaved repeats, load ≤ {env['load_average']:.1f}"
     )
-    if fmt == "md":
-        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        return caption + "\n\n" + "\n".join(lines + ["| " + " | ".join(c) + " |" for c in cells]) + "\n"
-    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(head)]
-    text = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
-    text += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
-    return caption + "\n" + "\n".join(line.rstrip() for line in text) + "\n"
-
-
-def default_source(preset: str | None, model_dir: Path | None) -> Any:
-    """What the axis runs on: --model's weights, a preset's random weights, or the shipped model."""
-    from gen_cli.infer.options import Preset
-    from gen_cli.resources import default_model_dir
-
-    if model_dir is not None and preset is not None:
-        raise UsageError("give a model or a preset, not both", params=("model", "preset"))
-    if preset is not None:
-        return Preset(preset)
-    return model_dir if model_dir is not None else default_model_dir()
+    return own_weights.render(result, fmt, _COLUMNS, _cell, caption)

@@ -1,0 +1,166 @@
+"""`gen compare --act int8,int8x2,bf16,fp32`: what block weights' products multiply, as a compare axis.
+
+What rounding the activations costs depends on the weights and the text, so this axis runs on the model's own
+block weights (a model stored without them is quantized to Q8_0 at load). Every precision is switched on the
+same loaded model (`set_act`) and decodes the same prompt, greedy, interleaved repeat by repeat: decode tok/s
+(median, min–max) and its ratio to int8's, the default (median of per-repeat ratios). Then each is scored against
+fp32 activations on real text (`lab.act_quality`): KL of the next-token distributions, top-1 and greedy agreement.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from typing import Any
+
+from gen_cli.errors import UsageError
+from gen_cli.lab import own_weights
+from gen_cli.lab.own_weights import comma_values, interleave_runs, rate_cell, rate_fields
+
+BASELINE = "int8"  # the default (abi.ACT_DEFAULT), as llama.cpp multiplies: every speed is given against it
+QUANTIZE = "q8_0"  # block weights for a model stored without them
+GREEDY_TOKENS = 64  # at most; fewer when fewer are generated
+
+
+def act_values(values: list[str] | None) -> list[str]:
+    """`int8x2,fp32` → checked precisions, int8 first (the baseline, added when not listed)."""
+    from gen_cli.infer.options import check_act
+
+    out = [check_act(v) for v in comma_values(values)]
+    if not out:
+        raise UsageError("act needs at least one precision: int8, int8x2, bf16 or fp32", params=("act",))
+    return [BASELINE, *[v for v in out if v != BASELINE]]
+
+
+def _open(source: Any, device: str, threads: int | None) -> tuple[Any, str]:
+    """The model with block weights the C kernels multiply, and which weights those are."""
+    import gc
+
+    from gen_cli.infer.engine import open_model
+    from gen_cli.infer.optimize import activations
+    from gen_cli.infer.options import EngineOptions
+    from gen_cli.quant.block_linear import BlockLinear
+
+    engine = open_model(source, EngineOptions(device=device, threads=threads))
+    weights = "block weights as stored"
+    if activations(engine.model) is None:  # no block weights: quantize them, the first copy freed first
+        del engine
+        gc.collect()
+        engine = open_model(source, EngineOptions(device=device, threads=threads, quantize=QUANTIZE))
+        weights = f"quantized to {QUANTIZE.upper()} at load"
+    if not any(isinstance(m, BlockLinear) and m.kernel is not None for m in engine.model.modules()):
+        raise UsageError(
+            "--act switches gen's C block kernels, which did not build here (`gen info` says why); "
+            "without them block weights always multiply fp32 activations"
+        )
+    return engine, weights
+
+
+def measure(
+    source: Any, values: list[str], prompt: str, gen_len: int, repeats: int, warmup: int, threads: int | None,
+    device: str = "cpu", inputs: list[str] | None = None, say: Callable[[str], None] = lambda _: None,
+) -> dict[str, Any]:  # fmt: skip
+    """Each precision on `source`'s block weights: speed interleaved, then quality against fp32 activations on the
+    validation text of `inputs` (default: the built-in corpus); {"env": …, "rows": […]} with int8 first. `say`
+    hears what starts (the quality pass steps every precision through the text once)."""
+    import torch
+
+    from gen_cli.infer.optimize import activations, set_act
+    from gen_cli.infer.options import SamplingConfig
+    from gen_cli.lab.act_quality import TEXT_TOKENS, act_quality, text_ids
+
+    if repeats < 1 or warmup < 0:
+        raise UsageError("repeats must be at least 1 and warmup not negative", params=("repeats", "warmup"))
+    if device not in ("auto", "cpu"):
+        raise UsageError(f"--act measures the CPU's block kernels; use --device cpu, not {device}")
+    engine, weights = _open(source, "cpu", threads)
+    model, context = engine.model, engine.model.config.context_length
+    ids = engine.encode(prompt)
+    gen_len = min(gen_len, context - len(ids))
+    if gen_len < 2:
+        raise UsageError("the prompt leaves no room to generate in this model's context; give a longer context")
+    greedy = SamplingConfig(temperature=0.0)
+
+    def decoding(act: str) -> Any:
+        def run() -> Any:
+            set_act(model, act)
+            return engine.generate(ids, gen_len, greedy, stop_ids=())
+
+        return run
+
+    own = activations(model)
+    try:
+        runs = interleave_runs({v: decoding(v) for v in values}, repeats, warmup)
+    finally:
+        set_act(model, own)
+    text = text_ids(engine.encode, min(TEXT_TOKENS, context - 1), inputs)
+    if text.shape[1] < 2:
+        raise UsageError("the quality text is under 2 tokens; give more text with --quality-data")
+    say(f"scoring {', '.join(values)} against fp32 activations over {text.shape[1] - 1} positions of real text")
+    quality = {q.act: q for q in act_quality(model, text, values, min(gen_len, GREEDY_TOKENS))}
+    rows = []
+    for v in values:
+        run, q = runs["values"][v], quality[v]
+        rows.append({
+            "act": v,
+            **rate_fields(run["rates"]),
+            "speed_vs_int8": statistics.median(run["ratios"]),
+            "kl_mean": q.kl_mean,
+            "kl_max": q.kl_max,
+            "top1_agreement": q.top1_agreement,
+            "greedy_agree": q.greedy_agree,
+            "greedy_tokens": q.greedy_tokens,
+        })  # fmt: skip
+    load = runs["load"]
+    env = {
+        "model": engine.source,
+        "weights": weights,
+        "prompt_tokens": len(ids),
+        "gen_len": gen_len,
+        "repeats": repeats,
+        "warmup": warmup,
+        "threads": torch.get_num_threads(),
+        "device": str(engine.device),
+        "load_average": max(load) if load else None,
+        "text_positions": text.shape[1] - 1,
+        "note": "greedy; interleaved repeats; tok/s over the decode phase; × int8: median of per-repeat ratios; "
+        "KL(fp32 ‖ act) in nats over the text's positions, each token fed as one decode step",
+    }
+    return {"env": env, "rows": rows}
+
+
+_COLUMNS = (
+    ("act", "act"),
+    ("decode tok/s", "rate"),
+    ("× int8", "speed_vs_int8"),
+    ("KL mean", "kl_mean"),
+    ("KL max", "kl_max"),
+    ("top-1", "top1_agreement"),
+    ("greedy =", "greedy_agree"),
+)
+
+
+def _cell(row: dict[str, Any], key: str) -> str:
+    value = row.get(key)
+    if key == "rate":
+        return rate_cell(row)
+    if key == "speed_vs_int8":
+        return f"{value:.2f}×"
+    if key in ("kl_mean", "kl_max"):
+        return f"{value:.1e}" if value else "0 (ref)" if row["act"] == "fp32" else "0"
+    if key == "top1_agreement":
+        return f"{value:.1%}"
+    if key == "greedy_agree":
+        return f"{value}/{row['greedy_tokens']}"
+    return str(value)
+
+
+def render(result: dict[str, Any], fmt: str) -> str:
+    """The axis's rows as table text, md, csv, json or jsonl."""
+    env = result["env"]
+    caption = (
+        f"{env['model']} ({env['weights']}): {env['prompt_tokens']} prompt + {env['gen_len']} new tokens, "
+        f"{env['threads']} threads, {env['repeats']} interleaved repeats, load ≤ {env['load_average']:.1f}; "
+        f"against fp32 activations over {env['text_positions']} positions of real text"
+    )
+    return own_weights.render(result, fmt, _COLUMNS, _cell, caption)
