@@ -2,8 +2,9 @@
 weights.
 
 A text's tokens are teacher-forced through the decode path one step at a time (the native step where it runs, as
-`gen generate` decodes), once per precision, switched on the same model (`set_act`), so the only difference is
-what the block products multiply. Reported per precision: KL(fp32 ‖ mode) of the next-token distributions (mean
+`gen generate` decodes), once per precision, switched on the same model (`set_act`) or scored against fp32's
+figures taken on the same weights in another layout (`Reference`), so the only difference is what the block
+products multiply. Reported per precision: KL(fp32 ‖ mode) of the next-token distributions (mean
 and max over positions), top-1 agreement (positions whose argmax is the same), and greedy agreement (tokens a greedy
 continuation of the text's start keeps before its first divergence from fp32's).
 """
@@ -56,25 +57,48 @@ def _greedy(model: Transformer, prompt: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat([tok.reshape(-1) for _, tok in greedy_steps(model, prompt, n, cache)])
 
 
-def act_quality(model: Transformer, ids: torch.Tensor, acts: list[str], greedy_tokens: int = 64) -> list[ActQuality]:
-    """Each precision in `acts` against fp32 activations, on text ids (1, T) (T ≥ 2) through `model`'s block weights;
-    the model's own precision is restored after."""
+@dataclass
+class Reference:
+    """fp32 activations' figures on a text: what every precision is scored against."""
+
+    model: Transformer  # the model they came from (its fp32 act then scores exactly 0)
+    logits: torch.Tensor  # (T - 1, V), every token of the text fed as one decode step
+    prompt: torch.Tensor  # (1, P): the text's start the greedy continuations follow
+    greedy: torch.Tensor  # (greedy_tokens,)
+
+
+def fp32_reference(model: Transformer, ids: torch.Tensor, greedy_tokens: int = 64) -> Reference:
+    """fp32 activations' logits on text ids (1, T) (T ≥ 2) and their greedy continuation of its start, through
+    `model`'s block weights; the model's own precision is restored after."""
     own = activations(model) or "int8"
     try:
         set_act(model, "fp32")
-        ref = _stepped_logits(model, ids)  # (T - 1, V)
         prompt = ids[:, : max(1, min(GREEDY_PROMPT, ids.shape[1], model.config.context_length - greedy_tokens))]
-        ref_greedy = _greedy(model, prompt, greedy_tokens)
+        return Reference(model, _stepped_logits(model, ids), prompt, _greedy(model, prompt, greedy_tokens))
+    finally:
+        set_act(model, own)
+
+
+def act_quality(
+    model: Transformer, ids: torch.Tensor, acts: list[str], greedy_tokens: int = 64, reference: Reference | None = None
+) -> list[ActQuality]:
+    """Each precision in `acts` against fp32 activations, on text ids (1, T) (T ≥ 2) through `model`'s block weights;
+    the model's own precision is restored after. `reference`: fp32's figures on the same ids and greedy_tokens
+    (default: taken on `model`), e.g. from the same weights held in the layout fp32 activations are fastest in."""
+    ref = reference or fp32_reference(model, ids, greedy_tokens)
+    own = activations(model) or "int8"
+    try:
         out = []
         for act in acts:
             set_act(model, act)
-            logits = ref if act == "fp32" else _stepped_logits(model, ids)
-            kl, same = agreement(ref, logits)  # (T - 1,) each
-            tokens = ref_greedy if act == "fp32" else _greedy(model, prompt, greedy_tokens)
-            differ = (tokens != ref_greedy).nonzero()
+            same_path = act == "fp32" and ref.model is model
+            logits = ref.logits if same_path else _stepped_logits(model, ids)
+            kl, same = agreement(ref.logits, logits)  # (T - 1,) each
+            tokens = ref.greedy if same_path else _greedy(model, ref.prompt, greedy_tokens)
+            differ = (tokens != ref.greedy).nonzero()
             out.append(ActQuality(
                 act, float(kl.mean()), float(kl.max()), float(same.float().mean()),
-                int(differ[0, 0]) if len(differ) else greedy_tokens, greedy_tokens, ref.shape[0],
+                int(differ[0, 0]) if len(differ) else greedy_tokens, greedy_tokens, ref.logits.shape[0],
             ))  # fmt: skip
         return out
     finally:

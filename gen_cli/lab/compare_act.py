@@ -1,8 +1,9 @@
 """`gen compare --act int8,int8x2,bf16,fp32`: what block weights' products multiply, as a compare axis.
 
 What rounding the activations costs depends on the weights and the text, so this axis runs on the model's own
-block weights (a model stored without them is quantized to Q8_0 at load). Every precision is switched on the
-same loaded model (`set_act`) and decodes the same prompt, greedy, interleaved repeat by repeat: decode tok/s
+block weights (a model stored without them is quantized to Q8_0 at load), laid out for each precision as `gen
+generate --act` lays them out: one load for the integer precisions, one for the float ones, each switched with
+`set_act`. Every precision decodes the same prompt, greedy, interleaved repeat by repeat: decode tok/s
 (median, min–max) and its ratio to int8's, the default (median of per-repeat ratios). Then each is scored against
 fp32 activations on real text (`lab.act_quality`): KL of the next-token distributions, top-1 and greedy agreement.
 """
@@ -32,8 +33,9 @@ def act_values(values: list[str] | None) -> list[str]:
     return [BASELINE, *[v for v in out if v != BASELINE]]
 
 
-def _open(source: Any, device: str, threads: int | None) -> tuple[Any, str]:
-    """The model with block weights the C kernels multiply, and which weights those are."""
+def _open(source: Any, act: str, threads: int | None, quantize: str | None) -> tuple[Any, str]:
+    """The model laid out as `gen generate --act ACT` lays it out, with block weights the C kernels multiply
+    (`quantize` None: whatever the source holds, else those blocks), and which blocks those are."""
     import gc
 
     from gen_cli.infer.engine import open_model
@@ -41,19 +43,17 @@ def _open(source: Any, device: str, threads: int | None) -> tuple[Any, str]:
     from gen_cli.infer.options import EngineOptions
     from gen_cli.quant.block_linear import BlockLinear
 
-    engine = open_model(source, EngineOptions(device=device, threads=threads))
-    weights = "block weights as stored"
-    if activations(engine.model) is None:  # no block weights: quantize them, the first copy freed first
+    engine = open_model(source, EngineOptions(device="cpu", threads=threads, act=act, quantize=quantize or "none"))
+    if quantize is None and activations(engine.model) is None:  # no block weights: quantize, the copy freed first
         del engine
         gc.collect()
-        engine = open_model(source, EngineOptions(device=device, threads=threads, quantize=QUANTIZE))
-        weights = f"quantized to {QUANTIZE.upper()} at load"
+        return _open(source, act, threads, QUANTIZE)
     if not any(isinstance(m, BlockLinear) and m.kernel is not None for m in engine.model.modules()):
         raise UsageError(
             "--act switches gen's C block kernels, which did not build here (`gen info` says why); "
             "without them block weights always multiply fp32 activations"
         )
-    return engine, weights
+    return engine, quantize or "none"
 
 
 def measure(
@@ -62,42 +62,52 @@ def measure(
 ) -> dict[str, Any]:  # fmt: skip
     """Each precision on `source`'s block weights: speed interleaved, then quality against fp32 activations on the
     validation text of `inputs` (default: the built-in corpus); {"env": …, "rows": […]} with int8 first. `say`
-    hears what starts (the quality pass steps every precision through the text once)."""
+    hears what starts (the quality pass steps every precision through the text once).
+
+    The weights are loaded twice, as `gen generate` lays them out for integer activations (interleaved rows) and
+    for float ones (stored rows): float products on the interleaved layouts run several times slower."""
     import torch
 
-    from gen_cli.infer.optimize import activations, set_act
+    from gen_cli.infer.optimize import set_act
     from gen_cli.infer.options import SamplingConfig
-    from gen_cli.lab.act_quality import TEXT_TOKENS, act_quality, text_ids
+    from gen_cli.lab.act_quality import TEXT_TOKENS, act_quality, fp32_reference, text_ids
+    from gen_cli.native.abi import INTEGER_ACTS
 
     if repeats < 1 or warmup < 0:
         raise UsageError("repeats must be at least 1 and warmup not negative", params=("repeats", "warmup"))
     if device not in ("auto", "cpu"):
         raise UsageError(f"--act measures the CPU's block kernels; use --device cpu, not {device}")
-    engine, weights = _open(source, "cpu", threads)
-    model, context = engine.model, engine.model.config.context_length
-    ids = engine.encode(prompt)
+    say("loading the weights for integer activations, then for float ones")
+    integer, quantize = _open(source, BASELINE, threads, None)
+    floating, _ = _open(source, "fp32", threads, None if quantize == "none" else quantize)
+    engines = {v: integer if v in INTEGER_ACTS else floating for v in values}
+    context = integer.model.config.context_length
+    ids = integer.encode(prompt)
     gen_len = min(gen_len, context - len(ids))
     if gen_len < 2:
         raise UsageError("the prompt leaves no room to generate in this model's context; give a longer context")
     greedy = SamplingConfig(temperature=0.0)
 
     def decoding(act: str) -> Any:
+        engine = engines[act]
+
         def run() -> Any:
-            set_act(model, act)
+            set_act(engine.model, act)
             return engine.generate(ids, gen_len, greedy, stop_ids=())
 
         return run
 
-    own = activations(model)
-    try:
-        runs = interleave_runs({v: decoding(v) for v in values}, repeats, warmup)
-    finally:
-        set_act(model, own)
-    text = text_ids(engine.encode, min(TEXT_TOKENS, context - 1), inputs)
+    runs = interleave_runs({v: decoding(v) for v in values}, repeats, warmup)
+    text = text_ids(integer.encode, min(TEXT_TOKENS, context - 1), inputs)
     if text.shape[1] < 2:
         raise UsageError("the quality text is under 2 tokens; give more text with --quality-data")
     say(f"scoring {', '.join(values)} against fp32 activations over {text.shape[1] - 1} positions of real text")
-    quality = {q.act: q for q in act_quality(model, text, values, min(gen_len, GREEDY_TOKENS))}
+    greedy_tokens = min(gen_len, GREEDY_TOKENS)
+    reference = fp32_reference(floating.model, text, greedy_tokens)
+    quality = {}
+    for engine in (integer, floating):
+        acts = [v for v in values if engines[v] is engine]
+        quality |= {q.act: q for q in act_quality(engine.model, text, acts, greedy_tokens, reference)}
     rows = []
     for v in values:
         run, q = runs["values"][v], quality[v]
@@ -113,18 +123,19 @@ def measure(
         })  # fmt: skip
     load = runs["load"]
     env = {
-        "model": engine.source,
-        "weights": weights,
+        "model": integer.source,
+        "weights": "block weights as stored" if quantize == "none" else f"quantized to {quantize.upper()} at load",
         "prompt_tokens": len(ids),
         "gen_len": gen_len,
         "repeats": repeats,
         "warmup": warmup,
         "threads": torch.get_num_threads(),
-        "device": str(engine.device),
+        "device": "cpu",
         "load_average": max(load) if load else None,
         "text_positions": text.shape[1] - 1,
         "note": "greedy; interleaved repeats; tok/s over the decode phase; × int8: median of per-repeat ratios; "
-        "KL(fp32 ‖ act) in nats over the text's positions, each token fed as one decode step",
+        "KL(fp32 ‖ act) in nats over the text's positions, each token fed as one decode step; each precision on "
+        "the weights laid out as gen generate --act lays them out",
     }
     return {"env": env, "rows": rows}
 
