@@ -7,6 +7,7 @@ real model's does) and int8x2's second int8 term removes nearly all of it (its e
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -25,7 +26,7 @@ def shipped_q8_0(tmp_path_factory):
     from gen_cli.formats.export_gguf import export_gguf
 
     model, tokenizer = load_model(default_model_dir())
-    return export_gguf(model, tokenizer, tmp_path_factory.mktemp("act") / "shipped-q8_0.gguf", "q8_0").path
+    return Path(export_gguf(model, tokenizer, tmp_path_factory.mktemp("act") / "shipped-q8_0.gguf", "q8_0").path)
 
 
 def _compare(*args: str):
@@ -74,3 +75,17 @@ def test_a_model_without_block_weights_is_quantized_and_the_table_names_each_row
 def test_refusals_are_one_line(extra, message):
     done = runner.invoke(app, ["compare", *extra])
     assert done.exit_code == 2 and message in done.output and "Traceback" not in done.output
+
+
+def test_integer_and_float_precisions_run_on_the_layouts_gen_generate_gives_them(shipped_q8_0):
+    from gen_cli.lab.compare_act import _open
+    from gen_cli.native.repack import repack_wanted
+    from gen_cli.quant.block_linear import BlockLinear
+
+    def layouts(act: str) -> set[bool]:
+        engine, weights = _open(shipped_q8_0, act, 1, None)
+        assert weights == "none"  # the file's own blocks
+        return {m.interleaved for m in engine.model.modules() if isinstance(m, BlockLinear)}
+
+    assert layouts("fp32") == {False}  # float products read stored rows
+    assert layouts("int8") == ({True} if repack_wanted("q8_0", 256, "int8") else {False})
