@@ -2,10 +2,11 @@
 
 What rounding the activations costs depends on the weights and the text, so this axis runs on the model's own
 block weights (a model stored without them is quantized to Q8_0 at load), laid out for each precision as `gen
-generate --act` lays them out: one load for the integer precisions, one for the float ones, each switched with
-`set_act`. Every precision decodes the same prompt, greedy, interleaved repeat by repeat: decode tok/s
-(median, min–max) and its ratio to int8's, the default (median of per-repeat ratios). Then each is scored against
-fp32 activations on real text (`lab.act_quality`): KL of the next-token distributions, top-1 and greedy agreement.
+generate --act` lays them out: one load for the integer precisions, a second for the float ones when one is
+listed, each switched with `set_act`. Every precision decodes the same prompt, greedy, interleaved repeat by
+repeat: decode tok/s (median, min–max) and its ratio to int8's, the default (median of per-repeat ratios). Then
+each is scored against fp32 activations on real text (`lab.act_quality`): KL of the next-token distributions,
+top-1 and greedy agreement.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import statistics
 from collections.abc import Callable
 from typing import Any
 
-from gen_cli.errors import UsageError
+from gen_cli.errors import GenError, UsageError
 from gen_cli.lab import own_weights
 from gen_cli.lab.own_weights import comma_values, interleave_runs, rate_cell, rate_fields
 
@@ -64,8 +65,10 @@ def measure(
     validation text of `inputs` (default: the built-in corpus); {"env": …, "rows": […]} with int8 first. `say`
     hears what starts (the quality pass steps every precision through the text once).
 
-    The weights are loaded twice, as `gen generate` lays them out for integer activations (interleaved rows) and
-    for float ones (stored rows): float products on the interleaved layouts run several times slower."""
+    Each precision runs on the weights as `gen generate --act` lays them out: interleaved rows for the integer
+    ones, stored rows for the float ones (loaded a second time when one is listed), whose products on the
+    interleaved layouts run several times slower. fp32's reference comes from the stored rows when they are
+    loaded, else from the interleaved ones (the same products, slower)."""
     import torch
 
     from gen_cli.infer.optimize import set_act
@@ -77,9 +80,14 @@ def measure(
         raise UsageError("repeats must be at least 1 and warmup not negative", params=("repeats", "warmup"))
     if device not in ("auto", "cpu"):
         raise UsageError(f"--act measures the CPU's block kernels; use --device cpu, not {device}")
-    say("loading the weights for integer activations, then for float ones")
     integer, quantize = _open(source, BASELINE, threads, None)
-    floating, _ = _open(source, "fp32", threads, None if quantize == "none" else quantize)
+    floating = integer
+    if floats := [v for v in values if v not in INTEGER_ACTS]:
+        say(f"loading the weights a second time, laid out for {' and '.join(floats)} activations")
+        try:
+            floating, _ = _open(source, "fp32", threads, None if quantize == "none" else quantize)
+        except GenError as e:
+            raise GenError(f"--act {','.join(floats)} holds the weights a second time (stored rows): {e}") from e
     engines = {v: integer if v in INTEGER_ACTS else floating for v in values}
     context = integer.model.config.context_length
     ids = integer.encode(prompt)
@@ -105,7 +113,7 @@ def measure(
     greedy_tokens = min(gen_len, GREEDY_TOKENS)
     reference = fp32_reference(floating.model, text, greedy_tokens)
     quality = {}
-    for engine in (integer, floating):
+    for engine in (integer,) if floating is integer else (integer, floating):
         acts = [v for v in values if engines[v] is engine]
         quality |= {q.act: q for q in act_quality(engine.model, text, acts, greedy_tokens, reference)}
     rows = []
