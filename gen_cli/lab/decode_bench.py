@@ -277,6 +277,7 @@ def bench_runners(
     bandwidth = bandwidth or statistics.median(bandwidths)
     rows = []
     kv_prompt = DECODE_PROMPT
+    references: dict[str, Any] = {}  # per block mode: fp32 activations' figures on the real text
     for name, (model, _, hf) in runners.items():
         step(f"{label}: deviation of {name}")
         if hf:
@@ -313,16 +314,19 @@ def bench_runners(
                 extra={"bytes_by_class": by_class},
             )
         )
-        act = split_mode(name)[1]
+        base, act = split_mode(name)
         if act is not None and text is not None:
-            from gen_cli.lab.act_quality import act_quality
+            from gen_cli.lab.act_quality import act_quality, fp32_reference
 
             step(f"{label}: {name} against fp32 activations on real text")
-            (quality,) = act_quality(model, text.to(device), [act], min(new_tokens, 64))
+            if base not in references:  # on the mode's fp32 build when measured: its stored rows run fp32 fastest
+                own = runners.get(f"{base}{ACT_SEP}fp32", (model,))[0]
+                references[base] = fp32_reference(own, text.to(device), min(new_tokens, 64))
+            (quality,) = act_quality(model, text.to(device), [act], min(new_tokens, 64), references[base])
             rows[-1].extra["act_quality"] = quality.to_dict()
         if profile and not hf:
             step(f"{label}: profiling {name}")
-            rows[-1].extra["profile"] = _profile(model, decode_prompt, new_tokens, MODES[split_mode(name)[0]].compile)
+            rows[-1].extra["profile"] = _profile(model, decode_prompt, new_tokens, MODES[base].compile)
     hf = next((r for r in rows if r.mode == "transformers"), None)
     for r in rows:
         r.vs_hf = r.decode_tok_s / hf.decode_tok_s if hf and hf.decode_tok_s else None
