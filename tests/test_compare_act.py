@@ -47,7 +47,7 @@ def test_each_precision_against_int8s_speed_and_fp32s_answers_on_trained_weights
     for r in rows.values():
         assert r["decode_tokens_per_s_min"] <= r["decode_tokens_per_s"] <= r["decode_tokens_per_s_max"]
         assert len(r["samples"]["decode_tokens_per_s"]) == 2 and r["speed_vs_int8"] > 0
-        assert r["greedy_tokens"] == 12
+        assert r["greedy_tokens"] == 12 and r["prefill_tokens_per_s"] > 0
     assert fp32["kl_mean"] == fp32["kl_max"] == 0 and fp32["top1_agreement"] == 1 and fp32["greedy_agree"] == 12
     assert int8["kl_mean"] > 0 and int8["kl_max"] >= int8["kl_mean"]
     assert int8x2["kl_mean"] <= int8["kl_mean"] / 20 and int8x2["top1_agreement"] >= int8["top1_agreement"]

@@ -4,9 +4,9 @@ What rounding the activations costs depends on the weights and the text, so this
 block weights (a model stored without them is quantized to Q8_0 at load), laid out for each precision as `gen
 generate --act` lays them out: one load for the integer precisions, a second for the float ones when one is
 listed, each switched with `set_act`. Every precision decodes the same prompt, greedy, interleaved repeat by
-repeat: decode tok/s (median, min–max) and its ratio to int8's, the default (median of per-repeat ratios). Then
-each is scored against fp32 activations on real text (`lab.act_quality`): KL of the next-token distributions,
-top-1 and greedy agreement.
+repeat: decode tok/s (median, min–max) and its ratio to int8's, the default (median of per-repeat ratios), and
+the prompt's prefill tok/s (median). Then each is scored against fp32 activations on real text
+(`lab.act_quality`): KL of the next-token distributions, top-1 and greedy agreement.
 """
 
 from __future__ import annotations
@@ -123,6 +123,7 @@ def measure(
             "act": v,
             **rate_fields(run["rates"]),
             "speed_vs_int8": statistics.median(run["ratios"]),
+            "prefill_tokens_per_s": statistics.median(r.stats.prefill_tokens_per_s for r in run["results"]),
             "kl_mean": q.kl_mean,
             "kl_max": q.kl_max,
             "top1_agreement": q.top1_agreement,
@@ -152,6 +153,7 @@ _COLUMNS = (
     ("act", "act"),
     ("decode tok/s", "rate"),
     ("× int8", "speed_vs_int8"),
+    ("prefill tok/s", "prefill_tokens_per_s"),
     ("KL mean", "kl_mean"),
     ("KL max", "kl_max"),
     ("top-1", "top1_agreement"),
@@ -165,6 +167,8 @@ def _cell(row: dict[str, Any], key: str) -> str:
         return rate_cell(row)
     if key == "speed_vs_int8":
         return f"{value:.2f}×"
+    if key == "prefill_tokens_per_s":
+        return f"{value:,.0f}"
     if key in ("kl_mean", "kl_max"):
         return f"{value:.1e}" if value else "0 (ref)" if row["act"] == "fp32" else "0"
     if key == "top1_agreement":
