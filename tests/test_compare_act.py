@@ -68,7 +68,7 @@ def test_a_model_without_block_weights_is_quantized_and_the_table_names_each_row
         (["--act", "fp16"], "unknown activation precision 'fp16'"),
         (["--act", "int8", "--attention", "gqa"], "--act runs on its own"),
         (["--act", "int8", "--speculate", "ngram"], "drop --act"),
-        (["--act", "int8", "--device", "cuda"], "use --device cpu"),
+        (["--act", "int8", "--device", "cuda"], "measure them on --device cpu, not cuda"),
         (["--act", ","], "at least one precision"),
     ],
 )

@@ -342,7 +342,11 @@ def _own_weights(
     from gen_cli.lab import compare, compare_act, compare_speculate, own_weights
     from gen_cli.lab.speculative_bench import DEFAULT_PROMPT
 
-    checked = compare_speculate.speculate_values(values) if axis == "--speculate" else compare_act.act_values(values)
+    if axis == "--speculate":
+        checked = compare_speculate.speculate_values(values)
+    else:
+        checked = compare_act.act_values(values)
+        compare_act.check_device(device)
     source = own_weights.default_source(preset, model_dir)
     if model_dir is not None:
         check_model_path(model_dir, "compare")

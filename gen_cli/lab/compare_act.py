@@ -34,6 +34,15 @@ def act_values(values: list[str] | None) -> list[str]:
     return [BASELINE, *[v for v in out if v != BASELINE]]
 
 
+def check_device(device: str) -> None:
+    """Refuse a device other than the CPU: the precisions are the C block kernels' choices."""
+    if device not in ("auto", "cpu"):
+        raise UsageError(
+            f"activation precisions are the CPU's block kernels' choices: measure them on device cpu, not {device}",
+            params=("device",),
+        )
+
+
 def _open(source: Any, act: str, threads: int | None, quantize: str | None) -> tuple[Any, str]:
     """The model laid out as `gen generate --act ACT` lays it out, with block weights the C kernels multiply
     (`quantize` None: whatever the source holds, else those blocks), and which blocks those are."""
@@ -51,8 +60,9 @@ def _open(source: Any, act: str, threads: int | None, quantize: str | None) -> t
         return _open(source, act, threads, QUANTIZE)
     if not any(isinstance(m, BlockLinear) and m.kernel is not None for m in engine.model.modules()):
         raise UsageError(
-            "--act switches gen's C block kernels, which did not build here (`gen info` says why); "
-            "without them block weights always multiply fp32 activations"
+            "an activation precision is a choice of gen's C block kernels, which did not build here (`gen info` says "
+            "why); without them block weights always multiply fp32 activations",
+            params=("act",),
         )
     return engine, quantize or "none"
 
@@ -78,8 +88,7 @@ def measure(
 
     if repeats < 1 or warmup < 0:
         raise UsageError("repeats must be at least 1 and warmup not negative", params=("repeats", "warmup"))
-    if device not in ("auto", "cpu"):
-        raise UsageError(f"--act measures the CPU's block kernels; use --device cpu, not {device}")
+    check_device(device)
     integer, quantize = _open(source, BASELINE, threads, None)
     floating = integer
     if floats := [v for v in values if v not in INTEGER_ACTS]:
@@ -87,7 +96,7 @@ def measure(
         try:
             floating, _ = _open(source, "fp32", threads, None if quantize == "none" else quantize)
         except GenError as e:
-            raise GenError(f"--act {','.join(floats)} holds the weights a second time (stored rows): {e}") from e
+            raise GenError(f"act {','.join(floats)} holds the weights a second time (stored rows): {e}") from e
     engines = {v: integer if v in INTEGER_ACTS else floating for v in values}
     context = integer.model.config.context_length
     ids = integer.encode(prompt)
@@ -108,7 +117,7 @@ def measure(
     runs = interleave_runs({v: decoding(v) for v in values}, repeats, warmup)
     text = text_ids(integer.encode, min(TEXT_TOKENS, context - 1), inputs)
     if text.shape[1] < 2:
-        raise UsageError("the quality text is under 2 tokens; give more text with --quality-data")
+        raise UsageError("the quality text is under 2 tokens; give more text", params=("quality_data",))
     say(f"scoring {', '.join(values)} against fp32 activations over {text.shape[1] - 1} positions of real text")
     greedy_tokens = min(gen_len, GREEDY_TOKENS)
     reference = fp32_reference(floating.model, text, greedy_tokens)
