@@ -324,6 +324,9 @@ def main() -> None:
     # numpy's OpenBLAS starts a thread per core at import, spinning while it waits for work; gen gives numpy no BLAS
     # work (file I/O only), and on a 2-core machine those threads took 4% of a short command's CPU time.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    from gen_cli.runtime import keep_freed_heap
+
+    keep_freed_heap()  # a prompt's activations reuse the heap instead of faulting fresh pages in
     try:
         app(prog_name="gen")
     except KeyboardInterrupt:
