@@ -191,8 +191,7 @@ def render(result: dict[str, Any], fmt: str) -> str:
     """The axis's rows as table text, md, csv, json or jsonl."""
     env = result["env"]
     caption = (
-        f"{env['model']} ({env['weights']}): {env['prompt_tokens']} prompt + {env['gen_len']} new tokens, "
-        f"{env['threads']} threads, {env['repeats']} interleaved repeats, load ≤ {env['load_average']:.1f}; "
+        f"{env['model']} ({env['weights']}): {own_weights.run_caption(env)}; "
         f"against fp32 activations over {env['text_positions']} positions of real text"
     )
     return own_weights.render(result, fmt, _COLUMNS, _cell, caption)

@@ -143,8 +143,4 @@ def _cell(row: dict[str, Any], key: str) -> str:
 def render(result: dict[str, Any], fmt: str) -> str:
     """The axis's rows as table text, md, csv, json or jsonl."""
     env = result["env"]
-    caption = (
-        f"{env['model']}: {env['prompt_tokens']} prompt + {env['gen_len']} new tokens, {env['threads']} threads, "
-        f"{env['repeats']} interleaved repeats, load ≤ {env['load_average']:.1f}"
-    )
-    return own_weights.render(result, fmt, _COLUMNS, _cell, caption)
+    return own_weights.render(result, fmt, _COLUMNS, _cell, f"{env['model']}: {own_weights.run_caption(env)}")

@@ -66,6 +66,14 @@ def rate_cell(row: dict[str, Any]) -> str:
     return f"{row['decode_tokens_per_s']:,.1f} ({low:,.1f}–{high:,.1f})"
 
 
+def run_caption(env: dict[str, Any]) -> str:
+    """What every row of an axis ran: lengths, threads, repeats, the machine's load."""
+    return (
+        f"{env['prompt_tokens']} prompt + {env['gen_len']} new tokens, {env['threads']} threads, "
+        f"{env['repeats']} interleaved repeats, load ≤ {env['load_average']:.1f}"
+    )
+
+
 def render(
     result: dict[str, Any], fmt: str, columns: Sequence[tuple[str, str]], cell: Callable[[dict[str, Any], str], str],
     caption: str,
