@@ -83,7 +83,7 @@ def test_integer_and_float_precisions_run_on_the_layouts_gen_generate_gives_them
     from gen_cli.quant.block_linear import BlockLinear
 
     def layouts(act: str) -> set[bool]:
-        engine, weights = _open(shipped_q8_0, act, 1, None)
+        engine, weights = _open(shipped_q8_0, act, 1)
         assert weights == "none"  # the file's own blocks
         return {m.interleaved for m in engine.model.modules() if isinstance(m, BlockLinear)}
 

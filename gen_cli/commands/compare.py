@@ -246,6 +246,7 @@ def compare_command(
     if eval_context is not None and (not quality_steps or eval_context < 1):
         raise UsageError("--eval-context N (N ≥ 1) goes with --quality-steps")
     if speculate or act:
+        # the grid's axes, and --act beside --speculate: each of those two runs on its own
         grid = {"--kv-cache": kv_cache, "--attention": attention, "--kv-heads": kv_heads, "--pos": pos,
                 "--prompt-len": prompt_len, "--batch-size": batch_size, "--dtype": dtype, "--kv-dtype": kv_dtype,
                 "--window": window, "--sinks": sinks, "--attn-impl": attn_impl, "--context": context,

@@ -43,9 +43,9 @@ def check_device(device: str) -> None:
         )
 
 
-def _open(source: Any, act: str, threads: int | None, quantize: str | None) -> tuple[Any, str]:
+def _open(source: Any, act: str, threads: int | None, quantize: str = "none") -> tuple[Any, str]:
     """The model laid out as `gen generate --act ACT` lays it out, with block weights the C kernels multiply
-    (`quantize` None: whatever the source holds, else those blocks), and which blocks those are."""
+    (`quantize` none: the source's own, or QUANTIZE's when it has none), and the quantization that took."""
     import gc
 
     from gen_cli.infer.engine import open_model
@@ -53,8 +53,8 @@ def _open(source: Any, act: str, threads: int | None, quantize: str | None) -> t
     from gen_cli.infer.options import EngineOptions
     from gen_cli.quant.block_linear import BlockLinear
 
-    engine = open_model(source, EngineOptions(device="cpu", threads=threads, act=act, quantize=quantize or "none"))
-    if quantize is None and activations(engine.model) is None:  # no block weights: quantize, the copy freed first
+    engine = open_model(source, EngineOptions(device="cpu", threads=threads, act=act, quantize=quantize))
+    if quantize == "none" and activations(engine.model) is None:  # no block weights: quantize, the copy freed first
         del engine
         gc.collect()
         return _open(source, act, threads, QUANTIZE)
@@ -64,7 +64,7 @@ def _open(source: Any, act: str, threads: int | None, quantize: str | None) -> t
             "why); without them block weights always multiply fp32 activations",
             params=("act",),
         )
-    return engine, quantize or "none"
+    return engine, quantize
 
 
 def measure(
@@ -89,12 +89,12 @@ def measure(
     if repeats < 1 or warmup < 0:
         raise UsageError("repeats must be at least 1 and warmup not negative", params=("repeats", "warmup"))
     check_device(device)
-    integer, quantize = _open(source, BASELINE, threads, None)
+    integer, quantize = _open(source, BASELINE, threads)
     floating = integer
     if floats := [v for v in values if v not in INTEGER_ACTS]:
         say(f"loading the weights a second time, laid out for {' and '.join(floats)} activations")
         try:
-            floating, _ = _open(source, "fp32", threads, None if quantize == "none" else quantize)
+            floating, _ = _open(source, "fp32", threads, quantize)
         except GenError as e:
             raise GenError(f"act {','.join(floats)} holds the weights a second time (stored rows): {e}") from e
     engines = {v: integer if v in INTEGER_ACTS else floating for v in values}
