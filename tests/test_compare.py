@@ -210,7 +210,7 @@ def invoke(*args):
 
 
 def test_cli_json_through_the_real_subprocess_path():
-    result = invoke(*FAST, "--attention", "mha", "--pos", "rope", "--kv-cache", "on", "--format", "json")
+    result = invoke(*FAST, "--attention", "mha", "--pos", "rope", "--kv-cache", "on", "--json")  # = --format json
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["env"]["shape_source"] == "preset tiny" and data["env"]["torch"]

@@ -36,9 +36,7 @@ def _compare(*args: str):
 
 
 def test_each_precision_against_int8s_speed_and_fp32s_answers_on_trained_weights(shipped_q8_0):
-    result = json.loads(
-        _compare("--model", str(shipped_q8_0), "--act", "int8x2,fp32", "-n", "12", "--format", "json").stdout
-    )
+    result = json.loads(_compare("--model", str(shipped_q8_0), "--act", "int8x2,fp32", "-n", "12", "--json").stdout)
     rows = {r["act"]: r for r in result["rows"]}
     assert [r["act"] for r in result["rows"]] == ["int8", "int8x2", "fp32"]  # int8, the baseline, added first
     assert result["env"]["weights"] == "block weights as stored" and result["env"]["text_positions"] == 256

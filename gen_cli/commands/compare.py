@@ -18,6 +18,7 @@ from gen_cli.commands.options import (
     OUTPUT,
     PERFORMANCE,
     Device,
+    Json,
     Model,
     Out,
     Preset,
@@ -190,6 +191,7 @@ def compare_command(
         show_default="table, or from --out's suffix",
         rich_help_panel=OUTPUT,
     ),
+    as_json: Json = False,
     output: Out = None,
     plot: Path = typer.Option(
         None,
@@ -227,12 +229,12 @@ def compare_command(
     while they do.
 
     With --out the result goes to that file (atomically), else to stdout. jsonl output: the first line
-    is {"env": {...}}, each further line one row.
+    is {"env": {...}}, each further line one row. --json is --format json.
     """
     from gen_cli.lab import compare, report
 
     # Everything that can be refused is refused before the grid runs.
-    out_fmt = _output_format(fmt, output)
+    out_fmt = _output_format("json" if as_json else fmt, output)
     if output is not None:
         _check_writable(output, "--out")
     if plot is not None:
