@@ -1,4 +1,4 @@
-"""Run-time environment choices (device, dtype, threads) and honest peak-memory measurement."""
+"""Run-time environment choices (device, dtype, threads, the heap's policy) and honest peak-memory measurement."""
 
 from __future__ import annotations
 

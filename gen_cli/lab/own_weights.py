@@ -40,13 +40,12 @@ def interleave_runs(runs: dict[str, Callable[[], Any]], repeats: int, warmup: in
             if i >= warmup:
                 kept[name].append(done)
         load.append(os.getloadavg()[0])
-    first = next(iter(kept.values()))
+    rates = {name: [r.stats.decode_tokens_per_s or 0.0 for r in results] for name, results in kept.items()}
+    bases = next(iter(rates.values()))  # the first name's, repeat by repeat
     values = {}
-    for name, results in kept.items():
-        rates = [r.stats.decode_tokens_per_s or 0.0 for r in results]
-        bases = [r.stats.decode_tokens_per_s or 0.0 for r in first]
-        ratios = [rate / base if base else 0.0 for rate, base in zip(rates, bases, strict=True)]
-        values[name] = {"results": results, "rates": rates, "ratios": ratios}
+    for name, r in rates.items():
+        ratios = [a / b if b else 0.0 for a, b in zip(r, bases, strict=True)]
+        values[name] = {"results": kept[name], "rates": r, "ratios": ratios}
     return {"values": values, "load": load}
 
 
