@@ -133,6 +133,56 @@ def test_peak_flops_and_context_report_both_dtypes():
     assert row.extra["profile"]["steps"] == 3
 
 
+def test_blended_peak_is_the_whole_over_the_parts_times():
+    from gen_cli.lab.ceilings import blended_peak
+
+    peaks = {"int8": 900.0, "fp32": 100.0}
+    # 90 ops at 900/s and 10 at 100/s take 0.1 s each: 100 ops in 0.2 s
+    assert blended_peak({"int8": 90.0, "fp32": 10.0}, peaks) == pytest.approx(500.0)
+    assert blended_peak({"int8x2": 45.0}, peaks) == pytest.approx(450.0)  # two int8 rows per row: half the rate
+    assert blended_peak({"bf16": 1.0}, peaks) == 0.0  # a kind not measured: no ceiling, rather than a wrong one
+
+
+def test_int8_peak_is_timed_on_integer_products():
+    from gen_cli.lab.ceilings import measure_peak_flops
+
+    assert measure_peak_flops(torch.device("cpu"), torch.int8, n=64) > 0
+
+
+@pytest.mark.skipif(native_status() != "ready", reason="needs the compiled kernel")
+@pytest.mark.parametrize("in_lanes", [True, False])
+def test_a_block_prefill_is_measured_against_what_its_products_compute_in(in_lanes, monkeypatch):
+    import gen_cli.native.block_matmul as bm
+    from gen_cli.infer.optimize import set_act
+    from gen_cli.lab.ceilings import prefill_flops_by_kind, prefill_flops_per_token
+
+    monkeypatch.setattr(bm, "prompt_in_lanes", lambda lib, layer: in_lanes)
+    config = tiny_config()
+    model = build_gen(config, "q8_0", torch.device("cpu"))
+    c, prompt = config, bm.TILE_MIN_TOKENS
+    per_layer = c.d_model * (c.n_head + 2 * c.n_kv_head) * c.head_dim + c.n_head * c.head_dim * c.d_model
+    blocks = 2 * c.n_layer * (per_layer + 3 * c.d_model * c.d_ff)  # the layers' matrices, two ops a weight
+    total = prefill_flops_per_token(Transformer(config), prompt)  # counted on float weights, as the bench does
+    tiles = "bf16" if bm.tile_dtype() == torch.bfloat16 else "fp32"
+    mix = prefill_flops_by_kind(model, total, prompt)
+    assert sum(mix.values()) == pytest.approx(total)
+    assert mix.get("int8" if in_lanes else tiles, 0.0) >= blocks
+    assert mix["fp32"] == pytest.approx(total - blocks) if in_lanes or tiles == "bf16" else mix == {"fp32": total}
+    # a few tokens go to the integer kernel whatever the layout; fp32 activations multiply in fp32
+    assert prefill_flops_by_kind(model, total, 8)["int8"] == pytest.approx(blocks)
+    set_act(model, "fp32")
+    assert prefill_flops_by_kind(model, total, prompt) == {"fp32": pytest.approx(total)}
+    set_act(model, "int8x2")
+    assert prefill_flops_by_kind(model, total, prompt).get("int8x2", 0.0) == (pytest.approx(blocks) if in_lanes else 0)
+
+
+@pytest.mark.skipif(native_status() != "ready", reason="needs the compiled kernel")
+def test_a_block_mode_row_names_its_int8_peak():
+    (row,) = bench_shape("tiny", ("q8_0",), 1, 4, torch.device("cpu"), False, 1e10, prompt_len=8)
+    assert row.peak_dtype.startswith("int8 ") and "fp32" in row.peak_dtype  # "int8 NN% + fp32 NN%"
+    assert set(row.extra["peaks_gflops"]) == {"int8", "fp32"} and row.peak_gflops > 0
+
+
 def test_between_runs_after_each_round_of_repeats():
     events = []
     bench_shape("tiny", ("fp32", "fp32-torch"), 2, 4, torch.device("cpu"), False, 1e10,

@@ -25,7 +25,10 @@ def decode_table(rows: list[Row], context: dict[str, Any], repeats: int, new_tok
         f"{context['threads']} threads, median of {repeats}; bandwidth measured beside each shape: "
         + ", ".join(f"{shape} {gb_s:.1f} GB/s" for shape, gb_s in context["bandwidth_gb_s"].items())
         + "; best GEMM seen: "
-        + ", ".join(f"{' / '.join(f'{v:.0f} GFLOP/s {k}' for k, v in p.items())}" for p in peaks.values())
+        + ", ".join(
+            " / ".join(f"{v:.0f} G{'OP' if k == 'int8' else 'FLOP'}/s {k}" for k, v in p.items())
+            for p in peaks.values()
+        )
     )
     table = Table(title=title)
     columns = ("shape", "mode", "path", "decode tok/s", "±", "× HF", "× C ref", "prefill tok/s", "± ", "% peak",
@@ -44,7 +47,7 @@ def decode_table(rows: list[Row], context: dict[str, Any], repeats: int, new_tok
             f"{r.vs_c:.2f}×" if r.vs_c else "",
             f"{r.prefill_tok_s:,.0f}",
             _pm(r.prefill_runs),
-            f"{pct_peak:.0f}%" if pct_peak is not None else "",
+            f"{pct_peak:.0f}% {r.peak_dtype}" if pct_peak is not None else "",
             f"{r.max_logit_diff:.2g}",
             f"{r.greedy_agree}/{r.new_tokens}",
             f"{r.bytes_per_token / 1e6:.1f}",

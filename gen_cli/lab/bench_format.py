@@ -63,8 +63,8 @@ def _cell(rec: dict[str, Any], column: str) -> str:
         return f"{rec['bytes_per_token'] / 1e6:.1f}" if rec.get("bytes_per_token") else ""
     if column == "% ceiling":
         return num("pct_ceiling", ".0f")
-    if column == "% peak FLOP":
-        return num("pct_peak_flops", ".0f")
+    if column == "% peak FLOP":  # of the peak of what the prefill computes in (int8 products count as ops)
+        return num("pct_peak_flops", ".0f") + (f" ({rec['peak_dtype']})" if rec.get("pct_peak_flops") else "")
     if column == "max |Δlogit|":
         return num("max_logit_diff", ".2g")
     if column == "greedy =":

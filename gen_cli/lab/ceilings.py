@@ -51,12 +51,25 @@ PEAK_GEMM_N = 1024
 
 
 def measure_peak_flops(device: torch.device, dtype: torch.dtype, n: int | None = None) -> float:
-    """FLOP/s of one square n×n GEMM in `dtype` (2n³ FLOPs, median of 5; n defaults to PEAK_GEMM_N): the rate
-    PyTorch's best kernel reaches on this machine now, the ceiling a prefill's matmuls are measured against."""
+    """Operations/s of one square n×n GEMM in `dtype` (2n³, median of 5; n defaults to PEAK_GEMM_N): the rate
+    PyTorch's best kernel reaches on this machine now, the ceiling a prefill's matmuls are measured against.
+    torch.int8: int8 × int8 → int32 (torch._int_mm), the products block weights' int8 activations run."""
     n = n or PEAK_GEMM_N
+    if dtype == torch.int8:
+        a, b = (torch.randint(-128, 128, (n, n), dtype=torch.int8, device=device) for _ in range(2))
+        return 2 * n**3 / _best_seconds(lambda: torch._int_mm(a, b), device)
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     return 2 * n**3 / _best_seconds(lambda: a @ b, device)
+
+
+def blended_peak(flops: dict[str, float], peaks: dict[str, float]) -> float:
+    """The rate at which work split by kind as `flops` would run, each part at its kind's peak in `peaks` (same
+    units): the whole over the sum of the parts' times. int8x2 runs two int8 rows per row: half int8's peak."""
+    peak = {**peaks, "int8x2": peaks.get("int8", 0.0) / 2}
+    if not flops or any(peak.get(kind, 0.0) <= 0 for kind in flops):
+        return 0.0
+    return sum(flops.values()) / sum(f / peak[kind] for kind, f in flops.items())
 
 
 def weight_bytes_by_class(model: torch.nn.Module) -> dict[str, int]:
@@ -107,3 +120,23 @@ def prefill_flops_per_token(model: Transformer, prompt_len: int) -> float:
     attention = 2 * 2 * c.n_layer * c.n_head * c.head_dim * (prompt_len + 1) / 2
     head = 2 * c.vocab_size * c.d_model / prompt_len
     return 2 * layer_weights + attention + head
+
+
+def prefill_flops_by_kind(model: Transformer, flops_per_token: float, prompt_len: int) -> dict[str, float]:
+    """flops_per_token (prefill_flops_per_token's) split by what computes each part: the layers' block-weight
+    matrices by their prompt_kind for a prompt of prompt_len (int8 products or a GEMM's dtype), the rest (float
+    matrices, attention, the head's share) in the model's dtype."""
+    from gen_cli.infer.optimize import activations
+    from gen_cli.native.block_matmul import prompt_kind
+    from gen_cli.native.build import library
+    from gen_cli.quant.block_linear import BlockLinear
+
+    rest = "bf16" if model.norm.weight.dtype == torch.bfloat16 else "fp32"
+    lib, act = library(), activations(model) or "int8"
+    out: dict[str, float] = {}
+    for m in model.layers.modules():
+        if isinstance(m, BlockLinear) and m.kernel is not None and not isinstance(lib, str):
+            kind = prompt_kind(lib, m, act, prompt_len)
+            out[kind] = out.get(kind, 0.0) + 2 * m.in_features * m.out_features
+    out[rest] = out.get(rest, 0.0) + max(0.0, flops_per_token - sum(out.values()))
+    return {kind: f for kind, f in out.items() if f > 0}

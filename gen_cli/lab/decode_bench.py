@@ -20,16 +20,17 @@ from gen_cli.infer.engine import decode_layout
 from gen_cli.infer.generate import greedy_steps, model_dtype, new_cache, run_generation
 from gen_cli.infer.options import EngineOptions, SamplingConfig
 from gen_cli.lab.ceilings import (
+    blended_peak,
     kv_bytes_read,
     measure_bandwidth,
     measure_peak_flops,
+    prefill_flops_by_kind,
     prefill_flops_per_token,
     weight_bytes_by_class,
 )
 from gen_cli.lab.transformers_peer import build_hf, hf_available, hf_version, time_hf
 from gen_cli.model.config import ModelConfig, load_preset
 from gen_cli.model.transformer import Transformer, random_model
-from gen_cli.native.block_matmul import tile_dtype
 from gen_cli.runtime import LoadProbe, dtype_name, spread_verdict
 
 # Reference figures for a llama2.c-style C loop on the 2-core CPU machine of the README's table (fp32,
@@ -74,7 +75,7 @@ DEFAULT_GPU_MODES = ("fp32", "bf16", "fp32+compile", "bf16+compile")
 DECODE_PROMPT = 8
 PREFILL_PROMPT = 512  # llama-bench's pp512
 NEW_TOKENS = 128  # llama-bench's tg128
-PEAK_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PEAK_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}  # what a prefill computes in
 
 
 @dataclass
@@ -90,8 +91,8 @@ class Row:
     prefill_prompt: int
     prefill_runs: list[float]
     prefill_flops_per_token: float  # to divide a prefill rate by the peak FLOP rate measured in the run
-    peak_gflops: float  # the best GEMM rate measured in the run, in the dtype this row computes in
-    peak_dtype: str  # "fp32" or "bf16"
+    peak_gflops: float  # the best GEMM rates measured in the run, blended as this row's prefill computes
+    peak_dtype: str  # what it computes in: "fp32", "bf16", "int8", or a mix ("int8 92% + fp32 8%")
     max_logit_diff: float
     greedy_agree: int
     new_tokens: int
@@ -107,6 +108,19 @@ class Row:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _dtype_kind(dtype: torch.dtype) -> str:
+    """The peak a float model's prefill is measured against: bf16's, else fp32's."""
+    return "bf16" if dtype == torch.bfloat16 else "fp32"
+
+
+def _mix_label(mix: dict[str, float]) -> str:
+    """What a prefill computes in: one kind ("int8"), or each kind's share of its FLOPs ("int8 92% + fp32 8%")."""
+    if len(mix) == 1:
+        return next(iter(mix))
+    total = sum(mix.values())
+    return " + ".join(f"{kind} {100 * f / total:.0f}%" for kind, f in sorted(mix.items(), key=lambda kv: -kv[1]))
 
 
 def split_mode(mode: str) -> tuple[str, str | None]:
@@ -248,6 +262,10 @@ def bench_runners(
         step(f"{label}: building transformers")
         runners["transformers"] = (build_transformers(), time_hf, True)
     del reference
+    # what each runner's prefill computes in, by FLOPs: the peaks measured beside the runs are those kinds'
+    mixes = {name: {_dtype_kind(model_dtype(model)): flops} if hf else prefill_flops_by_kind(model, flops, prefill_len)
+             for name, (model, _, hf) in runners.items()}  # fmt: skip
+    kinds = {"int8" if kind == "int8x2" else kind for mix in mixes.values() for kind in mix}
 
     decode: dict[str, list[float]] = {name: [] for name in runners}
     prefill: dict[str, list[float]] = {name: [] for name in runners}
@@ -255,13 +273,13 @@ def bench_runners(
     for model, timer, _ in runners.values():  # warm-up: allocator, thread pools, lazy init
         timer(model, decode_prompt, min(new_tokens, 16))
     bandwidths = []
-    peaks: dict[str, float] = dict.fromkeys(PEAK_DTYPES, 0.0)  # a peak rate is the best seen in the run
+    peaks: dict[str, float] = dict.fromkeys(kinds, 0.0)  # a peak rate is the best seen in the run
     with LoadProbe() as probe:
         for rep in range(repeats):
             if bandwidth is None:
                 bandwidths.append(measure_bandwidth(device))
-            for key, dt in PEAK_DTYPES.items():
-                peaks[key] = max(peaks[key], measure_peak_flops(device, dt) / 1e9)
+            for key in kinds:
+                peaks[key] = max(peaks[key], measure_peak_flops(device, PEAK_DTYPES[key]) / 1e9)
             for name, (model, timer, _) in runners.items():
                 step(f"{label}: {name} run {rep + 1}/{repeats}")
                 rate, _, toks = timer(model, decode_prompt, new_tokens)
@@ -285,9 +303,6 @@ def bench_runners(
         else:
             logits = _decoded_logits(model, seq, DECODE_PROMPT)
         dtype = model_dtype(model)
-        # int8 modes: fp32 activations; block modes' prompts: GEMMs on bf16 (or fp32) tiles of the blocks
-        blocks = any(getattr(m, "kernel", None) is not None for m in model.modules())
-        computes = "bf16" if dtype == torch.bfloat16 or (blocks and tile_dtype() == torch.bfloat16) else "fp32"
         by_class = weight_bytes_by_class(model) | {"kv cache": kv_bytes_read(config, dtype, kv_prompt, new_tokens)}
         nbytes = sum(by_class.values())
         rows.append(
@@ -301,8 +316,8 @@ def bench_runners(
                 prefill_prompt=prefill_len,
                 prefill_runs=prefill[name],
                 prefill_flops_per_token=flops,
-                peak_gflops=peaks[computes],
-                peak_dtype=computes,
+                peak_gflops=blended_peak(mixes[name], peaks),
+                peak_dtype=_mix_label(mixes[name]),
                 max_logit_diff=float((logits - ref_logits).abs().max()),
                 greedy_agree=_agree(tokens[name], ref_tokens),
                 new_tokens=new_tokens,
@@ -311,7 +326,7 @@ def bench_runners(
                 ceiling_tok_s=bandwidth / nbytes,
                 compile_s=compile_s.get(name),
                 machine_load=probe.load.to_dict(),
-                extra={"bytes_by_class": by_class},
+                extra={"bytes_by_class": by_class, "peaks_gflops": dict(peaks)},
             )
         )
         base, act = split_mode(name)
@@ -423,7 +438,7 @@ def run_context(
         "new_tokens": new_tokens,
         "decode_prompt": DECODE_PROMPT,
         "prefill_prompt": prompt_len,
-        "peak_gflops": {label: {r.peak_dtype: r.peak_gflops for r in rows if r.shape == label} for label in labels},
+        "peak_gflops": {label: next(r.extra["peaks_gflops"] for r in rows if r.shape == label) for label in labels},
         "machine_busy": any(r.machine_load.get("busy") for r in rows),
     }
     if device.type == "cuda":

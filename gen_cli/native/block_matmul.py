@@ -44,6 +44,7 @@ TILE_MIN_TOKENS = 32
 # at 1.1x their speed (67-69 against 62 tok/s at 512 tokens, alternating, AVX2): fewer, wider GEMMs.
 TILE_BYTES = 8 << 20
 TILE_DTYPE = torch.bfloat16  # bf16 GEMM (avx512_bf16 through oneDNN) where the CPU has it, else fp32
+TILE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}  # prompt_kind's names of the tiles' GEMM dtypes
 
 
 def block_matmul(x: torch.Tensor, layer: BlockLinear, act: str = "int8") -> torch.Tensor:
@@ -53,8 +54,9 @@ def block_matmul(x: torch.Tensor, layer: BlockLinear, act: str = "int8") -> torc
     if isinstance(lib, str) or x.device.type != "cpu" or not layer.blocks.is_contiguous():
         return F.linear(x, layer.dequantized().to(x.dtype))  # (..., out)
     rows = x.reshape(-1, layer.in_features).to(torch.float32).contiguous()  # (n, in)
-    if rows.shape[0] >= TILE_MIN_TOKENS and not (act in INTEGER_ACTS and prompt_in_lanes(lib, layer)):
-        y = _tiled(lib, rows, layer, tile_dtype() if act in ("int8", "bf16") else torch.float32)
+    kind = prompt_kind(lib, layer, act, rows.shape[0])
+    if rows.shape[0] >= TILE_MIN_TOKENS and kind in TILE_DTYPES:
+        y = _tiled(lib, rows, layer, TILE_DTYPES[kind])
     else:
         y = torch.empty(rows.shape[0], layer.out_features)  # (n, out)
         failed = lib.gen_block_matmul(
@@ -70,6 +72,16 @@ def prompt_in_lanes(lib: ctypes.CDLL, layer: BlockLinear) -> bool:
     """Whether the integer kernel multiplies a prompt by this layer in vector lanes (16 rows interleaved, or Q6_K
     where the build transposes it as it goes), which outruns the tiles' GEMM."""
     return layer.interleaved or bool(lib.gen_block_lanes(MATRIX_TYPES[layer.native_type]))
+
+
+def prompt_kind(lib: ctypes.CDLL, layer: BlockLinear, act: str, rows: int) -> str:
+    """What `rows` activation rows' product with this layer computes in (block_matmul's choice): "int8" or "int8x2"
+    (the integer kernel: one or two int8 rows per activation row), else "fp32" (the few-token kernel's float
+    products) or the dtype of the tiles' GEMM ("bf16", "fp32"). The peak a prompt through it is measured against."""
+    if act in INTEGER_ACTS and (rows < TILE_MIN_TOKENS or prompt_in_lanes(lib, layer)):
+        return act
+    tiles_bf16 = rows >= TILE_MIN_TOKENS and act in ("int8", "bf16") and tile_dtype() == torch.bfloat16
+    return "bf16" if tiles_bf16 else "fp32"
 
 
 def tile_dtype() -> torch.dtype:
