@@ -92,15 +92,26 @@ static void dot_f32_2xj(const float *w, const float *x, int64_t n, int J, float 
     }
 }
 
-/* fp32 rows against XT_MIN or more inputs on AVX2: the inputs transposed, so a vector holds one column of 8 or 16
- * of them, and each weight is broadcast from its row. The dot tile above ends in horizontal sums and fits no
- * more sums in AVX2's 16 registers: 41-57 GFLOP/s a core here, against 78-95 for these (Zen 3, 1536 x 576, 8 and
- * 32 inputs). But every weight costs a broadcast load whatever the lanes in use, so below 9 inputs the tile wins
- * (a 2-row speculative verify cost 1.48 decode steps this way; 6 rows of a 104M model 1.68, against 1.33 in one
- * pass of the tile). Lane l sums its row's products one column after
- * another with fused multiply-adds (fmaf's rounding), so an input row gets the same bits in any batch of XT_MIN
- * or more. */
-enum { XT_MIN = 9, XT_ROWS = 24 }; /* the fewest inputs; the rows a thread takes at a time (6 x 4, 8 x 3) */
+#endif
+
+#ifdef GEN_AVX2_FMA
+/* fp32 rows against XT_MIN or more inputs: the inputs transposed, so a vector holds one column of 8 or 16 of them,
+ * and each weight is broadcast from its row. The dot tiles (dot_f32_2xj on AVX2, dot_f32_4x4) end in horizontal
+ * sums, and AVX2's fits no more sums in its 16 registers: 41-57 GFLOP/s a core there, against 78-95 for these
+ * (Zen 3, 1536 x 576, 8 and 32 inputs); with AVX-512 a 135M F32 model's 512-token prompt ran 1.3-1.7x the 4 x 4
+ * tile (Zen 4, 370-504 -> 623-662 tok/s, three alternating runs; a 1B one's 54-55 either way). But every weight
+ * costs a broadcast load whatever the lanes in use, so below XT_MIN inputs the tile
+ * wins (AVX2: a 2-row speculative verify cost 1.48 decode steps this way; 6 rows of a 104M model 1.68, against
+ * 1.33 in one pass of the tile; AVX-512, the 135M model: level at 4 rows, 1.13-1.4x at 5-8, 1.4-1.8x at 9-32).
+ * Lane l sums its row's products one column after another with fused multiply-adds (fmaf's rounding), so an
+ * input row gets the same bits in any batch of XT_MIN or more, in either build. XT_ROWS: the rows a thread takes
+ * at a time (XT_NR x 2 or 4, 8 x 3). */
+#ifdef GEN_AVX512
+enum { XT_MIN = 5 };
+#else
+enum { XT_MIN = 9 };
+#endif
+enum { XT_ROWS = 24 };
 
 /* Inputs [b0, b0 + lanes) of x (cols apart) -> xt[k * lanes + l], lanes past the batch zero. */
 static void xt_pack(const float *x, int64_t batch, int64_t cols, int64_t b0, int lanes, float *xt) {
@@ -108,21 +119,40 @@ static void xt_pack(const float *x, int64_t batch, int64_t cols, int64_t b0, int
         for (int l = 0; l < lanes; l++) xt[k * lanes + l] = b0 + l < batch ? x[(b0 + l) * cols + k] : 0.f;
 }
 
+#ifdef GEN_AVX512
+/* Weight rows r .. r + XT_NR - 1 (n apart) against a 16-input group, each row's 16 sums in one vector: 12
+ * chains, 13 loads to 12 FMAs. Lane l's sum is the same chain of FMAs as in the AVX2 build's kernel below, so
+ * an input row gets the same bits in either build. */
+enum { XT_NR = 12 };
+static void xt_16(const float *restrict w, const float *restrict xt, int64_t n, float out[XT_NR][16]) {
+    __m512 c[XT_NR];
+    for (int r = 0; r < XT_NR; r++) c[r] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < n; k++) {
+        if (!(k & 15)) /* the next XT_NR rows */
+            for (int r = XT_NR; r < 2 * XT_NR; r++) __builtin_prefetch(w + r * n + k);
+        const __m512 x0 = _mm512_loadu_ps(xt + k * 16);
+        for (int r = 0; r < XT_NR; r++) c[r] = _mm512_fmadd_ps(_mm512_set1_ps(w[r * n + k]), x0, c[r]);
+    }
+    for (int r = 0; r < XT_NR; r++) _mm512_storeu_ps(out[r], c[r]);
+}
+#else
 /* Weight rows r .. r + 5 (n apart) against a 16-input group: 12 chains, 8 loads to 12 FMAs. */
-static void xt_6x16(const float *restrict w, const float *restrict xt, int64_t n, float out[6][16]) {
-    __m256 c[6][2];
-    for (int r = 0; r < 6; r++) c[r][0] = c[r][1] = _mm256_setzero_ps();
+enum { XT_NR = 6 };
+static void xt_16(const float *restrict w, const float *restrict xt, int64_t n, float out[XT_NR][16]) {
+    __m256 c[XT_NR][2];
+    for (int r = 0; r < XT_NR; r++) c[r][0] = c[r][1] = _mm256_setzero_ps();
     for (int64_t k = 0; k < n; k++) {
         if (!(k & 15)) /* the next 6 rows, as dot_f32_2xj does */
-            for (int r = 6; r < 12; r++) __builtin_prefetch(w + r * n + k);
+            for (int r = XT_NR; r < 2 * XT_NR; r++) __builtin_prefetch(w + r * n + k);
         const __m256 x0 = _mm256_loadu_ps(xt + k * 16), x1 = _mm256_loadu_ps(xt + k * 16 + 8);
-        for (int r = 0; r < 6; r++) {
+        for (int r = 0; r < XT_NR; r++) {
             const __m256 wv = _mm256_broadcast_ss(w + r * n + k);
             c[r][0] = _mm256_fmadd_ps(wv, x0, c[r][0]), c[r][1] = _mm256_fmadd_ps(wv, x1, c[r][1]);
         }
     }
-    for (int r = 0; r < 6; r++) _mm256_storeu_ps(out[r], c[r][0]), _mm256_storeu_ps(out[r] + 8, c[r][1]);
+    for (int r = 0; r < XT_NR; r++) _mm256_storeu_ps(out[r], c[r][0]), _mm256_storeu_ps(out[r] + 8, c[r][1]);
 }
+#endif
 
 /* Weight rows r .. r + 7 against an 8-input group (a batch's last 8 or fewer). */
 static void xt_8x8(const float *restrict w, const float *restrict xt, int64_t n, float out[8][16]) {
@@ -160,13 +190,13 @@ static int matmul_f32_xt(const float *w, int64_t rows, int64_t cols, const float
         const float *block = r0 < whole ? w + r0 * cols : pad; /* XT_ROWS rows either way */
         const int64_t n_rows = rows - r0 < XT_ROWS ? rows - r0 : XT_ROWS;
         for (int64_t g = 0; g < n16 + (tail ? 1 : 0); g++) {
-            const int lanes = g < n16 ? 16 : 8, nr = lanes == 16 ? 6 : 8; /* nr divides XT_ROWS */
+            const int lanes = g < n16 ? 16 : 8, nr = lanes == 16 ? XT_NR : 8; /* nr divides XT_ROWS */
             const int64_t b0 = 16 * g, nb = batch - b0 < lanes ? batch - b0 : lanes;
             const float *xg = xt + b0 * cols;
             for (int64_t i = 0; i < n_rows; i += nr) {
-                float out[8][16];
+                float out[XT_NR > 8 ? XT_NR : 8][16];
                 if (lanes == 16)
-                    xt_6x16(block + i * cols, xg, cols, out);
+                    xt_16(block + i * cols, xg, cols, out);
                 else
                     xt_8x8(block + i * cols, xg, cols, out);
                 for (int64_t l = 0; l < nb; l++)
@@ -647,7 +677,7 @@ static void matmul(const Model *m, const Matrix *w, const float *x, float *y, in
     }
     const int64_t rows = w->rows, cols = w->cols, batch = m->batch;
     const int int8 = w->scale != NULL;
-#if defined(GEN_AVX2_FMA) && !defined(GEN_AVX512)
+#ifdef GEN_AVX2_FMA
     if (!int8 && batch >= XT_MIN && matmul_f32_xt(w->data, rows, cols, x, batch, y, accumulate, (int)m->n_threads) == 0)
         return;
 #endif
