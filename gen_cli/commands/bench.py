@@ -176,7 +176,8 @@ def bench_decode_command(
     Per mode, in llama-bench's terms: tgN (decode, N = --max-new-tokens new tokens) and ppP (a P-token
     prompt in one forward, P = --prompt-len) tokens/s, median ± standard deviation of the repeats; bytes
     read per token and the share of the memory-bandwidth ceiling measured in the same run; prefill's
-    share of the peak GEMM FLOP rate measured in the same run; deviation from unoptimised fp32 (max
+    share of the peak rate of what its products compute in (a GEMM's FLOP/s in fp32 or bf16, int8
+    products' op/s for block weights), measured in the same run; deviation from unoptimised fp32 (max
     logit difference, greedy tokens agreeing before the first divergence). A --model is a gen model
     folder, a Hugging Face folder (transformers runs the same folder) or a .gguf file; with a .gguf and
     llama-bench found, llama.cpp runs the same file, threads and lengths between gen's repeats, and the
