@@ -8,6 +8,7 @@ import os
 import platform
 import shlex
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -370,3 +371,30 @@ def test_avx2_fp32_rows_get_the_same_bits_in_any_batch_of_nine_or_more(fresh_lib
         want = torch.stack([model(torch.tensor([[*p, p[0]]]))[0, -1] for p in prompts])  # (9, V)
     for got in (nine, *(_together_and_alone(model, prompts[:n], 32)[0] for n in (8, 7, 6, 5, 4, 3, 2))):
         assert (got - want[: len(got)]).abs().max() <= TOL * want.abs().max()
+
+
+def _cpu_flags() -> set[str]:
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.is_file() else []
+    return set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
+
+
+@pytest.mark.skipif("avx2" not in _cpu_flags(), reason="the transposed fp32 kernels are x86 AVX2 / AVX-512 code")
+@pytest.mark.parametrize("d_ff", [44, 4096])  # 4096: the down projection's rows 16 KB apart, packed before use
+def test_fp32_rows_get_the_same_bits_in_any_batch_the_transposed_kernels_take(d_ff):
+    """This machine's build: 5 or more fp32 rows with 512-bit vectors (9 or more with AVX2 only) are multiplied with
+    the inputs transposed; each row's sums run in the same order in a batch of that many, 9 or 17, whether its
+    weight rows are read in place or packed first (d_ff 4096), and equal PyTorch's logits within fp32 rounding."""
+    fewest = 5 if "avx512f" in _cpu_flags() else 9
+    model = _model("gqa", d_model=92, n_head=2, n_kv_head=1, d_ff=d_ff)
+    gen = torch.Generator().manual_seed(9)
+    prompts = [torch.randint(0, 300, (n,), generator=gen).tolist() for n in (3, 8, 5, 12, 7, 4, 10, 6, 9)]
+    nine, _ = _together_and_alone(model, prompts, 32)
+    seventeen, _ = _together_and_alone(model, prompts + prompts[:8], 32)
+    first = _together_and_alone(model, prompts[:fewest], 32)[0]
+    assert (
+        torch.equal(seventeen[:9], nine) and torch.equal(seventeen[9:], nine[:8]) and torch.equal(first, nine[:fewest])
+    )
+    with torch.inference_mode():
+        want = torch.stack([model(torch.tensor([[*p, p[0]]]))[0, -1] for p in prompts])  # (9, V)
+    assert (nine - want).abs().max() <= TOL * want.abs().max()

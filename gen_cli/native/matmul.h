@@ -98,9 +98,9 @@ static void dot_f32_2xj(const float *w, const float *x, int64_t n, int J, float 
 /* fp32 rows against XT_MIN or more inputs: the inputs transposed, so a vector holds one column of 8 or 16 of them,
  * and each weight is broadcast from its row. The dot tiles (dot_f32_2xj on AVX2, dot_f32_4x4) end in horizontal
  * sums, and AVX2's fits no more sums in its 16 registers: 41-57 GFLOP/s a core there, against 78-95 for these
- * (Zen 3, 1536 x 576, 8 and 32 inputs); with AVX-512 a 135M F32 model's 512-token prompt ran 1.3-1.7x the 4 x 4
- * tile (Zen 4, 370-504 -> 623-662 tok/s, three alternating runs; a 1B one's 54-55 either way). But every weight
- * costs a broadcast load whatever the lanes in use, so below XT_MIN inputs the tile
+ * (Zen 3, 1536 x 576, 8 and 32 inputs); with AVX-512 a 135M F32 model's 512-token prompt ran 1.6x the 4 x 4
+ * tile (Zen 4, 442-446 -> 714-723 tok/s, two alternating rounds). But every weight costs a broadcast load
+ * whatever the lanes in use, so below XT_MIN inputs the tile
  * wins (AVX2: a 2-row speculative verify cost 1.48 decode steps this way; 6 rows of a 104M model 1.68, against
  * 1.33 in one pass of the tile; AVX-512, the 135M model: level at 4 rows, 1.13-1.4x at 5-8, 1.4-1.8x at 9-32).
  * Lane l sums its row's products one column after another with fused multiply-adds (fmaf's rounding), so an
@@ -119,34 +119,48 @@ static void xt_pack(const float *x, int64_t batch, int64_t cols, int64_t b0, int
         for (int l = 0; l < lanes; l++) xt[k * lanes + l] = b0 + l < batch ? x[(b0 + l) * cols + k] : 0.f;
 }
 
+/* A 16-input pass's XT_NR weight rows (n apart) packed column by column, wp[k * XT_NR + r] = w[r * n + k], where
+ * rows are XT_PACK_COLS or more floats apart: read in place there, 12 rows 16 KB or more apart fall in a handful
+ * of L1 sets, more rows than the sets have ways (a 1B F32 model's 512-token prompt: 49-54 -> 62 tok/s). Nearer
+ * rows are read in place: packing them cost the 135M model's prompt 0.85-0.9x. */
+enum { XT_PACK_COLS = 4096 };
+static void xt_pack_rows(const float *restrict w, int64_t n, int nr, float *restrict wp) {
+    for (int r = 0; r < nr; r++)
+        for (int64_t k = 0; k < n; k++) wp[k * nr + r] = w[r * n + k];
+}
+
+/* The kernels below read weight (r, k) at w[r * rs + k * ks]: rows in place (rs = n, ks = 1; the next rows are
+ * fetched ahead) or packed (rs = 1, ks = XT_NR). */
 #ifdef GEN_AVX512
-/* Weight rows r .. r + XT_NR - 1 (n apart) against a 16-input group, each row's 16 sums in one vector: 12
- * chains, 13 loads to 12 FMAs. Lane l's sum is the same chain of FMAs as in the AVX2 build's kernel below, so
- * an input row gets the same bits in either build. */
+/* Weight rows r .. r + XT_NR - 1 against a 16-input group, each row's 16 sums in one vector: 12 chains, 13 loads
+ * to 12 FMAs. Lane l's sum is the same chain of FMAs as in the AVX2 build's kernel below, so an input row gets
+ * the same bits in either build. */
 enum { XT_NR = 12 };
-static void xt_16(const float *restrict w, const float *restrict xt, int64_t n, float out[XT_NR][16]) {
+static void xt_16(const float *restrict w, int64_t rs, int64_t ks, const float *restrict xt, int64_t n,
+                  float out[XT_NR][16]) {
     __m512 c[XT_NR];
     for (int r = 0; r < XT_NR; r++) c[r] = _mm512_setzero_ps();
     for (int64_t k = 0; k < n; k++) {
-        if (!(k & 15)) /* the next XT_NR rows */
-            for (int r = XT_NR; r < 2 * XT_NR; r++) __builtin_prefetch(w + r * n + k);
+        if (ks == 1 && !(k & 15)) /* in place: the next XT_NR rows */
+            for (int r = XT_NR; r < 2 * XT_NR; r++) __builtin_prefetch(w + r * rs + k);
         const __m512 x0 = _mm512_loadu_ps(xt + k * 16);
-        for (int r = 0; r < XT_NR; r++) c[r] = _mm512_fmadd_ps(_mm512_set1_ps(w[r * n + k]), x0, c[r]);
+        for (int r = 0; r < XT_NR; r++) c[r] = _mm512_fmadd_ps(_mm512_set1_ps(w[r * rs + k * ks]), x0, c[r]);
     }
     for (int r = 0; r < XT_NR; r++) _mm512_storeu_ps(out[r], c[r]);
 }
 #else
-/* Weight rows r .. r + 5 (n apart) against a 16-input group: 12 chains, 8 loads to 12 FMAs. */
+/* Weight rows r .. r + 5 against a 16-input group: 12 chains, 8 loads to 12 FMAs. */
 enum { XT_NR = 6 };
-static void xt_16(const float *restrict w, const float *restrict xt, int64_t n, float out[XT_NR][16]) {
+static void xt_16(const float *restrict w, int64_t rs, int64_t ks, const float *restrict xt, int64_t n,
+                  float out[XT_NR][16]) {
     __m256 c[XT_NR][2];
     for (int r = 0; r < XT_NR; r++) c[r][0] = c[r][1] = _mm256_setzero_ps();
     for (int64_t k = 0; k < n; k++) {
-        if (!(k & 15)) /* the next 6 rows, as dot_f32_2xj does */
-            for (int r = XT_NR; r < 2 * XT_NR; r++) __builtin_prefetch(w + r * n + k);
+        if (ks == 1 && !(k & 15)) /* in place: the next 6 rows, as dot_f32_2xj does */
+            for (int r = XT_NR; r < 2 * XT_NR; r++) __builtin_prefetch(w + r * rs + k);
         const __m256 x0 = _mm256_loadu_ps(xt + k * 16), x1 = _mm256_loadu_ps(xt + k * 16 + 8);
         for (int r = 0; r < XT_NR; r++) {
-            const __m256 wv = _mm256_broadcast_ss(w + r * n + k);
+            const __m256 wv = _mm256_broadcast_ss(w + r * rs + k * ks);
             c[r][0] = _mm256_fmadd_ps(wv, x0, c[r][0]), c[r][1] = _mm256_fmadd_ps(wv, x1, c[r][1]);
         }
     }
@@ -174,40 +188,54 @@ static int matmul_f32_xt(const float *w, int64_t rows, int64_t cols, const float
     const int64_t n16 = (batch + 7) / 16, tail = batch > 16 * n16 ? batch - 16 * n16 : 0; /* tail: 0 .. 8 */
     const int64_t whole = rows / XT_ROWS * XT_ROWS;
     float *xt = aligned_alloc(64, (size_t)((n16 * 16 + (tail ? 8 : 0)) * cols) * sizeof(float));
+    const int pack = cols >= XT_PACK_COLS;
+    float *wp = pack ? aligned_alloc(64, (size_t)(n_threads * XT_NR * cols) * sizeof(float)) : NULL; /* per thread */
     /* The rows past the last whole XT_ROWS run in a zero-padded copy of a block, so they take the vector
      * kernels too (a scalar loop there made the products of a 256-row matrix 5-6x slower). A row's lanes are
      * the same chain of FMAs in either kernel, so its bits do not depend on where it falls. */
     float *pad = whole < rows ? calloc((size_t)(XT_ROWS * cols), sizeof(float)) : NULL;
-    if (!xt || (whole < rows && !pad)) {
-        free(xt), free(pad);
+    if (!xt || (pack && !wp) || (whole < rows && !pad)) {
+        free(xt), free(wp), free(pad);
         return -1;
     }
     if (pad) memcpy(pad, w + whole * cols, (size_t)((rows - whole) * cols) * sizeof(float));
     for (int64_t g = 0; g < n16; g++) xt_pack(x, batch, cols, 16 * g, 16, xt + g * 16 * cols);
     if (tail) xt_pack(x, batch, cols, 16 * n16, 8, xt + n16 * 16 * cols);
+    const int64_t blocks = (rows + XT_ROWS - 1) / XT_ROWS;
 #pragma omp parallel for schedule(static) num_threads(n_threads)
-    for (int64_t r0 = 0; r0 < rows; r0 += XT_ROWS) {
-        const float *block = r0 < whole ? w + r0 * cols : pad; /* XT_ROWS rows either way */
-        const int64_t n_rows = rows - r0 < XT_ROWS ? rows - r0 : XT_ROWS;
-        for (int64_t g = 0; g < n16 + (tail ? 1 : 0); g++) {
-            const int lanes = g < n16 ? 16 : 8, nr = lanes == 16 ? XT_NR : 8; /* nr divides XT_ROWS */
-            const int64_t b0 = 16 * g, nb = batch - b0 < lanes ? batch - b0 : lanes;
-            const float *xg = xt + b0 * cols;
-            for (int64_t i = 0; i < n_rows; i += nr) {
-                float out[XT_NR > 8 ? XT_NR : 8][16];
-                if (lanes == 16)
-                    xt_16(block + i * cols, xg, cols, out);
-                else
-                    xt_8x8(block + i * cols, xg, cols, out);
-                for (int64_t l = 0; l < nb; l++)
-                    for (int64_t k = 0; k < nr && i + k < n_rows; k++) {
+    for (int t = 0; t < n_threads; t++) /* thread t: blocks [blocks t / n, blocks (t + 1) / n), as static splits */
+        for (int64_t r0 = blocks * t / n_threads * XT_ROWS; r0 < blocks * (t + 1) / n_threads * XT_ROWS; r0 += XT_ROWS) {
+            const float *block = r0 < whole ? w + r0 * cols : pad; /* XT_ROWS rows either way */
+            const int64_t n_rows = rows - r0 < XT_ROWS ? rows - r0 : XT_ROWS;
+            for (int64_t i = 0; i < n_rows; i += XT_NR) { /* the 16-input groups, XT_NR rows at a time */
+                const float *rows_i = block + i * cols;
+                if (pack) xt_pack_rows(rows_i, cols, XT_NR, wp + t * XT_NR * cols); /* once for every group */
+                for (int64_t g = 0; g < n16; g++) {
+                    const int64_t b0 = 16 * g, nb = batch - b0 < 16 ? batch - b0 : 16;
+                    float out[XT_NR][16];
+                    if (pack)
+                        xt_16(wp + t * XT_NR * cols, 1, XT_NR, xt + b0 * cols, cols, out);
+                    else
+                        xt_16(rows_i, cols, 1, xt + b0 * cols, cols, out);
+                    for (int64_t l = 0; l < nb; l++)
+                        for (int64_t k = 0; k < XT_NR && i + k < n_rows; k++) {
+                            float *o = y + (b0 + l) * rows + r0 + i + k;
+                            *o = accumulate ? *o + out[k][l] : out[k][l];
+                        }
+                }
+            }
+            for (int64_t i = 0; tail && i < n_rows; i += 8) { /* the last 8 or fewer inputs */
+                const int64_t b0 = 16 * n16;
+                float out[8][16];
+                xt_8x8(block + i * cols, xt + b0 * cols, cols, out);
+                for (int64_t l = 0; l < tail; l++)
+                    for (int64_t k = 0; k < 8 && i + k < n_rows; k++) {
                         float *o = y + (b0 + l) * rows + r0 + i + k;
                         *o = accumulate ? *o + out[k][l] : out[k][l];
                     }
             }
         }
-    }
-    free(xt), free(pad);
+    free(xt), free(wp), free(pad);
     return 0;
 }
 #endif
