@@ -100,9 +100,9 @@ static void dot_f32_2xj(const float *w, const float *x, int64_t n, int J, float 
  * sums, and AVX2's fits no more sums in its 16 registers: 41-57 GFLOP/s a core there, against 78-95 for these
  * (Zen 3, 1536 x 576, 8 and 32 inputs); with AVX-512 a 135M F32 model's 512-token prompt ran 1.6x the 4 x 4
  * tile (Zen 4, 442-446 -> 714-723 tok/s, two alternating rounds). But every weight costs a broadcast load
- * whatever the lanes in use, so below XT_MIN inputs the tile
- * wins (AVX2: a 2-row speculative verify cost 1.48 decode steps this way; 6 rows of a 104M model 1.68, against
- * 1.33 in one pass of the tile; AVX-512, the 135M model: level at 4 rows, 1.13-1.4x at 5-8, 1.4-1.8x at 9-32).
+ * whatever the lanes in use, so below XT_MIN inputs the tile wins (AVX2: a 2-row speculative verify cost 1.48
+ * decode steps this way; 6 rows of a 104M model 1.68, against 1.33 in one pass of the tile; AVX-512, the 135M
+ * model: level at 4 rows, 1.13-1.4x at 5-8, 1.4-1.8x at 9-32).
  * Lane l sums its row's products one column after another with fused multiply-adds (fmaf's rounding), so an
  * input row gets the same bits in any batch of XT_MIN or more, in either build. XT_ROWS: the rows a thread takes
  * at a time (XT_NR x 2 or 4, 8 x 3). */
