@@ -122,6 +122,11 @@ def prefill_flops_per_token(model: Transformer, prompt_len: int) -> float:
     return 2 * layer_weights + attention + head
 
 
+def dtype_kind(dtype: torch.dtype) -> str:
+    """The peak a float product in `dtype` is measured against: bf16's, else fp32's."""
+    return "bf16" if dtype == torch.bfloat16 else "fp32"
+
+
 def prefill_flops_by_kind(model: Transformer, flops_per_token: float, prompt_len: int) -> dict[str, float]:
     """flops_per_token (prefill_flops_per_token's) split by what computes each part: the layers' block-weight
     matrices by their prompt_kind for a prompt of prompt_len (int8 products or a GEMM's dtype), the rest (float
@@ -131,11 +136,11 @@ def prefill_flops_by_kind(model: Transformer, flops_per_token: float, prompt_len
     from gen_cli.native.build import library
     from gen_cli.quant.block_linear import BlockLinear
 
-    rest = "bf16" if model.norm.weight.dtype == torch.bfloat16 else "fp32"
+    rest = dtype_kind(model.norm.weight.dtype)
     lib, act = library(), activations(model) or "int8"
     out: dict[str, float] = {}
-    for m in model.layers.modules():
-        if isinstance(m, BlockLinear) and m.kernel is not None and not isinstance(lib, str):
+    for m in [] if isinstance(lib, str) else model.layers.modules():
+        if isinstance(m, BlockLinear) and m.kernel is not None:
             kind = prompt_kind(lib, m, act, prompt_len)
             out[kind] = out.get(kind, 0.0) + 2 * m.in_features * m.out_features
     out[rest] = out.get(rest, 0.0) + max(0.0, flops_per_token - sum(out.values()))

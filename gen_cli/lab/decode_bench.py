@@ -21,6 +21,7 @@ from gen_cli.infer.generate import greedy_steps, model_dtype, new_cache, run_gen
 from gen_cli.infer.options import EngineOptions, SamplingConfig
 from gen_cli.lab.ceilings import (
     blended_peak,
+    dtype_kind,
     kv_bytes_read,
     measure_bandwidth,
     measure_peak_flops,
@@ -108,11 +109,6 @@ class Row:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _dtype_kind(dtype: torch.dtype) -> str:
-    """The peak a float model's prefill is measured against: bf16's, else fp32's."""
-    return "bf16" if dtype == torch.bfloat16 else "fp32"
 
 
 def _mix_label(mix: dict[str, float]) -> str:
@@ -263,7 +259,7 @@ def bench_runners(
         runners["transformers"] = (build_transformers(), time_hf, True)
     del reference
     # what each runner's prefill computes in, by FLOPs: the peaks measured beside the runs are those kinds'
-    mixes = {name: {_dtype_kind(model_dtype(model)): flops} if hf else prefill_flops_by_kind(model, flops, prefill_len)
+    mixes = {name: {dtype_kind(model_dtype(model)): flops} if hf else prefill_flops_by_kind(model, flops, prefill_len)
              for name, (model, _, hf) in runners.items()}  # fmt: skip
     kinds = {"int8" if kind == "int8x2" else kind for mix in mixes.values() for kind in mix}
 

@@ -181,6 +181,16 @@ static void xt_8x8(const float *restrict w, const float *restrict xt, int64_t n,
     for (int r = 0; r < 8; r++) _mm256_storeu_ps(out[r], c[r]);
 }
 
+/* A kernel's sums out[k][l] (nr rows, the first `valid` of them real) into y[l * ldy + k] for inputs l < nb. */
+static void xt_store(const float (*out)[16], int nr, int64_t valid, int64_t nb, float *y, int64_t ldy,
+                     int accumulate) {
+    for (int64_t l = 0; l < nb; l++)
+        for (int64_t k = 0; k < nr && k < valid; k++) {
+            float *o = y + l * ldy + k;
+            *o = accumulate ? *o + out[k][l] : out[k][l];
+        }
+}
+
 /* y[b] (+)= W x[b] for batch >= XT_MIN (y rows `rows` apart). Returns -1 when the transposed copy cannot be had. */
 static int matmul_f32_xt(const float *w, int64_t rows, int64_t cols, const float *x, int64_t batch, float *y,
                          int accumulate, int n_threads) {
@@ -204,7 +214,8 @@ static int matmul_f32_xt(const float *w, int64_t rows, int64_t cols, const float
     const int64_t blocks = (rows + XT_ROWS - 1) / XT_ROWS;
 #pragma omp parallel for schedule(static) num_threads(n_threads)
     for (int t = 0; t < n_threads; t++) /* thread t: blocks [blocks t / n, blocks (t + 1) / n), as static splits */
-        for (int64_t r0 = blocks * t / n_threads * XT_ROWS; r0 < blocks * (t + 1) / n_threads * XT_ROWS; r0 += XT_ROWS) {
+        for (int64_t r0 = blocks * t / n_threads * XT_ROWS, end = blocks * (t + 1) / n_threads * XT_ROWS; r0 < end;
+             r0 += XT_ROWS) {
             const float *block = r0 < whole ? w + r0 * cols : pad; /* XT_ROWS rows either way */
             const int64_t n_rows = rows - r0 < XT_ROWS ? rows - r0 : XT_ROWS;
             for (int64_t i = 0; i < n_rows; i += XT_NR) { /* the 16-input groups, XT_NR rows at a time */
@@ -217,22 +228,14 @@ static int matmul_f32_xt(const float *w, int64_t rows, int64_t cols, const float
                         xt_16(wp + t * XT_NR * cols, 1, XT_NR, xt + b0 * cols, cols, out);
                     else
                         xt_16(rows_i, cols, 1, xt + b0 * cols, cols, out);
-                    for (int64_t l = 0; l < nb; l++)
-                        for (int64_t k = 0; k < XT_NR && i + k < n_rows; k++) {
-                            float *o = y + (b0 + l) * rows + r0 + i + k;
-                            *o = accumulate ? *o + out[k][l] : out[k][l];
-                        }
+                    xt_store(out, XT_NR, n_rows - i, nb, y + b0 * rows + r0 + i, rows, accumulate);
                 }
             }
             for (int64_t i = 0; tail && i < n_rows; i += 8) { /* the last 8 or fewer inputs */
                 const int64_t b0 = 16 * n16;
                 float out[8][16];
                 xt_8x8(block + i * cols, xt + b0 * cols, cols, out);
-                for (int64_t l = 0; l < tail; l++)
-                    for (int64_t k = 0; k < 8 && i + k < n_rows; k++) {
-                        float *o = y + (b0 + l) * rows + r0 + i + k;
-                        *o = accumulate ? *o + out[k][l] : out[k][l];
-                    }
+                xt_store(out, 8, n_rows - i, tail, y + b0 * rows + r0 + i, rows, accumulate);
             }
         }
     free(xt), free(wp), free(pad);
