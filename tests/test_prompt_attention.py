@@ -40,7 +40,7 @@ def _oracle(q, k, v, start: int, scale: float | None = None) -> torch.Tensor:
 @given(
     kind=st.sampled_from([(4, 4), (6, 2), (4, 1)]),  # MHA, GQA, MQA
     hd=st.sampled_from([8, 20, 48, 64, 128]),  # below, between and at whole 16-lane steps
-    T=st.integers(1, 130),  # one query, tile edges (48, 96), and past them
+    T=st.integers(1, 130),  # one query, query and key tile edges (32, 48, 64, 96), and past them
     start=st.sampled_from([0, 1, 47, 100]),
     B=st.integers(1, 2),
 )

@@ -9,8 +9,8 @@ do together, in numpy:
   file's pages given back as each is copied;
 - it points abi.h's structs there and at the file's map (norms).
 `forward` runs consecutive tokens of its one sequence over an fp32 KV cache: a prompt in chunks of MAX_BATCH rows
-(`gen_decode_rows`, causal), then one token a step (`gen_decode_step`), the calls the PyTorch path makes through
-`NativeDecoder`.
+(`gen_prompt_rows`: causal, attention in the prompt kernel's tiles), then one token a step (`gen_decode_step`, the
+call the PyTorch path makes through `NativeDecoder`).
 
 What it does not lay out (BF16 or re-quantized matrices, biases, RoPE scaling other than Llama 3's factors, a
 sliding window, a machine without the kernel) `refusal` names, and the caller takes the PyTorch path.
@@ -289,7 +289,8 @@ class FileModel:
         else:
             pos = np.arange(self.pos, self.pos + n, dtype=np.int64)
             slot = np.zeros(n, np.int64)  # every row in the one sequence's cache
-            self.lib.gen_decode_rows(self._ref, tokens.ctypes.data, 1, pos.ctypes.data, slot.ctypes.data,
+            # a prompt's rows (the one sequence's next tokens): attention in the prompt kernel's tiles
+            self.lib.gen_prompt_rows(self._ref, tokens.ctypes.data, 1, pos.ctypes.data, slot.ctypes.data,
                                      logits.ctypes.data)  # fmt: skip
         self.pos += n
         return logits

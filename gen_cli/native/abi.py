@@ -234,16 +234,10 @@ def bind(lib: ctypes.CDLL) -> str | None:
     ]
     lib.gen_decode_step.restype = ctypes.c_int64
     lib.gen_decode_step.errcheck = _step_status
-    lib.gen_decode_rows.argtypes = [
-        ctypes.POINTER(Model),
-        ctypes.c_void_p,
-        ctypes.c_int64,
-        ctypes.c_void_p,
-        ctypes.c_void_p,
-        ctypes.c_void_p,
-    ]
-    lib.gen_decode_rows.restype = ctypes.c_int64
-    lib.gen_decode_rows.errcheck = _step_status
+    for rows in (lib.gen_decode_rows, lib.gen_prompt_rows):
+        rows.argtypes = [ctypes.POINTER(Model), ctypes.c_void_p, ctypes.c_int64, *[ctypes.c_void_p] * 3]
+        rows.restype = ctypes.c_int64
+        rows.errcheck = _step_status
     lib.gen_argmax.argtypes = [ctypes.c_void_p, *[ctypes.c_int64] * 3, ctypes.c_void_p, ctypes.c_int64]
     lib.gen_argmax.restype = None
     lib.gen_block_matmul.argtypes = [ctypes.c_void_p, *[ctypes.c_int64] * 3, ctypes.c_void_p, ctypes.c_int64]

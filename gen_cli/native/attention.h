@@ -14,10 +14,13 @@
 #include "features.h"
 #include "kv.h"
 
-/* Where each row of a step sits: row b at position pos[b] (or pos0 for all) of slot slot[b] (or slot b). */
+/* Where each row of a step sits: row b at position pos[b] (or pos0 for all) of slot slot[b] (or slot b).
+ * prompt: the rows are a prompt's consecutive tokens in one slot (gen_prompt_rows), so their attention may take
+ * the prompt kernel's tiles instead of each row's own pass, in another summation order (see prompt_tiles). */
 typedef struct {
     const int64_t *pos, *slot;
     int64_t pos0;
+    int prompt;
 } Rows;
 
 static inline int64_t row_pos(const Rows *r, int64_t b) { return r->pos ? r->pos[b] : r->pos0; }
@@ -700,6 +703,28 @@ static inline int64_t att_chunks(int64_t n, int64_t block_tokens) {
     return (n + len - 1) / len;
 }
 
+int64_t gen_causal_attention(const float *q, int64_t q_bs, int64_t q_hs, int64_t q_ts, const float *k, int64_t k_bs,
+                             int64_t k_hs, int64_t k_ts, const float *v, int64_t v_bs, int64_t v_hs, int64_t v_ts,
+                             float *o, int64_t o_bs, int64_t o_hs, int64_t o_ts, int64_t B, int64_t H, int64_t Hkv,
+                             int64_t T, int64_t start, int64_t hd, float scale, int64_t n_threads);
+
+/* A prompt's rows (consecutive positions of one slot in a contiguous fp32 cache) through prompt_attention.c's
+ * tiles: each K and V tile read once for a tile of 32 queries, where each row's own pass reads all of its
+ * positions again (a 512-token prompt of the 135M shape spent 16% of its time in attention that way). Returns
+ * whether it ran; the per-row pass takes anything else. Only prompts come here: a verify's or a batch's rows keep
+ * the single-token step's bits, which the tiles' order does not give. */
+static int prompt_tiles(const Model *m, const Layer *l, int64_t li, const Rows *r) {
+    const int64_t s0 = row_slot(r, 0), p0 = row_pos(r, 0);
+    if (!r->prompt || m->block_table || m->bf16 || l->k_kind != KV_FLOAT || l->v_kind != KV_FLOAT) return 0;
+    for (int64_t b = 1; b < m->batch; b++)
+        if (row_slot(r, b) != s0 || row_pos(r, b) != p0 + b) return 0;
+    const int64_t hd = m->head_dim, H = m->n_head, Hkv = m->n_kv_head, row = (H + 2 * Hkv) * hd;
+    const SlotKV s = slot_kv(m, l, li, s0); /* KV head g's token t at (head0 + g) * T + t, hd floats each */
+    const float *k = (const float *)s.k + s.head0 * s.T * hd, *v = (const float *)s.v + s.head0 * s.T * hd;
+    return !gen_causal_attention(m->qkv, 0, hd, row, k, 0, s.T * hd, hd, v, 0, s.T * hd, hd, m->att, 0, hd, H * hd, 1,
+                                 H, Hkv, m->batch, p0, hd, 1.f / sqrtf((float)hd), m->n_threads);
+}
+
 /* Write every row's k and v into its slot at its position, then attend each row's query heads to positions
  * 0..pos_b of its slot (stores first: rows of one slot at consecutive positions see each other causally).
  *
@@ -726,6 +751,7 @@ static void attention(const Model *m, const Layer *l, int64_t li, const Rows *r)
             kv_store(l->v_kind, (int)m->bf16, s.v, s.vs, s.vz, at, v, hd);
         }
     }
+    if (prompt_tiles(m, l, li, r)) return;
     /* Per (row, query head, chunk): the weighted V sum, the chunk's top score and its weights' sum. */
     const int64_t heads = m->batch * Hkv, stride = hd + 2;
     float *part = chunks > 1 ? malloc((size_t)(m->batch * H * chunks * stride) * sizeof(float)) : NULL;

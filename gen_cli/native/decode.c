@@ -184,7 +184,7 @@ static int64_t step(const Model *m, const int64_t *tokens, int64_t token_stride,
 /* Row b's token id is tokens[b * token_stride], at position pos of cache row b (the cache holds 0..pos-1);
  * logits: (batch, vocab). Returns 0, or -1 (nothing computed) when a matrix's type is not one this kernel knows. */
 int64_t gen_decode_step(const Model *m, const int64_t *tokens, int64_t token_stride, int64_t pos, float *logits) {
-    const Rows r = {NULL, NULL, pos};
+    const Rows r = {NULL, NULL, pos, 0};
     return step(m, tokens, token_stride, &r, logits);
 }
 
@@ -193,7 +193,15 @@ int64_t gen_decode_step(const Model *m, const int64_t *tokens, int64_t token_str
  * a causal multi-token forward and rows of different slots a ragged batch. */
 int64_t gen_decode_rows(const Model *m, const int64_t *tokens, int64_t token_stride, const int64_t *pos,
                         const int64_t *slot, float *logits) {
-    const Rows r = {pos, slot, 0};
+    const Rows r = {pos, slot, 0, 0};
+    return step(m, tokens, token_stride, &r, logits);
+}
+
+/* As gen_decode_rows for a prompt's tokens: rows at consecutive positions of one slot, whose attention may take
+ * the prompt kernel's tiles (attention.h's prompt_tiles), in another summation order than a row alone. */
+int64_t gen_prompt_rows(const Model *m, const int64_t *tokens, int64_t token_stride, const int64_t *pos,
+                        const int64_t *slot, float *logits) {
+    const Rows r = {pos, slot, 0, 1};
     return step(m, tokens, token_stride, &r, logits);
 }
 

@@ -1,5 +1,6 @@
-/* Causal attention of a prompt (gen_cli/native/prompt_attention.py): T queries at positions start .. start + T - 1
- * over keys 0 .. start + T - 1, tiled with an online softmax so the scores never exist beyond one tile.
+/* Causal attention of a prompt (gen_cli/native/prompt_attention.py, and the C step's prompt rows: attention.h's
+ * prompt_tiles): T queries at positions start .. start + T - 1 over keys 0 .. start + T - 1, tiled with an online
+ * softmax so the scores never exist beyond one tile.
  *
  * PyTorch's CPU flash kernel splits keys 512 at a time, so up to 512 tokens it computes every masked score of a
  * causal prompt too: at 512 tokens it costs what full attention costs. Here a tile of Q_TILE queries reads only
@@ -18,7 +19,9 @@
 
 #include "features.h"
 
-enum { Q_TILE = 48, K_TILE = 48, HD_MAX = 256 }; /* Q_TILE: whole 6-row and 16-lane steps */
+/* Q_TILE: whole 16-lane steps, and a divisor of the C step's 64-row prompt chunks (gen_prompt_rows): at 48, a chunk
+ * took a second tile of 16 queries computed as 48, and 32 ran whole 512-token prompts as fast (1.0-1.1x). */
+enum { Q_TILE = 32, K_TILE = 48, HD_MAX = 256 };
 
 /* One thread's tiles: the queries scaled and transposed (hd, Q_TILE), the scores transposed (K_TILE, Q_TILE),
  * so that a query is a lane and its softmax runs down the columns, the outputs (Q_TILE, hd), each query's
@@ -28,38 +31,56 @@ typedef struct {
 } Tiles;
 
 #ifdef GEN_AVX2_FMA
-/* c rows r < 6 (c_r apart), 16 columns (+)= sum_p a[r a_r + p a_p] b[p b_p .. + 16) over np terms: both products'
- * step, 12 sums in registers (8 left FMA's latency uncovered), each term 6 broadcasts against 2 vectors of b. */
-GEN_ALWAYS_INLINE void fma_6x16(const float *a, int64_t a_r, int64_t a_p, const float *b, int64_t b_p, int64_t np,
-                                float *c, int64_t c_r, const int accumulate) {
+/* c rows r < R <= 6 (c_r apart), 16 columns (+)= sum_p a[r a_r + p a_p] b[p b_p .. + 16) over np terms: both
+ * products' step, 2 R sums in registers (at R = 6, 8 left FMA's latency uncovered), each term R broadcasts against
+ * 2 vectors of b. R is a constant in every inlined copy. */
+GEN_ALWAYS_INLINE void fma_rx16(const int R, const float *a, int64_t a_r, int64_t a_p, const float *b, int64_t b_p,
+                                int64_t np, float *c, int64_t c_r, const int accumulate) {
     __m256 acc[6][2];
-    for (int r = 0; r < 6; r++) {
+    for (int r = 0; r < R; r++) {
         acc[r][0] = accumulate ? _mm256_loadu_ps(c + r * c_r) : _mm256_setzero_ps();
         acc[r][1] = accumulate ? _mm256_loadu_ps(c + r * c_r + 8) : _mm256_setzero_ps();
     }
     for (int64_t p = 0; p < np; p++) {
         const __m256 b0 = _mm256_loadu_ps(b + p * b_p), b1 = _mm256_loadu_ps(b + p * b_p + 8);
 #pragma GCC unroll 6
-        for (int r = 0; r < 6; r++) {
+        for (int r = 0; r < R; r++) {
             const __m256 x = _mm256_broadcast_ss(a + r * a_r + p * a_p);
             acc[r][0] = _mm256_fmadd_ps(x, b0, acc[r][0]);
             acc[r][1] = _mm256_fmadd_ps(x, b1, acc[r][1]);
         }
     }
-    for (int r = 0; r < 6; r++) {
+    for (int r = 0; r < R; r++) {
         _mm256_storeu_ps(c + r * c_r, acc[r][0]);
         _mm256_storeu_ps(c + r * c_r + 8, acc[r][1]);
     }
 }
+
+/* fma_rx16 for a run-time count of rows R < 6: one inlined copy per count. */
+static void fma_tail(int R, const float *a, int64_t a_r, int64_t a_p, const float *b, int64_t b_p, int64_t np,
+                     float *c, int64_t c_r, const int accumulate) {
+    switch (R) {
+#define ROWS(n) \
+    case n: fma_rx16(n, a, a_r, a_p, b, b_p, np, c, c_r, accumulate); break;
+        ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5)
+#undef ROWS
+    }
+}
 #endif
 
-/* S^T rows [0, n) = K rows (ld apart) . Q^T columns (hd terms each). AVX2: 6 keys x 16 queries a step. */
-static void tile_scores(Tiles *t, const float *k, int64_t ld, int n, int64_t hd) {
+/* S^T rows [0, n) = K rows (ld apart) . Q^T columns (hd terms each), the lanes of the nq queries (whole 16s; the
+ * softmax gives the lanes past them weight 0 whatever they hold). AVX2: 6 keys x 16 queries a step, then the last
+ * 1-5 keys in one step. */
+static void tile_scores(Tiles *t, const float *k, int64_t ld, int n, int nq, int64_t hd) {
     int j = 0;
 #ifdef GEN_AVX2_FMA
+    const int lanes = (nq + 15) / 16 * 16;
     for (; j + 6 <= n; j += 6)
-        for (int i = 0; i < Q_TILE; i += 16)
-            fma_6x16(k + j * ld, ld, 1, t->qt + i, Q_TILE, hd, t->st + j * Q_TILE + i, Q_TILE, 0);
+        for (int i = 0; i < lanes; i += 16)
+            fma_rx16(6, k + j * ld, ld, 1, t->qt + i, Q_TILE, hd, t->st + j * Q_TILE + i, Q_TILE, 0);
+    for (int i = 0; j < n && i < lanes; i += 16)
+        fma_tail(n - j, k + j * ld, ld, 1, t->qt + i, Q_TILE, hd, t->st + j * Q_TILE + i, Q_TILE, 0);
+    j = n;
 #endif
     for (; j < n; j++) {
         float *s = t->st + j * Q_TILE;
@@ -120,17 +141,20 @@ static void tile_softmax(Tiles *t, int64_t k0, int n, int64_t first, int nq, int
             for (int64_t d = 0; d < hd; d++) t->o[i * hd + d] *= rescale[i];
 }
 
-/* O rows [0, Q_TILE) += P rows . V (n keys, rows ld apart), P = S^T's columns. AVX2: 6 queries x 16 columns a
- * step; the columns past the last 16 one at a time. */
-static void tile_values(Tiles *t, const float *v, int64_t ld, int n, int64_t hd) {
+/* O rows [0, nq) += P rows . V (n keys, rows ld apart), P = S^T's columns. AVX2: 6 queries x 16 columns a step
+ * (the last 1-5 queries in one step); the columns past the last 16 one at a time. */
+static void tile_values(Tiles *t, const float *v, int64_t ld, int n, int nq, int64_t hd) {
     int64_t cols16 = 0;
 #ifdef GEN_AVX2_FMA
     cols16 = hd / 16 * 16;
-    for (int i = 0; i < Q_TILE; i += 6)
+    int i = 0;
+    for (; i + 6 <= nq; i += 6)
         for (int64_t c = 0; c < cols16; c += 16)
-            fma_6x16(t->st + i, 1, Q_TILE, v + c, ld, n, t->o + i * hd + c, hd, 1);
+            fma_rx16(6, t->st + i, 1, Q_TILE, v + c, ld, n, t->o + i * hd + c, hd, 1);
+    for (int64_t c = 0; i < nq && c < cols16; c += 16)
+        fma_tail(nq - i, t->st + i, 1, Q_TILE, v + c, ld, n, t->o + i * hd + c, hd, 1);
 #endif
-    for (int i = 0; i < Q_TILE; i++)
+    for (int i = 0; i < nq; i++)
         for (int j = 0; j < n; j++) {
             const float p = t->st[j * Q_TILE + i];
             for (int64_t c = cols16; c < hd; c++) t->o[i * hd + c] += p * v[j * ld + c];
@@ -148,9 +172,9 @@ static void query_tile(Tiles *t, const float *q, int64_t q_ts, const float *k, i
     const int64_t first = start + q0, end = first + nq; /* the tile's first query position; keys [0, end) */
     for (int64_t k0 = 0; k0 < end; k0 += K_TILE) {
         const int n = (int)(end - k0 < K_TILE ? end - k0 : K_TILE);
-        tile_scores(t, k + k0 * k_ts, k_ts, n, hd);
+        tile_scores(t, k + k0 * k_ts, k_ts, n, nq, hd);
         tile_softmax(t, k0, n, first, nq, hd);
-        tile_values(t, v + k0 * v_ts, v_ts, n, hd);
+        tile_values(t, v + k0 * v_ts, v_ts, n, nq, hd);
     }
     for (int i = 0; i < nq; i++) {
         const float inv = 1.f / t->sum[i];
