@@ -165,3 +165,28 @@ def test_a_quantized_file_whose_fp32_reference_will_not_fit_is_refused_in_one_li
     monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": 12 * 2**20)  # room to load the 5 MB file
     with pytest.raises(GenError, match=r"measuring q8\.gguf against its weights in fp32 needs about .* llama-bench"):
         bench_model_decode(out, None, 1, NEW, "cpu")
+
+
+def test_a_gguf_files_own_row_times_the_engine_gen_generate_takes(llama, monkeypatch):
+    """`gen generate` answers a GGUF file without torch: the file's row times that engine (its prompt through the C
+    step's rows, not PyTorch's products), and the PyTorch path where the switch turns it off, as in the command."""
+    from gen_cli.infer.torch_free import TORCH_FREE_ENV, FileEngine
+    from gen_cli.native import decoder as native
+
+    if native.native_status() != "ready":
+        pytest.skip("the native kernel does not build here: no torch-free engine")
+    _, gguf_path = llama
+    prompts = []
+    generate = FileEngine.generate
+    monkeypatch.setattr(
+        FileEngine, "generate", lambda self, ids, *a: prompts.append(len(ids)) or generate(self, ids, *a)
+    )
+    rows, _ = bench_model_decode(gguf_path, ("file", "fp32"), 1, NEW, "cpu", prompt_len=16)
+    by_mode = {r.mode: r for r in rows}
+    assert by_mode["file"].path == "torch-free" and by_mode["fp32"].path == "native"
+    assert 16 in prompts and by_mode["file"].prefill_runs == [by_mode["file"].prefill_tok_s]
+    assert by_mode["file"].max_logit_diff < 1e-4 and by_mode["file"].greedy_agree >= 1
+    monkeypatch.setenv(TORCH_FREE_ENV, "0")
+    prompts.clear()
+    rows, _ = bench_model_decode(gguf_path, ("file",), 1, NEW, "cpu", prompt_len=16)
+    assert rows[0].path == "native" and not prompts

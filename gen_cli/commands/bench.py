@@ -128,7 +128,8 @@ def bench_decode_command(
         "--modes",
         metavar="LIST",
         help="gen modes: fp32, bf16, int8 (the native C step where it can run), q8_0, q4_0, q4_k (GGUF's "
-        "block formats), file (a quantized GGUF as it stores its weights; first by default), fp32-torch, "
+        "block formats), file (a GGUF as it stores its weights, timed on the engine `gen generate` takes there: "
+        "without torch where it can; first by default for a quantized file), fp32-torch, "
         "bf16-torch, int8-torch (PyTorch ops, as --no-native), fp32+compile, bf16+compile, int8+compile; "
         "comma list.",
         show_default="fp32,bf16,int8,fp32-torch on the CPU; fp32,bf16,fp32+compile,bf16+compile on CUDA",
@@ -174,7 +175,7 @@ def bench_decode_command(
     """Decode and prefill speed of `gen generate` modes vs HF transformers and llama.cpp, on the same weights.
 
     Per mode, in llama-bench's terms: tgN (decode, N = --max-new-tokens new tokens) and ppP (a P-token
-    prompt in one forward, P = --prompt-len) tokens/s, median ± standard deviation of the repeats; bytes
+    prompt, P = --prompt-len) tokens/s, median ± standard deviation of the repeats; bytes
     read per token and the share of the memory-bandwidth ceiling measured in the same run; prefill's
     share of the peak rate of what its products compute in (a GEMM's FLOP/s in fp32 or bf16, int8
     products' op/s for block weights), measured in the same run; deviation from unoptimised fp32 (max

@@ -222,6 +222,7 @@ def bench_runners(
     between: Callable[[int], None] | None = None,
     profile: bool = False,
     text: torch.Tensor | None = None,
+    own_timer: Callable[[str], Callable | None] | None = None,
 ) -> list[Row]:
     """Rows for `reference` (unoptimised fp32, the deviation oracle) in every mode `build_mode` builds, and
     the transformers model `build_transformers` builds; prompts are random ids below `vocab`.
@@ -229,6 +230,8 @@ def bench_runners(
     `between(round)` runs after each round of repeats (a peer such as llama-bench, interleaved with gen's
     runs); `profile` adds each gen mode's decode-step profile to its row's `extra["profile"]`; `text` (1, T) ids
     of real text: each mode with an activation precision gets `extra["act_quality"]` against fp32 activations.
+    `own_timer(mode)`: a timer (as time_gen) for a mode `gen generate` runs on another engine than run_generation
+    (a GGUF file's torch-free one), or None; that row's path is "torch-free", its deviation still the built model's.
     """
     config, device = reference.config, reference.norm.weight.device
     step = on_step or (lambda _msg: None)
@@ -245,9 +248,14 @@ def bench_runners(
 
     runners: dict[str, tuple[Any, Callable, bool]] = {}
     compile_s: dict[str, float] = {}
+    torch_free: set[str] = set()
     for mode in modes:
         step(f"{label}: building {mode}")
         model = build_mode(mode)
+        if own_timer is not None and (timer := own_timer(mode)) is not None:
+            runners[mode] = (model, timer, False)
+            torch_free.add(mode)
+            continue
         if MODES[split_mode(mode)[0]].compile:
             start = time.perf_counter()
             time_gen(model, decode_prompt, new_tokens)  # compiles prefill and decode graphs
@@ -295,9 +303,10 @@ def bench_runners(
     for name, (model, _, hf) in runners.items():
         step(f"{label}: deviation of {name}")
         if hf:
-            logits = _teacher_forced_logits(model, seq, hf)[DECODE_PROMPT - 1 :]
+            logits, path = _teacher_forced_logits(model, seq, hf)[DECODE_PROMPT - 1 :], "transformers"
         else:
             logits = _decoded_logits(model, seq, DECODE_PROMPT)
+            path = "torch-free" if name in torch_free else "native" if model.native_decoder else "torch"
         dtype = model_dtype(model)
         by_class = weight_bytes_by_class(model) | {"kv cache": kv_bytes_read(config, dtype, kv_prompt, new_tokens)}
         nbytes = sum(by_class.values())
@@ -305,7 +314,7 @@ def bench_runners(
             Row(
                 shape=label,
                 mode=name,
-                path="transformers" if hf else "native" if model.native_decoder else "torch",
+                path=path,
                 decode_tok_s=statistics.median(decode[name]),
                 decode_runs=decode[name],
                 prefill_tok_s=statistics.median(prefill[name]),

@@ -39,6 +39,30 @@ def build_mode(reference: Transformer, mode: str, device: torch.device, path: Pa
     return decode_layout(copy.deepcopy(reference), options, device)
 
 
+def torch_free_timer(path: Path, mode: str, device: torch.device) -> Callable | None:
+    """A timer (as decode_bench.time_gen) on the engine `gen generate` takes for `mode` on the file at `path` when it
+    is the torch-free one (a GGUF file, mode "file" with its precision, the CPU): the prompt then runs through the
+    C step's rows rather than PyTorch's products, so the rate printed is the one users get. None elsewhere."""
+    from gen_cli.cache.spec import CacheSpec
+    from gen_cli.infer.options import SamplingConfig
+    from gen_cli.infer.torch_free import applies, open_file
+
+    base, act = split_mode(mode)
+    if base != "file" or not applies(path, mode_options(mode, device), CacheSpec(), True):
+        return None
+    engine = open_file(path, torch.get_num_threads(), act)
+    if isinstance(engine, str):  # the file's types or RoPE: the PyTorch path, as `gen generate` falls back
+        return None
+    greedy = SamplingConfig(temperature=0.0)
+
+    def timer(_model: Transformer, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float, torch.Tensor]:
+        result = engine.generate(prompt[0].tolist(), new_tokens, greedy, 0, (), lambda _t: False)
+        stats = result.stats
+        return stats.decode_tokens_per_s or float("nan"), stats.prefill_tokens_per_s, torch.tensor(result.tokens)
+
+    return timer
+
+
 def _has_blocks(model: torch.nn.Module) -> bool:
     return any(hasattr(m, "qtype") and hasattr(m, "blocks") for m in model.modules())
 
@@ -133,6 +157,7 @@ def bench_model_decode(
         (lambda: load_transformers(path, device)) if with_hf else None, modes, repeats, new_tokens,
         on_step=on_step, on_run=on_run, vocab=min(loaded.tokenizer.get_vocab_size(), reference.config.vocab_size),
         prompt_len=prompt_len, between=peer, profile=profile, text=_text(loaded, limit) if acts else None,
+        own_timer=lambda mode: torch_free_timer(path, mode, device),
     )  # fmt: skip
     for r in rows:
         r.vs_c = None  # the fixed C figures are for preset shapes, never a model's (whatever its folder is called)
