@@ -36,7 +36,7 @@ SHAPE = dict(
     num_attention_heads=4,
     num_key_value_heads=2,
     head_dim=64,
-    max_position_embeddings=128,
+    max_position_embeddings=512,  # a prompt past one chunk of PROMPT_ROWS
 )
 CASES = [("llama", "F32"), ("llama", "Q8_0"), ("llama", "Q4_0"), ("llama", "Q4_1"), ("llama", "Q4_K"),
          ("llama", "Q6_K"), ("llama", "Q5_0"), ("llama", "F16"), ("llama3", "Q4_K"), ("mistral", "Q8_0")]  # fmt: skip
@@ -99,6 +99,9 @@ def test_refusals_name_what_the_path_does_not_lay_out(tmp_path, tok):
     assert "qkv_bias" in FileModel.open(qwen2, 1)
     bf16 = write_gguf(random_hf_model("llama"), tok, "llama", tmp_path / "bf16.gguf", "BF16")
     assert "stored BF16" in FileModel.open(bf16, 1)
+    wide = write_gguf(random_hf_model("llama", hidden_size=640, num_attention_heads=2, num_key_value_heads=1,
+                                      head_dim=320), tok, "llama", tmp_path / "wide.gguf", "F32")  # fmt: skip
+    assert "heads up to 256, not 320" in FileModel.open(wide, 1)  # past the prompt kernel's tiles
 
 
 # ---- the command ---------------------------------------------------------------------------------------------
@@ -186,11 +189,13 @@ def test_bad_input_gets_the_torch_paths_one_line_errors(shipped_gguf, tmp_path):
 
 
 def test_a_long_prompt_prefills_in_chunks_with_the_head_on_its_last_row_only(files):
-    """70 tokens: a chunk of MAX_BATCH rows without logits, then 6 with the last row's only (Model.logits_from),
-    against PyTorch's own forward of the whole prompt (fp32 weights: only the summation order differs)."""
+    """PROMPT_ROWS + 6 tokens: a chunk of PROMPT_ROWS rows without logits, then 6 with the last row's only
+    (Model.logits_from), against PyTorch's own forward of the whole prompt (fp32 weights: only the summation order
+    differs). The scratch holds scores for one row: a prompt's rows attend in the prompt kernel's tiles."""
+    from gen_cli.infer.file_model import PROMPT_ROWS
     from gen_cli.infer.generate import prefill
 
-    ids = [int(i) for i in np.random.default_rng(0).integers(0, 300, 70)]
+    ids = [int(i) for i in np.random.default_rng(0).integers(0, 300, PROMPT_ROWS + 6)]
     model = FileModel.open(files["llama", "F32"], torch.get_num_threads())
     model.start(len(ids))
     got = model.prefill(ids)
@@ -201,7 +206,30 @@ def test_a_long_prompt_prefills_in_chunks_with_the_head_on_its_last_row_only(fil
         expected = prefill(engine.model, torch.tensor([ids]), cache)[0].numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
     model.start(len(ids))
-    np.testing.assert_array_equal(model.forward(ids[:64], last=0).shape, (0, engine.model.config.vocab_size))
+    np.testing.assert_array_equal(model.forward(ids[:PROMPT_ROWS], last=0).shape, (0, engine.model.config.vocab_size))
+
+
+def test_rows_the_prompt_tiles_do_not_take_are_an_error_not_each_rows_own_pass(files):
+    """FileModel holds scores for one row: rows given as a prompt's that are not consecutive positions of one slot
+    are refused by the step, never attended one by one past that scratch."""
+    from gen_cli.errors import InternalError
+
+    model = FileModel.open(files["llama", "F32"], 1)
+    model.start(16)
+    s, n = model.struct, 4
+    s.batch, s.n_threads, s.logits_from = n, 1, 0
+    tokens, slot = np.arange(1, n + 1, dtype=np.int64), np.zeros(n, np.int64)
+    logits = np.empty((n, model.config.vocab_size), np.float32)
+
+    def rows(*pos: int) -> None:
+        where = np.asarray(pos, np.int64)
+        model.lib.gen_prompt_rows(model._ref, tokens.ctypes.data, 1, where.ctypes.data, slot.ctypes.data,
+                                  logits.ctypes.data)  # fmt: skip
+
+    with pytest.raises(InternalError, match="prompt tiles did not take the rows"):
+        rows(0, 1, 3, 2)
+    rows(4, 5, 6, 7)  # consecutive: the step runs
+    assert np.isfinite(logits).all()
 
 
 def test_two_int8_terms_bring_the_trained_models_logits_to_fp32s(shipped_gguf):

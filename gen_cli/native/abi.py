@@ -34,6 +34,8 @@ ACT_DEFAULT = "int8"
 # Rows one step takes: each weight row block is reused from L1 by every row, so the weights are read once
 # per step for all of them (the scratch is sized for the rows; beyond this, prompts are GEMMs, PyTorch's).
 MAX_BATCH = 64
+# prompt_attention.c's HD_MAX: the head sizes a prompt's rows take the tiles with (gen_prompt_rows).
+PROMPT_HEAD_MAX = 256
 # Model.profile's slots (abi.h's P_*): where a step's time goes, in the order the step accumulates them.
 PROFILE_KEYS = ("embed", "norm", "qkv", "rope", "attention", "attn_out", "mlp_in", "mlp_act", "mlp_out", "lm_head")
 
@@ -147,12 +149,15 @@ def unsupported_properties(config: ModelConfig) -> list[str]:
     return found
 
 
-def scratch_shapes(config: ModelConfig, batch: int, tokens: int) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Model's scratch fields for `batch` rows attending over up to `tokens` positions: name → (shape, dtype name)."""
+def scratch_shapes(
+    config: ModelConfig, batch: int, tokens: int, scored: int | None = None
+) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Model's scratch fields for `batch` rows attending over up to `tokens` positions: name → (shape, dtype name).
+    `scored`: the most rows that attend one by one (the rest only as a prompt's, gen_prompt_rows); all by default."""
     c, width = config, max(config.d_model, config.d_ff)
     shapes = {
         "x": (batch, c.d_model), "h": (batch, width), "qkv": (batch, (c.n_head + 2 * c.n_kv_head) * c.head_dim),
-        "att": (batch, c.d_model), "ff": (batch, 2 * c.d_ff), "scores": (batch, c.n_head, tokens),
+        "att": (batch, c.d_model), "ff": (batch, 2 * c.d_ff), "scores": (scored or batch, c.n_head, tokens),
         "xq": (batch, width), "xscale": (batch,),
         "aq": (batch, width), "ad": (batch, -(-width // 32)), "asum": (batch, -(-width // 16)),
     }  # fmt: skip
@@ -204,7 +209,10 @@ def _enum_problem(lib: ctypes.CDLL) -> str | None:
 
 
 def _step_status(result: int, func: object, args: tuple) -> int:
-    """ctypes' errcheck for gen_decode_step: a type the kernel refused is a broken invariant of the caller."""
+    """ctypes' errcheck for the step's entries: a type the kernel refused, or a prompt's rows its tiles did not take
+    (gen_prompt_rows), is a broken invariant of the caller (FileModel refuses such files at open)."""
+    if result == -2:
+        raise InternalError("the native step's prompt tiles did not take the rows (cache layout, head size or memory)")
     if result != 0:
         raise InternalError("the native step was given a matrix or embedding type it does not know")
     return result

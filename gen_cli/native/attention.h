@@ -15,8 +15,8 @@
 #include "kv.h"
 
 /* Where each row of a step sits: row b at position pos[b] (or pos0 for all) of slot slot[b] (or slot b).
- * prompt: the rows are a prompt's consecutive tokens in one slot (gen_prompt_rows), so their attention may take
- * the prompt kernel's tiles instead of each row's own pass, in another summation order (see prompt_tiles). */
+ * prompt: the rows are a prompt's consecutive tokens in one slot (gen_prompt_rows): their attention takes the
+ * prompt kernel's tiles instead of each row's own pass, in another summation order (see prompt_tiles). */
 typedef struct {
     const int64_t *pos, *slot;
     int64_t pos0;
@@ -710,19 +710,20 @@ int64_t gen_causal_attention(const float *q, int64_t q_bs, int64_t q_hs, int64_t
 
 /* A prompt's rows (consecutive positions of one slot in a contiguous fp32 cache) through prompt_attention.c's
  * tiles: each K and V tile read once for a tile of 32 queries, where each row's own pass reads all of its
- * positions again (a 512-token prompt of the 135M shape spent 16% of its time in attention that way). Returns
- * whether it ran; the per-row pass takes anything else. Only prompts come here: a verify's or a batch's rows keep
- * the single-token step's bits, which the tiles' order does not give. */
+ * positions again (a 512-token prompt of the 135M shape spent 16% of its time in attention that way). They need
+ * no scores scratch, so a prompt's rows may outnumber the rows `scores` holds: anything the tiles do not take
+ * (another layout, head_dim past 256, no memory for a thread's tiles) is -1, never the per-row pass. Only prompts
+ * come here: a verify's or a batch's rows keep the single-token step's bits, which the tiles' order does not give. */
 static int prompt_tiles(const Model *m, const Layer *l, int64_t li, const Rows *r) {
     const int64_t s0 = row_slot(r, 0), p0 = row_pos(r, 0);
-    if (!r->prompt || m->block_table || m->bf16 || l->k_kind != KV_FLOAT || l->v_kind != KV_FLOAT) return 0;
+    if (m->block_table || m->bf16 || l->k_kind != KV_FLOAT || l->v_kind != KV_FLOAT) return -1;
     for (int64_t b = 1; b < m->batch; b++)
-        if (row_slot(r, b) != s0 || row_pos(r, b) != p0 + b) return 0;
+        if (row_slot(r, b) != s0 || row_pos(r, b) != p0 + b) return -1;
     const int64_t hd = m->head_dim, H = m->n_head, Hkv = m->n_kv_head, row = (H + 2 * Hkv) * hd;
     const SlotKV s = slot_kv(m, l, li, s0); /* KV head g's token t at (head0 + g) * T + t, hd floats each */
     const float *k = (const float *)s.k + s.head0 * s.T * hd, *v = (const float *)s.v + s.head0 * s.T * hd;
-    return !gen_causal_attention(m->qkv, 0, hd, row, k, 0, s.T * hd, hd, v, 0, s.T * hd, hd, m->att, 0, hd, H * hd, 1,
-                                 H, Hkv, m->batch, p0, hd, 1.f / sqrtf((float)hd), m->n_threads);
+    return (int)gen_causal_attention(m->qkv, 0, hd, row, k, 0, s.T * hd, hd, v, 0, s.T * hd, hd, m->att, 0, hd, H * hd,
+                                     1, H, Hkv, m->batch, p0, hd, 1.f / sqrtf((float)hd), m->n_threads);
 }
 
 /* Write every row's k and v into its slot at its position, then attend each row's query heads to positions
@@ -731,8 +732,9 @@ static int prompt_tiles(const Model *m, const Layer *l, int64_t li, const Rows *
  * Work items are (row, KV head, chunk of positions): each reads its K and V tokens once for all the
  * query heads that share them (GQA), computes its own softmax over the chunk (max, weights, weighted V
  * sum), and the chunks of a head are merged after. Long contexts split into chunks so that every thread
- * has work even with fewer KV heads than threads. */
-static void attention(const Model *m, const Layer *l, int64_t li, const Rows *r) {
+ * has work even with fewer KV heads than threads. A prompt's rows go to prompt_tiles instead. Returns 0, or -1 when
+ * a prompt's rows could not take the tiles. */
+static int attention(const Model *m, const Layer *l, int64_t li, const Rows *r) {
     const int64_t hd = m->head_dim, H = m->n_head, Hkv = m->n_kv_head, T = m->max_tokens;
     const int64_t row = (H + 2 * Hkv) * hd, group = H / Hkv;
     const int64_t bt = m->block_table ? m->block_tokens : 0;
@@ -751,7 +753,7 @@ static void attention(const Model *m, const Layer *l, int64_t li, const Rows *r)
             kv_store(l->v_kind, (int)m->bf16, s.v, s.vs, s.vz, at, v, hd);
         }
     }
-    if (prompt_tiles(m, l, li, r)) return;
+    if (r->prompt) return prompt_tiles(m, l, li, r);
     /* Per (row, query head, chunk): the weighted V sum, the chunk's top score and its weights' sum. */
     const int64_t heads = m->batch * Hkv, stride = hd + 2;
     float *part = chunks > 1 ? malloc((size_t)(m->batch * H * chunks * stride) * sizeof(float)) : NULL;
@@ -804,7 +806,7 @@ static void attention(const Model *m, const Layer *l, int64_t li, const Rows *r)
             }
         }
     }
-    if (!part) return;
+    if (!part) return 0;
     /* Merge each head's chunks (those its row reached): rescale each to the overall top score, normalise. */
     for (int64_t bh = 0; bh < m->batch * H; bh++) {
         const int64_t used = att_chunks(row_pos(r, bh / H) + 1, bt); /* chunks covering positions 0..pos */
@@ -820,6 +822,7 @@ static void attention(const Model *m, const Layer *l, int64_t li, const Rows *r)
         for (int64_t d = 0; d < hd; d++) out[d] /= sum;
     }
     free(part);
+    return 0;
 }
 
 #endif

@@ -156,7 +156,7 @@ static int64_t step(const Model *m, const int64_t *tokens, int64_t token_stride,
         MARK(P_QKV)
         if (m->rope_cos) rope(m, r);
         MARK(P_ROPE)
-        attention(m, l, li, r);
+        if (attention(m, l, li, r)) return -2; /* a prompt's rows the tiles did not take: the cache is half written */
         MARK(P_ATTENTION)
         matmul(m, &l->wo, m->att, m->x, 1); /* the residual add rides on the output write */
         MARK(P_ATTN_OUT)
@@ -182,7 +182,8 @@ static int64_t step(const Model *m, const int64_t *tokens, int64_t token_stride,
 }
 
 /* Row b's token id is tokens[b * token_stride], at position pos of cache row b (the cache holds 0..pos-1);
- * logits: (batch, vocab). Returns 0, or -1 (nothing computed) when a matrix's type is not one this kernel knows. */
+ * logits: (batch, vocab). Returns 0, or -1 (nothing computed) when a matrix's type is not one this kernel knows
+ * (gen_prompt_rows: -2 when the prompt kernel's tiles did not take the rows). */
 int64_t gen_decode_step(const Model *m, const int64_t *tokens, int64_t token_stride, int64_t pos, float *logits) {
     const Rows r = {NULL, NULL, pos, 0};
     return step(m, tokens, token_stride, &r, logits);
@@ -197,8 +198,10 @@ int64_t gen_decode_rows(const Model *m, const int64_t *tokens, int64_t token_str
     return step(m, tokens, token_stride, &r, logits);
 }
 
-/* As gen_decode_rows for a prompt's tokens: rows at consecutive positions of one slot, whose attention may take
- * the prompt kernel's tiles (attention.h's prompt_tiles), in another summation order than a row alone. */
+/* As gen_decode_rows for a prompt's tokens: rows at consecutive positions of one slot of a contiguous fp32 cache,
+ * whose attention takes the prompt kernel's tiles (attention.h's prompt_tiles), in another summation order than a
+ * row alone. The tiles need no scores scratch: `batch` may exceed the rows Model.scores holds. -2 when the tiles do
+ * not take the rows (another cache layout, head_dim past 256, no memory), the cache then partly written. */
 int64_t gen_prompt_rows(const Model *m, const int64_t *tokens, int64_t token_stride, const int64_t *pos,
                         const int64_t *slot, float *logits) {
     const Rows r = {pos, slot, 0, 1};
