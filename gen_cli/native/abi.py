@@ -32,7 +32,8 @@ INTEGER_ACTS = ("int8", "int8x2")  # the modes whose products are the integer ke
 # The precision block weights run in unless asked otherwise: chosen by measurement (docs/quantization.md).
 ACT_DEFAULT = "int8"
 # Rows one step takes: each weight row block is reused from L1 by every row, so the weights are read once
-# per step for all of them (the scratch is sized for the rows; beyond this, prompts are GEMMs, PyTorch's).
+# per step for all of them (the scratch is sized for the rows; beyond this, prompts are GEMMs, PyTorch's). A
+# torch-free prompt's rows, which need no scores scratch, go in larger chunks (file_model.PROMPT_ROWS).
 MAX_BATCH = 64
 # prompt_attention.c's HD_MAX: the head sizes a prompt's rows take the tiles with (gen_prompt_rows).
 PROMPT_HEAD_MAX = 256
