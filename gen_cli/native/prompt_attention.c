@@ -19,8 +19,8 @@
 
 #include "features.h"
 
-/* Q_TILE: whole 16-lane steps, and a divisor of the C step's 64-row prompt chunks (gen_prompt_rows): at 48, a chunk
- * took a second tile of 16 queries computed as 48, and 32 ran whole 512-token prompts as fast (1.0-1.1x). */
+/* Q_TILE: whole 16-lane steps, and a divisor of the C step's prompt chunks (gen_prompt_rows, file_model.PROMPT_ROWS):
+ * at 48, a chunk of 64 took a second tile of 16 queries computed as 48; 32 ran whole 512-token prompts as fast. */
 enum { Q_TILE = 32, K_TILE = 48, HD_MAX = 256 };
 
 /* One thread's tiles: the queries scaled and transposed (hd, Q_TILE), the scores transposed (K_TILE, Q_TILE),
