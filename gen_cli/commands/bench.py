@@ -261,7 +261,9 @@ def bench_decode_command(
         "'greedy =' counts tokens equal before the first divergence; "
         "C ref = fixed llama2.c-style figures for small and base at 2 threads and 256 tokens (see README); "
         "ceiling = measured bandwidth / (weights in stored dtype + KV read) per token; "
-        "% peak = prefill FLOP/s over a GEMM's measured now (fp32, or bf16 for bf16 modes)"
+        "% peak = prefill op/s over the peak measured now of what its products compute in (the fp32 or bf16 "
+        "GEMM's, int8 products' for block weights; a mix blended by its share); path torch-free = the engine "
+        "`gen generate` takes on a GGUF file"
     )
     for r in rows:  # where the ceiling's bytes go
         if by_class := r.extra.get("bytes_by_class"):
