@@ -204,6 +204,7 @@ def test_bench_modes_take_a_precision_only_on_block_weights():
 
     modes = with_acts(("fp32", "q4_0", "file"), ("int8", "fp32"))
     assert modes == ("fp32", "q4_0@int8", "q4_0@fp32", "file@int8", "file@fp32")
+    assert with_acts(("q4_0", "file"), ("int8", "fp32"), file_blocks=False) == ("q4_0@int8", "q4_0@fp32", "file")
     cpu = torch.device("cpu")
     assert checked_modes(("q8_0@bf16",), 4, cpu) == ("q8_0@bf16",)
     with pytest.raises(UsageError, match="applies to block weights"):

@@ -181,12 +181,13 @@ def test_a_gguf_files_own_row_times_the_engine_gen_generate_takes(llama, monkeyp
     monkeypatch.setattr(
         FileEngine, "generate", lambda self, ids, *a: prompts.append(len(ids)) or generate(self, ids, *a)
     )
-    rows, _ = bench_model_decode(gguf_path, ("file", "fp32"), 1, NEW, "cpu", prompt_len=16)
+    rows, _ = bench_model_decode(gguf_path, None, 1, NEW, "cpu", prompt_len=16)
     by_mode = {r.mode: r for r in rows}
+    assert rows[0].mode == "file"  # by default, first: an F32 file's own row too
     assert by_mode["file"].path == "torch-free" and by_mode["fp32"].path == "native"
     assert 16 in prompts and by_mode["file"].prefill_runs == [by_mode["file"].prefill_tok_s]
     assert by_mode["file"].max_logit_diff < 1e-4 and by_mode["file"].greedy_agree >= 1
     monkeypatch.setenv(TORCH_FREE_ENV, "0")
     prompts.clear()
-    rows, _ = bench_model_decode(gguf_path, ("file",), 1, NEW, "cpu", prompt_len=16)
-    assert rows[0].path == "native" and not prompts
+    rows, _ = bench_model_decode(gguf_path, ("file",), 1, NEW, "cpu", prompt_len=16, acts=("int8", "fp32"))
+    assert [(r.mode, r.path) for r in rows] == [("file", "native")] and not prompts  # F32: no precision to choose

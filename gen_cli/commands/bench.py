@@ -128,8 +128,8 @@ def bench_decode_command(
         "--modes",
         metavar="LIST",
         help="gen modes: fp32, bf16, int8 (the native C step where it can run), q8_0, q4_0, q4_k (GGUF's "
-        "block formats), file (a GGUF as it stores its weights, timed on the engine `gen generate` takes there: "
-        "without torch where it can; first by default for a quantized file), fp32-torch, "
+        "block formats), file (a model as it stores its weights; on a GGUF file timed on the engine `gen generate` "
+        "takes there, without torch where it can; first by default for a GGUF or quantized model), fp32-torch, "
         "bf16-torch, int8-torch (PyTorch ops, as --no-native), fp32+compile, bf16+compile, int8+compile; "
         "comma list.",
         show_default="fp32,bf16,int8,fp32-torch on the CPU; fp32,bf16,fp32+compile,bf16+compile on CUDA",
@@ -218,7 +218,8 @@ def bench_decode_command(
     hf_row = hf_available() and (model is None or kind == "hf")
     mode_list = tuple(m.strip() for m in modes.split(",") if m.strip()) if modes else None
     acts = tuple(a.strip() for a in act.split(",") if a.strip()) if act else None
-    n_modes = len(with_acts(mode_list or (DEFAULT_MODES if device.type == "cpu" else DEFAULT_GPU_MODES), acts)) + hf_row
+    defaults = ("file",) * (kind == "gguf") + (DEFAULT_MODES if device.type == "cpu" else DEFAULT_GPU_MODES)
+    n_modes = len(with_acts(mode_list or defaults, acts)) + hf_row  # a GGUF file's own row first by default
     what = f"model {model}" if model is not None else f"{len(shape_list)} shape(s)"
     err.print(
         f"bench decode: {what} × {n_modes} modes × {repeats} repeats of pp{prompt_len} + tg{new_tokens}"

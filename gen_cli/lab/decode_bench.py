@@ -133,11 +133,16 @@ def is_block_mode(mode: str) -> bool:
     return base == "file" or (base in MODES and MODES[base].quantize in BLOCK_MODES)
 
 
-def with_acts(modes: tuple[str, ...], acts: tuple[str, ...] | None) -> tuple[str, ...]:
-    """Each block mode once per activation precision in `acts` ("q4_0" -> "q4_0@int8", "q4_0@fp32"); others as given."""
+def with_acts(modes: tuple[str, ...], acts: tuple[str, ...] | None, file_blocks: bool = True) -> tuple[str, ...]:
+    """Each block mode once per activation precision in `acts` ("q4_0" -> "q4_0@int8", "q4_0@fp32"); others as given.
+    `file_blocks`: whether the model's own weights are blocks (else "file" has no precision to choose)."""
     if not acts:
         return modes
-    return tuple(dict.fromkeys(f"{m}{ACT_SEP}{a}" if is_block_mode(m) else m for m in modes for a in acts))
+
+    def takes_act(mode: str) -> bool:
+        return is_block_mode(mode) and (file_blocks or split_mode(mode)[0] != "file")
+
+    return tuple(dict.fromkeys(f"{m}{ACT_SEP}{a}" if takes_act(m) else m for m in modes for a in acts))
 
 
 def mode_options(mode: str, device: torch.device) -> EngineOptions:

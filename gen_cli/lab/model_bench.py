@@ -124,7 +124,8 @@ def bench_model_decode(
     if llama_bench is not None and kind != "gguf":
         raise UsageError(f"llama-bench runs GGUF files; {path} is a {kind} model", params=("llama_bench",))
     loaded = load(path, device=device, dtype=torch.float32)
-    if _has_blocks(loaded.model):  # a quantized file: the reference is its weights dequantized
+    blocks = _has_blocks(loaded.model)
+    if blocks:  # a quantized file: the reference is its weights dequantized
         from gen_cli.quant.block_linear import dequantize_modules
 
         # The fp32 reference, then each mode built from a copy of it: twice the dequantized weights at once.
@@ -134,8 +135,9 @@ def bench_model_decode(
             "or llama.cpp's llama-bench instead",
         )  # fmt: skip
         dequantize_modules(loaded.model)
-        modes = modes if asked else ("file", *modes)  # by default, first of all what the file itself runs at
-    modes = checked_modes(with_acts(modes, acts), new_tokens, device)
+    if not asked and (blocks or kind == "gguf"):  # by default, first of all what the file itself runs at: on a
+        modes = ("file", *modes)  # GGUF file, the engine `gen generate` takes (torch-free where it opens the file)
+    modes = checked_modes(with_acts(modes, acts, file_blocks=blocks), new_tokens, device)
     reference = loaded.model.eval()
     limit = reference.config.context_length
     if DECODE_PROMPT + new_tokens > limit:
