@@ -135,8 +135,9 @@ def bench_model_decode(
             "or llama.cpp's llama-bench instead",
         )  # fmt: skip
         dequantize_modules(loaded.model)
-    if not asked and (blocks or kind == "gguf"):  # by default, first of all what the file itself runs at: on a
-        modes = ("file", *modes)  # GGUF file, the engine `gen generate` takes (torch-free where it opens the file)
+    if not asked and (blocks or kind == "gguf"):
+        # by default, first of all what the file itself runs at (on a GGUF file, the engine `gen generate` takes)
+        modes = ("file", *modes)
     modes = checked_modes(with_acts(modes, acts, file_blocks=blocks), new_tokens, device)
     reference = loaded.model.eval()
     limit = reference.config.context_length
