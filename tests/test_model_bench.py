@@ -191,3 +191,20 @@ def test_a_gguf_files_own_row_times_the_engine_gen_generate_takes(llama, monkeyp
     prompts.clear()
     rows, _ = bench_model_decode(gguf_path, ("file",), 1, NEW, "cpu", prompt_len=16, acts=("int8", "fp32"))
     assert [(r.mode, r.path) for r in rows] == [("file", "native")] and not prompts  # F32: no precision to choose
+
+
+def test_a_torch_free_rows_peak_is_what_the_c_steps_products_compute_in(tmp_path):
+    """A stored Q5_0 file's 48-token prompt: the PyTorch path multiplies it on dequantized tiles (a float GEMM's
+    peak), while the C step's products are int8 whatever the rows; the torch-free row divides by int8's peak (it
+    was labelled as the tiles' bf16 before)."""
+    from hf_builders import build_hf_model, byte_level_tokenizer, write_gguf
+
+    from gen_cli.native import decoder as native
+
+    if native.native_status() != "ready":
+        pytest.skip("the native kernel does not build here: no torch-free engine")
+    tok = byte_level_tokenizer()
+    path = tmp_path / "q5_0.gguf"
+    write_gguf(build_hf_model("llama", tmp_path / "hf", tok), tok, "llama", path, qtype="Q5_0")
+    (row,), _ = bench_model_decode(path, ("file",), 1, NEW, "cpu", prompt_len=48)
+    assert row.path == "torch-free" and row.peak_dtype.startswith("int8 ")

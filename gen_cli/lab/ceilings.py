@@ -127,10 +127,11 @@ def dtype_kind(dtype: torch.dtype) -> str:
     return "bf16" if dtype == torch.bfloat16 else "fp32"
 
 
-def prefill_flops_by_kind(model: Transformer, flops_per_token: float, prompt_len: int) -> dict[str, float]:
+def prefill_flops_by_kind(model: Transformer, flops_per_token: float, rows: int) -> dict[str, float]:
     """flops_per_token (prefill_flops_per_token's) split by what computes each part: the layers' block-weight
-    matrices by their prompt_kind for a prompt of prompt_len (int8 products or a GEMM's dtype), the rest (float
-    matrices, attention, the head's share) in the model's dtype."""
+    matrices by their prompt_kind for `rows` activation rows a product (int8 products or a GEMM's dtype: the
+    PyTorch path's prompt takes them all at once; the C step's products never take the tiles, as 1 row), the rest
+    (float matrices, attention, the head's share) in the model's dtype."""
     from gen_cli.infer.optimize import activations
     from gen_cli.native.block_matmul import prompt_kind
     from gen_cli.native.build import library
@@ -141,7 +142,7 @@ def prefill_flops_by_kind(model: Transformer, flops_per_token: float, prompt_len
     out: dict[str, float] = {}
     for m in [] if isinstance(lib, str) else model.layers.modules():
         if isinstance(m, BlockLinear) and m.kernel is not None:
-            kind = prompt_kind(lib, m, act, prompt_len)
+            kind = prompt_kind(lib, m, act, rows)
             out[kind] = out.get(kind, 0.0) + 2 * m.in_features * m.out_features
     out[rest] = out.get(rest, 0.0) + max(0.0, flops_per_token - sum(out.values()))
     return {kind: f for kind, f in out.items() if f > 0}

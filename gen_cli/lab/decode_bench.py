@@ -272,7 +272,9 @@ def bench_runners(
         runners["transformers"] = (build_transformers(), time_hf, True)
     del reference
     # what each runner's prefill computes in, by FLOPs: the peaks measured beside the runs are those kinds'
-    mixes = {name: {dtype_kind(model_dtype(model)): flops} if hf else prefill_flops_by_kind(model, flops, prefill_len)
+    # (a torch-free prompt runs the C step's products, which never take the PyTorch path's tiles: 1 row)
+    mixes = {name: {dtype_kind(model_dtype(model)): flops} if hf
+             else prefill_flops_by_kind(model, flops, 1 if name in torch_free else prefill_len)
              for name, (model, _, hf) in runners.items()}  # fmt: skip
     kinds = {"int8" if kind == "int8x2" else kind for mix in mixes.values() for kind in mix}
 
