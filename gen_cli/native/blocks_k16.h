@@ -365,14 +365,12 @@ GEN_ALWAYS_INLINE void k16_group(const int nj, const int five, const uint8_t *re
                                  : k16_code512(p, c, h, k, five);
 #pragma GCC unroll 8
                 for (int j = 0; j < nj; j++) {
-                    const int32_t *q = (const int32_t *)(x.q + j * x.qs + 256 * b + 64 * c + 32 * h);
+                    const int8_t *q = x.q + j * x.qs + 256 * b + 64 * c + 32 * h;
                     __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512(); /* two chains of 4 */
 #pragma GCC unroll 4
                     for (int k = 0; k < 4; k++) {
-                        int32_t a0, a1;
-                        memcpy(&a0, q + k, 4), memcpy(&a1, q + 4 + k, 4);
-                        s0 = _mm512_dpbusd_epi32(s0, v[k], _mm512_set1_epi32(a0));
-                        s1 = _mm512_dpbusd_epi32(s1, v[4 + k], _mm512_set1_epi32(a1));
+                        s0 = dpbusd_x4(s0, v[k], q + 4 * k);
+                        s1 = dpbusd_x4(s1, v[4 + k], q + 16 + 4 * k);
                     }
                     __m512i s = _mm512_add_epi32(s0, s1);
                     if (h && !five) s = _mm512_srai_epi32(s, 4);

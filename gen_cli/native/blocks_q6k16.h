@@ -133,14 +133,10 @@ GEN_ALWAYS_INLINE void q6k16_pass(const int nj, const uint8_t *restrict w, int64
             for (int t = 0; t < 4; t++) v[t] = _mm512_load_si512(u + 64 * (4 * s + t));
 #pragma GCC unroll 8
             for (int j = 0; j < nj; j++) {
-                const int32_t *q = (const int32_t *)(x.q + j * x.qs + 256 * b + 16 * s);
+                const int8_t *q = x.q + j * x.qs + 256 * b + 16 * s;
                 __m512i sum = _mm512_set1_epi32(x.o[j * x.os + 16 * b + s]);
 #pragma GCC unroll 4
-                for (int t = 0; t < 4; t++) {
-                    int32_t a;
-                    memcpy(&a, q + t, 4);
-                    sum = _mm512_dpbusd_epi32(sum, v[t], _mm512_set1_epi32(a));
-                }
+                for (int t = 0; t < 4; t++) sum = dpbusd_x4(sum, v[t], q + 4 * t);
                 isum[j] = _mm512_add_epi32(isum[j], _mm512_mullo_epi32(sum, sc));
             }
         }

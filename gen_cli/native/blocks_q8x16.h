@@ -125,15 +125,14 @@ GEN_ALWAYS_INLINE void q8x16_group(const int nj, const uint8_t *restrict grp, in
         const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
 #pragma GCC unroll 8
         for (int j = 0; j < nj; j++) {
-            int32_t q[Q8X16_WORDS]; /* the activation's 32 codes, 4 to a word: each word broadcast to the 16 lanes */
-            memcpy(q, x.q + j * x.qs + b * 32, sizeof q);
+            const int8_t *q = x.q + j * x.qs + b * 32; /* the activation's 32 codes, 4 to each dpbusd */
             /* Two chains of 4 dpbusd: a decode step's one row waits on their latency (one chain of 8 ran batches
              * slower too). */
             __m512i s = _mm512_set1_epi32(x.o[j * x.os + b]), t = _mm512_setzero_si512();
 #pragma GCC unroll 4
             for (int i = 0; i < 4; i++) {
-                s = _mm512_dpbusd_epi32(s, c[i], _mm512_set1_epi32(q[i]));
-                t = _mm512_dpbusd_epi32(t, c[4 + i], _mm512_set1_epi32(q[4 + i]));
+                s = dpbusd_x4(s, c[i], q + 4 * i);
+                t = dpbusd_x4(t, c[4 + i], q + 16 + 4 * i);
             }
             s = _mm512_add_epi32(s, t);
             acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(d, _mm512_set1_ps(x.d[j * x.ds + b])), acc[j]);

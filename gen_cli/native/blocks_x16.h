@@ -241,6 +241,18 @@ typedef struct {
     int64_t qs, ds, os;
 } X16Act;
 
+#ifdef GEN_BLOCKS_512
+/* acc + dpbusd(codes, the 4 activation bytes at x in every lane): the 16 lanes' products of a code vector. The
+ * activation is the instruction's own broadcast operand ({1to16}), which GCC 12 never folds from
+ * _mm512_set1_epi32 (a separate vpbroadcastd per dpbusd). One instruction fewer per dpbusd: 512-token prompts
+ * 1.10x faster on a 1B Q5_K_M file, 1.09x on Q8_0, 1.07x on Q6_K (medians of paired runs, 2 threads, Zen 4), most
+ * in the minutes when the machine was busy. The same integer sums, so the same bits. */
+static inline __m512i dpbusd_x4(__m512i acc, __m512i codes, const int8_t *x) {
+    __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(codes), "m"(*(const int32_t *)x));
+    return acc;
+}
+#endif
+
 /* Activation rows [0, batch) of x (an X16Act) against one group, `step` (<= 8) rows a pass: PASS(N) runs a pass with
  * xj its rows and o its first output row (y + b0 ldy), N a constant in each copy so that its sums stay in registers. */
 #define X16_PASSES(x, batch, step, y, ldy, PASS)                                   \
@@ -308,15 +320,13 @@ GEN_ALWAYS_INLINE void x16_group(const int nj, const int min, const uint8_t *res
         const __m512 m = min ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + 32))) : d;
 #pragma GCC unroll 8
         for (int j = 0; j < nj; j++) {
-            const int32_t *q = (const int32_t *)(x.q + j * x.qs + b * 32);
+            const int8_t *q = x.q + j * x.qs + b * 32;
             const int32_t oj = x.o[j * x.os + b];
             __m512i s = min ? _mm512_setzero_si512() : _mm512_set1_epi32(oj), t = _mm512_setzero_si512();
 #pragma GCC unroll 4
             for (int i = 0; i < 4; i++) {
-                int32_t ql, qh;
-                memcpy(&ql, q + i, 4), memcpy(&qh, q + 4 + i, 4);
-                s = _mm512_dpbusd_epi32(s, lo[i], _mm512_set1_epi32(ql));
-                t = _mm512_dpbusd_epi32(t, hi[i], _mm512_set1_epi32(qh));
+                s = dpbusd_x4(s, lo[i], q + 4 * i);
+                t = dpbusd_x4(t, hi[i], q + 16 + 4 * i);
             }
             s = _mm512_add_epi32(s, _mm512_srai_epi32(t, 4));
             acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(d, _mm512_set1_ps(x.d[j * x.ds + b])), acc[j]);
