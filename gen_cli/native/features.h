@@ -39,6 +39,15 @@
 #endif
 
 #define GEN_ALWAYS_INLINE static inline __attribute__((always_inline))
+
+/* The calling thread's number in its OpenMP team (0 without OpenMP): which per-thread buffer is its own. */
+static inline int thread_index(void) {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
 /* GCC 12 vectorizes some signed byte loops into vpdpbusd, which reads one operand as unsigned: such loops
  * opt out of the vectorizer. */
 #if defined(__GNUC__) && !defined(__clang__)

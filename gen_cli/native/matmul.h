@@ -460,14 +460,27 @@ static void x16_matmul(const uint8_t *w, int64_t rows, int64_t cols, X16Act x, i
         const int64_t nsb = cols / 256, rb = nsb * 210, groups = (rows + X16_ROWS - 1) / X16_ROWS;
         /* more than one pass: each group unpacked once into its thread's buffer (without the memory, per pass) */
         uint8_t *codes = batch > X16_J ? aligned_alloc(64, (size_t)(n_threads * nsb * Q6K16_SB)) : NULL;
-#pragma omp parallel for schedule(static) num_threads(n_threads)
-        for (int t = 0; t < n_threads; t++)
-            for (int64_t g = groups * t / n_threads; g < groups * (t + 1) / n_threads; g++) {
-                const int n = rows - g * X16_ROWS < X16_ROWS ? (int)(rows - g * X16_ROWS) : X16_ROWS;
-                q6k16_group(w + g * X16_ROWS * rb, rb, n, nsb, x, batch, y + g * X16_ROWS, ldy, accumulate,
-                            codes ? codes + t * nsb * Q6K16_SB : NULL);
+        /* A prompt's groups (each tens of microseconds) go to the threads one at a time from a shared counter, so a
+         * thread slowed by another process on its core takes fewer instead of holding the other at the end. A
+         * decode step's short regions keep the fixed split (a shared counter ran decode 9-10% slower). */
+        if (codes) {
+#pragma omp parallel num_threads(n_threads)
+            {
+                uint8_t *own = codes + thread_index() * nsb * Q6K16_SB;
+#pragma omp for schedule(dynamic, 1)
+                for (int64_t g = 0; g < groups; g++) {
+                    const int n = rows - g * X16_ROWS < X16_ROWS ? (int)(rows - g * X16_ROWS) : X16_ROWS;
+                    q6k16_group(w + g * X16_ROWS * rb, rb, n, nsb, x, batch, y + g * X16_ROWS, ldy, accumulate, own);
+                }
             }
-        free(codes);
+            free(codes);
+            return;
+        }
+#pragma omp parallel for schedule(static) num_threads(n_threads)
+        for (int64_t g = 0; g < groups; g++) {
+            const int n = rows - g * X16_ROWS < X16_ROWS ? (int)(rows - g * X16_ROWS) : X16_ROWS;
+            q6k16_group(w + g * X16_ROWS * rb, rb, n, nsb, x, batch, y + g * X16_ROWS, ldy, accumulate, NULL);
+        }
         return;
     }
 #endif
@@ -476,8 +489,8 @@ static void x16_matmul(const uint8_t *w, int64_t rows, int64_t cols, X16Act x, i
                        : stored == T_Q8_0 ? cols / 32 * Q8X16_BYTES
                                           : cols / 32 * X16_BYTES(stored == T_Q4_1);
 #if defined(GEN_BLOCKS_512) || defined(GEN_X16_256)
-    /* A prompt's codes unpacked once per group into its thread's buffer (blocks_k16.h), the groups split as
-     * schedule(static) splits them. Without the memory, each pass unpacks them (below).
+    /* A prompt's codes unpacked once per group into its thread's buffer (blocks_k16.h), the groups taken one at a
+     * time from a shared counter. Without the memory, each pass unpacks them (below).
      * AVX-512: Q5_K from 32 rows on, 1.1-1.2x the products at 64-512 rows and slower at 9-16; Q4_K's codes take one
      * operation, and unpacking them once gained nothing.
      * AVX2: Q5_K, 1.1-1.4x at 6-512 rows; Q4_K from 32 rows on, its codes taking two operations: level at 64 rows,
@@ -488,12 +501,13 @@ static void x16_matmul(const uint8_t *w, int64_t rows, int64_t cols, X16Act x, i
     const int unpack = (stored == T_Q5_K && batch > K16_J256) || (stored == T_Q4_K && batch >= 32);
 #endif
     uint8_t *codes = unpack ? aligned_alloc(64, (size_t)(n_threads * (cols / 256) * K16_CODES)) : NULL;
-    if (codes) {
+    if (codes) { /* a prompt's groups from a shared counter, as Q6_K's above */
         const int64_t groups = rows / X16_ROWS, nsb = cols / 256;
-#pragma omp parallel for schedule(static) num_threads(n_threads)
-        for (int t = 0; t < n_threads; t++) {
-            uint8_t *own = codes + t * nsb * K16_CODES;
-            for (int64_t g = groups * t / n_threads; g < groups * (t + 1) / n_threads; g++) {
+#pragma omp parallel num_threads(n_threads)
+        {
+            uint8_t *own = codes + thread_index() * nsb * K16_CODES;
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t g = 0; g < groups; g++) {
                 if (stored == T_Q5_K)
                     k16_group_unpacked(1, w + g * gs, nsb, x, batch, y + g * X16_ROWS, ldy, accumulate, own);
                 else
