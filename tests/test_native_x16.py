@@ -108,7 +108,7 @@ def test_only_whole_groups_of_rows_have_the_layout():
 
 
 @pytest.mark.parametrize("qtype", QTYPES)
-@pytest.mark.parametrize("n", [1, 5, 13, 40])  # 8 rows per pass and a remainder; 40: a prompt
+@pytest.mark.parametrize("n", [1, 5, 13, 40, 72])  # 8 a pass, a remainder; prompts (72: quantized on every thread)
 @pytest.mark.parametrize("act", ["int8", "fp32", "bf16"])
 @pytest.mark.parametrize("blocks_per_row", [1, 3, 16])
 def test_products_equal_the_stored_layouts_to_fp32_rounding(qtype, n, act, blocks_per_row, monkeypatch):
