@@ -164,6 +164,15 @@ static void q6k16_group(const uint8_t *restrict w, int64_t rb, int n, int64_t ns
     X16_PASSES(x, batch, X16_J, y, ldy, PASS)
 #undef PASS
 }
+
+/* Group g (stored rows 16 g .. 16 g + 15, fewer in the last) of a stored Q6_K matrix of `rows` rows against the
+ * activation rows: q6k16_group on its rows and its slice of y. */
+static inline void q6k16_group_at(const uint8_t *w, int64_t rows, int64_t nsb, int64_t g, X16Act x, int64_t batch,
+                                  float *y, int64_t ldy, int accumulate, uint8_t *codes) {
+    const int64_t rb = nsb * 210;
+    const int n = rows - g * X16_ROWS < X16_ROWS ? (int)(rows - g * X16_ROWS) : X16_ROWS;
+    q6k16_group(w + g * X16_ROWS * rb, rb, n, nsb, x, batch, y + g * X16_ROWS, ldy, accumulate, codes);
+}
 #endif /* GEN_BLOCKS_512 */
 
 #endif

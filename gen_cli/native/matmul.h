@@ -446,10 +446,6 @@ static void matmul_bf16(const Model *m, const Matrix *w, const float *x, float *
  * order (the integer block sums are the same). */
 enum { BATCH_MIN = 2 };
 
-/* y[b] = W x[b] (+ y[b] when accumulate) for block rows W (rows, cols) against `batch` inputs quantized to int8
- * blocks as the type's traits say, into aq (batch, cols), ad (batch, cols / 32), asum (batch, cols / 16). Row b
- * of y starts ldy floats after row b - 1. Threads take whole 4-row blocks of W; each block stays in L1 while
- * every input row passes over it. */
 /* y[b] (+)= W x[b] for an interleaved W (rows a multiple of 16; stored as `stored`: T_Q4_0, T_Q4_1, T_Q4_K, T_Q5_K,
  * T_Q8_0), or for stored Q6_K rows (`stored` T_Q6_K: blocks_q6k16.h), against `batch` activation rows x (X16Act; row
  * b of y ldy floats after row b - 1). Threads take whole groups; each group meets the rows X16_J at a time. */
@@ -457,7 +453,7 @@ static void x16_matmul(const uint8_t *w, int64_t rows, int64_t cols, X16Act x, i
                        int accumulate, int n_threads, const int64_t stored) {
 #ifdef GEN_BLOCKS_512
     if (stored == T_Q6_K) { /* rows as stored, 16 at a time transposed into lanes (the last group may be short) */
-        const int64_t nsb = cols / 256, rb = nsb * 210, groups = (rows + X16_ROWS - 1) / X16_ROWS;
+        const int64_t nsb = cols / 256, groups = (rows + X16_ROWS - 1) / X16_ROWS;
         /* more than one pass: each group unpacked once into its thread's buffer (without the memory, per pass) */
         uint8_t *codes = batch > X16_J ? aligned_alloc(64, (size_t)(n_threads * nsb * Q6K16_SB)) : NULL;
         /* A prompt's groups (each tens of microseconds) go to the threads one at a time from a shared counter, so a
@@ -468,19 +464,13 @@ static void x16_matmul(const uint8_t *w, int64_t rows, int64_t cols, X16Act x, i
             {
                 uint8_t *own = codes + thread_index() * nsb * Q6K16_SB;
 #pragma omp for schedule(dynamic, 1)
-                for (int64_t g = 0; g < groups; g++) {
-                    const int n = rows - g * X16_ROWS < X16_ROWS ? (int)(rows - g * X16_ROWS) : X16_ROWS;
-                    q6k16_group(w + g * X16_ROWS * rb, rb, n, nsb, x, batch, y + g * X16_ROWS, ldy, accumulate, own);
-                }
+                for (int64_t g = 0; g < groups; g++) q6k16_group_at(w, rows, nsb, g, x, batch, y, ldy, accumulate, own);
             }
             free(codes);
             return;
         }
 #pragma omp parallel for schedule(static) num_threads(n_threads)
-        for (int64_t g = 0; g < groups; g++) {
-            const int n = rows - g * X16_ROWS < X16_ROWS ? (int)(rows - g * X16_ROWS) : X16_ROWS;
-            q6k16_group(w + g * X16_ROWS * rb, rb, n, nsb, x, batch, y + g * X16_ROWS, ldy, accumulate, NULL);
-        }
+        for (int64_t g = 0; g < groups; g++) q6k16_group_at(w, rows, nsb, g, x, batch, y, ldy, accumulate, NULL);
         return;
     }
 #endif
@@ -593,6 +583,10 @@ static int float_rows_x16(const uint8_t *w, const BlockType *t, int64_t rows, in
     return 0;
 }
 
+/* y[b] = W x[b] (+ y[b] when accumulate) for block rows W (rows, cols) against `batch` inputs quantized to int8
+ * blocks as the type's traits say, into aq (batch, cols), ad (batch, cols / 32), asum (batch, cols / 16). Row b
+ * of y starts ldy floats after row b - 1. Threads take whole 4-row blocks of W; each block stays in L1 while
+ * every input row passes over it. */
 static void block_rows_int8(const uint8_t *w, const BlockType *t, int64_t rows, int64_t cols, const float *x,
                             int64_t batch, float *y, int64_t ldy, int accumulate, int8_t *aq, float *ad, int16_t *asum,
                             int n_threads) {
